@@ -1,0 +1,335 @@
+"""Typed run configuration: dataclasses that a YAML file mirrors and the CLI exposes as flags.
+
+A distillation run is described by one `DistillConfig` with five sections. YAML files mirror it
+key for key (``loss: {name: tad, k: 10}``); every leaf is also a flag ``--section.field`` (e.g.
+``--loss.k 20``), and the most used ones have short aliases (``--loss tad``, ``--k 20``,
+``--teacher DIR``). Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from tailkd.errors import TailkdError
+
+LOSSES = ("tad", "kd", "rkl", "jsd", "dkd", "drkl", "clm")
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
+    """A dataclass field whose help text becomes the flag's ``--help`` line."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TeacherConfig:
+    path: str = _f("smollm2", "teacher: 'smollm2' (built-in SmolLM2-135M-Instruct), an HF model folder, or a .gguf file")
+    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = _f(None, "existing student checkpoint (continued pretraining distillation); "
+                                   "if unset the student is built from the teacher")
+    num_layers: Optional[int] = _f(6, "layers of the student built from the teacher (evenly spaced)")
+    layers: Optional[list[int]] = _f(None, "explicit teacher layer indices for the student (overrides num_layers)")
+    hidden_size: Optional[int] = _f(None, "student hidden size (default: the teacher's)")
+    num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
+    num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
+    intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's)")
+    mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)")
+    freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = _f([], "text files/folders, .jsonl (field 'text') or .parquet; empty: built-in news corpus")
+    seq_len: int = _f(256, "tokens per packed training row")
+    heldout_fraction: float = _f(0.05, "fraction of documents held out for evaluation")
+    doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file")
+    eval_rows: int = _f(16, "held-out rows used for the periodic held-out KL/CLM evaluation")
+    cache_dir: Optional[str] = _f(None, "where tokenised corpora are cached (default: ~/.cache/tailkd/corpora)")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("tad", "divergence: " + ", ".join(LOSSES) + " (clm: no teacher)")
+    k: int = _f(10, "TAD: number of teacher top-K tokens kept apart from the tail")
+    beta: float = _f(2.0, "TAD: tail weight β; β(X) = β / mean teacher tail mass of the sequence")
+    per_document: bool = _f(False, "TAD: normalise β per document of a packed row instead of per row")
+    gamma: float = _f(0.5, "DRKL: weight γ of the renormalised non-target reverse KL")
+    drkl_anchor: str = _f("label", "DRKL: anchor token, label or teacher_argmax")
+    temperature: float = _f(1.0, "softmax temperature τ applied to both sides (no τ² factor)")
+    jsd_beta: float = _f(0.5, "JSD: mixing weight β of m = β p_T + (1-β) p_S")
+    dkd_alpha: float = _f(1.0, "DKD: weight of the target/non-target binary KL")
+    dkd_beta: float = _f(8.0, "DKD: weight of the non-target KL")
+    clm_weight: float = _f(1.0, "weight of the student's CLM loss (paper Eq. 4: 1)")
+    div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1)")
+    cosine_weight: float = _f(0.0, "weight of the hidden-state cosine loss (paper §3.2.2)")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = _f("runs/distill", "run folder (never silently overwritten)")
+    max_steps: int = _f(60, "optimizer steps (the schedule's length)")
+    stop_after: int = _f(0, "end this invocation after N steps with a checkpoint (0: run to max_steps); "
+                            "continue with --resume, e.g. across cluster job time limits")
+    batch_size: int = _f(4, "rows per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
+    warmup_steps: int = _f(5, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr")
+    grad_clip: float = _f(1.0, "gradient-norm clipping (0 disables)")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32")
+    eval_every: int = _f(20, "held-out evaluation every N steps (0: only before and after)")
+    save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints kept")
+    log_every: int = _f(1, "metrics line every N steps")
+    seed: int = _f(0, "seed for initialisation, data order and dropout")
+    device: str = _f("auto", "auto, cpu or cuda")
+    resume: bool = _f(False, "continue the run in out_dir from its last checkpoint")
+    overwrite: bool = _f(False, "delete an existing out_dir and start again")
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "DistillConfig":
+        """Check values that a type alone cannot; raise TailkdError naming the key and the fix."""
+        c = self
+        if c.loss.name not in LOSSES:
+            raise TailkdError(f"loss.name={c.loss.name!r} is not a loss; choose one of {', '.join(LOSSES)}")
+        if c.loss.k < 1:
+            raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
+        for key in ("beta", "gamma", "clm_weight", "div_weight", "cosine_weight", "dkd_alpha", "dkd_beta"):
+            if getattr(c.loss, key) < 0:
+                raise TailkdError(f"loss.{key}={getattr(c.loss, key)} must be >= 0")
+        if c.loss.temperature <= 0:
+            raise TailkdError(f"loss.temperature={c.loss.temperature} must be > 0 (the paper uses 1)")
+        if not 0.0 <= c.loss.jsd_beta <= 1.0:
+            raise TailkdError(f"loss.jsd_beta={c.loss.jsd_beta} must lie in [0, 1]")
+        if c.loss.drkl_anchor not in ("label", "teacher_argmax"):
+            raise TailkdError("loss.drkl_anchor must be 'label' or 'teacher_argmax'")
+        if c.student.mlp_init not in ("random", "copy"):
+            raise TailkdError("student.mlp_init must be 'random' or 'copy'")
+        if c.teacher.dtype not in ("auto", "bf16", "fp32"):
+            raise TailkdError("teacher.dtype must be auto, bf16 or fp32")
+        if c.train.precision not in ("auto", "bf16", "fp32"):
+            raise TailkdError("train.precision must be auto, bf16 or fp32")
+        if c.data.doc_sep not in ("auto", "blank_line", "line", "file"):
+            raise TailkdError("data.doc_sep must be auto, blank_line, line or file")
+        if not 0.0 < c.data.heldout_fraction < 1.0:
+            raise TailkdError(f"data.heldout_fraction={c.data.heldout_fraction} must lie strictly between 0 and 1")
+        for section, key in (("data", "seq_len"), ("data", "eval_rows"), ("train", "max_steps"),
+                             ("train", "batch_size"), ("train", "grad_accum"), ("train", "keep_last")):
+            if getattr(getattr(c, section), key) < 1:
+                raise TailkdError(f"{section}.{key} must be >= 1")
+        if c.train.lr <= 0:
+            raise TailkdError(f"train.lr={c.train.lr} must be > 0")
+        if c.train.resume and c.train.overwrite:
+            raise TailkdError("train.resume and train.overwrite exclude each other; pass one of them")
+        if c.loss.name == "clm" and c.loss.cosine_weight > 0:
+            raise TailkdError("loss.cosine_weight needs a teacher; it cannot be used with loss.name=clm")
+        return c
+
+
+# --------------------------------------------------------------------------- typing helpers
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently coerce int->float) a YAML/CLI value against a field type."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise TailkdError(f"config key {key} cannot be null")
+    origin = typing.get_origin(base)
+    if origin is list:
+        (item_tp,) = typing.get_args(base)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_tp, key) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise TailkdError(f"config key {key} expects true/false, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TailkdError(f"config key {key} expects an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TailkdError(f"config key {key} expects a number, got {value!r}")
+    if base is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise TailkdError(f"config key {key} expects a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise TailkdError(f"config section {prefix or '<root>'} must be a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
+        raise TailkdError(f"unknown config key {prefix}{unknown[0]}{where}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TailkdError(f"config file {p} is not valid YAML ({first}); fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TailkdError(f"config file {p} must hold a mapping of sections (teacher:, student:, ...)")
+    return data
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- CLI flags
+
+# Short flags for the knobs people type most; each maps to one ``section.field``.
+ALIASES = {
+    "teacher": "teacher.path",
+    "student": "student.path",
+    "student-layers": "student.num_layers",
+    "data": "data.paths",
+    "seq-len": "data.seq_len",
+    "loss": "loss.name",
+    "k": "loss.k",
+    "beta": "loss.beta",
+    "gamma": "loss.gamma",
+    "temperature": "loss.temperature",
+    "cosine-weight": "loss.cosine_weight",
+    "out": "train.out_dir",
+    "steps": "train.max_steps",
+    "batch-size": "train.batch_size",
+    "grad-accum": "train.grad_accum",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+    "resume": "train.resume",
+    "overwrite": "train.overwrite",
+}
+
+
+def _leaves(cls, prefix=""):
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, tp, f
+
+
+def _str2bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None:
+    """Add ``--config`` and one flag per leaf of ``cls`` (plus the short aliases)."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file mirroring the config sections; flags override it")
+    reverse = {v: k for k, v in ALIASES.items()}
+    for dotted, tp, f in _leaves(cls):
+        base, _ = _unwrap_optional(tp)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = ["--" + dotted]
+        if dotted in reverse:
+            names.insert(0, "--" + reverse[dotted])
+        kw: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS,
+                              "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            kw.update(nargs="+", type=item)
+        elif base is bool:
+            kw.update(nargs="?", const=True, type=_str2bool)
+        else:
+            kw.update(type=base)
+        parser.add_argument(*names, **kw)
+
+
+def config_from_args(args: argparse.Namespace, cls=DistillConfig):
+    """YAML (``--config``) first, then explicit flags on top; validated."""
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    override: dict = {}
+    for dotted, _, _ in _leaves(cls):
+        if dotted in vars(args):
+            node = override
+            parts = dotted.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = getattr(args, dotted)
+    cfg = from_dict(cls, merge(data, override))
+    return cfg.validate() if hasattr(cfg, "validate") else cfg

@@ -1,0 +1,74 @@
+"""Config: YAML mirrors the dataclasses, flags override YAML, unknown keys and wrong types are errors."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tailkd.config import DistillConfig, add_config_flags, config_from_args, from_dict, save_yaml, to_dict
+from tailkd.errors import TailkdError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def test_defaults_are_the_papers():
+    cfg = parse([])
+    assert (cfg.loss.name, cfg.loss.k, cfg.loss.beta, cfg.loss.temperature) == ("tad", 10, 2.0, 1.0)
+    assert (cfg.train.lr, cfg.train.weight_decay) == (1e-4, 0.1)
+    assert (cfg.loss.clm_weight, cfg.loss.div_weight) == (1.0, 1.0)
+
+
+def test_yaml_round_trip_and_flags_override(tmp_path):
+    cfg = DistillConfig()
+    cfg.loss.k = 5
+    cfg.data.paths = ["a.txt", "b.jsonl"]
+    path = tmp_path / "run.yaml"
+    save_yaml(cfg, path)
+    assert from_dict(DistillConfig, yaml.safe_load(path.read_text())) == cfg
+    got = parse(["--config", str(path), "--k", "20", "--loss.beta", "5", "--data", "c.txt", "--resume"])
+    assert (got.loss.k, got.loss.beta, got.data.paths, got.train.resume) == (20, 5.0, ["c.txt"], True)
+    assert got.train.lr == cfg.train.lr
+
+
+@pytest.mark.parametrize(
+    "doc, match",
+    [
+        ({"loss": {"kk": 3}}, "unknown config key loss.kk"),
+        ({"trainer": {}}, "unknown config key trainer"),
+        ({"loss": {"k": "ten"}}, "loss.k expects an integer"),
+        ({"train": {"resume": "yes"}}, "train.resume expects true/false"),
+        ({"loss": {"beta": -1}}, "loss.beta=-1.0 must be >= 0"),
+        ({"loss": {"name": "mse"}}, "not a loss"),
+        ({"loss": {"k": 0}}, "loss.k=0 must be >= 1"),
+        ({"loss": 3}, "must be a mapping"),
+    ],
+)
+def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(TailkdError, match=match):
+        parse(["--config", str(path)])
+
+
+def test_garbled_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "garbled.yaml"
+    path.write_text("loss: {name: tad\n  k: [")
+    with pytest.raises(TailkdError, match="not valid YAML"):
+        parse(["--config", str(path)])
+    with pytest.raises(TailkdError, match="does not exist"):
+        parse(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_shipped_configs_load():
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert files, "configs/ should ship example recipes"
+    for f in files:
+        cfg = from_dict(DistillConfig, yaml.safe_load(f.read_text()) or {}).validate()
+        assert to_dict(cfg)

@@ -1,0 +1,127 @@
+"""End to end through the real CLI on tiny random models: learning, exact resume, saved student, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tailkd.cli import main
+from tiny import make_teacher_dir, read_metrics, write_corpus
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    teacher = make_teacher_dir(root / "teacher")
+    corpus = write_corpus(root / "corpus.txt")
+    return {"teacher": teacher, "corpus": corpus, "cache": root / "cache"}
+
+
+def base_args(assets, out, *extra):
+    return ["distill", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+            "--data.cache_dir", str(assets["cache"]), "--student-layers", "2", "--seq-len", "32",
+            "--batch-size", "4", "--lr", "3e-3", "--train.warmup_steps", "2", "--data.eval_rows", "8",
+            "--out", str(out), *extra]
+
+
+def final_weights(run: Path) -> dict:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_loss_falls_and_student_loads(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "20", "--train.eval_every", "10")) == 0
+    out = capsys.readouterr().out
+    assert "held-out KL(teacher‖student)" in out and str(run / "final") in out
+    rows = read_metrics(run)
+    train = [r for r in rows if r["split"] == "train"]
+    held = [r for r in rows if r["split"] == "heldout"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert sum(r["loss"] for r in train[-5:]) < 0.8 * sum(r["loss"] for r in train[:5])
+    assert held[-1]["kl"] < 0.8 * held[0]["kl"]
+    assert {"lr", "tokens", "tokens_per_s", "clm", "div"} <= set(train[0])
+    # The saved student is a plain HF model: loads anywhere, same logits as the trainer's student.
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 2
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(ids).logits).all()
+    assert (run / "config.yaml").exists() and (run / "student_init.json").exists()
+
+
+def test_stop_and_resume_is_bit_identical(assets, tmp_path):
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    assert main(base_args(assets, full, "--steps", "20", "--train.save_every", "5")) == 0
+    assert main(base_args(assets, parted, "--steps", "20", "--train.save_every", "5", "--train.stop_after", "10")) == 0
+    assert not (parted / "final").exists()
+    assert main(base_args(assets, parted, "--steps", "20", "--train.save_every", "5", "--resume")) == 0
+    a, b = final_weights(full), final_weights(parted)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    la = [r for r in read_metrics(full) if r["split"] == "train"]
+    lb = [r for r in read_metrics(parted) if r["split"] == "train"]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "tailkd.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("tailkd: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert needle in lines[-1], lines[-1]
+
+
+def test_existing_run_is_never_clobbered(assets, tmp_path):
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "2")) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    _one_line_error(_cli(*base_args(assets, run, "--steps", "2")), "already exists")
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (["--teacher", "/nonexistent/teacher"], "/nonexistent/teacher"),
+        (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        (["--seq-len", "4096"], "seq"),
+        (["--k", "0"], "loss.k"),
+        (["--beta", "-1"], "loss.beta"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(assets, tmp_path, change, needle):
+    run = tmp_path / "run"
+    _one_line_error(_cli(*base_args(assets, run, "--steps", "2"), *change), needle)
+    assert not run.exists()
+
+
+def test_empty_corpus(assets, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    run = tmp_path / "run"
+    _one_line_error(_cli(*base_args(assets, run, "--steps", "2"), "--data", str(empty)), "empty")
+    assert not run.exists()
+
+
+def test_debug_shows_traceback(assets, tmp_path):
+    proc = _cli(*base_args(assets, tmp_path / "run", "--steps", "2"), "--teacher", "/nonexistent/t", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_version_and_help():
+    proc = _cli("--version")
+    assert proc.returncode == 0 and "tailkd" in proc.stdout
+    proc = _cli("distill", "--help")
+    assert proc.returncode == 0 and "--loss.k" in proc.stdout and "--resume" in proc.stdout

@@ -1,0 +1,100 @@
+"""The objective: one denominator (the global valid-token count) makes micro-batching exact."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tailkd import losses
+from tailkd.config import LossConfig
+from tailkd.objective import IGNORE_INDEX, count_valid_tokens, objective
+
+LOSS_NAMES = ["tad", "kd", "rkl", "jsd", "dkd", "drkl", "clm"]
+
+
+def _batch(B=4, T=7, V=50, seed=0, masked_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < masked_frac] = IGNORE_INDEX
+    labels[1] = IGNORE_INDEX  # one row with nothing to learn
+    return s, t, labels
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_micro_batches_give_the_big_batch_gradient(name):
+    s, t, labels = _batch()
+    cfg = LossConfig(name=name, k=5, cosine_weight=0.0)
+    n = count_valid_tokens(labels)
+
+    big = s.clone().requires_grad_(True)
+    objective(big, labels, n, cfg=cfg, teacher_logits=t).loss.backward()
+
+    small = s.clone().requires_grad_(True)
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):  # uneven micro-batches, one fully masked
+        part = objective(small[rows], labels[rows], n, cfg=cfg, teacher_logits=t[rows])
+        part.loss.backward()
+        total += float(part.loss)
+    torch.testing.assert_close(small.grad, big.grad, rtol=1e-12, atol=1e-12)
+    assert total == pytest.approx(float(objective(s, labels, n, cfg=cfg, teacher_logits=t).loss), rel=1e-12)
+
+
+def test_value_is_paper_eq4_sum_over_valid_tokens_divided_once():
+    s, t, labels = _batch(seed=3)
+    cfg = LossConfig(name="tad", k=4, beta=2.0)
+    mask = labels != IGNORE_INDEX
+    n = int(mask.sum())
+    got = objective(s, labels, n, cfg=cfg, teacher_logits=t)
+    V = s.shape[-1]
+    ce = F.cross_entropy(s.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    div = losses.tad(s, t, mask, k=4, beta=2.0)[mask].sum()
+    assert float(got.loss) == pytest.approx(float((ce + div) / n), rel=1e-12)
+    assert float(got.clm) == pytest.approx(float(ce / n), rel=1e-12)
+    assert float(got.div) == pytest.approx(float(div / n), rel=1e-12)
+
+
+def test_weights_and_global_denominator():
+    s, t, labels = _batch(seed=4)
+    n_local = count_valid_tokens(labels)
+    base = objective(s, labels, n_local, cfg=LossConfig(name="kd"), teacher_logits=t)
+    # A larger global count (other ranks / micro-batches) scales the local contribution down exactly.
+    scaled = objective(s, labels, 3 * n_local, cfg=LossConfig(name="kd"), teacher_logits=t)
+    assert float(scaled.loss) == pytest.approx(float(base.loss) / 3, rel=1e-12)
+    only_div = objective(s, labels, n_local, cfg=LossConfig(name="kd", clm_weight=0.0), teacher_logits=t)
+    assert float(only_div.loss) == pytest.approx(float(base.div), rel=1e-12)
+
+
+def test_masked_positions_get_no_gradient():
+    s, t, labels = _batch(seed=5)
+    x = s.clone().requires_grad_(True)
+    objective(x, labels, count_valid_tokens(labels), cfg=LossConfig(name="tad", k=3), teacher_logits=t).loss.backward()
+    masked = labels == IGNORE_INDEX
+    assert torch.all(x.grad[masked] == 0)
+    assert torch.all(x.grad[~masked].abs().sum(-1) > 0)
+
+
+def test_all_masked_batch_is_zero_with_finite_gradient():
+    s, t, labels = _batch(seed=6)
+    labels[:] = IGNORE_INDEX
+    x = s.clone().requires_grad_(True)
+    out = objective(x, labels, 0, cfg=LossConfig(name="tad"), teacher_logits=t)
+    out.loss.backward()
+    assert float(out.loss) == 0.0
+    assert torch.all(x.grad == 0)
+
+
+def test_cosine_term_and_missing_teacher_errors():
+    s, t, labels = _batch(seed=7)
+    hs, ht = torch.randn(4, 7, 8, dtype=torch.float64), torch.randn(4, 7, 12, dtype=torch.float64)
+    mask = labels != IGNORE_INDEX
+    n = int(mask.sum())
+    with_cos = objective(s, labels, n, cfg=LossConfig(name="kd", cosine_weight=0.5), teacher_logits=t,
+                         student_hidden=hs, teacher_hidden=ht)
+    without = objective(s, labels, n, cfg=LossConfig(name="kd"), teacher_logits=t)
+    expect = 0.5 * losses.hidden_cosine(hs, ht, mask).sum() / n
+    assert float(with_cos.loss - without.loss) == pytest.approx(float(expect), rel=1e-10)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        objective(s, labels, n, cfg=LossConfig(name="kd"))
+    with pytest.raises(ValueError, match="student_hidden"):
+        objective(s, labels, n, cfg=LossConfig(name="kd", cosine_weight=1.0), teacher_logits=t)
