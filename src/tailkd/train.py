@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -190,8 +189,8 @@ def setup_models(cfg: DistillConfig, device: torch.device, out: Path | None):
 
 def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
-    paths = [Path(p) for p in cfg.data.paths] or data_mod.default_corpus_files()
-    cache_root = Path(cfg.data.cache_dir or os.environ.get("TAILKD_CACHE", Path.home() / ".cache" / "tailkd"))
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data_mod.default_cache_root()
+    paths = [Path(p) for p in cfg.data.paths] or data_mod.default_corpus_files(cache_root)
     info = data_mod.prepare_corpus_cached(
         paths, tokenizer, cache_root / "corpora", tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
         heldout_fraction=cfg.data.heldout_fraction, doc_sep=cfg.data.doc_sep,

@@ -1,0 +1,536 @@
+"""tailkd.data: documents, the tokenised corpus on disk, packed rows, resumable sampling."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from tailkd import data
+from tailkd.errors import TailkdError
+
+EOS = "<|endoftext|>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (a byte-level BPE without merges) + an EOS special token (id 256)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer, counts calls, and raises on a document containing ``fail_on`` (a simulated crash)."""
+
+    def __init__(self, inner, fail_on: str | None = None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __call__(self, texts, **kw):
+        self.calls += 1
+        if self.fail_on is not None and any(self.fail_on in t for t in texts):
+            raise RuntimeError("simulated crash while tokenising")
+        return self.inner(texts, **kw)
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def docs_of(paths, **kw) -> list[str]:
+    return list(data.iter_documents(paths, **kw))
+
+
+def split_docs(bin_path, eos_id: int, tok) -> list[str]:
+    """Decode a flat token file back into its documents (EOS-terminated)."""
+    ids = np.fromfile(bin_path, dtype=np.uint32).tolist()
+    out, cur = [], []
+    for t in ids:
+        if t == eos_id:
+            out.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert cur == [], "a token file must end with EOS"
+    return out
+
+
+# --------------------------------------------------------------------------- reading documents
+
+
+def test_doc_sep_blank_line_line_file(tmp_path):
+    f = write(tmp_path / "a.txt", "one\n  indented two\n\n\n \t \nthree\r\nfour  \n\n")
+    assert docs_of(f, doc_sep="blank_line") == ["one\n  indented two", "three\nfour"]
+    assert docs_of(f, doc_sep="line") == ["one", "indented two", "three", "four"]
+    assert docs_of(f, doc_sep="file") == ["one\n  indented two\n\n\n \t \nthree\nfour"]
+    assert docs_of(f) == docs_of(f, doc_sep="blank_line")  # auto: blank_line for .txt
+
+
+def test_doc_sep_auto_reads_cor_by_line_and_strips_bom(tmp_path):
+    cor = tmp_path / "news.cor"
+    cor.write_bytes("\ufefffirst article\nsecond article\n\nthird".encode())
+    assert docs_of(cor) == ["first article", "second article", "third"]
+    assert docs_of(cor, doc_sep="blank_line") == ["first article\nsecond article", "third"]
+
+
+def test_folder_is_recursive_sorted_and_skips_hidden(tmp_path):
+    write(tmp_path / "b.txt", "B")
+    write(tmp_path / "a" / "z.txt", "AZ")
+    write(tmp_path / "a" / "c.txt", "AC")
+    write(tmp_path / ".hidden.txt", "HIDDEN")
+    write(tmp_path / ".git" / "config", "GIT")
+    write(tmp_path / "a" / ".cache" / "x.txt", "CACHED")
+    assert docs_of(tmp_path) == ["AC", "AZ", "B"]
+    # paths keep the order given; a file listed twice is read once
+    assert docs_of([tmp_path / "b.txt", tmp_path / "a", tmp_path / "b.txt"]) == ["B", "AC", "AZ"]
+
+
+def test_jsonl_and_json_lines(tmp_path):
+    write(tmp_path / "d.jsonl", '{"text": "hello  world\\n", "id": 1}\n\n{"text": "   "}\n{"text": "second"}\n')
+    write(tmp_path / "e.json", '{"text": "from json"}\n')
+    assert docs_of(tmp_path) == ["hello  world\n", "second", "from json"]
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    f = write(tmp_path / "d.jsonl", '{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(TailkdError, match=r'd\.jsonl:2: no "text" field \(found keys \[\'body\'\]\)'):
+        docs_of(f)
+    g = write(tmp_path / "g.jsonl", '{"text": "ok"}\n{"text": "unterminated\n')
+    with pytest.raises(TailkdError, match=r"g\.jsonl:2: not valid JSON"):
+        docs_of(g)
+    h = write(tmp_path / "h.jsonl", '{"text": 3}\n')
+    with pytest.raises(TailkdError, match=r'h\.jsonl:1: "text" is a int'):
+        docs_of(h)
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["first doc", None, "  ", "second doc"], "n": [1, 2, 3, 4]}),
+                   tmp_path / "d.parquet", row_group_size=2)
+    assert docs_of(tmp_path / "d.parquet") == ["first doc", "second doc"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(TailkdError, match=r'bad\.parquet has no "text" column \(columns: \[\'body\'\]\)'):
+        docs_of(tmp_path / "bad.parquet")
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    with pytest.raises(TailkdError, match=r"d\.parquet needs pyarrow; install it with: pip install pyarrow"):
+        docs_of(tmp_path / "d.parquet")
+
+
+def test_binary_and_non_utf8_files_are_named(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02 some text")
+    with pytest.raises(TailkdError, match=r"blob\.bin is not UTF-8 text \(it contains NUL bytes\)"):
+        docs_of(tmp_path / "blob.bin")
+    (tmp_path / "latin.txt").write_bytes(b"ok line\nprice \xa33\n")
+    with pytest.raises(TailkdError, match=r"latin\.txt is not UTF-8 text \(line 2 is not UTF-8.*iconv"):
+        docs_of(tmp_path / "latin.txt")
+
+
+def test_missing_path_and_empty_corpus(tmp_path):
+    with pytest.raises(TailkdError, match=r"data path .*nope\.txt does not exist"):
+        docs_of(tmp_path / "nope.txt")
+    write(tmp_path / "blank.txt", "\n  \n\t\n")
+    with pytest.raises(TailkdError, match=r"no documents in .*blank\.txt: every file is empty or whitespace"):
+        docs_of(tmp_path / "blank.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TailkdError, match=r"folder .*empty holds no \(non-hidden\) files"):
+        docs_of(tmp_path / "empty")
+    with pytest.raises(TailkdError, match=r"doc_sep='para' is not one of auto, blank_line, line, file"):
+        docs_of(tmp_path / "blank.txt", doc_sep="para")
+
+
+# --------------------------------------------------------------------------- the built-in corpus
+
+
+def test_default_corpus_finds_lee_without_importing_gensim(tmp_path):
+    imported_before = "gensim" in sys.modules
+    files = data.default_corpus_files(tmp_path)
+    assert [f.name for f in files] == ["lee_background.cor", "lee.cor"]
+    assert ("gensim" in sys.modules) == imported_before
+    # wc -l says 299 and 49: each file's last article has no trailing newline
+    counts = [len(docs_of(f)) for f in files]
+    assert counts == [300, 50]
+    assert any("£3,000" in d for d in docs_of(files[1]))  # the one Latin-1 byte, now UTF-8
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert data.default_corpus_files(tmp_path) == files
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # converted once: fingerprints stay stable
+
+
+def test_default_corpus_missing_gensim_gives_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TailkdError, match=r"pip install --no-deps gensim==4\.3\.3"):
+        data.default_corpus_files(tmp_path)
+
+
+def test_prepare_default_corpus(tmp_path, tok):
+    info = data.prepare_corpus(data.default_corpus_files(tmp_path), tok, tmp_path / "corpus")
+    m = info.meta
+    assert m["train"]["docs"] + m["heldout"]["docs"] == 350
+    assert 5 <= m["heldout"]["docs"] <= 35  # about 5 %
+    rows = data.PackedRows(info.train_bin, 128)
+    assert len(rows) == (m["train"]["tokens"] - 1) // 128
+
+
+# --------------------------------------------------------------------------- tokenised corpus
+
+
+def corpus_file(tmp_path, n: int = 40, name: str = "c.txt"):
+    return write(tmp_path / name, "\n\n".join(f"Document number {i}: some words about item {i * 7}." for i in range(n)))
+
+
+def test_prepare_roundtrip_and_meta(tmp_path, tok):
+    f = corpus_file(tmp_path)
+    info = data.prepare_corpus(f, tok, tmp_path / "out", heldout_fraction=0.25)
+    eos = tok.eos_token_id
+    train, held = split_docs(info.train_bin, eos, tok), split_docs(info.heldout_bin, eos, tok)
+    everything = docs_of(f)
+    assert sorted(train + held) == sorted(everything)  # each document once, on one side
+    assert not set(train) & set(held)
+    assert train == [d for d in everything if d in set(train)]  # reading order kept
+    threshold = int(0.25 * 2**64)
+    expected_held = [d for d in everything
+                     if int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "big") < threshold]
+    assert held == expected_held and len(held) >= 1
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta == info.meta
+    n_bytes = {d: len(d.encode()) for d in everything}
+    assert meta["train"] == {"docs": len(train), "tokens": sum(n_bytes[d] + 1 for d in train)}
+    assert meta["heldout"] == {"docs": len(held), "tokens": sum(n_bytes[d] + 1 for d in held)}
+    assert meta["eos_id"] == eos == 256 and meta["dtype"] == "uint32" and meta["vocab_size"] == 257
+    assert meta["settings"] == {"heldout_fraction": 0.25, "doc_sep": "auto", "min_heldout_docs": 1,
+                                "append_eos": True}
+    assert meta["fingerprint"] == info.fingerprint and len(info.fingerprint) == 64
+    assert meta["files"] == [{"path": str(f.resolve()), "size": f.stat().st_size,
+                              "mtime_ns": f.stat().st_mtime_ns}]
+    assert sorted(os.listdir(tmp_path / "out")) == ["heldout.bin", "meta.json", "train.bin"]
+
+
+def test_split_depends_on_text_only(tmp_path, tok):
+    docs = [f"article {i} " + "x" * (i % 5) for i in range(60)]
+    a = write(tmp_path / "a.txt", "\n\n".join(docs))
+    b = write(tmp_path / "b.txt", "\n\n".join(reversed(docs)))
+    ia = data.prepare_corpus(a, tok, tmp_path / "A", heldout_fraction=0.2)
+    ia2 = data.prepare_corpus(a, tok, tmp_path / "A2", heldout_fraction=0.2)
+    ib = data.prepare_corpus(b, tok, tmp_path / "B", heldout_fraction=0.2)
+    assert ia.heldout_bin.read_bytes() == ia2.heldout_bin.read_bytes()
+    assert ia.train_bin.read_bytes() == ia2.train_bin.read_bytes()
+    held_a = split_docs(ia.heldout_bin, 256, tok)
+    assert set(held_a) == set(split_docs(ib.heldout_bin, 256, tok))  # file order does not move documents
+    assert 3 <= len(held_a) <= 25
+    # no seed enters the split at all (prepare_corpus takes none): the training seed only orders train rows
+
+
+def test_min_heldout_and_at_least_one_train_doc(tmp_path, tok):
+    f = write(tmp_path / "three.txt", "alpha\n\nbeta\n\ngamma")
+    info = data.prepare_corpus(f, tok, tmp_path / "o1", heldout_fraction=0.0, min_heldout_docs=1)
+    assert (info.meta["heldout"]["docs"], info.meta["train"]["docs"]) == (1, 2)
+    # the held-out document is the one with the smallest hash
+    held = split_docs(info.heldout_bin, 256, tok)
+    assert held == [min(["alpha", "beta", "gamma"], key=data.doc_hash)]
+    info = data.prepare_corpus(f, tok, tmp_path / "o2", heldout_fraction=0.0, min_heldout_docs=5)
+    assert (info.meta["heldout"]["docs"], info.meta["train"]["docs"]) == (2, 1)
+    info = data.prepare_corpus(f, tok, tmp_path / "o3", heldout_fraction=0.999, min_heldout_docs=1)
+    assert (info.meta["heldout"]["docs"], info.meta["train"]["docs"]) == (2, 1)
+    assert split_docs(info.train_bin, 256, tok) == [max(["alpha", "beta", "gamma"], key=data.doc_hash)]
+    one = write(tmp_path / "one.txt", "only one document")
+    with pytest.raises(TailkdError, match=r"single document.*doc_sep=blank_line or line"):
+        data.prepare_corpus(one, tok, tmp_path / "o4")
+    assert not (tmp_path / "o4").exists()
+    same = write(tmp_path / "same.txt", "copy\n\ncopy\n\ncopy")
+    with pytest.raises(TailkdError, match=r"copies of each other"):
+        data.prepare_corpus(same, tok, tmp_path / "o5")
+
+
+def test_eos_inside_text_is_not_a_boundary(tmp_path, tok):
+    f = write(tmp_path / "c.txt", f"before {EOS} after\n\nsecond\n\nthird")
+    info = data.prepare_corpus(f, tok, tmp_path / "out")
+    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    assert int((ids == 256).sum()) == 3  # one EOS per document, none forged by the text
+    assert f"before {EOS} after" in split_docs(info.train_bin, 256, tok) + split_docs(info.heldout_bin, 256, tok)
+
+
+def test_ids_above_65535_survive(tmp_path):
+    wl = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "hello": 70_000, "world": 3, "</s>": 100_000},
+                                    unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    big = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="</s>", unk_token="[UNK]")
+    f = write(tmp_path / "c.txt", "hello world\n\nworld hello hello")
+    info = data.prepare_corpus(f, big, tmp_path / "out")
+    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    assert sorted(ids.tolist()) == sorted([70_000, 3, 100_000, 3, 70_000, 70_000, 100_000])
+
+
+def test_tokenizer_without_eos_or_bos(tmp_path):
+    wl = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bare = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]")
+    f = write(tmp_path / "c.txt", "a a\n\na")
+    with pytest.raises(TailkdError, match=r"has no EOS \(or BOS\) token to mark document boundaries"):
+        data.prepare_corpus(f, bare, tmp_path / "out")
+    info = data.prepare_corpus(f, bare, tmp_path / "out", append_eos=False)
+    assert info.eos_id is None
+    assert info.meta["train"]["tokens"] + info.meta["heldout"]["tokens"] == 3
+
+
+def test_crash_leaves_no_corpus_and_keeps_the_previous_one(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(data, "TOKENIZE_BATCH_DOCS", 2)  # several batches written before the crash
+    f = corpus_file(tmp_path, n=20)
+    crashing = CountingTokenizer(tok, fail_on="Document number 15")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        data.prepare_corpus(f, crashing, tmp_path / "fresh")
+    assert crashing.calls > 3
+    assert sorted(os.listdir(tmp_path)) == ["c.txt"]  # neither the corpus nor a temporary folder
+
+    good = data.prepare_corpus(f, tok, tmp_path / "good")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in good.dir.iterdir()}
+    write(f, f.read_text() + "\n\nDocument number 99 and more")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        data.prepare_corpus(f, CountingTokenizer(tok, fail_on="Document number 15"), tmp_path / "good")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in good.dir.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["c.txt", "good"]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_corpus(tmp_path, tok):
+    f = corpus_file(tmp_path)
+    precious = write(tmp_path / "home" / "notes.txt", "mine")
+    with pytest.raises(TailkdError, match=r"refusing to replace .*home: it exists and is not a tailkd corpus"):
+        data.prepare_corpus(f, tok, tmp_path / "home")
+    assert precious.read_text() == "mine"
+
+
+def test_cache_reuse_and_invalidation(tmp_path, tok):
+    f = corpus_file(tmp_path / "src")
+    root = tmp_path / "cache"
+    counting = CountingTokenizer(tok)
+    info = data.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    assert counting.calls >= 1 and info.dir.parent == root and info.dir.name == info.fingerprint[:16]
+    assert info.fingerprint == data.corpus_fingerprint(f, "tok-A", {**data.DEFAULT_SETTINGS, "heldout_fraction": 0.1})
+    mtime = info.train_bin.stat().st_mtime_ns
+    calls = counting.calls
+    again = data.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    assert again.dir == info.dir and counting.calls == calls  # not tokenised again
+    assert again.train_bin.stat().st_mtime_ns == mtime
+
+    # a changed file, a changed setting and another tokenizer each give a new folder
+    write(f, f.read_text() + "\n\nA new closing document.")
+    changed = data.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    assert changed.dir != info.dir and counting.calls > calls
+    assert changed.meta["train"]["docs"] + changed.meta["heldout"]["docs"] == 41
+    other = data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.2)
+    other_tok = data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-B", heldout_fraction=0.1)
+    assert len({changed.dir, other.dir, other_tok.dir}) == 3
+    # a damaged cache entry is rebuilt, not trusted
+    with open(changed.train_bin, "ab") as fh:
+        fh.write(b"\x00\x00\x00\x00")
+    rebuilt = data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    assert rebuilt.dir == changed.dir and rebuilt.train_bin.stat().st_size == 4 * rebuilt.meta["train"]["tokens"]
+    (rebuilt.dir / "meta.json").write_text(json.dumps({"format": data.FORMAT, "fingerprint": "x"}))
+    with pytest.raises(TailkdError, match=r"does not match meta\.json; delete .* and prepare the corpus again"):
+        data.load_corpus(rebuilt.dir)
+    assert data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1).meta == \
+        data.load_corpus(rebuilt.dir).meta
+    with pytest.raises(TypeError, match="unknown corpus setting"):
+        data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", seq_len=4)
+
+
+def test_fingerprint_follows_the_order_of_paths(tmp_path):
+    a, b = write(tmp_path / "a.txt", "a"), write(tmp_path / "b.txt", "b")
+    fp = data.corpus_fingerprint([a, b], "t", data.DEFAULT_SETTINGS)
+    assert fp == data.corpus_fingerprint([a, b], "t", dict(data.DEFAULT_SETTINGS))
+    assert fp != data.corpus_fingerprint([b, a], "t", data.DEFAULT_SETTINGS)  # different row contents
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 1000))
+    assert fp != data.corpus_fingerprint([a, b], "t", data.DEFAULT_SETTINGS)
+
+
+# --------------------------------------------------------------------------- packed rows
+
+
+def token_file(tmp_path, tokens, name="t.bin"):
+    path = tmp_path / name
+    np.asarray(tokens, dtype=np.uint32).tofile(path)
+    return path
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.lists(st.integers(0, 2**32 - 1), min_size=2, max_size=60), seq_len=st.integers(1, 9))
+def test_rows_are_the_stream_shifted_once(tmp_path_factory, tokens, seq_len):
+    tmp = tmp_path_factory.mktemp("rows")
+    if len(tokens) < seq_len + 1:
+        with pytest.raises(TailkdError, match="--seq-len"):
+            data.PackedRows(token_file(tmp, tokens), seq_len, eos_id=0)
+        return
+    rows = data.PackedRows(token_file(tmp, tokens), seq_len, eos_id=0)
+    assert len(rows) == (len(tokens) - 1) // seq_len
+    stream = []
+    for i in range(len(rows)):
+        r = rows[i]
+        assert all(v.shape == (seq_len,) and v.dtype == torch.int64 for v in r.values())
+        assert r["input_ids"].tolist() == tokens[i * seq_len:(i + 1) * seq_len]
+        assert r["labels"].tolist() == tokens[i * seq_len + 1:(i + 1) * seq_len + 1]
+        assert r["position_ids"].tolist() == list(range(seq_len))
+        if i + 1 < len(rows):
+            assert r["labels"][-1] == rows[i + 1]["input_ids"][0]  # across the row boundary
+        stream += r["input_ids"].tolist()
+    assert stream + [int(rows[len(rows) - 1]["labels"][-1])] == tokens[:len(rows) * seq_len + 1]
+    # segment ids: the number of EOS (id 0) strictly before each position within the row
+    for i in range(len(rows)):
+        x = rows[i]["input_ids"].tolist()
+        assert rows[i]["segment_ids"].tolist() == [sum(t == 0 for t in x[:j]) for j in range(seq_len)]
+
+
+def test_segment_ids_increment_right_after_eos(tmp_path):
+    E = 9
+    path = token_file(tmp_path, [1, 2, E, 3, E, E, 4, 5, 6, E, 7, 8, 1])
+    rows = data.PackedRows(path, 6, eos_id=E)
+    assert rows[0]["input_ids"].tolist() == [1, 2, E, 3, E, E]
+    assert rows[0]["segment_ids"].tolist() == [0, 0, 0, 1, 1, 2]
+    assert rows[1]["input_ids"].tolist() == [4, 5, 6, E, 7, 8]
+    assert rows[1]["segment_ids"].tolist() == [0, 0, 0, 0, 1, 1]  # restarts at 0 in every row
+    assert rows[-1]["labels"].tolist() == [5, 6, E, 7, 8, 1]
+    assert (rows[0]["labels"] != data.IGNORE_INDEX).all()
+    with pytest.raises(IndexError):
+        rows[2]
+
+
+def test_rows_read_eos_from_meta_and_pickle(tmp_path, tok):
+    info = data.prepare_corpus(corpus_file(tmp_path), tok, tmp_path / "out")
+    rows = data.PackedRows(info.train_bin, 16)
+    assert rows.eos_id == 256
+    first = rows[3]
+    clone = pickle.loads(pickle.dumps(rows))
+    assert clone._tokens is None and all(torch.equal(first[k], clone[3][k]) for k in first)
+    seg, x = first["segment_ids"], first["input_ids"]
+    after_eos = torch.nonzero(x[:-1] == 256).flatten() + 1
+    assert (seg[after_eos] == seg[after_eos - 1] + 1).all()
+
+
+def test_too_small_corpus_names_seq_len(tmp_path):
+    path = token_file(tmp_path, [1, 2, 3, 4])
+    with pytest.raises(TailkdError, match=r"holds 4 tokens, fewer than one row of --seq-len 8 needs \(9\); "
+                                          r"use a --seq-len of at most 3 or more data"):
+        data.PackedRows(path, 8, eos_id=0)
+    held = token_file(tmp_path, [1, 2, 3], name="heldout.bin")
+    with pytest.raises(TailkdError, match=r"at most 2 or more data or a larger data\.heldout_fraction"):
+        data.PackedRows(held, 4, eos_id=0)
+    with pytest.raises(TailkdError, match=r"no meta\.json next to"):
+        data.PackedRows(path, 2)
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(TailkdError, match="not a flat uint32 token file"):
+        data.PackedRows(tmp_path / "odd.bin", 1, eos_id=0)
+
+
+def test_check_seq_len():
+    data.check_seq_len(128, 128)
+    data.check_seq_len(4096, None)
+    with pytest.raises(TailkdError, match=r"--seq-len 2048 exceeds the model's maximum context of 1024 tokens; "
+                                          r"use --seq-len 1024 or less"):
+        data.check_seq_len(2048, 1024)
+    with pytest.raises(TailkdError, match="positive"):
+        data.check_seq_len(0, 1024)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampler_epochs_are_seeded_permutations():
+    s = data.RowSampler(10, seed=3)
+    first, second = [next(s) for _ in range(10)], [next(s) for _ in range(10)]
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    assert first == torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert second == torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
+    assert s.state_dict() == {"epoch": 2, "position": 0, "seed": 3, "num_rows": 10, "shuffle": True}
+    again = data.RowSampler(10, seed=3)
+    assert [next(again) for _ in range(20)] == first + second
+    plain = data.RowSampler(4, seed=0, shuffle=False)
+    assert [next(plain) for _ in range(6)] == [0, 1, 2, 3, 0, 1]
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 6, 7, 8, 20])
+def test_sampler_resumes_exactly(consumed):
+    a = data.RowSampler(7, seed=11)
+    for _ in range(consumed):
+        next(a)
+    state = a.state_dict()
+    b = data.RowSampler(7, seed=999)  # the saved seed wins
+    b.load_state_dict(state)
+    assert [next(b) for _ in range(25)] == [next(a) for _ in range(25)]  # across epoch boundaries
+
+
+def test_sampler_refuses_a_changed_corpus():
+    a = data.RowSampler(7, seed=0)
+    next(a)
+    with pytest.raises(TailkdError, match=r"num_rows=7, this run 9: the training corpus or --seq-len changed"):
+        data.RowSampler(9, seed=0).load_state_dict(a.state_dict())
+
+
+def test_batches_resume_exactly(tmp_path):
+    path = token_file(tmp_path, list(range(1, 60)))
+    rows = data.PackedRows(path, 4, eos_id=0)  # 14 rows
+    sampler = data.RowSampler(len(rows), seed=5)
+    stream = data.batches(rows, sampler, 3)
+    seen = [next(stream) for _ in range(6)]  # 18 rows: past the first epoch
+    assert all(b["input_ids"].shape == (3, 4) and b["labels"].shape == (3, 4) for b in seen)
+    assert torch.equal(seen[0]["labels"][:, :-1], seen[0]["input_ids"][:, 1:])
+    state = sampler.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 4
+    continued = [next(stream) for _ in range(5)]
+    resumed = data.RowSampler(len(rows), seed=5)
+    resumed.load_state_dict(state)
+    fresh = data.batches(rows, resumed, 3)
+    for want in continued:
+        got = next(fresh)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_heldout_batches_in_order_with_a_last_small_batch(tmp_path):
+    path = token_file(tmp_path, list(range(1, 33)))
+    rows = data.PackedRows(path, 3, eos_id=0)  # 10 rows
+    out = list(data.heldout_batches(rows, 4))
+    assert [b["input_ids"].shape[0] for b in out] == [4, 4, 2]
+    assert torch.cat([b["input_ids"] for b in out]).flatten().tolist() == list(range(1, 31))
+
+
+def test_a_file_edited_during_tokenisation_is_refused(tmp_path, tok):
+    f = corpus_file(tmp_path, n=10)
+
+    class EditingTokenizer(CountingTokenizer):
+        def __call__(self, texts, **kw):
+            if self.calls == 0:
+                with open(f, "a", encoding="utf-8") as fh:
+                    fh.write("\n\nwritten while tokenising")
+            return super().__call__(texts, **kw)
+
+    with pytest.raises(TailkdError, match=r"the data files changed while being tokenised.*run again"):
+        data.prepare_corpus(f, EditingTokenizer(tok), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
