@@ -167,7 +167,11 @@ def setup_models(cfg: DistillConfig, device: torch.device, out: Path | None):
     table = None
     if cfg.student.path:
         student, s_tok = models.load_causal_lm(cfg.student.path)
-        student.to(device)
+        student.to(device=device, dtype=torch.float32)
+        if cfg.student.freeze_embeddings:
+            from tailkd.student import freeze_student_embeddings
+
+            freeze_student_embeddings(student)
     else:
         from tailkd.student import build_student, format_table
 

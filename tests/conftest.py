@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny byte-level tokenizer and seeded tiny causal LMs (no hub, no files)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# 256 byte symbols + len(TINY_MERGES) merged tokens + len(TINY_SPECIALS) special tokens.
+TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+TINY_SPECIALS = ["<|endoftext|>", "<|pad|>"]
+TINY_VOCAB = 256 + len(TINY_MERGES) + len(TINY_SPECIALS)  # 262
+
+
+def build_tiny_tokenizer(merges=TINY_MERGES):
+    """A byte-level BPE tokenizer: the 256 byte symbols, `merges`, then the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=TINY_SPECIALS[0], bos_token=TINY_SPECIALS[0], pad_token=TINY_SPECIALS[1]
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny byte-level tokenizer (len == TINY_VOCAB); treat it as read-only."""
+    return build_tiny_tokenizer()
+
+
+_TINY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+}
+
+
+def make_tiny_lm(family="llama", *, seed=0, **overrides):
+    """A seeded tiny causal LM of `family` (llama, qwen2, mistral, gpt2), float32, eval mode.
+
+    Defaults: vocab TINY_VOCAB, hidden 64, 4 layers, 4 heads (2 KV heads), MLP 128, 128 positions.
+    Every parameter (norm weights and biases included) is redrawn from N(0, 0.1) (norm weights
+    1 + N(0, 0.1)), so a tensor that is not copied cannot equal its source by accident.
+    `overrides` go to the config (use the family's own names, e.g. `n_embd` for gpt2).
+    """
+    import transformers
+
+    if family == "gpt2":
+        kwargs = {"vocab_size": TINY_VOCAB, "n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 128,
+                      "bos_token_id": 0, "eos_token_id": 0}
+        config_cls = transformers.GPT2Config
+    elif family in _TINY_CONFIGS:
+        name, extra = _TINY_CONFIGS[family]
+        kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=None, **extra)
+        config_cls = getattr(transformers, name)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}")
+    kwargs.update(overrides)
+    config = config_cls(**kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * 0.1
+            is_norm_weight = param.ndim == 1 and name.endswith("weight")
+            param.copy_(1.0 + noise if is_norm_weight else noise)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_lm():
+    """The factory `make_tiny_lm(family="llama", *, seed=0, **config_overrides)`."""
+    return make_tiny_lm
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real built-in teacher (SmolLM2-135M-Instruct, float32, CPU, frozen) and its tokenizer.
+
+    For slow tests only. Converted from its GGUF once per session into $TAILKD_CACHE when set (so CI
+    can keep it), else into a temporary folder (~25 s).
+    """
+    from tailkd.models import load_teacher
+
+    cache = os.environ.get("TAILKD_CACHE") or tmp_path_factory.mktemp("tailkd-cache")
+    return load_teacher("smollm2", cache_dir=cache)

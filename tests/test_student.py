@@ -1,0 +1,349 @@
+"""tailkd.student: layer choice, per-head truncation, MLP init, frozen embeddings, the table."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_tiny_lm
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tailkd.errors import TailkdError
+from tailkd.student import build_student, choose_layers, format_table, rope_pair_rows
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def _params(model):
+    return dict(model.named_parameters())
+
+
+def _ids(seed=0, shape=(2, 13)):
+    return torch.randint(0, TINY_VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- exact copies
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_copy_reproduces_teacher_logits(family, tied):
+    teacher = make_tiny_lm(family, tie_word_embeddings=tied)
+    student, table = build_student(teacher, mlp_init="copy")
+    assert {row["action"] for row in table} == {"copied"}
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(student.eval()(ids).logits, teacher(ids).logits)
+
+
+def test_layer_subset_copies_chosen_layers_exactly():
+    teacher = make_tiny_lm("qwen2")
+    student, table = build_student(teacher, layers=[1, 3], mlp_init="copy")
+    t, s = _params(teacher), _params(student)
+    for j, i in enumerate([1, 3]):
+        for part in ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                     "self_attn.o_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight"):
+            assert torch.equal(s[f"model.layers.{j}.{part}"], t[f"model.layers.{i}.{part}"])
+    sources = {row["name"]: row["source"] for row in table}
+    assert sources["model.layers.1.mlp.up_proj.weight"] == "model.layers.3.mlp.up_proj.weight"
+    assert student.config.num_hidden_layers == 2 and student.config.layer_types == ["full_attention"] * 2
+
+
+def test_llama_per_head_truncation_index_by_index():
+    # teacher: hidden 64, 4 heads of 16, 2 KV heads; student: hidden 32, 4 heads of 8, 2 KV heads.
+    teacher = make_tiny_lm("llama")
+    student, _ = build_student(teacher, hidden_size=32, intermediate_size=48, mlp_init="copy")
+    assert (student.config.head_dim, student.config.num_attention_heads, student.config.num_key_value_heads) == (8, 4, 2)
+    t, s = _params(teacher)["model.layers.2.self_attn.q_proj.weight"], _params(student)
+    # RoPE pairs (i, i+8) of a 16-row head; the student keeps teacher pairs 0, 2, 4, 6 as its pairs 0..3.
+    rope_rows = [0, 2, 4, 6, 8, 10, 12, 14]
+    for proj, n_heads in (("q_proj", 4), ("k_proj", 2)):
+        t = _params(teacher)[f"model.layers.2.self_attn.{proj}.weight"]
+        w = s[f"model.layers.2.self_attn.{proj}.weight"]
+        assert w.shape == (n_heads * 8, 32)
+        for h in range(n_heads):
+            for r, teacher_row in enumerate(rope_rows):
+                for c in range(32):
+                    assert w[h * 8 + r, c] == t[h * 16 + teacher_row, c]
+    v, tv = s["model.layers.2.self_attn.v_proj.weight"], _params(teacher)["model.layers.2.self_attn.v_proj.weight"]
+    for h in range(2):
+        for r in range(8):  # v: the first 8 rows of each head
+            assert torch.equal(v[h * 8 + r], tv[h * 16 + r, :32])
+    o, to = s["model.layers.2.self_attn.o_proj.weight"], _params(teacher)["model.layers.2.self_attn.o_proj.weight"]
+    assert o.shape == (32, 32)
+    for h in range(4):
+        for r in range(8):  # o: the columns of v's kept rows, first 32 output rows
+            assert torch.equal(o[:, h * 8 + r], to[:32, h * 16 + r])
+    gate, tgate = s["model.layers.2.mlp.gate_proj.weight"], _params(teacher)["model.layers.2.mlp.gate_proj.weight"]
+    down, tdown = s["model.layers.2.mlp.down_proj.weight"], _params(teacher)["model.layers.2.mlp.down_proj.weight"]
+    assert torch.equal(gate, tgate[:48, :32]) and torch.equal(down, tdown[:32, :48])
+    emb = s["model.embed_tokens.weight"]
+    assert emb.shape == (TINY_VOCAB, 32) and torch.equal(emb, _params(teacher)["model.embed_tokens.weight"][:, :32])
+    assert torch.equal(s["model.norm.weight"], _params(teacher)["model.norm.weight"][:32])
+
+
+def test_query_heads_keep_their_kv_head():
+    # teacher: 4 query heads on 2 KV heads (heads 0,1 -> KV 0; heads 2,3 -> KV 1).
+    teacher = make_tiny_lm("qwen2")
+    t = _params(teacher)
+    student, _ = build_student(teacher, hidden_size=32, num_heads=2, num_kv_heads=2)  # head_dim 32/2 = 16
+    s = _params(student)
+    q, tq = s["model.layers.0.self_attn.q_proj.weight"], t["model.layers.0.self_attn.q_proj.weight"]
+    qb, tqb = s["model.layers.0.self_attn.q_proj.bias"], t["model.layers.0.self_attn.q_proj.bias"]
+    kept_rows = list(range(16)) + list(range(32, 48))  # teacher heads 0 and 2: one per KV head
+    assert torch.equal(q, tq[kept_rows, :32]) and torch.equal(qb, tqb[kept_rows])
+    assert torch.equal(s["model.layers.0.self_attn.k_proj.weight"], t["model.layers.0.self_attn.k_proj.weight"][:, :32])
+    o, to = s["model.layers.0.self_attn.o_proj.weight"], t["model.layers.0.self_attn.o_proj.weight"]
+    assert torch.equal(o, to[:32][:, kept_rows])
+
+    student, _ = build_student(teacher, num_heads=2, num_kv_heads=1)  # hidden kept: head_dim stays 16
+    q = _params(student)["model.layers.0.self_attn.q_proj.weight"]
+    assert student.config.head_dim == 16 and torch.equal(q, tq[:32])  # heads 0, 1 share KV head 0
+
+
+def test_rope_aware_truncation_keeps_rotated_queries():
+    """Student q/k after RoPE equal the teacher's on the kept rows (the reason for the pair choice)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    teacher = make_tiny_lm("llama")
+    student, _ = build_student(teacher, hidden_size=32)  # head_dim 16 -> 8
+    hidden = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([hidden, torch.zeros(1, 7, 32)], dim=-1)  # teacher input with the dropped dims zero
+    positions = torch.arange(7)[None]
+
+    def rotated(model, x, head_dim):
+        attn = model.model.layers[1].self_attn
+        q = attn.q_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(x, positions)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    with torch.no_grad():
+        tq, tk = rotated(teacher, padded, 16)
+        sq, sk = rotated(student, hidden, 8)
+    rows = rope_pair_rows(16, 8)
+    assert rows == [0, 2, 4, 6, 8, 10, 12, 14]
+    torch.testing.assert_close(sq, tq[..., rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sk, tk[..., rows], rtol=1e-5, atol=1e-6)
+    # a plain "first 8 rows" cut would not commute with RoPE:
+    assert not torch.allclose(sq, tq[..., :8], atol=1e-3)
+
+
+def test_rope_pair_rows_general():
+    assert rope_pair_rows(16, 16) == list(range(16))
+    assert rope_pair_rows(64, 32) == [2 * j for j in range(16)] + [32 + 2 * j for j in range(16)]
+    rows = rope_pair_rows(64, 48)  # ratio 4/3: nearest teacher pair per student pair
+    assert rows[:24] == [(4 * j + 1) // 3 for j in range(24)] and rows[24:] == [32 + i for i in rows[:24]]
+    assert len(set(rows)) == 48 and max(rows) < 64
+
+
+def test_gpt2_fused_qkv_truncation_index_by_index():
+    # teacher: n_embd 64, 4 heads of 16; student: n_embd 32, 4 heads of 8, n_inner 100.
+    teacher = make_tiny_lm("gpt2", n_inner=128)
+    student, _ = build_student(teacher, hidden_size=32, intermediate_size=100, mlp_init="copy")
+    t, s = _params(teacher), _params(student)
+    head_cols = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23,
+                 32, 33, 34, 35, 36, 37, 38, 39, 48, 49, 50, 51, 52, 53, 54, 55]
+    w, tw = s["transformer.h.1.attn.c_attn.weight"], t["transformer.h.1.attn.c_attn.weight"]  # Conv1D: [in, out]
+    b, tb = s["transformer.h.1.attn.c_attn.bias"], t["transformer.h.1.attn.c_attn.bias"]
+    assert w.shape == (32, 96)
+    for block in range(3):  # q, k, v
+        for j, col in enumerate(head_cols):
+            assert torch.equal(w[:, block * 32 + j], tw[:32, block * 64 + col])
+            assert b[block * 32 + j] == tb[block * 64 + col]
+    proj, tproj = s["transformer.h.1.attn.c_proj.weight"], t["transformer.h.1.attn.c_proj.weight"]
+    assert torch.equal(proj, tproj[head_cols, :32])
+    assert torch.equal(s["transformer.h.1.attn.c_proj.bias"], t["transformer.h.1.attn.c_proj.bias"][:32])
+    assert torch.equal(s["transformer.h.1.mlp.c_fc.weight"], t["transformer.h.1.mlp.c_fc.weight"][:32, :100])
+    assert torch.equal(s["transformer.h.1.mlp.c_fc.bias"], t["transformer.h.1.mlp.c_fc.bias"][:100])
+    assert torch.equal(s["transformer.h.1.mlp.c_proj.weight"], t["transformer.h.1.mlp.c_proj.weight"][:100, :32])
+    assert torch.equal(s["transformer.wpe.weight"], t["transformer.wpe.weight"][:, :32])
+    assert torch.equal(s["transformer.ln_f.bias"], t["transformer.ln_f.bias"][:32])
+    assert student.config.n_inner == 100 and student.config.n_embd == 32
+
+
+def test_student_from_bf16_teacher_is_float32_and_exact():
+    teacher = make_tiny_lm("llama").to(torch.bfloat16)
+    student, _ = build_student(teacher, num_layers=2, mlp_init="copy")
+    assert student.dtype == torch.float32 and student.config.dtype == torch.float32
+    assert torch.equal(_params(student)["model.layers.1.self_attn.k_proj.weight"],
+                       _params(teacher)["model.layers.3.self_attn.k_proj.weight"].float())
+
+
+# --------------------------------------------------------------------------- MLP init and freezing
+
+
+def test_random_mlp_is_seeded_and_not_copied():
+    teacher = make_tiny_lm("llama")
+    rng_before = torch.get_rng_state()
+    a, _ = build_student(teacher, num_layers=2, seed=5)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
+    b, _ = build_student(teacher, num_layers=2, seed=5)
+    c, _ = build_student(teacher, num_layers=2, seed=6)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(_params(a)[name], _params(b)[name])
+    assert not torch.equal(_params(a)[name], _params(c)[name])
+    assert not torch.equal(_params(a)[name], _params(teacher)["model.layers.3.mlp.up_proj.weight"])
+    std = _params(a)[name].std().item()  # the config's own init (initializer_range 0.02), not the teacher's 0.1
+    assert 0.015 < std < 0.025
+
+
+@pytest.mark.parametrize("family, tied", [("llama", True), ("llama", False), ("gpt2", True)])
+def test_frozen_embeddings_survive_training(family, tied):
+    teacher = make_tiny_lm(family, tie_word_embeddings=tied)
+    student, table = build_student(teacher, num_layers=2, freeze_embeddings=True)
+    frozen = {row["name"] for row in table if row["frozen"]}
+    expected = {"model.embed_tokens.weight"} if family == "llama" else {"transformer.wte.weight",
+                                                                        "transformer.wpe.weight"}
+    assert frozen == expected
+    assert {n for n, p in student.named_parameters() if not p.requires_grad} == expected
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        logits = student(_ids(step)).logits
+        logits.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in student.named_parameters():
+        assert torch.equal(param, before[name]) == (name in expected), name
+    if tied:
+        assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    else:
+        assert student.lm_head.weight.requires_grad
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_lists_every_parameter_once_with_its_action(family):
+    teacher = make_tiny_lm(family)
+    student, table = build_student(teacher, num_layers=3, hidden_size=32)
+    names = [name for name, _ in student.named_parameters()]
+    assert [row["name"] for row in table] == names
+    params = _params(student)
+    for row in table:
+        assert row["shape"] == list(params[row["name"]].shape)
+        is_mlp = ".mlp." in row["name"]
+        assert row["action"] == ("random" if is_mlp else "truncated"), row
+        assert (row["source"] is None) == is_mlp
+    sources = {row["name"]: row["source"] for row in table}  # layers [0, 2, 3]: student 1 <- teacher 2
+    if family == "gpt2":
+        assert sources["transformer.h.1.ln_1.weight"] == "transformer.h.2.ln_1.weight"
+    else:
+        assert sources["model.layers.1.input_layernorm.weight"] == "model.layers.2.input_layernorm.weight"
+    text = format_table(table)
+    assert text.splitlines()[0].split() == ["name", "shape", "action", "frozen", "source"]
+    assert len(text.splitlines()) == len(table) + 2
+    total = sum(p.numel() for p in student.parameters())
+    assert f"{len(table)} tensors, {total:,} parameters" in text.splitlines()[-1]
+
+
+def test_table_copied_vs_truncated_and_json_ready():
+    import json
+
+    teacher = make_tiny_lm("mistral")
+    _, table = build_student(teacher, num_layers=2, intermediate_size=64, mlp_init="copy")
+    actions = {row["name"]: row["action"] for row in table}
+    assert actions["model.layers.0.self_attn.q_proj.weight"] == "copied"
+    assert actions["model.layers.0.mlp.up_proj.weight"] == "truncated"
+    assert actions["lm_head.weight"] == "copied"
+    assert json.loads(json.dumps(table)) == table
+
+
+# --------------------------------------------------------------------------- layer choice
+
+
+@pytest.mark.parametrize("n_teacher, n, expected", [
+    (30, 6, [0, 6, 12, 17, 23, 29]), (4, 2, [0, 3]), (4, 4, [0, 1, 2, 3]), (4, 1, [0]), (5, 3, [0, 2, 4]),
+    (12, 4, [0, 4, 7, 11]),
+])
+def test_choose_layers_examples(n_teacher, n, expected):
+    assert choose_layers(n_teacher, n) == expected
+
+
+@given(st.integers(2, 80).flatmap(lambda L: st.tuples(st.just(L), st.integers(2, L))))
+def test_choose_layers_is_rounded_linspace(case):
+    n_teacher, n = case
+    chosen = choose_layers(n_teacher, n)
+    assert chosen[0] == 0 and chosen[-1] == n_teacher - 1 and len(chosen) == n
+    assert all(a < b for a, b in itertools.pairwise(chosen))
+    for j, i in enumerate(chosen):
+        assert abs(i - j * (n_teacher - 1) / (n - 1)) <= 0.5
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_student_saves_and_loads_as_plain_hf_model(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    teacher = make_tiny_lm(family)
+    student, _ = build_student(teacher, num_layers=2, hidden_size=32, intermediate_size=40)
+    student.save_pretrained(tmp_path / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert type(loaded) is type(teacher) and loaded.dtype == torch.float32
+    sizes = (loaded.config.num_hidden_layers, loaded.config.hidden_size, loaded.config.intermediate_size
+             if family != "gpt2" else loaded.config.n_inner)
+    assert sizes == (2, 32, 40)
+    ids = _ids(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student.eval()(ids).logits, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("llama", {"num_layers": 5}, r"num_layers=5 but the teacher has 4 layers"),
+    ("llama", {"num_layers": 0}, r"pick 1\.\.4"),
+    ("llama", {"layers": [0, 4]}, r"layer indices \[4\] out of range.*0\.\.3"),
+    ("llama", {"layers": [2, 1]}, r"increasing.*\[1, 2\]"),
+    ("llama", {"layers": [0, 1], "num_layers": 3}, r"only one of them"),
+    ("llama", {"hidden_size": 128}, r"hidden_size=128 but the teacher's is 64"),
+    ("llama", {"intermediate_size": 256}, r"intermediate_size=256 but the teacher's is 128"),
+    ("llama", {"hidden_size": 30}, r"hidden_size=30 is not divisible by num_heads=4"),
+    ("llama", {"num_heads": 3}, r"num_heads=3 is not a multiple of num_kv_heads=2"),
+    ("llama", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
+    ("llama", {"num_kv_heads": 1}, r"raise num_kv_heads to at least 2"),
+    ("llama", {"hidden_size": 48, "num_heads": 2, "num_kv_heads": 2}, r"head_dim 24, wider than the teacher's 16"),
+    ("llama", {"mlp_init": "zeros"}, r"mlp_init='zeros': use one of random, copy"),
+    ("gpt2", {"num_kv_heads": 2}, r"GPT-2 has no grouped KV heads"),
+    ("gpt2", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
+])
+def test_bad_arguments(family, kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_tiny_lm(family), **kwargs)
+
+
+def test_unsupported_architecture():
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                           intermediate_size=64, vocab_size=64))
+    with pytest.raises(TailkdError, match=r"GPTNeoXForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
+        build_student(model)
+
+
+# --------------------------------------------------------------------------- the real built-in teacher
+
+
+@pytest.mark.slow
+def test_six_layer_student_from_smollm2(smollm2):
+    from tailkd.models import check_vocab
+
+    teacher, tok = smollm2
+    student, table = build_student(teacher, num_layers=6, freeze_embeddings=True)
+    assert [row["source"] for row in table if row["name"].endswith("q_proj.weight")] == [
+        f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 6, 12, 17, 23, 29)]
+    total = sum(p.numel() for p in student.parameters())
+    assert 45e6 < total < 55e6  # ~50M, of which 28.3M tied embeddings (frozen)
+    assert check_vocab(tok, tok, teacher, student) == 49152
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(student(ids).logits).all()
+
+    full, _ = build_student(teacher, mlp_init="copy")  # all 30 layers, copied: the teacher itself
+    with torch.no_grad():
+        assert torch.equal(full.eval()(ids).logits, teacher(ids).logits)
