@@ -42,8 +42,12 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
                                    unk_token="<|endoftext|>")
 
 
-def make_teacher_dir(path: Path, *, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
-    """A random Llama teacher + tokenizer saved as an HF folder (safetensors)."""
+def make_teacher_dir(path: Path, *, layers: int = 4, hidden: int = 64, seed: int = 0, train_steps: int = 60) -> Path:
+    """A tiny Llama teacher + tokenizer saved as an HF folder (safetensors).
+
+    It is first trained for ``train_steps`` CLM steps on ``corpus_text()`` so that it has a peaked,
+    text-like next-token distribution worth distilling (a random teacher is nearly uniform).
+    """
     tok = make_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -51,8 +55,19 @@ def make_teacher_dir(path: Path, *, layers: int = 4, hidden: int = 64, seed: int
                       max_position_embeddings=128, tie_word_embeddings=True,
                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a peaked, non-uniform teacher so there is something to learn
-        model.model.embed_tokens.weight.mul_(8.0)
+    if train_steps:
+        ids = torch.tensor(tok(corpus_text(200, seed=seed + 1))["input_ids"])
+        n = (len(ids) - 1) // 33
+        rows = ids[: n * 33].view(n, 33)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(train_steps):
+            batch = rows[torch.randint(0, n, (8,), generator=g)]
+            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -90,14 +90,15 @@ def objective(
     cfg = cfg or LossConfig()
     if student_logits.shape[:-1] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(student_logits.shape)}")
-    denom = torch.as_tensor(num_valid_tokens, dtype=torch.float32, device=student_logits.device).clamp_min(1.0)
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # float32 math, f64 stays
+    denom = torch.as_tensor(num_valid_tokens, dtype=dtype, device=student_logits.device).clamp_min(1.0)
     mask = valid_mask(labels)
     V = student_logits.shape[-1]
 
-    clm_tok = F.cross_entropy(student_logits.float().reshape(-1, V), labels.reshape(-1),
+    clm_tok = F.cross_entropy(student_logits.to(dtype).reshape(-1, V), labels.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)  # (B, T)
     clm_sum = clm_tok.sum()
-    zero = student_logits.new_zeros((), dtype=torch.float32)
+    zero = student_logits.new_zeros((), dtype=dtype)
 
     div_sum = zero
     if cfg.name != "clm":

@@ -292,7 +292,7 @@ def distill(cfg: DistillConfig) -> dict:
                               teacher_hidden=t_hidden)
             terms.loss.backward()
             for key in terms_sum:
-                terms_sum[key] += float(getattr(terms, key))
+                terms_sum[key] += float(getattr(terms, key).detach())
         grad_norm = None
         if cfg.train.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip))
