@@ -1,0 +1,382 @@
+"""Generation-based evaluation: decode, pull out the final answer, score exact match and sample diversity.
+
+The pieces, each a plain function:
+
+- ``generate``: batched decoding with LEFT padding and an attention mask (greedy by default, or
+  temperature / top-p sampling). Prompts are rendered exactly as ``tailkd.sft`` renders them for
+  training: a string is tokenised as is (no special tokens added), a chat (a list of
+  ``{"role", "content"}`` messages) goes through the chat template with the assistant header
+  appended (``add_generation_prompt=True``). Decoding stops at EOS or the template's end-of-turn token.
+- ``extract_answer`` / ``normalize_number`` / ``exact_match``: GSM8K-style final answers.
+- ``distinct_n`` / ``self_bleu`` (with our own ``sentence_bleu``): diversity of sampled outputs.
+- ``generation_eval``: exact match of the student and the teacher (greedy) on held-out prompts and,
+  with ``samples > 0``, the accuracy and diversity of sampled outputs — the fidelity/diversity view
+  on which ``drkl``, ``rkl`` and ``kd`` students differ.
+
+Text metrics work on whitespace-separated words (``text.split()``), not model tokens, so that
+students with different tokenisers would be compared on the same units.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+import torch
+from tqdm.auto import tqdm
+
+from tailkd.errors import TailkdError
+from tailkd.sft import Prompt, SFTRows, encode_prompt, sft_rows_to_prompts, stop_token_ids
+
+# --------------------------------------------------------------------------- answers
+
+# A number as written in text: optional sign, thousands separators ("1,234,567") or plain digits,
+# optional decimals; or a bare decimal (".5"). "1,2,3" is three numbers, not 123.
+_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
+_NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
+# "#### N": the number right after the marker (a "$" and a sign may sit in between).
+_HASH_RE = re.compile(rf"####\s*(-?)\s*\$?\s*({_NUMBER})")
+# Tier-2 phrases: "\boxed{N}", "the (final) answer is N", "answer: N".
+_PHRASE_RE = re.compile(
+    rf"\\boxed\{{\s*\$?\s*({_NUMBER})\s*\}}|answer(?:\s+is)?\s*[:=]?\s*(-?)\s*\$?\s*({_NUMBER})",
+    re.IGNORECASE,
+)
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-"})  # unicode minus, en/em dash
+
+
+def normalize_number(text: str) -> str | None:
+    """A number's canonical string, or None if ``text`` is not a number.
+
+    Strips surrounding whitespace, ``$``, thousands commas, a leading ``+`` and a trailing period; then
+    writes the value in plain decimal without trailing zeros: ``"1,234.50" -> "1234.5"``,
+    ``"3.0" -> "3"``, ``"-0" -> "0"``, ``".5" -> "0.5"``, ``"$-7." -> "-7"``.
+    """
+    s = text.strip().translate(_MINUS_SIGNS).replace("$", "").replace(",", "").replace(" ", "")
+    s = s.removesuffix(".")
+    if not s or not re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", s):
+        return None
+    try:
+        value = Decimal(s)
+    except InvalidOperation:  # pragma: no cover - the regex admits only valid decimals
+        return None
+    if value == 0:
+        return "0"
+    out = format(value.normalize(), "f")  # normalize() drops trailing zeros; "f" avoids 1E+2
+    return out
+
+
+def extract_answer(text: str | None, *, strict: bool = False) -> str | None:
+    """The final numeric answer of a worked solution, normalised (``normalize_number``), or None.
+
+    In order of preference:
+
+    1. the number after the LAST ``####`` that is followed by one (GSM8K's convention);
+    2. else the last ``\\boxed{N}``, "the answer is N" or "answer: N" (case-insensitive);
+    3. else the last number anywhere in the text;
+    4. else None (no number at all).
+
+    ``strict=True`` stops after step 1 (lm-eval's "strict-match" for GSM8K; the default is its
+    "flexible-extract"). The fallbacks can credit a rambling output whose last number happens to be
+    right, so ``generation_eval`` reports both.
+
+    Commas, ``$``, a trailing period and ``+`` are dropped; ``-0`` is ``0`` and ``3.0`` is ``3``.
+    Fractions ("1/2") and words ("three") are not read as numbers (``1/2`` yields ``2``).
+    """
+    if not text:
+        return None
+    text = text.translate(_MINUS_SIGNS)
+    hashes = list(_HASH_RE.finditer(text))
+    if hashes:
+        sign, number = hashes[-1].groups()
+        return normalize_number(sign + number)
+    if strict:
+        return None
+    phrases = list(_PHRASE_RE.finditer(text))
+    if phrases:
+        boxed, sign, number = phrases[-1].groups()
+        return normalize_number(boxed if boxed is not None else sign + number)
+    numbers = _NUMBER_RE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def answers_match(prediction: str | None, reference: str | None, *, strict: bool = False) -> bool:
+    """True iff both texts yield an answer and the two are the same number. ``strict`` applies to the
+    prediction only (``extract_answer(prediction, strict=strict)``); the reference may be a bare number."""
+    pred, ref = extract_answer(prediction, strict=strict), extract_answer(reference)
+    return pred is not None and ref is not None and Decimal(pred) == Decimal(ref)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str], *, strict: bool = False) -> float:
+    """Fraction of pairs whose extracted answers are equal numbers (``answers_match``), in [0, 1].
+
+    A reference may be a full worked solution ("... #### 42") or the bare answer ("42"). A prediction
+    without any number (with ``strict``: without ``#### N``) counts as wrong.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("exact_match needs at least one prediction")
+    return sum(answers_match(p, r, strict=strict) for p, r in zip(predictions, references)) / len(predictions)
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _ngrams(words: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def distinct_n(samples: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al., 2016) of a set of texts: |unique n-grams| / |n-grams|, pooled over the set.
+
+    Words are whitespace-separated. 1.0 = no n-gram repeats anywhere in the set; k identical copies of a
+    text without internal repeats score 1/k. A set without any n-gram (all texts shorter than n) scores 0.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    counts: Counter = Counter()
+    for s in samples:
+        counts.update(_ngrams(_words(s), n))
+    total = sum(counts.values())
+    return len(counts) / total if total else 0.0
+
+
+def sentence_bleu(hypothesis: str, references: Sequence[str], *, max_order: int = 4) -> float:
+    """BLEU of one hypothesis against one or more references (whitespace words), in [0, 1].
+
+    BLEU = BP · exp((1/N) Σ_{n=1..N} log p_n) with N = ``max_order``:
+
+    - p_n = modified (clipped) n-gram precision: Σ_g min(c_hyp(g), max_r c_r(g)) / Σ_g c_hyp(g);
+    - smoothing ("add-one for n ≥ 2", Lin & Och 2004; ``smooth_method="add-k", k=1`` in sacrebleu): for
+      n ≥ 2, p_n = (matches + 1) / (total + 1); p_1 is unsmoothed, so no shared word at all gives 0;
+    - BP = 1 if c > r else exp(1 − r/c), c = hypothesis length, r = the reference length closest to c
+      (ties: the shorter one). An empty hypothesis scores 0.
+
+    Identical hypothesis and reference score exactly 1.
+    """
+    hyp = _words(hypothesis)
+    refs = [_words(r) for r in references]
+    if not refs:
+        raise ValueError("sentence_bleu needs at least one reference")
+    if not hyp:
+        return 0.0
+    log_sum = 0.0
+    for n in range(1, max_order + 1):
+        h = _ngrams(hyp, n)
+        max_ref: Counter = Counter()
+        for r in refs:
+            max_ref |= _ngrams(r, n)  # element-wise max of counts
+        matches = sum(min(c, max_ref[g]) for g, c in h.items())
+        total = sum(h.values())
+        if n == 1:
+            if matches == 0:
+                return 0.0
+            p = matches / total
+        else:
+            p = (matches + 1) / (total + 1)
+        log_sum += math.log(p)
+    c = len(hyp)
+    r = min((len(x) for x in refs), key=lambda length: (abs(length - c), length))
+    bp = 1.0 if c > r else math.exp(1.0 - r / c)
+    return bp * math.exp(log_sum / max_order)
+
+
+def self_bleu(samples: Sequence[str], *, max_order: int = 4) -> float:
+    """Self-BLEU (Zhu et al., 2018) of the samples of ONE prompt: the mean over i of
+    ``sentence_bleu(samples[i], samples[:i] + samples[i+1:])``. 1 = all samples identical; 0 = no two
+    samples share a word. Lower means more diverse. Needs at least two samples."""
+    if len(samples) < 2:
+        raise ValueError(f"self_bleu needs at least 2 samples, got {len(samples)}")
+    scores = [sentence_bleu(s, [*samples[:i], *samples[i + 1:]], max_order=max_order) for i, s in enumerate(samples)]
+    return sum(scores) / len(scores)
+
+
+def diversity(groups: Sequence[Sequence[str]], *, orders: Sequence[int] = (1, 2, 3, 4)) -> dict[str, float]:
+    """Distinct-n and Self-BLEU of sampled outputs, each computed within one prompt's samples and then
+    averaged over prompts (the diversity of a model's answers to the same question, not across questions).
+    Keys: ``distinct_1`` .. ``distinct_4``, ``self_bleu``."""
+    if not groups:
+        raise ValueError("diversity needs at least one group of samples")
+    out = {f"distinct_{n}": sum(distinct_n(g, n) for g in groups) / len(groups) for n in orders}
+    out["self_bleu"] = sum(self_bleu(g) for g in groups) / len(groups)
+    return out
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _device(model) -> torch.device:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
+             seed: int = 0, chat_template: str | None = None, progress: bool = True) -> list[list[str]]:
+    """Complete each prompt; returns ``outputs[i][j]``, the j-th of ``num_return_sequences`` completions of prompt i.
+
+    - A prompt is a string (tokenised as is, no special tokens added) or a chat: a list of messages
+      rendered with the chat template (``chat_template`` or the tokenizer's) plus the assistant header —
+      the same rendering as ``tailkd.sft`` uses for training (``encode_prompt``).
+    - Prompts are sorted by length and decoded ``batch_size`` at a time, LEFT-padded with an attention
+      mask (so every prompt's last token sits next to its first generated token), then put back in order.
+    - Greedy by default; ``do_sample=True`` samples at ``temperature`` with nucleus ``top_p`` and NO
+      top-k cut (unlike transformers' default of 50), i.e. from the model's own distribution at
+      ``temperature=1, top_p=1``. The torch RNG is seeded with ``seed`` inside a forked RNG state (the
+      caller's RNG is untouched); the same prompts, batch size and seed give the same samples.
+    - Decoding stops at EOS or the chat template's end-of-turn token (``stop_token_ids``) or after
+      ``max_new_tokens``; the text is decoded without special tokens and without the stop token.
+
+    The model is run in eval mode under ``torch.inference_mode`` and put back in its previous mode.
+    """
+    if max_new_tokens < 1:
+        raise TailkdError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise TailkdError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError("greedy decoding returns one sequence per prompt; set do_sample=True for several")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise TailkdError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    if not prompts:
+        return []
+    stops = stop_token_ids(tokenizer, chat=any(not isinstance(p, str) for p in prompts), chat_template=chat_template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+    limit = _max_positions(model)
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise TailkdError(f"prompt {i} is empty after tokenisation; every prompt needs at least one token")
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            raise TailkdError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
+                              f"the model's {limit} positions; lower --max-new-tokens or shorten the prompt")
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    device = _device(model)
+    sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
+        if do_sample else {"do_sample": False}
+    outputs: list[list[str] | None] = [None] * len(encoded)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
+                idx = order[start:start + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (b, P), left-padded
+                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)  # (b, P)
+                for row, i in enumerate(idx):
+                    n = len(encoded[i])
+                    input_ids[row, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
+                    attention_mask[row, width - n:] = 1
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                     eos_token_id=list(stops), pad_token_id=pad_id, num_beams=1,
+                                     repetition_penalty=1.0, **sampling)  # (b * k, P + new)
+                new = out[:, width:].tolist()  # rows grouped by prompt: prompt r owns rows r*k .. r*k + k-1
+                for row, i in enumerate(idx):
+                    texts = []
+                    for ids in new[row * num_return_sequences:(row + 1) * num_return_sequences]:
+                        cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+                        texts.append(tokenizer.decode(ids[:cut], skip_special_tokens=True))
+                    outputs[i] = texts
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return outputs  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def _prompts_and_references(heldout_examples, chat_template: str | None):
+    if isinstance(heldout_examples, SFTRows):
+        prompts, references = sft_rows_to_prompts(heldout_examples)
+        return prompts, references, heldout_examples.chat_template if chat_template is None else chat_template
+    prompts, references = [], []
+    for k, item in enumerate(heldout_examples):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], str)):
+            raise ValueError(f"held-out example {k} is not a (prompt, reference) pair: {item!r:.80}")
+        prompts.append(item[0])
+        references.append(item[1])
+    return prompts, references, chat_template
+
+
+def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, batch_size, samples, temperature, top_p,
+                   seed, chat_template, progress, name) -> tuple[dict, list[str]]:
+    greedy = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     chat_template=chat_template, progress=progress)]
+    answered = sum(extract_answer(g) is not None for g in greedy) / len(greedy)
+    out = {f"{name}_exact_match": exact_match(greedy, references),
+           f"{name}_strict_exact_match": exact_match(greedy, references, strict=True), f"{name}_answer_rate": answered}
+    if samples > 0:
+        groups = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=samples,
+                          seed=seed, chat_template=chat_template, progress=progress)
+        flat_pred = [s for g in groups for s in g]
+        flat_ref = [r for r, g in zip(references, groups) for _ in g]
+        out[f"{name}_sample_exact_match"] = exact_match(flat_pred, flat_ref)
+        if samples >= 2:
+            out.update({f"{name}_{k}": v for k, v in diversity(groups).items()})
+    return out, greedy
+
+
+def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_tokens: int = 256,
+                    batch_size: int = 8, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
+                    seed: int = 0, limit: int | None = None, chat_template: str | None = None,
+                    progress: bool = True, return_outputs: bool = False) -> dict:
+    """Exact match of the student and the teacher (greedy) on held-out prompts; with ``samples`` ≥ 1 also
+    the accuracy of ``samples`` sampled completions per prompt, and with ``samples`` ≥ 2 their diversity.
+
+    ``heldout_examples``: the held-out ``SFTRows`` of ``tailkd.sft.prepare_sft`` (prompts rendered as in
+    training, references = the reference responses), or a sequence of ``(prompt, reference)`` pairs.
+    ``teacher`` may be None. ``limit``: evaluate the first ``limit`` examples only.
+
+    Returns a flat dict: ``examples``, ``max_new_tokens``, ``samples``; per model (``student_*``,
+    ``teacher_*``): ``exact_match`` (greedy, flexible extraction), ``strict_exact_match`` (greedy, only
+    ``#### N`` counts), ``answer_rate`` (greedy outputs with a number at all),
+    and when sampling ``sample_exact_match`` (fidelity), ``distinct_1..4`` and ``self_bleu`` (diversity:
+    higher distinct / lower self-BLEU = more diverse; see ``diversity``). ``return_outputs`` adds
+    ``outputs``: {"student": [...], "teacher": [...]} greedy texts, in example order.
+    """
+    if samples < 0:
+        raise TailkdError(f"--samples must be >= 0, got {samples}")
+    prompts, references, chat_template = _prompts_and_references(heldout_examples, chat_template)
+    if limit is not None:
+        prompts, references = prompts[:limit], references[:limit]
+    if not prompts:
+        raise TailkdError("no held-out examples to generate for; give more held-out data or a larger --limit")
+    common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples,
+              "temperature": temperature, "top_p": top_p, "seed": seed, "chat_template": chat_template,
+              "progress": progress}
+    result: dict = {"examples": len(prompts), "max_new_tokens": max_new_tokens, "samples": samples}
+    outputs = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        metrics, greedy = _model_metrics(model, tokenizer, prompts, references, name=name, **common)
+        result.update(metrics)
+        outputs[name] = greedy
+    if return_outputs:
+        result["outputs"] = outputs
+    return result

@@ -1,0 +1,508 @@
+"""Prompt/response data for supervised distillation: JSONL -> token rows whose labels cover ONLY responses.
+
+Input: JSON lines, each either ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``
+(other keys are ignored). Output: the trainer's row contract (``tailkd.data``): int64 ``[T]`` tensors
+``input_ids``, ``labels`` (shifted once, here; -100 = ignore), ``segment_ids`` (example index within the
+row), ``position_ids`` (0..T-1, the positions the model uses as no position ids are passed to it).
+
+Rendering (``chat_template``):
+
+- ``None`` (plain): ``prompt + response + EOS``, each part tokenised on its own with no special tokens
+  added and NO separator inserted (the data must carry one, e.g. a prompt ending in "\\n"). Text that
+  spells a special token ("<|endoftext|>") is tokenised as text, never as the special id.
+- ``"auto"``: the tokenizer's chat template when it has one (pairs become one user turn and one assistant
+  turn), else plain. Any other string is used as the (Jinja) chat template itself.
+- Chats (``messages``) need a template.
+
+Which tokens carry labels: for pairs, the response tokens and the EOS; for chats, every assistant turn's
+content tokens and the end-of-turn token that closes it (ChatML: ``<|im_end|>``). Prompts, padding and
+template scaffolding (system prompts, role headers like ``<|im_start|>assistant\\n``, the newline after
+``<|im_end|>``) are -100. The spans come from rendering the conversation incrementally: the prefix up to
+an assistant turn with the assistant header (``add_generation_prompt=True``) and the prefix including the
+turn; the turn's tokens are the difference, cut after the last special token in it (the end-of-turn).
+Checks, each a ``TailkdError`` naming file:line: the rendered prefix is a text prefix of the rendered
+conversation, its TOKENS are a prefix of the conversation's tokens (a merge across the boundary would
+make the spans ambiguous), the difference starts with the turn's content (no header leaked into it), and
+message contents do not spell special tokens. This works for any template, with or without
+``{% generation %}`` markers (SmolLM2's has none).
+
+Example with the labels shifted once (``x`` = tokens, ``m`` = response mask; the last token is never an input)::
+
+    x       P1 P2 R1 R2 E          (prompt P, response R, EOS E)
+    input   P1 P2 R1 R2
+    labels  -  R1 R2 E             (labels[t] = x[t+1] if m[t+1] else -100)
+
+Layout (``mode``): ``"pad"`` (one example per row, right-padded to ``seq_len``) or ``"pack"`` (examples
+placed whole, in order, into rows of ``seq_len`` — next-fit: an example that does not fit in the current
+row's space starts a new row; the rest of a row is padding). Padding positions carry label -100 and the
+segment id after the row's last example. No attention mask is needed: attention is causal and padding is
+on the right, so real tokens never attend to padding. In packed rows later examples DO attend to earlier
+ones (no block-diagonal mask): the usual packing approximation, harmless in practice as the earlier text
+is unrelated and fully visible; use ``mode="pad"`` for exact per-example attention.
+
+Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong="truncate"`` (default) keeps
+the first ``seq_len + 1`` tokens, i.e. drops the END of the response (and its EOS) — a warning gives the
+count; ``"drop"`` removes them. Either way an example left without a single label (its prompt alone fills
+the row) is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tailkd.errors import TailkdError
+
+IGNORE_INDEX = -100  # same value as tailkd.data.IGNORE_INDEX / tailkd.objective.IGNORE_INDEX
+MODES = ("pad", "pack")
+OVERLONG = ("truncate", "drop")
+
+Prompt = str | list[dict]  # a plain prompt, or chat messages without the final assistant turn
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One training example: a plain pair (``prompt``, ``response``) or a chat (``messages``).
+
+    ``source`` is ``"file:line"``. ``generation_prompt`` / ``reference`` are what generation-based
+    evaluation uses: the prompt (for a chat: the messages before the LAST assistant turn) and the
+    reference response (the last assistant turn's content).
+    """
+
+    source: str
+    prompt: str | None = None
+    response: str | None = None
+    messages: tuple[dict, ...] | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def reference(self) -> str:
+        if self.messages is None:
+            return self.response
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+
+    def generation_prompt(self, chat: bool) -> Prompt:
+        """The prompt as rendered for training: a chat (list of messages) if ``chat``, else the plain string."""
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt}] if chat else self.prompt
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return [dict(m) for m in self.messages[:last]]
+
+    def key(self) -> str:
+        """The prompt as canonical JSON: examples with the same prompt share a key (and a split)."""
+        return json.dumps(self.generation_prompt(chat=self.is_chat), sort_keys=True, ensure_ascii=False)
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TailkdError(f"{path}:{n}: not UTF-8 ({exc.reason}); SFT data must be UTF-8 JSON lines") from None
+            yield n, line.removeprefix("\ufeff") if n == 1 else line
+
+
+def _parse(obj, where: str) -> SFTExample:
+    if not isinstance(obj, dict):
+        raise TailkdError(f'{where}: a JSON {type(obj).__name__}, not an object; write {{"prompt": ..., '
+                          '"response": ...}} or {"messages": [...]} per line')
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise TailkdError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise TailkdError(f'{where}: message {j} is not {{"role": str, "content": str}} (got {m!r:.80})')
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise TailkdError(f'{where}: no "assistant" message, so nothing to train on; add the assistant reply')
+        return SFTExample(where, messages=tuple({"role": m["role"], "content": m["content"]} for m in msgs))
+    missing = [k for k in ("prompt", "response") if k not in obj]
+    if missing:
+        raise TailkdError(f'{where}: no "{missing[0]}" field (found keys {sorted(obj)[:6]}); every line needs '
+                          '"prompt" and "response", or "messages"')
+    for k in ("prompt", "response"):
+        if not isinstance(obj[k], str):
+            raise TailkdError(f'{where}: "{k}" is a {type(obj[k]).__name__}, not a string')
+    if not obj["response"].strip():
+        raise TailkdError(f'{where}: "response" is empty; remove the line or give the reference answer')
+    return SFTExample(where, prompt=obj["prompt"], response=obj["response"])
+
+
+def read_sft_examples(paths) -> list[SFTExample]:
+    """Every example of ``paths`` (files or folders, as ``tailkd.data.list_files``), in reading order.
+
+    Blank lines are skipped. ``TailkdError`` (with file:line) for a line that is not JSON, not an object,
+    lacks ``prompt``/``response`` (or ``messages``), or has the wrong types; and for a file without examples.
+    """
+    from tailkd.data import list_files
+
+    out = []
+    for f in list_files(paths):
+        n_file = 0
+        for n, line in _read_lines(f):
+            if not line.strip():
+                continue
+            where = f"{f}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TailkdError(f"{where}: not valid JSON ({exc.msg}); SFT data needs one JSON object per line") \
+                    from None
+            out.append(_parse(obj, where))
+            n_file += 1
+        if n_file == 0:
+            raise TailkdError(f'{f} holds no examples (empty or blank); add lines like {{"prompt": ..., "response": '
+                              '...}} or remove the file')
+    return out
+
+
+# --------------------------------------------------------------------------- rendering and masks
+
+
+def resolve_chat_template(tokenizer, chat_template: str | None) -> str | None:
+    """``None`` -> None (plain); ``"auto"`` -> the tokenizer's template or None; any other string -> itself."""
+    if chat_template is None:
+        return None
+    if chat_template == "auto":
+        return getattr(tokenizer, "chat_template", None) or None
+    if not isinstance(chat_template, str) or not chat_template.strip():
+        raise TailkdError(f"chat_template must be None, 'auto' or a Jinja template string, got {chat_template!r:.60}")
+    return chat_template
+
+
+def _template_for(tokenizer, chat_template: str | None) -> str:
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise TailkdError(f"chat messages need a chat template but tokenizer {name} has none; pass one "
+                          "(chat_template='{% for m in messages %}...') or use prompt/response pairs")
+    return template
+
+
+def render_chat(tokenizer, messages: Sequence[dict], *, chat_template: str | None = None,
+                add_generation_prompt: bool = False, where: str = "a conversation") -> str:
+    """The conversation as text, through ``chat_template`` (or the tokenizer's); ``where`` names it in errors."""
+    import jinja2  # transformers renders templates with it
+
+    template = _template_for(tokenizer, chat_template)
+    try:
+        return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:  # e.g. raise_exception("roles must alternate")
+        raise TailkdError(f"{where}: the chat template failed ({str(exc)[:120]}); fix the messages "
+                          "or pass another chat_template") from None
+
+
+def _tokenize_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Plain text: no special tokens added, and text spelling a special token stays text."""
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def _tokenize_rendered(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Template output: its special tokens ("<|im_start|>") must be recognised; nothing added."""
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def encode_prompt(tokenizer, prompt: Prompt, *, chat_template: str | None = None) -> list[int]:
+    """Token ids of a generation prompt, rendered exactly as in training: a string as plain text, a chat
+    through the template with the assistant header appended (``add_generation_prompt=True``)."""
+    if isinstance(prompt, str):
+        return _tokenize_text(tokenizer, [prompt])[0]
+    text = render_chat(tokenizer, prompt, chat_template=chat_template, add_generation_prompt=True)
+    return _tokenize_rendered(tokenizer, [text])[0]
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise TailkdError(f"tokenizer {name} has no EOS token to end responses; set tokenizer.eos_token")
+    return int(tokenizer.eos_token_id)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return {int(i) for i in tokenizer.all_special_ids}
+
+
+def _chat_spans(tokenizer, messages: Sequence[dict], template: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the rendered conversation and the [start, end) span of each assistant turn's labels."""
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    for m in messages:
+        hit = next((t for t in specials if t in m["content"]), None)
+        if hit is not None:
+            raise TailkdError(f"{where}: a {m['role']} message contains the special token {hit!r} as text, which "
+                              "would forge template structure; remove it from the data")
+    full = render_chat(tokenizer, messages, chat_template=template, where=where)
+    bounds = []  # (prefix text with assistant header, text including the turn, turn index)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], chat_template=template, add_generation_prompt=True, where=where)
+        upto = render_chat(tokenizer, messages[:i + 1], chat_template=template, where=where)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise TailkdError(f"{where}: the chat template renders assistant turn {i} differently inside the whole "
+                              "conversation than on its own (e.g. it rewrites earlier turns), so the response tokens "
+                              "cannot be located; use a template that renders turns append-only, or plain pairs")
+        bounds.append((before, upto, i))
+    texts = [full] + [t for b in bounds for t in b[:2]]
+    ids = _tokenize_rendered(tokenizer, texts)
+    full_ids, spans, special = ids[0], [], _special_ids(tokenizer)
+    for k, (_, _, i) in enumerate(bounds):
+        before_ids, upto_ids = ids[1 + 2 * k], ids[2 + 2 * k]
+        for part in (before_ids, upto_ids):
+            if full_ids[:len(part)] != part:
+                raise TailkdError(f"{where}: the tokens of the conversation up to assistant turn {i} are not a prefix "
+                                  "of the whole conversation's tokens (a token merges across the boundary), so the "
+                                  "response mask would be ambiguous; change the text at that boundary (e.g. end the "
+                                  "turn with a newline) or use plain pairs")
+        start, end = len(before_ids), len(upto_ids)
+        eot = [j for j in range(start, end) if full_ids[j] in special]
+        if eot:
+            end = eot[-1] + 1  # through the end-of-turn token; what follows (a newline) is scaffolding
+        content = messages[i]["content"].strip()
+        shown = tokenizer.decode(full_ids[start:end], skip_special_tokens=False).lstrip()
+        if content and not shown.startswith(content[:32]):
+            raise TailkdError(f"{where}: the chat template puts text between the assistant header and the content of "
+                              f"turn {i} ({shown[:40]!r}), so template scaffolding would be trained on; use a template "
+                              "whose add_generation_prompt emits the whole assistant header")
+        spans.append((start, end))
+    return full_ids, spans
+
+
+def stop_token_ids(tokenizer, *, chat: bool, chat_template: str | None = None) -> list[int]:
+    """Token ids that end a response: EOS, and for chats the template's end-of-turn token(s) (the special
+    tokens that close an assistant turn, found by rendering a probe conversation)."""
+    stops = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if chat:
+        template = _template_for(tokenizer, chat_template)
+        probe = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+        ids, spans = _chat_spans(tokenizer, probe, template, "the chat template's probe conversation")
+        special = _special_ids(tokenizer)
+        stops += [t for t in ids[spans[0][0]:spans[0][1]] if t in special and t not in stops]
+    if not stops:
+        raise TailkdError("the tokenizer has no EOS token and the prompts use no chat template, so generation "
+                          "could never stop early; set tokenizer.eos_token")
+    return stops
+
+
+def encode_example(tokenizer, example: SFTExample, chat_template: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, response_mask)`` of one example: int64 / bool arrays of equal length (unshifted, untruncated).
+    ``chat_template`` is the RESOLVED template (``resolve_chat_template``), None = plain."""
+    if chat_template is None:
+        if example.is_chat:
+            raise TailkdError(f"{example.source}: chat messages need a chat template; use chat_template='auto' with "
+                              "a tokenizer that has one, or pass a template")
+        p, r = _tokenize_text(tokenizer, [example.prompt, example.response])
+        ids = [*p, *r, _eos_id(tokenizer)]
+        mask = [False] * len(p) + [True] * (len(r) + 1)
+        return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+    messages = example.messages if example.is_chat else (
+        {"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.response})
+    ids, spans = _chat_spans(tokenizer, messages, chat_template, example.source)
+    mask = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        mask[start:end] = True
+    return np.asarray(ids, dtype=np.int64), mask
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class SFTRows(Dataset):
+    """Map-style dataset of ``seq_len``-token rows (see the module docstring for the layout).
+
+    ``examples[k]`` is the k-th example kept; ``rows[i]`` lists the example indices in row i (one in
+    ``"pad"`` mode). ``chat_template`` is the template the examples were rendered with (None = plain), so
+    that generation can render their prompts the same way (``sft_rows_to_prompts``).
+    """
+
+    def __init__(self, examples: list[SFTExample], encoded: list[tuple[np.ndarray, np.ndarray]], *, seq_len: int,
+                 mode: str, pad_id: int, chat_template: str | None):
+        self.examples, self.seq_len, self.mode, self.pad_id = examples, seq_len, mode, int(pad_id)
+        self.chat_template = chat_template
+        self.inputs: list[np.ndarray] = []  # per example: ids[:-1]
+        self.targets: list[np.ndarray] = []  # per example: ids[1:] where the response mask is set, else -100
+        for ids, mask in encoded:
+            self.inputs.append(ids[:-1].astype(np.int32))
+            self.targets.append(np.where(mask[1:], ids[1:], IGNORE_INDEX).astype(np.int32))
+        self.rows: list[list[int]] = []
+        if mode == "pad":
+            self.rows = [[k] for k in range(len(examples))]
+        else:  # next-fit packing, in example order
+            used = seq_len
+            for k, x in enumerate(self.inputs):
+                if used + len(x) > seq_len:
+                    self.rows.append([])
+                    used = 0
+                self.rows[-1].append(k)
+                used += len(x)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self.rows) <= i < len(self.rows):
+            raise IndexError(f"row {i} out of range for {len(self.rows)} rows")
+        members = self.rows[i]
+        T = self.seq_len
+        input_ids = np.full(T, self.pad_id, dtype=np.int64)
+        labels = np.full(T, IGNORE_INDEX, dtype=np.int64)
+        segment_ids = np.full(T, len(members), dtype=np.int64)  # padding: the segment after the last example
+        at = 0
+        for seg, k in enumerate(members):
+            n = len(self.inputs[k])
+            input_ids[at:at + n] = self.inputs[k]
+            labels[at:at + n] = self.targets[k]
+            segment_ids[at:at + n] = seg
+            at += n
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "segment_ids": torch.from_numpy(segment_ids), "position_ids": torch.arange(T)}
+
+    def stats(self) -> dict:
+        tokens = sum(len(x) for x in self.inputs)
+        labelled = sum(int((y != IGNORE_INDEX).sum()) for y in self.targets)
+        return {"examples": len(self.examples), "rows": len(self.rows), "tokens": tokens,
+                "response_tokens": labelled, "fill": tokens / max(1, len(self.rows) * self.seq_len)}
+
+
+def collate_sft(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``tailkd.data.collate``, then the trailing columns in which NO row has a label are cut off.
+
+    Exact, not an approximation: with causal attention no position attends to later ones, so dropping
+    trailing positions changes no logit of the kept ones, and dropped positions carry no label. Saves
+    the compute of padding on batches of short examples. At least one column is kept.
+    """
+    from tailkd.data import collate
+
+    batch = collate(rows)
+    has_label = (batch["labels"] != IGNORE_INDEX).any(0)  # (T,)
+    width = int(has_label.nonzero().max()) + 1 if bool(has_label.any()) else 1
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def sft_rows_to_prompts(rows: SFTRows) -> tuple[list[Prompt], list[str]]:
+    """``(prompts, references)`` of the examples in ``rows``, prompts rendered as in training (a chat if
+    the rows were rendered with a chat template; pass ``rows.chat_template`` on to ``generate``)."""
+    chat = rows.chat_template is not None
+    return [e.generation_prompt(chat) for e in rows.examples], [e.reference for e in rows.examples]
+
+
+# --------------------------------------------------------------------------- the whole preparation
+
+
+def _split_key(example: SFTExample, seed: int) -> int:
+    blob = f"{seed}\n{example.key()}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+
+def _heldout_split(examples: list[SFTExample], fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Hold out the ``round(fraction * n)`` examples (at least 1, at most n - 1) with the smallest
+    ``sha256(seed, prompt)``, plus any other example with the same prompt (no prompt on both sides).
+    Deterministic, independent of the file order; file order is kept within each split."""
+    if fraction == 0 or not examples:
+        return list(examples), []
+    n = len(examples)
+    if n < 2:
+        raise TailkdError(f"only {n} SFT example, so none can be held out; add examples or set heldout_fraction=0")
+    keys = [_split_key(e, seed) for e in examples]
+    want = min(n - 1, max(1, round(fraction * n)))
+    cut = sorted(keys)[want - 1]
+    held = [k <= cut for k in keys]
+    if all(held):
+        raise TailkdError("every SFT example shares one prompt, so none is left for training; add distinct prompts")
+    return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
+
+
+def _encode_all(tokenizer, examples: list[SFTExample], template: str | None, seq_len: int, overlong: str,
+                counts: dict) -> tuple[list[SFTExample], list[tuple[np.ndarray, np.ndarray]]]:
+    kept, encoded = [], []
+    for e in examples:
+        ids, mask = encode_example(tokenizer, e, template)
+        cut = len(ids) > seq_len + 1
+        if cut:
+            if overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+        if not mask[1:].any():
+            counts["dropped_no_response"] += 1  # its prompt alone fills the row
+            continue
+        counts["truncated"] += cut  # kept, but shortened
+        kept.append(e)
+        encoded.append((ids, mask))
+    return kept, encoded
+
+
+def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_template: str | None = "auto",
+                heldout_fraction: float = 0.05, heldout_paths=None, seed: int = 0,
+                overlong: str = "truncate") -> tuple[SFTRows, SFTRows, dict]:
+    """Read, render, mask and lay out prompt/response data. Returns ``(train_rows, heldout_rows, info)``.
+
+    - ``paths``: JSONL files or folders (see ``read_sft_examples``).
+    - ``seq_len``: positions per row; an example of L tokens takes L - 1 positions.
+    - ``mode``: ``"pad"`` or ``"pack"``; ``chat_template``: None, ``"auto"`` (default) or a template string;
+      ``overlong``: ``"truncate"`` (default) or ``"drop"`` (see the module docstring).
+    - Held out: the examples of ``heldout_paths`` if given (training examples with the same prompt as a
+      held-out one are dropped and counted), else a ``heldout_fraction`` of ``paths`` chosen by a hash of
+      ``seed`` and the prompt (``_heldout_split``). ``heldout_fraction=0`` gives empty held-out rows.
+    - ``info``: settings, the resolved rendering, per-split counts (examples, rows, tokens, response
+      tokens, fill) and the examples truncated / dropped.
+
+    Deterministic: the same inputs give the same rows.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise TailkdError(f"--seq-len must be a positive whole number of tokens, got {seq_len!r}")
+    if mode not in MODES:
+        raise TailkdError(f"SFT mode {mode!r} is not one of {', '.join(MODES)}")
+    if overlong not in OVERLONG:
+        raise TailkdError(f"overlong={overlong!r} is not one of {', '.join(OVERLONG)}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise TailkdError(f"heldout_fraction={heldout_fraction} must lie in [0, 1); 0.05 is usual")
+    template = resolve_chat_template(tokenizer, chat_template)
+    examples = read_sft_examples(paths)
+    overlap = 0
+    if heldout_paths:
+        held = read_sft_examples(heldout_paths)
+        held_keys = {e.key() for e in held}
+        train = [e for e in examples if e.key() not in held_keys]
+        overlap = len(examples) - len(train)
+        if not train:
+            raise TailkdError("every training example's prompt is also in the held-out files; give distinct data")
+    else:
+        train, held = _heldout_split(examples, float(heldout_fraction), seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+
+    splits, counts = {}, {}
+    for name, exs in (("train", train), ("heldout", held)):
+        c = {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0}
+        kept, encoded = _encode_all(tokenizer, exs, template, seq_len, overlong, c)
+        if name == "train" and not kept:
+            raise TailkdError(f"no training example keeps a response token within --seq-len {seq_len}; use a larger "
+                              "--seq-len or shorter prompts")
+        splits[name] = SFTRows(kept, encoded, seq_len=seq_len, mode=mode, pad_id=pad_id, chat_template=template)
+        counts[name] = c
+    cut = {k: counts["train"][k] + counts["heldout"][k] for k in counts["train"]}
+    if cut["truncated"] or cut["dropped_overlong"] or cut["dropped_no_response"]:
+        warnings.warn(f"SFT data: {cut['truncated']} example(s) truncated to --seq-len {seq_len} (end of the response "
+                      f"lost), {cut['dropped_overlong']} dropped as too long, {cut['dropped_no_response']} dropped with "
+                      "no response token left; raise --seq-len to keep them whole", stacklevel=2)
+    info = {"mode": mode, "seq_len": seq_len, "rendering": "chat" if template else "plain",
+            "chat_template": template, "overlong": overlong, "seed": seed,
+            "heldout_source": "files" if heldout_paths else f"fraction {heldout_fraction}",
+            "dropped_train_overlap": overlap,
+            **{f"{name}": {**splits[name].stats(), **counts[name]} for name in splits}}
+    return splits["train"], splits["heldout"], info

@@ -1,0 +1,293 @@
+"""tailkd.generation: answer extraction, exact match, diversity metrics, batched decoding, generation_eval."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+from test_sft import IM_END, chatml_tokenizer
+
+from tailkd.errors import TailkdError
+from tailkd.generation import (
+    answers_match,
+    distinct_n,
+    diversity,
+    exact_match,
+    extract_answer,
+    generate,
+    generation_eval,
+    normalize_number,
+    self_bleu,
+    sentence_bleu,
+)
+from tailkd.sft import prepare_sft, render_chat
+
+# --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("text, want", [
+    ("#### 42", "42"),
+    ("1,234 + 1 = 1,235\n#### 1,235", "1235"),
+    ("#### $1,000.50", "1000.5"),
+    ("#### -5", "-5"),
+    ("#### -$5", "-5"),
+    ("#### -0", "0"),
+    ("#### 3.0", "3"),
+    ("#### 3.", "3"),
+    ("#### 12 apples", "12"),
+    ("#### 7\nwait, no\n#### 8", "8"),  # the last ####
+    ("first #### 2 then #### 3.", "3"),
+    ("#### 5\nso 9 + 1 = 10", "5"),  # #### beats later numbers
+    ("The answer is 5. Check: 5 + 1 = 6", "5"),  # the phrase beats the last number
+    ("The answer is $-4.50", "-4.5"),
+    ("Final answer: 1,001", "1001"),
+    ("so it is \\boxed{12}", "12"),
+    ("3 apples and 4 pears, total 7", "7"),  # fallback: the last number
+    ("10 - 3 = 7", "7"),  # subtraction, not a negative number
+    ("Total: \u22123", "-3"),  # unicode minus
+    ("1,2,3", "3"),  # a list, not 123
+    ("about .5 of it", "0.5"),
+    ("#### \nbut 5 later", "5"),  # a #### without a number is skipped
+    ("no numbers here", None),
+    ("", None),
+    (None, None),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("1,234.50", "1234.5"), ("+3", "3"), ("-0.0", "0"), ("$7.", "7"), ("100", "100"), ("0.10", "0.1"),
+    ("-12.340", "-12.34"), ("abc", None), ("1.2.3", None), ("", None), ("-", None),
+])
+def test_normalize_number(text, want):
+    assert normalize_number(text) == want
+
+
+def test_strict_extraction_needs_the_marker():
+    assert extract_answer("#### 5\nthen 6", strict=True) == "5"
+    assert extract_answer("The answer is 5", strict=True) is None and extract_answer("7", strict=True) is None
+    refs = ["#### 2", "2"]
+    assert exact_match(["1 page, 2", "#### 2"], refs) == 1.0
+    assert exact_match(["1 page, 2", "#### 2"], refs, strict=True) == 0.5
+
+
+def test_exact_match_compares_numbers():
+    refs = ["x\n#### 3", "#### 1,000", "#### -2"]
+    assert exact_match(["#### 3.0", "The answer is 1000.", "-2"], refs) == 1.0
+    assert exact_match(["#### 4", "no idea", "#### 2"], refs) == 0.0
+    assert exact_match(["#### 3", "#### 7", "#### 7"], refs) == pytest.approx(1 / 3)
+    assert not answers_match("nothing", "nothing either")  # two missing answers are not a match
+    with pytest.raises(ValueError):
+        exact_match(["1"], ["1", "2"])
+    with pytest.raises(ValueError):
+        exact_match([], [])
+
+
+# --------------------------------------------------------------------------- diversity, closed form
+
+
+def test_distinct_n_closed_form():
+    same = ["a b c d"] * 4
+    assert [distinct_n(same, n) for n in (1, 2, 3, 4)] == [4 / 16, 3 / 12, 2 / 8, 1 / 4]
+    disjoint = ["a b c d", "e f g h", "i j k l"]
+    assert [distinct_n(disjoint, n) for n in (1, 2, 3, 4)] == [1.0] * 4
+    assert distinct_n(["a a a b"], 1) == 2 / 4 and distinct_n(["a a a b"], 2) == 2 / 3
+    assert distinct_n(["a b"], 3) == 0.0  # no trigram at all
+    with pytest.raises(ValueError):
+        distinct_n(same, 0)
+
+
+def test_sentence_bleu_by_hand():
+    # p1 = 3/4, p2 = (2+1)/(3+1), p3 = (1+1)/(2+1), p4 = (0+1)/(1+1), BP = 1 (same length)
+    want = (3 / 4 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert sentence_bleu("a b c d", ["a b c e"]) == pytest.approx(want, abs=1e-12)
+    # brevity penalty: hypothesis 2 words, closest reference 4 words -> exp(1 - 4/2); clipped counts
+    want = math.exp(1 - 2) * ((2 / 2) * ((1 + 1) / (1 + 1)) * (1 / 1) * (1 / 1)) ** 0.25
+    assert sentence_bleu("a b", ["a b c d", "x y z w v u"]) == pytest.approx(want, abs=1e-12)
+    assert sentence_bleu("the the the the", ["the cat"]) < sentence_bleu("the cat", ["the cat"]) == 1.0
+    assert sentence_bleu("", ["a"]) == 0.0
+
+
+def test_self_bleu_closed_form():
+    assert self_bleu(["a b c d e"] * 3) == 1.0
+    assert self_bleu(["a b c d", "e f g h", "i j k l"]) == 0.0
+    mixed = ["a b c d", "a b c e", "x y z w"]
+    want = (sentence_bleu(mixed[0], mixed[1:]) + sentence_bleu(mixed[1], [mixed[0], mixed[2]])
+            + sentence_bleu(mixed[2], mixed[:2])) / 3
+    assert self_bleu(mixed) == pytest.approx(want) and 0 < want < 1
+    with pytest.raises(ValueError):
+        self_bleu(["only one"])
+    d = diversity([["a b c d"] * 2, ["a b c d", "e f g h"]])
+    assert d["self_bleu"] == pytest.approx(0.5) and d["distinct_1"] == pytest.approx((4 / 8 + 1.0) / 2)
+
+
+def test_sentence_bleu_equals_sacrebleu_add_one():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from sacrebleu.metrics import BLEU
+
+    ref_impl = BLEU(smooth_method="add-k", smooth_value=1, tokenize="none", effective_order=False)
+    rng = random.Random(0)
+    words = ["a", "b", "c", "d", "e", "f", "g"]
+    for _ in range(200):
+        hyp = " ".join(rng.choices(words, k=rng.randint(4, 12)))
+        refs = [" ".join(rng.choices(words, k=rng.randint(4, 12))) for _ in range(rng.randint(1, 3))]
+        want = ref_impl.sentence_score(hyp, refs).score / 100
+        assert sentence_bleu(hyp, refs) == pytest.approx(want, abs=1e-9), (hyp, refs, sacrebleu.__version__)
+
+
+# --------------------------------------------------------------------------- generate on a real tiny HF model
+
+
+PROMPTS = ["The quick", "A", "Rain is expected across the", "The team won"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_lm(seed=1), build_tiny_tokenizer()
+
+
+def manual_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Independent reference: one prompt, no padding, no cache, argmax of a full forward per step."""
+    ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
+            t = int(logits.argmax())
+            if t == tokenizer.eos_token_id:
+                break
+            new.append(t)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_generate_matches_a_manual_unpadded_decode(tiny):
+    model, tok = tiny
+    out = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=3, progress=False)
+    assert len(out) == len(PROMPTS) and all(len(o) == 1 for o in out)
+    assert [o[0] for o in out] == [manual_greedy(model, tok, p, 6) for p in PROMPTS]
+    again = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)
+    assert again == out  # left padding does not change greedy results; deterministic
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(tiny):
+    model, tok = tiny
+    model.train()
+    state = torch.get_rng_state()
+    kw = {"max_new_tokens": 8, "batch_size": 2, "do_sample": True, "num_return_sequences": 3, "progress": False}
+    a = generate(model, tok, PROMPTS, seed=5, **kw)
+    assert torch.equal(torch.get_rng_state(), state) and model.training  # RNG and train mode restored
+    b = generate(model, tok, PROMPTS, seed=5, **kw)
+    c = generate(model, tok, PROMPTS, seed=6, **kw)
+    assert a == b and a != c
+    assert len(a) == 4 and all(len(g) == 3 for g in a)
+    assert len({s for g in a for s in g}) > 4  # random tiny model at T=1: samples differ
+
+
+def test_generate_argument_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(TailkdError, match="positions"):
+        generate(model, tok, ["x" * 100], max_new_tokens=64, progress=False)  # 128 positions
+    with pytest.raises(TailkdError, match="max-new-tokens"):
+        generate(model, tok, PROMPTS, max_new_tokens=0, progress=False)
+    with pytest.raises(ValueError, match="do_sample"):
+        generate(model, tok, PROMPTS, max_new_tokens=2, num_return_sequences=2, progress=False)
+    with pytest.raises(TailkdError, match="empty"):
+        generate(model, tok, [""], max_new_tokens=2, progress=False)
+    assert generate(model, tok, [], max_new_tokens=2) == []
+
+
+# --------------------------------------------------------------------------- scripted stand-ins at the HF interface
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for an HF causal LM at ``generate``: answers each (decoded) prompt with ``reply(prompt)``,
+    then a stop token, then junk that must never reach the output, then padding. Checks left padding."""
+
+    def __init__(self, tokenizer, reply):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.tok, self.reply, self.prompts, self.stops = tokenizer, reply, [], None
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, num_return_sequences, eos_token_id, pad_token_id,
+                 **kw):
+        self.stops = list(eos_token_id)
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            n = sum(mask)
+            assert mask == [0] * (len(mask) - n) + [1] * n and ids[:len(ids) - n] == [pad_token_id] * (len(ids) - n)
+            prompt = self.tok.decode(ids[len(ids) - n:])
+            self.prompts.append(prompt)
+            new = self.tok(self.reply(prompt), add_special_tokens=False)["input_ids"]
+            new = (new + [eos_token_id[-1]] + self.tok("#### 999", add_special_tokens=False)["input_ids"])
+            rows += [ids + new[:max_new_tokens]] * num_return_sequences
+        width = max(map(len, rows))
+        return torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+
+
+def math_rows(tmp_path, tok, n=6, template=None):
+    objs = [{"prompt": f"Q{i}: {i}+{i}?\n", "response": f"{i} plus {i} makes {2 * i}.\n#### {2 * i}"} for i in range(n)]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    _, held, _ = prepare_sft([f], tok, seq_len=128, chat_template=template, heldout_fraction=0.5)
+    return held
+
+
+def test_generation_eval_copy_model_scores_1_and_constant_model_0(tmp_path):
+    tok = build_tiny_tokenizer()
+    held = math_rows(tmp_path, tok)
+    refs = {e.prompt: e.response for e in held.examples}
+    copier = ScriptedLM(tok, lambda p: refs[p])
+    constant = ScriptedLM(tok, lambda p: "I think\n#### 7")  # 7 is no reference answer (they are even)
+    res = generation_eval(copier, constant, tok, held, max_new_tokens=40, batch_size=2, samples=3, progress=False,
+                          return_outputs=True)
+    assert res["examples"] == len(held.examples) == 3
+    assert res["student_exact_match"] == 1.0 and res["teacher_exact_match"] == 0.0
+    assert res["student_strict_exact_match"] == 1.0 and res["teacher_strict_exact_match"] == 0.0
+    assert res["student_answer_rate"] == 1.0 == res["teacher_answer_rate"]
+    assert res["student_sample_exact_match"] == 1.0 and res["teacher_sample_exact_match"] == 0.0
+    assert res["student_self_bleu"] == 1.0  # three identical samples per prompt
+    assert res["teacher_distinct_1"] == pytest.approx(3 / 9)  # "I think #### 7" three times
+    # the output stops at the stop token: the "#### 999" after it never shows up
+    assert res["outputs"]["student"] == [e.response for e in held.examples]
+    assert sorted(set(copier.prompts)) == sorted(refs)
+
+
+def test_generation_eval_teacher_optional_and_limit(tmp_path):
+    tok = build_tiny_tokenizer()
+    held = math_rows(tmp_path, tok, n=10)
+    model = ScriptedLM(tok, lambda p: "#### 0")
+    res = generation_eval(model, None, tok, held, max_new_tokens=8, limit=2, progress=False)
+    assert res["examples"] == 2 and not any(k.startswith("teacher") for k in res)
+    assert "student_self_bleu" not in res  # no sampling asked for
+    pairs = [("Q: 1+1?\n", "#### 2"), ("Q: 2+2?\n", "4")]
+    res = generation_eval(ScriptedLM(tok, lambda p: "so 2"), None, tok, pairs, max_new_tokens=8, progress=False)
+    assert res["student_exact_match"] == 0.5 and res["student_strict_exact_match"] == 0.0
+    with pytest.raises(TailkdError, match="no held-out"):
+        generation_eval(model, None, tok, [], max_new_tokens=8, progress=False)
+
+
+def test_chat_prompts_are_rendered_with_the_template_and_stop_at_end_of_turn(tmp_path):
+    tok = chatml_tokenizer()
+    held = math_rows(tmp_path, tok, template="auto")
+    assert held.chat_template == tok.chat_template
+    model = ScriptedLM(tok, lambda p: "#### 0")
+    generation_eval(model, None, tok, held, max_new_tokens=8, progress=False)
+    want = {render_chat(tok, [{"role": "user", "content": e.prompt}], add_generation_prompt=True)
+            for e in held.examples}
+    assert set(model.prompts) == want
+    assert model.stops == [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+
+
+def test_generate_on_chat_prompts_with_a_real_model(tmp_path):
+    tok = chatml_tokenizer()
+    model = make_tiny_lm(vocab_size=len(tok), max_position_embeddings=256)
+    chats = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "What is 2+2?"}]]
+    out = generate(model, tok, chats, max_new_tokens=5, batch_size=2, progress=False)
+    ref = generate(model, tok, chats, max_new_tokens=5, batch_size=1, progress=False)
+    assert out == ref and len(out) == 2 and all(isinstance(o[0], str) for o in out)
+    assert TINY_VOCAB < len(tok)

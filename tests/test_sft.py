@@ -1,0 +1,416 @@
+"""tailkd.sft: prompt/response JSONL -> rows whose labels cover exactly the response tokens."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import build_tiny_tokenizer, make_tiny_lm
+
+from tailkd.data import RowSampler, collate
+from tailkd.errors import TailkdError
+from tailkd.sft import (
+    IGNORE_INDEX,
+    SFTRows,
+    collate_sft,
+    encode_example,
+    encode_prompt,
+    prepare_sft,
+    read_sft_examples,
+    render_chat,
+    sft_rows_to_prompts,
+    stop_token_ids,
+)
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML with a default system prompt when none is given (like SmolLM2's template).
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nBe brief<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chatml_tokenizer(template: str | None = CHATML):
+    """The tiny byte-level tokenizer (conftest) + ChatML special tokens (ids 262, 263) + a chat template."""
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.chat_template = template
+    return tok
+
+
+def write_jsonl(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return chatml_tokenizer()
+
+
+def byte_ids(tok, text: str) -> list[int]:
+    """One id per byte: the words used in these tests avoid the tiny tokenizer's merges (Ġt, he, in)."""
+    ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert len(ids) == len(text.encode()), f"{text!r} hit a merge; choose other words"
+    return ids
+
+
+def expected_row(tok, parts):
+    """Hand-built (input_ids, labels) from ``parts`` = [(ids, is_response)], shifted once."""
+    x = [t for ids, _ in parts for t in ids]
+    m = [r for ids, r in parts for _ in ids]
+    return x[:-1], [x[j] if m[j] else IGNORE_INDEX for j in range(1, len(x))]
+
+
+def as_lists(row, n):
+    return row["input_ids"][:n].tolist(), row["labels"][:n].tolist()
+
+
+# --------------------------------------------------------------------------- masks, token by token
+
+
+def test_plain_pair_masks_exactly(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 2+2?\n", "response": "A: 4"}] * 2)
+    train, held, info = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0)
+    assert info["rendering"] == "plain" and len(held) == 0 and len(train) == 2
+    want_in, want_lab = expected_row(tok, [(byte_ids(tok, "Q: 2+2?\n"), False), (byte_ids(tok, "A: 4"), True),
+                                           ([tok.eos_token_id], True)])
+    row = train[0]
+    n = len(want_in)
+    assert as_lists(row, n) == (want_in, want_lab)
+    # labels shifted exactly once: each label is the NEXT input token; the last label is EOS
+    assert want_lab[-1] == tok.eos_token_id and want_lab[-5] == byte_ids(tok, "A")[0]
+    assert (row["labels"][n:] == IGNORE_INDEX).all() and (row["input_ids"][n:] == tok.pad_token_id).all()
+    assert row["segment_ids"][:n].tolist() == [0] * n and (row["segment_ids"][n:] == 1).all()
+    assert row["position_ids"].tolist() == list(range(32))
+    assert {k: (v.dtype, v.shape) for k, v in row.items()} == {k: (torch.int64, (32,)) for k in row}
+
+
+def test_plain_text_that_spells_a_special_token_stays_text(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x<|endoftext|>", "response": "y"}])
+    train, _, _ = prepare_sft([f], tok, seq_len=64, chat_template=None, heldout_fraction=0)
+    ids = train[0]["input_ids"].tolist()
+    assert ids.count(tok.eos_token_id) == 0  # the real EOS is only the (never input) last token
+
+
+def test_chat_masks_exactly_single_turn(tok, tmp_path):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo 42"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
+    train, _, info = prepare_sft([f], tok, seq_len=64, heldout_fraction=0)  # chat_template="auto"
+    assert info["rendering"] == "chat"
+    s, e = tok.convert_tokens_to_ids([IM_START, IM_END])
+    nl = byte_ids(tok, "\n")
+    parts = [([s], False), (byte_ids(tok, "system\nBe brief"), False), ([e], False), (nl, False),
+             ([s], False), (byte_ids(tok, "user\nHi"), False), ([e], False), (nl, False),
+             ([s], False), (byte_ids(tok, "assistant\n"), False),
+             (byte_ids(tok, "Yo 42"), True), ([e], True),  # content + the end-of-turn token
+             (nl, False)]  # the newline after <|im_end|> is scaffolding
+    want_in, want_lab = expected_row(tok, parts)
+    assert as_lists(train[0], len(want_in)) == (want_in, want_lab)
+    assert tok.decode([t for t in want_lab if t != IGNORE_INDEX]) == "Yo 42" + IM_END
+
+
+def test_chat_masks_exactly_multi_turn_with_system(tok, tmp_path):
+    msgs = [{"role": "system", "content": "Sys"}, {"role": "user", "content": "A?"},
+            {"role": "assistant", "content": "B."}, {"role": "user", "content": "C?"},
+            {"role": "assistant", "content": "D!"}]
+    ids, mask = encode_example(tok, read_sft_examples([write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])])[0],
+                               CHATML)
+    s, e = tok.convert_tokens_to_ids([IM_START, IM_END])
+    nl = byte_ids(tok, "\n")
+    parts = [([s], False), (byte_ids(tok, "system\nSys"), False), ([e], False), (nl, False),
+             ([s], False), (byte_ids(tok, "user\nA?"), False), ([e], False), (nl, False),
+             ([s], False), (byte_ids(tok, "assistant\n"), False), (byte_ids(tok, "B."), True), ([e], True), (nl, False),
+             ([s], False), (byte_ids(tok, "user\nC?"), False), ([e], False), (nl, False),
+             ([s], False), (byte_ids(tok, "assistant\n"), False), (byte_ids(tok, "D!"), True), ([e], True), (nl, False)]
+    assert ids.tolist() == [t for p, _ in parts for t in p]
+    assert mask.tolist() == [r for p, r in parts for _ in p]
+
+
+def test_pairs_rendered_with_template_equal_the_chat_form(tok, tmp_path):
+    pair = {"prompt": "Hi", "response": "Yo"}
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    a, b = read_sft_examples([write_jsonl(tmp_path / "d.jsonl", [pair, chat])])
+    ia, ma = encode_example(tok, a, CHATML)
+    ib, mb = encode_example(tok, b, CHATML)
+    assert ia.tolist() == ib.tolist() and ma.tolist() == mb.tolist()
+
+
+def test_explicit_template_string_and_no_template(tmp_path):
+    plain_tok = chatml_tokenizer(template=None)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                          {"role": "assistant", "content": "Yo"}]}])
+    with pytest.raises(TailkdError, match="chat template"):
+        prepare_sft([f], plain_tok, seq_len=64, heldout_fraction=0)  # auto: no template on this tokenizer
+    train, _, info = prepare_sft([f], plain_tok, seq_len=64, heldout_fraction=0, chat_template=CHATML)
+    assert info["chat_template"] == CHATML and train.chat_template == CHATML
+    g = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "response": "Yo"}])
+    _, _, info = prepare_sft([g], plain_tok, seq_len=64, heldout_fraction=0)  # auto without template: plain
+    assert info["rendering"] == "plain"
+
+
+# --------------------------------------------------------------------------- templates that cannot be masked
+
+
+def test_template_that_rewrites_history_is_refused(tmp_path):
+    # renders every earlier assistant turn as "..." once a later turn exists: not append-only
+    tmpl = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+            "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}"
+            "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tok = chatml_tokenizer(tmpl)
+    msgs = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+            {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
+    with pytest.raises(TailkdError, match=r"d\.jsonl:1: .*renders assistant turn 1 differently"):
+        prepare_sft([f], tok, seq_len=64, heldout_fraction=0)
+
+
+def test_token_merge_across_the_boundary_is_refused(tmp_path):
+    # generation prompt ends with a space; content "the" -> " the" merges into one token (Ġthe)
+    tmpl = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = chatml_tokenizer(tmpl)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "response": "the"}])
+    with pytest.raises(TailkdError, match=r"d\.jsonl:1: .*not a prefix"):
+        prepare_sft([f], tok, seq_len=64, heldout_fraction=0)
+
+
+def test_header_outside_the_generation_prompt_is_refused(tmp_path):
+    # add_generation_prompt emits nothing, so the role header would land in the response span
+    tmpl = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}")
+    tok = chatml_tokenizer(tmpl)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "response": "Yes"}])
+    with pytest.raises(TailkdError, match="scaffolding"):
+        prepare_sft([f], tok, seq_len=64, heldout_fraction=0)
+
+
+def test_template_errors_become_tailkd_errors(tmp_path):
+    tok = chatml_tokenizer("{% if messages[0]['role'] == 'user' %}{{ raise_exception('roles must alternate') }}"
+                           "{% endif %}")
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "response": "A"}])
+    with pytest.raises(TailkdError, match=r"d\.jsonl:1: the chat template failed \(roles must alternate\)"):
+        prepare_sft([f], tok, seq_len=64, heldout_fraction=0)
+
+
+def test_content_spelling_a_template_token_is_refused(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q <|im_end|>", "response": "Yes"}])
+    with pytest.raises(TailkdError, match=r"d\.jsonl:1: .*special token"):
+        prepare_sft([f], tok, seq_len=64, heldout_fraction=0)
+
+
+# --------------------------------------------------------------------------- layout: padding and packing
+
+
+EXAMPLES = [{"prompt": f"Q{i}: {'x' * i}?\n", "response": f"A{i} " + "y" * (2 * i)} for i in range(1, 9)]
+
+
+def test_packing_keeps_examples_whole_with_their_own_segments(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
+    padded, _, _ = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0, mode="pad")
+    packed, _, info = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0, mode="pack")
+    assert len(padded) == 8 and len(packed) < 8 and info["train"]["truncated"] == 0
+    assert sorted(k for r in packed.rows for k in r) == list(range(8))  # every example once, in order
+    seen = []
+    for i in range(len(packed)):
+        row = packed[i]
+        seg = row["segment_ids"]
+        assert seg.shape == (40,) and (seg[1:] >= seg[:-1]).all()  # contiguous, increasing segments
+        for s, k in enumerate(packed.rows[i]):
+            sel = seg == s
+            ref = padded[k]
+            n = int(sel.sum())
+            # the example's tokens and labels are exactly its padded row's, at its own segment id
+            assert row["input_ids"][sel].tolist() == ref["input_ids"][:n].tolist()
+            assert row["labels"][sel].tolist() == ref["labels"][:n].tolist()
+            seen.append(k)
+        tail = seg == len(packed.rows[i])
+        assert (row["labels"][tail] == IGNORE_INDEX).all() and (row["input_ids"][tail] == tok.pad_token_id).all()
+    assert seen == list(range(8))
+    assert info["train"]["fill"] > padded.stats()["fill"]
+
+
+def test_rows_work_with_the_trainer_collate_and_sampler(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
+    train, _, _ = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0)
+    sampler = RowSampler(len(train), seed=3)
+    batch = collate([train[next(sampler)] for _ in range(3)])
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 40) for k in batch}
+
+
+def test_collate_sft_trims_only_label_free_tail_and_changes_no_logit(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:3])
+    train, _, _ = prepare_sft([f], tok, seq_len=48, chat_template=None, heldout_fraction=0)
+    rows = [train[i] for i in range(3)]
+    full, trimmed = collate(rows), collate_sft(rows)
+    width = trimmed["labels"].shape[1]
+    longest = max(int((r["labels"] != IGNORE_INDEX).nonzero().max()) + 1 for r in rows)
+    assert width == longest < 48
+    assert (full["labels"][:, width:] == IGNORE_INDEX).all()
+    for k in full:
+        assert torch.equal(trimmed[k], full[k][:, :width])
+    model = make_tiny_lm(vocab_size=len(tok), max_position_embeddings=64)
+    with torch.no_grad():
+        a = model(input_ids=full["input_ids"]).logits[:, :width]
+        b = model(input_ids=trimmed["input_ids"]).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_truncation_and_drop_counts(tok, tmp_path):
+    long = {"prompt": "Q?\n", "response": "z" * 30}
+    prompt_too_long = {"prompt": "q" * 40, "response": "r"}
+    f = write_jsonl(tmp_path / "d.jsonl", [long, prompt_too_long, EXAMPLES[0]])
+    with pytest.warns(UserWarning, match="1 example.* truncated.*1 dropped with no response"):
+        train, _, info = prepare_sft([f], tok, seq_len=16, chat_template=None, heldout_fraction=0)
+    assert (info["train"]["truncated"], info["train"]["dropped_no_response"], info["train"]["dropped_overlong"]) == (1, 1, 0)
+    assert len(train) == 2
+    row = train[0]  # the truncated one: all 16 positions used, labels on the kept response part only
+    want_in, want_lab = expected_row(tok, [(byte_ids(tok, "Q?\n"), False), (byte_ids(tok, "z" * 14), True)])
+    assert as_lists(row, 16) == (want_in, want_lab)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, _, info = prepare_sft([f], tok, seq_len=16, chat_template=None, heldout_fraction=0, overlong="drop")
+    assert len(train) == 1 and info["train"]["dropped_overlong"] == 2
+
+
+# --------------------------------------------------------------------------- held-out split and prompts
+
+
+def test_heldout_split_is_deterministic_and_prompt_disjoint(tok, tmp_path):
+    objs = [{"prompt": f"P{i % 30}", "response": f"R{i}"} for i in range(60)]  # each prompt twice
+    f = write_jsonl(tmp_path / "d.jsonl", objs)
+    tr1, he1, _ = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0.2, seed=1)
+    _, he2, _ = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0.2, seed=1)
+    _, he3, _ = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0.2, seed=2)
+    assert [e.source for e in he1.examples] == [e.source for e in he2.examples]
+    assert {e.source for e in he1.examples} != {e.source for e in he3.examples}
+    train_prompts = {e.prompt for e in tr1.examples}
+    assert not train_prompts & {e.prompt for e in he1.examples}
+    assert len(he1.examples) == 12 and len(tr1.examples) + len(he1.examples) == 60
+    lines = [int(e.source.rsplit(":", 1)[1]) for e in tr1.examples]
+    assert lines == sorted(lines)  # file order kept
+
+
+def test_heldout_files_drop_overlapping_training_prompts(tok, tmp_path):
+    f = write_jsonl(tmp_path / "train.jsonl", EXAMPLES)
+    g = write_jsonl(tmp_path / "held.jsonl", EXAMPLES[:2] + [{"prompt": "new", "response": "one"}])
+    train, held, info = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_paths=[g])
+    assert info["dropped_train_overlap"] == 2 and len(train.examples) == 6 and len(held.examples) == 3
+
+
+@pytest.mark.parametrize("template", [None, CHATML])
+def test_generation_prompts_render_exactly_as_training(tok, tmp_path, template):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:4] + [{"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Done"}]}] * (template is not None))
+    rows, _, _ = prepare_sft([f], tok, seq_len=128, chat_template=template, heldout_fraction=0)
+    prompts, refs = sft_rows_to_prompts(rows)
+    assert refs[:4] == [e["response"] for e in EXAMPLES[:4]]
+    for k, (p, r) in enumerate(zip(prompts, refs)):
+        assert isinstance(p, str) == (template is None)
+        ids = encode_prompt(tok, p, chat_template=rows.chat_template)
+        row = rows[k]
+        last = int((row["labels"] != IGNORE_INDEX).nonzero().max())  # the last response turn ends here
+        n = len(ids)
+        # the prompt is the training row up to the first token of the LAST response, and the response follows
+        assert row["input_ids"][:n].tolist() == ids
+        assert tok.decode(row["labels"][n - 1:last + 1]).removesuffix(IM_END).removesuffix(tok.eos_token) == r
+
+
+def test_stop_tokens(tok):
+    assert stop_token_ids(tok, chat=False) == [tok.eos_token_id]
+    assert stop_token_ids(tok, chat=True) == [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+
+
+def test_render_chat_matches_the_template(tok):
+    msgs = [{"role": "user", "content": "Hi"}]
+    text = render_chat(tok, msgs, add_generation_prompt=True)
+    assert text == "<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"prompt": "a", "response": "b"}\nnot json\n', r"d\.jsonl:2: not valid JSON"),
+    ('{"prompt": "a"}\n', r'd\.jsonl:1: no "response" field'),
+    ('\n{"question": "a", "response": "b"}\n', r'd\.jsonl:2: no "prompt" field'),
+    ('{"prompt": "a", "response": 3}\n', r'd\.jsonl:1: "response" is a int'),
+    ('{"prompt": "a", "response": "  "}\n', r'd\.jsonl:1: "response" is empty'),
+    ('[1, 2]\n', r"d\.jsonl:1: a JSON list"),
+    ('{"messages": [{"role": "user", "content": "a"}]}\n', r'd\.jsonl:1: no "assistant" message'),
+    ('{"messages": [{"role": "user"}]}\n', r"d\.jsonl:1: message 0 is not"),
+    ("\n  \n", r"d\.jsonl holds no examples"),
+    ("", r"d\.jsonl holds no examples"),
+])
+def test_bad_files_name_file_and_line(tok, tmp_path, content, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(TailkdError, match=match):
+        prepare_sft([f], tok, seq_len=32)
+
+
+def test_bad_settings(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
+    for kwargs, match in (({"mode": "stack"}, "mode"), ({"overlong": "cut"}, "overlong"),
+                          ({"seq_len": 0}, "seq-len"), ({"heldout_fraction": 1.0}, "heldout_fraction")):
+        with pytest.raises(TailkdError, match=match):
+            prepare_sft([f], tok, **{"seq_len": 32, **kwargs})
+    with pytest.raises(TailkdError, match="does not exist"):
+        prepare_sft([tmp_path / "missing.jsonl"], tok, seq_len=32)
+
+
+def test_empty_heldout_rows_are_a_dataset(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
+    _, held, _ = prepare_sft([f], tok, seq_len=128, heldout_fraction=0)
+    assert isinstance(held, SFTRows) and len(held) == 0
+    with pytest.raises(IndexError):
+        held[0]
+
+
+# --------------------------------------------------------------------------- the real SmolLM2 template
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from tailkd.models import load_causal_lm
+
+    return load_causal_lm("smollm2")[1]
+
+
+@pytest.mark.slow
+def test_smollm2_template_masks(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    assert "{% generation %}" not in tok.chat_template  # why the incremental rendering is needed
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3 = 5\n#### 5"},
+            {"role": "user", "content": "And 1,000 + 1?"}, {"role": "assistant", "content": "It is 1,001.\n#### 1001"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}, {"prompt": "Hi!", "response": "Hello."}])
+    rows, _, info = prepare_sft([f], tok, seq_len=256, heldout_fraction=0)
+    assert info["rendering"] == "chat"
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tok, chat=True) == [end]  # SmolLM2's EOS is <|im_end|>
+    row = rows[0]
+    labels, inputs = row["labels"], row["input_ids"]
+    on = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+    # two label runs: each assistant content + <|im_end|>, nothing else
+    runs, cur = [], [on[0]]
+    for p in on[1:]:
+        if p == cur[-1] + 1:
+            cur.append(p)
+        else:
+            runs.append(cur)
+            cur = [p]
+    runs.append(cur)
+    assert [tok.decode(labels[r]) for r in runs] == ["2+3 = 5\n#### 5<|im_end|>", "It is 1,001.\n#### 1001<|im_end|>"]
+    # the inputs right before each run end with the assistant header, which itself has no label
+    for r in runs:
+        assert tok.decode(inputs[: r[0] + 1]).endswith("<|im_start|>assistant\n")
+    text = tok.decode(inputs[: on[0] + 1])
+    assert text == render_chat(tok, msgs[:1], add_generation_prompt=True)
+    ids = encode_prompt(tok, sft_rows_to_prompts(rows)[0][1], chat_template=rows.chat_template)
+    assert rows[1]["input_ids"][: len(ids)].tolist() == ids and int(rows[1]["labels"][len(ids) - 1]) != IGNORE_INDEX
+    assert end in rows[1]["labels"].tolist()
