@@ -1,18 +1,37 @@
-"""Held-out evaluation of a student against a teacher, streamed over batches.
+"""Held-out evaluation of a student against a teacher, streamed over batches (``tailkd eval``).
 
-Every metric is a sum over valid held-out tokens accumulated batch by batch and divided once at
-the end, so results do not depend on the batch size.
+Every metric is a sum over valid held-out positions (labels != -100) accumulated batch by batch
+in float64 and divided once at the end, so results do not depend on the batch size. Nothing of
+size N×V is ever stored: each batch's ``[N, V]`` logits are reduced chunk by chunk to per-token
+values and per-bin sums. Notation per valid position i: teacher distribution p_i, student q_i,
+next token y_i, N valid positions, V the shared vocabulary, M calibration bins (formulas.md §5):
+
+- ``kl``        = (1/N) Σ_i KL(p_i‖q_i) = (1/N) Σ_i Σ_v p_iv (log p_iv − log q_iv)     [nats/token]
+- ``rkl``       = (1/N) Σ_i KL(q_i‖p_i)                                                 [nats/token]
+- ``student_clm`` = (1/N) Σ_i −log q_iy;  ``student_ppl`` = exp(student_clm)  (teacher_* likewise)
+- ``agreement`` = (1/N) Σ_i 1[argmax q_i = argmax p_i]
+- ``student_acc`` = (1/N) Σ_i 1[argmax q_i = y_i]  (``teacher_acc`` = 1 − the teacher's mode mismatch rate)
+- ``*_full_ece`` (Liu et al. 2024): every (i, v) pair is a sample with confidence q_iv; bin m holds the
+  pairs with m/M ≤ q_iv < (m+1)/M (the last bin includes 1);
+  Full-ECE = (1/N) Σ_m |Σ_{(i,v)∈m} (1[y_i = v] − q_iv)|.
+- ``*_ece``: standard top-1 ECE = (1/N) Σ_m |Σ_{i∈m} (1[argmax q_i = y_i] − max_v q_iv)|, binned by max_v q_iv.
+
+Both ECEs are fractions in [0, 2] (Full-ECE) and [0, 1] (ECE); a perfectly calibrated model scores 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from tailkd import losses
-from tailkd.objective import IGNORE_INDEX
+from tailkd.errors import TailkdError
+
+IGNORE_INDEX = -100  # the data pipeline's ignore label (same value as tailkd.objective.IGNORE_INDEX)
+CHUNK_ELEMENTS = 1 << 23  # positions per chunk = CHUNK_ELEMENTS // V: ~8M probabilities (32 MB) at a time
 
 
 def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_dtype=None,
@@ -26,43 +45,303 @@ def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_
     return logits, hidden
 
 
+# --------------------------------------------------------------------------- per-chunk sums
+
+
+def _bin_index(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """Bin m such that m/M <= x < (m+1)/M, with x = 1 in the last bin; int32, same shape as ``x``."""
+    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=x.dtype, device=x.device)[1:-1]  # (M-1,) interior edges
+    return torch.bucketize(x, edges, right=True, out_int32=True)
+
+
+def calibration_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> dict[str, torch.Tensor]:
+    """Per-bin sums for Full-ECE and top-1 ECE of one chunk, float64 ``[M]`` each.
+
+    ``probs`` ``[N, V]`` (rows sum to 1), ``labels`` ``[N]`` (all valid). Returns
+    ``full_count`` (pairs per bin), ``full_conf`` (Σ q_iv per bin), ``full_hits`` (Σ 1[y_i = v] per bin),
+    ``top1_count``, ``top1_conf`` (Σ max_v q_iv), ``top1_hits`` (Σ 1[argmax q_i = y_i]).
+    """
+    flat_bins = _bin_index(probs, bins).reshape(-1)  # (N*V,) int32
+    label_prob = probs.gather(-1, labels[:, None]).squeeze(-1)  # (N,) q_iy
+    conf, pred = probs.max(dim=-1)  # (N,), (N,)
+    hit = (pred == labels).double()
+    top1_bins = _bin_index(conf, bins)
+    return {
+        "full_count": torch.bincount(flat_bins, minlength=bins).double(),
+        "full_conf": torch.bincount(flat_bins, weights=probs.reshape(-1).double(), minlength=bins),
+        # exactly one pair per position has v = y_i: it lies in the bin of q_iy
+        "full_hits": torch.bincount(_bin_index(label_prob, bins), minlength=bins).double(),
+        "top1_count": torch.bincount(top1_bins, minlength=bins).double(),
+        "top1_conf": torch.bincount(top1_bins, weights=conf.double(), minlength=bins),
+        "top1_hits": torch.bincount(top1_bins, weights=hit, minlength=bins),
+    }
+
+
+def _plogp_diff(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) per row from log-probabilities ``[N, V]`` (0·log 0 = 0), float64 ``[N]``."""
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    return terms.sum(-1).double()
+
+
+def token_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+               *, bins: int | None = None) -> dict[str, torch.Tensor]:
+    """Sums over the N positions of one chunk (all valid), float64 scalars or ``[M]`` per-bin tensors.
+
+    ``student_logits``, ``teacher_logits``: ``[N, V]``; ``labels``: ``[N]``. Computed in float32
+    (float64 stays float64), accumulated in float64. Keys: ``tokens``, ``student_nll``, ``student_hits``,
+    and with a teacher ``teacher_nll``, ``teacher_hits``, ``kl``, ``rkl``, ``agree``; with ``bins`` the
+    ``calibration_sums`` of both models prefixed ``student_`` / ``teacher_``.
+    """
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    logq = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (N, V)
+    out = {
+        "tokens": torch.tensor(float(labels.numel()), dtype=torch.float64),
+        "student_nll": -logq.gather(-1, labels[:, None]).double().sum(),
+        "student_hits": (logq.argmax(-1) == labels).double().sum(),
+    }
+    if bins:
+        out.update({f"student_{k}": v for k, v in calibration_sums(logq.exp(), labels, bins).items()})
+    if teacher_logits is not None:
+        logp = torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (N, V)
+        out["teacher_nll"] = -logp.gather(-1, labels[:, None]).double().sum()
+        out["teacher_hits"] = (logp.argmax(-1) == labels).double().sum()
+        out["kl"] = _plogp_diff(logp, logq).sum()
+        out["rkl"] = _plogp_diff(logq, logp).sum()
+        out["agree"] = (logq.argmax(-1) == logp.argmax(-1)).double().sum()
+        if bins:
+            out.update({f"teacher_{k}": v for k, v in calibration_sums(logp.exp(), labels, bins).items()})
+    return out
+
+
+def add_sums(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``total += part`` key by key (float64, on the CPU); returns ``total``."""
+    for key, value in part.items():
+        value = value.detach().to("cpu", torch.float64)
+        total[key] = total[key] + value if key in total else value.clone()
+    return total
+
+
+def _ece(count: torch.Tensor, conf: torch.Tensor, hits: torch.Tensor, n: float) -> float:
+    """(1/N) Σ_m |hits_m − conf_m|; ``count`` is only used to skip empty bins (it does not change the value)."""
+    gap = (hits - conf).abs()
+    return float(gap[count > 0].sum() / n)
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+def finalize(sums: dict[str, torch.Tensor], *, bins: int | None = None) -> dict:
+    """Turn accumulated sums into metrics: one division per metric, at the end."""
+    n = float(sums["tokens"]) if "tokens" in sums else 0.0
+    if n == 0:
+        raise TailkdError("no valid held-out tokens to evaluate; give more data (--data) or a shorter --seq-len")
+    out: dict = {"tokens": int(n), "student_clm": float(sums["student_nll"]) / n}
+    out["student_ppl"] = _exp(out["student_clm"])
+    out["student_acc"] = float(sums["student_hits"]) / n
+    if "kl" in sums:
+        out.update(kl=float(sums["kl"]) / n, rkl=float(sums["rkl"]) / n, teacher_clm=float(sums["teacher_nll"]) / n,
+                   agreement=float(sums["agree"]) / n, teacher_acc=float(sums["teacher_hits"]) / n)
+        out["teacher_ppl"] = _exp(out["teacher_clm"])
+    if bins:
+        out["bins"] = bins
+        calibration = {}
+        for who in ("student", "teacher"):
+            if f"{who}_full_count" not in sums:
+                continue
+            s = {k: sums[f"{who}_{k}"] for k in ("full_count", "full_conf", "full_hits", "top1_count", "top1_conf",
+                                                  "top1_hits")}
+            out[f"{who}_full_ece"] = _ece(s["full_count"], s["full_conf"], s["full_hits"], n)
+            out[f"{who}_ece"] = _ece(s["top1_count"], s["top1_conf"], s["top1_hits"], n)
+            calibration[who] = {k: v.tolist() for k, v in s.items()}  # reliability diagrams can be drawn from these
+        out["calibration"] = calibration
+    return out
+
+
+# --------------------------------------------------------------------------- streaming over models
+
+
+def _chunks(n: int, vocab: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
 @torch.no_grad()
 def heldout_metrics(student, teacher, batches: Iterable[dict], vocab_size: int, *, device="cpu",
-                    autocast_dtype=None) -> dict:
-    """KL(teacher‖student) and reverse KL, CLM loss of both, top-1 agreement, over all valid tokens.
+                    autocast_dtype=None, bins: int | None = None) -> dict:
+    """KL(teacher‖student), reverse KL, CLM loss / perplexity / top-1 accuracy of both, agreement.
 
-    ``teacher`` may be None (then only the student's CLM loss is reported).
+    ``batches`` yield ``{"input_ids", "labels"}`` ``[B, T]`` (labels already shifted, -100 = ignore).
+    ``teacher`` may be None (then only the student's metrics). With ``bins`` (M), also Full-ECE and
+    top-1 ECE of both models and their per-bin sums (key ``calibration``). Sums over all valid tokens,
+    one division at the end (see the module docstring for every formula).
     """
-    sums = {"kl": 0.0, "rkl": 0.0, "student_clm": 0.0, "teacher_clm": 0.0, "agree": 0.0}
-    n = 0
+    sums: dict[str, torch.Tensor] = {}
     was_training = student.training
     student.eval()
     try:
         for batch in batches:
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
-            mask = labels != IGNORE_INDEX
+            mask = labels != IGNORE_INDEX  # (B, T)
+            if not bool(mask.any()):
+                continue
             s_logits, _ = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype)
-            s_logits = s_logits.float()
-            V = s_logits.shape[-1]
-            ce = F.cross_entropy(s_logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
-            sums["student_clm"] += ce.item()
+            t_logits = None
             if teacher is not None:
                 t_logits, _ = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
-                t_logits = t_logits.float()
-                sums["kl"] += losses.forward_kl(s_logits, t_logits)[mask].sum().item()
-                sums["rkl"] += losses.reverse_kl(s_logits, t_logits)[mask].sum().item()
-                sums["teacher_clm"] += F.cross_entropy(t_logits.reshape(-1, V), labels.reshape(-1),
-                                                       ignore_index=IGNORE_INDEX, reduction="sum").item()
-                sums["agree"] += (s_logits.argmax(-1) == t_logits.argmax(-1))[mask].sum().item()
-            n += int(mask.sum().item())
+                t_logits = t_logits[mask]  # (N, V) valid positions only
+            s_logits = s_logits[mask]  # (N, V)
+            y = labels[mask]  # (N,)
+            for sl in _chunks(y.numel(), s_logits.shape[-1]):
+                add_sums(sums, token_sums(s_logits[sl], None if t_logits is None else t_logits[sl], y[sl], bins=bins))
     finally:
         student.train(was_training)
-    out = {"tokens": n, "student_clm": sums["student_clm"] / max(n, 1)}
-    out["student_ppl"] = float(torch.tensor(out["student_clm"]).exp())
-    if teacher is not None:
-        out.update(kl=sums["kl"] / max(n, 1), rkl=sums["rkl"] / max(n, 1),
-                   teacher_clm=sums["teacher_clm"] / max(n, 1), agreement=sums["agree"] / max(n, 1))
-        out["teacher_ppl"] = float(torch.tensor(out["teacher_clm"]).exp())
-    return out
+    return finalize(sums, bins=bins)
+
+
+# --------------------------------------------------------------------------- data for eval and analysis
+
+
+def eval_rows(tokenizer, *, paths: list[str] | None, seq_len: int, split: str = "heldout",
+              max_rows: int | None = None, cache_dir: str | None = None, heldout_fraction: float = 0.05,
+              doc_sep: str = "auto", model_max: int | None = None) -> list[dict]:
+    """Packed rows to evaluate on: ``paths`` (or the built-in corpus), tokenised with ``tokenizer``.
+
+    ``split``: ``heldout`` (the deterministic held-out documents, the same split ``tailkd distill`` uses
+    for the same data and ``heldout_fraction``), ``train``, or ``all`` (both; for a dedicated eval file).
+    """
+    from tailkd import data as data_mod
+    from tailkd import models
+
+    if split not in ("heldout", "train", "all"):
+        raise TailkdError(f"--split {split!r} is not a split; choose heldout, train or all")
+    if seq_len < 2:
+        raise TailkdError(f"--seq-len {seq_len} is too short; use at least 2 tokens")
+    if max_rows is not None and max_rows < 1:
+        raise TailkdError(f"--max-rows {max_rows} must be >= 1 (0 on the command line: all rows)")
+    if model_max is not None:
+        data_mod.check_seq_len(seq_len, model_max)
+    files = [Path(p) for p in paths] if paths else data_mod.default_corpus_files()
+    root = Path(cache_dir) if cache_dir else data_mod.default_cache_root()
+    info = data_mod.prepare_corpus_cached(
+        files, tokenizer, root / "corpora", tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+        heldout_fraction=heldout_fraction, doc_sep=doc_sep,
+    )
+    bins = {"heldout": [info.heldout_bin], "train": [info.train_bin], "all": [info.heldout_bin, info.train_bin]}[split]
+    rows: list[dict] = []
+    for bin_path in bins:
+        packed = data_mod.PackedRows(bin_path, seq_len)
+        for i in range(len(packed)):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            rows.append(packed[i])
+    if not rows:
+        raise TailkdError(f"the {split} split holds no row of {seq_len} tokens; give more data (--data), a shorter "
+                          "--seq-len, or --split all")
+    return rows
+
+
+def batched(rows: list[dict], batch_size: int) -> Iterator[dict]:
+    from tailkd import data as data_mod
+
+    if batch_size < 1:
+        raise TailkdError(f"--batch-size {batch_size} must be >= 1")
+    for i in range(0, len(rows), batch_size):
+        yield data_mod.collate(rows[i:i + batch_size])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if visible else cpu; ``cpu``, ``cuda``, ``cuda:N`` as named (a TailkdError otherwise).
+
+    Same rule as the trainer's; kept here so evaluation does not import the training loop.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TailkdError(f"--device {name} but no CUDA device is visible; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TailkdError(f"--device {name!r} is not a device; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def run_config_defaults(student_dir: str | Path) -> dict:
+    """Teacher and data settings of the run that produced ``student_dir`` (``RUN/final`` -> ``RUN/config.yaml``)."""
+    import yaml
+
+    p = Path(student_dir)
+    for cand in (p / "config.yaml", p.parent / "config.yaml"):
+        if cand.is_file():
+            try:
+                cfg = yaml.safe_load(cand.read_text()) or {}
+            except yaml.YAMLError:
+                return {}
+            if isinstance(cfg, dict):
+                cfg["_path"] = str(cand)
+                return cfg
+    return {}
+
+
+def evaluate_student(student: str, teacher: str | None = None, *, data: list[str] | None = None,
+                     seq_len: int | None = None, batch_size: int = 4, max_rows: int | None = 64, bins: int = 10, split: str = "heldout",
+                     device: str = "auto", teacher_dtype: str = "auto", cache_dir: str | None = None,
+                     out: str | Path | None = None) -> dict:
+    """``tailkd eval``: load a student folder and a teacher, evaluate on held-out rows, optionally save JSON.
+
+    Settings not given are taken from the run that produced the student (``RUN/final`` -> ``RUN/config.yaml``):
+    teacher, data paths, seq_len, held-out fraction and document separator — so the held-out split is the
+    run's own. Otherwise: teacher ``smollm2``, the built-in corpus, 256 tokens.
+    """
+    from tailkd import models
+
+    if not Path(student).is_dir():
+        raise TailkdError(f"--student {student} is not a folder; pass a saved student (e.g. runs/x/final)")
+    if bins < 1:
+        raise TailkdError(f"--bins {bins} must be >= 1 (10 or 20 are usual)")
+    run_cfg = run_config_defaults(student)
+    rc_data, rc_teacher = run_cfg.get("data") or {}, run_cfg.get("teacher") or {}
+    teacher = teacher or rc_teacher.get("path") or "smollm2"
+    data = data if data else (rc_data.get("paths") or None)
+    seq_len = seq_len or rc_data.get("seq_len") or 256
+    dev = resolve_device(device)
+
+    s_model, s_tok = models.load_causal_lm(student)
+    s_model.to(device=dev, dtype=torch.float32).eval()
+    t_model, t_tok = models.load_teacher(teacher, device=dev, dtype=teacher_dtype)
+    vocab = models.check_vocab(t_tok, s_tok, t_model, s_model)
+    model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
+    rows = eval_rows(s_tok, paths=data, seq_len=seq_len, split=split, max_rows=max_rows,
+                     cache_dir=cache_dir or rc_data.get("cache_dir"),
+                     heldout_fraction=rc_data.get("heldout_fraction", 0.05), doc_sep=rc_data.get("doc_sep", "auto"),
+                     model_max=model_max)
+    metrics = heldout_metrics(s_model, t_model, batched(rows, batch_size), vocab, device=dev, bins=bins)
+    result = {"student": str(student), "teacher": str(teacher), "data": [str(p) for p in data] if data else "built-in",
+              "split": split, "seq_len": seq_len, "rows": len(rows), "vocab": vocab, **metrics}
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The printed table of ``tailkd eval``: one row per metric, student and teacher side by side."""
+    rows = [("CLM loss [nats/token]", "student_clm", "teacher_clm", ".4f"),
+            ("perplexity", "student_ppl", "teacher_ppl", ".3f"),
+            ("top-1 accuracy (next token)", "student_acc", "teacher_acc", ".4f"),
+            (f"Full-ECE (M={result.get('bins')})", "student_full_ece", "teacher_full_ece", ".4f"),
+            (f"top-1 ECE (M={result.get('bins')})", "student_ece", "teacher_ece", ".4f")]
+    lines = [f"{'metric':<34} {'student':>12} {'teacher':>12}", "-" * 60]
+    for name, sk, tk, fmt in rows:
+        if sk not in result:
+            continue
+        t = format(result[tk], fmt) if tk in result else "—"
+        lines.append(f"{name:<34} {format(result[sk], fmt):>12} {t:>12}")
+    for name, key in (("KL(teacher‖student) [nats/token]", "kl"), ("KL(student‖teacher) [nats/token]", "rkl"),
+                      ("top-1 agreement", "agreement")):
+        if key in result:
+            lines.append(f"{name:<34} {result[key]:>12.4f}")
+    lines.append(f"{result['tokens']} held-out tokens ({result.get('rows', '?')} rows of {result.get('seq_len', '?')})")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Several runs side by side (``tailkd compare``): the paper's Figure 1 and a table with relative change.
+
+A run folder (written by ``tailkd distill``) holds ``metrics.jsonl`` (rows with ``split == "heldout"``
+carry the held-out ``kl``, ``student_ppl``, ``agreement`` at ``tokens``), ``summary.json`` (``tokens``,
+``train_seconds``, ``loss``, and ``flops`` = ``tailkd.flops.distill_flops(...)``) and optionally
+``eval.json`` from ``tailkd eval --out RUN/eval.json`` (``student_full_ece``).
+
+Table values: the final held-out row of ``metrics.jsonl`` (the same held-out rows for every run
+trained on the same data and seq_len), Full-ECE from ``eval.json``. Relative change against the
+baseline run (paper §3.2.1): Rel = 100 · ln(metric / metric_baseline); negative = smaller than the
+baseline (better for KL, perplexity and Full-ECE; worse for agreement).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tailkd.errors import TailkdError
+
+# (column title, key in the run record, format, has a Rel column)
+COLUMNS = [("held-out KL", "kl", ".4f", True), ("perplexity", "ppl", ".2f", True),
+           ("Full-ECE", "full_ece", ".4f", True), ("agreement", "agreement", ".4f", True)]
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TailkdError(f"{path} is not valid JSON ({exc.msg}); re-create it or remove it") from None
+
+
+def load_run(path: str | Path) -> dict:
+    """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs."""
+    run = Path(path)
+    metrics_path = run / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise TailkdError(f"{run} has no metrics.jsonl, so it is not a tailkd run folder; pass folders written by "
+                          "tailkd distill --out")
+    held = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TailkdError(f"{metrics_path}:{n} is not valid JSON; repair or remove that line") from None
+        if row.get("split") == "heldout" and "kl" in row:
+            held.append(row)
+    held.sort(key=lambda r: (r.get("tokens", 0), r.get("step", 0)))
+    summary = _read_json(run / "summary.json") or {}
+    ev = _read_json(run / "eval.json") or {}
+    final = held[-1] if held else {}
+    flops = summary.get("flops") or {}
+    return {
+        "name": run.name, "path": str(run), "loss": summary.get("loss") or _config_loss(run),
+        "curve": ([r.get("tokens", 0) for r in held], [r["kl"] for r in held]),
+        "kl": final.get("kl"), "ppl": final.get("student_ppl"), "agreement": final.get("agreement"),
+        "full_ece": ev.get("student_full_ece"), "tokens": summary.get("tokens", final.get("tokens")),
+        "seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
+    }
+
+
+def _config_loss(run: Path) -> str | None:
+    import yaml
+
+    p = run / "config.yaml"
+    if not p.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    return (cfg.get("loss") or {}).get("name") if isinstance(cfg, dict) else None
+
+
+def relative_change(value: float | None, baseline: float | None) -> float | None:
+    """Rel = 100 · ln(value / baseline) (paper §3.2.1); None when either is missing or not positive."""
+    if value is None or baseline is None or value <= 0 or baseline <= 0:
+        return None
+    return 100.0 * math.log(value / baseline)
+
+
+def _fmt(x, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def markdown_table(records: list[dict], baseline: dict | None) -> str:
+    """The comparison table in Markdown; Rel columns only when a baseline is given."""
+    head = ["run", "loss", "tokens"]
+    for title, _, _, rel in COLUMNS:
+        head.append(title)
+        if rel and baseline is not None:
+            head.append(f"Rel {title}")
+    head += ["wall time", "PFLOPs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in records:
+        name = r["name"] + (" (baseline)" if baseline is r else "") + ("" if r["finished"] else " (unfinished)")
+        cells = [name, r["loss"] or "—", _fmt(r["tokens"], ",d") if isinstance(r["tokens"], int) else "—"]
+        for _, key, fmt, rel in COLUMNS:
+            cells.append(_fmt(r[key], fmt))
+            if rel and baseline is not None:
+                cells.append(_fmt(relative_change(r[key], baseline[key]), "+.2f"))
+        cells += [_hms(r["seconds"]), _fmt(None if r["flops"] is None else r["flops"] / 1e15, ".3g")]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", ("held-out KL = mean KL(teacher‖student) [nats/token] and perplexity, agreement from each run's "
+                  "final held-out row of metrics.jsonl; Full-ECE from RUN/eval.json "
+                  "(`tailkd eval --out RUN/eval.json`); PFLOPs = summary.json flops.total / 1e15.")]
+    if baseline is not None:
+        notes.append(f"Rel = 100·ln(metric / metric of {baseline['name']}).")
+    return "\n".join(lines + notes) + "\n"
+
+
+def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
+                 out_dir: str | Path = "compare") -> dict:
+    """``tailkd compare``: writes ``out_dir/compare.md`` and ``out_dir/heldout_kl.png``; returns paths and records."""
+    from tailkd.plots import plot_heldout_kl
+
+    if not runs:
+        raise TailkdError("no run given; pass one or more run folders written by tailkd distill")
+    records = [load_run(r) for r in runs]
+    labels = [r["name"] for r in records]
+    if len(set(labels)) < len(labels):  # same folder names in different places: use the paths
+        for r in records:
+            r["name"] = r["path"]
+    base = None
+    if baseline is not None:
+        key = str(Path(baseline).resolve())
+        matches = [r for r in records if str(Path(r["path"]).resolve()) == key]
+        base = matches[0] if matches else load_run(baseline)
+        if not matches:
+            records.insert(0, base)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(records, base)
+    (out / "compare.md").write_text(table)
+    png = plot_heldout_kl({r["name"]: r["curve"] for r in records}, out / "heldout_kl.png")
+    (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in records], indent=1))
+    return {"markdown": table, "table": str(out / "compare.md"), "plot": str(png), "records": records}

@@ -1,0 +1,334 @@
+"""FLOPs accounting for distillation runs and for the methods of the paper's Table 3 (``tailkd flops``).
+
+Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 2 FLOPs), per token:
+
+- forward of a model   F = 2·N + 2·d·V + 2·n_layer·s·d_attn
+  * N: non-embedding parameters (every weight matrix except the token embedding and the LM head;
+    norms and biases included). A matrix-vector product with a weight of P entries costs 2·P FLOPs.
+  * 2·d·V: the LM head (hidden d → vocabulary V), counted once even when tied to the embedding; the
+    embedding lookup itself costs nothing.
+  * 2·n_layer·s·d_attn: attention scores QKᵀ and the weighted sum AV. For a token at position t each
+    costs 2·t·d_attn per layer; averaged over a causal row of s tokens t ≈ s/2, so together
+    2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term.
+- backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
+  token. With frozen embeddings/head (paper §3.3) the head's weight gradient (2·d·V) is skipped.
+- the loss layer: a few element-wise passes over the V logits per token, constants in
+  ``LOSS_FLOPS_PER_VOCAB`` (justified there). Negligible next to 2·d·V for d ≳ 256, but counted.
+
+Distillation per token: teacher forward F_T (no backward) + student 3·F_S + loss layer.
+Units: FLOPs; ``pflops_per_1m_tokens`` = FLOPs per 10⁶ tokens / 10¹⁵, the unit of the paper's Table 3.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tailkd.errors import TailkdError
+
+# FLOPs per token per vocabulary entry of the loss layer (all on [V] vectors, float32):
+#  clm  6: student log-softmax forward 4 (max, subtract, exp, sum) + backward softmax − onehot 2 (exp, subtract/scale)
+#  kd  15: teacher log-softmax 4 + student log-softmax 4 + p = exp 1 + (log p − log q) 1 + multiply 1 + sum 1
+#          + backward q − p 3 (exp, subtract, scale)
+#  rkl 15: the mirror image of kd
+#  jsd 26: both log-softmaxes 8 + m = βp + (1−β)q 3 + log m 1 + two KL(·‖m) 8 + backward 6
+#  dkd 20 / drkl 20: both log-softmaxes 8 + target/non-target renormalisation and two KLs 8 + backward 4
+#  tad 28: kd 15 + teacher top-K selection 1 + two tail log-sum-exps (mask 1 + max/sub/exp/sum 3 each) 8
+#          + backward tail correction (β(X) − 1)(q·α^T/α^S − p) 4; the K top-K terms are O(K), not O(V)
+# The objective always adds the student's CLM loss (paper Eq. 4), so a distillation loss layer costs
+# (LOSS_FLOPS_PER_VOCAB[loss] + LOSS_FLOPS_PER_VOCAB["clm"]) · V per token.
+LOSS_FLOPS_PER_VOCAB = {"clm": 6, "kd": 15, "rkl": 15, "jsd": 26, "dkd": 20, "drkl": 20, "tad": 28}
+# Scoring a token with a model for its log-probability (MiniPLM, teacher rewards): log-softmax 4 + gather.
+SCORE_FLOPS_PER_VOCAB = 5
+# Sampling the next token during generation: softmax over the logits 4 + sampling 1.
+SAMPLE_FLOPS_PER_VOCAB = 5
+
+
+@dataclass
+class ModelSize:
+    """What the FLOPs count needs of a model: N (non-embedding parameters), d, V, layers, d_attn."""
+
+    name: str
+    params_nonembedding: float
+    hidden: int
+    vocab: int
+    layers: int = 0  # 0: attention term unknown (left out)
+    attn_dim: int = 0  # heads × head_dim; 0: = hidden
+    params_total: float = 0.0
+
+    @classmethod
+    def from_total(cls, name: str, params_total: float, *, vocab: int, hidden: int, layers: int = 0,
+                   tied: bool = False) -> ModelSize:
+        """From a total parameter count (as in model names): N = total − V·d (tied) or − 2·V·d (untied)."""
+        emb = vocab * hidden * (1 if tied else 2)
+        if params_total <= emb:
+            raise TailkdError(f"{name}: {params_total:.3g} parameters cannot hold {'tied' if tied else 'untied'} "
+                              f"embeddings of {vocab}×{hidden}; check --vocab/--hidden/--{name}-tied")
+        return cls(name, params_total - emb, hidden, vocab, layers, hidden, params_total)
+
+
+def _count(model, name: str) -> ModelSize:
+    import torch
+
+    cfg = model.config
+    seen, total, emb = set(), 0, 0
+    embed_ids = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            embed_ids.add(id(module.weight))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        embed_ids.add(id(head.weight))
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if id(p) in embed_ids:
+            emb += p.numel()
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = int(getattr(text_cfg, "hidden_size", 0) or getattr(text_cfg, "n_embd", 0))
+    heads = int(getattr(text_cfg, "num_attention_heads", 0) or getattr(text_cfg, "n_head", 0) or 0)
+    head_dim = int(getattr(text_cfg, "head_dim", 0) or (hidden // heads if heads else 0))
+    vocab = int(head.weight.shape[0]) if head is not None else int(text_cfg.vocab_size)
+    layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
+    return ModelSize(name, float(total - emb), hidden, vocab, layers, heads * head_dim or hidden, float(total))
+
+
+def model_size(model_or_config, name: str | None = None) -> ModelSize:
+    """``ModelSize`` of a model (exact parameter count), an HF config / config dict (the architecture is
+    built on the ``meta`` device, no memory, then counted), or a ``ModelSize`` (returned as is)."""
+    if isinstance(model_or_config, ModelSize):
+        return model_or_config
+    import torch
+
+    if isinstance(model_or_config, torch.nn.Module):
+        return _count(model_or_config, name or type(model_or_config).__name__)
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    cfg = model_or_config
+    if isinstance(cfg, dict):
+        d = dict(cfg)
+        if "model_type" not in d:
+            raise TailkdError(f"config {name or ''} has no model_type; pass a transformers config.json")
+        try:
+            cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+        except (ValueError, KeyError) as exc:
+            first = str(exc).splitlines()[0]
+            raise TailkdError(f"config {name or ''}: {first}; pass a transformers config.json") from exc
+    if not isinstance(cfg, PretrainedConfig):
+        raise TypeError(f"expected a model, a transformers config, a config dict or a ModelSize, got {type(cfg)}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError) as exc:
+        raise TailkdError(f"cannot build a causal LM from config {name or cfg.model_type}: "
+                          f"{str(exc).splitlines()[0]}; pass --*-params/--vocab/--hidden instead") from exc
+    return _count(model, name or getattr(cfg, "_name_or_path", "") or cfg.model_type)
+
+
+def size_from_spec(spec: str) -> ModelSize:
+    """``ModelSize`` from a config.json path, an HF model folder, a .gguf file or ``smollm2`` (no weights read)."""
+    from transformers import AutoConfig
+
+    p = Path(spec)
+    try:
+        if p.suffix == ".json" and p.is_file():
+            return model_size(json.loads(p.read_text()), name=str(p))
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                raise TailkdError(f"{p} has no config.json; pass an HF model folder or a config.json")
+            return model_size(AutoConfig.from_pretrained(p), name=str(p))
+        if p.suffix == ".gguf" and p.is_file():
+            return model_size(AutoConfig.from_pretrained(p.parent, gguf_file=p.name), name=str(p))
+        if spec == "smollm2":
+            from tailkd import models
+
+            model, _ = models.load_causal_lm(spec)
+            return model_size(model, name=spec)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TailkdError(f"cannot read a model config from {spec}: {str(exc).splitlines()[0]}") from exc
+    raise TailkdError(f"{spec} is not a config.json, a model folder, a .gguf file or 'smollm2'; "
+                      "or give sizes with --teacher-params/--student-params --vocab --hidden")
+
+
+def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
+    """Forward FLOPs per token of one model, and the sizes they come from.
+
+    Returns ``params_nonembedding`` (N), ``params_total``, ``hidden`` (d), ``vocab`` (V), ``layers``,
+    ``attn_dim``, ``head_params`` (d·V), ``seq_len`` and the forward FLOPs per token ``matmul`` (2·N),
+    ``head`` (2·d·V), ``attention`` (2·n_layer·seq_len·d_attn; 0 when seq_len or layers is 0) and
+    ``forward`` (their sum).
+    """
+    s = model_size(model_or_config)
+    attn = 2.0 * s.layers * seq_len * (s.attn_dim or s.hidden)
+    out = {"name": s.name, "params_nonembedding": s.params_nonembedding, "params_total": s.params_total,
+           "hidden": s.hidden, "vocab": s.vocab, "layers": s.layers, "attn_dim": s.attn_dim or s.hidden,
+           "head_params": float(s.hidden * s.vocab), "seq_len": seq_len,
+           "matmul": 2.0 * s.params_nonembedding, "head": 2.0 * s.hidden * s.vocab, "attention": attn}
+    out["forward"] = out["matmul"] + out["head"] + out["attention"]
+    return out
+
+
+def loss_flops_per_token(loss: str, vocab: int) -> float:
+    """Loss-layer FLOPs per token: (c_loss + c_clm)·V for a distillation loss (the objective adds CLM), c_clm·V
+    for clm."""
+    if loss not in LOSS_FLOPS_PER_VOCAB:
+        raise TailkdError(f"loss {loss!r} has no FLOPs constant; choose one of {', '.join(LOSS_FLOPS_PER_VOCAB)}")
+    c = LOSS_FLOPS_PER_VOCAB[loss] + (LOSS_FLOPS_PER_VOCAB["clm"] if loss != "clm" else 0)
+    return float(c * vocab)
+
+
+def _train_per_token(student: dict, freeze_embeddings: bool) -> float:
+    """Student forward + backward per token: 3·F, minus the head's weight gradient when it is frozen."""
+    return 3.0 * student["forward"] - (student["head"] if freeze_embeddings else 0.0)
+
+
+def distill_flops(teacher_cfg, student_cfg, tokens: float, *, seq_len: int, loss: str,
+                  freeze_embeddings: bool = False) -> dict:
+    """FLOPs of distilling on ``tokens`` training tokens of rows of ``seq_len`` (the trainer's summary ``flops``).
+
+    ``teacher_cfg`` / ``student_cfg``: a model, an HF config, a config dict or a ``ModelSize``
+    (``teacher_cfg`` may be None for ``loss="clm"``). Returned keys (FLOPs unless stated):
+
+    - ``teacher_forward``: tokens · F_T (F = 2·N + 2·d·V + 2·n_layer·seq_len·d_attn; no backward)
+    - ``student_forward_backward``: tokens · 3·F_S (less tokens · 2·d·V with ``freeze_embeddings``)
+    - ``loss_layer``: tokens · (c_loss + c_clm)·V (``LOSS_FLOPS_PER_VOCAB``)
+    - ``total``: their sum; ``per_token``: total / tokens; ``pflops_per_1m_tokens``: per_token · 10⁶ / 10¹⁵
+    - ``tokens``, ``seq_len``, ``loss``, ``freeze_embeddings``, and ``teacher`` / ``student``: the
+      ``model_flops_per_token`` dicts the numbers come from (``teacher`` is None without a teacher).
+    """
+    if tokens < 0:
+        raise ValueError(f"tokens={tokens} must be >= 0")
+    student = model_flops_per_token(student_cfg, seq_len=seq_len)
+    teacher = None
+    if loss != "clm":
+        if teacher_cfg is None:
+            raise ValueError(f"loss {loss!r} needs a teacher")
+        teacher = model_flops_per_token(teacher_cfg, seq_len=seq_len)
+    t_fwd = float(tokens) * (teacher["forward"] if teacher else 0.0)
+    s_fb = float(tokens) * _train_per_token(student, freeze_embeddings)
+    loss_fl = float(tokens) * loss_flops_per_token(loss, student["vocab"])
+    total = t_fwd + s_fb + loss_fl
+    per_token = total / tokens if tokens else 0.0
+    return {"tokens": float(tokens), "seq_len": seq_len, "loss": loss, "freeze_embeddings": freeze_embeddings,
+            "teacher_forward": t_fwd, "student_forward_backward": s_fb, "loss_layer": loss_fl, "total": total,
+            "per_token": per_token, "pflops_per_1m_tokens": per_token * 1e6 / 1e15,
+            "teacher": teacher, "student": student}
+
+
+# --------------------------------------------------------------------------- methods of the paper's Table 3
+
+
+def _generation_per_sequence(m: dict, prompt_len: int, gen_len: int) -> float:
+    """FLOPs to generate ``gen_len`` tokens after ``prompt_len`` with a KV cache.
+
+    Prefill: ``prompt_len`` tokens at 2·N + 2·d·V + attention of a causal row (Kaplan's average).
+    Decode step g (0-based) costs 2·N + 2·d·V + sampling 5·V + attention of ONE new query against the
+    prompt_len + g cached keys: QKᵀ and AV are 2·(P+g)·d_attn each, i.e. 4·n_layer·(P+g)·d_attn.
+    """
+    prefill = prompt_len * (m["matmul"] + m["head"] + 2.0 * m["layers"] * prompt_len * m["attn_dim"])
+    ctx_sum = gen_len * prompt_len + gen_len * (gen_len - 1) / 2.0  # Σ_g (P + g)
+    decode = gen_len * (m["matmul"] + m["head"] + SAMPLE_FLOPS_PER_VOCAB * m["vocab"]) \
+        + 4.0 * m["layers"] * m["attn_dim"] * ctx_sum
+    return prefill + decode
+
+
+def method_table(teacher_cfg, student_cfg, *, seq_len: int = 2048, tokens: float = 1e6, k_loss: str = "tad",
+                 delta: float = 0.5, reference_cfg=None, reference_params: float | None = None,
+                 prompt_len: int = 128, gen_len: int = 256, ppo_epochs: int = 4,
+                 freeze_embeddings: bool = False) -> list[dict]:
+    """FLOPs of the paper's Table 3 methods per ``tokens`` student-training tokens (rows of dicts).
+
+    Every row: ``method``, ``teacher``, ``student``, ``other``, ``loss`` and ``total`` FLOPs,
+    ``pflops`` (total / 10¹⁵), ``vs_kd`` (total / vanilla KD's total) and ``assumption`` (one line).
+
+    - CLM: the student alone, 3·F_S + CLM loss.
+    - Vanilla KD / TAD: ``distill_flops`` (same passes; TAD adds a top-K and two tail log-sum-exps).
+    - MiniPLM (difference sampling, ratio δ): the teacher and a reference model score 1/δ tokens per kept
+      token (forward + log-softmax each), then the student trains on the kept tokens with CLM.
+    - SeqKD: per sequence the teacher generates ``gen_len`` tokens after a ``prompt_len`` prompt with a KV
+      cache; the student trains (CLM) on the prompt + generation. Normalised per trained token.
+    - MiniLLM: the student generates (KV cache), the teacher scores the P+G tokens, one student forward
+      for the old-policy log-probs, ``ppo_epochs`` student forward+backward passes of the policy loss,
+      plus the pretraining-LM term (one more student forward+backward on as many corpus tokens).
+    Generation FLOPs understate generation's wall-clock cost: decoding is sequential and memory-bound.
+    """
+    if not 0 < delta <= 1:
+        raise TailkdError(f"--delta {delta} must lie in (0, 1]; MiniPLM uses 0.5")
+    if gen_len < 1 or prompt_len < 0 or ppo_epochs < 0:
+        raise TailkdError("--gen-len must be >= 1, --prompt-len >= 0 and --ppo-epochs >= 0")
+    teacher_cfg, student_cfg = model_size(teacher_cfg), model_size(student_cfg)  # build/count each once
+    t = model_flops_per_token(teacher_cfg, seq_len=seq_len)
+    s = model_flops_per_token(student_cfg, seq_len=seq_len)
+    V = s["vocab"]
+    s_train = _train_per_token(s, freeze_embeddings)
+    clm = loss_flops_per_token("clm", V)
+    rows = []
+
+    def row(method, teacher, student, other, loss, assumption):
+        total = teacher + student + other + loss
+        rows.append({"method": method, "teacher": teacher * tokens, "student": student * tokens,
+                     "other": other * tokens, "loss": loss * tokens, "total": total * tokens,
+                     "pflops": total * tokens / 1e15, "assumption": assumption})
+
+    row("CLM (no teacher)", 0.0, s_train, 0.0, clm, "student forward+backward + CE")
+    for name, loss in (("Vanilla KD", "kd"), ("TAD", k_loss)):
+        d = distill_flops(teacher_cfg, student_cfg, tokens, seq_len=seq_len, loss=loss,
+                          freeze_embeddings=freeze_embeddings)
+        row(name, t["forward"], s_train, 0.0, d["loss_layer"] / tokens,
+            "teacher forward + student forward+backward + " + ("KL + CE" if loss == "kd" else "TAD + CE"))
+    # MiniPLM: the reference model (same vocabulary as the teacher) forward ≈ 2·P_ref per token when given
+    # as a total count (embeddings + tied head), or its full forward when given as a model/config.
+    if reference_cfg is not None:
+        ref = model_flops_per_token(reference_cfg, seq_len=seq_len)["forward"]
+        ref_name = "reference model"
+    else:
+        p_ref = 125e6 if reference_params is None else reference_params
+        ref = 2.0 * p_ref
+        ref_name = f"reference 2·{p_ref:.3g}"
+    score = SCORE_FLOPS_PER_VOCAB * t["vocab"]
+    row(f"MiniPLM (δ={delta:g})", t["forward"] / delta, s_train, ref / delta, 2 * score / delta + clm,
+        f"teacher + {ref_name} score 1/δ tokens per trained token; student CLM on the kept ones")
+    # Generation-based: per sequence of prompt_len + gen_len trained tokens.
+    seq = prompt_len + gen_len
+    s_seq = model_flops_per_token(student_cfg, seq_len=seq)
+    t_seq = model_flops_per_token(teacher_cfg, seq_len=seq)
+    t_gen = _generation_per_sequence(t_seq, prompt_len, gen_len) / seq
+    s_train_seq = _train_per_token(s_seq, freeze_embeddings)
+    row(f"SeqKD (gen {gen_len})", t_gen, s_train_seq, 0.0, clm,
+        f"teacher generates {gen_len} tokens after {prompt_len} (KV cache); student CLM on prompt+generation")
+    s_gen = _generation_per_sequence(s_seq, prompt_len, gen_len) / seq
+    t_score = t_seq["forward"] + score
+    s_policy = s_seq["forward"] + ppo_epochs * s_train_seq + s_train_seq  # old log-probs + PPO epochs + LM term
+    row(f"MiniLLM (gen {gen_len})", t_score, s_policy, s_gen, (ppo_epochs + 1) * loss_flops_per_token("rkl", V),
+        f"student generates {gen_len}; teacher scores; {ppo_epochs} PPO epochs + pretraining-LM term")
+    kd_total = rows[1]["total"]
+    for r in rows:
+        r["vs_kd"] = r["total"] / kd_total if kd_total else float("nan")
+    return rows
+
+
+def format_method_table(rows: list[dict], teacher: dict, student: dict, *, tokens: float, seq_len: int) -> str:
+    """The printed table of ``tailkd flops``: PetaFLOPs per ``tokens`` training tokens."""
+    def pf(x):
+        return f"{x / 1e15:.3g}"
+
+    def describe(role, m):
+        return (f"{role} {m['name']}: N={m['params_nonembedding'] / 1e6:.1f}M non-embedding, d={m['hidden']}, "
+                f"V={m['vocab']}, {m['layers']} layers\n")
+
+    head = (describe("teacher", teacher) + describe("student", student)
+            + f"PetaFLOPs per {tokens:.3g} training tokens (rows of {seq_len} tokens)\n")
+    cols = f"{'method':<22} {'teacher':>9} {'student':>9} {'other':>9} {'loss':>9} {'total':>9} {'vs KD':>7}"
+    lines = [cols + "  assumption",
+             "-" * 100]
+    for r in rows:
+        lines.append(f"{r['method']:<22} {pf(r['teacher']):>9} {pf(r['student']):>9} {pf(r['other']):>9} "
+                     f"{pf(r['loss']):>9} {pf(r['total']):>9} {r['vs_kd']:>7.2f}  {r['assumption']}")
+    return head + "\n".join(lines)
+
+
+def size_to_dict(s: ModelSize) -> dict:
+    return asdict(s)

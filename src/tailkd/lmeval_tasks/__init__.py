@@ -1,0 +1,283 @@
+"""lm-evaluation-harness on a saved student (``tailkd lm-eval``), with task files of our own over local data.
+
+lm-eval 0.4.x ships task configs but no task data, so no built-in task runs offline. This package
+ships two task templates that read local JSON lines through the ``json`` builder of ``datasets``:
+
+- ``tailkd_ppl`` (``loglikelihood_rolling``): word/byte perplexity and bits per byte of documents
+  ``{"text": ...}``. bits_per_byte = −Σ_docs log p(doc) / (ln 2 · Σ_docs bytes(doc)), where
+  log p(doc) is the sum of the token log-probabilities (rolling windows of the model's context, the
+  first token conditioned on the BOS/EOS token).
+- ``tailkd_gsm`` (``generate_until``): GSM8K-style exact match on ``{"question", "answer"}`` with the
+  answer in GSM8K's format ``"... #### N"``; greedy decoding, the first ``#### (-?[0-9.,]+)`` of
+  the output compared to N (lm-eval's gsm8k conventions: commas, ``$`` and a final ``.`` ignored).
+
+``prepare_tasks`` writes the data JSONL files and the rendered YAMLs (absolute paths filled in) into a
+work folder; that folder is what ``lm_eval --include_path`` takes. ``run_lm_eval`` runs the harness
+in-process on an HF model folder (``--model hf --model_args pretrained=DIR``). ``paper`` expands to
+the paper's standard zero-shot tasks (they download their data from the Hugging Face hub, so they
+need network access: run with ``HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from importlib import resources
+from pathlib import Path
+
+from tailkd.errors import TailkdError
+
+OUR_TASKS = ("tailkd_ppl", "tailkd_gsm")
+# The TAD paper evaluates "on eight datasets for few-shot performance, as in MiniPLM"; these are
+# MiniPLM's tasks as named in lm-eval (StoryCloze also needs a manual download: add storycloze_2016
+# yourself if you have it).
+PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "openbookqa", "piqa", "social_iqa",
+               "winogrande")
+GSM_ANSWER_MARK = "#### "
+
+
+def expand_tasks(spec: str | list[str]) -> list[str]:
+    """``"tailkd_ppl,paper"`` → ``["tailkd_ppl", "arc_easy", ...]`` (order kept, duplicates dropped)."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        for t in (PAPER_TASKS if name == "paper" else (name,)):
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise TailkdError("no task given; pass --tasks tailkd_ppl,tailkd_gsm (or paper, or lm-eval task names)")
+    return out
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath(f"{name}.yaml.in").read_text(encoding="utf-8")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    os.replace(tmp, path)
+    return path
+
+
+def read_gsm_items(path: str | Path) -> list[dict]:
+    """GSM-style problems from a JSONL file: ``{"question": str, "answer": str}`` per line.
+
+    An answer without ``#### `` is taken as the bare final answer and written as ``"#### <answer>"``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TailkdError(f"--gsm-data {p} does not exist; pass a .jsonl file of {{\"question\", \"answer\"}} lines")
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TailkdError(f"{p}:{n}: not valid JSON ({exc.msg}); one object per line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or "answer" not in obj:
+            raise TailkdError(f'{p}:{n}: needs "question" (a string) and "answer" fields, e.g. '
+                              '{"question": "2+3?", "answer": "2+3=5 #### 5"}')
+        answer = str(obj["answer"])
+        if GSM_ANSWER_MARK.strip() not in answer:
+            answer = f"{GSM_ANSWER_MARK}{answer.strip()}"
+        items.append({"question": obj["question"], "answer": answer})
+    if not items:
+        raise TailkdError(f"--gsm-data {p} holds no problem; add {{\"question\", \"answer\"}} lines")
+    return items
+
+
+def heldout_documents(tokenizer, paths: list[str] | None, *, heldout_fraction: float = 0.05, doc_sep: str = "auto",
+                      cache_dir: str | None = None) -> list[str]:
+    """The texts of the held-out documents of ``paths`` (or the built-in corpus): exactly the documents
+    ``tailkd distill`` holds out for the same data (a document is held out iff ``data.doc_hash`` < the
+    corpus's ``split_threshold``)."""
+    from tailkd import data as data_mod
+    from tailkd import models
+
+    files = [Path(p) for p in paths] if paths else data_mod.default_corpus_files()
+    root = Path(cache_dir) if cache_dir else data_mod.default_cache_root()
+    info = data_mod.prepare_corpus_cached(files, tokenizer, root / "corpora",
+                                          tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+                                          heldout_fraction=heldout_fraction, doc_sep=doc_sep)
+    threshold = info.meta["split_threshold"]
+    return [doc for doc in data_mod.iter_documents(files, doc_sep=doc_sep) if data_mod.doc_hash(doc) < threshold]
+
+
+def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gsm_items: list[dict] | None = None,
+                  max_gen_toks: int = 256) -> Path:
+    """Write ``tailkd_ppl.jsonl`` / ``tailkd_gsm.jsonl`` and their rendered task YAMLs into ``work_dir``.
+
+    Returns ``work_dir`` (absolute): pass it to ``lm_eval --include_path``. Only the tasks whose data is
+    given are written.
+    """
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if max_gen_toks < 1:
+        raise TailkdError(f"--max-gen-toks {max_gen_toks} must be >= 1")
+    if ppl_docs is not None:
+        if not ppl_docs:
+            raise TailkdError("no documents for tailkd_ppl; pass --data with text")
+        data = _write_jsonl(work / "tailkd_ppl.jsonl", [{"text": d} for d in ppl_docs])
+        # json.dumps gives a double-quoted string, valid YAML whatever characters the path holds
+        (work / "tailkd_ppl.yaml").write_text(_template("tailkd_ppl").replace("@PPL_FILE@", json.dumps(str(data))))
+    if gsm_items is not None:
+        data = _write_jsonl(work / "tailkd_gsm.jsonl", gsm_items)
+        text = _template("tailkd_gsm").replace("@GSM_FILE@", json.dumps(str(data)))
+        (work / "tailkd_gsm.yaml").write_text(text.replace("@MAX_GEN_TOKS@", str(int(max_gen_toks))))
+    return work
+
+
+def lm_eval_command(model_dir: str | Path, tasks: list[str], include_path: Path, *, batch_size: int = 1,
+                    device: str = "cpu", limit: float | None = None, num_fewshot: int | None = None) -> str:
+    """The equivalent ``lm_eval`` command line (printed with ``--write-only``)."""
+    parts = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={Path(model_dir).resolve()},dtype=float32",
+             "--include_path", str(include_path), "--tasks", ",".join(tasks), "--batch_size", str(batch_size),
+             "--device", device]
+    if limit is not None:
+        parts += ["--limit", f"{limit:g}"]
+    if num_fewshot is not None:
+        parts += ["--num_fewshot", str(num_fewshot)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise TailkdError("lm-evaluation-harness is not installed; install it with: pip install 'tailkd[eval]' "
+                          "(or pip install 'lm-eval[hf]>=0.4.5')") from None
+    return lm_eval, TaskManager
+
+
+def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int = 1, device: str = "cpu",
+                limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False) -> dict:
+    """Run lm-eval in-process. ``model``: an HF model folder (run as ``--model hf``) or an ``lm_eval`` LM instance.
+
+    Returns lm-eval's results dict (``results``, ``configs``, ``n-samples``, ...; ``samples`` with
+    ``log_samples``). Unknown task names and tasks whose data cannot be fetched are TailkdErrors.
+    """
+    import inspect
+
+    lm_eval, TaskManager = _import_lm_eval()
+    kwargs = {"include_path": str(include_path)}
+    if set(tasks) <= set(OUR_TASKS) and "include_defaults" in inspect.signature(TaskManager).parameters:
+        kwargs["include_defaults"] = False  # indexing lm-eval's ~15k built-in task files takes seconds
+    manager = TaskManager(**kwargs)
+    known = set(manager.all_tasks)
+    missing = [t for t in tasks if t not in known]
+    if missing:
+        hint = ("pass its data (--data for tailkd_ppl, --gsm-data for tailkd_gsm)" if set(missing) & set(OUR_TASKS)
+                else "check the name with `lm_eval ls tasks`")
+        raise TailkdError(f"unknown lm-eval task {missing[0]!r}; {hint}")
+    if isinstance(model, (str, Path)):
+        model_args = {"pretrained": str(Path(model).resolve()), "dtype": "float32"}
+        model = "hf"
+    else:
+        model_args = None
+    try:
+        results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager,
+                                          batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot,
+                                          log_samples=log_samples)
+    except (ConnectionError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", "")
+        fix = ("these tasks fetch their data from the Hugging Face hub: run online with HF_HUB_OFFLINE=0 "
+               "HF_DATASETS_OFFLINE=0" if offline else "check the network and the model folder")
+        raise TailkdError(f"lm-eval could not load a task's data or the model ({first[:200]}); {fix}") from None
+    if results is None:
+        raise TailkdError("lm-eval returned no results (a non-zero rank in a distributed run?)")
+    return results
+
+
+def summarize(results: dict) -> dict:
+    """The JSON we save: lm-eval's results without per-sample logs (``samples``) and without the config dump."""
+    return {k: v for k, v in results.items() if k not in ("samples",)}
+
+
+def format_results(results: dict) -> str:
+    try:
+        from lm_eval.utils import make_table
+
+        return make_table(results)
+    except Exception:  # noqa: BLE001 - printing must not fail the run; fall back to plain JSON
+        return json.dumps(results.get("results", {}), indent=1, default=str)
+
+
+def lm_eval_student(model_dir: str | Path, tasks: str | list[str] = "tailkd_ppl", *, data: list[str] | None = None,
+                    split: str = "heldout", gsm_data: str | Path | None = None, work_dir: str | Path | None = None,
+                    max_gen_toks: int = 256, cache_dir: str | None = None, batch_size: int = 1, device: str = "auto",
+                    limit: float | None = None, num_fewshot: int | None = None, out: str | Path | None = None,
+                    write_only: bool = False, log_samples: bool = False) -> dict:
+    """``tailkd lm-eval``: write our tasks' data for ``model_dir`` and run lm-eval on it.
+
+    ``tailkd_ppl`` reads the held-out documents of ``data`` (``split="heldout"``: the split ``tailkd distill``
+    holds out; ``"all"``: every document), defaulting to the data of the run that produced ``model_dir``
+    (``RUN/final`` → ``RUN/config.yaml``), else the built-in corpus. ``tailkd_gsm`` reads ``gsm_data``.
+    With ``write_only`` nothing runs: the task folder is written and the ``lm_eval`` command returned.
+    Returns ``{"command", "include_path", "results"}`` (``results`` None with ``write_only``).
+    """
+    import shutil
+    import tempfile
+
+    from tailkd.evaluate import run_config_defaults
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise TailkdError(f"--model {model_dir} is not a saved model folder (no config.json); pass e.g. runs/x/final")
+    names = expand_tasks(tasks)
+    if split not in ("heldout", "all"):
+        raise TailkdError(f"--split {split!r} is not a split; choose heldout or all")
+    ppl_docs = gsm_items = None
+    if "tailkd_gsm" in names:
+        if gsm_data is None:
+            raise TailkdError("tailkd_gsm needs --gsm-data FILE.jsonl with {\"question\", \"answer\"} lines "
+                              "(answer ending in '#### N', as GSM8K)")
+        gsm_items = read_gsm_items(gsm_data)
+    if "tailkd_ppl" in names:
+        from transformers import AutoTokenizer
+
+        rc_data = run_config_defaults(model_dir).get("data") or {}
+        paths = data if data else (rc_data.get("paths") or None)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        fraction = rc_data.get("heldout_fraction", 0.05)
+        doc_sep = rc_data.get("doc_sep", "auto")
+        if split == "heldout":
+            ppl_docs = heldout_documents(tokenizer, paths, heldout_fraction=fraction, doc_sep=doc_sep,
+                                         cache_dir=cache_dir or rc_data.get("cache_dir"))
+        else:
+            from tailkd import data as data_mod
+
+            files = [Path(p) for p in paths] if paths else data_mod.default_corpus_files()
+            ppl_docs = list(data_mod.iter_documents(files, doc_sep=doc_sep))
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    temp = None
+    if work_dir is None:
+        work_dir = Path("lm_eval_tasks") if write_only else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
+        temp = None if write_only else work_dir
+    try:
+        include = prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=max_gen_toks)
+        command = lm_eval_command(model_dir, names, include, batch_size=batch_size, device=device, limit=limit,
+                                  num_fewshot=num_fewshot)
+        if write_only:
+            return {"command": command, "include_path": str(include), "results": None}
+        results = run_lm_eval(model_dir, names, include_path=include, batch_size=batch_size, device=device,
+                              limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summarize(results), indent=1, default=str))
+    return {"command": command, "include_path": None if temp is not None else str(include), "results": results}

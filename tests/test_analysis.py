@@ -1,0 +1,135 @@
+"""tailkd.analysis and `tailkd analyze-teacher`: tail mass α_K, mode mismatch, the two-panel figure."""
+
+import json
+
+import matplotlib.image
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_evaluate import TableLM, from_probs, one_batch, one_line_error
+from tiny import make_teacher_dir, write_corpus
+
+from tailkd.analysis import tail_mass, teacher_statistics
+from tailkd.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path, min_bytes=5_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > min_bytes, (path, len(data))
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image[..., :3].std()) > 0.01  # not a blank canvas
+
+
+def reference_tail(logits: torch.Tensor, K: int) -> torch.Tensor:
+    """Σ of the sorted probabilities after the K-th, summed directly from the tail (float64)."""
+    p = logits.double().softmax(-1).sort(-1, descending=True).values
+    return p[:, K:].sum(-1)
+
+
+def test_tail_mass_matches_the_direct_tail_sum():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 50, generator=g) * 3
+    alpha = tail_mass(logits, kmax=100)
+    assert alpha.shape == (20, 100) and alpha.dtype == torch.float64
+    for K in (1, 2, 10, 49):
+        torch.testing.assert_close(alpha[:, K - 1], reference_tail(logits, K), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(alpha[:, 0], 1 - logits.double().softmax(-1).max(-1).values, rtol=1e-12, atol=1e-15)
+
+
+def test_tail_mass_is_non_increasing_and_zero_at_V():
+    g = torch.Generator().manual_seed(1)
+    V = 37
+    logits = torch.randn(64, V, generator=g) * 4
+    alpha = tail_mass(logits, kmax=100)
+    assert bool((alpha[:, 1:] <= alpha[:, :-1]).all())
+    assert bool((alpha[:, V - 1:] == 0).all())  # K = V .. 100: nothing left
+    assert bool((alpha[:, : V - 1] > 0).all())
+    assert bool((alpha <= 1).all())
+
+
+def test_tail_mass_of_a_peaked_teacher_keeps_its_precision():
+    # the top token holds all but ~1e-13 of the mass: 1 − p_max would cancel to garbage in float32/float64
+    logits = torch.zeros(1, 1000)
+    logits[0, 0] = 35.0
+    alpha = tail_mass(logits, kmax=5)
+    exact = torch.tensor(999.0, dtype=torch.float64) / (999 + torch.tensor(35.0, dtype=torch.float64).exp())
+    assert float(alpha[0, 0]) == pytest.approx(float(exact), rel=1e-10)
+    assert float(alpha[0, 1]) == pytest.approx(float(exact) * 998 / 999, rel=1e-10)
+
+
+def test_statistics_closed_form():
+    # row 0: p = (0.5, 0.3, 0.2) -> α_1 = 0.5, α_2 = 0.2; row 1: p = (0.1, 0.1, 0.8) -> α_1 = 0.2, α_2 = 0.1
+    teacher = from_probs([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    batches = one_batch([0, 0, 1, 1], [0, 1, 2, -100])  # mode 0 vs label 0, 1; mode 2 vs label 2
+    stats = teacher_statistics(teacher, batches, 3, kmax=4)
+    assert stats["tokens"] == 3
+    assert stats["mismatch_rate"] == pytest.approx(1 / 3)
+    assert stats["alpha_mean"][0] == pytest.approx((0.5 + 0.5 + 0.2) / 3, rel=1e-12)
+    assert stats["alpha_mean"][1] == pytest.approx((0.2 + 0.2 + 0.1) / 3, rel=1e-12)
+    assert stats["alpha_mean"][2:] == [0.0, 0.0]
+    assert stats["alpha_median"][0] == pytest.approx(0.5, rel=1e-6)
+    assert stats["alpha_q25"][0] == pytest.approx(0.35, rel=1e-6)  # linear interpolation between 0.2 and 0.5
+    assert stats["alpha_q75"][1] == pytest.approx(0.2, rel=1e-6)
+
+
+def test_statistics_do_not_depend_on_batch_size():
+    g = torch.Generator().manual_seed(2)
+    V = 120
+    teacher = TableLM(torch.randn(V, V, generator=g) * 3)
+    ids = torch.randint(0, V, (9, 12), generator=g)
+    labels = torch.randint(0, V, (9, 12), generator=g)
+    labels[::2, -3:] = -100
+
+    def batches(bs):
+        for i in range(0, 9, bs):
+            yield {"input_ids": ids[i:i + bs], "labels": labels[i:i + bs]}
+
+    a, b = teacher_statistics(teacher, batches(1), V), teacher_statistics(teacher, batches(8), V)
+    assert a["tokens"] == b["tokens"] == int((labels != -100).sum())
+    assert a["mismatch_rate"] == b["mismatch_rate"]
+    assert a["alpha_median"] == b["alpha_median"] and a["alpha_q25"] == b["alpha_q25"]
+    assert b["alpha_mean"] == pytest.approx(a["alpha_mean"], rel=1e-12)
+
+
+def test_analyze_teacher_cli_writes_json_and_png(tmp_path, capsys):
+    t1 = make_teacher_dir(tmp_path / "t1", train_steps=0)  # random weights suffice here
+    t2 = make_teacher_dir(tmp_path / "t2", layers=2, seed=3, train_steps=0)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "analysis"
+    args = ["analyze-teacher", "--teacher", str(t1), str(t2), "--data", str(corpus), "--split", "all",
+            "--seq-len", "32", "--max-rows", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mismatch" in printed and "α_10" in printed
+    results = json.loads((out / "teacher_analysis.json").read_text())
+    assert set(results) == {str(t1), str(t2)}
+    for r in results.values():
+        assert r["tokens"] == 4 * 32 and len(r["alpha_mean"]) == 100 and 0 <= r["mismatch_rate"] <= 1
+        assert all(a >= b for a, b in zip(r["alpha_mean"], r["alpha_mean"][1:]))
+        assert all(lo <= med <= hi for lo, med, hi in zip(r["alpha_q25"], r["alpha_median"], r["alpha_q75"]))
+    assert_png(out / "teacher_tail_mass.png")
+
+
+def test_analyze_teacher_errors_are_one_line(tmp_path, capsys):
+    assert main(["analyze-teacher", "--teacher", "/nonexistent/teacher", "--out", str(tmp_path / "a")]) == 2
+    one_line_error(capsys.readouterr().err, "/nonexistent/teacher")
+    assert not (tmp_path / "a").exists()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), vocab=st.integers(1, 140), scale=st.floats(0.0, 60.0), kmax=st.integers(1, 120),
+       seed=st.integers(0, 2**16))
+def test_tail_mass_properties(n, vocab, scale, kmax, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g) * scale
+    alpha = tail_mass(logits, kmax=kmax)
+    assert alpha.shape == (n, kmax)
+    assert bool((alpha[:, 1:] <= alpha[:, :-1]).all()) and bool((alpha >= 0).all()) and bool((alpha <= 1 + 1e-12).all())
+    if kmax >= vocab:
+        assert bool((alpha[:, vocab - 1:] == 0).all())
+    K = min(kmax, vocab)
+    torch.testing.assert_close(alpha[:, K - 1], reference_tail(logits, K), rtol=1e-9, atol=1e-12)

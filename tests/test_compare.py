@@ -1,0 +1,126 @@
+"""tailkd.compare and `tailkd compare`: run folders side by side, relative change, Figure 1."""
+
+import json
+import math
+
+import pytest
+from test_analysis import assert_png
+from test_evaluate import one_line_error
+
+from tailkd.cli import main
+from tailkd.compare import compare_runs, load_run, relative_change
+
+
+def make_run(root, name, *, loss, kls, ppl, agreement, tokens_per_eval=1000, full_ece=None, seconds=75.0,
+             flops=2.5e15, finished=True):
+    """A run folder in the layout `tailkd distill` writes (metrics.jsonl, summary.json, config.yaml)."""
+    run = root / name
+    run.mkdir(parents=True)
+    lines = []
+    for i, kl in enumerate(kls):
+        lines.append({"step": i * 10, "split": "heldout", "tokens": i * tokens_per_eval, "kl": kl, "rkl": kl * 1.1,
+                      "student_ppl": ppl + (len(kls) - 1 - i), "agreement": agreement - 0.01 * (len(kls) - 1 - i),
+                      "student_clm": math.log(ppl)})
+        lines.append({"step": i * 10 + 1, "split": "train", "tokens": i * tokens_per_eval + 100, "loss": 9.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "config.yaml").write_text(f"loss:\n  name: {loss}\n")
+    if finished:
+        summary = {"tokens": (len(kls) - 1) * tokens_per_eval, "train_seconds": seconds, "loss": loss,
+                   "flops": {"total": flops, "pflops_per_1m_tokens": 9.2}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    if full_ece is not None:
+        (run / "eval.json").write_text(json.dumps({"student_full_ece": full_ece, "kl": 123.0}))
+    return run
+
+
+def test_relative_change_closed_form():
+    assert relative_change(0.5, 1.0) == pytest.approx(100 * math.log(0.5))
+    assert relative_change(2.0, 2.0) == 0.0
+    assert relative_change(None, 1.0) is None and relative_change(1.0, 0.0) is None
+
+
+def test_load_run_reads_the_final_heldout_row(tmp_path):
+    run = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 2.0, 1.5], ppl=40.0, agreement=0.6, full_ece=0.2)
+    r = load_run(run)
+    assert r["curve"] == ([0, 1000, 2000], [3.0, 2.0, 1.5])
+    assert (r["kl"], r["ppl"], r["agreement"], r["full_ece"]) == (1.5, 40.0, 0.6, 0.2)
+    assert (r["tokens"], r["seconds"], r["flops"], r["loss"], r["finished"]) == (2000, 75.0, 2.5e15, "kd", True)
+
+
+def test_compare_table_and_figure(tmp_path, capsys):
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 2.0, 1.6], ppl=40.0, agreement=0.50, full_ece=0.20)
+    tad = make_run(tmp_path, "tad", loss="tad", kls=[3.0, 1.8, 0.8], ppl=20.0, agreement=0.55, full_ece=0.10)
+    part = make_run(tmp_path, "partial", loss="rkl", kls=[3.0, 2.5], ppl=50.0, agreement=0.4, finished=False)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(kd), str(tad), str(part), "--baseline", str(kd), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert md == capsys.readouterr().out.split(f"saved {out}")[0].rstrip("\n") + "\n"
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header[:6] == ["run", "loss", "tokens", "held-out KL", "Rel held-out KL", "perplexity"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines()[2:] if line.startswith("|")}
+    tad_row = dict(zip(header, rows["tad"]))
+    assert tad_row["held-out KL"] == "0.8000"
+    assert tad_row["Rel held-out KL"] == f"{100 * math.log(0.8 / 1.6):+.2f}"  # -69.31
+    assert tad_row["Rel perplexity"] == f"{100 * math.log(20 / 40):+.2f}"
+    assert tad_row["Full-ECE"] == "0.1000" and tad_row["Rel Full-ECE"] == f"{100 * math.log(0.5):+.2f}"
+    assert tad_row["Rel agreement"] == f"{100 * math.log(0.55 / 0.50):+.2f}"
+    assert tad_row["wall time"] == "0:01:15" and tad_row["PFLOPs"] == "2.5" and tad_row["tokens"] == "2,000"
+    base_row = dict(zip(header, rows["kd (baseline)"]))
+    assert base_row["Rel held-out KL"] == "+0.00"
+    part_row = dict(zip(header, rows["partial (unfinished)"]))
+    assert part_row["Full-ECE"] == "—" and part_row["PFLOPs"] == "—" and part_row["held-out KL"] == "2.5000"
+    assert_png(out / "heldout_kl.png")
+    saved = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in saved] == ["kd", "tad", "partial"]
+
+
+def test_compare_without_baseline_and_a_baseline_not_in_the_list(tmp_path):
+    a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
+    b = make_run(tmp_path, "b", loss="tad", kls=[2.0, 0.5], ppl=8.0, agreement=0.6)
+    res = compare_runs([a], out_dir=tmp_path / "o1")
+    assert "Rel" not in res["markdown"]
+    res = compare_runs([a], baseline=b, out_dir=tmp_path / "o2")
+    assert [r["name"] for r in res["records"]] == ["b", "a"]
+    assert f"{100 * math.log(1.0 / 0.5):+.2f}" in res["markdown"]
+
+
+def test_compare_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "notarun").mkdir()
+    assert main(["compare", str(tmp_path / "notarun"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "metrics.jsonl")
+    run = make_run(tmp_path, "broken", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "metrics.jsonl:3")
+
+
+def test_real_runs_eval_and_compare_end_to_end(tmp_path, capsys):
+    """`tailkd distill` (tiny, kd and tad) -> `tailkd eval --student RUN/final` -> `tailkd compare`."""
+    from tiny import make_teacher_dir, write_corpus
+
+    teacher = make_teacher_dir(tmp_path / "teacher", train_steps=0)  # the plumbing is under test, not learning
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    runs = {}
+    for loss in ("kd", "tad"):
+        run = tmp_path / loss
+        assert main(["distill", "--teacher", str(teacher), "--data", str(corpus), "--data.cache_dir",
+                     str(tmp_path / "cache"), "--student-layers", "2", "--seq-len", "32", "--batch-size", "4",
+                     "--lr", "3e-3", "--train.warmup_steps", "2", "--data.eval_rows", "8", "--steps", "6",
+                     "--train.eval_every", "3", "--loss", loss, "--out", str(run)]) == 0
+        # teacher, data, seq_len and the held-out split all come from RUN/config.yaml
+        assert main(["eval", "--student", str(run / "final"), "--max-rows", "8", "--out", str(run / "eval.json")]) == 0
+        runs[loss] = run
+    ev = json.loads((runs["tad"] / "eval.json").read_text())
+    final = load_run(runs["tad"])
+    assert ev["kl"] == pytest.approx(final["kl"], rel=1e-4)  # the same 8 held-out rows as the trainer's
+    assert ev["student_ppl"] == pytest.approx(final["ppl"], rel=1e-4)
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs["kd"]), str(runs["tad"]), "--baseline", str(runs["kd"]), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    tad_line = next(line for line in md.splitlines() if line.startswith("| tad "))
+    assert f"{ev['student_full_ece']:.4f}" in tad_line and "0:00:0" in tad_line
+    assert len(final["curve"][0]) == 3  # held-out KL before, at step 3 and at the end
+    assert_png(out / "heldout_kl.png")

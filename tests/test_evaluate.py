@@ -1,0 +1,358 @@
+"""tailkd.evaluate and `tailkd eval`: closed-form metrics, streaming invariance, the CLI, the real teacher."""
+
+import itertools
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import make_teacher_dir, write_corpus
+
+from tailkd.cli import main
+from tailkd.evaluate import IGNORE_INDEX, add_sums, finalize, heldout_metrics, token_sums
+
+
+class TableLM(torch.nn.Module):
+    """A "language model" whose logits at a position depend only on the input token: ``table[input_id]``."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone(), requires_grad=False)
+
+    def forward(self, input_ids, output_hidden_states=False, use_cache=False):
+        return SimpleNamespace(logits=self.table[input_ids], hidden_states=None)
+
+
+def from_probs(rows) -> TableLM:
+    return TableLM(torch.tensor(rows, dtype=torch.float64).log())
+
+
+def one_batch(input_ids, labels):
+    return [{"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def one_line_error(stderr: str, needle: str) -> None:
+    """The error is ONE line ``tailkd: error: ...`` (progress bars of model loading may come before it)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("tailkd:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("tailkd: error:"), lines
+    assert "Traceback" not in stderr and needle in errors[0], errors[0]
+
+
+def test_ignore_index_matches_objective():
+    from tailkd import data
+
+    assert IGNORE_INDEX == data.IGNORE_INDEX == -100
+
+
+def test_hand_built_categoricals():
+    p = [[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]]  # teacher rows for input tokens 0, 1
+    q = [[0.25, 0.5, 0.25], [0.2, 0.5, 0.3]]  # student rows
+    teacher, student = from_probs(p), from_probs(q)
+    # positions: token 0 -> label 2, token 1 -> label 0, token 1 -> label 1, one ignored position
+    m = heldout_metrics(student, teacher, one_batch([0, 1, 1, 0], [2, 0, 1, IGNORE_INDEX]), 3)
+    rows = [0, 1, 1]
+    labels = [2, 0, 1]
+    assert m["tokens"] == 3
+    assert m["kl"] == pytest.approx(sum(kl(p[r], q[r]) for r in rows) / 3, rel=1e-12)
+    assert m["rkl"] == pytest.approx(sum(kl(q[r], p[r]) for r in rows) / 3, rel=1e-12)
+    assert m["kl"] == pytest.approx((0.25 * math.log(2) + 2 * kl(p[1], q[1])) / 3, rel=1e-12)
+    clm_s = sum(-math.log(q[r][y]) for r, y in zip(rows, labels)) / 3
+    clm_t = sum(-math.log(p[r][y]) for r, y in zip(rows, labels)) / 3
+    assert m["student_clm"] == pytest.approx(clm_s, rel=1e-12)
+    assert m["teacher_clm"] == pytest.approx(clm_t, rel=1e-12)
+    assert m["student_ppl"] == pytest.approx(math.exp(clm_s), rel=1e-12)
+    assert m["teacher_ppl"] == pytest.approx(math.exp(clm_t), rel=1e-12)
+    # argmax p = 0, 0, 0; argmax q = 1, 1, 1 -> no agreement; accuracy vs labels 2, 0, 1
+    assert m["agreement"] == 0.0
+    assert m["teacher_acc"] == pytest.approx(1 / 3)  # teacher right at the label-0 position only
+    assert m["student_acc"] == pytest.approx(1 / 3)  # student right at the label-1 position only
+
+
+def test_teacher_vs_itself_and_no_teacher():
+    model = from_probs([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    batches = one_batch([0, 1, 0, 1], [0, 2, 1, 1])
+    m = heldout_metrics(model, model, batches, 3, bins=10)
+    assert m["kl"] == 0.0 and m["rkl"] == 0.0 and m["agreement"] == 1.0
+    assert m["student_full_ece"] == m["teacher_full_ece"] and m["student_ece"] == m["teacher_ece"]
+    alone = heldout_metrics(model, None, batches, 3)
+    assert "kl" not in alone and alone["student_clm"] == pytest.approx(m["student_clm"], rel=1e-15)
+
+
+def test_calibrated_predictions_have_zero_ece():
+    # q = (0.75, 0.25) at every position, label 0 three times out of four: calibrated in every bin
+    model = from_probs([[0.75, 0.25]])
+    m = heldout_metrics(model, None, one_batch([0, 0, 0, 0], [0, 0, 1, 0]), 2, bins=10)
+    assert m["student_full_ece"] == pytest.approx(0.0, abs=1e-7)
+    assert m["student_ece"] == pytest.approx(0.0, abs=1e-7)
+    # uniform predictions are calibrated for Full-ECE whatever the labels (one bin, Σ_v (1[y=v] − 1/V) = 0)
+    uniform = from_probs([[0.25] * 4])
+    m = heldout_metrics(uniform, None, one_batch([0] * 5, [0, 3, 3, 1, 2]), 4, bins=20)
+    assert m["student_full_ece"] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("bins", [10, 20])
+def test_overconfident_predictions(bins):
+    # one-hot predictions, always wrong: Full-ECE = 2 (bin 1: N pairs q=1 no hit; bin 0: N hits at q=0), ECE = 1
+    V = 5
+    logits = torch.full((1, V), -40.0, dtype=torch.float64)
+    logits[0, 0] = 40.0
+    m = heldout_metrics(TableLM(logits), None, one_batch([0] * 6, [1, 2, 3, 4, 1, 2]), V, bins=bins)
+    assert m["student_full_ece"] == pytest.approx(2.0, abs=1e-9)
+    assert m["student_ece"] == pytest.approx(1.0, abs=1e-9)
+    # q = (0.9, 0.1), label always 1: Full-ECE = 0.9 + 0.9 = 1.8, ECE = 0.9
+    m = heldout_metrics(from_probs([[0.9, 0.1]]), None, one_batch([0] * 7, [1] * 7), 2, bins=bins)
+    assert m["student_full_ece"] == pytest.approx(1.8, abs=1e-6)
+    assert m["student_ece"] == pytest.approx(0.9, abs=1e-6)
+    cal = m["calibration"]["student"]
+    assert sum(cal["full_count"]) == 7 * 2 and sum(cal["top1_count"]) == 7 and sum(cal["full_hits"]) == 7
+
+
+def test_full_ece_matches_a_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 7, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 7, (40,), generator=g)
+    out = finalize(token_sums(logits, None, labels, bins=10), bins=10)
+    q = logits.softmax(-1)
+    onehot = torch.nn.functional.one_hot(labels, 7).double()
+    b = torch.clamp((q * 10).floor().long(), max=9)  # reference binning, written independently
+    full = sum(abs(float((onehot - q)[b == m].sum())) for m in range(10)) / 40
+    conf, pred = q.max(-1)
+    bc = torch.clamp((conf * 10).floor().long(), max=9)
+    hit = (pred == labels).double()
+    top1 = sum(abs(float((hit - conf)[bc == m].sum())) for m in range(10)) / 40
+    assert out["student_full_ece"] == pytest.approx(full, abs=1e-12)
+    assert out["student_ece"] == pytest.approx(top1, abs=1e-12)
+
+
+def test_kl_agrees_with_the_training_losses():
+    """Held-out KL/RKL (computed here from one log-softmax per side) equal tailkd.losses' per-token values."""
+    from tailkd import losses
+
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(50, 30, generator=g) * 2, torch.randn(50, 30, generator=g) * 4
+    labels = torch.randint(0, 30, (50,), generator=g)
+    sums = token_sums(s, t, labels)
+    assert float(sums["kl"]) == pytest.approx(float(losses.forward_kl(s, t).double().sum()), rel=1e-5)
+    assert float(sums["rkl"]) == pytest.approx(float(losses.reverse_kl(s, t).double().sum()), rel=1e-5)
+
+
+def _rows(n_rows, seq, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n_rows):
+        ids = torch.randint(0, vocab, (seq,), generator=g)
+        labels = torch.randint(0, vocab, (seq,), generator=g)
+        labels[seq - i % seq:] = IGNORE_INDEX  # rows with different numbers of valid tokens
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _batches(rows, bs):
+    for i in range(0, len(rows), bs):
+        chunk = rows[i:i + bs]
+        yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
+
+
+def test_batch_size_does_not_change_results_table_lm():
+    g = torch.Generator().manual_seed(1)
+    V = 11
+    student, teacher = TableLM(torch.randn(V, V, generator=g)), TableLM(3 * torch.randn(V, V, generator=g))
+    rows = _rows(13, 9, V, seed=2)
+    a = heldout_metrics(student, teacher, _batches(rows, 1), V, bins=10)
+    b = heldout_metrics(student, teacher, _batches(rows, 8), V, bins=10)
+    assert a["tokens"] == b["tokens"] == sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in rows)
+    for key, value in a.items():
+        if key == "calibration":
+            assert value["student"]["full_count"] == b[key]["student"]["full_count"]
+            assert value["teacher"]["top1_count"] == b[key]["teacher"]["top1_count"]
+        elif isinstance(value, float):
+            assert b[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def test_batch_size_does_not_change_results_llama(tiny_lm):
+    from conftest import TINY_VOCAB
+
+    student, teacher = tiny_lm(seed=1, num_hidden_layers=2), tiny_lm(seed=2)
+    rows = _rows(8, 16, TINY_VOCAB, seed=3)
+    a = heldout_metrics(student, teacher, _batches(rows, 1), TINY_VOCAB, bins=10)
+    b = heldout_metrics(student, teacher, _batches(rows, 8), TINY_VOCAB, bins=10)
+    for key in ("kl", "rkl", "student_clm", "teacher_clm", "agreement", "student_full_ece", "teacher_ece"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert a["tokens"] == b["tokens"]
+    assert student.training is False
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    import tailkd.evaluate as ev
+
+    g = torch.Generator().manual_seed(4)
+    V = 13
+    student, teacher = TableLM(torch.randn(V, V, generator=g)), TableLM(torch.randn(V, V, generator=g))
+    rows = _rows(6, 10, V, seed=5)
+    whole = heldout_metrics(student, teacher, _batches(rows, 6), V, bins=10)
+    monkeypatch.setattr(ev, "CHUNK_ELEMENTS", 2 * V)  # two positions per chunk
+    chunked = heldout_metrics(student, teacher, _batches(rows, 6), V, bins=10)
+    for key in ("kl", "rkl", "student_clm", "student_full_ece", "teacher_full_ece", "student_ece"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12), key
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_assets")
+    return {"teacher": make_teacher_dir(root / "teacher", train_steps=0),  # random weights: plumbing, not learning
+            "student": make_teacher_dir(root / "student", layers=2, seed=1, train_steps=0),
+            "corpus": write_corpus(root / "corpus.txt"), "cache": root / "cache"}
+
+
+def eval_args(assets, out, *extra):
+    return ["eval", "--student", str(assets["student"]), "--teacher", str(assets["teacher"]), "--data",
+            str(assets["corpus"]), "--seq-len", "32", "--cache-dir", str(assets["cache"]), "--out", str(out), *extra]
+
+
+def test_eval_cli_writes_json_and_table(assets, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(eval_args(assets, out, "--batch-size", "3", "--max-rows", "6")) == 0
+    printed = capsys.readouterr().out
+    assert "Full-ECE (M=10)" in printed and "KL(teacher‖student)" in printed and "top-1 agreement" in printed
+    result = json.loads(out.read_text())
+    assert result["rows"] == 6 and result["tokens"] == 6 * 32 and result["split"] == "heldout"
+    for key in ("kl", "rkl", "student_ppl", "teacher_ppl", "agreement", "student_full_ece", "teacher_full_ece",
+                "student_ece", "teacher_ece"):
+        assert math.isfinite(result[key]), key
+    assert result["kl"] > 0
+    # batch size 1 gives the same numbers
+    out1 = tmp_path / "eval1.json"
+    assert main(eval_args(assets, out1, "--batch-size", "1", "--max-rows", "6")) == 0
+    again = json.loads(out1.read_text())
+    for key in ("kl", "rkl", "student_clm", "student_full_ece", "teacher_ece"):
+        assert again[key] == pytest.approx(result[key], rel=1e-5), key
+
+
+def test_eval_teacher_against_itself(assets, tmp_path):
+    out = tmp_path / "self.json"
+    args = eval_args(assets, out, "--max-rows", "4")
+    args[args.index("--student") + 1] = str(assets["teacher"])
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["kl"] == 0.0 and r["rkl"] == 0.0 and r["agreement"] == 1.0
+    assert r["student_full_ece"] == r["teacher_full_ece"]
+
+
+def test_eval_defaults_from_the_run_config(assets, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(assets["student"], run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "teacher": {"path": str(assets["teacher"])},
+        "data": {"paths": [str(assets["corpus"])], "seq_len": 16, "cache_dir": str(assets["cache"])}}))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--student", str(run / "final"), "--max-rows", "3", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["teacher"] == str(assets["teacher"]) and r["seq_len"] == 16 and r["tokens"] == 48
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (["--student", "/nonexistent/student"], "/nonexistent/student"),
+        (["--teacher", "/nonexistent/teacher"], "/nonexistent/teacher"),
+        (["--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        (["--seq-len", "4096"], "seq-len"),
+    ],
+)
+def test_eval_errors_are_one_line(assets, tmp_path, capsys, change, needle):
+    out = tmp_path / "eval.json"
+    assert main(eval_args(assets, out, *change)) == 2
+    one_line_error(capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
+def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm, tiny_tokenizer):
+    other = tmp_path / "other"
+    tiny_lm().save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    args = eval_args(assets, tmp_path / "e.json")
+    args[args.index("--student") + 1] = str(other)
+    assert main(args) == 2
+    one_line_error(capsys.readouterr().err, "tokenizers differ")
+
+
+# --------------------------------------------------------------------------- the real teacher
+
+
+@pytest.mark.slow
+def test_real_smollm2_teacher_and_six_layer_student():
+    from tailkd import models
+    from tailkd.analysis import teacher_statistics
+    from tailkd.evaluate import batched, eval_rows
+    from tailkd.student import build_student
+
+    teacher, tok = models.load_teacher("smollm2", device="cpu", dtype="fp32")
+    student, _ = build_student(teacher, num_layers=6)
+    student.eval()
+    vocab = models.check_vocab(tok, tok, teacher, student)
+    rows = eval_rows(tok, paths=None, seq_len=64, split="heldout", max_rows=8)
+    assert len(rows) == 8
+    m = heldout_metrics(student, teacher, batched(rows, 4), vocab, bins=10)
+    assert m["tokens"] == 8 * 64
+    for key in ("kl", "rkl", "student_clm", "teacher_clm", "student_full_ece", "teacher_full_ece", "student_ece",
+                "teacher_ece", "agreement"):
+        assert math.isfinite(m[key]), key
+    assert m["kl"] > 0 and m["teacher_ppl"] < m["student_ppl"]
+    assert 0 < m["teacher_full_ece"] < 2 and 0 <= m["teacher_ece"] <= 1
+    same = heldout_metrics(teacher, teacher, batched(rows, 4), vocab, bins=10)
+    assert same["kl"] == 0.0 and same["agreement"] == 1.0
+    # paper Fig. 2 on the real teacher: a tail that shrinks with K, a sizeable mode mismatch
+    stats = teacher_statistics(teacher, batched(rows, 4), vocab)
+    alpha = stats["alpha_mean"]
+    assert all(a >= b for a, b in itertools.pairwise(alpha)) and 0 < alpha[99] < alpha[9] < alpha[0] < 1
+    assert 0.2 < stats["mismatch_rate"] < 0.9
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 12), vocab=st.integers(2, 9), scale=st.floats(0.1, 30.0), cut=st.integers(0, 12),
+       bins=st.integers(1, 25), seed=st.integers(0, 2**16))
+def test_sums_split_anywhere_and_ece_bounds(n, vocab, scale, cut, bins, seed):
+    """Splitting positions into two chunks gives the same sums; 0 <= Full-ECE <= 2 and 0 <= ECE <= 1."""
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(n, vocab, generator=g) * scale, torch.randn(n, vocab, generator=g) * scale
+    y = torch.randint(0, vocab, (n,), generator=g)
+    whole = finalize(token_sums(s, t, y, bins=bins), bins=bins)
+    cut = min(cut, n)
+    parts: dict = {}
+    for sl in (slice(0, cut), slice(cut, n)):
+        if sl.stop > sl.start:
+            add_sums(parts, token_sums(s[sl], t[sl], y[sl], bins=bins))
+    split = finalize(parts, bins=bins)
+    for key in ("kl", "rkl", "student_clm", "agreement", "student_full_ece", "teacher_ece"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-9, abs=1e-12), key
+    for who in ("student", "teacher"):
+        assert -1e-9 <= whole[f"{who}_full_ece"] <= 2 + 1e-9 and -1e-9 <= whole[f"{who}_ece"] <= 1 + 1e-9
+    assert whole["kl"] >= -1e-6 and whole["rkl"] >= -1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny_lm):
+    from conftest import TINY_VOCAB
+
+    student, teacher = tiny_lm(seed=1, num_hidden_layers=2), tiny_lm(seed=2)
+    rows = _rows(4, 16, TINY_VOCAB, seed=3)
+    cpu = heldout_metrics(student, teacher, _batches(rows, 2), TINY_VOCAB, bins=10)
+    gpu = heldout_metrics(student.cuda(), teacher.cuda(), _batches(rows, 2), TINY_VOCAB, device="cuda", bins=10)
+    for key in ("kl", "rkl", "student_clm", "agreement", "student_full_ece", "teacher_ece"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-5), key

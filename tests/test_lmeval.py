@@ -1,0 +1,156 @@
+"""tailkd.lmeval_tasks and `tailkd lm-eval`: our offline task files, closed-form metrics, a real HF run."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_evaluate import one_line_error
+from tiny import SENTENCES, make_teacher_dir, write_corpus
+
+from tailkd.cli import main
+from tailkd.lmeval_tasks import PAPER_TASKS, expand_tasks, lm_eval_student, prepare_tasks, read_gsm_items, run_lm_eval
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'tailkd[eval]')")
+from lm_eval.api.model import LM
+
+GSM = [
+    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3 + 2 = 5\n#### 5"},
+    {"question": "A box holds 1,200 pens; 200 are sold. How many are left?", "answer": "1200 - 200 = 1000\n#### 1,000"},
+    {"question": "What is 7 times 6?", "answer": "#### 42"},
+    {"question": "What is 10 minus 13?", "answer": "-3"},  # a bare answer: written as "#### -3"
+]
+
+
+class ScriptedLM(LM):
+    """An lm-eval model with known outputs: answers right for the questions in ``right``, and known log-likelihoods."""
+
+    def __init__(self, right: set[str], loglik: dict[str, float]):
+        super().__init__()
+        self.right, self.loglik = right, loglik
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests):
+        return [self.loglik[req.args[0]] for req in requests]
+
+    def generate_until(self, requests):
+        out = []
+        for req in requests:
+            context = req.args[0]
+            item = next(i for i in GSM if i["question"] in context)
+            final = item["answer"].split("#### ")[-1] if "####" in item["answer"] else item["answer"]
+            out.append(f" Let me think. #### {final}" if item["question"] in self.right else " I do not know. #### 17")
+        return out
+
+
+def test_expand_tasks():
+    assert expand_tasks("tailkd_ppl, paper,arc_easy") == ["tailkd_ppl", *PAPER_TASKS]
+    assert "winogrande" in PAPER_TASKS and "hellaswag" in PAPER_TASKS
+
+
+def test_gsm_exact_match_closed_form(tmp_path):
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    items = read_gsm_items(gsm_file)
+    assert items[3]["answer"] == "#### -3"
+    inc = prepare_tasks(tmp_path / "work", gsm_items=items, max_gen_toks=32)
+    assert "max_gen_toks: 32" in (inc / "tailkd_gsm.yaml").read_text()
+    right = {GSM[0]["question"], GSM[1]["question"], GSM[3]["question"]}  # 3 of 4 right, "1,000" == "1000"
+    res = run_lm_eval(ScriptedLM(right, {}), ["tailkd_gsm"], include_path=inc)
+    assert res["results"]["tailkd_gsm"]["exact_match,strict-match"] == pytest.approx(0.75)
+    assert res["n-samples"]["tailkd_gsm"]["effective"] == 4
+
+
+def test_perplexity_task_closed_form(tmp_path):
+    docs = ["one two three", "héllo wörld"]
+    loglik = {docs[0]: -6.0, docs[1]: -4.0}
+    inc = prepare_tasks(tmp_path / "work", ppl_docs=docs)
+    res = run_lm_eval(ScriptedLM(set(), loglik), ["tailkd_ppl"], include_path=inc)["results"]["tailkd_ppl"]
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)  # 13 + 13
+    n_words = 5
+    assert res["bits_per_byte,none"] == pytest.approx(10.0 / (n_bytes * math.log(2)), rel=1e-12)
+    assert res["byte_perplexity,none"] == pytest.approx(math.exp(10.0 / n_bytes), rel=1e-12)
+    assert res["word_perplexity,none"] == pytest.approx(math.exp(10.0 / n_words), rel=1e-12)
+
+
+def own_loglik(model_dir, doc):
+    """Σ_t log p(x_t | x_<t) of a short document, the first token conditioned on BOS (lm-eval's convention)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]]])
+    with torch.no_grad():
+        logp = model(ids).logits.double().log_softmax(-1)
+    return float(logp[0, :-1].gather(-1, ids[0, 1:, None]).sum())
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    return {"model": make_teacher_dir(root / "student", layers=2, train_steps=0),
+            "corpus": write_corpus(root / "corpus.txt", 12),
+            "cache": root / "cache"}
+
+
+def test_real_student_ppl_matches_our_own_loglikelihood(student, tmp_path):
+    docs_file = tmp_path / "docs.jsonl"
+    docs_file.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[:3]))
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM[:2]))
+    res = lm_eval_student(student["model"], "tailkd_ppl,tailkd_gsm", data=[str(docs_file)], split="all",
+                          gsm_data=gsm_file, max_gen_toks=8, device="cpu", log_samples=True,
+                          out=tmp_path / "lm.json")["results"]
+    samples = res["samples"]["tailkd_ppl"]
+    assert len(samples) == 3
+    for s in samples:
+        assert s["resps"][0][0] == pytest.approx(own_loglik(student["model"], s["doc"]["text"]), rel=1e-4)
+    assert 0.0 <= res["results"]["tailkd_gsm"]["exact_match,strict-match"] <= 1.0
+    assert [s["target"] for s in res["samples"]["tailkd_gsm"]] == [i["answer"] for i in GSM[:2]]
+    saved = json.loads((tmp_path / "lm.json").read_text())
+    assert "samples" not in saved and set(saved["results"]) == {"tailkd_ppl", "tailkd_gsm"}
+
+
+def test_lm_eval_cli_on_the_heldout_documents(student, tmp_path, capsys):
+    out = tmp_path / "lm_eval.json"
+    assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_ppl", "--data",
+                 str(student["corpus"]), "--cache-dir", str(student["cache"]), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert "tailkd_ppl" in capsys.readouterr().out
+    r = json.loads(out.read_text())["results"]["tailkd_ppl"]
+    assert math.isfinite(r["bits_per_byte,none"]) and r["bits_per_byte,none"] > 0
+    # the held-out documents are the ones `tailkd distill` holds out (at least one of the 12)
+    n = json.loads(out.read_text())["n-samples"]["tailkd_ppl"]["effective"]
+    assert 1 <= n < 12
+
+
+def test_write_only_prints_the_lm_eval_command(student, tmp_path, capsys):
+    work = tmp_path / "tasks"
+    assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_ppl", "--data",
+                 str(student["corpus"]), "--split", "all", "--work-dir", str(work), "--write-only"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--include_path {work.resolve()}" in printed and "--model hf" in printed and "pretrained=" in printed
+    rows = [json.loads(line) for line in (work / "tailkd_ppl.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and str(work.resolve() / "tailkd_ppl.jsonl") in (work / "tailkd_ppl.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--tasks", "tailkd_gsm"], "--gsm-data"),
+        (["--tasks", "tailkd_ppl", "--split", "all", "--data", "/nonexistent/x.txt"], "/nonexistent/x.txt"),
+        (["--tasks", "no_such_task_xyz", "--split", "all"], "no_such_task_xyz"),
+    ],
+)
+def test_lm_eval_errors_are_one_line(student, capsys, extra, needle):
+    assert main(["lm-eval", "--model", str(student["model"]), "--data", str(student["corpus"]), *extra]) == 2
+    one_line_error(capsys.readouterr().err, needle)
+
+
+def test_paper_tasks_offline_fail_in_one_line(student, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "arc_easy", "--limit", "2"]) == 2
+    one_line_error(capsys.readouterr().err, "HF_HUB_OFFLINE=0")
