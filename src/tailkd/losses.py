@@ -1,0 +1,616 @@
+"""Per-token distillation divergences: student first, teacher second, one value per token.
+
+Every loss takes logits ``[..., V]`` in any float dtype, computes in float32 (float64 inputs stay float64) and
+returns per-token values ``[...]`` in that compute dtype. Nothing here normalises across tokens:
+`tailkd.objective` sums the per-token values and divides once by the global count of valid tokens.
+
+Shared conventions (definitions: ``shared/design/formulas.md``; p = teacher, q = student distribution):
+- ``temperature`` divides both sides' logits; there is no hidden τ² factor (scale outside if you want Hinton's).
+- The teacher is a target: teacher tensors are detached, no gradient flows into them.
+- ``0 · log 0 = 0``: a vocabulary entry where the weighting distribution is 0 (e.g. a −inf logit on both sides)
+  contributes exactly 0, with a finite gradient. A student −inf where the teacher has mass gives +inf for forward
+  KL, which is the right value.
+- Bad arguments raise ``ValueError`` naming the argument and the fix.
+
+`forward_kl` and `tad` run through one fused autograd function with the closed-form gradient (paper Eq. 5/6): it
+allocates four ``[N, V]`` buffers for forward+backward, and TAD adds only a top-K of the teacher, two scatters and
+two row sums to what KL costs (``bench/RESULTS.md``: tad/forward_kl ≈ 1.01-1.10 on CPU). The other losses are plain
+autograd.
+"""
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "dkd",
+    "drkl",
+    "forward_kl",
+    "hidden_cosine",
+    "jsd",
+    "reverse_kl",
+    "sequence_alpha_mean",
+    "tad",
+    "tad_decompose",
+    "topk_bucket_kl",
+]
+
+IGNORE_INDEX = -100
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] < 1:
+            raise ValueError(f"{name} must be a floating-point tensor of logits [..., V]; got {_describe(x)}")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, teacher_logits has "
+            f"V={teacher_logits.shape[-1]}; use a student and teacher with the same tokenizer, or slice both heads "
+            "to the shared vocabulary before the loss"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(student_logits.shape)} vs teacher_logits "
+            f"{tuple(teacher_logits.shape)}; pass the same tokens (same batch, length and label shift) to both"
+        )
+
+
+def _describe(x: object) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (1.0 = no scaling); got {temperature!r}")
+
+
+def _check_nonnegative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+def _check_k(k: int, vocab: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < vocab:
+        raise ValueError(f"k must be an integer with 1 <= k < V={vocab} (the tail must be non-empty); got {k!r}")
+
+
+def _check_mask(mask: torch.Tensor, shape: torch.Size, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != shape:
+        raise ValueError(
+            f"{name} must be a bool tensor of shape {tuple(shape)} (True = valid token, e.g. labels != -100); "
+            f"got {_describe(mask)}"
+        )
+
+
+def _check_labels(labels: torch.Tensor, shape: torch.Size, vocab: int) -> torch.Tensor:
+    """Validate labels [...] (ids in [0, V) or -100) and return the valid-position mask [...]."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != shape:
+        raise ValueError(
+            f"labels must be an integer tensor of shape {tuple(shape)} (token ids, -100 = ignore); "
+            f"got {_describe(labels)}"
+        )
+    valid = labels != IGNORE_INDEX  # [...]
+    if bool(((labels < 0) | (labels >= vocab))[valid].any()):
+        raise ValueError(f"labels must be token ids in [0, {vocab}) or -100 (ignore); found ids outside that range")
+    return valid
+
+
+# --------------------------------------------------------------------------- numerics helpers
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _scaled_pair(student_logits, teacher_logits, temperature):
+    """(student, detached teacher) logits in the compute dtype, divided by the temperature."""
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    s = student_logits.to(dtype)  # [..., V]
+    t = teacher_logits.detach().to(dtype)  # [..., V]
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    return s, t
+
+
+def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log Σ_i exp(x_i) over the last dim; −inf for an all −inf row, with a zero (not NaN) gradient there.
+
+    Its gradient is exp(x − max)/Σ exp(x − max), accurate in float32 even for logits ~1e4, unlike
+    torch.logsumexp's backward exp(x − result), which inherits the rounding of the large result.
+    """
+    m = x.detach().amax(-1, keepdim=True)  # [..., 1]
+    m = torch.where(torch.isfinite(m), m, 0.0)  # [..., 1] shift of an empty row: any finite number
+    total = torch.exp(x - m).sum(-1)  # [...]
+    nonempty = total > 0  # [...]
+    return torch.where(nonempty, m.squeeze(-1) + torch.log(torch.where(nonempty, total, 1.0)), -_INF)  # [...]
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _kl_terms(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i (log w_i − log v_i) over the last dim, with w_i = 0 entries contributing 0 (and 0 gradient)."""
+    diff = torch.where(w > 0, log_w - log_v, 0.0)  # [..., V] NaN/inf of 0-weight entries never reach the sum
+    return (w * diff).sum(-1)  # [...]
+
+
+# --------------------------------------------------------------------------- fused KL / TAD
+
+
+def _teacher_top_ids(t: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """Ids [..., K] of the k largest teacher logits t [..., V] (= largest p), in no particular order.
+
+    Two-stage when 64 divides V (all common LM vocabularies): block maxima (one vectorised read), the k blocks with
+    the largest maxima (they hold every top-k entry), then top-k among those k·64 candidates; 2-3x cheaper than
+    torch.topk over V on CPU. Otherwise torch.topk. Ties at the k-th value are resolved by this selection
+    (deterministic, implementation-defined): 𝒦 is then one of the valid top-k sets.
+    """
+    vocab = t.shape[-1]
+    n_blocks = vocab // block
+    if vocab % block or n_blocks <= 4 * k:
+        return torch.topk(t, k, dim=-1, sorted=False).indices
+    flat = t.reshape(-1, vocab)  # [N, V]
+    block_max = flat.unflatten(-1, (n_blocks, block)).amax(-1)  # [N, V/64]
+    top_blocks = torch.topk(block_max, k, dim=-1, sorted=False).indices  # [N, K]
+    cols = (top_blocks[..., None] * block + torch.arange(block, device=t.device)).flatten(1)  # [N, K*64]
+    best = torch.topk(flat.gather(-1, cols), k, dim=-1, sorted=False).indices  # [N, K]
+    return cols.gather(-1, best).view(*t.shape[:-1], k)
+
+
+class _Teacher(NamedTuple):
+    """Teacher-side quantities of the fused path, rows = tokens. `logp` is consumed (reused as scratch)."""
+
+    logp: torch.Tensor  # [N, V] log p
+    p: torch.Tensor  # [N, V] p, with the top-K entries zeroed when top_ids is set (the tail)
+    nan_rows: torch.Tensor  # [N] rows with a NaN teacher (propagated to the loss)
+    top_ids: torch.Tensor | None = None  # [N, K] 𝒦
+    p_top: torch.Tensor | None = None  # [N, K]
+    logp_top: torch.Tensor | None = None  # [N, K]
+    alpha: torch.Tensor | None = None  # [N] α^T = Σ_{i∉𝒦} p_i
+
+
+def _teacher_side(t: torch.Tensor, k: int | None) -> _Teacher:
+    """Teacher log-probs, probs and (with k) the top-K split from detached teacher logits t [N, V]."""
+    logp = torch.log_softmax(t, dim=-1)  # [N, V]
+    nan_rows = logp[:, 0].isnan()  # [N] any NaN (or +inf) logit poisons the whole row
+    p = logp.exp()  # [N, V]
+    if k is None:
+        return _Teacher(logp, p, nan_rows)
+    top_ids = _teacher_top_ids(t, k)  # [N, K] largest teacher logits = largest p
+    p_top, logp_top = p.gather(-1, top_ids), logp.gather(-1, top_ids)  # [N, K]
+    p.scatter_(-1, top_ids, 0.0)  # [N, V] teacher tail only
+    alpha = p.sum(-1)  # [N] α^T summed over the tail itself (never 1 − Σ top-K: no cancellation)
+    return _Teacher(logp, p, nan_rows, top_ids, p_top, logp_top, alpha)
+
+
+class _TailWeightedKL(torch.autograd.Function):
+    """Per-row L = D_KL1 + β_x · α^T · D_KL2 (TAD, Eq. 3), or KL(p‖q) when the teacher has no top-K split.
+
+    Forward evaluates α^T·D_KL2 directly from the tail: Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) (one pass over
+    the vocabulary, as for KL, without the KL − D_KL1 cancellation). Backward is closed form (paper Eq. 5/6):
+    ∂L/∂z_k = q_k − p_k on 𝒦 and q_i (1 + (β_x − 1) α^T/α^S) − β_x p_i on the tail.
+    """
+
+    @staticmethod
+    def forward(ctx, s, teacher: _Teacher, beta_x, valid):
+        logq = torch.log_softmax(s, dim=-1)  # [N, V]
+        nan_rows = teacher.nan_rows | logq[:, 0].isnan()  # [N]
+        scratch = teacher.logp  # [N, V] private buffer of _teacher_side, reused instead of a fresh allocation
+        scratch.sub_(logq).mul_(teacher.p)  # [N, V] p log(p/q)
+        scratch.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)  # [N, V] 0 where p = 0 (0·inf = NaN otherwise)
+        tail_kl = scratch.sum(-1)  # [N] Σ over the tail (over all of V for plain KL)
+        ctx.tad = teacher.top_ids is not None
+        ctx.valid = valid
+        if not ctx.tad:
+            loss = tail_kl
+            if ctx.needs_input_grad[0]:
+                ctx.save_for_backward(torch.exp(logq, out=scratch), teacher.p)  # [N, V] q, [N, V] p
+        else:
+            ids, alpha_t = teacher.top_ids, teacher.alpha
+            logq_top = logq.gather(-1, ids)  # [N, K]
+            q = torch.exp(logq, out=scratch)  # [N, V]
+            q.scatter_(-1, ids, 0.0)  # [N, V] student tail only
+            alpha_s = q.sum(-1)  # [N] α^S from the tail
+            log_alpha_s = alpha_s.log()  # [N]
+            # A tail sum this small may have underflowed (logits ~1e4 apart): redo those rows in log space.
+            tiny = s.shape[-1] * torch.finfo(s.dtype).tiny / torch.finfo(s.dtype).eps
+            small = alpha_s < tiny if valid is None else (alpha_s < tiny) & valid  # [N]
+            rows = small.nonzero().squeeze(1)  # [n]
+            tail_rows = s[rows].scatter_(-1, ids[rows], -_INF)  # [n, V] student tail logits
+            lse_tail_rows = _safe_logsumexp(tail_rows)  # [n]
+            log_alpha_s[rows] = lse_tail_rows - torch.logsumexp(s[rows], dim=-1)
+            del logq
+            top = _kl_terms(teacher.p_top, teacher.logp_top, logq_top)  # [N] Σ_{k∈𝒦} p_k log(p_k/q_k)
+            log_alpha_t = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))  # [N]
+            bucket = torch.where(alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), 0.0)  # [N] α^T log(α^T/α^S)
+            tail = torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)  # [N] α^T·D_KL2
+            loss = top + bucket + beta_x * tail
+            ctx.rows = rows
+            per_row = (alpha_t, alpha_s, log_alpha_s, beta_x)  # [N] each
+            ctx.save_for_backward(q, teacher.p, ids, logq_top.exp(), teacher.p_top, *per_row, tail_rows, lse_tail_rows)
+        loss = torch.where(nan_rows, torch.nan, loss)  # [N]
+        return loss if valid is None else torch.where(valid, loss, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        if not ctx.tad:
+            q, p = ctx.saved_tensors
+            grad = torch.sub(q, p).mul_(g[:, None])  # [N, V] (q − p) g
+        else:
+            q, p, ids, q_top, p_top, alpha_t, alpha_s, log_alpha_s, beta_x, tail_rows, lse_tail_rows = ctx.saved_tensors
+            ratio = torch.where(alpha_s > 0, alpha_t / alpha_s, 0.0)  # [N] α^T/α^S
+            grad = q * (g * (1 + (beta_x - 1) * ratio))[:, None]  # [N, V] q_i (1 + (β_x − 1) α^T/α^S) on the tail
+            grad.addcmul_(p, (g * beta_x)[:, None], value=-1.0)  # [N, V] − β_x p_i on the tail
+            rows = ctx.rows
+            if rows.numel():  # underflowed α^S: q_i/α^S is the softmax of the tail logits
+                q_tail = torch.exp(tail_rows - _finite_or_zero(lse_tail_rows)[:, None])  # [n, V] q̃
+                coef = g[rows] * (log_alpha_s[rows].exp() + (beta_x[rows] - 1) * alpha_t[rows])  # [n]
+                grad[rows] = q_tail * coef[:, None] - p[rows] * (g[rows] * beta_x[rows])[:, None]
+            grad.scatter_(-1, ids, (q_top - p_top) * g[:, None])  # [N, V] q_k − p_k on 𝒦 (Eq. 5)
+        if ctx.valid is not None and not bool(ctx.valid.all()):
+            grad.masked_fill_(~ctx.valid[:, None], 0.0)
+        return grad, None, None, None
+
+
+# --------------------------------------------------------------------------- whole-vocabulary divergences
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL (vanilla KD, Hinton): KL(p‖q) = Σ_i p_i (log p_i − log q_i), per token.
+
+    p = softmax(teacher_logits / τ), q = softmax(student_logits / τ); no τ² factor. Gradient wrt the scaled student
+    logits: q − p (closed form, fused). Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    vocab = s.shape[-1]
+    teacher = _teacher_side(t.reshape(-1, vocab), k=None)
+    return _TailWeightedKL.apply(s.reshape(-1, vocab), teacher, None, None).view(s.shape[:-1])
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Reverse KL: KL(q‖p) = Σ_i q_i (log q_i − log p_i), per token (mode-seeking).
+
+    p = softmax(teacher_logits / τ), q = softmax(student_logits / τ); no τ² factor. A teacher −inf where the student
+    has mass gives +inf. Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    logq, logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)  # [..., V]
+    return _kl_terms(logq.exp(), logq, logp)
+
+
+def jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence (TRL/Liger convention), per token.
+
+    m = β p + (1 − β) q,  JSD_β = β KL(p‖m) + (1 − β) KL(q‖m), with p = teacher, q = student (both at temperature τ).
+    The formula is degenerate (0) at the endpoints, which are special-cased as in TRL's ``generalized_jsd_loss``
+    and Liger's JSD: ``beta == 0`` returns forward KL(p‖q) (`forward_kl`), ``beta == 1`` returns reverse KL(q‖p)
+    (`reverse_kl`). (Near the endpoints JSD_β ≈ β·KL(p‖q) and (1 − β)·KL(q‖p): the endpoints are the limits of
+    JSD_β divided by its scale.) Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    """
+    if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {beta!r}")
+    if beta == 0:
+        return forward_kl(student_logits, teacher_logits, temperature=temperature)
+    if beta == 1:
+        return reverse_kl(student_logits, teacher_logits, temperature=temperature)
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    logq, logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)  # [..., V]
+    q, p = logq.exp(), logp.exp()  # [..., V]
+    m = beta * p + (1 - beta) * q  # [..., V] m > 0 wherever p > 0 or q > 0
+    log_m = torch.log(torch.where(m > 0, m, 1.0))  # [..., V]
+    return beta * _kl_terms(p, logp, log_m) + (1 - beta) * _kl_terms(q, logq, log_m)
+
+
+# --------------------------------------------------------------------------- TAD
+
+
+def tad_decompose(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's Eq. 2 split KL(p‖q) = D_KL1 + α^T · D_KL2, evaluated term by term (plain autograd).
+
+    𝒦 = the k ids with the largest teacher probability, ranked by teacher logits (same order as p). Exact ties at
+    the k-th place: 𝒦 is one valid top-k set, chosen deterministically by the selection (torch.topk, or its
+    two-stage blocked form when 64 divides V); `tad` uses the same selection.
+    - D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S)       (k terms + the "rest" bucket)
+    - D_KL2 = Σ_{i∉𝒦} p̃_i log(p̃_i/q̃_i),  p̃ = p/α^T, q̃ = q/α^S  (KL of the renormalised tails; 0 when α^T = 0)
+    - α^T = Σ_{i∉𝒦} p_i, α^S likewise: log α = logsumexp(tail logits) − logsumexp(logits), never 1 − Σ top-K.
+    Returns (d_kl1, d_kl2, alpha), each [...] for logits [..., V]; alpha carries no gradient. float32/float64.
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_k(k, student_logits.shape[-1])
+    _check_temperature(temperature)
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    ids = _teacher_top_ids(t, k)  # [..., K]
+    tail_s, tail_t = s.scatter(-1, ids, -_INF), t.scatter(-1, ids, -_INF)  # [..., V] top-K masked out
+    lse_tail_s, lse_tail_t = _safe_logsumexp(tail_s), _safe_logsumexp(tail_t)  # [...]
+    log_alpha_s = lse_tail_s - _safe_logsumexp(s)  # [...]
+    log_alpha_t = lse_tail_t - _safe_logsumexp(t)  # [...]
+    alpha = log_alpha_t.exp()  # [...]
+    logq_top = torch.log_softmax(s, dim=-1).gather(-1, ids)  # [..., K]
+    logp_top = torch.log_softmax(t, dim=-1).gather(-1, ids)  # [..., K]
+    bucket = _kl_terms(alpha[..., None], log_alpha_t[..., None], log_alpha_s[..., None])  # [...]
+    d_kl1 = _kl_terms(logp_top.exp(), logp_top, logq_top) + bucket  # [...]
+    log_p_tilde = tail_t - _finite_or_zero(lse_tail_t)[..., None]  # [..., V] −inf on 𝒦
+    log_q_tilde = tail_s - _finite_or_zero(lse_tail_s)[..., None]  # [..., V]
+    d_kl2 = _kl_terms(log_p_tilde.exp(), log_p_tilde, log_q_tilde)  # [...]
+    return d_kl1, d_kl2, alpha
+
+
+def sequence_alpha_mean(
+    alpha: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ᾱ(X) for every position [B, T]: the mean of α^T [B, T] over the valid tokens of the position's sequence.
+
+    A sequence is a row, or with ``segment_ids`` [B, T] (int; packed rows) a document = (row, segment id). Masked
+    positions do not contribute; they receive their sequence's value. A sequence without valid tokens gets 0.
+    Detached (β(X) = β / ᾱ(X) is a teacher-only constant).
+    """
+    if not isinstance(alpha, torch.Tensor) or alpha.dim() != 2 or not alpha.is_floating_point():
+        raise ValueError(f"alpha must be a float tensor [B, T] of teacher tail masses; got {_describe(alpha)}")
+    _check_mask(mask, alpha.shape)
+    a = torch.where(mask, alpha.detach(), 0.0)  # [B, T]
+    if segment_ids is None:
+        count = mask.sum(1, keepdim=True).clamp_min(1)  # [B, 1]
+        return (a.sum(1, keepdim=True) / count).expand_as(a)  # [B, T]
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.is_floating_point() or segment_ids.shape != a.shape:
+        raise ValueError(
+            f"segment_ids must be an integer tensor of shape {tuple(a.shape)} (document id of each token in its "
+            f"packed row); got {_describe(segment_ids)}"
+        )
+    rows = torch.arange(a.shape[0], device=a.device)[:, None].expand_as(segment_ids)  # [B, T]
+    pairs = torch.stack([rows, segment_ids.to(rows.dtype)], dim=-1).reshape(-1, 2)  # [B*T, 2]
+    doc = torch.unique(pairs, dim=0, return_inverse=True)[1]  # [B*T] document index
+    n_docs = int(doc.max()) + 1 if doc.numel() else 0
+    total = a.new_zeros(n_docs).index_add_(0, doc, a.reshape(-1))  # [D]
+    count = a.new_zeros(n_docs).index_add_(0, doc, mask.reshape(-1).to(a.dtype)).clamp_min(1)  # [D]
+    return (total / count)[doc].view_as(a)  # [B, T]
+
+
+def tad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: int = 10,
+    beta: float = 2.0,
+    segment_ids: torch.Tensor | None = None,
+    seq_alpha_mean: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Tail-Aware Distillation divergence L_DIV per token (paper Eq. 3), 0 at masked positions.
+
+    L_DIV(t) = D_KL1(t) + β(X) · α^T(t) · D_KL2(t),  β(X) = β / ᾱ(X),  ᾱ(X) = mean α^T over the valid tokens of t's
+    sequence (its row, or its document when ``segment_ids`` is given; see `sequence_alpha_mean`). β(X) depends on
+    the teacher only and carries no gradient; ᾱ = 0 (no teacher tail anywhere in X) defines the tail term as 0.
+    ``seq_alpha_mean`` [B, T] supplies ᾱ computed elsewhere (chunked/fused callers; β(X) ≡ 1 with
+    ``seq_alpha_mean = beta`` gives forward KL). 𝒦 and the tail masses are those of `tad_decompose`.
+    Cost is that of `forward_kl` (one fused pass, α^T·D_KL2 summed over the tail directly; closed-form gradient
+    Eq. 6). The paper uses τ = 1 (default), K = 10, β = 2.
+    Shapes: logits [B, T, V], mask [B, T] bool -> [B, T]; float32 (float64 for float64 input).
+    """
+    _check_logits(student_logits, teacher_logits)
+    if student_logits.dim() != 3:
+        raise ValueError(
+            f"tad expects logits [B, T, V] (a batch of sequences: β(X) is per sequence); got shape "
+            f"{tuple(student_logits.shape)}; add the batch dimension with unsqueeze(0)"
+        )
+    n_batch, n_time, vocab = student_logits.shape
+    _check_k(k, vocab)
+    _check_nonnegative("beta", beta)
+    _check_temperature(temperature)
+    _check_mask(mask, student_logits.shape[:-1])
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    teacher = _teacher_side(t.reshape(-1, vocab), k)
+    if seq_alpha_mean is None:
+        seq_alpha_mean = sequence_alpha_mean(teacher.alpha.view(n_batch, n_time), mask, segment_ids)  # [B, T]
+    elif segment_ids is not None:
+        raise ValueError("pass segment_ids or seq_alpha_mean, not both (seq_alpha_mean already fixes the sequences)")
+    elif not isinstance(seq_alpha_mean, torch.Tensor) or seq_alpha_mean.shape != mask.shape:
+        raise ValueError(
+            f"seq_alpha_mean must be a tensor of shape {tuple(mask.shape)} (ᾱ of each token's sequence, e.g. from "
+            f"sequence_alpha_mean); got {_describe(seq_alpha_mean)}"
+        )
+    abar = seq_alpha_mean.detach().to(s.dtype)  # [B, T]
+    beta_x = torch.where(abar > 0, beta / abar, 0.0)  # [B, T] β(X)
+    loss = _TailWeightedKL.apply(s.reshape(-1, vocab), teacher, beta_x.reshape(-1), mask.reshape(-1))  # [B*T]
+    return loss.view(n_batch, n_time)
+
+
+def topk_bucket_kl(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    teacher_tail_mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D_KL1 from a sparse (cached) teacher: Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S), per token.
+
+    ``teacher_topk_ids`` [..., K] (int) and ``teacher_topk_logprobs`` [..., K] are the teacher's top-K ids and their
+    true log-probabilities under the full teacher softmax (not renormalised over K). α^T = 1 − Σ_k p_k is computed
+    as −expm1(logsumexp(log p_k)) clamped at 0 (known to the absolute precision of the log-probs, ~1e-7 in float32);
+    pass ``teacher_tail_mass`` [...] if the cache stored α^T itself. α^S comes from the student's tail logits via
+    log-sum-exp. Equals `tad_decompose`'s d_kl1 for the same 𝒦. D_KL2 needs the teacher tail and is not available
+    from such a cache. Shapes: student_logits [..., V] -> [...]; float32 (float64 for float64 input).
+    """
+    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
+        raise ValueError(f"student_logits must be a floating-point tensor [..., V]; got {_describe(student_logits)}")
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    ids, lp = teacher_topk_ids, teacher_topk_logprobs
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_topk_ids must be an integer tensor [{', '.join(map(str, lead))}, K]; got {_describe(ids)}"
+        )
+    if not isinstance(lp, torch.Tensor) or not lp.is_floating_point() or lp.shape != ids.shape:
+        raise ValueError(
+            f"teacher_topk_logprobs must be a float tensor shaped like teacher_topk_ids {tuple(ids.shape)}; "
+            f"got {_describe(lp)}"
+        )
+    _check_k(ids.shape[-1], vocab)
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(
+            f"teacher_topk_ids must be token ids in [0, {vocab}); the cache and the student vocabulary differ"
+        )
+    dtype = _compute_dtype(student_logits, lp)
+    s, lp = student_logits.to(dtype), lp.detach().to(dtype)  # [..., V], [..., K]
+    if teacher_tail_mass is None:
+        alpha_t = (-torch.expm1(torch.logsumexp(lp, dim=-1))).clamp_min(0)  # [...] 1 − Σ p_k
+    elif isinstance(teacher_tail_mass, torch.Tensor) and teacher_tail_mass.shape == lead:
+        alpha_t = teacher_tail_mass.detach().to(dtype).clamp_min(0)  # [...]
+    else:
+        raise ValueError(
+            f"teacher_tail_mass must be a tensor of shape {tuple(lead)}; got {_describe(teacher_tail_mass)}"
+        )
+    log_alpha_s = _safe_logsumexp(s.scatter(-1, ids, -_INF)) - _safe_logsumexp(s)  # [...]
+    logq_top = torch.log_softmax(s, dim=-1).gather(-1, ids)  # [..., K]
+    log_alpha_t = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))  # [...]
+    bucket = _kl_terms(alpha_t[..., None], log_alpha_t[..., None], log_alpha_s[..., None])  # [...]
+    return _kl_terms(lp.exp(), lp, logq_top) + bucket
+
+
+# --------------------------------------------------------------------------- label-anchored decouplings
+
+
+def _target_split(w_logits: torch.Tensor, v_logits: torch.Tensor, y: torch.Tensor):
+    """(KL(b^w‖b^v), KL(ŵ‖v̂)) for the split of the vocabulary into the anchor y [...] and the rest.
+
+    b = (P(y), 1 − P(y)) with 1 − P(y) from the rest's log-sum-exp; ŵ, v̂ = the distributions renormalised over
+    i ≠ y (ŵ undefined when w has no mass off y: that term is then 0).
+    """
+    idx = y[..., None]  # [..., 1]
+    rest_w, rest_v = w_logits.scatter(-1, idx, -_INF), v_logits.scatter(-1, idx, -_INF)  # [..., V]
+    lse_rest_w, lse_rest_v = _safe_logsumexp(rest_w), _safe_logsumexp(rest_v)  # [...]
+    lse_w, lse_v = _safe_logsumexp(w_logits), _safe_logsumexp(v_logits)  # [...]
+    log_bw = torch.stack([w_logits.gather(-1, idx).squeeze(-1) - lse_w, lse_rest_w - lse_w], dim=-1)  # [..., 2]
+    log_bv = torch.stack([v_logits.gather(-1, idx).squeeze(-1) - lse_v, lse_rest_v - lse_v], dim=-1)  # [..., 2]
+    binary = _kl_terms(log_bw.exp(), log_bw, log_bv)  # [...]
+    log_w_hat = rest_w - _finite_or_zero(lse_rest_w)[..., None]  # [..., V] −inf at y
+    log_v_hat = rest_v - _finite_or_zero(lse_rest_v)[..., None]  # [..., V]
+    return binary, _kl_terms(log_w_hat.exp(), log_w_hat, log_v_hat)
+
+
+def dkd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022), label-anchored, per token: α·KL(b^p‖b^q) + β·KL(p̂‖q̂)  (TCKD + NCKD).
+
+    y = labels; b^p = (p_y, 1 − p_y), b^q likewise; p̂, q̂ = p, q renormalised over i ≠ y. Exact split:
+    KL(p‖q) = KL(b^p‖b^q) + (1 − p_y) KL(p̂‖q̂). Defaults α = 1, β = 8 (the DKD paper's); τ divides both sides'
+    logits, and unlike the DKD paper there is no τ² factor. Positions with label −100 give 0.
+    Shapes: logits [..., V], labels [...] (int) -> [...]; float32 (float64 for float64 input).
+    """
+    _check_logits(student_logits, teacher_logits)
+    valid = _check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1])  # [...]
+    _check_nonnegative("alpha", alpha)
+    _check_nonnegative("beta", beta)
+    _check_temperature(temperature)
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    tckd, nckd = _target_split(t, s, torch.where(valid, labels, 0))  # [...], [...]
+    return torch.where(valid, alpha * tckd + beta * nckd, 0.0)
+
+
+def drkl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    gamma: float = 0.5,
+    anchor: str = "label",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Diversity-aware reverse KL (arXiv 2604.00223, formulas.md §4), per token: KL(b^q‖b^p) + γ·KL(q̂‖p̂).
+
+    y = the anchor token: ``anchor="label"`` (default) uses labels, ``"teacher_argmax"`` uses argmax p (labels may
+    then be None; if given, −100 still marks ignored positions). b^q = (q_y, 1 − q_y), q̂, p̂ = q, p renormalised
+    over i ≠ y. Reverse KL is the same with γ replaced by (1 − q_y); a fixed γ removes the push of the non-target
+    term on z_y (q̂ does not depend on z_y). Positions with label −100 give 0. τ divides both logits, no τ².
+    Shapes: logits [..., V], labels [...] (int) or None -> [...]; float32 (float64 for float64 input).
+    """
+    _check_logits(student_logits, teacher_logits)
+    if anchor not in ("label", "teacher_argmax"):
+        raise ValueError(f"anchor must be 'label' or 'teacher_argmax'; got {anchor!r}")
+    if labels is None and anchor == "label":
+        raise ValueError("labels is None but anchor='label'; pass labels or use anchor='teacher_argmax'")
+    lead = student_logits.shape[:-1]
+    valid = torch.ones(lead, dtype=torch.bool, device=student_logits.device)  # [...]
+    if labels is not None:
+        valid = _check_labels(labels, lead, student_logits.shape[-1])
+    _check_nonnegative("gamma", gamma)
+    _check_temperature(temperature)
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    y = t.argmax(-1) if anchor == "teacher_argmax" else torch.where(valid, labels, 0)  # [...]
+    binary, nontarget = _target_split(s, t, y)  # [...], [...]
+    return torch.where(valid, binary + gamma * nontarget, 0.0)
+
+
+# --------------------------------------------------------------------------- hidden states
+
+
+def hidden_cosine(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    projection: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DistilBERT-style cosine loss per token: 1 − cos(h_S, h_T), 0 at masked positions.
+
+    ``projection`` maps the student width d_S to the teacher's d_T: a callable / nn.Module, or a weight [d_T, d_S]
+    (h_S Wᵀ). Without one and d_S < d_T, h_S is compared with the teacher's first d_S coordinates (consistent with
+    a student initialised by width truncation). Shapes: hidden [B, T, d], mask [B, T] bool -> [B, T]; float32
+    (float64 for float64 input).
+    """
+    for name, h in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.dim() != 3:
+            raise ValueError(f"{name} must be a float tensor [B, T, d]; got {_describe(h)}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"shape mismatch: student_hidden {tuple(student_hidden.shape)} vs teacher_hidden "
+            f"{tuple(teacher_hidden.shape)}; pass the same tokens to both models"
+        )
+    _check_mask(mask, student_hidden.shape[:-1])
+    d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    h_s, h_t = student_hidden, teacher_hidden.detach()  # [B, T, d_S], [B, T, d_T]
+    if projection is None:
+        if d_s > d_t:
+            raise ValueError(
+                f"student width {d_s} > teacher width {d_t}; pass projection (a module or a [d_T, d_S] weight)"
+            )
+        h_t = h_t[..., :d_s]  # [B, T, d_S]
+    elif isinstance(projection, torch.Tensor):
+        if projection.shape != (d_t, d_s):
+            raise ValueError(
+                f"projection weight must have shape [d_T, d_S] = [{d_t}, {d_s}]; got {tuple(projection.shape)}"
+            )
+        h_s = F.linear(h_s, projection.to(h_s.dtype))  # [B, T, d_T]
+    else:
+        h_s = projection(h_s)  # [B, T, d_T]
+        if h_s.shape[:-1] != h_t.shape[:-1] or h_s.shape[-1] != d_t:
+            raise ValueError(f"projection must map [B, T, {d_s}] to [B, T, {d_t}]; it returned {tuple(h_s.shape)}")
+    dtype = _compute_dtype(h_s, h_t)
+    cos = F.cosine_similarity(h_s.to(dtype), h_t.to(dtype), dim=-1, eps=1e-8)  # [B, T]
+    return torch.where(mask, 1 - cos, 0.0)

@@ -1,0 +1,720 @@
+"""tailkd.losses against the independent float64 reference (tests/reference.py), closed-form gradients, identities,
+masking, numerics and argument validation."""
+
+import math
+
+import pytest
+import reference as R
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tailkd import losses as L
+
+FAST = settings(max_examples=12, deadline=None, derandomize=True)
+INF = float("inf")
+
+
+@st.composite
+def cases(draw, min_vocab=3, max_vocab=20):
+    """Random shapes/knobs; tensors come from a drawn seed so examples stay cheap to generate and to shrink."""
+    vocab = draw(st.integers(min_vocab, max_vocab))
+    return {
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "B": draw(st.integers(1, 3)),
+        "T": draw(st.integers(1, 4)),
+        "V": vocab,
+        "k": draw(st.integers(1, vocab - 1)),
+        "scale": draw(st.sampled_from([0.3, 2.0, 8.0])),
+        "temperature": draw(st.sampled_from([1.0, 0.5, 2.5])),
+        "dtype": draw(st.sampled_from([torch.float64, torch.float32])),
+    }
+
+
+def make(c, *, mask_some=True):
+    gen = torch.Generator().manual_seed(c["seed"])
+    shape = (c["B"], c["T"], c["V"])
+    s = (torch.randn(shape, generator=gen, dtype=torch.float64) * c["scale"]).to(c["dtype"])
+    t = (torch.randn(shape, generator=gen, dtype=torch.float64) * c["scale"]).to(c["dtype"])
+    mask = torch.rand(shape[:2], generator=gen) < 0.75 if mask_some else torch.ones(shape[:2], dtype=torch.bool)
+    weight = torch.rand(shape[:2], generator=gen, dtype=torch.float64) + 0.5  # non-uniform upstream gradient
+    labels = torch.randint(0, c["V"], shape[:2], generator=gen)
+    return s, t, mask, weight, labels
+
+
+def tol(dtype):
+    return {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
+
+
+def value_grad(fn, s, weight):
+    """fn(x) and d(Σ weight·fn(x))/dx at x = s."""
+    x = s.detach().clone().requires_grad_(True)
+    out = fn(x)
+    if not out.requires_grad:  # e.g. the reference at all-ignored positions: a constant
+        return out.detach(), torch.zeros_like(x)
+    (grad,) = torch.autograd.grad((out.double() * weight).sum(), x, allow_unused=True)
+    return out.detach(), torch.zeros_like(x) if grad is None else grad
+
+
+def assert_matches(fn, ref_fn, s, weight, dtype):
+    got, got_grad = value_grad(fn, s, weight)
+    want, want_grad = value_grad(lambda x: ref_fn(R.f64(x)), s.double(), weight)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), want, **tol(dtype))
+    torch.testing.assert_close(got_grad.double(), want_grad, **tol(dtype))
+
+
+# --------------------------------------------------------------------------- value and gradient vs reference
+
+
+@FAST
+@given(cases())
+def test_forward_and_reverse_kl_match_reference(c):
+    s, t, _, w, _ = make(c)
+    tau = c["temperature"]
+    assert_matches(lambda x: L.forward_kl(x, t, temperature=tau), lambda x: R.forward_kl(x, t, tau), s, w, c["dtype"])
+    assert_matches(lambda x: L.reverse_kl(x, t, temperature=tau), lambda x: R.reverse_kl(x, t, tau), s, w, c["dtype"])
+
+
+@FAST
+@given(cases(), st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+def test_jsd_matches_reference(c, beta):
+    s, t, _, w, _ = make(c)
+    tau = c["temperature"]
+    assert_matches(
+        lambda x: L.jsd(x, t, beta=beta, temperature=tau), lambda x: R.jsd(x, t, beta, tau), s, w, c["dtype"]
+    )
+
+
+@FAST
+@given(cases(), st.sampled_from([0.0, 0.5, 2.0, 5.0]), st.booleans())
+def test_tad_matches_reference(c, beta, packed):
+    s, t, mask, w, _ = make(c)
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    seg = torch.randint(0, 2, mask.shape, generator=gen).cumsum(1) if packed else None  # documents inside rows
+    tau, k = c["temperature"], c["k"]
+    assert_matches(
+        lambda x: L.tad(x, t, mask, k=k, beta=beta, segment_ids=seg, temperature=tau),
+        lambda x: R.tad(x, t, mask, k, beta, segment_ids=seg, temperature=tau),
+        s,
+        w,
+        c["dtype"],
+    )
+
+
+@FAST
+@given(cases())
+def test_tad_decompose_matches_reference(c):
+    s, t, _, w, _ = make(c)
+    tau, k = c["temperature"], c["k"]
+    alpha = L.tad_decompose(s.requires_grad_(True), t, k=k, temperature=tau)[2]
+    assert not alpha.requires_grad  # teacher-only
+    torch.testing.assert_close(alpha.double(), R.tad_decompose(s.detach().double(), t, k, tau)[2], **tol(c["dtype"]))
+    for part in range(2):
+        assert_matches(
+            lambda x, part=part: L.tad_decompose(x, t, k=k, temperature=tau)[part],
+            lambda x, part=part: R.tad_decompose(x, t, k, tau)[part],
+            s,
+            w,
+            c["dtype"],
+        )
+
+
+@FAST
+@given(cases(), st.sampled_from([(1.0, 8.0), (0.5, 2.0), (2.0, 0.0)]))
+def test_dkd_matches_reference(c, alpha_beta):
+    s, t, _, w, labels = make(c)
+    labels[0, 0] = -100
+    a, b = alpha_beta
+    tau = c["temperature"]
+    assert_matches(
+        lambda x: L.dkd(x, t, labels, alpha=a, beta=b, temperature=tau),
+        lambda x: R.dkd(x, t, labels, a, b, tau),
+        s,
+        w,
+        c["dtype"],
+    )
+
+
+@FAST
+@given(cases(), st.sampled_from([0.0, 0.5, 3.0]), st.sampled_from(["label", "teacher_argmax"]))
+def test_drkl_matches_reference(c, gamma, anchor):
+    s, t, _, w, labels = make(c)
+    labels[-1, -1] = -100
+    tau = c["temperature"]
+    assert_matches(
+        lambda x: L.drkl(x, t, labels, gamma=gamma, anchor=anchor, temperature=tau),
+        lambda x: R.drkl(x, t, labels, gamma, anchor, tau),
+        s,
+        w,
+        c["dtype"],
+    )
+
+
+@FAST
+@given(cases())
+def test_topk_bucket_kl_matches_reference_and_d_kl1(c):
+    s, t, _, w, _ = make(c)
+    k = c["k"]
+    ids = torch.topk(t, k).indices
+    logprobs = torch.log_softmax(t.double(), -1).gather(-1, ids).to(c["dtype"])
+    assert_matches(
+        lambda x: L.topk_bucket_kl(x, ids, logprobs), lambda x: R.topk_bucket_kl(x, ids, logprobs), s, w, c["dtype"]
+    )
+    d1, grad_d1 = value_grad(lambda x: L.tad_decompose(x, t, k=k)[0], s, w)
+    got, grad = value_grad(lambda x: L.topk_bucket_kl(x, ids, logprobs), s, w)
+    torch.testing.assert_close(got, d1, **tol(c["dtype"]))
+    torch.testing.assert_close(grad, grad_d1, **tol(c["dtype"]))
+
+
+def test_topk_bucket_kl_accepts_stored_tail_mass():
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 9, generator=gen, dtype=torch.float64), torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    ids = torch.topk(t, 3).indices
+    logp = torch.log_softmax(t, -1)
+    alpha = logp.exp().scatter(-1, ids, 0.0).sum(-1)
+    got = L.topk_bucket_kl(s, ids, logp.gather(-1, ids), teacher_tail_mass=alpha)
+    torch.testing.assert_close(got, L.tad_decompose(s, t, k=3)[0], rtol=1e-12, atol=1e-12)
+
+
+@FAST
+@given(cases(min_vocab=2, max_vocab=6), st.booleans())
+def test_hidden_cosine_matches_reference(c, project):
+    gen = torch.Generator().manual_seed(c["seed"])
+    d_s, d_t = c["V"], c["V"] + c["k"]
+    h_s = torch.randn(c["B"], c["T"], d_s, generator=gen, dtype=torch.float64).to(c["dtype"])
+    h_t = torch.randn(c["B"], c["T"], d_t, generator=gen, dtype=torch.float64).to(c["dtype"])
+    mask = torch.rand(c["B"], c["T"], generator=gen) < 0.7
+    w = torch.rand(c["B"], c["T"], generator=gen, dtype=torch.float64)
+    weight = torch.randn(d_t, d_s, generator=gen, dtype=torch.float64).to(c["dtype"]) if project else None
+    assert_matches(
+        lambda x: L.hidden_cosine(x, h_t, mask, projection=weight),
+        lambda x: R.hidden_cosine(x, h_t, mask, weight),
+        h_s,
+        w,
+        c["dtype"],
+    )
+
+
+def test_hidden_cosine_projection_module_and_widths():
+    gen = torch.Generator().manual_seed(0)
+    h_s, h_t = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 6, generator=gen)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    proj = torch.nn.Linear(4, 6, bias=False)
+    torch.testing.assert_close(
+        L.hidden_cosine(h_s, h_t, mask, projection=proj), L.hidden_cosine(h_s, h_t, mask, projection=proj.weight)
+    )
+    L.hidden_cosine(h_s, h_t, mask, projection=proj).sum().backward()
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+    same = L.hidden_cosine(h_t[..., :4], h_t, mask)  # truncated teacher coordinates: identical vectors
+    torch.testing.assert_close(same, torch.zeros(2, 3), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- gradcheck (float64, small)
+
+
+def test_gradcheck_every_loss():
+    gen = torch.Generator().manual_seed(7)
+    s = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64) * 2
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    seg = torch.tensor([[0, 1, 1], [0, 0, 0]])
+    labels = torch.tensor([[1, -100, 5], [0, 2, 3]])
+    ids = torch.topk(t, 2).indices
+    logprobs = torch.log_softmax(t, -1).gather(-1, ids)
+    checks = {
+        "forward_kl": lambda x: L.forward_kl(x, t, temperature=1.7),
+        "reverse_kl": lambda x: L.reverse_kl(x, t),
+        "jsd": lambda x: L.jsd(x, t, beta=0.3),
+        "tad": lambda x: L.tad(x, t, mask, k=2, beta=2.0),
+        "tad_segments": lambda x: L.tad(x, t, mask, k=3, beta=5.0, segment_ids=seg, temperature=0.7),
+        "tad_decompose": lambda x: L.tad_decompose(x, t, k=2),
+        "dkd": lambda x: L.dkd(x, t, labels, alpha=1.0, beta=8.0, temperature=2.0),
+        "drkl": lambda x: L.drkl(x, t, labels, gamma=0.5),
+        "drkl_argmax": lambda x: L.drkl(x, t, None, gamma=0.5, anchor="teacher_argmax"),
+        "topk_bucket_kl": lambda x: L.topk_bucket_kl(x, ids, logprobs),
+        "hidden_cosine": lambda x: L.hidden_cosine(x, t, mask),
+    }
+    for name, fn in checks.items():
+        assert torch.autograd.gradcheck(fn, (s,)), name
+    weight = torch.randn(8, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, wt: L.hidden_cosine(x, h_t, mask, projection=wt), (s, weight))
+
+
+# --------------------------------------------------------------------------- identities and closed-form gradients
+
+
+@FAST
+@given(cases())
+def test_kl_equals_d_kl1_plus_alpha_d_kl2(c):
+    s, t, _, _, _ = make(c)
+    s, t = s.double(), t.double()
+    d1, d2, alpha = L.tad_decompose(s, t, k=c["k"])
+    assert (d1 + alpha * d2 - L.forward_kl(s, t)).abs().max() <= 1e-10
+
+
+def _probs_and_split(s, t, k):
+    q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+    in_top = torch.zeros_like(p, dtype=torch.bool).scatter(-1, torch.topk(t, k).indices, True)
+    alpha_t = torch.where(in_top, 0.0, p).sum(-1, keepdim=True)
+    alpha_s = torch.where(in_top, 0.0, q).sum(-1, keepdim=True)
+    return q, p, in_top, alpha_t, alpha_s
+
+
+@FAST
+@given(cases(), st.sampled_from([0.5, 2.0, 10.0]))
+def test_tad_gradient_is_eq6_and_autograd_of_plain_formula(c, beta):
+    s, t, mask, _, _ = make(c, mask_some=False)
+    s, t, k = s.double(), t.double(), c["k"]
+    x = s.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(L.tad(x, t, mask, k=k, beta=beta).sum(), x)
+    q, p, in_top, alpha_t, alpha_s = _probs_and_split(s, t, k)
+    beta_x = (beta / alpha_t.squeeze(-1).mean(1))[:, None, None]  # one sequence per row, all tokens valid
+    eq6 = (q - p) + (beta_x - 1) * (q * alpha_t / alpha_s - p)
+    torch.testing.assert_close(got, torch.where(in_top, q - p, eq6), rtol=1e-10, atol=1e-12)
+    d1, d2, alpha = L.tad_decompose(x, t, k=k)
+    plain = d1 + beta_x[..., 0].detach() * alpha * d2  # Eq. 3 through plain autograd
+    (want,) = torch.autograd.grad(plain.sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@FAST
+@given(cases())
+def test_d_kl1_gradient_is_eq12(c):
+    s, t, _, _, _ = make(c)
+    s, t, k = s.double(), t.double(), c["k"]
+    x = s.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(L.tad_decompose(x, t, k=k)[0].sum(), x)
+    q, p, in_top, alpha_t, alpha_s = _probs_and_split(s, t, k)
+    tail = q * ((1 - alpha_t) - (1 - alpha_s)) / alpha_s
+    assert (got - (q - p))[in_top].abs().max() <= 1e-12  # top-K logits get exactly q − p
+    torch.testing.assert_close(got[~in_top], tail[~in_top], rtol=1e-10, atol=1e-12)
+
+
+@FAST
+@given(cases(), st.sampled_from([0.5, 2.0]))
+def test_tad_with_unit_beta_x_is_forward_kl(c, beta):
+    s, t, mask, w, _ = make(c)
+    k, tau = c["k"], c["temperature"]
+    ones = torch.full(mask.shape, beta, dtype=torch.float64)  # ᾱ = β  =>  β(X) = 1
+    got, got_grad = value_grad(lambda x: L.tad(x, t, mask, k=k, beta=beta, seq_alpha_mean=ones, temperature=tau), s, w)
+    want, want_grad = value_grad(lambda x: torch.where(mask, L.forward_kl(x, t, temperature=tau), 0.0), s, w)
+    torch.testing.assert_close(got, want, **tol(c["dtype"]))
+    torch.testing.assert_close(got_grad, want_grad, **tol(c["dtype"]))
+
+
+@FAST
+@given(cases(), st.sampled_from(["label", "teacher_argmax"]))
+def test_drkl_with_gamma_one_minus_qy_is_reverse_kl(c, anchor):
+    s, t, _, w, labels = make(c)
+    s, t = s.double(), t.double()
+    y = labels if anchor == "label" else t.argmax(-1)
+
+    def rebuilt(x):  # KL(b^q‖b^p) + (1 − q_y) KL(q̂‖p̂), the two terms read off drkl by linearity in γ
+        binary = L.drkl(x, t, labels, gamma=0.0, anchor=anchor)
+        nontarget = L.drkl(x, t, labels, gamma=1.0, anchor=anchor) - binary
+        q_y = torch.softmax(x, -1).gather(-1, y[..., None]).squeeze(-1)
+        return binary + (1 - q_y) * nontarget
+
+    got, got_grad = value_grad(rebuilt, s, w)
+    want, want_grad = value_grad(lambda x: L.reverse_kl(x, t), s, w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+    # γ·KL(q̂‖p̂) does not push the anchor logit: its gradient at z_y is exactly 0
+    _, g_nontarget = value_grad(
+        lambda x: L.drkl(x, t, labels, gamma=1.0, anchor=anchor) - L.drkl(x, t, labels, gamma=0.0, anchor=anchor), s, w
+    )
+    assert g_nontarget.gather(-1, y[..., None]).abs().max() <= 1e-12
+
+
+@FAST
+@given(cases())
+def test_dkd_parts_rebuild_forward_kl(c):
+    s, t, _, w, labels = make(c)
+    s, t = s.double(), t.double()
+
+    def rebuilt(x):  # KL(b^p‖b^q) + (1 − p_y) KL(p̂‖q̂)
+        p_y = torch.softmax(t, -1).gather(-1, labels[..., None]).squeeze(-1)
+        return L.dkd(x, t, labels, alpha=1.0, beta=0.0) + (1 - p_y) * L.dkd(x, t, labels, alpha=0.0, beta=1.0)
+
+    got, got_grad = value_grad(rebuilt, s, w)
+    want, want_grad = value_grad(lambda x: L.forward_kl(x, t), s, w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_jsd_endpoints_limits_and_symmetry():
+    gen = torch.Generator().manual_seed(11)
+    s, t = (
+        torch.randn(5, 13, generator=gen, dtype=torch.float64),
+        torch.randn(5, 13, generator=gen, dtype=torch.float64),
+    )
+    assert torch.equal(L.jsd(s, t, beta=0.0), L.forward_kl(s, t))
+    assert torch.equal(L.jsd(s, t, beta=1.0), L.reverse_kl(s, t))
+    eps = 1e-7  # endpoints are the limits of JSD_β rescaled: JSD_β/β -> KL(p‖q), JSD_β/(1−β) -> KL(q‖p)
+    torch.testing.assert_close(L.jsd(s, t, beta=eps) / eps, L.forward_kl(s, t), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(L.jsd(s, t, beta=1 - eps) / eps, L.reverse_kl(s, t), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(L.jsd(s, t, beta=0.5), L.jsd(t, s, beta=0.5), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(L.jsd(s, t, beta=0.3), L.jsd(t, s, beta=0.7), rtol=1e-12, atol=1e-14)
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(1, 40), st.booleans())
+def test_blocked_top_k_selection_equals_torch_topk(seed, k, extra_blocks, dead_columns):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 64 * (4 * k + extra_blocks)  # 64 | V and enough blocks: the two-stage path
+    t = torch.randn(3, 2, vocab, generator=gen) * 4
+    if dead_columns:
+        t[..., torch.randint(0, vocab, (vocab // 3,), generator=gen)] = -INF
+    got = L._teacher_top_ids(t, k)
+    assert got.shape == (3, 2, k)
+    assert torch.equal(got.sort(-1).values, torch.topk(t, k).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("vocab", [8, 64 * 13])  # torch.topk path, blocked path
+def test_ties_give_a_valid_top_k_set_shared_by_tad_and_tad_decompose(vocab):
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 2, vocab, dtype=torch.float64, generator=gen)
+    t = torch.randint(0, 3, (2, 2, vocab), generator=gen).double()  # many exact ties at the k-th value
+    t[1, 1] = 1.0  # an all-tied row
+    k = 3
+    ids = L._teacher_top_ids(t, k)
+    chosen, rest = t.gather(-1, ids), t.scatter(-1, ids, -INF)
+    assert (chosen.min(-1).values >= rest.max(-1).values).all()  # a valid top-K set ...
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # ... of distinct ids
+    got = L.tad_decompose(s, t, k=k)
+    want = R.tad_decompose(s, t, k, ids=ids)
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-10, atol=1e-12)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    d1, d2, alpha = got
+    abar = alpha.mean(1, keepdim=True)
+    torch.testing.assert_close(L.tad(s, t, mask, k=k), d1 + (2.0 / abar) * alpha * d2, rtol=1e-10, atol=1e-12)
+
+
+def test_tad_on_a_blocked_vocabulary_matches_reference():
+    gen = torch.Generator().manual_seed(18)
+    vocab = 64 * 45  # 2880: two-stage top-K for k=10
+    s, t = torch.randn(1, 3, vocab, generator=gen), torch.randn(1, 3, vocab, generator=gen) * 3
+    mask = torch.tensor([[True, False, True]])
+    w = torch.tensor([[1.0, 1.0, 0.5]], dtype=torch.float64)
+    assert_matches(lambda x: L.tad(x, t, mask, k=10), lambda x: R.tad(x, t, mask, 10, 2.0), s, w, torch.float32)
+
+
+# --------------------------------------------------------------------------- masks and sequences
+
+
+def test_masked_positions_get_zero_gradient_and_leave_beta_x_unchanged():
+    gen = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 6, 11, generator=gen), torch.randn(2, 6, 11, generator=gen) * 3
+    mask = torch.tensor([[True, False, True, True, False, True], [False, True, True, True, True, True]])
+    x = s.clone().requires_grad_(True)
+    out = L.tad(x, t, mask, k=3)
+    out.sum().backward()
+    assert (out[~mask] == 0).all() and (x.grad[~mask] == 0).all() and (x.grad[mask] != 0).any()
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask] = torch.randn(int((~mask).sum()), 11, generator=gen) * 50
+    t2[~mask] = float("nan")  # even garbage teacher rows at masked positions must not leak
+    x2 = s2.clone().requires_grad_(True)
+    out2 = L.tad(x2, t2, mask, k=3)
+    out2.sum().backward()
+    assert torch.equal(out2, out) and torch.equal(x2.grad[mask], x.grad[mask]) and (x2.grad[~mask] == 0).all()
+
+
+def test_fully_masked_sequence_is_zero_with_finite_gradients():
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 5, 9, generator=gen), torch.randn(2, 5, 9, generator=gen)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0] = False
+    x = s.clone().requires_grad_(True)
+    out = L.tad(x, t, mask, k=2)
+    out.sum().backward()
+    assert (out[0] == 0).all() and torch.isfinite(x.grad).all() and (x.grad[0] == 0).all()
+    torch.testing.assert_close(out[1], L.tad(s[1:], t[1:], mask[1:], k=2)[0])
+    assert (L.sequence_alpha_mean(torch.rand(2, 5), mask)[0] == 0).all()
+
+
+def test_segment_ids_give_per_document_beta_x_and_match_unpacked_rows():
+    gen = torch.Generator().manual_seed(6)
+    a_s, a_t = (
+        torch.randn(3, 10, generator=gen, dtype=torch.float64),
+        torch.randn(3, 10, generator=gen, dtype=torch.float64) * 4,
+    )
+    b_s, b_t = (
+        torch.randn(4, 10, generator=gen, dtype=torch.float64),
+        torch.randn(4, 10, generator=gen, dtype=torch.float64) * 0.5,
+    )
+    packed_s, packed_t = torch.cat([a_s, b_s])[None], torch.cat([a_t, b_t])[None]  # [1, 7, V]
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    packed = L.tad(packed_s, packed_t, torch.ones(1, 7, dtype=torch.bool), k=2, segment_ids=seg)
+    pad = torch.zeros(1, 10, dtype=torch.float64)
+    rows_s = torch.stack([torch.cat([a_s, pad]), b_s])  # [2, 4, V], doc A padded
+    rows_t = torch.stack([torch.cat([a_t, pad]), b_t])
+    row_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    separate = L.tad(rows_s, rows_t, row_mask, k=2)
+    torch.testing.assert_close(packed[0], torch.cat([separate[0, :3], separate[1]]), rtol=1e-12, atol=1e-12)
+    whole_row = L.tad(packed_s, packed_t, torch.ones(1, 7, dtype=torch.bool), k=2)
+    assert not torch.allclose(packed, whole_row)  # documents differ in ᾱ, so the row-level β(X) is different
+    alpha = L.tad_decompose(packed_s, packed_t, k=2)[2]
+    abar = L.sequence_alpha_mean(alpha, torch.ones(1, 7, dtype=torch.bool), seg)
+    torch.testing.assert_close(abar[0, :3], alpha[0, :3].mean().expand(3))
+    torch.testing.assert_close(abar[0, 3:], alpha[0, 3:].mean().expand(4))
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def _all_losses(s, t, mask, labels):
+    return {
+        "forward_kl": L.forward_kl(s, t),
+        "reverse_kl": L.reverse_kl(s, t),
+        "jsd": L.jsd(s, t, beta=0.4),
+        "tad": L.tad(s, t, mask, k=3),
+        "d_kl1": L.tad_decompose(s, t, k=3)[0],
+        "d_kl2": L.tad_decompose(s, t, k=3)[1],
+        "dkd": L.dkd(s, t, labels),
+        "drkl": L.drkl(s, t, labels),
+        "drkl_argmax": L.drkl(s, t, None, anchor="teacher_argmax"),
+    }
+
+
+def _finite_values_and_grads(s, t, mask, labels, skip=()):
+    for name in set(_all_losses(s, t, mask, labels)) - set(skip):
+        x = s.detach().clone().requires_grad_(True)
+        out = _all_losses(x, t, mask, labels)[name]
+        out.float().sum().backward()
+        assert torch.isfinite(out).all(), name
+        assert torch.isfinite(x.grad).all(), name
+
+
+def test_logits_up_to_1e4_are_finite_and_accurate_in_float32():
+    gen = torch.Generator().manual_seed(8)
+    s = (torch.rand(2, 4, 12, generator=gen) * 2 - 1) * 1e4
+    t = (torch.rand(2, 4, 12, generator=gen) * 2 - 1) * 1e4
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    labels = torch.randint(0, 12, (2, 4), generator=gen)
+    _finite_values_and_grads(s, t, mask, labels)
+    w = torch.ones(2, 4, dtype=torch.float64)
+    for fn, ref in [
+        (lambda x: L.forward_kl(x, t), lambda x: R.forward_kl(x, t)),
+        (lambda x: L.tad(x, t, mask, k=3), lambda x: R.tad(x, t, mask, 3, 2.0)),
+    ]:
+        got, got_grad = value_grad(fn, s, w)
+        want, want_grad = value_grad(lambda x, ref=ref: ref(R.f64(x)), s.double(), w)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-2)  # values ~1e4: float32 rounding of logits
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tad_student_tail_mass_underflow_is_exact(dtype):
+    """Student sure of the teacher's top-K (margin 1e4): α^S underflows, L and Eq. 6 stay exact via log space."""
+    gen = torch.Generator().manual_seed(9)
+    t = torch.randn(1, 3, 10, generator=gen, dtype=torch.float64)
+    s = torch.randn(1, 3, 10, generator=gen, dtype=torch.float64)
+    s = s.scatter_add(-1, torch.topk(t, 4).indices, torch.full((1, 3, 4), 1e4, dtype=torch.float64)).to(dtype)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.3, 2.0]], dtype=torch.float64)
+    got, got_grad = value_grad(lambda x: L.tad(x, t.to(dtype), mask, k=4), s, w)
+    want, want_grad = value_grad(lambda x: R.tad(R.f64(x), t, mask, 4, 2.0), s.double(), w)
+    assert (want > 1e3).all()  # α^T log(α^T/α^S) with log α^S ≈ −1e4
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    # the explicit D_KL1 and the sparse-teacher D_KL1 read α^S from the tail too (1 − Σ top-K q would be 0 here)
+    ids = torch.topk(t, 4).indices
+    logprobs = torch.log_softmax(t, -1).gather(-1, ids).to(dtype)
+    for fn in (lambda x: L.tad_decompose(x, t.to(dtype), k=4)[0], lambda x: L.topk_bucket_kl(x, ids, logprobs)):
+        d1, d1_grad = value_grad(fn, s, w)
+        want_d1, want_d1_grad = value_grad(lambda x: R.tad_decompose(R.f64(x), t, 4)[0], s.double(), w)
+        torch.testing.assert_close(d1.double(), want_d1, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(d1_grad.double(), want_d1_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_tail_term_stays_accurate_and_nonnegative_in_float32_for_peaked_teachers():
+    """Top-K holding ~1 − 1e-6 of the mass: the tail term is summed over the tail, not taken as KL − D_KL1."""
+    gen = torch.Generator().manual_seed(10)
+    t = torch.randn(1, 12, 300, generator=gen, dtype=torch.float64) * 2
+    t[..., :10] += 18.0  # top-10 dominate: α^T ~ 1e-6
+    s = t + torch.randn(1, 12, 300, generator=gen, dtype=torch.float64) * 0.5
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        _, d2, alpha = R.tad_decompose(s, t, 10)
+    assert alpha.max() < 1e-4
+    abar = alpha.mean(1, keepdim=True)
+    want_tail = (2.0 / abar) * alpha * d2  # β(X) α^T D_KL2, float64 reference
+    got = L.tad(s.float(), t.float(), mask, k=10).double()
+    got_tail = got - L.tad_decompose(s.float(), t.float(), k=10)[0].double()
+    assert (got >= -1e-7).all()
+    assert ((got_tail - want_tail).abs() <= 1e-3 * want_tail + 1e-6).all()
+
+
+def test_neg_inf_columns_on_both_sides_match_the_reduced_vocabulary():
+    gen = torch.Generator().manual_seed(12)
+    s, t = torch.randn(2, 3, 10, generator=gen), torch.randn(2, 3, 10, generator=gen) * 2
+    dead = torch.tensor([1, 4, 5])
+    keep = torch.tensor([i for i in range(10) if i not in dead.tolist()])
+    s_inf, t_inf = s.clone(), t.clone()
+    s_inf[..., dead], t_inf[..., dead] = -INF, -INF
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    labels = keep[torch.randint(0, len(keep), (2, 3), generator=gen)]
+    labels_small = torch.searchsorted(keep, labels)
+    full_x = s_inf.clone().requires_grad_(True)
+    small_x = s[..., keep].clone().requires_grad_(True)
+    full, small = _all_losses(full_x, t_inf, mask, labels), _all_losses(small_x, t[..., keep], mask, labels_small)
+    for name in full:
+        torch.testing.assert_close(full[name], small[name], rtol=1e-6, atol=1e-6, msg=name)
+        (g_full,) = torch.autograd.grad(full[name].sum(), full_x)
+        (g_small,) = torch.autograd.grad(small[name].sum(), small_x)
+        assert (g_full[..., dead] == 0).all(), name
+        torch.testing.assert_close(g_full[..., keep], g_small, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_neg_inf_everywhere_but_the_top_on_both_sides_gives_an_empty_tail():
+    """Both sides −inf outside the same 3 ids: α^T = α^S = 0, D_KL2 = 0, all finite (0·log 0 conventions)."""
+    gen = torch.Generator().manual_seed(17)
+    s, t = torch.randn(2, 2, 8, generator=gen), torch.randn(2, 2, 8, generator=gen)
+    s[..., 3:], t[..., 3:] = -INF, -INF
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    labels = torch.randint(0, 3, (2, 2), generator=gen)
+    _finite_values_and_grads(s, t, mask, labels)
+    _, d2, alpha = L.tad_decompose(s, t, k=3)
+    assert (alpha == 0).all() and (d2 == 0).all()
+    torch.testing.assert_close(L.tad(s, t, mask, k=3), L.forward_kl(s, t))
+    one_hot = torch.full((1, 1, 5), -INF).index_fill(-1, torch.tensor([2]), 0.0)  # both one-hot on the label
+    label = torch.tensor([[2]])
+    for fn in (
+        lambda x: L.dkd(x, one_hot, label),
+        lambda x: L.drkl(x, one_hot, label),
+        lambda x: L.tad(x, one_hot, torch.ones(1, 1, dtype=torch.bool), k=1),
+    ):
+        x = one_hot.clone().requires_grad_(True)
+        out = fn(x)
+        out.sum().backward()
+        assert (out == 0).all() and torch.isfinite(x.grad).all()
+
+
+def test_neg_inf_on_one_side_only():
+    gen = torch.Generator().manual_seed(13)
+    s, t = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    t_dead = t.clone()
+    t_dead[:, 2] = -INF  # teacher prob 0: contributes 0 to forward KL, reverse KL is +inf
+    torch.testing.assert_close(L.forward_kl(s, t_dead), R.forward_kl(s, t_dead))
+    assert torch.isinf(L.reverse_kl(s, t_dead)).all()
+    s_dead = s.clone().requires_grad_(True)
+    with torch.no_grad():
+        s_dead[:, 2] = -INF  # student prob 0 where the teacher has mass: forward KL = +inf, gradient q − p finite
+    out = L.forward_kl(s_dead, t)
+    out.sum().backward()
+    assert torch.isposinf(out).all() and torch.isfinite(s_dead.grad).all()
+    torch.testing.assert_close(s_dead.grad, torch.softmax(s_dead.detach(), -1) - torch.softmax(t, -1))
+
+
+def test_bf16_inputs_compute_in_float32():
+    gen = torch.Generator().manual_seed(14)
+    s, t = torch.randn(2, 4, 16, generator=gen).bfloat16(), (torch.randn(2, 4, 16, generator=gen) * 3).bfloat16()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    labels = torch.randint(0, 16, (2, 4), generator=gen)
+    for name, out in _all_losses(s, t, mask, labels).items():
+        assert out.dtype == torch.float32, name
+        torch.testing.assert_close(out, _all_losses(s.float(), t.float(), mask, labels)[name], msg=name)
+    _finite_values_and_grads(s, t, mask, labels)
+    x = s.clone().requires_grad_(True)
+    L.tad(x, t, mask, k=3).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["neg_inf", "margin_1e4"])
+def test_one_hot_teacher_has_finite_values_and_gradients(kind):
+    gen = torch.Generator().manual_seed(15)
+    s = torch.randn(2, 3, 9, generator=gen)
+    hot = torch.randint(0, 9, (2, 3), generator=gen)
+    base = torch.full((2, 3, 9), -INF) if kind == "neg_inf" else torch.randn(2, 3, 9, generator=gen)
+    t = base.scatter(-1, hot[..., None], 1e4)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    # KL(q‖p) to a teacher with −inf entries is +inf (the student has mass where the teacher has none)
+    reverse = ("reverse_kl", "drkl", "drkl_argmax") if kind == "neg_inf" else ()
+    _finite_values_and_grads(s, t, mask, hot, skip=reverse)
+    d1, _, alpha = L.tad_decompose(s, t, k=3)
+    assert (alpha == 0).all()
+    torch.testing.assert_close(L.tad(s, t, mask, k=3), d1)  # ᾱ = 0: the tail term is 0, L = D_KL1 = KL
+    torch.testing.assert_close(d1, L.forward_kl(s, t), rtol=1e-6, atol=1e-6)
+
+
+def test_tad_backward_can_run_twice_and_teacher_gets_no_gradient():
+    gen = torch.Generator().manual_seed(16)
+    s = torch.randn(2, 3, 8, generator=gen, requires_grad=True)
+    t = torch.randn(2, 3, 8, generator=gen, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = L.tad(s, t, mask, k=2)
+    (g1,) = torch.autograd.grad(out.sum(), s, retain_graph=True)
+    (g2,) = torch.autograd.grad(out.sum(), s)
+    assert torch.equal(g1, g2)
+    labels = torch.randint(0, 8, (2, 3), generator=gen)
+    for name, value in _all_losses(s, t, mask, labels).items():
+        value.sum().backward()
+        assert t.grad is None, name
+
+
+def test_nan_logits_propagate():
+    s, t = torch.randn(2, 6), torch.randn(2, 6)
+    s[0, 3] = float("nan")
+    assert torch.isnan(L.forward_kl(s, t)[0]) and torch.isfinite(L.forward_kl(s, t)[1])
+    assert torch.isnan(L.tad(t[None], s[None], torch.ones(1, 2, dtype=torch.bool), k=2)[0, 0])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_argument_errors_name_the_argument():
+    s, t = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    ids, lp = torch.zeros(2, 3, 2, dtype=torch.long), torch.full((2, 3, 2), -2.0)
+    cases_ = [
+        ("k must", lambda: L.tad(s, t, mask, k=0)),
+        ("k must", lambda: L.tad(s, t, mask, k=8)),
+        ("k must", lambda: L.tad_decompose(s, t, k=8)),
+        ("k must", lambda: L.topk_bucket_kl(s, torch.zeros(2, 3, 8, dtype=torch.long), torch.zeros(2, 3, 8))),
+        ("beta must", lambda: L.tad(s, t, mask, k=2, beta=-1.0)),
+        ("beta must", lambda: L.dkd(s, t, labels, beta=-0.1)),
+        ("alpha must", lambda: L.dkd(s, t, labels, alpha=-1.0)),
+        ("gamma must", lambda: L.drkl(s, t, labels, gamma=-0.5)),
+        ("temperature must", lambda: L.forward_kl(s, t, temperature=0.0)),
+        ("temperature must", lambda: L.tad(s, t, mask, k=2, temperature=-1.0)),
+        ("temperature must", lambda: L.jsd(s, t, temperature=float("nan"))),
+        ("beta must be in \\[0, 1\\]", lambda: L.jsd(s, t, beta=1.5)),
+        ("beta must be in \\[0, 1\\]", lambda: L.jsd(s, t, beta=-0.1)),
+        ("vocabulary mismatch", lambda: L.forward_kl(s, torch.randn(2, 3, 9))),
+        ("vocabulary mismatch", lambda: L.tad(s, torch.randn(2, 3, 9), mask, k=2)),
+        ("shape mismatch", lambda: L.reverse_kl(s, torch.randn(2, 4, 8))),
+        ("shape mismatch", lambda: L.hidden_cosine(s, torch.randn(2, 4, 8), mask)),
+        ("mask must", lambda: L.tad(s, t, torch.ones(2, 4, dtype=torch.bool), k=2)),
+        ("mask must", lambda: L.tad(s, t, torch.ones(2, 3), k=2)),
+        ("mask must", lambda: L.hidden_cosine(s, t, torch.ones(3, 2, dtype=torch.bool))),
+        ("labels must", lambda: L.dkd(s, t, torch.zeros(2, 4, dtype=torch.long))),
+        ("labels must", lambda: L.dkd(s, t, torch.full((2, 3), 8))),
+        ("labels is None", lambda: L.drkl(s, t, None)),
+        ("anchor must", lambda: L.drkl(s, t, labels, anchor="argmax")),
+        ("segment_ids must", lambda: L.tad(s, t, mask, k=2, segment_ids=torch.zeros(2, 4, dtype=torch.long))),
+        ("not both", lambda: L.tad(s, t, mask, k=2, segment_ids=labels, seq_alpha_mean=torch.ones(2, 3))),
+        ("seq_alpha_mean must", lambda: L.tad(s, t, mask, k=2, seq_alpha_mean=torch.ones(2))),
+        ("tad expects logits \\[B, T, V\\]", lambda: L.tad(s[0], t[0], mask[0], k=2)),
+        ("teacher_topk_ids must", lambda: L.topk_bucket_kl(s, ids.float(), lp)),
+        ("teacher_topk_ids must be token ids", lambda: L.topk_bucket_kl(s, ids + 8, lp)),
+        ("teacher_topk_logprobs must", lambda: L.topk_bucket_kl(s, ids, lp[..., :1])),
+        ("student_logits must", lambda: L.forward_kl(torch.zeros(2, 3, 8, dtype=torch.long), t)),
+        ("projection", lambda: L.hidden_cosine(torch.randn(2, 3, 9), s, mask)),
+        ("projection weight", lambda: L.hidden_cosine(s, s, mask, projection=torch.randn(8, 7))),
+    ]
+    for pattern, call in cases_:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+
+
+def test_output_dtypes_and_shapes():
+    for dtype, want in [(torch.float16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        s, t = torch.randn(2, 3, 8).to(dtype), torch.randn(2, 3, 8).to(dtype)
+        out = L.forward_kl(s, t)
+        assert out.dtype == want and out.shape == (2, 3)
+    assert L.forward_kl(torch.randn(8), torch.randn(8)).shape == ()
+    assert math.isclose(float(L.forward_kl(torch.zeros(5), torch.zeros(5))), 0.0, abs_tol=1e-7)
