@@ -7,9 +7,17 @@ A checkpoint is a folder ``checkpoints/step_00000020/`` holding
 - ``manifest.json``: step and the sha256 of both files.
 
 It is written into a temporary folder next to its final place, fsync'ed, then renamed: a crash
-(or SIGKILL) mid-write leaves at most a ``.tmp-*`` folder that is ignored and cleaned up, never a
-half checkpoint under a real name. Loading verifies the manifest; a checkpoint that fails is named
-in a warning and the previous good one is used.
+(or SIGKILL) mid-write leaves at most a ``.tmp-*`` folder that is ignored and cleaned up
+(``clean_partial_writes``), never a half checkpoint under a real name. Old checkpoints are pruned by
+renaming them away first, so a kill mid-prune cannot leave a half-deleted folder under a real name
+either. Loading verifies the manifest; a checkpoint that fails is named and the previous good one is used.
+
+The student's weights are given as a FULL state dict keyed by parameter name (one process, DDP and FSDP
+alike; see ``tailkd.distributed.full_state``), so a checkpoint does not depend on the number of processes.
+
+Test hook: ``TAILKD_TEST_CHECKPOINT_PAUSE=<seconds>`` sleeps inside the writer after the student file is
+written and before the trainer state and the manifest, so that a test can kill the process while a
+checkpoint is half written (tests/test_faults.py). It has no other effect.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -79,29 +88,42 @@ def atomic_write_dir(final: Path, write) -> Path:
     return final
 
 
-def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Tied weights share storage; safetensors refuses shared tensors, so keep one name per storage.
-    out, seen = {}, {}
-    for name, tensor in model.state_dict().items():
+    out, seen = {}, set()
+    for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
             continue
-        seen[key] = name
+        seen.add(key)
         out[name] = tensor.detach().contiguous().cpu()
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the last ``keep_last`` good ones."""
+def _test_pause() -> None:
+    seconds = os.environ.get("TAILKD_TEST_CHECKPOINT_PAUSE")
+    if seconds:
+        time.sleep(float(seconds))
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically and prune to the last ``keep_last`` good ones.
+
+    ``model_state``: the student's full state dict (name -> tensor); ``trainer_state``: anything torch.save
+    takes. An ``OSError`` (disk full, permissions) becomes a TailkdError; the previous checkpoints are intact.
+    """
     final = Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
 
     def write(tmp: Path) -> None:
-        save_file(_state_dict_for_save(model), str(tmp / MODEL_FILE))
+        save_file(_dedupe_shared(model_state), str(tmp / MODEL_FILE))
+        _test_pause()
         torch.save(trainer_state, tmp / STATE_FILE)
         manifest = {"step": step, "files": {n: _sha256(tmp / n) for n in (MODEL_FILE, STATE_FILE)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     try:
+        clean_partial_writes(run_dir)
         atomic_write_dir(final, write)
     except OSError as exc:
         raise TailkdError(
@@ -110,8 +132,35 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
         ) from exc
     ckpts = list_checkpoints(run_dir)
     for old in ckpts[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_dir(old)
     return final
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the way first (atomic), then delete: never a half-deleted folder under a real name."""
+    gone = path.with_name(f".tmp-deleting-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def clean_partial_writes(run_dir: Path) -> None:
+    """Remove what a killed writer left in ``run_dir/checkpoints``: ``.tmp-*`` folders (never complete), and
+    ``.old-*`` folders (a replaced checkpoint; put back if the kill came between the two renames)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".old-"):
+            name = p.name[len(".old-"):].rsplit("-", 1)[0]
+            if name.startswith("step_") and not (root / name).exists():
+                os.replace(p, root / name)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -128,7 +177,10 @@ def verify_checkpoint(path: Path) -> str | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return "missing or unreadable manifest.json"
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_FILE}:
+        return f"manifest.json does not list {MODEL_FILE} and {STATE_FILE}"
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
             return f"missing {name}"
@@ -137,31 +189,47 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def latest_good_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; bad ones are named in a warning and skipped."""
+def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that verifies or None, [(newer bad checkpoint, what is wrong), ...])."""
+    skipped = []
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
-            return path
-        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
-    return None
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
-    """Load the student weights into ``model`` in place and return the trainer state."""
-    state = load_file(str(Path(path) / MODEL_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied parameters were saved under one name only; anything else missing is an error.
-    tied = {n for n in missing if _is_tied(model, n)}
-    if set(missing) - tied or unexpected:
-        raise TailkdError(f"checkpoint {path} does not fit this student (missing {sorted(set(missing) - tied)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}); resume with the run's own config")
-    return torch.load(Path(path) / STATE_FILE, weights_only=False)
+def latest_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; bad ones are named in a warning and skipped."""
+    path, skipped = find_checkpoint(run_dir)
+    for bad, problem in skipped:
+        warnings.warn(f"skipping checkpoint {bad}: {problem}", stacklevel=2)
+    return path
 
 
-def _is_tied(model: torch.nn.Module, name: str) -> bool:
+def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the student's full state dict, the trainer state) of checkpoint ``path``.
+
+    ``model`` (the unwrapped student) is only used to check that the weights fit it and to restore the
+    names of tied parameters, which were saved once.
+    """
+    path = Path(path)
+    state = load_file(str(path / MODEL_FILE))
     params = dict(model.named_parameters(remove_duplicate=False))
-    if name not in params:
-        return False
-    ptr = params[name].data_ptr()
-    return any(p.data_ptr() == ptr and n != name for n, p in params.items())
+    for name, param in params.items():  # tied names: take the tensor saved under a partner's name
+        if name not in state:
+            partner = next((n for n, p in params.items() if p is param and n in state), None)
+            if partner is not None:
+                state[name] = state[partner]
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise TailkdError(f"checkpoint {path} does not fit this student (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); resume with the run's own config")
+    for name, tensor in model.state_dict().items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise TailkdError(f"checkpoint {path} does not fit this student: {name} has shape "
+                              f"{tuple(state[name].shape)}, the student {tuple(tensor.shape)}; resume with the "
+                              "run's own config")
+    return state, torch.load(path / STATE_FILE, weights_only=False)

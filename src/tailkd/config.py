@@ -58,6 +58,16 @@ class DataConfig:
     doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file")
     eval_rows: int = _f(16, "held-out rows used for the periodic held-out KL/CLM evaluation")
     cache_dir: Optional[str] = _f(None, "where tokenised corpora are cached (default: ~/.cache/tailkd/corpora)")
+    task: str = _f("pretrain", "pretrain (packed text) or sft (prompt -> response JSONL; empty paths: built-in "
+                               "GSM-style math problems); 'builtin:math' as a pretrain path is the math corpus")
+    heldout_paths: list[str] = _f([], "sft: held-out JSONL files (default: a held-out fraction of data.paths)")
+    sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)")
+    chat_template: str = _f("auto", "sft: auto (the tokenizer's template, plain pairs if none), none, or a "
+                                    ".jinja file")
+    overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated or dropped")
+    split_seed: int = _f(0, "sft: seed of the held-out split (kept apart from train.seed)")
+    math_train: int = _f(2000, "sft: built-in math problems for training")
+    math_heldout: int = _f(200, "sft: built-in math problems held out")
 
 
 @dataclass
@@ -83,7 +93,8 @@ class TrainConfig:
     max_steps: int = _f(60, "optimizer steps (the schedule's length)")
     stop_after: int = _f(0, "end this invocation after N steps with a checkpoint (0: run to max_steps); "
                             "continue with --resume, e.g. across cluster job time limits")
-    batch_size: int = _f(4, "rows per micro-batch")
+    batch_size: int = _f(4, "rows per micro-batch in TOTAL: split evenly over the processes of a multi-GPU run "
+                            "(each takes batch_size / world), so results do not depend on the number of GPUs")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
@@ -100,6 +111,14 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda")
     resume: bool = _f(False, "continue the run in out_dir from its last checkpoint")
     overwrite: bool = _f(False, "delete an existing out_dir and start again")
+    force_resume: bool = _f(False, "with --resume: continue even though the config differs from the run's "
+                                   "(the differences are printed; the old config.yaml is kept)")
+    max_bad_steps: int = _f(5, "stop (with a checkpoint) after N steps in a row with a non-finite loss or "
+                               "gradient; each such step is skipped without updating the weights")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True): bit-identical reruns and resumes "
+                                    "(slower on GPU)")
+    parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
+                              "the student's weights, gradients and optimizer state; torch >= 2.6)")
 
 
 @dataclass
@@ -134,6 +153,12 @@ class DistillConfig:
             raise TailkdError("train.precision must be auto, bf16 or fp32")
         if c.data.doc_sep not in ("auto", "blank_line", "line", "file"):
             raise TailkdError("data.doc_sep must be auto, blank_line, line or file")
+        if c.data.task not in ("pretrain", "sft"):
+            raise TailkdError(f"data.task={c.data.task!r} must be pretrain or sft")
+        if c.data.sft_mode not in ("pad", "pack"):
+            raise TailkdError("data.sft_mode must be pad or pack")
+        if c.data.overlong not in ("truncate", "drop"):
+            raise TailkdError("data.overlong must be truncate or drop")
         if not 0.0 < c.data.heldout_fraction < 1.0:
             raise TailkdError(f"data.heldout_fraction={c.data.heldout_fraction} must lie strictly between 0 and 1")
         for section, key in (("data", "seq_len"), ("data", "eval_rows"), ("train", "max_steps"),
@@ -142,6 +167,12 @@ class DistillConfig:
                 raise TailkdError(f"{section}.{key} must be >= 1")
         if c.train.lr <= 0:
             raise TailkdError(f"train.lr={c.train.lr} must be > 0")
+        if c.train.max_bad_steps < 1:
+            raise TailkdError(f"train.max_bad_steps={c.train.max_bad_steps} must be >= 1")
+        if c.train.parallel not in ("ddp", "fsdp"):
+            raise TailkdError(f"train.parallel={c.train.parallel!r} must be ddp or fsdp")
+        if c.train.force_resume and not c.train.resume:
+            raise TailkdError("train.force_resume (--force) only applies with --resume")
         if c.train.resume and c.train.overwrite:
             raise TailkdError("train.resume and train.overwrite exclude each other; pass one of them")
         if c.loss.name == "clm" and c.loss.cosine_weight > 0:
@@ -261,6 +292,8 @@ ALIASES = {
     "student-layers": "student.num_layers",
     "data": "data.paths",
     "seq-len": "data.seq_len",
+    "task": "data.task",
+    "heldout-data": "data.heldout_paths",
     "loss": "loss.name",
     "k": "loss.k",
     "beta": "loss.beta",
@@ -276,6 +309,7 @@ ALIASES = {
     "device": "train.device",
     "resume": "train.resume",
     "overwrite": "train.overwrite",
+    "force": "train.force_resume",
 }
 
 

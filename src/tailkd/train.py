@@ -2,20 +2,35 @@
 
 ``distill(cfg)`` is the Python API behind ``tailkd distill``. Reads top to bottom:
 
-1. run folder: refuse to clobber, or resume, or overwrite (only after every input checked out);
-2. teacher (eval, no grad), student (built from the teacher or loaded), shared vocabulary;
-3. data: tokenised once to a cache, packed rows, held-out rows, a resumable sampler;
-4. optimizer (AdamW) + warm-up/cosine schedule; state restored on ``--resume``;
-5. steps: micro-batches -> global valid-token count -> objective -> backward -> clip -> step;
-6. the final student saved with ``save_pretrained`` + tokenizer in ``run/final``.
+1. processes: one, or several launched by torchrun / accelerate launch (``tailkd.distributed``);
+2. run folder: refuse to clobber, or resume, or overwrite (only after every input checked out);
+3. teacher (eval, no grad, replicated on every rank), student (built from the teacher or loaded), vocabulary;
+4. data: tokenised once to a cache, packed rows, held-out rows, ONE resumable sampler shared by all ranks;
+5. optimizer (AdamW) + warm-up/cosine schedule; state restored on ``--resume``;
+6. steps: micro-batches -> global valid-token count -> objective -> backward -> clip -> check -> step;
+7. the final student saved with ``save_pretrained`` + tokenizer in ``run/final``.
+
+Global-batch semantics: ``train.batch_size`` rows per micro-batch IN TOTAL, split over the processes
+(rank r takes rows r, r+W, r+2W, ... of every micro-batch drawn from the shared sampler), and
+``train.grad_accum`` micro-batches per optimizer step. The same config therefore trains on the same rows
+with the same gradient on 1 or W processes, and a run can resume on a different number of processes.
+
+Faults: a step whose loss or gradient norm is not finite is skipped (no optimizer/scheduler update) and
+counted; ``train.max_bad_steps`` in a row stop the run with a checkpoint. SIGINT/SIGTERM finish the
+current step, write a checkpoint and return exit code 130/143 (see ``stop_on_signals``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,15 +40,20 @@ from tqdm.auto import tqdm
 
 from tailkd import checkpoint as ckpt
 from tailkd import data as data_mod
+from tailkd import distributed as dist
 from tailkd import models
-from tailkd.config import DistillConfig, from_dict, save_yaml, to_dict
+from tailkd.config import DistillConfig, from_dict, load_yaml, save_yaml, to_dict
 from tailkd.errors import TailkdError
-from tailkd.evaluate import forward_logits, heldout_metrics
+from tailkd.evaluate import CHUNK_ELEMENTS, IGNORE_INDEX, add_sums, finalize, forward_logits, token_sums
+from tailkd.flops import distill_flops
 from tailkd.objective import count_valid_tokens, objective
 
 # Config keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train.eval_every", "train.save_every",
-                    "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after"}
+                    "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
+                    "train.force_resume", "train.max_bad_steps", "train.parallel"}
+TERMS = ("loss", "clm", "div", "cos")
+resolve_device = dist.resolve_device  # kept here for callers of the single-process API
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -49,18 +69,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TailkdError("train.device=cuda but no CUDA device is visible; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise TailkdError(f"train.device={name!r} is not a device; use auto, cpu or cuda")
-    return torch.device(name)
+def say(message: str, *, err: bool = False) -> None:
+    """One line on rank 0 only (stdout, or stderr with ``err``), above the progress bar if one is shown."""
+    if dist.is_main():
+        tqdm.write(message, file=sys.stderr if err else sys.stdout)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    """bf16 autocast for ``precision`` bf16, or auto where the hardware has native bf16; else None (fp32)."""
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None
 
@@ -84,7 +110,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -92,6 +118,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` for the duration (``train.deterministic``)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by cuBLAS in deterministic mode
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
@@ -106,12 +145,19 @@ def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Op
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, lines after the checkpoint's step are dropped first."""
+    """Append-only JSONL written by rank 0; on resume, lines after the checkpoint's step are dropped first
+    (and a line cut short by a kill)."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= resume_step:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    continue  # empty, or the half line of a killed write
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
@@ -122,46 +168,65 @@ class MetricsLog:
 # --------------------------------------------------------------------------- run folder
 
 
-def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool]:
-    """Decide between a new run and a resume. Nothing is deleted here (see ``claim_run_dir``)."""
+def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
+    """Decide between a new run and a resume: (run folder, resuming, config changes accepted by --force).
+
+    Nothing is written here (see ``claim_run_dir``)."""
     out = Path(cfg.train.out_dir)
-    exists = out.exists() and any(out.iterdir()) if out.exists() else False
     if out.exists() and not out.is_dir():
         raise TailkdError(f"train.out_dir {out} is a file; choose a folder name with --out")
+    exists = out.is_dir() and any(out.iterdir())
     if cfg.train.resume:
         if not exists:
             raise TailkdError(f"--resume given but {out} holds no run; drop --resume to start a new run")
         saved = out / "config.yaml"
         if not saved.exists():
             raise TailkdError(f"{out} has no config.yaml, so it is not a tailkd run; choose another --out")
-        import yaml
-
-        old = _flat(to_dict(from_dict(DistillConfig, yaml.safe_load(saved.read_text()) or {})))
+        try:
+            old = _flat(to_dict(from_dict(DistillConfig, load_yaml(saved))))
+        except TailkdError as exc:
+            raise TailkdError(f"cannot resume {out}: its config.yaml is damaged ({exc}); start a new run with "
+                              "another --out") from None
         new = _flat(to_dict(cfg))
         diff = sorted(k for k in new if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
-        if diff:
+        changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
+        if diff and not cfg.train.force_resume:
             k = diff[0]
             raise TailkdError(f"cannot resume {out}: {k} was {old.get(k)!r}, now {new.get(k)!r}; resume with the "
-                              f"run's own config (--config {saved}) or start a new run with another --out")
-        return out, True
+                              f"run's own config (--config {saved}), start a new run with another --out, or pass "
+                              "--force to resume with the new config")
+        return out, True, changes
     if exists and not cfg.train.overwrite:
         raise TailkdError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to replace it, "
                           "or choose another --out")
-    return out, False
+    return out, False, []
 
 
-def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool) -> None:
+def _write_config(cfg: DistillConfig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_yaml(cfg, tmp)
+    os.replace(tmp, path)  # atomic: a kill never leaves a half config.yaml
+
+
+def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
+    """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config."""
     if not resuming:
         if out.exists() and cfg.train.overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
+        _write_config(cfg, out / "config.yaml")
+    elif changes:
+        kept = out / f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        shutil.copyfile(out / "config.yaml", kept)
+        _write_config(cfg, out / "config.yaml")
+        print(f"tailkd: warning: --force: resuming {out} with a changed config ({'; '.join(changes)}); "
+              f"the old one is kept as {kept.name}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- setup
 
 
-def setup_models(cfg: DistillConfig, device: torch.device, out: Path | None):
+def setup_models(cfg: DistillConfig, device: torch.device):
     """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, shared vocab, table)."""
     teacher, t_tok = models.load_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype)
     table = None
@@ -183,7 +248,7 @@ def setup_models(cfg: DistillConfig, device: torch.device, out: Path | None):
         )
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok
-        print(format_table(table))
+        say(format_table(table))
     vocab = models.check_vocab(t_tok, s_tok, teacher, student)
     student.train()
     if cfg.loss.name == "clm":
@@ -192,9 +257,24 @@ def setup_models(cfg: DistillConfig, device: torch.device, out: Path | None):
 
 
 def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
+    """(info, train_rows, held_rows): packed text rows (task pretrain) or prompt/response rows (task sft).
+
+    Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
+    """
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data_mod.default_cache_root()
-    paths = [Path(p) for p in cfg.data.paths] or data_mod.default_corpus_files(cache_root)
+    if cfg.data.task == "sft":
+        from tailkd.sft import setup_sft_rows
+
+        train_rows, held_rows, info = setup_sft_rows(cfg.data, tokenizer, cache_root)
+        return info, train_rows, held_rows
+    paths = [Path(p) for p in cfg.data.paths if p != "builtin:math"]
+    if "builtin:math" in cfg.data.paths:  # the worked solutions of the built-in math problems (stage-1 corpus)
+        from tailkd.mathdata import default_math_dataset
+
+        math = default_math_dataset(cache_root, n_train=cfg.data.math_train, n_heldout=cfg.data.math_heldout)
+        paths.append(math.corpus)
+    paths = paths or data_mod.default_corpus_files(cache_root)
     info = data_mod.prepare_corpus_cached(
         paths, tokenizer, cache_root / "corpora", tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
         heldout_fraction=cfg.data.heldout_fraction, doc_sep=cfg.data.doc_sep,
@@ -204,145 +284,372 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     return info, train_rows, held_rows
 
 
-def _heldout(student, teacher, held_rows, cfg, vocab, device, ac):
+def check_batch_split(batch_size: int) -> None:
+    w = dist.world()
+    if batch_size % w:
+        raise TailkdError(f"train.batch_size={batch_size} is the GLOBAL micro-batch and must split evenly over the "
+                          f"{w} processes; use --batch-size {math.ceil(batch_size / w) * w}")
+
+
+# --------------------------------------------------------------------------- data: this rank's share
+
+
+def next_micro_batches(rows: data_mod.PackedRows, sampler: data_mod.RowSampler, cfg: DistillConfig) -> list[dict]:
+    """This rank's ``grad_accum`` micro-batches of the next optimizer step.
+
+    Every rank draws the same global micro-batch of ``train.batch_size`` row indices from the shared sampler
+    (same seed, same state) and keeps rows ``rank::world``: the ranks' rows are disjoint and together exactly
+    the one-process batch, and the sampler's state stays the same on every rank (rank 0 saves it)."""
+    r, w = dist.rank(), dist.world()
+    micro = []
+    for _ in range(cfg.train.grad_accum):
+        idx = [next(sampler) for _ in range(cfg.train.batch_size)]
+        micro.append(data_mod.collate([rows[i] for i in idx[r::w]]))  # (batch_size / world, T) each
+    return micro
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def forward_backward(model, teacher, micro: list[dict], *, cfg: DistillConfig, vocab: int, device, ac) -> dict:
+    """Forward + backward of this rank's micro-batches; gradients accumulate in ``.grad`` and are reduced over
+    ranks by DDP/FSDP on the last micro-batch only.
+
+    Denominator: the GLOBAL number of valid tokens of the step (every micro-batch, every rank), summed with one
+    all_reduce BEFORE the first backward. Each rank's loss is multiplied by the world size to undo DDP's
+    gradient average, so the gradient equals that of one process running the whole global batch. Returns this
+    rank's part of the loss terms (the parts add up over ranks to the step's loss)."""
+    (n_valid,) = dist.sum_over_ranks([sum(count_valid_tokens(mb["labels"]) for mb in micro)], device)
+    scale = dist.loss_scale()
+    want_hidden = cfg.loss.cosine_weight > 0
+    terms_sum = dict.fromkeys(TERMS, 0.0)
+    for i, mb in enumerate(micro):
+        input_ids = mb["input_ids"].to(device)  # (b, T)
+        labels = mb["labels"].to(device)  # (b, T), -100 = ignore
+        with dist.grad_sync(model, sync=i == len(micro) - 1):
+            t_logits = t_hidden = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits, t_hidden = forward_logits(teacher, input_ids, vocab, autocast_dtype=ac,
+                                                        output_hidden_states=want_hidden)  # (b, T, V)
+            s_logits, s_hidden = forward_logits(model, input_ids, vocab, autocast_dtype=ac,
+                                                output_hidden_states=want_hidden)  # (b, T, V)
+            terms = objective(s_logits, labels, int(n_valid), cfg=cfg.loss, teacher_logits=t_logits,
+                              segment_ids=mb["segment_ids"].to(device), student_hidden=s_hidden,
+                              teacher_hidden=t_hidden)
+            (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
+        for key in TERMS:
+            terms_sum[key] += float(getattr(terms, key).detach())
+    return terms_sum
+
+
+def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Total gradient norm before clipping (clips to ``max_norm`` when > 0). The same on every rank."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    return float(norm)
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+
+
+@torch.no_grad()
+def heldout(model, teacher, held_rows, cfg: DistillConfig, vocab: int, device, ac) -> dict:
+    """Held-out metrics of the first ``data.eval_rows`` rows (tailkd.evaluate's sums): rank r scores rows
+    r::world, the sums are added over ranks, then divided once, so 1 and W processes give the same metrics.
+
+    Every rank runs the same number of forward passes (FSDP's forward is a collective): a rank without rows
+    left runs a throw-away forward on row 0."""
+    student = dist.unwrap(model)
     n = min(len(held_rows), cfg.data.eval_rows)
-    sub = [held_rows[i] for i in range(n)]
-    batches = (data_mod.collate(sub[i:i + cfg.train.batch_size]) for i in range(0, n, cfg.train.batch_size))
-    return heldout_metrics(student, teacher, batches, vocab, device=device, autocast_dtype=ac)
+    r, w = dist.rank(), dist.world()
+    mine = list(range(r, n, w))
+    per_batch = max(1, cfg.train.batch_size // w)
+    n_batches = math.ceil(math.ceil(n / w) / per_batch)
+    sums: dict[str, torch.Tensor] = {}
+    was_training = student.training
+    student.eval()
+    try:
+        for b in range(n_batches):
+            rows = mine[b * per_batch:(b + 1) * per_batch]
+            batch = data_mod.collate([held_rows[i] for i in (rows or [0])])
+            input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (b, T)
+            s_logits, _ = forward_logits(student, input_ids, vocab, autocast_dtype=ac)  # (b, T, V)
+            t_logits = None
+            if teacher is not None:
+                t_logits, _ = forward_logits(teacher, input_ids, vocab, autocast_dtype=ac)  # (b, T, V)
+            mask = labels != IGNORE_INDEX  # (b, T)
+            if not rows or not bool(mask.any()):
+                continue
+            s_logits, y = s_logits[mask], labels[mask]  # (N, V), (N,)
+            t_logits = None if t_logits is None else t_logits[mask]  # (N, V)
+            chunk = max(1, CHUNK_ELEMENTS // s_logits.shape[-1])  # positions per [chunk, V] piece
+            for start in range(0, y.numel(), chunk):
+                sl = slice(start, start + chunk)
+                add_sums(sums, token_sums(s_logits[sl], None if t_logits is None else t_logits[sl], y[sl]))
+    finally:
+        student.train(was_training)
+    return finalize(dist.gather_sums(sums))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save(out: Path, model, optimizer, scheduler, sampler, state: dict, keep_last: int) -> Path:
+    """Collective: gather the full state to rank 0, which writes checkpoint ``state["step"]``. Returns its path
+    on every rank; a write error is raised on every rank."""
+    model_state, optim_state = dist.full_state(model, optimizer)
+
+    def write() -> Path:
+        trainer_state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                         "sampler": sampler.state_dict(), "rng": rng_state(), "state": dict(state),
+                         "world_size": dist.world()}
+        return ckpt.save_checkpoint(out, state["step"], model_state, trainer_state, keep_last)
+
+    return dist.broadcast(dist.on_main_then_all(write, main_only=True))
+
+
+def restore(out: Path, model, student, optimizer, scheduler, sampler) -> dict | None:
+    """Load the newest good checkpoint of ``out`` into every rank (rank 0 reads the files and broadcasts);
+    returns its trainer counters, or None when the run has no checkpoint at all (killed before its first
+    one: it starts again from step 0)."""
+
+    def pick() -> str | None:
+        ckpt.clean_partial_writes(out)
+        path, skipped = ckpt.find_checkpoint(out)
+        for bad, problem in skipped:
+            print(f"tailkd: warning: skipping checkpoint {bad}: {problem}", file=sys.stderr)
+        if path is None and skipped:
+            raise TailkdError(f"none of the {len(skipped)} checkpoints in {out / ckpt.CKPT_DIR} is usable (newest: "
+                              f"{skipped[0][1]}); start again with --overwrite")
+        return None if path is None else str(path)
+
+    path = dist.broadcast(dist.on_main_then_all(pick, main_only=True))
+    if path is None:
+        return None
+    model_state, saved = dist.on_main_then_all(lambda: ckpt.load_checkpoint(Path(path), student),
+                                               main_only=True) or ({}, {"optimizer": {}})
+    small = dist.broadcast({key: saved.get(key) for key in ("scheduler", "sampler", "rng", "state")} |
+                           {"stepped": bool(saved["optimizer"].get("state"))})
+    try:
+        dist.load_full_state(model, optimizer, model_state, saved["optimizer"], optimizer_stepped=small["stepped"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TailkdError(f"checkpoint {path} does not fit this run's optimizer ({msg}); resume with the run's "
+                          "own config") from None
+    scheduler.load_state_dict(small["scheduler"])
+    sampler.load_state_dict(small["sampler"])
+    set_rng_state(small["rng"])
+    say(f"resuming {out} from {Path(path).name} (step {small['state']['step']})")
+    return {"bad_steps": 0, "bad_in_a_row": 0, **small["state"]}
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM only record themselves in the yielded list: the loop finishes
+    its current step, writes a checkpoint and returns (exit code 128 + signal: 130 / 143). A second SIGINT
+    (Ctrl-C twice) interrupts at once, without a checkpoint. A no-op outside the main thread."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not received and dist.is_main():
+            print(f"\ntailkd: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # --------------------------------------------------------------------------- the loop
 
 
 def distill(cfg: DistillConfig) -> dict:
-    """Run a distillation described by ``cfg``; returns a summary dict (also saved as summary.json)."""
+    """Run a distillation described by ``cfg``; returns a summary dict (also saved as summary.json).
+
+    In several processes (torchrun / accelerate launch) every rank calls this; rank 0 writes the files. The
+    summary's ``exit_code`` is non-zero (130 / 143) when a signal stopped the run early."""
     cfg.validate()
-    out, resuming = prepare_run_dir(cfg)
-    device = resolve_device(cfg.train.device)
+    device = dist.setup(cfg.train.device)
+    try:
+        with deterministic_mode(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
+            return _distill(cfg, device, cleanup)
+    finally:
+        dist.shutdown()
+
+
+def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitStack) -> dict:
+    """The loop; ``cleanup`` undoes the signal handlers and closes the progress bar on every way out."""
     ac = autocast_dtype(cfg.train.precision, device)
+    check_batch_split(cfg.train.batch_size)
+    out, resuming, changes = dist.on_main_then_all(lambda: prepare_run_dir(cfg))
     seed_everything(cfg.train.seed)
 
-    teacher, student, tokenizer, vocab, table = setup_models(cfg, device, out)
+    # --- models (rank 0 first: a GGUF teacher is converted into a cache once)
+    teacher, student, tokenizer, vocab, table = dist.on_main_then_all(lambda: setup_models(cfg, device))
     model_max = models.model_max_length(student)
     if teacher is not None:
         model_max = min(model_max, models.model_max_length(teacher))
         if cfg.loss.k >= vocab and cfg.loss.name == "tad":
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
-    info, train_rows, held_rows = setup_data(cfg, tokenizer, model_max)
 
-    # Every input checked out: only now touch the run folder.
-    claim_run_dir(out, cfg, resuming)
-    if table is not None and not resuming:
+    # --- data (rank 0 first: the corpus is tokenised into its cache once)
+    _, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+
+    # --- every input checked out: only now touch the run folder
+    dist.on_main_then_all(lambda: claim_run_dir(out, cfg, resuming, changes), main_only=True)
+    if table is not None and not resuming and dist.is_main():
         (out / "student_init.json").write_text(json.dumps(table, indent=1))
 
-    optimizer = make_optimizer(student, cfg)
+    # --- student under DDP/FSDP, optimizer, schedule, sampler; restored on --resume
+    model = dist.wrap_student(student, cfg.train.parallel, device)
+    optimizer = make_optimizer(model, cfg)
     total = cfg.train.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=cfg.train.warmup_steps, total=total, min_ratio=cfg.train.min_lr_ratio)
     )
     sampler = data_mod.RowSampler(len(train_rows), seed=cfg.train.seed)
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "initial_heldout": None}
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "initial_heldout": None, "bad_steps": 0, "bad_in_a_row": 0}
+    restored = restore(out, model, dist.unwrap(model), optimizer, scheduler, sampler) if resuming else None
+    if resuming and restored is None:
+        say(f"{out} has no checkpoint yet: starting it from step 0")
+    state = restored or state
+    # metrics.jsonl (rank 0): on resume, the lines after the checkpoint's step go (all of them without one)
+    keep_until = state["step"] if restored else -1
+    log = MetricsLog(out / "metrics.jsonl", resume_step=keep_until) if dist.is_main() else None
 
-    if resuming:
-        path = ckpt.latest_good_checkpoint(out)
-        if path is None:
-            raise TailkdError(f"{out} has no usable checkpoint to resume from; start again with --overwrite")
-        saved = ckpt.load_checkpoint(path, student)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        sampler.load_state_dict(saved["sampler"])
-        set_rng_state(saved["rng"])
-        state = saved["state"]
-        print(f"resuming {out} from {path.name} (step {state['step']})")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resuming else None)
+    def write_metrics(record: dict) -> None:
+        if log is not None:
+            log.write(record)
 
-    if state["initial_heldout"] is None:
-        state["initial_heldout"] = _heldout(student, teacher, held_rows, cfg, vocab, device, ac)
-        log.write({"step": 0, "split": "heldout", "tokens": 0, **state["initial_heldout"]})
+    def checkpoint() -> Path:
+        return save(out, model, optimizer, scheduler, sampler, state, cfg.train.keep_last)
 
-    def save(step: int) -> None:
-        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "sampler": sampler.state_dict(), "rng": rng_state(), "state": dict(state)}
-        ckpt.save_checkpoint(out, step, student, trainer_state, cfg.train.keep_last)
-
-    batches = data_mod.batches(train_rows, sampler, cfg.train.batch_size)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-    bar = tqdm(total=total, initial=state["step"], desc=f"distill[{cfg.loss.name}]", unit="step", dynamic_ncols=True)
-    want_hidden = cfg.loss.cosine_weight > 0
-    student.train()
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len  # global
     stop_at = min(total, state["step"] + cfg.train.stop_after) if cfg.train.stop_after else total
+    signals = cleanup.enter_context(stop_on_signals())  # from here on SIGINT/SIGTERM stop after a step
+    if state["initial_heldout"] is None:
+        state["initial_heldout"] = heldout(model, teacher, held_rows, cfg, vocab, device, ac)
+        write_metrics({"step": 0, "split": "heldout", "tokens": 0, **state["initial_heldout"]})
+
+    model.train()
+    bar = cleanup.enter_context(tqdm(total=total, initial=state["step"], desc=f"distill[{cfg.loss.name}]",
+                                     unit="step", dynamic_ncols=True, disable=not dist.is_main()))
     while state["step"] < stop_at:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        # One denominator for the whole optimizer step: every micro-batch's valid tokens.
-        n_valid = sum(count_valid_tokens(mb["labels"]) for mb in micro)
-        terms_sum = {"loss": 0.0, "clm": 0.0, "div": 0.0, "cos": 0.0}
-        for mb in micro:
-            input_ids = mb["input_ids"].to(device)
-            labels = mb["labels"].to(device)
-            t_logits = t_hidden = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits, t_hidden = forward_logits(teacher, input_ids, vocab, autocast_dtype=ac,
-                                                        output_hidden_states=want_hidden)
-            s_logits, s_hidden = forward_logits(student, input_ids, vocab, autocast_dtype=ac,
-                                                output_hidden_states=want_hidden)
-            terms = objective(s_logits, labels, n_valid, cfg=cfg.loss, teacher_logits=t_logits,
-                              segment_ids=mb["segment_ids"].to(device), student_hidden=s_hidden,
-                              teacher_hidden=t_hidden)
-            terms.loss.backward()
-            for key in terms_sum:
-                terms_sum[key] += float(getattr(terms, key).detach())
-        grad_norm = None
-        if cfg.train.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip))
+        # --- forward/backward of this rank's rows
+        micro = next_micro_batches(train_rows, sampler, cfg)
+        terms = forward_backward(model, teacher, micro, cfg=cfg, vocab=vocab, device=device, ac=ac)
+        # --- the step's loss terms summed over ranks, and whether any rank got a stop signal
+        *values, n_signals = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals)], device)
+        terms = dict(zip(TERMS, values))
+        # --- clip, check, update (a non-finite loss or gradient: no update, counted)
+        grad_norm = clip_and_norm(model, cfg.train.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        finite = math.isfinite(terms["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            state["bad_in_a_row"] = 0
+        else:
+            state["bad_steps"] += 1
+            state["bad_in_a_row"] += 1
         optimizer.zero_grad(set_to_none=True)
 
+        # --- bookkeeping and logging (rank 0)
         dt = time.perf_counter() - t0
         state["step"] += 1
         state["tokens"] += tokens_per_step
         state["elapsed"] += dt
         step = state["step"]
-        if step % cfg.train.log_every == 0 or step == total:
-            log.write({"step": step, "split": "train", "tokens": state["tokens"], "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": state["elapsed"], **terms_sum})
-        bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", clm=f"{terms_sum['clm']:.3f}", div=f"{terms_sum['div']:.3f}",
+        if not finite:
+            say(f"tailkd: warning: step {step}: non-finite loss ({terms['loss']}) or gradient norm ({grad_norm});"
+                f" step skipped, no update ({state['bad_in_a_row']} in a row, {state['bad_steps']} in all)", err=True)
+        if step % cfg.train.log_every == 0 or step == total or not finite:
+            write_metrics({"step": step, "split": "train", "tokens": state["tokens"], "lr": lr,
+                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                           "elapsed_s": state["elapsed"], **terms, "skipped": not finite,
+                           "bad_steps": state["bad_steps"]})
+        bar.set_postfix(loss=f"{terms['loss']:.3f}", clm=f"{terms['clm']:.3f}", div=f"{terms['div']:.3f}",
                         tok_s=f"{tokens_per_step / dt:,.0f}")
         bar.update(1)
+
+        # --- periodic held-out evaluation and checkpoint
+        saved = None
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-            log.write({"step": step, "split": "heldout", "tokens": state["tokens"],
-                       **_heldout(student, teacher, held_rows, cfg, vocab, device, ac)})
+            write_metrics({"step": step, "split": "heldout", "tokens": state["tokens"],
+                           **heldout(model, teacher, held_rows, cfg, vocab, device, ac)})
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
-            save(step)
+            saved = checkpoint()
+
+        # --- stop early: too many non-finite steps in a row, or a signal
+        if state["bad_in_a_row"] >= cfg.train.max_bad_steps:
+            first = step - state["bad_in_a_row"] + 1
+            state["bad_in_a_row"] = 0  # a --resume gets max_bad_steps new tries
+            path = checkpoint()
+            raise TailkdError(
+                f"stopped at step {step}: {cfg.train.max_bad_steps} steps in a row ({first}-{step}) had a "
+                f"non-finite loss or gradient norm (last: loss {terms['loss']}, grad norm {grad_norm}); none of "
+                f"them changed the weights, saved in {path}. Lower --lr, check the teacher and the data, then "
+                f"continue with --resume (--force to change the config) or raise --train.max_bad_steps")
+        if n_signals > 0 and step < total:
+            path = saved or checkpoint()
+            bar.close()
+            sig = signal.Signals(signals[0]) if signals else signal.SIGTERM
+            say(f"tailkd: stopped by {sig.name} after step {step} of {total}; checkpoint {path}; continue with: "
+                f"tailkd distill --config {out / 'config.yaml'} --resume", err=True)
+            return {"run": str(out), "steps": step, "stopped": True, "signal": sig.name, "exit_code": 128 + sig}
     bar.close()
+
     if state["step"] < total:
-        save(state["step"])
-        print(f"stopped after step {state['step']} of {total}; continue with: tailkd distill --config "
-              f"{out / 'config.yaml'} --resume")
+        checkpoint()
+        say(f"stopped after step {state['step']} of {total}; continue with: tailkd distill --config "
+            f"{out / 'config.yaml'} --resume")
         return {"run": str(out), "steps": state["step"], "stopped": True}
 
-    final_metrics = _heldout(student, teacher, held_rows, cfg, vocab, device, ac)
-    log.write({"step": state["step"], "split": "heldout", "tokens": state["tokens"], **final_metrics})
-    save(state["step"])
+    # --- the end: final held-out metrics, a last checkpoint, the student as a plain HF folder
+    final_metrics = heldout(model, teacher, held_rows, cfg, vocab, device, ac)
+    write_metrics({"step": state["step"], "split": "heldout", "tokens": state["tokens"], **final_metrics})
+    checkpoint()
+    model_state = dist.full_model_state(model)
     final_dir = out / "final"
 
     def write_final(tmp: Path) -> None:
-        student.save_pretrained(tmp)
+        dist.unwrap(model).save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
 
-    ckpt.atomic_write_dir(final_dir, write_final)
     summary = {"run": str(out), "final": str(final_dir), "steps": state["step"], "tokens": state["tokens"],
-               "train_seconds": state["elapsed"], "loss": cfg.loss.name,
-               "heldout_before": state["initial_heldout"], "heldout_after": final_metrics}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+               "train_seconds": state["elapsed"], "loss": cfg.loss.name, "world_size": dist.world(),
+               "bad_steps": state["bad_steps"], "heldout_before": state["initial_heldout"],
+               "heldout_after": final_metrics,
+               "flops": distill_flops(teacher, dist.unwrap(model), state["tokens"], seq_len=cfg.data.seq_len,
+                                      loss=cfg.loss.name, freeze_embeddings=cfg.student.freeze_embeddings)}
+
+    def write_outputs() -> None:
+        ckpt.atomic_write_dir(final_dir, write_final)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    dist.on_main_then_all(write_outputs, main_only=True)
     before, after = state["initial_heldout"], final_metrics
     if teacher is not None:
-        print(f"held-out KL(teacher‖student): {before['kl']:.4f} -> {after['kl']:.4f}  "
-              f"(student CLM {before['student_clm']:.3f} -> {after['student_clm']:.3f})")
+        say(f"held-out KL(teacher‖student): {before['kl']:.4f} -> {after['kl']:.4f}  "
+            f"(student CLM {before['student_clm']:.3f} -> {after['student_clm']:.3f})")
     else:
-        print(f"held-out student CLM: {before['student_clm']:.3f} -> {after['student_clm']:.3f}")
-    print(f"student saved to {final_dir}")
+        say(f"held-out student CLM: {before['student_clm']:.3f} -> {after['student_clm']:.3f}")
+    say(f"student saved to {final_dir}")
     return summary

@@ -1,0 +1,296 @@
+"""Data parallelism through torch.distributed: DDP (default) or FSDP2 for the student; the teacher is replicated.
+
+No engine of our own: DDP's bucketed all-reduce (or FSDP2's reduce-scatter) moves the gradients. This module
+only starts the process group from the launcher's environment, wraps the student, and offers the few
+collectives the training loop needs (a sum of numbers, a broadcast, one rank first), all of them no-ops in
+one process.
+
+Launch with ``torchrun`` or ``accelerate launch`` (both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``); see README "Multi-GPU". Backend: NCCL on CUDA, gloo on the CPU.
+
+Gradient scale. The objective divides the loss of a rank's micro-batch by the GLOBAL number of valid tokens
+of the optimizer step (every micro-batch of every rank, summed by ``all_reduce`` before the first backward).
+DDP and FSDP2 then AVERAGE the gradients over ranks, so the trainer multiplies each rank's loss by the world
+size (``loss_scale()``): the reduced gradient is Σ_ranks ∇(Σ_tokens L / N_global), exactly the gradient of
+one process that ran the whole global batch.
+
+Checkpoints hold FULL state dicts keyed by parameter name (``full_state``), gathered to rank 0: the same
+files for one process, DDP and FSDP, so a run can resume on a different number of processes. On resume
+rank 0 reads them and broadcasts them tensor by tensor (``load_full_state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from tailkd.errors import TailkdError
+
+PARALLEL_MODES = ("ddp", "fsdp")
+_owned = False  # True when this module started the process group (and so ends it)
+
+
+# --------------------------------------------------------------------------- who am I
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_world_size() -> int:
+    """The world size the launcher asked for (``WORLD_SIZE``; 1 when started as a plain process)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise TailkdError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; launch with torchrun") from None
+
+
+def _check_accelerate_env() -> None:
+    """``accelerate launch`` with a DeepSpeed or FSDP plugin config would be silently ignored: refuse it."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise TailkdError("accelerate launch with a DeepSpeed config is not supported: tailkd drives torch.distributed "
+                          "itself; use a multi-GPU accelerate config (configs/accelerate/) and --train.parallel fsdp "
+                          "for ZeRO-3-like sharding")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise TailkdError("accelerate launch with an FSDP config is not read by tailkd: use a multi-GPU accelerate "
+                          "config (configs/accelerate/) and pass --train.parallel fsdp")
+
+
+def setup(device_name: str) -> torch.device:
+    """Start the process group when launched with WORLD_SIZE > 1 and return this rank's device.
+
+    ``device_name``: auto, cpu, cuda (or cuda:N in one process). With several processes on CUDA each rank
+    uses ``cuda:LOCAL_RANK`` and NCCL; on the CPU gloo.
+    """
+    global _owned
+    _check_accelerate_env()
+    n = launched_world_size()
+    if n <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return resolve_device(device_name)
+    if not dist.is_available():
+        raise TailkdError("this torch build has no torch.distributed; run in one process")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise TailkdError(f"train.device={device_name} but no CUDA device is visible; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise TailkdError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                              "launch at most one process per GPU (torchrun --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        resolve_device(device_name)  # validates the name
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        _owned = True
+    return device
+
+
+def shutdown() -> None:
+    """End the process group if ``setup`` started it."""
+    global _owned
+    if _owned and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TailkdError("train.device=cuda but no CUDA device is visible; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TailkdError(f"train.device={name!r} is not a device; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- small collectives
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of a short list of numbers over ranks (float64; one all_reduce)."""
+    if world() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank (pickled)."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key-wise sum of every rank's dict of CPU float64 tensors (a rank may hold an empty dict).
+
+    Added in rank order, so every rank gets the same bits. Used for evaluation: sums all-reduced, then
+    divided once, so metrics do not depend on the number of processes.
+    """
+    if world() == 1:
+        return sums
+    parts: list = [None] * world()
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in sums.items()})
+    total: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total[key] + value if key in total else value.clone()
+    return total
+
+
+def raise_if_any(error: BaseException | None) -> None:
+    """Collective: if any rank passes an error, every rank raises a TailkdError (so no rank waits forever)."""
+    if world() == 1:
+        if error is not None:
+            raise error
+        return
+    messages: list = [None] * world()
+    dist.all_gather_object(messages, None if error is None else str(error) or type(error).__name__)
+    if error is not None:
+        raise error
+    for r, msg in enumerate(messages):
+        if msg is not None:
+            raise TailkdError(f"{msg} (on rank {r})")
+
+
+def on_main_then_all(fn, *, main_only: bool = False):
+    """Run ``fn()`` on rank 0 first (e.g. to fill a cache once), then on the other ranks (unless ``main_only``).
+
+    An error on rank 0 is raised on every rank. Returns ``fn()``'s result (None where it did not run).
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - handed to every rank, then re-raised here
+            error = exc
+    raise_if_any(error)
+    if not is_main() and not main_only:
+        result = fn()
+    return result
+
+
+# --------------------------------------------------------------------------- the student under DDP / FSDP2
+
+
+def loss_scale() -> float:
+    """Factor on each rank's loss so that DDP's / FSDP's gradient AVERAGE over ranks becomes a SUM."""
+    return float(world())
+
+
+def wrap_student(student: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
+    """The module to run forward/backward on: ``student`` itself in one process, else DDP or FSDP2.
+
+    FSDP2 (``fully_shard``) shards every decoder layer (the classes in ``_no_split_modules``) and the root
+    in place; it needs torch >= 2.6. Build the optimizer AFTER this call.
+    """
+    if world() == 1:
+        return student
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if parallel == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise TailkdError(f"--train.parallel fsdp needs torch >= 2.6 (FSDP2), this is {torch.__version__}; "
+                              "use --train.parallel ddp") from None
+        layer_classes = set(getattr(student, "_no_split_modules", None) or [])
+        for module in student.modules():
+            if type(module).__name__ in layer_classes:
+                fully_shard(module)
+        fully_shard(student)
+        return student
+    raise TailkdError(f"train.parallel={parallel!r} is not a mode; choose one of {', '.join(PARALLEL_MODES)}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def grad_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's backward: ``sync=False`` skips the gradient reduction (accumulate
+    locally, DDP ``no_sync``), ``sync=True`` (the step's last micro-batch) reduces everything accumulated."""
+    if world() == 1:
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Collective: (model, optimizer) FULL state dicts keyed by parameter name, on the CPU, on rank 0
+    (other ranks get empty dicts). The same layout for one process, DDP and FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    had_state = bool(optimizer.state)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if not had_state:
+        # get_state_dict initialises an optimizer that never stepped with a zero-gradient step (AdamW: step 1,
+        # zero moments); undo it, or the next real update would differ from a run that saved no checkpoint.
+        optimizer.state.clear()
+        if optim_state:
+            optim_state["state"] = {}
+    return _retie(model, model_state), optim_state
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optim_state: dict, *, optimizer_stepped: bool) -> None:
+    """Collective: load full state dicts (as written by ``full_state``) that only rank 0 holds (the other ranks
+    pass empty dicts): rank 0 broadcasts them tensor by tensor and FSDP keeps only its shard, so no other rank
+    needs a copy of the whole checkpoint in memory. ``optimizer_stepped``: False when the checkpoint was saved
+    before the first optimizer update (its optimizer state is empty)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=world() > 1)
+    # Two calls: set_state_dict would skip the model on ranks holding an empty dict. Both rewrite the dicts
+    # they are given (keys and values): hand them shallow copies.
+    set_model_state_dict(model, dict(model_state), options=options)
+    set_optimizer_state_dict(model, optimizer, dict(optim_state), options=options)
+    if not optimizer_stepped:
+        optimizer.state.clear()  # drop set_state_dict's zero-gradient initialisation (see full_state)
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Collective: the model's full state dict on rank 0 (CPU); empty on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return _retie(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+
+def _retie(model: torch.nn.Module, state: dict) -> dict:
+    """Tied parameters (one parameter under several names, e.g. embeddings and LM head) gathered as separate
+    copies share one tensor again, so that they are saved once, as in one process."""
+    first: dict[int, str] = {}
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(param) in first and name in state and first[id(param)] in state:
+            state[name] = state[first[id(param)]]
+        first.setdefault(id(param), name)
+    return state

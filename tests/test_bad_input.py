@@ -1,0 +1,215 @@
+"""Bad input through the real CLI (a subprocess each): one line ``tailkd: error: ...`` naming the problem and
+its fix, exit code 2, no traceback, and no run folder left behind. (tests/test_distill.py covers a missing
+teacher or data path, --seq-len above the model maximum, K = 0, negative β and an empty corpus.)"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from tiny import make_teacher_dir, make_tokenizer, write_corpus
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    teacher = make_teacher_dir(root / "teacher", train_steps=0)
+    tok = make_tokenizer()
+    vocab = len(tok)
+
+    def student(path, tokenizer, vocab_size):
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    other_tok = make_tokenizer(vocab_size=280)
+    no_config = root / "no-config"
+    shutil.copytree(teacher, no_config)
+    (no_config / "config.json").unlink()
+    bad_config = root / "bad-config"
+    shutil.copytree(teacher, bad_config)
+    (bad_config / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    binary = root / "data.bin.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    no_text = root / "docs.jsonl"
+    no_text.write_text('{"body": "a document"}\n')
+    return {
+        "root": root, "teacher": teacher, "corpus": write_corpus(root / "corpus.txt"), "cache": root / "cache",
+        "vocab": vocab,
+        "other_tokenizer": student(root / "other-tok", other_tok, len(other_tok)),
+        "small_head": student(root / "small-head", tok, vocab - 8),
+        "no_config": no_config, "bad_config": bad_config, "binary": binary, "no_text": no_text,
+    }
+
+
+def args(assets, out, *extra):
+    return ["distill", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+            "--data.cache_dir", str(assets["cache"]), "--student-layers", "2", "--seq-len", "32",
+            "--batch-size", "2", "--steps", "2", "--data.eval_rows", "2", "--device", "cpu", "--out", str(out), *extra]
+
+
+def cli(*argv, env=None):
+    return subprocess.run([sys.executable, "-m", "tailkd.cli", *argv], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, timeout=300, check=False)
+
+
+def assert_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    last = lines[-1]
+    assert last.startswith("tailkd: error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def yaml_file(assets, name, text):
+    path = assets["root"] / name
+    path.write_text(text)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- config files and flags
+
+CONFIGS = {
+    "garbled": ("loss: {name: tad\nk: [", ["not valid YAML", "fix the syntax"]),
+    "unknown key": ("loss:\n  kk: 3\n", ["unknown config key loss.kk", "valid keys"]),
+    "wrong type": ("train:\n  warmup_steps: four\n", ["train.warmup_steps expects an integer", "'four'"]),
+    "number as string": ("loss:\n  beta: lots\n", ["loss.beta expects a number", "'lots'"]),
+    "section not a mapping": ("loss: 5\n", ["config section loss", "must be a mapping"]),
+    "null value": ("loss:\n  k: null\n", ["config key loss.k cannot be null"]),
+    "bool as string": ("train:\n  resume: maybe\n", ["train.resume expects true/false"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_bad_config_file(assets, tmp_path, case):
+    text, needles = CONFIGS[case]
+    run = tmp_path / "run"
+    assert_error(cli(*args(assets, run), "--config", yaml_file(assets, f"{case}.yaml", text)), *needles)
+    assert not run.exists()
+
+
+def test_missing_config_file(assets, tmp_path):
+    assert_error(cli(*args(assets, tmp_path / "run"), "--config", str(tmp_path / "nope.yaml")),
+                 "nope.yaml does not exist")
+
+
+def test_wrong_flag_type_is_an_argparse_error(assets, tmp_path):
+    proc = cli(*args(assets, tmp_path / "run"), "--k", "ten")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("argument --k/--loss.k: invalid int value: 'ten'")
+
+
+FLAGS = {
+    "negative gamma": (["--gamma", "-0.5"], ["loss.gamma=-0.5 must be >= 0"]),
+    "zero temperature": (["--temperature", "0"], ["loss.temperature=0.0 must be > 0"]),
+    "jsd beta above 1": (["--loss", "jsd", "--loss.jsd_beta", "1.5"], ["loss.jsd_beta=1.5 must lie in [0, 1]"]),
+    "unknown loss": (["--loss", "kl"], ["loss.name='kl' is not a loss"]),
+    "zero batch": (["--batch-size", "0"], ["train.batch_size must be >= 1"]),
+    "zero max_bad_steps": (["--train.max_bad_steps", "0"], ["train.max_bad_steps=0 must be >= 1"]),
+    "unknown parallel mode": (["--train.parallel", "zero3"], ["train.parallel='zero3' must be ddp or fsdp"]),
+    "force without resume": (["--force"], ["--force) only applies with --resume"]),
+    "resume and overwrite": (["--resume", "--overwrite"], ["exclude each other"]),
+    "no such device": (["--device", "tpu"], ["train.device='tpu' is not a device"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAGS))
+def test_bad_flag_value(assets, tmp_path, case):
+    extra, needles = FLAGS[case]
+    run = tmp_path / "run"
+    assert_error(cli(*args(assets, run), *extra), *needles)
+    assert not run.exists()
+
+
+def test_k_not_below_the_vocabulary(assets, tmp_path):
+    run = tmp_path / "run"
+    v = assets["vocab"]
+    assert_error(cli(*args(assets, run), "--k", str(v)), f"loss.k={v} must be smaller than the vocabulary ({v})")
+    assert not run.exists()
+
+
+def test_deepspeed_accelerate_config_is_refused(assets, tmp_path):
+    proc = cli(*args(assets, tmp_path / "run"), env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert_error(proc, "DeepSpeed config is not supported", "--train.parallel fsdp")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("other_tokenizer", ["teacher and student tokenizers differ", "shared vocabulary"]),
+    ("small_head", ["the student's LM head has", "resize_token_embeddings"]),
+])
+def test_student_that_does_not_fit_the_teacher(assets, tmp_path, case, needles):
+    run = tmp_path / "run"
+    assert_error(cli(*args(assets, run), "--student", str(assets[case])), *needles)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no_config", "has no config.json, so it is not a Hugging Face model directory"),
+    ("bad_config", "cannot read the model config in"),
+])
+def test_unreadable_model_folder(assets, tmp_path, case, needle):
+    run = tmp_path / "run"
+    assert_error(cli(*args(assets, run), "--teacher", str(assets[case])), needle, str(assets[case]))
+    assert not run.exists()
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("binary", ["is not UTF-8 text", "remove it from data.paths"]),
+    ("no_text", ['no "text" field', "docs.jsonl:1"]),
+])
+def test_unusable_data_file(assets, tmp_path, case, needles):
+    run = tmp_path / "run"
+    assert_error(cli(*args(assets, run), "--data", str(assets[case])), *needles)
+    assert not run.exists()
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def test_resume_with_another_config_is_refused_unless_forced(assets, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(*args(assets, run, "--steps", "4", "--train.stop_after", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    last = assert_error(cli(*args(assets, run, "--steps", "4", "--resume", "--k", "5")),
+                        "cannot resume", "loss.k was 10, now 5", "--force")
+    assert "config.yaml" in last
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+
+    proc = cli(*args(assets, run, "--steps", "4", "--resume", "--k", "5", "--force"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stdout and "loss.k: 10 -> 5" in proc.stderr
+    kept = list(run.glob("config.replaced-*.yaml"))
+    assert len(kept) == 1 and "k: 10" in kept[0].read_text()
+    assert "k: 5" in (run / "config.yaml").read_text() and (run / "final").is_dir()
+
+
+def test_resume_of_something_that_is_not_a_run(assets, tmp_path):
+    assert_error(cli(*args(assets, tmp_path / "nothing"), "--resume"), "holds no run", "drop --resume")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_error(cli(*args(assets, other), "--resume"), "has no config.yaml", "not a tailkd run")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("loss: [unclosed\n")
+    assert_error(cli(*args(assets, run), "--resume"), f"cannot resume {run}: its config.yaml is damaged")

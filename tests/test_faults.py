@@ -1,0 +1,322 @@
+"""Faults: real SIGKILLs (one while a checkpoint is half written) and resumes give the weights of an
+uninterrupted run bit for bit; SIGINT/SIGTERM save and exit 130/143; corrupted checkpoints are named and
+skipped; a full disk leaves the previous checkpoint intact; non-finite steps are skipped and counted."""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import make_teacher_dir, read_metrics, write_corpus
+
+from tailkd import checkpoint as ckpt
+from tailkd.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"teacher": make_teacher_dir(root / "teacher"), "corpus": write_corpus(root / "corpus.txt"),
+            "cache": root / "cache", "root": root}
+
+
+def args(assets, out, *extra, steps=12):
+    return ["distill", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+            "--data.cache_dir", str(assets["cache"]), "--student-layers", "2", "--seq-len", "32",
+            "--batch-size", "4", "--lr", "3e-3", "--train.warmup_steps", "2", "--data.eval_rows", "4",
+            "--train.eval_every", "0", "--steps", str(steps), "--train.save_every", "4", "--train.keep_last", "3",
+            "--train.deterministic", "--device", "cpu", "--out", str(out), *extra]
+
+
+def weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def train_losses(run: Path) -> list:
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if r["split"] == "train"]
+
+
+# --------------------------------------------------------------------------- real processes, real signals
+
+STEPS = 48  # long enough to be killed mid-run several times; ~tens of ms per step
+
+
+def spawn(argv, **env):
+    return subprocess.Popen([sys.executable, "-m", "tailkd.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, **env})
+
+
+def last_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    steps = [int(ln.split('"step": ')[1].split(",")[0]) for ln in lines if '"split": "train"' in ln and ln.endswith("}")]
+    return max(steps, default=-1)
+
+
+def wait_for(proc, predicate, what: str, timeout: float = 240.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def half_written(run: Path) -> bool:
+    root = run / "checkpoints"
+    return root.is_dir() and any(p.name.startswith(".tmp-step_") and (p / ckpt.MODEL_FILE).is_file()
+                                 for p in root.iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    run = assets["root"] / "reference"
+    proc = subprocess.run([sys.executable, "-m", "tailkd.cli", *args(assets, run, steps=STEPS)], capture_output=True,
+                          text=True, env=ENV, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(assets, reference, tmp_path):
+    run = tmp_path / "run"
+    kills = [
+        ({}, lambda: last_step(run) >= 3, "step 3 (before the first checkpoint)"),
+        ({}, lambda: last_step(run) >= 17, "step 17"),
+        ({"TAILKD_TEST_CHECKPOINT_PAUSE": "120"}, lambda: half_written(run), "a half-written checkpoint"),
+        ({}, lambda: last_step(run) >= 38, "step 38"),
+    ]
+    for i, (env, ready, what) in enumerate(kills):
+        proc = spawn(args(assets, run, *(["--resume"] if i else []), steps=STEPS), **env)
+        wait_for(proc, ready, what)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, what
+        if env:  # killed inside the writer: a temporary folder, never a half checkpoint under a real name
+            assert half_written(run)
+            for path in ckpt.list_checkpoints(run):
+                assert ckpt.verify_checkpoint(path) is None, path
+    proc = spawn(args(assets, run, "--resume", steps=STEPS))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())  # leftovers cleaned up
+    assert_identical(weights(reference / "final" / "model.safetensors"), weights(run / "final" / "model.safetensors"))
+    assert train_losses(run) == train_losses(reference)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_a_checkpoint_and_exits_with_a_resume_hint(assets, reference, tmp_path, sig, code):
+    run = tmp_path / "run"
+    proc = spawn(args(assets, run, steps=STEPS))
+    wait_for(proc, lambda: last_step(run) >= 6, "step 6")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd:")]
+    assert f"stopped by {sig.name} after step" in lines[-1] and "--resume" in lines[-1], lines
+    assert "Traceback" not in err
+    step = last_step(run)
+    assert 6 <= step < STEPS and not (run / "final").exists()
+    saved = ckpt.list_checkpoints(run)[-1]
+    assert saved.name == f"step_{step:08d}" and ckpt.verify_checkpoint(saved) is None
+    proc = spawn(args(assets, run, "--resume", steps=STEPS))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert_identical(weights(reference / "final" / "model.safetensors"), weights(run / "final" / "model.safetensors"))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(assets, tmp_path):
+    run = tmp_path / "run"
+    proc = spawn(args(assets, run, steps=STEPS), TAILKD_TEST_CHECKPOINT_PAUSE="120")
+    wait_for(proc, lambda: half_written(run), "the first checkpoint write")
+    proc.send_signal(signal.SIGINT)  # the first: noted, the write goes on
+    time.sleep(0.5)
+    assert proc.poll() is None and half_written(run)
+    proc.send_signal(signal.SIGINT)  # the second: out at once, the half-written checkpoint removed
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT received" in err and err.strip().splitlines()[-1] == "tailkd: interrupted"
+    assert not half_written(run) and ckpt.list_checkpoints(run) == []
+
+
+# --------------------------------------------------------------------------- checkpoints: corruption, full disk
+
+
+@pytest.fixture(scope="module")
+def short_reference(assets):
+    run = assets["root"] / "short"
+    assert main(args(assets, run)) == 0
+    return run
+
+
+def test_corrupted_checkpoints_are_named_and_the_previous_good_one_is_used(assets, short_reference, tmp_path,
+                                                                           capsys):
+    run = tmp_path / "run"
+    assert main(args(assets, run, "--train.stop_after", "10")) == 0
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["step_00000004", "step_00000008", "step_00000010"]
+    newest = run / "checkpoints" / "step_00000010" / ckpt.MODEL_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    middle = run / "checkpoints" / "step_00000008" / ckpt.STATE_FILE
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    middle.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(args(assets, run, "--resume")) == 0
+    cap = capsys.readouterr()
+    assert "skipping checkpoint" in cap.err and "step_00000010" in cap.err and "step_00000008" in cap.err
+    assert "truncated or corrupted" in cap.err
+    assert "from step_00000004 (step 4)" in cap.out
+    assert_identical(weights(short_reference / "final" / "model.safetensors"),
+                     weights(run / "final" / "model.safetensors"))
+    assert train_losses(run) == train_losses(short_reference)
+
+
+def test_no_usable_checkpoint_is_a_one_line_error(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(args(assets, run, "--train.stop_after", "4")) == 0
+    (run / "checkpoints" / "step_00000004" / ckpt.MANIFEST).unlink()
+    capsys.readouterr()
+    assert main(args(assets, run, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "tailkd: error: none of the 1 checkpoints" in err and "--overwrite" in err
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(assets, short_reference, tmp_path, capsys,
+                                                              monkeypatch):
+    run = tmp_path / "run"
+    calls = []
+
+    def full_disk(tensors, filename, *a, **kw):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return save_file(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    assert main(args(assets, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tailkd: error: could not write checkpoint") and "No space left on device" in err[-1]
+    assert "previous checkpoint, which is intact" in err[-1]
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004"]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_00000004") is None
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert main(args(assets, run, "--resume")) == 0
+    assert_identical(weights(short_reference / "final" / "model.safetensors"),
+                     weights(run / "final" / "model.safetensors"))
+
+
+def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp_path):
+    state = {"w": torch.arange(4.0)}
+    good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)
+    # A re-save of step 4 moved the old folder aside and was killed before the new one was renamed in.
+    os.replace(good, good.with_name(".old-step_00000004-999"))
+    tmp = good.with_name(".tmp-step_00000004-abc")
+    tmp.mkdir()
+    (tmp / ckpt.MODEL_FILE).write_bytes(b"partial")
+    assert ckpt.list_checkpoints(tmp_path) == []
+    ckpt.clean_partial_writes(tmp_path)
+    assert ckpt.list_checkpoints(tmp_path) == [good] and ckpt.verify_checkpoint(good) is None
+    assert sorted(p.name for p in good.parent.iterdir()) == ["step_00000004"]
+
+
+# --------------------------------------------------------------------------- non-finite loss or gradients
+
+
+def poisoned_teacher(assets, root: Path) -> Path:
+    """The tiny teacher with one NaN in teacher layer 1, which the 2-layer student does not copy (it takes
+    layers 0 and 3): the teacher's logits are all NaN, the student starts finite."""
+    bad = root / "nan-teacher"
+    shutil.copytree(assets["teacher"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    return bad
+
+
+def test_a_nan_teacher_stops_after_max_bad_steps_with_a_usable_checkpoint(assets, tmp_path, capsys):
+    from tailkd import models
+    from tailkd.student import build_student
+
+    run = tmp_path / "run"
+    teacher = poisoned_teacher(assets, tmp_path)
+    code = main([*args(assets, run), "--teacher", str(teacher), "--train.max_bad_steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tailkd: error: stopped at step 3: 3 steps in a row (1-3) had a non-finite loss"), last
+    assert "--resume" in last and "max_bad_steps" in last and "step_00000003" in last
+    assert err.count("tailkd: warning: step") == 3
+    rows = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert [(r["step"], r["skipped"], r["bad_steps"]) for r in rows] == [(1, True, 1), (2, True, 2), (3, True, 3)]
+    saved = ckpt.list_checkpoints(run)[-1]
+    assert saved.name == "step_00000003" and ckpt.verify_checkpoint(saved) is None
+    state = torch.load(saved / ckpt.STATE_FILE, weights_only=False)
+    assert state["state"]["bad_steps"] == 3 and state["scheduler"]["last_epoch"] == 0  # no scheduler step
+    assert state["optimizer"]["state"] == {}  # AdamW never stepped
+    # The weights were never updated: they are the freshly built student's, all finite.
+    t, _ = models.load_teacher(str(teacher), device="cpu", dtype="fp32")
+    start = build_student(t, num_layers=2, seed=0)[0].state_dict()
+    w = load_file(str(saved / ckpt.MODEL_FILE))
+    for name, tensor in w.items():
+        assert torch.isfinite(tensor).all() and torch.equal(tensor, start[name]), name
+
+
+def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, capsys, monkeypatch):
+    """Step 3: the loss is NaN; step 4: the loss is finite but a gradient is NaN. Both change nothing (weights,
+    AdamW moments, schedule); the run goes on and finishes."""
+    import tailkd.train as train_mod
+
+    real = train_mod.objective
+    calls = []
+
+    def poisoned(student_logits, *a, **kw):
+        calls.append(1)  # one call per step (grad_accum 1; evaluation does not use the objective)
+        terms = real(student_logits, *a, **kw)
+        if len(calls) == 3:
+            terms.loss = terms.loss * float("nan")
+        if len(calls) == 4:
+            student_logits.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return terms
+
+    monkeypatch.setattr(train_mod, "objective", poisoned)
+    run = tmp_path / "run"
+    assert main(args(assets, run, "--train.save_every", "1", "--train.keep_last", "20", steps=6)) == 0
+    err = capsys.readouterr().err
+    assert "tailkd: warning: step 3: non-finite loss (nan)" in err
+    assert "tailkd: warning: step 4: non-finite loss" in err and "gradient norm (nan)" in err
+    rows = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, False, False]
+    assert [r["bad_steps"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    assert rows[4]["lr"] == rows[2]["lr"]  # the schedule did not advance on skipped steps
+    c = {s: run / "checkpoints" / f"step_{s:08d}" for s in (2, 3, 4, 5)}
+    assert_identical(weights(c[2] / ckpt.MODEL_FILE), weights(c[4] / ckpt.MODEL_FILE))
+    opt2 = torch.load(c[2] / ckpt.STATE_FILE, weights_only=False)["optimizer"]["state"]
+    opt4 = torch.load(c[4] / ckpt.STATE_FILE, weights_only=False)["optimizer"]["state"]
+    for name in opt2:
+        assert all(torch.equal(opt2[name][k], opt4[name][k]) for k in opt2[name]), name
+    assert not torch.equal(weights(c[5] / ckpt.MODEL_FILE)["model.norm.weight"],
+                           weights(c[4] / ckpt.MODEL_FILE)["model.norm.weight"])
+    final = weights(run / "final" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert torch.load(c[5] / ckpt.STATE_FILE, weights_only=False)["state"]["bad_steps"] == 2
