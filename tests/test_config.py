@@ -70,5 +70,13 @@ def test_shipped_configs_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert files, "configs/ should ship example recipes"
     for f in files:
-        cfg = from_dict(DistillConfig, yaml.safe_load(f.read_text()) or {}).validate()
+        doc = yaml.safe_load(f.read_text()) or {}
+        if "stages" in doc:  # a multi-stage recipe
+            from tailkd.recipe import load_recipe
+
+            stages = load_recipe(f)
+            assert len(stages) == len(doc["stages"])
+            assert stages[1].student.path == str(Path(stages[0].train.out_dir) / "final")
+            continue
+        cfg = from_dict(DistillConfig, doc).validate()
         assert to_dict(cfg)

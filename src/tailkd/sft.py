@@ -506,3 +506,33 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
             "dropped_train_overlap": overlap,
             **{f"{name}": {**splits[name].stats(), **counts[name]} for name in splits}}
     return splits["train"], splits["heldout"], info
+
+
+def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTRows, dict]:
+    """The trainer's entry point for ``data.task = sft``: rows from ``data.paths`` (JSONL), or from the built-in
+    GSM-style math problems (``tailkd.mathdata``) when no path is given. Held-out rows must not be empty."""
+    paths = [Path(p) for p in data_cfg.paths]
+    held = [Path(p) for p in data_cfg.heldout_paths] or None
+    if not paths:
+        from tailkd.mathdata import default_math_dataset
+
+        files = default_math_dataset(cache_root, n_train=data_cfg.math_train, n_heldout=data_cfg.math_heldout)
+        paths, held = [files.train], [files.heldout]
+    template = data_cfg.chat_template
+    if template == "none":
+        template = None
+    elif template != "auto":
+        tfile = Path(template)
+        if not tfile.is_file():
+            raise TailkdError(f"data.chat_template {template!r} is neither auto, none nor a template file; "
+                              "pass a .jinja file")
+        template = tfile.read_text(encoding="utf-8")
+    train_rows, held_rows, info = prepare_sft(
+        paths, tokenizer, seq_len=data_cfg.seq_len, mode=data_cfg.sft_mode, chat_template=template,
+        heldout_fraction=data_cfg.heldout_fraction, heldout_paths=held, seed=data_cfg.split_seed,
+        overlong=data_cfg.overlong)
+    if len(held_rows) == 0:
+        raise TailkdError("the SFT held-out split is empty; pass --heldout-data FILE or raise data.heldout_fraction")
+    if len(train_rows) == 0:
+        raise TailkdError("no SFT training examples are left; check data.paths and data.seq_len")
+    return train_rows, held_rows, info
