@@ -65,3 +65,17 @@ def test_two_stage_recipe(assets, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     # Re-running the recipe skips finished stages.
     assert main(["recipe", str(recipe)]) == 0
+
+
+def test_eval_generate_on_an_sft_run(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(sft_args(assets, run, "--loss", "kd", "--steps", "2")) == 0
+    out = tmp_path / "gen.json"
+    assert main(["eval", "--student", str(run / "final"), "--generate", "--max-new-tokens", "8", "--gen-limit", "3",
+                 "--samples", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "generate" and result["examples"] == 3
+    for side in ("student", "teacher"):
+        assert 0.0 <= result[f"{side}_exact_match"] <= 1.0
+        assert 0.0 <= result[f"{side}_distinct_1"] <= 1.0
+    assert "exact_match" in capsys.readouterr().out

@@ -284,10 +284,34 @@ def run_config_defaults(student_dir: str | Path) -> dict:
     return {}
 
 
+def generation_pairs(tokenizer, run_cfg: dict, *, data: list[str] | None, cache_dir: str | None):
+    """(held-out (prompt, reference) pairs or SFT rows, chat template) for ``tailkd eval --generate``.
+
+    ``data`` given: every example of those JSONL files (prompt/response or messages). Otherwise the held-out
+    split of the run's SFT data (the same split as training), or the built-in math problems' held-out set.
+    """
+    from tailkd import sft
+    from tailkd.config import DataConfig, from_dict
+
+    if data:
+        template = sft.resolve_chat_template(tokenizer, "auto")
+        examples = sft.read_sft_examples([Path(p) for p in data])
+        return [(e.generation_prompt(template is not None), e.reference) for e in examples], template
+    rc_data = dict(run_cfg.get("data") or {})
+    if rc_data.get("task") != "sft":  # a pretraining run: evaluate on the built-in math problems
+        rc_data = {"task": "sft", "cache_dir": rc_data.get("cache_dir")}
+    data_cfg = from_dict(DataConfig, rc_data)
+    root = Path(cache_dir or data_cfg.cache_dir) if (cache_dir or data_cfg.cache_dir) else None
+    from tailkd.data import default_cache_root
+
+    _, held_rows, _ = sft.setup_sft_rows(data_cfg, tokenizer, root or default_cache_root())
+    return held_rows, held_rows.chat_template
+
+
 def evaluate_student(student: str, teacher: str | None = None, *, data: list[str] | None = None,
-                     seq_len: int | None = None, batch_size: int = 4, max_rows: int | None = 64, bins: int = 10, split: str = "heldout",
-                     device: str = "auto", teacher_dtype: str = "auto", cache_dir: str | None = None,
-                     out: str | Path | None = None) -> dict:
+                     seq_len: int | None = None, batch_size: int = 4, max_rows: int | None = 64, bins: int = 10,
+                     split: str = "heldout", device: str = "auto", teacher_dtype: str = "auto",
+                     cache_dir: str | None = None, out: str | Path | None = None, generate: dict | None = None) -> dict:
     """``tailkd eval``: load a student folder and a teacher, evaluate on held-out rows, optionally save JSON.
 
     Settings not given are taken from the run that produced the student (``RUN/final`` -> ``RUN/config.yaml``):
@@ -312,13 +336,22 @@ def evaluate_student(student: str, teacher: str | None = None, *, data: list[str
     t_model, t_tok = models.load_teacher(teacher, device=dev, dtype=teacher_dtype)
     vocab = models.check_vocab(t_tok, s_tok, t_model, s_model)
     model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
-    rows = eval_rows(s_tok, paths=data, seq_len=seq_len, split=split, max_rows=max_rows,
-                     cache_dir=cache_dir or rc_data.get("cache_dir"),
-                     heldout_fraction=rc_data.get("heldout_fraction", 0.05), doc_sep=rc_data.get("doc_sep", "auto"),
-                     model_max=model_max)
-    metrics = heldout_metrics(s_model, t_model, batched(rows, batch_size), vocab, device=dev, bins=bins)
-    result = {"student": str(student), "teacher": str(teacher), "data": [str(p) for p in data] if data else "built-in",
-              "split": split, "seq_len": seq_len, "rows": len(rows), "vocab": vocab, **metrics}
+    if generate is not None:  # generation-based evaluation on prompt -> response data (SFT runs, math)
+        from tailkd.generation import generation_eval
+
+        held, template = generation_pairs(s_tok, run_cfg, data=data, cache_dir=cache_dir)
+        metrics = generation_eval(s_model, t_model, s_tok, held, chat_template=template, **generate)
+        result = {"student": str(student), "teacher": str(teacher), "mode": "generate",
+                  "data": [str(p) for p in data] if data else "run/built-in held-out", **metrics}
+    else:
+        rows = eval_rows(s_tok, paths=data, seq_len=seq_len, split=split, max_rows=max_rows,
+                         cache_dir=cache_dir or rc_data.get("cache_dir"),
+                         heldout_fraction=rc_data.get("heldout_fraction", 0.05), doc_sep=rc_data.get("doc_sep", "auto"),
+                         model_max=model_max)
+        metrics = heldout_metrics(s_model, t_model, batched(rows, batch_size), vocab, device=dev, bins=bins)
+        result = {"student": str(student), "teacher": str(teacher),
+                  "data": [str(p) for p in data] if data else "built-in", "split": split, "seq_len": seq_len,
+                  "rows": len(rows), "vocab": vocab, **metrics}
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +361,16 @@ def evaluate_student(student: str, teacher: str | None = None, *, data: list[str
 
 def format_table(result: dict) -> str:
     """The printed table of ``tailkd eval``: one row per metric, student and teacher side by side."""
+    if result.get("mode") == "generate":
+        keys = sorted({k.split("_", 1)[1] for k in result if k.startswith(("student_", "teacher_"))
+                       and isinstance(result[k], (int, float))})
+        lines = [f"{'metric':<34} {'student':>12} {'teacher':>12}", "-" * 60]
+        for key in keys:
+            cells = [format(result[f"{side}_{key}"], ".4f") if f"{side}_{key}" in result else "—"
+                     for side in ("student", "teacher")]
+            lines.append(f"{key:<34} {cells[0]:>12} {cells[1]:>12}")
+        lines.append(f"{result.get('examples', '?')} held-out prompts, up to {result.get('max_new_tokens')} new tokens")
+        return "\n".join(lines)
     rows = [("CLM loss [nats/token]", "student_clm", "teacher_clm", ".4f"),
             ("perplexity", "student_ppl", "teacher_ppl", ".3f"),
             ("top-1 accuracy (next token)", "student_acc", "teacher_acc", ".4f"),
