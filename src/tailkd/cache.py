@@ -1,0 +1,545 @@
+"""Offline teacher cache: run the teacher once over the packed training rows, train many students from disk.
+
+A cache folder holds ``cache.json`` (identity + layout), optionally ``head.safetensors`` (the teacher's LM head,
+stored once) and shards ``shard_000000.safetensors``, each ``rows_per_shard`` consecutive `PackedRows` rows:
+
+=================  ===================  ======================================================================
+tensor             dtype, shape         meaning (per token t of row r)
+=================  ===================  ======================================================================
+topk_ids           int32 [R, T, K]      the teacher's K most probable ids, by descending p (torch.topk order);
+                                        int32 because vocabularies exceed 65535
+topk_logprobs      float32 [R, T, K]    their TRUE log-probabilities (log-softmax over the full vocabulary)
+log_tail_mass      float32 [R, T]       log α^T_K = logsumexp(tail logits) − logsumexp(logits)
+hidden             bf16/fp16/fp32       (``--hidden-states``) the teacher's final hidden states [R, T, d]; the
+                                        training run re-applies ``head.safetensors`` -> exact teacher logits
+tail_ids           int32 [R, T, M]      (``--tail-samples M``) M ids drawn with replacement from the teacher's
+tail_logprobs      float32 [R, T, M]    renormalised tail p̃ = p/α^T (i ∉ 𝒦), and their true log p
+row_hash           int64 [R]            hash of each row's input ids (alignment check against PackedRows)
+=================  ===================  ======================================================================
+
+Each shard's safetensors metadata holds the sha256 of every tensor; a shard is written to a temporary file,
+fsync'ed and renamed, so after a crash a restart finds only complete shards, verifies and skips them.
+Reading checks the cache against the run (tokenizer fingerprint, corpus fingerprint, split, seq_len, K_run ≤
+K_cache: a larger cache is truncated exactly) and verifies each shard's checksums the first time it is read:
+a damaged shard is named in a TailkdError and never used.
+
+What each mode gives (formulas.md §2; `cache_loss_description` says it in the run log):
+- top-K only: D_KL1 exactly (the K+1 bucket loss, `losses.topk_bucket_kl`); the tail term α^T·D_KL2 is absent.
+- + tail samples: D_KL1 + β(X)·(unbiased estimate of α^T·D_KL2); β(X) itself is exact (α^T is cached).
+- + hidden states: the teacher's logits re-computed from its head: every loss exactly, up to the rounding of
+  the stored hidden states (bf16 by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tailkd import fused
+from tailkd.errors import TailkdError
+
+FORMAT = "tailkd-teacher-cache-1"
+META_FILE = "cache.json"
+HEAD_FILE = "head.safetensors"
+SHARD_BYTES = 1 << 28  # default shard size ~256 MiB
+HIDDEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IDENTITY_KEYS = ("format", "teacher", "tokenizer_fingerprint", "corpus", "k", "vocab_size", "hidden_states",
+                 "tail_samples", "seed", "rows_per_shard", "num_rows")
+
+__all__ = ["cache_teacher", "write_cache", "sample_tail", "verify_shard", "CacheReader", "open_cache", "cache_divergence", "cache_loss_description",
+           "bytes_per_token", "format_size_table", "weights_hash", "row_hash"]
+
+
+# --------------------------------------------------------------------------- hashes and sizes
+
+
+def _sha256_tensor(x: torch.Tensor, h=None):
+    h = h or hashlib.sha256()
+    arr = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    h.update(memoryview(arr))
+    return h
+
+
+def weights_hash(model) -> str:
+    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, in state-dict order."""
+    h = hashlib.sha256()
+    for name, x in model.state_dict().items():
+        h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
+        _sha256_tensor(x, h)
+    return h.hexdigest()
+
+
+def row_hash(input_ids: torch.Tensor) -> torch.Tensor:
+    """[R] int64 hash of each row of ``input_ids`` [R, T] (first 8 bytes of blake2b over the ids as int64)."""
+    rows = input_ids.detach().cpu().to(torch.int64).numpy()
+    out = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little", signed=True) for r in rows]
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def bytes_per_token(k: int, *, hidden_size: int = 0, hidden_dtype: str = "bf16", tail_samples: int = 0) -> int:
+    """Cache bytes per token: K ids (int32) + K log-probs (float32) + log α (float32) [+ hidden d] [+ M samples]."""
+    size = 8 * k + 4
+    if hidden_size:
+        size += hidden_size * torch.finfo(HIDDEN_DTYPES[hidden_dtype]).bits // 8
+    return size + 8 * tail_samples
+
+
+def format_size_table(k: int, *, hidden_size: int, hidden_dtype: str = "bf16", tail_samples: int = 16) -> str:
+    """Markdown table: bytes per token and GB per billion tokens (10^9 B) of each cache mode."""
+    modes = [("top-K only", bytes_per_token(k)),
+             (f"top-K + hidden states ({hidden_dtype}, d={hidden_size})",
+              bytes_per_token(k, hidden_size=hidden_size, hidden_dtype=hidden_dtype)),
+             (f"top-K + {tail_samples} tail samples", bytes_per_token(k, tail_samples=tail_samples)),
+             (f"top-K + hidden + {tail_samples} tail samples",
+              bytes_per_token(k, hidden_size=hidden_size, hidden_dtype=hidden_dtype, tail_samples=tail_samples))]
+    lines = [f"| cache mode (K={k}) | bytes/token | GB per 1B tokens |", "|---|---:|---:|"]
+    lines += [f"| {name} | {b:,} | {b * 1e9 / 1e9:,.0f} |" for name, b in modes]  # b bytes/token = b GB per 1e9 tokens
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:06d}.safetensors"
+
+
+def _identity(meta: dict) -> dict:
+    return {key: meta.get(key) for key in IDENTITY_KEYS}
+
+
+def _first_difference(a, b, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} vs {b!r}"
+
+
+def sample_tail(t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, m: int, generator: torch.Generator):
+    """M ids per row drawn with replacement from the renormalised teacher tail p̃ = p/α^T (i ∉ 𝒦 = ``ids``).
+
+    ``t`` [n, V] teacher logits, ``ids`` [n, K], ``lse`` [n] = logsumexp(t). Returns (ids [n, M] int64, their true
+    log p [n, M]). Σ_j (α^T/M) f(id_j) is then an unbiased estimate of Σ_{i∉𝒦} p_i f(i). A row without tail mass
+    (one-hot teacher) draws uniformly from the tail; its weights α^T/M are 0.
+    """
+    p_tail = (t.scatter(-1, ids, -torch.inf) - lse[:, None]).exp()  # [n, V] p on the tail, 0 on 𝒦
+    empty = p_tail.sum(-1) <= 0
+    if bool(empty.any()):
+        p_tail[empty] = torch.ones_like(p_tail[empty]).scatter_(-1, ids[empty], 0.0)
+    draw = torch.multinomial(p_tail.float().cpu(), m, replacement=True, generator=generator).to(t.device)  # [n, M]
+    return draw, t.gather(-1, draw) - lse[:, None]
+
+
+@torch.no_grad()
+def _teacher_rows(model, head: fused.Head, input_ids: torch.Tensor, *, k: int, tail_samples: int,
+                  generator: torch.Generator, chunk: int, want_hidden: bool, autocast_dtype=None) -> dict:
+    """The cached tensors of a batch of rows ``input_ids`` [R, T] (see the module docstring)."""
+    dev = input_ids.device
+    with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        hidden = fused.final_hidden(model, input_ids)  # [R, T, d]
+    n_rows, n_time, d = hidden.shape
+    flat = hidden.reshape(-1, d)
+    out = {"topk_ids": [], "topk_logprobs": [], "log_tail_mass": [], "tail_ids": [], "tail_logprobs": []}
+    for a in range(0, flat.shape[0], chunk):
+        t = fused.apply_head(flat[a:a + chunk], head).float()  # [n, V] chunk of teacher logits
+        lse = torch.logsumexp(t, dim=-1)  # [n]
+        top_t, ids = torch.topk(t, k, dim=-1)  # [n, K] sorted by descending p
+        tail = t.scatter(-1, ids, -torch.inf)  # [n, V]
+        log_alpha = torch.logsumexp(tail, dim=-1) - lse  # [n]
+        out["topk_ids"].append(ids.to(torch.int32))
+        out["topk_logprobs"].append(top_t - lse[:, None])
+        out["log_tail_mass"].append(log_alpha)
+        if tail_samples:
+            draw, draw_lp = sample_tail(t, ids, lse, tail_samples, generator)
+            out["tail_ids"].append(draw.to(torch.int32))
+            out["tail_logprobs"].append(draw_lp)
+    res = {key: torch.cat(v).reshape(n_rows, n_time, -1).cpu() for key, v in out.items() if v}  # [R, T, K|M]
+    res["log_tail_mass"] = res["log_tail_mass"].reshape(n_rows, n_time)
+    if want_hidden:
+        res["hidden"] = hidden
+    return res
+
+
+def _save_shard(path: Path, tensors: dict, meta: dict) -> None:
+    """Write one shard atomically: temporary file, fsync, rename."""
+    sums = {name: _sha256_tensor(x).hexdigest() for name, x in tensors.items()}
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    save_file(tensors, tmp, metadata={**{k: str(v) for k, v in meta.items()}, "sha256": json.dumps(sums)})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def verify_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Load a shard and check every tensor against its sha256; TailkdError naming the shard if it is damaged."""
+    fix = f"delete {path.name} and run tailkd cache-teacher again with the same arguments (it rewrites only it)"
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+        sums = json.loads(meta["sha256"])
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is damaged
+        raise TailkdError(f"teacher cache shard {path} is unreadable ({type(exc).__name__}); {fix}") from None
+    if set(sums) != set(tensors):
+        raise TailkdError(f"teacher cache shard {path} lacks tensors {sorted(set(sums) ^ set(tensors))}; {fix}")
+    for name, x in tensors.items():
+        if _sha256_tensor(x).hexdigest() != sums[name]:
+            raise TailkdError(f"teacher cache shard {path} is corrupted (checksum of '{name}' differs); {fix}")
+    return tensors
+
+
+def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, teacher_name: str = "",
+                hidden_states: bool = False, hidden_dtype: str = "bf16", tail_samples: int = 0, seed: int = 0,
+                batch_size: int = 8, rows_per_shard: int | None = None, max_rows: int = 0, vocab_size: int | None = None,
+                autocast_dtype=None, chunk_size: int | None = None, log=print) -> dict:
+    """Cache ``model``'s top-K (and optional hidden states / tail samples) over ``rows`` (a `PackedRows`) into out_dir.
+
+    ``corpus``: the identity of the rows (``fingerprint``, ``split``, ``seq_len``, ``eos_id``, tokenisation
+    settings), compared on resume and at read time. Resumable: complete shards are verified and skipped; a folder
+    written with other settings is refused. Returns the meta dict (also ``cache.json``).
+    """
+    from tailkd.data import collate
+    from tailkd.models import tokenizer_fingerprint
+
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise TailkdError(f"--hidden-dtype {hidden_dtype} is not one of {', '.join(HIDDEN_DTYPES)}")
+    out = Path(out_dir)
+    head = fused.model_head(model, vocab_size or len(tokenizer))
+    vocab = head.spec.vocab_size
+    if not 1 <= k < vocab:
+        raise TailkdError(f"--k {k} must lie in [1, {vocab}) (the vocabulary size); 64 is usual")
+    if tail_samples < 0:
+        raise TailkdError(f"--tail-samples {tail_samples} must be >= 0")
+    n_rows = len(rows) if not max_rows else min(max_rows, len(rows))
+    seq_len = rows.seq_len
+    d = head.weight.shape[1]
+    per_token = bytes_per_token(k, hidden_size=d if hidden_states else 0, hidden_dtype=hidden_dtype,
+                                tail_samples=tail_samples)
+    rows_per_shard = int(rows_per_shard or max(1, SHARD_BYTES // (per_token * seq_len)))
+    probe = collate([rows[0]])["input_ids"][:, : min(seq_len, 16)].to(head.weight.device)
+    fused.verify_head(model, probe, head)  # the cache applies the head itself: it must match the model's logits
+    meta = {
+        "format": FORMAT,
+        "teacher": {"name": teacher_name, "class": type(model).__name__, "weights_sha256": weights_hash(model),
+                    "hidden_size": d,
+                    "head": {"vocab_size": vocab, "scale": head.spec.scale, "softcap": head.spec.softcap},
+                    "dtype": str(head.weight.dtype).removeprefix("torch.")},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "corpus": dict(corpus, seq_len=seq_len),
+        "k": k, "vocab_size": vocab,
+        "hidden_states": {"dtype": hidden_dtype, "size": d} if hidden_states else None,
+        "tail_samples": tail_samples, "seed": seed,
+        "rows_per_shard": rows_per_shard, "num_rows": n_rows,
+        "num_shards": -(-n_rows // rows_per_shard),
+        "dtypes": {"topk_ids": "int32", "topk_logprobs": "float32", "log_tail_mass": "float32", "row_hash": "int64",
+                   **({"hidden": hidden_dtype} if hidden_states else {}),
+                   **({"tail_ids": "int32", "tail_logprobs": "float32"} if tail_samples else {})},
+        "bytes_per_token": per_token,
+    }
+    meta_path = out / META_FILE
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        diff = _first_difference(_identity(old), _identity(meta))
+        if diff:
+            raise TailkdError(f"{out} holds a teacher cache written with other settings ({diff}); resume with the "
+                              "same arguments, or choose another --out")
+    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".tmp-")):
+        raise TailkdError(f"{out} exists and is not a teacher cache; choose a new or empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".tmp-*"):
+        stale.unlink(missing_ok=True)
+    if not meta_path.is_file():
+        tmp = out / f".tmp-{META_FILE}"
+        tmp.write_text(json.dumps({**meta, "created_unix": time.time()}, indent=1))
+        os.replace(tmp, meta_path)
+    if hidden_states and not (out / HEAD_FILE).is_file():
+        tensors = {"weight": head.weight[:vocab].detach().cpu().contiguous()}
+        if head.bias is not None:
+            tensors["bias"] = head.bias[:vocab].detach().cpu().contiguous()
+        _save_shard(out / HEAD_FILE, tensors, {"kind": "head"})
+    chunk = chunk_size or fused.default_chunk_size(vocab)
+    dev = head.weight.device
+    written = skipped = 0
+    t0 = time.perf_counter()
+    for i in range(meta["num_shards"]):
+        path = out / _shard_name(i)
+        if path.is_file():
+            try:
+                verify_shard(path)
+                skipped += 1
+                continue
+            except TailkdError as exc:
+                log(f"rewriting damaged shard: {exc}")
+        a, b = i * rows_per_shard, min((i + 1) * rows_per_shard, n_rows)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
+        parts = []
+        for start in range(a, b, batch_size):
+            ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
+            part = _teacher_rows(model, head, ids.to(dev), k=k, tail_samples=tail_samples, generator=gen, chunk=chunk,
+                                 want_hidden=hidden_states, autocast_dtype=autocast_dtype)
+            if hidden_states:
+                part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
+            part["row_hash"] = row_hash(ids)
+            parts.append(part)
+        tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+        _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
+        written += 1
+        log(f"shard {i + 1}/{meta['num_shards']}: rows {a}-{b - 1} ({time.perf_counter() - t0:.1f}s)")
+    log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
+    return json.loads(meta_path.read_text())
+
+
+def cache_teacher(teacher: str, *, data: list[str] | None, seq_len: int, k: int, out: str, hidden_states: bool = False,
+                  hidden_dtype: str = "bf16", tail_samples: int = 0, split: str = "train", batch_size: int = 8,
+                  rows_per_shard: int | None = None, max_rows: int = 0, device: str = "auto", dtype: str = "auto",
+                  cache_dir: str | None = None, doc_sep: str = "auto", heldout_fraction: float = 0.05, seed: int = 0,
+                  log=print) -> dict:
+    """``tailkd cache-teacher``: the same packed rows as ``tailkd distill`` (same data, seq_len, doc_sep, held-out
+    fraction), the teacher run once, shards written into ``out``. Returns the cache meta."""
+    from tailkd import data as data_mod
+    from tailkd import models
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, tokenizer = models.load_teacher(teacher, device=dev, dtype=dtype)
+    data_mod.check_seq_len(seq_len, models.model_max_length(model))
+    root = Path(cache_dir) if cache_dir else data_mod.default_cache_root()
+    paths = [Path(p) for p in (data or [])] or data_mod.default_corpus_files(root)
+    info = data_mod.prepare_corpus_cached(paths, tokenizer, root / "corpora",
+                                          tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+                                          heldout_fraction=heldout_fraction, doc_sep=doc_sep)
+    if split not in ("train", "heldout"):
+        raise TailkdError(f"--split {split} must be train or heldout")
+    rows = data_mod.PackedRows(info.train_bin if split == "train" else info.heldout_bin, seq_len)
+    corpus = {"fingerprint": info.fingerprint, "split": split, "eos_id": info.eos_id,
+              "settings": {"doc_sep": doc_sep, "heldout_fraction": heldout_fraction}}
+    ac = torch.bfloat16 if dev.type == "cuda" and dtype in ("auto", "bf16") else None
+    return write_cache(model, tokenizer, rows, out, k=k, corpus=corpus, teacher_name=str(teacher),
+                       hidden_states=hidden_states, hidden_dtype=hidden_dtype, tail_samples=tail_samples, seed=seed,
+                       batch_size=batch_size, rows_per_shard=rows_per_shard, max_rows=max_rows,
+                       vocab_size=models.check_vocab(tokenizer, tokenizer, model, model), autocast_dtype=ac, log=log)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class CacheReader:
+    """Cached teacher tensors for row indices of the run's `PackedRows`, checked against the run.
+
+    ``k``: the run's K (TAD's loss.k; ≤ the cache's K: the top-K is truncated and the tail mass extended exactly).
+    Shards are verified (sha256 of every tensor) the first time they are read.
+    """
+
+    def __init__(self, path, *, tokenizer_fingerprint: str | None = None, corpus_fingerprint: str | None = None,
+                 split: str | None = None, seq_len: int | None = None, k: int | None = None,
+                 teacher_weights_sha256: str | None = None):
+        self.path = Path(path)
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise TailkdError(f"{self.path} is not a teacher cache (no {META_FILE}); build one with tailkd cache-teacher")
+        self.meta = json.loads(meta_path.read_text())
+        m = self.meta
+        if m.get("format") != FORMAT:
+            raise TailkdError(f"{self.path} has cache format {m.get('format')!r}, this tailkd reads {FORMAT}; rebuild it")
+        rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
+        checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
+                  ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
+                  ("split", split, m["corpus"]["split"]), ("seq_len", seq_len, m["corpus"]["seq_len"]),
+                  ("teacher weights", teacher_weights_sha256, m["teacher"]["weights_sha256"])]
+        for what, run_value, cached in checks:
+            if run_value is not None and run_value != cached:
+                show = (lambda v: str(v)[:12]) if isinstance(cached, str) and len(str(cached)) > 20 else repr
+                raise TailkdError(f"teacher cache {self.path} does not match this run: its {what} is {show(cached)}, "
+                                  f"the run's is {show(run_value)}; {rebuild}")
+        self.k = int(k or m["k"])
+        if self.k > m["k"]:
+            raise TailkdError(f"teacher cache {self.path} holds the top-{m['k']} teacher ids, the run needs K={self.k}; "
+                              f"use loss.k <= {m['k']} or rebuild the cache with --k {self.k}")
+        self.num_rows = int(m["num_rows"])
+        self.rows_per_shard = int(m["rows_per_shard"])
+        self._verified: set[int] = set()
+
+    def check_loss(self, loss_name: str, temperature: float = 1.0, cosine_weight: float = 0.0) -> str:
+        """TailkdError if this cache cannot give ``loss_name``; else its `cache_loss_description` (for the run log)."""
+        if not self.has_hidden:
+            if loss_name not in ("tad", "kd", "clm"):
+                raise TailkdError(f"loss.name={loss_name} needs the teacher's full distribution, which a top-K cache "
+                                  f"({self.path}) does not hold; rebuild it with --hidden-states or drop the cache")
+            if temperature != 1.0:
+                raise TailkdError(f"a top-K cache holds log-probs at temperature 1, loss.temperature={temperature}; "
+                                  "use 1 or rebuild the cache with --hidden-states")
+            if cosine_weight > 0:
+                raise TailkdError("loss.cosine_weight > 0 needs the teacher's hidden states; rebuild the cache with "
+                                  "--hidden-states")
+        return cache_loss_description(self.meta, loss_name, k=self.k)
+
+    @property
+    def has_hidden(self) -> bool:
+        return self.meta.get("hidden_states") is not None
+
+    @property
+    def tail_samples(self) -> int:
+        return int(self.meta.get("tail_samples") or 0)
+
+    def head(self, device="cpu") -> fused.Head:
+        """The teacher's LM head stored with ``--hidden-states`` (weights checked), as a `fused.Head`."""
+        if not self.has_hidden:
+            raise TailkdError(f"teacher cache {self.path} has no hidden states; rebuild it with --hidden-states")
+        tensors = verify_shard(self.path / HEAD_FILE)
+        h = self.meta["teacher"]["head"]
+        spec = fused.HeadSpec(vocab_size=h["vocab_size"], scale=h["scale"], softcap=h["softcap"])
+        return fused.Head(tensors["weight"].to(device), tensors.get("bias", None), spec)
+
+    def _shard(self, i: int) -> Path:
+        path = self.path / _shard_name(i)
+        if not path.is_file():
+            raise TailkdError(f"teacher cache {self.path} lacks {path.name} (caching did not finish); run tailkd "
+                              "cache-teacher again with the same arguments to complete it")
+        if i not in self._verified:
+            verify_shard(path)
+            self._verified.add(i)
+        return path
+
+    def rows(self, indices, *, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Cached tensors of rows ``indices`` (ints), stacked [B, T, ...] in that order (K not truncated).
+
+        ``input_ids`` [B, T]: the run's rows; their hashes must equal the cached ones (alignment check).
+        """
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not 0 <= i < self.num_rows:
+                raise TailkdError(f"row {i} is not in teacher cache {self.path} ({self.num_rows} rows cached); "
+                                  "cache all rows (--max-rows 0) or train on fewer")
+        out: dict[str, list] = {}
+        by_shard: dict[int, list[int]] = {}
+        for pos, i in enumerate(indices):
+            by_shard.setdefault(i // self.rows_per_shard, []).append(pos)
+        slots: list = [None] * len(indices)
+        for s, positions in by_shard.items():
+            with safe_open(str(self._shard(s)), "pt") as fh:
+                names = list(fh.keys())
+                for pos in positions:
+                    r = indices[pos] - s * self.rows_per_shard
+                    slots[pos] = {n: fh.get_slice(n)[r:r + 1] for n in names}
+        for name in slots[0]:
+            out[name] = torch.cat([row[name] for row in slots])
+        if input_ids is not None and not torch.equal(out["row_hash"], row_hash(input_ids)):
+            raise TailkdError(f"the rows read from teacher cache {self.path} do not hold the run's tokens (row hash "
+                              "mismatch): the cache and the training data are not aligned; rebuild the cache")
+        return out
+
+    def sparse_teacher(self, indices, *, input_ids: torch.Tensor | None = None, device="cpu") -> fused.SparseTeacher:
+        """Rows as a `fused.SparseTeacher` truncated to the run's K, with tail support points when cached.
+
+        With K_run < K_cache the ranks K_run..K_cache−1 are known exactly: α^T_{K_run} = α^T_{K_cache} + Σ their p,
+        and they join the tail support points with weights p_i (samples keep weights α^T_{K_cache}/M).
+        """
+        got = self.rows(indices, input_ids=input_ids)
+        k, kc = self.k, self.meta["k"]
+        ids, lp, la = got["topk_ids"], got["topk_logprobs"].double(), got["log_tail_mass"].double()
+        extra_ids, extra_lp = ids[..., k:], lp[..., k:]
+        if k < kc:
+            la = torch.logaddexp(la, torch.logsumexp(extra_lp, dim=-1))
+        tail_ids = tail_lp = tail_w = None
+        if self.tail_samples:
+            m = self.tail_samples
+            samples_w = (got["log_tail_mass"].double().exp() / m)[..., None].expand(*got["tail_ids"].shape)
+            tail_ids = torch.cat([extra_ids, got["tail_ids"]], dim=-1)
+            tail_lp = torch.cat([extra_lp, got["tail_logprobs"].double()], dim=-1)
+            tail_w = torch.cat([extra_lp.exp(), samples_w], dim=-1)
+        to = lambda x, dt=None: None if x is None else x.to(device=device, dtype=dt or x.dtype)  # noqa: E731
+        return fused.SparseTeacher(to(ids[..., :k]), to(lp[..., :k], torch.float32), to(la, torch.float32),
+                                   to(tail_ids), to(tail_lp, torch.float32), to(tail_w, torch.float32))
+
+    def teacher_hidden(self, indices, *, input_ids: torch.Tensor | None = None, device="cpu") -> torch.Tensor:
+        """Cached final hidden states [B, T, d] of rows ``indices`` (feed them with `head()` to the fused path)."""
+        if not self.has_hidden:
+            raise TailkdError(f"teacher cache {self.path} has no hidden states; rebuild it with --hidden-states")
+        return self.rows(indices, input_ids=input_ids)["hidden"].to(device)
+
+
+def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, split: str = "train",
+               seq_len: int | None = None, k: int | None = None, teacher_model=None) -> CacheReader:
+    """`CacheReader` checked against the run's tokenizer, corpus, split, seq_len, K (and teacher weights if given)."""
+    from tailkd.models import tokenizer_fingerprint
+
+    return CacheReader(path, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+                       corpus_fingerprint=corpus_fingerprint, split=split, seq_len=seq_len, k=k,
+                       teacher_weights_sha256=weights_hash(teacher_model) if teacher_model is not None else None)
+
+
+# --------------------------------------------------------------------------- losses from the cache (dense student)
+
+
+def cache_divergence(student_logits: torch.Tensor, teacher: fused.SparseTeacher, mask: torch.Tensor, *, loss: str,
+                     beta: float = 2.0, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token divergence [B, T] from a top-K cache with the dense student logits [B, T, V] (plain autograd).
+
+    D_KL1 = `losses.topk_bucket_kl` (exact); with tail points, + w_X·(Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)),
+    w_X = β(X) = β/ᾱ(X) for ``loss="tad"`` (ᾱ from the cached α^T, per row or per document with ``segment_ids``),
+    1 for ``loss="kd"``. 0 at masked positions. Pass it to `objective(..., divergence=...)`.
+    """
+    from tailkd import losses
+
+    if loss not in ("tad", "kd"):
+        raise TailkdError(f"loss.name={loss} cannot be computed from a top-K teacher cache (only kd, tad); cache the "
+                          "teacher's hidden states (--hidden-states) or use the online teacher")
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    s = student_logits.to(dtype)
+    alpha = teacher.log_tail_mass.to(dtype).exp()  # [B, T]
+    div = losses.topk_bucket_kl(s, teacher.topk_ids.long(), teacher.topk_logprobs.to(dtype), teacher_tail_mass=alpha)
+    if teacher.tail_ids is not None:
+        if loss == "tad":
+            abar = losses.sequence_alpha_mean(torch.where(mask, alpha, 0.0), mask, segment_ids)
+            wx = torch.where(abar > 0, beta / torch.where(abar > 0, abar, 1.0), 0.0)  # [B, T] β(X)
+        else:
+            wx = torch.ones_like(alpha)
+        logz = torch.logsumexp(s, dim=-1)  # [B, T]
+        logq_t = s.gather(-1, teacher.tail_ids.long()) - logz[..., None]  # [B, T, J]
+        tw = teacher.tail_weights.to(dtype)
+        tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(dtype) - logq_t), 0.0).sum(-1)  # [B, T]
+        log_as = torch.logsumexp(s.scatter(-1, teacher.topk_ids.long(), -torch.inf), dim=-1) - logz
+        log_at = torch.log(torch.where(alpha > 0, alpha, 1.0))
+        bucket = torch.where(alpha > 0, alpha * (log_at - log_as), 0.0)
+        div = div + wx * (tail_kl - bucket)
+    return torch.where(mask, div, 0.0)
+
+
+def cache_loss_description(meta: dict, loss_name: str, k: int | None = None) -> str:
+    """One line for the run log / README: which loss a run from this cache computes, and its approximation."""
+    kc = meta["k"]
+    k = k or kc
+    hidden = meta.get("hidden_states")
+    m = int(meta.get("tail_samples") or 0)
+    if loss_name == "clm":
+        return "clm: no teacher; the teacher cache is not used"
+    if hidden:
+        return (f"{loss_name}: exact, the teacher's logits re-computed from its cached final hidden states "
+                f"({hidden['dtype']}, d={hidden['size']}) and its LM head (equal to the online teacher up to the "
+                f"{hidden['dtype']} rounding of the hidden states)")
+    if loss_name not in ("tad", "kd"):
+        return (f"{loss_name}: NOT available from a top-K cache (needs the full teacher distribution); cache hidden "
+                "states or use the online teacher")
+    kk = k if loss_name == "tad" else kc
+    if m:
+        what = "β(X)·α^T·D_KL2" if loss_name == "tad" else "α^T·D_KL2 (so the KL itself in expectation)"
+        return (f"{loss_name}: D_KL1 exact over the teacher top-{kk} + rest bucket, plus an unbiased {m}-sample "
+                f"estimate of {what} from tail tokens sampled from the teacher's renormalised tail "
+                f"(Anshumann et al. 2025 sparse logit sampling){'; β(X) exact from the cached tail masses' if loss_name == 'tad' else ''}")
+    if loss_name == "tad":
+        return (f"tad: D_KL1 only, the exact K+1 bucket loss with K={kk} (top-{kk} teacher log-probs + the rest "
+                "bucket α^T, no renormalisation); the tail term β(X)·α^T·D_KL2 is DROPPED (a top-K cache cannot "
+                "give it), so β has no effect")
+    return (f"kd: D_KL1 with K={kk} (top-{kk} + rest bucket), a lower bound of KL(p‖q) = D_KL1 + α^T·D_KL2 whose "
+            "value depends on K; the tail term is dropped")

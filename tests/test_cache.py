@@ -1,0 +1,326 @@
+"""Teacher cache: round trip, exact losses from it, the tail-sample estimator, mismatches, corruption, resume."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailkd import cache, fused, losses
+from tailkd import data as data_mod
+from tailkd.config import LossConfig
+from tailkd.errors import TailkdError
+from tailkd.fused import Head, HeadSpec
+from tailkd.objective import objective
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_tokenizer, write_corpus  # noqa: E402
+
+SEQ_LEN = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama teacher (peaked head), its tokenizer, and packed rows of a small corpus."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cache")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # a peaked teacher with a real tail
+    corpus = write_corpus(root / "corpus.txt", n_docs=30)
+    info = data_mod.prepare_corpus([corpus], tok, root / "tokens")
+    rows = data_mod.PackedRows(info.train_bin, SEQ_LEN)
+    ident = {"fingerprint": info.fingerprint, "split": "train", "eos_id": info.eos_id,
+             "settings": {"doc_sep": "auto", "heldout_fraction": 0.05}}
+    return model, tok, rows, ident, root
+
+
+def _write(setup, name, **kw):
+    model, tok, rows, ident, root = setup
+    kw = {"k": 8, "rows_per_shard": 4, "max_rows": 10, "batch_size": 3, "log": lambda *_: None, **kw}
+    return cache.write_cache(model, tok, rows, root / name, corpus=ident, **kw), root / name
+
+
+def _online(setup, idx):
+    model, tok, rows, _, _ = setup
+    batch = data_mod.collate([rows[i] for i in idx])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits[..., : len(tok)]
+    return batch, logits
+
+
+def test_round_trip_matches_the_online_teacher(setup):
+    meta, path = _write(setup, "full", hidden_states=True, hidden_dtype="fp32", tail_samples=3)
+    reader = cache.open_cache(path, tokenizer=setup[1], corpus_fingerprint=setup[3]["fingerprint"], seq_len=SEQ_LEN)
+    idx = [9, 0, 5]  # three different shards, out of order
+    batch, logits = _online(setup, idx)
+    got = reader.rows(idx, input_ids=batch["input_ids"])
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logits, 8, dim=-1)
+    assert got["topk_ids"].dtype == torch.int32 and torch.equal(got["topk_ids"].long(), top.indices)
+    torch.testing.assert_close(got["topk_logprobs"], logp.gather(-1, top.indices), rtol=1e-5, atol=1e-5)
+    alpha = 1 - logp.gather(-1, top.indices).exp().sum(-1).double()
+    torch.testing.assert_close(got["log_tail_mass"].double().exp(), alpha, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(got["hidden"], fused.final_hidden(setup[0], batch["input_ids"]))
+    assert got["tail_ids"].shape == (3, SEQ_LEN, 3)
+    assert not bool((got["tail_ids"].long()[..., :, None] == top.indices[..., None, :]).any())  # never in 𝒦
+    torch.testing.assert_close(got["tail_logprobs"], logp.gather(-1, got["tail_ids"].long()), rtol=1e-5, atol=1e-5)
+    assert meta["bytes_per_token"] == 8 * 8 + 4 + 32 * 4 + 8 * 3
+    with pytest.raises(TailkdError, match="not aligned"):
+        reader.rows(idx, input_ids=batch["input_ids"].flip(0))
+
+
+def test_int32_ids_beyond_65535_round_trip(setup, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok, rows, ident, _ = setup
+    vocab = 70_000
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[66_000:66_010] *= 50.0  # the most probable ids sit above 65535
+    cache.write_cache(model, tok, rows, tmp_path / "big", corpus=ident, k=4, max_rows=2, vocab_size=vocab,
+                      log=lambda *_: None)
+    got = cache.CacheReader(tmp_path / "big").rows([0, 1])
+    batch = data_mod.collate([rows[0], rows[1]])
+    with torch.no_grad():
+        ref = torch.topk(model(input_ids=batch["input_ids"]).logits, 4, dim=-1).indices
+    assert int(got["topk_ids"].max()) > 65535 and torch.equal(got["topk_ids"].long(), ref)
+
+
+@pytest.mark.parametrize("k_run", [8, 5])
+def test_dkl1_from_cache_equals_tad_decompose_of_online_logits(setup, k_run):
+    _, path = _write(setup, "topk")
+    reader = cache.CacheReader(path, k=k_run)
+    idx = [1, 7]
+    batch, t_logits = _online(setup, idx)
+    sparse = reader.sparse_teacher(idx, input_ids=batch["input_ids"])
+    g = torch.Generator().manual_seed(0)
+    s_logits = torch.randn(t_logits.shape, generator=g) * 3
+    mask = torch.ones(batch["labels"].shape, dtype=torch.bool)
+    got = cache.cache_divergence(s_logits, sparse, mask, loss="tad")
+    ref = losses.tad_decompose(s_logits, t_logits, k=k_run)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # the fused path from the same cache gives the same values and gradients as the dense one
+    d, V = 6, t_logits.shape[-1]
+    h = torch.randn(2, SEQ_LEN, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
+    cfg = LossConfig(name="tad", k=k_run)
+    n = batch["labels"].numel()
+    logits = fused.apply_head(h, Head(w, None, HeadSpec(V)))
+    ref_terms = objective(logits, batch["labels"], n, cfg=cfg,
+                          divergence=cache.cache_divergence(logits, sparse, mask, loss="tad"))
+    ref_terms.loss.backward()
+    ref_h, ref_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got_terms = fused.fused_objective(h, Head(w, None, HeadSpec(V)), batch["labels"], n, cfg=cfg,
+                                      sparse_teacher=sparse, chunk_size=7)
+    got_terms.loss.backward()
+    torch.testing.assert_close(got_terms.loss, ref_terms.loss, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(h.grad, ref_h, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-6, atol=1e-8)
+
+
+def test_exact_tad_from_cached_hidden_states_equals_online_tad(setup):
+    _, path = _write(setup, "hidden32", hidden_states=True, hidden_dtype="fp32")
+    reader = cache.CacheReader(path)
+    idx = [2, 3, 8]
+    batch, t_logits = _online(setup, idx)
+    g = torch.Generator().manual_seed(2)
+    s_logits = torch.randn(t_logits.shape, generator=g) * 2
+    cfg = LossConfig(name="tad", k=6, per_document=True)
+    n = batch["labels"].numel()
+    online = objective(s_logits, batch["labels"], n, cfg=cfg, teacher_logits=t_logits,
+                       segment_ids=batch["segment_ids"])
+    cached_logits = fused.apply_head(reader.teacher_hidden(idx, input_ids=batch["input_ids"]), reader.head())
+    offline = objective(s_logits, batch["labels"], n, cfg=cfg, teacher_logits=cached_logits,
+                        segment_ids=batch["segment_ids"])
+    torch.testing.assert_close(offline.loss, online.loss, rtol=1e-5, atol=1e-6)
+    # bf16 hidden states: the same loss up to their rounding
+    _, path16 = _write(setup, "hidden16", hidden_states=True, hidden_dtype="bf16")
+    r16 = cache.CacheReader(path16)
+    approx = objective(s_logits, batch["labels"], n, cfg=cfg, segment_ids=batch["segment_ids"],
+                       teacher_logits=fused.apply_head(r16.teacher_hidden(idx).float(), r16.head()))
+    torch.testing.assert_close(approx.loss, online.loss, rtol=2e-2, atol=1e-2)
+
+
+def test_tail_sample_estimator_is_unbiased():
+    """Mean over 4000 independent draws of the estimated tail term (and its gradient) → the exact α^T·D_KL2."""
+    g = torch.Generator().manual_seed(0)
+    n, V, K, M, S = 5, 30, 4, 2, 4000
+    t = torch.randn(n, V, generator=g, dtype=torch.float64) * 1.5
+    s = torch.randn(n, V, generator=g, dtype=torch.float64)
+    d1, d2, alpha = losses.tad_decompose(s, t, k=K)
+    exact = alpha * d2  # [n]
+    ids = torch.topk(t, K, dim=-1).indices
+    lse = torch.logsumexp(t, dim=-1)
+    rep = lambda x: x.repeat(S, *[1] * (x.dim() - 1))  # noqa: E731  S independent copies of every token
+    draw, draw_lp = cache.sample_tail(rep(t), rep(ids), rep(lse), M, torch.Generator().manual_seed(123))
+    log_a = torch.log(alpha)
+    sparse = fused.SparseTeacher(rep(ids)[None], rep(t.gather(-1, ids) - lse[:, None])[None], rep(log_a)[None],
+                                 draw[None], draw_lp[None], (rep(alpha)[:, None] / M).expand(-1, M)[None])
+    s_rep = rep(s)[None].clone().requires_grad_(True)
+    mask = torch.ones(1, n * S, dtype=torch.bool)
+    est = cache.cache_divergence(s_rep, sparse, mask, loss="kd")[0].view(S, n) - d1  # [S, n] tail estimates
+    mean, se = est.mean(0), est.std(0) / S ** 0.5
+    assert bool((se > 0).all())  # a real random estimate
+    assert bool(((mean - exact).abs() < 5 * se + 1e-9).all()), (mean, exact, se)
+    # a biased alternative (D_KL2 of the renormalised tail, without the α^T weight) is rejected by the same bound
+    assert not bool(((mean - d2).abs() < 5 * se + 1e-9).all())
+    est.sum().backward()  # the gradient of D_KL1 + estimated tail term (kd: KL in expectation)
+    grad = s_rep.grad[0].view(S, n, V)
+    s_ref = s.clone().requires_grad_(True)
+    d1r, d2r, ar = losses.tad_decompose(s_ref, t, k=K)
+    (d1r + ar * d2r).sum().backward()
+    g_mean, g_se = grad.mean(0), grad.std(0) / S ** 0.5
+    assert bool(((g_mean - s_ref.grad).abs() < 5 * g_se + 1e-9).all())
+
+
+def test_mismatches_are_clear_errors(setup):
+    meta, path = _write(setup, "topk")
+    with pytest.raises(TailkdError, match="tokenizer"):
+        cache.open_cache(path, tokenizer=make_tokenizer(vocab_size=290))
+    with pytest.raises(TailkdError, match="corpus"):
+        cache.CacheReader(path, corpus_fingerprint="0" * 64)
+    with pytest.raises(TailkdError, match="seq_len"):
+        cache.CacheReader(path, seq_len=SEQ_LEN + 1)
+    with pytest.raises(TailkdError, match="K=9"):
+        cache.CacheReader(path, k=9)
+    assert cache.CacheReader(path, k=3).sparse_teacher([0]).topk_ids.shape[-1] == 3  # K_run < K_cache: truncated
+    with pytest.raises(TailkdError, match="teacher weights"):
+        cache.CacheReader(path, teacher_weights_sha256="f" * 64)
+    with pytest.raises(TailkdError, match="not in teacher cache"):
+        cache.CacheReader(path).rows([10])
+    with pytest.raises(TailkdError, match="other settings"):
+        _write(setup, "topk", k=6)
+
+
+def test_corrupted_shard_is_detected_named_and_rewritten(setup):
+    _, path = _write(setup, "corrupt")
+    shard = path / "shard_000001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits inside the tensor data
+    shard.write_bytes(bytes(raw))
+    reader = cache.CacheReader(path)
+    reader.rows([0])  # other shards still read
+    with pytest.raises(TailkdError, match="shard_000001.safetensors is corrupted"):
+        reader.rows([5])
+    (path / "shard_000002.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TailkdError, match="shard_000002.safetensors is unreadable"):
+        cache.CacheReader(path).rows([9])
+    logs = []
+    _write(setup, "corrupt", log=logs.append)  # a rerun rewrites exactly the damaged shards
+    assert sum("rewriting damaged shard" in line for line in logs) == 2
+    cache.CacheReader(path).rows([5, 9])
+
+
+def test_resume_after_a_crash_skips_complete_shards_and_equals_a_fresh_cache(setup, monkeypatch):
+    _, fresh = _write(setup, "fresh", tail_samples=2)
+    real_save, calls = cache._save_shard, {"n": 0}
+
+    def crashing_save(path, tensors, meta):
+        if path.name.startswith("shard_") and calls["n"] == 2:
+            path.with_name(f".tmp-{path.name}-1").write_bytes(b"half a shard")  # what a kill leaves behind
+            raise KeyboardInterrupt("simulated crash")
+        calls["n"] += path.name.startswith("shard_")
+        real_save(path, tensors, meta)
+
+    monkeypatch.setattr(cache, "_save_shard", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        _write(setup, "resumed", tail_samples=2)
+    monkeypatch.setattr(cache, "_save_shard", real_save)
+    path = setup[4] / "resumed"
+    assert sorted(p.name for p in path.glob("shard_*")) == ["shard_000000.safetensors", "shard_000001.safetensors"]
+    with pytest.raises(TailkdError, match="lacks shard_000002"):
+        cache.CacheReader(path).rows([9])
+    forwards = {"n": 0}
+    real_hidden = fused.final_hidden
+
+    def counting_hidden(model, input_ids, **kw):
+        forwards["n"] += input_ids.shape[0]
+        return real_hidden(model, input_ids, **kw)
+
+    monkeypatch.setattr(fused, "final_hidden", counting_hidden)
+    _write(setup, "resumed", tail_samples=2)
+    assert forwards["n"] == 2 + 1  # only rows 8, 9 of the missing shard (+1 probe row of verify_head)
+    assert not list(path.glob(".tmp-*"))
+    a, b = cache.CacheReader(fresh).rows(range(10)), cache.CacheReader(path).rows(range(10))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_cache_loss_descriptions_name_the_approximation(setup):
+    meta, _ = _write(setup, "topk")
+    assert "D_KL1 only" in cache.cache_loss_description(meta, "tad", k=4)
+    assert "K=4" in cache.cache_loss_description(meta, "tad", k=4)
+    assert "lower bound" in cache.cache_loss_description(meta, "kd")
+    assert "NOT available" in cache.cache_loss_description(meta, "rkl")
+    assert "unbiased 3-sample" in cache.cache_loss_description({**meta, "tail_samples": 3}, "tad")
+    assert "exact" in cache.cache_loss_description({**meta, "hidden_states": {"dtype": "bf16", "size": 32}}, "jsd")
+    reader = cache.CacheReader(setup[4] / "topk", k=4)
+    assert "K=4" in reader.check_loss("tad")
+    for bad in ({"loss_name": "jsd"}, {"loss_name": "kd", "temperature": 2.0}, {"loss_name": "tad", "cosine_weight": 1.0}):
+        with pytest.raises(TailkdError, match="--hidden-states"):
+            reader.check_loss(**bad)
+
+
+def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
+    from tailkd import teacher as teacher_mod
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, tok, rows, _, _ = setup
+    _, path = _write(setup, "topk_samples", tail_samples=4)
+    torch.manual_seed(3)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           max_position_embeddings=64))
+    sampler = data_mod.RowSampler(10, seed=0)
+    batch = next(teacher_mod.indexed_batches(rows, sampler, 3))
+    n = batch["labels"].numel()
+    V = len(tok)
+    cfg = LossConfig(name="tad", k=5, per_document=True)
+    sources = [teacher_mod.OnlineTeacher(model, V, fused_path=False), teacher_mod.OnlineTeacher(model, V, fused_path=True),
+               teacher_mod.CachedTeacher(cache.CacheReader(path, k=5))]
+    results = []
+    for source in sources:
+        for fused_path in (False, True):
+            if source is sources[0] and fused_path or source is sources[1] and not fused_path:
+                continue
+            student.zero_grad()
+            terms = teacher_mod.step_terms(student, batch, source(batch), n, cfg, vocab_size=V,
+                                           fused_path=fused_path, chunk_size=8)
+            terms.loss.backward()
+            results.append((float(terms.loss.detach()), student.lm_head.weight.grad.clone()))
+    (l_dense, g_dense), (l_fused, g_fused), (c_dense, cg_dense), (c_fused, cg_fused) = results
+    assert l_fused == pytest.approx(l_dense, rel=1e-4)
+    torch.testing.assert_close(g_fused, g_dense, rtol=1e-3, atol=1e-6)
+    assert c_fused == pytest.approx(c_dense, rel=1e-4)
+    torch.testing.assert_close(cg_fused, cg_dense, rtol=1e-3, atol=1e-6)
+
+
+def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
+    from tailkd.cli import main
+    from tiny import make_teacher_dir
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    args = ["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+            "--out", str(tmp_path / "out"), "--max-rows", "3", "--tail-samples", "2", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "bytes/token" in out and "GB per 1B tokens" in out and "top-K + hidden states" in out
+    meta = json.loads((tmp_path / "out" / "cache.json").read_text())
+    assert meta["k"] == 4 and meta["num_rows"] == 3 and meta["corpus"]["seq_len"] == 16
+    assert main(args) == 0  # rerun: everything complete, nothing recomputed
+    assert "0 shard(s) written" in capsys.readouterr().out

@@ -1,0 +1,279 @@
+"""The fused, chunked LM-head + loss layer equals the dense path (objective on full logits), values and gradients."""
+
+import pytest
+import torch
+
+from tailkd import fused
+from tailkd.config import LossConfig
+from tailkd.errors import TailkdError
+from tailkd.fused import Head, HeadSpec
+from tailkd.objective import IGNORE_INDEX, objective, per_token_divergence
+
+CASES = [
+    ("clm", {}),
+    ("kd", {}),
+    ("kd", {"temperature": 2.0}),
+    ("tad", {"k": 4}),
+    ("tad", {"k": 4, "per_document": True}),
+    ("tad", {"k": 3, "beta": 5.0, "temperature": 1.7}),
+    ("rkl", {}),
+    ("jsd", {}),
+    ("jsd", {"jsd_beta": 0.1}),
+    ("jsd", {"jsd_beta": 0.0}),
+    ("jsd", {"jsd_beta": 1.0}),
+    ("tad", {"k": 4, "clm_weight": 0.3, "div_weight": 2.0}),
+]
+
+
+def _inputs(dtype, *, B=3, T=9, d_s=8, d_t=12, V=37, rows=40, seed=0, bias=True):
+    """Hidden states, padded heads with transforms, labels with masked tokens, packed segment ids."""
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, T, d_s, generator=g, dtype=dtype)
+    h_t = torch.randn(B, T, d_t, generator=g, dtype=dtype) * 2
+    w_s = torch.randn(rows, d_s, generator=g, dtype=dtype)
+    w_t = torch.randn(rows, d_t, generator=g, dtype=dtype)
+    b_s = torch.randn(rows, generator=g, dtype=dtype) * 0.1 if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 2] = IGNORE_INDEX
+    labels[1, :4] = IGNORE_INDEX
+    seg = (torch.rand(B, T, generator=g) < 0.25).long().cumsum(1)  # packed documents: non-decreasing per row
+    seg[1] = 0  # one row holds a single document
+    spec_s = HeadSpec(V, scale=0.7, softcap=5.0)
+    spec_t = HeadSpec(V, softcap=4.0)
+    return h_s, w_s, b_s, spec_s, h_t, Head(w_t, None, spec_t), labels, seg
+
+
+def _leaf(x):
+    return None if x is None else x.detach().clone().requires_grad_(True)
+
+
+def _dense(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg):
+    a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+    n = int((labels != IGNORE_INDEX).sum())
+    terms = objective(fused.apply_head(a, Head(w, b, spec_s)), labels, n, cfg=cfg,
+                      teacher_logits=fused.apply_head(h_t, head_t), segment_ids=seg)
+    terms.loss.backward()
+    return terms, a.grad, w.grad, None if b is None else b.grad
+
+
+def _fused(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg, chunk):
+    a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+    n = int((labels != IGNORE_INDEX).sum())
+    terms = fused.fused_objective(a, Head(w, b, spec_s), labels, n, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                                  segment_ids=seg, chunk_size=chunk)
+    terms.loss.backward()
+    return terms, a.grad, w.grad, None if b is None else b.grad
+
+
+def _close(got, ref, dtype):
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,extra", CASES)
+def test_fused_equals_dense_values_and_gradients(name, extra, dtype):
+    inputs = _inputs(dtype)
+    cfg = LossConfig(name=name, **extra)
+    ref, *ref_grads = _dense(cfg, *inputs)
+    n_valid = int((inputs[-2] != IGNORE_INDEX).sum())
+    for chunk in (4, 7, n_valid + 5, None):  # 4, 7: trailing partial chunk (TAD rows split); None: default policy
+        got, *grads = _fused(cfg, *inputs, chunk)
+        _close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], dtype)
+        _close(grads, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("per_document", [False, True])
+def test_tad_chunk_size_does_not_change_loss_or_gradients(per_document):
+    """β(X) needs ᾱ over whole sequences: chunks that cut sequences (statistics pass) == whole-sequence chunks."""
+    inputs = _inputs(torch.float64, B=4, T=11, seed=3)
+    cfg = LossConfig(name="tad", k=5, beta=2.0, per_document=per_document)
+    ref, *ref_grads = _dense(cfg, *inputs)
+    for chunk in (1, 2, 5, 11, 12, 30, 1000):
+        got, *grads = _fused(cfg, *inputs, chunk)
+        _close([got.loss, got.div], [ref.loss, ref.div], torch.float64)
+        _close(grads, ref_grads, torch.float64)
+
+
+def test_chunk_plan_cuts_at_sequence_boundaries_and_flags_split_sequences():
+    seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3])
+    chunks, split = fused._plan_chunks(seq, seq.numel(), 4)
+    assert chunks == [(0, 3), (3, 5), (5, 9), (9, 11)]  # sequence 2 (5 tokens) must be cut
+    assert split.tolist() == [False, False, True, False]
+    chunks, split = fused._plan_chunks(seq, seq.numel(), 6)
+    assert chunks == [(0, 5), (5, 11)] and not bool(split.any())
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_gradient_is_unchanged():
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64, bias=False)
+    cfg = LossConfig(name="tad", k=4)
+    _, ref_h, _, _ = _dense(cfg, h_s, w_s, None, spec_s, h_t, head_t, labels, seg)
+    a = _leaf(h_s)
+    frozen = w_s.clone()  # requires_grad False: no weight-gradient matmul
+    terms = fused.fused_objective(a, Head(frozen, None, spec_s), labels, int((labels != -100).sum()), cfg=cfg,
+                                  teacher_hidden=h_t, teacher_head=head_t, chunk_size=5)
+    terms.loss.backward()
+    assert frozen.grad is None
+    torch.testing.assert_close(a.grad, ref_h, rtol=1e-10, atol=1e-12)
+
+
+def test_masked_tokens_get_zero_gradient_and_fully_masked_batch_is_zero():
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    got, gh, _, _ = _fused(LossConfig(name="kd"), h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg, 4)
+    assert bool((gh[labels == IGNORE_INDEX] == 0).all()) and bool((gh[labels != IGNORE_INDEX] != 0).any())
+    empty = torch.full_like(labels, IGNORE_INDEX)
+    a, w = _leaf(h_s), _leaf(w_s)
+    terms = fused.fused_objective(a, Head(w, None, spec_s), empty, 0, cfg=LossConfig(name="tad", k=3),
+                                  teacher_hidden=h_t, teacher_head=head_t, chunk_size=4)
+    terms.loss.backward()
+    assert float(terms.loss.detach()) == 0.0 and float(a.grad.abs().sum()) == 0.0 and float(w.grad.abs().sum()) == 0.0
+
+
+def test_global_denominator_and_micro_batches_match_one_big_batch():
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    cfg = LossConfig(name="tad", k=4)
+    n = int((labels != IGNORE_INDEX).sum())
+    ref, ref_h, ref_w, _ = _dense(cfg, h_s, w_s, None, spec_s, h_t, head_t, labels, seg)
+    a, w = _leaf(h_s), _leaf(w_s)
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 3)):
+        part = fused.fused_objective(a[rows], Head(w, None, spec_s), labels[rows], n, cfg=cfg, teacher_hidden=h_t[rows],
+                                     teacher_head=head_t, chunk_size=5)
+        part.loss.backward()
+        total += float(part.loss.detach())
+    assert total == pytest.approx(float(ref.loss.detach()), rel=1e-12)
+    torch.testing.assert_close(a.grad, ref_h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,extra", [("tad", {"k": 4, "per_document": True}), ("jsd", {}), ("clm", {})])
+def test_per_token_values_and_their_gradients_match_dense(name, extra):
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    cfg = LossConfig(name=name, **extra)
+    g = torch.Generator().manual_seed(7)
+    weights = torch.rand(labels.shape, generator=g, dtype=torch.float64)  # arbitrary downstream weights
+    a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+    logits = fused.apply_head(a, Head(w, b, spec_s))
+    mask = labels != IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
+    div = (per_token_divergence(cfg, logits, fused.apply_head(h_t, head_t), labels, segment_ids=seg)
+           if name != "clm" else torch.zeros_like(ce))
+    ((ce + 3 * div) * weights).sum().backward()
+    a2, w2, b2 = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+    clm2, div2 = fused.fused_per_token(a2, Head(w2, b2, spec_s), labels, cfg=cfg, teacher_hidden=h_t,
+                                       teacher_head=head_t, segment_ids=seg, chunk_size=4)
+    ((clm2 + 3 * div2) * weights).sum().backward()
+    torch.testing.assert_close(clm2, torch.where(mask, ce, 0.0).detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(div2, torch.where(mask, div, 0.0).detach(), rtol=1e-10, atol=1e-12)
+    for x, y in ((a2.grad, a.grad), (w2.grad, w.grad), (b2.grad, b.grad)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_tad_float32_stays_accurate_when_the_student_tail_mass_underflows():
+    """Student logits = 20 × the teacher's direction: α^S ~ 1e-40 (< float32 normal range) on most tokens."""
+    _, _, _, spec_s, h_t, head_t, labels, seg = _inputs(torch.float32, d_s=12, seed=5)
+    h_s, w_s = h_t.clone(), head_t.weight.clone()
+    spec = HeadSpec(spec_s.vocab_size, scale=20.0)
+    head_t = Head(head_t.weight, None, HeadSpec(spec_s.vocab_size, scale=2.0))
+    cfg = LossConfig(name="tad", k=3)
+    z = fused.apply_head(h_s.double(), Head(w_s.double(), None, spec))
+    ids = fused.apply_head(h_t.double(), Head(head_t.weight.double(), None, head_t.spec)).topk(3, -1).indices
+    log_as = z.scatter(-1, ids, -torch.inf).logsumexp(-1) - z.logsumexp(-1)
+    assert float((log_as < -69).float().mean()) > 0.5  # the ratio α^T/α^S > 1e30 fallback is exercised
+    f64 = [x.double() for x in (h_s, w_s)]
+    ref64, *g64 = _dense(cfg, f64[0], f64[1], None, spec, h_t.double(),
+                         Head(head_t.weight.double(), None, head_t.spec), labels, seg)
+    got, *grads = _fused(cfg, h_s, w_s, None, spec, h_t, head_t, labels, seg, 5)
+    assert torch.isfinite(got.loss) and all(torch.isfinite(g).all() for g in grads if g is not None)
+    torch.testing.assert_close(got.loss.double(), ref64.loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0].double(), g64[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grads[1].double(), g64[1], rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- the model's own logit transforms
+
+
+def _tiny_config(name, **extra):
+    import transformers
+
+    cls = getattr(transformers, name)
+    return cls(vocab_size=70, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=None, **extra)
+
+
+def _tiny_model(config_name, **extra):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_tiny_config(config_name, **extra), dtype=torch.float32)
+    with torch.no_grad():  # large logits so that soft-capping / scaling matter
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config_name,extra,expect", [
+    ("Gemma2Config", {"final_logit_softcapping": 3.0, "tie_word_embeddings": False}, {"softcap": 3.0}),
+    ("LlamaConfig", {}, {}),
+    ("CohereConfig", {"logit_scale": 0.25}, {"scale": 0.25}),
+    ("GraniteConfig", {"logits_scaling": 8.0}, {"scale": 1 / 8.0}),
+])
+def test_head_spec_reproduces_the_models_own_logits(config_name, extra, expect):
+    model = _tiny_model(config_name, **extra)
+    head = fused.model_head(model)
+    assert head.spec == HeadSpec(70, **expect)
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert fused.verify_head(model, ids, head) < 1e-3
+    if expect:  # leaving the transform out is caught (TRL #6629)
+        with pytest.raises(TailkdError, match="does not reproduce"):
+            fused.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70)))
+
+
+def test_fused_objective_on_gemma2_equals_objective_on_model_logits():
+    student = _tiny_model("Gemma2Config", final_logit_softcapping=3.0, tie_word_embeddings=False)
+    teacher = _tiny_model("Gemma2Config", final_logit_softcapping=5.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 70, (2, 8), generator=g)
+    labels = torch.randint(0, 70, (2, 8), generator=g)
+    cfg = LossConfig(name="tad", k=5)
+    n = int(labels.numel())
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    ref = objective(student(input_ids=ids).logits, labels, n, cfg=cfg, teacher_logits=t_logits)
+    ref.loss.backward()
+    ref_grad = student.get_output_embeddings().weight.grad.clone()
+    student.zero_grad()
+    with torch.no_grad():
+        h_t = fused.final_hidden(teacher, ids)
+    got = fused.fused_objective(fused.final_hidden(student, ids), fused.model_head(student), labels, n, cfg=cfg,
+                                teacher_hidden=h_t, teacher_head=fused.model_head(teacher), chunk_size=5)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student.get_output_embeddings().weight.grad, ref_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_unknown_scaling_attribute_is_refused():
+    model = _tiny_model("LlamaConfig")
+    model.config.logits_scaling = 4.0
+    with pytest.raises(TailkdError, match="does not know"):
+        fused.head_spec(model)
+
+
+def test_selection_and_errors():
+    assert not fused.use_fused("auto", 1000, 32000)
+    assert fused.use_fused("auto", 8192, 151936, "tad")
+    assert not fused.use_fused("auto", 8192, 151936, "dkd")
+    assert fused.use_fused("on", 10, 10) and not fused.use_fused("off", 10**9, 10**6)
+    with pytest.raises(TailkdError, match="no fused path"):
+        fused.use_fused("on", 10, 10, "dkd")
+    with pytest.raises(TailkdError, match="auto, on, off"):
+        fused.use_fused("maybe", 10, 10)
+    assert fused.default_chunk_size(151936) == 110 and fused.default_chunk_size(100) == 4096
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    with pytest.raises(TailkdError, match="no fused path"):
+        fused.fused_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="dkd"),
+                              teacher_hidden=h_t, teacher_head=head_t)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fused.fused_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="kd"), teacher_hidden=h_t,
+                              teacher_head=Head(head_t.weight, None, HeadSpec(36)))
