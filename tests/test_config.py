@@ -47,7 +47,10 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"loss": {"beta": -1}}, "loss.beta=-1.0 must be >= 0"),
         ({"loss": {"name": "mse"}}, "not a loss"),
         ({"loss": {"k": 0}}, "loss.k=0 must be >= 1"),
-        ({"loss": 3}, "must be a mapping"),
+        ({"loss": 3}, "config section loss must be a mapping"),
+        ({"teacher": {"cache": "c"}, "data": {"task": "sft"}}, "drop --teacher.cache"),
+        ({"train": {"fused_loss": "yes"}}, "train.fused_loss='yes' must be auto, on or off"),
+        ({"train": {"loss_chunk_size": -1}}, "train.loss_chunk_size=-1 must be >= 0"),
     ],
 )
 def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):

@@ -86,6 +86,18 @@ def test_teacher_vs_itself_and_no_teacher():
     assert "kl" not in alone and alone["student_clm"] == pytest.approx(m["student_clm"], rel=1e-15)
 
 
+def test_a_nan_teacher_is_not_reported_as_kl_zero():
+    from tailkd.evaluate import token_sums
+
+    s = torch.tensor([[0.0, 1.0, 2.0]])
+    t = torch.tensor([[float("nan"), 0.0, 0.0]])
+    sums = token_sums(s, t, torch.tensor([1]))
+    assert torch.isnan(sums["kl"]) and torch.isnan(sums["rkl"])
+    # exact zeros of p (masked vocabulary, −inf logits) still count as 0·log 0 = 0
+    t = torch.tensor([[float("-inf"), 0.0, 0.0]])
+    assert torch.isfinite(token_sums(s, t, torch.tensor([1]))["kl"])
+
+
 def test_calibrated_predictions_have_zero_ece():
     # q = (0.75, 0.25) at every position, label 0 three times out of four: calibrated in every bin
     model = from_probs([[0.75, 0.25]])

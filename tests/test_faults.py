@@ -285,9 +285,9 @@ def test_a_nan_teacher_stops_after_max_bad_steps_with_a_usable_checkpoint(assets
 def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, capsys, monkeypatch):
     """Step 3: the loss is NaN; step 4: the loss is finite but a gradient is NaN. Both change nothing (weights,
     AdamW moments, schedule); the run goes on and finishes."""
-    import tailkd.train as train_mod
+    import tailkd.objective as objective_mod
 
-    real = train_mod.objective
+    real = objective_mod.objective
     calls = []
 
     def poisoned(student_logits, *a, **kw):
@@ -299,7 +299,7 @@ def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, caps
             student_logits.register_hook(lambda g: torch.full_like(g, float("nan")))
         return terms
 
-    monkeypatch.setattr(train_mod, "objective", poisoned)
+    monkeypatch.setattr(objective_mod, "objective", poisoned)  # tailkd.teacher.step_terms calls it
     run = tmp_path / "run"
     assert main(args(assets, run, "--train.save_every", "1", "--train.keep_last", "20", steps=6)) == 0
     err = capsys.readouterr().err

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from tailkd import fused
 from tailkd.errors import TailkdError
@@ -271,17 +272,20 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     chunk = chunk_size or fused.default_chunk_size(vocab)
     dev = head.weight.device
     written = skipped = 0
-    t0 = time.perf_counter()
+    bar = tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
+               dynamic_ncols=True)
     for i in range(meta["num_shards"]):
         path = out / _shard_name(i)
+        a, b = i * rows_per_shard, min((i + 1) * rows_per_shard, n_rows)
         if path.is_file():
             try:
                 verify_shard(path)
                 skipped += 1
+                bar.total -= (b - a) * seq_len  # kept: not part of this invocation's work
+                bar.refresh()
                 continue
             except TailkdError as exc:
                 log(f"rewriting damaged shard: {exc}")
-        a, b = i * rows_per_shard, min((i + 1) * rows_per_shard, n_rows)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
         parts = []
         for start in range(a, b, batch_size):
@@ -292,10 +296,12 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                 part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
             part["row_hash"] = row_hash(ids)
             parts.append(part)
+            bar.update(ids.numel())
         tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
         _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
         written += 1
-        log(f"shard {i + 1}/{meta['num_shards']}: rows {a}-{b - 1} ({time.perf_counter() - t0:.1f}s)")
+        bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
+    bar.close()
     log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
     return json.loads(meta_path.read_text())
 
@@ -471,12 +477,22 @@ class CacheReader:
 
 def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, split: str = "train",
                seq_len: int | None = None, k: int | None = None, teacher_model=None) -> CacheReader:
-    """`CacheReader` checked against the run's tokenizer, corpus, split, seq_len, K (and teacher weights if given)."""
+    """`CacheReader` checked against the run's tokenizer, corpus, split, seq_len, K and teacher weights.
+
+    The weights hash is compared only when ``teacher_model`` is loaded in the dtype the cache was written with
+    (a bf16 cache from a GPU and an fp32 teacher on a CPU hash differently with the same weights)."""
     from tailkd.models import tokenizer_fingerprint
 
+    sha = None
+    if teacher_model is not None:
+        meta_path = Path(path) / META_FILE
+        cached = json.loads(meta_path.read_text()).get("teacher", {}).get("dtype") if meta_path.is_file() else None
+        loaded = str(next(teacher_model.parameters()).dtype).removeprefix("torch.")
+        if cached in (None, loaded):
+            sha = weights_hash(teacher_model)
     return CacheReader(path, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
                        corpus_fingerprint=corpus_fingerprint, split=split, seq_len=seq_len, k=k,
-                       teacher_weights_sha256=weights_hash(teacher_model) if teacher_model is not None else None)
+                       teacher_weights_sha256=sha)
 
 
 # --------------------------------------------------------------------------- losses from the cache (dense student)

@@ -34,6 +34,9 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 class TeacherConfig:
     path: str = _f("smollm2", "teacher: 'smollm2' (built-in SmolLM2-135M-Instruct), an HF model folder, or a .gguf file")
     dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+    cache: Optional[str] = _f(None, "teacher cache folder (tailkd cache-teacher) that training steps read instead "
+                                    "of running the teacher; the teacher is still loaded for the student's "
+                                    "initialisation and the held-out evaluation")
 
 
 @dataclass
@@ -117,6 +120,10 @@ class TrainConfig:
                                "gradient; each such step is skipped without updating the weights")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True): bit-identical reruns and resumes "
                                     "(slower on GPU)")
+    fused_loss: str = _f("auto", "LM heads + loss in chunks from the final hidden states, never [B, T, V] logits: "
+                                 "auto (when one side's float32 logits would exceed 1 GiB and the loss has a "
+                                 "fused path: clm, kd, tad, rkl, jsd), on, off")
+    loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: about 2^24 logits per chunk)")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)")
 
@@ -169,6 +176,13 @@ class DistillConfig:
             raise TailkdError(f"train.lr={c.train.lr} must be > 0")
         if c.train.max_bad_steps < 1:
             raise TailkdError(f"train.max_bad_steps={c.train.max_bad_steps} must be >= 1")
+        if c.train.fused_loss not in ("auto", "on", "off"):
+            raise TailkdError(f"train.fused_loss={c.train.fused_loss!r} must be auto, on or off")
+        if c.train.loss_chunk_size < 0:
+            raise TailkdError(f"train.loss_chunk_size={c.train.loss_chunk_size} must be >= 0 (0: automatic)")
+        if c.teacher.cache and c.data.task != "pretrain":
+            raise TailkdError("teacher.cache holds packed pretraining rows; supervised runs (data.task=sft) use the "
+                              "online teacher: drop --teacher.cache")
         if c.train.parallel not in ("ddp", "fsdp"):
             raise TailkdError(f"train.parallel={c.train.parallel!r} must be ddp or fsdp")
         if c.train.force_resume and not c.train.resume:
@@ -231,7 +245,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise TailkdError(f"config section {prefix or '<root>'} must be a mapping, got {type(data).__name__}")
+        raise TailkdError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -289,6 +303,7 @@ def save_yaml(cfg, path: str | Path) -> None:
 ALIASES = {
     "teacher": "teacher.path",
     "student": "student.path",
+    "teacher-cache": "teacher.cache",
     "student-layers": "student.num_layers",
     "data": "data.paths",
     "seq-len": "data.seq_len",
@@ -310,6 +325,7 @@ ALIASES = {
     "resume": "train.resume",
     "overwrite": "train.overwrite",
     "force": "train.force_resume",
+    "fused-loss": "train.fused_loss",
 }
 
 

@@ -80,7 +80,7 @@ def calibration_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> di
 def _plogp_diff(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) per row from log-probabilities ``[N, V]`` (0·log 0 = 0), float64 ``[N]``."""
     p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (logp - logq))  # NaN stays NaN (a broken model shows)
     return terms.sum(-1).double()
 
 

@@ -41,17 +41,19 @@ from tqdm.auto import tqdm
 from tailkd import checkpoint as ckpt
 from tailkd import data as data_mod
 from tailkd import distributed as dist
-from tailkd import models
+from tailkd import fused, models
+from tailkd import teacher as teacher_mod
 from tailkd.config import DistillConfig, from_dict, load_yaml, save_yaml, to_dict
 from tailkd.errors import TailkdError
 from tailkd.evaluate import CHUNK_ELEMENTS, IGNORE_INDEX, add_sums, finalize, forward_logits, token_sums
 from tailkd.flops import distill_flops
-from tailkd.objective import count_valid_tokens, objective
+from tailkd.objective import count_valid_tokens
 
 # Config keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train.eval_every", "train.save_every",
                     "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
-                    "train.force_resume", "train.max_bad_steps", "train.parallel"}
+                    "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
+                    "train.loss_chunk_size"}
 TERMS = ("loss", "clm", "div", "cos")
 resolve_device = dist.resolve_device  # kept here for callers of the single-process API
 
@@ -284,6 +286,46 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     return info, train_rows, held_rows
 
 
+def choose_loss_path(cfg: DistillConfig, vocab: int) -> bool:
+    """``train.fused_loss``: True for the fused, chunked loss layer (`tailkd.fused`), False for full logits."""
+    tokens = max(1, cfg.train.batch_size // dist.world()) * cfg.data.seq_len  # one rank's micro-batch
+    fused_path = fused.use_fused(cfg.train.fused_loss, tokens, vocab, cfg.loss.name)
+    if fused_path and cfg.train.parallel == "fsdp":
+        if cfg.train.fused_loss == "on":
+            raise TailkdError("train.fused_loss=on does not combine with train.parallel=fsdp (FSDP shards the LM head "
+                              "the fused layer reads); use --train.parallel ddp or --train.fused_loss off")
+        return False
+    return fused_path
+
+
+def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
+                         fused_path: bool, probe: torch.Tensor):
+    """(signal_of, description): where each step's teacher signal comes from, and in words which loss that gives.
+
+    Online: the teacher runs on every micro-batch (full logits, or final hidden states + LM head when fused).
+    ``teacher.cache``: a `tailkd.cache.CacheReader` checked against this run (tokenizer, corpus, split, seq_len,
+    K, teacher weights, and each batch's row hashes); a top-K cache gives D_KL1 (+ a sampled tail estimate), a
+    cache with hidden states the exact loss. On the fused path the LM heads are checked once against the models'
+    own logits (``probe``: a few token ids)."""
+    if fused_path:
+        fused.verify_head(student, probe, vocab_size=vocab)
+    if cfg.loss.name == "clm":
+        return None, "clm: no teacher"
+    if cfg.teacher.cache:
+        from tailkd.cache import open_cache
+
+        reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
+                            split="train", seq_len=cfg.data.seq_len,
+                            k=cfg.loss.k if cfg.loss.name == "tad" else None, teacher_model=teacher)
+        description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+        return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
+    if fused_path:
+        fused.verify_head(teacher, probe, vocab_size=vocab)
+    online = teacher_mod.OnlineTeacher(teacher, vocab, fused_path=fused_path, autocast_dtype=ac,
+                                       want_hidden=cfg.loss.cosine_weight > 0)
+    return online, f"{cfg.loss.name}: exact, online teacher"
+
+
 def check_batch_split(batch_size: int) -> None:
     w = dist.world()
     if batch_size % w:
@@ -304,16 +346,22 @@ def next_micro_batches(rows: data_mod.PackedRows, sampler: data_mod.RowSampler, 
     micro = []
     for _ in range(cfg.train.grad_accum):
         idx = [next(sampler) for _ in range(cfg.train.batch_size)]
-        micro.append(data_mod.collate([rows[i] for i in idx[r::w]]))  # (batch_size / world, T) each
+        batch = data_mod.collate([rows[i] for i in idx[r::w]])  # (batch_size / world, T) each
+        batch["row_index"] = torch.tensor(idx[r::w], dtype=torch.long)  # the rows' places (teacher cache)
+        micro.append(batch)
     return micro
 
 
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def forward_backward(model, teacher, micro: list[dict], *, cfg: DistillConfig, vocab: int, device, ac) -> dict:
+def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig, vocab: int, device, ac,
+                     fused_path: bool) -> dict:
     """Forward + backward of this rank's micro-batches; gradients accumulate in ``.grad`` and are reduced over
     ranks by DDP/FSDP on the last micro-batch only.
+
+    ``signal_of(batch)``: the teacher signal of a micro-batch (online teacher or teacher cache; None for clm).
+    ``fused_path``: the loss from the final hidden states in chunks (`tailkd.fused`), else from full logits.
 
     Denominator: the GLOBAL number of valid tokens of the step (every micro-batch, every rank), summed with one
     all_reduce BEFORE the first backward. Each rank's loss is multiplied by the world size to undo DDP's
@@ -321,22 +369,14 @@ def forward_backward(model, teacher, micro: list[dict], *, cfg: DistillConfig, v
     rank's part of the loss terms (the parts add up over ranks to the step's loss)."""
     (n_valid,) = dist.sum_over_ranks([sum(count_valid_tokens(mb["labels"]) for mb in micro)], device)
     scale = dist.loss_scale()
-    want_hidden = cfg.loss.cosine_weight > 0
+    chunk = cfg.train.loss_chunk_size or None
     terms_sum = dict.fromkeys(TERMS, 0.0)
     for i, mb in enumerate(micro):
-        input_ids = mb["input_ids"].to(device)  # (b, T)
-        labels = mb["labels"].to(device)  # (b, T), -100 = ignore
+        batch = {key: value.to(device) for key, value in mb.items()}  # input_ids, labels, segment_ids (b, T)
         with dist.grad_sync(model, sync=i == len(micro) - 1):
-            t_logits = t_hidden = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits, t_hidden = forward_logits(teacher, input_ids, vocab, autocast_dtype=ac,
-                                                        output_hidden_states=want_hidden)  # (b, T, V)
-            s_logits, s_hidden = forward_logits(model, input_ids, vocab, autocast_dtype=ac,
-                                                output_hidden_states=want_hidden)  # (b, T, V)
-            terms = objective(s_logits, labels, int(n_valid), cfg=cfg.loss, teacher_logits=t_logits,
-                              segment_ids=mb["segment_ids"].to(device), student_hidden=s_hidden,
-                              teacher_hidden=t_hidden)
+            signal = signal_of(batch) if signal_of is not None else None
+            terms = teacher_mod.step_terms(model, batch, signal, int(n_valid), cfg.loss, vocab_size=vocab,
+                                           fused_path=fused_path, chunk_size=chunk, autocast_dtype=ac)
             (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
         for key in TERMS:
             terms_sum[key] += float(getattr(terms, key).detach())
@@ -509,7 +549,16 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
 
     # --- data (rank 0 first: the corpus is tokenised into its cache once)
-    _, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+    info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+
+    # --- the loss layer and the teacher signal (online or a teacher cache, checked against this run)
+    fused_path = choose_loss_path(cfg, vocab)
+    probe = data_mod.collate([train_rows[0]])["input_ids"][:, :16].to(device)
+    signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
+                                                  fused_path, probe)
+    chunk_text = f", {cfg.train.loss_chunk_size or fused.default_chunk_size(vocab)} tokens per chunk"
+    say(f"loss layer: {'fused (LM heads + loss in chunks' + chunk_text + ')' if fused_path else 'full logits'}; "
+        f"teacher signal: {signal_text}")
 
     # --- every input checked out: only now touch the run folder
     dist.on_main_then_all(lambda: claim_run_dir(out, cfg, resuming, changes), main_only=True)
@@ -554,7 +603,8 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
         t0 = time.perf_counter()
         # --- forward/backward of this rank's rows
         micro = next_micro_batches(train_rows, sampler, cfg)
-        terms = forward_backward(model, teacher, micro, cfg=cfg, vocab=vocab, device=device, ac=ac)
+        terms = forward_backward(model, signal_of, micro, cfg=cfg, vocab=vocab, device=device, ac=ac,
+                                 fused_path=fused_path)
         # --- the step's loss terms summed over ranks, and whether any rank got a stop signal
         *values, n_signals = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals)], device)
         terms = dict(zip(TERMS, values))
@@ -635,7 +685,8 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
 
     summary = {"run": str(out), "final": str(final_dir), "steps": state["step"], "tokens": state["tokens"],
                "train_seconds": state["elapsed"], "loss": cfg.loss.name, "world_size": dist.world(),
-               "bad_steps": state["bad_steps"], "heldout_before": state["initial_heldout"],
+               "bad_steps": state["bad_steps"], "loss_layer": "fused" if fused_path else "full logits",
+               "teacher_signal": signal_text, "heldout_before": state["initial_heldout"],
                "heldout_after": final_metrics,
                "flops": distill_flops(teacher, dist.unwrap(model), state["tokens"], seq_len=cfg.data.seq_len,
                                       loss=cfg.loss.name, freeze_embeddings=cfg.student.freeze_embeddings)}

@@ -1,0 +1,144 @@
+"""`tailkd distill` on the fused loss layer and from an offline teacher cache, end to end through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tailkd.cli import main
+from tiny import make_teacher_dir, read_metrics, write_corpus
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    teacher = make_teacher_dir(root / "teacher", layers=2, hidden=48, train_steps=30)
+    corpus = write_corpus(root / "corpus.txt", n_docs=40)
+    return {"teacher": teacher, "corpus": corpus, "cache": root / "tok", "root": root}
+
+
+def distill_args(assets, out, *extra, steps=4):
+    return ["distill", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+            "--data.cache_dir", str(assets["cache"]), "--student-layers", "1", "--seq-len", "32",
+            "--batch-size", "4", "--lr", "3e-3", "--train.warmup_steps", "1", "--data.eval_rows", "4",
+            "--train.precision", "fp32", "--steps", str(steps), "--out", str(out), *extra]
+
+
+def cache_args(assets, out, *extra):
+    return ["cache-teacher", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+            "--cache-dir", str(assets["cache"]), "--seq-len", "32", "--device", "cpu", "--dtype", "fp32",
+            "--rows-per-shard", "8", "--out", str(out), *extra]
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("loss", ["tad", "kd", "jsd"])
+def test_fused_loss_layer_trains_like_full_logits(assets, tmp_path, capsys, loss):
+    """Same run, full logits vs the fused chunked layer (chunks of 24 tokens: rows cut across chunks, so TAD's
+    β(X) needs its statistics pass): the same losses step by step and the same student."""
+    dense, chunked = tmp_path / "dense", tmp_path / "fused"
+    extra = ("--loss", loss, "--k", "5")
+    assert main(distill_args(assets, dense, *extra, "--fused-loss", "off")) == 0
+    assert "loss layer: full logits" in capsys.readouterr().out
+    assert main(distill_args(assets, chunked, *extra, "--fused-loss", "on", "--train.loss_chunk_size", "24")) == 0
+    assert "loss layer: fused (LM heads + loss in chunks, 24 tokens per chunk)" in capsys.readouterr().out
+    a, b = train_losses(dense), train_losses(chunked)
+    assert len(a) == len(b) == 4
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert a == pytest.approx(b, rel=1e-3)
+    assert summary(dense)["loss_layer"] == "full logits" and summary(chunked)["loss_layer"] == "fused"
+    wa, wb = load_file(str(dense / "final" / "model.safetensors")), load_file(str(chunked / "final" / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def caches(assets):
+    """A top-K cache (K=8) and one with fp32 hidden states, of the rows tailkd distill trains on."""
+    topk, hidden = assets["root"] / "cache-topk", assets["root"] / "cache-hidden"
+    assert main(cache_args(assets, topk, "--k", "8")) == 0
+    assert main(cache_args(assets, hidden, "--k", "8", "--hidden-states", "--hidden-dtype", "fp32")) == 0
+    return {"topk": topk, "hidden": hidden}
+
+
+def test_cache_with_hidden_states_gives_the_online_run(assets, caches, tmp_path, capsys):
+    """Exact TAD offline: teacher logits re-computed from cached fp32 hidden states + head = the online run."""
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    assert main(distill_args(assets, online, "--loss", "tad", "--k", "5")) == 0
+    capsys.readouterr()
+    assert main(distill_args(assets, cached, "--loss", "tad", "--k", "5", "--teacher-cache", str(caches["hidden"]))) == 0
+    out = capsys.readouterr().out
+    assert "teacher signal: teacher cache" in out and "exact" in out
+    assert train_losses(cached) == pytest.approx(train_losses(online), rel=1e-4)
+    assert "hidden states" in summary(cached)["teacher_signal"]
+    assert summary(online)["teacher_signal"] == "tad: exact, online teacher"
+
+
+@pytest.mark.parametrize("fused_mode", ["off", "on"])
+def test_topk_cache_trains_on_the_k_plus_1_bucket_loss(assets, caches, tmp_path, capsys, fused_mode):
+    """A top-K cache: the divergence is D_KL1 (TAD's tail term dropped), which the log and summary say; K_run=5 <
+    K_cache=8 truncates exactly. The first step's divergence equals D_KL1 of the online teacher."""
+    run, online = tmp_path / "cached", tmp_path / "online"
+    assert main(distill_args(assets, run, "--loss", "tad", "--k", "5", "--teacher-cache", str(caches["topk"]),
+                             "--fused-loss", fused_mode, steps=2)) == 0
+    out = capsys.readouterr().out
+    assert "D_KL1 only" in out and "K=5" in out and "DROPPED" in out
+    assert "D_KL1 only" in summary(run)["teacher_signal"]
+    # the online run with β = 0 has L_DIV = D_KL1 exactly: same first step (same weights, same rows)
+    assert main(distill_args(assets, online, "--loss", "tad", "--k", "5", "--beta", "0", steps=2)) == 0
+    first = [r for r in read_metrics(run) if r["split"] == "train"][0]
+    ref = [r for r in read_metrics(online) if r["split"] == "train"][0]
+    assert first["div"] == pytest.approx(ref["div"], rel=1e-4)
+    assert first["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    held = [r for r in read_metrics(run) if r["split"] == "heldout"]
+    assert held[-1]["kl"] < held[0]["kl"]  # held-out KL against the real teacher falls
+
+
+def _error(capsys, args) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if "Loading weights" not in ln and "distill[" not in ln]
+    assert "Traceback" not in err and lines[-1].startswith("tailkd: error:"), err  # one line, no traceback
+    assert [ln for ln in lines if ln.strip()] == [lines[-1]], lines
+    return lines[-1]
+
+
+def test_cache_that_does_not_match_the_run_is_refused_before_the_run_starts(assets, caches, tmp_path, capsys):
+    run = tmp_path / "run"
+    cases = [
+        (("--teacher-cache", str(caches["topk"]), "--seq-len", "16"), "seq_len is 32, the run's is 16"),
+        (("--teacher-cache", str(caches["topk"]), "--loss", "tad", "--k", "9"), "use loss.k <= 8"),
+        (("--teacher-cache", str(caches["topk"]), "--loss", "rkl"), "does not hold; rebuild it with --hidden-states"),
+        (("--teacher-cache", str(caches["topk"]), "--data.heldout_fraction", "0.2"), "its corpus is"),
+        (("--teacher-cache", str(tmp_path / "nowhere")), "is not a teacher cache"),
+        (("--teacher-cache", str(caches["topk"]), "--task", "sft"), "drop --teacher.cache"),
+        (("--fused-loss", "on", "--loss", "dkd"), "has no fused path"),
+        (("--fused-loss", "sometimes",), "must be auto, on or off"),
+    ]
+    for extra, needle in cases:
+        line = _error(capsys, distill_args(assets, run, *extra))
+        assert needle in line, (extra, line)
+        assert not run.exists(), extra  # nothing written
+
+
+def test_corrupted_cache_shard_stops_the_run_naming_it(assets, caches, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad-cache"
+    shutil.copytree(caches["topk"], bad)
+    shards = sorted(bad.glob("shard_*.safetensors"))
+    for shard in shards:  # every shard: whichever the first batch reads is damaged
+        data = bytearray(shard.read_bytes())
+        data[-20] ^= 0xFF  # flip bits inside the last tensor's bytes
+        shard.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    line = _error(capsys, distill_args(assets, run, "--teacher-cache", str(bad), "--k", "5", steps=6))
+    assert any(s.name in line for s in shards) and ("corrupted" in line or "unreadable" in line), line
