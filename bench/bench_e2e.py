@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,8 +40,11 @@ def main() -> None:
     ap.add_argument("--tail-samples", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--work", default=None, help="folder for the caches (default: a temporary folder)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from tailkd import cache, models
@@ -106,6 +110,7 @@ def main() -> None:
                 losses[m].append(float(terms.loss.detach()))
     tokens = args.batch_size * args.seq_len
     result = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "argv": sys.argv[1:], "loadavg_end": os.getloadavg(),
               "teacher": args.teacher, "vocab": vocab, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "student_layers": args.student_layers, "k": args.k, "cache_k": args.cache_k, "caching": caching,
               "modes": {m: {"median_step_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts),

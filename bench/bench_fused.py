@@ -5,6 +5,14 @@ student + teacher logits, CLM + divergence, and the gradients of h_S and W_S.
 
   python bench/bench_fused.py --device cpu --vocab 32000 49152 151936 --tokens 256 1024 --hidden 256
   python bench/bench_fused.py --device cuda --vocab 151936 --tokens 8192 --hidden 2048   # GPU (bf16 matmuls)
+  python bench/bench_fused.py --paired --methods tailkd_fused --losses kd tad tad_longrow --threads 1   # TAD/KD
+  python bench/bench_fused.py --memory-only tailkd_fused --vocab 151936 --tokens 256 1024 4096   # memory vs N
+
+tailkd's fused path gets ``chunk_size=--chunk`` (the same chunking for every loss: TAD/KD ratios compare like with
+like); ``--fused-default-chunk`` passes ``chunk_size=None`` instead (the library default: ~2^24 logits per chunk,
+and TAD grows chunks to whole sequences, up to 2^28 logits, to skip its teacher-statistics pass).
+On a shared 2-core machine, ``--threads 1`` is the less disturbed measure: with 2 intra-op threads every parallel
+region waits for the busy core (a scheduler tick), which penalises a loss by its NUMBER of operations, not its work.
 
 Time: median of --repeats runs, methods interleaved within each repeat (same process, same inputs).
 Peak memory: each (method, loss, V, N) runs once in a fresh subprocess. CPU: the process's peak RSS (VmHWM)
@@ -34,6 +42,9 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("kd", "tad", "jsd", "tad_longrow")  # tad_longrow: one row of N tokens > chunk (TAD statistics pass)
+PEERS = ("liger", "torchtune", "trl")
+FUSED_DEFAULT_CHUNK = False  # --fused-default-chunk: tailkd_fused gets chunk_size=None (the library's default)
+METHODS = None  # --methods: only these
 
 
 # --------------------------------------------------------------------------- methods
@@ -66,6 +77,10 @@ def _peer_modules():
 
 
 def methods_for(loss: str, mods: dict) -> list[str]:
+    return [m for m in _methods_for(loss, mods) if METHODS is None or m in METHODS]
+
+
+def _methods_for(loss: str, mods: dict) -> list[str]:
     out = ["tailkd_dense", "tailkd_fused"]
     if loss == "tad_longrow":
         return out
@@ -116,7 +131,8 @@ def _run_once(method, loss, inputs, mods, *, chunk, mm_dtype):
     if method == "tailkd_fused":
         spec = fused.HeadSpec(vocab)
         out = fused.fused_objective(h_s3, fused.Head(w_s, None, spec), labels, n, cfg=cfg, teacher_hidden=h_t3,
-                                    teacher_head=fused.Head(w_t, None, spec), chunk_size=chunk, matmul_dtype=mm_dtype)
+                                    teacher_head=fused.Head(w_t, None, spec),
+                                    chunk_size=None if FUSED_DEFAULT_CHUNK else chunk, matmul_dtype=mm_dtype)
         value = out.loss
     elif method == "tailkd_dense":
         s_logits = h_s3 @ w_s.T  # (B, T, V)
@@ -158,7 +174,11 @@ def _status():
 
 
 def worker(args) -> None:
+    global FUSED_DEFAULT_CHUNK
     cell = json.loads(args.worker)
+    FUSED_DEFAULT_CHUNK = bool(cell.get("fused_default_chunk"))
+    if cell.get("threads"):
+        torch.set_num_threads(cell["threads"])
     device = torch.device(cell["device"])
     mods = _peer_modules()
     dtype = torch.float32
@@ -272,6 +292,57 @@ def report(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def report_peers(paths: list[str]) -> str:
+    """Markdown: tailkd fused vs the fastest peer (time) and the peers' peak memory, per (V, N, loss)."""
+    cells = [c for p in paths for c in json.load(open(p))["cells"] if "median_s" in c]
+    lines = ["| V | N | loss | tailkd fused ms | MiB | fastest peer | peer ms | peer MiB | fused / fastest peer time | "
+             "fused / tailkd dense time |", "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+    mib = lambda c: f"{c['peak_bytes'] / 2**20:,.0f}" if c.get("peak_bytes") is not None else "n/a"  # noqa: E731
+    for v, n, loss in sorted({(c["vocab"], c["n"], c["loss"]) for c in cells}):
+        here = {c["method"]: c for c in cells if (c["vocab"], c["n"], c["loss"]) == (v, n, loss)}
+        peers = [here[m] for m in PEERS if m in here]
+        f, d = here.get("tailkd_fused"), here.get("tailkd_dense")
+        if not f or not peers:
+            continue
+        best = min(peers, key=lambda c: c["median_s"])
+        lines.append(f"| {v} | {n} | {loss} | {f['median_s'] * 1e3:,.0f} | {mib(f)} | {best['method']} | "
+                     f"{best['median_s'] * 1e3:,.0f} | {mib(best)} | {f['median_s'] / best['median_s']:.2f} | "
+                     + (f"{f['median_s'] / d['median_s']:.2f} |" if d else "n/a |"))
+    return "\n".join(lines)
+
+
+def report_memory(paths: list[str]) -> str:
+    """Markdown pivot of --memory-only files: peak MiB per N (rows) and method/loss (columns)."""
+    cells = [c for p in paths for c in json.load(open(p))["cells"]]
+    cols = sorted({(c["vocab"], c["method"], c["loss"]) for c in cells})
+    ns = sorted({c["n"] for c in cells})
+    peak = {(c["vocab"], c["method"], c["loss"], c["n"]): c.get("peak_bytes") for c in cells}
+    lines = ["| N | " + " | ".join(f"{m} {l} (V={v})" for v, m, l in cols) + " |",
+             "|---:|" + "---:|" * len(cols)]
+    for n in ns:
+        row = []
+        for v, m, l in cols:
+            b = peak.get((v, m, l, n))
+            row.append(f"{b / 2**20:,.0f}" if b is not None else "–")
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def report_paired(paths: list[str]) -> str:
+    """Markdown: paired time ratios (median and IQR of back-to-back ratios) of --paired files."""
+    lines = ["| file | threads | fused chunking | V | N | pair / kd tailkd_fused | wall ratio (IQR) | CPU-time ratio |",
+             "|---|---:|---|---:|---:|---|---:|---:|"]
+    for p in paths:
+        info = json.load(open(p))
+        chunking = "library default" if info.get("fused_default_chunk") else f"chunk_size={info['chunk']}"
+        for key, pairs in info["paired"].items():
+            v, n = key.split("x")
+            for name, r in pairs.items():
+                lines.append(f"| {os.path.basename(p)} | {info['threads']} | {chunking} | {v} | {n} | {name} | "
+                             f"{r['wall_ratio']:.3f} ({r['wall_q1']:.3f}–{r['wall_q3']:.3f}) | {r['cpu_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -290,13 +361,27 @@ def main() -> None:
     ap.add_argument("--paired", action="store_true", help="paired time ratios to fused KD instead of the full grid")
     ap.add_argument("--memory-only", nargs="*", default=None, metavar="METHOD",
                     help="only peak memory (fresh subprocess per cell), for these methods (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these methods (e.g. tailkd_fused liger)")
+    ap.add_argument("--fused-default-chunk", action="store_true",
+                    help="tailkd_fused: chunk_size=None (library default; TAD grows chunks to whole sequences)")
+    ap.add_argument("--report-peers", nargs="+", default=None, help="markdown: fused vs fastest peer")
+    ap.add_argument("--report-memory", nargs="+", default=None, help="markdown: peak memory vs N (--memory-only files)")
+    ap.add_argument("--report-paired", nargs="+", default=None, help="markdown: paired ratio files")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    if args.report:
-        print(report(args.report))
+    for flag, fn in ((args.report, report), (args.report_peers, report_peers), (args.report_memory, report_memory),
+                     (args.report_paired, report_paired)):
+        if flag:
+            print(fn(flag))
+    if args.report or args.report_peers or args.report_memory or args.report_paired:
         return
+    global FUSED_DEFAULT_CHUNK, METHODS
+    FUSED_DEFAULT_CHUNK, METHODS = args.fused_default_chunk, args.methods
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available on this machine: GPU rows not measured (run with --device cuda on a GPU)")
         return
@@ -306,7 +391,9 @@ def main() -> None:
     info = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "hidden": args.hidden, "chunk": args.chunk,
             "peers": {k: v for k, v in mods.items() if k.endswith("_error")},
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "cells": []}
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "fused_default_chunk": args.fused_default_chunk, "argv": sys.argv[1:], "loadavg_start": os.getloadavg(),
+            "cells": []}
     if args.memory_only is not None:
         for vocab in args.vocab:
             for n in args.tokens:
@@ -316,14 +403,15 @@ def main() -> None:
                             continue
                         sl = n if loss == "tad_longrow" else min(n, args.seq_len or args.chunk)
                         cell = {"method": method, "loss": loss, "vocab": vocab, "n": n, "d": args.hidden,
-                                "device": args.device, "chunk": args.chunk, "seq_len": sl}
+                                "device": args.device, "chunk": args.chunk, "seq_len": sl, "threads": args.threads,
+                                "fused_default_chunk": args.fused_default_chunk}
                         mem = measure_memory(cell)
                         info["cells"].append({**cell, "peak_bytes": mem.get("peak_bytes"), "mem_error": mem.get("error")})
                         print(f"V={vocab:6d} N={n:5d} {loss:11s} {method:13s} peak "
                               f"{(mem.get('peak_bytes') or 0) / 2**20:8.1f} MiB {mem.get('error') or ''}", flush=True)
         if args.out:
             with open(args.out, "w") as fh:
-                json.dump(info, fh, indent=1)
+                json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
         return
     if args.paired:
         info["paired"] = {}
@@ -334,7 +422,7 @@ def main() -> None:
                                                                 args.chunk, mods, sl, losses=args.losses)
                 if args.out:
                     with open(args.out, "w") as fh:
-                        json.dump(info, fh, indent=1)
+                        json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
         return
     for vocab in args.vocab:
         for n in args.tokens:
@@ -345,7 +433,8 @@ def main() -> None:
             timing = measure_time(pairs, n, vocab, args.hidden, device, args.repeats, args.chunk, mods, seq_lens)
             for (loss, method), t in timing.items():
                 cell = {"method": method, "loss": loss, "vocab": vocab, "n": n, "d": args.hidden,
-                        "device": args.device, "chunk": args.chunk, "seq_len": seq_lens[loss]}
+                        "device": args.device, "chunk": args.chunk, "seq_len": seq_lens[loss], "threads": args.threads,
+                        "fused_default_chunk": args.fused_default_chunk}
                 mem = {} if args.no_memory else measure_memory(cell)
                 row = {**cell, **t, "peak_bytes": mem.get("peak_bytes"), "mem_error": mem.get("error")}
                 info["cells"].append(row)
@@ -354,10 +443,10 @@ def main() -> None:
                       f"loss={t['value']:.5f}", flush=True)
             if args.out:  # partial results survive an interrupted run
                 with open(args.out, "w") as fh:
-                    json.dump(info, fh, indent=1)
+                    json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(info, fh, indent=1)
+            json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
 
 
 if __name__ == "__main__":

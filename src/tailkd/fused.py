@@ -314,14 +314,15 @@ def _tiny(dtype: torch.dtype) -> float:
 
 
 def _teacher_tad(t: torch.Tensor, k: int):
-    """Teacher side of TAD from logits t [n, V]: (ids, logp, p on the tail only, p_top, logp_top, α^T).
+    """Teacher side of TAD from logits t [n, V] (consumed: p is written into its buffer): (ids, logp, p on the tail
+    only, p_top, logp_top, α^T).
 
     𝒦 = `losses._teacher_top_ids` (two-stage blocked top-K; ties resolved exactly as `losses.tad`); α^T = Σ_{i∉𝒦} p_i summed over the tail
     itself (never 1 − Σ top-K, which cancels when the top-K holds almost all the mass).
     """
     ids = _teacher_top_ids(t, k)  # [n, K] the same selection as the dense `losses.tad` (ties included)
     logp = torch.log_softmax(t, dim=-1)  # [n, V]
-    p = logp.exp()  # [n, V]
+    p = torch.exp(logp, out=t)  # [n, V] into t's buffer: no fresh [n, V] allocation (page faults), t not kept alive
     p_top, logp_top = p.gather(-1, ids), logp.gather(-1, ids)  # [n, K]
     p.scatter_(-1, ids, 0.0)  # [n, V] the teacher tail
     return ids, logp, p, p_top, logp_top, p.sum(-1)
@@ -341,15 +342,15 @@ def _kl_sum(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.
 
 def _div_dense(run: _Run, s, logq, t, a: int, b: int, beta_x, cd, cq, want_grad: bool):
     """(D [n], G [n, V]) with G = cd·∂D/∂s + cq·q for scaled student logits s, logq = log_softmax(s) (consumed)
-    and dense teacher logits t (consumed). cd, cq: [n] row coefficients."""
+    and dense teacher logits t (consumed: its buffer becomes p). cd, cq: [n] row coefficients."""
     loss = run.loss
     if loss == "jsd" and run.jsd_beta in (0.0, 1.0):
         loss = "kd" if run.jsd_beta == 0.0 else "rkl"
     if loss == "tad":
         return _tad_dense(run, s, logq, t, a, b, beta_x, cd, cq, want_grad)
     logp = torch.log_softmax(t, dim=-1)  # [n, V]
+    p = torch.exp(logp, out=t)  # [n, V] into t's buffer (t consumed): one [n, V] allocation fewer per chunk
     del t
-    p = logp.exp()  # [n, V]
     if loss == "kd":
         value = _kl_sum(p, logp, logq)
         if not want_grad:
