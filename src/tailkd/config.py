@@ -105,7 +105,8 @@ class TrainConfig:
     warmup_steps: int = _f(5, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr")
     grad_clip: float = _f(1.0, "gradient-norm clipping (0 disables)")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32")
+    precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: CUDA, CPUs with "
+                                "AVX512-BF16 or AMX; else fp32), bf16, fp32")
     eval_every: int = _f(20, "held-out evaluation every N steps (0: only before and after)")
     save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept")
