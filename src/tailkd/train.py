@@ -7,7 +7,9 @@
 3. teacher (eval, no grad, replicated on every rank), student (built from the teacher or loaded), vocabulary;
 4. data: tokenised once to a cache, packed rows, held-out rows, ONE resumable sampler shared by all ranks;
 5. optimizer (AdamW) + warm-up/cosine schedule; state restored on ``--resume``;
-6. steps: micro-batches -> global valid-token count -> objective -> backward -> clip -> check -> step;
+6. steps: micro-batches -> global valid-token count -> teacher signal (online teacher or a teacher cache,
+   ``tailkd.teacher``) -> objective (full logits, or the fused chunked layer ``tailkd.fused``) -> backward ->
+   clip -> check -> step;
 7. the final student saved with ``save_pretrained`` + tokenizer in ``run/final``.
 
 Global-batch semantics: ``train.batch_size`` rows per micro-batch IN TOTAL, split over the processes
@@ -556,7 +558,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     probe = data_mod.collate([train_rows[0]])["input_ids"][:, :16].to(device)
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
                                                   fused_path, probe)
-    chunk_text = f", {cfg.train.loss_chunk_size or fused.default_chunk_size(vocab)} tokens per chunk"
+    chunk_text = f", {cfg.train.loss_chunk_size} tokens per chunk" if cfg.train.loss_chunk_size else ""
     say(f"loss layer: {'fused (LM heads + loss in chunks' + chunk_text + ')' if fused_path else 'full logits'}; "
         f"teacher signal: {signal_text}")
 
