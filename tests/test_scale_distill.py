@@ -142,3 +142,38 @@ def test_corrupted_cache_shard_stops_the_run_naming_it(assets, caches, tmp_path,
     run = tmp_path / "run"
     line = _error(capsys, distill_args(assets, run, "--teacher-cache", str(bad), "--k", "5", steps=6))
     assert any(s.name in line for s in shards) and ("corrupted" in line or "unreadable" in line), line
+
+
+def test_heldout_rows_per_forward_shrink_for_large_logits_without_changing_metrics(monkeypatch):
+    """Held-out evaluation caps each forward at ~AUTO_BYTES of float32 logits (1 row of 2048 x 151936 at paper
+    scale instead of the micro-batch): fewer rows per forward, the same metrics."""
+    from conftest import TINY_VOCAB, make_tiny_lm
+
+    from tailkd import fused, train
+    from tailkd.config import DistillConfig
+
+    cfg = DistillConfig()
+    cfg.data.seq_len, cfg.data.eval_rows, cfg.train.batch_size = 16, 6, 4
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(6):
+        ids = torch.randint(0, TINY_VOCAB, (17,), generator=g)
+        rows.append({"input_ids": ids[:-1], "labels": ids[1:], "segment_ids": torch.zeros(16, dtype=torch.long)})
+    student, teacher = make_tiny_lm(seed=0), make_tiny_lm(seed=1)
+    seen = []
+    real = train.forward_logits
+
+    def counting(model, input_ids, *a, **kw):
+        seen.append(input_ids.shape[0])
+        return real(model, input_ids, *a, **kw)
+
+    monkeypatch.setattr(train, "forward_logits", counting)
+    full = train.heldout(student, teacher, rows, cfg, TINY_VOCAB, "cpu", None)
+    assert max(seen) == 4
+    seen.clear()
+    monkeypatch.setattr(fused, "AUTO_BYTES", 4 * 16 * TINY_VOCAB)  # room for one row's logits
+    small = train.heldout(student, teacher, rows, cfg, TINY_VOCAB, "cpu", None)
+    assert set(seen) == {1}
+    assert small.keys() == full.keys()
+    for key in full:
+        assert small[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key

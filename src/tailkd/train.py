@@ -410,6 +410,9 @@ def heldout(model, teacher, held_rows, cfg: DistillConfig, vocab: int, device, a
     r, w = dist.rank(), dist.world()
     mine = list(range(r, n, w))
     per_batch = max(1, cfg.train.batch_size // w)
+    # rows per forward: at most ~1 GiB of float32 logits per model (metrics do not depend on it), e.g. 1 row of
+    # 2048 x 151936 instead of the training micro-batch's 8 rows (10 GB per model)
+    per_batch = max(1, min(per_batch, fused.AUTO_BYTES // (4 * cfg.data.seq_len * vocab)))
     n_batches = math.ceil(math.ceil(n / w) / per_batch)
     sums: dict[str, torch.Tensor] = {}
     was_training = student.training
