@@ -89,7 +89,7 @@ def main() -> None:
     }
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     sampler = data_mod.RowSampler(n_rows, seed=0, shuffle=False)
-    batches = [next(teacher_mod.indexed_batches(rows, sampler, args.batch_size)) for _ in range(args.steps + 1)]
+    batches = [next(data_mod.batches(rows, sampler, args.batch_size)) for _ in range(args.steps + 1)]
     times = {m: [] for m in modes}
     losses = {m: [] for m in modes}
     names = list(modes)

@@ -285,7 +285,7 @@ def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                            max_position_embeddings=64))
     sampler = data_mod.RowSampler(10, seed=0)
-    batch = next(teacher_mod.indexed_batches(rows, sampler, 3))
+    batch = next(data_mod.batches(rows, sampler, 3))
     n = batch["labels"].numel()
     V = len(tok)
     cfg = LossConfig(name="tad", k=5, per_document=True)

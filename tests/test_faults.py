@@ -320,3 +320,18 @@ def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, caps
     final = weights(run / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values())
     assert torch.load(c[5] / ckpt.STATE_FILE, weights_only=False)["state"]["bad_steps"] == 2
+
+
+def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "summary.json"
+    ckpt.atomic_write_text(target, "old")
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        ckpt.atomic_write_file(target, half_then_crash)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    ckpt.atomic_write_text(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tailkd.checkpoint import atomic_write_text
 from tailkd.errors import TailkdError
 from tailkd.evaluate import IGNORE_INDEX, _chunks, forward_logits
 
@@ -116,7 +117,7 @@ def analyze_teachers(teachers: list[str], *, data: list[str] | None = None, seq_
         del model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "teacher_analysis.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(out / "teacher_analysis.json", json.dumps(results, indent=1))
     plot_tail_mass(results, out / "teacher_tail_mass.png")
     return results
 

@@ -34,17 +34,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tailkd import fused
+from tailkd.checkpoint import atomic_write_file, atomic_write_text
 from tailkd.errors import TailkdError
 
 FORMAT = "tailkd-teacher-cache-1"
@@ -173,13 +172,10 @@ def _teacher_rows(model, head: fused.Head, input_ids: torch.Tensor, *, k: int, t
 
 
 def _save_shard(path: Path, tensors: dict, meta: dict) -> None:
-    """Write one shard atomically: temporary file, fsync, rename."""
+    """Write one shard atomically (`checkpoint.atomic_write_file`), with the sha256 of every tensor."""
     sums = {name: _sha256_tensor(x).hexdigest() for name, x in tensors.items()}
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    save_file(tensors, tmp, metadata={**{k: str(v) for k, v in meta.items()}, "sha256": json.dumps(sums)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    metadata = {**{k: str(v) for k, v in meta.items()}, "sha256": json.dumps(sums)}
+    atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def verify_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -261,9 +257,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     for stale in out.glob(".tmp-*"):
         stale.unlink(missing_ok=True)
     if not meta_path.is_file():
-        tmp = out / f".tmp-{META_FILE}"
-        tmp.write_text(json.dumps({**meta, "created_unix": time.time()}, indent=1))
-        os.replace(tmp, meta_path)
+        atomic_write_text(meta_path, json.dumps({**meta, "created_unix": time.time()}, indent=1))
     if hidden_states and not (out / HEAD_FILE).is_file():
         tensors = {"weight": head.weight[:vocab].detach().cpu().contiguous()}
         if head.bias is not None:

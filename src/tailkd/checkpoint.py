@@ -88,6 +88,28 @@ def atomic_write_dir(final: Path, write) -> Path:
     return final
 
 
+def atomic_write_file(final: Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``final``, fsync it, rename it to ``final`` (replacing
+    it) and fsync the folder: after a crash there is the old file or the new one, never half of one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(final.parent)
+    return final
+
+
+def atomic_write_text(final: Path, text: str) -> Path:
+    """`atomic_write_file` of UTF-8 text."""
+    return atomic_write_file(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Tied weights share storage; safetensors refuses shared tensors, so keep one name per storage.
     out, seen = {}, set()

@@ -140,10 +140,12 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
         base = matches[0] if matches else load_run(baseline)
         if not matches:
             records.insert(0, base)
+    from tailkd.checkpoint import atomic_write_text  # (torch only when writing)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(records, base)
-    (out / "compare.md").write_text(table)
+    atomic_write_text(out / "compare.md", table)
     png = plot_heldout_kl({r["name"]: r["curve"] for r in records}, out / "heldout_kl.png")
-    (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in records], indent=1))
+    atomic_write_text(out / "compare.json", json.dumps([{k: v for k, v in r.items()} for r in records], indent=1))
     return {"markdown": table, "table": str(out / "compare.md"), "plot": str(png), "records": records}

@@ -97,10 +97,9 @@ def _write_utf8_copy(src: Path, dest: Path) -> None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")  # total: every byte is a character; right for the Lee files' "£"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dest)
+    from tailkd.checkpoint import atomic_write_text
+
+    atomic_write_text(dest, text)
 
 
 # --------------------------------------------------------------------------- reading documents
@@ -641,13 +640,21 @@ class RowSampler:
         self._order = None
 
 
+def collate_rows(rows, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Rows ``index`` of ``rows`` as `collate` stacks them, plus ``row_index`` ``[B]``: the rows' places, by which
+    a teacher cache (`tailkd.cache`) finds their cached teacher outputs."""
+    batch = collate([rows[i] for i in index])
+    batch["row_index"] = torch.tensor(list(index), dtype=torch.long)
+    return batch
+
+
 def batches(rows: PackedRows, sampler: RowSampler, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Infinite ``[B, T]`` batches in the sampler's order. Draws lazily (no prefetch), so the sampler's
-    state always matches the batches handed out."""
+    """Infinite ``[B, T]`` batches (`collate_rows`) in the sampler's order. Draws lazily (no prefetch), so the
+    sampler's state always matches the batches handed out."""
     if batch_size < 1:
         raise TailkdError(f"batch size must be at least 1, got {batch_size}")
     while True:
-        yield collate([rows[next(sampler)] for _ in range(batch_size)])
+        yield collate_rows(rows, [next(sampler) for _ in range(batch_size)])
 
 
 def heldout_batches(rows: PackedRows, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -353,9 +353,9 @@ def evaluate_student(student: str, teacher: str | None = None, *, data: list[str
                   "data": [str(p) for p in data] if data else "built-in", "split": split, "seq_len": seq_len,
                   "rows": len(rows), "vocab": vocab, **metrics}
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        from tailkd.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(out), json.dumps(result, indent=1))
     return result
 
 

@@ -12,7 +12,6 @@ A `TeacherSignal` is one of
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from tailkd import fused
 from tailkd.errors import TailkdError
 
-__all__ = ["TeacherSignal", "OnlineTeacher", "CachedTeacher", "indexed_batches", "step_terms"]
+__all__ = ["TeacherSignal", "OnlineTeacher", "CachedTeacher", "step_terms"]
 
 
 @dataclass
@@ -61,26 +60,13 @@ class CachedTeacher:
     def __call__(self, batch: dict) -> TeacherSignal:
         if "row_index" not in batch:
             raise TailkdError("a cached teacher needs the row index of every batch row; draw batches with "
-                              "tailkd.teacher.indexed_batches")
+                              "tailkd.data.batches or collate_rows")
         idx = batch["row_index"].tolist()
         ids = batch["input_ids"].cpu() if self.verify_rows else None
         if self.head is not None:
             hidden = self.reader.teacher_hidden(idx, input_ids=ids, device=self.device)
             return TeacherSignal(hidden=hidden, head=self.head)
         return TeacherSignal(sparse=self.reader.sparse_teacher(idx, input_ids=ids, device=self.device))
-
-
-def indexed_batches(rows, sampler, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """`tailkd.data.batches` plus ``row_index`` [B]: the same rows in the same order (same sampler state)."""
-    from tailkd.data import collate
-
-    if batch_size < 1:
-        raise TailkdError(f"batch size must be at least 1, got {batch_size}")
-    while True:
-        index = [next(sampler) for _ in range(batch_size)]
-        batch = collate([rows[i] for i in index])
-        batch["row_index"] = torch.tensor(index, dtype=torch.long)
-        yield batch
 
 
 def step_terms(student, batch: dict, signal: TeacherSignal | None, num_valid_tokens, cfg, *, vocab_size: int,

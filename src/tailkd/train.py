@@ -207,9 +207,7 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
 
 
 def _write_config(cfg: DistillConfig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_yaml(cfg, tmp)
-    os.replace(tmp, path)  # atomic: a kill never leaves a half config.yaml
+    ckpt.atomic_write_file(path, lambda tmp: save_yaml(cfg, tmp))  # a kill never leaves a half config.yaml
 
 
 def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
@@ -348,9 +346,7 @@ def next_micro_batches(rows: data_mod.PackedRows, sampler: data_mod.RowSampler, 
     micro = []
     for _ in range(cfg.train.grad_accum):
         idx = [next(sampler) for _ in range(cfg.train.batch_size)]
-        batch = data_mod.collate([rows[i] for i in idx[r::w]])  # (batch_size / world, T) each
-        batch["row_index"] = torch.tensor(idx[r::w], dtype=torch.long)  # the rows' places (teacher cache)
-        micro.append(batch)
+        micro.append(data_mod.collate_rows(rows, idx[r::w]))  # (batch_size / world, T) each, + row_index
     return micro
 
 
@@ -698,7 +694,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
 
     def write_outputs() -> None:
         ckpt.atomic_write_dir(final_dir, write_final)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
 
     dist.on_main_then_all(write_outputs, main_only=True)
     before, after = state["initial_heldout"], final_metrics
