@@ -5,6 +5,7 @@ import json
 import matplotlib.image
 import pytest
 import torch
+from bounds import SAFETY, U32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_evaluate import TableLM, from_probs, one_batch, one_line_error
@@ -71,9 +72,11 @@ def test_statistics_closed_form():
     assert stats["alpha_mean"][0] == pytest.approx((0.5 + 0.5 + 0.2) / 3, rel=1e-12)
     assert stats["alpha_mean"][1] == pytest.approx((0.2 + 0.2 + 0.1) / 3, rel=1e-12)
     assert stats["alpha_mean"][2:] == [0.0, 0.0]
-    assert stats["alpha_median"][0] == pytest.approx(0.5, rel=1e-6)
-    assert stats["alpha_q25"][0] == pytest.approx(0.35, rel=1e-6)  # linear interpolation between 0.2 and 0.5
-    assert stats["alpha_q75"][1] == pytest.approx(0.2, rel=1e-6)
+    # the quartiles interpolate per-position α kept as float32: one rounding (u relative) of float64 values
+    rel = SAFETY * U32
+    assert stats["alpha_median"][0] == pytest.approx(0.5, rel=rel)
+    assert stats["alpha_q25"][0] == pytest.approx(0.35, rel=rel)  # linear interpolation between 0.2 and 0.5
+    assert stats["alpha_q75"][1] == pytest.approx(0.2, rel=rel)
 
 
 def test_statistics_do_not_depend_on_batch_size():
@@ -120,7 +123,7 @@ def test_analyze_teacher_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(n=st.integers(1, 6), vocab=st.integers(1, 140), scale=st.floats(0.0, 60.0), kmax=st.integers(1, 120),
        seed=st.integers(0, 2**16))
 def test_tail_mass_properties(n, vocab, scale, kmax, seed):

@@ -3,6 +3,8 @@
 import json
 import math
 
+import bounds as B
+import loss_bounds as LB
 import pytest
 from test_analysis import assert_png
 from test_evaluate import one_line_error
@@ -115,8 +117,21 @@ def test_real_runs_eval_and_compare_end_to_end(tmp_path, capsys):
         runs[loss] = run
     ev = json.loads((runs["tad"] / "eval.json").read_text())
     final = load_run(runs["tad"])
-    assert ev["kl"] == pytest.approx(final["kl"], rel=1e-4)  # the same 8 held-out rows as the trainer's
-    assert ev["student_ppl"] == pytest.approx(final["ppl"], rel=1e-4)
+    # the same 8 held-out rows as the trainer's, the same saved float32 weights: two float32 forwards, each within
+    # the forward-error model of loss_bounds.lm_logits_err, the metrics within loss_bounds.heldout_bounds
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tailkd.data import collate
+    from tailkd.evaluate import eval_rows
+    from tailkd.models import load_teacher
+
+    teacher_model, tok = load_teacher(str(teacher), device="cpu", dtype="fp32")
+    student = AutoModelForCausalLM.from_pretrained(runs["tad"] / "final", dtype=torch.float32).eval()
+    rows = eval_rows(tok, paths=[str(corpus)], seq_len=32, max_rows=8, cache_dir=str(tmp_path / "cache"))
+    bound = LB.two_forwards_heldout_bounds(student, teacher_model, collate(rows), len(tok))
+    B.assert_within(ev["kl"], final["kl"], bound["kl"], msg="kl")
+    B.assert_within(ev["student_ppl"], final["ppl"], bound["student_ppl"], msg="ppl")
     capsys.readouterr()
     out = tmp_path / "cmp"
     assert main(["compare", str(runs["kd"]), str(runs["tad"]), "--baseline", str(runs["kd"]), "--out", str(out)]) == 0

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from bounds import assert_within
 from test_evaluate import one_line_error
 from tiny import SENTENCES, make_teacher_dir, write_corpus
 
@@ -87,6 +88,23 @@ def own_loglik(model_dir, doc):
     return float(logp[0, :-1].gather(-1, ids[0, 1:, None]).sum())
 
 
+def own_loglik_bound(model_dir, doc):
+    """lm-eval's float32 forward (its own batching/padding) and ours: two float32 forwards, each within the
+    forward-error model of loss_bounds.lm_logits_err (dz per token); each log-probability then moves by <= 2dz, plus
+    lm-eval's float32 log_softmax (κ_V + 2u|log p|, ours is float64): summed over the document's tokens."""
+    from bounds import SAFETY, U32, lse_kappa
+    from loss_bounds import model_logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]]])
+    logits, dz = model_logits(model, ids, model.config.vocab_size)
+    logp = logits.double().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    per_token = 4 * dz[0, :-1] + SAFETY * (lse_kappa(logits.shape[-1]) + 2 * U32 * logp.abs())
+    return float(per_token.sum())
+
+
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
@@ -106,7 +124,8 @@ def test_real_student_ppl_matches_our_own_loglikelihood(student, tmp_path):
     samples = res["samples"]["tailkd_ppl"]
     assert len(samples) == 3
     for s in samples:
-        assert s["resps"][0][0] == pytest.approx(own_loglik(student["model"], s["doc"]["text"]), rel=1e-4)
+        assert_within(s["resps"][0][0], own_loglik(student["model"], s["doc"]["text"]),
+                      own_loglik_bound(student["model"], s["doc"]["text"]), msg=s["doc"]["text"])
     assert 0.0 <= res["results"]["tailkd_gsm"]["exact_match,strict-match"] <= 1.0
     assert [s["target"] for s in res["samples"]["tailkd_gsm"]] == [i["answer"] for i in GSM[:2]]
     saved = json.loads((tmp_path / "lm.json").read_text())

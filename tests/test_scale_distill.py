@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_teacher_dir, read_metrics, write_corpus
 
 from tailkd.cli import main
-from tiny import make_teacher_dir, read_metrics, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,45 @@ def test_fused_loss_layer_trains_like_full_logits(assets, tmp_path, capsys, loss
     assert "loss layer: fused (LM heads + loss in chunks, 24 tokens per chunk)" in capsys.readouterr().out
     a, b = train_losses(dense), train_losses(chunked)
     assert len(a) == len(b) == 4
-    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    # Whole runs (no tight a-priori bound). Step 1: the same weights and batch, the same network forward; only the
+    # loss layer differs: two float32 evaluations, each within loss_bounds.head_objective, evaluated here on a
+    # representative batch of the same models and corpus (the run's own batch is drawn inside the trainer).
+    # Steps 2-4: the weights differ by AdamW's response to those gradient differences (~2δ·lr per step per weight, δ
+    # the relative gradient difference), so the later losses drift: rel 1e-3 after 3 more steps; the weights: rtol
+    # 1e-3, atol 1e-4 (~lr·δ·n plus the near-zero entries), against a training movement of ~lr per step (3e-3), so
+    # the check stays meaningful.
+    assert a[0] == pytest.approx(b[0], rel=_loss_layer_rel(assets, loss))
     assert a == pytest.approx(b, rel=1e-3)
     assert summary(dense)["loss_layer"] == "full logits" and summary(chunked)["loss_layer"] == "fused"
     wa, wb = load_file(str(dense / "final" / "model.safetensors")), load_file(str(chunked / "final" / "model.safetensors"))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def _loss_layer_rel(assets, loss):
+    """2 × loss_bounds.head_objective's loss bound / the loss, for the run's initial student (1 layer of the teacher,
+    seed 0) and teacher on the corpus' first 4 rows of 32 tokens: the relative difference dense vs fused allows."""
+    from loss_bounds import head_objective
+
+    from tailkd import fused, models
+    from tailkd.config import LossConfig
+    from tailkd.objective import objective
+    from tailkd.student import build_student
+
+    teacher, tok = models.load_teacher(str(assets["teacher"]), device="cpu", dtype="fp32")
+    student = build_student(teacher, num_layers=1, seed=0)[0].eval()
+    ids = torch.tensor(tok(assets["corpus"].read_text())["input_ids"][: 4 * 33]).view(4, 33)
+    inp, labels = ids[:, :-1], ids[:, 1:]
+    vocab = len(tok)
+    with torch.no_grad():
+        h_s, h_t = fused.final_hidden(student, inp), fused.final_hidden(teacher, inp)
+    head_s, head_t = fused.model_head(student, vocab), fused.model_head(teacher, vocab)
+    cfg = LossConfig(name=loss, k=5)
+    bound = head_objective(cfg, h_s, head_s.weight, head_s.bias, head_s.spec, h_t, head_t, labels)["loss"]
+    with torch.no_grad():
+        value = objective(fused.apply_head(h_s, head_s), labels, labels.numel(), cfg=cfg,
+                          teacher_logits=fused.apply_head(h_t, head_t)).loss
+    return float(2 * bound / value)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +110,10 @@ def test_cache_with_hidden_states_gives_the_online_run(assets, caches, tmp_path,
     assert main(distill_args(assets, cached, "--loss", "tad", "--k", "5", "--teacher-cache", str(caches["hidden"]))) == 0
     out = capsys.readouterr().out
     assert "teacher signal: teacher cache" in out and "exact" in out
+    # Whole runs: the teacher logits from the cached fp32 hidden states + head vs the teacher's forward — two float32
+    # evaluations of the same logits (test_cache bounds them: the forward-error model, and bit-identical in practice);
+    # each step's TAD moves by the loss layer's Lipschitz bound (loss_bounds.tad with that logit error), and the
+    # weights by AdamW's ~2δ·lr per step: rel 1e-4 over 4 steps.
     assert train_losses(cached) == pytest.approx(train_losses(online), rel=1e-4)
     assert "hidden states" in summary(cached)["teacher_signal"]
     assert summary(online)["teacher_signal"] == "tad: exact, online teacher"
@@ -94,8 +131,11 @@ def test_topk_cache_trains_on_the_k_plus_1_bucket_loss(assets, caches, tmp_path,
     assert "D_KL1 only" in summary(run)["teacher_signal"]
     # the online run with β = 0 has L_DIV = D_KL1 exactly: same first step (same weights, same rows)
     assert main(distill_args(assets, online, "--loss", "tad", "--k", "5", "--beta", "0", steps=2)) == 0
-    first = [r for r in read_metrics(run) if r["split"] == "train"][0]
-    ref = [r for r in read_metrics(online) if r["split"] == "train"][0]
+    first = next(r for r in read_metrics(run) if r["split"] == "train")
+    ref = next(r for r in read_metrics(online) if r["split"] == "train")
+    # step 1: the same weights and rows; D_KL1 from the cached top-K (float32 log-probs of another forward, α^T from
+    # two log-sum-exps) vs from the online logits: test_cache's bound (topk_bucket_kl + tad_decompose + the cached
+    # values' shift), ~1e-4 of D_KL1 for these logits
     assert first["div"] == pytest.approx(ref["div"], rel=1e-4)
     assert first["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     held = [r for r in read_metrics(run) if r["split"] == "heldout"]
@@ -175,5 +215,12 @@ def test_heldout_rows_per_forward_shrink_for_large_logits_without_changing_metri
     small = train.heldout(student, teacher, rows, cfg, TINY_VOCAB, "cpu", None)
     assert set(seen) == {1}
     assert small.keys() == full.keys()
+    # 4 rows per forward vs 1: two float32 forwards of the same rows (loss_bounds.two_forwards_heldout_bounds)
+    from bounds import assert_within
+    from loss_bounds import two_forwards_heldout_bounds
+
+    from tailkd.data import collate
+
+    bound = two_forwards_heldout_bounds(student, teacher, collate(rows), TINY_VOCAB, bins=None)
     for key in full:
-        assert small[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+        assert_within(small[key], full[key], bound[key], msg=key)
