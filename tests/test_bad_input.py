@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tiny import make_teacher_dir, make_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -35,6 +37,28 @@ def assets(tmp_path_factory):
     bad_config = root / "bad-config"
     shutil.copytree(teacher, bad_config)
     (bad_config / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    weights = teacher / "model.safetensors"
+    truncated = root / "truncated"
+    shutil.copytree(teacher, truncated)
+    (truncated / "model.safetensors").write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    bad_header = root / "bad-header"
+    shutil.copytree(teacher, bad_header)
+    (bad_header / "model.safetensors").write_bytes(weights.read_bytes()[:4])
+    sharded = root / "sharded"
+    shutil.copytree(teacher, sharded)
+    (sharded / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(teacher).save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    bin_only = root / "bin-only"
+    shutil.copytree(teacher, bin_only)
+    (bin_only / "model.safetensors").unlink()
+    torch.save(load_file(str(weights)), bin_only / "pytorch_model.bin")
+    bad_bin = root / "bad-bin"
+    shutil.copytree(bin_only, bad_bin)
+    data = (bin_only / "pytorch_model.bin").read_bytes()
+    (bad_bin / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     binary = root / "data.bin.txt"
     binary.write_bytes(bytes(range(256)) * 8)
     no_text = root / "docs.jsonl"
@@ -45,6 +69,8 @@ def assets(tmp_path_factory):
         "other_tokenizer": student(root / "other-tok", other_tok, len(other_tok)),
         "small_head": student(root / "small-head", tok, vocab - 8),
         "no_config": no_config, "bad_config": bad_config, "binary": binary, "no_text": no_text,
+        "truncated": truncated, "bad_header": bad_header, "sharded": sharded, "missing_shard": shards[1],
+        "bin_only": bin_only, "bad_bin": bad_bin,
     }
 
 
@@ -109,9 +135,13 @@ def test_wrong_flag_type_is_an_argparse_error(assets, tmp_path):
 
 
 FLAGS = {
-    "negative gamma": (["--gamma", "-0.5"], ["loss.gamma=-0.5 must be >= 0"]),
-    "zero temperature": (["--temperature", "0"], ["loss.temperature=0.0 must be > 0"]),
-    "jsd beta above 1": (["--loss", "jsd", "--loss.jsd_beta", "1.5"], ["loss.jsd_beta=1.5 must lie in [0, 1]"]),
+    "negative gamma": (["--gamma", "-0.5"], ["loss.gamma=-0.5 must be a finite number >= 0"]),
+    "zero temperature": (["--temperature", "0"], ["loss.temperature=0.0 must be a finite number > 0"]),
+    "jsd beta above 1": (["--loss", "jsd", "--loss.jsd_beta", "1.5"],
+                         ["loss.jsd_beta=1.5 must be a finite number in [0, 1]"]),
+    "nan learning rate": (["--lr", "nan"], ["train.lr=nan must be a finite number > 0"]),
+    "infinite beta": (["--beta", "inf"], ["loss.beta=inf must be a finite number >= 0"]),
+    "nan in a list": (["--train.adam_betas", "0.9", "nan"], ["train.adam_betas=0.9 nan: each must be a finite"]),
     "unknown loss": (["--loss", "kl"], ["loss.name='kl' is not a loss"]),
     "zero batch": (["--batch-size", "0"], ["train.batch_size must be >= 1"]),
     "zero max_bad_steps": (["--train.max_bad_steps", "0"], ["train.max_bad_steps=0 must be >= 1"]),
@@ -163,6 +193,25 @@ def test_unreadable_model_folder(assets, tmp_path, case, needle):
     run = tmp_path / "run"
     assert_error(cli(*args(assets, run), "--teacher", str(assets[case])), needle, str(assets[case]))
     assert not run.exists()
+
+
+@pytest.mark.parametrize("case, named, needle", [
+    ("truncated", lambda a: a["truncated"] / "model.safetensors", "is truncated or damaged (Error while deserializing"),
+    ("bad_header", lambda a: a["bad_header"] / "model.safetensors", "is truncated or damaged (Error while deserializ"),
+    ("sharded", lambda a: a["missing_shard"], "is missing (listed in model.safetensors.index.json)"),
+    ("bad_bin", lambda a: a["bad_bin"], "cannot load pytorch_model.bin in"),
+])
+def test_unreadable_weights_are_named(assets, tmp_path, case, named, needle):
+    run = tmp_path / "run"
+    last = assert_error(cli(*args(assets, run), "--teacher", str(assets[case])), needle, str(named(assets)))
+    assert "copy it again" in last or "copy the complete model folder again" in last
+    assert not run.exists()
+
+
+def test_a_bin_only_model_folder_loads(assets, tmp_path):
+    """Weights as pytorch_model.bin (no safetensors) are what transformers loads too: accepted."""
+    proc = cli(*args(assets, tmp_path / "run"), "--teacher", str(assets["bin_only"]), "--steps", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- data

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import bounds as B
+import loss_bounds as LB
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from tailkd.fused import Head, HeadSpec
 from tailkd.objective import objective
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tokenizer, write_corpus  # noqa: E402
+from tiny import make_tokenizer, write_corpus
 
 SEQ_LEN = 12
 
@@ -62,17 +64,37 @@ def test_round_trip_matches_the_online_teacher(setup):
     idx = [9, 0, 5]  # three different shards, out of order
     batch, logits = _online(setup, idx)
     got = reader.rows(idx, input_ids=batch["input_ids"])
-    logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logits, 8, dim=-1)
     assert got["topk_ids"].dtype == torch.int32 and torch.equal(got["topk_ids"].long(), top.indices)
-    torch.testing.assert_close(got["topk_logprobs"], logp.gather(-1, top.indices), rtol=1e-5, atol=1e-5)
-    alpha = 1 - logp.gather(-1, top.indices).exp().sum(-1).double()
-    torch.testing.assert_close(got["log_tail_mass"].double().exp(), alpha, rtol=1e-4, atol=1e-6)
+    # The cached hidden states vs the online forward of the same rows (the cache ran them in other batches): two
+    # float32 forwards, each within LB.lm_logits_err's forward-error model (random-walk roundings along the path)
+    _, d_hidden, _ = LB.lm_logits_err(setup[0], batch["input_ids"], len(setup[1]))
     with torch.no_grad():
-        torch.testing.assert_close(got["hidden"], fused.final_hidden(setup[0], batch["input_ids"]))
+        B.assert_within(got["hidden"], fused.final_hidden(setup[0], batch["input_ids"]), 2 * d_hidden[..., None],
+                        msg="hidden states")
+    # The cached log-probs vs the log-probs of those stored (fp32, exact) hidden states: the head's 33-term dot
+    # products in two blockings (each γ_33|h||W|, LB.head_logits; log-softmax is 2-Lipschitz) and the cache's
+    # z − lse(z) (κ + u|lse| + u|log p|) vs log_softmax's (κ + 2u|log p|)
+    head = reader.head()
+    own = fused.apply_head(got["hidden"], head).float()
+    own_logp = torch.log_softmax(own, dim=-1)
+    dz = LB.head_logits(got["hidden"], head.weight, head.bias, head.spec)[1]
+    kappa, lse = B.lse_kappa(own.shape[-1]), torch.logsumexp(own.double(), dim=-1)
+
+    def logprob_bound(lp):
+        return B.SAFETY * (2 * kappa + B.U32 * (lse[..., None].abs() + 3 * lp.double().abs()) + 4 * dz[..., None])
+
+    want_top = own_logp.gather(-1, top.indices)
+    B.assert_within(got["topk_logprobs"], want_top, logprob_bound(want_top), msg="top-K log-probs")
+    alpha = 1 - want_top.exp().sum(-1).double()
+    # cache: exp(lse(tail) − lse) (two log-sum-exps, 4dz); reference: 1 − Σ_𝒦 exp(log p) of the bounded log-probs
+    alpha_bound = (alpha * B.SAFETY * (2 * kappa + B.U32 * (2 * lse.abs() + alpha.log().abs() + 1) + 4 * dz)
+                   + (want_top.double().exp() * logprob_bound(want_top)).sum(-1))
+    B.assert_within(got["log_tail_mass"].double().exp(), alpha, alpha_bound, msg="tail mass")
     assert got["tail_ids"].shape == (3, SEQ_LEN, 3)
     assert not bool((got["tail_ids"].long()[..., :, None] == top.indices[..., None, :]).any())  # never in 𝒦
-    torch.testing.assert_close(got["tail_logprobs"], logp.gather(-1, got["tail_ids"].long()), rtol=1e-5, atol=1e-5)
+    want_tail = own_logp.gather(-1, got["tail_ids"].long())
+    B.assert_within(got["tail_logprobs"], want_tail, logprob_bound(want_tail), msg="tail log-probs")
     assert meta["bytes_per_token"] == 8 * 8 + 4 + 32 * 4 + 8 * 3
     with pytest.raises(TailkdError, match="not aligned"):
         reader.rows(idx, input_ids=batch["input_ids"].flip(0))
@@ -110,7 +132,19 @@ def test_dkl1_from_cache_equals_tad_decompose_of_online_logits(setup, k_run):
     mask = torch.ones(batch["labels"].shape, dtype=torch.bool)
     got = cache.cache_divergence(s_logits, sparse, mask, loss="tad")
     ref = losses.tad_decompose(s_logits, t_logits, k=k_run)[0]
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # float32 D_KL1 from the cached values (LB.topk_bucket_kl) and from the online logits (LB.tad_decompose), plus the
+    # cached values' own error against the online logits (another forward: 4dz; log p = z − lse; α^T from two
+    # log-sum-exps, and for K_run < K_cache a float64 logaddexp of float32 values) moving D_KL1 (LB.topk_input_shift)
+    _, _, dz = LB.lm_logits_err(setup[0], batch["input_ids"], t_logits.shape[-1])
+    kappa, lse = B.lse_kappa(t_logits.shape[-1]), torch.logsumexp(t_logits.double(), dim=-1)
+    lp, alpha = sparse.topk_logprobs.double(), sparse.log_tail_mass.double().exp()
+    d_lp = B.SAFETY * (2 * kappa + B.U32 * (lse[..., None].abs() + 3 * lp.abs())) + 4 * dz[..., None]
+    d_alpha = alpha * (B.SAFETY * (3 * kappa + B.U32 * (2 * lse.abs() + alpha.log().abs() + 2)) + 4 * dz)
+    ids = sparse.topk_ids.long()
+    bound = (LB.topk_bucket_kl(s_logits, ids, sparse.topk_logprobs, tail_mass=alpha)[0]
+             + LB.tad_decompose(s_logits, t_logits, k_run)[0][0]
+             + LB.topk_input_shift(s_logits, ids, lp, d_lp, d_alpha)[0])
+    B.assert_within(got, ref, bound, msg="D_KL1")
     # the fused path from the same cache gives the same values and gradients as the dense one
     d, V = 6, t_logits.shape[-1]
     h = torch.randn(2, SEQ_LEN, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -145,13 +179,27 @@ def test_exact_tad_from_cached_hidden_states_equals_online_tad(setup):
     cached_logits = fused.apply_head(reader.teacher_hidden(idx, input_ids=batch["input_ids"]), reader.head())
     offline = objective(s_logits, batch["labels"], n, cfg=cfg, teacher_logits=cached_logits,
                         segment_ids=batch["segment_ids"])
-    torch.testing.assert_close(offline.loss, online.loss, rtol=1e-5, atol=1e-6)
-    # bf16 hidden states: the same loss up to their rounding
+    # the student side (logits, CE) is the same computation on the same tensor; the teacher logits come from two
+    # float32 forwards of the same rows (each within dz of the exact ones, LB.lm_logits_err): each float32 TAD within
+    # LB.tad with that logit error, summed over the tokens and divided by n
+    h, _, dz = LB.lm_logits_err(setup[0], batch["input_ids"], t_logits.shape[-1])
+    mask, seg = batch["labels"] != -100, batch["segment_ids"]
+
+    def loss_bound(dz_teacher):
+        per_token = LB.tad(s_logits, t_logits, mask, 6, 2.0, segment_ids=seg, dz_t=dz_teacher)[0]
+        return float(per_token.sum() + B.f32_sum_tol(n, per_token.sum())) / n
+
+    B.assert_within(offline.loss, online.loss, 2 * loss_bound(dz), msg="loss from cached fp32 hidden states")
+    # bf16 hidden states: the same loss up to their rounding. Each h_i is rounded independently (|δh_i| <= u_bf16|h_i|,
+    # mean zero), so to first order ΔL = Σ_i (∂L/∂h_i) δh_i, and Hoeffding bounds it by λ u_bf16 ‖h ⊙ ∂L/∂h‖₂ with
+    # probability >= 1 − 2exp(−λ²/2) (λ = 7); the worst case u_bf16 Σ|h ∂L/∂h| would be ~√(B·T·d) times larger
     _, path16 = _write(setup, "hidden16", hidden_states=True, hidden_dtype="bf16")
     r16 = cache.CacheReader(path16)
     approx = objective(s_logits, batch["labels"], n, cfg=cfg, segment_ids=batch["segment_ids"],
                        teacher_logits=fused.apply_head(r16.teacher_hidden(idx).float(), r16.head()))
-    torch.testing.assert_close(approx.loss, online.loss, rtol=2e-2, atol=1e-2)
+    sens = LB.tad_teacher_sensitivity(s_logits, h, r16.head(), mask, 6, 2.0, seg, n)
+    rounding = B.SAFETY * B.LAMBDA * B.U_BF16 * float((h.double() * sens).norm())
+    B.assert_within(approx.loss, online.loss, rounding + 2 * loss_bound(dz), msg="loss, bf16 hidden states")
 
 
 def test_tail_sample_estimator_is_unbiased():
@@ -164,7 +212,9 @@ def test_tail_sample_estimator_is_unbiased():
     exact = alpha * d2  # [n]
     ids = torch.topk(t, K, dim=-1).indices
     lse = torch.logsumexp(t, dim=-1)
-    rep = lambda x: x.repeat(S, *[1] * (x.dim() - 1))  # noqa: E731  S independent copies of every token
+    def rep(x):  # S independent copies of every token
+        return x.repeat(S, *[1] * (x.dim() - 1))
+
     draw, draw_lp = cache.sample_tail(rep(t), rep(ids), rep(lse), M, torch.Generator().manual_seed(123))
     log_a = torch.log(alpha)
     sparse = fused.SparseTeacher(rep(ids)[None], rep(t.gather(-1, ids) - lse[:, None])[None], rep(log_a)[None],
@@ -187,7 +237,7 @@ def test_tail_sample_estimator_is_unbiased():
 
 
 def test_mismatches_are_clear_errors(setup):
-    meta, path = _write(setup, "topk")
+    _, path = _write(setup, "topk")
     with pytest.raises(TailkdError, match="tokenizer"):
         cache.open_cache(path, tokenizer=make_tokenizer(vocab_size=290))
     with pytest.raises(TailkdError, match="corpus"):
@@ -275,8 +325,9 @@ def test_cache_loss_descriptions_name_the_approximation(setup):
 
 
 def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
-    from tailkd import teacher as teacher_mod
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tailkd import teacher as teacher_mod
 
     model, tok, rows, _, _ = setup
     _, path = _write(setup, "topk_samples", tail_samples=4)
@@ -302,15 +353,26 @@ def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
             terms.loss.backward()
             results.append((float(terms.loss.detach()), student.lm_head.weight.grad.clone()))
     (l_dense, g_dense), (l_fused, g_fused), (c_dense, cg_dense), (c_fused, cg_fused) = results
-    assert l_fused == pytest.approx(l_dense, rel=1e-4)
-    torch.testing.assert_close(g_fused, g_dense, rtol=1e-3, atol=1e-6)
-    assert c_fused == pytest.approx(c_dense, rel=1e-4)
-    torch.testing.assert_close(cg_fused, cg_dense, rtol=1e-3, atol=1e-6)
+    # Dense and fused read the same final hidden states (the same forward: deterministic); from there two float32
+    # evaluations of the heads and the objective, each within LB.head_objective (dense teacher, or the cache's
+    # sparse teacher with its tail samples, whose float32 values are exact inputs)
+    with torch.no_grad():
+        h_s, h_t = fused.final_hidden(student, batch["input_ids"]), fused.final_hidden(model, batch["input_ids"])
+    head_s, head_t = fused.model_head(student, V), fused.model_head(model, V)
+    common = (cfg, h_s, head_s.weight, head_s.bias, head_s.spec)
+    online = LB.head_objective(*common, h_t, head_t, batch["labels"], batch["segment_ids"], n=n)
+    cached = LB.head_objective(*common, None, None, batch["labels"], batch["segment_ids"], n=n,
+                               sparse=sources[2](batch).sparse)
+    B.assert_within(l_fused, l_dense, 2 * online["loss"], msg="loss, online teacher")
+    B.assert_within(g_fused, g_dense, 2 * online["w"], msg="lm_head gradient, online teacher")
+    B.assert_within(c_fused, c_dense, 2 * cached["loss"], msg="loss, cached teacher")
+    B.assert_within(cg_fused, cg_dense, 2 * cached["w"], msg="lm_head gradient, cached teacher")
 
 
 def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
-    from tailkd.cli import main
     from tiny import make_teacher_dir
+
+    from tailkd.cli import main
 
     monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
     teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
@@ -324,3 +386,40 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert meta["k"] == 4 and meta["num_rows"] == 3 and meta["corpus"]["seq_len"] == 16
     assert main(args) == 0  # rerun: everything complete, nothing recomputed
     assert "0 shard(s) written" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_caching_is_one_line_and_the_rerun_finishes(tmp_path, capsys, monkeypatch):
+    """The third shard's write fails as safetensors reports a full disk: exit 2 with the documented line, the two
+    complete shards stay; the same command again writes only the missing shard."""
+    from safetensors import SafetensorError
+    from tiny import make_teacher_dir
+
+    from tailkd import checkpoint as ckpt
+    from tailkd.cli import main
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    out = tmp_path / "out"
+    args = ["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+            "--out", str(out), "--max-rows", "6", "--rows-per-shard", "2", "--device", "cpu"]
+    real, writes = ckpt.save_file, []
+
+    def full_at_third(tensors, filename, *a, **kw):
+        writes.append(filename)
+        if len(writes) == 3:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "save_file", full_at_third)
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"tailkd: error: could not write teacher cache shard {out / 'shard_000002.safetensors'} (No space "
+                    "left on device); free disk space and rerun the same tailkd cache-teacher command: the complete "
+                    "shards are kept")
+    assert sorted(p.name for p in out.iterdir()) == ["cache.json", "shard_000000.safetensors",
+                                                     "shard_000001.safetensors"]
+    monkeypatch.undo()
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    assert main(args) == 0
+    assert "1 shard(s) written, 2 complete shard(s) kept" in capsys.readouterr().out

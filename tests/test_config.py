@@ -1,6 +1,7 @@
 """Config: YAML mirrors the dataclasses, flags override YAML, unknown keys and wrong types are errors."""
 
 import argparse
+import math
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"trainer": {}}, "unknown config key trainer"),
         ({"loss": {"k": "ten"}}, "loss.k expects an integer"),
         ({"train": {"resume": "yes"}}, "train.resume expects true/false"),
-        ({"loss": {"beta": -1}}, "loss.beta=-1.0 must be >= 0"),
+        ({"loss": {"beta": -1}}, "loss.beta=-1.0 must be a finite number >= 0"),
         ({"loss": {"name": "mse"}}, "not a loss"),
         ({"loss": {"k": 0}}, "loss.k=0 must be >= 1"),
         ({"loss": 3}, "config section loss must be a mapping"),
@@ -83,3 +84,46 @@ def test_shipped_configs_load():
             continue
         cfg = from_dict(DistillConfig, doc).validate()
         assert to_dict(cfg)
+
+
+def _float_fields(cls=DistillConfig, prefix=""):
+    import dataclasses
+    import typing
+
+    from tailkd.config import _unwrap_optional
+
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(typing.get_type_hints(cls)[f.name])[0]
+        if dataclasses.is_dataclass(tp):
+            yield from _float_fields(tp, prefix + f.name + ".")
+        elif tp is float or tp == list[float]:
+            yield prefix + f.name
+
+
+def test_every_float_field_has_a_range():
+    from tailkd.config import FLOAT_RANGES
+
+    assert sorted(_float_fields()) == sorted(FLOAT_RANGES)
+
+
+@pytest.mark.parametrize("key", sorted(_float_fields()))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_float_rejects_nan_and_infinities(key, bad):
+    """Each float field (each item of a list field) refuses NaN and ±inf with one message naming the key."""
+    section, name = key.split(".")
+    default = getattr(getattr(DistillConfig(), section), name)
+    value = [default[0], bad] if isinstance(default, list) else bad
+    with pytest.raises(TailkdError, match=rf"^{key}=.*{bad}.* must be a finite number"):
+        from_dict(DistillConfig, {section: {name: value}}).validate()
+
+
+def test_range_messages():
+    with pytest.raises(TailkdError, match=r"^train\.lr=nan must be a finite number > 0$"):
+        parse(["--lr", "nan"])
+    with pytest.raises(TailkdError, match=r"^train\.adam_betas=0\.9 1\.0: each must be a finite number in \[0, 1\)$"):
+        parse(["--train.adam_betas", "0.9", "1.0"])
+    with pytest.raises(TailkdError, match=r"^train\.adam_betas=0\.9 must be two numbers"):
+        parse(["--train.adam_betas", "0.9"])
+    with pytest.raises(TailkdError, match=r"^data\.heldout_fraction=1\.0 must be a finite number in \(0, 1\)$"):
+        parse(["--data.heldout_fraction", "1"])
+    assert parse(["--train.grad_clip", "0", "--loss.jsd_beta", "1"]).train.grad_clip == 0.0  # the closed ends pass

@@ -51,6 +51,18 @@ def test_loss_falls_and_student_loads(assets, tmp_path, capsys):
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(model(ids).logits).all()
     assert (run / "config.yaml").exists() and (run / "student_init.json").exists()
+    # held-out lines carry the TRAINING tokens so far (the curves' x-axis) and the scored tokens apart
+    tokens_per_step = 4 * 32
+    assert [(r["step"], r["tokens"]) for r in held] == [(s, s * tokens_per_step) for s in (0, 10, 20)]
+    assert all(r["eval_tokens"] == held[0]["eval_tokens"] > 0 for r in held)
+    # the expected duration after the first steps, and the curves named in the final lines
+    lines = out.strip().splitlines()
+    assert any(ln.startswith("expected: ") and "18 steps at" in ln and "2 held-out evaluations" in ln
+               for ln in lines)
+    assert lines[-2] == f"curves (held-out KL, training loss): {run / 'curves.png'}"
+    assert lines[-1] == f"student saved to {run / 'final'}"
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_stop_and_resume_is_bit_identical(assets, tmp_path):

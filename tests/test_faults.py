@@ -3,6 +3,7 @@ uninterrupted run bit for bit; SIGINT/SIGTERM save and exit 130/143; corrupted c
 skipped; a full disk leaves the previous checkpoint intact; non-finite steps are skipped and counted."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -226,6 +227,166 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(assets, short_refe
                      weights(run / "final" / "model.safetensors"))
 
 
+def _on_tmpfs(*paths: Path, page: int = 4096) -> int:
+    """Bytes the files (folders: their files) take on a tmpfs: each file rounded up to whole pages."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(-(-f.stat().st_size // page) * page for f in files)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size_bytes) -> a folder on a tmpfs of that size; resize(size_bytes) grows it. Root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (the fault-injection tests below cover the same paths)")
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+        mounted.append(mnt)
+        return mnt
+
+    def resize(size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    yield mount, resize
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def test_a_really_full_disk_while_saving_keeps_the_previous_checkpoint(assets, short_reference, small_tmpfs,
+                                                                       capsys):
+    """A tmpfs that holds the run up to its first checkpoint and the next checkpoint's weights, but only half of
+    its trainer state (optimizer moments): torch's zip writer fails there with a RuntimeError of its own, which
+    must still read as the documented disk-full message. Then the disk grows and --resume finishes the run,
+    bit-identical to an uninterrupted one."""
+    first = short_reference / "checkpoints" / "step_00000004"
+    model_bytes = (first / ckpt.MODEL_FILE).stat().st_size
+    trainer_bytes = (first / ckpt.STATE_FILE).stat().st_size
+    # the run folder at step 4: config, student table, metrics (the whole reference run's: a little more), the
+    # first checkpoint
+    at_step_4 = _on_tmpfs(*(short_reference / n for n in ("config.yaml", "student_init.json", "metrics.jsonl")),
+                          first)
+    mount, resize = small_tmpfs
+    run = mount(at_step_4 + 4 * 4096 + model_bytes + trainer_bytes // 2) / "run"
+    capsys.readouterr()
+    assert main(args(assets, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"tailkd: error: could not write checkpoint {run}/checkpoints/step_00000008 (No space left on "
+                       "device); free disk space and --resume from the previous checkpoint, which is intact")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004"]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_00000004") is None
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert_identical(weights(run / "checkpoints" / "step_00000004" / ckpt.MODEL_FILE),
+                     weights(first / ckpt.MODEL_FILE))  # the previous checkpoint loads, and is the reference's
+    resize(64 << 20)
+    assert main(args(assets, run, "--resume")) == 0
+    assert "from step_00000004 (step 4)" in capsys.readouterr().out
+    assert_identical(weights(short_reference / "final" / "model.safetensors"),
+                     weights(run / "final" / "model.safetensors"))
+    assert train_losses(run) == train_losses(short_reference)
+
+
+class _FullDiskFile:
+    """A binary file that takes ``budget`` bytes, then fails like a full disk (ENOSPC)."""
+
+    def __init__(self, fh, budget: int):
+        self.fh, self.left = fh, budget
+
+    def write(self, data) -> int:
+        if len(data) > self.left:
+            self.fh.write(bytes(data)[: self.left])
+            self.left = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.left -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+@pytest.mark.parametrize("budget", [0, 50, 10_000, 300_000, 401_000])
+def test_save_torch_raises_the_oserror_behind_torchs_runtimeerror(tmp_path, monkeypatch, budget):
+    """torch.save into a file that fills up raises RuntimeError("... unexpected pos ...") at most budgets (a bare
+    OSError at a few); save_torch raises the ENOSPC either way."""
+    import builtins
+
+    obj = {"a": torch.randn(100_000), "b": {"c": torch.randn(1000)}}  # ~404 kB
+    with builtins.open(tmp_path / "plain.pt", "wb") as fh, pytest.raises((RuntimeError, OSError)):
+        torch.save(obj, _FullDiskFile(fh, budget))
+    monkeypatch.setattr(ckpt, "open", lambda path, mode="r": _FullDiskFile(builtins.open(path, mode), budget),
+                        raising=False)
+    with pytest.raises(OSError) as caught:
+        ckpt.save_torch(obj, tmp_path / "state.pt")
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_disk_full_inside_torch_save_is_the_documented_error(assets, short_reference, tmp_path, capsys,
+                                                             monkeypatch):
+    """Fault injection for machines where no small filesystem can be mounted: the trainer state's file takes
+    100 kB, then ENOSPC; torch.save turns that into a RuntimeError, tailkd reports the OSError behind it."""
+    import builtins
+
+    run = tmp_path / "run"
+    calls = []
+
+    def open_then_fill(path, mode="r", *a, **kw):
+        fh = builtins.open(path, mode, *a, **kw)
+        if str(path).endswith(ckpt.STATE_FILE) and "w" in mode:
+            calls.append(path)
+            if len(calls) == 2:
+                return _FullDiskFile(fh, 100_000)
+        return fh
+
+    monkeypatch.setattr(ckpt, "open", open_then_fill, raising=False)  # the module's name, not the builtin
+    assert main(args(assets, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tailkd: error: could not write checkpoint") and "(No space left on device)" in err[-1]
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert main(args(assets, run, "--resume")) == 0
+    assert_identical(weights(short_reference / "final" / "model.safetensors"),
+                     weights(run / "final" / "model.safetensors"))
+
+
+def test_a_failed_write_of_the_final_outputs_resumes_into_writing_them(assets, short_reference, tmp_path, capsys,
+                                                                       monkeypatch):
+    from safetensors import SafetensorError
+
+    real = ckpt.atomic_write_dir
+
+    def full_at_final(final, write):
+        if Path(final).name == "final":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(final, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write_dir", full_at_final)
+    run = tmp_path / "run"
+    assert main(args(assets, run)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"tailkd: error: could not write the run's outputs in {run} (No space left on device)")
+    assert "--resume" in last and "step 12" in last
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+    monkeypatch.undo()
+    assert main(args(assets, run, "--resume")) == 0
+    assert_identical(weights(short_reference / "final" / "model.safetensors"),
+                     weights(run / "final" / "model.safetensors"))
+    finals = [r for r in read_metrics(run) if r["split"] == "heldout" and r["step"] == 12]
+    assert len(finals) == 1  # the final held-out metrics were kept in the checkpoint, not computed twice
+    assert (run / "curves.png").is_file() and (run / "summary.json").is_file()
+
+
 def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp_path):
     state = {"w": torch.arange(4.0)}
     good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)
@@ -320,6 +481,43 @@ def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, caps
     final = weights(run / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values())
     assert torch.load(c[5] / ckpt.STATE_FILE, weights_only=False)["state"]["bad_steps"] == 2
+
+
+def test_a_step_without_valid_tokens_changes_nothing(assets, tmp_path, capsys, monkeypatch):
+    """Step 3 draws rows whose labels are all -100: no weight decay, no AdamW moment or step-count update, no
+    schedule step; it is counted (empty_steps) and logged like a skipped step, and the run goes on."""
+    import tailkd.train as train_mod
+
+    real = train_mod.next_micro_batches
+    calls = []
+
+    def masked_at_step_3(rows, sampler, cfg):
+        micro = real(rows, sampler, cfg)
+        calls.append(1)
+        if len(calls) == 3:
+            for mb in micro:
+                mb["labels"] = torch.full_like(mb["labels"], -100)
+        return micro
+
+    monkeypatch.setattr(train_mod, "next_micro_batches", masked_at_step_3)
+    run = tmp_path / "run"
+    assert main(args(assets, run, "--train.save_every", "1", "--train.keep_last", "20", steps=5)) == 0
+    err = capsys.readouterr().err
+    assert "tailkd: warning: step 3: no valid token in the whole step" in err
+    rows = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+    assert [r["empty_steps"] for r in rows] == [0, 0, 1, 1, 1] and all(r["bad_steps"] == 0 for r in rows)
+    assert rows[3]["lr"] == rows[2]["lr"]  # the schedule did not advance
+    c = {s: run / "checkpoints" / f"step_{s:08d}" for s in (2, 3, 4)}
+    assert_identical(weights(c[2] / ckpt.MODEL_FILE), weights(c[3] / ckpt.MODEL_FILE))  # not even weight decay
+    opt2 = torch.load(c[2] / ckpt.STATE_FILE, weights_only=False)["optimizer"]["state"]
+    opt3 = torch.load(c[3] / ckpt.STATE_FILE, weights_only=False)["optimizer"]["state"]
+    for name in opt2:
+        assert all(torch.equal(opt2[name][k], opt3[name][k]) for k in opt2[name]), name  # moments and step count
+    assert not torch.equal(weights(c[4] / ckpt.MODEL_FILE)["model.norm.weight"],
+                           weights(c[3] / ckpt.MODEL_FILE)["model.norm.weight"])
+    assert torch.load(c[4] / ckpt.STATE_FILE, weights_only=False)["state"]["empty_steps"] == 1
+    assert json.loads((run / "summary.json").read_text())["empty_steps"] == 1
 
 
 def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):

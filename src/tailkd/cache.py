@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tailkd import fused
-from tailkd.checkpoint import atomic_write_file, atomic_write_text
+from tailkd.checkpoint import atomic_write_file, atomic_write_text, save_safetensors
 from tailkd.errors import TailkdError
 
 FORMAT = "tailkd-teacher-cache-1"
@@ -175,7 +175,11 @@ def _save_shard(path: Path, tensors: dict, meta: dict) -> None:
     """Write one shard atomically (`checkpoint.atomic_write_file`), with the sha256 of every tensor."""
     sums = {name: _sha256_tensor(x).hexdigest() for name, x in tensors.items()}
     metadata = {**{k: str(v) for k, v in meta.items()}, "sha256": json.dumps(sums)}
-    atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    try:
+        atomic_write_file(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
+    except OSError as exc:
+        raise TailkdError(f"could not write teacher cache shard {path} ({exc.strerror or exc}); free disk space and "
+                          "rerun the same tailkd cache-teacher command: the complete shards are kept") from exc
 
 
 def verify_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -266,36 +270,35 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     chunk = chunk_size or fused.default_chunk_size(vocab)
     dev = head.weight.device
     written = skipped = 0
-    bar = tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
-               dynamic_ncols=True)
-    for i in range(meta["num_shards"]):
-        path = out / _shard_name(i)
-        a, b = i * rows_per_shard, min((i + 1) * rows_per_shard, n_rows)
-        if path.is_file():
-            try:
-                verify_shard(path)
-                skipped += 1
-                bar.total -= (b - a) * seq_len  # kept: not part of this invocation's work
-                bar.refresh()
-                continue
-            except TailkdError as exc:
-                log(f"rewriting damaged shard: {exc}")
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
-        parts = []
-        for start in range(a, b, batch_size):
-            ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
-            part = _teacher_rows(model, head, ids.to(dev), k=k, tail_samples=tail_samples, generator=gen, chunk=chunk,
-                                 want_hidden=hidden_states, autocast_dtype=autocast_dtype)
-            if hidden_states:
-                part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
-            part["row_hash"] = row_hash(ids)
-            parts.append(part)
-            bar.update(ids.numel())
-        tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
-        _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
-        written += 1
-        bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
-    bar.close()
+    with tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
+              dynamic_ncols=True) as bar:  # closed (its line ended) before an error is printed
+        for i in range(meta["num_shards"]):
+            path = out / _shard_name(i)
+            a, b = i * rows_per_shard, min((i + 1) * rows_per_shard, n_rows)
+            if path.is_file():
+                try:
+                    verify_shard(path)
+                    skipped += 1
+                    bar.total -= (b - a) * seq_len  # kept: not part of this invocation's work
+                    bar.refresh()
+                    continue
+                except TailkdError as exc:
+                    log(f"rewriting damaged shard: {exc}")
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
+            parts = []
+            for start in range(a, b, batch_size):
+                ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
+                part = _teacher_rows(model, head, ids.to(dev), k=k, tail_samples=tail_samples, generator=gen,
+                                     chunk=chunk, want_hidden=hidden_states, autocast_dtype=autocast_dtype)
+                if hidden_states:
+                    part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
+                part["row_hash"] = row_hash(ids)
+                parts.append(part)
+                bar.update(ids.numel())
+            tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+            _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
+            written += 1
+            bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
     log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
     return json.loads(meta_path.read_text())
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tailkd.errors import TailkdError
@@ -110,6 +112,61 @@ def atomic_write_text(final: Path, text: str) -> Path:
     return atomic_write_file(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+class _RecordingWriter:
+    """A binary file for torch.save that remembers the OSError of a failed write (torch's zip writer replaces it
+    with a RuntimeError such as "[enforce fail at inline_container.cc:672] . unexpected pos 40960 vs 40852")."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_torch(obj, path: Path) -> None:
+    """``torch.save(obj, path)``, raising a failed write (disk full, quota, I/O error) as the OSError it is."""
+    with open(path, "wb") as fh:
+        sink = _RecordingWriter(fh)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError as exc:
+            if sink.error is not None:
+                raise sink.error from exc
+            raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, raising a failed write as an OSError (safetensors raises its own
+    ``SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)``)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        failure = io_failure(exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def io_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None if ``exc`` is not one: an OSError itself, or a
+    ``SafetensorError`` that names an ``os error N`` (safetensors' way of reporting e.g. a full disk, also from
+    ``save_pretrained``). torch's own wrapping is undone where tailkd writes (`save_torch`)."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"os error (\d+)", str(exc)) if isinstance(exc, SafetensorError) else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Tied weights share storage; safetensors refuses shared tensors, so keep one name per storage.
     out, seen = {}, set()
@@ -133,14 +190,15 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     """Write checkpoint ``step`` atomically and prune to the last ``keep_last`` good ones.
 
     ``model_state``: the student's full state dict (name -> tensor); ``trainer_state``: anything torch.save
-    takes. An ``OSError`` (disk full, permissions) becomes a TailkdError; the previous checkpoints are intact.
+    takes. A failed write (disk full, permissions: an OSError, also where torch or safetensors wrap it in their own
+    error) becomes a TailkdError; nothing of the new checkpoint is left and the previous ones are intact.
     """
     final = Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
 
     def write(tmp: Path) -> None:
-        save_file(_dedupe_shared(model_state), str(tmp / MODEL_FILE))
+        save_safetensors(_dedupe_shared(model_state), tmp / MODEL_FILE)
         _test_pause()
-        torch.save(trainer_state, tmp / STATE_FILE)
+        save_torch(trainer_state, tmp / STATE_FILE)
         manifest = {"step": step, "files": {n: _sha256(tmp / n) for n in (MODEL_FILE, STATE_FILE)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 

@@ -8,6 +8,7 @@ stopped by SIGINT / SIGTERM saves a checkpoint and exits with 130 / 143 (a secon
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,6 +28,17 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluation subcommands (evaluate.py,
 # analysis.py, compare.py, flops.py, lmeval_tasks/)
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and ±inf are refused with the flag's name, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -73,7 +85,8 @@ def _add_eval(sub, common) -> None:
                    "(default: the run's data, else the built-in corpus)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train", "all"),
                    help="which documents: the held-out split tailkd distill uses (default), train, or all")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per row (default: the run's, else 256)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per row (default: the run's, else "
+                   "distill's default)")
     p.add_argument("--batch-size", type=_positive_int, default=4,
                    help="rows per forward pass (results do not depend on it)")
     p.add_argument("--max-rows", type=int, default=64, help="evaluate at most this many rows (0: all)")
@@ -92,8 +105,8 @@ def _add_eval(sub, common) -> None:
     g.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens generated per prompt")
     g.add_argument("--samples", type=int, default=0,
                    help="sampled completions per prompt besides greedy (>= 2 adds Distinct-n and Self-BLEU)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling p")
+    g.add_argument("--temperature", type=_finite_float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-p", type=_finite_float, default=1.0, help="nucleus sampling p")
     g.add_argument("--gen-limit", type=int, default=20, help="evaluate the first N prompts (0: all)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_cmd_eval)
@@ -203,8 +216,8 @@ def _add_flops(sub, common) -> None:
     )
     p.add_argument("--teacher", default=None, help="teacher: model folder, config.json, .gguf or smollm2")
     p.add_argument("--student", default=None, help="student: model folder, config.json, .gguf or smollm2")
-    p.add_argument("--teacher-params", type=float, default=None, help="teacher total parameters (e.g. 1.8e9)")
-    p.add_argument("--student-params", type=float, default=None, help="student total parameters (e.g. 1.2e9)")
+    p.add_argument("--teacher-params", type=_finite_float, default=None, help="teacher total parameters (e.g. 1.8e9)")
+    p.add_argument("--student-params", type=_finite_float, default=None, help="student total parameters (e.g. 1.2e9)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (with --*-params)")
     p.add_argument("--hidden", type=int, default=None, help="teacher hidden size d (with --*-params)")
     p.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default: --hidden)")
@@ -215,12 +228,12 @@ def _add_flops(sub, common) -> None:
     p.add_argument("--student-tied", action="store_true",
                    help="with --student-params: its LM head is tied to the embedding")
     p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per training row (attention term)")
-    p.add_argument("--tokens", type=float, default=1e6, help="training tokens to count (default 1M, as Table 3)")
+    p.add_argument("--tokens", type=_finite_float, default=1e6, help="training tokens to count (default 1M, as Table 3)")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="student embeddings/head frozen (no head weight grad)")
-    p.add_argument("--delta", type=float, default=0.5, help="MiniPLM difference-sampling ratio δ")
+    p.add_argument("--delta", type=_finite_float, default=0.5, help="MiniPLM difference-sampling ratio δ")
     p.add_argument("--reference", default=None, help="MiniPLM reference model (folder/config.json)")
-    p.add_argument("--reference-params", type=float, default=125e6, help="MiniPLM reference model parameters")
+    p.add_argument("--reference-params", type=_finite_float, default=125e6, help="MiniPLM reference model parameters")
     p.add_argument("--prompt-len", type=int, default=128, help="generation methods: prompt tokens per sequence")
     p.add_argument("--gen-len", type=_positive_int, default=256, help="generation methods: generated tokens per prompt")
     p.add_argument("--ppo-epochs", type=int, default=4, help="MiniLLM: policy-update passes per rollout")
@@ -261,7 +274,7 @@ def _add_lm_eval(sub, common) -> None:
     p.add_argument("--gsm-data", default=None,
                    help='tailkd_gsm problems: .jsonl of {"question", "answer": "... #### N"}')
     p.add_argument("--max-gen-toks", type=_positive_int, default=256, help="tailkd_gsm: generated tokens at most")
-    p.add_argument("--limit", type=float, default=None, help="at most this many documents per task (lm-eval --limit)")
+    p.add_argument("--limit", type=_finite_float, default=None, help="at most this many documents per task (lm-eval --limit)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (lm-eval --num_fewshot)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="lm-eval batch size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -294,6 +307,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _add_cache_teacher(sub, common) -> None:
+    from tailkd.config import DataConfig
+
     p = sub.add_parser(
         "cache-teacher", parents=[common], help="run the teacher once over the training rows; write a top-K cache",
         description="Run the teacher once over the packed rows tailkd distill would train on (same --data, "
@@ -303,7 +318,8 @@ def _add_cache_teacher(sub, common) -> None:
     )
     p.add_argument("--teacher", default="smollm2", help="teacher spec: smollm2, an HF folder or a .gguf")
     p.add_argument("--data", nargs="+", default=None, help="text/.jsonl/.parquet files or folders (default: built-in)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per packed row (as tailkd distill)")
+    p.add_argument("--seq-len", type=_positive_int, default=DataConfig().seq_len,
+                   help="tokens per packed row (as tailkd distill)")
     p.add_argument("--k", type=_positive_int, default=64, help="teacher top-K ids cached per token")
     p.add_argument("--out", required=True, help="cache folder (resumed if it holds a cache with the same settings)")
     p.add_argument("--hidden-states", action="store_true", help="also cache the teacher's final hidden states")
@@ -318,7 +334,8 @@ def _add_cache_teacher(sub, common) -> None:
     p.add_argument("--cache-dir", default=None, help="tokenised-corpus cache (default: ~/.cache/tailkd)")
     p.add_argument("--doc-sep", default="auto", choices=("auto", "blank_line", "line", "file"),
                    help="document separator in text files (as data.doc_sep)")
-    p.add_argument("--heldout-fraction", type=float, default=0.05, help="as data.heldout_fraction")
+    p.add_argument("--heldout-fraction", type=_finite_float, default=DataConfig().heldout_fraction,
+                   help="as data.heldout_fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the tail samples")
     p.set_defaults(func=_cmd_cache_teacher)
 

@@ -33,14 +33,14 @@ def _read_json(path: Path) -> dict | None:
         raise TailkdError(f"{path} is not valid JSON ({exc.msg}); re-create it or remove it") from None
 
 
-def load_run(path: str | Path) -> dict:
-    """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs."""
-    run = Path(path)
+def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows with a ``kl`` or ``student_clm``) of ``run/metrics.jsonl``, by tokens."""
+    run = Path(run)
     metrics_path = run / "metrics.jsonl"
     if not metrics_path.is_file():
         raise TailkdError(f"{run} has no metrics.jsonl, so it is not a tailkd run folder; pass folders written by "
                           "tailkd distill --out")
-    held = []
+    train, held = [], []
     for n, line in enumerate(metrics_path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -48,9 +48,29 @@ def load_run(path: str | Path) -> dict:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise TailkdError(f"{metrics_path}:{n} is not valid JSON; repair or remove that line") from None
-        if row.get("split") == "heldout" and "kl" in row:
+        if row.get("split") == "heldout" and ("kl" in row or "student_clm" in row):
             held.append(row)
-    held.sort(key=lambda r: (r.get("tokens", 0), r.get("step", 0)))
+        elif row.get("split") == "train":
+            train.append(row)
+    def order(row: dict) -> tuple:
+        return row.get("tokens", 0), row.get("step", 0)
+
+    return sorted(train, key=order), sorted(held, key=order)
+
+
+def plot_run(run: str | Path, path: str | Path) -> Path:
+    """The curves of one run as a PNG: held-out KL(teacher‖student) (student CLM for clm runs) and the training
+    loss with its terms, against training tokens (written by ``tailkd distill`` as ``RUN/curves.png``)."""
+    from tailkd.plots import plot_training_curves
+
+    train, held = read_metrics(run)
+    return plot_training_curves(train, held, path, title=Path(run).name)
+
+
+def load_run(path: str | Path) -> dict:
+    """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs."""
+    run = Path(path)
+    held = [r for r in read_metrics(run)[1] if "kl" in r]
     summary = _read_json(run / "summary.json") or {}
     ev = _read_json(run / "eval.json") or {}
     final = held[-1] if held else {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import importlib.util
 import json
 import os
 import time
@@ -51,8 +50,6 @@ DEFAULT_SETTINGS = {"heldout_fraction": 0.05, "doc_sep": "auto", "min_heldout_do
 TOKENIZE_BATCH_DOCS = 256  # documents per tokenizer call (the fast tokenizers parallelise within a call)
 TOKENIZE_BATCH_CHARS = 4_000_000  # ... or fewer, so that one call never holds more than ~4 MB of text
 
-GENSIM_PIN = "gensim==4.3.3"
-LEE_FILES = ("lee_background.cor", "lee.cor")  # 300 + 50 news articles, one per line
 
 
 # --------------------------------------------------------------------------- the built-in corpus
@@ -64,27 +61,19 @@ def default_cache_root() -> Path:
 
 
 def default_corpus_files(cache_dir: Path | None = None) -> list[Path]:
-    """The Lee news corpus shipped in the ``gensim`` wheel (300 + 50 articles, one per line), as UTF-8.
+    """The Lee news corpus (300 + 50 articles, one per line; installed by ``python -m tailkd.assets``), as UTF-8.
 
-    gensim is located with ``importlib.util.find_spec`` and never imported (only its data is used).
     ``lee.cor`` is not UTF-8 (it holds one Latin-1 byte, 0xA3 = "£"), and every other input must
     be UTF-8, so the files are converted once into ``<cache_dir>/default_corpus/`` (default
     ``default_cache_root()``) and those copies are returned. A copy is written atomically and never
     rewritten, so its mtime (part of the corpus fingerprint) stays put and the tokenised cache holds.
     """
-    spec = importlib.util.find_spec("gensim")  # a top-level name: finds the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise TailkdError(f"the built-in corpus needs the gensim package's data; install it with: "
-                          f"pip install --no-deps {GENSIM_PIN}  (or pass your own text with --data)")
-    src_dir = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
+    from tailkd.assets import find
+
     dest_dir = Path(cache_dir or default_cache_root()) / "default_corpus"
     out = []
-    for name in LEE_FILES:
-        src = src_dir / name
-        if not src.is_file():
-            raise TailkdError(f"{src} is missing from the installed gensim; reinstall it with: "
-                              f"pip install --no-deps --force-reinstall {GENSIM_PIN}")
-        dest = dest_dir / name
+    for src in find("corpus"):
+        dest = dest_dir / src.name
         if not dest.is_file():
             _write_utf8_copy(src, dest)
         out.append(dest)

@@ -316,7 +316,7 @@ def evaluate_student(student: str, teacher: str | None = None, *, data: list[str
 
     Settings not given are taken from the run that produced the student (``RUN/final`` -> ``RUN/config.yaml``):
     teacher, data paths, seq_len, held-out fraction and document separator — so the held-out split is the
-    run's own. Otherwise: teacher ``smollm2``, the built-in corpus, 256 tokens.
+    run's own. Otherwise: teacher ``smollm2``, the built-in corpus, ``tailkd distill``'s default seq_len.
     """
     from tailkd import models
 
@@ -328,7 +328,9 @@ def evaluate_student(student: str, teacher: str | None = None, *, data: list[str
     rc_data, rc_teacher = run_cfg.get("data") or {}, run_cfg.get("teacher") or {}
     teacher = teacher or rc_teacher.get("path") or "smollm2"
     data = data if data else (rc_data.get("paths") or None)
-    seq_len = seq_len or rc_data.get("seq_len") or 256
+    from tailkd.config import DataConfig
+
+    seq_len = seq_len or rc_data.get("seq_len") or DataConfig().seq_len
     dev = resolve_device(device)
 
     s_model, s_tok = models.load_causal_lm(student)

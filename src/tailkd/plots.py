@@ -13,11 +13,11 @@ from matplotlib.figure import Figure
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fig`` as a PNG under a temporary name, then rename it: never a half-written picture."""
+    from tailkd.checkpoint import atomic_write_file
+
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, format="png")
-    return path
+    return atomic_write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -79,5 +79,40 @@ def plot_heldout_kl(curves: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_training_curves(train: list[dict], heldout: list[dict], path: str | Path, *, title: str = "") -> Path:
+    """One run: (a) held-out KL(teacher‖student) vs training tokens (the student's held-out CLM loss when the
+    run has no teacher), (b) the training loss and its terms (CLM, divergence) vs training tokens.
+
+    ``train`` / ``heldout``: ``metrics.jsonl`` rows (``tokens`` and the metric keys), e.g. from
+    `tailkd.compare.read_metrics`.
+    """
+    fig = Figure(figsize=(11, 4.2))
+    ax_a, ax_b = fig.subplots(1, 2)
+    key = "kl" if any("kl" in r for r in heldout) else "student_clm"
+    rows = [r for r in heldout if key in r]
+    ax_a.plot([r["tokens"] for r in rows], [r[key] for r in rows], marker="o", markersize=4, color="C0")
+    for r in rows[:1] + rows[-1:]:
+        ax_a.annotate(f"{r[key]:.4g}", (r["tokens"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax_a.set_xlabel("training tokens")
+    ax_a.set_ylabel("held-out KL(teacher‖student) [nats/token]" if key == "kl" else "held-out student CLM [nats]")
+    ax_a.set_title("(a) held-out " + ("KL" if key == "kl" else "CLM loss"))
+    ax_a.grid(alpha=0.3)
+    tokens = [r["tokens"] for r in train]
+    for i, (term, label) in enumerate((("loss", "loss (total)"), ("clm", "CLM"), ("div", "divergence"))):
+        values = [r.get(term) for r in train]
+        if any(v for v in values):
+            ax_b.plot(tokens, values, color=f"C{i}", label=label, linewidth=1.2 if term == "loss" else 0.9)
+    ax_b.set_xlabel("training tokens")
+    ax_b.set_ylabel("training loss per valid token [nats]")
+    ax_b.set_title("(b) training loss")
+    ax_b.grid(alpha=0.3)
+    if train:
+        ax_b.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

