@@ -5,8 +5,8 @@ Modes (all interleaved step by step; median and min step time; tokens/s = B·T /
 the min is the least disturbed estimate):
 
 - online/dense:   teacher forward -> full logits; student logits; `objective` (the current trainer)
-- online/fused:   teacher + student final hidden states -> `fused.fused_objective` (never [B, T, V])
-- cache-topk:     top-K cache (K=64 truncated to loss.k) -> D_KL1 (dense `cache_divergence` / fused sparse path)
+- online/fused:   teacher + student final hidden states -> `objective.chunked_objective` (never [B, T, V])
+- cache-topk:     top-K cache (K=64 truncated to loss.k) -> D_KL1 (dense `Divergence.sparse_per_token` / chunked sparse path)
 - cache-samples:  + 16 tail samples -> D_KL1 + unbiased tail estimate (fused sparse path)
 - cache-hidden:   cached bf16 teacher hidden states + stored head -> exact TAD (fused)
 
@@ -51,6 +51,7 @@ def main() -> None:
     from tailkd import data as data_mod
     from tailkd import teacher as teacher_mod
     from tailkd.config import LossConfig
+    from tailkd.objective import step_terms
     from tailkd.student import build_student
 
     torch.manual_seed(0)
@@ -100,8 +101,8 @@ def main() -> None:
             n_valid = int((batch["labels"] != -100).sum())
             t0 = time.perf_counter()
             signal = source(batch)
-            terms = teacher_mod.step_terms(student, batch, signal, n_valid, cfg, vocab_size=vocab,
-                                           fused_path=fused_path, chunk_size=args.chunk)
+            terms = step_terms(student, batch, signal, n_valid, cfg, vocab_size=vocab, fused_path=fused_path,
+                               chunk_size=args.chunk)
             terms.loss.backward()
             optimizer.zero_grad(set_to_none=True)  # the update itself is identical across modes: not applied
             dt = time.perf_counter() - t0

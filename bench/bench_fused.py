@@ -119,9 +119,9 @@ def run_once(method, loss, inputs, mods, *, chunk, mm_dtype):
 
 
 def _run_once(method, loss, inputs, mods, *, chunk, mm_dtype):
-    from tailkd import fused
+    from tailkd import head as head_mod
     from tailkd.config import LossConfig
-    from tailkd.objective import objective
+    from tailkd.objective import chunked_objective, objective
 
     h_s, w_s, h_t, w_t, labels = inputs
     n, vocab = h_s.shape[0], w_s.shape[0]
@@ -129,10 +129,10 @@ def _run_once(method, loss, inputs, mods, *, chunk, mm_dtype):
     h_s3, h_t3 = h_s.view(rows, seq_len, -1), h_t.view(rows, seq_len, -1)
     cfg = LossConfig(name=loss.removesuffix("_longrow"), k=10, beta=2.0, jsd_beta=0.5)
     if method == "tailkd_fused":
-        spec = fused.HeadSpec(vocab)
-        out = fused.fused_objective(h_s3, fused.Head(w_s, None, spec), labels, n, cfg=cfg, teacher_hidden=h_t3,
-                                    teacher_head=fused.Head(w_t, None, spec),
-                                    chunk_size=None if FUSED_DEFAULT_CHUNK else chunk, matmul_dtype=mm_dtype)
+        spec = head_mod.HeadSpec(vocab)
+        out = chunked_objective(h_s3, head_mod.Head(w_s, None, spec), labels, n, cfg=cfg, teacher_hidden=h_t3,
+                                teacher_head=head_mod.Head(w_t, None, spec),
+                                chunk_size=None if FUSED_DEFAULT_CHUNK else chunk, matmul_dtype=mm_dtype)
         value = out.loss
     elif method == "tailkd_dense":
         s_logits = h_s3 @ w_s.T  # (B, T, V)

@@ -147,6 +147,19 @@ def jsd(s, t, beta, temperature=1.0, dz_s=None, dz_t=None):
     return SAFETY * value, SAFETY * _softmax_back(h, dh, Q.w, Q.rel, Q.V)
 
 
+def tvd(s, t, temperature=1.0, dz_s=None, dz_t=None):
+    """½ Σ|p − q| from two float32 softmaxes (relative error rel on each probability, the difference and abs one u,
+    the V-term sum u·n_eff(V)). Gradient (autograd): h_i = ½ sign(q_i − p_i) into the softmax backward q(h − Σ q h);
+    where |q_i − p_i| is within the two probabilities' errors the float32 sign may flip: |Δh_i| <= 1 there."""
+    Q, P = _Dist(s, temperature, dz_s), _Dist(t, temperature, dz_t)
+    diff = (Q.w - P.w).abs()
+    e_diff = Q.w * Q.rel + P.w * P.rel + U * diff
+    value = 0.5 * (e_diff.sum(-1) + U * n_eff(Q.V) * diff.sum(-1)) + U * 0.5 * diff.sum(-1)
+    h = 0.5 * torch.sign(Q.w - P.w)
+    dh = torch.where(diff <= e_diff, 1.0, 0.0) + U * h.abs()
+    return SAFETY * value, SAFETY * _softmax_back(h, dh, Q.w, Q.rel, Q.V)
+
+
 def _seq_mean(x, mask, segment_ids):
     """Per-position mean of x over the valid tokens of the same row (or the same (row, segment)), 0 if none."""
     a = torch.where(mask, x, 0.0)
@@ -416,7 +429,7 @@ def hidden_cosine(h_s, h_t, mask, weight=None):
 
 
 def head_logits(h, weight, bias, spec):
-    """Float64 logits softcap(scale·(h Wᵀ + b)) [..., V] of `fused.apply_head` from the float32 inputs, and the bound
+    """Float64 logits softcap(scale·(h Wᵀ + b)) [..., V] of `head_mod.apply_head` from the float32 inputs, and the bound
     [...] (per row, its max) on the float32 logits: the (d+1)-term dot product γ_{d+1}(|h||W|ᵀ + |b|) times |scale|, the
     scaling u|x|, and cap·tanh(x/cap) (tanh' <= 1 passes the input error on; x/cap, tanh, ×cap add u|x| + 2u|z|)."""
     from bounds import gamma
@@ -435,12 +448,12 @@ def head_logits(h, weight, bias, spec):
 
 
 def head_objective(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, segment_ids=None, *, n=None, sparse=None):
-    """Bounds on ONE float32 evaluation (dense `objective(apply_head(...))` or `fused.fused_objective`) of the loss,
+    """Bounds on ONE float32 evaluation (dense `objective(apply_head(...))` or `objective.chunked_objective`) of the loss,
     clm and div terms and of the gradients wrt h_s, W_s and b_s: the logits' bound (`head_logits`) enters the per-token
     bounds as dz; CE = −log q_y (log_softmax entry), divergence per `cfg.name`; the sums over the n valid tokens
     (u·n_eff(n)·Σ|terms|); the per-logit gradient G = ∂loss/∂z (exact, float64 autograd) times the transform's
     derivative scale·(1 − tanh²) (recomputed from the rounded z); then the backward matmuls G W (V terms) and Gᵀh,
-    Σ G (over the tokens). ``sparse``: a `fused.SparseTeacher` (teacher cache) instead of h_t/head_t (`cache_tad`).
+    Σ G (over the tokens). ``sparse``: a `SparseTeacher` (teacher cache) instead of h_t/head_t (`cache_tad`).
     ``n``: the objective's denominator (default: the number of valid tokens).
     Returns SAFETY × {loss, clm, div, h [B, T, d], w [rows, d], b [rows]}."""
     import torch.nn.functional as F
@@ -465,10 +478,10 @@ def head_objective(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, segment_ids=
         div = torch.zeros_like(ce)
         b_div, g_div = torch.zeros_like(ce), torch.zeros_like(z_s)
     elif sparse is not None:
-        from tailkd.cache import cache_divergence
+        from tailkd.registry import bind
 
         seg = segment_ids if cfg.per_document else None
-        div = cache_divergence(zz, _sparse64(sparse), mask, loss=cfg.name, beta=cfg.beta, segment_ids=seg)
+        div = bind(cfg).sparse_per_token(zz, _sparse64(sparse), mask, segment_ids)
         b_div, g_div = cache_tad(z_s, sparse, mask, loss=cfg.name, beta=cfg.beta, segment_ids=seg, dz_s=dz_s)
         b_div, g_div = b_div / SAFETY, g_div / SAFETY
     else:
@@ -522,8 +535,8 @@ def head_objective(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, segment_ids=
 
 
 def _sparse64(sp):
-    """A `fused.SparseTeacher` with float64 tensors (the exact values of its float32 entries)."""
-    from tailkd.fused import SparseTeacher
+    """A `SparseTeacher` with float64 tensors (the exact values of its float32 entries)."""
+    from tailkd.divergences import SparseTeacher
 
     def f(x):
         return None if x is None else (x.double() if x.is_floating_point() else x)
@@ -532,7 +545,7 @@ def _sparse64(sp):
 
 
 def cache_tad(s, sparse, mask, *, loss="tad", beta=2.0, segment_ids=None, dz_s=None):
-    """`cache.cache_divergence` (and `fused._div_sparse`) from a top-K cache with tail support points, its float32
+    """`Divergence.sparse_per_token` (and the chunked path's `divergences.SPARSE`) from a top-K cache with tail support points, its float32
     inputs exact: D_KL1 = `topk_bucket_kl` with the cached α^T (its bound), plus w_X·(Σ_j w_j(log p_j − log q_j) −
     bucket), log q_j = s_j − lse(s) (κ + u|lse| + u|log q_j|), log α^S = lse(tail) − lse (two u·M terms), w_X = β/ᾱ
     (T-term mean, division: (T + 2)u) or 1. Gradient: D_KL1's plus w_X(q_i Σw + Σ_{j: id_j = i} w_j + α q̃_i + α q_i)
@@ -618,11 +631,11 @@ def lm_logits_err(model, input_ids, vocab=None):
     unit-condition layers): hidden: rel(N_hidden)·max|h|; logits: rel(N)·max_v (|h|·|W_v|)."""
     from bounds import decoder_fan_in, f32_forward_rel
 
-    from tailkd import fused
+    from tailkd import head as head_mod
 
     with torch.no_grad():
-        h = fused.final_hidden(model, input_ids)
-    head = fused.model_head(model, vocab)
+        h = head_mod.final_hidden(model, input_ids)
+    head = head_mod.model_head(model, vocab)
     w = head.weight.detach().double()[: head.spec.vocab_size]
     seq = input_ids.shape[-1]
     mag = h.double().abs() @ w.abs().T * abs(head.spec.scale)

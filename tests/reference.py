@@ -89,6 +89,18 @@ def jsd(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float = 1.0)
     return torch.stack(out).reshape(s.shape[:-1])
 
 
+def tvd(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """½ Σ_i |p_i − q_i|, by explicit per-index terms."""
+    out = []
+    for sr, tr in zip(rows(s), rows(t)):
+        logq, logp = log_probs(sr / temperature), log_probs(tr / temperature)
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(sr.shape[0]):
+            total = total + 0.5 * torch.abs(torch.exp(logp[i]) - torch.exp(logq[i]))
+        out.append(total)
+    return torch.stack(out).reshape(s.shape[:-1])
+
+
 # --------------------------------------------------------------------------- TAD
 
 

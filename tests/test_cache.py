@@ -9,12 +9,14 @@ import loss_bounds as LB
 import pytest
 import torch
 
-from tailkd import cache, fused, losses
+from tailkd import cache, losses, registry
 from tailkd import data as data_mod
+from tailkd import head as head_mod
 from tailkd.config import LossConfig
+from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
-from tailkd.fused import Head, HeadSpec
-from tailkd.objective import objective
+from tailkd.head import Head, HeadSpec
+from tailkd.objective import chunked_objective, objective, step_terms
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tokenizer, write_corpus
@@ -70,13 +72,13 @@ def test_round_trip_matches_the_online_teacher(setup):
     # float32 forwards, each within LB.lm_logits_err's forward-error model (random-walk roundings along the path)
     _, d_hidden, _ = LB.lm_logits_err(setup[0], batch["input_ids"], len(setup[1]))
     with torch.no_grad():
-        B.assert_within(got["hidden"], fused.final_hidden(setup[0], batch["input_ids"]), 2 * d_hidden[..., None],
+        B.assert_within(got["hidden"], head_mod.final_hidden(setup[0], batch["input_ids"]), 2 * d_hidden[..., None],
                         msg="hidden states")
     # The cached log-probs vs the log-probs of those stored (fp32, exact) hidden states: the head's 33-term dot
     # products in two blockings (each γ_33|h||W|, LB.head_logits; log-softmax is 2-Lipschitz) and the cache's
     # z − lse(z) (κ + u|lse| + u|log p|) vs log_softmax's (κ + 2u|log p|)
     head = reader.head()
-    own = fused.apply_head(got["hidden"], head).float()
+    own = head_mod.apply_head(got["hidden"], head).float()
     own_logp = torch.log_softmax(own, dim=-1)
     dz = LB.head_logits(got["hidden"], head.weight, head.bias, head.spec)[1]
     kappa, lse = B.lse_kappa(own.shape[-1]), torch.logsumexp(own.double(), dim=-1)
@@ -130,7 +132,7 @@ def test_dkl1_from_cache_equals_tad_decompose_of_online_logits(setup, k_run):
     g = torch.Generator().manual_seed(0)
     s_logits = torch.randn(t_logits.shape, generator=g) * 3
     mask = torch.ones(batch["labels"].shape, dtype=torch.bool)
-    got = cache.cache_divergence(s_logits, sparse, mask, loss="tad")
+    got = registry.bind(LossConfig(name="tad", k=k_run)).sparse_per_token(s_logits, sparse, mask)
     ref = losses.tad_decompose(s_logits, t_logits, k=k_run)[0]
     # float32 D_KL1 from the cached values (LB.topk_bucket_kl) and from the online logits (LB.tad_decompose), plus the
     # cached values' own error against the online logits (another forward: 4dz; log p = z − lse; α^T from two
@@ -151,14 +153,13 @@ def test_dkl1_from_cache_equals_tad_decompose_of_online_logits(setup, k_run):
     w = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
     cfg = LossConfig(name="tad", k=k_run)
     n = batch["labels"].numel()
-    logits = fused.apply_head(h, Head(w, None, HeadSpec(V)))
-    ref_terms = objective(logits, batch["labels"], n, cfg=cfg,
-                          divergence=cache.cache_divergence(logits, sparse, mask, loss="tad"))
+    logits = head_mod.apply_head(h, Head(w, None, HeadSpec(V)))
+    ref_terms = objective(logits, batch["labels"], n, cfg=cfg, sparse_teacher=sparse)
     ref_terms.loss.backward()
     ref_h, ref_w = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    got_terms = fused.fused_objective(h, Head(w, None, HeadSpec(V)), batch["labels"], n, cfg=cfg,
-                                      sparse_teacher=sparse, chunk_size=7)
+    got_terms = chunked_objective(h, Head(w, None, HeadSpec(V)), batch["labels"], n, cfg=cfg,
+                                  sparse_teacher=sparse, chunk_size=7)
     got_terms.loss.backward()
     torch.testing.assert_close(got_terms.loss, ref_terms.loss, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(h.grad, ref_h, rtol=1e-6, atol=1e-8)
@@ -176,7 +177,7 @@ def test_exact_tad_from_cached_hidden_states_equals_online_tad(setup):
     n = batch["labels"].numel()
     online = objective(s_logits, batch["labels"], n, cfg=cfg, teacher_logits=t_logits,
                        segment_ids=batch["segment_ids"])
-    cached_logits = fused.apply_head(reader.teacher_hidden(idx, input_ids=batch["input_ids"]), reader.head())
+    cached_logits = head_mod.apply_head(reader.teacher_hidden(idx, input_ids=batch["input_ids"]), reader.head())
     offline = objective(s_logits, batch["labels"], n, cfg=cfg, teacher_logits=cached_logits,
                         segment_ids=batch["segment_ids"])
     # the student side (logits, CE) is the same computation on the same tensor; the teacher logits come from two
@@ -196,7 +197,7 @@ def test_exact_tad_from_cached_hidden_states_equals_online_tad(setup):
     _, path16 = _write(setup, "hidden16", hidden_states=True, hidden_dtype="bf16")
     r16 = cache.CacheReader(path16)
     approx = objective(s_logits, batch["labels"], n, cfg=cfg, segment_ids=batch["segment_ids"],
-                       teacher_logits=fused.apply_head(r16.teacher_hidden(idx).float(), r16.head()))
+                       teacher_logits=head_mod.apply_head(r16.teacher_hidden(idx).float(), r16.head()))
     sens = LB.tad_teacher_sensitivity(s_logits, h, r16.head(), mask, 6, 2.0, seg, n)
     rounding = B.SAFETY * B.LAMBDA * B.U_BF16 * float((h.double() * sens).norm())
     B.assert_within(approx.loss, online.loss, rounding + 2 * loss_bound(dz), msg="loss, bf16 hidden states")
@@ -217,11 +218,11 @@ def test_tail_sample_estimator_is_unbiased():
 
     draw, draw_lp = cache.sample_tail(rep(t), rep(ids), rep(lse), M, torch.Generator().manual_seed(123))
     log_a = torch.log(alpha)
-    sparse = fused.SparseTeacher(rep(ids)[None], rep(t.gather(-1, ids) - lse[:, None])[None], rep(log_a)[None],
+    sparse = SparseTeacher(rep(ids)[None], rep(t.gather(-1, ids) - lse[:, None])[None], rep(log_a)[None],
                                  draw[None], draw_lp[None], (rep(alpha)[:, None] / M).expand(-1, M)[None])
     s_rep = rep(s)[None].clone().requires_grad_(True)
     mask = torch.ones(1, n * S, dtype=torch.bool)
-    est = cache.cache_divergence(s_rep, sparse, mask, loss="kd")[0].view(S, n) - d1  # [S, n] tail estimates
+    est = registry.bind(LossConfig(name="kd")).sparse_per_token(s_rep, sparse, mask)[0].view(S, n) - d1  # [S, n]
     mean, se = est.mean(0), est.std(0) / S ** 0.5
     assert bool((se > 0).all())  # a real random estimate
     assert bool(((mean - exact).abs() < 5 * se + 1e-9).all()), (mean, exact, se)
@@ -294,13 +295,14 @@ def test_resume_after_a_crash_skips_complete_shards_and_equals_a_fresh_cache(set
     with pytest.raises(TailkdError, match="lacks shard_000002"):
         cache.CacheReader(path).rows([9])
     forwards = {"n": 0}
-    real_hidden = fused.final_hidden
+    real_hidden = head_mod.final_hidden
 
     def counting_hidden(model, input_ids, **kw):
         forwards["n"] += input_ids.shape[0]
         return real_hidden(model, input_ids, **kw)
 
-    monkeypatch.setattr(fused, "final_hidden", counting_hidden)
+    monkeypatch.setattr(cache, "final_hidden", counting_hidden)  # the cache's rows
+    monkeypatch.setattr(head_mod, "final_hidden", counting_hidden)  # verify_head's probe
     _write(setup, "resumed", tail_samples=2)
     assert forwards["n"] == 2 + 1  # only rows 8, 9 of the missing shard (+1 probe row of verify_head)
     assert not list(path.glob(".tmp-*"))
@@ -348,7 +350,7 @@ def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
             if source is sources[0] and fused_path or source is sources[1] and not fused_path:
                 continue
             student.zero_grad()
-            terms = teacher_mod.step_terms(student, batch, source(batch), n, cfg, vocab_size=V,
+            terms = step_terms(student, batch, source(batch), n, cfg, vocab_size=V,
                                            fused_path=fused_path, chunk_size=8)
             terms.loss.backward()
             results.append((float(terms.loss.detach()), student.lm_head.weight.grad.clone()))
@@ -357,8 +359,8 @@ def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
     # evaluations of the heads and the objective, each within LB.head_objective (dense teacher, or the cache's
     # sparse teacher with its tail samples, whose float32 values are exact inputs)
     with torch.no_grad():
-        h_s, h_t = fused.final_hidden(student, batch["input_ids"]), fused.final_hidden(model, batch["input_ids"])
-    head_s, head_t = fused.model_head(student, V), fused.model_head(model, V)
+        h_s, h_t = head_mod.final_hidden(student, batch["input_ids"]), head_mod.final_hidden(model, batch["input_ids"])
+    head_s, head_t = head_mod.model_head(student, V), head_mod.model_head(model, V)
     common = (cfg, h_s, head_s.weight, head_s.bias, head_s.spec)
     online = LB.head_objective(*common, h_t, head_t, batch["labels"], batch["segment_ids"], n=n)
     cached = LB.head_objective(*common, None, None, batch["labels"], batch["segment_ids"], n=n,

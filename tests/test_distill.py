@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_teacher_dir, read_metrics, write_corpus
 from transformers import AutoModelForCausalLM
 
 from tailkd.cli import main
-from tiny import make_teacher_dir, read_metrics, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -460,7 +460,7 @@ def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, caps
             student_logits.register_hook(lambda g: torch.full_like(g, float("nan")))
         return terms
 
-    monkeypatch.setattr(objective_mod, "objective", poisoned)  # tailkd.teacher.step_terms calls it
+    monkeypatch.setattr(objective_mod, "objective", poisoned)  # tailkd.objective.step_terms calls it
     run = tmp_path / "run"
     assert main(args(assets, run, "--train.save_every", "1", "--train.keep_last", "20", steps=6)) == 0
     err = capsys.readouterr().err

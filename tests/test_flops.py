@@ -6,7 +6,8 @@ import pytest
 from test_evaluate import one_line_error
 
 from tailkd.cli import main
-from tailkd.flops import LOSS_FLOPS_PER_VOCAB, ModelSize, distill_flops, method_table, model_flops_per_token, model_size
+from tailkd.flops import ModelSize, distill_flops, method_table, model_flops_per_token, model_size
+from tailkd.registry import CLM_FLOPS_PER_VOCAB, LOSSES
 
 # Qwen1.5-1.8B's config.json (the paper's Table 3 teacher), and a 1.2B-parameter student of the same width
 # and vocabulary: 18 layers and a tied head give 1.22B parameters, 0.91B of them non-embedding (the paper:
@@ -50,7 +51,7 @@ def test_distill_flops_keys_and_arithmetic(tiny_lm):
     d = distill_flops(teacher, student, tokens, seq_len=seq, loss="kd")
     assert d["teacher_forward"] == tokens * t["forward"]
     assert d["student_forward_backward"] == tokens * 3 * s["forward"]
-    assert d["loss_layer"] == tokens * (LOSS_FLOPS_PER_VOCAB["kd"] + LOSS_FLOPS_PER_VOCAB["clm"]) * 262
+    assert d["loss_layer"] == tokens * (LOSSES["kd"].flops_per_vocab + CLM_FLOPS_PER_VOCAB) * 262
     assert d["total"] == d["teacher_forward"] + d["student_forward_backward"] + d["loss_layer"]
     assert d["per_token"] == pytest.approx(d["total"] / tokens)
     assert d["pflops_per_1m_tokens"] == pytest.approx(d["per_token"] * 1e6 / 1e15)

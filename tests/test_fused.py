@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tailkd import fused
+from tailkd import head as head_mod
 from tailkd.config import LossConfig
 from tailkd.errors import TailkdError
-from tailkd.fused import Head, HeadSpec
-from tailkd.objective import IGNORE_INDEX, objective, per_token_divergence
+from tailkd.head import Head, HeadSpec
+from tailkd.objective import IGNORE_INDEX, chunked_objective, objective
 
 CASES = [
     ("clm", {}),
@@ -52,8 +53,8 @@ def _leaf(x):
 def _dense(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg):
     a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
     n = int((labels != IGNORE_INDEX).sum())
-    terms = objective(fused.apply_head(a, Head(w, b, spec_s)), labels, n, cfg=cfg,
-                      teacher_logits=fused.apply_head(h_t, head_t), segment_ids=seg)
+    terms = objective(head_mod.apply_head(a, Head(w, b, spec_s)), labels, n, cfg=cfg,
+                      teacher_logits=head_mod.apply_head(h_t, head_t), segment_ids=seg)
     terms.loss.backward()
     return terms, a.grad, w.grad, None if b is None else b.grad
 
@@ -61,8 +62,8 @@ def _dense(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg):
 def _fused(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg, chunk):
     a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
     n = int((labels != IGNORE_INDEX).sum())
-    terms = fused.fused_objective(a, Head(w, b, spec_s), labels, n, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
-                                  segment_ids=seg, chunk_size=chunk)
+    terms = chunked_objective(a, Head(w, b, spec_s), labels, n, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                              segment_ids=seg, chunk_size=chunk)
     terms.loss.backward()
     return terms, a.grad, w.grad, None if b is None else b.grad
 
@@ -122,8 +123,8 @@ def test_frozen_head_gets_no_gradient_and_hidden_gradient_is_unchanged():
     _, ref_h, _, _ = _dense(cfg, h_s, w_s, None, spec_s, h_t, head_t, labels, seg)
     a = _leaf(h_s)
     frozen = w_s.clone()  # requires_grad False: no weight-gradient matmul
-    terms = fused.fused_objective(a, Head(frozen, None, spec_s), labels, int((labels != -100).sum()), cfg=cfg,
-                                  teacher_hidden=h_t, teacher_head=head_t, chunk_size=5)
+    terms = chunked_objective(a, Head(frozen, None, spec_s), labels, int((labels != -100).sum()), cfg=cfg,
+                              teacher_hidden=h_t, teacher_head=head_t, chunk_size=5)
     terms.loss.backward()
     assert frozen.grad is None
     torch.testing.assert_close(a.grad, ref_h, rtol=1e-10, atol=1e-12)
@@ -135,8 +136,8 @@ def test_masked_tokens_get_zero_gradient_and_fully_masked_batch_is_zero():
     assert bool((gh[labels == IGNORE_INDEX] == 0).all()) and bool((gh[labels != IGNORE_INDEX] != 0).any())
     empty = torch.full_like(labels, IGNORE_INDEX)
     a, w = _leaf(h_s), _leaf(w_s)
-    terms = fused.fused_objective(a, Head(w, None, spec_s), empty, 0, cfg=LossConfig(name="tad", k=3),
-                                  teacher_hidden=h_t, teacher_head=head_t, chunk_size=4)
+    terms = chunked_objective(a, Head(w, None, spec_s), empty, 0, cfg=LossConfig(name="tad", k=3),
+                              teacher_hidden=h_t, teacher_head=head_t, chunk_size=4)
     terms.loss.backward()
     assert float(terms.loss.detach()) == 0.0 and float(a.grad.abs().sum()) == 0.0 and float(w.grad.abs().sum()) == 0.0
 
@@ -149,8 +150,8 @@ def test_global_denominator_and_micro_batches_match_one_big_batch():
     a, w = _leaf(h_s), _leaf(w_s)
     total = 0.0
     for rows in (slice(0, 1), slice(1, 3)):
-        part = fused.fused_objective(a[rows], Head(w, None, spec_s), labels[rows], n, cfg=cfg, teacher_hidden=h_t[rows],
-                                     teacher_head=head_t, chunk_size=5)
+        part = chunked_objective(a[rows], Head(w, None, spec_s), labels[rows], n, cfg=cfg, teacher_hidden=h_t[rows],
+                                 teacher_head=head_t, chunk_size=5)
         part.loss.backward()
         total += float(part.loss.detach())
     assert total == pytest.approx(float(ref.loss.detach()), rel=1e-12)
@@ -159,27 +160,52 @@ def test_global_denominator_and_micro_batches_match_one_big_batch():
 
 
 @pytest.mark.parametrize("name,extra", [("tad", {"k": 4, "per_document": True}), ("jsd", {}), ("clm", {})])
-def test_per_token_values_and_their_gradients_match_dense(name, extra):
-    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+def test_weighted_terms_and_their_gradients_match_dense(name, extra):
+    """CLM and divergence weighted 1 : 3, float64: the chunked sums and their gradients equal the dense objective."""
+    inputs = _inputs(torch.float64)
+    cfg = LossConfig(name=name, clm_weight=1.0, div_weight=3.0, **extra)
+    ref, *ref_grads = _dense(cfg, *inputs)
+    got, *grads = _fused(cfg, *inputs, 4)
+    _close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float64)
+    _close(grads, ref_grads, torch.float64)
+
+
+@pytest.mark.parametrize("name,extra", [("dkd", {}), ("dkd", {"temperature": 2.0, "dkd_beta": 3.0}), ("drkl", {}),
+                                        ("drkl", {"drkl_anchor": "teacher_argmax", "gamma": 0.2}), ("tvd", {}),
+                                        ("tvd", {"temperature": 0.7})])
+def test_losses_without_a_row_kernel_are_chunked_by_autograd(name, extra):
+    """DKD, DRKL and TVD have no closed-form kernel: the chunked layer differentiates their per-token function chunk
+    by chunk, and gives the dense objective's values and gradients (float64), whatever the chunking."""
+    inputs = _inputs(torch.float64)
     cfg = LossConfig(name=name, **extra)
-    g = torch.Generator().manual_seed(7)
-    weights = torch.rand(labels.shape, generator=g, dtype=torch.float64)  # arbitrary downstream weights
-    a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
-    logits = fused.apply_head(a, Head(w, b, spec_s))
-    mask = labels != IGNORE_INDEX
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
-    div = (per_token_divergence(cfg, logits, fused.apply_head(h_t, head_t), labels, segment_ids=seg)
-           if name != "clm" else torch.zeros_like(ce))
-    ((ce + 3 * div) * weights).sum().backward()
-    a2, w2, b2 = _leaf(h_s), _leaf(w_s), _leaf(b_s)
-    clm2, div2 = fused.fused_per_token(a2, Head(w2, b2, spec_s), labels, cfg=cfg, teacher_hidden=h_t,
-                                       teacher_head=head_t, segment_ids=seg, chunk_size=4)
-    ((clm2 + 3 * div2) * weights).sum().backward()
-    torch.testing.assert_close(clm2, torch.where(mask, ce, 0.0).detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(div2, torch.where(mask, div, 0.0).detach(), rtol=1e-10, atol=1e-12)
-    for x, y in ((a2.grad, a.grad), (w2.grad, w.grad), (b2.grad, b.grad)):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    ref, *ref_grads = _dense(cfg, *inputs)
+    for chunk in (1, 4, 7, None):
+        got, *grads = _fused(cfg, *inputs, chunk)
+        _close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float64)
+        _close(grads, ref_grads, torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [2, None])
+def test_tad_float32_with_a_subnormal_teacher_tail_mass(chunk):
+    """Teacher logits with a 100-nat gap after the top 3 (α^T ~ 4e-44: sub-normal in float32): the chunked layer's
+    β(X)·α^T·D_KL2 stays finite and equals the dense path's (2 tokens per chunk: ᾱ from the statistics pass)."""
+    g = torch.Generator().manual_seed(21)
+    V = 12
+    t = torch.randn(2, 3, V, generator=g, dtype=torch.float64)
+    t = t.scatter_add(-1, torch.topk(t, 3).indices, torch.full((2, 3, 3), 100.0, dtype=torch.float64)).float()
+    head_t = Head(torch.eye(V), None, HeadSpec(V))  # the teacher's hidden states are its logits
+    h_s = torch.randn(2, 3, 5, generator=g)
+    w_s = torch.randn(V, 5, generator=g)
+    labels = torch.randint(0, V, (2, 3), generator=g)
+    cfg = LossConfig(name="tad", k=3)
+    inputs = (h_s, w_s, None, HeadSpec(V), t, head_t, labels, None)
+    ref, *ref_grads = _dense(cfg, *inputs)
+    got, *grads = _fused(cfg, *inputs, chunk)
+    assert torch.isfinite(got.loss) and all(torch.isfinite(x).all() for x in grads if x is not None)
+    bound = LB.head_objective(cfg, *inputs)
+    _close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float32,
+           [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
+    _close(grads, ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))
 
 
 def test_tad_float32_stays_accurate_when_the_student_tail_mass_underflows():
@@ -189,8 +215,8 @@ def test_tad_float32_stays_accurate_when_the_student_tail_mass_underflows():
     spec = HeadSpec(spec_s.vocab_size, scale=20.0)
     head_t = Head(head_t.weight, None, HeadSpec(spec_s.vocab_size, scale=2.0))
     cfg = LossConfig(name="tad", k=3)
-    z = fused.apply_head(h_s.double(), Head(w_s.double(), None, spec))
-    ids = fused.apply_head(h_t.double(), Head(head_t.weight.double(), None, head_t.spec)).topk(3, -1).indices
+    z = head_mod.apply_head(h_s.double(), Head(w_s.double(), None, spec))
+    ids = head_mod.apply_head(h_t.double(), Head(head_t.weight.double(), None, head_t.spec)).topk(3, -1).indices
     log_as = z.scatter(-1, ids, -torch.inf).logsumexp(-1) - z.logsumexp(-1)
     assert float((log_as < -69).float().mean()) > 0.5  # the ratio α^T/α^S > 1e30 fallback is exercised
     f64 = [x.double() for x in (h_s, w_s)]
@@ -235,18 +261,18 @@ def _tiny_model(config_name, **extra):
 ])
 def test_head_spec_reproduces_the_models_own_logits(config_name, extra, expect):
     model = _tiny_model(config_name, **extra)
-    head = fused.model_head(model)
+    head = head_mod.model_head(model)
     assert head.spec == HeadSpec(70, **expect)
     ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
     # the model's own forward and apply_head on the same final hidden states: two float32 evaluations of the same
     # logits, each within LB.head_logits' bound (a 33-term dot product with |W| ×40, the scale, the soft-cap)
     with torch.no_grad():
-        hidden = fused.final_hidden(model, ids)
-    assert fused.verify_head(model, ids, head) <= 2 * float(LB.head_logits(hidden, head.weight, head.bias,
+        hidden = head_mod.final_hidden(model, ids)
+    assert head_mod.verify_head(model, ids, head) <= 2 * float(LB.head_logits(hidden, head.weight, head.bias,
                                                                              head.spec)[1].max())
     if expect:  # leaving the transform out is caught (TRL #6629)
         with pytest.raises(TailkdError, match="does not reproduce"):
-            fused.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70)))
+            head_mod.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70)))
 
 
 def test_fused_objective_on_gemma2_equals_objective_on_model_logits():
@@ -264,16 +290,16 @@ def test_fused_objective_on_gemma2_equals_objective_on_model_logits():
     ref_grad = student.get_output_embeddings().weight.grad.clone()
     student.zero_grad()
     with torch.no_grad():
-        h_t = fused.final_hidden(teacher, ids)
-    got = fused.fused_objective(fused.final_hidden(student, ids), fused.model_head(student), labels, n, cfg=cfg,
-                                teacher_hidden=h_t, teacher_head=fused.model_head(teacher), chunk_size=5)
+        h_t = head_mod.final_hidden(teacher, ids)
+    got = chunked_objective(head_mod.final_hidden(student, ids), head_mod.model_head(student), labels, n, cfg=cfg,
+                            teacher_hidden=h_t, teacher_head=head_mod.model_head(teacher), chunk_size=5)
     got.loss.backward()
     # both read the same float32 final hidden states (the same forward, deterministic); from there two float32
     # evaluations of the head and the objective, each within LB.head_objective
     with torch.no_grad():
-        h_s = fused.final_hidden(student, ids)
-    head_s = fused.model_head(student)
-    bound = LB.head_objective(cfg, h_s, head_s.weight, head_s.bias, head_s.spec, h_t, fused.model_head(teacher), labels)
+        h_s = head_mod.final_hidden(student, ids)
+    head_s = head_mod.model_head(student)
+    bound = LB.head_objective(cfg, h_s, head_s.weight, head_s.bias, head_s.spec, h_t, head_mod.model_head(teacher), labels)
     B.assert_within(got.loss, ref.loss, 2 * bound["loss"], msg="loss")
     B.assert_within(student.get_output_embeddings().weight.grad, ref_grad, 2 * bound["w"], msg="grad W")
 
@@ -282,23 +308,19 @@ def test_unknown_scaling_attribute_is_refused():
     model = _tiny_model("LlamaConfig")
     model.config.logits_scaling = 4.0
     with pytest.raises(TailkdError, match="does not know"):
-        fused.head_spec(model)
+        head_mod.head_spec(model)
 
 
 def test_selection_and_errors():
     assert not fused.use_fused("auto", 1000, 32000)
-    assert fused.use_fused("auto", 8192, 151936, "tad")
-    assert not fused.use_fused("auto", 8192, 151936, "dkd")
+    assert fused.use_fused("auto", 8192, 151936)  # one side's float32 logits: 5 GB > 1 GiB
     assert fused.use_fused("on", 10, 10) and not fused.use_fused("off", 10**9, 10**6)
-    with pytest.raises(TailkdError, match="no fused path"):
-        fused.use_fused("on", 10, 10, "dkd")
     with pytest.raises(TailkdError, match="auto, on, off"):
         fused.use_fused("maybe", 10, 10)
     assert fused.default_chunk_size(151936) == 110 and fused.default_chunk_size(100) == 4096
     h_s, w_s, _, spec_s, h_t, head_t, labels, _ = _inputs(torch.float64)
-    with pytest.raises(TailkdError, match="no fused path"):
-        fused.fused_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="dkd"),
-                              teacher_hidden=h_t, teacher_head=head_t)
+    with pytest.raises(ValueError, match="exactly one teacher"):
+        chunked_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="dkd"))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        fused.fused_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="kd"), teacher_hidden=h_t,
-                              teacher_head=Head(head_t.weight, None, HeadSpec(36)))
+        chunked_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="kd"), teacher_hidden=h_t,
+                          teacher_head=Head(head_t.weight, None, HeadSpec(36)))

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailkd import losses as L
+from tailkd.divergences import teacher_top_ids
 
 FAST = settings(max_examples=12, deadline=None, derandomize=True)
 INF = float("inf")
@@ -83,6 +84,27 @@ def test_forward_and_reverse_kl_match_reference(c):
                    lambda: LB.forward_kl(s, t, tau), tau)
     assert_matches(lambda x: L.reverse_kl(x, t, temperature=tau), lambda x: R.reverse_kl(x, t, tau), s, w, c["dtype"],
                    lambda: LB.reverse_kl(s, t, tau), tau)
+
+
+@FAST
+@given(cases())
+def test_tvd_matches_reference(c):
+    """TVD, added through the registry only (one function, one row): value and gradient vs the float64 reference."""
+    s, t, _, w, _ = make(c)
+    tau = c["temperature"]
+    assert_matches(lambda x: L.tvd(x, t, temperature=tau), lambda x: R.tvd(x, t, tau), s, w, c["dtype"],
+                   lambda: LB.tvd(s, t, tau), tau)
+
+
+def test_tvd_identities():
+    """0 <= TVD <= 1, symmetric, 0 iff p = q, and 1 for disjoint supports."""
+    gen = torch.Generator().manual_seed(12)
+    s, t = torch.randn(7, 11, generator=gen, dtype=torch.float64), torch.randn(7, 11, generator=gen, dtype=torch.float64)
+    v = L.tvd(s, t)
+    assert ((v >= 0) & (v <= 1)).all() and torch.equal(v, L.tvd(t, s))
+    assert torch.equal(L.tvd(s, s.clone()), torch.zeros(7, dtype=torch.float64))  # the same softmax, exactly 0
+    disjoint = torch.tensor([[0.0, -torch.inf], [-torch.inf, 0.0]], dtype=torch.float64)
+    assert L.tvd(disjoint[:1], disjoint[1:]).item() == 1.0
 
 
 @FAST
@@ -279,6 +301,7 @@ def test_gradcheck_every_loss():
         "dkd": lambda x: L.dkd(x, t, labels, alpha=1.0, beta=8.0, temperature=2.0),
         "drkl": lambda x: L.drkl(x, t, labels, gamma=0.5),
         "drkl_argmax": lambda x: L.drkl(x, t, None, gamma=0.5, anchor="teacher_argmax"),
+        "tvd": lambda x: L.tvd(x, t, temperature=1.3),
         "topk_bucket_kl": lambda x: L.topk_bucket_kl(x, ids, logprobs),
         "hidden_cosine": lambda x: L.hidden_cosine(x, t, mask),
     }
@@ -422,7 +445,7 @@ def test_blocked_top_k_selection_equals_torch_topk(seed, k, extra_blocks, dead_c
     t = torch.randn(3, 2, vocab, generator=gen) * 4
     if dead_columns:
         t[..., torch.randint(0, vocab, (vocab // 3,), generator=gen)] = -INF
-    got = L._teacher_top_ids(t, k)
+    got = teacher_top_ids(t, k)
     assert got.shape == (3, 2, k)
     assert torch.equal(got.sort(-1).values, torch.topk(t, k).indices.sort(-1).values)
 
@@ -434,7 +457,7 @@ def test_ties_give_a_valid_top_k_set_shared_by_tad_and_tad_decompose(vocab):
     t = torch.randint(0, 3, (2, 2, vocab), generator=gen).double()  # many exact ties at the k-th value
     t[1, 1] = 1.0  # an all-tied row
     k = 3
-    ids = L._teacher_top_ids(t, k)
+    ids = teacher_top_ids(t, k)
     chosen, rest = t.gather(-1, ids), t.scatter(-1, ids, -INF)
     assert (chosen.min(-1).values >= rest.max(-1).values).all()  # a valid top-K set ...
     assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # ... of distinct ids
@@ -603,6 +626,30 @@ def test_tad_student_tail_mass_underflow_is_exact(dtype):
     else:  # against the reference on the same (float32) cached log-probs; their own rounding is checked above
         assert_matches(lambda x: L.topk_bucket_kl(x, ids, logprobs), lambda x: R.topk_bucket_kl(x, ids, logprobs), s,
                        w, dtype, lambda: LB.topk_bucket_kl(s, ids, logprobs))
+
+
+@pytest.mark.parametrize("gap", [80.0, 95.0, 100.0, 110.0, 300.0])
+def test_tad_float32_with_a_subnormal_teacher_tail_mass(gap):
+    """Teacher top-3 logits `gap` nats above the rest: α^T ~ e^-gap, below float32's normal range from ~87 on (and 0
+    once it underflows, ~104). β(X) = β/ᾱ would overflow float32 and α^T·D_KL2 would vanish; computed in float64 /
+    log space, L = D_KL1 + β(X)·α^T·D_KL2 stays finite and equals the float64 reference within the float32 bound."""
+    gen = torch.Generator().manual_seed(13)
+    t = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
+    t = t.scatter_add(-1, torch.topk(t, 3).indices, torch.full((1, 2, 3), gap, dtype=torch.float64))
+    s = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64).float()
+    t32 = t.float()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
+    got, got_grad = value_grad(lambda x: L.tad(x, t32, mask, k=3), s, w)
+    want, want_grad = value_grad(lambda x: R.tad(R.f64(x), t32.double(), mask, 3, 2.0), s.double(), w)
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    value_bound, grad_bound = LB.tad(s, t32, mask, 3, 2.0)
+    B.assert_within(got, want, value_bound + B.REF64_ATOL, msg="value")
+    B.assert_within(got_grad, want_grad, grad_bound * w[..., None] + B.REF64_ATOL, msg="gradient")
+    # the tail term is really there: L − D_KL1 = β(X)·α^T·D_KL2 = β·D_KL2 (one token per sequence of one row: here
+    # two tokens, each row's ᾱ averages them); dropping it would leave D_KL1 alone
+    d1 = R.tad_decompose(s.double(), t32.double(), 3)[0]
+    assert ((want - d1).abs() > 1e-3).all() and ((got.double() - d1).abs() > 1e-3).all()
 
 
 def test_tail_term_stays_accurate_and_nonnegative_in_float32_for_peaked_teachers():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from tailkd import losses
 from tailkd.config import LossConfig
 from tailkd.objective import IGNORE_INDEX, count_valid_tokens, objective
+from tailkd.registry import LOSSES
 
 LOSS_NAMES = ["tad", "kd", "rkl", "jsd", "dkd", "drkl", "clm"]
 
@@ -98,3 +99,34 @@ def test_cosine_term_and_missing_teacher_errors():
         objective(s, labels, n, cfg=LossConfig(name="kd"))
     with pytest.raises(ValueError, match="student_hidden"):
         objective(s, labels, n, cfg=LossConfig(name="kd", cosine_weight=1.0), teacher_logits=t)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in LOSSES.items() if spec.needs_teacher))
+def test_every_knob_of_the_registry_row_reaches_the_loss(name):
+    """The objective's divergence is the registry's per-token function with the row's knobs (temperature included:
+    DRKL once silently ignored τ): a non-default value of each knob changes the loss, and the divergence term
+    equals the per-token function called with the same knobs."""
+    s, t, labels = _batch(seed=3)
+    mask = labels != IGNORE_INDEX
+    n = count_valid_tokens(labels)
+    odd = {"temperature": 1.7, "k": 3, "beta": 0.5, "per_document": True, "jsd_beta": 0.2, "dkd_alpha": 0.3,
+           "dkd_beta": 2.0, "gamma": 0.9, "drkl_anchor": "teacher_argmax"}
+    base = objective(s, labels, n, cfg=LossConfig(name=name), teacher_logits=t).div
+    for knob in LOSSES[name].knobs:
+        cfg = LossConfig(name=name, **{knob: odd[knob]})
+        seg = torch.zeros_like(labels).index_fill_(1, torch.tensor([4, 5, 6]), 1) if knob == "per_document" else None
+        got = objective(s, labels, n, cfg=cfg, teacher_logits=t, segment_ids=seg).div
+        assert got != base, knob
+        c = {k: v for k, v in vars(cfg).items() if k in LOSSES[name].knobs}
+        direct = {"tad": lambda: losses.tad(s, t, mask, k=c["k"], beta=c["beta"], temperature=c["temperature"],
+                                            segment_ids=seg if c["per_document"] else None),
+                  "kd": lambda: losses.forward_kl(s, t, temperature=c["temperature"]),
+                  "rkl": lambda: losses.reverse_kl(s, t, temperature=c["temperature"]),
+                  "jsd": lambda: losses.jsd(s, t, beta=c["jsd_beta"], temperature=c["temperature"]),
+                  "dkd": lambda: losses.dkd(s, t, labels, alpha=c["dkd_alpha"], beta=c["dkd_beta"],
+                                            temperature=c["temperature"]),
+                  "drkl": lambda: losses.drkl(s, t, labels, gamma=c["gamma"], anchor=c["drkl_anchor"],
+                                              temperature=c["temperature"]),
+                  "tvd": lambda: losses.tvd(s, t, temperature=c["temperature"])}[name]()
+        want = torch.where(mask, direct, 0.0).sum() / n
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -72,7 +72,8 @@ def _loss_layer_rel(assets, loss):
     seed 0) and teacher on the corpus' first 4 rows of 32 tokens: the relative difference dense vs fused allows."""
     from loss_bounds import head_objective
 
-    from tailkd import fused, models
+    from tailkd import head as head_mod
+    from tailkd import models
     from tailkd.config import LossConfig
     from tailkd.objective import objective
     from tailkd.student import build_student
@@ -83,13 +84,13 @@ def _loss_layer_rel(assets, loss):
     inp, labels = ids[:, :-1], ids[:, 1:]
     vocab = len(tok)
     with torch.no_grad():
-        h_s, h_t = fused.final_hidden(student, inp), fused.final_hidden(teacher, inp)
-    head_s, head_t = fused.model_head(student, vocab), fused.model_head(teacher, vocab)
+        h_s, h_t = head_mod.final_hidden(student, inp), head_mod.final_hidden(teacher, inp)
+    head_s, head_t = head_mod.model_head(student, vocab), head_mod.model_head(teacher, vocab)
     cfg = LossConfig(name=loss, k=5)
     bound = head_objective(cfg, h_s, head_s.weight, head_s.bias, head_s.spec, h_t, head_t, labels)["loss"]
     with torch.no_grad():
-        value = objective(fused.apply_head(h_s, head_s), labels, labels.numel(), cfg=cfg,
-                          teacher_logits=fused.apply_head(h_t, head_t)).loss
+        value = objective(head_mod.apply_head(h_s, head_s), labels, labels.numel(), cfg=cfg,
+                          teacher_logits=head_mod.apply_head(h_t, head_t)).loss
     return float(2 * bound / value)
 
 
@@ -160,7 +161,7 @@ def test_cache_that_does_not_match_the_run_is_refused_before_the_run_starts(asse
         (("--teacher-cache", str(caches["topk"]), "--data.heldout_fraction", "0.2"), "its corpus is"),
         (("--teacher-cache", str(tmp_path / "nowhere")), "is not a teacher cache"),
         (("--teacher-cache", str(caches["topk"]), "--task", "sft"), "drop --teacher.cache"),
-        (("--fused-loss", "on", "--loss", "dkd"), "has no fused path"),
+        (("--fused-loss", "on", "--loss", "dkd", "--teacher-cache", str(caches["topk"])), "rebuild it with --hidden"),
         (("--fused-loss", "sometimes",), "must be auto, on or off"),
     ]
     for extra, needle in cases:

@@ -42,9 +42,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from tailkd import fused
 from tailkd.checkpoint import atomic_write_file, atomic_write_text, save_safetensors
+from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
+from tailkd.fused import default_chunk_size
+from tailkd.head import Head, HeadSpec, apply_head, final_hidden, model_head, verify_head
 
 FORMAT = "tailkd-teacher-cache-1"
 META_FILE = "cache.json"
@@ -54,8 +56,8 @@ HIDDEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 IDENTITY_KEYS = ("format", "teacher", "tokenizer_fingerprint", "corpus", "k", "vocab_size", "hidden_states",
                  "tail_samples", "seed", "rows_per_shard", "num_rows")
 
-__all__ = ["cache_teacher", "write_cache", "sample_tail", "verify_shard", "CacheReader", "open_cache", "cache_divergence", "cache_loss_description",
-           "bytes_per_token", "format_size_table", "weights_hash", "row_hash"]
+__all__ = ["CacheReader", "bytes_per_token", "cache_loss_description", "cache_teacher", "format_size_table",
+           "open_cache", "row_hash", "sample_tail", "verify_shard", "weights_hash", "write_cache"]
 
 
 # --------------------------------------------------------------------------- hashes and sizes
@@ -142,17 +144,17 @@ def sample_tail(t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, m: int, g
 
 
 @torch.no_grad()
-def _teacher_rows(model, head: fused.Head, input_ids: torch.Tensor, *, k: int, tail_samples: int,
+def _teacher_rows(model, head: Head, input_ids: torch.Tensor, *, k: int, tail_samples: int,
                   generator: torch.Generator, chunk: int, want_hidden: bool, autocast_dtype=None) -> dict:
     """The cached tensors of a batch of rows ``input_ids`` [R, T] (see the module docstring)."""
     dev = input_ids.device
     with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        hidden = fused.final_hidden(model, input_ids)  # [R, T, d]
+        hidden = final_hidden(model, input_ids)  # [R, T, d]
     n_rows, n_time, d = hidden.shape
     flat = hidden.reshape(-1, d)
     out = {"topk_ids": [], "topk_logprobs": [], "log_tail_mass": [], "tail_ids": [], "tail_logprobs": []}
     for a in range(0, flat.shape[0], chunk):
-        t = fused.apply_head(flat[a:a + chunk], head).float()  # [n, V] chunk of teacher logits
+        t = apply_head(flat[a:a + chunk], head).float()  # [n, V] chunk of teacher logits
         lse = torch.logsumexp(t, dim=-1)  # [n]
         top_t, ids = torch.topk(t, k, dim=-1)  # [n, K] sorted by descending p
         tail = t.scatter(-1, ids, -torch.inf)  # [n, V]
@@ -202,7 +204,8 @@ def verify_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, teacher_name: str = "",
                 hidden_states: bool = False, hidden_dtype: str = "bf16", tail_samples: int = 0, seed: int = 0,
-                batch_size: int = 8, rows_per_shard: int | None = None, max_rows: int = 0, vocab_size: int | None = None,
+                batch_size: int = 8, rows_per_shard: int | None = None, max_rows: int = 0,
+                vocab_size: int | None = None,
                 autocast_dtype=None, chunk_size: int | None = None, log=print) -> dict:
     """Cache ``model``'s top-K (and optional hidden states / tail samples) over ``rows`` (a `PackedRows`) into out_dir.
 
@@ -216,7 +219,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     if hidden_dtype not in HIDDEN_DTYPES:
         raise TailkdError(f"--hidden-dtype {hidden_dtype} is not one of {', '.join(HIDDEN_DTYPES)}")
     out = Path(out_dir)
-    head = fused.model_head(model, vocab_size or len(tokenizer))
+    head = model_head(model, vocab_size or len(tokenizer))
     vocab = head.spec.vocab_size
     if not 1 <= k < vocab:
         raise TailkdError(f"--k {k} must lie in [1, {vocab}) (the vocabulary size); 64 is usual")
@@ -229,7 +232,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                                 tail_samples=tail_samples)
     rows_per_shard = int(rows_per_shard or max(1, SHARD_BYTES // (per_token * seq_len)))
     probe = collate([rows[0]])["input_ids"][:, : min(seq_len, 16)].to(head.weight.device)
-    fused.verify_head(model, probe, head)  # the cache applies the head itself: it must match the model's logits
+    verify_head(model, probe, head)  # the cache applies the head itself: it must match the model's logits
     meta = {
         "format": FORMAT,
         "teacher": {"name": teacher_name, "class": type(model).__name__, "weights_sha256": weights_hash(model),
@@ -267,7 +270,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
         if head.bias is not None:
             tensors["bias"] = head.bias[:vocab].detach().cpu().contiguous()
         _save_shard(out / HEAD_FILE, tensors, {"kind": "head"})
-    chunk = chunk_size or fused.default_chunk_size(vocab)
+    chunk = chunk_size or default_chunk_size(vocab)
     dev = head.weight.device
     written = skipped = 0
     with tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
@@ -350,11 +353,13 @@ class CacheReader:
         self.path = Path(path)
         meta_path = self.path / META_FILE
         if not meta_path.is_file():
-            raise TailkdError(f"{self.path} is not a teacher cache (no {META_FILE}); build one with tailkd cache-teacher")
+            raise TailkdError(f"{self.path} is not a teacher cache (no {META_FILE}); build one with tailkd "
+                              "cache-teacher")
         self.meta = json.loads(meta_path.read_text())
         m = self.meta
         if m.get("format") != FORMAT:
-            raise TailkdError(f"{self.path} has cache format {m.get('format')!r}, this tailkd reads {FORMAT}; rebuild it")
+            raise TailkdError(f"{self.path} has cache format {m.get('format')!r}, this tailkd reads {FORMAT}; "
+                              "rebuild it")
         rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
         checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
                   ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
@@ -367,16 +372,19 @@ class CacheReader:
                                   f"the run's is {show(run_value)}; {rebuild}")
         self.k = int(k or m["k"])
         if self.k > m["k"]:
-            raise TailkdError(f"teacher cache {self.path} holds the top-{m['k']} teacher ids, the run needs K={self.k}; "
-                              f"use loss.k <= {m['k']} or rebuild the cache with --k {self.k}")
+            raise TailkdError(f"teacher cache {self.path} holds the top-{m['k']} teacher ids, the run needs "
+                              f"K={self.k}; use loss.k <= {m['k']} or rebuild the cache with --k {self.k}")
         self.num_rows = int(m["num_rows"])
         self.rows_per_shard = int(m["rows_per_shard"])
         self._verified: set[int] = set()
 
     def check_loss(self, loss_name: str, temperature: float = 1.0, cosine_weight: float = 0.0) -> str:
         """TailkdError if this cache cannot give ``loss_name``; else its `cache_loss_description` (for the run log)."""
+        from tailkd.registry import LOSSES
+
+        spec = LOSSES[loss_name]
         if not self.has_hidden:
-            if loss_name not in ("tad", "kd", "clm"):
+            if spec.needs_teacher and not spec.sparse:
                 raise TailkdError(f"loss.name={loss_name} needs the teacher's full distribution, which a top-K cache "
                                   f"({self.path}) does not hold; rebuild it with --hidden-states or drop the cache")
             if temperature != 1.0:
@@ -395,14 +403,14 @@ class CacheReader:
     def tail_samples(self) -> int:
         return int(self.meta.get("tail_samples") or 0)
 
-    def head(self, device="cpu") -> fused.Head:
-        """The teacher's LM head stored with ``--hidden-states`` (weights checked), as a `fused.Head`."""
+    def head(self, device="cpu") -> Head:
+        """The teacher's LM head stored with ``--hidden-states`` (weights checked), as a `tailkd.head.Head`."""
         if not self.has_hidden:
             raise TailkdError(f"teacher cache {self.path} has no hidden states; rebuild it with --hidden-states")
         tensors = verify_shard(self.path / HEAD_FILE)
         h = self.meta["teacher"]["head"]
-        spec = fused.HeadSpec(vocab_size=h["vocab_size"], scale=h["scale"], softcap=h["softcap"])
-        return fused.Head(tensors["weight"].to(device), tensors.get("bias", None), spec)
+        spec = HeadSpec(vocab_size=h["vocab_size"], scale=h["scale"], softcap=h["softcap"])
+        return Head(tensors["weight"].to(device), tensors.get("bias", None), spec)
 
     def _shard(self, i: int) -> Path:
         path = self.path / _shard_name(i)
@@ -442,8 +450,8 @@ class CacheReader:
                               "mismatch): the cache and the training data are not aligned; rebuild the cache")
         return out
 
-    def sparse_teacher(self, indices, *, input_ids: torch.Tensor | None = None, device="cpu") -> fused.SparseTeacher:
-        """Rows as a `fused.SparseTeacher` truncated to the run's K, with tail support points when cached.
+    def sparse_teacher(self, indices, *, input_ids: torch.Tensor | None = None, device="cpu") -> SparseTeacher:
+        """Rows as a `divergences.SparseTeacher` truncated to the run's K, with tail support points when cached.
 
         With K_run < K_cache the ranks K_run..K_cache−1 are known exactly: α^T_{K_run} = α^T_{K_cache} + Σ their p,
         and they join the tail support points with weights p_i (samples keep weights α^T_{K_cache}/M).
@@ -461,9 +469,11 @@ class CacheReader:
             tail_ids = torch.cat([extra_ids, got["tail_ids"]], dim=-1)
             tail_lp = torch.cat([extra_lp, got["tail_logprobs"].double()], dim=-1)
             tail_w = torch.cat([extra_lp.exp(), samples_w], dim=-1)
-        to = lambda x, dt=None: None if x is None else x.to(device=device, dtype=dt or x.dtype)  # noqa: E731
-        return fused.SparseTeacher(to(ids[..., :k]), to(lp[..., :k], torch.float32), to(la, torch.float32),
-                                   to(tail_ids), to(tail_lp, torch.float32), to(tail_w, torch.float32))
+        def to(x, dtype=None):
+            return None if x is None else x.to(device=device, dtype=dtype or x.dtype)
+
+        return SparseTeacher(to(ids[..., :k]), to(lp[..., :k], torch.float32), to(la, torch.float32),
+                             to(tail_ids), to(tail_lp, torch.float32), to(tail_w, torch.float32))
 
     def teacher_hidden(self, indices, *, input_ids: torch.Tensor | None = None, device="cpu") -> torch.Tensor:
         """Cached final hidden states [B, T, d] of rows ``indices`` (feed them with `head()` to the fused path)."""
@@ -492,67 +502,33 @@ def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, s
                        teacher_weights_sha256=sha)
 
 
-# --------------------------------------------------------------------------- losses from the cache (dense student)
-
-
-def cache_divergence(student_logits: torch.Tensor, teacher: fused.SparseTeacher, mask: torch.Tensor, *, loss: str,
-                     beta: float = 2.0, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token divergence [B, T] from a top-K cache with the dense student logits [B, T, V] (plain autograd).
-
-    D_KL1 = `losses.topk_bucket_kl` (exact); with tail points, + w_X·(Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)),
-    w_X = β(X) = β/ᾱ(X) for ``loss="tad"`` (ᾱ from the cached α^T, per row or per document with ``segment_ids``),
-    1 for ``loss="kd"``. 0 at masked positions. Pass it to `objective(..., divergence=...)`.
-    """
-    from tailkd import losses
-
-    if loss not in ("tad", "kd"):
-        raise TailkdError(f"loss.name={loss} cannot be computed from a top-K teacher cache (only kd, tad); cache the "
-                          "teacher's hidden states (--hidden-states) or use the online teacher")
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    s = student_logits.to(dtype)
-    alpha = teacher.log_tail_mass.to(dtype).exp()  # [B, T]
-    div = losses.topk_bucket_kl(s, teacher.topk_ids.long(), teacher.topk_logprobs.to(dtype), teacher_tail_mass=alpha)
-    if teacher.tail_ids is not None:
-        if loss == "tad":
-            abar = losses.sequence_alpha_mean(torch.where(mask, alpha, 0.0), mask, segment_ids)
-            wx = torch.where(abar > 0, beta / torch.where(abar > 0, abar, 1.0), 0.0)  # [B, T] β(X)
-        else:
-            wx = torch.ones_like(alpha)
-        logz = torch.logsumexp(s, dim=-1)  # [B, T]
-        logq_t = s.gather(-1, teacher.tail_ids.long()) - logz[..., None]  # [B, T, J]
-        tw = teacher.tail_weights.to(dtype)
-        tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(dtype) - logq_t), 0.0).sum(-1)  # [B, T]
-        log_as = torch.logsumexp(s.scatter(-1, teacher.topk_ids.long(), -torch.inf), dim=-1) - logz
-        log_at = torch.log(torch.where(alpha > 0, alpha, 1.0))
-        bucket = torch.where(alpha > 0, alpha * (log_at - log_as), 0.0)
-        div = div + wx * (tail_kl - bucket)
-    return torch.where(mask, div, 0.0)
+# --------------------------------------------------------------------------- what a run gets from a cache
 
 
 def cache_loss_description(meta: dict, loss_name: str, k: int | None = None) -> str:
     """One line for the run log / README: which loss a run from this cache computes, and its approximation."""
+    from tailkd.registry import LOSSES
+
+    spec = LOSSES[loss_name]
     kc = meta["k"]
-    k = k or kc
     hidden = meta.get("hidden_states")
     m = int(meta.get("tail_samples") or 0)
-    if loss_name == "clm":
-        return "clm: no teacher; the teacher cache is not used"
+    if not spec.needs_teacher:
+        return f"{loss_name}: no teacher; the teacher cache is not used"
     if hidden:
         return (f"{loss_name}: exact, the teacher's logits re-computed from its cached final hidden states "
                 f"({hidden['dtype']}, d={hidden['size']}) and its LM head (equal to the online teacher up to the "
                 f"{hidden['dtype']} rounding of the hidden states)")
-    if loss_name not in ("tad", "kd"):
+    if not spec.sparse:
         return (f"{loss_name}: NOT available from a top-K cache (needs the full teacher distribution); cache hidden "
                 "states or use the online teacher")
-    kk = k if loss_name == "tad" else kc
+    kk = (k or kc) if "k" in spec.knobs else kc  # a loss with a K of its own truncates the cache; others use all of it
+    weight = "β(X)·" if spec.tail_weight else ""
     if m:
-        what = "β(X)·α^T·D_KL2" if loss_name == "tad" else "α^T·D_KL2 (so the KL itself in expectation)"
+        exact = "; β(X) exact from the cached tail masses" if spec.tail_weight else " (so the KL itself in expectation)"
         return (f"{loss_name}: D_KL1 exact over the teacher top-{kk} + rest bucket, plus an unbiased {m}-sample "
-                f"estimate of {what} from tail tokens sampled from the teacher's renormalised tail "
-                f"(Anshumann et al. 2025 sparse logit sampling){'; β(X) exact from the cached tail masses' if loss_name == 'tad' else ''}")
-    if loss_name == "tad":
-        return (f"tad: D_KL1 only, the exact K+1 bucket loss with K={kk} (top-{kk} teacher log-probs + the rest "
-                "bucket α^T, no renormalisation); the tail term β(X)·α^T·D_KL2 is DROPPED (a top-K cache cannot "
-                "give it), so β has no effect")
-    return (f"kd: D_KL1 with K={kk} (top-{kk} + rest bucket), a lower bound of KL(p‖q) = D_KL1 + α^T·D_KL2 whose "
-            "value depends on K; the tail term is dropped")
+                f"estimate of {weight}α^T·D_KL2 from tail tokens sampled from the teacher's renormalised tail "
+                f"(Anshumann et al. 2025 sparse logit sampling){exact}")
+    return (f"{loss_name}: D_KL1 only, the exact K+1 bucket loss with K={kk} (top-{kk} teacher log-probs + the rest "
+            f"bucket α^T, no renormalisation), a lower bound of the full loss whose value depends on K; the tail term "
+            f"{weight}α^T·D_KL2 is DROPPED (a top-K cache cannot give it){', so β has no effect' if weight else ''}")

@@ -347,6 +347,21 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_losses(args: argparse.Namespace) -> int:
+    from tailkd.registry import LOSSES
+
+    head = ("loss", "per token", "knobs (loss.*)", "needs", "chunked form", "top-K cache", "source")
+    rows = [(s.name, s.formula, ", ".join(s.knobs) or "-",
+             ", ".join(n for n, on in (("teacher", s.needs_teacher), ("labels", s.needs_labels),
+                                       ("teacher top-K and ᾱ(X)", s.tail_weight)) if on) or "-",
+             "closed-form kernel" if s.kernel else "autograd per chunk" if s.needs_teacher else "-",
+             "D_KL1 (+ tail estimate)" if s.sparse else "-", s.source) for s in LOSSES.values()]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    return 0
+
+
 def _add_recipe(sub, common) -> None:
     p = sub.add_parser(
         "recipe", parents=[common], help="run a multi-stage recipe (e.g. domain distillation, then SFT distillation)",
@@ -386,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_eval(sub, common)
     _add_cache_teacher(sub, common)
     _add_recipe(sub, common)
+    p = sub.add_parser("losses", parents=[common], help="list the losses of the registry (tailkd.registry.LOSSES)",
+                       description="The losses --loss accepts: formula, knobs, chunked and top-K-cache forms, source.")
+    p.set_defaults(func=_cmd_losses)
     return parser
 
 

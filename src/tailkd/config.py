@@ -21,7 +21,17 @@ import yaml
 
 from tailkd.errors import TailkdError
 
-LOSSES = ("tad", "kd", "rkl", "jsd", "dkd", "drkl", "clm")
+# The allowed values of the choice fields, defined here once (the modules that read them import them).
+TEACHER_DTYPES = ("auto", "bf16", "fp32")
+MLP_INITS = ("random", "copy")
+DOC_SEPS = ("auto", "blank_line", "line", "file")
+TASKS = ("pretrain", "sft")
+SFT_MODES = ("pad", "pack")
+OVERLONG = ("truncate", "drop")
+DRKL_ANCHORS = ("label", "teacher_argmax")
+PRECISIONS = ("auto", "bf16", "fp32")
+FUSED_MODES = ("auto", "on", "off")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,8 @@ FLOAT_RANGES = {
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
-    """A dataclass field whose help text becomes the flag's ``--help`` line."""
+    """A dataclass field whose help text becomes the flag's ``--help`` line; ``choices=`` (a tuple) are the only
+    values `DistillConfig.validate` accepts."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -78,8 +89,10 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 
 @dataclass
 class TeacherConfig:
-    path: str = _f("smollm2", "teacher: 'smollm2' (built-in SmolLM2-135M-Instruct), an HF model folder, or a .gguf file")
-    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+    path: str = _f("smollm2", "teacher: 'smollm2' (built-in SmolLM2-135M-Instruct), an HF model folder, or a .gguf "
+                              "file")
+    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32",
+                    choices=TEACHER_DTYPES)
     cache: Optional[str] = _f(None, "teacher cache folder (tailkd cache-teacher) that training steps read instead "
                                     "of running the teacher; the teacher is still loaded for the student's "
                                     "initialisation and the held-out evaluation")
@@ -95,7 +108,8 @@ class StudentConfig:
     num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
     num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
     intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's)")
-    mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)")
+    mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
+                       choices=MLP_INITS)
     freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
 
 
@@ -104,16 +118,17 @@ class DataConfig:
     paths: list[str] = _f([], "text files/folders, .jsonl (field 'text') or .parquet; empty: built-in news corpus")
     seq_len: int = _f(128, "tokens per packed training row")
     heldout_fraction: float = _f(0.05, "fraction of documents held out for evaluation")
-    doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file")
+    doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file", choices=DOC_SEPS)
     eval_rows: int = _f(16, "held-out rows used for the periodic held-out KL/CLM evaluation")
     cache_dir: Optional[str] = _f(None, "where tokenised corpora are cached (default: ~/.cache/tailkd/corpora)")
     task: str = _f("pretrain", "pretrain (packed text) or sft (prompt -> response JSONL; empty paths: built-in "
-                               "GSM-style math problems); 'builtin:math' as a pretrain path is the math corpus")
+                               "GSM-style math problems); 'builtin:math' as a pretrain path is the math corpus",
+                   choices=TASKS)
     heldout_paths: list[str] = _f([], "sft: held-out JSONL files (default: a held-out fraction of data.paths)")
-    sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)")
+    sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)", choices=SFT_MODES)
     chat_template: str = _f("auto", "sft: auto (the tokenizer's template, plain pairs if none), none, or a "
                                     ".jinja file")
-    overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated or dropped")
+    overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated or dropped", choices=OVERLONG)
     split_seed: int = _f(0, "sft: seed of the held-out split (kept apart from train.seed)")
     math_train: int = _f(2000, "sft: built-in math problems for training")
     math_heldout: int = _f(200, "sft: built-in math problems held out")
@@ -121,12 +136,13 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _f("tad", "divergence: " + ", ".join(LOSSES) + " (clm: no teacher)")
+    name: str = _f("tad", "the loss: a name in the registry tailkd.registry.LOSSES (`tailkd losses` lists them with "
+                          "their formulas): tad, kd, rkl, jsd, dkd, drkl, tvd, ...; clm: no teacher")
     k: int = _f(10, "TAD: number of teacher top-K tokens kept apart from the tail")
     beta: float = _f(2.0, "TAD: tail weight β; β(X) = β / mean teacher tail mass of the sequence")
     per_document: bool = _f(False, "TAD: normalise β per document of a packed row instead of per row")
     gamma: float = _f(0.5, "DRKL: weight γ of the renormalised non-target reverse KL")
-    drkl_anchor: str = _f("label", "DRKL: anchor token, label or teacher_argmax")
+    drkl_anchor: str = _f("label", "DRKL: anchor token, label or teacher_argmax", choices=DRKL_ANCHORS)
     temperature: float = _f(1.0, "softmax temperature τ applied to both sides (no τ² factor)")
     jsd_beta: float = _f(0.5, "JSD: mixing weight β of m = β p_T + (1-β) p_S")
     dkd_alpha: float = _f(1.0, "DKD: weight of the target/non-target binary KL")
@@ -152,7 +168,8 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr")
     grad_clip: float = _f(1.0, "gradient-norm clipping (0 disables)")
     precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: CUDA, CPUs with "
-                                "AVX512-BF16 or AMX; else fp32), bf16, fp32")
+                                "AVX512-BF16 or AMX; else fp32; TAILKD_NATIVE_BF16=0|1 overrides the detection), "
+                                "bf16, fp32", choices=PRECISIONS)
     eval_every: int = _f(10, "held-out evaluation every N steps (0: only before and after)")
     save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept")
@@ -167,12 +184,13 @@ class TrainConfig:
                                "gradient; each such step is skipped without updating the weights")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True): bit-identical reruns and resumes "
                                     "(slower on GPU)")
-    fused_loss: str = _f("auto", "LM heads + loss in chunks from the final hidden states, never [B, T, V] logits: "
-                                 "auto (when one side's float32 logits would exceed 1 GiB and the loss has a "
-                                 "fused path: clm, kd, tad, rkl, jsd), on, off")
+    fused_loss: str = _f("auto", "LM heads + loss in chunks from the final hidden states, never [B, T, V] logits "
+                                 "(every loss has a chunked form): auto (when one side's float32 logits of a "
+                                 "micro-batch would exceed 1 GiB), on, off", choices=FUSED_MODES)
     loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: about 2^24 logits per chunk)")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
-                              "the student's weights, gradients and optimizer state; torch >= 2.6)")
+                              "the student's weights, gradients and optimizer state; torch >= 2.6)",
+                       choices=PARALLEL_MODES)
 
 
 @dataclass
@@ -185,9 +203,18 @@ class DistillConfig:
 
     def validate(self) -> "DistillConfig":
         """Check values that a type alone cannot; raise TailkdError naming the key and the fix."""
+        from tailkd.registry import LOSSES  # the registry (imports torch): loss names live there only
+
         c = self
         if c.loss.name not in LOSSES:
             raise TailkdError(f"loss.name={c.loss.name!r} is not a loss; choose one of {', '.join(LOSSES)}")
+        for dotted, _, f in _leaves(type(c)):
+            choices = f.metadata.get("choices")
+            section, name = dotted.split(".")
+            value = getattr(getattr(c, section), name)
+            if choices and value not in choices:
+                alts = " or ".join([", ".join(choices[:-1]), choices[-1]])
+                raise TailkdError(f"{dotted}={value!r} must be {alts}")
         for key, allowed in FLOAT_RANGES.items():
             section, name = key.split(".")
             value = getattr(getattr(c, section), name)
@@ -200,43 +227,23 @@ class DistillConfig:
                               "beta2), e.g. 0.9 0.95")
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
-        if c.loss.drkl_anchor not in ("label", "teacher_argmax"):
-            raise TailkdError("loss.drkl_anchor must be 'label' or 'teacher_argmax'")
-        if c.student.mlp_init not in ("random", "copy"):
-            raise TailkdError("student.mlp_init must be 'random' or 'copy'")
-        if c.teacher.dtype not in ("auto", "bf16", "fp32"):
-            raise TailkdError("teacher.dtype must be auto, bf16 or fp32")
-        if c.train.precision not in ("auto", "bf16", "fp32"):
-            raise TailkdError("train.precision must be auto, bf16 or fp32")
-        if c.data.doc_sep not in ("auto", "blank_line", "line", "file"):
-            raise TailkdError("data.doc_sep must be auto, blank_line, line or file")
-        if c.data.task not in ("pretrain", "sft"):
-            raise TailkdError(f"data.task={c.data.task!r} must be pretrain or sft")
-        if c.data.sft_mode not in ("pad", "pack"):
-            raise TailkdError("data.sft_mode must be pad or pack")
-        if c.data.overlong not in ("truncate", "drop"):
-            raise TailkdError("data.overlong must be truncate or drop")
         for section, key in (("data", "seq_len"), ("data", "eval_rows"), ("train", "max_steps"),
                              ("train", "batch_size"), ("train", "grad_accum"), ("train", "keep_last")):
             if getattr(getattr(c, section), key) < 1:
                 raise TailkdError(f"{section}.{key} must be >= 1")
         if c.train.max_bad_steps < 1:
             raise TailkdError(f"train.max_bad_steps={c.train.max_bad_steps} must be >= 1")
-        if c.train.fused_loss not in ("auto", "on", "off"):
-            raise TailkdError(f"train.fused_loss={c.train.fused_loss!r} must be auto, on or off")
         if c.train.loss_chunk_size < 0:
             raise TailkdError(f"train.loss_chunk_size={c.train.loss_chunk_size} must be >= 0 (0: automatic)")
         if c.teacher.cache and c.data.task != "pretrain":
             raise TailkdError("teacher.cache holds packed pretraining rows; supervised runs (data.task=sft) use the "
                               "online teacher: drop --teacher.cache")
-        if c.train.parallel not in ("ddp", "fsdp"):
-            raise TailkdError(f"train.parallel={c.train.parallel!r} must be ddp or fsdp")
         if c.train.force_resume and not c.train.resume:
             raise TailkdError("train.force_resume (--force) only applies with --resume")
         if c.train.resume and c.train.overwrite:
             raise TailkdError("train.resume and train.overwrite exclude each other; pass one of them")
-        if c.loss.name == "clm" and c.loss.cosine_weight > 0:
-            raise TailkdError("loss.cosine_weight needs a teacher; it cannot be used with loss.name=clm")
+        if not LOSSES[c.loss.name].needs_teacher and c.loss.cosine_weight > 0:
+            raise TailkdError(f"loss.cosine_weight needs a teacher; it cannot be used with loss.name={c.loss.name}")
         return c
 
 
@@ -291,7 +298,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise TailkdError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "<root>"
+        raise TailkdError(f"config section {where} must be a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tailkd.config import DOC_SEPS
 from tailkd.errors import TailkdError
 
-IGNORE_INDEX = -100  # the label of a position without a target; same value as tailkd.objective.IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of a position without a target: the one definition, imported everywhere
 TOKEN_DTYPE = np.uint32  # vocabularies exceed 65535 (e.g. 128k, 151k), so no uint16
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 FORMAT = "tailkd-corpus-1"  # bump when the on-disk layout or the split rule changes: invalidates caches
 TRAIN_FILE, HELDOUT_FILE, META_FILE = "train.bin", "heldout.bin", "meta.json"
 
-DOC_SEPS = ("auto", "blank_line", "line", "file")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 LINE_SUFFIXES = (".cor",)  # gensim-style corpora: one document per line ("auto" reads them as doc_sep="line")

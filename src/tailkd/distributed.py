@@ -28,9 +28,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tailkd.config import PARALLEL_MODES
 from tailkd.errors import TailkdError
 
-PARALLEL_MODES = ("ddp", "fsdp")
 _owned = False  # True when this module started the process group (and so ends it)
 
 

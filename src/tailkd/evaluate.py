@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from tailkd.data import IGNORE_INDEX
 from tailkd.errors import TailkdError
 
-IGNORE_INDEX = -100  # the data pipeline's ignore label (same value as tailkd.objective.IGNORE_INDEX)
 CHUNK_ELEMENTS = 1 << 23  # positions per chunk = CHUNK_ELEMENTS // V: ~8M probabilities (32 MB) at a time
 
 

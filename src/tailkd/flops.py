@@ -12,8 +12,9 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term.
 - backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
   token. With frozen embeddings/head (paper §3.3) the head's weight gradient (2·d·V) is skipped.
-- the loss layer: a few element-wise passes over the V logits per token, constants in
-  ``LOSS_FLOPS_PER_VOCAB`` (justified there). Negligible next to 2·d·V for d ≳ 256, but counted.
+- the loss layer: a few element-wise passes over the V logits per token: each loss's ``flops_per_vocab`` in the
+  registry (`tailkd.registry.LOSSES`, justified there) plus the CLM term's ``CLM_FLOPS_PER_VOCAB``. Negligible next to
+  2·d·V for d ≳ 256, but counted.
 
 Distillation per token: teacher forward F_T (no backward) + student 3·F_S + loss layer.
 Units: FLOPs; ``pflops_per_1m_tokens`` = FLOPs per 10⁶ tokens / 10¹⁵, the unit of the paper's Table 3.
@@ -27,18 +28,6 @@ from pathlib import Path
 
 from tailkd.errors import TailkdError
 
-# FLOPs per token per vocabulary entry of the loss layer (all on [V] vectors, float32):
-#  clm  6: student log-softmax forward 4 (max, subtract, exp, sum) + backward softmax − onehot 2 (exp, subtract/scale)
-#  kd  15: teacher log-softmax 4 + student log-softmax 4 + p = exp 1 + (log p − log q) 1 + multiply 1 + sum 1
-#          + backward q − p 3 (exp, subtract, scale)
-#  rkl 15: the mirror image of kd
-#  jsd 26: both log-softmaxes 8 + m = βp + (1−β)q 3 + log m 1 + two KL(·‖m) 8 + backward 6
-#  dkd 20 / drkl 20: both log-softmaxes 8 + target/non-target renormalisation and two KLs 8 + backward 4
-#  tad 28: kd 15 + teacher top-K selection 1 + two tail log-sum-exps (mask 1 + max/sub/exp/sum 3 each) 8
-#          + backward tail correction (β(X) − 1)(q·α^T/α^S − p) 4; the K top-K terms are O(K), not O(V)
-# The objective always adds the student's CLM loss (paper Eq. 4), so a distillation loss layer costs
-# (LOSS_FLOPS_PER_VOCAB[loss] + LOSS_FLOPS_PER_VOCAB["clm"]) · V per token.
-LOSS_FLOPS_PER_VOCAB = {"clm": 6, "kd": 15, "rkl": 15, "jsd": 26, "dkd": 20, "drkl": 20, "tad": 28}
 # Scoring a token with a model for its log-probability (MiniPLM, teacher rewards): log-softmax 4 + gather.
 SCORE_FLOPS_PER_VOCAB = 5
 # Sampling the next token during generation: softmax over the logits 4 + sampling 1.
@@ -174,10 +163,11 @@ def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
 def loss_flops_per_token(loss: str, vocab: int) -> float:
     """Loss-layer FLOPs per token: (c_loss + c_clm)·V for a distillation loss (the objective adds CLM), c_clm·V
     for clm."""
-    if loss not in LOSS_FLOPS_PER_VOCAB:
-        raise TailkdError(f"loss {loss!r} has no FLOPs constant; choose one of {', '.join(LOSS_FLOPS_PER_VOCAB)}")
-    c = LOSS_FLOPS_PER_VOCAB[loss] + (LOSS_FLOPS_PER_VOCAB["clm"] if loss != "clm" else 0)
-    return float(c * vocab)
+    from tailkd.registry import CLM_FLOPS_PER_VOCAB, LOSSES
+
+    if loss not in LOSSES:
+        raise TailkdError(f"loss {loss!r} is not a loss; choose one of {', '.join(LOSSES)}")
+    return float((LOSSES[loss].flops_per_vocab + CLM_FLOPS_PER_VOCAB) * vocab)
 
 
 def _train_per_token(student: dict, freeze_embeddings: bool) -> float:
@@ -194,7 +184,7 @@ def distill_flops(teacher_cfg, student_cfg, tokens: float, *, seq_len: int, loss
 
     - ``teacher_forward``: tokens · F_T (F = 2·N + 2·d·V + 2·n_layer·seq_len·d_attn; no backward)
     - ``student_forward_backward``: tokens · 3·F_S (less tokens · 2·d·V with ``freeze_embeddings``)
-    - ``loss_layer``: tokens · (c_loss + c_clm)·V (``LOSS_FLOPS_PER_VOCAB``)
+    - ``loss_layer``: tokens · (c_loss + c_clm)·V (`loss_flops_per_token`)
     - ``total``: their sum; ``per_token``: total / tokens; ``pflops_per_1m_tokens``: per_token · 10⁶ / 10¹⁵
     - ``tokens``, ``seq_len``, ``loss``, ``freeze_embeddings``, and ``teacher`` / ``student``: the
       ``model_flops_per_token`` dicts the numbers come from (``teacher`` is None without a teacher).
@@ -202,8 +192,10 @@ def distill_flops(teacher_cfg, student_cfg, tokens: float, *, seq_len: int, loss
     if tokens < 0:
         raise ValueError(f"tokens={tokens} must be >= 0")
     student = model_flops_per_token(student_cfg, seq_len=seq_len)
+    from tailkd.registry import LOSSES
+
     teacher = None
-    if loss != "clm":
+    if loss in LOSSES and LOSSES[loss].needs_teacher:
         if teacher_cfg is None:
             raise ValueError(f"loss {loss!r} needs a teacher")
         teacher = model_flops_per_token(teacher_cfg, seq_len=seq_len)
@@ -274,11 +266,11 @@ def method_table(teacher_cfg, student_cfg, *, seq_len: int = 2048, tokens: float
                      "pflops": total * tokens / 1e15, "assumption": assumption})
 
     row("CLM (no teacher)", 0.0, s_train, 0.0, clm, "student forward+backward + CE")
-    for name, loss in (("Vanilla KD", "kd"), ("TAD", k_loss)):
+    for name, loss in (("Vanilla KD", "kd"), ("TAD", k_loss)):  # the paper's Table 3 rows
         d = distill_flops(teacher_cfg, student_cfg, tokens, seq_len=seq_len, loss=loss,
                           freeze_embeddings=freeze_embeddings)
         row(name, t["forward"], s_train, 0.0, d["loss_layer"] / tokens,
-            "teacher forward + student forward+backward + " + ("KL + CE" if loss == "kd" else "TAD + CE"))
+            f"teacher forward + student forward+backward + {loss} loss layer + CE")
     # MiniPLM: the reference model (same vocabulary as the teacher) forward ≈ 2·P_ref per token when given
     # as a total count (embeddings + tied head), or its full forward when given as a model/config.
     if reference_cfg is not None:

@@ -1,33 +1,39 @@
-"""Per-token distillation divergences: student first, teacher second, one value per token.
+"""The divergences of tailkd as per-token functions (the registry of losses, `tailkd.registry`, names them).
 
-Every loss takes logits ``[..., V]`` in any float dtype, computes in float32 (float64 inputs stay float64) and
-returns per-token values ``[...]`` in that compute dtype. Nothing here normalises across tokens:
-`tailkd.objective` sums the per-token values and divides once by the global count of valid tokens.
+Student first, teacher second, logits ``[..., V]`` in any float dtype, computed in
+float32 (float64 stays float64), one value per token ``[...]``; nothing here normalises across tokens
+(`tailkd.objective` sums and divides once by the global count of valid tokens). Shared conventions
+(``shared/design/formulas.md``; p = teacher, q = student distribution):
 
-Shared conventions (definitions: ``shared/design/formulas.md``; p = teacher, q = student distribution):
-- ``temperature`` divides both sides' logits; there is no hidden τ² factor (scale outside if you want Hinton's).
-- The teacher is a target: teacher tensors are detached, no gradient flows into them.
-- ``0 · log 0 = 0``: a vocabulary entry where the weighting distribution is 0 (e.g. a −inf logit on both sides)
-  contributes exactly 0, with a finite gradient. A student −inf where the teacher has mass gives +inf for forward
-  KL, which is the right value.
-- Bad arguments raise ``ValueError`` naming the argument and the fix.
+- ``temperature`` divides both sides' logits; there is no hidden τ² factor (scale outside if you want Hinton's);
+- the teacher is a target: teacher tensors are detached, no gradient flows into them;
+- ``0 · log 0 = 0``: a vocabulary entry where the weighting distribution is 0 contributes exactly 0, with a finite
+  gradient; a student −inf where the teacher has mass gives +inf for forward KL, which is the right value; a NaN
+  logit gives a NaN row (the trainer then skips the step);
+- bad arguments raise ``ValueError`` naming the argument and the fix.
 
-`forward_kl` and `tad` run through one fused autograd function with the closed-form gradient (paper Eq. 5/6): it
-allocates four ``[N, V]`` buffers for forward+backward, and TAD adds only a top-K of the teacher, two scatters and
-two row sums to what KL costs (``bench/RESULTS.md``: tad/forward_kl ≈ 1.01-1.10 on CPU). The other losses are plain
-autograd.
+Where a divergence has a closed-form gradient its maths lives in `tailkd.divergences` (a `RowKernel`: teacher
+statistics, value, gradient) and the function here only validates, scales and calls it through `_Rows`, the one
+autograd Function of the dense path; the chunked layer (`tailkd.fused`) and the top-K cache call the same kernel.
+The label-anchored decouplings (DKD, DRKL) and TVD are plain autograd; the chunked layer differentiates them per
+chunk.
 """
+
+from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from tailkd import divergences as dv
+from tailkd.data import IGNORE_INDEX
+
 __all__ = [
     "dkd",
+    "cache_divergence",
     "drkl",
     "forward_kl",
     "hidden_cosine",
@@ -37,9 +43,9 @@ __all__ = [
     "tad",
     "tad_decompose",
     "topk_bucket_kl",
+    "tvd",
 ]
 
-IGNORE_INDEX = -100
 _INF = float("inf")
 
 
@@ -110,13 +116,15 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def _scaled_pair(student_logits, teacher_logits, temperature):
-    """(student, detached teacher) logits in the compute dtype, divided by the temperature."""
+def _scaled_pair(student_logits, teacher_logits, temperature, *, own_teacher: bool = False):
+    """(student, detached teacher) logits in the compute dtype, divided by the temperature. ``own_teacher``: the
+    teacher tensor is a private copy (a row kernel consumes it), never the caller's."""
     dtype = _compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)  # [..., V]
-    t = teacher_logits.detach().to(dtype)  # [..., V]
+    t = teacher_logits.detach().to(dtype, copy=own_teacher)  # [..., V]
     if temperature != 1.0:
-        s, t = s / temperature, t / temperature
+        s = s / temperature
+        t = t.div_(temperature) if own_teacher else t / temperature
     return s, t
 
 
@@ -143,123 +151,40 @@ def _kl_terms(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torc
     return (w * diff).sum(-1)  # [...]
 
 
-# --------------------------------------------------------------------------- fused KL / TAD
+# --------------------------------------------------------------------------- the dense path of a row kernel
 
 
-def _teacher_top_ids(t: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
-    """Ids [..., K] of the k largest teacher logits t [..., V] (= largest p), in no particular order.
+class _Rows(torch.autograd.Function):
+    """Per-row values [N] of a `divergences.RowKernel` on student logits s [N, V], with its closed-form backward.
 
-    Two-stage when 64 divides V (all common LM vocabularies): block maxima (one vectorised read), the k blocks with
-    the largest maxima (they hold every top-k entry), then top-k among those k·64 candidates; 2-3x cheaper than
-    torch.topk over V on CPU. Otherwise torch.topk. Ties at the k-th value are resolved by this selection
-    (deterministic, implementation-defined): 𝒦 is then one of the valid top-k sets.
-    """
-    vocab = t.shape[-1]
-    n_blocks = vocab // block
-    if vocab % block or n_blocks <= 4 * k:
-        return torch.topk(t, k, dim=-1, sorted=False).indices
-    flat = t.reshape(-1, vocab)  # [N, V]
-    block_max = flat.unflatten(-1, (n_blocks, block)).amax(-1)  # [N, V/64]
-    top_blocks = torch.topk(block_max, k, dim=-1, sorted=False).indices  # [N, K]
-    cols = (top_blocks[..., None] * block + torch.arange(block, device=t.device)).flatten(1)  # [N, K*64]
-    best = torch.topk(flat.gather(-1, cols), k, dim=-1, sorted=False).indices  # [N, K]
-    return cols.gather(-1, best).view(*t.shape[:-1], k)
-
-
-class _Teacher(NamedTuple):
-    """Teacher-side quantities of the fused path, rows = tokens. `logp` is consumed (reused as scratch)."""
-
-    logp: torch.Tensor  # [N, V] log p
-    p: torch.Tensor  # [N, V] p, with the top-K entries zeroed when top_ids is set (the tail)
-    nan_rows: torch.Tensor  # [N] rows with a NaN teacher (propagated to the loss)
-    top_ids: torch.Tensor | None = None  # [N, K] 𝒦
-    p_top: torch.Tensor | None = None  # [N, K]
-    logp_top: torch.Tensor | None = None  # [N, K]
-    alpha: torch.Tensor | None = None  # [N] α^T = Σ_{i∉𝒦} p_i
-
-
-def _teacher_side(t: torch.Tensor, k: int | None) -> _Teacher:
-    """Teacher log-probs, probs and (with k) the top-K split from detached teacher logits t [N, V]."""
-    logp = torch.log_softmax(t, dim=-1)  # [N, V]
-    nan_rows = logp[:, 0].isnan()  # [N] any NaN (or +inf) logit poisons the whole row
-    p = logp.exp()  # [N, V]
-    if k is None:
-        return _Teacher(logp, p, nan_rows)
-    top_ids = _teacher_top_ids(t, k)  # [N, K] largest teacher logits = largest p
-    p_top, logp_top = p.gather(-1, top_ids), logp.gather(-1, top_ids)  # [N, K]
-    p.scatter_(-1, top_ids, 0.0)  # [N, V] teacher tail only
-    alpha = p.sum(-1)  # [N] α^T summed over the tail itself (never 1 − Σ top-K: no cancellation)
-    return _Teacher(logp, p, nan_rows, top_ids, p_top, logp_top, alpha)
-
-
-class _TailWeightedKL(torch.autograd.Function):
-    """Per-row L = D_KL1 + β_x · α^T · D_KL2 (TAD, Eq. 3), or KL(p‖q) when the teacher has no top-K split.
-
-    Forward evaluates α^T·D_KL2 directly from the tail: Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) (one pass over
-    the vocabulary, as for KL, without the KL − D_KL1 cancellation). Backward is closed form (paper Eq. 5/6):
-    ∂L/∂z_k = q_k − p_k on 𝒦 and q_i (1 + (β_x − 1) α^T/α^S) − β_x p_i on the tail.
-    """
+    ``teacher``: the kernel's teacher rows (``kernel.teacher(t)``, or `divergences.SparseTeacher`); ``w`` [N] or None:
+    the per-row weight (TAD's β(X)); ``valid`` [N] bool or None: rows outside it give 0 and no gradient. Memory:
+    the kernel's state (two [N, V] buffers for KL and TAD) is kept for backward only when s requires grad; backward
+    allocates G and leaves the state intact (autograd may call it again with ``retain_graph``)."""
 
     @staticmethod
-    def forward(ctx, s, teacher: _Teacher, beta_x, valid):
+    def forward(ctx, s, kernel: dv.RowKernel, teacher, w, valid):
         logq = torch.log_softmax(s, dim=-1)  # [N, V]
-        nan_rows = teacher.nan_rows | logq[:, 0].isnan()  # [N]
-        scratch = teacher.logp  # [N, V] private buffer of _teacher_side, reused instead of a fresh allocation
-        scratch.sub_(logq).mul_(teacher.p)  # [N, V] p log(p/q)
-        scratch.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)  # [N, V] 0 where p = 0 (0·inf = NaN otherwise)
-        tail_kl = scratch.sum(-1)  # [N] Σ over the tail (over all of V for plain KL)
-        ctx.tad = teacher.top_ids is not None
-        ctx.valid = valid
-        if not ctx.tad:
-            loss = tail_kl
-            if ctx.needs_input_grad[0]:
-                ctx.save_for_backward(torch.exp(logq, out=scratch), teacher.p)  # [N, V] q, [N, V] p
-        else:
-            ids, alpha_t = teacher.top_ids, teacher.alpha
-            logq_top = logq.gather(-1, ids)  # [N, K]
-            q = torch.exp(logq, out=scratch)  # [N, V]
-            q.scatter_(-1, ids, 0.0)  # [N, V] student tail only
-            alpha_s = q.sum(-1)  # [N] α^S from the tail
-            log_alpha_s = alpha_s.log()  # [N]
-            # A tail sum this small may have underflowed (logits ~1e4 apart): redo those rows in log space.
-            tiny = s.shape[-1] * torch.finfo(s.dtype).tiny / torch.finfo(s.dtype).eps
-            small = alpha_s < tiny if valid is None else (alpha_s < tiny) & valid  # [N]
-            rows = small.nonzero().squeeze(1)  # [n]
-            tail_rows = s[rows].scatter_(-1, ids[rows], -_INF)  # [n, V] student tail logits
-            lse_tail_rows = _safe_logsumexp(tail_rows)  # [n]
-            log_alpha_s[rows] = lse_tail_rows - torch.logsumexp(s[rows], dim=-1)
-            del logq
-            top = _kl_terms(teacher.p_top, teacher.logp_top, logq_top)  # [N] Σ_{k∈𝒦} p_k log(p_k/q_k)
-            log_alpha_t = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))  # [N]
-            bucket = torch.where(alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), 0.0)  # [N] α^T log(α^T/α^S)
-            tail = torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)  # [N] α^T·D_KL2
-            loss = top + bucket + beta_x * tail
-            ctx.rows = rows
-            per_row = (alpha_t, alpha_s, log_alpha_s, beta_x)  # [N] each
-            ctx.save_for_backward(q, teacher.p, ids, logq_top.exp(), teacher.p_top, *per_row, tail_rows, lse_tail_rows)
-        loss = torch.where(nan_rows, torch.nan, loss)  # [N]
-        return loss if valid is None else torch.where(valid, loss, 0.0)
+        value, state = kernel.forward(s, logq, teacher, w)
+        ctx.kernel, ctx.valid = kernel, valid
+        ctx.state = state if ctx.needs_input_grad[0] else None
+        return value if valid is None else torch.where(valid, value, 0.0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        if not ctx.tad:
-            q, p = ctx.saved_tensors
-            grad = torch.sub(q, p).mul_(g[:, None])  # [N, V] (q − p) g
-        else:
-            q, p, ids, q_top, p_top, alpha_t, alpha_s, log_alpha_s, beta_x, tail_rows, lse_tail_rows = ctx.saved_tensors
-            ratio = torch.where(alpha_s > 0, alpha_t / alpha_s, 0.0)  # [N] α^T/α^S
-            grad = q * (g * (1 + (beta_x - 1) * ratio))[:, None]  # [N, V] q_i (1 + (β_x − 1) α^T/α^S) on the tail
-            grad.addcmul_(p, (g * beta_x)[:, None], value=-1.0)  # [N, V] − β_x p_i on the tail
-            rows = ctx.rows
-            if rows.numel():  # underflowed α^S: q_i/α^S is the softmax of the tail logits
-                q_tail = torch.exp(tail_rows - _finite_or_zero(lse_tail_rows)[:, None])  # [n, V] q̃
-                coef = g[rows] * (log_alpha_s[rows].exp() + (beta_x[rows] - 1) * alpha_t[rows])  # [n]
-                grad[rows] = q_tail * coef[:, None] - p[rows] * (g[rows] * beta_x[rows])[:, None]
-            grad.scatter_(-1, ids, (q_top - p_top) * g[:, None])  # [N, V] q_k − p_k on 𝒦 (Eq. 5)
+        grad = ctx.kernel.backward(ctx.state, g, None, inplace=False)  # [N, V] g·∂D/∂s; the state stays intact
         if ctx.valid is not None and not bool(ctx.valid.all()):
             grad.masked_fill_(~ctx.valid[:, None], 0.0)
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def _dense_rows(kernel: dv.RowKernel, student_logits, teacher_logits, temperature) -> torch.Tensor:
+    """Values [...] of ``kernel`` on logits [..., V] (validated), through `_Rows`."""
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
+    vocab = s.shape[-1]
+    teacher = kernel.teacher(t.reshape(-1, vocab))  # [N, V] consumed: the private copy's buffer is reused
+    return _Rows.apply(s.reshape(-1, vocab), kernel, teacher, None, None).view(s.shape[:-1])
 
 
 # --------------------------------------------------------------------------- whole-vocabulary divergences
@@ -269,27 +194,23 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     """Forward KL (vanilla KD, Hinton): KL(p‖q) = Σ_i p_i (log p_i − log q_i), per token.
 
     p = softmax(teacher_logits / τ), q = softmax(student_logits / τ); no τ² factor. Gradient wrt the scaled student
-    logits: q − p (closed form, fused). Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    logits: q − p (closed form, `divergences.KL`). Shapes: logits [..., V] -> [...]; float32 (float64 for float64).
     """
     _check_logits(student_logits, teacher_logits)
     _check_temperature(temperature)
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
-    vocab = s.shape[-1]
-    teacher = _teacher_side(t.reshape(-1, vocab), k=None)
-    return _TailWeightedKL.apply(s.reshape(-1, vocab), teacher, None, None).view(s.shape[:-1])
+    return _dense_rows(dv.KL, student_logits, teacher_logits, temperature)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Reverse KL: KL(q‖p) = Σ_i q_i (log q_i − log p_i), per token (mode-seeking).
 
     p = softmax(teacher_logits / τ), q = softmax(student_logits / τ); no τ² factor. A teacher −inf where the student
-    has mass gives +inf. Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    has mass gives +inf. Gradient q_i (log(q_i/p_i) − KL(q‖p)) (closed form, `divergences.RKL`).
+    Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
     """
     _check_logits(student_logits, teacher_logits)
     _check_temperature(temperature)
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
-    logq, logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)  # [..., V]
-    return _kl_terms(logq.exp(), logq, logp)
+    return _dense_rows(dv.RKL, student_logits, teacher_logits, temperature)
 
 
 def jsd(
@@ -301,22 +222,28 @@ def jsd(
     The formula is degenerate (0) at the endpoints, which are special-cased as in TRL's ``generalized_jsd_loss``
     and Liger's JSD: ``beta == 0`` returns forward KL(p‖q) (`forward_kl`), ``beta == 1`` returns reverse KL(q‖p)
     (`reverse_kl`). (Near the endpoints JSD_β ≈ β·KL(p‖q) and (1 − β)·KL(q‖p): the endpoints are the limits of
-    JSD_β divided by its scale.) Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    JSD_β divided by its scale.) Closed-form gradient (`divergences.jsd_kernel`).
+    Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
     """
     if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
         raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {beta!r}")
-    if beta == 0:
-        return forward_kl(student_logits, teacher_logits, temperature=temperature)
-    if beta == 1:
-        return reverse_kl(student_logits, teacher_logits, temperature=temperature)
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    return _dense_rows(dv.jsd_kernel(float(beta)), student_logits, teacher_logits, temperature)
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance TVD(p, q) = ½ Σ_i |p_i − q_i|, per token (in [0, 1]; symmetric, bounded).
+
+    p = softmax(teacher_logits / τ), q = softmax(student_logits / τ). Plain autograd (the chunked layer
+    differentiates it per chunk): the gradient ½ q_i (sign(q_i − p_i) − Σ_j q_j sign(q_j − p_j)), with sign(0) = 0.
+    Used for distillation by e.g. Wen et al. 2023 (f-divergence minimisation for sequence-level KD).
+    Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
+    """
     _check_logits(student_logits, teacher_logits)
     _check_temperature(temperature)
     s, t = _scaled_pair(student_logits, teacher_logits, temperature)
-    logq, logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)  # [..., V]
-    q, p = logq.exp(), logp.exp()  # [..., V]
-    m = beta * p + (1 - beta) * q  # [..., V] m > 0 wherever p > 0 or q > 0
-    log_m = torch.log(torch.where(m > 0, m, 1.0))  # [..., V]
-    return beta * _kl_terms(p, logp, log_m) + (1 - beta) * _kl_terms(q, logq, log_m)
+    return 0.5 * (torch.softmax(t, dim=-1) - torch.softmax(s, dim=-1)).abs().sum(-1)
 
 
 # --------------------------------------------------------------------------- TAD
@@ -325,11 +252,11 @@ def jsd(
 def tad_decompose(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The paper's Eq. 2 split KL(p‖q) = D_KL1 + α^T · D_KL2, evaluated term by term (plain autograd).
+    """The paper's Eq. 2 split KL(p‖q) = D_KL1 + α^T · D_KL2, evaluated term by term (plain autograd; for analysis).
 
     𝒦 = the k ids with the largest teacher probability, ranked by teacher logits (same order as p). Exact ties at
-    the k-th place: 𝒦 is one valid top-k set, chosen deterministically by the selection (torch.topk, or its
-    two-stage blocked form when 64 divides V); `tad` uses the same selection.
+    the k-th place: 𝒦 is one valid top-k set, chosen deterministically by `divergences.teacher_top_ids`, the
+    selection every path uses.
     - D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S)       (k terms + the "rest" bucket)
     - D_KL2 = Σ_{i∉𝒦} p̃_i log(p̃_i/q̃_i),  p̃ = p/α^T, q̃ = q/α^S  (KL of the renormalised tails; 0 when α^T = 0)
     - α^T = Σ_{i∉𝒦} p_i, α^S likewise: log α = logsumexp(tail logits) − logsumexp(logits), never 1 − Σ top-K.
@@ -339,7 +266,7 @@ def tad_decompose(
     _check_k(k, student_logits.shape[-1])
     _check_temperature(temperature)
     s, t = _scaled_pair(student_logits, teacher_logits, temperature)
-    ids = _teacher_top_ids(t, k)  # [..., K]
+    ids = dv.teacher_top_ids(t, k)  # [..., K]
     tail_s, tail_t = s.scatter(-1, ids, -_INF), t.scatter(-1, ids, -_INF)  # [..., V] top-K masked out
     lse_tail_s, lse_tail_t = _safe_logsumexp(tail_s), _safe_logsumexp(tail_t)  # [...]
     log_alpha_s = lse_tail_s - _safe_logsumexp(s)  # [...]
@@ -385,6 +312,13 @@ def sequence_alpha_mean(
     return (total / count)[doc].view_as(a)  # [B, T]
 
 
+def tail_weight(abar: torch.Tensor, beta: float) -> torch.Tensor:
+    """β(X) = β / ᾱ(X) per position, in float64 (β/ᾱ overflows float32 when ᾱ is sub-normal); 0 where ᾱ = 0 (no
+    teacher tail anywhere in the sequence: no tail term)."""
+    abar = abar.double()
+    return torch.where(abar > 0, beta / torch.where(abar > 0, abar, 1.0), 0.0)
+
+
 def tad(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -401,11 +335,11 @@ def tad(
     L_DIV(t) = D_KL1(t) + β(X) · α^T(t) · D_KL2(t),  β(X) = β / ᾱ(X),  ᾱ(X) = mean α^T over the valid tokens of t's
     sequence (its row, or its document when ``segment_ids`` is given; see `sequence_alpha_mean`). β(X) depends on
     the teacher only and carries no gradient; ᾱ = 0 (no teacher tail anywhere in X) defines the tail term as 0.
-    ``seq_alpha_mean`` [B, T] supplies ᾱ computed elsewhere (chunked/fused callers; β(X) ≡ 1 with
-    ``seq_alpha_mean = beta`` gives forward KL). 𝒦 and the tail masses are those of `tad_decompose`.
-    Cost is that of `forward_kl` (one fused pass, α^T·D_KL2 summed over the tail directly; closed-form gradient
-    Eq. 6). The paper uses τ = 1 (default), K = 10, β = 2.
-    Shapes: logits [B, T, V], mask [B, T] bool -> [B, T]; float32 (float64 for float64 input).
+    ``seq_alpha_mean`` [B, T] supplies ᾱ computed elsewhere (chunked callers; β(X) ≡ 1 with ``seq_alpha_mean =
+    beta`` gives forward KL). 𝒦 and the tail masses are those of `tad_decompose`. Cost is that of `forward_kl` (one
+    pass, α^T·D_KL2 summed over the tail directly; closed-form gradient Eq. 6: `divergences.tad_kernel`). The paper
+    uses τ = 1 (default), K = 10, β = 2. Shapes: logits [B, T, V], mask [B, T] bool -> [B, T]; float32 (float64 for
+    float64 input).
     """
     _check_logits(student_logits, teacher_logits)
     if student_logits.dim() != 3:
@@ -418,20 +352,22 @@ def tad(
     _check_nonnegative("beta", beta)
     _check_temperature(temperature)
     _check_mask(mask, student_logits.shape[:-1])
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
-    teacher = _teacher_side(t.reshape(-1, vocab), k)
-    if seq_alpha_mean is None:
-        seq_alpha_mean = sequence_alpha_mean(teacher.alpha.view(n_batch, n_time), mask, segment_ids)  # [B, T]
-    elif segment_ids is not None:
+    if seq_alpha_mean is not None and segment_ids is not None:
         raise ValueError("pass segment_ids or seq_alpha_mean, not both (seq_alpha_mean already fixes the sequences)")
-    elif not isinstance(seq_alpha_mean, torch.Tensor) or seq_alpha_mean.shape != mask.shape:
+    bad_abar = not isinstance(seq_alpha_mean, torch.Tensor) or seq_alpha_mean.shape != mask.shape
+    if seq_alpha_mean is not None and bad_abar:
         raise ValueError(
             f"seq_alpha_mean must be a tensor of shape {tuple(mask.shape)} (ᾱ of each token's sequence, e.g. from "
             f"sequence_alpha_mean); got {_describe(seq_alpha_mean)}"
         )
-    abar = seq_alpha_mean.detach().to(s.dtype)  # [B, T]
-    beta_x = torch.where(abar > 0, beta / abar, 0.0)  # [B, T] β(X)
-    loss = _TailWeightedKL.apply(s.reshape(-1, vocab), teacher, beta_x.reshape(-1), mask.reshape(-1))  # [B*T]
+    s, t = _scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
+    kernel = dv.tad_kernel(k)
+    teacher = kernel.teacher(t.reshape(-1, vocab))  # top-K split, α^T [B*T] (t's buffer consumed)
+    if seq_alpha_mean is None:
+        alpha = teacher.log_alpha.double().exp().view(n_batch, n_time)  # [B, T] float64: sub-normal α^T kept
+        seq_alpha_mean = sequence_alpha_mean(alpha, mask, segment_ids)  # [B, T]
+    beta_x = tail_weight(seq_alpha_mean.detach(), beta)  # [B, T] β(X), float64
+    loss = _Rows.apply(s.reshape(-1, vocab), kernel, teacher, beta_x.reshape(-1), mask.reshape(-1))  # [B*T]
     return loss.view(n_batch, n_time)
 
 
@@ -447,9 +383,10 @@ def topk_bucket_kl(
     ``teacher_topk_ids`` [..., K] (int) and ``teacher_topk_logprobs`` [..., K] are the teacher's top-K ids and their
     true log-probabilities under the full teacher softmax (not renormalised over K). α^T = 1 − Σ_k p_k is computed
     as −expm1(logsumexp(log p_k)) clamped at 0 (known to the absolute precision of the log-probs, ~1e-7 in float32);
-    pass ``teacher_tail_mass`` [...] if the cache stored α^T itself. α^S comes from the student's tail logits via
-    log-sum-exp. Equals `tad_decompose`'s d_kl1 for the same 𝒦. D_KL2 needs the teacher tail and is not available
-    from such a cache. Shapes: student_logits [..., V] -> [...]; float32 (float64 for float64 input).
+    pass ``teacher_tail_mass`` [...] if the cache stored α^T itself. α^S comes from the student's tail. Equals
+    `tad_decompose`'s d_kl1 for the same 𝒦 (closed-form gradient: `divergences.SPARSE`, the top-K cache's kernel).
+    D_KL2 needs the teacher tail and is not available from such a cache. Shapes: student_logits [..., V] -> [...];
+    float32 (float64 for float64 input).
     """
     if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
         raise ValueError(f"student_logits must be a floating-point tensor [..., V]; got {_describe(student_logits)}")
@@ -479,11 +416,22 @@ def topk_bucket_kl(
         raise ValueError(
             f"teacher_tail_mass must be a tensor of shape {tuple(lead)}; got {_describe(teacher_tail_mass)}"
         )
-    log_alpha_s = _safe_logsumexp(s.scatter(-1, ids, -_INF)) - _safe_logsumexp(s)  # [...]
-    logq_top = torch.log_softmax(s, dim=-1).gather(-1, ids)  # [..., K]
-    log_alpha_t = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))  # [...]
-    bucket = _kl_terms(alpha_t[..., None], log_alpha_t[..., None], log_alpha_s[..., None])  # [...]
-    return _kl_terms(lp.exp(), lp, logq_top) + bucket
+    K = ids.shape[-1]
+    teacher = dv.SparseTeacher(ids.reshape(-1, K), lp.reshape(-1, K), torch.log(alpha_t).reshape(-1))
+    return _Rows.apply(s.reshape(-1, vocab), dv.SPARSE, teacher, None, None).view(lead)
+
+
+def cache_divergence(student_logits: torch.Tensor, teacher: dv.SparseTeacher, mask: torch.Tensor,
+                     row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token divergence [B, T] of dense student logits [B, T, V] (τ = 1) against a top-K teacher cache
+    (`divergences.SparseTeacher`, fields [B, T, ...]): D_KL1 exactly, plus ``row_weight`` [B, T] × the unbiased
+    estimate of α^T·D_KL2 where the cache holds tail samples (β(X) for TAD, 1 for KD; None: D_KL1 only). 0 at
+    masked positions. Closed-form gradient: the kernel of the chunked path, `divergences.SPARSE`."""
+    dtype = _compute_dtype(student_logits)
+    B, T, vocab = student_logits.shape
+    rows = dv.SparseTeacher(*(None if x is None else x.detach().reshape(B * T, *x.shape[2:]) for x in teacher))
+    w = None if row_weight is None else row_weight.reshape(-1)
+    return _Rows.apply(student_logits.to(dtype).reshape(-1, vocab), dv.SPARSE, rows, w, mask.reshape(-1)).view(B, T)
 
 
 # --------------------------------------------------------------------------- label-anchored decouplings
@@ -551,8 +499,8 @@ def drkl(
     Shapes: logits [..., V], labels [...] (int) or None -> [...]; float32 (float64 for float64 input).
     """
     _check_logits(student_logits, teacher_logits)
-    if anchor not in ("label", "teacher_argmax"):
-        raise ValueError(f"anchor must be 'label' or 'teacher_argmax'; got {anchor!r}")
+    if anchor not in DRKL_ANCHORS:
+        raise ValueError(f"anchor must be one of {', '.join(map(repr, DRKL_ANCHORS))}; got {anchor!r}")
     if labels is None and anchor == "label":
         raise ValueError("labels is None but anchor='label'; pass labels or use anchor='teacher_argmax'")
     lead = student_logits.shape[:-1]
@@ -565,6 +513,9 @@ def drkl(
     y = t.argmax(-1) if anchor == "teacher_argmax" else torch.where(valid, labels, 0)  # [...]
     binary, nontarget = _target_split(s, t, y)  # [...], [...]
     return torch.where(valid, binary + gamma * nontarget, 0.0)
+
+
+DRKL_ANCHORS = ("label", "teacher_argmax")
 
 
 # --------------------------------------------------------------------------- hidden states

@@ -1,14 +1,19 @@
-"""The training objective: CLM + divergence (+ hidden cosine), normalised in ONE place.
+"""The loss of a training step: student forward → dense | chunked | sparse divergence, normalised in ONE place.
 
 Per valid token t (labels already shifted once by the data pipeline, -100 = ignore)::
 
     L(t) = clm_weight * CE(q_t, y_t) + div_weight * D(t) + cosine_weight * (1 - cos(h_S, h_T))
 
-and the value returned for backward is ``Σ_t L(t) / num_valid_tokens`` where ``num_valid_tokens``
-is the GLOBAL number of valid tokens of the optimizer step: summed over every gradient-accumulation
-micro-batch and every data-parallel rank, counted before the step. With that denominator the
-accumulated gradient equals the gradient of one big batch (the TRL #4719 class of bugs cannot
-happen). The default weights are the paper's Eq. 4: CLM + L_DIV per token, no mixing weight.
+and the value returned for backward is ``Σ_t L(t) / num_valid_tokens`` where ``num_valid_tokens`` is the GLOBAL
+number of valid tokens of the optimizer step: summed over every gradient-accumulation micro-batch and every
+data-parallel rank, counted before the step. With that denominator the accumulated gradient equals the gradient of
+one big batch (the TRL #4719 class of bugs cannot happen). The default weights are the paper's Eq. 4: CLM + L_DIV
+per token, no mixing weight. `_normalised` is the only division.
+
+Three ways to the sums, one per teacher signal (`tailkd.teacher.TeacherSignal`) and loss layer:
+- dense: the student's full logits [B, T, V] and the registry's per-token function (`tailkd.losses`);
+- chunked: the student's final hidden states and LM head (`tailkd.fused`, never [B, T, V]);
+- sparse: a top-K teacher cache (`divergences.SPARSE`), with either student path.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tailkd import losses
-from tailkd.config import LossConfig
+from tailkd import fused, losses, registry
+from tailkd.data import IGNORE_INDEX
+from tailkd.divergences import SparseTeacher
+from tailkd.errors import TailkdError
+from tailkd.head import Head, apply_head, final_hidden, model_head
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "ObjectiveTerms", "chunked_objective", "count_valid_tokens", "distill_loss", "objective",
+           "per_token_divergence", "step_terms"]
 
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -31,37 +40,6 @@ def valid_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def count_valid_tokens(labels: torch.Tensor) -> int:
     return int(valid_mask(labels).sum().item())
-
-
-def per_token_divergence(
-    cfg: LossConfig,
-    student_logits: torch.Tensor,  # (B, T, V)
-    teacher_logits: torch.Tensor,  # (B, T, V)
-    labels: torch.Tensor,  # (B, T), -100 = ignore
-    *,
-    segment_ids: torch.Tensor | None = None,  # (B, T), documents of packed rows
-) -> torch.Tensor:
-    """The divergence named by ``cfg.name`` per token, ``[B, T]`` float32, 0 where labels are -100."""
-    mask = valid_mask(labels)
-    name = cfg.name
-    if name == "tad":
-        seg = segment_ids if cfg.per_document else None
-        div = losses.tad(student_logits, teacher_logits, mask, k=cfg.k, beta=cfg.beta, segment_ids=seg,
-                         temperature=cfg.temperature)
-    elif name == "kd":
-        div = losses.forward_kl(student_logits, teacher_logits, temperature=cfg.temperature)
-    elif name == "rkl":
-        div = losses.reverse_kl(student_logits, teacher_logits, temperature=cfg.temperature)
-    elif name == "jsd":
-        div = losses.jsd(student_logits, teacher_logits, beta=cfg.jsd_beta, temperature=cfg.temperature)
-    elif name == "dkd":
-        div = losses.dkd(student_logits, teacher_logits, labels, alpha=cfg.dkd_alpha, beta=cfg.dkd_beta,
-                         temperature=cfg.temperature)
-    elif name == "drkl":
-        div = losses.drkl(student_logits, teacher_logits, labels, gamma=cfg.gamma, anchor=cfg.drkl_anchor)
-    else:
-        raise ValueError(f"loss {name!r} has no divergence; choose tad, kd, rkl, jsd, dkd or drkl")
-    return torch.where(mask, div, torch.zeros_like(div))
 
 
 @dataclass
@@ -74,50 +52,181 @@ class ObjectiveTerms:
     cos: torch.Tensor
 
 
+def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens) -> ObjectiveTerms:
+    """THE denominator: every sum over valid tokens divided by the step's global valid-token count (>= 1)."""
+    denom = torch.as_tensor(num_valid_tokens, dtype=total.dtype, device=total.device).clamp_min(1.0)
+    return ObjectiveTerms(loss=total / denom, clm=(clm_sum / denom).detach(), div=(div_sum / denom).detach(),
+                          cos=(cos_sum / denom).detach())
+
+
+def _divergence(cfg) -> registry.Divergence | None:
+    """The bound divergence of a `LossConfig`, or None when the loss needs no teacher (``clm``)."""
+    d = registry.bind(cfg)
+    return d if d.spec.needs_teacher else None
+
+
+def _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype) -> torch.Tensor | None:
+    if cfg.cosine_weight <= 0:
+        return None
+    if student_hidden is None or teacher_hidden is None:
+        raise ValueError("cosine_weight > 0 needs student_hidden and teacher_hidden")
+    return losses.hidden_cosine(student_hidden, teacher_hidden, valid_mask(labels)).sum().to(dtype)
+
+
+def per_token_divergence(cfg, student_logits, teacher_logits, labels, *, segment_ids=None) -> torch.Tensor:
+    """The divergence named by ``cfg.name`` per token, ``[B, T]`` float32, 0 where labels are -100 (dense path)."""
+    d = _divergence(cfg)
+    if d is None:
+        raise ValueError(f"loss {cfg.name!r} has no divergence")
+    return d.per_token(student_logits, teacher_logits, labels, valid_mask(labels), segment_ids)
+
+
 def objective(
     student_logits: torch.Tensor,  # (B, T, V), already sliced to the shared vocabulary
     labels: torch.Tensor,  # (B, T)
     num_valid_tokens: int | torch.Tensor,
     *,
-    cfg: LossConfig | None = None,
-    teacher_logits: torch.Tensor | None = None,  # (B, T, V); None only for loss "clm"
+    cfg=None,  # tailkd.config.LossConfig
+    teacher_logits: torch.Tensor | None = None,  # (B, T, V); None for loss "clm" or a sparse teacher
+    sparse_teacher: SparseTeacher | None = None,  # fields (B, T, ...): a top-K teacher cache
     segment_ids: torch.Tensor | None = None,
     student_hidden: torch.Tensor | None = None,  # (B, T, d_S)
     teacher_hidden: torch.Tensor | None = None,  # (B, T, d_T)
-    divergence: torch.Tensor | None = None,  # (B, T) precomputed per-token divergence (e.g. from a teacher cache)
 ) -> ObjectiveTerms:
-    """Σ over valid tokens of the weighted terms, divided by the global valid-token count of the step."""
+    """The dense path: Σ over valid tokens of the weighted terms from full logits, / the global valid-token count."""
+    from tailkd.config import LossConfig
+
     cfg = cfg or LossConfig()
     if student_logits.shape[:-1] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(student_logits.shape)}")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # float32 math, f64 stays
-    denom = torch.as_tensor(num_valid_tokens, dtype=dtype, device=student_logits.device).clamp_min(1.0)
     mask = valid_mask(labels)
     V = student_logits.shape[-1]
-
-    clm_tok = F.cross_entropy(student_logits.to(dtype).reshape(-1, V), labels.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)  # (B, T)
-    clm_sum = clm_tok.sum()
+    clm_sum = F.cross_entropy(student_logits.to(dtype).reshape(-1, V), labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="sum")
     zero = student_logits.new_zeros((), dtype=dtype)
-
     div_sum = zero
-    if cfg.name != "clm":
-        if divergence is None:
-            if teacher_logits is None:
-                raise ValueError(f"loss {cfg.name!r} needs teacher_logits (or a precomputed divergence)")
-            divergence = per_token_divergence(cfg, student_logits, teacher_logits, labels, segment_ids=segment_ids)
-        div_sum = torch.where(mask, divergence, torch.zeros_like(divergence)).sum()
-
-    cos_sum = zero
-    if cfg.cosine_weight > 0:
-        if student_hidden is None or teacher_hidden is None:
-            raise ValueError("cosine_weight > 0 needs student_hidden and teacher_hidden")
-        cos_sum = losses.hidden_cosine(student_hidden, teacher_hidden, mask).sum()
-
+    d = _divergence(cfg)
+    if d is not None:
+        if sparse_teacher is not None:
+            if not d.spec.sparse:
+                raise TailkdError(f"loss.name={cfg.name} cannot be computed from a top-K teacher cache; cache the "
+                                  "teacher's hidden states (--hidden-states) or use the online teacher")
+            div = d.sparse_per_token(student_logits, sparse_teacher, mask, segment_ids)
+        elif teacher_logits is None:
+            raise ValueError(f"loss {cfg.name!r} needs teacher_logits (or a sparse teacher)")
+        else:
+            div = d.per_token(student_logits, teacher_logits, labels, mask, segment_ids)
+        div_sum = div.sum().to(dtype)
+    cos_sum = _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype)
+    cos_sum = zero if cos_sum is None else cos_sum
     total = cfg.clm_weight * clm_sum + cfg.div_weight * div_sum + cfg.cosine_weight * cos_sum
-    return ObjectiveTerms(
-        loss=total / denom,
-        clm=(clm_sum / denom).detach(),
-        div=(div_sum / denom).detach(),
-        cos=(cos_sum / denom).detach(),
-    )
+    return _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens)
+
+
+def chunked_objective(
+    student_hidden: torch.Tensor,  # (B, T, d_S) final hidden states (post final norm)
+    student_head: Head,
+    labels: torch.Tensor,  # (B, T), -100 = ignore
+    num_valid_tokens: int | torch.Tensor,
+    *,
+    cfg=None,  # tailkd.config.LossConfig
+    teacher_hidden: torch.Tensor | None = None,  # (B, T, d_T)
+    teacher_head: Head | None = None,
+    sparse_teacher: SparseTeacher | None = None,
+    segment_ids: torch.Tensor | None = None,
+    seq_alpha_mean: torch.Tensor | None = None,  # (B, T) TAD ᾱ computed elsewhere
+    chunk_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> ObjectiveTerms:
+    """The chunked path: the same terms as `objective` from final hidden states + LM heads (`fused.chunked_sums`),
+    never [B, T, V] logits; same denominator."""
+    from tailkd.config import LossConfig
+
+    cfg = cfg or LossConfig()
+    sums = fused.chunked_sums(student_hidden, student_head, labels, _divergence(cfg), clm_weight=cfg.clm_weight,
+                              div_weight=cfg.div_weight, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                              sparse_teacher=sparse_teacher, segment_ids=segment_ids, seq_alpha_mean=seq_alpha_mean,
+                              chunk_size=chunk_size, matmul_dtype=matmul_dtype)
+    total, cos_sum = sums.total, _cosine_sum(cfg, student_hidden, teacher_hidden, labels, sums.total.dtype)
+    if cos_sum is not None:
+        total = total + cfg.cosine_weight * cos_sum
+    return _normalised(total, sums.clm, sums.div, total.new_zeros(()) if cos_sum is None else cos_sum,
+                       num_valid_tokens)
+
+
+def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,
+               chunk_size: int | None = None, autocast_dtype=None, student_head: Head | None = None):
+    """`ObjectiveTerms` of one micro-batch (``batch`` on the student's device) from its teacher signal
+    (`tailkd.teacher.TeacherSignal`; None only for loss clm): the student forward, then `chunked_objective` on its
+    final hidden states (``fused_path``) or `objective` on its logits."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    segment_ids = batch.get("segment_ids")
+    want_cos = cfg.cosine_weight > 0
+    if _divergence(cfg) is not None and signal is None:
+        raise TailkdError(f"loss.name={cfg.name} needs a teacher signal")
+    if want_cos and (signal is None or signal.hidden is None and signal.logits is None):
+        raise TailkdError("loss.cosine_weight > 0 needs the teacher's hidden states: use the online teacher or a "
+                          "cache written with --hidden-states")
+    logits = hidden = sparse = t_hidden = head = None
+    if signal is not None:
+        logits, hidden, sparse, head = signal.logits, signal.hidden, signal.sparse, signal.head
+    with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if fused_path:
+            h_s = final_hidden(student, input_ids)  # (B, T, d_S)
+        else:
+            out = student(input_ids=input_ids, output_hidden_states=want_cos, use_cache=False)
+            s_logits = out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
+            h_s = out.hidden_states[-1] if want_cos else None
+    if fused_path:
+        return chunked_objective(h_s, student_head or model_head(student, vocab_size), labels, num_valid_tokens,
+                                 cfg=cfg, teacher_hidden=hidden, teacher_head=head, sparse_teacher=sparse,
+                                 segment_ids=segment_ids, chunk_size=chunk_size, matmul_dtype=autocast_dtype)
+    if logits is None and hidden is not None:
+        logits = apply_head(hidden, head).float()  # cached hidden states: (B, T, V)
+    t_hidden = hidden if want_cos else None
+    return objective(s_logits, labels, num_valid_tokens, cfg=cfg, teacher_logits=logits, sparse_teacher=sparse,
+                     segment_ids=segment_ids, student_hidden=h_s, teacher_hidden=t_hidden)
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "tad",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    segment_ids: torch.Tensor | None = None,
+    **knobs,
+) -> ObjectiveTerms:
+    """Distillation loss from final hidden states and LM-head weights, in chunks: for your own training loop.
+
+    The calling convention of Liger's chunked distillation losses: ``student_hidden`` [B, T, d_S] (after the final
+    norm) with ``student_weight`` [V, d_S], ``teacher_hidden`` [B, T, d_T] with ``teacher_weight`` [V, d_T] (same
+    vocabulary; slice padded heads), ``labels`` [B, T] already shifted (-100 = ignore). ``loss`` names a row of
+    `tailkd.registry.LOSSES`; ``knobs`` are its `LossConfig` fields (``k``, ``beta``, ``temperature``, ``jsd_beta``,
+    ``clm_weight`` (default 1: the paper's CLM + L_DIV; 0 for the divergence alone), ``div_weight``, ...).
+    Returns `ObjectiveTerms` (``loss`` to backpropagate, ``clm``, ``div``), divided by ``num_valid_tokens`` — by
+    default the valid tokens of this batch; pass the global count of the optimizer step under gradient
+    accumulation or data parallelism. Logit transforms (soft-capping, scaling) are not applied here: pass models'
+    heads through `tailkd.head.model_head` and use `chunked_objective` for those.
+    """
+    from tailkd.config import LossConfig
+
+    cfg = LossConfig(name=loss, **knobs)
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(f"student_weight has {vocab} rows, teacher_weight {teacher_weight.shape[0]}: slice both heads "
+                         "to the shared vocabulary")
+    from tailkd.head import HeadSpec
+
+    spec = HeadSpec(vocab)
+    n = count_valid_tokens(labels) if num_valid_tokens is None else num_valid_tokens
+    return chunked_objective(student_hidden, Head(student_weight, student_bias, spec), labels, n, cfg=cfg,
+                             teacher_hidden=teacher_hidden, teacher_head=Head(teacher_weight, teacher_bias, spec),
+                             segment_ids=segment_ids, chunk_size=chunk_size)

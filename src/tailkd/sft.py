@@ -59,11 +59,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tailkd.config import OVERLONG, SFT_MODES
+from tailkd.data import IGNORE_INDEX
 from tailkd.errors import TailkdError
-
-IGNORE_INDEX = -100  # same value as tailkd.data.IGNORE_INDEX / tailkd.objective.IGNORE_INDEX
-MODES = ("pad", "pack")
-OVERLONG = ("truncate", "drop")
 
 Prompt = str | list[dict]  # a plain prompt, or chat messages without the final assistant turn
 
@@ -466,8 +464,8 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise TailkdError(f"--seq-len must be a positive whole number of tokens, got {seq_len!r}")
-    if mode not in MODES:
-        raise TailkdError(f"SFT mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode not in SFT_MODES:
+        raise TailkdError(f"SFT mode {mode!r} is not one of {', '.join(SFT_MODES)}")
     if overlong not in OVERLONG:
         raise TailkdError(f"overlong={overlong!r} is not one of {', '.join(OVERLONG)}")
     if not 0.0 <= heldout_fraction < 1.0:

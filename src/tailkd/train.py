@@ -49,7 +49,9 @@ from tailkd.config import DistillConfig, from_dict, load_yaml, save_yaml, to_dic
 from tailkd.errors import TailkdError
 from tailkd.evaluate import CHUNK_ELEMENTS, IGNORE_INDEX, add_sums, finalize, forward_logits, token_sums
 from tailkd.flops import distill_flops
-from tailkd.objective import count_valid_tokens
+from tailkd.head import verify_head
+from tailkd.objective import count_valid_tokens, step_terms
+from tailkd.registry import LOSSES
 
 # Config keys that may differ between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train.eval_every", "train.save_every",
@@ -302,7 +304,7 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         say(format_table(table))
     vocab = models.check_vocab(t_tok, s_tok, teacher, student)
     student.train()
-    if cfg.loss.name == "clm":
+    if not LOSSES[cfg.loss.name].needs_teacher:
         teacher = None
     return teacher, student, t_tok, vocab, table
 
@@ -338,7 +340,7 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
 def choose_loss_path(cfg: DistillConfig, vocab: int) -> bool:
     """``train.fused_loss``: True for the fused, chunked loss layer (`tailkd.fused`), False for full logits."""
     tokens = max(1, cfg.train.batch_size // dist.world()) * cfg.data.seq_len  # one rank's micro-batch
-    fused_path = fused.use_fused(cfg.train.fused_loss, tokens, vocab, cfg.loss.name)
+    fused_path = fused.use_fused(cfg.train.fused_loss, tokens, vocab)
     if fused_path and cfg.train.parallel == "fsdp":
         if cfg.train.fused_loss == "on":
             raise TailkdError("train.fused_loss=on does not combine with train.parallel=fsdp (FSDP shards the LM head "
@@ -357,19 +359,19 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
     cache with hidden states the exact loss. On the fused path the LM heads are checked once against the models'
     own logits (``probe``: a few token ids)."""
     if fused_path:
-        fused.verify_head(student, probe, vocab_size=vocab)
-    if cfg.loss.name == "clm":
+        verify_head(student, probe, vocab_size=vocab)
+    if not LOSSES[cfg.loss.name].needs_teacher:
         return None, "clm: no teacher"
     if cfg.teacher.cache:
         from tailkd.cache import open_cache
 
         reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
                             split="train", seq_len=cfg.data.seq_len,
-                            k=cfg.loss.k if cfg.loss.name == "tad" else None, teacher_model=teacher)
+                            k=cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None, teacher_model=teacher)
         description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
         return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
     if fused_path:
-        fused.verify_head(teacher, probe, vocab_size=vocab)
+        verify_head(teacher, probe, vocab_size=vocab)
     online = teacher_mod.OnlineTeacher(teacher, vocab, fused_path=fused_path, autocast_dtype=ac,
                                        want_hidden=cfg.loss.cosine_weight > 0)
     return online, f"{cfg.loss.name}: exact, online teacher"
@@ -424,8 +426,8 @@ def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig,
         batch = {key: value.to(device) for key, value in mb.items()}  # input_ids, labels, segment_ids (b, T)
         with dist.grad_sync(model, sync=i == len(micro) - 1):
             signal = signal_of(batch) if signal_of is not None else None
-            terms = teacher_mod.step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab,
-                                           fused_path=fused_path, chunk_size=chunk, autocast_dtype=ac)
+            terms = step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab, fused_path=fused_path,
+                               chunk_size=chunk, autocast_dtype=ac)
             (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
         for key in TERMS:
             terms_sum[key] += float(getattr(terms, key).detach())
@@ -597,7 +599,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     model_max = models.model_max_length(student)
     if teacher is not None:
         model_max = min(model_max, models.model_max_length(teacher))
-        if cfg.loss.k >= vocab and cfg.loss.name == "tad":
+        if cfg.loss.k >= vocab and "k" in LOSSES[cfg.loss.name].knobs:
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
 
     # --- data (rank 0 first: the corpus is tokenised into its cache once)

@@ -1,0 +1,398 @@
+"""The maths of each divergence, once: teacher-side row statistics, per-row value, closed-form logit gradient.
+
+Rows are token positions. For every divergence with a closed-form gradient there is one `RowKernel` of three plain
+functions, used unchanged by every path that computes it:
+
+- ``teacher(t) -> T``: the teacher side of rows from the teacher's temperature-scaled logits t [n, V] (t is
+  CONSUMED: its buffer is reused), e.g. log p and p, or for TAD the top-K split and the tail mass α^T. A top-K
+  teacher cache gives a `SparseTeacher` instead (see `SPARSE`).
+- ``forward(s, logq, T, w) -> (value [n], state)``: the per-row divergence from the student's scaled logits
+  s [n, V] and logq = log_softmax(s) (logq is CONSUMED), with an optional per-row weight w [n] (TAD's
+  β(X) = β/ᾱ(X), a sequence statistic computed by the caller from the rows' α^T).
+- ``backward(state, cd, cq, inplace=True) -> G [n, V] = cd·∂D/∂s + cq·q`` for per-row coefficients cd, cq [n] (cq
+  may be None). ``inplace``: G is written into a state buffer (the chunked layer: one [n, V] allocation fewer);
+  False leaves the state intact, so that backward can run again (autograd with ``retain_graph``, gradcheck).
+  ``cq·q`` lets a caller fold the student's CLM softmax into the same buffer (the chunked layer does, at τ = 1).
+
+Callers: `tailkd.losses` (the dense per-token functions, through one autograd Function), `tailkd.fused` (the
+chunked LM-head layer: teacher → forward → backward per chunk, never [N, V] at once) and the top-K cache path (a
+sparse teacher, dense or chunked student). A divergence's knobs (TAD's K, JSD's β) are bound when its kernel is
+made (`tad_kernel`, `jsd_kernel`).
+
+Conventions (``shared/design/formulas.md``; p = teacher, q = student at temperature τ; 𝒦 = the teacher's top-K):
+- 0·log 0 = 0: an entry where the weighting distribution is 0 contributes 0 with a finite gradient; a row with a
+  NaN logit (either side) gives NaN, so that the trainer sees it and skips the step;
+- tail masses are summed over the tail itself (α^T = Σ_{i∉𝒦} p_i), never 1 − Σ top-K, which cancels when the top-K
+  holds almost all the mass; a student tail sum that underflows is redone in log space.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+_INF = float("inf")
+
+
+class RowKernel(NamedTuple):
+    """A divergence's row maths: ``teacher``, ``forward``, ``backward`` (see the module docstring)."""
+
+    teacher: Callable[..., Any]
+    forward: Callable[..., tuple[torch.Tensor, Any]]
+    backward: Callable[..., torch.Tensor]
+
+
+# --------------------------------------------------------------------------- shared row helpers
+
+
+def lse(x: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over the last dim, [n]; −inf (not NaN) for an all −inf row."""
+    m = x.amax(-1, keepdim=True)  # [n, 1]
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    return (x - m).exp_().sum(-1).log_().add_(m.squeeze(-1))  # [n]
+
+
+def teacher_top_ids(t: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """Ids [..., K] of the k largest teacher logits t [..., V] (= largest p), in no particular order: 𝒦.
+
+    Two-stage when 64 divides V (all common LM vocabularies): block maxima (one vectorised read), the k blocks with
+    the largest maxima (they hold every top-k entry), then top-k among those k·64 candidates; 2-3x cheaper than
+    torch.topk over V on CPU. Otherwise torch.topk. Ties at the k-th value are resolved by this selection
+    (deterministic, implementation-defined): 𝒦 is then one of the valid top-k sets. Every path uses this one.
+    """
+    vocab = t.shape[-1]
+    n_blocks = vocab // block
+    if vocab % block or n_blocks <= 4 * k:
+        return torch.topk(t, k, dim=-1, sorted=False).indices
+    flat = t.reshape(-1, vocab)  # [N, V]
+    block_max = flat.unflatten(-1, (n_blocks, block)).amax(-1)  # [N, V/64]
+    top_blocks = torch.topk(block_max, k, dim=-1, sorted=False).indices  # [N, K]
+    cols = (top_blocks[..., None] * block + torch.arange(block, device=t.device)).flatten(1)  # [N, K*64]
+    best = torch.topk(flat.gather(-1, cols), k, dim=-1, sorted=False).indices  # [N, K]
+    return cols.gather(-1, best).view(*t.shape[:-1], k)
+
+
+def kl_sum(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i (log w_i − log v_i) per row [n], CONSUMING log_w (no [n, V] allocation).
+
+    0·log 0 = 0: rows where a zero weight meets −inf logs (NaN products) are redone with explicit masking; rows in
+    ``poisoned`` [n] (NaN inputs) stay NaN."""
+    out = log_w.sub_(log_v).mul_(w).sum(-1)  # [n]
+    bad = torch.isnan(out) & ~poisoned
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        out[rows] = torch.where(w[rows] > 0, log_w[rows], 0.0).sum(-1)
+    return out
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """Below this a tail mass summed in linear space has lost its precision (subnormal summands): redo in log space."""
+    return 1e-30 if dtype != torch.float64 else 1e-290
+
+
+def student_tail(s: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor):
+    """From logq [n, V] (consumed into q, zeroed on 𝒦): (q on the tail [n, V], q_top [n, K], logq_top, log α^S [n]).
+
+    α^S = Σ_{i∉𝒦} q_i summed over the tail; rows where it is tiny (< 1e-30 in float32: subnormal summands) redo
+    log α^S = lse(tail logits) − lse(logits) in log space."""
+    logq_top = logq.gather(-1, ids)  # [n, K]
+    q = logq.exp_()  # [n, V]
+    q_top = q.gather(-1, ids)
+    q.scatter_(-1, ids, 0.0)  # [n, V] student tail
+    alpha_s = q.sum(-1)  # [n]
+    log_as = alpha_s.log()
+    small = alpha_s < _tiny(s.dtype)
+    if bool(small.any()):
+        rows = small.nonzero().squeeze(1)
+        log_as[rows] = lse(s[rows].scatter(-1, ids[rows], -_INF)) - lse(s[rows])
+    return q, q_top, logq_top, log_as
+
+
+def _bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tensor) -> torch.Tensor:
+    """The rest bucket α^T log(α^T/α^S) per row; 0 where α^T = 0."""
+    return torch.where(alpha_t > 0, alpha_t * (log_at - log_as), 0.0)
+
+
+def _poison(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.where(rows, torch.nan, value)
+
+
+# --------------------------------------------------------------------------- dense teacher: log p and p
+
+
+class Dense(NamedTuple):
+    """Teacher rows: log p [n, V] (a buffer the kernels consume), p [n, V], NaN rows [n]."""
+
+    logp: torch.Tensor
+    p: torch.Tensor
+    nan: torch.Tensor
+
+
+def dense_teacher(t: torch.Tensor) -> Dense:
+    logp = torch.log_softmax(t, dim=-1)  # [n, V]
+    p = torch.exp(logp, out=t)  # [n, V] into t's buffer: one [n, V] allocation fewer
+    return Dense(logp, p, logp[:, 0].isnan())
+
+
+# --------------------------------------------------------------------------- forward KL (vanilla KD)
+
+
+def _kl_forward(s, logq, teacher: Dense, w=None):
+    """KL(p‖q) = Σ_i p_i (log p_i − log q_i)."""
+    poisoned = teacher.nan | logq[:, 0].isnan()
+    value = kl_sum(teacher.p, teacher.logp, logq, poisoned)  # teacher.logp consumed
+    return _poison(value, poisoned), (logq, teacher.p)
+
+
+def _kl_backward(state, cd, cq, inplace=True):
+    """∂KL/∂s = q − p."""
+    logq, p = state
+    q = logq.exp_() if inplace else logq.exp()
+    g = q.mul_((cd if cq is None else cd + cq)[:, None])
+    return g.addcmul_(p, cd[:, None], value=-1.0)
+
+
+KL = RowKernel(dense_teacher, _kl_forward, _kl_backward)
+
+
+# --------------------------------------------------------------------------- reverse KL
+
+
+def _rkl_forward(s, logq, teacher: Dense, w=None):
+    """KL(q‖p) = Σ_i q_i (log q_i − log p_i)."""
+    poisoned = teacher.nan | logq[:, 0].isnan()
+    q = logq.exp()  # [n, V]
+    fq = logq.sub_(teacher.logp).mul_(q)  # [n, V] q log(q/p) (logq consumed)
+    value = fq.sum(-1)
+    bad = torch.isnan(value) & ~poisoned
+    if bool(bad.any()):  # q = 0 against log p = −inf: 0·log 0
+        rows = bad.nonzero().squeeze(1)
+        fq[rows] = torch.where(q[rows] > 0, fq[rows], 0.0)
+        value[rows] = fq[rows].sum(-1)
+    return _poison(value, poisoned), (fq, q, value)
+
+
+def _rkl_backward(state, cd, cq, inplace=True):
+    """∂KL(q‖p)/∂s_i = q_i (log(q_i/p_i) − KL(q‖p))."""
+    fq, q, value = state
+    coef = -cd * value if cq is None else cq - cd * value
+    g = fq.mul_(cd[:, None]) if inplace else fq * cd[:, None]
+    return g.addcmul_(q, coef[:, None])
+
+
+RKL = RowKernel(dense_teacher, _rkl_forward, _rkl_backward)
+
+
+# --------------------------------------------------------------------------- generalized JSD
+
+
+def _jsd_forward(s, logq, teacher: Dense, w, bj: float):
+    """JSD_β = β KL(p‖m) + (1 − β) KL(q‖m), m = βp + (1 − β)q, 0 < β < 1."""
+    poisoned = teacher.nan | logq[:, 0].isnan()
+    q = logq.exp()  # [n, V]
+    log_m = torch.add(teacher.p, q, alpha=(1 - bj) / bj).mul_(bj).log_()  # [n, V]
+    value = bj * kl_sum(teacher.p, teacher.logp, log_m, poisoned)
+    fq = logq.sub_(log_m).mul_(q)  # [n, V] q log(q/m)
+    del log_m
+    if bool(torch.isnan(fq).any()):
+        fq = torch.where(q > 0, fq, 0.0)
+    kl_qm = fq.sum(-1)
+    value = value + (1 - bj) * kl_qm
+    return _poison(value, poisoned), (fq, q, kl_qm, bj)
+
+
+def _jsd_backward(state, cd, cq, inplace=True):
+    """∂JSD_β/∂s_i = (1 − β) q_i (log(q_i/m_i) − KL(q‖m))."""
+    fq, q, kl_qm, bj = state
+    c = cd * (1 - bj)
+    coef = -c * kl_qm if cq is None else cq - c * kl_qm
+    g = fq.mul_(c[:, None]) if inplace else fq * c[:, None]
+    return g.addcmul_(q, coef[:, None])
+
+
+def jsd_kernel(beta: float) -> RowKernel:
+    """Generalized JSD with mixing β; the degenerate endpoints are special-cased as in TRL / Liger: β = 0 is forward
+    KL(p‖q), β = 1 reverse KL(q‖p)."""
+    if beta == 0:
+        return KL
+    if beta == 1:
+        return RKL
+    return RowKernel(dense_teacher, lambda s, logq, teacher, w=None: _jsd_forward(s, logq, teacher, w, beta),
+                     _jsd_backward)
+
+
+# --------------------------------------------------------------------------- TAD (paper Eq. 2-3, 5-6)
+
+
+class TopK(NamedTuple):
+    """Teacher rows split at its top-K 𝒦: ids [n, K]; log p [n, V] (consumed by the kernels); p on the tail only
+    [n, V]; p, log p on 𝒦 [n, K]; α^T = Σ_{i∉𝒦} p_i [n] and log α^T [n] (from the tail's log-sum-exp where α^T is
+    too small for a linear sum: callers average exp(log α^T) in float64 for ᾱ); NaN rows [n]."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    p_tail: torch.Tensor
+    p_top: torch.Tensor
+    logp_top: torch.Tensor
+    alpha: torch.Tensor
+    log_alpha: torch.Tensor
+    nan: torch.Tensor
+
+
+def topk_teacher(t: torch.Tensor, k: int) -> TopK:
+    """𝒦 = `teacher_top_ids` and the split of p; α^T summed over the tail itself."""
+    ids = teacher_top_ids(t, k)  # [n, K]
+    logp = torch.log_softmax(t, dim=-1)  # [n, V]
+    p = torch.exp(logp, out=t)  # [n, V] into t's buffer
+    p_top, logp_top = p.gather(-1, ids), logp.gather(-1, ids)  # [n, K]
+    p.scatter_(-1, ids, 0.0)  # [n, V] the teacher tail
+    alpha = p.sum(-1)  # [n]
+    log_alpha = alpha.log()
+    tiny = alpha < _tiny(t.dtype)  # sub-normal summands (or none left): log α^T in log space
+    if bool(tiny.any()):
+        rows = tiny.nonzero().squeeze(1)
+        log_alpha[rows] = lse(logp[rows].scatter(-1, ids[rows], -_INF))
+    return TopK(ids, logp, p, p_top, logp_top, alpha, log_alpha, logp[:, 0].isnan())
+
+
+def _tad_forward(s, logq, teacher: TopK, w):
+    """L_DIV = D_KL1 + w·α^T·D_KL2 with w = β(X) per row (float64 allowed: β/ᾱ overflows float32 when the sequence's
+    tail mass is sub-normal). α^T·D_KL2 = Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) is summed over the tail (one
+    pass over V, as KL; never KL − D_KL1); where α^T itself is below float32's normal range, W = w·α^T and
+    D_KL2 = KL(p̃‖q̃) are computed in log space instead. w = 1 gives KL(p‖q)."""
+    poisoned = teacher.nan | logq[:, 0].isnan()
+    tiny = (teacher.alpha < _tiny(s.dtype)) & ~poisoned & (w > 0)
+    small = None
+    if bool(tiny.any()):  # before logp and logq are consumed: log p̃ and log q̃ of those rows
+        rows = tiny.nonzero().squeeze(1)
+        ids_r = teacher.ids[rows]
+        log_pt = teacher.logp[rows].scatter(-1, ids_r, -_INF) - teacher.log_alpha[rows, None]  # [r, V] log p̃
+        lq = logq[rows].scatter(-1, ids_r, -_INF)
+        log_qt = lq - lse(lq)[:, None]  # [r, V] log q̃
+        p_tilde = log_pt.exp()
+        d_kl2 = torch.where(p_tilde > 0, p_tilde * (log_pt - log_qt), 0.0).sum(-1)  # [r] KL(p̃‖q̃)
+        big_w = (w[rows].double() * teacher.log_alpha[rows].double().exp()).to(s.dtype)  # [r] W = β(X)·α^T
+        small = (rows, p_tilde, big_w, d_kl2)
+    tail_kl = kl_sum(teacher.p_tail, teacher.logp, logq, poisoned)  # [n] (p is 0 on 𝒦); teacher.logp consumed
+    q, q_top, logq_top, log_as = student_tail(s, logq, teacher.ids)  # logq consumed
+    p_top, alpha_t = teacher.p_top, teacher.alpha
+    top = torch.where(p_top > 0, p_top * (teacher.logp_top - logq_top), 0.0).sum(-1)  # [n] Σ_{k∈𝒦} p_k log(p_k/q_k)
+    log_at = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))
+    bucket = _bucket(alpha_t, log_at, log_as)  # [n] α^T log(α^T/α^S)
+    tail = torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)  # [n] α^T·D_KL2
+    wd = torch.where(tiny, 0.0, w).to(s.dtype)  # [n] (the tiny rows' weight is W, applied below)
+    value = top + bucket + wd * tail
+    if small is not None:
+        rows, _, big_w, d_kl2 = small
+        value[rows] = top[rows] + bucket[rows] + big_w * d_kl2
+    return _poison(value, poisoned), (s, q, teacher, q_top, log_at, log_as, wd, small)
+
+
+def _tad_backward(state, cd, cq, inplace=True):
+    """Eq. 5/6: q_k − p_k on 𝒦; q_i (1 + (w − 1) α^T/α^S) − w p_i = q_i + (W − α^T) q̃_i − W p̃_i on the tail
+    (W = w·α^T, q̃ = q/α^S, p̃ = p/α^T): the second form, with q̃ from the tail logits, where α^S underflowed or
+    α^T is sub-normal."""
+    s, q, teacher, q_top, log_at, log_as, w, small = state
+    ids, p, p_top, alpha_t = teacher.ids, teacher.p_tail, teacher.p_top, teacher.alpha
+    cq0 = torch.zeros_like(cd) if cq is None else cq
+    ratio = torch.where(alpha_t > 0, (log_at - log_as).exp(), 0.0)  # [n] α^T/α^S
+    bad = (~torch.isfinite(ratio)) | (ratio > 1e30)  # α^S underflowed
+    if small is not None:
+        bad[small[0]] = True
+    fix = None
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        tail = s[rows].scatter(-1, ids[rows], -_INF)  # [r, V] the student's tail logits
+        q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [r, V] q̃ = q/α^S, from the tail alone (no ~1e4 round trip)
+        big_w = w[rows] * alpha_t[rows]  # [r] W
+        p_tilde = p[rows] / torch.where(alpha_t[rows] > 0, alpha_t[rows], 1.0)[:, None]  # [r, V]
+        if small is not None:  # sub-normal α^T: W and p̃ from log space
+            where = torch.searchsorted(rows, small[0])
+            big_w[where], p_tilde[where] = small[2], small[1]
+        c_r = cd[rows]
+        fix = (rows, q[rows] * (c_r + cq0[rows])[:, None] + q_tilde * (c_r * (big_w - alpha_t[rows]))[:, None]
+               - p_tilde * (c_r * big_w)[:, None])
+    coef_q = (cd * (1 + (w - 1) * torch.where(bad, 0.0, ratio)) + cq0)[:, None]
+    g = q.mul_(coef_q) if inplace else q * coef_q
+    g.addcmul_(p, (cd * w)[:, None], value=-1.0)  # [n, V] the tail rule (Eq. 6), times cd, + cq q
+    if fix is not None:
+        g[fix[0]] = fix[1]
+    g.scatter_(-1, ids, cd[:, None] * (q_top - p_top) + cq0[:, None] * q_top)  # q_k − p_k on 𝒦 (Eq. 5)
+    return g
+
+
+def tad_kernel(k: int) -> RowKernel:
+    """TAD with the teacher's top-``k`` (its row weight w is β(X) = β/ᾱ(X), computed by the caller)."""
+    return RowKernel(lambda t: topk_teacher(t, k), _tad_forward, _tad_backward)
+
+
+# --------------------------------------------------------------------------- a top-K teacher cache (sparse)
+
+
+class SparseTeacher(NamedTuple):
+    """A teacher known only through a top-K cache (`tailkd.cache`), per row (or per token [B, T, ...]).
+
+    ``topk_ids`` [n, K] int (𝒦: the K largest teacher probabilities), ``topk_logprobs`` [n, K] (TRUE log-probs under
+    the full teacher softmax at τ = 1, not renormalised over K), ``log_tail_mass`` [n] = log α^T. Optional tail
+    support points ``tail_ids`` / ``tail_logprobs`` / ``tail_weights`` [n, J], ids outside 𝒦 with their true log p
+    and weights w_j, Σ_j w_j = α^T, such that Σ_j w_j f(id_j) estimates Σ_{i∉𝒦} p_i f(i) without bias: M ids drawn
+    with replacement from the renormalised tail p̃ = p/α^T get w = α^T/M each (sparse logit sampling, Anshumann et
+    al. 2025); ids known exactly (cache ranks K_run..K_cache−1) get w = p_i. Without tail points the divergence is
+    D_KL1 (the K+1 bucket loss); with them and a row weight w_X it is D_KL1 + w_X · (Σ_j w_j log(p_j/q_j) −
+    α^T log(α^T/α^S)), an unbiased estimate of D_KL1 + w_X · α^T·D_KL2 (w_X = β(X) for TAD, 1 for KD, whose
+    expectation is then KL(p‖q)).
+    """
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    log_tail_mass: torch.Tensor
+    tail_ids: torch.Tensor | None = None
+    tail_logprobs: torch.Tensor | None = None
+    tail_weights: torch.Tensor | None = None
+
+
+def _sparse_forward(s, logq, teacher: SparseTeacher, w=None):
+    """D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S) (exact); with tail points and a weight w (β(X) for TAD,
+    1 for KD) + w·(Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)), an unbiased estimate of w·α^T·D_KL2."""
+    ids = teacher.topk_ids.long()
+    logp_top = teacher.topk_logprobs.to(s.dtype)
+    log_at = teacher.log_tail_mass.to(s.dtype)
+    alpha_t, p_top = log_at.exp(), logp_top.exp()
+    sampled = teacher.tail_ids is not None and w is not None
+    tids = tw = logq_t = None
+    if sampled:  # w may come in float64 (β/ᾱ of a sub-normal tail mass): the estimate is then ~0, not inf·0
+        w = w.to(s.dtype).clamp(max=torch.finfo(s.dtype).max)
+        tids, tw = teacher.tail_ids.long(), teacher.tail_weights.to(s.dtype)
+        logq_t = logq.gather(-1, tids)  # [n, J]
+    poisoned = logq[:, 0].isnan() | log_at.isnan()
+    q, q_top, logq_top, log_as = student_tail(s, logq, ids)  # logq consumed
+    bucket = _bucket(alpha_t, log_at, log_as)
+    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # [n] D_KL1
+    if sampled:
+        tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(s.dtype) - logq_t), 0.0).sum(-1)  # [n]
+        value = value + w * torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)
+    return _poison(value, poisoned), (s, q, q_top, ids, p_top, alpha_t, log_as, tids, tw, w if sampled else None)
+
+
+def _sparse_backward(state, cd, cq, inplace=True):
+    """∂D_KL1/∂s: c·q_k − p_k on 𝒦 and c·q_i − α^T q̃_i on the tail (q̃ = q/α^S on the tail), c = Σ_𝒦 p + α^T (1 up
+    to the cache's rounding, kept for the exact gradient of the value computed); the tail estimate adds
+    w (α^T q̃_i − Σ_j w_j e_{id_j}) + w (Σ_j w_j − α^T) q."""
+    s, q, q_top, ids, p_top, alpha_t, log_as, tids, tw, w = state
+    cq0 = torch.zeros_like(cd) if cq is None else cq
+    tail = s.scatter(-1, ids, -_INF)  # [n, V] the student's tail logits
+    q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [n, V] q̃ = q/α^S on the tail, from the tail alone
+    c = p_top.sum(-1) + alpha_t  # [n]
+    w_tail = -alpha_t if w is None else (w - 1) * alpha_t  # [n] coefficient of q̃
+    if w is not None:
+        c = c + w * (tw.sum(-1) - alpha_t)
+    coef_q = (cd * c + cq0)[:, None]
+    g = (q.mul_(coef_q) if inplace else q * coef_q).add_(q_tilde.mul_((cd * w_tail)[:, None]))
+    if w is not None:
+        g.scatter_add_(-1, tids, -((cd * w)[:, None] * tw))  # − w Σ_j w_j e_{id_j}
+    g.scatter_(-1, ids, (cd * c + cq0)[:, None] * q_top - cd[:, None] * p_top)
+    return g
+
+
+SPARSE = RowKernel(lambda rows: rows, _sparse_forward, _sparse_backward)

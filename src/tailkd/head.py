@@ -1,0 +1,182 @@
+"""A causal LM's output head as data: the weight, bias and logit transforms between its final hidden state and its
+logits, so that the chunked loss layer (`tailkd.fused`) and the teacher cache can apply it themselves.
+
+logits = softcap(scale · (h W[:V]ᵀ + b[:V])), softcap(x) = cap · tanh(x / cap), sliced to the shared vocabulary V.
+`head_spec` reads the transforms from a Hugging Face config (a transform it does not know is refused, never
+guessed); `verify_head` checks once per model that `final_hidden` + `apply_head` reproduce the model's own logits
+(TRL #6629: a fused path that skips Gemma-2 soft-capping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from tailkd.errors import TailkdError
+
+__all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "head_spec", "model_head", "transform",
+           "transform_backward", "verify_head"]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a model does between its final hidden state and its logits, besides ``h Wᵀ + b``.
+
+    logits = softcap(scale · (h W[:V]ᵀ + b[:V]))  with  softcap(x) = cap · tanh(x / cap), then sliced to
+    ``vocab_size`` (the shared vocabulary; heads may be padded, e.g. 151936 vs 152064 rows).
+    """
+
+    vocab_size: int
+    scale: float = 1.0  # Cohere logit_scale, Falcon-H1 lm_head_multiplier, HyperCLOVA X; Granite: 1/logits_scaling
+    softcap: float | None = None  # Gemma-2/3 final_logit_softcapping
+
+    def describe(self) -> str:
+        parts = [f"V={self.vocab_size}"]
+        if self.scale != 1.0:
+            parts.append(f"scale={self.scale:g}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap:g}")
+        return ", ".join(parts)
+
+
+class Head(NamedTuple):
+    """An LM head: weight [rows, d] (rows >= spec.vocab_size), optional bias [rows], and its `HeadSpec`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    spec: HeadSpec
+
+
+# model_type prefix -> (config attribute, multiply (True) or divide (False)); the models' own forward, transformers 5
+_SCALE_RULES = (
+    ("cohere", "logit_scale", True),  # cohere, cohere2, cohere2_moe, cohere_compass: logits * logit_scale
+    ("granite", "logits_scaling", False),  # granite*, incl. moe/hybrid/vision: logits / logits_scaling
+    ("minicpm3", "logits_scaling", False),  # hidden / logits_scaling before the (bias-free) head: the same
+    ("hyperclovax", "logits_scaling", True),  # MuP: logits * logits_scaling
+    ("falcon_h1", "lm_head_multiplier", True),  # logits * lm_head_multiplier
+)
+_SCALE_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier", "logits_multiplier")
+
+
+def head_spec(model, vocab_size: int | None = None) -> HeadSpec:
+    """The logit transforms of a Hugging Face causal LM, read from its config (see `HeadSpec`).
+
+    Known: final-logit soft-capping (any config with ``final_logit_softcapping``: Gemma-2/3/4, nanochat, ...),
+    Cohere ``logit_scale`` (multiplies), Granite / MiniCPM3 ``logits_scaling`` (divides), HyperCLOVA X
+    ``logits_scaling`` (multiplies), Falcon-H1 ``lm_head_multiplier``. A config with a scaling attribute of an
+    unknown model type is refused (TailkdError) rather than guessed; `verify_head` checks the result against the
+    model's own logits.
+    """
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = str(getattr(config, "model_type", "") or "")
+    vocab = int(vocab_size if vocab_size is not None else getattr(text, "vocab_size"))
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = 1.0
+    for prefix, attr, multiply in _SCALE_RULES:
+        if model_type.startswith(prefix):
+            value = getattr(text, attr, None)
+            if value is None and hasattr(getattr(model, "model", None), attr):
+                value = getattr(model.model, attr)
+            if value is not None:
+                scale = float(value) if multiply else 1.0 / float(value)
+            break
+    else:
+        found = [a for a in _SCALE_ATTRS if getattr(text, a, None) not in (None, 1, 1.0)]
+        if found:
+            raise TailkdError(
+                f"{model_type or type(model).__name__} has {found[0]}={getattr(text, found[0])!r} in its config and "
+                "tailkd does not know how its forward applies it to the logits; set train.fused_loss=off"
+            )
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TailkdError(f"{type(model).__name__} has no LM head (get_output_embeddings); set train.fused_loss=off")
+    if head.weight.shape[0] < vocab:
+        raise TailkdError(f"the LM head has {head.weight.shape[0]} rows, fewer than the vocabulary ({vocab})")
+    return HeadSpec(vocab_size=vocab, scale=scale, softcap=float(softcap) if softcap is not None else None)
+
+
+def model_head(model, vocab_size: int | None = None) -> Head:
+    """`Head` (weight, bias, spec) of a causal LM; the tensors are the model's own parameters (gradients flow)."""
+    model = getattr(model, "module", model)  # DDP wrapper -> the model
+    spec = head_spec(model, vocab_size)
+    lin = model.get_output_embeddings()
+    return Head(lin.weight, getattr(lin, "bias", None), spec)
+
+
+def transform(u: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
+    """Raw head output u -> the model's logits (in place where possible)."""
+    if spec.scale != 1.0:
+        u = u.mul_(spec.scale)
+    if spec.softcap is not None:
+        u = u.div_(spec.softcap).tanh_().mul_(spec.softcap)
+    return u
+
+
+def transform_backward(g: torch.Tensor, z: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
+    """The chain rule of `transform`, in place on g [n, V] = ∂L/∂logits: ∂L/∂u, given the logits z it produced."""
+    if spec.softcap is not None:
+        g.mul_(1 - (z / spec.softcap).square_())  # d cap·tanh(x/cap)/dx = 1 − tanh²
+    if spec.scale != 1.0:
+        g.mul_(spec.scale)
+    return g
+
+
+def apply_head(hidden: torch.Tensor, head: Head, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense logits [..., V] = the model's forward from its final hidden states (reference / small inputs)."""
+    w = head.weight[: head.spec.vocab_size]
+    mm = dtype or torch.promote_types(hidden.dtype, w.dtype)
+    u = hidden.to(mm) @ w.to(mm).T  # [..., V]
+    if head.bias is not None:
+        u = u + head.bias[: head.spec.vocab_size].to(mm)
+    if head.spec.scale != 1.0:
+        u = u * head.spec.scale
+    if head.spec.softcap is not None:
+        u = torch.tanh(u / head.spec.softcap) * head.spec.softcap
+    return u
+
+
+def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The final hidden states [B, T, d] that the LM head reads (post final norm), without [B, T, V] logits.
+
+    Runs the model's own forward with ``output_hidden_states=True, logits_to_keep=1`` (logits of one position
+    only), so that DDP / FSDP wrappers see a normal forward; models without ``logits_to_keep`` fall back to the
+    base model. `verify_head` checks that these states reproduce the model's logits.
+    """
+    try:
+        out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False, **kwargs)
+    except TypeError:  # no logits_to_keep: the decoder alone
+        inner = getattr(model, "module", model)
+        out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return out.hidden_states[-1]
+
+
+@torch.no_grad()
+def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, vocab_size: int | None = None) -> float:
+    """Check that `final_hidden` + `apply_head` reproduce ``model(input_ids).logits[..., :V]``; returns max |diff|.
+
+    Catches transforms the `HeadSpec` rules do not know (TRL #6629: a fused path that skips Gemma-2 soft-capping).
+    Tolerance: 1e-3 (float32/64) or 3e-2 (bf16/fp16) times max(1, max |logit|). Run it once per model at start-up.
+    """
+    head = head or model_head(model, vocab_size)
+    was_training = model.training
+    model.eval()
+    try:
+        ref = model(input_ids=input_ids, use_cache=False).logits[..., : head.spec.vocab_size].double()
+        ours = apply_head(final_hidden(model, input_ids), head).double()
+    finally:
+        model.train(was_training)
+    err = float((ref - ours).abs().max()) if ref.numel() else 0.0
+    low = head.weight.dtype in (torch.bfloat16, torch.float16)
+    tol = (3e-2 if low else 1e-3) * max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
+    if not err <= tol:
+        raise TailkdError(
+            f"the fused loss layer does not reproduce {type(model).__name__}'s logits ({head.spec.describe()}; max "
+            f"|diff| {err:.3g} > {tol:.3g}): its forward transforms the logits in a way tailkd does not model; set "
+            "train.fused_loss=off"
+        )
+    return err
+

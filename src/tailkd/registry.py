@@ -1,0 +1,169 @@
+"""The registry of losses: one row per loss, read by every part of tailkd that needs to know about a loss.
+
+`LOSSES` = {name: `LossSpec`}: for each loss its per-token function (`tailkd.losses`), its closed-form row kernel
+(`tailkd.divergences`) if any, whether it needs labels / the teacher's top-K tail weight β(X) / can come from a
+top-K teacher cache, its FLOPs per vocabulary entry and the `LossConfig` knobs it reads. `bind` turns a
+`tailkd.config.LossConfig` into the `Divergence` that `tailkd.objective`, `tailkd.fused` and `tailkd.cache` call;
+`config`, `flops` and the CLI read the rows too. None of them branches on a loss name. Adding a loss = one
+function in `tailkd.losses` (optionally a kernel in `tailkd.divergences`), one row here, its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tailkd import divergences as dv
+from tailkd.losses import (
+    cache_divergence,
+    dkd,
+    drkl,
+    forward_kl,
+    jsd,
+    reverse_kl,
+    sequence_alpha_mean,
+    tad,
+    tail_weight,
+    tvd,
+)
+
+__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "divergence"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One row of `LOSSES`: everything the rest of tailkd needs to know about a loss.
+
+    ``per_token(d, student_logits, teacher_logits, labels, mask, segment_ids) -> [B, T]``: the divergence on full
+    logits [B, T, V] (the dense path), knobs from the bound `Divergence` ``d``; None for ``clm`` (no teacher).
+    ``kernel(cfg) -> RowKernel``: the closed-form row maths (`tailkd.divergences`), if any; the chunked layer uses
+    it, and differentiates ``per_token`` chunk by chunk otherwise. ``tail_weight``: the kernel's row weight is TAD's
+    β(X) = β/ᾱ(X) (the caller computes ᾱ from the teacher rows' α^T per sequence). ``sparse``: computable from a
+    top-K teacher cache (D_KL1, plus an unbiased tail estimate weighted by the row weight; 1 without
+    ``tail_weight``). ``flops_per_vocab``: loss-layer FLOPs per token per vocabulary entry, forward + backward
+    (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`). ``knobs``: the `LossConfig` fields read.
+    """
+
+    name: str
+    formula: str
+    source: str
+    per_token: Callable[..., torch.Tensor] | None
+    kernel: Callable[..., dv.RowKernel] | None = None
+    needs_labels: bool = False
+    tail_weight: bool = False
+    sparse: bool = False
+    flops_per_vocab: int = 0
+    knobs: tuple[str, ...] = ()
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.per_token is not None
+
+
+# Loss-layer FLOPs per token per vocabulary entry (all on [V] vectors, float32):
+#  clm  6: student log-softmax forward 4 (max, subtract, exp, sum) + backward softmax − onehot 2 (exp, subtract/scale)
+#  kd  15: teacher log-softmax 4 + student log-softmax 4 + p = exp 1 + (log p − log q) 1 + multiply 1 + sum 1
+#          + backward q − p 3 (exp, subtract, scale)
+#  rkl 15: the mirror image of kd
+#  jsd 26: both log-softmaxes 8 + m = βp + (1−β)q 3 + log m 1 + two KL(·‖m) 8 + backward 6
+#  dkd 20 / drkl 20: both log-softmaxes 8 + target/non-target renormalisation and two KLs 8 + backward 4
+#  tad 28: kd 15 + teacher top-K selection 1 + two tail log-sum-exps (mask 1 + max/sub/exp/sum 3 each) 8
+#          + backward tail correction (β(X) − 1)(q·α^T/α^S − p) 4; the K top-K terms are O(K), not O(V)
+#  tvd 16: both softmaxes 8 + difference, abs, sum 3 + backward sign, product, row sum, scale 5
+CLM_FLOPS_PER_VOCAB = 6
+
+
+def _tad_per_token(d, s, t, labels, mask, segment_ids):
+    c = d.cfg
+    return tad(s, t, mask, k=c.k, beta=c.beta, segment_ids=segment_ids if c.per_document else None,
+               temperature=c.temperature)
+
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
+    LossSpec("tad", "D_KL1 + β(X)·α^T·D_KL2, β(X) = β/ᾱ(X)", "TAD paper, Eq. 2-3", _tad_per_token,
+             kernel=lambda c: dv.tad_kernel(c.k), tail_weight=True, sparse=True, flops_per_vocab=28,
+             knobs=("k", "beta", "per_document", "temperature")),
+    LossSpec("kd", "KL(p‖q)", "Hinton et al. 2015",
+             lambda d, s, t, labels, mask, seg: forward_kl(s, t, temperature=d.cfg.temperature),
+             kernel=lambda c: dv.KL, sparse=True, flops_per_vocab=15, knobs=("temperature",)),
+    LossSpec("rkl", "KL(q‖p)", "MiniLLM-style reverse KL",
+             lambda d, s, t, labels, mask, seg: reverse_kl(s, t, temperature=d.cfg.temperature),
+             kernel=lambda c: dv.RKL, flops_per_vocab=15, knobs=("temperature",)),
+    LossSpec("jsd", "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", "generalized JSD (GKD)",
+             lambda d, s, t, labels, mask, seg: jsd(s, t, beta=d.cfg.jsd_beta, temperature=d.cfg.temperature),
+             kernel=lambda c: dv.jsd_kernel(c.jsd_beta), flops_per_vocab=26, knobs=("jsd_beta", "temperature")),
+    LossSpec("dkd", "α KL(b^p‖b^q) + β KL(p̂‖q̂), target = label", "Zhao et al. 2022",
+             lambda d, s, t, labels, mask, seg: dkd(s, t, labels, alpha=d.cfg.dkd_alpha, beta=d.cfg.dkd_beta,
+                                                    temperature=d.cfg.temperature),
+             needs_labels=True, flops_per_vocab=20, knobs=("dkd_alpha", "dkd_beta", "temperature")),
+    LossSpec("drkl", "KL(b^q‖b^p) + γ KL(q̂‖p̂), target = label or teacher argmax", "DRKL, arXiv 2604.00223",
+             lambda d, s, t, labels, mask, seg: drkl(s, t, labels, gamma=d.cfg.gamma, anchor=d.cfg.drkl_anchor,
+                                                     temperature=d.cfg.temperature),
+             needs_labels=True, flops_per_vocab=20, knobs=("gamma", "drkl_anchor", "temperature")),
+    LossSpec("tvd", "½ Σ|p − q|", "total variation distance",
+             lambda d, s, t, labels, mask, seg: tvd(s, t, temperature=d.cfg.temperature),
+             flops_per_vocab=16, knobs=("temperature",)),
+    LossSpec("clm", "no divergence: the student's next-token cross-entropy only", "baseline", None),
+)}
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A registry row bound to its knobs (a `tailkd.config.LossConfig`): what the dense path (`per_token`), the
+    chunked layer and the top-K cache call. ``kernel`` is the bound `divergences.RowKernel` or None."""
+
+    spec: LossSpec
+    cfg: object  # tailkd.config.LossConfig (not imported here: config stays free of torch)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def temperature(self) -> float:
+        return float(self.cfg.temperature)
+
+    @property
+    def kernel(self) -> dv.RowKernel | None:
+        return self.spec.kernel(self.cfg) if self.spec.kernel is not None else None
+
+    def per_token(self, student_logits, teacher_logits, labels, mask, segment_ids=None) -> torch.Tensor:
+        """[B, T] divergence on full logits [B, T, V], 0 at masked positions."""
+        div = self.spec.per_token(self, student_logits, teacher_logits, labels, mask, segment_ids)
+        return torch.where(mask, div, torch.zeros_like(div))
+
+    def row_weight(self, abar: torch.Tensor) -> torch.Tensor | None:
+        """The kernel's per-row weight from ᾱ of each row's sequence: β(X) for ``tail_weight`` losses, else None."""
+        return tail_weight(abar, float(self.cfg.beta)) if self.spec.tail_weight else None
+
+    def sparse_per_token(self, student_logits: torch.Tensor, teacher: dv.SparseTeacher, mask: torch.Tensor,
+                         segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] from dense student logits [B, T, V] (τ = 1) and a top-K cache's teacher ([B, T, ...] fields), 0 at
+        masked positions: D_KL1, plus w·(the tail estimate) where the cache holds tail samples, w = β(X) from the
+        cached α^T for ``tail_weight`` losses (per row, or per document with ``per_document``), else 1 — the kernel
+        of the chunked path (`divergences.SPARSE`)."""
+        if not self.spec.sparse:
+            raise ValueError(f"loss {self.name!r} cannot be computed from a top-K teacher cache")
+        alpha = teacher.log_tail_mass.detach().double().exp()  # [B, T]
+        w = torch.ones_like(alpha)
+        if self.spec.tail_weight:
+            seg = segment_ids if self.cfg.per_document else None
+            w = self.row_weight(sequence_alpha_mean(torch.where(mask, alpha, 0.0), mask, seg))
+        return cache_divergence(student_logits, teacher, mask, w)
+
+
+def bind(cfg) -> Divergence:
+    """The `Divergence` of a `tailkd.config.LossConfig` (``cfg.name`` must be a key of `LOSSES`)."""
+    if cfg.name not in LOSSES:
+        raise ValueError(f"loss {cfg.name!r} is not in the registry; choose one of {', '.join(LOSSES)}")
+    return Divergence(LOSSES[cfg.name], cfg)
+
+
+def divergence(name: str = "tad", **knobs) -> Divergence:
+    """The `Divergence` of loss ``name`` with `LossConfig` ``knobs`` (k, beta, temperature, ...), e.g. for the
+    chunked layer (`tailkd.fused.chunked_sums`) in one's own code."""
+    from tailkd.config import LossConfig
+
+    return bind(LossConfig(name=name, **knobs))
