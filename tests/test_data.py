@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tailkd import data
 from tailkd.errors import TailkdError
+from tailkd.evaluate import batched
 
 EOS = "<|endoftext|>"
 
@@ -401,7 +402,7 @@ def test_rows_are_the_stream_shifted_once(tmp_path_factory, tokens, seq_len):
         assert all(v.shape == (seq_len,) and v.dtype == torch.int64 for v in r.values())
         assert r["input_ids"].tolist() == tokens[i * seq_len:(i + 1) * seq_len]
         assert r["labels"].tolist() == tokens[i * seq_len + 1:(i + 1) * seq_len + 1]
-        assert r["position_ids"].tolist() == list(range(seq_len))
+        assert set(r) == {"input_ids", "labels", "segment_ids"}  # no position ids: the model numbers 0..T-1 itself
         if i + 1 < len(rows):
             assert r["labels"][-1] == rows[i + 1]["input_ids"][0]  # across the row boundary
         stream += r["input_ids"].tolist()
@@ -516,10 +517,10 @@ def test_batches_resume_exactly(tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_heldout_batches_in_order_with_a_last_small_batch(tmp_path):
+def test_heldout_rows_in_order_with_a_last_small_batch(tmp_path):
     path = token_file(tmp_path, list(range(1, 33)))
     rows = data.PackedRows(path, 3, eos_id=0)  # 10 rows
-    out = list(data.heldout_batches(rows, 4))
+    out = list(batched([rows[i] for i in range(len(rows))], 4))  # how `tailkd eval` batches held-out rows
     assert [b["input_ids"].shape[0] for b in out] == [4, 4, 2]
     assert torch.cat([b["input_ids"] for b in out]).flatten().tolist() == list(range(1, 31))
 

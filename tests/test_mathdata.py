@@ -10,9 +10,9 @@ import pytest
 from conftest import build_tiny_tokenizer
 
 from tailkd import mathdata
+from tailkd.answers import extract_answer, normalize_number
 from tailkd.data import iter_documents
 from tailkd.errors import TailkdError
-from tailkd.generation import extract_answer, normalize_number
 from tailkd.sft import prepare_sft
 
 pytest.importorskip("reasoning_gym", reason=f"needs {mathdata.RG_PIN}")

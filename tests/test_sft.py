@@ -11,12 +11,11 @@ from bounds import assert_within
 from conftest import build_tiny_tokenizer, make_tiny_lm
 from loss_bounds import lm_logits_err
 
-from tailkd.data import RowSampler, collate
+from tailkd.data import RowSampler, collate, collate_rows
 from tailkd.errors import TailkdError
 from tailkd.sft import (
     IGNORE_INDEX,
     SFTRows,
-    collate_sft,
     encode_example,
     encode_prompt,
     prepare_sft,
@@ -88,7 +87,7 @@ def test_plain_pair_masks_exactly(tok, tmp_path):
     assert want_lab[-1] == tok.eos_token_id and want_lab[-5] == byte_ids(tok, "A")[0]
     assert (row["labels"][n:] == IGNORE_INDEX).all() and (row["input_ids"][n:] == tok.pad_token_id).all()
     assert row["segment_ids"][:n].tolist() == [0] * n and (row["segment_ids"][n:] == 1).all()
-    assert row["position_ids"].tolist() == list(range(32))
+    assert set(row) == {"input_ids", "labels", "segment_ids"}  # no position ids: the model numbers 0..T-1 itself
     assert {k: (v.dtype, v.shape) for k, v in row.items()} == {k: (torch.int64, (32,)) for k in row}
 
 
@@ -162,7 +161,8 @@ def test_template_that_rewrites_history_is_refused(tmp_path):
     # renders every earlier assistant turn as "..." once a later turn exists: not append-only
     tmpl = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
             "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}"
-            "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+            "{{ '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     tok = chatml_tokenizer(tmpl)
     msgs = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
             {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]
@@ -244,21 +244,20 @@ def test_rows_work_with_the_trainer_collate_and_sampler(tok, tmp_path):
     assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 40) for k in batch}
 
 
-def test_collate_sft_trims_only_label_free_tail_and_changes_no_logit(tok, tmp_path):
+def test_right_padding_after_the_last_response_changes_no_logit(tok, tmp_path):
+    """Rows are right-padded to seq_len and batched as the trainer batches them (``collate_rows``); no attention
+    mask is passed, which is exact: with causal attention no real token attends to the padding after it."""
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:3])
     train, _, _ = prepare_sft([f], tok, seq_len=48, chat_template=None, heldout_fraction=0)
-    rows = [train[i] for i in range(3)]
-    full, trimmed = collate(rows), collate_sft(rows)
-    width = trimmed["labels"].shape[1]
-    longest = max(int((r["labels"] != IGNORE_INDEX).nonzero().max()) + 1 for r in rows)
-    assert width == longest < 48
-    assert (full["labels"][:, width:] == IGNORE_INDEX).all()
-    for k in full:
-        assert torch.equal(trimmed[k], full[k][:, :width])
+    full = collate_rows(train, [0, 1, 2])
+    assert full["row_index"].tolist() == [0, 1, 2]
+    width = max(int((train[i]["labels"] != IGNORE_INDEX).nonzero().max()) + 1 for i in range(3))
+    assert width < 48
+    assert (full["labels"][:, width:] == IGNORE_INDEX).all()  # every position after the last response: no label
     model = make_tiny_lm(vocab_size=len(tok), max_position_embeddings=64)
     with torch.no_grad():
         a = model(input_ids=full["input_ids"]).logits[:, :width]
-        b = model(input_ids=trimmed["input_ids"]).logits
+        b = model(input_ids=full["input_ids"][:, :width]).logits
     # equal in exact arithmetic (causal attention); two float32 forwards of other lengths, each within the
     # forward-error model of loss_bounds.lm_logits_err (taken at the longer length, the larger fan-in)
     dz = lm_logits_err(model, full["input_ids"], len(tok))[2][:, :width]
@@ -271,7 +270,8 @@ def test_truncation_and_drop_counts(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [long, prompt_too_long, EXAMPLES[0]])
     with pytest.warns(UserWarning, match="1 example.* truncated.*1 dropped with no response"):
         train, _, info = prepare_sft([f], tok, seq_len=16, chat_template=None, heldout_fraction=0)
-    assert (info["train"]["truncated"], info["train"]["dropped_no_response"], info["train"]["dropped_overlong"]) == (1, 1, 0)
+    counts = info["train"]
+    assert (counts["truncated"], counts["dropped_no_response"], counts["dropped_overlong"]) == (1, 1, 0)
     assert len(train) == 2
     row = train[0]  # the truncated one: all 16 positions used, labels on the kept response part only
     want_in, want_lab = expected_row(tok, [(byte_ids(tok, "Q?\n"), False), (byte_ids(tok, "z" * 14), True)])

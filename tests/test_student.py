@@ -55,7 +55,8 @@ def test_llama_per_head_truncation_index_by_index():
     # teacher: hidden 64, 4 heads of 16, 2 KV heads; student: hidden 32, 4 heads of 8, 2 KV heads.
     teacher = make_tiny_lm("llama")
     student, _ = build_student(teacher, hidden_size=32, intermediate_size=48, mlp_init="copy")
-    assert (student.config.head_dim, student.config.num_attention_heads, student.config.num_key_value_heads) == (8, 4, 2)
+    config = student.config
+    assert (config.head_dim, config.num_attention_heads, config.num_key_value_heads) == (8, 4, 2)
     t, s = _params(teacher)["model.layers.2.self_attn.q_proj.weight"], _params(student)
     # RoPE pairs (i, i+8) of a 16-row head; the student keeps teacher pairs 0, 2, 4, 6 as its pairs 0..3.
     rope_rows = [0, 2, 4, 6, 8, 10, 12, 14]
@@ -331,7 +332,8 @@ def test_unsupported_architecture():
 
     model = AutoModelForCausalLM.from_config(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                            intermediate_size=64, vocab_size=64))
-    with pytest.raises(TailkdError, match=r"GPTNeoXForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
+    with pytest.raises(TailkdError,
+                       match=r"GPTNeoXForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
         build_student(model)
 
 

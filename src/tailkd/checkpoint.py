@@ -29,7 +29,6 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -278,14 +277,6 @@ def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]
             return path, skipped
         skipped.append((path, problem))
     return None, skipped
-
-
-def latest_good_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; bad ones are named in a warning and skipped."""
-    path, skipped = find_checkpoint(run_dir)
-    for bad, problem in skipped:
-        warnings.warn(f"skipping checkpoint {bad}: {problem}", stacklevel=2)
-    return path
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:

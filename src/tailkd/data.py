@@ -16,7 +16,9 @@ A row with T = 5 (rows overlap by one token so that every position has a next-to
     input_ids    a  b  c  E  d                         tokens[0:5]
     labels       b  c  E  d  e                         tokens[1:6]   (-100 would mean "ignore")
     segment_ids  0  0  0  0  1                         +1 right AFTER each EOS: the EOS closes its document
-    position_ids 0  1  2  3  4                         plain positions (no per-document reset)
+
+No position ids: none are passed to the model, which numbers a row's positions 0..T-1 itself (no
+per-document reset).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ LINE_SUFFIXES = (".cor",)  # gensim-style corpora: one document per line ("auto"
 DEFAULT_SETTINGS = {"heldout_fraction": 0.05, "doc_sep": "auto", "min_heldout_docs": 1, "append_eos": True}
 TOKENIZE_BATCH_DOCS = 256  # documents per tokenizer call (the fast tokenizers parallelise within a call)
 TOKENIZE_BATCH_CHARS = 4_000_000  # ... or fewer, so that one call never holds more than ~4 MB of text
-
 
 
 # --------------------------------------------------------------------------- the built-in corpus
@@ -511,8 +512,8 @@ class PackedRows(Dataset):
     Row i reads tokens ``[i*T, i*T + T + 1)`` and returns int64 tensors of shape ``[T]``:
     ``input_ids = tokens[:-1]``, ``labels = tokens[1:]`` (shifted once, here; the trainer never
     shifts again; ``IGNORE_INDEX`` would mark a position without target, none in pretraining rows),
-    ``segment_ids`` (document index within the row, +1 right after each EOS) and ``position_ids``
-    (0..T-1). ``len()`` counts full rows; the last partial row is dropped.
+    ``segment_ids`` (document index within the row, +1 right after each EOS). ``len()`` counts full rows;
+    the last partial row is dropped.
 
     ``eos_id`` defaults to the one in the ``meta.json`` next to ``bin_path``; ``None`` there (a corpus
     prepared with ``append_eos=False``) makes every row one segment.
@@ -567,8 +568,7 @@ class PackedRows(Dataset):
         else:
             is_eos = (input_ids == self.eos_id).long()
             segment_ids = torch.cumsum(is_eos, 0) - is_eos  # EOS ends its document; the next token starts a new one
-        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids,
-                "position_ids": torch.arange(self.seq_len)}
+        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
 
 
 def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -644,14 +644,6 @@ def batches(rows: PackedRows, sampler: RowSampler, batch_size: int) -> Iterator[
         raise TailkdError(f"batch size must be at least 1, got {batch_size}")
     while True:
         yield collate_rows(rows, [next(sampler) for _ in range(batch_size)])
-
-
-def heldout_batches(rows: PackedRows, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """All rows in order, ``batch_size`` at a time; the last batch may be smaller."""
-    if batch_size < 1:
-        raise TailkdError(f"batch size must be at least 1, got {batch_size}")
-    for start in range(0, len(rows), batch_size):
-        yield collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
 
 
 def check_seq_len(seq_len: int, model_max: int | None) -> None:

@@ -7,7 +7,7 @@ The pieces, each a plain function:
   training: a string is tokenised as is (no special tokens added), a chat (a list of
   ``{"role", "content"}`` messages) goes through the chat template with the assistant header
   appended (``add_generation_prompt=True``). Decoding stops at EOS or the template's end-of-turn token.
-- ``extract_answer`` / ``normalize_number`` / ``exact_match``: GSM8K-style final answers.
+- answers are read and compared by ``tailkd.answers`` (``extract_answer``, ``exact_match``).
 - ``distinct_n`` / ``self_bleu`` (with our own ``sentence_bleu``): diversity of sampled outputs.
 - ``generation_eval``: exact match of the student and the teacher (greedy) on held-out prompts and,
   with ``samples > 0``, the accuracy and diversity of sampled outputs — the fidelity/diversity view
@@ -20,107 +20,15 @@ students with different tokenisers would be compared on the same units.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 
 import torch
 from tqdm.auto import tqdm
 
+from tailkd.answers import exact_match, extract_answer
 from tailkd.errors import TailkdError
 from tailkd.sft import Prompt, SFTRows, encode_prompt, sft_rows_to_prompts, stop_token_ids
-
-# --------------------------------------------------------------------------- answers
-
-# A number as written in text: optional sign, thousands separators ("1,234,567") or plain digits,
-# optional decimals; or a bare decimal (".5"). "1,2,3" is three numbers, not 123.
-_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
-# "#### N": the number right after the marker (a "$" and a sign may sit in between).
-_HASH_RE = re.compile(rf"####\s*(-?)\s*\$?\s*({_NUMBER})")
-# Tier-2 phrases: "\boxed{N}", "the (final) answer is N", "answer: N".
-_PHRASE_RE = re.compile(
-    rf"\\boxed\{{\s*\$?\s*({_NUMBER})\s*\}}|answer(?:\s+is)?\s*[:=]?\s*(-?)\s*\$?\s*({_NUMBER})",
-    re.IGNORECASE,
-)
-_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-"})  # unicode minus, en/em dash
-
-
-def normalize_number(text: str) -> str | None:
-    """A number's canonical string, or None if ``text`` is not a number.
-
-    Strips surrounding whitespace, ``$``, thousands commas, a leading ``+`` and a trailing period; then
-    writes the value in plain decimal without trailing zeros: ``"1,234.50" -> "1234.5"``,
-    ``"3.0" -> "3"``, ``"-0" -> "0"``, ``".5" -> "0.5"``, ``"$-7." -> "-7"``.
-    """
-    s = text.strip().translate(_MINUS_SIGNS).replace("$", "").replace(",", "").replace(" ", "")
-    s = s.removesuffix(".")
-    if not s or not re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", s):
-        return None
-    try:
-        value = Decimal(s)
-    except InvalidOperation:  # pragma: no cover - the regex admits only valid decimals
-        return None
-    if value == 0:
-        return "0"
-    out = format(value.normalize(), "f")  # normalize() drops trailing zeros; "f" avoids 1E+2
-    return out
-
-
-def extract_answer(text: str | None, *, strict: bool = False) -> str | None:
-    """The final numeric answer of a worked solution, normalised (``normalize_number``), or None.
-
-    In order of preference:
-
-    1. the number after the LAST ``####`` that is followed by one (GSM8K's convention);
-    2. else the last ``\\boxed{N}``, "the answer is N" or "answer: N" (case-insensitive);
-    3. else the last number anywhere in the text;
-    4. else None (no number at all).
-
-    ``strict=True`` stops after step 1 (lm-eval's "strict-match" for GSM8K; the default is its
-    "flexible-extract"). The fallbacks can credit a rambling output whose last number happens to be
-    right, so ``generation_eval`` reports both.
-
-    Commas, ``$``, a trailing period and ``+`` are dropped; ``-0`` is ``0`` and ``3.0`` is ``3``.
-    Fractions ("1/2") and words ("three") are not read as numbers (``1/2`` yields ``2``).
-    """
-    if not text:
-        return None
-    text = text.translate(_MINUS_SIGNS)
-    hashes = list(_HASH_RE.finditer(text))
-    if hashes:
-        sign, number = hashes[-1].groups()
-        return normalize_number(sign + number)
-    if strict:
-        return None
-    phrases = list(_PHRASE_RE.finditer(text))
-    if phrases:
-        boxed, sign, number = phrases[-1].groups()
-        return normalize_number(boxed if boxed is not None else sign + number)
-    numbers = _NUMBER_RE.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def answers_match(prediction: str | None, reference: str | None, *, strict: bool = False) -> bool:
-    """True iff both texts yield an answer and the two are the same number. ``strict`` applies to the
-    prediction only (``extract_answer(prediction, strict=strict)``); the reference may be a bare number."""
-    pred, ref = extract_answer(prediction, strict=strict), extract_answer(reference)
-    return pred is not None and ref is not None and Decimal(pred) == Decimal(ref)
-
-
-def exact_match(predictions: Sequence[str], references: Sequence[str], *, strict: bool = False) -> float:
-    """Fraction of pairs whose extracted answers are equal numbers (``answers_match``), in [0, 1].
-
-    A reference may be a full worked solution ("... #### 42") or the bare answer ("42"). A prediction
-    without any number (with ``strict``: without ``#### N``) counts as wrong.
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if not predictions:
-        raise ValueError("exact_match needs at least one prediction")
-    return sum(answers_match(p, r, strict=strict) for p, r in zip(predictions, references)) / len(predictions)
-
 
 # --------------------------------------------------------------------------- diversity
 

@@ -19,8 +19,8 @@ from ``Random(s + i)``, so nearby seeds share items, and small templates repeat 
 seed (about 7 in 2000). So the held-out problems are drawn first (``heldout_seed``, duplicates skipped),
 then training problems (``train_seed``) skipping any question already taken; the two files share no
 question, which is checked before writing. Every item is checked: its solution ends with ``#### N`` and
-``extract_answer(solution)`` equals the item's answer (items that fail are skipped and counted; none did
-on 6000 items of reasoning-gym 0.1.25).
+``tailkd.answers.extract_answer(solution)`` equals the item's answer (items that fail are skipped and
+counted; none did on 6000 items of reasoning-gym 0.1.25).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from tailkd.answers import extract_answer, normalize_number
 from tailkd.errors import TailkdError
 
 RG_PACKAGE = "reasoning-gym"
@@ -70,8 +71,6 @@ def make_prompt(question: str) -> str:
 
 
 def _valid(item: dict) -> bool:
-    from tailkd.generation import extract_answer, normalize_number
-
     cot = item.get("metadata", {}).get("answer_cot")
     if not isinstance(cot, str) or not isinstance(item.get("question"), str) or "####" in item["question"]:
         return False
@@ -81,7 +80,8 @@ def _valid(item: dict) -> bool:
     return want is not None and extract_answer(cot) == want
 
 
-def draw_problems(n: int, *, seed: int, exclude: set[str] = frozenset(), max_tries: int | None = None) -> tuple[list[dict], dict]:
+def draw_problems(n: int, *, seed: int, exclude: set[str] = frozenset(),
+                  max_tries: int | None = None) -> tuple[list[dict], dict]:
     """``n`` distinct, valid gsm_symbolic items of ``seed`` (in index order) whose question is not in
     ``exclude``. Returns (items as {"question", "answer", "solution"}, counts of skipped items)."""
     rg = _reasoning_gym()

@@ -2,8 +2,8 @@
 
 Input: JSON lines, each either ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``
 (other keys are ignored). Output: the trainer's row contract (``tailkd.data``): int64 ``[T]`` tensors
-``input_ids``, ``labels`` (shifted once, here; -100 = ignore), ``segment_ids`` (example index within the
-row), ``position_ids`` (0..T-1, the positions the model uses as no position ids are passed to it).
+``input_ids``, ``labels`` (shifted once, here; -100 = ignore) and ``segment_ids`` (example index within
+the row). No position ids: none are passed to the model, which numbers a row's positions 0..T-1 itself.
 
 Rendering (``chat_template``):
 
@@ -236,7 +236,8 @@ def _special_ids(tokenizer) -> set[int]:
     return {int(i) for i in tokenizer.all_special_ids}
 
 
-def _chat_spans(tokenizer, messages: Sequence[dict], template: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _chat_spans(tokenizer, messages: Sequence[dict], template: str,
+                where: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of the rendered conversation and the [start, end) span of each assistant turn's labels."""
     specials = [t for t in tokenizer.all_special_tokens if t]
     for m in messages:
@@ -368,28 +369,13 @@ class SFTRows(Dataset):
             segment_ids[at:at + n] = seg
             at += n
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "segment_ids": torch.from_numpy(segment_ids), "position_ids": torch.arange(T)}
+                "segment_ids": torch.from_numpy(segment_ids)}
 
     def stats(self) -> dict:
         tokens = sum(len(x) for x in self.inputs)
         labelled = sum(int((y != IGNORE_INDEX).sum()) for y in self.targets)
         return {"examples": len(self.examples), "rows": len(self.rows), "tokens": tokens,
                 "response_tokens": labelled, "fill": tokens / max(1, len(self.rows) * self.seq_len)}
-
-
-def collate_sft(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``tailkd.data.collate``, then the trailing columns in which NO row has a label are cut off.
-
-    Exact, not an approximation: with causal attention no position attends to later ones, so dropping
-    trailing positions changes no logit of the kept ones, and dropped positions carry no label. Saves
-    the compute of padding on batches of short examples. At least one column is kept.
-    """
-    from tailkd.data import collate
-
-    batch = collate(rows)
-    has_label = (batch["labels"] != IGNORE_INDEX).any(0)  # (T,)
-    width = int(has_label.nonzero().max()) + 1 if bool(has_label.any()) else 1
-    return {k: v[:, :width] for k, v in batch.items()}
 
 
 def sft_rows_to_prompts(rows: SFTRows) -> tuple[list[Prompt], list[str]]:
@@ -495,9 +481,9 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
         counts[name] = c
     cut = {k: counts["train"][k] + counts["heldout"][k] for k in counts["train"]}
     if cut["truncated"] or cut["dropped_overlong"] or cut["dropped_no_response"]:
-        warnings.warn(f"SFT data: {cut['truncated']} example(s) truncated to --seq-len {seq_len} (end of the response "
-                      f"lost), {cut['dropped_overlong']} dropped as too long, {cut['dropped_no_response']} dropped with "
-                      "no response token left; raise --seq-len to keep them whole", stacklevel=2)
+        warnings.warn(f"SFT data: {cut['truncated']} example(s) truncated to --seq-len {seq_len} (end of the "
+                      f"response lost), {cut['dropped_overlong']} dropped as too long, {cut['dropped_no_response']} "
+                      "dropped with no response token left; raise --seq-len to keep them whole", stacklevel=2)
     info = {"mode": mode, "seq_len": seq_len, "rendering": "chat" if template else "plain",
             "chat_template": template, "overlong": overlong, "seed": seed,
             "heldout_source": "files" if heldout_paths else f"fraction {heldout_fraction}",

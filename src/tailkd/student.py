@@ -112,7 +112,8 @@ def student_dims(t: Dims, family: str, n_layers: int, hidden_size=None, num_head
     for name, value, limit in (("hidden_size", hidden, t.hidden), ("num_heads", heads, t.heads),
                                ("intermediate_size", inter, t.intermediate)):
         if not 1 <= value <= limit:
-            raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, pick 1..{limit}")
+            raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, "
+                              f"pick 1..{limit}")
     if family == "gpt2":
         if num_kv_heads is not None and int(num_kv_heads) != heads:
             raise TailkdError(f"GPT-2 has no grouped KV heads: drop num_kv_heads (or set it to num_heads={heads})")
@@ -222,7 +223,8 @@ def _llama_rule(name: str, t: Dims, s: Dims, mlp_init: str):
     in_index = {"self_attn.o_proj": _rows(q_heads, t.head_dim, first_rows), "mlp.down_proj": s.intermediate}
     module, _, kind = rest.rpartition(".")
     if module in ("input_layernorm", "post_attention_layernorm") and kind == "weight":
-        slicer = lambda w: _take(w, d)
+        def slicer(w: torch.Tensor) -> torch.Tensor:  # a norm weight [d_t] -> its first d entries
+            return _take(w, d)
     elif module in out_index and kind in ("weight", "bias"):
         if module.startswith("mlp.") and mlp_init == "random":
             return None, None
@@ -255,7 +257,8 @@ def _gpt2_rule(name: str, t: Dims, s: Dims, mlp_init: str):
     }
     module, _, kind = rest.rpartition(".")
     if module in ("ln_1", "ln_2") and kind in ("weight", "bias"):
-        slicer = lambda w: _take(w, d)
+        def slicer(w: torch.Tensor) -> torch.Tensor:  # a LayerNorm weight or bias [d_t] -> its first d entries
+            return _take(w, d)
     elif module in index and kind in ("weight", "bias"):
         if module.startswith("mlp.") and mlp_init == "random":
             return None, None
