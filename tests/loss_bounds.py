@@ -19,6 +19,8 @@ The building blocks:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from bounds import F32_SUBNORMAL, SAFETY, U32, logit_scale, lse_kappa, n_eff
 
@@ -158,6 +160,135 @@ def tvd(s, t, temperature=1.0, dz_s=None, dz_t=None):
     h = 0.5 * torch.sign(Q.w - P.w)
     dh = torch.where(diff <= e_diff, 1.0, 0.0) + U * h.abs()
     return SAFETY * value, SAFETY * _softmax_back(h, dh, Q.w, Q.rel, Q.V)
+
+
+def first_order(loss64, terms64, s, t, temperature=1.0, n_ops=8, dz_s=None, dz_t=None):
+    """A generic first-order bound for a per-token loss computed by plain autograd from the float32 log-softmaxes of
+    both sides (the DRKL-paper baselines of `tailkd.baselines`). ``loss64(lp, lq)``: the loss of one row as a float64
+    function of the teacher's and the student's log-probabilities [V]; ``terms64(lp, lq)`` [V]: the entries its
+    V-term sum adds up.
+    - value: Σ_k |∂D/∂lp_k| err_p,k + |∂D/∂lq_k| err_q,k (the log-softmax errors of `_Dist`), plus u·(n_ops + n_eff(V))
+      Σ_k |term_k| for the elementwise operations (at most n_ops roundings per entry) and the sum;
+    - gradient wrt the scaled student logits, g = h − q Σ h with h = ∂D/∂lq (log_softmax's backward): h's error is
+      the first-order change |∂h/∂lp| err_p + |∂h/∂lq| err_q (Jacobians in float64) plus u·n_ops·|h|, then
+      `_softmax_back`. Second-order terms and 1-ulp transcendental kernels: SAFETY."""
+    from torch.func import grad, jacrev
+
+    Q, P = _Dist(s, temperature, dz_s), _Dist(t, temperature, dz_t)
+    V = Q.V
+    lp, lq = P.l.reshape(-1, V), Q.l.reshape(-1, V)
+    ep, eq = P.err.reshape(-1, V), Q.err.reshape(-1, V)
+    d_value = grad(loss64, argnums=(0, 1))
+    jac_h = jacrev(grad(loss64, argnums=1), argnums=(0, 1))
+    values, hs, dhs = [], [], []
+    for a, b, ea, eb in zip(lp, lq, ep, eq):
+        da, db = d_value(a, b)
+        ja, jb = jac_h(a, b)  # [V, V]: ∂h_j/∂lp_k, ∂h_j/∂lq_k
+        values.append((da.abs() * ea + db.abs() * eb).sum() + U * (n_ops + n_eff(V)) * terms64(a, b).abs().sum())
+        hs.append(db)
+        dhs.append(ja.abs() @ ea + jb.abs() @ eb + U * n_ops * db.abs())
+    lead = Q.l.shape[:-1]
+    h, dh = torch.stack(hs).view(*lead, V), torch.stack(dhs).view(*lead, V)
+    return SAFETY * torch.stack(values).view(lead), SAFETY * _softmax_back(h, dh, Q.w, Q.rel, V)
+
+
+def _kl64(a, b):
+    """Σ exp(a)(a − b): KL between two float64 log-probability rows (0·log 0 = 0)."""
+    return torch.where(a > NEG_INF, a.exp() * (a - b), 0.0)
+
+
+def symmetric_kl(s, t, temperature=1.0):
+    """FKL + RKL: the sum of the two closed-form bounds, plus the rounding of the sum."""
+    vf, gf = forward_kl(s, t, temperature)
+    vr, gr = reverse_kl(s, t, temperature)
+    Q, P = _Dist(s, temperature), _Dist(t, temperature)
+    total = _kl_val(P.w, P.l, Q.l) + _kl_val(Q.w, Q.l, P.l)
+    grad = (Q.w - P.w) + Q.w * (Q.l - P.l - _kl_val(Q.w, Q.l, P.l)[..., None])
+    return vf + vr + SAFETY * U * total.abs(), gf + gr + SAFETY * U * grad.abs()
+
+
+def skew_kl(s, t, alpha, temperature=1.0, reverse=False):
+    """KL(w ‖ αw + (1 − α)v) with (w, v) = (p, q), or (q, p) for the reverse form; `first_order` with the mixture
+    computed by logaddexp (3 roundings in log m, 2 in each term)."""
+    la, lb = math.log(alpha) if alpha > 0 else NEG_INF, math.log1p(-alpha)
+
+    def loss64(lp, lq):
+        return terms(lp, lq).sum()
+
+    def terms(lp, lq):
+        w, v = (lq, lp) if reverse else (lp, lq)
+        return _kl64(w, torch.logaddexp(w + la, v + lb))
+
+    return first_order(loss64, terms, s, t, temperature, n_ops=8)
+
+
+def akl(s, t, mu, temperature=1.0):
+    """w_head·FKL + w_tail·RKL. `first_order` with the weights held at their exact values, plus what the float32
+    weights can be off: each |p_i − q_i| within p rel_p + q rel_q + u|p − q|, the cumulative teacher sum near μ
+    (within V·u + the p errors) possibly moving a token between head and tail (its |p_i − q_i| then counts on the
+    other side); the weights' error times |FKL|, |RKL| and their gradients."""
+    Q, P = _Dist(s, temperature), _Dist(t, temperature)
+    p_sorted, order = P.w.sort(dim=-1, descending=True)
+    q_sorted = Q.w.gather(-1, order)
+    gap = (p_sorted - q_sorted).abs()
+    e_gap = p_sorted * P.rel.gather(-1, order) + q_sorted * Q.rel.gather(-1, order) + U * gap
+    cum = p_sorted.cumsum(-1)
+    e_cum = (p_sorted * P.rel.gather(-1, order)).cumsum(-1) + U * n_eff(Q.V) * cum
+    tail = cum > mu
+    tail[..., 0] = False
+    unsure = ((cum - mu).abs() <= e_cum) & (torch.arange(Q.V) > 0)
+    g_tail, g_head = torch.where(tail, gap, 0.0).sum(-1), torch.where(tail, 0.0, gap).sum(-1)
+    dg = e_gap.sum(-1) + torch.where(unsure, gap + e_gap, 0.0).sum(-1) + U * n_eff(Q.V) * gap.sum(-1)
+    total = g_head + g_tail
+    safe = torch.where(total > 0, total, 1.0)
+    w_head, w_tail = g_head / safe, g_tail / safe
+    dw = torch.where(total > 0, dg * (1 + w_head + w_tail) / safe + 4 * U, 0.0)  # d(g_part/total), both weights
+
+    def loss64(lp, lq, wh, wt):
+        return (wh * _kl64(lp, lq) + wt * _kl64(lq, lp)).sum()
+
+    fo_v, fo_g = [], []
+    flat = lambda x: x.reshape(-1)  # noqa: E731
+    for i, (sr, tr) in enumerate(zip(s.reshape(-1, Q.V), t.reshape(-1, Q.V))):
+        wh, wt = float(flat(w_head)[i]), float(flat(w_tail)[i])
+        v, g = first_order(lambda a, b, wh=wh, wt=wt: loss64(a, b, wh, wt),
+                           lambda a, b, wh=wh, wt=wt: wh * _kl64(a, b) + wt * _kl64(b, a), sr[None], tr[None],
+                           temperature, n_ops=8)
+        fo_v.append(v[0])
+        fo_g.append(g[0])
+    lead = Q.l.shape[:-1]
+    fkl, rkl = _kl_val(P.w, P.l, Q.l), _kl_val(Q.w, Q.l, P.l)
+    g_fkl, g_rkl = Q.w - P.w, Q.w * (Q.l - P.l - rkl[..., None])
+    value = torch.stack(fo_v).view(lead) + SAFETY * dw * (fkl.abs() + rkl.abs())
+    grad = torch.stack(fo_g).view(*lead, Q.V) + SAFETY * dw[..., None] * (g_fkl.abs() + g_rkl.abs())
+    return value, grad
+
+
+def ab_divergence(s, t, alpha, beta, temperature=1.0):
+    """The α-β divergence by `first_order` (powers from scaled log-probabilities: 3 roundings each, then the products,
+    the weighted difference and the 1/(αβ) scaling). The general form sums terms of size ~1 whose total is ~αβ·D:
+    the accumulation bound is relative to Σ|terms|/(αβ), so it grows as αβ shrinks, which is the real cancellation."""
+    ab = alpha + beta
+
+    def terms(lp, lq):
+        if alpha == 0 and beta == 0:
+            return 0.5 * (lp - lq) ** 2
+        if beta == 0:
+            pa = (alpha * lp).exp()
+            return (pa * alpha * (lp - lq) - pa + (alpha * lq).exp()) / alpha**2
+        if alpha == 0:
+            qb = (beta * lq).exp()
+            return (qb * beta * (lq - lp) - qb + (beta * lp).exp()) / beta**2
+        return -((alpha * lp + beta * lq).exp() - alpha / ab * (ab * lp).exp() - beta / ab * (ab * lq).exp()) / (
+            alpha * beta)
+
+    def abs_terms(lp, lq):  # the sizes that are summed (before the cancellation)
+        if alpha == 0 or beta == 0:
+            return terms(lp, lq).abs() + (lp.exp() + lq.exp()) / max(alpha, beta) ** 2
+        return ((alpha * lp + beta * lq).exp() + alpha / ab * (ab * lp).exp() + beta / ab * (ab * lq).exp()) / (
+            alpha * beta)
+
+    return first_order(lambda a, b: terms(a, b).sum(), abs_terms, s, t, temperature, n_ops=10)
 
 
 def _seq_mean(x, mask, segment_ids):
@@ -448,14 +579,14 @@ def head_logits(h, weight, bias, spec):
 
 
 def head_objective(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, segment_ids=None, *, n=None, sparse=None):
-    """Bounds on ONE float32 evaluation (dense `objective(apply_head(...))` or `objective.chunked_objective`) of the loss,
-    clm and div terms and of the gradients wrt h_s, W_s and b_s: the logits' bound (`head_logits`) enters the per-token
-    bounds as dz; CE = −log q_y (log_softmax entry), divergence per `cfg.name`; the sums over the n valid tokens
-    (u·n_eff(n)·Σ|terms|); the per-logit gradient G = ∂loss/∂z (exact, float64 autograd) times the transform's
-    derivative scale·(1 − tanh²) (recomputed from the rounded z); then the backward matmuls G W (V terms) and Gᵀh,
-    Σ G (over the tokens). ``sparse``: a `SparseTeacher` (teacher cache) instead of h_t/head_t (`cache_tad`).
-    ``n``: the objective's denominator (default: the number of valid tokens).
-    Returns SAFETY × {loss, clm, div, h [B, T, d], w [rows, d], b [rows]}."""
+    """Bounds on ONE float32 evaluation (dense `objective(apply_head(...))` or `objective.chunked_objective`) of the
+    loss, clm and div terms and of the gradients wrt h_s, W_s and b_s: the logits' bound (`head_logits`) enters the
+    per-token bounds as dz; CE = −log q_y (log_softmax entry), divergence per `cfg.name`; the sums over the n valid
+    tokens (u·n_eff(n)·Σ|terms|); the per-logit gradient G = ∂loss/∂z (exact, float64 autograd) times the
+    transform's derivative scale·(1 − tanh²) (recomputed from the rounded z); then the backward matmuls G W (V
+    terms) and Gᵀh, Σ G (over the tokens). ``sparse``: a `SparseTeacher` (teacher cache) instead of h_t/head_t
+    (`cache_tad`). ``n``: the objective's denominator (default: the number of valid tokens). Returns SAFETY × {loss,
+    clm, div, h [B, T, d], w [rows, d], b [rows]}."""
     import torch.nn.functional as F
     from bounds import gamma
 
@@ -545,11 +676,11 @@ def _sparse64(sp):
 
 
 def cache_tad(s, sparse, mask, *, loss="tad", beta=2.0, segment_ids=None, dz_s=None):
-    """`Divergence.sparse_per_token` (and the chunked path's `divergences.SPARSE`) from a top-K cache with tail support points, its float32
-    inputs exact: D_KL1 = `topk_bucket_kl` with the cached α^T (its bound), plus w_X·(Σ_j w_j(log p_j − log q_j) −
-    bucket), log q_j = s_j − lse(s) (κ + u|lse| + u|log q_j|), log α^S = lse(tail) − lse (two u·M terms), w_X = β/ᾱ
-    (T-term mean, division: (T + 2)u) or 1. Gradient: D_KL1's plus w_X(q_i Σw + Σ_{j: id_j = i} w_j + α q̃_i + α q_i)
-    with the lse backward's relative error."""
+    """`Divergence.sparse_per_token` (and the chunked path's `divergences.SPARSE`) from a top-K cache with tail support
+    points, its float32 inputs exact: D_KL1 = `topk_bucket_kl` with the cached α^T (its bound), plus w_X·(Σ_j
+    w_j(log p_j − log q_j) − bucket), log q_j = s_j − lse(s) (κ + u|lse| + u|log q_j|), log α^S = lse(tail) − lse
+    (two u·M terms), w_X = β/ᾱ (T-term mean, division: (T + 2)u) or 1. Gradient: D_KL1's plus w_X(q_i Σw + Σ_{j:
+    id_j = i} w_j + α q̃_i + α q_i) with the lse backward's relative error."""
     Q = _Dist(s, 1.0, dz_s)
     ids = sparse.topk_ids.long()
     alpha = sparse.log_tail_mass.double().exp()

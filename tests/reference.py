@@ -101,6 +101,82 @@ def tvd(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     return torch.stack(out).reshape(s.shape[:-1])
 
 
+def symmetric_kl(s, t, temperature=1.0):
+    return forward_kl(s, t, temperature) + reverse_kl(s, t, temperature)
+
+
+def _skew(w_row_logits, v_row_logits, alpha, temperature):
+    """KL(w ‖ α w + (1 − α) v) of one row, by explicit per-index terms."""
+    logw, logv = log_probs(w_row_logits / temperature), log_probs(v_row_logits / temperature)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(logw.shape[0]):
+        w_i = torch.exp(logw[i])
+        if w_i.item() > 0:
+            m_i = alpha * w_i + (1 - alpha) * torch.exp(logv[i])
+            total = total + w_i * (logw[i] - torch.log(m_i))
+    return total
+
+
+def skew_forward_kl(s, t, alpha, temperature=1.0):
+    """KL(p ‖ αp + (1−α)q)."""
+    out = [_skew(tr, sr, alpha, temperature) for sr, tr in zip(rows(s), rows(t))]
+    return torch.stack(out).reshape(s.shape[:-1])
+
+
+def skew_reverse_kl(s, t, alpha, temperature=1.0):
+    """KL(q ‖ αq + (1−α)p)."""
+    out = [_skew(sr, tr, alpha, temperature) for sr, tr in zip(rows(s), rows(t))]
+    return torch.stack(out).reshape(s.shape[:-1])
+
+
+def akl(s, t, mu, temperature=1.0):
+    """AKL: the teacher's ids sorted by probability (ties by the smaller id); head = the first, and every id whose
+    cumulative teacher probability is <= μ; g = Σ|p − q| per part with the student's probabilities as constants;
+    g_head/(g_head + g_tail) · KL(p‖q) + g_tail/(g_head + g_tail) · KL(q‖p)."""
+    out = []
+    for sr, tr in zip(rows(s), rows(t)):
+        logp, logq = log_probs(tr / temperature), log_probs(sr / temperature)
+        p = [math.exp(v) for v in logp.tolist()]
+        q = [math.exp(v) for v in logq.detach().tolist()]
+        order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+        g_head = g_tail = 0.0
+        cum = 0.0
+        for rank, i in enumerate(order):
+            cum += p[i]
+            if rank == 0 or cum <= mu:
+                g_head += abs(p[i] - q[i])
+            else:
+                g_tail += abs(p[i] - q[i])
+        total = g_head + g_tail
+        w_head, w_tail = (g_head / total, g_tail / total) if total > 0 else (0.0, 0.0)
+        out.append(w_head * kl_from_logs(logp, logq) + w_tail * kl_from_logs(logq, logp))
+    return torch.stack(out).reshape(s.shape[:-1])
+
+
+def ab_divergence(s, t, alpha, beta, temperature=1.0):
+    """The α-β divergence of p from q (Cichocki et al. 2011) and its limits, by explicit per-index terms."""
+    out = []
+    for sr, tr in zip(rows(s), rows(t)):
+        logp, logq = log_probs(tr / temperature), log_probs(sr / temperature)
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(logp.shape[0]):
+            lp, lq = logp[i], logq[i]
+            if alpha == 0 and beta == 0:
+                total = total + 0.5 * (lp - lq) ** 2
+            elif beta == 0:
+                pa, qa = torch.exp(alpha * lp), torch.exp(alpha * lq)
+                total = total + (pa * (alpha * lp - alpha * lq) - pa + qa) / alpha**2
+            elif alpha == 0:
+                pb, qb = torch.exp(beta * lp), torch.exp(beta * lq)
+                total = total + (qb * (beta * lq - beta * lp) - qb + pb) / beta**2
+            else:
+                ab = alpha + beta
+                total = total - (torch.exp(alpha * lp + beta * lq) - alpha / ab * torch.exp(ab * lp)
+                                 - beta / ab * torch.exp(ab * lq)) / (alpha * beta)
+        out.append(total)
+    return torch.stack(out).reshape(s.shape[:-1])
+
+
 # --------------------------------------------------------------------------- TAD
 
 

@@ -172,10 +172,13 @@ def test_weighted_terms_and_their_gradients_match_dense(name, extra):
 
 @pytest.mark.parametrize("name,extra", [("dkd", {}), ("dkd", {"temperature": 2.0, "dkd_beta": 3.0}), ("drkl", {}),
                                         ("drkl", {"drkl_anchor": "teacher_argmax", "gamma": 0.2}), ("tvd", {}),
-                                        ("tvd", {"temperature": 0.7})])
+                                        ("tvd", {"temperature": 0.7}), ("sym_kl", {}),
+                                        ("skew_kl", {"skew_alpha": 0.2}), ("skew_rkl", {"temperature": 1.5}),
+                                        ("akl", {"akl_mu": 0.7}), ("alpha_beta", {"ab_alpha": 0.8, "ab_beta": 0.3})])
 def test_losses_without_a_row_kernel_are_chunked_by_autograd(name, extra):
-    """DKD, DRKL and TVD have no closed-form kernel: the chunked layer differentiates their per-token function chunk
-    by chunk, and gives the dense objective's values and gradients (float64), whatever the chunking."""
+    """Losses without a closed-form kernel (DKD, DRKL, TVD, the DRKL paper's baselines): the chunked layer
+    differentiates their per-token function chunk by chunk, and gives the dense objective's values and gradients
+    (float64), whatever the chunking."""
     inputs = _inputs(torch.float64)
     cfg = LossConfig(name=name, **extra)
     ref, *ref_grads = _dense(cfg, *inputs)
@@ -299,7 +302,8 @@ def test_fused_objective_on_gemma2_equals_objective_on_model_logits():
     with torch.no_grad():
         h_s = head_mod.final_hidden(student, ids)
     head_s = head_mod.model_head(student)
-    bound = LB.head_objective(cfg, h_s, head_s.weight, head_s.bias, head_s.spec, h_t, head_mod.model_head(teacher), labels)
+    bound = LB.head_objective(cfg, h_s, head_s.weight, head_s.bias, head_s.spec, h_t, head_mod.model_head(teacher),
+                              labels)
     B.assert_within(got.loss, ref.loss, 2 * bound["loss"], msg="loss")
     B.assert_within(student.get_output_embeddings().weight.grad, ref_grad, 2 * bound["w"], msg="grad W")
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tailkd import losses
+from tailkd import baselines, losses
 from tailkd.config import LossConfig
 from tailkd.objective import IGNORE_INDEX, count_valid_tokens, objective
 from tailkd.registry import LOSSES
 
-LOSS_NAMES = ["tad", "kd", "rkl", "jsd", "dkd", "drkl", "clm"]
+LOSS_NAMES = list(LOSSES)  # every row of the registry
 
 
 def _batch(B=4, T=7, V=50, seed=0, masked_frac=0.3):
@@ -110,7 +110,8 @@ def test_every_knob_of_the_registry_row_reaches_the_loss(name):
     mask = labels != IGNORE_INDEX
     n = count_valid_tokens(labels)
     odd = {"temperature": 1.7, "k": 3, "beta": 0.5, "per_document": True, "jsd_beta": 0.2, "dkd_alpha": 0.3,
-           "dkd_beta": 2.0, "gamma": 0.9, "drkl_anchor": "teacher_argmax"}
+           "dkd_beta": 2.0, "gamma": 0.9, "drkl_anchor": "teacher_argmax", "skew_alpha": 0.3, "akl_mu": 0.8,
+           "ab_alpha": 0.9, "ab_beta": 0.2}
     base = objective(s, labels, n, cfg=LossConfig(name=name), teacher_logits=t).div
     for knob in LOSSES[name].knobs:
         cfg = LossConfig(name=name, **{knob: odd[knob]})
@@ -127,6 +128,14 @@ def test_every_knob_of_the_registry_row_reaches_the_loss(name):
                                             temperature=c["temperature"]),
                   "drkl": lambda: losses.drkl(s, t, labels, gamma=c["gamma"], anchor=c["drkl_anchor"],
                                               temperature=c["temperature"]),
-                  "tvd": lambda: losses.tvd(s, t, temperature=c["temperature"])}[name]()
+                  "tvd": lambda: baselines.tvd(s, t, temperature=c["temperature"]),
+                  "sym_kl": lambda: baselines.symmetric_kl(s, t, temperature=c["temperature"]),
+                  "skew_kl": lambda: baselines.skew_forward_kl(s, t, alpha=c["skew_alpha"],
+                                                               temperature=c["temperature"]),
+                  "skew_rkl": lambda: baselines.skew_reverse_kl(s, t, alpha=c["skew_alpha"],
+                                                                temperature=c["temperature"]),
+                  "akl": lambda: baselines.akl(s, t, mu=c["akl_mu"], temperature=c["temperature"]),
+                  "alpha_beta": lambda: baselines.ab_divergence(s, t, alpha=c["ab_alpha"], beta=c["ab_beta"],
+                                                                temperature=c["temperature"])}[name]()
         want = torch.where(mask, direct, 0.0).sum() / n
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -4,6 +4,12 @@ A distillation run is described by one `DistillConfig` with five sections. YAML 
 key for key (``loss: {name: tad, k: 10}``); every leaf is also a flag ``--section.field`` (e.g.
 ``--loss.k 20``), and the most used ones have short aliases (``--loss tad``, ``--k 20``,
 ``--teacher DIR``). Unknown keys and values of the wrong type are errors that name the key.
+
+The other subcommands (eval, analyze-teacher, cache-teacher, lm-eval, compare, flops) have configs of the same
+kind in `tailkd.command_config`, built from these sections where the meaning is the same; the machinery below
+(``add_config_flags``, ``config_from_args``, ``from_dict``, ``check_leaves``) serves them all. A config class may
+declare ``ALIASES`` (its short flags), ``OMIT`` (leaves of a reused section it does not read: no flag, and an
+unknown key in YAML) and a ``run_defaults(given)`` class method (settings of the run that made a saved model).
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ FLOAT_RANGES = {
     "loss.jsd_beta": Range(0.0, 1.0),
     "loss.dkd_alpha": _NONNEGATIVE,
     "loss.dkd_beta": _NONNEGATIVE,
+    "loss.skew_alpha": Range(0.0, 1.0, high_open=True),
+    "loss.akl_mu": Range(0.0, 1.0, high_open=True),
+    "loss.ab_alpha": _NONNEGATIVE,
+    "loss.ab_beta": _NONNEGATIVE,
     "loss.clm_weight": _NONNEGATIVE,
     "loss.div_weight": _NONNEGATIVE,
     "loss.cosine_weight": _NONNEGATIVE,
@@ -76,12 +86,21 @@ FLOAT_RANGES = {
     "train.adam_betas": Range(0.0, 1.0, high_open=True),
     "train.min_lr_ratio": Range(0.0, 1.0),
     "train.grad_clip": Range(0.0, note="0 disables clipping"),
+    # the subcommands' own sections (tailkd.command_config)
+    "generate.temperature": Range(0.0, low_open=True),
+    "generate.top_p": Range(0.0, 1.0, low_open=True),
+    "lm_eval.limit": Range(0.0, low_open=True, note="below 1: a fraction of each task"),
+    "flops.teacher_params": Range(0.0, low_open=True),
+    "flops.student_params": Range(0.0, low_open=True),
+    "flops.tokens": Range(0.0, low_open=True),
+    "flops.delta": Range(0.0, 1.0, low_open=True, note="MiniPLM uses 0.5"),
+    "flops.reference_params": Range(0.0, low_open=True),
 }
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
     """A dataclass field whose help text becomes the flag's ``--help`` line; ``choices=`` (a tuple) are the only
-    values `DistillConfig.validate` accepts."""
+    values `check_leaves` accepts; ``positional="NAME"`` (a list field) makes it the positional arguments."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -137,7 +156,8 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = _f("tad", "the loss: a name in the registry tailkd.registry.LOSSES (`tailkd losses` lists them with "
-                          "their formulas): tad, kd, rkl, jsd, dkd, drkl, tvd, ...; clm: no teacher")
+                          "their formulas): tad, kd, rkl, jsd, dkd, drkl, tvd, sym_kl, skew_kl, skew_rkl, akl, "
+                          "alpha_beta; clm: no teacher")
     k: int = _f(10, "TAD: number of teacher top-K tokens kept apart from the tail")
     beta: float = _f(2.0, "TAD: tail weight β; β(X) = β / mean teacher tail mass of the sequence")
     per_document: bool = _f(False, "TAD: normalise β per document of a packed row instead of per row")
@@ -147,6 +167,10 @@ class LossConfig:
     jsd_beta: float = _f(0.5, "JSD: mixing weight β of m = β p_T + (1-β) p_S")
     dkd_alpha: float = _f(1.0, "DKD: weight of the target/non-target binary KL")
     dkd_beta: float = _f(8.0, "DKD: weight of the non-target KL")
+    skew_alpha: float = _f(0.1, "skew_kl / skew_rkl: mixing weight α of the skewed target (DistiLLM: 0.1)")
+    akl_mu: float = _f(0.5, "AKL: the teacher's head holds its top tokens up to this cumulative probability")
+    ab_alpha: float = _f(0.5, "alpha_beta: α (α = 1, β = 0 is forward KL)")
+    ab_beta: float = _f(0.5, "alpha_beta: β (α = 0, β = 1 is reverse KL)")
     clm_weight: float = _f(1.0, "weight of the student's CLM loss (paper Eq. 4: 1)")
     div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1)")
     cosine_weight: float = _f(0.0, "weight of the hidden-state cosine loss (paper §3.2.2)")
@@ -208,20 +232,7 @@ class DistillConfig:
         c = self
         if c.loss.name not in LOSSES:
             raise TailkdError(f"loss.name={c.loss.name!r} is not a loss; choose one of {', '.join(LOSSES)}")
-        for dotted, _, f in _leaves(type(c)):
-            choices = f.metadata.get("choices")
-            section, name = dotted.split(".")
-            value = getattr(getattr(c, section), name)
-            if choices and value not in choices:
-                alts = " or ".join([", ".join(choices[:-1]), choices[-1]])
-                raise TailkdError(f"{dotted}={value!r} must be {alts}")
-        for key, allowed in FLOAT_RANGES.items():
-            section, name = key.split(".")
-            value = getattr(getattr(c, section), name)
-            if any(v not in allowed for v in (value if isinstance(value, list) else [value])):
-                if isinstance(value, list):
-                    raise TailkdError(f"{key}={' '.join(map(str, value))}: each must be {allowed.describe()}")
-                raise TailkdError(f"{key}={value} must be {allowed.describe()}")
+        check_leaves(c)
         if len(c.train.adam_betas) != 2:
             raise TailkdError(f"train.adam_betas={' '.join(map(str, c.train.adam_betas))} must be two numbers (beta1 "
                               "beta2), e.g. 0.9 0.95")
@@ -245,6 +256,39 @@ class DistillConfig:
         if not LOSSES[c.loss.name].needs_teacher and c.loss.cosine_weight > 0:
             raise TailkdError(f"loss.cosine_weight needs a teacher; it cannot be used with loss.name={c.loss.name}")
         return c
+
+
+def check_leaves(cfg) -> None:
+    """The checks every config shares: each leaf with ``choices=`` holds one of them, then each float leaf (each
+    item of a list) lies in its `FLOAT_RANGES` entry (None, an unset optional, passes); TailkdError naming the key."""
+    leaves = list(_leaves(type(cfg)))
+    for dotted, _, f in leaves:
+        choices = f.metadata.get("choices")
+        value = leaf_value(cfg, dotted)
+        if choices and value not in choices:
+            alts = " or ".join([", ".join(choices[:-1]), choices[-1]])
+            raise TailkdError(f"{dotted}={value!r} must be {alts}")
+    names = {dotted for dotted, _, _ in leaves}
+    for key, allowed in FLOAT_RANGES.items():
+        if key not in names or (value := leaf_value(cfg, key)) is None:
+            continue
+        if any(v not in allowed for v in (value if isinstance(value, list) else [value])):
+            if isinstance(value, list):
+                raise TailkdError(f"{key}={' '.join(map(str, value))}: each must be {allowed.describe()}")
+            raise TailkdError(f"{key}={value} must be {allowed.describe()}")
+
+
+def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:
+    """TailkdError ``key=v must be >= low`` (plus ``hint``) unless the int leaf ``key`` is None or >= ``low``."""
+    value = leaf_value(cfg, key)
+    if value is not None and value < low:
+        raise TailkdError(f"{key}={value} must be >= {low}{hint}")
+
+
+def leaf_value(cfg, dotted: str):
+    """The value of leaf ``section.field`` of ``cfg``."""
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 # --------------------------------------------------------------------------- typing helpers
@@ -295,13 +339,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(cls, data: dict, prefix: str = "", omit: frozenset[str] | None = None, base=None):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types.
+
+    Keys not given keep the values of ``base`` (default: ``cls()``, so a section keeps the defaults its config
+    gives it). ``omit``: dotted leaves that are not keys (default: ``cls.OMIT``, the leaves of reused sections a
+    command does not read); they keep their defaults."""
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "<root>"
         raise TailkdError(f"config section {where} must be a mapping, got {type(data).__name__}")
+    omit = frozenset(getattr(cls, "OMIT", ())) if omit is None else omit
+    base = cls() if base is None else base
     hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if prefix + f.name not in omit}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
@@ -310,10 +360,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value or {}, prefix=f"{prefix}{name}.")
+            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", omit, base=getattr(base, name))
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg) -> dict:
@@ -383,13 +433,15 @@ ALIASES = {
 }
 
 
-def _leaves(cls, prefix=""):
+def _leaves(cls, prefix: str = "", omit: frozenset[str] | None = None):
+    """(dotted name, type, field) of every leaf of config ``cls``, in field order, skipping ``cls.OMIT``."""
+    omit = frozenset(getattr(cls, "OMIT", ())) if omit is None else omit
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from _leaves(tp, prefix + f.name + ".")
-        else:
+            yield from _leaves(tp, prefix + f.name + ".", omit)
+        elif prefix + f.name not in omit:
             yield prefix + f.name, tp, f
 
 
@@ -403,17 +455,23 @@ def _str2bool(text: str) -> bool:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None:
-    """Add ``--config`` and one flag per leaf of ``cls`` (plus the short aliases)."""
+    """Add ``--config`` and one flag per leaf of ``cls`` (plus its short aliases: ``cls.ALIASES``, for
+    `DistillConfig` the module's ``ALIASES``); a field marked ``positional=`` takes the positional arguments."""
     parser.add_argument("--config", metavar="YAML", help="YAML file mirroring the config sections; flags override it")
-    reverse = {v: k for k, v in ALIASES.items()}
+    reverse = {v: k for k, v in getattr(cls, "ALIASES", ALIASES).items()}
+    defaults = cls()
     for dotted, tp, f in _leaves(cls):
         base, _ = _unwrap_optional(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = leaf_value(defaults, dotted)
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS,
+                              "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if f.metadata.get("positional"):
+            (item,) = typing.get_args(base)
+            parser.add_argument(dotted, metavar=f.metadata["positional"], nargs="*", type=item, **kw)
+            continue
         names = ["--" + dotted]
         if dotted in reverse:
             names.insert(0, "--" + reverse[dotted])
-        kw: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if typing.get_origin(base) is list:
             (item,) = typing.get_args(base)
             kw.update(nargs="+", type=item)
@@ -421,19 +479,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
             kw.update(nargs="?", const=True, type=_str2bool)
         else:
             kw.update(type=base)
-        parser.add_argument(*names, **kw)
+        parser.add_argument(*names, dest=dotted, **kw)
 
 
 def config_from_args(args: argparse.Namespace, cls=DistillConfig):
-    """YAML (``--config``) first, then explicit flags on top; validated."""
+    """YAML (``--config``) first, then explicit flags on top; under both, for a config with a ``run_defaults``
+    hook (eval, lm-eval), the settings of the run that produced the saved model; validated."""
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     override: dict = {}
     for dotted, _, _ in _leaves(cls):
-        if dotted in vars(args):
+        value = vars(args).get(dotted, argparse.SUPPRESS)
+        if value is not argparse.SUPPRESS:  # (Python 3.10 stores SUPPRESS for an empty positional list)
             node = override
             parts = dotted.split(".")
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            node[parts[-1]] = getattr(args, dotted)
-    cfg = from_dict(cls, merge(data, override))
+            node[parts[-1]] = value
+    given = merge(data, override)
+    if hasattr(cls, "run_defaults"):
+        given = merge(cls.run_defaults(given), given)
+    cfg = from_dict(cls, given)
     return cfg.validate() if hasattr(cfg, "validate") else cfg

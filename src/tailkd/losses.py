@@ -1,4 +1,5 @@
-"""The divergences of tailkd as per-token functions (the registry of losses, `tailkd.registry`, names them).
+"""The divergences of tailkd as per-token functions (the registry of losses, `tailkd.registry`, names them); the
+baselines of the DRKL paper that need no kernel of their own live in `tailkd.baselines`.
 
 Student first, teacher second, logits ``[..., V]`` in any float dtype, computed in
 float32 (float64 stays float64), one value per token ``[...]``; nothing here normalises across tokens
@@ -43,7 +44,6 @@ __all__ = [
     "tad",
     "tad_decompose",
     "topk_bucket_kl",
-    "tvd",
 ]
 
 _INF = float("inf")
@@ -52,7 +52,7 @@ _INF = float("inf")
 # --------------------------------------------------------------------------- validation
 
 
-def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] < 1:
             raise ValueError(f"{name} must be a floating-point tensor of logits [..., V]; got {_describe(x)}")
@@ -73,14 +73,20 @@ def _describe(x: object) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 (1.0 = no scaling); got {temperature!r}")
 
 
-def _check_nonnegative(name: str, value: float) -> None:
+def check_nonnegative(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+def check_unit_interval(name: str, value: float, *, closed: bool = False) -> None:
+    below_one = value <= 1 if closed else value < 1
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value and below_one):
+        raise ValueError(f"{name} must be a finite number in [0, 1{']' if closed else ')'}; got {value!r}")
 
 
 def _check_k(k: int, vocab: int) -> None:
@@ -116,7 +122,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def _scaled_pair(student_logits, teacher_logits, temperature, *, own_teacher: bool = False):
+def scaled_pair(student_logits, teacher_logits, temperature, *, own_teacher: bool = False):
     """(student, detached teacher) logits in the compute dtype, divided by the temperature. ``own_teacher``: the
     teacher tensor is a private copy (a row kernel consumes it), never the caller's."""
     dtype = _compute_dtype(student_logits, teacher_logits)
@@ -145,7 +151,7 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
 
-def _kl_terms(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
+def kl_terms(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i (log w_i − log v_i) over the last dim, with w_i = 0 entries contributing 0 (and 0 gradient)."""
     diff = torch.where(w > 0, log_w - log_v, 0.0)  # [..., V] NaN/inf of 0-weight entries never reach the sum
     return (w * diff).sum(-1)  # [...]
@@ -181,7 +187,7 @@ class _Rows(torch.autograd.Function):
 
 def _dense_rows(kernel: dv.RowKernel, student_logits, teacher_logits, temperature) -> torch.Tensor:
     """Values [...] of ``kernel`` on logits [..., V] (validated), through `_Rows`."""
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
+    s, t = scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
     vocab = s.shape[-1]
     teacher = kernel.teacher(t.reshape(-1, vocab))  # [N, V] consumed: the private copy's buffer is reused
     return _Rows.apply(s.reshape(-1, vocab), kernel, teacher, None, None).view(s.shape[:-1])
@@ -196,8 +202,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     p = softmax(teacher_logits / τ), q = softmax(student_logits / τ); no τ² factor. Gradient wrt the scaled student
     logits: q − p (closed form, `divergences.KL`). Shapes: logits [..., V] -> [...]; float32 (float64 for float64).
     """
-    _check_logits(student_logits, teacher_logits)
-    _check_temperature(temperature)
+    check_logits(student_logits, teacher_logits)
+    check_temperature(temperature)
     return _dense_rows(dv.KL, student_logits, teacher_logits, temperature)
 
 
@@ -208,8 +214,8 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     has mass gives +inf. Gradient q_i (log(q_i/p_i) − KL(q‖p)) (closed form, `divergences.RKL`).
     Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
     """
-    _check_logits(student_logits, teacher_logits)
-    _check_temperature(temperature)
+    check_logits(student_logits, teacher_logits)
+    check_temperature(temperature)
     return _dense_rows(dv.RKL, student_logits, teacher_logits, temperature)
 
 
@@ -227,23 +233,9 @@ def jsd(
     """
     if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
         raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {beta!r}")
-    _check_logits(student_logits, teacher_logits)
-    _check_temperature(temperature)
+    check_logits(student_logits, teacher_logits)
+    check_temperature(temperature)
     return _dense_rows(dv.jsd_kernel(float(beta)), student_logits, teacher_logits, temperature)
-
-
-def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """Total variation distance TVD(p, q) = ½ Σ_i |p_i − q_i|, per token (in [0, 1]; symmetric, bounded).
-
-    p = softmax(teacher_logits / τ), q = softmax(student_logits / τ). Plain autograd (the chunked layer
-    differentiates it per chunk): the gradient ½ q_i (sign(q_i − p_i) − Σ_j q_j sign(q_j − p_j)), with sign(0) = 0.
-    Used for distillation by e.g. Wen et al. 2023 (f-divergence minimisation for sequence-level KD).
-    Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
-    """
-    _check_logits(student_logits, teacher_logits)
-    _check_temperature(temperature)
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
-    return 0.5 * (torch.softmax(t, dim=-1) - torch.softmax(s, dim=-1)).abs().sum(-1)
 
 
 # --------------------------------------------------------------------------- TAD
@@ -262,10 +254,10 @@ def tad_decompose(
     - α^T = Σ_{i∉𝒦} p_i, α^S likewise: log α = logsumexp(tail logits) − logsumexp(logits), never 1 − Σ top-K.
     Returns (d_kl1, d_kl2, alpha), each [...] for logits [..., V]; alpha carries no gradient. float32/float64.
     """
-    _check_logits(student_logits, teacher_logits)
+    check_logits(student_logits, teacher_logits)
     _check_k(k, student_logits.shape[-1])
-    _check_temperature(temperature)
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    check_temperature(temperature)
+    s, t = scaled_pair(student_logits, teacher_logits, temperature)
     ids = dv.teacher_top_ids(t, k)  # [..., K]
     tail_s, tail_t = s.scatter(-1, ids, -_INF), t.scatter(-1, ids, -_INF)  # [..., V] top-K masked out
     lse_tail_s, lse_tail_t = _safe_logsumexp(tail_s), _safe_logsumexp(tail_t)  # [...]
@@ -274,11 +266,11 @@ def tad_decompose(
     alpha = log_alpha_t.exp()  # [...]
     logq_top = torch.log_softmax(s, dim=-1).gather(-1, ids)  # [..., K]
     logp_top = torch.log_softmax(t, dim=-1).gather(-1, ids)  # [..., K]
-    bucket = _kl_terms(alpha[..., None], log_alpha_t[..., None], log_alpha_s[..., None])  # [...]
-    d_kl1 = _kl_terms(logp_top.exp(), logp_top, logq_top) + bucket  # [...]
+    bucket = kl_terms(alpha[..., None], log_alpha_t[..., None], log_alpha_s[..., None])  # [...]
+    d_kl1 = kl_terms(logp_top.exp(), logp_top, logq_top) + bucket  # [...]
     log_p_tilde = tail_t - _finite_or_zero(lse_tail_t)[..., None]  # [..., V] −inf on 𝒦
     log_q_tilde = tail_s - _finite_or_zero(lse_tail_s)[..., None]  # [..., V]
-    d_kl2 = _kl_terms(log_p_tilde.exp(), log_p_tilde, log_q_tilde)  # [...]
+    d_kl2 = kl_terms(log_p_tilde.exp(), log_p_tilde, log_q_tilde)  # [...]
     return d_kl1, d_kl2, alpha
 
 
@@ -341,7 +333,7 @@ def tad(
     uses τ = 1 (default), K = 10, β = 2. Shapes: logits [B, T, V], mask [B, T] bool -> [B, T]; float32 (float64 for
     float64 input).
     """
-    _check_logits(student_logits, teacher_logits)
+    check_logits(student_logits, teacher_logits)
     if student_logits.dim() != 3:
         raise ValueError(
             f"tad expects logits [B, T, V] (a batch of sequences: β(X) is per sequence); got shape "
@@ -349,8 +341,8 @@ def tad(
         )
     n_batch, n_time, vocab = student_logits.shape
     _check_k(k, vocab)
-    _check_nonnegative("beta", beta)
-    _check_temperature(temperature)
+    check_nonnegative("beta", beta)
+    check_temperature(temperature)
     _check_mask(mask, student_logits.shape[:-1])
     if seq_alpha_mean is not None and segment_ids is not None:
         raise ValueError("pass segment_ids or seq_alpha_mean, not both (seq_alpha_mean already fixes the sequences)")
@@ -360,7 +352,7 @@ def tad(
             f"seq_alpha_mean must be a tensor of shape {tuple(mask.shape)} (ᾱ of each token's sequence, e.g. from "
             f"sequence_alpha_mean); got {_describe(seq_alpha_mean)}"
         )
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
+    s, t = scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
     kernel = dv.tad_kernel(k)
     teacher = kernel.teacher(t.reshape(-1, vocab))  # top-K split, α^T [B*T] (t's buffer consumed)
     if seq_alpha_mean is None:
@@ -449,10 +441,10 @@ def _target_split(w_logits: torch.Tensor, v_logits: torch.Tensor, y: torch.Tenso
     lse_w, lse_v = _safe_logsumexp(w_logits), _safe_logsumexp(v_logits)  # [...]
     log_bw = torch.stack([w_logits.gather(-1, idx).squeeze(-1) - lse_w, lse_rest_w - lse_w], dim=-1)  # [..., 2]
     log_bv = torch.stack([v_logits.gather(-1, idx).squeeze(-1) - lse_v, lse_rest_v - lse_v], dim=-1)  # [..., 2]
-    binary = _kl_terms(log_bw.exp(), log_bw, log_bv)  # [...]
+    binary = kl_terms(log_bw.exp(), log_bw, log_bv)  # [...]
     log_w_hat = rest_w - _finite_or_zero(lse_rest_w)[..., None]  # [..., V] −inf at y
     log_v_hat = rest_v - _finite_or_zero(lse_rest_v)[..., None]  # [..., V]
-    return binary, _kl_terms(log_w_hat.exp(), log_w_hat, log_v_hat)
+    return binary, kl_terms(log_w_hat.exp(), log_w_hat, log_v_hat)
 
 
 def dkd(
@@ -471,12 +463,12 @@ def dkd(
     logits, and unlike the DKD paper there is no τ² factor. Positions with label −100 give 0.
     Shapes: logits [..., V], labels [...] (int) -> [...]; float32 (float64 for float64 input).
     """
-    _check_logits(student_logits, teacher_logits)
+    check_logits(student_logits, teacher_logits)
     valid = _check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1])  # [...]
-    _check_nonnegative("alpha", alpha)
-    _check_nonnegative("beta", beta)
-    _check_temperature(temperature)
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    check_nonnegative("alpha", alpha)
+    check_nonnegative("beta", beta)
+    check_temperature(temperature)
+    s, t = scaled_pair(student_logits, teacher_logits, temperature)
     tckd, nckd = _target_split(t, s, torch.where(valid, labels, 0))  # [...], [...]
     return torch.where(valid, alpha * tckd + beta * nckd, 0.0)
 
@@ -498,7 +490,7 @@ def drkl(
     term on z_y (q̂ does not depend on z_y). Positions with label −100 give 0. τ divides both logits, no τ².
     Shapes: logits [..., V], labels [...] (int) or None -> [...]; float32 (float64 for float64 input).
     """
-    _check_logits(student_logits, teacher_logits)
+    check_logits(student_logits, teacher_logits)
     if anchor not in DRKL_ANCHORS:
         raise ValueError(f"anchor must be one of {', '.join(map(repr, DRKL_ANCHORS))}; got {anchor!r}")
     if labels is None and anchor == "label":
@@ -507,9 +499,9 @@ def drkl(
     valid = torch.ones(lead, dtype=torch.bool, device=student_logits.device)  # [...]
     if labels is not None:
         valid = _check_labels(labels, lead, student_logits.shape[-1])
-    _check_nonnegative("gamma", gamma)
-    _check_temperature(temperature)
-    s, t = _scaled_pair(student_logits, teacher_logits, temperature)
+    check_nonnegative("gamma", gamma)
+    check_temperature(temperature)
+    s, t = scaled_pair(student_logits, teacher_logits, temperature)
     y = t.argmax(-1) if anchor == "teacher_argmax" else torch.where(valid, labels, 0)  # [...]
     binary, nontarget = _target_split(s, t, y)  # [...], [...]
     return torch.where(valid, binary + gamma * nontarget, 0.0)

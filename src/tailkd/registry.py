@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tailkd import divergences as dv
+from tailkd.baselines import ab_divergence, akl, skew_forward_kl, skew_reverse_kl, symmetric_kl, tvd
 from tailkd.losses import (
     cache_divergence,
     dkd,
@@ -26,7 +27,6 @@ from tailkd.losses import (
     sequence_alpha_mean,
     tad,
     tail_weight,
-    tvd,
 )
 
 __all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "divergence"]
@@ -72,6 +72,10 @@ class LossSpec:
 #  tad 28: kd 15 + teacher top-K selection 1 + two tail log-sum-exps (mask 1 + max/sub/exp/sum 3 each) 8
 #          + backward tail correction (β(X) − 1)(q·α^T/α^S − p) 4; the K top-K terms are O(K), not O(V)
 #  tvd 16: both softmaxes 8 + difference, abs, sum 3 + backward sign, product, row sum, scale 5
+#  sym_kl 28: kd 15 + rkl 15 sharing nothing but the inputs, minus the shared student log-softmax's backward 2
+#  skew_kl 20 / skew_rkl 20: both log-softmaxes 8 + logaddexp mixture 4 + one KL 4 + backward 4
+#  akl 40: kd 15 + rkl 15 + the teacher's sort, cumulative sum and |p − q| over V 10 (the sort's log V counted once)
+#  alpha_beta 24: both log-softmaxes 8 + three powers (exp of scaled logs) 6 + products and sum 4 + backward 6
 CLM_FLOPS_PER_VOCAB = 6
 
 
@@ -105,6 +109,26 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("tvd", "½ Σ|p − q|", "total variation distance",
              lambda d, s, t, labels, mask, seg: tvd(s, t, temperature=d.cfg.temperature),
              flops_per_vocab=16, knobs=("temperature",)),
+    LossSpec("sym_kl", "KL(p‖q) + KL(q‖p)", "symmetric (Jeffreys) KL; DRKL paper baseline",
+             lambda d, s, t, labels, mask, seg: symmetric_kl(s, t, temperature=d.cfg.temperature),
+             flops_per_vocab=28, knobs=("temperature",)),
+    LossSpec("skew_kl", "KL(p ‖ αp + (1−α)q)", "skew forward KL, DistiLLM (Ko et al. 2024)",
+             lambda d, s, t, labels, mask, seg: skew_forward_kl(s, t, alpha=d.cfg.skew_alpha,
+                                                                temperature=d.cfg.temperature),
+             flops_per_vocab=20, knobs=("skew_alpha", "temperature")),
+    LossSpec("skew_rkl", "KL(q ‖ αq + (1−α)p)", "skew reverse KL, DistiLLM (Ko et al. 2024)",
+             lambda d, s, t, labels, mask, seg: skew_reverse_kl(s, t, alpha=d.cfg.skew_alpha,
+                                                                temperature=d.cfg.temperature),
+             flops_per_vocab=20, knobs=("skew_alpha", "temperature")),
+    LossSpec("akl", "w_head KL(p‖q) + w_tail KL(q‖p), w from |p − q| on the teacher's head / tail",
+             "adaptive KL, Wu et al. 2024",
+             lambda d, s, t, labels, mask, seg: akl(s, t, mu=d.cfg.akl_mu, temperature=d.cfg.temperature),
+             flops_per_vocab=40, knobs=("akl_mu", "temperature")),
+    LossSpec("alpha_beta", "−1/(αβ) Σ (p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β))",
+             "α-β divergence, ABKD (Wang et al. 2025)",
+             lambda d, s, t, labels, mask, seg: ab_divergence(s, t, alpha=d.cfg.ab_alpha, beta=d.cfg.ab_beta,
+                                                              temperature=d.cfg.temperature),
+             flops_per_vocab=24, knobs=("ab_alpha", "ab_beta", "temperature")),
     LossSpec("clm", "no divergence: the student's next-token cross-entropy only", "baseline", None),
 )}
 

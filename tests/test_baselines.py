@@ -1,0 +1,130 @@
+"""tailkd.baselines (the divergences the DRKL paper compares with) against the independent float64 reference
+(tests/reference.py): values and gradients, their identities and limits, masking through the registry, extreme
+logits, and the chunked layer (tests/test_fused.py covers chunked == dense for every registry row)."""
+
+import loss_bounds as LB
+import pytest
+import reference as R
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_losses import assert_matches, cases, make
+
+from tailkd import baselines as BL
+from tailkd import losses as L
+from tailkd.config import LossConfig
+from tailkd.registry import bind
+
+FAST = settings(max_examples=10, deadline=None, derandomize=True)
+
+
+@FAST
+@given(cases())
+def test_symmetric_kl_matches_reference(c):
+    s, t, _, w, _ = make(c)
+    tau = c["temperature"]
+    assert_matches(lambda x: BL.symmetric_kl(x, t, temperature=tau), lambda x: R.symmetric_kl(x, t, tau), s, w,
+                   c["dtype"], lambda: LB.symmetric_kl(s, t, tau), tau)
+
+
+@FAST
+@given(cases(), st.sampled_from([0.0, 0.1, 0.5]), st.booleans())
+def test_skew_kls_match_reference(c, alpha, reverse):
+    s, t, _, w, _ = make(c)
+    tau = c["temperature"]
+    fn, ref = (BL.skew_reverse_kl, R.skew_reverse_kl) if reverse else (BL.skew_forward_kl, R.skew_forward_kl)
+    assert_matches(lambda x: fn(x, t, alpha=alpha, temperature=tau), lambda x: ref(x, t, alpha, tau), s, w,
+                   c["dtype"], lambda: LB.skew_kl(s, t, alpha, tau, reverse=reverse), tau)
+
+
+@FAST
+@given(cases(), st.sampled_from([0.0, 0.3, 0.5, 0.9]))
+def test_akl_matches_reference(c, mu):
+    s, t, _, w, _ = make(c)
+    tau = c["temperature"]
+    assert_matches(lambda x: BL.akl(x, t, mu=mu, temperature=tau), lambda x: R.akl(x, t, mu, tau), s, w,
+                   c["dtype"], lambda: LB.akl(s, t, mu, tau), tau)
+
+
+@FAST
+@given(cases(), st.sampled_from([(0.5, 0.5), (0.2, 0.7), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (1.5, 0.3), (0.7, 0.0)]))
+def test_alpha_beta_divergence_matches_reference(c, ab):
+    s, t, _, w, _ = make(c)
+    tau, (a, b) = c["temperature"], ab
+    assert_matches(lambda x: BL.ab_divergence(x, t, alpha=a, beta=b, temperature=tau),
+                   lambda x: R.ab_divergence(x, t, a, b, tau), s, w, c["dtype"],
+                   lambda: LB.ab_divergence(s, t, a, b, tau), tau)
+
+
+def _pair(seed=5, shape=(3, 4, 17), scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale,
+            torch.randn(shape, generator=g, dtype=torch.float64) * scale)
+
+
+def test_identities_and_limits():
+    """symmetric = FKL + RKL; skew at α = 0 is FKL / RKL exactly and tends to them as α -> 0; the α-β divergence
+    is FKL at (1, 0), RKL at (0, 1), continuous into its limits, 4 × squared Hellinger at (½, ½); every one is 0
+    for p = q and >= 0."""
+    s, t = _pair()
+    fkl, rkl = L.forward_kl(s, t), L.reverse_kl(s, t)
+    torch.testing.assert_close(BL.symmetric_kl(s, t), fkl + rkl, rtol=1e-14, atol=0)
+    torch.testing.assert_close(BL.skew_forward_kl(s, t, alpha=0.0), fkl, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(BL.skew_reverse_kl(s, t, alpha=0.0), rkl, rtol=1e-12, atol=1e-14)
+    # as α -> 0 the skew KLs leave FKL / RKL with slope d/dα KL(w ‖ αw + (1−α)v) at 0 = 1 − Σ w²/v: the difference
+    # quotient at α = 1e-6 equals it up to the second-order term, α·|f''| / 2 << 1e-3 (1 + |f'|) here
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    alpha = 1e-6
+    for got, zero, slope in ((BL.skew_forward_kl(s, t, alpha=alpha), fkl, 1 - (p * p / q).sum(-1)),
+                             (BL.skew_reverse_kl(s, t, alpha=alpha), rkl, 1 - (q * q / p).sum(-1))):
+        assert (((got - zero) / alpha - slope).abs() <= 1e-3 * (1 + slope.abs())).all()
+    torch.testing.assert_close(BL.ab_divergence(s, t, alpha=1.0, beta=0.0), fkl, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(BL.ab_divergence(s, t, alpha=0.0, beta=1.0), rkl, rtol=1e-12, atol=1e-14)
+    for eps in (1e-4, 1e-6):  # the general formula converges to the limits (float64: cancellation ~ u/eps)
+        torch.testing.assert_close(BL.ab_divergence(s, t, alpha=1.0, beta=eps), fkl, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(BL.ab_divergence(s, t, alpha=eps, beta=1.0), rkl, rtol=1e-3, atol=1e-3)
+    hellinger2 = 0.5 * ((torch.softmax(t, -1).sqrt() - torch.softmax(s, -1).sqrt()) ** 2).sum(-1)
+    torch.testing.assert_close(BL.ab_divergence(s, t, alpha=0.5, beta=0.5), 4 * hellinger2, rtol=1e-12, atol=1e-14)
+    h_w, t_w = BL.akl_weights(s, t, mu=0.5)
+    torch.testing.assert_close(h_w + t_w, torch.ones_like(h_w), rtol=1e-14, atol=0)
+    torch.testing.assert_close(BL.akl(s, t), h_w * fkl + t_w * rkl, rtol=1e-14, atol=0)
+    # p = q gives 0 up to float64 rounding: a few roundings of each log-probability (|log p| <= max|log p|) in a
+    # V-term sum, u64 = 2^-53
+    zero_tol = 8 * s.shape[-1] * 2.0**-53 * (1 + torch.log_softmax(s, -1).abs().max())
+    for fn in (BL.symmetric_kl, BL.skew_forward_kl, BL.skew_reverse_kl, BL.akl, BL.ab_divergence, BL.tvd):
+        assert (fn(s, t) >= 0).all(), fn.__name__
+        assert (fn(s, s.clone()).abs() <= zero_tol).all(), fn.__name__
+
+
+def test_akl_weights_carry_no_gradient_and_follow_the_gaps():
+    """μ = 0.98: the teacher's head is its two top tokens. A student that swaps them (same head mass, so the same
+    tail) is off on the head only: all weight on FKL; one that permutes the tail is off on the tail only: all weight
+    on RKL. The weights take no gradient."""
+    t = torch.tensor([[4.0, 3.0, 0.0, -0.5, -1.0, -1.5]], dtype=torch.float64)
+    head_swapped = torch.tensor([[3.0, 4.0, 0.0, -0.5, -1.0, -1.5]], dtype=torch.float64)
+    tail_permuted = torch.tensor([[4.0, 3.0, -1.5, -1.0, -0.5, 0.0]], dtype=torch.float64)
+    w_head, w_tail = BL.akl_weights(head_swapped, t, mu=0.98)
+    assert w_head.item() == pytest.approx(1.0, abs=1e-12) and w_tail.item() == pytest.approx(0.0, abs=1e-12)
+    w_head, w_tail = BL.akl_weights(tail_permuted, t, mu=0.98)
+    assert w_head.item() == pytest.approx(0.0, abs=1e-12) and w_tail.item() == pytest.approx(1.0, abs=1e-12)
+    x = head_swapped.clone().requires_grad_(True)
+    assert not any(w.requires_grad for w in BL.akl_weights(x, t))
+
+
+@pytest.mark.parametrize("name", ["sym_kl", "skew_kl", "skew_rkl", "akl", "alpha_beta", "tvd"])
+def test_masked_tokens_and_extreme_logits_through_the_registry(name):
+    """Through the registry (the objective's path): masked positions give exactly 0 and no gradient; logits of
+    ±1e4 and −inf entries give finite values and gradients (float32)."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(2, 3, 12, generator=g) * 1e4
+    t = torch.randn(2, 3, 12, generator=g) * 1e4
+    s[0, 0, 3] = t[0, 0, 3] = -torch.inf  # a token both sides rule out
+    labels = torch.randint(0, 12, (2, 3), generator=g)
+    labels[1, 2] = -100
+    mask = labels != -100
+    x = s.clone().requires_grad_(True)
+    div = bind(LossConfig(name=name)).per_token(x, t, labels, mask)
+    assert div[1, 2] == 0
+    div.sum().backward()
+    assert torch.isfinite(div).all() and torch.isfinite(x.grad).all(), name
+    assert (x.grad[1, 2] == 0).all()
