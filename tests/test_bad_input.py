@@ -160,6 +160,39 @@ def test_bad_flag_value(assets, tmp_path, case):
     assert not run.exists()
 
 
+# The other subcommands take typed configs too (tailkd.command_config): the same one-line errors, named by key.
+SUBCOMMAND_FLAGS = {
+    "eval bins": (["eval", "--student", "{teacher}", "--bins", "0"], ["eval.bins=0 must be >= 1"]),
+    "eval nan temperature": (["eval", "--student", "{teacher}", "--generate", "--temperature", "nan"],
+                             ["generate.temperature=nan must be a finite number > 0"]),
+    "eval no student": (["eval"], ["eval.student is not set; pass --student DIR"]),
+    "analyze unknown key": (["analyze-teacher", "--config", "{yaml}"],
+                            ["unknown config key analyze.kmaxx in section 'analyze'", "valid keys"]),
+    "cache k": (["cache-teacher", "--out", "{out}", "--k", "0"], ["cache.k=0 must be >= 1"]),
+    "cache split": (["cache-teacher", "--out", "{out}", "--split", "all"],
+                    ["cache.split='all' must be train or heldout"]),
+    "lm-eval device": (["lm-eval", "--model", "{teacher}", "--device", "tpu"],
+                       ["lm_eval.device='tpu' is not a device"]),
+    "flops infinite params": (["flops", "--teacher-params", "inf", "--student-params", "1e8", "--vocab", "9",
+                               "--hidden", "4"], ["flops.teacher_params=inf must be a finite number > 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SUBCOMMAND_FLAGS))
+def test_bad_subcommand_flag_value(assets, tmp_path, case):
+    argv, needles = SUBCOMMAND_FLAGS[case]
+    fill = {"teacher": str(assets["teacher"]), "out": str(tmp_path / "out"),
+            "yaml": yaml_file(assets, "analyze.yaml", "analyze:\n  kmaxx: 3\n")}
+    assert_error(cli(*(a.format(**fill) for a in argv)), *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_subcommand_flag_type_is_an_argparse_error(assets):
+    proc = cli("eval", "--student", str(assets["teacher"]), "--bins", "ten")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("argument --bins/--eval.bins: invalid int value: 'ten'")
+
+
 def test_k_not_below_the_vocabulary(assets, tmp_path):
     run = tmp_path / "run"
     v = assets["vocab"]

@@ -321,7 +321,8 @@ def test_cache_loss_descriptions_name_the_approximation(setup):
     assert "exact" in cache.cache_loss_description({**meta, "hidden_states": {"dtype": "bf16", "size": 32}}, "jsd")
     reader = cache.CacheReader(setup[4] / "topk", k=4)
     assert "K=4" in reader.check_loss("tad")
-    for bad in ({"loss_name": "jsd"}, {"loss_name": "kd", "temperature": 2.0}, {"loss_name": "tad", "cosine_weight": 1.0}):
+    for bad in ({"loss_name": "jsd"}, {"loss_name": "kd", "temperature": 2.0},
+                {"loss_name": "tad", "cosine_weight": 1.0}):
         with pytest.raises(TailkdError, match="--hidden-states"):
             reader.check_loss(**bad)
 
@@ -342,7 +343,8 @@ def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
     n = batch["labels"].numel()
     V = len(tok)
     cfg = LossConfig(name="tad", k=5, per_document=True)
-    sources = [teacher_mod.OnlineTeacher(model, V, fused_path=False), teacher_mod.OnlineTeacher(model, V, fused_path=True),
+    sources = [teacher_mod.OnlineTeacher(model, V, fused_path=False),
+               teacher_mod.OnlineTeacher(model, V, fused_path=True),
                teacher_mod.CachedTeacher(cache.CacheReader(path, k=5))]
     results = []
     for source in sources:
@@ -388,6 +390,30 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert meta["k"] == 4 and meta["num_rows"] == 3 and meta["corpus"]["seq_len"] == 16
     assert main(args) == 0  # rerun: everything complete, nothing recomputed
     assert "0 shard(s) written" in capsys.readouterr().out
+
+
+def test_cache_teacher_on_builtin_math_caches_the_rows_distill_trains_on(tmp_path, monkeypatch):
+    """`--data builtin:math` is the built-in math corpus for cache-teacher as for distill (one resolution rule,
+    `tailkd.train.setup_data`): the cache's corpus fingerprint is the one a distill run with that data checks."""
+    pytest.importorskip("reasoning_gym", reason="builtin:math needs reasoning-gym")
+    from tiny import make_teacher_dir
+
+    from tailkd.cli import main
+    from tailkd.config import DistillConfig
+    from tailkd.models import load_teacher
+    from tailkd.train import setup_data
+
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    cache_dir, out = tmp_path / "tk", tmp_path / "out"
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", "builtin:math", "--data.math_train", "40",
+                 "--data.math_heldout", "4", "--cache-dir", str(cache_dir), "--seq-len", "16", "--k", "4",
+                 "--out", str(out), "--max-rows", "2", "--device", "cpu"]) == 0
+    cfg = DistillConfig()
+    cfg.data.paths, cfg.data.math_train, cfg.data.math_heldout = ["builtin:math"], 40, 4
+    cfg.data.cache_dir, cfg.data.seq_len = str(cache_dir), 16
+    info, _, _ = setup_data(cfg, load_teacher(str(teacher), dtype="fp32")[1], None)
+    meta = json.loads((out / "cache.json").read_text())
+    assert meta["corpus"]["fingerprint"] == info.fingerprint and meta["num_rows"] == 2
 
 
 def test_a_full_disk_while_caching_is_one_line_and_the_rerun_finishes(tmp_path, capsys, monkeypatch):

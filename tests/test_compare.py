@@ -122,13 +122,14 @@ def test_real_runs_eval_and_compare_end_to_end(tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
     from tailkd.data import collate
-    from tailkd.evaluate import eval_rows
     from tailkd.models import load_teacher
 
     teacher_model, tok = load_teacher(str(teacher), device="cpu", dtype="fp32")
     student = AutoModelForCausalLM.from_pretrained(runs["tad"] / "final", dtype=torch.float32).eval()
-    rows = eval_rows(tok, paths=[str(corpus)], seq_len=32, max_rows=8, cache_dir=str(tmp_path / "cache"))
+    rows = eval_rows(tok, DataConfig(paths=[str(corpus)], seq_len=32, cache_dir=str(tmp_path / "cache")), max_rows=8)
     bound = LB.two_forwards_heldout_bounds(student, teacher_model, collate(rows), len(tok))
     B.assert_within(ev["kl"], final["kl"], bound["kl"], msg="kl")
     B.assert_within(ev["student_ppl"], final["ppl"], bound["student_ppl"], msg="ppl")

@@ -7,16 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tailkd.command_config import COMMAND_CONFIGS
 from tailkd.config import DistillConfig, add_config_flags, config_from_args, from_dict, save_yaml, to_dict
 from tailkd.errors import TailkdError
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [DistillConfig, *COMMAND_CONFIGS.values()]  # every typed config: distill's and the other subcommands'
 
 
-def parse(argv):
+def parse(argv, cls=DistillConfig):
     p = argparse.ArgumentParser()
-    add_config_flags(p)
-    return config_from_args(p.parse_args(argv))
+    add_config_flags(p, cls)
+    return config_from_args(p.parse_args(argv), cls)
 
 
 def test_defaults_are_the_papers():
@@ -87,6 +89,7 @@ def test_shipped_configs_load():
 
 
 def _float_fields(cls=DistillConfig, prefix=""):
+    """The float leaves of ``cls`` (an omitted leaf of a reused section too: it has its range all the same)."""
     import dataclasses
     import typing
 
@@ -100,21 +103,29 @@ def _float_fields(cls=DistillConfig, prefix=""):
             yield prefix + f.name
 
 
+def _config_float_leaves():
+    """(config class, float leaf) for every float leaf a config reads (its OMIT left out)."""
+    from tailkd.config import _leaves
+
+    return [(cls, key) for cls in CONFIGS for key, _, _ in _leaves(cls) if key in set(_float_fields(cls))]
+
+
 def test_every_float_field_has_a_range():
     from tailkd.config import FLOAT_RANGES
 
-    assert sorted(_float_fields()) == sorted(FLOAT_RANGES)
+    assert sorted({key for cls in CONFIGS for key in _float_fields(cls)}) == sorted(FLOAT_RANGES)
 
 
-@pytest.mark.parametrize("key", sorted(_float_fields()))
+@pytest.mark.parametrize("cls, key", _config_float_leaves(), ids=lambda x: x if isinstance(x, str) else x.__name__)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_every_float_rejects_nan_and_infinities(key, bad):
-    """Each float field (each item of a list field) refuses NaN and ±inf with one message naming the key."""
+def test_every_float_rejects_nan_and_infinities(cls, key, bad):
+    """Each float field of every config (each item of a list field) refuses NaN and ±inf with one message naming
+    the key."""
     section, name = key.split(".")
-    default = getattr(getattr(DistillConfig(), section), name)
+    default = getattr(getattr(cls(), section), name)
     value = [default[0], bad] if isinstance(default, list) else bad
     with pytest.raises(TailkdError, match=rf"^{key}=.*{bad}.* must be a finite number"):
-        from_dict(DistillConfig, {section: {name: value}}).validate()
+        from_dict(cls, {section: {name: value}}).validate()
 
 
 def test_range_messages():
@@ -127,3 +138,199 @@ def test_range_messages():
     with pytest.raises(TailkdError, match=r"^data\.heldout_fraction=1\.0 must be a finite number in \(0, 1\)$"):
         parse(["--data.heldout_fraction", "1"])
     assert parse(["--train.grad_clip", "0", "--loss.jsd_beta", "1"]).train.grad_clip == 0.0  # the closed ends pass
+
+
+# --------------------------------------------------------------------------- the other subcommands' configs
+
+
+def test_subcommand_config_from_yaml_and_flags(tmp_path):
+    """`tailkd eval --config`: the YAML mirrors EvalConfig (distill's teacher and data sections, eval, generate),
+    the flags (short aliases and --section.field) override it."""
+    from tailkd.command_config import EvalConfig
+
+    student = tmp_path / "student"
+    student.mkdir()
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"path": "t", "dtype": "fp32"},
+                                    "data": {"paths": ["a.txt"], "seq_len": 64, "heldout_fraction": 0.1},
+                                    "eval": {"student": str(student), "max_rows": 5, "bins": 20},
+                                    "generate": {"samples": 3}}))
+    cfg = parse(["--config", str(path), "--seq-len", "32", "--max-rows", "7", "--eval.out", "o.json"], EvalConfig)
+    assert (cfg.teacher.path, cfg.teacher.dtype) == ("t", "fp32")
+    assert (cfg.data.paths, cfg.data.seq_len, cfg.data.heldout_fraction) == (["a.txt"], 32, 0.1)
+    assert (cfg.eval.student, cfg.eval.max_rows, cfg.eval.bins, cfg.eval.out) == (str(student), 7, 20, "o.json")
+    assert (cfg.generate.samples, cfg.generate.enabled) == (3, False)
+
+
+def test_a_section_keeps_its_commands_defaults(tmp_path):
+    """analyze-teacher's data section defaults to 256-token rows; a YAML that sets another data key keeps that."""
+    from tailkd.command_config import AnalyzeTeacherConfig
+
+    assert parse([], AnalyzeTeacherConfig).data.seq_len == 256
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({"data": {"paths": ["a.txt"]}, "analyze": {"teachers": ["t1", "t2"]}}))
+    cfg = parse(["--config", str(path)], AnalyzeTeacherConfig)
+    assert (cfg.data.seq_len, cfg.data.paths, cfg.analyze.teachers) == (256, ["a.txt"], ["t1", "t2"])
+
+
+def test_eval_settings_default_to_the_students_run(tmp_path):
+    """Teacher and data settings not given are those of RUN/config.yaml (the whole data section, 'builtin:math' and
+    the held-out fraction included); flags win; a leaf eval does not read (teacher.cache) is not taken."""
+    from tailkd.command_config import EvalConfig
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    rc = DistillConfig()
+    rc.teacher.path, rc.teacher.cache = "my-teacher", "some-cache"
+    rc.data.paths, rc.data.seq_len, rc.data.heldout_fraction, rc.data.math_heldout = ["builtin:math"], 48, 0.2, 7
+    save_yaml(rc, run / "config.yaml")
+    student = str(run / "final")
+    cfg = parse(["--student", student], EvalConfig)
+    assert (cfg.teacher.path, cfg.teacher.cache) == ("my-teacher", None)
+    assert (cfg.data.paths, cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.math_heldout) == (
+        ["builtin:math"], 48, 0.2, 7)
+    cfg = parse(["--student", student, "--seq-len", "16", "--data", "x.txt", "--teacher", "other"], EvalConfig)
+    assert (cfg.teacher.path, cfg.data.paths, cfg.data.seq_len, cfg.data.heldout_fraction) == (
+        "other", ["x.txt"], 16, 0.2)
+    # --generate of a pretraining run: its text holds no prompts, so its data.paths are not taken
+    cfg = parse(["--student", student, "--generate"], EvalConfig)
+    assert cfg.generate.enabled and cfg.data.paths == [] and cfg.data.math_heldout == 7
+    (run / "config.yaml").write_text("data:\n  seq_len: long\n")
+    with pytest.raises(TailkdError, match=r"config\.yaml: config key data\.seq_len expects an integer"):
+        parse(["--student", student], EvalConfig)
+
+
+@pytest.mark.parametrize("command, argv, match", [
+    ("eval", [], r"^eval\.student is not set; pass --student DIR"),
+    ("eval", ["--bins", "0"], r"^eval\.bins=0 must be >= 1$"),
+    ("eval", ["--split", "dev"], r"^eval\.split='dev' must be heldout, train or all$"),
+    ("eval", ["--temperature", "nan"], r"^generate\.temperature=nan must be a finite number > 0$"),
+    ("eval", ["--top-p", "1.5"], r"^generate\.top_p=1\.5 must be a finite number in \(0, 1\]$"),
+    ("eval", ["--device", "tpu"], r"^eval\.device='tpu' is not a device; use auto, cpu, cuda or cuda:N$"),
+    ("eval", ["--seq-len", "1"], r"^data\.seq_len=1 must be >= 2"),
+    ("eval", ["--generate", "--data", "p.jsonl"], r"pass the files with --prompts FILE\.jsonl"),
+    ("analyze-teacher", ["--kmax", "0"], r"^analyze\.kmax=0 must be >= 1 \(the paper uses 100\)$"),
+    ("analyze-teacher", ["--dtype", "fp16"], r"^teacher\.dtype='fp16' must be auto, bf16 or fp32$"),
+    ("cache-teacher", ["--k", "8"], r"^cache\.out is not set; pass --out DIR"),
+    ("cache-teacher", ["--out", "c", "--hidden-dtype", "fp8"],
+     r"^cache\.hidden_dtype='fp8' must be bf16, fp16 or fp32$"),
+    ("cache-teacher", ["--out", "c", "--heldout-fraction", "inf"],
+     r"^data\.heldout_fraction=inf must be a finite number in \(0, 1\)$"),
+    ("lm-eval", ["--limit", "-1"], r"^lm_eval\.limit=-1\.0 must be a finite number > 0"),
+    ("lm-eval", ["--split", "train"], r"^lm_eval\.split='train' must be heldout or all$"),
+    ("flops", ["--teacher", "t", "--student", "s", "--tokens", "inf"], r"^flops\.tokens=inf must be a finite number"),
+    ("flops", ["--teacher", "t", "--student", "s", "--seq-len", "0"], r"^flops\.seq_len=0 must be >= 1$"),
+])
+def test_bad_subcommand_values_are_one_clear_error(tmp_path, command, argv, match):
+    cls = COMMAND_CONFIGS[command]
+    required = {"eval": ["--student", str(tmp_path)], "lm-eval": ["--model", str(tmp_path)]}.get(command, [])
+    with pytest.raises(TailkdError, match=match):
+        parse([*required, *argv] if argv else argv, cls)
+
+
+def test_a_key_a_command_does_not_read_is_unknown(tmp_path):
+    from tailkd.command_config import CacheTeacherConfig, EvalConfig
+
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"cache": "c"}}))
+    with pytest.raises(TailkdError, match=r"^unknown config key teacher\.cache in section 'teacher'; valid keys: "
+                                          r"dtype, path$"):
+        parse(["--config", str(path)], EvalConfig)
+    path.write_text(yaml.safe_dump({"data": {"task": "sft"}}))
+    with pytest.raises(TailkdError, match=r"^unknown config key data\.task"):
+        parse(["--config", str(path), "--out", "c"], CacheTeacherConfig)
+
+
+# Every flag spelling the subcommands took before they had typed configs, and the leaf it sets now.
+OLD_SPELLINGS = {
+    "eval": (["--student", "S", "--teacher", "T", "--data", "a", "b", "--split", "all", "--seq-len", "16",
+              "--batch-size", "2", "--max-rows", "0", "--bins", "5", "--device", "cpu", "--teacher-dtype", "fp32",
+              "--cache-dir", "C", "--out", "o.json", "--max-new-tokens", "9", "--samples", "2", "--temperature",
+              "0.5", "--top-p", "0.9", "--gen-limit", "0", "--seed", "3"],
+             {"eval.student": "S", "teacher.path": "T", "data.paths": ["a", "b"], "eval.split": "all",
+              "data.seq_len": 16, "eval.batch_size": 2, "eval.max_rows": 0, "eval.bins": 5, "eval.device": "cpu",
+              "teacher.dtype": "fp32", "data.cache_dir": "C", "eval.out": "o.json", "generate.max_new_tokens": 9,
+              "generate.samples": 2, "generate.temperature": 0.5, "generate.top_p": 0.9, "generate.limit": 0,
+              "generate.seed": 3}),
+    "analyze-teacher": (["--teacher", "t1", "t2", "--data", "a", "--split", "train", "--seq-len", "16",
+                         "--batch-size", "2", "--max-rows", "3", "--kmax", "7", "--device", "cpu", "--dtype", "bf16",
+                         "--cache-dir", "C", "--out", "O"],
+                        {"analyze.teachers": ["t1", "t2"], "data.paths": ["a"], "analyze.split": "train",
+                         "data.seq_len": 16, "analyze.batch_size": 2, "analyze.max_rows": 3, "analyze.kmax": 7,
+                         "analyze.device": "cpu", "teacher.dtype": "bf16", "data.cache_dir": "C", "analyze.out": "O"}),
+    "compare": (["r1", "r2", "--baseline", "r1", "--out", "O"],
+                {"compare.runs": ["r1", "r2"], "compare.baseline": "r1", "compare.out": "O"}),
+    "flops": (["--teacher", "t", "--student", "s", "--teacher-params", "2e9", "--student-params", "1e9", "--vocab",
+               "9", "--hidden", "4", "--student-hidden", "2", "--teacher-layers", "3", "--student-layers", "1",
+               "--teacher-tied", "--student-tied", "--seq-len", "64", "--tokens", "1e5", "--freeze-embeddings",
+               "--delta", "0.25", "--reference", "r", "--reference-params", "1e6", "--prompt-len", "8", "--gen-len",
+               "16", "--ppo-epochs", "2", "--out", "f.json"],
+              {"flops.teacher": "t", "flops.student": "s", "flops.teacher_params": 2e9, "flops.student_params": 1e9,
+               "flops.vocab": 9, "flops.hidden": 4, "flops.student_hidden": 2, "flops.teacher_layers": 3,
+               "flops.student_layers": 1, "flops.teacher_tied": True, "flops.student_tied": True, "flops.seq_len": 64,
+               "flops.tokens": 1e5, "flops.freeze_embeddings": True, "flops.delta": 0.25, "flops.reference": "r",
+               "flops.reference_params": 1e6, "flops.prompt_len": 8, "flops.gen_len": 16, "flops.ppo_epochs": 2,
+               "flops.out": "f.json"}),
+    "lm-eval": (["--model", "M", "--tasks", "tailkd_gsm", "--data", "a", "--split", "all", "--gsm-data", "g.jsonl",
+                 "--max-gen-toks", "8", "--limit", "2", "--num-fewshot", "1", "--batch-size", "2", "--device", "cpu",
+                 "--work-dir", "W", "--write-only", "--cache-dir", "C", "--out", "l.json"],
+                {"lm_eval.model": "M", "lm_eval.tasks": "tailkd_gsm", "data.paths": ["a"], "lm_eval.split": "all",
+                 "lm_eval.gsm_data": "g.jsonl", "lm_eval.max_gen_toks": 8, "lm_eval.limit": 2.0,
+                 "lm_eval.num_fewshot": 1, "lm_eval.batch_size": 2, "lm_eval.device": "cpu", "lm_eval.work_dir": "W",
+                 "lm_eval.write_only": True, "data.cache_dir": "C", "lm_eval.out": "l.json"}),
+    "cache-teacher": (["--teacher", "T", "--data", "a", "--seq-len", "16", "--k", "4", "--out", "O",
+                       "--hidden-states", "--hidden-dtype", "fp32", "--tail-samples", "2", "--split", "heldout",
+                       "--batch-size", "2", "--rows-per-shard", "8", "--max-rows", "6", "--device", "cpu", "--dtype",
+                       "fp32", "--cache-dir", "C", "--doc-sep", "line", "--heldout-fraction", "0.2", "--seed", "1"],
+                      {"teacher.path": "T", "data.paths": ["a"], "data.seq_len": 16, "cache.k": 4, "cache.out": "O",
+                       "cache.hidden_states": True, "cache.hidden_dtype": "fp32", "cache.tail_samples": 2,
+                       "cache.split": "heldout", "cache.batch_size": 2, "cache.rows_per_shard": 8, "cache.max_rows": 6,
+                       "cache.device": "cpu", "teacher.dtype": "fp32", "data.cache_dir": "C", "data.doc_sep": "line",
+                       "data.heldout_fraction": 0.2, "cache.seed": 1}),
+}
+
+
+@pytest.mark.parametrize("command", list(OLD_SPELLINGS))
+def test_the_flags_users_type_still_work(command):
+    """`tailkd COMMAND` parses every flag it took before, through the real parser, into the typed config."""
+    from tailkd.cli import build_parser
+    from tailkd.config import leaf_value
+
+    argv, expected = OLD_SPELLINGS[command]
+    cfg = config_from_args(build_parser().parse_args([command, *argv]), COMMAND_CONFIGS[command])
+    assert {key: leaf_value(cfg, key) for key in expected} == expected
+
+
+def test_aliases_name_leaves_and_choices_agree_with_the_cache():
+    from tailkd.cache import HIDDEN_DTYPES
+    from tailkd.command_config import CACHE_HIDDEN_DTYPES, DATA_ALIASES
+    from tailkd.config import ALIASES, _leaves
+
+    assert CACHE_HIDDEN_DTYPES == tuple(HIDDEN_DTYPES)
+    for cls in CONFIGS:
+        leaves = {key for key, _, _ in _leaves(cls, omit=frozenset())}
+        aliases = getattr(cls, "ALIASES", ALIASES)
+        assert set(aliases.values()) <= leaves, cls.__name__
+        # only the data flags shared by every command with a data section may point to a leaf it omits
+        unused = {a for a, key in aliases.items() if key in getattr(cls, "OMIT", ())}
+        assert unused <= set(DATA_ALIASES), (cls.__name__, unused)
+
+
+def test_the_readmes_subcommand_lines_parse(tmp_path, monkeypatch):
+    """Every `tailkd eval|analyze-teacher|compare|flops|lm-eval|cache-teacher ...` line of the README's code blocks
+    parses into its typed config and validates (nothing runs)."""
+    import re
+    import shlex
+
+    from tailkd.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)  # relative paths (runs/tad/final) name nothing here: no run config is read
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in block.splitlines()]
+    seen = set()
+    for line in lines:
+        argv = shlex.split(line, comments=True) if line.startswith("tailkd ") else []
+        if argv and argv[1] in COMMAND_CONFIGS:
+            config_from_args(build_parser().parse_args(argv[1:]), COMMAND_CONFIGS[argv[1]])
+            seen.add(argv[1])
+    assert seen == set(COMMAND_CONFIGS)

@@ -253,12 +253,14 @@ def test_eval_cli_writes_json_and_table(assets, tmp_path, capsys):
     again = json.loads(out1.read_text())
     from transformers import AutoModelForCausalLM
 
-    from tailkd.evaluate import eval_rows
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
     from tailkd.models import load_teacher
 
     teacher, tok = load_teacher(str(assets["teacher"]), device="cpu", dtype="fp32")
     student = AutoModelForCausalLM.from_pretrained(assets["student"], dtype=torch.float32).eval()
-    rows = eval_rows(tok, paths=[str(assets["corpus"])], seq_len=32, max_rows=6, cache_dir=str(assets["cache"]))
+    data = DataConfig(paths=[str(assets["corpus"])], seq_len=32, cache_dir=str(assets["cache"]))
+    rows = eval_rows(tok, data, max_rows=6)
     bound = LB.two_forwards_heldout_bounds(student, teacher, next(_batches(rows, 6)), len(tok))
     for key in ("kl", "rkl", "student_clm", "student_full_ece", "teacher_ece"):
         B.assert_within(again[key], result[key], bound[key], msg=key)
@@ -288,6 +290,94 @@ def test_eval_defaults_from_the_run_config(assets, tmp_path):
     assert main(["eval", "--student", str(run / "final"), "--max-rows", "3", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["teacher"] == str(assets["teacher"]) and r["seq_len"] == 16 and r["tokens"] == 48
+
+
+def test_eval_of_a_run_trained_on_builtin_math(assets, tmp_path, capsys):
+    """A pretraining run on `--data builtin:math` (the built-in math corpus): `tailkd eval --student RUN/final`
+    evaluates on that run's held-out rows of the math corpus (it used to take 'builtin:math' for a file path), and
+    `--generate --prompts` decodes those prompts (the run's data.paths are not prompt files; without --prompts the
+    built-in math problems' held-out set is decoded: tests/test_config.py checks that choice, as the tiny models here
+    cannot take its prompts)."""
+    pytest.importorskip("reasoning_gym", reason="builtin:math needs reasoning-gym")
+    from tailkd.mathdata import default_math_dataset
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["distill", "--teacher", str(assets["teacher"]), "--data", "builtin:math", "--data.math_train", "40",
+                 "--data.math_heldout", "4", "--data.cache_dir", str(cache), "--student-layers", "1", "--seq-len", "32",
+                 "--batch-size", "2", "--steps", "1", "--data.eval_rows", "2", "--train.precision", "fp32",
+                 "--device", "cpu", "--out", str(run)]) == 0
+    out = tmp_path / "e.json"
+    assert main(["eval", "--student", str(run / "final"), "--max-rows", "3", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["data"] == ["builtin:math"] and r["teacher"] == str(assets["teacher"]) and r["seq_len"] == 32
+    assert r["rows"] == 3 and r["tokens"] == 3 * 32 and math.isfinite(r["kl"])
+    # the rows are text of the math corpus (worked solutions), held out as tailkd distill held them out
+    from transformers import AutoTokenizer
+
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    rows = eval_rows(tok, DataConfig(paths=["builtin:math"], seq_len=32, cache_dir=str(cache), math_train=40,
+                                     math_heldout=4), max_rows=3)
+    corpus = default_math_dataset(cache, n_train=40, n_heldout=4).corpus.read_text()
+    assert tok.decode(rows[0]["input_ids"][1:-1]).strip() in corpus
+    capsys.readouterr()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus 2?", "response": f"#### {i + 2}"}) + "\n"
+                               for i in range(3)))
+    gen = tmp_path / "g.json"
+    assert main(["eval", "--student", str(run / "final"), "--generate", "--prompts", str(prompts),
+                 "--max-new-tokens", "4", "--gen-limit", "0", "--out", str(gen)]) == 0
+    g = json.loads(gen.read_text())
+    assert g["mode"] == "generate" and g["examples"] == 3 and 0 <= g["student_exact_match"] <= 1
+
+
+def test_eval_of_an_sft_run_scores_its_heldout_responses(assets, tmp_path):
+    """An SFT run's student: eval takes the run's data section (task sft, its held-out fraction) and scores the
+    response tokens of the held-out examples, the trainer's own held-out rows: the same KL as its last evaluation."""
+    from tiny import SENTENCES, read_metrics
+    from transformers import AutoModelForCausalLM
+
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+    from tailkd.data import collate
+    from tailkd.models import load_teacher
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i % 7}: {SENTENCES[i % 8]}\n",
+                                         "response": f" {SENTENCES[(3 * i + 1) % 8]}"}) + "\n" for i in range(60)))
+    run = tmp_path / "run"
+    assert main(["distill", "--task", "sft", "--teacher", str(assets["teacher"]), "--data", str(pairs),
+                 "--data.cache_dir", str(assets["cache"]), "--student-layers", "1", "--seq-len", "96",
+                 "--batch-size", "4", "--steps", "1", "--data.eval_rows", "6", "--data.heldout_fraction", "0.2",
+                 "--train.precision", "fp32", "--device", "cpu", "--out", str(run)]) == 0
+    out = tmp_path / "e.json"
+    assert main(["eval", "--student", str(run / "final"), "--max-rows", "6", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    trainer = [m for m in read_metrics(run) if m["split"] == "heldout"][-1]
+    assert r["rows"] == 6 and r["tokens"] == trainer["eval_tokens"] < 6 * 96 / 2  # response tokens only
+    teacher, tok = load_teacher(str(assets["teacher"]), device="cpu", dtype="fp32")
+    student = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32).eval()
+    data = DataConfig(task="sft", paths=[str(pairs)], seq_len=96, heldout_fraction=0.2, cache_dir=str(assets["cache"]))
+    bound = LB.two_forwards_heldout_bounds(student, teacher, collate(eval_rows(tok, data, max_rows=6)), len(tok))
+    B.assert_within(r["kl"], trainer["kl"], bound["kl"], msg="kl")
+
+
+def test_eval_from_a_yaml_config(assets, tmp_path):
+    """`tailkd eval --config YAML`: the same sections as the flags (here all of them from the file)."""
+    import yaml
+
+    out = tmp_path / "y.json"
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"teacher": {"path": str(assets["teacher"]), "dtype": "fp32"},
+                                   "data": {"paths": [str(assets["corpus"])], "seq_len": 16,
+                                            "cache_dir": str(assets["cache"])},
+                                   "eval": {"student": str(assets["student"]), "max_rows": 2, "bins": 4,
+                                            "out": str(out)}}))
+    assert main(["eval", "--config", str(cfg)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["rows"], r["tokens"], r["bins"], r["seq_len"]) == (2, 32, 4, 16)
 
 
 @pytest.mark.parametrize(
@@ -323,14 +413,16 @@ def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm,
 def test_real_smollm2_teacher_and_six_layer_student():
     from tailkd import models
     from tailkd.analysis import teacher_statistics
-    from tailkd.evaluate import batched, eval_rows
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+    from tailkd.evaluate import batched
     from tailkd.student import build_student
 
     teacher, tok = models.load_teacher("smollm2", device="cpu", dtype="fp32")
     student, _ = build_student(teacher, num_layers=6)
     student.eval()
     vocab = models.check_vocab(tok, tok, teacher, student)
-    rows = eval_rows(tok, paths=None, seq_len=64, split="heldout", max_rows=8)
+    rows = eval_rows(tok, DataConfig(seq_len=64), split="heldout", max_rows=8)
     assert len(rows) == 8
     m = heldout_metrics(student, teacher, batched(rows, 4), vocab, bins=10)
     assert m["tokens"] == 8 * 64
@@ -382,7 +474,8 @@ def test_cuda_matches_cpu(tiny_lm):
     student, teacher = tiny_lm(seed=1, num_hidden_layers=2), tiny_lm(seed=2)
     rows = _rows(4, 16, TINY_VOCAB, seed=3)
     cpu = heldout_metrics(student, teacher, _batches(rows, 2), TINY_VOCAB, bins=10)
-    bound = LB.two_forwards_heldout_bounds(student, teacher, next(_batches(rows, 4)), TINY_VOCAB)  # float32 matmuls (no TF32)
+    # float32 matmuls (no TF32)
+    bound = LB.two_forwards_heldout_bounds(student, teacher, next(_batches(rows, 4)), TINY_VOCAB)
     gpu = heldout_metrics(student.cuda(), teacher.cuda(), _batches(rows, 2), TINY_VOCAB, device="cuda", bins=10)
     for key in ("kl", "rkl", "student_clm", "agreement", "student_full_ece", "teacher_ece"):
         B.assert_within(gpu[key], cpu[key], bound[key], msg=key)

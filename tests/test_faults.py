@@ -67,7 +67,8 @@ def last_step(run: Path) -> int:
         lines = (run / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return -1
-    steps = [int(ln.split('"step": ')[1].split(",")[0]) for ln in lines if '"split": "train"' in ln and ln.endswith("}")]
+    steps = [int(ln.split('"step": ')[1].split(",")[0])
+             for ln in lines if '"split": "train"' in ln and ln.endswith("}")]
     return max(steps, default=-1)
 
 

@@ -129,7 +129,7 @@ def test_flops_cli_on_a_model_folder(tmp_path, tiny_lm, capsys):
         (["--teacher", "/nonexistent/config.json", "--student-params", "1e8", "--vocab", "9", "--hidden", "4"],
          "/nonexistent/config.json"),
         (["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "1000", "--hidden", "64", "--delta", "2"],
-         "--delta"),
+         "flops.delta=2.0 must be a finite number in (0, 1]"),
         (["--teacher-params", "1e5", "--student-params", "1e8", "--vocab", "1000", "--hidden", "64"], "embeddings"),
     ],
 )

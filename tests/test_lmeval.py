@@ -9,11 +9,14 @@ from bounds import assert_within
 from test_evaluate import one_line_error
 from tiny import SENTENCES, make_teacher_dir, write_corpus
 
+from tailkd import commands
 from tailkd.cli import main
-from tailkd.lmeval_tasks import PAPER_TASKS, expand_tasks, lm_eval_student, prepare_tasks, read_gsm_items, run_lm_eval
+from tailkd.command_config import LmEvalConfig, LmEvalOptions
+from tailkd.config import DataConfig
+from tailkd.lmeval_tasks import PAPER_TASKS, expand_tasks, prepare_tasks, read_gsm_items, run_lm_eval
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'tailkd[eval]')")
-from lm_eval.api.model import LM
+from lm_eval.api.model import LM  # noqa: E402 - after the skip when lm-eval is missing
 
 GSM = [
     {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3 + 2 = 5\n#### 5"},
@@ -118,9 +121,11 @@ def test_real_student_ppl_matches_our_own_loglikelihood(student, tmp_path):
     docs_file.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[:3]))
     gsm_file = tmp_path / "gsm.jsonl"
     gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM[:2]))
-    res = lm_eval_student(student["model"], "tailkd_ppl,tailkd_gsm", data=[str(docs_file)], split="all",
-                          gsm_data=gsm_file, max_gen_toks=8, device="cpu", log_samples=True,
-                          out=tmp_path / "lm.json")["results"]
+    cfg = LmEvalConfig(data=DataConfig(paths=[str(docs_file)], cache_dir=str(student["cache"])),
+                       lm_eval=LmEvalOptions(model=str(student["model"]), tasks="tailkd_ppl,tailkd_gsm", split="all",
+                                             gsm_data=str(gsm_file), max_gen_toks=8, device="cpu",
+                                             out=str(tmp_path / "lm.json")))
+    res = commands.lm_eval(cfg.validate(), log_samples=True)["results"]
     samples = res["samples"]["tailkd_ppl"]
     assert len(samples) == 3
     for s in samples:
@@ -153,6 +158,27 @@ def test_write_only_prints_the_lm_eval_command(student, tmp_path, capsys):
     assert f"--include_path {work.resolve()}" in printed and "--model hf" in printed and "pretrained=" in printed
     rows = [json.loads(line) for line in (work / "tailkd_ppl.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and str(work.resolve() / "tailkd_ppl.jsonl") in (work / "tailkd_ppl.yaml").read_text()
+
+
+def test_tailkd_ppl_of_a_model_trained_on_builtin_math(student, tmp_path):
+    """A model whose run trained on `--data builtin:math`: tailkd_ppl reads that run's held-out documents of the
+    built-in math corpus ('builtin:math' resolved as tailkd distill resolves it, not taken for a file path)."""
+    pytest.importorskip("reasoning_gym", reason="builtin:math needs reasoning-gym")
+    import shutil
+
+    import yaml
+
+    from tailkd.mathdata import default_math_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(student["model"], run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"paths": ["builtin:math"], "math_train": 40,
+                                                              "math_heldout": 4, "cache_dir": str(student["cache"])}}))
+    work = tmp_path / "tasks"
+    assert main(["lm-eval", "--model", str(run / "final"), "--work-dir", str(work), "--write-only"]) == 0
+    docs = [json.loads(line)["text"] for line in (work / "tailkd_ppl.jsonl").read_text().splitlines()]
+    corpus = default_math_dataset(student["cache"], n_train=40, n_heldout=4).corpus.read_text()
+    assert 1 <= len(docs) < 40 and all("####" in d and d in corpus for d in docs)
 
 
 @pytest.mark.parametrize(

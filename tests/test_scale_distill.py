@@ -62,7 +62,8 @@ def test_fused_loss_layer_trains_like_full_logits(assets, tmp_path, capsys, loss
     assert a[0] == pytest.approx(b[0], rel=_loss_layer_rel(assets, loss))
     assert a == pytest.approx(b, rel=1e-3)
     assert summary(dense)["loss_layer"] == "full logits" and summary(chunked)["loss_layer"] == "fused"
-    wa, wb = load_file(str(dense / "final" / "model.safetensors")), load_file(str(chunked / "final" / "model.safetensors"))
+    wa = load_file(str(dense / "final" / "model.safetensors"))
+    wb = load_file(str(chunked / "final" / "model.safetensors"))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-4, msg=name)
 
@@ -108,7 +109,8 @@ def test_cache_with_hidden_states_gives_the_online_run(assets, caches, tmp_path,
     online, cached = tmp_path / "online", tmp_path / "cached"
     assert main(distill_args(assets, online, "--loss", "tad", "--k", "5")) == 0
     capsys.readouterr()
-    assert main(distill_args(assets, cached, "--loss", "tad", "--k", "5", "--teacher-cache", str(caches["hidden"]))) == 0
+    hidden_cache = str(caches["hidden"])
+    assert main(distill_args(assets, cached, "--loss", "tad", "--k", "5", "--teacher-cache", hidden_cache)) == 0
     out = capsys.readouterr().out
     assert "teacher signal: teacher cache" in out and "exact" in out
     # Whole runs: the teacher logits from the cached fp32 hidden states + head vs the teacher's forward — two float32
@@ -190,7 +192,7 @@ def test_heldout_rows_per_forward_shrink_for_large_logits_without_changing_metri
     scale instead of the micro-batch): fewer rows per forward, the same metrics."""
     from conftest import TINY_VOCAB, make_tiny_lm
 
-    from tailkd import fused, train
+    from tailkd import evaluate, fused, train
     from tailkd.config import DistillConfig
 
     cfg = DistillConfig()
@@ -202,13 +204,13 @@ def test_heldout_rows_per_forward_shrink_for_large_logits_without_changing_metri
         rows.append({"input_ids": ids[:-1], "labels": ids[1:], "segment_ids": torch.zeros(16, dtype=torch.long)})
     student, teacher = make_tiny_lm(seed=0), make_tiny_lm(seed=1)
     seen = []
-    real = train.forward_logits
+    real = evaluate.forward_logits
 
     def counting(model, input_ids, *a, **kw):
         seen.append(input_ids.shape[0])
         return real(model, input_ids, *a, **kw)
 
-    monkeypatch.setattr(train, "forward_logits", counting)
+    monkeypatch.setattr(evaluate, "forward_logits", counting)  # the trainer's held-out pass is evaluate's
     full = train.heldout(student, teacher, rows, cfg, TINY_VOCAB, "cpu", None)
     assert max(seen) == 4
     seen.clear()

@@ -1,4 +1,5 @@
-"""Teacher analysis, the paper's Figure 2 (``tailkd analyze-teacher``): tail mass and mode mismatch.
+"""Teacher analysis, the paper's Figure 2 (``tailkd analyze-teacher``, entry point `tailkd.commands.analyze_teacher`):
+tail mass and mode mismatch.
 
 Per valid position i (labels != -100) with teacher distribution p_i sorted decreasingly
 p_i(1) ≥ p_i(2) ≥ … ≥ p_i(V) (ties in torch.topk order):
@@ -17,14 +18,11 @@ quartiles q25, median, q75 over positions (exact, from the per-position values k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from tailkd.checkpoint import atomic_write_text
 from tailkd.errors import TailkdError
 from tailkd.evaluate import IGNORE_INDEX, _chunks, forward_logits
 
@@ -86,40 +84,6 @@ def teacher_statistics(teacher, batches: Iterable[dict], vocab_size: int, *, kma
     return {"k": list(range(1, kmax + 1)), "alpha_mean": (alpha_sum / n).tolist(), "alpha_q25": q25.tolist(),
             "alpha_median": median.tolist(), "alpha_q75": q75.tolist(), "mismatch_rate": mismatches / n,
             "tokens": n, "teacher_clm": nll / n}
-
-
-def analyze_teachers(teachers: list[str], *, data: list[str] | None = None, seq_len: int = 256, batch_size: int = 4,
-                     max_rows: int | None = 32, split: str = "heldout", kmax: int = KMAX, device: str = "auto",
-                     dtype: str = "auto", cache_dir: str | None = None, out_dir: str | Path = "analysis") -> dict:
-    """``tailkd analyze-teacher``: statistics of each teacher on ``data`` (its own tokenisation), JSON + PNG.
-
-    Writes ``out_dir/teacher_analysis.json`` ({teacher spec: ``teacher_statistics`` + settings}) and
-    ``out_dir/teacher_tail_mass.png`` (two panels: (a) mean α_K with the q25–q75 band, (b) mismatch rate).
-    """
-    from tailkd import models
-    from tailkd.evaluate import batched, eval_rows, resolve_device
-    from tailkd.plots import plot_tail_mass
-
-    if not teachers:
-        raise TailkdError("no teacher given; pass --teacher SPEC (e.g. smollm2), several to compare")
-    if kmax < 1:
-        raise TailkdError(f"--kmax {kmax} must be >= 1 (the paper uses 100)")
-    dev = resolve_device(device)
-    results = {}
-    for spec in teachers:
-        model, tok = models.load_teacher(spec, device=dev, dtype=dtype)
-        vocab = models.check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
-        rows = eval_rows(tok, paths=data, seq_len=seq_len, split=split, max_rows=max_rows, cache_dir=cache_dir,
-                         model_max=models.model_max_length(model))
-        stats = teacher_statistics(model, batched(rows, batch_size), vocab, kmax=kmax, device=dev)
-        results[spec] = {"teacher": spec, "vocab": vocab, "rows": len(rows), "seq_len": seq_len, "split": split,
-                         "data": [str(p) for p in data] if data else "built-in", **stats}
-        del model
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "teacher_analysis.json", json.dumps(results, indent=1))
-    plot_tail_mass(results, out / "teacher_tail_mass.png")
-    return results
 
 
 def format_summary(results: dict) -> str:

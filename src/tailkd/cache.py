@@ -56,7 +56,7 @@ HIDDEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 IDENTITY_KEYS = ("format", "teacher", "tokenizer_fingerprint", "corpus", "k", "vocab_size", "hidden_states",
                  "tail_samples", "seed", "rows_per_shard", "num_rows")
 
-__all__ = ["CacheReader", "bytes_per_token", "cache_loss_description", "cache_teacher", "format_size_table",
+__all__ = ["CacheReader", "bytes_per_token", "cache_loss_description", "format_size_table",
            "open_cache", "row_hash", "sample_tail", "verify_shard", "weights_hash", "write_cache"]
 
 
@@ -304,37 +304,6 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
             bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
     log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
     return json.loads(meta_path.read_text())
-
-
-def cache_teacher(teacher: str, *, data: list[str] | None, seq_len: int, k: int, out: str, hidden_states: bool = False,
-                  hidden_dtype: str = "bf16", tail_samples: int = 0, split: str = "train", batch_size: int = 8,
-                  rows_per_shard: int | None = None, max_rows: int = 0, device: str = "auto", dtype: str = "auto",
-                  cache_dir: str | None = None, doc_sep: str = "auto", heldout_fraction: float = 0.05, seed: int = 0,
-                  log=print) -> dict:
-    """``tailkd cache-teacher``: the same packed rows as ``tailkd distill`` (same data, seq_len, doc_sep, held-out
-    fraction), the teacher run once, shards written into ``out``. Returns the cache meta."""
-    from tailkd import data as data_mod
-    from tailkd import models
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, tokenizer = models.load_teacher(teacher, device=dev, dtype=dtype)
-    data_mod.check_seq_len(seq_len, models.model_max_length(model))
-    root = Path(cache_dir) if cache_dir else data_mod.default_cache_root()
-    paths = [Path(p) for p in (data or [])] or data_mod.default_corpus_files(root)
-    info = data_mod.prepare_corpus_cached(paths, tokenizer, root / "corpora",
-                                          tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-                                          heldout_fraction=heldout_fraction, doc_sep=doc_sep)
-    if split not in ("train", "heldout"):
-        raise TailkdError(f"--split {split} must be train or heldout")
-    rows = data_mod.PackedRows(info.train_bin if split == "train" else info.heldout_bin, seq_len)
-    corpus = {"fingerprint": info.fingerprint, "split": split, "eos_id": info.eos_id,
-              "settings": {"doc_sep": doc_sep, "heldout_fraction": heldout_fraction}}
-    ac = torch.bfloat16 if dev.type == "cuda" and dtype in ("auto", "bf16") else None
-    return write_cache(model, tokenizer, rows, out, k=k, corpus=corpus, teacher_name=str(teacher),
-                       hidden_states=hidden_states, hidden_dtype=hidden_dtype, tail_samples=tail_samples, seed=seed,
-                       batch_size=batch_size, rows_per_shard=rows_per_shard, max_rows=max_rows,
-                       vocab_size=models.check_vocab(tokenizer, tokenizer, model, model), autocast_dtype=ac, log=log)
 
 
 # --------------------------------------------------------------------------- reading

@@ -1,4 +1,5 @@
-"""Data parallelism through torch.distributed: DDP (default) or FSDP2 for the student; the teacher is replicated.
+"""Devices and processes: data parallelism through torch.distributed (DDP, default, or FSDP2 for the student; the
+teacher is replicated), the device of each rank and its training precision (bf16 autocast where it is native).
 
 No engine of our own: DDP's bucketed all-reduce (or FSDP2's reduce-scatter) moves the gradients. This module
 only starts the process group from the launcher's environment, wraps the student, and offers the few
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -124,6 +126,14 @@ def resolve_device(name: str) -> torch.device:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
+
+
+def say(message: str, *, err: bool = False) -> None:
+    """One line on rank 0 only (stdout, or stderr with ``err``), above a progress bar if one is shown."""
+    if is_main():
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr if err else sys.stdout)
 
 
 def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -294,3 +304,35 @@ def _retie(model: torch.nn.Module, state: dict) -> dict:
             state[name] = state[first[id(param)]]
         first.setdefault(id(param), name)
     return state
+
+
+# --------------------------------------------------------------------------- precision
+
+
+NATIVE_BF16_ENV = "TAILKD_NATIVE_BF16"  # 0 / 1: override the detection below (e.g. 0 tests the fp32 path of CPUs
+#                                       without native bf16 on a CPU that has it)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX).
+
+    ``TAILKD_NATIVE_BF16=0`` (or ``1``) in the environment replaces the detection, so that ``precision: auto``
+    takes the fp32 path (or bf16) whatever the hardware."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise TailkdError(f"{NATIVE_BF16_ENV}={forced!r} must be 0 (no native bf16: fp32 by default) or 1; "
+                              "unset it to detect the hardware")
+        return forced == "1"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 autocast for ``precision`` bf16, or auto where the hardware has native bf16; else None (fp32)."""
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a student against a teacher, streamed over batches (``tailkd eval``).
+"""Held-out evaluation of a student against a teacher, streamed over batches (``tailkd eval``: its entry point is
+`tailkd.commands.evaluate`).
 
 Every metric is a sum over valid held-out positions (labels != -100) accumulated batch by batch
 in float64 and divided once at the end, so results do not depend on the batch size. Nothing of
@@ -21,10 +22,8 @@ Both ECEs are fractions in [0, 2] (Full-ECE) and [0, 1] (ECE); a perfectly calib
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 
@@ -169,6 +168,36 @@ def _chunks(n: int, vocab: int) -> Iterator[slice]:
 
 
 @torch.no_grad()
+def heldout_sums(student, teacher, batches: Iterable[dict], vocab_size: int, *, device="cpu", autocast_dtype=None,
+                 bins: int | None = None) -> dict[str, torch.Tensor]:
+    """The per-token sums behind `heldout_metrics` (`token_sums`, added over batches), not yet divided: sums of
+    several processes add up (`tailkd.distributed.gather_sums`) before the one division (`finalize`).
+
+    Every batch runs both forwards, also one without a valid token: data-parallel ranks then stay in lockstep
+    (FSDP's forward is a collective), and a rank with no rows left passes a batch whose labels are all -100."""
+    sums: dict[str, torch.Tensor] = {}
+    was_training = student.training
+    student.eval()
+    try:
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            mask = labels != IGNORE_INDEX  # (B, T)
+            s_logits, _ = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype)  # (B, T, V)
+            t_logits = None
+            if teacher is not None:
+                t_logits, _ = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
+            if not bool(mask.any()):
+                continue
+            s_logits, y = s_logits[mask], labels[mask]  # (N, V), (N,) valid positions only
+            t_logits = None if t_logits is None else t_logits[mask]  # (N, V)
+            for sl in _chunks(y.numel(), s_logits.shape[-1]):
+                add_sums(sums, token_sums(s_logits[sl], None if t_logits is None else t_logits[sl], y[sl], bins=bins))
+    finally:
+        student.train(was_training)
+    return sums
+
+
 def heldout_metrics(student, teacher, batches: Iterable[dict], vocab_size: int, *, device="cpu",
                     autocast_dtype=None, bins: int | None = None) -> dict:
     """KL(teacher‖student), reverse KL, CLM loss / perplexity / top-1 accuracy of both, agreement.
@@ -178,187 +207,22 @@ def heldout_metrics(student, teacher, batches: Iterable[dict], vocab_size: int, 
     top-1 ECE of both models and their per-bin sums (key ``calibration``). Sums over all valid tokens,
     one division at the end (see the module docstring for every formula).
     """
-    sums: dict[str, torch.Tensor] = {}
-    was_training = student.training
-    student.eval()
-    try:
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            labels = batch["labels"].to(device)
-            mask = labels != IGNORE_INDEX  # (B, T)
-            if not bool(mask.any()):
-                continue
-            s_logits, _ = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype)
-            t_logits = None
-            if teacher is not None:
-                t_logits, _ = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
-                t_logits = t_logits[mask]  # (N, V) valid positions only
-            s_logits = s_logits[mask]  # (N, V)
-            y = labels[mask]  # (N,)
-            for sl in _chunks(y.numel(), s_logits.shape[-1]):
-                add_sums(sums, token_sums(s_logits[sl], None if t_logits is None else t_logits[sl], y[sl], bins=bins))
-    finally:
-        student.train(was_training)
+    sums = heldout_sums(student, teacher, batches, vocab_size, device=device, autocast_dtype=autocast_dtype, bins=bins)
     return finalize(sums, bins=bins)
 
 
-# --------------------------------------------------------------------------- data for eval and analysis
-
-
-def eval_rows(tokenizer, *, paths: list[str] | None, seq_len: int, split: str = "heldout",
-              max_rows: int | None = None, cache_dir: str | None = None, heldout_fraction: float = 0.05,
-              doc_sep: str = "auto", model_max: int | None = None) -> list[dict]:
-    """Packed rows to evaluate on: ``paths`` (or the built-in corpus), tokenised with ``tokenizer``.
-
-    ``split``: ``heldout`` (the deterministic held-out documents, the same split ``tailkd distill`` uses
-    for the same data and ``heldout_fraction``), ``train``, or ``all`` (both; for a dedicated eval file).
-    """
-    from tailkd import data as data_mod
-    from tailkd import models
-
-    if split not in ("heldout", "train", "all"):
-        raise TailkdError(f"--split {split!r} is not a split; choose heldout, train or all")
-    if seq_len < 2:
-        raise TailkdError(f"--seq-len {seq_len} is too short; use at least 2 tokens")
-    if max_rows is not None and max_rows < 1:
-        raise TailkdError(f"--max-rows {max_rows} must be >= 1 (0 on the command line: all rows)")
-    if model_max is not None:
-        data_mod.check_seq_len(seq_len, model_max)
-    files = [Path(p) for p in paths] if paths else data_mod.default_corpus_files()
-    root = Path(cache_dir) if cache_dir else data_mod.default_cache_root()
-    info = data_mod.prepare_corpus_cached(
-        files, tokenizer, root / "corpora", tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-        heldout_fraction=heldout_fraction, doc_sep=doc_sep,
-    )
-    bins = {"heldout": [info.heldout_bin], "train": [info.train_bin], "all": [info.heldout_bin, info.train_bin]}[split]
-    rows: list[dict] = []
-    for bin_path in bins:
-        packed = data_mod.PackedRows(bin_path, seq_len)
-        for i in range(len(packed)):
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            rows.append(packed[i])
-    if not rows:
-        raise TailkdError(f"the {split} split holds no row of {seq_len} tokens; give more data (--data), a shorter "
-                          "--seq-len, or --split all")
-    return rows
+# --------------------------------------------------------------------------- batches and the printed table
 
 
 def batched(rows: list[dict], batch_size: int) -> Iterator[dict]:
+    """``rows`` (e.g. `tailkd.commands.eval_rows`) in order, collated ``batch_size`` at a time; the last batch may be
+    smaller."""
     from tailkd import data as data_mod
 
     if batch_size < 1:
         raise TailkdError(f"--batch-size {batch_size} must be >= 1")
     for i in range(0, len(rows), batch_size):
         yield data_mod.collate(rows[i:i + batch_size])
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if visible else cpu; ``cpu``, ``cuda``, ``cuda:N`` as named (a TailkdError otherwise).
-
-    Same rule as the trainer's; kept here so evaluation does not import the training loop.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TailkdError(f"--device {name} but no CUDA device is visible; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise TailkdError(f"--device {name!r} is not a device; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def run_config_defaults(student_dir: str | Path) -> dict:
-    """Teacher and data settings of the run that produced ``student_dir`` (``RUN/final`` -> ``RUN/config.yaml``)."""
-    import yaml
-
-    p = Path(student_dir)
-    for cand in (p / "config.yaml", p.parent / "config.yaml"):
-        if cand.is_file():
-            try:
-                cfg = yaml.safe_load(cand.read_text()) or {}
-            except yaml.YAMLError:
-                return {}
-            if isinstance(cfg, dict):
-                cfg["_path"] = str(cand)
-                return cfg
-    return {}
-
-
-def generation_pairs(tokenizer, run_cfg: dict, *, data: list[str] | None, cache_dir: str | None):
-    """(held-out (prompt, reference) pairs or SFT rows, chat template) for ``tailkd eval --generate``.
-
-    ``data`` given: every example of those JSONL files (prompt/response or messages). Otherwise the held-out
-    split of the run's SFT data (the same split as training), or the built-in math problems' held-out set.
-    """
-    from tailkd import sft
-    from tailkd.config import DataConfig, from_dict
-
-    if data:
-        template = sft.resolve_chat_template(tokenizer, "auto")
-        examples = sft.read_sft_examples([Path(p) for p in data])
-        return [(e.generation_prompt(template is not None), e.reference) for e in examples], template
-    rc_data = dict(run_cfg.get("data") or {})
-    if rc_data.get("task") != "sft":  # a pretraining run: evaluate on the built-in math problems
-        rc_data = {"task": "sft", "cache_dir": rc_data.get("cache_dir")}
-    data_cfg = from_dict(DataConfig, rc_data)
-    root = Path(cache_dir or data_cfg.cache_dir) if (cache_dir or data_cfg.cache_dir) else None
-    from tailkd.data import default_cache_root
-
-    _, held_rows, _ = sft.setup_sft_rows(data_cfg, tokenizer, root or default_cache_root())
-    return held_rows, held_rows.chat_template
-
-
-def evaluate_student(student: str, teacher: str | None = None, *, data: list[str] | None = None,
-                     seq_len: int | None = None, batch_size: int = 4, max_rows: int | None = 64, bins: int = 10,
-                     split: str = "heldout", device: str = "auto", teacher_dtype: str = "auto",
-                     cache_dir: str | None = None, out: str | Path | None = None, generate: dict | None = None) -> dict:
-    """``tailkd eval``: load a student folder and a teacher, evaluate on held-out rows, optionally save JSON.
-
-    Settings not given are taken from the run that produced the student (``RUN/final`` -> ``RUN/config.yaml``):
-    teacher, data paths, seq_len, held-out fraction and document separator — so the held-out split is the
-    run's own. Otherwise: teacher ``smollm2``, the built-in corpus, ``tailkd distill``'s default seq_len.
-    """
-    from tailkd import models
-
-    if not Path(student).is_dir():
-        raise TailkdError(f"--student {student} is not a folder; pass a saved student (e.g. runs/x/final)")
-    if bins < 1:
-        raise TailkdError(f"--bins {bins} must be >= 1 (10 or 20 are usual)")
-    run_cfg = run_config_defaults(student)
-    rc_data, rc_teacher = run_cfg.get("data") or {}, run_cfg.get("teacher") or {}
-    teacher = teacher or rc_teacher.get("path") or "smollm2"
-    data = data if data else (rc_data.get("paths") or None)
-    from tailkd.config import DataConfig
-
-    seq_len = seq_len or rc_data.get("seq_len") or DataConfig().seq_len
-    dev = resolve_device(device)
-
-    s_model, s_tok = models.load_causal_lm(student)
-    s_model.to(device=dev, dtype=torch.float32).eval()
-    t_model, t_tok = models.load_teacher(teacher, device=dev, dtype=teacher_dtype)
-    vocab = models.check_vocab(t_tok, s_tok, t_model, s_model)
-    model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
-    if generate is not None:  # generation-based evaluation on prompt -> response data (SFT runs, math)
-        from tailkd.generation import generation_eval
-
-        held, template = generation_pairs(s_tok, run_cfg, data=data, cache_dir=cache_dir)
-        metrics = generation_eval(s_model, t_model, s_tok, held, chat_template=template, **generate)
-        result = {"student": str(student), "teacher": str(teacher), "mode": "generate",
-                  "data": [str(p) for p in data] if data else "run/built-in held-out", **metrics}
-    else:
-        rows = eval_rows(s_tok, paths=data, seq_len=seq_len, split=split, max_rows=max_rows,
-                         cache_dir=cache_dir or rc_data.get("cache_dir"),
-                         heldout_fraction=rc_data.get("heldout_fraction", 0.05), doc_sep=rc_data.get("doc_sep", "auto"),
-                         model_max=model_max)
-        metrics = heldout_metrics(s_model, t_model, batched(rows, batch_size), vocab, device=dev, bins=bins)
-        result = {"student": str(student), "teacher": str(teacher),
-                  "data": [str(p) for p in data] if data else "built-in", "split": split, "seq_len": seq_len,
-                  "rows": len(rows), "vocab": vocab, **metrics}
-    if out is not None:
-        from tailkd.checkpoint import atomic_write_text
-
-        atomic_write_text(Path(out), json.dumps(result, indent=1))
-    return result
 
 
 def format_table(result: dict) -> str:

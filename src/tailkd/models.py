@@ -218,7 +218,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise TailkdError(f"cannot read the model config in {path} ({_brief(err)}): re-save the model with save_pretrained")
+        raise TailkdError(f"cannot read the model config in {path} ({_brief(err)}): "
+                          "re-save the model with save_pretrained")
     _check_causal_lm_config(config, path)
     _check_safetensors(path)
     try:

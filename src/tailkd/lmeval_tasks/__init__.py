@@ -11,9 +11,10 @@ ships two task templates that read local JSON lines through the ``json`` builder
   answer in GSM8K's format ``"... #### N"``; greedy decoding, the first ``#### (-?[0-9.,]+)`` of
   the output compared to N (lm-eval's gsm8k conventions: commas, ``$`` and a final ``.`` ignored).
 
-``prepare_tasks`` writes the data JSONL files and the rendered YAMLs (absolute paths filled in) into a
-work folder; that folder is what ``lm_eval --include_path`` takes. ``run_lm_eval`` runs the harness
-in-process on an HF model folder (``--model hf --model_args pretrained=DIR``). ``paper`` expands to
+``corpus_documents`` gives ``tailkd_ppl`` its documents; ``prepare_tasks`` writes the data JSONL files and
+the rendered YAMLs (absolute paths filled in) into a work folder; that folder is what ``lm_eval
+--include_path`` takes. ``run_lm_eval`` runs the harness in-process on an HF model folder (``--model hf
+--model_args pretrained=DIR``); ``tailkd.commands.lm_eval`` is the ``tailkd lm-eval`` command. ``paper`` expands to
 the paper's standard zero-shot tasks (they download their data from the Hugging Face hub, so they
 need network access: run with ``HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0``).
 """
@@ -93,21 +94,16 @@ def read_gsm_items(path: str | Path) -> list[dict]:
     return items
 
 
-def heldout_documents(tokenizer, paths: list[str] | None, *, heldout_fraction: float = 0.05, doc_sep: str = "auto",
-                      cache_dir: str | None = None) -> list[str]:
-    """The texts of the held-out documents of ``paths`` (or the built-in corpus): exactly the documents
-    ``tailkd distill`` holds out for the same data (a document is held out iff ``data.doc_hash`` < the
-    corpus's ``split_threshold``)."""
+def corpus_documents(info, *, doc_sep: str = "auto", heldout_only: bool = True) -> list[str]:
+    """The texts of the documents of a prepared corpus (`tailkd.data.CorpusInfo`, e.g. from
+    `tailkd.train.setup_data`), in reading order; ``heldout_only``: exactly the documents ``tailkd distill`` holds
+    out (a document is held out iff ``data.doc_hash`` < the corpus's ``split_threshold``)."""
     from tailkd import data as data_mod
-    from tailkd import models
 
-    files = [Path(p) for p in paths] if paths else data_mod.default_corpus_files()
-    root = Path(cache_dir) if cache_dir else data_mod.default_cache_root()
-    info = data_mod.prepare_corpus_cached(files, tokenizer, root / "corpora",
-                                          tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-                                          heldout_fraction=heldout_fraction, doc_sep=doc_sep)
+    files = [Path(f["path"]) for f in info.meta["files"]]
     threshold = info.meta["split_threshold"]
-    return [doc for doc in data_mod.iter_documents(files, doc_sep=doc_sep) if data_mod.doc_hash(doc) < threshold]
+    docs = data_mod.iter_documents(files, doc_sep=doc_sep)
+    return [doc for doc in docs if not heldout_only or data_mod.doc_hash(doc) < threshold]
 
 
 def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gsm_items: list[dict] | None = None,
@@ -209,75 +205,3 @@ def format_results(results: dict) -> str:
         return make_table(results)
     except Exception:  # noqa: BLE001 - printing must not fail the run; fall back to plain JSON
         return json.dumps(results.get("results", {}), indent=1, default=str)
-
-
-def lm_eval_student(model_dir: str | Path, tasks: str | list[str] = "tailkd_ppl", *, data: list[str] | None = None,
-                    split: str = "heldout", gsm_data: str | Path | None = None, work_dir: str | Path | None = None,
-                    max_gen_toks: int = 256, cache_dir: str | None = None, batch_size: int = 1, device: str = "auto",
-                    limit: float | None = None, num_fewshot: int | None = None, out: str | Path | None = None,
-                    write_only: bool = False, log_samples: bool = False) -> dict:
-    """``tailkd lm-eval``: write our tasks' data for ``model_dir`` and run lm-eval on it.
-
-    ``tailkd_ppl`` reads the held-out documents of ``data`` (``split="heldout"``: the split ``tailkd distill``
-    holds out; ``"all"``: every document), defaulting to the data of the run that produced ``model_dir``
-    (``RUN/final`` → ``RUN/config.yaml``), else the built-in corpus. ``tailkd_gsm`` reads ``gsm_data``.
-    With ``write_only`` nothing runs: the task folder is written and the ``lm_eval`` command returned.
-    Returns ``{"command", "include_path", "results"}`` (``results`` None with ``write_only``).
-    """
-    import shutil
-    import tempfile
-
-    from tailkd.evaluate import run_config_defaults
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise TailkdError(f"--model {model_dir} is not a saved model folder (no config.json); pass e.g. runs/x/final")
-    names = expand_tasks(tasks)
-    if split not in ("heldout", "all"):
-        raise TailkdError(f"--split {split!r} is not a split; choose heldout or all")
-    ppl_docs = gsm_items = None
-    if "tailkd_gsm" in names:
-        if gsm_data is None:
-            raise TailkdError("tailkd_gsm needs --gsm-data FILE.jsonl with {\"question\", \"answer\"} lines "
-                              "(answer ending in '#### N', as GSM8K)")
-        gsm_items = read_gsm_items(gsm_data)
-    if "tailkd_ppl" in names:
-        from transformers import AutoTokenizer
-
-        rc_data = run_config_defaults(model_dir).get("data") or {}
-        paths = data if data else (rc_data.get("paths") or None)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        fraction = rc_data.get("heldout_fraction", 0.05)
-        doc_sep = rc_data.get("doc_sep", "auto")
-        if split == "heldout":
-            ppl_docs = heldout_documents(tokenizer, paths, heldout_fraction=fraction, doc_sep=doc_sep,
-                                         cache_dir=cache_dir or rc_data.get("cache_dir"))
-        else:
-            from tailkd import data as data_mod
-
-            files = [Path(p) for p in paths] if paths else data_mod.default_corpus_files()
-            ppl_docs = list(data_mod.iter_documents(files, doc_sep=doc_sep))
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    temp = None
-    if work_dir is None:
-        work_dir = Path("lm_eval_tasks") if write_only else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
-        temp = None if write_only else work_dir
-    try:
-        include = prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=max_gen_toks)
-        command = lm_eval_command(model_dir, names, include, batch_size=batch_size, device=device, limit=limit,
-                                  num_fewshot=num_fewshot)
-        if write_only:
-            return {"command": command, "include_path": str(include), "results": None}
-        results = run_lm_eval(model_dir, names, include_path=include, batch_size=batch_size, device=device,
-                              limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
-    finally:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summarize(results), indent=1, default=str))
-    return {"command": command, "include_path": None if temp is not None else str(include), "results": results}

@@ -1,0 +1,389 @@
+"""Typed configs of the subcommands other than distill: eval, analyze-teacher, cache-teacher, lm-eval, compare, flops.
+
+Each is a dataclass of sections, exactly like `tailkd.config.DistillConfig`: YAML (``--config``) mirrors it key
+for key, every leaf is a flag ``--section.field`` and the flags users type most keep their short spellings
+(``ALIASES``: ``--student``, ``--data``, ``--seq-len``, ``--out``, ...). Where a setting means what it means for
+``tailkd distill`` the section is distill's own: ``data`` is a `DataConfig` (the same packed rows, held-out split,
+``builtin:math`` and SFT rules) and ``teacher`` a `TeacherConfig`; ``OMIT`` lists the leaves of a reused section a
+command does not read (no flag for them, and an unknown key in YAML). The rest is one small section per command
+(``eval``, ``generate``, ``analyze``, ``cache``, ``lm_eval``, ``compare``, ``flops``). Floats are checked by
+`tailkd.config.FLOAT_RANGES`, choices by ``choices=`` metadata, both through `tailkd.config.check_leaves`.
+
+eval and lm-eval read a saved model; ``run_defaults`` fills the settings not given with the ones of the run that
+produced it (``RUN/final`` -> ``RUN/config.yaml``), so the held-out split is the run's own.
+
+A module of its own because `tailkd.config` holds the machinery and distill's config in ~500 lines: these
+configs there would take it well past the ~600 lines a module should stay under.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import yaml
+
+from tailkd.config import DataConfig, TeacherConfig, _f, _leaves, check_at_least, check_leaves, from_dict, leaf_value
+from tailkd.errors import TailkdError
+
+EVAL_SPLITS = ("heldout", "train", "all")
+CACHE_SPLITS = ("train", "heldout")
+LM_EVAL_SPLITS = ("heldout", "all")
+CACHE_HIDDEN_DTYPES = ("bf16", "fp16", "fp32")  # the keys of tailkd.cache.HIDDEN_DTYPES (a test checks they agree)
+DEVICE_HELP = "auto (cuda if visible, else cpu), cpu, cuda or cuda:N"
+
+# The data flags of tailkd distill, for every command with a data section (those of omitted leaves are unused).
+DATA_ALIASES = {"data": "data.paths", "seq-len": "data.seq_len", "cache-dir": "data.cache_dir",
+                "doc-sep": "data.doc_sep", "heldout-fraction": "data.heldout_fraction", "task": "data.task",
+                "heldout-data": "data.heldout_paths"}
+# data.* leaves that only shape SFT rows (prompt/response): omitted where a command reads packed text only.
+SFT_ONLY = ("data.task", "data.heldout_paths", "data.sft_mode", "data.chat_template", "data.overlong",
+            "data.split_seed")
+
+
+def _aliases(section: str, cls, *names: str) -> dict[str, str]:
+    """``--a-b`` -> ``section.a_b`` for the fields ``names`` of ``cls`` (all of them if none is named)."""
+    names = names or tuple(f.name for f in fields(cls))
+    return {name.replace("_", "-"): f"{section}.{name}" for name in names}
+
+
+def _check_device(cfg, key: str) -> None:
+    """The device names `tailkd.distributed.resolve_device` takes; whether CUDA is visible is checked there."""
+    name = leaf_value(cfg, key)
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise TailkdError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+# --------------------------------------------------------------------------- the run that produced a saved model
+
+
+def read_run_config(model_dir: str | Path | None) -> tuple[dict, Path | None]:
+    """(the config.yaml of the run that produced ``model_dir``, its path): ``model_dir/config.yaml`` or
+    ``model_dir/../config.yaml`` (``RUN/final`` -> ``RUN/config.yaml``); ({}, None) if there is none."""
+    if not model_dir:
+        return {}, None
+    p = Path(model_dir)
+    for cand in (p / "config.yaml", p.parent / "config.yaml"):
+        if cand.is_file():
+            try:
+                cfg = yaml.safe_load(cand.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TailkdError(f"the run config {cand} of {p} is not valid YAML ({first}); repair it, or give the "
+                                  "teacher and data settings yourself and move it away") from None
+            return (cfg if isinstance(cfg, dict) else {}), cand
+    return {}, None
+
+
+def run_sections(cls, model_dir: str | None, sections: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the ``sections`` of the run config of ``model_dir`` restricted to the leaves ``cls`` reads, the whole run
+    config). Keys a command does not read are left out; a value of the wrong type is an error naming the file."""
+    run, path = read_run_config(model_dir)
+    keys = {dotted for dotted, _, _ in _leaves(cls)}
+    out: dict = {}
+    for section in sections:
+        values = run.get(section)
+        if isinstance(values, dict):
+            out[section] = {k: v for k, v in values.items() if f"{section}.{k}" in keys}
+    try:
+        from_dict(cls, out)
+    except TailkdError as exc:
+        raise TailkdError(f"{path}: {exc}") from None
+    return out, run
+
+
+def _given(given: dict, section: str, key: str):
+    part = given.get(section)
+    return part.get(key) if isinstance(part, dict) else None
+
+
+# --------------------------------------------------------------------------- tailkd eval
+
+
+@dataclass
+class EvalOptions:
+    student: Optional[str] = _f(None, "saved student folder, e.g. runs/x/final (required); the teacher and data "
+                                      "settings not given are those of its run (RUN/config.yaml)")
+    split: str = _f("heldout", "which rows: the held-out split tailkd distill uses, train, or all",
+                    choices=EVAL_SPLITS)
+    batch_size: int = _f(4, "rows per forward pass (results do not depend on it); prompts per batch with --generate")
+    max_rows: int = _f(64, "evaluate at most this many rows (0: all)")
+    bins: int = _f(10, "calibration bins M on [0, 1] for Full-ECE and ECE")
+    device: str = _f("auto", DEVICE_HELP)
+    out: str = _f("eval.json", "JSON file for the results (e.g. RUN/eval.json for tailkd compare)")
+
+
+@dataclass
+class GenerateOptions:
+    enabled: bool = _f(False, "generation-based evaluation instead of the held-out metrics: decode held-out prompts "
+                              "with student and teacher and score exact match of the final answer ('#### N', else "
+                              "'the answer is N', else the last number)")
+    prompts: list[str] = _f([], "prompt/response JSONL files whose every example is decoded (default: the held-out "
+                                "split of the data when data.task is sft, as an SFT run's; else the built-in math "
+                                "problems' held-out set)")
+    max_new_tokens: int = _f(256, "tokens generated per prompt")
+    samples: int = _f(0, "sampled completions per prompt besides greedy (>= 2 adds Distinct-n and Self-BLEU)")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling p")
+    limit: int = _f(20, "evaluate the first N prompts (0: all)")
+    seed: int = _f(0, "sampling seed")
+
+
+@dataclass
+class EvalConfig:
+    """``tailkd eval``: a saved student against a teacher, on held-out rows (or generation on held-out prompts)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    generate: GenerateOptions = field(default_factory=GenerateOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows")
+    ALIASES: ClassVar[dict[str, str]] = {
+        "student": "eval.student", "teacher": "teacher.path", "teacher-dtype": "teacher.dtype", **DATA_ALIASES,
+        **_aliases("eval", EvalOptions, "split", "batch_size", "max_rows", "bins", "device", "out"),
+        "generate": "generate.enabled", "gen-limit": "generate.limit",
+        **_aliases("generate", GenerateOptions, "prompts", "max_new_tokens", "samples", "temperature", "top_p",
+                   "seed")}
+
+    @classmethod
+    def run_defaults(cls, given: dict) -> dict:
+        """The teacher and data sections of the student's run. With ``--generate`` a pretraining run's data.paths
+        are left out: text holds no prompts (the built-in math problems are decoded instead)."""
+        out, run = run_sections(cls, _given(given, "eval", "student"), ("teacher", "data"))
+        if _given(given, "generate", "enabled") and _given(run, "data", "task") != "sft":
+            out.get("data", {}).pop("paths", None)
+        return out
+
+    def validate(self) -> EvalConfig:
+        check_leaves(self)
+        if not self.eval.student:
+            raise TailkdError("eval.student is not set; pass --student DIR (a saved student, e.g. runs/x/final)")
+        check_at_least(self, "data.seq_len", 2, " (a row needs a token and its successor)")
+        for key in ("eval.batch_size", "eval.bins", "generate.max_new_tokens"):
+            check_at_least(self, key, 1)
+        for key in ("eval.max_rows", "generate.samples", "generate.limit"):
+            check_at_least(self, key, 0, " (0: all)" if key != "generate.samples" else "")
+        _check_device(self, "eval.device")
+        if self.generate.enabled and self.data.paths and self.data.task != "sft":
+            raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
+                              "(generate.prompts); --data (data.paths) is read by --generate only with --task sft, "
+                              "as its held-out split")
+        return self
+
+
+# --------------------------------------------------------------------------- tailkd analyze-teacher
+
+
+@dataclass
+class AnalyzeOptions:
+    teachers: list[str] = _f(["smollm2"], "teacher specs (smollm2, HF folders, .gguf), each with its own tokeniser")
+    split: str = _f("heldout", "which rows: the held-out split tailkd distill uses, train, or all",
+                    choices=EVAL_SPLITS)
+    batch_size: int = _f(4, "rows per forward pass")
+    max_rows: int = _f(32, "analyse at most this many rows (0: all)")
+    kmax: int = _f(100, "largest K of the tail-mass curve")
+    device: str = _f("auto", DEVICE_HELP)
+    out: str = _f("teacher_analysis", "output folder (teacher_analysis.json, teacher_tail_mass.png)")
+
+
+@dataclass
+class AnalyzeTeacherConfig:
+    """``tailkd analyze-teacher``: tail mass α_K and mode mismatch of one or more teachers on a corpus."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # its dtype (the specs are analyze.teachers)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=256))
+    analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.path", "teacher.cache", "data.eval_rows")
+    ALIASES: ClassVar[dict[str, str]] = {"teacher": "analyze.teachers", "dtype": "teacher.dtype", **DATA_ALIASES,
+                                         **_aliases("analyze", AnalyzeOptions, "split", "batch_size", "max_rows",
+                                                    "kmax", "device", "out")}
+
+    def validate(self) -> AnalyzeTeacherConfig:
+        check_leaves(self)
+        if not self.analyze.teachers:
+            raise TailkdError("no teacher given; pass --teacher SPEC (e.g. smollm2), several to compare")
+        check_at_least(self, "data.seq_len", 2, " (a row needs a token and its successor)")
+        check_at_least(self, "analyze.batch_size", 1)
+        check_at_least(self, "analyze.max_rows", 0, " (0: all)")
+        check_at_least(self, "analyze.kmax", 1, " (the paper uses 100)")
+        _check_device(self, "analyze.device")
+        return self
+
+
+# --------------------------------------------------------------------------- tailkd cache-teacher
+
+
+@dataclass
+class CacheOptions:
+    out: Optional[str] = _f(None, "cache folder (required; resumed if it holds a cache with the same settings)")
+    k: int = _f(64, "teacher top-K ids cached per token")
+    hidden_states: bool = _f(False, "also cache the teacher's final hidden states (every loss exact at train time)")
+    hidden_dtype: str = _f("bf16", "dtype of the cached hidden states", choices=CACHE_HIDDEN_DTYPES)
+    tail_samples: int = _f(0, "M tail tokens sampled per position (0: none)")
+    split: str = _f("train", "which rows to cache", choices=CACHE_SPLITS)
+    batch_size: int = _f(8, "rows per teacher forward")
+    rows_per_shard: Optional[int] = _f(None, "rows per shard (default: ~256 MiB shards)")
+    max_rows: int = _f(0, "cache only the first N rows (0: all)")
+    device: str = _f("auto", DEVICE_HELP)
+    seed: int = _f(0, "seed of the tail samples")
+
+
+@dataclass
+class CacheTeacherConfig:
+    """``tailkd cache-teacher``: the teacher's top-K (+ hidden states, tail samples) over distill's packed rows."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheOptions = field(default_factory=CacheOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows", *SFT_ONLY)
+    ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
+                                         **_aliases("cache", CacheOptions)}
+
+    def validate(self) -> CacheTeacherConfig:
+        check_leaves(self)
+        if not self.cache.out:
+            raise TailkdError("cache.out is not set; pass --out DIR (the cache folder)")
+        for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard"):
+            check_at_least(self, key, 1)
+        check_at_least(self, "cache.tail_samples", 0, " (0: none)")
+        check_at_least(self, "cache.max_rows", 0, " (0: all)")
+        _check_device(self, "cache.device")
+        return self
+
+
+# --------------------------------------------------------------------------- tailkd lm-eval
+
+
+@dataclass
+class LmEvalOptions:
+    model: Optional[str] = _f(None, "saved model folder, e.g. runs/x/final (required); the data settings not given "
+                                    "are those of its run (RUN/config.yaml)")
+    tasks: str = _f("tailkd_ppl", "comma-separated: tailkd_ppl, tailkd_gsm, paper, lm-eval task names")
+    split: str = _f("heldout", "tailkd_ppl: the documents tailkd distill holds out, or all", choices=LM_EVAL_SPLITS)
+    gsm_data: Optional[str] = _f(None, 'tailkd_gsm problems: .jsonl of {"question", "answer": "... #### N"}')
+    max_gen_toks: int = _f(256, "tailkd_gsm: generated tokens at most")
+    limit: Optional[float] = _f(None, "at most this many documents per task (lm-eval --limit)")
+    num_fewshot: Optional[int] = _f(None, "few-shot examples (lm-eval --num_fewshot)")
+    batch_size: int = _f(1, "lm-eval batch size")
+    device: str = _f("auto", DEVICE_HELP)
+    work_dir: Optional[str] = _f(None, "where task YAMLs + data are written (default: a temporary folder; with "
+                                       "--write-only: ./lm_eval_tasks)")
+    write_only: bool = _f(False, "only write the task folder and print the lm_eval command")
+    out: str = _f("lm_eval.json", "JSON file for lm-eval's results")
+
+
+@dataclass
+class LmEvalConfig:
+    """``tailkd lm-eval``: lm-evaluation-harness on a saved model, with our offline tasks over local data."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # tailkd_ppl's documents
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = ("data.seq_len", "data.eval_rows", *SFT_ONLY)
+    ALIASES: ClassVar[dict[str, str]] = {**DATA_ALIASES, **_aliases("lm_eval", LmEvalOptions)}
+
+    @classmethod
+    def run_defaults(cls, given: dict) -> dict:
+        """The data section of the model's run (tailkd_ppl then reads that run's held-out documents)."""
+        return run_sections(cls, _given(given, "lm_eval", "model"), ("data",))[0]
+
+    def validate(self) -> LmEvalConfig:
+        check_leaves(self)
+        if not self.lm_eval.model:
+            raise TailkdError("lm_eval.model is not set; pass --model DIR (a saved model, e.g. runs/x/final)")
+        for key in ("lm_eval.max_gen_toks", "lm_eval.batch_size"):
+            check_at_least(self, key, 1)
+        check_at_least(self, "lm_eval.num_fewshot", 0)
+        _check_device(self, "lm_eval.device")
+        return self
+
+
+# --------------------------------------------------------------------------- tailkd compare
+
+
+@dataclass
+class CompareOptions:
+    runs: list[str] = _f([], "run folders written by tailkd distill", positional="RUN")
+    baseline: Optional[str] = _f(None, "run for the relative change (e.g. the vanilla KD run)")
+    out: str = _f("compare", "output folder")
+
+
+@dataclass
+class CompareConfig:
+    """``tailkd compare``: runs side by side (held-out KL curves, a table with Rel = 100·ln(x / x_base))."""
+
+    compare: CompareOptions = field(default_factory=CompareOptions)
+
+    ALIASES: ClassVar[dict[str, str]] = _aliases("compare", CompareOptions, "baseline", "out")
+
+    def validate(self) -> CompareConfig:
+        check_leaves(self)
+        return self
+
+
+# --------------------------------------------------------------------------- tailkd flops
+
+
+@dataclass
+class FlopsOptions:
+    teacher: Optional[str] = _f(None, "teacher: model folder, config.json, .gguf or smollm2 (no weights read)")
+    student: Optional[str] = _f(None, "student: model folder, config.json, .gguf or smollm2 (no weights read)")
+    teacher_params: Optional[float] = _f(None, "teacher total parameters (e.g. 1.8e9), instead of --teacher")
+    student_params: Optional[float] = _f(None, "student total parameters (e.g. 1.2e9), instead of --student")
+    vocab: Optional[int] = _f(None, "vocabulary size (with --*-params)")
+    hidden: Optional[int] = _f(None, "teacher hidden size d (with --*-params)")
+    student_hidden: Optional[int] = _f(None, "student hidden size (default: --hidden)")
+    teacher_layers: Optional[int] = _f(None, "teacher layers (attention term; with --*-params)")
+    student_layers: Optional[int] = _f(None, "student layers (attention term; with --*-params)")
+    teacher_tied: bool = _f(False, "with --teacher-params: its LM head is tied to the embedding")
+    student_tied: bool = _f(False, "with --student-params: its LM head is tied to the embedding")
+    seq_len: int = _f(2048, "tokens per training row (attention term)")
+    tokens: float = _f(1e6, "training tokens to count (1M, as the paper's Table 3)")
+    freeze_embeddings: bool = _f(False, "student embeddings/head frozen (no head weight gradient)")
+    delta: float = _f(0.5, "MiniPLM difference-sampling ratio δ")
+    reference: Optional[str] = _f(None, "MiniPLM reference model (folder/config.json)")
+    reference_params: float = _f(125e6, "MiniPLM reference model parameters (without --reference)")
+    prompt_len: int = _f(128, "generation methods: prompt tokens per sequence")
+    gen_len: int = _f(256, "generation methods: generated tokens per prompt")
+    ppo_epochs: int = _f(4, "MiniLLM: policy-update passes per rollout")
+    out: Optional[str] = _f(None, "also write the table as JSON")
+
+
+@dataclass
+class FlopsConfig:
+    """``tailkd flops``: FLOPs of KD, TAD, MiniPLM, SeqKD, MiniLLM per training tokens (paper Table 3).
+
+    One section of its own: FLOPs are counted from model sizes, with no data, weights or dtype, so none of
+    distill's sections applies."""
+
+    flops: FlopsOptions = field(default_factory=FlopsOptions)
+
+    ALIASES: ClassVar[dict[str, str]] = _aliases("flops", FlopsOptions)
+
+    def validate(self) -> FlopsConfig:
+        check_leaves(self)
+        f = self.flops
+        for role in ("teacher", "student"):
+            if getattr(f, role) is None:
+                if getattr(f, f"{role}_params") is None:
+                    raise TailkdError(f"give --{role} SPEC (model folder, config.json, .gguf, smollm2) or "
+                                      f"--{role}-params N")
+                if f.vocab is None or f.hidden is None:
+                    raise TailkdError(f"--{role}-params needs --vocab and --hidden "
+                                      "(and --student-hidden if the student is narrower)")
+        for key in ("flops.seq_len", "flops.gen_len", "flops.vocab", "flops.hidden", "flops.student_hidden"):
+            check_at_least(self, key, 1)
+        for key in ("flops.prompt_len", "flops.ppo_epochs", "flops.teacher_layers", "flops.student_layers"):
+            check_at_least(self, key, 0)
+        return self
+
+
+# The dataclasses of `tailkd distill` and of these commands, for tests and tools that walk every config.
+COMMAND_CONFIGS = {"eval": EvalConfig, "analyze-teacher": AnalyzeTeacherConfig, "cache-teacher": CacheTeacherConfig,
+                   "lm-eval": LmEvalConfig, "compare": CompareConfig, "flops": FlopsConfig}
+__all__ = ["COMMAND_CONFIGS", "AnalyzeTeacherConfig", "CacheTeacherConfig", "CompareConfig",
+           "EvalConfig", "FlopsConfig", "LmEvalConfig", "read_run_config", "run_sections"]

@@ -1,0 +1,322 @@
+"""The entry points of ``tailkd eval``, ``analyze-teacher``, ``cache-teacher``, ``lm-eval``, ``compare`` and ``flops``.
+
+One plain function per subcommand, each taking one typed config (`tailkd.command_config`), printing what the
+command prints and returning its result; `tailkd.cli` parses the flags into that config (`config_from_args`, which
+also fills in the settings of a saved model's run) and calls it, and a notebook can call it the same way with a
+config it builds (``commands.evaluate(EvalConfig(eval=EvalOptions(student="runs/x/final")).validate())``: every
+setting as written, none taken from the run).
+This is glue: load models, build the rows, call the components' library functions
+(`tailkd.evaluate.heldout_metrics`, `tailkd.analysis.teacher_statistics`, `tailkd.cache.write_cache`,
+`tailkd.lmeval_tasks.run_lm_eval`, `tailkd.compare.compare_runs`, `tailkd.flops.method_table`), write the outputs.
+
+Rows come from `tailkd.train.setup_data`, the function that builds ``tailkd distill``'s rows, so that a data
+section means the same for every command: the same packed rows and held-out split for the same settings,
+``builtin:math`` resolved to the built-in math corpus, the built-in news corpus when no path is given, SFT rows
+for ``data.task sft``.
+
+A module of its own rather than part of cli.py: cli.py stays the parser and the error policy (what becomes
+``tailkd: error: ...``), and these functions are importable without argparse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tailkd.command_config import (
+    AnalyzeTeacherConfig,
+    CacheTeacherConfig,
+    CompareConfig,
+    EvalConfig,
+    FlopsConfig,
+    LmEvalConfig,
+)
+from tailkd.config import DataConfig, DistillConfig
+from tailkd.errors import TailkdError
+
+# --------------------------------------------------------------------------- rows, as tailkd distill builds them
+
+
+def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: int | None = None,
+              model_max: int | None = None) -> list[dict]:
+    """The first ``max_rows`` rows (None: all) of ``split`` of ``data``, tokenised with ``tokenizer``: exactly the
+    rows ``tailkd distill`` trains (``train``) and evaluates (``heldout``) on for the same data settings;
+    ``all``: held-out rows, then training rows. ``model_max``: the longest sequence the models take."""
+    from tailkd.train import setup_data
+
+    _, train_rows, held_rows = setup_data(DistillConfig(data=data), tokenizer, model_max)
+    parts = {"heldout": [held_rows], "train": [train_rows], "all": [held_rows, train_rows]}[split]
+    rows: list[dict] = []
+    for part in parts:
+        for i in range(len(part)):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            rows.append(part[i])
+    if not rows:
+        raise TailkdError(f"the {split} split holds no row of {data.seq_len} tokens; give more data (--data), a "
+                          "shorter --seq-len, or --split all")
+    return rows
+
+
+# --------------------------------------------------------------------------- tailkd eval
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """``tailkd eval``: the student of ``cfg.eval.student`` against ``cfg.teacher`` on the held-out rows of
+    ``cfg.data`` (`tailkd.evaluate.heldout_metrics`), or with ``cfg.generate.enabled`` exact match and diversity of
+    decoded held-out prompts (`tailkd.generation.generation_eval`). Writes ``cfg.eval.out`` (JSON), prints a table."""
+    import torch
+
+    from tailkd import models
+    from tailkd.checkpoint import atomic_write_text
+    from tailkd.distributed import resolve_device
+    from tailkd.evaluate import batched, format_table, heldout_metrics
+
+    student = Path(cfg.eval.student)
+    if not student.is_dir():
+        raise TailkdError(f"--student {student} is not a folder; pass a saved student (e.g. runs/x/final)")
+    dev = resolve_device(cfg.eval.device)
+    s_model, s_tok = models.load_causal_lm(str(student))
+    s_model.to(device=dev, dtype=torch.float32).eval()
+    t_model, t_tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
+    vocab = models.check_vocab(t_tok, s_tok, t_model, s_model)
+    result: dict = {"student": str(student), "teacher": cfg.teacher.path}
+    if cfg.generate.enabled:
+        from tailkd.generation import generation_eval
+
+        examples, template = generation_examples(cfg, s_tok)
+        g = cfg.generate
+        metrics = generation_eval(s_model, t_model, s_tok, examples, chat_template=template,
+                                  max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size, samples=g.samples,
+                                  temperature=g.temperature, top_p=g.top_p, limit=g.limit or None, seed=g.seed)
+        result.update(mode="generate", data=g.prompts or "run/built-in held-out", **metrics)
+    else:
+        model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
+        rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
+                         model_max=model_max)
+        metrics = heldout_metrics(s_model, t_model, batched(rows, cfg.eval.batch_size), vocab, device=dev,
+                                  bins=cfg.eval.bins)
+        result.update(data=cfg.data.paths or "built-in", split=cfg.eval.split, seq_len=cfg.data.seq_len,
+                      rows=len(rows), vocab=vocab, **metrics)
+    atomic_write_text(Path(cfg.eval.out), json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"saved {cfg.eval.out}")
+    return result
+
+
+def generation_examples(cfg: EvalConfig, tokenizer):
+    """(held-out examples, chat template) for ``tailkd eval --generate``.
+
+    ``generate.prompts``: every example of those JSONL files (prompt/response or messages). Otherwise, with
+    ``data.task sft``, the held-out split of the data (an SFT run's own: ``data.heldout_paths``, else a held-out
+    fraction of ``data.paths``; the built-in math problems' when no path is given); else the held-out set of the
+    built-in math problems (``data.math_train``/``data.math_heldout`` name the same set as a builtin:math run's).
+    """
+    from tailkd import sft
+    from tailkd.data import default_cache_root
+
+    if cfg.generate.prompts:
+        template = sft.resolve_chat_template(tokenizer, "auto")
+        examples = sft.read_sft_examples([Path(p) for p in cfg.generate.prompts])
+        return [(e.generation_prompt(template is not None), e.reference) for e in examples], template
+    data = cfg.data if cfg.data.task == "sft" else DataConfig(
+        task="sft", cache_dir=cfg.data.cache_dir, math_train=cfg.data.math_train, math_heldout=cfg.data.math_heldout)
+    root = Path(data.cache_dir) if data.cache_dir else default_cache_root()
+    _, held_rows, _ = sft.setup_sft_rows(data, tokenizer, root)
+    return held_rows, held_rows.chat_template
+
+
+# --------------------------------------------------------------------------- tailkd analyze-teacher
+
+
+def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
+    """``tailkd analyze-teacher``: `tailkd.analysis.teacher_statistics` of each teacher on ``cfg.data`` (with its own
+    tokeniser). Writes ``out/teacher_analysis.json`` ({teacher spec: statistics + settings}) and
+    ``out/teacher_tail_mass.png`` (paper Fig. 2: (a) mean α_K with the q25–q75 band, (b) mismatch rate)."""
+    from tailkd import models
+    from tailkd.analysis import format_summary, teacher_statistics
+    from tailkd.checkpoint import atomic_write_text
+    from tailkd.distributed import resolve_device
+    from tailkd.evaluate import batched
+    from tailkd.plots import plot_tail_mass
+
+    a = cfg.analyze
+    dev = resolve_device(a.device)
+    results = {}
+    for spec in a.teachers:
+        model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
+        vocab = models.check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
+        rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
+                         model_max=models.model_max_length(model))
+        stats = teacher_statistics(model, batched(rows, a.batch_size), vocab, kmax=a.kmax, device=dev)
+        results[spec] = {"teacher": spec, "vocab": vocab, "rows": len(rows), "seq_len": cfg.data.seq_len,
+                         "split": a.split, "data": cfg.data.paths or "built-in", **stats}
+        del model
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "teacher_analysis.json", json.dumps(results, indent=1))
+    plot_tail_mass(results, out / "teacher_tail_mass.png")
+    print(format_summary(results))
+    print(f"saved {out}/teacher_analysis.json and {out}/teacher_tail_mass.png")
+    return results
+
+
+# --------------------------------------------------------------------------- tailkd cache-teacher
+
+
+def cache_teacher(cfg: CacheTeacherConfig, *, log=print) -> dict:
+    """``tailkd cache-teacher``: the teacher run once over the packed rows ``tailkd distill`` trains on for the same
+    data settings (`tailkd.train.setup_data`), its top-K (+ hidden states, tail samples) written into ``cfg.cache.out``
+    by `tailkd.cache.write_cache` (resumable). Prints the sizes; returns the cache meta."""
+    import torch
+
+    from tailkd import models
+    from tailkd.cache import format_size_table, write_cache
+    from tailkd.distributed import resolve_device
+    from tailkd.train import setup_data
+
+    c = cfg.cache
+    dev = resolve_device(c.device)
+    model, tokenizer = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
+    info, train_rows, held_rows = setup_data(DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer,
+                                             models.model_max_length(model))
+    corpus = {"fingerprint": info.fingerprint, "split": c.split, "eos_id": info.eos_id,
+              "settings": {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction}}
+    ac = torch.bfloat16 if dev.type == "cuda" and cfg.teacher.dtype in ("auto", "bf16") else None
+    meta = write_cache(model, tokenizer, train_rows if c.split == "train" else held_rows, c.out, k=c.k,
+                       corpus=corpus, teacher_name=cfg.teacher.path, hidden_states=c.hidden_states,
+                       hidden_dtype=c.hidden_dtype, tail_samples=c.tail_samples, seed=c.seed,
+                       batch_size=c.batch_size, rows_per_shard=c.rows_per_shard, max_rows=c.max_rows,
+                       vocab_size=models.check_vocab(tokenizer, tokenizer, model, model), autocast_dtype=ac, log=log)
+    tokens = meta["num_rows"] * meta["corpus"]["seq_len"]
+    per_token = meta["bytes_per_token"]
+    print(f"cached {meta['num_rows']} rows x {meta['corpus']['seq_len']} tokens = {tokens:,} tokens in "
+          f"{meta['num_shards']} shard(s): {per_token} bytes/token, {per_token * tokens / 1e9:.3f} GB "
+          f"({per_token:,} GB per billion tokens)")
+    hidden = meta["hidden_states"]
+    print(format_size_table(meta["k"], hidden_size=meta["teacher"]["hidden_size"],
+                            hidden_dtype=hidden["dtype"] if hidden else c.hidden_dtype,
+                            tail_samples=c.tail_samples or 16))
+    return meta
+
+
+# --------------------------------------------------------------------------- tailkd lm-eval
+
+
+def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
+    """``tailkd lm-eval``: write our tasks' data for ``cfg.lm_eval.model`` and run lm-evaluation-harness on it.
+
+    ``tailkd_ppl`` reads the documents of ``cfg.data`` (``split heldout``: those ``tailkd distill`` holds out;
+    ``all``: every one); ``tailkd_gsm`` reads ``gsm_data``. With ``write_only`` nothing runs: the task folder is
+    written and the ``lm_eval`` command printed. Returns ``{"command", "include_path", "results"}`` (``results``
+    None with ``write_only``); ``log_samples`` keeps lm-eval's per-sample logs in ``results`` (never in the JSON).
+    """
+    import shutil
+    import tempfile
+
+    from tailkd import lmeval_tasks as tasks
+    from tailkd.distributed import resolve_device
+
+    o = cfg.lm_eval
+    model_dir = Path(o.model)
+    if not (model_dir / "config.json").is_file():
+        raise TailkdError(f"--model {model_dir} is not a saved model folder (no config.json); pass e.g. runs/x/final")
+    names = tasks.expand_tasks(o.tasks)
+    gsm_items = ppl_docs = None
+    if "tailkd_gsm" in names:
+        if o.gsm_data is None:
+            raise TailkdError("tailkd_gsm needs --gsm-data FILE.jsonl with {\"question\", \"answer\"} lines "
+                              "(answer ending in '#### N', as GSM8K)")
+        gsm_items = tasks.read_gsm_items(o.gsm_data)
+    if "tailkd_ppl" in names:
+        ppl_docs = ppl_documents(cfg)
+    device = str(resolve_device(o.device))
+    work_dir = Path(o.work_dir) if o.work_dir else None
+    temp = None
+    if work_dir is None:
+        work_dir = Path("lm_eval_tasks") if o.write_only else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
+        temp = None if o.write_only else work_dir
+    try:
+        include = tasks.prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=o.max_gen_toks)
+        command = tasks.lm_eval_command(model_dir, names, include, batch_size=o.batch_size, device=device,
+                                        limit=o.limit, num_fewshot=o.num_fewshot)
+        if o.write_only:
+            print(f"tasks written to {include}; run:\n{command}")
+            return {"command": command, "include_path": str(include), "results": None}
+        results = tasks.run_lm_eval(model_dir, names, include_path=include, batch_size=o.batch_size, device=device,
+                                    limit=o.limit, num_fewshot=o.num_fewshot, log_samples=log_samples)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    out = Path(o.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(tasks.summarize(results), indent=1, default=str))
+    print(tasks.format_results(results))
+    print(f"saved {out}")
+    return {"command": command, "include_path": None if temp is not None else str(include), "results": results}
+
+
+def ppl_documents(cfg: LmEvalConfig) -> list[str]:
+    """The documents of ``tailkd_ppl``: those of ``cfg.data`` that ``tailkd distill`` holds out for the same data
+    settings (``split heldout``), or all of them, in reading order."""
+    from transformers import AutoTokenizer
+
+    from tailkd.lmeval_tasks import corpus_documents
+    from tailkd.train import setup_data
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.lm_eval.model, local_files_only=True)
+    # setup_data resolves data.paths and tokenises the corpus as distill does; only its corpus info is used here,
+    # so rows of 1 token (any split of two tokens builds them; data.seq_len is not an lm-eval setting)
+    info, _, _ = setup_data(DistillConfig(data=dataclasses.replace(cfg.data, seq_len=1)), tokenizer, None)
+    return corpus_documents(info, doc_sep=cfg.data.doc_sep, heldout_only=cfg.lm_eval.split == "heldout")
+
+
+# --------------------------------------------------------------------------- tailkd compare, tailkd flops
+
+
+def compare(cfg: CompareConfig) -> dict:
+    """``tailkd compare``: `tailkd.compare.compare_runs` (compare.md, compare.json, heldout_kl.png); prints the
+    table."""
+    from tailkd.compare import compare_runs
+
+    result = compare_runs(cfg.compare.runs, baseline=cfg.compare.baseline, out_dir=cfg.compare.out)
+    print(result["markdown"])
+    print(f"saved {result['table']} and {result['plot']}")
+    return result
+
+
+def flops(cfg: FlopsConfig) -> dict:
+    """``tailkd flops``: `tailkd.flops.method_table` for the teacher and student of ``cfg.flops`` (model specs or
+    total sizes); prints the table, writes it as JSON to ``out`` if given; returns what the JSON holds."""
+    from tailkd.flops import format_method_table, method_table, model_flops_per_token, size_from_spec, size_to_dict
+
+    f = cfg.flops
+    teacher = _model_size(f.teacher, f.teacher_params, vocab=f.vocab, hidden=f.hidden, layers=f.teacher_layers,
+                          tied=f.teacher_tied, role="teacher")
+    student = _model_size(f.student, f.student_params, vocab=f.vocab, hidden=f.student_hidden or f.hidden,
+                          layers=f.student_layers, tied=f.student_tied, role="student")
+    reference = size_from_spec(f.reference) if f.reference else None
+    rows = method_table(teacher, student, seq_len=f.seq_len, tokens=f.tokens, delta=f.delta, reference_cfg=reference,
+                        reference_params=f.reference_params, prompt_len=f.prompt_len, gen_len=f.gen_len,
+                        ppo_epochs=f.ppo_epochs, freeze_embeddings=f.freeze_embeddings)
+    t = model_flops_per_token(teacher, seq_len=f.seq_len)
+    s = model_flops_per_token(student, seq_len=f.seq_len)
+    print(format_method_table(rows, t, s, tokens=f.tokens, seq_len=f.seq_len))
+    result = {"teacher": size_to_dict(teacher), "student": size_to_dict(student), "seq_len": f.seq_len,
+              "tokens": f.tokens, "methods": rows}
+    if f.out:
+        Path(f.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f.out).write_text(json.dumps(result, indent=1))
+        print(f"saved {f.out}")
+    return result
+
+
+def _model_size(spec, params, *, vocab, hidden, layers, tied, role):
+    """A `tailkd.flops.ModelSize` from a model spec, else from a total parameter count (FlopsConfig.validate has
+    checked that one of them, and for a count vocab and hidden, are given)."""
+    from tailkd.flops import ModelSize, size_from_spec
+
+    if spec is not None:
+        return size_from_spec(spec)
+    return ModelSize.from_total(role, params, vocab=vocab, hidden=hidden, layers=layers or 0, tied=tied)

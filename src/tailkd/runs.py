@@ -1,0 +1,246 @@
+"""A run folder and the state that makes a run resumable: claim it or resume it, its config, metrics.jsonl, and
+checkpoints of the whole training state (student, optimizer, scheduler, sampler, RNG, counters).
+
+`prepare_run_dir` decides (new run, resume, refuse) without writing; `claim_run_dir` writes only after every input
+checked out. `Progress` holds the counters of a run (saved in every checkpoint; older checkpoints' dicts load with
+defaults). `save` / `restore` go through `tailkd.checkpoint` (atomic, verified files) and `tailkd.distributed`
+(full state dicts gathered to rank 0, broadcast back on resume), so a run resumes on another number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tailkd import checkpoint as ckpt
+from tailkd import distributed as dist
+from tailkd.config import DistillConfig, from_dict, load_yaml, save_yaml, to_dict
+from tailkd.errors import TailkdError
+
+# Config keys that may differ between a run and its resumption (they do not change the result).
+RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train.eval_every", "train.save_every",
+                    "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
+                    "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
+                    "train.loss_chunk_size"}
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+@dataclasses.dataclass
+class Progress:
+    """The counters of a run, saved in every checkpoint (``trainer.pt``'s ``state``)."""
+
+    step: int = 0
+    tokens: int = 0  # training tokens so far (global: rows x seq_len)
+    elapsed: float = 0.0  # seconds spent in steps
+    initial_heldout: dict | None = None  # held-out metrics before the first step
+    final_heldout: dict | None = None  # ... after the last (kept so a resume after a failed final write reuses them)
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    bad_in_a_row: int = 0
+    empty_steps: int = 0  # steps skipped for having no valid token
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> Progress:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+class MetricsLog:
+    """Append-only JSONL written by rank 0; on resume, lines after the checkpoint's step are dropped first
+    (and a line cut short by a kill)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= resume_step:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    continue  # empty, or the half line of a killed write
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise TailkdError(f"could not append to {self.path} ({exc.strerror or exc}); free disk space and continue "
+                              "with --resume from the last checkpoint") from exc
+
+
+def heldout_record(step: int, tokens: int, metrics: dict) -> dict:
+    """A ``metrics.jsonl`` line of held-out metrics: ``tokens`` are the training tokens so far (the x-axis of the
+    curves); the number of held-out tokens scored is ``eval_tokens``."""
+    metrics = dict(metrics)
+    return {"step": step, "split": "heldout", "tokens": tokens, "eval_tokens": metrics.pop("tokens", 0), **metrics}
+
+
+
+# --------------------------------------------------------------------------- how long the rest takes
+
+
+def evals_between(step: int, stop_at: int, every: int, total: int) -> int:
+    """Held-out evaluations after ``step`` up to ``stop_at``: every ``every`` steps, and the final one at ``total``."""
+    periodic = len([s for s in range(step + 1, stop_at + 1) if every and s % every == 0 and s != total])
+    return periodic + (stop_at == total)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def expected_duration(step_seconds: float, steps_left: int, eval_seconds: float, evals_left: int) -> str:
+    """The line printed after the first steps: the time the rest of the invocation should take, measured."""
+    rest = step_seconds * steps_left + eval_seconds * evals_left
+    done = time.strftime("%H:%M", time.localtime(time.time() + rest))
+    evals = f" + {evals_left} held-out evaluations at {eval_seconds:.0f} s" if eval_seconds and evals_left else ""
+    return (f"expected: {format_duration(rest)} more ({steps_left} steps at {step_seconds:.1f} s/step{evals}); "
+            f"done around {done}")
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
+    """Decide between a new run and a resume: (run folder, resuming, config changes accepted by --force).
+
+    Nothing is written here (see ``claim_run_dir``)."""
+    out = Path(cfg.train.out_dir)
+    if out.exists() and not out.is_dir():
+        raise TailkdError(f"train.out_dir {out} is a file; choose a folder name with --out")
+    exists = out.is_dir() and any(out.iterdir())
+    if cfg.train.resume:
+        if not exists:
+            raise TailkdError(f"--resume given but {out} holds no run; drop --resume to start a new run")
+        saved = out / "config.yaml"
+        if not saved.exists():
+            raise TailkdError(f"{out} has no config.yaml, so it is not a tailkd run; choose another --out")
+        try:
+            old = _flat(to_dict(from_dict(DistillConfig, load_yaml(saved))))
+        except TailkdError as exc:
+            raise TailkdError(f"cannot resume {out}: its config.yaml is damaged ({exc}); start a new run with "
+                              "another --out") from None
+        new = _flat(to_dict(cfg))
+        diff = sorted(k for k in new if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+        changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
+        if diff and not cfg.train.force_resume:
+            k = diff[0]
+            raise TailkdError(f"cannot resume {out}: {k} was {old.get(k)!r}, now {new.get(k)!r}; resume with the "
+                              f"run's own config (--config {saved}), start a new run with another --out, or pass "
+                              "--force to resume with the new config")
+        return out, True, changes
+    if exists and not cfg.train.overwrite:
+        raise TailkdError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to replace it, "
+                          "or choose another --out")
+    return out, False, []
+
+
+def _write_config(cfg: DistillConfig, path: Path) -> None:
+    ckpt.atomic_write_file(path, lambda tmp: save_yaml(cfg, tmp))  # a kill never leaves a half config.yaml
+
+
+def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
+    """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config."""
+    if not resuming:
+        if out.exists() and cfg.train.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, out / "config.yaml")
+    elif changes:
+        kept = out / f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        shutil.copyfile(out / "config.yaml", kept)
+        _write_config(cfg, out / "config.yaml")
+        print(f"tailkd: warning: --force: resuming {out} with a changed config ({'; '.join(changes)}); "
+              f"the old one is kept as {kept.name}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(out: Path, model, optimizer, scheduler, sampler, progress: Progress, keep_last: int) -> Path:
+    """Collective: gather the full state to rank 0, which writes checkpoint ``progress.step``. Returns its path
+    on every rank; a write error is raised on every rank."""
+    model_state, optim_state = dist.full_state(model, optimizer)
+
+    def write() -> Path:
+        trainer_state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                         "sampler": sampler.state_dict(), "rng": rng_state(), "state": progress.to_dict(),
+                         "world_size": dist.world()}
+        return ckpt.save_checkpoint(out, progress.step, model_state, trainer_state, keep_last)
+
+    return dist.broadcast(dist.on_main_then_all(write, main_only=True))
+
+
+def restore(out: Path, model, student, optimizer, scheduler, sampler) -> Progress | None:
+    """Load the newest good checkpoint of ``out`` into every rank (rank 0 reads the files and broadcasts);
+    returns its counters, or None when the run has no checkpoint at all (killed before its first one: it starts
+    again from step 0)."""
+
+    def pick() -> str | None:
+        ckpt.clean_partial_writes(out)
+        path, skipped = ckpt.find_checkpoint(out)
+        for bad, problem in skipped:
+            print(f"tailkd: warning: skipping checkpoint {bad}: {problem}", file=sys.stderr)
+        if path is None and skipped:
+            raise TailkdError(f"none of the {len(skipped)} checkpoints in {out / ckpt.CKPT_DIR} is usable (newest: "
+                              f"{skipped[0][1]}); start again with --overwrite")
+        return None if path is None else str(path)
+
+    path = dist.broadcast(dist.on_main_then_all(pick, main_only=True))
+    if path is None:
+        return None
+    model_state, saved = dist.on_main_then_all(lambda: ckpt.load_checkpoint(Path(path), student),
+                                               main_only=True) or ({}, {"optimizer": {}})
+    small = dist.broadcast({key: saved.get(key) for key in ("scheduler", "sampler", "rng", "state")} |
+                           {"stepped": bool(saved["optimizer"].get("state"))})
+    try:
+        dist.load_full_state(model, optimizer, model_state, saved["optimizer"], optimizer_stepped=small["stepped"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TailkdError(f"checkpoint {path} does not fit this run's optimizer ({msg}); resume with the run's "
+                          "own config") from None
+    scheduler.load_state_dict(small["scheduler"])
+    sampler.load_state_dict(small["sampler"])
+    set_rng_state(small["rng"])
+    dist.say(f"resuming {out} from {Path(path).name} (step {small['state']['step']})")
+    return Progress.from_dict(small["state"])
