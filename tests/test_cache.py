@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tailkd import cache, losses, registry
+from tailkd import corpus as corpus_mod
 from tailkd import data as data_mod
 from tailkd import head as head_mod
 from tailkd.config import LossConfig
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # a peaked teacher with a real tail
     corpus = write_corpus(root / "corpus.txt", n_docs=30)
-    info = data_mod.prepare_corpus([corpus], tok, root / "tokens")
+    info = corpus_mod.prepare_corpus([corpus], tok, root / "tokens")
     rows = data_mod.PackedRows(info.train_bin, SEQ_LEN)
     ident = {"fingerprint": info.fingerprint, "split": "train", "eos_id": info.eos_id,
              "settings": {"doc_sep": "auto", "heldout_fraction": 0.05}}

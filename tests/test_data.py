@@ -1,4 +1,4 @@
-"""tailkd.data: documents, the tokenised corpus on disk, packed rows, resumable sampling."""
+"""tailkd.corpus and tailkd.data: documents, the tokenised corpus on disk, packed rows, resumable sampling."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tailkd import data
+from tailkd import corpus, data
 from tailkd.errors import TailkdError
 from tailkd.evaluate import batched
 
@@ -66,7 +66,7 @@ def write(path, text: str):
 
 
 def docs_of(paths, **kw) -> list[str]:
-    return list(data.iter_documents(paths, **kw))
+    return list(corpus.iter_documents(paths, **kw))
 
 
 def split_docs(bin_path, eos_id: int, tok) -> list[str]:
@@ -176,7 +176,7 @@ def test_missing_path_and_empty_corpus(tmp_path):
 
 def test_default_corpus_finds_lee_without_importing_gensim(tmp_path):
     imported_before = "gensim" in sys.modules
-    files = data.default_corpus_files(tmp_path)
+    files = corpus.default_corpus_files(tmp_path)
     assert [f.name for f in files] == ["lee_background.cor", "lee.cor"]
     assert ("gensim" in sys.modules) == imported_before
     # wc -l says 299 and 49: each file's last article has no trailing newline
@@ -184,7 +184,7 @@ def test_default_corpus_finds_lee_without_importing_gensim(tmp_path):
     assert counts == [300, 50]
     assert any("£3,000" in d for d in docs_of(files[1]))  # the one Latin-1 byte, now UTF-8
     mtimes = [f.stat().st_mtime_ns for f in files]
-    assert data.default_corpus_files(tmp_path) == files
+    assert corpus.default_corpus_files(tmp_path) == files
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # converted once: fingerprints stay stable
 
 
@@ -193,12 +193,12 @@ def test_default_corpus_not_installed_names_the_install_command(tmp_path, monkey
 
     monkeypatch.setattr(assets, "assets_dir", lambda: tmp_path / "empty")
     monkeypatch.setattr(assets, "_in_package", lambda asset: None)
-    with pytest.raises(TailkdError, match=r"python -m tailkd\.assets.*gensim==4\.3\.3"):
-        data.default_corpus_files(tmp_path)
+    with pytest.raises(TailkdError, match=r"python -m tailkd\.install.*gensim==4\.3\.3"):
+        corpus.default_corpus_files(tmp_path)
 
 
 def test_prepare_default_corpus(tmp_path, tok):
-    info = data.prepare_corpus(data.default_corpus_files(tmp_path), tok, tmp_path / "corpus")
+    info = corpus.prepare_corpus(corpus.default_corpus_files(tmp_path), tok, tmp_path / "corpus")
     m = info.meta
     assert m["train"]["docs"] + m["heldout"]["docs"] == 350
     assert 5 <= m["heldout"]["docs"] <= 35  # about 5 %
@@ -215,7 +215,7 @@ def corpus_file(tmp_path, n: int = 40, name: str = "c.txt"):
 
 def test_prepare_roundtrip_and_meta(tmp_path, tok):
     f = corpus_file(tmp_path)
-    info = data.prepare_corpus(f, tok, tmp_path / "out", heldout_fraction=0.25)
+    info = corpus.prepare_corpus(f, tok, tmp_path / "out", heldout_fraction=0.25)
     eos = tok.eos_token_id
     train, held = split_docs(info.train_bin, eos, tok), split_docs(info.heldout_bin, eos, tok)
     everything = docs_of(f)
@@ -244,9 +244,9 @@ def test_split_depends_on_text_only(tmp_path, tok):
     docs = [f"article {i} " + "x" * (i % 5) for i in range(60)]
     a = write(tmp_path / "a.txt", "\n\n".join(docs))
     b = write(tmp_path / "b.txt", "\n\n".join(reversed(docs)))
-    ia = data.prepare_corpus(a, tok, tmp_path / "A", heldout_fraction=0.2)
-    ia2 = data.prepare_corpus(a, tok, tmp_path / "A2", heldout_fraction=0.2)
-    ib = data.prepare_corpus(b, tok, tmp_path / "B", heldout_fraction=0.2)
+    ia = corpus.prepare_corpus(a, tok, tmp_path / "A", heldout_fraction=0.2)
+    ia2 = corpus.prepare_corpus(a, tok, tmp_path / "A2", heldout_fraction=0.2)
+    ib = corpus.prepare_corpus(b, tok, tmp_path / "B", heldout_fraction=0.2)
     assert ia.heldout_bin.read_bytes() == ia2.heldout_bin.read_bytes()
     assert ia.train_bin.read_bytes() == ia2.train_bin.read_bytes()
     held_a = split_docs(ia.heldout_bin, 256, tok)
@@ -257,28 +257,28 @@ def test_split_depends_on_text_only(tmp_path, tok):
 
 def test_min_heldout_and_at_least_one_train_doc(tmp_path, tok):
     f = write(tmp_path / "three.txt", "alpha\n\nbeta\n\ngamma")
-    info = data.prepare_corpus(f, tok, tmp_path / "o1", heldout_fraction=0.0, min_heldout_docs=1)
+    info = corpus.prepare_corpus(f, tok, tmp_path / "o1", heldout_fraction=0.0, min_heldout_docs=1)
     assert (info.meta["heldout"]["docs"], info.meta["train"]["docs"]) == (1, 2)
     # the held-out document is the one with the smallest hash
     held = split_docs(info.heldout_bin, 256, tok)
-    assert held == [min(["alpha", "beta", "gamma"], key=data.doc_hash)]
-    info = data.prepare_corpus(f, tok, tmp_path / "o2", heldout_fraction=0.0, min_heldout_docs=5)
+    assert held == [min(["alpha", "beta", "gamma"], key=corpus.doc_hash)]
+    info = corpus.prepare_corpus(f, tok, tmp_path / "o2", heldout_fraction=0.0, min_heldout_docs=5)
     assert (info.meta["heldout"]["docs"], info.meta["train"]["docs"]) == (2, 1)
-    info = data.prepare_corpus(f, tok, tmp_path / "o3", heldout_fraction=0.999, min_heldout_docs=1)
+    info = corpus.prepare_corpus(f, tok, tmp_path / "o3", heldout_fraction=0.999, min_heldout_docs=1)
     assert (info.meta["heldout"]["docs"], info.meta["train"]["docs"]) == (2, 1)
-    assert split_docs(info.train_bin, 256, tok) == [max(["alpha", "beta", "gamma"], key=data.doc_hash)]
+    assert split_docs(info.train_bin, 256, tok) == [max(["alpha", "beta", "gamma"], key=corpus.doc_hash)]
     one = write(tmp_path / "one.txt", "only one document")
     with pytest.raises(TailkdError, match=r"single document.*doc_sep=blank_line or line"):
-        data.prepare_corpus(one, tok, tmp_path / "o4")
+        corpus.prepare_corpus(one, tok, tmp_path / "o4")
     assert not (tmp_path / "o4").exists()
     same = write(tmp_path / "same.txt", "copy\n\ncopy\n\ncopy")
     with pytest.raises(TailkdError, match=r"copies of each other"):
-        data.prepare_corpus(same, tok, tmp_path / "o5")
+        corpus.prepare_corpus(same, tok, tmp_path / "o5")
 
 
 def test_eos_inside_text_is_not_a_boundary(tmp_path, tok):
     f = write(tmp_path / "c.txt", f"before {EOS} after\n\nsecond\n\nthird")
-    info = data.prepare_corpus(f, tok, tmp_path / "out")
+    info = corpus.prepare_corpus(f, tok, tmp_path / "out")
     ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
     assert int((ids == 256).sum()) == 3  # one EOS per document, none forged by the text
     assert f"before {EOS} after" in split_docs(info.train_bin, 256, tok) + split_docs(info.heldout_bin, 256, tok)
@@ -290,7 +290,7 @@ def test_ids_above_65535_survive(tmp_path):
     wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     big = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="</s>", unk_token="[UNK]")
     f = write(tmp_path / "c.txt", "hello world\n\nworld hello hello")
-    info = data.prepare_corpus(f, big, tmp_path / "out")
+    info = corpus.prepare_corpus(f, big, tmp_path / "out")
     ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
     assert sorted(ids.tolist()) == sorted([70_000, 3, 100_000, 3, 70_000, 70_000, 100_000])
 
@@ -301,26 +301,26 @@ def test_tokenizer_without_eos_or_bos(tmp_path):
     bare = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]")
     f = write(tmp_path / "c.txt", "a a\n\na")
     with pytest.raises(TailkdError, match=r"has no EOS \(or BOS\) token to mark document boundaries"):
-        data.prepare_corpus(f, bare, tmp_path / "out")
-    info = data.prepare_corpus(f, bare, tmp_path / "out", append_eos=False)
+        corpus.prepare_corpus(f, bare, tmp_path / "out")
+    info = corpus.prepare_corpus(f, bare, tmp_path / "out", append_eos=False)
     assert info.eos_id is None
     assert info.meta["train"]["tokens"] + info.meta["heldout"]["tokens"] == 3
 
 
 def test_crash_leaves_no_corpus_and_keeps_the_previous_one(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(data, "TOKENIZE_BATCH_DOCS", 2)  # several batches written before the crash
+    monkeypatch.setattr(corpus, "TOKENIZE_BATCH_DOCS", 2)  # several batches written before the crash
     f = corpus_file(tmp_path, n=20)
     crashing = CountingTokenizer(tok, fail_on="Document number 15")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        data.prepare_corpus(f, crashing, tmp_path / "fresh")
+        corpus.prepare_corpus(f, crashing, tmp_path / "fresh")
     assert crashing.calls > 3
     assert sorted(os.listdir(tmp_path)) == ["c.txt"]  # neither the corpus nor a temporary folder
 
-    good = data.prepare_corpus(f, tok, tmp_path / "good")
+    good = corpus.prepare_corpus(f, tok, tmp_path / "good")
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in good.dir.iterdir()}
     write(f, f.read_text() + "\n\nDocument number 99 and more")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        data.prepare_corpus(f, CountingTokenizer(tok, fail_on="Document number 15"), tmp_path / "good")
+        corpus.prepare_corpus(f, CountingTokenizer(tok, fail_on="Document number 15"), tmp_path / "good")
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in good.dir.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["c.txt", "good"]
 
@@ -329,7 +329,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_corpus(tmp_path, tok):
     f = corpus_file(tmp_path)
     precious = write(tmp_path / "home" / "notes.txt", "mine")
     with pytest.raises(TailkdError, match=r"refusing to replace .*home: it exists and is not a tailkd corpus"):
-        data.prepare_corpus(f, tok, tmp_path / "home")
+        corpus.prepare_corpus(f, tok, tmp_path / "home")
     assert precious.read_text() == "mine"
 
 
@@ -337,44 +337,45 @@ def test_cache_reuse_and_invalidation(tmp_path, tok):
     f = corpus_file(tmp_path / "src")
     root = tmp_path / "cache"
     counting = CountingTokenizer(tok)
-    info = data.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    info = corpus.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
     assert counting.calls >= 1 and info.dir.parent == root and info.dir.name == info.fingerprint[:16]
-    assert info.fingerprint == data.corpus_fingerprint(f, "tok-A", {**data.DEFAULT_SETTINGS, "heldout_fraction": 0.1})
+    settings = {**corpus.DEFAULT_SETTINGS, "heldout_fraction": 0.1}
+    assert info.fingerprint == corpus.corpus_fingerprint(f, "tok-A", settings)
     mtime = info.train_bin.stat().st_mtime_ns
     calls = counting.calls
-    again = data.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    again = corpus.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
     assert again.dir == info.dir and counting.calls == calls  # not tokenised again
     assert again.train_bin.stat().st_mtime_ns == mtime
 
     # a changed file, a changed setting and another tokenizer each give a new folder
     write(f, f.read_text() + "\n\nA new closing document.")
-    changed = data.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    changed = corpus.prepare_corpus_cached(f, counting, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
     assert changed.dir != info.dir and counting.calls > calls
     assert changed.meta["train"]["docs"] + changed.meta["heldout"]["docs"] == 41
-    other = data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.2)
-    other_tok = data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-B", heldout_fraction=0.1)
+    other = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.2)
+    other_tok = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-B", heldout_fraction=0.1)
     assert len({changed.dir, other.dir, other_tok.dir}) == 3
     # a damaged cache entry is rebuilt, not trusted
     with open(changed.train_bin, "ab") as fh:
         fh.write(b"\x00\x00\x00\x00")
-    rebuilt = data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
+    rebuilt = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1)
     assert rebuilt.dir == changed.dir and rebuilt.train_bin.stat().st_size == 4 * rebuilt.meta["train"]["tokens"]
-    (rebuilt.dir / "meta.json").write_text(json.dumps({"format": data.FORMAT, "fingerprint": "x"}))
+    (rebuilt.dir / "meta.json").write_text(json.dumps({"format": corpus.FORMAT, "fingerprint": "x"}))
     with pytest.raises(TailkdError, match=r"does not match meta\.json; delete .* and prepare the corpus again"):
-        data.load_corpus(rebuilt.dir)
-    assert data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1).meta == \
-        data.load_corpus(rebuilt.dir).meta
+        corpus.load_corpus(rebuilt.dir)
+    assert corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", heldout_fraction=0.1).meta == \
+        corpus.load_corpus(rebuilt.dir).meta
     with pytest.raises(TypeError, match="unknown corpus setting"):
-        data.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", seq_len=4)
+        corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", seq_len=4)
 
 
 def test_fingerprint_follows_the_order_of_paths(tmp_path):
     a, b = write(tmp_path / "a.txt", "a"), write(tmp_path / "b.txt", "b")
-    fp = data.corpus_fingerprint([a, b], "t", data.DEFAULT_SETTINGS)
-    assert fp == data.corpus_fingerprint([a, b], "t", dict(data.DEFAULT_SETTINGS))
-    assert fp != data.corpus_fingerprint([b, a], "t", data.DEFAULT_SETTINGS)  # different row contents
+    fp = corpus.corpus_fingerprint([a, b], "t", corpus.DEFAULT_SETTINGS)
+    assert fp == corpus.corpus_fingerprint([a, b], "t", dict(corpus.DEFAULT_SETTINGS))
+    assert fp != corpus.corpus_fingerprint([b, a], "t", corpus.DEFAULT_SETTINGS)  # different row contents
     os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 1000))
-    assert fp != data.corpus_fingerprint([a, b], "t", data.DEFAULT_SETTINGS)
+    assert fp != corpus.corpus_fingerprint([a, b], "t", corpus.DEFAULT_SETTINGS)
 
 
 # --------------------------------------------------------------------------- packed rows
@@ -428,7 +429,7 @@ def test_segment_ids_increment_right_after_eos(tmp_path):
 
 
 def test_rows_read_eos_from_meta_and_pickle(tmp_path, tok):
-    info = data.prepare_corpus(corpus_file(tmp_path), tok, tmp_path / "out")
+    info = corpus.prepare_corpus(corpus_file(tmp_path), tok, tmp_path / "out")
     rows = data.PackedRows(info.train_bin, 16)
     assert rows.eos_id == 256
     first = rows[3]
@@ -536,5 +537,5 @@ def test_a_file_edited_during_tokenisation_is_refused(tmp_path, tok):
             return super().__call__(texts, **kw)
 
     with pytest.raises(TailkdError, match=r"the data files changed while being tokenised.*run again"):
-        data.prepare_corpus(f, EditingTokenizer(tok), tmp_path / "out")
+        corpus.prepare_corpus(f, EditingTokenizer(tok), tmp_path / "out")
     assert not (tmp_path / "out").exists()

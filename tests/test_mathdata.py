@@ -11,7 +11,7 @@ from conftest import build_tiny_tokenizer
 
 from tailkd import mathdata
 from tailkd.answers import extract_answer, normalize_number
-from tailkd.data import iter_documents
+from tailkd.corpus import iter_documents
 from tailkd.errors import TailkdError
 from tailkd.sft import prepare_sft
 

@@ -178,9 +178,9 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
 
 
 def default_math_dataset(cache_dir=None, **settings) -> MathFiles:
-    """``write_math_dataset`` into ``<cache>/math/<settings>`` (``cache_dir``, else ``tailkd.data``'s cache
+    """``write_math_dataset`` into ``<cache>/math/<settings>`` (``cache_dir``, else ``tailkd.corpus``'s cache
     root), reused when it already exists: the built-in data of ``--task sft``."""
-    from tailkd.data import default_cache_root
+    from tailkd.corpus import default_cache_root
 
     args = {"n_train": 2000, "n_heldout": 200, **DEFAULT_SEEDS, **settings}
     name = f"{DATASET}-{args['n_train']}-{args['n_heldout']}-{args['train_seed']}-{args['heldout_seed']}"

@@ -29,7 +29,7 @@ from tailkd.losses import (
     tail_weight,
 )
 
-__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "divergence"]
+__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind"]
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,3 @@ def bind(cfg) -> Divergence:
         raise ValueError(f"loss {cfg.name!r} is not in the registry; choose one of {', '.join(LOSSES)}")
     return Divergence(LOSSES[cfg.name], cfg)
 
-
-def divergence(name: str = "tad", **knobs) -> Divergence:
-    """The `Divergence` of loss ``name`` with `LossConfig` ``knobs`` (k, beta, temperature, ...), e.g. for the
-    chunked layer (`tailkd.fused.chunked_sums`) in one's own code."""
-    from tailkd.config import LossConfig
-
-    return bind(LossConfig(name=name, **knobs))

@@ -95,15 +95,15 @@ def read_gsm_items(path: str | Path) -> list[dict]:
 
 
 def corpus_documents(info, *, doc_sep: str = "auto", heldout_only: bool = True) -> list[str]:
-    """The texts of the documents of a prepared corpus (`tailkd.data.CorpusInfo`, e.g. from
+    """The texts of the documents of a prepared corpus (`tailkd.corpus.CorpusInfo`, e.g. from
     `tailkd.train.setup_data`), in reading order; ``heldout_only``: exactly the documents ``tailkd distill`` holds
-    out (a document is held out iff ``data.doc_hash`` < the corpus's ``split_threshold``)."""
-    from tailkd import data as data_mod
+    out (a document is held out iff ``corpus.doc_hash`` < the corpus's ``split_threshold``)."""
+    from tailkd import corpus
 
     files = [Path(f["path"]) for f in info.meta["files"]]
     threshold = info.meta["split_threshold"]
-    docs = data_mod.iter_documents(files, doc_sep=doc_sep)
-    return [doc for doc in docs if not heldout_only or data_mod.doc_hash(doc) < threshold]
+    docs = corpus.iter_documents(files, doc_sep=doc_sep)
+    return [doc for doc in docs if not heldout_only or corpus.doc_hash(doc) < threshold]
 
 
 def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gsm_items: list[dict] | None = None,
