@@ -295,3 +295,18 @@ def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("loss: [unclosed\n")
     assert_error(cli(*args(assets, run), "--resume"), f"cannot resume {run}: its config.yaml is damaged")
+
+
+def test_generate_rouge_without_reference_responses(assets, tmp_path):
+    """`eval --generate` scores ROUGE-L by default: a prompt whose reference response is empty (a chat whose last
+    assistant turn is blank) is refused with one line naming the fix, and no result file is written."""
+    import json
+
+    prompts = tmp_path / "p.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}
+    prompts.write_text(json.dumps({"prompt": "A", "response": "B"}) + "\n" + json.dumps(chat) + "\n")
+    out = tmp_path / "g.json"
+    assert_error(cli("eval", "--student", str(assets["teacher"]), "--teacher", str(assets["teacher"]), "--generate",
+                     "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out)),
+                 "ROUGE-L needs a reference response for every prompt", "example 2", "--generate.rouge false")
+    assert not out.exists()

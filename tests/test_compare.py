@@ -10,7 +10,7 @@ from test_analysis import assert_png
 from test_evaluate import one_line_error
 
 from tailkd.cli import main
-from tailkd.compare import compare_runs, load_run, relative_change
+from tailkd.compare import compare_runs, fidelity_diversity_points, load_run, relative_change
 
 
 def make_run(root, name, *, loss, kls, ppl, agreement, tokens_per_eval=1000, full_ece=None, seconds=75.0,
@@ -85,6 +85,57 @@ def test_compare_without_baseline_and_a_baseline_not_in_the_list(tmp_path):
     res = compare_runs([a], baseline=b, out_dir=tmp_path / "o2")
     assert [r["name"] for r in res["records"]] == ["b", "a"]
     assert f"{100 * math.log(1.0 / 0.5):+.2f}" in res["markdown"]
+
+
+def write_generation(run, name="generate.json", **metrics):
+    """The JSON `tailkd eval --generate --out RUN/<name>` writes: ``mode`` generate, ``student_*``/``teacher_*``."""
+    result = {"mode": "generate", "examples": 20, "teacher_rougeL": 0.9,
+              **{f"student_{k}": v for k, v in metrics.items()}}
+    (run / name).write_text(json.dumps(result))
+
+
+def table_rows(md):
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    return header, {line.split("|")[1].strip(): dict(zip(header, [c.strip() for c in line.strip("|").split("|")]))
+                    for line in md.splitlines()[2:] if line.startswith("|")}
+
+
+def test_compare_fidelity_diversity_columns_and_scatter(tmp_path, capsys):
+    """Runs with `tailkd eval --generate` results (in RUN/generate.json, or RUN/eval.json when that holds them):
+    ROUGE-L, Distinct-2 and Self-BLEU columns and one scatter point each; a run without diversity (no samples) or
+    without any generation result is left out of the scatter."""
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5, full_ece=0.2)
+    write_generation(kd, rougeL=0.31, distinct_2=0.62, self_bleu=0.40, exact_match=0.1)  # beside eval.json
+    drkl = make_run(tmp_path, "drkl", loss="drkl", kls=[3.0, 1.2], ppl=30.0, agreement=0.6)
+    write_generation(drkl, "eval.json", rougeL=0.35, distinct_2=0.55, self_bleu=0.50)
+    greedy = make_run(tmp_path, "greedy", loss="rkl", kls=[3.0, 1.4], ppl=35.0, agreement=0.55)
+    write_generation(greedy, rougeL=0.33)  # --samples 0: no diversity
+    plain = make_run(tmp_path, "plain", loss="tad", kls=[3.0, 1.0], ppl=20.0, agreement=0.7, full_ece=0.1)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(kd), str(drkl), str(greedy), str(plain), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"saved {out / 'fidelity_diversity.png'}" in printed
+    header, rows = table_rows((out / "compare.md").read_text())
+    assert header[-5:] == ["ROUGE-L", "Distinct-2", "Self-BLEU", "wall time", "PFLOPs"]
+    assert (rows["kd"]["ROUGE-L"], rows["kd"]["Distinct-2"], rows["kd"]["Self-BLEU"]) == ("0.3100", "0.6200", "0.4000")
+    assert rows["kd"]["Full-ECE"] == "0.2000"  # eval.json (held-out) and generate.json are both read
+    assert (rows["drkl"]["ROUGE-L"], rows["drkl"]["Full-ECE"]) == ("0.3500", "—")
+    assert (rows["greedy"]["ROUGE-L"], rows["greedy"]["Distinct-2"]) == ("0.3300", "—")
+    assert rows["plain"]["ROUGE-L"] == "—" and rows["plain"]["Full-ECE"] == "0.1000"
+    saved = {r["name"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert (saved["kd"]["rougeL"], saved["kd"]["distinct_2"], saved["kd"]["self_bleu"]) == (0.31, 0.62, 0.40)
+    assert saved["plain"]["rougeL"] is None
+    records = [load_run(r) for r in (kd, drkl, greedy, plain)]
+    assert fidelity_diversity_points(records) == {"kd": {"rougeL": 0.31, "distinct_2": 0.62, "self_bleu": 0.40},
+                                                  "drkl": {"rougeL": 0.35, "distinct_2": 0.55, "self_bleu": 0.50}}
+    assert_png(out / "fidelity_diversity.png")
+
+
+def test_compare_without_generation_results_has_no_scatter(tmp_path):
+    a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5, full_ece=0.3)
+    res = compare_runs([a], out_dir=tmp_path / "o")
+    assert res["fidelity_plot"] is None and not (tmp_path / "o" / "fidelity_diversity.png").exists()
+    assert "ROUGE-L" not in res["markdown"] and res["records"][0]["rougeL"] is None
 
 
 def test_compare_errors_are_one_line(tmp_path, capsys):

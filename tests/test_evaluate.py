@@ -406,6 +406,54 @@ def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm,
     one_line_error(capsys.readouterr().err, "tokenizers differ")
 
 
+def write_prompts(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+def generate_args(assets, prompts, out, *extra):
+    return ["eval", "--student", str(assets["student"]), "--teacher", str(assets["teacher"]), "--generate",
+            "--prompts", str(prompts), "--max-new-tokens", "4", "--gen-limit", "0", "--out", str(out), *extra]
+
+
+def test_eval_generate_reports_rouge_l_in_json_and_table(assets, tmp_path, capsys):
+    """A tiny `tailkd eval --generate` run: ROUGE-L of student and teacher (greedy and sampled) beside exact match,
+    Distinct-n and Self-BLEU, in the JSON and the printed table; `--generate.rouge false` leaves it out."""
+    pytest.importorskip("rouge_score")
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"The team won {i}", "response": "the final match"}
+                                                   for i in range(3)])
+    out = tmp_path / "g.json"
+    assert main(generate_args(assets, prompts, out, "--samples", "2")) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "generate" and r["examples"] == 3
+    for key in ("rougeL", "sample_rougeL", "exact_match", "distinct_2", "self_bleu"):
+        for side in ("student", "teacher"):
+            assert 0 <= r[f"{side}_{key}"] <= 1, (side, key)
+    table = capsys.readouterr().out
+    assert any(line.split()[:1] == ["rougeL"] for line in table.splitlines()), table
+    off = tmp_path / "off.json"
+    assert main(generate_args(assets, prompts, off, "--generate.rouge", "false")) == 0
+    assert not any("rouge" in k for k in json.loads(off.read_text()))
+
+
+def test_eval_generate_without_references_is_one_line(assets, tmp_path, capsys, monkeypatch):
+    """ROUGE-L asked for (the default) on data with an example without a reference response: one line, exit 2,
+    no JSON; the same for a missing rouge-score package (said before any model is loaded)."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "A", "response": "B"}, chat])
+    out = tmp_path / "g.json"
+    assert main(generate_args(assets, prompts, out)) == 2
+    one_line_error(capsys.readouterr().err, "ROUGE-L needs a reference response for every prompt")
+    assert not out.exists()
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed
+    assert main(generate_args(assets, write_prompts(tmp_path / "q.jsonl", [{"prompt": "A", "response": "B"}]),
+                              out)) == 2
+    one_line_error(capsys.readouterr().err, "pip install 'tailkd[eval]'")
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- the real teacher
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ from test_sft import IM_END, chatml_tokenizer
 
 from tailkd.errors import TailkdError
 from tailkd.generation import (
+    check_references,
     distinct_n,
     diversity,
     generate,
     generation_eval,
+    rouge_l,
     self_bleu,
     sentence_bleu,
 )
@@ -72,6 +75,40 @@ def test_sentence_bleu_equals_sacrebleu_add_one():
         refs = [" ".join(rng.choices(words, k=rng.randint(4, 12))) for _ in range(rng.randint(1, 3))]
         want = ref_impl.sentence_score(hyp, refs).score / 100
         assert sentence_bleu(hyp, refs) == pytest.approx(want, abs=1e-9), (hyp, refs, sacrebleu.__version__)
+
+
+# --------------------------------------------------------------------------- fidelity: ROUGE-L, by hand
+
+
+def test_rouge_l_by_hand():
+    pytest.importorskip("rouge_score")
+    # reference "the cat sat on the mat" (6 words), candidate "the cat on the mat" (5 words):
+    # LCS = "the cat on the mat" = 5, P = 5/5, R = 5/6, F = 2PR/(P+R) = (10/6)/(11/6) = 10/11
+    assert rouge_l(["the cat on the mat"], ["the cat sat on the mat"]) == pytest.approx(10 / 11, abs=1e-12)
+    # stemming: "cats" -> "cat", "mats" -> "mat" (Porter, words of 4+ letters), so the texts are the same words:
+    # LCS = 6, P = R = F = 1. Unstemmed the LCS would be "the sat on the" = 4, F = 4/6.
+    assert rouge_l(["The cats sat on the mats."], ["the cat sat on the mat"]) == pytest.approx(1.0, abs=1e-12)
+    # word order: reference "a b c d", candidate "d c b a": the LCS is one word, P = R = 1/4, F = 1/4
+    assert rouge_l(["d c b a"], ["a b c d"]) == pytest.approx(0.25, abs=1e-12)
+    # no shared word: LCS = 0, F = 0; an empty completion: no word, F = 0
+    assert rouge_l(["dogs bark loudly"], ["the cat sat on the mat"]) == 0.0
+    assert rouge_l([""], ["the cat sat"]) == 0.0
+    # the mean over pairs: (10/11 + 0 + 1) / 3
+    mean = rouge_l(["the cat on the mat", "x y", "#### 12"], ["the cat sat on the mat", "a b", "12"])
+    assert mean == pytest.approx((10 / 11 + 0 + 1) / 3, abs=1e-12)  # "#### 12": punctuation is no word
+    with pytest.raises(ValueError, match="references"):
+        rouge_l(["a"], ["a", "b"])
+
+
+def test_rouge_l_missing_package_and_missing_references(monkeypatch):
+    check_references(["a", " b "])
+    with pytest.raises(TailkdError, match=r"2 of 3 held-out examples have an empty reference \(first: example 2\)"):
+        check_references(["a", "  ", ""])
+    with pytest.raises(TailkdError, match=r"first: d\.jsonl:7"):
+        check_references(["a", ""], ["d.jsonl:3", "d.jsonl:7"])
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed
+    with pytest.raises(TailkdError, match=r"pip install 'tailkd\[eval\]'"):
+        rouge_l(["a"], ["a"])
 
 
 # --------------------------------------------------------------------------- generate on a real tiny HF model
@@ -203,6 +240,35 @@ def test_generation_eval_teacher_optional_and_limit(tmp_path):
     assert res["student_exact_match"] == 0.5 and res["student_strict_exact_match"] == 0.0
     with pytest.raises(TailkdError, match="no held-out"):
         generation_eval(model, None, tok, [], max_new_tokens=8, progress=False)
+
+
+def test_generation_eval_rouge_l_of_student_and_teacher(tmp_path):
+    pytest.importorskip("rouge_score")
+    tok = build_tiny_tokenizer()
+    pairs = [("Q1\n", "one plus one makes two"), ("Q2\n", "the cat sat on the mat")]
+    replies = {"Q1\n": "one plus one", "Q2\n": "the cat on the mat"}
+    student = ScriptedLM(tok, lambda p: replies[p])
+    teacher = ScriptedLM(tok, lambda p: "no idea")
+    res = generation_eval(student, teacher, tok, pairs, max_new_tokens=40, samples=2, progress=False)
+    # Q1: LCS = 3, P = 3/3, R = 3/5, F = 2·(3/5)/(8/5) = 3/4; Q2: F = 10/11 (test_rouge_l_by_hand); no overlap: 0
+    want = (3 / 4 + 10 / 11) / 2
+    assert res["student_rougeL"] == pytest.approx(want, abs=1e-12) and res["teacher_rougeL"] == 0.0
+    assert res["student_sample_rougeL"] == pytest.approx(want, abs=1e-12)  # the scripted samples = greedy
+    assert res["student_exact_match"] == 0.0  # exact match stays beside it
+    off = generation_eval(student, None, tok, pairs, max_new_tokens=40, progress=False, rouge=False)
+    assert not any("rouge" in k for k in off)
+
+
+def test_generation_eval_refuses_missing_references_before_decoding(tmp_path):
+    tok = build_tiny_tokenizer()
+    model = ScriptedLM(tok, lambda p: "#### 0")
+    pairs = [("Q1\n", "#### 2"), ("Q2\n", "   ")]
+    with pytest.raises(TailkdError, match=r"ROUGE-L needs a reference response .* example 2\).*--generate.rouge false"):
+        generation_eval(model, None, tok, pairs, max_new_tokens=8, progress=False)
+    assert model.prompts == []  # refused before any decoding
+    res = generation_eval(model, None, tok, pairs, max_new_tokens=8, progress=False, rouge=False)
+    assert res["student_strict_exact_match"] == 0.0 and "student_rougeL" not in res
+    assert "student_rougeL" in generation_eval(model, None, tok, pairs, max_new_tokens=8, progress=False, limit=1)
 
 
 def test_chat_prompts_are_rendered_with_the_template_and_stop_at_end_of_turn(tmp_path):

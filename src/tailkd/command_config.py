@@ -39,7 +39,7 @@ DATA_ALIASES = {"data": "data.paths", "seq-len": "data.seq_len", "cache-dir": "d
                 "heldout-data": "data.heldout_paths"}
 # data.* leaves that only shape SFT rows (prompt/response): omitted where a command reads packed text only.
 SFT_ONLY = ("data.task", "data.heldout_paths", "data.sft_mode", "data.chat_template", "data.overlong",
-            "data.split_seed")
+            "data.split_seed", "data.instruct_heldout", "data.instruct_max_words")
 
 
 def _aliases(section: str, cls, *names: str) -> dict[str, str]:
@@ -118,7 +118,7 @@ class EvalOptions:
 class GenerateOptions:
     enabled: bool = _f(False, "generation-based evaluation instead of the held-out metrics: decode held-out prompts "
                               "with student and teacher and score exact match of the final answer ('#### N', else "
-                              "'the answer is N', else the last number)")
+                              "'the answer is N', else the last number) and ROUGE-L (generate.rouge)")
     prompts: list[str] = _f([], "prompt/response JSONL files whose every example is decoded (default: the held-out "
                                 "split of the data when data.task is sft, as an SFT run's; else the built-in math "
                                 "problems' held-out set)")
@@ -128,6 +128,9 @@ class GenerateOptions:
     top_p: float = _f(1.0, "nucleus sampling p")
     limit: int = _f(20, "evaluate the first N prompts (0: all)")
     seed: int = _f(0, "sampling seed")
+    rouge: bool = _f(True, "also score ROUGE-L F (rouge-score package, stemmed) of each completion against its "
+                           "prompt's reference response, averaged over prompts; every example then needs a non-empty "
+                           "reference (an error otherwise); false: exact match and diversity only")
 
 
 @dataclass
@@ -145,7 +148,7 @@ class EvalConfig:
         **_aliases("eval", EvalOptions, "split", "batch_size", "max_rows", "bins", "device", "out"),
         "generate": "generate.enabled", "gen-limit": "generate.limit",
         **_aliases("generate", GenerateOptions, "prompts", "max_new_tokens", "samples", "temperature", "top_p",
-                   "seed")}
+                   "seed", "rouge")}
 
     @classmethod
     def run_defaults(cls, given: dict) -> dict:
@@ -170,7 +173,18 @@ class EvalConfig:
             raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
                               "(generate.prompts); --data (data.paths) is read by --generate only with --task sft, "
                               "as its held-out split")
+        if self.generate.enabled and self.generate.rouge:
+            _check_rouge_installed()
         return self
+
+
+def _check_rouge_installed() -> None:
+    """eval --generate scores ROUGE-L with the rouge-score package: say so before any model is loaded."""
+    from importlib.util import find_spec
+
+    if find_spec("rouge_score") is None:
+        raise TailkdError("eval --generate scores ROUGE-L with the rouge-score package, which is not installed: "
+                          "pip install 'tailkd[eval]' (or pip install rouge-score), or pass --generate.rouge false")
 
 
 # --------------------------------------------------------------------------- tailkd analyze-teacher
@@ -314,7 +328,8 @@ class CompareOptions:
 
 @dataclass
 class CompareConfig:
-    """``tailkd compare``: runs side by side (held-out KL curves, a table with Rel = 100·ln(x / x_base))."""
+    """``tailkd compare``: runs side by side (held-out KL curves, a table with Rel = 100·ln(x / x_base); for runs with
+    ``tailkd eval --generate`` results, ROUGE-L and diversity columns and a fidelity-vs-diversity scatter plot)."""
 
     compare: CompareOptions = field(default_factory=CompareOptions)
 

@@ -64,8 +64,9 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """``tailkd eval``: the student of ``cfg.eval.student`` against ``cfg.teacher`` on the held-out rows of
-    ``cfg.data`` (`tailkd.evaluate.heldout_metrics`), or with ``cfg.generate.enabled`` exact match and diversity of
-    decoded held-out prompts (`tailkd.generation.generation_eval`). Writes ``cfg.eval.out`` (JSON), prints a table."""
+    ``cfg.data`` (`tailkd.evaluate.heldout_metrics`), or with ``cfg.generate.enabled`` exact match, ROUGE-L
+    (``generate.rouge``) and diversity of decoded held-out prompts (`tailkd.generation.generation_eval`). Writes
+    ``cfg.eval.out`` (JSON), prints a table."""
     import torch
 
     from tailkd import models
@@ -89,7 +90,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         g = cfg.generate
         metrics = generation_eval(s_model, t_model, s_tok, examples, chat_template=template,
                                   max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size, samples=g.samples,
-                                  temperature=g.temperature, top_p=g.top_p, limit=g.limit or None, seed=g.seed)
+                                  temperature=g.temperature, top_p=g.top_p, limit=g.limit or None, seed=g.seed,
+                                  rouge=g.rouge)
         result.update(mode="generate", data=g.prompts or "run/built-in held-out", **metrics)
     else:
         model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
@@ -114,7 +116,7 @@ def generation_examples(cfg: EvalConfig, tokenizer):
     built-in math problems (``data.math_train``/``data.math_heldout`` name the same set as a builtin:math run's).
     """
     from tailkd import sft
-    from tailkd.data import default_cache_root
+    from tailkd.corpus import default_cache_root
 
     if cfg.generate.prompts:
         template = sft.resolve_chat_template(tokenizer, "auto")
@@ -276,13 +278,15 @@ def ppl_documents(cfg: LmEvalConfig) -> list[str]:
 
 
 def compare(cfg: CompareConfig) -> dict:
-    """``tailkd compare``: `tailkd.compare.compare_runs` (compare.md, compare.json, heldout_kl.png); prints the
-    table."""
+    """``tailkd compare``: `tailkd.compare.compare_runs` (compare.md, compare.json, heldout_kl.png and, for runs
+    with generation results, fidelity_diversity.png); prints the table and the files written."""
     from tailkd.compare import compare_runs
 
     result = compare_runs(cfg.compare.runs, baseline=cfg.compare.baseline, out_dir=cfg.compare.out)
     print(result["markdown"])
     print(f"saved {result['table']} and {result['plot']}")
+    if result["fidelity_plot"] is not None:
+        print(f"saved {result['fidelity_plot']} (ROUGE-L vs Distinct-2 and 1 - Self-BLEU, one point per run)")
     return result
 
 

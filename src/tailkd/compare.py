@@ -3,12 +3,17 @@
 A run folder (written by ``tailkd distill``) holds ``metrics.jsonl`` (rows with ``split == "heldout"``
 carry the held-out ``kl``, ``student_ppl``, ``agreement`` at ``tokens``), ``summary.json`` (``tokens``,
 ``train_seconds``, ``loss``, and ``flops`` = ``tailkd.flops.distill_flops(...)``) and optionally
-``eval.json`` from ``tailkd eval --out RUN/eval.json`` (``student_full_ece``).
+the results of ``tailkd eval`` in ``eval.json`` and/or ``generate.json``: each file is read by what it holds,
+held-out metrics (``tailkd eval --out RUN/eval.json``: ``student_full_ece``) or generation results (``"mode":
+"generate"``, ``tailkd eval --generate --out RUN/generate.json``, or ``RUN/eval.json`` when a run has no
+held-out evaluation: ``student_rougeL``, ``student_distinct_2``, ``student_self_bleu``).
 
 Table values: the final held-out row of ``metrics.jsonl`` (the same held-out rows for every run
-trained on the same data and seq_len), Full-ECE from ``eval.json``. Relative change against the
-baseline run (paper §3.2.1): Rel = 100 · ln(metric / metric_baseline); negative = smaller than the
-baseline (better for KL, perplexity and Full-ECE; worse for agreement).
+trained on the same data and seq_len), Full-ECE from the held-out evaluation; when any run has generation
+results, also ROUGE-L (fidelity), Distinct-2 and Self-BLEU (diversity), and a fidelity-vs-diversity scatter
+plot of the runs that have both. Relative change against the baseline run (paper §3.2.1): Rel = 100 ·
+ln(metric / metric_baseline); negative = smaller than the baseline (better for KL, perplexity and Full-ECE;
+worse for agreement).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from tailkd.errors import TailkdError
 # (column title, key in the run record, format, has a Rel column)
 COLUMNS = [("held-out KL", "kl", ".4f", True), ("perplexity", "ppl", ".2f", True),
            ("Full-ECE", "full_ece", ".4f", True), ("agreement", "agreement", ".4f", True)]
+# the same for the results of `tailkd eval --generate`, shown when any run has them
+GENERATION_COLUMNS = [("ROUGE-L", "rougeL", ".4f", False), ("Distinct-2", "distinct_2", ".4f", False),
+                      ("Self-BLEU", "self_bleu", ".4f", False)]
+EVAL_FILES = ("eval.json", "generate.json")  # the names `tailkd eval --out` is given for a run, read in this order
 
 
 def _read_json(path: Path) -> dict | None:
@@ -67,12 +76,29 @@ def plot_run(run: str | Path, path: str | Path) -> Path:
     return plot_training_curves(train, held, path, title=Path(run).name)
 
 
+def read_evals(run: str | Path) -> tuple[dict, dict]:
+    """(held-out evaluation, generation evaluation) of a run: the first of ``RUN/eval.json`` and
+    ``RUN/generate.json`` without and with ``"mode": "generate"`` respectively ({} for none)."""
+    held: dict = {}
+    gen: dict = {}
+    for name in EVAL_FILES:
+        ev = _read_json(Path(run) / name)
+        if not isinstance(ev, dict):
+            continue
+        if ev.get("mode") == "generate":
+            gen = gen or ev
+        else:
+            held = held or ev
+    return held, gen
+
+
 def load_run(path: str | Path) -> dict:
-    """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs."""
+    """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs, and
+    the student's ROUGE-L, Distinct-2 and Self-BLEU from its generation evaluation (None without one)."""
     run = Path(path)
     held = [r for r in read_metrics(run)[1] if "kl" in r]
     summary = _read_json(run / "summary.json") or {}
-    ev = _read_json(run / "eval.json") or {}
+    ev, gen = read_evals(run)
     final = held[-1] if held else {}
     flops = summary.get("flops") or {}
     return {
@@ -81,7 +107,20 @@ def load_run(path: str | Path) -> dict:
         "kl": final.get("kl"), "ppl": final.get("student_ppl"), "agreement": final.get("agreement"),
         "full_ece": ev.get("student_full_ece"), "tokens": summary.get("tokens", final.get("tokens")),
         "seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
+        "rougeL": gen.get("student_rougeL"), "distinct_2": gen.get("student_distinct_2"),
+        "self_bleu": gen.get("student_self_bleu"),
     }
+
+
+def has_generation(record: dict) -> bool:
+    """Whether a run record carries any result of ``tailkd eval --generate`` (ROUGE-L or diversity)."""
+    return any(record.get(key) is not None for _, key, _, _ in GENERATION_COLUMNS)
+
+
+def fidelity_diversity_points(records: list[dict]) -> dict[str, dict]:
+    """{run name: {"rougeL", "distinct_2", "self_bleu"}} of the runs that have all three; the others are left out."""
+    keys = [key for _, key, _, _ in GENERATION_COLUMNS]
+    return {r["name"]: {k: r[k] for k in keys} for r in records if all(r.get(k) is not None for k in keys)}
 
 
 def _config_loss(run: Path) -> str | None:
@@ -116,9 +155,12 @@ def _hms(seconds: float | None) -> str:
 
 
 def markdown_table(records: list[dict], baseline: dict | None) -> str:
-    """The comparison table in Markdown; Rel columns only when a baseline is given."""
+    """The comparison table in Markdown; Rel columns only when a baseline is given, the generation columns only
+    when some run has generation results."""
+    generation = any(has_generation(r) for r in records)
+    columns = COLUMNS + (GENERATION_COLUMNS if generation else [])
     head = ["run", "loss", "tokens"]
-    for title, _, _, rel in COLUMNS:
+    for title, _, _, rel in columns:
         head.append(title)
         if rel and baseline is not None:
             head.append(f"Rel {title}")
@@ -127,7 +169,7 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
     for r in records:
         name = r["name"] + (" (baseline)" if baseline is r else "") + ("" if r["finished"] else " (unfinished)")
         cells = [name, r["loss"] or "—", _fmt(r["tokens"], ",d") if isinstance(r["tokens"], int) else "—"]
-        for _, key, fmt, rel in COLUMNS:
+        for _, key, fmt, rel in columns:
             cells.append(_fmt(r[key], fmt))
             if rel and baseline is not None:
                 cells.append(_fmt(relative_change(r[key], baseline[key]), "+.2f"))
@@ -136,6 +178,10 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
     notes = ["", ("held-out KL = mean KL(teacher‖student) [nats/token] and perplexity, agreement from each run's "
                   "final held-out row of metrics.jsonl; Full-ECE from RUN/eval.json "
                   "(`tailkd eval --out RUN/eval.json`); PFLOPs = summary.json flops.total / 1e15.")]
+    if generation:
+        notes.append("ROUGE-L = mean F-measure of the student's greedy completions against the reference responses; "
+                     "Distinct-2 (higher) and Self-BLEU (lower = more diverse) of its sampled completions "
+                     "(`--samples` ≥ 2); from `tailkd eval --generate --out RUN/generate.json` (or RUN/eval.json).")
     if baseline is not None:
         notes.append(f"Rel = 100·ln(metric / metric of {baseline['name']}).")
     return "\n".join(lines + notes) + "\n"
@@ -143,8 +189,10 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
 
 def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
                  out_dir: str | Path = "compare") -> dict:
-    """``tailkd compare``: writes ``out_dir/compare.md`` and ``out_dir/heldout_kl.png``; returns paths and records."""
-    from tailkd.plots import plot_heldout_kl
+    """``tailkd compare``: writes ``out_dir/compare.md``, ``compare.json``, ``heldout_kl.png`` and, when some runs have
+    ROUGE-L and diversity, ``fidelity_diversity.png``; returns the markdown, the paths (``fidelity_plot`` None
+    without that plot) and the records."""
+    from tailkd.plots import plot_fidelity_diversity, plot_heldout_kl
 
     if not runs:
         raise TailkdError("no run given; pass one or more run folders written by tailkd distill")
@@ -167,5 +215,8 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
     table = markdown_table(records, base)
     atomic_write_text(out / "compare.md", table)
     png = plot_heldout_kl({r["name"]: r["curve"] for r in records}, out / "heldout_kl.png")
+    points = fidelity_diversity_points(records)
+    scatter = plot_fidelity_diversity(points, out / "fidelity_diversity.png") if points else None
     atomic_write_text(out / "compare.json", json.dumps([{k: v for k, v in r.items()} for r in records], indent=1))
-    return {"markdown": table, "table": str(out / "compare.md"), "plot": str(png), "records": records}
+    return {"markdown": table, "table": str(out / "compare.md"), "plot": str(png),
+            "fidelity_plot": None if scatter is None else str(scatter), "records": records}

@@ -9,12 +9,15 @@ The pieces, each a plain function:
   appended (``add_generation_prompt=True``). Decoding stops at EOS or the template's end-of-turn token.
 - answers are read and compared by ``tailkd.answers`` (``extract_answer``, ``exact_match``).
 - ``distinct_n`` / ``self_bleu`` (with our own ``sentence_bleu``): diversity of sampled outputs.
-- ``generation_eval``: exact match of the student and the teacher (greedy) on held-out prompts and,
+- ``rouge_l``: ROUGE-L F-measure against the reference responses, by the ``rouge-score`` package (Google's
+  reference implementation, stemmed), imported only when asked for (``pip install 'tailkd[eval]'``).
+- ``generation_eval``: exact match and ROUGE-L of the student and the teacher (greedy) on held-out prompts and,
   with ``samples > 0``, the accuracy and diversity of sampled outputs — the fidelity/diversity view
   on which ``drkl``, ``rkl`` and ``kd`` students differ.
 
 Text metrics work on whitespace-separated words (``text.split()``), not model tokens, so that
-students with different tokenisers would be compared on the same units.
+students with different tokenisers would be compared on the same units; ROUGE-L on rouge-score's own words
+(lower-cased ASCII letters and digits, Porter-stemmed), as published ROUGE-L numbers are.
 """
 
 from __future__ import annotations
@@ -115,6 +118,49 @@ def diversity(groups: Sequence[Sequence[str]], *, orders: Sequence[int] = (1, 2,
     out = {f"distinct_{n}": sum(distinct_n(g, n) for g in groups) / len(groups) for n in orders}
     out["self_bleu"] = sum(self_bleu(g) for g in groups) / len(groups)
     return out
+
+
+# --------------------------------------------------------------------------- fidelity: ROUGE-L
+
+
+def _rouge_scorer():
+    """rouge-score's ROUGE-L scorer with the Porter stemmer, imported here so that tailkd runs without it."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise TailkdError("ROUGE-L needs the rouge-score package: pip install 'tailkd[eval]' (or pip install "
+                          "rouge-score); or turn it off with --generate.rouge false") from None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean over pairs of the ROUGE-L F-measure (Lin, 2004) of ``predictions[i]`` against ``references[i]``.
+
+    Per pair, with LCS the longest common subsequence of the two word lists (rouge-score's tokeniser:
+    lower case, every run of characters other than a-z and 0-9 splits words and is dropped, words longer
+    than 3 letters Porter-stemmed): P = LCS / |prediction|, R = LCS / |reference|, F = 2PR / (P + R);
+    0 when either side has no word (text in scripts other than Latin letters has none: it scores 0).
+    Computed by the ``rouge-score`` package (``RougeScorer(["rougeL"], use_stemmer=True)``), not re-implemented.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("rouge_l needs at least one (prediction, reference) pair")
+    scorer = _rouge_scorer()
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return sum(scores) / len(scores)
+
+
+def check_references(references: Sequence[str], sources: Sequence[str] | None = None) -> None:
+    """``TailkdError`` naming the first held-out example without a reference response (None or blank):
+    ROUGE-L against nothing would score 0 and silently pull the average down. ``sources[i]`` names example
+    i in the message (e.g. ``file:line``); without it, its 1-based position in reading order."""
+    missing = [i for i, r in enumerate(references) if not (isinstance(r, str) and r.strip())]
+    if missing:
+        first = sources[missing[0]] if sources else f"example {missing[0] + 1}"
+        raise TailkdError(f"ROUGE-L needs a reference response for every prompt, but {len(missing)} of "
+                          f"{len(references)} held-out examples have an empty reference (first: {first}); give each a "
+                          "response (for a chat: a non-empty last assistant turn), or pass --generate.rouge false")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -218,6 +264,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
 
 
 def _prompts_and_references(heldout_examples, chat_template: str | None):
+    """(prompts, reference responses, chat template) of held-out ``SFTRows`` or of ``(prompt, reference)`` pairs."""
     if isinstance(heldout_examples, SFTRows):
         prompts, references = sft_rows_to_prompts(heldout_examples)
         return prompts, references, heldout_examples.chat_template if chat_template is None else chat_template
@@ -231,12 +278,15 @@ def _prompts_and_references(heldout_examples, chat_template: str | None):
 
 
 def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, batch_size, samples, temperature, top_p,
-                   seed, chat_template, progress, name) -> tuple[dict, list[str]]:
+                   seed, chat_template, progress, name, rouge) -> tuple[dict, list[str]]:
+    """The metrics of one model (keys prefixed ``name_``) and its greedy completions."""
     greedy = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      chat_template=chat_template, progress=progress)]
     answered = sum(extract_answer(g) is not None for g in greedy) / len(greedy)
     out = {f"{name}_exact_match": exact_match(greedy, references),
            f"{name}_strict_exact_match": exact_match(greedy, references, strict=True), f"{name}_answer_rate": answered}
+    if rouge:
+        out[f"{name}_rougeL"] = rouge_l(greedy, references)
     if samples > 0:
         groups = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=samples,
@@ -244,6 +294,8 @@ def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, bat
         flat_pred = [s for g in groups for s in g]
         flat_ref = [r for r, g in zip(references, groups) for _ in g]
         out[f"{name}_sample_exact_match"] = exact_match(flat_pred, flat_ref)
+        if rouge:
+            out[f"{name}_sample_rougeL"] = rouge_l(flat_pred, flat_ref)
         if samples >= 2:
             out.update({f"{name}_{k}": v for k, v in diversity(groups).items()})
     return out, greedy
@@ -252,18 +304,20 @@ def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, bat
 def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_tokens: int = 256,
                     batch_size: int = 8, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
                     seed: int = 0, limit: int | None = None, chat_template: str | None = None,
-                    progress: bool = True, return_outputs: bool = False) -> dict:
-    """Exact match of the student and the teacher (greedy) on held-out prompts; with ``samples`` ≥ 1 also
-    the accuracy of ``samples`` sampled completions per prompt, and with ``samples`` ≥ 2 their diversity.
+                    progress: bool = True, return_outputs: bool = False, rouge: bool = True) -> dict:
+    """Exact match and ROUGE-L of the student and the teacher (greedy) on held-out prompts; with ``samples`` ≥ 1
+    also the accuracy of ``samples`` sampled completions per prompt, and with ``samples`` ≥ 2 their diversity.
 
     ``heldout_examples``: the held-out ``SFTRows`` of ``tailkd.sft.prepare_sft`` (prompts rendered as in
     training, references = the reference responses), or a sequence of ``(prompt, reference)`` pairs.
-    ``teacher`` may be None. ``limit``: evaluate the first ``limit`` examples only.
+    ``teacher`` may be None. ``limit``: evaluate the first ``limit`` examples only. ``rouge``: score ROUGE-L
+    (`rouge_l`); every evaluated example then needs a non-empty reference (``TailkdError`` before decoding).
 
     Returns a flat dict: ``examples``, ``max_new_tokens``, ``samples``; per model (``student_*``,
     ``teacher_*``): ``exact_match`` (greedy, flexible extraction), ``strict_exact_match`` (greedy, only
-    ``#### N`` counts), ``answer_rate`` (greedy outputs with a number at all),
-    and when sampling ``sample_exact_match`` (fidelity), ``distinct_1..4`` and ``self_bleu`` (diversity:
+    ``#### N`` counts), ``answer_rate`` (greedy outputs with a number at all), with ``rouge`` ``rougeL`` (greedy
+    outputs vs references, mean F-measure), and when sampling ``sample_exact_match`` and with ``rouge``
+    ``sample_rougeL`` (fidelity, over all samples), ``distinct_1..4`` and ``self_bleu`` (diversity:
     higher distinct / lower self-BLEU = more diverse; see ``diversity``). ``return_outputs`` adds
     ``outputs``: {"student": [...], "teacher": [...]} greedy texts, in example order.
     """
@@ -274,9 +328,13 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
         prompts, references = prompts[:limit], references[:limit]
     if not prompts:
         raise TailkdError("no held-out examples to generate for; give more held-out data or a larger --limit")
+    if rouge:
+        sources = [e.source for e in heldout_examples.examples] if isinstance(heldout_examples, SFTRows) else None
+        check_references(references, sources)
+        _rouge_scorer()  # a missing package is reported before any decoding
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples,
               "temperature": temperature, "top_p": top_p, "seed": seed, "chat_template": chat_template,
-              "progress": progress}
+              "progress": progress, "rouge": rouge}
     result: dict = {"examples": len(prompts), "max_new_tokens": max_new_tokens, "samples": samples}
     outputs = {}
     for name, model in (("student", student), ("teacher", teacher)):

@@ -83,6 +83,34 @@ def plot_heldout_kl(curves: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_fidelity_diversity(points: dict, path: str | Path) -> Path:
+    """Fidelity vs diversity of several runs' students, one labelled point per run: ROUGE-L against the
+    reference responses (y) vs (a) Distinct-2 and (b) 1 − Self-BLEU of the sampled completions (x; right =
+    more diverse, up = closer to the references).
+
+    ``points``: {run label: {"rougeL", "distinct_2", "self_bleu"}} (e.g. `tailkd.compare.fidelity_diversity_points`).
+    """
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    panels = (("distinct_2", lambda v: v, "Distinct-2 of sampled completions (higher = more diverse)",
+               "(a) ROUGE-L vs Distinct-2"),
+              ("self_bleu", lambda v: 1.0 - v, "1 − Self-BLEU of sampled completions (higher = more diverse)",
+               "(b) ROUGE-L vs 1 − Self-BLEU"))
+    for ax, (key, to_x, xlabel, title) in zip(axes, panels):
+        for i, (label, p) in enumerate(points.items()):
+            x, y = to_x(p[key]), p["rougeL"]
+            ax.scatter([x], [y], color=f"C{i % 10}", s=36, zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ROUGE-L F vs reference responses (greedy)")
+        ax.set_title(title)
+        ax.margins(0.15)
+        ax.grid(alpha=0.3)
+    fig.suptitle("fidelity vs diversity of the students", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_training_curves(train: list[dict], heldout: list[dict], path: str | Path, *, title: str = "") -> Path:
     """One run: (a) held-out KL(teacher‖student) vs training tokens (the student's held-out CLM loss when the
     run has no teacher), (b) the training loss and its terms (CLM, divergence) vs training tokens.
