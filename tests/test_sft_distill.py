@@ -79,3 +79,49 @@ def test_eval_generate_on_an_sft_run(assets, tmp_path, capsys):
         assert 0.0 <= result[f"{side}_exact_match"] <= 1.0
         assert 0.0 <= result[f"{side}_distinct_1"] <= 1.0
     assert "exact_match" in capsys.readouterr().out
+
+
+def test_sweep_recipe_evaluates_and_compares_every_stage(assets, tmp_path, capsys):
+    """chain: false: every stage from the same start; then tailkd eval --generate of each and tailkd compare."""
+    import yaml
+
+    recipe = tmp_path / "sweep.yaml"
+    common = {"teacher": {"path": str(assets["teacher"])}, "student": {"num_layers": 2},
+              "data": {"task": "sft", "paths": [str(assets["pairs"])], "seq_len": 96, "heldout_fraction": 0.2,
+                       "cache_dir": str(assets["cache"]), "eval_rows": 4},
+              "train": {"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "precision": "fp32", "max_steps": 3,
+                        "on_policy": 0.5, "on_policy_max_new_tokens": 8}}
+    doc = {"out_dir": str(tmp_path / "runs"), "chain": False, "common": common,
+           "stages": [{"name": "fkl", "loss": {"name": "kd"}}, {"name": "rkl", "loss": {"name": "rkl"}}],
+           "evaluate": {"generate": {"enabled": True, "max_new_tokens": 6, "limit": 3, "samples": 2}},
+           "compare": {"compare": {"baseline": "fkl"}}}
+    recipe.write_text(yaml.safe_dump(doc))
+    assert main(["recipe", str(recipe), "--set", "train.max_steps=2"]) == 0
+    runs = tmp_path / "runs"
+    for name in ("fkl", "rkl"):
+        cfg = yaml.safe_load((runs / name / "config.yaml").read_text())
+        assert cfg["student"]["path"] is None and cfg["train"]["max_steps"] == 2  # same start; --set applied
+        result = json.loads((runs / name / "generate.json").read_text())
+        assert result["mode"] == "generate" and 0.0 <= result["student_rougeL"] <= 1.0
+    table = (runs / "compare" / "compare.md").read_text()
+    assert "fkl" in table and "rkl" in table and "ROUGE-L" in table
+    assert (runs / "compare" / "fidelity_diversity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["recipe", str(recipe), "--set", "train.max_steps=2"]) == 0  # all done: nothing runs again
+    out = capsys.readouterr().out
+    assert out.count("already done") == 4
+
+
+def test_recipe_errors_before_any_stage_runs(assets, tmp_path, capsys):
+    import yaml
+
+    recipe = tmp_path / "bad.yaml"
+    doc = {"out_dir": str(tmp_path / "runs"), "chain": False,
+           "common": {"teacher": {"path": str(assets["teacher"])}, "data": {"task": "sft"}},
+           "stages": [{"name": "a", "loss": {"name": "kd"}}], "evaluate": {"generate": {"max_new_tokens": 0}}}
+    recipe.write_text(yaml.safe_dump(doc))
+    assert main(["recipe", str(recipe)]) == 2
+    assert "generate.max_new_tokens=0 must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main(["recipe", str(recipe), "--set", "train_max_steps=3"]) == 2
+    assert "must look like section.key=value" in capsys.readouterr().err

@@ -53,7 +53,9 @@ COMMANDS = {
         cc.CompareConfig, "compare", "several runs side by side: held-out KL curves and a table (paper Fig. 1)",
         "Plot held-out KL vs training tokens of several runs (metrics.jsonl) and tabulate final held-out KL, "
         "perplexity, Full-ECE (RUN/eval.json), agreement, tokens, wall time and FLOPs, with "
-        "Rel = 100·ln(metric / baseline). Writes compare.md, compare.json and heldout_kl.png."),
+        "Rel = 100·ln(metric / baseline); with generation results (tailkd eval --generate --out "
+        "RUN/generate.json) also ROUGE-L, Distinct-2 and Self-BLEU, and a fidelity-vs-diversity scatter plot. "
+        "Writes compare.md, compare.json, heldout_kl.png (and fidelity_diversity.png)."),
     "flops": (
         cc.FlopsConfig, "flops", "FLOPs of KD, TAD, MiniPLM, SeqKD, MiniLLM per 1M tokens (paper Table 3)",
         "Estimate PetaFLOPs per training tokens for vanilla KD, TAD, MiniPLM-style teacher scoring and "
@@ -86,9 +88,13 @@ def _cmd_command(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipe(args: argparse.Namespace) -> int:
+    from tailkd.config import merge, parse_assignment
     from tailkd.recipe import run_recipe
 
-    run_recipe(args.recipe, args.out)
+    overrides: dict = {}
+    for text in args.set:
+        overrides = merge(overrides, parse_assignment(text))
+    run_recipe(args.recipe, args.out, overrides)
     return 0
 
 
@@ -110,12 +116,17 @@ def _cmd_losses(args: argparse.Namespace) -> int:
 def _add_recipe(sub, common) -> None:
     p = sub.add_parser(
         "recipe", parents=[common], help="run a multi-stage recipe (e.g. domain distillation, then SFT distillation)",
-        description="Run the stages of a recipe YAML in order (keys: out_dir, common, stages); a stage without "
-        "student.path starts from the previous stage's final student. Re-running skips finished stages and "
-        "resumes an interrupted one. Example: configs/math-two-stage.yaml.",
+        description="Run the stages of a recipe YAML in order (keys: out_dir, chain, common, stages, evaluate, "
+        "compare). A chain (the default): a stage without student.path starts from the previous stage's final "
+        "student (configs/math-two-stage.yaml). A sweep (chain: false): every stage from the same start, then "
+        "tailkd eval of each (evaluate:) and tailkd compare of all (compare:) (configs/drkl-instruct.yaml). "
+        "Re-running skips finished stages and evaluations and resumes an interrupted stage.",
     )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--out", default=None, help="root folder of the stages (default: the recipe's out_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting of every stage (merged over the recipe's common:), e.g. "
+                   "--set train.max_steps=400; repeatable")
     p.set_defaults(func=_cmd_recipe)
 
 

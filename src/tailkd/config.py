@@ -86,6 +86,9 @@ FLOAT_RANGES = {
     "train.adam_betas": Range(0.0, 1.0, high_open=True),
     "train.min_lr_ratio": Range(0.0, 1.0),
     "train.grad_clip": Range(0.0, note="0 disables clipping"),
+    "train.on_policy": Range(0.0, 1.0, note="GKD's λ"),
+    "train.on_policy_temperature": Range(0.0, low_open=True),
+    "train.on_policy_top_p": Range(0.0, 1.0, low_open=True),
     # the subcommands' own sections (tailkd.command_config)
     "generate.temperature": Range(0.0, low_open=True),
     "generate.top_p": Range(0.0, 1.0, low_open=True),
@@ -134,7 +137,11 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = _f([], "text files/folders, .jsonl (field 'text') or .parquet; empty: built-in news corpus")
+    paths: list[str] = _f([], "text files/folders, .jsonl (field 'text') or .parquet; empty: built-in news corpus. "
+                              "Built-in sets: 'builtin:math' (GSM-style problems: the worked solutions as a "
+                              "pretrain corpus, the problems with --task sft) and, with --task sft only, "
+                              "'builtin:instruct' (AlpacaEval's instructions with gpt-3.5-turbo answers, CC BY-NC "
+                              "4.0, non-commercial); a built-in set brings its own held-out split")
     seq_len: int = _f(128, "tokens per packed training row")
     heldout_fraction: float = _f(0.05, "fraction of documents held out for evaluation")
     doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file", choices=DOC_SEPS)
@@ -151,6 +158,18 @@ class DataConfig:
     split_seed: int = _f(0, "sft: seed of the held-out split (kept apart from train.seed)")
     math_train: int = _f(2000, "sft: built-in math problems for training")
     math_heldout: int = _f(200, "sft: built-in math problems held out")
+    instruct_heldout: int = _f(100, "sft: builtin:instruct instructions held out (of all 805, fixed by a hash)")
+    instruct_max_words: int = _f(150, "sft: builtin:instruct keeps the pairs of at most N words (instruction + "
+                                      "answer; 0: all): 734 of 805 by default")
+
+    def check_builtin_paths(self) -> None:
+        """TailkdError when ``paths`` name a built-in set that ``task`` cannot read: ``builtin:instruct`` is
+        prompt/response data, for task sft only. (A method, not ``__post_init__``: a command that omits
+        ``data.task``, e.g. lm-eval, validates a run's data section alone, and must still accept such a run.)"""
+        if self.task != "sft" and "builtin:instruct" in (self.paths or ()):
+            raise TailkdError("data.paths builtin:instruct is prompt/response data, read only with data.task sft "
+                              "(tailkd distill --task sft); packed text (task pretrain) needs text files, "
+                              "builtin:math, or no path for the built-in news corpus")
 
 
 @dataclass
@@ -215,6 +234,13 @@ class TrainConfig:
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)",
                        choices=PARALLEL_MODES)
+    on_policy: float = _f(0.0, "sft: probability λ that a micro-batch's responses are sampled from the current "
+                               "student and scored by the teacher (GKD's mixed policy; 0: the dataset's responses "
+                               "only, 1: fully on-policy)")
+    on_policy_temperature: float = _f(1.0, "on-policy sampling temperature")
+    on_policy_top_p: float = _f(1.0, "on-policy nucleus sampling p (no top-k cut)")
+    on_policy_max_new_tokens: int = _f(128, "on-policy: most tokens sampled per response (a row never grows past "
+                                            "data.seq_len)")
 
 
 @dataclass
@@ -246,6 +272,8 @@ class DistillConfig:
             raise TailkdError(f"train.max_bad_steps={c.train.max_bad_steps} must be >= 1")
         if c.train.loss_chunk_size < 0:
             raise TailkdError(f"train.loss_chunk_size={c.train.loss_chunk_size} must be >= 0 (0: automatic)")
+        c.data.check_builtin_paths()
+        check_on_policy(c)
         if c.teacher.cache and c.data.task != "pretrain":
             raise TailkdError("teacher.cache holds packed pretraining rows; supervised runs (data.task=sft) use the "
                               "online teacher: drop --teacher.cache")
@@ -256,6 +284,27 @@ class DistillConfig:
         if not LOSSES[c.loss.name].needs_teacher and c.loss.cosine_weight > 0:
             raise TailkdError(f"loss.cosine_weight needs a teacher; it cannot be used with loss.name={c.loss.name}")
         return c
+
+
+def check_on_policy(c: DistillConfig) -> None:
+    """``train.on_policy`` > 0 needs what sampling responses and scoring them takes."""
+    t = c.train
+    if t.on_policy_max_new_tokens < 1:
+        raise TailkdError(f"train.on_policy_max_new_tokens={t.on_policy_max_new_tokens} must be >= 1")
+    if t.on_policy == 0:
+        return
+    from tailkd.registry import LOSSES
+
+    problem = (
+        "it samples responses to prompts: use --task sft (prompt/response data)" if c.data.task != "sft" else
+        "a teacher cache cannot score tokens the student generates: drop --teacher.cache" if c.teacher.cache else
+        f"loss.name={c.loss.name} has no teacher to score the generated tokens: use a distillation loss"
+        if not LOSSES[c.loss.name].needs_teacher else
+        "packed rows hold several prompts: use --data.sft_mode pad" if c.data.sft_mode != "pad" else
+        "FSDP's forward is a collective the ranks' different generation lengths would break: use "
+        "--train.parallel ddp" if c.train.parallel == "fsdp" else None)
+    if problem:
+        raise TailkdError(f"train.on_policy={t.on_policy} cannot be used here: {problem}")
 
 
 def check_leaves(cfg) -> None:
@@ -495,8 +544,31 @@ def config_from_args(args: argparse.Namespace, cls=DistillConfig):
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
             node[parts[-1]] = value
-    given = merge(data, override)
+    return config_from_dict(cls, merge(data, override))
+
+
+def config_from_dict(cls, given: dict):
+    """Config ``cls`` from the sections ``given`` (YAML and flags merged), under them the settings of the run
+    that produced a saved model for a config with a ``run_defaults`` hook (eval, lm-eval); validated."""
     if hasattr(cls, "run_defaults"):
         given = merge(cls.run_defaults(given), given)
     cfg = from_dict(cls, given)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+def parse_assignment(text: str) -> dict:
+    """``section.key=value`` (the value read as YAML: numbers, true/false, lists) -> ``{section: {key: value}}``."""
+    dotted, sep, value = text.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise TailkdError(f"--set {text!r} must look like section.key=value, e.g. train.max_steps=400")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node: dict = {}
+    out = node
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parsed
+    return out

@@ -1,7 +1,7 @@
-"""Multi-stage recipes: several distillation runs in one YAML, each stage starting from the last's student.
+"""Recipes: several distillation runs in one YAML, then (optionally) an evaluation of each and a comparison.
 
-The paper's supervised recipe (§3.4) is two stages: pretraining distillation on domain text, then
-distillation on prompt/response pairs starting from the first stage's student. A recipe file::
+Two kinds. A CHAIN (the default) is the paper's supervised recipe (§3.4): pretraining distillation on domain
+text, then distillation on prompt/response pairs starting from the first stage's student::
 
     out_dir: runs/math                # stages go to out_dir/<stage name>
     common:                           # merged into every stage (a stage's own keys win)
@@ -15,32 +15,84 @@ distillation on prompt/response pairs starting from the first stage's student. A
         data: {task: sft}
         train: {max_steps: 100, lr: 1.0e-5}
 
-Every stage is a plain `DistillConfig` (unknown keys are errors). A stage after the first with no
-``student.path`` starts from the previous stage's ``final/``. Re-running a recipe skips stages whose
-``final/`` exists and resumes a stage that has checkpoints, so an interrupted recipe continues.
+A SWEEP (``chain: false``) runs the stages side by side, each from the same starting student (e.g. one stage per
+loss), and may end with ``evaluate:`` (sections of `tailkd.command_config.EvalConfig`, run as ``tailkd eval`` on
+each stage's ``final/``; the settings not given are the stage's own, as for ``tailkd eval``) and ``compare:``
+(sections of `CompareConfig`: ``tailkd compare`` of every stage into ``out_dir/compare``; ``compare.baseline`` may
+name a stage). ``configs/drkl-instruct.yaml`` is one.
+
+Every stage is a plain `DistillConfig` (unknown keys are errors), and every config is checked before the first
+stage starts. In a chain, a stage after the first with no ``student.path`` starts from the previous stage's
+``final/``. Re-running a recipe skips stages whose ``final/`` exists, resumes a stage that has checkpoints, and
+skips evaluations whose output exists, so an interrupted recipe continues.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from tailkd.config import DistillConfig, from_dict, load_yaml, merge
+from tailkd.command_config import CompareConfig, EvalConfig
+from tailkd.config import DistillConfig, config_from_dict, from_dict, load_yaml, merge
 from tailkd.errors import TailkdError
 
-RECIPE_KEYS = {"out_dir", "common", "stages"}
+RECIPE_KEYS = ("out_dir", "chain", "common", "stages", "evaluate", "compare")
 
 
-def load_recipe(path: str | Path, out_dir: str | None = None) -> list[DistillConfig]:
-    """The stage configs of a recipe file, validated, with out_dir and student chaining resolved."""
+@dataclass
+class Recipe:
+    """A recipe file, read and checked: its stages' configs and what follows them."""
+
+    root: Path
+    stages: list[DistillConfig]
+    evaluate: dict | None  # EvalConfig sections applied to every stage
+    compare: dict | None  # CompareConfig sections
+
+    def eval_out(self, stage: DistillConfig) -> Path:
+        """Where the evaluation of ``stage`` goes: RUN/generate.json for ``--generate``, else RUN/eval.json."""
+        generate = (self.evaluate or {}).get("generate", {}).get("enabled", False)
+        return Path(stage.train.out_dir) / ("generate.json" if generate else "eval.json")
+
+    def eval_config(self, stage: DistillConfig, *, with_run: bool = True) -> EvalConfig:
+        """The ``tailkd eval`` config of ``stage``'s final student (``with_run``: under the stage's own settings,
+        which need its run folder)."""
+        given = merge(self.evaluate or {}, {"eval": {"student": str(Path(stage.train.out_dir) / "final"),
+                                                     "out": str(self.eval_out(stage))}})
+        return config_from_dict(EvalConfig, given) if with_run else from_dict(EvalConfig, given).validate()
+
+    def compare_config(self) -> CompareConfig:
+        """The ``tailkd compare`` config of all stages (``compare.baseline``: a stage name or a run folder)."""
+        names = {Path(s.train.out_dir).name: s.train.out_dir for s in self.stages}
+        given = merge({"compare": {"out": str(self.root / "compare")}}, self.compare or {})
+        options = given.setdefault("compare", {})
+        options["runs"] = [s.train.out_dir for s in self.stages]
+        if isinstance(options.get("baseline"), str):
+            options["baseline"] = names.get(options["baseline"], options["baseline"])
+        return from_dict(CompareConfig, given).validate()
+
+
+def _mapping(doc: dict, key: str, path) -> dict | None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise TailkdError(f"recipe {path}: '{key}' must be a mapping of config sections")
+    return value
+
+
+def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> Recipe:
+    """The recipe in ``path``, every config checked; ``out_dir`` replaces its ``out_dir``, ``overrides`` (config
+    sections) are merged over ``common``."""
     doc = load_yaml(path)
-    unknown = sorted(set(doc) - RECIPE_KEYS)
+    unknown = sorted(set(doc) - set(RECIPE_KEYS))
     if unknown:
-        raise TailkdError(f"unknown recipe key {unknown[0]!r} in {path}; valid keys: out_dir, common, stages")
+        raise TailkdError(f"unknown recipe key {unknown[0]!r} in {path}; valid keys: {', '.join(RECIPE_KEYS)}")
     stages = doc.get("stages")
     if not isinstance(stages, list) or not stages:
         raise TailkdError(f"recipe {path} needs a non-empty list under 'stages'")
+    chain = doc.get("chain", True)
+    if not isinstance(chain, bool):
+        raise TailkdError(f"recipe {path}: 'chain' must be true or false, got {chain!r}")
     root = Path(out_dir or doc.get("out_dir") or "runs/recipe")
-    common = doc.get("common") or {}
+    common = merge(_mapping(doc, "common", path) or {}, overrides or {})
     configs, names = [], set()
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
@@ -52,18 +104,31 @@ def load_recipe(path: str | Path, out_dir: str | None = None) -> list[DistillCon
         names.add(name)
         cfg = from_dict(DistillConfig, merge(common, stage))
         cfg.train.out_dir = str(root / name)
-        if i > 0 and not cfg.student.path:
+        if chain and i > 0 and not cfg.student.path:
             cfg.student.path = str(Path(configs[-1].train.out_dir) / "final")
         configs.append(cfg.validate())
-    return configs
+    recipe = Recipe(root, configs, _mapping(doc, "evaluate", path), _mapping(doc, "compare", path))
+    if recipe.evaluate is not None:
+        recipe.eval_config(configs[0], with_run=False)  # its keys and values, before any stage runs
+    if recipe.compare is not None:
+        recipe.compare_config()
+    return recipe
 
 
-def run_recipe(path: str | Path, out_dir: str | None = None) -> list[dict]:
-    """Run every stage in order; returns the stage summaries."""
+def load_recipe(path: str | Path, out_dir: str | None = None) -> list[DistillConfig]:
+    """The stage configs of a recipe file, validated, with out_dir and student chaining resolved."""
+    return read_recipe(path, out_dir).stages
+
+
+def run_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> list[dict]:
+    """Run every stage in order, then evaluate each stage and compare them (when the recipe says so); returns the
+    stage summaries."""
+    from tailkd import commands
     from tailkd.train import distill
 
+    recipe = read_recipe(path, out_dir, overrides)
     summaries = []
-    for cfg in load_recipe(path, out_dir):
+    for cfg in recipe.stages:
         run = Path(cfg.train.out_dir)
         if (run / "final" / "config.json").exists():
             print(f"stage {run.name}: already done ({run / 'final'})")
@@ -73,5 +138,15 @@ def run_recipe(path: str | Path, out_dir: str | None = None) -> list[dict]:
         print(f"stage {run.name}: {'resuming' if cfg.train.resume else 'starting'} ({cfg.data.task}, {cfg.loss.name})")
         summaries.append(distill(cfg))
         if summaries[-1].get("stopped"):
-            break
+            return summaries
+    if recipe.evaluate is not None:
+        for cfg in recipe.stages:
+            out = recipe.eval_out(cfg)
+            if out.exists():
+                print(f"stage {Path(cfg.train.out_dir).name}: evaluation already done ({out})")
+                continue
+            print(f"stage {Path(cfg.train.out_dir).name}: evaluating {Path(cfg.train.out_dir) / 'final'}")
+            commands.evaluate(recipe.eval_config(cfg))
+    if recipe.compare is not None:
+        commands.compare(recipe.compare_config())
     return summaries

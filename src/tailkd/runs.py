@@ -5,15 +5,21 @@ checkpoints of the whole training state (student, optimizer, scheduler, sampler,
 checked out. `Progress` holds the counters of a run (saved in every checkpoint; older checkpoints' dicts load with
 defaults). `save` / `restore` go through `tailkd.checkpoint` (atomic, verified files) and `tailkd.distributed`
 (full state dicts gathered to rank 0, broadcast back on resume), so a run resumes on another number of processes.
+Run control: `deterministic_mode` (``train.deterministic``) and `stop_on_signals` (SIGINT / SIGTERM end a run after
+its current step, with a checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train
                     "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
                     "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
                     "train.loss_chunk_size"}
+
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -53,6 +60,9 @@ class Progress:
     bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     bad_in_a_row: int = 0
     empty_steps: int = 0  # steps skipped for having no valid token
+    on_policy_batches: int = 0  # micro-batches whose responses the student generated (train.on_policy)
+    generated_tokens: int = 0  # ... and the tokens it generated (all ranks)
+    generation_seconds: float = 0.0  # seconds spent generating (rank 0's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,3 +254,45 @@ def restore(out: Path, model, student, optimizer, scheduler, sampler) -> Progres
     set_rng_state(small["rng"])
     dist.say(f"resuming {out} from {Path(path).name} (step {small['state']['step']})")
     return Progress.from_dict(small["state"])
+
+
+# --------------------------------------------------------------------------- run control
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` for the duration (``train.deterministic``)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by cuBLAS in deterministic mode
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM only record themselves in the yielded list: the loop finishes
+    its current step, writes a checkpoint and returns (exit code 128 + signal: 130 / 143). A second SIGINT
+    (Ctrl-C twice) interrupts at once, without a checkpoint. A no-op outside the main thread."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not received and dist.is_main():
+            print(f"\ntailkd: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -8,7 +8,8 @@
    sampler shared by all ranks); the loss layer (full logits or the chunked `tailkd.fused`) and the teacher
    signal (online or a teacher cache, `tailkd.teacher`); only then the run folder is written; AdamW + warm-up /
    cosine schedule; the state restored on ``--resume``;
-2. steps (`train_step`): micro-batches -> global valid-token count -> teacher signal -> the step's loss
+2. steps (`train_step`): micro-batches (with ``train.on_policy``, some of them student-generated:
+   `tailkd.onpolicy`) -> global valid-token count -> teacher signal -> the step's loss
    (`tailkd.objective.step_terms`) -> backward -> clip -> check -> AdamW step; then logging, the periodic held-out
    evaluation (`tailkd.evaluate.heldout_sums`) and checkpoint, and the stop checks;
 3. the end (`finish`): final held-out metrics, a last checkpoint, the student saved with ``save_pretrained`` +
@@ -29,11 +30,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tailkd import checkpoint as ckpt
+from tailkd import corpus, fused, models, runs
 from tailkd import data as data_mod
 from tailkd import distributed as dist
-from tailkd import fused, models, runs
 from tailkd import teacher as teacher_mod
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
@@ -53,6 +51,7 @@ from tailkd.evaluate import finalize, heldout_sums
 from tailkd.flops import distill_flops
 from tailkd.head import verify_head
 from tailkd.objective import count_valid_tokens, step_terms
+from tailkd.onpolicy import OnPolicy, on_policy_from_config
 from tailkd.registry import LOSSES
 
 TERMS = ("loss", "clm", "div", "cos")
@@ -75,19 +74,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool):
-    """``torch.use_deterministic_algorithms(True)`` for the duration (``train.deterministic``)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by cuBLAS in deterministic mode
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
@@ -140,7 +126,7 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
     """
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else data_mod.default_cache_root()
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else corpus.default_cache_root()
     if cfg.data.task == "sft":
         from tailkd.sft import setup_sft_rows
 
@@ -152,8 +138,8 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
 
         math = default_math_dataset(cache_root, n_train=cfg.data.math_train, n_heldout=cfg.data.math_heldout)
         paths.append(math.corpus)
-    paths = paths or data_mod.default_corpus_files(cache_root)
-    info = data_mod.prepare_corpus_cached(
+    paths = paths or corpus.default_corpus_files(cache_root)
+    info = corpus.prepare_corpus_cached(
         paths, tokenizer, cache_root / "corpora", tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
         heldout_fraction=cfg.data.heldout_fraction, doc_sep=cfg.data.doc_sep,
     )
@@ -298,35 +284,6 @@ def heldout(model, teacher, held_rows, cfg: DistillConfig, vocab: int, device, a
     return finalize(dist.gather_sums(sums))
 
 
-# --------------------------------------------------------------------------- signals
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Within the block, SIGINT and SIGTERM only record themselves in the yielded list: the loop finishes
-    its current step, writes a checkpoint and returns (exit code 128 + signal: 130 / 143). A second SIGINT
-    (Ctrl-C twice) interrupts at once, without a checkpoint. A no-op outside the main thread."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not received and dist.is_main():
-            print(f"\ntailkd: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-                  "(Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -352,6 +309,7 @@ class Run:
     sampler: data_mod.RowSampler
     progress: runs.Progress
     log: runs.MetricsLog | None  # rank 0 only
+    on_policy: OnPolicy | None = None  # train.on_policy > 0: student-generated micro-batches
 
     def write_metrics(self, record: dict) -> None:
         if self.log is not None:
@@ -402,11 +360,12 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     if resuming and restored is None:
         dist.say(f"{out} has no checkpoint yet: starting it from step 0")
     progress = restored or runs.Progress()
+    on_policy = on_policy_from_config(cfg, tokenizer, train_rows, ac)
     # metrics.jsonl (rank 0): on resume, the lines after the checkpoint's step go (all of them without one)
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=progress.step if restored else -1) \
         if dist.is_main() else None
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
-               signal_text, fused_path, optimizer, scheduler, sampler, progress, log)
+               signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy)
 
 
 # --------------------------------------------------------------------------- one step
@@ -423,6 +382,8 @@ class StepReport:
     empty: bool  # no valid token in the whole step
     finite: bool
     signals: int  # stop signals received by any rank
+    generated: int = 0  # tokens the student generated (on-policy micro-batches, all ranks)
+    generation_seconds: float = 0.0  # of ``seconds``, spent generating (this rank)
 
     @property
     def skipped(self) -> bool:
@@ -433,16 +394,23 @@ def train_step(run: Run, signals: list[int]) -> StepReport:
     """One optimizer step: this rank's micro-batches, forward/backward, clip, check, update (a step with a
     non-finite loss or gradient, or without a valid token, updates nothing and is counted)."""
     t0 = time.perf_counter()
+    p = run.progress
     micro = next_micro_batches(run.train_rows, run.sampler, run.cfg)
+    generated = 0
+    if run.on_policy is not None:  # some micro-batches' responses sampled from the student (before the count)
+        micro, n_batches, generated = run.on_policy.apply(dist.unwrap(run.model), micro, step=p.step,
+                                                          rank=dist.rank())
+        p.on_policy_batches += n_batches
+    t_gen = time.perf_counter() - t0
     terms, n_valid = forward_backward(run.model, run.signal_of, micro, cfg=run.cfg, vocab=run.vocab,
                                       device=run.device, ac=run.ac, fused_path=run.fused_path)
-    *values, n_signals = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals)], run.device)
+    *values, n_signals, generated = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals), generated],
+                                                        run.device)
     terms = dict(zip(TERMS, values))
     grad_norm = clip_and_norm(run.model, run.cfg.train.grad_clip)
     lr = run.scheduler.get_last_lr()[0]
     finite = math.isfinite(terms["loss"]) and math.isfinite(grad_norm)
     empty = n_valid == 0  # AdamW would still decay the weights and advance its moments: skip the step
-    p = run.progress
     if finite and not empty:
         run.optimizer.step()
         run.scheduler.step()
@@ -457,7 +425,9 @@ def train_step(run: Run, signals: list[int]) -> StepReport:
     p.step += 1
     p.tokens += run.cfg.train.batch_size * run.cfg.train.grad_accum * run.cfg.data.seq_len  # global
     p.elapsed += dt
-    return StepReport(terms, grad_norm, lr, dt, empty, finite, int(n_signals))
+    p.generated_tokens += int(generated)
+    p.generation_seconds += t_gen
+    return StepReport(terms, grad_norm, lr, dt, empty, finite, int(n_signals), int(generated), t_gen)
 
 
 def log_step(run: Run, report: StepReport, bar) -> None:
@@ -475,10 +445,23 @@ def log_step(run: Run, report: StepReport, bar) -> None:
     if p.step % run.cfg.train.log_every == 0 or p.step == total or report.skipped:
         run.write_metrics({"step": p.step, "split": "train", "tokens": p.tokens, "lr": report.lr,
                            "grad_norm": report.grad_norm, "tokens_per_s": tok_s, "elapsed_s": p.elapsed, **terms,
-                           "skipped": report.skipped, "bad_steps": p.bad_steps, "empty_steps": p.empty_steps})
+                           "skipped": report.skipped, "bad_steps": p.bad_steps, "empty_steps": p.empty_steps,
+                           **on_policy_record(run, report)})
+    gen = {"gen_tok_s": f"{report.generated / report.generation_seconds:,.0f}"} \
+        if run.on_policy is not None and report.generation_seconds > 0 and report.generated else {}
     bar.set_postfix(loss=f"{terms['loss']:.3f}", clm=f"{terms['clm']:.3f}", div=f"{terms['div']:.3f}",
-                    tok_s=f"{tok_s:,.0f}")
+                    tok_s=f"{tok_s:,.0f}", **gen)
     bar.update(1)
+
+
+def on_policy_record(run: Run, report: StepReport) -> dict:
+    """The on-policy fields of a metrics line: tokens generated in the step (all ranks) and their rate, the
+    run's totals. Empty for a run without ``train.on_policy``."""
+    if run.on_policy is None:
+        return {}
+    p, seconds = run.progress, report.generation_seconds
+    return {"generated_tokens": report.generated, "gen_tokens_per_s": report.generated / seconds if seconds else 0.0,
+            "on_policy_batches": p.on_policy_batches, "generated_tokens_total": p.generated_tokens}
 
 
 def stop_for_bad_steps(run: Run, report: StepReport) -> None:
@@ -507,7 +490,7 @@ def distill(cfg: DistillConfig) -> dict:
     cfg.validate()
     device = dist.setup(cfg.train.device)
     try:
-        with deterministic_mode(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
+        with runs.deterministic_mode(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
             return _distill(cfg, device, cleanup)
     finally:
         dist.shutdown()
@@ -518,7 +501,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     run = setup_run(cfg, device)
     p, t = run.progress, cfg.train
     stop_at = min(t.max_steps, p.step + t.stop_after) if t.stop_after else t.max_steps
-    signals = cleanup.enter_context(stop_on_signals())  # from here on SIGINT/SIGTERM stop after a step
+    signals = cleanup.enter_context(runs.stop_on_signals())  # from here on SIGINT/SIGTERM stop after a step
     eval_seconds = 0.0  # measured on the first held-out evaluation (a resume has none: the ETA leaves them out)
     if p.initial_heldout is None:
         t0 = time.perf_counter()
@@ -575,6 +558,9 @@ def finish(run: Run) -> dict:
                "heldout_before": p.initial_heldout, "heldout_after": p.final_heldout,
                "flops": distill_flops(run.teacher, dist.unwrap(run.model), p.tokens, seq_len=cfg.data.seq_len,
                                       loss=cfg.loss.name, freeze_embeddings=cfg.student.freeze_embeddings)}
+    if run.on_policy is not None:
+        summary["on_policy"] = {"rate": cfg.train.on_policy, "batches": p.on_policy_batches,
+                                "generated_tokens": p.generated_tokens, "generation_seconds": p.generation_seconds}
 
     def write_final(tmp: Path) -> None:
         dist.unwrap(run.model).save_pretrained(tmp, state_dict=model_state)

@@ -1,0 +1,165 @@
+"""On-policy (student-generated) micro-batches for supervised distillation: GKD's mixed policy with rate λ.
+
+With ``train.on_policy`` = λ > 0, each micro-batch of a supervised (``data.task sft``) run is, with probability
+λ, replaced by one whose responses the CURRENT student samples from the batch's prompts; the teacher then scores
+those tokens exactly as it scores dataset responses, and every divergence of the registry applies unchanged
+(Agarwal et al. 2024, GKD; λ = 0 is plain supervised distillation, λ = 1 fully on-policy). Bookkeeping:
+
+- a row's prompt is its tokens up to the first one that carries a label (``labels[f] != -100``: positions
+  0..f), so the prompt is exactly the one the dataset row was rendered with (chat template included);
+- the student samples at most ``train.on_policy_max_new_tokens`` tokens (temperature, nucleus top-p, no top-k),
+  batched and left-padded with a KV cache (`transformers` ``generate``), stopping at EOS or the chat template's
+  end-of-turn token, which is kept and labelled as the dataset's EOS is; a row never grows past ``seq_len``;
+- the new row carries labels ONLY on the generated tokens (prompt and padding: -100), so the step's global
+  count of valid tokens — the one denominator — counts generated tokens;
+- the draws are counter-based: whether micro-batch m of step s is on-policy comes from ``(seed, s, m)`` (the
+  same on every rank), its samples from ``(seed, s, m, rank)`` in a forked RNG. A resumed run therefore continues
+  the same sampling stream with nothing to restore, and the training RNG is never touched. (The samples do
+  depend on the number of processes, which splits the rows differently.)
+
+Rows must hold one example each (``data.sft_mode pad``): a packed row has several prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tailkd import distributed as dist
+from tailkd.data import IGNORE_INDEX
+from tailkd.sft import stop_token_ids
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (stable across processes and Python versions, unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def is_on_policy(rate: float, seed: int, step: int, micro: int) -> bool:
+    """Whether micro-batch ``micro`` of optimizer step ``step`` (0-based) is generated: probability ``rate``.
+    ``rate`` 0 and 1 decide without a draw."""
+    if rate <= 0:
+        return False
+    if rate >= 1:
+        return True
+    return random.Random(_seed("on-policy", seed, step, micro)).random() < rate
+
+
+def prompt_lengths(labels: torch.Tensor) -> list[int]:
+    """Per row of ``labels`` [b, T] (shifted once): the number of prompt tokens, i.e. 1 + the first position
+    with a label (``input_ids[:n]`` is the prompt); 0 for a row without any label (nothing to generate for)."""
+    valid = labels != IGNORE_INDEX
+    first = torch.where(valid.any(1), valid.int().argmax(1), -1)
+    return [int(f) + 1 for f in first]
+
+
+def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                     stops: list[int], pad_id: int, seed: int, autocast_dtype: torch.dtype | None = None
+                     ) -> list[list[int]]:
+    """One sampled continuation per prompt (token ids), cut after its first stop token (kept), in one batched,
+    left-padded ``generate`` call with a KV cache. The RNG is forked and seeded with ``seed``; the model runs in
+    eval mode and is put back in its previous mode."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, P), left-padded
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode(), \
+                torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=True, temperature=float(temperature),
+                                 top_p=float(top_p), top_k=0, num_beams=1, repetition_penalty=1.0,
+                                 eos_token_id=list(stops), pad_token_id=pad_id)  # (b, P + new)
+    finally:
+        model.train(was_training)
+    responses = []
+    for ids in out[:, width:].tolist():
+        cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
+        responses.append(ids[:cut])
+    return responses
+
+
+def build_row(prompt: list[int], response: list[int], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The trainer's row (``input_ids``, ``labels``, ``segment_ids``, each [seq_len]) of ``prompt + response``:
+    labels (shifted once) on the response tokens only; right padding with label -100 and segment 1."""
+    ids = (prompt + response)[:seq_len + 1]
+    n = len(ids) - 1  # positions with an input and a next token
+    input_ids = torch.full((seq_len,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    segment_ids = torch.ones(seq_len, dtype=torch.long)
+    input_ids[:n] = torch.tensor(ids[:-1], dtype=torch.long)
+    segment_ids[:n] = 0
+    first = len(prompt) - 1  # labels[t] = ids[t + 1]: the first generated token is the label of position P - 1
+    if n > first:
+        labels[first:n] = torch.tensor(ids[first + 1:], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+
+
+@dataclass(frozen=True)
+class OnPolicy:
+    """The on-policy settings of a run (`tailkd.config.TrainConfig`'s ``on_policy*``) and its tokeniser's ids."""
+
+    rate: float
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    stops: tuple[int, ...]
+    pad_id: int
+    autocast_dtype: torch.dtype | None = None
+
+    def apply(self, model, micro: list[dict], *, step: int, rank: int) -> tuple[list[dict], int, int]:
+        """This rank's micro-batches of step ``step`` with the on-policy ones generated by ``model`` (the student,
+        unwrapped). Returns (micro-batches, how many were generated, tokens generated on this rank)."""
+        out, n_batches, n_tokens = [], 0, 0
+        for m, batch in enumerate(micro):
+            if not is_on_policy(self.rate, self.seed, step, m):
+                out.append(batch)
+                continue
+            new, tokens = self.generate_batch(model, batch, seed=_seed("sample", self.seed, step, m, rank))
+            out.append(new)
+            n_batches, n_tokens = n_batches + 1, n_tokens + tokens
+        return out, n_batches, n_tokens
+
+    def generate_batch(self, model, batch: dict, *, seed: int) -> tuple[dict, int]:
+        """``batch`` (rows of one example each) with every response replaced by one sampled from ``model``; a row
+        without any label (nothing to answer) stays as it is. Returns (the batch, tokens generated)."""
+        seq_len = batch["input_ids"].shape[1]
+        lengths = prompt_lengths(batch["labels"])
+        rows = [i for i, n in enumerate(lengths) if n > 0]
+        if not rows:
+            return batch, 0
+        prompts = [batch["input_ids"][i, :lengths[i]].tolist() for i in rows]
+        budget = min(self.max_new_tokens, seq_len + 1 - max(len(p) for p in prompts))  # >= 1: a label fits
+        responses = sample_responses(model, prompts, max_new_tokens=budget, temperature=self.temperature,
+                                     top_p=self.top_p, stops=list(self.stops), pad_id=self.pad_id, seed=seed,
+                                     autocast_dtype=self.autocast_dtype)
+        new = {key: value.clone() for key, value in batch.items()}  # e.g. row_index is kept as it is
+        for i, prompt, response in zip(rows, prompts, responses):
+            for key, value in build_row(prompt, response, seq_len, self.pad_id).items():
+                new[key][i] = value.to(new[key].dtype)
+        return new, sum(len(r) for r in responses)
+
+
+def on_policy_from_config(cfg, tokenizer, train_rows, ac) -> OnPolicy | None:
+    """``train.on_policy`` > 0 (an SFT run, checked by the config): the sampling settings, the stop tokens of the
+    rows' rendering (EOS, and the chat template's end-of-turn) and their padding id."""
+    t = cfg.train
+    if t.on_policy == 0:
+        return None
+    template = train_rows.chat_template
+    stops = stop_token_ids(tokenizer, chat=template is not None, chat_template=template)
+    dist.say(f"on-policy: with probability {t.on_policy} a micro-batch's responses are sampled from the student "
+             f"(temperature {t.on_policy_temperature}, top-p {t.on_policy_top_p}, at most "
+             f"{t.on_policy_max_new_tokens} new tokens) and scored by the teacher")
+    return OnPolicy(t.on_policy, t.on_policy_temperature, t.on_policy_top_p, t.on_policy_max_new_tokens, t.seed,
+                    tuple(stops), train_rows.pad_id, ac)

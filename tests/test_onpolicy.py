@@ -1,0 +1,146 @@
+"""On-policy (student-generated) supervised distillation, `tailkd.onpolicy` and ``train.on_policy``: rows carry
+labels only on generated tokens, λ = 0 leaves the supervised run untouched, λ = 1 generates every micro-batch, a
+stopped and resumed run ends identical to an uninterrupted one, and bad settings end in one line."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_sft_distill import assets, sft_args  # noqa: F401 - the module fixture (tiny teacher, prompt/response pairs)
+from tiny import read_metrics
+
+from tailkd import onpolicy as op
+from tailkd.cli import main
+from tailkd.data import IGNORE_INDEX
+
+PAD, EOS = 0, 2
+
+
+def test_build_row_labels_only_the_response():
+    row = op.build_row([5, 6, 7], [8, 9, EOS], seq_len=8, pad_id=PAD)
+    # x = 5 6 7 | 8 9 E: inputs x[:-1], labels x[1:] where x[t + 1] is generated
+    assert row["input_ids"].tolist() == [5, 6, 7, 8, 9, PAD, PAD, PAD]
+    assert row["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 8, 9, EOS] + [IGNORE_INDEX] * 3
+    assert row["segment_ids"].tolist() == [0] * 5 + [1] * 3
+    # a row never grows past seq_len: prompt + response is cut to seq_len + 1 tokens
+    row = op.build_row([5, 6], [7, 8, 9, 10], seq_len=4, pad_id=PAD)
+    assert row["input_ids"].tolist() == [5, 6, 7, 8] and row["labels"].tolist() == [IGNORE_INDEX, 7, 8, 9]
+    # an empty response leaves no label
+    assert (op.build_row([5, 6], [], seq_len=4, pad_id=PAD)["labels"] == IGNORE_INDEX).all()
+
+
+def test_prompt_lengths_from_the_first_label():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 4, 5], [IGNORE_INDEX] * 4, [3, 4, IGNORE_INDEX, IGNORE_INDEX]])
+    assert op.prompt_lengths(labels) == [3, 0, 1]
+
+
+def test_on_policy_draws_are_counter_based_with_rate_lambda():
+    assert not any(op.is_on_policy(0.0, 0, s, m) for s in range(50) for m in range(2))
+    assert all(op.is_on_policy(1.0, 0, s, m) for s in range(50) for m in range(2))
+    draws = [op.is_on_policy(0.3, 7, s, m) for s in range(2000) for m in range(2)]
+    assert draws == [op.is_on_policy(0.3, 7, s, m) for s in range(2000) for m in range(2)]  # a function of its key
+    # 4000 Bernoulli(0.3) draws: the mean is within 5 standard deviations (sqrt(0.21 / 4000) = 0.0072) of 0.3
+    assert abs(sum(draws) / len(draws) - 0.3) < 5 * math.sqrt(0.3 * 0.7 / len(draws))
+    assert draws != [op.is_on_policy(0.3, 8, s, m) for s in range(2000) for m in range(2)]  # the seed matters
+
+
+def test_generate_batch_keeps_prompts_and_labels_only_generated_tokens(tiny_lm):
+    model, T = tiny_lm(), 24
+    prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31]]
+    rows = [op.build_row(p, [40, 41, EOS], T, PAD) for p in prompts]  # dataset rows: a response after each prompt
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]} | {"row_index": torch.tensor([4, 9, 1])}
+    no_label = {k: v[:1].clone() for k, v in batch.items()}
+    no_label["labels"][:] = IGNORE_INDEX
+    batch = {k: torch.cat([batch[k], no_label[k]]) for k in batch}  # a 4th row without any label
+    policy = op.OnPolicy(1.0, 1.0, 1.0, 6, 0, (EOS,), PAD)
+    new, tokens = policy.generate_batch(model, batch, seed=3)
+    assert torch.equal(new["row_index"], batch["row_index"])
+    assert torch.equal(new["labels"][3], batch["labels"][3]) and torch.equal(new["input_ids"][3], batch["input_ids"][3])
+    n_labels = 0
+    for i, p in enumerate(prompts):
+        x, y = new["input_ids"][i], new["labels"][i]
+        assert x[:len(p)].tolist() == p  # the prompt is kept as it is
+        assert (y[:len(p) - 1] == IGNORE_INDEX).all()  # no label on a prompt token
+        valid = (y != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert valid == list(range(len(p) - 1, len(p) - 1 + len(valid)))  # labels: one run right after the prompt
+        assert 1 <= len(valid) <= 6
+        assert y[valid[:-1]].tolist() == x[len(p):len(p) + len(valid) - 1].tolist()  # labels: next inputs
+        assert EOS not in y[valid[:-1]].tolist()  # generation stops at the first EOS (kept, labelled)
+        n_labels += len(valid)
+    assert tokens == n_labels
+    again, _ = policy.generate_batch(model, batch, seed=3)
+    assert all(torch.equal(again[k], new[k]) for k in new)  # the seed fixes the samples
+
+
+def test_generation_restores_the_training_mode_and_rng(tiny_lm):
+    model = tiny_lm().train()
+    state = torch.get_rng_state()
+    op.sample_responses(model, [[5, 6], [7]], max_new_tokens=3, temperature=1.0, top_p=0.9, stops=[EOS],
+                        pad_id=PAD, seed=1)
+    assert model.training and torch.equal(torch.get_rng_state(), state)
+
+
+def final_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_lambda_one_generates_every_micro_batch(assets, tmp_path):  # noqa: F811
+    run = tmp_path / "on"
+    assert main(sft_args(assets, run, "--loss", "rkl", "--steps", "3", "--train.grad_accum", "2",
+                         "--train.on_policy", "1", "--train.on_policy_max_new_tokens", "8")) == 0
+    train = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert [r["on_policy_batches"] for r in train] == [2, 4, 6]
+    assert all(0 < r["generated_tokens"] <= 2 * 4 * 8 for r in train)  # 2 micro-batches x 4 rows x <= 8 tokens
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["on_policy"]["batches"] == 6
+    assert summary["on_policy"]["generated_tokens"] == sum(r["generated_tokens"] for r in train)
+
+
+def test_lambda_zero_is_the_supervised_run(assets, tmp_path):  # noqa: F811
+    """λ = 0 draws nothing and generates nothing: the sampling knobs then change no bit of the result."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(sft_args(assets, a, "--loss", "kd", "--steps", "3")) == 0
+    assert main(sft_args(assets, b, "--loss", "kd", "--steps", "3", "--train.on_policy", "0",
+                         "--train.on_policy_temperature", "0.3", "--train.on_policy_max_new_tokens", "2")) == 0
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any("generated_tokens" in r for r in read_metrics(b))
+
+
+def test_stopped_and_resumed_on_policy_run_is_bit_identical(assets, tmp_path):  # noqa: F811
+    common = ("--loss", "tad", "--k", "3", "--steps", "6", "--train.on_policy", "0.5",
+              "--train.on_policy_max_new_tokens", "6", "--train.save_every", "3", "--train.deterministic", "true")
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    assert main(sft_args(assets, full, *common)) == 0
+    assert main(sft_args(assets, parted, *common, "--train.stop_after", "3")) == 0
+    assert main(sft_args(assets, parted, *common, "--resume")) == 0
+    wa, wb = final_weights(full), final_weights(parted)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = [r for r in read_metrics(full) if r["split"] == "train"]
+    lb = [r for r in read_metrics(parted) if r["split"] == "train"]
+    assert [(r["loss"], r["generated_tokens"], r["on_policy_batches"]) for r in la] == \
+        [(r["loss"], r["generated_tokens"], r["on_policy_batches"]) for r in lb]
+    assert 0 < la[-1]["on_policy_batches"] < 6  # λ = 0.5 over 6 micro-batches: some of each kind (seed 0)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--train.on_policy", "1.5"], "train.on_policy=1.5 must be a finite number in [0, 1]"),
+    (["--train.on_policy", "nan"], "train.on_policy=nan must be a finite number in [0, 1]"),
+    (["--train.on_policy", "0.5", "--train.on_policy_max_new_tokens", "0"],
+     "train.on_policy_max_new_tokens=0 must be >= 1"),
+    (["--train.on_policy", "0.5", "--train.on_policy_top_p", "0"], "train.on_policy_top_p=0.0 must be a finite"),
+    (["--train.on_policy", "0.5", "--teacher-cache", "somewhere"],
+     "a teacher cache cannot score tokens the student generates"),
+    (["--train.on_policy", "0.5", "--loss", "clm"], "has no teacher to score the generated tokens"),
+    (["--train.on_policy", "0.5", "--data.sft_mode", "pack"], "use --data.sft_mode pad"),
+    (["--train.on_policy", "0.5", "--task", "pretrain"], "use --task sft"),
+])
+def test_bad_on_policy_settings(assets, tmp_path, capsys, extra, needle):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(sft_args(assets, run, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tailkd: error: ") and needle in err[0], err
+    assert not run.exists()
