@@ -434,6 +434,12 @@ def test_eval_generate_reports_rouge_l_in_json_and_table(assets, tmp_path, capsy
     off = tmp_path / "off.json"
     assert main(generate_args(assets, prompts, off, "--generate.rouge", "false")) == 0
     assert not any("rouge" in k for k in json.loads(off.read_text()))
+    alone = tmp_path / "alone.json"  # --generate.teacher false: the student's numbers, the same as above
+    assert main(generate_args(assets, prompts, alone, "--samples", "2", "--generate.teacher", "false")) == 0
+    s = json.loads(alone.read_text())
+    assert not any(k.startswith("teacher_") for k in s)
+    assert {k: v for k, v in r.items() if k.startswith("student_")} == {k: v for k, v in s.items()
+                                                                         if k.startswith("student_")}
 
 
 def test_eval_generate_without_references_is_one_line(assets, tmp_path, capsys, monkeypatch):

@@ -214,26 +214,66 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     written with other settings is refused. Returns the meta dict (also ``cache.json``).
     """
     from tailkd.data import collate
-    from tailkd.models import tokenizer_fingerprint
 
     if hidden_dtype not in HIDDEN_DTYPES:
         raise TailkdError(f"--hidden-dtype {hidden_dtype} is not one of {', '.join(HIDDEN_DTYPES)}")
     out = Path(out_dir)
     head = model_head(model, vocab_size or len(tokenizer))
-    vocab = head.spec.vocab_size
-    if not 1 <= k < vocab:
-        raise TailkdError(f"--k {k} must lie in [1, {vocab}) (the vocabulary size); 64 is usual")
+    if not 1 <= k < head.spec.vocab_size:
+        raise TailkdError(f"--k {k} must lie in [1, {head.spec.vocab_size}) (the vocabulary size); 64 is usual")
     if tail_samples < 0:
         raise TailkdError(f"--tail-samples {tail_samples} must be >= 0")
     n_rows = len(rows) if not max_rows else min(max_rows, len(rows))
-    seq_len = rows.seq_len
-    d = head.weight.shape[1]
+    probe = collate([rows[0]])["input_ids"][:, : min(rows.seq_len, 16)].to(head.weight.device)
+    verify_head(model, probe, head)  # the cache applies the head itself: it must match the model's logits
+    meta = cache_meta(model, tokenizer, head, k=k, corpus=corpus, seq_len=rows.seq_len, n_rows=n_rows,
+                      teacher_name=teacher_name, hidden_states=hidden_states, hidden_dtype=hidden_dtype,
+                      tail_samples=tail_samples, seed=seed, rows_per_shard=rows_per_shard)
+    claim_cache_dir(out, meta, head if hidden_states else None)
+    chunk = chunk_size or default_chunk_size(head.spec.vocab_size)
+    written = skipped = 0
+    with tqdm(total=n_rows * rows.seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
+              dynamic_ncols=True) as bar:  # closed (its line ended) before an error is printed
+        for i in range(meta["num_shards"]):
+            path = out / _shard_name(i)
+            a, b = i * meta["rows_per_shard"], min((i + 1) * meta["rows_per_shard"], n_rows)
+            if _shard_complete(path, log):
+                skipped += 1
+                bar.total -= (b - a) * rows.seq_len  # kept: not part of this invocation's work
+                bar.refresh()
+                continue
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
+            parts = []
+            for start in range(a, b, batch_size):
+                ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
+                part = _teacher_rows(model, head, ids.to(head.weight.device), k=k, tail_samples=tail_samples,
+                                     generator=gen, chunk=chunk, want_hidden=hidden_states,
+                                     autocast_dtype=autocast_dtype)
+                if hidden_states:
+                    part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
+                part["row_hash"] = row_hash(ids)
+                parts.append(part)
+                bar.update(ids.numel())
+            tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+            _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
+            written += 1
+            bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
+    log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
+    return json.loads((out / META_FILE).read_text())
+
+
+def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_rows: int, teacher_name: str,
+               hidden_states: bool, hidden_dtype: str, tail_samples: int, seed: int,
+               rows_per_shard: int | None) -> dict:
+    """The ``cache.json`` of a cache of ``model`` (its LM head ``head``) over ``n_rows`` rows: what it was written
+    with (compared on resume and at read time), its shard layout and dtypes."""
+    from tailkd.models import tokenizer_fingerprint
+
+    vocab, d = head.spec.vocab_size, head.weight.shape[1]
     per_token = bytes_per_token(k, hidden_size=d if hidden_states else 0, hidden_dtype=hidden_dtype,
                                 tail_samples=tail_samples)
     rows_per_shard = int(rows_per_shard or max(1, SHARD_BYTES // (per_token * seq_len)))
-    probe = collate([rows[0]])["input_ids"][:, : min(seq_len, 16)].to(head.weight.device)
-    verify_head(model, probe, head)  # the cache applies the head itself: it must match the model's logits
-    meta = {
+    return {
         "format": FORMAT,
         "teacher": {"name": teacher_name, "class": type(model).__name__, "weights_sha256": weights_hash(model),
                     "hidden_size": d,
@@ -251,6 +291,12 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                    **({"tail_ids": "int32", "tail_logprobs": "float32"} if tail_samples else {})},
         "bytes_per_token": per_token,
     }
+
+
+def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
+    """Make ``out`` the cache described by ``meta``: refused if it holds another cache or other files; leftover
+    temporary files removed; ``cache.json`` written once (and the teacher's LM head when ``head`` is given: a
+    cache of hidden states needs it)."""
     meta_path = out / META_FILE
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
@@ -265,45 +311,24 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
         stale.unlink(missing_ok=True)
     if not meta_path.is_file():
         atomic_write_text(meta_path, json.dumps({**meta, "created_unix": time.time()}, indent=1))
-    if hidden_states and not (out / HEAD_FILE).is_file():
+    if head is not None and not (out / HEAD_FILE).is_file():
+        vocab = meta["vocab_size"]
         tensors = {"weight": head.weight[:vocab].detach().cpu().contiguous()}
         if head.bias is not None:
             tensors["bias"] = head.bias[:vocab].detach().cpu().contiguous()
         _save_shard(out / HEAD_FILE, tensors, {"kind": "head"})
-    chunk = chunk_size or default_chunk_size(vocab)
-    dev = head.weight.device
-    written = skipped = 0
-    with tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
-              dynamic_ncols=True) as bar:  # closed (its line ended) before an error is printed
-        for i in range(meta["num_shards"]):
-            path = out / _shard_name(i)
-            a, b = i * rows_per_shard, min((i + 1) * rows_per_shard, n_rows)
-            if path.is_file():
-                try:
-                    verify_shard(path)
-                    skipped += 1
-                    bar.total -= (b - a) * seq_len  # kept: not part of this invocation's work
-                    bar.refresh()
-                    continue
-                except TailkdError as exc:
-                    log(f"rewriting damaged shard: {exc}")
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
-            parts = []
-            for start in range(a, b, batch_size):
-                ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
-                part = _teacher_rows(model, head, ids.to(dev), k=k, tail_samples=tail_samples, generator=gen,
-                                     chunk=chunk, want_hidden=hidden_states, autocast_dtype=autocast_dtype)
-                if hidden_states:
-                    part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
-                part["row_hash"] = row_hash(ids)
-                parts.append(part)
-                bar.update(ids.numel())
-            tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
-            _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
-            written += 1
-            bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
-    log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
-    return json.loads(meta_path.read_text())
+
+
+def _shard_complete(path: Path, log) -> bool:
+    """Whether shard ``path`` exists and verifies (a damaged one is named and will be rewritten)."""
+    if not path.is_file():
+        return False
+    try:
+        verify_shard(path)
+        return True
+    except TailkdError as exc:
+        log(f"rewriting damaged shard: {exc}")
+        return False
 
 
 # --------------------------------------------------------------------------- reading

@@ -131,6 +131,8 @@ class GenerateOptions:
     rouge: bool = _f(True, "also score ROUGE-L F (rouge-score package, stemmed) of each completion against its "
                            "prompt's reference response, averaged over prompts; every example then needs a non-empty "
                            "reference (an error otherwise); false: exact match and diversity only")
+    teacher: bool = _f(True, "decode with the teacher too, as a reference; false: the student only (the teacher's "
+                             "results are the same for every student of one teacher, prompts and seed)")
 
 
 @dataclass

@@ -88,7 +88,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         examples, template = generation_examples(cfg, s_tok)
         g = cfg.generate
-        metrics = generation_eval(s_model, t_model, s_tok, examples, chat_template=template,
+        metrics = generation_eval(s_model, t_model if g.teacher else None, s_tok, examples, chat_template=template,
                                   max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size, samples=g.samples,
                                   temperature=g.temperature, top_p=g.top_p, limit=g.limit or None, seed=g.seed,
                                   rouge=g.rouge)

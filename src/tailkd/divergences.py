@@ -286,7 +286,8 @@ def _tad_forward(s, logq, teacher: TopK, w):
     if small is not None:
         rows, _, big_w, d_kl2 = small
         value[rows] = top[rows] + bucket[rows] + big_w * d_kl2
-    return _poison(value, poisoned), (s, q, teacher, q_top, log_at, log_as, wd, small)
+    kept = teacher._replace(logp=None)  # its log p was consumed above: not held until backward
+    return _poison(value, poisoned), (s, q, kept, q_top, log_at, log_as, wd, small)
 
 
 def _tad_backward(state, cd, cq, inplace=True):

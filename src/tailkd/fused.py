@@ -163,6 +163,7 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
         teacher = (dv.SparseTeacher(*(None if x is None else x[a:b] for x in plan.sparse)) if plan.sparse is not None
                    else plan.kernel.teacher(_teacher_logits(plan, a, b, scaled=True)))
         div, state = plan.kernel.forward(s, logq, teacher, _row_weight(plan, a, b, teacher))
+        del teacher, logq  # consumed: what backward needs is in the state
         g = None
         if want_grad:
             cd = z.new_full((n,), float(coef_div) / tau)

@@ -180,6 +180,26 @@ def _max_positions(model) -> int | None:
     return None
 
 
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stops: Sequence[int], pad_id: int,
+                 num_return_sequences: int = 1, **sampling) -> list[list[int]]:
+    """One batched ``generate`` call (KV cache) on token-id prompts, LEFT-padded with an attention mask so that
+    every prompt's last token sits next to its first generated token: the generated ids of each output row (rows
+    grouped by prompt: prompt r owns rows r*k .. r*k + k-1), padding after a stop token included. ``sampling``:
+    ``do_sample`` and its settings, passed on. The caller chooses the mode, RNG and grad context."""
+    device = _device(model)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, P), left-padded
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (b, P)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                         eos_token_id=list(stops), pad_token_id=pad_id, num_beams=1, repetition_penalty=1.0,
+                         **sampling)  # (b * k, P + new)
+    return out[:, width:].tolist()
+
+
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
              seed: int = 0, chat_template: str | None = None, progress: bool = True) -> list[list[str]]:
@@ -236,18 +256,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
             starts = range(0, len(order), batch_size)
             for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
                 idx = order[start:start + batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (b, P), left-padded
-                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)  # (b, P)
-                for row, i in enumerate(idx):
-                    n = len(encoded[i])
-                    input_ids[row, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
-                    attention_mask[row, width - n:] = 1
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                                     eos_token_id=list(stops), pad_token_id=pad_id, num_beams=1,
-                                     repetition_penalty=1.0, **sampling)  # (b * k, P + new)
-                new = out[:, width:].tolist()  # rows grouped by prompt: prompt r owns rows r*k .. r*k + k-1
+                new = generate_ids(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, stops=stops,
+                                   pad_id=pad_id, num_return_sequences=num_return_sequences, **sampling)
                 for row, i in enumerate(idx):
                     texts = []
                     for ids in new[row * num_return_sequences:(row + 1) * num_return_sequences]:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tailkd import divergences as dv
 from tailkd.data import IGNORE_INDEX
@@ -165,21 +166,29 @@ class _Rows(torch.autograd.Function):
 
     ``teacher``: the kernel's teacher rows (``kernel.teacher(t)``, or `divergences.SparseTeacher`); ``w`` [N] or None:
     the per-row weight (TAD's β(X)); ``valid`` [N] bool or None: rows outside it give 0 and no gradient. Memory:
-    the kernel's state (two [N, V] buffers for KL and TAD) is kept for backward only when s requires grad; backward
-    allocates G and leaves the state intact (autograd may call it again with ``retain_graph``)."""
+    the kernel's state (two [N, V] buffers for KL and TAD) is kept for backward only when s requires grad, as saved
+    tensors, so that autograd frees it once this node's backward ran (not at the end of the pass: other [N, V]
+    gradients, e.g. the CLM term's, are computed after it); backward allocates G and leaves the state intact
+    (autograd may call it again with ``retain_graph``)."""
 
     @staticmethod
     def forward(ctx, s, kernel: dv.RowKernel, teacher, w, valid):
         logq = torch.log_softmax(s, dim=-1)  # [N, V]
         value, state = kernel.forward(s, logq, teacher, w)
         ctx.kernel, ctx.valid = kernel, valid
-        ctx.state = state if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:  # the state's tensors through save_for_backward: autograd frees them right
+            leaves, ctx.spec = tree_flatten(state)  # after this node's backward (unless retain_graph), not at the
+            ctx.tensor_at = [isinstance(x, torch.Tensor) for x in leaves]  # end of the whole backward pass
+            ctx.others = [None if is_t else x for x, is_t in zip(leaves, ctx.tensor_at)]
+            ctx.save_for_backward(*(x for x, is_t in zip(leaves, ctx.tensor_at) if is_t))
         return value if valid is None else torch.where(valid, value, 0.0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        grad = ctx.kernel.backward(ctx.state, g, None, inplace=False)  # [N, V] g·∂D/∂s; the state stays intact
+        saved = iter(ctx.saved_tensors)
+        state = tree_unflatten([next(saved) if is_t else x for x, is_t in zip(ctx.others, ctx.tensor_at)], ctx.spec)
+        grad = ctx.kernel.backward(state, g, None, inplace=False)  # [N, V] g·∂D/∂s; the state stays intact
         if ctx.valid is not None and not bool(ctx.valid.all()):
             grad.masked_fill_(~ctx.valid[:, None], 0.0)
         return grad, None, None, None, None

@@ -30,6 +30,7 @@ import torch
 
 from tailkd import distributed as dist
 from tailkd.data import IGNORE_INDEX
+from tailkd.generation import generate_ids
 from tailkd.sft import stop_token_ids
 
 
@@ -63,26 +64,18 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     left-padded ``generate`` call with a KV cache. The RNG is forked and seeded with ``seed``; the model runs in
     eval mode and is put back in its previous mode."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, P), left-padded
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode(), \
                 torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=True, temperature=float(temperature),
-                                 top_p=float(top_p), top_k=0, num_beams=1, repetition_penalty=1.0,
-                                 eos_token_id=list(stops), pad_token_id=pad_id)  # (b, P + new)
+            new = generate_ids(model, prompts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
+                               do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     finally:
         model.train(was_training)
     responses = []
-    for ids in out[:, width:].tolist():
+    for ids in new:
         cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
         responses.append(ids[:cut])
     return responses

@@ -56,7 +56,6 @@ from tailkd.registry import LOSSES
 
 TERMS = ("loss", "clm", "div", "cos")
 CURVES_FILE = "curves.png"
-resolve_device = dist.resolve_device  # kept here for callers of the single-process API
 
 
 # --------------------------------------------------------------------------- small helpers
