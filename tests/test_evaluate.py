@@ -456,7 +456,7 @@ def test_eval_generate_without_references_is_one_line(assets, tmp_path, capsys, 
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed
     assert main(generate_args(assets, write_prompts(tmp_path / "q.jsonl", [{"prompt": "A", "response": "B"}]),
                               out)) == 2
-    one_line_error(capsys.readouterr().err, "pip install 'tailkd[eval]'")
+    one_line_error(capsys.readouterr().err, "pip install rouge-score")
     assert not out.exists()
 
 

@@ -107,7 +107,7 @@ def test_rouge_l_missing_package_and_missing_references(monkeypatch):
     with pytest.raises(TailkdError, match=r"first: d\.jsonl:7"):
         check_references(["a", ""], ["d.jsonl:3", "d.jsonl:7"])
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed
-    with pytest.raises(TailkdError, match=r"pip install 'tailkd\[eval\]'"):
+    with pytest.raises(TailkdError, match=r"pip install rouge-score"):
         rouge_l(["a"], ["a"])
 
 

@@ -186,7 +186,7 @@ def _check_rouge_installed() -> None:
 
     if find_spec("rouge_score") is None:
         raise TailkdError("eval --generate scores ROUGE-L with the rouge-score package, which is not installed: "
-                          "pip install 'tailkd[eval]' (or pip install rouge-score), or pass --generate.rouge false")
+                          "pip install rouge-score (a dependency of tailkd), or pass --generate.rouge false")
 
 
 # --------------------------------------------------------------------------- tailkd analyze-teacher

@@ -10,7 +10,7 @@ The pieces, each a plain function:
 - answers are read and compared by ``tailkd.answers`` (``extract_answer``, ``exact_match``).
 - ``distinct_n`` / ``self_bleu`` (with our own ``sentence_bleu``): diversity of sampled outputs.
 - ``rouge_l``: ROUGE-L F-measure against the reference responses, by the ``rouge-score`` package (Google's
-  reference implementation, stemmed), imported only when asked for (``pip install 'tailkd[eval]'``).
+  reference implementation, stemmed), imported only when asked for (a dependency of tailkd).
 - ``generation_eval``: exact match and ROUGE-L of the student and the teacher (greedy) on held-out prompts and,
   with ``samples > 0``, the accuracy and diversity of sampled outputs — the fidelity/diversity view
   on which ``drkl``, ``rkl`` and ``kd`` students differ.
@@ -128,8 +128,8 @@ def _rouge_scorer():
     try:
         from rouge_score import rouge_scorer
     except ImportError:
-        raise TailkdError("ROUGE-L needs the rouge-score package: pip install 'tailkd[eval]' (or pip install "
-                          "rouge-score); or turn it off with --generate.rouge false") from None
+        raise TailkdError("ROUGE-L needs the rouge-score package, a dependency of tailkd missing from this "
+                          "environment: pip install rouge-score; or turn it off with --generate.rouge false") from None
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
