@@ -22,6 +22,7 @@ students with different tokenisers would be compared on the same units; ROUGE-L 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -180,6 +181,23 @@ def _max_positions(model) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def decoding(model, seed: int):
+    """Decoding with ``model``: eval mode (put back as it was after), ``torch.inference_mode``, and the torch RNG
+    forked and seeded with ``seed`` (the caller's RNG is untouched; the same seed gives the same samples)."""
+    device = _device(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stops: Sequence[int], pad_id: int,
                  num_return_sequences: int = 1, **sampling) -> list[list[int]]:
     """One batched ``generate`` call (KV cache) on token-id prompts, LEFT-padded with an attention mask so that
@@ -242,31 +260,21 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
             raise TailkdError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
                               f"the model's {limit} positions; lower --max-new-tokens or shorten the prompt")
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    device = _device(model)
     sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
         if do_sample else {"do_sample": False}
     outputs: list[list[str] | None] = [None] * len(encoded)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
-            torch.manual_seed(seed)
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
-                idx = order[start:start + batch_size]
-                new = generate_ids(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, stops=stops,
-                                   pad_id=pad_id, num_return_sequences=num_return_sequences, **sampling)
-                for row, i in enumerate(idx):
-                    texts = []
-                    for ids in new[row * num_return_sequences:(row + 1) * num_return_sequences]:
-                        cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-                        texts.append(tokenizer.decode(ids[:cut], skip_special_tokens=True))
-                    outputs[i] = texts
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+    with decoding(model, seed):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
+            idx = order[start:start + batch_size]
+            new = generate_ids(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, stops=stops,
+                               pad_id=pad_id, num_return_sequences=num_return_sequences, **sampling)
+            for row, i in enumerate(idx):
+                texts = []
+                for ids in new[row * num_return_sequences:(row + 1) * num_return_sequences]:
+                    cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+                    texts.append(tokenizer.decode(ids[:cut], skip_special_tokens=True))
+                outputs[i] = texts
     return outputs  # type: ignore[return-value]
 
 

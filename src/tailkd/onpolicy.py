@@ -30,7 +30,7 @@ import torch
 
 from tailkd import distributed as dist
 from tailkd.data import IGNORE_INDEX
-from tailkd.generation import generate_ids
+from tailkd.generation import decoding, generate_ids
 from tailkd.sft import stop_token_ids
 
 
@@ -63,17 +63,11 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     """One sampled continuation per prompt (token ids), cut after its first stop token (kept), in one batched,
     left-padded ``generate`` call with a KV cache. The RNG is forked and seeded with ``seed``; the model runs in
     eval mode and is put back in its previous mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode(), \
-                torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            torch.manual_seed(seed)
-            new = generate_ids(model, prompts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
-                               do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-    finally:
-        model.train(was_training)
+    device_type = next(model.parameters()).device.type
+    with decoding(model, seed), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
+                                               enabled=autocast_dtype is not None):
+        new = generate_ids(model, prompts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
+                           do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     responses = []
     for ids in new:
         cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
