@@ -5,30 +5,52 @@ loads like any other. What is copied, and how:
 
 Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced with the first and the last
          included: ``layers[j] = floor(j * (L - 1) / (n - 1) + 1/2)`` (rounded linspace; n = 1 → [0]).
-Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` default to the teacher's
-         and may only shrink. Residual-stream tensors keep their first `hidden_size` columns/entries
-         (embeddings, norms, every projection's input side).
-Heads    head_dim: the teacher's while the hidden size is unchanged (Llama family), else
-         hidden_size // num_heads (GPT-2 always), never more than the teacher's. Each student head is a
-         teacher head truncated to head_dim:
+         Per-layer config lists follow the chosen layers (``layer_types``: sliding vs full attention, which
+         also picks Gemma3's local/global RoPE), and "from layer N on" thresholds are renumbered
+         (``max_window_layers`` becomes the number of chosen layers below it).
+Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` (and `head_dim`, see Heads)
+         default to the teacher's and may only shrink (num_kv_heads of an MHA teacher, one KV head per query
+         head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
+         columns/entries (embeddings, norms, every projection's input side).
+Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
+         hidden_size // num_heads; GPT-2, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always
+         hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by
+         design) the teacher's. An explicit `head_dim` overrides the first and last group. Never more than the
+         teacher's. Each student head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
              unchanged grouping (g_s == g_t) these are simply the first `num_heads` heads.
            - Rows kept inside a head: v (and o_proj's matching columns) the first head_dim rows. q and
-             k in the Llama family use rotate-half RoPE, which pairs row i with row i + head_dim/2; we
-             keep whole pairs, teacher pair floor(j * hd_t/hd_s + 1/2) for student pair j, which is the
-             teacher pair rotating at exactly the student's frequency when hd_t/hd_s is an integer
-             (a plain "first rows" cut would split every pair and re-time every frequency).
-             GPT-2 (absolute positions) keeps the first head_dim rows of q, k and v.
+             k use rotate-half RoPE over their first r = int(head_dim * partial_rotary_factor) rows (all of
+             them but in Phi/Phi-3 configs with a partial factor), which pairs row i with row i + r/2; we
+             keep whole pairs, teacher pair floor(j * r_t/r_s + 1/2) for student pair j, which is the
+             teacher pair rotating at exactly the student's frequency when r_t/r_s is an integer
+             (a plain "first rows" cut would split every pair and re-time every frequency), then the first
+             head_dim - r_s of the teacher's non-rotated rows. GPT-2 (absolute positions) keeps the first
+             head_dim rows of q, k and v.
+           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows
+             above in their own blocks, Phi-3 gate_up_proj the first units of each half.
+           - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm) keep the rows
+             kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head likewise, final norm
-         copied. ``freeze_embeddings=True`` freezes the input embeddings (GPT-2: token and position
-         embeddings) and with them a tied LM head; an untied LM head stays trainable.
+Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
+         likewise, final norm copied. ``freeze_embeddings=True`` freezes the input embeddings (GPT-2: token
+         and position embeddings) and with them a tied LM head; an untied LM head stays trainable.
+
+Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 post-norms) are copied like
+any residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower
+student's copied embeddings enter the residual stream scaled by sqrt(d_s/d_t) relative to the teacher's.
+Gemma2/3's query_pre_attn_scalar (attention scale 1/sqrt of it) is multiplied by head_dim_s/head_dim_t
+(rounded) when head_dim shrinks, as Llama's 1/sqrt(head_dim) would be; soft-capping, sliding windows and RoPE
+settings are the teacher's. Narrowing is supported for every family; the one refusal is a head_dim change
+under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow
+hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
-student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2.
+student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
+(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2.
 """
 
 from __future__ import annotations
@@ -40,12 +62,14 @@ from dataclasses import dataclass
 import torch
 
 from tailkd.errors import TailkdError
+from tailkd.families import FAMILIES, MLP_PREFIX, SUPPORTED, Family, family_for_class
 
-LLAMA_FAMILY = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-GPT2_FAMILY = ("GPT2LMHeadModel",)
-SUPPORTED = LLAMA_FAMILY + GPT2_FAMILY
+LLAMA_FAMILY = FAMILIES["llama"].classes
+GPT2_FAMILY = FAMILIES["gpt2"].classes
 MLP_INITS = ("random", "copy")
-_EMBEDDINGS = {"llama": ("model.embed_tokens.weight",), "gpt2": ("transformer.wte.weight", "transformer.wpe.weight")}
+
+__all__ = ["SUPPORTED", "Dims", "build_student", "choose_layers", "family_of", "format_table",
+           "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
 
 
 @dataclass(frozen=True)
@@ -62,24 +86,41 @@ class Dims:
 
 # --------------------------------------------------------------------------- choosing the student's shape
 
-def family_of(model) -> str:
-    """"llama" or "gpt2" for a supported model class, else a TailkdError listing the supported ones."""
+def family_spec(model) -> Family:
+    """The `Family` table entry of a supported model, else a one-line TailkdError listing the supported classes."""
     name = type(model).__name__
-    if name in LLAMA_FAMILY:
-        return "llama"
-    if name in GPT2_FAMILY:
-        return "gpt2"
-    raise TailkdError(f"cannot build a student from a {name}: supported teachers are {', '.join(SUPPORTED)}")
+    family = family_for_class(name)
+    if family is None:
+        raise TailkdError(f"cannot build a student from a {name}: supported teachers are {', '.join(SUPPORTED)}")
+    return family
 
 
-def teacher_dims(config, family: str) -> Dims:
-    if family == "gpt2":
-        return Dims(config.n_layer, config.n_embd, config.n_head, config.n_head, config.n_embd // config.n_head,
-                    config.n_inner or 4 * config.n_embd)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Dims(config.num_hidden_layers, config.hidden_size, heads, config.num_key_value_heads or heads, head_dim,
-                config.intermediate_size)
+def family_of(model) -> str:
+    """The family name ("llama", "gpt2", "phi", "phi3", "gemma", ...) of a supported model (see `family_spec`)."""
+    return family_spec(model).name
+
+
+def _spec(family: str | Family) -> Family:
+    return family if isinstance(family, Family) else FAMILIES[family]
+
+
+def teacher_dims(config, family: str | Family) -> Dims:
+    fam = _spec(family)
+    keys = fam.keys
+    hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
+    kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
+    head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
+    return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim,
+                getattr(config, keys["intermediate"]) or 4 * hidden)
+
+
+def rotary_fraction(config) -> float:
+    """The share of a head's rows that RoPE rotates (``partial_rotary_factor``; 1 unless Phi-style partial)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    for group in (params, *(v for v in params.values() if isinstance(v, dict))):
+        if group.get("partial_rotary_factor") is not None:
+            return float(group["partial_rotary_factor"])
+    return float(getattr(config, "partial_rotary_factor", None) or 1.0)
 
 
 def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) -> list[int]:
@@ -103,9 +144,10 @@ def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) ->
     return [(2 * j * (n_teacher - 1) + (num_layers - 1)) // (2 * (num_layers - 1)) for j in range(num_layers)]
 
 
-def student_dims(t: Dims, family: str, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
-                 intermediate_size=None) -> Dims:
-    """Validate the requested widths against the teacher `t` and derive head_dim."""
+def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
+                 intermediate_size=None, head_dim=None, rotary_fraction: float = 1.0) -> Dims:
+    """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring)."""
+    fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
     heads = t.heads if num_heads is None else int(num_heads)
     inter = t.intermediate if intermediate_size is None else int(intermediate_size)
@@ -114,53 +156,104 @@ def student_dims(t: Dims, family: str, n_layers: int, hidden_size=None, num_head
         if not 1 <= value <= limit:
             raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, "
                               f"pick 1..{limit}")
-    if family == "gpt2":
-        if num_kv_heads is not None and int(num_kv_heads) != heads:
-            raise TailkdError(f"GPT-2 has no grouped KV heads: drop num_kv_heads (or set it to num_heads={heads})")
-        kv_heads = heads
+    kv_heads = _kv_heads(t, fam, heads, num_kv_heads)
+    hd = _head_dim(t, fam, hidden, heads, head_dim)
+    if fam.rope:
+        rot, rot_t = int(hd * rotary_fraction), int(t.head_dim * rotary_fraction)
+        if rot % 2 or (rot == 0 and rot_t > 0):
+            what = f"head_dim {hd}" + (" (hidden_size/num_heads)" if head_dim is None else "")
+            if rotary_fraction != 1:
+                what += f" rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), which"
+            fix = "an even head_dim" if head_dim is not None else "a hidden_size that is an even multiple of num_heads"
+            raise TailkdError(f"{what} is odd but RoPE needs it even: pick {fix}")
+    return Dims(n_layers, hidden, heads, kv_heads, hd, inter)
+
+
+def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
+    if fam.keys["kv_heads"] is None:
+        if requested is not None and int(requested) != heads:
+            raise TailkdError(f"{fam.label} has no grouped KV heads: drop num_kv_heads "
+                              f"(or set it to num_heads={heads})")
+        return heads
+    if requested is not None:
+        kv_heads = int(requested)
+    else:  # the teacher's; an MHA teacher (one KV head per query head: Phi-2) gives an MHA student
+        kv_heads = heads if t.kv_heads == t.heads else t.kv_heads
+    if not 1 <= kv_heads <= t.kv_heads:
+        raise TailkdError(f"num_kv_heads={kv_heads} but the teacher has {t.kv_heads}: pick 1..{t.kv_heads}")
+    if heads % kv_heads:
+        raise TailkdError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}: "
+                          f"pick num_kv_heads dividing {heads}")
+    if heads // kv_heads > t.heads // t.kv_heads:
+        need = -(-heads * t.kv_heads // t.heads)
+        raise TailkdError(
+            f"{heads} query heads on {kv_heads} KV heads would share a KV head among more query heads than the "
+            f"teacher's {t.heads // t.kv_heads}: raise num_kv_heads to at least {need} (a divisor of {heads})"
+        )
+    return kv_heads
+
+
+def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
+    divisible = hidden % heads == 0
+    if requested is not None:
+        hd = int(requested)
+        if fam.head_dim == "derived" and (not divisible or hd != hidden // heads):
+            raise TailkdError(f"{fam.label} has no head_dim setting (it is hidden_size/num_heads = {hidden}/{heads}): "
+                              f"drop head_dim={hd} and choose hidden_size and num_heads instead")
+        if not 1 <= hd <= t.head_dim:
+            raise TailkdError(f"head_dim={hd} but the teacher's is {t.head_dim}: a student can only be narrower, "
+                              f"pick 1..{t.head_dim}")
+    elif fam.head_dim == "kept" or (fam.head_dim == "follows_hidden" and hidden == t.hidden):
+        hd = t.head_dim
     else:
-        kv_heads = t.kv_heads if num_kv_heads is None else int(num_kv_heads)
-        if not 1 <= kv_heads <= t.kv_heads:
-            raise TailkdError(f"num_kv_heads={kv_heads} but the teacher has {t.kv_heads}: pick 1..{t.kv_heads}")
-        if heads % kv_heads:
-            raise TailkdError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}: "
-                              f"pick num_kv_heads dividing {heads}")
-        if heads // kv_heads > t.heads // t.kv_heads:
-            need = -(-heads * t.kv_heads // t.heads)
-            raise TailkdError(
-                f"{heads} query heads on {kv_heads} KV heads would share a KV head among more query heads than the "
-                f"teacher's {t.heads // t.kv_heads}: raise num_kv_heads to at least {need} (a divisor of {heads})"
-            )
-    if family == "llama" and hidden == t.hidden:
-        head_dim = t.head_dim
-    else:
-        if hidden % heads:
+        if not divisible:
             raise TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}: "
                               f"pick a hidden_size that is a multiple of {heads} or another num_heads")
-        head_dim = hidden // heads
-        if head_dim > t.head_dim:
+        hd = hidden // heads
+        if hd > t.head_dim:
             raise TailkdError(
-                f"hidden_size={hidden} with num_heads={heads} gives head_dim {head_dim}, wider than the teacher's "
+                f"hidden_size={hidden} with num_heads={heads} gives head_dim {hd}, wider than the teacher's "
                 f"{t.head_dim}: use at least {-(-hidden // t.head_dim)} heads or a smaller hidden_size"
             )
-    if family == "llama" and head_dim % 2:
-        raise TailkdError(f"head_dim {head_dim} (hidden_size/num_heads) is odd but RoPE needs it even: "
-                          f"pick a hidden_size that is an even multiple of num_heads")
-    return Dims(n_layers, hidden, heads, kv_heads, head_dim, inter)
+    if not divisible:  # the configs of Llama, Gemma2 and Gemma3 refuse it too
+        raise TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}: "
+                          f"pick a hidden_size that is a multiple of {heads} or another num_heads")
+    return hd
 
 
-def _student_config(teacher_config, family: str, s: Dims, layers: list[int]):
+def _check_rope_lists(config, fam: Family, t: Dims, s: Dims) -> None:
+    """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting."""
+    if s.head_dim == t.head_dim:
+        return
+    params = getattr(config, "rope_parameters", None) or {}
+    groups = (params, *(v for v in params.values() if isinstance(v, dict)))
+    lists = sorted({key for group in groups for key, value in group.items() if isinstance(value, (list, tuple))})
+    if lists:
+        how = ("keep hidden_size/num_heads" if fam.head_dim == "derived" else "keep head_dim") + f" = {t.head_dim}"
+        raise TailkdError(f"the teacher's RoPE has per-frequency factors ({', '.join(lists)}) for head_dim "
+                          f"{t.head_dim}, which a head_dim {s.head_dim} student cannot reuse: {how} "
+                          f"(narrow hidden_size and num_heads together)")
+
+
+def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[int]):
     data = teacher_config.to_dict()
     for key in ("quantization_config", "_name_or_path", "name_or_path"):
         data.pop(key, None)
     data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
-    if family == "gpt2":
-        data.update(n_layer=s.layers, n_embd=s.hidden, n_head=s.heads, n_inner=s.intermediate)
-    else:
-        data.update(num_hidden_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads,
-                    num_key_value_heads=s.kv_heads, head_dim=s.head_dim, intermediate_size=s.intermediate)
-        if isinstance(data.get("layer_types"), list):  # per-layer attention kinds (Qwen2): follow the layers
-            data["layer_types"] = [data["layer_types"][i] for i in layers]
+    sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
+             "intermediate": s.intermediate}
+    data.update({fam.keys[role]: value for role, value in sizes.items() if fam.keys[role]})
+    if fam.head_dim != "derived":
+        data["head_dim"] = s.head_dim
+    for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
+        if isinstance(data.get(key), list) and len(data[key]) == t.layers:
+            data[key] = [data[key][i] for i in layers]
+    for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
+        if isinstance(data.get(key), int):
+            data[key] = sum(i < data[key] for i in layers)
+    for key in fam.head_dim_scaled:  # attention scale 1/sqrt(key), proportional to head_dim
+        if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
+            data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
     return type(teacher_config).from_dict(data)
 
 
@@ -173,14 +266,25 @@ def rope_pair_rows(hd_t: int, hd_s: int) -> list[int]:
     return pairs + [half_t + i for i in pairs]
 
 
+def qk_head_rows(hd_t: int, hd_s: int, rope: bool = True, fraction: float = 1.0) -> list[int]:
+    """Rows of a teacher q/k head kept for a student head: RoPE pairs of the rotated part, then the first
+    non-rotated rows (partial rotary); the first hd_s rows without RoPE."""
+    if not rope:
+        return list(range(hd_s))
+    rot_t, rot_s = int(hd_t * fraction), int(hd_s * fraction)
+    return (rope_pair_rows(rot_t, rot_s) if rot_s else []) + [rot_t + i for i in range(hd_s - rot_s)]
+
+
 def _rows(heads: list[int], hd_t: int, rows_in_head: list[int]) -> torch.Tensor:
     """Flat indices into a [n_heads * hd_t] axis: each of `heads`, its `rows_in_head`."""
     return torch.tensor([h * hd_t + r for h in heads for r in rows_in_head], dtype=torch.long)
 
 
 def _take(tensor: torch.Tensor, *index) -> torch.Tensor:
-    """Slice each leading dim: an int n keeps the first n, a LongTensor picks those indices."""
+    """Slice each leading dim: None keeps it, an int n keeps the first n, a LongTensor picks those indices."""
     for dim, idx in enumerate(index):
+        if idx is None:
+            continue
         if isinstance(idx, int):
             tensor = tensor.narrow(dim, 0, idx)
         else:
@@ -194,92 +298,61 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
     return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
 
 
+def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0) -> dict:
+    """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices."""
+    q_heads, kv_heads = _query_heads(t, s), list(range(s.kv_heads))
+    qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
+    q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
+    v = _rows(kv_heads, t.head_dim, first)
+    q_width, kv_width, ff = t.heads * t.head_dim, t.kv_heads * t.head_dim, torch.arange(s.intermediate)
+    return {"all": None, "d": s.hidden, "ff": s.intermediate, "q": q, "k": k, "v": v,
+            "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
+            "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
+            "gate_up": torch.cat([ff, t.intermediate + ff])}
+
+
 # --------------------------------------------------------------------------- copy plans
 
-def _llama_rule(name: str, t: Dims, s: Dims, mlp_init: str):
-    """(teacher name, slicer) for a Llama-family student parameter; (None, None) = random init."""
-    d = s.hidden
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return name, lambda w: _take(w, w.shape[0], d)
-    if name == "model.norm.weight":
-        return name, lambda w: _take(w, d)
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m is None:
-        return _unknown(name)
-    layer, rest = int(m.group(1)), m.group(2)
-    q_heads = _query_heads(t, s)
-    kv_heads = list(range(s.kv_heads))
-    rope_rows = rope_pair_rows(t.head_dim, s.head_dim)
-    first_rows = list(range(s.head_dim))
-    out_index = {
-        "self_attn.q_proj": _rows(q_heads, t.head_dim, rope_rows),
-        "self_attn.k_proj": _rows(kv_heads, t.head_dim, rope_rows),
-        "self_attn.v_proj": _rows(kv_heads, t.head_dim, first_rows),
-        "self_attn.o_proj": d,
-        "mlp.gate_proj": s.intermediate,
-        "mlp.up_proj": s.intermediate,
-        "mlp.down_proj": d,
-    }
-    in_index = {"self_attn.o_proj": _rows(q_heads, t.head_dim, first_rows), "mlp.down_proj": s.intermediate}
-    module, _, kind = rest.rpartition(".")
-    if module in ("input_layernorm", "post_attention_layernorm") and kind == "weight":
-        def slicer(w: torch.Tensor) -> torch.Tensor:  # a norm weight [d_t] -> its first d entries
-            return _take(w, d)
-    elif module in out_index and kind in ("weight", "bias"):
-        if module.startswith("mlp.") and mlp_init == "random":
-            return None, None
-        rows, cols = out_index[module], in_index.get(module, d)
-        slicer = (lambda w: _take(w, rows, cols)) if kind == "weight" else (lambda b: _take(b, rows))
-    else:
-        return _unknown(name)
-    return ("model.layers.{}." + rest, layer), slicer
-
-
-def _gpt2_rule(name: str, t: Dims, s: Dims, mlp_init: str):
-    d = s.hidden
-    if name in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
-        return name, lambda w: _take(w, w.shape[0], d)
-    if name in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
-        return name, lambda w: _take(w, d)
-    m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
-    if m is None:
-        return _unknown(name)
-    layer, rest = int(m.group(1)), m.group(2)
-    heads = list(range(s.heads))
-    per_head = _rows(heads, t.head_dim, list(range(s.head_dim)))  # (H_s*hd_s,) into a [H_t*hd_t] axis
-    qkv = torch.cat([per_head + block * t.hidden for block in range(3)])  # fused [q | k | v] output columns
-    # Conv1D stores weight as [in, out] (transposed vs nn.Linear); bias is [out].
-    index = {  # module: (in index, out index)
-        "attn.c_attn": (d, qkv),
-        "attn.c_proj": (per_head, d),
-        "mlp.c_fc": (d, s.intermediate),
-        "mlp.c_proj": (s.intermediate, d),
-    }
-    module, _, kind = rest.rpartition(".")
-    if module in ("ln_1", "ln_2") and kind in ("weight", "bias"):
-        def slicer(w: torch.Tensor) -> torch.Tensor:  # a LayerNorm weight or bias [d_t] -> its first d entries
-            return _take(w, d)
-    elif module in index and kind in ("weight", "bias"):
-        if module.startswith("mlp.") and mlp_init == "random":
-            return None, None
-        cols_in, cols_out = index[module]
-        slicer = (lambda w: _take(w, cols_in, cols_out)) if kind == "weight" else (lambda b: _take(b, cols_out))
-    else:
-        return _unknown(name)
-    return ("transformer.h.{}." + rest, layer), slicer
-
-
-def _unknown(name: str):
-    raise TailkdError(f"student parameter {name} has no copy rule (an unsupported variant of a supported "
-                      f"architecture?): supported teachers are {', '.join(SUPPORTED)} in their standard layout")
+def _copy_rule(name: str, fam: Family, mlp_init: str):
+    """(teacher name or (pattern, student layer), axis kinds) for a student parameter; (None, None) = random."""
+    if name in fam.params:
+        return name, fam.params[name]
+    m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+)", name)
+    if m is None or m.group(2) not in fam.layer_params:
+        raise TailkdError(f"student parameter {name} has no copy rule (an unsupported variant of a supported "
+                          f"architecture?): supported teachers are {', '.join(SUPPORTED)} in their standard layout")
+    rest = m.group(2)
+    if rest.startswith(MLP_PREFIX) and mlp_init == "random":
+        return None, None
+    return (fam.layer_prefix + "{}." + rest, int(m.group(1))), fam.layer_params[rest]
 
 
 # --------------------------------------------------------------------------- the builder
 
+def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim):
+    fam = family_spec(teacher)
+    t = teacher_dims(teacher.config, fam)
+    fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
+    chosen = choose_layers(t.layers, num_layers, layers)
+    s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
+                     fraction)
+    _check_rope_lists(teacher.config, fam, t, s)
+    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen)
+
+
+def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
+                   num_heads: int | None = None, num_kv_heads: int | None = None,
+                   intermediate_size: int | None = None, head_dim: int | None = None):
+    """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
+    are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
+    `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
+    return _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim)[-1]
+
+
 def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                   num_heads: int | None = None, num_kv_heads: int | None = None,
-                  intermediate_size: int | None = None, mlp_init: str = "random", freeze_embeddings: bool = False,
-                  seed: int = 0):
+                  intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
+                  freeze_embeddings: bool = False, seed: int = 0):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
@@ -288,14 +361,11 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
-    family = family_of(teacher)
     if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher.config, "quantization_config", None):
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
-    t = teacher_dims(teacher.config, family)
-    chosen = choose_layers(t.layers, num_layers, layers)
-    s = student_dims(t, family, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size)
-    config = _student_config(teacher.config, family, s, chosen)
+    fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
+                                               intermediate_size, head_dim)
 
     from transformers import AutoModelForCausalLM
 
@@ -303,19 +373,19 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         torch.manual_seed(seed)
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
-    rule = _gpt2_rule if family == "gpt2" else _llama_rule
+    index = axis_indices(t, s, fam.rope, fraction)
     teacher_params = dict(teacher.named_parameters())
     table = []
     with torch.no_grad():
         for name, param in student.named_parameters():
-            source, slicer = rule(name, t, s, mlp_init)
+            source, axes = _copy_rule(name, fam, mlp_init)
             if source is None:
                 table.append({"name": name, "shape": list(param.shape), "source": None, "action": "random"})
                 continue
             if isinstance(source, tuple):  # (pattern, student layer)
                 source = source[0].format(chosen[source[1]])
-            value = slicer(teacher_params[source].detach())
-            if tuple(value.shape) != tuple(param.shape):  # a bug in a rule, not a user error
+            value = _take(teacher_params[source].detach(), *(index[axis] for axis in axes))
+            if tuple(value.shape) != tuple(param.shape):  # a bug in a table, not a user error
                 raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(param.shape)}")
             param.copy_(value.to(device=param.device, dtype=param.dtype))
             same = tuple(param.shape) == tuple(teacher_params[source].shape)
@@ -333,7 +403,7 @@ def freeze_student_embeddings(student) -> list[str]:
 
     requires_grad is not saved with a model: call this again after reloading a student to resume.
     """
-    names = _EMBEDDINGS[family_of(student)]
+    names = family_spec(student).embeddings
     params = dict(student.named_parameters())
     for name in names:
         params[name].requires_grad_(False)

@@ -1,0 +1,130 @@
+"""The teacher families `tailkd.student` can build a student from, one table entry each.
+
+An entry says, for one family of Hugging Face causal LMs:
+
+- which model classes it covers and what its config calls the sizes a student may change (`keys`);
+- how each parameter is sliced: a parameter name (global ones by full name, per-layer ones by the part after
+  ``<layer_prefix><i>.``) maps to one *axis kind* per tensor dimension (see `AXES`); the student builder turns
+  the kinds into index lists once per student and cuts every teacher tensor with them;
+- how the head size follows the other sizes (`head_dim`), whether q/k carry rotate-half RoPE (`rope`);
+- which config fields must follow the chosen layers: per-layer lists (``layer_types``) are subset, "from layer
+  N on" thresholds (``max_window_layers``) are renumbered, and fields proportional to head_dim
+  (``query_pre_attn_scalar``) are rescaled when head_dim shrinks.
+
+A parameter of the student that its family's table does not name is an error (never a silent random init).
+Parameters under ``mlp.`` are the MLP (random or copied, see ``mlp_init``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Axis kinds, one per tensor dimension:
+#   all      keep the whole axis (vocabulary rows, positions)
+#   d        the residual stream: its first hidden_size entries
+#   ff       the MLP: its first intermediate_size units
+#   q k v    the query / key / value rows of the kept heads (q and k: RoPE-pair aware, see tailkd.student)
+#   o        the attention output's input side: the kept query heads, the rows v keeps in each
+#   head_qk  the rows kept inside one q/k head (per-head q/k norms: Qwen3, Gemma3, Phi qk_layernorm)
+#   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
+#   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj): the first units of each half
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up")
+MLP_PREFIX = "mlp."
+
+
+def linear(module: str, out: str, inp: str) -> dict:
+    """nn.Linear: weight [out, in], bias [out] (listed even where the model has none: only the student's own
+    parameters are looked up)."""
+    return {f"{module}.weight": (out, inp), f"{module}.bias": (out,)}
+
+
+def conv1d(module: str, inp: str, out: str) -> dict:
+    """GPT-2's Conv1D: weight [in, out] (transposed vs nn.Linear), bias [out]."""
+    return {f"{module}.weight": (inp, out), f"{module}.bias": (out,)}
+
+
+def norms(*modules: str, axis: str = "d") -> dict:
+    """RMSNorm / LayerNorm weights (and LayerNorm biases) over one axis."""
+    return {f"{m}.{kind}": (axis,) for m in modules for kind in ("weight", "bias")}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One teacher family (see the module docstring)."""
+
+    name: str
+    label: str  # for messages
+    classes: tuple[str, ...]
+    params: dict  # global parameter name -> axis kinds
+    layer_params: dict  # per-layer parameter name (after the layer prefix) -> axis kinds
+    embeddings: tuple[str, ...]  # frozen by freeze_embeddings
+    head_dim: str  # "derived": hidden_size // heads (no head_dim in the config); "follows_hidden": the teacher's
+    #                while hidden_size is unchanged, else hidden_size // heads; "kept": the teacher's (decoupled)
+    layer_prefix: str = "model.layers."
+    rope: bool = True
+    keys: dict = field(default_factory=lambda: dict(
+        layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
+        kv_heads="num_key_value_heads", intermediate="intermediate_size"))
+    layer_lists: tuple[str, ...] = ("layer_types",)
+    layer_thresholds: tuple[str, ...] = ()
+    head_dim_scaled: tuple[str, ...] = ()
+
+
+_DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
+_ATTENTION = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
+              **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.o_proj", "d", "o")}
+_GATED_MLP = {**linear("mlp.gate_proj", "ff", "d"), **linear("mlp.up_proj", "ff", "d"),
+              **linear("mlp.down_proj", "d", "ff")}
+_PRE_NORMS = norms("input_layernorm", "post_attention_layernorm")
+_SANDWICH = norms("pre_feedforward_layernorm", "post_feedforward_layernorm")
+_HEAD_QK_NORMS = norms("self_attn.q_norm", "self_attn.k_norm", axis="head_qk")
+_EMBED = ("model.embed_tokens.weight",)
+
+FAMILIES = {f.name: f for f in (
+    Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
+           layer_thresholds=("max_window_layers",)),
+    Family("gpt2", "GPT-2", ("GPT2LMHeadModel",),
+           {"transformer.wte.weight": ("all", "d"), "transformer.wpe.weight": ("all", "d"),
+            **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
+           {**conv1d("attn.c_attn", "d", "qkv"), **conv1d("attn.c_proj", "o", "d"), **conv1d("mlp.c_fc", "d", "ff"),
+            **conv1d("mlp.c_proj", "ff", "d"), **norms("ln_1", "ln_2")},
+           ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.",
+           rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
+                                 intermediate="n_inner"), layer_lists=()),
+    Family("phi", "Phi", ("PhiForCausalLM",),
+           {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+            **norms("model.final_layernorm")},
+           {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
+            **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.dense", "d", "o"),
+            **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
+            **linear("mlp.fc1", "ff", "d"), **linear("mlp.fc2", "d", "ff"), **norms("input_layernorm")},
+           _EMBED, "derived"),
+    Family("phi3", "Phi-3", ("Phi3ForCausalLM",), _DECODER,
+           {**linear("self_attn.qkv_proj", "qkv", "d"), **linear("self_attn.o_proj", "d", "o"),
+            **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"), **_PRE_NORMS},
+           _EMBED, "derived"),
+    Family("gemma", "Gemma", ("GemmaForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+           _EMBED, "kept"),
+    Family("gemma2", "Gemma2", ("Gemma2ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_SANDWICH}, _EMBED, "kept",
+           head_dim_scaled=("query_pre_attn_scalar",)),
+    Family("gemma3", "Gemma3", ("Gemma3ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_SANDWICH, **_HEAD_QK_NORMS}, _EMBED, "kept",
+           head_dim_scaled=("query_pre_attn_scalar",)),
+    Family("qwen3", "Qwen3", ("Qwen3ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
+           layer_thresholds=("max_window_layers",)),
+    Family("olmo2", "OLMo-2", ("Olmo2ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
+            "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection
+           _EMBED, "derived"),
+)}
+
+SUPPORTED = tuple(name for family in FAMILIES.values() for name in family.classes)
+_BY_CLASS = {name: family for family in FAMILIES.values() for name in family.classes}
+
+
+def family_for_class(class_name: str) -> Family | None:
+    """The family of a model class name, None when unsupported."""
+    return _BY_CLASS.get(class_name)

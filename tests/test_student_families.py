@@ -1,0 +1,392 @@
+"""tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
+Qwen3 and OLMo-2, each from a tiny random config built with its own config class (no hub).
+
+Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
+config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
+the same shapes in the same order, so its logits equal the teacher's bit for bit (no tolerance). The same holds
+for a layer subset against the teacher whose dropped layers write exact zeros into the residual stream (output
+projections zeroed: the layer adds +0.0, or a norm of 0.0, which is 0.0), provided the kept layers keep their
+own per-layer settings (sliding vs full attention, Gemma3's local vs global RoPE): the test of `layer_types`.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+import transformers
+from conftest import TINY_VOCAB
+
+from tailkd.errors import TailkdError
+from tailkd.families import AXES, FAMILIES, SUPPORTED
+from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
+from tailkd.student import build_student, freeze_student_embeddings
+
+N_LAYERS = 5
+SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's first three in every family below
+_SLIDING = {"sliding_window": 4}  # shorter than the test sequences (13 tokens): sliding layers really differ
+_COMMON = dict(vocab_size=TINY_VOCAB, num_hidden_layers=N_LAYERS, intermediate_size=96, num_attention_heads=4,
+               max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+S, F = "sliding_attention", "full_attention"
+CONFIGS = {
+    # Phi-2 style: parallel attention/MLP, partial rotary (8 of 16 rows), biases, final LayerNorm + LM head bias;
+    # qk_layernorm on (Phi-2 has it off) to cover the per-head q/k LayerNorms.
+    "phi": ("PhiConfig", dict(hidden_size=64, num_key_value_heads=4, partial_rotary_factor=0.5, qk_layernorm=True)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, num_key_value_heads=2)),
+    # head_dim 16 with hidden 48 / 4 heads: head_dim != hidden / heads
+    "gemma": ("GemmaConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                    final_logit_softcapping=2.0, attn_logit_softcapping=5.0, **_SLIDING)),
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                        layer_types=[S, F, S, S, F], **_SLIDING)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                                  max_window_layers=2, **_SLIDING)),  # layer_types [F, F, S, S, S]
+    "olmo2": ("Olmo2Config", dict(hidden_size=64, num_key_value_heads=2)),
+}
+CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+           "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "olmo2": "Olmo2ForCausalLM"}
+NAMES = list(CONFIGS)
+
+
+def make_teacher(family, seed=0, **overrides):
+    """A seeded tiny teacher of `family`; every parameter redrawn (norm weights 1 + N(0, 0.1), the rest N(0, 0.1)),
+    so a tensor that is not copied cannot equal its source by accident."""
+    name, extra = CONFIGS[family]
+    config = getattr(transformers, name)(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * 0.1
+            param.copy_(1.0 + noise if param.ndim == 1 and pname.endswith("weight") else noise)
+    return model.eval()
+
+
+def _ids(seed=0, shape=(2, 13)):
+    return torch.randint(0, TINY_VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def _layer_types(model):
+    return getattr(model.config, "layer_types", None)
+
+
+# --------------------------------------------------------------------------- an independent reference slicer
+# Written with reshapes to [heads, head_dim, ...] and the families' own module names, not with tailkd's tables.
+
+def _heads(w, hd, heads, rows):
+    """w [n_heads*hd, ...] -> the given heads, the given rows of each, flattened back."""
+    return w.reshape(-1, hd, *w.shape[1:])[heads][:, rows].reshape(-1, *w.shape[1:])
+
+
+def _expected(name, teacher, plan):
+    """The value a student parameter must hold: the teacher's tensor, sliced as the student docstring says."""
+    t = dict(teacher.named_parameters())
+    d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m is None:
+        w = t[name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return w[:, :d]
+        return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
+    rest = m.group(2)
+    w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
+    module, kind = rest.rsplit(".", 1)
+    q, kv, rows, first = plan["q_heads"], plan["kv_heads"], plan["rows"], list(range(plan["hd_s"]))
+    cols = (lambda x: x[:, :d]) if kind == "weight" else (lambda x: x)
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        heads = q if module.endswith("q_proj") else kv
+        return cols(_heads(w, hd_t, heads, first if module.endswith("v_proj") else rows))
+    if module == "self_attn.qkv_proj":  # [q | k | v] blocks
+        n_q, n_kv = plan["H_t"] * hd_t, plan["KV_t"] * hd_t
+        parts = (_heads(w[:n_q], hd_t, q, rows), _heads(w[n_q:n_q + n_kv], hd_t, kv, rows),
+                 _heads(w[n_q + n_kv:], hd_t, kv, first))
+        return torch.cat(parts)[:, :d]
+    if module in ("self_attn.o_proj", "self_attn.dense"):
+        if kind == "bias":
+            return w[:d]
+        return w[:d].reshape(d, -1, hd_t)[:, q][:, :, first].reshape(d, -1)
+    if module in ("self_attn.q_norm", "self_attn.k_norm") and w.shape[0] != hd_t:  # OLMo-2: the whole projection
+        return _heads(w, hd_t, q if module.endswith("q_norm") else kv, rows)
+    if module in ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm"):
+        return w[rows]  # per head
+    if module == "mlp.gate_up_proj":
+        gate, up = w.chunk(2)
+        return torch.cat([gate[:ff], up[:ff]])[:, :d]
+    if module in ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1"):
+        return cols(w[:ff])
+    if module in ("mlp.down_proj", "mlp.fc2"):
+        return w[:d, :ff] if kind == "weight" else w[:d]
+    if module.endswith("layernorm"):
+        return w[:d]
+    raise AssertionError(f"the reference has no rule for {name}")
+
+
+def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None):
+    c = teacher.config
+    hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    hd_s = hd_s or hd_t
+    return dict(layers=layers, d=d or c.hidden_size, ff=ff or c.intermediate_size, hd_t=hd_t, hd_s=hd_s,
+                H_t=c.num_attention_heads, KV_t=c.num_key_value_heads,
+                q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
+                kv_heads=kv_heads if kv_heads is not None else list(range(c.num_key_value_heads)),
+                rows=rows if rows is not None else list(range(hd_s)))
+
+
+def _assert_copied_exactly(student, table, teacher, plan):
+    """Every copied tensor, name by name, equals the reference slice; random ones are MLP tensors only."""
+    actions = {row["name"]: row["action"] for row in table}
+    params = dict(student.named_parameters())
+    assert list(actions) == list(params)
+    for name, param in params.items():
+        if actions[name] == "random":
+            assert ".mlp." in name, name
+            assert not torch.equal(param, _expected(name, teacher, plan)), name
+            continue
+        want = _expected(name, teacher, plan)
+        assert param.shape == want.shape and torch.equal(param, want), name
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def test_tables_name_existing_classes_and_known_axes():
+    for family in FAMILIES.values():
+        for cls in family.classes:
+            assert hasattr(transformers, cls), cls
+        for axes in [*family.params.values(), *family.layer_params.values()]:
+            assert set(axes) <= set(AXES), (family.name, axes)
+    assert set(CLASSES.values()) <= set(SUPPORTED)
+
+
+# --------------------------------------------------------------------------- exact copies
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", NAMES)
+def test_full_copy_is_the_teacher_bit_for_bit(family, tied):
+    teacher = make_teacher(family, tie_word_embeddings=tied)
+    assert type(teacher).__name__ == CLASSES[family]
+    student, table = build_student(teacher, mlp_init="copy")
+    assert type(student) is type(teacher)
+    assert {row["action"] for row in table} == {"copied"}
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, list(range(N_LAYERS))))
+    assert student.config.to_dict() | {"dtype": None} == teacher.config.to_dict() | {"dtype": None}
+    ids = _ids()
+    assert torch.equal(_logits(student, ids), _logits(teacher, ids))  # same computation: see the module docstring
+
+
+def _zero_dropped_layers(teacher, keep):
+    """A copy of the teacher whose other layers add exact zeros to the residual stream."""
+    model = copy.deepcopy(teacher)
+    outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+            if m and int(m.group(1)) not in keep and m.group(2).startswith(outputs):
+                param.zero_()
+    return model
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_layer_subset_copies_its_layers_and_their_settings(family):
+    teacher = make_teacher(family)
+    student, table = build_student(teacher, layers=SUBSET, mlp_init="copy")
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET))
+    assert student.config.num_hidden_layers == len(SUBSET)
+    types = _layer_types(teacher)
+    if types is not None:
+        assert _layer_types(student) == [types[i] for i in SUBSET] != types[: len(SUBSET)]
+    ids = _ids(1)
+    assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, SUBSET), ids))
+
+    random_mlp, table = build_student(teacher, layers=SUBSET)  # the paper's default: MLP random
+    assert {row["name"] for row in table if row["action"] == "random"} == {
+        name for name, _ in random_mlp.named_parameters() if ".mlp." in name}
+    _assert_copied_exactly(random_mlp, table, teacher, _plan(teacher, SUBSET))
+
+
+def test_qwen3_window_threshold_follows_the_layers():
+    teacher = make_teacher("qwen3")
+    assert teacher.config.layer_types == [F, F, S, S, S] and teacher.config.max_window_layers == 2
+    student, _ = build_student(teacher, layers=[0, 3, 4])
+    assert student.config.layer_types == [F, S, S] and student.config.max_window_layers == 1
+    rebuilt = transformers.Qwen3Config(**{**student.config.to_dict(), "layer_types": None})
+    assert rebuilt.layer_types == student.config.layer_types  # the threshold alone gives the same pattern
+
+
+# --------------------------------------------------------------------------- narrowing, per family
+
+FULL_ROPE_16_TO_8 = [0, 2, 4, 6, 8, 10, 12, 14]  # RoPE pairs (i, i+8) of a 16-row head: teacher pairs 0, 2, 4, 6
+NARROW = {  # family, build_student kwargs, reference plan overrides
+    # partial rotary: 8 rotated rows -> 4 (teacher pairs 0, 2 of (i, i+4)), then the first 4 non-rotated rows
+    "phi": ({"hidden_size": 32, "intermediate_size": 40},
+            dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
+    "phi3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # 2 query heads on 2 KV heads (teacher: 2 per KV head): query heads 0 and 2, head_dim 32/2 = 16 kept
+    "phi3-regroup": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2},
+                     dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    "gemma": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, ff=40)),  # head_dim 16 kept
+    "gemma-head_dim": ({"hidden_size": 32, "head_dim": 8}, dict(d=32, hd_s=8, rows=FULL_ROPE_16_TO_8)),
+    "gemma2": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 64},
+               dict(d=32, hd_s=8, ff=64, rows=FULL_ROPE_16_TO_8)),
+    "gemma3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
+               dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8)),
+    "qwen3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    "olmo2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+}
+
+
+@pytest.mark.parametrize("case", list(NARROW))
+def test_narrow_student_is_the_teachers_slices(case, tmp_path):
+    family = case.split("-")[0]
+    kwargs, plan = NARROW[case]
+    teacher = make_teacher(family)
+    layers = [0, 2, 3]
+    student, table = build_student(teacher, layers=layers, mlp_init="copy", **kwargs)
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, layers, **plan))
+    assert "truncated" in {row["action"] for row in table}
+    config = student.config
+    hd = plan.get("hd_s", 16)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
+        3, kwargs["hidden_size"], kwargs.get("num_heads", 4))
+    assert getattr(config, "head_dim", None) in (hd, None) and student.model.layers[0].self_attn.head_dim == hd
+    if family in ("gemma2", "gemma3"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
+        assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
+    ids = _ids(2)
+    logits = _logits(student, ids)
+    assert logits.shape == (2, 13, TINY_VOCAB) and torch.isfinite(logits).all()
+
+    student.save_pretrained(tmp_path / "student")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert type(loaded) is type(teacher) and loaded.dtype == torch.float32
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "layer_types", "query_pre_attn_scalar", "max_window_layers", "sliding_window",
+                "final_logit_softcapping", "tie_word_embeddings"):
+        assert getattr(loaded.config, key, None) == getattr(config, key, None), key
+    assert torch.equal(_logits(loaded, ids), logits)
+
+
+def test_phi2_shaped_teacher():
+    """Phi-2's own settings: qk_layernorm off, partial_rotary_factor 0.4 (here 8 of 20 rows; Phi-2: 32 of 80),
+    MHA (num_kv_heads follows num_heads), LM head bias."""
+    teacher = make_teacher("phi", hidden_size=80, qk_layernorm=False, partial_rotary_factor=0.4,
+                           num_key_value_heads=None)
+    assert teacher.model.layers[0].self_attn.rotary_ndims == 8
+    full, _ = build_student(teacher, mlp_init="copy")
+    ids = _ids(7)
+    assert torch.equal(_logits(full, ids), _logits(teacher, ids))
+    student, table = build_student(teacher, layers=[0, 4], hidden_size=40, num_heads=2, mlp_init="copy")
+    # head_dim 20: rows 0..7 rotate (pairs (i, i+4)); 2 MHA heads = teacher heads 0, 1
+    assert student.config.num_key_value_heads == 2 and student.model.layers[0].self_attn.rotary_ndims == 8
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, [0, 4], d=40, q_heads=[0, 1], kv_heads=[0, 1]))
+    student, table = build_student(teacher, layers=[0, 4], hidden_size=40, intermediate_size=50, mlp_init="copy")
+    # head_dim 10: 4 rotated rows = teacher pairs 0, 2 of (i, i+4), then the first 6 of the 12 non-rotated rows
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, [0, 4], d=40, hd_s=10, ff=50,
+                                                          rows=[0, 2, 4, 6, 8, 9, 10, 11, 12, 13]))
+    assert student.model.layers[0].self_attn.rotary_ndims == 4
+    assert torch.isfinite(_logits(student, ids)).all()
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_layer_subset_saves_and_loads_unchanged(family, tmp_path):
+    teacher = make_teacher(family)
+    student, _ = build_student(teacher, layers=SUBSET, seed=3)
+    student.save_pretrained(tmp_path / "s")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert type(loaded) is type(teacher)
+    assert loaded.config.num_hidden_layers == len(SUBSET) and _layer_types(loaded) == _layer_types(student)
+    reloaded = dict(loaded.named_parameters())
+    for name, param in student.named_parameters():
+        assert torch.equal(reloaded[name], param), name
+    ids = _ids(4)
+    assert torch.equal(_logits(loaded, ids), _logits(student, ids))
+
+
+# --------------------------------------------------------------------------- embeddings, soft-capping
+
+
+@pytest.mark.parametrize("family", ["gemma", "phi"])  # tied (Gemma) and untied with a head bias (Phi)
+def test_frozen_embeddings(family):
+    teacher = make_teacher(family)
+    student, table = build_student(teacher, num_layers=2, freeze_embeddings=True)
+    assert {row["name"] for row in table if row["frozen"]} == {"model.embed_tokens.weight"}
+    assert {n for n, p in student.named_parameters() if not p.requires_grad} == {"model.embed_tokens.weight"}
+    assert freeze_student_embeddings(student) == ["model.embed_tokens.weight"]
+    tied = student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    assert tied == (family == "gemma") and student.lm_head.weight.requires_grad == (family != "gemma")
+
+
+def test_gemma2_soft_capping_reaches_the_fused_head():
+    teacher = make_teacher("gemma2")
+    student, _ = build_student(teacher, layers=SUBSET, hidden_size=32)
+    ids = _ids(5)
+    for model in (teacher, student):
+        assert model.config.final_logit_softcapping == 2.0
+        head = model_head(model)
+        assert head.spec == HeadSpec(vocab_size=TINY_VOCAB, softcap=2.0)
+        assert verify_head(model, ids) <= 1e-5
+        hidden = final_hidden(model.eval(), ids)
+        torch.testing.assert_close(apply_head(hidden, head), _logits(model, ids), rtol=0, atol=1e-5)
+        uncapped = apply_head(hidden, head._replace(spec=HeadSpec(vocab_size=TINY_VOCAB)))
+        assert (uncapped - _logits(model, ids)).abs().max() > 0.5  # the cap matters at these logit sizes
+    assert head_spec(make_teacher("gemma3")).softcap is None
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_unsupported_family_is_one_clear_line():
+    model = transformers.AutoModelForCausalLM.from_config(transformers.OlmoConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        pad_token_id=0, eos_token_id=0))
+    with pytest.raises(TailkdError) as err:
+        build_student(model)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("cannot build a student from a OlmoForCausalLM: supported teachers are ")
+    for cls in CLASSES.values():
+        assert cls in message
+
+
+def _longrope_phi3():
+    factors = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8}  # one per RoPE frequency of a 16-row head
+    return make_teacher("phi3", max_position_embeddings=128, original_max_position_embeddings=64,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, **factors})
+
+
+def test_longrope_refuses_a_head_dim_change_only():
+    teacher = _longrope_phi3()
+    with pytest.raises(TailkdError, match=r"per-frequency factors \(long_factor, short_factor\) for head_dim 16.*"
+                                          r"keep hidden_size/num_heads = 16") as err:
+        build_student(teacher, hidden_size=32)
+    assert "\n" not in str(err.value)
+    full, _ = build_student(teacher, mlp_init="copy")
+    ids = _ids(6)
+    assert torch.equal(_logits(full, ids), _logits(teacher, ids))
+    student, table = build_student(teacher, layers=[1, 4], hidden_size=32, num_heads=2, num_kv_heads=2)
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, [1, 4], d=32, q_heads=[0, 2], kv_heads=[0, 1]))
+    assert student.config.rope_parameters["short_factor"] == [1.0] * 8
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("phi3", {"hidden_size": 32, "head_dim": 4}, r"Phi-3 has no head_dim setting \(it is hidden_size/num_heads = "
+                                                 r"32/4\): drop head_dim=4"),
+    ("gemma", {"head_dim": 32}, r"head_dim=32 but the teacher's is 16: .*pick 1\.\.16"),
+    ("gemma", {"hidden_size": 30}, r"hidden_size=30 is not divisible by num_heads=4"),
+    ("gemma", {"head_dim": 7}, r"head_dim 7 is odd but RoPE needs it even: pick an even head_dim"),
+    ("phi", {"hidden_size": 24}, r"head_dim 6 \(hidden_size/num_heads\) rotates 3 rows \(partial_rotary_factor 0\.5\), "
+                                 r"which is odd"),
+    ("phi", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
+    ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
+])
+def test_bad_arguments(family, kwargs, message):
+    with pytest.raises(TailkdError, match=message) as err:
+        build_student(make_teacher(family), **kwargs)
+    assert "\n" not in str(err.value)
