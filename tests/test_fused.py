@@ -328,3 +328,27 @@ def test_selection_and_errors():
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         chunked_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="kd"), teacher_hidden=h_t,
                           teacher_head=Head(head_t.weight, None, HeadSpec(36)))
+
+
+# --------------------------------------------------------------------------- chunk sizes
+
+
+def test_chunk_rule_cpu_keeps_cache_sized_chunks():
+    for vocab in (100, 32000, 151936):
+        for free in (None, 10**12):
+            assert fused.chunk_tokens("cpu", vocab, 2048, free, torch.bfloat16) == fused.default_chunk_size(vocab)
+
+
+def test_chunk_rule_cuda_from_matmul_shape_and_free_memory():
+    gib = 1 << 30
+    # the paper-like point on a card with 100 GiB free: max(2^28/V = 1767, d = 2048) tokens, memory allows 6795
+    assert fused.chunk_tokens("cuda", 151936, 2048, 100 * gib, torch.bfloat16) == 2048
+    # a narrower model: 2^28/V = 1767 tokens, rounded down to a multiple of 128
+    assert fused.chunk_tokens("cuda", 151936, 576, 100 * gib, torch.bfloat16) == 1664
+    # 8 GiB free: a quarter over 151936·(6·4 + 2) bytes per token = 543 tokens -> 512
+    assert fused.chunk_tokens("cuda", 151936, 2048, 8 * gib, torch.bfloat16) == 512
+    # float32 matmuls: 28 bytes per vocabulary entry and token -> 504 -> 384
+    assert fused.chunk_tokens("cuda", 151936, 2048, 8 * gib, torch.float32) == 384
+    # almost no memory: never below 128 tokens; a small vocabulary: capped at 16384
+    assert fused.chunk_tokens("cuda", 151936, 2048, 1 << 20, torch.bfloat16) == 128
+    assert fused.chunk_tokens("cuda", 1000, 64, 100 * gib, torch.bfloat16) == 16384

@@ -10,9 +10,16 @@ so neither forward nor backward stores anything of size N·V. It returns sums ov
 denominator (the global count of valid tokens) is `tailkd.objective`'s.
 
 Per chunk, a divergence with a closed-form gradient runs its `divergences.RowKernel` (teacher rows → value →
-gradient, the same functions the dense path uses); one without (DKD, DRKL, TVD, any new per-token loss) is
-differentiated by autograd on the chunk's logits. The CLM gradient softmax(z) − onehot(y) is folded into the same
-buffer, then the chain rule goes through the model's logit transforms (`tailkd.head`) back to the head's matmul.
+gradient, the same functions the dense path uses) — on CUDA with triton installed, for kd, rkl, jsd and tad (K <=
+64) in float32, the same formulas as Triton kernels instead (`tailkd.kernels`: a statistics pass and a gradient pass
+written in place, no [n, V] temporaries besides the two sides' logits); one without (DKD, DRKL, TVD, any new
+per-token loss) is differentiated by autograd on the chunk's logits. The CLM gradient softmax(z) − onehot(y) is folded
+into the same buffer, then the chain rule goes through the model's logit transforms (`tailkd.head`) back to the
+head's matmul.
+
+Chunk sizes (`chunk_tokens`): on the CPU ~2^24 logits per chunk (cache-sized), and tail-weight losses grow their
+chunks to whole sequences; on CUDA one rule for every loss, from the free device memory and the matmul shape
+(thousands of tokens at V ≈ 150k), so that losses are compared under the same chunking.
 
 TAD's β(X) = β / ᾱ(X) needs the teacher tail mass of every valid token of a sequence (a row, or a document of a
 packed row). Chunks are cut at sequence boundaries where possible; a chunk then holds whole sequences and ᾱ is
@@ -40,16 +47,47 @@ from tailkd.head import Head, HeadSpec, transform, transform_backward
 from tailkd.losses import sequence_alpha_mean
 from tailkd.registry import Divergence
 
-__all__ = ["AUTO_BYTES", "ChunkSums", "chunked_sums", "default_chunk_size", "teacher_tail_mass", "use_fused"]
+__all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "teacher_tail_mass",
+           "use_fused"]
 
 AUTO_BYTES = 1 << 30  # fused_loss=auto: fuse when one side's float32 logits [N, V] would exceed 1 GiB
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: ~64 MiB per float32 [chunk, V] buffer (a chunk uses ~5 of them)
 _WHOLE_SEQUENCE_ELEMENTS = 1 << 28  # tail-weight losses: grow chunks to whole sequences, up to 1 GiB per buffer
+# CUDA (leads, to be measured on the card): 2^28 logits per chunk and at least `hidden` tokens keep the head matmuls
+# on the tensor cores busy and the [V, d] weight-gradient accumulation (read + written once per chunk) a minor cost;
+# memory: the torch path's ~6 float32 [chunk, V] buffers + the matmul-dtype gradient copy in a quarter of free memory
+_GPU_CHUNK_ELEMENTS = 1 << 28
+_GPU_FLOAT32_BUFFERS = 6
+_GPU_FREE_FRACTION = 0.25
+_GPU_MIN_TOKENS, _GPU_MAX_TOKENS, _GPU_ALIGN = 128, 16384, 128
+_TRITON_DEVICES = ("cuda",)  # where the Triton row kernels replace the torch ones (tests add "cpu": interpreter)
 
 
 def default_chunk_size(vocab: int) -> int:
     """Tokens per chunk: ~2^24 logits per [chunk, V] buffer, at least 16 and at most 4096 tokens."""
     return int(min(4096, max(16, _CHUNK_ELEMENTS // max(1, vocab))))
+
+
+def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | None, dtype: torch.dtype) -> int:
+    """Tokens per chunk when the caller gives none: the same for every loss on a device.
+
+    CPU (and anything but CUDA): `default_chunk_size` (cache-sized). CUDA: max(2^28 / V, ``hidden``) tokens (the
+    matmul shape), at most what fits ``_GPU_FLOAT32_BUFFERS`` float32 [chunk, V] buffers + one of the matmul
+    ``dtype`` in a quarter of ``free_bytes``, rounded down to a multiple of 128, within [128, 16384]."""
+    if device_type != "cuda":
+        return default_chunk_size(vocab)
+    vocab = max(1, int(vocab))
+    by_shape = max(-(-_GPU_CHUNK_ELEMENTS // vocab), int(hidden))
+    per_token = vocab * (_GPU_FLOAT32_BUFFERS * 4 + torch.empty(0, dtype=dtype).element_size())
+    by_memory = int(max(0, free_bytes or 0) * _GPU_FREE_FRACTION) // per_token
+    tokens = min(by_shape, by_memory, _GPU_MAX_TOKENS) // _GPU_ALIGN * _GPU_ALIGN
+    return int(max(_GPU_MIN_TOKENS, tokens))
+
+
+def _device_chunk(device: torch.device, vocab: int, hidden: int, dtype: torch.dtype) -> int:
+    """`chunk_tokens` for a device, reading its free memory on CUDA."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return chunk_tokens(device.type, vocab, hidden, free, dtype)
 
 
 def use_fused(mode: str, num_tokens: int, vocab: int) -> bool:
@@ -81,6 +119,7 @@ class _Plan:
     sparse: dv.SparseTeacher | None = None  # fields [M, ...]
     abar: torch.Tensor | None = None  # [M] float64 ᾱ of the token's sequence (tail-weight losses); NaN = in the chunk
     seq: torch.Tensor | None = None  # [M] sequence id (chunk-local ᾱ)
+    triton: object | None = None  # kernels.RowLoss: the chunk's row maths by the Triton kernels
 
 
 class ChunkSums(NamedTuple):
@@ -156,6 +195,8 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
         div, g = _autograd_div(plan, z, a, b, z.new_full((n,), float(coef_div)), want_grad)
         if want_grad:
             g.add_(logz.exp_().mul_(c_clm[:, None]))
+    elif plan.triton is not None:  # the same row maths by the Triton kernels
+        clm, div, g = _triton_rows(plan, a, b, z, logz, c_clm, coef_div, want_grad)
     else:  # the divergence's row kernel, on s = z / τ
         s = z / tau if tau != 1.0 else z  # [n, V]
         logq = torch.log_softmax(s, dim=-1)  # [n, V]
@@ -175,6 +216,31 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
         return clm, div, None
     g.scatter_add_(-1, y, -c_clm[:, None])  # − coef · onehot(y)
     return clm, div, transform_backward(g, z, plan.spec)
+
+
+def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, want_grad: bool):
+    """(clm [n], div [n], G [n, V]) of tokens [a, b) by `tailkd.kernels`: statistics pass, then value and G = ∂/∂z
+    written over s (a copy of z only where the soft-cap's backward still needs z). At τ = 1 the CLM softmax is
+    folded into G (cq) and CLM = −((z_y − m) − log S) comes from the statistics."""
+    from tailkd import kernels
+
+    tau, y = plan.temperature, plan.labels[a:b][:, None]
+    s = z / tau if tau != 1.0 else z  # [n, V]
+    t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
+    stats = kernels.row_stats(s, t, plan.triton.k)
+    if logz is None:  # τ = 1: s is z
+        clm = -((s.gather(-1, y).squeeze(-1) - stats.stats[:, 0]) - stats.stats[:, 1])
+    else:
+        clm = -logz.gather(-1, y).squeeze(-1)
+    w = _row_weight(plan, a, b, stats)
+    out = None
+    if want_grad:
+        out = torch.empty_like(s) if s is z and plan.spec.softcap is not None else s
+    cd = z.new_full((z.shape[0],), float(coef_div) / tau)
+    div = kernels.row_values_and_grads(plan.triton, s, t, stats, w, cd, c_clm if logz is None else None, out)
+    if out is not None and logz is not None:
+        out.add_(logz.exp_().mul_(c_clm[:, None]))  # coef · softmax(z)
+    return clm, div, out
 
 
 def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_h: bool, need_w: bool,
@@ -299,6 +365,16 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
     return out.view(lead)
 
 
+def _triton_loss(d: Divergence | None, sparse, cdtype: torch.dtype, device: torch.device):
+    """The `kernels.RowLoss` of the divergence where the Triton kernels apply (a device of ``_TRITON_DEVICES``,
+    triton importable, float32 softmax maths, a dense teacher, kd / rkl / jsd / tad with K <= 64), else None."""
+    if d is None or sparse is not None or cdtype != torch.float32 or device.type not in _TRITON_DEVICES:
+        return None
+    from tailkd import kernels
+
+    return kernels.losses_for(d) if kernels.available() else None
+
+
 def _check_head(name: str, head: Head, hidden: torch.Tensor) -> None:
     if not isinstance(head, Head):
         raise TypeError(f"{name} must be a tailkd.head.Head (weight, bias, spec); use head.model_head(model, V)")
@@ -333,7 +409,7 @@ def _check_teacher(d, student_hidden, labels, vocab, teacher_hidden, teacher_hea
 
 
 def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_head, sparse, segment_ids,
-             seq_alpha_mean, chunk_size, matmul_dtype) -> tuple[torch.Tensor, _Plan]:
+             seq_alpha_mean, chunk_size, matmul_dtype, kernels=True) -> tuple[torch.Tensor, _Plan]:
     """Validate, keep the valid tokens, plan the chunks and ᾱ. Returns (h_valid [M, d], plan)."""
     if student_hidden.dim() != 3 or labels.shape != student_hidden.shape[:-1]:
         raise ValueError(f"student_hidden must be [B, T, d] and labels [B, T]; got {tuple(student_hidden.shape)} and "
@@ -358,7 +434,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     kernel = None if d is None else dv.SPARSE if sparse is not None else d.kernel
     plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=y, chunks=[], cdtype=cdtype, mm_dtype=mm,
                  temperature=1.0 if d is None else d.temperature)
-    chunk = int(chunk_size or default_chunk_size(vocab))
+    chunk = int(chunk_size or _device_chunk(h.device, vocab, h.shape[-1], mm))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     if d is not None and teacher_hidden is not None:
@@ -382,9 +458,11 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
         else:
             seq = torch.unique(_sequence_ids(mask, seg).reshape(-1)[idx], return_inverse=True)[1]  # dense 0..S-1
             plan.seq = seq
-            if chunk_size is None:  # whole sequences per chunk avoid the statistics pass, up to 1 GiB per buffer
+            if chunk_size is None and h.device.type != "cuda":  # CPU: whole sequences per chunk avoid the
+                # statistics pass, up to 1 GiB per buffer (CUDA: every loss gets the same chunk)
                 longest = int(mask.sum(1).max()) if seg is None else labels.shape[1]
                 chunk = max(chunk, min(longest, _WHOLE_SEQUENCE_ELEMENTS // vocab))
+    plan.triton = _triton_loss(d, plan.sparse, cdtype, h.device) if kernels else None
     plan.chunks, split = _plan_chunks(seq, idx.numel(), chunk)
     if plan.seq is not None:
         plan.abar = torch.full((idx.numel(),), math.nan, dtype=torch.float64, device=h.device)
@@ -414,6 +492,7 @@ def chunked_sums(
     seq_alpha_mean: torch.Tensor | None = None,  # (B, T) ᾱ computed elsewhere
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    kernels: bool = True,
 ) -> ChunkSums:
     """Σ over valid tokens of clm_weight·CLM + div_weight·D, and Σ CLM, Σ D, from final hidden states in chunks.
 
@@ -422,10 +501,11 @@ def chunked_sums(
     [+ sampled tail estimate]). Gradients flow to ``student_hidden`` and ``student_head.weight`` / ``.bias`` (unless
     they do not require grad: a frozen head costs no weight-gradient matmul). ``matmul_dtype`` (e.g.
     torch.bfloat16 on GPU) sets the head matmuls' dtype; softmax math is float32 (float64 for float64 inputs).
+    ``kernels=False`` keeps the torch row maths where the Triton kernels would apply (CUDA, triton installed).
     Divide by the number of valid tokens yourself (`tailkd.objective` does, once).
     """
     h, plan = _prepare(student_hidden, student_head, labels, divergence, teacher_hidden, teacher_head,
-                       sparse_teacher, segment_ids, seq_alpha_mean, chunk_size, matmul_dtype)
+                       sparse_teacher, segment_ids, seq_alpha_mean, chunk_size, matmul_dtype, kernels)
     w, bias = student_head.weight, student_head.bias
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h.requires_grad, grad_on and w.requires_grad,

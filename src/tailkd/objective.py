@@ -138,16 +138,17 @@ def chunked_objective(
     seq_alpha_mean: torch.Tensor | None = None,  # (B, T) TAD ᾱ computed elsewhere
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    kernels: bool = True,
 ) -> ObjectiveTerms:
-    """The chunked path: the same terms as `objective` from final hidden states + LM heads (`fused.chunked_sums`),
-    never [B, T, V] logits; same denominator."""
+    """The chunked path: the same terms as `objective` from final hidden states + LM heads (`fused.chunked_sums`;
+    ``kernels``: its Triton row kernels where they apply), never [B, T, V] logits; same denominator."""
     from tailkd.config import LossConfig
 
     cfg = cfg or LossConfig()
     sums = fused.chunked_sums(student_hidden, student_head, labels, _divergence(cfg), clm_weight=cfg.clm_weight,
                               div_weight=cfg.div_weight, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                               sparse_teacher=sparse_teacher, segment_ids=segment_ids, seq_alpha_mean=seq_alpha_mean,
-                              chunk_size=chunk_size, matmul_dtype=matmul_dtype)
+                              chunk_size=chunk_size, matmul_dtype=matmul_dtype, kernels=kernels)
     total, cos_sum = sums.total, _cosine_sum(cfg, student_hidden, teacher_hidden, labels, sums.total.dtype)
     if cos_sum is not None:
         total = total + cfg.cosine_weight * cos_sum
@@ -156,7 +157,8 @@ def chunked_objective(
 
 
 def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,
-               chunk_size: int | None = None, autocast_dtype=None, student_head: Head | None = None):
+               chunk_size: int | None = None, autocast_dtype=None, student_head: Head | None = None,
+               kernels: bool = True):
     """`ObjectiveTerms` of one micro-batch (``batch`` on the student's device) from its teacher signal
     (`tailkd.teacher.TeacherSignal`; None only for loss clm): the student forward, then `chunked_objective` on its
     final hidden states (``fused_path``) or `objective` on its logits."""
@@ -181,7 +183,8 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
     if fused_path:
         return chunked_objective(h_s, student_head or model_head(student, vocab_size), labels, num_valid_tokens,
                                  cfg=cfg, teacher_hidden=hidden, teacher_head=head, sparse_teacher=sparse,
-                                 segment_ids=segment_ids, chunk_size=chunk_size, matmul_dtype=autocast_dtype)
+                                 segment_ids=segment_ids, chunk_size=chunk_size, matmul_dtype=autocast_dtype,
+                                 kernels=kernels)
     if logits is None and hidden is not None:
         logits = apply_head(hidden, head).float()  # cached hidden states: (B, T, V)
     t_hidden = hidden if want_cos else None

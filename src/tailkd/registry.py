@@ -44,6 +44,8 @@ class LossSpec:
     top-K teacher cache (D_KL1, plus an unbiased tail estimate weighted by the row weight; 1 without
     ``tail_weight``). ``flops_per_vocab``: loss-layer FLOPs per token per vocabulary entry, forward + backward
     (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`). ``knobs``: the `LossConfig` fields read.
+    ``triton(cfg) -> (form, args) | None``: the same row maths as `tailkd.kernels` computes it on CUDA (form
+    "kl", "rkl", "jsd" with ``beta``, "tad" with ``k``), or None where the kernels do not apply (the torch path).
     """
 
     name: str
@@ -56,6 +58,7 @@ class LossSpec:
     sparse: bool = False
     flops_per_vocab: int = 0
     knobs: tuple[str, ...] = ()
+    triton: Callable[..., tuple[str, dict] | None] | None = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -85,19 +88,27 @@ def _tad_per_token(d, s, t, labels, mask, segment_ids):
                temperature=c.temperature)
 
 
+def _jsd_triton(c) -> tuple[str, dict]:
+    """JSD's kernel form; its endpoints as `divergences.jsd_kernel`: β = 0 is KL(p‖q), β = 1 is KL(q‖p)."""
+    beta = float(c.jsd_beta)
+    return ("kl", {}) if beta == 0 else ("rkl", {}) if beta == 1 else ("jsd", {"beta": beta})
+
+
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("tad", "D_KL1 + β(X)·α^T·D_KL2, β(X) = β/ᾱ(X)", "TAD paper, Eq. 2-3", _tad_per_token,
              kernel=lambda c: dv.tad_kernel(c.k), tail_weight=True, sparse=True, flops_per_vocab=28,
-             knobs=("k", "beta", "per_document", "temperature")),
+             knobs=("k", "beta", "per_document", "temperature"), triton=lambda c: ("tad", {"k": int(c.k)})),
     LossSpec("kd", "KL(p‖q)", "Hinton et al. 2015",
              lambda d, s, t, labels, mask, seg: forward_kl(s, t, temperature=d.cfg.temperature),
-             kernel=lambda c: dv.KL, sparse=True, flops_per_vocab=15, knobs=("temperature",)),
+             kernel=lambda c: dv.KL, sparse=True, flops_per_vocab=15, knobs=("temperature",),
+             triton=lambda c: ("kl", {})),
     LossSpec("rkl", "KL(q‖p)", "MiniLLM-style reverse KL",
              lambda d, s, t, labels, mask, seg: reverse_kl(s, t, temperature=d.cfg.temperature),
-             kernel=lambda c: dv.RKL, flops_per_vocab=15, knobs=("temperature",)),
+             kernel=lambda c: dv.RKL, flops_per_vocab=15, knobs=("temperature",), triton=lambda c: ("rkl", {})),
     LossSpec("jsd", "β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q", "generalized JSD (GKD)",
              lambda d, s, t, labels, mask, seg: jsd(s, t, beta=d.cfg.jsd_beta, temperature=d.cfg.temperature),
-             kernel=lambda c: dv.jsd_kernel(c.jsd_beta), flops_per_vocab=26, knobs=("jsd_beta", "temperature")),
+             kernel=lambda c: dv.jsd_kernel(c.jsd_beta), flops_per_vocab=26, knobs=("jsd_beta", "temperature"),
+             triton=_jsd_triton),
     LossSpec("dkd", "α KL(b^p‖b^q) + β KL(p̂‖q̂), target = label", "Zhao et al. 2022",
              lambda d, s, t, labels, mask, seg: dkd(s, t, labels, alpha=d.cfg.dkd_alpha, beta=d.cfg.dkd_beta,
                                                     temperature=d.cfg.temperature),
@@ -152,6 +163,11 @@ class Divergence:
     @property
     def kernel(self) -> dv.RowKernel | None:
         return self.spec.kernel(self.cfg) if self.spec.kernel is not None else None
+
+    @property
+    def triton(self) -> tuple[str, dict] | None:
+        """The kernel form (`LossSpec.triton`) of this divergence with its knobs, or None."""
+        return self.spec.triton(self.cfg) if self.spec.triton is not None else None
 
     def per_token(self, student_logits, teacher_logits, labels, mask, segment_ids=None) -> torch.Tensor:
         """[B, T] divergence on full logits [B, T, V], 0 at masked positions."""

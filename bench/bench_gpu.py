@@ -1,0 +1,241 @@
+"""Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
+tailkd fused (Triton row kernels, `tailkd.kernels`) and Liger's compiled chunked loss (if liger_kernel imports).
+
+  python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: ~2-4 min, H200
+  python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
+
+Every cell computes, from final hidden states h_S, h_T [N, d] (bf16 on CUDA, under bf16 autocast as a training
+step) and LM heads W_S (float32, trained), W_T (bf16): both sides' logits, CLM + divergence (kd; tad K=10, β=2; jsd
+β=0.5) summed over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
+chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape); Liger
+gets the same chunk. Liger has no TAD.
+
+Time: CUDA events around each forward + backward, after --warmup runs, median of --repeats (on the CPU: the host
+clock). Extra peak memory: torch.cuda.max_memory_allocated during one more run minus the allocation before it (on
+the CPU: not measured, reported as null). Output: ``OUT.json`` (every cell, the versions, the device) and ``OUT.md``
+(the table).
+
+Dry run on the CPU: the Triton cells run under Triton's interpreter (TRITON_INTERPRET=1 is set here before tailkd's
+kernels are imported), so they check the wiring and the values, not the speed. Every cell that cannot run (Liger
+not installed, triton missing, an error) is listed; the script then exits 1 unless --allow-missing is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+LOSSES = ("kd", "tad", "jsd")
+METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton", "liger")
+
+
+def _inputs(n, vocab, d, device, seed=0):
+    """h_S (requires grad), W_S (float32, requires grad), h_T, W_T, labels [1, N]; bf16 hidden states and teacher
+    head on CUDA."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.bfloat16 if device.type == "cuda" else torch.float32
+    h_s = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(device, low).requires_grad_(True)
+    h_t = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(device, low)
+    w_s = (torch.randn(vocab, d, generator=g) * 2).to(device).requires_grad_(True)
+    w_t = (torch.randn(vocab, d, generator=g) * 3).to(device, low)
+    labels = torch.randint(0, vocab, (1, n), generator=g).to(device)
+    return h_s, w_s, h_t, w_t, labels
+
+
+def _cfg(loss):
+    from tailkd.config import LossConfig
+
+    return LossConfig(name=loss, k=10, beta=2.0, jsd_beta=0.5)
+
+
+def _tailkd(method, loss, inputs, mm_dtype):
+    from tailkd import fused
+    from tailkd import head as head_mod
+    from tailkd.objective import chunked_objective, objective
+
+    h_s, w_s, h_t, w_t, labels = inputs
+    n, vocab = h_s.shape[0], w_s.shape[0]
+    if method == "tailkd_dense":
+        s_logits = h_s[None] @ w_s.T
+        with torch.no_grad():
+            t_logits = h_t[None] @ w_t.T
+        return objective(s_logits, labels, n, cfg=_cfg(loss), teacher_logits=t_logits).loss
+    fused._TRITON_DEVICES = ("cuda", "cpu") if method == "tailkd_fused_triton" else ()
+    spec = head_mod.HeadSpec(vocab)
+    return chunked_objective(h_s[None], head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
+                             teacher_hidden=h_t[None], teacher_head=head_mod.Head(w_t, None, spec),
+                             matmul_dtype=mm_dtype).loss
+
+
+def _liger(loss, inputs, chunk):
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    h_s, w_s, h_t, w_t, labels = inputs
+    beta = 0.0 if loss == "kd" else 0.5  # Liger's beta = 0: forward KL(p‖q), as tailkd's jsd endpoints
+    fn = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=beta, compiled=h_s.is_cuda,
+                                 chunk_size=chunk)
+    return fn(h_s, w_s, h_t, w_t, labels.reshape(-1)) * h_s.shape[0]  # Liger returns the mean: × N for the sum
+
+
+def _step(method, loss, inputs, mm_dtype, chunk):
+    """One forward + backward; returns the loss (sum over tokens of CLM + divergence) as a float."""
+    h_s, w_s = inputs[0], inputs[1]
+    with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=h_s.is_cuda):
+        value = _liger(loss, inputs, chunk) if method == "liger" else _tailkd(method, loss, inputs, mm_dtype)
+    value.backward()
+    h_s.grad = w_s.grad = None
+    return float(value.detach())
+
+
+def _cell_skip(method, loss, device):
+    """Why a cell cannot run here, or None."""
+    if method == "liger":
+        if loss == "tad":
+            return "n/a"  # Liger has no TAD: not a missing cell
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return f"liger_kernel not importable ({type(exc).__name__}: {exc})"
+    if method == "tailkd_fused_triton":
+        from tailkd import kernels
+
+        if not kernels.available():
+            return "triton not installed (pip install tailkd[kernels])"
+    return None
+
+
+def _time(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _peak(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_cell(method, loss, inputs, device, args, chunk):
+    reason = _cell_skip(method, loss, device)
+    if reason:
+        return {"method": method, "loss": loss, "skipped": reason}
+    mm = torch.bfloat16 if device.type == "cuda" else None
+    fn = lambda: _step(method, loss, inputs, mm, chunk)  # noqa: E731
+    try:
+        value = fn()
+        times = _time(fn, device, args.warmup, args.repeats)
+        peak = _peak(fn, device)
+    except Exception as exc:  # noqa: BLE001
+        return {"method": method, "loss": loss, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        from tailkd import fused
+
+        fused._TRITON_DEVICES = ("cuda",)
+    return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
+            "peak_bytes": peak}
+
+
+def _versions():
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "liger_kernel"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+def _markdown(result):
+    lines = [f"device: {result['device']}; N={result['tokens']}, V={result['vocab']}, d={result['hidden']}, chunk "
+             f"{result['chunk']} tokens; versions {result['versions']}", "",
+             "| loss | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for loss in LOSSES:
+        row = []
+        for m in METHODS:
+            c = next(c for c in result["cells"] if c["loss"] == loss and c["method"] == m)
+            if "median_s" in c:
+                mem = "" if c["peak_bytes"] is None else f", {c['peak_bytes'] / 2**30:.1f} GiB"
+                row.append(f"{c['median_s'] * 1e3:.1f} ms{mem} (loss {c['value']:.6g})")
+            else:
+                row.append(c.get("skipped") or "ERROR " + c["error"])
+        lines.append(f"| {loss} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on the CPU")
+    ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
+    ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
+    ap.add_argument("--allow-missing", action="store_true", help="exit 0 even when a cell is skipped or fails")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but no CUDA device is visible; use --device cpu for the dry run")
+    if device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before tailkd.kernels is imported: the Triton cells interpreted
+    args.warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    args.repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 1)
+    from tailkd import fused
+
+    inputs = _inputs(args.tokens, args.vocab, args.hidden, device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16)
+    t0 = time.perf_counter()
+    cells = []
+    for loss in LOSSES:
+        for method in METHODS:
+            cell = run_cell(method, loss, inputs, device, args, chunk)
+            cells.append(cell)
+            print(json.dumps({k: v for k, v in cell.items() if k != "all_s"}), flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result = {"device": name, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk": chunk,
+              "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0,
+              "cells": cells}
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    table = _markdown(result)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    missing = [c for c in cells if "error" in c or ("skipped" in c and c["skipped"] != "n/a")]
+    if missing and not args.allow_missing:
+        print(f"{len(missing)} cell(s) skipped or failed: " + "; ".join(
+            f"{c['method']}/{c['loss']}: {c.get('skipped') or c['error']}" for c in missing), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

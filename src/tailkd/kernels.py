@@ -1,0 +1,413 @@
+"""Triton kernels of the chunked loss layer's row maths: row statistics and closed-form logit gradients (CUDA).
+
+The torch functions of `tailkd.divergences` stay the definition, the CPU path and the reference; these kernels
+compute the same formulas for a chunk of rows without the [n, V] temporaries (log q, p, q, log m, ...) of the torch
+path. Per chunk (rows = tokens; s = student logits at temperature τ, t = teacher logits at τ, both [n, V], bf16,
+fp16 or float32 in, float32 arithmetic):
+
+1. `row_stats` — one streaming pass over s and t: the online log-sum-exp of both sides, kept as (max m, log S) so
+   that a log-probability is (x_i − m) − log S, the formula of torch's log_softmax; for TAD also the teacher's
+   top-K 𝒦 (K ≤ 64: a running top-K in registers, ties to the smaller id as `tests/reference.py`) and the online
+   log-sum-exps of both sides over the tail (every entry that is not, or no longer, in the running top-K is
+   folded into the tail sums as it leaves), so α^T and α^S are sums over the tail itself (never 1 − Σ top-K) and
+   log α = (m_tail − m) + log S_tail − log S is never sub-normal.
+2. `row_values_and_grads` — a second pass writing G = cd·∂D/∂s + cq·q (cq: the CLM softmax folded in, as
+   `RowKernel.backward`) into ``out`` (which may be s itself: in place) and returning the per-row value. KD and
+   TAD read s and t twice in all (TAD's top-K and tail sums ride on pass 1; its per-row coefficients are [n]-sized
+   torch ops between the passes). RKL and JSD need the row value inside their gradient, so they add a value pass
+   before the gradient pass (three passes).
+
+Which `tailkd.divergences` function each kernel implements:
+- `_stats_kernel`: `divergences.lse` / torch.log_softmax of both sides; `topk_teacher` (𝒦, α^T) and
+  `student_tail` (α^S) for TAD;
+- `_dense_kernel`: LOSS=0 `_kl_forward` + `_kl_backward`; LOSS=1 `_rkl_forward` (value pass) and `_rkl_backward`
+  (gradient pass); LOSS=2 `_jsd_forward` / `_jsd_backward` likewise;
+- `_tad_kernel`: the tail sums of `_tad_forward` (Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below
+  float32's normal range) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on the tail, or its q̃/p̃ form where α^S
+  underflowed or α^T is sub-normal); the K top-K terms and the bucket are [n, K] torch ops (`_tad_value`).
+
+`losses_for` maps a bound registry divergence to its kernels (kd, rkl, jsd, tad with K ≤ 64) or None; `available`
+says whether triton imports. Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_kernels.py), which must be
+set before this module is imported: ``triton.jit`` reads it when it decorates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+try:  # optional: pip install tailkd[kernels]
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = tl = None
+
+__all__ = ["MAX_K", "RowLoss", "RowStats", "available", "losses_for", "row_stats", "row_values_and_grads"]
+
+MAX_K = 64  # the largest teacher top-K the register buffer holds
+_TINY = 1e-30  # divergences._tiny(float32): below it a tail mass is handled in log space
+_NINF = float("-inf")
+
+
+def available() -> bool:
+    """Whether triton is importable (the kernels need it; CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+class RowLoss(NamedTuple):
+    """A divergence the kernels compute: ``kind`` 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_β, 3 = TAD with top-``k``."""
+
+    kind: int
+    k: int = 0
+    jsd_beta: float = 0.5
+
+
+_KINDS = {"kl": 0, "rkl": 1, "jsd": 2, "tad": 3}
+
+
+def losses_for(divergence) -> RowLoss | None:
+    """The kernels' form of a bound `tailkd.registry.Divergence` (its registry row's ``triton`` form with its
+    knobs), or None (the torch path): no form, or TAD with K above `MAX_K`."""
+    form = divergence.triton if divergence is not None else None
+    if form is None:
+        return None
+    kind, args = form
+    if kind == "tad" and not 1 <= args["k"] <= MAX_K:
+        return None
+    return RowLoss(_KINDS[kind], k=args.get("k", 0), jsd_beta=args.get("beta", 0.5))
+
+
+class RowStats(NamedTuple):
+    """Pass 1's per-row results. ``stats`` [n, 8] float32: (m, log S) of s, t, s on the tail, t on the tail (the
+    tail columns are 0 without a top-K); ``ids``, ``t_top``, ``s_top`` [n, K] (TAD only): 𝒦 and both sides' logits
+    on it."""
+
+    stats: torch.Tensor
+    ids: torch.Tensor | None = None
+    t_top: torch.Tensor | None = None
+    s_top: torch.Tensor | None = None
+
+    def lse(self, side: int) -> torch.Tensor:
+        """log Σ exp of side 0 (s), 1 (t), 2 (s on the tail), 3 (t on the tail), [n]."""
+        return self.stats[:, 2 * side] + self.stats[:, 2 * side + 1]
+
+    def log_mass(self, side: int) -> torch.Tensor:
+        """log α of side 0 (student, α^S) or 1 (teacher, α^T) = (m_tail − m) + log S_tail − log S, [n]."""
+        st = self.stats
+        return (st[:, 4 + 2 * side] - st[:, 2 * side]) + st[:, 5 + 2 * side] - st[:, 2 * side + 1]
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        """log α^T [n], as `divergences.TopK.log_alpha` (the chunked layer's ᾱ reads it)."""
+        return self.log_mass(1)
+
+    @property
+    def poisoned(self) -> torch.Tensor:
+        """Rows with a NaN logit on either side [n] (their value is NaN, as in `divergences`)."""
+        return torch.isnan(self.lse(0)) | torch.isnan(self.lse(1))
+
+
+# --------------------------------------------------------------------------- the kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _lse_fold(m, big_s, x):
+        """Online log-sum-exp: fold the block x [BLOCK] (−inf = absent) into (max m, S = Σ exp(x − m))."""
+        m_new = tl.maximum(m, tl.max(x, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, big_s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+
+    @triton.jit
+    def _lse_add(m, big_s, v):
+        """Online log-sum-exp: fold one value v into (m, S)."""
+        m_new = tl.maximum(m, v)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, big_s * tl.exp(m - shift) + tl.exp(v - shift)
+
+    @triton.jit
+    def _tile(s_row, t_row, cols, ok, m_s, ls_s, m_t, ls_t):
+        """Pass 2's tile of a row: s and t at ``cols`` in float32 (−inf past V), log q, log p (the log_softmax
+        formula (x − m) − log S with pass 1's statistics), q and p."""
+        s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        lq = (s - m_s) - ls_s
+        lp = (t - m_t) - ls_t
+        return s, t, lq, lp, tl.exp(lq), tl.exp(lp)
+
+    @triton.jit
+    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t,
+                      K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 1 of one row: (m, log S) of s and t; with K > 0 the teacher's running top-K (initially the first K
+        columns; a column enters when its t is larger than the buffer's minimum, which leaves: the smallest, and
+        among equal ones the latest id) and the tail log-sum-exps of both sides over what is not in the buffer."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
+        offs = tl.arange(0, BLOCK)
+        m_s = tl.full([], float("-inf"), tl.float32)
+        m_t, m_st, m_tt = m_s, m_s, m_s
+        sum_s = tl.zeros([], tl.float32)
+        sum_t, sum_st, sum_tt = sum_s, sum_s, sum_s
+        slots = tl.arange(0, KP)
+        real = slots < K
+        buf_t = tl.load(t_row + slots, mask=real, other=float("inf")).to(tl.float32)
+        buf_s = tl.load(s_row + slots, mask=real, other=0.0).to(tl.float32)
+        buf_i = slots
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            t = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            m_s, sum_s = _lse_fold(m_s, sum_s, s)
+            m_t, sum_t = _lse_fold(m_t, sum_t, t)
+            if K > 0:
+                later = ok & (cols >= K)
+                thr = tl.min(buf_t, 0)
+                cand = tl.where(later & (t > thr), t, float("-inf"))
+                taken = offs < 0
+                best = tl.max(cand, 0)
+                while best > thr:
+                    j = tl.argmax(cand, 0, tie_break_left=True)
+                    hit = offs == j
+                    slot = tl.argmax(tl.where(buf_t == thr, buf_i, -1), 0)
+                    here = slots == slot
+                    m_tt, sum_tt = _lse_add(m_tt, sum_tt, thr)  # the evicted entry joins the tail
+                    m_st, sum_st = _lse_add(m_st, sum_st, tl.sum(tl.where(here, buf_s, 0.0), 0))
+                    buf_t = tl.where(here, best, buf_t)
+                    buf_s = tl.where(here, tl.sum(tl.where(hit, s, 0.0), 0), buf_s)
+                    buf_i = tl.where(here, start + j, buf_i)
+                    taken = taken | hit
+                    thr = tl.min(buf_t, 0)
+                    cand = tl.where(hit | (cand <= thr), float("-inf"), cand)
+                    best = tl.max(cand, 0)
+                rest = later & ~taken
+                m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
+                m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
+        out = stats_ptr + row * 8
+        tl.store(out + 0, m_s)
+        tl.store(out + 1, tl.log(sum_s))
+        tl.store(out + 2, m_t)
+        tl.store(out + 3, tl.log(sum_t))
+        if K > 0:
+            tl.store(out + 4, m_st)
+            tl.store(out + 5, tl.log(sum_st))
+            tl.store(out + 6, m_tt)
+            tl.store(out + 7, tl.log(sum_tt))
+            tl.store(ids_ptr + row * K + slots, buf_i, mask=real)
+            tl.store(ttop_ptr + row * K + slots, buf_t, mask=real)
+            tl.store(stop_ptr + row * K + slots, buf_s, mask=real)
+
+    @triton.jit
+    def _dense_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, coef_ptr, value_ptr, V, stride_s, stride_t, stride_o,
+                      bj, mix, LOSS: tl.constexpr, VALUE: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+        """One pass over a row of a whole-vocabulary divergence (LOSS 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_bj with
+        log m = log(bj·(p + mix·q)), mix = (1 − bj)/bj). VALUE: value_ptr[row] = (Σ of the value's terms, and for
+        JSD Σ q log(q/m)). WRITE: out = c_q·q + c_f·f − c_p·p with coef_ptr[row] = (c_q, c_f, c_p), f the entry's
+        term q log(q/p) (RKL) or q log(q/m) (JSD)."""
+        row = tl.program_id(0).to(tl.int64)
+        st = stats_ptr + row * 8
+        m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
+        c_q, c_f, c_p = tl.load(coef_ptr + row * 3), tl.load(coef_ptr + row * 3 + 1), tl.load(coef_ptr + row * 3 + 2)
+        offs = tl.arange(0, BLOCK)
+        acc1 = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s, m_t,
+                                       ls_t)
+            if LOSS == 0:
+                f = tl.where(p > 0, p * (lp - lq), 0.0)  # kl_sum: p (log p − log q), 0·log 0 = 0
+                acc1 += tl.where(ok, f, 0.0)
+                g = c_q * q - c_p * p
+            elif LOSS == 1:
+                f = tl.where(q > 0, q * (lq - lp), 0.0)
+                acc1 += tl.where(ok, f, 0.0)
+                g = c_q * q + c_f * f
+            else:
+                lm = tl.log(bj * (p + mix * q))
+                acc1 += tl.where(ok & (p > 0), p * (lp - lm), 0.0)
+                f = tl.where(q > 0, q * (lq - lm), 0.0)
+                acc2 += tl.where(ok, f, 0.0)
+                g = c_q * q + c_f * f
+            if WRITE:
+                tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
+        if VALUE:
+            tl.store(value_ptr + row * 2, tl.sum(acc1, 0))
+            tl.store(value_ptr + row * 2 + 1, tl.sum(acc2, 0))
+
+    @triton.jit
+    def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, coef_ptr, mode_ptr, value_ptr, V, stride_s,
+                    stride_t, stride_o, K: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 2 of TAD for one row. value_ptr[row] = Σ_tail p log(p/q), or (mode[0], α^T sub-normal) Σ_tail
+        p̃ log(p̃/q̃). Gradient on 𝒦: c0·q − c1·p; on the tail c2·q − c3·p, or (mode[1]) c2·q + c4·q̃ − c5·p̃,
+        with coef_ptr[row] = (c0..c5) and q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t))."""
+        row = tl.program_id(0).to(tl.int64)
+        st = stats_ptr + row * 8
+        m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
+        m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
+        cf = coef_ptr + row * 6
+        c0, c1, c2, c3, c4, c5 = tl.load(cf), tl.load(cf + 1), tl.load(cf + 2), tl.load(cf + 3), tl.load(
+            cf + 4), tl.load(cf + 5)
+        tiny = tl.load(mode_ptr + row * 2)
+        bad = tl.load(mode_ptr + row * 2 + 1)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            n_top = tl.zeros([], tl.int32)
+            for kk in range(K):
+                i = tl.load(ids_ptr + row * K + kk)
+                n_top += ((i >= start) & (i < start + BLOCK)).to(tl.int32)
+            top = offs < 0
+            if n_top > 0:
+                for kk in range(K):
+                    top = top | (cols == tl.load(ids_ptr + row * K + kk))
+            s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s, m_t,
+                                       ls_t)
+            tail = ok & ~top
+            if (tiny + bad) > 0:
+                lqt = (s - m_st) - ls_st
+                lpt = (t - m_tt) - ls_tt
+                pt = tl.exp(lpt)
+                g_tail = c2 * q + c4 * tl.exp(lqt) - c5 * pt
+                if tiny != 0:
+                    term = tl.where(pt > 0, pt * (lpt - lqt), 0.0)
+                else:
+                    term = tl.where(p > 0, p * (lp - lq), 0.0)
+            else:
+                g_tail = c2 * q - c3 * p
+                term = tl.where(p > 0, p * (lp - lq), 0.0)
+            acc += tl.where(tail, term, 0.0)
+            if WRITE:
+                g = tl.where(top, c0 * q - c1 * p, g_tail)
+                tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(value_ptr + row, tl.sum(acc, 0))
+
+
+# --------------------------------------------------------------------------- torch side
+
+
+def _block(vocab: int, device: torch.device) -> int:
+    """Columns per program step: 1024 on CUDA; 128 under the CPU interpreter (several blocks at test sizes)."""
+    cap = 1024 if device.type == "cuda" else 128
+    return min(cap, max(16, triton.next_power_of_2(vocab)))
+
+
+def _check(s: torch.Tensor, t: torch.Tensor) -> None:
+    if s.dim() != 2 or s.shape != t.shape or s.stride(-1) != 1 or t.stride(-1) != 1:
+        raise ValueError(f"s and t must be [n, V] with unit column stride; got {tuple(s.shape)}, {tuple(t.shape)}")
+
+
+def row_stats(s: torch.Tensor, t: torch.Tensor, k: int = 0, *, block: int | None = None) -> RowStats:
+    """Pass 1 over rows s, t [n, V] (student and teacher logits at the loss's temperature); ``k`` > 0: TAD's
+    teacher top-k and tail statistics."""
+    _check(s, t)
+    if not 0 <= k <= MAX_K or (k and k >= s.shape[1]):
+        raise ValueError(f"k must be in [0, {MAX_K}] and < V={s.shape[1]}; got {k}")
+    n, vocab = s.shape
+    stats = torch.zeros(n, 8, dtype=torch.float32, device=s.device)
+    ids = torch.empty(n, max(k, 1), dtype=torch.int32, device=s.device)
+    t_top = torch.empty(n, max(k, 1), dtype=torch.float32, device=s.device)
+    s_top = torch.empty_like(t_top)
+    if n:
+        kp = max(2, triton.next_power_of_2(max(k, 1)))
+        _stats_kernel[(n,)](s, t, stats, ids, t_top, s_top, vocab, s.stride(0), t.stride(0), K=k, KP=kp,
+                            BLOCK=block or _block(vocab, s.device))
+    if not k:
+        return RowStats(stats)
+    return RowStats(stats, ids.long(), t_top, s_top)
+
+
+def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, out, block):
+    """Value [n] and (``out`` not None) the gradient of KD, RKL or JSD: one pass for KD, value then gradient for RKL
+    and JSD (their gradient holds the row value)."""
+    n, vocab = s.shape
+    bj = float(loss.jsd_beta)
+    mix = (1 - bj) / bj if loss.kind == 2 else 0.0
+    value = torch.zeros(n, 2, dtype=torch.float32, device=s.device)
+    coef = torch.stack([cd + cq, torch.zeros_like(cd), cd], 1) if loss.kind == 0 else torch.zeros(n, 3, device=s.device)
+    o = out if out is not None else s
+    args = dict(BLOCK=block or _block(vocab, s.device), LOSS=loss.kind)
+    if n:
+        _dense_kernel[(n,)](s, t, o, stats.stats, coef, value, vocab, s.stride(0), t.stride(0), o.stride(0), bj, mix,
+                            VALUE=True, WRITE=out is not None and loss.kind == 0, **args)
+    if loss.kind == 0:
+        return value[:, 0]
+    if loss.kind == 1:  # _rkl_backward: cd·q log(q/p) + (cq − cd·KL(q‖p))·q
+        row, c = value[:, 0], cd
+    else:  # _jsd_backward: c·q log(q/m) + (cq − c·KL(q‖m))·q, c = cd(1 − β)
+        row, c = value[:, 1], cd * (1 - bj)
+    if out is not None and n:
+        coef = torch.stack([cq - c * row, c, torch.zeros_like(c)], 1)
+        _dense_kernel[(n,)](s, t, out, stats.stats, coef, value, vocab, s.stride(0), t.stride(0), out.stride(0), bj,
+                            mix, VALUE=False, WRITE=True, **args)
+    return value[:, 0] if loss.kind == 1 else bj * value[:, 0] + (1 - bj) * value[:, 1]
+
+
+def _tad_rows(stats: RowStats, w: torch.Tensor):
+    """The per-row quantities of `divergences._tad_forward` / `_tad_backward`: α^T, log α^T (0 where α^T = 0),
+    log α^S, the sub-normal-α^T rows ("tiny"), the rows on the q̃/p̃ gradient form ("bad"), the weight wd (0 on
+    tiny rows) and W = w·α^T (float64 on tiny rows)."""
+    la, las = stats.log_mass(1), stats.log_mass(0)
+    alpha_t = la.exp()
+    log_at = torch.where(alpha_t > 0, la, 0.0)
+    tiny = (alpha_t < _TINY) & ~stats.poisoned & (w > 0)
+    wd = torch.where(tiny, 0.0, w).to(torch.float32)
+    ratio = torch.where(alpha_t > 0, (log_at - las).exp(), 0.0)
+    bad = ~torch.isfinite(ratio) | (ratio > 1e30) | tiny
+    big_w = torch.where(tiny, (w.double() * la.double().exp()).float(), wd * alpha_t)
+    return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
+
+
+def _tad_value(stats: RowStats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w):
+    """`_tad_forward`'s value from the tail sum: top + bucket + w·(Σ_tail p log(p/q) − bucket), or on tiny rows
+    top + bucket + W·KL(p̃‖q̃); top = Σ_𝒦 p log(p/q) from the [n, K] logits on 𝒦."""
+    st = stats.stats
+    logp_top = (stats.t_top - st[:, 2:3]) - st[:, 3:4]
+    logq_top = (stats.s_top - st[:, 0:1]) - st[:, 1:2]
+    p_top = logp_top.exp()
+    top = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1)
+    bucket = torch.where(alpha_t > 0, alpha_t * (log_at - las), 0.0)
+    tail = torch.where(torch.isfinite(bucket), tail_sum - bucket, 0.0)
+    return torch.where(tiny, top + bucket + big_w * tail_sum, top + bucket + wd * tail)
+
+
+def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, out, block):
+    """TAD's pass 2: per-row coefficients ([n] torch ops), then one kernel pass for the tail sum and the gradient."""
+    n, vocab = s.shape
+    alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_rows(stats, w)
+    normal_q = cd * (1 + (wd - 1) * torch.where(bad, 0.0, ratio)) + cq
+    coef = torch.stack([cd + cq, cd, torch.where(bad, cd + cq, normal_q), cd * wd,
+                        torch.where(bad, cd * (big_w - alpha_t), 0.0), torch.where(bad, cd * big_w, 0.0)], 1)
+    mode = torch.stack([tiny, bad], 1).to(torch.int32)
+    tail_sum = torch.zeros(n, dtype=torch.float32, device=s.device)
+    o = out if out is not None else s
+    if n:
+        _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids.to(torch.int32), coef.float().contiguous(), mode, tail_sum,
+                          vocab, s.stride(0), t.stride(0), o.stride(0), K=loss.k, WRITE=out is not None,
+                          BLOCK=block or _block(vocab, s.device))
+    return _tad_value(stats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
+
+
+def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats: RowStats, w: torch.Tensor | None,
+                         cd: torch.Tensor, cq: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+                         block: int | None = None) -> torch.Tensor:
+    """Per-row value [n] (float32; NaN on rows with a NaN logit) of ``loss`` and, when ``out`` [n, V] is given (it
+    may be ``s``: in place), G = cd·∂D/∂s + cq·q written into it. ``w`` [n]: TAD's row weight β(X) (float64
+    allowed), None otherwise; ``cd``, ``cq`` [n] float32 (cq None = 0)."""
+    _check(s, t)
+    cd = cd.to(torch.float32)
+    cq = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
+    if out is not None and (out.shape != s.shape or out.stride(-1) != 1):
+        raise ValueError(f"out must be [n, V] like s; got {tuple(out.shape)}")
+    if loss.kind == 3:
+        if w is None or stats.ids is None:
+            raise ValueError("TAD needs the row weight w and row_stats(..., k) with its top-k")
+        value = _tad(loss, s, t, stats, w, cd, cq, out, block)
+    else:
+        value = _dense(loss, s, t, stats, cd, cq, out, block)
+    return torch.where(stats.poisoned, math.nan, value)
