@@ -30,7 +30,8 @@ def assets(tmp_path_factory):
         tokenizer.save_pretrained(path)
         return path
 
-    other_tok = make_tokenizer(vocab_size=280)
+    other_tok = make_tokenizer(vocab_size=280)  # the teacher's first 280 tokens: a vocabulary the teacher's extends,
+    other_tok.add_tokens(["<only-in-the-student>"])  # ... until the student has a token the teacher lacks
     no_config = root / "no-config"
     shutil.copytree(teacher, no_config)
     (no_config / "config.json").unlink()

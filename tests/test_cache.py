@@ -395,14 +395,14 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_cache_teacher_on_builtin_math_caches_the_rows_distill_trains_on(tmp_path, monkeypatch):
     """`--data builtin:math` is the built-in math corpus for cache-teacher as for distill (one resolution rule,
-    `tailkd.train.setup_data`): the cache's corpus fingerprint is the one a distill run with that data checks."""
+    `tailkd.prepare.setup_data`): the cache's corpus fingerprint is the one a distill run with that data checks."""
     pytest.importorskip("reasoning_gym", reason="builtin:math needs reasoning-gym")
     from tiny import make_teacher_dir
 
     from tailkd.cli import main
     from tailkd.config import DistillConfig
     from tailkd.models import load_teacher
-    from tailkd.train import setup_data
+    from tailkd.prepare import setup_data
 
     teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
     cache_dir, out = tmp_path / "tk", tmp_path / "out"

@@ -1,5 +1,7 @@
 """End to end through the real CLI on tiny random models: learning, exact resume, saved student, bad input."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -137,3 +139,104 @@ def test_version_and_help():
     assert proc.returncode == 0 and "tailkd" in proc.stdout
     proc = _cli("distill", "--help")
     assert proc.returncode == 0 and "--loss.k" in proc.stdout and "--resume" in proc.stdout
+
+
+# --------------------------------------------------------------------------- data and schedule options (issue 14)
+
+
+def _setup_data(assets, **data):
+    from transformers import AutoTokenizer
+
+    from tailkd.config import DataConfig, DistillConfig
+    from tailkd.prepare import setup_data
+
+    tok = AutoTokenizer.from_pretrained(assets["teacher"])
+    cfg = DistillConfig(data=DataConfig(paths=[str(assets["corpus"])], cache_dir=str(assets["cache"]), seq_len=32,
+                                        **data))
+    return tok, setup_data(cfg, tok, 128)
+
+
+def test_heldout_data_for_pretraining_replaces_the_heldout_split_only(assets, tmp_path):
+    """--heldout-data in a pretraining run: held-out KL on a corpus of its own (every document of it), while the
+    training rows, and so every training step, stay those of a run without it."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Document {i} of another source: the river rose and the bridge closed."
+                                 for i in range(12)) + "\n")
+    tok, (_, train_a, held_a) = _setup_data(assets)
+    _, (_, train_b, held_b) = _setup_data(assets, heldout_paths=[str(other)])
+    assert len(train_a) == len(train_b) and all(torch.equal(train_a[i]["input_ids"], train_b[i]["input_ids"])
+                                                for i in range(len(train_a)))
+    want = torch.tensor([t for doc in other.read_text().split("\n\n") if doc.strip()
+                         for t in [*tok(doc.strip(), add_special_tokens=False)["input_ids"], tok.eos_token_id]])
+    assert len(held_b) == (len(want) - 1) // 32 and torch.equal(held_b[0]["input_ids"], want[:32])
+
+    plain, with_other = tmp_path / "plain", tmp_path / "other"
+    assert main(base_args(assets, plain, "--steps", "3")) == 0
+    assert main(base_args(assets, with_other, "--steps", "3", "--heldout-data", str(other))) == 0
+    a, b = read_metrics(plain), read_metrics(with_other)
+    def losses(rows):
+        return [(r["step"], r["loss"], r["clm"], r["div"]) for r in rows if r["split"] == "train"]
+
+    assert losses(a) == losses(b) and len(losses(a)) == 3  # same rows, same steps (the run is deterministic)
+    held_other = [r for r in b if r["split"] == "heldout"]
+    assert held_other[0]["eval_tokens"] == min(8, len(held_b)) * 32
+    assert held_other[-1]["kl"] != [r for r in a if r["split"] == "heldout"][-1]["kl"]
+    # tailkd eval of the run reads the same held-out corpus (the run's data settings): the same rows and model,
+    # only the batching may differ (float32 sums of <= 8 x 32 token values: ~1e-6 relative apart at most)
+    proc = _cli("eval", "--student", str(with_other / "final"), "--max-rows", "8", "--out",
+                str(tmp_path / "eval.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["kl"] == pytest.approx(held_other[-1]["kl"], rel=1e-5)
+
+
+def test_doc_eos_false_reads_one_continuous_stream(assets):
+    tok, (info, train, held) = _setup_data(assets, doc_eos=False)
+    assert info.eos_id is None
+    ids = torch.cat([train[i]["input_ids"] for i in range(len(train))])
+    assert not (ids == tok.eos_token_id).any()
+    assert all(not train[i]["segment_ids"].any() for i in range(len(train)))
+    _, (info_eos, train_eos, _) = _setup_data(assets)
+    assert info_eos.fingerprint != info.fingerprint and len(train_eos) > len(train)  # the EOS tokens are gone
+
+
+def test_epochs_set_the_schedule_length(assets, tmp_path):
+    _, (_, train, _) = _setup_data(assets)
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--train.epochs", "0.25", "--train.eval_every", "0")) == 0
+    steps = math.ceil(0.25 * len(train) / 4)  # 4 rows per step
+    assert steps > 1
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == list(range(1, steps + 1))
+    assert f"max_steps: {steps}" in (run / "config.yaml").read_text()
+
+
+def test_per_document_needs_document_boundaries(assets, tmp_path):
+    _one_line_error(_cli(*base_args(assets, tmp_path / "run", "--steps", "2"), "--loss.per_document", "true",
+                         "--data.doc_eos", "false"), "doc_eos")
+    _one_line_error(_cli(*base_args(assets, tmp_path / "run", "--steps", "2"), "--train.epochs", "-1"),
+                    "train.epochs")
+
+
+def test_compile_gives_the_eager_run_and_logs_attention(assets, tmp_path, capsys):
+    """--train.compile (torch.compile of the decoder stacks, in place): the first step's loss is the eager one's up
+    to float32 reassociation by the compiler (2-layer model, 4 x 32 tokens: ~1e-6 relative at most; later steps
+    may differ by Adam's sign-like first updates, so only step 1 is compared); the saved student is a plain one."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ("--steps", "2", "--train.precision", "fp32", "--train.eval_every", "0")
+    assert main(base_args(assets, eager, *common)) == 0
+    capsys.readouterr()
+    assert main(base_args(assets, compiled, *common, "--train.compile", "true")) == 0
+    log = capsys.readouterr().out
+    assert "attention: student sdpa, teacher sdpa; compiled (torch.compile)" in log
+    a, b = (next(r for r in read_metrics(run) if r["split"] == "train") for run in (eager, compiled))
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert set(final_weights(compiled)) == set(final_weights(eager))  # no _orig_mod. prefixes
+
+
+def test_adamw_is_fused_on_cuda_only():
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import make_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    assert not make_optimizer(model, DistillConfig()).defaults["fused"]
+    if torch.cuda.is_available():
+        assert make_optimizer(model.cuda(), DistillConfig()).defaults["fused"]

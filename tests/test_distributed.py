@@ -3,10 +3,6 @@ weights and held-out metrics as one process (DDP and FSDP2), and checkpoints mov
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 
 import bounds as B
 import loss_bounds as LB
@@ -14,24 +10,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import TINY_VOCAB, make_tiny_lm
+from launch import free_port, run_cli
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
 from tailkd import distributed as dist
-from tailkd import train
+from tailkd import prepare, train
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.objective import count_valid_tokens, objective
 from tailkd.teacher import OnlineTeacher
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # --------------------------------------------------------------------------- gradients of one step
 
@@ -84,7 +72,7 @@ def _grad_worker(rank, world, port, out_path):
             key = parallel + ("+fused" if fused_path else "")
             results[key] = {"grads": grads, "loss": loss, "norm": train.clip_and_norm(model, 0.0)}
         with pytest.raises(TailkdError, match="split evenly"):
-            train.check_batch_split(3)
+            prepare.check_batch_split(3)
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -175,20 +163,6 @@ def args(assets, out, *extra):
             "--data.eval_rows", "5", "--steps", "6", "--train.eval_every", "3", "--train.save_every", "3",
             "--device", "cpu", "--train.precision", "fp32", "--out", str(out), *extra]  # fp32: compared to 1e-4
 
-
-def run_cli(argv, nproc=1):
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                      "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    # A session of its own, so that a hang ends with the whole group (torchrun AND its workers) killed.
-    proc = subprocess.Popen([sys.executable, *launcher, "-m", "tailkd.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        raise AssertionError(f"timed out: {err[-3000:]}") from None
-    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")

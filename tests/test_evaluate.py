@@ -471,11 +471,12 @@ def test_real_smollm2_teacher_and_six_layer_student():
     from tailkd.config import DataConfig
     from tailkd.evaluate import batched
     from tailkd.student import build_student
+    from tailkd.vocab import check_vocab
 
     teacher, tok = models.load_teacher("smollm2", device="cpu", dtype="fp32")
     student, _ = build_student(teacher, num_layers=6)
     student.eval()
-    vocab = models.check_vocab(tok, tok, teacher, student)
+    vocab = check_vocab(tok, tok, teacher, student)
     rows = eval_rows(tok, DataConfig(seq_len=64), split="heldout", max_rows=8)
     assert len(rows) == 8
     m = heldout_metrics(student, teacher, batched(rows, 4), vocab, bins=10)

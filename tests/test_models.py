@@ -1,4 +1,4 @@
-"""tailkd.models: spec resolution, HF/GGUF loading, the GGUF cache, vocabulary checks."""
+"""tailkd.models: spec resolution, HF/GGUF loading, the GGUF cache."""
 
 import os
 import sys
@@ -7,20 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MERGES, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+from conftest import TINY_MERGES, TINY_VOCAB, make_tiny_lm
 
 from tailkd import models
 from tailkd.errors import TailkdError
 from tailkd.models import (
     builtin_teacher_gguf,
-    check_vocab,
     gguf_cache_path,
     load_causal_lm,
     load_teacher,
     model_max_length,
     resolve_dtype,
-    tokenizer_fingerprint,
 )
+from tailkd.vocab import check_vocab, tokenizer_fingerprint
 
 
 def _permute_for_ggml(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -273,58 +272,6 @@ def test_gguf_matches_transformers_from_pretrained(tmp_path, tiny_tokenizer):
     ours, _ = load_causal_lm(gguf_file, cache_dir=tmp_path / "cache")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
     _assert_same_weights(ours, theirs)
-
-
-# --------------------------------------------------------------------------- vocabulary
-
-
-def test_check_vocab_same_tokenizer(tiny_tokenizer):
-    teacher, student = make_tiny_lm("llama"), make_tiny_lm("gpt2", seed=1)
-    assert check_vocab(tiny_tokenizer, build_tiny_tokenizer(), teacher, student) == TINY_VOCAB == len(tiny_tokenizer)
-
-
-def test_check_vocab_padded_head_and_slicing(tiny_tokenizer):
-    teacher = make_tiny_lm("qwen2", vocab_size=TINY_VOCAB + 10)  # head padded past the real vocabulary
-    student = make_tiny_lm("llama")
-    vocab = check_vocab(tiny_tokenizer, tiny_tokenizer, teacher, student)
-    assert vocab == TINY_VOCAB
-    ids = torch.tensor([tiny_tokenizer("in the thin").input_ids])
-    with torch.no_grad():
-        teacher_logits, student_logits = teacher(ids).logits, student(ids).logits
-    assert teacher_logits.shape[-1] == TINY_VOCAB + 10
-    assert teacher_logits[..., :vocab].shape == student_logits[..., :vocab].shape == (*ids.shape, TINY_VOCAB)
-
-
-def test_check_vocab_head_too_small(tiny_tokenizer):
-    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 6)
-    with pytest.raises(TailkdError, match=rf"student's LM head has {TINY_VOCAB - 6} rows .* {TINY_VOCAB} tokens"):
-        check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
-
-
-def test_check_vocab_different_tokenizers(tiny_tokenizer):
-    other = build_tiny_tokenizer(merges=[*TINY_MERGES[:-1], ("o", "n")])  # 'in' (259) became 'on'
-    model = make_tiny_lm("llama")
-    with pytest.raises(TailkdError, match=r"tokenizers differ \(token 'in' has id 259 vs None\)"):
-        check_vocab(tiny_tokenizer, other, model, model)
-
-
-def test_check_vocab_different_special_tokens(tmp_path, tiny_tokenizer):
-    other = build_tiny_tokenizer()
-    other.pad_token = other.eos_token  # same token -> id map, different pad token
-    model = make_tiny_lm("llama")
-    with pytest.raises(TailkdError, match=r"tokenizers differ \(special tokens"):
-        check_vocab(tiny_tokenizer, other, model, model)
-
-
-def test_tokenizer_fingerprint(tmp_path, tiny_tokenizer):
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    from transformers import AutoTokenizer
-
-    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    fp = tokenizer_fingerprint(tiny_tokenizer)
-    assert len(fp) == 64 and fp == tokenizer_fingerprint(reloaded)
-    reloaded.add_tokens(["<extra>"])
-    assert tokenizer_fingerprint(reloaded) != fp
 
 
 def test_model_max_length():

@@ -49,7 +49,7 @@ def test_fused_loss_layer_trains_like_full_logits(assets, tmp_path, capsys, loss
     assert main(distill_args(assets, dense, *extra, "--fused-loss", "off")) == 0
     assert "loss layer: full logits" in capsys.readouterr().out
     assert main(distill_args(assets, chunked, *extra, "--fused-loss", "on", "--train.loss_chunk_size", "24")) == 0
-    assert "loss layer: fused (LM heads + loss in chunks, 24 tokens per chunk)" in capsys.readouterr().out
+    assert "loss layer: fused (LM heads + loss in chunks of 24 tokens, torch row maths)" in capsys.readouterr().out
     a, b = train_losses(dense), train_losses(chunked)
     assert len(a) == len(b) == 4
     # Whole runs (no tight a-priori bound). Step 1: the same weights and batch, the same network forward; only the

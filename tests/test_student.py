@@ -342,7 +342,7 @@ def test_unsupported_architecture():
 
 @pytest.mark.slow
 def test_six_layer_student_from_smollm2(smollm2):
-    from tailkd.models import check_vocab
+    from tailkd.vocab import check_vocab
 
     teacher, tok = smollm2
     student, table = build_student(teacher, num_layers=6, freeze_embeddings=True)

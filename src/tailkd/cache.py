@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -71,9 +72,13 @@ def _sha256_tensor(x: torch.Tensor, h=None):
 
 
 def weights_hash(model) -> str:
-    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, in state-dict order."""
+    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, in state-dict order.
+
+    A teacher sharded with FSDP2 (`tailkd.sharded_teacher`) hashes the same as the same weights loaded whole: each
+    sharded tensor is gathered in turn (``full_tensor``; a collective, so every rank calls this), one at a time."""
     h = hashlib.sha256()
     for name, x in model.state_dict().items():
+        x = x.full_tensor() if hasattr(x, "full_tensor") else x
         h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
         _sha256_tensor(x, h)
     return h.hexdigest()
@@ -212,7 +217,14 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     ``corpus``: the identity of the rows (``fingerprint``, ``split``, ``seq_len``, ``eos_id``, tokenisation
     settings), compared on resume and at read time. Resumable: complete shards are verified and skipped; a folder
     written with other settings is refused. Returns the meta dict (also ``cache.json``).
+
+    Several processes (`tailkd.distributed`; every rank calls this): rank r writes shards r, r + W, r + 2W, ...;
+    rank 0 alone claims the folder and writes ``cache.json`` (and the head), first. A shard's contents do not depend
+    on who writes it (its rows, batches and tail-sample seed are the shard's), so W ranks write the files one
+    process writes. A sharded teacher (`tailkd.sharded_teacher`: each forward is a collective) runs in lockstep:
+    a rank with fewer forwards left pads with forwards of row 0 whose results are dropped.
     """
+    from tailkd import distributed as dist
     from tailkd.data import collate
 
     if hidden_dtype not in HIDDEN_DTYPES:
@@ -224,41 +236,49 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     if tail_samples < 0:
         raise TailkdError(f"--tail-samples {tail_samples} must be >= 0")
     n_rows = len(rows) if not max_rows else min(max_rows, len(rows))
-    probe = collate([rows[0]])["input_ids"][:, : min(rows.seq_len, 16)].to(head.weight.device)
+    dev = head.weight.device
+    probe = collate([rows[0]])["input_ids"][:, : min(rows.seq_len, 16)].to(dev)
     verify_head(model, probe, head)  # the cache applies the head itself: it must match the model's logits
     meta = cache_meta(model, tokenizer, head, k=k, corpus=corpus, seq_len=rows.seq_len, n_rows=n_rows,
                       teacher_name=teacher_name, hidden_states=hidden_states, hidden_dtype=hidden_dtype,
                       tail_samples=tail_samples, seed=seed, rows_per_shard=rows_per_shard)
-    claim_cache_dir(out, meta, head if hidden_states else None)
+    dist.on_main_then_all(lambda: claim_cache_dir(out, meta, head if hidden_states else None), main_only=True)
     chunk = chunk_size or default_chunk_size(head.spec.vocab_size)
-    written = skipped = 0
-    with tqdm(total=n_rows * rows.seq_len, unit="tok", unit_scale=True, desc="cache-teacher",  # tokens/s, ETA
-              dynamic_ncols=True) as bar:  # closed (its line ended) before an error is printed
-        for i in range(meta["num_shards"]):
-            path = out / _shard_name(i)
-            a, b = i * meta["rows_per_shard"], min((i + 1) * meta["rows_per_shard"], n_rows)
-            if _shard_complete(path, log):
-                skipped += 1
-                bar.total -= (b - a) * rows.seq_len  # kept: not part of this invocation's work
-                bar.refresh()
-                continue
+    r, w = dist.rank(), dist.world()
+    todo = []  # (shard, first row, end row) of this rank's shards not complete yet
+    for i in range(r, meta["num_shards"], w):
+        a, b = i * meta["rows_per_shard"], min((i + 1) * meta["rows_per_shard"], n_rows)
+        if not _shard_complete(out / _shard_name(i), log):
+            todo.append((i, a, b))
+    forwards = sum(math.ceil((b - a) / batch_size) for _, a, b in todo)
+    lockstep = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 shards: forwards are collective
+    most = int(dist.max_over_ranks(forwards, dev)) if lockstep else forwards
+    with tqdm(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s, ETA
+              desc="cache-teacher", dynamic_ncols=True, disable=not dist.is_main()) as bar:
+        for i, a, b in todo:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
             parts = []
             for start in range(a, b, batch_size):
                 ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
-                part = _teacher_rows(model, head, ids.to(head.weight.device), k=k, tail_samples=tail_samples,
-                                     generator=gen, chunk=chunk, want_hidden=hidden_states,
-                                     autocast_dtype=autocast_dtype)
+                part = _teacher_rows(model, head, ids.to(dev), k=k, tail_samples=tail_samples, generator=gen,
+                                     chunk=chunk, want_hidden=hidden_states, autocast_dtype=autocast_dtype)
                 if hidden_states:
                     part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
                 part["row_hash"] = row_hash(ids)
                 parts.append(part)
                 bar.update(ids.numel())
             tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
-            _save_shard(path, tensors, {"shard": i, "row_start": a, "row_end": b})
-            written += 1
+            _save_shard(out / _shard_name(i), tensors, {"shard": i, "row_start": a, "row_end": b})
             bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
-    log(f"teacher cache {out}: {written} shard(s) written, {skipped} complete shard(s) kept")
+        for _ in range(most - forwards):  # lockstep with the ranks that have more forwards left
+            with torch.no_grad(), torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                final_hidden(model, probe)
+    mine = len(range(r, meta["num_shards"], w))
+    written, skipped = dist.sum_over_ranks([len(todo), mine - len(todo)], dev)
+    dist.barrier()
+    if dist.is_main():
+        log(f"teacher cache {out}: {int(written)} shard(s) written, {int(skipped)} complete shard(s) kept"
+            + (f" ({w} processes)" if w > 1 else ""))
     return json.loads((out / META_FILE).read_text())
 
 
@@ -267,7 +287,7 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
                rows_per_shard: int | None) -> dict:
     """The ``cache.json`` of a cache of ``model`` (its LM head ``head``) over ``n_rows`` rows: what it was written
     with (compared on resume and at read time), its shard layout and dtypes."""
-    from tailkd.models import tokenizer_fingerprint
+    from tailkd.vocab import tokenizer_fingerprint
 
     vocab, d = head.spec.vocab_size, head.weight.shape[1]
     per_token = bytes_per_token(k, hidden_size=d if hidden_states else 0, hidden_dtype=hidden_dtype,
@@ -275,7 +295,7 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
     rows_per_shard = int(rows_per_shard or max(1, SHARD_BYTES // (per_token * seq_len)))
     return {
         "format": FORMAT,
-        "teacher": {"name": teacher_name, "class": type(model).__name__, "weights_sha256": weights_hash(model),
+        "teacher": {"name": teacher_name, "class": _model_class(model), "weights_sha256": weights_hash(model),
                     "hidden_size": d,
                     "head": {"vocab_size": vocab, "scale": head.spec.scale, "softcap": head.spec.softcap},
                     "dtype": str(head.weight.dtype).removeprefix("torch.")},
@@ -291,6 +311,14 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
                    **({"tail_ids": "int32", "tail_logprobs": "float32"} if tail_samples else {})},
         "bytes_per_token": per_token,
     }
+
+
+def _model_class(model) -> str:
+    """The model's class name; FSDP2 (a sharded teacher) puts ``FSDP<class>`` in front of it: the class it wraps."""
+    cls = type(model)
+    if cls.__name__.startswith("FSDP"):
+        cls = next((base for base in cls.__mro__[1:] if not base.__name__.startswith("FSDP")), cls)
+    return cls.__name__
 
 
 def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
@@ -482,7 +510,7 @@ def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, s
 
     The weights hash is compared only when ``teacher_model`` is loaded in the dtype the cache was written with
     (a bf16 cache from a GPU and an fp32 teacher on a CPU hash differently with the same weights)."""
-    from tailkd.models import tokenizer_fingerprint
+    from tailkd.vocab import tokenizer_fingerprint
 
     sha = None
     if teacher_model is not None:

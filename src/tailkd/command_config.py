@@ -24,7 +24,18 @@ from typing import ClassVar, Optional
 
 import yaml
 
-from tailkd.config import DataConfig, TeacherConfig, _f, _leaves, check_at_least, check_leaves, from_dict, leaf_value
+from tailkd.config import (
+    DataConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    _f,
+    _leaves,
+    check_at_least,
+    check_leaves,
+    from_dict,
+    leaf_value,
+)
 from tailkd.errors import TailkdError
 
 EVAL_SPLITS = ("heldout", "train", "all")
@@ -144,7 +155,7 @@ class EvalConfig:
     eval: EvalOptions = field(default_factory=EvalOptions)
     generate: GenerateOptions = field(default_factory=GenerateOptions)
 
-    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows")
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "teacher.parallel", "data.eval_rows")
     ALIASES: ClassVar[dict[str, str]] = {
         "student": "eval.student", "teacher": "teacher.path", "teacher-dtype": "teacher.dtype", **DATA_ALIASES,
         **_aliases("eval", EvalOptions, "split", "batch_size", "max_rows", "bins", "device", "out"),
@@ -212,7 +223,7 @@ class AnalyzeTeacherConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=256))
     analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
 
-    OMIT: ClassVar[tuple[str, ...]] = ("teacher.path", "teacher.cache", "data.eval_rows")
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.path", "teacher.cache", "teacher.parallel", "data.eval_rows")
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "analyze.teachers", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("analyze", AnalyzeOptions, "split", "batch_size", "max_rows",
                                                     "kmax", "device", "out")}
@@ -400,7 +411,96 @@ class FlopsConfig:
 
 
 # The dataclasses of `tailkd distill` and of these commands, for tests and tools that walk every config.
+# --------------------------------------------------------------------------- tailkd select-data
+
+
+@dataclass
+class SelectOptions:
+    reference: Optional[str] = _f(None, "reference model (required): smaller than the teacher, with its tokenizer: "
+                                        "an HF folder, a .gguf file, or a student tailkd saved (e.g. a CLM run's "
+                                        "final)")
+    keep: float = _f(0.5, "fraction of the documents kept, those with the highest scores (MiniPLM: 0.5)")
+    out: str = _f("selected", "output folder (replaced): selected.jsonl (the kept documents, field text, in corpus "
+                              "order), scores.jsonl, selection.json")
+    batch_size: int = _f(8, "windows of data.seq_len tokens per forward")
+    max_docs: int = _f(0, "score only the first N documents (0: all)")
+    device: str = _f("auto", DEVICE_HELP)
+
+
+@dataclass
+class SelectDataConfig:
+    """``tailkd select-data``: MiniPLM's difference sampling of a pretraining corpus (`tailkd.selection`)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=256))
+    select: SelectOptions = field(default_factory=SelectOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "teacher.parallel", "data.eval_rows", "data.heldout_fraction",
+                                       *SFT_ONLY)
+    ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
+                                         **_aliases("select", SelectOptions)}
+
+    def validate(self) -> SelectDataConfig:
+        check_leaves(self)
+        if not self.select.reference:
+            raise TailkdError("select.reference is not set; pass --reference MODEL (a model smaller than the "
+                              "teacher with its tokenizer, e.g. a CLM run's RUN/final)")
+        check_at_least(self, "data.seq_len", 1)
+        check_at_least(self, "select.batch_size", 1)
+        check_at_least(self, "select.max_docs", 0, " (0: all)")
+        _check_device(self, "select.device")
+        return self
+
+
+# --------------------------------------------------------------------------- tailkd reproduce
+
+
+@dataclass
+class ReproduceOptions:
+    out: str = _f("report", "output folder: runs/ (one run folder per experiment), report.md and its figures")
+    seeds: list[int] = _f([0, 1, 2], "seeds of the CLM, KD and TAD runs (the paper's Fig. 1 with seed bands)")
+    betas: list[float] = _f([0.5, 1.0, 2.0, 4.0], "TAD β sweep (paper Table 2; K = 10)")
+    ks: list[int] = _f([5, 10, 20], "TAD K sweep (paper Tables 1 and 4; β = 2)")
+    sweep_seeds: list[int] = _f([0], "seeds of the β and K sweeps (β = 2, K = 10 is the main TAD run)")
+    scale: float = _f(1.0, "multiplies train.max_steps and train.eval_every (e.g. 4: four times longer runs)")
+    eval_rows: int = _f(64, "held-out rows of the final evaluation of each student (0: all)")
+    device: str = _f("auto", DEVICE_HELP)
+
+
+@dataclass
+class ReproduceConfig:
+    """``tailkd reproduce``: the TAD paper's experiments at a chosen size, resumable, and their report
+    (`tailkd.reproduce`). The teacher, student, data and train sections are distill's, for every run."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(heldout_paths=["builtin:pydoc"], eval_rows=32))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(eval_every=10, keep_last=1))
+    reproduce: ReproduceOptions = field(default_factory=ReproduceOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = (
+        "teacher.cache", "data.task", "data.sft_mode", "data.chat_template", "data.overlong", "data.split_seed",
+        "data.instruct_heldout", "data.instruct_max_words", "train.out_dir", "train.seed", "train.resume",
+        "train.overwrite", "train.force_resume", "train.stop_after", "train.device", "train.on_policy",
+        "train.on_policy_temperature", "train.on_policy_top_p", "train.on_policy_max_new_tokens")
+    ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", **DATA_ALIASES, "steps": "train.max_steps",
+                                         **_aliases("reproduce", ReproduceOptions)}
+
+    def validate(self) -> ReproduceConfig:
+        check_leaves(self)
+        r = self.reproduce
+        for key in ("seeds", "betas", "ks", "sweep_seeds"):
+            if not getattr(r, key):
+                raise TailkdError(f"reproduce.{key} is empty; give at least one value")
+        if min(r.ks) < 1:
+            raise TailkdError(f"reproduce.ks holds {min(r.ks)}; every K must be >= 1 (the paper sweeps 1, 5, 10, 20)")
+        check_at_least(self, "reproduce.eval_rows", 0, " (0: all)")
+        _check_device(self, "reproduce.device")
+        return self
+
+
 COMMAND_CONFIGS = {"eval": EvalConfig, "analyze-teacher": AnalyzeTeacherConfig, "cache-teacher": CacheTeacherConfig,
-                   "lm-eval": LmEvalConfig, "compare": CompareConfig, "flops": FlopsConfig}
-__all__ = ["COMMAND_CONFIGS", "AnalyzeTeacherConfig", "CacheTeacherConfig", "CompareConfig",
-           "EvalConfig", "FlopsConfig", "LmEvalConfig", "read_run_config", "run_sections"]
+                   "lm-eval": LmEvalConfig, "compare": CompareConfig, "flops": FlopsConfig,
+                   "select-data": SelectDataConfig, "reproduce": ReproduceConfig}
+__all__ = ["COMMAND_CONFIGS", "AnalyzeTeacherConfig", "CacheTeacherConfig", "CompareConfig", "EvalConfig",
+           "FlopsConfig", "LmEvalConfig", "ReproduceConfig", "SelectDataConfig", "read_run_config", "run_sections"]

@@ -1,4 +1,5 @@
-"""The entry points of ``tailkd eval``, ``analyze-teacher``, ``cache-teacher``, ``lm-eval``, ``compare`` and ``flops``.
+"""The entry points of ``tailkd eval``, ``analyze-teacher``, ``cache-teacher``, ``lm-eval``, ``compare``, ``flops``
+and ``select-data``.
 
 One plain function per subcommand, each taking one typed config (`tailkd.command_config`), printing what the
 command prints and returning its result; `tailkd.cli` parses the flags into that config (`config_from_args`, which
@@ -7,9 +8,10 @@ config it builds (``commands.evaluate(EvalConfig(eval=EvalOptions(student="runs/
 setting as written, none taken from the run).
 This is glue: load models, build the rows, call the components' library functions
 (`tailkd.evaluate.heldout_metrics`, `tailkd.analysis.teacher_statistics`, `tailkd.cache.write_cache`,
-`tailkd.lmeval_tasks.run_lm_eval`, `tailkd.compare.compare_runs`, `tailkd.flops.method_table`), write the outputs.
+`tailkd.lmeval_tasks.run_lm_eval`, `tailkd.compare.compare_runs`, `tailkd.flops.method_table`,
+`tailkd.selection.document_scores`), write the outputs.
 
-Rows come from `tailkd.train.setup_data`, the function that builds ``tailkd distill``'s rows, so that a data
+Rows come from `tailkd.prepare.setup_data`, the function that builds ``tailkd distill``'s rows, so that a data
 section means the same for every command: the same packed rows and held-out split for the same settings,
 ``builtin:math`` resolved to the built-in math corpus, the built-in news corpus when no path is given, SFT rows
 for ``data.task sft``.
@@ -31,6 +33,7 @@ from tailkd.command_config import (
     EvalConfig,
     FlopsConfig,
     LmEvalConfig,
+    SelectDataConfig,
 )
 from tailkd.config import DataConfig, DistillConfig
 from tailkd.errors import TailkdError
@@ -43,7 +46,7 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
     """The first ``max_rows`` rows (None: all) of ``split`` of ``data``, tokenised with ``tokenizer``: exactly the
     rows ``tailkd distill`` trains (``train``) and evaluates (``heldout``) on for the same data settings;
     ``all``: held-out rows, then training rows. ``model_max``: the longest sequence the models take."""
-    from tailkd.train import setup_data
+    from tailkd.prepare import setup_data
 
     _, train_rows, held_rows = setup_data(DistillConfig(data=data), tokenizer, model_max)
     parts = {"heldout": [held_rows], "train": [train_rows], "all": [held_rows, train_rows]}[split]
@@ -73,6 +76,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from tailkd.checkpoint import atomic_write_text
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched, format_table, heldout_metrics
+    from tailkd.vocab import check_vocab
 
     student = Path(cfg.eval.student)
     if not student.is_dir():
@@ -81,7 +85,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     s_model, s_tok = models.load_causal_lm(str(student))
     s_model.to(device=dev, dtype=torch.float32).eval()
     t_model, t_tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
-    vocab = models.check_vocab(t_tok, s_tok, t_model, s_model)
+    vocab = check_vocab(t_tok, s_tok, t_model, s_model)
     result: dict = {"student": str(student), "teacher": cfg.teacher.path}
     if cfg.generate.enabled:
         from tailkd.generation import generation_eval
@@ -142,13 +146,14 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched
     from tailkd.plots import plot_tail_mass
+    from tailkd.vocab import check_vocab
 
     a = cfg.analyze
     dev = resolve_device(a.device)
     results = {}
     for spec in a.teachers:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
-        vocab = models.check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
+        vocab = check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
         stats = teacher_statistics(model, batched(rows, a.batch_size), vocab, kmax=a.kmax, device=dev)
@@ -169,28 +174,51 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
 
 def cache_teacher(cfg: CacheTeacherConfig, *, log=print) -> dict:
     """``tailkd cache-teacher``: the teacher run once over the packed rows ``tailkd distill`` trains on for the same
-    data settings (`tailkd.train.setup_data`), its top-K (+ hidden states, tail samples) written into ``cfg.cache.out``
-    by `tailkd.cache.write_cache` (resumable). Prints the sizes; returns the cache meta."""
+    data settings (`tailkd.prepare.setup_data`), its top-K (+ hidden states, tail samples) written into
+    ``cfg.cache.out`` by `tailkd.cache.write_cache` (resumable; under torchrun each rank writes the shards of its rows,
+    with ``teacher.parallel fsdp`` a sharded teacher). Prints the sizes; returns the cache meta."""
+    from tailkd import distributed as dist
+
+    sharded = cfg.teacher.parallel == "fsdp"
+    dev = dist.setup(cfg.cache.device, process_group=sharded)  # torchrun: each rank writes the shards of its rows
+    try:
+        return _cache_teacher(cfg, dev, sharded, log)
+    finally:
+        dist.shutdown()
+
+
+def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     import torch
 
+    from tailkd import distributed as dist
     from tailkd import models
     from tailkd.cache import format_size_table, write_cache
-    from tailkd.distributed import resolve_device
-    from tailkd.train import setup_data
+    from tailkd.prepare import setup_data
+    from tailkd.vocab import check_vocab
 
     c = cfg.cache
-    dev = resolve_device(c.device)
-    model, tokenizer = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
-    info, train_rows, held_rows = setup_data(DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer,
-                                             models.model_max_length(model))
+    if sharded:
+        from tailkd.sharded_teacher import load_sharded_teacher, teacher_folder
+
+        folder = dist.on_main_then_all(lambda: teacher_folder(cfg.teacher.path))  # a GGUF converted once
+        model = load_sharded_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype, log=dist.say)
+        tokenizer = models.load_tokenizer(folder)
+    else:
+        model, tokenizer = dist.on_main_then_all(
+            lambda: models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype))
+    info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(
+        DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer, models.model_max_length(model)))
     corpus = {"fingerprint": info.fingerprint, "split": c.split, "eos_id": info.eos_id,
-              "settings": {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction}}
+              "settings": {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction,
+                           "doc_eos": cfg.data.doc_eos}}
     ac = torch.bfloat16 if dev.type == "cuda" and cfg.teacher.dtype in ("auto", "bf16") else None
     meta = write_cache(model, tokenizer, train_rows if c.split == "train" else held_rows, c.out, k=c.k,
                        corpus=corpus, teacher_name=cfg.teacher.path, hidden_states=c.hidden_states,
                        hidden_dtype=c.hidden_dtype, tail_samples=c.tail_samples, seed=c.seed,
                        batch_size=c.batch_size, rows_per_shard=c.rows_per_shard, max_rows=c.max_rows,
-                       vocab_size=models.check_vocab(tokenizer, tokenizer, model, model), autocast_dtype=ac, log=log)
+                       vocab_size=check_vocab(tokenizer, tokenizer, model, model), autocast_dtype=ac, log=log)
+    if not dist.is_main():
+        return meta
     tokens = meta["num_rows"] * meta["corpus"]["seq_len"]
     per_token = meta["bytes_per_token"]
     print(f"cached {meta['num_rows']} rows x {meta['corpus']['seq_len']} tokens = {tokens:,} tokens in "
@@ -265,7 +293,7 @@ def ppl_documents(cfg: LmEvalConfig) -> list[str]:
     from transformers import AutoTokenizer
 
     from tailkd.lmeval_tasks import corpus_documents
-    from tailkd.train import setup_data
+    from tailkd.prepare import setup_data
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm_eval.model, local_files_only=True)
     # setup_data resolves data.paths and tokenises the corpus as distill does; only its corpus info is used here,
@@ -324,3 +352,70 @@ def _model_size(spec, params, *, vocab, hidden, layers, tied, role):
     if spec is not None:
         return size_from_spec(spec)
     return ModelSize.from_total(role, params, vocab=vocab, hidden=hidden, layers=layers or 0, tied=tied)
+
+
+# --------------------------------------------------------------------------- tailkd select-data
+
+
+def select_data(cfg: SelectDataConfig) -> dict:
+    """``tailkd select-data``: MiniPLM's difference sampling (`tailkd.selection`) of the documents of
+    ``cfg.data`` (the built-in news corpus if none), scored by ``cfg.teacher`` against ``select.reference``.
+    Writes ``selected.jsonl`` (the kept documents, in corpus order), ``scores.jsonl`` (every document's score and
+    whether it was kept) and ``selection.json`` (settings, counts, FLOPs) into ``select.out``, atomically."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tailkd import corpus, models, selection
+    from tailkd.checkpoint import atomic_write_dir
+    from tailkd.distributed import resolve_device
+    from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
+    from tailkd.prepare import pretrain_paths
+    from tailkd.vocab import check_vocab, tokenizer_fingerprint
+
+    s = cfg.select
+    dev = resolve_device(s.device)
+    teacher, tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
+    reference, ref_tok = models.load_teacher(s.reference, device=dev, dtype=cfg.teacher.dtype)
+    if tokenizer_fingerprint(tok) != tokenizer_fingerprint(ref_tok):
+        raise TailkdError(f"the reference model {s.reference} has another tokenizer than the teacher "
+                          f"{cfg.teacher.path} ({len(ref_tok)} vs {len(tok)} tokens, or other ids): difference "
+                          "sampling scores the same tokens with both; use a reference trained on the teacher's "
+                          "tokenizer (e.g. tailkd distill --loss clm, its RUN/final)")
+    vocab = check_vocab(tok, ref_tok, teacher, reference)
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else corpus.default_cache_root()
+    texts = list(corpus.iter_documents(pretrain_paths(cfg.data, cache_root), doc_sep=cfg.data.doc_sep))
+    texts = texts[:s.max_docs] if s.max_docs else texts
+    if not texts:
+        raise TailkdError("the data holds no document to select from; check --data and --doc-sep")
+    eos = corpus.document_eos_id(tok, cfg.data.doc_eos)
+    docs = [ids + ([] if eos is None else [eos]) for ids in corpus.tokenize_documents(tok, texts)]
+    ac = torch.bfloat16 if dev.type == "cuda" and cfg.teacher.dtype in ("auto", "bf16") else None
+    with tqdm(total=sum(max(0, len(d) - 1) for d in docs), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
+        scores = selection.document_scores(teacher, reference, docs, vocab, seq_len=cfg.data.seq_len,
+                                           batch_size=s.batch_size, device=dev, pad_id=eos or 0, autocast_dtype=ac,
+                                           progress=bar.update)
+    kept = selection.select_top(scores, s.keep)
+    scored = sum(max(0, len(d) - 1) for d in docs)
+    per_token = {name: model_flops_per_token(m, seq_len=cfg.data.seq_len)["forward"]
+                 for name, m in (("teacher", teacher), ("reference", reference))}
+    flops = {**{k: v * scored for k, v in per_token.items()}, "scoring": 2 * SCORE_FLOPS_PER_VOCAB * vocab * scored}
+    flops["total"] = sum(flops.values())
+    result = {"teacher": cfg.teacher.path, "reference": s.reference, "keep": s.keep, "documents": len(docs),
+              "kept": len(kept), "tokens_scored": scored, "kept_tokens": sum(len(docs[i]) for i in kept),
+              "seq_len": cfg.data.seq_len, "data": cfg.data.paths or "built-in", "doc_eos": cfg.data.doc_eos,
+              "score": "mean over scored tokens of log p_teacher - log p_reference", "flops": flops}
+    kept_set = set(kept)
+
+    def write(tmp: Path) -> None:
+        (tmp / "selected.jsonl").write_text("".join(json.dumps({"text": texts[i]}) + "\n" for i in kept),
+                                            encoding="utf-8")
+        (tmp / "scores.jsonl").write_text("".join(json.dumps({"doc": i, "score": sc, "kept": i in kept_set}) + "\n"
+                                                  for i, sc in enumerate(scores)), encoding="utf-8")
+        (tmp / "selection.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+    atomic_write_dir(Path(s.out), write)
+    print(f"kept {len(kept)} of {len(docs)} documents ({result['kept_tokens']} tokens); scoring took "
+          f"{flops['total'] / 1e15:.3g} PFLOPs; {Path(s.out) / 'selected.jsonl'} (train on it: tailkd distill "
+          f"--loss clm --data {Path(s.out) / 'selected.jsonl'})")
+    return result
+

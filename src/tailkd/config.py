@@ -33,11 +33,13 @@ MLP_INITS = ("random", "copy")
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
+LOSS_KERNELS = ("auto", "torch")
 OVERLONG = ("truncate", "drop")
 DRKL_ANCHORS = ("label", "teacher_argmax")
 PRECISIONS = ("auto", "bf16", "fp32")
 FUSED_MODES = ("auto", "on", "off")
 PARALLEL_MODES = ("ddp", "fsdp")
+TEACHER_PARALLEL = ("replicate", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ FLOAT_RANGES = {
     "train.lr": Range(0.0, low_open=True),
     "train.weight_decay": _NONNEGATIVE,
     "train.adam_betas": Range(0.0, 1.0, high_open=True),
+    "train.epochs": Range(0.0, note="0: train.max_steps decides"),
     "train.min_lr_ratio": Range(0.0, 1.0),
     "train.grad_clip": Range(0.0, note="0 disables clipping"),
     "train.on_policy": Range(0.0, 1.0, note="GKD's λ"),
@@ -98,6 +101,9 @@ FLOAT_RANGES = {
     "flops.tokens": Range(0.0, low_open=True),
     "flops.delta": Range(0.0, 1.0, low_open=True, note="MiniPLM uses 0.5"),
     "flops.reference_params": Range(0.0, low_open=True),
+    "reproduce.betas": Range(0.0, note="the paper sweeps 0.5, 1, 2, 5, 10"),
+    "reproduce.scale": Range(0.0, low_open=True),
+    "select.keep": Range(0.0, 1.0, low_open=True, note="the fraction of documents kept; MiniPLM uses 0.5"),
 }
 
 
@@ -118,6 +124,10 @@ class TeacherConfig:
     cache: Optional[str] = _f(None, "teacher cache folder (tailkd cache-teacher) that training steps read instead "
                                     "of running the teacher; the teacher is still loaded for the student's "
                                     "initialisation and the held-out evaluation")
+    parallel: str = _f("replicate", "teacher placement: replicate (a whole copy on every rank) or fsdp (FSDP2 "
+                                    "shards it over the ranks, forward only, loaded shard by shard from its "
+                                    "safetensors so no rank holds it whole; its LM head stays replicated; also in "
+                                    "one process, through FSDP2)", choices=TEACHER_PARALLEL)
 
 
 @dataclass
@@ -130,6 +140,8 @@ class StudentConfig:
     num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
     num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
     intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's)")
+    head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
+                                       "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
                        choices=MLP_INITS)
     freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
@@ -139,7 +151,8 @@ class StudentConfig:
 class DataConfig:
     paths: list[str] = _f([], "text files/folders, .jsonl (field 'text') or .parquet; empty: built-in news corpus. "
                               "Built-in sets: 'builtin:math' (GSM-style problems: the worked solutions as a "
-                              "pretrain corpus, the problems with --task sft) and, with --task sft only, "
+                              "pretrain corpus, the problems with --task sft), 'builtin:pydoc' (Python's "
+                              "documentation, for pretraining) and, with --task sft only, "
                               "'builtin:instruct' (AlpacaEval's instructions with gpt-3.5-turbo answers, CC BY-NC "
                               "4.0, non-commercial); a built-in set brings its own held-out split")
     seq_len: int = _f(128, "tokens per packed training row")
@@ -150,7 +163,10 @@ class DataConfig:
     task: str = _f("pretrain", "pretrain (packed text) or sft (prompt -> response JSONL; empty paths: built-in "
                                "GSM-style math problems); 'builtin:math' as a pretrain path is the math corpus",
                    choices=TASKS)
-    heldout_paths: list[str] = _f([], "sft: held-out JSONL files (default: a held-out fraction of data.paths)")
+    heldout_paths: list[str] = _f([], "held-out files for evaluation (sft: JSONL; pretrain: text as data.paths, e.g. "
+                                      "'builtin:pydoc', Python's documentation); default: a fraction of data.paths")
+    doc_eos: bool = _f(True, "pretrain: EOS after each document (boundaries in packed rows, for "
+                             "--loss.per_document); false: one continuous token stream, each row one segment")
     sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)", choices=SFT_MODES)
     chat_template: str = _f("auto", "sft: auto (the tokenizer's template, plain pairs if none), none, or a "
                                     ".jinja file")
@@ -199,6 +215,8 @@ class LossConfig:
 class TrainConfig:
     out_dir: str = _f("runs/distill", "run folder (never silently overwritten)")
     max_steps: int = _f(40, "optimizer steps (the schedule's length)")
+    epochs: float = _f(0.0, "passes over the training rows; > 0 sets max_steps = ceil(epochs x rows / (batch_size "
+                            "x grad_accum)) once the data is read (paper §3.4: 3 epochs); 0: max_steps decides")
     stop_after: int = _f(0, "end this invocation after N steps with a checkpoint (0: run to max_steps); "
                             "continue with --resume, e.g. across cluster job time limits")
     batch_size: int = _f(4, "rows per micro-batch in TOTAL: split evenly over the processes of a multi-GPU run "
@@ -230,7 +248,12 @@ class TrainConfig:
     fused_loss: str = _f("auto", "LM heads + loss in chunks from the final hidden states, never [B, T, V] logits "
                                  "(every loss has a chunked form): auto (when one side's float32 logits of a "
                                  "micro-batch would exceed 1 GiB), on, off", choices=FUSED_MODES)
-    loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: about 2^24 logits per chunk)")
+    loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: CPU about 2^24 logits per chunk; "
+                                 "CUDA from the free memory and the matmul shape, the same for every loss)")
+    loss_kernels: str = _f("auto", "fused loss layer on CUDA: auto (Triton row kernels for kd, tad, rkl, jsd when "
+                                   "triton is installed: pip install tailkd[kernels]) or torch", choices=LOSS_KERNELS)
+    compile: bool = _f(False, "torch.compile the decoder stacks of student and teacher (in place: checkpoints and "
+                              "saved students unchanged)")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)",
                        choices=PARALLEL_MODES)
@@ -283,6 +306,9 @@ class DistillConfig:
             raise TailkdError("train.resume and train.overwrite exclude each other; pass one of them")
         if not LOSSES[c.loss.name].needs_teacher and c.loss.cosine_weight > 0:
             raise TailkdError(f"loss.cosine_weight needs a teacher; it cannot be used with loss.name={c.loss.name}")
+        if c.loss.per_document and not c.data.doc_eos and c.data.task == "pretrain":
+            raise TailkdError("loss.per_document needs the documents' boundaries, and data.doc_eos false removes "
+                              "them (one continuous token stream); drop one of the two")
         return c
 
 

@@ -63,6 +63,23 @@ def default_corpus_files(cache_dir: Path | None = None) -> list[Path]:
     return out
 
 
+def python_docs_corpus(cache_dir: Path | None = None) -> Path:
+    """``builtin:pydoc``: the topics of Python's own documentation (``pydoc_data.topics``, ~0.8 MB of English
+    technical prose in every CPython; PSF licence) as JSON lines, one document per topic, written once into
+    ``<cache_dir>/builtin_pydoc/`` (default ``default_cache_root()``). Text of another source than the news
+    corpus: a held-out set for pretraining runs (``--heldout-data builtin:pydoc``)."""
+    import sys
+    from pydoc_data.topics import topics
+
+    from tailkd.checkpoint import atomic_write_text
+
+    version = f"{sys.version_info[0]}{sys.version_info[1]}"  # each Python's docs differ a little
+    dest = Path(cache_dir or default_cache_root()) / "builtin_pydoc" / f"topics-py{version}.jsonl"
+    if not dest.is_file():  # written once, never rewritten: its mtime (in corpus fingerprints) stays put
+        atomic_write_text(dest, "".join(json.dumps({"text": text}) + "\n" for _, text in sorted(topics.items())))
+    return dest
+
+
 def _write_utf8_copy(src: Path, dest: Path) -> None:
     raw = src.read_bytes()  # 0.4 MB in all
     try:
@@ -363,7 +380,8 @@ def load_corpus(out_dir: Path) -> CorpusInfo:
     return CorpusInfo(out_dir, meta)
 
 
-def _eos_id(tokenizer, append_eos: bool) -> int | None:
+def document_eos_id(tokenizer, append_eos: bool = True) -> int | None:
+    """The id closing each document (EOS, else BOS); None when ``append_eos`` is false; TailkdError if neither."""
     if not append_eos:
         return None
     for tid in (tokenizer.eos_token_id, tokenizer.bos_token_id):
@@ -374,7 +392,8 @@ def _eos_id(tokenizer, append_eos: bool) -> int | None:
                       "another tokenizer")
 
 
-def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each document, as the corpus stores them (before the closing EOS)."""
     # No special tokens added; split_special_tokens: a document that *contains* "<|endoftext|>" as text
     # must not produce a real EOS id (that would forge a document boundary); verbose=False: documents
     # longer than the model's context are expected here (they are packed into rows later).
@@ -402,7 +421,7 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (out_dir / META_FILE).is_file():
         raise TailkdError(f"refusing to replace {out_dir}: it exists and is not a tailkd corpus; choose a new or "
                           "empty folder")
-    eos = _eos_id(tokenizer, append_eos)
+    eos = document_eos_id(tokenizer, append_eos)
     tok_fp = tokenizer_fingerprint or _tokenizer_identity(tokenizer)
     fingerprint = corpus_fingerprint(paths, tok_fp, settings)
     files = list_files(paths)
@@ -416,7 +435,7 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
 
             def flush(batch: list[str]) -> None:
                 parts: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
-                for text, ids in zip(batch, _tokenize(tokenizer, batch)):
+                for text, ids in zip(batch, tokenize_documents(tokenizer, batch)):
                     split = "heldout" if doc_hash(text) < threshold else "train"
                     arr = np.asarray(ids if eos is None else [*ids, eos], dtype=np.int64)
                     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max):

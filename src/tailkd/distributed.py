@@ -1,5 +1,6 @@
 """Devices and processes: data parallelism through torch.distributed (DDP, default, or FSDP2 for the student; the
-teacher is replicated), the device of each rank and its training precision (bf16 autocast where it is native).
+teacher replicated, or sharded with FSDP2: `tailkd.sharded_teacher`), the device of each rank and its training
+precision (bf16 autocast where it is native), and each rank's peak memory.
 
 No engine of our own: DDP's bucketed all-reduce (or FSDP2's reduce-scatter) moves the gradients. This module
 only starts the process group from the launcher's environment, wraps the student, and offers the few
@@ -70,17 +71,29 @@ def _check_accelerate_env() -> None:
                           "config (configs/accelerate/) and pass --train.parallel fsdp")
 
 
-def setup(device_name: str) -> torch.device:
+def setup(device_name: str, *, process_group: bool = False) -> torch.device:
     """Start the process group when launched with WORLD_SIZE > 1 and return this rank's device.
 
     ``device_name``: auto, cpu, cuda (or cuda:N in one process). With several processes on CUDA each rank
-    uses ``cuda:LOCAL_RANK`` and NCCL; on the CPU gloo.
+    uses ``cuda:LOCAL_RANK`` and NCCL; on the CPU gloo. ``process_group``: in a plain process too, start a
+    group of one (an in-memory store, no port), for FSDP2, which needs one (``--teacher.parallel fsdp``).
     """
     global _owned
     _check_accelerate_env()
     n = launched_world_size()
     if n <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return resolve_device(device_name)
+        device = resolve_device(device_name)
+        if process_group:
+            if not dist.is_available():
+                raise TailkdError("this torch build has no torch.distributed, which FSDP2 needs; use "
+                                  "--teacher.parallel replicate")
+            if device.type == "cuda":
+                device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timedelta(minutes=30))
+            _owned = True
+        return device
     if not dist.is_available():
         raise TailkdError("this torch build has no torch.distributed; run in one process")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -145,6 +158,15 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's ``value`` (float64; one all_reduce)."""
+    if world() == 1:
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def broadcast(obj):
     """Rank 0's ``obj`` on every rank (pickled)."""
     if world() == 1:
@@ -201,6 +223,33 @@ def on_main_then_all(fn, *, main_only: bool = False):
     if not is_main() and not main_only:
         result = fn()
     return result
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: on CUDA ``torch.cuda.max_memory_allocated`` (tensors on the device),
+    on the CPU the peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``; Linux counts it in KiB, macOS
+    in bytes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_memory_per_rank(device: torch.device) -> list[int]:
+    """Collective: `peak_memory` of every rank, in rank order (on every rank)."""
+    mine = peak_memory(device)
+    if world() == 1:
+        return [mine]
+    parts: list = [None] * world()
+    dist.all_gather_object(parts, mine)
+    return [int(p) for p in parts]
+
+
+def memory_kind(device: torch.device) -> str:
+    """What `peak_memory` measures on ``device``, in words (for logs and summary.json)."""
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (getrusage ru_maxrss)"
 
 
 # --------------------------------------------------------------------------- the student under DDP / FSDP2

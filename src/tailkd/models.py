@@ -125,11 +125,14 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: str | torch.dtype | None =
     dtype: None → float32; otherwise as `resolve_dtype` (with "auto" resolved for CPU).
     cache_dir: root of the GGUF conversion cache (default `default_cache_dir()`); used for GGUF only.
     """
-    torch_dtype = resolve_dtype(dtype, "cpu")
+    return _load_hf_dir(model_dir(spec, cache_dir), resolve_dtype(dtype, "cpu"))
+
+
+def model_dir(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory a spec loads from: the folder itself, or for the built-in and a ``.gguf`` the
+    plain safetensors copy in the GGUF cache (converted once, `gguf_cache_entry`)."""
     path = _resolve_spec(spec)
-    if path.is_file():
-        path = gguf_cache_entry(path, cache_dir)
-    return _load_hf_dir(path, torch_dtype)
+    return gguf_cache_entry(path, cache_dir) if path.is_file() else path
 
 
 def load_teacher(spec: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -181,8 +184,10 @@ def _resolve_spec(spec) -> Path:
     return path
 
 
-def _check_safetensors(path: Path) -> None:
-    """A one-line TailkdError naming the safetensors file of ``path`` that is missing, truncated or damaged.
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of model folder ``path`` (those of its shard index, else ``model.safetensors``; [] when
+    it has none, e.g. ``pytorch_model*.bin`` only), each checked: a one-line TailkdError names a file that is
+    missing, truncated or damaged.
 
     transformers' own errors do not name the file (``SafetensorError: Error while deserializing header: ...``).
     Only the headers are read (``safe_open``), which also checks that the file is as long as they say."""
@@ -198,7 +203,7 @@ def _check_safetensors(path: Path) -> None:
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
-        return  # pytorch_model*.bin, or no weights: transformers says which
+        return []  # pytorch_model*.bin, or no weights: transformers says which
     for name in shards:
         f = path / name
         if not f.is_file():
@@ -210,10 +215,12 @@ def _check_safetensors(path: Path) -> None:
         except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be read either way
             raise TailkdError(f"{f} is truncated or damaged ({_brief(err)}): copy it again or re-save the model with "
                               "save_pretrained") from None
+    return [path / name for name in shards]
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_config(path: Path):
+    """The causal-LM config of model folder ``path`` (``config.json``), or a one-line TailkdError."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -221,7 +228,14 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         raise TailkdError(f"cannot read the model config in {path} ({_brief(err)}): "
                           "re-save the model with save_pretrained")
     _check_causal_lm_config(config, path)
-    _check_safetensors(path)
+    return config
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    read_config(path)
+    safetensors_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
@@ -231,15 +245,22 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
             f"cannot load {which} ({_brief(err)}): the folder needs the complete *.safetensors (or "
             "pytorch_model*.bin) written by save_pretrained; copy it again or re-save the model"
         ) from None
+    tokenizer = load_tokenizer(path)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in model folder ``path``, or a one-line TailkdError."""
+    from transformers import AutoTokenizer
+
     fix = "save the model's tokenizer there with tokenizer.save_pretrained(DIR)"
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise TailkdError(f"no tokenizer in {path} (none of {', '.join(_TOKENIZER_FILES)}): {fix}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
         raise TailkdError(f"unusable tokenizer in {path} ({_brief(err)}): {fix}") from None
-    model.eval()
-    return model, tokenizer
 
 
 # --------------------------------------------------------------------------- GGUF → safetensors cache
@@ -313,62 +334,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-# --------------------------------------------------------------------------- vocabulary
-
-def _real_vocab_size(tokenizer) -> int:
-    """Number of token ids the tokenizer can emit: max id + 1 (== len(tokenizer) without id gaps)."""
-    return max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
-
-
-def _special_tokens(tokenizer) -> dict:
-    named = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    named = {name: str(tok) for name, tok in named.items() if tok is not None}
-    return {"named": named, "all": sorted(str(t) for t in tokenizer.all_special_tokens)}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token → id, sorted) and the special tokens (bos/eos/unk/pad and the rest)."""
-    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": _special_tokens(tokenizer)}
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-
-
-def _vocab_difference(a, b) -> str:
-    va, vb = a.get_vocab(), b.get_vocab()
-    if len(va) != len(vb):
-        return f"{len(va)} vs {len(vb)} tokens"
-    for token, idx in sorted(va.items(), key=lambda kv: kv[1]):
-        if vb.get(token) != idx:
-            return f"token {token!r} has id {idx} vs {vb.get(token)}"
-    return f"special tokens {_special_tokens(a)} vs {_special_tokens(b)}"
-
-
-def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int:
-    """The shared vocabulary size V (max token id + 1, i.e. len(tokenizer)), or a TailkdError.
-
-    Teacher and student must share one tokenizer (same token → id map and special tokens). LM heads
-    with more rows than V (padded, e.g. 151936 vs 152064) are fine: slice logits to ``[..., :V]``.
-    A head (or input embedding) with fewer rows than V cannot score every token: error.
-    """
-    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
-        raise TailkdError(
-            f"teacher and student tokenizers differ ({_vocab_difference(teacher_tokenizer, student_tokenizer)}): "
-            f"distillation needs one shared vocabulary; build the student from the teacher (tailkd.student) "
-            f"or pick a student trained with the teacher's tokenizer"
-        )
-    vocab = _real_vocab_size(teacher_tokenizer)
-    for role, model in (("teacher", teacher_model), ("student", student_model)):
-        head = model.get_output_embeddings()
-        rows = {"LM head": head.weight.shape[0] if head is not None else 0,
-                "input embedding": model.get_input_embeddings().weight.shape[0]}
-        for part, n in rows.items():
-            if n < vocab:
-                raise TailkdError(
-                    f"the {role}'s {part} has {n} rows but the tokenizer has {vocab} tokens: "
-                    f"resize it (model.resize_token_embeddings({vocab})) or use the model's own tokenizer"
-                )
-    return vocab
 
 
 def model_max_length(model) -> int:

@@ -83,6 +83,47 @@ def plot_heldout_kl(curves: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_seed_bands(curves: dict, path: str | Path) -> Path:
+    """Paper Figure 1 over seeds: held-out KL vs training tokens, per label the mean over its runs (line) and
+    their min–max (band). ``curves``: {label: [(tokens list, kl list) per seed]} (the seeds share the tokens)."""
+    import numpy as np
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for i, (label, runs) in enumerate(curves.items()):
+        if not runs:
+            continue
+        n = min(len(kl) for _, kl in runs)  # an unfinished run's curve is shorter
+        tokens, kl = np.asarray(runs[0][0][:n]), np.asarray([kl[:n] for _, kl in runs])
+        ax.plot(tokens, kl.mean(0), marker="o", markersize=3, color=f"C{i % 10}",
+                label=f"{label} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(tokens, kl.min(0), kl.max(0), color=f"C{i % 10}", alpha=0.2, linewidth=0)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out KL(teacher‖student) [nats/token]")
+    ax.set_title("held-out KL during distillation (band: min–max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sweeps(beta: dict, k: dict, path: str | Path) -> Path:
+    """The β sweep and the K sweep of TAD side by side: final held-out KL against β and against K."""
+    fig = Figure(figsize=(10, 3.8))
+    for ax, points, name in zip(fig.subplots(1, 2), (beta, k), ("β", "K")):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", color="C1")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel(name)
+        ax.set_ylabel("final held-out KL [nats/token]")
+        ax.set_title(f"TAD: {name} sweep")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_fidelity_diversity(points: dict, path: str | Path) -> Path:
     """Fidelity vs diversity of several runs' students, one labelled point per run: ROUGE-L against the
     reference responses (y) vs (a) Distinct-2 and (b) 1 − Self-BLEU of the sampled completions (x; right =

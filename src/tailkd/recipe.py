@@ -120,15 +120,13 @@ def load_recipe(path: str | Path, out_dir: str | None = None) -> list[DistillCon
     return read_recipe(path, out_dir).stages
 
 
-def run_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> list[dict]:
-    """Run every stage in order, then evaluate each stage and compare them (when the recipe says so); returns the
-    stage summaries."""
-    from tailkd import commands
+def run_stages(stages: list[DistillConfig]) -> list[dict]:
+    """Run each stage's distillation in order: a stage whose ``final/`` exists is skipped, one with a run folder is
+    resumed. Stops after a stage that was stopped (a signal, ``train.stop_after``): its summary is the last."""
     from tailkd.train import distill
 
-    recipe = read_recipe(path, out_dir, overrides)
     summaries = []
-    for cfg in recipe.stages:
+    for cfg in stages:
         run = Path(cfg.train.out_dir)
         if (run / "final" / "config.json").exists():
             print(f"stage {run.name}: already done ({run / 'final'})")
@@ -138,7 +136,19 @@ def run_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | N
         print(f"stage {run.name}: {'resuming' if cfg.train.resume else 'starting'} ({cfg.data.task}, {cfg.loss.name})")
         summaries.append(distill(cfg))
         if summaries[-1].get("stopped"):
-            return summaries
+            break
+    return summaries
+
+
+def run_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> list[dict]:
+    """Run every stage in order, then evaluate each stage and compare them (when the recipe says so); returns the
+    stage summaries."""
+    from tailkd import commands
+
+    recipe = read_recipe(path, out_dir, overrides)
+    summaries = run_stages(recipe.stages)
+    if summaries[-1].get("stopped"):
+        return summaries
     if recipe.evaluate is not None:
         for cfg in recipe.stages:
             out = recipe.eval_out(cfg)

@@ -2,12 +2,12 @@
 
 ``distill(cfg)`` is the Python API behind ``tailkd distill``; `_distill` reads top to bottom:
 
-1. setup (`setup_run`): processes (one, or several launched by torchrun / accelerate launch); the run folder
-   decided (new, resume, or refused: `tailkd.runs`); teacher (eval, no grad, replicated on every rank) and student
-   (built from the teacher or loaded); data (tokenised once to a cache, packed rows, held-out rows, ONE resumable
-   sampler shared by all ranks); the loss layer (full logits or the chunked `tailkd.fused`) and the teacher
-   signal (online or a teacher cache, `tailkd.teacher`); only then the run folder is written; AdamW + warm-up /
-   cosine schedule; the state restored on ``--resume``;
+1. setup (`setup_run`, its pieces in `tailkd.prepare`): processes (one, or several launched by torchrun /
+   accelerate launch); the run folder decided (new, resume, or refused: `tailkd.runs`); teacher (eval, no grad,
+   replicated on every rank or sharded) and student (built from the teacher or loaded); data (tokenised once to a
+   cache, packed rows, held-out rows, ONE resumable sampler shared by all ranks); the loss layer (full logits or the
+   chunked `tailkd.fused`) and the teacher signal (online or a teacher cache, `tailkd.teacher`); only then the run
+   folder is written; AdamW + warm-up / cosine schedule; the state restored on ``--resume``;
 2. steps (`train_step`): micro-batches (with ``train.on_policy``, some of them student-generated:
    `tailkd.onpolicy`) -> global valid-token count -> teacher signal -> the step's loss
    (`tailkd.objective.step_terms`) -> backward -> clip -> check -> AdamW step; then logging, the periodic held-out
@@ -41,17 +41,28 @@ import torch
 from tqdm.auto import tqdm
 
 from tailkd import checkpoint as ckpt
-from tailkd import corpus, fused, models, runs
 from tailkd import data as data_mod
 from tailkd import distributed as dist
-from tailkd import teacher as teacher_mod
+from tailkd import fused, models, runs, sharded_teacher
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.evaluate import finalize, heldout_sums
 from tailkd.flops import distill_flops
-from tailkd.head import verify_head
 from tailkd.objective import count_valid_tokens, step_terms
 from tailkd.onpolicy import OnPolicy, on_policy_from_config
+from tailkd.prepare import (
+    attention_text,
+    check_batch_split,
+    choose_loss_path,
+    compile_models,
+    log_shared_vocab,
+    loss_layer_text,
+    make_optimizer,
+    set_steps_from_epochs,
+    setup_data,
+    setup_models,
+    setup_teacher_signal,
+)
 from tailkd.registry import LOSSES
 
 TERMS = ("loss", "clm", "div", "cos")
@@ -75,123 +86,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas))
-
-
 # --------------------------------------------------------------------------- setup
-
-
-def setup_models(cfg: DistillConfig, device: torch.device):
-    """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, shared vocab, table)."""
-    teacher, t_tok = models.load_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype)
-    table = None
-    if cfg.student.path:
-        student, s_tok = models.load_causal_lm(cfg.student.path)
-        student.to(device=device, dtype=torch.float32)
-        if cfg.student.freeze_embeddings:
-            from tailkd.student import freeze_student_embeddings
-
-            freeze_student_embeddings(student)
-    else:
-        from tailkd.student import build_student, format_table
-
-        s = cfg.student
-        student, table = build_student(
-            teacher, num_layers=s.num_layers, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-            num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, mlp_init=s.mlp_init,
-            freeze_embeddings=s.freeze_embeddings, seed=cfg.train.seed,
-        )
-        student.to(device=device, dtype=torch.float32)
-        s_tok = t_tok
-        dist.say(format_table(table))
-    vocab = models.check_vocab(t_tok, s_tok, teacher, student)
-    student.train()
-    if not LOSSES[cfg.loss.name].needs_teacher:
-        teacher = None
-    return teacher, student, t_tok, vocab, table
-
-
-def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
-    """(info, train_rows, held_rows): packed text rows (task pretrain) or prompt/response rows (task sft).
-
-    Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
-    """
-    data_mod.check_seq_len(cfg.data.seq_len, model_max)
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else corpus.default_cache_root()
-    if cfg.data.task == "sft":
-        from tailkd.sft import setup_sft_rows
-
-        train_rows, held_rows, info = setup_sft_rows(cfg.data, tokenizer, cache_root)
-        return info, train_rows, held_rows
-    paths = [Path(p) for p in cfg.data.paths if p != "builtin:math"]
-    if "builtin:math" in cfg.data.paths:  # the worked solutions of the built-in math problems (stage-1 corpus)
-        from tailkd.mathdata import default_math_dataset
-
-        math = default_math_dataset(cache_root, n_train=cfg.data.math_train, n_heldout=cfg.data.math_heldout)
-        paths.append(math.corpus)
-    paths = paths or corpus.default_corpus_files(cache_root)
-    info = corpus.prepare_corpus_cached(
-        paths, tokenizer, cache_root / "corpora", tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-        heldout_fraction=cfg.data.heldout_fraction, doc_sep=cfg.data.doc_sep,
-    )
-    train_rows = data_mod.PackedRows(info.train_bin, cfg.data.seq_len)
-    held_rows = data_mod.PackedRows(info.heldout_bin, cfg.data.seq_len)
-    return info, train_rows, held_rows
-
-
-def choose_loss_path(cfg: DistillConfig, vocab: int) -> bool:
-    """``train.fused_loss``: True for the fused, chunked loss layer (`tailkd.fused`), False for full logits."""
-    tokens = max(1, cfg.train.batch_size // dist.world()) * cfg.data.seq_len  # one rank's micro-batch
-    fused_path = fused.use_fused(cfg.train.fused_loss, tokens, vocab)
-    if fused_path and cfg.train.parallel == "fsdp":
-        if cfg.train.fused_loss == "on":
-            raise TailkdError("train.fused_loss=on does not combine with train.parallel=fsdp (FSDP shards the LM head "
-                              "the fused layer reads); use --train.parallel ddp or --train.fused_loss off")
-        return False
-    return fused_path
-
-
-def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
-                         fused_path: bool, probe: torch.Tensor):
-    """(signal_of, description): where each step's teacher signal comes from, and in words which loss that gives.
-
-    Online: the teacher runs on every micro-batch (full logits, or final hidden states + LM head when fused).
-    ``teacher.cache``: a `tailkd.cache.CacheReader` checked against this run (tokenizer, corpus, split, seq_len,
-    K, teacher weights, and each batch's row hashes); a top-K cache gives D_KL1 (+ a sampled tail estimate), a
-    cache with hidden states the exact loss. On the fused path the LM heads are checked once against the models'
-    own logits (``probe``: a few token ids)."""
-    if fused_path:
-        verify_head(student, probe, vocab_size=vocab)
-    if not LOSSES[cfg.loss.name].needs_teacher:
-        return None, "clm: no teacher"
-    if cfg.teacher.cache:
-        from tailkd.cache import open_cache
-
-        reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
-                            split="train", seq_len=cfg.data.seq_len,
-                            k=cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None, teacher_model=teacher)
-        description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
-        return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
-    if fused_path:
-        verify_head(teacher, probe, vocab_size=vocab)
-    online = teacher_mod.OnlineTeacher(teacher, vocab, fused_path=fused_path, autocast_dtype=ac,
-                                       want_hidden=cfg.loss.cosine_weight > 0)
-    return online, f"{cfg.loss.name}: exact, online teacher"
-
-
-def check_batch_split(batch_size: int) -> None:
-    w = dist.world()
-    if batch_size % w:
-        raise TailkdError(f"train.batch_size={batch_size} is the GLOBAL micro-batch and must split evenly over the "
-                          f"{w} processes; use --batch-size {math.ceil(batch_size / w) * w}")
 
 
 # --------------------------------------------------------------------------- data: this rank's share
@@ -237,7 +132,7 @@ def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig,
         with dist.grad_sync(model, sync=i == len(micro) - 1):
             signal = signal_of(batch) if signal_of is not None else None
             terms = step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab, fused_path=fused_path,
-                               chunk_size=chunk, autocast_dtype=ac)
+                               chunk_size=chunk, autocast_dtype=ac, kernels=cfg.train.loss_kernels == "auto")
             (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
         for key in TERMS:
             terms_sum[key] += float(getattr(terms, key).detach())
@@ -330,25 +225,36 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     out, resuming, changes = dist.on_main_then_all(lambda: runs.prepare_run_dir(cfg))
     seed_everything(cfg.train.seed)
     # rank 0 first: a GGUF teacher is converted into a cache once, a corpus tokenised into its cache once
-    teacher, student, tokenizer, vocab, table = dist.on_main_then_all(lambda: setup_models(cfg, device))
+    teacher, student, tokenizer, vocab, teacher_vocab, table = dist.on_main_then_all(lambda: setup_models(cfg, device))
+    if teacher is not None and cfg.teacher.parallel == "fsdp":  # collective: every rank loads its shards at once
+        teacher = sharded_teacher.load_sharded_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype,
+                                                       log=dist.say)
+    elif teacher is not None:
+        dist.say(f"teacher: {sharded_teacher.placement(teacher)} on each of the {dist.world()} rank(s)")
     model_max = models.model_max_length(student)
     if teacher is not None:
         model_max = min(model_max, models.model_max_length(teacher))
         if cfg.loss.k >= vocab and "k" in LOSSES[cfg.loss.name].knobs:
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+    if cfg.train.epochs:
+        set_steps_from_epochs(cfg, len(train_rows))
     fused_path = choose_loss_path(cfg, vocab)
     probe = data_mod.collate([train_rows[0]])["input_ids"][:, :16].to(device)
+    if teacher is not None and teacher_vocab > vocab:
+        log_shared_vocab(teacher, probe, vocab, teacher_vocab)
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
                                                   fused_path, probe)
-    chunk_text = f", {cfg.train.loss_chunk_size} tokens per chunk" if cfg.train.loss_chunk_size else ""
-    dist.say(f"loss layer: {'fused (LM heads + loss in chunks' + chunk_text + ')' if fused_path else 'full logits'};"
-             f" teacher signal: {signal_text}")
+    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, student, device)}; teacher signal: {signal_text}")
 
     # every input checked out: only now touch the run folder
     dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, changes), main_only=True)
     if table is not None and not resuming and dist.is_main():
         (out / "student_init.json").write_text(json.dumps(table, indent=1))
+    dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
+                                                                   else ""))
+    if cfg.train.compile:
+        compile_models(student, teacher)
     model = dist.wrap_student(student, cfg.train.parallel, device)
     optimizer = make_optimizer(model, cfg)
     t = cfg.train
@@ -487,7 +393,7 @@ def distill(cfg: DistillConfig) -> dict:
     In several processes (torchrun / accelerate launch) every rank calls this; rank 0 writes the files. The
     summary's ``exit_code`` is non-zero (130 / 143) when a signal stopped the run early."""
     cfg.validate()
-    device = dist.setup(cfg.train.device)
+    device = dist.setup(cfg.train.device, process_group=cfg.teacher.parallel == "fsdp")  # FSDP2 needs a group
     try:
         with runs.deterministic_mode(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
             return _distill(cfg, device, cleanup)
@@ -549,11 +455,14 @@ def finish(run: Run) -> dict:
         run.write_metrics(runs.heldout_record(p.step, p.tokens, p.final_heldout))
         run.checkpoint()
     model_state = dist.full_model_state(run.model)
+    peaks = dist.peak_memory_per_rank(run.device)  # collective
     final_dir, curves = out / "final", out / CURVES_FILE
     summary = {"run": str(out), "final": str(final_dir), "steps": p.step, "tokens": p.tokens,
                "train_seconds": p.elapsed, "loss": cfg.loss.name, "world_size": dist.world(),
                "bad_steps": p.bad_steps, "empty_steps": p.empty_steps, "curves": str(curves),
                "loss_layer": "fused" if run.fused_path else "full logits", "teacher_signal": run.signal_text,
+               "teacher_placement": sharded_teacher.placement(run.teacher) if run.teacher is not None else None,
+               "peak_memory_per_rank_bytes": peaks, "peak_memory_kind": dist.memory_kind(run.device),
                "heldout_before": p.initial_heldout, "heldout_after": p.final_heldout,
                "flops": distill_flops(run.teacher, dist.unwrap(run.model), p.tokens, seq_len=cfg.data.seq_len,
                                       loss=cfg.loss.name, freeze_embeddings=cfg.student.freeze_embeddings)}
@@ -587,6 +496,8 @@ def finish(run: Run) -> dict:
                  f"(student CLM {before['student_clm']:.3f} -> {after['student_clm']:.3f})")
     else:
         dist.say(f"held-out student CLM: {before['student_clm']:.3f} -> {after['student_clm']:.3f}")
+    dist.say(f"teacher: {summary['teacher_placement'] or 'none'}; peak memory per rank "
+             f"({summary['peak_memory_kind']}): {', '.join(f'{b / 2**30:.2f} GiB' for b in peaks)}")
     dist.say(f"curves (held-out KL, training loss): {curves}")
     dist.say(f"student saved to {final_dir}")
     return summary

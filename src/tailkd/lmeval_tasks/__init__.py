@@ -96,7 +96,7 @@ def read_gsm_items(path: str | Path) -> list[dict]:
 
 def corpus_documents(info, *, doc_sep: str = "auto", heldout_only: bool = True) -> list[str]:
     """The texts of the documents of a prepared corpus (`tailkd.corpus.CorpusInfo`, e.g. from
-    `tailkd.train.setup_data`), in reading order; ``heldout_only``: exactly the documents ``tailkd distill`` holds
+    `tailkd.prepare.setup_data`), in reading order; ``heldout_only``: exactly the documents ``tailkd distill`` holds
     out (a document is held out iff ``corpus.doc_hash`` < the corpus's ``split_threshold``)."""
     from tailkd import corpus
 

@@ -1,0 +1,236 @@
+"""What a distillation run prepares before its first step (`tailkd.train.setup_run` calls these in order).
+
+1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
+   ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`), the student (built from the teacher,
+   `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
+   or a teacher vocabulary extending the student's); ``train.compile``; the attention implementation, logged.
+2. Data (`setup_data`): packed text rows (`tailkd.corpus` -> `tailkd.data`; a held-out corpus of its own with
+   ``data.heldout_paths``) or prompt/response rows (`tailkd.sft`); ``train.epochs`` -> ``train.max_steps``.
+   `tailkd.commands` builds every subcommand's rows with the same function, so a data section means the same
+   everywhere.
+3. The loss path (`choose_loss_path`: full logits or the fused chunked layer, `tailkd.fused`) and the teacher
+   signal (`setup_teacher_signal`: online, or a top-K cache, `tailkd.teacher`).
+4. AdamW (`make_optimizer`: fused on CUDA, no weight decay on vectors).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+
+from tailkd import corpus, fused, models, sharded_teacher
+from tailkd import data as data_mod
+from tailkd import distributed as dist
+from tailkd import teacher as teacher_mod
+from tailkd import vocab as vocab_mod
+from tailkd.config import DistillConfig
+from tailkd.errors import TailkdError
+from tailkd.head import verify_head
+from tailkd.registry import LOSSES
+
+# --------------------------------------------------------------------------- models: teacher, student, vocabulary
+
+def setup_models(cfg: DistillConfig, device: torch.device):
+    """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, shared vocab, table).
+
+    With ``teacher.parallel fsdp`` the teacher returned is a skeleton holding only what the student is built from
+    (`tailkd.sharded_teacher.student_source`); `setup_run` then loads the sharded teacher on every rank at once."""
+    if cfg.teacher.parallel == "fsdp":
+        teacher, t_tok = sharded_teacher.student_source(cfg.teacher.path, cfg.student, dtype=cfg.teacher.dtype,
+                                                        device=device)
+    else:
+        teacher, t_tok = models.load_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype)
+    table = None
+    if cfg.student.path:
+        student, s_tok = models.load_causal_lm(cfg.student.path)
+        student.to(device=device, dtype=torch.float32)
+        if cfg.student.freeze_embeddings:
+            from tailkd.student import freeze_student_embeddings
+
+            freeze_student_embeddings(student)
+    else:
+        from tailkd.student import build_student, format_table
+
+        s = cfg.student
+        student, table = build_student(
+            teacher, num_layers=s.num_layers, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+            num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, head_dim=s.head_dim,
+            mlp_init=s.mlp_init, freeze_embeddings=s.freeze_embeddings, seed=cfg.train.seed,
+        )
+        student.to(device=device, dtype=torch.float32)
+        s_tok = t_tok
+        dist.say(format_table(table))
+    vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
+    student.train()
+    if not LOSSES[cfg.loss.name].needs_teacher:
+        teacher = None
+    # the student's tokenizer reads the data: the teacher's may extend it (shared-vocabulary distillation)
+    return teacher, student, s_tok, vocab, vocab_mod.real_vocab_size(t_tok), table
+
+
+def log_shared_vocab(teacher, probe: torch.Tensor, vocab: int, teacher_vocab: int) -> None:
+    """A teacher vocabulary extending the student's: say so, with the teacher's mass outside the shared ids (the
+    probe rows' mean), which the renormalisation over them removes (`tailkd.vocab`). Collective for a sharded
+    teacher (every rank runs the forward)."""
+    with torch.no_grad():
+        logits = teacher(input_ids=probe, use_cache=False).logits
+    mass = float(vocab_mod.outside_mass(logits, vocab, teacher_vocab).mean())
+    dist.say(f"shared vocabulary: the student's {vocab} token ids of the teacher's {teacher_vocab}, the teacher "
+             f"renormalised over them; its mass on its {teacher_vocab - vocab} other tokens: {mass:.3g} (mean over "
+             f"{probe.numel()} tokens of the first training row)")
+
+
+def attention_text(student, teacher) -> str:
+    """The attention implementations transformers picked (sdpa, flash_attention_2, eager), for the run log."""
+    name = {m: getattr(m.config, "_attn_implementation", "?") for m in (student, teacher) if m is not None}
+    return ", ".join(f"{role} {name[m]}" for role, m in (("student", student), ("teacher", teacher)) if m is not None)
+
+
+def compile_models(student, teacher) -> None:
+    """``--train.compile``: torch.compile the decoder stacks in place (`nn.Module.compile`: parameters, state_dict
+    keys, checkpoints and the saved student stay as they are; the LM heads and the loss are tailkd's own code).
+    A sharded teacher stays eager."""
+    student.base_model.compile()
+    if teacher is not None and not sharded_teacher.is_sharded(teacher):
+        teacher.base_model.compile()
+
+# --------------------------------------------------------------------------- data: the rows of a run
+
+def text_paths(paths, data, cache_root: Path) -> list[Path]:
+    """Text files, with the built-in sets resolved: ``builtin:math`` (the worked solutions of the built-in math
+    problems, a stage-1 corpus) and ``builtin:pydoc`` (Python's documentation, `corpus.python_docs_corpus`)."""
+    out = []
+    for p in paths:
+        if p == "builtin:math":
+            from tailkd.mathdata import default_math_dataset
+
+            out.append(default_math_dataset(cache_root, n_train=data.math_train, n_heldout=data.math_heldout).corpus)
+        elif p == "builtin:pydoc":
+            out.append(corpus.python_docs_corpus(cache_root))
+        else:
+            out.append(Path(p))
+    return out
+
+
+def pretrain_paths(data, cache_root: Path) -> list[Path]:
+    """The text files of a pretraining corpus: ``data.paths`` (`text_paths`), or the built-in news corpus."""
+    return text_paths(data.paths, data, cache_root) or corpus.default_corpus_files(cache_root)
+
+
+def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
+    """(info, train_rows, held_rows): packed text rows (task pretrain) or prompt/response rows (task sft).
+
+    Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
+    """
+    data_mod.check_seq_len(cfg.data.seq_len, model_max)
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else corpus.default_cache_root()
+    if cfg.data.task == "sft":
+        from tailkd.sft import setup_sft_rows
+
+        train_rows, held_rows, info = setup_sft_rows(cfg.data, tokenizer, cache_root)
+        return info, train_rows, held_rows
+    paths = pretrain_paths(cfg.data, cache_root)
+    prepare = functools.partial(corpus.prepare_corpus_cached, tokenizer=tokenizer, cache_root=cache_root / "corpora",
+                                tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer),
+                                doc_sep=cfg.data.doc_sep, append_eos=cfg.data.doc_eos)
+    info = prepare(paths, heldout_fraction=cfg.data.heldout_fraction)
+    train_rows = data_mod.PackedRows(info.train_bin, cfg.data.seq_len)
+    if not cfg.data.heldout_paths:
+        return info, train_rows, data_mod.PackedRows(info.heldout_bin, cfg.data.seq_len)
+    # A separate held-out corpus (paper: held-out KL on a validation set of its own): all of its documents, i.e.
+    # the "train" file of a corpus prepared with nothing held out. The training corpus is prepared as without it,
+    # so its rows (and a teacher cache of them) do not depend on --heldout-data.
+    held = prepare(text_paths(cfg.data.heldout_paths, cfg.data, cache_root), heldout_fraction=0.0, min_heldout_docs=0)
+    return info, train_rows, data_mod.PackedRows(held.train_bin, cfg.data.seq_len)
+
+
+def set_steps_from_epochs(cfg: DistillConfig, rows: int) -> None:
+    """``train.epochs`` > 0: the schedule's length becomes ceil(epochs x rows / rows per optimizer step), written
+    into ``cfg.train.max_steps`` (and so into the run's config.yaml; a resume computes the same number)."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * rows / per_step))
+    dist.say(f"train.epochs={cfg.train.epochs:g}: {rows} training rows, {per_step} per step -> "
+             f"{cfg.train.max_steps} steps")
+
+
+def check_batch_split(batch_size: int) -> None:
+    w = dist.world()
+    if batch_size % w:
+        raise TailkdError(f"train.batch_size={batch_size} is the GLOBAL micro-batch and must split evenly over the "
+                          f"{w} processes; use --batch-size {math.ceil(batch_size / w) * w}")
+
+# --------------------------------------------------------------------------- the loss path and the teacher signal
+
+def choose_loss_path(cfg: DistillConfig, vocab: int) -> bool:
+    """``train.fused_loss``: True for the fused, chunked loss layer (`tailkd.fused`), False for full logits."""
+    tokens = max(1, cfg.train.batch_size // dist.world()) * cfg.data.seq_len  # one rank's micro-batch
+    fused_path = fused.use_fused(cfg.train.fused_loss, tokens, vocab)
+    if fused_path and cfg.train.parallel == "fsdp":
+        if cfg.train.fused_loss == "on":
+            raise TailkdError("train.fused_loss=on does not combine with train.parallel=fsdp (FSDP shards the LM head "
+                              "the fused layer reads); use --train.parallel ddp or --train.fused_loss off")
+        return False
+    return fused_path
+
+
+def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, student, device: torch.device) -> str:
+    """The run log's account of the loss layer: full logits, or fused with its chunk size and row maths."""
+    if not fused_path:
+        return "full logits"
+    chunk = cfg.train.loss_chunk_size
+    if not chunk:
+        dtype = dist.autocast_dtype(cfg.train.precision, device) or torch.float32
+        chunk = fused._device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype)
+    maths = "torch row maths"
+    if device.type == "cuda" and cfg.train.loss_kernels == "auto" and LOSSES[cfg.loss.name].triton is not None:
+        from tailkd import kernels
+
+        maths = "Triton row kernels" if kernels.available() else "torch row maths (pip install tailkd[kernels] " \
+                                                                 "for the Triton ones)"
+    return f"fused (LM heads + loss in chunks of {chunk} tokens, {maths})"
+
+
+def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
+                         fused_path: bool, probe: torch.Tensor):
+    """(signal_of, description): where each step's teacher signal comes from, and in words which loss that gives.
+
+    Online: the teacher runs on every micro-batch (full logits, or final hidden states + LM head when fused).
+    ``teacher.cache``: a `tailkd.cache.CacheReader` checked against this run (tokenizer, corpus, split, seq_len,
+    K, teacher weights, and each batch's row hashes); a top-K cache gives D_KL1 (+ a sampled tail estimate), a
+    cache with hidden states the exact loss. On the fused path the LM heads are checked once against the models'
+    own logits (``probe``: a few token ids)."""
+    if fused_path:
+        verify_head(student, probe, vocab_size=vocab)
+    if not LOSSES[cfg.loss.name].needs_teacher:
+        return None, "clm: no teacher"
+    if cfg.teacher.cache:
+        from tailkd.cache import open_cache
+
+        reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
+                            split="train", seq_len=cfg.data.seq_len,
+                            k=cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None, teacher_model=teacher)
+        description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+        return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
+    if fused_path:
+        verify_head(teacher, probe, vocab_size=vocab)
+    online = teacher_mod.OnlineTeacher(teacher, vocab, fused_path=fused_path, autocast_dtype=ac,
+                                       want_hidden=cfg.loss.cosine_weight > 0)
+    return online, f"{cfg.loss.name}: exact, online teacher"
+
+# --------------------------------------------------------------------------- the optimizer
+
+def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # CUDA: the fused AdamW kernel (one launch for all tensors); FSDP2's DTensor shards keep the foreach default
+    params = decay + no_decay
+    fused = bool(params) and all(p.is_cuda and not sharded_teacher.is_dtensor(p) for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), fused=fused or None)

@@ -1,0 +1,296 @@
+"""A teacher sharded over the ranks with FSDP2 (``--teacher.parallel fsdp``), loaded so that no rank ever holds all
+of its weights.
+
+Loading (`load_sharded_teacher`; collective: every rank calls it, also a single process, through FSDP2):
+
+1. Skeleton: the model class built from ``config.json`` with every PARAMETER on the meta device (no memory) while
+   every BUFFER is computed for real by the model's own ``__init__`` (`_params_on_meta`): rotary ``inv_freq`` and
+   the like come out exactly as in a normal load, with no per-architecture code. Persistent buffers present in
+   the checkpoint are then read from it.
+2. ``fully_shard`` (FSDP2) on every decoder layer (the classes of the model's ``_no_split_modules``), on the input
+   embedding when it is not tied to the head, then on the root; ``reshard_after_forward=True`` everywhere (the
+   root too: a teacher never runs a backward that would reuse its gathered weights), ``requires_grad`` False,
+   ``MixedPrecisionPolicy(param_dtype=bf16)`` on CUDA (the shards are stored in the teacher dtype, bf16 on CUDA by
+   default). The LM head is in ``ignored_params``: replicated (below). A tied input embedding IS the head's tensor,
+   so it is replicated with it: one tensor, read once.
+3. ``to_empty(device)``: each rank allocates its shards only: FSDP2 shards dim 0 (``Shard(0)``) as ``torch.chunk``
+   does, so rank r owns rows ``[r·c, min(n, (r+1)·c))`` of a tensor of n rows, ``c = ceil(n / W)`` (an empty
+   chunk on the last ranks when W > n); no dimension has to divide by W, and the number of layers does not matter
+   either (each layer is sharded, not assigned to a rank). The buffers computed in step 1 are put back.
+4. Fill: for every parameter, ``safe_open(file).get_slice(name)[start:end]`` reads this rank's rows only, straight
+   into its local shard; the file is opened per tensor so that its memory map (mapped pages count in the RSS) is
+   released after each tensor. Peak host memory per rank ≈ its shards + one tensor's rows (+ the replicated head).
+
+The teacher must be a folder of safetensors files (``model.safetensors`` or an index and shards): a folder with
+``pytorch_model*.bin`` only is refused (a pickle cannot be read by slices; re-save it with ``save_pretrained``).
+The built-in teacher and ``.gguf`` files are converted once into tailkd's plain safetensors cache
+(`tailkd.models.model_dir`; the conversion dequantizes the GGUF, on rank 0, whole: the GGUF is the small
+quantized form) and loaded from there shard by shard.
+
+LM head: REPLICATED (``ignored_params``), not gathered per call. At the fused loss layer's peak the full head is in
+memory either way (the chunked loss multiplies by all V rows), so gathering it per step (``DTensor.full_tensor()``)
+saves nothing at the peak: it adds the all-gather's buffers and one all-gather of V·d per micro-batch, and saves
+only the (W−1)/W of the head that a replicated copy holds between steps. Measured on the CPU (2 gloo ranks; a
+4-layer Llama, d=512, V=32,000, untied, fp32: 173 MB, its head 65.5 MB; peak RSS per rank above the baseline,
+through loading, one no-grad forward of 256 tokens and one 64-token chunk of head logits): 251 MB with the head
+replicated vs 349 MB sharded and gathered per call (after loading alone: 120 vs 87 MB). The fused layer
+(`tailkd.fused`) and the teacher cache read the head as the plain tensor it then is (`tailkd.head.model_head`),
+unchanged. Cost: V·d·2 bytes per rank in bf16 (Llama-3 70B: 128,256 × 8,192 × 2 B = 2.1 GB; untied, its input
+embedding is sharded, gathered for the lookup only).
+
+Building a student from a sharded teacher (`student_source`): the student is initialised from a skeleton whose
+only real tensors are those the student copies (the chosen layers, embeddings, final norm, head), read whole from
+the files, so a rank holds the student's share of the teacher, never the teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from tailkd import distributed as dist
+from tailkd import models
+from tailkd.errors import TailkdError
+
+__all__ = ["is_sharded", "load_sharded_teacher", "local_numel", "placement", "shard_rows", "student_source",
+           "teacher_folder"]
+
+
+# --------------------------------------------------------------------------- the folder and its tensors
+
+
+def teacher_folder(spec, cache_dir=None) -> Path:
+    """The safetensors folder of a teacher spec (the built-in and ``.gguf`` files: their converted cache, made on the
+    first call: call it on rank 0 first), or a one-line TailkdError: a folder without safetensors is refused."""
+    path = models.model_dir(spec, cache_dir)
+    models.read_config(path)
+    if not models.safetensors_files(path):
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        found = f"only {', '.join(bins)}" if bins else "no weights"
+        raise TailkdError(f"teacher.parallel=fsdp reads the teacher's safetensors files slice by slice, and {path} "
+                          f"has {found}: re-save it with save_pretrained (safetensors) or use "
+                          "--teacher.parallel replicate")
+    return path
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it}."""
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for file in models.safetensors_files(folder):
+        with safe_open(str(file), "pt") as fh:
+            out.update(dict.fromkeys(fh.keys(), file))
+    return out
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of a tensor of ``n`` rows that rank ``rank`` of ``world`` holds under FSDP2's dim-0
+    sharding (``torch.chunk``: chunks of ceil(n / W) rows, the last ones shorter or empty)."""
+    c = math.ceil(n / world) if n else 0
+    start = min(n, rank * c)
+    return start, min(n, start + c)
+
+
+def _read(files: dict[str, Path], name: str, rows: tuple[int, int] | None, shape) -> torch.Tensor:
+    """Tensor ``name`` (rows ``[start, end)`` of dim 0 with ``rows``) read from its file, whose shape must be
+    ``shape``. The file is opened for this tensor only: its memory map goes when the tensor is read."""
+    from safetensors import safe_open
+
+    if name not in files:
+        raise TailkdError(f"the teacher's safetensors files have no tensor {name!r}, which its model class expects "
+                          "(a checkpoint whose tensor names transformers renames on load): re-save it with "
+                          "save_pretrained, or use --teacher.parallel replicate")
+    with safe_open(str(files[name]), "pt") as fh:
+        sl = fh.get_slice(name)
+        stored = tuple(sl.get_shape())
+        if stored != tuple(shape):
+            raise TailkdError(f"tensor {name} of {files[name]} has shape {stored}, its model class expects "
+                              f"{tuple(shape)}: the folder's config.json and weights do not match")
+        if rows is None:
+            return sl[:] if stored else fh.get_tensor(name)
+        return sl[rows[0]:rows[1]]
+
+
+# --------------------------------------------------------------------------- the skeleton
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Within: every parameter a module registers goes to the meta device (it never takes memory; one that already
+    is, e.g. a tied weight registered twice, is kept as is, so ties stay), every buffer stays real, as
+    accelerate's ``init_empty_weights(include_buffers=False)`` does."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kept = module._parameters[name]
+            module._parameters[name] = torch.nn.Parameter(kept.to("meta"), requires_grad=kept.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _skeleton(folder: Path, dtype: torch.dtype):
+    """The teacher's model class from its config, parameters on meta, buffers real (on the CPU), eval mode, frozen."""
+    from transformers import AutoModelForCausalLM
+
+    config = models.read_config(folder)
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the decoder layers (the classes of ``_no_split_modules``), in order."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
+    if not layers:
+        raise TailkdError(f"{type(model).__name__} names no decoder layer class (_no_split_modules), so FSDP2 cannot "
+                          "shard it layer by layer: use --teacher.parallel replicate")
+    return layers
+
+
+def _set_param(model, name: str, value: torch.Tensor, aliases: dict[str, list[str]]) -> None:
+    """Make ``value`` (a frozen Parameter) the parameter ``name`` and every name tied to it."""
+    param = torch.nn.Parameter(value, requires_grad=False)
+    for alias in aliases.get(name, [name]):
+        owner, _, attr = alias.rpartition(".")
+        model.get_submodule(owner)._parameters[attr] = param
+
+
+def _aliases(model) -> dict[str, list[str]]:
+    """{first name of a parameter: all its names} (tied weights have several)."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = first.setdefault(id(p), name)
+        out.setdefault(key, []).append(name)
+    return out
+
+
+def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=None):
+    """``(teacher skeleton, tokenizer)`` to build the student from (`tailkd.student.build_student`) and check the
+    vocabulary against, without loading the teacher: the skeleton's parameters are on meta except those a student
+    built from it copies (every parameter outside the decoder layers and those of the layers the student keeps),
+    read whole in the teacher dtype. With ``student_cfg.path`` (an existing student) none is read."""
+    from tailkd.student import choose_layers, family_of, teacher_dims
+
+    folder = teacher_folder(spec, cache_dir)
+    model = _skeleton(folder, models.resolve_dtype(dtype, device))
+    tokenizer = models.load_tokenizer(folder)
+    if student_cfg.path:
+        return model, tokenizer
+    layers = _decoder_layers(model)
+    chosen = choose_layers(teacher_dims(model.config, family_of(model)).layers, student_cfg.num_layers,
+                           student_cfg.layers)
+    skipped = tuple(f"{name}." for i, (name, _) in enumerate(layers) if i not in set(chosen))
+    files, aliases = _weight_map(folder), _aliases(model)
+    for name, p in list(model.named_parameters()):
+        if not name.startswith(skipped):
+            _set_param(model, name, _read(files, name, None, p.shape).to(p.dtype), aliases)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- the sharded teacher
+
+
+def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=None, log=None):
+    """Collective: the teacher of ``spec`` sharded over the process group with FSDP2 (see the module docstring), eval
+    mode, frozen. Needs a process group (`tailkd.distributed.setup`, with ``process_group=True`` in one process).
+    ``log``: a function given one line (placement, this rank's shard, seconds)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise TailkdError("teacher.parallel=fsdp needs a process group: start it with "
+                          "tailkd.distributed.setup(device, process_group=True)")
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    folder = teacher_folder(spec, cache_dir)
+    torch_dtype = models.resolve_dtype(dtype, device)
+    model = _skeleton(folder, torch_dtype)
+    files = _weight_map(folder)
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    ignored = set(head.parameters()) if head is not None else set()
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    persistent = set(model.state_dict().keys())
+    aliases = _aliases(model)  # to_empty unties tied parameters: tied again below
+
+    world = dist.world()
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch_dtype) if device.type == "cuda" else MixedPrecisionPolicy()
+    options = {"mesh": mesh, "reshard_after_forward": True, "mp_policy": mp, "ignored_params": ignored}
+    for _, layer in _decoder_layers(model):
+        fully_shard(layer, **options)
+    if embed is not None and not (set(embed.parameters()) & ignored):
+        fully_shard(embed, **options)  # untied: gathered for the lookup only, not for the whole forward
+    fully_shard(model, **options)
+    model.to_empty(device=device)
+    for name, names in aliases.items():
+        if len(names) > 1:
+            if is_dtensor(model.get_parameter(name)):
+                raise TailkdError(f"{type(model).__name__} ties {', '.join(names)}, which FSDP2 would shard: "
+                                  "use --teacher.parallel replicate")
+            _set_param(model, name, model.get_parameter(name).detach(), aliases)
+
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])  # computed by the model's own __init__ (rotary inv_freq, ...)
+            if name in persistent and name in files:
+                b.copy_(_read(files, name, None, b.shape))
+        for name, p in list(model.named_parameters()):
+            if is_dtensor(p):
+                local = p.to_local()
+                rows = shard_rows(p.shape[0], dist.rank(), world)
+                if local.shape[0] != rows[1] - rows[0]:  # FSDP2 changed its layout: never fill wrong rows silently
+                    raise RuntimeError(f"{name}: local shard of {tuple(local.shape)}, expected rows {rows}")
+                if local.numel():
+                    local.copy_(_read(files, name, rows, p.shape))
+            else:  # the replicated LM head (and a tied input embedding: the same tensor, read once)
+                p.copy_(_read(files, name, None, p.shape))
+        for name, names in aliases.items():  # ties kept: one tensor under every name
+            if any(model.get_parameter(alias) is not model.get_parameter(name) for alias in names):
+                raise RuntimeError(f"tied parameter {name} came apart from {names}")
+    if log is not None:
+        mine, total = local_numel(model), sum(p.numel() for p in model.parameters())
+        log(f"teacher: {placement(model)} (FSDP2 per decoder layer; LM head replicated): this rank holds "
+            f"{mine:,} of its {total:,} parameters, loaded from {folder} in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def is_dtensor(x) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be one
+        return False
+    return isinstance(x, DTensor)
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` holds FSDP2-sharded parameters (a forward of it is then a collective)."""
+    return model is not None and any(is_dtensor(p) for p in model.parameters())
+
+
+def local_numel(model) -> int:
+    """Parameters this rank holds: its shards plus the replicated tensors (each tied tensor once)."""
+    return sum(p.to_local().numel() if is_dtensor(p) else p.numel() for p in model.parameters())
+
+
+def placement(model) -> str:
+    """How the teacher is placed, in words: "replicated" or "sharded over W ranks"."""
+    if not is_sharded(model):
+        return "replicated"
+    w = dist.world()
+    return f"sharded over {w} rank{'s' if w != 1 else ''}"

@@ -1,0 +1,102 @@
+"""Teacher and student vocabularies: one shared token → id map, or a teacher vocabulary that extends the student's.
+
+Distillation compares two distributions over the same token ids. Two cases are accepted:
+
+- **same**: one token → id map and the same special tokens (a student built from its teacher, or trained with the
+  teacher's tokenizer). V = max id + 1; LM heads padded beyond V (151936 vs 152064) are sliced to ``[..., :V]``.
+- **extends** (shared-vocabulary distillation, the TAD paper's §3.3: Phi-3 over Llama-2): every student token has
+  the same id in the teacher's vocabulary, and the teacher's extra tokens all come after the student's ids. The
+  data is tokenised with the student's tokenizer, and distillation runs over the student's V_S ids with the
+  teacher renormalised over them: every code path slices the teacher's logits to ``[..., :V_S]`` before its
+  softmax, so the teacher's distribution becomes p_i / Σ_{j < V_S} p_j — exactly the teacher conditioned on the
+  shared ids. The mass the teacher puts outside them (`outside_mass`) is logged at the start of a run.
+
+Any other difference (another id for a shared token, a student token the teacher lacks, extra teacher tokens in
+between) is refused with one line naming the first difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from tailkd.errors import TailkdError
+
+__all__ = ["check_vocab", "outside_mass", "real_vocab_size", "relation", "tokenizer_fingerprint"]
+
+
+def real_vocab_size(tokenizer) -> int:
+    """Number of token ids the tokenizer can emit: max id + 1 (== len(tokenizer) without id gaps)."""
+    return max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
+
+
+def _special_tokens(tokenizer) -> dict:
+    named = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    named = {name: str(tok) for name, tok in named.items() if tok is not None}
+    return {"named": named, "all": sorted(str(t) for t in tokenizer.all_special_tokens)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token → id, sorted) and the special tokens (bos/eos/unk/pad and the rest)."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": _special_tokens(tokenizer)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def _difference(a, b) -> str:
+    """The first difference of two tokenizers (sizes, a token's id, or the special tokens), in words."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"{len(va)} vs {len(vb)} tokens"
+    for token, idx in sorted(va.items(), key=lambda kv: kv[1]):
+        if vb.get(token) != idx:
+            return f"token {token!r} has id {idx} vs {vb.get(token)}"
+    return f"special tokens {_special_tokens(a)} vs {_special_tokens(b)}"
+
+
+def relation(teacher_tokenizer, student_tokenizer) -> str:
+    """"same", "extends" (see the module docstring), or TailkdError naming the first difference."""
+    if tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer):
+        return "same"
+    vt, vs = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    n_s = real_vocab_size(student_tokenizer)
+    shared = all(vt.get(token) == idx for token, idx in vs.items())
+    if shared and len(vt) > len(vs) and all(idx >= n_s for token, idx in vt.items() if token not in vs):
+        return "extends"
+    raise TailkdError(
+        f"teacher and student tokenizers differ ({_difference(teacher_tokenizer, student_tokenizer)}): "
+        "distillation needs one shared vocabulary, or a teacher vocabulary that extends the student's (the same "
+        "id for every student token, extra teacher tokens after them); build the student from the teacher "
+        "(tailkd.student) or pick a student trained with the teacher's tokenizer"
+    )
+
+
+def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int:
+    """The vocabulary distilled over, V (the student's max id + 1), or a TailkdError (`relation`).
+
+    LM heads with more rows than V (padded, or a teacher's extra tokens) are fine: logits are sliced to
+    ``[..., :V]``. A head (or input embedding) with fewer rows than V cannot score every token: error.
+    """
+    relation(teacher_tokenizer, student_tokenizer)
+    vocab = real_vocab_size(student_tokenizer)
+    for role, model in (("teacher", teacher_model), ("student", student_model)):
+        head = model.get_output_embeddings()
+        rows = {"LM head": head.weight.shape[0] if head is not None else 0,
+                "input embedding": model.get_input_embeddings().weight.shape[0]}
+        for part, n in rows.items():
+            if n < vocab:
+                raise TailkdError(
+                    f"the {role}'s {part} has {n} rows but the tokenizer has {vocab} tokens: "
+                    f"resize it (model.resize_token_embeddings({vocab})) or use the model's own tokenizer"
+                )
+    return vocab
+
+
+@torch.no_grad()
+def outside_mass(teacher_logits: torch.Tensor, shared: int, teacher_vocab: int) -> torch.Tensor:
+    """Per position, the teacher's probability on its own extra tokens (ids ``shared .. teacher_vocab − 1``):
+    1 − Σ_{i < shared} p_i, computed as −expm1(lse(z[:shared]) − lse(z[:teacher_vocab])) in float64 (exact
+    where the mass is tiny). Padded head rows past the tokenizer (``teacher_vocab``) are no tokens: left out."""
+    z = teacher_logits[..., :teacher_vocab].double()
+    return -torch.expm1(torch.logsumexp(z[..., :shared], -1) - torch.logsumexp(z, -1))

@@ -1,0 +1,35 @@
+"""Launching tailkd in other processes for the multi-process tests: a free port, and the CLI in 1 or N processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(argv, nproc: int = 1, expect: int = 0) -> tuple[str, str]:
+    """``python -m tailkd.cli argv`` in one process, or under torchrun with ``nproc`` gloo processes; asserts the
+    exit code ``expect`` and returns (stdout, stderr). A session of its own, so that a hang ends with the whole
+    group (torchrun AND its workers) killed after 300 s."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                      "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "tailkd.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"timed out: {err[-3000:]}") from None
+    assert proc.returncode == expect, err[-3000:]
+    return out, err

@@ -1,0 +1,373 @@
+"""The teacher sharded with FSDP2 (`tailkd.sharded_teacher`, ``--teacher.parallel fsdp``) on the CPU, 1, 2 and 3 gloo
+processes: the same logits, losses, student weights and teacher-cache files as a replicated teacher, a bounded peak
+resident memory per rank while loading, and one-line errors for bad input.
+
+Tolerances. A sharded forward IS the replicated forward's arithmetic: FSDP2 all-gathers each layer's shards, and an
+all-gather is a concatenation, so the gathered weights are the very bits read from the same safetensors file; the
+same module code then runs with the same kernels, shapes and thread count (1). The error bound of sharded vs
+replicated is therefore 0: logits, final hidden states, the weights hash, every teacher-cache tensor, and a
+one-process distillation run (weights, losses, held-out metrics) are compared for BIT equality (torch.equal / ==).
+Runs on 2 and 3 processes differ from the one-process run by data parallelism itself (other batch shapes, the
+gradient reduction order), not by the teacher's placement; they get tests/test_distributed.py's bounds for that:
+weights rtol 1e-4 / atol 1e-5, logged losses and held-out metrics rel 1e-5 (see its `assert_same_run`).
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import build_tiny_tokenizer, make_tiny_lm
+from launch import ENV, free_port, run_cli
+from safetensors.torch import load_file
+from tiny import make_teacher_dir, read_metrics, write_corpus
+
+from tailkd import distributed as dist
+from tailkd import models
+from tailkd.cache import weights_hash, write_cache
+from tailkd.config import DistillConfig
+from tailkd.errors import TailkdError
+from tailkd.head import final_hidden
+from tailkd.sharded_teacher import is_dtensor, load_sharded_teacher, local_numel, shard_rows, teacher_folder
+
+
+def _join(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return dist.setup("cpu")
+
+
+def test_shard_rows_is_fsdp2s_torch_chunk_layout():
+    """The rows each rank reads are exactly the dim-0 chunks FSDP2 gives it (torch.chunk), for sizes that do not
+    divide by W and for W larger than the tensor."""
+    for n in (0, 1, 5, 7, 64, 262):
+        for w in (1, 2, 3, 5, 8):
+            chunks = torch.arange(n).chunk(w) if n else ()
+            got = [shard_rows(n, r, w) for r in range(w)]
+            assert [b - a for a, b in got] == [len(c) for c in chunks] + [0] * (w - len(chunks)), (n, w)
+            assert [x for a, b in got for x in range(a, b)] == list(range(n)), (n, w)
+
+
+# --------------------------------------------------------------------------- logits and the cache, 2 and 3 ranks
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A trained tied teacher (one file), an untied teacher saved in 4+ safetensors shards (index), its GGUF already
+    converted, a corpus and its packed rows."""
+    root = tmp_path_factory.mktemp("sharded")
+    tied = make_teacher_dir(root / "tied", train_steps=20)
+    untied = root / "untied"
+    make_tiny_lm(seed=3, tie_word_embeddings=False).save_pretrained(untied, max_shard_size="100KB")
+    build_tiny_tokenizer().save_pretrained(untied)
+    assert len(list(untied.glob("model-*.safetensors"))) > 3
+    from test_models import write_tiny_llama_gguf
+
+    gguf = write_tiny_llama_gguf(root / "tiny.gguf", make_tiny_lm(seed=4), build_tiny_tokenizer())
+    gguf_cache = root / "gguf-cache"
+    models.model_dir(gguf, gguf_cache)  # converted once here (distill does it on rank 0 first)
+    corpus = write_corpus(root / "corpus.txt")
+    cfg = DistillConfig()
+    cfg.data.paths, cfg.data.cache_dir, cfg.data.seq_len = [str(corpus)], str(root / "data"), 32
+    from tailkd.prepare import setup_data
+
+    info, rows, _ = setup_data(cfg, models.load_tokenizer(tied), 128)
+    return {"root": root, "tied": tied, "untied": untied, "gguf": gguf, "gguf_cache": gguf_cache,
+            "corpus": corpus, "rows": (str(info.train_bin), 32), "fingerprint": info.fingerprint}
+
+
+CACHE_ARGS = {"k": 8, "hidden_states": True, "tail_samples": 4, "seed": 3, "batch_size": 2, "rows_per_shard": 3,
+              "max_rows": 10}  # 4 shards (3, 3, 3, 1 rows): uneven over 2 and 3 ranks, 2 forwards per full shard
+
+
+def _write_cache(model, tokenizer, rows, out, fingerprint):
+    return write_cache(model, tokenizer, rows, out, corpus={"fingerprint": fingerprint, "split": "train"},
+                       teacher_name="tied", log=lambda _: None, **CACHE_ARGS)
+
+
+def _logits_worker(rank, world, port, assets, out):
+    from tailkd.data import PackedRows
+
+    device = _join(rank, world, port)
+    try:
+        results = {}
+        ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(rank))  # other rows per rank
+        for name in ("tied", "untied", "gguf"):
+            sharded = load_sharded_teacher(str(assets[name]), device=device, dtype="fp32",
+                                           cache_dir=assets["gguf_cache"])
+            whole, _ = models.load_causal_lm(str(assets[name]), cache_dir=assets["gguf_cache"])
+            with torch.no_grad():
+                same = {"logits": torch.equal(sharded(input_ids=ids).logits, whole(input_ids=ids).logits),
+                        "hidden": torch.equal(final_hidden(sharded, ids), final_hidden(whole, ids))}
+            same["hash"] = weights_hash(sharded) == weights_hash(whole)
+            same["buffers"] = all(torch.equal(b, dict(whole.named_buffers())[n]) for n, b in sharded.named_buffers())
+            layers_sharded = all(is_dtensor(p) for n, p in sharded.named_parameters() if ".layers." in n)
+            results[name] = {**same, "layers_sharded": layers_sharded, "local": local_numel(sharded),
+                             "total": sum(p.numel() for p in whole.parameters()),
+                             "head": whole.get_output_embeddings().weight.numel(),
+                             "tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight}
+        # the teacher cache: rank r writes shards r, r + W, ...; then shard 1 (rank 1's) is lost and rewritten while
+        # the other ranks, with nothing to write, pad with forwards (the sharded teacher's forward is a collective)
+        sharded = load_sharded_teacher(str(assets["tied"]), device=device, dtype="fp32")
+        rows = PackedRows(*assets["rows"])
+        tokenizer = models.load_tokenizer(assets["tied"])
+        _write_cache(sharded, tokenizer, rows, out / "cache", assets["fingerprint"])
+        dist.barrier()
+        if rank == 0:
+            (out / "cache" / "shard_000001.safetensors").unlink()
+        dist.barrier()
+        _write_cache(sharded, tokenizer, rows, out / "cache", assets["fingerprint"])
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.shutdown()
+
+
+def _cache_files(path: Path) -> dict:
+    files = {p.name: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    meta = json.loads((path / "cache.json").read_text())
+    meta.pop("created_unix")
+    return {"files": files, "meta": meta}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_teacher_equals_the_replicated_one_and_writes_the_same_cache(assets, tmp_path, world):
+    """2 and 3 ranks, a tied teacher in one file, an untied one in several files, one from a GGUF: bit-equal logits,
+    hidden states, buffers (rotary inv_freq) and weights hash; every rank holds less than the whole; the cache written
+    by the ranks (and resumed) has the files one process writes with the replicated teacher, bit for bit."""
+    from tailkd.data import PackedRows
+
+    mp.spawn(_logits_worker, args=(world, free_port(), assets, tmp_path), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name in ("tied", "untied", "gguf"):
+        for r, got in enumerate(per_rank):
+            g = got[name]
+            assert g["logits"] and g["hidden"] and g["buffers"] and g["hash"] and g["layers_sharded"], (name, r, g)
+            # the shards of rank r plus the replicated head: never the whole teacher
+            assert g["local"] < g["total"], (name, r, g)
+        shards = sum(got[name]["local"] - got[name]["head"] for got in per_rank)
+        assert shards == per_rank[0][name]["total"] - per_rank[0][name]["head"], name  # each row held once
+    assert per_rank[0]["tied"]["tied"] and not per_rank[0]["untied"]["tied"]
+
+    reference = tmp_path / "reference"  # one process, the replicated teacher, 1 thread like the workers
+    whole, tokenizer = models.load_teacher(str(assets["tied"]), dtype="fp32")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _write_cache(whole, tokenizer, PackedRows(*assets["rows"]), reference, assets["fingerprint"])
+    finally:
+        torch.set_num_threads(threads)
+    ours, ref = _cache_files(tmp_path / "cache"), _cache_files(reference)
+    assert ours["meta"] == ref["meta"]
+    assert sorted(ours["files"]) == sorted(ref["files"]) == ["head.safetensors"] + [
+        f"shard_{i:06d}.safetensors" for i in range(4)]
+    for fname, tensors in ref["files"].items():
+        assert tensors.keys() == ours["files"][fname].keys(), fname
+        for key, value in tensors.items():
+            assert torch.equal(ours["files"][fname][key], value), (fname, key)
+
+
+# --------------------------------------------------------------------------- memory while loading
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss_worker(rank, world, port, warmup, big, sharded, out):
+    """Load a tiny teacher first (every lazy import and allocator pool warmed up), then the big one; record the RSS
+    just before it and the peak RSS (ru_maxrss) before and after it."""
+    device = _join(rank, world, port) if sharded else torch.device("cpu")
+    torch.set_num_threads(1)
+    try:
+        for path in (warmup, big):
+            before, before_max = _rss_now(), _max_rss()
+            model = load_sharded_teacher(path, device=device, dtype="fp32") if sharded else \
+                models.load_teacher(path, dtype="fp32")[0]
+            # every byte this rank holds read once, as its first forward does (transformers maps a replicated
+            # teacher's safetensors lazily: its pages become resident when used)
+            sum(float((p.to_local() if is_dtensor(p) else p).sum()) for p in model.parameters())
+            after_max = _max_rss()
+            del model
+        torch.save({"before": before, "before_max": before_max, "after_max": after_max},
+                   Path(out) / f"rss{rank}-{sharded}.pt")
+    finally:
+        if sharded:
+            dist.shutdown()
+
+
+def _rss_main(warmup: str, big: str, out: str, world: int) -> None:
+    """Run by the test in a fresh process: Linux keeps ru_maxrss across execve, so a worker spawned straight from
+    pytest would start with pytest's RSS as its peak; spawned from this small process, its peak starts below its own
+    RSS after the warm-up."""
+    mp.spawn(_rss_worker, args=(1, 0, warmup, big, False, out), nprocs=1, join=True)
+    mp.spawn(_rss_worker, args=(world, free_port(), warmup, big, True, out), nprocs=world, join=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the RSS from /proc (Linux)")
+def test_peak_rss_of_each_rank_while_loading_stays_below_its_share(tmp_path):
+    """A random 6-layer teacher of 310 MB (fp32, tied 512-token vocabulary, largest tensor 11.5 MB), 2 ranks: loading
+    it sharded raises each rank's peak RSS (getrusage ru_maxrss after, minus the RSS just before) by at most its 1/W
+    share + 0.1 of the teacher (one tensor's rows read at a time, allocator slack; measured: 0.53); the replicated
+    load of the same folder, measured the same way, adds at least 0.9 of it (measured: 1.0), so the test separates
+    the two."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    warmup, big = tmp_path / "warmup", tmp_path / "big"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, tie_word_embeddings=True)).save_pretrained(warmup)
+    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    big.mkdir()
+    save_file({n: torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()}, str(big / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(big)
+    for folder in (warmup, big):  # the replicated load (tailkd.models.load_teacher) wants a tokenizer too
+        build_tiny_tokenizer().save_pretrained(folder)
+    full = sum(math.prod(s) * 4 for s in shapes.values())
+    assert 300e6 < full < 330e6
+
+    world = 2
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_sharded_teacher as t; "
+            f"t._rss_main({str(warmup)!r}, {str(big)!r}, {str(tmp_path)!r}, {world})")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r, sharded in [(0, False)] + [(r, True) for r in range(world)]:
+        got = torch.load(tmp_path / f"rss{r}-{sharded}.pt")
+        assert got["before_max"] - got["before"] < 0.05 * full, got  # the peak before loading is the RSS then
+        added = got["after_max"] - got["before"]
+        print(f"{'sharded' if sharded else 'replicated'} rank {r}: loading added {added / 1e6:.0f} MB to the peak "
+              f"RSS, {added / full:.2f} of the {full / 1e6:.0f} MB teacher")
+        if sharded:
+            assert added < (1 / world + 0.1) * full, (r, got, full)
+        else:
+            assert added > 0.9 * full, got  # the measurement sees a whole teacher
+
+
+# --------------------------------------------------------------------------- distillation runs through the CLI
+
+
+
+def distill_args(assets, out, *extra):
+    # 6 rows per step (divisible by 1, 2, 3 ranks), 5 held-out rows (uneven over 2 and 3 ranks), evaluations and
+    # checkpoints every 2 steps
+    return ["distill", "--teacher", str(assets["tied"]), "--data", str(assets["corpus"]),
+            "--data.cache_dir", str(assets["root"] / "data"), "--student-layers", "2", "--seq-len", "32",
+            "--batch-size", "6", "--lr", "3e-3", "--train.warmup_steps", "2", "--data.eval_rows", "5", "--steps", "4",
+            "--train.eval_every", "2", "--train.save_every", "2", "--device", "cpu", "--train.precision", "fp32",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def replicated_run(assets, tmp_path_factory):
+    run = tmp_path_factory.mktemp("replicated") / "run"
+    run_cli(distill_args(assets, run))
+    return run
+
+
+def _compare_runs(one, many, *, exact: bool):
+    a, b = load_file(str(one / "final" / "model.safetensors")), load_file(str(many / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(b[name], a[name]), name
+        else:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    ra, rb = read_metrics(one), read_metrics(many)
+    assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
+    for x, y in zip(ra, rb):
+        keys = ["loss", "clm", "div", "grad_norm"] if x["split"] == "train" else ["kl", "rkl", "student_clm",
+                                                                                   "teacher_clm", "agreement"]
+        for key in keys:
+            assert y[key] == (x[key] if exact else pytest.approx(x[key], rel=1e-5)), (x["step"], key)
+    return a
+
+
+def test_one_process_through_fsdp2_is_bit_identical_to_the_replicated_teacher(assets, replicated_run, tmp_path):
+    """A one-process CPU run with --teacher.parallel fsdp is allowed: it goes through FSDP2 (a process group of one),
+    as a single CUDA device does, and gives the replicated run's weights, losses and held-out metrics bit for bit."""
+    run = tmp_path / "run"
+    out, _ = run_cli(distill_args(assets, run, "--teacher.parallel", "fsdp"))
+    assert "teacher: sharded over 1 rank (FSDP2" in out
+    _compare_runs(replicated_run, run, exact=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher_placement"] == "sharded over 1 rank"
+    assert json.loads((replicated_run / "summary.json").read_text())["teacher_placement"] == "replicated"
+    (peak,) = summary["peak_memory_per_rank_bytes"]
+    assert 50e6 < peak < 8e9 and summary["peak_memory_kind"].startswith("peak RSS")
+
+
+def test_two_ranks_ddp_student_stopped_and_resumed_equal_one_process(assets, replicated_run, tmp_path):
+    run = tmp_path / "run"
+    run_cli(distill_args(assets, run, "--teacher.parallel", "fsdp", "--train.stop_after", "2"), nproc=2)
+    assert (run / "checkpoints" / "step_00000002").is_dir() and not (run / "final").exists()
+    out, _ = run_cli(distill_args(assets, run, "--teacher.parallel", "fsdp", "--resume"), nproc=2)
+    assert "teacher: sharded over 2 ranks (FSDP2" in out and "peak memory per rank" in out
+    _compare_runs(replicated_run, run, exact=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher_placement"] == "sharded over 2 ranks" and summary["world_size"] == 2
+    assert len(summary["peak_memory_per_rank_bytes"]) == 2
+
+
+def test_three_ranks_fsdp_student_equal_one_process(assets, replicated_run, tmp_path):
+    run = tmp_path / "run"
+    run_cli(distill_args(assets, run, "--teacher.parallel", "fsdp", "--train.parallel", "fsdp"), nproc=3)
+    final = _compare_runs(replicated_run, run, exact=False)
+    from tailkd.student import build_student
+
+    start = build_student(models.load_teacher(str(assets["tied"]), dtype="fp32")[0], num_layers=2, seed=0)[0]
+    start = start.state_dict()
+    # training moved the weights far beyond the tolerance (atol 1e-5): 4 AdamW steps of at most lr 3e-3 each
+    assert max(float((final[k] - start[k]).abs().max()) for k in final) > 2e-3
+    assert json.loads((run / "summary.json").read_text())["teacher_placement"] == "sharded over 3 ranks"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_line(assets, tmp_path, capsys):
+    from tailkd.cli import main
+
+    bin_only = tmp_path / "bin-only"
+    shutil.copytree(assets["tied"], bin_only)
+    torch.save(load_file(str(bin_only / "model.safetensors")), bin_only / "pytorch_model.bin")
+    (bin_only / "model.safetensors").unlink()
+    argv = distill_args(assets, tmp_path / "run", "--teacher.parallel", "fsdp")
+    argv[argv.index("--teacher") + 1] = str(bin_only)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("tailkd: error: teacher.parallel=fsdp reads the teacher's "
+                                                   "safetensors"), err
+    assert "only pytorch_model.bin" in err and "--teacher.parallel replicate" in err
+    assert not (tmp_path / "run").exists()  # nothing written before every input is checked
+    assert not torch.distributed.is_initialized()  # the one-process group ended with the run
+
+    assert main(distill_args(assets, tmp_path / "run", "--teacher.parallel", "zero3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tailkd: error: teacher.parallel='zero3' must be replicate or fsdp", err
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    shutil.copy(assets["tied"] / "config.json", empty)
+    with pytest.raises(TailkdError, match=r"has no weights: re-save it with save_pretrained"):
+        teacher_folder(str(empty))
+    # a GGUF (the built-in teacher too) is read from its converted safetensors cache
+    assert (teacher_folder(assets["gguf"], assets["gguf_cache"]) / "model.safetensors").is_file()
+    with pytest.raises(TailkdError, match=r"needs a process group"):
+        load_sharded_teacher(str(assets["tied"]), device=torch.device("cpu"))

@@ -1,0 +1,167 @@
+"""tailkd.vocab: one shared vocabulary, a teacher vocabulary extending the student's (distillation over the shared
+ids with the teacher renormalised over them), and everything else refused."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_MERGES, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+
+from tailkd.errors import TailkdError
+from tailkd.losses import forward_kl
+from tailkd.vocab import check_vocab, outside_mass, relation, tokenizer_fingerprint
+
+
+def test_check_vocab_same_tokenizer(tiny_tokenizer):
+    teacher, student = make_tiny_lm("llama"), make_tiny_lm("gpt2", seed=1)
+    assert check_vocab(tiny_tokenizer, build_tiny_tokenizer(), teacher, student) == TINY_VOCAB == len(tiny_tokenizer)
+
+
+def test_check_vocab_padded_head_and_slicing(tiny_tokenizer):
+    teacher = make_tiny_lm("qwen2", vocab_size=TINY_VOCAB + 10)  # head padded past the real vocabulary
+    student = make_tiny_lm("llama")
+    vocab = check_vocab(tiny_tokenizer, tiny_tokenizer, teacher, student)
+    assert vocab == TINY_VOCAB
+    ids = torch.tensor([tiny_tokenizer("in the thin").input_ids])
+    with torch.no_grad():
+        teacher_logits, student_logits = teacher(ids).logits, student(ids).logits
+    assert teacher_logits.shape[-1] == TINY_VOCAB + 10
+    assert teacher_logits[..., :vocab].shape == student_logits[..., :vocab].shape == (*ids.shape, TINY_VOCAB)
+
+
+def test_check_vocab_head_too_small(tiny_tokenizer):
+    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 6)
+    with pytest.raises(TailkdError, match=rf"student's LM head has {TINY_VOCAB - 6} rows .* {TINY_VOCAB} tokens"):
+        check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
+
+
+def test_check_vocab_different_tokenizers(tiny_tokenizer):
+    other = build_tiny_tokenizer(merges=[*TINY_MERGES[:-1], ("o", "n")])  # 'in' (259) became 'on'
+    model = make_tiny_lm("llama")
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(token 'in' has id 259 vs None\)"):
+        check_vocab(tiny_tokenizer, other, model, model)
+
+
+def test_check_vocab_different_special_tokens(tmp_path, tiny_tokenizer):
+    other = build_tiny_tokenizer()
+    other.pad_token = other.eos_token  # same token -> id map, different pad token
+    model = make_tiny_lm("llama")
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(special tokens"):
+        check_vocab(tiny_tokenizer, other, model, model)
+
+
+def test_tokenizer_fingerprint(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    fp = tokenizer_fingerprint(tiny_tokenizer)
+    assert len(fp) == 64 and fp == tokenizer_fingerprint(reloaded)
+    reloaded.add_tokens(["<extra>"])
+    assert tokenizer_fingerprint(reloaded) != fp
+
+
+def _extended(extra=("<x1>", "<x2>", "<x3>")):
+    tok = build_tiny_tokenizer()
+    tok.add_tokens(list(extra))  # ids TINY_VOCAB.. after the student's
+    return tok
+
+
+def test_a_teacher_vocabulary_that_extends_the_students():
+    teacher_tok, student_tok = _extended(), build_tiny_tokenizer()
+    assert relation(teacher_tok, student_tok) == "extends" and relation(student_tok, student_tok) == "same"
+    teacher = make_tiny_lm("llama", vocab_size=TINY_VOCAB + 3)
+    assert check_vocab(teacher_tok, student_tok, teacher, make_tiny_lm("llama", seed=1)) == TINY_VOCAB
+    with pytest.raises(TailkdError, match="tokenizers differ"):  # the student's vocabulary does not extend
+        check_vocab(student_tok, teacher_tok, make_tiny_lm("llama"), teacher)
+
+
+def test_other_differences_are_still_refused():
+    other = build_tiny_tokenizer(merges=[*TINY_MERGES[:-1], ("o", "n")])  # a shared token with another id
+    other.add_tokens(["<x1>"])
+    with pytest.raises(TailkdError, match="tokenizers differ.*extends the student's"):
+        relation(other, build_tiny_tokenizer())
+
+
+def test_distilling_over_the_shared_ids_renormalises_the_teacher():
+    """KL over the shared ids (the teacher's logits sliced to V_S, as every path does) equals KL(p̃‖q) with
+    p̃_i = p_i / Σ_{j<V_S} p_j of the teacher's full softmax, as plain float64 sums; and the mass outside is
+    1 − Σ_{j<V_S} p_j. float64 throughout: relative error ~ V·eps64 ≈ 1e-13."""
+    g = torch.Generator().manual_seed(0)
+    v_s, v_t = 50, 57
+    t = torch.randn(3, 4, v_t + 5, generator=g, dtype=torch.float64) * 3  # 5 padded head rows past the tokenizer
+    s = torch.randn(3, 4, v_s, generator=g, dtype=torch.float64) * 3
+    got = forward_kl(s, t[..., :v_s])
+    for b in range(3):
+        for i in range(4):
+            p = [float(x) for x in torch.exp(t[b, i, :v_t] - t[b, i, :v_t].max())]
+            z = sum(p)
+            p = [x / z for x in p]
+            shared = sum(p[:v_s])
+            q = [float(x) for x in torch.exp(s[b, i] - s[b, i].max())]
+            zq = sum(q)
+            want = sum(p[j] / shared * (math.log(p[j] / shared) - math.log(q[j] / zq)) for j in range(v_s))
+            assert float(got[b, i]) == pytest.approx(want, rel=1e-11)
+            assert float(outside_mass(t[b, i], v_s, v_t)) == pytest.approx(1 - shared, rel=1e-11)
+    # a tiny mass outside is exact, not 1 − (1 − ε) rounded
+    z = torch.zeros(10, dtype=torch.float64)
+    z[8:] = -40.0
+    assert float(outside_mass(z, 8, 10)) == pytest.approx(2 * math.exp(-40.0) / 8, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- end to end: tailkd distill and eval
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny teacher T, the same teacher T+ with 2 extra tokens (ids after T's, own embedding/head rows), and a
+    2-layer student built from T saved with T's tokenizer (a continued-pretraining student)."""
+    from tiny import make_teacher_dir, write_corpus
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tailkd.student import build_student
+
+    root = tmp_path_factory.mktemp("shared_vocab")
+    teacher = make_teacher_dir(root / "teacher")
+    model, tok = AutoModelForCausalLM.from_pretrained(teacher), AutoTokenizer.from_pretrained(teacher)
+    student, _ = build_student(model, num_layers=2)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    tok.add_tokens(["<extra1>", "<extra2>"])
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(root / "teacher_plus")
+    tok.save_pretrained(root / "teacher_plus")
+    return {"teacher": teacher, "teacher_plus": root / "teacher_plus", "student": root / "student",
+            "corpus": write_corpus(root / "corpus.txt"), "cache": root / "cache"}
+
+
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_shared_vocabulary_distillation_equals_plain_distillation(pair, tmp_path, capsys, fused):
+    """Renormalised over the shared ids, T+ IS T (the same logits there), so the runs agree: the teacher logits
+    come from GEMMs of another width (float32 dot products, ~1e-6 relative apart at most), so step 1's loss within
+    1e-5; Adam's first steps move each weight by ≤ lr whatever the gradient's size, so later losses within 1e-3."""
+    from tiny import read_metrics
+
+    from tailkd.cli import main
+
+    def run(teacher, out):
+        assert main(["distill", "--teacher", str(teacher), "--student", str(pair["student"]), "--data",
+                     str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size",
+                     "4", "--steps", "3", "--train.precision", "fp32", "--fused-loss", fused, "--out", str(out)]) == 0
+        return [r for r in read_metrics(out) if r["split"] == "train"], capsys.readouterr().out
+
+    plain, _ = run(pair["teacher"], tmp_path / "plain")
+    shared, log = run(pair["teacher_plus"], tmp_path / "shared")
+    assert shared[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert [r["loss"] for r in shared] == pytest.approx([r["loss"] for r in plain], rel=1e-3)
+    line = next(ln for ln in log.splitlines() if ln.startswith("shared vocabulary:"))
+    assert "the student's 300 token ids of the teacher's 302" in line and "its mass on its 2 other tokens" in line
+    mass = float(line.split("other tokens: ")[1].split()[0])
+    assert 0 < mass < 1
+    # the saved student keeps its own tokenizer (300 tokens), and tailkd eval reads the run's extended teacher
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "shared" / "final")) == 300
+    assert main(["eval", "--student", str(tmp_path / "shared" / "final"), "--max-rows", "4", "--out",
+                 str(tmp_path / "e.json")]) == 0
