@@ -50,6 +50,7 @@ def main() -> None:
     from tailkd import cache, models
     from tailkd import data as data_mod
     from tailkd import teacher as teacher_mod
+    from tailkd import vocab as vocab_mod
     from tailkd.config import LossConfig
     from tailkd.objective import step_terms
     from tailkd.student import build_student
@@ -57,10 +58,10 @@ def main() -> None:
     torch.manual_seed(0)
     teacher, tok = models.load_teacher(args.teacher, dtype="fp32")
     student, _ = build_student(teacher, num_layers=args.student_layers, seed=0)
-    vocab = models.check_vocab(tok, tok, teacher, student)
+    vocab = vocab_mod.check_vocab(tok, tok, teacher, student)
     root = data_mod.default_cache_root()
     info = data_mod.prepare_corpus_cached(data_mod.default_corpus_files(root), tok, root / "corpora",
-                                          tokenizer_fingerprint=models.tokenizer_fingerprint(tok))
+                                          tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tok))
     rows = data_mod.PackedRows(info.train_bin, args.seq_len)
     n_rows = args.batch_size * (args.steps + 1)
     work = Path(args.work or tempfile.mkdtemp(prefix="tailkd-e2e-"))
