@@ -325,6 +325,33 @@ def test_two_ranks_ddp_student_stopped_and_resumed_equal_one_process(assets, rep
     assert len(summary["peak_memory_per_rank_bytes"]) == 2
 
 
+def test_fused_layer_on_a_sharded_teacher_killed_and_resumed(assets, tmp_path):
+    """The fused loss layer reads the sharded teacher's (replicated) head; 2 ranks, SIGKILLed after the step-2
+    checkpoint (the writer pauses 3 s inside each checkpoint: the run cannot finish before the kill) and resumed,
+    give the one-process replicated fused run (DDP's float tolerances, as above)."""
+    import signal
+    import time
+
+    one = tmp_path / "one"
+    run_cli(distill_args(assets, one, "--fused-loss", "on"))
+    run = tmp_path / "run"
+    argv = distill_args(assets, run, "--teacher.parallel", "fsdp", "--fused-loss", "on")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "tailkd.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**ENV, "TAILKD_TEST_CHECKPOINT_PAUSE": "3"},
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_00000002").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+    out, _ = run_cli([*argv, "--resume"], nproc=2)
+    assert "chunks of" in out and "teacher: sharded over 2 ranks" in out
+    _compare_runs(one, run, exact=False)
+
+
 def test_three_ranks_fsdp_student_equal_one_process(assets, replicated_run, tmp_path):
     run = tmp_path / "run"
     run_cli(distill_args(assets, run, "--teacher.parallel", "fsdp", "--train.parallel", "fsdp"), nproc=3)
