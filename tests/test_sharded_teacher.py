@@ -352,6 +352,24 @@ def test_fused_layer_on_a_sharded_teacher_killed_and_resumed(assets, tmp_path):
     _compare_runs(one, run, exact=False)
 
 
+def test_cache_teacher_command_under_torchrun_with_a_sharded_teacher(assets, tmp_path):
+    """`torchrun --nproc_per_node 2 -m tailkd.cli cache-teacher --teacher.parallel fsdp`: each rank writes the shards
+    of its rows from the sharded teacher, rank 0 the cache.json; the files equal one process's with the replicated
+    teacher (the workers and the reference both run 1 thread: OMP_NUM_THREADS=1), tensor for tensor."""
+    common = ["cache-teacher", "--teacher", str(assets["tied"]), "--data", str(assets["corpus"]), "--cache-dir",
+              str(assets["root"] / "data"), "--seq-len", "32", "--k", "8", "--batch-size", "2",
+              "--rows-per-shard", "3", "--max-rows", "11", "--device", "cpu"]
+    run_cli([*common, "--out", str(tmp_path / "one")])
+    out, _ = run_cli([*common, "--teacher.parallel", "fsdp", "--out", str(tmp_path / "two")], nproc=2)
+    assert out.count("cached 11 rows") == 1  # rank 0 alone prints the sizes
+    one, two = _cache_files(tmp_path / "one"), _cache_files(tmp_path / "two")
+    assert one["meta"] == two["meta"] and one["files"].keys() == two["files"].keys() and len(one["files"]) == 4
+    for name, tensors in one["files"].items():
+        assert tensors.keys() == two["files"][name].keys()
+        for key, value in tensors.items():
+            assert torch.equal(value, two["files"][name][key]), (name, key)
+
+
 def test_three_ranks_fsdp_student_equal_one_process(assets, replicated_run, tmp_path):
     run = tmp_path / "run"
     run_cli(distill_args(assets, run, "--teacher.parallel", "fsdp", "--train.parallel", "fsdp"), nproc=3)
