@@ -89,3 +89,18 @@ def test_bad_input_is_one_line(assets, tmp_path, extra, needle):
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and needle in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_the_gpu_config_loads():
+    """configs/reproduce/paper-qwen-1.8b-gpu.yaml: the paper's §3.2.1 sizes through tailkd reproduce (nothing runs)."""
+    from pathlib import Path
+
+    from tailkd.cli import build_parser
+    from tailkd.config import config_from_args
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "reproduce" / "paper-qwen-1.8b-gpu.yaml"
+    cfg = config_from_args(build_parser().parse_args(["reproduce", "--config", str(path)]), ReproduceConfig)
+    runs = plan(cfg)
+    assert len(runs) == 14 and {r.cfg.train.max_steps for r in runs} == {7630}
+    assert {(r.cfg.data.seq_len, r.cfg.student.num_layers, r.cfg.teacher.path) for r in runs} == {
+        (2048, 20, "/models/Qwen1.5-1.8B")}
