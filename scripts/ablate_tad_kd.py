@@ -42,6 +42,7 @@ SETTINGS = {
     "outside-stream": BETAS + CONSTANT,
     "fp32": FP32,
     "outside-fp32": BETAS + CONSTANT + STREAM + FP32,
+    "outside-first6": BETAS + CONSTANT + STREAM + ["--student.layers", "0", "1", "2", "3", "4", "5"],
 }
 
 
