@@ -6,7 +6,7 @@ cosine decay to 10%) and the rows (a continuous token stream vs documents closed
 (tailkd autocasts to bf16 on a CPU with native bf16; a plain script computes in float32). This script trains KD
 and TAD students under each setting with the same teacher, student, data and seeds, and writes a table of the
 held-out KL on the training corpus's held-out split (at every evaluation) and on text from another source
-(Python's documentation, `pydoc_data.topics`, which every CPython ships).
+(Python's documentation: `--heldout-data builtin:pydoc`, `tailkd.corpus.python_docs_corpus`).
 
     .venv/bin/python scripts/ablate_tad_kd.py --out runs/ablation --seeds 0 1
     .venv/bin/python scripts/ablate_tad_kd.py --out runs/ablation --settings default outside   # a subset
@@ -46,19 +46,7 @@ SETTINGS = {
 }
 
 
-def other_source(path: Path) -> Path:
-    """Python's documentation topics as JSON lines (one document per topic): held-out text of another source."""
-    if not path.is_file():
-        from pydoc_data.topics import topics
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())), encoding="utf-8")
-        tmp.replace(path)
-    return path
-
-
-def run_one(tailkd: str, out: Path, setting: str, loss: str, seed: int, other: Path) -> dict:
+def run_one(tailkd: str, out: Path, setting: str, loss: str, seed: int) -> dict:
     """Train (unless finished), then evaluate on the other source; returns the run's numbers."""
     run = out / f"{setting}-{loss}-s{seed}"
     if not (run / "summary.json").is_file():
@@ -68,7 +56,7 @@ def run_one(tailkd: str, out: Path, setting: str, loss: str, seed: int, other: P
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     other_json = run / "eval_other.json"
     if not other_json.is_file():
-        subprocess.run([tailkd, "eval", "--student", str(run / "final"), "--heldout-data", str(other),
+        subprocess.run([tailkd, "eval", "--student", str(run / "final"), "--heldout-data", "builtin:pydoc",
                         "--max-rows", "32", "--out", str(other_json)], check=True, stdout=subprocess.DEVNULL)
     curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["kl"]) for r in curve if r.get("split") == "heldout"]
@@ -103,12 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--tailkd", default=str(Path(sys.executable).with_name("tailkd")))
     args = ap.parse_args(argv)
-    other = other_source(args.out / "other_source.jsonl")
     results = []
     for seed in args.seeds:
         for setting in args.settings:
             for loss in ("kd", "tad"):
-                results.append(run_one(args.tailkd, args.out, setting, loss, seed, other))
+                results.append(run_one(args.tailkd, args.out, setting, loss, seed))
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
     text = table(results)
     (args.out / "results.md").write_text(text + "\n")

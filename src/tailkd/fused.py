@@ -47,8 +47,8 @@ from tailkd.head import Head, HeadSpec, transform, transform_backward
 from tailkd.losses import sequence_alpha_mean
 from tailkd.registry import Divergence
 
-__all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "teacher_tail_mass",
-           "use_fused"]
+__all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "device_chunk",
+           "teacher_tail_mass", "use_fused"]
 
 AUTO_BYTES = 1 << 30  # fused_loss=auto: fuse when one side's float32 logits [N, V] would exceed 1 GiB
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: ~64 MiB per float32 [chunk, V] buffer (a chunk uses ~5 of them)
@@ -84,7 +84,7 @@ def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | No
     return int(max(_GPU_MIN_TOKENS, tokens))
 
 
-def _device_chunk(device: torch.device, vocab: int, hidden: int, dtype: torch.dtype) -> int:
+def device_chunk(device: torch.device, vocab: int, hidden: int, dtype: torch.dtype) -> int:
     """`chunk_tokens` for a device, reading its free memory on CUDA."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     return chunk_tokens(device.type, vocab, hidden, free, dtype)
@@ -434,7 +434,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     kernel = None if d is None else dv.SPARSE if sparse is not None else d.kernel
     plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=y, chunks=[], cdtype=cdtype, mm_dtype=mm,
                  temperature=1.0 if d is None else d.temperature)
-    chunk = int(chunk_size or _device_chunk(h.device, vocab, h.shape[-1], mm))
+    chunk = int(chunk_size or device_chunk(h.device, vocab, h.shape[-1], mm))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     if d is not None and teacher_hidden is not None:

@@ -183,7 +183,7 @@ def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, student, d
     chunk = cfg.train.loss_chunk_size
     if not chunk:
         dtype = dist.autocast_dtype(cfg.train.precision, device) or torch.float32
-        chunk = fused._device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype)
+        chunk = fused.device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype)
     maths = "torch row maths"
     if device.type == "cuda" and cfg.train.loss_kernels == "auto" and LOSSES[cfg.loss.name].triton is not None:
         from tailkd import kernels
