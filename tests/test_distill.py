@@ -171,8 +171,9 @@ def test_heldout_data_for_pretraining_replaces_the_heldout_split_only(assets, tm
     assert len(held_b) == (len(want) - 1) // 32 and torch.equal(held_b[0]["input_ids"], want[:32])
 
     plain, with_other = tmp_path / "plain", tmp_path / "other"
-    assert main(base_args(assets, plain, "--steps", "3")) == 0
-    assert main(base_args(assets, with_other, "--steps", "3", "--heldout-data", str(other))) == 0
+    assert main(base_args(assets, plain, "--steps", "3", "--train.precision", "fp32")) == 0
+    assert main(base_args(assets, with_other, "--steps", "3", "--train.precision", "fp32", "--heldout-data",
+                          str(other))) == 0
     a, b = read_metrics(plain), read_metrics(with_other)
     def losses(rows):
         return [(r["step"], r["loss"], r["clm"], r["div"]) for r in rows if r["split"] == "train"]
@@ -182,7 +183,8 @@ def test_heldout_data_for_pretraining_replaces_the_heldout_split_only(assets, tm
     assert held_other[0]["eval_tokens"] == min(8, len(held_b)) * 32
     assert held_other[-1]["kl"] != [r for r in a if r["split"] == "heldout"][-1]["kl"]
     # tailkd eval of the run reads the same held-out corpus (the run's data settings): the same rows and model,
-    # only the batching may differ (float32 sums of <= 8 x 32 token values: ~1e-6 relative apart at most)
+    # only the batching may differ (fp32 in both, whatever the CPU; float32 sums of <= 8 x 32 token values:
+    # ~1e-6 relative apart at most)
     proc = _cli("eval", "--student", str(with_other / "final"), "--max-rows", "8", "--out",
                 str(tmp_path / "eval.json"))
     assert proc.returncode == 0, proc.stderr
