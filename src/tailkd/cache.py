@@ -481,6 +481,11 @@ class CacheReader:
         got = self.rows(indices, input_ids=input_ids)
         k, kc = self.k, self.meta["k"]
         ids, lp, la = got["topk_ids"], got["topk_logprobs"].double(), got["log_tail_mass"].double()
+        vocab = self.meta["vocab_size"]
+        for key in ("topk_ids", "tail_ids"):  # on the host, before a device would assert on a bad gather index
+            if key in got and got[key].numel() and not bool(((got[key] >= 0) & (got[key] < vocab)).all()):
+                raise TailkdError(f"teacher cache {self.path}: {key} outside the vocabulary [0, {vocab}); the cache "
+                                  "is damaged: rebuild it")
         extra_ids, extra_lp = ids[..., k:], lp[..., k:]
         if k < kc:
             la = torch.logaddexp(la, torch.logsumexp(extra_lp, dim=-1))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -44,7 +44,6 @@ from tailkd import divergences as dv
 from tailkd.data import IGNORE_INDEX
 from tailkd.errors import TailkdError
 from tailkd.head import Head, HeadSpec, transform, transform_backward
-from tailkd.losses import sequence_alpha_mean
 from tailkd.registry import Divergence
 
 __all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "device_chunk",
@@ -118,7 +117,9 @@ class _Plan:
     teacher_head: Head | None = None
     sparse: dv.SparseTeacher | None = None  # fields [M, ...]
     abar: torch.Tensor | None = None  # [M] float64 ᾱ of the token's sequence (tail-weight losses); NaN = in the chunk
-    seq: torch.Tensor | None = None  # [M] sequence id (chunk-local ᾱ)
+    # chunk start -> (chunk-local sequence id [n] on the device, number of local ids) for the chunks holding
+    # sequences they close themselves (ᾱ computed in the chunk); planned once, so no chunk asks the device
+    local: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     triton: object | None = None  # kernels.RowLoss: the chunk's row maths by the Triton kernels
 
 
@@ -151,14 +152,12 @@ def _row_weight(plan: _Plan, a: int, b: int, teacher) -> torch.Tensor | None:
     if not plan.d.spec.tail_weight:
         return torch.ones(b - a, dtype=plan.cdtype, device=plan.labels.device) if plan.sparse is not None else None
     abar = plan.abar[a:b]
-    todo = torch.isnan(abar)
-    if bool(todo.any()):
+    if a in plan.local:
+        local, n_seq = plan.local[a]  # [n]
         alpha_t = teacher.log_alpha.double().exp()  # [n] float64: sub-normal tail masses kept
-        local = torch.unique(plan.seq[a:b], return_inverse=True)[1]  # [n]
-        n_seq = int(local.max()) + 1
         total = alpha_t.new_zeros(n_seq).index_add_(0, local, alpha_t)
         count = alpha_t.new_zeros(n_seq).index_add_(0, local, torch.ones_like(alpha_t))
-        abar = torch.where(todo, (total / count)[local], abar)
+        abar = torch.where(torch.isnan(abar), (total / count)[local], abar)
     return plan.d.row_weight(abar)
 
 
@@ -349,9 +348,10 @@ def _plan_chunks(seq: torch.Tensor | None, n_tok: int, chunk: int) -> tuple[list
 
 @torch.no_grad()
 def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: dv.RowKernel, *,
-                      temperature: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
+                      temperature: float = 1.0, chunk_size: int | None = None, triton=None) -> torch.Tensor:
     """α^T per token [...] (float64) from the teacher rows of a tail-weight ``kernel`` (TAD's top-K split), chunk by
-    chunk: the statistics pass for sequences longer than a chunk. ``teacher_hidden`` [..., d_T]."""
+    chunk: the statistics pass for sequences longer than a chunk. ``teacher_hidden`` [..., d_T]. ``triton``: the
+    `kernels.RowLoss` of the chunk maths, whose statistics kernel then gives α^T (no device synchronisation)."""
     lead = teacher_hidden.shape[:-1]
     h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     cdtype = torch.float64 if torch.float64 in (h.dtype, teacher_head.weight.dtype) else torch.float32
@@ -361,7 +361,14 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
     out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
     for a in range(0, h.shape[0], chunk):
         b = min(a + chunk, h.shape[0])
-        out[a:b] = kernel.teacher(_teacher_logits(plan, a, b, scaled=True)).log_alpha.double().exp()
+        t = _teacher_logits(plan, a, b, scaled=True)
+        if triton is not None:
+            from tailkd import kernels
+
+            log_alpha = kernels.row_stats(t, t, triton.k).log_mass(1)  # the teacher on both sides: α^T
+        else:
+            log_alpha = kernel.teacher(t).log_alpha
+        out[a:b] = log_alpha.double().exp()
     return out.view(lead)
 
 
@@ -408,9 +415,22 @@ def _check_teacher(d, student_hidden, labels, vocab, teacher_hidden, teacher_hea
                          "first (tailkd.cache.CacheReader does)")
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; from the host to CUDA through pinned memory, without waiting for the device."""
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_head, sparse, segment_ids,
              seq_alpha_mean, chunk_size, matmul_dtype, kernels=True) -> tuple[torch.Tensor, _Plan]:
-    """Validate, keep the valid tokens, plan the chunks and ᾱ. Returns (h_valid [M, d], plan)."""
+    """Validate, keep the valid tokens, plan the chunks and ᾱ. Returns (h_valid [M, d], plan).
+
+    The plan (valid positions, sequences, chunk cuts) is computed where ``labels`` and ``segment_ids`` live: from
+    host tensors it needs no device synchronisation (the training loop passes its host micro-batch); only index
+    tensors then travel to the device, without blocking."""
     if student_hidden.dim() != 3 or labels.shape != student_hidden.shape[:-1]:
         raise ValueError(f"student_hidden must be [B, T, d] and labels [B, T]; got {tuple(student_hidden.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -420,11 +440,13 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
         _check_teacher(d, student_hidden, labels, vocab, teacher_hidden, teacher_head, sparse)
         if d.spec.tail_weight and not 1 <= d.cfg.k < vocab:
             raise ValueError(f"k must satisfy 1 <= k < V={vocab}; got {d.cfg.k}")
-    mask = labels != IGNORE_INDEX  # [B, T]
-    idx = mask.reshape(-1).nonzero().squeeze(1)  # [M] valid positions, row-major
-    y = labels.reshape(-1)[idx]
+    dev = student_hidden.device
+    mask = labels != IGNORE_INDEX  # [B, T] on the plan's device (labels')
+    idx_p = mask.reshape(-1).nonzero().squeeze(1)  # [M] valid positions, row-major
+    y = labels.reshape(-1)[idx_p]
     if bool(((y < 0) | (y >= vocab)).any()):
         raise ValueError(f"labels must be token ids in [0, {vocab}) or -100")
+    idx = _to_device(idx_p, dev)
     h = student_hidden.reshape(-1, student_hidden.shape[-1])[idx]  # [M, d_S] (autograd scatters grads back)
     floats = [student_hidden.dtype, student_head.weight.dtype]
     if teacher_hidden is not None:
@@ -432,9 +454,9 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     cdtype = torch.float64 if torch.float64 in floats else torch.float32
     mm = matmul_dtype or torch.promote_types(student_hidden.dtype, student_head.weight.dtype)
     kernel = None if d is None else dv.SPARSE if sparse is not None else d.kernel
-    plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=y, chunks=[], cdtype=cdtype, mm_dtype=mm,
-                 temperature=1.0 if d is None else d.temperature)
-    chunk = int(chunk_size or device_chunk(h.device, vocab, h.shape[-1], mm))
+    plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=_to_device(y, dev), chunks=[], cdtype=cdtype,
+                 mm_dtype=mm, temperature=1.0 if d is None else d.temperature)
+    chunk = int(chunk_size or device_chunk(dev, vocab, h.shape[-1], mm))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     if d is not None and teacher_hidden is not None:
@@ -445,42 +467,54 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     if d is not None and sparse is not None:
         plan.sparse = dv.SparseTeacher(*(None if x is None else x.detach().reshape(-1, *x.shape[2:])[idx]
                                       for x in sparse))
-        if bool((plan.sparse.topk_ids.long() >= vocab).any()):
-            raise ValueError(f"the cached teacher ids exceed the vocabulary V={vocab}")
-    seq = split = None
+        if plan.sparse.topk_ids.device == labels.device and bool((plan.sparse.topk_ids.long() >= vocab).any()):
+            raise ValueError(f"the cached teacher ids exceed the vocabulary V={vocab}")  # (the cache reader checks
+            # its rows on the host before they go to a device)
+    seq = None
     if d is not None and d.spec.tail_weight:
         seg = segment_ids if d.cfg.per_document else None
         if seq_alpha_mean is not None:
             plan.abar = seq_alpha_mean.detach().reshape(-1)[idx].double()
-        elif plan.sparse is not None:  # α^T is in the cache: ᾱ exactly, before any pass
-            alpha = sparse.log_tail_mass.detach().double().exp()
-            plan.abar = sequence_alpha_mean(torch.where(mask, alpha, 0.0), mask, seg).reshape(-1)[idx]
         else:
-            seq = torch.unique(_sequence_ids(mask, seg).reshape(-1)[idx], return_inverse=True)[1]  # dense 0..S-1
-            plan.seq = seq
-            if chunk_size is None and h.device.type != "cuda":  # CPU: whole sequences per chunk avoid the
+            seg = None if seg is None else seg.to(labels.device)
+            seq = torch.unique(_sequence_ids(mask, seg).reshape(-1)[idx_p], return_inverse=True)[1]  # dense 0..S-1
+        if plan.sparse is not None and seq is not None:  # α^T is in the cache: ᾱ exactly, before any pass
+            seq_d = _to_device(seq, dev)
+            alpha = plan.sparse.log_tail_mass.double().exp()  # [M]
+            n_seq = int(seq.max()) + 1 if seq.numel() else 0
+            total = alpha.new_zeros(n_seq).index_add_(0, seq_d, alpha)
+            count = alpha.new_zeros(n_seq).index_add_(0, seq_d, torch.ones_like(alpha))
+            plan.abar, seq = (total / count)[seq_d], None
+        elif seq is not None:
+            if chunk_size is None and dev.type != "cuda":  # CPU: whole sequences per chunk avoid the
                 # statistics pass, up to 1 GiB per buffer (CUDA: every loss gets the same chunk)
                 longest = int(mask.sum(1).max()) if seg is None else labels.shape[1]
                 chunk = max(chunk, min(longest, _WHOLE_SEQUENCE_ELEMENTS // vocab))
-    plan.triton = _triton_loss(d, plan.sparse, cdtype, h.device) if kernels else None
-    plan.chunks, split = _plan_chunks(seq, idx.numel(), chunk)
-    if plan.seq is not None:
-        plan.abar = torch.full((idx.numel(),), math.nan, dtype=torch.float64, device=h.device)
+    plan.triton = _triton_loss(d, plan.sparse, cdtype, dev) if kernels else None
+    plan.chunks, split = _plan_chunks(seq, idx_p.numel(), chunk)
+    if seq is not None:
+        plan.abar = torch.full((idx_p.numel(),), math.nan, dtype=torch.float64, device=dev)
+        for a, b in plan.chunks:  # the sequences each chunk closes get their ᾱ inside it
+            whole = ~split[seq[a:b]]
+            if bool(whole.any()):
+                local = torch.unique(seq[a:b], return_inverse=True)[1]
+                plan.local[a] = (_to_device(local, dev), int(local.max()) + 1)
         if bool(split.any()):  # statistics pass over the tokens of sequences that span chunks
-            tok = split[seq].nonzero().squeeze(1)
+            tok_p = split[seq].nonzero().squeeze(1)
+            tok, seq_tok = _to_device(tok_p, dev), _to_device(seq[tok_p], dev)
             alpha = teacher_tail_mass(plan.teacher_hidden[tok], plan.teacher_head, kernel,
-                                      temperature=plan.temperature, chunk_size=chunk)  # float64
+                                      temperature=plan.temperature, chunk_size=chunk, triton=plan.triton)  # float64
             n_seq = split.shape[0]
-            total = alpha.new_zeros(n_seq).index_add_(0, seq[tok], alpha)
-            count = alpha.new_zeros(n_seq).index_add_(0, seq[tok], torch.ones_like(alpha))
-            plan.abar[tok] = (total / count.clamp_min(1))[seq[tok]]
+            total = alpha.new_zeros(n_seq).index_add_(0, seq_tok, alpha)
+            count = alpha.new_zeros(n_seq).index_add_(0, seq_tok, torch.ones_like(alpha))
+            plan.abar[tok] = (total / count.clamp_min(1))[seq_tok]
     return h, plan
 
 
 def chunked_sums(
     student_hidden: torch.Tensor,  # (B, T, d_S) final hidden states (post final norm)
     student_head: Head,
-    labels: torch.Tensor,  # (B, T), -100 = ignore
+    labels: torch.Tensor,  # (B, T), -100 = ignore; on the host or the device (see below)
     divergence: Divergence | None,
     *,
     clm_weight: float = 1.0,
@@ -502,7 +536,9 @@ def chunked_sums(
     they do not require grad: a frozen head costs no weight-gradient matmul). ``matmul_dtype`` (e.g.
     torch.bfloat16 on GPU) sets the head matmuls' dtype; softmax math is float32 (float64 for float64 inputs).
     ``kernels=False`` keeps the torch row maths where the Triton kernels would apply (CUDA, triton installed).
-    Divide by the number of valid tokens yourself (`tailkd.objective` does, once).
+    ``labels`` and ``segment_ids`` may be host tensors while the hidden states are on CUDA: the chunk plan is then
+    computed on the host, without waiting for the device. Divide by the number of valid tokens yourself
+    (`tailkd.objective` does, once).
     """
     h, plan = _prepare(student_hidden, student_head, labels, divergence, teacher_hidden, teacher_head,
                        sparse_teacher, segment_ids, seq_alpha_mean, chunk_size, matmul_dtype, kernels)

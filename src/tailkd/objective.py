@@ -70,7 +70,8 @@ def _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype) -> torch.Ten
         return None
     if student_hidden is None or teacher_hidden is None:
         raise ValueError("cosine_weight > 0 needs student_hidden and teacher_hidden")
-    return losses.hidden_cosine(student_hidden, teacher_hidden, valid_mask(labels)).sum().to(dtype)
+    mask = valid_mask(labels).to(student_hidden.device)
+    return losses.hidden_cosine(student_hidden, teacher_hidden, mask).sum().to(dtype)
 
 
 def per_token_divergence(cfg, student_logits, teacher_logits, labels, *, segment_ids=None) -> torch.Tensor:
@@ -127,7 +128,7 @@ def objective(
 def chunked_objective(
     student_hidden: torch.Tensor,  # (B, T, d_S) final hidden states (post final norm)
     student_head: Head,
-    labels: torch.Tensor,  # (B, T), -100 = ignore
+    labels: torch.Tensor,  # (B, T), -100 = ignore; may stay on the host (the chunk plan then needs no device sync)
     num_valid_tokens: int | torch.Tensor,
     *,
     cfg=None,  # tailkd.config.LossConfig
@@ -158,10 +159,11 @@ def chunked_objective(
 
 def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,
                chunk_size: int | None = None, autocast_dtype=None, student_head: Head | None = None,
-               kernels: bool = True):
+               kernels: bool = True, host_batch: dict | None = None):
     """`ObjectiveTerms` of one micro-batch (``batch`` on the student's device) from its teacher signal
     (`tailkd.teacher.TeacherSignal`; None only for loss clm): the student forward, then `chunked_objective` on its
-    final hidden states (``fused_path``) or `objective` on its logits."""
+    final hidden states (``fused_path``) or `objective` on its logits. ``host_batch``: the same micro-batch on the
+    host, whose labels and segment ids the fused layer plans its chunks from without a device synchronisation."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     segment_ids = batch.get("segment_ids")
     want_cos = cfg.cosine_weight > 0
@@ -181,10 +183,11 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
             s_logits = out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
             h_s = out.hidden_states[-1] if want_cos else None
     if fused_path:
-        return chunked_objective(h_s, student_head or model_head(student, vocab_size), labels, num_valid_tokens,
-                                 cfg=cfg, teacher_hidden=hidden, teacher_head=head, sparse_teacher=sparse,
-                                 segment_ids=segment_ids, chunk_size=chunk_size, matmul_dtype=autocast_dtype,
-                                 kernels=kernels)
+        plan_from = host_batch if host_batch is not None else batch
+        return chunked_objective(h_s, student_head or model_head(student, vocab_size), plan_from["labels"],
+                                 num_valid_tokens, cfg=cfg, teacher_hidden=hidden, teacher_head=head,
+                                 sparse_teacher=sparse, segment_ids=plan_from.get("segment_ids"),
+                                 chunk_size=chunk_size, matmul_dtype=autocast_dtype, kernels=kernels)
     if logits is None and hidden is not None:
         logits = apply_head(hidden, head).float()  # cached hidden states: (B, T, V)
     t_hidden = hidden if want_cos else None

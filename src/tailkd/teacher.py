@@ -35,11 +35,15 @@ class OnlineTeacher:
 
     def __init__(self, model, vocab_size: int, *, fused_path: bool, autocast_dtype=None, want_hidden: bool = False):
         self.model, self.vocab, self.fused = model, vocab_size, fused_path
-        self.autocast_dtype, self.want_hidden = autocast_dtype, want_hidden
+        self.want_hidden = want_hidden
+        # a teacher whose weights are all in the autocast dtype already (bf16 on CUDA) runs without autocast: the
+        # same bf16 matmuls, without autocast's per-op dispatch and its float32 round trips
+        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        self.autocast_dtype = None if floats == {autocast_dtype} else autocast_dtype
         self.head = model_head(model, vocab_size) if fused_path else None
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> TeacherSignal:
+    def __call__(self, batch: dict, host_batch: dict | None = None) -> TeacherSignal:
         input_ids = batch["input_ids"]
         dev = input_ids.device
         with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -57,7 +61,10 @@ class CachedTeacher:
         self.reader, self.device, self.verify_rows = reader, torch.device(device), verify_rows
         self.head = reader.head(self.device) if reader.has_hidden else None
 
-    def __call__(self, batch: dict) -> TeacherSignal:
+    def __call__(self, batch: dict, host_batch: dict | None = None) -> TeacherSignal:
+        """``host_batch``: the same micro-batch on the host: its row indices and ids are read without a device
+        synchronisation."""
+        batch = host_batch if host_batch is not None else batch
         if "row_index" not in batch:
             raise TailkdError("a cached teacher needs the row index of every batch row; draw batches with "
                               "tailkd.data.batches or collate_rows")

@@ -58,6 +58,7 @@ from tailkd.prepare import (
     log_shared_vocab,
     loss_layer_text,
     make_optimizer,
+    run_loss_chunk,
     set_steps_from_epochs,
     setup_data,
     setup_models,
@@ -110,12 +111,18 @@ def next_micro_batches(rows: data_mod.PackedRows, sampler: data_mod.RowSampler, 
 
 
 def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig, vocab: int, device, ac,
-                     fused_path: bool) -> tuple[dict, int]:
+                     fused_path: bool, chunk: int | None = None) -> tuple[dict, int]:
     """Forward + backward of this rank's micro-batches; gradients accumulate in ``.grad`` and are reduced over
     ranks by DDP/FSDP on the last micro-batch only.
 
-    ``signal_of(batch)``: the teacher signal of a micro-batch (online teacher or teacher cache; None for clm).
-    ``fused_path``: the loss from the final hidden states in chunks (`tailkd.fused`), else from full logits.
+    ``signal_of(batch, host_batch=)``: the teacher signal of a micro-batch (online teacher or teacher cache; None
+    for clm).
+    ``fused_path``: the loss from the final hidden states in chunks (`tailkd.fused`), else from full logits;
+    ``chunk``: tokens per chunk (None: ``train.loss_chunk_size``, else `tailkd.fused`'s rule per micro-batch).
+
+    No host-device synchronisation per micro-batch: batches go to the device without blocking (pinned memory), the
+    fused layer plans its chunks from the host's labels, and the loss terms stay on the device until the one read
+    of the step (the log and the finite check need it).
 
     Denominator: the GLOBAL number of valid tokens of the step (every micro-batch, every rank), summed with one
     all_reduce BEFORE the first backward. Each rank's loss is multiplied by the world size to undo DDP's
@@ -125,18 +132,19 @@ def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig,
     (n_valid,) = dist.sum_over_ranks([sum(count_valid_tokens(mb["labels"]) for mb in micro)], device)
     n_valid = int(n_valid)
     scale = dist.loss_scale()
-    chunk = cfg.train.loss_chunk_size or None
-    terms_sum = dict.fromkeys(TERMS, 0.0)
+    chunk = chunk or cfg.train.loss_chunk_size or None
+    sums = []  # per micro-batch: the terms as one detached device tensor
     for i, mb in enumerate(micro if n_valid else []):
-        batch = {key: value.to(device) for key, value in mb.items()}  # input_ids, labels, segment_ids (b, T)
+        batch = dist.to_device(mb, device)  # input_ids, labels, segment_ids (b, T), row_index
         with dist.grad_sync(model, sync=i == len(micro) - 1):
-            signal = signal_of(batch) if signal_of is not None else None
+            signal = signal_of(batch, host_batch=mb) if signal_of is not None else None
             terms = step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab, fused_path=fused_path,
-                               chunk_size=chunk, autocast_dtype=ac, kernels=cfg.train.loss_kernels == "auto")
+                               chunk_size=chunk, autocast_dtype=ac, kernels=cfg.train.loss_kernels == "auto",
+                               host_batch=mb)
             (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
-        for key in TERMS:
-            terms_sum[key] += float(getattr(terms, key).detach())
-    return terms_sum, n_valid
+        sums.append(torch.stack([getattr(terms, key).detach().double() for key in TERMS]))
+    values = torch.stack(sums).sum(0).tolist() if sums else [0.0] * len(TERMS)  # the step's one read
+    return dict(zip(TERMS, values)), n_valid
 
 
 def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -195,7 +203,7 @@ class Run:
     vocab: int
     train_rows: object
     held_rows: object
-    signal_of: object  # batch -> tailkd.teacher.TeacherSignal (None for clm)
+    signal_of: object  # (batch, host_batch=) -> tailkd.teacher.TeacherSignal (None for clm)
     signal_text: str
     fused_path: bool
     optimizer: torch.optim.Optimizer
@@ -204,6 +212,7 @@ class Run:
     progress: runs.Progress
     log: runs.MetricsLog | None  # rank 0 only
     on_policy: OnPolicy | None = None  # train.on_policy > 0: student-generated micro-batches
+    loss_chunk: int | None = None  # fused layer: tokens per chunk, fixed for the run (None: the CPU's rule per call)
 
     def write_metrics(self, record: dict) -> None:
         if self.log is not None:
@@ -245,7 +254,9 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
         log_shared_vocab(teacher, probe, vocab, teacher_vocab)
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
                                                   fused_path, probe)
-    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, student, device)}; teacher signal: {signal_text}")
+    loss_chunk = run_loss_chunk(cfg, vocab, student, device) if fused_path else None
+    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, student, device, loss_chunk)}; teacher signal: "
+             f"{signal_text}")
 
     # every input checked out: only now touch the run folder
     dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, changes), main_only=True)
@@ -270,7 +281,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=progress.step if restored else -1) \
         if dist.is_main() else None
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
-               signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy)
+               signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk)
 
 
 # --------------------------------------------------------------------------- one step
@@ -308,7 +319,7 @@ def train_step(run: Run, signals: list[int]) -> StepReport:
         p.on_policy_batches += n_batches
     t_gen = time.perf_counter() - t0
     terms, n_valid = forward_backward(run.model, run.signal_of, micro, cfg=run.cfg, vocab=run.vocab,
-                                      device=run.device, ac=run.ac, fused_path=run.fused_path)
+                                      device=run.device, ac=run.ac, fused_path=run.fused_path, chunk=run.loss_chunk)
     *values, n_signals, generated = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals), generated],
                                                         run.device)
     terms = dict(zip(TERMS, values))
