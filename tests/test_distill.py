@@ -218,10 +218,15 @@ def test_per_document_needs_document_boundaries(assets, tmp_path):
                     "train.epochs")
 
 
-def test_compile_gives_the_eager_run_and_logs_attention(assets, tmp_path, capsys):
+def test_compile_gives_the_eager_run_and_logs_attention(assets, tmp_path, capsys, monkeypatch):
     """--train.compile (torch.compile of the decoder stacks, in place): the first step's loss is the eager one's up
     to float32 reassociation by the compiler (2-layer model, 4 x 32 tokens: ~1e-6 relative at most; later steps
-    may differ by Adam's sign-like first updates, so only step 1 is compared); the saved student is a plain one."""
+    may differ by Adam's sign-like first updates, so only step 1 is compared); the saved student is a plain one.
+
+    Its own inductor cache: the shared one (/tmp/torchinductor_$USER) may hold kernels another process built for
+    another CPU capability (ATEN_CPU_CAPABILITY, as when a CPU without native bf16 is emulated), which the cache
+    serves here anyway (measured with torch 2.13: NaN losses or a corrupted heap)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     common = ("--steps", "2", "--train.precision", "fp32", "--train.eval_every", "0")
     assert main(base_args(assets, eager, *common)) == 0
