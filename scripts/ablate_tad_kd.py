@@ -30,6 +30,9 @@ COMMON = ["--steps", "50", "--seq-len", "256", "--batch-size", "4", "--lr", "1e-
 BETAS = ["--train.adam_betas", "0.9", "0.999"]
 CONSTANT = ["--train.warmup_steps", "0", "--train.min_lr_ratio", "1"]
 STREAM = ["--data.doc_eos", "false"]
+NO_CLM = ["--loss.clm_weight", "0"]
+# torch.optim.AdamW's default weight decay, no gradient clipping
+PLAIN_ADAMW = ["--train.grad_clip", "0", "--train.weight_decay", "0.01"]
 FP32 = ["--train.precision", "fp32"]  # tailkd's auto precision is bf16 autocast on a CPU with native bf16
 SETTINGS = {
     "default": [],  # tailkd's defaults: betas (0.9, 0.95), 5 warm-up steps + cosine to 10%, EOS-closed documents
@@ -43,6 +46,10 @@ SETTINGS = {
     "fp32": FP32,
     "outside-fp32": BETAS + CONSTANT + STREAM + FP32,
     "outside-first6": BETAS + CONSTANT + STREAM + ["--student.layers", "0", "1", "2", "3", "4", "5"],
+    "outside-noclm": BETAS + CONSTANT + STREAM + NO_CLM,  # the divergence alone, without Eq. 4's CLM term
+    "outside-noclip": BETAS + CONSTANT + STREAM + PLAIN_ADAMW,
+    "noclip": ["--train.grad_clip", "0"],  # tailkd's defaults without gradient clipping
+    "plain": BETAS + CONSTANT + STREAM + NO_CLM + PLAIN_ADAMW + FP32,  # what a plain torch script does
 }
 
 
