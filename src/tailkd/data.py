@@ -172,6 +172,17 @@ def collate_rows(rows, index: Sequence[int]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """``x`` on ``device``; from the host to CUDA through pinned memory without waiting for the device (the copy
+    queues behind the work already launched)."""
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def batches(rows: PackedRows, sampler: RowSampler, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Infinite ``[B, T]`` batches (`collate_rows`) in the sampler's order. Draws lazily (no prefetch), so the
     sampler's state always matches the batches handed out."""

@@ -380,16 +380,6 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in probes)
 
 
-def to_device(batch: dict, device) -> dict:
-    """A collated micro-batch's tensors on ``device``; from the host to CUDA through pinned memory without waiting
-    for the device (the copies queue behind the work already launched)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return {key: value.to(device) for key, value in batch.items()}
-    return {key: value.pin_memory().to(device, non_blocking=True) if value.device.type == "cpu" else value.to(device)
-            for key, value in batch.items()}
-
-
 def autocast_dtype(precision: str, device: torch.device):
     """bf16 autocast for ``precision`` bf16, or auto where the hardware has native bf16; else None (fp32)."""
     if precision == "bf16" or (precision == "auto" and native_bf16(device)):

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from tailkd import divergences as dv
-from tailkd.data import IGNORE_INDEX
+from tailkd.data import IGNORE_INDEX, to_device
 from tailkd.errors import TailkdError
 from tailkd.head import Head, HeadSpec, transform, transform_backward
 from tailkd.registry import Divergence
@@ -146,6 +146,13 @@ def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
     return t.div_(plan.temperature) if scaled and plan.temperature != 1.0 else t
 
 
+def _group_mean(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per element, the mean of ``values`` over its group (ids 0..n_groups-1 in ``group``): ᾱ of its sequence."""
+    total = values.new_zeros(n_groups).index_add_(0, group, values)
+    count = values.new_zeros(n_groups).index_add_(0, group, torch.ones_like(values))
+    return (total / count.clamp_min(1))[group]
+
+
 def _row_weight(plan: _Plan, a: int, b: int, teacher) -> torch.Tensor | None:
     """The kernel's row weight for tokens [a, b): β(X) from ᾱ (precomputed, or the mean α^T of each chunk-closed
     sequence), 1 for a sparse KD teacher with tail samples, None otherwise."""
@@ -155,9 +162,7 @@ def _row_weight(plan: _Plan, a: int, b: int, teacher) -> torch.Tensor | None:
     if a in plan.local:
         local, n_seq = plan.local[a]  # [n]
         alpha_t = teacher.log_alpha.double().exp()  # [n] float64: sub-normal tail masses kept
-        total = alpha_t.new_zeros(n_seq).index_add_(0, local, alpha_t)
-        count = alpha_t.new_zeros(n_seq).index_add_(0, local, torch.ones_like(alpha_t))
-        abar = torch.where(torch.isnan(abar), (total / count)[local], abar)
+        abar = torch.where(torch.isnan(abar), _group_mean(alpha_t, local, n_seq), abar)
     return plan.d.row_weight(abar)
 
 
@@ -359,13 +364,13 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
     plan = _Plan(d=None, kernel=kernel, spec=teacher_head.spec, labels=torch.empty(0), chunks=[], cdtype=cdtype,
                  mm_dtype=cdtype, temperature=temperature, teacher_hidden=h, teacher_head=teacher_head)
     out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
+    if triton is not None:
+        from tailkd import kernels
     for a in range(0, h.shape[0], chunk):
         b = min(a + chunk, h.shape[0])
         t = _teacher_logits(plan, a, b, scaled=True)
-        if triton is not None:
-            from tailkd import kernels
-
-            log_alpha = kernels.row_stats(t, t, triton.k).log_mass(1)  # the teacher on both sides: α^T
+        if triton is not None:  # the statistics kernel with the teacher on both sides: α^T
+            log_alpha = kernels.row_stats(t, t, triton.k).log_mass(1)
         else:
             log_alpha = kernel.teacher(t).log_alpha
         out[a:b] = log_alpha.double().exp()
@@ -415,15 +420,6 @@ def _check_teacher(d, student_hidden, labels, vocab, teacher_hidden, teacher_hea
                          "first (tailkd.cache.CacheReader does)")
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` on ``device``; from the host to CUDA through pinned memory, without waiting for the device."""
-    if x.device == device:
-        return x
-    if x.device.type == "cpu" and device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
 def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_head, sparse, segment_ids,
              seq_alpha_mean, chunk_size, matmul_dtype, kernels=True) -> tuple[torch.Tensor, _Plan]:
     """Validate, keep the valid tokens, plan the chunks and ᾱ. Returns (h_valid [M, d], plan).
@@ -446,7 +442,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     y = labels.reshape(-1)[idx_p]
     if bool(((y < 0) | (y >= vocab)).any()):
         raise ValueError(f"labels must be token ids in [0, {vocab}) or -100")
-    idx = _to_device(idx_p, dev)
+    idx = to_device(idx_p, dev)
     h = student_hidden.reshape(-1, student_hidden.shape[-1])[idx]  # [M, d_S] (autograd scatters grads back)
     floats = [student_hidden.dtype, student_head.weight.dtype]
     if teacher_hidden is not None:
@@ -454,7 +450,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     cdtype = torch.float64 if torch.float64 in floats else torch.float32
     mm = matmul_dtype or torch.promote_types(student_hidden.dtype, student_head.weight.dtype)
     kernel = None if d is None else dv.SPARSE if sparse is not None else d.kernel
-    plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=_to_device(y, dev), chunks=[], cdtype=cdtype,
+    plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=to_device(y, dev), chunks=[], cdtype=cdtype,
                  mm_dtype=mm, temperature=1.0 if d is None else d.temperature)
     chunk = int(chunk_size or device_chunk(dev, vocab, h.shape[-1], mm))
     if chunk < 1:
@@ -479,12 +475,9 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
             seg = None if seg is None else seg.to(labels.device)
             seq = torch.unique(_sequence_ids(mask, seg).reshape(-1)[idx_p], return_inverse=True)[1]  # dense 0..S-1
         if plan.sparse is not None and seq is not None:  # α^T is in the cache: ᾱ exactly, before any pass
-            seq_d = _to_device(seq, dev)
-            alpha = plan.sparse.log_tail_mass.double().exp()  # [M]
             n_seq = int(seq.max()) + 1 if seq.numel() else 0
-            total = alpha.new_zeros(n_seq).index_add_(0, seq_d, alpha)
-            count = alpha.new_zeros(n_seq).index_add_(0, seq_d, torch.ones_like(alpha))
-            plan.abar, seq = (total / count)[seq_d], None
+            plan.abar = _group_mean(plan.sparse.log_tail_mass.double().exp(), to_device(seq, dev), n_seq)
+            seq = None
         elif seq is not None:
             if chunk_size is None and dev.type != "cuda":  # CPU: whole sequences per chunk avoid the
                 # statistics pass, up to 1 GiB per buffer (CUDA: every loss gets the same chunk)
@@ -498,16 +491,13 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
             whole = ~split[seq[a:b]]
             if bool(whole.any()):
                 local = torch.unique(seq[a:b], return_inverse=True)[1]
-                plan.local[a] = (_to_device(local, dev), int(local.max()) + 1)
+                plan.local[a] = (to_device(local, dev), int(local.max()) + 1)
         if bool(split.any()):  # statistics pass over the tokens of sequences that span chunks
             tok_p = split[seq].nonzero().squeeze(1)
-            tok, seq_tok = _to_device(tok_p, dev), _to_device(seq[tok_p], dev)
+            tok, seq_tok = to_device(tok_p, dev), to_device(seq[tok_p], dev)
             alpha = teacher_tail_mass(plan.teacher_hidden[tok], plan.teacher_head, kernel,
                                       temperature=plan.temperature, chunk_size=chunk, triton=plan.triton)  # float64
-            n_seq = split.shape[0]
-            total = alpha.new_zeros(n_seq).index_add_(0, seq_tok, alpha)
-            count = alpha.new_zeros(n_seq).index_add_(0, seq_tok, torch.ones_like(alpha))
-            plan.abar[tok] = (total / count.clamp_min(1))[seq_tok]
+            plan.abar[tok] = _group_mean(alpha, seq_tok, split.shape[0])
     return h, plan
 
 

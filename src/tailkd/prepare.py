@@ -186,14 +186,13 @@ def run_loss_chunk(cfg: DistillConfig, vocab: int, student, device: torch.device
     return fused.device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype)
 
 
-def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, student, device: torch.device,
-                    chunk: int | None = None) -> str:
-    """The run log's account of the loss layer: full logits, or fused with its chunk size and row maths."""
+def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: torch.device,
+                    chunk: int | None) -> str:
+    """The run log's account of the loss layer: full logits, or fused with its chunk size (``chunk``: the run's,
+    `run_loss_chunk`; None: the CPU's rule) and row maths."""
     if not fused_path:
         return "full logits"
-    if not chunk:
-        dtype = dist.autocast_dtype(cfg.train.precision, device) or torch.float32
-        chunk = fused.device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype)
+    chunk = chunk or fused.default_chunk_size(vocab)
     maths = "torch row maths"
     if device.type == "cuda" and cfg.train.loss_kernels == "auto" and LOSSES[cfg.loss.name].triton is not None:
         from tailkd import kernels

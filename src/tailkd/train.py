@@ -135,7 +135,7 @@ def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig,
     chunk = chunk or cfg.train.loss_chunk_size or None
     sums = []  # per micro-batch: the terms as one detached device tensor
     for i, mb in enumerate(micro if n_valid else []):
-        batch = dist.to_device(mb, device)  # input_ids, labels, segment_ids (b, T), row_index
+        batch = {key: data_mod.to_device(value, device) for key, value in mb.items()}  # input_ids, labels, ... (b, T)
         with dist.grad_sync(model, sync=i == len(micro) - 1):
             signal = signal_of(batch, host_batch=mb) if signal_of is not None else None
             terms = step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab, fused_path=fused_path,
@@ -255,7 +255,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
                                                   fused_path, probe)
     loss_chunk = run_loss_chunk(cfg, vocab, student, device) if fused_path else None
-    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, student, device, loss_chunk)}; teacher signal: "
+    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk)}; teacher signal: "
              f"{signal_text}")
 
     # every input checked out: only now touch the run folder
