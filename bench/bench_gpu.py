@@ -6,7 +6,7 @@ tailkd fused (Triton row kernels, `tailkd.kernels`) and Liger's compiled chunked
 
 Every cell computes, from final hidden states h_S, h_T [N, d] (bf16 on CUDA, under bf16 autocast as a training
 step) and LM heads W_S (float32, trained), W_T (bf16): both sides' logits, CLM + divergence (kd; tad K=10, β=2; jsd
-β=0.5) summed over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
+β=0.5) averaged over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
 chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape); Liger
 gets the same chunk. Liger has no TAD.
 
@@ -82,11 +82,11 @@ def _liger(loss, inputs, chunk):
     beta = 0.0 if loss == "kd" else 0.5  # Liger's beta = 0: forward KL(p‖q), as tailkd's jsd endpoints
     fn = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=beta, compiled=h_s.is_cuda,
                                  chunk_size=chunk)
-    return fn(h_s, w_s, h_t, w_t, labels.reshape(-1)) * h_s.shape[0]  # Liger returns the mean: × N for the sum
+    return fn(h_s, w_s, h_t, w_t, labels.reshape(-1))  # the mean over the N tokens, as tailkd's
 
 
 def _step(method, loss, inputs, mm_dtype, chunk):
-    """One forward + backward; returns the loss (sum over tokens of CLM + divergence) as a float."""
+    """One forward + backward; returns the loss (mean over the N tokens of CLM + divergence) as a float."""
     h_s, w_s = inputs[0], inputs[1]
     with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=h_s.is_cuda):
         value = _liger(loss, inputs, chunk) if method == "liger" else _tailkd(method, loss, inputs, mm_dtype)
@@ -162,12 +162,30 @@ def run_cell(method, loss, inputs, device, args, chunk):
             "peak_bytes": peak}
 
 
+def _check_values(cells, device):
+    """Every cell's loss must equal tailkd_dense's for the same loss, else the cell becomes an error (a cell that is
+    fast because it computes something else is no result). Tolerance: on CUDA the logits are bf16 matmul outputs
+    (unit roundoff 2^-8 = 3.9e-3 relative per logit), rounded at different places by each method, so the mean loss
+    may differ by a few 1e-3 relative: 2e-2; on the CPU everything is float32 (1e-7 relative per operation, rows
+    summed over V ≤ 1e4 terms): 1e-4."""
+    rtol = 2e-2 if device.type == "cuda" else 1e-4
+    for loss in LOSSES:
+        ref = next((c for c in cells if c["loss"] == loss and c["method"] == "tailkd_dense" and "value" in c), None)
+        for c in cells:
+            if ref is None or c is ref or c["loss"] != loss or "value" not in c:
+                continue
+            if not abs(c["value"] - ref["value"]) <= rtol * abs(ref["value"]):
+                c["error"] = f"loss {c['value']:.6g} differs from tailkd_dense's {ref['value']:.6g} (rtol {rtol})"
+
+
 def _versions():
     out = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("triton", "liger_kernel"):
+    from importlib import metadata
+
+    for name in ("triton", "liger-kernel", "transformers"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 
@@ -180,7 +198,7 @@ def _markdown(result):
         row = []
         for m in METHODS:
             c = next(c for c in result["cells"] if c["loss"] == loss and c["method"] == m)
-            if "median_s" in c:
+            if "median_s" in c and "error" not in c:
                 mem = "" if c["peak_bytes"] is None else f", {c['peak_bytes'] / 2**30:.1f} GiB"
                 row.append(f"{c['median_s'] * 1e3:.1f} ms{mem} (loss {c['value']:.6g})")
             else:
@@ -229,6 +247,7 @@ def main(argv=None):
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)
+    _check_values(cells, device)
     missing = [c for c in cells if "error" in c or ("skipped" in c and c["skipped"] != "n/a")]
     if missing and not args.allow_missing:
         print(f"{len(missing)} cell(s) skipped or failed: " + "; ".join(
