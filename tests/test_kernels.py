@@ -255,6 +255,16 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     _check_tad(s.float(), t.float(), 3, seed=9)
 
 
+def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():
+    """Row 0's teacher is −inf outside its top 5 (α^T = 0 exactly) while the sequence's other rows have tail mass,
+    so its weight w = β/ᾱ is finite and positive: its tail term is 0 and its gradient q − p (no log-space row: p̃ is
+    undefined there; it was NaN on every tail entry)."""
+    s, t = _logits(7, 257, seed=23, dtype=torch.float64)
+    t[0, 5:] = -math.inf
+    same = _check_tad(s.float(), t.float(), 5, seed=8)
+    assert same.all()
+
+
 def test_nan_logit_poisons_its_row_only():
     s, t = _logits(3, 257, seed=1)
     s[1, 7] = math.nan

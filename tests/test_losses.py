@@ -654,6 +654,28 @@ def test_tad_float32_with_a_subnormal_teacher_tail_mass(gap):
     assert ((want - d1).abs() > 1e-3).all() and ((got.double() - d1).abs() > 1e-3).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tad_empty_teacher_tail_beside_tokens_with_tail_mass(dtype):
+    """Token 0's teacher is −inf outside its top 3 (α^T = 0 exactly), token 1's is not: ᾱ > 0, so token 0's weight
+    β(X) = β/ᾱ is finite and positive. Its tail term is 0 and its gradient q − p, finite (it was NaN on every tail
+    entry: the log-space branch for tiny α^T took the empty tail for a tiny one)."""
+    gen = torch.Generator().manual_seed(29)
+    t = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
+    t[0, 0, 3:] = -INF
+    s = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64).to(dtype)
+    t_in = t.to(dtype)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
+    got, got_grad = value_grad(lambda x: L.tad(x, t_in, mask, k=3), s, w)
+    want, want_grad = value_grad(lambda x: R.tad(R.f64(x), t, mask, 3, 2.0), s.double(), w)
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    value_bound, grad_bound = LB.tad(s, t_in, mask, 3, 2.0)
+    B.assert_within(got, want, value_bound + B.REF64_ATOL, msg="value")
+    B.assert_within(got_grad, want_grad, grad_bound * w[..., None] + B.REF64_ATOL, msg="gradient")
+    q, p = torch.softmax(s.double()[0, 0], -1), torch.softmax(t[0, 0], -1)
+    B.assert_within(got_grad[0, 0], w[0, 0] * (q - p), grad_bound[0, 0] * w[0, 0] + B.REF64_ATOL, msg="q − p")
+
+
 def test_tail_term_stays_accurate_and_nonnegative_in_float32_for_peaked_teachers():
     """Top-K holding ~1 − 1e-6 of the mass: the tail term is summed over the tail, not taken as KL − D_KL1."""
     gen = torch.Generator().manual_seed(10)

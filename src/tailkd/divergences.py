@@ -259,10 +259,12 @@ def topk_teacher(t: torch.Tensor, k: int) -> TopK:
 def _tad_forward(s, logq, teacher: TopK, w):
     """L_DIV = D_KL1 + w·α^T·D_KL2 with w = β(X) per row (float64 allowed: β/ᾱ overflows float32 when the sequence's
     tail mass is sub-normal). α^T·D_KL2 = Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) is summed over the tail (one
-    pass over V, as KL; never KL − D_KL1); where α^T itself is below float32's normal range, W = w·α^T and
+    pass over V, as KL; never KL − D_KL1); where α^T itself is below `_tiny` (1e-30 in float32) but not 0, W = w·α^T and
     D_KL2 = KL(p̃‖q̃) are computed in log space instead. w = 1 gives KL(p‖q)."""
     poisoned = teacher.nan | logq[:, 0].isnan()
-    tiny = (teacher.alpha < _tiny(s.dtype)) & ~poisoned & (w > 0)
+    # a row whose teacher tail is empty (α^T = 0 exactly, log α^T = −inf) is no tiny row: its tail term is 0 and its
+    # gradient q − p (p̃ = p/α^T is undefined there)
+    tiny = (teacher.alpha < _tiny(s.dtype)) & torch.isfinite(teacher.log_alpha) & ~poisoned & (w > 0)
     small = None
     if bool(tiny.any()):  # before logp and logq are consumed: log p̃ and log q̃ of those rows
         rows = tiny.nonzero().squeeze(1)

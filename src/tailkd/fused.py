@@ -379,7 +379,8 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
 
 def _triton_loss(d: Divergence | None, sparse, cdtype: torch.dtype, device: torch.device):
     """The `kernels.RowLoss` of the divergence where the Triton kernels apply (a device of ``_TRITON_DEVICES``,
-    triton importable, float32 softmax maths, a dense teacher, kd / rkl / jsd / tad with K <= 64), else None."""
+    triton importable, float32 softmax maths, a dense teacher, kd / rkl / jsd / tad with K <= 64), else None. A
+    sparse (top-K cache) teacher takes the torch row maths, which read the device to find rare rows."""
     if d is None or sparse is not None or cdtype != torch.float32 or device.type not in _TRITON_DEVICES:
         return None
     from tailkd import kernels

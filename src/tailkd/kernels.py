@@ -23,8 +23,9 @@ Which `tailkd.divergences` function each kernel implements:
 - `_dense_kernel`: LOSS=0 `_kl_forward` + `_kl_backward`; LOSS=1 `_rkl_forward` (value pass) and `_rkl_backward`
   (gradient pass); LOSS=2 `_jsd_forward` / `_jsd_backward` likewise;
 - `_tad_kernel`: the tail sums of `_tad_forward` (Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below
-  float32's normal range) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on the tail, or its q̃/p̃ form where α^S
-  underflowed or α^T is sub-normal); the K top-K terms and the bucket are [n, K] torch ops (`_tad_value`).
+  1e-30, where a linear tail sum has lost its precision, but not 0) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on
+  the tail, or its q̃/p̃ form where α^S underflowed or α^T < 1e-30); the K top-K terms and the bucket are [n, K]
+  torch ops (`_tad_value`).
 
 `losses_for` maps a bound registry divergence to its kernels (kd, rkl, jsd, tad with K ≤ 64) or None; `available`
 says whether triton imports. Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_kernels.py), which must be
@@ -38,6 +39,8 @@ from typing import NamedTuple
 
 import torch
 
+from tailkd import divergences as dv
+
 try:  # optional: pip install tailkd[kernels]
     import triton
     import triton.language as tl
@@ -47,8 +50,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 __all__ = ["MAX_K", "RowLoss", "RowStats", "available", "losses_for", "row_stats", "row_values_and_grads"]
 
 MAX_K = 64  # the largest teacher top-K the register buffer holds
-_TINY = 1e-30  # divergences._tiny(float32): below it a tail mass is handled in log space
-_NINF = float("-inf")
+_TINY = dv._tiny(torch.float32)  # below it (and above 0) a tail mass is handled in log space
 
 
 def available() -> bool:
@@ -355,7 +357,7 @@ def _tad_rows(stats: RowStats, w: torch.Tensor):
     la, las = stats.log_mass(1), stats.log_mass(0)
     alpha_t = la.exp()
     log_at = torch.where(alpha_t > 0, la, 0.0)
-    tiny = (alpha_t < _TINY) & ~stats.poisoned & (w > 0)
+    tiny = (alpha_t < _TINY) & torch.isfinite(la) & ~stats.poisoned & (w > 0)  # not an empty tail (α^T = 0)
     wd = torch.where(tiny, 0.0, w).to(torch.float32)
     ratio = torch.where(alpha_t > 0, (log_at - las).exp(), 0.0)
     bad = ~torch.isfinite(ratio) | (ratio > 1e30) | tiny

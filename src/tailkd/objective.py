@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tailkd import fused, losses, registry
-from tailkd.data import IGNORE_INDEX
+from tailkd.data import IGNORE_INDEX, to_device
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.head import Head, apply_head, final_hidden, model_head
@@ -54,7 +54,10 @@ class ObjectiveTerms:
 
 def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens) -> ObjectiveTerms:
     """THE denominator: every sum over valid tokens divided by the step's global valid-token count (>= 1)."""
-    denom = torch.as_tensor(num_valid_tokens, dtype=total.dtype, device=total.device).clamp_min(1.0)
+    if isinstance(num_valid_tokens, torch.Tensor):
+        denom = num_valid_tokens.to(total.device, total.dtype).clamp_min(1.0)
+    else:  # a Python count: no host-to-device copy (a CUDA tensor made from a scalar waits for the device)
+        denom = float(max(1, num_valid_tokens))
     return ObjectiveTerms(loss=total / denom, clm=(clm_sum / denom).detach(), div=(div_sum / denom).detach(),
                           cos=(cos_sum / denom).detach())
 
@@ -70,7 +73,7 @@ def _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype) -> torch.Ten
         return None
     if student_hidden is None or teacher_hidden is None:
         raise ValueError("cosine_weight > 0 needs student_hidden and teacher_hidden")
-    mask = valid_mask(labels).to(student_hidden.device)
+    mask = to_device(valid_mask(labels), student_hidden.device)
     return losses.hidden_cosine(student_hidden, teacher_hidden, mask).sum().to(dtype)
 
 

@@ -10,9 +10,10 @@ Loading (`load_sharded_teacher`; collective: every rank calls it, also a single 
 2. ``fully_shard`` (FSDP2) on every decoder layer (the classes of the model's ``_no_split_modules``), on the input
    embedding when it is not tied to the head, then on the root; ``reshard_after_forward=True`` everywhere (the
    root too: a teacher never runs a backward that would reuse its gathered weights), ``requires_grad`` False,
-   ``MixedPrecisionPolicy(param_dtype=bf16)`` on CUDA (the shards are stored in the teacher dtype, bf16 on CUDA by
-   default). The LM head is in ``ignored_params``: replicated (below). A tied input embedding IS the head's tensor,
-   so it is replicated with it: one tensor, read once.
+   the shards stored, gathered and computed in the teacher dtype (``--teacher.dtype``: bf16 on CUDA by default; an
+   fp32 teacher stays fp32: the ``MixedPrecisionPolicy`` casts nothing). The LM head is in ``ignored_params``:
+   replicated (below). A tied input embedding IS the head's tensor, so it is replicated with it: one tensor, read
+   once.
 3. ``to_empty(device)``: each rank allocates its shards only: FSDP2 shards dim 0 (``Shard(0)``) as ``torch.chunk``
    does, so rank r owns rows ``[r·c, min(n, (r+1)·c))`` of a tensor of n rows, ``c = ceil(n / W)`` (an empty
    chunk on the last ranks when W > n); no dimension has to divide by W, and the number of layers does not matter
