@@ -109,9 +109,28 @@ def student_tail(s: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor):
     return q, q_top, logq_top, log_as
 
 
-def _bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tensor) -> torch.Tensor:
+def rest_bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tensor) -> torch.Tensor:
     """The rest bucket α^T log(α^T/α^S) per row; 0 where α^T = 0."""
     return torch.where(alpha_t > 0, alpha_t * (log_at - log_as), 0.0)
+
+
+def tad_tiny_rows(alpha_t, log_alpha_t, poisoned, w, dtype) -> torch.Tensor:
+    """TAD's rows computed in log space [n]: α^T below `_tiny` (its linear tail sum has lost its precision) but not
+    an empty tail (α^T = 0 exactly, log α^T = −inf: tail term 0, gradient q − p, p̃ undefined), a finite row, and a
+    positive weight w. Shared by the torch path (`_tad_forward`) and the Triton kernels (`kernels._tad_rows`)."""
+    return (alpha_t < _tiny(dtype)) & torch.isfinite(log_alpha_t) & ~poisoned & (w > 0)
+
+
+def tad_tiny_weight(w, log_alpha_t, dtype) -> torch.Tensor:
+    """W = w·α^T [n] from log α^T in float64 (w = β/ᾱ may be beyond float32 where α^T is sub-normal)."""
+    return (w.double() * log_alpha_t.double().exp()).to(dtype)
+
+
+def tad_gradient_form(alpha_t, log_at, log_as, tiny):
+    """(α^T/α^S [n], the rows whose tail gradient takes the q̃/p̃ form of `_tad_backward` [n]): α^S underflowed
+    (the ratio is not finite or above 1e30) or α^T is tiny. ``log_at``: log α^T, any finite value where α^T = 0."""
+    ratio = torch.where(alpha_t > 0, (log_at - log_as).exp(), 0.0)
+    return ratio, (~torch.isfinite(ratio)) | (ratio > 1e30) | tiny
 
 
 def _poison(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -262,9 +281,7 @@ def _tad_forward(s, logq, teacher: TopK, w):
     pass over V, as KL; never KL − D_KL1); where α^T itself is below `_tiny` (1e-30 in float32) but not 0, W = w·α^T and
     D_KL2 = KL(p̃‖q̃) are computed in log space instead. w = 1 gives KL(p‖q)."""
     poisoned = teacher.nan | logq[:, 0].isnan()
-    # a row whose teacher tail is empty (α^T = 0 exactly, log α^T = −inf) is no tiny row: its tail term is 0 and its
-    # gradient q − p (p̃ = p/α^T is undefined there)
-    tiny = (teacher.alpha < _tiny(s.dtype)) & torch.isfinite(teacher.log_alpha) & ~poisoned & (w > 0)
+    tiny = tad_tiny_rows(teacher.alpha, teacher.log_alpha, poisoned, w, s.dtype)
     small = None
     if bool(tiny.any()):  # before logp and logq are consumed: log p̃ and log q̃ of those rows
         rows = tiny.nonzero().squeeze(1)
@@ -274,14 +291,14 @@ def _tad_forward(s, logq, teacher: TopK, w):
         log_qt = lq - lse(lq)[:, None]  # [r, V] log q̃
         p_tilde = log_pt.exp()
         d_kl2 = torch.where(p_tilde > 0, p_tilde * (log_pt - log_qt), 0.0).sum(-1)  # [r] KL(p̃‖q̃)
-        big_w = (w[rows].double() * teacher.log_alpha[rows].double().exp()).to(s.dtype)  # [r] W = β(X)·α^T
+        big_w = tad_tiny_weight(w[rows], teacher.log_alpha[rows], s.dtype)  # [r] W = β(X)·α^T
         small = (rows, p_tilde, big_w, d_kl2)
     tail_kl = kl_sum(teacher.p_tail, teacher.logp, logq, poisoned)  # [n] (p is 0 on 𝒦); teacher.logp consumed
     q, q_top, logq_top, log_as = student_tail(s, logq, teacher.ids)  # logq consumed
     p_top, alpha_t = teacher.p_top, teacher.alpha
     top = torch.where(p_top > 0, p_top * (teacher.logp_top - logq_top), 0.0).sum(-1)  # [n] Σ_{k∈𝒦} p_k log(p_k/q_k)
     log_at = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))
-    bucket = _bucket(alpha_t, log_at, log_as)  # [n] α^T log(α^T/α^S)
+    bucket = rest_bucket(alpha_t, log_at, log_as)  # [n] α^T log(α^T/α^S)
     tail = torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)  # [n] α^T·D_KL2
     wd = torch.where(tiny, 0.0, w).to(s.dtype)  # [n] (the tiny rows' weight is W, applied below)
     value = top + bucket + wd * tail
@@ -299,10 +316,10 @@ def _tad_backward(state, cd, cq, inplace=True):
     s, q, teacher, q_top, log_at, log_as, w, small = state
     ids, p, p_top, alpha_t = teacher.ids, teacher.p_tail, teacher.p_top, teacher.alpha
     cq0 = torch.zeros_like(cd) if cq is None else cq
-    ratio = torch.where(alpha_t > 0, (log_at - log_as).exp(), 0.0)  # [n] α^T/α^S
-    bad = (~torch.isfinite(ratio)) | (ratio > 1e30)  # α^S underflowed
+    tiny = torch.zeros_like(alpha_t, dtype=torch.bool)
     if small is not None:
-        bad[small[0]] = True
+        tiny[small[0]] = True
+    ratio, bad = tad_gradient_form(alpha_t, log_at, log_as, tiny)  # [n] α^T/α^S; α^S underflowed or α^T tiny
     fix = None
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
@@ -370,7 +387,7 @@ def _sparse_forward(s, logq, teacher: SparseTeacher, w=None):
         logq_t = logq.gather(-1, tids)  # [n, J]
     poisoned = logq[:, 0].isnan() | log_at.isnan()
     q, q_top, logq_top, log_as = student_tail(s, logq, ids)  # logq consumed
-    bucket = _bucket(alpha_t, log_at, log_as)
+    bucket = rest_bucket(alpha_t, log_at, log_as)
     value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # [n] D_KL1
     if sampled:
         tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(s.dtype) - logq_t), 0.0).sum(-1)  # [n]

@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 __all__ = ["MAX_K", "RowLoss", "RowStats", "available", "losses_for", "row_stats", "row_values_and_grads"]
 
 MAX_K = 64  # the largest teacher top-K the register buffer holds
-_TINY = dv._tiny(torch.float32)  # below it (and above 0) a tail mass is handled in log space
 
 
 def available() -> bool:
@@ -357,11 +356,10 @@ def _tad_rows(stats: RowStats, w: torch.Tensor):
     la, las = stats.log_mass(1), stats.log_mass(0)
     alpha_t = la.exp()
     log_at = torch.where(alpha_t > 0, la, 0.0)
-    tiny = (alpha_t < _TINY) & torch.isfinite(la) & ~stats.poisoned & (w > 0)  # not an empty tail (α^T = 0)
+    tiny = dv.tad_tiny_rows(alpha_t, la, stats.poisoned, w, torch.float32)
     wd = torch.where(tiny, 0.0, w).to(torch.float32)
-    ratio = torch.where(alpha_t > 0, (log_at - las).exp(), 0.0)
-    bad = ~torch.isfinite(ratio) | (ratio > 1e30) | tiny
-    big_w = torch.where(tiny, (w.double() * la.double().exp()).float(), wd * alpha_t)
+    ratio, bad = dv.tad_gradient_form(alpha_t, log_at, las, tiny)
+    big_w = torch.where(tiny, dv.tad_tiny_weight(w, la, torch.float32), wd * alpha_t)
     return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
 
 
@@ -373,7 +371,7 @@ def _tad_value(stats: RowStats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
     logq_top = (stats.s_top - st[:, 0:1]) - st[:, 1:2]
     p_top = logp_top.exp()
     top = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1)
-    bucket = torch.where(alpha_t > 0, alpha_t * (log_at - las), 0.0)
+    bucket = dv.rest_bucket(alpha_t, log_at, las)
     tail = torch.where(torch.isfinite(bucket), tail_sum - bucket, 0.0)
     return torch.where(tiny, top + bucket + big_w * tail_sum, top + bucket + wd * tail)
 
