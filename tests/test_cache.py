@@ -452,3 +452,81 @@ def test_a_full_disk_while_caching_is_one_line_and_the_rerun_finishes(tmp_path, 
     monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
     assert main(args) == 0
     assert "1 shard(s) written, 2 complete shard(s) kept" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- an error on one rank of a sharded teacher
+
+
+def _failing_rank_worker(rank, world, port, teacher, rows_spec, fingerprint, out, results):
+    """One rank of a 2-rank gloo group (a short collective timeout, so that a rank left waiting fails in seconds
+    rather than 30 minutes) writing a cache with a sharded teacher; rank 1's disk is full. Records what it raised."""
+    import errno
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from tailkd.models import load_tokenizer
+    from tailkd.sharded_teacher import load_sharded_teacher
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=20))
+    outcome = {"raised": None, "message": None}
+    try:
+        model = load_sharded_teacher(str(teacher), device=torch.device("cpu"), dtype="fp32")
+        if rank == 1:
+            def full_disk(tensors, path, metadata=None):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            cache.save_safetensors = full_disk
+        try:
+            cache.write_cache(model, load_tokenizer(teacher), data_mod.PackedRows(*rows_spec), out,
+                              corpus={"fingerprint": fingerprint, "split": "train"}, k=4, batch_size=2,
+                              rows_per_shard=3, max_rows=10, log=lambda *_: None)
+        except Exception as exc:  # noqa: BLE001 - what each rank raised is the test's subject
+            outcome = {"raised": type(exc).__name__, "message": str(exc)}
+    finally:
+        torch.save(outcome, Path(results) / f"rank{rank}.pt")
+        tdist.destroy_process_group()
+
+
+def test_a_full_disk_on_one_rank_of_a_sharded_teacher_ends_every_rank(tmp_path):
+    """2 gloo ranks, a sharded teacher (forwards are collectives): shards 0, 2 are rank 0's (2 + 2 forwards), 1, 3
+    rank 1's (2 + 1). Rank 1's first shard write fails after its 2nd forward; it keeps padding up to the common 4
+    forwards, then both ranks raise: rank 1 its own one-line error, rank 0 a TailkdError naming it and rank 1.
+    Without that, rank 0 waits in its 3rd forward's all-gather until the group's timeout (20 s here) ends it with
+    a gloo error instead. Rank 0's own shards are written whole."""
+    import time
+
+    import torch.multiprocessing as mp
+    from launch import free_port
+    from tiny import make_teacher_dir
+
+    from tailkd.models import load_tokenizer
+
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=2, hidden=32, train_steps=0)
+    info = corpus_mod.prepare_corpus([write_corpus(tmp_path / "c.txt", n_docs=30)], load_tokenizer(teacher),
+                                     tmp_path / "tokens")
+    assert len(data_mod.PackedRows(info.train_bin, SEQ_LEN)) >= 10
+    out, results = tmp_path / "cache", tmp_path / "results"
+    results.mkdir()
+    ctx = mp.start_processes(_failing_rank_worker, nprocs=2, join=False, start_method="spawn",
+                             args=(2, free_port(), teacher, (str(info.train_bin), SEQ_LEN), info.fingerprint, out,
+                                   results))
+    deadline = time.monotonic() + 240  # far above the 20 s collective timeout: a run that ends at all ends by then
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError("the ranks did not end")
+    got = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    shard1 = out / "shard_000001.safetensors"
+    own = (f"could not write teacher cache shard {shard1} (No space left on device); free disk space and rerun the "
+           "same tailkd cache-teacher command: the complete shards are kept")
+    assert got[1] == {"raised": "TailkdError", "message": own}
+    assert got[0] == {"raised": "TailkdError", "message": f"{own} (on rank 1)"}
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_000000.safetensors", "shard_000002.safetensors"]
+    for name in ("shard_000000.safetensors", "shard_000002.safetensors"):
+        cache.verify_shard(out / name)

@@ -247,15 +247,20 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
 def test_narrow_student_is_the_teachers_slices(case, tmp_path):
     family = case.split("-")[0]
     kwargs, plan = NARROW[case]
-    teacher = make_teacher(family)
+    _check_narrow_student(make_teacher(family), kwargs, plan, tmp_path)
+
+
+def _check_narrow_student(teacher, kwargs, plan, tmp_path):
+    """A 3-layer student built with `kwargs` holds the reference slices (`plan`), runs, and saves/loads unchanged."""
+    family = next(name for name, cls in CLASSES.items() if cls == type(teacher).__name__)
     layers = [0, 2, 3]
     student, table = build_student(teacher, layers=layers, mlp_init="copy", **kwargs)
     _assert_copied_exactly(student, table, teacher, _plan(teacher, layers, **plan))
     assert "truncated" in {row["action"] for row in table}
     config = student.config
-    hd = plan.get("hd_s", 16)
+    hd = plan.get("hd_s", _plan(teacher, layers)["hd_t"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
-        3, kwargs["hidden_size"], kwargs.get("num_heads", 4))
+        3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
     assert getattr(config, "head_dim", None) in (hd, None) and student.model.layers[0].self_attn.head_dim == hd
     if family in ("gemma2", "gemma3"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
@@ -271,6 +276,53 @@ def test_narrow_student_is_the_teachers_slices(case, tmp_path):
                 "final_logit_softcapping", "tie_word_embeddings"):
         assert getattr(loaded.config, key, None) == getattr(config, key, None), key
     assert torch.equal(_logits(loaded, ids), logits)
+
+
+# Phi, Phi-3 and OLMo-2 configs have no head_dim setting, but their models read config.head_dim first when a config
+# carries one: the student's config must then carry the student's head_dim (same slices as without the key).
+CONFIG_HEAD_DIM = {
+    "phi": ({"head_dim": 16}, *NARROW["phi"]),
+    "phi3": ({"head_dim": 16}, *NARROW["phi3"]),
+    "olmo2": ({"head_dim": 16}, *NARROW["olmo2"]),
+    # hidden kept, heads regrouped: head_dim stays the config's 16 (Llama's rule), query heads 0, 1 on KV head 0
+    "phi3-heads": ({"head_dim": 16}, {"num_heads": 2, "num_kv_heads": 1}, dict(q_heads=[0, 1], kv_heads=[0])),
+    # head_dim 8 != 64/4: the models use 8; hidden 32 over 4 heads keeps it, so every head is copied whole
+    "phi3-decoupled": ({"head_dim": 8}, {"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40)),
+    "olmo2-decoupled": ({"head_dim": 8}, {"hidden_size": 32}, dict(d=32, hd_s=8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_HEAD_DIM))
+def test_config_head_dim_of_derived_families(case, tmp_path):
+    family = case.split("-")[0]
+    overrides, kwargs, plan = CONFIG_HEAD_DIM[case]
+    teacher = make_teacher(family, **overrides)
+    assert teacher.model.layers[0].self_attn.head_dim == overrides["head_dim"]
+    full, table = build_student(teacher, mlp_init="copy")  # no narrowing: the teacher bit for bit
+    assert {row["action"] for row in table} == {"copied"} and full.config.head_dim == overrides["head_dim"]
+    ids = _ids(8)
+    assert torch.equal(_logits(full, ids), _logits(teacher, ids))
+    _check_narrow_student(teacher, kwargs, plan, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen3", "gemma2", "gemma3"])
+def test_hidden_size_not_a_multiple_of_heads_with_a_decoupled_head_dim(family, tmp_path):
+    """head_dim 16 does not depend on hidden/heads in these families: hidden 30 over 4 heads is refused only where
+    the installed transformers' config class refuses it (transformers 5: Gemma2, Gemma3), with tailkd's message."""
+    teacher = make_teacher(family)
+    try:
+        type(teacher.config)(**{**teacher.config.to_dict(), "hidden_size": 30})
+        config_accepts = True
+    except Exception:
+        config_accepts = False
+    kwargs, plan = {"hidden_size": 30, "intermediate_size": 40}, dict(d=30, ff=40)
+    if config_accepts:
+        _check_narrow_student(teacher, kwargs, plan, tmp_path)
+        return
+    name = type(teacher.config).__name__
+    with pytest.raises(TailkdError, match=rf"^hidden_size=30 is not divisible by num_heads=4, which {name} requires: "
+                                          r"pick a hidden_size that is a multiple of 4 or another num_heads$"):
+        build_student(teacher, **kwargs)
 
 
 def test_phi2_shaped_teacher():
@@ -379,7 +431,8 @@ def test_longrope_refuses_a_head_dim_change_only():
     ("phi3", {"hidden_size": 32, "head_dim": 4}, r"Phi-3 has no head_dim setting \(it is hidden_size/num_heads = "
                                                  r"32/4\): drop head_dim=4"),
     ("gemma", {"head_dim": 32}, r"head_dim=32 but the teacher's is 16: .*pick 1\.\.16"),
-    ("gemma", {"hidden_size": 30}, r"hidden_size=30 is not divisible by num_heads=4"),
+    ("phi3", {"hidden_size": 30}, r"^hidden_size=30 is not divisible by num_heads=4: pick a hidden_size"),
+    ("olmo2", {"hidden_size": 30, "head_dim": 6}, r"OLMo-2 has no head_dim setting"),
     ("gemma", {"head_dim": 7}, r"head_dim 7 is odd but RoPE needs it even: pick an even head_dim"),
     ("phi", {"hidden_size": 24}, r"head_dim 6 \(hidden_size/num_heads\) rotates 3 rows \(partial_rotary_factor 0\.5\), "
                                  r"which is odd"),

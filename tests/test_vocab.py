@@ -1,6 +1,7 @@
 """tailkd.vocab: one shared vocabulary, a teacher vocabulary extending the student's (distillation over the shared
 ids with the teacher renormalised over them), and everything else refused."""
 
+import json
 import math
 
 import pytest
@@ -38,7 +39,8 @@ def test_check_vocab_head_too_small(tiny_tokenizer):
 def test_check_vocab_different_tokenizers(tiny_tokenizer):
     other = build_tiny_tokenizer(merges=[*TINY_MERGES[:-1], ("o", "n")])  # 'in' (259) became 'on'
     model = make_tiny_lm("llama")
-    with pytest.raises(TailkdError, match=r"tokenizers differ \(token 'in' has id 259 vs None\)"):
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(the student's token 'on' \(id 259\) is not in "
+                                          r"the teacher's vocabulary\)"):
         check_vocab(tiny_tokenizer, other, model, model)
 
 
@@ -83,6 +85,44 @@ def test_other_differences_are_still_refused():
         relation(other, build_tiny_tokenizer())
 
 
+def test_a_near_extension_names_the_first_difference():
+    """A teacher vocabulary that would extend the student's but for one swapped pair of shared ids is refused with
+    the first student token whose id differs, not just the sizes."""
+    swapped = [TINY_MERGES[1], TINY_MERGES[0], *TINY_MERGES[2:]]  # 'Ġt' and 'he' trade ids 256 and 257
+    teacher = build_tiny_tokenizer(merges=swapped)
+    teacher.add_tokens(["<x1>"])
+    with pytest.raises(TailkdError, match=r"^teacher and student tokenizers differ \(the student's token 'Ġt' has id "
+                                          r"256, the teacher's id 257\): ") as err:
+        relation(teacher, build_tiny_tokenizer())
+    assert "\n" not in str(err.value)
+
+
+def _gapped_tokenizer(merged: dict):
+    """A byte-level BPE tokenizer with the 256 byte symbols, `merged` (token -> id, its merges in id order) and the
+    special tokens at fixed ids 260, 261: ids the merges skip are holes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    merges = {"Ġt": ("Ġ", "t"), "he": ("h", "e"), "Ġthe": ("Ġt", "he"), "in": ("i", "n")}
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({**merged, "<|endoftext|>": 260, "<|pad|>": 261})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[merges[t] for t in sorted(merged, key=merged.get)]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+
+
+def test_an_extra_teacher_token_among_the_students_ids_is_named():
+    """Every student token keeps its id, but the teacher's extra token fills a hole in the student's ids (258 < 262):
+    not an extension (extras must come after the student's ids), and the message names that token."""
+    student = _gapped_tokenizer({"Ġt": 256, "he": 257, "in": 259})
+    teacher = _gapped_tokenizer({"Ġt": 256, "he": 257, "Ġthe": 258, "in": 259})
+    assert all(teacher.get_vocab()[t] == i for t, i in student.get_vocab().items())
+    with pytest.raises(TailkdError, match=r"^teacher and student tokenizers differ \(the teacher's token 'Ġthe' has id "
+                                          r"258, which the student lacks, among the student's ids 0\.\.261\): "):
+        relation(teacher, student)
+
+
 def test_distilling_over_the_shared_ids_renormalises_the_teacher():
     """KL over the shared ids (the teacher's logits sliced to V_S, as every path does) equals KL(p̃‖q) with
     p̃_i = p_i / Σ_{j<V_S} p_j of the teacher's full softmax, as plain float64 sums; and the mass outside is
@@ -107,6 +147,55 @@ def test_distilling_over_the_shared_ids_renormalises_the_teacher():
     z = torch.zeros(10, dtype=torch.float64)
     z[8:] = -40.0
     assert float(outside_mass(z, 8, 10)) == pytest.approx(2 * math.exp(-40.0) / 8, rel=1e-9)
+
+
+def _rows(n, length=13, seed=0):
+    """n row dicts like the data's (labels shifted, -100 = no target): the first 3 positions of each unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, TINY_VOCAB, (length,), generator=g)
+        labels = torch.cat([ids[1:], torch.tensor([-100])])
+        labels[:3] = -100
+        rows.append({"input_ids": ids, "labels": labels, "segment_ids": torch.zeros(length, dtype=torch.long)})
+    return rows
+
+
+def _outside_mass_float64(teacher, rows, v_s, v_t):
+    """Mean over the labelled positions of Σ_{i ≥ V_S} p_i, p the float64 softmax of each row's own forward."""
+    masses = []
+    for row in rows:
+        with torch.no_grad():
+            z = teacher(input_ids=row["input_ids"][None]).logits[0, :, :v_t].double()
+        for t in torch.nonzero(row["labels"] != -100).flatten().tolist():
+            e = [math.exp(x) for x in (z[t] - z[t].max()).tolist()]
+            masses.append(math.fsum(e[v_s:]) / math.fsum(e))
+    return math.fsum(masses) / len(masses), len(masses)
+
+
+@pytest.mark.parametrize("held", [5, 0])
+def test_the_shared_vocabulary_record_is_measured_on_the_initial_heldout_rows(held, capsys):
+    """The mass outside the shared ids, over the labelled positions of the first data.eval_rows held-out rows (the
+    rows of the initial held-out evaluation), or of the first training rows without held-out rows: equal to the
+    float64 softmax sums of the same rows' forwards. One row per forward (batch_size 1), as the reference: the same
+    float32 logits bit for bit, so the two differ only by float64 rounding (a few eps64 per term): rel 1e-12."""
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import shared_vocab_summary
+
+    teacher = make_tiny_lm("llama", vocab_size=TINY_VOCAB + 3)
+    cfg = DistillConfig()
+    cfg.data.eval_rows, cfg.train.batch_size = 3, 1
+    train_rows, held_rows = _rows(6, seed=1), _rows(held, seed=2)
+    record = shared_vocab_summary(cfg, teacher, held_rows, train_rows, TINY_VOCAB, TINY_VOCAB + 3, "cpu")
+    want, tokens = _outside_mass_float64(teacher, (held_rows or train_rows)[:3], TINY_VOCAB, TINY_VOCAB + 3)
+    words = "the first 3 held-out rows" if held else "the first 3 training rows (no held-out rows)"
+    assert tokens == 3 * 9 and record["tokens"] == tokens and record["rows"] == words
+    assert record["student_ids"] == TINY_VOCAB and record["teacher_ids"] == TINY_VOCAB + 3
+    assert 0 < want < 1 and record["outside_mass"] == pytest.approx(want, rel=1e-12)
+    line = capsys.readouterr().out.strip()
+    assert line == (f"shared vocabulary: the student's {TINY_VOCAB} token ids of the teacher's {TINY_VOCAB + 3}, the "
+                    f"teacher renormalised over them; its mass on its 3 other tokens: {want:.3g} (mean over {tokens} "
+                    f"tokens of {words})")
 
 
 # --------------------------------------------------------------------------- end to end: tailkd distill and eval
@@ -159,9 +248,37 @@ def test_shared_vocabulary_distillation_equals_plain_distillation(pair, tmp_path
     assert "the student's 300 token ids of the teacher's 302" in line and "its mass on its 2 other tokens" in line
     mass = float(line.split("other tokens: ")[1].split()[0])
     assert 0 < mass < 1
+    record = json.loads((tmp_path / "shared" / "summary.json").read_text())["shared_vocab"]
+    assert record["student_ids"] == 300 and record["teacher_ids"] == 302 and record["tokens"] > 0
+    assert f"{record['outside_mass']:.3g}" == f"{mass:.3g}"  # the logged number, kept in summary.json
+    assert "shared_vocab" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
     # the saved student keeps its own tokenizer (300 tokens), and tailkd eval reads the run's extended teacher
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(tmp_path / "shared" / "final")) == 300
     assert main(["eval", "--student", str(tmp_path / "shared" / "final"), "--max-rows", "4", "--out",
                  str(tmp_path / "e.json")]) == 0
+
+
+def test_a_teacher_cache_with_a_shared_vocabulary_is_refused_up_front(pair, tmp_path, capsys):
+    """The cache tailkd cache-teacher writes for the extended teacher holds the teacher's tokenisation and its
+    probabilities over all 302 ids: a run distilling over the student's 300 refuses it before its run folder is made,
+    saying so (not "rebuild it with tailkd cache-teacher", which would write the same cache)."""
+    from tailkd.cli import main
+
+    cache_dir = tmp_path / "tc"
+    assert main(["cache-teacher", "--teacher", str(pair["teacher_plus"]), "--data", str(pair["corpus"]),
+                 "--cache-dir", str(pair["cache"]), "--seq-len", "32", "--k", "4", "--max-rows", "4", "--out",
+                 str(cache_dir), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(pair["teacher_plus"]), "--student", str(pair["student"]), "--data",
+                 str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size", "4",
+                 "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--teacher-cache", str(cache_dir),
+                 "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("tailkd: error: teacher.cache does not combine with a teacher vocabulary extending the student's "
+                    "(the student's 300 token ids of the teacher's 302): a cache holds the teacher's own tokenisation "
+                    "and probabilities over all its ids; drop --teacher-cache to distil from the online teacher, "
+                    "renormalised over the shared ids")
+    assert not out.exists()

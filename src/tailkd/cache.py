@@ -149,12 +149,18 @@ def sample_tail(t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, m: int, g
 
 
 @torch.no_grad()
-def _teacher_rows(model, head: Head, input_ids: torch.Tensor, *, k: int, tail_samples: int,
-                  generator: torch.Generator, chunk: int, want_hidden: bool, autocast_dtype=None) -> dict:
-    """The cached tensors of a batch of rows ``input_ids`` [R, T] (see the module docstring)."""
-    dev = input_ids.device
-    with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        hidden = final_hidden(model, input_ids)  # [R, T, d]
+def _teacher_forward(model, input_ids: torch.Tensor, autocast_dtype=None) -> torch.Tensor:
+    """The teacher's final hidden states [R, T, d] of rows ``input_ids`` [R, T]: its one forward (a collective for
+    a sharded teacher)."""
+    with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return final_hidden(model, input_ids)
+
+
+@torch.no_grad()
+def _teacher_rows(hidden: torch.Tensor, head: Head, *, k: int, tail_samples: int, generator: torch.Generator,
+                  chunk: int, want_hidden: bool) -> dict:
+    """The cached tensors of a batch of rows from their final hidden states ``hidden`` [R, T, d] (see the module
+    docstring); local to this process."""
     n_rows, n_time, d = hidden.shape
     flat = hidden.reshape(-1, d)
     out = {"topk_ids": [], "topk_logprobs": [], "log_tail_mass": [], "tail_ids": [], "tail_logprobs": []}
@@ -222,10 +228,14 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     rank 0 alone claims the folder and writes ``cache.json`` (and the head), first. A shard's contents do not depend
     on who writes it (its rows, batches and tail-sample seed are the shard's), so W ranks write the files one
     process writes. A sharded teacher (`tailkd.sharded_teacher`: each forward is a collective) runs in lockstep:
-    a rank with fewer forwards left pads with forwards of row 0 whose results are dropped.
+    a rank with fewer forwards left pads with forwards of row 0 whose results are dropped. An error on one rank
+    (a full disk while writing a shard) ends that rank's writing, not its lockstep forwards: it pads up to the
+    common count too, and then every rank raises (`tailkd.distributed.raise_if_any`: the rank's own error, on the
+    others a TailkdError naming it and its rank), so no rank waits in a collective for one that has left.
     """
     from tailkd import distributed as dist
     from tailkd.data import collate
+    from tailkd.sharded_teacher import is_sharded
 
     if hidden_dtype not in HIDDEN_DTYPES:
         raise TailkdError(f"--hidden-dtype {hidden_dtype} is not one of {', '.join(HIDDEN_DTYPES)}")
@@ -251,28 +261,36 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
         if not _shard_complete(out / _shard_name(i), log):
             todo.append((i, a, b))
     forwards = sum(math.ceil((b - a) / batch_size) for _, a, b in todo)
-    lockstep = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 shards: forwards are collective
+    lockstep = is_sharded(model)  # FSDP2 shards: forwards are collective
     most = int(dist.max_over_ranks(forwards, dev)) if lockstep else forwards
+    done, error = 0, None  # forwards run; the first error of this rank
     with tqdm(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s, ETA
               desc="cache-teacher", dynamic_ncols=True, disable=not dist.is_main()) as bar:
-        for i, a, b in todo:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: a resumed cache equals a fresh one
-            parts = []
-            for start in range(a, b, batch_size):
-                ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
-                part = _teacher_rows(model, head, ids.to(dev), k=k, tail_samples=tail_samples, generator=gen,
-                                     chunk=chunk, want_hidden=hidden_states, autocast_dtype=autocast_dtype)
-                if hidden_states:
-                    part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
-                part["row_hash"] = row_hash(ids)
-                parts.append(part)
-                bar.update(ids.numel())
-            tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
-            _save_shard(out / _shard_name(i), tensors, {"shard": i, "row_start": a, "row_end": b})
-            bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
-        for _ in range(most - forwards):  # lockstep with the ranks that have more forwards left
-            with torch.no_grad(), torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                final_hidden(model, probe)
+        try:
+            for i, a, b in todo:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: resumed equals fresh
+                parts = []
+                for start in range(a, b, batch_size):
+                    ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
+                    hidden = _teacher_forward(model, ids.to(dev), autocast_dtype)
+                    done += 1
+                    part = _teacher_rows(hidden, head, k=k, tail_samples=tail_samples, generator=gen, chunk=chunk,
+                                         want_hidden=hidden_states)
+                    if hidden_states:
+                        part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
+                    part["row_hash"] = row_hash(ids)
+                    parts.append(part)
+                    bar.update(ids.numel())
+                tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+                _save_shard(out / _shard_name(i), tensors, {"shard": i, "row_start": a, "row_end": b})
+                bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below, after this rank's lockstep forwards
+            if w == 1:
+                raise
+            error = exc
+        for _ in range(most - done if lockstep else 0):  # lockstep with the ranks that have more forwards left
+            _teacher_forward(model, probe, autocast_dtype)
+    dist.raise_if_any(error)
     mine = len(range(r, meta["num_shards"], w))
     written, skipped = dist.sum_over_ranks([len(todo), mine - len(todo)], dev)
     dist.barrier()

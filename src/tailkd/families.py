@@ -6,7 +6,8 @@ An entry says, for one family of Hugging Face causal LMs:
 - how each parameter is sliced: a parameter name (global ones by full name, per-layer ones by the part after
   ``<layer_prefix><i>.``) maps to one *axis kind* per tensor dimension (see `AXES`); the student builder turns
   the kinds into index lists once per student and cuts every teacher tensor with them;
-- how the head size follows the other sizes (`head_dim`), whether q/k carry rotate-half RoPE (`rope`);
+- how the head size follows the other sizes (`head_dim`, `reads_head_dim`), whether q/k carry rotate-half RoPE
+  (`rope`);
 - which config fields must follow the chosen layers: per-layer lists (``layer_types``) are subset, "from layer
   N on" thresholds (``max_window_layers``) are renumbered, and fields proportional to head_dim
   (``query_pre_attn_scalar``) are rescaled when head_dim shrinks.
@@ -68,6 +69,9 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
+    # a "derived" family whose models read config.head_dim first when the config carries one (Phi, Phi-3, OLMo-2;
+    # not GPT-2): such a teacher's head_dim is the config's and follows the student like "follows_hidden"
+    reads_head_dim: bool = True
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -91,7 +95,7 @@ FAMILIES = {f.name: f for f in (
             **conv1d("mlp.c_proj", "ff", "d"), **norms("ln_1", "ln_2")},
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.",
            rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
-                                 intermediate="n_inner"), layer_lists=()),
+                                 intermediate="n_inner"), layer_lists=(), reads_head_dim=False),
     Family("phi", "Phi", ("PhiForCausalLM",),
            {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("model.final_layernorm")},

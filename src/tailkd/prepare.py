@@ -3,7 +3,8 @@
 1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
    ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`), the student (built from the teacher,
    `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
-   or a teacher vocabulary extending the student's); ``train.compile``; the attention implementation, logged.
+   or a teacher vocabulary extending the student's, which refuses a teacher cache, and whose teacher mass outside
+   the shared ids `shared_vocab_summary` measures); ``train.compile``; the attention implementation, logged.
 2. Data (`setup_data`): packed text rows (`tailkd.corpus` -> `tailkd.data`; a held-out corpus of its own with
    ``data.heldout_paths``) or prompt/response rows (`tailkd.sft`); ``train.epochs`` -> ``train.max_steps``.
    `tailkd.commands` builds every subcommand's rows with the same function, so a data section means the same
@@ -34,10 +35,14 @@ from tailkd.registry import LOSSES
 # --------------------------------------------------------------------------- models: teacher, student, vocabulary
 
 def setup_models(cfg: DistillConfig, device: torch.device):
-    """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, shared vocab, table).
+    """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, V, V_teacher, table): the
+    student's tokenizer (it reads the data), V the vocabulary distilled over (the student's ids, `tailkd.vocab`),
+    V_teacher the teacher tokenizer's (> V when it extends the student's: shared-vocabulary distillation), and the
+    `tailkd.student` provenance table of a student built from the teacher (None for a loaded one).
 
     With ``teacher.parallel fsdp`` the teacher returned is a skeleton holding only what the student is built from
-    (`tailkd.sharded_teacher.student_source`); `setup_run` then loads the sharded teacher on every rank at once."""
+    (`tailkd.sharded_teacher.student_source`); `setup_run` then loads the sharded teacher on every rank at once.
+    A teacher cache with a teacher vocabulary extending the student's is refused here (`check_cache_vocab`)."""
     if cfg.teacher.parallel == "fsdp":
         teacher, t_tok = sharded_teacher.student_source(cfg.teacher.path, cfg.student, dtype=cfg.teacher.dtype,
                                                         device=device)
@@ -64,23 +69,83 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         s_tok = t_tok
         dist.say(format_table(table))
     vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
+    teacher_vocab = vocab_mod.real_vocab_size(t_tok)
+    check_cache_vocab(cfg, vocab, teacher_vocab)
     student.train()
     if not LOSSES[cfg.loss.name].needs_teacher:
         teacher = None
     # the student's tokenizer reads the data: the teacher's may extend it (shared-vocabulary distillation)
-    return teacher, student, s_tok, vocab, vocab_mod.real_vocab_size(t_tok), table
+    return teacher, student, s_tok, vocab, teacher_vocab, table
 
 
-def log_shared_vocab(teacher, probe: torch.Tensor, vocab: int, teacher_vocab: int) -> None:
-    """A teacher vocabulary extending the student's: say so, with the teacher's mass outside the shared ids (the
-    probe rows' mean), which the renormalisation over them removes (`tailkd.vocab`). Collective for a sharded
-    teacher (every rank runs the forward)."""
-    with torch.no_grad():
-        logits = teacher(input_ids=probe, use_cache=False).logits
-    mass = float(vocab_mod.outside_mass(logits, vocab, teacher_vocab).mean())
+def check_cache_vocab(cfg: DistillConfig, vocab: int, teacher_vocab: int) -> None:
+    """A teacher cache (``teacher.cache``) is written by ``tailkd cache-teacher`` with the teacher's tokenizer over
+    the teacher's whole vocabulary: with a teacher vocabulary extending the student's, neither its rows (the run's
+    are the student tokenizer's) nor its probabilities (not renormalised over the student's ids) are the run's, and
+    rebuilding it would give the same cache: refused, the online teacher is the way."""
+    if cfg.teacher.cache and teacher_vocab > vocab:
+        raise TailkdError(f"teacher.cache does not combine with a teacher vocabulary extending the student's (the "
+                          f"student's {vocab} token ids of the teacher's {teacher_vocab}): a cache holds the teacher's "
+                          f"own tokenisation and probabilities over all its ids; drop --teacher-cache to distil "
+                          f"from the online teacher, renormalised over the shared ids")
+
+
+def shared_vocab_rows(cfg: DistillConfig, held_rows, train_rows) -> tuple[object, int, str]:
+    """(rows, n, words): the rows `shared_vocab_summary` measures on, their first n: those of the run's initial
+    held-out evaluation (the first ``data.eval_rows`` held-out rows), or, without held-out rows, the first
+    ``data.eval_rows`` training rows."""
+    if len(held_rows):
+        n = min(len(held_rows), cfg.data.eval_rows)
+        return held_rows, n, f"the first {n} held-out rows"
+    n = min(len(train_rows), cfg.data.eval_rows)
+    return train_rows, n, f"the first {n} training rows (no held-out rows)"
+
+
+@torch.no_grad()
+def shared_vocab_mass(teacher, rows, n: int, vocab: int, teacher_vocab: int, *, batch_size: int, device,
+                      autocast_dtype=None) -> tuple[float, int]:
+    """(mean, tokens): the teacher's mass outside the shared ids (`tailkd.vocab.outside_mass`, float64), averaged
+    over the positions with a label (those the losses and the held-out metrics score) of rows 0..n-1 of ``rows``.
+
+    Collective, like the held-out evaluation: rank r runs rows r::W, ``batch_size`` (the global micro-batch) / W
+    at a time (fewer where a batch's float32 teacher logits would exceed 1 GiB), and every rank runs the same
+    number of forwards (a sharded teacher's forward is a collective): a rank without rows left passes row 0 with
+    its labels masked. The sums (float64) are added over ranks, then divided once."""
+    from tailkd.evaluate import forward_logits
+
+    r, w = dist.rank(), dist.world()
+    mine = list(range(r, n, w))
+    length = rows[0]["input_ids"].numel()
+    per_batch = max(1, min(batch_size // w, fused.AUTO_BYTES // (4 * length * teacher_vocab)))
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(math.ceil(math.ceil(n / w) / per_batch)):
+        index = mine[b * per_batch:(b + 1) * per_batch]
+        batch = data_mod.collate([rows[i] for i in (index or [0])])
+        logits, _ = forward_logits(teacher, batch["input_ids"].to(device), teacher_vocab,
+                                   autocast_dtype=autocast_dtype)
+        mask = (batch["labels"] != data_mod.IGNORE_INDEX).to(logits.device) if index else None
+        if mask is None or not bool(mask.any()):
+            continue
+        total += vocab_mod.outside_mass(logits[mask], vocab, teacher_vocab).sum().cpu()
+        count += int(mask.sum())
+    total, count = dist.sum_over_ranks([float(total), count], device)
+    return (total / count if count else float("nan")), int(count)
+
+
+def shared_vocab_summary(cfg: DistillConfig, teacher, held_rows, train_rows, vocab: int, teacher_vocab: int,
+                         device, autocast_dtype=None) -> dict:
+    """A teacher vocabulary extending the student's: say so in the run log, with the teacher's mass outside the
+    shared ids (`shared_vocab_mass` over `shared_vocab_rows`), which the renormalisation over them removes
+    (`tailkd.vocab`); returns the record for the run's summary.json: ``student_ids``, ``teacher_ids``,
+    ``outside_mass`` (the mean), ``tokens`` and ``rows`` (what it was measured on). Collective."""
+    rows, n, words = shared_vocab_rows(cfg, held_rows, train_rows)
+    mass, tokens = shared_vocab_mass(teacher, rows, n, vocab, teacher_vocab, batch_size=cfg.train.batch_size,
+                                     device=device, autocast_dtype=autocast_dtype)
     dist.say(f"shared vocabulary: the student's {vocab} token ids of the teacher's {teacher_vocab}, the teacher "
              f"renormalised over them; its mass on its {teacher_vocab - vocab} other tokens: {mass:.3g} (mean over "
-             f"{probe.numel()} tokens of the first training row)")
+             f"{tokens} tokens of {words})")
+    return {"student_ids": vocab, "teacher_ids": teacher_vocab, "outside_mass": mass, "tokens": tokens,
+            "rows": words}
 
 
 def attention_text(student, teacher) -> str:

@@ -15,8 +15,12 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
          hidden_size // num_heads; GPT-2, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always
          hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by
-         design) the teacher's. An explicit `head_dim` overrides the first and last group. Never more than the
-         teacher's. Each student head is a teacher head truncated to head_dim:
+         design) the teacher's. A Phi, Phi-3 or OLMo-2 config that does carry a head_dim (their models read it
+         first) is treated like Llama's, and the student's config carries the student's head_dim. An explicit
+         `head_dim` overrides the first and last group. Never more than the teacher's. hidden_size must be a
+         multiple of num_heads where head_dim is hidden_size // num_heads, and where the installed transformers'
+         config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5). Each student head is a
+         teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
@@ -55,6 +59,7 @@ student is always built in float32, its master weights). Supported: Llama, Qwen2
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -68,7 +73,7 @@ LLAMA_FAMILY = FAMILIES["llama"].classes
 GPT2_FAMILY = FAMILIES["gpt2"].classes
 MLP_INITS = ("random", "copy")
 
-__all__ = ["SUPPORTED", "Dims", "build_student", "choose_layers", "family_of", "format_table",
+__all__ = ["SUPPORTED", "Dims", "build_student", "choose_layers", "config_family", "family_of", "format_table",
            "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
 
 
@@ -104,8 +109,17 @@ def _spec(family: str | Family) -> Family:
     return family if isinstance(family, Family) else FAMILIES[family]
 
 
-def teacher_dims(config, family: str | Family) -> Dims:
+def config_family(config, family: str | Family) -> Family:
+    """The family's entry as it applies to `config`: a "derived" family whose models read ``config.head_dim`` first
+    (Phi, Phi-3, OLMo-2), for a config that carries one, has Llama's "follows_hidden" head_dim rule."""
     fam = _spec(family)
+    if fam.head_dim == "derived" and fam.reads_head_dim and getattr(config, "head_dim", None) is not None:
+        return dataclasses.replace(fam, head_dim="follows_hidden")
+    return fam
+
+
+def teacher_dims(config, family: str | Family) -> Dims:
+    fam = config_family(config, family)
     keys = fam.keys
     hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
@@ -193,11 +207,15 @@ def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
     return kv_heads
 
 
+def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
+    return TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}{why}: "
+                       f"pick a hidden_size that is a multiple of {heads} or another num_heads")
+
+
 def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
-    divisible = hidden % heads == 0
     if requested is not None:
         hd = int(requested)
-        if fam.head_dim == "derived" and (not divisible or hd != hidden // heads):
+        if fam.head_dim == "derived" and (hidden % heads or hd != hidden // heads):
             raise TailkdError(f"{fam.label} has no head_dim setting (it is hidden_size/num_heads = {hidden}/{heads}): "
                               f"drop head_dim={hd} and choose hidden_size and num_heads instead")
         if not 1 <= hd <= t.head_dim:
@@ -205,19 +223,15 @@ def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
                               f"pick 1..{t.head_dim}")
     elif fam.head_dim == "kept" or (fam.head_dim == "follows_hidden" and hidden == t.hidden):
         hd = t.head_dim
-    else:
-        if not divisible:
-            raise TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}: "
-                              f"pick a hidden_size that is a multiple of {heads} or another num_heads")
+    else:  # head_dim is hidden_size // num_heads, which must then be exact
+        if hidden % heads:
+            raise _not_divisible(hidden, heads)
         hd = hidden // heads
         if hd > t.head_dim:
             raise TailkdError(
                 f"hidden_size={hidden} with num_heads={heads} gives head_dim {hd}, wider than the teacher's "
                 f"{t.head_dim}: use at least {-(-hidden // t.head_dim)} heads or a smaller hidden_size"
             )
-    if not divisible:  # the configs of Llama, Gemma2 and Gemma3 refuse it too
-        raise TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}: "
-                          f"pick a hidden_size that is a multiple of {heads} or another num_heads")
     return hd
 
 
@@ -254,7 +268,12 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.head_dim_scaled:  # attention scale 1/sqrt(key), proportional to head_dim
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
-    return type(teacher_config).from_dict(data)
+    try:
+        return type(teacher_config).from_dict(data)
+    except Exception as err:  # some config classes validate hidden % heads (transformers 5: Llama, Gemma2, Gemma3)
+        if s.hidden % s.heads == 0:
+            raise
+        raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
 
 
 # --------------------------------------------------------------------------- index helpers
@@ -330,7 +349,7 @@ def _copy_rule(name: str, fam: Family, mlp_init: str):
 # --------------------------------------------------------------------------- the builder
 
 def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim):
-    fam = family_spec(teacher)
+    fam = config_family(teacher.config, family_spec(teacher))
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)

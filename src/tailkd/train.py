@@ -55,7 +55,6 @@ from tailkd.prepare import (
     check_batch_split,
     choose_loss_path,
     compile_models,
-    log_shared_vocab,
     loss_layer_text,
     make_optimizer,
     run_loss_chunk,
@@ -63,6 +62,7 @@ from tailkd.prepare import (
     setup_data,
     setup_models,
     setup_teacher_signal,
+    shared_vocab_summary,
 )
 from tailkd.registry import LOSSES
 
@@ -213,6 +213,7 @@ class Run:
     log: runs.MetricsLog | None  # rank 0 only
     on_policy: OnPolicy | None = None  # train.on_policy > 0: student-generated micro-batches
     loss_chunk: int | None = None  # fused layer: tokens per chunk, fixed for the run (None: the CPU's rule per call)
+    shared_vocab: dict | None = None  # a teacher vocabulary extending the student's: `prepare.shared_vocab_summary`
 
     def write_metrics(self, record: dict) -> None:
         if self.log is not None:
@@ -250,8 +251,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
         set_steps_from_epochs(cfg, len(train_rows))
     fused_path = choose_loss_path(cfg, vocab)
     probe = data_mod.collate([train_rows[0]])["input_ids"][:, :16].to(device)
-    if teacher is not None and teacher_vocab > vocab:
-        log_shared_vocab(teacher, probe, vocab, teacher_vocab)
+    shared_vocab = shared_vocab_summary(cfg, teacher, held_rows, train_rows, vocab, teacher_vocab, device, ac) \
+        if teacher is not None and teacher_vocab > vocab else None
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
                                                   fused_path, probe)
     loss_chunk = run_loss_chunk(cfg, vocab, student, device) if fused_path else None
@@ -281,7 +282,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=progress.step if restored else -1) \
         if dist.is_main() else None
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
-               signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk)
+               signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk,
+               shared_vocab)
 
 
 # --------------------------------------------------------------------------- one step
@@ -477,6 +479,8 @@ def finish(run: Run) -> dict:
                "heldout_before": p.initial_heldout, "heldout_after": p.final_heldout,
                "flops": distill_flops(run.teacher, dist.unwrap(run.model), p.tokens, seq_len=cfg.data.seq_len,
                                       loss=cfg.loss.name, freeze_embeddings=cfg.student.freeze_embeddings)}
+    if run.shared_vocab is not None:
+        summary["shared_vocab"] = run.shared_vocab
     if run.on_policy is not None:
         summary["on_policy"] = {"rate": cfg.train.on_policy, "batches": p.on_policy_batches,
                                 "generated_tokens": p.generated_tokens, "generation_seconds": p.generation_seconds}

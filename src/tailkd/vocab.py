@@ -9,10 +9,15 @@ Distillation compares two distributions over the same token ids. Two cases are a
   data is tokenised with the student's tokenizer, and distillation runs over the student's V_S ids with the
   teacher renormalised over them: every code path slices the teacher's logits to ``[..., :V_S]`` before its
   softmax, so the teacher's distribution becomes p_i / Σ_{j < V_S} p_j — exactly the teacher conditioned on the
-  shared ids. The mass the teacher puts outside them (`outside_mass`) is logged at the start of a run.
+  shared ids. The mass the teacher puts outside them (`outside_mass`) is measured at the start of a run over the
+  rows of its initial held-out evaluation, logged and recorded in its summary.json
+  (`tailkd.prepare.shared_vocab_summary`). A teacher cache does not combine with it: ``tailkd cache-teacher``
+  tokenises with the teacher's tokenizer and stores probabilities over all the teacher's ids, so such a run is
+  refused up front (`tailkd.prepare.check_cache_vocab`) and distils from the online teacher.
 
 Any other difference (another id for a shared token, a student token the teacher lacks, extra teacher tokens in
-between) is refused with one line naming the first difference.
+between, other special tokens) is refused with one line naming the first difference: the first student token whose
+teacher id differs, else the first extra teacher token among the student's ids, else the special tokens.
 """
 
 from __future__ import annotations
@@ -44,15 +49,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def _difference(a, b) -> str:
-    """The first difference of two tokenizers (sizes, a token's id, or the special tokens), in words."""
-    va, vb = a.get_vocab(), b.get_vocab()
-    if len(va) != len(vb):
-        return f"{len(va)} vs {len(vb)} tokens"
-    for token, idx in sorted(va.items(), key=lambda kv: kv[1]):
-        if vb.get(token) != idx:
-            return f"token {token!r} has id {idx} vs {vb.get(token)}"
-    return f"special tokens {_special_tokens(a)} vs {_special_tokens(b)}"
+def _difference(teacher, student) -> str:
+    """The first difference of two tokenizers, in words: the first student token (by id) whose teacher id differs,
+    else the first teacher token the student lacks with an id below the student's vocabulary size, else the sizes,
+    else the special tokens."""
+    vt, vs = teacher.get_vocab(), student.get_vocab()
+    for token, idx in sorted(vs.items(), key=lambda kv: kv[1]):
+        if token not in vt:
+            return f"the student's token {token!r} (id {idx}) is not in the teacher's vocabulary"
+        if vt[token] != idx:
+            return f"the student's token {token!r} has id {idx}, the teacher's id {vt[token]}"
+    n_s = real_vocab_size(student)
+    inside = sorted((idx, token) for token, idx in vt.items() if token not in vs and idx < n_s)
+    if inside:
+        idx, token = inside[0]
+        return (f"the teacher's token {token!r} has id {idx}, which the student lacks, among the student's ids "
+                f"0..{n_s - 1}")
+    if len(vt) != len(vs):
+        return f"{len(vt)} vs {len(vs)} tokens"
+    return f"special tokens {_special_tokens(teacher)} vs {_special_tokens(student)}"
 
 
 def relation(teacher_tokenizer, student_tokenizer) -> str:
