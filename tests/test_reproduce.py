@@ -3,16 +3,23 @@ from the runs, a kill (SIGKILL, mid-way) and a resume, and bad input."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
+from tailkd import reproduce as rp
 from tailkd.cli import main
 from tailkd.command_config import ReproduceConfig
+from tailkd.config import DistillConfig, save_yaml
+from tailkd.errors import TailkdError
+from tailkd.recipe import run_stages
 from tailkd.reproduce import plan
 
 
@@ -44,7 +51,7 @@ def test_plan_names_every_run_once():
     assert plan(cfg)[0].cfg.train.max_steps == 100 and plan(cfg)[0].cfg.train.eval_every == 25  # 40, 10 scaled
 
 
-def test_reproduce_killed_then_resumed_writes_the_report(assets, tmp_path):
+def test_reproduce_killed_then_resumed_writes_the_report(assets, tmp_path, capsys):
     out = tmp_path / "rep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tailkd.cli", *_args(assets, out)], env=env,
@@ -80,10 +87,22 @@ def test_reproduce_killed_then_resumed_writes_the_report(assets, tmp_path):
     before = {n: (out / "runs" / n / "eval.json").stat().st_mtime_ns for n in names}
     assert main(_args(assets, out)) == 0
     assert before == {n: (out / "runs" / n / "eval.json").stat().st_mtime_ns for n in names}
+    # other settings into the same --out: refused, nothing reused or touched (the report is not rewritten)
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*_args(assets, out), "--scale", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run clm-s0 was finished with train.max_steps=4, this command gives 8" in err[0]
+    assert "use a new --out" in err[0]
+    assert files == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("extra, needle", [(["--seeds"], "seeds"), (["--ks", "0"], "reproduce.ks"),
-                                           (["--betas", "-1"], "reproduce.betas"), (["--scale", "0"], "scale")])
+                                           (["--betas", "-1"], "reproduce.betas"), (["--scale", "0"], "scale"),
+                                           (["--seeds", "0", "0", "1"], "reproduce.seeds names 0 twice"),
+                                           (["--sweep-seeds", "0", "3"], "reproduce.sweep_seeds holds 3"),
+                                           (["--betas", "0", "2"], "every β of the sweep must be > 0"),
+                                           (["--train.epochs", "1"], "--train.epochs")])
 def test_bad_input_is_one_line(assets, tmp_path, extra, needle):
     proc = subprocess.run([sys.executable, "-m", "tailkd.cli", *_args(assets, tmp_path / "r"), *extra],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -93,8 +112,6 @@ def test_bad_input_is_one_line(assets, tmp_path, extra, needle):
 
 def test_the_gpu_config_loads():
     """configs/reproduce/paper-qwen-1.8b-gpu.yaml: the paper's §3.2.1 sizes through tailkd reproduce (nothing runs)."""
-    from pathlib import Path
-
     from tailkd.cli import build_parser
     from tailkd.config import config_from_args
 
@@ -104,3 +121,135 @@ def test_the_gpu_config_loads():
     assert len(runs) == 14 and {r.cfg.train.max_steps for r in runs} == {7630}
     assert {(r.cfg.data.seq_len, r.cfg.student.num_layers, r.cfg.teacher.path) for r in runs} == {
         (2048, 20, "/models/Qwen1.5-1.8B")}
+
+
+# --------------------------------------------------------------------------- what a re-run may reuse
+
+
+def _finish(cfg: DistillConfig, *, final: bool = True) -> None:
+    """A run folder as tailkd distill leaves it (its config.yaml; final/ when finished), without training."""
+    run = Path(cfg.train.out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run / "config.yaml")
+    if final:
+        (run / "final").mkdir(exist_ok=True)
+        (run / "final" / "config.json").write_text("{}")
+
+
+def _reproduction(tmp_path, **options) -> ReproduceConfig:
+    cfg = ReproduceConfig()
+    r = cfg.reproduce
+    r.out, r.seeds, r.betas, r.ks = str(tmp_path / "rep"), [0], [2.0], [10]
+    for key, value in options.items():
+        section, _, name = key.partition("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg.validate()
+
+
+def test_a_rerun_reuses_only_work_done_with_the_same_settings(tmp_path):
+    cfg = _reproduction(tmp_path)
+    runs = plan(cfg)
+    assert [e.name for e in runs] == ["clm-s0", "kd-s0", "tad-s0"]
+    for e in runs:
+        _finish(e.cfg, final=e.name != "tad-s0")  # tad-s0 was killed mid-way
+    rp.check_reuse(cfg, runs)  # the same settings: every run reused (or resumed)
+    rp.check_reuse(_reproduction(tmp_path, reproduce__device="cpu"), runs)  # the device changes no result
+    for options, needle in (({"reproduce__scale": 4.0}, "run clm-s0 was finished with train.max_steps=40, this "
+                                                        "command gives 160"),
+                            ({"teacher__path": "/models/other"}, "teacher.path='smollm2', this command gives "
+                                                                 "'/models/other'"),
+                            ({"data__seq_len": 64}, "run clm-s0 was finished with data.seq_len=128")):
+        other = _reproduction(tmp_path, **options)
+        with pytest.raises(TailkdError, match="holds a reproduction with other settings") as err:
+            rp.check_reuse(other, plan(other))
+        assert needle in str(err.value) and "use a new --out, or delete" in str(err.value), str(err.value)
+    # a run that was only started is compared too
+    for e in runs[:2]:
+        shutil.rmtree(e.run)
+    other = _reproduction(tmp_path, train__lr=1e-3)
+    with pytest.raises(TailkdError, match=r"run tad-s0 was started with train.lr=0.0001, this command gives 0.001"):
+        rp.check_reuse(other, plan(other))
+
+
+def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
+    cfg = _reproduction(tmp_path)
+    runs = plan(cfg)
+    out = tmp_path / "rep"
+    analysis = out / "teacher_analysis.json"
+    rp._write_settings(analysis, rp._analysis_settings(rp._analysis_config(cfg, out)))
+    analysis.write_text("{}")
+    for e in runs:
+        _finish(e.cfg)
+        rp._write_settings(e.run / "eval.json", rp._eval_settings(rp._eval_config(cfg, e)))
+        (e.run / "eval.json").write_text("{}")
+    rp.check_reuse(cfg, runs)
+    assert rp._saved_settings(runs[0].run / "eval.json") == rp._eval_settings(rp._eval_config(cfg, runs[0]))
+    other = _reproduction(tmp_path, reproduce__eval_rows=8)
+    with pytest.raises(TailkdError) as err:
+        rp.check_reuse(other, plan(other))
+    assert f"{runs[0].run / 'eval.json'} was made with eval.max_rows=64, this command gives 8" in str(err.value)
+    assert f"delete {runs[0].run / 'eval.json'} to make it again" in str(err.value)
+    for e in runs:  # evaluations deleted: the teacher analysis is checked on its own
+        (e.run / "eval.json").unlink()
+    with pytest.raises(TailkdError, match="teacher_analysis.json was made with analyze.max_rows=64, this command "
+                                          "gives 8"):
+        rp.check_reuse(other, plan(other))
+    # an eval.json without its settings (an older tailkd) is not trusted: it is evaluated again
+    (runs[0].run / "eval.json").write_text("{}")
+    (runs[0].run / "eval.settings.json").unlink()
+    assert rp._saved_settings(runs[0].run / "eval.json") is None
+    settings = rp._eval_settings(rp._eval_config(cfg, runs[0]))
+    rp._redo(runs[0].run / "eval.json", settings)  # what reproduce does before evaluating it again
+    assert not (runs[0].run / "eval.json").exists() and rp._saved_settings(runs[0].run / "eval.json") is None
+    assert json.loads((runs[0].run / "eval.settings.json").read_text()) == settings
+
+
+def test_a_finished_recipe_stage_with_other_settings_is_refused(tmp_path, capsys):
+    cfg = DistillConfig()
+    cfg.train.out_dir = str(tmp_path / "stage")
+    _finish(cfg.validate())
+    assert run_stages([cfg])[0]["skipped"]  # the same settings: skipped, nothing loaded
+    cfg.train.device = "cpu"
+    assert run_stages([cfg])[0]["skipped"]
+    for key, value, needle in (("loss", "k", "loss.k=10, but now gives 5"),
+                               ("train", "max_steps", "train.max_steps=40, but now gives 80")):
+        other = DistillConfig()
+        other.train.out_dir = cfg.train.out_dir
+        setattr(getattr(other, key), value, 5 if value == "k" else 80)
+        with pytest.raises(TailkdError, match="stage stage .* finished with") as err:
+            run_stages([other.validate()])
+        assert needle in str(err.value) and "choose another --out" in str(err.value)
+    # with train.epochs the run computed max_steps from the data when it started: that is not compared
+    saved = DistillConfig()
+    saved.train.out_dir, saved.train.epochs, saved.train.max_steps = cfg.train.out_dir, 2.0, 17
+    _finish(saved.validate())
+    planned = DistillConfig()
+    planned.train.out_dir, planned.train.epochs = cfg.train.out_dir, 2.0
+    assert run_stages([planned.validate()])[0]["skipped"]
+
+
+def test_plan_refuses_two_runs_of_one_name():
+    cfg = ReproduceConfig()
+    cfg.reproduce.betas = [0.1, 0.10000001, 2.0]
+    with pytest.raises(TailkdError, match="named tad-beta0p1-s0"):
+        plan(cfg.validate())
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"seeds": [0, 1, 1]}, "reproduce.seeds names 1 twice"), ({"ks": [5, 5]}, "reproduce.ks names 5 twice"),
+    ({"betas": [1.0, 1.0]}, "reproduce.betas names 1 twice"), ({"sweep_seeds": [0, 0]}, "sweep_seeds names 0 twice"),
+    ({"seeds": [1, 2], "sweep_seeds": [0]}, "reproduce.sweep_seeds holds 0, which is not one of reproduce.seeds"),
+    ({"betas": [0.0, 2.0]}, "reproduce.betas holds 0; every β of the sweep must be > 0")])
+def test_seed_and_sweep_sets_are_checked(options, needle):
+    cfg = ReproduceConfig()
+    for key, value in options.items():
+        setattr(cfg.reproduce, key, value)
+    with pytest.raises(TailkdError, match=re.escape(needle)):
+        cfg.validate()
+
+
+def test_epochs_do_not_apply():
+    cfg = ReproduceConfig()
+    cfg.train.epochs = 1.0
+    with pytest.raises(TailkdError, match=r"train.epochs=1 does not apply to tailkd reproduce"):
+        cfg.validate()

@@ -34,9 +34,19 @@ def test_windows_score_every_token_but_the_first_once():
     assert list(selection.windows([7], 4)) == [] and list(selection.windows([], 4)) == []
 
 
-@pytest.mark.parametrize("n, keep, want", [(10, 0.5, 5), (7, 0.5, 4), (5, 0.3, 2), (3, 0.01, 1), (4, 1.0, 4)])
+@pytest.mark.parametrize("n, keep, want", [(10, 0.5, 5), (7, 0.5, 4), (5, 0.3, 2), (3, 0.01, 1), (4, 1.0, 4),
+                                           (50, 0.29, 15), (100, 0.285, 29), (10, 0.25, 3), (6, 0.25, 2)])
 def test_kept_count(n, keep, want):
+    """keep · n rounded half up, exactly: 0.29 · 50 = 14.5 -> 15 although the float product is 14.4999...; halves
+    round up, not to even (2.5 -> 3)."""
     assert selection.kept_count(n, keep) == want
+
+
+def test_kept_count_is_exact_half_up_for_every_decimal_fraction():
+    for n in (1, 2, 3, 7, 10, 50, 99, 200, 1000):
+        for thousandths in range(1, 1001):
+            want = max(1, (2 * thousandths * n + 1000) // 2000)  # floor(t/1000 · n + 1/2) in integers
+            assert selection.kept_count(n, thousandths / 1000) == want, (n, thousandths)
 
 
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan")])
@@ -116,9 +126,10 @@ def test_select_data_end_to_end_then_the_clm_baseline(assets, tmp_path):
     assert kept == selection.select_top([s["score"] for s in scores], 0.4)
     assert selected == [docs[i].strip() for i in kept]
     assert meta["flops"]["total"] > meta["flops"]["teacher"] > meta["flops"]["reference"] > 0
-    # deterministic: a second selection is the same file
-    assert main(_args(assets, tmp_path / "again", "--keep", "0.4")) == 0
-    assert (tmp_path / "again" / "selected.jsonl").read_bytes() == (out / "selected.jsonl").read_bytes()
+    # deterministic: a second selection, into its own previous output (which it replaces), is the same file
+    first = (out / "selected.jsonl").read_bytes()
+    assert main(_args(assets, out, "--keep", "0.4")) == 0
+    assert (out / "selected.jsonl").read_bytes() == first
     # the MiniPLM baseline: a CLM run on the kept documents
     run = tmp_path / "clm"
     assert main(["distill", "--teacher", str(assets["teacher"]), "--loss", "clm", "--data", str(out / "selected.jsonl"),
@@ -132,8 +143,17 @@ def test_bad_input_is_one_line(assets, tmp_path):
     tok = make_tokenizer(vocab_size=280)
     _model(len(tok), 1, 0).save_pretrained(other)
     tok.save_pretrained(other)
+    short = tmp_path / "short_context"  # the teacher's tokenizer, 64 positions (the teacher has 128)
+    tok = make_tokenizer()
+    _model(len(tok), 1, 0).save_pretrained(short)
+    tok.save_pretrained(short)
     for extra, needle in (([], "another tokenizer"), (["--keep", "0"], "select.keep"),
-                          (["--keep", "1.5"], "select.keep")):
+                          (["--keep", "1.5"], "select.keep"),
+                          (["--reference", str(short), "--seq-len", "100"],
+                           f"--seq-len 100 exceeds the model's maximum context of 64 tokens; use --seq-len 64 or less "
+                           f"(the reference {short})"),
+                          (["--seq-len", "200"], "maximum context of 128 tokens; use --seq-len 128 or less (the "
+                                                 "teacher")):
         args = _args(assets, tmp_path / "out", *extra)
         if not extra:
             args[args.index("--reference") + 1] = str(other)
@@ -144,3 +164,24 @@ def test_bad_input_is_one_line(assets, tmp_path):
     assert not (tmp_path / "out").exists()
     proc = _cli("select-data", "--teacher", str(assets["teacher"]))
     assert proc.returncode == 2 and "--reference" in proc.stderr
+
+
+def test_out_that_is_not_a_selection_is_never_replaced(assets, tmp_path):
+    """--out is replaced as a whole: a folder of the user's (no selection.json), or a file, is refused before any
+    model is loaded, and left as it was."""
+    mine = tmp_path / "corpus"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine too")
+    for out in (mine, a_file):
+        proc = _cli(*_args(assets, out))
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert last == (f"tailkd: error: refusing to replace {out}: it exists and is not a tailkd select-data output "
+                        "(no selection.json); choose a new or empty folder for --out")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and a_file.read_text() == "mine too"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(_args(assets, empty, "--max-docs", "3")) == 0
+    assert json.loads((empty / "selection.json").read_text())["documents"] == 3

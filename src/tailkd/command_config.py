@@ -49,8 +49,12 @@ DATA_ALIASES = {"data": "data.paths", "seq-len": "data.seq_len", "cache-dir": "d
                 "doc-sep": "data.doc_sep", "heldout-fraction": "data.heldout_fraction", "task": "data.task",
                 "heldout-data": "data.heldout_paths"}
 # data.* leaves that only shape SFT rows (prompt/response): omitted where a command reads packed text only.
-SFT_ONLY = ("data.task", "data.heldout_paths", "data.sft_mode", "data.chat_template", "data.overlong",
-            "data.split_seed", "data.instruct_heldout", "data.instruct_max_words")
+SFT_ONLY = ("data.task", "data.sft_mode", "data.chat_template", "data.overlong", "data.split_seed",
+            "data.instruct_heldout", "data.instruct_max_words")
+# The SFT leaves and data.heldout_paths (--heldout-data, held-out files for pretraining and SFT alike): omitted
+# (no flag; an unknown key in YAML) where a command reads the training corpus only: cache-teacher's and lm-eval's
+# held-out split is that corpus's own held-out fraction, and select-data scores every document of it.
+CORPUS_ONLY = (*SFT_ONLY, "data.heldout_paths")
 
 
 def _aliases(section: str, cls, *names: str) -> dict[str, str]:
@@ -250,7 +254,8 @@ class CacheOptions:
     hidden_states: bool = _f(False, "also cache the teacher's final hidden states (every loss exact at train time)")
     hidden_dtype: str = _f("bf16", "dtype of the cached hidden states", choices=CACHE_HIDDEN_DTYPES)
     tail_samples: int = _f(0, "M tail tokens sampled per position (0: none)")
-    split: str = _f("train", "which rows to cache", choices=CACHE_SPLITS)
+    split: str = _f("train", "which rows to cache: the training rows, or the corpus's own held-out fraction (never "
+                             "--heldout-data files, which this command does not read)", choices=CACHE_SPLITS)
     batch_size: int = _f(8, "rows per teacher forward")
     rows_per_shard: Optional[int] = _f(None, "rows per shard (default: ~256 MiB shards)")
     max_rows: int = _f(0, "cache only the first N rows (0: all)")
@@ -266,7 +271,7 @@ class CacheTeacherConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheOptions = field(default_factory=CacheOptions)
 
-    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows", *SFT_ONLY)
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows", *CORPUS_ONLY)
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("cache", CacheOptions)}
 
@@ -290,7 +295,8 @@ class LmEvalOptions:
     model: Optional[str] = _f(None, "saved model folder, e.g. runs/x/final (required); the data settings not given "
                                     "are those of its run (RUN/config.yaml)")
     tasks: str = _f("tailkd_ppl", "comma-separated: tailkd_ppl, tailkd_gsm, paper, lm-eval task names")
-    split: str = _f("heldout", "tailkd_ppl: the documents tailkd distill holds out, or all", choices=LM_EVAL_SPLITS)
+    split: str = _f("heldout", "tailkd_ppl: the documents tailkd distill holds out of the training corpus (a run's "
+                               "--heldout-data files are not read), or all", choices=LM_EVAL_SPLITS)
     gsm_data: Optional[str] = _f(None, 'tailkd_gsm problems: .jsonl of {"question", "answer": "... #### N"}')
     max_gen_toks: int = _f(256, "tailkd_gsm: generated tokens at most")
     limit: Optional[float] = _f(None, "at most this many documents per task (lm-eval --limit)")
@@ -310,7 +316,7 @@ class LmEvalConfig:
     data: DataConfig = field(default_factory=DataConfig)  # tailkd_ppl's documents
     lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)
 
-    OMIT: ClassVar[tuple[str, ...]] = ("data.seq_len", "data.eval_rows", *SFT_ONLY)
+    OMIT: ClassVar[tuple[str, ...]] = ("data.seq_len", "data.eval_rows", *CORPUS_ONLY)
     ALIASES: ClassVar[dict[str, str]] = {**DATA_ALIASES, **_aliases("lm_eval", LmEvalOptions)}
 
     @classmethod
@@ -420,8 +426,9 @@ class SelectOptions:
                                         "an HF folder, a .gguf file, or a student tailkd saved (e.g. a CLM run's "
                                         "final)")
     keep: float = _f(0.5, "fraction of the documents kept, those with the highest scores (MiniPLM: 0.5)")
-    out: str = _f("selected", "output folder (replaced): selected.jsonl (the kept documents, field text, in corpus "
-                              "order), scores.jsonl, selection.json")
+    out: str = _f("selected", "output folder: selected.jsonl (the kept documents, field text, in corpus order), "
+                              "scores.jsonl, selection.json; a new or empty folder, or a previous select-data output "
+                              "(replaced); any other folder is refused")
     batch_size: int = _f(8, "windows of data.seq_len tokens per forward")
     max_docs: int = _f(0, "score only the first N documents (0: all)")
     device: str = _f("auto", DEVICE_HELP)
@@ -436,7 +443,7 @@ class SelectDataConfig:
     select: SelectOptions = field(default_factory=SelectOptions)
 
     OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "teacher.parallel", "data.eval_rows", "data.heldout_fraction",
-                                       *SFT_ONLY)
+                                       *CORPUS_ONLY)
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("select", SelectOptions)}
 
@@ -458,11 +465,14 @@ class SelectDataConfig:
 @dataclass
 class ReproduceOptions:
     out: str = _f("report", "output folder: runs/ (one run folder per experiment), report.md and its figures")
-    seeds: list[int] = _f([0, 1, 2], "seeds of the CLM, KD and TAD runs (the paper's Fig. 1 with seed bands)")
-    betas: list[float] = _f([0.5, 1.0, 2.0, 4.0], "TAD β sweep (paper Table 2; K = 10)")
-    ks: list[int] = _f([5, 10, 20], "TAD K sweep (paper Tables 1 and 4; β = 2)")
-    sweep_seeds: list[int] = _f([0], "seeds of the β and K sweeps (β = 2, K = 10 is the main TAD run)")
-    scale: float = _f(1.0, "multiplies train.max_steps and train.eval_every (e.g. 4: four times longer runs)")
+    seeds: list[int] = _f([0, 1, 2], "seeds of the CLM, KD and TAD runs (the paper's Fig. 1 with seed bands); each "
+                                     "once")
+    betas: list[float] = _f([0.5, 1.0, 2.0, 4.0], "TAD β sweep (paper Table 2; K = 10), each > 0 and once")
+    ks: list[int] = _f([5, 10, 20], "TAD K sweep (paper Tables 1 and 4; β = 2), each once")
+    sweep_seeds: list[int] = _f([0], "seeds of the β and K sweeps, each one of reproduce.seeds (β = 2, K = 10 is "
+                                     "that seed's main TAD run)")
+    scale: float = _f(1.0, "multiplies train.max_steps and train.eval_every (e.g. 4: four times longer runs; "
+                           "the runs' length is always train.max_steps × scale: train.epochs is not a setting here)")
     eval_rows: int = _f(64, "held-out rows of the final evaluation of each student (0: all)")
     device: str = _f("auto", DEVICE_HELP)
 
@@ -481,7 +491,7 @@ class ReproduceConfig:
     OMIT: ClassVar[tuple[str, ...]] = (
         "teacher.cache", "data.task", "data.sft_mode", "data.chat_template", "data.overlong", "data.split_seed",
         "data.instruct_heldout", "data.instruct_max_words", "train.out_dir", "train.seed", "train.resume",
-        "train.overwrite", "train.force_resume", "train.stop_after", "train.device", "train.on_policy",
+        "train.overwrite", "train.force_resume", "train.stop_after", "train.device", "train.epochs", "train.on_policy",
         "train.on_policy_temperature", "train.on_policy_top_p", "train.on_policy_max_new_tokens")
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", **DATA_ALIASES, "steps": "train.max_steps",
                                          **_aliases("reproduce", ReproduceOptions)}
@@ -494,6 +504,22 @@ class ReproduceConfig:
                 raise TailkdError(f"reproduce.{key} is empty; give at least one value")
         if min(r.ks) < 1:
             raise TailkdError(f"reproduce.ks holds {min(r.ks)}; every K must be >= 1 (the paper sweeps 1, 5, 10, 20)")
+        if min(r.betas) <= 0:
+            raise TailkdError(f"reproduce.betas holds {min(r.betas):g}; every β of the sweep must be > 0 (it is drawn "
+                              "on a log axis; the paper sweeps 0.5 to 10)")
+        for key in ("seeds", "betas", "ks", "sweep_seeds"):
+            values = getattr(r, key)
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise TailkdError(f"reproduce.{key} names {twice:g} twice; give each value once (a run per value)")
+        extra = [s for s in r.sweep_seeds if s not in r.seeds]
+        if extra:
+            raise TailkdError(f"reproduce.sweep_seeds holds {extra[0]}, which is not one of reproduce.seeds "
+                              f"({' '.join(map(str, r.seeds))}): the sweeps cross at that seed's main TAD run; add it "
+                              "to --seeds or drop it from --sweep-seeds")
+        if self.train.epochs:
+            raise TailkdError(f"train.epochs={self.train.epochs:g} does not apply to tailkd reproduce: every run is "
+                              "train.max_steps × reproduce.scale steps; set 0 and give --steps (or --scale)")
         check_at_least(self, "reproduce.eval_rows", 0, " (0: all)")
         _check_device(self, "reproduce.device")
         return self

@@ -361,18 +361,25 @@ def select_data(cfg: SelectDataConfig) -> dict:
     """``tailkd select-data``: MiniPLM's difference sampling (`tailkd.selection`) of the documents of
     ``cfg.data`` (the built-in news corpus if none), scored by ``cfg.teacher`` against ``select.reference``.
     Writes ``selected.jsonl`` (the kept documents, in corpus order), ``scores.jsonl`` (every document's score and
-    whether it was kept) and ``selection.json`` (settings, counts, FLOPs) into ``select.out``, atomically."""
+    whether it was kept) and ``selection.json`` (settings, counts, FLOPs) into ``select.out``, atomically. That
+    folder is replaced, so it must be new, empty or a previous select-data output (it holds ``selection.json``):
+    any other is refused before a model is loaded. ``data.seq_len`` must fit both models' context."""
     import torch
     from tqdm.auto import tqdm
 
     from tailkd import corpus, models, selection
     from tailkd.checkpoint import atomic_write_dir
+    from tailkd.data import check_seq_len
     from tailkd.distributed import resolve_device
     from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
     from tailkd.prepare import pretrain_paths
     from tailkd.vocab import check_vocab, tokenizer_fingerprint
 
     s = cfg.select
+    out = Path(s.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "selection.json").is_file():
+        raise TailkdError(f"refusing to replace {out}: it exists and is not a tailkd select-data output (no "
+                          "selection.json); choose a new or empty folder for --out")
     dev = resolve_device(s.device)
     teacher, tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
     reference, ref_tok = models.load_teacher(s.reference, device=dev, dtype=cfg.teacher.dtype)
@@ -382,6 +389,11 @@ def select_data(cfg: SelectDataConfig) -> dict:
                           "sampling scores the same tokens with both; use a reference trained on the teacher's "
                           "tokenizer (e.g. tailkd distill --loss clm, its RUN/final)")
     vocab = check_vocab(tok, ref_tok, teacher, reference)
+    for role, spec, model in (("teacher", cfg.teacher.path, teacher), ("reference", s.reference, reference)):
+        try:
+            check_seq_len(cfg.data.seq_len, models.model_max_length(model))
+        except TailkdError as exc:
+            raise TailkdError(f"{exc} (the {role} {spec})") from None
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else corpus.default_cache_root()
     texts = list(corpus.iter_documents(pretrain_paths(cfg.data, cache_root), doc_sep=cfg.data.doc_sep))
     texts = texts[:s.max_docs] if s.max_docs else texts
@@ -413,9 +425,9 @@ def select_data(cfg: SelectDataConfig) -> dict:
                                                   for i, sc in enumerate(scores)), encoding="utf-8")
         (tmp / "selection.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
 
-    atomic_write_dir(Path(s.out), write)
+    atomic_write_dir(out, write)
     print(f"kept {len(kept)} of {len(docs)} documents ({result['kept_tokens']} tokens); scoring took "
-          f"{flops['total'] / 1e15:.3g} PFLOPs; {Path(s.out) / 'selected.jsonl'} (train on it: tailkd distill "
-          f"--loss clm --data {Path(s.out) / 'selected.jsonl'})")
+          f"{flops['total'] / 1e15:.3g} PFLOPs; {out / 'selected.jsonl'} (train on it: tailkd distill "
+          f"--loss clm --data {out / 'selected.jsonl'})")
     return result
 

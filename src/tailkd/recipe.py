@@ -24,7 +24,8 @@ name a stage). ``configs/drkl-instruct.yaml`` is one.
 Every stage is a plain `DistillConfig` (unknown keys are errors), and every config is checked before the first
 stage starts. In a chain, a stage after the first with no ``student.path`` starts from the previous stage's
 ``final/``. Re-running a recipe skips stages whose ``final/`` exists, resumes a stage that has checkpoints, and
-skips evaluations whose output exists, so an interrupted recipe continues.
+skips evaluations whose output exists, so an interrupted recipe continues. A finished stage is skipped only if it
+was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line naming the setting.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailkd.command_config import CompareConfig, EvalConfig
-from tailkd.config import DistillConfig, config_from_dict, from_dict, load_yaml, merge
+from tailkd.config import DistillConfig, config_from_dict, from_dict, load_yaml, merge, to_dict
 from tailkd.errors import TailkdError
 
 RECIPE_KEYS = ("out_dir", "chain", "common", "stages", "evaluate", "compare")
@@ -120,15 +121,49 @@ def load_recipe(path: str | Path, out_dir: str | None = None) -> list[DistillCon
     return read_recipe(path, out_dir).stages
 
 
+def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
+    """The first setting in which the ``config.yaml`` saved in ``cfg``'s run folder differs from ``cfg``: (dotted
+    key, saved value, ``cfg``'s value); None if the folder holds no config.yaml or they agree. Not compared: the
+    settings that change nothing a finished run computed (`tailkd.runs.RESUME_FREE_KEYS`: device, checkpointing,
+    logging, loss kernels, ...) except the schedule's length and held-out points (train.max_steps and
+    train.eval_every, which a resume may change but a finished run cannot); train.max_steps neither when
+    train.epochs sets it from the data."""
+    from tailkd.runs import RESUME_FREE_KEYS, flatten
+
+    run = Path(cfg.train.out_dir)
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        old = flatten(to_dict(from_dict(DistillConfig, load_yaml(saved))))
+    except TailkdError as exc:
+        raise TailkdError(f"the run folder {run} has a damaged config.yaml ({exc}); delete {run} to run it "
+                          "again") from None
+    free = RESUME_FREE_KEYS - {"train.max_steps", "train.eval_every"}
+    if cfg.train.epochs > 0:
+        free = free | {"train.max_steps"}
+    new = flatten(to_dict(cfg))
+    for key, value in new.items():
+        if key not in free and old.get(key) != value:
+            return key, old.get(key), value
+    return None
+
+
 def run_stages(stages: list[DistillConfig]) -> list[dict]:
-    """Run each stage's distillation in order: a stage whose ``final/`` exists is skipped, one with a run folder is
-    resumed. Stops after a stage that was stopped (a signal, ``train.stop_after``): its summary is the last."""
+    """Run each stage's distillation in order: a stage whose ``final/`` exists is skipped (``TailkdError`` if it was
+    run with other settings: `saved_change`), one with a run folder is resumed (distill refuses a changed config).
+    Stops after a stage that was stopped (a signal, ``train.stop_after``): its summary is the last."""
     from tailkd.train import distill
 
     summaries = []
     for cfg in stages:
         run = Path(cfg.train.out_dir)
         if (run / "final" / "config.json").exists():
+            change = saved_change(cfg)
+            if change is not None:
+                key, old, new = change
+                raise TailkdError(f"stage {run.name} ({run}) finished with {key}={old!r}, but now gives {new!r}; "
+                                  f"delete {run} to run it again with the new settings, or choose another --out")
             print(f"stage {run.name}: already done ({run / 'final'})")
             summaries.append({"run": str(run), "final": str(run / "final"), "skipped": True})
             continue

@@ -18,6 +18,12 @@ students train on), as the paper evaluates on a validation set of its own.
 Re-running the command continues a stopped or killed reproduction: finished runs and evaluations are skipped,
 an interrupted run resumes from its last checkpoint, and the report is written again from everything on disk.
 Once every run has finished their checkpoints are deleted (a finished run is never resumed; its ``final/`` stays).
+Only work done with the same settings is reused: before anything runs, each run folder's ``config.yaml`` is
+compared with the planned config (`tailkd.recipe.saved_change`: all but the settings that change nothing a run
+computes, such as the device), each ``eval.json`` with the evaluation settings saved beside it
+(``eval.settings.json``) and ``teacher_analysis.json`` with ``teacher_analysis.settings.json``; a difference (e.g.
+another ``--scale`` or ``--teacher`` into the same ``--out``) is refused with one line naming the run and the
+setting. An ``eval.json`` without its settings file (written by an older tailkd) is evaluated again.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailkd.command_config import AnalyzeTeacherConfig, EvalConfig, ReproduceConfig
-from tailkd.config import DistillConfig, LossConfig
+from tailkd.config import DistillConfig, LossConfig, to_dict
+from tailkd.errors import TailkdError
+from tailkd.runs import flatten
 
 MAIN_K, MAIN_BETA = 10, 2.0  # the paper's defaults: the main TAD runs, where the sweeps cross
 PAPER_MISMATCH = (0.39, 0.46)  # the paper's mode-mismatch rates for its 1.8B-9B teachers (§2, Fig. 2)
@@ -69,6 +77,11 @@ def plan(cfg: ReproduceConfig) -> list[Experiment]:
     for seed in r.sweep_seeds:
         todo += [(f"tad-beta{_tag(b)}-s{seed}", "beta", "tad", seed, MAIN_K, b) for b in r.betas if b != MAIN_BETA]
         todo += [(f"tad-k{k}-s{seed}", "k", "tad", seed, k, MAIN_BETA) for k in r.ks if k != MAIN_K]
+    names = [name for name, *_ in todo]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:  # ReproduceConfig.validate refuses repeated values; this is two β that print alike
+        raise TailkdError(f"two runs of the reproduction would be named {twice}; give β values that differ in their "
+                          "first 6 significant digits")
     return [Experiment(name, group, loss, seed, k, beta, _distill_config(cfg, name, loss, seed, k, beta))
             for name, group, loss, seed, k, beta in todo]
 
@@ -108,6 +121,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
 
     experiments = plan(cfg)
     out = Path(cfg.reproduce.out)
+    check_reuse(cfg, experiments)  # before anything runs: what is on disk was made with these settings
     started = time.time()
     print(f"reproduce: {len(experiments)} runs of {experiments[0].cfg.train.max_steps} steps into {out / 'runs'}")
     summaries = run_stages([e.cfg for e in experiments])
@@ -116,11 +130,15 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         return {"stopped": True, "out": str(out), "exit_code": summaries[-1].get("exit_code", 0)}
     for e in experiments:
         shutil.rmtree(e.run / "checkpoints", ignore_errors=True)  # finished (final/ written): never resumed again
-        if not (e.run / "eval.json").is_file():
-            commands.evaluate(_eval_config(cfg, e))
+        ev = _eval_config(cfg, e)
+        if _saved_settings(e.run / "eval.json") is None:
+            _redo(e.run / "eval.json", _eval_settings(ev))
+            commands.evaluate(ev)
     analysis = out / "teacher_analysis.json"
-    if not analysis.is_file():
-        commands.analyze_teacher(_analysis_config(cfg, out))
+    a = _analysis_config(cfg, out)
+    if _saved_settings(analysis) is None:
+        _redo(analysis, _analysis_settings(a))
+        commands.analyze_teacher(a)
     report = write_report(cfg, experiments, out, seconds=time.time() - started)
     print(f"reproduce: report {report}")
     return {"out": str(out), "report": str(report)}
@@ -138,6 +156,84 @@ def _analysis_config(cfg: ReproduceConfig, out: Path) -> AnalyzeTeacherConfig:
     a.analyze.teachers, a.analyze.out, a.analyze.device = [cfg.teacher.path], str(out), cfg.reproduce.device
     a.analyze.max_rows = cfg.reproduce.eval_rows
     return a.validate()
+
+
+# --------------------------------------------------------------------------- reusing what is on disk
+
+
+def _eval_settings(ev: EvalConfig) -> dict:
+    """What an evaluation's numbers depend on: every setting but the device and the paths (those of its run)."""
+    flat = flatten(to_dict(ev))
+    return json.loads(json.dumps({k: v for k, v in flat.items()
+                                  if k not in ("eval.device", "eval.student", "eval.out")}))
+
+
+def _analysis_settings(a: AnalyzeTeacherConfig) -> dict:
+    flat = flatten(to_dict(a))
+    return json.loads(json.dumps({k: v for k, v in flat.items() if k not in ("analyze.device", "analyze.out")}))
+
+
+def _settings_path(result: Path) -> Path:
+    return result.with_name(f"{result.stem}.settings.json")  # RUN/eval.json -> RUN/eval.settings.json
+
+
+def _write_settings(result: Path, settings: dict) -> None:
+    from tailkd.checkpoint import atomic_write_text
+
+    result.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_settings_path(result), json.dumps(settings, indent=1))
+
+
+def _redo(result: Path, settings: dict) -> None:
+    """Before ``result`` is made: a result without trusted settings is removed, then the settings are written, so
+    an interrupted evaluation never leaves an old result beside new settings."""
+    result.unlink(missing_ok=True)
+    _write_settings(result, settings)
+
+
+def _saved_settings(result: Path) -> dict | None:
+    """The settings saved beside ``result`` (eval.json, teacher_analysis.json) if both exist, else None: not done
+    (an ``eval.json`` of an older tailkd, without its settings, is done again)."""
+    path = _settings_path(result)
+    if not (result.is_file() and path.is_file()):
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # a damaged settings file: the result cannot be trusted, so it is made again
+    return saved if isinstance(saved, dict) else None
+
+
+def _first_change(saved: dict, planned: dict) -> tuple[str, object, object] | None:
+    for key in [*planned, *(k for k in saved if k not in planned)]:
+        if saved.get(key) != planned.get(key):
+            return key, saved.get(key), planned.get(key)
+    return None
+
+
+def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
+    """``TailkdError`` (one line) unless every run folder, evaluation and teacher analysis already under
+    ``reproduce.out`` was made with the settings this invocation plans: a re-run reuses them as they are."""
+    from tailkd.recipe import saved_change
+
+    out = Path(cfg.reproduce.out)
+    fix = f"use a new --out, or delete {out} to start over with these settings"
+    for e in experiments:
+        change = saved_change(e.cfg)
+        if change is not None:
+            key, old, new = change
+            state = "finished" if (e.run / "final" / "config.json").exists() else "started"
+            raise TailkdError(f"{out} holds a reproduction with other settings: its run {e.name} was {state} with "
+                              f"{key}={old!r}, this command gives {new!r}; {fix}")
+    checks = [(e.run / "eval.json", _eval_settings(_eval_config(cfg, e))) for e in experiments]
+    checks.append((out / "teacher_analysis.json", _analysis_settings(_analysis_config(cfg, out))))
+    for result, planned in checks:
+        saved = _saved_settings(result)
+        change = None if saved is None else _first_change(saved, planned)
+        if change is not None:
+            key, old, new = change
+            raise TailkdError(f"{result} was made with {key}={old!r}, this command gives {new!r}; {fix}, or delete "
+                              f"{result} to make it again")
 
 
 # --------------------------------------------------------------------------- the report

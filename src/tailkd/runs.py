@@ -38,11 +38,12 @@ RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train
                     "train.loss_chunk_size", "train.loss_kernels", "train.compile"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -151,11 +152,11 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
         if not saved.exists():
             raise TailkdError(f"{out} has no config.yaml, so it is not a tailkd run; choose another --out")
         try:
-            old = _flat(to_dict(from_dict(DistillConfig, load_yaml(saved))))
+            old = flatten(to_dict(from_dict(DistillConfig, load_yaml(saved))))
         except TailkdError as exc:
             raise TailkdError(f"cannot resume {out}: its config.yaml is damaged ({exc}); start a new run with "
                               "another --out") from None
-        new = _flat(to_dict(cfg))
+        new = flatten(to_dict(cfg))
         diff = sorted(k for k in new if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
         changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
         if diff and not cfg.train.force_resume:

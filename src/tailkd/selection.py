@@ -7,8 +7,9 @@ Tables 1, 4 and 5.
 over the n scored tokens of a document (its tokens, then EOS, as `tailkd.corpus` packs it; the first token has no
 context and is not scored; a document longer than a row is scored in consecutive windows of ``seq_len`` tokens,
 each window's first token given as context only). The ``keep`` fraction with the highest scores is kept —
-``round(keep · n_docs)`` documents, at least one, ties broken by the earlier document — and written in corpus
-order, so a CLM run on ``selected.jsonl`` is the MiniPLM baseline. Documents with no scored token rank last.
+``keep · n_docs`` documents rounded half up (exactly, ``keep`` read as the decimal it is written as), at least one,
+ties broken by the earlier document — and written in corpus order, so a CLM run on ``selected.jsonl`` is the
+MiniPLM baseline. Documents with no scored token rank last.
 
 FLOPs (paper Table 3's accounting, `tailkd.flops`): both models run one forward over every scored token, plus the
 log-softmax and gather of each (``SCORE_FLOPS_PER_VOCAB`` per vocabulary entry).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from fractions import Fraction
 
 import torch
 
@@ -74,10 +76,14 @@ def document_scores(teacher, reference, docs: Sequence[Sequence[int]], vocab: in
 
 
 def kept_count(n_docs: int, keep: float) -> int:
-    """round(keep · n_docs), at least 1 (``keep`` in (0, 1])."""
+    """keep · n_docs rounded half up, at least 1 (``keep`` in (0, 1]).
+
+    Exact: ``keep`` is taken as the decimal it prints as (``str(keep)``), not as its binary float, so
+    kept_count(50, 0.29) is 15 (0.29 · 50 = 14.5 rounds up), where the float product 14.499999999999998 would give 14;
+    and halves round up, not to even as Python's ``round`` does (kept_count(10, 0.25) is 3)."""
     if not (0.0 < keep <= 1.0):
         raise TailkdError(f"select.keep={keep} must lie in (0, 1] (the fraction of documents kept; MiniPLM: 0.5)")
-    return max(1, min(n_docs, math.floor(keep * n_docs + 0.5)))
+    return max(1, min(n_docs, math.floor(Fraction(str(keep)) * n_docs + Fraction(1, 2))))
 
 
 def select_top(scores: Sequence[float], keep: float) -> list[int]:
