@@ -188,8 +188,6 @@ def cache_teacher(cfg: CacheTeacherConfig, *, log=print) -> dict:
 
 
 def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
-    import torch
-
     from tailkd import distributed as dist
     from tailkd import models
     from tailkd.cache import format_size_table, write_cache
@@ -211,7 +209,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     corpus = {"fingerprint": info.fingerprint, "split": c.split, "eos_id": info.eos_id,
               "settings": {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction,
                            "doc_eos": cfg.data.doc_eos}}
-    ac = torch.bfloat16 if dev.type == "cuda" and cfg.teacher.dtype in ("auto", "bf16") else None
+    ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)
     meta = write_cache(model, tokenizer, train_rows if c.split == "train" else held_rows, c.out, k=c.k,
                        corpus=corpus, teacher_name=cfg.teacher.path, hidden_states=c.hidden_states,
                        hidden_dtype=c.hidden_dtype, tail_samples=c.tail_samples, seed=c.seed,
@@ -364,7 +362,6 @@ def select_data(cfg: SelectDataConfig) -> dict:
     whether it was kept) and ``selection.json`` (settings, counts, FLOPs) into ``select.out``, atomically. That
     folder is replaced, so it must be new, empty or a previous select-data output (it holds ``selection.json``):
     any other is refused before a model is loaded. ``data.seq_len`` must fit both models' context."""
-    import torch
     from tqdm.auto import tqdm
 
     from tailkd import corpus, models, selection
@@ -401,7 +398,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
         raise TailkdError("the data holds no document to select from; check --data and --doc-sep")
     eos = corpus.document_eos_id(tok, cfg.data.doc_eos)
     docs = [ids + ([] if eos is None else [eos]) for ids in corpus.tokenize_documents(tok, texts)]
-    ac = torch.bfloat16 if dev.type == "cuda" and cfg.teacher.dtype in ("auto", "bf16") else None
+    ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)
     with tqdm(total=sum(max(0, len(d) - 1) for d in docs), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
         scores = selection.document_scores(teacher, reference, docs, vocab, seq_len=cfg.data.seq_len,
                                            batch_size=s.batch_size, device=dev, pad_id=eos or 0, autocast_dtype=ac,

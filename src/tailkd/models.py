@@ -64,6 +64,12 @@ def builtin_teacher_gguf() -> Path:
 
 # --------------------------------------------------------------------------- small helpers
 
+def teacher_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast of a teacher-only command (cache-teacher, select-data): bf16 on CUDA for a teacher dtype of auto
+    or bf16, else None (its own dtype)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" and dtype in ("auto", "bf16") else None
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
     """``None``/"fp32" → float32; "bf16"/"fp16" as named; a torch.dtype as is.
 
