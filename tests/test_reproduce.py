@@ -176,14 +176,14 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     runs = plan(cfg)
     out = tmp_path / "rep"
     analysis = out / "teacher_analysis.json"
-    rp._write_settings(analysis, rp._analysis_settings(rp._analysis_config(cfg, out)))
+    rp._write_settings(analysis, rp._settings(rp._analysis_config(cfg, out), "analyze"))
     analysis.write_text("{}")
     for e in runs:
         _finish(e.cfg)
-        rp._write_settings(e.run / "eval.json", rp._eval_settings(rp._eval_config(cfg, e)))
+        rp._write_settings(e.run / "eval.json", rp._settings(rp._eval_config(cfg, e), "eval"))
         (e.run / "eval.json").write_text("{}")
     rp.check_reuse(cfg, runs)
-    assert rp._saved_settings(runs[0].run / "eval.json") == rp._eval_settings(rp._eval_config(cfg, runs[0]))
+    assert rp._saved_settings(runs[0].run / "eval.json") == rp._settings(rp._eval_config(cfg, runs[0]), "eval")
     other = _reproduction(tmp_path, reproduce__eval_rows=8)
     with pytest.raises(TailkdError) as err:
         rp.check_reuse(other, plan(other))
@@ -198,7 +198,7 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     (runs[0].run / "eval.json").write_text("{}")
     (runs[0].run / "eval.settings.json").unlink()
     assert rp._saved_settings(runs[0].run / "eval.json") is None
-    settings = rp._eval_settings(rp._eval_config(cfg, runs[0]))
+    settings = rp._settings(rp._eval_config(cfg, runs[0]), "eval")
     rp._redo(runs[0].run / "eval.json", settings)  # what reproduce does before evaluating it again
     assert not (runs[0].run / "eval.json").exists() and rp._saved_settings(runs[0].run / "eval.json") is None
     assert json.loads((runs[0].run / "eval.settings.json").read_text()) == settings

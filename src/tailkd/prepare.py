@@ -101,30 +101,38 @@ def shared_vocab_rows(cfg: DistillConfig, held_rows, train_rows) -> tuple[object
     return train_rows, n, f"the first {n} training rows (no held-out rows)"
 
 
+def rank_batches(rows, n: int, batch_size: int, row_tokens: int, vocab: int):
+    """This rank's share of rows 0..n-1 of ``rows`` as collated batches, for a collective pass over them (the
+    held-out evaluation, `shared_vocab_mass`): rank r takes rows r::W, ``batch_size`` (the global micro-batch) / W
+    at a time, fewer where a batch's float32 logits over ``vocab`` would exceed ~1 GiB (``row_tokens`` per row),
+    and every rank yields the same number of batches (FSDP's forward is a collective): a rank without rows left
+    yields row 0 with every label masked (a forward that adds nothing)."""
+    r, w = dist.rank(), dist.world()
+    mine = list(range(r, n, w))
+    per_batch = max(1, min(max(1, batch_size // w), fused.AUTO_BYTES // (4 * row_tokens * vocab)))
+    for b in range(math.ceil(math.ceil(n / w) / per_batch)):
+        index = mine[b * per_batch:(b + 1) * per_batch]
+        batch = data_mod.collate([rows[i] for i in (index or [0])])
+        if not index:
+            batch["labels"] = torch.full_like(batch["labels"], data_mod.IGNORE_INDEX)
+        yield batch
+
+
 @torch.no_grad()
 def shared_vocab_mass(teacher, rows, n: int, vocab: int, teacher_vocab: int, *, batch_size: int, device,
                       autocast_dtype=None) -> tuple[float, int]:
     """(mean, tokens): the teacher's mass outside the shared ids (`tailkd.vocab.outside_mass`, float64), averaged
     over the positions with a label (those the losses and the held-out metrics score) of rows 0..n-1 of ``rows``.
-
-    Collective, like the held-out evaluation: rank r runs rows r::W, ``batch_size`` (the global micro-batch) / W
-    at a time (fewer where a batch's float32 teacher logits would exceed 1 GiB), and every rank runs the same
-    number of forwards (a sharded teacher's forward is a collective): a rank without rows left passes row 0 with
-    its labels masked. The sums (float64) are added over ranks, then divided once."""
+    Collective, like the held-out evaluation (`rank_batches`); the sums (float64) are added over ranks, then
+    divided once."""
     from tailkd.evaluate import forward_logits
 
-    r, w = dist.rank(), dist.world()
-    mine = list(range(r, n, w))
-    length = rows[0]["input_ids"].numel()
-    per_batch = max(1, min(batch_size // w, fused.AUTO_BYTES // (4 * length * teacher_vocab)))
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for b in range(math.ceil(math.ceil(n / w) / per_batch)):
-        index = mine[b * per_batch:(b + 1) * per_batch]
-        batch = data_mod.collate([rows[i] for i in (index or [0])])
+    for batch in rank_batches(rows, n, batch_size, rows[0]["input_ids"].numel(), teacher_vocab):
         logits, _ = forward_logits(teacher, batch["input_ids"].to(device), teacher_vocab,
                                    autocast_dtype=autocast_dtype)
-        mask = (batch["labels"] != data_mod.IGNORE_INDEX).to(logits.device) if index else None
-        if mask is None or not bool(mask.any()):
+        mask = (batch["labels"] != data_mod.IGNORE_INDEX).to(logits.device)
+        if not bool(mask.any()):
             continue
         total += vocab_mod.outside_mass(logits[mask], vocab, teacher_vocab).sum().cpu()
         count += int(mask.sum())

@@ -132,12 +132,12 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         shutil.rmtree(e.run / "checkpoints", ignore_errors=True)  # finished (final/ written): never resumed again
         ev = _eval_config(cfg, e)
         if _saved_settings(e.run / "eval.json") is None:
-            _redo(e.run / "eval.json", _eval_settings(ev))
+            _redo(e.run / "eval.json", _settings(ev, "eval"))
             commands.evaluate(ev)
     analysis = out / "teacher_analysis.json"
     a = _analysis_config(cfg, out)
     if _saved_settings(analysis) is None:
-        _redo(analysis, _analysis_settings(a))
+        _redo(analysis, _settings(a, "analyze"))
         commands.analyze_teacher(a)
     report = write_report(cfg, experiments, out, seconds=time.time() - started)
     print(f"reproduce: report {report}")
@@ -161,16 +161,11 @@ def _analysis_config(cfg: ReproduceConfig, out: Path) -> AnalyzeTeacherConfig:
 # --------------------------------------------------------------------------- reusing what is on disk
 
 
-def _eval_settings(ev: EvalConfig) -> dict:
-    """What an evaluation's numbers depend on: every setting but the device and the paths (those of its run)."""
-    flat = flatten(to_dict(ev))
-    return json.loads(json.dumps({k: v for k, v in flat.items()
-                                  if k not in ("eval.device", "eval.student", "eval.out")}))
-
-
-def _analysis_settings(a: AnalyzeTeacherConfig) -> dict:
-    flat = flatten(to_dict(a))
-    return json.loads(json.dumps({k: v for k, v in flat.items() if k not in ("analyze.device", "analyze.out")}))
+def _settings(config, section: str) -> dict:
+    """What an evaluation's (``eval``) or the teacher analysis's (``analyze``) numbers depend on: every setting but
+    the device and the paths (those of its run)."""
+    drop = {f"{section}.device", f"{section}.out", f"{section}.student"}
+    return json.loads(json.dumps({k: v for k, v in flatten(to_dict(config)).items() if k not in drop}))
 
 
 def _settings_path(result: Path) -> Path:
@@ -225,8 +220,8 @@ def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
             state = "finished" if (e.run / "final" / "config.json").exists() else "started"
             raise TailkdError(f"{out} holds a reproduction with other settings: its run {e.name} was {state} with "
                               f"{key}={old!r}, this command gives {new!r}; {fix}")
-    checks = [(e.run / "eval.json", _eval_settings(_eval_config(cfg, e))) for e in experiments]
-    checks.append((out / "teacher_analysis.json", _analysis_settings(_analysis_config(cfg, out))))
+    checks = [(e.run / "eval.json", _settings(_eval_config(cfg, e), "eval")) for e in experiments]
+    checks.append((out / "teacher_analysis.json", _settings(_analysis_config(cfg, out), "analyze")))
     for result, planned in checks:
         saved = _saved_settings(result)
         change = None if saved is None else _first_change(saved, planned)

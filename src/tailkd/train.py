@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from tailkd import checkpoint as ckpt
 from tailkd import data as data_mod
 from tailkd import distributed as dist
-from tailkd import fused, models, runs, sharded_teacher
+from tailkd import models, runs, sharded_teacher
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.evaluate import finalize, heldout_sums
@@ -57,6 +57,7 @@ from tailkd.prepare import (
     compile_models,
     loss_layer_text,
     make_optimizer,
+    rank_batches,
     run_loss_chunk,
     set_steps_from_epochs,
     setup_data,
@@ -162,27 +163,12 @@ def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
 
 def heldout(model, teacher, held_rows, cfg: DistillConfig, vocab: int, device, ac) -> dict:
     """Held-out metrics of the first ``data.eval_rows`` rows (`tailkd.evaluate.heldout_sums`): rank r scores rows
-    r::world, the sums are added over ranks, then divided once, so 1 and W processes give the same metrics.
-
-    Every rank runs the same number of forward passes (FSDP's forward is a collective): a rank without rows left
-    passes row 0 with every label masked (a forward that adds nothing). At most ~1 GiB of float32 logits per model
-    and forward: e.g. 1 row of 2048 x 151936 instead of the training micro-batch's 8 rows (10 GB per model)."""
+    r::world in the same number of forwards on every rank (`prepare.rank_batches`: at most ~1 GiB of float32 logits
+    per model and forward), the sums are added over ranks, then divided once, so 1 and W processes give the same
+    metrics."""
     n = min(len(held_rows), cfg.data.eval_rows)
-    r, w = dist.rank(), dist.world()
-    mine = list(range(r, n, w))
-    per_batch = max(1, cfg.train.batch_size // w)
-    per_batch = max(1, min(per_batch, fused.AUTO_BYTES // (4 * cfg.data.seq_len * vocab)))
-    n_batches = math.ceil(math.ceil(n / w) / per_batch)
-
-    def batches():
-        for b in range(n_batches):
-            rows = mine[b * per_batch:(b + 1) * per_batch]
-            batch = data_mod.collate([held_rows[i] for i in (rows or [0])])
-            if not rows:
-                batch["labels"] = torch.full_like(batch["labels"], data_mod.IGNORE_INDEX)
-            yield batch
-
-    sums = heldout_sums(dist.unwrap(model), teacher, batches(), vocab, device=device, autocast_dtype=ac)
+    batches = rank_batches(held_rows, n, cfg.train.batch_size, cfg.data.seq_len, vocab)
+    sums = heldout_sums(dist.unwrap(model), teacher, batches, vocab, device=device, autocast_dtype=ac)
     return finalize(dist.gather_sums(sums))
 
 
