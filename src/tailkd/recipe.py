@@ -128,7 +128,7 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     logging, loss kernels, ...) except the schedule's length and held-out points (train.max_steps and
     train.eval_every, which a resume may change but a finished run cannot); train.max_steps neither when
     train.epochs sets it from the data."""
-    from tailkd.runs import RESUME_FREE_KEYS, flatten
+    from tailkd.runs import RESUME_FREE_KEYS, config_changes, flatten
 
     run = Path(cfg.train.out_dir)
     saved = run / "config.yaml"
@@ -142,11 +142,8 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     free = RESUME_FREE_KEYS - {"train.max_steps", "train.eval_every"}
     if cfg.train.epochs > 0:
         free = free | {"train.max_steps"}
-    new = flatten(to_dict(cfg))
-    for key, value in new.items():
-        if key not in free and old.get(key) != value:
-            return key, old.get(key), value
-    return None
+    changed = config_changes(old, cfg, free)
+    return (changed[0], old.get(changed[0]), flatten(to_dict(cfg))[changed[0]]) if changed else None
 
 
 def run_stages(stages: list[DistillConfig]) -> list[dict]:

@@ -156,8 +156,8 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
         except TailkdError as exc:
             raise TailkdError(f"cannot resume {out}: its config.yaml is damaged ({exc}); start a new run with "
                               "another --out") from None
+        diff = sorted(config_changes(old, cfg, RESUME_FREE_KEYS))
         new = flatten(to_dict(cfg))
-        diff = sorted(k for k in new if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
         changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
         if diff and not cfg.train.force_resume:
             k = diff[0]
@@ -169,6 +169,12 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
         raise TailkdError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to replace it, "
                           "or choose another --out")
     return out, False, []
+
+
+def config_changes(old: dict, cfg: DistillConfig, free) -> list[str]:
+    """The settings (dotted keys, in ``cfg``'s order) in which a saved config (``flatten``ed) differs from ``cfg``,
+    leaving out the keys in ``free``."""
+    return [k for k, v in flatten(to_dict(cfg)).items() if k not in free and old.get(k) != v]
 
 
 def _write_config(cfg: DistillConfig, path: Path) -> None:
