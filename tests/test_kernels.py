@@ -100,12 +100,12 @@ def _ref_grad(fn, s, t):
     return value.detach(), grad
 
 
-def _run(loss, s, t, cd, cq, w=None, out_dtype=None):
+def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None):
     stats = kernels.row_stats(s, t, loss.k, block=BLOCK)
     if loss.kind == 3 and w is None:
         w = tail_weight(stats.log_alpha.double().exp().mean().expand(s.shape[0]), BETA)
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
-    value = kernels.row_values_and_grads(loss, s, t, stats, w, cd, cq, out, block=BLOCK)
+    value = kernels.row_values_and_grads(loss, s, t, stats, w, cd, cq, out, y=y, cy=cy, block=BLOCK)
     return value.cpu(), out.cpu(), stats
 
 
@@ -114,12 +114,34 @@ def _coefs(n, seed):
     return torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g)
 
 
-def _grad_bound(gb, s, cd, cq, dz, ref_g, p_w, out_dtype):
-    """|cd|·(∂D/∂s bound) + |cq|·(q's bound) + 4u per entry on what G combines, + the bf16 store."""
+def _onehot(n, vocab, seed):
+    """The CLM's one-hot folded into G: a label per row (row 0 on column V − 1, the partial last block; row 1, if
+    any, without one: −1) and its coefficient cy."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[0] = vocab - 1
+    if n > 1:
+        y[1] = -1
+    return y, torch.rand(n, generator=g) + 0.25
+
+
+def _minus_onehot(ref_g, y, cy):
+    """ref_g − cy·onehot(y) (float64; rows with y = −1 unchanged)."""
+    out = ref_g.clone()
+    rows = (y >= 0).nonzero().squeeze(1)
+    out[rows, y[rows]] -= cy.double()[rows]
+    return out
+
+
+def _grad_bound(gb, s, cd, cq, dz, ref_g, p_w, out_dtype, y, cy):
+    """|cd|·(∂D/∂s bound) + |cq|·(q's bound) + 4u per entry on what G combines, + one rounding of the one-hot's
+    subtraction (u·(|G| + cy) at the label), + the bf16 store."""
     Q = LB._Dist(s, 1.0, dz)
     cd64, cq64 = cd.double()[:, None], cq.double()[:, None]
     bound = cd64.abs() * gb + cq64.abs() * B.SAFETY * Q.w * Q.rel
     bound = bound + B.SAFETY * 4 * U * (cd64.abs() + cq64.abs()) * (Q.w + p_w + ref_g.abs())
+    label = _minus_onehot(torch.zeros_like(ref_g), y, cy) != 0  # the label entries (cy > 0)
+    bound = bound + B.SAFETY * U * torch.where(label, ref_g.abs() + cy.double()[:, None], 0.0)
     if out_dtype == torch.bfloat16:
         bound = bound + 2 * B.U_BF16 * ref_g.abs()  # one ulp (module docstring)
     return bound
@@ -129,19 +151,22 @@ def _check_dense(name, s, t, seed, out_dtype=None):
     loss, kern, ref_fn, bound_fn = LOSSES[name]
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
-    value, g, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), out_dtype=out_dtype)
+    y, cy = _onehot(n, s.shape[1], seed)
+    value, g, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), out_dtype=out_dtype,
+                       y=y.to(DEVICE), cy=cy.to(DEVICE))
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
     q64 = torch.softmax(s.double(), -1)
-    ref_g = cd.double()[:, None] * ref_d + cq.double()[:, None] * q64
+    ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
     dz = _dz(t)
     vb, gb = bound_fn(s.float(), t.float(), dz_s=dz, dz_t=dz)
-    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, torch.softmax(t.double(), -1), out_dtype or s.dtype)
+    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, torch.softmax(t.double(), -1), out_dtype or s.dtype, y,
+                         cy)
     B.assert_within(value, ref_v, vb + B.REF64_ATOL, msg=f"{name} value vs reference")
     B.assert_within(g, ref_g, gbound + B.REF64_ATOL, msg=f"{name} gradient vs reference")
     # divergences.py in float32, on the same (float32-valued) inputs: two evaluations, each within the bound
     s32, t32 = s.float(), t.float()
     v32, state = kern.forward(s32, torch.log_softmax(s32, -1), kern.teacher(t32.clone()), None)
-    g32 = kern.backward(state, cd, cq)
+    g32 = _minus_onehot(kern.backward(state, cd, cq).double(), y, cy)
     B.assert_within(value, v32, 2 * vb, msg=f"{name} value vs divergences.py")
     B.assert_within(g, g32, 2 * gbound, msg=f"{name} gradient vs divergences.py")
 
@@ -185,20 +210,21 @@ def _check_tad(s, t, k, seed, out_dtype=None):
     abar = alpha.mean().expand(1, n)  # the chunk is one sequence: ᾱ = mean α^T of its rows, from the reference
     w = tail_weight(abar.reshape(-1), BETA)
     loss = kernels.RowLoss(3, k=k)
+    y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
-                           out_dtype=out_dtype)
+                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE))
     mask = torch.ones(1, n, dtype=torch.bool)
     ref_fn = lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0]  # noqa: E731
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
     ref_ids = [sorted(R.top_ids(row, k)) for row in t64]
     assert [sorted(r) for r in stats.ids.cpu().tolist()] == ref_ids  # 𝒦: ties to the smaller id, as the reference
     q64 = torch.softmax(s64, -1)
-    ref_g = cd.double()[:, None] * ref_d + cq.double()[:, None] * q64
+    ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
     dz = _dz(t, k)
     vb, gb = LB.tad(s.float()[None], t.float()[None], mask, k, BETA, seq_alpha_mean=abar, dz_s=dz[None],
                     dz_t=dz[None])
     vb, gb = vb[0], gb[0]
-    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, torch.softmax(t64, -1), out_dtype or s.dtype)
+    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, torch.softmax(t64, -1), out_dtype or s.dtype, y, cy)
     B.assert_within(value, ref_v, vb + B.REF64_ATOL, msg="tad value vs reference")
     B.assert_within(g, ref_g, gbound + B.REF64_ATOL, msg="tad gradient vs reference")
     la_ref = torch.log(alpha.reshape(-1))
@@ -211,7 +237,7 @@ def _check_tad(s, t, k, seed, out_dtype=None):
     # 𝒦 are checked against the reference only (above)
     same = torch.tensor([sorted(a) == b for a, b in zip(teacher.ids.tolist(), ref_ids)])
     v32, state = kern.forward(s32, torch.log_softmax(s32, -1), teacher, w)
-    g32 = kern.backward(state, cd, cq)
+    g32 = _minus_onehot(kern.backward(state, cd, cq).double(), y, cy)
     B.assert_within(value[same], v32[same], 2 * vb[same], msg="tad value vs divergences.py")
     B.assert_within(g[same], g32[same], 2 * gbound[same], msg="tad gradient vs divergences.py")
     return same
@@ -263,6 +289,34 @@ def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():
     t[0, 5:] = -math.inf
     same = _check_tad(s.float(), t.float(), 5, seed=8)
     assert same.all()
+
+
+def test_tad_kernel_top_k_at_block_edges_and_clustered():
+    """𝒦 placed where the ascending walk of `_tad_kernel` turns: column 0, both sides of a block edge (127 | 128),
+    several ids in one block, the partial last block and column V − 1; and a row whose 𝒦 is all in its last block."""
+    s, t = _logits(3, 257, seed=29, dtype=torch.float64)
+    for row, cols in ((0, [0, 127, 128, 200, 201, 202, 256]), (1, [255, 256, 129, 3, 130, 131, 64]),
+                      (2, [250, 251, 252, 253, 254, 255, 256])):
+        t[row, cols] = 20.0 + torch.arange(len(cols), dtype=torch.float64)
+    same = _check_tad(s.float(), t.float(), 7, seed=4)
+    assert same.all()
+
+
+def test_row_stats_top_k_ascending_and_paired_with_both_sides():
+    """𝒦 is stored by ascending id (the walk of pass 2 relies on it) with both sides' logits in the same order, exactly
+    the logits at those ids; the teacher-only pass (s = None) gives the same teacher columns bit for bit."""
+    s, t = _logits(9, 1000, seed=31, dtype=torch.bfloat16)
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    stats = kernels.row_stats(s, t, 16, block=BLOCK)
+    ids = stats.ids.long()
+    assert stats.ids.dtype == torch.int32 and bool((ids[:, 1:] > ids[:, :-1]).all())
+    assert torch.equal(stats.t_top, t.float().gather(-1, ids))
+    assert torch.equal(stats.s_top, s.float().gather(-1, ids))
+    alone = kernels.row_stats(None, t, 16, block=BLOCK)
+    assert torch.equal(alone.ids, stats.ids) and torch.equal(alone.t_top, stats.t_top)
+    assert torch.equal(alone.stats[:, [2, 3, 6, 7]], stats.stats[:, [2, 3, 6, 7]])
+    assert not alone.stats[:, [0, 1, 4, 5]].any() and not alone.s_top.any()
+    assert torch.equal(alone.log_alpha, stats.log_alpha)
 
 
 def test_nan_logit_poisons_its_row_only():
@@ -324,3 +378,67 @@ def _bind(cfg):
     from tailkd.registry import bind
 
     return bind(cfg)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="runs the layer on CPU tensors, i.e. under the interpreter")
+@pytest.mark.parametrize("name,extra", [("kd", {}), ("tad", {"k": 4}), ("jsd", {"jsd_beta": 0.3}), ("rkl", {})])
+def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, monkeypatch):
+    """With a bf16 matmul (τ = 1, no bias, plain heads) the kernels read the chunk's bf16 logits themselves and
+    write G over them in bf16 (`fused._low_logits`), instead of through a float32 copy. Against the same layer with
+    the float32 copy: the values are bit for bit equal (the same float32 maths on the same values: bf16 is exact in
+    float32), and so is the float32 G before its one rounding to bf16 (by the kernel's store here, by torch's cast
+    there: both are neighbours of G, at most one bf16 ulp = 2u_bf16·|G| apart). So ∂h = G W and ∂W = Σ_chunks Gᵀh
+    differ by at most 2u_bf16·|G||W| (resp. |G|ᵀ|h|), plus each side's rounding of its bf16 matmul outputs
+    (u_bf16·(1 + 2u_bf16)·|G||W| each) and float32 accumulation (K·u32 each, K = the contraction length + the
+    chunks added), times SAFETY; |G| is the reference side's float32 G, recorded."""
+    from tailkd.config import LossConfig
+    from tailkd.objective import chunked_objective
+
+    monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(3)
+    B_, T, d, vocab, chunk = 2, 9, 16, 300, 7
+    h_s = torch.randn(B_, T, d, generator=g).to(torch.bfloat16)
+    w_s = torch.randn(vocab, d, generator=g) * 0.5
+    h_t = torch.randn(B_, T, d, generator=g).to(torch.bfloat16)
+    w_t = (torch.randn(vocab, d, generator=g) * 0.7).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (B_, T), generator=g)
+    labels[1, :3] = -100
+    valid = (labels != -100).reshape(-1)
+    cfg = LossConfig(name=name, **extra)
+    spec = fused.HeadSpec(vocab)
+    n = int(valid.sum())
+    chunk_fn, recorded = fused._chunk, []
+
+    def recording_chunk(*args, **kwargs):
+        clm, div, g = chunk_fn(*args, **kwargs)
+        recorded.append(g.abs().double())
+        return clm, div, g
+
+    def run(low):
+        monkeypatch.setattr(fused, "_low_logits", lambda plan, head: low)
+        hs, ws = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        terms = chunked_objective(hs, fused.Head(ws, None, spec), labels, n, cfg=cfg, teacher_hidden=h_t,
+                                  teacher_head=fused.Head(w_t, None, spec), chunk_size=chunk,
+                                  matmul_dtype=torch.bfloat16)
+        terms.loss.backward()
+        plan = fused._prepare(hs, fused.Head(ws, None, spec), labels, _bind(cfg), h_t, fused.Head(w_t, None, spec),
+                              None, None, None, chunk, torch.bfloat16)[1]
+        return terms, hs.grad.reshape(-1, d)[valid], ws.grad, plan
+
+    got, gh, gw, plan = run(True)
+    monkeypatch.setattr(fused, "_chunk", recording_chunk)
+    ref, rh, rw, ref_plan = run(False)
+    assert plan.triton is not None and plan.logits_dtype == torch.bfloat16
+    assert ref_plan.triton is not None and ref_plan.logits_dtype == torch.float32
+    for key in ("loss", "clm", "div"):
+        assert torch.equal(getattr(got, key), getattr(ref, key)), key
+    g_abs = torch.cat(recorded) / n  # [M, V] |G| of the reference side (the layer scales by 1/n afterwards)
+    ub, n_chunks = B.U_BF16, -(-n // chunk)
+
+    def coef(k):
+        return B.SAFETY * (2 * ub + 2 * ub * (1 + 2 * ub) + 2 * (k + n_chunks) * U)
+
+    bound_h = coef(vocab) * g_abs @ w_s.to(torch.bfloat16).double().abs()
+    bound_w = coef(chunk) * g_abs.T @ h_s.reshape(-1, d)[valid].double().abs()
+    B.assert_within(gh, rh, bound_h, msg="∂h")
+    B.assert_within(gw, rw, bound_w, msg="∂W")

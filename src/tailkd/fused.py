@@ -12,7 +12,8 @@ denominator (the global count of valid tokens) is `tailkd.objective`'s.
 Per chunk, a divergence with a closed-form gradient runs its `divergences.RowKernel` (teacher rows → value →
 gradient, the same functions the dense path uses) — on CUDA with triton installed, for kd, rkl, jsd and tad (K <=
 64) in float32, the same formulas as Triton kernels instead (`tailkd.kernels`: a statistics pass and a gradient pass
-written in place, no [n, V] temporaries besides the two sides' logits); one without (DKD, DRKL, TVD, any new
+written in place, the CLM's one-hot included, no [n, V] temporaries besides the two sides' logits, which stay in
+the matmul's bf16/fp16 where that is exact: `_low_logits`); one without (DKD, DRKL, TVD, any new
 per-token loss) is differentiated by autograd on the chunk's logits. The CLM gradient softmax(z) − onehot(y) is folded
 into the same buffer, then the chain rule goes through the model's logit transforms (`tailkd.head`) back to the
 head's matmul.
@@ -121,6 +122,9 @@ class _Plan:
     # sequences they close themselves (ᾱ computed in the chunk); planned once, so no chunk asks the device
     local: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     triton: object | None = None  # kernels.RowLoss: the chunk's row maths by the Triton kernels
+    # the dtype of the chunk's logits: cdtype, or the matmul dtype (bf16/fp16) where the Triton kernels read the
+    # logits as the matmul wrote them and write G over them in it (`_low_logits`): no float32 copy of [n, V]
+    logits_dtype: torch.dtype = torch.float32
 
 
 class ChunkSums(NamedTuple):
@@ -139,7 +143,10 @@ def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
     head = plan.teacher_head
     w = head.weight[: head.spec.vocab_size]
     mm = torch.promote_types(plan.teacher_hidden.dtype, w.dtype)
-    t = (plan.teacher_hidden[a:b].to(mm) @ w.to(mm).T).to(plan.cdtype)  # [n, V] <- chunk-sized
+    # the kernels read bf16/fp16 teacher logits as the matmul wrote them where the student's are read so
+    keep = (plan.logits_dtype != plan.cdtype and mm in (torch.bfloat16, torch.float16) and head.bias is None
+            and _plain(head.spec) and (not scaled or plan.temperature == 1.0))
+    t = (plan.teacher_hidden[a:b].to(mm) @ w.to(mm).T).to(mm if keep else plan.cdtype)  # [n, V] <- chunk-sized
     if head.bias is not None:
         t += head.bias[: head.spec.vocab_size].to(plan.cdtype)
     t = transform(t, head.spec)
@@ -182,13 +189,13 @@ def _autograd_div(plan: _Plan, z: torch.Tensor, a: int, b: int, coef: torch.Tens
 
 def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div: float, want_grad: bool):
     """Values (clm [n], div [n]) of tokens [a, b) and G [n, V] = ∂(coef_clm·clm + coef_div·div)/∂(raw head out)."""
-    u = (h[a:b].to(plan.mm_dtype) @ w_mm.T).to(plan.cdtype)  # [n, V] <- chunk-sized logits
+    u = (h[a:b].to(plan.mm_dtype) @ w_mm.T).to(plan.logits_dtype)  # [n, V] <- chunk-sized logits
     if bias is not None:
         u += bias
     z = transform(u, plan.spec)  # [n, V] the model's logits (u consumed)
     y = plan.labels[a:b][:, None]  # [n, 1]
     n, tau = z.shape[0], plan.temperature
-    c_clm = z.new_full((n,), float(coef_clm))
+    c_clm = torch.full((n,), float(coef_clm), dtype=plan.cdtype, device=z.device)
     logz = torch.log_softmax(z, dim=-1) if plan.kernel is None or tau != 1.0 else None  # [n, V]
     if plan.d is None:  # CLM only
         clm = -logz.gather(-1, y).squeeze(-1)
@@ -199,8 +206,9 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
         div, g = _autograd_div(plan, z, a, b, z.new_full((n,), float(coef_div)), want_grad)
         if want_grad:
             g.add_(logz.exp_().mul_(c_clm[:, None]))
-    elif plan.triton is not None:  # the same row maths by the Triton kernels
+    elif plan.triton is not None:  # the same row maths by the Triton kernels (the one-hot folded in)
         clm, div, g = _triton_rows(plan, a, b, z, logz, c_clm, coef_div, want_grad)
+        return clm, div, None if g is None else transform_backward(g, z, plan.spec)
     else:  # the divergence's row kernel, on s = z / τ
         s = z / tau if tau != 1.0 else z  # [n, V]
         logq = torch.log_softmax(s, dim=-1)  # [n, V]
@@ -224,8 +232,9 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
 
 def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, want_grad: bool):
     """(clm [n], div [n], G [n, V]) of tokens [a, b) by `tailkd.kernels`: statistics pass, then value and G = ∂/∂z
-    written over s (a copy of z only where the soft-cap's backward still needs z). At τ = 1 the CLM softmax is
-    folded into G (cq) and CLM = −((z_y − m) − log S) comes from the statistics."""
+    written over s (a copy of z only where the soft-cap's backward still needs z), the CLM's −onehot(y) included. At
+    τ = 1 the CLM softmax is folded into G (cq) and CLM = −((z_y − m) − log S) comes from the statistics. z may be
+    bf16/fp16 (`_Plan.logits_dtype`): the kernels compute in float32 and round G once to z's dtype."""
     from tailkd import kernels
 
     tau, y = plan.temperature, plan.labels[a:b][:, None]
@@ -233,15 +242,16 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
     t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
     stats = kernels.row_stats(s, t, plan.triton.k)
     if logz is None:  # τ = 1: s is z
-        clm = -((s.gather(-1, y).squeeze(-1) - stats.stats[:, 0]) - stats.stats[:, 1])
+        clm = -((s.gather(-1, y).squeeze(-1).to(plan.cdtype) - stats.stats[:, 0]) - stats.stats[:, 1])
     else:
         clm = -logz.gather(-1, y).squeeze(-1)
     w = _row_weight(plan, a, b, stats)
     out = None
     if want_grad:
         out = torch.empty_like(s) if s is z and plan.spec.softcap is not None else s
-    cd = z.new_full((z.shape[0],), float(coef_div) / tau)
-    div = kernels.row_values_and_grads(plan.triton, s, t, stats, w, cd, c_clm if logz is None else None, out)
+    cd = torch.full((z.shape[0],), float(coef_div) / tau, dtype=torch.float32, device=z.device)
+    div = kernels.row_values_and_grads(plan.triton, s, t, stats, w, cd, c_clm if logz is None else None, out, y=y,
+                                       cy=c_clm)
     if out is not None and logz is not None:
         out.add_(logz.exp_().mul_(c_clm[:, None]))  # coef · softmax(z)
     return clm, div, out
@@ -369,12 +379,26 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
     for a in range(0, h.shape[0], chunk):
         b = min(a + chunk, h.shape[0])
         t = _teacher_logits(plan, a, b, scaled=True)
-        if triton is not None:  # the statistics kernel with the teacher on both sides: α^T
-            log_alpha = kernels.row_stats(t, t, triton.k).log_mass(1)
+        if triton is not None:  # the statistics kernel on the teacher alone: α^T
+            log_alpha = kernels.row_stats(None, t, triton.k).log_mass(1)
         else:
             log_alpha = kernel.teacher(t).log_alpha
         out[a:b] = log_alpha.double().exp()
     return out.view(lead)
+
+
+def _plain(spec: HeadSpec) -> bool:
+    """Whether a head's logits are its raw output (no scale, no soft-cap)."""
+    return spec.scale == 1.0 and spec.softcap is None
+
+
+def _low_logits(plan: _Plan, student_head: Head) -> bool:
+    """Whether the Triton kernels may read the student's chunk logits in the matmul dtype and write G over them:
+    a bf16/fp16 matmul, τ = 1, no bias and no logit transform, so the logits are exactly what the matmul rounded
+    and the kernels' float32 maths sees the same values as through a float32 copy (G is rounded once to the matmul
+    dtype either way: the gradient matmuls take it in that dtype)."""
+    return (plan.mm_dtype in (torch.bfloat16, torch.float16) and plan.temperature == 1.0
+            and student_head.bias is None and _plain(plan.spec))
 
 
 def _triton_loss(d: Divergence | None, sparse, cdtype: torch.dtype, device: torch.device):
@@ -485,6 +509,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
                 longest = int(mask.sum(1).max()) if seg is None else labels.shape[1]
                 chunk = max(chunk, min(longest, _WHOLE_SEQUENCE_ELEMENTS // vocab))
     plan.triton = _triton_loss(d, plan.sparse, cdtype, dev) if kernels else None
+    plan.logits_dtype = mm if plan.triton is not None and _low_logits(plan, student_head) else cdtype
     plan.chunks, split = _plan_chunks(seq, idx_p.numel(), chunk)
     if seq is not None:
         plan.abar = torch.full((idx_p.numel(),), math.nan, dtype=torch.float64, device=dev)

@@ -22,10 +22,12 @@ Which `tailkd.divergences` function each kernel implements:
   `student_tail` (α^S) for TAD;
 - `_dense_kernel`: LOSS=0 `_kl_forward` + `_kl_backward`; LOSS=1 `_rkl_forward` (value pass) and `_rkl_backward`
   (gradient pass); LOSS=2 `_jsd_forward` / `_jsd_backward` likewise;
-- `_tad_kernel`: the tail sums of `_tad_forward` (Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below
+- `_tad_kernel` (two launches: the rows on the plain formulas, then the rare rows below): the tail sums of
+  `_tad_forward` (Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below
   1e-30, where a linear tail sum has lost its precision, but not 0) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on
   the tail, or its q̃/p̃ form where α^S underflowed or α^T < 1e-30); the K top-K terms and the bucket are [n, K]
-  torch ops (`_tad_value`).
+  torch ops (`_tad_value`). It finds 𝒦's columns by walking the ascending ids once per row (not K reads per
+  block).
 
 `losses_for` maps a bound registry divergence to its kernels (kd, rkl, jsd, tad with K ≤ 64) or None; `available`
 says whether triton imports. Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_kernels.py), which must be
@@ -82,8 +84,8 @@ def losses_for(divergence) -> RowLoss | None:
 
 class RowStats(NamedTuple):
     """Pass 1's per-row results. ``stats`` [n, 8] float32: (m, log S) of s, t, s on the tail, t on the tail (the
-    tail columns are 0 without a top-K); ``ids``, ``t_top``, ``s_top`` [n, K] (TAD only): 𝒦 and both sides' logits
-    on it."""
+    tail columns are 0 without a top-K); ``ids`` [n, K] int32 (TAD only): 𝒦 by ascending id (`_tad_kernel` relies
+    on the order), ``t_top``, ``s_top`` [n, K] float32: both sides' logits on it, in the same order."""
 
     stats: torch.Tensor
     ids: torch.Tensor | None = None
@@ -117,7 +119,12 @@ if triton is not None:
     @triton.jit
     def _lse_fold(m, big_s, x):
         """Online log-sum-exp: fold the block x [BLOCK] (−inf = absent) into (max m, S = Σ exp(x − m))."""
-        m_new = tl.maximum(m, tl.max(x, 0))
+        return _lse_fold_max(m, big_s, x, tl.max(x, 0))
+
+    @triton.jit
+    def _lse_fold_max(m, big_s, x, x_max):
+        """`_lse_fold` given the block's maximum x_max."""
+        m_new = tl.maximum(m, x_max)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         return m_new, big_s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
 
@@ -140,10 +147,12 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t,
-                      K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 1 of one row: (m, log S) of s and t; with K > 0 the teacher's running top-K (initially the first K
         columns; a column enters when its t is larger than the buffer's minimum, which leaves: the smallest, and
-        among equal ones the latest id) and the tail log-sum-exps of both sides over what is not in the buffer."""
+        among equal ones the latest id) and the tail log-sum-exps of both sides over what is not in the buffer,
+        stored by ascending id. STUDENT = False: the teacher's statistics only (s is not read; its columns stay
+        0)."""
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
         offs = tl.arange(0, BLOCK)
@@ -154,63 +163,87 @@ if triton is not None:
         slots = tl.arange(0, KP)
         real = slots < K
         buf_t = tl.load(t_row + slots, mask=real, other=float("inf")).to(tl.float32)
-        buf_s = tl.load(s_row + slots, mask=real, other=0.0).to(tl.float32)
+        if STUDENT:
+            buf_s = tl.load(s_row + slots, mask=real, other=0.0).to(tl.float32)
         buf_i = slots
+        thr = tl.min(buf_t, 0)  # the buffer's minimum
         for start in range(0, V, BLOCK):
             cols = start + offs
             ok = cols < V
-            s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
             t = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-            m_s, sum_s = _lse_fold(m_s, sum_s, s)
-            m_t, sum_t = _lse_fold(m_t, sum_t, t)
+            t_max = tl.max(t, 0)
+            m_t, sum_t = _lse_fold_max(m_t, sum_t, t, t_max)
+            if STUDENT:
+                s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+                m_s, sum_s = _lse_fold(m_s, sum_s, s)
             if K > 0:
+                # entries enter in the order (value desc, id asc) while above the buffer's minimum thr; only
+                # scalars are carried through the while loop (the last entry taken, (lv, lc)): a block-sized tensor
+                # carried there would cost a layout conversion per step. Most blocks hold no entry above thr: the
+                # block maximum of the log-sum-exp says so without another reduction.
                 later = ok & (cols >= K)
-                thr = tl.min(buf_t, 0)
-                cand = tl.where(later & (t > thr), t, float("-inf"))
-                taken = offs < 0
-                best = tl.max(cand, 0)
-                while best > thr:
-                    j = tl.argmax(cand, 0, tie_break_left=True)
-                    hit = offs == j
-                    slot = tl.argmax(tl.where(buf_t == thr, buf_i, -1), 0)
-                    here = slots == slot
-                    m_tt, sum_tt = _lse_add(m_tt, sum_tt, thr)  # the evicted entry joins the tail
-                    m_st, sum_st = _lse_add(m_st, sum_st, tl.sum(tl.where(here, buf_s, 0.0), 0))
-                    buf_t = tl.where(here, best, buf_t)
-                    buf_s = tl.where(here, tl.sum(tl.where(hit, s, 0.0), 0), buf_s)
-                    buf_i = tl.where(here, start + j, buf_i)
-                    taken = taken | hit
-                    thr = tl.min(buf_t, 0)
-                    cand = tl.where(hit | (cand <= thr), float("-inf"), cand)
-                    best = tl.max(cand, 0)
+                thr0 = thr
+                lv = float("inf")
+                lc = -1
+                if t_max > thr:
+                    best = tl.max(tl.where(later & (t > thr), t, float("-inf")), 0)
+                    while best > thr:
+                        after = (t < lv) | ((t == lv) & (cols > lc))
+                        j = tl.argmax(tl.where(later & (t > thr) & after, t, float("-inf")), 0,
+                                      tie_break_left=True)
+                        slot = tl.argmax(tl.where(buf_t == thr, buf_i, -1), 0)
+                        here = slots == slot
+                        m_tt, sum_tt = _lse_add(m_tt, sum_tt, thr)  # the evicted entry joins the tail
+                        buf_t = tl.where(here, best, buf_t)
+                        if STUDENT:
+                            m_st, sum_st = _lse_add(m_st, sum_st, tl.sum(tl.where(here, buf_s, 0.0), 0))
+                            buf_s = tl.where(here, tl.sum(tl.where(offs == j, s, 0.0), 0), buf_s)
+                        buf_i = tl.where(here, start + j, buf_i)
+                        lv, lc = best, start + j
+                        thr = tl.min(buf_t, 0)
+                        after = (t < lv) | ((t == lv) & (cols > lc))
+                        best = tl.max(tl.where(later & (t > thr) & after, t, float("-inf")), 0)
+                taken = later & (t > thr0) & ((t > lv) | ((t == lv) & (cols <= lc)))  # what entered, in order
                 rest = later & ~taken
                 m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
-                m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
+                if STUDENT:
+                    m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
         out = stats_ptr + row * 8
-        tl.store(out + 0, m_s)
-        tl.store(out + 1, tl.log(sum_s))
+        if STUDENT:
+            tl.store(out + 0, m_s)
+            tl.store(out + 1, tl.log(sum_s))
         tl.store(out + 2, m_t)
         tl.store(out + 3, tl.log(sum_t))
         if K > 0:
-            tl.store(out + 4, m_st)
-            tl.store(out + 5, tl.log(sum_st))
+            if STUDENT:
+                tl.store(out + 4, m_st)
+                tl.store(out + 5, tl.log(sum_st))
             tl.store(out + 6, m_tt)
             tl.store(out + 7, tl.log(sum_tt))
-            tl.store(ids_ptr + row * K + slots, buf_i, mask=real)
-            tl.store(ttop_ptr + row * K + slots, buf_t, mask=real)
-            tl.store(stop_ptr + row * K + slots, buf_s, mask=real)
+            # slot j goes to its rank among the K ids (they are distinct), so 𝒦 is stored ascending and pass 2 can
+            # walk it block by block
+            rank = tl.sum(((buf_i[None, :] < buf_i[:, None]) & real[None, :]).to(tl.int32), 1)
+            dst = row * K + rank
+            tl.store(ids_ptr + dst, buf_i, mask=real)
+            tl.store(ttop_ptr + dst, buf_t, mask=real)
+            if STUDENT:
+                tl.store(stop_ptr + dst, buf_s, mask=real)
 
     @triton.jit
-    def _dense_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, coef_ptr, value_ptr, V, stride_s, stride_t, stride_o,
-                      bj, mix, LOSS: tl.constexpr, VALUE: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    def _dense_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, coef_ptr, y_ptr, value_ptr, V, stride_s, stride_t,
+                      stride_o, bj, mix, LOSS: tl.constexpr, VALUE: tl.constexpr, WRITE: tl.constexpr,
+                      BLOCK: tl.constexpr):
         """One pass over a row of a whole-vocabulary divergence (LOSS 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_bj with
         log m = log(bj·(p + mix·q)), mix = (1 − bj)/bj). VALUE: value_ptr[row] = (Σ of the value's terms, and for
-        JSD Σ q log(q/m)). WRITE: out = c_q·q + c_f·f − c_p·p with coef_ptr[row] = (c_q, c_f, c_p), f the entry's
+        JSD Σ q log(q/m)). WRITE: out = c_q·q + c_f·f − c_p·p − c_y·[col = y] with coef_ptr[row] = (c_q, c_f, c_p, c_y)
+        and y = y_ptr[row] (the label: the CLM's one-hot, −1 = none), f the entry's
         term q log(q/p) (RKL) or q log(q/m) (JSD)."""
         row = tl.program_id(0).to(tl.int64)
         st = stats_ptr + row * 8
         m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
-        c_q, c_f, c_p = tl.load(coef_ptr + row * 3), tl.load(coef_ptr + row * 3 + 1), tl.load(coef_ptr + row * 3 + 2)
+        cf = coef_ptr + row * 4
+        c_q, c_f, c_p, c_y = tl.load(cf), tl.load(cf + 1), tl.load(cf + 2), tl.load(cf + 3)
+        y = tl.load(y_ptr + row)
         offs = tl.arange(0, BLOCK)
         acc1 = tl.zeros([BLOCK], tl.float32)
         acc2 = tl.zeros([BLOCK], tl.float32)
@@ -234,68 +267,86 @@ if triton is not None:
                 acc2 += tl.where(ok, f, 0.0)
                 g = c_q * q + c_f * f
             if WRITE:
+                g = tl.where(cols == y, g - c_y, g)
                 tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
         if VALUE:
             tl.store(value_ptr + row * 2, tl.sum(acc1, 0))
             tl.store(value_ptr + row * 2 + 1, tl.sum(acc2, 0))
 
     @triton.jit
-    def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, coef_ptr, mode_ptr, value_ptr, V, stride_s,
-                    stride_t, stride_o, K: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, coef_ptr, y_ptr, mode_ptr, value_ptr, V, stride_s,
+                    stride_t, stride_o, K: tl.constexpr, WRITE: tl.constexpr, RARE: tl.constexpr,
+                    BLOCK: tl.constexpr):
         """Pass 2 of TAD for one row. value_ptr[row] = Σ_tail p log(p/q), or (mode[0], α^T sub-normal) Σ_tail
         p̃ log(p̃/q̃). Gradient on 𝒦: c0·q − c1·p; on the tail c2·q − c3·p, or (mode[1]) c2·q + c4·q̃ − c5·p̃,
-        with coef_ptr[row] = (c0..c5) and q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t))."""
+        with coef_ptr[row] = (c0..c6) and q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t)); − c6 at the label
+        column y_ptr[row] (−1 = none). RARE = False does the rows on neither mode, RARE = True the others (each
+        launch skips the other's rows): the rare rows' maths in the same loop would hold ~3× the registers."""
         row = tl.program_id(0).to(tl.int64)
-        st = stats_ptr + row * 8
-        m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
-        m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
-        cf = coef_ptr + row * 6
-        c0, c1, c2, c3, c4, c5 = tl.load(cf), tl.load(cf + 1), tl.load(cf + 2), tl.load(cf + 3), tl.load(
-            cf + 4), tl.load(cf + 5)
         tiny = tl.load(mode_ptr + row * 2)
         bad = tl.load(mode_ptr + row * 2 + 1)
-        offs = tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            ok = cols < V
-            n_top = tl.zeros([], tl.int32)
-            for kk in range(K):
-                i = tl.load(ids_ptr + row * K + kk)
-                n_top += ((i >= start) & (i < start + BLOCK)).to(tl.int32)
-            top = offs < 0
-            if n_top > 0:
-                for kk in range(K):
-                    top = top | (cols == tl.load(ids_ptr + row * K + kk))
-            s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s, m_t,
-                                       ls_t)
-            tail = ok & ~top
-            if (tiny + bad) > 0:
-                lqt = (s - m_st) - ls_st
-                lpt = (t - m_tt) - ls_tt
-                pt = tl.exp(lpt)
-                g_tail = c2 * q + c4 * tl.exp(lqt) - c5 * pt
-                if tiny != 0:
-                    term = tl.where(pt > 0, pt * (lpt - lqt), 0.0)
+        if ((tiny + bad) > 0) == RARE:
+            st = stats_ptr + row * 8
+            m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
+            cf = coef_ptr + row * 7
+            c0, c1, c2, c3, c4, c5 = tl.load(cf), tl.load(cf + 1), tl.load(cf + 2), tl.load(cf + 3), tl.load(
+                cf + 4), tl.load(cf + 5)
+            c_y, y = tl.load(cf + 6), tl.load(y_ptr + row)
+            offs = tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK], tl.float32)
+            ids_row = ids_ptr + row * K
+            lo = 0  # 𝒦 is ascending (row_stats): ids[lo:] lie at or after this block
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                ok = cols < V
+                hi = lo  # ids[lo:hi] lie in this block (a scalar walk: a tensor carried through a while loop
+                # costs a layout conversion per block); past the K-th id a sentinel ends it (no read past the row)
+                while tl.load(ids_row + hi, mask=hi < K, other=2147483647) < start + BLOCK:
+                    hi += 1
+                top = cols < 0
+                if hi > lo:  # the conversion of the mask built in the loop below is paid in these blocks only
+                    for kk in range(lo, hi):
+                        top = top | (cols == tl.load(ids_row + kk))
+                lo = hi
+                s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s,
+                                           m_t, ls_t)
+                if RARE:
+                    m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
+                    lqt = (s - m_st) - ls_st
+                    lpt = (t - m_tt) - ls_tt
+                    pt = tl.exp(lpt)
+                    g_tail = c2 * q + c4 * tl.exp(lqt) - c5 * pt
+                    if tiny != 0:
+                        term = tl.where(pt > 0, pt * (lpt - lqt), 0.0)
+                    else:
+                        term = tl.where(p > 0, p * (lp - lq), 0.0)
                 else:
+                    g_tail = c2 * q - c3 * p
                     term = tl.where(p > 0, p * (lp - lq), 0.0)
-            else:
-                g_tail = c2 * q - c3 * p
-                term = tl.where(p > 0, p * (lp - lq), 0.0)
-            acc += tl.where(tail, term, 0.0)
-            if WRITE:
-                g = tl.where(top, c0 * q - c1 * p, g_tail)
-                tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(value_ptr + row, tl.sum(acc, 0))
+                acc += tl.where(ok & ~top, term, 0.0)
+                if WRITE:
+                    g = tl.where(top, c0 * q - c1 * p, g_tail)
+                    g = tl.where(cols == y, g - c_y, g)
+                    tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(value_ptr + row, tl.sum(acc, 0))
 
 
 # --------------------------------------------------------------------------- torch side
 
 
-def _block(vocab: int, device: torch.device) -> int:
-    """Columns per program step: 1024 on CUDA; 128 under the CPU interpreter (several blocks at test sizes)."""
+class Launch(NamedTuple):
+    """How a kernel is launched: ``block`` columns per program step, ``warps`` warps per program (one row)."""
+
+    block: int
+    warps: int
+
+
+def launch(vocab: int, device: torch.device, block: int | None = None, warps: int | None = None) -> Launch:
+    """The launch of the kernels for rows of ``vocab`` columns: on CUDA 1024 columns by 4 warps (8 per thread, no
+    spills: bench/kernel_report.py); under the CPU interpreter 128 (several blocks at test sizes). ``block`` and
+    ``warps`` override (bench/bench_kernels.py sweeps them)."""
     cap = 1024 if device.type == "cuda" else 128
-    return min(cap, max(16, triton.next_power_of_2(vocab)))
+    return Launch(block or min(cap, max(16, triton.next_power_of_2(vocab))), warps or 4)
 
 
 def _check(s: torch.Tensor, t: torch.Tensor) -> None:
@@ -303,39 +354,44 @@ def _check(s: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError(f"s and t must be [n, V] with unit column stride; got {tuple(s.shape)}, {tuple(t.shape)}")
 
 
-def row_stats(s: torch.Tensor, t: torch.Tensor, k: int = 0, *, block: int | None = None) -> RowStats:
+def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int | None = None,
+              warps: int | None = None) -> RowStats:
     """Pass 1 over rows s, t [n, V] (student and teacher logits at the loss's temperature); ``k`` > 0: TAD's
-    teacher top-k and tail statistics."""
-    _check(s, t)
-    if not 0 <= k <= MAX_K or (k and k >= s.shape[1]):
-        raise ValueError(f"k must be in [0, {MAX_K}] and < V={s.shape[1]}; got {k}")
-    n, vocab = s.shape
-    stats = torch.zeros(n, 8, dtype=torch.float32, device=s.device)
-    ids = torch.empty(n, max(k, 1), dtype=torch.int32, device=s.device)
-    t_top = torch.empty(n, max(k, 1), dtype=torch.float32, device=s.device)
-    s_top = torch.empty_like(t_top)
+    teacher top-k (ids ascending, int32) and tail statistics. ``s`` None: the teacher's statistics only (the
+    student columns of ``stats`` are 0; what α^T needs, one read of t)."""
+    _check(t if s is None else s, t)
+    if not 0 <= k <= MAX_K or (k and k >= t.shape[1]):
+        raise ValueError(f"k must be in [0, {MAX_K}] and < V={t.shape[1]}; got {k}")
+    n, vocab = t.shape
+    stats = torch.zeros(n, 8, dtype=torch.float32, device=t.device)
+    ids = torch.empty(n, max(k, 1), dtype=torch.int32, device=t.device)
+    t_top = torch.empty(n, max(k, 1), dtype=torch.float32, device=t.device)
+    s_top = torch.zeros_like(t_top) if s is None else torch.empty_like(t_top)
     if n:
+        go = launch(vocab, t.device, block, warps)
         kp = max(2, triton.next_power_of_2(max(k, 1)))
-        _stats_kernel[(n,)](s, t, stats, ids, t_top, s_top, vocab, s.stride(0), t.stride(0), K=k, KP=kp,
-                            BLOCK=block or _block(vocab, s.device))
+        _stats_kernel[(n,)](t if s is None else s, t, stats, ids, t_top, s_top, vocab, t.stride(0) if s is None
+                            else s.stride(0), t.stride(0), K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
+                            num_warps=go.warps)
     if not k:
         return RowStats(stats)
-    return RowStats(stats, ids.long(), t_top, s_top)
+    return RowStats(stats, ids, t_top, s_top)
 
 
-def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, out, block):
+def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch):
     """Value [n] and (``out`` not None) the gradient of KD, RKL or JSD: one pass for KD, value then gradient for RKL
     and JSD (their gradient holds the row value)."""
     n, vocab = s.shape
     bj = float(loss.jsd_beta)
     mix = (1 - bj) / bj if loss.kind == 2 else 0.0
     value = torch.zeros(n, 2, dtype=torch.float32, device=s.device)
-    coef = torch.stack([cd + cq, torch.zeros_like(cd), cd], 1) if loss.kind == 0 else torch.zeros(n, 3, device=s.device)
+    zero = torch.zeros_like(cd)
+    coef = torch.stack([cd + cq, zero, cd, cy], 1) if loss.kind == 0 else torch.zeros(n, 4, device=s.device)
     o = out if out is not None else s
-    args = dict(BLOCK=block or _block(vocab, s.device), LOSS=loss.kind)
+    args = dict(BLOCK=go.block, LOSS=loss.kind, num_warps=go.warps)
     if n:
-        _dense_kernel[(n,)](s, t, o, stats.stats, coef, value, vocab, s.stride(0), t.stride(0), o.stride(0), bj, mix,
-                            VALUE=True, WRITE=out is not None and loss.kind == 0, **args)
+        _dense_kernel[(n,)](s, t, o, stats.stats, coef, y, value, vocab, s.stride(0), t.stride(0), o.stride(0), bj,
+                            mix, VALUE=True, WRITE=out is not None and loss.kind == 0, **args)
     if loss.kind == 0:
         return value[:, 0]
     if loss.kind == 1:  # _rkl_backward: cd·q log(q/p) + (cq − cd·KL(q‖p))·q
@@ -343,9 +399,9 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, out, block):
     else:  # _jsd_backward: c·q log(q/m) + (cq − c·KL(q‖m))·q, c = cd(1 − β)
         row, c = value[:, 1], cd * (1 - bj)
     if out is not None and n:
-        coef = torch.stack([cq - c * row, c, torch.zeros_like(c)], 1)
-        _dense_kernel[(n,)](s, t, out, stats.stats, coef, value, vocab, s.stride(0), t.stride(0), out.stride(0), bj,
-                            mix, VALUE=False, WRITE=True, **args)
+        coef = torch.stack([cq - c * row, c, zero, cy], 1)
+        _dense_kernel[(n,)](s, t, out, stats.stats, coef, y, value, vocab, s.stride(0), t.stride(0), out.stride(0),
+                            bj, mix, VALUE=False, WRITE=True, **args)
     return value[:, 0] if loss.kind == 1 else bj * value[:, 0] + (1 - bj) * value[:, 1]
 
 
@@ -376,38 +432,46 @@ def _tad_value(stats: RowStats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
     return torch.where(tiny, top + bucket + big_w * tail_sum, top + bucket + wd * tail)
 
 
-def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, out, block):
+def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch):
     """TAD's pass 2: per-row coefficients ([n] torch ops), then one kernel pass for the tail sum and the gradient."""
     n, vocab = s.shape
     alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_rows(stats, w)
     normal_q = cd * (1 + (wd - 1) * torch.where(bad, 0.0, ratio)) + cq
     coef = torch.stack([cd + cq, cd, torch.where(bad, cd + cq, normal_q), cd * wd,
-                        torch.where(bad, cd * (big_w - alpha_t), 0.0), torch.where(bad, cd * big_w, 0.0)], 1)
+                        torch.where(bad, cd * (big_w - alpha_t), 0.0), torch.where(bad, cd * big_w, 0.0), cy], 1)
     mode = torch.stack([tiny, bad], 1).to(torch.int32)
     tail_sum = torch.zeros(n, dtype=torch.float32, device=s.device)
     o = out if out is not None else s
     if n:
-        _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids.to(torch.int32), coef.float().contiguous(), mode, tail_sum,
-                          vocab, s.stride(0), t.stride(0), o.stride(0), K=loss.k, WRITE=out is not None,
-                          BLOCK=block or _block(vocab, s.device))
+        coef = coef.float().contiguous()
+        for rare in (False, True):  # the second launch's programs return at once unless their row is rare
+            _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, coef, y, mode, tail_sum, vocab, s.stride(0),
+                              t.stride(0), o.stride(0), K=loss.k, WRITE=out is not None, RARE=rare, BLOCK=go.block,
+                              num_warps=go.warps)
     return _tad_value(stats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
 
 
 def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats: RowStats, w: torch.Tensor | None,
                          cd: torch.Tensor, cq: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
-                         block: int | None = None) -> torch.Tensor:
+                         y: torch.Tensor | None = None, cy: torch.Tensor | None = None, block: int | None = None,
+                         warps: int | None = None) -> torch.Tensor:
     """Per-row value [n] (float32; NaN on rows with a NaN logit) of ``loss`` and, when ``out`` [n, V] is given (it
-    may be ``s``: in place), G = cd·∂D/∂s + cq·q written into it. ``w`` [n]: TAD's row weight β(X) (float64
-    allowed), None otherwise; ``cd``, ``cq`` [n] float32 (cq None = 0)."""
+    may be ``s``: in place, in s's dtype), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it: computed in float32
+    and rounded once on store. ``w`` [n]: TAD's row weight β(X) (float64 allowed), None otherwise; ``cd``, ``cq``,
+    ``cy`` [n] float32 (None = 0); ``y`` [n] integer label columns (the CLM's one-hot; None: no one-hot).
+    ``block``, ``warps``: as `launch`."""
     _check(s, t)
+    go = launch(s.shape[1], s.device, block, warps)
     cd = cd.to(torch.float32)
     cq = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
+    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32)
+    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1)
     if out is not None and (out.shape != s.shape or out.stride(-1) != 1):
         raise ValueError(f"out must be [n, V] like s; got {tuple(out.shape)}")
     if loss.kind == 3:
         if w is None or stats.ids is None:
             raise ValueError("TAD needs the row weight w and row_stats(..., k) with its top-k")
-        value = _tad(loss, s, t, stats, w, cd, cq, out, block)
+        value = _tad(loss, s, t, stats, w, cd, cq, y, cy, out, go)
     else:
-        value = _dense(loss, s, t, stats, cd, cq, out, block)
+        value = _dense(loss, s, t, stats, cd, cq, y, cy, out, go)
     return torch.where(stats.poisoned, math.nan, value)
