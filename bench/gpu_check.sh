@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 as one prepared command per stage, for a short lease of one GPU machine.
 #
-#   bench/gpu_check.sh OUT layer      # CUDA tests of the kernels + the no-sync test, then bench/bench_gpu.py (~4-6 min)
+#   bench/gpu_check.sh OUT layer      # CUDA tests of the kernels + the no-sync test, bench/bench_kernels.py (the
+#                                     # kernels alone over launch configurations), bench/bench_gpu.py (~5-7 min)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~4-6 min)
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
@@ -10,8 +11,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
 # (.whl/ is git-ignored; name it in the device tool's `carry`). Everything that comes back lands in OUT as at most
-# 8 plain files, no sub-folders: check.log (this script's whole output), tests.log, gpu_loss_layer.{json,md},
-# gpu_distill.{json,md} and gpu_distill_runs.tar.gz (each run's log, metrics, summary and config).
+# 8 plain files per stage, no sub-folders: check.log (this script's whole output), tests.log, gpu_kernels.{json,md},
+# gpu_loss_layer.{json,md} (layer); gpu_distill.{json,md} and gpu_distill_runs.tar.gz (each run's log, metrics,
+# summary and config) (distill).
 # Exit status: non-zero when a test fails, a benchmark cell is missing or errs, or a stage is unknown.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT layer|distill|all}
@@ -45,6 +47,13 @@ if [[ $stage == layer || $stage == all ]]; then
     "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_no_sync.py > "$out/tests.log" 2>&1 \
         || status=1
     tail -n 15 "$out/tests.log"
+    echo "== the row kernels alone over launch configurations (bench/bench_kernels.py)"
+    if [[ ${DRY:-0} == 1 ]]; then
+        "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out "$out/gpu_kernels" \
+            || status=1
+    else
+        "$py" bench/bench_kernels.py --out "$out/gpu_kernels" || status=1
+    fi
     echo "== the loss layer side by side (bench/bench_gpu.py)"
     if [[ ${DRY:-0} == 1 ]]; then
         "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing \

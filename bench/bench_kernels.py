@@ -1,0 +1,153 @@
+"""The Triton row kernels alone on one chunk of logits, over launch configurations: which block × warps to use.
+
+  python bench/bench_kernels.py --out bench/results/gpu_kernels          # CUDA: 2048 × 151936 bf16, ~1 min on an H200
+  python bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out /tmp/dry   # dry run
+
+For each launch (``--configs``, BLOCKxWARPS; `tailkd.kernels.launch`'s default first) and each loss (kd; tad K=10
+and K=64; jsd β=0.5), times the statistics pass and the value + gradient pass (written in place over the student's
+logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits [rows, V] in bf16,
+random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a row's running
+top-K changes ~K·ln(V/K) times). Reports the median over ``--repeats`` (CUDA events; after a warm-up that compiles),
+the bytes each pass must move (pass 1 reads s and t; pass 2 reads both and writes G; RKL/JSD read them once more)
+as GB/s, and TAD/KD per configuration. The logits are refreshed before every timed repeat (pass 2 overwrites s).
+Exits 1 if a kernel errs. On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 is set here):
+a check of the wiring, not a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LOSSES = {"kd": (0, 0), "tad K=10": (3, 10), "tad K=64": (3, 64), "jsd": (2, 0)}
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
+    from tailkd import kernels
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s0 = (torch.randn(rows, vocab, generator=g) * 3).to(device, torch.bfloat16)
+    t = (torch.randn(rows, vocab, generator=g) * 3).to(device, torch.bfloat16)
+    s = s0.clone()
+    cd = torch.full((rows,), 1.0 / rows, device=device)
+    cq = torch.full((rows,), 0.5 / rows, device=device)
+    y = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    w = torch.full((rows,), 2.0, dtype=torch.float64, device=device)
+    elem = rows * vocab * s.element_size()
+    timer = _timer(device)
+    cells = []
+    for block, warps in configs:
+        for name, (kind, k) in LOSSES.items():
+            loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
+            cell = {"loss": name, "block": block, "warps": warps}
+            try:
+                def stats():
+                    return kernels.row_stats(s, t, k, block=block, warps=warps)
+
+                box = {}
+
+                def grads():
+                    box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], w if kind == 3 else None, cd, cq,
+                                                            s, y=y, cy=cq, block=block, warps=warps)
+
+                t1, t2 = [], []
+                for i in range(warmup + repeats):
+                    s.copy_(s0)
+                    a = timer(lambda: box.__setitem__("st", stats()))
+                    b = timer(grads)
+                    if i >= warmup:
+                        t1.append(a)
+                        t2.append(b)
+                if not torch.isfinite(box["v"]).all():
+                    raise FloatingPointError("non-finite row value")
+                p1, p2 = statistics.median(t1), statistics.median(t2)
+                moved2 = 3 * elem + (2 * elem if kind in (1, 2) else 0)  # RKL/JSD: a value pass first
+                cell.update(stats_s=p1, grad_s=p2, total_s=p1 + p2, stats_gbs=2 * elem / p1 / 1e9,
+                            grad_gbs=moved2 / p2 / 1e9)
+            except Exception as exc:  # noqa: BLE001 - reported; the script exits 1
+                cell["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            cells.append(cell)
+            print(json.dumps(cell), flush=True)
+    return cells
+
+
+def _markdown(result):
+    lines = [f"device: {result['device']}; rows={result['rows']}, V={result['vocab']}, bf16 logits; versions "
+             f"{result['versions']}", "", "| block × warps | loss | stats pass ms (GB/s) | value + G ms (GB/s) "
+             "| total ms | / kd |", "|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        kd = next((x for x in result["cells"] if x["loss"] == "kd" and x["block"] == c["block"]
+                   and x["warps"] == c["warps"] and "error" not in x), None)
+        if "error" in c:
+            lines.append(f"| {c['block']} × {c['warps']} | {c['loss']} | ERROR {c['error']} | | | |")
+            continue
+        ratio = f"{c['total_s'] / kd['total_s']:.3f}" if kd else "—"
+        lines.append(f"| {c['block']} × {c['warps']} | {c['loss']} | {c['stats_s'] * 1e3:.3f} ({c['stats_gbs']:.0f}) "
+                     f"| {c['grad_s'] * 1e3:.3f} ({c['grad_gbs']:.0f}) | {c['total_s'] * 1e3:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--rows", type=int, default=2048, help="rows of one chunk (the fused layer's CUDA chunk)")
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="BLOCKxWARPS launches (default: kernels.launch's, then 2048x4 2048x8 4096x8 4096x16)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
+    ap.add_argument("--warmup", type=int, default=None, help="default 2 on CUDA, 0 on the CPU")
+    ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before tailkd.kernels is imported
+    from tailkd import kernels
+
+    if not kernels.available():
+        print("bench_kernels: triton is not installed", file=sys.stderr)
+        return 1
+    default = kernels.launch(args.vocab, device)
+    configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs] if args.configs else \
+        list(dict.fromkeys([(default.block, default.warps), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]))
+    repeats = args.repeats or (10 if device.type == "cuda" else 1)
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
+    from importlib import metadata
+
+    versions = {"torch": torch.__version__, "triton": metadata.version("triton")}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    cells = bench(args.rows, args.vocab, device, configs, repeats, warmup)
+    result = {"device": name, "rows": args.rows, "vocab": args.vocab, "versions": versions, "cells": cells,
+              "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+    Path(args.out + ".md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 1 if any("error" in c for c in cells) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

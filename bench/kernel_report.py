@@ -1,0 +1,196 @@
+"""The Triton row kernels compiled ahead of time for a GPU, without one: registers, spills, occupancy, SASS.
+
+  python bench/kernel_report.py                      # sm_90 (H100/H200), V = 151936, bf16 logits: a table
+  python bench/kernel_report.py --check              # exit 1 if a variant fails to compile or spills
+  python bench/kernel_report.py --arch 80 --vocab 32000 --dtype fp32 --block 2048 --warps 8 --json out.json
+
+Compiles every kernel variant that `tailkd.kernels` launches (pass 1 for KD/RKL/JSD, for TAD with K = 10 and
+K = 64, for α^T alone; pass 2 of each loss, with and without the gradient) with the installed triton's compiler
+and its bundled ptxas, for the launch `kernels.launch` chooses on CUDA (or --block/--warps), with the argument
+specialisation the JIT gives real tensors (16-byte aligned pointers; V and the row strides divisible by 16 when V
+is). Reported per variant, from the cubin (cuobjdump ships with triton): registers per thread, stack frame and
+local memory (spills: a failure under --check in the kernels every chunk runs; reported for the α^T-alone pass
+over split sequences, where triton 3.6's ptxas spills 8 bytes), shared memory, resident warps per SM on a
+Hopper/Ampere SM (65536 registers, 64 warps, 32 blocks), and static SASS counts: instructions, MUFU
+(exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory). Static counts are a proxy of
+the work per element, not a time: the speed is measured on a GPU (bench/bench_kernels.py, bench/bench_gpu.py).
+
+Needs triton with its NVIDIA backend (the Linux wheel); TRITON_INTERPRET must be unset (the interpreter replaces
+the kernels). About 1 s per variant on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM, REG_UNIT = 65536, 64, 32, 256
+
+
+def _variants(logits: str):
+    """(name, kernel, signature, constexprs) of every launch `tailkd.kernels` makes, mirrored from its torch side."""
+    from tailkd import kernels as K
+
+    def stats(k, student=True):
+        kp = max(2, 1 << max(0, (max(k, 1) - 1).bit_length()))
+        sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "ids_ptr": "*i32",
+               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
+               "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
+        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student}
+
+    def dense(loss, value, write):
+        sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
+               "coef_ptr": "*fp32", "y_ptr": "*i64", "value_ptr": "*fp32", "V": "i32", "stride_s": "i32",
+               "stride_t": "i32", "stride_o": "i32", "bj": "fp32", "mix": "fp32", "LOSS": "constexpr",
+               "VALUE": "constexpr", "WRITE": "constexpr", "BLOCK": "constexpr"}
+        return K._dense_kernel, sig, {"LOSS": loss, "VALUE": value, "WRITE": write}
+
+    def tad(k, write, rare=False):
+        sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
+               "ids_ptr": "*i32", "coef_ptr": "*fp32", "y_ptr": "*i64", "mode_ptr": "*i32", "value_ptr": "*fp32",
+               "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_o": "i32", "K": "constexpr",
+               "WRITE": "constexpr", "RARE": "constexpr", "BLOCK": "constexpr"}
+        return K._tad_kernel, sig, {"K": k, "WRITE": write, "RARE": rare}
+
+    return [
+        ("stats: kd/rkl/jsd", *stats(0)),
+        ("stats: tad K=10", *stats(10)),
+        ("stats: tad K=64", *stats(64)),
+        ("stats: α^T alone K=10 (split sequences only)", *stats(10, student=False)),
+        ("kd: value + G", *dense(0, True, True)),
+        ("kd: value", *dense(0, True, False)),
+        ("rkl: value", *dense(1, True, False)),
+        ("rkl: G", *dense(1, False, True)),
+        ("jsd: value", *dense(2, True, False)),
+        ("jsd: G", *dense(2, False, True)),
+        ("tad K=10: value + G", *tad(10, True)),
+        ("tad K=10: value", *tad(10, False)),
+        ("tad K=64: value + G", *tad(64, True)),
+        ("tad K=10, rare rows: value + G", *tad(10, True, rare=True)),
+    ]
+
+
+def _attrs(kernel, signature, vocab):
+    """The JIT's specialisation of real launches: pointers 16-byte aligned; V and strides divisible by 16 if V is."""
+    names = list(signature)
+    out = {}
+    for i, name in enumerate(names):
+        kind = signature[name]
+        if kind.startswith("*") or (kind == "i32" and vocab % 16 == 0 and (name == "V" or name.startswith("stride"))):
+            out[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return out
+
+
+def _tool(name):
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} (triton without its NVIDIA backend binaries)")
+    return str(path)
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    return {"regs": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"]),
+            "shared_static": int(fields["SHARED"]), "sass": len(instrs),
+            "mufu": sum(op.startswith("MUFU") for op in instrs), "bar": sum(op.startswith("BAR") for op in instrs)}
+
+
+def _warps_per_sm(regs: int, warps: int, shared: int) -> int:
+    per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
+    blocks = min(BLOCKS_PER_SM, WARPS_PER_SM // warps, REGS_PER_SM // (per_warp * warps),
+                 (228 * 1024) // max(shared, 1))
+    return blocks * warps
+
+
+def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int | None = None,
+           warps: int | None = None) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tailkd import kernels as K
+
+    go = K.launch(vocab, torch.device("cuda"), block, warps)
+    rows = []
+    for name, kernel, signature, constexprs in _variants(logits):
+        constexprs = {**constexprs, "BLOCK": go.block}
+        row = {"variant": name, "block": go.block, "warps": go.warps}
+        try:
+            src = ASTSource(kernel, signature, constexprs=constexprs, attrs=_attrs(kernel, signature, vocab))
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": go.warps})
+            row.update(_resources(compiled.asm["cubin"]))
+            row["shared"] = int(compiled.metadata.shared)
+            row["warps_per_sm"] = _warps_per_sm(row["regs"], go.warps, row["shared"])
+        except Exception as exc:  # noqa: BLE001 - reported per variant; --check fails on it
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        rows.append(row)
+    return rows
+
+
+def _table(rows, header: str) -> str:
+    lines = [header, "", "| variant | block × warps | regs | stack + local B (spills) | shared B | warps/SM | SASS "
+             "| MUFU | BAR |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['block']} × {r['warps']} | compile error: {r['error']} |||||||")
+        else:
+            lines.append(f"| {r['variant']} | {r['block']} × {r['warps']} | {r['regs']} | {r['stack'] + r['local']} "
+                         f"| {r['shared']} "
+                         f"| {r['warps_per_sm']} | {r['sass']} | {r['mufu']} | {r['bar']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100/H200, 80: A100)")
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the logits' dtype")
+    ap.add_argument("--block", type=int, default=None, help="columns per step (default: kernels.launch on CUDA)")
+    ap.add_argument("--warps", type=int, default=None, help="warps per row (default: kernels.launch on CUDA)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a variant fails to compile or spills")
+    args = ap.parse_args(argv)
+    import triton
+
+    rows = report(args.arch, args.vocab, args.dtype, args.block, args.warps)
+    print(_table(rows, f"sm_{args.arch}, V = {args.vocab}, {args.dtype} logits, triton {triton.__version__}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"arch": args.arch, "vocab": args.vocab, "dtype": args.dtype,
+                                               "triton": triton.__version__, "rows": rows}, indent=1))
+    bad = [r["variant"] for r in rows if "error" in r or (_hot(r) and (r["local"] or r["stack"]))]
+    spills = [r["variant"] for r in rows if "error" not in r and not _hot(r) and (r["local"] or r["stack"])]
+    if spills:
+        print(f"kernel_report: spills outside the per-chunk kernels (reported, not a failure): {', '.join(spills)}")
+    if bad:
+        print(f"kernel_report: {len(bad)} variant(s) fail to compile or spill: {', '.join(bad)}", file=sys.stderr)
+    return 1 if args.check and bad else 0
+
+
+def _hot(row) -> bool:
+    """Whether a variant runs on every chunk of a training step (a spill there fails --check); the α^T-alone pass
+    runs only over the tokens of sequences that span chunks (TAD's ᾱ)."""
+    return "split sequences only" not in row["variant"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
