@@ -1,5 +1,7 @@
 """Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
-tailkd fused (Triton row kernels, `tailkd.kernels`) and Liger's compiled chunked loss (if liger_kernel imports).
+tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as the matmul wrote them, the default,
+and ``_f32`` on a float32 copy of each chunk's logits, as before that change) and Liger's compiled chunked loss (if
+liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: ~2-4 min, H200
   python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
@@ -34,7 +36,10 @@ import time
 import torch
 
 LOSSES = ("kd", "tad", "jsd")
-METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton", "liger")
+METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton", "liger")
+
+
+_LOW_LOGITS = None  # tailkd.fused._low_logits, restored after each cell (main sets it)
 
 
 def _inputs(n, vocab, d, device, seed=0):
@@ -68,7 +73,9 @@ def _tailkd(method, loss, inputs, mm_dtype):
         with torch.no_grad():
             t_logits = h_t[None] @ w_t.T
         return objective(s_logits, labels, n, cfg=_cfg(loss), teacher_logits=t_logits).loss
-    fused._TRITON_DEVICES = ("cuda", "cpu") if method == "tailkd_fused_triton" else ()
+    fused._TRITON_DEVICES = ("cuda", "cpu") if method.startswith("tailkd_fused_triton") else ()
+    if method == "tailkd_fused_triton_f32":  # the kernels on a float32 copy of each chunk's logits (before bf16)
+        fused._low_logits = lambda plan, head: False
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s[None], head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t[None], teacher_head=head_mod.Head(w_t, None, spec),
@@ -104,7 +111,7 @@ def _cell_skip(method, loss, device):
             import liger_kernel.chunked_loss  # noqa: F401
         except Exception as exc:  # noqa: BLE001
             return f"liger_kernel not importable ({type(exc).__name__}: {exc})"
-    if method == "tailkd_fused_triton":
+    if method.startswith("tailkd_fused_triton"):
         from tailkd import kernels
 
         if not kernels.available():
@@ -158,6 +165,7 @@ def run_cell(method, loss, inputs, device, args, chunk):
         from tailkd import fused
 
         fused._TRITON_DEVICES = ("cuda",)
+        fused._low_logits = _LOW_LOGITS
     return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
             "peak_bytes": peak}
 
@@ -227,6 +235,8 @@ def main(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 1)
     from tailkd import fused
 
+    global _LOW_LOGITS
+    _LOW_LOGITS = fused._low_logits
     inputs = _inputs(args.tokens, args.vocab, args.hidden, device)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16)
