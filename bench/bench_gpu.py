@@ -3,14 +3,16 @@ tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as t
 and ``_f32`` on a float32 copy of each chunk's logits, as before that change) and Liger's compiled chunked loss (if
 liger_kernel imports).
 
-  python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: ~2-4 min, H200
+  python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: ~3-5 min, H200
   python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
 
 Every cell computes, from final hidden states h_S, h_T [N, d] (bf16 on CUDA, under bf16 autocast as a training
 step) and LM heads W_S (float32, trained), W_T (bf16): both sides' logits, CLM + divergence (kd; tad K=10, β=2; jsd
 β=0.5) averaged over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
 chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape); Liger
-gets the same chunk. Liger has no TAD.
+gets the same chunk. Liger has no TAD. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
+fused kd and tad cells again at fixed chunk sizes, a table of its own with TAD/KD per chunk: the data for the CUDA
+chunk rule's constants (`fused._GPU_CHUNK_ELEMENTS`).
 
 Time: CUDA events around each forward + backward, after --warmup runs, median of --repeats (on the CPU: the host
 clock). Extra peak memory: torch.cuda.max_memory_allocated during one more run minus the allocation before it (on
@@ -68,6 +70,7 @@ def _tailkd(method, loss, inputs, mm_dtype):
 
     h_s, w_s, h_t, w_t, labels = inputs
     n, vocab = h_s.shape[0], w_s.shape[0]
+    method, _, chunk = method.partition("@")  # "...@C": C-token chunks instead of the library's default
     if method == "tailkd_dense":
         s_logits = h_s[None] @ w_s.T
         with torch.no_grad():
@@ -79,7 +82,7 @@ def _tailkd(method, loss, inputs, mm_dtype):
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s[None], head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t[None], teacher_head=head_mod.Head(w_t, None, spec),
-                             matmul_dtype=mm_dtype).loss
+                             matmul_dtype=mm_dtype, chunk_size=int(chunk) if chunk else None).loss
 
 
 def _liger(loss, inputs, chunk):
@@ -212,6 +215,21 @@ def _markdown(result):
             else:
                 row.append(c.get("skipped") or "ERROR " + c["error"])
         lines.append(f"| {loss} | " + " | ".join(row) + " |")
+    sweep = sorted({int(c["method"].split("@")[1]) for c in result["cells"] if "@" in c["method"]})
+    if sweep:
+        lines += ["", "Chunk sweep, tailkd fused (Triton kernels):", "", "| chunk tokens | kd | tad | tad / kd |",
+                  "|---|---|---|---|"]
+        for size in sweep:
+            got = {c["loss"]: c for c in result["cells"] if c["method"] == f"tailkd_fused_triton@{size}"}
+            text = []
+            for loss in ("kd", "tad"):
+                c = got.get(loss, {})
+                ok = "median_s" in c and "error" not in c
+                mem = "" if not ok or c["peak_bytes"] is None else f", {c['peak_bytes'] / 2**30:.1f} GiB"
+                text.append(f"{c['median_s'] * 1e3:.1f} ms{mem}" if ok else f"ERROR {c.get('error')}")
+            both = all("median_s" in got.get(x, {}) and "error" not in got[x] for x in ("kd", "tad"))
+            ratio = f"{got['tad']['median_s'] / got['kd']['median_s']:.3f}" if both else "—"
+            lines.append(f"| {size} | {text[0]} | {text[1]} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
     ap.add_argument("--allow-missing", action="store_true", help="exit 0 even when a cell is skipped or fails")
+    ap.add_argument("--sweep-chunks", type=int, nargs="*", default=None,
+                    help="chunk sizes for the Triton fused kd/tad sweep (default on CUDA: 1024 2048 4096 8192)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -242,11 +262,14 @@ def main(argv=None):
     chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16)
     t0 = time.perf_counter()
     cells = []
-    for loss in LOSSES:
-        for method in METHODS:
-            cell = run_cell(method, loss, inputs, device, args, chunk)
-            cells.append(cell)
-            print(json.dumps({k: v for k, v in cell.items() if k != "all_s"}), flush=True)
+    sweep = args.sweep_chunks if args.sweep_chunks is not None else ([1024, 2048, 4096, 8192] if device.type ==
+                                                                      "cuda" else [])
+    runs = [(m, loss) for loss in LOSSES for m in METHODS]
+    runs += [(f"tailkd_fused_triton@{c}", loss) for c in sweep for loss in ("kd", "tad")]
+    for method, loss in runs:
+        cell = run_cell(method, loss, inputs, device, args, chunk)
+        cells.append(cell)
+        print(json.dumps({k: v for k, v in cell.items() if k != "all_s"}), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": name, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk": chunk,
               "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0,

@@ -56,7 +56,7 @@ if [[ $stage == layer || $stage == all ]]; then
     fi
     echo "== the loss layer side by side (bench/bench_gpu.py)"
     if [[ ${DRY:-0} == 1 ]]; then
-        "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing \
+        "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --sweep-chunks 16 64 \
             --out "$out/gpu_loss_layer" || status=1
     else
         "$py" bench/bench_gpu.py --out "$out/gpu_loss_layer" || status=1
