@@ -380,7 +380,6 @@ def _bind(cfg):
     return bind(cfg)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="runs the layer on CPU tensors, i.e. under the interpreter")
 @pytest.mark.parametrize("name,extra", [("kd", {}), ("tad", {"k": 4}), ("jsd", {"jsd_beta": 0.3}), ("rkl", {})])
 def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, monkeypatch):
     """With a bf16 matmul (τ = 1, no bias, plain heads) the kernels read the chunk's bf16 logits themselves and
@@ -390,17 +389,18 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
     there: both are neighbours of G, at most one bf16 ulp = 2u_bf16·|G| apart). So ∂h = G W and ∂W = Σ_chunks Gᵀh
     differ by at most 2u_bf16·|G||W| (resp. |G|ᵀ|h|), plus each side's rounding of its bf16 matmul outputs
     (u_bf16·(1 + 2u_bf16)·|G||W| each) and float32 accumulation (K·u32 each, K = the contraction length + the
-    chunks added), times SAFETY; |G| is the reference side's float32 G, recorded."""
+    chunks added), times SAFETY; |G| is the reference side's float32 G, recorded. On CUDA (compiled kernels, cuBLAS)
+    as on the CPU (interpreter); labels stay on the host, as the training loop passes them."""
     from tailkd.config import LossConfig
     from tailkd.objective import chunked_objective
 
     monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu"))
     g = torch.Generator().manual_seed(3)
     B_, T, d, vocab, chunk = 2, 9, 16, 300, 7
-    h_s = torch.randn(B_, T, d, generator=g).to(torch.bfloat16)
-    w_s = torch.randn(vocab, d, generator=g) * 0.5
-    h_t = torch.randn(B_, T, d, generator=g).to(torch.bfloat16)
-    w_t = (torch.randn(vocab, d, generator=g) * 0.7).to(torch.bfloat16)
+    h_s = torch.randn(B_, T, d, generator=g).to(DEVICE, torch.bfloat16)
+    w_s = (torch.randn(vocab, d, generator=g) * 0.5).to(DEVICE)
+    h_t = torch.randn(B_, T, d, generator=g).to(DEVICE, torch.bfloat16)
+    w_t = (torch.randn(vocab, d, generator=g) * 0.7).to(DEVICE, torch.bfloat16)
     labels = torch.randint(0, vocab, (B_, T), generator=g)
     labels[1, :3] = -100
     valid = (labels != -100).reshape(-1)
@@ -411,7 +411,7 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
 
     def recording_chunk(*args, **kwargs):
         clm, div, g = chunk_fn(*args, **kwargs)
-        recorded.append(g.abs().double())
+        recorded.append(g.abs().double().cpu())
         return clm, div, g
 
     def run(low):
@@ -423,7 +423,7 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
         terms.loss.backward()
         plan = fused._prepare(hs, fused.Head(ws, None, spec), labels, _bind(cfg), h_t, fused.Head(w_t, None, spec),
                               None, None, None, chunk, torch.bfloat16)[1]
-        return terms, hs.grad.reshape(-1, d)[valid], ws.grad, plan
+        return terms, hs.grad.cpu().reshape(-1, d)[valid], ws.grad.cpu(), plan
 
     got, gh, gw, plan = run(True)
     monkeypatch.setattr(fused, "_chunk", recording_chunk)
@@ -438,7 +438,7 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
     def coef(k):
         return B.SAFETY * (2 * ub + 2 * ub * (1 + 2 * ub) + 2 * (k + n_chunks) * U)
 
-    bound_h = coef(vocab) * g_abs @ w_s.to(torch.bfloat16).double().abs()
-    bound_w = coef(chunk) * g_abs.T @ h_s.reshape(-1, d)[valid].double().abs()
+    bound_h = coef(vocab) * g_abs @ w_s.to(torch.bfloat16).double().abs().cpu()
+    bound_w = coef(chunk) * g_abs.T @ h_s.cpu().reshape(-1, d)[valid].double().abs()
     B.assert_within(gh, rh, bound_h, msg="∂h")
     B.assert_within(gw, rw, bound_w, msg="∂W")
