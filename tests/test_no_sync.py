@@ -114,6 +114,11 @@ def test_online_teacher_in_the_autocast_dtype_runs_without_autocast(weights, exp
         assert signal.hidden.dtype == torch.bfloat16
 
 
+# the Triton kernels run compiled on CUDA tensors, or interpreted on CPU ones (conftest sets TRITON_INTERPRET=1 only
+# where no CUDA device is visible)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_teacher_tail_mass_by_the_statistics_kernel_equals_torch():
     """α^T of the statistics pass for cut sequences: the Triton statistics kernel (interpreter) equals the torch
     top-K split. Both are float32 log-sum-exps over V = 37 logits of size <= ~15: |Δ log α| <= ~10 roundings of
@@ -123,13 +128,35 @@ def test_teacher_tail_mass_by_the_statistics_kernel_equals_torch():
     if not kernels.available():
         pytest.skip("triton is not installed")
     g = torch.Generator().manual_seed(3)
-    h = torch.randn(50, D, generator=g) * 1.5
-    head = Head(torch.randn(V, D, generator=g), torch.randn(V, generator=g), HeadSpec(V, softcap=15.0))
+    h = (torch.randn(50, D, generator=g) * 1.5).to(KERNEL_DEVICE)
+    head = Head(torch.randn(V, D, generator=g).to(KERNEL_DEVICE), torch.randn(V, generator=g).to(KERNEL_DEVICE),
+                HeadSpec(V, softcap=15.0))
     cfg = LossConfig(name="tad", k=5)
     d = bind(cfg)
     ref = fused.teacher_tail_mass(h, head, d.kernel, chunk_size=16)
     got = fused.teacher_tail_mass(h, head, d.kernel, chunk_size=16, triton=kernels.losses_for(d))
     assert ref.dtype == got.dtype == torch.float64 and (ref > 0).all()
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
+
+
+def test_teacher_tail_mass_reads_bf16_teacher_logits(monkeypatch):
+    """A bf16 teacher with a plain head (no bias, no transform, τ = 1): the statistics kernel reads its bf16 logits as
+    the matmul wrote them (no float32 copy); they are exact in float32, so α^T equals the torch path's on the float32
+    copy within the bound above."""
+    from tailkd import kernels
+
+    if not kernels.available():
+        pytest.skip("triton is not installed")
+    g = torch.Generator().manual_seed(4)
+    h = (torch.randn(50, D, generator=g) * 1.5).to(KERNEL_DEVICE, torch.bfloat16)
+    head = Head(torch.randn(V, D, generator=g).to(KERNEL_DEVICE, torch.bfloat16), None, HeadSpec(V))
+    d = bind(LossConfig(name="tad", k=5))
+    seen, row_stats = [], kernels.row_stats
+    monkeypatch.setattr(kernels, "row_stats", lambda s, t, k, **kw: seen.append(t.dtype) or row_stats(s, t, k, **kw))
+    ref = fused.teacher_tail_mass(h, head, d.kernel, chunk_size=16)
+    got = fused.teacher_tail_mass(h, head, d.kernel, chunk_size=16, triton=kernels.losses_for(d))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert (ref > 0).all()
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
 
 

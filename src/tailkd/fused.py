@@ -371,8 +371,10 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
     h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     cdtype = torch.float64 if torch.float64 in (h.dtype, teacher_head.weight.dtype) else torch.float32
     chunk = chunk_size or default_chunk_size(teacher_head.spec.vocab_size)
+    low = triton is not None and h.dtype in (torch.bfloat16, torch.float16)  # the kernel reads bf16/fp16 logits
     plan = _Plan(d=None, kernel=kernel, spec=teacher_head.spec, labels=torch.empty(0), chunks=[], cdtype=cdtype,
-                 mm_dtype=cdtype, temperature=temperature, teacher_hidden=h, teacher_head=teacher_head)
+                 mm_dtype=cdtype, temperature=temperature, teacher_hidden=h, teacher_head=teacher_head,
+                 logits_dtype=h.dtype if low else cdtype)
     out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
     if triton is not None:
         from tailkd import kernels
