@@ -5,15 +5,16 @@
   python bench/kernel_report.py --arch 80 --vocab 32000 --dtype fp32 --block 2048 --warps 8 --json out.json
 
 Compiles every kernel variant that `tailkd.kernels` launches (pass 1 for KD/RKL/JSD, for TAD with K = 10 and
-K = 64, for α^T alone; pass 2 of each loss, with and without the gradient) with the installed triton's compiler
-and its bundled ptxas, for the launch `kernels.launch` chooses on CUDA (or --block/--warps), with the argument
-specialisation the JIT gives real tensors (16-byte aligned pointers; V and the row strides divisible by 16 when V
-is). Reported per variant, from the cubin (cuobjdump ships with triton): registers per thread, stack frame and
-local memory (spills: a failure under --check in the kernels every chunk runs; reported for the α^T-alone pass
-over split sequences, where triton 3.6's ptxas spills 8 bytes), shared memory, resident warps per SM on a
-Hopper/Ampere SM (65536 registers, 64 warps, 32 blocks), and static SASS counts: instructions, MUFU
-(exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory). Static counts are a proxy of
-the work per element, not a time: the speed is measured on a GPU (bench/bench_kernels.py, bench/bench_gpu.py).
+K = 64, for α^T alone; pass 2 of each loss, with and without the gradient; both passes against a top-K cache
+teacher) with the installed triton's compiler and its bundled ptxas, for the launch `kernels.launch` chooses on
+CUDA (or --block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers;
+V and the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with
+triton): registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every
+chunk runs; reported for the α^T-alone pass over split sequences, where triton 3.6's ptxas spills 8 bytes), shared
+memory, resident warps per SM on a Hopper/Ampere SM (65536 registers, 64 warps, 32 blocks), and static SASS
+counts: instructions, MUFU (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
+Static counts are a proxy of the work per element, not a time: the speed is measured on a GPU
+(bench/bench_kernels.py, bench/bench_gpu.py).
 
 Needs triton with its NVIDIA backend (the Linux wheel); TRITON_INTERPRET must be unset (the interpreter replaces
 the kernels). About 1 s per variant on a CPU.
@@ -60,6 +61,16 @@ def _variants(logits: str):
                "WRITE": "constexpr", "RARE": "constexpr", "BLOCK": "constexpr"}
         return K._tad_kernel, sig, {"K": k, "WRITE": write, "RARE": rare}
 
+    def sparse_stats():
+        sig = {"s_ptr": f"*{logits}", "ids_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "stride_s": "i32",
+               "K": "constexpr", "BLOCK": "constexpr"}
+        return K._sparse_stats_kernel, sig, {"K": 64}
+
+    def sparse_grad():
+        sig = {"s_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
+               "y_ptr": "*i64", "V": "i32", "stride_s": "i32", "stride_o": "i32", "BLOCK": "constexpr"}
+        return K._sparse_grad_kernel, sig, {}
+
     return [
         ("stats: kd/rkl/jsd", *stats(0)),
         ("stats: tad K=10", *stats(10)),
@@ -75,6 +86,8 @@ def _variants(logits: str):
         ("tad K=10: value", *tad(10, False)),
         ("tad K=64: value + G", *tad(64, True)),
         ("tad K=10, rare rows: value + G", *tad(10, True, rare=True)),
+        ("cache teacher K=64: stats", *sparse_stats()),
+        ("cache teacher: G", *sparse_grad()),
     ]
 
 

@@ -442,3 +442,130 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
     bound_w = coef(chunk) * g_abs.T @ h_s.cpu().reshape(-1, d)[valid].double().abs()
     B.assert_within(gh, rh, bound_h, msg="∂h")
     B.assert_within(gw, rw, bound_w, msg="∂W")
+
+
+# --------------------------------------------------------------------------- a top-K cache teacher (sparse)
+
+
+def _sparse_teacher(t64, k, samples, seed):
+    """A top-K cache of the float64 teacher logits t64 [n, V], as `tailkd.cache` stores it (float32 log-probs under
+    the full softmax, log α^T summed over the tail), with ``samples`` tail points drawn from p̃ (weight α^T/J each)."""
+    from tailkd.divergences import SparseTeacher
+
+    logp = torch.log_softmax(t64, -1)
+    ids = torch.stack([torch.tensor(R.top_ids(row, k)) for row in t64])
+    ids = ids[:, torch.randperm(k, generator=torch.Generator().manual_seed(seed))]  # the cache's order: any
+    tail = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ids, False)
+    log_alpha = torch.logsumexp(logp.masked_fill(~tail, -math.inf), -1)
+    if not samples:
+        return SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float())
+    p_tilde = (logp - log_alpha[:, None]).exp() * tail
+    g = torch.Generator().manual_seed(seed + 1)
+    tids = torch.multinomial(p_tilde, samples, replacement=True, generator=g)
+    tw = (log_alpha.exp()[:, None] / samples).expand(-1, samples)
+    return SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), tids,
+                         logp.gather(-1, tids).float(), tw.float())
+
+
+def _sparse_ref(s64, sp, w):
+    """The cache loss as plain float64 sums of its definition (`divergences.SparseTeacher`): Σ_𝒦 p (log p − log q) +
+    α^T log(α^T/α^S), plus with tail points w·(Σ_j w_j (log p_j − log q_j) − α^T log(α^T/α^S))."""
+    logq = torch.log_softmax(s64, -1)
+    ids = sp.topk_ids.long()
+    lp = sp.topk_logprobs.double()
+    alpha = sp.log_tail_mass.double().exp()
+    alpha_s = logq.exp().scatter(-1, ids, 0.0).sum(-1)
+    bucket = alpha * (alpha.log() - alpha_s.log())
+    value = (lp.exp() * (lp - logq.gather(-1, ids))).sum(-1) + bucket
+    if sp.tail_ids is not None:
+        tids, tw = sp.tail_ids.long(), sp.tail_weights.double()
+        value = value + w * ((tw * (sp.tail_logprobs.double() - logq.gather(-1, tids))).sum(-1) - bucket)
+    return value
+
+
+@pytest.mark.parametrize("n,vocab,k,samples,loss", [(7, 257, 5, 0, "kd"), (33, 1000, 10, 4, "tad"),
+                                                    (7, 257, 5, 3, "kd"), (1, 50, 1, 2, "tad")])
+def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss):
+    """`kernels.sparse_values_and_grads` (a top-K cache teacher, in any order; tail points; the CLM one-hot) against
+    the float64 plain sums of the definition within `loss_bounds.cache_tad` (the cache's float32 entries are exact
+    inputs; dz: the online log-sum-exps' folds, as above), and against divergences.SPARSE in float32 within twice
+    that."""
+    s, t = _logits(n, vocab, seed=3 * k + vocab)
+    sp = _sparse_teacher(t.double(), k, samples, seed=k)
+    alpha = sp.log_tail_mass.double().exp()
+    w = tail_weight(alpha.mean().expand(n), BETA) if loss == "tad" else torch.ones(n, dtype=torch.float64)
+    cd, cq = _coefs(n, seed=k)
+    y, cy = _onehot(n, vocab, seed=k)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    sp_d = type(sp)(*(dev(x) for x in sp))
+    stats = kernels.sparse_stats(s.to(DEVICE), sp_d, block=BLOCK)
+    out = torch.empty(s.shape, device=DEVICE)
+    value = kernels.sparse_values_and_grads(s.to(DEVICE), sp_d, stats, w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE),
+                                            out, y=y.to(DEVICE), cy=cy.to(DEVICE), block=BLOCK).cpu()
+    g = out.cpu()
+    leaf = s.double().requires_grad_(True)
+    ref_v = _sparse_ref(leaf, sp, w)
+    (ref_d,) = torch.autograd.grad(ref_v.sum(), leaf)
+    q64 = torch.softmax(s.double(), -1)
+    ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
+    dz = _dz(s)
+    vb, gb = LB.cache_tad(s.float()[None], type(sp)(*(None if x is None else x[None] for x in sp)),
+                          torch.ones(1, n, dtype=torch.bool), loss=loss, beta=BETA, dz_s=dz[None])
+    vb, gb = vb[0], gb[0]
+    # what G combines besides c·q: p on 𝒦, α^T·q̃ on the tail, w·w_j at the tail points
+    ids = sp.topk_ids.long()
+    top = torch.zeros_like(q64, dtype=torch.bool).scatter(-1, ids, True)
+    q_tilde = torch.softmax(s.double().masked_fill(top, -math.inf), -1)
+    p_w = torch.zeros_like(q64).scatter(-1, ids, sp.topk_logprobs.double().exp()) + alpha[:, None] * q_tilde
+    if samples:
+        p_w = p_w.scatter_add(-1, sp.tail_ids.long(), w[:, None] * sp.tail_weights.double())
+    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, p_w, torch.float32, y, cy)
+    B.assert_within(value, ref_v.detach(), vb + B.REF64_ATOL, msg="sparse value vs reference")
+    B.assert_within(g, ref_g, gbound + B.REF64_ATOL, msg="sparse gradient vs reference")
+    s32 = s.float()
+    v32, state = dv.SPARSE.forward(s32, torch.log_softmax(s32, -1), sp, w if samples else None)
+    g32 = _minus_onehot(dv.SPARSE.backward(state, cd, cq).double(), y, cy)
+    B.assert_within(value, v32, 2 * vb, msg="sparse value vs divergences.py")
+    B.assert_within(g, g32, 2 * gbound, msg="sparse gradient vs divergences.py")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="runs the layer on CPU tensors, i.e. under the interpreter")
+@pytest.mark.parametrize("name,extra,samples", [("kd", {}, 0), ("kd", {}, 3), ("tad", {"k": 4}, 3),
+                                                ("tad", {"k": 4, "per_document": True}, 0)])
+def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples, monkeypatch):
+    """`fused.chunked_sums` with a top-K cache teacher on the Triton kernels (`kernels.SPARSE`; here interpreted)
+    against the same layer on the torch row maths: soft-capped and scaled student head with bias, masked tokens,
+    chunks of 4 and 7 tokens, tail points. Two float32 evaluations of the same exact inputs, each within
+    `loss_bounds.head_objective` with the cache teacher (V = 37: one kernel block, the plain log-sum-exp)."""
+    import test_fused as TF
+
+    from tailkd.config import LossConfig
+    from tailkd.head import apply_head
+    from tailkd.objective import IGNORE_INDEX, chunked_objective
+
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = TF._inputs(torch.float32)
+    t64 = apply_head(h_t.double(), fused.Head(head_t.weight.double(), None, head_t.spec))
+    lead = t64.shape[:-1]
+    flat = _sparse_teacher(t64.reshape(-1, t64.shape[-1]), 4, samples, seed=5)
+    sp = type(flat)(*(None if x is None else x.reshape(*lead, *x.shape[1:]) for x in flat))
+    cfg = LossConfig(name=name, **extra)
+    n = int((labels != IGNORE_INDEX).sum())
+
+    def run(on, chunk):
+        monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu") if on else ("cuda",))
+        a, w, b = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s, b_s))
+        terms = chunked_objective(a, fused.Head(w, b, spec_s), labels, n, cfg=cfg, sparse_teacher=sp,
+                                  segment_ids=seg, chunk_size=chunk)
+        terms.loss.backward()
+        plan = fused._prepare(a, fused.Head(w, b, spec_s), labels, _bind(cfg), None, None, sp, seg, None, chunk,
+                              None)[1]
+        return terms, (a.grad, w.grad, b.grad), plan
+
+    bound = LB.head_objective(cfg, h_s, w_s, b_s, spec_s, None, None, labels, seg, n=n, sparse=sp)
+    for chunk in (4, 7):
+        got, grads, plan = run(True, chunk)
+        ref, ref_grads, ref_plan = run(False, chunk)
+        assert plan.triton == kernels.SPARSE and ref_plan.triton is None
+        TF._close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float32,
+                  [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
+        TF._close(grads, ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))

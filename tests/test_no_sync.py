@@ -162,9 +162,10 @@ def test_teacher_tail_mass_reads_bf16_teacher_logits(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["kd", "tad"])
-def test_cuda_fused_step_never_synchronises(name):
-    """Forward + backward of the fused layer on CUDA (Triton row kernels, TAD sequences cut by chunks) from host
-    labels: torch raises on any host-device synchronisation."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_cuda_fused_step_never_synchronises(name, cached):
+    """Forward + backward of the fused layer on CUDA (Triton row kernels, TAD sequences cut by chunks; or a top-K
+    cache teacher with tail points) from host labels: torch raises on any host-device synchronisation."""
     from tailkd.objective import chunked_objective
 
     labels, seg = _labels_and_segments(B=4, T=64)
@@ -173,13 +174,21 @@ def test_cuda_fused_step_never_synchronises(name):
     ht = torch.randn(4, 64, D, generator=g).cuda()
     w = torch.randn(V, D, generator=g).cuda().requires_grad_(True)
     cfg = LossConfig(name=name, k=4, per_document=True)
-    chunked_objective(hs, Head(w, None, HeadSpec(V)), labels, 100, cfg=cfg, teacher_hidden=ht,
-                      teacher_head=Head(w.detach(), None, HeadSpec(V)), segment_ids=seg, chunk_size=48)  # warm-up
+    teacher = dict(teacher_hidden=ht, teacher_head=Head(w.detach(), None, HeadSpec(V)))
+    if cached:
+        perm = torch.stack([torch.randperm(V, generator=g)[:6] for _ in range(4 * 64)]).view(4, 64, 6)
+        ids, tail = perm[..., :4], perm[..., 4:]  # 𝒦 and two tail points outside it
+        lp = torch.log_softmax(torch.randn(4, 64, 5, generator=g), -1)
+        tw = (lp[..., -1:].exp() / 2).expand(-1, -1, 2)  # α^T / J each
+        teacher = dict(sparse_teacher=SparseTeacher(*(x.contiguous().cuda() for x in (
+            ids, lp[..., :-1], lp[..., -1], tail, lp[..., -1:].expand(-1, -1, 2) - math.log(8), tw))))
+    chunked_objective(hs, Head(w, None, HeadSpec(V)), labels, 100, cfg=cfg, segment_ids=seg, chunk_size=48,
+                      **teacher)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        terms = chunked_objective(hs, Head(w, None, HeadSpec(V)), labels, 100, cfg=cfg, teacher_hidden=ht,
-                                  teacher_head=Head(w.detach(), None, HeadSpec(V)), segment_ids=seg, chunk_size=48)
+        terms = chunked_objective(hs, Head(w, None, HeadSpec(V)), labels, 100, cfg=cfg, segment_ids=seg,
+                                  chunk_size=48, **teacher)
         terms.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -250,8 +250,9 @@ class TrainConfig:
                                  "micro-batch would exceed 1 GiB), on, off", choices=FUSED_MODES)
     loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: CPU about 2^24 logits per chunk; "
                                  "CUDA from the free memory and the matmul shape, the same for every loss)")
-    loss_kernels: str = _f("auto", "fused loss layer on CUDA: auto (Triton row kernels for kd, tad, rkl, jsd when "
-                                   "triton is installed: pip install tailkd[kernels]) or torch", choices=LOSS_KERNELS)
+    loss_kernels: str = _f("auto", "fused loss layer on CUDA: auto (Triton row kernels for kd, tad, rkl, jsd, and for "
+                                   "any loss against a teacher cache, when triton is installed: pip install "
+                                   "tailkd[kernels]) or torch", choices=LOSS_KERNELS)
     compile: bool = _f(False, "torch.compile the decoder stacks of student and teacher (in place: checkpoints and "
                               "saved students unchanged)")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "

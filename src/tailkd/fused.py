@@ -11,9 +11,10 @@ denominator (the global count of valid tokens) is `tailkd.objective`'s.
 
 Per chunk, a divergence with a closed-form gradient runs its `divergences.RowKernel` (teacher rows → value →
 gradient, the same functions the dense path uses) — on CUDA with triton installed, for kd, rkl, jsd and tad (K <=
-64) in float32, the same formulas as Triton kernels instead (`tailkd.kernels`: a statistics pass and a gradient pass
-written in place, the CLM's one-hot included, no [n, V] temporaries besides the two sides' logits, which stay in
-the matmul's bf16/fp16 where that is exact: `_low_logits`); one without (DKD, DRKL, TVD, any new
+64) in float32, and against a top-K cache teacher for every loss, the same formulas as Triton kernels instead
+(`tailkd.kernels`: a statistics pass and a gradient pass written in place, the CLM's one-hot included, no [n, V]
+temporaries besides the two sides' logits, which stay in the matmul's bf16/fp16 where that is exact:
+`_low_logits`); one without (DKD, DRKL, TVD, any new
 per-token loss) is differentiated by autograd on the chunk's logits. The CLM gradient softmax(z) − onehot(y) is folded
 into the same buffer, then the chain rule goes through the model's logit transforms (`tailkd.head`) back to the
 head's matmul.
@@ -239,6 +240,22 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
 
     tau, y = plan.temperature, plan.labels[a:b][:, None]
     s = z / tau if tau != 1.0 else z  # [n, V]
+    if plan.sparse is not None:  # a top-K cache teacher (τ = 1: the cache's log-probabilities are at τ = 1)
+        teacher = dv.SparseTeacher(*(None if x is None else x[a:b] for x in plan.sparse))
+        out = None
+        if want_grad:
+            out = torch.empty_like(s) if s is z and plan.spec.softcap is not None else s
+        stats = kernels.sparse_stats(s, teacher)
+        if logz is None:  # τ = 1: s is z (read before G overwrites it)
+            clm = stats.lse() - s.gather(-1, y).squeeze(-1).to(plan.cdtype)
+        else:
+            clm = -logz.gather(-1, y).squeeze(-1)
+        cd = torch.full((z.shape[0],), float(coef_div) / tau, dtype=torch.float32, device=z.device)
+        div = kernels.sparse_values_and_grads(s, teacher, stats, _row_weight(plan, a, b, teacher), cd,
+                                              c_clm if logz is None else None, out, y=y, cy=c_clm)
+        if out is not None and logz is not None:
+            out.add_(logz.exp_().mul_(c_clm[:, None]))
+        return clm, div, out
     t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
     stats = kernels.row_stats(s, t, plan.triton.k)
     if logz is None:  # τ = 1: s is z
@@ -399,19 +416,21 @@ def _low_logits(plan: _Plan, student_head: Head) -> bool:
     a bf16/fp16 matmul, τ = 1, no bias and no logit transform, so the logits are exactly what the matmul rounded
     and the kernels' float32 maths sees the same values as through a float32 copy (G is rounded once to the matmul
     dtype either way: the gradient matmuls take it in that dtype)."""
-    return (plan.mm_dtype in (torch.bfloat16, torch.float16) and plan.temperature == 1.0
+    return (plan.mm_dtype in (torch.bfloat16, torch.float16) and plan.temperature == 1.0 and plan.sparse is None
             and student_head.bias is None and _plain(plan.spec))
 
 
 def _triton_loss(d: Divergence | None, sparse, cdtype: torch.dtype, device: torch.device):
     """The `kernels.RowLoss` of the divergence where the Triton kernels apply (a device of ``_TRITON_DEVICES``,
-    triton importable, float32 softmax maths, a dense teacher, kd / rkl / jsd / tad with K <= 64), else None. A
-    sparse (top-K cache) teacher takes the torch row maths, which read the device to find rare rows."""
-    if d is None or sparse is not None or cdtype != torch.float32 or device.type not in _TRITON_DEVICES:
+    triton importable, float32 softmax maths; a dense teacher with kd / rkl / jsd / tad with K <= 64, or a top-K
+    cache teacher with any loss: `kernels.SPARSE`), else None."""
+    if d is None or cdtype != torch.float32 or device.type not in _TRITON_DEVICES:
         return None
     from tailkd import kernels
 
-    return kernels.losses_for(d) if kernels.available() else None
+    if not kernels.available():
+        return None
+    return kernels.SPARSE if sparse is not None else kernels.losses_for(d)
 
 
 def _check_head(name: str, head: Head, hidden: torch.Tensor) -> None:

@@ -29,6 +29,11 @@ Which `tailkd.divergences` function each kernel implements:
   torch ops (`_tad_value`). It finds 𝒦's columns by walking the ascending ids once per row (not K reads per
   block).
 
+Against a top-K cache teacher (`divergences.SparseTeacher`: 𝒦, its log-probabilities, α^T, optional tail points)
+`sparse_values_and_grads` implements `divergences._sparse_forward` / `_sparse_backward`: `_sparse_stats_kernel`
+(both log-sum-exps of s, the tail's over the columns outside 𝒦, walked ascending), [n, K] torch ops for the value,
+`_sparse_grad_kernel` for c·q + c_t·q̃ on every column, then 𝒦's K entries and the tail points set in torch.
+
 `losses_for` maps a bound registry divergence to its kernels (kd, rkl, jsd, tad with K ≤ 64) or None; `available`
 says whether triton imports. Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_kernels.py), which must be
 set before this module is imported: ``triton.jit`` reads it when it decorates.
@@ -49,7 +54,8 @@ try:  # optional: pip install tailkd[kernels]
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = tl = None
 
-__all__ = ["MAX_K", "RowLoss", "RowStats", "available", "losses_for", "row_stats", "row_values_and_grads"]
+__all__ = ["MAX_K", "SPARSE", "RowLoss", "RowStats", "SparseStats", "available", "losses_for", "row_stats",
+           "row_values_and_grads", "sparse_stats", "sparse_values_and_grads"]
 
 MAX_K = 64  # the largest teacher top-K the register buffer holds
 
@@ -60,7 +66,8 @@ def available() -> bool:
 
 
 class RowLoss(NamedTuple):
-    """A divergence the kernels compute: ``kind`` 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_β, 3 = TAD with top-``k``."""
+    """A divergence the kernels compute: ``kind`` 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_β, 3 = TAD with top-``k``, 4 =
+    against a top-K cache teacher (`divergences.SPARSE`, any loss: `sparse_values_and_grads`)."""
 
     kind: int
     k: int = 0
@@ -68,6 +75,7 @@ class RowLoss(NamedTuple):
 
 
 _KINDS = {"kl": 0, "rkl": 1, "jsd": 2, "tad": 3}
+SPARSE = RowLoss(4)  # the row maths against a top-K cache teacher
 
 
 def losses_for(divergence) -> RowLoss | None:
@@ -129,11 +137,37 @@ if triton is not None:
         return m_new, big_s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
 
     @triton.jit
+    def _load_fold(row_ptr, cols, ok, m, big_s):
+        """Load a block of a row in float32 (−inf past V) and fold it into (m, S): (x, its maximum, m, S)."""
+        x = tl.load(row_ptr + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        x_max = tl.max(x, 0)
+        m, big_s = _lse_fold_max(m, big_s, x, x_max)
+        return x, x_max, m, big_s
+
+    @triton.jit
     def _lse_add(m, big_s, v):
         """Online log-sum-exp: fold one value v into (m, S)."""
         m_new = tl.maximum(m, v)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         return m_new, big_s * tl.exp(m - shift) + tl.exp(v - shift)
+
+    @triton.jit
+    def _walk(ids_row, lo, K: tl.constexpr, end):
+        """The ascending ids ids_row[lo:hi] below ``end`` (a block's): returns hi. A scalar walk: a tensor carried
+        through a while loop costs a layout conversion per step; past the K-th id a sentinel ends it."""
+        hi = lo
+        while tl.load(ids_row + hi, mask=hi < K, other=2147483647) < end:
+            hi += 1
+        return hi
+
+    @triton.jit
+    def _marked(cols, ids_row, lo, hi):
+        """The mask of ``cols`` [BLOCK] holding one of ids_row[lo:hi] (call where hi > lo: the mask built in the loop
+        is converted to the block's layout, which those blocks alone then pay)."""
+        top = cols < 0
+        for kk in range(lo, hi):
+            top = top | (cols == tl.load(ids_row + kk))
+        return top
 
     @triton.jit
     def _tile(s_row, t_row, cols, ok, m_s, ls_s, m_t, ls_t):
@@ -170,9 +204,7 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             cols = start + offs
             ok = cols < V
-            t = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-            t_max = tl.max(t, 0)
-            m_t, sum_t = _lse_fold_max(m_t, sum_t, t, t_max)
+            t, t_max, m_t, sum_t = _load_fold(t_row, cols, ok, m_t, sum_t)
             if STUDENT:
                 s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
                 m_s, sum_s = _lse_fold(m_s, sum_s, s)
@@ -299,14 +331,10 @@ if triton is not None:
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 ok = cols < V
-                hi = lo  # ids[lo:hi] lie in this block (a scalar walk: a tensor carried through a while loop
-                # costs a layout conversion per block); past the K-th id a sentinel ends it (no read past the row)
-                while tl.load(ids_row + hi, mask=hi < K, other=2147483647) < start + BLOCK:
-                    hi += 1
+                hi = _walk(ids_row, lo, K, start + BLOCK)  # ids[lo:hi] lie in this block
                 top = cols < 0
-                if hi > lo:  # the conversion of the mask built in the loop below is paid in these blocks only
-                    for kk in range(lo, hi):
-                        top = top | (cols == tl.load(ids_row + kk))
+                if hi > lo:
+                    top = _marked(cols, ids_row, lo, hi)
                 lo = hi
                 s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s,
                                            m_t, ls_t)
@@ -329,6 +357,55 @@ if triton is not None:
                     g = tl.where(cols == y, g - c_y, g)
                     tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
             tl.store(value_ptr + row, tl.sum(acc, 0))
+
+
+    @triton.jit
+    def _sparse_stats_kernel(s_ptr, ids_ptr, stats_ptr, V, stride_s, K: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 1 of a row against a top-K cache teacher: (m, log S) of s over all columns and over the tail (the
+        columns not in 𝒦 = ids_ptr[row], ascending), so log α^S = lse_tail − lse is never sub-normal."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * stride_s
+        ids_row = ids_ptr + row * K
+        offs = tl.arange(0, BLOCK)
+        m_s = tl.full([], float("-inf"), tl.float32)
+        m_st = m_s
+        sum_s = tl.zeros([], tl.float32)
+        sum_st = sum_s
+        lo = 0
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            s, s_max, m_s, sum_s = _load_fold(s_row, cols, ok, m_s, sum_s)
+            hi = _walk(ids_row, lo, K, start + BLOCK)  # ids[lo:hi] lie in this block
+            if hi > lo:
+                top = _marked(cols, ids_row, lo, hi)
+                m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(top, float("-inf"), s))
+            else:
+                m_st, sum_st = _lse_fold_max(m_st, sum_st, s, s_max)
+            lo = hi
+        out = stats_ptr + row * 4
+        tl.store(out + 0, m_s)
+        tl.store(out + 1, tl.log(sum_s))
+        tl.store(out + 2, m_st)
+        tl.store(out + 3, tl.log(sum_st))
+
+    @triton.jit
+    def _sparse_grad_kernel(s_ptr, out_ptr, stats_ptr, coef_ptr, y_ptr, V, stride_s, stride_o, BLOCK: tl.constexpr):
+        """Pass 2 against a top-K cache teacher: out = c_q·q + c_t·q̃ − c_y·[col = y] on every column (q̃ = exp(s −
+        lse_tail)), coef_ptr[row] = (c_q, c_t, c_y); the K columns of 𝒦 are then overwritten by the caller."""
+        row = tl.program_id(0).to(tl.int64)
+        st = stats_ptr + row * 4
+        m_s, ls_s, m_st, ls_st = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
+        c_q, c_t, c_y = tl.load(coef_ptr + row * 3), tl.load(coef_ptr + row * 3 + 1), tl.load(coef_ptr + row * 3 + 2)
+        y = tl.load(y_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            ok = cols < V
+            s = tl.load(s_ptr + row * stride_s + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            g = c_q * tl.exp((s - m_s) - ls_s) + c_t * tl.exp((s - m_st) - ls_st)
+            g = tl.where(cols == y, g - c_y, g)
+            tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------- torch side
@@ -475,3 +552,79 @@ def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats:
     else:
         value = _dense(loss, s, t, stats, cd, cq, y, cy, out, go)
     return torch.where(stats.poisoned, math.nan, value)
+
+
+class SparseStats(NamedTuple):
+    """`sparse_stats`' per-row results: ``stats`` [n, 4] float32 (m, log S) of s over all columns and over the tail;
+    ``ids`` [n, K] 𝒦 ascending, ``logp_top`` [n, K] float32 its cached log-probabilities in the same order."""
+
+    stats: torch.Tensor
+    ids: torch.Tensor
+    logp_top: torch.Tensor
+
+    def lse(self, tail: bool = False) -> torch.Tensor:
+        """log Σ exp of s over all columns, or over the tail, [n]."""
+        return self.stats[:, 2 * tail] + self.stats[:, 2 * tail + 1]
+
+
+def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: int | None = None) -> SparseStats:
+    """Pass 1 against a top-K cache teacher (`divergences.SparseTeacher`): both log-sum-exps of s [n, V]."""
+    _check(s, s)
+    n, vocab = s.shape
+    order = teacher.topk_ids.argsort(-1)
+    ids = teacher.topk_ids.gather(-1, order).long()  # 𝒦 ascending (the statistics pass walks it)
+    stats = torch.zeros(n, 4, dtype=torch.float32, device=s.device)
+    if n:
+        go = launch(vocab, s.device, block, warps)
+        _sparse_stats_kernel[(n,)](s, ids.to(torch.int32).contiguous(), stats, vocab, s.stride(0), K=ids.shape[1],
+                                   BLOCK=go.block, num_warps=go.warps)
+    return SparseStats(stats, ids, teacher.topk_logprobs.gather(-1, order).to(torch.float32))
+
+
+def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: torch.Tensor | None, cd: torch.Tensor,
+                            cq: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+                            y: torch.Tensor | None = None, cy: torch.Tensor | None = None, block: int | None = None,
+                            warps: int | None = None) -> torch.Tensor:
+    """`divergences.SPARSE` (a top-K cache teacher, `divergences.SparseTeacher`) by the kernels, after
+    `sparse_stats`: per-row value [n] (NaN on rows with a NaN logit or tail mass) and, when ``out`` is given (it may
+    be ``s``), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it. ``w`` [n]: the row weight of the tail points
+    (β(X) for TAD, 1 for KD; used only with tail points). [n, K] and [n, J] torch ops for the value and the
+    coefficients, a gradient pass, then the K entries of 𝒦 and the tail points' −w·w_j set in torch, as
+    `divergences._sparse_backward` does."""
+    _check(s, s)
+    n, vocab = s.shape
+    go = launch(vocab, s.device, block, warps)
+    cd = cd.to(torch.float32)
+    cq0 = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
+    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32)
+    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1)
+    ids, logp_top = stats.ids, stats.logp_top
+    log_at = teacher.log_tail_mass.to(torch.float32)
+    lse_s = stats.lse()
+    log_as = stats.lse(tail=True) - lse_s
+    logq_top = s.gather(-1, ids).to(torch.float32) - lse_s[:, None]
+    alpha_t, p_top = log_at.exp(), logp_top.exp()
+    bucket = dv.rest_bucket(alpha_t, log_at, log_as)
+    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # D_KL1
+    sampled = teacher.tail_ids is not None and w is not None
+    if sampled:  # as divergences._sparse_forward: w may be float64 (β/ᾱ of a sub-normal tail mass)
+        w = w.to(torch.float32).clamp(max=torch.finfo(torch.float32).max)
+        tids, tw = teacher.tail_ids.long(), teacher.tail_weights.to(torch.float32)
+        logq_t = s.gather(-1, tids).to(torch.float32) - lse_s[:, None]
+        tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(torch.float32) - logq_t), 0.0).sum(-1)
+        value = value + w * torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)
+    if out is not None and n:  # divergences._sparse_backward's coefficients
+        c = p_top.sum(-1) + alpha_t
+        w_tail = -alpha_t if not sampled else (w - 1) * alpha_t
+        if sampled:
+            c = c + w * (tw.sum(-1) - alpha_t)
+        coef_q = cd * c + cq0
+        coef = torch.stack([coef_q, cd * w_tail, cy], 1).contiguous()
+        _sparse_grad_kernel[(n,)](s, out, stats.stats, coef, y, vocab, s.stride(0), out.stride(0), BLOCK=go.block,
+                                  num_warps=go.warps)
+        top = coef_q[:, None] * logq_top.exp() - cd[:, None] * p_top - cy[:, None] * (ids == y[:, None])
+        out.scatter_(-1, ids, top.to(out.dtype))
+        if sampled:
+            out.scatter_add_(-1, tids, (-(cd * w)[:, None] * tw).to(out.dtype))  # − w Σ_j w_j e_{id_j}
+    poisoned = torch.isnan(lse_s) | torch.isnan(log_at)
+    return torch.where(poisoned, math.nan, value)

@@ -267,7 +267,8 @@ def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: to
         return "full logits"
     chunk = chunk or fused.default_chunk_size(vocab)
     maths = "torch row maths"
-    if device.type == "cuda" and cfg.train.loss_kernels == "auto" and LOSSES[cfg.loss.name].triton is not None:
+    if device.type == "cuda" and cfg.train.loss_kernels == "auto" and (LOSSES[cfg.loss.name].triton is not None
+                                                                        or cfg.teacher.cache):
         from tailkd import kernels
 
         maths = "Triton row kernels" if kernels.available() else "torch row maths (pip install tailkd[kernels] " \
