@@ -2,7 +2,7 @@
 # The GPU checks of issue 12 as one prepared command per stage, for a short lease of one GPU machine.
 #
 #   bench/gpu_check.sh OUT layer      # CUDA tests of the kernels + the no-sync test, bench/bench_kernels.py (the
-#                                     # kernels alone over launch configurations), bench/bench_gpu.py (~5-7 min)
+#                                     # kernels alone over launch configurations), bench/bench_gpu.py (~6-8 min)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~4-6 min)
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
