@@ -232,43 +232,37 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
 
 
 def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, want_grad: bool):
-    """(clm [n], div [n], G [n, V]) of tokens [a, b) by `tailkd.kernels`: statistics pass, then value and G = ∂/∂z
-    written over s (a copy of z only where the soft-cap's backward still needs z), the CLM's −onehot(y) included. At
+    """(clm [n], div [n], G [n, V]) of tokens [a, b) by `tailkd.kernels` (against the dense teacher's logits, or a
+    top-K cache teacher: `kernels.SPARSE`): statistics pass, then value and G = ∂/∂z written over s (a copy of z only where the soft-cap's backward still needs z), the CLM's −onehot(y) included. At
     τ = 1 the CLM softmax is folded into G (cq) and CLM = −((z_y − m) − log S) comes from the statistics. z may be
     bf16/fp16 (`_Plan.logits_dtype`): the kernels compute in float32 and round G once to z's dtype."""
     from tailkd import kernels
 
     tau, y = plan.temperature, plan.labels[a:b][:, None]
     s = z / tau if tau != 1.0 else z  # [n, V]
-    if plan.sparse is not None:  # a top-K cache teacher (τ = 1: the cache's log-probabilities are at τ = 1)
-        teacher = dv.SparseTeacher(*(None if x is None else x[a:b] for x in plan.sparse))
-        out = None
-        if want_grad:
-            out = torch.empty_like(s) if s is z and plan.spec.softcap is not None else s
-        stats = kernels.sparse_stats(s, teacher)
-        if logz is None:  # τ = 1: s is z (read before G overwrites it)
-            clm = stats.lse() - s.gather(-1, y).squeeze(-1).to(plan.cdtype)
-        else:
-            clm = -logz.gather(-1, y).squeeze(-1)
-        cd = torch.full((z.shape[0],), float(coef_div) / tau, dtype=torch.float32, device=z.device)
-        div = kernels.sparse_values_and_grads(s, teacher, stats, _row_weight(plan, a, b, teacher), cd,
-                                              c_clm if logz is None else None, out, y=y, cy=c_clm)
-        if out is not None and logz is not None:
-            out.add_(logz.exp_().mul_(c_clm[:, None]))
-        return clm, div, out
-    t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
-    stats = kernels.row_stats(s, t, plan.triton.k)
-    if logz is None:  # τ = 1: s is z
-        clm = -((s.gather(-1, y).squeeze(-1).to(plan.cdtype) - stats.stats[:, 0]) - stats.stats[:, 1])
-    else:
-        clm = -logz.gather(-1, y).squeeze(-1)
-    w = _row_weight(plan, a, b, stats)
     out = None
     if want_grad:
         out = torch.empty_like(s) if s is z and plan.spec.softcap is not None else s
     cd = torch.full((z.shape[0],), float(coef_div) / tau, dtype=torch.float32, device=z.device)
-    div = kernels.row_values_and_grads(plan.triton, s, t, stats, w, cd, c_clm if logz is None else None, out, y=y,
-                                       cy=c_clm)
+    cq = c_clm if logz is None else None  # τ = 1: the CLM softmax is q, folded into G
+    sparse = plan.sparse is not None  # a top-K cache teacher
+    if sparse:
+        t = dv.SparseTeacher(*(None if x is None else x[a:b] for x in plan.sparse))
+        stats = kernels.sparse_stats(s, t)
+        w = _row_weight(plan, a, b, t)
+    else:
+        t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
+        stats = kernels.row_stats(s, t, plan.triton.k)
+        w = _row_weight(plan, a, b, stats)
+    if logz is None:  # τ = 1: s is z; (m, log S) of s are both statistics' first two columns (read before G
+        st = stats.stats  # overwrites s)
+        clm = -((s.gather(-1, y).squeeze(-1).to(plan.cdtype) - st[:, 0]) - st[:, 1])
+    else:
+        clm = -logz.gather(-1, y).squeeze(-1)
+    if sparse:
+        div = kernels.sparse_values_and_grads(s, t, stats, w, cd, cq, out, y=y, cy=c_clm)
+    else:
+        div = kernels.row_values_and_grads(plan.triton, s, t, stats, w, cd, cq, out, y=y, cy=c_clm)
     if out is not None and logz is not None:
         out.add_(logz.exp_().mul_(c_clm[:, None]))  # coef · softmax(z)
     return clm, div, out
