@@ -4,14 +4,15 @@
   python bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out /tmp/dry   # dry run
 
 For each launch (``--configs``, BLOCKxWARPS; `tailkd.kernels.launch`'s default first) and each loss (kd; tad K=10 and
-K=64; jsd β=0.5; a top-64 cache teacher with 8 tail points), times the statistics pass and the value + gradient pass
-(written in place over the student's logits, as the fused layer does) on one chunk of ``--rows`` rows: student and
-teacher logits [rows, V] in bf16, random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K
-entries: a row's running top-K changes ~K·ln(V/K) times). Reports the median over ``--repeats`` (CUDA events; after a
-warm-up that compiles), the bytes each pass must move (pass 1 reads s and t; pass 2 reads both and writes G; RKL/JSD
-read them once more; against the cache only s is read) as GB/s, and TAD/KD per configuration. The logits are refreshed
-before every timed repeat (pass 2 overwrites s). Exits 1 if a kernel errs. On the CPU the kernels run under Triton's
-interpreter (TRITON_INTERPRET=1 is set here): a check of the wiring, not a speed.
+K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of `kernels.RESCALE_GAP`);
+jsd β=0.5; a top-64 cache teacher with 8 tail points), times the statistics pass and the value + gradient pass (written
+in place over the student's logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits
+[rows, V] in bf16, random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a
+row's running top-K changes ~K·ln(V/K) times). Reports the median over ``--repeats`` (CUDA events; after a warm-up that
+compiles), the bytes each pass must move (pass 1 reads s and t; pass 2 reads both and writes G; RKL/JSD read them once
+more; against the cache only s is read) as GB/s, and TAD/KD per configuration. The logits are refreshed before every
+timed repeat (pass 2 overwrites s). Exits 1 if a kernel errs. On the CPU the kernels run under Triton's interpreter
+(TRITON_INTERPRET=1 is set here): a check of the wiring, not a speed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-LOSSES = {"kd": (0, 0), "tad K=10": (3, 10), "tad K=64": (3, 64), "jsd": (2, 0), "cache K=64": (4, 64)}
+LOSSES = {"kd": (0, 0, True), "tad K=10": (3, 10, True), "tad K=10, no rescale": (3, 10, False),
+          "tad K=64": (3, 64, True), "jsd": (2, 0, True), "cache K=64": (4, 64, True)}  # (kind, K, rescale)
 
 
 def _timer(device):
@@ -68,14 +70,14 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     timer = _timer(device)
     cells = []
     for block, warps in configs:
-        for name, (kind, k) in LOSSES.items():
+        for name, (kind, k, rescale) in LOSSES.items():
             loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
             cell = {"loss": name, "block": block, "warps": warps}
             try:
                 def stats():
                     if kind == 4:
-                        return kernels.sparse_stats(s, cache, block=block, warps=warps)
-                    return kernels.row_stats(s, t, k, block=block, warps=warps)
+                        return kernels.sparse_stats(s, cache, block=block, warps=warps, rescale=rescale)
+                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale)
 
                 box = {}
 

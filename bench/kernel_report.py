@@ -10,7 +10,7 @@ teacher) with the installed triton's compiler and its bundled ptxas, for the lau
 CUDA (or --block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers;
 V and the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with
 triton): registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every
-chunk runs; reported for the α^T-alone pass over split sequences, where triton 3.6's ptxas spills 8 bytes), shared
+chunk runs; only reported for the α^T-alone pass, which runs over split sequences alone), shared
 memory, resident warps per SM on a Hopper/Ampere SM (65536 registers, 64 warps, 32 blocks), and static SASS
 counts: instructions, MUFU (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
 Static counts are a proxy of the work per element, not a time: the speed is measured on a GPU
@@ -44,7 +44,7 @@ def _variants(logits: str):
         kp = max(2, 1 << max(0, (max(k, 1) - 1).bit_length()))
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "ids_ptr": "*i32",
                "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
-               "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
+               "gap": "fp32", "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
         return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student}
 
     def dense(loss, value, write):
@@ -63,7 +63,7 @@ def _variants(logits: str):
 
     def sparse_stats():
         sig = {"s_ptr": f"*{logits}", "ids_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "stride_s": "i32",
-               "K": "constexpr", "BLOCK": "constexpr"}
+               "gap": "fp32", "K": "constexpr", "BLOCK": "constexpr"}
         return K._sparse_stats_kernel, sig, {"K": 64}
 
     def sparse_grad():

@@ -5,20 +5,20 @@ imported, because ``triton.jit`` reads it (triton 3.x: ``triton.knobs.runtime.in
 kernels, i.e. when `tailkd.kernels` is first imported. Skipped when triton is not installed (``pip install
 tailkd[kernels]``).
 
-Tolerances. The kernels compute the library's float32 formulas (log-probabilities (x − m) − log S, the same products
-and sums), so each result is within `loss_bounds`' bound for one float32 evaluation of that divergence, with one
-difference the bound is told of through its ``dz`` argument (an absolute error carried by every log-sum-exp of a
-row; log-softmax is 2-Lipschitz, so each log-probability gets 2·dz more): the log-sum-exps are accumulated online.
-Each fold of a block (or of one entry leaving TAD's running top-K) multiplies the running sum by exp(m_old − m_new)
-and adds to it: at most 3 roundings relative to the sum (the subtraction's error u|m_old − m_new| multiplies a term
-of weight exp(−|m_old − m_new|), so it is below u/e), hence dz = 3u·(number of folds). TAD's log α = (m_tail − m) +
-log S_tail − log S is one log-sum-exp more than the linear tail sum the bound models, so dz also carries κ_V
-(`bounds.lse_kappa`). bf16 inputs are exact in float32 (the reference reads the same values); a bf16 gradient is
-rounded once more on store: + 2u_bf16·|G| (one ulp: round-to-nearest on the GPU is u_bf16, but Triton 3.9's
-interpreter truncates float32 -> bf16, whose error is up to one ulp). The combination G = cd·∂D/∂s + cq·q adds at
-most 4 roundings per entry on the magnitudes it combines. Values and gradients are compared with the float64
-reference (exact up to 1e-12) within the bound, and with divergences.py's float32 kernels within twice the bound
-(two float32 evaluations).
+Tolerances. The kernels compute the library's float32 formulas (log-probabilities (x − m) − log S, the same products and
+sums), so each result is within `loss_bounds`' bound for one float32 evaluation of that divergence, with one difference
+the bound is told of through its ``dz`` argument (an absolute error carried by every log-sum-exp of a row; log-softmax
+is 2-Lipschitz, so each log-probability gets 2·dz more): the log-sum-exps are accumulated online. Each fold of a block
+(or of one entry leaving TAD's running top-K) multiplies the running sum by exp(m_old − m_new) and adds to it: at most 3
+roundings relative to the sum (the subtraction's error u|m_old − m_new| multiplies a term of weight exp(−|m_old −
+m_new|), so it is below u/e), hence dz = 3u·(number of folds); a tail sum that takes a block from the full sum's block
+sum (S·e^(m − m') + B·e^(c − m')) has two roundings more: 5u per fold. TAD's log α = (m_tail − m) + log S_tail − log S
+is one log-sum-exp more than the linear tail sum the bound models, so dz also carries κ_V (`bounds.lse_kappa`). bf16
+inputs are exact in float32 (the reference reads the same values); a bf16 gradient is rounded once more on store: +
+2u_bf16·|G| (one ulp: round-to-nearest on the GPU is u_bf16, but Triton 3.9's interpreter truncates float32 -> bf16,
+whose error is up to one ulp). The combination G = cd·∂D/∂s + cq·q adds at most 4 roundings per entry on the magnitudes
+it combines. Values and gradients are compared with the float64 reference (exact up to 1e-12) within the bound, and with
+divergences.py's float32 kernels within twice the bound (two float32 evaluations).
 """
 
 from __future__ import annotations
@@ -82,14 +82,16 @@ def _insertions(t: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _dz(t: torch.Tensor, k: int = 0) -> torch.Tensor:
-    """dz per row (module docstring): 3u per online fold (blocks, and for TAD the entries leaving the top-k),
-    plus κ_V for TAD's log-space tail masses."""
+def _dz(t: torch.Tensor, k: int = 0, tail: bool = False) -> torch.Tensor:
+    """dz per row (module docstring): 3u per online fold (blocks, and for TAD the entries leaving the top-k), 5u
+    where a tail sum is kept (TAD, or ``tail``: a cache teacher's α^S): a block folded into it from the full sum's
+    block sum costs two roundings more (S·e^(m − m') + B·e^(c − m'): two exps, two products, one sum); plus κ_V for
+    TAD's log-space tail masses."""
     n, vocab = t.shape
     folds = math.ceil(vocab / BLOCK) * torch.ones(n, dtype=torch.float64)
     if k:
         folds = folds + _insertions(t, k) + k
-    return 3 * U * folds + (B.lse_kappa(vocab) if k else 0.0)
+    return (5 if k or tail else 3) * U * folds + (B.lse_kappa(vocab) if k else 0.0)
 
 
 def _ref_grad(fn, s, t):
@@ -100,8 +102,8 @@ def _ref_grad(fn, s, t):
     return value.detach(), grad
 
 
-def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None):
-    stats = kernels.row_stats(s, t, loss.k, block=BLOCK)
+def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True):
+    stats = kernels.row_stats(s, t, loss.k, block=BLOCK, rescale=rescale)
     if loss.kind == 3 and w is None:
         w = tail_weight(stats.log_alpha.double().exp().mean().expand(s.shape[0]), BETA)
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
@@ -202,7 +204,7 @@ def test_dense_kernels_extreme_logits(name):
 # --------------------------------------------------------------------------- TAD
 
 
-def _check_tad(s, t, k, seed, out_dtype=None):
+def _check_tad(s, t, k, seed, out_dtype=None, rescale=True):
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     s64, t64 = s.double(), t.double()
@@ -212,7 +214,7 @@ def _check_tad(s, t, k, seed, out_dtype=None):
     loss = kernels.RowLoss(3, k=k)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
-                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE))
+                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale)
     mask = torch.ones(1, n, dtype=torch.bool)
     ref_fn = lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0]  # noqa: E731
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
@@ -244,9 +246,12 @@ def _check_tad(s, t, k, seed, out_dtype=None):
 
 
 @pytest.mark.parametrize("n,vocab,k", [(1, 50, 1), (7, 257, 5), (7, 257, 10), (33, 1000, 10), (7, 1000, 1)])
-def test_tad_kernel_equals_reference(n, vocab, k):
+@pytest.mark.parametrize("rescale", [True, False])
+def test_tad_kernel_equals_reference(n, vocab, k, rescale):
+    """Both ways of keeping the tail sums: blocks where nothing entered the top-k folded from the full sums' block
+    sums (the default), or every block folded by the tail itself (rescale=False)."""
     s, t = _logits(n, vocab, seed=7 * k + vocab)
-    _check_tad(s, t, k, seed=k)
+    _check_tad(s, t, k, seed=k, rescale=rescale)
 
 
 def test_tad_kernel_bf16_inputs_and_gradient():
@@ -485,7 +490,8 @@ def _sparse_ref(s64, sp, w):
 
 @pytest.mark.parametrize("n,vocab,k,samples,loss", [(7, 257, 5, 0, "kd"), (33, 1000, 10, 4, "tad"),
                                                     (7, 257, 5, 3, "kd"), (1, 50, 1, 2, "tad")])
-def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss):
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss, rescale):
     """`kernels.sparse_values_and_grads` (a top-K cache teacher, in any order; tail points; the CLM one-hot) against
     the float64 plain sums of the definition within `loss_bounds.cache_tad` (the cache's float32 entries are exact
     inputs; dz: the online log-sum-exps' folds, as above), and against divergences.SPARSE in float32 within twice
@@ -498,7 +504,7 @@ def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss):
     y, cy = _onehot(n, vocab, seed=k)
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     sp_d = type(sp)(*(dev(x) for x in sp))
-    stats = kernels.sparse_stats(s.to(DEVICE), sp_d, block=BLOCK)
+    stats = kernels.sparse_stats(s.to(DEVICE), sp_d, block=BLOCK, rescale=rescale)
     out = torch.empty(s.shape, device=DEVICE)
     value = kernels.sparse_values_and_grads(s.to(DEVICE), sp_d, stats, w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE),
                                             out, y=y.to(DEVICE), cy=cy.to(DEVICE), block=BLOCK).cpu()
@@ -508,7 +514,7 @@ def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss):
     (ref_d,) = torch.autograd.grad(ref_v.sum(), leaf)
     q64 = torch.softmax(s.double(), -1)
     ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
-    dz = _dz(s)
+    dz = _dz(s, tail=True)
     vb, gb = LB.cache_tad(s.float()[None], type(sp)(*(None if x is None else x[None] for x in sp)),
                           torch.ones(1, n, dtype=torch.bool), loss=loss, beta=BETA, dz_s=dz[None])
     vb, gb = vb[0], gb[0]

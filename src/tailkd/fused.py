@@ -232,10 +232,11 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
 
 
 def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, want_grad: bool):
-    """(clm [n], div [n], G [n, V]) of tokens [a, b) by `tailkd.kernels` (against the dense teacher's logits, or a
-    top-K cache teacher: `kernels.SPARSE`): statistics pass, then value and G = ∂/∂z written over s (a copy of z only where the soft-cap's backward still needs z), the CLM's −onehot(y) included. At
-    τ = 1 the CLM softmax is folded into G (cq) and CLM = −((z_y − m) − log S) comes from the statistics. z may be
-    bf16/fp16 (`_Plan.logits_dtype`): the kernels compute in float32 and round G once to z's dtype."""
+    """(clm [n], div [n], G [n, V]) of tokens [a, b) by `tailkd.kernels` (against the dense teacher's logits, or a top-K
+    cache teacher: `kernels.SPARSE`): statistics pass, then value and G = ∂/∂z written over s (a copy of z only
+    where the soft-cap's backward still needs z), the CLM's −onehot(y) included. At τ = 1 the CLM softmax is folded
+    into G (cq) and CLM = −((z_y − m) − log S) comes from the statistics. z may be bf16/fp16 (`_Plan.logits_dtype`):
+    the kernels compute in float32 and round G once to z's dtype."""
     from tailkd import kernels
 
     tau, y = plan.temperature, plan.labels[a:b][:, None]

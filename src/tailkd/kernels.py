@@ -10,7 +10,9 @@ fp16 or float32 in, float32 arithmetic):
    top-K 𝒦 (K ≤ 64: a running top-K in registers, ties to the smaller id as `tests/reference.py`) and the online
    log-sum-exps of both sides over the tail (every entry that is not, or no longer, in the running top-K is
    folded into the tail sums as it leaves), so α^T and α^S are sums over the tail itself (never 1 − Σ top-K) and
-   log α = (m_tail − m) + log S_tail − log S is never sub-normal.
+   log α = (m_tail − m) + log S_tail − log S is never sub-normal. A block where nothing entered the top-K is all
+   tail: its tail sums are the full sums' block sums rescaled (`_fold_rescaled`, no exp per entry) while the tail
+   max is within `RESCALE_GAP` nats of the full one — so TAD's pass 1 does KD's per-entry work on such blocks.
 2. `row_values_and_grads` — a second pass writing G = cd·∂D/∂s + cq·q (cq: the CLM softmax folded in, as
    `RowKernel.backward`) into ``out`` (which may be s itself: in place) and returning the per-row value. KD and
    TAD read s and t twice in all (TAD's top-K and tail sums ride on pass 1; its per-row coefficients are [n]-sized
@@ -122,6 +124,9 @@ class RowStats(NamedTuple):
 
 # --------------------------------------------------------------------------- the kernels
 
+RESCALE_GAP = 50.0  # nats: a tail log-sum-exp reuses the full one's block sums while its max is this close to the
+# full max (`_fold_rescaled`); row_stats/sparse_stats(rescale=False) pass -1: never (the A/B of bench_kernels.py)
+
 if triton is not None:
 
     @triton.jit
@@ -132,17 +137,33 @@ if triton is not None:
     @triton.jit
     def _lse_fold_max(m, big_s, x, x_max):
         """`_lse_fold` given the block's maximum x_max."""
+        m_new, big_s, _, _ = _lse_fold_parts(m, big_s, x, x_max)
+        return m_new, big_s
+
+    @triton.jit
+    def _lse_fold_parts(m, big_s, x, x_max):
+        """`_lse_fold_max`, also returning the shift used and the block's own sum Σ exp(x − shift)."""
         m_new = tl.maximum(m, x_max)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        return m_new, big_s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        block_sum = tl.sum(tl.exp(x - shift), 0)
+        return m_new, big_s * tl.exp(m - shift) + block_sum, shift, block_sum
 
     @triton.jit
     def _load_fold(row_ptr, cols, ok, m, big_s):
-        """Load a block of a row in float32 (−inf past V) and fold it into (m, S): (x, its maximum, m, S)."""
+        """Load a block of a row in float32 (−inf past V) and fold it into (m, S): (x, its maximum, m, S, the
+        shift and the block's sum of `_lse_fold_parts`)."""
         x = tl.load(row_ptr + cols, mask=ok, other=float("-inf")).to(tl.float32)
         x_max = tl.max(x, 0)
-        m, big_s = _lse_fold_max(m, big_s, x, x_max)
-        return x, x_max, m, big_s
+        m, big_s, shift, block_sum = _lse_fold_parts(m, big_s, x, x_max)
+        return x, x_max, m, big_s, shift, block_sum
+
+    @triton.jit
+    def _fold_rescaled(m, big_s, x_max, shift, block_sum):
+        """Fold a whole block into (m, S) from its sum Σ exp(x − shift) taken for another log-sum-exp (shift ≥ the
+        new m): no per-entry exp. Exact up to roundings where shift − m_new is moderate (the caller checks)."""
+        m_new = tl.maximum(m, x_max)
+        own = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, big_s * tl.exp(m - own) + block_sum * tl.exp(shift - own)
 
     @triton.jit
     def _lse_add(m, big_s, v):
@@ -180,7 +201,7 @@ if triton is not None:
         return s, t, lq, lp, tl.exp(lq), tl.exp(lp)
 
     @triton.jit
-    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t,
+    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t, gap,
                       K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 1 of one row: (m, log S) of s and t; with K > 0 the teacher's running top-K (initially the first K
         columns; a column enters when its t is larger than the buffer's minimum, which leaves: the smallest, and
@@ -204,10 +225,9 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             cols = start + offs
             ok = cols < V
-            t, t_max, m_t, sum_t = _load_fold(t_row, cols, ok, m_t, sum_t)
+            t, t_max, m_t, sum_t, shift_t, block_t = _load_fold(t_row, cols, ok, m_t, sum_t)
             if STUDENT:
-                s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-                m_s, sum_s = _lse_fold(m_s, sum_s, s)
+                s, s_max, m_s, sum_s, shift_s, block_s = _load_fold(s_row, cols, ok, m_s, sum_s)
             if K > 0:
                 # entries enter in the order (value desc, id asc) while above the buffer's minimum thr; only
                 # scalars are carried through the while loop (the last entry taken, (lv, lc)): a block-sized tensor
@@ -235,11 +255,24 @@ if triton is not None:
                         thr = tl.min(buf_t, 0)
                         after = (t < lv) | ((t == lv) & (cols > lc))
                         best = tl.max(tl.where(later & (t > thr) & after, t, float("-inf")), 0)
-                taken = later & (t > thr0) & ((t > lv) | ((t == lv) & (cols <= lc)))  # what entered, in order
-                rest = later & ~taken
-                m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
+                # The tail's share of the block: where nothing entered (past the first block) it is the whole
+                # block, whose sums the log-sum-exps above already took; rescaled to the tail's shift they cost no
+                # exp per entry. That needs the tail's max within ``gap`` (RESCALE_GAP) nats of the full one
+                # (entries 87 nats below the full max flush to 0: then ≥ 37 nats below the tail max, < 1e-16 of it
+                # each); else, and where entries entered, the tail folds its own entries.
+                plain = (lv == float("inf")) & (start >= K) & (shift_t - tl.maximum(m_tt, t_max) < gap)
                 if STUDENT:
-                    m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
+                    plain = plain & (shift_s - tl.maximum(m_st, s_max) < gap)
+                if plain:
+                    m_tt, sum_tt = _fold_rescaled(m_tt, sum_tt, t_max, shift_t, block_t)
+                    if STUDENT:
+                        m_st, sum_st = _fold_rescaled(m_st, sum_st, s_max, shift_s, block_s)
+                else:
+                    taken = later & (t > thr0) & ((t > lv) | ((t == lv) & (cols <= lc)))  # what entered, in order
+                    rest = later & ~taken
+                    m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
+                    if STUDENT:
+                        m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
         out = stats_ptr + row * 8
         if STUDENT:
             tl.store(out + 0, m_s)
@@ -360,7 +393,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _sparse_stats_kernel(s_ptr, ids_ptr, stats_ptr, V, stride_s, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _sparse_stats_kernel(s_ptr, ids_ptr, stats_ptr, V, stride_s, gap, K: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 1 of a row against a top-K cache teacher: (m, log S) of s over all columns and over the tail (the
         columns not in 𝒦 = ids_ptr[row], ascending), so log α^S = lse_tail − lse is never sub-normal."""
         row = tl.program_id(0).to(tl.int64)
@@ -375,13 +408,15 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             cols = start + offs
             ok = cols < V
-            s, s_max, m_s, sum_s = _load_fold(s_row, cols, ok, m_s, sum_s)
+            s, s_max, m_s, sum_s, shift_s, block_s = _load_fold(s_row, cols, ok, m_s, sum_s)
             hi = _walk(ids_row, lo, K, start + BLOCK)  # ids[lo:hi] lie in this block
-            if hi > lo:
-                top = _marked(cols, ids_row, lo, hi)
-                m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(top, float("-inf"), s))
+            if (hi == lo) & (shift_s - tl.maximum(m_st, s_max) < gap):  # the whole block is tail (see
+                m_st, sum_st = _fold_rescaled(m_st, sum_st, s_max, shift_s, block_s)  # `_stats_kernel`)
             else:
-                m_st, sum_st = _lse_fold_max(m_st, sum_st, s, s_max)
+                top = cols < 0
+                if hi > lo:
+                    top = _marked(cols, ids_row, lo, hi)
+                m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(top, float("-inf"), s))
             lo = hi
         out = stats_ptr + row * 4
         tl.store(out + 0, m_s)
@@ -432,10 +467,11 @@ def _check(s: torch.Tensor, t: torch.Tensor) -> None:
 
 
 def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int | None = None,
-              warps: int | None = None) -> RowStats:
+              warps: int | None = None, rescale: bool = True) -> RowStats:
     """Pass 1 over rows s, t [n, V] (student and teacher logits at the loss's temperature); ``k`` > 0: TAD's
     teacher top-k (ids ascending, int32) and tail statistics. ``s`` None: the teacher's statistics only (the
-    student columns of ``stats`` are 0; what α^T needs, one read of t)."""
+    student columns of ``stats`` are 0; what α^T needs, one read of t). ``rescale`` False: the tail sums fold every
+    block themselves (`RESCALE_GAP`)."""
     _check(t if s is None else s, t)
     if not 0 <= k <= MAX_K or (k and k >= t.shape[1]):
         raise ValueError(f"k must be in [0, {MAX_K}] and < V={t.shape[1]}; got {k}")
@@ -447,8 +483,9 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
     if n:
         go = launch(vocab, t.device, block, warps)
         kp = max(2, triton.next_power_of_2(max(k, 1)))
-        _stats_kernel[(n,)](t if s is None else s, t, stats, ids, t_top, s_top, vocab, t.stride(0) if s is None
-                            else s.stride(0), t.stride(0), K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
+        src = t if s is None else s
+        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, vocab, src.stride(0), t.stride(0),
+                            RESCALE_GAP if rescale else -1.0, K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
                             num_warps=go.warps)
     if not k:
         return RowStats(stats)
@@ -567,8 +604,10 @@ class SparseStats(NamedTuple):
         return self.stats[:, 2 * tail] + self.stats[:, 2 * tail + 1]
 
 
-def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: int | None = None) -> SparseStats:
-    """Pass 1 against a top-K cache teacher (`divergences.SparseTeacher`): both log-sum-exps of s [n, V]."""
+def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: int | None = None,
+                 rescale: bool = True) -> SparseStats:
+    """Pass 1 against a top-K cache teacher (`divergences.SparseTeacher`): both log-sum-exps of s [n, V]
+    (``rescale``: as `row_stats`)."""
     _check(s, s)
     n, vocab = s.shape
     order = teacher.topk_ids.argsort(-1)
@@ -576,7 +615,8 @@ def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: i
     stats = torch.zeros(n, 4, dtype=torch.float32, device=s.device)
     if n:
         go = launch(vocab, s.device, block, warps)
-        _sparse_stats_kernel[(n,)](s, ids.to(torch.int32).contiguous(), stats, vocab, s.stride(0), K=ids.shape[1],
+        _sparse_stats_kernel[(n,)](s, ids.to(torch.int32).contiguous(), stats, vocab, s.stride(0),
+                                   RESCALE_GAP if rescale else -1.0, K=ids.shape[1],
                                    BLOCK=go.block, num_warps=go.warps)
     return SparseStats(stats, ids, teacher.topk_logprobs.gather(-1, order).to(torch.float32))
 
