@@ -372,6 +372,36 @@ class SparseTeacher(NamedTuple):
     tail_weights: torch.Tensor | None = None
 
 
+def sparse_tail_points(teacher: SparseTeacher, w, dtype):
+    """(w, tail ids, tail weights) where the cache loss uses its tail points (they exist and a row weight w is
+    given), else (None, None, None). w may come in float64 (β/ᾱ of a sub-normal tail mass): clamped to ``dtype``'s
+    range, so the estimate is then ~0, not inf·0. Shared by `_sparse_forward` and the kernels."""
+    if teacher.tail_ids is None or w is None:
+        return None, None, None
+    return (w.to(dtype).clamp(max=torch.finfo(dtype).max), teacher.tail_ids.long(),
+            teacher.tail_weights.to(dtype))
+
+
+def sparse_value(p_top, logp_top, logq_top, bucket, w=None, tw=None, logp_t=None, logq_t=None):
+    """The cache loss per row [n] from its parts: D_KL1 = Σ_𝒦 p (log p − log q) + bucket, plus with tail points
+    (w not None) w·(Σ_j w_j (log p_j − log q_j) − bucket). Shared by `_sparse_forward` and the kernels."""
+    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # [n] D_KL1
+    if w is not None:
+        tail_kl = torch.where(tw > 0, tw * (logp_t - logq_t), 0.0).sum(-1)  # [n]
+        value = value + w * torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)
+    return value
+
+
+def sparse_grad_coefs(p_top, alpha_t, w=None, tw=None):
+    """(c, w_tail) [n] of the cache loss's gradient: c·q_i + w_tail·q̃_i on the tail, c·q_k − p_k on 𝒦, − w·w_j at
+    the tail points (`_sparse_backward`). Shared by `_sparse_backward` and the kernels."""
+    c = p_top.sum(-1) + alpha_t  # [n]
+    w_tail = -alpha_t if w is None else (w - 1) * alpha_t  # [n] coefficient of q̃
+    if w is not None:
+        c = c + w * (tw.sum(-1) - alpha_t)
+    return c, w_tail
+
+
 def _sparse_forward(s, logq, teacher: SparseTeacher, w=None):
     """D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S) (exact); with tail points and a weight w (β(X) for TAD,
     1 for KD) + w·(Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)), an unbiased estimate of w·α^T·D_KL2."""
@@ -379,20 +409,14 @@ def _sparse_forward(s, logq, teacher: SparseTeacher, w=None):
     logp_top = teacher.topk_logprobs.to(s.dtype)
     log_at = teacher.log_tail_mass.to(s.dtype)
     alpha_t, p_top = log_at.exp(), logp_top.exp()
-    sampled = teacher.tail_ids is not None and w is not None
-    tids = tw = logq_t = None
-    if sampled:  # w may come in float64 (β/ᾱ of a sub-normal tail mass): the estimate is then ~0, not inf·0
-        w = w.to(s.dtype).clamp(max=torch.finfo(s.dtype).max)
-        tids, tw = teacher.tail_ids.long(), teacher.tail_weights.to(s.dtype)
-        logq_t = logq.gather(-1, tids)  # [n, J]
+    w, tids, tw = sparse_tail_points(teacher, w, s.dtype)
+    logq_t = logq.gather(-1, tids) if w is not None else None  # [n, J]
     poisoned = logq[:, 0].isnan() | log_at.isnan()
     q, q_top, logq_top, log_as = student_tail(s, logq, ids)  # logq consumed
     bucket = rest_bucket(alpha_t, log_at, log_as)
-    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # [n] D_KL1
-    if sampled:
-        tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(s.dtype) - logq_t), 0.0).sum(-1)  # [n]
-        value = value + w * torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)
-    return _poison(value, poisoned), (s, q, q_top, ids, p_top, alpha_t, log_as, tids, tw, w if sampled else None)
+    logp_t = teacher.tail_logprobs.to(s.dtype) if w is not None else None
+    value = sparse_value(p_top, logp_top, logq_top, bucket, w, tw, logp_t, logq_t)
+    return _poison(value, poisoned), (s, q, q_top, ids, p_top, alpha_t, log_as, tids, tw, w)
 
 
 def _sparse_backward(state, cd, cq, inplace=True):
@@ -403,10 +427,7 @@ def _sparse_backward(state, cd, cq, inplace=True):
     cq0 = torch.zeros_like(cd) if cq is None else cq
     tail = s.scatter(-1, ids, -_INF)  # [n, V] the student's tail logits
     q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [n, V] q̃ = q/α^S on the tail, from the tail alone
-    c = p_top.sum(-1) + alpha_t  # [n]
-    w_tail = -alpha_t if w is None else (w - 1) * alpha_t  # [n] coefficient of q̃
-    if w is not None:
-        c = c + w * (tw.sum(-1) - alpha_t)
+    c, w_tail = sparse_grad_coefs(p_top, alpha_t, w, tw)
     coef_q = (cd * c + cq0)[:, None]
     g = (q.mul_(coef_q) if inplace else q * coef_q).add_(q_tilde.mul_((cd * w_tail)[:, None]))
     if w is not None:

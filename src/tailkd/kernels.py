@@ -132,17 +132,13 @@ if triton is not None:
     @triton.jit
     def _lse_fold(m, big_s, x):
         """Online log-sum-exp: fold the block x [BLOCK] (−inf = absent) into (max m, S = Σ exp(x − m))."""
-        return _lse_fold_max(m, big_s, x, tl.max(x, 0))
-
-    @triton.jit
-    def _lse_fold_max(m, big_s, x, x_max):
-        """`_lse_fold` given the block's maximum x_max."""
-        m_new, big_s, _, _ = _lse_fold_parts(m, big_s, x, x_max)
+        m_new, big_s, _, _ = _lse_fold_parts(m, big_s, x, tl.max(x, 0))
         return m_new, big_s
 
     @triton.jit
     def _lse_fold_parts(m, big_s, x, x_max):
-        """`_lse_fold_max`, also returning the shift used and the block's own sum Σ exp(x − shift)."""
+        """`_lse_fold` given the block's maximum x_max, also returning the shift used and the block's own sum
+        Σ exp(x − shift)."""
         m_new = tl.maximum(m, x_max)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         block_sum = tl.sum(tl.exp(x - shift), 0)
@@ -359,6 +355,8 @@ if triton is not None:
             c_y, y = tl.load(cf + 6), tl.load(y_ptr + row)
             offs = tl.arange(0, BLOCK)
             acc = tl.zeros([BLOCK], tl.float32)
+            if RARE:
+                m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
             ids_row = ids_ptr + row * K
             lo = 0  # 𝒦 is ascending (row_stats): ids[lo:] lie at or after this block
             for start in range(0, V, BLOCK):
@@ -372,7 +370,6 @@ if triton is not None:
                 s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s,
                                            m_t, ls_t)
                 if RARE:
-                    m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
                     lqt = (s - m_st) - ls_st
                     lpt = (t - m_tt) - ls_tt
                     pt = tl.exp(lpt)
@@ -390,7 +387,6 @@ if triton is not None:
                     g = tl.where(cols == y, g - c_y, g)
                     tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
             tl.store(value_ptr + row, tl.sum(acc, 0))
-
 
     @triton.jit
     def _sparse_stats_kernel(s_ptr, ids_ptr, stats_ptr, V, stride_s, gap, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -610,8 +606,7 @@ def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: i
     (``rescale``: as `row_stats`)."""
     _check(s, s)
     n, vocab = s.shape
-    order = teacher.topk_ids.argsort(-1)
-    ids = teacher.topk_ids.gather(-1, order).long()  # 𝒦 ascending (the statistics pass walks it)
+    ids, order = teacher.topk_ids.long().sort(-1)  # 𝒦 ascending (the statistics pass walks it)
     stats = torch.zeros(n, 4, dtype=torch.float32, device=s.device)
     if n:
         go = launch(vocab, s.device, block, warps)
@@ -645,26 +640,21 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
     logq_top = s.gather(-1, ids).to(torch.float32) - lse_s[:, None]
     alpha_t, p_top = log_at.exp(), logp_top.exp()
     bucket = dv.rest_bucket(alpha_t, log_at, log_as)
-    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # D_KL1
-    sampled = teacher.tail_ids is not None and w is not None
-    if sampled:  # as divergences._sparse_forward: w may be float64 (β/ᾱ of a sub-normal tail mass)
-        w = w.to(torch.float32).clamp(max=torch.finfo(torch.float32).max)
-        tids, tw = teacher.tail_ids.long(), teacher.tail_weights.to(torch.float32)
+    w, tids, tw = dv.sparse_tail_points(teacher, w, torch.float32)
+    logp_t = logq_t = None
+    if w is not None:
+        logp_t = teacher.tail_logprobs.to(torch.float32)
         logq_t = s.gather(-1, tids).to(torch.float32) - lse_s[:, None]
-        tail_kl = torch.where(tw > 0, tw * (teacher.tail_logprobs.to(torch.float32) - logq_t), 0.0).sum(-1)
-        value = value + w * torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)
-    if out is not None and n:  # divergences._sparse_backward's coefficients
-        c = p_top.sum(-1) + alpha_t
-        w_tail = -alpha_t if not sampled else (w - 1) * alpha_t
-        if sampled:
-            c = c + w * (tw.sum(-1) - alpha_t)
+    value = dv.sparse_value(p_top, logp_top, logq_top, bucket, w, tw, logp_t, logq_t)
+    if out is not None and n:
+        c, w_tail = dv.sparse_grad_coefs(p_top, alpha_t, w, tw)
         coef_q = cd * c + cq0
         coef = torch.stack([coef_q, cd * w_tail, cy], 1).contiguous()
         _sparse_grad_kernel[(n,)](s, out, stats.stats, coef, y, vocab, s.stride(0), out.stride(0), BLOCK=go.block,
                                   num_warps=go.warps)
         top = coef_q[:, None] * logq_top.exp() - cd[:, None] * p_top - cy[:, None] * (ids == y[:, None])
         out.scatter_(-1, ids, top.to(out.dtype))
-        if sampled:
+        if w is not None:
             out.scatter_add_(-1, tids, (-(cd * w)[:, None] * tw).to(out.dtype))  # − w Σ_j w_j e_{id_j}
     poisoned = torch.isnan(lse_s) | torch.isnan(log_at)
     return torch.where(poisoned, math.nan, value)
