@@ -61,11 +61,11 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     w = torch.full((rows,), 2.0, dtype=torch.float64, device=device)
     from tailkd.divergences import SparseTeacher
 
-    top = torch.topk(t.float(), 64, dim=-1)  # a top-64 cache of t, with 8 tail points
-    logp = top.values - torch.logsumexp(t.float(), -1, keepdim=True)
-    tail = torch.randint(0, vocab, (rows, 8), generator=g).to(device)
-    cache = SparseTeacher(top.indices, logp, torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-6)), tail,
-                          torch.full((rows, 8), -12.0, device=device), torch.full((rows, 8), 1e-3, device=device))
+    ranked = torch.topk(t.float(), 72, dim=-1)  # a top-64 cache of t; ranks 64..71 as its 8 tail points
+    logp = ranked.values - torch.logsumexp(t.float(), -1, keepdim=True)
+    cache = SparseTeacher(ranked.indices[:, :64], logp[:, :64], torch.log1p(-logp[:, :64].exp().sum(-1)
+                                                                             .clamp(max=1 - 1e-6)),
+                          ranked.indices[:, 64:], logp[:, 64:], logp[:, 64:].exp())
     elem = rows * vocab * s.element_size()
     timer = _timer(device)
     cells = []
