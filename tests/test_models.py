@@ -232,6 +232,34 @@ def test_gguf_round_trip_is_bit_exact_and_cached(tmp_path, tiny_tokenizer, monke
     assert tokenizer_fingerprint(tok2) == tokenizer_fingerprint(tiny_tokenizer)
 
 
+def test_gguf_special_tokens_come_from_its_metadata(tmp_path, tiny_tokenizer, monkeypatch):
+    """The converted tokenizer's bos/eos/pad are the ids the GGUF's metadata names, whatever transformers' GGUF
+    tokenizer conversion made of them (transformers 5.17 gave SmolLM2-Instruct <|im_start|> as its EOS and dropped
+    the padding token; such a conversion is imitated here, so the test does not depend on the installed version)."""
+    import transformers
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    t = tiny_tokenizer
+    assert models.gguf_special_token_ids(gguf_file) == {
+        "bos_token": t.bos_token_id, "eos_token": t.eos_token_id, "pad_token": t.pad_token_id}
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def lossy(*args, **kwargs):  # the GGUF's conversion only; the converted folder is read as saved
+        tok = real(*args, **kwargs)
+        if "gguf_file" in kwargs:
+            tok.eos_token, tok.pad_token = "the", None  # a wrong EOS, no padding token
+        return tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lossy)
+    _, tok = load_causal_lm(gguf_file, cache_dir=tmp_path / "cache")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(tiny_tokenizer)
+
+    monkeypatch.setattr(models, "gguf_special_token_ids", lambda path: {"eos_token": TINY_VOCAB})
+    with pytest.raises(TailkdError, match=f"eos_token id {TINY_VOCAB} is outside its {TINY_VOCAB}-token vocabulary"):
+        load_causal_lm(gguf_file, cache_dir=tmp_path / "cache2")
+
+
 def test_gguf_crash_mid_conversion_leaves_no_cache(tmp_path, tiny_tokenizer, monkeypatch):
     original = make_tiny_lm("llama", tie_word_embeddings=True)
     gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer)

@@ -36,7 +36,7 @@ from tailkd.errors import TailkdError
 
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
 
-_GGUF_CACHE_FORMAT = 1  # bump to invalidate every converted GGUF
+_GGUF_CACHE_FORMAT = 2  # bump to invalidate every converted GGUF (2: special tokens from the GGUF's metadata)
 _GGUF_MARKER = "tailkd_gguf.json"  # written last inside the temp dir: its presence means a complete entry
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -338,8 +338,38 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             f"unexpected {sorted(unexpected)[:4]}): convert the original checkpoint to an HF directory instead"
         )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    _set_gguf_special_tokens(tokenizer, gguf)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+_GGUF_SPECIAL_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """The special-token ids a GGUF's metadata names: ``tokenizer.ggml.{bos,eos,unknown,padding}_token_id`` as
+    ``{"bos_token": id, ...}`` (only those present)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    out = {}
+    for name, key in _GGUF_SPECIAL_IDS.items():
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def _set_gguf_special_tokens(tokenizer, gguf: Path) -> None:
+    """Make the tokenizer's bos/eos/unk/pad tokens those the GGUF's metadata names. Transformers' GGUF tokenizer
+    conversion does not always keep them (5.17 gave SmolLM2-Instruct <|im_start|> as its EOS instead of <|im_end|>
+    and dropped the padding token; 5.24 keeps them): the metadata is the model's own record."""
+    for name, idx in gguf_special_token_ids(gguf).items():
+        if not 0 <= idx < len(tokenizer):
+            raise TailkdError(f"{gguf}: its {name} id {idx} is outside its {len(tokenizer)}-token vocabulary")
+        token = tokenizer.convert_ids_to_tokens(idx)
+        if getattr(tokenizer, name) != token:
+            setattr(tokenizer, name, token)
 
 
 def model_max_length(model) -> int:
