@@ -14,6 +14,8 @@
 # 8 plain files per stage, no sub-folders: check.log (this script's whole output), tests.log, gpu_kernels.{json,md},
 # gpu_loss_layer.{json,md} (layer); gpu_distill.{json,md} and gpu_distill_runs.tar.gz (each run's log, metrics,
 # summary and config) (distill).
+# A PYTHONPATH set by the caller is kept after these (e.g. a numpy < 2.4 for a dry run under triton 3.6, whose
+# interpreter fails on numpy >= 2.4; tests/conftest.py triton_interpreter_problem).
 # Exit status: non-zero when a test fails, a benchmark cell is missing or errs, or a stage is unknown.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT layer|distill|all}
@@ -25,10 +27,10 @@ py=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "gpu_check: installing .whl/ failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD/src
+    export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 else
     echo "gpu_check: no .whl/ wheels: the Liger cells will be reported missing"
-    export PYTHONPATH=$PWD/src
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 fi
 date -u; "$py" - <<'EOF'
 import torch, transformers

@@ -10,6 +10,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if not torch.cuda.is_available():  # tailkd's Triton kernels run interpreted on the CPU (tests/test_kernels.py); set
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (torch.compile's inductor does)
 
+
+def triton_interpreter_problem():
+    """Why tailkd's Triton kernels cannot run interpreted on this CPU machine, or None where they can (or where CUDA
+    is visible: there they run compiled). Triton's interpreter up to 3.6 takes a runtime loop bound (the kernels'
+    ``range(0, V, BLOCK)``) as a one-element numpy array and calls ``int()`` on it, which numpy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.7 passes a scalar. The test extras
+    ask for triton >= 3.7; this names the mismatch where an environment has an older one (the GPU machine's image
+    pairs triton 3.6 with numpy 2.5)."""
+    import numpy
+    import triton
+    from packaging.version import Version
+
+    if torch.cuda.is_available():
+        return None
+    if Version(triton.__version__).release < (3, 7) and Version(numpy.__version__).release >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run the kernels with numpy {numpy.__version__} "
+                "(needs triton >= 3.7, or numpy < 2.4)")
+    return None
+
 # 256 byte symbols + len(TINY_MERGES) merged tokens + len(TINY_SPECIALS) special tokens.
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
 TINY_SPECIALS = ["<|endoftext|>", "<|pad|>"]

@@ -35,6 +35,11 @@ if DEVICE == "cpu":
 
 triton = pytest.importorskip("triton")
 
+from conftest import triton_interpreter_problem  # noqa: E402
+
+if triton_interpreter_problem():
+    pytest.skip(triton_interpreter_problem(), allow_module_level=True)
+
 import bounds as B  # noqa: E402
 import loss_bounds as LB  # noqa: E402
 import reference as R  # noqa: E402
