@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 as one prepared command per stage, for a short lease of one GPU machine.
 #
-#   bench/gpu_check.sh OUT layer      # CUDA tests of the kernels + the no-sync test, bench/bench_kernels.py (the
-#                                     # kernels alone over launch configurations), bench/bench_gpu.py (~6-8 min)
+#   bench/gpu_check.sh OUT layer      # CUDA tests of the kernels + the no-sync test, bench/bench_gpu.py (the loss
+#                                     # layer beside Liger, chunk sweep), bench/bench_kernels.py (the kernels alone
+#                                     # over launch configurations) (~6-8 min)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~4-6 min)
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
@@ -49,19 +50,20 @@ if [[ $stage == layer || $stage == all ]]; then
     "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_no_sync.py > "$out/tests.log" 2>&1 \
         || status=1
     tail -n 15 "$out/tests.log"
-    echo "== the row kernels alone over launch configurations (bench/bench_kernels.py)"
-    if [[ ${DRY:-0} == 1 ]]; then
-        "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out "$out/gpu_kernels" \
-            || status=1
-    else
-        "$py" bench/bench_kernels.py --out "$out/gpu_kernels" || status=1
-    fi
+    # the loss layer beside Liger first: the issue's headline figures come back even if the lease ends in the sweep
     echo "== the loss layer side by side (bench/bench_gpu.py)"
     if [[ ${DRY:-0} == 1 ]]; then
         "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --sweep-chunks 16 64 \
             --out "$out/gpu_loss_layer" || status=1
     else
         "$py" bench/bench_gpu.py --out "$out/gpu_loss_layer" || status=1
+    fi
+    echo "== the row kernels alone over launch configurations (bench/bench_kernels.py)"
+    if [[ ${DRY:-0} == 1 ]]; then
+        "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out "$out/gpu_kernels" \
+            || status=1
+    else
+        "$py" bench/bench_kernels.py --out "$out/gpu_kernels" || status=1
     fi
 fi
 
