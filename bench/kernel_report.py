@@ -11,7 +11,7 @@ CUDA (or --block/--warps), with the argument specialisation the JIT gives real t
 V and the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with
 triton): registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every
 chunk runs; only reported for the α^T-alone pass, which runs over split sequences alone), shared
-memory, resident warps per SM on a Hopper/Ampere SM (65536 registers, 64 warps, 32 blocks), and static SASS
+memory, resident warps per SM (65536 registers; the arch's warp, block and shared-memory limits), and static SASS
 counts: instructions, MUFU (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
 Static counts are a proxy of the work per element, not a time: the speed is measured on a GPU
 (bench/bench_kernels.py, bench/bench_gpu.py).
@@ -33,7 +33,10 @@ from pathlib import Path
 
 import torch
 
-REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM, REG_UNIT = 65536, 64, 32, 256
+REGS_PER_SM, REG_UNIT = 65536, 256
+# per compute capability (CUDA C Programming Guide, "Technical Specifications per Compute Capability"): resident
+# warps and blocks per SM, shared memory per SM in KiB
+SM_LIMITS = {80: (64, 32, 164), 86: (48, 16, 100), 87: (48, 16, 164), 89: (48, 24, 100), 90: (64, 32, 228)}
 
 
 def _variants(logits: str):
@@ -126,10 +129,11 @@ def _resources(cubin: bytes) -> dict:
             "mufu": sum(op.startswith("MUFU") for op in instrs), "bar": sum(op.startswith("BAR") for op in instrs)}
 
 
-def _warps_per_sm(regs: int, warps: int, shared: int) -> int:
+def _warps_per_sm(regs: int, warps: int, shared: int, arch: int = 90) -> int:
+    max_warps, max_blocks, shared_kib = SM_LIMITS[arch]
     per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
-    blocks = min(BLOCKS_PER_SM, WARPS_PER_SM // warps, REGS_PER_SM // (per_warp * warps),
-                 (228 * 1024) // max(shared, 1))
+    blocks = min(max_blocks, max_warps // warps, REGS_PER_SM // (per_warp * warps),
+                 (shared_kib * 1024) // max(shared, 1))
     return blocks * warps
 
 
@@ -153,7 +157,7 @@ def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": go.warps})
             row.update(_resources(compiled.asm["cubin"]))
             row["shared"] = int(compiled.metadata.shared)
-            row["warps_per_sm"] = _warps_per_sm(row["regs"], go.warps, row["shared"])
+            row["warps_per_sm"] = _warps_per_sm(row["regs"], go.warps, row["shared"], arch)
         except Exception as exc:  # noqa: BLE001 - reported per variant; --check fails on it
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)
@@ -175,7 +179,8 @@ def _table(rows, header: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability ×10 (90: H100/H200, 80: A100)")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                    help="CUDA compute capability ×10 (90: H100/H200, 80: A100, 89: L4/L40S/RTX 4090)")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the logits' dtype")
     ap.add_argument("--block", type=int, default=None, help="columns per step (default: kernels.launch on CUDA)")
