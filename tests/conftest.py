@@ -16,8 +16,9 @@ def triton_interpreter_problem():
     is visible: there they run compiled). Triton's interpreter up to 3.6 takes a runtime loop bound (the kernels'
     ``range(0, V, BLOCK)``) as a one-element numpy array and calls ``int()`` on it, which numpy >= 2.4 refuses
     ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.7 passes a scalar. The test extras
-    ask for triton >= 3.7; this names the mismatch where an environment has an older one (the GPU machine's image
-    pairs triton 3.6 with numpy 2.5)."""
+    do not ask for triton >= 3.7 (CUDA builds of torch pin their own triton: torch 2.11 pins 3.6); this names the
+    mismatch where an environment pairs an older triton with a newer numpy (the GPU machine's image: triton 3.6,
+    numpy 2.5); a fresh CPU install gets the newest triton."""
     import numpy
     import triton
     from packaging.version import Version
@@ -28,6 +29,7 @@ def triton_interpreter_problem():
         return (f"triton {triton.__version__}'s interpreter cannot run the kernels with numpy {numpy.__version__} "
                 "(needs triton >= 3.7, or numpy < 2.4)")
     return None
+
 
 # 256 byte symbols + len(TINY_MERGES) merged tokens + len(TINY_SPECIALS) special tokens.
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
