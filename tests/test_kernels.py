@@ -351,6 +351,26 @@ def test_losses_for_maps_the_registry():
     assert kernels.losses_for(bind(LossConfig(name="dkd"))) is None  # no closed form: torch autograd per chunk
 
 
+def test_run_log_names_the_row_maths_the_fused_layer_uses():
+    """`prepare.loss_layer_text` (the run log) says Triton exactly where `fused.kernel_form` gives the fused layer a
+    kernel form on CUDA: not for TAD with K above the register buffer, nor for a loss without a closed form against
+    a dense teacher (an online one, or a cache of hidden states); for any loss against a top-K cache."""
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import loss_layer_text
+
+    def text(name, sparse=False, kernels="auto", **loss):
+        cfg = DistillConfig()
+        cfg.loss.name, cfg.train.loss_kernels = name, kernels
+        for key, value in loss.items():
+            setattr(cfg.loss, key, value)
+        return loss_layer_text(cfg, True, 1000, torch.device("cuda"), 64, sparse)
+
+    assert text("kd").endswith("Triton row kernels)") and text("tad", k=64).endswith("Triton row kernels)")
+    assert text("tad", k=65).endswith("torch row maths)") and text("dkd").endswith("torch row maths)")
+    assert text("dkd", sparse=True).endswith("Triton row kernels)")
+    assert text("kd", kernels="torch").endswith("torch row maths)")
+
+
 # --------------------------------------------------------------------------- the chunked layer on the kernels
 
 

@@ -415,17 +415,25 @@ def _low_logits(plan: _Plan, student_head: Head) -> bool:
             and student_head.bias is None and _plain(plan.spec))
 
 
+def kernel_form(d: Divergence | None, sparse: bool):
+    """The `kernels.RowLoss` the Triton kernels compute for divergence ``d`` — against a top-K cache teacher
+    (``sparse``) any loss: `kernels.SPARSE`; against a dense teacher kd / rkl / jsd / tad with K <= 64 — or None
+    (the torch row maths), whatever the device and whether triton is installed (`_triton_loss`)."""
+    from tailkd import kernels
+
+    if d is None:
+        return None
+    return kernels.SPARSE if sparse else kernels.losses_for(d)
+
+
 def _triton_loss(d: Divergence | None, sparse, cdtype: torch.dtype, device: torch.device):
-    """The `kernels.RowLoss` of the divergence where the Triton kernels apply (a device of ``_TRITON_DEVICES``,
-    triton importable, float32 softmax maths; a dense teacher with kd / rkl / jsd / tad with K <= 64, or a top-K
-    cache teacher with any loss: `kernels.SPARSE`), else None."""
-    if d is None or cdtype != torch.float32 or device.type not in _TRITON_DEVICES:
+    """`kernel_form` where the Triton kernels run (a device of ``_TRITON_DEVICES``, triton importable, float32
+    softmax maths), else None."""
+    if cdtype != torch.float32 or device.type not in _TRITON_DEVICES:
         return None
     from tailkd import kernels
 
-    if not kernels.available():
-        return None
-    return kernels.SPARSE if sparse is not None else kernels.losses_for(d)
+    return kernel_form(d, sparse is not None) if kernels.available() else None
 
 
 def _check_head(name: str, head: Head, hidden: torch.Tensor) -> None:

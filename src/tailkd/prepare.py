@@ -30,7 +30,7 @@ from tailkd import vocab as vocab_mod
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.head import verify_head
-from tailkd.registry import LOSSES
+from tailkd.registry import LOSSES, bind
 
 # --------------------------------------------------------------------------- models: teacher, student, vocabulary
 
@@ -260,15 +260,16 @@ def run_loss_chunk(cfg: DistillConfig, vocab: int, student, device: torch.device
 
 
 def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: torch.device,
-                    chunk: int | None) -> str:
+                    chunk: int | None, sparse: bool = False) -> str:
     """The run log's account of the loss layer: full logits, or fused with its chunk size (``chunk``: the run's,
-    `run_loss_chunk`; None: the CPU's rule) and row maths."""
+    `run_loss_chunk`; None: the CPU's rule) and row maths (``sparse``: the teacher signal is a top-K cache; the
+    kernels' rule is the fused layer's, `fused.kernel_form`)."""
     if not fused_path:
         return "full logits"
     chunk = chunk or fused.default_chunk_size(vocab)
     maths = "torch row maths"
-    if device.type == "cuda" and cfg.train.loss_kernels == "auto" and (LOSSES[cfg.loss.name].triton is not None
-                                                                        or cfg.teacher.cache):
+    if (device.type == "cuda" and cfg.train.loss_kernels == "auto"
+            and fused.kernel_form(bind(cfg.loss), sparse) is not None):
         from tailkd import kernels
 
         maths = "Triton row kernels" if kernels.available() else "torch row maths (pip install tailkd[kernels] " \

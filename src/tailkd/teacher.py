@@ -33,6 +33,8 @@ class TeacherSignal:
 class OnlineTeacher:
     """Runs the (frozen) teacher on each batch: full logits (dense) or final hidden states + head (fused)."""
 
+    sparse = False  # its signal is never a top-K teacher
+
     def __init__(self, model, vocab_size: int, *, fused_path: bool, autocast_dtype=None, want_hidden: bool = False):
         self.model, self.vocab, self.fused = model, vocab_size, fused_path
         self.want_hidden = want_hidden
@@ -60,6 +62,7 @@ class CachedTeacher:
     def __init__(self, reader, *, device="cpu", verify_rows: bool = True):
         self.reader, self.device, self.verify_rows = reader, torch.device(device), verify_rows
         self.head = reader.head(self.device) if reader.has_hidden else None
+        self.sparse = self.head is None  # its signal: a top-K teacher (TeacherSignal.sparse), else hidden states
 
     def __call__(self, batch: dict, host_batch: dict | None = None) -> TeacherSignal:
         """``host_batch``: the same micro-batch on the host: its row indices and ids are read without a device

@@ -242,7 +242,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
                                                   fused_path, probe)
     loss_chunk = run_loss_chunk(cfg, vocab, student, device) if fused_path else None
-    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk)}; teacher signal: "
+    sparse = signal_of is not None and signal_of.sparse
+    dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk, sparse)}; teacher signal: "
              f"{signal_text}")
 
     # every input checked out: only now touch the run folder
