@@ -26,26 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_gpu import time_once  # bench/ is this script's folder
 
 LOSSES = {"kd": (0, 0, True), "tad K=10": (3, 10, True), "tad K=10, no rescale": (3, 10, False),
           "tad K=64": (3, 64, True), "jsd": (2, 0, True), "cache K=64": (4, 64, True)}  # (kind, K, rescale)
-
-
-def _timer(device):
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-    return run
 
 
 def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
@@ -67,7 +51,6 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                                                                              .clamp(max=1 - 1e-6)),
                           ranked.indices[:, 64:], logp[:, 64:], logp[:, 64:].exp())
     elem = rows * vocab * s.element_size()
-    timer = _timer(device)
     cells = []
     for block, warps in configs:
         for name, (kind, k, rescale) in LOSSES.items():
@@ -92,8 +75,8 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                 t1, t2 = [], []
                 for i in range(warmup + repeats):
                     s.copy_(s0)
-                    a = timer(lambda: box.__setitem__("st", stats()))
-                    b = timer(grads)
+                    a = time_once(lambda: box.__setitem__("st", stats()), device)
+                    b = time_once(grads, device)
                     if i >= warmup:
                         t1.append(a)
                         t2.append(b)

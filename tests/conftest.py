@@ -31,6 +31,19 @@ def triton_interpreter_problem():
     return None
 
 
+
+@pytest.fixture
+def triton_kernels():
+    """`tailkd.kernels` where its kernels can run here (compiled on CUDA, interpreted on the CPU); skips where triton
+    is not installed or its interpreter cannot run them (`triton_interpreter_problem`)."""
+    from tailkd import kernels
+
+    if not kernels.available():
+        pytest.skip("triton is not installed")
+    if triton_interpreter_problem():
+        pytest.skip(triton_interpreter_problem())
+    return kernels
+
 # 256 byte symbols + len(TINY_MERGES) merged tokens + len(TINY_SPECIALS) special tokens.
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
 TINY_SPECIALS = ["<|endoftext|>", "<|pad|>"]

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from conftest import triton_interpreter_problem
 
 from tailkd import fused
 from tailkd.config import LossConfig
@@ -120,16 +119,11 @@ def test_online_teacher_in_the_autocast_dtype_runs_without_autocast(weights, exp
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_teacher_tail_mass_by_the_statistics_kernel_equals_torch():
+def test_teacher_tail_mass_by_the_statistics_kernel_equals_torch(triton_kernels):
     """α^T of the statistics pass for cut sequences: the Triton statistics kernel (interpreter) equals the torch
     top-K split. Both are float32 log-sum-exps over V = 37 logits of size <= ~15: |Δ log α| <= ~10 roundings of
     2^-24 x 15 ~ 1e-5, so α agrees to 2e-5 relative."""
-    from tailkd import kernels
-
-    if not kernels.available():
-        pytest.skip("triton is not installed")
-    if triton_interpreter_problem():
-        pytest.skip(triton_interpreter_problem())
+    kernels = triton_kernels
     g = torch.Generator().manual_seed(3)
     h = (torch.randn(50, D, generator=g) * 1.5).to(KERNEL_DEVICE)
     head = Head(torch.randn(V, D, generator=g).to(KERNEL_DEVICE), torch.randn(V, generator=g).to(KERNEL_DEVICE),
@@ -142,16 +136,11 @@ def test_teacher_tail_mass_by_the_statistics_kernel_equals_torch():
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
 
 
-def test_teacher_tail_mass_reads_bf16_teacher_logits(monkeypatch):
+def test_teacher_tail_mass_reads_bf16_teacher_logits(triton_kernels, monkeypatch):
     """A bf16 teacher with a plain head (no bias, no transform, τ = 1): the statistics kernel reads its bf16 logits as
     the matmul wrote them (no float32 copy); they are exact in float32, so α^T equals the torch path's on the float32
     copy within the bound above."""
-    from tailkd import kernels
-
-    if not kernels.available():
-        pytest.skip("triton is not installed")
-    if triton_interpreter_problem():
-        pytest.skip(triton_interpreter_problem())
+    kernels = triton_kernels
     g = torch.Generator().manual_seed(4)
     h = (torch.randn(50, D, generator=g) * 1.5).to(KERNEL_DEVICE, torch.bfloat16)
     head = Head(torch.randn(V, D, generator=g).to(KERNEL_DEVICE, torch.bfloat16), None, HeadSpec(V))

@@ -561,6 +561,16 @@ def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch
     return _tad_value(stats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
 
 
+def _row_coefs(cd, cq, cy, y):
+    """The pass-2 row coefficients in float32 (``cq``, ``cy`` None = 0) and the label columns [n] (None = −1: no
+    one-hot)."""
+    cd = cd.to(torch.float32)
+    cq = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
+    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32)
+    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1)
+    return cd, cq, cy, y
+
+
 def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats: RowStats, w: torch.Tensor | None,
                          cd: torch.Tensor, cq: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
                          y: torch.Tensor | None = None, cy: torch.Tensor | None = None, block: int | None = None,
@@ -572,10 +582,7 @@ def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats:
     ``block``, ``warps``: as `launch`."""
     _check(s, t)
     go = launch(s.shape[1], s.device, block, warps)
-    cd = cd.to(torch.float32)
-    cq = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
-    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32)
-    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1)
+    cd, cq, cy, y = _row_coefs(cd, cq, cy, y)
     if out is not None and (out.shape != s.shape or out.stride(-1) != 1):
         raise ValueError(f"out must be [n, V] like s; got {tuple(out.shape)}")
     if loss.kind == 3:
@@ -629,10 +636,7 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
     _check(s, s)
     n, vocab = s.shape
     go = launch(vocab, s.device, block, warps)
-    cd = cd.to(torch.float32)
-    cq0 = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
-    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32)
-    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1)
+    cd, cq0, cy, y = _row_coefs(cd, cq, cy, y)
     ids, logp_top = stats.ids, stats.logp_top
     log_at = teacher.log_tail_mass.to(torch.float32)
     lse_s = stats.lse()
