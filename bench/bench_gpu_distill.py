@@ -182,7 +182,9 @@ def run_env() -> dict:
 
 
 def run_subprocess(cmd: list[str], log: Path, timeout: float, env: dict) -> tuple[int, float, bool]:
-    """(exit code, seconds, timed out); stdout and stderr into ``log``; on timeout the whole process group goes."""
+    """(exit code, seconds, timed out); stdout and stderr into ``log``; on timeout the whole process group goes, and
+    so it does when this process is stopped (SIGTERM, e.g. from a time box around the script; `main` turns it into
+    SystemExit): the run has a session of its own, which a signal to this script's group would not reach."""
     t0 = time.perf_counter()
     with log.open("w") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
@@ -195,6 +197,10 @@ def run_subprocess(cmd: list[str], log: Path, timeout: float, env: dict) -> tupl
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
             timed_out = True
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     return rc, time.perf_counter() - t0, timed_out
 
 
@@ -276,7 +282,9 @@ def run_cell(name: str, spec: tuple, args, paths: dict, env: dict) -> dict:
         shutil.rmtree(run_dir / sub, ignore_errors=True)
     med = cell["tokens_per_s_median"]
     status = "FAILED: " + "; ".join(cell["errors"]) if cell["errors"] else "OK"
-    say(f"run {name}: {status} in {seconds:.0f} s" + (f"; tokens/s median {med:,.0f}" if med else ""))
+    peak = cell["peak_memory_gib"]
+    say(f"run {name}: {status} in {seconds:.0f} s" + (f"; tokens/s median {med:,.0f}" if med else "")
+        + (f"; peak {peak:.1f} GiB" if peak else "") + f"; loss layer: {cell['loss_layer']}")
     if cell.get("log_tail"):
         print(cell["log_tail"], flush=True)
     return cell
@@ -358,6 +366,8 @@ def main(argv=None) -> int:
         folder, preset, info = args.build_teacher
         build_teacher(Path(folder), preset, args.device, args.seed, Path(info))
         return 0
+    # stopped from outside (a time box): unwind, so that the running run's process group is killed and --work removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_gpu_distill: stopped (SIGTERM)"))
     if args.steps <= args.skip_steps:
         sys.exit(f"bench_gpu_distill: --steps {args.steps} leaves no step after the first --skip-steps "
                  f"{args.skip_steps}")

@@ -5,6 +5,9 @@
 #                                     # layer beside Liger, chunk sweep), bench/bench_kernels.py (the kernels alone
 #                                     # over launch configurations) (~6-8 min)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~4-6 min)
+#   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
+#                                     # the loss layer beside Liger (170 s), the CUDA tests (100 s), tailkd distill
+#                                     # kd/tad x fused/dense (300 s), the launch sweep with what is left (~9-10 min)
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -14,7 +17,8 @@
 # (.whl/ is git-ignored; name it in the device tool's `carry`). Everything that comes back lands in OUT as at most
 # 8 plain files per stage, no sub-folders: check.log (this script's whole output), tests.log, gpu_kernels.{json,md},
 # gpu_loss_layer.{json,md} (layer); gpu_distill.{json,md} and gpu_distill_runs.tar.gz (each run's log, metrics,
-# summary and config) (distill).
+# summary and config) (distill); lease: all of these but gpu_kernels.json. A part stopped by its time box says so in
+# check.log, which has every finished cell's line either way.
 # A PYTHONPATH set by the caller is kept after these (e.g. a numpy < 2.4 for a dry run under triton 3.6, whose
 # interpreter fails on numpy >= 2.4; tests/conftest.py triton_interpreter_problem).
 # Exit status: non-zero when a test fails, a benchmark cell is missing or errs, or a stage is unknown.
@@ -44,45 +48,70 @@ except ImportError as exc:
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 status=0
+t_start=$SECONDS
 
-if [[ $stage == layer || $stage == all ]]; then
+# box SECONDS CMD...: CMD, stopped (SIGTERM, then SIGKILL 5 s later) after SECONDS when that is given (not empty)
+box() {
+    local limit=$1; shift
+    [[ -z $limit ]] && { "$@"; return; }
+    timeout -k 5 "$limit" "$@"; local rc=$?
+    ((rc == 124 || rc == 137)) && echo "gpu_check: stopped by its ${limit} s time box: $*"
+    return $rc
+}
+run_tests() {  # [time box]
     echo "== tests: kernels (compiled on CUDA, interpreted on the CPU) and the no-sync step"
-    "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_no_sync.py > "$out/tests.log" 2>&1 \
+    box "${1:-}" "$py" -m pytest -v -p no:cacheprovider tests/test_kernels.py tests/test_no_sync.py > "$out/tests.log" 2>&1 \
         || status=1
     tail -n 15 "$out/tests.log"
-    # the loss layer beside Liger first: the headline figures come back even if the lease ends in the sweep
+}
+run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
     echo "== the loss layer side by side (bench/bench_gpu.py)"
     if [[ ${DRY:-0} == 1 ]]; then
-        "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --sweep-chunks 16 64 \
-            --out "$out/gpu_loss_layer" || status=1
+        box "${1:-}" "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing \
+            --sweep-chunks 16 64 --out "$out/gpu_loss_layer" || status=1
     else
-        "$py" bench/bench_gpu.py --out "$out/gpu_loss_layer" || status=1
+        box "${1:-}" "$py" bench/bench_gpu.py --out "$out/gpu_loss_layer" || status=1
     fi
+}
+run_kernels() {  # [time box] [json kept: 1 (default) or 0]
     echo "== the row kernels alone over launch configurations (bench/bench_kernels.py)"
+    local prefix=$out/gpu_kernels
+    [[ ${2:-1} == 0 ]] && prefix=$(mktemp -d)/gpu_kernels
     if [[ ${DRY:-0} == 1 ]]; then
-        "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out "$out/gpu_kernels" \
+        box "${1:-}" "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out "$prefix" \
             || status=1
     else
-        "$py" bench/bench_kernels.py --out "$out/gpu_kernels" || status=1
+        box "${1:-}" "$py" bench/bench_kernels.py --out "$prefix" || status=1
     fi
-fi
-
-if [[ $stage == distill || $stage == all ]]; then
+    [[ -f $prefix.md && $prefix != "$out/gpu_kernels" ]] && cp "$prefix.md" "$out/gpu_kernels.md"
+}
+run_distill() {  # [time box] [cells...]
     echo "== tailkd distill end to end (bench/bench_gpu_distill.py)"
-    work=$(mktemp -d)
+    local limit=${1:-}; shift || true
+    local only=(); (($#)) && only=(--only "$@" --run-timeout 90)
+    local work; work=$(mktemp -d)
     if [[ ${DRY:-0} == 1 ]]; then
-        "$py" bench/bench_gpu_distill.py --device cpu --tiny --out "$work/gd" || status=1
+        box "$limit" "$py" bench/bench_gpu_distill.py --device cpu --tiny "${only[@]}" --out "$work/gd" || status=1
     else
-        "$py" bench/bench_gpu_distill.py --out "$work/gd" || status=1
+        box "$limit" "$py" bench/bench_gpu_distill.py "${only[@]}" --out "$work/gd" || status=1
     fi
     for f in results.json results.md; do
         [[ -f $work/gd/$f ]] && cp "$work/gd/$f" "$out/gpu_distill.${f#results.}"
     done
     tar -czf "$out/gpu_distill_runs.tar.gz" -C "$work" gd && rm -rf "$work"
-fi
+}
 
-if [[ $stage != layer && $stage != distill && $stage != all ]]; then
-    echo "gpu_check: unknown stage '$stage' (layer, distill or all)"; exit 2
-fi
-echo "gpu_check: stage $stage finished with status $status"
+case $stage in
+    layer) run_tests; run_layer; run_kernels ;;  # the layer beside Liger before the sweeps: the headline figures
+    distill) run_distill ;;                      # come back even if the lease ends during the sweeps
+    all) run_tests; run_layer; run_kernels; run_distill ;;
+    lease)
+        run_layer 170
+        run_tests 100
+        run_distill 300 kd_fused tad_fused kd_dense tad_dense
+        left=$((570 - (SECONDS - t_start)))
+        if ((left >= 40)); then run_kernels "$left" 0; else echo "gpu_check: no time left for the launch sweep"; fi ;;
+    *) echo "gpu_check: unknown stage '$stage' (layer, distill, lease or all)"; exit 2 ;;
+esac
+echo "gpu_check: stage $stage finished with status $status after $((SECONDS - t_start)) s"
 exit $status
