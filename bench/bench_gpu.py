@@ -9,8 +9,9 @@ liger_kernel imports).
 Every cell computes, from final hidden states h_S, h_T [N, d] (bf16 on CUDA, under bf16 autocast as a training
 step) and LM heads W_S (float32, trained), W_T (bf16): both sides' logits, CLM + divergence (kd; tad K=10, β=2; jsd
 β=0.5) averaged over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
-chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape); Liger
-gets the same chunk. Liger has no TAD. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
+chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape, grown
+to the whole N-token row where it fits); Liger gets the same chunk unless --liger-chunk says otherwise. Liger has no
+TAD. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
 fused kd and tad cells again at fixed chunk sizes, a table of its own with TAD/KD per chunk: the data for the CUDA
 chunk rule's constants (`fused._GPU_CHUNK_ELEMENTS`).
 
@@ -203,8 +204,9 @@ def _versions():
 
 
 def _markdown(result):
-    lines = [f"device: {result['device']}; N={result['tokens']}, V={result['vocab']}, d={result['hidden']}, chunk "
-             f"{result['chunk']} tokens; versions {result['versions']}", "",
+    lines = [f"device: {result['device']}; N={result['tokens']} (one row), V={result['vocab']}, d={result['hidden']}, "
+             f"chunk {result['chunk']} tokens (Liger {result.get('liger_chunk', result['chunk'])}); versions "
+             f"{result['versions']}", "",
              "| loss | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
     for loss in LOSSES:
         row = []
@@ -244,6 +246,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
     ap.add_argument("--allow-missing", action="store_true", help="exit 0 even when a cell is skipped or fails")
+    ap.add_argument("--liger-chunk", type=int, default=None,
+                    help="Liger's chunk in tokens (default: tailkd's, the fused layer's default chunk)")
     ap.add_argument("--sweep-chunks", type=int, nargs="*", default=None,
                     help="chunk sizes for the Triton fused kd/tad sweep (default on CUDA: 1024 2048 4096 8192)")
     args = ap.parse_args(argv)
@@ -260,19 +264,21 @@ def main(argv=None):
     _LOW_LOGITS = fused._low_logits
     inputs = _inputs(args.tokens, args.vocab, args.hidden, device)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16)
+    chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16, args.tokens)  # one row
     t0 = time.perf_counter()
     cells = []
     sweep = args.sweep_chunks if args.sweep_chunks is not None else ([1024, 2048, 4096, 8192] if device.type ==
                                                                       "cuda" else [])
     runs = [(m, loss) for loss in LOSSES for m in METHODS]
     runs += [(f"tailkd_fused_triton@{c}", loss) for c in sweep for loss in ("kd", "tad")]
+    liger_chunk = args.liger_chunk or chunk
     for method, loss in runs:
-        cell = run_cell(method, loss, inputs, device, args, chunk)
+        cell = run_cell(method, loss, inputs, device, args, liger_chunk if method == "liger" else chunk)
         cells.append(cell)
         print(json.dumps({k: v for k, v in cell.items() if k != "all_s"}), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": name, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk": chunk,
+              "liger_chunk": liger_chunk,
               "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0,
               "cells": cells}
     with open(args.out + ".json", "w") as f:

@@ -352,3 +352,43 @@ def test_chunk_rule_cuda_from_matmul_shape_and_free_memory():
     # almost no memory: never below 128 tokens; a small vocabulary: capped at 16384
     assert fused.chunk_tokens("cuda", 151936, 2048, 1 << 20, torch.bfloat16) == 128
     assert fused.chunk_tokens("cuda", 1000, 64, 100 * gib, torch.bfloat16) == 16384
+
+
+def test_chunk_rule_cuda_grows_to_whole_rows_where_they_fit():
+    gib = 1 << 30
+    # rows of 4096 tokens fit 100 GiB free (6795 tokens): one row per chunk, for every loss
+    assert fused.chunk_tokens("cuda", 151936, 2048, 100 * gib, torch.bfloat16, 4096) == 4096
+    # a row length that is no multiple of 128 is rounded up (whole rows), shorter rows keep the matmul shape's 2048
+    assert fused.chunk_tokens("cuda", 151936, 2048, 100 * gib, torch.bfloat16, 3000) == 3072
+    assert fused.chunk_tokens("cuda", 151936, 2048, 100 * gib, torch.bfloat16, 1000) == 2048
+    # rows of 8192 do not fit (6795): no partial growth, the shape rule stands; 140 GiB free (9513 tokens): they fit
+    assert fused.chunk_tokens("cuda", 151936, 2048, 100 * gib, torch.bfloat16, 8192) == 2048
+    assert fused.chunk_tokens("cuda", 151936, 2048, 140 * gib, torch.bfloat16, 8192) == 8192
+    # the CPU keeps its cache-sized chunks (its tail-weight losses grow per call, in _prepare)
+    assert fused.chunk_tokens("cpu", 151936, 2048, 100 * gib, torch.bfloat16, 4096) == fused.default_chunk_size(151936)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_matmul_into_a_float32_gradient_from_bf16_products(device, accumulate):
+    """The gradient matmuls of the fused layer: float32 out (+)= bf16 @ bf16 in place. bf16 inputs are exact in
+    float32 and float64, so against the float64 product the only error is the product's own: on CUDA one float32
+    accumulation (out_dtype): ~k·u32 relative to Σ|a||b| with k = 96 terms, bounded here by 1e-5; on the CPU the
+    product rounded to bf16 once (u_bf16 = 2^-8 relative to each entry) and the float32 add: 2^-8 + 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 96, generator=g).to(device, torch.bfloat16)
+    b = torch.randn(96, 24, generator=g).to(device, torch.bfloat16)
+    out0 = torch.randn(40, 24, generator=g).to(device)
+    out = out0.clone()
+    fused._matmul_into(out, a, b, accumulate=accumulate)
+    prod = a.double() @ b.double()
+    ref = out0.double() + prod if accumulate else prod
+    scale = a.double().abs() @ b.double().abs()
+    err = ((out.double() - ref).abs() / scale).max().item()
+    assert out.dtype == torch.float32 and err <= (1e-5 if device == "cuda" else 2.0 ** -8 + 1e-6)
+    # into a row slice of a larger buffer (grad_h[a:b]): the rest untouched
+    big = torch.zeros(50, 24, device=device)
+    fused._matmul_into(big[5:45], a, b, accumulate=False)
+    assert torch.equal(big[:5], torch.zeros_like(big[:5])) and torch.equal(big[45:], torch.zeros_like(big[45:]))
+    assert ((big[5:45].double() - prod).abs() / scale).max().item() <= (1e-5 if device == "cuda" else 2.0 ** -8 + 1e-6)

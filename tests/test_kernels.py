@@ -333,7 +333,7 @@ def test_nan_logit_poisons_its_row_only():
     s, t = _logits(3, 257, seed=1)
     s[1, 7] = math.nan
     for loss in (kernels.RowLoss(0), kernels.RowLoss(1), kernels.RowLoss(2), kernels.RowLoss(3, k=4)):
-        w = torch.ones(3, dtype=torch.float64) if loss.kind == 3 else None
+        w = torch.ones(3, dtype=torch.float64, device=DEVICE) if loss.kind == 3 else None
         value, _, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), torch.ones(3, device=DEVICE), None, w=w)
         assert torch.isnan(value[1]) and torch.isfinite(value[[0, 2]]).all()
 

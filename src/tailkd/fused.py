@@ -21,7 +21,8 @@ head's matmul.
 
 Chunk sizes (`chunk_tokens`): on the CPU ~2^24 logits per chunk (cache-sized), and tail-weight losses grow their
 chunks to whole sequences; on CUDA one rule for every loss, from the free device memory and the matmul shape
-(thousands of tokens at V ≈ 150k), so that losses are compared under the same chunking.
+(thousands of tokens at V ≈ 150k), grown to whole rows where they fit the memory bound (so TAD needs no statistics
+pass), so that losses are compared under the same chunking.
 
 TAD's β(X) = β / ᾱ(X) needs the teacher tail mass of every valid token of a sequence (a row, or a document of a
 packed row). Chunks are cut at sequence boundaries where possible; a chunk then holds whole sequences and ᾱ is
@@ -69,26 +70,35 @@ def default_chunk_size(vocab: int) -> int:
     return int(min(4096, max(16, _CHUNK_ELEMENTS // max(1, vocab))))
 
 
-def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | None, dtype: torch.dtype) -> int:
+def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | None, dtype: torch.dtype,
+                 row_tokens: int = 0) -> int:
     """Tokens per chunk when the caller gives none: the same for every loss on a device.
 
     CPU (and anything but CUDA): `default_chunk_size` (cache-sized). CUDA: max(2^28 / V, ``hidden``) tokens (the
     matmul shape), at most what fits ``_GPU_FLOAT32_BUFFERS`` float32 [chunk, V] buffers + one of the matmul
-    ``dtype`` in a quarter of ``free_bytes``, rounded down to a multiple of 128, within [128, 16384]."""
+    ``dtype`` in a quarter of ``free_bytes``, rounded down to a multiple of 128, within [128, 16384]; grown to
+    ``row_tokens`` (rounded up to a multiple of 128: whole rows of the batch) where that fits the same bounds, so a
+    sequence never spans chunks and TAD's ᾱ needs no statistics pass (measured on an H200, bench/RESULTS.md: at
+    N = 8192 in one row, chunks of 2048 tokens cost TAD that pass, 1.35× KD's time; one chunk of the row, 1.03×;
+    larger chunks are also faster for KD)."""
     if device_type != "cuda":
         return default_chunk_size(vocab)
     vocab = max(1, int(vocab))
     by_shape = max(-(-_GPU_CHUNK_ELEMENTS // vocab), int(hidden))
     per_token = vocab * (_GPU_FLOAT32_BUFFERS * 4 + torch.empty(0, dtype=dtype).element_size())
     by_memory = int(max(0, free_bytes or 0) * _GPU_FREE_FRACTION) // per_token
-    tokens = min(by_shape, by_memory, _GPU_MAX_TOKENS) // _GPU_ALIGN * _GPU_ALIGN
+    cap = min(by_memory, _GPU_MAX_TOKENS)
+    tokens = min(by_shape, cap) // _GPU_ALIGN * _GPU_ALIGN
+    whole = -(-int(row_tokens) // _GPU_ALIGN) * _GPU_ALIGN
+    if tokens < whole <= cap:
+        tokens = whole
     return int(max(_GPU_MIN_TOKENS, tokens))
 
 
-def device_chunk(device: torch.device, vocab: int, hidden: int, dtype: torch.dtype) -> int:
+def device_chunk(device: torch.device, vocab: int, hidden: int, dtype: torch.dtype, row_tokens: int = 0) -> int:
     """`chunk_tokens` for a device, reading its free memory on CUDA."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    return chunk_tokens(device.type, vocab, hidden, free, dtype)
+    return chunk_tokens(device.type, vocab, hidden, free, dtype, row_tokens)
 
 
 def use_fused(mode: str, num_tokens: int, vocab: int) -> bool:
@@ -269,6 +279,32 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
     return clm, div, out
 
 
+_WIDE_OUT = {"cuda"}  # devices whose bf16/fp16 matmuls may write float32 (addmm's out_dtype; not on the CPU)
+
+
+def _matmul_into(out: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= m1 @ m2 in place, m1 and m2 in the matmul dtype. A wider ``out`` (float32 over bf16/fp16 products) on
+    CUDA: one cuBLAS call with float32 output (addmm's ``out_dtype``), no product rounded to the matmul dtype and no
+    [rows, cols] temporary (for grad_W of a float32 head: 1.2 GB at V = 151936, d = 2048); elsewhere the product in
+    the matmul dtype, upcast."""
+    if out.dtype == m1.dtype:
+        if accumulate:
+            out.addmm_(m1, m2)
+        else:
+            torch.mm(m1, m2, out=out)
+        return
+    if out.device.type in _WIDE_OUT and out.dtype == torch.float32 and m1.dtype in (torch.bfloat16, torch.float16):
+        try:
+            torch.addmm(out, m1, m2, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
+            return
+        except (TypeError, RuntimeError):  # a torch without addmm's out_dtype: the plain way from now on
+            _WIDE_OUT.discard(out.device.type)
+    if accumulate:
+        out += (m1 @ m2).to(out.dtype)
+    else:
+        out.copy_(m1 @ m2)
+
+
 def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_h: bool, need_w: bool,
                 need_b: bool):
     """One pass over the chunks: per-token values [M] and (if asked) the gradients of h [M, d], W, bias."""
@@ -292,15 +328,9 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
             continue
         g_mm = g.to(plan.mm_dtype)  # [n, V]
         if need_h:
-            if grad_h.dtype == plan.mm_dtype:
-                torch.mm(g_mm, w_mm, out=grad_h[a:b])  # [n, d] written in place
-            else:
-                grad_h[a:b] = (g_mm @ w_mm).to(plan.cdtype)
+            _matmul_into(grad_h[a:b], g_mm, w_mm, accumulate=False)  # [n, d] written in place
         if need_w:
-            if grad_w.dtype == plan.mm_dtype and h.dtype == plan.mm_dtype:
-                grad_w.addmm_(g_mm.T, h[a:b])  # [V, d] += Gᵀ h, no [V, d] temporary
-            else:
-                grad_w += (g_mm.T @ h[a:b].to(plan.mm_dtype)).to(acc)
+            _matmul_into(grad_w, g_mm.T, h[a:b].to(plan.mm_dtype), accumulate=True)  # [V, d] += Gᵀ h
         if need_b:
             grad_b += g.sum(0).to(acc)
         del g, g_mm  # before the next chunk allocates its buffers: one chunk's [n, V] buffers alive at a time
@@ -501,7 +531,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     kernel = None if d is None else dv.SPARSE if sparse is not None else d.kernel
     plan = _Plan(d=d, kernel=kernel, spec=student_head.spec, labels=to_device(y, dev), chunks=[], cdtype=cdtype,
                  mm_dtype=mm, temperature=1.0 if d is None else d.temperature)
-    chunk = int(chunk_size or device_chunk(dev, vocab, h.shape[-1], mm))
+    chunk = int(chunk_size or device_chunk(dev, vocab, h.shape[-1], mm, labels.shape[1]))
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     if d is not None and teacher_hidden is not None:

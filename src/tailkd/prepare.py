@@ -251,12 +251,13 @@ def choose_loss_path(cfg: DistillConfig, vocab: int) -> bool:
 
 def run_loss_chunk(cfg: DistillConfig, vocab: int, student, device: torch.device) -> int | None:
     """Tokens per chunk of the fused layer for the whole run: ``train.loss_chunk_size``, else on CUDA the rule of
-    `tailkd.fused.chunk_tokens` read once from the free memory now (not per micro-batch: no driver call in the
-    step, the same chunks every step); None on the CPU (its per-call rule grows TAD's chunks to whole sequences)."""
+    `tailkd.fused.chunk_tokens` (whole rows of ``data.seq_len`` tokens where they fit) read once from the free memory
+    now (not per micro-batch: no driver call in the step, the same chunks every step); None on the CPU (its per-call
+    rule grows TAD's chunks to whole sequences)."""
     if cfg.train.loss_chunk_size or device.type != "cuda":
         return cfg.train.loss_chunk_size or None
     dtype = dist.autocast_dtype(cfg.train.precision, device) or torch.float32
-    return fused.device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype)
+    return fused.device_chunk(device, vocab, student.config.get_text_config().hidden_size, dtype, cfg.data.seq_len)
 
 
 def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: torch.device,
