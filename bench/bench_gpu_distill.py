@@ -1,7 +1,7 @@
 """End-to-end `tailkd distill` throughput on one GPU, side by side in one run: kd and tad, fused and dense loss layer,
 and tad with a sharded teacher (--teacher.parallel fsdp: FSDP2 over one rank), for a Qwen1.5-1.8B-shaped teacher.
 
-  PYTHONPATH=src python bench/bench_gpu_distill.py --out /tmp/gpu_distill          # one H200: ~4-6 min
+  PYTHONPATH=src python bench/bench_gpu_distill.py --out /tmp/gpu_distill          # one H200: ~6.5 min
   PYTHONPATH=src python bench/bench_gpu_distill.py --out /tmp/gpu_distill --compile   # + tad fused compiled (~+2 min)
   PYTHONPATH=src python bench/bench_gpu_distill.py --device cpu --tiny --out /tmp/gpu_distill_dry   # CPU dry run
 
@@ -38,8 +38,9 @@ with the host clock, the synchronisation of the logged loss and gradient norm in
 fused loss layer, the dense ones full logits, and the fsdp cell a sharded teacher. A failed run or a missing cell is
 reported and the script exits 1, unless --allow-missing.
 
-Expected run time on one H200: teacher build + save ~30 s, then ~40-60 s per run (most of it start-up, the held-out
-evaluations and writing the end-of-run checkpoint), ~4-6 min in all (the dense cells peak near 120 GB of the 141 GB).
+Run time on one H200 (measured 2026-11-30): teacher build + save 15-17 s, then 64-75 s per run (the 8 steps take
+~5 s of it; the rest is start-up, the held-out evaluations and writing the end-of-run checkpoint), ~6.5 min for the
+5 cells (the dense cells peak at 96 GiB).
 
 On the CPU (``--device cpu --tiny``: V = 1000, d = 64, 4 layers, a 2-layer student, seq-len 64, batch 2, 3 steps,
 fp32; the fsdp cell then runs FSDP2 over a one-process gloo group) it is only a dry run of the wiring, parsing and

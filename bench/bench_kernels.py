@@ -1,6 +1,6 @@
 """The Triton row kernels alone on one chunk of logits, over launch configurations: which block × warps to use.
 
-  python bench/bench_kernels.py --out bench/results/gpu_kernels          # CUDA: 2048 × 151936 bf16, ~1 min on an H200
+  python bench/bench_kernels.py --out bench/results/gpu_kernels          # CUDA: 2048 × 151936 bf16, ~35 s on an H200
   python bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out /tmp/dry   # dry run
 
 For each launch (``--configs``, BLOCKxWARPS; `tailkd.kernels.launch`'s default first) and each loss (kd; tad K=10 and

@@ -3,11 +3,13 @@
 #
 #   bench/gpu_check.sh OUT layer      # CUDA tests of the kernels + the no-sync test, bench/bench_gpu.py (the loss
 #                                     # layer beside Liger, chunk sweep), bench/bench_kernels.py (the kernels alone
-#                                     # over launch configurations) (~6-8 min)
-#   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~4-6 min)
+#                                     # over launch configurations) (~2.5 min on an H200)
+#   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~6.5 min: 5 runs)
 #   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
-#                                     # the loss layer beside Liger (170 s), the CUDA tests (100 s), tailkd distill
-#                                     # kd/tad x fused/dense (300 s), the launch sweep with what is left (~9-10 min)
+#                                     # the loss layer beside Liger (box 100 s; took 41-49 s on an H200), the CUDA
+#                                     # tests (box 100 s; 61 s), tailkd distill kd/tad x fused/dense (box 340 s;
+#                                     # teacher 15-17 s + 64-75 s per run), the launch sweep with what is left
+#                                     # (~35 s): ~8 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -106,11 +108,11 @@ case $stage in
     distill) run_distill ;;                      # come back even if the lease ends during the sweeps
     all) run_tests; run_layer; run_kernels; run_distill ;;
     lease)
-        run_layer 170
+        run_layer 100
         run_tests 100
-        run_distill 300 kd_fused tad_fused kd_dense tad_dense
-        left=$((570 - (SECONDS - t_start)))
-        if ((left >= 40)); then run_kernels "$left" 0; else echo "gpu_check: no time left for the launch sweep"; fi ;;
+        run_distill 340 kd_fused tad_fused kd_dense tad_dense
+        left=$((585 - (SECONDS - t_start)))
+        if ((left >= 30)); then run_kernels "$left" 0; else echo "gpu_check: no time left for the launch sweep"; fi ;;
     *) echo "gpu_check: unknown stage '$stage' (layer, distill, lease or all)"; exit 2 ;;
 esac
 echo "gpu_check: stage $stage finished with status $status after $((SECONDS - t_start)) s"

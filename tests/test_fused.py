@@ -392,3 +392,24 @@ def test_matmul_into_a_float32_gradient_from_bf16_products(device, accumulate):
     fused._matmul_into(big[5:45], a, b, accumulate=False)
     assert torch.equal(big[:5], torch.zeros_like(big[:5])) and torch.equal(big[45:], torch.zeros_like(big[45:]))
     assert ((big[5:45].double() - prod).abs() / scale).max().item() <= (1e-5 if device == "cuda" else 2.0 ** -8 + 1e-6)
+
+
+def test_run_loss_chunk_fixes_whole_rows_of_seq_len_on_cuda(monkeypatch):
+    """The training run's chunk (prepare.run_loss_chunk): on CUDA the rule of fused.device_chunk told the row length
+    data.seq_len (so TAD's rows are whole chunks where memory allows); train.loss_chunk_size wins; the CPU keeps
+    its per-call rule (None)."""
+    from types import SimpleNamespace
+
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import run_loss_chunk
+
+    seen = []
+    monkeypatch.setattr(fused, "device_chunk", lambda *a: seen.append(a) or 4096)
+    student = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(hidden_size=64)))
+    cfg = DistillConfig()
+    cfg.data.seq_len, cfg.train.precision = 4000, "bf16"
+    assert run_loss_chunk(cfg, 1000, student, torch.device("cuda")) == 4096
+    assert seen == [(torch.device("cuda"), 1000, 64, torch.bfloat16, 4000)]
+    assert run_loss_chunk(cfg, 1000, student, torch.device("cpu")) is None
+    cfg.train.loss_chunk_size = 512
+    assert run_loss_chunk(cfg, 1000, student, torch.device("cuda")) == 512 and len(seen) == 1

@@ -79,8 +79,8 @@ def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | No
     ``dtype`` in a quarter of ``free_bytes``, rounded down to a multiple of 128, within [128, 16384]; grown to
     ``row_tokens`` (rounded up to a multiple of 128: whole rows of the batch) where that fits the same bounds, so a
     sequence never spans chunks and TAD's ᾱ needs no statistics pass (measured on an H200, bench/RESULTS.md: at
-    N = 8192 in one row, chunks of 2048 tokens cost TAD that pass, 1.35× KD's time; one chunk of the row, 1.03×;
-    larger chunks are also faster for KD)."""
+    N = 8192 in one row, chunks of 2048 tokens cost TAD that pass, 1.35-1.41× KD's time; one chunk of the row,
+    1.03-1.06×; KD's time is flat in the chunk there)."""
     if device_type != "cuda":
         return default_chunk_size(vocab)
     vocab = max(1, int(vocab))
