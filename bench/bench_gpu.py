@@ -185,6 +185,29 @@ def run_cell(method, loss, inputs, device, args, chunk):
             "peak_bytes": peak, "chunk": used}
 
 
+def profile_steps(inputs, device, losses=("kd", "tad"), rows=20):
+    """torch.profiler's table of one forward + backward of the fused Triton layer per loss (after one warm-up step),
+    sorted by the ops' own device time (CPU time on the CPU): matmuls, the row kernels, casts, fills, copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tailkd import fused
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    mm = torch.bfloat16 if device.type == "cuda" else None
+    for loss in losses:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            _step("tailkd_fused_triton", loss, inputs, mm, None)
+            with profile(activities=activities) as prof:
+                _step("tailkd_fused_triton", loss, inputs, mm, None)
+        finally:
+            fused._TRITON_DEVICES = ("cuda",)
+        print(f"== profile: tailkd_fused_triton, {loss}, one forward + backward (sorted by {key})")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+
+
 def _check_values(cells, device):
     """Every cell's loss must equal tailkd_dense's for the same loss, else the cell becomes an error (a cell that is
     fast because it computes something else is no result). Tolerance: on CUDA the logits are bf16 matmul outputs
@@ -261,6 +284,9 @@ def main(argv=None):
     ap.add_argument("--allow-missing", action="store_true", help="exit 0 even when a cell is skipped or fails")
     ap.add_argument("--liger-chunk", type=int, default=None,
                     help="Liger's chunk in tokens (default: tailkd's, the fused layer's default chunk)")
+    ap.add_argument("--profile", action="store_true",
+                    help="at the end, print torch.profiler's table of one fused Triton kd and tad step (by device "
+                         "time per op: where the time beyond the matmuls goes)")
     ap.add_argument("--sweep-chunks", type=int, nargs="*", default=None,
                     help="chunk sizes for the Triton fused kd/tad sweep (default on CUDA: 1024 2048 4096 8192)")
     args = ap.parse_args(argv)
@@ -300,6 +326,8 @@ def main(argv=None):
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)
+    if args.profile:
+        profile_steps(inputs, device)
     _check_values(cells, device)
     missing = [c for c in cells if "error" in c or ("skipped" in c and c["skipped"] != "n/a")]
     if missing and not args.allow_missing:

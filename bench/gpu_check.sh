@@ -6,10 +6,11 @@
 #                                     # over launch configurations) (~2.5 min on an H200)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~6.5 min: 5 runs)
 #   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
-#                                     # the loss layer beside Liger (box 100 s; took 41-49 s on an H200), the CUDA
-#                                     # tests (box 100 s; 61 s), tailkd distill kd/tad x fused/dense (box 340 s;
-#                                     # teacher 15-17 s + 64-75 s per run), the launch sweep with what is left
-#                                     # (~35 s): ~8 min in all
+#                                     # the loss layer beside Liger and torch.profiler's table of a kd and a tad
+#                                     # step (box 100 s; 41-49 s on an H200 before the profile was added), the
+#                                     # CUDA tests (box 100 s; 61 s), tailkd distill kd/tad x fused/dense (box
+#                                     # 340 s; teacher 15-17 s + 64-75 s per run), the launch sweep with what is
+#                                     # left (~35 s): ~8 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -70,9 +71,9 @@ run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
     echo "== the loss layer side by side (bench/bench_gpu.py)"
     if [[ ${DRY:-0} == 1 ]]; then
         box "${1:-}" "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing \
-            --sweep-chunks 16 64 --out "$out/gpu_loss_layer" || status=1
+            --sweep-chunks 16 64 --profile --out "$out/gpu_loss_layer" || status=1
     else
-        box "${1:-}" "$py" bench/bench_gpu.py --out "$out/gpu_loss_layer" || status=1
+        box "${1:-}" "$py" bench/bench_gpu.py --profile --out "$out/gpu_loss_layer" || status=1
     fi
 }
 run_kernels() {  # [time box] [json kept: 1 (default) or 0]

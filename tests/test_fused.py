@@ -378,6 +378,8 @@ def test_matmul_into_a_float32_gradient_from_bf16_products(device, accumulate):
     product rounded to bf16 once (u_bf16 = 2^-8 relative to each entry) and the float32 add: 2^-8 + 1e-6."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(40, 96, generator=g).to(device, torch.bfloat16)
+    if accumulate:  # as grad_W += Gᵀ h: a transposed view
+        a = torch.randn(96, 40, generator=g).to(device, torch.bfloat16).T
     b = torch.randn(96, 24, generator=g).to(device, torch.bfloat16)
     out0 = torch.randn(40, 24, generator=g).to(device)
     out = out0.clone()

@@ -374,15 +374,27 @@ def test_run_log_names_the_row_maths_the_fused_layer_uses():
 # --------------------------------------------------------------------------- the chunked layer on the kernels
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="runs the layer on CPU tensors, i.e. under the interpreter")
+def _on_device(inputs):
+    """test_fused._inputs' tensors on DEVICE for the layer (hidden states, heads); labels and segment ids stay on the
+    host, as the training loop passes them."""
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = inputs
+    head_t = fused.Head(head_t.weight.to(DEVICE), None, head_t.spec)
+    return h_s.to(DEVICE), w_s.to(DEVICE), b_s.to(DEVICE), spec_s, h_t.to(DEVICE), head_t, labels, seg
+
+
+def _cpu(xs):
+    return [None if x is None else x.detach().cpu() for x in xs]
+
+
 @pytest.mark.parametrize("name,extra", [("kd", {}), ("tad", {"k": 4, "per_document": True}),
                                         ("tad", {"k": 3, "beta": 5.0, "temperature": 1.7}), ("rkl", {}),
                                         ("jsd", {"jsd_beta": 0.1})])
 def test_chunked_layer_on_the_kernels_equals_dense(name, extra, monkeypatch):
-    """`fused.chunked_sums` with the Triton row kernels (as on CUDA; here the interpreter) against the dense
-    objective: masked tokens, chunks of 4 and 7 tokens (partial last chunk, TAD sequences split), soft-capped and
-    scaled heads, bias. V = 37 fits one kernel block (BLOCK = 128 on the CPU), so the online log-sum-exp is the plain
-    one and each run is one float32 evaluation within `loss_bounds.head_objective` (as in test_fused.py)."""
+    """`fused.chunked_sums` with the Triton row kernels against the dense objective on the CPU: masked tokens, chunks
+    of 4 and 7 tokens (partial last chunk, TAD sequences split), soft-capped and scaled heads, bias. V = 37 fits one
+    kernel block, so the online log-sum-exp is the plain one and each run is one float32 evaluation within
+    `loss_bounds.head_objective` (as in test_fused.py). Without CUDA the layer runs on the CPU (the interpreter); with
+    CUDA on the GPU (compiled kernels, float32 cuBLAS matmuls: the same float32 error model)."""
     import test_fused as TF
 
     from tailkd.config import LossConfig
@@ -390,18 +402,19 @@ def test_chunked_layer_on_the_kernels_equals_dense(name, extra, monkeypatch):
 
     monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu"))
     inputs = TF._inputs(torch.float32)
+    dev = _on_device(inputs)
     cfg = LossConfig(name=name, **extra)
-    plan = fused._prepare(inputs[0], fused.Head(inputs[1], inputs[2], inputs[3]), inputs[6], _bind(cfg), inputs[4],
-                          inputs[5], None, inputs[7], None, 4, None)[1]
+    plan = fused._prepare(dev[0], fused.Head(dev[1], dev[2], dev[3]), dev[6], _bind(cfg), dev[4], dev[5], None,
+                          dev[7], None, 4, None)[1]
     assert plan.triton is not None  # the kernels really run
     ref, *ref_grads = TF._dense(cfg, *inputs)
     bound = LB.head_objective(cfg, *inputs)
     assert int((inputs[6] == IGNORE_INDEX).sum()) > 0
     for chunk in (4, 7):
-        got, *grads = TF._fused(cfg, *inputs, chunk)
-        TF._close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float32,
+        got, *grads = TF._fused(cfg, *dev, chunk)
+        TF._close(_cpu([got.loss, got.clm, got.div]), [ref.loss, ref.clm, ref.div], torch.float32,
                   [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
-        TF._close(grads, ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))
+        TF._close(_cpu(grads), ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))
 
 
 def _bind(cfg):
@@ -560,14 +573,14 @@ def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss, rescale):
     B.assert_within(g, g32, 2 * gbound, msg="sparse gradient vs divergences.py")
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="runs the layer on CPU tensors, i.e. under the interpreter")
 @pytest.mark.parametrize("name,extra,samples", [("kd", {}, 0), ("kd", {}, 3), ("tad", {"k": 4}, 3),
                                                 ("tad", {"k": 4, "per_document": True}, 0)])
 def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples, monkeypatch):
     """`fused.chunked_sums` with a top-K cache teacher on the Triton kernels (`kernels.SPARSE`; here interpreted)
     against the same layer on the torch row maths: soft-capped and scaled student head with bias, masked tokens,
     chunks of 4 and 7 tokens, tail points. Two float32 evaluations of the same exact inputs, each within
-    `loss_bounds.head_objective` with the cache teacher (V = 37: one kernel block, the plain log-sum-exp)."""
+    `loss_bounds.head_objective` with the cache teacher (V = 37: one kernel block, the plain log-sum-exp). With CUDA
+    both run on the GPU (the cache on the device, labels and segment ids on the host)."""
     import test_fused as TF
 
     from tailkd.config import LossConfig
@@ -579,16 +592,18 @@ def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples,
     lead = t64.shape[:-1]
     flat = _sparse_teacher(t64.reshape(-1, t64.shape[-1]), 4, samples, seed=5)
     sp = type(flat)(*(None if x is None else x.reshape(*lead, *x.shape[1:]) for x in flat))
+    dev_sp = type(sp)(*(None if x is None else x.to(DEVICE) for x in sp))
+    h_d, w_d, b_d = (x.to(DEVICE) for x in (h_s, w_s, b_s))
     cfg = LossConfig(name=name, **extra)
     n = int((labels != IGNORE_INDEX).sum())
 
     def run(on, chunk):
-        monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu") if on else ("cuda",))
-        a, w, b = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s, b_s))
-        terms = chunked_objective(a, fused.Head(w, b, spec_s), labels, n, cfg=cfg, sparse_teacher=sp,
+        monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu") if on else ())
+        a, w, b = (x.detach().clone().requires_grad_(True) for x in (h_d, w_d, b_d))
+        terms = chunked_objective(a, fused.Head(w, b, spec_s), labels, n, cfg=cfg, sparse_teacher=dev_sp,
                                   segment_ids=seg, chunk_size=chunk)
         terms.loss.backward()
-        plan = fused._prepare(a, fused.Head(w, b, spec_s), labels, _bind(cfg), None, None, sp, seg, None, chunk,
+        plan = fused._prepare(a, fused.Head(w, b, spec_s), labels, _bind(cfg), None, None, dev_sp, seg, None, chunk,
                               None)[1]
         return terms, (a.grad, w.grad, b.grad), plan
 
@@ -597,6 +612,7 @@ def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples,
         got, grads, plan = run(True, chunk)
         ref, ref_grads, ref_plan = run(False, chunk)
         assert plan.triton == kernels.SPARSE and ref_plan.triton is None
-        TF._close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float32,
+        TF._close(_cpu([got.loss, got.clm, got.div]), _cpu([ref.loss, ref.clm, ref.div]), torch.float32,
                   [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
-        TF._close(grads, ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))
+        TF._close(_cpu(grads), _cpu(ref_grads), torch.float32, [bound.get(k) for k in ("h", "w", "b")],
+                  ("h", "w", "b"))
