@@ -318,7 +318,9 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
     div_all = torch.zeros_like(clm_all)
     grad_h = torch.zeros(h.shape, dtype=plan.cdtype, device=h.device) if need_h else None
     acc = torch.promote_types(plan.cdtype, w.dtype)
-    grad_w = torch.zeros(w_v.shape, dtype=acc, device=w.device) if need_w else None
+    # grad_W: the first chunk's product is written (β = 0), the later ones added: no zero fill of [V, d] first
+    grad_w = torch.empty(w_v.shape, dtype=acc, device=w.device) if need_w else None
+    w_written = False
     grad_b = torch.zeros(vocab, dtype=acc, device=w.device) if need_b else None
     h = h.detach()
     for a, b in plan.chunks:
@@ -330,10 +332,13 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
         if need_h:
             _matmul_into(grad_h[a:b], g_mm, w_mm, accumulate=False)  # [n, d] written in place
         if need_w:
-            _matmul_into(grad_w, g_mm.T, h[a:b].to(plan.mm_dtype), accumulate=True)  # [V, d] += Gᵀ h
+            _matmul_into(grad_w, g_mm.T, h[a:b].to(plan.mm_dtype), accumulate=w_written)  # [V, d] (+)= Gᵀ h
+            w_written = True
         if need_b:
             grad_b += g.sum(0).to(acc)
         del g, g_mm  # before the next chunk allocates its buffers: one chunk's [n, V] buffers alive at a time
+    if grad_w is not None and not w_written:  # no token
+        grad_w.zero_()
     if grad_w is not None and w.shape[0] > vocab:  # padded head rows get no gradient
         grad_w = torch.cat([grad_w, grad_w.new_zeros(w.shape[0] - vocab, w.shape[1])])
     if grad_b is not None and bias.shape[0] > vocab:
