@@ -415,3 +415,24 @@ def test_run_loss_chunk_fixes_whole_rows_of_seq_len_on_cuda(monkeypatch):
     assert run_loss_chunk(cfg, 1000, student, torch.device("cpu")) is None
     cfg.train.loss_chunk_size = 512
     assert run_loss_chunk(cfg, 1000, student, torch.device("cuda")) == 512 and len(seen) == 1
+
+
+def test_matmul_into_falls_back_where_addmm_has_no_out_dtype(monkeypatch):
+    """Where addmm's float32 out_dtype is unavailable (a torch without it: imitated, on the CPU told to try it), the
+    product is taken the plain way, once and from then on for that device."""
+    real = torch.addmm
+
+    def old_addmm(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", old_addmm)
+    monkeypatch.setattr(fused, "_WIDE_OUT", {"cuda", "cpu"})
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 5, generator=g).to(torch.bfloat16)
+    b = torch.randn(5, 4, generator=g).to(torch.bfloat16)
+    out = torch.ones(6, 4)
+    fused._matmul_into(out, a, b, accumulate=True)
+    torch.testing.assert_close(out, 1 + (a @ b).float(), rtol=0, atol=0)  # exactly the plain way's result
+    assert fused._WIDE_OUT == {"cuda"}

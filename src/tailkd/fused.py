@@ -297,8 +297,10 @@ def _matmul_into(out: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, accumula
         try:
             torch.addmm(out, m1, m2, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
             return
-        except (TypeError, RuntimeError):  # a torch without addmm's out_dtype: the plain way from now on
-            _WIDE_OUT.discard(out.device.type)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # a torch without addmm's out_dtype (or this dtype pair): the plain way
+            _WIDE_OUT.discard(out.device.type)  # from now on
     if accumulate:
         out += (m1 @ m2).to(out.dtype)
     else:
