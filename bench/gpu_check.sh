@@ -73,7 +73,8 @@ run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
         box "${1:-}" "$py" bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing \
             --sweep-chunks 16 64 --profile --out "$out/gpu_loss_layer" || status=1
     else
-        box "${1:-}" "$py" bench/bench_gpu.py --profile --out "$out/gpu_loss_layer" || status=1
+        # Liger at 2048 tokens: its fastest measured chunk on the H200 (45.2 ms; 1024: 50.0), as in RESULTS.md
+        box "${1:-}" "$py" bench/bench_gpu.py --profile --liger-chunk 2048 --out "$out/gpu_loss_layer" || status=1
     fi
 }
 run_kernels() {  # [time box] [json kept: 1 (default) or 0]
