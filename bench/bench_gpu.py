@@ -13,7 +13,8 @@ chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free m
 to the whole N-token row where it fits); Liger gets the same chunk unless --liger-chunk says otherwise. Liger has no
 TAD. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
 fused kd and tad cells again at fixed chunk sizes, a table of its own with TAD/KD per chunk: the data for the CUDA
-chunk rule's constants (`fused._GPU_CHUNK_ELEMENTS`).
+chunk rule's constants (`fused._GPU_CHUNK_ELEMENTS`). ``--profile``: then torch.profiler's per-op table of one fused
+Triton kd and tad step (device time on CUDA): where the time beyond the matmuls goes.
 
 Time: CUDA events around each forward + backward, after --warmup runs, median of --repeats (on the CPU: the host
 clock). Extra peak memory: torch.cuda.max_memory_allocated during one more run minus the allocation before it (on
