@@ -4,7 +4,8 @@
   python bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out /tmp/dry   # dry run
 
 For each launch (``--configs``, BLOCKxWARPS; `tailkd.kernels.launch`'s default first) and each loss (kd; tad K=10 and
-K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of `kernels.RESCALE_GAP`);
+K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of `kernels.RESCALE_GAP`),
+K=10 and 64 with pass 2 holding 𝒦 in registers (``ids held``: the A/B of `kernels.TAD_IDS_HELD`);
 jsd β=0.5; a top-64 cache teacher with 8 tail points), times the statistics pass and the value + gradient pass (written
 in place over the student's logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits
 [rows, V] in bf16, random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a
@@ -28,8 +29,10 @@ from pathlib import Path
 import torch
 from bench_gpu import time_once  # bench/ is this script's folder
 
-LOSSES = {"kd": (0, 0, True), "tad K=10": (3, 10, True), "tad K=10, no rescale": (3, 10, False),
-          "tad K=64": (3, 64, True), "jsd": (2, 0, True), "cache K=64": (4, 64, True)}  # (kind, K, rescale)
+LOSSES = {"kd": (0, 0, True, None), "tad K=10": (3, 10, True, None), "tad K=10, no rescale": (3, 10, False, None),
+          "tad K=10, ids held": (3, 10, True, True), "tad K=64": (3, 64, True, None),
+          "tad K=64, ids held": (3, 64, True, True), "jsd": (2, 0, True, None),
+          "cache K=64": (4, 64, True, None)}  # (kind, K, rescale, TAD pass 2's ids_held: None = the default)
 
 
 def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
@@ -53,7 +56,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     elem = rows * vocab * s.element_size()
     cells = []
     for block, warps in configs:
-        for name, (kind, k, rescale) in LOSSES.items():
+        for name, (kind, k, rescale, held) in LOSSES.items():
             loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
             cell = {"loss": name, "block": block, "warps": warps}
             try:
@@ -70,7 +73,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                                                                    block=block, warps=warps)
                         return
                     box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], w if kind == 3 else None, cd, cq,
-                                                            s, y=y, cy=cq, block=block, warps=warps)
+                                                            s, y=y, cy=cq, block=block, warps=warps, ids_held=held)
 
                 t1, t2 = [], []
                 for i in range(warmup + repeats):

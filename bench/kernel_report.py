@@ -57,12 +57,14 @@ def _variants(logits: str):
                "VALUE": "constexpr", "WRITE": "constexpr", "BLOCK": "constexpr"}
         return K._dense_kernel, sig, {"LOSS": loss, "VALUE": value, "WRITE": write}
 
-    def tad(k, write, rare=False):
+    def tad(k, write, rare=False, held=K.TAD_IDS_HELD):
+        kp = max(2, 1 << max(0, (max(k, 1) - 1).bit_length()))
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
                "ids_ptr": "*i32", "coef_ptr": "*fp32", "y_ptr": "*i64", "mode_ptr": "*i32", "value_ptr": "*fp32",
                "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_o": "i32", "K": "constexpr",
-               "WRITE": "constexpr", "RARE": "constexpr", "BLOCK": "constexpr"}
-        return K._tad_kernel, sig, {"K": k, "WRITE": write, "RARE": rare}
+               "KP": "constexpr", "WRITE": "constexpr", "RARE": "constexpr", "HELD": "constexpr",
+               "BLOCK": "constexpr"}
+        return K._tad_kernel, sig, {"K": k, "KP": kp, "WRITE": write, "RARE": rare, "HELD": held}
 
     def sparse_stats():
         sig = {"s_ptr": f"*{logits}", "ids_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "stride_s": "i32",
@@ -89,6 +91,8 @@ def _variants(logits: str):
         ("tad K=10: value", *tad(10, False)),
         ("tad K=64: value + G", *tad(64, True)),
         ("tad K=10, rare rows: value + G", *tad(10, True, rare=True)),
+        ("tad K=10, 𝒦 held (A/B): value + G", *tad(10, True, held=not K.TAD_IDS_HELD)),
+        ("tad K=64, 𝒦 held (A/B): value + G", *tad(64, True, held=not K.TAD_IDS_HELD)),
         ("cache teacher K=64: stats", *sparse_stats()),
         ("cache teacher: G", *sparse_grad()),
     ]

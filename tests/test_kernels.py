@@ -312,6 +312,39 @@ def test_tad_kernel_top_k_at_block_edges_and_clustered():
     assert same.all()
 
 
+def test_tad_ids_held_in_registers_equals_the_walk():
+    """`_tad_kernel`'s two ways of finding 𝒦's columns per block (kernels.TAD_IDS_HELD: the ids walked in memory, or
+    held in a [KP] tensor and counted per block) compute the same value and G bit for bit: the same maths on the same
+    mask. Cases: 𝒦 at block edges and clustered (the walk's turns), K = 1, a K that is no power of two, K = MAX_K,
+    the rare rows' launch (a sub-normal teacher tail), bf16 G."""
+    g = torch.Generator().manual_seed(41)
+    edges = _logits(3, 257, seed=29, dtype=torch.float64)
+    for row, cols in ((0, [0, 127, 128, 200, 201, 202, 256]), (1, [255, 256, 129, 3, 130, 131, 64]),
+                      (2, [250, 251, 252, 253, 254, 255, 256])):
+        edges[1][row, cols] = 20.0 + torch.arange(len(cols), dtype=torch.float64)
+    rare_t = torch.randn(4, 60, generator=g, dtype=torch.float64)
+    rare_t = rare_t.scatter_add(-1, torch.topk(rare_t, 3).indices, torch.full((4, 3), 100.0, dtype=torch.float64))
+    cases = [(edges, 7, None), (_logits(5, 1000, seed=43), 1, None), (_logits(5, 1000, seed=44), 10, None),
+             (_logits(3, 1000, seed=45), kernels.MAX_K, None), ((torch.randn(4, 60, generator=g), rare_t), 3, None),
+             (_logits(5, 257, seed=46, dtype=torch.bfloat16), 5, torch.bfloat16)]
+    for (s, t), k, out_dtype in cases:
+        s, t = s.float() if out_dtype is None else s, t.float() if out_dtype is None else t
+        n = s.shape[0]
+        cd, cq = _coefs(n, k)
+        y, cy = _onehot(n, s.shape[1], k)
+        s, t = s.to(DEVICE), t.to(DEVICE)
+        stats = kernels.row_stats(s, t, k, block=BLOCK)
+        w = tail_weight(stats.log_alpha.double().exp().mean().expand(n), BETA)
+        got = []
+        for held in (False, True):
+            out = torch.full(s.shape, math.nan, dtype=out_dtype or s.dtype, device=DEVICE)  # every entry written
+            value = kernels.row_values_and_grads(kernels.RowLoss(3, k=k), s, t, stats, w, cd.to(DEVICE), cq.to(DEVICE),
+                                                 out, y=y.to(DEVICE), cy=cy.to(DEVICE), block=BLOCK, ids_held=held)
+            got.append((value.cpu(), out.cpu()))
+        assert torch.isfinite(got[1][1]).all(), f"K={k}: G not written everywhere"
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), f"K={k}"
+
+
 def test_row_stats_top_k_ascending_and_paired_with_both_sides():
     """𝒦 is stored by ascending id (the walk of pass 2 relies on it) with both sides' logits in the same order, exactly
     the logits at those ids; the teacher-only pass (s = None) gives the same teacher columns bit for bit."""

@@ -124,6 +124,8 @@ class RowStats(NamedTuple):
 
 # --------------------------------------------------------------------------- the kernels
 
+TAD_IDS_HELD = False  # TAD's pass 2 finds 𝒦's columns by walking the ids in memory (measured, bench/RESULTS.md);
+# True: the ids held in registers (`_tad_kernel` HELD), not yet measured on a GPU: the A/B of bench_kernels.py
 RESCALE_GAP = 50.0  # nats: a tail log-sum-exp reuses the full one's block sums while its max is this close to the
 # full max (`_fold_rescaled`); row_stats/sparse_stats(rescale=False) pass -1: never (the A/B of bench_kernels.py)
 
@@ -336,13 +338,15 @@ if triton is not None:
 
     @triton.jit
     def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, coef_ptr, y_ptr, mode_ptr, value_ptr, V, stride_s,
-                    stride_t, stride_o, K: tl.constexpr, WRITE: tl.constexpr, RARE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    stride_t, stride_o, K: tl.constexpr, KP: tl.constexpr, WRITE: tl.constexpr, RARE: tl.constexpr,
+                    HELD: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 2 of TAD for one row. value_ptr[row] = Σ_tail p log(p/q), or (mode[0], α^T sub-normal) Σ_tail
         p̃ log(p̃/q̃). Gradient on 𝒦: c0·q − c1·p; on the tail c2·q − c3·p, or (mode[1]) c2·q + c4·q̃ − c5·p̃,
         with coef_ptr[row] = (c0..c6) and q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t)); − c6 at the label
         column y_ptr[row] (−1 = none). RARE = False does the rows on neither mode, RARE = True the others (each
-        launch skips the other's rows): the rare rows' maths in the same loop would hold ~3× the registers."""
+        launch skips the other's rows): the rare rows' maths in the same loop would hold ~3× the registers. HELD:
+        𝒦 is loaded once into a [KP] tensor and each block counts its ids there (two KP-wide reductions), instead of
+        walking the ids in global memory (a dependent scalar load per block): the A/B of `TAD_IDS_HELD`."""
         row = tl.program_id(0).to(tl.int64)
         tiny = tl.load(mode_ptr + row * 2)
         bad = tl.load(mode_ptr + row * 2 + 1)
@@ -359,10 +363,17 @@ if triton is not None:
                 m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
             ids_row = ids_ptr + row * K
             lo = 0  # 𝒦 is ascending (row_stats): ids[lo:] lie at or after this block
+            if HELD:
+                slots = tl.arange(0, KP)
+                held = tl.load(ids_row + slots, mask=slots < K, other=2147483647)  # ascending, sentinels last
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 ok = cols < V
-                hi = _walk(ids_row, lo, K, start + BLOCK)  # ids[lo:hi] lie in this block
+                if HELD:
+                    lo = tl.sum((held < start).to(tl.int32), 0)
+                    hi = tl.sum((held < start + BLOCK).to(tl.int32), 0)
+                else:
+                    hi = _walk(ids_row, lo, K, start + BLOCK)  # ids[lo:hi] lie in this block
                 top = cols < 0
                 if hi > lo:
                     top = _marked(cols, ids_row, lo, hi)
@@ -542,7 +553,7 @@ def _tad_value(stats: RowStats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
     return torch.where(tiny, top + bucket + big_w * tail_sum, top + bucket + wd * tail)
 
 
-def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch):
+def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch, held: bool):
     """TAD's pass 2: per-row coefficients ([n] torch ops), then one kernel pass for the tail sum and the gradient."""
     n, vocab = s.shape
     alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_rows(stats, w)
@@ -556,8 +567,8 @@ def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch
         coef = coef.float().contiguous()
         for rare in (False, True):  # the second launch's programs return at once unless their row is rare
             _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, coef, y, mode, tail_sum, vocab, s.stride(0),
-                              t.stride(0), o.stride(0), K=loss.k, WRITE=out is not None, RARE=rare, BLOCK=go.block,
-                              num_warps=go.warps)
+                              t.stride(0), o.stride(0), K=loss.k, KP=max(2, triton.next_power_of_2(loss.k)),
+                              WRITE=out is not None, RARE=rare, HELD=held, BLOCK=go.block, num_warps=go.warps)
     return _tad_value(stats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
 
 
@@ -574,12 +585,13 @@ def _row_coefs(cd, cq, cy, y):
 def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats: RowStats, w: torch.Tensor | None,
                          cd: torch.Tensor, cq: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
                          y: torch.Tensor | None = None, cy: torch.Tensor | None = None, block: int | None = None,
-                         warps: int | None = None) -> torch.Tensor:
+                         warps: int | None = None, ids_held: bool | None = None) -> torch.Tensor:
     """Per-row value [n] (float32; NaN on rows with a NaN logit) of ``loss`` and, when ``out`` [n, V] is given (it
     may be ``s``: in place, in s's dtype), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it: computed in float32
     and rounded once on store. ``w`` [n]: TAD's row weight β(X) (float64 allowed), None otherwise; ``cd``, ``cq``,
     ``cy`` [n] float32 (None = 0); ``y`` [n] integer label columns (the CLM's one-hot; None: no one-hot).
-    ``block``, ``warps``: as `launch`."""
+    ``block``, ``warps``: as `launch`. ``ids_held`` (TAD; None: `TAD_IDS_HELD`): how pass 2 finds 𝒦's columns.
+    """
     _check(s, t)
     go = launch(s.shape[1], s.device, block, warps)
     cd, cq, cy, y = _row_coefs(cd, cq, cy, y)
@@ -588,7 +600,7 @@ def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats:
     if loss.kind == 3:
         if w is None or stats.ids is None:
             raise ValueError("TAD needs the row weight w and row_stats(..., k) with its top-k")
-        value = _tad(loss, s, t, stats, w, cd, cq, y, cy, out, go)
+        value = _tad(loss, s, t, stats, w, cd, cq, y, cy, out, go, TAD_IDS_HELD if ids_held is None else ids_held)
     else:
         value = _dense(loss, s, t, stats, cd, cq, y, cy, out, go)
     return torch.where(stats.poisoned, math.nan, value)
