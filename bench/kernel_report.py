@@ -44,7 +44,7 @@ def _variants(logits: str):
     from tailkd import kernels as K
 
     def stats(k, student=True):
-        kp = max(2, 1 << max(0, (max(k, 1) - 1).bit_length()))
+        kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "ids_ptr": "*i32",
                "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
                "gap": "fp32", "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
@@ -58,7 +58,7 @@ def _variants(logits: str):
         return K._dense_kernel, sig, {"LOSS": loss, "VALUE": value, "WRITE": write}
 
     def tad(k, write, rare=False, held=K.TAD_IDS_HELD):
-        kp = max(2, 1 << max(0, (max(k, 1) - 1).bit_length()))
+        kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
                "ids_ptr": "*i32", "coef_ptr": "*fp32", "y_ptr": "*i64", "mode_ptr": "*i32", "value_ptr": "*fp32",
                "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_o": "i32", "K": "constexpr",

@@ -301,13 +301,20 @@ def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():
     assert same.all()
 
 
-def test_tad_kernel_top_k_at_block_edges_and_clustered():
-    """𝒦 placed where the ascending walk of `_tad_kernel` turns: column 0, both sides of a block edge (127 | 128),
-    several ids in one block, the partial last block and column V − 1; and a row whose 𝒦 is all in its last block."""
+def _block_edge_logits():
+    """(s, t) [3, 257] float64 whose teacher top-7 sits where the ascending walk of `_tad_kernel` turns: column 0, both
+    sides of a block edge (127 | 128), several ids in one block, the partial last block and column V − 1; and a row
+    whose 𝒦 is all in its last block."""
     s, t = _logits(3, 257, seed=29, dtype=torch.float64)
     for row, cols in ((0, [0, 127, 128, 200, 201, 202, 256]), (1, [255, 256, 129, 3, 130, 131, 64]),
                       (2, [250, 251, 252, 253, 254, 255, 256])):
         t[row, cols] = 20.0 + torch.arange(len(cols), dtype=torch.float64)
+    return s, t
+
+
+def test_tad_kernel_top_k_at_block_edges_and_clustered():
+    """𝒦 at block edges and clustered (`_block_edge_logits`)."""
+    s, t = _block_edge_logits()
     same = _check_tad(s.float(), t.float(), 7, seed=4)
     assert same.all()
 
@@ -318,10 +325,7 @@ def test_tad_ids_held_in_registers_equals_the_walk():
     mask. Cases: 𝒦 at block edges and clustered (the walk's turns), K = 1, a K that is no power of two, K = MAX_K,
     the rare rows' launch (a sub-normal teacher tail), bf16 G."""
     g = torch.Generator().manual_seed(41)
-    edges = _logits(3, 257, seed=29, dtype=torch.float64)
-    for row, cols in ((0, [0, 127, 128, 200, 201, 202, 256]), (1, [255, 256, 129, 3, 130, 131, 64]),
-                      (2, [250, 251, 252, 253, 254, 255, 256])):
-        edges[1][row, cols] = 20.0 + torch.arange(len(cols), dtype=torch.float64)
+    edges = _block_edge_logits()
     rare_t = torch.randn(4, 60, generator=g, dtype=torch.float64)
     rare_t = rare_t.scatter_add(-1, torch.topk(rare_t, 3).indices, torch.full((4, 3), 100.0, dtype=torch.float64))
     cases = [(edges, 7, None), (_logits(5, 1000, seed=43), 1, None), (_logits(5, 1000, seed=44), 10, None),

@@ -322,7 +322,6 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
     acc = torch.promote_types(plan.cdtype, w.dtype)
     # grad_W: the first chunk's product is written (β = 0), the later ones added: no zero fill of [V, d] first
     grad_w = torch.empty(w_v.shape, dtype=acc, device=w.device) if need_w else None
-    w_written = False
     grad_b = torch.zeros(vocab, dtype=acc, device=w.device) if need_b else None
     h = h.detach()
     for a, b in plan.chunks:
@@ -334,12 +333,12 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
         if need_h:
             _matmul_into(grad_h[a:b], g_mm, w_mm, accumulate=False)  # [n, d] written in place
         if need_w:
-            _matmul_into(grad_w, g_mm.T, h[a:b].to(plan.mm_dtype), accumulate=w_written)  # [V, d] (+)= Gᵀ h
-            w_written = True
+            _matmul_into(grad_w, g_mm.T, h[a:b].to(plan.mm_dtype), accumulate=a > 0)  # [V, d] (+)= Gᵀ h (the
+            # chunks cover [0, M) in order: the first starts at 0)
         if need_b:
             grad_b += g.sum(0).to(acc)
         del g, g_mm  # before the next chunk allocates its buffers: one chunk's [n, V] buffers alive at a time
-    if grad_w is not None and not w_written:  # no token
+    if grad_w is not None and not plan.chunks:  # no token
         grad_w.zero_()
     if grad_w is not None and w.shape[0] > vocab:  # padded head rows get no gradient
         grad_w = torch.cat([grad_w, grad_w.new_zeros(w.shape[0] - vocab, w.shape[1])])

@@ -56,7 +56,7 @@ try:  # optional: pip install tailkd[kernels]
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = tl = None
 
-__all__ = ["MAX_K", "SPARSE", "RowLoss", "RowStats", "SparseStats", "available", "losses_for", "row_stats",
+__all__ = ["MAX_K", "SPARSE", "RowLoss", "RowStats", "SparseStats", "available", "losses_for", "padded_k", "row_stats",
            "row_values_and_grads", "sparse_stats", "sparse_values_and_grads"]
 
 MAX_K = 64  # the largest teacher top-K the register buffer holds
@@ -468,6 +468,11 @@ def launch(vocab: int, device: torch.device, block: int | None = None, warps: in
     return Launch(block or min(cap, max(16, triton.next_power_of_2(vocab))), warps or 4)
 
 
+def padded_k(k: int) -> int:
+    """KP: the kernels' register buffer for a top-k (a power of two >= max(k, 2); its slots past k are padding)."""
+    return max(2, triton.next_power_of_2(max(k, 1)))
+
+
 def _check(s: torch.Tensor, t: torch.Tensor) -> None:
     if s.dim() != 2 or s.shape != t.shape or s.stride(-1) != 1 or t.stride(-1) != 1:
         raise ValueError(f"s and t must be [n, V] with unit column stride; got {tuple(s.shape)}, {tuple(t.shape)}")
@@ -489,7 +494,7 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
     s_top = torch.zeros_like(t_top) if s is None else torch.empty_like(t_top)
     if n:
         go = launch(vocab, t.device, block, warps)
-        kp = max(2, triton.next_power_of_2(max(k, 1)))
+        kp = padded_k(k)
         src = t if s is None else s
         _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, vocab, src.stride(0), t.stride(0),
                             RESCALE_GAP if rescale else -1.0, K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
@@ -567,7 +572,7 @@ def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch
         coef = coef.float().contiguous()
         for rare in (False, True):  # the second launch's programs return at once unless their row is rare
             _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, coef, y, mode, tail_sum, vocab, s.stride(0),
-                              t.stride(0), o.stride(0), K=loss.k, KP=max(2, triton.next_power_of_2(loss.k)),
+                              t.stride(0), o.stride(0), K=loss.k, KP=padded_k(loss.k),
                               WRITE=out is not None, RARE=rare, HELD=held, BLOCK=go.block, num_warps=go.warps)
     return _tad_value(stats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
 
