@@ -1,7 +1,8 @@
 """Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
 tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as the matmul wrote them, the default,
-and ``_f32`` on a float32 copy of each chunk's logits, as before that change) and Liger's compiled chunked loss (if
-liger_kernel imports).
+and ``_f32`` on a float32 copy of each chunk's logits, as before that change; ``_1024x4`` with every kernel pass at
+1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass) and Liger's compiled chunked loss
+(if liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: 41-49 s, H200
   python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
@@ -14,7 +15,9 @@ to the whole N-token row where it fits); Liger gets the same chunk unless --lige
 TAD. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
 fused kd and tad cells again at fixed chunk sizes, a table of its own with TAD/KD per chunk: the data for the CUDA
 chunk rule's constants (`fused._GPU_CHUNK_ELEMENTS`). ``--profile``: then torch.profiler's per-op table of one fused
-Triton kd and tad step (device time on CUDA): where the time beyond the matmuls goes.
+Triton kd and tad step (device time on CUDA): where the time beyond the matmuls goes; and the four head matmuls of
+one chunk alone under each BLAS library (cublas, cublaslt): their TFLOP/s at these shapes, the layer's matmul floor
+(also in OUT.json, "gemms").
 
 Time: CUDA events around each forward + backward, after --warmup runs, median of --repeats (on the CPU: the host
 clock). Extra peak memory: torch.cuda.max_memory_allocated during one more run minus the allocation before it (on
@@ -40,10 +43,12 @@ import time
 import torch
 
 LOSSES = ("kd", "tad", "jsd")
-METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton", "liger")
+METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton_1024x4",
+           "tailkd_fused_triton", "liger")
 
 
 _LOW_LOGITS = None  # tailkd.fused._low_logits, restored after each cell (main sets it)
+_CUDA_LAUNCH = None  # tailkd.kernels.CUDA_LAUNCH, likewise
 
 
 def _inputs(n, vocab, d, device, seed=0):
@@ -81,6 +86,10 @@ def _tailkd(method, loss, inputs, mm_dtype):
     fused._TRITON_DEVICES = ("cuda", "cpu") if method.startswith("tailkd_fused_triton") else ()
     if method == "tailkd_fused_triton_f32":  # the kernels on a float32 copy of each chunk's logits (before bf16)
         fused._low_logits = lambda plan, head: False
+    if method == "tailkd_fused_triton_1024x4":  # every pass at 1024 x 4, the one launch before kernels.CUDA_LAUNCH
+        from tailkd import kernels
+
+        kernels.CUDA_LAUNCH = {kind: kernels.Launch(1024, 4) for kind in _CUDA_LAUNCH}
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s[None], head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t[None], teacher_head=head_mod.Head(w_t, None, spec),
@@ -182,6 +191,10 @@ def run_cell(method, loss, inputs, device, args, chunk):
 
         fused._TRITON_DEVICES = ("cuda",)
         fused._low_logits = _LOW_LOGITS
+        if _CUDA_LAUNCH is not None:
+            from tailkd import kernels
+
+            kernels.CUDA_LAUNCH = _CUDA_LAUNCH
     return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
             "peak_bytes": peak, "chunk": used}
 
@@ -207,6 +220,51 @@ def profile_steps(inputs, device, losses=("kd", "tad"), rows=20):
             fused._TRITON_DEVICES = ("cuda",)
         print(f"== profile: tailkd_fused_triton, {loss}, one forward + backward (sorted by {key})")
         print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+
+
+def gemm_rates(inputs, device, chunk, warmup=3, repeats=10):
+    """The fused layer's four head matmuls of one ``chunk``-token chunk alone, as `tailkd.fused` issues them (student
+    and teacher logits in bf16; grad_h = G·W_S and grad_W += Gᵀ·h_S with float32 output, `fused._matmul_into`), timed
+    under each BLAS library torch offers here (``torch.backends.cuda.preferred_blas_library``: cublas, cublaslt):
+    their TFLOP/s at these shapes, and their sum over the N tokens, the layer's matmul floor to set beside its time.
+    Returns rows of dicts (printed as a table)."""
+    from tailkd import fused
+
+    h_s, w_s, h_t, w_t, _ = inputs
+    n, d = min(chunk, h_s.shape[0]), h_s.shape[1]
+    v = w_s.shape[0]
+    mm = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hs, ht, ws, wt = h_s.detach()[:n].to(mm), h_t[:n].to(mm), w_s.detach().to(mm), w_t.to(mm)
+    g = torch.empty(n, v, dtype=mm, device=device)
+    grad_h = torch.empty(n, d, dtype=torch.float32, device=device)
+    grad_w = torch.zeros(v, d, dtype=torch.float32, device=device)
+    gemms = {"student logits h_S·W_Sᵀ": lambda: hs @ ws.T, "teacher logits h_T·W_Tᵀ": lambda: ht @ wt.T,
+             "grad_h = G·W_S (fp32 out)": lambda: fused._matmul_into(grad_h, g, ws, accumulate=False),
+             "grad_W += Gᵀ·h_S (fp32 out)": lambda: fused._matmul_into(grad_w, g.T, hs, accumulate=True)}
+    libs = [None]
+    if device.type == "cuda":
+        libs = ["cublas", "cublaslt"]
+        before = torch.backends.cuda.preferred_blas_library()
+    rows = []
+    try:
+        for lib in libs:
+            if lib is not None:
+                torch.backends.cuda.preferred_blas_library(lib)
+            total = 0.0
+            for name, fn in gemms.items():
+                sec = statistics.median(_time(fn, device, warmup, repeats))
+                total += sec
+                rows.append({"blas": lib or "cpu", "gemm": name, "ms": sec * 1e3, "tflops": 2 * n * d * v / sec / 1e12})
+            rows.append({"blas": lib or "cpu", "gemm": f"all four x {h_s.shape[0] / n:g} chunks (N tokens)",
+                         "ms": total * 1e3 * h_s.shape[0] / n, "tflops": 8 * n * d * v / total / 1e12})
+    finally:
+        if device.type == "cuda":
+            torch.backends.cuda.preferred_blas_library(before)
+    print(f"== the head matmuls alone, one {n}-token chunk (d={d}, V={v}), median of {repeats}")
+    print("| blas | matmul | ms | TFLOP/s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['blas']} | {r['gemm']} | {r['ms']:.2f} | {r['tflops']:.3g} |")
+    return rows
 
 
 def _check_values(cells, device):
@@ -287,7 +345,8 @@ def main(argv=None):
                     help="Liger's chunk in tokens (default: tailkd's, the fused layer's default chunk)")
     ap.add_argument("--profile", action="store_true",
                     help="at the end, print torch.profiler's table of one fused Triton kd and tad step (by device "
-                         "time per op: where the time beyond the matmuls goes)")
+                         "time per op: where the time beyond the matmuls goes) and time the head matmuls alone "
+                         "under cublas and cublaslt")
     ap.add_argument("--sweep-chunks", type=int, nargs="*", default=None,
                     help="chunk sizes for the Triton fused kd/tad sweep (default on CUDA: 1024 2048 4096 8192)")
     args = ap.parse_args(argv)
@@ -300,8 +359,12 @@ def main(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 1)
     from tailkd import fused
 
-    global _LOW_LOGITS
+    global _LOW_LOGITS, _CUDA_LAUNCH
     _LOW_LOGITS = fused._low_logits
+    from tailkd import kernels
+
+    if kernels.available():
+        _CUDA_LAUNCH = dict(kernels.CUDA_LAUNCH)
     inputs = _inputs(args.tokens, args.vocab, args.hidden, device)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16, args.tokens)  # one row
@@ -329,6 +392,9 @@ def main(argv=None):
     print(table)
     if args.profile:
         profile_steps(inputs, device)
+        result["gemms"] = gemm_rates(inputs, device, chunk)
+        with open(args.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
     _check_values(cells, device)
     missing = [c for c in cells if "error" in c or ("skipped" in c and c["skipped"] != "n/a")]
     if missing and not args.allow_missing:

@@ -3,17 +3,19 @@
   python bench/bench_kernels.py --out bench/results/gpu_kernels          # CUDA: 2048 × 151936 bf16, ~35 s on an H200
   python bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out /tmp/dry   # dry run
 
-For each launch (``--configs``, BLOCKxWARPS; `tailkd.kernels.launch`'s default first) and each loss (kd; tad K=10 and
-K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of `kernels.RESCALE_GAP`),
-K=10 and 64 with pass 2 holding 𝒦 in registers (``ids held``: the A/B of `kernels.TAD_IDS_HELD`);
-jsd β=0.5; a top-64 cache teacher with 8 tail points), times the statistics pass and the value + gradient pass (written
-in place over the student's logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits
-[rows, V] in bf16, random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a
-row's running top-K changes ~K·ln(V/K) times). Reports the median over ``--repeats`` (CUDA events; after a warm-up that
-compiles), the bytes each pass must move (pass 1 reads s and t; pass 2 reads both and writes G; RKL/JSD read them once
-more; against the cache only s is read) as GB/s, and TAD/KD per configuration. The logits are refreshed before every
-timed repeat (pass 2 overwrites s). Exits 1 if a kernel errs. On the CPU the kernels run under Triton's interpreter
-(TRITON_INTERPRET=1 is set here): a check of the wiring, not a speed.
+For each launch (``--configs``: ``default``, each pass at its `tailkd.kernels.CUDA_LAUNCH` entry, first; then
+BLOCKxWARPS for both passes, 1024x4 being the single launch of every pass before the per-pass table) and each loss
+(kd; tad K=10 and K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of
+`kernels.RESCALE_GAP`), K=10 and 64 with pass 2 holding 𝒦 in registers (``ids held``: the A/B of
+`kernels.TAD_IDS_HELD`); jsd β=0.5; a top-64 cache teacher with 8 tail points), times the statistics pass and the
+value + gradient pass (written in place over the student's logits, as the fused layer does) on one chunk of
+``--rows`` rows: student and teacher logits [rows, V] in bf16, random normal with scale 3 (TAD's top-K and tail sums
+see a realistic number of top-K entries: a row's running top-K changes ~K·ln(V/K) times). Reports the median over
+``--repeats`` (CUDA events; after a warm-up that compiles), the bytes each pass must move (pass 1 reads s and t;
+pass 2 reads both and writes G; RKL/JSD read them once more; against the cache only s is read) as GB/s, and TAD/KD
+per configuration. The logits are refreshed before every timed repeat (pass 2 overwrites s). Exits 1 if a kernel
+errs. On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 is set here): a check of the wiring,
+not a speed.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                           ranked.indices[:, 64:], logp[:, 64:], logp[:, 64:].exp())
     elem = rows * vocab * s.element_size()
     cells = []
-    for block, warps in configs:
+    for block, warps in configs:  # (None, None): each pass at its default launch
         for name, (kind, k, rescale, held) in LOSSES.items():
             loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
             cell = {"loss": name, "block": block, "warps": warps}
@@ -104,11 +106,12 @@ def _markdown(result):
     for c in result["cells"]:
         kd = next((x for x in result["cells"] if x["loss"] == "kd" and x["block"] == c["block"]
                    and x["warps"] == c["warps"] and "error" not in x), None)
+        how = "default (per pass)" if c["block"] is None else f"{c['block']} × {c['warps']}"
         if "error" in c:
-            lines.append(f"| {c['block']} × {c['warps']} | {c['loss']} | ERROR {c['error']} | | | |")
+            lines.append(f"| {how} | {c['loss']} | ERROR {c['error']} | | | |")
             continue
         ratio = f"{c['total_s'] / kd['total_s']:.3f}" if kd else "—"
-        lines.append(f"| {c['block']} × {c['warps']} | {c['loss']} | {c['stats_s'] * 1e3:.3f} ({c['stats_gbs']:.0f}) "
+        lines.append(f"| {how} | {c['loss']} | {c['stats_s'] * 1e3:.3f} ({c['stats_gbs']:.0f}) "
                      f"| {c['grad_s'] * 1e3:.3f} ({c['grad_gbs']:.0f}) | {c['total_s'] * 1e3:.3f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -119,7 +122,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=2048, help="rows of one chunk (the fused layer's CUDA chunk)")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--configs", nargs="+", default=None,
-                    help="BLOCKxWARPS launches (default: kernels.launch's, then 2048x4 2048x8 4096x8 4096x16)")
+                    help="launches: 'default' (each pass at kernels.CUDA_LAUNCH's) or BLOCKxWARPS for both passes "
+                         "(default: default 1024x4 2048x4 2048x8 4096x8 4096x16)")
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
     ap.add_argument("--warmup", type=int, default=None, help="default 2 on CUDA, 0 on the CPU")
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
@@ -132,9 +136,8 @@ def main(argv=None):
     if not kernels.available():
         print("bench_kernels: triton is not installed", file=sys.stderr)
         return 1
-    default = kernels.launch(args.vocab, device)
-    configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs] if args.configs else \
-        list(dict.fromkeys([(default.block, default.warps), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]))
+    names = args.configs or ["default", "1024x4", "2048x4", "2048x8", "4096x8", "4096x16"]
+    configs = [(None, None) if c == "default" else tuple(int(x) for x in c.lower().split("x")) for c in names]
     repeats = args.repeats or (10 if device.type == "cuda" else 1)
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
     from importlib import metadata

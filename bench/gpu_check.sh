@@ -82,7 +82,7 @@ run_kernels() {  # [time box] [json kept: 1 (default) or 0]
     local prefix=$out/gpu_kernels
     [[ ${2:-1} == 0 ]] && prefix=$(mktemp -d)/gpu_kernels
     if [[ ${DRY:-0} == 1 ]]; then
-        box "${1:-}" "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs 128x4 --out "$prefix" \
+        box "${1:-}" "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs default 128x4 --out "$prefix" \
             || status=1
     else
         box "${1:-}" "$py" bench/bench_kernels.py --out "$prefix" || status=1

@@ -4,15 +4,15 @@
   python bench/kernel_report.py --check              # exit 1 if a variant fails to compile or spills
   python bench/kernel_report.py --arch 80 --vocab 32000 --dtype fp32 --block 2048 --warps 8 --json out.json
 
-Compiles every kernel variant that `tailkd.kernels` launches (pass 1 for KD/RKL/JSD, for TAD with K = 10 and
-K = 64, for α^T alone; pass 2 of each loss, with and without the gradient; both passes against a top-K cache
-teacher) with the installed triton's compiler and its bundled ptxas, for the launch `kernels.launch` chooses on
-CUDA (or --block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers;
-V and the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with
-triton): registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every
-chunk runs; only reported for the α^T-alone pass, which runs over split sequences alone), shared
-memory, resident warps per SM (65536 registers; the arch's warp, block and shared-memory limits), and static SASS
-counts: instructions, MUFU (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
+Compiles every kernel variant that `tailkd.kernels` launches (pass 1 for KD/RKL/JSD, for TAD with K = 10 and K = 64,
+for α^T alone; pass 2 of each loss, with and without the gradient; both passes against a top-K cache teacher) with
+the installed triton's compiler and its bundled ptxas, for the launch `kernels.launch` chooses for each pass on CUDA
+(or --block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers; V and
+the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with triton):
+registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every chunk runs;
+only reported for the α^T-alone pass, which runs over split sequences alone), shared memory, resident warps per SM
+(65536 registers; the arch's warp, block and shared-memory limits), and static SASS counts: instructions, MUFU
+(exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
 Static counts are a proxy of the work per element, not a time: the speed is measured on a GPU
 (bench/bench_kernels.py, bench/bench_gpu.py).
 
@@ -40,7 +40,8 @@ SM_LIMITS = {80: (64, 32, 164), 86: (48, 16, 100), 87: (48, 16, 164), 89: (48, 2
 
 
 def _variants(logits: str):
-    """(name, kernel, signature, constexprs) of every launch `tailkd.kernels` makes, mirrored from its torch side."""
+    """(name, pass kind for `kernels.launch`, kernel, signature, constexprs) of every launch `tailkd.kernels` makes,
+    mirrored from its torch side."""
     from tailkd import kernels as K
 
     def stats(k, student=True):
@@ -77,24 +78,24 @@ def _variants(logits: str):
         return K._sparse_grad_kernel, sig, {}
 
     return [
-        ("stats: kd/rkl/jsd", *stats(0)),
-        ("stats: tad K=10", *stats(10)),
-        ("stats: tad K=64", *stats(64)),
-        ("stats: α^T alone K=10 (split sequences only)", *stats(10, student=False)),
-        ("kd: value + G", *dense(0, True, True)),
-        ("kd: value", *dense(0, True, False)),
-        ("rkl: value", *dense(1, True, False)),
-        ("rkl: G", *dense(1, False, True)),
-        ("jsd: value", *dense(2, True, False)),
-        ("jsd: G", *dense(2, False, True)),
-        ("tad K=10: value + G", *tad(10, True)),
-        ("tad K=10: value", *tad(10, False)),
-        ("tad K=64: value + G", *tad(64, True)),
-        ("tad K=10, rare rows: value + G", *tad(10, True, rare=True)),
-        ("tad K=10, 𝒦 held (A/B): value + G", *tad(10, True, held=not K.TAD_IDS_HELD)),
-        ("tad K=64, 𝒦 held (A/B): value + G", *tad(64, True, held=not K.TAD_IDS_HELD)),
-        ("cache teacher K=64: stats", *sparse_stats()),
-        ("cache teacher: G", *sparse_grad()),
+        ("stats: kd/rkl/jsd", "stats", *stats(0)),
+        ("stats: tad K=10", "stats_topk", *stats(10)),
+        ("stats: tad K=64", "stats_topk", *stats(64)),
+        ("stats: α^T alone K=10 (split sequences only)", "stats_topk", *stats(10, student=False)),
+        ("kd: value + G", "dense", *dense(0, True, True)),
+        ("kd: value", "dense", *dense(0, True, False)),
+        ("rkl: value", "dense", *dense(1, True, False)),
+        ("rkl: G", "dense", *dense(1, False, True)),
+        ("jsd: value", "dense", *dense(2, True, False)),
+        ("jsd: G", "dense", *dense(2, False, True)),
+        ("tad K=10: value + G", "tad", *tad(10, True)),
+        ("tad K=10: value", "tad", *tad(10, False)),
+        ("tad K=64: value + G", "tad", *tad(64, True)),
+        ("tad K=10, rare rows: value + G", "tad", *tad(10, True, rare=True)),
+        ("tad K=10, 𝒦 held (A/B): value + G", "tad", *tad(10, True, held=not K.TAD_IDS_HELD)),
+        ("tad K=64, 𝒦 held (A/B): value + G", "tad", *tad(64, True, held=not K.TAD_IDS_HELD)),
+        ("cache teacher K=64: stats", "sparse", *sparse_stats()),
+        ("cache teacher: G", "sparse", *sparse_grad()),
     ]
 
 
@@ -151,9 +152,9 @@ def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int
 
     from tailkd import kernels as K
 
-    go = K.launch(vocab, torch.device("cuda"), block, warps)
     rows = []
-    for name, kernel, signature, constexprs in _variants(logits):
+    for name, kind, kernel, signature, constexprs in _variants(logits):
+        go = K.launch(vocab, torch.device("cuda"), block, warps, kind)
         constexprs = {**constexprs, "BLOCK": go.block}
         row = {"variant": name, "block": go.block, "warps": go.warps}
         try:

@@ -87,13 +87,13 @@ def _insertions(t: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _dz(t: torch.Tensor, k: int = 0, tail: bool = False) -> torch.Tensor:
+def _dz(t: torch.Tensor, k: int = 0, tail: bool = False, block: int = BLOCK) -> torch.Tensor:
     """dz per row (module docstring): 3u per online fold (blocks, and for TAD the entries leaving the top-k), 5u
     where a tail sum is kept (TAD, or ``tail``: a cache teacher's α^S): a block folded into it from the full sum's
     block sum costs two roundings more (S·e^(m − m') + B·e^(c − m'): two exps, two products, one sum); plus κ_V for
-    TAD's log-space tail masses."""
+    TAD's log-space tail masses. ``block``: the statistics pass's columns per step."""
     n, vocab = t.shape
-    folds = math.ceil(vocab / BLOCK) * torch.ones(n, dtype=torch.float64)
+    folds = math.ceil(vocab / block) * torch.ones(n, dtype=torch.float64)
     if k:
         folds = folds + _insertions(t, k) + k
     return (5 if k or tail else 3) * U * folds + (B.lse_kappa(vocab) if k else 0.0)
@@ -107,12 +107,13 @@ def _ref_grad(fn, s, t):
     return value.detach(), grad
 
 
-def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True):
-    stats = kernels.row_stats(s, t, loss.k, block=BLOCK, rescale=rescale)
+def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK)):
+    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step."""
+    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale)
     if loss.kind == 3 and w is None:
         w = tail_weight(stats.log_alpha.double().exp().mean().expand(s.shape[0]), BETA)
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
-    value = kernels.row_values_and_grads(loss, s, t, stats, w, cd, cq, out, y=y, cy=cy, block=BLOCK)
+    value = kernels.row_values_and_grads(loss, s, t, stats, w, cd, cq, out, y=y, cy=cy, block=blocks[1])
     return value.cpu(), out.cpu(), stats
 
 
@@ -154,17 +155,17 @@ def _grad_bound(gb, s, cd, cq, dz, ref_g, p_w, out_dtype, y, cy):
     return bound
 
 
-def _check_dense(name, s, t, seed, out_dtype=None):
+def _check_dense(name, s, t, seed, out_dtype=None, blocks=(BLOCK, BLOCK)):
     loss, kern, ref_fn, bound_fn = LOSSES[name]
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), out_dtype=out_dtype,
-                       y=y.to(DEVICE), cy=cy.to(DEVICE))
+                       y=y.to(DEVICE), cy=cy.to(DEVICE), blocks=blocks)
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
     q64 = torch.softmax(s.double(), -1)
     ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
-    dz = _dz(t)
+    dz = _dz(t, block=blocks[0])
     vb, gb = bound_fn(s.float(), t.float(), dz_s=dz, dz_t=dz)
     gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, torch.softmax(t.double(), -1), out_dtype or s.dtype, y,
                          cy)
@@ -206,10 +207,48 @@ def test_dense_kernels_extreme_logits(name):
     _check_dense(name, s.float(), t.float(), seed=4)
 
 
+@pytest.mark.parametrize("name", [*LOSSES, "tad"])
+def test_kernels_at_their_cuda_launch_blocks_equal_reference(name):
+    """Each pass at the columns per step `kernels.CUDA_LAUNCH` gives it on a GPU (2048 for the streaming passes,
+    1024 for TAD's top-K statistics; the other tests use 128), on rows spanning several such blocks with a partial
+    last one."""
+    s, t = _logits(3, 4500, seed=41)
+    go = kernels.CUDA_LAUNCH
+    if name == "tad":
+        _check_tad(s, t, 10, seed=6, blocks=(go["stats_topk"].block, go["tad"].block))
+    else:
+        _check_dense(name, s, t, seed=6, blocks=(go["stats"].block, go["dense"].block))
+
+
+def test_launch_per_pass(monkeypatch):
+    """On CUDA each pass takes its `CUDA_LAUNCH` entry (capped at the row's power of two; ``block``/``warps``
+    override); the interpreter takes `INTERPRETER_BLOCK`; and each entry point asks for its own pass."""
+    cuda = torch.device("cuda")
+    assert kernels.launch(151936, cuda, kind="stats_topk") == kernels.CUDA_LAUNCH["stats_topk"]
+    assert kernels.launch(151936, cuda, kind="tad") == kernels.CUDA_LAUNCH["tad"]
+    assert kernels.launch(1000, cuda, kind="dense").block == 1024  # next_power_of_2(1000) < 2048
+    assert kernels.launch(151936, cuda, block=512, warps=8, kind="stats") == (512, 8)
+    assert kernels.launch(151936, torch.device("cpu"), kind="stats") == (kernels.INTERPRETER_BLOCK, 4)
+    asked = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda *a, **kw: asked.append(a[4] if len(a) > 4 else kw["kind"])
+                        or real(*a, **kw))
+    s, t = _logits(2, 300, seed=2)
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    cd = torch.ones(2, device=DEVICE)
+    for loss in (kernels.RowLoss(0), kernels.RowLoss(3, k=4)):
+        stats = kernels.row_stats(s, t, loss.k)
+        kernels.row_values_and_grads(loss, s, t, stats, torch.ones(2, dtype=torch.float64, device=DEVICE), cd)
+    cache = _sparse_teacher(t.cpu().double(), 4, 0, 0)
+    sparse = dv.SparseTeacher(*(None if x is None else x.to(DEVICE) for x in cache))
+    kernels.sparse_values_and_grads(s, sparse, kernels.sparse_stats(s, sparse), None, cd)
+    assert asked == ["stats", "dense", "stats_topk", "tad", "sparse", "sparse"]
+
+
 # --------------------------------------------------------------------------- TAD
 
 
-def _check_tad(s, t, k, seed, out_dtype=None, rescale=True):
+def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK)):
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     s64, t64 = s.double(), t.double()
@@ -219,7 +258,7 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True):
     loss = kernels.RowLoss(3, k=k)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
-                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale)
+                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks)
     mask = torch.ones(1, n, dtype=torch.bool)
     ref_fn = lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0]  # noqa: E731
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
@@ -227,7 +266,7 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True):
     assert [sorted(r) for r in stats.ids.cpu().tolist()] == ref_ids  # 𝒦: ties to the smaller id, as the reference
     q64 = torch.softmax(s64, -1)
     ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
-    dz = _dz(t, k)
+    dz = _dz(t, k, block=blocks[0])
     vb, gb = LB.tad(s.float()[None], t.float()[None], mask, k, BETA, seq_alpha_mean=abar, dz_s=dz[None],
                     dz_t=dz[None])
     vb, gb = vb[0], gb[0]

@@ -460,12 +460,27 @@ class Launch(NamedTuple):
     warps: int
 
 
-def launch(vocab: int, device: torch.device, block: int | None = None, warps: int | None = None) -> Launch:
-    """The launch of the kernels for rows of ``vocab`` columns: on CUDA 1024 columns by 4 warps (8 per thread, no
-    spills: bench/kernel_report.py); under the CPU interpreter 128 (several blocks at test sizes). ``block`` and
-    ``warps`` override (bench/bench_kernels.py sweeps them)."""
-    cap = 1024 if device.type == "cuda" else 128
-    return Launch(block or min(cap, max(16, triton.next_power_of_2(vocab))), warps or 4)
+# On CUDA, per pass, from the launch sweep on an H200 (bench/results/h200-2026-11-30/call1_kernels.md: 2048 rows x
+# 151936 bf16, each pass timed alone, the same inputs for every launch; ms at 1024 x 4 -> 2048 x 4): the streaming
+# passes take 2048 columns x 4 warps (the statistics without a top-K 0.480 -> 0.387, KD's value + G 0.718 -> 0.617,
+# TAD's pass 2 1.863 -> 1.545; JSD's gradient pass 1.488 -> 1.526, its total still 1.965 -> 1.914), the running top-K
+# of TAD's statistics keeps 1024 x 4 (1.564 vs 1.751 at K = 10, 3.705 vs 4.127 at K = 64), and so do the cache
+# teacher's passes (0.556 vs 0.544 and 1.030 vs 1.208). RKL shares the dense kernel's launch (not timed alone). No
+# variant spills at these launches (bench/kernel_report.py).
+CUDA_LAUNCH = {"stats": Launch(2048, 4), "stats_topk": Launch(1024, 4), "dense": Launch(2048, 4),
+               "tad": Launch(2048, 4), "sparse": Launch(1024, 4)}
+INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes
+
+
+def launch(vocab: int, device: torch.device, block: int | None = None, warps: int | None = None,
+           kind: str = "dense") -> Launch:
+    """The launch of the kernels of pass ``kind`` (a key of `CUDA_LAUNCH`: "stats" / "stats_topk" = pass 1 without /
+    with TAD's top-K, "dense" = KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against
+    a cache teacher) for rows of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under the CPU interpreter
+    `INTERPRETER_BLOCK` columns by 4 warps; never more columns than the row's power of two. ``block`` and ``warps``
+    override (bench/bench_kernels.py sweeps them)."""
+    base = CUDA_LAUNCH[kind] if device.type == "cuda" else Launch(INTERPRETER_BLOCK, 4)
+    return Launch(block or min(base.block, max(16, triton.next_power_of_2(vocab))), warps or base.warps)
 
 
 def padded_k(k: int) -> int:
@@ -493,7 +508,7 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
     t_top = torch.empty(n, max(k, 1), dtype=torch.float32, device=t.device)
     s_top = torch.zeros_like(t_top) if s is None else torch.empty_like(t_top)
     if n:
-        go = launch(vocab, t.device, block, warps)
+        go = launch(vocab, t.device, block, warps, "stats_topk" if k else "stats")
         kp = padded_k(k)
         src = t if s is None else s
         _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, vocab, src.stride(0), t.stride(0),
@@ -598,7 +613,7 @@ def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats:
     ``block``, ``warps``: as `launch`. ``ids_held`` (TAD; None: `TAD_IDS_HELD`): how pass 2 finds 𝒦's columns.
     """
     _check(s, t)
-    go = launch(s.shape[1], s.device, block, warps)
+    go = launch(s.shape[1], s.device, block, warps, "tad" if loss.kind == 3 else "dense")
     cd, cq, cy, y = _row_coefs(cd, cq, cy, y)
     if out is not None and (out.shape != s.shape or out.stride(-1) != 1):
         raise ValueError(f"out must be [n, V] like s; got {tuple(out.shape)}")
@@ -633,7 +648,7 @@ def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: i
     ids, order = teacher.topk_ids.long().sort(-1)  # 𝒦 ascending (the statistics pass walks it)
     stats = torch.zeros(n, 4, dtype=torch.float32, device=s.device)
     if n:
-        go = launch(vocab, s.device, block, warps)
+        go = launch(vocab, s.device, block, warps, "sparse")
         _sparse_stats_kernel[(n,)](s, ids.to(torch.int32).contiguous(), stats, vocab, s.stride(0),
                                    RESCALE_GAP if rescale else -1.0, K=ids.shape[1],
                                    BLOCK=go.block, num_warps=go.warps)
@@ -652,7 +667,7 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
     `divergences._sparse_backward` does."""
     _check(s, s)
     n, vocab = s.shape
-    go = launch(vocab, s.device, block, warps)
+    go = launch(vocab, s.device, block, warps, "sparse")
     cd, cq0, cy, y = _row_coefs(cd, cq, cy, y)
     ids, logp_top = stats.ids, stats.logp_top
     log_at = teacher.log_tail_mass.to(torch.float32)
