@@ -6,11 +6,13 @@
 #                                     # over launch configurations) (~2.5 min on an H200)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~6.5 min: 5 runs)
 #   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
-#                                     # the loss layer beside Liger and torch.profiler's table of a kd and a tad
-#                                     # step (box 100 s; 41-49 s on an H200 before the profile was added), the
-#                                     # CUDA tests (box 100 s; 61 s), tailkd distill kd/tad x fused/dense (box
-#                                     # 340 s; teacher 15-17 s + 64-75 s per run), the launch sweep with what is
-#                                     # left (~35 s): ~8 min in all
+#                                     # the loss layer beside Liger (and beside the old single kernel launch),
+#                                     # torch.profiler's table of a kd and a tad step and the head matmuls alone
+#                                     # (box 120 s; 41-49 s on an H200 before the profile, the matmuls and the
+#                                     # 1024x4 column were added), the CUDA tests (box 100 s; 61 s), the launch
+#                                     # sweep (box 120 s), tailkd distill kd/tad fused with what is left (teacher
+#                                     # 15-17 s + 64-75 s per run; the dense runs' figures stand: their path has
+#                                     # no kernels): ~9.5 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -110,11 +112,12 @@ case $stage in
     distill) run_distill ;;                      # come back even if the lease ends during the sweeps
     all) run_tests; run_layer; run_kernels; run_distill ;;
     lease)
-        run_layer 100
+        run_layer 120
         run_tests 100
-        run_distill 340 kd_fused tad_fused kd_dense tad_dense
+        run_kernels 120 0
         left=$((585 - (SECONDS - t_start)))
-        if ((left >= 30)); then run_kernels "$left" 0; else echo "gpu_check: no time left for the launch sweep"; fi ;;
+        if ((left >= 100)); then run_distill "$left" kd_fused tad_fused
+        else echo "gpu_check: no time left for tailkd distill"; fi ;;
     *) echo "gpu_check: unknown stage '$stage' (layer, distill, lease or all)"; exit 2 ;;
 esac
 echo "gpu_check: stage $stage finished with status $status after $((SECONDS - t_start)) s"
