@@ -235,7 +235,7 @@ def gemm_rates(inputs, device, chunk, warmup=3, repeats=10):
     v = w_s.shape[0]
     mm = torch.bfloat16 if device.type == "cuda" else torch.float32
     hs, ht, ws, wt = h_s.detach()[:n].to(mm), h_t[:n].to(mm), w_s.detach().to(mm), w_t.to(mm)
-    g = torch.empty(n, v, dtype=mm, device=device)
+    g = torch.randn(n, v, dtype=mm, device=device) / v  # a logit gradient's scale (random data: realistic power draw)
     grad_h = torch.empty(n, d, dtype=torch.float32, device=device)
     grad_w = torch.zeros(v, d, dtype=torch.float32, device=device)
     gemms = {"student logits h_S·W_Sᵀ": lambda: hs @ ws.T, "teacher logits h_T·W_Tᵀ": lambda: ht @ wt.T,
