@@ -7,15 +7,16 @@ For each launch (``--configs``: ``default``, each pass at its `tailkd.kernels.CU
 BLOCKxWARPS for both passes, 1024x4 being the single launch of every pass before the per-pass table) and each loss
 (kd; tad K=10 and K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of
 `kernels.RESCALE_GAP`), K=10 and 64 with pass 2 holding 𝒦 in registers (``ids held``: the A/B of
-`kernels.TAD_IDS_HELD`); jsd β=0.5; a top-64 cache teacher with 8 tail points), times the statistics pass and the
-value + gradient pass (written in place over the student's logits, as the fused layer does) on one chunk of
-``--rows`` rows: student and teacher logits [rows, V] in bf16, random normal with scale 3 (TAD's top-K and tail sums
-see a realistic number of top-K entries: a row's running top-K changes ~K·ln(V/K) times). Reports the median over
-``--repeats`` (CUDA events; after a warm-up that compiles), the bytes each pass must move (pass 1 reads s and t;
-pass 2 reads both and writes G; RKL/JSD read them once more; against the cache only s is read) as GB/s, and TAD/KD
-per configuration. The logits are refreshed before every timed repeat (pass 2 overwrites s). Exits 1 if a kernel
-errs. On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 is set here): a check of the wiring,
-not a speed.
+`kernels.TAD_IDS_HELD`), K=10 and 64 with pass 1's top-K seeded from the row's first columns at once (``seeded``:
+the A/B of `kernels.TAD_SEED_TOPK`; the statistics time includes the seed kernel); jsd β=0.5; a top-64 cache teacher
+with 8 tail points), times the statistics pass and the value + gradient pass (written in place over the student's
+logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits [rows, V] in bf16,
+random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a row's running top-K
+changes ~K·ln(V/K) times). Reports the median over ``--repeats`` (CUDA events; after a warm-up that compiles), the
+bytes each pass must move (pass 1 reads s and t; pass 2 reads both and writes G; RKL/JSD read them once more;
+against the cache only s is read) as GB/s, and TAD/KD per configuration. The logits are refreshed before every timed
+repeat (pass 2 overwrites s). Exits 1 if a kernel errs. On the CPU the kernels run under Triton's interpreter
+(TRITON_INTERPRET=1 is set here): a check of the wiring, not a speed.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from pathlib import Path
 import torch
 from bench_gpu import time_once  # bench/ is this script's folder
 
-LOSSES = {"kd": (0, 0, True, None), "tad K=10": (3, 10, True, None), "tad K=10, no rescale": (3, 10, False, None),
-          "tad K=10, ids held": (3, 10, True, True), "tad K=64": (3, 64, True, None),
-          "tad K=64, ids held": (3, 64, True, True), "jsd": (2, 0, True, None),
-          "cache K=64": (4, 64, True, None)}  # (kind, K, rescale, TAD pass 2's ids_held: None = the default)
+LOSSES = {"kd": (0, 0, True, None, None), "tad K=10": (3, 10, True, None, None),
+          "tad K=10, no rescale": (3, 10, False, None, None), "tad K=10, ids held": (3, 10, True, True, None),
+          "tad K=10, seeded": (3, 10, True, None, True), "tad K=64": (3, 64, True, None, None),
+          "tad K=64, ids held": (3, 64, True, True, None), "tad K=64, seeded": (3, 64, True, None, True),
+          "jsd": (2, 0, True, None, None), "cache K=64": (4, 64, True, None, None)}
+# (kind, K, rescale, TAD pass 2's ids_held, TAD pass 1's seed; None = the default)
 
 
 def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
@@ -58,14 +61,14 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     elem = rows * vocab * s.element_size()
     cells = []
     for block, warps in configs:  # (None, None): each pass at its default launch
-        for name, (kind, k, rescale, held) in LOSSES.items():
+        for name, (kind, k, rescale, held, seed) in LOSSES.items():
             loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
             cell = {"loss": name, "block": block, "warps": warps}
             try:
                 def stats():
                     if kind == 4:
                         return kernels.sparse_stats(s, cache, block=block, warps=warps, rescale=rescale)
-                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale)
+                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale, seed=seed)
 
                 box = {}
 

@@ -9,8 +9,9 @@ for α^T alone; pass 2 of each loss, with and without the gradient; both passes 
 the installed triton's compiler and its bundled ptxas, for the launch `kernels.launch` chooses for each pass on CUDA
 (or --block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers; V and
 the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with triton):
-registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every chunk runs;
-only reported for the α^T-alone pass, which runs over split sequences alone), shared memory, resident warps per SM
+registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every chunk runs
+by default; only reported for the α^T-alone pass, which runs over split sequences alone, and for the A/B variants
+that a switch in `tailkd.kernels` turns on), shared memory, resident warps per SM
 (65536 registers; the arch's warp, block and shared-memory limits), and static SASS counts: instructions, MUFU
 (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
 Static counts are a proxy of the work per element, not a time: the speed is measured on a GPU
@@ -44,12 +45,18 @@ def _variants(logits: str):
     mirrored from its torch side."""
     from tailkd import kernels as K
 
-    def stats(k, student=True):
+    def stats(k, student=True, seed=K.TAD_SEED_TOPK):
         kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "ids_ptr": "*i32",
-               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
-               "gap": "fp32", "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
-        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student}
+               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "seed_ptr": "*i32", "V": "i32", "stride_s": "i32",
+               "stride_t": "i32", "gap": "fp32", "seeded": "i32", "K": "constexpr", "KP": "constexpr",
+               "STUDENT": "constexpr", "SEED": "constexpr", "BLOCK": "constexpr"}
+        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student, "SEED": bool(k) and seed}
+
+    def seed(k):
+        sig = {"t_ptr": f"*{logits}", "seed_ptr": "*i32", "V": "i32", "stride_t": "i32", "KP": "constexpr",
+               "COLS": "constexpr"}
+        return K._seed_kernel, sig, {"KP": K.padded_k(k)}
 
     def dense(loss, value, write):
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
@@ -82,6 +89,10 @@ def _variants(logits: str):
         ("stats: tad K=10", "stats_topk", *stats(10)),
         ("stats: tad K=64", "stats_topk", *stats(64)),
         ("stats: α^T alone K=10 (split sequences only)", "stats_topk", *stats(10, student=False)),
+        ("stats: tad K=10, seeded (A/B)", "stats_topk", *stats(10, seed=not K.TAD_SEED_TOPK)),
+        ("stats: tad K=64, seeded (A/B)", "stats_topk", *stats(64, seed=not K.TAD_SEED_TOPK)),
+        ("seed: tad K=10 (A/B)", "seed", *seed(10)),
+        ("seed: tad K=64 (A/B)", "seed", *seed(64)),
         ("kd: value + G", "dense", *dense(0, True, True)),
         ("kd: value", "dense", *dense(0, True, False)),
         ("rkl: value", "dense", *dense(1, True, False)),
@@ -155,7 +166,7 @@ def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int
     rows = []
     for name, kind, kernel, signature, constexprs in _variants(logits):
         go = K.launch(vocab, torch.device("cuda"), block, warps, kind)
-        constexprs = {**constexprs, "BLOCK": go.block}
+        constexprs = {**constexprs, "COLS" if "COLS" in signature else "BLOCK": go.block}  # the seed: its columns
         row = {"variant": name, "block": go.block, "warps": go.warps}
         try:
             src = ASTSource(kernel, signature, constexprs=constexprs, attrs=_attrs(kernel, signature, vocab))
@@ -203,16 +214,18 @@ def main(argv=None) -> int:
     bad = [r["variant"] for r in rows if "error" in r or (_hot(r) and (r["local"] or r["stack"]))]
     spills = [r["variant"] for r in rows if "error" not in r and not _hot(r) and (r["local"] or r["stack"])]
     if spills:
-        print(f"kernel_report: spills outside the per-chunk kernels (reported, not a failure): {', '.join(spills)}")
+        print(f"kernel_report: spills outside the default per-chunk kernels (reported, not a failure): "
+              f"{', '.join(spills)}")
     if bad:
         print(f"kernel_report: {len(bad)} variant(s) fail to compile or spill: {', '.join(bad)}", file=sys.stderr)
     return 1 if args.check and bad else 0
 
 
 def _hot(row) -> bool:
-    """Whether a variant runs on every chunk of a training step (a spill there fails --check); the α^T-alone pass
-    runs only over the tokens of sequences that span chunks (TAD's ᾱ)."""
-    return "split sequences only" not in row["variant"]
+    """Whether a variant runs on every chunk of a training step by default (a spill there fails --check); the α^T-alone
+    pass runs only over the tokens of sequences that span chunks (TAD's ᾱ), and an "(A/B)" variant only when its
+    switch in `tailkd.kernels` is flipped (then it is the default one and is checked)."""
+    return "split sequences only" not in row["variant"] and "(A/B)" not in row["variant"]
 
 
 if __name__ == "__main__":

@@ -107,9 +107,11 @@ def _ref_grad(fn, s, t):
     return value.detach(), grad
 
 
-def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK)):
-    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step."""
-    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale)
+def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK),
+         seeded=False):
+    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step; ``seeded``: TAD's
+    top-k seeded by `kernels._seed_kernel` (`kernels.TAD_SEED_TOPK`)."""
+    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale, seed=seeded)
     if loss.kind == 3 and w is None:
         w = tail_weight(stats.log_alpha.double().exp().mean().expand(s.shape[0]), BETA)
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
@@ -248,7 +250,7 @@ def test_launch_per_pass(monkeypatch):
 # --------------------------------------------------------------------------- TAD
 
 
-def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK)):
+def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK), seeded=False):
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     s64, t64 = s.double(), t.double()
@@ -258,7 +260,8 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
     loss = kernels.RowLoss(3, k=k)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
-                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks)
+                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks,
+                           seeded=seeded)
     mask = torch.ones(1, n, dtype=torch.bool)
     ref_fn = lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0]  # noqa: E731
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
@@ -303,10 +306,8 @@ def test_tad_kernel_bf16_inputs_and_gradient():
     _check_tad(s, t, 5, seed=2, out_dtype=torch.bfloat16)
 
 
-def test_tad_kernel_extreme_logits_ties_and_minus_inf():
-    """±1e4 offsets; teacher −inf entries (p = 0, some of them inside the first k columns, which the running top-k
-    starts from); a row of tied teacher logits (𝒦 = the k smallest ids, as the reference); increasing teacher logits
-    (every column enters the top-k: the most evictions)."""
+def _extreme_logits():
+    """(s, t) [6, 257] float64 of `test_tad_kernel_extreme_logits_ties_and_minus_inf`."""
     s, t = _logits(6, 257, seed=17, dtype=torch.float64)
     s = s + torch.tensor([1e4, -1e4, 0, 0, 5e3, 0], dtype=torch.float64)[:, None]
     t = t + torch.tensor([-1e4, 1e4, 0, 0, 0, 0], dtype=torch.float64)[:, None]
@@ -314,7 +315,17 @@ def test_tad_kernel_extreme_logits_ties_and_minus_inf():
     t[2, 150:170] = -math.inf
     t[3] = torch.round(t[3])  # many ties, also at the k-th value
     t[4] = torch.linspace(-5, 5, 257, dtype=torch.float64)
-    same = _check_tad(s.float(), t.float(), 5, seed=6)
+    return s, t
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_tad_kernel_extreme_logits_ties_and_minus_inf(seeded):
+    """±1e4 offsets; teacher −inf entries (p = 0, some of them inside the first k columns, which the running top-k
+    starts from); a row of tied teacher logits (𝒦 = the k smallest ids, as the reference); increasing teacher logits
+    (every column enters the top-k: the most evictions). ``seeded``: the top-k of the first 256 columns found at once
+    (`kernels.TAD_SEED_TOPK`)."""
+    s, t = _extreme_logits()
+    same = _check_tad(s.float(), t.float(), 5, seed=6, seeded=seeded)
     assert same[[0, 1, 2, 4, 5]].all()  # rows without ties: the same 𝒦 as divergences.py
 
 
@@ -351,11 +362,44 @@ def _block_edge_logits():
     return s, t
 
 
-def test_tad_kernel_top_k_at_block_edges_and_clustered():
-    """𝒦 at block edges and clustered (`_block_edge_logits`)."""
+@pytest.mark.parametrize("seeded", [False, True])
+def test_tad_kernel_top_k_at_block_edges_and_clustered(seeded):
+    """𝒦 at block edges and clustered (`_block_edge_logits`); ``seeded`` as above (the seeded columns end at 256:
+    rows 1 and 2 have 𝒦 on both sides of that edge)."""
     s, t = _block_edge_logits()
-    same = _check_tad(s.float(), t.float(), 7, seed=4)
+    same = _check_tad(s.float(), t.float(), 7, seed=4, seeded=seeded)
     assert same.all()
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 64])
+def test_tad_seeded_top_k_equals_the_walk(k):
+    """`kernels.TAD_SEED_TOPK`: the running top-k seeded by `_seed_kernel` (the top-k of the first 256 columns here,
+    found at once) gives the walk's 𝒦 and both sides' values on it exactly, and the same statistics within their
+    roundings (each fold ≤ 3u relative to its sum: the module docstring's dz for both), on ties across the k-th place,
+    ±0 at the top (equal, as float comparisons have them), −inf entries, rows shorter than the seeded columns and
+    rows of several seeded blocks, with and without the student side (α^T alone)."""
+    s, t = _logits(5, 1000, seed=k + 50, dtype=torch.float64)
+    t[0, :300] = torch.round(t[0, :300])  # ties, also at the k-th value
+    t[1] = -t[1].abs()
+    t[1, [3, 70, 140, 600]] = torch.tensor([-0.0, 0.0, -0.0, 0.0], dtype=torch.float64)  # ±0 ties on top
+    t[2, 2:40] = -math.inf
+    t[3, 100:] = -math.inf  # the top-k all in the seeded columns
+    t[4, :260] = -10.0  # the top-k all past them
+    for side in (s, None):
+        for short in (False, True):  # short: rows of 200 columns, less than the seeded 256
+            cut = slice(0, 200 if short else 1000)
+            s_, t_ = (None if side is None else side[:, cut].float().to(DEVICE)), t[:, cut].float().to(DEVICE)
+            walk = kernels.row_stats(s_, t_, k, block=BLOCK, seed=False)
+            sown = kernels.row_stats(s_, t_, k, block=BLOCK, seed=True)
+            assert torch.equal(walk.ids, sown.ids) and torch.equal(walk.t_top, sown.t_top)
+            assert torch.equal(walk.s_top, sown.s_top)
+            dz = _dz(t[:, cut], k, block=BLOCK)
+            for col in range(0, 8, 2):  # (m, log S) pairs: all, and the tails, of each side
+                a, b = walk.stats[:, col:col + 2].cpu().double(), sown.stats[:, col:col + 2].cpu().double()
+                assert torch.equal(a[:, 0], b[:, 0])  # maxima are exact
+                finite = torch.isfinite(a[:, 1])
+                assert torch.equal(finite, torch.isfinite(b[:, 1]))
+                B.assert_within(b[finite, 1], a[finite, 1], 2 * dz[finite], msg=f"log S, column {col + 1}")
 
 
 def test_tad_ids_held_in_registers_equals_the_walk():

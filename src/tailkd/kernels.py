@@ -126,6 +126,9 @@ class RowStats(NamedTuple):
 
 TAD_IDS_HELD = False  # TAD's pass 2 finds 𝒦's columns by walking the ids in memory (measured, bench/RESULTS.md);
 # True: the ids held in registers (`_tad_kernel` HELD), not yet measured on a GPU: the A/B of bench_kernels.py
+TAD_SEED_TOPK = False  # TAD's pass 1 starts its running top-K from the first K columns (measured); True: from the top-K
+# of the row's first columns found at once by `_seed_kernel` (tl.topk), ~K·ln(4096/K) insertions fewer per row; not
+# yet measured on a GPU: the A/B of bench_kernels.py
 RESCALE_GAP = 50.0  # nats: a tail log-sum-exp reuses the full one's block sums while its max is this close to the
 # full max (`_fold_rescaled`); row_stats/sparse_stats(rescale=False) pass -1: never (the A/B of bench_kernels.py)
 
@@ -199,13 +202,33 @@ if triton is not None:
         return s, t, lq, lp, tl.exp(lq), tl.exp(lp)
 
     @triton.jit
-    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t, gap,
-                      K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, BLOCK: tl.constexpr):
+    def _seed_kernel(t_ptr, seed_ptr, V, stride_t, KP: tl.constexpr, COLS: tl.constexpr):
+        """TAD's pass-1 seed of one row: the KP largest of its first COLS columns by (t descending, id ascending),
+        found at once, their ids stored in that order in seed_ptr[row, :KP] (so slot K − 1 holds the K-th, the
+        set's boundary). Each column's key packs an order-keeping integer image of t (−0 as +0, so that ±0 tie as
+        float comparisons do) above its inverted id; the keys are distinct, and tl.topk sorts the largest KP; columns
+        past V and NaN never rank (slots past the valid columns hold no id: the caller reads slots < K < V)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, COLS)
+        ok = cols < V
+        t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        bits = tl.where(t == 0.0, 0.0, t).to(tl.int32, bitcast=True)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        keys = tl.where(ok & (t == t), (ordered << 32) | (4294967295 - cols.to(tl.int64)), -9223372036854775807 - 1)
+        top = tl.topk(keys, KP)
+        tl.store(seed_ptr + row * KP + tl.arange(0, KP), (4294967295 - (top & 4294967295)).to(tl.int32))
+
+    @triton.jit
+    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, seed_ptr, V, stride_s, stride_t, gap,
+                      seeded, K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, SEED: tl.constexpr,
+                      BLOCK: tl.constexpr):
         """Pass 1 of one row: (m, log S) of s and t; with K > 0 the teacher's running top-K (initially the first K
         columns; a column enters when its t is larger than the buffer's minimum, which leaves: the smallest, and
         among equal ones the latest id) and the tail log-sum-exps of both sides over what is not in the buffer,
         stored by ascending id. STUDENT = False: the teacher's statistics only (s is not read; its columns stay
-        0)."""
+        0). SEED: the buffer starts as `_seed_kernel`'s top-K of the first ``seeded`` columns (a multiple of BLOCK,
+        or V), whose blocks then split into 𝒦 and tail by the K-th entry (t_k, i_k) with no insertion; 𝒦 is the
+        same either way: the top-K by (t descending, id ascending)."""
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
         offs = tl.arange(0, BLOCK)
@@ -215,10 +238,17 @@ if triton is not None:
         sum_t, sum_st, sum_tt = sum_s, sum_s, sum_s
         slots = tl.arange(0, KP)
         real = slots < K
-        buf_t = tl.load(t_row + slots, mask=real, other=float("inf")).to(tl.float32)
+        if SEED:
+            buf_i = tl.load(seed_ptr + row * KP + slots)
+            i_k = tl.load(seed_ptr + row * KP + K - 1)
+            t_k = tl.load(t_row + i_k).to(tl.float32)
+        else:
+            buf_i = slots
+            i_k = -1
+            t_k = float("inf")
+        buf_t = tl.load(t_row + buf_i, mask=real, other=float("inf")).to(tl.float32)
         if STUDENT:
-            buf_s = tl.load(s_row + slots, mask=real, other=0.0).to(tl.float32)
-        buf_i = slots
+            buf_s = tl.load(s_row + buf_i, mask=real, other=0.0).to(tl.float32)
         thr = tl.min(buf_t, 0)  # the buffer's minimum
         for start in range(0, V, BLOCK):
             cols = start + offs
@@ -231,11 +261,17 @@ if triton is not None:
                 # scalars are carried through the while loop (the last entry taken, (lv, lc)): a block-sized tensor
                 # carried there would cost a layout conversion per step. Most blocks hold no entry above thr: the
                 # block maximum of the log-sum-exp says so without another reduction.
-                later = ok & (cols >= K)
+                if SEED:  # (constexpr branches: the unseeded kernel compiles as before the seed existed)
+                    seeded_block = start < seeded  # its members are known: (t, −id) ≥ (t_k, −i_k)
+                    later = ok & ((cols >= K) | seeded_block)
+                    search = (t_max > thr) & (start >= seeded)
+                else:
+                    later = ok & (cols >= K)  # the first K columns are the initial buffer
+                    search = t_max > thr
                 thr0 = thr
                 lv = float("inf")
                 lc = -1
-                if t_max > thr:
+                if search:
                     best = tl.max(tl.where(later & (t > thr), t, float("-inf")), 0)
                     while best > thr:
                         after = (t < lv) | ((t == lv) & (cols > lc))
@@ -253,12 +289,15 @@ if triton is not None:
                         thr = tl.min(buf_t, 0)
                         after = (t < lv) | ((t == lv) & (cols > lc))
                         best = tl.max(tl.where(later & (t > thr) & after, t, float("-inf")), 0)
+                none = (lv == float("inf")) & (start >= K)  # nothing entered
+                if SEED:
+                    none = tl.where(seeded_block, t_max < t_k, none)
                 # The tail's share of the block: where nothing entered (past the first block) it is the whole
                 # block, whose sums the log-sum-exps above already took; rescaled to the tail's shift they cost no
                 # exp per entry. That needs the tail's max within ``gap`` (RESCALE_GAP) nats of the full one
                 # (entries 87 nats below the full max flush to 0: then ≥ 37 nats below the tail max, < 1e-16 of it
                 # each); else, and where entries entered, the tail folds its own entries.
-                plain = (lv == float("inf")) & (start >= K) & (shift_t - tl.maximum(m_tt, t_max) < gap)
+                plain = none & (shift_t - tl.maximum(m_tt, t_max) < gap)
                 if STUDENT:
                     plain = plain & (shift_s - tl.maximum(m_st, s_max) < gap)
                 if plain:
@@ -267,6 +306,8 @@ if triton is not None:
                         m_st, sum_st = _fold_rescaled(m_st, sum_st, s_max, shift_s, block_s)
                 else:
                     taken = later & (t > thr0) & ((t > lv) | ((t == lv) & (cols <= lc)))  # what entered, in order
+                    if SEED:
+                        taken = tl.where(seeded_block, (t > t_k) | ((t == t_k) & (cols <= i_k)), taken)
                     rest = later & ~taken
                     m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
                     if STUDENT:
@@ -468,18 +509,21 @@ class Launch(NamedTuple):
 # teacher's passes (0.556 vs 0.544 and 1.030 vs 1.208). RKL shares the dense kernel's launch (not timed alone). No
 # variant spills at these launches (bench/kernel_report.py).
 CUDA_LAUNCH = {"stats": Launch(2048, 4), "stats_topk": Launch(1024, 4), "dense": Launch(2048, 4),
-               "tad": Launch(2048, 4), "sparse": Launch(1024, 4)}
-INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes
+               "tad": Launch(2048, 4), "sparse": Launch(1024, 4),
+               "seed": Launch(4096, 8)}  # `_seed_kernel`'s columns (TAD_SEED_TOPK, A/B; not timed yet)
+INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes (the seed: two)
 
 
 def launch(vocab: int, device: torch.device, block: int | None = None, warps: int | None = None,
            kind: str = "dense") -> Launch:
     """The launch of the kernels of pass ``kind`` (a key of `CUDA_LAUNCH`: "stats" / "stats_topk" = pass 1 without /
     with TAD's top-K, "dense" = KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against
-    a cache teacher) for rows of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under the CPU interpreter
-    `INTERPRETER_BLOCK` columns by 4 warps; never more columns than the row's power of two. ``block`` and ``warps``
+    a cache teacher, "seed" = `_seed_kernel`, whose block is the columns it seeds) for rows of ``vocab`` columns: on
+    CUDA `CUDA_LAUNCH`'s, under the CPU interpreter `INTERPRETER_BLOCK` columns (the seed: twice that) by 4 warps;
+    never more columns than the row's power of two. ``block`` and ``warps``
     override (bench/bench_kernels.py sweeps them)."""
-    base = CUDA_LAUNCH[kind] if device.type == "cuda" else Launch(INTERPRETER_BLOCK, 4)
+    base = (CUDA_LAUNCH[kind] if device.type == "cuda"
+            else Launch(INTERPRETER_BLOCK * (2 if kind == "seed" else 1), 4))
     return Launch(block or min(base.block, max(16, triton.next_power_of_2(vocab))), warps or base.warps)
 
 
@@ -494,11 +538,13 @@ def _check(s: torch.Tensor, t: torch.Tensor) -> None:
 
 
 def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int | None = None,
-              warps: int | None = None, rescale: bool = True) -> RowStats:
+              warps: int | None = None, rescale: bool = True, seed: bool | None = None) -> RowStats:
     """Pass 1 over rows s, t [n, V] (student and teacher logits at the loss's temperature); ``k`` > 0: TAD's
     teacher top-k (ids ascending, int32) and tail statistics. ``s`` None: the teacher's statistics only (the
     student columns of ``stats`` are 0; what α^T needs, one read of t). ``rescale`` False: the tail sums fold every
-    block themselves (`RESCALE_GAP`)."""
+    block themselves (`RESCALE_GAP`). ``seed`` (None: `TAD_SEED_TOPK`): the top-k of the row's first columns
+    (`launch`'s "seed" block, where it spans whole statistics blocks) found at once by `_seed_kernel` first, then
+    insertions only past them — the same 𝒦, the tail sums within their roundings."""
     _check(t if s is None else s, t)
     if not 0 <= k <= MAX_K or (k and k >= t.shape[1]):
         raise ValueError(f"k must be in [0, {MAX_K}] and < V={t.shape[1]}; got {k}")
@@ -511,9 +557,15 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
         go = launch(vocab, t.device, block, warps, "stats_topk" if k else "stats")
         kp = padded_k(k)
         src = t if s is None else s
-        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, vocab, src.stride(0), t.stride(0),
-                            RESCALE_GAP if rescale else -1.0, K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
-                            num_warps=go.warps)
+        seeds, seeded = ids, 0
+        if k and (TAD_SEED_TOPK if seed is None else seed):
+            sow = launch(vocab, t.device, kind="seed")  # its block: the seeded columns (whole statistics blocks)
+            if sow.block >= max(kp, go.block):
+                seeds, seeded = torch.empty(n, kp, dtype=torch.int32, device=t.device), min(sow.block, vocab)
+                _seed_kernel[(n,)](t, seeds, vocab, t.stride(0), KP=kp, COLS=sow.block, num_warps=sow.warps)
+        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, seeds, vocab, src.stride(0), t.stride(0),
+                            RESCALE_GAP if rescale else -1.0, seeded, K=k, KP=kp, STUDENT=s is not None,
+                            SEED=seeded > 0, BLOCK=go.block, num_warps=go.warps)
     if not k:
         return RowStats(stats)
     return RowStats(stats, ids, t_top, s_top)
