@@ -9,8 +9,9 @@
 #                                     # the loss layer beside Liger (and beside the old single kernel launch),
 #                                     # torch.profiler's table of a kd and a tad step and the head matmuls alone
 #                                     # (box 120 s; 41-49 s on an H200 before the profile, the matmuls and the
-#                                     # 1024x4 column were added), the CUDA tests (box 100 s; 61 s), the launch
-#                                     # sweep (box 120 s), tailkd distill kd/tad fused with what is left (teacher
+#                                     # 1024x4 column were added), the CUDA tests (box 100 s; 61 s), the kernels
+#                                     # alone at the per-pass default and at 1024x4 (box 120 s; the other launches
+#                                     # were swept on 2026-11-30), tailkd distill kd/tad fused with what is left (teacher
 #                                     # 15-17 s + 64-75 s per run; the dense runs' figures stand: their path has
 #                                     # no kernels): ~9.5 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
@@ -79,15 +80,16 @@ run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
         box "${1:-}" "$py" bench/bench_gpu.py --profile --liger-chunk 2048 --out "$out/gpu_loss_layer" || status=1
     fi
 }
-run_kernels() {  # [time box] [json kept: 1 (default) or 0]
+run_kernels() {  # [time box] [json kept: 1 (default) or 0] [launches...: bench_kernels --configs]
     echo "== the row kernels alone over launch configurations (bench/bench_kernels.py)"
     local prefix=$out/gpu_kernels
     [[ ${2:-1} == 0 ]] && prefix=$(mktemp -d)/gpu_kernels
+    local configs=(); (($# > 2)) && configs=(--configs "${@:3}")
     if [[ ${DRY:-0} == 1 ]]; then
         box "${1:-}" "$py" bench/bench_kernels.py --device cpu --rows 4 --vocab 1000 --configs default 128x4 --out "$prefix" \
             || status=1
     else
-        box "${1:-}" "$py" bench/bench_kernels.py --out "$prefix" || status=1
+        box "${1:-}" "$py" bench/bench_kernels.py "${configs[@]}" --out "$prefix" || status=1
     fi
     [[ -f $prefix.md && $prefix != "$out/gpu_kernels" ]] && cp "$prefix.md" "$out/gpu_kernels.md"
 }
@@ -114,7 +116,7 @@ case $stage in
     lease)
         run_layer 120
         run_tests 100
-        run_kernels 120 0
+        run_kernels 120 0 default 1024x4  # the per-pass default (with the A/B rows) beside the old single launch
         left=$((585 - (SECONDS - t_start)))
         if ((left >= 100)); then run_distill "$left" kd_fused tad_fused
         else echo "gpu_check: no time left for tailkd distill"; fi ;;
