@@ -520,8 +520,8 @@ def launch(vocab: int, device: torch.device, block: int | None = None, warps: in
     with TAD's top-K, "dense" = KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against
     a cache teacher, "seed" = `_seed_kernel`, whose block is the columns it seeds) for rows of ``vocab`` columns: on
     CUDA `CUDA_LAUNCH`'s, under the CPU interpreter `INTERPRETER_BLOCK` columns (the seed: twice that) by 4 warps;
-    never more columns than the row's power of two. ``block`` and ``warps``
-    override (bench/bench_kernels.py sweeps them)."""
+    never more columns than the row's power of two. ``block`` and ``warps`` override (bench/bench_kernels.py sweeps
+    them)."""
     base = (CUDA_LAUNCH[kind] if device.type == "cuda"
             else Launch(INTERPRETER_BLOCK * (2 if kind == "seed" else 1), 4))
     return Launch(block or min(base.block, max(16, triton.next_power_of_2(vocab))), warps or base.warps)
