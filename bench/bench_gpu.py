@@ -1,8 +1,9 @@
 """Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
 tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as the matmul wrote them, the default,
 and ``_f32`` on a float32 copy of each chunk's logits, as before that change; ``_1024x4`` with every kernel pass at
-1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass) and Liger's compiled chunked loss
-(if liger_kernel imports).
+1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass; ``_tad_ab`` with TAD's two A/B
+switches of `tailkd.kernels` flipped, `TAD_SEED_TOPK` and `TAD_IDS_HELD`: the layer-level effect of what
+bench_kernels.py times alone) and Liger's compiled chunked loss (if liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: 41-49 s, H200
   python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
@@ -44,11 +45,13 @@ import torch
 
 LOSSES = ("kd", "tad", "jsd")
 METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton_1024x4",
-           "tailkd_fused_triton", "liger")
+           "tailkd_fused_triton", "tailkd_fused_triton_tad_ab", "liger")
+_TAD_AB = ("TAD_SEED_TOPK", "TAD_IDS_HELD")  # tailkd.kernels' A/B switches of TAD's two passes
 
 
 _LOW_LOGITS = None  # tailkd.fused._low_logits, restored after each cell (main sets it)
 _CUDA_LAUNCH = None  # tailkd.kernels.CUDA_LAUNCH, likewise
+_TAD_AB_DEFAULTS = {}  # tailkd.kernels' _TAD_AB switches, likewise
 
 
 def _inputs(n, vocab, d, device, seed=0):
@@ -90,6 +93,11 @@ def _tailkd(method, loss, inputs, mm_dtype):
         from tailkd import kernels
 
         kernels.CUDA_LAUNCH = {kind: kernels.Launch(1024, 4) for kind in _CUDA_LAUNCH}
+    if method == "tailkd_fused_triton_tad_ab":  # TAD's passes with their A/B variants switched (restored per cell)
+        from tailkd import kernels
+
+        for name in _TAD_AB:
+            setattr(kernels, name, not _TAD_AB_DEFAULTS[name])
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s[None], head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t[None], teacher_head=head_mod.Head(w_t, None, spec),
@@ -118,6 +126,8 @@ def _step(method, loss, inputs, mm_dtype, chunk):
 
 def _cell_skip(method, loss, device):
     """Why a cell cannot run here, or None."""
+    if method == "tailkd_fused_triton_tad_ab" and loss != "tad":
+        return "n/a"  # TAD's A/B variants: the other losses run the same kernels as tailkd_fused_triton
     if method == "liger":
         if loss == "tad":
             return "n/a"  # Liger has no TAD: not a missing cell
@@ -195,6 +205,8 @@ def run_cell(method, loss, inputs, device, args, chunk):
             from tailkd import kernels
 
             kernels.CUDA_LAUNCH = _CUDA_LAUNCH
+            for name, default in _TAD_AB_DEFAULTS.items():
+                setattr(kernels, name, default)
     return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
             "peak_bytes": peak, "chunk": used}
 
@@ -365,6 +377,7 @@ def main(argv=None):
 
     if kernels.available():
         _CUDA_LAUNCH = dict(kernels.CUDA_LAUNCH)
+        _TAD_AB_DEFAULTS.update({name: getattr(kernels, name) for name in _TAD_AB})
     inputs = _inputs(args.tokens, args.vocab, args.hidden, device)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16, args.tokens)  # one row
