@@ -8,7 +8,11 @@ import socket
 import subprocess
 import sys
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT from a C++ std::terminate, as one gloo rank once
+# was at the end of a resumed run, not reproduced since) prints every thread's Python stack into the stderr a failing
+# run_cli shows
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONFAULTHANDLER": "1"}
 
 
 def free_port() -> int:
