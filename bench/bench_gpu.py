@@ -74,7 +74,7 @@ def _cfg(loss):
 
 
 def _tailkd(method, loss, inputs, mm_dtype):
-    from tailkd import fused
+    from tailkd import fused, kernels
     from tailkd import head as head_mod
     from tailkd.objective import chunked_objective, objective
 
@@ -90,12 +90,8 @@ def _tailkd(method, loss, inputs, mm_dtype):
     if method == "tailkd_fused_triton_f32":  # the kernels on a float32 copy of each chunk's logits (before bf16)
         fused._low_logits = lambda plan, head: False
     if method == "tailkd_fused_triton_1024x4":  # every pass at 1024 x 4, the one launch before kernels.CUDA_LAUNCH
-        from tailkd import kernels
-
         kernels.CUDA_LAUNCH = {kind: kernels.Launch(1024, 4) for kind in _CUDA_LAUNCH}
     if method == "tailkd_fused_triton_tad_ab":  # TAD's passes with their A/B variants switched (restored per cell)
-        from tailkd import kernels
-
         for name in _TAD_AB:
             setattr(kernels, name, not _TAD_AB_DEFAULTS[name])
     spec = head_mod.HeadSpec(vocab)

@@ -373,11 +373,12 @@ def test_tad_kernel_top_k_at_block_edges_and_clustered(seeded):
 
 @pytest.mark.parametrize("k", [1, 5, 10, 64])
 def test_tad_seeded_top_k_equals_the_walk(k):
-    """`kernels.TAD_SEED_TOPK`: the running top-k seeded by `_seed_kernel` (the top-k of the first 256 columns here,
-    found at once) gives the walk's 𝒦 and both sides' values on it exactly, and the same statistics within their
-    roundings (each fold ≤ 3u relative to its sum: the module docstring's dz for both), on ties across the k-th place,
-    ±0 at the top (equal, as float comparisons have them), −inf entries, rows shorter than the seeded columns and
-    rows of several seeded blocks, with and without the student side (α^T alone)."""
+    """`kernels.TAD_SEED_TOPK`: the running top-k seeded by `_seed_kernel` (the top-k of the first 256 columns under the
+    interpreter, of the whole row on a GPU, found at once) gives the walk's 𝒦 and both sides' values on it exactly, and
+    the same statistics within their roundings (each fold ≤ 3u relative to its sum: the module docstring's dz for both),
+    on ties across the k-th place, ±0 at the top (equal, as float comparisons have them), −inf entries, rows shorter
+    than the seeded columns and (interpreted) rows of several seeded blocks, with and without the student side (α^T
+    alone)."""
     s, t = _logits(5, 1000, seed=k + 50, dtype=torch.float64)
     t[0, :300] = torch.round(t[0, :300])  # ties, also at the k-th value
     t[1] = -t[1].abs()

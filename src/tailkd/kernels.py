@@ -238,14 +238,11 @@ if triton is not None:
         sum_t, sum_st, sum_tt = sum_s, sum_s, sum_s
         slots = tl.arange(0, KP)
         real = slots < K
+        buf_i = slots
         if SEED:
             buf_i = tl.load(seed_ptr + row * KP + slots)
             i_k = tl.load(seed_ptr + row * KP + K - 1)
             t_k = tl.load(t_row + i_k).to(tl.float32)
-        else:
-            buf_i = slots
-            i_k = -1
-            t_k = float("inf")
         buf_t = tl.load(t_row + buf_i, mask=real, other=float("inf")).to(tl.float32)
         if STUDENT:
             buf_s = tl.load(s_row + buf_i, mask=real, other=0.0).to(tl.float32)
@@ -263,7 +260,7 @@ if triton is not None:
                 # block maximum of the log-sum-exp says so without another reduction.
                 if SEED:  # (constexpr branches: the unseeded kernel compiles as before the seed existed)
                     seeded_block = start < seeded  # its members are known: (t, −id) ≥ (t_k, −i_k)
-                    later = ok & ((cols >= K) | seeded_block)
+                    later = ok  # no initial buffer to skip; past the seeded columns (≥ K of them) cols ≥ K anyway
                     search = (t_max > thr) & (start >= seeded)
                 else:
                     later = ok & (cols >= K)  # the first K columns are the initial buffer
