@@ -608,6 +608,83 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
     B.assert_within(gw, rw, bound_w, msg="∂W")
 
 
+@pytest.mark.parametrize("size", ["small", pytest.param("large", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA: the two streams really run side by side"))])
+@pytest.mark.parametrize("name,extra", [("kd", {}), ("tad", {"k": 4}), ("jsd", {"jsd_beta": 0.3}), ("rkl", {})])
+def test_overlapped_chunk_equals_the_plain_chunk(name, extra, size, monkeypatch):
+    """`fused.OVERLAP`: a chunk's row passes on a side stream, part by part, overlapping its matmuls
+    (`fused._overlapped_chunk`), against the same layer on one stream. The logits are small integers (h and W
+    entries in {−1, 0, 1}, |z| <= d <= 256), exact in bf16 whatever order a matmul sums in, and the kernels work row by
+    row, so the values and G are the same numbers on both sides: the loss, Σ CLM and Σ D must be equal bit for bit
+    — TAD's β(X) from whole rows split across parts included (a part-wise β would change them). ∂W is one matmul
+    over the chunk on both sides, ∂h one per part against one per chunk: they may differ by two evaluations of the
+    same products in other orders — each rounded to bf16 on the CPU (u_bf16) and accumulated in float32 (γ_V) —
+    times SAFETY, with |G| recorded from the one-stream side. "small" (CPU: the schedule on one stream, under the
+    interpreter; CUDA: two streams): chunks of 7 tokens (four parts, and a last chunk too small to split, on the
+    plain path) and one chunk; "large" (CUDA only): 4096 tokens × V = 32768 in four parts of 1024 rows at the
+    default part size, where a missing wait between the streams would be read as garbage."""
+    from tailkd.config import LossConfig
+    from tailkd.objective import chunked_objective
+
+    monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fused, "_OVERLAP_DEVICES", ("cuda", "cpu"))
+    if size == "small":
+        monkeypatch.setattr(fused, "_OVERLAP_MIN_ROWS", 2)
+        B_, T, d, vocab, chunks = 2, 9, 16, 300, (7, 64)
+    else:
+        B_, T, d, vocab, chunks = 2, 2048, 256, 32768, (4096,)
+    g = torch.Generator().manual_seed(11)
+
+    def ints(*shape):
+        return torch.randint(-1, 2, shape, generator=g).float()
+
+    h_s, h_t = ints(B_, T, d).to(DEVICE, torch.bfloat16), ints(B_, T, d).to(DEVICE, torch.bfloat16)
+    w_s, w_t = ints(vocab, d).to(DEVICE), ints(vocab, d).to(DEVICE, torch.bfloat16)
+    labels = torch.randint(0, vocab, (B_, T), generator=g)
+    if size == "small":
+        labels[1, :3] = -100
+    valid = (labels != -100).reshape(-1)
+    n, cfg, spec = int(valid.sum()), LossConfig(name=name, **extra), fused.HeadSpec(vocab)
+    chunk_fn, overlapped_fn = fused._chunk, fused._overlapped_chunk
+    calls, recorded = [], []
+
+    def recording_chunk(*args, **kwargs):
+        clm, div, gr = chunk_fn(*args, **kwargs)
+        recorded.append(gr.abs().double())
+        return clm, div, gr
+
+    def counting(plan, a, b, parts, *args):
+        calls.append(len(parts))
+        return overlapped_fn(plan, a, b, parts, *args)
+
+    monkeypatch.setattr(fused, "_overlapped_chunk", counting)
+
+    def run(overlap, chunk):
+        monkeypatch.setattr(fused, "OVERLAP", overlap)
+        monkeypatch.setattr(fused, "_chunk", chunk_fn if overlap else recording_chunk)
+        hs, ws = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        terms = chunked_objective(hs, fused.Head(ws, None, spec), labels, n, cfg=cfg, teacher_hidden=h_t,
+                                  teacher_head=fused.Head(w_t, None, spec), chunk_size=chunk,
+                                  matmul_dtype=torch.bfloat16)
+        terms.loss.backward()
+        return terms, hs.grad.reshape(-1, d)[valid.to(hs.device)], ws.grad
+
+    for chunk in chunks:
+        calls.clear()
+        recorded.clear()
+        got, gh, gw = run(True, chunk)
+        assert calls and all(p >= 2 for p in calls)  # the overlapped schedule ran, in parts
+        ref, rh, rw = run(False, chunk)
+        for key in ("loss", "clm", "div"):
+            assert torch.equal(getattr(got, key), getattr(ref, key)), (chunk, key)
+        g_abs = torch.cat(recorded) / n  # [M, V] |G|, scaled as the layer's 1/n
+        coef_h = B.SAFETY * 2 * (B.U_BF16 + B.gamma(vocab))
+        coef_w = B.SAFETY * 2 * (B.U_BF16 + B.gamma(n))
+        B.assert_within(gh, rh, coef_h * g_abs @ w_s.to(torch.bfloat16).double().abs(), msg=f"∂h, chunk {chunk}")
+        B.assert_within(gw, rw, coef_w * g_abs.T @ h_s.reshape(-1, d)[valid.to(h_s.device)].double().abs(),
+                        msg=f"∂W, chunk {chunk}")
+
+
 # --------------------------------------------------------------------------- a top-K cache teacher (sparse)
 
 

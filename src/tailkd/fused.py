@@ -19,6 +19,9 @@ per-token loss) is differentiated by autograd on the chunk's logits. The CLM gra
 into the same buffer, then the chain rule goes through the model's logit transforms (`tailkd.head`) back to the
 head's matmul.
 
+With `OVERLAP` (an A/B, off until timed on the card) a CUDA chunk on the Triton kernels is cut into parts whose row
+passes run on a second stream while the main stream runs the next part's matmuls (`_overlapped_chunk`).
+
 Chunk sizes (`chunk_tokens`): on the CPU ~2^24 logits per chunk (cache-sized), and tail-weight losses grow their
 chunks to whole sequences; on CUDA one rule for every loss, from the free device memory and the matmul shape
 (thousands of tokens at V ≈ 150k), grown to whole rows where they fit the memory bound (so TAD needs no statistics
@@ -37,6 +40,7 @@ No Hugging Face or config import here: heads come as `tailkd.head.Head`, the los
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -63,6 +67,11 @@ _GPU_FLOAT32_BUFFERS = 6
 _GPU_FREE_FRACTION = 0.25
 _GPU_MIN_TOKENS, _GPU_MAX_TOKENS, _GPU_ALIGN = 128, 16384, 128
 _TRITON_DEVICES = ("cuda",)  # where the Triton row kernels replace the torch ones (tests add "cpu": interpreter)
+# A/B, off until timed on the card (bench_gpu.py's ``tailkd_fused_triton_overlap`` column): a chunk's Triton row
+# passes on a second CUDA stream, each part's passes overlapping the matmuls of the next part (`_overlapped_chunk`)
+OVERLAP = False
+_OVERLAP_DEVICES = ("cuda",)  # where OVERLAP applies (tests add "cpu": the same schedule on one stream)
+_OVERLAP_PARTS, _OVERLAP_MIN_ROWS = 4, 1024  # a chunk's parts: up to 4, of at least 1024 rows
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -149,14 +158,21 @@ class ChunkSums(NamedTuple):
 # --------------------------------------------------------------------------- one chunk
 
 
-def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
-    """Teacher logits of tokens [a, b) in the compute dtype (divided by τ when ``scaled``): [n, V]."""
+def _teacher_matmul(plan: _Plan, scaled: bool) -> tuple[torch.Tensor, torch.dtype, bool]:
+    """(the teacher head's [V, d_T] weight, its matmul dtype, whether the kernels read the teacher logits in that
+    dtype as the matmul wrote them: bf16/fp16, plain head, no bias, where the student's are read so)."""
     head = plan.teacher_head
     w = head.weight[: head.spec.vocab_size]
     mm = torch.promote_types(plan.teacher_hidden.dtype, w.dtype)
-    # the kernels read bf16/fp16 teacher logits as the matmul wrote them where the student's are read so
     keep = (plan.logits_dtype != plan.cdtype and mm in (torch.bfloat16, torch.float16) and head.bias is None
             and _plain(head.spec) and (not scaled or plan.temperature == 1.0))
+    return w, mm, keep
+
+
+def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
+    """Teacher logits of tokens [a, b) in the compute dtype (divided by τ when ``scaled``): [n, V]."""
+    head = plan.teacher_head
+    w, mm, keep = _teacher_matmul(plan, scaled)
     t = (plan.teacher_hidden[a:b].to(mm) @ w.to(mm).T).to(mm if keep else plan.cdtype)  # [n, V] <- chunk-sized
     if head.bias is not None:
         t += head.bias[: head.spec.vocab_size].to(plan.cdtype)
@@ -265,9 +281,8 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
         t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
         stats = kernels.row_stats(s, t, plan.triton.k)
         w = _row_weight(plan, a, b, stats)
-    if logz is None:  # τ = 1: s is z; (m, log S) of s are both statistics' first two columns (read before G
-        st = stats.stats  # overwrites s)
-        clm = -((s.gather(-1, y).squeeze(-1).to(plan.cdtype) - st[:, 0]) - st[:, 1])
+    if logz is None:  # τ = 1: s is z (read before G overwrites s)
+        clm = _clm_from_stats(s, y, stats, plan.cdtype)
     else:
         clm = -logz.gather(-1, y).squeeze(-1)
     if sparse:
@@ -277,6 +292,100 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
     if out is not None and logz is not None:
         out.add_(logz.exp_().mul_(c_clm[:, None]))  # coef · softmax(z)
     return clm, div, out
+
+
+def _clm_from_stats(z: torch.Tensor, y: torch.Tensor, stats, cdtype: torch.dtype) -> torch.Tensor:
+    """CLM [n] = −((z_y − m) − log S) at τ = 1, from pass 1's (m, log S) of z (its statistics' first two columns)."""
+    st = stats.stats
+    return -((z.gather(-1, y).squeeze(-1).to(cdtype) - st[:, 0]) - st[:, 1])
+
+
+class _SideStream:
+    """The second stream of `_overlapped_chunk` on CUDA: ``with side():`` runs after everything the current (main)
+    stream has queued so far; ``main_waits()`` makes the main stream wait for everything queued on the side. Tensors
+    the side reads are allocated on the main stream, which waits for the side before the chunk's last matmul, so no
+    block is reused while the side still reads it. Elsewhere (the CPU: tests) a no-op: one stream, the same order."""
+
+    _streams: dict = {}  # device -> its side stream (created once: high priority, the chunk's critical path)
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device, priority=-1)
+            self.side = self._streams[device]
+
+    def __call__(self):
+        if not self.cuda:
+            return contextlib.nullcontext()
+        self.side.wait_stream(self.main)
+        return torch.cuda.stream(self.side)
+
+    def main_waits(self) -> None:
+        if self.cuda:
+            self.main.wait_stream(self.side)
+
+
+def _overlap_parts(plan: _Plan, n: int, want_grad: bool, device: torch.device) -> list[tuple[int, int]] | None:
+    """The parts [i, j) of a chunk of n tokens that `_overlapped_chunk` pipelines (`OVERLAP`), or None (the plain
+    chunk): the Triton kernels against a dense teacher, both sides' logits in the matmul dtype (`_low_logits`),
+    gradients wanted, and at least two parts of `_OVERLAP_MIN_ROWS`."""
+    if not (OVERLAP and want_grad and device.type in _OVERLAP_DEVICES and plan.triton is not None
+            and plan.sparse is None and plan.logits_dtype != plan.cdtype):
+        return None
+    _w, mm, keep = _teacher_matmul(plan, scaled=True)
+    rows = max(_OVERLAP_MIN_ROWS, -(-n // _OVERLAP_PARTS))
+    if not keep or n < 2 * rows:
+        return None
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _overlapped_chunk(plan: _Plan, a: int, b: int, parts, h, w_mm, coef_clm: float, coef_div: float, clm_all,
+                      div_all, grad_h, grad_w) -> None:
+    """Tokens [a, b) as `_chunk` + `_run_chunks` do them on the Triton kernels (low logits: z and t in the matmul
+    dtype, G written over z), with the row passes on a side stream (`_SideStream`) so that they overlap the matmuls:
+
+        main:  Z₀ T₀ | Z₁ T₁ | … | Z_P T_P |        | ∂h₀ | ∂h₁ | … | ∂h_P | ∂W
+        side:        | pass 1 (part 0) | … | pass 1 (P), β(X) | pass 2 (0) | pass 2 (1) | …
+
+    Pass 1 of part i runs under the logit matmuls of part i + 1, pass 2 of part i + 1 under ∂h of part i; ∂W is
+    one matmul over the chunk, as in `_run_chunks`. The parts' rows are those of the chunk, and the kernels are
+    row by row, so values and G equal the plain chunk's bit for bit where the logit matmuls round alike; β(X)
+    (TAD) is computed once from the whole chunk's pass-1 statistics."""
+    from tailkd import kernels
+
+    n, vocab, mm = b - a, plan.spec.vocab_size, plan.mm_dtype
+    w_t, mm_t, _keep = _teacher_matmul(plan, scaled=True)
+    w_t = w_t.to(mm_t)
+    h_c, ht_c = h[a:b].to(mm), plan.teacher_hidden[a:b].to(mm_t)
+    z = torch.empty(n, vocab, dtype=mm, device=h.device)  # the student's logits, then G in place
+    t = torch.empty(n, vocab, dtype=mm_t, device=h.device)
+    y = plan.labels[a:b][:, None]
+    side = _SideStream(h.device)
+    pieces = []
+    for i, j in parts:
+        torch.mm(h_c[i:j], w_mm.T, out=z[i:j])
+        torch.mm(ht_c[i:j], w_t.T, out=t[i:j])
+        with side():
+            pieces.append(kernels.row_stats(z[i:j], t[i:j], plan.triton.k))
+            clm_all[a + i:a + j] = _clm_from_stats(z[i:j], y[i:j], pieces[-1], plan.cdtype)
+    with side():
+        stats = kernels.RowStats(torch.cat([p.stats for p in pieces]))  # the chunk's: β(X) of its sequences
+        w = _row_weight(plan, a, b, stats)
+        c_clm = torch.full((n,), float(coef_clm), dtype=torch.float32, device=h.device)
+        cd = torch.full((n,), float(coef_div), dtype=torch.float32, device=h.device)  # τ = 1 (low logits)
+    for (i, j), st in zip(parts, pieces):
+        with side():
+            div_all[a + i:a + j] = kernels.row_values_and_grads(
+                plan.triton, z[i:j], t[i:j], st, None if w is None else w[i:j], cd[i:j], c_clm[i:j], z[i:j],
+                y=y[i:j], cy=c_clm[i:j])
+        side.main_waits()
+        if grad_h is not None:
+            _matmul_into(grad_h[a + i:a + j], z[i:j], w_mm, accumulate=False)
+    del t, pieces  # the main stream has waited for the side's last read of t: its block may be reused
+    if grad_w is not None:
+        _matmul_into(grad_w, z.T, h_c, accumulate=a > 0)
 
 
 _WIDE_OUT = {"cuda"}  # devices whose bf16/fp16 matmuls may write float32 (addmm's out_dtype; not on the CPU)
@@ -325,6 +434,10 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
     grad_b = torch.zeros(vocab, dtype=acc, device=w.device) if need_b else None
     h = h.detach()
     for a, b in plan.chunks:
+        parts = _overlap_parts(plan, b - a, want_grad, h.device)
+        if parts is not None:
+            _overlapped_chunk(plan, a, b, parts, h, w_mm, coef_clm, coef_div, clm_all, div_all, grad_h, grad_w)
+            continue
         clm, div, g = _chunk(plan, a, b, h, w_mm, b_c, coef_clm, coef_div, want_grad)
         clm_all[a:b], div_all[a:b] = clm, div
         if g is None:
