@@ -621,8 +621,11 @@ def test_overlapped_chunk_equals_the_plain_chunk(name, extra, size, monkeypatch)
     same products in other orders — each rounded to bf16 on the CPU (u_bf16) and accumulated in float32 (γ_V) —
     times SAFETY, with |G| recorded from the one-stream side. "small" (CPU: the schedule on one stream, under the
     interpreter; CUDA: two streams): chunks of 7 tokens (four parts, and a last chunk too small to split, on the
-    plain path) and one chunk; "large" (CUDA only): 4096 tokens × V = 32768 in four parts of 1024 rows at the
-    default part size, where a missing wait between the streams would be read as garbage."""
+    plain path; TAD's rows cut, so ᾱ comes from before the chunk and each part's pass 2 follows its pass 1) and one
+    chunk (TAD's ᾱ from the chunk's own statistics: every pass 2 after every pass 1), and for TAD chunks of 7 with
+    ᾱ given per token (``seq_alpha_mean``, a value of its own for each: a part reading another's is seen);
+    "large" (CUDA only): 4096 tokens × V = 32768 in four parts of 1024 rows at the default part size, where a
+    missing wait between the streams would be read as garbage."""
     from tailkd.config import LossConfig
     from tailkd.objective import chunked_objective
 
@@ -654,35 +657,42 @@ def test_overlapped_chunk_equals_the_plain_chunk(name, extra, size, monkeypatch)
         return clm, div, gr
 
     def counting(plan, a, b, parts, *args):
-        calls.append(len(parts))
+        calls.append((len(parts), a in plan.local))  # parts, and whether β(X) needs the whole chunk's statistics
         return overlapped_fn(plan, a, b, parts, *args)
 
     monkeypatch.setattr(fused, "_overlapped_chunk", counting)
 
-    def run(overlap, chunk):
+    # TAD with ᾱ given per token (as from a cache): every token its own, so a part reading another part's is seen
+    abar = (torch.rand(B_, T, generator=g) * 0.5 + 0.05).to(DEVICE)
+
+    def run(overlap, chunk, given):
         monkeypatch.setattr(fused, "OVERLAP", overlap)
         monkeypatch.setattr(fused, "_chunk", chunk_fn if overlap else recording_chunk)
         hs, ws = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
         terms = chunked_objective(hs, fused.Head(ws, None, spec), labels, n, cfg=cfg, teacher_hidden=h_t,
                                   teacher_head=fused.Head(w_t, None, spec), chunk_size=chunk,
-                                  matmul_dtype=torch.bfloat16)
+                                  matmul_dtype=torch.bfloat16, seq_alpha_mean=abar if given else None)
         terms.loss.backward()
         return terms, hs.grad.reshape(-1, d)[valid.to(hs.device)], ws.grad
 
-    for chunk in chunks:
+    kinds = set()
+    for chunk, given in [(c, False) for c in chunks] + ([(chunks[0], True)] if name == "tad" else []):
         calls.clear()
         recorded.clear()
-        got, gh, gw = run(True, chunk)
-        assert calls and all(p >= 2 for p in calls)  # the overlapped schedule ran, in parts
-        ref, rh, rw = run(False, chunk)
+        got, gh, gw = run(True, chunk, given)
+        assert calls and all(p >= 2 for p, _ in calls)  # the overlapped schedule ran, in parts
+        kinds.update(whole for _, whole in calls)
+        ref, rh, rw = run(False, chunk, given)
         for key in ("loss", "clm", "div"):
-            assert torch.equal(getattr(got, key), getattr(ref, key)), (chunk, key)
+            assert torch.equal(getattr(got, key), getattr(ref, key)), (chunk, given, key)
         g_abs = torch.cat(recorded) / n  # [M, V] |G|, scaled as the layer's 1/n
         coef_h = B.SAFETY * 2 * (B.U_BF16 + B.gamma(vocab))
         coef_w = B.SAFETY * 2 * (B.U_BF16 + B.gamma(n))
         B.assert_within(gh, rh, coef_h * g_abs @ w_s.to(torch.bfloat16).double().abs(), msg=f"∂h, chunk {chunk}")
         B.assert_within(gw, rw, coef_w * g_abs.T @ h_s.reshape(-1, d)[valid.to(h_s.device)].double().abs(),
                         msg=f"∂W, chunk {chunk}")
+    if name == "tad" and size == "small":  # both schedules: ᾱ from before the chunk (cut rows) and from within it
+        assert kinds == {False, True}
 
 
 # --------------------------------------------------------------------------- a top-K cache teacher (sparse)

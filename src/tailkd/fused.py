@@ -302,9 +302,10 @@ def _clm_from_stats(z: torch.Tensor, y: torch.Tensor, stats, cdtype: torch.dtype
 
 class _SideStream:
     """The second stream of `_overlapped_chunk` on CUDA: ``with side():`` runs after everything the current (main)
-    stream has queued so far; ``main_waits()`` makes the main stream wait for everything queued on the side. Tensors
-    the side reads are allocated on the main stream, which waits for the side before the chunk's last matmul, so no
-    block is reused while the side still reads it. Elsewhere (the CPU: tests) a no-op: one stream, the same order."""
+    stream has queued so far; ``mark()`` is an event after what the side has queued so far, ``main_waits(event)``
+    makes the main stream wait for it. Tensors the side reads are allocated on the main stream, which has waited for
+    the side's last event before they are freed, so no block is reused while the side still reads it. Elsewhere
+    (the CPU: tests) a no-op: one stream, the same order."""
 
     _streams: dict = {}  # device -> its side stream (created once: high priority, the chunk's critical path)
 
@@ -322,9 +323,12 @@ class _SideStream:
         self.side.wait_stream(self.main)
         return torch.cuda.stream(self.side)
 
-    def main_waits(self) -> None:
-        if self.cuda:
-            self.main.wait_stream(self.side)
+    def mark(self):
+        return self.side.record_event() if self.cuda else None
+
+    def main_waits(self, event) -> None:
+        if event is not None:
+            self.main.wait_event(event)
 
 
 def _overlap_parts(plan: _Plan, n: int, want_grad: bool, device: torch.device) -> list[tuple[int, int]] | None:
@@ -346,13 +350,17 @@ def _overlapped_chunk(plan: _Plan, a: int, b: int, parts, h, w_mm, coef_clm: flo
     """Tokens [a, b) as `_chunk` + `_run_chunks` do them on the Triton kernels (low logits: z and t in the matmul
     dtype, G written over z), with the row passes on a side stream (`_SideStream`) so that they overlap the matmuls:
 
-        main:  Z₀ T₀ | Z₁ T₁ | … | Z_P T_P |        | ∂h₀ | ∂h₁ | … | ∂h_P | ∂W
+        main:  Z₀ T₀ | Z₁ T₁ | … | Z_P T_P | ∂h₀ | ∂h₁ | … | ∂h_P | ∂W
+        side:        | passes 1, 2 (part 0) | passes 1, 2 (part 1) | …
+
+    each ∂h waiting for its own part's pass 2 only; ∂W is one matmul over the chunk, as in `_run_chunks`. Where β(X)
+    (TAD) needs the statistics of the whole chunk (its ᾱ is computed in the chunk: `_Plan.local`), pass 2 of every
+    part waits for pass 1 of all of them:
+
         side:        | pass 1 (part 0) | … | pass 1 (P), β(X) | pass 2 (0) | pass 2 (1) | …
 
-    Pass 1 of part i runs under the logit matmuls of part i + 1, pass 2 of part i + 1 under ∂h of part i; ∂W is
-    one matmul over the chunk, as in `_run_chunks`. The parts' rows are those of the chunk, and the kernels are
-    row by row, so values and G equal the plain chunk's bit for bit where the logit matmuls round alike; β(X)
-    (TAD) is computed once from the whole chunk's pass-1 statistics."""
+    The parts' rows are those of the chunk and the kernels work row by row, so values and G equal the plain chunk's
+    bit for bit where the logit matmuls round alike."""
     from tailkd import kernels
 
     n, vocab, mm = b - a, plan.spec.vocab_size, plan.mm_dtype
@@ -362,28 +370,36 @@ def _overlapped_chunk(plan: _Plan, a: int, b: int, parts, h, w_mm, coef_clm: flo
     z = torch.empty(n, vocab, dtype=mm, device=h.device)  # the student's logits, then G in place
     t = torch.empty(n, vocab, dtype=mm_t, device=h.device)
     y = plan.labels[a:b][:, None]
+    c_clm = torch.full((n,), float(coef_clm), dtype=torch.float32, device=h.device)
+    cd = torch.full((n,), float(coef_div), dtype=torch.float32, device=h.device)  # τ = 1 (low logits)
+    chunk_wide = plan.d.spec.tail_weight and a in plan.local  # β(X) from the whole chunk's statistics
     side = _SideStream(h.device)
-    pieces = []
+
+    def pass2(i, j, st, w):  # on the side stream: values and G of part [i, j), then an event for its ∂h
+        div_all[a + i:a + j] = kernels.row_values_and_grads(plan.triton, z[i:j], t[i:j], st, w, cd[i:j], c_clm[i:j],
+                                                             z[i:j], y=y[i:j], cy=c_clm[i:j])
+        return side.mark()
+
+    pieces, done = [], []
     for i, j in parts:
         torch.mm(h_c[i:j], w_mm.T, out=z[i:j])
         torch.mm(ht_c[i:j], w_t.T, out=t[i:j])
         with side():
-            pieces.append(kernels.row_stats(z[i:j], t[i:j], plan.triton.k))
-            clm_all[a + i:a + j] = _clm_from_stats(z[i:j], y[i:j], pieces[-1], plan.cdtype)
-    with side():
-        stats = kernels.RowStats(torch.cat([p.stats for p in pieces]))  # the chunk's: β(X) of its sequences
-        w = _row_weight(plan, a, b, stats)
-        c_clm = torch.full((n,), float(coef_clm), dtype=torch.float32, device=h.device)
-        cd = torch.full((n,), float(coef_div), dtype=torch.float32, device=h.device)  # τ = 1 (low logits)
-    for (i, j), st in zip(parts, pieces):
+            st = kernels.row_stats(z[i:j], t[i:j], plan.triton.k)
+            clm_all[a + i:a + j] = _clm_from_stats(z[i:j], y[i:j], st, plan.cdtype)
+            if chunk_wide:
+                pieces.append(st)
+            else:  # β(X) from ᾱ computed before the chunk (None without it; a + i starts no chunk of `_Plan.local`)
+                done.append(pass2(i, j, st, _row_weight(plan, a + i, a + j, st)))
+    if chunk_wide:
         with side():
-            div_all[a + i:a + j] = kernels.row_values_and_grads(
-                plan.triton, z[i:j], t[i:j], st, None if w is None else w[i:j], cd[i:j], c_clm[i:j], z[i:j],
-                y=y[i:j], cy=c_clm[i:j])
-        side.main_waits()
+            w = _row_weight(plan, a, b, kernels.RowStats(torch.cat([p.stats for p in pieces])))
+            done = [pass2(i, j, st, w[i:j]) for (i, j), st in zip(parts, pieces)]
+    for (i, j), event in zip(parts, done):
+        side.main_waits(event)
         if grad_h is not None:
             _matmul_into(grad_h[a + i:a + j], z[i:j], w_mm, accumulate=False)
-    del t, pieces  # the main stream has waited for the side's last read of t: its block may be reused
+    t = pieces = None  # the main stream has waited for the side's last read of t: its block may be reused
     if grad_w is not None:
         _matmul_into(grad_w, z.T, h_c, accumulate=a > 0)
 
