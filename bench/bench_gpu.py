@@ -7,6 +7,8 @@ bench_kernels.py times alone; ``_overlap`` with `tailkd.fused.OVERLAP` on: each 
 stream, overlapping its matmuls) and Liger's compiled chunked loss (if liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: 41-49 s, H200
+  python bench/bench_gpu.py --rows 4 --methods tailkd_dense tailkd_fused_triton tailkd_fused_triton_overlap liger \
+      --sweep-chunks --out bench/results/gpu_loss_layer_rows   # the same N as 4 rows of 2048 (training's rows)
   python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
 
 Every cell computes, from final hidden states h_S, h_T [N, d] (bf16 on CUDA, under bf16 autocast as a training
@@ -14,7 +16,9 @@ step) and LM heads W_S (float32, trained), W_T (bf16): both sides' logits, CLM +
 β=0.5) averaged over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
 chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape, grown
 to the whole N-token row where it fits); Liger gets the same chunk unless --liger-chunk says otherwise. Liger has no
-TAD. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
+TAD. ``--rows R``: the N tokens as R rows (sequences) of N / R: TAD's ᾱ is per row, and the chunk rule grows
+chunks to whole rows, so at R = 4 (rows of 2048, as the end-to-end runs train) every loss gets 2048-token chunks
+and TAD needs no statistics pass. Then (``--sweep-chunks``, on CUDA 1024 2048 4096 8192 by default) the Triton
 fused kd and tad cells again at fixed chunk sizes, a table of its own with TAD/KD per chunk: the data for the CUDA
 chunk rule's constants (`fused._GPU_CHUNK_ELEMENTS`). ``--profile``: then torch.profiler's per-op table of one fused
 Triton kd and tad step (device time on CUDA): where the time beyond the matmuls goes; and the four head matmuls of
@@ -56,16 +60,16 @@ _TAD_AB_DEFAULTS = {}  # tailkd.kernels' _TAD_AB switches, likewise
 _OVERLAP = None  # tailkd.fused.OVERLAP, likewise
 
 
-def _inputs(n, vocab, d, device, seed=0):
-    """h_S (requires grad), W_S (float32, requires grad), h_T, W_T, labels [1, N]; bf16 hidden states and teacher
-    head on CUDA."""
+def _inputs(n, vocab, d, device, seed=0, rows=1):
+    """h_S (requires grad), W_S (float32, requires grad), h_T, W_T, labels [rows, N / rows] (the N tokens as rows
+    sequences); bf16 hidden states and teacher head on CUDA."""
     g = torch.Generator().manual_seed(seed)
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
     h_s = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(device, low).requires_grad_(True)
     h_t = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(device, low)
     w_s = (torch.randn(vocab, d, generator=g) * 2).to(device).requires_grad_(True)
     w_t = (torch.randn(vocab, d, generator=g) * 3).to(device, low)
-    labels = torch.randint(0, vocab, (1, n), generator=g).to(device)
+    labels = torch.randint(0, vocab, (rows, n // rows), generator=g).to(device)
     return h_s, w_s, h_t, w_t, labels
 
 
@@ -82,11 +86,12 @@ def _tailkd(method, loss, inputs, mm_dtype):
 
     h_s, w_s, h_t, w_t, labels = inputs
     n, vocab = h_s.shape[0], w_s.shape[0]
+    h_s, h_t = h_s.view(*labels.shape, -1), h_t.view(*labels.shape, -1)  # [rows, N / rows, d]
     method, _, chunk = method.partition("@")  # "...@C": C-token chunks instead of the library's default
     if method == "tailkd_dense":
-        s_logits = h_s[None] @ w_s.T
+        s_logits = h_s @ w_s.T
         with torch.no_grad():
-            t_logits = h_t[None] @ w_t.T
+            t_logits = h_t @ w_t.T
         return objective(s_logits, labels, n, cfg=_cfg(loss), teacher_logits=t_logits).loss
     fused._TRITON_DEVICES = ("cuda", "cpu") if method.startswith("tailkd_fused_triton") else ()
     if method == "tailkd_fused_triton_f32":  # the kernels on a float32 copy of each chunk's logits (before bf16)
@@ -99,8 +104,8 @@ def _tailkd(method, loss, inputs, mm_dtype):
     if method == "tailkd_fused_triton_overlap":  # the row passes on a second stream (restored per cell)
         fused.OVERLAP = not _OVERLAP
     spec = head_mod.HeadSpec(vocab)
-    return chunked_objective(h_s[None], head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
-                             teacher_hidden=h_t[None], teacher_head=head_mod.Head(w_t, None, spec),
+    return chunked_objective(h_s, head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
+                             teacher_hidden=h_t, teacher_head=head_mod.Head(w_t, None, spec),
                              matmul_dtype=mm_dtype, chunk_size=int(chunk) if chunk else None).loss
 
 
@@ -188,7 +193,7 @@ def run_cell(method, loss, inputs, device, args, chunk):
         from tailkd import fused
 
         h_s, w_s = inputs[0], inputs[1]
-        used = fused.device_chunk(device, w_s.shape[0], h_s.shape[1], mm or torch.float32, h_s.shape[0])
+        used = fused.device_chunk(device, w_s.shape[0], h_s.shape[1], mm or torch.float32, inputs[4].shape[1])
     fn = lambda: _step(method, loss, inputs, mm, chunk)  # noqa: E731
     try:
         value = fn()
@@ -314,15 +319,18 @@ def _versions():
 
 
 def _markdown(result):
-    lines = [f"device: {result['device']}; N={result['tokens']} (one row), V={result['vocab']}, d={result['hidden']}, "
+    rows = result.get("rows", 1)
+    methods = result.get("methods", METHODS)
+    shape = "one row" if rows == 1 else f"{rows} rows of {result['tokens'] // rows}"
+    lines = [f"device: {result['device']}; N={result['tokens']} ({shape}), V={result['vocab']}, d={result['hidden']}, "
              f"default chunk at the start {result['chunk']} tokens "
              f"(Liger {result.get('liger_chunk', result['chunk'])}); "
              "each cell's chunk is in its cell (the library's rule reads the free memory then); versions "
              f"{result['versions']}", "",
-             "| loss | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+             "| loss | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for loss in LOSSES:
         row = []
-        for m in METHODS:
+        for m in methods:
             c = next(c for c in result["cells"] if c["loss"] == loss and c["method"] == m)
             if "median_s" in c and "error" not in c:
                 mem = "" if c["peak_bytes"] is None else f", {c['peak_bytes'] / 2**30:.1f} GiB"
@@ -355,6 +363,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=1,
+                    help="the N tokens as ROWS sequences of N / ROWS tokens (default 1: one row; TAD's ᾱ is per row, "
+                         "and the chunk rule grows chunks to whole rows)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help="only these columns (default: all; keep tailkd_dense: each cell's loss is checked against it)")
     ap.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on the CPU")
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
@@ -384,14 +397,17 @@ def main(argv=None):
     if kernels.available():
         _CUDA_LAUNCH = dict(kernels.CUDA_LAUNCH)
         _TAD_AB_DEFAULTS.update({name: getattr(kernels, name) for name in _TAD_AB})
-    inputs = _inputs(args.tokens, args.vocab, args.hidden, device)
+    if args.rows < 1 or args.tokens % args.rows:
+        sys.exit(f"--rows {args.rows} must divide --tokens {args.tokens}")
+    inputs = _inputs(args.tokens, args.vocab, args.hidden, device, rows=args.rows)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16, args.tokens)  # one row
+    chunk = fused.chunk_tokens(device.type, args.vocab, args.hidden, free, torch.bfloat16, args.tokens // args.rows)
     t0 = time.perf_counter()
     cells = []
     sweep = args.sweep_chunks if args.sweep_chunks is not None else ([1024, 2048, 4096, 8192] if device.type ==
                                                                       "cuda" else [])
-    runs = [(m, loss) for loss in LOSSES for m in METHODS]
+    methods = args.methods or METHODS
+    runs = [(m, loss) for loss in LOSSES for m in methods]
     runs += [(f"tailkd_fused_triton@{c}", loss) for c in sweep for loss in ("kd", "tad")]
     liger_chunk = args.liger_chunk or chunk
     for method, loss in runs:
@@ -400,7 +416,7 @@ def main(argv=None):
         print(json.dumps({k: v for k, v in cell.items() if k != "all_s"}), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": name, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk": chunk,
-              "liger_chunk": liger_chunk,
+              "liger_chunk": liger_chunk, "rows": args.rows, "methods": list(methods),
               "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0,
               "cells": cells}
     with open(args.out + ".json", "w") as f:

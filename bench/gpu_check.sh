@@ -9,7 +9,9 @@
 #                                     # the loss layer beside Liger (and beside the old single kernel launch),
 #                                     # torch.profiler's table of a kd and a tad step and the head matmuls alone
 #                                     # (box 120 s; 41-49 s on an H200 before the profile, the matmuls and the
-#                                     # 1024x4 column were added), the CUDA tests (box 100 s; 61 s), the kernels
+#                                     # 1024x4 column were added), the same N as 4 rows of 2048 tokens (box
+#                                     # 60 s; its table appended to gpu_loss_layer.md), the CUDA tests (box 100 s;
+#                                     # 61 s before the overlap tests), the kernels
 #                                     # alone at the per-pass default and at 1024x4 (box 120 s; the other launches
 #                                     # were swept on 2026-11-30), tailkd distill kd/tad fused with what is left (teacher
 #                                     # 15-17 s + 64-75 s per run; the dense runs' figures stand: their path has
@@ -80,6 +82,18 @@ run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
         box "${1:-}" "$py" bench/bench_gpu.py --profile --liger-chunk 2048 --out "$out/gpu_loss_layer" || status=1
     fi
 }
+run_layer_rows() {  # [time box]; the same N as 4 rows of 2048 tokens (training's rows: whole-row chunks of 2048)
+    echo "== the loss layer at 4 rows of 2048 tokens (bench/bench_gpu.py --rows 4)"
+    local prefix; prefix=$(mktemp -d)/rows  # its table is appended to gpu_loss_layer.md (8 files come back at most)
+    local methods=(--methods tailkd_dense tailkd_fused_triton tailkd_fused_triton_overlap liger --sweep-chunks)
+    if [[ ${DRY:-0} == 1 ]]; then
+        box "${1:-}" "$py" bench/bench_gpu.py --device cpu --tokens 64 --rows 4 --vocab 1000 --hidden 64 \
+            --allow-missing "${methods[@]}" --out "$prefix" || status=1
+    else
+        box "${1:-}" "$py" bench/bench_gpu.py --rows 4 --liger-chunk 2048 "${methods[@]}" --out "$prefix" || status=1
+    fi
+    [[ -f $prefix.md ]] && { printf '\n## 4 rows of 2048 tokens (--rows 4)\n\n'; cat "$prefix.md"; } >> "$out/gpu_loss_layer.md"
+}
 run_kernels() {  # [time box] [json kept: 1 (default) or 0] [launches...: bench_kernels --configs]
     echo "== the row kernels alone over launch configurations (bench/bench_kernels.py)"
     local prefix=$out/gpu_kernels
@@ -110,11 +124,12 @@ run_distill() {  # [time box] [cells...]
 }
 
 case $stage in
-    layer) run_tests; run_layer; run_kernels ;;  # the layer beside Liger before the sweeps: the headline figures
+    layer) run_tests; run_layer; run_layer_rows; run_kernels ;;  # the layer beside Liger before the sweeps: the headline figures
     distill) run_distill ;;                      # come back even if the lease ends during the sweeps
-    all) run_tests; run_layer; run_kernels; run_distill ;;
+    all) run_tests; run_layer; run_layer_rows; run_kernels; run_distill ;;
     lease)
         run_layer 120
+        run_layer_rows 60
         run_tests 100
         run_kernels 120 0 default 1024x4  # the per-pass default (with the A/B rows) beside the old single launch
         left=$((585 - (SECONDS - t_start)))
