@@ -26,9 +26,12 @@ one chunk alone under each BLAS library (cublas, cublaslt): their TFLOP/s at the
 (also in OUT.json, "gemms").
 
 Time: CUDA events around each forward + backward, after --warmup runs, median of --repeats (on the CPU: the host
-clock). Extra peak memory: torch.cuda.max_memory_allocated during one more run minus the allocation before it (on
-the CPU: not measured, reported as null). Output: ``OUT.json`` (every cell, the versions, the device) and ``OUT.md``
-(the table).
+clock), each call starting with the device idle. On CUDA each cell also gives "device" time (median of
+--device-repeats): the call issued while the device sleeps (`time_device`), so that the events bracket its kernels
+back to back — what a training step pays, the host running ahead — without the host's launch overhead, and the host's
+issue time beside it; TAD / KD is given by both. Extra peak memory: torch.cuda.max_memory_allocated during one more
+run minus the allocation before it (on the CPU: not measured, reported as null). Output: ``OUT.json`` (every cell,
+the versions, the device) and ``OUT.md`` (the table).
 
 Dry run on the CPU: the Triton cells run under Triton's interpreter (TRITON_INTERPRET=1 is set here before tailkd's
 kernels are imported), so they check the wiring and the values, not the speed. Every cell that cannot run (Liger
@@ -120,13 +123,14 @@ def _liger(loss, inputs, chunk):
 
 
 def _step(method, loss, inputs, mm_dtype, chunk):
-    """One forward + backward; returns the loss (mean over the N tokens of CLM + divergence) as a float."""
+    """One forward + backward; returns the loss (mean over the N tokens of CLM + divergence), detached: a device
+    tensor, not read here, so that the call itself does not wait for the device (`time_device`)."""
     h_s, w_s = inputs[0], inputs[1]
     with torch.autocast(h_s.device.type, dtype=torch.bfloat16, enabled=h_s.is_cuda):
         value = _liger(loss, inputs, chunk) if method == "liger" else _tailkd(method, loss, inputs, mm_dtype)
     value.backward()
     h_s.grad = w_s.grad = None
-    return float(value.detach())
+    return value.detach()
 
 
 def _cell_skip(method, loss, device):
@@ -162,6 +166,66 @@ def time_once(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+_SLEEP_HZ = {}  # device -> torch.cuda._sleep's cycles per second (calibrated once)
+_LEAD_S, _LEAD_MAX_S = 0.005, 0.2  # `device_times`: the device's first head start, and the longest tried
+
+
+def _sleep_hz(device) -> float:
+    if device not in _SLEEP_HZ:
+        torch.cuda.synchronize(device)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(20_000_000)
+        b.record()
+        torch.cuda.synchronize(device)
+        _SLEEP_HZ[device] = 20e6 / (a.elapsed_time(b) / 1e3)
+    return _SLEEP_HZ[device]
+
+
+def time_device(fn, device, lead_s: float) -> tuple[float, float] | None:
+    """(device seconds, host seconds) of one call of fn on CUDA: fn is issued while the device sleeps for lead_s
+    (`torch.cuda._sleep` queued first), so the events bracket its kernels run back to back — the cost a training
+    step pays when the host runs ahead of the device — without the host's launch overhead, which `time_once` also
+    counts where the host is slower than the device (many small kernels); the host seconds are those it took to
+    issue fn. None where issuing took longer than the sleep (fn waits for the device, or lead_s is too short): the
+    figure would then hold host time."""
+    torch.cuda.synchronize(device)
+    slept, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    slept.record()
+    torch.cuda._sleep(int(lead_s * _sleep_hz(device)))
+    start.record()
+    t0 = time.perf_counter()
+    fn()
+    issue = time.perf_counter() - t0
+    end.record()
+    torch.cuda.synchronize(device)
+    if issue >= 0.9 * slept.elapsed_time(start) / 1e3:
+        return None
+    return start.elapsed_time(end) / 1e3, issue
+
+
+def time_device_covered(fn, device, lead_s: float = _LEAD_S) -> tuple[float, float, float] | None:
+    """`time_device` with the head start doubled from lead_s until it covers the host's issuing (up to
+    _LEAD_MAX_S): (device seconds, host seconds, the head start that covered it, for the next call); None off CUDA
+    or where none does (fn waits for the device)."""
+    if device.type != "cuda":
+        return None
+    while (r := time_device(fn, device, lead_s)) is None and lead_s < _LEAD_MAX_S:
+        lead_s *= 2
+    return None if r is None else (*r, lead_s)
+
+
+def device_times(fn, device, repeats) -> dict | None:
+    """Medians over repeats of `time_device_covered`: {"device_s", "issue_s"}; None where it has no figure."""
+    got, lead = [], _LEAD_S
+    for _ in range(repeats):
+        if (r := time_device_covered(fn, device, lead)) is None:
+            return None
+        got.append(r)
+        lead = r[2]
+    return {"device_s": statistics.median([g[0] for g in got]), "issue_s": statistics.median([g[1] for g in got])}
+
+
 def _time(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
@@ -195,10 +259,15 @@ def run_cell(method, loss, inputs, device, args, chunk):
         h_s, w_s = inputs[0], inputs[1]
         used = fused.device_chunk(device, w_s.shape[0], h_s.shape[1], mm or torch.float32, inputs[4].shape[1])
     fn = lambda: _step(method, loss, inputs, mm, chunk)  # noqa: E731
+    dev = None
     try:
-        value = fn()
+        value = float(fn())
         times = _time(fn, device, args.warmup, args.repeats)
         peak = _peak(fn, device)
+        try:  # a diagnostic beside the headline time: its failure must not lose the cell
+            dev = device_times(fn, device, args.device_repeats)
+        except Exception as exc:  # noqa: BLE001
+            dev = {"device_error": f"{type(exc).__name__}: {exc}"[:200]}
     except Exception as exc:  # noqa: BLE001
         return {"method": method, "loss": loss, "error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
@@ -214,10 +283,10 @@ def run_cell(method, loss, inputs, device, args, chunk):
             for name, default in _TAD_AB_DEFAULTS.items():
                 setattr(kernels, name, default)
     return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
-            "peak_bytes": peak, "chunk": used}
+            "peak_bytes": peak, "chunk": used, **(dev or {})}
 
 
-def profile_steps(inputs, device, losses=("kd", "tad"), rows=20):
+def profile_steps(inputs, device, losses=("kd", "tad"), rows=30):
     """torch.profiler's table of one forward + backward of the fused Triton layer per loss (after one warm-up step),
     sorted by the ops' own device time (CPU time on the CPU): matmuls, the row kernels, casts, fills, copies."""
     from torch.profiler import ProfilerActivity, profile
@@ -318,6 +387,25 @@ def _versions():
     return out
 
 
+def _ok(cell) -> bool:
+    return bool(cell) and "median_s" in cell and "error" not in cell
+
+
+def _device_text(cell) -> str:
+    """A cell's device time (`device_times`) for the tables: ' [device X ms, issued in Y ms]', or why not."""
+    if "device_s" in cell:
+        return f" [device {cell['device_s'] * 1e3:.1f} ms, issued in {cell['issue_s'] * 1e3:.1f} ms]"
+    if "device_error" in cell:
+        return f" [device time: {cell['device_error']}]"
+    return ""
+
+
+def _ratio(a, b) -> str:
+    """a / b by wall time, and by device time where both have it."""
+    wall = f"{a['median_s'] / b['median_s']:.3f}"
+    return f"{wall}; {a['device_s'] / b['device_s']:.3f}" if "device_s" in a and "device_s" in b else wall
+
+
 def _markdown(result):
     rows = result.get("rows", 1)
     methods = result.get("methods", METHODS)
@@ -335,24 +423,30 @@ def _markdown(result):
             if "median_s" in c and "error" not in c:
                 mem = "" if c["peak_bytes"] is None else f", {c['peak_bytes'] / 2**30:.1f} GiB"
                 used = "" if c.get("chunk") is None else f", chunk {c['chunk']}"
-                row.append(f"{c['median_s'] * 1e3:.1f} ms{mem}{used} (loss {c['value']:.6g})")
+                row.append(f"{c['median_s'] * 1e3:.1f} ms{_device_text(c)}{mem}{used} (loss {c['value']:.6g})")
             else:
                 row.append(c.get("skipped") or "ERROR " + c["error"])
         lines.append(f"| {loss} | " + " | ".join(row) + " |")
+    ratios = []
+    for m in methods:
+        got = {c["loss"]: c for c in result["cells"] if c["method"] == m}
+        if _ok(got.get("kd")) and _ok(got.get("tad")):
+            ratios.append(f"{m} {_ratio(got['tad'], got['kd'])}")
+    if ratios:
+        lines += ["", "TAD / KD (wall; device): " + ", ".join(ratios)]
     sweep = sorted({int(c["method"].split("@")[1]) for c in result["cells"] if "@" in c["method"]})
     if sweep:
-        lines += ["", "Chunk sweep, tailkd fused (Triton kernels):", "", "| chunk tokens | kd | tad | tad / kd |",
-                  "|---|---|---|---|"]
+        lines += ["", "Chunk sweep, tailkd fused (Triton kernels):", "",
+                  "| chunk tokens | kd | tad | tad / kd (wall; device) |", "|---|---|---|---|"]
         for size in sweep:
             got = {c["loss"]: c for c in result["cells"] if c["method"] == f"tailkd_fused_triton@{size}"}
             text = []
             for loss in ("kd", "tad"):
                 c = got.get(loss, {})
-                ok = "median_s" in c and "error" not in c
+                ok = _ok(c)
                 mem = "" if not ok or c["peak_bytes"] is None else f", {c['peak_bytes'] / 2**30:.1f} GiB"
-                text.append(f"{c['median_s'] * 1e3:.1f} ms{mem}" if ok else f"ERROR {c.get('error')}")
-            both = all("median_s" in got.get(x, {}) and "error" not in got[x] for x in ("kd", "tad"))
-            ratio = f"{got['tad']['median_s'] / got['kd']['median_s']:.3f}" if both else "—"
+                text.append(f"{c['median_s'] * 1e3:.1f} ms{_device_text(c)}{mem}" if ok else f"ERROR {c.get('error')}")
+            ratio = _ratio(got["tad"], got["kd"]) if _ok(got.get("kd")) and _ok(got.get("tad")) else "—"
             lines.append(f"| {size} | {text[0]} | {text[1]} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -370,6 +464,9 @@ def main(argv=None):
                     help="only these columns (default: all; keep tailkd_dense: each cell's loss is checked against it)")
     ap.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on the CPU")
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
+    ap.add_argument("--device-repeats", type=int, default=5,
+                    help="CUDA: calls timed again with the device given a head start (`time_device`: its kernels "
+                         "back to back, without the host's launch overhead), median in each cell as 'device'")
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
     ap.add_argument("--allow-missing", action="store_true", help="exit 0 even when a cell is skipped or fails")
     ap.add_argument("--liger-chunk", type=int, default=None,
@@ -419,6 +516,7 @@ def main(argv=None):
               "liger_chunk": liger_chunk, "rows": args.rows, "methods": list(methods),
               "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0,
               "cells": cells}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     table = _markdown(result)

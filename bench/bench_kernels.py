@@ -14,7 +14,11 @@ logits, as the fused layer does) on one chunk of ``--rows`` rows: student and te
 random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a row's running top-K
 changes ~K·ln(V/K) times). Reports the median over ``--repeats`` (CUDA events; after a warm-up that compiles), the
 bytes each pass must move (pass 1 reads s and t; pass 2 reads both and writes G; RKL/JSD read them once more;
-against the cache only s is read) as GB/s, and TAD/KD per configuration. The logits are refreshed before every timed
+against the cache only s is read) as GB/s, and TAD/KD per configuration. Those times start with the device idle, so
+they include the host's launch overhead wherever issuing a pass takes longer than running it (TAD's pass 2 issues
+~100 small [rows]-sized torch ops for its row coefficients and value); on CUDA each pass is also timed with the device
+given a head start (`bench_gpu.time_device`: the kernels back to back, as in the layer, where the matmuls keep the
+host ahead), beside the host's issue time: "device" and its TAD/KD. The logits are refreshed before every timed
 repeat (pass 2 overwrites s). Exits 1 if a kernel errs. On the CPU the kernels run under Triton's interpreter
 (TRITON_INTERPRET=1 is set here): a check of the wiring, not a speed.
 """
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import time_once  # bench/ is this script's folder
+from bench_gpu import _LEAD_S, time_device_covered, time_once  # bench/ is this script's folder
 
 LOSSES = {"kd": (0, 0, True, None, None), "tad K=10": (3, 10, True, None, None),
           "tad K=10, no rescale": (3, 10, False, None, None), "tad K=10, ids held": (3, 10, True, True, None),
@@ -80,7 +84,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                     box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], w if kind == 3 else None, cd, cq,
                                                             s, y=y, cy=cq, block=block, warps=warps, ids_held=held)
 
-                t1, t2 = [], []
+                t1, t2, dev, lead = [], [], [], None
                 for i in range(warmup + repeats):
                     s.copy_(s0)
                     a = time_once(lambda: box.__setitem__("st", stats()), device)
@@ -88,6 +92,12 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                     if i >= warmup:
                         t1.append(a)
                         t2.append(b)
+                    if i >= warmup and device.type == "cuda" and dev is not None:  # each pass's device time alone
+                        s.copy_(s0)
+                        d1 = time_device_covered(lambda: box.__setitem__("st", stats()), device, lead or _LEAD_S)
+                        d2 = d1 and time_device_covered(grads, device, d1[2])
+                        dev = dev + [(d1, d2)] if d2 else None  # None: a pass waits for the device: no figure
+                        lead = d2[2] if d2 else None
                 if not torch.isfinite(box["v"]).all():
                     raise FloatingPointError("non-finite row value")
                 p1, p2 = statistics.median(t1), statistics.median(t2)
@@ -95,6 +105,10 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                 moved2 = (2 if kind == 4 else 3) * elem + (2 * elem if kind in (1, 2) else 0)  # RKL/JSD: value pass
                 cell.update(stats_s=p1, grad_s=p2, total_s=p1 + p2, stats_gbs=moved1 / p1 / 1e9,
                             grad_gbs=moved2 / p2 / 1e9)
+                if dev:  # the passes' kernels back to back (the host ahead, as in the layer) and their issue time
+                    for key, pick in (("stats_dev_s", lambda d: d[0][0]), ("grad_dev_s", lambda d: d[1][0]),
+                                      ("stats_issue_s", lambda d: d[0][1]), ("grad_issue_s", lambda d: d[1][1])):
+                        cell[key] = statistics.median([pick(d) for d in dev])
             except Exception as exc:  # noqa: BLE001 - reported; the script exits 1
                 cell["error"] = f"{type(exc).__name__}: {exc}"[:300]
             cells.append(cell)
@@ -105,17 +119,26 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
 def _markdown(result):
     lines = [f"device: {result['device']}; rows={result['rows']}, V={result['vocab']}, bf16 logits; versions "
              f"{result['versions']}", "", "| block × warps | loss | stats pass ms (GB/s) | value + G ms (GB/s) "
-             "| total ms | / kd |", "|---|---|---|---|---|---|"]
+             "| total ms | / kd | device: stats + value/G ms (host issue ms) | device / kd |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         kd = next((x for x in result["cells"] if x["loss"] == "kd" and x["block"] == c["block"]
                    and x["warps"] == c["warps"] and "error" not in x), None)
         how = "default (per pass)" if c["block"] is None else f"{c['block']} × {c['warps']}"
         if "error" in c:
-            lines.append(f"| {how} | {c['loss']} | ERROR {c['error']} | | | |")
+            lines.append(f"| {how} | {c['loss']} | ERROR {c['error']} | | | | | |")
             continue
         ratio = f"{c['total_s'] / kd['total_s']:.3f}" if kd else "—"
+        dev, dev_ratio = "—", "—"
+        if "stats_dev_s" in c:
+            dev = (f"{c['stats_dev_s'] * 1e3:.3f} + {c['grad_dev_s'] * 1e3:.3f} ({c['stats_issue_s'] * 1e3:.2f} + "
+                   f"{c['grad_issue_s'] * 1e3:.2f})")
+            if kd and "stats_dev_s" in kd:
+                own, base = (x["stats_dev_s"] + x["grad_dev_s"] for x in (c, kd))
+                dev_ratio = f"{own / base:.3f}"
         lines.append(f"| {how} | {c['loss']} | {c['stats_s'] * 1e3:.3f} ({c['stats_gbs']:.0f}) "
-                     f"| {c['grad_s'] * 1e3:.3f} ({c['grad_gbs']:.0f}) | {c['total_s'] * 1e3:.3f} | {ratio} |")
+                     f"| {c['grad_s'] * 1e3:.3f} ({c['grad_gbs']:.0f}) | {c['total_s'] * 1e3:.3f} | {ratio} | {dev} "
+                     f"| {dev_ratio} |")
     return "\n".join(lines) + "\n"
 
 

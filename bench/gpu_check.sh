@@ -8,9 +8,10 @@
 #   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
 #                                     # the loss layer beside Liger (and beside the old single kernel launch),
 #                                     # torch.profiler's table of a kd and a tad step and the head matmuls alone
-#                                     # (box 120 s; 41-49 s on an H200 before the profile, the matmuls and the
-#                                     # 1024x4 column were added), the same N as 4 rows of 2048 tokens (box
-#                                     # 60 s; its table appended to gpu_loss_layer.md), the CUDA tests (box 100 s;
+#                                     # (box 135 s; 41-49 s on an H200 before the profile, the matmuls, the
+#                                     # 1024x4, A/B and overlap columns and each cell's device time were added),
+#                                     # the same N as 4 rows of 2048 tokens (box 65 s; its table appended to
+#                                     # gpu_loss_layer.md), the CUDA tests (box 100 s;
 #                                     # 61 s before the overlap tests), the kernels
 #                                     # alone at the per-pass default and at 1024x4 (box 120 s; the other launches
 #                                     # were swept on 2026-11-30), tailkd distill kd/tad fused with what is left (teacher
@@ -128,8 +129,8 @@ case $stage in
     distill) run_distill ;;                      # come back even if the lease ends during the sweeps
     all) run_tests; run_layer; run_layer_rows; run_kernels; run_distill ;;
     lease)
-        run_layer 120
-        run_layer_rows 60
+        run_layer 135
+        run_layer_rows 65
         run_tests 100
         run_kernels 120 0 default 1024x4  # the per-pass default (with the A/B rows) beside the old single launch
         left=$((585 - (SECONDS - t_start)))
