@@ -68,10 +68,10 @@ def _variants(logits: str):
     def tad(k, write, rare=False, held=K.TAD_IDS_HELD):
         kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
-               "ids_ptr": "*i32", "coef_ptr": "*fp32", "y_ptr": "*i64", "mode_ptr": "*i32", "value_ptr": "*fp32",
-               "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_o": "i32", "K": "constexpr",
-               "KP": "constexpr", "WRITE": "constexpr", "RARE": "constexpr", "HELD": "constexpr",
-               "BLOCK": "constexpr"}
+               "ids_ptr": "*i32", "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "w_ptr": "*fp64", "cd_ptr": "*fp32",
+               "cq_ptr": "*fp32", "cy_ptr": "*fp32", "y_ptr": "*i64", "value_ptr": "*fp32", "V": "i32",
+               "stride_s": "i32", "stride_t": "i32", "stride_o": "i32", "K": "constexpr", "KP": "constexpr",
+               "WRITE": "constexpr", "RARE": "constexpr", "HELD": "constexpr", "BLOCK": "constexpr"}
         return K._tad_kernel, sig, {"K": k, "KP": kp, "WRITE": write, "RARE": rare, "HELD": held}
 
     def sparse_stats():

@@ -339,6 +339,61 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     s = torch.randn(5, 60, generator=g, dtype=torch.float64)
     s[3:] = 20 * t[3:] / 10
     _check_tad(s.float(), t.float(), 3, seed=9)
+    # The bounds of `_check_tad` model a linear tail sum, whose sub-normal summands each carry 2^-149 times
+    # β(X) ~ 1e43 here: they cannot see the log-space value top + bucket + W·KL(p̃‖q̃) of these rows (W = β(X)·α^T ~ 1)
+    # nor the q̃/p̃ gradient cd(q + (W − α^T)q̃ − W p̃) + cq·q on their tail. Each float32 log-probability
+    # (x − m) − log S is within ε = 6u(2M + log V) of its value (M = max |logit|: three roundings of magnitude
+    # ≤ 2M + log V per side), so log α^T, hence W (relative), and every log(p̃/q̃), q, q̃, p̃ (relative) are within
+    # ~2ε; then |Δ(W·KL)| ≤ 2ε|W|(KL + 1 + L), L = max_tail |log(p̃/q̃)|, the top and bucket terms are within
+    # 2ε(1 + |top| + |bucket|), and each gradient entry within 2ε times the sum of its terms' magnitudes; 4× those
+    # are the bounds.
+    s32, t32 = s.float(), t.float()
+    k, n, vocab = 3, s.shape[0], s.shape[1]
+    (_d1, d_kl2, alpha) = R.tad_decompose(s, t, k)
+    abar = alpha.mean().expand(1, n)
+    w = tail_weight(abar.reshape(-1), BETA)
+    cd, cq = _coefs(n, 5)
+    stats = kernels.row_stats(s32.to(DEVICE), t32.to(DEVICE), k)
+    out = torch.empty_like(s32).to(DEVICE)
+    value = kernels.row_values_and_grads(kernels.RowLoss(3, k=k), s32.to(DEVICE), t32.to(DEVICE), stats,
+                                         w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), out).cpu().double()
+    mask = torch.ones(1, n, dtype=torch.bool)
+    ref, ref_d = _ref_grad(lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0], s, t)
+    q64 = torch.softmax(s, -1)
+    ref_g = cd.double()[:, None] * ref_d + cq.double()[:, None] * q64
+    big_w = w * alpha.reshape(-1)
+    top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, torch.topk(t, k).indices, True)
+    tail_logp = torch.log_softmax(t.masked_fill(top, -math.inf), -1)  # log p̃ (−inf on 𝒦)
+    tail_logq = torch.log_softmax(s.masked_fill(top, -math.inf), -1)
+    L = (tail_logp - tail_logq).masked_fill(top, 0.0).abs().amax(-1)
+    eps = 6 * U * (2 * max(s.abs().max(), t.abs().max()) + math.log(vocab))
+    rest = (ref - big_w * d_kl2).abs()  # |top + bucket|
+    bound = 4 * 2 * eps * (big_w * (d_kl2.abs() + 1 + L) + 1 + rest)
+    assert (big_w > 0.1).all() and (bound < 0.1 * (big_w * d_kl2).abs()).all()  # the log-space term is seen
+    B.assert_within(value, ref, bound, msg="tad value of sub-normal-α^T rows (log space) vs reference")
+    p64, c, bw = torch.softmax(t, -1), cd.double()[:, None], big_w[:, None]
+    terms = torch.where(top, (c + cq.double()[:, None]) * q64 + c * p64,
+                        (c + cq.double()[:, None]) * q64 + c * ((bw - alpha.reshape(-1, 1)).abs() * tail_logq.exp()
+                                                                + bw * tail_logp.exp()))
+    B.assert_within(out.cpu().double(), ref_g, 4 * 2 * eps * terms + B.REF64_ATOL,
+                    msg="tad gradient of sub-normal-α^T rows (q̃/p̃ form) vs reference")
+
+
+def test_tad_kernel_student_tail_underflow_beside_a_normal_teacher_tail():
+    """Rows whose gradient takes the q̃/p̃ form while α^T is normal (not sub-normal: W = β(X)·α^T ~ 2, where
+    W − α^T and W differ): the student's logits on the teacher's top 3 lifted by 200 nats (α^S ~ e^-200: the ratio
+    α^T/α^S is not finite) or by 90.5 (α^T/α^S ~ e^88.3: finite but above 1e30, where the plain form's tail q, down
+    to ~4e-42, is sub-normal: ~1e-4 relative precision), beside a row on the plain form."""
+    g = torch.Generator().manual_seed(23)
+    t = torch.randn(3, 60, generator=g, dtype=torch.float64)
+    s = torch.randn(3, 60, generator=g, dtype=torch.float64)
+    lift = torch.tensor([200.0, 90.5, 0.0], dtype=torch.float64)[:, None].expand(3, 3)
+    s = s.scatter_add(-1, torch.topk(t, 3).indices, lift.contiguous())
+    las = torch.logsumexp(s.scatter(-1, torch.topk(t, 3).indices, -math.inf), -1) - torch.logsumexp(s, -1)
+    lat = torch.logsumexp(t.scatter(-1, torch.topk(t, 3).indices, -math.inf), -1) - torch.logsumexp(t, -1)
+    log_ratio, log_max = lat - las, math.log(torch.finfo(torch.float32).max)  # log(α^T/α^S); float32's overflow
+    assert lat.exp().min() > 0.1 and log_ratio[0] > log_max and 69.1 < log_ratio[1] < log_max and log_ratio[2] < 5
+    _check_tad(s.float(), t.float(), 3, seed=10)
 
 
 def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():

@@ -117,7 +117,8 @@ def rest_bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tenso
 def tad_tiny_rows(alpha_t, log_alpha_t, poisoned, w, dtype) -> torch.Tensor:
     """TAD's rows computed in log space [n]: α^T below `_tiny` (its linear tail sum has lost its precision) but not
     an empty tail (α^T = 0 exactly, log α^T = −inf: tail term 0, gradient q − p, p̃ undefined), a finite row, and a
-    positive weight w. Shared by the torch path (`_tad_forward`) and the Triton kernels (`kernels._tad_rows`)."""
+    positive weight w. Used by the torch path (`_tad_forward`); the Triton kernels compute the same per row
+    (`kernels._tad_row`)."""
     return (alpha_t < _tiny(dtype)) & torch.isfinite(log_alpha_t) & ~poisoned & (w > 0)
 
 

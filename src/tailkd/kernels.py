@@ -15,21 +15,22 @@ fp16 or float32 in, float32 arithmetic):
    max is within `RESCALE_GAP` nats of the full one — so TAD's pass 1 does KD's per-entry work on such blocks.
 2. `row_values_and_grads` — a second pass writing G = cd·∂D/∂s + cq·q (cq: the CLM softmax folded in, as
    `RowKernel.backward`) into ``out`` (which may be s itself: in place) and returning the per-row value. KD and
-   TAD read s and t twice in all (TAD's top-K and tail sums ride on pass 1; its per-row coefficients are [n]-sized
-   torch ops between the passes). RKL and JSD need the row value inside their gradient, so they add a value pass
-   before the gradient pass (three passes).
+   TAD read s and t twice in all (TAD's top-K and tail sums ride on pass 1; its per-row coefficients and the value's
+   K terms on 𝒦 are computed by pass 2's programs themselves, `_tad_row`: no [n]-sized torch ops between the passes,
+   whose launches would cost TAD ~100 small kernels per chunk more than KD). RKL and JSD need the row value inside
+   their gradient, so they add a value pass before the gradient pass (three passes).
 
 Which `tailkd.divergences` function each kernel implements:
 - `_stats_kernel`: `divergences.lse` / torch.log_softmax of both sides; `topk_teacher` (𝒦, α^T) and
   `student_tail` (α^S) for TAD;
 - `_dense_kernel`: LOSS=0 `_kl_forward` + `_kl_backward`; LOSS=1 `_rkl_forward` (value pass) and `_rkl_backward`
   (gradient pass); LOSS=2 `_jsd_forward` / `_jsd_backward` likewise;
-- `_tad_kernel` (two launches: the rows on the plain formulas, then the rare rows below): the tail sums of
-  `_tad_forward` (Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below
-  1e-30, where a linear tail sum has lost its precision, but not 0) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on
-  the tail, or its q̃/p̃ form where α^S underflowed or α^T < 1e-30); the K top-K terms and the bucket are [n, K]
-  torch ops (`_tad_value`). It finds 𝒦's columns by walking the ascending ids once per row (not K reads per
-  block).
+- `_tad_kernel` (two launches: the rows on the plain formulas, then the rare rows below): `_tad_forward`'s value
+  (the tail sum Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below 1e-30, where a linear tail sum has lost
+  its precision, but not 0; the K terms on 𝒦 and the bucket) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on the tail,
+  or its q̃/p̃ form where α^S underflowed or α^T < 1e-30); its per-row quantities (`_tad_row`) are those of
+  `divergences.tad_tiny_rows`, `tad_gradient_form`, `tad_tiny_weight` and `rest_bucket`. It finds 𝒦's columns by
+  walking the ascending ids once per row (not K reads per block).
 
 Against a top-K cache teacher (`divergences.SparseTeacher`: 𝒦, its log-probabilities, α^T, optional tail points)
 `sparse_values_and_grads` implements `divergences._sparse_forward` / `_sparse_backward`: `_sparse_stats_kernel`
@@ -375,30 +376,61 @@ if triton is not None:
             tl.store(value_ptr + row * 2 + 1, tl.sum(acc2, 0))
 
     @triton.jit
-    def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, coef_ptr, y_ptr, mode_ptr, value_ptr, V, stride_s,
-                    stride_t, stride_o, K: tl.constexpr, KP: tl.constexpr, WRITE: tl.constexpr, RARE: tl.constexpr,
-                    HELD: tl.constexpr, BLOCK: tl.constexpr):
-        """Pass 2 of TAD for one row. value_ptr[row] = Σ_tail p log(p/q), or (mode[0], α^T sub-normal) Σ_tail
-        p̃ log(p̃/q̃). Gradient on 𝒦: c0·q − c1·p; on the tail c2·q − c3·p, or (mode[1]) c2·q + c4·q̃ − c5·p̃,
-        with coef_ptr[row] = (c0..c6) and q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t)); − c6 at the label
-        column y_ptr[row] (−1 = none). RARE = False does the rows on neither mode, RARE = True the others (each
-        launch skips the other's rows): the rare rows' maths in the same loop would hold ~3× the registers. HELD:
-        𝒦 is loaded once into a [KP] tensor and each block counts its ids there (two KP-wide reductions), instead of
-        walking the ids in global memory (a dependent scalar load per block): the A/B of `TAD_IDS_HELD`."""
+    def _tad_row(stats_ptr, w_ptr, row):
+        """TAD's per-row quantities from pass 1's statistics and the row weight w = β(X) (float64 allowed: β/ᾱ
+        overflows float32 where ᾱ is sub-normal), as `divergences._tad_forward` / `_tad_backward` define them:
+        (α^T, log α^T (0 where α^T = 0), log α^S, the sub-normal-α^T rows "tiny" (`divergences.tad_tiny_rows`),
+        the rows on the q̃/p̃ gradient form "bad" and α^T/α^S (`divergences.tad_gradient_form`), the weight wd (0 on
+        tiny rows) and W = w·α^T (from log α^T in float64 on tiny rows: `divergences.tad_tiny_weight`))."""
+        st = stats_ptr + row * 8
+        m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
+        la = (tl.load(st + 6) - m_t) + tl.load(st + 7) - ls_t  # `RowStats.log_mass`
+        las = (tl.load(st + 4) - m_s) + tl.load(st + 5) - ls_s
+        alpha_t = tl.exp(la)
+        log_at = tl.where(alpha_t > 0, la, 0.0)
+        lse_s, lse_t = m_s + ls_s, m_t + ls_t
+        poisoned = (lse_s != lse_s) | (lse_t != lse_t)  # `RowStats.poisoned`: a NaN logit on either side
+        w = tl.load(w_ptr + row).to(tl.float64)
+        tiny = (alpha_t < 1e-30) & (la == la) & (tl.abs(la) < float("inf")) & ~poisoned & (w > 0)
+        wd = tl.where(tiny, 0.0, w).to(tl.float32)
+        ratio = tl.where(alpha_t > 0, tl.exp(log_at - las), 0.0)
+        bad = ~((ratio == ratio) & (tl.abs(ratio) < float("inf"))) | (ratio > 1e30) | tiny
+        big_w = tl.where(tiny, (w * tl.exp(la.to(tl.float64))).to(tl.float32), wd * alpha_t)
+        return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
+
+    @triton.jit
+    def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, w_ptr, cd_ptr, cq_ptr, cy_ptr,
+                    y_ptr, value_ptr, V, stride_s, stride_t, stride_o, K: tl.constexpr, KP: tl.constexpr,
+                    WRITE: tl.constexpr, RARE: tl.constexpr, HELD: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 2 of TAD for one row, its per-row maths in the kernel (`_tad_row`; no [n]-sized torch ops around
+        it). value_ptr[row] = Σ_𝒦 p log(p/q) + α^T log(α^T/α^S) + wd·(Σ_tail p log(p/q) − α^T log(α^T/α^S)), or
+        on tiny rows (α^T sub-normal) Σ_𝒦 … + α^T log(α^T/α^S) + W·Σ_tail p̃ log(p̃/q̃) (`divergences._tad_forward`).
+        Gradient (`divergences._tad_backward`, times cd = cd_ptr[row], plus cq·q, cq = cq_ptr[row]): on 𝒦
+        (cd + cq)·q − cd·p; on the tail c2·q − cd·wd·p with c2 = cd(1 + (wd − 1)α^T/α^S) + cq, or on "bad" rows
+        (cd + cq)·q + cd(W − α^T)·q̃ − cd·W·p̃ with q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t)); − cy at the
+        label column y_ptr[row] (−1 = none), cy = cy_ptr[row]. RARE = False does the rows that are neither tiny nor
+        bad, RARE = True the others (each launch skips the other's rows): the rare rows' maths in the same loop
+        would hold ~3× the registers. HELD: 𝒦 is loaded once into a [KP] tensor and each block counts its ids
+        there (two KP-wide reductions), instead of walking the ids in global memory (a dependent scalar load per
+        block): the A/B of `TAD_IDS_HELD`."""
         row = tl.program_id(0).to(tl.int64)
-        tiny = tl.load(mode_ptr + row * 2)
-        bad = tl.load(mode_ptr + row * 2 + 1)
-        if ((tiny + bad) > 0) == RARE:
+        alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_row(stats_ptr, w_ptr, row)
+        if (tiny | bad) == RARE:
             st = stats_ptr + row * 8
             m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
-            cf = coef_ptr + row * 7
-            c0, c1, c2, c3, c4, c5 = tl.load(cf), tl.load(cf + 1), tl.load(cf + 2), tl.load(cf + 3), tl.load(
-                cf + 4), tl.load(cf + 5)
-            c_y, y = tl.load(cf + 6), tl.load(y_ptr + row)
+            cd, cq, c_y = tl.load(cd_ptr + row), tl.load(cq_ptr + row), tl.load(cy_ptr + row)
+            y = tl.load(y_ptr + row)
+            c0 = cd + cq  # on 𝒦: c0·q − cd·p
+            if RARE:  # on the tail: c2·q + c4·q̃ − c5·p̃
+                c2 = cd + cq
+                c4 = cd * (big_w - alpha_t)
+                c5 = cd * big_w
+                m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
+            else:  # on the tail: c2·q − c3·p
+                c2 = cd * (1 + (wd - 1) * ratio) + cq
+                c3 = cd * wd
             offs = tl.arange(0, BLOCK)
             acc = tl.zeros([BLOCK], tl.float32)
-            if RARE:
-                m_st, ls_st, m_tt, ls_tt = tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7)
             ids_row = ids_ptr + row * K
             lo = 0  # 𝒦 is ascending (row_stats): ids[lo:] lie at or after this block
             if HELD:
@@ -423,7 +455,7 @@ if triton is not None:
                     lpt = (t - m_tt) - ls_tt
                     pt = tl.exp(lpt)
                     g_tail = c2 * q + c4 * tl.exp(lqt) - c5 * pt
-                    if tiny != 0:
+                    if tiny:
                         term = tl.where(pt > 0, pt * (lpt - lqt), 0.0)
                     else:
                         term = tl.where(p > 0, p * (lp - lq), 0.0)
@@ -432,10 +464,27 @@ if triton is not None:
                     term = tl.where(p > 0, p * (lp - lq), 0.0)
                 acc += tl.where(ok & ~top, term, 0.0)
                 if WRITE:
-                    g = tl.where(top, c0 * q - c1 * p, g_tail)
+                    g = tl.where(top, c0 * q - cd * p, g_tail)
                     g = tl.where(cols == y, g - c_y, g)
                     tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
-            tl.store(value_ptr + row, tl.sum(acc, 0))
+            tail_sum = tl.sum(acc, 0)
+            # the value (`divergences._tad_forward`): the K terms on 𝒦 from pass 1's logits there, the bucket. The
+            # row's quantities are loaded and computed again rather than held through the loop (+12 registers
+            # there: fewer resident warps)
+            alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_row(stats_ptr, w_ptr, row)
+            slots = tl.arange(0, KP)
+            real = slots < K
+            logp_top = (tl.load(ttop_ptr + row * K + slots, mask=real, other=float("-inf")) - m_t) - ls_t
+            logq_top = (tl.load(stop_ptr + row * K + slots, mask=real, other=0.0) - m_s) - ls_s
+            p_top = tl.exp(logp_top)
+            top_sum = tl.sum(tl.where(p_top > 0, p_top * (logp_top - logq_top), 0.0), 0)
+            bucket = tl.where(alpha_t > 0, alpha_t * (log_at - las), 0.0)  # `divergences.rest_bucket`
+            if tiny:
+                value = top_sum + bucket + big_w * tail_sum
+            else:
+                finite = (bucket == bucket) & (tl.abs(bucket) < float("inf"))
+                value = top_sum + bucket + wd * tl.where(finite, tail_sum - bucket, 0.0)
+            tl.store(value_ptr + row, value)
 
     @triton.jit
     def _sparse_stats_kernel(s_ptr, ids_ptr, stats_ptr, V, stride_s, gap, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -595,59 +644,28 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch)
     return value[:, 0] if loss.kind == 1 else bj * value[:, 0] + (1 - bj) * value[:, 1]
 
 
-def _tad_rows(stats: RowStats, w: torch.Tensor):
-    """The per-row quantities of `divergences._tad_forward` / `_tad_backward`: α^T, log α^T (0 where α^T = 0),
-    log α^S, the sub-normal-α^T rows ("tiny"), the rows on the q̃/p̃ gradient form ("bad"), the weight wd (0 on
-    tiny rows) and W = w·α^T (float64 on tiny rows)."""
-    la, las = stats.log_mass(1), stats.log_mass(0)
-    alpha_t = la.exp()
-    log_at = torch.where(alpha_t > 0, la, 0.0)
-    tiny = dv.tad_tiny_rows(alpha_t, la, stats.poisoned, w, torch.float32)
-    wd = torch.where(tiny, 0.0, w).to(torch.float32)
-    ratio, bad = dv.tad_gradient_form(alpha_t, log_at, las, tiny)
-    big_w = torch.where(tiny, dv.tad_tiny_weight(w, la, torch.float32), wd * alpha_t)
-    return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
-
-
-def _tad_value(stats: RowStats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w):
-    """`_tad_forward`'s value from the tail sum: top + bucket + w·(Σ_tail p log(p/q) − bucket), or on tiny rows
-    top + bucket + W·KL(p̃‖q̃); top = Σ_𝒦 p log(p/q) from the [n, K] logits on 𝒦."""
-    st = stats.stats
-    logp_top = (stats.t_top - st[:, 2:3]) - st[:, 3:4]
-    logq_top = (stats.s_top - st[:, 0:1]) - st[:, 1:2]
-    p_top = logp_top.exp()
-    top = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1)
-    bucket = dv.rest_bucket(alpha_t, log_at, las)
-    tail = torch.where(torch.isfinite(bucket), tail_sum - bucket, 0.0)
-    return torch.where(tiny, top + bucket + big_w * tail_sum, top + bucket + wd * tail)
-
-
 def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch, held: bool):
-    """TAD's pass 2: per-row coefficients ([n] torch ops), then one kernel pass for the tail sum and the gradient."""
+    """TAD's pass 2: the value and the gradient, the per-row coefficients and the value's K terms on 𝒦 computed in
+    the kernel (`_tad_row`): two launches (the plain rows, then the rare ones), no [n]-sized torch ops."""
     n, vocab = s.shape
-    alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_rows(stats, w)
-    normal_q = cd * (1 + (wd - 1) * torch.where(bad, 0.0, ratio)) + cq
-    coef = torch.stack([cd + cq, cd, torch.where(bad, cd + cq, normal_q), cd * wd,
-                        torch.where(bad, cd * (big_w - alpha_t), 0.0), torch.where(bad, cd * big_w, 0.0), cy], 1)
-    mode = torch.stack([tiny, bad], 1).to(torch.int32)
-    tail_sum = torch.zeros(n, dtype=torch.float32, device=s.device)
+    value = torch.empty(n, dtype=torch.float32, device=s.device)
     o = out if out is not None else s
     if n:
-        coef = coef.float().contiguous()
+        w = w.contiguous()
         for rare in (False, True):  # the second launch's programs return at once unless their row is rare
-            _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, coef, y, mode, tail_sum, vocab, s.stride(0),
-                              t.stride(0), o.stride(0), K=loss.k, KP=padded_k(loss.k),
+            _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, stats.t_top, stats.s_top, w, cd, cq, cy, y, value,
+                              vocab, s.stride(0), t.stride(0), o.stride(0), K=loss.k, KP=padded_k(loss.k),
                               WRITE=out is not None, RARE=rare, HELD=held, BLOCK=go.block, num_warps=go.warps)
-    return _tad_value(stats, tail_sum, alpha_t, log_at, las, tiny, wd, big_w)
+    return value
 
 
 def _row_coefs(cd, cq, cy, y):
     """The pass-2 row coefficients in float32 (``cq``, ``cy`` None = 0) and the label columns [n] (None = −1: no
-    one-hot)."""
-    cd = cd.to(torch.float32)
-    cq = torch.zeros_like(cd) if cq is None else cq.to(torch.float32)
-    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32)
-    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1)
+    one-hot), contiguous (the kernels read entry ``row`` of each)."""
+    cd = cd.to(torch.float32).contiguous()
+    cq = torch.zeros_like(cd) if cq is None else cq.to(torch.float32).contiguous()
+    cy = torch.zeros_like(cd) if cy is None else cy.to(torch.float32).contiguous()
+    y = torch.full_like(cd, -1, dtype=torch.long) if y is None else y.reshape(-1).contiguous()
     return cd, cq, cy, y
 
 
