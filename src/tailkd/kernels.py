@@ -30,7 +30,7 @@ Which `tailkd.divergences` function each kernel implements:
   its precision, but not 0; the K terms on 𝒦 and the bucket) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on the tail,
   or its q̃/p̃ form where α^S underflowed or α^T < 1e-30); its per-row quantities (`_tad_row`) are those of
   `divergences.tad_tiny_rows`, `tad_gradient_form`, `tad_tiny_weight` and `rest_bucket`. It finds 𝒦's columns by
-  walking the ascending ids once per row (not K reads per block).
+  comparing each with 𝒦's last entry in pass 1's order (no read of 𝒦 per block).
 
 Against a top-K cache teacher (`divergences.SparseTeacher`: 𝒦, its log-probabilities, α^T, optional tail points)
 `sparse_values_and_grads` implements `divergences._sparse_forward` / `_sparse_backward`: `_sparse_stats_kernel`
@@ -125,8 +125,9 @@ class RowStats(NamedTuple):
 
 # --------------------------------------------------------------------------- the kernels
 
-TAD_IDS_HELD = False  # TAD's pass 2 finds 𝒦's columns by walking the ids in memory (measured, bench/RESULTS.md);
-# True: the ids held in registers (`_tad_kernel` HELD), not yet measured on a GPU: the A/B of bench_kernels.py
+TAD_IDS_HELD = False  # TAD's pass 2 finds 𝒦's columns by comparing each with 𝒦's last entry (t_k, i_k) (since
+# 2026-12-01; before, by walking the ids in memory, measured in bench/RESULTS.md); True: by the ids held in registers
+# (`_tad_kernel` HELD), not yet measured on a GPU: the A/B of bench_kernels.py
 TAD_SEED_TOPK = False  # TAD's pass 1 starts its running top-K from the first K columns (measured); True: from the top-K
 # of the row's first columns found at once by `_seed_kernel` (tl.topk), ~K·ln(4096/K) insertions fewer per row; not
 # yet measured on a GPU: the A/B of bench_kernels.py
@@ -410,9 +411,10 @@ if triton is not None:
         (cd + cq)·q + cd(W − α^T)·q̃ − cd·W·p̃ with q̃ = exp(s − lse_tail(s)), p̃ = exp(t − lse_tail(t)); − cy at the
         label column y_ptr[row] (−1 = none), cy = cy_ptr[row]. RARE = False does the rows that are neither tiny nor
         bad, RARE = True the others (each launch skips the other's rows): the rare rows' maths in the same loop
-        would hold ~3× the registers. HELD: 𝒦 is loaded once into a [KP] tensor and each block counts its ids
-        there (two KP-wide reductions), instead of walking the ids in global memory (a dependent scalar load per
-        block): the A/B of `TAD_IDS_HELD`."""
+        would hold ~3× the registers. 𝒦's columns: those at or above its last entry (t_k, i_k) in the order
+        (t descending, id ascending) that pass 1 kept — two comparisons per entry, no load of 𝒦 in the loop; HELD:
+        𝒦's ids loaded once into a [KP] tensor, each block counting and marking its own (a KP-wide reduction per
+        block, K comparisons in the blocks that hold one): the A/B of `TAD_IDS_HELD`."""
         row = tl.program_id(0).to(tl.int64)
         alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_row(stats_ptr, w_ptr, row)
         if (tiny | bad) == RARE:
@@ -432,24 +434,27 @@ if triton is not None:
             offs = tl.arange(0, BLOCK)
             acc = tl.zeros([BLOCK], tl.float32)
             ids_row = ids_ptr + row * K
-            lo = 0  # 𝒦 is ascending (row_stats): ids[lo:] lie at or after this block
+            slots = tl.arange(0, KP)
+            real = slots < K
             if HELD:
-                slots = tl.arange(0, KP)
-                held = tl.load(ids_row + slots, mask=slots < K, other=2147483647)  # ascending, sentinels last
+                held = tl.load(ids_row + slots, mask=real, other=2147483647)  # ascending, sentinels last
+            else:  # 𝒦's last entry by (t descending, id ascending): the smallest t, among equal ones the largest id
+                t_top = tl.load(ttop_ptr + row * K + slots, mask=real, other=float("inf"))
+                t_k = tl.min(t_top, 0)
+                i_k = tl.max(tl.where(real & (t_top == t_k), tl.load(ids_row + slots, mask=real, other=-1), -1), 0)
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 ok = cols < V
-                if HELD:
+                if HELD:  # (before the tile's loads: its values are not held through the marking loop)
                     lo = tl.sum((held < start).to(tl.int32), 0)
                     hi = tl.sum((held < start + BLOCK).to(tl.int32), 0)
-                else:
-                    hi = _walk(ids_row, lo, K, start + BLOCK)  # ids[lo:hi] lie in this block
-                top = cols < 0
-                if hi > lo:
-                    top = _marked(cols, ids_row, lo, hi)
-                lo = hi
+                    top = cols < 0
+                    if hi > lo:
+                        top = _marked(cols, ids_row, lo, hi)
                 s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s,
                                            m_t, ls_t)
+                if not HELD:  # a column is in 𝒦 iff (t, −id) ≥ (t_k, −i_k): pass 1 read the same t (NaN: in no 𝒦)
+                    top = (t > t_k) | ((t == t_k) & (cols <= i_k))
                 if RARE:
                     lqt = (s - m_st) - ls_st
                     lpt = (t - m_tt) - ls_tt
