@@ -387,14 +387,14 @@ if triton is not None:
         m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
         la = (tl.load(st + 6) - m_t) + tl.load(st + 7) - ls_t  # `RowStats.log_mass`
         las = (tl.load(st + 4) - m_s) + tl.load(st + 5) - ls_s
-        alpha_t = tl.exp(la)
-        log_at = tl.where(alpha_t > 0, la, 0.0)
+        alpha_t = tl.exp(la.to(tl.float64)).to(tl.float32)  # (float64: torch's correctly rounded exp, sub-normal
+        log_at = tl.where(alpha_t > 0, la, 0.0)  # results kept; float32 tl.exp is approximate, ~|x|·u relative)
         lse_s, lse_t = m_s + ls_s, m_t + ls_t
         poisoned = (lse_s != lse_s) | (lse_t != lse_t)  # `RowStats.poisoned`: a NaN logit on either side
         w = tl.load(w_ptr + row).to(tl.float64)
         tiny = (alpha_t < 1e-30) & (la == la) & (tl.abs(la) < float("inf")) & ~poisoned & (w > 0)
         wd = tl.where(tiny, 0.0, w).to(tl.float32)
-        ratio = tl.where(alpha_t > 0, tl.exp(log_at - las), 0.0)
+        ratio = tl.where(alpha_t > 0, tl.exp((log_at - las).to(tl.float64)).to(tl.float32), 0.0)
         bad = ~((ratio == ratio) & (tl.abs(ratio) < float("inf"))) | (ratio > 1e30) | tiny
         big_w = tl.where(tiny, (w * tl.exp(la.to(tl.float64))).to(tl.float32), wd * alpha_t)
         return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
