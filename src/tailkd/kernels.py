@@ -477,8 +477,6 @@ if triton is not None:
             # row's quantities are loaded and computed again rather than held through the loop (+12 registers
             # there: fewer resident warps)
             alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_row(stats_ptr, w_ptr, row)
-            slots = tl.arange(0, KP)
-            real = slots < K
             logp_top = (tl.load(ttop_ptr + row * K + slots, mask=real, other=float("-inf")) - m_t) - ls_t
             logq_top = (tl.load(stop_ptr + row * K + slots, mask=real, other=0.0) - m_s) - ls_s
             p_top = tl.exp(logp_top)
