@@ -21,6 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def failure_text(err: str) -> str:
+    """What a failed run's assertion shows: where a process died of a fatal signal, the start of its faulthandler
+    dump (every thread's Python stack; torchrun's own report and the dump's list of extension modules would push it
+    out of the end), then the end of stderr."""
+    at = err.find("Fatal Python error")
+    return (err[at:at + 6000] + "\n[...]\n" if at >= 0 else "") + err[-3000:]
+
+
 def run_cli(argv, nproc: int = 1, expect: int = 0) -> tuple[str, str]:
     """``python -m tailkd.cli argv`` in one process, or under torchrun with ``nproc`` gloo processes; asserts the
     exit code ``expect`` and returns (stdout, stderr). A session of its own, so that a hang ends with the whole
@@ -34,6 +42,6 @@ def run_cli(argv, nproc: int = 1, expect: int = 0) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
-        raise AssertionError(f"timed out: {err[-3000:]}") from None
-    assert proc.returncode == expect, err[-3000:]
+        raise AssertionError(f"timed out: {failure_text(err)}") from None
+    assert proc.returncode == expect, failure_text(err)
     return out, err

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import build_tiny_tokenizer, make_tiny_lm
-from launch import ENV, free_port, run_cli
+from launch import ENV, failure_text, free_port, run_cli
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -247,7 +247,7 @@ def test_peak_rss_of_each_rank_while_loading_stays_below_its_share(tmp_path):
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_sharded_teacher as t; "
             f"t._rss_main({str(warmup)!r}, {str(big)!r}, {str(tmp_path)!r}, {world})")
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
     for r, sharded in [(0, False)] + [(r, True) for r in range(world)]:
         got = torch.load(tmp_path / f"rss{r}-{sharded}.pt")
         assert got["before_max"] - got["before"] < 0.05 * full, got  # the peak before loading is the RSS then
