@@ -142,6 +142,44 @@ def test_masked_tokens_get_zero_gradient_and_fully_masked_batch_is_zero():
     assert float(terms.loss.detach()) == 0.0 and float(a.grad.abs().sum()) == 0.0 and float(w.grad.abs().sum()) == 0.0
 
 
+def test_backward_scales_the_gradients_in_place_and_runs_once():
+    """The layer's backward writes ∂W into the buffer its forward filled (scaled there by the incoming gradient): no
+    [V, d] tensor is allocated in backward — every op there with a result of W's shape writes into one of its inputs'
+    storage (autograd's AccumulateGrad takes the buffer itself as W.grad; with ``retain_graph`` it copies it, the
+    buffer being still referenced) — and the gradients are those of the dense path. A second backward
+    (``retain_graph``) raises instead of scaling them twice."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    cfg = LossConfig(name="kd")
+    _, ref_h, ref_w, ref_b = _dense(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg)
+    a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+    terms = chunked_objective(a, Head(w, b, spec_s), labels, int((labels != IGNORE_INDEX).sum()), cfg=cfg,
+                              teacher_hidden=h_t, teacher_head=head_t, chunk_size=5)
+    fresh = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {x.untyped_storage().data_ptr() for x in (*args, *(kwargs or {}).values())
+                   if isinstance(x, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.shape == w.shape and out.untyped_storage().data_ptr() not in ins:
+                fresh.append(str(func))
+            return out
+
+    with Allocations():
+        terms.loss.backward()
+    assert fresh == []
+    torch.testing.assert_close(a.grad, ref_h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.grad, ref_b, rtol=1e-10, atol=1e-12)
+    again = chunked_objective(a, Head(w, b, spec_s), labels, 1, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                              chunk_size=5)
+    again.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagates once"):
+        again.loss.backward()
+
+
 def test_global_denominator_and_micro_batches_match_one_big_batch():
     h_s, w_s, _, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
     cfg = LossConfig(name="tad", k=4)

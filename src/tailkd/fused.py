@@ -479,7 +479,10 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
 
 class _ChunkedSum(torch.autograd.Function):
     """Σ_t (coef_clm·CLM(t) + coef_div·D(t)) and the detached Σ CLM, Σ D; gradients computed in forward, chunk by
-    chunk (Liger-style), scaled by the incoming gradient in backward."""
+    chunk (Liger-style), scaled by the incoming gradient in backward IN PLACE: no second [V, d] buffer for ∂W at
+    the start of the backward pass (1.2 GB in float32 at V = 151936, d = 2048), which on the CPU is also a fresh
+    allocation's page faults (~60 ms at d = 256). So the layer backpropagates once: a second backward through it
+    (``retain_graph=True``) raises instead of scaling the gradients twice."""
 
     @staticmethod
     def forward(ctx, h, w, bias, plan: _Plan, coef_clm: float, coef_div: float, need: tuple):
@@ -487,13 +490,20 @@ class _ChunkedSum(torch.autograd.Function):
             clm, div, gh, gw, gb = _run_chunks(plan, h, w, bias, coef_clm, coef_div, *need)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (gh, gw, gb)))
         ctx.present = tuple(g is not None for g in (gh, gw, gb))
+        ctx.spent = False
         clm_sum, div_sum = clm.sum(), div.sum()
         ctx.mark_non_differentiable(clm_sum, div_sum)
         return coef_clm * clm_sum + coef_div * div_sum, clm_sum, div_sum
 
     @staticmethod
     def backward(ctx, g_total, _g_clm, _g_div):
-        grads = [g * g_total.to(g.dtype) if present else None for g, present in zip(ctx.saved_tensors, ctx.present)]
+        if ctx.spent:
+            raise RuntimeError("tailkd.fused.chunked_sums backpropagates once: its gradients, computed in forward, "
+                               "were scaled in place by the first backward; compute the loss again to backpropagate "
+                               "again")
+        ctx.spent = True
+        grads = [g.mul_(g_total.to(g.dtype)) if present else None for g, present in zip(ctx.saved_tensors,
+                                                                                       ctx.present)]
         return (*grads, None, None, None, None)
 
 
@@ -738,8 +748,10 @@ def chunked_sums(
     ``divergence``: a bound `tailkd.registry.Divergence`, or None for CLM only. The teacher is its final hidden
     states + LM head (exact), or a top-K cache's `divergences.SparseTeacher` (losses with a sparse form: D_KL1
     [+ sampled tail estimate]). Gradients flow to ``student_hidden`` and ``student_head.weight`` / ``.bias`` (unless
-    they do not require grad: a frozen head costs no weight-gradient matmul). ``matmul_dtype`` (e.g.
-    torch.bfloat16 on GPU) sets the head matmuls' dtype; softmax math is float32 (float64 for float64 inputs).
+    they do not require grad: a frozen head costs no weight-gradient matmul); they are computed here, in forward,
+    and scaled in place by the one backward through ``total`` (a second, ``retain_graph=True``, raises).
+    ``matmul_dtype`` (e.g. torch.bfloat16 on GPU) sets the head matmuls' dtype; softmax math is float32 (float64 for
+    float64 inputs).
     ``kernels=False`` keeps the torch row maths where the Triton kernels would apply (CUDA, triton installed).
     ``labels`` and ``segment_ids`` may be host tensors while the hidden states are on CUDA: the chunk plan is then
     computed on the host, without waiting for the device. Divide by the number of valid tokens yourself
