@@ -207,5 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The ``tailkd`` command (and ``python -m tailkd.cli``): `main` in a process whose freed host memory is reused
+    (`tailkd.hostmem`)."""
+    from tailkd import hostmem
+
+    hostmem.keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
