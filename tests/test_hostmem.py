@@ -57,10 +57,21 @@ def test_the_users_own_malloc_settings_are_left_alone(env):
     assert after * 10 >= plain  # still a fresh mapping per block
 
 
-def test_the_tailkd_command_keeps_freed_memory_then_runs_main(monkeypatch):
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_tailkd_command_keeps_freed_memory_on_a_machine_without_cuda(monkeypatch, tmp_path, cuda):
+    """`tailkd` (`cli.entry`) keeps freed host memory before a subcommand runs, where no CUDA device is visible; `main`
+    called from Python leaves the allocator alone; so does ``--help``. The console script is `cli.entry`."""
+    import torch
+
     calls = []
     monkeypatch.setattr(hostmem, "keep_freed_memory", lambda: calls.append("keep") or True)
-    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 7)
-    assert cli.entry() == 7 and calls == ["keep", "main"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    flops = ["flops", "--teacher-params", "1.8e9", "--student-params", "1.2e9", "--vocab", "151936", "--hidden",
+             "2048", "--teacher-layers", "24", "--student-layers", "18", "--out", str(tmp_path / "flops.json")]
+    assert cli.main(flops) == 0 and calls == []
+    monkeypatch.setattr(sys, "argv", ["tailkd", *flops])
+    assert cli.entry() == 0 and calls == ([] if cuda else ["keep"])
+    monkeypatch.setattr(sys, "argv", ["tailkd"])
+    assert cli.entry() == 0 and calls == ([] if cuda else ["keep"])  # the help: no run
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "tailkd"]
     assert script.value == "tailkd.cli:entry"

@@ -177,7 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _keep_host_memory() -> None:
+    """On a machine without a CUDA device the runs compute on the host: its freed memory is kept for reuse
+    (`tailkd.hostmem`; where a GPU computes, the host's large blocks are rare and best given back)."""
+    import torch
+
+    from tailkd import hostmem
+
+    if not torch.cuda.is_available():
+        hostmem.keep_freed_memory()
+
+
+def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> int:
+    """Run one subcommand; returns its exit code. ``keep_host_memory``: `_keep_host_memory` first (the ``tailkd``
+    command's processes: `entry`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if keep_host_memory:
+        _keep_host_memory()
     debug = getattr(args, "debug", False)
     try:
         return int(args.func(args) or 0)
@@ -208,12 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``tailkd`` command (and ``python -m tailkd.cli``): `main` in a process whose freed host memory is reused
-    (`tailkd.hostmem`)."""
-    from tailkd import hostmem
-
-    hostmem.keep_freed_memory()
-    return main()
+    """The ``tailkd`` command (and ``python -m tailkd.cli``): `main` in a process that keeps its freed host memory
+    for reuse where the run computes on the host (`_keep_host_memory`)."""
+    return main(keep_host_memory=True)
 
 
 if __name__ == "__main__":

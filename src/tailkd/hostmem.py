@@ -10,10 +10,11 @@ README's `tailkd distill` 1 min 41 s → 1 min 20–22 s (system time 45 s → 4
 the chunked loss layer at V = 151936 (N = 512, d = 256, one thread) kd 2.94 → 2.49 s, tad 2.65 → 2.09 s. Results
 are bit for bit the same (allocations stay 64-byte aligned). The cost: the process keeps its freed heap mapped.
 
-The command line applies it (`tailkd.cli.entry`, every process of a torchrun launch included); a program that calls
-tailkd's functions may call it itself, first. ``TAILKD_MALLOC=system`` keeps glibc's defaults, as does any malloc
-setting of the user's own (``GLIBC_TUNABLES`` with glibc.malloc, ``MALLOC_*_`` variables, an allocator in
-``LD_PRELOAD``); elsewhere than Linux with glibc it does nothing.
+The ``tailkd`` command applies it before a subcommand runs on a machine without a CUDA device (`tailkd.cli.entry`;
+every process of a torchrun launch); where a GPU computes, the host's large blocks are few (loading, checkpoints)
+and better given back. A program that calls tailkd's functions may call it itself, first. ``TAILKD_MALLOC=system``
+keeps glibc's defaults, as does any malloc setting of the user's own (``GLIBC_TUNABLES`` with glibc.malloc,
+``MALLOC_*_`` variables, an allocator in ``LD_PRELOAD``); elsewhere than Linux with glibc it does nothing.
 """
 
 from __future__ import annotations
