@@ -7,6 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # processes the tests start dump their stacks on a fatal signal
 if not torch.cuda.is_available():  # tailkd's Triton kernels run interpreted on the CPU (tests/test_kernels.py); set
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (torch.compile's inductor does)
 

@@ -8,11 +8,27 @@ import socket
 import subprocess
 import sys
 
-# PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT from a C++ std::terminate, as one gloo rank once
-# was at the end of a resumed run, not reproduced since) prints every thread's Python stack into the stderr a failing
-# run_cli shows
+# PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT from a C++ std::terminate, as gloo ranks were twice
+# in CI at the end of their run: `tailkd.distributed.leave`) prints every thread's Python stack into the stderr a
+# failing run_cli shows (conftest sets it for the ranks `spawn` starts)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONFAULTHANDLER": "1"}
+
+
+def spawn(fn, args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, each process ending as the CLI's ranks do once ``fn``
+    returned: `tailkd.distributed.leave` (no interpreter finalization, where a gloo worker thread can abort it). An
+    exception in ``fn`` still reaches the parent as mp.spawn reports it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_then_leave, args=(fn, *args), nprocs=nprocs, join=True)
+
+
+def _run_then_leave(rank: int, fn, *args) -> None:
+    fn(rank, *args)
+    from tailkd import distributed
+
+    distributed.leave(0)
 
 
 def free_port() -> int:

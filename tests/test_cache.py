@@ -490,6 +490,9 @@ def _failing_rank_worker(rank, world, port, teacher, rows_spec, fingerprint, out
     finally:
         torch.save(outcome, Path(results) / f"rank{rank}.pt")
         tdist.destroy_process_group()
+    from tailkd.distributed import leave
+
+    leave(0)  # as the CLI's ranks end (no interpreter finalization, where a gloo worker thread can abort it)
 
 
 def test_a_full_disk_on_one_rank_of_a_sharded_teacher_ends_every_rank(tmp_path):

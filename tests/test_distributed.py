@@ -8,9 +8,8 @@ import bounds as B
 import loss_bounds as LB
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import TINY_VOCAB, make_tiny_lm
-from launch import free_port, run_cli
+from launch import free_port, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -83,7 +82,7 @@ def test_two_ranks_give_the_gradient_of_one_big_batch(tmp_path):
     """DDP and FSDP2 over 2 gloo ranks with very uneven valid-token counts per rank: the gradient equals
     one process accumulating the same micro-batches, and one big batch normalised by its token count."""
     out = tmp_path / "grads.pt"
-    mp.spawn(_grad_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn(_grad_worker, (2, free_port(), str(out)), 2)
     results = torch.load(out)
 
     # One process, the same two micro-batches accumulated ...
@@ -262,3 +261,47 @@ def test_trainer_heldout_metrics_equal_the_evaluation_module(assets, single):
     cfg_rows = {**cfg_rows, "tokens": cfg_rows["eval_tokens"]}  # a metrics line's "tokens" are TRAINING tokens
     for key in ("kl", "student_clm", "agreement", "tokens"):
         B.assert_within(cfg_rows[key], expected[key], bound[key], msg=key)
+
+
+# --------------------------------------------------------------------------- the end of a rank
+
+
+def test_leave_flushes_and_ends_the_process_without_finalization(tmp_path):
+    """`distributed.leave(code)`: the exit status is ``code``, output still buffered is written, and no exit handler
+    runs (the interpreter does not finalize)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys; atexit.register(lambda: print('finalized')); sys.stdout.write('a partial line'); "
+            "from tailkd import distributed; distributed.leave(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "a partial line", (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("world", [None, "1", "2"])
+def test_a_rank_of_the_tailkd_command_leaves_once_main_returned(monkeypatch, world):
+    """`cli.entry` under torchrun (WORLD_SIZE > 1) ends the process by `distributed.leave` with main's exit code; a
+    plain process returns it."""
+    from tailkd import cli
+
+    left = []
+
+    class Left(Exception):
+        pass
+
+    def record(code):
+        left.append(code)
+        raise Left
+
+    monkeypatch.setattr(dist, "leave", record)
+    monkeypatch.setattr(cli, "main", lambda argv=None, keep_host_memory=False: 5)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    if world == "2":
+        with pytest.raises(Left):
+            cli.entry()
+        assert left == [5]
+    else:
+        assert cli.entry() == 5 and left == []

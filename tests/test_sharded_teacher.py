@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import build_tiny_tokenizer, make_tiny_lm
-from launch import ENV, failure_text, free_port, run_cli
+from launch import ENV, failure_text, free_port, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -144,7 +143,7 @@ def test_sharded_teacher_equals_the_replicated_one_and_writes_the_same_cache(ass
     by the ranks (and resumed) has the files one process writes with the replicated teacher, bit for bit."""
     from tailkd.data import PackedRows
 
-    mp.spawn(_logits_worker, args=(world, free_port(), assets, tmp_path), nprocs=world, join=True)
+    spawn(_logits_worker, (world, free_port(), assets, tmp_path), world)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name in ("tied", "untied", "gguf"):
         for r, got in enumerate(per_rank):
@@ -212,8 +211,8 @@ def _rss_main(warmup: str, big: str, out: str, world: int) -> None:
     """Run by the test in a fresh process: Linux keeps ru_maxrss across execve, so a worker spawned straight from
     pytest would start with pytest's RSS as its peak; spawned from this small process, its peak starts below its own
     RSS after the warm-up."""
-    mp.spawn(_rss_worker, args=(1, 0, warmup, big, False, out), nprocs=1, join=True)
-    mp.spawn(_rss_worker, args=(world, free_port(), warmup, big, True, out), nprocs=world, join=True)
+    spawn(_rss_worker, (1, 0, warmup, big, False, out), 1)
+    spawn(_rss_worker, (world, free_port(), warmup, big, True, out), world)
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the RSS from /proc (Linux)")

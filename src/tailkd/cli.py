@@ -224,8 +224,13 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
 
 def entry() -> int:
     """The ``tailkd`` command (and ``python -m tailkd.cli``): `main` in a process that keeps its freed host memory
-    for reuse where the run computes on the host (`_keep_host_memory`)."""
-    return main(keep_host_memory=True)
+    for reuse where the run computes on the host (`_keep_host_memory`); a rank of a multi-process launch then ends
+    without interpreter finalization (`tailkd.distributed.leave`)."""
+    code = main(keep_host_memory=True)
+    ranks = sys.modules.get("tailkd.distributed")  # imported by every command that can run in several processes
+    if ranks is not None and os.environ.get("WORLD_SIZE", "1") != "1":  # torchrun / accelerate launch
+        ranks.leave(code)
+    return code
 
 
 if __name__ == "__main__":

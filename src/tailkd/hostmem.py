@@ -1,14 +1,16 @@
 """Host memory: let a CPU process reuse the memory its tensors free instead of faulting in fresh pages.
 
 glibc's malloc serves every request above 32 MiB (its largest ``M_MMAP_THRESHOLD``) with a fresh ``mmap`` and hands
-it back to the kernel with ``munmap`` when freed, so each such tensor pays a page fault and the kernel's zeroing
-for every 4 KiB page it touches — the logits-sized buffers of every chunk and step ([n, V] float32 at V = 49152:
-~100 MB per 512 tokens). `keep_freed_memory` turns that off for the process (``M_MMAP_MAX = 0``: large blocks come
-from the heap; ``M_TRIM_THRESHOLD`` = 2 GiB: freed memory stays mapped for the next request), the remedy PyTorch's
-CPU tuning guides reach with jemalloc/tcmalloc. Measured on the 2-core CPU (2026-12-01, bench/RESULTS.md): the
-README's `tailkd distill` 1 min 41 s → 1 min 20–22 s (system time 45 s → 4–6 s), peak RSS 2.55 → 2.71–2.83 GB;
-the chunked loss layer at V = 151936 (N = 512, d = 256, one thread) kd 2.94 → 2.49 s, tad 2.65 → 2.09 s. Results
-are bit for bit the same (allocations stay 64-byte aligned). The cost: the process keeps its freed heap mapped.
+it back to the kernel with ``munmap`` when freed, so each such tensor pays a page fault and the kernel's zeroing for
+every 4 KiB page it touches — the logits-sized buffers of every chunk and step ([n, V] float32 at V = 49152: ~100 MB
+per 512 tokens). `keep_freed_memory` turns that off for the process (``M_MMAP_MAX = 0``: large blocks come from the
+heap; ``M_TRIM_THRESHOLD`` = 2 GiB: freed memory stays mapped for the next request), the remedy PyTorch's CPU tuning
+guides reach with jemalloc/tcmalloc. Reuse starts once the heap's free region holds a step's blocks: torch's blocks
+are 64-byte aligned, for which glibc's memalign (before 2.38) asks 96 bytes more than the block it freed, so the
+first steps may still grow the heap by a block or two. Measured on the 2-core CPU (2026-12-01, bench/RESULTS.md):
+the README's `tailkd distill` 1 min 41 s → 1 min 20–22 s (system time 45 s → 4–6 s), peak RSS 2.55 → 2.71–2.83 GB;
+the chunked loss layer at V = 151936 (N = 512, d = 256, one thread) kd 2.94 → 2.49 s, tad 2.65 → 2.09 s. Results are
+bit for bit the same (allocations stay 64-byte aligned). The cost: the process keeps its freed heap mapped.
 
 The ``tailkd`` command applies it before a subcommand runs on a machine without a CUDA device (`tailkd.cli.entry`;
 every process of a torchrun launch); where a GPU computes, the host's large blocks are few (loading, checkpoints)
