@@ -131,9 +131,11 @@ def leave(code: int) -> NoReturn:
     library's worker threads outlive ``destroy_process_group`` (gloo's keep running until the group's last
     reference goes); one that releases a tensor created in Python while the interpreter finalizes must take the GIL
     and aborts the process instead ("terminate called without an active exception", SIGABRT) — a failed exit after
-    a run that succeeded, seen in CI in a gloo rank of a spawned test worker and of a resumed torchrun run;
-    reproduced on the 2-core CPU in 2 of 12 exits of ranks that left a collective to their worker threads. stdout,
-    stderr and logging are flushed first; tailkd registers no exit handlers and starts no threads of its own."""
+    a run that succeeded, seen in CI in a gloo rank of a spawned test worker and of a resumed torchrun run. On the
+    2-core CPU the same abort ends 2 of 12 ranks that exit with their group not destroyed while the peer's last
+    collective is still with its worker threads (0 of 10 after ``destroy_process_group``, which the CI ranks did
+    call: their case is not reproduced; 0 of 10 after destroying and leaving). stdout, stderr and logging are
+    flushed first; tailkd registers no exit handlers and starts no threads of its own."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
