@@ -77,3 +77,16 @@ def test_the_tailkd_command_keeps_freed_memory_on_a_machine_without_cuda(monkeyp
     assert cli.entry() == 0 and calls == ([] if cuda else ["keep"])  # the help: no run
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "tailkd"]
     assert script.value == "tailkd.cli:entry"
+
+
+def test_an_unknown_tailkd_malloc_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TAILKD_MALLOC", "sytem")
+    monkeypatch.setattr(sys, "argv", ["tailkd", "flops", "--teacher-params", "1.8e9", "--student-params", "1.2e9",
+                                      "--vocab", "151936", "--hidden", "2048", "--out", str(tmp_path / "f.json")])
+    assert cli.entry() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "TAILKD_MALLOC='sytem' must be 'system'" in err, err
+    assert not (tmp_path / "f.json").exists()  # nothing ran

@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if keep_host_memory:
-        _keep_host_memory()
     debug = getattr(args, "debug", False)
     try:
+        if keep_host_memory:
+            _keep_host_memory()
         return int(args.func(args) or 0)
     except TailkdError as exc:
         if debug:

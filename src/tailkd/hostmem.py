@@ -15,8 +15,9 @@ bit for bit the same (allocations stay 64-byte aligned). The cost: the process k
 The ``tailkd`` command applies it before a subcommand runs on a machine without a CUDA device (`tailkd.cli.entry`;
 every process of a torchrun launch); where a GPU computes, the host's large blocks are few (loading, checkpoints)
 and better given back. A program that calls tailkd's functions may call it itself, first. ``TAILKD_MALLOC=system``
-keeps glibc's defaults, as does any malloc setting of the user's own (``GLIBC_TUNABLES`` with glibc.malloc,
-``MALLOC_*_`` variables, an allocator in ``LD_PRELOAD``); elsewhere than Linux with glibc it does nothing.
+keeps glibc's defaults (``keep``, or unset: the default; anything else is an error), as does any malloc setting of
+the user's own (``GLIBC_TUNABLES`` with glibc.malloc, ``MALLOC_*_`` variables, an allocator in ``LD_PRELOAD``);
+elsewhere than Linux with glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -26,29 +27,30 @@ import os
 import platform
 import sys
 
+from tailkd.errors import TailkdError
+
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # bytes of free memory at the heap's top before glibc gives it back (mallopt's int max)
+MALLOC_ENV = "TAILKD_MALLOC"  # system: glibc's defaults; keep (or unset): freed memory kept for reuse
 
 
-def _user_choice() -> str | None:
-    """Why the user's environment keeps the allocator as it is, or None."""
-    if os.environ.get("TAILKD_MALLOC", "").strip().lower() == "system":
-        return "TAILKD_MALLOC=system"
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return "GLIBC_TUNABLES"
-    for name in os.environ:
-        if name.startswith("MALLOC_") and name.endswith("_"):
-            return name
-    if any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")):
-        return "LD_PRELOAD"
-    return None
+def _users_own_setting() -> bool:
+    """Whether the environment keeps the allocator as it is: ``TAILKD_MALLOC=system``, or a malloc setting of the
+    user's own. An unknown ``TAILKD_MALLOC`` is an error."""
+    choice = os.environ.get(MALLOC_ENV, "").strip().lower()
+    if choice not in ("", "keep", "system"):
+        raise TailkdError(f"{MALLOC_ENV}={choice!r} must be 'system' (glibc's malloc defaults) or 'keep' (freed "
+                          "memory kept for reuse, the default); unset it for the default")
+    return (choice == "system" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+            or any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ)
+            or any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")))
 
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (see the module's docstring); True where it now does. Call it before
-    the work starts: blocks already mapped are unaffected."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or _user_choice() is not None:
+    the work starts: blocks already mapped are unaffected. Raises `TailkdError` for an unknown ``TAILKD_MALLOC``."""
+    if _users_own_setting() or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
