@@ -54,7 +54,8 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     cd = torch.full((rows,), 1.0 / rows, device=device)
     cq = torch.full((rows,), 0.5 / rows, device=device)
     y = torch.randint(0, vocab, (rows,), generator=g).to(device)
-    w = torch.full((rows,), 2.0, dtype=torch.float64, device=device)
+    w = torch.full((rows,), 2.0, dtype=torch.float64, device=device)  # β(X): the cache kernel's row weight, TAD's
+    log_w = w.log()  # as log β(X)
     from tailkd.divergences import SparseTeacher
 
     ranked = torch.topk(t.float(), 72, dim=-1)  # a top-64 cache of t; ranks 64..71 as its 8 tail points
@@ -81,7 +82,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                         box["v"] = kernels.sparse_values_and_grads(s, cache, box["st"], w, cd, cq, s, y=y, cy=cq,
                                                                    block=block, warps=warps)
                         return
-                    box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], w if kind == 3 else None, cd, cq,
+                    box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], log_w if kind == 3 else None, cd, cq,
                                                             s, y=y, cy=cq, block=block, warps=warps, ids_held=held)
 
                 t1, t2, dev, lead = [], [], [], None

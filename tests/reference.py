@@ -197,40 +197,50 @@ def tad_terms_row(s_row, t_row, k, ids=None):
     return d1, d2, torch.exp(log_alpha_t), log_alpha_t, log_alpha_s
 
 
-def tad_decompose(s, t, k, temperature=1.0, ids=None):
-    """(d_kl1, d_kl2, alpha) [...]; `ids` [..., K] overrides the top-K choice (to follow torch.topk on ties)."""
+def tad_decompose(s, t, k, temperature=1.0, ids=None, with_log_alpha=False):
+    """(d_kl1, d_kl2, alpha) [...] (and log alpha with ``with_log_alpha``); `ids` [..., K] overrides the top-K
+    choice (to follow torch.topk on ties)."""
     sr, tr = rows(s) / temperature, rows(t) / temperature
     id_rows = [None] * sr.shape[0] if ids is None else ids.reshape(-1, ids.shape[-1]).tolist()
-    parts = [tad_terms_row(a, b, k, i)[:3] for a, b, i in zip(sr, tr, id_rows)]
+    parts = [tad_terms_row(a, b, k, i)[:4 if with_log_alpha else 3] for a, b, i in zip(sr, tr, id_rows)]
     return tuple(torch.stack(x).reshape(s.shape[:-1]) for x in zip(*parts))
 
 
-def alpha_means(alpha: torch.Tensor, mask: torch.Tensor, segment_ids=None) -> torch.Tensor:
-    """Per-position mean α^T over the valid tokens of the same row (or same (row, segment)), by explicit loops."""
+def log_alpha_means(log_alpha: torch.Tensor, mask: torch.Tensor, segment_ids=None) -> torch.Tensor:
+    """Per-position log of the mean α^T over the valid tokens of the same row (or same (row, segment)) from log α^T,
+    by explicit loops in log space: log ᾱ = m + log((1/n) Σ exp(log α_u − m)), m the largest log α_u (exact where ᾱ
+    is below float64's range); −inf where no valid token has a tail."""
     n_batch, n_time = mask.shape
-    out = torch.zeros(n_batch, n_time, dtype=torch.float64)
+    out = torch.full((n_batch, n_time), NEG_INF, dtype=torch.float64)
     for b in range(n_batch):
         for t in range(n_time):
-            same = [
-                u for u in range(n_time) if segment_ids is None or segment_ids[b, u].item() == segment_ids[b, t].item()
-            ]
-            vals = [float(alpha[b, u]) for u in same if bool(mask[b, u])]
-            out[b, t] = sum(vals) / len(vals) if vals else 0.0
+            vals = [float(log_alpha[b, u]) for u in range(n_time) if bool(mask[b, u]) and (
+                segment_ids is None or segment_ids[b, u].item() == segment_ids[b, t].item())]
+            finite = [v for v in vals if v > NEG_INF]
+            if finite:
+                m = max(finite)
+                out[b, t] = m + math.log(sum(math.exp(v - m) for v in finite) / len(vals))
     return out
 
 
 def tad(s, t, mask, k, beta, segment_ids=None, seq_alpha_mean=None, temperature=1.0):
-    """L_DIV = D_KL1 + β(X) α^T D_KL2 per token of [B, T, V] logits, 0 where mask is False (Eq. 3)."""
-    d1, d2, alpha = tad_decompose(s, t, k, temperature)
-    abar = alpha_means(alpha.detach(), mask, segment_ids) if seq_alpha_mean is None else f64(seq_alpha_mean)
+    """L_DIV = D_KL1 + β(X) α^T D_KL2 per token of [B, T, V] logits, 0 where mask is False (Eq. 3); β(X)·α^T =
+    β·exp(log α^T − log ᾱ), exact also where ᾱ is below float64's range."""
+    d1, d2, _alpha, log_alpha = tad_decompose(s, t, k, temperature, with_log_alpha=True)
+    if seq_alpha_mean is None:
+        log_abar = log_alpha_means(log_alpha.detach(), mask, segment_ids)
+    else:
+        abar = f64(seq_alpha_mean)
+        log_abar = torch.where(abar > 0, torch.log(torch.where(abar > 0, abar, 1.0)), NEG_INF)
     n_batch, n_time = mask.shape
     out = []
     for b in range(n_batch):
         for u in range(n_time):
-            if not bool(mask[b, u]) or float(abar[b, u]) == 0.0:
+            if not bool(mask[b, u]) or float(log_abar[b, u]) == NEG_INF:
                 value = d1[b, u] if bool(mask[b, u]) else torch.zeros((), dtype=torch.float64)
             else:
-                value = d1[b, u] + (beta / float(abar[b, u])) * alpha[b, u].detach() * d2[b, u]
+                weight = beta * math.exp(float(log_alpha[b, u]) - float(log_abar[b, u]))  # β(X)·α^T
+                value = d1[b, u] + weight * d2[b, u]
             out.append(value)
     return torch.stack(out).reshape(n_batch, n_time)
 

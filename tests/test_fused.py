@@ -3,6 +3,7 @@
 import bounds as B
 import loss_bounds as LB
 import pytest
+import reference as R
 import torch
 
 from tailkd import fused
@@ -247,6 +248,38 @@ def test_tad_float32_with_a_subnormal_teacher_tail_mass(chunk):
     _close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float32,
            [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
     _close(grads, ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))
+
+
+@pytest.mark.parametrize("chunk", [2, None])
+def test_tad_teacher_tails_beyond_float64_range(chunk):
+    """Every teacher tail 720 or 2000 nats below the top 3 (α^T, and so ᾱ, below float64's range: it was inf/NaN
+    from 708 nats on and dropped the tail term from 745): ᾱ in log space keeps β(X)·α^T = β·α^T/ᾱ (~β). The layer
+    (2 tokens per chunk: ᾱ from the statistics pass; None: in the chunk) equals the dense path, and both equal the
+    value at a 300-nat gap, from which the exact one differs by < e^-290: the loss is continuous in the gap."""
+    g = torch.Generator().manual_seed(22)
+    V = 12
+    base = torch.randn(2, 3, V, generator=g, dtype=torch.float64)
+    top = torch.topk(base, 3).indices
+    head_t = Head(torch.eye(V, dtype=torch.float64), None, HeadSpec(V))  # the teacher's hidden states: its logits
+    h_s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    w_s = torch.randn(V, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2, 3), generator=g)
+    cfg = LossConfig(name="tad", k=3)
+    runs = {}
+    for gap in (300.0, 720.0, 2000.0):
+        t = base.scatter_add(-1, top, torch.full((2, 3, 3), gap, dtype=torch.float64))
+        inputs = (h_s, w_s, None, HeadSpec(V), t, head_t, labels, None)
+        ref, *ref_grads = _dense(cfg, *inputs)
+        got, *grads = _fused(cfg, *inputs, chunk)
+        _close([got.loss, got.div, *grads[:2]], [ref.loss, ref.div, *ref_grads[:2]], torch.float64)
+        runs[gap] = [got.loss, got.div, *grads[:2]]
+    # the tail term is there: D = D_KL1 + β·D_KL2-sized terms, far above D_KL1 alone (which the gap leaves ~unchanged)
+    d1 = R.tad_decompose(head_mod.apply_head(h_s, Head(w_s, None, HeadSpec(V))), t, 3)[0].mean()  # div: per token
+    assert float(runs[2000.0][1] - d1) > 1e-2
+    # differences of the logit magnitudes M <= 2000 rounded: u64·M·(a few) ~ 1e-12 absolute per log term
+    for gap in (720.0, 2000.0):
+        for x, y in zip(runs[gap], runs[300.0]):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
 
 
 def test_tad_float32_stays_accurate_when_the_student_tail_mass_underflows():

@@ -46,7 +46,7 @@ import reference as R  # noqa: E402
 
 from tailkd import divergences as dv  # noqa: E402
 from tailkd import fused, kernels  # noqa: E402
-from tailkd.losses import tail_weight  # noqa: E402
+from tailkd.losses import group_log_mean, log_alpha_mean, tail_log_weight  # noqa: E402
 
 if DEVICE == "cpu" and type(kernels._stats_kernel).__name__ != "InterpretedFunction":
     raise RuntimeError("tailkd.kernels was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on the "
@@ -107,13 +107,18 @@ def _ref_grad(fn, s, t):
     return value.detach(), grad
 
 
+def _log_w(abar):
+    """TAD's row weight as its kernels take it, log β(X) [n] float64, from ᾱ [n]."""
+    return tail_log_weight(log_alpha_mean(abar), BETA)
+
+
 def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK),
          seeded=False):
     """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step; ``seeded``: TAD's
     top-k seeded by `kernels._seed_kernel` (`kernels.TAD_SEED_TOPK`)."""
     stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale, seed=seeded)
     if loss.kind == 3 and w is None:
-        w = tail_weight(stats.log_alpha.double().exp().mean().expand(s.shape[0]), BETA)
+        w = _log_w(stats.log_alpha.double().exp().mean().expand(s.shape[0]))
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
     value = kernels.row_values_and_grads(loss, s, t, stats, w, cd, cq, out, y=y, cy=cy, block=blocks[1])
     return value.cpu(), out.cpu(), stats
@@ -256,7 +261,7 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
     s64, t64 = s.double(), t.double()
     alpha = R.tad_decompose(s64, t64, k)[2]
     abar = alpha.mean().expand(1, n)  # the chunk is one sequence: ᾱ = mean α^T of its rows, from the reference
-    w = tail_weight(abar.reshape(-1), BETA)
+    w = _log_w(abar.reshape(-1))
     loss = kernels.RowLoss(3, k=k)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
@@ -351,7 +356,7 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     k, n, vocab = 3, s.shape[0], s.shape[1]
     (_d1, d_kl2, alpha) = R.tad_decompose(s, t, k)
     abar = alpha.mean().expand(1, n)
-    w = tail_weight(abar.reshape(-1), BETA)
+    w = _log_w(abar.reshape(-1))
     cd, cq = _coefs(n, 5)
     stats = kernels.row_stats(s32.to(DEVICE), t32.to(DEVICE), k)
     out = torch.empty_like(s32).to(DEVICE)
@@ -361,7 +366,7 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     ref, ref_d = _ref_grad(lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0], s, t)
     q64 = torch.softmax(s, -1)
     ref_g = cd.double()[:, None] * ref_d + cq.double()[:, None] * q64
-    big_w = w * alpha.reshape(-1)
+    big_w = w.exp() * alpha.reshape(-1)
     top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, torch.topk(t, k).indices, True)
     tail_logp = torch.log_softmax(t.masked_fill(top, -math.inf), -1)  # log p̃ (−inf on 𝒦)
     tail_logq = torch.log_softmax(s.masked_fill(top, -math.inf), -1)
@@ -484,7 +489,7 @@ def test_tad_finds_top_k_columns_by_last_entry_or_held_ids_alike(seeded):
         y, cy = _onehot(n, s.shape[1], k)
         s, t = s.to(DEVICE), t.to(DEVICE)
         stats = kernels.row_stats(s, t, k, block=BLOCK, seed=seeded)
-        w = tail_weight(stats.log_alpha.double().exp().mean().expand(n), BETA)
+        w = _log_w(stats.log_alpha.double().exp().mean().expand(n))
         got = []
         for held in (False, True):
             out = torch.full(s.shape, math.nan, dtype=out_dtype or s.dtype, device=DEVICE)  # every entry written
@@ -807,7 +812,7 @@ def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss, rescale):
     s, t = _logits(n, vocab, seed=3 * k + vocab)
     sp = _sparse_teacher(t.double(), k, samples, seed=k)
     alpha = sp.log_tail_mass.double().exp()
-    w = tail_weight(alpha.mean().expand(n), BETA) if loss == "tad" else torch.ones(n, dtype=torch.float64)
+    w = _log_w(alpha.mean().expand(n)).exp() if loss == "tad" else torch.ones(n, dtype=torch.float64)  # β(X)
     cd, cq = _coefs(n, seed=k)
     y, cy = _onehot(n, vocab, seed=k)
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
@@ -886,3 +891,41 @@ def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples,
                   [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
         TF._close(_cpu(grads), _cpu(ref_grads), torch.float32, [bound.get(k) for k in ("h", "w", "b")],
                   ("h", "w", "b"))
+
+
+def test_tad_kernel_teacher_tails_beyond_float64_range():
+    """Every teacher tail 800 nats below the row's top 3 (α^T, and ᾱ of the rows, below float64's range): the kernel
+    takes log β(X) and forms W = exp(log β(X) + log α^T) (~β) on these rows, so the tail term is there (it was
+    inf/NaN from 708 nats on, dropped from 745). Against the float64 reference (log-space ᾱ): every log-probability
+    the kernel forms (of p, q, p̃, q̃, α^T) is a difference of numbers of size <= M = 800 + max|logit| rounded a few
+    times, within ε = 8u·M absolute entry by entry (u = 2^-24); so |ΔD| <= ε(2 + W(4 + 2·max_tail |log p̃/q̃| +
+    2 D_KL2)) per row, and each gradient entry (q_k − p_k on 𝒦; q_i + (W − α^T) q̃_i − W p̃_i on the tail) is within
+    4ε·cd·(q_i + W(q̃_i + p̃_i) + p_i) + ε·cq·q_i."""
+    n, vocab, k = 6, 257, 3
+    s, t = _logits(n, vocab, seed=41)
+    t = t.scatter_add(-1, torch.topk(t, k).indices, torch.full((n, k), 800.0))
+    cd, cq = _coefs(n, 41)
+    stats = kernels.row_stats(s.to(DEVICE), t.to(DEVICE), k, block=BLOCK)
+    one = torch.zeros(n, dtype=torch.long, device=DEVICE)  # the rows are one sequence
+    log_w = tail_log_weight(group_log_mean(stats.log_alpha, one, 1)[one], BETA)
+    assert torch.isfinite(log_w).all() and bool((stats.log_alpha < -745).all())  # exp(log α^T) is 0 in float64
+    out = torch.empty(s.shape, dtype=s.dtype, device=DEVICE)
+    value = kernels.row_values_and_grads(kernels.RowLoss(3, k=k), s.to(DEVICE), t.to(DEVICE), stats, log_w,
+                                         cd.to(DEVICE), cq.to(DEVICE), out, block=BLOCK).cpu().double()
+    mask = torch.ones(1, n, dtype=torch.bool)
+    ref, ref_d = _ref_grad(lambda a, b: R.tad(a[None], b[None], mask, k, BETA)[0], s, t)
+    s64, t64 = s.double(), t.double()
+    d1, d2, _, log_alpha = R.tad_decompose(s64, t64, k, with_log_alpha=True)
+    big_w = BETA * (log_alpha - R.log_alpha_means(log_alpha[None], mask)[0]).exp()  # [n] β(X)·α^T
+    assert ((ref - d1) > 1e-2).all() and (big_w > 0.1).all()  # the tail term is there
+    top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, torch.topk(t64, k).indices, True)
+    log_pt = torch.log_softmax(t64.masked_fill(top, -math.inf), -1)
+    log_qt = torch.log_softmax(s64.masked_fill(top, -math.inf), -1)
+    spread = torch.where(top, 0.0, (log_pt - log_qt).abs()).amax(-1)
+    eps = 8 * 2.0**-24 * (800 + float(t64.abs().max().clamp_min(s64.abs().max())))
+    B.assert_within(value, ref, eps * (2 + big_w * (4 + 2 * spread + 2 * d2)), msg="value")
+    q = torch.softmax(s64, -1)
+    ref_g = cd.double()[:, None] * ref_d + cq.double()[:, None] * q
+    tail_terms = torch.where(top, 0.0, big_w[:, None] * (log_qt.exp() + log_pt.exp()))
+    bound = 4 * eps * cd.double()[:, None] * (q + tail_terms + torch.softmax(t64, -1)) + eps * cq.double()[:, None] * q
+    B.assert_within(out.cpu().double(), ref_g, bound, msg="gradient")

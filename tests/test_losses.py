@@ -1,6 +1,8 @@
 """tailkd.losses against the independent float64 reference (tests/reference.py), closed-form gradients, identities,
 masking, numerics and argument validation."""
 
+import math
+
 import bounds as B
 import loss_bounds as LB
 import pytest
@@ -545,6 +547,29 @@ def test_segment_ids_give_per_document_beta_x_and_match_unpacked_rows():
     torch.testing.assert_close(abar[0, 3:], alpha[0, 3:].mean().expand(4))
 
 
+def test_sequence_log_alpha_mean_is_the_log_of_the_mean_and_exact_below_float64_range():
+    """log ᾱ per row / per document over the valid tokens, against plain sums: log of `sequence_alpha_mean` where ᾱ
+    is in range; where every log α^T is below −745 (α^T is 0 in float64), m + log((1/n) Σ exp(log α − m)) with m the
+    largest, which the linear mean cannot give; −inf for a sequence without valid tokens or without a tail."""
+    gen = torch.Generator().manual_seed(61)
+    log_alpha = torch.log(torch.rand(3, 6, generator=gen, dtype=torch.float64))
+    mask = torch.rand(3, 6, generator=gen) > 0.3
+    mask[2] = False
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2]] * 3)
+    for segment_ids in (None, seg):
+        got = L.sequence_log_alpha_mean(log_alpha, mask, segment_ids)
+        want = L.sequence_alpha_mean(log_alpha.exp(), mask, segment_ids).log()  # 0 (log: −inf) without valid tokens
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    assert (L.sequence_log_alpha_mean(log_alpha, mask)[2] == -math.inf).all()
+    deep = torch.tensor([[-800.0, -801.0, -2000.0, -math.inf]], dtype=torch.float64)
+    got = L.sequence_log_alpha_mean(deep, torch.ones(1, 4, dtype=torch.bool))
+    want = -800.0 + math.log((1 + math.exp(-1.0) + math.exp(-1200.0)) / 4)
+    torch.testing.assert_close(got, torch.full((1, 4), want, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert (L.sequence_alpha_mean(deep.exp(), torch.ones(1, 4, dtype=torch.bool)) == 0).all()  # linear: lost
+    none = torch.full((1, 3), -math.inf, dtype=torch.float64)  # one-hot teachers: no tail anywhere
+    assert (L.sequence_log_alpha_mean(none, torch.ones(1, 3, dtype=torch.bool)) == -math.inf).all()
+
+
 # --------------------------------------------------------------------------- numerics
 
 
@@ -797,10 +822,34 @@ def test_one_hot_teacher_has_finite_values_and_gradients(kind):
     _finite_values_and_grads(s, t, mask, hot, skip=reverse)
     d1, _, alpha = L.tad_decompose(s, t, k=3)
     assert (alpha == 0).all()
-    # ᾱ = 0: the tail term is 0, L = D_KL1 = KL. In float32 the teacher is exactly one-hot (exp(−1e4) = 0, log Σ = log 1
-    # = 0, so log p_hot = 0): all three are 1·(0 − log q_hot) from the same log_softmax of s, plus exact zeros
-    assert torch.equal(L.tad(s, t, mask, k=3), d1)
-    assert torch.equal(d1, L.forward_kl(s, t))
+    if kind == "neg_inf":
+        # ᾱ = 0: the tail term is 0, L = D_KL1 = KL. In float32 the teacher is exactly one-hot (exp(−inf) = 0, log Σ =
+        # log 1 = 0, so log p_hot = 0): all three are 1·(0 − log q_hot) from the same log_softmax of s, plus exact 0s
+        assert torch.equal(L.tad(s, t, mask, k=3), d1)
+        assert torch.equal(d1, L.forward_kl(s, t))
+        return
+    # margin 1e4: α^T ~ e^-1e4 is 0 in float32 and float64 but not in log space, where ᾱ is averaged: each token's
+    # tail term β·(α^T/ᾱ)·D_KL2 (β(X)·α^T ~ β) is there, as in the float64 reference (it was dropped when ᾱ
+    # underflowed: a value discontinuous in the margin)
+    s64, t64 = s.double(), t.double()
+    w = torch.ones(2, 3, dtype=torch.float64)
+    assert_matches(lambda x: L.tad(x, t64, mask, k=3), lambda x: R.tad(x, t64, mask, 3, 2.0), s64, w, torch.float64,
+                   None)
+    want = R.tad(s64, t64, mask, 3, 2.0)
+    d1_64, d2_64, _, log_alpha = R.tad_decompose(s64, t64, 3, with_log_alpha=True)
+    big_w = 2.0 * (log_alpha - R.log_alpha_means(log_alpha, mask)).exp()  # β(X)·α^T per token
+    assert ((want - d1_64) > 1e-3).all() and (big_w > 0.1).all()  # the tail term is really there
+    # float32: every log-probability (of p, q, p̃, q̃ and log α^T, log ᾱ) is a difference of numbers of size <= M = 1e4
+    # rounded a few times, within ε = 8u·M (u = 2^-24) absolute, entry by entry; then |ΔD_KL1| <= 2ε (its weights
+    # sum to <= 1), |ΔD_KL2| <= ε(2 + 2 max_tail |log p̃/q̃|) and W within 2ε relative: |ΔL| <= ε(2 + W(4 + 2·max_tail
+    # |log p̃/q̃| + 2 D_KL2)) per token
+    eps = 8 * 2.0**-24 * 1e4
+    top = torch.zeros(2, 3, 9, dtype=torch.bool).scatter(-1, torch.topk(t64, 3).indices, True)
+    log_pt = torch.log_softmax(t64.masked_fill(top, -INF), -1)
+    log_qt = torch.log_softmax(s64.masked_fill(top, -INF), -1)
+    spread = torch.where(top, 0.0, (log_pt - log_qt).abs()).amax(-1)
+    got = L.tad(s, t, mask, k=3)
+    B.assert_within(got, want, eps * (2 + big_w * (4 + 2 * spread + 2 * d2_64)), msg="float32 value")
 
 
 def test_tad_backward_can_run_twice_and_teacher_gets_no_gradient():

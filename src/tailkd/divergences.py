@@ -7,8 +7,9 @@ functions, used unchanged by every path that computes it:
   CONSUMED: its buffer is reused), e.g. log p and p, or for TAD the top-K split and the tail mass α^T. A top-K
   teacher cache gives a `SparseTeacher` instead (see `SPARSE`).
 - ``forward(s, logq, T, w) -> (value [n], state)``: the per-row divergence from the student's scaled logits
-  s [n, V] and logq = log_softmax(s) (logq is CONSUMED), with an optional per-row weight w [n] (TAD's
-  β(X) = β/ᾱ(X), a sequence statistic computed by the caller from the rows' α^T).
+  s [n, V] and logq = log_softmax(s) (logq is CONSUMED), with an optional per-row weight w [n] (TAD's: log β(X)
+  = log β − log ᾱ(X) in float64, a sequence statistic computed by the caller from the rows' α^T in log space; the
+  top-K cache's: β(X) itself).
 - ``backward(state, cd, cq, inplace=True) -> G [n, V] = cd·∂D/∂s + cq·q`` for per-row coefficients cd, cq [n] (cq
   may be None). ``inplace``: G is written into a state buffer (the chunked layer: one [n, V] allocation fewer);
   False leaves the state intact, so that backward can run again (autograd with ``retain_graph``, gradcheck).
@@ -114,17 +115,24 @@ def rest_bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tenso
     return torch.where(alpha_t > 0, alpha_t * (log_at - log_as), 0.0)
 
 
-def tad_tiny_rows(alpha_t, log_alpha_t, poisoned, w, dtype) -> torch.Tensor:
+def tad_tiny_rows(alpha_t, log_alpha_t, poisoned, log_w, dtype) -> torch.Tensor:
     """TAD's rows computed in log space [n]: α^T below `_tiny` (its linear tail sum has lost its precision) but not
     an empty tail (α^T = 0 exactly, log α^T = −inf: tail term 0, gradient q − p, p̃ undefined), a finite row, and a
-    positive weight w. Used by the torch path (`_tad_forward`); the Triton kernels compute the same per row
-    (`kernels._tad_row`)."""
-    return (alpha_t < _tiny(dtype)) & torch.isfinite(log_alpha_t) & ~poisoned & (w > 0)
+    positive weight (log w > −inf). Used by the torch path (`_tad_forward`); the Triton kernels compute the same per
+    row (`kernels._tad_row`)."""
+    return (alpha_t < _tiny(dtype)) & torch.isfinite(log_alpha_t) & ~poisoned & (log_w > -_INF)
 
 
-def tad_tiny_weight(w, log_alpha_t, dtype) -> torch.Tensor:
-    """W = w·α^T [n] from log α^T in float64 (w = β/ᾱ may be beyond float32 where α^T is sub-normal)."""
-    return (w.double() * log_alpha_t.double().exp()).to(dtype)
+def tad_tiny_weight(log_w, log_alpha_t, dtype) -> torch.Tensor:
+    """W = w·α^T = exp(log w + log α^T) [n], in float64 (w = β/ᾱ is beyond float64 where every tail of the sequence
+    is beyond ~708 nats; W is at most β·n)."""
+    return (log_w.double() + log_alpha_t.double()).exp().to(dtype)
+
+
+def tad_weight(log_w, alpha_t, tiny, dtype) -> torch.Tensor:
+    """The weight w = β(X) [n] of the linear-space rows: 0 on the tiny rows (their weight is W, `tad_tiny_weight`)
+    and where α^T = 0 (no tail: the value and gradient do not depend on w, which may be beyond float64 there)."""
+    return torch.where(tiny | (alpha_t == 0), 0.0, log_w.double().exp()).to(dtype)
 
 
 def tad_gradient_form(alpha_t, log_at, log_as, tiny):
@@ -276,13 +284,14 @@ def topk_teacher(t: torch.Tensor, k: int) -> TopK:
     return TopK(ids, logp, p, p_top, logp_top, alpha, log_alpha, logp[:, 0].isnan())
 
 
-def _tad_forward(s, logq, teacher: TopK, w):
-    """L_DIV = D_KL1 + w·α^T·D_KL2 with w = β(X) per row (float64 allowed: β/ᾱ overflows float32 when the sequence's
-    tail mass is sub-normal). α^T·D_KL2 = Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) is summed over the tail (one
-    pass over V, as KL; never KL − D_KL1); where α^T itself is below `_tiny` (1e-30 in float32) but not 0, W = w·α^T and
-    D_KL2 = KL(p̃‖q̃) are computed in log space instead. w = 1 gives KL(p‖q)."""
+def _tad_forward(s, logq, teacher: TopK, log_w):
+    """L_DIV = D_KL1 + w·α^T·D_KL2 with w = β(X) per row, given as log w [n] (float64: β/ᾱ overflows float64 where
+    every tail of the sequence is beyond ~708 nats). α^T·D_KL2 = Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) is
+    summed over the tail (one pass over V, as KL; never KL − D_KL1); where α^T itself is below `_tiny` (1e-30 in
+    float32) but not 0, W = w·α^T = exp(log w + log α^T) and D_KL2 = KL(p̃‖q̃) are computed in log space instead.
+    w = 1 (log w = 0) gives KL(p‖q)."""
     poisoned = teacher.nan | logq[:, 0].isnan()
-    tiny = tad_tiny_rows(teacher.alpha, teacher.log_alpha, poisoned, w, s.dtype)
+    tiny = tad_tiny_rows(teacher.alpha, teacher.log_alpha, poisoned, log_w, s.dtype)
     small = None
     if bool(tiny.any()):  # before logp and logq are consumed: log p̃ and log q̃ of those rows
         rows = tiny.nonzero().squeeze(1)
@@ -292,7 +301,7 @@ def _tad_forward(s, logq, teacher: TopK, w):
         log_qt = lq - lse(lq)[:, None]  # [r, V] log q̃
         p_tilde = log_pt.exp()
         d_kl2 = torch.where(p_tilde > 0, p_tilde * (log_pt - log_qt), 0.0).sum(-1)  # [r] KL(p̃‖q̃)
-        big_w = tad_tiny_weight(w[rows], teacher.log_alpha[rows], s.dtype)  # [r] W = β(X)·α^T
+        big_w = tad_tiny_weight(log_w[rows], teacher.log_alpha[rows], s.dtype)  # [r] W = β(X)·α^T
         small = (rows, p_tilde, big_w, d_kl2)
     tail_kl = kl_sum(teacher.p_tail, teacher.logp, logq, poisoned)  # [n] (p is 0 on 𝒦); teacher.logp consumed
     q, q_top, logq_top, log_as = student_tail(s, logq, teacher.ids)  # logq consumed
@@ -301,7 +310,7 @@ def _tad_forward(s, logq, teacher: TopK, w):
     log_at = torch.log(torch.where(alpha_t > 0, alpha_t, 1.0))
     bucket = rest_bucket(alpha_t, log_at, log_as)  # [n] α^T log(α^T/α^S)
     tail = torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)  # [n] α^T·D_KL2
-    wd = torch.where(tiny, 0.0, w).to(s.dtype)  # [n] (the tiny rows' weight is W, applied below)
+    wd = tad_weight(log_w, alpha_t, tiny, s.dtype)  # [n] (the tiny rows' weight is W, applied below)
     value = top + bucket + wd * tail
     if small is not None:
         rows, _, big_w, d_kl2 = small
@@ -344,7 +353,7 @@ def _tad_backward(state, cd, cq, inplace=True):
 
 
 def tad_kernel(k: int) -> RowKernel:
-    """TAD with the teacher's top-``k`` (its row weight w is β(X) = β/ᾱ(X), computed by the caller)."""
+    """TAD with the teacher's top-``k`` (its row weight is log β(X) = log β − log ᾱ(X), computed by the caller)."""
     return RowKernel(lambda t: topk_teacher(t, k), _tad_forward, _tad_backward)
 
 

@@ -51,10 +51,11 @@ from tailkd import divergences as dv
 from tailkd.data import IGNORE_INDEX, to_device
 from tailkd.errors import TailkdError
 from tailkd.head import Head, HeadSpec, transform, transform_backward
+from tailkd.losses import group_log_mean, log_alpha_mean
 from tailkd.registry import Divergence
 
 __all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "device_chunk",
-           "teacher_tail_mass", "use_fused"]
+           "teacher_log_tail_mass", "use_fused"]
 
 AUTO_BYTES = 1 << 30  # fused_loss=auto: fuse when one side's float32 logits [N, V] would exceed 1 GiB
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: ~64 MiB per float32 [chunk, V] buffer (a chunk uses ~5 of them)
@@ -137,7 +138,8 @@ class _Plan:
     teacher_hidden: torch.Tensor | None = None  # [M, d_T]
     teacher_head: Head | None = None
     sparse: dv.SparseTeacher | None = None  # fields [M, ...]
-    abar: torch.Tensor | None = None  # [M] float64 ᾱ of the token's sequence (tail-weight losses); NaN = in the chunk
+    log_abar: torch.Tensor | None = None  # [M] float64 log ᾱ of the token's sequence (tail-weight losses); NaN = in
+    # the chunk
     # chunk start -> (chunk-local sequence id [n] on the device, number of local ids) for the chunks holding
     # sequences they close themselves (ᾱ computed in the chunk); planned once, so no chunk asks the device
     local: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
@@ -180,24 +182,19 @@ def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
     return t.div_(plan.temperature) if scaled and plan.temperature != 1.0 else t
 
 
-def _group_mean(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Per element, the mean of ``values`` over its group (ids 0..n_groups-1 in ``group``): ᾱ of its sequence."""
-    total = values.new_zeros(n_groups).index_add_(0, group, values)
-    count = values.new_zeros(n_groups).index_add_(0, group, torch.ones_like(values))
-    return (total / count.clamp_min(1))[group]
-
-
 def _row_weight(plan: _Plan, a: int, b: int, teacher) -> torch.Tensor | None:
-    """The kernel's row weight for tokens [a, b): β(X) from ᾱ (precomputed, or the mean α^T of each chunk-closed
-    sequence), 1 for a sparse KD teacher with tail samples, None otherwise."""
+    """The kernel's row weight for tokens [a, b) from log ᾱ (precomputed, or of the α^T of each chunk-closed
+    sequence): log β(X) for TAD's kernel, β(X) for a top-K cache teacher's; 1 for a sparse KD teacher with tail
+    samples; None otherwise."""
     if not plan.d.spec.tail_weight:
         return torch.ones(b - a, dtype=plan.cdtype, device=plan.labels.device) if plan.sparse is not None else None
-    abar = plan.abar[a:b]
+    log_abar = plan.log_abar[a:b]
     if a in plan.local:
         local, n_seq = plan.local[a]  # [n]
-        alpha_t = teacher.log_alpha.double().exp()  # [n] float64: sub-normal tail masses kept
-        abar = torch.where(torch.isnan(abar), _group_mean(alpha_t, local, n_seq), abar)
-    return plan.d.row_weight(abar)
+        log_abar = torch.where(torch.isnan(log_abar), group_log_mean(teacher.log_alpha, local, n_seq)[local],
+                               log_abar)
+    log_w = plan.d.row_log_weight(log_abar)
+    return log_w.exp() if plan.sparse is not None else log_w
 
 
 def _autograd_div(plan: _Plan, z: torch.Tensor, a: int, b: int, coef: torch.Tensor, want_grad: bool):
@@ -549,11 +546,11 @@ def _plan_chunks(seq: torch.Tensor | None, n_tok: int, chunk: int) -> tuple[list
 
 
 @torch.no_grad()
-def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: dv.RowKernel, *,
-                      temperature: float = 1.0, chunk_size: int | None = None, triton=None) -> torch.Tensor:
-    """α^T per token [...] (float64) from the teacher rows of a tail-weight ``kernel`` (TAD's top-K split), chunk by
-    chunk: the statistics pass for sequences longer than a chunk. ``teacher_hidden`` [..., d_T]. ``triton``: the
-    `kernels.RowLoss` of the chunk maths, whose statistics kernel then gives α^T (no device synchronisation)."""
+def teacher_log_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: dv.RowKernel, *,
+                          temperature: float = 1.0, chunk_size: int | None = None, triton=None) -> torch.Tensor:
+    """log α^T per token [...] (float64) from the teacher rows of a tail-weight ``kernel`` (TAD's top-K split), chunk
+    by chunk: the statistics pass for sequences longer than a chunk. ``teacher_hidden`` [..., d_T]. ``triton``: the
+    `kernels.RowLoss` of the chunk maths, whose statistics kernel then gives it (no device synchronisation)."""
     lead = teacher_hidden.shape[:-1]
     h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     cdtype = torch.float64 if torch.float64 in (h.dtype, teacher_head.weight.dtype) else torch.float32
@@ -572,7 +569,7 @@ def teacher_tail_mass(teacher_hidden: torch.Tensor, teacher_head: Head, kernel: 
             log_alpha = kernels.row_stats(None, t, triton.k).log_mass(1)
         else:
             log_alpha = kernel.teacher(t).log_alpha
-        out[a:b] = log_alpha.double().exp()
+        out[a:b] = log_alpha.double()
     return out.view(lead)
 
 
@@ -694,13 +691,14 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     if d is not None and d.spec.tail_weight:
         seg = segment_ids if d.cfg.per_document else None
         if seq_alpha_mean is not None:
-            plan.abar = seq_alpha_mean.detach().reshape(-1)[idx].double()
+            plan.log_abar = log_alpha_mean(seq_alpha_mean.reshape(-1)[idx])
         else:
             seg = None if seg is None else seg.to(labels.device)
             seq = torch.unique(_sequence_ids(mask, seg).reshape(-1)[idx_p], return_inverse=True)[1]  # dense 0..S-1
         if plan.sparse is not None and seq is not None:  # α^T is in the cache: ᾱ exactly, before any pass
             n_seq = int(seq.max()) + 1 if seq.numel() else 0
-            plan.abar = _group_mean(plan.sparse.log_tail_mass.double().exp(), to_device(seq, dev), n_seq)
+            seq_d = to_device(seq, dev)
+            plan.log_abar = group_log_mean(plan.sparse.log_tail_mass, seq_d, n_seq)[seq_d]
             seq = None
         elif seq is not None:
             if chunk_size is None and dev.type != "cuda":  # CPU: whole sequences per chunk avoid the
@@ -711,7 +709,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     plan.logits_dtype = mm if plan.triton is not None and _low_logits(plan, student_head) else cdtype
     plan.chunks, split = _plan_chunks(seq, idx_p.numel(), chunk)
     if seq is not None:
-        plan.abar = torch.full((idx_p.numel(),), math.nan, dtype=torch.float64, device=dev)
+        plan.log_abar = torch.full((idx_p.numel(),), math.nan, dtype=torch.float64, device=dev)
         for a, b in plan.chunks:  # the sequences each chunk closes get their ᾱ inside it
             whole = ~split[seq[a:b]]
             if bool(whole.any()):
@@ -720,9 +718,9 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
         if bool(split.any()):  # statistics pass over the tokens of sequences that span chunks
             tok_p = split[seq].nonzero().squeeze(1)
             tok, seq_tok = to_device(tok_p, dev), to_device(seq[tok_p], dev)
-            alpha = teacher_tail_mass(plan.teacher_hidden[tok], plan.teacher_head, kernel,
-                                      temperature=plan.temperature, chunk_size=chunk, triton=plan.triton)  # float64
-            plan.abar[tok] = _group_mean(alpha, seq_tok, split.shape[0])
+            log_alpha = teacher_log_tail_mass(plan.teacher_hidden[tok], plan.teacher_head, kernel,
+                                              temperature=plan.temperature, chunk_size=chunk, triton=plan.triton)
+            plan.log_abar[tok] = group_log_mean(log_alpha, seq_tok, split.shape[0])[seq_tok]
     return h, plan
 
 

@@ -378,11 +378,13 @@ if triton is not None:
 
     @triton.jit
     def _tad_row(stats_ptr, w_ptr, row):
-        """TAD's per-row quantities from pass 1's statistics and the row weight w = β(X) (float64 allowed: β/ᾱ
-        overflows float32 where ᾱ is sub-normal), as `divergences._tad_forward` / `_tad_backward` define them:
+        """TAD's per-row quantities from pass 1's statistics and the row weight as log w = log β(X) (float64: β/ᾱ
+        overflows float64 where every tail of the sequence is beyond ~708 nats), as `divergences._tad_forward` /
+        `_tad_backward` define them:
         (α^T, log α^T (0 where α^T = 0), log α^S, the sub-normal-α^T rows "tiny" (`divergences.tad_tiny_rows`),
         the rows on the q̃/p̃ gradient form "bad" and α^T/α^S (`divergences.tad_gradient_form`), the weight wd (0 on
-        tiny rows) and W = w·α^T (from log α^T in float64 on tiny rows: `divergences.tad_tiny_weight`))."""
+        tiny rows and where α^T = 0: `divergences.tad_weight`) and W = w·α^T (exp(log w + log α^T) in float64 on
+        tiny rows: `divergences.tad_tiny_weight`))."""
         st = stats_ptr + row * 8
         m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
         la = (tl.load(st + 6) - m_t) + tl.load(st + 7) - ls_t  # `RowStats.log_mass`
@@ -391,12 +393,12 @@ if triton is not None:
         log_at = tl.where(alpha_t > 0, la, 0.0)  # results kept; float32 tl.exp is approximate, ~|x|·u relative)
         lse_s, lse_t = m_s + ls_s, m_t + ls_t
         poisoned = (lse_s != lse_s) | (lse_t != lse_t)  # `RowStats.poisoned`: a NaN logit on either side
-        w = tl.load(w_ptr + row).to(tl.float64)
-        tiny = (alpha_t < 1e-30) & (la == la) & (tl.abs(la) < float("inf")) & ~poisoned & (w > 0)
-        wd = tl.where(tiny, 0.0, w).to(tl.float32)
+        log_w = tl.load(w_ptr + row).to(tl.float64)
+        tiny = (alpha_t < 1e-30) & (la == la) & (tl.abs(la) < float("inf")) & ~poisoned & (log_w > float("-inf"))
+        wd = tl.where(tiny | (alpha_t == 0), 0.0, tl.exp(log_w)).to(tl.float32)
         ratio = tl.where(alpha_t > 0, tl.exp((log_at - las).to(tl.float64)).to(tl.float32), 0.0)
         bad = ~((ratio == ratio) & (tl.abs(ratio) < float("inf"))) | (ratio > 1e30) | tiny
-        big_w = tl.where(tiny, (w * tl.exp(la.to(tl.float64))).to(tl.float32), wd * alpha_t)
+        big_w = tl.where(tiny, tl.exp(log_w + la.to(tl.float64)).to(tl.float32), wd * alpha_t)
         return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
 
     @triton.jit
@@ -654,7 +656,7 @@ def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch
     value = torch.empty(n, dtype=torch.float32, device=s.device)
     o = out if out is not None else s
     if n:
-        w = w.contiguous()
+        w = w.to(torch.float64).contiguous()  # log β(X)
         for rare in (False, True):  # the second launch's programs return at once unless their row is rare
             _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, stats.t_top, stats.s_top, w, cd, cq, cy, y, value,
                               vocab, s.stride(0), t.stride(0), o.stride(0), K=loss.k, KP=padded_k(loss.k),
@@ -678,7 +680,7 @@ def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats:
                          warps: int | None = None, ids_held: bool | None = None) -> torch.Tensor:
     """Per-row value [n] (float32; NaN on rows with a NaN logit) of ``loss`` and, when ``out`` [n, V] is given (it
     may be ``s``: in place, in s's dtype), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it: computed in float32
-    and rounded once on store. ``w`` [n]: TAD's row weight β(X) (float64 allowed), None otherwise; ``cd``, ``cq``,
+    and rounded once on store. ``w`` [n]: TAD's row weight as log β(X) (float64), None otherwise; ``cd``, ``cq``,
     ``cy`` [n] float32 (None = 0); ``y`` [n] integer label columns (the CLM's one-hot; None: no one-hot).
     ``block``, ``warps``: as `launch`. ``ids_held`` (TAD; None: `TAD_IDS_HELD`): how pass 2 finds 𝒦's columns.
     """

@@ -42,6 +42,7 @@ __all__ = [
     "jsd",
     "reverse_kl",
     "sequence_alpha_mean",
+    "sequence_log_alpha_mean",
     "tad",
     "tad_decompose",
     "topk_bucket_kl",
@@ -165,11 +166,11 @@ class _Rows(torch.autograd.Function):
     """Per-row values [N] of a `divergences.RowKernel` on student logits s [N, V], with its closed-form backward.
 
     ``teacher``: the kernel's teacher rows (``kernel.teacher(t)``, or `divergences.SparseTeacher`); ``w`` [N] or None:
-    the per-row weight (TAD's β(X)); ``valid`` [N] bool or None: rows outside it give 0 and no gradient. Memory:
-    the kernel's state (two [N, V] buffers for KL and TAD) is kept for backward only when s requires grad, as saved
-    tensors, so that autograd frees it once this node's backward ran (not at the end of the pass: other [N, V]
-    gradients, e.g. the CLM term's, are computed after it); backward allocates G and leaves the state intact
-    (autograd may call it again with ``retain_graph``)."""
+    the per-row weight (TAD's log β(X), the sparse kernel's β(X)); ``valid`` [N] bool or None: rows outside it give 0
+    and no gradient. Memory: the kernel's state (two [N, V] buffers for KL and TAD) is kept for backward only when s
+    requires grad, as saved tensors, so that autograd frees it once this node's backward ran (not at the end of the
+    pass: other [N, V] gradients, e.g. the CLM term's, are computed after it); backward allocates G and leaves the
+    state intact (autograd may call it again with ``retain_graph``)."""
 
     @staticmethod
     def forward(ctx, s, kernel: dv.RowKernel, teacher, w, valid):
@@ -283,6 +284,51 @@ def tad_decompose(
     return d_kl1, d_kl2, alpha
 
 
+def group_log_mean(log_values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per group [n_groups] float64, log of the mean of exp(``log_values``) over the elements whose id in ``group``
+    is the group's, in log space (a log-sum-exp shifted by the group's largest value): exact where the mean itself
+    is below float64's range (TAD's ᾱ of a sequence whose every tail is beyond ~708 nats); −inf for an empty group
+    or one of zeros, NaN for one holding a NaN. No host-device synchronisation."""
+    lv = log_values.double()
+    peak = torch.full((n_groups,), -_INF, dtype=lv.dtype, device=lv.device).scatter_reduce(0, group, lv, "amax")
+    shift = torch.where(torch.isfinite(peak), peak, 0.0)  # [G]
+    total = lv.new_zeros(n_groups).index_add_(0, group, (lv - shift[group]).exp())
+    count = lv.new_zeros(n_groups).index_add_(0, group, torch.ones_like(lv))
+    return total.log() + shift - count.clamp_min(1).log()
+
+
+def _documents(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(the sequence index of every position [B*T], the number of sequences): rows, or with ``segment_ids`` [B, T]
+    the documents (row, segment id) of packed rows."""
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)  # [B, T]
+    if segment_ids is None:
+        return rows.reshape(-1), mask.shape[0]
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.is_floating_point() or segment_ids.shape != mask.shape:
+        raise ValueError(
+            f"segment_ids must be an integer tensor of shape {tuple(mask.shape)} (document id of each token in its "
+            f"packed row); got {_describe(segment_ids)}"
+        )
+    pairs = torch.stack([rows, segment_ids.to(rows.dtype)], dim=-1).reshape(-1, 2)  # [B*T, 2]
+    doc = torch.unique(pairs, dim=0, return_inverse=True)[1]  # [B*T] document index
+    return doc, int(doc.max()) + 1 if doc.numel() else 0
+
+
+def sequence_log_alpha_mean(
+    log_alpha: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log ᾱ(X) for every position [B, T] float64, from log α^T [B, T]: `sequence_alpha_mean` in log space
+    (`group_log_mean` over the valid tokens of the position's sequence), exact where ᾱ is below float64's range;
+    −inf for a sequence without valid tokens or without any teacher tail. Detached."""
+    if not isinstance(log_alpha, torch.Tensor) or log_alpha.dim() != 2 or not log_alpha.is_floating_point():
+        raise ValueError(f"log_alpha must be a float tensor [B, T] of log teacher tail masses; got "
+                         f"{_describe(log_alpha)}")
+    _check_mask(mask, log_alpha.shape)
+    doc, n_docs = _documents(mask, segment_ids)
+    group = torch.where(mask.reshape(-1), doc, n_docs)  # masked positions: a group of their own, left out
+    per_doc = group_log_mean(log_alpha.detach().reshape(-1), group, n_docs + 1)  # [D + 1]
+    return per_doc[doc].view(log_alpha.shape)
+
+
 def sequence_alpha_mean(
     alpha: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -290,34 +336,34 @@ def sequence_alpha_mean(
 
     A sequence is a row, or with ``segment_ids`` [B, T] (int; packed rows) a document = (row, segment id). Masked
     positions do not contribute; they receive their sequence's value. A sequence without valid tokens gets 0.
-    Detached (β(X) = β / ᾱ(X) is a teacher-only constant).
+    Detached (β(X) = β / ᾱ(X) is a teacher-only constant). TAD itself averages in log space
+    (`sequence_log_alpha_mean`): ᾱ of tails beyond ~708 nats is below float64's range.
     """
     if not isinstance(alpha, torch.Tensor) or alpha.dim() != 2 or not alpha.is_floating_point():
         raise ValueError(f"alpha must be a float tensor [B, T] of teacher tail masses; got {_describe(alpha)}")
     _check_mask(mask, alpha.shape)
     a = torch.where(mask, alpha.detach(), 0.0)  # [B, T]
-    if segment_ids is None:
-        count = mask.sum(1, keepdim=True).clamp_min(1)  # [B, 1]
-        return (a.sum(1, keepdim=True) / count).expand_as(a)  # [B, T]
-    if not isinstance(segment_ids, torch.Tensor) or segment_ids.is_floating_point() or segment_ids.shape != a.shape:
-        raise ValueError(
-            f"segment_ids must be an integer tensor of shape {tuple(a.shape)} (document id of each token in its "
-            f"packed row); got {_describe(segment_ids)}"
-        )
-    rows = torch.arange(a.shape[0], device=a.device)[:, None].expand_as(segment_ids)  # [B, T]
-    pairs = torch.stack([rows, segment_ids.to(rows.dtype)], dim=-1).reshape(-1, 2)  # [B*T, 2]
-    doc = torch.unique(pairs, dim=0, return_inverse=True)[1]  # [B*T] document index
-    n_docs = int(doc.max()) + 1 if doc.numel() else 0
+    doc, n_docs = _documents(mask, segment_ids)
     total = a.new_zeros(n_docs).index_add_(0, doc, a.reshape(-1))  # [D]
     count = a.new_zeros(n_docs).index_add_(0, doc, mask.reshape(-1).to(a.dtype)).clamp_min(1)  # [D]
     return (total / count)[doc].view_as(a)  # [B, T]
 
 
-def tail_weight(abar: torch.Tensor, beta: float) -> torch.Tensor:
-    """β(X) = β / ᾱ(X) per position, in float64 (β/ᾱ overflows float32 when ᾱ is sub-normal); 0 where ᾱ = 0 (no
-    teacher tail anywhere in the sequence: no tail term)."""
-    abar = abar.double()
-    return torch.where(abar > 0, beta / torch.where(abar > 0, abar, 1.0), 0.0)
+def log_alpha_mean(abar: torch.Tensor) -> torch.Tensor:
+    """log ᾱ float64 of a given ᾱ (``seq_alpha_mean``); −inf (no tail term) where ᾱ ≤ 0."""
+    abar = abar.detach().double()
+    return torch.where(abar > 0, abar.log(), -_INF)
+
+
+def tail_log_weight(log_abar: torch.Tensor, beta: float) -> torch.Tensor:
+    """log β(X) = log β − log ᾱ(X) per position, float64: TAD's row weight as its kernels take it (β(X) itself
+    overflows float64 where ᾱ is below its range; the kernels need it there only times α^T, as exp(log β(X) + log
+    α^T)). −inf (no tail term) where ᾱ = 0, where it is NaN (a NaN logit in the sequence: that row is NaN anyway,
+    the others keep D_KL1) and where β = 0."""
+    log_abar = log_abar.double()
+    if beta == 0:
+        return torch.full_like(log_abar, -_INF)
+    return torch.where((log_abar == -_INF) | torch.isnan(log_abar), -_INF, math.log(beta) - log_abar)
 
 
 def tad(
@@ -335,7 +381,9 @@ def tad(
 
     L_DIV(t) = D_KL1(t) + β(X) · α^T(t) · D_KL2(t),  β(X) = β / ᾱ(X),  ᾱ(X) = mean α^T over the valid tokens of t's
     sequence (its row, or its document when ``segment_ids`` is given; see `sequence_alpha_mean`). β(X) depends on
-    the teacher only and carries no gradient; ᾱ = 0 (no teacher tail anywhere in X) defines the tail term as 0.
+    the teacher only and carries no gradient; ᾱ = 0 (no teacher tail anywhere in X) defines the tail term as 0. ᾱ
+    is averaged in log space (`sequence_log_alpha_mean`) and the kernel takes log β(X): exact also where every tail
+    of X is beyond ~708 nats (ᾱ below float64's range).
     ``seq_alpha_mean`` [B, T] supplies ᾱ computed elsewhere (chunked callers; β(X) ≡ 1 with ``seq_alpha_mean =
     beta`` gives forward KL). 𝒦 and the tail masses are those of `tad_decompose`. Cost is that of `forward_kl` (one
     pass, α^T·D_KL2 summed over the tail directly; closed-form gradient Eq. 6: `divergences.tad_kernel`). The paper
@@ -364,11 +412,12 @@ def tad(
     s, t = scaled_pair(student_logits, teacher_logits, temperature, own_teacher=True)
     kernel = dv.tad_kernel(k)
     teacher = kernel.teacher(t.reshape(-1, vocab))  # top-K split, α^T [B*T] (t's buffer consumed)
-    if seq_alpha_mean is None:
-        alpha = teacher.log_alpha.double().exp().view(n_batch, n_time)  # [B, T] float64: sub-normal α^T kept
-        seq_alpha_mean = sequence_alpha_mean(alpha, mask, segment_ids)  # [B, T]
-    beta_x = tail_weight(seq_alpha_mean.detach(), beta)  # [B, T] β(X), float64
-    loss = _Rows.apply(s.reshape(-1, vocab), kernel, teacher, beta_x.reshape(-1), mask.reshape(-1))  # [B*T]
+    if seq_alpha_mean is None:  # log ᾱ [B, T] float64, exact below float64's range
+        log_abar = sequence_log_alpha_mean(teacher.log_alpha.view(n_batch, n_time), mask, segment_ids)
+    else:
+        log_abar = log_alpha_mean(seq_alpha_mean)
+    log_w = tail_log_weight(log_abar, beta)  # [B, T] log β(X): the kernel's row weight
+    loss = _Rows.apply(s.reshape(-1, vocab), kernel, teacher, log_w.reshape(-1), mask.reshape(-1))  # [B*T]
     return loss.view(n_batch, n_time)
 
 

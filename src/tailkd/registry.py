@@ -24,9 +24,9 @@ from tailkd.losses import (
     forward_kl,
     jsd,
     reverse_kl,
-    sequence_alpha_mean,
+    sequence_log_alpha_mean,
     tad,
-    tail_weight,
+    tail_log_weight,
 )
 
 __all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind"]
@@ -40,10 +40,11 @@ class LossSpec:
     logits [B, T, V] (the dense path), knobs from the bound `Divergence` ``d``; None for ``clm`` (no teacher).
     ``kernel(cfg) -> RowKernel``: the closed-form row maths (`tailkd.divergences`), if any; the chunked layer uses
     it, and differentiates ``per_token`` chunk by chunk otherwise. ``tail_weight``: the kernel's row weight is TAD's
-    β(X) = β/ᾱ(X) (the caller computes ᾱ from the teacher rows' α^T per sequence). ``sparse``: computable from a
-    top-K teacher cache (D_KL1, plus an unbiased tail estimate weighted by the row weight; 1 without
-    ``tail_weight``). ``flops_per_vocab``: loss-layer FLOPs per token per vocabulary entry, forward + backward
-    (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`). ``knobs``: the `LossConfig` fields read.
+    β(X) = β/ᾱ(X), as log β(X) (the caller computes log ᾱ from the teacher rows' α^T per sequence, in log space).
+    ``sparse``: computable from a top-K teacher cache (D_KL1, plus an unbiased tail estimate weighted by the row
+    weight; 1 without ``tail_weight``). ``flops_per_vocab``: loss-layer FLOPs per token per vocabulary entry,
+    forward + backward (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`). ``knobs``: the
+    `LossConfig` fields read.
     ``triton(cfg) -> (form, args) | None``: the same row maths as `tailkd.kernels` computes it on CUDA (form
     "kl", "rkl", "jsd" with ``beta``, "tad" with ``k``), or None where the kernels do not apply (the torch path).
     """
@@ -174,9 +175,10 @@ class Divergence:
         div = self.spec.per_token(self, student_logits, teacher_logits, labels, mask, segment_ids)
         return torch.where(mask, div, torch.zeros_like(div))
 
-    def row_weight(self, abar: torch.Tensor) -> torch.Tensor | None:
-        """The kernel's per-row weight from ᾱ of each row's sequence: β(X) for ``tail_weight`` losses, else None."""
-        return tail_weight(abar, float(self.cfg.beta)) if self.spec.tail_weight else None
+    def row_log_weight(self, log_abar: torch.Tensor) -> torch.Tensor | None:
+        """log of the per-row weight from log ᾱ of each row's sequence: log β(X) for ``tail_weight`` losses (TAD's
+        kernel takes it so; the top-K cache's takes β(X) = its exp), else None."""
+        return tail_log_weight(log_abar, float(self.cfg.beta)) if self.spec.tail_weight else None
 
     def sparse_per_token(self, student_logits: torch.Tensor, teacher: dv.SparseTeacher, mask: torch.Tensor,
                          segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,11 +188,11 @@ class Divergence:
         of the chunked path (`divergences.SPARSE`)."""
         if not self.spec.sparse:
             raise ValueError(f"loss {self.name!r} cannot be computed from a top-K teacher cache")
-        alpha = teacher.log_tail_mass.detach().double().exp()  # [B, T]
-        w = torch.ones_like(alpha)
+        log_alpha = teacher.log_tail_mass.detach().double()  # [B, T]
+        w = torch.ones_like(log_alpha)
         if self.spec.tail_weight:
             seg = segment_ids if self.cfg.per_document else None
-            w = self.row_weight(sequence_alpha_mean(torch.where(mask, alpha, 0.0), mask, seg))
+            w = self.row_log_weight(sequence_log_alpha_mean(log_alpha, mask, seg)).exp()
         return cache_divergence(student_logits, teacher, mask, w)
 
 
