@@ -31,6 +31,19 @@ def base_args(assets, out, *extra):
             "--out", str(out), *extra]
 
 
+def test_student_layers_list_overrides_num_layers(assets, tmp_path):
+    """``--student.layers`` lists the teacher layers to keep and overrides num_layers (its help says so): with the
+    default or another count also set, a list of a different length builds that student (it was refused: "layers
+    lists 3 layers but num_layers=2")."""
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "1", "--student.layers", "0", "1", "3")) == 0
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 3
+    sources = [row["source"] or "" for row in json.loads((run / "student_init.json").read_text())]
+    kept = {int(src.split("layers.")[1].split(".")[0]) for src in sources if "layers." in src}
+    assert kept == {0, 1, 3}  # the student's layers are copied from the listed teacher layers
+
+
 def final_weights(run: Path) -> dict:
     return load_file(str(run / "final" / "model.safetensors"))
 

@@ -146,6 +146,12 @@ class StudentConfig:
                        choices=MLP_INITS)
     freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
 
+    @property
+    def depth(self) -> Optional[int]:
+        """The number of layers to build: ``num_layers``, or None where ``layers`` lists them (it overrides
+        ``num_layers``, whose default would otherwise conflict with a list of another length)."""
+        return None if self.layers is not None else self.num_layers
+
 
 @dataclass
 class DataConfig:

@@ -193,7 +193,7 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     if student_cfg.path:
         return model, tokenizer
     layers = _decoder_layers(model)
-    chosen = choose_layers(teacher_dims(model.config, family_of(model)).layers, student_cfg.num_layers,
+    chosen = choose_layers(teacher_dims(model.config, family_of(model)).layers, student_cfg.depth,
                            student_cfg.layers)
     skipped = tuple(f"{name}." for i, (name, _) in enumerate(layers) if i not in set(chosen))
     files, aliases = _weight_map(folder), _aliases(model)
