@@ -144,7 +144,7 @@ FLAGS = {
     "infinite beta": (["--beta", "inf"], ["loss.beta=inf must be a finite number >= 0"]),
     "nan in a list": (["--train.adam_betas", "0.9", "nan"], ["train.adam_betas=0.9 nan: each must be a finite"]),
     "unknown loss": (["--loss", "kl"], ["loss.name='kl' is not a loss"]),
-    "zero batch": (["--batch-size", "0"], ["train.batch_size must be >= 1"]),
+    "zero batch": (["--batch-size", "0"], ["train.batch_size=0 must be >= 1"]),
     "zero max_bad_steps": (["--train.max_bad_steps", "0"], ["train.max_bad_steps=0 must be >= 1"]),
     "unknown parallel mode": (["--train.parallel", "zero3"], ["train.parallel='zero3' must be ddp or fsdp"]),
     "force without resume": (["--force"], ["--force) only applies with --resume"]),

@@ -54,6 +54,14 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"teacher": {"cache": "c"}, "data": {"task": "sft"}}, "drop --teacher.cache"),
         ({"train": {"fused_loss": "yes"}}, "train.fused_loss='yes' must be auto, on or off"),
         ({"train": {"loss_chunk_size": -1}}, "train.loss_chunk_size=-1 must be >= 0"),
+        # step counts: log_every 0 was a ZeroDivisionError after the models loaded; stop_after -1 "stopped after
+        # step 0" with exit 0; negative warm-up / eval / save intervals ran
+        ({"train": {"log_every": 0}}, r"^train\.log_every=0 must be >= 1$"),
+        ({"train": {"stop_after": -1}}, r"^train\.stop_after=-1 must be >= 0 \(0: run to max_steps\)$"),
+        ({"train": {"warmup_steps": -3}}, r"^train\.warmup_steps=-3 must be >= 0$"),
+        ({"train": {"eval_every": -1}}, r"^train\.eval_every=-1 must be >= 0"),
+        ({"train": {"save_every": -1}}, r"^train\.save_every=-1 must be >= 0"),
+        ({"data": {"seq_len": 0}}, r"^data\.seq_len=0 must be >= 1$"),
     ],
 )
 def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):
@@ -223,6 +231,9 @@ def test_eval_settings_default_to_the_students_run(tmp_path):
     ("lm-eval", ["--split", "train"], r"^lm_eval\.split='train' must be heldout or all$"),
     ("flops", ["--teacher", "t", "--student", "s", "--tokens", "inf"], r"^flops\.tokens=inf must be a finite number"),
     ("flops", ["--teacher", "t", "--student", "s", "--seq-len", "0"], r"^flops\.seq_len=0 must be >= 1$"),
+    ("reproduce", ["--steps", "0"], r"^train\.max_steps=0 must be >= 1$"),  # was scaled up to 1 step
+    ("reproduce", ["--steps", "-5"], r"^train\.max_steps=-5 must be >= 1$"),
+    ("reproduce", ["--train.eval_every", "-1"], r"^train\.eval_every=-1 must be >= 0"),
 ])
 def test_bad_subcommand_values_are_one_clear_error(tmp_path, command, argv, match):
     cls = COMMAND_CONFIGS[command]

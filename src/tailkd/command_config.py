@@ -521,6 +521,9 @@ class ReproduceConfig:
             raise TailkdError(f"train.epochs={self.train.epochs:g} does not apply to tailkd reproduce: every run is "
                               "train.max_steps × reproduce.scale steps; set 0 and give --steps (or --scale)")
         check_at_least(self, "reproduce.eval_rows", 0, " (0: all)")
+        # before the plan scales them (max(1, round(steps × scale)) would make --steps 0 or -5 one step)
+        check_at_least(self, "train.max_steps", 1)
+        check_at_least(self, "train.eval_every", 0, " (0: only before and after)")
         _check_device(self, "reproduce.device")
         return self
 

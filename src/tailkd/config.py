@@ -294,14 +294,13 @@ class DistillConfig:
                               "beta2), e.g. 0.9 0.95")
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
-        for section, key in (("data", "seq_len"), ("data", "eval_rows"), ("train", "max_steps"),
-                             ("train", "batch_size"), ("train", "grad_accum"), ("train", "keep_last")):
-            if getattr(getattr(c, section), key) < 1:
-                raise TailkdError(f"{section}.{key} must be >= 1")
-        if c.train.max_bad_steps < 1:
-            raise TailkdError(f"train.max_bad_steps={c.train.max_bad_steps} must be >= 1")
-        if c.train.loss_chunk_size < 0:
-            raise TailkdError(f"train.loss_chunk_size={c.train.loss_chunk_size} must be >= 0 (0: automatic)")
+        for key in ("data.seq_len", "data.eval_rows", "train.max_steps", "train.batch_size", "train.grad_accum",
+                    "train.keep_last", "train.log_every", "train.max_bad_steps"):
+            check_at_least(c, key, 1)
+        for key, hint in (("train.warmup_steps", ""), ("train.stop_after", " (0: run to max_steps)"),
+                          ("train.eval_every", " (0: only before and after)"), ("train.save_every", " (0: only at "
+                          "the end)"), ("train.loss_chunk_size", " (0: automatic)")):
+            check_at_least(c, key, 0, hint)
         c.data.check_builtin_paths()
         check_on_policy(c)
         if c.teacher.cache and c.data.task != "pretrain":
