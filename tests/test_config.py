@@ -211,6 +211,23 @@ def test_eval_settings_default_to_the_students_run(tmp_path):
         parse(["--student", student], EvalConfig)
 
 
+def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):
+    """``recipe --set`` overrides a setting of every stage, also where a stage sets it itself (math-two-stage's
+    stages set train.max_steps and lr: --set was merged under them and ignored), and is checked like the stage's own
+    values before any stage runs (-1 and 'abc' started the full recipe)."""
+    from tailkd.cli import main
+    from tailkd.recipe import read_recipe
+
+    path = REPO / "configs" / "math-two-stage.yaml"
+    assert [c.train.max_steps for c in read_recipe(path, str(tmp_path)).stages] == [40, 30]
+    recipe = read_recipe(path, str(tmp_path), {"train": {"max_steps": 2, "lr": 3e-4}, "data": {"seq_len": 16}})
+    assert [(c.train.max_steps, c.train.lr, c.data.seq_len) for c in recipe.stages] == [(2, 3e-4, 16)] * 2
+    with pytest.raises(TailkdError, match=r"^train\.max_steps=-1 must be >= 1$"):
+        read_recipe(path, str(tmp_path), {"train": {"max_steps": -1}})
+    assert main(["recipe", str(path), "--out", str(tmp_path / "r"), "--set", "train.max_steps=abc"]) == 2
+    assert "train.max_steps expects an integer" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("command, argv, match", [
     ("eval", [], r"^eval\.student is not set; pass --student DIR"),
     ("eval", ["--bins", "0"], r"^eval\.bins=0 must be >= 1$"),

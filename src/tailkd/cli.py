@@ -141,7 +141,7 @@ def _add_recipe(sub, common) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--out", default=None, help="root folder of the stages (default: the recipe's out_dir)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a setting of every stage (merged over the recipe's common:), e.g. "
+                   help="override a setting of every stage (over the recipe's common: and the stage's own keys), e.g. "
                    "--set train.max_steps=400; repeatable")
     p.set_defaults(func=_cmd_recipe)
 

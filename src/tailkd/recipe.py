@@ -81,7 +81,7 @@ def _mapping(doc: dict, key: str, path) -> dict | None:
 
 def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> Recipe:
     """The recipe in ``path``, every config checked; ``out_dir`` replaces its ``out_dir``, ``overrides`` (config
-    sections) are merged over ``common``."""
+    sections: ``--set``) are merged over each stage's settings (``common`` and the stage's own keys)."""
     doc = load_yaml(path)
     unknown = sorted(set(doc) - set(RECIPE_KEYS))
     if unknown:
@@ -93,7 +93,7 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
     if not isinstance(chain, bool):
         raise TailkdError(f"recipe {path}: 'chain' must be true or false, got {chain!r}")
     root = Path(out_dir or doc.get("out_dir") or "runs/recipe")
-    common = merge(_mapping(doc, "common", path) or {}, overrides or {})
+    common = _mapping(doc, "common", path) or {}
     configs, names = [], set()
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
@@ -103,7 +103,7 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
         if name in names:
             raise TailkdError(f"recipe {path}: two stages are named {name!r}; give each stage its own name")
         names.add(name)
-        cfg = from_dict(DistillConfig, merge(common, stage))
+        cfg = from_dict(DistillConfig, merge(merge(common, stage), overrides or {}))  # --set wins
         cfg.train.out_dir = str(root / name)
         if chain and i > 0 and not cfg.student.path:
             cfg.student.path = str(Path(configs[-1].train.out_dir) / "final")
