@@ -1,6 +1,8 @@
 """tailkd.flops and `tailkd flops`: parameter counts, the counting rules, the paper's Table 3 ballpark."""
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 from test_evaluate import one_line_error
@@ -136,3 +138,26 @@ def test_flops_cli_on_a_model_folder(tmp_path, tiny_lm, capsys):
 def test_flops_cli_errors_are_one_line(capsys, args, needle):
     assert main(["flops", *args]) == 2
     one_line_error(capsys.readouterr().err, needle)
+
+
+def test_flops_out_is_never_half_written(tmp_path, monkeypatch, capsys):
+    """A write that fails half-way (a full disk: ENOSPC after 10 characters) leaves no file at --out (it left the
+    10 characters), and the command reports it in one line with exit 1; the old file, if any, stays whole."""
+    out = tmp_path / "flops.json"
+    args = ["flops", "--teacher-params", "1.8e9", "--student-params", "1.2e9", "--vocab", "151936", "--hidden",
+            "2048", "--teacher-layers", "24", "--student-layers", "18", "--out", str(out)]
+    real = Path.write_text
+
+    def full_disk(self, data, *a, **kw):
+        real(self, data[:10], *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(Path, "write_text", real)
+    assert main(args) == 0
+    whole = out.read_text()
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(args) == 1 and out.read_text() == whole and list(tmp_path.iterdir()) == [out]

@@ -277,9 +277,9 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
-    out = Path(o.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(tasks.summarize(results), indent=1, default=str))
+    from tailkd.checkpoint import atomic_write_text
+
+    out = atomic_write_text(Path(o.out), json.dumps(tasks.summarize(results), indent=1, default=str))
     print(tasks.format_results(results))
     print(f"saved {out}")
     return {"command": command, "include_path": None if temp is not None else str(include), "results": results}
@@ -336,8 +336,9 @@ def flops(cfg: FlopsConfig) -> dict:
     result = {"teacher": size_to_dict(teacher), "student": size_to_dict(student), "seq_len": f.seq_len,
               "tokens": f.tokens, "methods": rows}
     if f.out:
-        Path(f.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f.out).write_text(json.dumps(result, indent=1))
+        from tailkd.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(f.out), json.dumps(result, indent=1))  # a crash or a full disk: no half file
         print(f"saved {f.out}")
     return result
 

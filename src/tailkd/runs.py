@@ -88,7 +88,7 @@ class MetricsLog:
                         keep.append(ln)
                 except (ValueError, KeyError, TypeError):
                     continue  # empty, or the half line of a killed write
-            path.write_text("".join(ln + "\n" for ln in keep))
+            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the history
 
     def write(self, record: dict) -> None:
         try:

@@ -249,7 +249,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     # every input checked out: only now touch the run folder
     dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, changes), main_only=True)
     if table is not None and not resuming and dist.is_main():
-        (out / "student_init.json").write_text(json.dumps(table, indent=1))
+        ckpt.atomic_write_text(out / "student_init.json", json.dumps(table, indent=1))
     dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
                                                                    else ""))
     if cfg.train.compile:
