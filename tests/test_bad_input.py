@@ -201,6 +201,22 @@ def test_k_not_below_the_vocabulary(assets, tmp_path):
     assert not run.exists()
 
 
+def test_overwrite_replaces_only_a_run_folder(assets, tmp_path):
+    """--overwrite deletes the run folder it replaces: a folder that is not a run (no config.yaml) is refused, its
+    files kept (it was deleted whole); an empty folder is used as a new run."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert_error(cli(*args(assets, mine), "--overwrite"), "is not a tailkd run folder", "--overwrite would delete")
+    assert (mine / "notes.txt").read_text() == "precious" and len(list(mine.iterdir())) == 1
+    run = tmp_path / "run"
+    run.mkdir()  # empty: a new run
+    assert cli(*args(assets, run)).returncode == 0 and (run / "config.yaml").is_file()
+    (run / "stale.txt").write_text("from the old run")
+    assert cli(*args(assets, run), "--overwrite").returncode == 0
+    assert (run / "config.yaml").is_file() and not (run / "stale.txt").exists()
+
+
 def test_deepspeed_accelerate_config_is_refused(assets, tmp_path):
     proc = cli(*args(assets, tmp_path / "run"), env={"ACCELERATE_USE_DEEPSPEED": "true"})
     assert_error(proc, "DeepSpeed config is not supported", "--train.parallel fsdp")

@@ -168,6 +168,9 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
     if exists and not cfg.train.overwrite:
         raise TailkdError(f"run folder {out} already exists; pass --resume to continue it, --overwrite to replace it, "
                           "or choose another --out")
+    if exists and not (out / "config.yaml").is_file():  # --overwrite deletes the folder: only ever a run's
+        raise TailkdError(f"{out} is not a tailkd run folder (no config.yaml) and --overwrite would delete everything "
+                          "in it; choose a new or empty folder with --out")
     return out, False, []
 
 
