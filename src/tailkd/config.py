@@ -244,7 +244,7 @@ class TrainConfig:
     seed: int = _f(0, "seed for initialisation, data order and dropout")
     device: str = _f("auto", "auto, cpu or cuda")
     resume: bool = _f(False, "continue the run in out_dir from its last checkpoint")
-    overwrite: bool = _f(False, "delete an existing out_dir and start again")
+    overwrite: bool = _f(False, "delete an existing run in out_dir (a folder with its config.yaml) and start again")
     force_resume: bool = _f(False, "with --resume: continue even though the config differs from the run's "
                                    "(the differences are printed; the old config.yaml is kept)")
     max_bad_steps: int = _f(5, "stop (with a checkpoint) after N steps in a row with a non-finite loss or "
