@@ -305,3 +305,27 @@ def test_a_rank_of_the_tailkd_command_leaves_once_main_returned(monkeypatch, wor
         assert left == [5]
     else:
         assert cli.entry() == 5 and left == []
+
+
+def test_resolve_device_names_the_setting_and_the_visible_devices(monkeypatch):
+    """A device setting is checked against the visible CUDA devices, the error naming the setting the user gave
+    (eval --device cuda:0 on a CPU machine was an AssertionError from torch; eval --device cuda named
+    train.device). The device count is patched: the same checks on any machine."""
+    assert dist.resolve_device("cpu", "eval.device") == torch.device("cpu")
+    with pytest.raises(TailkdError, match=r"^eval\.device='gpu' is not a device; use auto, cpu, cuda or cuda:N$"):
+        dist.resolve_device("gpu", "eval.device")
+    with pytest.raises(TailkdError, match=r"^train\.device='cuda:x' is not a device"):
+        dist.resolve_device("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(TailkdError, match=rf"^eval\.device={name} but no CUDA device is visible; use --device "
+                                              "cpu$"):
+            dist.resolve_device(name, "eval.device")
+    assert dist.resolve_device("auto", "eval.device") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist.resolve_device("cuda:1", "analyze.device") == torch.device("cuda", 1)
+    with pytest.raises(TailkdError, match=r"^analyze\.device=cuda:2 but only 2 CUDA device\(s\) are visible: use "
+                                          r"cuda:0 to cuda:1$"):
+        dist.resolve_device("cuda:2", "analyze.device")

@@ -81,7 +81,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     student = Path(cfg.eval.student)
     if not student.is_dir():
         raise TailkdError(f"--student {student} is not a folder; pass a saved student (e.g. runs/x/final)")
-    dev = resolve_device(cfg.eval.device)
+    dev = resolve_device(cfg.eval.device, "eval.device")
     s_model, s_tok = models.load_causal_lm(str(student))
     s_model.to(device=dev, dtype=torch.float32).eval()
     t_model, t_tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
@@ -149,7 +149,7 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     from tailkd.vocab import check_vocab
 
     a = cfg.analyze
-    dev = resolve_device(a.device)
+    dev = resolve_device(a.device, "analyze.device")
     results = {}
     for spec in a.teachers:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
@@ -259,7 +259,7 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
         gsm_items = tasks.read_gsm_items(o.gsm_data)
     if "tailkd_ppl" in names:
         ppl_docs = ppl_documents(cfg)
-    device = str(resolve_device(o.device))
+    device = str(resolve_device(o.device, "lm_eval.device"))
     work_dir = Path(o.work_dir) if o.work_dir else None
     temp = None
     if work_dir is None:
@@ -378,7 +378,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "selection.json").is_file():
         raise TailkdError(f"refusing to replace {out}: it exists and is not a tailkd select-data output (no "
                           "selection.json); choose a new or empty folder for --out")
-    dev = resolve_device(s.device)
+    dev = resolve_device(s.device, "select.device")
     teacher, tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
     reference, ref_tok = models.load_teacher(s.reference, device=dev, dtype=cfg.teacher.dtype)
     if tokenizer_fingerprint(tok) != tokenizer_fingerprint(ref_tok):

@@ -143,13 +143,20 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """The device of setting ``key`` (train.device, eval.device, ...) = ``name``: auto, cpu, cuda or cuda:N, a
+    CUDA one only where that device is visible (a one-line error naming ``key`` otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TailkdError("train.device=cuda but no CUDA device is visible; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise TailkdError(f"train.device={name!r} is not a device; use auto, cpu or cuda")
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise TailkdError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TailkdError(f"{key}={name} but no CUDA device is visible; use --device cpu")
+        if name != "cuda" and int(name[5:]) >= count:
+            raise TailkdError(f"{key}={name} but only {count} CUDA device(s) are visible: use cuda:0 to "
+                              f"cuda:{count - 1}")
     return torch.device(name)
 
 
