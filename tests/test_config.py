@@ -61,7 +61,7 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"train": {"warmup_steps": -3}}, r"^train\.warmup_steps=-3 must be >= 0$"),
         ({"train": {"eval_every": -1}}, r"^train\.eval_every=-1 must be >= 0"),
         ({"train": {"save_every": -1}}, r"^train\.save_every=-1 must be >= 0"),
-        ({"data": {"seq_len": 0}}, r"^data\.seq_len=0 must be >= 1$"),
+        ({"data": {"seq_len": 1}}, r"^data\.seq_len=1 must be >= 2 \(a row needs a token and its successor\)$"),
     ],
 )
 def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):

@@ -294,7 +294,8 @@ class DistillConfig:
                               "beta2), e.g. 0.9 0.95")
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
-        for key in ("data.seq_len", "data.eval_rows", "train.max_steps", "train.batch_size", "train.grad_accum",
+        check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
+        for key in ("data.eval_rows", "train.max_steps", "train.batch_size", "train.grad_accum",
                     "train.keep_last", "train.log_every", "train.max_bad_steps"):
             check_at_least(c, key, 1)
         for key, hint in (("train.warmup_steps", ""), ("train.stop_after", " (0: run to max_steps)"),
