@@ -228,6 +228,23 @@ def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):
     assert "train.max_steps expects an integer" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
+def test_recipe_compare_baseline_is_checked_before_any_stage(tmp_path):
+    """A recipe's compare.baseline names a stage or a run folder; anything else is refused when the recipe is read
+    (it failed only after every stage had trained)."""
+    from tailkd.recipe import read_recipe
+
+    doc = yaml.safe_load((REPO / "configs" / "math-two-stage.yaml").read_text())
+    for baseline, ok in (("nope", False), (doc["stages"][0]["name"], True), (str(tmp_path), True)):
+        doc["compare"] = {"compare": {"baseline": baseline}}
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        if ok:
+            read_recipe(path, str(tmp_path / "r"))
+            continue
+        with pytest.raises(TailkdError, match=r"^compare\.baseline='nope' is neither a stage of this recipe \("):
+            read_recipe(path, str(tmp_path / "r"))
+
+
 @pytest.mark.parametrize("command, argv, match", [
     ("eval", [], r"^eval\.student is not set; pass --student DIR"),
     ("eval", ["--bins", "0"], r"^eval\.bins=0 must be >= 1$"),

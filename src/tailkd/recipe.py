@@ -67,8 +67,12 @@ class Recipe:
         given = merge({"compare": {"out": str(self.root / "compare")}}, self.compare or {})
         options = given.setdefault("compare", {})
         options["runs"] = [s.train.out_dir for s in self.stages]
-        if isinstance(options.get("baseline"), str):
-            options["baseline"] = names.get(options["baseline"], options["baseline"])
+        base = options.get("baseline")
+        if isinstance(base, str):
+            if base not in names and not Path(base).is_dir():  # known before any stage trains
+                raise TailkdError(f"compare.baseline={base!r} is neither a stage of this recipe ({', '.join(names)}) "
+                                  "nor a run folder")
+            options["baseline"] = names.get(base, base)
         return from_dict(CompareConfig, given).validate()
 
 
