@@ -321,9 +321,20 @@ def test_generate_rouge_without_reference_responses(assets, tmp_path):
 
     prompts = tmp_path / "p.jsonl"
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}
-    prompts.write_text(json.dumps({"prompt": "A", "response": "B"}) + "\n" + json.dumps(chat) + "\n")
+    prompts.write_text(json.dumps({"prompt": "A", "response": "B"}) + "\n" + json.dumps(chat) + "\n"
+                       + json.dumps({"prompt": "C", "response": ""}) + "\n")
     out = tmp_path / "g.json"
-    assert_error(cli("eval", "--student", str(assets["teacher"]), "--teacher", str(assets["teacher"]), "--generate",
-                     "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out)),
-                 "ROUGE-L needs a reference response for every prompt", "example 2", "--generate.rouge false")
+    argv = ["eval", "--student", str(assets["teacher"]), "--teacher", str(assets["teacher"]), "--generate",
+            "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out)]
+    assert_error(cli(*argv), "ROUGE-L needs a reference response for every prompt", "2 of 3", "example 2",
+                 "--generate.rouge false")
     assert not out.exists()
+    # the fix it names works for an empty "response" too (refused when the file was read, with a message that did
+    # not name it; the tiny teacher has no chat template, so prompt/response pairs only)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "A", "response": "B"}) + "\n" + json.dumps({"prompt": "C", "response": ""}))
+    argv[argv.index(str(prompts))] = str(pairs)
+    assert_error(cli(*argv), "ROUGE-L needs a reference response for every prompt", "--generate.rouge false")
+    proc = cli(*argv, "--generate.rouge", "false", "--generate.teacher", "false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["examples"] == 2

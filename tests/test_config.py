@@ -254,6 +254,8 @@ def test_recipe_compare_baseline_is_checked_before_any_stage(tmp_path):
     ("eval", ["--device", "tpu"], r"^eval\.device='tpu' is not a device; use auto, cpu, cuda or cuda:N$"),
     ("eval", ["--seq-len", "1"], r"^data\.seq_len=1 must be >= 2"),
     ("eval", ["--generate", "--data", "p.jsonl"], r"pass the files with --prompts FILE\.jsonl"),
+    ("eval", ["--generate", "--prompts", "/no/such.jsonl"],  # it said "leave data.paths empty for the news corpus"
+     r"^generate\.prompts: /no/such\.jsonl does not exist; fix the path given to --prompts$"),
     ("analyze-teacher", ["--kmax", "0"], r"^analyze\.kmax=0 must be >= 1 \(the paper uses 100\)$"),
     ("analyze-teacher", ["--dtype", "fp16"], r"^teacher\.dtype='fp16' must be auto, bf16 or fp32$"),
     ("cache-teacher", ["--k", "8"], r"^cache\.out is not set; pass --out DIR"),

@@ -190,6 +190,9 @@ class EvalConfig:
             raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
                               "(generate.prompts); --data (data.paths) is read by --generate only with --task sft, "
                               "as its held-out split")
+        missing = next((p for p in self.generate.prompts if not Path(p).exists()), None)
+        if missing is not None:
+            raise TailkdError(f"generate.prompts: {missing} does not exist; fix the path given to --prompts")
         if self.generate.enabled and self.generate.rouge:
             _check_rouge_installed()
         return self

@@ -124,7 +124,7 @@ def generation_examples(cfg: EvalConfig, tokenizer):
 
     if cfg.generate.prompts:
         template = sft.resolve_chat_template(tokenizer, "auto")
-        examples = sft.read_sft_examples([Path(p) for p in cfg.generate.prompts])
+        examples = sft.read_sft_examples([Path(p) for p in cfg.generate.prompts], references_optional=True)
         return [(e.generation_prompt(template is not None), e.reference) for e in examples], template
     data = cfg.data if cfg.data.task == "sft" else DataConfig(
         task="sft", cache_dir=cfg.data.cache_dir, math_train=cfg.data.math_train, math_heldout=cfg.data.math_heldout)

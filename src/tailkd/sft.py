@@ -115,7 +115,7 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield n, line.removeprefix("\ufeff") if n == 1 else line
 
 
-def _parse(obj, where: str) -> SFTExample:
+def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
     if not isinstance(obj, dict):
         raise TailkdError(f'{where}: a JSON {type(obj).__name__}, not an object; write {{"prompt": ..., '
                           '"response": ...}} or {"messages": [...]} per line')
@@ -136,16 +136,18 @@ def _parse(obj, where: str) -> SFTExample:
     for k in ("prompt", "response"):
         if not isinstance(obj[k], str):
             raise TailkdError(f'{where}: "{k}" is a {type(obj[k]).__name__}, not a string')
-    if not obj["response"].strip():
+    if not obj["response"].strip() and not references_optional:
         raise TailkdError(f'{where}: "response" is empty; remove the line or give the reference answer')
     return SFTExample(where, prompt=obj["prompt"], response=obj["response"])
 
 
-def read_sft_examples(paths) -> list[SFTExample]:
+def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTExample]:
     """Every example of ``paths`` (files or folders, as ``tailkd.corpus.list_files``), in reading order.
 
     Blank lines are skipped. ``TailkdError`` (with file:line) for a line that is not JSON, not an object,
-    lacks ``prompt``/``response`` (or ``messages``), or has the wrong types; and for a file without examples.
+    lacks ``prompt``/``response`` (or ``messages``), or has the wrong types; and for a file without examples; for
+    an empty ``response`` too unless ``references_optional`` (prompts to decode: the response is only a reference,
+    which ROUGE-L then asks for).
     """
     from tailkd.corpus import list_files
 
@@ -161,7 +163,7 @@ def read_sft_examples(paths) -> list[SFTExample]:
             except json.JSONDecodeError as exc:
                 raise TailkdError(f"{where}: not valid JSON ({exc.msg}); SFT data needs one JSON object per line") \
                     from None
-            out.append(_parse(obj, where))
+            out.append(_parse(obj, where, references_optional))
             n_file += 1
         if n_file == 0:
             raise TailkdError(f'{f} holds no examples (empty or blank); add lines like {{"prompt": ..., "response": '
