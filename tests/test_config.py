@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,27 @@ def test_eval_settings_default_to_the_students_run(tmp_path):
     (run / "config.yaml").write_text("data:\n  seq_len: long\n")
     with pytest.raises(TailkdError, match=r"config\.yaml: config key data\.seq_len expects an integer"):
         parse(["--student", student], EvalConfig)
+
+
+def test_output_paths_of_the_wrong_kind_are_one_clear_error(tmp_path):
+    """A JSON output that is an existing folder, an output folder that is an existing file: refused when the
+    command's config is read (flops --out DIR was an IsADirectoryError, compare --out FILE a FileExistsError, after
+    the work)."""
+    a_file = tmp_path / "f.json"
+    a_file.write_text("{}")
+    folder, file_ = re.escape(str(tmp_path)), re.escape(str(a_file))
+    cases = [
+        ("flops", ["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "9", "--hidden", "4", "--out",
+                   str(tmp_path)], rf"^flops\.out={folder} is a folder; give a file name$"),
+        ("eval", ["--student", str(tmp_path), "--out", str(tmp_path)], rf"^eval\.out={folder} is a folder"),
+        ("lm-eval", ["--model", str(tmp_path), "--out", str(tmp_path)], rf"^lm_eval\.out={folder} is a folder"),
+        ("compare", ["--out", str(a_file)], rf"^compare\.out={file_} is a file; give a folder name$"),
+        ("analyze-teacher", ["--out", str(a_file)], rf"^analyze\.out={file_} is a file"),
+        ("reproduce", ["--out", str(a_file)], rf"^reproduce\.out={file_} is a file"),
+    ]
+    for command, argv, match in cases:
+        with pytest.raises(TailkdError, match=match):
+            parse(argv, COMMAND_CONFIGS[command])
 
 
 def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):

@@ -63,6 +63,14 @@ def _aliases(section: str, cls, *names: str) -> dict[str, str]:
     return {name.replace("_", "-"): f"{section}.{name}" for name in names}
 
 
+def _check_out(cfg, key: str, folder: bool) -> None:
+    """The output path ``key``: a file that is not an existing folder, or a folder that is not an existing file."""
+    out = leaf_value(cfg, key)
+    if out and (Path(out).is_dir() if not folder else Path(out).exists() and not Path(out).is_dir()):
+        what = "a folder; give a file name" if not folder else "a file; give a folder name"
+        raise TailkdError(f"{key}={out} is {what}")
+
+
 def _check_device(cfg, key: str) -> None:
     """The device names `tailkd.distributed.resolve_device` takes; whether CUDA is visible is checked there."""
     name = leaf_value(cfg, key)
@@ -186,6 +194,7 @@ class EvalConfig:
         for key in ("eval.max_rows", "generate.samples", "generate.limit"):
             check_at_least(self, key, 0, " (0: all)" if key != "generate.samples" else "")
         _check_device(self, "eval.device")
+        _check_out(self, "eval.out", folder=False)
         if self.generate.enabled and self.data.paths and self.data.task != "sft":
             raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
                               "(generate.prompts); --data (data.paths) is read by --generate only with --task sft, "
@@ -244,6 +253,7 @@ class AnalyzeTeacherConfig:
         check_at_least(self, "analyze.max_rows", 0, " (0: all)")
         check_at_least(self, "analyze.kmax", 1, " (the paper uses 100)")
         _check_device(self, "analyze.device")
+        _check_out(self, "analyze.out", folder=True)
         return self
 
 
@@ -335,6 +345,7 @@ class LmEvalConfig:
             check_at_least(self, key, 1)
         check_at_least(self, "lm_eval.num_fewshot", 0)
         _check_device(self, "lm_eval.device")
+        _check_out(self, "lm_eval.out", folder=False)
         return self
 
 
@@ -359,6 +370,7 @@ class CompareConfig:
 
     def validate(self) -> CompareConfig:
         check_leaves(self)
+        _check_out(self, "compare.out", folder=True)
         return self
 
 
@@ -416,6 +428,7 @@ class FlopsConfig:
             check_at_least(self, key, 1)
         for key in ("flops.prompt_len", "flops.ppo_epochs", "flops.teacher_layers", "flops.student_layers"):
             check_at_least(self, key, 0)
+        _check_out(self, "flops.out", folder=False)
         return self
 
 
@@ -528,6 +541,7 @@ class ReproduceConfig:
         check_at_least(self, "train.max_steps", 1)
         check_at_least(self, "train.eval_every", 0, " (0: only before and after)")
         _check_device(self, "reproduce.device")
+        _check_out(self, "reproduce.out", folder=True)
         return self
 
 
