@@ -161,3 +161,14 @@ def test_flops_out_is_never_half_written(tmp_path, monkeypatch, capsys):
     whole = out.read_text()
     monkeypatch.setattr(Path, "write_text", full_disk)
     assert main(args) == 1 and out.read_text() == whole and list(tmp_path.iterdir()) == [out]
+
+
+def test_flops_of_the_builtin_reads_its_config_not_its_weights(monkeypatch):
+    """`flops --teacher smollm2` sizes the built-in from the config of its safetensors copy, as its help says (no
+    weights read: it loaded the whole model); SmolLM2-135M: d = 576, 30 layers, V = 49152, 134.5M parameters."""
+    from tailkd import models
+    from tailkd.flops import size_from_spec
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the weights were loaded"))
+    s = size_from_spec("smollm2")
+    assert (s.hidden, s.vocab, s.layers, s.params_total) == (576, 49152, 30, 134515008)

@@ -131,11 +131,10 @@ def size_from_spec(spec: str) -> ModelSize:
             return model_size(AutoConfig.from_pretrained(p), name=str(p))
         if p.suffix == ".gguf" and p.is_file():
             return model_size(AutoConfig.from_pretrained(p.parent, gguf_file=p.name), name=str(p))
-        if spec == "smollm2":
+        if spec == "smollm2":  # the config of its safetensors copy (converted once at install)
             from tailkd import models
 
-            model, _ = models.load_causal_lm(spec)
-            return model_size(model, name=spec)
+            return model_size(AutoConfig.from_pretrained(models.model_dir(spec)), name=spec)
     except (OSError, json.JSONDecodeError) as exc:
         raise TailkdError(f"cannot read a model config from {spec}: {str(exc).splitlines()[0]}") from exc
     raise TailkdError(f"{spec} is not a config.json, a model folder, a .gguf file or 'smollm2'; "
