@@ -212,6 +212,15 @@ def test_eval_settings_default_to_the_students_run(tmp_path):
         parse(["--student", student], EvalConfig)
 
 
+def test_reproduce_takes_distills_short_flags_for_what_it_shares():
+    """reproduce's help says its teacher/student/data/train flags are distill's: the short ones too (only the long
+    --train.* forms worked for batch size, learning rate, student depth)."""
+    cfg = parse(["--student-layers", "3", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-3", "--fused-loss",
+                 "off", "--steps", "12"], COMMAND_CONFIGS["reproduce"])
+    assert (cfg.student.num_layers, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr, cfg.train.fused_loss,
+            cfg.train.max_steps) == (3, 8, 2, 1e-3, "off", 12)
+
+
 def test_output_paths_of_the_wrong_kind_are_one_clear_error(tmp_path):
     """A JSON output that is an existing folder, an output folder that is an existing file: refused when the
     command's config is read (flops --out DIR was an IsADirectoryError, compare --out FILE a FileExistsError, after

@@ -509,8 +509,10 @@ class ReproduceConfig:
         "data.instruct_heldout", "data.instruct_max_words", "train.out_dir", "train.seed", "train.resume",
         "train.overwrite", "train.force_resume", "train.stop_after", "train.device", "train.epochs", "train.on_policy",
         "train.on_policy_temperature", "train.on_policy_top_p", "train.on_policy_max_new_tokens")
-    ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", **DATA_ALIASES, "steps": "train.max_steps",
-                                         **_aliases("reproduce", ReproduceOptions)}
+    ALIASES: ClassVar[dict[str, str]] = {  # distill's short flags for what reproduce shares with it
+        "teacher": "teacher.path", "student-layers": "student.num_layers", **DATA_ALIASES, "steps": "train.max_steps",
+        "batch-size": "train.batch_size", "grad-accum": "train.grad_accum", "lr": "train.lr",
+        "fused-loss": "train.fused_loss", **_aliases("reproduce", ReproduceOptions)}
 
     def validate(self) -> ReproduceConfig:
         check_leaves(self)
