@@ -62,6 +62,7 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"train": {"warmup_steps": -3}}, r"^train\.warmup_steps=-3 must be >= 0$"),
         ({"train": {"eval_every": -1}}, r"^train\.eval_every=-1 must be >= 0"),
         ({"train": {"save_every": -1}}, r"^train\.save_every=-1 must be >= 0"),
+        ({"data": {"math_train": -5}}, r"^data\.math_train=-5 must be >= 1$"),  # was n_train, after the models loaded
         ({"data": {"seq_len": 1}}, r"^data\.seq_len=1 must be >= 2 \(a row needs a token and its successor\)$"),
     ],
 )

@@ -295,8 +295,9 @@ class DistillConfig:
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
-        for key in ("data.eval_rows", "train.max_steps", "train.batch_size", "train.grad_accum",
-                    "train.keep_last", "train.log_every", "train.max_bad_steps"):
+        for key in ("data.eval_rows", "data.math_train", "data.math_heldout", "data.instruct_max_words",
+                    "train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "train.log_every",
+                    "train.max_bad_steps"):
             check_at_least(c, key, 1)
         for key, hint in (("train.warmup_steps", ""), ("train.stop_after", " (0: run to max_steps)"),
                           ("train.eval_every", " (0: only before and after)"), ("train.save_every", " (0: only at "
