@@ -470,8 +470,8 @@ class CacheReader:
         indices = [int(i) for i in indices]
         for i in indices:
             if not 0 <= i < self.num_rows:
-                raise TailkdError(f"row {i} is not in teacher cache {self.path} ({self.num_rows} rows cached); "
-                                  "cache all rows (--max-rows 0) or train on fewer")
+                raise TailkdError(f"row {i} is not in teacher cache {self.path} ({self.num_rows} rows cached): a run "
+                                  "reads every training row; cache them all (tailkd cache-teacher --max-rows 0)")
         out: dict[str, list] = {}
         by_shard: dict[int, list[int]] = {}
         for pos, i in enumerate(indices):
