@@ -102,7 +102,9 @@ def test_reproduce_killed_then_resumed_writes_the_report(assets, tmp_path, capsy
                                            (["--seeds", "0", "0", "1"], "reproduce.seeds names 0 twice"),
                                            (["--sweep-seeds", "0", "3"], "reproduce.sweep_seeds holds 3"),
                                            (["--betas", "0", "2"], "every β of the sweep must be > 0"),
-                                           (["--train.epochs", "1"], "--train.epochs")])
+                                           (["--train.epochs", "1"], "--train.epochs"),
+                                           (["--ks", "5", "100000"], "every K must be smaller than the teacher's "
+                                            "vocabulary")])
 def test_bad_input_is_one_line(assets, tmp_path, extra, needle):
     proc = subprocess.run([sys.executable, "-m", "tailkd.cli", *_args(assets, tmp_path / "r"), *extra],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -122,6 +122,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     experiments = plan(cfg)
     out = Path(cfg.reproduce.out)
     check_reuse(cfg, experiments)  # before anything runs: what is on disk was made with these settings
+    _check_ks(cfg)
     started = time.time()
     print(f"reproduce: {len(experiments)} runs of {experiments[0].cfg.train.max_steps} steps into {out / 'runs'}")
     summaries = run_stages([e.cfg for e in experiments])
@@ -142,6 +143,17 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     report = write_report(cfg, experiments, out, seconds=time.time() - started)
     print(f"reproduce: report {report}")
     return {"out": str(out), "report": str(report)}
+
+
+def _check_ks(cfg: ReproduceConfig) -> None:
+    """Every K of the sweep below the teacher's vocabulary, from its config before any run (a run checks its own K
+    only once its models are loaded: the K sweep comes after the main runs)."""
+    from tailkd.flops import size_from_spec
+
+    vocab = size_from_spec(cfg.teacher.path).vocab
+    if max(cfg.reproduce.ks) >= vocab:
+        raise TailkdError(f"reproduce.ks holds {max(cfg.reproduce.ks)}; every K must be smaller than the teacher's "
+                          f"vocabulary ({vocab}; the paper sweeps 1, 5, 10, 20)")
 
 
 def _eval_config(cfg: ReproduceConfig, e: Experiment) -> EvalConfig:
