@@ -213,6 +213,22 @@ def test_eval_settings_default_to_the_students_run(tmp_path):
         parse(["--student", student], EvalConfig)
 
 
+def test_flags_unset_optional_fields_and_empty_lists_as_yaml_does(tmp_path):
+    """What YAML writes as null or [], a flag can too: ``null`` unsets an optional field (num_layers, whose default
+    6 conflicted with a layer list of another length, or a teacher cache named in a --config), a list flag without
+    values is [] (data.paths: the built-in corpus), and an optional list without values is unset."""
+    cfg = parse(["--student.num_layers", "null", "--student.layers", "0", "2"])
+    assert (cfg.student.num_layers, cfg.student.layers) == (None, [0, 2])
+    yml = tmp_path / "c.yaml"
+    yml.write_text("teacher: {cache: c}\ndata: {paths: [a.txt]}\nstudent: {layers: [0, 1]}\n")
+    cfg = parse(["--config", str(yml), "--teacher.cache", "null", "--data.paths", "--student.layers"])
+    assert (cfg.teacher.cache, cfg.data.paths, cfg.student.layers) == (None, [], None)
+    assert parse(["--student.hidden_size", "64"]).student.hidden_size == 64
+    with pytest.raises(SystemExit):  # anything else than null is the field's type, as before
+        parse(["--student.hidden_size", "none"])
+    assert parse(["--loss.k", "3"]).loss.k == 3  # a field that is not optional takes no null
+
+
 def test_reproduce_takes_distills_short_flags_for_what_it_shares():
     """reproduce's help says its teacher/student/data/train flags are distill's: the short ones too (only the long
     --train.* forms worked for batch size, learning rate, student depth)."""

@@ -544,10 +544,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
     reverse = {v: k for k, v in getattr(cls, "ALIASES", ALIASES).items()}
     defaults = cls()
     for dotted, tp, f in _leaves(cls):
-        base, _ = _unwrap_optional(tp)
+        base, optional = _unwrap_optional(tp)
         default = leaf_value(defaults, dotted)
+        unset = "; null unsets it" if optional and typing.get_origin(base) is not list else ""
+        unset = "; no value unsets it" if optional and typing.get_origin(base) is list else unset
         kw: dict[str, Any] = {"default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default})"}
+                              "help": f"{f.metadata.get('help', '')} (default: {default}{unset})"}
         if f.metadata.get("positional"):
             (item,) = typing.get_args(base)
             parser.add_argument(dotted, metavar=f.metadata["positional"], nargs="*", type=item, **kw)
@@ -555,14 +557,23 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
         names = ["--" + dotted]
         if dotted in reverse:
             names.insert(0, "--" + reverse[dotted])
-        if typing.get_origin(base) is list:
+        if typing.get_origin(base) is list:  # no value: an empty list (YAML's []), or None for an optional one
             (item,) = typing.get_args(base)
-            kw.update(nargs="+", type=item)
+            kw.update(nargs="*", type=item)
         elif base is bool:
             kw.update(nargs="?", const=True, type=_str2bool)
         else:
-            kw.update(type=base)
+            kw.update(type=_or_null(base) if optional else base)
         parser.add_argument(*names, dest=dotted, **kw)
+
+
+def _or_null(base):
+    """An argparse type for an optional field: ``null`` (YAML's word) is None, anything else ``base(text)``."""
+    def parse(text: str):
+        return None if text == "null" else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error ("invalid int value")
+    return parse
 
 
 def config_from_args(args: argparse.Namespace, cls=DistillConfig):
@@ -570,8 +581,10 @@ def config_from_args(args: argparse.Namespace, cls=DistillConfig):
     hook (eval, lm-eval), the settings of the run that produced the saved model; validated."""
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     override: dict = {}
-    for dotted, _, _ in _leaves(cls):
+    for dotted, tp, _ in _leaves(cls):
         value = vars(args).get(dotted, argparse.SUPPRESS)
+        if value == [] and _unwrap_optional(tp)[1]:
+            value = None  # an optional list flag given without values: unset
         if value is not argparse.SUPPRESS:  # (Python 3.10 stores SUPPRESS for an empty positional list)
             node = override
             parts = dotted.split(".")
