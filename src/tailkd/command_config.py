@@ -32,6 +32,7 @@ from tailkd.config import (
     _f,
     _leaves,
     check_at_least,
+    check_device_name,
     check_leaves,
     from_dict,
     leaf_value,
@@ -64,18 +65,20 @@ def _aliases(section: str, cls, *names: str) -> dict[str, str]:
 
 
 def _check_out(cfg, key: str, folder: bool) -> None:
-    """The output path ``key``: a file that is not an existing folder, or a folder that is not an existing file."""
+    """The output path ``key``: a folder that is not an existing file (``folder``), or a file that is not an
+    existing folder."""
     out = leaf_value(cfg, key)
-    if out and (Path(out).is_dir() if not folder else Path(out).exists() and not Path(out).is_dir()):
-        what = "a folder; give a file name" if not folder else "a file; give a folder name"
-        raise TailkdError(f"{key}={out} is {what}")
+    if not out:
+        return
+    if folder and Path(out).exists() and not Path(out).is_dir():
+        raise TailkdError(f"{key}={out} is a file; give a folder name")
+    if not folder and Path(out).is_dir():
+        raise TailkdError(f"{key}={out} is a folder; give a file name")
 
 
 def _check_device(cfg, key: str) -> None:
-    """The device names `tailkd.distributed.resolve_device` takes; whether CUDA is visible is checked there."""
-    name = leaf_value(cfg, key)
-    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise TailkdError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    """The device name of setting ``key`` (`check_device_name`; whether CUDA is visible: at run time)."""
+    check_device_name(key, leaf_value(cfg, key))
 
 
 # --------------------------------------------------------------------------- the run that produced a saved model

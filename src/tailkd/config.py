@@ -361,6 +361,13 @@ def check_leaves(cfg) -> None:
             raise TailkdError(f"{key}={value} must be {allowed.describe()}")
 
 
+def check_device_name(key: str, name: str) -> None:
+    """TailkdError unless ``name`` (the value of setting ``key``) is a device name: auto, cpu, cuda or cuda:N.
+    Whether a CUDA device is there is `tailkd.distributed.resolve_device`'s to check."""
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise TailkdError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
 def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:
     """TailkdError ``key=v must be >= low`` (plus ``hint``) unless the int leaf ``key`` is None or >= ``low``."""
     value = leaf_value(cfg, key)
@@ -546,8 +553,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
     for dotted, tp, f in _leaves(cls):
         base, optional = _unwrap_optional(tp)
         default = leaf_value(defaults, dotted)
-        unset = "; null unsets it" if optional and typing.get_origin(base) is not list else ""
-        unset = "; no value unsets it" if optional and typing.get_origin(base) is list else unset
+        is_list = typing.get_origin(base) is list
+        unset = ("; no value unsets it" if is_list else "; null unsets it") if optional else ""
         kw: dict[str, Any] = {"default": argparse.SUPPRESS,
                               "help": f"{f.metadata.get('help', '')} (default: {default}{unset})"}
         if f.metadata.get("positional"):
@@ -557,7 +564,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
         names = ["--" + dotted]
         if dotted in reverse:
             names.insert(0, "--" + reverse[dotted])
-        if typing.get_origin(base) is list:  # no value: an empty list (YAML's []), or None for an optional one
+        if is_list:  # no value: an empty list (YAML's []), or None for an optional one
             (item,) = typing.get_args(base)
             kw.update(nargs="*", type=item)
         elif base is bool:

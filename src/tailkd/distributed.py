@@ -33,7 +33,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from tailkd.config import PARALLEL_MODES
+from tailkd.config import PARALLEL_MODES, check_device_name
 from tailkd.errors import TailkdError
 
 _owned = False  # True when this module started the process group (and so ends it)
@@ -146,10 +146,9 @@ def leave(code: int) -> NoReturn:
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
     """The device of setting ``key`` (train.device, eval.device, ...) = ``name``: auto, cpu, cuda or cuda:N, a
     CUDA one only where that device is visible (a one-line error naming ``key`` otherwise)."""
+    check_device_name(key, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise TailkdError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
