@@ -62,8 +62,17 @@ def test_distill_flops_keys_and_arithmetic(tiny_lm):
     assert d["total"] < tad["total"] < 1.05 * d["total"]
     clm = distill_flops(None, student, tokens, seq_len=seq, loss="clm")
     assert clm["teacher_forward"] == 0 and clm["teacher"] is None
+    # freeze_embeddings freezes the input embeddings: an untied head (this student's) still has its weight
+    # gradient, a tied one is frozen with them and its 2·d·V per token is not spent
+    assert not s["tied"]
     frozen = distill_flops(teacher, student, tokens, seq_len=seq, loss="kd", freeze_embeddings=True)
-    assert d["total"] - frozen["total"] == tokens * s["head"]
+    assert frozen["total"] == d["total"]
+    tied = tiny_lm(num_hidden_layers=2, tie_word_embeddings=True)
+    assert model_flops_per_token(tied)["tied"]
+    tied_d = distill_flops(teacher, tied, tokens, seq_len=seq, loss="kd")
+    tied_frozen = distill_flops(teacher, tied, tokens, seq_len=seq, loss="kd", freeze_embeddings=True)
+    assert tied_d["total"] - tied_frozen["total"] == tokens * s["head"]
+    assert model_size(QWEN_1_2B).tied and not model_size(QWEN_1_8B).tied  # from configs, counted on meta
 
 
 def test_kd_on_qwen_sizes_is_in_the_ballpark_of_table_3():

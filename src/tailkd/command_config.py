@@ -395,7 +395,8 @@ class FlopsOptions:
     student_tied: bool = _f(False, "with --student-params: its LM head is tied to the embedding")
     seq_len: int = _f(2048, "tokens per training row (attention term)")
     tokens: float = _f(1e6, "training tokens to count (1M, as the paper's Table 3)")
-    freeze_embeddings: bool = _f(False, "student embeddings/head frozen (no head weight gradient)")
+    freeze_embeddings: bool = _f(False, "student input embeddings frozen (as distill's student.freeze_embeddings): "
+                                        "a head tied to them has no weight gradient, an untied one still trains")
     delta: float = _f(0.5, "MiniPLM difference-sampling ratio δ")
     reference: Optional[str] = _f(None, "MiniPLM reference model (folder/config.json)")
     reference_params: float = _f(125e6, "MiniPLM reference model parameters (without --reference)")

@@ -11,7 +11,8 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     costs 2·t·d_attn per layer; averaged over a causal row of s tokens t ≈ s/2, so together
     2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term.
 - backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
-  token. With frozen embeddings/head (paper §3.3) the head's weight gradient (2·d·V) is skipped.
+  token. With frozen embeddings (paper §3.2.2) a head tied to them is frozen too and its weight gradient
+  (2·d·V) is skipped; an untied head (Phi-2, Qwen1.5) still trains and is counted.
 - the loss layer: a few element-wise passes over the V logits per token: each loss's ``flops_per_vocab`` in the
   registry (`tailkd.registry.LOSSES`, justified there) plus the CLM term's ``CLM_FLOPS_PER_VOCAB``. Negligible next to
   2·d·V for d ≳ 256, but counted.
@@ -45,6 +46,7 @@ class ModelSize:
     layers: int = 0  # 0: attention term unknown (left out)
     attn_dim: int = 0  # heads × head_dim; 0: = hidden
     params_total: float = 0.0
+    tied: bool = False  # the LM head is the input embedding (frozen with it by freeze_embeddings)
 
     @classmethod
     def from_total(cls, name: str, params_total: float, *, vocab: int, hidden: int, layers: int = 0,
@@ -54,7 +56,7 @@ class ModelSize:
         if params_total <= emb:
             raise TailkdError(f"{name}: {params_total:.3g} parameters cannot hold {'tied' if tied else 'untied'} "
                               f"embeddings of {vocab}×{hidden}; check --vocab/--hidden/--{name}-tied")
-        return cls(name, params_total - emb, hidden, vocab, layers, hidden, params_total)
+        return cls(name, params_total - emb, hidden, vocab, layers, hidden, params_total, tied)
 
 
 def _count(model, name: str) -> ModelSize:
@@ -67,6 +69,7 @@ def _count(model, name: str) -> ModelSize:
         if isinstance(module, torch.nn.Embedding):
             embed_ids.add(id(module.weight))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and id(head.weight) in embed_ids
     if head is not None:
         embed_ids.add(id(head.weight))
     for p in model.parameters():
@@ -82,7 +85,7 @@ def _count(model, name: str) -> ModelSize:
     head_dim = int(getattr(text_cfg, "head_dim", 0) or (hidden // heads if heads else 0))
     vocab = int(head.weight.shape[0]) if head is not None else int(text_cfg.vocab_size)
     layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
-    return ModelSize(name, float(total - emb), hidden, vocab, layers, heads * head_dim or hidden, float(total))
+    return ModelSize(name, float(total - emb), hidden, vocab, layers, heads * head_dim or hidden, float(total), tied)
 
 
 def model_size(model_or_config, name: str | None = None) -> ModelSize:
@@ -145,15 +148,15 @@ def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
     """Forward FLOPs per token of one model, and the sizes they come from.
 
     Returns ``params_nonembedding`` (N), ``params_total``, ``hidden`` (d), ``vocab`` (V), ``layers``,
-    ``attn_dim``, ``head_params`` (d·V), ``seq_len`` and the forward FLOPs per token ``matmul`` (2·N),
-    ``head`` (2·d·V), ``attention`` (2·n_layer·seq_len·d_attn; 0 when seq_len or layers is 0) and
-    ``forward`` (their sum).
+    ``attn_dim``, ``head_params`` (d·V), ``tied`` (the head is the input embedding), ``seq_len`` and the
+    forward FLOPs per token ``matmul`` (2·N), ``head`` (2·d·V), ``attention`` (2·n_layer·seq_len·d_attn; 0 when
+    seq_len or layers is 0) and ``forward`` (their sum).
     """
     s = model_size(model_or_config)
     attn = 2.0 * s.layers * seq_len * (s.attn_dim or s.hidden)
     out = {"name": s.name, "params_nonembedding": s.params_nonembedding, "params_total": s.params_total,
            "hidden": s.hidden, "vocab": s.vocab, "layers": s.layers, "attn_dim": s.attn_dim or s.hidden,
-           "head_params": float(s.hidden * s.vocab), "seq_len": seq_len,
+           "head_params": float(s.hidden * s.vocab), "tied": s.tied, "seq_len": seq_len,
            "matmul": 2.0 * s.params_nonembedding, "head": 2.0 * s.hidden * s.vocab, "attention": attn}
     out["forward"] = out["matmul"] + out["head"] + out["attention"]
     return out
@@ -170,8 +173,9 @@ def loss_flops_per_token(loss: str, vocab: int) -> float:
 
 
 def _train_per_token(student: dict, freeze_embeddings: bool) -> float:
-    """Student forward + backward per token: 3·F, minus the head's weight gradient when it is frozen."""
-    return 3.0 * student["forward"] - (student["head"] if freeze_embeddings else 0.0)
+    """Student forward + backward per token: 3·F, minus the head's weight gradient when it is frozen: tied to the
+    frozen input embedding (`tailkd.student.freeze_student_embeddings` freezes the input embeddings only)."""
+    return 3.0 * student["forward"] - (student["head"] if freeze_embeddings and student["tied"] else 0.0)
 
 
 def distill_flops(teacher_cfg, student_cfg, tokens: float, *, seq_len: int, loss: str,
@@ -182,7 +186,7 @@ def distill_flops(teacher_cfg, student_cfg, tokens: float, *, seq_len: int, loss
     (``teacher_cfg`` may be None for ``loss="clm"``). Returned keys (FLOPs unless stated):
 
     - ``teacher_forward``: tokens · F_T (F = 2·N + 2·d·V + 2·n_layer·seq_len·d_attn; no backward)
-    - ``student_forward_backward``: tokens · 3·F_S (less tokens · 2·d·V with ``freeze_embeddings``)
+    - ``student_forward_backward``: tokens · 3·F_S (less tokens · 2·d·V with ``freeze_embeddings`` and a tied head)
     - ``loss_layer``: tokens · (c_loss + c_clm)·V (`loss_flops_per_token`)
     - ``total``: their sum; ``per_token``: total / tokens; ``pflops_per_1m_tokens``: per_token · 10⁶ / 10¹⁵
     - ``tokens``, ``seq_len``, ``loss``, ``freeze_embeddings``, and ``teacher`` / ``student``: the
