@@ -120,7 +120,10 @@ def test_the_gpu_config_loads():
     path = Path(__file__).resolve().parents[1] / "configs" / "reproduce" / "paper-qwen-1.8b-gpu.yaml"
     cfg = config_from_args(build_parser().parse_args(["reproduce", "--config", str(path)]), ReproduceConfig)
     runs = plan(cfg)
-    assert len(runs) == 14 and {r.cfg.train.max_steps for r in runs} == {7630}
+    assert len(runs) == 16 and {r.cfg.train.max_steps for r in runs} == {7630}
+    # the paper's sweeps: "K∈{1,5,10,20}" and "β∈{0.5,1,2,5,10}" (§3.2.1, Table 2)
+    assert sorted({r.cfg.loss.k for r in runs if r.cfg.loss.name == "tad"}) == [1, 5, 10, 20]
+    assert sorted({r.cfg.loss.beta for r in runs if r.cfg.loss.name == "tad"}) == [0.5, 1.0, 2.0, 5.0, 10.0]
     assert {(r.cfg.data.seq_len, r.cfg.student.num_layers, r.cfg.teacher.path) for r in runs} == {
         (2048, 20, "/models/Qwen1.5-1.8B")}
 

@@ -487,8 +487,10 @@ class ReproduceOptions:
     out: str = _f("report", "output folder: runs/ (one run folder per experiment), report.md and its figures")
     seeds: list[int] = _f([0, 1, 2], "seeds of the CLM, KD and TAD runs (the paper's Fig. 1 with seed bands); each "
                                      "once")
-    betas: list[float] = _f([0.5, 1.0, 2.0, 4.0], "TAD β sweep (paper Table 2; K = 10), each > 0 and once")
-    ks: list[int] = _f([5, 10, 20], "TAD K sweep (paper Tables 1 and 4; β = 2), each once")
+    betas: list[float] = _f([0.5, 1.0, 2.0, 4.0], "TAD β sweep at K = 10, each > 0 and once (the paper's Table 2: "
+                                                  "0.5 1 2 5 10, as configs/reproduce/paper-qwen-1.8b-gpu.yaml)")
+    ks: list[int] = _f([5, 10, 20], "TAD K sweep at β = 2, each once (the paper's §3.2.1: 1 5 10 20, as "
+                                    "configs/reproduce/paper-qwen-1.8b-gpu.yaml)")
     sweep_seeds: list[int] = _f([0], "seeds of the β and K sweeps, each one of reproduce.seeds (β = 2, K = 10 is "
                                      "that seed's main TAD run)")
     scale: float = _f(1.0, "multiplies train.max_steps and train.eval_every (e.g. 4: four times longer runs; "
