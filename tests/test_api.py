@@ -23,24 +23,32 @@ def readme_example() -> str:
     return block
 
 
-def _models():
-    teacher = make_tiny_lm("llama", seed=1).double()
-    student = make_tiny_lm("llama", seed=2, num_hidden_layers=2).double()
+def _models(pad: int = 0):
+    """float64 tiny teacher and student; ``pad`` extra head rows beyond the TINY_VOCAB ids (as Qwen pads its head)."""
+    teacher = make_tiny_lm("llama", seed=1, vocab_size=TINY_VOCAB + pad).double()
+    student = make_tiny_lm("llama", seed=2, num_hidden_layers=2, vocab_size=TINY_VOCAB + pad).double()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, TINY_VOCAB, (3, 12), generator=g)
     return teacher, student, ids
 
 
-@pytest.mark.parametrize("loss,knobs", [("tad", {"k": 5, "beta": 2.0}), ("kd", {}), ("jsd", {"jsd_beta": 0.3}),
-                                        ("drkl", {"gamma": 0.4}), ("tad", {"k": 3, "clm_weight": 0.0})])
-def test_readme_trainer_example_equals_tailkd_distill_loss(tmp_path, loss, knobs):
-    from transformers import TrainingArguments
-
+def _trainer_class():
     namespace: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 - our own README's example
-    teacher, student, ids = _models()
+    return namespace["DistillTrainer"]
+
+
+@pytest.mark.parametrize("loss,knobs,pad", [("tad", {"k": 5, "beta": 2.0}, 0), ("kd", {}, 0),
+                                            ("jsd", {"jsd_beta": 0.3}, 0), ("drkl", {"gamma": 0.4}, 0),
+                                            ("tad", {"k": 3, "clm_weight": 0.0}, 0), ("tad", {"k": 5}, 6)])
+def test_readme_trainer_example_equals_tailkd_distill_loss(tmp_path, loss, knobs, pad):
+    """pad: heads of TINY_VOCAB + 6 rows; the example's model_head(model, V) keeps the padding out of the softmax."""
+    from transformers import TrainingArguments
+
+    teacher, student, ids = _models(pad)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=3)
-    trainer = namespace["DistillTrainer"](model=student, args=args, teacher=teacher, loss=loss, loss_knobs=knobs)
+    trainer = _trainer_class()(model=student, args=args, teacher=teacher, vocab_size=TINY_VOCAB, loss=loss,
+                               loss_knobs=knobs)
     got = trainer.compute_loss(student, {"input_ids": ids, "labels": ids.clone()})
 
     # tailkd distill on the same batch: labels shifted once by the data pipeline, the online teacher, the same
@@ -69,3 +77,112 @@ def test_distill_loss_normalises_by_the_count_it_is_given():
     torch.testing.assert_close(global_count.loss * 4, own.loss, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="shared vocabulary"):
         tailkd.distill_loss(h_s, w_s, h_t, w_t[:-1], labels)
+
+
+def _padded_rows():
+    """4 rows of 12 tokens, left-padded to different lengths (attention_mask 0 and label -100 on the padding): each
+    micro-batch of 1 or 2 rows has its own count of valid labels."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for pad in (0, 7, 3, 9):
+        ids = torch.randint(1, TINY_VOCAB, (12,), generator=g)
+        mask = (torch.arange(12) >= pad).long()
+        ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)})
+    return rows
+
+
+def test_readme_trainer_example_step_is_the_same_under_gradient_accumulation(tmp_path):
+    """One SGD step (lr 1, no clipping, float64) over the same 4 rows as 1 × 4, 2 × 2 and 4 × 1 accumulated
+    micro-batches: Trainer passes the step's count (num_items_in_batch) and the example normalises by it, so the
+    updates agree to float64 rounding (a per-micro-batch mean would weigh the rows differently and, with Trainer
+    not dividing a loss it takes as normalised, scale the update by the accumulation count)."""
+    from transformers import TrainingArguments
+
+    rows = _padded_rows()
+    updated = []
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        teacher, student, _ = _models()
+        before = [p.detach().clone() for p in student.parameters()]
+        args = TrainingArguments(output_dir=str(tmp_path / f"b{batch}"), use_cpu=True, report_to=[], max_steps=1,
+                                 per_device_train_batch_size=batch, gradient_accumulation_steps=accum, optim="sgd",
+                                 learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0,
+                                 max_grad_norm=0.0, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+        trainer = _trainer_class()(model=student, args=args, teacher=teacher, vocab_size=TINY_VOCAB,
+                                   train_dataset=rows, loss="tad", loss_knobs={"k": 5})
+        trainer.train()
+        updated.append([p.detach() - b for p, b in zip(student.parameters(), before)])
+    assert any(u.abs().max() > 1e-3 for u in updated[0])  # the step moved the weights
+    for other in updated[1:]:
+        for want, got in zip(updated[0], other):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)  # float64: summation order only
+
+
+def test_readme_trainer_example_evaluates(tmp_path):
+    """trainer.evaluate(): Trainer's prediction step takes compute_loss(..., return_outputs=True); eval_loss is the
+    loss of the batch, normalised by its own count of valid labels."""
+    from transformers import TrainingArguments
+
+    teacher, student, _ = _models()
+    rows = _padded_rows()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4,
+                             disable_tqdm=True)
+    trainer = _trainer_class()(model=student, args=args, teacher=teacher, vocab_size=TINY_VOCAB, eval_dataset=rows)
+    got = trainer.evaluate()["eval_loss"]
+    batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    with torch.no_grad():
+        want = trainer.compute_loss(student, batch).item()
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("knobs,needle", [({"temperature": -1.0}, "temperature=-1.0"), ({"temperature": 0.0},
+                                          "temperature=0.0"), ({"jsd_beta": 1.5}, "jsd_beta=1.5"),
+                                          ({"beta": float("nan")}, "beta=nan"), ({"beta": -1.0}, "beta=-1.0"),
+                                          ({"k": 5.0}, "k=5.0"), ({"k": 0}, "k=0"), ({"clm_weight": -1}, "clm_weight"),
+                                          ({"div_weight": float("inf")}, "div_weight"),
+                                          ({"drkl_anchor": "argmax"}, "drkl_anchor"), ({"K": 3}, "K: not a knob")])
+def test_distill_loss_refuses_a_knob_out_of_range_as_the_dense_objective_does(knobs, needle):
+    """The chunked path calls the row kernels directly: without LossConfig.check it ran on (temperature -1: a value,
+    jsd_beta 1.5: NaN, temperature 0: ZeroDivisionError, k 5.0: topk's TypeError)."""
+    from tailkd.objective import objective
+
+    teacher, student, ids = _models()
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    h_s, h_t = tailkd.head.final_hidden(student, ids), tailkd.head.final_hidden(teacher, ids)
+    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    loss = "jsd" if "jsd_beta" in knobs else "drkl" if "drkl_anchor" in knobs else "tad"
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss=loss, **knobs)
+    if "K" not in knobs:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            objective(h_s @ w_s.T, labels, count_valid_tokens(labels), cfg=LossConfig(name=loss, **knobs),
+                      teacher_logits=h_t @ w_t.T)
+
+
+def test_distill_loss_takes_a_models_head_with_its_soft_capping_and_padding():
+    """A Head (model_head(model, V)) carries the logit soft-capping a bare weight does not: the value then equals the
+    dense objective on the capped logits of the shared V ids; a transposed weight is named as such."""
+    from tailkd.head import Head, HeadSpec
+    from tailkd.objective import objective
+
+    teacher, student, ids = _models(pad=5)
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    h_s, h_t = tailkd.head.final_hidden(student, ids), tailkd.head.final_hidden(teacher, ids)
+    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    spec = HeadSpec(TINY_VOCAB, softcap=3.0)
+    got = tailkd.distill_loss(h_s, Head(w_s, None, spec), h_t, Head(w_t, None, spec), labels, loss="tad", k=4)
+
+    def capped(h, w):
+        z = h @ w[:TINY_VOCAB].T
+        return 3.0 * torch.tanh(z / 3.0)
+
+    want = objective(capped(h_s, w_s), labels, count_valid_tokens(labels), cfg=LossConfig(name="tad", k=4),
+                     teacher_logits=capped(h_t, w_t))
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)  # float64, two exact paths
+    plain = tailkd.distill_loss(h_s, w_s[:TINY_VOCAB], h_t, w_t[:TINY_VOCAB], labels, loss="tad", k=4)
+    assert abs(plain.loss.item() - want.loss.item()) > 1e-3  # the cap matters at these logits
+    with pytest.raises(ValueError, match="a transpose"):
+        tailkd.distill_loss(h_s, w_s.T, h_t, w_t, labels)
+    with pytest.raises(ValueError, match="carries its own bias"):
+        tailkd.distill_loss(h_s, Head(w_s, None, spec), h_t, Head(w_t, None, spec), labels,
+                            student_bias=torch.zeros(TINY_VOCAB + 5, dtype=w_s.dtype))

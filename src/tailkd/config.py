@@ -216,6 +216,22 @@ class LossConfig:
     div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1)")
     cosine_weight: float = _f(0.0, "weight of the hidden-state cosine loss (paper §3.2.2)")
 
+    def check(self) -> LossConfig:
+        """ValueError naming the knob unless ``k`` is an integer >= 1, every float knob a number in its
+        `FLOAT_RANGES` entry and ``drkl_anchor`` one of `DRKL_ANCHORS`: what the CLI's checks say, for configs built
+        in Python (`tailkd.registry.bind` runs it, so the dense and the chunked paths refuse the same values)."""
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k={self.k!r} must be an integer >= 1 (the paper uses 10)")
+        for f in dataclasses.fields(self):
+            allowed = FLOAT_RANGES.get(f"loss.{f.name}")
+            value = getattr(self, f.name)
+            if allowed is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or value not in allowed):
+                raise ValueError(f"{f.name}={value!r} must be {allowed.describe()}")
+        if self.drkl_anchor not in DRKL_ANCHORS:
+            raise ValueError(f"drkl_anchor={self.drkl_anchor!r} must be one of {', '.join(DRKL_ANCHORS)}")
+        return self
+
 
 @dataclass
 class TrainConfig:

@@ -18,6 +18,7 @@ Three ways to the sums, one per teacher signal (`tailkd.teacher.TeacherSignal`) 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -200,9 +201,9 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
 
 def distill_loss(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: torch.Tensor | Head,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: torch.Tensor | Head,
     labels: torch.Tensor,
     *,
     loss: str = "tad",
@@ -217,25 +218,46 @@ def distill_loss(
 
     The calling convention of Liger's chunked distillation losses: ``student_hidden`` [B, T, d_S] (after the final
     norm) with ``student_weight`` [V, d_S], ``teacher_hidden`` [B, T, d_T] with ``teacher_weight`` [V, d_T] (same
-    vocabulary; slice padded heads), ``labels`` [B, T] already shifted (-100 = ignore). ``loss`` names a row of
-    `tailkd.registry.LOSSES`; ``knobs`` are its `LossConfig` fields (``k``, ``beta``, ``temperature``, ``jsd_beta``,
-    ``clm_weight`` (default 1: the paper's CLM + L_DIV; 0 for the divergence alone), ``div_weight``, ...).
+    vocabulary; slice padded heads), ``labels`` [B, T] already shifted (-100 = ignore). A weight may instead be a
+    model's `tailkd.head.Head` (`tailkd.head.model_head(model, V)`: its bias, the shared vocabulary V of a padded
+    head, and the model's logit soft-capping or scaling (Gemma-2, Cohere, Granite), which a bare weight does not
+    carry). ``loss`` names a row of `tailkd.registry.LOSSES`; ``knobs`` are its `LossConfig` fields (``k``,
+    ``beta``, ``temperature``, ``jsd_beta``, ``clm_weight`` (default 1: the paper's CLM + L_DIV; 0 for the
+    divergence alone), ``div_weight``, ...; ValueError for an unknown knob or a value out of its range).
     Returns `ObjectiveTerms` (``loss`` to backpropagate, ``clm``, ``div``), divided by ``num_valid_tokens`` — by
     default the valid tokens of this batch; pass the global count of the optimizer step under gradient
-    accumulation or data parallelism. Logit transforms (soft-capping, scaling) are not applied here: pass models'
-    heads through `tailkd.head.model_head` and use `chunked_objective` for those.
+    accumulation or data parallelism. TAD's β(X) averages the teacher's tail mass over each row's valid tokens (over
+    each document of ``segment_ids`` [B, T] with ``per_document=True``; ``segment_ids`` is unused otherwise): pass
+    whole rows in one call, not a row split across calls.
     """
     from tailkd.config import LossConfig
-
-    cfg = LossConfig(name=loss, **knobs)
-    vocab = student_weight.shape[0]
-    if teacher_weight.shape[0] != vocab:
-        raise ValueError(f"student_weight has {vocab} rows, teacher_weight {teacher_weight.shape[0]}: slice both heads "
-                         "to the shared vocabulary")
     from tailkd.head import HeadSpec
 
-    spec = HeadSpec(vocab)
+    fields = [f.name for f in dataclasses.fields(LossConfig) if f.name != "name"]  # the loss is named by ``loss``
+    unknown = sorted(set(knobs) - set(fields))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a knob of distill_loss; the knobs are LossConfig's fields: "
+                         f"{', '.join(fields)}")
+    cfg = LossConfig(name=loss, **knobs)
+
+    def head(role: str, weight, bias, hidden) -> Head:
+        if isinstance(weight, Head):
+            if bias is not None:
+                raise ValueError(f"{role}_weight is a Head, which carries its own bias: drop {role}_bias")
+            weight, head = weight.weight, weight
+        else:
+            head = Head(weight, bias, HeadSpec(weight.shape[0]) if weight.dim() == 2 else None)
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{role}_weight must be the LM head's weight [V, d] with d = {role}_hidden's last "
+                             f"dimension {hidden.shape[-1]}; got shape {tuple(weight.shape)} (a transpose?)")
+        return head
+
+    s_head = head("student", student_weight, student_bias, student_hidden)
+    t_head = head("teacher", teacher_weight, teacher_bias, teacher_hidden)
+    if s_head.spec.vocab_size != t_head.spec.vocab_size:
+        raise ValueError(f"student_weight has {s_head.spec.vocab_size} rows, teacher_weight "
+                         f"{t_head.spec.vocab_size}: slice both heads to the shared vocabulary (or pass "
+                         "tailkd.head.model_head(model, V) for each)")
     n = count_valid_tokens(labels) if num_valid_tokens is None else num_valid_tokens
-    return chunked_objective(student_hidden, Head(student_weight, student_bias, spec), labels, n, cfg=cfg,
-                             teacher_hidden=teacher_hidden, teacher_head=Head(teacher_weight, teacher_bias, spec),
-                             segment_ids=segment_ids, chunk_size=chunk_size)
+    return chunked_objective(student_hidden, s_head, labels, n, cfg=cfg, teacher_hidden=teacher_hidden,
+                             teacher_head=t_head, segment_ids=segment_ids, chunk_size=chunk_size)

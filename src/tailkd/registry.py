@@ -197,8 +197,9 @@ class Divergence:
 
 
 def bind(cfg) -> Divergence:
-    """The `Divergence` of a `tailkd.config.LossConfig` (``cfg.name`` must be a key of `LOSSES`)."""
+    """The `Divergence` of a `tailkd.config.LossConfig` (``cfg.name`` must be a key of `LOSSES`; its knobs are checked
+    by `LossConfig.check`: ValueError naming the knob)."""
     if cfg.name not in LOSSES:
         raise ValueError(f"loss {cfg.name!r} is not in the registry; choose one of {', '.join(LOSSES)}")
-    return Divergence(LOSSES[cfg.name], cfg)
+    return Divergence(LOSSES[cfg.name], cfg.check())
 
