@@ -192,3 +192,43 @@ def test_real_runs_eval_and_compare_end_to_end(tmp_path, capsys):
     assert f"{ev['student_full_ece']:.4f}" in tad_line and "0:00:0" in tad_line
     assert len(final["curve"][0]) == 3  # held-out KL before, at step 3 and at the end
     assert_png(out / "heldout_kl.png")
+
+
+def write_lm_eval(run, accuracies: dict, extra: dict | None = None):
+    """RUN/lm_eval.json as `tailkd lm-eval --out` saves lm-eval's results: {"results": {task: {"acc,none": ...}}}."""
+    results = {t: {"alias": t, "acc,none": a, "acc_stderr,none": 0.01} for t, a in accuracies.items()}
+    (run / "lm_eval.json").write_text(json.dumps({"results": {**results, **(extra or {})}, "n-samples": {}}))
+
+
+def test_compare_lm_eval_accuracies_and_the_papers_rel_bar(tmp_path, capsys):
+    """The paper's Table 1 Rel̄: the mean over tasks of 100·ln(acc / acc_baseline), over the tasks every run with
+    results has; a perplexity task (no accuracy) and a task only one run has are left out of the mean."""
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5)
+    tad = make_run(tmp_path, "tad", loss="tad", kls=[3.0, 1.4], ppl=30.0, agreement=0.55)
+    clm = make_run(tmp_path, "clm", loss="clm", kls=[3.0, 2.4], ppl=60.0, agreement=0.4)
+    ppl_task = {"tailkd_ppl": {"word_perplexity,none": 50.0, "bits_per_byte,none": 1.2}}
+    write_lm_eval(kd, {"arc_easy": 0.40, "piqa": 0.60, "hellaswag": 0.30}, ppl_task)
+    write_lm_eval(tad, {"arc_easy": 0.44, "piqa": 0.57, "hellaswag": 0.33})
+    (clm / "lm_eval.json").write_text(json.dumps({"results": {"tailkd_gsm": {"exact_match,strict-match": 0.25},
+                                                             "arc_easy": {"acc,none": 0.35},
+                                                             "piqa": {"acc,none": 0.55}}}))
+    assert load_run(clm)["tasks"] == {"tailkd_gsm": 0.25, "arc_easy": 0.35, "piqa": 0.55}
+    out = tmp_path / "cmp"
+    assert main(["compare", str(kd), str(tad), str(clm), "--baseline", str(kd), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    _, rows = table_rows(md.split("\n\n")[0])  # the main table (the per-task table follows the notes)
+    rel_tad = (100 * math.log(0.44 / 0.40) + 100 * math.log(0.57 / 0.60)) / 2  # arc_easy and piqa: in every run
+    rel_clm = (100 * math.log(0.35 / 0.40) + 100 * math.log(0.55 / 0.60)) / 2
+    assert rows["tad"]["tasks: mean acc"] == f"{(0.44 + 0.57) / 2:.4f}"
+    assert rows["tad"]["Rel̄ (tasks)"] == f"{rel_tad:+.2f}" and rows["clm"]["Rel̄ (tasks)"] == f"{rel_clm:+.2f}"
+    assert rows["kd (baseline)"]["Rel̄ (tasks)"] == "+0.00"
+    per_task = md.split("\n\n| run | ")[1].splitlines()
+    assert per_task[0] == "arc_easy | piqa |"
+    assert per_task[2] == "| kd | 0.4000 | 0.6000 |" and per_task[4] == "| clm | 0.3500 | 0.5500 |"
+    saved = {r["name"]: r["tasks"] for r in json.loads((out / "compare.json").read_text())}
+    assert saved["kd"] == {"arc_easy": 0.40, "piqa": 0.60, "hellaswag": 0.30}
+    capsys.readouterr()
+    # without lm-eval results nothing changes: no task columns
+    assert main(["compare", str(make_run(tmp_path, "a", loss="kd", kls=[1.0], ppl=1.0, agreement=0.1)),
+                 "--out", str(tmp_path / "cmp2")]) == 0
+    assert "tasks" not in (tmp_path / "cmp2" / "compare.md").read_text()

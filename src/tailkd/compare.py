@@ -14,6 +14,11 @@ results, also ROUGE-L (fidelity), Distinct-2 and Self-BLEU (diversity), and a fi
 plot of the runs that have both. Relative change against the baseline run (paper §3.2.1): Rel = 100 ·
 ln(metric / metric_baseline); negative = smaller than the baseline (better for KL, perplexity and Full-ECE;
 worse for agreement).
+
+lm-eval task accuracies (``tailkd lm-eval --out RUN/lm_eval.json``: lm-eval's ``acc``, or ``exact_match`` for
+generation tasks such as ``tailkd_gsm``; perplexity tasks have neither and are left out): when any run has them, the
+table adds the mean accuracy over the tasks every such run has and, against the baseline, the paper's Rel̄ (Table 1):
+the mean over those tasks of Rel = 100 · ln(acc / acc_baseline); a second table lists each task's accuracy.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ COLUMNS = [("held-out KL", "kl", ".4f", True), ("perplexity", "ppl", ".2f", True
 GENERATION_COLUMNS = [("ROUGE-L", "rougeL", ".4f", False), ("Distinct-2", "distinct_2", ".4f", False),
                       ("Self-BLEU", "self_bleu", ".4f", False)]
 EVAL_FILES = ("eval.json", "generate.json")  # the names `tailkd eval --out` is given for a run, read in this order
+LM_EVAL_FILE = "lm_eval.json"  # `tailkd lm-eval --out RUN/lm_eval.json`
 
 
 def _read_json(path: Path) -> dict | None:
@@ -92,6 +98,43 @@ def read_evals(run: str | Path) -> tuple[dict, dict]:
     return held, gen
 
 
+def read_task_accuracies(run: str | Path) -> dict[str, float]:
+    """{task: accuracy} from ``RUN/lm_eval.json`` (lm-eval's results as `tailkd lm-eval` saves them): each task's
+    ``acc`` (its ``acc,none``), else its first ``exact_match`` (generation tasks); tasks with neither (perplexity)
+    are left out; {} without the file."""
+    saved = _read_json(Path(run) / LM_EVAL_FILE)
+    results = saved.get("results") if isinstance(saved, dict) else None
+    if not isinstance(results, dict):
+        return {}
+    out = {}
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            continue
+        keys = ["acc,none"] + sorted(k for k in metrics if k.startswith("exact_match,"))
+        value = next((metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))), None)
+        if value is not None:
+            out[task] = float(value)
+    return out
+
+
+def shared_tasks(records: list[dict]) -> list[str]:
+    """The tasks every run with lm-eval accuracies has (sorted): the ones its mean accuracy and Rel̄ average over."""
+    sets = [set(r["tasks"]) for r in records if r.get("tasks")]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def task_summary(record: dict, baseline: dict | None, tasks: list[str]) -> tuple[float | None, float | None]:
+    """(mean accuracy over ``tasks``, Rel̄ = mean over ``tasks`` of 100·ln(acc / acc_baseline)) of a run; None where a
+    task (or the baseline's) is missing or an accuracy is 0."""
+    acc = record.get("tasks") or {}
+    if not tasks or any(t not in acc for t in tasks):
+        return None, None
+    mean = sum(acc[t] for t in tasks) / len(tasks)
+    base = (baseline or {}).get("tasks") or {}
+    rels = [relative_change(acc[t], base.get(t)) for t in tasks]
+    return mean, (None if baseline is None or None in rels else sum(rels) / len(rels))
+
+
 def load_run(path: str | Path) -> dict:
     """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs, and
     the student's ROUGE-L, Distinct-2 and Self-BLEU from its generation evaluation (None without one)."""
@@ -108,7 +151,7 @@ def load_run(path: str | Path) -> dict:
         "full_ece": ev.get("student_full_ece"), "tokens": summary.get("tokens", final.get("tokens")),
         "seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
         "rougeL": gen.get("student_rougeL"), "distinct_2": gen.get("student_distinct_2"),
-        "self_bleu": gen.get("student_self_bleu"),
+        "self_bleu": gen.get("student_self_bleu"), "tasks": read_task_accuracies(run),
     }
 
 
@@ -164,6 +207,9 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
         head.append(title)
         if rel and baseline is not None:
             head.append(f"Rel {title}")
+    tasks = shared_tasks(records)
+    if tasks:
+        head += ["tasks: mean acc"] + (["Rel̄ (tasks)"] if baseline is not None else [])
     head += ["wall time", "PFLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
@@ -173,6 +219,9 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
             cells.append(_fmt(r[key], fmt))
             if rel and baseline is not None:
                 cells.append(_fmt(relative_change(r[key], baseline[key]), "+.2f"))
+        if tasks:
+            mean, rel_bar = task_summary(r, baseline, tasks)
+            cells += [_fmt(mean, ".4f")] + ([_fmt(rel_bar, "+.2f")] if baseline is not None else [])
         cells += [_hms(r["seconds"]), _fmt(None if r["flops"] is None else r["flops"] / 1e15, ".3g")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", ("held-out KL = mean KL(teacher‖student) [nats/token] and perplexity, agreement from each run's "
@@ -182,8 +231,17 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
         notes.append("ROUGE-L = mean F-measure of the student's greedy completions against the reference responses; "
                      "Distinct-2 (higher) and Self-BLEU (lower = more diverse) of its sampled completions "
                      "(`--samples` ≥ 2); from `tailkd eval --generate --out RUN/generate.json` (or RUN/eval.json).")
+    if tasks:
+        notes.append(f"tasks: lm-eval accuracy (acc; exact_match for generation tasks) from RUN/{LM_EVAL_FILE} "
+                     f"(`tailkd lm-eval --out RUN/{LM_EVAL_FILE}`), mean over the {len(tasks)} tasks every run with "
+                     "results has" + ("; Rel̄ = the mean over them of each task's Rel (paper Table 1)"
+                                      if baseline is not None else "") + ".")
     if baseline is not None:
         notes.append(f"Rel = 100·ln(metric / metric of {baseline['name']}).")
+    if tasks:
+        notes += ["", "| run | " + " | ".join(tasks) + " |", "|" + "|".join("---" for _ in range(len(tasks) + 1)) + "|"]
+        notes += ["| " + " | ".join([r["name"]] + [_fmt((r.get("tasks") or {}).get(t), ".4f") for t in tasks]) + " |"
+                  for r in records]
     return "\n".join(lines + notes) + "\n"
 
 

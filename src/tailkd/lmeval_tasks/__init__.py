@@ -15,8 +15,9 @@ ships two task templates that read local JSON lines through the ``json`` builder
 the rendered YAMLs (absolute paths filled in) into a work folder; that folder is what ``lm_eval
 --include_path`` takes. ``run_lm_eval`` runs the harness in-process on an HF model folder (``--model hf
 --model_args pretrained=DIR``); ``tailkd.commands.lm_eval`` is the ``tailkd lm-eval`` command. ``paper`` expands to
-the paper's standard zero-shot tasks (they download their data from the Hugging Face hub, so they
-need network access: run with ``HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0``).
+the paper's standard tasks, the paper's "eight datasets for few-shot performance, as in MiniPLM" (lm-eval's
+default shots unless ``--num-fewshot``; the paper does not state its count; they download their data from the
+Hugging Face hub, so they need network access: run with ``HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pathlib import Path
 from tailkd.errors import TailkdError
 
 OUR_TASKS = ("tailkd_ppl", "tailkd_gsm")
-# The TAD paper evaluates "on eight datasets for few-shot performance, as in MiniPLM"; these are
-# MiniPLM's tasks as named in lm-eval (StoryCloze also needs a manual download: add storycloze_2016
-# yourself if you have it).
+# The TAD paper evaluates "on eight datasets for few-shot performance, as in MiniPLM" and names ARC-Easy and
+# "Story" among them; MiniPLM's harness runs nine: these eight as named in lm-eval and StoryCloze, which needs a
+# manual download (add storycloze_2016 yourself if you have it; which of the nine the paper left out it does not
+# say).
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "openbookqa", "piqa", "social_iqa",
                "winogrande")
 GSM_ANSWER_MARK = "#### "
