@@ -227,6 +227,10 @@ def test_flags_unset_optional_fields_and_empty_lists_as_yaml_does(tmp_path):
     with pytest.raises(SystemExit):  # anything else than null is the field's type, as before
         parse(["--student.hidden_size", "none"])
     assert parse(["--loss.k", "3"]).loss.k == 3  # a field that is not optional takes no null
+    # an optional bool: true / false / the bare flag (true) / null (unset: the teacher's tie), as YAML's
+    assert [parse(flags).student.tie_embeddings for flags in (
+        [], ["--student.tie_embeddings"], ["--student.tie_embeddings", "false"], ["--student.tie_embeddings", "true"],
+        ["--student.tie_embeddings", "true", "--student.tie_embeddings", "null"])] == [None, True, False, True, None]
 
 
 def test_reproduce_takes_distills_short_flags_for_what_it_shares():

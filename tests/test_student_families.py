@@ -375,6 +375,37 @@ def test_frozen_embeddings(family):
     assert tied == (family == "gemma") and student.lm_head.weight.requires_grad == (family != "gemma")
 
 
+@pytest.mark.parametrize("family,width", [("phi3", 32), ("phi", 32), ("qwen3", None)])
+def test_tie_embeddings_ties_or_unties_the_students_head(family, width, tmp_path):
+    """tie_embeddings=True on an untied teacher: one matrix, the teacher's input embeddings (narrowed), as MiniPLM's
+    tied Qwen students; False on a tied teacher: a head of its own, a copy of the teacher's (tied) head. Either
+    saves and loads with AutoModelForCausalLM with its tie and its logits; unset keeps the teacher's."""
+    untied = make_teacher(family, tie_word_embeddings=False)
+    student, table = build_student(untied, layers=SUBSET, hidden_size=width, tie_embeddings=True)
+    emb, head = student.get_input_embeddings().weight, student.get_output_embeddings().weight
+    assert student.config.tie_word_embeddings and head is emb
+    d = emb.shape[1]
+    torch.testing.assert_close(emb, untied.get_input_embeddings().weight[:, :d], rtol=0, atol=0)
+    assert not torch.equal(emb, untied.get_output_embeddings().weight[:, :d])  # not the teacher's head
+    assert "lm_head.weight" not in {row["name"] for row in table}
+    if family == "phi":  # the head's bias stays a parameter of its own, copied
+        torch.testing.assert_close(student.lm_head.bias, untied.lm_head.bias, rtol=0, atol=0)
+    tied_teacher = make_teacher(family, tie_word_embeddings=True)
+    own, _ = build_student(tied_teacher, layers=SUBSET, tie_embeddings=False)
+    assert not own.config.tie_word_embeddings
+    assert own.get_output_embeddings().weight is not own.get_input_embeddings().weight
+    torch.testing.assert_close(own.get_output_embeddings().weight, tied_teacher.get_input_embeddings().weight,
+                               rtol=0, atol=0)
+    for model in (student, own):
+        model.save_pretrained(tmp_path / "s")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+        tied = loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+        assert tied == model.config.tie_word_embeddings
+        ids = _ids(4)
+        assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert not build_student(untied, layers=SUBSET)[0].config.tie_word_embeddings  # unset: the teacher's
+
+
 def test_gemma2_soft_capping_reaches_the_fused_head():
     teacher = make_teacher("gemma2")
     student, _ = build_student(teacher, layers=SUBSET, hidden_size=32)

@@ -145,6 +145,10 @@ class StudentConfig:
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
                        choices=MLP_INITS)
     freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
+    tie_embeddings: Optional[bool] = _f(None, "tie the student's LM head to its input embeddings: true, one matrix "
+                                              "copied from the teacher's input embeddings (MiniPLM's Qwen "
+                                              "students); false, a head of its own copied from the teacher's head; "
+                                              "unset: as the teacher")
 
     @property
     def depth(self) -> Optional[int]:
@@ -584,7 +588,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
             (item,) = typing.get_args(base)
             kw.update(nargs="*", type=item)
         elif base is bool:
-            kw.update(nargs="?", const=True, type=_str2bool)
+            kw.update(nargs="?", const=True, type=_or_null(_str2bool) if optional else _str2bool)
         else:
             kw.update(type=_or_null(base) if optional else base)
         parser.add_argument(*names, dest=dotted, **kw)

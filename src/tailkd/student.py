@@ -40,8 +40,11 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
-         likewise, final norm copied. ``freeze_embeddings=True`` freezes the input embeddings (GPT-2: token
-         and position embeddings) and with them a tied LM head; an untied LM head stays trainable.
+         likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
+         head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
+         MiniPLM's Qwen students) or unties it (False: its own head, copied from the teacher's head, which is
+         the input embedding matrix for a tied teacher). ``freeze_embeddings=True`` freezes the input embeddings
+         (GPT-2: token and position embeddings) and with them a tied LM head; an untied LM head stays trainable.
 
 Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 post-norms) are copied like
 any residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower
@@ -249,8 +252,10 @@ def _check_rope_lists(config, fam: Family, t: Dims, s: Dims) -> None:
                           f"(narrow hidden_size and num_heads together)")
 
 
-def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[int]):
+def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[int], tie: bool | None = None):
     data = teacher_config.to_dict()
+    if tie is not None:
+        data["tie_word_embeddings"] = bool(tie)
     for key in ("quantization_config", "_name_or_path", "name_or_path"):
         data.pop(key, None)
     data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
@@ -348,7 +353,8 @@ def _copy_rule(name: str, fam: Family, mlp_init: str):
 
 # --------------------------------------------------------------------------- the builder
 
-def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim):
+def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
+          tie_embeddings=None):
     fam = config_family(teacher.config, family_spec(teacher))
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
@@ -356,22 +362,24 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction)
     _check_rope_lists(teacher.config, fam, t, s)
-    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen)
+    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
 
 def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                    num_heads: int | None = None, num_kv_heads: int | None = None,
-                   intermediate_size: int | None = None, head_dim: int | None = None):
+                   intermediate_size: int | None = None, head_dim: int | None = None,
+                   tie_embeddings: bool | None = None):
     """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
     are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
     `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
-    return _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim)[-1]
+    return _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
+                 tie_embeddings)[-1]
 
 
 def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                   num_heads: int | None = None, num_kv_heads: int | None = None,
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
-                  freeze_embeddings: bool = False, seed: int = 0):
+                  freeze_embeddings: bool = False, tie_embeddings: bool | None = None, seed: int = 0):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
@@ -384,7 +392,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
     fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                               intermediate_size, head_dim)
+                                               intermediate_size, head_dim, tie_embeddings)
 
     from transformers import AutoModelForCausalLM
 
@@ -393,7 +401,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     index = axis_indices(t, s, fam.rope, fraction)
-    teacher_params = dict(teacher.named_parameters())
+    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))  # a tied head under its own name too
     table = []
     with torch.no_grad():
         for name, param in student.named_parameters():
