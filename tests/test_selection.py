@@ -1,5 +1,6 @@
 """MiniPLM difference sampling (`tailkd.selection`, ``tailkd select-data``): windows, scores against a float64
-reference, exact top-fraction selection, the command end to end and its bad input."""
+reference (same tokenizer: per token; another tokenizer: per byte, each model in its own tokenization), exact
+top-fraction selection, the command end to end and its bad input."""
 
 import json
 import os
@@ -8,12 +9,14 @@ import sys
 
 import pytest
 import torch
-from tiny import make_teacher_dir, make_tokenizer, write_corpus
+from conftest import build_tiny_tokenizer
+from tiny import SENTENCES, make_teacher_dir, make_tokenizer, write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tailkd import selection
 from tailkd.cli import main
 from tailkd.errors import TailkdError
+from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +70,10 @@ def test_select_top_keeps_exactly_the_top_fraction_in_corpus_order():
     assert selection.select_top(scores, 0.3) == kept  # deterministic
 
 
-def _model(vocab, layers, seed):
+def _model(vocab, layers, seed, positions=64):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -102,6 +105,49 @@ def test_scores_equal_a_float64_reference():
     # batching and padding change nothing: one window per forward gives the same scores
     one = selection.document_scores(teacher, reference, docs, 97, seq_len=8, batch_size=1, device="cpu", pad_id=0)
     assert one[1:] == pytest.approx(got[1:], abs=1e-5)
+
+
+def _logprob64(model, tok, text, append_eos):
+    """log p(text) the plain way: BOS (EOS if the tokenizer has none), the text's tokens, then EOS if appended; the
+    model once over the whole sequence; each next token's log-softmax summed in float64."""
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    seq = [start, *tok.encode(text, add_special_tokens=False), *([tok.eos_token_id] if append_eos else [])]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+    return sum(float(logp[t, seq[t + 1]]) for t in range(len(seq) - 1))
+
+
+def _cross_scores64(teacher, tok, reference, ref_tok, texts, append_eos):
+    """[log p_teacher(x) − log p_reference(x)] / UTF-8 bytes of x, each model in its own tokenization."""
+    return [(_logprob64(teacher, tok, x, append_eos) - _logprob64(reference, ref_tok, x, append_eos))
+            / len(x.encode("utf-8")) for x in texts]
+
+
+def test_cross_tokenizer_scores_equal_a_float64_reference():
+    """Another tokenizer: the per-byte log-likelihood ratio, each model in its own tokenization, equals plain float64
+    sums. Models in float64, so only the float32 log-softmax of `token_logprob_sums` differs: per token |error| <=
+    ~4 eps32 (|z|max + log V) ~ 4 * 6e-8 * (10 + 6) < 4e-6; a score sums both models' errors over at most
+    bytes + 1 tokens each (byte-level tokenizers: a token holds >= 1 byte; the EOS none) and divides by bytes >= 1,
+    so |error| <= 2 * 2 * 4e-6 < 2e-5."""
+    tok = make_tokenizer()  # BOS = EOS
+    texts = ["The quick brown fox jumps over the lazy dog.", "café naïve — ünïcode ✓ 日本", "x", "the the in in in",
+             ""]
+    teacher = _model(len(tok), 2, 0).double()
+    for bos in ("<|pad|>", None):  # a BOS other than the EOS; no BOS (the first token conditioned on the EOS)
+        ref_tok = build_tiny_tokenizer()
+        ref_tok.bos_token = bos
+        reference = _model(len(ref_tok), 1, 1).double()
+        for append_eos in (True, False):
+            logp = []
+            for model, t in ((teacher, tok), (reference, ref_tok)):
+                seqs = selection.document_ids(t, texts, append_eos, start=True)
+                assert {s[0] for s in seqs} == {0 if t is tok else 261 if bos else 260}  # BOS, else EOS
+                logp.append(selection.document_logprobs(model, seqs, len(t), seq_len=63, batch_size=2,
+                                                        device="cpu", pad_id=selection.start_id(t)))
+            got = selection.byte_scores(*logp, texts)
+            assert got[-1] == float("-inf")  # no byte: ranks last
+            want = _cross_scores64(teacher, tok, reference, ref_tok, texts[:-1], append_eos)
+            assert got[:-1] == pytest.approx(want, abs=2e-5), (bos, append_eos)
 
 
 def _cli(*args):
@@ -138,16 +184,56 @@ def test_select_data_end_to_end_then_the_clm_baseline(assets, tmp_path):
     assert (run / "final" / "config.json").is_file()
 
 
-def test_bad_input_is_one_line(assets, tmp_path):
+def test_select_data_with_a_reference_of_another_tokenizer(assets, tmp_path):
+    """The paper's setting (an OPT-125M reference for Phi-2, Qwen2.5, Gemma2): the reference's tokenizer differs, so
+    each model scores every document in its own tokenization and the score is the log-likelihood ratio per byte. The
+    command's scores equal the float64 reference of the float32 models it loaded (--seq-len 128: one window a
+    document); float32 forwards of these tiny models are off by ~1e-6 per token, well inside 1e-4 per byte."""
     other = tmp_path / "other_tok"
+    ref_tok = make_tokenizer(vocab_size=280)
+    _model(len(ref_tok), 1, 0, positions=128).save_pretrained(other)
+    ref_tok.save_pretrained(other)
+    texts = [*SENTENCES, "Le café était fermé — naïve ünïcode ✓."]  # short: one window of 128 tokens each
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "sel"
+    args = _args(assets, out, "--keep", "0.5")
+    for flag, value in (("--reference", other), ("--seq-len", 128), ("--data", data)):
+        args[args.index(flag) + 1] = str(value)
+    assert main(args) == 0
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    selected = [json.loads(line)["text"] for line in (out / "selected.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "selection.json").read_text())
+    assert meta["score"] == "per-byte log-likelihood ratio, each model in its own tokenization (cross-tokenizer)"
+    kept = [s["doc"] for s in scores if s["kept"]]
+    assert kept == selection.select_top([s["score"] for s in scores], 0.5) and selected == [texts[i] for i in kept]
+    models = {}
+    for role, path, tok in (("teacher", assets["teacher"], make_tokenizer()), ("reference", other, ref_tok)):
+        models[role] = (LlamaForCausalLM.from_pretrained(path).double().eval(), tok)
+        # every token of each document in the model's own tokenization is scored, and its EOS (BOS only as context)
+        assert meta["tokens_scored_by"][role] == sum(len(tok.encode(x, add_special_tokens=False)) + 1 for x in texts)
+    assert meta["tokens_scored_by"]["teacher"] != meta["tokens_scored_by"]["reference"]
+    want = _cross_scores64(*models["teacher"], *models["reference"], texts, True)
+    assert [s["score"] for s in scores] == pytest.approx(want, abs=1e-4)
+    # FLOPs: each model's forward over its own tokens, its log-softmax + gather over its own vocabulary
+    flops, by = meta["flops"], meta["tokens_scored_by"]
+    for role, (model, _) in models.items():
+        assert flops[role] == model_flops_per_token(model, seq_len=128)["forward"] * by[role]
+    assert flops["scoring"] == SCORE_FLOPS_PER_VOCAB * (300 * by["teacher"] + 280 * by["reference"])
+    assert flops["total"] == pytest.approx(flops["teacher"] + flops["reference"] + flops["scoring"])
+
+
+def test_bad_input_is_one_line(assets, tmp_path):
+    small = tmp_path / "small_head"  # another tokenizer (280 tokens), checked against its own model: 250 rows
     tok = make_tokenizer(vocab_size=280)
-    _model(len(tok), 1, 0).save_pretrained(other)
-    tok.save_pretrained(other)
+    _model(250, 1, 0).save_pretrained(small)
+    tok.save_pretrained(small)
     short = tmp_path / "short_context"  # the teacher's tokenizer, 64 positions (the teacher has 128)
     tok = make_tokenizer()
     _model(len(tok), 1, 0).save_pretrained(short)
     tok.save_pretrained(short)
-    for extra, needle in (([], "another tokenizer"), (["--keep", "0"], "select.keep"),
+    for extra, needle in (([], "the reference's LM head has 250 rows but the tokenizer has 280 tokens"),
+                          (["--keep", "0"], "select.keep"),
                           (["--keep", "1.5"], "select.keep"),
                           (["--reference", str(short), "--seq-len", "100"],
                            f"--seq-len 100 exceeds the model's maximum context of 64 tokens; use --seq-len 64 or less "
@@ -156,7 +242,7 @@ def test_bad_input_is_one_line(assets, tmp_path):
                                                  "teacher")):
         args = _args(assets, tmp_path / "out", *extra)
         if not extra:
-            args[args.index("--reference") + 1] = str(other)
+            args[args.index("--reference") + 1] = str(small)
         proc = _cli(*args)
         last = proc.stderr.strip().splitlines()[-1]  # after the model loaders' progress bars, if any
         assert proc.returncode == 2 and last.startswith("tailkd: error:") and needle in last, proc.stderr

@@ -78,8 +78,10 @@ COMMANDS = {
         "MiniPLM's data selection (the TAD paper's pretraining baseline): score every document of --data by the "
         "mean over its tokens of log p_teacher − log p_reference, keep the --keep fraction with the highest "
         "scores (ties to the earlier document) and write them as selected.jsonl; pretrain on it with tailkd "
-        "distill --loss clm. The reference is a smaller model with the teacher's tokenizer (e.g. a CLM run's "
-        "final student). Also writes scores.jsonl and selection.json (counts, FLOPs)."),
+        "distill --loss clm. The reference is a smaller model (e.g. a CLM run's final student); with another "
+        "tokenizer than the teacher's (the paper's OPT-125M), each model scores a document in its own tokenization "
+        "and the score is the log-likelihood ratio per UTF-8 byte. Also writes scores.jsonl and selection.json "
+        "(the score used, tokens scored by each model, counts, FLOPs)."),
     "reproduce": (
         cc.ReproduceConfig, "reproduce.reproduce", "the TAD paper's experiments over seeds, and a report of them",
         "Run CLM, KD and TAD over several seeds, a TAD β sweep and K sweep, evaluate every student on a held-out "

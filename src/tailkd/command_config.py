@@ -442,9 +442,9 @@ class FlopsConfig:
 
 @dataclass
 class SelectOptions:
-    reference: Optional[str] = _f(None, "reference model (required): smaller than the teacher, with its tokenizer: "
-                                        "an HF folder, a .gguf file, or a student tailkd saved (e.g. a CLM run's "
-                                        "final)")
+    reference: Optional[str] = _f(None, "reference model (required), smaller than the teacher: an HF folder, a "
+                                        ".gguf file, or a student tailkd saved (e.g. a CLM run's final); another "
+                                        "tokenizer than the teacher's scores per byte, each model in its own")
     keep: float = _f(0.5, "fraction of the documents kept, those with the highest scores (MiniPLM: 0.5)")
     out: str = _f("selected", "output folder: selected.jsonl (the kept documents, field text, in corpus order), "
                               "scores.jsonl, selection.json; a new or empty folder, or a previous select-data output "
@@ -471,7 +471,7 @@ class SelectDataConfig:
         check_leaves(self)
         if not self.select.reference:
             raise TailkdError("select.reference is not set; pass --reference MODEL (a model smaller than the "
-                              "teacher with its tokenizer, e.g. a CLM run's RUN/final)")
+                              "teacher, e.g. a CLM run's RUN/final, or the paper's OPT-125M)")
         check_at_least(self, "data.seq_len", 1)
         check_at_least(self, "select.batch_size", 1)
         check_at_least(self, "select.max_docs", 0, " (0: all)")

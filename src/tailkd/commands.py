@@ -358,11 +358,14 @@ def _model_size(spec, params, *, vocab, hidden, layers, tied, role):
 
 def select_data(cfg: SelectDataConfig) -> dict:
     """``tailkd select-data``: MiniPLM's difference sampling (`tailkd.selection`) of the documents of
-    ``cfg.data`` (the built-in news corpus if none), scored by ``cfg.teacher`` against ``select.reference``.
+    ``cfg.data`` (the built-in news corpus if none), scored by ``cfg.teacher`` against ``select.reference``: with
+    the teacher's tokenizer, MiniPLM's mean per-token log-likelihood ratio; with another tokenizer, the per-byte
+    log-likelihood ratio, each model scoring the document in its own tokenization (a note says so at the start).
     Writes ``selected.jsonl`` (the kept documents, in corpus order), ``scores.jsonl`` (every document's score and
-    whether it was kept) and ``selection.json`` (settings, counts, FLOPs) into ``select.out``, atomically. That
-    folder is replaced, so it must be new, empty or a previous select-data output (it holds ``selection.json``):
-    any other is refused before a model is loaded. ``data.seq_len`` must fit both models' context."""
+    whether it was kept) and ``selection.json`` (settings, the score used, tokens scored by each model, counts,
+    FLOPs) into ``select.out``, atomically. That folder is replaced, so it must be new, empty or a previous
+    select-data output (it holds ``selection.json``): any other is refused before a model is loaded.
+    ``data.seq_len`` must fit both models' context."""
     from tqdm.auto import tqdm
 
     from tailkd import corpus, models, selection
@@ -371,7 +374,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     from tailkd.distributed import resolve_device
     from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
     from tailkd.prepare import pretrain_paths
-    from tailkd.vocab import check_vocab, tokenizer_fingerprint
+    from tailkd.vocab import check_own_vocab, check_vocab, tokenizer_fingerprint
 
     s = cfg.select
     out = Path(s.out)
@@ -381,12 +384,14 @@ def select_data(cfg: SelectDataConfig) -> dict:
     dev = resolve_device(s.device, "select.device")
     teacher, tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
     reference, ref_tok = models.load_teacher(s.reference, device=dev, dtype=cfg.teacher.dtype)
-    if tokenizer_fingerprint(tok) != tokenizer_fingerprint(ref_tok):
-        raise TailkdError(f"the reference model {s.reference} has another tokenizer than the teacher "
-                          f"{cfg.teacher.path} ({len(ref_tok)} vs {len(tok)} tokens, or other ids): difference "
-                          "sampling scores the same tokens with both; use a reference trained on the teacher's "
-                          "tokenizer (e.g. tailkd distill --loss clm, its RUN/final)")
-    vocab = check_vocab(tok, ref_tok, teacher, reference)
+    roles = {"teacher": (teacher, tok), "reference": (reference, ref_tok)}
+    cross = tokenizer_fingerprint(tok) != tokenizer_fingerprint(ref_tok)
+    if cross:
+        print(f"note: the reference {s.reference} has another tokenizer than the teacher {cfg.teacher.path}: each "
+              "model scores a document in its own tokenization, and its score is the log-likelihood ratio per byte")
+        vocabs = {role: check_own_vocab(t, m, role) for role, (m, t) in roles.items()}
+    else:
+        vocabs = dict.fromkeys(roles, check_vocab(tok, ref_tok, teacher, reference))
     for role, spec, model in (("teacher", cfg.teacher.path, teacher), ("reference", s.reference, reference)):
         try:
             check_seq_len(cfg.data.seq_len, models.model_max_length(model))
@@ -397,23 +402,33 @@ def select_data(cfg: SelectDataConfig) -> dict:
     texts = texts[:s.max_docs] if s.max_docs else texts
     if not texts:
         raise TailkdError("the data holds no document to select from; check --data and --doc-sep")
-    eos = corpus.document_eos_id(tok, cfg.data.doc_eos)
-    docs = [ids + ([] if eos is None else [eos]) for ids in corpus.tokenize_documents(tok, texts)]
-    ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)
-    with tqdm(total=sum(max(0, len(d) - 1) for d in docs), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
-        scores = selection.document_scores(teacher, reference, docs, vocab, seq_len=cfg.data.seq_len,
-                                           batch_size=s.batch_size, device=dev, pad_id=eos or 0, autocast_dtype=ac,
-                                           progress=bar.update)
+    docs = selection.document_ids(tok, texts, cfg.data.doc_eos)
+    kw = {"seq_len": cfg.data.seq_len, "batch_size": s.batch_size, "device": dev,
+          "autocast_dtype": models.teacher_autocast_dtype(cfg.teacher.dtype, dev)}
+    if cross:
+        seqs = {role: selection.document_ids(t, texts, cfg.data.doc_eos, start=True) for role, (_, t) in roles.items()}
+        tokens = {role: sum(len(ids) - 1 for ids in seqs[role]) for role in roles}
+        with tqdm(total=sum(tokens.values()), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
+            logp = {role: selection.document_logprobs(m, seqs[role], vocabs[role], pad_id=selection.start_id(t),
+                                                      progress=bar.update, **kw) for role, (m, t) in roles.items()}
+        scores = selection.byte_scores(logp["teacher"], logp["reference"], texts)
+        how = "per-byte log-likelihood ratio, each model in its own tokenization (cross-tokenizer)"
+    else:
+        tokens = dict.fromkeys(roles, sum(max(0, len(d) - 1) for d in docs))
+        eos = corpus.document_eos_id(tok, cfg.data.doc_eos)
+        with tqdm(total=tokens["teacher"], unit="tok", desc="select-data", dynamic_ncols=True) as bar:
+            scores = selection.document_scores(teacher, reference, docs, vocabs["teacher"], pad_id=eos or 0,
+                                               progress=bar.update, **kw)
+        how = "mean over scored tokens of log p_teacher - log p_reference"
     kept = selection.select_top(scores, s.keep)
-    scored = sum(max(0, len(d) - 1) for d in docs)
-    per_token = {name: model_flops_per_token(m, seq_len=cfg.data.seq_len)["forward"]
-                 for name, m in (("teacher", teacher), ("reference", reference))}
-    flops = {**{k: v * scored for k, v in per_token.items()}, "scoring": 2 * SCORE_FLOPS_PER_VOCAB * vocab * scored}
+    flops = {role: model_flops_per_token(m, seq_len=cfg.data.seq_len)["forward"] * tokens[role]
+             for role, (m, _) in roles.items()}
+    flops["scoring"] = sum(SCORE_FLOPS_PER_VOCAB * vocabs[role] * tokens[role] for role in roles)
     flops["total"] = sum(flops.values())
     result = {"teacher": cfg.teacher.path, "reference": s.reference, "keep": s.keep, "documents": len(docs),
-              "kept": len(kept), "tokens_scored": scored, "kept_tokens": sum(len(docs[i]) for i in kept),
-              "seq_len": cfg.data.seq_len, "data": cfg.data.paths or "built-in", "doc_eos": cfg.data.doc_eos,
-              "score": "mean over scored tokens of log p_teacher - log p_reference", "flops": flops}
+              "kept": len(kept), "tokens_scored": tokens["teacher"], "tokens_scored_by": tokens,
+              "kept_tokens": sum(len(docs[i]) for i in kept), "seq_len": cfg.data.seq_len,
+              "data": cfg.data.paths or "built-in", "doc_eos": cfg.data.doc_eos, "score": how, "flops": flops}
     kept_set = set(kept)
 
     def write(tmp: Path) -> None:

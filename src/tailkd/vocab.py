@@ -29,7 +29,8 @@ import torch
 
 from tailkd.errors import TailkdError
 
-__all__ = ["check_vocab", "outside_mass", "real_vocab_size", "relation", "tokenizer_fingerprint"]
+__all__ = ["check_own_vocab", "check_rows", "check_vocab", "outside_mass", "real_vocab_size", "relation",
+           "tokenizer_fingerprint"]
 
 
 def real_vocab_size(tokenizer) -> int:
@@ -96,16 +97,29 @@ def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_mod
     relation(teacher_tokenizer, student_tokenizer)
     vocab = real_vocab_size(student_tokenizer)
     for role, model in (("teacher", teacher_model), ("student", student_model)):
-        head = model.get_output_embeddings()
-        rows = {"LM head": head.weight.shape[0] if head is not None else 0,
-                "input embedding": model.get_input_embeddings().weight.shape[0]}
-        for part, n in rows.items():
-            if n < vocab:
-                raise TailkdError(
-                    f"the {role}'s {part} has {n} rows but the tokenizer has {vocab} tokens: "
-                    f"resize it (model.resize_token_embeddings({vocab})) or use the model's own tokenizer"
-                )
+        check_rows(model, vocab, role)
     return vocab
+
+
+def check_own_vocab(tokenizer, model, role: str) -> int:
+    """A model scored in its own tokenization (select-data's cross-tokenizer score): its vocabulary V
+    (`real_vocab_size`), or a TailkdError if its LM head or input embedding has fewer than V rows (`check_rows`)."""
+    vocab = real_vocab_size(tokenizer)
+    check_rows(model, vocab, role)
+    return vocab
+
+
+def check_rows(model, vocab: int, role: str) -> None:
+    """TailkdError if the LM head or the input embedding of ``model`` (the ``role``) has fewer than ``vocab`` rows."""
+    head = model.get_output_embeddings()
+    rows = {"LM head": head.weight.shape[0] if head is not None else 0,
+            "input embedding": model.get_input_embeddings().weight.shape[0]}
+    for part, n in rows.items():
+        if n < vocab:
+            raise TailkdError(
+                f"the {role}'s {part} has {n} rows but the tokenizer has {vocab} tokens: "
+                f"resize it (model.resize_token_embeddings({vocab})) or use the model's own tokenizer"
+            )
 
 
 @torch.no_grad()
