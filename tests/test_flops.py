@@ -8,7 +8,14 @@ import pytest
 from test_evaluate import one_line_error
 
 from tailkd.cli import main
-from tailkd.flops import ModelSize, distill_flops, method_table, model_flops_per_token, model_size
+from tailkd.flops import (
+    SCORE_FLOPS_PER_VOCAB,
+    ModelSize,
+    distill_flops,
+    method_table,
+    model_flops_per_token,
+    model_size,
+)
 from tailkd.registry import CLM_FLOPS_PER_VOCAB, LOSSES
 
 # Qwen1.5-1.8B's config.json (the paper's Table 3 teacher), and a 1.2B-parameter student of the same width
@@ -95,6 +102,14 @@ def test_method_table_orders_the_methods_as_the_paper():
     assert 0.7 < rows["SeqKD"]["vs_kd"] < 1.3
     d_small = method_table(QWEN_1_8B, QWEN_1_2B, seq_len=2048, delta=0.25)
     assert d_small[3]["total"] > rows["MiniPLM"]["total"]
+    # a reference of another vocabulary (the paper's OPT-125M: 50272 rows) pays its log-softmax over its own
+    opt = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+           "num_attention_heads": 12, "vocab_size": 50272, "tie_word_embeddings": True}
+    with_ref = {r["method"].split(" (")[0]: r for r in method_table(QWEN_1_8B, QWEN_1_2B, seq_len=2048,
+                                                                    reference_cfg=opt, tokens=1.0)}
+    clm = CLM_FLOPS_PER_VOCAB * 151936
+    assert with_ref["MiniPLM"]["loss"] == pytest.approx(SCORE_FLOPS_PER_VOCAB * (151936 + 50272) / 0.5 + clm, rel=1e-12)
+    assert with_ref["MiniPLM"]["other"] == pytest.approx(model_flops_per_token(opt, seq_len=2048)["forward"] / 0.5)
 
 
 def test_model_size_from_total_parameters():

@@ -274,17 +274,18 @@ def method_table(teacher_cfg, student_cfg, *, seq_len: int = 2048, tokens: float
                           freeze_embeddings=freeze_embeddings)
         row(name, t["forward"], s_train, 0.0, d["loss_layer"] / tokens,
             f"teacher forward + student forward+backward + {loss} loss layer + CE")
-    # MiniPLM: the reference model (same vocabulary as the teacher) forward ≈ 2·P_ref per token when given
-    # as a total count (embeddings + tied head), or its full forward when given as a model/config.
+    # MiniPLM: the reference model forward ≈ 2·P_ref per token when given as a total count (embeddings + tied head),
+    # or its full forward when given as a model/config; its log-softmax over its own vocabulary (the teacher's
+    # without a config). A reference with another tokenizer scores its own tokens (select-data's per-byte score):
+    # counted here per teacher token; `tailkd select-data` writes the FLOPs of each model's own token count.
     if reference_cfg is not None:
-        ref = model_flops_per_token(reference_cfg, seq_len=seq_len)["forward"]
-        ref_name = "reference model"
+        r = model_flops_per_token(reference_cfg, seq_len=seq_len)
+        ref, ref_vocab, ref_name = r["forward"], r["vocab"], "reference model"
     else:
         p_ref = 125e6 if reference_params is None else reference_params
-        ref = 2.0 * p_ref
-        ref_name = f"reference 2·{p_ref:.3g}"
-    score = SCORE_FLOPS_PER_VOCAB * t["vocab"]
-    row(f"MiniPLM (δ={delta:g})", t["forward"] / delta, s_train, ref / delta, 2 * score / delta + clm,
+        ref, ref_vocab, ref_name = 2.0 * p_ref, t["vocab"], f"reference 2·{p_ref:.3g}"
+    score = SCORE_FLOPS_PER_VOCAB * (t["vocab"] + ref_vocab)
+    row(f"MiniPLM (δ={delta:g})", t["forward"] / delta, s_train, ref / delta, score / delta + clm,
         f"teacher + {ref_name} score 1/δ tokens per trained token; student CLM on the kept ones")
     # Generation-based: per sequence of prompt_len + gen_len trained tokens.
     seq = prompt_len + gen_len
