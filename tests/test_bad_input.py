@@ -130,9 +130,23 @@ def test_missing_config_file(assets, tmp_path):
 
 
 def test_wrong_flag_type_is_an_argparse_error(assets, tmp_path):
+    """One line (a subcommand's usage block lists every flag and used to bury the error)."""
     proc = cli(*args(assets, tmp_path / "run"), "--k", "ten")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("argument --k/--loss.k: invalid int value: 'ten'")
+    assert proc.stderr.strip().splitlines() == [
+        "tailkd distill: error: argument --k/--loss.k: invalid int value: 'ten' (`tailkd distill --help` lists the "
+        "flags)"]
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--loss.kk", "3"], "unrecognized arguments: --loss.kk 3; did you mean --loss.k or"),
+    (["--train.warmupsteps=3"], "unrecognized arguments: --train.warmupsteps=3; did you mean --train.warmup_steps"),
+    (["--zzz"], "unrecognized arguments: --zzz (`tailkd distill --help` lists the flags)")])
+def test_an_unknown_flag_is_one_line_naming_the_closest_flags(flags, line):
+    """Was argparse's top-level usage and 'tailkd: error: unrecognized arguments' with no hint of the right key."""
+    proc = cli("distill", *flags)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("tailkd distill: error: " + line), proc.stderr
 
 
 FLAGS = {
@@ -191,7 +205,9 @@ def test_bad_subcommand_flag_value(assets, tmp_path, case):
 def test_wrong_subcommand_flag_type_is_an_argparse_error(assets):
     proc = cli("eval", "--student", str(assets["teacher"]), "--bins", "ten")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("argument --bins/--eval.bins: invalid int value: 'ten'")
+    assert proc.stderr.strip().splitlines() == [
+        "tailkd eval: error: argument --bins/--eval.bins: invalid int value: 'ten' (`tailkd eval --help` lists the "
+        "flags)"]
 
 
 def test_k_not_below_the_vocabulary(assets, tmp_path):

@@ -148,10 +148,33 @@ def _add_recipe(sub, common) -> None:
     p.set_defaults(func=_cmd_recipe)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with tailkd's one-line errors: ``tailkd distill: error: <message>``, exit 2, without the usage block
+    (a subcommand's usage lists every flag: the error would scroll out of sight); an unknown flag names its closest
+    spellings."""
+
+    def error(self, message: str):
+        what = "commands" if getattr(self, "_subcommands", None) else "flags"
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the {what})\n")
+
+    def parse_args(self, args=None, namespace=None):
+        import difflib
+
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(self, "_subcommands", {}).get(getattr(args, "command", None), self)
+            flags = [f for f in command._option_string_actions if f.startswith("--")]
+            unknown = [e for e in extra if e.startswith("-")]
+            near = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=3) if unknown else []
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+        return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tailkd.config import add_config_flags
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tailkd",
         description="Knowledge distillation of causal language models: Tail-Aware Distillation (TAD), "
         "DRKL and the usual baselines, offline by default.",
@@ -176,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losses", parents=[common], help="list the losses of the registry (tailkd.registry.LOSSES)",
                        description="The losses --loss accepts: formula, knobs, chunked and top-K-cache forms, source.")
     p.set_defaults(func=_cmd_losses)
+    parser._subcommands = dict(sub.choices)
     return parser
 
 
