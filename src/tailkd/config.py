@@ -174,7 +174,7 @@ class DataConfig:
                                "GSM-style math problems); 'builtin:math' as a pretrain path is the math corpus",
                    choices=TASKS)
     heldout_paths: list[str] = _f([], "held-out files for evaluation (sft: JSONL; pretrain: text as data.paths, e.g. "
-                                      "'builtin:pydoc', Python's documentation); default: a fraction of data.paths")
+                                      "'builtin:pydoc', Python's documentation); empty: a fraction of data.paths")
     doc_eos: bool = _f(True, "pretrain: EOS after each document (boundaries in packed rows, for "
                              "--loss.per_document); false: one continuous token stream, each row one segment")
     sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)", choices=SFT_MODES)

@@ -20,7 +20,7 @@ chunked LM-head layer: teacher → forward → backward per chunk, never [N, V] 
 sparse teacher, dense or chunked student). A divergence's knobs (TAD's K, JSD's β) are bound when its kernel is
 made (`tad_kernel`, `jsd_kernel`).
 
-Conventions (``shared/design/formulas.md``; p = teacher, q = student at temperature τ; 𝒦 = the teacher's top-K):
+Conventions (``docs/formulas.md``; p = teacher, q = student at temperature τ; 𝒦 = the teacher's top-K):
 - 0·log 0 = 0: an entry where the weighting distribution is 0 contributes 0 with a finite gradient; a row with a
   NaN logit (either side) gives NaN, so that the trainer sees it and skips the step;
 - tail masses are summed over the tail itself (α^T = Σ_{i∉𝒦} p_i), never 1 − Σ top-K, which cancels when the top-K

@@ -4,7 +4,7 @@ baselines of the DRKL paper that need no kernel of their own live in `tailkd.bas
 Student first, teacher second, logits ``[..., V]`` in any float dtype, computed in
 float32 (float64 stays float64), one value per token ``[...]``; nothing here normalises across tokens
 (`tailkd.objective` sums and divides once by the global count of valid tokens). Shared conventions
-(``shared/design/formulas.md``; p = teacher, q = student distribution):
+(``docs/formulas.md``; p = teacher, q = student distribution):
 
 - ``temperature`` divides both sides' logits; there is no hidden τ² factor (scale outside if you want Hinton's);
 - the teacher is a target: teacher tensors are detached, no gradient flows into them;
