@@ -216,12 +216,13 @@ def distill_loss(
 ) -> ObjectiveTerms:
     """Distillation loss from final hidden states and LM-head weights, in chunks: for your own training loop.
 
-    The calling convention of Liger's chunked distillation losses: ``student_hidden`` [B, T, d_S] (after the final
-    norm) with ``student_weight`` [V, d_S], ``teacher_hidden`` [B, T, d_T] with ``teacher_weight`` [V, d_T] (same
-    vocabulary; slice padded heads), ``labels`` [B, T] already shifted (-100 = ignore). A weight may instead be a
-    model's `tailkd.head.Head` (`tailkd.head.model_head(model, V)`: its bias, the shared vocabulary V of a padded
-    head, and the model's logit soft-capping or scaling (Gemma-2, Cohere, Granite), which a bare weight does not
-    carry). ``loss`` names a row of `tailkd.registry.LOSSES`; ``knobs`` are its `LossConfig` fields (``k``,
+    The calling convention of Liger's chunked distillation losses, by rows (not flattened: TAD's β(X) averages over
+    each row): ``student_hidden`` [B, T, d_S] (after the final norm) with ``student_weight`` [V, d_S],
+    ``teacher_hidden`` [B, T, d_T] with ``teacher_weight`` [V, d_T] (same vocabulary; slice padded heads),
+    ``labels`` [B, T] already shifted (-100 = ignore). A weight may instead be a model's `tailkd.head.Head`
+    (`tailkd.head.model_head(model, V)`: its bias, the shared vocabulary V of a padded head, and the model's logit
+    soft-capping or scaling (Gemma-2, Cohere, Granite), which a bare weight does not carry). ``loss`` names a row
+    of `tailkd.registry.LOSSES`; ``knobs`` are its `LossConfig` fields (``k``,
     ``beta``, ``temperature``, ``jsd_beta``, ``clm_weight`` (default 1: the paper's CLM + L_DIV; 0 for the
     divergence alone), ``div_weight``, ...; ValueError for an unknown knob or a value out of its range).
     Returns `ObjectiveTerms` (``loss`` to backpropagate, ``clm``, ``div``), divided by ``num_valid_tokens`` — by
