@@ -612,7 +612,8 @@ def _check_head(name: str, head: Head, hidden: torch.Tensor) -> None:
     if not isinstance(head, Head):
         raise TypeError(f"{name} must be a tailkd.head.Head (weight, bias, spec); use head.model_head(model, V)")
     if head.weight.dim() != 2 or head.weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{name}.weight {tuple(head.weight.shape)} does not match hidden width {hidden.shape[-1]}")
+        raise ValueError(f"{name}.weight {tuple(head.weight.shape)} does not match hidden width {hidden.shape[-1]}: "
+                         "an LM head's weight is [V, d] (a transpose?)")
     if head.weight.shape[0] < head.spec.vocab_size:
         raise ValueError(f"{name}.weight has {head.weight.shape[0]} rows < vocab_size {head.spec.vocab_size}")
 

@@ -241,24 +241,14 @@ def distill_loss(
                          f"{', '.join(fields)}")
     cfg = LossConfig(name=loss, **knobs)
 
-    def head(role: str, weight, bias, hidden) -> Head:
-        if isinstance(weight, Head):
-            if bias is not None:
-                raise ValueError(f"{role}_weight is a Head, which carries its own bias: drop {role}_bias")
-            weight, head = weight.weight, weight
-        else:
-            head = Head(weight, bias, HeadSpec(weight.shape[0]) if weight.dim() == 2 else None)
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"{role}_weight must be the LM head's weight [V, d] with d = {role}_hidden's last "
-                             f"dimension {hidden.shape[-1]}; got shape {tuple(weight.shape)} (a transpose?)")
-        return head
+    def as_head(role: str, weight, bias) -> Head:  # its shape and vocabulary: `fused`'s checks, as for any caller
+        if not isinstance(weight, Head):
+            return Head(weight, bias, HeadSpec(weight.shape[0]))
+        if bias is not None:
+            raise ValueError(f"{role}_weight is a Head, which carries its own bias: drop {role}_bias")
+        return weight
 
-    s_head = head("student", student_weight, student_bias, student_hidden)
-    t_head = head("teacher", teacher_weight, teacher_bias, teacher_hidden)
-    if s_head.spec.vocab_size != t_head.spec.vocab_size:
-        raise ValueError(f"student_weight has {s_head.spec.vocab_size} rows, teacher_weight "
-                         f"{t_head.spec.vocab_size}: slice both heads to the shared vocabulary (or pass "
-                         "tailkd.head.model_head(model, V) for each)")
+    s_head, t_head = as_head("student", student_weight, student_bias), as_head("teacher", teacher_weight, teacher_bias)
     n = count_valid_tokens(labels) if num_valid_tokens is None else num_valid_tokens
     return chunked_objective(student_hidden, s_head, labels, n, cfg=cfg, teacher_hidden=teacher_hidden,
                              teacher_head=t_head, segment_ids=segment_ids, chunk_size=chunk_size)
