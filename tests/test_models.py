@@ -1,7 +1,10 @@
 """tailkd.models: spec resolution, HF/GGUF loading, the GGUF cache."""
 
+import hashlib
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +223,7 @@ def test_gguf_round_trip_is_bit_exact_and_cached(tmp_path, tiny_tokenizer, monke
 
     entry = gguf_cache_path(gguf_file, cache)
     assert entry.parent == cache / "gguf"
-    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp dirs left behind
+    assert sorted(p.name for p in entry.parent.iterdir()) == [".by-file", entry.name]  # no temp dirs left behind
     assert (entry / "model.safetensors").is_file() and (entry / "tokenizer.json").is_file()
 
     def no_conversion(*args, **kwargs):
@@ -273,7 +276,7 @@ def test_gguf_crash_mid_conversion_leaves_no_cache(tmp_path, tiny_tokenizer, mon
     monkeypatch.setattr(models, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         load_causal_lm(gguf_file, cache_dir=cache)
-    assert list((cache / "gguf").iterdir()) == []
+    assert [p.name for p in (cache / "gguf").iterdir()] == [".by-file"]  # the file's hash, no entry, no temp dir
 
     monkeypatch.setattr(models, "_convert_gguf", real_convert)
     model, _ = load_causal_lm(gguf_file, cache_dir=cache)
@@ -288,7 +291,75 @@ def test_gguf_cache_location_and_key(tmp_path, tiny_tokenizer, monkeypatch):
     assert gguf_cache_path(gguf_file) == entry  # stable
     st = gguf_file.stat()
     os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert gguf_cache_path(gguf_file) != entry  # a rewritten file gets a fresh entry
+    assert gguf_cache_path(gguf_file) == entry  # touched, same bytes: same entry
+    gguf_file.write_bytes(gguf_file.read_bytes() + b"\0" * 32)
+    assert gguf_cache_path(gguf_file) != entry  # other bytes: a fresh entry
+
+
+def test_gguf_copies_of_one_file_share_one_cache_entry(tmp_path, tiny_tokenizer, monkeypatch):
+    """Every new environment copies the built-in teacher to a new path: the copies share one converted entry (keyed
+    by the bytes; under the former path/mtime key each fresh install left another 0.5 GB entry behind, 25 of them
+    filled a disk in a day of fresh-clone checks)."""
+    original = make_tiny_lm("llama")
+    (tmp_path / "env1").mkdir()
+    first = write_tiny_llama_gguf(tmp_path / "env1" / "tiny.gguf", original, tiny_tokenizer)
+    second = tmp_path / "env2" / "tiny.gguf"
+    second.parent.mkdir()
+    second.write_bytes(first.read_bytes())  # a later mtime, another path
+    cache = tmp_path / "cache"
+    load_causal_lm(first, cache_dir=cache)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a copy of a converted GGUF was converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    again, _ = load_causal_lm(second, cache_dir=cache)
+    _assert_same_weights(again, original)
+    assert [p.name for p in (cache / "gguf").iterdir() if not p.name.startswith(".")] == [
+        gguf_cache_path(first, cache).name]
+
+
+def test_gguf_file_is_hashed_once(tmp_path, tiny_tokenizer, monkeypatch):
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+    reads = []
+    real = models._file_sha256
+    monkeypatch.setattr(models, "_file_sha256", lambda path: reads.append(path) or real(path))
+    key = models.gguf_cache_key(gguf_file, cache)
+    assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 1  # remembered
+    assert models.gguf_sha256(gguf_file, cache) == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    (cache / "gguf" / ".by-file" / next((cache / "gguf" / ".by-file").iterdir()).name).write_text("{torn")
+    assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 2  # a torn memo: read again
+    unwritable = tmp_path / "ro"
+    unwritable.write_text("a file, not a folder")
+    assert models.gguf_cache_key(gguf_file, unwritable) == key  # no memo possible: still the key
+
+
+def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_tokenizer):
+    cache = tmp_path / "cache"
+    root = cache / "gguf"
+    old_format = root / "tiny-0123456789abcdef0123"  # a complete entry of the former, path-keyed format
+    old_format.mkdir(parents=True)
+    (old_format / "model.safetensors").write_bytes(b"x" * 64)
+    (old_format / models._GGUF_MARKER).write_text(json.dumps({"source": "/gone/tiny.gguf", "format": 2}))
+    killed = root / ".tmp-tiny-aaaa-killed"  # a conversion killed two days ago
+    killed.mkdir()
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(killed, (two_days_ago, two_days_ago))
+    running = root / ".tmp-tiny-bbbb-running"  # one that may be running now
+    running.mkdir()
+    other = write_tiny_llama_gguf(tmp_path / "other.gguf", make_tiny_lm("llama", seed=1), tiny_tokenizer)
+    other_entry = models.gguf_cache_entry(other, cache)
+    other_pointer = next((root / ".by-file").iterdir())
+    other.unlink()  # its source is gone; another copy of its bytes may still come: the entry stays
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    entry = models.gguf_cache_entry(gguf_file, cache)
+    assert not old_format.exists() and not killed.exists() and not other_pointer.exists()
+    assert running.is_dir() and (other_entry / models._GGUF_MARKER).is_file()
+    assert (entry / models._GGUF_MARKER).is_file()
+    assert [p.name for p in (root / ".by-file").iterdir()] == [models._stat_key(gguf_file)]
+    assert models.prune_gguf_cache(cache) == []  # nothing more to remove
 
 
 def test_gguf_matches_transformers_from_pretrained(tmp_path, tiny_tokenizer):

@@ -9,9 +9,14 @@ A model *spec* is one of
 
 A GGUF is converted ONCE into a plain float32 safetensors directory (model + tokenizer) under
 ``<cache>/gguf/<name>-<key>``, where ``<cache>`` is ``cache_dir``, else ``$TAILKD_CACHE``, else
-``~/.cache/tailkd``, and ``<key>`` hashes the file's absolute path, size and mtime. The directory is
-written under a temporary name and renamed into place, so a crash never leaves a half cache; later
-loads read the safetensors (< 1 s for SmolLM2 instead of ~20 s).
+``~/.cache/tailkd``, and ``<key>`` is the SHA-256 of the file's bytes (and the cache format): every copy of
+the same GGUF — the built-in teacher of each new environment, say — shares one entry (0.5 GB for SmolLM2), and
+an edited file gets a new one. The hash is read once per file: a pointer ``<cache>/gguf/.by-file/<h>`` (``<h>``
+hashes the file's absolute path, size and mtime) remembers it. The directory is written under a temporary
+name and renamed into place, so a crash never leaves a half cache; later loads read the safetensors (< 1 s
+for SmolLM2 instead of ~20 s). Each conversion also removes what can never be read again: entries of an older
+cache format, temporary folders of conversions killed more than a day ago, and pointers whose file is gone.
+The whole cache may be deleted at any time; it is rebuilt on demand.
 
 The conversion dequantizes with transformers' own GGUF reader (`load_gguf_checkpoint`) into a model
 built with `from_config`, i.e. a plain model that was never flagged quantized (a GGUF model from
@@ -36,7 +41,9 @@ from tailkd.errors import TailkdError
 
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
 
-_GGUF_CACHE_FORMAT = 2  # bump to invalidate every converted GGUF (2: special tokens from the GGUF's metadata)
+# bump to invalidate every converted GGUF (2: special tokens from the GGUF's metadata; 3: keyed by the file's bytes,
+# not its path: each new environment's built-in teacher made a new 0.5 GB entry under format 2)
+_GGUF_CACHE_FORMAT = 3
 _GGUF_MARKER = "tailkd_gguf.json"  # written last inside the temp dir: its presence means a complete entry
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -271,23 +278,101 @@ def load_tokenizer(path: Path):
 
 # --------------------------------------------------------------------------- GGUF → safetensors cache
 
-def gguf_cache_key(gguf: Path) -> str:
-    """Hash of the file's absolute path, size and mtime (and the cache format): a new file → a new entry."""
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stat_key(gguf: Path) -> str:
     st = gguf.stat()
-    text = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|format{_GGUF_CACHE_FORMAT}"
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def gguf_sha256(gguf: Path, cache_dir: str | os.PathLike | None = None) -> str:
+    """The SHA-256 of `gguf`'s bytes, read in full once per file (0.2 s for the built-in 98 MB teacher) and then
+    remembered in ``<cache>/gguf/.by-file/`` under the file's absolute path, size and mtime."""
+    gguf = Path(gguf).expanduser()
+    pointer = _gguf_root(cache_dir) / ".by-file" / _stat_key(gguf)
+    try:
+        memo = json.loads(pointer.read_text())
+        if memo.get("source") == str(gguf.resolve()):
+            return memo["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    sha = _file_sha256(gguf)
+    try:  # a memo only: a cache we cannot write still gives the key
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pointer.with_name(f".tmp-{pointer.name}-{os.getpid()}")
+        tmp.write_text(json.dumps({"source": str(gguf.resolve()), "sha256": sha}))
+        os.replace(tmp, pointer)
+    except OSError:
+        pass
+    return sha
+
+
+def gguf_cache_key(gguf: Path, cache_dir: str | os.PathLike | None = None) -> str:
+    """The cache key of `gguf`: a hash of its bytes' SHA-256 (`gguf_sha256`) and the cache format. Equal bytes →
+    equal key, wherever the file lies; changed bytes → a new key."""
+    return hashlib.sha256(f"{gguf_sha256(gguf, cache_dir)}|format{_GGUF_CACHE_FORMAT}".encode()).hexdigest()[:20]
+
+
+def _gguf_root(cache_dir: str | os.PathLike | None) -> Path:
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "gguf"
 
 
 def gguf_cache_path(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where `load_causal_lm` keeps (or will keep) the converted copy of `gguf`."""
     gguf = Path(gguf).expanduser()
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", gguf.stem)[:80]
-    return root / "gguf" / f"{stem}-{gguf_cache_key(gguf)}"
+    return _gguf_root(cache_dir) / f"{stem}-{gguf_cache_key(gguf, cache_dir)}"
+
+
+_STALE_TMP_SECONDS = 24 * 3600  # a conversion's temporary folder older than this was killed (SIGKILL, power loss)
+
+
+def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove what the GGUF cache can never serve again; returns the removed paths. That is: complete entries of
+    another cache format (their key cannot be made any more), temporary folders older than a day (a conversion
+    killed before its clean-up ran) and pointers whose file is gone or changed. Entries of this format are kept,
+    whether or not their source file still exists: another copy of the same bytes may need them."""
+    import time
+
+    root = _gguf_root(cache_dir)
+    removed = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for path in root.iterdir():
+        try:
+            if path.name.startswith(".tmp-"):
+                if path.is_dir() and now - path.stat().st_mtime > _STALE_TMP_SECONDS:
+                    shutil.rmtree(path)
+                    removed.append(path)
+            elif path.is_dir() and (path / _GGUF_MARKER).is_file():
+                if json.loads((path / _GGUF_MARKER).read_text()).get("format") != _GGUF_CACHE_FORMAT:
+                    shutil.rmtree(path)
+                    removed.append(path)
+        except (OSError, ValueError, AttributeError):
+            continue
+    pointers = root / ".by-file"
+    for pointer in pointers.iterdir() if pointers.is_dir() else ():
+        try:
+            source = Path(json.loads(pointer.read_text())["source"])
+            stale = not source.is_file() or _stat_key(source) != pointer.name
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: a torn memo, or one being written now
+            stale = not pointer.name.startswith(".tmp-") or now - pointer.stat().st_mtime > _STALE_TMP_SECONDS
+        if stale:
+            pointer.unlink(missing_ok=True)
+            removed.append(pointer)
+    return removed
 
 
 def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The converted HF directory for `gguf` (under `gguf_cache_path`), converting it first when missing."""
+    """The converted HF directory for `gguf` (under `gguf_cache_path`), converting it first when missing (and then
+    pruning what the cache can never serve again, `prune_gguf_cache`)."""
     final = gguf_cache_path(gguf, cache_dir)
     if (final / _GGUF_MARKER).is_file():
         return final
@@ -300,7 +385,7 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
     try:
         _convert_gguf(gguf, tmp)
         (tmp / _GGUF_MARKER).write_text(json.dumps({
-            "source": str(gguf.resolve()), "size": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns,
+            "source": str(gguf.resolve()), "size": gguf.stat().st_size, "sha256": gguf_sha256(gguf, cache_dir),
             "format": _GGUF_CACHE_FORMAT,
         }, indent=1))
         if final.exists():  # an entry without its marker: not ours to trust
@@ -312,6 +397,7 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    prune_gguf_cache(cache_dir)
     return final
 
 
