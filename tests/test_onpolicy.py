@@ -73,6 +73,20 @@ def test_generate_batch_keeps_prompts_and_labels_only_generated_tokens(tiny_lm):
     assert all(torch.equal(again[k], new[k]) for k in new)  # the seed fixes the samples
 
 
+def test_each_row_gets_its_own_room_not_the_longest_prompts(tiny_lm):
+    """A long prompt in the micro-batch does not shorten the other rows' responses: each row may grow to
+    min(max_new_tokens, seq_len + 1 - its prompt length) tokens, as it would on its own."""
+    model, T = tiny_lm(), 24
+    short, long = [11, 12, 13], list(range(50, 70))  # rooms: 22 and 5 tokens
+    rows = [op.build_row(p, [40, 41, EOS], T, PAD) for p in (short, long)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    policy = op.OnPolicy(1.0, 1.0, 1.0, 10, 0, (EOS,), PAD)
+    new, tokens = policy.generate_batch(model, batch, seed=0)
+    # seed 0: neither row samples EOS, so each runs to its limit: 10 new tokens, and the long row fills its 5
+    assert (new["labels"] != IGNORE_INDEX).sum(1).tolist() == [10, 5] and tokens == 15
+    assert new["input_ids"][1, :len(long)].tolist() == long and (new["labels"][1, len(long) - 1:] != IGNORE_INDEX).all()
+
+
 def test_generation_restores_the_training_mode_and_rng(tiny_lm):
     model = tiny_lm().train()
     state = torch.get_rng_state()

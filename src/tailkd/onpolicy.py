@@ -9,7 +9,8 @@ those tokens exactly as it scores dataset responses, and every divergence of the
   0..f), so the prompt is exactly the one the dataset row was rendered with (chat template included);
 - the student samples at most ``train.on_policy_max_new_tokens`` tokens (temperature, nucleus top-p, no top-k),
   batched and left-padded with a KV cache (`transformers` ``generate``), stopping at EOS or the chat template's
-  end-of-turn token, which is kept and labelled as the dataset's EOS is; a row never grows past ``seq_len``;
+  end-of-turn token, which is kept and labelled as the dataset's EOS is; a row never grows past ``seq_len`` (each
+  row is cut to its own room, so a long prompt in the micro-batch does not shorten the others' responses);
 - the new row carries labels ONLY on the generated tokens (prompt and padding: -100), so the step's global
   count of valid tokens — the one denominator — counts generated tokens;
 - the draws are counter-based: whether micro-batch m of step s is on-policy comes from ``(seed, s, m)`` (the
@@ -126,10 +127,11 @@ class OnPolicy:
         if not rows:
             return batch, 0
         prompts = [batch["input_ids"][i, :lengths[i]].tolist() for i in rows]
-        budget = min(self.max_new_tokens, seq_len + 1 - max(len(p) for p in prompts))  # >= 1: a label fits
-        responses = sample_responses(model, prompts, max_new_tokens=budget, temperature=self.temperature,
-                                     top_p=self.top_p, stops=list(self.stops), pad_id=self.pad_id, seed=seed,
-                                     autocast_dtype=self.autocast_dtype)
+        rooms = [seq_len + 1 - len(p) for p in prompts]  # per row (>= 1: a label fits), not the longest prompt's
+        responses = sample_responses(model, prompts, max_new_tokens=min(self.max_new_tokens, max(rooms)),
+                                     temperature=self.temperature, top_p=self.top_p, stops=list(self.stops),
+                                     pad_id=self.pad_id, seed=seed, autocast_dtype=self.autocast_dtype)
+        responses = [r[:room] for r, room in zip(responses, rooms)]
         new = {key: value.clone() for key, value in batch.items()}  # e.g. row_index is kept as it is
         for i, prompt, response in zip(rows, prompts, responses):
             for key, value in build_row(prompt, response, seq_len, self.pad_id).items():
