@@ -442,6 +442,27 @@ def test_eval_generate_reports_rouge_l_in_json_and_table(assets, tmp_path, capsy
                                                                          if k.startswith("student_")}
 
 
+def test_eval_generate_prompts_are_rendered_as_the_runs_rows(tmp_path):
+    """`--prompts` files are rendered with data.chat_template (the run's, or the flag): `none` gives plain prompts
+    even when the tokenizer has a template, a .jinja file its own template; `auto` the tokenizer's."""
+    from test_sft import CHATML, chatml_tokenizer
+
+    from tailkd.command_config import EvalConfig
+    from tailkd.commands import generation_examples
+
+    tok = chatml_tokenizer(template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    jinja = tmp_path / "chatml.jinja"
+    jinja.write_text(CHATML)
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "What is 1 plus 2?", "response": "#### 3"}])
+    for setting, want in (("none", None), ("auto", tok.chat_template), (str(jinja), CHATML)):
+        cfg = EvalConfig()
+        cfg.generate.enabled, cfg.generate.prompts, cfg.data.chat_template = True, [str(prompts)], setting
+        examples, template = generation_examples(cfg, tok)
+        assert template == want, setting
+        prompt = examples[0][0]
+        assert prompt == ("What is 1 plus 2?" if want is None else [{"role": "user", "content": "What is 1 plus 2?"}])
+
+
 def test_eval_generate_without_references_is_one_line(assets, tmp_path, capsys, monkeypatch):
     """ROUGE-L asked for (the default) on data with an example without a reference response: one line, exit 2,
     no JSON; the same for a missing rouge-score package (said before any model is loaded)."""

@@ -122,8 +122,8 @@ def generation_examples(cfg: EvalConfig, tokenizer):
     from tailkd import sft
     from tailkd.corpus import default_cache_root
 
-    if cfg.generate.prompts:
-        template = sft.resolve_chat_template(tokenizer, "auto")
+    if cfg.generate.prompts:  # rendered as the run's rows were (data.chat_template), not always the tokenizer's
+        template = sft.resolve_chat_template(tokenizer, sft.chat_template_setting(cfg.data.chat_template))
         examples = sft.read_sft_examples([Path(p) for p in cfg.generate.prompts], references_optional=True)
         return [(e.generation_prompt(template is not None), e.reference) for e in examples], template
     data = cfg.data if cfg.data.task == "sft" else DataConfig(

@@ -516,6 +516,19 @@ def builtin_sft_files(name: str, data_cfg, cache_root: Path) -> tuple[Path, Path
     raise TailkdError(f"unknown built-in data {name!r}; the built-in SFT sets are {', '.join(BUILTIN_SFT)}")
 
 
+def chat_template_setting(value: str) -> str | None:
+    """``data.chat_template`` as `prepare_sft` / `resolve_chat_template` take it: ``"auto"``, None for ``"none"``,
+    else the text of the template file it names."""
+    if value == "none":
+        return None
+    if value == "auto":
+        return value
+    tfile = Path(value)
+    if not tfile.is_file():
+        raise TailkdError(f"data.chat_template {value!r} is neither auto, none nor a template file; pass a .jinja file")
+    return tfile.read_text(encoding="utf-8")
+
+
 def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTRows, dict]:
     """The trainer's entry point for ``data.task = sft``: rows from ``data.paths`` (JSONL files, and the built-in
     sets ``builtin:math`` / ``builtin:instruct``, `builtin_sft_files`), the built-in math problems when no path is
@@ -531,17 +544,9 @@ def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTR
         else:
             paths.append(Path(p))
     held = [Path(p) for p in data_cfg.heldout_paths] or builtin_held or None
-    template = data_cfg.chat_template
-    if template == "none":
-        template = None
-    elif template != "auto":
-        tfile = Path(template)
-        if not tfile.is_file():
-            raise TailkdError(f"data.chat_template {template!r} is neither auto, none nor a template file; "
-                              "pass a .jinja file")
-        template = tfile.read_text(encoding="utf-8")
     train_rows, held_rows, info = prepare_sft(
-        paths, tokenizer, seq_len=data_cfg.seq_len, mode=data_cfg.sft_mode, chat_template=template,
+        paths, tokenizer, seq_len=data_cfg.seq_len, mode=data_cfg.sft_mode,
+        chat_template=chat_template_setting(data_cfg.chat_template),
         heldout_fraction=data_cfg.heldout_fraction, heldout_paths=held, seed=data_cfg.split_seed,
         overlong=data_cfg.overlong)
     if len(held_rows) == 0:
