@@ -133,7 +133,8 @@ class EvalOptions:
                                       "settings not given are those of its run (RUN/config.yaml)")
     split: str = _f("heldout", "which rows: the held-out split tailkd distill uses, train, or all",
                     choices=EVAL_SPLITS)
-    batch_size: int = _f(4, "rows per forward pass (results do not depend on it); prompts per batch with --generate")
+    batch_size: int = _f(4, "rows per forward pass (results do not depend on it); prompts per batch with --generate "
+                            "(the sampled completions, with --samples, do)")
     max_rows: int = _f(64, "evaluate at most this many rows (0: all)")
     bins: int = _f(10, "calibration bins M on [0, 1] for Full-ECE and ECE")
     device: str = _f("auto", DEVICE_HELP)
