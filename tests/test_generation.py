@@ -47,7 +47,16 @@ def test_sentence_bleu_by_hand():
     want = math.exp(1 - 2) * ((2 / 2) * ((1 + 1) / (1 + 1)) * (1 / 1) * (1 / 1)) ** 0.25
     assert sentence_bleu("a b", ["a b c d", "x y z w v u"]) == pytest.approx(want, abs=1e-12)
     assert sentence_bleu("the the the the", ["the cat"]) < sentence_bleu("the cat", ["the cat"]) == 1.0
-    assert sentence_bleu("", ["a"]) == 0.0
+    assert sentence_bleu("", ["a"]) == 0.0 and sentence_bleu("a", [""]) == 0.0
+    assert sentence_bleu("", ["a", " "]) == 1.0  # identical (empty) hypothesis and reference
+
+
+def test_identical_empty_samples_are_not_read_as_diverse():
+    """A student that ends every sample at once: Self-BLEU 1 (all samples identical), as Distinct-n says (0),
+    not 0, which would rank it the most diverse."""
+    assert self_bleu(["", "", ""]) == 1.0 and distinct_n(["", "", ""], 1) == 0.0
+    assert self_bleu(["", "a b"]) == 0.0  # nothing shared
+    assert diversity([["", ""], ["a b", "c d"]])["self_bleu"] == 0.5
 
 
 def test_self_bleu_closed_form():

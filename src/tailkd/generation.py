@@ -69,16 +69,18 @@ def sentence_bleu(hypothesis: str, references: Sequence[str], *, max_order: int 
     - smoothing ("add-one for n ≥ 2", Lin & Och 2004; ``smooth_method="add-k", k=1`` in sacrebleu): for
       n ≥ 2, p_n = (matches + 1) / (total + 1); p_1 is unsmoothed, so no shared word at all gives 0;
     - BP = 1 if c > r else exp(1 − r/c), c = hypothesis length, r = the reference length closest to c
-      (ties: the shorter one). An empty hypothesis scores 0.
+      (ties: the shorter one). An empty hypothesis scores 0, or 1 against an empty reference.
 
-    Identical hypothesis and reference score exactly 1.
+    Identical hypothesis and reference score exactly 1, empty ones included (sacrebleu scores ("", [""]) 0: then
+    a set of identical empty samples, e.g. a student that ends every answer at once, would get Self-BLEU 0 and
+    read as the most diverse).
     """
     hyp = _words(hypothesis)
     refs = [_words(r) for r in references]
     if not refs:
         raise ValueError("sentence_bleu needs at least one reference")
     if not hyp:
-        return 0.0
+        return float(any(not r for r in refs))
     log_sum = 0.0
     for n in range(1, max_order + 1):
         h = _ngrams(hyp, n)
