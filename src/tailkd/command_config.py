@@ -146,9 +146,9 @@ class GenerateOptions:
     enabled: bool = _f(False, "generation-based evaluation instead of the held-out metrics: decode held-out prompts "
                               "with student and teacher and score exact match of the final answer ('#### N', else "
                               "'the answer is N', else the last number) and ROUGE-L (generate.rouge)")
-    prompts: list[str] = _f([], "prompt/response JSONL files whose every example is decoded (default: the held-out "
-                                "split of the data when data.task is sft, as an SFT run's; else the built-in math "
-                                "problems' held-out set)")
+    prompts: list[str] = _f([], "prompt/response JSONL files whose every example is decoded, rendered as "
+                                "data.chat_template says (the run's) (default: the held-out split of the data when "
+                                "data.task is sft, as an SFT run's; else the built-in math problems' held-out set)")
     max_new_tokens: int = _f(256, "tokens generated per prompt")
     samples: int = _f(0, "sampled completions per prompt besides greedy (>= 2 adds Distinct-n and Self-BLEU)")
     temperature: float = _f(1.0, "sampling temperature")
