@@ -280,12 +280,12 @@ def test_resume_after_a_crash_skips_complete_shards_and_equals_a_fresh_cache(set
     _, fresh = _write(setup, "fresh", tail_samples=2)
     real_save, calls = cache._save_shard, {"n": 0}
 
-    def crashing_save(path, tensors, meta):
+    def crashing_save(path, tensors):
         if path.name.startswith("shard_") and calls["n"] == 2:
             path.with_name(f".tmp-{path.name}-1").write_bytes(b"half a shard")  # what a kill leaves behind
             raise KeyboardInterrupt("simulated crash")
         calls["n"] += path.name.startswith("shard_")
-        real_save(path, tensors, meta)
+        real_save(path, tensors)
 
     monkeypatch.setattr(cache, "_save_shard", crashing_save)
     with pytest.raises(KeyboardInterrupt):
@@ -310,6 +310,8 @@ def test_resume_after_a_crash_skips_complete_shards_and_equals_a_fresh_cache(set
     a, b = cache.CacheReader(fresh).rows(range(10)), cache.CacheReader(path).rows(range(10))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    for shard in sorted(fresh.glob("shard_*")):  # the files too, byte for byte (safetensors' header included)
+        assert (path / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
 def test_cache_loss_descriptions_name_the_approximation(setup):

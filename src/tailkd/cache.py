@@ -184,10 +184,13 @@ def _teacher_rows(hidden: torch.Tensor, head: Head, *, k: int, tail_samples: int
     return res
 
 
-def _save_shard(path: Path, tensors: dict, meta: dict) -> None:
-    """Write one shard atomically (`checkpoint.atomic_write_file`), with the sha256 of every tensor."""
+def _save_shard(path: Path, tensors: dict) -> None:
+    """Write one shard atomically (`checkpoint.atomic_write_file`), with the sha256 of every tensor.
+
+    Its metadata is that one key: safetensors writes the metadata map in an order that varies from one process (and
+    one map) to the next, so only a one-key map gives the same file bytes from a resumed or a multi-rank run."""
     sums = {name: _sha256_tensor(x).hexdigest() for name, x in tensors.items()}
-    metadata = {**{k: str(v) for k, v in meta.items()}, "sha256": json.dumps(sums)}
+    metadata = {"sha256": json.dumps(sums)}
     try:
         atomic_write_file(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
     except OSError as exc:
@@ -282,7 +285,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                     parts.append(part)
                     bar.update(ids.numel())
                 tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
-                _save_shard(out / _shard_name(i), tensors, {"shard": i, "row_start": a, "row_end": b})
+                _save_shard(out / _shard_name(i), tensors)
                 bar.set_postfix(shard=f"{i + 1}/{meta['num_shards']}")
         except Exception as exc:  # noqa: BLE001 - raised on every rank below, after this rank's lockstep forwards
             if w == 1:
@@ -362,7 +365,7 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
         tensors = {"weight": head.weight[:vocab].detach().cpu().contiguous()}
         if head.bias is not None:
             tensors["bias"] = head.bias[:vocab].detach().cpu().contiguous()
-        _save_shard(out / HEAD_FILE, tensors, {"kind": "head"})
+        _save_shard(out / HEAD_FILE, tensors)
 
 
 def _shard_complete(path: Path, log) -> bool:
