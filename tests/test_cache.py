@@ -456,6 +456,39 @@ def test_a_full_disk_while_caching_is_one_line_and_the_rerun_finishes(tmp_path, 
     assert "1 shard(s) written, 2 complete shard(s) kept" in capsys.readouterr().out
 
 
+def test_an_out_that_cannot_hold_a_cache_is_one_line(tmp_path, capsys, monkeypatch):
+    """--out naming a file, or a disk full before the first shard (cache.json): exit 2 with one line naming --out,
+    not an OSError's name and errno."""
+    import errno
+    import os
+
+    from tiny import make_teacher_dir
+
+    from tailkd.cli import main
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+
+    def run(out):
+        args = ["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                "--out", str(out), "--max-rows", "2", "--device", "cpu"]
+        assert main(args) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert run(afile) == f"tailkd: error: cache.out {afile} is a file; choose a folder name with --out"
+
+    def full_disk(final, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache, "atomic_write_text", full_disk)
+    out = tmp_path / "out"
+    assert run(out) == (f"tailkd: error: could not write teacher cache {out} (No space left on device); free disk "
+                        "space or choose another --out")
+
+
 # --------------------------------------------------------------------------- an error on one rank of a sharded teacher
 
 

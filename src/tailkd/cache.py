@@ -347,6 +347,8 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
     temporary files removed; ``cache.json`` written once (and the teacher's LM head when ``head`` is given: a
     cache of hidden states needs it)."""
     meta_path = out / META_FILE
+    if out.exists() and not out.is_dir():
+        raise TailkdError(f"cache.out {out} is a file; choose a folder name with --out")
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         diff = _first_difference(_identity(old), _identity(meta))
@@ -355,11 +357,15 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
                               "same arguments, or choose another --out")
     elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".tmp-")):
         raise TailkdError(f"{out} exists and is not a teacher cache; choose a new or empty --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".tmp-*"):
-        stale.unlink(missing_ok=True)
-    if not meta_path.is_file():
-        atomic_write_text(meta_path, json.dumps({**meta, "created_unix": time.time()}, indent=1))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-*"):
+            stale.unlink(missing_ok=True)
+        if not meta_path.is_file():
+            atomic_write_text(meta_path, json.dumps({**meta, "created_unix": time.time()}, indent=1))
+    except OSError as exc:
+        raise TailkdError(f"could not write teacher cache {out} ({exc.strerror or exc}); free disk space or choose "
+                          "another --out") from exc
     if head is not None and not (out / HEAD_FILE).is_file():
         vocab = meta["vocab_size"]
         tensors = {"weight": head.weight[:vocab].detach().cpu().contiguous()}
