@@ -426,6 +426,14 @@ class CacheReader:
         self.num_rows = int(m["num_rows"])
         self.rows_per_shard = int(m["rows_per_shard"])
         self._verified: set[int] = set()
+        missing = [_shard_name(i) for i in range(int(m["num_shards"])) if not (self.path / _shard_name(i)).is_file()]
+        if missing:  # refused now, not at the first batch (maybe hours in) that reads a row of a missing shard
+            raise self._unfinished(missing)
+
+    def _unfinished(self, missing: list[str]) -> TailkdError:
+        more = f" and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""
+        return TailkdError(f"teacher cache {self.path} lacks {missing[0]}{more} (caching did not finish); run tailkd "
+                           "cache-teacher again with the same arguments to complete it")
 
     def check_loss(self, loss_name: str, temperature: float = 1.0, cosine_weight: float = 0.0) -> str:
         """TailkdError if this cache cannot give ``loss_name``; else its `cache_loss_description` (for the run log)."""
@@ -464,8 +472,7 @@ class CacheReader:
     def _shard(self, i: int) -> Path:
         path = self.path / _shard_name(i)
         if not path.is_file():
-            raise TailkdError(f"teacher cache {self.path} lacks {path.name} (caching did not finish); run tailkd "
-                              "cache-teacher again with the same arguments to complete it")
+            raise self._unfinished([path.name])
         if i not in self._verified:
             verify_shard(path)
             self._verified.add(i)
