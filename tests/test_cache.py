@@ -257,6 +257,23 @@ def test_mismatches_are_clear_errors(setup):
         _write(setup, "topk", k=6)
 
 
+def test_a_cache_of_another_teacher_is_refused_when_the_run_loads_it_in_another_dtype(setup):
+    """The cache was written by an fp32 teacher; a run loading its teacher in bf16 (a GPU's default) cannot compare
+    the fp32 weights hash, so it compares both sides' weights rounded to bf16: the same teacher passes, another one
+    (same tokenizer and shapes) is refused."""
+    import copy
+
+    model, tok, *_ = setup
+    _, path = _write(setup, "dtypes")
+    same = copy.deepcopy(model).to(torch.bfloat16)
+    assert cache.open_cache(path, tokenizer=tok, teacher_model=same).num_rows == 10
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(-1.0)
+    with pytest.raises(TailkdError, match="teacher weights"):
+        cache.open_cache(path, tokenizer=tok, teacher_model=other.to(torch.bfloat16))
+
+
 def test_corrupted_shard_is_detected_named_and_rewritten(setup):
     _, path = _write(setup, "corrupt")
     shard = path / "shard_000001.safetensors"

@@ -71,14 +71,16 @@ def _sha256_tensor(x: torch.Tensor, h=None):
     return h
 
 
-def weights_hash(model) -> str:
-    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, in state-dict order.
+def weights_hash(model, dtype: torch.dtype | None = None) -> str:
+    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, in state-dict order; with
+    ``dtype`` every floating-point tensor cast to it first (bf16: the same for a teacher loaded in fp32 or in bf16).
 
     A teacher sharded with FSDP2 (`tailkd.sharded_teacher`) hashes the same as the same weights loaded whole: each
     sharded tensor is gathered in turn (``full_tensor``; a collective, so every rank calls this), one at a time."""
     h = hashlib.sha256()
     for name, x in model.state_dict().items():
         x = x.full_tensor() if hasattr(x, "full_tensor") else x
+        x = x.to(dtype) if dtype is not None and x.is_floating_point() else x
         h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
         _sha256_tensor(x, h)
     return h.hexdigest()
@@ -320,6 +322,8 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
                     "hidden_size": d,
                     "head": {"vocab_size": vocab, "scale": head.spec.scale, "softcap": head.spec.softcap},
                     "dtype": str(head.weight.dtype).removeprefix("torch.")},
+        # outside "teacher" (an identity key on resume): a cache begun by an older tailkd, without it, still resumes
+        "teacher_weights_sha256_bf16": weights_hash(model, torch.bfloat16),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "corpus": dict(corpus, seq_len=seq_len),
         "k": k, "vocab_size": vocab,
@@ -398,7 +402,7 @@ class CacheReader:
 
     def __init__(self, path, *, tokenizer_fingerprint: str | None = None, corpus_fingerprint: str | None = None,
                  split: str | None = None, seq_len: int | None = None, k: int | None = None,
-                 teacher_weights_sha256: str | None = None):
+                 teacher_weights_sha256: str | None = None, teacher_weights_sha256_bf16: str | None = None):
         self.path = Path(path)
         meta_path = self.path / META_FILE
         if not meta_path.is_file():
@@ -413,7 +417,8 @@ class CacheReader:
         checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
                   ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
                   ("split", split, m["corpus"]["split"]), ("seq_len", seq_len, m["corpus"]["seq_len"]),
-                  ("teacher weights", teacher_weights_sha256, m["teacher"]["weights_sha256"])]
+                  ("teacher weights", teacher_weights_sha256, m["teacher"]["weights_sha256"]),
+                  ("teacher weights", teacher_weights_sha256_bf16, m.get("teacher_weights_sha256_bf16"))]
         for what, run_value, cached in checks:
             if run_value is not None and run_value != cached:
                 show = (lambda v: str(v)[:12]) if isinstance(cached, str) and len(str(cached)) > 20 else repr
@@ -547,20 +552,25 @@ def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, s
                seq_len: int | None = None, k: int | None = None, teacher_model=None) -> CacheReader:
     """`CacheReader` checked against the run's tokenizer, corpus, split, seq_len, K and teacher weights.
 
-    The weights hash is compared only when ``teacher_model`` is loaded in the dtype the cache was written with
-    (a bf16 cache from a GPU and an fp32 teacher on a CPU hash differently with the same weights)."""
+    ``teacher_model`` loaded in the dtype the cache was written with is compared by its weights hash; loaded in
+    another (a bf16 cache from a GPU and an fp32 teacher on a CPU hash differently with the same weights), by the
+    hash of its weights rounded to bf16 (``teacher_weights_sha256_bf16``; a cache written before it had that key is
+    not compared)."""
     from tailkd.vocab import tokenizer_fingerprint
 
-    sha = None
+    sha = sha_bf16 = None
     if teacher_model is not None:
         meta_path = Path(path) / META_FILE
-        cached = json.loads(meta_path.read_text()).get("teacher", {}).get("dtype") if meta_path.is_file() else None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        cached = meta.get("teacher", {}).get("dtype")
         loaded = str(next(teacher_model.parameters()).dtype).removeprefix("torch.")
         if cached in (None, loaded):
             sha = weights_hash(teacher_model)
+        elif meta.get("teacher_weights_sha256_bf16"):
+            sha_bf16 = weights_hash(teacher_model, torch.bfloat16)
     return CacheReader(path, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
                        corpus_fingerprint=corpus_fingerprint, split=split, seq_len=seq_len, k=k,
-                       teacher_weights_sha256=sha)
+                       teacher_weights_sha256=sha, teacher_weights_sha256_bf16=sha_bf16)
 
 
 # --------------------------------------------------------------------------- what a run gets from a cache
