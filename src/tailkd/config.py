@@ -574,9 +574,13 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
         base, optional = _unwrap_optional(tp)
         default = leaf_value(defaults, dotted)
         is_list = typing.get_origin(base) is list
-        unset = ("; no value unsets it" if is_list else "; null unsets it") if optional else ""
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default}{unset})"}
+        unset = ("no value unsets it" if is_list else "null unsets it") if optional else ""
+        text = f.metadata.get("help", "")
+        if "(default:" in text:  # the help says what the default means: not a second "(default: None)"
+            text += f" ({unset})" if unset else ""
+        else:
+            text += f" (default: {default}{'; ' + unset if unset else ''})"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
         if f.metadata.get("positional"):
             (item,) = typing.get_args(base)
             parser.add_argument(dotted, metavar=f.metadata["positional"], nargs="*", type=item, **kw)
