@@ -87,6 +87,17 @@ def test_compare_without_baseline_and_a_baseline_not_in_the_list(tmp_path):
     assert f"{100 * math.log(1.0 / 0.5):+.2f}" in res["markdown"]
 
 
+def test_a_baseline_outside_the_list_with_a_run_s_folder_name(tmp_path):
+    """`tailkd compare x/kd --baseline y/kd`: two runs named kd. Both keep a distinct name (their paths), so the
+    figure has both curves (keyed by name) and the table tells them apart."""
+    kx = make_run(tmp_path / "x", "kd", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
+    ky = make_run(tmp_path / "y", "kd", loss="kd", kls=[2.0, 0.5], ppl=10.0, agreement=0.5)
+    res = compare_runs([kx], baseline=ky, out_dir=tmp_path / "o")
+    assert [r["name"] for r in res["records"]] == [str(ky), str(kx)]
+    _, rows = table_rows(res["markdown"])
+    assert rows[f"{ky} (baseline)"]["held-out KL"] == "0.5000" and rows[str(kx)]["held-out KL"] == "1.0000"
+
+
 def write_generation(run, name="generate.json", **metrics):
     """The JSON `tailkd eval --generate --out RUN/<name>` writes: ``mode`` generate, ``student_*``/``teacher_*``."""
     result = {"mode": "generate", "examples": 20, "teacher_rougeL": 0.9,

@@ -255,10 +255,6 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
     if not runs:
         raise TailkdError("no run given; pass one or more run folders written by tailkd distill")
     records = [load_run(r) for r in runs]
-    labels = [r["name"] for r in records]
-    if len(set(labels)) < len(labels):  # same folder names in different places: use the paths
-        for r in records:
-            r["name"] = r["path"]
     base = None
     if baseline is not None:
         key = str(Path(baseline).resolve())
@@ -266,6 +262,10 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
         base = matches[0] if matches else load_run(baseline)
         if not matches:
             records.insert(0, base)
+    labels = [r["name"] for r in records]  # the baseline's too: the names key the figure's curves
+    if len(set(labels)) < len(labels):  # same folder names in different places: use the paths
+        for r in records:
+            r["name"] = r["path"]
     from tailkd.checkpoint import atomic_write_text  # (torch only when writing)
 
     out = Path(out_dir)
