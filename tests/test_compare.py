@@ -243,3 +243,21 @@ def test_compare_lm_eval_accuracies_and_the_papers_rel_bar(tmp_path, capsys):
     assert main(["compare", str(make_run(tmp_path, "a", loss="kd", kls=[1.0], ppl=1.0, agreement=0.1)),
                  "--out", str(tmp_path / "cmp2")]) == 0
     assert "tasks" not in (tmp_path / "cmp2" / "compare.md").read_text()
+
+
+def test_compare_lm_eval_runs_without_a_shared_task(tmp_path):
+    """Runs scored on disjoint lm-eval tasks: the task columns stay, as "—", and the note names the tasks left out
+    (they vanished from the table without a word); a task only one run has is named too."""
+    a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
+    b = make_run(tmp_path, "b", loss="tad", kls=[2.0, 0.8], ppl=9.0, agreement=0.6)
+    write_lm_eval(a, {"arc_easy": 0.4})
+    write_lm_eval(b, {"piqa": 0.6})
+    md = compare_runs([a, b], baseline=a, out_dir=tmp_path / "o")["markdown"]
+    _, rows = table_rows(md.split("\n\n")[0])
+    assert rows["b"]["tasks: mean acc"] == "—" and rows["b"]["Rel̄ (tasks)"] == "—"
+    assert "left out (not in every run's results): arc_easy, piqa." in md
+    write_lm_eval(b, {"piqa": 0.6, "arc_easy": 0.5})
+    md = compare_runs([a, b], baseline=a, out_dir=tmp_path / "o")["markdown"]
+    _, rows = table_rows(md.split("\n\n")[0])
+    assert rows["b"]["Rel̄ (tasks)"] == f"{100 * math.log(0.5 / 0.4):+.2f}"
+    assert "left out (not in every run's results): piqa." in md

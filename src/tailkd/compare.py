@@ -18,7 +18,8 @@ worse for agreement).
 lm-eval task accuracies (``tailkd lm-eval --out RUN/lm_eval.json``: lm-eval's ``acc``, or ``exact_match`` for
 generation tasks such as ``tailkd_gsm``; perplexity tasks have neither and are left out): when any run has them, the
 table adds the mean accuracy over the tasks every such run has and, against the baseline, the paper's Rel̄ (Table 1):
-the mean over those tasks of Rel = 100 · ln(acc / acc_baseline); a second table lists each task's accuracy.
+the mean over those tasks of Rel = 100 · ln(acc / acc_baseline); a second table lists each task's accuracy. The
+tasks not in every such run are named in a note (with none shared, the mean and Rel̄ are "—").
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
         if rel and baseline is not None:
             head.append(f"Rel {title}")
     tasks = shared_tasks(records)
-    if tasks:
+    scored = any(r.get("tasks") for r in records)  # the columns stay ("—") when no task is in every run
+    if scored:
         head += ["tasks: mean acc"] + (["Rel̄ (tasks)"] if baseline is not None else [])
     head += ["wall time", "PFLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -219,7 +221,7 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
             cells.append(_fmt(r[key], fmt))
             if rel and baseline is not None:
                 cells.append(_fmt(relative_change(r[key], baseline[key]), "+.2f"))
-        if tasks:
+        if scored:
             mean, rel_bar = task_summary(r, baseline, tasks)
             cells += [_fmt(mean, ".4f")] + ([_fmt(rel_bar, "+.2f")] if baseline is not None else [])
         cells += [_hms(r["seconds"]), _fmt(None if r["flops"] is None else r["flops"] / 1e15, ".3g")]
@@ -231,11 +233,13 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
         notes.append("ROUGE-L = mean F-measure of the student's greedy completions against the reference responses; "
                      "Distinct-2 (higher) and Self-BLEU (lower = more diverse) of its sampled completions "
                      "(`--samples` ≥ 2); from `tailkd eval --generate --out RUN/generate.json` (or RUN/eval.json).")
-    if tasks:
+    if scored:
+        left_out = sorted(set().union(*(r.get("tasks") or {} for r in records)) - set(tasks))
         notes.append(f"tasks: lm-eval accuracy (acc; exact_match for generation tasks) from RUN/{LM_EVAL_FILE} "
                      f"(`tailkd lm-eval --out RUN/{LM_EVAL_FILE}`), mean over the {len(tasks)} tasks every run with "
                      "results has" + ("; Rel̄ = the mean over them of each task's Rel (paper Table 1)"
-                                      if baseline is not None else "") + ".")
+                                      if baseline is not None else "")
+                     + (f"; left out (not in every run's results): {', '.join(left_out)}" if left_out else "") + ".")
     if baseline is not None:
         notes.append(f"Rel = 100·ln(metric / metric of {baseline['name']}).")
     if tasks:
