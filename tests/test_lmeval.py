@@ -199,3 +199,28 @@ def test_paper_tasks_offline_fail_in_one_line(student, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "arc_easy", "--limit", "2"]) == 2
     one_line_error(capsys.readouterr().err, "HF_HUB_OFFLINE=0")
+
+
+def test_num_fewshot_on_our_zero_shot_tasks_is_said(student, tmp_path, capsys):
+    """tailkd_gsm's YAML sets 0 shots, which lm-eval keeps whatever --num-fewshot says (its n-shot stays 0), and
+    tailkd_ppl scores whole documents: --num-fewshot does not apply to them, and the user is told so."""
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    inc = prepare_tasks(tmp_path / "work", gsm_items=read_gsm_items(gsm_file), max_gen_toks=8)
+    res = run_lm_eval(ScriptedLM(set(), {}), ["tailkd_gsm"], include_path=inc, num_fewshot=2)
+    assert res["n-shot"]["tailkd_gsm"] == 0
+    assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_gsm,arc_easy", "--gsm-data",
+                 str(gsm_file), "--num-fewshot", "2", "--work-dir", str(tmp_path / "w"), "--write-only"]) == 0
+    err = capsys.readouterr().err
+    assert "tailkd_gsm is zero-shot: --num-fewshot 2 applies to the other tasks only" in err
+
+
+def test_limit_below_one_is_a_fraction_as_the_help_says(tmp_path, capsys):
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    inc = prepare_tasks(tmp_path / "work", gsm_items=read_gsm_items(gsm_file), max_gen_toks=8)
+    res = run_lm_eval(ScriptedLM(set(), {}), ["tailkd_gsm"], include_path=inc, limit=0.5)
+    assert res["n-samples"]["tailkd_gsm"]["effective"] == 2  # half of the 4, not "at most 0.5 documents"
+    with pytest.raises(SystemExit):
+        main(["lm-eval", "--help"])
+    assert "below 1: this fraction" in " ".join(capsys.readouterr().out.split())

@@ -316,8 +316,10 @@ class LmEvalOptions:
                                "--heldout-data files are not read), or all", choices=LM_EVAL_SPLITS)
     gsm_data: Optional[str] = _f(None, 'tailkd_gsm problems: .jsonl of {"question", "answer": "... #### N"}')
     max_gen_toks: int = _f(256, "tailkd_gsm: generated tokens at most")
-    limit: Optional[float] = _f(None, "at most this many documents per task (lm-eval --limit)")
-    num_fewshot: Optional[int] = _f(None, "few-shot examples (lm-eval --num_fewshot)")
+    limit: Optional[float] = _f(None, "at most this many documents per task; below 1: this fraction of them "
+                                      "(lm-eval --limit)")
+    num_fewshot: Optional[int] = _f(None, "few-shot examples (lm-eval --num_fewshot); tailkd_ppl and tailkd_gsm "
+                                          "stay zero-shot")
     batch_size: int = _f(1, "lm-eval batch size")
     device: str = _f("auto", DEVICE_HELP)
     work_dir: Optional[str] = _f(None, "where task YAMLs + data are written (default: a temporary folder; with "

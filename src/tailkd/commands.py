@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from tailkd.command_config import (
@@ -251,6 +252,10 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     if not (model_dir / "config.json").is_file():
         raise TailkdError(f"--model {model_dir} is not a saved model folder (no config.json); pass e.g. runs/x/final")
     names = tasks.expand_tasks(o.tasks)
+    ours = [t for t in names if t in tasks.OUR_TASKS]
+    if o.num_fewshot and ours:  # tailkd_gsm's YAML says 0 shots, which lm-eval keeps; tailkd_ppl has no context
+        print(f"tailkd: warning: {', '.join(ours)} {'is' if len(ours) == 1 else 'are'} zero-shot: --num-fewshot "
+              f"{o.num_fewshot} applies to the other tasks only", file=sys.stderr)
     gsm_items = ppl_docs = None
     if "tailkd_gsm" in names:
         if o.gsm_data is None:
