@@ -261,3 +261,24 @@ def test_compare_lm_eval_runs_without_a_shared_task(tmp_path):
     _, rows = table_rows(md.split("\n\n")[0])
     assert rows["b"]["Rel̄ (tasks)"] == f"{100 * math.log(0.5 / 0.4):+.2f}"
     assert "left out (not in every run's results): piqa." in md
+
+
+def test_compare_refuses_a_task_scored_with_other_shots_or_documents(tmp_path, capsys):
+    """A task scored 5-shot in one run and 0-shot (or on a --limit of its documents) in another: its Rel̄ would
+    compare two evaluations, so compare stops with a one-line error naming the task and both files."""
+    def lm_eval_json(run, acc, shots, docs):
+        (run / "lm_eval.json").write_text(json.dumps({
+            "results": {"arc_easy": {"acc,none": acc}, "piqa": {"acc,none": 0.6}},
+            "n-shot": {"arc_easy": shots, "piqa": 0},
+            "n-samples": {"arc_easy": {"original": 2376, "effective": docs}, "piqa": {"original": 1838,
+                                                                                     "effective": 1838}}}))
+
+    a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
+    b = make_run(tmp_path, "b", loss="tad", kls=[2.0, 0.8], ppl=9.0, agreement=0.6)
+    lm_eval_json(a, 0.40, 0, 2376)
+    lm_eval_json(b, 0.50, 0, 2376)
+    assert "Rel̄" in compare_runs([a, b], baseline=a, out_dir=tmp_path / "o")["markdown"]  # the same setups: fine
+    for shots, docs in ((5, 2376), (0, 100)):
+        lm_eval_json(b, 0.50, shots, docs)
+        assert main(["compare", str(a), str(b), "--baseline", str(a), "--out", str(tmp_path / "o")]) == 2
+        one_line_error(capsys.readouterr().err, f"arc_easy was scored with {shots} shots on {docs} documents in {b}")

@@ -19,7 +19,8 @@ lm-eval task accuracies (``tailkd lm-eval --out RUN/lm_eval.json``: lm-eval's ``
 generation tasks such as ``tailkd_gsm``; perplexity tasks have neither and are left out): when any run has them, the
 table adds the mean accuracy over the tasks every such run has and, against the baseline, the paper's Rel̄ (Table 1):
 the mean over those tasks of Rel = 100 · ln(acc / acc_baseline); a second table lists each task's accuracy. The
-tasks not in every such run are named in a note (with none shared, the mean and Rel̄ are "—").
+tasks not in every such run are named in a note (with none shared, the mean and Rel̄ are "—"); a task scored with
+other shots or on another number of documents in two runs (lm-eval's ``n-shot``, ``n-samples``) is an error.
 """
 
 from __future__ import annotations
@@ -118,6 +119,33 @@ def read_task_accuracies(run: str | Path) -> dict[str, float]:
     return out
 
 
+def read_task_setups(run: str | Path) -> dict[str, tuple]:
+    """{task: (shots, documents scored)} from ``RUN/lm_eval.json`` (lm-eval's ``n-shot`` and ``n-samples`` effective:
+    what --num-fewshot and --limit made of the task); tasks without them are left out."""
+    saved = _read_json(Path(run) / LM_EVAL_FILE)
+    if not isinstance(saved, dict):
+        return {}
+    shots, samples = saved.get("n-shot") or {}, saved.get("n-samples") or {}
+    return {t: (shots[t], samples[t].get("effective")) for t in shots
+            if isinstance(samples.get(t), dict) and samples[t].get("effective") is not None}
+
+
+def check_task_setups(records: list[dict], tasks: list[str]) -> None:
+    """TailkdError when two runs scored a task of ``tasks`` with other shots or another number of documents: their
+    accuracies (and a Rel̄ over them) would compare different evaluations."""
+    for task in tasks:
+        seen = {}
+        for r in records:
+            setup = (r.get("task_setups") or {}).get(task)
+            if setup is not None:
+                seen.setdefault(setup, r["path"])
+        if len(seen) > 1:
+            (a, run_a), (b, run_b) = list(seen.items())[:2]
+            raise TailkdError(f"{task} was scored with {b[0]} shots on {b[1]} documents in {run_b}/{LM_EVAL_FILE} but "
+                              f"{a[0]} shots on {a[1]} in {run_a}/{LM_EVAL_FILE}; re-run tailkd lm-eval with the same "
+                              "--num-fewshot and --limit for every run")
+
+
 def shared_tasks(records: list[dict]) -> list[str]:
     """The tasks every run with lm-eval accuracies has (sorted): the ones its mean accuracy and Rel̄ average over."""
     sets = [set(r["tasks"]) for r in records if r.get("tasks")]
@@ -153,6 +181,7 @@ def load_run(path: str | Path) -> dict:
         "seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
         "rougeL": gen.get("student_rougeL"), "distinct_2": gen.get("student_distinct_2"),
         "self_bleu": gen.get("student_self_bleu"), "tasks": read_task_accuracies(run),
+        "task_setups": read_task_setups(run),
     }
 
 
@@ -270,6 +299,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
     if len(set(labels)) < len(labels):  # same folder names in different places: use the paths
         for r in records:
             r["name"] = r["path"]
+    check_task_setups(records, shared_tasks(records))
     from tailkd.checkpoint import atomic_write_text  # (torch only when writing)
 
     out = Path(out_dir)
