@@ -282,3 +282,9 @@ def test_compare_refuses_a_task_scored_with_other_shots_or_documents(tmp_path, c
         lm_eval_json(b, 0.50, shots, docs)
         assert main(["compare", str(a), str(b), "--baseline", str(a), "--out", str(tmp_path / "o")]) == 2
         one_line_error(capsys.readouterr().err, f"arc_easy was scored with {shots} shots on {docs} documents in {b}")
+
+
+def test_compare_help_names_the_lm_eval_columns(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "tailkd lm-eval --out RUN/lm_eval.json" in " ".join(capsys.readouterr().out.split())

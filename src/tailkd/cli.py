@@ -54,8 +54,10 @@ COMMANDS = {
         "Plot held-out KL vs training tokens of several runs (metrics.jsonl) and tabulate final held-out KL, "
         "perplexity, Full-ECE (RUN/eval.json), agreement, tokens, wall time and FLOPs, with "
         "Rel = 100·ln(metric / baseline); with generation results (tailkd eval --generate --out "
-        "RUN/generate.json) also ROUGE-L, Distinct-2 and Self-BLEU, and a fidelity-vs-diversity scatter plot. "
-        "Writes compare.md, compare.json, heldout_kl.png (and fidelity_diversity.png)."),
+        "RUN/generate.json) also ROUGE-L, Distinct-2 and Self-BLEU, and a fidelity-vs-diversity scatter plot; "
+        "with lm-eval results (tailkd lm-eval --out RUN/lm_eval.json) the mean task accuracy and Rel̄ = the mean "
+        "over tasks of Rel (paper Table 1). Writes compare.md, compare.json, heldout_kl.png (and "
+        "fidelity_diversity.png)."),
     "flops": (
         cc.FlopsConfig, "flops", "FLOPs of KD, TAD, MiniPLM, SeqKD, MiniLLM per 1M tokens (paper Table 3)",
         "Estimate PetaFLOPs per training tokens for vanilla KD, TAD, MiniPLM-style teacher scoring and "
