@@ -288,3 +288,19 @@ def test_compare_help_names_the_lm_eval_columns(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     assert "tailkd lm-eval --out RUN/lm_eval.json" in " ".join(capsys.readouterr().out.split())
+
+
+def test_compare_a_clm_run_without_a_teacher(tmp_path):
+    """A `--loss clm` run without a teacher logs held-out student_clm / student_ppl but no kl: the table still shows
+    its perplexity (and Rel perplexity), with KL and agreement "—" (its perplexity was "—" too)."""
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5)
+    clm = tmp_path / "clm"
+    clm.mkdir()
+    rows = [{"step": s, "split": "heldout", "tokens": 1000 * s, "student_clm": math.log(p), "student_ppl": p,
+             "student_acc": 0.3} for s, p in ((0, 90.0), (1, 50.0))]
+    (clm / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (clm / "summary.json").write_text(json.dumps({"tokens": 1000, "train_seconds": 60.0, "loss": "clm"}))
+    _, rows = table_rows(compare_runs([kd, clm], baseline=kd, out_dir=tmp_path / "o")["markdown"])
+    assert rows["clm"]["perplexity"] == "50.00" and rows["clm"]["Rel perplexity"] == f"{100 * math.log(50 / 40):+.2f}"
+    assert rows["clm"]["held-out KL"] == "—" and rows["clm"]["agreement"] == "—"
+    assert load_run(clm)["curve"] == ([], [])

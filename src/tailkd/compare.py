@@ -168,14 +168,15 @@ def load_run(path: str | Path) -> dict:
     """One run folder → a record: ``name``, ``path``, ``loss``, ``curve`` (tokens, kl), final metrics, costs, and
     the student's ROUGE-L, Distinct-2 and Self-BLEU from its generation evaluation (None without one)."""
     run = Path(path)
-    held = [r for r in read_metrics(run)[1] if "kl" in r]
+    held = read_metrics(run)[1]  # a run without a teacher (clm) has no kl: its perplexity is still compared
+    curve = [r for r in held if "kl" in r]
     summary = _read_json(run / "summary.json") or {}
     ev, gen = read_evals(run)
     final = held[-1] if held else {}
     flops = summary.get("flops") or {}
     return {
         "name": run.name, "path": str(run), "loss": summary.get("loss") or _config_loss(run),
-        "curve": ([r.get("tokens", 0) for r in held], [r["kl"] for r in held]),
+        "curve": ([r.get("tokens", 0) for r in curve], [r["kl"] for r in curve]),
         "kl": final.get("kl"), "ppl": final.get("student_ppl"), "agreement": final.get("agreement"),
         "full_ece": ev.get("student_full_ece"), "tokens": summary.get("tokens", final.get("tokens")),
         "seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
