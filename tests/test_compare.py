@@ -304,3 +304,19 @@ def test_compare_a_clm_run_without_a_teacher(tmp_path):
     assert rows["clm"]["perplexity"] == "50.00" and rows["clm"]["Rel perplexity"] == f"{100 * math.log(50 / 40):+.2f}"
     assert rows["clm"]["held-out KL"] == "—" and rows["clm"]["agreement"] == "—"
     assert load_run(clm)["curve"] == ([], [])
+
+
+def test_heldout_kl_figure_leaves_out_a_run_without_kl(tmp_path, monkeypatch):
+    """heldout_kl.png draws one line per run with held-out KL; a run without a teacher has none and got a legend
+    entry without a line."""
+    import tailkd.plots
+
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5)
+    clm = tmp_path / "clm"
+    clm.mkdir()
+    (clm / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "tokens": 0, "student_clm": 4.0}) + "\n")
+    drawn = {}
+    real = tailkd.plots.plot_heldout_kl
+    monkeypatch.setattr(tailkd.plots, "plot_heldout_kl", lambda c, path: drawn.update(c) or real(c, path))
+    compare_runs([kd, clm], out_dir=tmp_path / "o")
+    assert drawn == {"kd": ([0, 1000], [3.0, 1.6])}

@@ -307,7 +307,8 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(records, base)
     atomic_write_text(out / "compare.md", table)
-    png = plot_heldout_kl({r["name"]: r["curve"] for r in records}, out / "heldout_kl.png")
+    # a run without held-out KL (no teacher) has no curve: no legend entry without a line
+    png = plot_heldout_kl({r["name"]: r["curve"] for r in records if r["curve"][0]}, out / "heldout_kl.png")
     points = fidelity_diversity_points(records)
     scatter = plot_fidelity_diversity(points, out / "fidelity_diversity.png") if points else None
     atomic_write_text(out / "compare.json", json.dumps([{k: v for k, v in r.items()} for r in records], indent=1))
