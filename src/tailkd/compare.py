@@ -266,7 +266,8 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
     if scored:
         left_out = sorted(set().union(*(r.get("tasks") or {} for r in records)) - set(tasks))
         notes.append(f"tasks: lm-eval accuracy (acc; exact_match for generation tasks) from RUN/{LM_EVAL_FILE} "
-                     f"(`tailkd lm-eval --out RUN/{LM_EVAL_FILE}`), mean over the {len(tasks)} tasks every run with "
+                     f"(`tailkd lm-eval --out RUN/{LM_EVAL_FILE}`), mean over the {len(tasks)} "
+                     f"task{'' if len(tasks) == 1 else 's'} every run with "
                      "results has" + ("; Rel̄ = the mean over them of each task's Rel (paper Table 1)"
                                       if baseline is not None else "")
                      + (f"; left out (not in every run's results): {', '.join(left_out)}" if left_out else "") + ".")
