@@ -346,10 +346,10 @@ def test_render_chat_matches_the_template(tok):
     ('\n{"question": "a", "response": "b"}\n', r'd\.jsonl:2: no "prompt" field'),
     ('{"prompt": "a", "response": 3}\n', r'd\.jsonl:1: "response" is a int'),
     ('{"prompt": "a", "response": "  "}\n', r'd\.jsonl:1: "response" is empty'),
-    ('[1, 2]\n', r"d\.jsonl:1: a JSON list"),
+    ('[1, 2]\n', r'd\.jsonl:1: a JSON list, not an object; write \{"prompt": \.\.\., "response": \.\.\.\} or'),
     ('{"messages": [{"role": "user", "content": "a"}]}\n', r'd\.jsonl:1: no "assistant" message'),
     ('{"messages": [{"role": "user"}]}\n', r"d\.jsonl:1: message 0 is not"),
-    ("\n  \n", r"d\.jsonl holds no examples"),
+    ("\n  \n", r'd\.jsonl holds no examples .*"response": \.\.\.\} or remove the file'),
     ("", r"d\.jsonl holds no examples"),
 ])
 def test_bad_files_name_file_and_line(tok, tmp_path, content, match):

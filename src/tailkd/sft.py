@@ -118,7 +118,7 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
 def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
     if not isinstance(obj, dict):
         raise TailkdError(f'{where}: a JSON {type(obj).__name__}, not an object; write {{"prompt": ..., '
-                          '"response": ...}} or {"messages": [...]} per line')
+                          '"response": ...} or {"messages": [...]} per line')
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -167,7 +167,7 @@ def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTEx
             n_file += 1
         if n_file == 0:
             raise TailkdError(f'{f} holds no examples (empty or blank); add lines like {{"prompt": ..., "response": '
-                              '...}} or remove the file')
+                              '...} or remove the file')
     return out
 
 
