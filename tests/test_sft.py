@@ -369,6 +369,15 @@ def test_bad_settings(tok, tmp_path):
         prepare_sft([tmp_path / "missing.jsonl"], tok, seq_len=32)
 
 
+def test_a_single_example_names_a_fix_the_cli_takes(tok, tmp_path):
+    """One example cannot be split; the fix named is --heldout-data (the CLI refuses data.heldout_fraction=0, which the
+    message used to suggest, and an SFT run needs held-out rows)."""
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:1])
+    with pytest.raises(TailkdError, match=r"only 1 SFT example.*--heldout-data FILE") as exc:
+        prepare_sft([f], tok, seq_len=32)
+    assert "heldout_fraction=0" not in str(exc.value)
+
+
 def test_empty_heldout_rows_are_a_dataset(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
     _, held, _ = prepare_sft([f], tok, seq_len=128, heldout_fraction=0)

@@ -403,7 +403,8 @@ def _heldout_split(examples: list[SFTExample], fraction: float, seed: int) -> tu
         return list(examples), []
     n = len(examples)
     if n < 2:
-        raise TailkdError(f"only {n} SFT example, so none can be held out; add examples or set heldout_fraction=0")
+        raise TailkdError(f"only {n} SFT example, so none can be held out; add examples or give held-out examples of "
+                          "their own (--heldout-data FILE)")
     keys = [_split_key(e, seed) for e in examples]
     want = min(n - 1, max(1, round(fraction * n)))
     cut = sorted(keys)[want - 1]
