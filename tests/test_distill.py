@@ -14,6 +14,7 @@ from tiny import make_teacher_dir, read_metrics, write_corpus
 from transformers import AutoModelForCausalLM
 
 from tailkd.cli import main
+from tailkd.errors import TailkdError
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +203,16 @@ def test_heldout_data_for_pretraining_replaces_the_heldout_split_only(assets, tm
                 str(tmp_path / "eval.json"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["kl"] == pytest.approx(held_other[-1]["kl"], rel=1e-5)
+
+
+def test_heldout_data_smaller_than_a_row_is_named(assets, tmp_path):
+    """--heldout-data too short for one row: the error says it is the held-out data (it named only the cached
+    corpora/<fingerprint>/train.bin, which reads as the training corpus)."""
+    small = tmp_path / "small.txt"
+    small.write_text("The quick brown fox.\n")
+    with pytest.raises(TailkdError, match=r"train\.bin holds \d+ tokens, fewer than one row") as exc:
+        _setup_data(assets, heldout_paths=[str(small)])
+    assert str(exc.value).startswith(f"--heldout-data {small}: ")
 
 
 def test_doc_eos_false_reads_one_continuous_stream(assets):

@@ -218,7 +218,11 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     # the "train" file of a corpus prepared with nothing held out. The training corpus is prepared as without it,
     # so its rows (and a teacher cache of them) do not depend on --heldout-data.
     held = prepare(text_paths(cfg.data.heldout_paths, cfg.data, cache_root), heldout_fraction=0.0, min_heldout_docs=0)
-    return info, train_rows, data_mod.PackedRows(held.train_bin, cfg.data.seq_len)
+    try:
+        held_rows = data_mod.PackedRows(held.train_bin, cfg.data.seq_len)
+    except TailkdError as exc:  # it names the cached train.bin of that corpus: say which data it holds
+        raise TailkdError(f"--heldout-data {' '.join(map(str, cfg.data.heldout_paths))}: {exc}") from None
+    return info, train_rows, held_rows
 
 
 def set_steps_from_epochs(cfg: DistillConfig, rows: int) -> None:
