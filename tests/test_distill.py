@@ -205,6 +205,17 @@ def test_heldout_data_for_pretraining_replaces_the_heldout_split_only(assets, tm
     assert json.loads((tmp_path / "eval.json").read_text())["kl"] == pytest.approx(held_other[-1]["kl"], rel=1e-5)
 
 
+def test_cache_dir_help_says_where_corpora_go(assets):
+    """data.cache_dir is the root of tailkd's data cache: corpora land in <dir>/corpora (its help said the default
+    was ~/.cache/tailkd/corpora, i.e. that the flag names the corpora folder itself, and left out $TAILKD_CACHE)."""
+    from tailkd.config import DataConfig
+
+    _, (info, _, _) = _setup_data(assets)
+    assert info.dir.parent == Path(assets["cache"]) / "corpora"
+    text = DataConfig.__dataclass_fields__["cache_dir"].metadata["help"]
+    assert "<dir>/corpora" in text and "$TAILKD_CACHE, else ~/.cache/tailkd)" in text
+
+
 def test_heldout_data_smaller_than_a_row_is_named(assets, tmp_path):
     """--heldout-data too short for one row: the error says it is the held-out data (it named only the cached
     corpora/<fingerprint>/train.bin, which reads as the training corpus)."""

@@ -169,7 +169,8 @@ class DataConfig:
     heldout_fraction: float = _f(0.05, "fraction of documents held out for evaluation")
     doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file", choices=DOC_SEPS)
     eval_rows: int = _f(16, "held-out rows used for the periodic held-out KL/CLM evaluation")
-    cache_dir: Optional[str] = _f(None, "where tokenised corpora are cached (default: ~/.cache/tailkd/corpora)")
+    cache_dir: Optional[str] = _f(None, "tailkd's data cache: tokenised corpora in <dir>/corpora, the built-in data "
+                                        "sets beside them (default: $TAILKD_CACHE, else ~/.cache/tailkd)")
     task: str = _f("pretrain", "pretrain (packed text) or sft (prompt -> response JSONL; empty paths: built-in "
                                "GSM-style math problems); 'builtin:math' as a pretrain path is the math corpus",
                    choices=TASKS)
