@@ -142,6 +142,19 @@ def test_parquet(tmp_path):
         docs_of(tmp_path / "bad.parquet")
 
 
+def test_parquet_dictionary_encoded_text(tmp_path):
+    """A dictionary-encoded string column (pandas "category") holds strings: read as any "text" column (it was
+    refused: 'column "text" holds dictionary<values=string, ...>, not strings')."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": pa.array(["first doc", None, "second doc", "first doc"]).dictionary_encode()}),
+                   tmp_path / "d.parquet")
+    assert docs_of(tmp_path / "d.parquet") == ["first doc", "second doc", "first doc"]
+    pq.write_table(pa.table({"text": pa.array([1, 2]).dictionary_encode()}), tmp_path / "ints.parquet")
+    with pytest.raises(TailkdError, match=r'ints\.parquet: column "text" holds .*int64.*, not strings'):
+        docs_of(tmp_path / "ints.parquet")
+
+
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError

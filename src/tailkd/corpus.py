@@ -236,7 +236,8 @@ def _iter_parquet(path: Path) -> Iterator[str]:
     if "text" not in names:
         raise TailkdError(f'{path} has no "text" column (columns: {names[:8]}); rename the document column to "text"')
     kind = pf.schema_arrow.field("text").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind  # dictionary: e.g. a pandas "category" column
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
         raise TailkdError(f'{path}: column "text" holds {kind}, not strings; store each document as a string')
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
