@@ -323,8 +323,8 @@ def test_gguf_file_is_hashed_once(tmp_path, tiny_tokenizer, monkeypatch):
     gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
     cache = tmp_path / "cache"
     reads = []
-    real = models._file_sha256
-    monkeypatch.setattr(models, "_file_sha256", lambda path: reads.append(path) or real(path))
+    real = models.file_sha256
+    monkeypatch.setattr(models, "file_sha256", lambda path: reads.append(path) or real(path))
     key = models.gguf_cache_key(gguf_file, cache)
     assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 1  # remembered
     assert models.gguf_sha256(gguf_file, cache) == hashlib.sha256(gguf_file.read_bytes()).hexdigest()

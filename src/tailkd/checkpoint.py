@@ -43,7 +43,8 @@ STATE_FILE = "trainer.pt"
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -198,7 +199,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         save_safetensors(_dedupe_shared(model_state), tmp / MODEL_FILE)
         _test_pause()
         save_torch(trainer_state, tmp / STATE_FILE)
-        manifest = {"step": step, "files": {n: _sha256(tmp / n) for n in (MODEL_FILE, STATE_FILE)}}
+        manifest = {"step": step, "files": {n: file_sha256(tmp / n) for n in (MODEL_FILE, STATE_FILE)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     try:
@@ -263,7 +264,7 @@ def verify_checkpoint(path: Path) -> str | None:
         f = path / name
         if not f.is_file():
             return f"missing {name}"
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             return f"{name} does not match its checksum (truncated or corrupted)"
     return None
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from tailkd.checkpoint import atomic_write_text, file_sha256
 from tailkd.errors import TailkdError
 
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
@@ -278,14 +279,6 @@ def load_tokenizer(path: Path):
 
 # --------------------------------------------------------------------------- GGUF → safetensors cache
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stat_key(gguf: Path) -> str:
     st = gguf.stat()
     return hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
@@ -302,12 +295,9 @@ def gguf_sha256(gguf: Path, cache_dir: str | os.PathLike | None = None) -> str:
             return memo["sha256"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    sha = _file_sha256(gguf)
+    sha = file_sha256(gguf)
     try:  # a memo only: a cache we cannot write still gives the key
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pointer.with_name(f".tmp-{pointer.name}-{os.getpid()}")
-        tmp.write_text(json.dumps({"source": str(gguf.resolve()), "sha256": sha}))
-        os.replace(tmp, pointer)
+        atomic_write_text(pointer, json.dumps({"source": str(gguf.resolve()), "sha256": sha}))
     except OSError:
         pass
     return sha
@@ -345,25 +335,32 @@ def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     if not root.is_dir():
         return removed
     now = time.time()
+
+    def killed(path: Path) -> bool:  # a temporary file or folder this old: its process was killed
+        return now - path.stat().st_mtime > _STALE_TMP_SECONDS
+
     for path in root.iterdir():
         try:
             if path.name.startswith(".tmp-"):
-                if path.is_dir() and now - path.stat().st_mtime > _STALE_TMP_SECONDS:
-                    shutil.rmtree(path)
-                    removed.append(path)
-            elif path.is_dir() and (path / _GGUF_MARKER).is_file():
-                if json.loads((path / _GGUF_MARKER).read_text()).get("format") != _GGUF_CACHE_FORMAT:
-                    shutil.rmtree(path)
-                    removed.append(path)
+                stale = path.is_dir() and killed(path)
+            else:
+                stale = path.is_dir() and (path / _GGUF_MARKER).is_file() and \
+                    json.loads((path / _GGUF_MARKER).read_text()).get("format") != _GGUF_CACHE_FORMAT
+            if stale:
+                shutil.rmtree(path)
+                removed.append(path)
         except (OSError, ValueError, AttributeError):
             continue
     pointers = root / ".by-file"
     for pointer in pointers.iterdir() if pointers.is_dir() else ():
         try:
-            source = Path(json.loads(pointer.read_text())["source"])
-            stale = not source.is_file() or _stat_key(source) != pointer.name
-        except (OSError, ValueError, KeyError, TypeError):  # unreadable: a torn memo, or one being written now
-            stale = not pointer.name.startswith(".tmp-") or now - pointer.stat().st_mtime > _STALE_TMP_SECONDS
+            if pointer.name.startswith(".tmp-"):  # a memo being written (atomic_write_text), or one left by a kill
+                stale = killed(pointer)
+            else:
+                source = Path(json.loads(pointer.read_text())["source"])
+                stale = not source.is_file() or _stat_key(source) != pointer.name
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged memo; a temporary one already renamed
+            stale = not pointer.name.startswith(".tmp-")
         if stale:
             pointer.unlink(missing_ok=True)
             removed.append(pointer)
