@@ -77,13 +77,20 @@ def weights_hash(model, dtype: torch.dtype | None = None) -> str:
 
     A teacher sharded with FSDP2 (`tailkd.sharded_teacher`) hashes the same as the same weights loaded whole: each
     sharded tensor is gathered in turn (``full_tensor``; a collective, so every rank calls this), one at a time."""
-    h = hashlib.sha256()
+    return weights_hashes(model, (dtype,))[0]
+
+
+def weights_hashes(model, dtypes) -> list[str]:
+    """`weights_hash` of ``model`` for each of ``dtypes`` (None: as loaded), in one pass over its tensors (one
+    gather each when sharded)."""
+    hashes = [hashlib.sha256() for _ in dtypes]
     for name, x in model.state_dict().items():
         x = x.full_tensor() if hasattr(x, "full_tensor") else x
-        x = x.to(dtype) if dtype is not None and x.is_floating_point() else x
-        h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
-        _sha256_tensor(x, h)
-    return h.hexdigest()
+        for h, dtype in zip(hashes, dtypes):
+            y = x.to(dtype) if dtype is not None and x.is_floating_point() else x
+            h.update(f"{name}|{y.dtype}|{tuple(y.shape)}|".encode())
+            _sha256_tensor(y, h)
+    return [h.hexdigest() for h in hashes]
 
 
 def row_hash(input_ids: torch.Tensor) -> torch.Tensor:
@@ -316,14 +323,15 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
     per_token = bytes_per_token(k, hidden_size=d if hidden_states else 0, hidden_dtype=hidden_dtype,
                                 tail_samples=tail_samples)
     rows_per_shard = int(rows_per_shard or max(1, SHARD_BYTES // (per_token * seq_len)))
+    sha, sha_bf16 = weights_hashes(model, (None, torch.bfloat16))
     return {
         "format": FORMAT,
-        "teacher": {"name": teacher_name, "class": _model_class(model), "weights_sha256": weights_hash(model),
+        "teacher": {"name": teacher_name, "class": _model_class(model), "weights_sha256": sha,
                     "hidden_size": d,
                     "head": {"vocab_size": vocab, "scale": head.spec.scale, "softcap": head.spec.softcap},
                     "dtype": str(head.weight.dtype).removeprefix("torch.")},
         # outside "teacher" (an identity key on resume): a cache begun by an older tailkd, without it, still resumes
-        "teacher_weights_sha256_bf16": weights_hash(model, torch.bfloat16),
+        "teacher_weights_sha256_bf16": sha_bf16,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "corpus": dict(corpus, seq_len=seq_len),
         "k": k, "vocab_size": vocab,
