@@ -402,6 +402,57 @@ def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp
     assert sorted(p.name for p in good.parent.iterdir()) == ["step_00000004"]
 
 
+def test_a_replaced_checkpoint_put_aside_by_a_writer_on_a_hyphenated_host_is_repaired(tmp_path):
+    state = {"w": torch.arange(4.0)}
+    good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)
+    os.replace(good, good.with_name(".old-step_00000004-999@build-node-7"))  # the writer's tag is <pid>@<host>
+    ckpt.clean_partial_writes(tmp_path)
+    assert ckpt.list_checkpoints(tmp_path) == [good] and ckpt.verify_checkpoint(good) is None
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path):
+    """SIGKILL while ``atomic_write_dir`` writes (as a corpus being tokenised): its temporary folder is removed
+    by the next writer of the same folder, and nothing else is."""
+    final = tmp_path / "corpus"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom tailkd.checkpoint import atomic_write_dir\n"
+            "def write(tmp):\n    (tmp / 'train.bin').write_bytes(b'x' * 100)\n    print('writing', flush=True)\n"
+            "    time.sleep(60)\n"
+            f"atomic_write_dir(Path({str(final)!r}), write)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".tmp-corpus-{proc.pid}@")
+    host = left[0][len(f".tmp-corpus-{proc.pid}@"):].rsplit("-", 1)[0]
+    keep = [tmp_path / f".tmp-corpus-{os.getpid()}@{host}-live0000",  # a live writer (this process)
+            tmp_path / f".tmp-corpus-{_dead_pid()}@another-host-x1",  # another host's writer (a shared disk)
+            tmp_path / f".tmp-other-{_dead_pid()}@{host}-abcd1234"]  # a writer of another folder
+    for p in keep:
+        p.mkdir()
+    ckpt.atomic_write_dir(final, lambda tmp: (tmp / "train.bin").write_bytes(b"done"))
+    assert (final / "train.bin").read_bytes() == b"done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["corpus", *(p.name for p in keep)])
+
+
+def test_a_folder_put_aside_by_a_killed_writer_is_put_back_or_removed(tmp_path):
+    final = tmp_path / "corpus"
+    host = ckpt._writer_tag().split("@", 1)[1]
+    aside = tmp_path / f".old-corpus-{_dead_pid()}@{host}"
+    aside.mkdir()
+    (aside / "meta.json").write_text("{}")
+    assert ckpt.remove_dead_writers(final) == [aside]  # killed between the two renames: the old folder returns
+    assert (final / "meta.json").read_text() == "{}" and not aside.exists()
+    aside.mkdir()  # killed after the second rename: the new folder is in place, the old one goes
+    assert ckpt.remove_dead_writers(final) == [aside] and not aside.exists() and final.is_dir()
+
+
 # --------------------------------------------------------------------------- non-finite loss or gradients
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -65,11 +66,57 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _writer_tag() -> str:
+    """``<pid>@<host>``: who writes a temporary folder, so that a later writer can tell a dead one's leftovers."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def remove_dead_writers(final: Path) -> list[Path]:
+    """Remove what a killed ``atomic_write_dir`` of ``final`` left beside it: ``.tmp-<name>-<pid>@<host>-*``
+    folders (never complete) and ``.old-<name>-<pid>@<host>`` ones (the replaced folder; put back if the kill came
+    between the two renames and ``final`` is missing), for writers of THIS host whose process is gone. A live
+    writer's folders and other hosts' (a shared disk) are left alone. Returns what was removed or put back."""
+    final = Path(final)
+    host = re.escape(socket.gethostname())
+    name = re.escape(final.name)
+    tmp_re = re.compile(rf"\.tmp-{name}-(\d+)@{host}-[^-]+")
+    old_re = re.compile(rf"\.old-{name}-(\d+)@{host}")
+    done = []
+    try:
+        siblings = sorted(final.parent.iterdir())
+    except OSError:
+        return done
+    for p in siblings:
+        m = tmp_re.fullmatch(p.name) or old_re.fullmatch(p.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        if p.name.startswith(".old-") and not final.exists():
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
+
+
 def atomic_write_dir(final: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it). Returns ``final``."""
+    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it). Returns ``final``.
+
+    The temporary folder ``.tmp-<name>-<pid>@<host>-*`` is removed when ``write`` fails; one left by a killed
+    process is removed by the next writer of ``final`` (``remove_dead_writers``)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    remove_dead_writers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{_writer_tag()}-", dir=final.parent))
     try:
         write(tmp)
         for f in tmp.rglob("*"):
@@ -77,7 +124,7 @@ def atomic_write_dir(final: Path, write) -> Path:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            old = final.with_name(f".old-{final.name}-{_writer_tag()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -236,9 +283,9 @@ def clean_partial_writes(run_dir: Path) -> None:
         if p.name.startswith(".tmp-"):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(".old-"):
-            name = p.name[len(".old-"):].rsplit("-", 1)[0]
-            if name.startswith("step_") and not (root / name).exists():
-                os.replace(p, root / name)
+            m = re.match(r"\.old-(step_\d+)-", p.name)
+            if m and not (root / m.group(1)).exists():
+                os.replace(p, root / m.group(1))
             else:
                 shutil.rmtree(p, ignore_errors=True)
 
