@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,6 +313,25 @@ def test_resume_with_another_config_is_refused_unless_forced(assets, tmp_path):
     kept = list(run.glob("config.replaced-*.yaml"))
     assert len(kept) == 1 and "k: 10" in kept[0].read_text()
     assert "k: 5" in (run / "config.yaml").read_text() and (run / "final").is_dir()
+
+
+def test_resume_over_edited_data_is_refused_unless_forced(assets, tmp_path):
+    """The data edited between a stop and --resume, the number of rows unchanged (the same documents in another
+    order): the saved data order would continue over other rows, so the resume is refused."""
+    docs = Path(assets["corpus"]).read_text().strip().split("\n\n")
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(docs) + "\n")
+    run = tmp_path / "run"
+    proc = cli(*args(assets, run, "--steps", "4", "--train.stop_after", "2", "--data", str(data)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data.write_text("\n\n".join(reversed(docs)) + "\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_error(cli(*args(assets, run, "--steps", "4", "--resume", "--data", str(data))),
+                 "the training rows differ from the checkpoint's", "--force")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    proc = cli(*args(assets, run, "--steps", "4", "--resume", "--force", "--data", str(data)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: --force: the training rows differ" in proc.stderr and (run / "final").is_dir()
 
 
 def test_resume_of_something_that_is_not_a_run(assets, tmp_path):

@@ -250,6 +250,8 @@ def test_prepare_roundtrip_and_meta(tmp_path, tok):
     assert meta["fingerprint"] == info.fingerprint and len(info.fingerprint) == 64
     assert meta["files"] == [{"path": str(f.resolve()), "size": f.stat().st_size,
                               "mtime_ns": f.stat().st_mtime_ns}]
+    assert meta["sha256"] == {name: hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest()
+                              for name in ("train.bin", "heldout.bin")}
     assert sorted(os.listdir(tmp_path / "out")) == ["heldout.bin", "meta.json", "train.bin"]
 
 
@@ -487,7 +489,7 @@ def test_sampler_epochs_are_seeded_permutations():
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
     assert first == torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
     assert second == torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
-    assert s.state_dict() == {"epoch": 2, "position": 0, "seed": 3, "num_rows": 10, "shuffle": True}
+    assert s.state_dict() == {"epoch": 2, "position": 0, "seed": 3, "num_rows": 10, "shuffle": True, "digest": None}
     again = data.RowSampler(10, seed=3)
     assert [next(again) for _ in range(20)] == first + second
     plain = data.RowSampler(4, seed=0, shuffle=False)
@@ -510,6 +512,40 @@ def test_sampler_refuses_a_changed_corpus():
     next(a)
     with pytest.raises(TailkdError, match=r"num_rows=7, this run 9: the training corpus or --seq-len changed"):
         data.RowSampler(9, seed=0).load_state_dict(a.state_dict())
+
+
+def test_packed_rows_digest_follows_their_tokens(tmp_path, tok):
+    docs = [f"Document number {i}: some words about item {i * 7}." for i in range(40)]
+    a = write(tmp_path / "a.txt", "\n\n".join(docs))
+    b = write(tmp_path / "b.txt", "\n\n".join(reversed(docs)))  # the same documents (and split) in another order
+    ia = corpus.prepare_corpus(a, tok, tmp_path / "A", heldout_fraction=0.25)
+    ia2 = corpus.prepare_corpus(a, tok, tmp_path / "A2", heldout_fraction=0.25)
+    ib = corpus.prepare_corpus(b, tok, tmp_path / "B", heldout_fraction=0.25)
+    ra, ra2, rb = (data.PackedRows(i.train_bin, 8) for i in (ia, ia2, ib))
+    assert len(ra) == len(rb) and not np.array_equal(ra.tokens, rb.tokens)
+    assert ra.digest == ra2.digest and ra.digest != rb.digest and len(ra.digest) == 64
+    assert data.PackedRows(ia.train_bin, 9).digest != ra.digest  # rows of another length
+    meta = json.loads((tmp_path / "A2" / "meta.json").read_text())
+    del meta["sha256"]  # a corpus tokenised before the digest was recorded: unknown, not checked
+    (tmp_path / "A2" / "meta.json").write_text(json.dumps(meta))
+    assert data.PackedRows(ia2.train_bin, 8).digest is None
+
+
+def test_sampler_refuses_rows_whose_content_changed_unless_forced(capsys):
+    a = data.RowSampler(7, seed=0, digest="aaaa")
+    next(a)
+    with pytest.raises(TailkdError, match=r"^the training rows differ from the checkpoint's: .* --force to continue"):
+        data.RowSampler(7, seed=0, digest="bbbb").load_state_dict(a.state_dict())
+    forced = data.RowSampler(7, seed=0, digest="bbbb", force=True)
+    forced.load_state_dict(a.state_dict())
+    assert "warning: --force: the training rows differ" in capsys.readouterr().err
+    assert [next(forced) for _ in range(3)] == [next(a) for _ in range(3)]  # the saved order continues
+    assert forced.state_dict()["digest"] == "bbbb"  # the next resume compares with the new rows
+    for saved, now in (("aaaa", None), (None, "bbbb")):  # unknown on either side (older corpus or checkpoint)
+        old = data.RowSampler(7, seed=0, digest=saved)
+        data.RowSampler(7, seed=0, digest=now).load_state_dict(old.state_dict())
+    legacy = {k: v for k, v in a.state_dict().items() if k != "digest"}  # a checkpoint from before digests
+    data.RowSampler(7, seed=0, digest="bbbb").load_state_dict(legacy)
 
 
 def test_batches_resume_exactly(tmp_path):

@@ -91,6 +91,21 @@ def test_plain_pair_masks_exactly(tok, tmp_path):
     assert {k: (v.dtype, v.shape) for k, v in row.items()} == {k: (torch.int64, (32,)) for k in row}
 
 
+def test_rows_digest_follows_tokens_and_labels(tok, tmp_path):
+    pairs = [{"prompt": f"Q: {i}+{i}?\n", "response": f"A: {2 * i}"} for i in range(6)]
+    f = write_jsonl(tmp_path / "d.jsonl", pairs)
+    g = write_jsonl(tmp_path / "e.jsonl", pairs[:5] + [{"prompt": "Q: 5+5?\n", "response": "A: 11"}])
+    h = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "Q: 0+0?\nA", "response": ": 0"}] + pairs[1:])
+    build = dict(seq_len=32, chat_template=None, heldout_fraction=0)
+    one, two = prepare_sft([f], tok, **build)[0], prepare_sft([f], tok, **build)[0]
+    other_response = prepare_sft([g], tok, **build)[0]
+    other_mask = prepare_sft([h], tok, **build)[0]  # the same tokens, one fewer labelled
+    assert [r["input_ids"].tolist() for r in other_mask] == [r["input_ids"].tolist() for r in one]
+    assert one.digest == two.digest and len(one.digest) == 64
+    assert len({one.digest, other_response.digest, other_mask.digest,
+                prepare_sft([f], tok, **build | {"mode": "pack"})[0].digest}) == 4
+
+
 def test_plain_text_that_spells_a_special_token_stays_text(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x<|endoftext|>", "response": "y"}])
     train, _, _ = prepare_sft([f], tok, seq_len=64, chat_template=None, heldout_fraction=0)

@@ -431,6 +431,7 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
 
     def write(tmp: Path) -> None:
         counts = {"train": {"tokens": 0, "docs": 0}, "heldout": {"tokens": 0, "docs": 0}}
+        hashes = {"train": hashlib.sha256(), "heldout": hashlib.sha256()}  # of the bytes written
         with open(tmp / TRAIN_FILE, "wb") as f_train, open(tmp / HELDOUT_FILE, "wb") as f_held:
             sinks = {"train": f_train, "heldout": f_held}
 
@@ -447,7 +448,9 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
                     counts[split]["tokens"] += int(arr.size)
                 for split, arrs in parts.items():
                     if arrs:
-                        np.concatenate(arrs).tofile(sinks[split])
+                        block = np.concatenate(arrs)
+                        block.tofile(sinks[split])
+                        hashes[split].update(block.tobytes())
 
             batch, chars = [], 0
             for doc in iter_documents(files, doc_sep=doc_sep):
@@ -472,6 +475,7 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
             "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
             "tokenizer_fingerprint": tok_fp, "vocab_size": len(tokenizer), "eos_id": eos,
             "settings": settings, "split_threshold": threshold, **counts,
+            "sha256": {TRAIN_FILE: hashes["train"].hexdigest(), HELDOUT_FILE: hashes["heldout"].hexdigest()},
             "files": stats, "created_unix": time.time(),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")

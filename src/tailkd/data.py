@@ -22,6 +22,7 @@ per-document reset).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,12 +31,39 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tailkd import distributed as dist
 from tailkd.errors import TailkdError
 
 IGNORE_INDEX = -100  # the label of a position without a target: the one definition, imported everywhere
 TOKEN_DTYPE = np.uint32  # vocabularies exceed 65535 (e.g. 128k, 151k), so no uint16
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 TRAIN_FILE, HELDOUT_FILE, META_FILE = "train.bin", "heldout.bin", "meta.json"  # a prepared corpus's files
+
+
+def content_digest(parts) -> str:
+    """SHA-256 (hex) of a JSON-able description of rows, NumPy arrays included by their bytes: the ``digest`` of a
+    row source (``PackedRows``, ``tailkd.sft.SFTRows``), which a checkpoint keeps so that ``--resume`` notices rows
+    whose content changed (`RowSampler`)."""
+    h = hashlib.sha256()
+
+    def add(x) -> None:
+        if isinstance(x, np.ndarray):
+            h.update(f"array {x.dtype.str} {x.shape}|".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, (list, tuple)):
+            h.update(f"list {len(x)}|".encode())
+            for item in x:
+                add(item)
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)}|".encode())
+            for key in sorted(x):
+                add(str(key))
+                add(x[key])
+        else:
+            h.update(f"{json.dumps(x)}|".encode())
+
+    add(parts)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- packed rows
@@ -65,12 +93,16 @@ class PackedRows(Dataset):
         if size % TOKEN_BYTES:
             raise TailkdError(f"{self.path} is not a flat {np.dtype(TOKEN_DTYPE).name} token file (size {size}); "
                               "prepare the corpus again")
+        meta_path = self.path.parent / META_FILE
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
         if eos_id == "meta":
-            meta_path = self.path.parent / META_FILE
-            if not meta_path.is_file():
+            if meta is None:
                 raise TailkdError(f"no {META_FILE} next to {self.path}, so the EOS id is unknown; pass eos_id=...")
-            eos_id = json.loads(meta_path.read_text(encoding="utf-8"))["eos_id"]
+            eos_id = meta["eos_id"]
         self.eos_id = eos_id
+        token_sha = (meta or {}).get("sha256", {}).get(self.path.name)  # None: a corpus of an older tailkd
+        self.digest = None if token_sha is None else content_digest(
+            {"tokens": token_sha, "seq_len": seq_len, "eos_id": eos_id})
         self.num_tokens = size // TOKEN_BYTES
         self.num_rows = max(0, (self.num_tokens - 1) // seq_len)
         if self.num_rows == 0:
@@ -120,12 +152,18 @@ class RowSampler:
     """Infinite iterator over row indices: epoch e visits every row once, in the order of
     ``torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + e))`` (or 0..n-1 if
     not ``shuffle``). ``state_dict()`` after k draws + ``load_state_dict`` on a new sampler continues
-    with draw k+1, across epoch boundaries too."""
+    with draw k+1, across epoch boundaries too.
 
-    def __init__(self, num_rows: int, *, seed: int, shuffle: bool = True):
+    ``digest``: the rows' content (``PackedRows.digest``, ``SFTRows.digest``; None when unknown), kept in the state:
+    ``load_state_dict`` refuses a saved order over rows of other content (data edited between a kill and
+    ``--resume``, the row count unchanged), or with ``force`` (``--force``) warns and continues over the new rows."""
+
+    def __init__(self, num_rows: int, *, seed: int, shuffle: bool = True, digest: str | None = None,
+                 force: bool = False):
         if num_rows < 1:
             raise TailkdError("no training rows to sample; use a smaller --seq-len or more data")
         self.num_rows, self.seed, self.shuffle = int(num_rows), int(seed), bool(shuffle)
+        self.digest, self.force = digest, bool(force)
         self.epoch = 0
         self.position = 0  # index into this epoch's order of the next row to return; always < num_rows
         self._order: torch.Tensor | None = None
@@ -149,7 +187,7 @@ class RowSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_rows": self.num_rows, "shuffle": self.shuffle}
+                "num_rows": self.num_rows, "shuffle": self.shuffle, "digest": self.digest}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("num_rows", "shuffle"):
@@ -160,6 +198,14 @@ class RowSampler:
         if not 0 <= state["position"] < self.num_rows:
             raise TailkdError(f"saved sampler position {state['position']} is outside 0..{self.num_rows - 1}; "
                               "resume with the same data and --seq-len")
+        saved = state.get("digest")  # None: a checkpoint (or corpus) from before digests were kept
+        if saved is not None and self.digest is not None and saved != self.digest:
+            if not self.force:
+                raise TailkdError("the training rows differ from the checkpoint's: the data changed since the run "
+                                  "started (the same number of rows, other tokens); resume with the run's own data, "
+                                  "start a new run with another --out, or pass --force to continue over the new rows")
+            dist.say("tailkd: warning: --force: the training rows differ from the checkpoint's (the data changed); "
+                     "the saved order continues over the new rows", err=True)
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._order = None
 

@@ -48,6 +48,7 @@ the row) is dropped and counted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -60,7 +61,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tailkd.config import OVERLONG, SFT_MODES
-from tailkd.data import IGNORE_INDEX
+from tailkd.data import IGNORE_INDEX, content_digest
 from tailkd.errors import TailkdError
 
 Prompt = str | list[dict]  # a plain prompt, or chat messages without the final assistant turn
@@ -372,6 +373,12 @@ class SFTRows(Dataset):
             at += n
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "segment_ids": torch.from_numpy(segment_ids)}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the rows' content (layout, token ids, labels): kept by a checkpoint (`RowSampler`)."""
+        return content_digest({"seq_len": self.seq_len, "mode": self.mode, "pad_id": self.pad_id,
+                               "rows": self.rows, "inputs": self.inputs, "targets": self.targets})
 
     def stats(self) -> dict:
         tokens = sum(len(x) for x in self.inputs)

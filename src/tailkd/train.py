@@ -259,7 +259,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     t = cfg.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.max_steps, min_ratio=t.min_lr_ratio))
-    sampler = data_mod.RowSampler(len(train_rows), seed=t.seed)
+    sampler = data_mod.RowSampler(len(train_rows), seed=t.seed, digest=getattr(train_rows, "digest", None),
+                                  force=t.force_resume)
     restored = runs.restore(out, model, student, optimizer, scheduler, sampler) if resuming else None
     if resuming and restored is None:
         dist.say(f"{out} has no checkpoint yet: starting it from step 0")
