@@ -228,11 +228,9 @@ class LossConfig:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k={self.k!r} must be an integer >= 1 (the paper uses 10)")
         for f in dataclasses.fields(self):
-            allowed = FLOAT_RANGES.get(f"loss.{f.name}")
-            value = getattr(self, f.name)
-            if allowed is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                        or value not in allowed):
-                raise ValueError(f"{f.name}={value!r} must be {allowed.describe()}")
+            problem = out_of_range(f"loss.{f.name}", getattr(self, f.name))
+            if problem:
+                raise ValueError(problem[len("loss."):])
         if self.drkl_anchor not in DRKL_ANCHORS:
             raise ValueError(f"drkl_anchor={self.drkl_anchor!r} must be one of {', '.join(DRKL_ANCHORS)}")
         return self
@@ -373,13 +371,23 @@ def check_leaves(cfg) -> None:
             alts = " or ".join([", ".join(choices[:-1]), choices[-1]])
             raise TailkdError(f"{dotted}={value!r} must be {alts}")
     names = {dotted for dotted, _, _ in leaves}
-    for key, allowed in FLOAT_RANGES.items():
-        if key not in names or (value := leaf_value(cfg, key)) is None:
-            continue
-        if any(v not in allowed for v in (value if isinstance(value, list) else [value])):
-            if isinstance(value, list):
-                raise TailkdError(f"{key}={' '.join(map(str, value))}: each must be {allowed.describe()}")
-            raise TailkdError(f"{key}={value} must be {allowed.describe()}")
+    for key in FLOAT_RANGES:
+        value = leaf_value(cfg, key) if key in names else None  # None: also an unset optional
+        if value is not None and (problem := out_of_range(key, value)):
+            raise TailkdError(problem)
+
+
+def out_of_range(key: str, value) -> str | None:
+    """``"key=value must be ..."`` unless ``value`` (a float leaf, or each item of a list leaf) is a number in
+    ``key``'s `FLOAT_RANGES` entry (None then, as for a key without an entry): the one range check of
+    `check_leaves` (configs read from YAML and flags) and `LossConfig.check` (configs built in Python)."""
+    allowed = FLOAT_RANGES.get(key)
+    items = value if isinstance(value, list) else [value]
+    if allowed is None or all(not isinstance(v, bool) and isinstance(v, (int, float)) and v in allowed for v in items):
+        return None
+    if isinstance(value, list):
+        return f"{key}={' '.join(map(str, value))}: each must be {allowed.describe()}"
+    return f"{key}={value!r} must be {allowed.describe()}"
 
 
 def check_device_name(key: str, name: str) -> None:
