@@ -263,6 +263,27 @@ def test_output_paths_of_the_wrong_kind_are_one_clear_error(tmp_path):
             parse(argv, COMMAND_CONFIGS[command])
 
 
+def test_output_paths_under_a_file_are_one_clear_error(tmp_path):
+    """An output path with an existing file among its parent folders (eval --out notes.txt/eval.json) cannot be
+    written: refused when the command's config is read; it was a FileExistsError / NotADirectoryError with exit 1,
+    after the whole evaluation or analysis had run."""
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    file_ = re.escape(str(a_file))
+    cases = [
+        ("flops", ["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "9", "--hidden", "4", "--out",
+                   str(a_file / "flops.json")], rf"^flops\.out={file_}/flops\.json: {file_} is a file, not a folder"),
+        ("eval", ["--student", str(tmp_path), "--out", str(a_file / "sub" / "e.json")], rf"^eval\.out=.*{file_} is a"),
+        ("lm-eval", ["--model", str(tmp_path), "--out", str(a_file / "r.json")], rf"^lm_eval\.out=.*{file_} is a"),
+        ("compare", ["--out", str(a_file / "cmp")], rf"^compare\.out=.*{file_} is a file"),
+        ("analyze-teacher", ["--out", str(a_file / "an")], rf"^analyze\.out=.*{file_} is a file"),
+        ("reproduce", ["--out", str(a_file / "rep")], rf"^reproduce\.out=.*{file_} is a file"),
+    ]
+    for command, argv, match in cases:
+        with pytest.raises(TailkdError, match=match):
+            parse(argv, COMMAND_CONFIGS[command])
+
+
 def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):
     """``recipe --set`` overrides a setting of every stage, also where a stage sets it itself (math-two-stage's
     stages set train.max_steps and lr: --set was merged under them and ignored), and is checked like the stage's own

@@ -66,7 +66,7 @@ def _aliases(section: str, cls, *names: str) -> dict[str, str]:
 
 def _check_out(cfg, key: str, folder: bool) -> None:
     """The output path ``key``: a folder that is not an existing file (``folder``), or a file that is not an
-    existing folder."""
+    existing folder; and no existing file among its parent folders (they are created when missing)."""
     out = leaf_value(cfg, key)
     if not out:
         return
@@ -74,6 +74,9 @@ def _check_out(cfg, key: str, folder: bool) -> None:
         raise TailkdError(f"{key}={out} is a file; give a folder name")
     if not folder and Path(out).is_dir():
         raise TailkdError(f"{key}={out} is a folder; give a file name")
+    parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TailkdError(f"{key}={out}: {parent} is a file, not a folder; give a path in a folder")
 
 
 def _check_device(cfg, key: str) -> None:
