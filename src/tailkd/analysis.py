@@ -87,7 +87,7 @@ def teacher_statistics(teacher, batches: Iterable[dict], vocab_size: int, *, kma
 
 
 def format_summary(results: dict) -> str:
-    """One line per teacher: mean α_K at K = 1, 5, 10, 20, 100 and the mismatch rate."""
+    """One line per teacher: mean α_K at K = 1, 5, 10, 20, 50, 100 (those up to kmax), the mismatch rate and N."""
     ks = [k for k in (1, 5, 10, 20, 50, 100) if k <= len(next(iter(results.values()))["k"])]
     head = f"{'teacher':<28} " + " ".join(f"{'α_' + str(k):>8}" for k in ks) + f" {'mismatch':>9} {'tokens':>8}"
     lines = [head, "-" * len(head)]
