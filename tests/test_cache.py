@@ -495,7 +495,9 @@ def test_an_out_that_cannot_hold_a_cache_is_one_line(tmp_path, capsys, monkeypat
 
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    assert run(afile) == f"tailkd: error: cache.out {afile} is a file; choose a folder name with --out"
+    assert run(afile) == f"tailkd: error: cache.out={afile} is a file; give a folder name"  # before the teacher loads
+    assert run(afile / "cache") == f"tailkd: error: cache.out={afile}/cache: {afile} is a file, not a folder; give a " \
+                                   "path in a folder"
 
     def full_disk(final, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

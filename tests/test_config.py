@@ -278,10 +278,13 @@ def test_output_paths_under_a_file_are_one_clear_error(tmp_path):
         ("compare", ["--out", str(a_file / "cmp")], rf"^compare\.out=.*{file_} is a file"),
         ("analyze-teacher", ["--out", str(a_file / "an")], rf"^analyze\.out=.*{file_} is a file"),
         ("reproduce", ["--out", str(a_file / "rep")], rf"^reproduce\.out=.*{file_} is a file"),
+        ("cache-teacher", ["--out", str(a_file / "cache")], rf"^cache\.out=.*{file_} is a file"),
+        ("select-data", ["--reference", str(tmp_path), "--out", str(a_file / "sel")], rf"^select\.out=.*{file_} is a"),
+        ("distill", ["--out", str(a_file / "run")], rf"^train\.out_dir=.*{file_} is a file"),  # before models load
     ]
     for command, argv, match in cases:
         with pytest.raises(TailkdError, match=match):
-            parse(argv, COMMAND_CONFIGS[command])
+            parse(argv, COMMAND_CONFIGS.get(command, DistillConfig))
 
 
 def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):

@@ -260,12 +260,13 @@ def test_out_that_is_not_a_selection_is_never_replaced(assets, tmp_path):
     (mine / "notes.txt").write_text("mine")
     a_file = tmp_path / "file.txt"
     a_file.write_text("mine too")
-    for out in (mine, a_file):
+    for out, want in ((mine, f"refusing to replace {mine}: it exists and is not a tailkd select-data output (no "
+                             "selection.json); choose a new or empty folder for --out"),
+                      (a_file, f"select.out={a_file} is a file; give a folder name")):
         proc = _cli(*_args(assets, out))
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert last == (f"tailkd: error: refusing to replace {out}: it exists and is not a tailkd select-data output "
-                        "(no selection.json); choose a new or empty folder for --out")
+        assert last == f"tailkd: error: {want}"
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and a_file.read_text() == "mine too"
     empty = tmp_path / "empty"
     empty.mkdir()

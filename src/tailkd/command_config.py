@@ -34,6 +34,7 @@ from tailkd.config import (
     check_at_least,
     check_device_name,
     check_leaves,
+    check_out_path,
     from_dict,
     leaf_value,
 )
@@ -62,21 +63,6 @@ def _aliases(section: str, cls, *names: str) -> dict[str, str]:
     """``--a-b`` -> ``section.a_b`` for the fields ``names`` of ``cls`` (all of them if none is named)."""
     names = names or tuple(f.name for f in fields(cls))
     return {name.replace("_", "-"): f"{section}.{name}" for name in names}
-
-
-def _check_out(cfg, key: str, folder: bool) -> None:
-    """The output path ``key``: a folder that is not an existing file (``folder``), or a file that is not an
-    existing folder; and no existing file among its parent folders (they are created when missing)."""
-    out = leaf_value(cfg, key)
-    if not out:
-        return
-    if folder and Path(out).exists() and not Path(out).is_dir():
-        raise TailkdError(f"{key}={out} is a file; give a folder name")
-    if not folder and Path(out).is_dir():
-        raise TailkdError(f"{key}={out} is a folder; give a file name")
-    parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise TailkdError(f"{key}={out}: {parent} is a file, not a folder; give a path in a folder")
 
 
 def _check_device(cfg, key: str) -> None:
@@ -201,7 +187,7 @@ class EvalConfig:
         for key in ("eval.max_rows", "generate.samples", "generate.limit"):
             check_at_least(self, key, 0, " (0: all)" if key != "generate.samples" else "")
         _check_device(self, "eval.device")
-        _check_out(self, "eval.out", folder=False)
+        check_out_path(self, "eval.out", folder=False)
         if self.generate.enabled and self.data.paths and self.data.task != "sft":
             raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
                               "(generate.prompts); --data (data.paths) is read by --generate only with --task sft, "
@@ -260,7 +246,7 @@ class AnalyzeTeacherConfig:
         check_at_least(self, "analyze.max_rows", 0, " (0: all)")
         check_at_least(self, "analyze.kmax", 1, " (the paper uses 100)")
         _check_device(self, "analyze.device")
-        _check_out(self, "analyze.out", folder=True)
+        check_out_path(self, "analyze.out", folder=True)
         return self
 
 
@@ -299,6 +285,7 @@ class CacheTeacherConfig:
         check_leaves(self)
         if not self.cache.out:
             raise TailkdError("cache.out is not set; pass --out DIR (the cache folder)")
+        check_out_path(self, "cache.out", folder=True)
         for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard"):
             check_at_least(self, key, 1)
         check_at_least(self, "cache.tail_samples", 0, " (0: none)")
@@ -354,7 +341,7 @@ class LmEvalConfig:
             check_at_least(self, key, 1)
         check_at_least(self, "lm_eval.num_fewshot", 0)
         _check_device(self, "lm_eval.device")
-        _check_out(self, "lm_eval.out", folder=False)
+        check_out_path(self, "lm_eval.out", folder=False)
         return self
 
 
@@ -379,7 +366,7 @@ class CompareConfig:
 
     def validate(self) -> CompareConfig:
         check_leaves(self)
-        _check_out(self, "compare.out", folder=True)
+        check_out_path(self, "compare.out", folder=True)
         return self
 
 
@@ -438,7 +425,7 @@ class FlopsConfig:
             check_at_least(self, key, 1)
         for key in ("flops.prompt_len", "flops.ppo_epochs", "flops.teacher_layers", "flops.student_layers"):
             check_at_least(self, key, 0)
-        _check_out(self, "flops.out", folder=False)
+        check_out_path(self, "flops.out", folder=False)
         return self
 
 
@@ -481,6 +468,7 @@ class SelectDataConfig:
         check_at_least(self, "data.seq_len", 1)
         check_at_least(self, "select.batch_size", 1)
         check_at_least(self, "select.max_docs", 0, " (0: all)")
+        check_out_path(self, "select.out", folder=True)
         _check_device(self, "select.device")
         return self
 
@@ -555,7 +543,7 @@ class ReproduceConfig:
         check_at_least(self, "train.max_steps", 1)
         check_at_least(self, "train.eval_every", 0, " (0: only before and after)")
         _check_device(self, "reproduce.device")
-        _check_out(self, "reproduce.out", folder=True)
+        check_out_path(self, "reproduce.out", folder=True)
         return self
 
 

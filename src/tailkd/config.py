@@ -314,6 +314,7 @@ class DistillConfig:
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
+        check_out_path(c, "train.out_dir", folder=True)
         for key in ("data.eval_rows", "data.math_train", "data.math_heldout", "data.instruct_max_words",
                     "train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "train.log_every",
                     "train.max_bad_steps"):
@@ -402,6 +403,21 @@ def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:
     value = leaf_value(cfg, key)
     if value is not None and value < low:
         raise TailkdError(f"{key}={value} must be >= {low}{hint}")
+
+
+def check_out_path(cfg, key: str, folder: bool) -> None:
+    """The output path ``key``: a folder that is not an existing file (``folder``), or a file that is not an
+    existing folder; and no existing file among its parent folders (they are created when missing)."""
+    out = leaf_value(cfg, key)
+    if not out:
+        return
+    if folder and Path(out).exists() and not Path(out).is_dir():
+        raise TailkdError(f"{key}={out} is a file; give a folder name")
+    if not folder and Path(out).is_dir():
+        raise TailkdError(f"{key}={out} is a folder; give a file name")
+    parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TailkdError(f"{key}={out}: {parent} is a file, not a folder; give a path in a folder")
 
 
 def leaf_value(cfg, dotted: str):
