@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
 from tailkd import reproduce as rp
@@ -19,7 +20,7 @@ from tailkd.cli import main
 from tailkd.command_config import ReproduceConfig
 from tailkd.config import DistillConfig, save_yaml
 from tailkd.errors import TailkdError
-from tailkd.recipe import run_stages
+from tailkd.recipe import read_recipe, run_stages
 from tailkd.reproduce import plan
 
 
@@ -231,6 +232,37 @@ def test_a_finished_recipe_stage_with_other_settings_is_refused(tmp_path, capsys
     planned = DistillConfig()
     planned.train.out_dir, planned.train.epochs = cfg.train.out_dir, 2.0
     assert run_stages([planned.validate()])[0]["skipped"]
+
+
+def test_a_chained_stage_is_not_reused_when_the_stage_it_started_from_is_trained_again(tmp_path):
+    """A finished chain; stage domain deleted (as the refusal of a changed finished stage tells): a re-run would train
+    domain again, and sft, finished (or started) from the old domain student, must not be skipped (or resumed) as if
+    it continued the new one. Refused in one line before anything is loaded (the teacher does not exist here)."""
+    recipe = tmp_path / "chain.yaml"
+    stages = [{"name": "domain", "train": {"max_steps": 3}}, {"name": "sft", "train": {"max_steps": 2}},
+              {"name": "polish", "train": {"max_steps": 1}}]
+    recipe.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "stages": stages,
+                                      "common": {"teacher": {"path": str(tmp_path / "no-teacher")}}}))
+    domain, sft, polish = read_recipe(recipe).stages
+    assert sft.student.path == str(tmp_path / "runs" / "domain" / "final")
+    for cfg in (domain, sft, polish):
+        _finish(cfg)
+    assert [s["skipped"] for s in run_stages([domain, sft, polish])] == [True] * 3  # all done: reused
+    shutil.rmtree(domain.train.out_dir)
+    with pytest.raises(TailkdError) as err:
+        run_stages([domain, sft, polish])
+    assert str(err.value) == (f"stage sft ({sft.train.out_dir}) was started from {domain.train.out_dir}/final, which "
+                              f"is to be trained again; delete {sft.train.out_dir} too, to run it from the new "
+                              "student, or choose another --out")
+    assert not Path(domain.train.out_dir).exists()
+    # a stage only started counts too, and so does a stage further down the chain
+    _finish(domain, final=False)
+    with pytest.raises(TailkdError, match="stage sft .* was started from"):
+        run_stages([domain, sft, polish])
+    _finish(domain)
+    shutil.rmtree(sft.train.out_dir)
+    with pytest.raises(TailkdError, match=f"stage polish .* was started from {sft.train.out_dir}/final"):
+        run_stages([domain, sft, polish])
 
 
 def test_plan_refuses_two_runs_of_one_name():

@@ -25,7 +25,9 @@ Every stage is a plain `DistillConfig` (unknown keys are errors), and every conf
 stage starts. In a chain, a stage after the first with no ``student.path`` starts from the previous stage's
 ``final/``. Re-running a recipe skips stages whose ``final/`` exists, resumes a stage that has checkpoints, and
 skips evaluations whose output exists, so an interrupted recipe continues. A finished stage is skipped only if it
-was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line naming the setting.
+was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line naming the setting. In a
+chain, a stage that has a run folder while the stage it starts from is to be trained again (its ``final/`` deleted)
+stops the recipe before anything runs (`check_chain`): it began from the student that is being replaced.
 """
 
 from __future__ import annotations
@@ -150,12 +152,30 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     return (changed[0], old.get(changed[0]), flatten(to_dict(cfg))[changed[0]]) if changed else None
 
 
+def check_chain(stages: list[DistillConfig]) -> None:
+    """``TailkdError`` (one line) if a stage that starts from an earlier stage's ``final/`` has a run folder while
+    that earlier stage is still to be trained (its ``final/`` missing, e.g. deleted to run it with new settings, or
+    itself starting from such a stage): its work started from a student that is about to be replaced. Checked
+    before any stage runs."""
+    pending = set()  # the final/ folders this invocation will (re)make
+    for cfg in stages:
+        run = Path(cfg.train.out_dir)
+        start = Path(cfg.student.path) if cfg.student.path else None
+        if start in pending and run.is_dir() and any(run.iterdir()):
+            raise TailkdError(f"stage {run.name} ({run}) was started from {start}, which is to be trained again; "
+                              f"delete {run} too, to run it from the new student, or choose another --out")
+        if start in pending or not (run / "final" / "config.json").exists():
+            pending.add(run / "final")
+
+
 def run_stages(stages: list[DistillConfig]) -> list[dict]:
     """Run each stage's distillation in order: a stage whose ``final/`` exists is skipped (``TailkdError`` if it was
-    run with other settings: `saved_change`), one with a run folder is resumed (distill refuses a changed config).
+    run with other settings: `saved_change`), one with a run folder is resumed (distill refuses a changed config);
+    before any runs, `check_chain` refuses a stage started from an earlier stage that is to be trained again.
     Stops after a stage that was stopped (a signal, ``train.stop_after``): its summary is the last."""
     from tailkd.train import distill
 
+    check_chain(stages)
     summaries = []
     for cfg in stages:
         run = Path(cfg.train.out_dir)
