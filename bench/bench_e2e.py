@@ -48,6 +48,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from tailkd import cache, models
+    from tailkd import corpus as corpus_mod
     from tailkd import data as data_mod
     from tailkd import teacher as teacher_mod
     from tailkd import vocab as vocab_mod
@@ -59,9 +60,9 @@ def main() -> None:
     teacher, tok = models.load_teacher(args.teacher, dtype="fp32")
     student, _ = build_student(teacher, num_layers=args.student_layers, seed=0)
     vocab = vocab_mod.check_vocab(tok, tok, teacher, student)
-    root = data_mod.default_cache_root()
-    info = data_mod.prepare_corpus_cached(data_mod.default_corpus_files(root), tok, root / "corpora",
-                                          tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tok))
+    root = corpus_mod.default_cache_root()
+    info = corpus_mod.prepare_corpus_cached(corpus_mod.default_corpus_files(root), tok, root / "corpora",
+                                            tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tok))
     rows = data_mod.PackedRows(info.train_bin, args.seq_len)
     n_rows = args.batch_size * (args.steps + 1)
     work = Path(args.work or tempfile.mkdtemp(prefix="tailkd-e2e-"))
