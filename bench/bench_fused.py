@@ -4,7 +4,7 @@ Every method computes, from final hidden states h_S [N, d], h_T [N, d] and LM he
 student + teacher logits, CLM + divergence, and the gradients of h_S and W_S.
 
   python bench/bench_fused.py --device cpu --vocab 32000 49152 151936 --tokens 256 1024 --hidden 256
-  python bench/bench_fused.py --device cuda --vocab 151936 --tokens 8192 --hidden 2048   # GPU (bf16 matmuls)
+  python bench/bench_fused.py --device cuda --vocab 151936 --tokens 8192 --hidden 2048 --max-elements 1e10  # GPU
   python bench/bench_fused.py --paired --methods tailkd_fused --losses kd tad tad_longrow --threads 1   # TAD/KD
   python bench/bench_fused.py --memory-only tailkd_fused --vocab 151936 --tokens 256 1024 4096   # memory vs N
 
@@ -22,6 +22,11 @@ torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the allocat
 Peers are loaded from their PyPI packages: Liger's chunked loss (pure PyTorch, torch.func per chunk; Triton
 kernels are not used here), torchtune's kd_losses / ce_chunked_output_loss modules (loaded by file: the
 torchtune package __init__ pulls in tokenizer dependencies), TRL's GKDTrainer.generalized_jsd_loss.
+
+A cell that is not measured — N·V above ``--max-elements`` (a CPU-time guard: raise it for large cells, as on the
+GPU), a peer that cannot be imported (``--methods tailkd_dense tailkd_fused`` leaves the peers out), a memory
+subprocess that fails, ``--device cuda`` without CUDA — is named on stderr and listed under ``not_measured`` in
+``--out``, and the script exits 1.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch.nn.functional as F
 
 LOSSES = ("kd", "tad", "jsd", "tad_longrow")  # tad_longrow: one row of N tokens > chunk (TAD statistics pass)
 PEERS = ("liger", "torchtune", "trl")
+METHOD_NAMES = ("tailkd_dense", "tailkd_fused", *PEERS)
 FUSED_DEFAULT_CHUNK = False  # --fused-default-chunk: tailkd_fused gets chunk_size=None (the library's default)
 METHODS = None  # --methods: only these
 
@@ -59,13 +65,18 @@ def _peer_modules():
     except Exception as exc:  # noqa: BLE001
         mods["liger_error"] = f"{type(exc).__name__}: {exc}"
     spec = importlib.util.find_spec("torchtune")
-    if spec is not None and spec.submodule_search_locations:
+    if spec is None or not spec.submodule_search_locations:
+        mods["torchtune_error"] = "ModuleNotFoundError: No module named 'torchtune'"
+    else:
         base = os.path.join(next(iter(spec.submodule_search_locations)), "modules", "loss")
-        for name in ("kd_losses", "ce_chunked_output_loss"):
-            s = importlib.util.spec_from_file_location(f"_tt_{name}", os.path.join(base, f"{name}.py"))
-            m = importlib.util.module_from_spec(s)
-            s.loader.exec_module(m)
-            mods[f"tt_{name}"] = m
+        try:
+            for name in ("kd_losses", "ce_chunked_output_loss"):
+                s = importlib.util.spec_from_file_location(f"_tt_{name}", os.path.join(base, f"{name}.py"))
+                m = importlib.util.module_from_spec(s)
+                s.loader.exec_module(m)
+                mods[f"tt_{name}"] = m
+        except Exception as exc:  # noqa: BLE001
+            mods["torchtune_error"] = f"{type(exc).__name__}: {exc}"
     try:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer
@@ -80,17 +91,32 @@ def methods_for(loss: str, mods: dict) -> list[str]:
     return [m for m in _methods_for(loss, mods) if METHODS is None or m in METHODS]
 
 
+PEER_LOSSES = {"liger": ("kd", "jsd"), "torchtune": ("kd",), "trl": ("kd", "jsd")}  # what each peer measures
+
+
+def unavailable(loss: str, mods: dict) -> list[tuple[str, str]]:
+    """(peer, why) of each peer that measures ``loss`` (and that --methods asks for) but could not be loaded."""
+    return [(m, mods[f"{m}_error"]) for m, losses in PEER_LOSSES.items()
+            if loss in losses and f"{m}_error" in mods and (METHODS is None or m in METHODS)]
+
+
 def _methods_for(loss: str, mods: dict) -> list[str]:
     out = ["tailkd_dense", "tailkd_fused"]
     if loss == "tad_longrow":
         return out
-    if loss in ("kd", "jsd") and "liger" in mods:
+    if loss in PEER_LOSSES["liger"] and "liger" in mods:
         out.append("liger")
-    if loss == "kd" and "tt_kd_losses" in mods:
+    if loss in PEER_LOSSES["torchtune"] and "tt_kd_losses" in mods:
         out.append("torchtune")
-    if loss in ("kd", "jsd") and "trl" in mods:
+    if loss in PEER_LOSSES["trl"] and "trl" in mods:
         out.append("trl")
     return out
+
+
+def not_measured(missing: list[str], why: str) -> None:
+    """Name a cell that is not measured, on stderr, and keep it for --out and the exit status."""
+    missing.append(why)
+    print(f"NOT MEASURED: {why}", file=sys.stderr, flush=True)
 
 
 def make_inputs(n, vocab, d, device, dtype, seed=0, seq_len=None):
@@ -343,14 +369,14 @@ def report_paired(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main() -> int | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 49152, 151936])
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--max-elements", type=float, default=2.0e8, help="skip cells with N·V above this (CPU time)")
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--losses", nargs="+", default=list(LOSSES))
+    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     ap.add_argument("--chunk", type=int, default=256, help="tokens per chunk for fused methods (tailkd, Liger)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: --chunk, so TAD chunks "
                     "hold whole rows); tad_longrow uses one row of N tokens")
@@ -359,10 +385,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", nargs="+", default=None, help="print markdown tables of result JSON files")
     ap.add_argument("--paired", action="store_true", help="paired time ratios to fused KD instead of the full grid")
-    ap.add_argument("--memory-only", nargs="*", default=None, metavar="METHOD",
+    ap.add_argument("--memory-only", nargs="*", default=None, metavar="METHOD", choices=METHOD_NAMES,
                     help="only peak memory (fresh subprocess per cell), for these methods (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--methods", nargs="+", default=None, help="only these methods (e.g. tailkd_fused liger)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES,
+                    help="only these methods (e.g. tailkd_fused liger)")
     ap.add_argument("--fused-default-chunk", action="store_true",
                     help="tailkd_fused: chunk_size=None (library default; TAD grows chunks to whole sequences)")
     ap.add_argument("--report-peers", nargs="+", default=None, help="markdown: fused vs fastest peer")
@@ -383,8 +410,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available on this machine: GPU rows not measured (run with --device cuda on a GPU)")
-        return
+        print("NOT MEASURED: CUDA is not available on this machine: no GPU row measured (run with --device cuda on "
+              "a GPU)", file=sys.stderr)
+        return 1
     device = torch.device(args.device)
     torch.manual_seed(0)
     mods = _peer_modules()
@@ -393,11 +421,15 @@ def main() -> None:
             "peers": {k: v for k, v in mods.items() if k.endswith("_error")},
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "fused_default_chunk": args.fused_default_chunk, "argv": sys.argv[1:], "loadavg_start": os.getloadavg(),
-            "cells": []}
+            "cells": [], "not_measured": []}
+    missing = info["not_measured"]
     if args.memory_only is not None:
         for vocab in args.vocab:
             for n in args.tokens:
                 for loss in args.losses:
+                    for method, why in unavailable(loss, mods):
+                        if not args.memory_only or method in args.memory_only:
+                            not_measured(missing, f"V={vocab} N={n} {loss} {method}: {why}")
                     for method in methods_for(loss, mods):
                         if args.memory_only and method not in args.memory_only:
                             continue
@@ -408,28 +440,37 @@ def main() -> None:
                         mem = measure_memory(cell)
                         info["cells"].append({**cell, "peak_bytes": mem.get("peak_bytes"), "mem_error": mem.get("error")})
                         print(f"V={vocab:6d} N={n:5d} {loss:11s} {method:13s} peak "
-                              f"{(mem.get('peak_bytes') or 0) / 2**20:8.1f} MiB {mem.get('error') or ''}", flush=True)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
-        return
+                              f"{(mem.get('peak_bytes') or 0) / 2**20:8.1f} MiB", flush=True)
+                        if mem.get("error"):
+                            not_measured(missing, f"V={vocab} N={n} {loss} {method} peak memory: {mem['error']}")
+        return _finish(args, info)
     if args.paired:
         info["paired"] = {}
         for vocab in args.vocab:
             for n in args.tokens:
                 sl = min(n, args.seq_len or args.chunk)
+                for loss in args.losses:
+                    for method, why in unavailable(loss, mods):
+                        not_measured(missing, f"V={vocab} N={n} {loss} {method}: {why}")
                 info["paired"][f"{vocab}x{n}"] = measure_paired(n, vocab, args.hidden, device, args.repeats,
                                                                 args.chunk, mods, sl, losses=args.losses)
                 if args.out:
                     with open(args.out, "w") as fh:
                         json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
-        return
+        return _finish(args, info)
     for vocab in args.vocab:
         for n in args.tokens:
             if n * vocab > args.max_elements:
+                not_measured(missing, f"V={vocab} N={n}: N·V = {n * vocab:.3g} is above --max-elements "
+                                      f"{args.max_elements:.3g}; raise it to measure this cell")
                 continue
             seq_lens = {loss: n if loss == "tad_longrow" else min(n, args.seq_len or args.chunk) for loss in args.losses}
+            for loss in args.losses:
+                for method, why in unavailable(loss, mods):
+                    not_measured(missing, f"V={vocab} N={n} {loss} {method}: {why}")
             pairs = [(loss, m) for loss in args.losses for m in methods_for(loss, mods)]
+            if not pairs:
+                continue
             timing = measure_time(pairs, n, vocab, args.hidden, device, args.repeats, args.chunk, mods, seq_lens)
             for (loss, method), t in timing.items():
                 cell = {"method": method, "loss": loss, "vocab": vocab, "n": n, "d": args.hidden,
@@ -441,13 +482,29 @@ def main() -> None:
                 peak = f"{row['peak_bytes'] / 2**20:8.1f} MiB" if row["peak_bytes"] is not None else "   -"
                 print(f"V={vocab:6d} N={n:5d} {loss:11s} {method:13s} {t['median_s'] * 1e3:9.1f} ms  {peak}  "
                       f"loss={t['value']:.5f}", flush=True)
+                if mem.get("error"):
+                    not_measured(missing, f"V={vocab} N={n} {loss} {method} peak memory: {mem['error']}")
             if args.out:  # partial results survive an interrupted run
                 with open(args.out, "w") as fh:
                     json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
+    return _finish(args, info)
+
+
+def _finish(args, info) -> int:
+    """Write --out; exit status 1 (and a summary on stderr) if any cell was not measured."""
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**info, "loadavg_end": os.getloadavg()}, fh, indent=1)
+    missing = info["not_measured"]
+    if missing:
+        print(f"bench_fused: {len(missing)} cell(s) not measured (listed above and under not_measured"
+              f"{' in ' + args.out if args.out else ''})", file=sys.stderr)
+        return 1
+    if not info["cells"] and not info.get("paired"):
+        print("bench_fused: nothing was measured", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
