@@ -425,6 +425,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
             scores = selection.document_scores(teacher, reference, docs, vocabs["teacher"], pad_id=eos or 0,
                                                progress=bar.update, **kw)
         how = "mean over scored tokens of log p_teacher - log p_reference"
+    scores = selection.tie_duplicates(scores, texts)
     kept = selection.select_top(scores, s.keep)
     flops = {role: model_flops_per_token(m, seq_len=cfg.data.seq_len)["forward"] * tokens[role]
              for role, (m, _) in roles.items()}

@@ -21,8 +21,9 @@ the first conditioned on M's BOS token (its EOS if it has no BOS: lm-eval's logl
 windows of ``seq_len`` as above, for each model separately (`document_logprobs`, `byte_scores`).
 
 The ``keep`` fraction with the highest scores is kept — ``keep · n_docs`` documents rounded half up (exactly,
-``keep`` read as the decimal it is written as), at least one, ties broken by the earlier document — and written in
-corpus order, so a CLM run on ``selected.jsonl`` is the MiniPLM baseline. Documents with no scored token (no byte)
+``keep`` read as the decimal it is written as), at least one, ties broken by the earlier document (identical
+documents tie exactly: `tie_duplicates`) — and written in corpus order, so a CLM run on ``selected.jsonl`` is the
+MiniPLM baseline. Documents with no scored token (no byte)
 rank last.
 
 FLOPs (paper Table 3's accounting, `tailkd.flops`): each model runs one forward over every token it scores (in its
@@ -127,6 +128,14 @@ def byte_scores(teacher_logprobs: Sequence[float], reference_logprobs: Sequence[
     ``-inf`` for a document with no byte."""
     return [(t - r) / n if (n := len(text.encode("utf-8"))) else -math.inf
             for t, r, text in zip(teacher_logprobs, reference_logprobs, texts, strict=True)]
+
+
+def tie_duplicates(scores: Sequence[float], texts: Sequence[str]) -> list[float]:
+    """Each document's score, identical documents (the same text) all given the first one's: a forward's float
+    rounding depends on the padding of the batch a window lands in, so copies of one text scored in different batches
+    differ in the last bits, and the later copy could outrank the earlier; this way they tie exactly."""
+    first: dict[str, int] = {}
+    return [scores[first.setdefault(text, i)] for i, text in enumerate(texts)]
 
 
 def kept_count(n_docs: int, keep: float) -> int:
