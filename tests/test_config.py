@@ -460,3 +460,38 @@ def test_the_readmes_subcommand_lines_parse(tmp_path, monkeypatch):
             config_from_args(build_parser().parse_args(argv[1:]), COMMAND_CONFIGS[argv[1]])
             seen.add(argv[1])
     assert seen == set(COMMAND_CONFIGS)
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--student.hidden_size", "32"], "student.hidden_size=32"),
+    (["--student-layers", "3"], "student.num_layers=3"),
+    (["--student.layers", "0", "2"], "student.layers=[0, 2]"),
+    (["--student.tie_embeddings", "false"], "student.tie_embeddings=False"),
+    (["--student.mlp_init", "copy"], "student.mlp_init='copy'"),
+])
+def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
+    """An existing student (student.path) is loaded as it is: the settings that shape a student built from the teacher
+    do not apply to it and are refused in one line; they were ignored without a word (the run trained the loaded
+    student unchanged while its config.yaml said e.g. hidden_size: 32, tie_embeddings: false)."""
+    with pytest.raises(TailkdError, match=rf"^{re.escape(key)} shapes a student built from the teacher, but "
+                                          r"student\.path='s' loads an existing one: drop "):
+        parse(["--student", "s", *flags]).validate()
+    # what does apply to a loaded student: freezing its embeddings; the defaults pass
+    assert parse(["--student", "s", "--student.freeze_embeddings", "true"]).validate().student.path == "s"
+
+
+def test_a_chained_recipe_stage_does_not_inherit_the_first_stages_build_settings(tmp_path):
+    """A chained stage starts from the previous stage's final/: the build settings it inherits from `common` or --set
+    (those of the first stage's student) are dropped, not refused; its own are refused like distill's."""
+    from tailkd.recipe import read_recipe
+
+    path = REPO / "configs" / "math-two-stage.yaml"
+    recipe = read_recipe(path, str(tmp_path), {"student": {"num_layers": 8, "hidden_size": 256}})
+    first, second = recipe.stages
+    assert (first.student.path, first.student.num_layers, first.student.hidden_size) == (None, 8, 256)
+    assert second.student.path == str(tmp_path / "domain" / "final")
+    assert (second.student.num_layers, second.student.hidden_size) == (6, None)  # the defaults
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"stages": [{"name": "a"}, {"name": "b", "student": {"hidden_size": 64}}]}))
+    with pytest.raises(TailkdError, match=r"^student\.hidden_size=64 shapes a student built from the teacher"):
+        read_recipe(own, str(tmp_path / "own"))

@@ -130,10 +130,17 @@ class TeacherConfig:
                                     "one process, through FSDP2)", choices=TEACHER_PARALLEL)
 
 
+# the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
+# is; freeze_embeddings applies to both)
+BUILD_KEYS = ("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "head_dim",
+              "mlp_init", "tie_embeddings")
+
+
 @dataclass
 class StudentConfig:
-    path: Optional[str] = _f(None, "existing student checkpoint (continued pretraining distillation); "
-                                   "if unset the student is built from the teacher")
+    path: Optional[str] = _f(None, "existing student checkpoint (continued pretraining distillation), loaded as it is "
+                                   "(of the student settings below only freeze_embeddings applies to it); if unset "
+                                   "the student is built from the teacher")
     num_layers: Optional[int] = _f(6, "layers of the student built from the teacher (evenly spaced)")
     layers: Optional[list[int]] = _f(None, "explicit teacher layer indices for the student (overrides num_layers)")
     hidden_size: Optional[int] = _f(None, "student hidden size (default: the teacher's)")
@@ -149,6 +156,19 @@ class StudentConfig:
                                               "copied from the teacher's input embeddings (MiniPLM's Qwen "
                                               "students); false, a head of its own copied from the teacher's head; "
                                               "unset: as the teacher")
+
+    def check_source(self) -> None:
+        """An existing student (``path``) is loaded as it is: a setting of `BUILD_KEYS` other than its default (which
+        shapes a student built from the teacher) is a TailkdError naming it."""
+        if not self.path:
+            return
+        default = StudentConfig()
+        for key in BUILD_KEYS:
+            value = getattr(self, key)
+            if value != getattr(default, key):
+                raise TailkdError(f"student.{key}={value!r} shapes a student built from the teacher, but "
+                                  f"student.path={self.path!r} loads an existing one: drop student.{key} (or "
+                                  "student.path to build the student from the teacher)")
 
     @property
     def depth(self) -> Optional[int]:
@@ -313,6 +333,7 @@ class DistillConfig:
                               "beta2), e.g. 0.9 0.95")
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
+        c.student.check_source()
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
         check_out_path(c, "train.out_dir", folder=True)
         for key in ("data.eval_rows", "data.math_train", "data.math_heldout", "data.instruct_max_words",

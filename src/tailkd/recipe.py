@@ -23,8 +23,10 @@ name a stage). ``configs/drkl-instruct.yaml`` is one.
 
 Every stage is a plain `DistillConfig` (unknown keys are errors), and every config is checked before the first
 stage starts. In a chain, a stage after the first with no ``student.path`` starts from the previous stage's
-``final/``. Re-running a recipe skips stages whose ``final/`` exists, resumes a stage that has checkpoints, and
-skips evaluations whose output exists, so an interrupted recipe continues. A finished stage is skipped only if it
+``final/``; the settings of a student built from the teacher it inherits from ``common`` or ``--set`` (the first
+stage's: ``student.num_layers``, ...) are dropped, and those it sets itself are refused, as by distill.
+Re-running a recipe skips stages whose ``final/`` exists, resumes a stage that has checkpoints, and skips
+evaluations whose output exists, so an interrupted recipe continues. A finished stage is skipped only if it
 was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line naming the setting. In a
 chain, a stage that has a run folder while the stage it starts from is to be trained again (its ``final/`` deleted)
 stops the recipe before anything runs (`check_chain`): it began from the student that is being replaced.
@@ -36,7 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailkd.command_config import CompareConfig, EvalConfig
-from tailkd.config import DistillConfig, config_from_dict, from_dict, load_yaml, merge, to_dict
+from tailkd.config import (
+    BUILD_KEYS,
+    DistillConfig,
+    StudentConfig,
+    config_from_dict,
+    from_dict,
+    load_yaml,
+    merge,
+    to_dict,
+)
 from tailkd.errors import TailkdError
 
 RECIPE_KEYS = ("out_dir", "chain", "common", "stages", "evaluate", "compare")
@@ -113,6 +124,9 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
         cfg.train.out_dir = str(root / name)
         if chain and i > 0 and not cfg.student.path:
             cfg.student.path = str(Path(configs[-1].train.out_dir) / "final")
+            own = stage.get("student") if isinstance(stage.get("student"), dict) else {}
+            for key in set(BUILD_KEYS) - set(own):  # the first stage's student's (common, --set)
+                setattr(cfg.student, key, getattr(StudentConfig(), key))
         configs.append(cfg.validate())
     recipe = Recipe(root, configs, _mapping(doc, "evaluate", path), _mapping(doc, "compare", path))
     if recipe.evaluate is not None:
