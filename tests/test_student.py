@@ -6,7 +6,7 @@ import math
 import bounds as B
 import pytest
 import torch
-from conftest import TINY_VOCAB, make_tiny_lm
+from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -358,3 +358,33 @@ def test_six_layer_student_from_smollm2(smollm2):
     full, _ = build_student(teacher, mlp_init="copy")  # all 30 layers, copied: the teacher itself
     with torch.no_grad():
         assert torch.equal(full.eval()(ids).logits, teacher(ids).logits)
+
+
+# --------------------------------------------------------------------------- generation settings
+
+
+def test_student_keeps_the_teachers_generation_config(tmp_path):
+    """The student shares the teacher's tokenizer, so it stops and samples as the teacher does: it takes the teacher's
+    generation_config (an instruct model's end-of-turn id among several eos ids, sampling defaults) rather than one
+    derived from the config, which kept config.json's single eos id only (Gemma-2-it: 1, not [1, 107]), so that
+    ``generate`` on the saved student ran past the end of a turn. Also for the skeleton an FSDP-sharded teacher builds
+    the student from (`tailkd.sharded_teacher.student_source`), which is read from the folder."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+
+    teacher = make_tiny_lm("llama")
+    teacher.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=[0, 7], do_sample=True,
+                                                 temperature=0.7, top_p=0.8)
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=2))
+    for source in (teacher, skeleton):
+        student, _ = build_student(source, num_layers=2)
+        student.save_pretrained(tmp_path / "student")
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "student").generation_config
+        for config in (student.generation_config, saved):
+            got = (config.eos_token_id, config.do_sample, config.temperature, config.top_p)
+            assert got == ([0, 7], True, 0.7, 0.8)
+        assert student.generation_config is not source.generation_config  # a copy: the student's own

@@ -141,12 +141,18 @@ def _params_on_meta():
 
 
 def _skeleton(folder: Path, dtype: torch.dtype):
-    """The teacher's model class from its config, parameters on meta, buffers real (on the CPU), eval mode, frozen."""
-    from transformers import AutoModelForCausalLM
+    """The teacher's model class from its config, parameters on meta, buffers real (on the CPU), eval mode, frozen;
+    its generation_config read from the folder (`tailkd.student.build_student` passes it on to the student)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = models.read_config(folder)
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if model.can_generate():
+        try:  # as from_pretrained: the folder's generation_config.json, else (none, unreadable) the config's
+            model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        except OSError:
+            pass
     model.eval()
     model.requires_grad_(False)
     return model

@@ -45,6 +45,8 @@ Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head
          MiniPLM's Qwen students) or unties it (False: its own head, copied from the teacher's head, which is
          the input embedding matrix for a tied teacher). ``freeze_embeddings=True`` freezes the input embeddings
          (GPT-2: token and position embeddings) and with them a tied LM head; an untied LM head stays trainable.
+Generate The teacher's ``generation_config`` (the student has the teacher's tokenizer: the same stop ids, e.g. an
+         instruct model's end-of-turn id, and sampling defaults), not one derived from the config.
 
 Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 post-norms) are copied like
 any residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower
@@ -62,6 +64,7 @@ student is always built in float32, its master weights). Supported: Llama, Qwen2
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import re
@@ -399,6 +402,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if getattr(teacher, "generation_config", None) is not None:  # the teacher's tokenizer: its stop ids and sampling
+        student.generation_config = copy.deepcopy(teacher.generation_config)
 
     index = axis_indices(t, s, fam.rope, fraction)
     teacher_params = dict(teacher.named_parameters(remove_duplicate=False))  # a tied head under its own name too
