@@ -388,3 +388,23 @@ def test_student_keeps_the_teachers_generation_config(tmp_path):
             got = (config.eos_token_id, config.do_sample, config.temperature, config.top_p)
             assert got == ([0, 7], True, 0.7, 0.8)
         assert student.generation_config is not source.generation_config  # a copy: the student's own
+
+
+def test_freeze_embeddings_of_a_loaded_student_of_any_causal_lm():
+    """``--student DIR --student.freeze_embeddings true`` freezes the input embeddings of any causal LM (continued
+    pretraining takes any student), not only of the families a student can be built from: a GPT-NeoX student was
+    refused with 'cannot build a student from a GPTNeoXForCausalLM: supported teachers are ...', though nothing is
+    built. The family tables still name the embeddings where they know more (GPT-2: token and position)."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from tailkd.student import freeze_student_embeddings
+
+    for tied in (False, True):
+        model = AutoModelForCausalLM.from_config(GPTNeoXConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=TINY_VOCAB,
+            tie_word_embeddings=tied))
+        assert freeze_student_embeddings(model) == ["gpt_neox.embed_in.weight"]
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        assert frozen == {"gpt_neox.embed_in.weight"} | ({"lm_head.weight"} if tied else set())
+    gpt2 = make_tiny_lm("gpt2")
+    assert freeze_student_embeddings(gpt2) == ["transformer.wte.weight", "transformer.wpe.weight"]

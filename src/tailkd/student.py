@@ -433,13 +433,20 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
 def freeze_student_embeddings(student) -> list[str]:
     """Freeze the input embeddings (GPT-2: token and position) and so a tied head; return their names.
 
-    requires_grad is not saved with a model: call this again after reloading a student to resume.
+    Any causal LM (an existing student, `student.path`): the families of `tailkd.families` by their tables, the others
+    by their input embedding module (``get_input_embeddings``). requires_grad is not saved with a model: call this
+    again after reloading a student to resume.
     """
-    names = family_spec(student).embeddings
+    family = family_for_class(type(student).__name__)
     params = dict(student.named_parameters())
+    if family is not None:
+        names = list(family.embeddings)
+    else:
+        embedding = {id(p) for p in student.get_input_embeddings().parameters()}
+        names = [name for name, p in params.items() if id(p) in embedding]
     for name in names:
         params[name].requires_grad_(False)
-    return list(names)
+    return names
 
 
 def format_table(table) -> str:
