@@ -585,3 +585,76 @@ def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
     ckpt.atomic_write_text(target, "new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_atomic_folders_get_the_permissions_of_any_new_folder(tmp_path):
+    """A folder written by atomic_write_dir (the saved student RUN/final, checkpoints, select-data's output, the corpus
+    cache) has the mode of any folder the user creates (0o777 less the umask), not tempfile.mkdtemp's 0o700, which the
+    rename kept: RUN/final was drwx------, unreadable to the user's group (another account's lm-eval, a shared
+    cluster folder)."""
+    old = os.umask(0o022)  # a common umask, under which 0o700 and the expected 0o755 differ
+    try:
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        final = ckpt.atomic_write_dir(tmp_path / "final", lambda tmp: (tmp / "config.json").write_text("{}"))
+        step = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"step": 1}, keep_last=1)
+    finally:
+        os.umask(old)
+    assert (plain.stat().st_mode & 0o777) == 0o755
+    assert (final.stat().st_mode & 0o777) == 0o755 and (step.stat().st_mode & 0o777) == 0o755
+
+
+def test_a_kill_while_the_final_student_is_written_leaves_no_partial_folder_after_the_resume(assets, tmp_path):
+    """A SIGKILL while RUN/final is written leaves its temporary folder (.tmp-final-*, as big as the student); the
+    resume that writes final/ again removes it, and a final/ moved aside (.old-final-*) by a kill between the two
+    renames of a replaced final/. Both were kept for good: only checkpoints/ was cleaned."""
+    run = tmp_path / "run"
+    assert main(args(assets, run, "--train.stop_after", "4")) == 0
+    partial = run / ".tmp-final-k1ll3d"  # what the kill leaves (atomic_write_dir's temporary folder)
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
+    moved = run / ".old-final-999"
+    moved.mkdir()
+    (moved / "config.json").write_text("{}")
+    assert main(args(assets, run, "--resume")) == 0
+    assert (run / "final" / "model.safetensors").is_file()
+    assert not partial.exists() and not moved.exists()
+
+
+def test_atomic_folders_files_get_the_permissions_of_any_new_file(tmp_path):
+    """The files of a folder written by atomic_write_dir have the mode of any new file (0o666 less the umask), as
+    config.json: safetensors 0.8 creates its files 0o600 whatever the umask (safetensors issue #782), so the saved
+    student's model.safetensors (and a checkpoint's student.safetensors) were -rw------- beside a -rw-r--r--
+    config.json, unreadable to the user's group. Also the GGUF cache's converted model."""
+    from safetensors.torch import save_file as save_safetensors_file
+
+    def write(tmp):
+        save_safetensors_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text("{}")
+
+    old = os.umask(0o022)  # a common umask, under which 0o600 and the expected 0o644 differ
+    try:
+        final = ckpt.atomic_write_dir(tmp_path / "final", write)
+        step = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"step": 1}, keep_last=1)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for folder in (final, step) for f in folder.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.json", ckpt.MODEL_FILE, ckpt.STATE_FILE,
+                                   ckpt.MANIFEST], 0o644)
+    assert ckpt.verify_checkpoint(step) is None
+
+
+def test_atomic_files_get_the_permissions_of_any_new_file(tmp_path):
+    """A file written by atomic_write_file (a teacher-cache shard, through safetensors) has the mode of any new file
+    (0o666 less the umask), as the cache's cache.json: safetensors 0.8 creates its files 0o600 (issue #782)."""
+    from safetensors.torch import save_file as save_safetensors_file
+
+    old = os.umask(0o022)  # a common umask, under which 0o600 and the expected 0o644 differ
+    try:
+        shard = ckpt.atomic_write_file(tmp_path / "shard.safetensors",
+                                       lambda tmp: save_safetensors_file({"w": torch.zeros(2)}, str(tmp)))
+        meta = ckpt.atomic_write_text(tmp_path / "cache.json", "{}")
+    finally:
+        os.umask(old)
+    assert (shard.stat().st_mode & 0o777) == (meta.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json", "shard.safetensors"]

@@ -235,6 +235,20 @@ def test_gguf_round_trip_is_bit_exact_and_cached(tmp_path, tiny_tokenizer, monke
     assert tokenizer_fingerprint(tok2) == tokenizer_fingerprint(tiny_tokenizer)
 
 
+def test_gguf_cache_entry_has_the_permissions_of_any_new_folder(tmp_path, tiny_tokenizer):
+    """The converted GGUF folder gets the mode of any folder the user creates (0o777 less the umask), not
+    tempfile.mkdtemp's 0o700, which the rename kept, and its files that of any new file (safetensors 0.8 creates
+    model.safetensors 0o600): a cache shared through $TAILKD_CACHE was unreadable to the user's group."""
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    old = os.umask(0o022)  # a common umask, under which 0o700 and the expected 0o755 differ
+    try:
+        entry = models.model_dir(gguf_file, tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert (entry.stat().st_mode & 0o777) == 0o755
+    assert {f.stat().st_mode & 0o777 for f in entry.iterdir()} == {0o644}  # model.safetensors too (safetensors: 0o600)
+
+
 def test_gguf_special_tokens_come_from_its_metadata(tmp_path, tiny_tokenizer, monkeypatch):
     """The converted tokenizer's bos/eos/pad are the ids the GGUF's metadata names, whatever transformers' GGUF
     tokenizer conversion made of them (transformers 5.17 gave SmolLM2-Instruct <|im_start|> as its EOS and dropped

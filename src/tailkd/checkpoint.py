@@ -26,9 +26,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tailkd.errors import TailkdError
 
 CKPT_DIR = "checkpoints"
+FINAL_DIR = "final"  # the saved student, RUN/final (written by tailkd.train.finish)
 MODEL_FILE = "student.safetensors"
 STATE_FILE = "trainer.pt"
 MANIFEST = "manifest.json"
@@ -108,17 +109,51 @@ def remove_dead_writers(final: Path) -> list[Path]:
     return done
 
 
+def new_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``parent/<prefix><random>`` with the mode of any new folder (0o777 less the umask), not
+    tempfile.mkdtemp's 0o700, which a rename into place would keep (a saved student unreadable to the user's group)."""
+    while True:
+        path = Path(parent) / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _new_file_mode(folder: Path) -> int:
+    """The mode a new file gets in ``folder`` (0o666 less the umask), read off a probe file."""
+    probe = Path(folder) / f".tmp-mode-probe-{secrets.token_hex(6)}"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
+def new_file_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode of a new file (0o666 less the umask): safetensors 0.8 creates its
+    files 0o600 whatever the umask (safetensors issue #782), so a saved model.safetensors was unreadable to the user's
+    group beside its config.json."""
+    mode = _new_file_mode(folder)
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 != mode:
+            os.chmod(f, mode)
+
+
 def atomic_write_dir(final: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it). Returns ``final``.
+    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it). Returns ``final``, a folder with
+    the permissions of any new one (`new_temp_dir`), its files those of any new file (`new_file_modes`).
 
     The temporary folder ``.tmp-<name>-<pid>@<host>-*`` is removed when ``write`` fails; one left by a killed
     process is removed by the next writer of ``final`` (``remove_dead_writers``)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{_writer_tag()}-", dir=final.parent))
+    tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{_writer_tag()}-")
     try:
         write(tmp)
+        new_file_modes(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -139,12 +174,16 @@ def atomic_write_dir(final: Path, write) -> Path:
 
 def atomic_write_file(final: Path, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``final``, fsync it, rename it to ``final`` (replacing
-    it) and fsync the folder: after a crash there is the old file or the new one, never half of one."""
+    it) and fsync the folder: after a crash there is the old file or the new one, never half of one. The file has
+    the mode of any new file (`new_file_modes`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
         write(tmp)
+        mode = _new_file_mode(final.parent)  # that of any new file (safetensors 0.8 writes 0o600: `new_file_modes`)
+        if tmp.stat().st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -275,7 +314,12 @@ def _remove_dir(path: Path) -> None:
 
 def clean_partial_writes(run_dir: Path) -> None:
     """Remove what a killed writer left in ``run_dir/checkpoints``: ``.tmp-*`` folders (never complete), and
-    ``.old-*`` folders (a replaced checkpoint; put back if the kill came between the two renames)."""
+    ``.old-*`` folders (a replaced checkpoint; put back if the kill came between the two renames); and in ``run_dir``
+    what a writer of the saved student ``final/`` left: ``.tmp-final-*`` and ``.old-final-*`` (the run writes final/
+    again at its end)."""
+    for p in sorted(Path(run_dir).glob(f".tmp-{FINAL_DIR}-*")) + sorted(Path(run_dir).glob(f".old-{FINAL_DIR}-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return

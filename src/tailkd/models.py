@@ -32,12 +32,11 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from tailkd.checkpoint import atomic_write_text, file_sha256
+from tailkd.checkpoint import atomic_write_text, file_sha256, new_file_modes, new_temp_dir
 from tailkd.errors import TailkdError
 
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
@@ -375,7 +374,7 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp = new_temp_dir(final.parent, f".tmp-{final.name}-")
     except OSError as err:
         raise TailkdError(f"cannot write the GGUF cache under {final.parent} ({_brief(err)}): "
                           f"set TAILKD_CACHE (or cache_dir) to a writable folder") from None
@@ -424,6 +423,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     _set_gguf_special_tokens(tokenizer, gguf)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    new_file_modes(out)
 
 
 _GGUF_SPECIAL_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}

@@ -457,7 +457,7 @@ def finish(run: Run) -> dict:
         run.checkpoint()
     model_state = dist.full_model_state(run.model)
     peaks = dist.peak_memory_per_rank(run.device)  # collective
-    final_dir, curves = out / "final", out / CURVES_FILE
+    final_dir, curves = out / ckpt.FINAL_DIR, out / CURVES_FILE
     summary = {"run": str(out), "final": str(final_dir), "steps": p.step, "tokens": p.tokens,
                "train_seconds": p.elapsed, "loss": cfg.loss.name, "world_size": dist.world(),
                "bad_steps": p.bad_steps, "empty_steps": p.empty_steps, "curves": str(curves),
