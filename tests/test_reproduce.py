@@ -140,6 +140,7 @@ def _finish(cfg: DistillConfig, *, final: bool = True) -> None:
     if final:
         (run / "final").mkdir(exist_ok=True)
         (run / "final" / "config.json").write_text("{}")
+        (run / "summary.json").write_text("{}")  # written last
 
 
 def _reproduction(tmp_path, **options) -> ReproduceConfig:
@@ -263,6 +264,25 @@ def test_a_chained_stage_is_not_reused_when_the_stage_it_started_from_is_trained
     shutil.rmtree(sft.train.out_dir)
     with pytest.raises(TailkdError, match=f"stage polish .* was started from {sft.train.out_dir}/final"):
         run_stages([domain, sft, polish])
+
+
+def test_a_stage_killed_between_its_final_student_and_its_summary_is_completed(assets, tmp_path):
+    """A kill after RUN/final/ was written and before summary.json (the last output): the stage is not done; a re-run
+    resumes it, which writes the outputs again (and the stage after it is not skipped as chained to a done stage)."""
+    cfg = DistillConfig()
+    cfg.teacher.path, cfg.data.paths, cfg.data.cache_dir = str(assets["teacher"]), [str(assets["corpus"])], \
+        str(assets["cache"])
+    cfg.data.seq_len, cfg.data.eval_rows, cfg.student.num_layers = 32, 2, 1
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.device = 2, 2, "cpu"
+    cfg.train.out_dir = str(tmp_path / "stage")
+    run = Path(cfg.train.out_dir)
+    assert not run_stages([cfg.validate()])[0].get("skipped")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()  # as if killed before summary.json (final/ and curves.png are there)
+    again = run_stages([cfg])[0]
+    assert not again.get("skipped") and json.loads((run / "summary.json").read_text())["steps"] == summary["steps"]
+    assert again["heldout_after"] == summary["heldout_after"]  # the checkpoint's outputs, not a new training
+    assert run_stages([cfg])[0]["skipped"]
 
 
 def test_plan_refuses_two_runs_of_one_name():

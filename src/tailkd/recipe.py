@@ -25,11 +25,12 @@ Every stage is a plain `DistillConfig` (unknown keys are errors), and every conf
 stage starts. In a chain, a stage after the first with no ``student.path`` starts from the previous stage's
 ``final/``; the settings of a student built from the teacher it inherits from ``common`` or ``--set`` (the first
 stage's: ``student.num_layers``, ...) are dropped, and those it sets itself are refused, as by distill.
-Re-running a recipe skips stages whose ``final/`` exists, resumes a stage that has checkpoints, and skips
-evaluations whose output exists, so an interrupted recipe continues. A finished stage is skipped only if it
-was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line naming the setting. In a
-chain, a stage that has a run folder while the stage it starts from is to be trained again (its ``final/`` deleted)
-stops the recipe before anything runs (`check_chain`): it began from the student that is being replaced.
+Re-running a recipe skips stages that wrote ``final/`` and ``summary.json`` (`finished`), resumes a stage that has
+checkpoints, and skips evaluations whose output exists, so an interrupted recipe continues. A finished stage is
+skipped only if it was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line
+naming the setting. In a chain, a stage that has a run folder while the stage it starts from is to be trained
+again (its ``final/`` deleted) stops the recipe before anything runs (`check_chain`): it began from the student that
+is being replaced.
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     return (changed[0], old.get(changed[0]), flatten(to_dict(cfg))[changed[0]]) if changed else None
 
 
+def finished(cfg: DistillConfig) -> bool:
+    """Whether the stage's run wrote all its outputs: ``final/`` and then ``summary.json``, the last (a kill between
+    them leaves a run that ``--resume`` completes, writing only the outputs)."""
+    run = Path(cfg.train.out_dir)
+    return (run / "final" / "config.json").is_file() and (run / "summary.json").is_file()
+
+
 def check_chain(stages: list[DistillConfig]) -> None:
     """``TailkdError`` (one line) if a stage that starts from an earlier stage's ``final/`` has a run folder while
     that earlier stage is still to be trained (its ``final/`` missing, e.g. deleted to run it with new settings, or
@@ -178,12 +186,12 @@ def check_chain(stages: list[DistillConfig]) -> None:
         if start in pending and run.is_dir() and any(run.iterdir()):
             raise TailkdError(f"stage {run.name} ({run}) was started from {start}, which is to be trained again; "
                               f"delete {run} too, to run it from the new student, or choose another --out")
-        if start in pending or not (run / "final" / "config.json").exists():
+        if start in pending or not finished(cfg):
             pending.add(run / "final")
 
 
 def run_stages(stages: list[DistillConfig]) -> list[dict]:
-    """Run each stage's distillation in order: a stage whose ``final/`` exists is skipped (``TailkdError`` if it was
+    """Run each stage's distillation in order: a `finished` stage is skipped (``TailkdError`` if it was
     run with other settings: `saved_change`), one with a run folder is resumed (distill refuses a changed config);
     before any runs, `check_chain` refuses a stage started from an earlier stage that is to be trained again.
     Stops after a stage that was stopped (a signal, ``train.stop_after``): its summary is the last."""
@@ -193,7 +201,7 @@ def run_stages(stages: list[DistillConfig]) -> list[dict]:
     summaries = []
     for cfg in stages:
         run = Path(cfg.train.out_dir)
-        if (run / "final" / "config.json").exists():
+        if finished(cfg):
             change = saved_change(cfg)
             if change is not None:
                 key, old, new = change

@@ -221,7 +221,7 @@ def _first_change(saved: dict, planned: dict) -> tuple[str, object, object] | No
 def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
     """``TailkdError`` (one line) unless every run folder, evaluation and teacher analysis already under
     ``reproduce.out`` was made with the settings this invocation plans: a re-run reuses them as they are."""
-    from tailkd.recipe import saved_change
+    from tailkd.recipe import finished, saved_change
 
     out = Path(cfg.reproduce.out)
     fix = f"use a new --out, or delete {out} to start over with these settings"
@@ -229,7 +229,7 @@ def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
         change = saved_change(e.cfg)
         if change is not None:
             key, old, new = change
-            state = "finished" if (e.run / "final" / "config.json").exists() else "started"
+            state = "finished" if finished(e.cfg) else "started"
             raise TailkdError(f"{out} holds a reproduction with other settings: its run {e.name} was {state} with "
                               f"{key}={old!r}, this command gives {new!r}; {fix}")
     checks = [(e.run / "eval.json", _settings(_eval_config(cfg, e), "eval")) for e in experiments]
