@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tailkd import distributed as dist
 from tailkd.errors import TailkdError
 
 IGNORE_INDEX = -100  # the label of a position without a target: the one definition, imported everywhere
@@ -156,7 +155,8 @@ class RowSampler:
 
     ``digest``: the rows' content (``PackedRows.digest``, ``SFTRows.digest``; None when unknown), kept in the state:
     ``load_state_dict`` refuses a saved order over rows of other content (data edited between a kill and
-    ``--resume``, the row count unchanged), or with ``force`` (``--force``) warns and continues over the new rows."""
+    ``--resume``, the row count unchanged), or with ``force`` (``--force``) sets ``rows_changed`` and continues over
+    the new rows."""
 
     def __init__(self, num_rows: int, *, seed: int, shuffle: bool = True, digest: str | None = None,
                  force: bool = False):
@@ -164,6 +164,7 @@ class RowSampler:
             raise TailkdError("no training rows to sample; use a smaller --seq-len or more data")
         self.num_rows, self.seed, self.shuffle = int(num_rows), int(seed), bool(shuffle)
         self.digest, self.force = digest, bool(force)
+        self.rows_changed = False  # set by a forced load_state_dict over rows of other content
         self.epoch = 0
         self.position = 0  # index into this epoch's order of the next row to return; always < num_rows
         self._order: torch.Tensor | None = None
@@ -204,8 +205,7 @@ class RowSampler:
                 raise TailkdError("the training rows differ from the checkpoint's: the data changed since the run "
                                   "started (the same number of rows, other tokens); resume with the run's own data, "
                                   "start a new run with another --out, or pass --force to continue over the new rows")
-            dist.say("tailkd: warning: --force: the training rows differ from the checkpoint's (the data changed); "
-                     "the saved order continues over the new rows", err=True)
+            self.rows_changed = True  # the trainer warns (rank 0)
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._order = None
 

@@ -262,6 +262,9 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     sampler = data_mod.RowSampler(len(train_rows), seed=t.seed, digest=getattr(train_rows, "digest", None),
                                   force=t.force_resume)
     restored = runs.restore(out, model, student, optimizer, scheduler, sampler) if resuming else None
+    if sampler.rows_changed:
+        dist.say("tailkd: warning: --force: the training rows differ from the checkpoint's (the data changed); the "
+                 "saved order continues over the new rows", err=True)
     if resuming and restored is None:
         dist.say(f"{out} has no checkpoint yet: starting it from step 0")
     progress = restored or runs.Progress()
