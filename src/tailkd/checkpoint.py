@@ -131,14 +131,19 @@ def _new_file_mode(folder: Path) -> int:
         probe.unlink()
 
 
+def _set_mode(path: Path, mode: int) -> None:
+    if path.stat().st_mode & 0o777 != mode:
+        os.chmod(path, mode)
+
+
 def new_file_modes(folder: Path) -> None:
     """Give every file under ``folder`` the mode of a new file (0o666 less the umask): safetensors 0.8 creates its
     files 0o600 whatever the umask (safetensors issue #782), so a saved model.safetensors was unreadable to the user's
     group beside its config.json."""
     mode = _new_file_mode(folder)
     for f in Path(folder).rglob("*"):
-        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 != mode:
-            os.chmod(f, mode)
+        if f.is_file() and not f.is_symlink():
+            _set_mode(f, mode)
 
 
 def atomic_write_dir(final: Path, write) -> Path:
@@ -181,9 +186,7 @@ def atomic_write_file(final: Path, write) -> Path:
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
         write(tmp)
-        mode = _new_file_mode(final.parent)  # that of any new file (safetensors 0.8 writes 0o600: `new_file_modes`)
-        if tmp.stat().st_mode & 0o777 != mode:
-            os.chmod(tmp, mode)
+        _set_mode(tmp, _new_file_mode(final.parent))  # that of any new file (safetensors 0.8 writes 0o600)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)

@@ -141,9 +141,7 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
     """Decide between a new run and a resume: (run folder, resuming, config changes accepted by --force).
 
     Nothing is written here (see ``claim_run_dir``)."""
-    out = Path(cfg.train.out_dir)
-    if out.exists() and not out.is_dir():
-        raise TailkdError(f"train.out_dir {out} is a file; choose a folder name with --out")
+    out = Path(cfg.train.out_dir)  # not a file, nor under one: `DistillConfig.validate` (`check_out_path`)
     exists = out.is_dir() and any(out.iterdir())
     if cfg.train.resume:
         if not exists:
