@@ -443,7 +443,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path)
 
 def test_a_folder_put_aside_by_a_killed_writer_is_put_back_or_removed(tmp_path):
     final = tmp_path / "corpus"
-    host = ckpt._writer_tag().split("@", 1)[1]
+    host = ckpt.writer_tag().split("@", 1)[1]
     aside = tmp_path / f".old-corpus-{_dead_pid()}@{host}"
     aside.mkdir()
     (aside / "meta.json").write_text("{}")

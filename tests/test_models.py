@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -362,6 +364,14 @@ def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_to
     os.utime(killed, (two_days_ago, two_days_ago))
     running = root / ".tmp-tiny-bbbb-running"  # one that may be running now
     running.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    dead_here = root / f".tmp-tiny-{gone.pid}@{host}-cccc"  # killed a minute ago, by a process of this host now gone
+    live_here = root / f".tmp-tiny-{os.getpid()}@{host}-dddd"  # a live writer of this host
+    dead_elsewhere = root / f".tmp-tiny-{gone.pid}@another-host-eeee"  # another host's: told by age only
+    for path in (dead_here, live_here, dead_elsewhere):
+        path.mkdir()
     other = write_tiny_llama_gguf(tmp_path / "other.gguf", make_tiny_lm("llama", seed=1), tiny_tokenizer)
     other_entry = models.gguf_cache_entry(other, cache)
     other_pointer = next((root / ".by-file").iterdir())
@@ -371,6 +381,7 @@ def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_to
     entry = models.gguf_cache_entry(gguf_file, cache)
     assert not old_format.exists() and not killed.exists() and not other_pointer.exists()
     assert running.is_dir() and (other_entry / models._GGUF_MARKER).is_file()
+    assert not dead_here.exists() and live_here.is_dir() and dead_elsewhere.is_dir()
     assert (entry / models._GGUF_MARKER).is_file()
     assert [p.name for p in (root / ".by-file").iterdir()] == [models._stat_key(gguf_file)]
     assert models.prune_gguf_cache(cache) == []  # nothing more to remove

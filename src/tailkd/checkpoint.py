@@ -67,7 +67,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _writer_tag() -> str:
+def writer_tag() -> str:
     """``<pid>@<host>``: who writes a temporary folder, so that a later writer can tell a dead one's leftovers."""
     return f"{os.getpid()}@{socket.gethostname()}"
 
@@ -82,6 +82,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def left_by_dead_writer(name: str) -> bool:
+    """Whether ``name`` (``...-<pid>@<host>`` or ``...-<pid>@<host>-<random>``, see `writer_tag`) is the leftover of
+    a writer of THIS host whose process is gone. Another host's (a shared disk) or an untagged name: False."""
+    m = re.search(rf"-(\d+)@{re.escape(socket.gethostname())}(-[^-]+)?$", name)
+    return m is not None and not _pid_alive(int(m.group(1)))
+
+
 def remove_dead_writers(final: Path) -> list[Path]:
     """Remove what a killed ``atomic_write_dir`` of ``final`` left beside it: ``.tmp-<name>-<pid>@<host>-*``
     folders (never complete) and ``.old-<name>-<pid>@<host>`` ones (the replaced folder; put back if the kill came
@@ -90,16 +97,14 @@ def remove_dead_writers(final: Path) -> list[Path]:
     final = Path(final)
     host = re.escape(socket.gethostname())
     name = re.escape(final.name)
-    tmp_re = re.compile(rf"\.tmp-{name}-(\d+)@{host}-[^-]+")
-    old_re = re.compile(rf"\.old-{name}-(\d+)@{host}")
+    ours = re.compile(rf"\.tmp-{name}-\d+@{host}-[^-]+|\.old-{name}-\d+@{host}")
     done = []
     try:
         siblings = sorted(final.parent.iterdir())
     except OSError:
         return done
     for p in siblings:
-        m = tmp_re.fullmatch(p.name) or old_re.fullmatch(p.name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if not ours.fullmatch(p.name) or not left_by_dead_writer(p.name):
             continue
         if p.name.startswith(".old-") and not final.exists():
             os.replace(p, final)
@@ -155,7 +160,7 @@ def atomic_write_dir(final: Path, write) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(final)
-    tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{_writer_tag()}-")
+    tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{writer_tag()}-")
     try:
         write(tmp)
         new_file_modes(tmp)
@@ -164,7 +169,7 @@ def atomic_write_dir(final: Path, write) -> Path:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{_writer_tag()}")
+            old = final.with_name(f".old-{final.name}-{writer_tag()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

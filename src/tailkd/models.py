@@ -15,7 +15,9 @@ an edited file gets a new one. The hash is read once per file: a pointer ``<cach
 hashes the file's absolute path, size and mtime) remembers it. The directory is written under a temporary
 name and renamed into place, so a crash never leaves a half cache; later loads read the safetensors (< 1 s
 for SmolLM2 instead of ~20 s). Each conversion also removes what can never be read again: entries of an older
-cache format, temporary folders of conversions killed more than a day ago, and pointers whose file is gone.
+cache format, temporary folders of killed conversions (``.tmp-<entry>-<pid>@<host>-*``: at once when that process
+of this host is gone, `tailkd.checkpoint.left_by_dead_writer`; another host's on a shared disk after a day), and
+pointers whose file is gone.
 The whole cache may be deleted at any time; it is rebuilt on demand.
 
 The conversion dequantizes with transformers' own GGUF reader (`load_gguf_checkpoint`) into a model
@@ -36,7 +38,14 @@ from pathlib import Path
 
 import torch
 
-from tailkd.checkpoint import atomic_write_text, file_sha256, new_file_modes, new_temp_dir
+from tailkd.checkpoint import (
+    atomic_write_text,
+    file_sha256,
+    left_by_dead_writer,
+    new_file_modes,
+    new_temp_dir,
+    writer_tag,
+)
 from tailkd.errors import TailkdError
 
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
@@ -324,9 +333,10 @@ _STALE_TMP_SECONDS = 24 * 3600  # a conversion's temporary folder older than thi
 
 def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Remove what the GGUF cache can never serve again; returns the removed paths. That is: complete entries of
-    another cache format (their key cannot be made any more), temporary folders older than a day (a conversion
-    killed before its clean-up ran) and pointers whose file is gone or changed. Entries of this format are kept,
-    whether or not their source file still exists: another copy of the same bytes may need them."""
+    another cache format (their key cannot be made any more), temporary folders of killed conversions (at once when
+    their writer was a process of this host that is gone, else when older than a day: another host's, on a shared
+    disk) and pointers whose file is gone or changed. Entries of this format are kept, whether or not their source
+    file still exists: another copy of the same bytes may need them."""
     import time
 
     root = _gguf_root(cache_dir)
@@ -335,8 +345,8 @@ def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
         return removed
     now = time.time()
 
-    def killed(path: Path) -> bool:  # a temporary file or folder this old: its process was killed
-        return now - path.stat().st_mtime > _STALE_TMP_SECONDS
+    def killed(path: Path) -> bool:  # a temporary file or folder of a dead writer (or, untold, this old)
+        return left_by_dead_writer(path.name) or now - path.stat().st_mtime > _STALE_TMP_SECONDS
 
     for path in root.iterdir():
         try:
@@ -374,7 +384,7 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = new_temp_dir(final.parent, f".tmp-{final.name}-")
+        tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{writer_tag()}-")
     except OSError as err:
         raise TailkdError(f"cannot write the GGUF cache under {final.parent} ({_brief(err)}): "
                           f"set TAILKD_CACHE (or cache_dir) to a writable folder") from None
