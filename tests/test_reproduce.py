@@ -20,7 +20,7 @@ from tailkd.cli import main
 from tailkd.command_config import ReproduceConfig
 from tailkd.config import DistillConfig, save_yaml
 from tailkd.errors import TailkdError
-from tailkd.recipe import read_recipe, run_stages
+from tailkd.recipe import read_recipe, redo_result, result_settings, run_stages, saved_settings, write_settings
 from tailkd.reproduce import plan
 
 
@@ -183,14 +183,14 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     runs = plan(cfg)
     out = tmp_path / "rep"
     analysis = out / "teacher_analysis.json"
-    rp._write_settings(analysis, rp._settings(rp._analysis_config(cfg, out), "analyze"))
+    write_settings(analysis, result_settings(rp._analysis_config(cfg, out), "analyze"))
     analysis.write_text("{}")
     for e in runs:
         _finish(e.cfg)
-        rp._write_settings(e.run / "eval.json", rp._settings(rp._eval_config(cfg, e), "eval"))
+        write_settings(e.run / "eval.json", result_settings(rp._eval_config(cfg, e), "eval"))
         (e.run / "eval.json").write_text("{}")
     rp.check_reuse(cfg, runs)
-    assert rp._saved_settings(runs[0].run / "eval.json") == rp._settings(rp._eval_config(cfg, runs[0]), "eval")
+    assert saved_settings(runs[0].run / "eval.json") == result_settings(rp._eval_config(cfg, runs[0]), "eval")
     other = _reproduction(tmp_path, reproduce__eval_rows=8)
     with pytest.raises(TailkdError) as err:
         rp.check_reuse(other, plan(other))
@@ -204,10 +204,10 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     # an eval.json without its settings (an older tailkd) is not trusted: it is evaluated again
     (runs[0].run / "eval.json").write_text("{}")
     (runs[0].run / "eval.settings.json").unlink()
-    assert rp._saved_settings(runs[0].run / "eval.json") is None
-    settings = rp._settings(rp._eval_config(cfg, runs[0]), "eval")
-    rp._redo(runs[0].run / "eval.json", settings)  # what reproduce does before evaluating it again
-    assert not (runs[0].run / "eval.json").exists() and rp._saved_settings(runs[0].run / "eval.json") is None
+    assert saved_settings(runs[0].run / "eval.json") is None
+    settings = result_settings(rp._eval_config(cfg, runs[0]), "eval")
+    redo_result(runs[0].run / "eval.json", settings)  # what reproduce does before evaluating it again
+    assert not (runs[0].run / "eval.json").exists() and saved_settings(runs[0].run / "eval.json") is None
     assert json.loads((runs[0].run / "eval.settings.json").read_text()) == settings
 
 
@@ -233,6 +233,19 @@ def test_a_finished_recipe_stage_with_other_settings_is_refused(tmp_path, capsys
     planned = DistillConfig()
     planned.train.out_dir, planned.train.epochs = cfg.train.out_dir, 2.0
     assert run_stages([planned.validate()])[0]["skipped"]
+
+
+def test_a_changed_finished_stage_is_refused_before_an_earlier_stage_trains(tmp_path):
+    """A sweep whose first stage is still to train and whose second finished with other settings: refused at once,
+    not after the first stage's training (its teacher does not even exist here: loading it would fail otherwise)."""
+    first, second = DistillConfig(), DistillConfig()
+    first.teacher.path = second.teacher.path = str(tmp_path / "no-teacher")
+    first.train.out_dir, second.train.out_dir = str(tmp_path / "a"), str(tmp_path / "b")
+    _finish(second.validate())
+    second.loss.k = 5
+    with pytest.raises(TailkdError, match=r"stage b .* finished with loss.k=10, but now gives 5"):
+        run_stages([first.validate(), second.validate()])
+    assert not Path(first.train.out_dir).exists()
 
 
 def test_a_chained_stage_is_not_reused_when_the_stage_it_started_from_is_trained_again(tmp_path):

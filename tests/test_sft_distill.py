@@ -1,6 +1,7 @@
 """Supervised distillation through the trainer: response-only targets, the two-stage recipe, the CLM baseline."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -110,6 +111,30 @@ def test_sweep_recipe_evaluates_and_compares_every_stage(assets, tmp_path, capsy
     assert main(["recipe", str(recipe), "--set", "train.max_steps=2"]) == 0  # all done: nothing runs again
     out = capsys.readouterr().out
     assert out.count("already done") == 4
+    # other evaluate: settings: the evaluations on disk are not passed off as theirs (refused before anything runs)
+    doc["evaluate"]["generate"]["limit"] = 2
+    recipe.write_text(yaml.safe_dump(doc))
+    assert main(["recipe", str(recipe), "--set", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tailkd: error: {runs / 'fkl' / 'generate.json'} was made with generate.limit=3, but the recipe's "
+                   f"evaluate now gives 2; delete {runs / 'fkl' / 'generate.json'} to evaluate again with these "
+                   "settings, or choose another --out")
+    (runs / "fkl" / "generate.json").unlink()
+    (runs / "rkl" / "generate.json").unlink()
+    shutil.rmtree(runs / "rkl" / "final")  # rkl is trained again (resumed: it writes its outputs)
+    rkl_before = json.loads((runs / "rkl" / "summary.json").read_text())
+    assert main(["recipe", str(recipe), "--set", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage fkl: already done" in out and "stage rkl: resuming" in out
+    assert "stage fkl: evaluating" in out and "stage rkl: evaluating" in out
+    for name in ("fkl", "rkl"):
+        assert json.loads((runs / name / "generate.json").read_text())["examples"] == 2
+    # evaluations of the same settings are kept, but not that of a stage trained again
+    shutil.rmtree(runs / "rkl" / "final")
+    assert main(["recipe", str(recipe), "--set", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage fkl: evaluation already done" in out and "stage rkl: evaluating" in out
+    assert rkl_before["steps"] == json.loads((runs / "rkl" / "summary.json").read_text())["steps"]
 
 
 def test_recipe_errors_before_any_stage_runs(assets, tmp_path, capsys):

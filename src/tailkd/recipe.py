@@ -26,15 +26,17 @@ stage starts. In a chain, a stage after the first with no ``student.path`` start
 ``final/``; the settings of a student built from the teacher it inherits from ``common`` or ``--set`` (the first
 stage's: ``student.num_layers``, ...) are dropped, and those it sets itself are refused, as by distill.
 Re-running a recipe skips stages that wrote ``final/`` and ``summary.json`` (`finished`), resumes a stage that has
-checkpoints, and skips evaluations whose output exists, so an interrupted recipe continues. A finished stage is
-skipped only if it was run with the stage's settings (`saved_change`); otherwise the recipe stops with one line
-naming the setting. In a chain, a stage that has a run folder while the stage it starts from is to be trained
-again (its ``final/`` deleted) stops the recipe before anything runs (`check_chain`): it began from the student that
-is being replaced.
+checkpoints, and skips evaluations already made (of a stage not trained again, with their settings saved beside
+them: ``RUN/eval.settings.json``), so an interrupted recipe continues. A finished stage is skipped only if it was
+run with the stage's settings (`saved_change`), an evaluation kept only if made with the ``evaluate:`` settings
+(`check_evaluations`); otherwise the recipe stops, before anything runs, with one line naming the setting. In a
+chain, a stage that has a run folder while the stage it starts from is to be trained again (its ``final/`` deleted)
+stops the recipe before anything runs (`check_chain`): it began from the student that is being replaced.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +192,58 @@ def check_chain(stages: list[DistillConfig]) -> None:
             pending.add(run / "final")
 
 
+# --------------------------------------------------------------------------- evaluations made with known settings
+
+
+def result_settings(config, section: str) -> dict:
+    """What an evaluation's (``eval``) or the teacher analysis's (``analyze``) numbers depend on: every setting but
+    the device and the paths (those of its run)."""
+    from tailkd.runs import flatten
+
+    drop = {f"{section}.device", f"{section}.out", f"{section}.student"}
+    return json.loads(json.dumps({k: v for k, v in flatten(to_dict(config)).items() if k not in drop}))
+
+
+def _settings_path(result: Path) -> Path:
+    return result.with_name(f"{result.stem}.settings.json")  # RUN/eval.json -> RUN/eval.settings.json
+
+
+def write_settings(result: Path, settings: dict) -> None:
+    """Save ``settings`` (`result_settings`) beside ``result``: ``RUN/eval.json`` -> ``RUN/eval.settings.json``."""
+    from tailkd.checkpoint import atomic_write_text
+
+    result.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_settings_path(result), json.dumps(settings, indent=1))
+
+
+def redo_result(result: Path, settings: dict) -> None:
+    """Before ``result`` is made: a result without trusted settings is removed, then the settings are written, so
+    an interrupted evaluation never leaves an old result beside new settings."""
+    result.unlink(missing_ok=True)
+    write_settings(result, settings)
+
+
+def saved_settings(result: Path) -> dict | None:
+    """The settings saved beside ``result`` (eval.json, teacher_analysis.json) if both exist, else None: not done
+    (a result without its settings — an older tailkd's, or one ``tailkd eval`` wrote — is done again)."""
+    path = _settings_path(result)
+    if not (result.is_file() and path.is_file()):
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # a damaged settings file: the result cannot be trusted, so it is made again
+    return saved if isinstance(saved, dict) else None
+
+
+def first_change(saved: dict, planned: dict) -> tuple[str, object, object] | None:
+    """The first setting in which ``saved`` and ``planned`` (`result_settings`) differ: (key, saved, planned)."""
+    for key in [*planned, *(k for k in saved if k not in planned)]:
+        if saved.get(key) != planned.get(key):
+            return key, saved.get(key), planned.get(key)
+    return None
+
+
 def run_stages(stages: list[DistillConfig]) -> list[dict]:
     """Run each stage's distillation in order: a `finished` stage is skipped (``TailkdError`` if it was
     run with other settings: `saved_change`), one with a run folder is resumed (distill refuses a changed config);
@@ -198,15 +252,16 @@ def run_stages(stages: list[DistillConfig]) -> list[dict]:
     from tailkd.train import distill
 
     check_chain(stages)
+    for cfg in stages:  # every finished stage, before any stage runs
+        change = saved_change(cfg) if finished(cfg) else None
+        if change is not None:
+            run, (key, old, new) = Path(cfg.train.out_dir), change
+            raise TailkdError(f"stage {run.name} ({run}) finished with {key}={old!r}, but now gives {new!r}; "
+                              f"delete {run} to run it again with the new settings, or choose another --out")
     summaries = []
     for cfg in stages:
         run = Path(cfg.train.out_dir)
         if finished(cfg):
-            change = saved_change(cfg)
-            if change is not None:
-                key, old, new = change
-                raise TailkdError(f"stage {run.name} ({run}) finished with {key}={old!r}, but now gives {new!r}; "
-                                  f"delete {run} to run it again with the new settings, or choose another --out")
             print(f"stage {run.name}: already done ({run / 'final'})")
             summaries.append({"run": str(run), "final": str(run / "final"), "skipped": True})
             continue
@@ -218,23 +273,41 @@ def run_stages(stages: list[DistillConfig]) -> list[dict]:
     return summaries
 
 
+def check_evaluations(recipe: Recipe) -> None:
+    """``TailkdError`` (one line) if an evaluation on disk of a finished stage was made with settings other than
+    those the recipe's ``evaluate:`` now gives (its settings file, `saved_settings`). Checked before any stage
+    runs. An evaluation without its settings (an older tailkd's, or one ``tailkd eval`` wrote) is made again, as is
+    that of a stage trained (again) by this invocation."""
+    for cfg in recipe.stages:
+        out = recipe.eval_out(cfg)
+        saved = saved_settings(out) if finished(cfg) else None
+        change = None if saved is None else first_change(saved, result_settings(recipe.eval_config(cfg), "eval"))
+        if change is not None:
+            key, old, new = change
+            raise TailkdError(f"{out} was made with {key}={old!r}, but the recipe's evaluate now gives {new!r}; "
+                              f"delete {out} to evaluate again with these settings, or choose another --out")
+
+
 def run_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> list[dict]:
     """Run every stage in order, then evaluate each stage and compare them (when the recipe says so); returns the
     stage summaries."""
     from tailkd import commands
 
     recipe = read_recipe(path, out_dir, overrides)
+    if recipe.evaluate is not None:
+        check_evaluations(recipe)
     summaries = run_stages(recipe.stages)
     if summaries[-1].get("stopped"):
         return summaries
     if recipe.evaluate is not None:
-        for cfg in recipe.stages:
-            out = recipe.eval_out(cfg)
-            if out.exists():
+        for cfg, summary in zip(recipe.stages, summaries):
+            out, ev = recipe.eval_out(cfg), recipe.eval_config(cfg)
+            if summary.get("skipped") and saved_settings(out) is not None:
                 print(f"stage {Path(cfg.train.out_dir).name}: evaluation already done ({out})")
                 continue
             print(f"stage {Path(cfg.train.out_dir).name}: evaluating {Path(cfg.train.out_dir) / 'final'}")
-            commands.evaluate(recipe.eval_config(cfg))
+            redo_result(out, result_settings(ev, "eval"))
+            commands.evaluate(ev)
     if recipe.compare is not None:
         commands.compare(recipe.compare_config())
     return summaries

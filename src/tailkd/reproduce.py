@@ -23,7 +23,8 @@ compared with the planned config (`tailkd.recipe.saved_change`: all but the sett
 computes, such as the device), each ``eval.json`` with the evaluation settings saved beside it
 (``eval.settings.json``) and ``teacher_analysis.json`` with ``teacher_analysis.settings.json``; a difference (e.g.
 another ``--scale`` or ``--teacher`` into the same ``--out``) is refused with one line naming the run and the
-setting. An ``eval.json`` without its settings file (written by an older tailkd) is evaluated again.
+setting. An ``eval.json`` without its settings file (written by an older tailkd) is evaluated again, as is that of a
+run trained (again) by this invocation.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailkd.command_config import AnalyzeTeacherConfig, EvalConfig, ReproduceConfig
-from tailkd.config import DistillConfig, LossConfig, to_dict
+from tailkd.config import DistillConfig, LossConfig
 from tailkd.errors import TailkdError
-from tailkd.runs import flatten
 
 MAIN_K, MAIN_BETA = 10, 2.0  # the paper's defaults: the main TAD runs, where the sweeps cross
 PAPER_MISMATCH = (0.39, 0.46)  # the paper's mode-mismatch rates for its 1.8B-9B teachers (§2, Fig. 2)
@@ -117,7 +117,7 @@ def sweep_point(experiments: list[Experiment], group: str, seed: int, value) -> 
 def reproduce(cfg: ReproduceConfig) -> dict:
     """Run (or continue) every experiment, evaluate every student, analyse the teacher, write the report."""
     from tailkd import commands
-    from tailkd.recipe import run_stages
+    from tailkd.recipe import redo_result, result_settings, run_stages, saved_settings
 
     experiments = plan(cfg)
     out = Path(cfg.reproduce.out)
@@ -129,16 +129,16 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     if summaries and summaries[-1].get("stopped"):
         print(f"reproduce: stopped; run the same command again to continue ({out})")
         return {"stopped": True, "out": str(out), "exit_code": summaries[-1].get("exit_code", 0)}
-    for e in experiments:
+    for e, summary in zip(experiments, summaries):
         shutil.rmtree(e.run / "checkpoints", ignore_errors=True)  # finished (final/ written): never resumed again
         ev = _eval_config(cfg, e)
-        if _saved_settings(e.run / "eval.json") is None:
-            _redo(e.run / "eval.json", _settings(ev, "eval"))
+        if saved_settings(e.run / "eval.json") is None or not summary.get("skipped"):  # new, or of a new student
+            redo_result(e.run / "eval.json", result_settings(ev, "eval"))
             commands.evaluate(ev)
     analysis = out / "teacher_analysis.json"
     a = _analysis_config(cfg, out)
-    if _saved_settings(analysis) is None:
-        _redo(analysis, _settings(a, "analyze"))
+    if saved_settings(analysis) is None:
+        redo_result(analysis, result_settings(a, "analyze"))
         commands.analyze_teacher(a)
     report = write_report(cfg, experiments, out, seconds=time.time() - started)
     print(f"reproduce: report {report}")
@@ -173,55 +173,10 @@ def _analysis_config(cfg: ReproduceConfig, out: Path) -> AnalyzeTeacherConfig:
 # --------------------------------------------------------------------------- reusing what is on disk
 
 
-def _settings(config, section: str) -> dict:
-    """What an evaluation's (``eval``) or the teacher analysis's (``analyze``) numbers depend on: every setting but
-    the device and the paths (those of its run)."""
-    drop = {f"{section}.device", f"{section}.out", f"{section}.student"}
-    return json.loads(json.dumps({k: v for k, v in flatten(to_dict(config)).items() if k not in drop}))
-
-
-def _settings_path(result: Path) -> Path:
-    return result.with_name(f"{result.stem}.settings.json")  # RUN/eval.json -> RUN/eval.settings.json
-
-
-def _write_settings(result: Path, settings: dict) -> None:
-    from tailkd.checkpoint import atomic_write_text
-
-    result.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(_settings_path(result), json.dumps(settings, indent=1))
-
-
-def _redo(result: Path, settings: dict) -> None:
-    """Before ``result`` is made: a result without trusted settings is removed, then the settings are written, so
-    an interrupted evaluation never leaves an old result beside new settings."""
-    result.unlink(missing_ok=True)
-    _write_settings(result, settings)
-
-
-def _saved_settings(result: Path) -> dict | None:
-    """The settings saved beside ``result`` (eval.json, teacher_analysis.json) if both exist, else None: not done
-    (an ``eval.json`` of an older tailkd, without its settings, is done again)."""
-    path = _settings_path(result)
-    if not (result.is_file() and path.is_file()):
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None  # a damaged settings file: the result cannot be trusted, so it is made again
-    return saved if isinstance(saved, dict) else None
-
-
-def _first_change(saved: dict, planned: dict) -> tuple[str, object, object] | None:
-    for key in [*planned, *(k for k in saved if k not in planned)]:
-        if saved.get(key) != planned.get(key):
-            return key, saved.get(key), planned.get(key)
-    return None
-
-
 def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
     """``TailkdError`` (one line) unless every run folder, evaluation and teacher analysis already under
     ``reproduce.out`` was made with the settings this invocation plans: a re-run reuses them as they are."""
-    from tailkd.recipe import finished, saved_change
+    from tailkd.recipe import finished, first_change, result_settings, saved_change, saved_settings
 
     out = Path(cfg.reproduce.out)
     fix = f"use a new --out, or delete {out} to start over with these settings"
@@ -232,11 +187,11 @@ def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
             state = "finished" if finished(e.cfg) else "started"
             raise TailkdError(f"{out} holds a reproduction with other settings: its run {e.name} was {state} with "
                               f"{key}={old!r}, this command gives {new!r}; {fix}")
-    checks = [(e.run / "eval.json", _settings(_eval_config(cfg, e), "eval")) for e in experiments]
-    checks.append((out / "teacher_analysis.json", _settings(_analysis_config(cfg, out), "analyze")))
+    checks = [(e.run / "eval.json", result_settings(_eval_config(cfg, e), "eval")) for e in experiments]
+    checks.append((out / "teacher_analysis.json", result_settings(_analysis_config(cfg, out), "analyze")))
     for result, planned in checks:
-        saved = _saved_settings(result)
-        change = None if saved is None else _first_change(saved, planned)
+        saved = saved_settings(result)
+        change = None if saved is None else first_change(saved, planned)
         if change is not None:
             key, old, new = change
             raise TailkdError(f"{result} was made with {key}={old!r}, this command gives {new!r}; {fix}, or delete "
