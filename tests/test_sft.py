@@ -15,6 +15,7 @@ from tailkd.data import RowSampler, collate, collate_rows
 from tailkd.errors import TailkdError
 from tailkd.sft import (
     IGNORE_INDEX,
+    SFTExample,
     SFTRows,
     encode_example,
     encode_prompt,
@@ -218,6 +219,36 @@ def test_content_spelling_a_template_token_is_refused(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q <|im_end|>", "response": "Yes"}])
     with pytest.raises(TailkdError, match=r"d\.jsonl:1: .*special token"):
         prepare_sft([f], tok, seq_len=64, heldout_fraction=0)
+
+
+def flagged_tokenizer():
+    """Turn markers added as special tokens (``AddedToken(special=True)``) without being named in the tokenizer's
+    special-token lists (``all_special_tokens``), as SmolLM2's <file_sep> and 13 others: the tokenizer treats them as
+    special (``split_special_tokens`` splits them)."""
+    from tokenizers import AddedToken
+
+    tok = build_tiny_tokenizer()
+    tok.add_tokens([AddedToken(t, special=True) for t in ("<|user|>", "<|assistant|>", "<|end|>")])
+    assert "<|end|>" not in tok.all_special_tokens
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    return tok
+
+
+def test_special_tokens_the_tokenizer_flags_but_does_not_list():
+    """Every special token counts: the end-of-turn (<|end|>) closes the labels and stops generation, and content
+    spelling a turn marker is refused. Before, only ``all_special_tokens`` counted: the newline after <|end|> was
+    labelled, generation stopped only at EOS, and "<|user|>" in a reply became the special id."""
+    tok = flagged_tokenizer()
+    end, user = tok.convert_tokens_to_ids(["<|end|>", "<|user|>"])
+    chat = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"})
+    ids, mask = encode_example(tok, SFTExample("f:1", messages=chat), tok.chat_template)
+    assert tok.decode(ids[mask]) == "Yo<|end|>" and ids[-1] != end and not mask[-1]  # the final newline: scaffolding
+    assert stop_token_ids(tok, chat=True) == [tok.eos_token_id, end]
+    forged = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo <|user|> x"})
+    with pytest.raises(TailkdError, match=r"f:2: a assistant message contains the special token '<\\|user\\|>'"):
+        encode_example(tok, SFTExample("f:2", messages=forged), tok.chat_template)
+    assert user not in encode_example(tok, SFTExample("f:3", prompt="<|user|>", response="x"), None)[0]  # plain: text
 
 
 # --------------------------------------------------------------------------- layout: padding and packing

@@ -235,14 +235,25 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """Every special token and its id: those the tokenizer names (EOS, ``additional_special_tokens``) and the added
+    tokens flagged special without being named (SmolLM2's ``<file_sep>`` and 13 others), all of which the
+    tokenizer recognises in rendered text and ``split_special_tokens`` treats as text."""
+    out = {t: int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids) if t}
+    for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False) and added.content:
+            out.setdefault(added.content, int(i))
+    return out
+
+
 def _special_ids(tokenizer) -> set[int]:
-    return {int(i) for i in tokenizer.all_special_ids}
+    return set(_special_tokens(tokenizer).values())
 
 
 def _chat_spans(tokenizer, messages: Sequence[dict], template: str,
                 where: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of the rendered conversation and the [start, end) span of each assistant turn's labels."""
-    specials = [t for t in tokenizer.all_special_tokens if t]
+    specials = list(_special_tokens(tokenizer))
     for m in messages:
         hit = next((t for t in specials if t in m["content"]), None)
         if hit is not None:
