@@ -65,3 +65,12 @@ def test_exact_match_compares_numbers():
         exact_match(["1"], ["1", "2"])
     with pytest.raises(ValueError):
         exact_match([], [])
+
+
+def test_long_numbers_are_kept_exactly():
+    """Every digit counts: Decimal.normalize() rounds to the context's 28 digits, which made two 30-digit answers that
+    differ in the last digit "equal" and returned a number that was not in the text."""
+    big = "123456789012345678901234567891"  # 30 digits
+    assert normalize_number(big) == big and normalize_number(big + ".500") == big + ".5"
+    assert normalize_number("1" + "0" * 40) == "1" + "0" * 40
+    assert not answers_match(f"#### {big}", f"#### {big[:-1]}2")

@@ -50,8 +50,8 @@ def normalize_number(text: str) -> str | None:
         return None
     if value == 0:
         return "0"
-    out = format(value.normalize(), "f")  # normalize() drops trailing zeros; "f" avoids 1E+2
-    return out
+    out = format(value, "f")  # exact at any length (normalize() would round to the context's 28 digits)
+    return out.rstrip("0").rstrip(".") if "." in out else out
 
 
 def extract_answer(text: str | None, *, strict: bool = False) -> str | None:
