@@ -28,6 +28,8 @@ from tailkd.answers import answers_match, exact_match, extract_answer, normalize
     ("3 apples and 4 pears, total 7", "7"),  # fallback: the last number
     ("10 - 3 = 7", "7"),  # subtraction, not a negative number
     ("Total: \u22123", "-3"),  # unicode minus
+    ("The loss was -$5", "-5"),  # the last number keeps its sign before "$", as #### and the phrases do
+    ("it cost $12, i.e. 20-$8", "8"),  # subtraction, not a negative amount
     ("1,2,3", "3"),  # a list, not 123
     ("about .5 of it", "0.5"),
     ("#### \nbut 5 later", "5"),  # a #### without a number is skipped

@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 # A number as written in text: optional sign, thousands separators ("1,234,567") or plain digits,
 # optional decimals; or a bare decimal (".5"). "1,2,3" is three numbers, not 123.
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
+_NUMBER_RE = re.compile(rf"(?<![\w.])(?:-\$(?=\.?\d))?(?:{_NUMBER})")  # "-$5" is -5, as after "####" and in the phrases
 # "#### N": the number right after the marker (a "$" and a sign may sit in between).
 _HASH_RE = re.compile(rf"####\s*(-?)\s*\$?\s*({_NUMBER})")
 # Tier-2 phrases: "\boxed{N}", "the (final) answer is N", "answer: N".
