@@ -9,8 +9,10 @@ it) share one definition without importing each other.
   "answer: N", else the last number; ``strict=True`` accepts ``#### N`` only.
 - ``answers_match`` / ``exact_match``: two answers are equal numbers; the fraction of pairs that match.
 
-``strict`` mirrors lm-eval's GSM8K filters: ``strict=True`` is its "strict-match", the default its
-"flexible-extract".
+``strict`` is modelled on lm-eval's GSM8K filters, not identical to them: ``strict=True`` is like its
+"strict-match" but of several ``#### N`` the LAST counts (a solution that corrects itself; lm-eval takes the
+first); the default is like its "flexible-extract" (the last number) but a ``#### N`` or an answer phrase wins
+over later numbers.
 """
 
 from __future__ import annotations
