@@ -411,8 +411,10 @@ def test_bad_settings(tok, tmp_path):
                           ({"seq_len": 0}, "seq-len"), ({"heldout_fraction": 1.0}, "heldout_fraction")):
         with pytest.raises(TailkdError, match=match):
             prepare_sft([f], tok, **{"seq_len": 32, **kwargs})
-    with pytest.raises(TailkdError, match="does not exist"):
-        prepare_sft([tmp_path / "missing.jsonl"], tok, seq_len=32)
+    missing = tmp_path / "missing.jsonl"
+    for paths, held in (([missing], None), ([f], [missing])):  # the message named the news corpus as the fix
+        with pytest.raises(TailkdError, match=r"SFT data \S*missing\.jsonl does not exist; fix the path$"):
+            prepare_sft(paths, tok, seq_len=32, heldout_paths=held)
 
 
 def test_a_single_example_names_a_fix_the_cli_takes(tok, tmp_path):

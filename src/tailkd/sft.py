@@ -152,6 +152,9 @@ def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTEx
     """
     from tailkd.corpus import list_files
 
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        if not Path(p).exists():  # said here: list_files' fix (no data.paths: the news corpus) is pretraining's
+            raise TailkdError(f"SFT data {p} does not exist; fix the path")
     out = []
     for f in list_files(paths):
         n_file = 0
