@@ -201,7 +201,8 @@ class DataConfig:
     sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)", choices=SFT_MODES)
     chat_template: str = _f("auto", "sft: auto (the tokenizer's template, plain pairs if none), none, or a "
                                     ".jinja file")
-    overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated or dropped", choices=OVERLONG)
+    overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated (their END is cut: "
+                                    "the response's last tokens and EOS) or dropped", choices=OVERLONG)
     split_seed: int = _f(0, "sft: seed of the held-out split (kept apart from train.seed)")
     math_train: int = _f(2000, "sft: built-in math problems for training")
     math_heldout: int = _f(200, "sft: built-in math problems held out")
