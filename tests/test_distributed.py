@@ -144,6 +144,117 @@ def test_two_ranks_give_the_gradient_of_one_big_batch(tmp_path):
     assert not torch.allclose(bad["model.norm.weight"], reference["model.norm.weight"], rtol=100 * rel)
 
 
+def _masked_problem(loss: str, case: str):
+    """Float64 student/teacher and 2 micro-batches of 4 rows (rank r's share with 2 ranks: rows r::2) whose masks are
+    as uneven as masks get. ``one_label``: rank 0's micro-batch 0 fully masked, rank 1's micro-batch 1 a single label
+    (one row fully masked, one with 1 label). ``rank_empty``: rank 0 has no label in the whole step."""
+    cfg = DistillConfig()
+    cfg.loss.name, cfg.loss.k = loss, 5
+    student = make_tiny_lm(seed=0, num_hidden_layers=2).double().train()
+    teacher = make_tiny_lm(seed=1).double().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    micro = []
+    for m in range(2):
+        ids = torch.randint(0, TINY_VOCAB, (4, 17), generator=g)
+        labels = ids[:, 1:].clone()  # (4, 16)
+        if case == "one_label":
+            if m == 0:
+                labels[0::2] = -100
+            else:
+                labels[1::2] = -100
+                labels[1, 7] = ids[1, 8]
+                labels[0, :5] = -100
+        else:
+            labels[0::2] = -100
+            labels[1, :10] = -100
+        micro.append({"input_ids": ids[:, :-1], "labels": labels, "segment_ids": torch.zeros(4, 16, dtype=torch.long)})
+    return cfg, teacher, student, micro
+
+
+MASKED = [(loss, case) for loss in ("kd", "tad") for case in ("one_label", "rank_empty")]
+MODES = (("ddp", False), ("fsdp", False), ("ddp", True))  # (train.parallel, fused loss layer)
+
+
+def _masked_worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    device = dist.setup("cpu")
+    results = {}
+    try:
+        for loss, case in MASKED:
+            for parallel, fused_path in MODES:
+                cfg, teacher, student, micro = _masked_problem(loss, case)
+                model = dist.wrap_student(student, parallel, device)
+                mine = [{k: v[rank::world] for k, v in mb.items()} for mb in micro]
+                terms, n_valid = train.forward_backward(model, _online(teacher, fused_path), mine, cfg=cfg,
+                                                        vocab=TINY_VOCAB, device=device, ac=None,
+                                                        fused_path=fused_path, chunk=5)  # chunks split rows
+                (loss_value,) = dist.sum_over_ranks([terms["loss"]], device)
+                results[loss, case, parallel, fused_path] = (_full_grads(model), loss_value, n_valid)
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.shutdown()
+
+
+def _definition_grads(loss: str, case: str):
+    """The gradient of one process over the whole global batch (8 rows), from the definitions written out here
+    (formulas.md §1-2) in float64: Σ over valid tokens of CE + KL(p‖q) (kd) or CE + D_KL1 + β(X)(KL − D_KL1) with
+    β(X) = β / ᾱ(row) (tad), divided by the batch's number of valid tokens."""
+    cfg, teacher, student, micro = _masked_problem(loss, case)
+    ids = torch.cat([mb["input_ids"] for mb in micro])
+    labels = torch.cat([mb["labels"] for mb in micro])
+    log_q = torch.log_softmax(student(input_ids=ids).logits, -1)
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(input_ids=ids).logits, -1)
+    p, q = log_p.exp(), log_q.exp()
+    valid = labels != -100
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        positions = valid[b].nonzero().flatten().tolist()
+        tops = [torch.topk(p[b, t], cfg.loss.k).indices for t in positions]
+        alpha_t = [1 - p[b, t, top].sum() for t, top in zip(positions, tops)]
+        abar = sum(alpha_t) / max(1, len(positions))
+        for t, top, a_t in zip(positions, tops, alpha_t):
+            kl = (p[b, t] * (log_p[b, t] - log_q[b, t])).sum()
+            div = kl
+            if loss == "tad":
+                a_s = 1 - q[b, t, top].sum()
+                kl1 = (p[b, t, top] * (log_p[b, t, top] - log_q[b, t, top])).sum() + a_t * torch.log(a_t / a_s)
+                div = kl1 + cfg.loss.beta / abar * (kl - kl1)
+            total = total - log_q[b, t, labels[b, t]] + div
+    n = int(valid.sum())
+    (total / n).backward()
+    return {name: prm.grad for name, prm in student.named_parameters()}, total.item() / n, n
+
+
+def test_two_ranks_give_the_defined_gradient_in_float64_with_empty_micro_batches(tmp_path):
+    """2 gloo ranks x 2 micro-batches in float64, a fully masked micro-batch on a rank, a micro-batch with one label,
+    or a rank without any label in the step: DDP, FSDP2 and the fused layer (DDP) give, for kd and tad, the gradient
+    of the definitions over the whole global batch (`_definition_grads`, tailkd's code not used), far more sharply
+    than the float32 test above can (a wrong count or a wrong β(X) on a masked row would show at ~1e-2)."""
+    out = tmp_path / "grads.pt"
+    spawn(_masked_worker, (2, free_port(), str(out)), 2)
+    results = torch.load(out)
+    assert set(results) == {(*m, *mode) for m in MASKED for mode in MODES}
+    # Float64 through the same paths: the random-walk model of bounds.f32_forward_rel with u = 2^-53, over the
+    # forward + backward path and the token sums, two evaluations: ~1e-13, 1000x above float64's rounding of these
+    # sums, 1e10x below any error of the normalisation.
+    _, _, student, _ = _masked_problem("kd", "one_label")
+    fan_in = 2 * B.decoder_fan_in(student.config, 16) + 8 * 16
+    rel = 2 * B.SAFETY * B.gamma_rw(fan_in, u=2.0**-53)
+    for loss, case in MASKED:
+        reference, ref_loss, n = _definition_grads(loss, case)
+        for parallel, fused_path in MODES:
+            grads, loss_value, n_valid = results[loss, case, parallel, fused_path]
+            what = f"{loss} {case} {parallel}{' fused' if fused_path else ''}"
+            assert n_valid == n, what
+            assert loss_value == pytest.approx(ref_loss, rel=rel), what
+            for name, g in reference.items():
+                torch.testing.assert_close(grads[name], g, rtol=rel, atol=0.01 * rel, msg=f"{what} {name}")
+
+
 # --------------------------------------------------------------------------- end to end through the CLI
 
 
