@@ -186,3 +186,45 @@ def test_distill_loss_takes_a_models_head_with_its_soft_capping_and_padding():
     with pytest.raises(ValueError, match="carries its own bias"):
         tailkd.distill_loss(h_s, Head(w_s, None, spec), h_t, Head(w_t, None, spec), labels,
                             student_bias=torch.zeros(TINY_VOCAB + 5, dtype=w_s.dtype))
+
+
+def test_final_hidden_falls_back_by_signature_and_never_hides_a_forward_error():
+    """A forward without ``logits_to_keep`` runs the base model (its states equal the model's own last hidden
+    states, exactly: the same float64 operations); a TypeError raised INSIDE a forward that takes it is the model's
+    error and propagates (it used to be caught as 'no logits_to_keep' and the forward run again without it); a
+    DDP-style wrapper (``.module``) of such a model is refused, since running its inner base model would skip the
+    wrapper's gradient synchronisation."""
+    from tailkd.errors import TailkdError
+    from tailkd.head import final_hidden
+
+    _, student, ids = _models()
+    want = student(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+
+    class Plain(torch.nn.Module):  # a causal LM whose forward names its arguments, without logits_to_keep
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            self.base_model = lm.base_model
+
+        def forward(self, input_ids, output_hidden_states=False, use_cache=False):
+            return self.lm(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=use_cache)
+
+    assert torch.equal(final_hidden(Plain(student), ids), want)
+
+    class Broken(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep=0, **kwargs):
+            raise TypeError("a bug inside the forward")
+
+    with pytest.raises(TypeError, match="a bug inside the forward"):
+        final_hidden(Broken(), ids)
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like from here
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    with pytest.raises(TailkdError, match="Plain.forward takes no logits_to_keep"):
+        final_hidden(Wrapper(Plain(student)), ids)

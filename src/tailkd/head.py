@@ -9,6 +9,7 @@ guessed); `verify_head` checks once per model that `final_hidden` + `apply_head`
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -138,20 +139,36 @@ def apply_head(hidden: torch.Tensor, head: Head, *, dtype: torch.dtype | None = 
     return u
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward accepts ``logits_to_keep`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _distributed_wrapper(model) -> bool:
+    """A DDP wrapper (``.module``) or an FSDP2-sharded model: its own forward must run (gradient sync, unsharding)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return hasattr(model, "module") or isinstance(model, FSDPModule)
+
+
 def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """The final hidden states [B, T, d] that the LM head reads (post final norm), without [B, T, V] logits.
 
     Runs the model's own forward with ``output_hidden_states=True, logits_to_keep=1`` (logits of one position
-    only), so that DDP / FSDP wrappers see a normal forward; models without ``logits_to_keep`` fall back to the
-    base model. `verify_head` checks that these states reproduce the model's logits.
+    only), so that DDP / FSDP wrappers see a normal forward. A model whose forward takes no ``logits_to_keep`` runs
+    its base model instead — refused (``TailkdError``) when wrapped by DDP or sharded by FSDP, whose own forward
+    that would skip. `verify_head` checks that these states reproduce the model's logits.
     """
-    try:
+    if _takes_logits_to_keep(model):
         out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False, **kwargs)
-    except TypeError:  # no logits_to_keep: the decoder alone
-        inner = getattr(model, "module", model)
-        out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return out.hidden_states[-1]
+        return out.hidden_states[-1]
+    inner = getattr(model, "module", model)
+    if _distributed_wrapper(model):
+        raise TailkdError(f"{type(inner).__name__}.forward takes no logits_to_keep, which the chunked loss layer needs "
+                          "under DDP / FSDP; use --train.fused_loss false, or one process")
+    out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)  # the decoder alone
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 @torch.no_grad()
