@@ -96,6 +96,28 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+
+def test_forced_resume_trains_with_the_new_optimizer_settings(assets, tmp_path):
+    """--resume --force with another lr, weight decay or AdamW betas trains with them from the resumed step (the
+    config.yaml says so): loading the checkpoint's optimizer and schedule brought back the saved ones, so the run
+    went on at the old lr while its config.yaml and the warning named the new one."""
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "6", "--train.stop_after", "3")) == 0
+    assert main(base_args(assets, run, "--steps", "6", "--resume", "--force", "--lr", "1e-3",
+                          "--train.weight_decay", "0.5", "--train.adam_betas", "0.8", "0.9")) == 0
+    lrs = [r["lr"] for r in read_metrics(run) if r["split"] == "train"]
+
+    def cosine(lr, step, warmup=2, total=6, floor=0.1):  # warm-up 2 (base_args), then cosine to 10% of lr
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+
+    assert lrs[:3] == pytest.approx([3e-3 / 2, 3e-3, cosine(3e-3, 2)], rel=1e-12)
+    assert lrs[3:] == pytest.approx([cosine(1e-3, s) for s in (3, 4, 5)], rel=1e-12)
+    from tailkd.checkpoint import STATE_FILE, find_checkpoint
+
+    groups = torch.load(find_checkpoint(run)[0] / STATE_FILE, weights_only=False)["optimizer"]["param_groups"]
+    assert [(tuple(g["betas"]), g["weight_decay"], g["initial_lr"]) for g in groups] == [
+        ((0.8, 0.9), 0.5, 1e-3), ((0.8, 0.9), 0.0, 1e-3)]
+
 def _cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "tailkd.cli", *args], capture_output=True, text=True, env=env,

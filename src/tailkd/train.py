@@ -262,6 +262,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     sampler = data_mod.RowSampler(len(train_rows), seed=t.seed, digest=getattr(train_rows, "digest", None),
                                   force=t.force_resume)
     restored = runs.restore(out, model, student, optimizer, scheduler, sampler) if resuming else None
+    if restored is not None:
+        use_optimizer_settings(optimizer, scheduler, t)
     if sampler.rows_changed:
         dist.say("tailkd: warning: --force: the training rows differ from the checkpoint's (the data changed); the "
                  "saved order continues over the new rows", err=True)
@@ -275,6 +277,18 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
                signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk,
                shared_vocab)
+
+
+def use_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler, t) -> None:
+    """The run's lr, AdamW betas and weight decay (``t``: its train section) on an optimizer and schedule restored
+    from a checkpoint: loading their states brought back the saved ones, which a resume with --force may change.
+    The moments and the step count stay the checkpoint's; with unchanged settings nothing changes (the same lr)."""
+    for group, decay in zip(optimizer.param_groups, (t.weight_decay, 0.0)):  # `make_optimizer`'s two groups
+        group.update(betas=tuple(t.adam_betas), weight_decay=decay, initial_lr=t.lr)
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:  # the lr of the next step, as LambdaLR computes it
+        group["lr"] = t.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 # --------------------------------------------------------------------------- one step
