@@ -73,6 +73,32 @@ def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):
         parse(["--config", str(path)])
 
 
+
+def test_yaml_reads_floats_written_with_an_exponent(tmp_path):
+    """``lr: 1e-4`` is the number it looks like, as YAML 1.2 reads it: PyYAML's YAML 1.1 resolver wants a dot
+    (``1.0e-4``) and read a string, so the learning rate the README writes as 1e-4 was refused ("config key train.lr
+    expects a number, got '1e-4'") in --config, a run's config.yaml read by eval, and recipe --set."""
+    from tailkd.command_config import EvalConfig
+    from tailkd.config import parse_assignment
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: 5E-2\n  adam_betas: [0.9, 9.5e-1]\n"
+                    "loss:\n  beta: +2e0\n  temperature: 1.5e+0\n")
+    cfg = parse(["--config", str(path)])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_betas, cfg.loss.beta, cfg.loss.temperature) == (
+        1e-4, 5e-2, [0.9, 0.95], 2.0, 1.5)
+    assert parse_assignment("train.lr=3e-5") == {"train": {"lr": 3e-5}}
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  heldout_fraction: 2e-1\n")
+    assert parse(["--student", str(run / "final")], EvalConfig).data.heldout_fraction == 0.2
+    path.write_text("train:\n  lr: 1e-4x\n")  # not a number: the same one-line error as before
+    with pytest.raises(TailkdError, match=r"^config key train\.lr expects a number, got '1e-4x'$"):
+        parse(["--config", str(path)])
+    path.write_text("train:\n  max_steps: 1e3\n")
+    with pytest.raises(TailkdError, match=r"^config key train\.max_steps expects an integer, got 1000\.0$"):
+        parse(["--config", str(path)])
+
 def test_garbled_yaml_and_missing_file(tmp_path):
     path = tmp_path / "garbled.yaml"
     path.write_text("loss: {name: tad\n  k: [")

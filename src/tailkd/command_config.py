@@ -37,6 +37,7 @@ from tailkd.config import (
     check_out_path,
     from_dict,
     leaf_value,
+    read_yaml,
 )
 from tailkd.errors import TailkdError
 
@@ -82,7 +83,7 @@ def read_run_config(model_dir: str | Path | None) -> tuple[dict, Path | None]:
     for cand in (p / "config.yaml", p.parent / "config.yaml"):
         if cand.is_file():
             try:
-                cfg = yaml.safe_load(cand.read_text(encoding="utf-8"))
+                cfg = read_yaml(cand.read_text(encoding="utf-8"))
             except (yaml.YAMLError, UnicodeDecodeError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise TailkdError(f"the run config {cand} of {p} is not valid YAML ({first}); repair it, or give the "

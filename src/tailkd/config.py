@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -538,12 +539,26 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads a float written with an exponent and no dot (``1e-4``, ``5E+2``) as a
+    number, as YAML 1.2 does; YAML 1.1's rule wants a dot (``1.0e-4``) and reads ``lr: 1e-4`` as a string."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """The document ``text`` as `YamlLoader` reads it (every YAML a user writes: --config, run configs, --set)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = read_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailkdError(f"config file {p} is not valid YAML ({first}); fix the syntax") from exc
@@ -688,7 +703,7 @@ def parse_assignment(text: str) -> dict:
     if not sep or len(parts) < 2 or not all(parts):
         raise TailkdError(f"--set {text!r} must look like section.key=value, e.g. train.max_steps=400")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = read_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     node: dict = {}
