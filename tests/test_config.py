@@ -99,6 +99,22 @@ def test_yaml_reads_floats_written_with_an_exponent(tmp_path):
     with pytest.raises(TailkdError, match=r"^config key train\.max_steps expects an integer, got 1000\.0$"):
         parse(["--config", str(path)])
 
+
+def test_yaml_on_off_are_the_choices_of_a_setting_that_has_them(tmp_path):
+    """``fused_loss: off`` (the values its help lists: auto, on, off) is that value: YAML 1.1 reads unquoted on/off
+    as true/false, and the config refused it ("config key train.fused_loss expects a string, got False"), in
+    --config and in recipe --set. A setting without on/off among its choices still refuses true/false."""
+    from tailkd.config import parse_assignment
+
+    path = tmp_path / "c.yaml"
+    for word, value in (("off", "off"), ("on", "on"), ("Off", "off"), ("auto", "auto")):
+        path.write_text(f"train:\n  fused_loss: {word}\n")
+        assert parse(["--config", str(path)]).train.fused_loss == value
+    assert from_dict(DistillConfig, parse_assignment("train.fused_loss=off")).train.fused_loss == "off"
+    path.write_text("train:\n  precision: off\n")
+    with pytest.raises(TailkdError, match=r"^config key train\.precision expects a string, got False$"):
+        parse(["--config", str(path)])
+
 def test_garbled_yaml_and_missing_file(tmp_path):
     path = tmp_path / "garbled.yaml"
     path.write_text("loss: {name: tad\n  k: [")

@@ -514,12 +514,15 @@ def from_dict(cls, data: dict, prefix: str = "", omit: frozenset[str] | None = N
     if unknown:
         where = f" in section '{prefix.rstrip('.')}'" if prefix else ""
         raise TailkdError(f"unknown config key {prefix}{unknown[0]}{where}; valid keys: {', '.join(sorted(names))}")
+    choices = {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", omit, base=getattr(base, name))
         else:
+            if isinstance(value, bool) and {"on", "off"} <= set(choices[name]):
+                value = "on" if value else "off"  # YAML 1.1 reads an unquoted on / off as true / false
             kwargs[name] = _coerce(value, tp, prefix + name)
     return dataclasses.replace(base, **kwargs)
 
