@@ -537,3 +537,20 @@ def test_a_chained_recipe_stage_does_not_inherit_the_first_stages_build_settings
     own.write_text(yaml.safe_dump({"stages": [{"name": "a"}, {"name": "b", "student": {"hidden_size": 64}}]}))
     with pytest.raises(TailkdError, match=r"^student\.hidden_size=64 shapes a student built from the teacher"):
         read_recipe(own, str(tmp_path / "own"))
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_flags_help_states_its_default_once_and_truly(cls):
+    """Each flag's --help line gives its default once: the config's own value (``(default: 6)``), or the words of a
+    help text that explains it (``default: the teacher's``). student.head_dim said both ("... default: the
+    teacher's) (default: None; ...)")."""
+    from tailkd.config import _leaves, leaf_value
+
+    p = argparse.ArgumentParser()
+    add_config_flags(p, cls)
+    helps = {a.dest: a.help for a in p._actions}
+    for dotted, _, f in _leaves(cls):
+        text = helps[dotted]
+        assert text.count("default:") == 1, (dotted, text)
+        if "default:" not in f.metadata["help"]:
+            assert f"(default: {leaf_value(cls(), dotted)}" in text, (dotted, text)

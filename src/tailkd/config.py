@@ -641,7 +641,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
         is_list = typing.get_origin(base) is list
         unset = ("no value unsets it" if is_list else "null unsets it") if optional else ""
         text = f.metadata.get("help", "")
-        if "(default:" in text:  # the help says what the default means: not a second "(default: None)"
+        if "default:" in text:  # the help says what the default means: not a second "(default: None)"
             text += f" ({unset})" if unset else ""
         else:
             text += f" (default: {default}{'; ' + unset if unset else ''})"
