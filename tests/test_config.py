@@ -554,3 +554,28 @@ def test_every_flags_help_states_its_default_once_and_truly(cls):
         assert text.count("default:") == 1, (dotted, text)
         if "default:" not in f.metadata["help"]:
             assert f"(default: {leaf_value(cls(), dotted)}" in text, (dotted, text)
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_flags_help_states_its_type(cls):
+    """--help names each flag's type (INT, FLOAT, BOOL, TEXT, a list of them, or the choices), not the key again
+    (``--lr TRAIN.LR``)."""
+    import typing
+
+    from tailkd.config import _leaves, _unwrap_optional
+
+    p = argparse.ArgumentParser()
+    add_config_flags(p, cls)
+    actions = {a.dest: a for a in p._actions}
+    names = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}
+    for dotted, tp, f in _leaves(cls):
+        base = _unwrap_optional(tp)[0]
+        item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+        want = "{" + ",".join(f.metadata["choices"]) + "}" if f.metadata.get("choices") else \
+            f.metadata.get("positional") or names[item]
+        assert actions[dotted].metavar == want, dotted
+    text = p.format_help()
+    if cls is DistillConfig:
+        for flag in ("--lr FLOAT", "--k INT", "--train.adam_betas [FLOAT ...]", "--resume [BOOL]",
+                     "--fused-loss {auto,on,off}", "--teacher TEXT"):
+            assert flag in text, flag

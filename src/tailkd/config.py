@@ -629,6 +629,9 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+_TYPE_NAMES = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}  # a flag's value in --help
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None:
     """Add ``--config`` and one flag per leaf of ``cls`` (plus its short aliases: ``cls.ALIASES``, for
     `DistillConfig` the module's ``ALIASES``); a field marked ``positional=`` takes the positional arguments."""
@@ -653,6 +656,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
         names = ["--" + dotted]
         if dotted in reverse:
             names.insert(0, "--" + reverse[dotted])
+        item = typing.get_args(base)[0] if is_list else base
+        choices = f.metadata.get("choices")
+        kw["metavar"] = "{" + ",".join(choices) + "}" if choices else _TYPE_NAMES[item]  # --help: the type
         if is_list:  # no value: an empty list (YAML's []), or None for an optional one
             (item,) = typing.get_args(base)
             kw.update(nargs="*", type=item)
