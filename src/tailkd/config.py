@@ -270,10 +270,13 @@ class TrainConfig:
                             "(each takes batch_size / world), so results do not depend on the number of GPUs")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.1, "AdamW weight decay")
+    weight_decay: float = _f(0.1, "AdamW weight decay, of the weight matrices and embeddings (biases and norm "
+                                  "weights get none: HF Trainer's groups)")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
-    warmup_steps: int = _f(5, "linear warm-up steps, then cosine decay")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = _f(5, "linear warm-up steps N (step s < N at lr x (s+1)/N, one step ahead of transformers' "
+                              "schedules, whose first step has lr 0), then cosine decay as transformers' "
+                              "cosine_with_min_lr")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (the cosine reaches it at max_steps)")
     grad_clip: float = _f(1.0, "gradient-norm clipping (0 disables)")
     precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: CUDA, CPUs with "
                                 "AVX512-BF16 or AMX; else fp32; TAILKD_NATIVE_BF16=0|1 overrides the detection), "

@@ -75,7 +75,8 @@ CURVES_FILE = "curves.png"
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    """Linear warm-up to 1 (step s < warmup: (s+1) / warmup, no step at lr 0), then cosine decay to ``min_ratio``
+    at ``total``: transformers' ``cosine_with_min_lr`` schedule after the warm-up (tests/test_optimizer.py)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
