@@ -118,6 +118,27 @@ def test_forced_resume_trains_with_the_new_optimizer_settings(assets, tmp_path):
     assert [(tuple(g["betas"]), g["weight_decay"], g["initial_lr"]) for g in groups] == [
         ((0.8, 0.9), 0.5, 1e-3), ((0.8, 0.9), 0.0, 1e-3)]
 
+
+def test_the_saved_config_continues_a_run_started_with_overwrite_or_resumed_with_force(assets, tmp_path):
+    """``tailkd distill --config RUN/config.yaml --resume`` (the command a stopped run prints) continues the run
+    however it was started. config.yaml kept the invocation's --overwrite (then 'train.resume and train.overwrite
+    exclude each other') and a forced resume's --resume --force (after which every resume from it was forced
+    without a word, and starting a new run from it said '--resume given but ... holds no run')."""
+    import yaml
+
+    run = tmp_path / "run"
+    saved = str(run / "config.yaml")
+    assert main(base_args(assets, run, "--steps", "1")) == 0
+    assert main(base_args(assets, run, "--steps", "4", "--overwrite", "--train.stop_after", "1")) == 0
+    assert main(["distill", "--config", saved, "--resume"]) == 0  # stop_after 1: the run's setting
+    assert main(["distill", "--config", saved, "--resume", "--force", "--k", "5"]) == 0
+    flags = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (flags["resume"], flags["overwrite"], flags["force_resume"]) == (False, False, False)
+    assert main(["distill", "--config", saved, "--resume", "--k", "7"]) == 2  # a change still needs --force
+    assert main(["distill", "--config", saved, "--resume", "--train.stop_after", "0"]) == 0
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4]
+    assert main(["distill", "--config", saved, "--out", str(tmp_path / "new"), "--steps", "1"]) == 0
+
 def _cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "tailkd.cli", *args], capture_output=True, text=True, env=env,

@@ -179,7 +179,12 @@ def config_changes(old: dict, cfg: DistillConfig, free) -> list[str]:
 
 
 def _write_config(cfg: DistillConfig, path: Path) -> None:
-    ckpt.atomic_write_file(path, lambda tmp: save_yaml(cfg, tmp))  # a kill never leaves a half config.yaml
+    """The run's config.yaml, without what one invocation did to the folder (--resume, --overwrite, --force): the
+    printed ``tailkd distill --config RUN/config.yaml --resume`` continues it, and a later change needs --force
+    again."""
+    train = dataclasses.replace(cfg.train, resume=False, overwrite=False, force_resume=False)
+    saved = dataclasses.replace(cfg, train=train)
+    ckpt.atomic_write_file(path, lambda tmp: save_yaml(saved, tmp))  # a kill never leaves a half config.yaml
 
 
 def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
