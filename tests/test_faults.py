@@ -402,6 +402,21 @@ def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp
     assert sorted(p.name for p in good.parent.iterdir()) == ["step_00000004"]
 
 
+def test_pruning_never_deletes_the_checkpoint_just_written_for_a_newer_corrupted_one(tmp_path):
+    """A resume skips a corrupted newest checkpoint (step 8) and continues from step 4; its next checkpoint (step 5)
+    was pruned with keep_last=1 (keep_last may change on --resume) because step 8 sorts after it, leaving only the
+    corrupted one: the next --resume found nothing usable and the run had to start again. Pruning keeps the last
+    keep_last checkpoints up to the one just written; the newer one is replaced when the run reaches its step."""
+    state = {"w": torch.arange(4.0)}
+    ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=2)
+    bad = ckpt.save_checkpoint(tmp_path, 8, state, {"step": 8}, keep_last=2)
+    (bad / ckpt.MODEL_FILE).write_bytes(b"corrupted")
+    assert ckpt.find_checkpoint(tmp_path)[0].name == "step_00000004"
+    new = ckpt.save_checkpoint(tmp_path, 5, state, {"step": 5}, keep_last=1)
+    assert ckpt.find_checkpoint(tmp_path)[0] == new and ckpt.verify_checkpoint(new) is None
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000005", "step_00000008"]
+
+
 def test_a_replaced_checkpoint_put_aside_by_a_writer_on_a_hyphenated_host_is_repaired(tmp_path):
     state = {"w": torch.arange(4.0)}
     good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)

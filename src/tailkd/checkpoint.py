@@ -281,7 +281,8 @@ def _test_pause() -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
                     keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the last ``keep_last`` good ones.
+    """Write checkpoint ``step`` atomically and prune to the last ``keep_last`` up to it (newer ones, which a resume
+    skipped as bad, are left to be replaced: never counted in place of the one just written).
 
     ``model_state``: the student's full state dict (name -> tensor); ``trainer_state``: anything torch.save
     takes. A failed write (disk full, permissions: an OSError, also where torch or safetensors wrap it in their own
@@ -304,7 +305,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
             f"could not write checkpoint {final} ({exc.strerror or exc}); free disk space and --resume "
             "from the previous checkpoint, which is intact"
         ) from exc
-    ckpts = list_checkpoints(run_dir)
+    # up to this one: a newer checkpoint is one a --resume skipped as bad (replaced when the run reaches its step)
+    ckpts = [p for p in list_checkpoints(run_dir) if p.name <= final.name]
     for old in ckpts[:-keep_last] if keep_last > 0 else []:
         _remove_dir(old)
     return final
