@@ -96,6 +96,25 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_a_resume_with_changed_logging_eval_and_checkpoint_keys_is_bit_identical(assets, tmp_path):
+    """`runs.RESUME_FREE_KEYS` of run control, logging, evaluation and checkpointing (and device auto, the CPU
+    here) are accepted on --resume and change no bit: held-out evaluations and checkpoints between the steps leave
+    the weights and every training line as they are."""
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    common = ("--steps", "6", "--train.eval_every", "0", "--train.save_every", "0", "--device", "cpu")
+    assert main(base_args(assets, full, *common)) == 0
+    assert main(base_args(assets, parted, *common, "--train.stop_after", "3")) == 0
+    assert main(base_args(assets, parted, *common, "--resume", "--device", "auto", "--train.eval_every", "1",
+                          "--train.save_every", "1", "--train.keep_last", "1", "--train.log_every", "2",
+                          "--train.max_bad_steps", "2")) == 0
+    a, b = final_weights(full), final_weights(parted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = {r["step"]: (r["loss"], r["lr"], r["grad_norm"]) for r in read_metrics(full) if r["split"] == "train"}
+    lb = {r["step"]: (r["loss"], r["lr"], r["grad_norm"]) for r in read_metrics(parted) if r["split"] == "train"}
+    assert sorted(lb) == [1, 2, 3, 4, 6] and all(lb[s] == la[s] for s in lb)
+    held = [r["step"] for r in read_metrics(parted) if r["split"] == "heldout"]
+    assert held == [0, 4, 5, 6]
+
 
 def test_forced_resume_trains_with_the_new_optimizer_settings(assets, tmp_path):
     """--resume --force with another lr, weight decay or AdamW betas trains with them from the resumed step (the
