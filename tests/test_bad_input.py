@@ -345,6 +345,20 @@ def test_resume_of_something_that_is_not_a_run(assets, tmp_path):
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+def test_a_run_killed_while_writing_its_first_config_can_be_started_again(assets, tmp_path):
+    """A kill between creating the run folder and renaming its first config.yaml into place leaves only
+    atomic_write_file's temporary file: no run ever started there. The same command starts the run (it used to be
+    refused as 'already exists', and --overwrite as 'not a tailkd run folder': the folder had to be deleted by
+    hand), and the leftover is removed; --resume says there is no run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".tmp-config.yaml-4242").write_text("train:\n  lr: 0.0")  # half written
+    assert_error(cli(*args(assets, run), "--resume"), "holds no run", "drop --resume")
+    proc = cli(*args(assets, run))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "final").is_dir() and not (run / ".tmp-config.yaml-4242").exists()
+
+
 def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

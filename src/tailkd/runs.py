@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -146,7 +147,7 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
 
     Nothing is written here (see ``claim_run_dir``)."""
     out = Path(cfg.train.out_dir)  # not a file, nor under one: `DistillConfig.validate` (`check_out_path`)
-    exists = out.is_dir() and any(out.iterdir())
+    exists = out.is_dir() and any(not _first_config_leftover(p) for p in out.iterdir())
     if cfg.train.resume:
         if not exists:
             raise TailkdError(f"--resume given but {out} holds no run; drop --resume to start a new run")
@@ -191,12 +192,20 @@ def _write_config(cfg: DistillConfig, path: Path) -> None:
     ckpt.atomic_write_file(path, lambda tmp: save_yaml(saved, tmp))  # a kill never leaves a half config.yaml
 
 
+def _first_config_leftover(path: Path) -> bool:
+    """The temporary file of a config.yaml write killed before its rename (`atomic_write_file`): in a folder that
+    holds nothing else no run ever started, and a new run may use the folder (removing it)."""
+    return re.fullmatch(r"\.tmp-config\.yaml-\d+", path.name) is not None and path.is_file()
+
+
 def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
     """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config."""
     if not resuming:
         if out.exists() and cfg.train.overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in filter(_first_config_leftover, out.iterdir()):
+            leftover.unlink(missing_ok=True)
         _write_config(cfg, out / "config.yaml")
     elif changes:
         kept = out / f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
