@@ -2,6 +2,7 @@
 its fix, exit code 2, no traceback, and no run folder left behind. (tests/test_distill.py covers a missing
 teacher or data path, --seq-len above the model maximum, K = 0, negative β and an empty corpus.)"""
 
+import json
 import os
 import shutil
 import subprocess
@@ -390,3 +391,16 @@ def test_generate_rouge_without_reference_responses(assets, tmp_path):
     proc = cli(*argv, "--generate.rouge", "false", "--generate.teacher", "false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["examples"] == 2
+
+
+def test_a_resume_with_fewer_steps_than_done_says_so(assets, tmp_path):
+    """--steps below the checkpoint's step on --resume (max_steps may change on resume): nothing more is trained and
+    the run ends at the checkpoint's step — said in a warning, not only in summary.json's steps."""
+    run = tmp_path / "run"
+    proc = cli(*args(assets, run, "--steps", "4", "--train.stop_after", "3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli(*args(assets, run, "--steps", "2", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("warning: the checkpoint is at step 3, past train.max_steps=2: nothing more is trained; the run ends at "
+            "step 3") in proc.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

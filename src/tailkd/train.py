@@ -265,6 +265,9 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     restored = runs.restore(out, model, student, optimizer, scheduler, sampler) if resuming else None
     if restored is not None:
         use_optimizer_settings(optimizer, scheduler, t)
+        if restored.step > t.max_steps:
+            dist.say(f"tailkd: warning: the checkpoint is at step {restored.step}, past train.max_steps="
+                     f"{t.max_steps}: nothing more is trained; the run ends at step {restored.step}", err=True)
     if sampler.rows_changed:
         dist.say("tailkd: warning: --force: the training rows differ from the checkpoint's (the data changed); the "
                  "saved order continues over the new rows", err=True)
