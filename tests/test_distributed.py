@@ -52,21 +52,33 @@ def _online(teacher, fused_path: bool):
     return OnlineTeacher(teacher, TINY_VOCAB, fused_path=fused_path)
 
 
-def _grad_worker(rank, world, port, out_path):
+def _join(rank, world, port) -> torch.device:
+    """This process as rank ``rank`` of ``world`` gloo ranks on the CPU (one thread each)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    device = dist.setup("cpu")
+    return dist.setup("cpu")
+
+
+def _rank_step(problem, parallel: str, fused_path: bool, rank, world, device, **kwargs):
+    """One optimizer step's forward + backward of this rank's rows (r::W) of ``problem`` = (cfg, teacher, student,
+    micro-batches): the wrapped model (its gradients), the loss summed over ranks and this rank's valid tokens."""
+    cfg, teacher, student, micro = problem
+    model = dist.wrap_student(student, parallel, device)
+    mine = [{k: v[rank::world] for k, v in mb.items()} for mb in micro]
+    terms, n_valid = train.forward_backward(model, _online(teacher, fused_path), mine, cfg=cfg, vocab=TINY_VOCAB,
+                                            device=device, ac=None, fused_path=fused_path, **kwargs)
+    (loss,) = dist.sum_over_ranks([terms["loss"]], device)
+    return model, loss, n_valid
+
+
+def _grad_worker(rank, world, port, out_path):
+    device = _join(rank, world, port)
     results = {}
     try:
         assert dist.world() == world and dist.rank() == rank
         for parallel, fused_path in (("ddp", False), ("fsdp", False), ("ddp", True)):
-            cfg, teacher, student, micro = _problem()
-            model = dist.wrap_student(student, parallel, device)
-            mine = [{k: v[rank::world] for k, v in mb.items()} for mb in micro]
-            terms, _ = train.forward_backward(model, _online(teacher, fused_path), mine, cfg=cfg, vocab=TINY_VOCAB,
-                                              device=device, ac=None, fused_path=fused_path)
-            (loss,) = dist.sum_over_ranks([terms["loss"]], device)
+            model, loss, _ = _rank_step(_problem(), parallel, fused_path, rank, world, device)
             grads = _full_grads(model)
             key = parallel + ("+fused" if fused_path else "")
             results[key] = {"grads": grads, "loss": loss, "norm": train.clip_and_norm(model, 0.0)}
@@ -176,21 +188,13 @@ MODES = (("ddp", False), ("fsdp", False), ("ddp", True))  # (train.parallel, fus
 
 
 def _masked_worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    device = dist.setup("cpu")
+    device = _join(rank, world, port)
     results = {}
     try:
         for loss, case in MASKED:
             for parallel, fused_path in MODES:
-                cfg, teacher, student, micro = _masked_problem(loss, case)
-                model = dist.wrap_student(student, parallel, device)
-                mine = [{k: v[rank::world] for k, v in mb.items()} for mb in micro]
-                terms, n_valid = train.forward_backward(model, _online(teacher, fused_path), mine, cfg=cfg,
-                                                        vocab=TINY_VOCAB, device=device, ac=None,
-                                                        fused_path=fused_path, chunk=5)  # chunks split rows
-                (loss_value,) = dist.sum_over_ranks([terms["loss"]], device)
+                model, loss_value, n_valid = _rank_step(_masked_problem(loss, case), parallel, fused_path, rank,
+                                                        world, device, chunk=5)  # chunks split rows
                 results[loss, case, parallel, fused_path] = (_full_grads(model), loss_value, n_valid)
         if rank == 0:
             torch.save(results, out_path)
