@@ -31,6 +31,19 @@ def _run_then_leave(rank: int, fn, *args) -> None:
     distributed.leave(0)
 
 
+def join_gloo(rank: int, world: int, port: int):
+    """In a process `spawn` started: join ``world`` gloo ranks on the CPU as rank ``rank`` (one thread each) through
+    `tailkd.distributed.setup`, as torchrun's environment would; returns the device."""
+    import torch
+
+    from tailkd import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return distributed.setup("cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,14 +2,13 @@
 weights and held-out metrics as one process (DDP and FSDP2), and checkpoints move between world sizes."""
 
 import json
-import os
 
 import bounds as B
 import loss_bounds as LB
 import pytest
 import torch
 from conftest import TINY_VOCAB, make_tiny_lm
-from launch import free_port, run_cli, spawn
+from launch import free_port, join_gloo, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -52,14 +51,6 @@ def _online(teacher, fused_path: bool):
     return OnlineTeacher(teacher, TINY_VOCAB, fused_path=fused_path)
 
 
-def _join(rank, world, port) -> torch.device:
-    """This process as rank ``rank`` of ``world`` gloo ranks on the CPU (one thread each)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    return dist.setup("cpu")
-
-
 def _rank_step(problem, parallel: str, fused_path: bool, rank, world, device, **kwargs):
     """One optimizer step's forward + backward of this rank's rows (r::W) of ``problem`` = (cfg, teacher, student,
     micro-batches): the wrapped model (its gradients), the loss summed over ranks and this rank's valid tokens."""
@@ -73,7 +64,7 @@ def _rank_step(problem, parallel: str, fused_path: bool, rank, world, device, **
 
 
 def _grad_worker(rank, world, port, out_path):
-    device = _join(rank, world, port)
+    device = join_gloo(rank, world, port)
     results = {}
     try:
         assert dist.world() == world and dist.rank() == rank
@@ -188,7 +179,7 @@ MODES = (("ddp", False), ("fsdp", False), ("ddp", True))  # (train.parallel, fus
 
 
 def _masked_worker(rank, world, port, out_path):
-    device = _join(rank, world, port)
+    device = join_gloo(rank, world, port)
     results = {}
     try:
         for loss, case in MASKED:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_tokenizer, make_tiny_lm
-from launch import ENV, failure_text, free_port, run_cli, spawn
+from launch import ENV, failure_text, free_port, join_gloo, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -35,13 +35,6 @@ from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.head import final_hidden
 from tailkd.sharded_teacher import is_dtensor, load_sharded_teacher, local_numel, shard_rows, teacher_folder
-
-
-def _join(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    return dist.setup("cpu")
 
 
 def test_shard_rows_is_fsdp2s_torch_chunk_layout():
@@ -95,7 +88,7 @@ def _write_cache(model, tokenizer, rows, out, fingerprint):
 def _logits_worker(rank, world, port, assets, out):
     from tailkd.data import PackedRows
 
-    device = _join(rank, world, port)
+    device = join_gloo(rank, world, port)
     try:
         results = {}
         ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(rank))  # other rows per rank
@@ -188,7 +181,7 @@ def _max_rss() -> int:
 def _rss_worker(rank, world, port, warmup, big, sharded, out):
     """Load a tiny teacher first (every lazy import and allocator pool warmed up), then the big one; record the RSS
     just before it and the peak RSS (ru_maxrss) before and after it."""
-    device = _join(rank, world, port) if sharded else torch.device("cpu")
+    device = join_gloo(rank, world, port) if sharded else torch.device("cpu")
     torch.set_num_threads(1)
     try:
         for path in (warmup, big):
