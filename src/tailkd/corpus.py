@@ -94,16 +94,17 @@ def _write_utf8_copy(src: Path, dest: Path) -> None:
 # --------------------------------------------------------------------------- reading documents
 
 
-def list_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+def list_files(paths: str | Path | Iterable[str | Path], *, what: str = "data path",
+               otherwise: str = "leave data.paths empty for the built-in news corpus") -> list[Path]:
     """The files behind ``paths``, in reading order: each path in the order given, a folder's files
-    recursively and sorted by relative path, hidden files and folders (".name") skipped, duplicates dropped."""
+    recursively and sorted by relative path, hidden files and folders (".name") skipped, duplicates dropped.
+    A missing path is a ``TailkdError`` naming it as ``what``, with ``otherwise`` (if any) as the other fix."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out, seen = [], set()
     for p in map(Path, paths):
         if not p.exists():
-            raise TailkdError(f"data path {p} does not exist; fix the path, or leave data.paths empty "
-                              "for the built-in news corpus")
+            raise TailkdError(f"{what} {p} does not exist; fix the path" + (f", or {otherwise}" if otherwise else ""))
         if p.is_dir():
             found = sorted((f for f in p.rglob("*") if f.is_file()
                             and not any(part.startswith(".") for part in f.relative_to(p).parts)),
