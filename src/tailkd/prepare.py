@@ -11,7 +11,7 @@
    everywhere.
 3. The loss path (`choose_loss_path`: full logits or the fused chunked layer, `tailkd.fused`) and the teacher
    signal (`setup_teacher_signal`: online, or a top-K cache, `tailkd.teacher`).
-4. AdamW (`make_optimizer`: fused on CUDA, no weight decay on vectors).
+4. AdamW (`make_optimizer`: fused on CUDA, no weight decay on vectors; `use_optimizer_settings` after a resume).
 """
 
 from __future__ import annotations
@@ -312,14 +312,31 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
 
 # --------------------------------------------------------------------------- the optimizer
 
+def _group_settings(t) -> tuple[dict, dict]:
+    """The settings of `make_optimizer`'s two parameter groups (weight matrices and embeddings; biases and norm
+    weights) from the train section ``t``."""
+    return {"weight_decay": t.weight_decay}, {"weight_decay": 0.0}
+
+
+def use_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler, t) -> None:
+    """The run's lr, AdamW betas and weight decay (``t``: its train section) on an optimizer and schedule restored
+    from a checkpoint: loading their states brought back the saved ones, which a resume with --force may change.
+    The moments and the step count stay the checkpoint's; with unchanged settings nothing changes (the same lr)."""
+    for group, settings in zip(optimizer.param_groups, _group_settings(t)):
+        group.update(settings, betas=tuple(t.adam_betas), initial_lr=t.lr)
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:  # the lr of the next step, as LambdaLR computes it
+        group["lr"] = t.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": params, **settings} for params, settings in zip((decay, no_decay), _group_settings(cfg.train))]
     # CUDA: the fused AdamW kernel (one launch for all tensors); FSDP2's DTensor shards keep the foreach default
     params = decay + no_decay
     fused = bool(params) and all(p.is_cuda and not sharded_teacher.is_dtensor(p) for p in params)

@@ -64,6 +64,7 @@ from tailkd.prepare import (
     setup_models,
     setup_teacher_signal,
     shared_vocab_summary,
+    use_optimizer_settings,
 )
 from tailkd.registry import LOSSES
 
@@ -281,18 +282,6 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
                signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk,
                shared_vocab)
-
-
-def use_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler, t) -> None:
-    """The run's lr, AdamW betas and weight decay (``t``: its train section) on an optimizer and schedule restored
-    from a checkpoint: loading their states brought back the saved ones, which a resume with --force may change.
-    The moments and the step count stay the checkpoint's; with unchanged settings nothing changes (the same lr)."""
-    for group, decay in zip(optimizer.param_groups, (t.weight_decay, 0.0)):  # `make_optimizer`'s two groups
-        group.update(betas=tuple(t.adam_betas), weight_decay=decay, initial_lr=t.lr)
-    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:  # the lr of the next step, as LambdaLR computes it
-        group["lr"] = t.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 # --------------------------------------------------------------------------- one step
