@@ -663,7 +663,6 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
         choices = f.metadata.get("choices")
         kw["metavar"] = "{" + ",".join(choices) + "}" if choices else _TYPE_NAMES[item]  # --help: the type
         if is_list:  # no value: an empty list (YAML's []), or None for an optional one
-            (item,) = typing.get_args(base)
             kw.update(nargs="*", type=item)
         elif base is bool:
             kw.update(nargs="?", const=True, type=_or_null(_str2bool) if optional else _str2bool)
