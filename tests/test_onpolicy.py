@@ -87,6 +87,30 @@ def test_each_row_gets_its_own_room_not_the_longest_prompts(tiny_lm):
     assert new["input_ids"][1, :len(long)].tolist() == long and (new["labels"][1, len(long) - 1:] != IGNORE_INDEX).all()
 
 
+def test_a_padded_lm_head_samples_only_the_tokenizers_ids(tiny_lm, tiny_tokenizer):
+    """A student whose LM head has rows past its tokenizer's ids (padded: 151936 rows for Qwen2.5's 151665 tokens, or
+    built from such a teacher) samples only the tokenizer's V ids: the rows past V are no tokens, and the loss, which
+    runs over the V ids, cannot score a label there (it crashed the run: "Target 302 is out of bounds"). The padded
+    rows here are scaled to take almost all the mass, so an unrestricted sampler picks them nearly every time."""
+    from types import SimpleNamespace
+
+    from tailkd.config import DistillConfig
+
+    vocab = len(tiny_tokenizer)
+    model = tiny_lm(vocab_size=vocab + 40)
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] *= 50
+    cfg = DistillConfig()
+    cfg.train.on_policy, cfg.train.on_policy_max_new_tokens = 1.0, 6
+    pad = tiny_tokenizer.pad_token_id
+    policy = op.on_policy_from_config(cfg, tiny_tokenizer, SimpleNamespace(chat_template=None, pad_id=pad), None)
+    rows = [op.build_row(p, [40, 41], 24, pad) for p in ([11, 12, 13], [21, 22])]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    new, tokens = policy.generate_batch(model, batch, seed=0)
+    labels = new["labels"][new["labels"] != IGNORE_INDEX]
+    assert tokens == labels.numel() > 0 and int(labels.max()) < vocab
+
+
 def test_generation_restores_the_training_mode_and_rng(tiny_lm):
     model = tiny_lm().train()
     state = torch.get_rng_state()
