@@ -327,6 +327,28 @@ def test_bad_arguments(family, kwargs, message):
         build_student(make_tiny_lm(family), **kwargs)
 
 
+def test_gpt2_attention_scaled_by_layer_index_keeps_the_first_layers_only():
+    """GPT-2's scale_attn_by_inverse_layer_idx divides layer i's attention scores by i + 1 (Stanford CRFM's GPT-2s):
+    a student's layer j would divide teacher layer layers[j]'s by j + 1 instead, a silently different layer, so any
+    choice but the first n layers is refused with one line; the first n layers are the teacher's own (bit for bit
+    the logits of transformers' GPT-2 with those layers)."""
+    from transformers import GPT2LMHeadModel
+
+    teacher = make_tiny_lm("gpt2", scale_attn_by_inverse_layer_idx=True)
+    for kwargs in ({"layers": [1, 2, 3]}, {"num_layers": 2}):
+        with pytest.raises(TailkdError, match=r"^the teacher divides layer i's attention scores by i \+ 1 "
+                                              r"\(scale_attn_by_inverse_layer_idx\).*--student\.layers 0 1") as err:
+            build_student(teacher, **kwargs)
+        assert "\n" not in str(err.value)
+    student, _ = build_student(teacher, layers=[0, 1], mlp_init="copy")
+    config = teacher.config.to_dict() | {"n_layer": 2}
+    reference = GPT2LMHeadModel(type(teacher.config).from_dict(config)).eval()
+    reference.load_state_dict(teacher.state_dict(), strict=False)  # layers 2, 3 of the teacher: unexpected keys
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(student.eval()(ids).logits, reference(ids).logits)
+
+
 def test_unsupported_architecture():
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 

@@ -10,7 +10,9 @@ An entry says, for one family of Hugging Face causal LMs:
   (`rope`);
 - which config fields must follow the chosen layers: per-layer lists (``layer_types``) are subset, "from layer
   N on" thresholds (``max_window_layers``) are renumbered, and fields proportional to head_dim
-  (``query_pre_attn_scalar``) are rescaled when head_dim shrinks.
+  (``query_pre_attn_scalar``) are rescaled when head_dim shrinks; which settings make a layer depend on its own
+  index (`layer_index_flags`: GPT-2's ``scale_attn_by_inverse_layer_idx``), so that only the first layers can be
+  kept.
 
 A parameter of the student that its family's table does not name is an error (never a silent random init).
 Parameters under ``mlp.`` are the MLP (random or copied, see ``mlp_init``).
@@ -69,6 +71,9 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
+    # (config flag, what it does): when set, layer i computes with its index i (no config can say otherwise for a
+    # student's layer j), so a student keeps the teacher's first layers or is refused
+    layer_index_flags: tuple[tuple[str, str], ...] = ()
     # a "derived" family whose models read config.head_dim first when the config carries one (Phi, Phi-3, OLMo-2;
     # not GPT-2): such a teacher's head_dim is the config's and follows the student like "follows_hidden"
     reads_head_dim: bool = True
@@ -95,7 +100,8 @@ FAMILIES = {f.name: f for f in (
             **conv1d("mlp.c_proj", "ff", "d"), **norms("ln_1", "ln_2")},
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.",
            rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
-                                 intermediate="n_inner"), layer_lists=(), reads_head_dim=False),
+                                 intermediate="n_inner"), layer_lists=(), reads_head_dim=False,
+           layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
     Family("phi", "Phi", ("PhiForCausalLM",),
            {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("model.final_layernorm")},

@@ -7,7 +7,10 @@ Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced wi
          included: ``layers[j] = floor(j * (L - 1) / (n - 1) + 1/2)`` (rounded linspace; n = 1 → [0]).
          Per-layer config lists follow the chosen layers (``layer_types``: sliding vs full attention, which
          also picks Gemma3's local/global RoPE), and "from layer N on" thresholds are renumbered
-         (``max_window_layers`` becomes the number of chosen layers below it).
+         (``max_window_layers`` becomes the number of chosen layers below it). A teacher whose layers compute
+         with their own index (GPT-2's ``scale_attn_by_inverse_layer_idx``: layer i's attention scores / (i + 1),
+         which a config cannot set per layer) gives a student of its first n layers only: other choices are
+         refused.
 Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` (and `head_dim`, see Heads)
          default to the teacher's and may only shrink (num_kv_heads of an MHA teacher, one KV head per query
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
@@ -241,6 +244,19 @@ def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
     return hd
 
 
+def _check_layer_index_flags(config, fam: Family, chosen: list[int]) -> None:
+    """Refuse layers other than the first n under a setting that ties a layer to its own index (`Family`'s
+    ``layer_index_flags``): the student's layer j would compute as layer j, not as teacher layer chosen[j]."""
+    moved = [(j, i) for j, i in enumerate(chosen) if i != j]
+    for flag, what in fam.layer_index_flags:
+        if getattr(config, flag, False) and moved:
+            j, i = moved[0]
+            first = " ".join(map(str, range(len(chosen))))
+            raise TailkdError(f"the teacher {what} ({flag}): the student's layer {j} would compute as layer {j}, "
+                              f"not as teacher layer {i}; keep the teacher's first {len(chosen)} layers "
+                              f"(--student.layers {first})")
+
+
 def _check_rope_lists(config, fam: Family, t: Dims, s: Dims) -> None:
     """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting."""
     if s.head_dim == t.head_dim:
@@ -362,6 +378,7 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)
+    _check_layer_index_flags(teacher.config, fam, chosen)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction)
     _check_rope_lists(teacher.config, fam, t, s)
