@@ -123,13 +123,13 @@ def tiny_lm():
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+def smollm2():
     """The real built-in teacher (SmolLM2-135M-Instruct, float32, CPU, frozen) and its tokenizer.
 
-    For slow tests only. Converted from its GGUF once per session into $TAILKD_CACHE when set (so CI
-    can keep it), else into a temporary folder (~25 s).
+    Loaded from tailkd's own cache ($TAILKD_CACHE, else ~/.cache/tailkd), as `tailkd distill` loads it:
+    `scripts/setup.sh` converts the GGUF there once, and the cache keeps one entry per GGUF content (a
+    conversion into a temporary folder per session cost ~25-40 s of every CI run).
     """
     from tailkd.models import load_teacher
 
-    cache = os.environ.get("TAILKD_CACHE") or tmp_path_factory.mktemp("tailkd-cache")
-    return load_teacher("smollm2", cache_dir=cache)
+    return load_teacher("smollm2")

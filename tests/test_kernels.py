@@ -60,7 +60,8 @@ LOSSES = {  # name: (kernels.RowLoss, divergences RowKernel, float64 reference, 
     "jsd": (kernels.RowLoss(2, jsd_beta=0.3), dv.jsd_kernel(0.3), lambda s, t: R.jsd(s, t, 0.3),
             lambda s, t, dz_s=None, dz_t=None: LB.jsd(s, t, 0.3, dz_s=dz_s, dz_t=dz_t)),
 }
-SHAPES = [(1, 50), (7, 257), (33, 1000)]
+# one program per row: rows beyond a few repeat the same path, the columns (several blocks, a partial last one) matter
+SHAPES = [(1, 50), (7, 257), (9, 1000)]
 BETA = 2.0
 
 
@@ -297,7 +298,7 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
     return same
 
 
-@pytest.mark.parametrize("n,vocab,k", [(1, 50, 1), (7, 257, 5), (7, 257, 10), (33, 1000, 10), (7, 1000, 1)])
+@pytest.mark.parametrize("n,vocab,k", [(1, 50, 1), (7, 257, 5), (7, 257, 10), (9, 1000, 10), (7, 1000, 1)])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_tad_kernel_equals_reference(n, vocab, k, rescale):
     """Both ways of keeping the tail sums: blocks where nothing entered the top-k folded from the full sums' block
@@ -431,7 +432,7 @@ def test_tad_kernel_top_k_at_block_edges_and_clustered(seeded):
     assert same.all()
 
 
-@pytest.mark.parametrize("k", [1, 5, 10, 64])
+@pytest.mark.parametrize("k", [1, 10, 64])  # K = 1, one that is no power of two, MAX_K
 def test_tad_seeded_top_k_equals_the_walk(k):
     """`kernels.TAD_SEED_TOPK`: the running top-k seeded by `_seed_kernel` (the top-k of the first 256 columns under the
     interpreter, of the whole row on a GPU, found at once) gives the walk's 𝒦 and both sides' values on it exactly, and
@@ -801,7 +802,7 @@ def _sparse_ref(s64, sp, w):
     return value
 
 
-@pytest.mark.parametrize("n,vocab,k,samples,loss", [(7, 257, 5, 0, "kd"), (33, 1000, 10, 4, "tad"),
+@pytest.mark.parametrize("n,vocab,k,samples,loss", [(7, 257, 5, 0, "kd"), (9, 1000, 10, 4, "tad"),
                                                     (7, 257, 5, 3, "kd"), (1, 50, 1, 2, "tad")])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss, rescale):
