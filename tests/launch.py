@@ -31,9 +31,9 @@ def _run_then_leave(rank: int, fn, *args) -> None:
     distributed.leave(0)
 
 
-def join_gloo(rank: int, world: int, port: int):
+def join_gloo(rank: int, world: int, port: int, timeout_s: float = 1800):
     """In a process `spawn` started: join ``world`` gloo ranks on the CPU as rank ``rank`` (one thread each) through
-    `tailkd.distributed.setup`, as torchrun's environment would; returns the device."""
+    `tailkd.distributed.setup` (its ``timeout_s``), as torchrun's environment would; returns the device."""
     import torch
 
     from tailkd import distributed
@@ -41,7 +41,7 @@ def join_gloo(rank: int, world: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    return distributed.setup("cpu")
+    return distributed.setup("cpu", timeout_s=timeout_s)
 
 
 def free_port() -> int:

@@ -224,6 +224,39 @@ def _definition_grads(loss: str, case: str):
     return {name: prm.grad for name, prm in student.named_parameters()}, total.item() / n, n
 
 
+
+def _hung_worker(rank, world, port, folder):
+    """Rank 1 joins the group and then hangs (alive, never in the collective) until rank 0 has written how long its
+    all-reduce waited, or 60 s; rank 0's group was set up with a 2 s timeout (`distributed.setup`'s ``timeout_s``)."""
+    import time
+    from pathlib import Path
+
+    join_gloo(rank, world, port, timeout_s=2)
+    done = Path(folder) / "waited"
+    if rank == 1:
+        end = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        return
+    start = time.monotonic()
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+        message = "no error"
+    except RuntimeError as exc:  # gloo: "Timed out waiting 2000ms for recv operation to complete"
+        message = str(exc)
+    (Path(folder) / "message").write_text(message)
+    done.write_text(str(time.monotonic() - start))
+
+
+def test_a_hung_rank_fails_the_others_after_the_timeout(tmp_path):
+    """`train.ddp_timeout` (`distributed.setup`'s ``timeout_s``) is the process group's: a collective that a hung rank
+    never joins fails after it (2 s here), not after the 30-minute default; without the setting rank 0 would wait
+    until rank 1 gave up (60 s) and left."""
+    spawn(_hung_worker, (2, free_port(), str(tmp_path)), 2)
+    waited = float((tmp_path / "waited").read_text())
+    assert "timed out" in (tmp_path / "message").read_text().lower()
+    assert 2 <= waited < 30, waited
+
 def test_two_ranks_give_the_defined_gradient_in_float64_with_empty_micro_batches(tmp_path):
     """2 gloo ranks x 2 micro-batches in float64, a fully masked micro-batch on a rank, a micro-batch with one label,
     or a rank without any label in the step: DDP, FSDP2 and the fused layer (DDP) give, for kd and tad, the gradient

@@ -268,6 +268,8 @@ class CacheOptions:
     max_rows: int = _f(0, "cache only the first N rows (0: all)")
     device: str = _f("auto", DEVICE_HELP)
     seed: int = _f(0, "seed of the tail samples")
+    ddp_timeout: int = _f(1800, "torchrun: seconds a rank waits in one collective for the others (a hung rank) "
+                                "before the run fails")
 
 
 @dataclass
@@ -287,7 +289,7 @@ class CacheTeacherConfig:
         if not self.cache.out:
             raise TailkdError("cache.out is not set; pass --out DIR (the cache folder)")
         check_out_path(self, "cache.out", folder=True)
-        for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard"):
+        for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard", "cache.ddp_timeout"):
             check_at_least(self, key, 1)
         check_at_least(self, "cache.tail_samples", 0, " (0: none)")
         check_at_least(self, "cache.max_rows", 0, " (0: all)")

@@ -181,7 +181,8 @@ def cache_teacher(cfg: CacheTeacherConfig, *, log=print) -> dict:
     from tailkd import distributed as dist
 
     sharded = cfg.teacher.parallel == "fsdp"
-    dev = dist.setup(cfg.cache.device, process_group=sharded)  # torchrun: each rank writes the shards of its rows
+    # torchrun: each rank writes the shards of its rows
+    dev = dist.setup(cfg.cache.device, process_group=sharded, timeout_s=cfg.cache.ddp_timeout)
     try:
         return _cache_teacher(cfg, dev, sharded, log)
     finally:

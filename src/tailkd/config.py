@@ -308,6 +308,8 @@ class TrainConfig:
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)",
                        choices=PARALLEL_MODES)
+    ddp_timeout: int = _f(1800, "multi-process runs: seconds a rank waits in one collective for the others (a hung "
+                                "rank) before the run fails (HF TrainingArguments' ddp_timeout)")
     on_policy: float = _f(0.0, "sft: probability λ that a micro-batch's responses are sampled from the current "
                                "student and scored by the teacher (GKD's mixed policy; 0: the dataset's responses "
                                "only, 1: fully on-policy)")
@@ -343,7 +345,7 @@ class DistillConfig:
         check_out_path(c, "train.out_dir", folder=True)
         for key in ("data.eval_rows", "data.math_train", "data.math_heldout", "data.instruct_max_words",
                     "train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "train.log_every",
-                    "train.max_bad_steps"):
+                    "train.max_bad_steps", "train.ddp_timeout"):
             check_at_least(c, key, 1)
         for key, hint in (("train.warmup_steps", ""), ("train.stop_after", " (0: run to max_steps)"),
                           ("train.eval_every", " (0: only before and after)"), ("train.save_every", " (0: only at "

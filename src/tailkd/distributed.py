@@ -73,12 +73,14 @@ def _check_accelerate_env() -> None:
                           "config (configs/accelerate/) and pass --train.parallel fsdp")
 
 
-def setup(device_name: str, *, process_group: bool = False) -> torch.device:
+def setup(device_name: str, *, process_group: bool = False, timeout_s: float = 1800) -> torch.device:
     """Start the process group when launched with WORLD_SIZE > 1 and return this rank's device.
 
     ``device_name``: auto, cpu, cuda (or cuda:N in one process). With several processes on CUDA each rank
     uses ``cuda:LOCAL_RANK`` and NCCL; on the CPU gloo. ``process_group``: in a plain process too, start a
     group of one (an in-memory store, no port), for FSDP2, which needs one (``--teacher.parallel fsdp``).
+    ``timeout_s``: how long a rank waits in one collective for the others before it fails (``train.ddp_timeout``;
+    30 minutes, as HF Trainer's ``ddp_timeout``).
     """
     global _owned
     _check_accelerate_env()
@@ -93,7 +95,7 @@ def setup(device_name: str, *, process_group: bool = False) -> torch.device:
                 device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                    world_size=1, timeout=timedelta(minutes=30))
+                                    world_size=1, timeout=timedelta(seconds=timeout_s))
             _owned = True
         return device
     if not dist.is_available():
@@ -112,7 +114,7 @@ def setup(device_name: str, *, process_group: bool = False) -> torch.device:
         resolve_device(device_name)  # validates the name
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
         _owned = True
     return device
 

@@ -40,7 +40,7 @@ from tailkd.errors import TailkdError
 RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train.eval_every", "train.save_every",
                     "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
                     "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
-                    "train.loss_chunk_size", "train.loss_kernels", "train.compile"}
+                    "train.loss_chunk_size", "train.loss_kernels", "train.compile", "train.ddp_timeout"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

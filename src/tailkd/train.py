@@ -404,7 +404,8 @@ def distill(cfg: DistillConfig) -> dict:
     In several processes (torchrun / accelerate launch) every rank calls this; rank 0 writes the files. The
     summary's ``exit_code`` is non-zero (130 / 143) when a signal stopped the run early."""
     cfg.validate()
-    device = dist.setup(cfg.train.device, process_group=cfg.teacher.parallel == "fsdp")  # FSDP2 needs a group
+    device = dist.setup(cfg.train.device, process_group=cfg.teacher.parallel == "fsdp",  # FSDP2 needs a group
+                        timeout_s=cfg.train.ddp_timeout)
     try:
         with runs.deterministic_mode(cfg.train.deterministic), contextlib.ExitStack() as cleanup:
             return _distill(cfg, device, cleanup)
