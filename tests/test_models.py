@@ -426,3 +426,24 @@ def test_smollm2_says_paris(smollm2):
     # decimals (±0.005); the remaining 0.015 is left for float32 platform differences of a 30-layer forward, which
     # the a-priori forward-error model (bounds.f32_forward_rel) cannot bound usefully here (it allows ±0.2)
     assert probs[top].item() == pytest.approx(0.77, abs=0.02)
+
+
+def test_gguf_conversion_keeps_the_entry_a_concurrent_writer_completed(tmp_path, tiny_tokenizer, monkeypatch):
+    """Two processes converting the same GGUF at once (two first runs started together): the one that finishes
+    second keeps the complete entry the first renamed into place, which that process may be reading right now, and
+    drops its own copy (it deleted that entry and renamed its own in its place)."""
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+    final = gguf_cache_path(gguf_file, cache)
+    real_convert = models._convert_gguf
+
+    def convert_while_another_finishes(gguf, out):
+        real_convert(gguf, out)
+        real_convert(gguf, final)  # the other process: converted and renamed into place while this one converted
+        (final / models._GGUF_MARKER).write_text(json.dumps({"format": models._GGUF_CACHE_FORMAT}))
+        (final / "opened-by-the-other-process").touch()
+
+    monkeypatch.setattr(models, "_convert_gguf", convert_while_another_finishes)
+    assert models.gguf_cache_entry(gguf_file, cache) == final
+    assert (final / "opened-by-the-other-process").is_file()
+    assert [p.name for p in (cache / "gguf").iterdir() if p.name != ".by-file"] == [final.name]  # no temp dir left

@@ -394,13 +394,14 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
             "source": str(gguf.resolve()), "size": gguf.stat().st_size, "sha256": gguf_sha256(gguf, cache_dir),
             "format": _GGUF_CACHE_FORMAT,
         }, indent=1))
-        if final.exists():  # an entry without its marker: not ours to trust
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / _GGUF_MARKER).is_file():  # not a concurrent writer that won the race
-                raise
+        if not (final / _GGUF_MARKER).is_file():  # else a concurrent conversion finished first: keep its entry,
+            if final.exists():  # which that process may be reading now; an entry without its marker: not ours
+                shutil.rmtree(final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / _GGUF_MARKER).is_file():  # not a concurrent writer that won the race
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prune_gguf_cache(cache_dir)
