@@ -447,3 +447,23 @@ def test_gguf_conversion_keeps_the_entry_a_concurrent_writer_completed(tmp_path,
     assert models.gguf_cache_entry(gguf_file, cache) == final
     assert (final / "opened-by-the-other-process").is_file()
     assert [p.name for p in (cache / "gguf").iterdir() if p.name != ".by-file"] == [final.name]  # no temp dir left
+
+
+def test_gguf_conversion_on_a_full_disk_is_one_line(tmp_path, tiny_tokenizer, monkeypatch):
+    """A full disk (or quota) while the converted copy is saved: safetensors reports it as its own SafetensorError
+    ("... No space left on device (os error 28)"), which reached the CLI as an unexpected error (exit 1) and
+    `python -m tailkd.install` as a traceback. It is a TailkdError naming the cache and the fix; no temp dir stays."""
+    import transformers
+    from safetensors import SafetensorError
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+
+    def full_disk(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(TailkdError, match=r"could not write the converted GGUF into .*cache/gguf \(No space left on "
+                                          r"device\); free disk space or set TAILKD_CACHE"):
+        models.gguf_cache_entry(gguf_file, cache)
+    assert [p.name for p in (cache / "gguf").iterdir()] == [".by-file"]

@@ -41,6 +41,7 @@ import torch
 from tailkd.checkpoint import (
     atomic_write_text,
     file_sha256,
+    io_failure,
     left_by_dead_writer,
     new_file_modes,
     new_temp_dir,
@@ -389,11 +390,19 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
         raise TailkdError(f"cannot write the GGUF cache under {final.parent} ({_brief(err)}): "
                           f"set TAILKD_CACHE (or cache_dir) to a writable folder") from None
     try:
-        _convert_gguf(gguf, tmp)
-        (tmp / _GGUF_MARKER).write_text(json.dumps({
-            "source": str(gguf.resolve()), "size": gguf.stat().st_size, "sha256": gguf_sha256(gguf, cache_dir),
-            "format": _GGUF_CACHE_FORMAT,
-        }, indent=1))
+        try:
+            _convert_gguf(gguf, tmp)
+            (tmp / _GGUF_MARKER).write_text(json.dumps({
+                "source": str(gguf.resolve()), "size": gguf.stat().st_size, "sha256": gguf_sha256(gguf, cache_dir),
+                "format": _GGUF_CACHE_FORMAT,
+            }, indent=1))
+        except Exception as err:  # a full disk: an OSError, or safetensors' SafetensorError naming "os error 28"
+            failure = io_failure(err)
+            if failure is None:
+                raise
+            raise TailkdError(f"could not write the converted GGUF into {final.parent} ({failure.strerror or failure}"
+                              f"); free disk space or set TAILKD_CACHE (or cache_dir) to a folder on another disk "
+                              f"(SmolLM2 needs 0.5 GB)") from None
         if not (final / _GGUF_MARKER).is_file():  # else a concurrent conversion finished first: keep its entry,
             if final.exists():  # which that process may be reading now; an entry without its marker: not ours
                 shutil.rmtree(final)
