@@ -210,6 +210,20 @@ def test_default_corpus_not_installed_names_the_install_command(tmp_path, monkey
         corpus.default_corpus_files(tmp_path)
 
 
+def test_builtin_corpora_in_an_unwritable_cache_are_one_line_errors(tmp_path):
+    """The built-in corpora are copied into tailkd's cache on first use; a cache that cannot be written (read-only,
+    full, a file in the way) ended `tailkd distill` as an unexpected error ("OSError: [Errno 30] Read-only file
+    system: '.../default_corpus'", exit 1) instead of naming the cache and its fix."""
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(TailkdError, match=r"could not write the built-in news corpus into .*cache/default_corpus "
+                                          r"\(.*\); set TAILKD_CACHE or data\.cache_dir to a writable folder"):
+        corpus.default_corpus_files(blocked)
+    with pytest.raises(TailkdError, match=r"could not write Python's documentation \(builtin:pydoc\) into "
+                                          r".*cache/builtin_pydoc \(.*\); set TAILKD_CACHE"):
+        corpus.python_docs_corpus(blocked)
+
+
 def test_prepare_default_corpus(tmp_path, tok):
     info = corpus.prepare_corpus(corpus.default_corpus_files(tmp_path), tok, tmp_path / "corpus")
     m = info.meta

@@ -58,7 +58,7 @@ def default_corpus_files(cache_dir: Path | None = None) -> list[Path]:
     for src in find("corpus"):
         dest = dest_dir / src.name
         if not dest.is_file():
-            _write_utf8_copy(src, dest)
+            _write_once(dest, lambda: _write_utf8_copy(src, dest), "the built-in news corpus")
         out.append(dest)
     return out
 
@@ -76,8 +76,18 @@ def python_docs_corpus(cache_dir: Path | None = None) -> Path:
     version = f"{sys.version_info[0]}{sys.version_info[1]}"  # each Python's docs differ a little
     dest = Path(cache_dir or default_cache_root()) / "builtin_pydoc" / f"topics-py{version}.jsonl"
     if not dest.is_file():  # written once, never rewritten: its mtime (in corpus fingerprints) stays put
-        atomic_write_text(dest, "".join(json.dumps({"text": text}) + "\n" for _, text in sorted(topics.items())))
+        lines = "".join(json.dumps({"text": text}) + "\n" for _, text in sorted(topics.items()))
+        _write_once(dest, lambda: atomic_write_text(dest, lines), "Python's documentation (builtin:pydoc)")
     return dest
+
+
+def _write_once(dest: Path, write, what: str) -> None:
+    """``write()`` a built-in corpus's copy into tailkd's cache; a cache that cannot be written is a TailkdError."""
+    try:
+        write()
+    except OSError as exc:
+        raise TailkdError(f"could not write {what} into {dest.parent} ({exc.strerror or exc}); set TAILKD_CACHE or "
+                          "data.cache_dir to a writable folder") from exc
 
 
 def _write_utf8_copy(src: Path, dest: Path) -> None:
