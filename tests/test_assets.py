@@ -94,6 +94,20 @@ def test_main_installs_the_assets_named(tmp_path, capsys):
     assert "unknown asset 'nope'" in capsys.readouterr().err
 
 
+def test_an_unwritable_destination_is_one_line(tmp_path, capsys):
+    """An install folder that cannot be written (a read-only environment, a full disk, a file in the way): the
+    OSError of the copy reached `python -m tailkd.install` (and so scripts/setup.sh) as a traceback."""
+    wheel = _wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b",
+                                                                "gensim/test/test_data/lee_background.cor": b"a"})
+    blocked = tmp_path / "share"
+    blocked.write_text("a file where the install folder should be")
+    assert install.main(["corpus", "--from", str(wheel), "--dest", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"tailkd: error: could not copy lee_background.cor into {blocked / 'gensim'} (")
+    assert "choose a writable folder with --dest" in err
+
+
 def test_a_pinned_member_with_other_bytes_is_refused(tmp_path, monkeypatch):
     import dataclasses
     import hashlib

