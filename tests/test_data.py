@@ -224,6 +224,18 @@ def test_builtin_corpora_in_an_unwritable_cache_are_one_line_errors(tmp_path):
         corpus.python_docs_corpus(blocked)
 
 
+def test_data_cache_and_gguf_cache_read_tailkd_cache_alike(tmp_path, monkeypatch):
+    """TAILKD_CACHE='~/tk' (a Dockerfile's ENV, a systemd unit, a quoted export: no shell expands the ~): the GGUF
+    cache expanded it, the data cache made a folder literally named '~' in the working directory."""
+    from tailkd.models import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TAILKD_CACHE", "~/tk")
+    assert corpus.default_cache_root() == default_cache_dir() == tmp_path / "tk"
+    monkeypatch.setenv("TAILKD_CACHE", "")
+    assert corpus.default_cache_root() == default_cache_dir() == tmp_path / ".cache" / "tailkd"
+
+
 def test_prepare_default_corpus(tmp_path, tok):
     info = corpus.prepare_corpus(corpus.default_corpus_files(tmp_path), tok, tmp_path / "corpus")
     m = info.meta

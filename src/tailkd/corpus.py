@@ -39,8 +39,10 @@ TOKENIZE_BATCH_CHARS = 4_000_000  # ... or fewer, so that one call never holds m
 
 
 def default_cache_root() -> Path:
-    """``$TAILKD_CACHE``, else ``~/.cache/tailkd`` (the same rule as the trainer's cache)."""
-    return Path(os.environ.get("TAILKD_CACHE") or Path.home() / ".cache" / "tailkd")
+    """``$TAILKD_CACHE`` (``~`` expanded), else ``~/.cache/tailkd`` (the GGUF cache's rule,
+    `tailkd.models.default_cache_dir`)."""
+    env = os.environ.get("TAILKD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tailkd"
 
 
 def default_corpus_files(cache_dir: Path | None = None) -> list[Path]:
