@@ -353,11 +353,14 @@ def test_a_run_killed_while_writing_its_first_config_can_be_started_again(assets
     hand), and the leftover is removed; --resume says there is no run."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".tmp-config.yaml-4242").write_text("train:\n  lr: 0.0")  # half written
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # the writer is gone (a live one's file is that of a run claiming the folder right now)
+    leftover = run / f".tmp-config.yaml-{killed.pid}"
+    leftover.write_text("train:\n  lr: 0.0")  # half written
     assert_error(cli(*args(assets, run), "--resume"), "holds no run", "drop --resume")
     proc = cli(*args(assets, run))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (run / "final").is_dir() and not (run / ".tmp-config.yaml-4242").exists()
+    assert (run / "final").is_dir() and not leftover.exists()
 
 
 def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path):

@@ -673,3 +673,26 @@ def test_atomic_files_get_the_permissions_of_any_new_file(tmp_path):
         os.umask(old)
     assert (shard.stat().st_mode & 0o777) == (meta.stat().st_mode & 0o777) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json", "shard.safetensors"]
+
+
+def test_two_new_runs_started_at_once_into_one_folder_do_not_share_it(tmp_path):
+    """Two `tailkd distill` with the same --out (two first runs: both default to runs/distill) started together:
+    each checked that the folder held no run before loading its models, then both claimed it, and the two runs
+    trained into one folder (one metrics.jsonl of both, each other's checkpoints, the second config.yaml) and both
+    ended with exit 0. The second claim now fails with one line and leaves the first run's config.yaml."""
+    from tailkd import runs
+    from tailkd.config import DistillConfig
+    from tailkd.errors import TailkdError
+
+    out = tmp_path / "distill"
+    first, second = DistillConfig(), DistillConfig()
+    first.train.out_dir = second.train.out_dir = str(out)
+    second.train.seed = 7
+    decided = [runs.prepare_run_dir(cfg) for cfg in (first, second)]  # both before either claims: a new run each
+    assert [resuming for _, resuming, _ in decided] == [False, False]
+    runs.claim_run_dir(out, first, False, [])
+    with pytest.raises(TailkdError, match=r"run folder .*distill was claimed by another tailkd run started at the "
+                                          r"same time; choose another --out"):
+        runs.claim_run_dir(out, second, False, [])
+    assert "seed: 0" in (out / "config.yaml").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

@@ -22,6 +22,7 @@ checkpoint is half written (tests/test_faults.py). It has no other effect.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -72,7 +73,7 @@ def writer_tag() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +87,7 @@ def left_by_dead_writer(name: str) -> bool:
     """Whether ``name`` (``...-<pid>@<host>`` or ``...-<pid>@<host>-<random>``, see `writer_tag`) is the leftover of
     a writer of THIS host whose process is gone. Another host's (a shared disk) or an untagged name: False."""
     m = re.search(rf"-(\d+)@{re.escape(socket.gethostname())}(-[^-]+)?$", name)
-    return m is not None and not _pid_alive(int(m.group(1)))
+    return m is not None and not pid_alive(int(m.group(1)))
 
 
 def remove_dead_writers(final: Path) -> list[Path]:
@@ -182,10 +183,11 @@ def atomic_write_dir(final: Path, write) -> Path:
     return final
 
 
-def atomic_write_file(final: Path, write) -> Path:
+def atomic_write_file(final: Path, write, *, replace: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``final``, fsync it, rename it to ``final`` (replacing
     it) and fsync the folder: after a crash there is the old file or the new one, never half of one. The file has
-    the mode of any new file (`new_file_modes`)."""
+    the mode of any new file (`new_file_modes`). ``replace=False``: never replace an existing ``final``, even one
+    another process creates meanwhile (FileExistsError)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
@@ -194,11 +196,27 @@ def atomic_write_file(final: Path, write) -> Path:
         _set_mode(tmp, _new_file_mode(final.parent))  # that of any new file (safetensors 0.8 writes 0o600)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        if replace:
+            os.replace(tmp, final)
+        else:
+            _rename_new(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(final.parent)
     return final
+
+
+def _rename_new(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` unless ``final`` exists (FileExistsError): a hard link fails atomically on an
+    existing name; where the file system has no hard links, a check then a rename."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+        os.replace(tmp, final)
 
 
 def atomic_write_text(final: Path, text: str) -> Path:

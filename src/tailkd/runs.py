@@ -183,13 +183,13 @@ def config_changes(old: dict, cfg: DistillConfig, free) -> list[str]:
     return [k for k, v in flatten(to_dict(cfg)).items() if k not in free and old.get(k) != v]
 
 
-def _write_config(cfg: DistillConfig, path: Path) -> None:
+def _write_config(cfg: DistillConfig, path: Path, *, replace: bool = True) -> None:
     """The run's config.yaml, without what one invocation did to the folder (--resume, --overwrite, --force): the
     printed ``tailkd distill --config RUN/config.yaml --resume`` continues it, and a later change needs --force
-    again."""
+    again. ``replace=False``: FileExistsError where there is one already."""
     train = dataclasses.replace(cfg.train, resume=False, overwrite=False, force_resume=False)
     saved = dataclasses.replace(cfg, train=train)
-    ckpt.atomic_write_file(path, lambda tmp: save_yaml(saved, tmp))  # a kill never leaves a half config.yaml
+    ckpt.atomic_write_file(path, lambda tmp: save_yaml(saved, tmp), replace=replace)  # never half a config.yaml
 
 
 def _first_config_leftover(path: Path) -> bool:
@@ -205,8 +205,13 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[s
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         for leftover in filter(_first_config_leftover, out.iterdir()):
-            leftover.unlink(missing_ok=True)
-        _write_config(cfg, out / "config.yaml")
+            if not ckpt.pid_alive(int(leftover.name.rsplit("-", 1)[1])):  # a live one: a run claiming the folder now
+                leftover.unlink(missing_ok=True)
+        try:  # never over the config.yaml of a run that claimed the folder since `prepare_run_dir` looked
+            _write_config(cfg, out / "config.yaml", replace=False)
+        except FileExistsError:
+            raise TailkdError(f"run folder {out} was claimed by another tailkd run started at the same time; choose "
+                              "another --out") from None
     elif changes:
         kept = out / f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         shutil.copyfile(out / "config.yaml", kept)
