@@ -224,6 +224,33 @@ def test_builtin_corpora_in_an_unwritable_cache_are_one_line_errors(tmp_path):
         corpus.python_docs_corpus(blocked)
 
 
+def test_a_builtin_corpus_copy_written_meanwhile_by_another_run_is_kept(tmp_path, monkeypatch):
+    """Two first runs at once both find no UTF-8 copy of the news corpus and both write it: the later rename
+    replaced the copy the other run was already tokenising, with a new mtime (part of the corpus fingerprint), so
+    that run could stop with "the data files changed while being tokenised". The copy found in place is kept."""
+    from tailkd import assets
+
+    src = tmp_path / "lee.cor"
+    src.write_bytes(b"one \xa3 article\n")  # Latin-1, as the real lee.cor
+    monkeypatch.setattr(assets, "find", lambda name: [src])
+    dest = tmp_path / "cache" / "default_corpus" / "lee.cor"
+    real_is_file = type(dest).is_file
+
+    def another_run_writes_it_first(path):  # this run looks (no copy), then the other run's copy lands
+        seen = real_is_file(path)
+        if path == dest and not seen:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text("one £ article\n", encoding="utf-8")
+            os.utime(dest, ns=(1_000_000_000, 1_000_000_000))
+        return seen
+
+    monkeypatch.setattr(type(dest), "is_file", another_run_writes_it_first)
+    assert corpus.default_corpus_files(tmp_path / "cache") == [dest]
+    monkeypatch.undo()
+    assert dest.stat().st_mtime_ns == 1_000_000_000 and dest.read_text(encoding="utf-8") == "one £ article\n"
+    assert [p.name for p in dest.parent.iterdir()] == ["lee.cor"]  # no temporary file left
+
+
 def test_data_cache_and_gguf_cache_read_tailkd_cache_alike(tmp_path, monkeypatch):
     """TAILKD_CACHE='~/tk' (a Dockerfile's ENV, a systemd unit, a quoted export: no shell expands the ~): the GGUF
     cache expanded it, the data cache made a folder literally named '~' in the working directory."""

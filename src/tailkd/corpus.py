@@ -60,7 +60,7 @@ def default_corpus_files(cache_dir: Path | None = None) -> list[Path]:
     for src in find("corpus"):
         dest = dest_dir / src.name
         if not dest.is_file():
-            _write_once(dest, lambda: _write_utf8_copy(src, dest), "the built-in news corpus")
+            _write_once(dest, _utf8_text(src), "the built-in news corpus")
         out.append(dest)
     return out
 
@@ -73,34 +73,35 @@ def python_docs_corpus(cache_dir: Path | None = None) -> Path:
     import sys
     from pydoc_data.topics import topics
 
-    from tailkd.checkpoint import atomic_write_text
-
     version = f"{sys.version_info[0]}{sys.version_info[1]}"  # each Python's docs differ a little
     dest = Path(cache_dir or default_cache_root()) / "builtin_pydoc" / f"topics-py{version}.jsonl"
     if not dest.is_file():  # written once, never rewritten: its mtime (in corpus fingerprints) stays put
         lines = "".join(json.dumps({"text": text}) + "\n" for _, text in sorted(topics.items()))
-        _write_once(dest, lambda: atomic_write_text(dest, lines), "Python's documentation (builtin:pydoc)")
+        _write_once(dest, lines, "Python's documentation (builtin:pydoc)")
     return dest
 
 
-def _write_once(dest: Path, write, what: str) -> None:
-    """``write()`` a built-in corpus's copy into tailkd's cache; a cache that cannot be written is a TailkdError."""
+def _write_once(dest: Path, text: str, what: str) -> None:
+    """Write a built-in corpus's copy ``dest`` into tailkd's cache, atomically and never over an existing one (a
+    concurrent run's: its mtime is in the fingerprint of the corpus that run is tokenising; the text is the same).
+    A cache that cannot be written is a TailkdError."""
+    from tailkd.checkpoint import atomic_write_file
+
     try:
-        write()
+        atomic_write_file(dest, lambda tmp: tmp.write_text(text, encoding="utf-8"), replace=False)
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise TailkdError(f"could not write {what} into {dest.parent} ({exc.strerror or exc}); set TAILKD_CACHE or "
                           "data.cache_dir to a writable folder") from exc
 
 
-def _write_utf8_copy(src: Path, dest: Path) -> None:
+def _utf8_text(src: Path) -> str:
     raw = src.read_bytes()  # 0.4 MB in all
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = raw.decode("latin-1")  # total: every byte is a character; right for the Lee files' "£"
-    from tailkd.checkpoint import atomic_write_text
-
-    atomic_write_text(dest, text)
+        return raw.decode("latin-1")  # total: every byte is a character; right for the Lee files' "£"
 
 
 # --------------------------------------------------------------------------- reading documents
