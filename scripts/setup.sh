@@ -19,7 +19,16 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 EXTRAS="${1:-}"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "tailkd needs Python >= 3.10" >&2; exit 1; }
-"$PY" -m venv "$VENV"
+version='import sys; print(sys.version_info[:2])'
+had=""
+if [ -f "$VENV/pyvenv.cfg" ]; then had=$("$VENV/bin/python" -c "$version" 2>/dev/null || echo gone); fi
+if [ -n "$had" ] && [ "$had" != "$("$PY" -c "$version")" ]; then
+  # an environment of a removed or other Python: `python -m venv` keeps its interpreter links, so it stays broken
+  echo "$VENV is an environment of another Python (or its Python is gone): making it again" >&2
+  "$PY" -m venv --clear "$VENV"
+else
+  "$PY" -m venv "$VENV"
+fi
 
 # pip, quiet. One warning is dropped: machines whose pip configuration lists local index folders (file://...)
 # get "WARNING: Location 'file:///...' is ignored: it is neither a file nor a directory" for every package

