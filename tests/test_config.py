@@ -504,6 +504,16 @@ def test_the_readmes_subcommand_lines_parse(tmp_path, monkeypatch):
     assert seen == set(COMMAND_CONFIGS)
 
 
+def test_the_readmes_distill_synopsis_names_every_loss():
+    """The README's `tailkd distill` synopsis offers ``--loss a|b|...``: the registry's names, all of them (it offered
+    7 of the 13, without tvd and the DRKL paper's baselines)."""
+    from tailkd.registry import LOSSES
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    (choices,) = re.findall(r"\[--loss ([a-z_|]+)\]", text)
+    assert choices.split("|") == list(LOSSES)
+
+
 @pytest.mark.parametrize("flags, key", [
     (["--student.hidden_size", "32"], "student.hidden_size=32"),
     (["--student-layers", "3"], "student.num_layers=3"),
