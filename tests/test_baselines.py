@@ -2,6 +2,8 @@
 (tests/reference.py): values and gradients, their identities and limits, masking through the registry, extreme
 logits, and the chunked layer (tests/test_fused.py covers chunked == dense for every registry row)."""
 
+from pathlib import Path
+
 import loss_bounds as LB
 import pytest
 import reference as R
@@ -128,3 +130,19 @@ def test_masked_tokens_and_extreme_logits_through_the_registry(name):
     div.sum().backward()
     assert torch.isfinite(div).all() and torch.isfinite(x.grad).all(), name
     assert (x.grad[1, 2] == 0).all()
+
+
+def test_alpha_beta_limits_are_cichockis_and_the_docs_say_how_abkds_code_differs():
+    """At β = 0 (α = 0) the α-β divergence is the continuous limit (1/α²) Σ (p^α log(p^α/q^α) − p^α + q^α) (resp.
+    (1/β²) ...); ABKD's reference code (ab_div) divides these branches by α (β): α (β) times tailkd's value. The
+    docstring and the README said nothing of it, so a run ported from ABKD's code at (0.6, 0) got 1/0.6 its loss."""
+    s, t = _pair()
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    for a, b in ((0.6, 0.0), (0.0, 0.3)):
+        w, v, e = (p, q, a) if b == 0 else (q, p, b)  # ABKD's branch: (1/e) Σ w^e log(w^e/v^e) − w^e + v^e
+        abkd_code = ((w**e) * torch.log(w**e / v**e) - w**e + v**e).sum(-1) / e
+        torch.testing.assert_close(e * BL.ab_divergence(s, t, alpha=a, beta=b), abkd_code, rtol=1e-12, atol=1e-14)
+    assert "ABKD's reference code" in BL.ab_divergence.__doc__
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (row,) = [ln for ln in readme.splitlines() if ln.startswith("| `alpha_beta` |")]
+    assert "ABKD's code divides" in row
