@@ -227,10 +227,16 @@ def _definition_grads(loss: str, case: str):
 
 def _hung_worker(rank, world, port, folder):
     """Rank 1 joins the group and then hangs (alive, never in the collective) until rank 0 has written how long its
-    all-reduce waited, or 60 s; rank 0's group was set up with a 2 s timeout (`distributed.setup`'s ``timeout_s``)."""
+    all-reduce waited, or 60 s; rank 0's group was set up with a 2 s timeout (`distributed.setup`'s ``timeout_s``).
+    The ranks meet through files first: the 2 s also bound the rendezvous, which a rank slower to start (imports on
+    a loaded machine) would otherwise miss."""
     import time
     from pathlib import Path
 
+    (Path(folder) / f"ready{rank}").touch()
+    end = time.monotonic() + 60
+    while not all((Path(folder) / f"ready{r}").exists() for r in range(world)) and time.monotonic() < end:
+        time.sleep(0.01)
     join_gloo(rank, world, port, timeout_s=2)
     done = Path(folder) / "waited"
     if rank == 1:
