@@ -254,13 +254,15 @@ def test_a_builtin_corpus_copy_written_meanwhile_by_another_run_is_kept(tmp_path
 def test_data_cache_and_gguf_cache_read_tailkd_cache_alike(tmp_path, monkeypatch):
     """TAILKD_CACHE='~/tk' (a Dockerfile's ENV, a systemd unit, a quoted export: no shell expands the ~): the GGUF
     cache expanded it, the data cache made a folder literally named '~' in the working directory."""
-    from tailkd.models import default_cache_dir
+    from tailkd.models import gguf_cache_path
 
     monkeypatch.setenv("HOME", str(tmp_path))
+    gguf = tmp_path / "t.gguf"
+    gguf.write_bytes(b"GGUF")
     monkeypatch.setenv("TAILKD_CACHE", "~/tk")
-    assert corpus.default_cache_root() == default_cache_dir() == tmp_path / "tk"
+    assert corpus.default_cache_root() == gguf_cache_path(gguf).parent.parent == tmp_path / "tk"
     monkeypatch.setenv("TAILKD_CACHE", "")
-    assert corpus.default_cache_root() == default_cache_dir() == tmp_path / ".cache" / "tailkd"
+    assert corpus.default_cache_root() == gguf_cache_path(gguf).parent.parent == tmp_path / ".cache" / "tailkd"
 
 
 def test_prepare_default_corpus(tmp_path, tok):

@@ -39,8 +39,8 @@ TOKENIZE_BATCH_CHARS = 4_000_000  # ... or fewer, so that one call never holds m
 
 
 def default_cache_root() -> Path:
-    """``$TAILKD_CACHE`` (``~`` expanded), else ``~/.cache/tailkd`` (the GGUF cache's rule,
-    `tailkd.models.default_cache_dir`)."""
+    """Root of tailkd's caches (the tokenised corpora, the built-in data's copies, the converted GGUF teachers of
+    `tailkd.models`): ``$TAILKD_CACHE`` (``~`` expanded), else ``~/.cache/tailkd``."""
     env = os.environ.get("TAILKD_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tailkd"
 

@@ -107,12 +107,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
     return _DTYPES[key]
 
 
-def default_cache_dir() -> Path:
-    """Root of tailkd's caches: ``$TAILKD_CACHE`` if set, else ``~/.cache/tailkd``."""
-    env = os.environ.get("TAILKD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tailkd"
-
-
 def _causal_lm_class_names() -> set[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -146,7 +140,7 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: str | torch.dtype | None =
     """Load ``(model, tokenizer)`` from a spec (see the module docstring). CPU, eval mode.
 
     dtype: None → float32; otherwise as `resolve_dtype` (with "auto" resolved for CPU).
-    cache_dir: root of the GGUF conversion cache (default `default_cache_dir()`); used for GGUF only.
+    cache_dir: root of the GGUF conversion cache (default `tailkd.corpus.default_cache_root()`); used for GGUF only.
     """
     return _load_hf_dir(model_dir(spec, cache_dir), resolve_dtype(dtype, "cpu"))
 
@@ -319,7 +313,9 @@ def gguf_cache_key(gguf: Path, cache_dir: str | os.PathLike | None = None) -> st
 
 
 def _gguf_root(cache_dir: str | os.PathLike | None) -> Path:
-    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "gguf"
+    from tailkd.corpus import default_cache_root  # tailkd's one cache root, the data caches' too
+
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_root()) / "gguf"
 
 
 def gguf_cache_path(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
