@@ -16,8 +16,8 @@ The ``tailkd`` command applies it before a subcommand runs on a machine without 
 every process of a torchrun launch); where a GPU computes, the host's large blocks are few (loading, checkpoints)
 and better given back. A program that calls tailkd's functions may call it itself, first. ``TAILKD_MALLOC=system``
 keeps glibc's defaults (``keep``, or unset: the default; anything else is an error), as does any malloc setting of
-the user's own (``GLIBC_TUNABLES`` with glibc.malloc, ``MALLOC_*_`` variables, an allocator in ``LD_PRELOAD``);
-elsewhere than Linux with glibc it does nothing.
+the user's own (``GLIBC_TUNABLES`` with glibc.malloc, glibc's ``MALLOC_*_`` variables and ``MALLOC_ARENA_MAX`` /
+``MALLOC_ARENA_TEST``, an allocator in ``LD_PRELOAD``); elsewhere than Linux with glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tailkd.errors import TailkdError
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # bytes of free memory at the heap's top before glibc gives it back (mallopt's int max)
+GLIBC_ARENA_ENV = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST")  # glibc's malloc variables without the trailing "_"
 MALLOC_ENV = "TAILKD_MALLOC"  # system: glibc's defaults; keep (or unset): freed memory kept for reuse
 
 
@@ -43,7 +44,7 @@ def _users_own_setting() -> bool:
         raise TailkdError(f"{MALLOC_ENV}={choice!r} must be 'system' (glibc's malloc defaults) or 'keep' (freed "
                           "memory kept for reuse, the default); unset it for the default")
     return (choice == "system" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
-            or any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ)
+            or any(name.startswith("MALLOC_") and name.endswith("_") or name in GLIBC_ARENA_ENV for name in os.environ)
             or any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")))
 
 
