@@ -45,10 +45,10 @@ COMMANDS = {
         "With --generate: exact match and diversity of decoded held-out prompts instead."),
     "analyze-teacher": (
         cc.AnalyzeTeacherConfig, "analyze_teacher",
-        "teacher tail mass α_K (K=1..100) and mode mismatch (paper Fig. 2)",
+        "teacher tail mass α_K (K=1..kmax, 100) and mode mismatch (paper Fig. 2)",
         "For one or more teachers on a corpus: the tail mass α_K = 1 − Σ top-K p averaged over positions with "
-        "quartiles, K = 1..100, and the rate at which the teacher's argmax differs from the actual next token. "
-        "Writes teacher_analysis.json and a two-panel PNG."),
+        "quartiles, K = 1..--kmax (default 100), and the rate at which the teacher's argmax differs from the actual "
+        "next token. Writes teacher_analysis.json and a two-panel PNG."),
     "compare": (
         cc.CompareConfig, "compare", "several runs side by side: held-out KL curves and a table (paper Fig. 1)",
         "Plot held-out KL vs training tokens of several runs (metrics.jsonl) and tabulate final held-out KL, "
