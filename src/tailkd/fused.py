@@ -240,6 +240,9 @@ def _chunk(plan: _Plan, a: int, b: int, h, w_mm, bias, coef_clm: float, coef_div
         teacher = (dv.SparseTeacher(*(None if x is None else x[a:b] for x in plan.sparse)) if plan.sparse is not None
                    else plan.kernel.teacher(_teacher_logits(plan, a, b, scaled=True)))
         div, state = plan.kernel.forward(s, logq, teacher, _row_weight(plan, a, b, teacher))
+        if div.shape != (n,):  # a registry row's own kernel (a broadcast would repeat a sum over the chunk's rows)
+            raise ValueError(f"loss {plan.d.name!r}: its row kernel's forward returned values of shape "
+                             f"{tuple(div.shape)} for {n} rows; it must return one value per row, ({n},)")
         del teacher, logq  # consumed: what backward needs is in the state
         g = None
         if want_grad:

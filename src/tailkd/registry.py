@@ -163,7 +163,16 @@ class Divergence:
 
     @property
     def kernel(self) -> dv.RowKernel | None:
-        return self.spec.kernel(self.cfg) if self.spec.kernel is not None else None
+        """The row's `divergences.RowKernel` made with this divergence's knobs; ValueError in one line when the row's
+        ``kernel`` is not a function of the `LossConfig` returning a RowKernel of three functions."""
+        if self.spec.kernel is None:
+            return None
+        made = self.spec.kernel(self.cfg) if callable(self.spec.kernel) else None
+        if not (isinstance(made, dv.RowKernel) and all(callable(f) for f in made)):
+            raise ValueError(f"loss {self.name!r}: its kernel must be a function of the LossConfig returning a "
+                             "divergences.RowKernel(teacher, forward, backward) of three functions (e.g. "
+                             f"kernel=lambda cfg: MY_KERNEL); got {_describe(self.spec.kernel, made)}")
+        return made
 
     @property
     def triton(self) -> tuple[str, dict] | None:
@@ -173,6 +182,10 @@ class Divergence:
     def per_token(self, student_logits, teacher_logits, labels, mask, segment_ids=None) -> torch.Tensor:
         """[B, T] divergence on full logits [B, T, V], 0 at masked positions."""
         div = self.spec.per_token(self, student_logits, teacher_logits, labels, mask, segment_ids)
+        if not isinstance(div, torch.Tensor) or div.shape != mask.shape:
+            got = tuple(div.shape) if isinstance(div, torch.Tensor) else type(div).__name__
+            raise ValueError(f"loss {self.name!r}: its per_token function returned {got} for logits "
+                             f"{tuple(student_logits.shape)}; it must return one value per token, {tuple(mask.shape)}")
         return torch.where(mask, div, torch.zeros_like(div))
 
     def row_log_weight(self, log_abar: torch.Tensor) -> torch.Tensor | None:
@@ -194,6 +207,15 @@ class Divergence:
             seg = segment_ids if self.cfg.per_document else None
             w = self.row_log_weight(sequence_log_alpha_mean(log_alpha, mask, seg)).exp()
         return cache_divergence(student_logits, teacher, mask, w)
+
+
+def _describe(kernel, made) -> str:
+    if not callable(kernel):
+        return f"a {type(kernel).__name__}, not a function"
+    if isinstance(made, dv.RowKernel):
+        missing = [n for n, f in zip(dv.RowKernel._fields, made) if not callable(f)]
+        return f"a RowKernel whose {', '.join(missing)} is not a function"
+    return f"a function returning a {type(made).__name__}"
 
 
 def bind(cfg) -> Divergence:
