@@ -96,6 +96,38 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_a_loss_registered_by_the_users_launcher_trains_resumes_and_is_evaluated(assets, tmp_path):
+    """README "A loss of your own": a launcher that registers a loss, then runs tailkd's CLI, trains `--loss NAME` on
+    the fused layer (its closed-form kernel), resumes bit-identically, counts the row's FLOPs per vocabulary entry,
+    and `tailkd eval` of the student needs nothing of the loss (eval reads no loss setting of the run). A plain
+    `tailkd` process, which has not imported the user's module, refuses the name in one line."""
+    from user_loss import register_hellinger
+
+    from tailkd.registry import LOSSES
+
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    common = ("--loss", "hellinger", "--fused-loss", "on", "--steps", "4")
+    saved = dict(LOSSES)
+    try:
+        register_hellinger()
+        assert main(base_args(assets, full, *common)) == 0
+        assert main(base_args(assets, parted, *common, "--train.stop_after", "2")) == 0
+        assert main(["distill", "--config", str(parted / "config.yaml"), "--resume"]) == 0
+    finally:
+        LOSSES.clear()
+        LOSSES.update(saved)
+    a, b = final_weights(full), final_weights(parted)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["loss"] == "hellinger"
+    vocab = AutoModelForCausalLM.from_pretrained(full / "final").config.vocab_size
+    assert summary["flops"]["loss_layer"] == summary["flops"]["tokens"] * (18 + 6) * vocab  # + the CLM's 6
+    assert main(["eval", "--student", str(full / "final"), "--max-rows", "4", "--out", str(tmp_path / "e.json")]) == 0
+    proc = _cli("distill", "--config", str(full / "config.yaml"), "--out", str(tmp_path / "plain"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"tailkd: error: loss.name='hellinger' is not a loss; choose one of {', '.join(LOSSES)}"]
+
+
 def test_a_resume_with_changed_logging_eval_and_checkpoint_keys_is_bit_identical(assets, tmp_path):
     """`runs.RESUME_FREE_KEYS` of run control, logging, evaluation and checkpointing (and device auto, the CPU
     here) are accepted on --resume and change no bit: held-out evaluations and checkpoints between the steps leave

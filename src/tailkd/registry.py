@@ -5,11 +5,14 @@
 top-K teacher cache, its FLOPs per vocabulary entry and the `LossConfig` knobs it reads. `bind` turns a
 `tailkd.config.LossConfig` into the `Divergence` that `tailkd.objective`, `tailkd.fused` and `tailkd.cache` call;
 `config`, `flops` and the CLI read the rows too. None of them branches on a loss name. Adding a loss = one
-function in `tailkd.losses` (optionally a kernel in `tailkd.divergences`), one row here, its tests.
+function in `tailkd.losses` (optionally a kernel in `tailkd.divergences`), one row here, its tests; a loss of your
+own, in your module: `register` (README "A loss of your own").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ from tailkd.losses import (
     tail_log_weight,
 )
 
-__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind"]
+__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "register"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,10 @@ class LossSpec:
     it, and differentiates ``per_token`` chunk by chunk otherwise. ``tail_weight``: the kernel's row weight is TAD's
     β(X) = β/ᾱ(X), as log β(X) (the caller computes log ᾱ from the teacher rows' α^T per sequence, in log space).
     ``sparse``: computable from a top-K teacher cache (D_KL1, plus an unbiased tail estimate weighted by the row
-    weight; 1 without ``tail_weight``). ``flops_per_vocab``: loss-layer FLOPs per token per vocabulary entry,
-    forward + backward (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`). ``knobs``: the
-    `LossConfig` fields read.
+    weight; 1 without ``tail_weight``): the cache path computes that form whatever ``per_token`` and ``kernel`` are,
+    so set it only where it is the loss's top-K form (kd, tad). ``flops_per_vocab``: loss-layer FLOPs per token
+    per vocabulary entry, forward + backward (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`).
+    ``knobs``: the `LossConfig` fields read.
     ``triton(cfg) -> (form, args) | None``: the same row maths as `tailkd.kernels` computes it on CUDA (form
     "kl", "rkl", "jsd" with ``beta``, "tad" with ``k``), or None where the kernels do not apply (the torch path).
     """
@@ -209,6 +213,45 @@ class Divergence:
         return cache_divergence(student_logits, teacher, mask, w)
 
 
+def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
+    """Add ``spec`` to `LOSSES` under ``spec.name``: a loss of your own, defined in your module (README "A loss of your
+    own"); every path that reads the registry (`tailkd.objective`, the chunked layer, `tailkd.distill_loss`,
+    `tailkd.train.distill`, `tailkd losses`, the run's FLOPs) then takes it in this process. ValueError in one line
+    for a row the rest of tailkd could not use: a name that is not a lowercase identifier (a flag and YAML value) or
+    is already a loss (a built-in is redefined only with ``replace=True``), a ``per_token`` or ``kernel`` that is not
+    a function, ``knobs`` that are not a tuple of names, ``tail_weight`` (TAD's β(X), which reads the kernel's
+    teacher rows' α^T) without a kernel, a negative ``flops_per_vocab``; knobs that are not `LossConfig` fields when
+    the loss is first bound (`bind`). ``sparse=True`` states that the loss from a top-K cache is D_KL1 (+ the tail
+    estimate): the cache path computes that, not ``per_token`` or ``kernel``. Returns ``spec``."""
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"cannot register loss {getattr(spec, 'name', spec)!r}: {problem}")
+
+    if not isinstance(spec, LossSpec):
+        raise bad(f"register takes a tailkd.registry.LossSpec, not a {type(spec).__name__}")
+    if not isinstance(spec.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name):
+        raise bad("its name must be a lowercase identifier (letters, digits, _), as --loss NAME and YAML take it")
+    if spec.name in LOSSES and not replace:
+        raise bad(f"{spec.name!r} is already a loss of the registry; choose another name, or pass replace=True to "
+                  "redefine it")
+    if not callable(spec.per_token):
+        raise bad("per_token must be a function (d, student_logits, teacher_logits, labels, mask, segment_ids) -> "
+                  "[B, T]")
+    if spec.kernel is not None and not callable(spec.kernel):
+        raise bad(f"kernel must be a function of the LossConfig returning a divergences.RowKernel (e.g. "
+                  f"kernel=lambda cfg: MY_KERNEL), not a {type(spec.kernel).__name__}")
+    if not isinstance(spec.knobs, tuple) or not all(isinstance(k, str) for k in spec.knobs):
+        raise bad(f"knobs={spec.knobs!r} must be a tuple of LossConfig field names, e.g. ('temperature',)")
+    if spec.tail_weight and spec.kernel is None:
+        raise bad("tail_weight=True needs a kernel whose teacher rows carry TAD's tail mass (divergences.tad_kernel)")
+    if spec.triton is not None and not callable(spec.triton):
+        raise bad("triton must be a function of the LossConfig or None")
+    if isinstance(spec.flops_per_vocab, bool) or not isinstance(spec.flops_per_vocab, int) or spec.flops_per_vocab < 0:
+        raise bad(f"flops_per_vocab={spec.flops_per_vocab!r} must be an integer >= 0")
+    LOSSES[spec.name] = spec
+    return spec
+
+
 def _describe(kernel, made) -> str:
     if not callable(kernel):
         return f"a {type(kernel).__name__}, not a function"
@@ -223,5 +266,10 @@ def bind(cfg) -> Divergence:
     by `LossConfig.check`: ValueError naming the knob)."""
     if cfg.name not in LOSSES:
         raise ValueError(f"loss {cfg.name!r} is not in the registry; choose one of {', '.join(LOSSES)}")
-    return Divergence(LOSSES[cfg.name], cfg.check())
+    spec, fields = LOSSES[cfg.name], [f.name for f in dataclasses.fields(cfg) if f.name != "name"]
+    unknown = [k for k in spec.knobs if k not in fields]
+    if unknown:  # a registered row's knobs (`register`): a knob of its own is a new LossConfig field
+        raise ValueError(f"loss {cfg.name!r}: its knobs {', '.join(unknown)} are not LossConfig fields ("
+                         f"{', '.join(fields)}); a knob of its own needs a new LossConfig field")
+    return Divergence(spec, cfg.check())
 
