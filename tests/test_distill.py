@@ -96,26 +96,32 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
-def test_a_loss_registered_by_the_users_launcher_trains_resumes_and_is_evaluated(assets, tmp_path):
-    """README "A loss of your own": a launcher that registers a loss, then runs tailkd's CLI, trains `--loss NAME` on
-    the fused layer (its closed-form kernel), resumes bit-identically, counts the row's FLOPs per vocabulary entry,
-    and `tailkd eval` of the student needs nothing of the loss (eval reads no loss setting of the run). A plain
-    `tailkd` process, which has not imported the user's module, refuses the name in one line."""
-    from user_loss import register_hellinger
-
+def test_a_loss_of_the_users_module_trains_resumes_and_is_evaluated(assets, tmp_path):
+    """README "A loss of your own": ``--loss.module FILE`` imports the user's file, which registers a loss; the run
+    trains ``--loss NAME`` on the fused layer (its closed-form kernel), and a fresh ``tailkd`` process resumes it from
+    the printed ``--config RUN/config.yaml --resume`` (config.yaml names the module) bit-identically; the FLOPs count
+    the row's per-vocabulary entry, and ``tailkd eval`` of the student needs nothing of the loss. Without the module,
+    a ``tailkd`` process refuses the name in one line."""
     from tailkd.registry import LOSSES
 
+    module = tmp_path / "my_losses.py"
+    module.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "from user_loss import register_hellinger\n\nregister_hellinger()\n")
     full, parted = tmp_path / "full", tmp_path / "parted"
-    common = ("--loss", "hellinger", "--fused-loss", "on", "--steps", "4")
+    common = ("--loss", "hellinger", "--loss.module", str(module), "--fused-loss", "on", "--steps", "4")
     saved = dict(LOSSES)
     try:
-        register_hellinger()
         assert main(base_args(assets, full, *common)) == 0
-        assert main(base_args(assets, parted, *common, "--train.stop_after", "2")) == 0
-        assert main(["distill", "--config", str(parted / "config.yaml"), "--resume"]) == 0
     finally:
         LOSSES.clear()
         LOSSES.update(saved)
+        for name in [n for n in sys.modules if n.startswith("tailkd_user_losses_")]:
+            del sys.modules[name]
+    assert main(base_args(assets, parted, *common, "--train.stop_after", "2")) == 0  # imported again: a new row
+    LOSSES.clear()
+    LOSSES.update(saved)
+    proc = _cli("distill", "--config", str(parted / "config.yaml"), "--resume")
+    assert proc.returncode == 0, proc.stderr
     a, b = final_weights(full), final_weights(parted)
     assert all(torch.equal(a[name], b[name]) for name in a)
     summary = json.loads((full / "summary.json").read_text())
@@ -123,7 +129,7 @@ def test_a_loss_registered_by_the_users_launcher_trains_resumes_and_is_evaluated
     vocab = AutoModelForCausalLM.from_pretrained(full / "final").config.vocab_size
     assert summary["flops"]["loss_layer"] == summary["flops"]["tokens"] * (18 + 6) * vocab  # + the CLM's 6
     assert main(["eval", "--student", str(full / "final"), "--max-rows", "4", "--out", str(tmp_path / "e.json")]) == 0
-    proc = _cli("distill", "--config", str(full / "config.yaml"), "--out", str(tmp_path / "plain"))
+    proc = _cli("distill", "--config", str(full / "config.yaml"), "--loss.module", "", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"tailkd: error: loss.name='hellinger' is not a loss; choose one of {', '.join(LOSSES)}"]
 

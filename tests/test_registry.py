@@ -194,3 +194,42 @@ def test_knobs_that_are_not_loss_config_fields_are_refused_when_the_loss_is_boun
     with pytest.raises(ValueError) as exc:
         _dense("mine", *_inputs())
     _one_line(exc, "'mine'", "amari_alpha", "new LossConfig field")
+
+
+def test_loss_module_imports_a_file_or_a_dotted_name_once_and_fails_in_one_line(tmp_path, monkeypatch,
+                                                                              restore_losses):
+    """``loss.module`` (`tailkd.config.load_loss_module`, what distill's validation and `bind` run): a .py file is
+    imported once per process (imported twice, its ``register`` would refuse the taken name); a dotted name comes from
+    sys.path; a missing file or module, or one that raises, is a TailkdError in one line naming the setting; a module
+    that registers another name leaves ``loss.name`` refused, saying so."""
+    import sys
+
+    from tailkd.config import DistillConfig, load_loss_module
+    from tailkd.errors import TailkdError
+    from tailkd.registry import bind
+
+    mine = tmp_path / "mine.py"
+    mine.write_text("from user_loss import register_hellinger\nregister_hellinger()\n")
+    try:
+        load_loss_module(str(mine))
+        load_loss_module(str(mine))  # a second import would raise "already a loss"
+        assert "hellinger" in LOSSES
+        LOSSES.pop("hellinger")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        d = bind(LossConfig(name="hellinger", module="mine"))  # a dotted name, by bind for a config built in Python
+        assert d.spec is LOSSES["hellinger"]
+    finally:
+        for name in [n for n in sys.modules if n.startswith("tailkd_user_losses_") or n == "mine"]:
+            del sys.modules[name]
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no GPU here')\n")
+    (tmp_path / "other.py").write_text("")
+    for source, needle in ((str(tmp_path / "absent.py"), "FileNotFoundError"), ("no_such_mod", "ModuleNotFoundError"),
+                           (str(tmp_path / "broken.py"), "RuntimeError: no GPU here")):
+        with pytest.raises(TailkdError) as err:
+            load_loss_module(source)
+        assert str(err.value).startswith(f"loss.module={source!r} could not be imported: ") and needle in str(err.value)
+        assert "\n" not in str(err.value)
+    cfg = DistillConfig()
+    cfg.loss.name, cfg.loss.module = "hellinger2", str(tmp_path / "other.py")
+    with pytest.raises(TailkdError, match=r"is not a loss \(loss.module=.* registered none of that name\)"):
+        cfg.validate()

@@ -119,8 +119,11 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
+    from tailkd.config import load_loss_module
     from tailkd.registry import LOSSES
 
+    if args.module:
+        load_loss_module(args.module)
     head = ("loss", "per token", "knobs (loss.*)", "needs", "chunked form", "top-K cache", "source")
     rows = [(s.name, s.formula, ", ".join(s.knobs) or "-",
              ", ".join(n for n, on in (("teacher", s.needs_teacher), ("labels", s.needs_labels),
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(sub, common)
     p = sub.add_parser("losses", parents=[common], help="list the losses of the registry (tailkd.registry.LOSSES)",
                        description="The losses --loss accepts: formula, knobs, chunked and top-K-cache forms, source.")
+    p.add_argument("--loss.module", dest="module", default="", metavar="MODULE",
+                   help="also the losses this module of your own registers (a .py file or a dotted name; as "
+                        "distill's --loss.module)")
     p.set_defaults(func=_cmd_losses)
     parser._subcommands = dict(sub.choices)
     return parser

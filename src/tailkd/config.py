@@ -226,6 +226,9 @@ class LossConfig:
     name: str = _f("tad", "the loss: a name in the registry tailkd.registry.LOSSES (`tailkd losses` lists them with "
                           "their formulas): tad, kd, rkl, jsd, dkd, drkl, tvd, sym_kl, skew_kl, skew_rkl, akl, "
                           "alpha_beta; clm: no teacher")
+    module: str = _f("", "a module of your own losses, imported before loss.name is looked up: a .py file (relative "
+                         "to the working directory) or a dotted name on sys.path; it adds them with "
+                         "tailkd.registry.register (README 'A loss of your own')")
     k: int = _f(10, "TAD: number of teacher top-K tokens kept apart from the tail")
     beta: float = _f(2.0, "TAD: tail weight β; β(X) = β / mean teacher tail mass of the sequence")
     per_document: bool = _f(False, "TAD: normalise β per document of a packed row instead of per row")
@@ -332,8 +335,11 @@ class DistillConfig:
         from tailkd.registry import LOSSES  # the registry (imports torch): loss names live there only
 
         c = self
+        if c.loss.module:
+            load_loss_module(c.loss.module)
         if c.loss.name not in LOSSES:
-            raise TailkdError(f"loss.name={c.loss.name!r} is not a loss; choose one of {', '.join(LOSSES)}")
+            also = f" (loss.module={c.loss.module!r} registered none of that name)" if c.loss.module else ""
+            raise TailkdError(f"loss.name={c.loss.name!r} is not a loss{also}; choose one of {', '.join(LOSSES)}")
         check_leaves(c)
         if len(c.train.adam_betas) != 2:
             raise TailkdError(f"train.adam_betas={' '.join(map(str, c.train.adam_betas))} must be two numbers (beta1 "
@@ -404,6 +410,19 @@ def check_leaves(cfg) -> None:
         value = leaf_value(cfg, key) if key in names else None  # None: also an unset optional
         if value is not None and (problem := out_of_range(key, value)):
             raise TailkdError(problem)
+
+
+def load_loss_module(source: str) -> None:
+    """`tailkd.registry.load_module` of ``loss.module``, its failures a TailkdError in one line (the module's own
+    traceback with ``--debug``)."""
+    from tailkd.registry import load_module
+
+    try:
+        load_module(source)
+    except Exception as exc:
+        hint = ("; give a .py file, or a module importable from sys.path (PYTHONPATH)"
+                if isinstance(exc, (ModuleNotFoundError, FileNotFoundError)) else "")
+        raise TailkdError(f"loss.module={source!r} could not be imported: {type(exc).__name__}: {exc}{hint}") from exc
 
 
 def out_of_range(key: str, value) -> str | None:

@@ -6,15 +6,20 @@ top-K teacher cache, its FLOPs per vocabulary entry and the `LossConfig` knobs i
 `tailkd.config.LossConfig` into the `Divergence` that `tailkd.objective`, `tailkd.fused` and `tailkd.cache` call;
 `config`, `flops` and the CLI read the rows too. None of them branches on a loss name. Adding a loss = one
 function in `tailkd.losses` (optionally a kernel in `tailkd.divergences`), one row here, its tests; a loss of your
-own, in your module: `register` (README "A loss of your own").
+own, in your module: `register`, the module named by ``loss.module`` (`load_module`; README "A loss of your own").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,7 +37,7 @@ from tailkd.losses import (
     tail_log_weight,
 )
 
-__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "register"]
+__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "load_module", "register"]
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,31 @@ def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
     return spec
 
 
+def load_module(source: str) -> None:
+    """Import the module of one's own losses that ``loss.module`` names (it calls `register` as it is imported), once
+    per process: ``source`` is a ``.py`` file (a path, relative to the working directory) or a dotted name importable
+    from ``sys.path`` (an installed package, ``PYTHONPATH``). A file is imported as a module of its own (its folder is
+    not put on ``sys.path``), once per resolved path. Raises what the import raises (ModuleNotFoundError,
+    FileNotFoundError, the module's own errors)."""
+    if not (source.endswith(".py") or "/" in source or "\\" in source):
+        importlib.import_module(source)
+        return
+    path = Path(source).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    name = "tailkd_user_losses_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a module that failed is imported again next time, as Python does
+        raise
+
+
 def _describe(kernel, made) -> str:
     if not callable(kernel):
         return f"a {type(kernel).__name__}, not a function"
@@ -263,7 +293,9 @@ def _describe(kernel, made) -> str:
 
 def bind(cfg) -> Divergence:
     """The `Divergence` of a `tailkd.config.LossConfig` (``cfg.name`` must be a key of `LOSSES`; its knobs are checked
-    by `LossConfig.check`: ValueError naming the knob)."""
+    by `LossConfig.check`: ValueError naming the knob). A ``cfg.module`` is imported first (`load_module`)."""
+    if cfg.module and cfg.name not in LOSSES:
+        load_module(cfg.module)
     if cfg.name not in LOSSES:
         raise ValueError(f"loss {cfg.name!r} is not in the registry; choose one of {', '.join(LOSSES)}")
     spec, fields = LOSSES[cfg.name], [f.name for f in dataclasses.fields(cfg) if f.name != "name"]
