@@ -79,6 +79,18 @@ def test_perplexity_task_closed_form(tmp_path):
     assert res["word_perplexity,none"] == pytest.approx(math.exp(10.0 / n_words), rel=1e-12)
 
 
+def test_perplexity_task_scores_documents_that_look_like_python_lists(tmp_path):
+    """A document such as "[1]" (a footnote paragraph) or "[1, 2]" is text: lm-eval turns a Jinja-rendered target that
+    reads as a Python list into that list, so tailkd_ppl takes its documents as the field itself, not "{{text}}"."""
+    docs = ["one two three", "[1]", "[1, 2]"]
+    loglik = {docs[0]: -6.0, docs[1]: -3.0, docs[2]: -5.0}
+    inc = prepare_tasks(tmp_path / "work", ppl_docs=docs)
+    res = run_lm_eval(ScriptedLM(set(), loglik), ["tailkd_ppl"], include_path=inc)["results"]["tailkd_ppl"]
+    n_bytes = 13 + 3 + 6
+    assert res["bits_per_byte,none"] == pytest.approx(14.0 / (n_bytes * math.log(2)), rel=1e-12)
+    assert res["word_perplexity,none"] == pytest.approx(math.exp(14.0 / (3 + 1 + 2)), rel=1e-12)
+
+
 def own_loglik(model_dir, doc):
     """Σ_t log p(x_t | x_<t) of a short document, the first token conditioned on BOS (lm-eval's convention)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
