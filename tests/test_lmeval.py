@@ -67,6 +67,41 @@ def test_gsm_exact_match_closed_form(tmp_path):
     assert res["n-samples"]["tailkd_gsm"]["effective"] == 4
 
 
+class FinalAnswerLM(LM):
+    """Writes ``#### N`` for the question's final answer N (given per question)."""
+
+    def __init__(self, finals: dict[str, str]):
+        super().__init__()
+        self.finals = finals
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        return [f" So. #### {next(n for q, n in self.finals.items() if q in req.args[0])}" for req in requests]
+
+
+def test_gsm_reference_whitespace_does_not_turn_right_answers_wrong(tmp_path):
+    """lm-eval compares the text after the reference's last "#### " verbatim: an answer line ending in a newline or a
+    space, or "####42" without the space, would score every right output 0. The final answer is read as the text
+    after the last "####", whitespace dropped."""
+    rows = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5\n"},
+            {"question": "What is 6 times 7?", "answer": "####42"},
+            {"question": "What is 1 - 4?", "answer": "1 - 4 = -3 ####  -3 "},
+            {"question": "What is 9 + 1?", "answer": " 10\n"}]
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_gsm_items(gsm_file)
+    assert [i["answer"] for i in items] == ["2 + 3 = 5\n#### 5", "#### 42", "1 - 4 = -3 #### -3", "#### 10"]
+    finals = dict(zip((r["question"] for r in rows), ("5", "42", "-3", "10")))
+    inc = prepare_tasks(tmp_path / "w", gsm_items=items)
+    res = run_lm_eval(FinalAnswerLM(finals), ["tailkd_gsm"], include_path=inc)
+    assert res["results"]["tailkd_gsm"]["exact_match,strict-match"] == 1.0
+
+
 def test_perplexity_task_closed_form(tmp_path):
     docs = ["one two three", "héllo wörld"]
     loglik = {docs[0]: -6.0, docs[1]: -4.0}

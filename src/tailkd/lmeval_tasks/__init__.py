@@ -71,7 +71,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 def read_gsm_items(path: str | Path) -> list[dict]:
     """GSM-style problems from a JSONL file: ``{"question": str, "answer": str}`` per line.
 
-    An answer without ``#### `` is taken as the bare final answer and written as ``"#### <answer>"``.
+    The final answer is the text after the answer's last ``####`` (an answer without ``####``: all of it), with its
+    surrounding whitespace dropped, and is written back as ``"... #### <final>"``: lm-eval compares what follows the
+    reference's last ``"#### "`` verbatim, so a trailing newline or ``"####42"`` would fail every right output.
     """
     p = Path(path)
     if not p.is_file():
@@ -87,9 +89,10 @@ def read_gsm_items(path: str | Path) -> list[dict]:
         if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or "answer" not in obj:
             raise TailkdError(f'{p}:{n}: needs "question" (a string) and "answer" fields, e.g. '
                               '{"question": "2+3?", "answer": "2+3=5 #### 5"}')
-        answer = str(obj["answer"])
-        if GSM_ANSWER_MARK.strip() not in answer:
-            answer = f"{GSM_ANSWER_MARK}{answer.strip()}"
+        head, mark, final = str(obj["answer"]).rpartition(GSM_ANSWER_MARK.strip())
+        if not final.strip():
+            raise TailkdError(f'{p}:{n}: the final answer is empty; give e.g. "2+3=5 #### 5" or "5"')
+        answer = f"{head}{GSM_ANSWER_MARK}{final.strip()}" if mark else f"{GSM_ANSWER_MARK}{final.strip()}"
         items.append({"question": obj["question"], "answer": answer})
     if not items:
         raise TailkdError(f"--gsm-data {p} holds no problem; add {{\"question\", \"answer\"}} lines")
