@@ -126,6 +126,21 @@ def test_perplexity_task_scores_documents_that_look_like_python_lists(tmp_path):
     assert res["word_perplexity,none"] == pytest.approx(math.exp(14.0 / (3 + 1 + 2)), rel=1e-12)
 
 
+def test_task_data_is_cached_in_the_work_folder_not_the_users_datasets_cache(tmp_path, monkeypatch):
+    """datasets keeps an arrow copy of every JSONL it loads, keyed by the file's path: in the user's datasets cache each
+    `tailkd lm-eval` run (a new temporary folder) left a copy of its documents that nothing read again. The copy is
+    made in the work folder, removed with it."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "user_cache")
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    inc = prepare_tasks(tmp_path / "work", ppl_docs=["one two three"], gsm_items=read_gsm_items(gsm_file))
+    run_lm_eval(ScriptedLM(set(), {"one two three": -1.0}), ["tailkd_ppl", "tailkd_gsm"], include_path=inc)
+    assert not list((tmp_path / "user_cache").rglob("*.arrow"))
+    assert len(list(inc.rglob("*.arrow"))) == 2
+
+
 def own_loglik(model_dir, doc):
     """Σ_t log p(x_t | x_<t) of a short document, the first token conditioned on BOS (lm-eval's convention)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

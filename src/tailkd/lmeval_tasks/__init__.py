@@ -116,21 +116,24 @@ def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gs
     """Write ``tailkd_ppl.jsonl`` / ``tailkd_gsm.jsonl`` and their rendered task YAMLs into ``work_dir``.
 
     Returns ``work_dir`` (absolute): pass it to ``lm_eval --include_path``. Only the tasks whose data is
-    given are written.
+    given are written. The tasks keep the arrow copies that ``datasets`` makes of their data in
+    ``work_dir/datasets_cache`` (not the user's datasets cache, where every run's copy would stay).
     """
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if max_gen_toks < 1:
         raise TailkdError(f"--max-gen-toks {max_gen_toks} must be >= 1")
+    cache = json.dumps(str(work / "datasets_cache"))  # datasets' arrow copies of the data, not in ~/.cache
     if ppl_docs is not None:
         if not ppl_docs:
             raise TailkdError("no documents for tailkd_ppl; pass --data with text")
         data = _write_jsonl(work / "tailkd_ppl.jsonl", [{"text": d} for d in ppl_docs])
         # json.dumps gives a double-quoted string, valid YAML whatever characters the path holds
-        (work / "tailkd_ppl.yaml").write_text(_template("tailkd_ppl").replace("@PPL_FILE@", json.dumps(str(data))))
+        text = _template("tailkd_ppl").replace("@PPL_FILE@", json.dumps(str(data)))
+        (work / "tailkd_ppl.yaml").write_text(text.replace("@CACHE_DIR@", cache))
     if gsm_items is not None:
         data = _write_jsonl(work / "tailkd_gsm.jsonl", gsm_items)
-        text = _template("tailkd_gsm").replace("@GSM_FILE@", json.dumps(str(data)))
+        text = _template("tailkd_gsm").replace("@GSM_FILE@", json.dumps(str(data))).replace("@CACHE_DIR@", cache)
         (work / "tailkd_gsm.yaml").write_text(text.replace("@MAX_GEN_TOKS@", str(int(max_gen_toks))))
     return work
 
