@@ -243,6 +243,27 @@ def test_tailkd_ppl_of_a_model_trained_on_builtin_math(student, tmp_path):
     assert 1 <= len(docs) < 40 and all("####" in d and d in corpus for d in docs)
 
 
+def test_tailkd_ppl_refuses_the_heldout_split_of_an_sft_runs_data(student, tmp_path, capsys):
+    """An SFT run trains on the prompt/response examples of its data and holds out other examples (builtin:math: the
+    problems of heldout.jsonl): the held-out split of that data read as text (builtin:math: its corpus.txt, the
+    TRAINING problems) is not what the run held out, so tailkd_ppl would score text the model trained on as held out.
+    It is a one-line error naming the way out; text given with --data is scored."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(student["model"], run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"task": "sft", "paths": ["builtin:math"],
+                                                              "math_train": 40, "math_heldout": 4,
+                                                              "cache_dir": str(student["cache"])}}))
+    assert main(["lm-eval", "--model", str(run / "final"), "--work-dir", str(tmp_path / "w"), "--write-only"]) == 2
+    one_line_error(capsys.readouterr().err, "--data")
+    assert main(["lm-eval", "--model", str(run / "final"), "--data", str(student["corpus"]), "--work-dir",
+                 str(tmp_path / "w2"), "--write-only"]) == 0
+    assert (tmp_path / "w2" / "tailkd_ppl.jsonl").is_file()
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [

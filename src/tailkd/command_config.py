@@ -306,7 +306,8 @@ class LmEvalOptions:
                                     "are those of its run (RUN/config.yaml)")
     tasks: str = _f("tailkd_ppl", "comma-separated: tailkd_ppl, tailkd_gsm, paper, lm-eval task names")
     split: str = _f("heldout", "tailkd_ppl: the documents tailkd distill holds out of the training corpus (a run's "
-                               "--heldout-data files are not read), or all", choices=LM_EVAL_SPLITS)
+                               "--heldout-data files are not read; an SFT run's data is refused: pass --data), or "
+                               "all", choices=LM_EVAL_SPLITS)
     gsm_data: Optional[str] = _f(None, 'tailkd_gsm problems: .jsonl of {"question", "answer": "... #### N"}')
     max_gen_toks: int = _f(256, "tailkd_gsm: generated tokens at most")
     limit: Optional[float] = _f(None, "at most this many documents per task; below 1: this fraction of them "

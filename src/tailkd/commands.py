@@ -293,12 +293,21 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
 
 def ppl_documents(cfg: LmEvalConfig) -> list[str]:
     """The documents of ``tailkd_ppl``: those of ``cfg.data`` that ``tailkd distill`` holds out for the same data
-    settings (``split heldout``), or all of them, in reading order."""
+    settings (``split heldout``), or all of them, in reading order. The held-out split of an SFT run's own data is
+    a TailkdError: that run held out other examples (and trained on the text of that split)."""
     from transformers import AutoTokenizer
 
+    from tailkd.command_config import read_run_config
     from tailkd.lmeval_tasks import corpus_documents
     from tailkd.prepare import setup_data
 
+    run, run_path = read_run_config(cfg.lm_eval.model)
+    run_data = run.get("data") if isinstance(run.get("data"), dict) else {}
+    if cfg.lm_eval.split == "heldout" and run_data.get("task") == "sft" \
+            and list(cfg.data.paths or []) == list(run_data.get("paths") or []):
+        raise TailkdError(f"tailkd_ppl: {run_path} is an SFT run (data.task sft): it held out prompt/response "
+                          "examples, and the held-out split of its data read as text is text it trained on; pass "
+                          "text it did not train on with --data FILE ... (--split all: every document of it)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm_eval.model, local_files_only=True)
     # setup_data resolves data.paths and tokenises the corpus as distill does; only its corpus info is used here,
     # so rows of 1 token (any split of two tokens builds them; data.seq_len is not an lm-eval setting)
