@@ -202,7 +202,9 @@ def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int 
 
 
 def summarize(results: dict) -> dict:
-    """The JSON we save: lm-eval's results without per-sample logs (``samples``) and without the config dump."""
+    """The JSON we save: lm-eval's results without the per-sample logs (``samples``); the task configs
+    (``configs``, naming the data files of the work folder, gone when it was a temporary one) and the run's
+    settings (``config``, versions, ``max_length``) are kept."""
     return {k: v for k, v in results.items() if k not in ("samples",)}
 
 
