@@ -6,7 +6,9 @@ ships two task templates that read local JSON lines through the ``json`` builder
 - ``tailkd_ppl`` (``loglikelihood_rolling``): word/byte perplexity and bits per byte of documents
   ``{"text": ...}``. bits_per_byte = −Σ_docs log p(doc) / (ln 2 · Σ_docs bytes(doc)), where
   log p(doc) is the sum of the token log-probabilities (rolling windows of the model's context, the
-  first token conditioned on the BOS/EOS token).
+  first token conditioned on the BOS/EOS token). That holds for a tokenizer that adds no BOS itself (the
+  built-in SmolLM2's); with one that does (Llama-2, Gemma), lm-eval 0.4.x puts a second BOS before the
+  document and counts log p(BOS | BOS) too (lm-eval's issue #3333).
 - ``tailkd_gsm`` (``generate_until``): GSM8K-style exact match on ``{"question", "answer"}`` with the
   answer in GSM8K's format ``"... #### N"``; greedy decoding, the first ``#### (-?[0-9.,]+)`` of
   the output compared to N (lm-eval's gsm8k conventions: commas, ``$`` and a final ``.`` ignored).
