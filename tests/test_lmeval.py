@@ -277,6 +277,20 @@ def test_lm_eval_errors_are_one_line(student, capsys, extra, needle):
     one_line_error(capsys.readouterr().err, needle)
 
 
+def test_max_gen_toks_beyond_the_models_context_is_one_line_before_loading(student, tmp_path, capsys):
+    """lm-eval's generate_until keeps context − max_gen_toks prompt tokens and fails on an assertion (exit 1, after
+    loading the model and the data) when that is not positive: the default 256 on the tiny 128-position model is
+    refused up front in one line; 127 leaves one prompt token and is accepted."""
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    base = ["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_gsm", "--gsm-data", str(gsm_file),
+            "--write-only"]
+    assert main([*base, "--work-dir", str(tmp_path / "w1")]) == 2
+    one_line_error(capsys.readouterr().err, "--max-gen-toks 256 leaves no room for the question in the 128-token")
+    assert not (tmp_path / "w1").exists()
+    assert main([*base, "--max-gen-toks", "127", "--work-dir", str(tmp_path / "w2")]) == 0
+
+
 def test_paper_tasks_offline_fail_in_one_line(student, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -309,7 +309,8 @@ class LmEvalOptions:
                                "--heldout-data files are not read; an SFT run's data is refused: pass --data), or "
                                "all", choices=LM_EVAL_SPLITS)
     gsm_data: Optional[str] = _f(None, 'tailkd_gsm problems: .jsonl of {"question", "answer": "... #### N"}')
-    max_gen_toks: int = _f(256, "tailkd_gsm: generated tokens at most")
+    max_gen_toks: int = _f(256, "tailkd_gsm: generated tokens at most (below the model's context: lm-eval keeps the "
+                                     "last context - max_gen_toks tokens of the question)")
     limit: Optional[float] = _f(None, "at most this many documents per task; below 1: this fraction of them "
                                       "(lm-eval --limit)")
     num_fewshot: Optional[int] = _f(None, "few-shot examples (lm-eval --num_fewshot); tailkd_ppl and tailkd_gsm "

@@ -263,6 +263,7 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
             raise TailkdError("tailkd_gsm needs --gsm-data FILE.jsonl with {\"question\", \"answer\"} lines "
                               "(answer ending in '#### N', as GSM8K)")
         gsm_items = tasks.read_gsm_items(o.gsm_data)
+        _check_generation_room(model_dir, o.max_gen_toks)
     if "tailkd_ppl" in names:
         ppl_docs = ppl_documents(cfg)
     device = str(resolve_device(o.device, "lm_eval.device"))
@@ -289,6 +290,24 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     print(tasks.format_results(results))
     print(f"saved {out}")
     return {"command": command, "include_path": None if temp is not None else str(include), "results": results}
+
+
+def _check_generation_room(model_dir: Path, max_gen_toks: int) -> None:
+    """TailkdError unless ``max_gen_toks`` is below the model's context: lm-eval's ``generate_until`` keeps the last
+    context − max_gen_toks prompt tokens and fails (an assertion, after the model and the data are loaded) where
+    that is not positive. A config that states no context is left to lm-eval (the tokenizer's, or its default)."""
+    from transformers import AutoConfig
+
+    from tailkd import models
+
+    try:
+        context = models.model_max_length(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    except (TailkdError, OSError, ValueError):  # no stated context, or a folder lm-eval's own loading reports
+        return
+    if max_gen_toks >= context:
+        raise TailkdError(f"tailkd_gsm: --max-gen-toks {max_gen_toks} leaves no room for the question in the "
+                          f"{context}-token context of {model_dir} (lm-eval keeps the last {context} - max_gen_toks "
+                          f"prompt tokens); pass --max-gen-toks below {context}, e.g. {context // 2}")
 
 
 def ppl_documents(cfg: LmEvalConfig) -> list[str]:
