@@ -233,3 +233,22 @@ def test_loss_module_imports_a_file_or_a_dotted_name_once_and_fails_in_one_line(
     cfg.loss.name, cfg.loss.module = "hellinger2", str(tmp_path / "other.py")
     with pytest.raises(TailkdError, match=r"is not a loss \(loss.module=.* registered none of that name\)"):
         cfg.validate()
+
+
+def test_a_loss_module_whose_error_spans_lines_is_one_line(tmp_path, capsys):
+    """The error of a module that raises with a message of several lines (a YAML or torch error of the module's own
+    code) was printed whole by ``tailkd`` (README: "a one-line error"); now its first line, with the way to its
+    traceback, as the CLI says of any unexpected error."""
+    from tailkd.cli import main
+    from tailkd.config import load_loss_module
+    from tailkd.errors import TailkdError
+
+    module = tmp_path / "multi.py"
+    module.write_text("raise ValueError('while parsing a flow node\\n  in line 1, column 5\\n    a: [')\n")
+    with pytest.raises(TailkdError) as err:
+        load_loss_module(str(module))
+    _one_line(err, f"loss.module={str(module)!r} could not be imported: ValueError: while parsing a flow node",
+              "--debug")
+    assert main(["losses", "--loss.module", str(module)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tailkd: error: loss.module="), lines

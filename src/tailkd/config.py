@@ -413,16 +413,18 @@ def check_leaves(cfg) -> None:
 
 
 def load_loss_module(source: str) -> None:
-    """`tailkd.registry.load_module` of ``loss.module``, its failures a TailkdError in one line (the module's own
-    traceback with ``--debug``)."""
+    """`tailkd.registry.load_module` of ``loss.module``, its failures a TailkdError in one line (the first line of
+    the module's error; its traceback with ``--debug``)."""
     from tailkd.registry import load_module
 
     try:
         load_module(source)
     except Exception as exc:
         hint = ("; give a .py file, or a module importable from sys.path (PYTHONPATH)"
-                if isinstance(exc, (ModuleNotFoundError, FileNotFoundError)) else "")
-        raise TailkdError(f"loss.module={source!r} could not be imported: {type(exc).__name__}: {exc}{hint}") from exc
+                if isinstance(exc, (ModuleNotFoundError, FileNotFoundError)) else " (rerun with --debug for its "
+                "traceback)")
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TailkdError(f"loss.module={source!r} could not be imported: {type(exc).__name__}: {msg}{hint}") from exc
 
 
 def out_of_range(key: str, value) -> str | None:
