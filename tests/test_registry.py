@@ -252,3 +252,40 @@ def test_a_loss_module_whose_error_spans_lines_is_one_line(tmp_path, capsys):
     assert main(["losses", "--loss.module", str(module)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tailkd: error: loss.module="), lines
+
+
+def test_a_loss_module_that_fails_on_its_own_import_is_not_told_to_give_a_file(tmp_path, monkeypatch,
+                                                                                restore_losses):
+    """A .py file that imports a sibling file (its folder is not put on sys.path: README "A loss of your own"), or
+    opens a file of its own that is missing, was told "give a .py file, or a module importable from sys.path" — it
+    was one. The hint now names what the module itself could not find; with the folder on PYTHONPATH (the README's
+    way) the sibling import works."""
+    import sys
+
+    from tailkd.config import load_loss_module
+    from tailkd.errors import TailkdError
+
+    (tmp_path / "helper_of_mine.py").write_text("SCALE = 2.0\n")
+    mine = tmp_path / "with_sibling.py"
+    mine.write_text("from helper_of_mine import SCALE\nfrom user_loss import register_hellinger\n"
+                    "register_hellinger()\n")
+    (tmp_path / "reads_data.py").write_text("open('no_such_table.txt')\n")
+    with pytest.raises(TailkdError) as err:
+        load_loss_module(str(mine))
+    _one_line(err, "No module named 'helper_of_mine'", "a module that loss.module imports", "PYTHONPATH")
+    assert "give a .py file" not in str(err.value)
+    with pytest.raises(TailkdError) as err:
+        load_loss_module(str(tmp_path / "reads_data.py"))
+    _one_line(err, "FileNotFoundError", "no_such_table.txt", "--debug")
+    assert "give a .py file" not in str(err.value)
+    for source in (str(tmp_path / "absent.py"), "no_such_pkg.losses"):  # the module itself is missing
+        with pytest.raises(TailkdError) as err:
+            load_loss_module(source)
+        _one_line(err, "give a .py file, or a module importable from sys.path (PYTHONPATH)")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        load_loss_module(str(mine))
+        assert "hellinger" in LOSSES
+    finally:
+        for name in [n for n in sys.modules if n.startswith("tailkd_user_losses_") or n == "helper_of_mine"]:
+            del sys.modules[name]

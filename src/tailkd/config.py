@@ -227,8 +227,8 @@ class LossConfig:
                           "their formulas): tad, kd, rkl, jsd, dkd, drkl, tvd, sym_kl, skew_kl, skew_rkl, akl, "
                           "alpha_beta; clm: no teacher")
     module: str = _f("", "a module of your own losses, imported before loss.name is looked up: a .py file (relative "
-                         "to the working directory) or a dotted name on sys.path; it adds them with "
-                         "tailkd.registry.register (README 'A loss of your own')")
+                         "to the working directory; its folder is not put on sys.path) or a dotted name on sys.path; "
+                         "it adds them with tailkd.registry.register (README 'A loss of your own')")
     k: int = _f(10, "TAD: number of teacher top-K tokens kept apart from the tail")
     beta: float = _f(2.0, "TAD: tail weight β; β(X) = β / mean teacher tail mass of the sequence")
     per_document: bool = _f(False, "TAD: normalise β per document of a packed row instead of per row")
@@ -420,9 +420,14 @@ def load_loss_module(source: str) -> None:
     try:
         load_module(source)
     except Exception as exc:
-        hint = ("; give a .py file, or a module importable from sys.path (PYTHONPATH)"
-                if isinstance(exc, (ModuleNotFoundError, FileNotFoundError)) else " (rerun with --debug for its "
-                "traceback)")
+        if source.endswith(".py") or "/" in source or "\\" in source:  # a file, as load_module tells them apart
+            itself = not Path(source).expanduser().is_file()
+        else:  # the module, or a package above it, is not on sys.path
+            itself = isinstance(exc, ModuleNotFoundError) and f"{source}.".startswith(f"{exc.name}.")
+        hint = ("; give a .py file, or a module importable from sys.path (PYTHONPATH)" if itself else
+                " (a module that loss.module imports; a .py file's folder is not put on sys.path: add the folder of "
+                "the modules it imports to PYTHONPATH, or install them)" if isinstance(exc, ModuleNotFoundError) else
+                " (rerun with --debug for its traceback)")
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TailkdError(f"loss.module={source!r} could not be imported: {type(exc).__name__}: {msg}{hint}") from exc
 
