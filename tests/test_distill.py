@@ -131,7 +131,8 @@ def test_a_loss_of_the_users_module_trains_resumes_and_is_evaluated(assets, tmp_
     assert main(["eval", "--student", str(full / "final"), "--max-rows", "4", "--out", str(tmp_path / "e.json")]) == 0
     proc = _cli("distill", "--config", str(full / "config.yaml"), "--loss.module", "", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"tailkd: error: loss.name='hellinger' is not a loss; choose one of {', '.join(LOSSES)}"]
+        f"tailkd: error: loss.name='hellinger' is not a loss; choose one of {', '.join(LOSSES)}; a loss of your own: "
+        "name the module that registers it with --loss.module"]
 
 
 def test_a_resume_with_changed_logging_eval_and_checkpoint_keys_is_bit_identical(assets, tmp_path):

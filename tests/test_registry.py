@@ -289,3 +289,17 @@ def test_a_loss_module_that_fails_on_its_own_import_is_not_told_to_give_a_file(t
     finally:
         for name in [n for n in sys.modules if n.startswith("tailkd_user_losses_") or n == "helper_of_mine"]:
             del sys.modules[name]
+
+
+def test_a_loss_of_ones_own_without_its_module_is_refused_naming_loss_module(restore_losses):
+    """A run made through a launcher that registers its loss (README: it "works as well") saves no loss.module, so
+    the ``tailkd distill --config RUN/config.yaml --resume`` it prints refused the name with only the built-in names
+    to choose from; the error now says how tailkd imports a loss of one's own."""
+    from tailkd.config import DistillConfig
+    from tailkd.errors import TailkdError
+
+    cfg = DistillConfig()
+    cfg.loss.name = "hellinger"
+    with pytest.raises(TailkdError) as err:
+        cfg.validate()
+    _one_line(err, "loss.name='hellinger' is not a loss; choose one of tad, ", "--loss.module")

@@ -339,7 +339,8 @@ class DistillConfig:
             load_loss_module(c.loss.module)
         if c.loss.name not in LOSSES:
             also = f" (loss.module={c.loss.module!r} registered none of that name)" if c.loss.module else ""
-            raise TailkdError(f"loss.name={c.loss.name!r} is not a loss{also}; choose one of {', '.join(LOSSES)}")
+            own = "" if c.loss.module else "; a loss of your own: name the module that registers it with --loss.module"
+            raise TailkdError(f"loss.name={c.loss.name!r} is not a loss{also}; choose one of {', '.join(LOSSES)}{own}")
         check_leaves(c)
         if len(c.train.adam_betas) != 2:
             raise TailkdError(f"train.adam_betas={' '.join(map(str, c.train.adam_betas))} must be two numbers (beta1 "
