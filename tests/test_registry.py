@@ -303,3 +303,17 @@ def test_a_loss_of_ones_own_without_its_module_is_refused_naming_loss_module(res
     with pytest.raises(TailkdError) as err:
         cfg.validate()
     _one_line(err, "loss.name='hellinger' is not a loss; choose one of tad, ", "--loss.module")
+
+
+def test_a_loss_module_path_that_is_not_a_py_file_is_refused_saying_so(tmp_path):
+    """A path (it holds a '/') to a file without the .py suffix was handed to importlib, which finds no loader for it:
+    "AttributeError: 'NoneType' object has no attribute 'loader'"; now a one-line error saying it is not a .py
+    file."""
+    from tailkd.config import load_loss_module
+    from tailkd.errors import TailkdError
+
+    for name in ("my_losses.txt", "my_losses"):
+        (tmp_path / name).write_text("raise RuntimeError('never run')\n")
+        with pytest.raises(TailkdError) as err:
+            load_loss_module(str(tmp_path / name))
+        _one_line(err, f"{tmp_path / name} is not a .py file", "give a .py file")

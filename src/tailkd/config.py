@@ -422,7 +422,7 @@ def load_loss_module(source: str) -> None:
         load_module(source)
     except Exception as exc:
         if source.endswith(".py") or "/" in source or "\\" in source:  # a file, as load_module tells them apart
-            itself = not Path(source).expanduser().is_file()
+            itself = not Path(source).expanduser().is_file() or Path(source).suffix != ".py"
         else:  # the module, or a package above it, is not on sys.path
             itself = isinstance(exc, ModuleNotFoundError) and f"{source}.".startswith(f"{exc.name}.")
         hint = ("; give a .py file, or a module importable from sys.path (PYTHONPATH)" if itself else

@@ -262,13 +262,15 @@ def load_module(source: str) -> None:
     per process: ``source`` is a ``.py`` file (a path, relative to the working directory) or a dotted name importable
     from ``sys.path`` (an installed package, ``PYTHONPATH``). A file is imported as a module of its own (its folder is
     not put on ``sys.path``), once per resolved path. Raises what the import raises (ModuleNotFoundError,
-    FileNotFoundError, the module's own errors)."""
+    FileNotFoundError, ImportError for a path to a file that is not ``.py``, the module's own errors)."""
     if not (source.endswith(".py") or "/" in source or "\\" in source):
         importlib.import_module(source)
         return
     path = Path(source).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")
+    if path.suffix != ".py":  # importlib has no loader for it
+        raise ImportError(f"{path} is not a .py file")
     name = "tailkd_user_losses_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
     if name in sys.modules:
         return
