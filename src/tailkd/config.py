@@ -228,7 +228,8 @@ class LossConfig:
                           "alpha_beta; clm: no teacher")
     module: str = _f("", "a module of your own losses, imported before loss.name is looked up: a .py file (relative "
                          "to the working directory; its folder is not put on sys.path) or a dotted name on sys.path; "
-                         "it adds them with tailkd.registry.register (README 'A loss of your own')")
+                         "it adds them with tailkd.registry.register (README 'A loss of your own'); default: none, "
+                         "the built-in losses only")
     k: int = _f(10, "TAD: number of teacher top-K tokens kept apart from the tail")
     beta: float = _f(2.0, "TAD: tail weight β; β(X) = β / mean teacher tail mass of the sequence")
     per_document: bool = _f(False, "TAD: normalise β per document of a packed row instead of per row")
