@@ -244,8 +244,12 @@ def test_empty_corpus(assets, tmp_path):
     assert not run.exists()
 
 
-def test_debug_shows_traceback(assets, tmp_path):
-    proc = _cli(*base_args(assets, tmp_path / "run", "--steps", "2"), "--teacher", "/nonexistent/t", "--debug")
+@pytest.mark.parametrize("first", [False, True])
+def test_debug_shows_traceback(assets, tmp_path, first):
+    """``--debug`` after the command or before it (as ``tailkd --debug distill ...``; it was refused: "unrecognized
+    arguments: --debug; did you mean --debug?")."""
+    args = (*base_args(assets, tmp_path / "run", "--steps", "2"), "--teacher", "/nonexistent/t")
+    proc = _cli("--debug", *args) if first else _cli(*args, "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 

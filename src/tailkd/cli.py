@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DRKL and the usual baselines, offline by default.",
     )
     parser.add_argument("--version", action="version", version=f"tailkd {__version__}")
+    parser.add_argument("--debug", dest="debug_first", action="store_true",
+                        help="show the full traceback on errors (before or after the command)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    debug = getattr(args, "debug", False)
+    debug = getattr(args, "debug", False) or args.debug_first
     try:
         if keep_host_memory:
             _keep_host_memory()
