@@ -9,7 +9,7 @@ from bounds import SAFETY, U32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_evaluate import TableLM, from_probs, one_batch, one_line_error
-from tiny import make_teacher_dir, write_corpus
+from tiny import corpus_text, make_teacher_dir, write_corpus
 
 from tailkd.analysis import tail_mass, teacher_statistics
 from tailkd.cli import main
@@ -115,6 +115,20 @@ def test_analyze_teacher_cli_writes_json_and_png(tmp_path, capsys):
         assert all(a >= b for a, b in zip(r["alpha_mean"], r["alpha_mean"][1:]))
         assert all(lo <= med <= hi for lo, med, hi in zip(r["alpha_q25"], r["alpha_median"], r["alpha_q75"]))
     assert_png(out / "teacher_tail_mass.png")
+
+
+def test_analyze_teacher_json_names_the_heldout_files_it_read(tmp_path):
+    """With `--heldout-data` the held-out rows are those files' (the reproduction's Fig. 2 is of builtin:pydoc);
+    teacher_analysis.json named only the training data (``data``: "built-in" in docs/reproduction's)."""
+    teacher = make_teacher_dir(tmp_path / "t", train_steps=0)
+    corpus, other = write_corpus(tmp_path / "corpus.txt"), tmp_path / "other.txt"
+    other.write_text(corpus_text(30, seed=7))
+    out = tmp_path / "analysis"
+    assert main(["analyze-teacher", "--teacher", str(teacher), "--data", str(corpus), "--heldout-data", str(other),
+                 "--seq-len", "32", "--max-rows", "2", "--kmax", "5", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "teacher_analysis.json").read_text())[str(teacher)]
+    assert r["data"] == [str(corpus)] and r["heldout_data"] == [str(other)]
 
 
 def test_analyze_teacher_errors_are_one_line(tmp_path, capsys):

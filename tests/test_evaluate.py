@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import make_teacher_dir, write_corpus
+from tiny import corpus_text, make_teacher_dir, write_corpus
 
 from tailkd.cli import main
 from tailkd.evaluate import IGNORE_INDEX, add_sums, finalize, heldout_metrics, token_sums
@@ -290,6 +290,23 @@ def test_eval_defaults_from_the_run_config(assets, tmp_path):
     assert main(["eval", "--student", str(run / "final"), "--max-rows", "3", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["teacher"] == str(assets["teacher"]) and r["seq_len"] == 16 and r["tokens"] == 48
+
+
+def test_eval_json_names_the_heldout_files_it_scored(assets, tmp_path):
+    """With held-out files of their own (`--heldout-data`, a run's data.heldout_paths: the reproduction's
+    builtin:pydoc), --split heldout scores their rows, not the training data's; eval.json named only the training
+    data (``data``: "built-in" in every eval.json of docs/reproduction, scored on Python's documentation)."""
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_text(30, seed=7))
+    for split, named in (("heldout", True), ("all", True), ("train", False)):
+        out = tmp_path / f"{split}.json"
+        assert main(eval_args(assets, out, "--heldout-data", str(other), "--split", split, "--max-rows", "2")) == 0
+        r = json.loads(out.read_text())
+        assert r["data"] == [str(assets["corpus"])], split
+        assert r.get("heldout_data") == ([str(other)] if named else None), split
+    out = tmp_path / "plain.json"
+    assert main(eval_args(assets, out, "--max-rows", "2")) == 0
+    assert "heldout_data" not in json.loads(out.read_text())
 
 
 def test_eval_of_a_run_trained_on_builtin_math(assets, tmp_path, capsys):

@@ -63,6 +63,16 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
     return rows
 
 
+def scored_data(data: DataConfig, split: str) -> dict:
+    """What eval.json and teacher_analysis.json name as the data read: ``data`` (``data.paths``; "built-in" when
+    empty) and, where ``split`` takes held-out rows from files of their own (``data.heldout_paths``, e.g.
+    ``--heldout-data builtin:pydoc``), ``heldout_data``: those files."""
+    named = {"data": data.paths or "built-in"}
+    if data.heldout_paths and split != "train":
+        named["heldout_data"] = list(data.heldout_paths)
+    return named
+
+
 # --------------------------------------------------------------------------- tailkd eval
 
 
@@ -104,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                          model_max=model_max)
         metrics = heldout_metrics(s_model, t_model, batched(rows, cfg.eval.batch_size), vocab, device=dev,
                                   bins=cfg.eval.bins)
-        result.update(data=cfg.data.paths or "built-in", split=cfg.eval.split, seq_len=cfg.data.seq_len,
+        result.update(**scored_data(cfg.data, cfg.eval.split), split=cfg.eval.split, seq_len=cfg.data.seq_len,
                       rows=len(rows), vocab=vocab, **metrics)
     atomic_write_text(Path(cfg.eval.out), json.dumps(result, indent=1))
     print(format_table(result))
@@ -159,7 +169,7 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
                          model_max=models.model_max_length(model))
         stats = teacher_statistics(model, batched(rows, a.batch_size), vocab, kmax=a.kmax, device=dev)
         results[spec] = {"teacher": spec, "vocab": vocab, "rows": len(rows), "seq_len": cfg.data.seq_len,
-                         "split": a.split, "data": cfg.data.paths or "built-in", **stats}
+                         "split": a.split, **scored_data(cfg.data, a.split), **stats}
         del model
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
