@@ -1,6 +1,7 @@
 """End to end: tokens/s of a distillation step with the online teacher vs the teacher cache.
 
-A step = teacher signal (online forward, or reading the cache) + student forward/backward + loss + AdamW step.
+A step = teacher signal (online forward, or reading the cache) + student forward/backward + loss; the AdamW update
+itself is identical across modes and not applied (the gradients are dropped).
 Modes (all interleaved step by step; median and min step time; tokens/s = B·T / step time; on a shared machine
 the min is the least disturbed estimate):
 
