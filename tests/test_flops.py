@@ -86,8 +86,13 @@ def test_kd_on_qwen_sizes_is_in_the_ballpark_of_table_3():
     kd = distill_flops(QWEN_1_8B, QWEN_1_2B, 1e6, seq_len=2048, loss="kd")
     assert kd["student"]["params_total"] == pytest.approx(1.2e9, rel=0.1)
     assert kd["student"]["params_nonembedding"] == pytest.approx(1.0e9, rel=0.1)
-    # paper Table 3: 9.2 PF per 1M tokens for vanilla KD, 9.3 for TAD (why ours differs: docs/evaluation.md)
-    assert 9.2 / 1.5 < kd["pflops_per_1m_tokens"] < 9.2 * 1.5
+    # Table 3's cells are not in our copy of the paper (docs/evaluation.md): the ballpark is Kaplan et al.'s 6N per
+    # trained token and 2N per forward token, N the weights a token multiplies (the input embedding is a lookup):
+    # student 1.22e9 (tied: its embedding is the head), teacher 1.84e9 - 0.31e9 = 1.53e9 -> 10.4 PF per 1M tokens;
+    # attention over 2048-token rows and the loss layer add a few percent, no more than 10
+    rule = (6 * kd["student"]["params_total"] + 2 * (kd["teacher"]["params_total"] - 151936 * 2048)) / 1e9
+    assert rule == pytest.approx(10.38, abs=0.01)
+    assert rule < kd["pflops_per_1m_tokens"] < 1.1 * rule
     tad = distill_flops(QWEN_1_8B, QWEN_1_2B, 1e6, seq_len=2048, loss="tad")
     assert tad["pflops_per_1m_tokens"] / kd["pflops_per_1m_tokens"] < 1.01
 
