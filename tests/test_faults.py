@@ -145,6 +145,33 @@ def test_signal_saves_a_checkpoint_and_exits_with_a_resume_hint(assets, referenc
     assert_identical(weights(reference / "final" / "model.safetensors"), weights(run / "final" / "model.safetensors"))
 
 
+def test_a_recipe_stopped_by_a_signal_exits_143_and_the_same_command_continues(assets, tmp_path):
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    common = {"teacher": {"path": str(assets["teacher"])},
+              "data": {"paths": [str(assets["corpus"])], "cache_dir": str(assets["cache"]), "seq_len": 32,
+                       "eval_rows": 4},
+              "train": {"batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 0, "save_every": 4,
+                        "device": "cpu"}}
+    stages = [{"name": "a", "student": {"num_layers": 2}, "train": {"max_steps": STEPS}},
+              {"name": "b", "train": {"max_steps": 2}}]
+    recipe.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "common": common, "stages": stages}))
+    first = tmp_path / "runs" / "a"
+    proc = spawn(["recipe", str(recipe)])
+    wait_for(proc, lambda: last_step(first) >= 6, "step 6 of the first stage")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]  # a script running the recipe must not go on as if it had finished
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tailkd: recipe stopped"), err[-1000:]
+    assert not (first / "final").exists() and not (tmp_path / "runs" / "b").exists()
+    proc = spawn(["recipe", str(recipe)])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert (first / "final").is_dir() and (tmp_path / "runs" / "b" / "final").is_dir()
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(assets, tmp_path):
     run = tmp_path / "run"
     proc = spawn(args(assets, run, steps=STEPS), TAILKD_TEST_CHECKPOINT_PAUSE="120")

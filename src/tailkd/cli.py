@@ -7,7 +7,8 @@ its sections, ``--section.field`` flags and the short aliases, and reports a bad
 
 Errors a user can cause end in one line ``tailkd: error: ...`` and exit code 2; anything
 unexpected ends in one line and exit code 1. ``--debug`` shows the traceback instead. A distill run
-stopped by SIGINT / SIGTERM saves a checkpoint and exits with 130 / 143 (a second Ctrl-C: 130 at once).
+stopped by SIGINT / SIGTERM saves a checkpoint and exits with 130 / 143 (a second Ctrl-C: 130 at once); so do
+``recipe`` and ``reproduce`` when a signal stops one of their runs.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     overrides: dict = {}
     for text in args.set:
         overrides = merge(overrides, parse_assignment(text))
-    run_recipe(args.recipe, args.out, overrides)
+    summaries = run_recipe(args.recipe, args.out, overrides)
+    if summaries and summaries[-1].get("stopped") and summaries[-1].get("exit_code"):  # SIGINT / SIGTERM: 130 / 143
+        print(f"tailkd: recipe stopped; run the same command again to continue ({args.recipe})", file=sys.stderr)
+        return int(summaries[-1]["exit_code"])
     return 0
 
 
