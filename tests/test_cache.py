@@ -412,6 +412,28 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert "0 shard(s) written" in capsys.readouterr().out
 
 
+def test_cache_teacher_progress_in_a_log_is_a_line_per_30_seconds_not_one_per_batch(tmp_path, capsys, monkeypatch):
+    """stderr not a terminal (a CI log, a file): the bar refreshes at most every 30 s of its clock, so an hour's run
+    leaves ~120 updates in the log, not one per batch (tqdm's default: up to 10 a second)."""
+    import tqdm.std
+    from tiny import make_teacher_dir
+
+    from tailkd.cli import main
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    clock = iter(range(10**9))  # every reading of tqdm's clock: 1 s later (40 batches take far more than 30 s)
+    monkeypatch.setattr(tqdm.std, "time", lambda: float(next(clock)))
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                 "--out", str(tmp_path / "out"), "--max-rows", "40", "--batch-size", "1", "--device", "cpu"]) == 0
+    clock_end = next(clock)
+    updates = [u for u in capsys.readouterr().err.split("\r") if u.startswith("cache-teacher:")]
+    assert "tok/s" in updates[-1] and "100%" in updates[-1]
+    assert len(updates) <= clock_end / 30 + 3, len(updates)  # first, last, and one per 30 s between
+
+
 def test_cache_teacher_on_builtin_math_caches_the_rows_distill_trains_on(tmp_path, monkeypatch):
     """`--data builtin:math` is the built-in math corpus for cache-teacher as for distill (one resolution rule,
     `tailkd.prepare.setup_data`): the cache's corpus fingerprint is the one a distill run with that data checks."""

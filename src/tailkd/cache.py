@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from tailkd.checkpoint import atomic_write_file, atomic_write_text, save_safetensors
 from tailkd.divergences import SparseTeacher
@@ -247,6 +246,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     """
     from tailkd import distributed as dist
     from tailkd.data import collate
+    from tailkd.runs import progress_bar
     from tailkd.sharded_teacher import is_sharded
 
     if hidden_dtype not in HIDDEN_DTYPES:
@@ -276,7 +276,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     lockstep = is_sharded(model)  # FSDP2 shards: forwards are collective
     most = int(dist.max_over_ranks(forwards, dev)) if lockstep else forwards
     done, error = 0, None  # forwards run; the first error of this rank
-    with tqdm(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s, ETA
+    with progress_bar(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s, ETA
               desc="cache-teacher", dynamic_ncols=True, disable=not dist.is_main()) as bar:
         try:
             for i, a, b in todo:

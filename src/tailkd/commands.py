@@ -410,14 +410,13 @@ def select_data(cfg: SelectDataConfig) -> dict:
     FLOPs) into ``select.out``, atomically. That folder is replaced, so it must be new, empty or a previous
     select-data output (it holds ``selection.json``): any other is refused before a model is loaded.
     ``data.seq_len`` must fit both models' context."""
-    from tqdm.auto import tqdm
-
     from tailkd import corpus, models, selection
     from tailkd.checkpoint import atomic_write_dir
     from tailkd.data import check_seq_len
     from tailkd.distributed import resolve_device
     from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
     from tailkd.prepare import pretrain_paths
+    from tailkd.runs import progress_bar
     from tailkd.vocab import check_own_vocab, check_vocab, tokenizer_fingerprint
 
     s = cfg.select
@@ -452,7 +451,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     if cross:
         seqs = {role: selection.document_ids(t, texts, cfg.data.doc_eos, start=True) for role, (_, t) in roles.items()}
         tokens = {role: sum(len(ids) - 1 for ids in seqs[role]) for role in roles}
-        with tqdm(total=sum(tokens.values()), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
+        with progress_bar(total=sum(tokens.values()), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
             logp = {role: selection.document_logprobs(m, seqs[role], vocabs[role], pad_id=selection.start_id(t),
                                                       progress=bar.update, **kw) for role, (m, t) in roles.items()}
         scores = selection.byte_scores(logp["teacher"], logp["reference"], texts)
@@ -460,7 +459,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     else:
         tokens = dict.fromkeys(roles, sum(max(0, len(d) - 1) for d in docs))
         eos = corpus.document_eos_id(tok, cfg.data.doc_eos)
-        with tqdm(total=tokens["teacher"], unit="tok", desc="select-data", dynamic_ncols=True) as bar:
+        with progress_bar(total=tokens["teacher"], unit="tok", desc="select-data", dynamic_ncols=True) as bar:
             scores = selection.document_scores(teacher, reference, docs, vocabs["teacher"], pad_id=eos or 0,
                                                progress=bar.update, **kw)
         how = "mean over scored tokens of log p_teacher - log p_reference"

@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from tailkd.answers import exact_match, extract_answer
 from tailkd.errors import TailkdError
@@ -239,6 +238,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
 
     The model is run in eval mode under ``torch.inference_mode`` and put back in its previous mode.
     """
+    from tailkd.runs import progress_bar
+
     if max_new_tokens < 1:
         raise TailkdError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -267,7 +268,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
     outputs: list[list[str] | None] = [None] * len(encoded)
     with decoding(model, seed):
         starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
+        for start in progress_bar(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             idx = order[start:start + batch_size]
             new = generate_ids(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, stops=stops,
                                pad_id=pad_id, num_return_sequences=num_return_sequences, **sampling)

@@ -79,6 +79,26 @@ class Progress:
         return cls(**{k: v for k, v in saved.items() if k in names})
 
 
+LOG_REFRESH_S = 30.0  # the shortest interval between two refreshes of a progress bar whose stream is not a terminal
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar (rate, ETA) for a long loop. On a terminal it refreshes as tqdm does (up to 10 times a
+    second); where its stream (``file``, default stderr) is not a terminal — a CI log, a file, a pipe — at most every
+    `LOG_REFRESH_S` seconds, so a log holds a line per 30 s, not one carriage-return update per batch
+    (``TQDM_MININTERVAL`` in the environment, or a ``mininterval`` given here, decides instead)."""
+    from tqdm.auto import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        terminal = False
+    if not terminal and "mininterval" not in kwargs and "TQDM_MININTERVAL" not in os.environ:
+        kwargs.update(mininterval=LOG_REFRESH_S, maxinterval=max(LOG_REFRESH_S, kwargs.get("maxinterval", 0)))
+    return tqdm(iterable, **kwargs)
+
+
 class MetricsLog:
     """Append-only JSONL written by rank 0; on resume, lines after the checkpoint's step are dropped first
     (and a line cut short by a kill)."""

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from tailkd import checkpoint as ckpt
 from tailkd import data as data_mod
@@ -427,7 +426,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
         eval_seconds = time.perf_counter() - t0
     first_step = p.step
     run.model.train()
-    bar = cleanup.enter_context(tqdm(total=t.max_steps, initial=p.step, desc=f"distill[{cfg.loss.name}]",
+    bar = cleanup.enter_context(runs.progress_bar(total=t.max_steps, initial=p.step, desc=f"distill[{cfg.loss.name}]",
                                      unit="step", dynamic_ncols=True, disable=not dist.is_main()))
     while p.step < stop_at:
         report = train_step(run, signals)
