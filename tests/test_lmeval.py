@@ -307,7 +307,8 @@ def test_num_fewshot_on_our_zero_shot_tasks_is_said(student, tmp_path, capsys):
     res = run_lm_eval(ScriptedLM(set(), {}), ["tailkd_gsm"], include_path=inc, num_fewshot=2)
     assert res["n-shot"]["tailkd_gsm"] == 0
     assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_gsm,arc_easy", "--gsm-data",
-                 str(gsm_file), "--max-gen-toks", "8", "--num-fewshot", "2", "--work-dir", str(tmp_path / "w"), "--write-only"]) == 0
+                 str(gsm_file), "--max-gen-toks", "8", "--num-fewshot", "2", "--work-dir", str(tmp_path / "w"),
+                 "--write-only"]) == 0
     err = capsys.readouterr().err
     assert "tailkd_gsm is zero-shot: --num-fewshot 2 applies to the other tasks only" in err
 

@@ -276,8 +276,8 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     lockstep = is_sharded(model)  # FSDP2 shards: forwards are collective
     most = int(dist.max_over_ranks(forwards, dev)) if lockstep else forwards
     done, error = 0, None  # forwards run; the first error of this rank
-    with progress_bar(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s, ETA
-              desc="cache-teacher", dynamic_ncols=True, disable=not dist.is_main()) as bar:
+    with progress_bar(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s,
+                      desc="cache-teacher", dynamic_ncols=True, disable=not dist.is_main()) as bar:  # ETA
         try:
             for i, a, b in todo:
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: resumed equals fresh

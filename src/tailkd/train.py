@@ -427,7 +427,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     first_step = p.step
     run.model.train()
     bar = cleanup.enter_context(runs.progress_bar(total=t.max_steps, initial=p.step, desc=f"distill[{cfg.loss.name}]",
-                                     unit="step", dynamic_ncols=True, disable=not dist.is_main()))
+                                                  unit="step", dynamic_ncols=True, disable=not dist.is_main()))
     while p.step < stop_at:
         report = train_step(run, signals)
         log_step(run, report, bar)
