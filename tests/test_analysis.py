@@ -106,8 +106,10 @@ def test_analyze_teacher_cli_writes_json_and_png(tmp_path, capsys):
     args = ["analyze-teacher", "--teacher", str(t1), str(t2), "--data", str(corpus), "--split", "all",
             "--seq-len", "32", "--max-rows", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "mismatch" in printed and "α_10" in printed
+    assert captured.err.count("analyze-teacher: 100%") == 2 and "4/4 [" in captured.err  # a bar per teacher, rows
     results = json.loads((out / "teacher_analysis.json").read_text())
     assert set(results) == {str(t1), str(t2)}
     for r in results.values():

@@ -266,14 +266,27 @@ def test_eval_cli_writes_json_and_table(assets, tmp_path, capsys):
         B.assert_within(again[key], result[key], bound[key], msg=key)
 
 
-def test_eval_teacher_against_itself(assets, tmp_path):
+def test_eval_teacher_against_itself(assets, tmp_path, capsys):
     out = tmp_path / "self.json"
     args = eval_args(assets, out, "--max-rows", "4")
     args[args.index("--student") + 1] = str(assets["teacher"])
     assert main(args) == 0
+    assert "eval: 100%" in capsys.readouterr().err  # its progress bar (rows/s, ETA) reached the end
     r = json.loads(out.read_text())
     assert r["kl"] == 0.0 and r["rkl"] == 0.0 and r["agreement"] == 1.0
     assert r["student_full_ece"] == r["teacher_full_ece"]
+
+
+def test_batched_reports_each_batch_once_it_is_consumed():
+    """``batched(rows, n, progress)``: progress(rows of the batch) once the consumer asks for the next one, so a bar
+    counts rows done, not rows handed out."""
+    from tailkd.evaluate import batched
+
+    rows = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([2, 3, -100])} for _ in range(5)]
+    seen = []
+    for batch in batched(rows, 2, seen.append):
+        seen.append(("batch", len(batch["input_ids"])))
+    assert seen == [("batch", 2), 2, ("batch", 2), 2, ("batch", 1), 1]
 
 
 def test_eval_defaults_from_the_run_config(assets, tmp_path):

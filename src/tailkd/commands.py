@@ -87,6 +87,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from tailkd.checkpoint import atomic_write_text
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched, format_table, heldout_metrics
+    from tailkd.runs import progress_bar
     from tailkd.vocab import check_vocab
 
     student = Path(cfg.eval.student)
@@ -112,8 +113,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
                          model_max=model_max)
-        metrics = heldout_metrics(s_model, t_model, batched(rows, cfg.eval.batch_size), vocab, device=dev,
-                                  bins=cfg.eval.bins)
+        with progress_bar(total=len(rows), unit="row", desc="eval", dynamic_ncols=True) as bar:  # rows/s, ETA
+            metrics = heldout_metrics(s_model, t_model, batched(rows, cfg.eval.batch_size, bar.update), vocab,
+                                      device=dev, bins=cfg.eval.bins)
         result.update(**scored_data(cfg.data, cfg.eval.split), split=cfg.eval.split, seq_len=cfg.data.seq_len,
                       rows=len(rows), vocab=vocab, **metrics)
     atomic_write_text(Path(cfg.eval.out), json.dumps(result, indent=1))
@@ -157,6 +159,7 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched
     from tailkd.plots import plot_tail_mass
+    from tailkd.runs import progress_bar
     from tailkd.vocab import check_vocab
 
     a = cfg.analyze
@@ -167,7 +170,8 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
         vocab = check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
-        stats = teacher_statistics(model, batched(rows, a.batch_size), vocab, kmax=a.kmax, device=dev)
+        with progress_bar(total=len(rows), unit="row", desc="analyze-teacher", dynamic_ncols=True) as bar:
+            stats = teacher_statistics(model, batched(rows, a.batch_size, bar.update), vocab, kmax=a.kmax, device=dev)
         results[spec] = {"teacher": spec, "vocab": vocab, "rows": len(rows), "seq_len": cfg.data.seq_len,
                          "split": a.split, **scored_data(cfg.data, a.split), **stats}
         del model

@@ -214,15 +214,18 @@ def heldout_metrics(student, teacher, batches: Iterable[dict], vocab_size: int, 
 # --------------------------------------------------------------------------- batches and the printed table
 
 
-def batched(rows: list[dict], batch_size: int) -> Iterator[dict]:
+def batched(rows: list[dict], batch_size: int, progress=None) -> Iterator[dict]:
     """``rows`` (e.g. `tailkd.commands.eval_rows`) in order, collated ``batch_size`` at a time; the last batch may be
-    smaller."""
+    smaller. ``progress(n)`` (e.g. a progress bar's ``update``) is called with a batch's row count once the consumer
+    has done with it (asks for the next)."""
     from tailkd import data as data_mod
 
     if batch_size < 1:
         raise TailkdError(f"--batch-size {batch_size} must be >= 1")
     for i in range(0, len(rows), batch_size):
         yield data_mod.collate(rows[i:i + batch_size])
+        if progress is not None:
+            progress(len(rows[i:i + batch_size]))
 
 
 def format_table(result: dict) -> str:
