@@ -417,12 +417,12 @@ def check_leaves(cfg) -> None:
 def load_loss_module(source: str) -> None:
     """`tailkd.registry.load_module` of ``loss.module``, its failures a TailkdError in one line (the first line of
     the module's error; its traceback with ``--debug``)."""
-    from tailkd.registry import load_module
+    from tailkd.registry import load_module, names_a_file
 
     try:
         load_module(source)
     except Exception as exc:
-        if source.endswith(".py") or "/" in source or "\\" in source:  # a file, as load_module tells them apart
+        if names_a_file(source):
             itself = not Path(source).expanduser().is_file() or Path(source).suffix != ".py"
         else:  # the module, or a package above it, is not on sys.path
             itself = isinstance(exc, ModuleNotFoundError) and f"{source}.".startswith(f"{exc.name}.")

@@ -257,13 +257,19 @@ def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
     return spec
 
 
+def names_a_file(source: str) -> bool:
+    """Whether ``loss.module``'s ``source`` names a file (ends in ``.py`` or holds a path separator), not a dotted
+    module name."""
+    return source.endswith(".py") or "/" in source or "\\" in source
+
+
 def load_module(source: str) -> None:
     """Import the module of one's own losses that ``loss.module`` names (it calls `register` as it is imported), once
     per process: ``source`` is a ``.py`` file (a path, relative to the working directory) or a dotted name importable
     from ``sys.path`` (an installed package, ``PYTHONPATH``). A file is imported as a module of its own (its folder is
     not put on ``sys.path``), once per resolved path. Raises what the import raises (ModuleNotFoundError,
     FileNotFoundError, ImportError for a path to a file that is not ``.py``, the module's own errors)."""
-    if not (source.endswith(".py") or "/" in source or "\\" in source):
+    if not names_a_file(source):
         importlib.import_module(source)
         return
     path = Path(source).expanduser().resolve()
