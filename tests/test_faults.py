@@ -186,6 +186,43 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(assets, tmp_path):
     assert not half_written(run) and ckpt.list_checkpoints(run) == []
 
 
+def test_sigterm_outside_a_training_loop_unwinds_says_one_line_and_exits_143(tmp_path, monkeypatch, capsys):
+    """Any command but distill's loop: SIGTERM used to end the process at once (Python's default), leaving its
+    temporary folders and saying nothing. Now its finally blocks run, one line, 143; a second SIGTERM is not caught."""
+    from tailkd import commands
+
+    work = tmp_path / "work"
+    seen = {}
+
+    def command(cfg):
+        work.mkdir()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal interrupts this
+            raise AssertionError("SIGTERM did not stop the command")
+        finally:
+            seen["second"] = signal.getsignal(signal.SIGTERM)
+            shutil.rmtree(work)
+
+    monkeypatch.setattr(commands, "flops", command)
+    def callers(signum, frame):  # the caller's own handler (pytest has none): main's must take its place
+        pass
+
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        code = main(["flops", "--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "1000",
+                     "--hidden", "64"])
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["tailkd: terminated (SIGTERM)"] and "Traceback" not in err
+    assert not work.exists()  # the command's cleanup ran
+    assert seen["second"] is signal.SIG_DFL  # a second SIGTERM during the cleanup ends the process at once
+    assert after is callers  # the caller's handler is back
+
+
 # --------------------------------------------------------------------------- checkpoints: corruption, full disk
 
 

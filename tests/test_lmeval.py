@@ -212,6 +212,34 @@ def test_lm_eval_cli_on_the_heldout_documents(student, tmp_path, capsys):
     assert 1 <= n < 12
 
 
+def test_sigterm_during_a_run_removes_the_work_folder_and_exits_143(student, tmp_path):
+    """lm-eval runs in a temporary work folder; SIGTERM used to end the process at once and leave it behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    out = tmp_path / "lm_eval.json"
+    env = {**os.environ, "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tailkd.cli", "lm-eval", "--model", str(student["model"]),
+                             "--tasks", "tailkd_ppl", "--data", str(student["corpus"]), "--cache-dir",
+                             str(student["cache"]), "--device", "cpu", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    end = time.monotonic() + 240
+    while not any(p.name.startswith("tailkd-lmeval-") for p in temp.iterdir()):
+        assert proc.poll() is None, f"ended (rc {proc.returncode}) before its work folder: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < end, "no work folder after 240 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "tailkd: terminated (SIGTERM)" and "Traceback" not in err
+    assert not any(p.name.startswith("tailkd-lmeval-") for p in temp.iterdir()) and not out.exists()
+
+
 def test_write_only_prints_the_lm_eval_command(student, tmp_path, capsys):
     work = tmp_path / "tasks"
     assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_ppl", "--data",

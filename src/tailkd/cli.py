@@ -8,18 +8,23 @@ its sections, ``--section.field`` flags and the short aliases, and reports a bad
 Errors a user can cause end in one line ``tailkd: error: ...`` and exit code 2; anything
 unexpected ends in one line and exit code 1. ``--debug`` shows the traceback instead. A distill run
 stopped by SIGINT / SIGTERM saves a checkpoint and exits with 130 / 143 (a second Ctrl-C: 130 at once); so do
-``recipe`` and ``reproduce`` when a signal stops one of their runs.
+``recipe`` and ``reproduce`` when a signal stops one of their runs. Any other command stopped by Ctrl-C or SIGTERM
+unwinds (its temporary folders removed, no output half written), prints one line and exits with 130 / 143; a
+second SIGTERM ends it at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from tailkd import __version__
 from tailkd import command_config as cc  # the subcommands' typed configs (no torch: importing them is cheap)
-from tailkd.errors import TailkdError
+from tailkd.errors import TailkdError, Terminated
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -228,6 +233,26 @@ def _keep_host_memory() -> None:
         hostmem.keep_freed_memory()
 
 
+@contextlib.contextmanager
+def _unwind_on_sigterm():
+    """Within the block SIGTERM raises `Terminated` (Python's default ends the process at once: temporary folders
+    and lm-eval's work folder stayed, and nothing was said); the handler then steps aside, so a second SIGTERM ends
+    the process at once. The previous handler is put back after. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> int:
     """Run one subcommand; returns its exit code. ``keep_host_memory``: `_keep_host_memory` first (the ``tailkd``
     command's processes: `entry`)."""
@@ -241,14 +266,20 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
         return 0
     debug = getattr(args, "debug", False) or args.debug_first
     try:
-        if keep_host_memory:
-            _keep_host_memory()
-        return int(args.func(args) or 0)
+        with _unwind_on_sigterm():
+            if keep_host_memory:
+                _keep_host_memory()
+            return int(args.func(args) or 0)
     except TailkdError as exc:
         if debug:
             raise
         print(f"tailkd: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        if debug:
+            raise
+        print("tailkd: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         if debug:
             raise
