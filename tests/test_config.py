@@ -583,7 +583,7 @@ def test_every_flags_help_states_its_type(cls):
         base = _unwrap_optional(tp)[0]
         item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
         want = "{" + ",".join(f.metadata["choices"]) + "}" if f.metadata.get("choices") else \
-            f.metadata.get("positional") or names[item]
+            f.metadata.get("positional") or ("NAME=VALUE" if typing.get_origin(base) is dict else names[item])
         assert actions[dotted].metavar == want, dotted
     text = p.format_help()
     if cls is DistillConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 from transformers import AutoModelForCausalLM
@@ -133,6 +134,37 @@ def test_a_loss_of_the_users_module_trains_resumes_and_is_evaluated(assets, tmp_
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"tailkd: error: loss.name='hellinger' is not a loss; choose one of {', '.join(LOSSES)}; a loss of your own: "
         "name the module that registers it with --loss.module"]
+
+
+def test_a_loss_option_trains_is_saved_and_a_resume_with_another_value_is_refused(assets, tmp_path, capsys):
+    """``--loss.options alpha=0.3`` of a loss of one's own (Amari's α-divergence, tests/user_loss.py) reaches the run
+    (its first loss differs from the default α = ½'s, computed on the same first batch), is saved in config.yaml, and a
+    resume that changes the value or drops it (an entry only the saved config has) is refused naming the key."""
+    from tailkd.registry import LOSSES
+
+    module = tmp_path / "my_losses.py"
+    module.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "from user_loss import register_amari\n\nregister_amari()\n")
+    common = ("--loss", "amari", "--loss.module", str(module), "--fused-loss", "on", "--steps", "4")
+    run, half = tmp_path / "run", tmp_path / "half"
+    saved = dict(LOSSES)
+    try:
+        assert main(base_args(assets, run, *common, "--loss.options", "alpha=0.3", "--train.stop_after", "2")) == 0
+        assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["options"] == {"alpha": 0.3}
+        assert main(base_args(assets, half, *common, "--train.stop_after", "1")) == 0
+        first = [r["loss"] for r in read_metrics(run) if r["split"] == "train"][0]
+        assert first != [r["loss"] for r in read_metrics(half) if r["split"] == "train"][0]
+        capsys.readouterr()
+        for options, was in ((["--loss.options", "alpha=0.4"], "0.3, now 0.4"), ([], "0.3, now None")):
+            assert main(base_args(assets, run, *common, *options, "--resume")) == 2
+            assert f"cannot resume {run}: loss.options.alpha was {was}" in capsys.readouterr().err
+        assert main(base_args(assets, run, *common, "--loss.options", "alpha=0.3", "--resume")) == 0
+        assert (run / "final").is_dir()
+    finally:
+        LOSSES.clear()
+        LOSSES.update(saved)
+        for name in [n for n in sys.modules if n.startswith("tailkd_user_losses_")]:
+            del sys.modules[name]
 
 
 def test_a_resume_with_changed_logging_eval_and_checkpoint_keys_is_bit_identical(assets, tmp_path):

@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from user_loss import HELLINGER, h_backward, h_forward, h_teacher, hellinger, hellinger_per_token, register_hellinger
+from user_loss import (
+    HELLINGER,
+    h_backward,
+    h_forward,
+    h_teacher,
+    hellinger,
+    hellinger_per_token,
+    register_amari,
+    register_hellinger,
+)
 
 from tailkd import divergences as dv
 from tailkd.config import LossConfig
@@ -119,22 +128,29 @@ def test_a_registered_loss_matches_its_float64_reference_on_every_path(restore_l
     autograd per chunk) through the dense objective, the chunked layer (chunks of 1, 4 and all tokens) and
     distill_loss: loss and the gradients of the student's hidden states and head equal the plain-sum reference.
     float64 throughout: ~1e-16 per operation over V = 37 terms of O(1) values; 1e-11 relative leaves 10^3 margin."""
+    register_hellinger(kernel=with_kernel)
+    _every_path_equals(LossConfig(name="hellinger", temperature=tau), _inputs(seed=1),
+                       lambda *x: _reference_loss(*x, tau))
+
+
+def _every_path_equals(cfg, inputs, reference):
+    """The dense objective, the chunked layer (chunks of 1, 4 and all tokens) and distill_loss with ``cfg`` equal
+    ``reference(h_s, w_s, h_t, w_t, labels)``: loss and the gradients of the student's hidden states and head, within
+    1e-11 relative (float64)."""
     from tailkd import distill_loss
 
-    register_hellinger(kernel=with_kernel)
-    h_s, w_s, h_t, w_t, labels = _inputs(seed=1)
+    h_s, w_s, h_t, w_t, labels = inputs
     a, w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
-    want = _reference_loss(a, w, h_t, w_t, labels, tau)
+    want = reference(a, w, h_t, w_t, labels)
     want_grads = torch.autograd.grad(want, (a, w))
-    cfg, n = LossConfig(name="hellinger", temperature=tau), count_valid_tokens(labels)
-    head_t = Head(w_t, None, HeadSpec(V))
+    n, head_t = count_valid_tokens(labels), Head(w_t, None, HeadSpec(V))
+    knobs = {"temperature": cfg.temperature, "options": cfg.options}
     paths = {
         "dense": lambda a, w: objective(a @ w.T, labels, n, cfg=cfg, teacher_logits=h_t @ w_t.T).loss,
         **{f"chunked {c}": lambda a, w, c=c: chunked_objective(a, Head(w, None, HeadSpec(V)), labels, n, cfg=cfg,
                                                                teacher_hidden=h_t, teacher_head=head_t,
                                                                chunk_size=c).loss for c in (1, 4, 100)},
-        "distill_loss": lambda a, w: distill_loss(a, w, h_t, w_t, labels, loss="hellinger", temperature=tau,
-                                                  chunk_size=4).loss,
+        "distill_loss": lambda a, w: distill_loss(a, w, h_t, w_t, labels, loss=cfg.name, chunk_size=4, **knobs).loss,
     }
     for name, run in paths.items():
         a, w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
@@ -163,6 +179,10 @@ def test_a_registered_loss_is_a_loss_of_the_config_and_of_tailkd_losses(restore_
     ({"knobs": "temperature"}, ["tuple of LossConfig field names"]),
     ({"tail_weight": True, "kernel": None}, ["tail_weight=True needs a kernel"]),
     ({"flops_per_vocab": -1}, ["flops_per_vocab=-1"]),
+    ({"options": {"Alpha": 0.5}}, ["options: 'Alpha' is not a lowercase identifier"]),
+    ({"options": {"alpha": "half"}}, ["options: alpha='half' must be a finite number"]),
+    ({"options": {"alpha": float("nan")}}, ["options: alpha=nan must be a finite number"]),
+    ({"options": [("alpha", 0.5)]}, ["must be a mapping of names to numbers"]),
 ])
 def test_register_refuses_a_malformed_row_in_one_line(restore_losses, change, words):
     """A row the rest of tailkd could not use is refused when it is registered, in one line; a built-in's name is
@@ -193,7 +213,7 @@ def test_knobs_that_are_not_loss_config_fields_are_refused_when_the_loss_is_boun
     register(LossSpec("mine", "", "", hellinger_per_token, knobs=("amari_alpha", "temperature")))
     with pytest.raises(ValueError) as exc:
         _dense("mine", *_inputs())
-    _one_line(exc, "'mine'", "amari_alpha", "new LossConfig field")
+    _one_line(exc, "'mine'", "amari_alpha", "a knob of its own goes in LossSpec.options")
 
 
 def test_loss_module_imports_a_file_or_a_dotted_name_once_and_fails_in_one_line(tmp_path, monkeypatch,
@@ -317,3 +337,107 @@ def test_a_loss_module_path_that_is_not_a_py_file_is_refused_saying_so(tmp_path)
         with pytest.raises(TailkdError) as err:
             load_loss_module(str(tmp_path / name))
         _one_line(err, f"{tmp_path / name} is not a .py file", "give a .py file")
+
+
+# --------------------------------------------------------------------------- a loss's options (LossSpec.options)
+
+
+def _amari_reference(h_s, w_s, h_t, w_t, labels, alpha):
+    """Σ over valid tokens of CE + (1 − Σ_i p_i^α q_i^(1−α)) / (α(1−α)), / their count: explicit exp / sum per row in
+    float64 (no log_softmax, no tailkd code), differentiable in h_s and w_s."""
+    s, t = h_s @ w_s.T, h_t @ w_t.T
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for b, j in (labels != IGNORE_INDEX).nonzero().tolist():
+        es, et = torch.exp(s[b, j] - s[b, j].max().item()), torch.exp(t[b, j] - t[b, j].max().item())
+        q, p = es / es.sum(), et / et.sum()
+        total = total - torch.log(q[labels[b, j]])
+        total = total + (1 - sum(p[i] ** alpha * q[i] ** (1 - alpha) for i in range(V))) / (alpha * (1 - alpha))
+        n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("with_kernel", [True, False])
+@pytest.mark.parametrize("alpha", [None, 0.2, 0.9])
+def test_a_loss_option_reaches_every_path_and_its_default_fills_in(restore_losses, with_kernel, alpha):
+    """Amari's α-divergence registered with ``options={"alpha": 0.5}``: given ``LossConfig.options`` (or its default
+    where none is given), the dense objective, the chunked layer (its closed-form kernel, or autograd per chunk) and
+    distill_loss equal the plain-sum float64 reference at that α, values and gradients. float64: ~1e-16 per operation
+    over V = 37 terms, p^α q^(1−α) condition ~1/(α(1−α)) ≤ 6; 1e-11 relative leaves > 10^3 margin."""
+    register_amari(kernel=with_kernel)
+    options = {} if alpha is None else {"alpha": alpha}
+    _every_path_equals(LossConfig(name="amari", options=options), _inputs(seed=2),
+                       lambda *x: _amari_reference(*x, 0.5 if alpha is None else alpha))
+
+
+def test_amari_at_one_half_is_four_times_the_squared_hellinger_distance(restore_losses):
+    """The identity D_½(p‖q) = 4 H²(p, q) between the two registered losses, through their bound per-token rows."""
+    from tailkd.registry import bind
+
+    register_amari()
+    register_hellinger()
+    s, t = torch.randn(3, 5, V, dtype=torch.float64), 3 * torch.randn(3, 5, V, dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    d_half = bind(LossConfig(name="amari")).per_token(s, t, None, mask)
+    torch.testing.assert_close(d_half, 4 * bind(LossConfig(name="hellinger")).per_token(s, t, None, mask),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_options_a_loss_does_not_have_are_refused_in_one_line(restore_losses):
+    """An option name the loss does not declare (a typo, or an option given to a built-in loss) would be ignored
+    without a word: a ValueError naming it and the loss's options with their defaults."""
+    from tailkd.registry import bind
+
+    register_amari()
+    with pytest.raises(ValueError) as exc:
+        bind(LossConfig(name="amari", options={"alhpa": 0.3}))
+    _one_line(exc, "'amari' has no option alhpa", "its options are alpha (default 0.5)")
+    with pytest.raises(ValueError) as exc:
+        bind(LossConfig(name="kd", options={"alpha": 0.3}))
+    _one_line(exc, "'kd' has no option alpha", "it has none")
+    with pytest.raises(ValueError) as exc:
+        bind(LossConfig(name="amari", options={"alpha": float("inf")}))
+    _one_line(exc, "alpha=inf must be a finite number")
+
+
+def test_options_come_from_flags_and_yaml_and_are_checked_before_the_run(restore_losses, tmp_path, capsys):
+    """``--loss.options NAME=VALUE ...`` over YAML's ``loss: {options: {...}}`` (merged, flags win), refused in one line
+    (exit 2, nothing written) when malformed, unknown to the loss, or out of the range its kernel checks; `tailkd
+    losses` lists the options with their defaults."""
+    import argparse
+
+    import yaml
+
+    from tailkd.cli import build_parser, main
+    from tailkd.config import config_from_args
+
+    register_amari()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"loss": {"name": "amari", "options": {"alpha": 0.3}}}))
+
+    def parsed(*flags) -> dict:
+        args = build_parser().parse_args(["distill", "--config", str(config), *flags])
+        return config_from_args(argparse.Namespace(**vars(args))).loss.options
+
+    assert parsed() == {"alpha": 0.3}
+    assert parsed("--loss.options", "alpha=0.7") == {"alpha": 0.7}
+    out = tmp_path / "never"
+    for flags, words in [(["--loss.options", "alpha"], "expected NAME=VALUE with a number"),
+                         (["--loss.options", "alpha=x"], "expected NAME=VALUE with a number"),
+                         (["--loss.options", "beta=1"], "'amari' has no option beta"),
+                         (["--loss.options", "alpha=1"], "amari's alpha=1 must be in (0, 1)"),
+                         (["--loss", "tad", "--loss.options", "alpha=0.5"], "'tad' has no option alpha")]:
+        try:  # argparse's own errors exit (SystemExit 2); the config's return 2
+            code = main(["distill", "--config", str(config), *flags, "--out", str(out)])
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (flags, err)
+        assert not out.exists()
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("loss: {name: amari, options: [0.3]}\n")
+    assert main(["distill", "--config", str(bad_yaml), "--out", str(out)]) == 2
+    assert "loss.options expects NAME: number pairs" in capsys.readouterr().err
+    assert main(["losses"]) == 0
+    assert "| amari | (1 − Σ p^α q^(1−α)) / (α(1−α)) | temperature; options: alpha=0.5 |" in capsys.readouterr().out
+

@@ -134,7 +134,8 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     if args.module:
         load_loss_module(args.module)
     head = ("loss", "per token", "knobs (loss.*)", "needs", "chunked form", "top-K cache", "source")
-    rows = [(s.name, s.formula, ", ".join(s.knobs) or "-",
+    rows = [(s.name, s.formula, "; ".join(filter(None, (", ".join(s.knobs), s.options and "options: " + ", ".join(
+                f"{n}={v:g}" for n, v in s.options.items())))) or "-",
              ", ".join(n for n, on in (("teacher", s.needs_teacher), ("labels", s.needs_labels),
                                        ("teacher top-K and ᾱ(X)", s.tail_weight)) if on) or "-",
              "closed-form kernel" if s.kernel else "autograd per chunk" if s.needs_teacher else "-",

@@ -113,6 +113,8 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
     values `check_leaves` accepts; ``positional="NAME"`` (a list field) makes it the positional arguments."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    if isinstance(default, dict):
+        return field(default_factory=lambda d=default: dict(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -246,6 +248,10 @@ class LossConfig:
     clm_weight: float = _f(1.0, "weight of the student's CLM loss (paper Eq. 4: 1)")
     div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1)")
     cosine_weight: float = _f(0.0, "weight of the hidden-state cosine loss (paper §3.2.2)")
+    options: dict[str, float] = _f({}, "the knobs of a loss of your own, NAME=VALUE each (YAML: options: {NAME: "
+                                       "VALUE}): the names its LossSpec.options declares, numbers; default: none "
+                                       "given, the loss's own defaults (`tailkd losses` lists them). The built-in "
+                                       "losses have none")
 
     def check(self) -> LossConfig:
         """ValueError naming the knob unless ``k`` is an integer >= 1, every float knob a number in its
@@ -333,7 +339,7 @@ class DistillConfig:
 
     def validate(self) -> "DistillConfig":
         """Check values that a type alone cannot; raise TailkdError naming the key and the fix."""
-        from tailkd.registry import LOSSES  # the registry (imports torch): loss names live there only
+        from tailkd.registry import LOSSES, bind  # the registry (imports torch): loss names live there only
 
         c = self
         if c.loss.module:
@@ -348,6 +354,10 @@ class DistillConfig:
                               "beta2), e.g. 0.9 0.95")
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
+        try:  # a loss's options (its kernel may refuse a value of its own options: say so before the run starts)
+            bind(c.loss).kernel
+        except ValueError as exc:
+            raise TailkdError(f"loss.options: {exc}" if c.loss.options else str(exc)) from None
         c.student.check_source()
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
         check_out_path(c, "train.out_dir", folder=True)
@@ -506,6 +516,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise TailkdError(f"config key {key} cannot be null")
     origin = typing.get_origin(base)
+    if origin is dict:  # NAME: number pairs (loss.options); a list of mappings (the flag's NAME=VALUE words) merges
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(item, dict) for item in items):
+            raise TailkdError(f"config key {key} expects NAME: number pairs (YAML: {{alpha: 0.5}}; flag: alpha=0.5), "
+                              f"got {value!r}")
+        out = {name: v for item in items for name, v in item.items()}
+        bad = next(((n, v) for n, v in out.items() if not isinstance(n, str) or isinstance(v, bool)
+                    or not isinstance(v, (int, float))), None)
+        if bad:  # the names and ranges are the loss's to check (`tailkd.registry.bind`)
+            raise TailkdError(f"config key {key} expects NAME: number pairs, got {bad[0]!r}: {bad[1]!r}")
+        return {name: float(v) for name, v in out.items()}
     if origin is list:
         (item_tp,) = typing.get_args(base)
         if not isinstance(value, (list, tuple)):
@@ -665,6 +686,18 @@ def _str2bool(text: str) -> bool:
 _TYPE_NAMES = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}  # a flag's value in --help
 
 
+def _name_value(text: str) -> dict:
+    """An argparse type for a dict leaf's words: ``NAME=VALUE`` (a number) -> ``{NAME: VALUE}``."""
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or number is None or not re.fullmatch(r"[a-z][a-z0-9_]*", name.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a number, e.g. alpha=0.5; got {text!r}")
+    return {name.strip(): number}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None:
     """Add ``--config`` and one flag per leaf of ``cls`` (plus its short aliases: ``cls.ALIASES``, for
     `DistillConfig` the module's ``ALIASES``); a field marked ``positional=`` takes the positional arguments."""
@@ -674,6 +707,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
     for dotted, tp, f in _leaves(cls):
         base, optional = _unwrap_optional(tp)
         default = leaf_value(defaults, dotted)
+        if typing.get_origin(base) is dict:  # NAME=VALUE words, merged over the YAML's mapping
+            parser.add_argument("--" + dotted, dest=dotted, nargs="*", type=_name_value, metavar="NAME=VALUE",
+                                default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+            continue
         is_list = typing.get_origin(base) is list
         unset = ("no value unsets it" if is_list else "null unsets it") if optional else ""
         text = f.metadata.get("help", "")
@@ -719,6 +756,8 @@ def config_from_args(args: argparse.Namespace, cls=DistillConfig):
         value = vars(args).get(dotted, argparse.SUPPRESS)
         if value == [] and _unwrap_optional(tp)[1]:
             value = None  # an optional list flag given without values: unset
+        if typing.get_origin(tp) is dict and value is not argparse.SUPPRESS:
+            value = {name: v for item in value for name, v in item.items()}  # deep-merged over the YAML's mapping
         if value is not argparse.SUPPRESS:  # (Python 3.10 stores SUPPRESS for an empty positional list)
             node = override
             parts = dotted.split(".")

@@ -224,7 +224,8 @@ def distill_loss(
     soft-capping or scaling (Gemma-2, Cohere, Granite), which a bare weight does not carry). ``loss`` names a row
     of `tailkd.registry.LOSSES`; ``knobs`` are its `LossConfig` fields (``k``,
     ``beta``, ``temperature``, ``jsd_beta``, ``clm_weight`` (default 1: the paper's CLM + L_DIV; 0 for the
-    divergence alone), ``div_weight``, ...; ValueError for an unknown knob or a value out of its range).
+    divergence alone), ``div_weight``, ``options`` (the knobs of a loss of your own, `LossSpec.options`), ...;
+    ValueError for an unknown knob or option, or a value out of its range).
     Returns `ObjectiveTerms` (``loss`` to backpropagate, ``clm``, ``div``), divided by ``num_valid_tokens`` — by
     default the valid tokens of this batch; pass the global count of the optimizer step under gradient
     accumulation or data parallelism. TAD's β(X) averages the teacher's tail mass over each row's valid tokens (over

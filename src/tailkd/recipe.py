@@ -166,7 +166,7 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     if cfg.train.epochs > 0:
         free = free | {"train.max_steps"}
     changed = config_changes(old, cfg, free)
-    return (changed[0], old.get(changed[0]), flatten(to_dict(cfg))[changed[0]]) if changed else None
+    return (changed[0], old.get(changed[0]), flatten(to_dict(cfg)).get(changed[0])) if changed else None
 
 
 def finished(cfg: DistillConfig) -> bool:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -53,7 +54,12 @@ class LossSpec:
     weight; 1 without ``tail_weight``): the cache path computes that form whatever ``per_token`` and ``kernel`` are,
     so set it only where it is the loss's top-K form (kd, tad). ``flops_per_vocab``: loss-layer FLOPs per token
     per vocabulary entry, forward + backward (`tailkd.flops`; the objective's CLM term adds `CLM_FLOPS_PER_VOCAB`).
-    ``knobs``: the `LossConfig` fields read.
+    ``knobs``: the `LossConfig` fields read. ``options``: the loss's own knobs with their defaults, {name: number}
+    (a loss of your own: ``--loss.options name=value``, YAML ``loss: {options: {name: value}}``); the bound
+    `Divergence`'s ``cfg.options`` holds every one of them (the defaults, then what the config gives), read by
+    ``per_token`` as ``d.cfg.options[name]`` and by ``kernel`` as ``cfg.options[name]`` — which may raise ValueError
+    for a value out of its range: `tailkd.config.DistillConfig.validate` makes the kernel, so the CLI says so in one
+    line before the run starts.
     ``triton(cfg) -> (form, args) | None``: the same row maths as `tailkd.kernels` computes it on CUDA (form
     "kl", "rkl", "jsd" with ``beta``, "tad" with ``k``), or None where the kernels do not apply (the torch path).
     """
@@ -69,6 +75,7 @@ class LossSpec:
     flops_per_vocab: int = 0
     knobs: tuple[str, ...] = ()
     triton: Callable[..., tuple[str, dict] | None] | None = None
+    options: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def needs_teacher(self) -> bool:
@@ -224,10 +231,11 @@ def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
     `tailkd.train.distill`, `tailkd losses`, the run's FLOPs) then takes it in this process. ValueError in one line
     for a row the rest of tailkd could not use: a name that is not a lowercase identifier (a flag and YAML value) or
     is already a loss (a built-in is redefined only with ``replace=True``), a ``per_token`` or ``kernel`` that is not
-    a function, ``knobs`` that are not a tuple of names, ``tail_weight`` (TAD's β(X), which reads the kernel's
-    teacher rows' α^T) without a kernel, a negative ``flops_per_vocab``; knobs that are not `LossConfig` fields when
-    the loss is first bound (`bind`). ``sparse=True`` states that the loss from a top-K cache is D_KL1 (+ the tail
-    estimate): the cache path computes that, not ``per_token`` or ``kernel``. Returns ``spec``."""
+    a function, ``knobs`` that are not a tuple of names, ``options`` that are not {lowercase name: finite number},
+    ``tail_weight`` (TAD's β(X), which reads the kernel's teacher rows' α^T) without a kernel, a negative
+    ``flops_per_vocab``; knobs that are not `LossConfig` fields when the loss is first bound (`bind`).
+    ``sparse=True`` states that the loss from a top-K cache is D_KL1 (+ the tail estimate): the cache path computes
+    that, not ``per_token`` or ``kernel``. Returns ``spec``."""
 
     def bad(problem: str) -> ValueError:
         return ValueError(f"cannot register loss {getattr(spec, 'name', spec)!r}: {problem}")
@@ -247,6 +255,9 @@ def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
                   f"kernel=lambda cfg: MY_KERNEL), not a {type(spec.kernel).__name__}")
     if not isinstance(spec.knobs, tuple) or not all(isinstance(k, str) for k in spec.knobs):
         raise bad(f"knobs={spec.knobs!r} must be a tuple of LossConfig field names, e.g. ('temperature',)")
+    problem = check_options(spec.options)
+    if problem:
+        raise bad(f"options: {problem} (its defaults, e.g. options={{'alpha': 0.5}})")
     if spec.tail_weight and spec.kernel is None:
         raise bad("tail_weight=True needs a kernel whose teacher rows carry TAD's tail mass (divergences.tad_kernel)")
     if spec.triton is not None and not callable(spec.triton):
@@ -255,6 +266,19 @@ def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
         raise bad(f"flops_per_vocab={spec.flops_per_vocab!r} must be an integer >= 0")
     LOSSES[spec.name] = spec
     return spec
+
+
+def check_options(options) -> str | None:
+    """What is wrong with ``options`` (`LossSpec.options`, a bound `LossConfig.options`), or None: a mapping of
+    lowercase identifiers (as a flag and a YAML key take them) to finite numbers."""
+    if not isinstance(options, dict):
+        return f"{options!r} must be a mapping of names to numbers, e.g. {{'alpha': 0.5}}"
+    for name, value in options.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            return f"{name!r} is not a lowercase identifier (letters, digits, _)"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name}={value!r} must be a finite number"
+    return None
 
 
 def names_a_file(source: str) -> bool:
@@ -301,7 +325,8 @@ def _describe(kernel, made) -> str:
 
 def bind(cfg) -> Divergence:
     """The `Divergence` of a `tailkd.config.LossConfig` (``cfg.name`` must be a key of `LOSSES`; its knobs are checked
-    by `LossConfig.check`: ValueError naming the knob). A ``cfg.module`` is imported first (`load_module`)."""
+    by `LossConfig.check`: ValueError naming the knob; ``cfg.options`` must be among the loss's `LossSpec.options`,
+    whose defaults fill in the others). A ``cfg.module`` is imported first (`load_module`)."""
     if cfg.module and cfg.name not in LOSSES:
         load_module(cfg.module)
     if cfg.name not in LOSSES:
@@ -310,6 +335,16 @@ def bind(cfg) -> Divergence:
     unknown = [k for k in spec.knobs if k not in fields]
     if unknown:  # a registered row's knobs (`register`): a knob of its own is a new LossConfig field
         raise ValueError(f"loss {cfg.name!r}: its knobs {', '.join(unknown)} are not LossConfig fields ("
-                         f"{', '.join(fields)}); a knob of its own needs a new LossConfig field")
+                         f"{', '.join(fields)}); a knob of its own goes in LossSpec.options")
+    extra = sorted(set(getattr(cfg, "options", None) or {}) - set(spec.options))
+    if extra:
+        has = (f"its options are {', '.join(f'{n} (default {v:g})' for n, v in spec.options.items())}" if spec.options
+               else "it has none (loss.options are the knobs of a loss of your own)")
+        raise ValueError(f"loss {cfg.name!r} has no option {', '.join(extra)}: {has}")
+    if spec.options:
+        cfg = dataclasses.replace(cfg, options={**spec.options, **cfg.options})
+    problem = check_options(cfg.options)
+    if problem:
+        raise ValueError(f"loss {cfg.name!r}: options: {problem}")
     return Divergence(spec, cfg.check())
 

@@ -198,9 +198,11 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
 
 
 def config_changes(old: dict, cfg: DistillConfig, free) -> list[str]:
-    """The settings (dotted keys, in ``cfg``'s order) in which a saved config (``flatten``ed) differs from ``cfg``,
-    leaving out the keys in ``free``."""
-    return [k for k, v in flatten(to_dict(cfg)).items() if k not in free and old.get(k) != v]
+    """The settings (dotted keys, in ``cfg``'s order, then those only the saved config has: an entry of a mapping such
+    as ``loss.options.alpha`` that ``cfg`` no longer gives) in which a saved config (``flatten``ed) differs from
+    ``cfg``, leaving out the keys in ``free``."""
+    new = flatten(to_dict(cfg))
+    return [k for k in [*new, *(k for k in old if k not in new)] if k not in free and old.get(k) != new.get(k)]
 
 
 def _write_config(cfg: DistillConfig, path: Path, *, replace: bool = True) -> None:
