@@ -305,6 +305,36 @@ def test_output_paths_of_the_wrong_kind_are_one_clear_error(tmp_path):
             parse(argv, COMMAND_CONFIGS[command])
 
 
+def test_a_json_output_replaces_only_an_earlier_output_of_its_command(tmp_path):
+    """eval / lm-eval / flops --out naming an existing file that is not an earlier output of that command (the
+    student's own config.json, a run's metrics.jsonl, a data file) is refused when the config is read, the file
+    untouched. It was replaced after the work, exit 0: `tailkd eval --student RUN/final --out RUN/final/config.json`
+    left a student that no longer loads ('Unrecognized model ... should have a model_type key'). An earlier output
+    of the same command (a re-run replacing its eval.json), an empty file or a new name is accepted."""
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text('{"model_type": "llama", "vocab_size": 9}')
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    inputs = {p: p.read_bytes() for p in (final / "config.json", tmp_path / "run" / "metrics.jsonl")}
+    sizes = ["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "9", "--hidden", "4"]
+    commands = {"eval": (["--student", str(final)], "eval.out", '{"student": "s", "teacher": "t", "kl": 1.0}'),
+                "lm-eval": (["--model", str(final)], "lm_eval.out", '{"results": {"tailkd_ppl": {}}}'),
+                "flops": (sizes, "flops.out", '{"teacher": {}, "student": {}, "methods": []}')}
+    for command, (argv, key, earlier) in commands.items():
+        for victim in inputs:
+            with pytest.raises(TailkdError, match=rf"^refusing to replace {re.escape(str(victim))}: it is not a "
+                                                  rf"tailkd {command} output .*choose another --out"):
+                parse([*argv, "--out", str(victim)], COMMAND_CONFIGS[command])
+        previous = tmp_path / f"{command}.json"
+        previous.write_text(earlier)
+        empty = tmp_path / f"{command}-empty.json"
+        empty.touch()
+        for ok in (previous, empty, tmp_path / "new" / f"{command}.json"):
+            cfg = parse([*argv, "--out", str(ok)], COMMAND_CONFIGS[command])
+            assert getattr(getattr(cfg, key.split(".")[0]), "out") == str(ok)
+    assert all(p.read_bytes() == data for p, data in inputs.items())
+
+
 def test_output_paths_under_a_file_are_one_clear_error(tmp_path):
     """An output path with an existing file among its parent folders (eval --out notes.txt/eval.json) cannot be
     written: refused when the command's config is read; it was a FileExistsError / NotADirectoryError with exit 1,

@@ -18,6 +18,7 @@ configs there would take it well past the ~600 lines a module should stay under.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -69,6 +70,23 @@ def _aliases(section: str, cls, *names: str) -> dict[str, str]:
 def _check_device(cfg, key: str) -> None:
     """The device name of setting ``key`` (`check_device_name`; whether CUDA is visible: at run time)."""
     check_device_name(key, leaf_value(cfg, key))
+
+
+def check_replaced_output(cfg, key: str, command: str, marks: tuple[str, ...]) -> None:
+    """The JSON file of output setting ``key`` replaces only an earlier output of ``command``: an existing non-empty
+    file must be a JSON object holding the keys ``marks`` (what ``command`` always writes). Any other file — the
+    student's config.json, a run's metrics.jsonl, a data file — is refused before anything runs: it was replaced
+    after the work (a student that no longer loaded)."""
+    out = Path(leaf_value(cfg, key) or "")
+    if not str(out) or not out.is_file() or out.stat().st_size == 0:
+        return
+    try:
+        old = json.loads(out.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        old = None
+    if not (isinstance(old, dict) and all(m in old for m in marks)):
+        raise TailkdError(f"refusing to replace {out}: it is not a tailkd {command} output (a JSON object with "
+                          f"{' and '.join(repr(m) for m in marks)}); choose another --out, or delete the file")
 
 
 # --------------------------------------------------------------------------- the run that produced a saved model
@@ -128,7 +146,8 @@ class EvalOptions:
     max_rows: int = _f(64, "evaluate at most this many rows (0: all)")
     bins: int = _f(10, "calibration bins M on [0, 1] for Full-ECE and ECE")
     device: str = _f("auto", DEVICE_HELP)
-    out: str = _f("eval.json", "JSON file for the results (e.g. RUN/eval.json for tailkd compare)")
+    out: str = _f("eval.json", "JSON file for the results (e.g. RUN/eval.json for tailkd compare); a re-run replaces "
+                               "an earlier eval output there, any other existing file is refused")
 
 
 @dataclass
@@ -189,6 +208,7 @@ class EvalConfig:
             check_at_least(self, key, 0, " (0: all)" if key != "generate.samples" else "")
         _check_device(self, "eval.device")
         check_out_path(self, "eval.out", folder=False)
+        check_replaced_output(self, "eval.out", "eval", ("student", "teacher"))
         if self.generate.enabled and self.data.paths and self.data.task != "sft":
             raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
                               "(generate.prompts); --data (data.paths) is read by --generate only with --task sft, "
@@ -320,7 +340,8 @@ class LmEvalOptions:
     work_dir: Optional[str] = _f(None, "where task YAMLs + data are written (default: a temporary folder; with "
                                        "--write-only: ./lm_eval_tasks)")
     write_only: bool = _f(False, "only write the task folder and print the lm_eval command")
-    out: str = _f("lm_eval.json", "JSON file for lm-eval's results")
+    out: str = _f("lm_eval.json", "JSON file for lm-eval's results; a re-run replaces an earlier lm-eval output there, "
+                                  "any other existing file is refused")
 
 
 @dataclass
@@ -347,6 +368,7 @@ class LmEvalConfig:
         check_at_least(self, "lm_eval.num_fewshot", 0)
         _check_device(self, "lm_eval.device")
         check_out_path(self, "lm_eval.out", folder=False)
+        check_replaced_output(self, "lm_eval.out", "lm-eval", ("results",))
         return self
 
 
@@ -401,7 +423,8 @@ class FlopsOptions:
     prompt_len: int = _f(128, "generation methods: prompt tokens per sequence")
     gen_len: int = _f(256, "generation methods: generated tokens per prompt")
     ppo_epochs: int = _f(4, "MiniLLM: policy-update passes per rollout")
-    out: Optional[str] = _f(None, "also write the table as JSON")
+    out: Optional[str] = _f(None, "also write the table as JSON (replacing an earlier flops output there; any other "
+                                  "existing file is refused)")
 
 
 @dataclass
@@ -431,6 +454,7 @@ class FlopsConfig:
         for key in ("flops.prompt_len", "flops.ppo_epochs", "flops.teacher_layers", "flops.student_layers"):
             check_at_least(self, key, 0)
         check_out_path(self, "flops.out", folder=False)
+        check_replaced_output(self, "flops.out", "flops", ("methods",))
         return self
 
 
