@@ -666,6 +666,31 @@ def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+
+def test_atomic_write_dir_stopped_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
+    """A folder output (select-data's, the saved student final/) replaced by atomic_write_dir is moved aside, then
+    the new one renamed into place: Ctrl-C / SIGTERM (`Terminated`) between the two renames removed the new folder
+    and left the old one under ``.old-*``: no output at all under the real name until a later writer put it back.
+    The old folder is now put back at once, the new one removed, nothing else left."""
+    target = tmp_path / "sel"
+    ckpt.atomic_write_dir(target, lambda tmp: (tmp / "selection.json").write_text("old"))
+    real_replace = os.replace
+    calls = []
+
+    def stopped_before_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", stopped_before_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write_dir(target, lambda tmp: (tmp / "selection.json").write_text("new"))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert Path(calls[0][1]).name.startswith(".old-sel-")  # the first rename moved the old folder aside
+    assert (target / "selection.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["sel"]
+
 def test_atomic_folders_get_the_permissions_of_any_new_folder(tmp_path):
     """A folder written by atomic_write_dir (the saved student RUN/final, checkpoints, select-data's output, the corpus
     cache) has the mode of any folder the user creates (0o777 less the umask), not tempfile.mkdtemp's 0o700, which the

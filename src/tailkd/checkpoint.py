@@ -156,12 +156,14 @@ def atomic_write_dir(final: Path, write) -> Path:
     """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it). Returns ``final``, a folder with
     the permissions of any new one (`new_temp_dir`), its files those of any new file (`new_file_modes`).
 
-    The temporary folder ``.tmp-<name>-<pid>@<host>-*`` is removed when ``write`` fails; one left by a killed
-    process is removed by the next writer of ``final`` (``remove_dead_writers``)."""
+    The temporary folder ``.tmp-<name>-<pid>@<host>-*`` is removed when ``write`` fails or a signal stops it (the
+    replaced folder put back if it was already moved aside); one left by a killed process is removed by the next
+    writer of ``final`` (``remove_dead_writers``)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(final)
     tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{writer_tag()}-")
+    old = final.with_name(f".old-{final.name}-{writer_tag()}")
     try:
         write(tmp)
         new_file_modes(tmp)
@@ -170,15 +172,16 @@ def atomic_write_dir(final: Path, write) -> Path:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{writer_tag()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException:  # a failure, Ctrl-C or SIGTERM (Terminated): the old folder back if it was moved aside
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
         raise
     return final
 
