@@ -149,6 +149,37 @@ def test_compare_without_generation_results_has_no_scatter(tmp_path):
     assert "ROUGE-L" not in res["markdown"] and res["records"][0]["rougeL"] is None
 
 
+
+def test_compare_replaces_its_output_folder_whole(tmp_path, capsys, monkeypatch):
+    """compare's output is one folder written at once (as select-data's): each of its files was replaced on its own,
+    so a compare without generation results into the folder of one with them kept the old fidelity_diversity.png
+    (of other runs) beside the new table, and Ctrl-C / SIGTERM between the files left a new compare.md beside the
+    old compare.json. A folder that is not a compare output (one of the runs compared) is refused, untouched."""
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5)
+    write_generation(kd, rougeL=0.31, distinct_2=0.62, self_bleu=0.40)
+    tad = make_run(tmp_path, "tad", loss="tad", kls=[3.0, 1.0], ppl=20.0, agreement=0.7)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(kd), str(tad), "--out", str(out)]) == 0 and (out / "fidelity_diversity.png").is_file()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import tailkd.plots
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stopped after compare.md is written, at the second file
+        m.setattr(tailkd.plots, "plot_heldout_kl", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            compare_runs([tad], out_dir=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "kd", "tad"]  # no temporary folder left
+    capsys.readouterr()
+    assert main(["compare", str(tad), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "heldout_kl.png"]
+    in_run = sorted(p.name for p in tad.iterdir())
+    assert main(["compare", str(kd), str(tad), "--out", str(tad)]) == 2
+    one_line_error(capsys.readouterr().err, f"refusing to replace {tad}: it exists and is not a tailkd compare output")
+    assert sorted(p.name for p in tad.iterdir()) == in_run
+
 def test_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
     assert main(["compare", str(tmp_path / "notarun"), "--out", str(tmp_path / "o")]) == 2

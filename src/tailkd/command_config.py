@@ -379,7 +379,8 @@ class LmEvalConfig:
 class CompareOptions:
     runs: list[str] = _f([], "run folders written by tailkd distill", positional="RUN")
     baseline: Optional[str] = _f(None, "run for the relative change (e.g. the vanilla KD run)")
-    out: str = _f("compare", "output folder")
+    out: str = _f("compare", "output folder, replaced as a whole: new, empty or an earlier compare output (with "
+                             "compare.json)")
 
 
 @dataclass
@@ -394,6 +395,9 @@ class CompareConfig:
     def validate(self) -> CompareConfig:
         check_leaves(self)
         check_out_path(self, "compare.out", folder=True)
+        from tailkd.compare import check_compare_out
+
+        check_compare_out(self.compare.out)  # before a recipe's stages run, not after them
         return self
 
 

@@ -280,15 +280,27 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def check_compare_out(out_dir: str | Path) -> None:
+    """TailkdError unless ``out_dir`` may be replaced by a compare output: a new or empty folder, or an earlier
+    compare output (it holds compare.json), never a folder of other files (one of the runs compared)."""
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "compare.json").is_file():
+        raise TailkdError(f"refusing to replace {out}: it exists and is not a tailkd compare output (no compare.json); "
+                          "choose a new or empty folder for --out")
+
+
 def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
                  out_dir: str | Path = "compare") -> dict:
     """``tailkd compare``: writes ``out_dir/compare.md``, ``compare.json``, ``heldout_kl.png`` and, when some runs have
     ROUGE-L and diversity, ``fidelity_diversity.png``; returns the markdown, the paths (``fidelity_plot`` None
-    without that plot) and the records."""
+    without that plot) and the records. ``out_dir`` is replaced as a whole (`tailkd.checkpoint.atomic_write_dir`:
+    never a mix of two compares' files, nothing changed by an interrupted one), so it must be new, empty or an
+    earlier compare output (`check_compare_out`)."""
     from tailkd.plots import plot_fidelity_diversity, plot_heldout_kl
 
     if not runs:
         raise TailkdError("no run given; pass one or more run folders written by tailkd distill")
+    check_compare_out(out_dir)
     records = [load_run(r) for r in runs]
     base = None
     if baseline is not None:
@@ -302,16 +314,21 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
         for r in records:
             r["name"] = r["path"]
     check_task_setups(records, shared_tasks(records))
-    from tailkd.checkpoint import atomic_write_text  # (torch only when writing)
+    from tailkd.checkpoint import atomic_write_dir  # (torch only when writing)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(records, base)
-    atomic_write_text(out / "compare.md", table)
-    # a run without held-out KL (no teacher) has no curve: no legend entry without a line
-    png = plot_heldout_kl({r["name"]: r["curve"] for r in records if r["curve"][0]}, out / "heldout_kl.png")
     points = fidelity_diversity_points(records)
-    scatter = plot_fidelity_diversity(points, out / "fidelity_diversity.png") if points else None
-    atomic_write_text(out / "compare.json", json.dumps([{k: v for k, v in r.items()} for r in records], indent=1))
-    return {"markdown": table, "table": str(out / "compare.md"), "plot": str(png),
-            "fidelity_plot": None if scatter is None else str(scatter), "records": records}
+
+    def write(tmp: Path) -> None:
+        (tmp / "compare.md").write_text(table, encoding="utf-8")
+        # a run without held-out KL (no teacher) has no curve: no legend entry without a line
+        plot_heldout_kl({r["name"]: r["curve"] for r in records if r["curve"][0]}, tmp / "heldout_kl.png")
+        if points:
+            plot_fidelity_diversity(points, tmp / "fidelity_diversity.png")
+        (tmp / "compare.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in records], indent=1),
+                                          encoding="utf-8")
+
+    atomic_write_dir(out, write)
+    return {"markdown": table, "table": str(out / "compare.md"), "plot": str(out / "heldout_kl.png"),
+            "fidelity_plot": str(out / "fidelity_diversity.png") if points else None, "records": records}
