@@ -931,3 +931,29 @@ def test_output_dtypes_and_shapes():
     assert L.forward_kl(torch.randn(8), torch.randn(8)).shape == ()
     # identical inputs through the same log_softmax: log p − log q = 0 exactly
     assert float(L.forward_kl(torch.zeros(5), torch.zeros(5))) == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_per_token_functions_ignore_non_finite_rows_at_masked_positions(bad):
+    """dkd, drkl and tad (labels -100 / mask False) and hidden_cosine: NaN or ±inf in a masked row of either side leaves
+    the other rows' values and gradients exactly as they were and gives 0 gradient there (dkd, drkl and
+    hidden_cosine gave NaN: 0·NaN in the backward of their masked value)."""
+    gen = torch.Generator().manual_seed(21)
+    s, t = torch.randn(2, 5, 9, generator=gen), torch.randn(2, 5, 9, generator=gen) * 2
+    labels = torch.randint(0, 9, (2, 5), generator=gen)
+    labels[0, :2], labels[1, 4] = -100, -100
+    mask = labels != -100
+    hs, ht = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    fns = {"dkd": lambda x, y: L.dkd(x, y, labels), "drkl": lambda x, y: L.drkl(x, y, labels),
+           "drkl_argmax": lambda x, y: L.drkl(x, y, labels, anchor="teacher_argmax"),
+           "tad": lambda x, y: L.tad(x, y, mask, k=3), "cosine": lambda x, y: L.hidden_cosine(x, y, mask)}
+    for name, fn in fns.items():
+        a, b = (hs, ht) if name == "cosine" else (s, t)
+        x = a.clone().requires_grad_(True)
+        clean = fn(x, b)
+        (g_clean,) = torch.autograd.grad(clean.sum(), x)
+        x = a.masked_fill(~mask[..., None], bad).requires_grad_(True)
+        spoilt = fn(x, b.masked_fill(~mask[..., None], bad))
+        (g,) = torch.autograd.grad(spoilt.sum(), x)
+        assert torch.equal(spoilt, clean), name
+        assert torch.equal(g[mask], g_clean[mask]) and (g[~mask] == 0).all(), name

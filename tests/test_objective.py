@@ -139,3 +139,64 @@ def test_every_knob_of_the_registry_row_reaches_the_loss(name):
                                                                 temperature=c["temperature"])}[name]()
         want = torch.where(mask, direct, 0.0).sum() / n
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_non_finite_rows_at_masked_positions_change_nothing(name, bad):
+    """Models can put NaN or ±inf at positions the loss ignores (e.g. fully masked left-padding rows of some attention
+    implementations). In every row of the student's and the teacher's logits and final hidden states whose label is
+    -100 they leave the value and the gradients at the valid positions exactly as they were, and the gradient there
+    is 0 — on the dense path (CLM, the divergence, the hidden cosine; a top-K cache teacher too) and on the chunked one.
+    The dense path gave NaN gradients there (0·NaN in the backward of the cross-entropy and of every divergence
+    not masked inside its kernel; of the cosine on both paths): a single such row made the step's gradient NaN."""
+    from tailkd.divergences import SparseTeacher
+    from tailkd.head import Head, HeadSpec
+    from tailkd.objective import chunked_objective
+
+    s, t, labels = _batch(B=3, T=6, V=40, seed=9)
+    g = torch.Generator().manual_seed(10)
+    hs, ht = torch.randn(3, 6, 8, generator=g, dtype=torch.float64), torch.randn(3, 6, 12, generator=g,
+                                                                                 dtype=torch.float64)
+    w_s, w_t = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randn(40, 12, generator=g,
+                                                                                 dtype=torch.float64)
+    masked = labels == IGNORE_INDEX
+    n = count_valid_tokens(labels)
+    cfg = LossConfig(name=name, k=5, cosine_weight=0.5 if LOSSES[name].needs_teacher else 0.0)
+    lp = torch.log_softmax(t, -1)
+    top = lp.topk(5, -1)  # a top-K cache of the teacher
+
+    def spoil(x):
+        return x.masked_fill(masked if x.shape == masked.shape else masked[..., None], bad)
+
+    def dense(s, t, hs, ht, cache=None):
+        x, h = s.clone().requires_grad_(True), hs.clone().requires_grad_(True)
+        out = objective(x, labels, n, cfg=cfg, teacher_logits=t if cache is None else None, student_hidden=h,
+                        teacher_hidden=ht, sparse_teacher=cache)
+        out.loss.backward()
+        return out.loss, x.grad, h.grad
+
+    def chunked(hs, ht):
+        h, w = hs.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        out = chunked_objective(h, Head(w, None, HeadSpec(40)), labels, n, cfg=cfg, teacher_hidden=ht,
+                                teacher_head=Head(w_t, None, HeadSpec(40)), chunk_size=4)
+        out.loss.backward()
+        return out.loss, h.grad, w.grad
+
+    def cached(s, hs, ht, top_lp, log_alpha):
+        return dense(s, None, hs, ht, SparseTeacher(top.indices, top_lp, log_alpha))
+
+    runs = [(dense, (s, t, hs, ht)), (chunked, (hs, ht))]
+    if LOSSES[name].sparse:
+        runs.append((cached, (s, hs, ht, top.values, lp.scatter(-1, top.indices, float("-inf")).logsumexp(-1))))
+    for run, inputs in runs:
+        clean = run(*inputs)
+        spoilt = run(*(spoil(x) for x in inputs))
+        assert torch.equal(spoilt[0], clean[0]), run
+        for got, want in zip(spoilt[1:], clean[1:]):
+            if want is None:  # no hidden-state term (loss clm)
+                assert got is None
+            elif got.shape[:2] == masked.shape:  # per position: exactly the clean gradient, 0 where masked
+                assert torch.equal(got[~masked], want[~masked]) and (got[masked] == 0).all(), run
+            else:  # the student head's weight
+                assert torch.equal(got, want), run

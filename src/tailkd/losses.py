@@ -149,6 +149,16 @@ def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(nonempty, m.squeeze(-1) + torch.log(torch.where(nonempty, total, 1.0)), -_INF)  # [...]
 
 
+def zero_masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., d] with its rows outside ``mask`` [...] (True = valid) set to 0 when one of them holds a NaN or ±inf,
+    else ``x`` itself. Those rows' values are never used, but a loss masked by its value (torch.where on [...]) still
+    backpropagates 0 into them, and 0·NaN = NaN: a single such row (e.g. the hidden states of a fully masked padding
+    row under some attention implementations) made the whole step's gradient NaN. Through torch.where the gradient
+    there is exactly 0 and the valid rows are untouched. One read of x ([...] row sums) and one device sync."""
+    bad = ~mask & ~torch.isfinite(x.detach().sum(-1))  # [...] (a finite row whose sum overflows: zeroed, harmless)
+    return torch.where(mask[..., None], x, 0.0) if bool(bad.any()) else x
+
+
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
@@ -527,7 +537,7 @@ def dkd(
     check_nonnegative("alpha", alpha)
     check_nonnegative("beta", beta)
     check_temperature(temperature)
-    s, t = scaled_pair(student_logits, teacher_logits, temperature)
+    s, t = scaled_pair(zero_masked_rows(student_logits, valid), zero_masked_rows(teacher_logits, valid), temperature)
     tckd, nckd = _target_split(t, s, torch.where(valid, labels, 0))  # [...], [...]
     return torch.where(valid, alpha * tckd + beta * nckd, 0.0)
 
@@ -560,6 +570,8 @@ def drkl(
         valid = _check_labels(labels, lead, student_logits.shape[-1])
     check_nonnegative("gamma", gamma)
     check_temperature(temperature)
+    if labels is not None:  # (without labels every position is valid)
+        student_logits, teacher_logits = (zero_masked_rows(x, valid) for x in (student_logits, teacher_logits))
     s, t = scaled_pair(student_logits, teacher_logits, temperature)
     y = t.argmax(-1) if anchor == "teacher_argmax" else torch.where(valid, labels, 0)  # [...]
     binary, nontarget = _target_split(s, t, y)  # [...], [...]
@@ -596,7 +608,7 @@ def hidden_cosine(
         )
     _check_mask(mask, student_hidden.shape[:-1])
     d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
-    h_s, h_t = student_hidden, teacher_hidden.detach()  # [B, T, d_S], [B, T, d_T]
+    h_s, h_t = zero_masked_rows(student_hidden, mask), zero_masked_rows(teacher_hidden.detach(), mask)  # [B, T, d]
     if projection is None:
         if d_s > d_t:
             raise ValueError(

@@ -83,7 +83,9 @@ def per_token_divergence(cfg, student_logits, teacher_logits, labels, *, segment
     d = _divergence(cfg)
     if d is None:
         raise ValueError(f"loss {cfg.name!r} has no divergence")
-    return d.per_token(student_logits, teacher_logits, labels, valid_mask(labels), segment_ids)
+    mask = valid_mask(labels)
+    return d.per_token(losses.zero_masked_rows(student_logits, mask), losses.zero_masked_rows(teacher_logits, mask),
+                       labels, mask, segment_ids)
 
 
 def objective(
@@ -106,6 +108,11 @@ def objective(
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(student_logits.shape)}")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # float32 math, f64 stays
     mask = valid_mask(labels)
+    # NaN/±inf rows at ignored positions (padding rows of some attention implementations): zeroed, so that their
+    # gradient is 0, not 0·NaN, and the valid positions' values and gradients are exactly as without them
+    student_logits = losses.zero_masked_rows(student_logits, mask)
+    if teacher_logits is not None:
+        teacher_logits = losses.zero_masked_rows(teacher_logits, mask)
     V = student_logits.shape[-1]
     clm_sum = F.cross_entropy(student_logits.to(dtype).reshape(-1, V), labels.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="sum")
