@@ -146,3 +146,28 @@ def test_alpha_beta_limits_are_cichockis_and_the_docs_say_how_abkds_code_differs
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     (row,) = [ln for ln in readme.splitlines() if ln.startswith("| `alpha_beta` |")]
     assert "ABKD's code divides" in row
+
+
+def test_alpha_beta_at_zero_zero_is_infinite_where_one_side_alone_has_mass():
+    """At α = β = 0, ½ Σ (log p − log q)²: an entry where one side has mass and the other none (a teacher's −inf on a
+    banned token, a student's −inf) makes it +inf, as it is the limit of every branch there (the entry's term
+    q^(α+β)/(α(α+β)) grows without bound); an entry neither side has counts 0, as in the reduced vocabulary. The
+    entry was dropped (a finite value: the student could put mass on the teacher's banned tokens at no cost)."""
+    s, t = _pair(seed=8, shape=(2, 3, 9))
+    for side in ("teacher", "student", "both"):
+        s2, t2 = s.clone(), t.clone()
+        if side != "student":
+            t2[..., 4] = -torch.inf
+        if side != "teacher":
+            s2[..., 4] = -torch.inf
+        got = BL.ab_divergence(s2, t2, alpha=0.0, beta=0.0)
+        if side == "both":
+            keep = [i for i in range(9) if i != 4]
+            torch.testing.assert_close(got, R.ab_divergence(s[..., keep], t[..., keep], 0.0, 0.0), rtol=1e-12, atol=0)
+            assert torch.equal(got, bind(LossConfig(name="alpha_beta", ab_alpha=0.0, ab_beta=0.0)).per_token(
+                s2, t2, None, torch.ones(2, 3, dtype=torch.bool)))
+        else:
+            assert torch.isposinf(got).all(), side
+        for eps in (1e-2, 1e-4):  # the branch α, β > 0 grows toward it (both −inf: toward the finite value)
+            near = BL.ab_divergence(s2, t2, alpha=eps, beta=eps)
+            assert (near > 1 / (4 * eps * eps) if side != "both" else (near - got).abs() < 0.1 * got).all(), side

@@ -134,9 +134,10 @@ def ab_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         D_AB = −1/(αβ) Σ_i (p_i^α q_i^β − α/(α+β) p_i^(α+β) − β/(α+β) q_i^(α+β)),
 
     with its limits (1/α²) Σ (p^α log(p^α/q^α) − p^α + q^α) at β = 0 (α = 1: KL(p‖q)), (1/β²) Σ (q^β log(q^β/p^β)
-    − q^β + p^β) at α = 0 (β = 1: KL(q‖p)) and ½ Σ (log p − log q)² at α = β = 0 (Cichocki et al.'s limits, continuous
-    in α and β; ABKD's reference code, ``ab_div`` in its distillm/losses.py, divides those two branches by α and β
-    instead of α² and β²: α resp. β times these values, equal at α = 1 resp. β = 1). α trades the focus on the
+    − q^β + p^β) at α = 0 (β = 1: KL(q‖p)) and ½ Σ (log p − log q)² at α = β = 0, +inf where one side alone has mass
+    (Cichocki et al.'s limits, continuous in α and β; ABKD's reference code, ``ab_div`` in its distillm/losses.py,
+    divides those two branches by α and β instead of α² and β²: α resp. β times these values, equal at α = 1 resp.
+    β = 1). α trades the focus on the
     teacher's modes, β the spread of the student's mass. Default α = β = 0.5: 2 Σ (√p − √q)². Plain autograd;
     powers formed from log-probabilities. Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
     """
@@ -146,8 +147,8 @@ def ab_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     check_nonnegative("beta", beta)
     s, t = scaled_pair(student_logits, teacher_logits, temperature)
     logq, logp = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)  # [..., V]
-    if alpha == 0 and beta == 0:
-        d = torch.where(torch.isfinite(logp) & torch.isfinite(logq), logp - logq, 0.0)
+    if alpha == 0 and beta == 0:  # an entry that one side alone rules out: +inf; that both do: 0 (no NaN gradient)
+        d = torch.where(torch.isneginf(logp) & torch.isneginf(logq), 0.0, logp - logq)
         return 0.5 * d.square().sum(-1)
     if beta == 0:
         pa, qa = (alpha * logp).exp(), (alpha * logq).exp()
