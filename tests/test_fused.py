@@ -349,6 +349,27 @@ def test_head_spec_reproduces_the_models_own_logits(config_name, extra, expect):
             head_mod.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70)))
 
 
+def test_verify_head_names_a_model_whose_own_logits_are_not_finite():
+    """A teacher with a NaN in its weights: its logits are NaN, and verify_head said "the fused loss layer does not
+    reproduce LlamaForCausalLM's logits (max |diff| nan): its forward transforms the logits in a way tailkd does not
+    model; set train.fused_loss=off" (distill --train.fused_loss on, cache-teacher), blaming the head. It now names
+    the model's non-finite logits; where only some positions are NaN (a NaN embedding row: every position of a row
+    holding its token, 0·NaN in the attention), the head is checked on the finite ones, the others must be NaN alike."""
+    model = _tiny_model("Gemma2Config", final_logit_softcapping=3.0, tie_word_embeddings=False)
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids[1][ids[1] == 5], ids[0, 3] = 6, 5
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5] = float("nan")  # row 0's logits: NaN
+    assert head_mod.verify_head(model, ids) < 1e-3 * 40
+    with pytest.raises(TailkdError, match="does not reproduce"):  # the missing soft-cap is still caught
+        head_mod.verify_head(model, ids, Head(model.lm_head.weight, None, HeadSpec(70)))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # every logit
+    with pytest.raises(TailkdError, match=r"^Gemma2ForCausalLM's own logits are not finite") as err:
+        head_mod.verify_head(model, ids)
+    assert "fused_loss" not in str(err.value)
+
+
 def test_fused_objective_on_gemma2_equals_objective_on_model_logits():
     student = _tiny_model("Gemma2Config", final_logit_softcapping=3.0, tie_word_embeddings=False)
     teacher = _tiny_model("Gemma2Config", final_logit_softcapping=5.0)

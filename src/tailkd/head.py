@@ -10,6 +10,7 @@ guessed); `verify_head` checks once per model that `final_hidden` + `apply_head`
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -176,7 +177,9 @@ def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, voc
     """Check that `final_hidden` + `apply_head` reproduce ``model(input_ids).logits[..., :V]``; returns max |diff|.
 
     Catches transforms the `HeadSpec` rules do not know (TRL #6629: a fused path that skips Gemma-2 soft-capping).
-    Tolerance: 1e-3 (float32/64) or 3e-2 (bf16/fp16) times max(1, max |logit|). Run it once per model at start-up.
+    Compared where the model's logits are finite (elsewhere ours must be the same NaN or infinity); a model without
+    one finite logit there is refused as such (TailkdError), not blamed on the head. Tolerance: 1e-3 (float32/64) or
+    3e-2 (bf16/fp16) times max(1, max |logit|). Run it once per model at start-up.
     """
     head = head or model_head(model, vocab_size)
     was_training = model.training
@@ -186,9 +189,15 @@ def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, voc
         ours = apply_head(final_hidden(model, input_ids), head).double()
     finally:
         model.train(was_training)
-    err = float((ref - ours).abs().max()) if ref.numel() else 0.0
+    finite = torch.isfinite(ref)  # a broken model's own logits (a NaN in its weights) are no test of the head
+    if ref.numel() and not bool(finite.any()):
+        raise TailkdError(f"{type(model).__name__}'s own logits are not finite (NaN or inf) on the first tokens of "
+                          "the data: its weights or its forward produce them (e.g. a NaN in the checkpoint); check "
+                          "the model")
+    same = bool(((ours == ref) | (ours.isnan() & ref.isnan()))[~finite].all())  # non-finite where the model's are
+    err = float((ref - ours)[finite].abs().max()) if bool(finite.any()) and same else 0.0 if same else math.inf
     low = head.weight.dtype in (torch.bfloat16, torch.float16)
-    tol = (3e-2 if low else 1e-3) * max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
+    tol = (3e-2 if low else 1e-3) * max(1.0, float(ref[finite].abs().max()) if bool(finite.any()) else 1.0)
     if not err <= tol:
         raise TailkdError(
             f"the fused loss layer does not reproduce {type(model).__name__}'s logits ({head.spec.describe()}; max "
