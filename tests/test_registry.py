@@ -179,6 +179,7 @@ def test_a_registered_loss_is_a_loss_of_the_config_and_of_tailkd_losses(restore_
     ({"knobs": "temperature"}, ["tuple of LossConfig field names"]),
     ({"tail_weight": True, "kernel": None}, ["tail_weight=True needs a kernel"]),
     ({"flops_per_vocab": -1}, ["flops_per_vocab=-1"]),
+    ({"per_token": "by kernel"}, ["per_token_by_kernel", "needs a kernel"]),
     ({"options": {"Alpha": 0.5}}, ["options: 'Alpha' is not a lowercase identifier"]),
     ({"options": {"alpha": "half"}}, ["options: alpha='half' must be a finite number"]),
     ({"options": {"alpha": float("nan")}}, ["options: alpha=nan must be a finite number"]),
@@ -192,6 +193,10 @@ def test_register_refuses_a_malformed_row_in_one_line(restore_losses, change, wo
     before = dict(LOSSES)
     fields = {"name": "mine", "formula": "", "source": "", "per_token": hellinger_per_token,
               "knobs": ("temperature",), **change}
+    if fields["per_token"] == "by kernel":
+        from tailkd.registry import per_token_by_kernel
+
+        fields["per_token"] = per_token_by_kernel
     with pytest.raises(ValueError) as exc:
         register(LossSpec(**fields))
     _one_line(exc, "cannot register loss", *words)
@@ -356,14 +361,16 @@ def _amari_reference(h_s, w_s, h_t, w_t, labels, alpha):
     return total / n
 
 
-@pytest.mark.parametrize("with_kernel", [True, False])
+@pytest.mark.parametrize("with_kernel, dense_by_kernel", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("alpha", [None, 0.2, 0.9])
-def test_a_loss_option_reaches_every_path_and_its_default_fills_in(restore_losses, with_kernel, alpha):
+def test_a_loss_option_reaches_every_path_and_its_default_fills_in(restore_losses, with_kernel, dense_by_kernel,
+                                                                   alpha):
     """Amari's α-divergence registered with ``options={"alpha": 0.5}``: given ``LossConfig.options`` (or its default
     where none is given), the dense objective, the chunked layer (its closed-form kernel, or autograd per chunk) and
-    distill_loss equal the plain-sum float64 reference at that α, values and gradients. float64: ~1e-16 per operation
+    distill_loss equal the plain-sum float64 reference at that α, values and gradients; so does the dense path
+    computed by the kernel (`per_token_by_kernel`) instead of the per-token function. float64: ~1e-16 per operation
     over V = 37 terms, p^α q^(1−α) condition ~1/(α(1−α)) ≤ 6; 1e-11 relative leaves > 10^3 margin."""
-    register_amari(kernel=with_kernel)
+    register_amari(kernel=with_kernel, dense_by_kernel=dense_by_kernel)
     options = {} if alpha is None else {"alpha": alpha}
     _every_path_equals(LossConfig(name="amari", options=options), _inputs(seed=2),
                        lambda *x: _amari_reference(*x, 0.5 if alpha is None else alpha))

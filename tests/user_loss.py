@@ -7,7 +7,7 @@ import torch
 
 from tailkd import divergences as dv
 from tailkd.losses import check_logits, check_temperature, scaled_pair
-from tailkd.registry import LossSpec, register
+from tailkd.registry import LossSpec, per_token_by_kernel, register
 
 
 def hellinger(student_logits, teacher_logits, *, temperature=1.0):
@@ -100,8 +100,11 @@ def amari_per_token(d, s, t, labels, mask, seg):
     return amari(s, t, alpha=d.cfg.options["alpha"], temperature=d.cfg.temperature)
 
 
-def register_amari(kernel: bool = True) -> LossSpec:
-    """Register ``amari`` with its option ``alpha`` (default 0.5): ``--loss.options alpha=0.3``."""
-    return register(LossSpec("amari", "(1 − Σ p^α q^(1−α)) / (α(1−α))", "Amari's α-divergence", amari_per_token,
+def register_amari(kernel: bool = True, dense_by_kernel: bool = False) -> LossSpec:
+    """Register ``amari`` with its option ``alpha`` (default 0.5): ``--loss.options alpha=0.3``; with its kernel (else
+    autograd per chunk), and with ``dense_by_kernel`` the kernel on the dense path too (`per_token_by_kernel`) instead
+    of the autograd per-token function."""
+    return register(LossSpec("amari", "(1 − Σ p^α q^(1−α)) / (α(1−α))", "Amari's α-divergence",
+                             per_token_by_kernel if dense_by_kernel else amari_per_token,
                              kernel=amari_kernel if kernel else None, flops_per_vocab=20, knobs=("temperature",),
                              options={"alpha": 0.5}))

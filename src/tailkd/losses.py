@@ -213,6 +213,18 @@ def _dense_rows(kernel: dv.RowKernel, student_logits, teacher_logits, temperatur
     return _Rows.apply(s.reshape(-1, vocab), kernel, teacher, None, None).view(s.shape[:-1])
 
 
+def kernel_divergence(kernel: dv.RowKernel, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Per-token values [...] of a `divergences.RowKernel` on full logits [..., V] (p = softmax(teacher_logits / τ),
+    q = softmax(student_logits / τ)), its gradient the kernel's closed form: the dense path of a divergence defined by
+    its kernel alone (`forward_kl`, `reverse_kl` and `jsd` are this with theirs; a loss of your own:
+    `tailkd.registry.per_token_by_kernel`). Kernels that take a row weight (TAD's) are not for this function.
+    Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input)."""
+    check_logits(student_logits, teacher_logits)
+    check_temperature(temperature)
+    return _dense_rows(kernel, student_logits, teacher_logits, temperature)
+
+
 # --------------------------------------------------------------------------- whole-vocabulary divergences
 
 

@@ -32,13 +32,15 @@ from tailkd.losses import (
     drkl,
     forward_kl,
     jsd,
+    kernel_divergence,
     reverse_kl,
     sequence_log_alpha_mean,
     tad,
     tail_log_weight,
 )
 
-__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "load_module", "register"]
+__all__ = ["CLM_FLOPS_PER_VOCAB", "LOSSES", "Divergence", "LossSpec", "bind", "load_module", "per_token_by_kernel",
+           "register"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,14 @@ class Divergence:
         return cache_divergence(student_logits, teacher, mask, w)
 
 
+def per_token_by_kernel(d, student_logits, teacher_logits, labels, mask, segment_ids=None) -> torch.Tensor:
+    """A `LossSpec.per_token` for a loss defined by its row kernel alone: the bound ``d.kernel`` on full logits
+    (`losses.kernel_divergence`), so that the dense path computes the same closed form as the chunked layer
+    (``LossSpec("mine", ..., per_token=per_token_by_kernel, kernel=lambda cfg: MY_KERNEL)``). Not for a kernel with
+    a row weight (``tail_weight``: TAD's)."""
+    return kernel_divergence(d.kernel, student_logits, teacher_logits, temperature=d.temperature)
+
+
 def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
     """Add ``spec`` to `LOSSES` under ``spec.name``: a loss of your own, defined in your module (README "A loss of your
     own"); every path that reads the registry (`tailkd.objective`, the chunked layer, `tailkd.distill_loss`,
@@ -258,6 +268,9 @@ def register(spec: LossSpec, *, replace: bool = False) -> LossSpec:
     problem = check_options(spec.options)
     if problem:
         raise bad(f"options: {problem} (its defaults, e.g. options={{'alpha': 0.5}})")
+    if spec.per_token is per_token_by_kernel and (spec.kernel is None or spec.tail_weight):
+        raise bad("per_token=per_token_by_kernel computes the row kernel on full logits: it needs a kernel, and one "
+                  "without tail_weight")
     if spec.tail_weight and spec.kernel is None:
         raise bad("tail_weight=True needs a kernel whose teacher rows carry TAD's tail mass (divergences.tad_kernel)")
     if spec.triton is not None and not callable(spec.triton):
