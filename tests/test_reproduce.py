@@ -178,6 +178,9 @@ def test_a_rerun_reuses_only_work_done_with_the_same_settings(tmp_path):
         rp.check_reuse(other, plan(other))
 
 
+EVAL_STUB = '{"student": "final", "teacher": "teacher"}'  # what an eval.json always holds (eval.out replaces only that)
+
+
 def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     cfg = _reproduction(tmp_path)
     runs = plan(cfg)
@@ -188,7 +191,7 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     for e in runs:
         _finish(e.cfg)
         write_settings(e.run / "eval.json", result_settings(rp._eval_config(cfg, e), "eval"))
-        (e.run / "eval.json").write_text("{}")
+        (e.run / "eval.json").write_text(EVAL_STUB)
     rp.check_reuse(cfg, runs)
     assert saved_settings(runs[0].run / "eval.json") == result_settings(rp._eval_config(cfg, runs[0]), "eval")
     other = _reproduction(tmp_path, reproduce__eval_rows=8)
@@ -202,7 +205,7 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
                                           "gives 8"):
         rp.check_reuse(other, plan(other))
     # an eval.json without its settings (an older tailkd) is not trusted: it is evaluated again
-    (runs[0].run / "eval.json").write_text("{}")
+    (runs[0].run / "eval.json").write_text(EVAL_STUB)
     (runs[0].run / "eval.settings.json").unlink()
     assert saved_settings(runs[0].run / "eval.json") is None
     settings = result_settings(rp._eval_config(cfg, runs[0]), "eval")
