@@ -103,6 +103,59 @@ def test_round_trip_matches_the_online_teacher(setup):
         reader.rows(idx, input_ids=batch["input_ids"].flip(0))
 
 
+def _poisoned(setup):
+    """A copy of the setup teacher with a NaN embedding row of a token that some (not all) of the first 10 rows hold:
+    every position of those rows has NaN logits (causal attention spreads them: 0·NaN), the others are untouched."""
+    import copy
+
+    model, _, rows, _, _ = setup
+    ids = torch.stack([rows[i]["input_ids"] for i in range(10)])  # [10, T]
+    counts = torch.stack([torch.bincount(r, minlength=ids.max() + 1) > 0 for r in ids]).sum(0)  # rows holding each id
+    token = int(torch.where(counts > 0, counts, 99).argmin())  # held by the fewest rows
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.model.embed_tokens.weight[token] = float("nan")
+    return bad, (ids == token).any(1)  # [10] the rows whose teacher logits are NaN
+
+
+def test_a_teacher_with_nan_rows_is_cached_as_nan_there_and_training_skips_their_steps(setup, capsys):
+    """The teacher's logits are NaN on some rows. tail_samples made torch.multinomial raise a bare RuntimeError
+    ('invalid multinomial distribution'); now every such position's log-probs, tail mass and tail log-probs are
+    cached as NaN (what the online teacher's log-softmax gives there: a step drawing that row has a non-finite loss
+    and is skipped and counted, train.max_bad_steps), its ids stay in the vocabulary, the other rows are exactly
+    those of the clean teacher's cache, and the run log says how many positions."""
+    model, tok, rows, ident, root = setup
+    bad, nan_rows = _poisoned(setup)
+    assert 0 < int(nan_rows.sum()) < 10
+    kw = {"k": 8, "rows_per_shard": 4, "max_rows": 10, "batch_size": 3, "tail_samples": 3}
+    cache.write_cache(bad, tok, rows, root / "nan_rows", corpus=ident, log=lambda *_: None, **kw)
+    err = capsys.readouterr().err
+    cache.write_cache(model, tok, rows, root / "clean_rows", corpus=ident, log=lambda *_: None, **kw)
+    got = cache.CacheReader(root / "nan_rows").rows(range(10))
+    clean = cache.CacheReader(root / "clean_rows").rows(range(10))
+    for name in ("topk_logprobs", "log_tail_mass", "tail_logprobs"):
+        assert bool(got[name][nan_rows].isnan().all()), name
+    for name in clean:
+        assert torch.equal(got[name][~nan_rows], clean[name][~nan_rows]), name
+    V = len(tok)
+    for name in ("topk_ids", "tail_ids"):
+        assert bool(((got[name] >= 0) & (got[name] < V)).all()), name
+    n_bad = int(nan_rows.sum()) * SEQ_LEN
+    assert f"tailkd: warning: the teacher's logits are not finite (NaN or inf) at {n_bad} of {10 * SEQ_LEN} " \
+           f"positions ({int(nan_rows.sum())} rows)" in err, err
+    # a training step from this cache: a batch with one of those rows has a NaN loss (skipped), one without is finite
+    reader = cache.CacheReader(root / "nan_rows", k=8)
+    first_bad, first_good = int(nan_rows.nonzero()[0]), int((~nan_rows).nonzero()[0])
+    for idx, finite in (([first_good, first_bad], False), ([first_good], True)):
+        batch = data_mod.collate([rows[i] for i in idx])
+        with torch.no_grad():
+            student_logits = model(input_ids=batch["input_ids"]).logits[..., :V]
+        sparse = reader.sparse_teacher(idx, input_ids=batch["input_ids"])
+        terms = objective(student_logits, batch["labels"], batch["labels"].numel(), cfg=LossConfig(name="kd"),
+                          sparse_teacher=sparse)
+        assert bool(torch.isfinite(terms.loss)) == finite, idx
+
+
 def test_int32_ids_beyond_65535_round_trip(setup, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -17,6 +17,11 @@ tail_logprobs      float32 [R, T, M]    renormalised tail p̃ = p/α^T (i ∉ �
 row_hash           int64 [R]            hash of each row's input ids (alignment check against PackedRows)
 =================  ===================  ======================================================================
 
+A position where the teacher's logits have no softmax (NaN, or +inf: a NaN in its weights) has NaN log-probs, tail
+mass and tail log-probs (its ids are in the vocabulary; tail ids drawn uniformly), as the online teacher's
+log-softmax has there: a training step that draws its row has a non-finite loss and is skipped and counted
+(``train.max_bad_steps``) as with the online teacher. Writing the cache says how many positions are so.
+
 Each shard's safetensors metadata holds the sha256 of every tensor; a shard is written to a temporary file,
 fsync'ed and renamed, so after a crash a restart finds only complete shards, verifies and skips them.
 Reading checks the cache against the run (tokenizer fingerprint, corpus fingerprint, split, seq_len, K_run ≤
@@ -146,14 +151,17 @@ def sample_tail(t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, m: int, g
 
     ``t`` [n, V] teacher logits, ``ids`` [n, K], ``lse`` [n] = logsumexp(t). Returns (ids [n, M] int64, their true
     log p [n, M]). Σ_j (α^T/M) f(id_j) is then an unbiased estimate of Σ_{i∉𝒦} p_i f(i). A row without tail mass
-    (one-hot teacher) draws uniformly from the tail; its weights α^T/M are 0.
+    (one-hot teacher) draws uniformly from the tail; its weights α^T/M are 0. A row without a distribution (``lse``
+    not finite: NaN or +inf logits) draws uniformly from the tail too, and its log p are NaN.
     """
     p_tail = (t.scatter(-1, ids, -torch.inf) - lse[:, None]).exp()  # [n, V] p on the tail, 0 on 𝒦
-    empty = p_tail.sum(-1) <= 0
+    broken = ~torch.isfinite(lse)  # [n] NaN / +inf logits: p_tail is NaN, which torch.multinomial refuses
+    empty = (p_tail.sum(-1) <= 0) | broken
     if bool(empty.any()):
         p_tail[empty] = torch.ones_like(p_tail[empty]).scatter_(-1, ids[empty], 0.0)
     draw = torch.multinomial(p_tail.float().cpu(), m, replacement=True, generator=generator).to(t.device)  # [n, M]
-    return draw, t.gather(-1, draw) - lse[:, None]
+    draw_lp = t.gather(-1, draw) - lse[:, None]
+    return draw, draw_lp.masked_fill_(broken[:, None], math.nan)
 
 
 @torch.no_grad()
@@ -171,22 +179,26 @@ def _teacher_rows(hidden: torch.Tensor, head: Head, *, k: int, tail_samples: int
     docstring); local to this process."""
     n_rows, n_time, d = hidden.shape
     flat = hidden.reshape(-1, d)
-    out = {"topk_ids": [], "topk_logprobs": [], "log_tail_mass": [], "tail_ids": [], "tail_logprobs": []}
+    out = {"topk_ids": [], "topk_logprobs": [], "log_tail_mass": [], "tail_ids": [], "tail_logprobs": [],
+           "broken": []}
     for a in range(0, flat.shape[0], chunk):
         t = apply_head(flat[a:a + chunk], head).float()  # [n, V] chunk of teacher logits
         lse = torch.logsumexp(t, dim=-1)  # [n]
+        broken = ~torch.isfinite(lse)  # [n] NaN or +inf logits: no distribution (the online log-softmax is NaN)
         top_t, ids = torch.topk(t, k, dim=-1)  # [n, K] sorted by descending p
         tail = t.scatter(-1, ids, -torch.inf)  # [n, V]
         log_alpha = torch.logsumexp(tail, dim=-1) - lse  # [n]
         out["topk_ids"].append(ids.to(torch.int32))
-        out["topk_logprobs"].append(top_t - lse[:, None])
-        out["log_tail_mass"].append(log_alpha)
+        out["topk_logprobs"].append((top_t - lse[:, None]).masked_fill_(broken[:, None], math.nan))
+        out["log_tail_mass"].append(log_alpha.masked_fill_(broken, math.nan))
+        out["broken"].append(broken)
         if tail_samples:
             draw, draw_lp = sample_tail(t, ids, lse, tail_samples, generator)
             out["tail_ids"].append(draw.to(torch.int32))
             out["tail_logprobs"].append(draw_lp)
     res = {key: torch.cat(v).reshape(n_rows, n_time, -1).cpu() for key, v in out.items() if v}  # [R, T, K|M]
     res["log_tail_mass"] = res["log_tail_mass"].reshape(n_rows, n_time)
+    res["broken"] = res["broken"].reshape(n_rows, n_time)  # not a cached tensor: counted by write_cache
     if want_hidden:
         res["hidden"] = hidden
     return res
@@ -276,6 +288,7 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
     lockstep = is_sharded(model)  # FSDP2 shards: forwards are collective
     most = int(dist.max_over_ranks(forwards, dev)) if lockstep else forwards
     done, error = 0, None  # forwards run; the first error of this rank
+    broken = [0, 0, 0]  # positions without a teacher distribution (cached as NaN), their rows, all positions written
     with progress_bar(total=sum(b - a for _, a, b in todo) * rows.seq_len, unit="tok", unit_scale=True,  # tokens/s,
                       desc="cache-teacher", dynamic_ncols=True, disable=not dist.is_main()) as bar:  # ETA
         try:
@@ -288,6 +301,8 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                     done += 1
                     part = _teacher_rows(hidden, head, k=k, tail_samples=tail_samples, generator=gen, chunk=chunk,
                                          want_hidden=hidden_states)
+                    bad = part.pop("broken")  # [R, T]
+                    broken = [broken[0] + int(bad.sum()), broken[1] + int(bad.any(1).sum()), broken[2] + bad.numel()]
                     if hidden_states:
                         part["hidden"] = part["hidden"].to(HIDDEN_DTYPES[hidden_dtype]).cpu()
                     part["row_hash"] = row_hash(ids)
@@ -304,11 +319,16 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
             _teacher_forward(model, probe, autocast_dtype)
     dist.raise_if_any(error)
     mine = len(range(r, meta["num_shards"], w))
-    written, skipped = dist.sum_over_ranks([len(todo), mine - len(todo)], dev)
+    written, skipped, *broken = dist.sum_over_ranks([len(todo), mine - len(todo), *broken], dev)
     dist.barrier()
     if dist.is_main():
         log(f"teacher cache {out}: {int(written)} shard(s) written, {int(skipped)} complete shard(s) kept"
             + (f" ({w} processes)" if w > 1 else ""))
+        if broken[0]:
+            dist.say(f"tailkd: warning: the teacher's logits are not finite (NaN or inf) at {int(broken[0])} of "
+                f"{int(broken[2])} positions ({int(broken[1])} rows) written now: their log-probs are cached as NaN, "
+                "as the online teacher gives them, so a training step that draws one of those rows has a non-finite "
+                "loss and is skipped and counted (train.max_bad_steps); check the teacher's weights", err=True)
     return json.loads((out / META_FILE).read_text())
 
 
