@@ -3,6 +3,8 @@
 import itertools
 import json
 import math
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import bounds as B
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from tiny import corpus_text, make_teacher_dir, write_corpus
 
 from tailkd.cli import main
+from tailkd.errors import TailkdError
 from tailkd.evaluate import IGNORE_INDEX, add_sums, finalize, heldout_metrics, token_sums
 
 
@@ -275,6 +278,58 @@ def test_eval_teacher_against_itself(assets, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["kl"] == 0.0 and r["rkl"] == 0.0 and r["agreement"] == 1.0
     assert r["student_full_ece"] == r["teacher_full_ece"]
+
+
+def nan_model_dir(src: Path, dst: Path) -> Path:
+    """A copy of the model folder ``src`` with one NaN in layer 1's MLP: its logits are NaN at every position."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all -inf"])
+def test_logits_without_a_softmax_at_held_out_positions_are_one_line_not_nan_results(bad):
+    """A model whose logits at a held-out position are NaN or +inf (or all −inf) has no distribution there: eval
+    printed and saved NaN (and teacher_ppl Infinity) as its KL, CLM and ECE, and json.dumps wrote them as NaN (not
+    JSON). Now a TailkdError says which model and where; −inf on some tokens (a masked vocabulary) is still a
+    distribution, and NaN at ignored positions (padding: labels -100) never reaches the sums."""
+    clean = [[0.5, 0.25, 0.25], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]]
+    broken = from_probs(clean)
+    with torch.no_grad():
+        if bad == "all -inf":
+            broken.table[2] = float("-inf")
+        else:
+            broken.table[2, 1] = bad  # input token 2: no softmax
+    good = from_probs([[0.25, 0.5, 0.25], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    batches = one_batch([0, 1, 2, 0], [2, 0, 1, 1]) * 2  # token 2 at a valid position, in both batches
+    with pytest.raises(TailkdError, match=r"the teacher's logits are not finite \(NaN or \+inf: no softmax\) at 1 "
+                                          r"of the 4 held-out positions of row 0:"):
+        heldout_metrics(good, broken, batches, 3, bins=10)
+    with pytest.raises(TailkdError, match=r"the student's logits are not finite .* at 1 of the 4 held-out positions"):
+        heldout_metrics(broken, good, batches, 3)
+    # the NaN position ignored (label -100): exactly the metrics of the clean model
+    masked = one_batch([0, 1, 2, 0], [2, 0, IGNORE_INDEX, 1])
+    assert heldout_metrics(good, broken, masked, 3, bins=10) == heldout_metrics(good, from_probs(clean), masked, 3,
+                                                                                bins=10)
+    # −inf on one token of the teacher: a distribution with p = 0 there (KL finite, reverse KL +inf)
+    banned = from_probs(clean)
+    with torch.no_grad():
+        banned.table[2, 1] = float("-inf")
+    m = heldout_metrics(good, banned, batches, 3)
+    assert math.isfinite(m["kl"]) and m["rkl"] == math.inf
+
+
+def test_eval_of_a_nan_model_is_one_line_and_writes_nothing(assets, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    teacher = nan_model_dir(assets["teacher"], tmp_path / "nan-teacher")
+    assert main(eval_args(assets, out, "--teacher", str(teacher), "--max-rows", "2")) == 2
+    one_line_error(capsys.readouterr().err, "the teacher's logits are not finite (NaN or +inf: no softmax) at 64 of "
+                                            "the 64 held-out positions of rows 0-1")
+    assert not out.exists()
 
 
 def test_batched_reports_each_batch_once_it_is_consumed():

@@ -89,21 +89,26 @@ def token_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
 
     ``student_logits``, ``teacher_logits``: ``[N, V]``; ``labels``: ``[N]``. Computed in float32
     (float64 stays float64), accumulated in float64. Keys: ``tokens``, ``student_nll``, ``student_hits``,
-    and with a teacher ``teacher_nll``, ``teacher_hits``, ``kl``, ``rkl``, ``agree``; with ``bins`` the
-    ``calibration_sums`` of both models prefixed ``student_`` / ``teacher_``.
+    ``student_broken`` (positions whose logits have no softmax: NaN or +inf), and with a teacher ``teacher_nll``,
+    ``teacher_hits``, ``teacher_broken``, ``kl``, ``rkl``, ``agree``; with ``bins`` the ``calibration_sums`` of both
+    models prefixed ``student_`` / ``teacher_``.
     """
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     logq = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (N, V)
+    student_y = logq.gather(-1, labels[:, None])  # (N, 1) log q_iy; NaN where the row has no softmax (NaN, +inf)
     out = {
         "tokens": torch.tensor(float(labels.numel()), dtype=torch.float64),
-        "student_nll": -logq.gather(-1, labels[:, None]).double().sum(),
+        "student_nll": -student_y.double().sum(),
         "student_hits": (logq.argmax(-1) == labels).double().sum(),
+        "student_broken": student_y.isnan().double().sum(),
     }
     if bins:
         out.update({f"student_{k}": v for k, v in calibration_sums(logq.exp(), labels, bins).items()})
     if teacher_logits is not None:
         logp = torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (N, V)
-        out["teacher_nll"] = -logp.gather(-1, labels[:, None]).double().sum()
+        teacher_y = logp.gather(-1, labels[:, None])  # (N, 1)
+        out["teacher_nll"] = -teacher_y.double().sum()
+        out["teacher_broken"] = teacher_y.isnan().double().sum()
         out["teacher_hits"] = (logp.argmax(-1) == labels).double().sum()
         out["kl"] = _plogp_diff(logp, logq).sum()
         out["rkl"] = _plogp_diff(logq, logp).sum()
@@ -167,19 +172,34 @@ def _chunks(n: int, vocab: int) -> Iterator[slice]:
         yield slice(start, min(n, start + step))
 
 
+def refuse_broken(who: str, broken: float, positions: int, first_row: int, rows: int) -> None:
+    """TailkdError if ``broken`` of the ``positions`` valid positions of held-out rows ``first_row`` ..
+    ``first_row + rows - 1`` have logits of ``who`` (student, teacher) without a softmax (NaN or +inf): every metric
+    would be NaN."""
+    if broken:
+        where = f"row {first_row}" if rows == 1 else f"rows {first_row}-{first_row + rows - 1}"
+        raise TailkdError(f"the {who}'s logits are not finite (NaN or +inf: no softmax) at {int(broken)} of the "
+                          f"{positions} held-out positions of {where}: its weights or its forward produce them (e.g. a "
+                          "NaN in the checkpoint), and its metrics would be NaN; check the model")
+
+
 @torch.no_grad()
 def heldout_sums(student, teacher, batches: Iterable[dict], vocab_size: int, *, device="cpu", autocast_dtype=None,
-                 bins: int | None = None) -> dict[str, torch.Tensor]:
+                 bins: int | None = None, refuse_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """The per-token sums behind `heldout_metrics` (`token_sums`, added over batches), not yet divided: sums of
     several processes add up (`tailkd.distributed.gather_sums`) before the one division (`finalize`).
 
     Every batch runs both forwards, also one without a valid token: data-parallel ranks then stay in lockstep
-    (FSDP's forward is a collective), and a rank with no rows left passes a batch whose labels are all -100."""
+    (FSDP's forward is a collective), and a rank with no rows left passes a batch whose labels are all -100.
+    ``refuse_non_finite``: a TailkdError (`refuse_broken`) at the first batch where a model's logits have no softmax
+    at a valid position (otherwise their sums are NaN)."""
     sums: dict[str, torch.Tensor] = {}
     was_training = student.training
     student.eval()
+    first_row = 0
     try:
         for batch in batches:
+            first_row += batch["input_ids"].shape[0]
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             mask = labels != IGNORE_INDEX  # (B, T)
@@ -191,8 +211,14 @@ def heldout_sums(student, teacher, batches: Iterable[dict], vocab_size: int, *, 
                 continue
             s_logits, y = s_logits[mask], labels[mask]  # (N, V), (N,) valid positions only
             t_logits = None if t_logits is None else t_logits[mask]  # (N, V)
+            part: dict[str, torch.Tensor] = {}
             for sl in _chunks(y.numel(), s_logits.shape[-1]):
-                add_sums(sums, token_sums(s_logits[sl], None if t_logits is None else t_logits[sl], y[sl], bins=bins))
+                add_sums(part, token_sums(s_logits[sl], None if t_logits is None else t_logits[sl], y[sl], bins=bins))
+            if refuse_non_finite:
+                rows = input_ids.shape[0]
+                for who in ("student", "teacher"):
+                    refuse_broken(who, float(part.get(f"{who}_broken", 0)), y.numel(), first_row - rows, rows)
+            add_sums(sums, part)
     finally:
         student.train(was_training)
     return sums
@@ -205,9 +231,11 @@ def heldout_metrics(student, teacher, batches: Iterable[dict], vocab_size: int, 
     ``batches`` yield ``{"input_ids", "labels"}`` ``[B, T]`` (labels already shifted, -100 = ignore).
     ``teacher`` may be None (then only the student's metrics). With ``bins`` (M), also Full-ECE and
     top-1 ECE of both models and their per-bin sums (key ``calibration``). Sums over all valid tokens,
-    one division at the end (see the module docstring for every formula).
+    one division at the end (see the module docstring for every formula). A model whose logits have no softmax
+    (NaN or +inf) at a valid position is a TailkdError (`refuse_broken`), not NaN metrics.
     """
-    sums = heldout_sums(student, teacher, batches, vocab_size, device=device, autocast_dtype=autocast_dtype, bins=bins)
+    sums = heldout_sums(student, teacher, batches, vocab_size, device=device, autocast_dtype=autocast_dtype, bins=bins,
+                        refuse_non_finite=True)
     return finalize(sums, bins=bins)
 
 
