@@ -13,6 +13,7 @@ from tiny import corpus_text, make_teacher_dir, write_corpus
 
 from tailkd.analysis import tail_mass, teacher_statistics
 from tailkd.cli import main
+from tailkd.errors import TailkdError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,6 +97,35 @@ def test_statistics_do_not_depend_on_batch_size():
     assert a["mismatch_rate"] == b["mismatch_rate"]
     assert a["alpha_median"] == b["alpha_median"] and a["alpha_q25"] == b["alpha_q25"]
     assert b["alpha_mean"] == pytest.approx(a["alpha_mean"], rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_teacher_without_a_softmax_at_a_position_is_one_line_not_nan_statistics(bad):
+    """analyze-teacher printed and saved NaN tail masses and quartiles (written as NaN: not JSON) for a teacher whose
+    logits are NaN or +inf at some position; now a TailkdError says where. NaN at an ignored position (label -100)
+    changes nothing."""
+    clean = [[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]
+    teacher = from_probs(clean)
+    with torch.no_grad():
+        teacher.table[2, 0] = bad
+    with pytest.raises(TailkdError, match=r"the teacher's logits are not finite \(NaN or \+inf: no softmax\) at 1 of "
+                                          r"the 3 held-out positions of row 1:"):
+        teacher_statistics(teacher, one_batch([0, 1, 0], [0, 1, 2]) + one_batch([0, 2, 1], [0, 1, 2]), 3, kmax=2)
+    masked = one_batch([0, 2, 1], [0, -100, 2])
+    assert teacher_statistics(teacher, masked, 3, kmax=2) == teacher_statistics(from_probs(clean), masked, 3, kmax=2)
+
+
+def test_analyze_teacher_of_a_nan_teacher_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from test_evaluate import nan_model_dir
+
+    teacher = nan_model_dir(make_teacher_dir(tmp_path / "t", train_steps=0), tmp_path / "nan-teacher")
+    out = tmp_path / "analysis"
+    assert main(["analyze-teacher", "--teacher", str(teacher), "--data", str(write_corpus(tmp_path / "corpus.txt")),
+                 "--seq-len", "32", "--max-rows", "2", "--kmax", "5", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 2
+    one_line_error(capsys.readouterr().err, "the teacher's logits are not finite (NaN or +inf: no softmax) at 64 of "
+                                            "the 64 held-out positions of rows 0-1")
+    assert not out.exists()
 
 
 def test_analyze_teacher_cli_writes_json_and_png(tmp_path, capsys):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tailkd.errors import TailkdError
-from tailkd.evaluate import IGNORE_INDEX, _chunks, forward_logits
+from tailkd.evaluate import IGNORE_INDEX, _chunks, forward_logits, refuse_broken
 
 KMAX = 100
 
@@ -55,13 +55,16 @@ def teacher_statistics(teacher, batches: Iterable[dict], vocab_size: int, *, kma
     """Tail-mass curve and mode-mismatch rate of ``teacher`` over the valid positions of ``batches``.
 
     Returns ``k`` (1..kmax), ``alpha_mean``, ``alpha_q25``, ``alpha_median``, ``alpha_q75`` (lists of
-    kmax floats), ``mismatch_rate``, ``tokens`` (N), ``teacher_clm`` (mean −log p_iy, nats/token).
+    kmax floats), ``mismatch_rate``, ``tokens`` (N), ``teacher_clm`` (mean −log p_iy, nats/token). Logits without a
+    softmax (NaN or +inf) at a valid position are a TailkdError (`tailkd.evaluate.refuse_broken`), not NaN results.
     """
     per_position: list[torch.Tensor] = []  # float32 [N_b, kmax] per chunk
     alpha_sum = torch.zeros(kmax, dtype=torch.float64)
     mismatches = nll = 0.0
-    n = 0
+    n = first_row = 0
     for batch in batches:
+        rows = batch["input_ids"].shape[0]
+        first_row += rows
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         mask = labels != IGNORE_INDEX  # (B, T)
@@ -69,14 +72,18 @@ def teacher_statistics(teacher, batches: Iterable[dict], vocab_size: int, *, kma
             continue
         logits, _ = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
         logits, y = logits[mask], labels[mask]  # (N, V), (N,)
+        broken = 0.0  # positions whose logits have no softmax (NaN / +inf): every statistic would be NaN
         for sl in _chunks(y.numel(), logits.shape[-1]):
             chunk = logits[sl]
+            logp_y = torch.log_softmax(chunk.double(), -1).gather(-1, y[sl, None])  # (n, 1); NaN: no softmax
+            broken += float(logp_y.isnan().sum())
             alpha = tail_mass(chunk, kmax)  # (n, kmax) float64
             alpha_sum += alpha.sum(0).cpu()
             per_position.append(alpha.float().cpu())
             mismatches += float((chunk.argmax(-1) != y[sl]).sum())
-            nll -= float(torch.log_softmax(chunk.double(), -1).gather(-1, y[sl, None]).sum())
+            nll -= float(logp_y.sum())
             n += int(y[sl].numel())
+        refuse_broken("teacher", broken, y.numel(), first_row - rows, rows)
     if n == 0:
         raise TailkdError("no valid positions to analyse; give more data (--data) or a shorter --seq-len")
     values = torch.cat(per_position).numpy()  # (N, kmax) float32
