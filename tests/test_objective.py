@@ -22,6 +22,13 @@ def _batch(B=4, T=7, V=50, seed=0, masked_frac=0.3):
     return s, t, labels
 
 
+def _hidden_and_heads(seed: int):
+    """Student and teacher final hidden states [3, 6, 8] / [3, 6, 12] and LM-head weights [40, 8] / [40, 12]."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g, dtype=torch.float64)
+                 for shape in ((3, 6, 8), (3, 6, 12), (40, 8), (40, 12)))
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_micro_batches_give_the_big_batch_gradient(name):
     s, t, labels = _batch()
@@ -155,11 +162,7 @@ def test_non_finite_rows_at_masked_positions_change_nothing(name, bad):
     from tailkd.objective import chunked_objective
 
     s, t, labels = _batch(B=3, T=6, V=40, seed=9)
-    g = torch.Generator().manual_seed(10)
-    hs, ht = torch.randn(3, 6, 8, generator=g, dtype=torch.float64), torch.randn(3, 6, 12, generator=g,
-                                                                                 dtype=torch.float64)
-    w_s, w_t = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randn(40, 12, generator=g,
-                                                                                 dtype=torch.float64)
+    hs, ht, w_s, w_t = _hidden_and_heads(10)
     masked = labels == IGNORE_INDEX
     n = count_valid_tokens(labels)
     cfg = LossConfig(name=name, k=5, cosine_weight=0.5 if LOSSES[name].needs_teacher else 0.0)
@@ -200,3 +203,50 @@ def test_non_finite_rows_at_masked_positions_change_nothing(name, bad):
                 assert torch.equal(got[~masked], want[~masked]) and (got[masked] == 0).all(), run
             else:  # the student head's weight
                 assert torch.equal(got, want), run
+
+
+@pytest.mark.parametrize("name", [n for n in LOSS_NAMES if LOSSES[n].needs_teacher])
+def test_a_divergence_of_weight_zero_leaves_the_teacher_out(name):
+    """loss.div_weight = 0: the teacher does not enter the step. A teacher with NaN logits (a NaN in its weights) made
+    the loss NaN through 0·NaN on every path, and the step was skipped although the divergence was unused. With
+    div_weight = 0 the divergence is not computed: value and gradients are bit-identical to loss clm's whatever the
+    teacher (its logits, hidden states or top-K cache all NaN, cosine_weight 0: its hidden states unused too), and
+    equal a float64 plain sum of the CLM. ``div`` then reads 0."""
+    from tailkd.divergences import SparseTeacher
+    from tailkd.head import Head, HeadSpec
+    from tailkd.objective import chunked_objective
+
+    s, t, labels = _batch(B=3, T=6, V=40, seed=11)
+    hs, ht, w_s, w_t = _hidden_and_heads(12)
+    n = count_valid_tokens(labels)
+    nan = float("nan")
+    ids = torch.randint(0, 40, (3, 6, 5), generator=torch.Generator().manual_seed(13))
+    cache = SparseTeacher(ids, torch.full((3, 6, 5), nan, dtype=torch.float64), torch.full((3, 6), nan,
+                                                                                          dtype=torch.float64))
+
+    def dense(cfg, teacher, sparse=None):
+        x = s.clone().requires_grad_(True)
+        out = objective(x, labels, n, cfg=cfg, teacher_logits=teacher, sparse_teacher=sparse,
+                        student_hidden=hs, teacher_hidden=torch.full_like(ht, nan))
+        out.loss.backward()
+        return out, (x.grad,)
+
+    def chunked(cfg, teacher_hidden):
+        h, w = hs.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        out = chunked_objective(h, Head(w, None, HeadSpec(40)), labels, n, cfg=cfg, teacher_hidden=teacher_hidden,
+                                teacher_head=Head(w_t, None, HeadSpec(40)), chunk_size=4)
+        out.loss.backward()
+        return out, (h.grad, w.grad)
+
+    zero, clm = LossConfig(name=name, k=5, div_weight=0.0), LossConfig(name="clm")
+    runs = [(dense(zero, torch.full_like(t, nan)), dense(clm, None)),
+            (chunked(zero, torch.full_like(ht, nan)), chunked(clm, None))]
+    if LOSSES[name].sparse:
+        runs.append((dense(zero, None, cache), dense(clm, None)))
+    y = labels.clamp_min(0)
+    want = -sum(float(torch.log_softmax(s[b, i], -1)[y[b, i]]) for b in range(3) for i in range(6)
+                if labels[b, i] != IGNORE_INDEX) / n  # float64 plain sum of <= 18 terms: ~1e-15 relative
+    for (got, got_grads), (ref, ref_grads) in runs:
+        assert torch.equal(got.loss, ref.loss) and float(got.div) == 0.0, name
+        assert all(torch.equal(a, b) for a, b in zip(got_grads, ref_grads)), name
+    assert float(runs[0][0][0].loss.detach()) == pytest.approx(want, rel=1e-12)

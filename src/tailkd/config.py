@@ -246,7 +246,8 @@ class LossConfig:
     ab_alpha: float = _f(0.5, "alpha_beta: α (α = 1, β = 0 is forward KL)")
     ab_beta: float = _f(0.5, "alpha_beta: β (α = 0, β = 1 is reverse KL)")
     clm_weight: float = _f(1.0, "weight of the student's CLM loss (paper Eq. 4: 1)")
-    div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1)")
+    div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1); 0: not computed (the teacher does not "
+                                "enter the loss; the div column reads 0)")
     cosine_weight: float = _f(0.0, "weight of the hidden-state cosine loss (paper §3.2.2)")
     options: dict[str, float] = _f({}, "the knobs of a loss of your own, NAME=VALUE each (YAML: options: {NAME: "
                                        "VALUE}): the names its LossSpec.options declares, numbers; default: none "

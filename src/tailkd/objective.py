@@ -4,6 +4,8 @@ Per valid token t (labels already shifted once by the data pipeline, -100 = igno
 
     L(t) = clm_weight * CE(q_t, y_t) + div_weight * D(t) + cosine_weight * (1 - cos(h_S, h_T))
 
+(a term of weight 0 among div and cosine is not computed: the teacher does not enter it, even with NaN logits)
+
 and the value returned for backward is ``Σ_t L(t) / num_valid_tokens`` where ``num_valid_tokens`` is the GLOBAL
 number of valid tokens of the optimizer step: summed over every gradient-accumulation micro-batch and every
 data-parallel rank, counted before the step. With that denominator the accumulated gradient equals the gradient of
@@ -69,6 +71,12 @@ def _divergence(cfg) -> registry.Divergence | None:
     return d if d.spec.needs_teacher else None
 
 
+def _weighted_divergence(cfg) -> registry.Divergence | None:
+    """`_divergence`, or None when ``cfg.div_weight`` is 0: a divergence of weight 0 is not computed, so the teacher
+    does not enter the step (0·D would be NaN for a teacher with NaN logits, and cost a pass over [N, V])."""
+    return _divergence(cfg) if cfg.div_weight != 0 else None
+
+
 def _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype) -> torch.Tensor | None:
     if cfg.cosine_weight <= 0:
         return None
@@ -118,7 +126,7 @@ def objective(
                               ignore_index=IGNORE_INDEX, reduction="sum")
     zero = student_logits.new_zeros((), dtype=dtype)
     div_sum = zero
-    d = _divergence(cfg)
+    d = _weighted_divergence(cfg)
     if d is not None:
         if sparse_teacher is not None:
             if not d.spec.sparse:
@@ -157,10 +165,11 @@ def chunked_objective(
     from tailkd.config import LossConfig
 
     cfg = cfg or LossConfig()
-    sums = fused.chunked_sums(student_hidden, student_head, labels, _divergence(cfg), clm_weight=cfg.clm_weight,
-                              div_weight=cfg.div_weight, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                              sparse_teacher=sparse_teacher, segment_ids=segment_ids, seq_alpha_mean=seq_alpha_mean,
-                              chunk_size=chunk_size, matmul_dtype=matmul_dtype, kernels=kernels)
+    sums = fused.chunked_sums(student_hidden, student_head, labels, _weighted_divergence(cfg),
+                              clm_weight=cfg.clm_weight, div_weight=cfg.div_weight, teacher_hidden=teacher_hidden,
+                              teacher_head=teacher_head, sparse_teacher=sparse_teacher, segment_ids=segment_ids,
+                              seq_alpha_mean=seq_alpha_mean, chunk_size=chunk_size, matmul_dtype=matmul_dtype,
+                              kernels=kernels)
     total, cos_sum = sums.total, _cosine_sum(cfg, student_hidden, teacher_hidden, labels, sums.total.dtype)
     if cos_sum is not None:
         total = total + cfg.cosine_weight * cos_sum
