@@ -103,6 +103,19 @@ def test_a_nan_teacher_is_not_reported_as_kl_zero():
     assert torch.isfinite(token_sums(s, t, torch.tensor([1]))["kl"])
 
 
+def test_a_nan_clm_has_a_nan_perplexity_not_an_infinite_one():
+    """distill's held-out rows (metrics.jsonl, which keeps NaN sums) showed teacher_ppl Infinity for a NaN teacher:
+    exp of a NaN CLM is NaN; a CLM past float64's exp range is still inf."""
+    s = torch.tensor([[0.0, 1.0, 2.0]])
+    sums = token_sums(s, torch.tensor([[float("nan"), 0.0, 0.0]]), torch.tensor([1]))
+    out = finalize(sums)
+    assert math.isnan(out["teacher_clm"]) and math.isnan(out["teacher_ppl"])
+    assert out["student_ppl"] == pytest.approx(math.exp(out["student_clm"]), rel=1e-15)
+    from tailkd.evaluate import _exp
+
+    assert _exp(700.0) == math.inf and _exp(-1.0) == math.exp(-1.0)
+
+
 def test_calibrated_predictions_have_zero_ece():
     # q = (0.75, 0.25) at every position, label 0 three times out of four: calibrated in every bin
     model = from_probs([[0.75, 0.25]])

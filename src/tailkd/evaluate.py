@@ -133,7 +133,8 @@ def _ece(count: torch.Tensor, conf: torch.Tensor, hits: torch.Tensor, n: float) 
 
 
 def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else float("inf")
+    """Perplexity from a mean CLM: inf past float64's range, NaN for a NaN CLM (a model with NaN logits: not inf)."""
+    return math.exp(x) if x < 700 else float("inf") if x >= 700 else math.nan
 
 
 def finalize(sums: dict[str, torch.Tensor], *, bins: int | None = None) -> dict:
