@@ -3,12 +3,14 @@ uninterrupted run bit for bit; SIGINT/SIGTERM save and exit 130/143; corrupted c
 skipped; a full disk leaves the previous checkpoint intact; non-finite steps are skipped and counted."""
 
 import errno
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -690,6 +692,91 @@ def test_atomic_write_dir_stopped_between_its_renames_keeps_the_old_folder(tmp_p
     assert Path(calls[0][1]).name.startswith(".old-sel-")  # the first rename moved the old folder aside
     assert (target / "selection.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["sel"]
+
+class _Interleaving:
+    """Writers in threads, one at a time: each parks at its start and before each ``os.replace``, and ``order`` (one
+    name per step, e.g. "ABBA") says who takes the next step once every live writer is parked; a name whose writer
+    is done is skipped, and past the end of ``order`` the writers go in any order. Deterministic: the file system
+    sees the renames in exactly that order."""
+
+    def __init__(self, order: str, real_replace):
+        self.order, self.real_replace = list(order), real_replace
+        self.cv = threading.Condition()
+        self.parked, self.live = set(), set()
+
+    def _may_go(self, me: str) -> bool:
+        if self.parked != self.live:  # someone is still running to its next step
+            return False
+        while self.order and self.order[0] not in self.live:
+            self.order.pop(0)
+        return not self.order or self.order[0] == me
+
+    def step(self) -> None:
+        me = threading.current_thread().name
+        with self.cv:
+            self.parked.add(me)
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self._may_go(me))
+            if self.order:
+                self.order.pop(0)
+            self.parked.discard(me)
+
+    def replace(self, src, dst):
+        self.step()
+        self.real_replace(src, dst)
+
+    def run(self, writers: dict) -> dict:
+        errors = {}
+
+        def body(fn):
+            try:
+                self.step()
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors[threading.current_thread().name] = exc
+            finally:
+                with self.cv:
+                    self.live.discard(threading.current_thread().name)
+                    self.parked.discard(threading.current_thread().name)
+                    self.cv.notify_all()
+
+        threads = [threading.Thread(target=body, args=(fn,), name=name) for name, fn in writers.items()]
+        self.live = set(writers)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        return errors
+
+
+@pytest.mark.parametrize("order", sorted({"".join(p) for p in itertools.permutations("AAABBB")}))
+def test_two_writers_of_one_folder_at_once_both_succeed(tmp_path, monkeypatch, order):
+    """Two processes writing one folder through atomic_write_dir at once (two select-data or compare runs into one
+    --out): their renames interleaved, and the second failed (exit 1) with "OSError: [Errno 39] Directory not empty"
+    (its new folder renamed onto the one the other had just put in place) or FileNotFoundError (moving aside a
+    folder the other had just moved), leaving an .old-* folder. Every interleaving of the two writers' steps (start,
+    the renames) now ends with both writers done, one complete output in place and nothing else beside it."""
+    target = tmp_path / "sel"
+    ckpt.atomic_write_dir(target, lambda tmp: (tmp / "selection.json").write_text("old"))
+    host = ckpt.writer_tag().split("@", 1)[1]
+    pids = {"A": os.getpid(), "B": os.getppid()}  # two live writers (a dead one's folders are removed)
+    sched = _Interleaving(order, os.replace)
+    monkeypatch.setattr(ckpt, "writer_tag", lambda: f"{pids[threading.current_thread().name]}@{host}")
+    monkeypatch.setattr(ckpt.os, "replace", sched.replace)
+
+    def writer(text):
+        def write(tmp):
+            (tmp / "selection.json").write_text(text)
+            (tmp / "scores.json").write_text(text)
+        return lambda: ckpt.atomic_write_dir(target, write)
+
+    errors = sched.run({"A": writer("A"), "B": writer("B")})
+    monkeypatch.setattr(ckpt.os, "replace", sched.real_replace)
+    assert errors == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["sel"]
+    assert (target / "selection.json").read_text() in ("A", "B")
+    assert (target / "scores.json").read_text() == (target / "selection.json").read_text()
+
 
 def test_atomic_folders_get_the_permissions_of_any_new_folder(tmp_path):
     """A folder written by atomic_write_dir (the saved student RUN/final, checkpoints, select-data's output, the corpus

@@ -158,7 +158,8 @@ def atomic_write_dir(final: Path, write) -> Path:
 
     The temporary folder ``.tmp-<name>-<pid>@<host>-*`` is removed when ``write`` fails or a signal stops it (the
     replaced folder put back if it was already moved aside); one left by a killed process is removed by the next
-    writer of ``final`` (``remove_dead_writers``)."""
+    writer of ``final`` (``remove_dead_writers``). Two writers of ``final`` at once both succeed: the folder in place
+    at the end is one of theirs, whole (`_put_in_place`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(final)
@@ -171,12 +172,7 @@ def atomic_write_dir(final: Path, write) -> Path:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if final.exists():
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _put_in_place(tmp, final, old)
         _fsync_dir(final.parent)
     except BaseException:  # a failure, Ctrl-C or SIGTERM (Terminated): the old folder back if it was moved aside
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,6 +180,26 @@ def atomic_write_dir(final: Path, write) -> Path:
             os.replace(old, final)
         raise
     return final
+
+
+def _put_in_place(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``: the folder there first moved aside to ``old``, then removed.
+
+    No test-then-rename: another writer of ``final`` may rename between any two of these steps. The folder to move
+    aside may be gone (the other moved it: nothing to move), and ``final`` may hold the other's complete folder when
+    ours comes (renamed in while ours was moved aside: ENOTEMPTY); that one then stays, ours is dropped, as if ours
+    had come first and been replaced. Either way one writer's whole folder is in place, and no ``.old-*`` is left."""
+    try:
+        os.replace(final, old)
+    except FileNotFoundError:
+        pass
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_file(final: Path, write, *, replace: bool = True) -> Path:
