@@ -1,6 +1,7 @@
 """tailkd.analysis and `tailkd analyze-teacher`: tail mass α_K, mode mismatch, the two-panel figure."""
 
 import json
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -161,6 +162,42 @@ def test_analyze_teacher_json_names_the_heldout_files_it_read(tmp_path):
                  "--out", str(out)]) == 0
     r = json.loads((out / "teacher_analysis.json").read_text())[str(teacher)]
     assert r["data"] == [str(corpus)] and r["heldout_data"] == [str(other)]
+
+
+@pytest.mark.parametrize("stopped_at", ["teacher_tail_mass.png", "teacher_analysis.json"])
+def test_analyze_teacher_stopped_while_writing_never_leaves_a_mismatched_pair(tmp_path, monkeypatch, stopped_at):
+    """analyze-teacher wrote teacher_analysis.json, then its PNG: Ctrl-C / SIGTERM between the two left the new JSON
+    beside the PNG of the earlier analysis in the same --out. The JSON is now removed first and written last, the
+    PNG (drawn before anything on disk changes) in between: a stop at either write leaves the earlier pair
+    untouched or no JSON at all (not done: `tailkd reproduce` makes it again), never a JSON beside another's PNG."""
+    from tailkd import checkpoint as ckpt
+
+    teacher = make_teacher_dir(tmp_path / "t", train_steps=0)
+    corpus, out = write_corpus(tmp_path / "corpus.txt"), tmp_path / "analysis"
+
+    def analyze(rows):
+        return main(["analyze-teacher", "--teacher", str(teacher), "--data", str(corpus), "--split", "all",
+                     "--seq-len", "32", "--max-rows", str(rows), "--kmax", "5", "--cache-dir", str(tmp_path / "c"),
+                     "--out", str(out)])
+
+    assert analyze(1) == 0
+    old = {name: (out / name).read_bytes() for name in ("teacher_analysis.json", "teacher_tail_mass.png")}
+    real_write = ckpt.atomic_write_file
+
+    def stopped(final, write, **kw):
+        if Path(final).name == stopped_at:
+            raise KeyboardInterrupt
+        return real_write(final, write, **kw)
+
+    monkeypatch.setattr(ckpt, "atomic_write_file", stopped)
+    assert analyze(4) == 130
+    monkeypatch.setattr(ckpt, "atomic_write_file", real_write)
+    left = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "teacher_analysis.json" not in left or left == old
+    assert set(left) <= set(old)
+    assert analyze(4) == 0
+    new = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(new) == set(old) and all(new[name] != old[name] for name in old)
 
 
 def test_analyze_teacher_errors_are_one_line(tmp_path, capsys):

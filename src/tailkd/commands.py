@@ -151,14 +151,14 @@ def generation_examples(cfg: EvalConfig, tokenizer):
 
 def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     """``tailkd analyze-teacher``: `tailkd.analysis.teacher_statistics` of each teacher on ``cfg.data`` (with its own
-    tokeniser). Writes ``out/teacher_analysis.json`` ({teacher spec: statistics + settings}) and
-    ``out/teacher_tail_mass.png`` (paper Fig. 2: (a) mean α_K with the q25–q75 band, (b) mismatch rate)."""
+    tokeniser). Writes ``out/teacher_tail_mass.png`` (paper Fig. 2: (a) mean α_K with the q25–q75 band, (b) mismatch
+    rate), then ``out/teacher_analysis.json`` ({teacher spec: statistics + settings}): a JSON there is the PNG's."""
     from tailkd import models
     from tailkd.analysis import format_summary, teacher_statistics
-    from tailkd.checkpoint import atomic_write_text
+    from tailkd.checkpoint import atomic_write_file, atomic_write_text
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched
-    from tailkd.plots import plot_tail_mass
+    from tailkd.plots import tail_mass_png
     from tailkd.runs import progress_bar
     from tailkd.vocab import check_vocab
 
@@ -177,8 +177,12 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
         del model
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    picture = tail_mass_png(results)  # drawn before anything on disk changes
+    # Two files, not one folder (`tailkd reproduce` analyses into its own folder): the JSON is removed first and
+    # written last, so a stop between the writes leaves no JSON (not done), never a JSON beside another's PNG.
+    (out / "teacher_analysis.json").unlink(missing_ok=True)
+    atomic_write_file(out / "teacher_tail_mass.png", lambda tmp: tmp.write_bytes(picture))
     atomic_write_text(out / "teacher_analysis.json", json.dumps(results, indent=1))
-    plot_tail_mass(results, out / "teacher_tail_mass.png")
     print(format_summary(results))
     print(f"saved {out}/teacher_analysis.json and {out}/teacher_tail_mass.png")
     return results

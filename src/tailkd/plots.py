@@ -6,6 +6,7 @@ and inside other people's notebooks.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,8 +17,16 @@ def _save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG under a temporary name, then rename it: never a half-written picture."""
     from tailkd.checkpoint import atomic_write_file
 
+    picture = _png(fig)
+    return atomic_write_file(Path(path), lambda tmp: tmp.write_bytes(picture))
+
+
+def _png(fig: Figure) -> bytes:
+    """``fig`` as the PNG bytes `_save` writes, drawn in memory."""
     FigureCanvasAgg(fig)
-    return atomic_write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
+    return buf.getvalue()
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -35,6 +44,16 @@ def plot_tail_mass(results: dict, path: str | Path) -> Path:
     (a) mean teacher tail mass α_K (fraction of probability outside the top K) vs K, the q25–q75 band
     shaded and the median dashed; (b) mode mismatch rate (argmax p ≠ next token) per teacher, in %.
     """
+    return _save(_tail_mass_figure(results), path)
+
+
+def tail_mass_png(results: dict) -> bytes:
+    """`plot_tail_mass`'s picture as PNG bytes, nothing written (`tailkd.commands.analyze_teacher` draws it before
+    it replaces anything on disk)."""
+    return _png(_tail_mass_figure(results))
+
+
+def _tail_mass_figure(results: dict) -> Figure:
     fig = Figure(figsize=(11, 4.2))
     ax_a, ax_b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     names = list(results)
@@ -61,7 +80,7 @@ def plot_tail_mass(results: dict, path: str | Path) -> Path:
     ax_b.set_ylim(0, 100)
     ax_b.set_title("(b) teacher mode mismatch rate")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_heldout_kl(curves: dict, path: str | Path) -> Path:
