@@ -1,6 +1,7 @@
 """Teacher cache: round trip, exact losses from it, the tail-sample estimator, mismatches, corruption, resume."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -344,6 +345,51 @@ def test_corrupted_shard_is_detected_named_and_rewritten(setup):
     _write(setup, "corrupt", log=logs.append)  # a rerun rewrites exactly the damaged shards
     assert sum("rewriting damaged shard" in line for line in logs) == 2
     cache.CacheReader(path).rows([5, 9])
+
+
+def test_a_second_cache_teacher_on_one_out_leaves_the_first_ones_shard_alone(setup, monkeypatch):
+    """Two cache-teacher runs on one --out at once: the second's start-up deleted every .tmp-* file in the folder,
+    the shard the first was writing at that moment among them, and the first then failed (exit 2, "could not write
+    teacher cache shard ... (No such file or directory); free disk space", a wrong cause). Here the second run
+    (another live process: writer tag of the parent process) runs whole while the first has written shard 1's
+    temporary file: both finish and equal a fresh cache; the temporary files of a dead writer of this host and an
+    untagged one (an older tailkd's) are still removed, another live writer's is kept."""
+    import socket
+    import subprocess
+
+    from tailkd import checkpoint as ckpt
+
+    _, fresh = _write(setup, "fresh2")
+    host = socket.gethostname()
+    path = setup[4] / "shared"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    writer = {"tag": ckpt.writer_tag()}
+    monkeypatch.setattr(ckpt, "writer_tag", lambda: writer["tag"])
+    real_save, state = cache.save_safetensors, {"second": False}
+
+    def second_run_starts_meanwhile(tensors, tmp, metadata=None):
+        real_save(tensors, tmp, metadata)
+        if tmp.name.startswith(".tmp-shard_000001") and not state["second"]:
+            state["second"] = True
+            path.joinpath(f".tmp-shard_000002.safetensors-{gone.pid}@{host}").write_bytes(b"killed")
+            path.joinpath(".tmp-shard_000002.safetensors-1").write_bytes(b"older tailkd, killed")
+            other = path / f".tmp-head.safetensors-{os.getppid()}@{host}"
+            other.write_bytes(b"a third writer, live")  # (of a file the second run does not write)
+            writer["tag"] = f"{os.getppid()}@{host}"  # another live process
+            try:
+                _write(setup, "shared")
+            finally:
+                writer["tag"] = f"{os.getpid()}@{host}"
+            assert tmp.is_file() and other.is_file()
+            other.unlink()
+
+    monkeypatch.setattr(cache, "save_safetensors", second_run_starts_meanwhile)
+    _write(setup, "shared")
+    assert state["second"]
+    assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    for shard in sorted(fresh.glob("shard_*")):
+        assert (path / shard.name).read_bytes() == shard.read_bytes()
 
 
 def test_resume_after_a_crash_skips_complete_shards_and_equals_a_fresh_cache(setup, monkeypatch):

@@ -206,10 +206,10 @@ def atomic_write_file(final: Path, write, *, replace: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``final``, fsync it, rename it to ``final`` (replacing
     it) and fsync the folder: after a crash there is the old file or the new one, never half of one. The file has
     the mode of any new file (`new_file_modes`). ``replace=False``: never replace an existing ``final``, even one
-    another process creates meanwhile (FileExistsError)."""
+    another process creates meanwhile (FileExistsError). The temporary file is ``.tmp-<name>-<pid>@<host>``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp = final.with_name(f".tmp-{final.name}-{writer_tag()}")  # whose: `left_by_dead_writer` tells a dead one's
     try:
         write(tmp)
         _set_mode(tmp, _new_file_mode(final.parent))  # that of any new file (safetensors 0.8 writes 0o600)

@@ -217,7 +217,7 @@ def _write_config(cfg: DistillConfig, path: Path, *, replace: bool = True) -> No
 def _first_config_leftover(path: Path) -> bool:
     """The temporary file of a config.yaml write killed before its rename (`atomic_write_file`): in a folder that
     holds nothing else no run ever started, and a new run may use the folder (removing it)."""
-    return re.fullmatch(r"\.tmp-config\.yaml-\d+", path.name) is not None and path.is_file()
+    return re.fullmatch(r"\.tmp-config\.yaml-\d+(@.+)?", path.name) is not None and path.is_file()
 
 
 def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
