@@ -359,6 +359,50 @@ def test_output_paths_under_a_file_are_one_clear_error(tmp_path):
             parse(argv, COMMAND_CONFIGS.get(command, DistillConfig))
 
 
+def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """An output folder without write permission (or on a read-only file system) was found only when the result was
+    written, after the whole evaluation, analysis, scoring or lm-eval run: exit 1, 'PermissionError: [Errno 13]'. Now
+    refused when the command's config is read, in one line, exit 2: a probe file cannot be created where the output
+    goes (this test runs as root, so the folder's refusal is simulated: creating a file in it fails with EACCES)."""
+    import errno
+    import os
+
+    from tailkd.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_open = os.open
+
+    def no_permission(path, flags, *a, **kw):
+        if Path(path).parent == locked and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_permission)
+    where = re.escape(str(locked))
+    cases = [
+        ("eval", ["--student", str(tmp_path), "--out", str(locked / "e.json")], "eval.out"),
+        ("lm-eval", ["--model", str(tmp_path), "--out", str(locked / "r.json")], "lm_eval.out"),
+        ("analyze-teacher", ["--out", str(locked)], "analyze.out"),
+        ("analyze-teacher", ["--out", str(locked / "new" / "an")], "analyze.out"),  # the folders to be made in it
+        ("cache-teacher", ["--out", str(locked / "cache")], "cache.out"),
+        ("select-data", ["--reference", str(tmp_path), "--out", str(locked / "sel")], "select.out"),
+        ("compare", ["--out", str(locked / "cmp")], "compare.out"),  # written beside, renamed into place
+    ]
+    for command, argv, key in cases:
+        with pytest.raises(TailkdError, match=rf"^{re.escape(key)}=.*: cannot write in {where} \(Permission denied\)"):
+            parse(argv, COMMAND_CONFIGS[command])
+    capsys.readouterr()
+    assert main(["eval", "--student", str(tmp_path / "nothing"), "--out", str(locked / "e.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tailkd: error: eval.out=") and "cannot write in" in err[0]
+    monkeypatch.setattr(os, "open", real_open)
+    assert list(locked.iterdir()) == []  # nothing made there; and a writable folder passes (no probe left)
+    parse(["--student", str(tmp_path), "--out", str(locked / "e.json")], COMMAND_CONFIGS["eval"])
+    parse(["--out", str(locked)], COMMAND_CONFIGS["analyze-teacher"])
+    assert list(locked.iterdir()) == []
+
+
 def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):
     """``recipe --set`` overrides a setting of every stage, also where a stage sets it itself (math-two-stage's
     stages set train.max_steps and lr: --set was merged under them and ignored), and is checked like the stage's own

@@ -36,6 +36,7 @@ from tailkd.config import (
     check_device_name,
     check_leaves,
     check_out_path,
+    check_out_writable,
     from_dict,
     leaf_value,
     read_yaml,
@@ -208,6 +209,7 @@ class EvalConfig:
             check_at_least(self, key, 0, " (0: all)" if key != "generate.samples" else "")
         _check_device(self, "eval.device")
         check_out_path(self, "eval.out", folder=False)
+        check_out_writable(self, "eval.out", into=False)
         check_replaced_output(self, "eval.out", "eval", ("student", "teacher"))
         if self.generate.enabled and self.data.paths and self.data.task != "sft":
             raise TailkdError("eval --generate decodes prompt/response data: pass the files with --prompts FILE.jsonl "
@@ -268,6 +270,7 @@ class AnalyzeTeacherConfig:
         check_at_least(self, "analyze.kmax", 1, " (the paper uses 100)")
         _check_device(self, "analyze.device")
         check_out_path(self, "analyze.out", folder=True)
+        check_out_writable(self, "analyze.out", into=True)
         return self
 
 
@@ -309,6 +312,7 @@ class CacheTeacherConfig:
         if not self.cache.out:
             raise TailkdError("cache.out is not set; pass --out DIR (the cache folder)")
         check_out_path(self, "cache.out", folder=True)
+        check_out_writable(self, "cache.out", into=True)
         for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard", "cache.ddp_timeout"):
             check_at_least(self, key, 1)
         check_at_least(self, "cache.tail_samples", 0, " (0: none)")
@@ -368,6 +372,7 @@ class LmEvalConfig:
         check_at_least(self, "lm_eval.num_fewshot", 0)
         _check_device(self, "lm_eval.device")
         check_out_path(self, "lm_eval.out", folder=False)
+        check_out_writable(self, "lm_eval.out", into=False)
         check_replaced_output(self, "lm_eval.out", "lm-eval", ("results",))
         return self
 
@@ -395,6 +400,7 @@ class CompareConfig:
     def validate(self) -> CompareConfig:
         check_leaves(self)
         check_out_path(self, "compare.out", folder=True)
+        check_out_writable(self, "compare.out", into=False)
         from tailkd.compare import check_compare_out
 
         check_compare_out(self.compare.out)  # before a recipe's stages run, not after them
@@ -502,6 +508,7 @@ class SelectDataConfig:
         check_at_least(self, "select.batch_size", 1)
         check_at_least(self, "select.max_docs", 0, " (0: all)")
         check_out_path(self, "select.out", folder=True)
+        check_out_writable(self, "select.out", into=False)
         _check_device(self, "select.device")
         return self
 

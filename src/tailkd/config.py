@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
+import secrets
 import types
 import typing
 from dataclasses import dataclass, field
@@ -485,6 +487,28 @@ def check_out_path(cfg, key: str, folder: bool) -> None:
     parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise TailkdError(f"{key}={out}: {parent} is a file, not a folder; give a path in a folder")
+
+
+def check_out_writable(cfg, key: str, *, into: bool) -> None:
+    """TailkdError unless a file can be created where the output ``key`` is written: in the folder itself (``into``:
+    a folder the command writes files into), else in its parent (a file, or a folder renamed into place whole); the
+    nearest of them that exists, where the missing folders would be made. A probe file is created and removed there
+    (as `tailkd.checkpoint` reads a new file's mode): a folder without write permission or on a read-only file
+    system was found only after the evaluation, analysis or scoring had run (PermissionError, exit 1)."""
+    out = leaf_value(cfg, key)
+    if not out:
+        return
+    start = Path(out).absolute() if into else Path(out).absolute().parent
+    folder = next((p for p in (start, *start.parents) if p.is_dir()), None)
+    if folder is None:
+        return
+    probe = folder / f".tmp-probe-{secrets.token_hex(6)}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise TailkdError(f"{key}={out}: cannot write in {folder} ({exc.strerror or exc}); choose another --out, "
+                          "or make that folder writable") from None
+    probe.unlink(missing_ok=True)
 
 
 def leaf_value(cfg, dotted: str):
