@@ -448,3 +448,31 @@ def test_options_come_from_flags_and_yaml_and_are_checked_before_the_run(restore
     assert main(["losses"]) == 0
     assert "| amari | (1 − Σ p^α q^(1−α)) / (α(1−α)) | temperature; options: alpha=0.5 |" in capsys.readouterr().out
 
+
+def test_repeated_options_flags_add_up_as_one_flag_with_every_word(restore_losses, tmp_path):
+    """``--loss.options a=1 --loss.options b=2`` sets both, as ``--loss.options a=1 b=2`` does (a later word for the
+    same name wins), over the YAML's: each repeated flag replaced the previous one's words, so ``a`` silently kept the
+    YAML's value (or its default) and the run trained with it (argparse's store of a list)."""
+    import argparse
+
+    import yaml
+    from user_loss import amari_kernel, amari_per_token
+
+    from tailkd.cli import build_parser
+    from tailkd.config import config_from_args
+    from tailkd.registry import register
+
+    register(LossSpec("amari2", "(1 − Σ p^α q^(1−α)) / (α(1−α))", "two options", amari_per_token,
+                      kernel=amari_kernel, knobs=("temperature",), options={"alpha": 0.5, "gamma": 1.0}))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"loss": {"name": "amari2", "options": {"alpha": 0.2, "gamma": 3.0}}}))
+
+    def parsed(*flags) -> dict:
+        args = build_parser().parse_args(["distill", "--config", str(config), *flags])
+        return config_from_args(argparse.Namespace(**vars(args))).loss.options
+
+    assert parsed("--loss.options", "alpha=0.3", "--loss.options", "gamma=2") == {"alpha": 0.3, "gamma": 2.0}
+    assert parsed("--loss.options", "alpha=0.3", "gamma=2") == {"alpha": 0.3, "gamma": 2.0}
+    assert parsed("--loss.options", "alpha=0.3", "--loss.options", "alpha=0.4") == {"alpha": 0.4, "gamma": 3.0}
+    assert parsed("--loss.options", "gamma=2") == {"alpha": 0.2, "gamma": 2.0}
+

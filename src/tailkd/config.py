@@ -251,9 +251,9 @@ class LossConfig:
     div_weight: float = _f(1.0, "weight of the divergence (paper Eq. 4: 1); 0: not computed (the teacher does not "
                                 "enter the loss; the div column reads 0)")
     cosine_weight: float = _f(0.0, "weight of the hidden-state cosine loss (paper §3.2.2)")
-    options: dict[str, float] = _f({}, "the knobs of a loss of your own, NAME=VALUE each (YAML: options: {NAME: "
-                                       "VALUE}): the names its LossSpec.options declares, numbers; default: none "
-                                       "given, the loss's own defaults (`tailkd losses` lists them). The built-in "
+    options: dict[str, float] = _f({}, "the knobs of a loss of your own, NAME=VALUE each, repeatable (YAML: options: "
+                                       "{NAME: VALUE}): the names its LossSpec.options declares, numbers; default: "
+                                       "none given, the loss's own defaults (`tailkd losses` lists them). The built-in "
                                        "losses have none")
 
     def check(self) -> LossConfig:
@@ -732,9 +732,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
     for dotted, tp, f in _leaves(cls):
         base, optional = _unwrap_optional(tp)
         default = leaf_value(defaults, dotted)
-        if typing.get_origin(base) is dict:  # NAME=VALUE words, merged over the YAML's mapping
+        if typing.get_origin(base) is dict:  # NAME=VALUE words, merged over the YAML's mapping; a repeated flag adds
             parser.add_argument("--" + dotted, dest=dotted, nargs="*", type=_name_value, metavar="NAME=VALUE",
-                                default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+                                action="extend", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
             continue
         is_list = typing.get_origin(base) is list
         unset = ("no value unsets it" if is_list else "null unsets it") if optional else ""
