@@ -476,3 +476,39 @@ def test_repeated_options_flags_add_up_as_one_flag_with_every_word(restore_losse
     assert parsed("--loss.options", "alpha=0.3", "--loss.options", "alpha=0.4") == {"alpha": 0.4, "gamma": 3.0}
     assert parsed("--loss.options", "gamma=2") == {"alpha": 0.2, "gamma": 2.0}
 
+
+def test_the_run_config_holds_every_option_so_a_resume_compares_the_values_used(restore_losses, tmp_path):
+    """A run given no --loss.options trains with the loss's defaults; its config.yaml (the validated config) holds
+    them, so a resume that states the same value is the same run, and one whose module now has another default is
+    refused naming the option. config.yaml said ``options: {}``: a resume with ``alpha=0.5`` was refused ('was None,
+    now 0.5'), and a changed default resumed silently with another α (and nothing said which α trained the run)."""
+    from user_loss import amari_kernel, amari_per_token
+
+    from tailkd.config import DistillConfig, load_yaml
+    from tailkd.errors import TailkdError
+    from tailkd.registry import register
+    from tailkd.runs import _write_config, prepare_run_dir
+
+    register_amari()
+    run = tmp_path / "run"
+
+    def config(**options) -> DistillConfig:
+        cfg = DistillConfig(loss=LossConfig(name="amari", options=options))
+        cfg.train.out_dir = str(run)
+        return cfg.validate()
+
+    first = config()
+    assert first.loss.options == {"alpha": 0.5}
+    run.mkdir()
+    _write_config(first, run / "config.yaml")
+    assert load_yaml(run / "config.yaml")["loss"]["options"] == {"alpha": 0.5}
+    for same in (config(), config(alpha=0.5)):
+        same.train.resume = True
+        assert prepare_run_dir(same)[:2] == (run, True)
+    register(LossSpec("amari", "(1 − Σ p^α q^(1−α)) / (α(1−α))", "Amari's α-divergence", amari_per_token,
+                      kernel=amari_kernel, knobs=("temperature",), options={"alpha": 0.3}), replace=True)
+    changed = config()
+    changed.train.resume = True
+    with pytest.raises(TailkdError, match="loss.options.alpha was 0.5, now 0.3"):
+        prepare_run_dir(changed)
+

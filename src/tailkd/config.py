@@ -358,9 +358,12 @@ class DistillConfig:
         if c.loss.k < 1:
             raise TailkdError(f"loss.k={c.loss.k} must be >= 1 (the paper uses 10)")
         try:  # a loss's options (its kernel may refuse a value of its own options: say so before the run starts)
-            bind(c.loss).kernel
+            bound = bind(c.loss)
+            bound.kernel
         except ValueError as exc:
             raise TailkdError(f"loss.options: {exc}" if c.loss.options else str(exc)) from None
+        c.loss.options = dict(bound.cfg.options)  # every option, its default where none is given: config.yaml holds
+        # the values the run trains with, and a resume compares them (not what the flags happened to name)
         c.student.check_source()
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
         check_out_path(c, "train.out_dir", folder=True)
