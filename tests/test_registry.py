@@ -406,6 +406,25 @@ def test_options_a_loss_does_not_have_are_refused_in_one_line(restore_losses):
     _one_line(exc, "alpha=inf must be a finite number")
 
 
+@pytest.mark.parametrize("options", [None, ["alpha"], "alpha", 0.3])
+def test_options_that_are_not_a_mapping_are_a_value_error_in_one_line(restore_losses, options):
+    """``LossConfig(options=...)`` / ``distill_loss(options=...)`` given something other than a mapping (None, a list
+    of names, a string, a number) is the ValueError in one line the docstrings promise, for a loss with options as for
+    one without: it was 'TypeError: 'NoneType' object is not a mapping' (a loss with options), a string's letters
+    named as unknown options ('has no option a, h, l, p'), or 'TypeError: 'float' object is not iterable'."""
+    from tailkd import distill_loss
+    from tailkd.registry import bind
+
+    register_amari()
+    h_s, w_s, h_t, w_t, labels = _inputs()
+    for name in ("amari", "kd"):
+        with pytest.raises(ValueError) as exc:
+            bind(LossConfig(name=name, options=options))
+        _one_line(exc, f"loss {name!r}: options: {options!r} must be a mapping of names to numbers")
+        with pytest.raises(ValueError) as exc:
+            distill_loss(h_s, w_s, h_t, w_t, labels, loss=name, options=options)
+        _one_line(exc, "must be a mapping of names to numbers")
+
 def test_options_come_from_flags_and_yaml_and_are_checked_before_the_run(restore_losses, tmp_path, capsys):
     """``--loss.options NAME=VALUE ...`` over YAML's ``loss: {options: {...}}`` (merged, flags win), refused in one line
     (exit 2, nothing written) when malformed, unknown to the loss, or out of the range its kernel checks; `tailkd

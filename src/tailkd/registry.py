@@ -349,15 +349,15 @@ def bind(cfg) -> Divergence:
     if unknown:  # a registered row's knobs (`register`): a knob of its own is a new LossConfig field
         raise ValueError(f"loss {cfg.name!r}: its knobs {', '.join(unknown)} are not LossConfig fields ("
                          f"{', '.join(fields)}); a knob of its own goes in LossSpec.options")
-    extra = sorted(set(getattr(cfg, "options", None) or {}) - set(spec.options))
+    problem = check_options(cfg.options)  # a mapping (None, a list, a string: not one) of names to finite numbers
+    if problem:
+        raise ValueError(f"loss {cfg.name!r}: options: {problem}")
+    extra = sorted(set(cfg.options) - set(spec.options))
     if extra:
         has = (f"its options are {', '.join(f'{n} (default {v:g})' for n, v in spec.options.items())}" if spec.options
                else "it has none (loss.options are the knobs of a loss of your own)")
         raise ValueError(f"loss {cfg.name!r} has no option {', '.join(extra)}: {has}")
     if spec.options:
         cfg = dataclasses.replace(cfg, options={**spec.options, **cfg.options})
-    problem = check_options(cfg.options)
-    if problem:
-        raise ValueError(f"loss {cfg.name!r}: options: {problem}")
     return Divergence(spec, cfg.check())
 
