@@ -225,6 +225,33 @@ def test_sigterm_outside_a_training_loop_unwinds_says_one_line_and_exits_143(tmp
     assert after is callers  # the caller's handler is back
 
 
+def test_deterministic_mode_touches_nothing_when_off_and_restores_the_callers_setting(monkeypatch):
+    """``train.deterministic`` off: the flag is neither set nor restored (setting it imports torch._dynamo, which
+    made an interrupted run's unwinding take seconds). On: set for the block, then the caller's value and its
+    warn_only are put back."""
+    from tailkd import runs
+
+    calls = []
+    real = torch.use_deterministic_algorithms
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append((a, k)))
+    with runs.deterministic_mode(False):
+        pass
+    assert calls == []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", real)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with runs.deterministic_mode(True):
+            assert torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+        with runs.deterministic_mode(True):
+            assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 # --------------------------------------------------------------------------- checkpoints: corruption, full disk
 
 

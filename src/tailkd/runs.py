@@ -314,15 +314,19 @@ def restore(out: Path, model, student, optimizer, scheduler, sampler) -> Progres
 
 @contextlib.contextmanager
 def deterministic_mode(enabled: bool):
-    """``torch.use_deterministic_algorithms(True)`` for the duration (``train.deterministic``)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by cuBLAS in deterministic mode
-        torch.use_deterministic_algorithms(True)
+    """``torch.use_deterministic_algorithms(True)`` for the duration (``train.deterministic``); the caller's
+    setting (its ``warn_only`` too) is put back afterwards. When not enabled nothing is touched: setting the flag
+    imports ``torch._dynamo`` (seconds), which an interrupted run would pay while it unwinds."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by cuBLAS in deterministic mode
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @contextlib.contextmanager
