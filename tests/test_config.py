@@ -414,10 +414,26 @@ def test_recipe_set_overrides_every_stage_even_its_own_keys(tmp_path, capsys):
     assert [c.train.max_steps for c in read_recipe(path, str(tmp_path)).stages] == [40, 30]
     recipe = read_recipe(path, str(tmp_path), {"train": {"max_steps": 2, "lr": 3e-4}, "data": {"seq_len": 16}})
     assert [(c.train.max_steps, c.train.lr, c.data.seq_len) for c in recipe.stages] == [(2, 3e-4, 16)] * 2
-    with pytest.raises(TailkdError, match=r"^train\.max_steps=-1 must be >= 1$"):
+    with pytest.raises(TailkdError, match=r"^recipe .*math-two-stage\.yaml, stage '[a-z-]+': train\.max_steps=-1 must "
+                                          r"be >= 1$"):
         read_recipe(path, str(tmp_path), {"train": {"max_steps": -1}})
     assert main(["recipe", str(path), "--out", str(tmp_path / "r"), "--set", "train.max_steps=abc"]) == 2
     assert "train.max_steps expects an integer" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_recipe_error_in_a_stage_names_the_stage(tmp_path):
+    """A bad setting of one stage was one line that did not say which stage (a loss option, a value, a key):
+    the line now starts with the recipe and the stage's name."""
+    from tailkd.recipe import read_recipe
+
+    for second, match in (({"loss": {"name": "kd", "options": {"alpha": 1}}}, r"loss\.options: loss 'kd' has no "
+                                                                                r"option alpha"),
+                          ({"train": {"lr": -1}}, r"train\.lr=-1\.0 must be"),
+                          ({"trian": {"lr": 1}}, r"unknown config key trian; valid keys: ")):
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({"stages": [{"name": "first"}, {"name": "second", **second}]}))
+        with pytest.raises(TailkdError, match=rf"^recipe {re.escape(str(path))}, stage 'second': {match}"):
+            read_recipe(path, str(tmp_path / "r"))
 
 
 def test_recipe_compare_baseline_is_checked_before_any_stage(tmp_path):
@@ -619,7 +635,8 @@ def test_a_chained_recipe_stage_does_not_inherit_the_first_stages_build_settings
     assert (second.student.num_layers, second.student.hidden_size) == (6, None)  # the defaults
     own = tmp_path / "own.yaml"
     own.write_text(yaml.safe_dump({"stages": [{"name": "a"}, {"name": "b", "student": {"hidden_size": 64}}]}))
-    with pytest.raises(TailkdError, match=r"^student\.hidden_size=64 shapes a student built from the teacher"):
+    with pytest.raises(TailkdError, match=r"^recipe .*, stage 'b': student\.hidden_size=64 shapes a student built "
+                                          r"from the teacher"):
         read_recipe(own, str(tmp_path / "own"))
 
 

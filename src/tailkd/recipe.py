@@ -123,14 +123,17 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
         if name in names:
             raise TailkdError(f"recipe {path}: two stages are named {name!r}; give each stage its own name")
         names.add(name)
-        cfg = from_dict(DistillConfig, merge(merge(common, stage), overrides or {}))  # --set wins
-        cfg.train.out_dir = str(root / name)
-        if chain and i > 0 and not cfg.student.path:
-            cfg.student.path = str(Path(configs[-1].train.out_dir) / "final")
-            own = stage.get("student") if isinstance(stage.get("student"), dict) else {}
-            for key in set(BUILD_KEYS) - set(own):  # the first stage's student's (common, --set)
-                setattr(cfg.student, key, getattr(StudentConfig(), key))
-        configs.append(cfg.validate())
+        try:
+            cfg = from_dict(DistillConfig, merge(merge(common, stage), overrides or {}))  # --set wins
+            cfg.train.out_dir = str(root / name)
+            if chain and i > 0 and not cfg.student.path:
+                cfg.student.path = str(Path(configs[-1].train.out_dir) / "final")
+                own = stage.get("student") if isinstance(stage.get("student"), dict) else {}
+                for key in set(BUILD_KEYS) - set(own):  # the first stage's student's (common, --set)
+                    setattr(cfg.student, key, getattr(StudentConfig(), key))
+            configs.append(cfg.validate())
+        except TailkdError as exc:  # which stage: its settings come from common:, the stage and --set
+            raise TailkdError(f"recipe {path}, stage {name!r}: {exc}") from None
     recipe = Recipe(root, configs, _mapping(doc, "evaluate", path), _mapping(doc, "compare", path))
     if recipe.evaluate is not None:
         recipe.eval_config(configs[0], with_run=False)  # its keys and values, before any stage runs
