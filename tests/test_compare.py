@@ -77,6 +77,30 @@ def test_compare_table_and_figure(tmp_path, capsys):
     assert [r["name"] for r in saved] == ["kd", "tad", "partial"]
 
 
+def test_the_loss_column_names_the_settings_in_which_runs_of_one_loss_differ(tmp_path):
+    """Runs of one loss with other knobs (TAD's k, a loss of one's own's options) read alike in the loss column;
+    it now adds the loss settings that differ between runs of the same loss, and only those."""
+    import yaml
+
+    runs = []
+    settings = (("tad16", {"name": "tad", "k": 16, "beta": 2.0}), ("tad64", {"name": "tad", "k": 64, "beta": 2.0}),
+                ("kd", {"name": "kd", "k": 10}), ("a3", {"name": "amari", "options": {"alpha": 0.3}}),
+                ("a5", {"name": "amari", "options": {"alpha": 0.5}}))
+    for name, loss in settings:
+        run = make_run(tmp_path, name, loss=loss["name"], kls=[3.0, 2.0], ppl=30.0, agreement=0.5)
+        (run / "config.yaml").write_text(yaml.safe_dump({"loss": loss, "train": {"lr": 1e-3}}))
+        runs.append(str(run))
+    out = tmp_path / "cmp"
+    assert main(["compare", *runs, "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines()[2:]
+             if line.startswith("|")}
+    assert cells == {"tad16": "tad (k=16)", "tad64": "tad (k=64)", "kd": "kd", "a3": "amari (options.alpha=0.3)",
+                     "a5": "amari (options.alpha=0.5)"}
+    saved = {r["name"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert saved["a3"]["loss"] == "amari" and saved["a3"]["loss_settings"] == {"options.alpha": 0.3}
+
+
 def test_compare_without_baseline_and_a_baseline_not_in_the_list(tmp_path):
     a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
     b = make_run(tmp_path, "b", loss="tad", kls=[2.0, 0.5], ppl=8.0, agreement=0.6)

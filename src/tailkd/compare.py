@@ -8,12 +8,13 @@ held-out metrics (``tailkd eval --out RUN/eval.json``: ``student_full_ece``) or 
 "generate"``, ``tailkd eval --generate --out RUN/generate.json``, or ``RUN/eval.json`` when a run has no
 held-out evaluation: ``student_rougeL``, ``student_distinct_2``, ``student_self_bleu``).
 
-Table values: the final held-out row of ``metrics.jsonl`` (the same held-out rows for every run
-trained on the same data and seq_len), Full-ECE from the held-out evaluation; when any run has generation
-results, also ROUGE-L (fidelity), Distinct-2 and Self-BLEU (diversity), and a fidelity-vs-diversity scatter
-plot of the runs that have both. Relative change against the baseline run (paper §3.2.1): Rel = 100 ·
-ln(metric / metric_baseline); negative = smaller than the baseline (better for KL, perplexity and Full-ECE;
-worse for agreement).
+The loss column names each run's loss, with the loss settings (config.yaml's ``loss:``) in which it differs from
+another run of the same loss: ``tad (k=16)`` beside ``tad (k=64)``. Table values: the final held-out row of
+``metrics.jsonl`` (the same held-out rows for every run trained on the same data and seq_len), Full-ECE from the
+held-out evaluation; when any run has generation results, also ROUGE-L (fidelity), Distinct-2 and Self-BLEU
+(diversity), and a fidelity-vs-diversity scatter plot of the runs that have both. Relative change against the
+baseline run (paper §3.2.1): Rel = 100 · ln(metric / metric_baseline); negative = smaller than the baseline
+(better for KL, perplexity and Full-ECE; worse for agreement).
 
 lm-eval task accuracies (``tailkd lm-eval --out RUN/lm_eval.json``: lm-eval's ``acc``, or ``exact_match`` for
 generation tasks such as ``tailkd_gsm``; perplexity tasks have neither and are left out): when any run has them, the
@@ -29,6 +30,7 @@ import json
 import math
 from pathlib import Path
 
+from tailkd.config import flatten
 from tailkd.errors import TailkdError
 
 # (column title, key in the run record, format, has a Rel column)
@@ -172,10 +174,12 @@ def load_run(path: str | Path) -> dict:
     curve = [r for r in held if "kl" in r]
     summary = _read_json(run / "summary.json") or {}
     ev, gen = read_evals(run)
+    loss = _config_loss(run)
     final = held[-1] if held else {}
     flops = summary.get("flops") or {}
     return {
-        "name": run.name, "path": str(run), "loss": summary.get("loss") or _config_loss(run),
+        "name": run.name, "path": str(run), "loss": summary.get("loss") or loss.get("name"),
+        "loss_settings": {k: v for k, v in flatten(loss).items() if k != "name"},
         "curve": ([r.get("tokens", 0) for r in curve], [r["kl"] for r in curve]),
         "kl": final.get("kl"), "ppl": final.get("student_ppl"), "agreement": final.get("agreement"),
         "full_ece": ev.get("student_full_ece"), "tokens": summary.get("tokens", final.get("tokens")),
@@ -197,17 +201,34 @@ def fidelity_diversity_points(records: list[dict]) -> dict[str, dict]:
     return {r["name"]: {k: r[k] for k in keys} for r in records if all(r.get(k) is not None for k in keys)}
 
 
-def _config_loss(run: Path) -> str | None:
+def _config_loss(run: Path) -> dict:
+    """The ``loss:`` section of the run's config.yaml ({} without a readable one)."""
     import yaml
 
     p = run / "config.yaml"
     if not p.is_file():
-        return None
+        return {}
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError:
-        return None
-    return (cfg.get("loss") or {}).get("name") if isinstance(cfg, dict) else None
+        return {}
+    loss = cfg.get("loss") if isinstance(cfg, dict) else None
+    return loss if isinstance(loss, dict) else {}
+
+
+def loss_labels(records: list[dict]) -> list[str]:
+    """The loss column: each run's loss name, followed by the loss settings in which it differs from another run of
+    the same loss (``tad (k=16)`` beside ``tad (k=64)``; ``amari (options.alpha=0.3)``), so that runs of one loss
+    with other knobs do not look alike. A setting a run's config.yaml does not hold counts as differing."""
+    labels = []
+    for r in records:
+        same = [o.get("loss_settings") or {} for o in records if o["loss"] == r["loss"]]
+        keys = sorted({k for s in same for k in s})
+        mine = r.get("loss_settings") or {}
+        differ = [k for k in keys if len({repr(s.get(k)) for s in same}) > 1 and k in mine]
+        knobs = ", ".join(f"{k}={mine[k]:g}" if isinstance(mine[k], float) else f"{k}={mine[k]}" for k in differ)
+        labels.append((r["loss"] or "—") + (f" ({knobs})" if knobs else ""))
+    return labels
 
 
 def relative_change(value: float | None, baseline: float | None) -> float | None:
@@ -244,9 +265,9 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
         head += ["tasks: mean acc"] + (["Rel̄ (tasks)"] if baseline is not None else [])
     head += ["wall time", "PFLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in records:
+    for r, loss in zip(records, loss_labels(records)):
         name = r["name"] + (" (baseline)" if baseline is r else "") + ("" if r["finished"] else " (unfinished)")
-        cells = [name, r["loss"] or "—", _fmt(r["tokens"], ",d") if isinstance(r["tokens"], int) else "—"]
+        cells = [name, loss, _fmt(r["tokens"], ",d") if isinstance(r["tokens"], int) else "—"]
         for _, key, fmt, rel in columns:
             cells.append(_fmt(r[key], fmt))
             if rel and baseline is not None:

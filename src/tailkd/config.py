@@ -613,6 +613,17 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def merge(base: dict, override: dict) -> dict:
     """Deep-merge ``override`` into a copy of ``base``."""
     out = dict(base)

@@ -46,6 +46,7 @@ from tailkd.config import (
     DistillConfig,
     StudentConfig,
     config_from_dict,
+    flatten,
     from_dict,
     load_yaml,
     merge,
@@ -154,7 +155,7 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     logging, loss kernels, ...) except the schedule's length and held-out points (train.max_steps and
     train.eval_every, which a resume may change but a finished run cannot); train.max_steps neither when
     train.epochs sets it from the data."""
-    from tailkd.runs import RESUME_FREE_KEYS, config_changes, flatten
+    from tailkd.runs import RESUME_FREE_KEYS, config_changes
 
     run = Path(cfg.train.out_dir)
     saved = run / "config.yaml"
@@ -201,7 +202,6 @@ def check_chain(stages: list[DistillConfig]) -> None:
 def result_settings(config, section: str) -> dict:
     """What an evaluation's (``eval``) or the teacher analysis's (``analyze``) numbers depend on: every setting but
     the device and the paths (those of its run)."""
-    from tailkd.runs import flatten
 
     drop = {f"{section}.device", f"{section}.out", f"{section}.student"}
     return json.loads(json.dumps({k: v for k, v in flatten(to_dict(config)).items() if k not in drop}))

@@ -29,7 +29,7 @@ import torch
 
 from tailkd import checkpoint as ckpt
 from tailkd import distributed as dist
-from tailkd.config import DistillConfig, from_dict, load_yaml, save_yaml, to_dict
+from tailkd.config import DistillConfig, flatten, from_dict, load_yaml, save_yaml, to_dict
 from tailkd.errors import TailkdError
 
 # Config keys that may differ between a run and its resumption. Run control, logging, held-out evaluation and
@@ -41,17 +41,6 @@ RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train
                     "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
                     "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
                     "train.loss_chunk_size", "train.loss_kernels", "train.compile", "train.ddp_timeout"}
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """A nested config dict as {"section.key": value}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 @dataclasses.dataclass
