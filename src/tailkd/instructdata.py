@@ -39,7 +39,6 @@ FORMAT = "tailkd-instruct-1"  # bump when the files' content or layout changes
 TRAIN_FILE, HELDOUT_FILE, META_FILE = "train.jsonl", "heldout.jsonl", "meta.json"
 DEFAULTS = {"heldout": 100, "max_words": 150}
 SPLIT_SALT = "tailkd-instruct"
-SOURCE_PAIRS = 805  # the pairs of alpaca-eval 0.6.6's example/outputs.json
 
 
 class InstructFiles(NamedTuple):

@@ -78,8 +78,6 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, MLP_PREFIX, SUPPORTED, Family, family_for_class
 
-LLAMA_FAMILY = FAMILIES["llama"].classes
-GPT2_FAMILY = FAMILIES["gpt2"].classes
 MLP_INITS = ("random", "copy")
 
 __all__ = ["SUPPORTED", "Dims", "build_student", "choose_layers", "config_family", "family_of", "format_table",
