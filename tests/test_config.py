@@ -130,9 +130,9 @@ def test_shipped_configs_load():
     for f in files:
         doc = yaml.safe_load(f.read_text()) or {}
         if "stages" in doc:  # a multi-stage recipe
-            from tailkd.recipe import load_recipe
+            from tailkd.recipe import read_recipe
 
-            stages = load_recipe(f)
+            stages = read_recipe(f).stages
             assert len(stages) == len(doc["stages"])
             if doc.get("chain", True):  # each stage from the previous one's student
                 assert stages[1].student.path == str(Path(stages[0].train.out_dir) / "final")

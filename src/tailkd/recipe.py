@@ -143,11 +143,6 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
     return recipe
 
 
-def load_recipe(path: str | Path, out_dir: str | None = None) -> list[DistillConfig]:
-    """The stage configs of a recipe file, validated, with out_dir and student chaining resolved."""
-    return read_recipe(path, out_dir).stages
-
-
 def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     """The first setting in which the ``config.yaml`` saved in ``cfg``'s run folder differs from ``cfg``: (dotted
     key, saved value, ``cfg``'s value); None if the folder holds no config.yaml or they agree. Not compared: the
