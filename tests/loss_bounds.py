@@ -590,7 +590,9 @@ def head_objective(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, segment_ids=
     import torch.nn.functional as F
     from bounds import gamma
 
-    from tailkd.objective import IGNORE_INDEX, per_token_divergence
+    from tailkd.losses import zero_masked_rows
+    from tailkd.objective import IGNORE_INDEX
+    from tailkd.registry import bind
 
     V = spec_s.vocab_size
     z_s, dz_s = head_logits(h_s, w_s, b_s, spec_s)
@@ -609,15 +611,13 @@ def head_objective(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, segment_ids=
         div = torch.zeros_like(ce)
         b_div, g_div = torch.zeros_like(ce), torch.zeros_like(z_s)
     elif sparse is not None:
-        from tailkd.registry import bind
-
         seg = segment_ids if cfg.per_document else None
         div = bind(cfg).sparse_per_token(zz, _sparse64(sparse), mask, segment_ids)
         b_div, g_div = cache_tad(z_s, sparse, mask, loss=cfg.name, beta=cfg.beta, segment_ids=seg, dz_s=dz_s)
         b_div, g_div = b_div / SAFETY, g_div / SAFETY
     else:
         z_t, dz_t = head_logits(h_t, head_t.weight, head_t.bias, head_t.spec)
-        div = per_token_divergence(cfg, zz, z_t, labels, segment_ids=segment_ids)
+        div = bind(cfg).per_token(zero_masked_rows(zz, mask), zero_masked_rows(z_t, mask), labels, mask, segment_ids)
         if cfg.name == "kd":
             b_div, g_div = forward_kl(z_s, z_t, tau, dz_s, dz_t)
         elif cfg.name == "rkl":

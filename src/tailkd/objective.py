@@ -33,7 +33,7 @@ from tailkd.errors import TailkdError
 from tailkd.head import Head, apply_head, final_hidden, model_head
 
 __all__ = ["IGNORE_INDEX", "ObjectiveTerms", "chunked_objective", "count_valid_tokens", "distill_loss", "objective",
-           "per_token_divergence", "step_terms"]
+           "step_terms"]
 
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -84,16 +84,6 @@ def _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype) -> torch.Ten
         raise ValueError("cosine_weight > 0 needs student_hidden and teacher_hidden")
     mask = to_device(valid_mask(labels), student_hidden.device)
     return losses.hidden_cosine(student_hidden, teacher_hidden, mask).sum().to(dtype)
-
-
-def per_token_divergence(cfg, student_logits, teacher_logits, labels, *, segment_ids=None) -> torch.Tensor:
-    """The divergence named by ``cfg.name`` per token, ``[B, T]`` float32, 0 where labels are -100 (dense path)."""
-    d = _divergence(cfg)
-    if d is None:
-        raise ValueError(f"loss {cfg.name!r} has no divergence")
-    mask = valid_mask(labels)
-    return d.per_token(losses.zero_masked_rows(student_logits, mask), losses.zero_masked_rows(teacher_logits, mask),
-                       labels, mask, segment_ids)
 
 
 def objective(
