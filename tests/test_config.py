@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tailkd.command_config import COMMAND_CONFIGS
+from tailkd.cli import COMMANDS
 from tailkd.config import DistillConfig, add_config_flags, config_from_args, from_dict, save_yaml, to_dict
 from tailkd.errors import TailkdError
 
 REPO = Path(__file__).resolve().parents[1]
+COMMAND_CONFIGS = {name: command[0] for name, command in COMMANDS.items()}  # subcommand -> its typed config
 CONFIGS = [DistillConfig, *COMMAND_CONFIGS.values()]  # every typed config: distill's and the other subcommands'
 
 

@@ -587,8 +587,5 @@ class ReproduceConfig:
         return self
 
 
-COMMAND_CONFIGS = {"eval": EvalConfig, "analyze-teacher": AnalyzeTeacherConfig, "cache-teacher": CacheTeacherConfig,
-                   "lm-eval": LmEvalConfig, "compare": CompareConfig, "flops": FlopsConfig,
-                   "select-data": SelectDataConfig, "reproduce": ReproduceConfig}
-__all__ = ["COMMAND_CONFIGS", "AnalyzeTeacherConfig", "CacheTeacherConfig", "CompareConfig", "EvalConfig",
+__all__ = ["AnalyzeTeacherConfig", "CacheTeacherConfig", "CompareConfig", "EvalConfig",
            "FlopsConfig", "LmEvalConfig", "ReproduceConfig", "SelectDataConfig", "read_run_config", "run_sections"]
