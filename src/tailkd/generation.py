@@ -31,6 +31,7 @@ import torch
 
 from tailkd.answers import exact_match, extract_answer
 from tailkd.errors import TailkdError
+from tailkd.models import max_positions
 from tailkd.sft import Prompt, SFTRows, encode_prompt, sft_rows_to_prompts, stop_token_ids
 
 # --------------------------------------------------------------------------- diversity
@@ -173,15 +174,6 @@ def _device(model) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _max_positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 @contextlib.contextmanager
 def decoding(model, seed: int):
     """Decoding with ``model``: eval mode (put back as it was after), ``torch.inference_mode``, and the torch RNG
@@ -255,7 +247,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
     stops = stop_token_ids(tokenizer, chat=any(not isinstance(p, str) for p in prompts), chat_template=chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
-    limit = _max_positions(model)
+    limit = max_positions(model)
     for i, ids in enumerate(encoded):
         if not ids:
             raise TailkdError(f"prompt {i} is empty after tokenisation; every prompt needs at least one token")

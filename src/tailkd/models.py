@@ -471,13 +471,21 @@ def _set_gguf_special_tokens(tokenizer, gguf: Path) -> None:
             setattr(tokenizer, name, token)
 
 
-def model_max_length(model) -> int:
-    """The longest sequence the model's positions support (max_position_embeddings / n_positions)."""
+def max_positions(model) -> int | None:
+    """The longest sequence the positions of ``model`` (or of a model config) support: its config's
+    max_position_embeddings / n_positions / n_ctx; None where it gives none."""
     config = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise TailkdError(
-        f"cannot tell the context length of {type(model).__name__}: set max_position_embeddings in its config.json"
-    )
+    return None
+
+
+def model_max_length(model) -> int:
+    """`max_positions`, a TailkdError where the model's config gives none."""
+    limit = max_positions(model)
+    if limit is None:
+        raise TailkdError(f"cannot tell the context length of {type(model).__name__}: set max_position_embeddings "
+                          "in its config.json")
+    return limit
