@@ -528,3 +528,14 @@ def test_matmul_into_falls_back_where_addmm_has_no_out_dtype(monkeypatch):
     fused._matmul_into(out, a, b, accumulate=True)
     torch.testing.assert_close(out, 1 + (a @ b).float(), rtol=0, atol=0)  # exactly the plain way's result
     assert fused._WIDE_OUT == {"cuda"}
+
+
+def test_bad_segment_ids_are_refused_alike_dense_and_chunked():
+    """TAD per document: the chunked layer numbers the sequences with the dense path's `losses.sequence_index`, so a
+    float (or misshapen) ``segment_ids`` is the same one-line ValueError on both paths, not accepted by one."""
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    cfg = LossConfig(name="tad", k=4, per_document=True)
+    for bad in (seg.double(), seg[:, :-1]):
+        for run in (_dense, lambda *a: _fused(*a, None)):
+            with pytest.raises(ValueError, match="segment_ids must be an integer tensor"):
+                run(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, bad)

@@ -51,7 +51,7 @@ from tailkd import divergences as dv
 from tailkd.data import IGNORE_INDEX, to_device
 from tailkd.errors import TailkdError
 from tailkd.head import Head, HeadSpec, transform, transform_backward
-from tailkd.losses import group_log_mean, log_alpha_mean
+from tailkd.losses import group_log_mean, log_alpha_mean, sequence_index
 from tailkd.registry import Divergence
 
 __all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "device_chunk",
@@ -510,15 +510,6 @@ class _ChunkedSum(torch.autograd.Function):
 # --------------------------------------------------------------------------- planning: valid tokens, chunks, ᾱ
 
 
-def _sequence_ids(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
-    """[B, T] id of each position's sequence: its row, or (row, segment) with packed documents."""
-    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
-    if segment_ids is None:
-        return rows.clone()
-    pairs = torch.stack([rows, segment_ids.to(rows.dtype)], dim=-1).reshape(-1, 2)
-    return torch.unique(pairs, dim=0, return_inverse=True)[1].view_as(mask)
-
-
 def _plan_chunks(seq: torch.Tensor | None, n_tok: int, chunk: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Chunks over M tokens, cut at sequence boundaries when possible; returns (chunks, split-sequence mask [S])."""
     if seq is None or n_tok == 0:
@@ -698,7 +689,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
             plan.log_abar = log_alpha_mean(seq_alpha_mean.reshape(-1)[idx])
         else:
             seg = None if seg is None else seg.to(labels.device)
-            seq = torch.unique(_sequence_ids(mask, seg).reshape(-1)[idx_p], return_inverse=True)[1]  # dense 0..S-1
+            seq = torch.unique(sequence_index(mask, seg)[0][idx_p], return_inverse=True)[1]  # dense 0..S-1
         if plan.sparse is not None and seq is not None:  # α^T is in the cache: ᾱ exactly, before any pass
             n_seq = int(seq.max()) + 1 if seq.numel() else 0
             seq_d = to_device(seq, dev)

@@ -320,9 +320,10 @@ def group_log_mean(log_values: torch.Tensor, group: torch.Tensor, n_groups: int)
     return total.log() + shift - count.clamp_min(1).log()
 
 
-def _documents(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def sequence_index(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """(the sequence index of every position [B*T], the number of sequences): rows, or with ``segment_ids`` [B, T]
-    the documents (row, segment id) of packed rows."""
+    the documents (row, segment id) of packed rows, numbered in (row, segment id) order: TAD's sequences X, the
+    dense path's and the chunked layer's (`tailkd.fused`)."""
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)  # [B, T]
     if segment_ids is None:
         return rows.reshape(-1), mask.shape[0]
@@ -346,7 +347,7 @@ def sequence_log_alpha_mean(
         raise ValueError(f"log_alpha must be a float tensor [B, T] of log teacher tail masses; got "
                          f"{_describe(log_alpha)}")
     _check_mask(mask, log_alpha.shape)
-    doc, n_docs = _documents(mask, segment_ids)
+    doc, n_docs = sequence_index(mask, segment_ids)
     group = torch.where(mask.reshape(-1), doc, n_docs)  # masked positions: a group of their own, left out
     per_doc = group_log_mean(log_alpha.detach().reshape(-1), group, n_docs + 1)  # [D + 1]
     return per_doc[doc].view(log_alpha.shape)
@@ -366,7 +367,7 @@ def sequence_alpha_mean(
         raise ValueError(f"alpha must be a float tensor [B, T] of teacher tail masses; got {_describe(alpha)}")
     _check_mask(mask, alpha.shape)
     a = torch.where(mask, alpha.detach(), 0.0)  # [B, T]
-    doc, n_docs = _documents(mask, segment_ids)
+    doc, n_docs = sequence_index(mask, segment_ids)
     total = a.new_zeros(n_docs).index_add_(0, doc, a.reshape(-1))  # [D]
     count = a.new_zeros(n_docs).index_add_(0, doc, mask.reshape(-1).to(a.dtype)).clamp_min(1)  # [D]
     return (total / count)[doc].view_as(a)  # [B, T]
