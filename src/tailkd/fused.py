@@ -612,7 +612,7 @@ def _check_head(name: str, head: Head, hidden: torch.Tensor) -> None:
         raise ValueError(f"{name}.weight has {head.weight.shape[0]} rows < vocab_size {head.spec.vocab_size}")
 
 
-def _check_teacher(d, student_hidden, labels, vocab, teacher_hidden, teacher_head, sparse) -> None:
+def _check_teacher(d, labels, vocab, teacher_hidden, teacher_head, sparse) -> None:
     if (teacher_hidden is not None) == (sparse is not None):
         raise ValueError(f"loss {d.name!r} needs exactly one teacher: teacher_hidden + teacher_head, or "
                          "sparse_teacher (a top-K cache)")
@@ -649,7 +649,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
     _check_head("student_head", student_head, student_hidden)
     vocab = student_head.spec.vocab_size
     if d is not None:
-        _check_teacher(d, student_hidden, labels, vocab, teacher_hidden, teacher_head, sparse)
+        _check_teacher(d, labels, vocab, teacher_hidden, teacher_head, sparse)
         if d.spec.tail_weight and not 1 <= d.cfg.k < vocab:
             raise ValueError(f"k must satisfy 1 <= k < V={vocab}; got {d.cfg.k}")
     dev = student_hidden.device
