@@ -1,12 +1,13 @@
 """The registry of losses: one row per loss, read by every part of tailkd that needs to know about a loss.
 
-`LOSSES` = {name: `LossSpec`}: for each loss its per-token function (`tailkd.losses`), its closed-form row kernel
-(`tailkd.divergences`) if any, whether it needs labels / the teacher's top-K tail weight β(X) / can come from a
-top-K teacher cache, its FLOPs per vocabulary entry and the `LossConfig` knobs it reads. `bind` turns a
-`tailkd.config.LossConfig` into the `Divergence` that `tailkd.objective`, `tailkd.fused` and `tailkd.cache` call;
-`config`, `flops` and the CLI read the rows too. None of them branches on a loss name. Adding a loss = one
-function in `tailkd.losses` (optionally a kernel in `tailkd.divergences`), one row here, its tests; a loss of your
-own, in your module: `register`, the module named by ``loss.module`` (`load_module`; README "A loss of your own").
+`LOSSES` = {name: `LossSpec`}: for each loss its per-token function (`tailkd.losses`, `tailkd.baselines`), its
+closed-form row kernel (`tailkd.divergences`) if any, whether it needs labels / the teacher's top-K tail weight β(X)
+/ can come from a top-K teacher cache, its FLOPs per vocabulary entry and the `LossConfig` knobs it reads. `bind`
+turns a `tailkd.config.LossConfig` into the `Divergence` that `tailkd.objective`, `tailkd.fused` and `tailkd.cache`
+call; `config`, `flops` and the CLI read the rows too. None of them branches on a loss name. Adding a loss = one
+function in `tailkd.losses` or `tailkd.baselines` (optionally a kernel in `tailkd.divergences`), one row here, its
+tests; a loss of your own, in your module: `register`, the module named by ``loss.module`` (`load_module`; README
+"A loss of your own").
 """
 
 from __future__ import annotations
