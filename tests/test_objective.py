@@ -250,3 +250,26 @@ def test_a_divergence_of_weight_zero_leaves_the_teacher_out(name):
         assert torch.equal(got.loss, ref.loss) and float(got.div) == 0.0, name
         assert all(torch.equal(a, b) for a, b in zip(got_grads, ref_grads)), name
     assert float(runs[0][0][0].loss.detach()) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("name,knobs,match", [("kd", {"temperature": 2.0}, "temperature must be 1"),
+                                              ("rkl", {}, "cannot be computed from a top-K teacher cache")])
+def test_a_cache_teacher_refuses_what_it_cannot_give_on_both_paths(name, knobs, match):
+    """A top-K cache holds log-probs at τ = 1 and only the top-K form of kd / tad: the dense objective refuses another
+    temperature or loss as the chunked one does (one check, `registry.Divergence.check_sparse`); the dense path
+    computed τ = 1 silently for a loss.temperature of 2."""
+    from tailkd.divergences import SparseTeacher
+    from tailkd.errors import TailkdError
+    from tailkd.head import Head, HeadSpec
+    from tailkd.objective import chunked_objective
+
+    s, t, labels = _batch(B=2, T=5, V=30, seed=3)
+    top = torch.log_softmax(t, -1).topk(4, -1)
+    cache = SparseTeacher(top.indices, top.values, torch.full(labels.shape, -3.0))
+    cfg = LossConfig(name=name, k=4, **knobs)
+    n = count_valid_tokens(labels)
+    with pytest.raises(TailkdError, match=match):
+        objective(s, labels, n, cfg=cfg, sparse_teacher=cache)
+    with pytest.raises(TailkdError, match=match):
+        chunked_objective(torch.randn(2, 5, 6), Head(torch.randn(30, 6), None, HeadSpec(30)), labels, n, cfg=cfg,
+                          sparse_teacher=cache)

@@ -625,12 +625,7 @@ def _check_teacher(d, labels, vocab, teacher_hidden, teacher_head, sparse) -> No
             raise ValueError(f"vocabulary mismatch: student head V={vocab}, teacher head "
                              f"V={teacher_head.spec.vocab_size}; pass both heads with the shared vocabulary")
         return
-    if not d.spec.sparse:
-        raise TailkdError(f"loss.name={d.name} cannot be computed from a top-K teacher cache; cache the teacher's "
-                          "hidden states (--hidden-states) or use the online teacher")
-    if d.temperature != 1.0:
-        raise TailkdError("a top-K teacher cache holds log-probs at temperature 1; loss.temperature must be 1 "
-                          "(or cache hidden states)")
+    d.check_sparse()
     if d.spec.tail_weight and sparse.topk_ids.shape[-1] != d.cfg.k:
         raise ValueError(f"sparse_teacher has K={sparse.topk_ids.shape[-1]} ids but loss.k={d.cfg.k}; truncate it "
                          "first (tailkd.cache.CacheReader does)")

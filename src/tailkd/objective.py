@@ -119,9 +119,6 @@ def objective(
     d = _weighted_divergence(cfg)
     if d is not None:
         if sparse_teacher is not None:
-            if not d.spec.sparse:
-                raise TailkdError(f"loss.name={cfg.name} cannot be computed from a top-K teacher cache; cache the "
-                                  "teacher's hidden states (--hidden-states) or use the online teacher")
             div = d.sparse_per_token(student_logits, sparse_teacher, mask, segment_ids)
         elif teacher_logits is None:
             raise ValueError(f"loss {cfg.name!r} needs teacher_logits (or a sparse teacher)")

@@ -27,6 +27,7 @@ import torch
 
 from tailkd import divergences as dv
 from tailkd.baselines import ab_divergence, akl, skew_forward_kl, skew_reverse_kl, symmetric_kl, tvd
+from tailkd.errors import TailkdError
 from tailkd.losses import (
     cache_divergence,
     dkd,
@@ -212,14 +213,23 @@ class Divergence:
         kernel takes it so; the top-K cache's takes β(X) = its exp), else None."""
         return tail_log_weight(log_abar, float(self.cfg.beta)) if self.spec.tail_weight else None
 
+    def check_sparse(self) -> None:
+        """TailkdError unless a top-K teacher cache can give this divergence: a ``sparse`` row (its top-K form) at
+        temperature 1 (the cache holds log-probs at τ = 1). The dense and the chunked paths both check it here."""
+        if not self.spec.sparse:
+            raise TailkdError(f"loss.name={self.name} cannot be computed from a top-K teacher cache; cache the "
+                              "teacher's hidden states (--hidden-states) or use the online teacher")
+        if self.temperature != 1.0:
+            raise TailkdError("a top-K teacher cache holds log-probs at temperature 1; loss.temperature must be 1 "
+                              "(or cache hidden states)")
+
     def sparse_per_token(self, student_logits: torch.Tensor, teacher: dv.SparseTeacher, mask: torch.Tensor,
                          segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] from dense student logits [B, T, V] (τ = 1) and a top-K cache's teacher ([B, T, ...] fields), 0 at
         masked positions: D_KL1, plus w·(the tail estimate) where the cache holds tail samples, w = β(X) from the
         cached α^T for ``tail_weight`` losses (per row, or per document with ``per_document``), else 1 — the kernel
         of the chunked path (`divergences.SPARSE`)."""
-        if not self.spec.sparse:
-            raise ValueError(f"loss {self.name!r} cannot be computed from a top-K teacher cache")
+        self.check_sparse()
         log_alpha = teacher.log_tail_mass.detach().double()  # [B, T]
         w = torch.ones_like(log_alpha)
         if self.spec.tail_weight:
