@@ -48,6 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tailkd import jsonfile
 from tailkd.checkpoint import atomic_write_file, atomic_write_text, left_by_dead_writer, save_safetensors
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
@@ -397,7 +398,7 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
             if _left_by_killed_writer(stale.name):
                 stale.unlink(missing_ok=True)
         if not meta_path.is_file():
-            atomic_write_text(meta_path, json.dumps({**meta, "created_unix": time.time()}, indent=1))
+            atomic_write_text(meta_path, jsonfile.dumps({**meta, "created_unix": time.time()}, indent=1))
     except OSError as exc:
         raise TailkdError(f"could not write teacher cache {out} ({exc.strerror or exc}); free disk space or choose "
                           "another --out") from exc

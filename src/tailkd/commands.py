@@ -23,10 +23,10 @@ A module of its own rather than part of cli.py: cli.py stays the parser and the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
+from tailkd import jsonfile
 from tailkd.command_config import (
     AnalyzeTeacherConfig,
     CacheTeacherConfig,
@@ -118,7 +118,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                       device=dev, bins=cfg.eval.bins)
         result.update(**scored_data(cfg.data, cfg.eval.split), split=cfg.eval.split, seq_len=cfg.data.seq_len,
                       rows=len(rows), vocab=vocab, **metrics)
-    atomic_write_text(Path(cfg.eval.out), json.dumps(result, indent=1))
+    atomic_write_text(Path(cfg.eval.out), jsonfile.dumps(result, indent=1))
     print(format_table(result))
     print(f"saved {cfg.eval.out}")
     return result
@@ -182,7 +182,7 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     # written last, so a stop between the writes leaves no JSON (not done), never a JSON beside another's PNG.
     (out / "teacher_analysis.json").unlink(missing_ok=True)
     atomic_write_file(out / "teacher_tail_mass.png", lambda tmp: tmp.write_bytes(picture))
-    atomic_write_text(out / "teacher_analysis.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "teacher_analysis.json", jsonfile.dumps(results, indent=1))
     print(format_summary(results))
     print(f"saved {out}/teacher_analysis.json and {out}/teacher_tail_mass.png")
     return results
@@ -304,7 +304,7 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
             shutil.rmtree(temp, ignore_errors=True)
     from tailkd.checkpoint import atomic_write_text
 
-    out = atomic_write_text(Path(o.out), json.dumps(tasks.summarize(results), indent=1, default=str))
+    out = atomic_write_text(Path(o.out), jsonfile.dumps(tasks.summarize(results), indent=1, default=str))
     print(tasks.format_results(results))
     print(f"saved {out}")
     return {"command": command, "include_path": None if temp is not None else str(include), "results": results}
@@ -390,7 +390,7 @@ def flops(cfg: FlopsConfig) -> dict:
     if f.out:
         from tailkd.checkpoint import atomic_write_text
 
-        atomic_write_text(Path(f.out), json.dumps(result, indent=1))  # a crash or a full disk: no half file
+        atomic_write_text(Path(f.out), jsonfile.dumps(result, indent=1))  # a crash or a full disk: no half file
         print(f"saved {f.out}")
     return result
 
@@ -484,11 +484,11 @@ def select_data(cfg: SelectDataConfig) -> dict:
     kept_set = set(kept)
 
     def write(tmp: Path) -> None:
-        (tmp / "selected.jsonl").write_text("".join(json.dumps({"text": texts[i]}) + "\n" for i in kept),
+        (tmp / "selected.jsonl").write_text("".join(jsonfile.dumps({"text": texts[i]}) + "\n" for i in kept),
                                             encoding="utf-8")
-        (tmp / "scores.jsonl").write_text("".join(json.dumps({"doc": i, "score": sc, "kept": i in kept_set}) + "\n"
+        (tmp / "scores.jsonl").write_text("".join(jsonfile.dumps({"doc": i, "score": sc, "kept": i in kept_set}) + "\n"
                                                   for i, sc in enumerate(scores)), encoding="utf-8")
-        (tmp / "selection.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        (tmp / "selection.json").write_text(jsonfile.dumps(result, indent=1), encoding="utf-8")
 
     atomic_write_dir(out, write)
     print(f"kept {len(kept)} of {len(docs)} documents ({result['kept_tokens']} tokens); scoring took "

@@ -30,6 +30,7 @@ import json
 import math
 from pathlib import Path
 
+from tailkd import jsonfile
 from tailkd.config import flatten
 from tailkd.errors import TailkdError
 
@@ -47,7 +48,7 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return jsonfile.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise TailkdError(f"{path} is not valid JSON ({exc.msg}); re-create it or remove it") from None
 
@@ -64,7 +65,7 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = jsonfile.loads(line)
         except json.JSONDecodeError:
             raise TailkdError(f"{metrics_path}:{n} is not valid JSON; repair or remove that line") from None
         if row.get("split") == "heldout" and ("kl" in row or "student_clm" in row):
@@ -347,7 +348,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None,
         plot_heldout_kl({r["name"]: r["curve"] for r in records if r["curve"][0]}, tmp / "heldout_kl.png")
         if points:
             plot_fidelity_diversity(points, tmp / "fidelity_diversity.png")
-        (tmp / "compare.json").write_text(json.dumps([{k: v for k, v in r.items()} for r in records], indent=1),
+        (tmp / "compare.json").write_text(jsonfile.dumps([{k: v for k, v in r.items()} for r in records], indent=1),
                                           encoding="utf-8")
 
     atomic_write_dir(out, write)

@@ -40,6 +40,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tailkd import jsonfile
 from tailkd.command_config import CompareConfig, EvalConfig
 from tailkd.config import (
     BUILD_KEYS,
@@ -211,7 +212,7 @@ def write_settings(result: Path, settings: dict) -> None:
     from tailkd.checkpoint import atomic_write_text
 
     result.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(_settings_path(result), json.dumps(settings, indent=1))
+    atomic_write_text(_settings_path(result), jsonfile.dumps(settings, indent=1))
 
 
 def redo_result(result: Path, settings: dict) -> None:
@@ -228,7 +229,7 @@ def saved_settings(result: Path) -> dict | None:
     if not (result.is_file() and path.is_file()):
         return None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = jsonfile.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return None  # a damaged settings file: the result cannot be trusted, so it is made again
     return saved if isinstance(saved, dict) else None

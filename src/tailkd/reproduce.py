@@ -30,7 +30,6 @@ run trained (again) by this invocation.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import shutil
@@ -39,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tailkd import jsonfile
 from tailkd.command_config import AnalyzeTeacherConfig, EvalConfig, ReproduceConfig
 from tailkd.config import DistillConfig, LossConfig
 from tailkd.errors import TailkdError
@@ -213,7 +213,7 @@ def _pm(values: list[float], fmt: str = ".4f") -> str:
 
 
 def _evals(experiments: list[Experiment]) -> dict[str, dict]:
-    return {e.name: json.loads((e.run / "eval.json").read_text()) for e in experiments}
+    return {e.name: jsonfile.loads((e.run / "eval.json").read_text()) for e in experiments}
 
 
 def main_table(experiments: list[Experiment], evals: dict[str, dict]) -> list[str]:
@@ -286,7 +286,7 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
     from tailkd.plots import plot_seed_bands, plot_sweeps, plot_tail_mass
 
     evals = _evals(experiments)
-    analysis = json.loads((out / "teacher_analysis.json").read_text())
+    analysis = jsonfile.loads((out / "teacher_analysis.json").read_text())
     curves = {loss.upper(): [([r["tokens"] for r in held], [r["kl"] for r in held])
                              for e in main_runs(experiments) if e.loss == loss
                              for held in [[r for r in read_metrics(e.run)[1] if "kl" in r]]]
@@ -300,7 +300,7 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
     verdict, numbers = paired_verdict(experiments, evals)
     stats = next(iter(analysis.values()))
     alpha = {k: stats["alpha_mean"][k - 1] for k in (1, 5, 10, 20) if k <= len(stats["alpha_mean"])}
-    train_seconds = sum(json.loads((e.run / "summary.json").read_text()).get("train_seconds") or 0.0
+    train_seconds = sum(jsonfile.loads((e.run / "summary.json").read_text()).get("train_seconds") or 0.0
                         for e in experiments if (e.run / "summary.json").is_file())
     e0 = experiments[0].cfg
     lines = [
@@ -327,7 +327,7 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
         f"{PAPER_MISMATCH[0]:.0%}–{PAPER_MISMATCH[1]:.0%} for its 1.8B–9B teachers; over {stats['tokens']} tokens.",
         "", "![tail mass](fig2_tail_mass.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
-    atomic_write_text(out / "report.json", json.dumps(
+    atomic_write_text(out / "report.json", jsonfile.dumps(
         {"paired": numbers, "beta_sweep": beta_points, "k_sweep": k_points, "alpha": alpha,
          "mismatch_rate": stats["mismatch_rate"], "evals": evals}, indent=1, default=str))
     return out / "report.md"

@@ -29,6 +29,7 @@ import torch
 
 from tailkd import checkpoint as ckpt
 from tailkd import distributed as dist
+from tailkd import jsonfile
 from tailkd.config import DistillConfig, flatten, from_dict, load_yaml, save_yaml, to_dict
 from tailkd.errors import TailkdError
 
@@ -107,7 +108,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         try:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(jsonfile.dumps(record) + "\n")
         except OSError as exc:
             raise TailkdError(f"could not append to {self.path} ({exc.strerror or exc}); free disk space and continue "
                               "with --resume from the last checkpoint") from exc

@@ -28,7 +28,6 @@ SIGINT/SIGTERM finish the current step, write a checkpoint and return exit code 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -42,7 +41,7 @@ import torch
 from tailkd import checkpoint as ckpt
 from tailkd import data as data_mod
 from tailkd import distributed as dist
-from tailkd import models, runs, sharded_teacher
+from tailkd import jsonfile, models, runs, sharded_teacher
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.evaluate import finalize, heldout_sums
@@ -247,7 +246,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     # every input checked out: only now touch the run folder
     dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, changes), main_only=True)
     if table is not None and not resuming and dist.is_main():
-        ckpt.atomic_write_text(out / "student_init.json", json.dumps(table, indent=1))
+        ckpt.atomic_write_text(out / "student_init.json", jsonfile.dumps(table, indent=1))
     dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
                                                                    else ""))
     if cfg.train.compile:
@@ -490,7 +489,7 @@ def finish(run: Run) -> dict:
         try:
             ckpt.atomic_write_dir(final_dir, write_final)
             plot_run(out, curves)
-            ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+            ckpt.atomic_write_text(out / "summary.json", jsonfile.dumps(summary, indent=1))
         except Exception as exc:
             failure = ckpt.io_failure(exc)
             if failure is None:
