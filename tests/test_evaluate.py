@@ -653,3 +653,24 @@ def test_cuda_matches_cpu(tiny_lm):
     gpu = heldout_metrics(student.cuda(), teacher.cuda(), _batches(rows, 2), TINY_VOCAB, device="cuda", bins=10)
     for key in ("kl", "rkl", "student_clm", "agreement", "student_full_ece", "teacher_ece"):
         B.assert_within(gpu[key], cpu[key], bound[key], msg=key)
+
+
+def test_the_data_read_is_always_a_list_of_paths():
+    """eval.json, teacher_analysis.json and selection.json named the built-in corpus as the string "built-in" and
+    any other data as a list of paths: a reader iterating ``data`` got the letters of "built-in". Now always a list,
+    ``data.paths`` as config.yaml writes it: empty for the built-in corpus."""
+    from tailkd.command_config import EvalConfig
+    from tailkd.commands import generation_data, scored_data
+    from tailkd.config import DataConfig
+
+    assert scored_data(DataConfig(), "heldout") == {"data": []}
+    assert scored_data(DataConfig(paths=["a.txt"], heldout_paths=["b.txt"]), "heldout") == {
+        "data": ["a.txt"], "heldout_data": ["b.txt"]}
+    cfg = EvalConfig()
+    assert generation_data(cfg) == {"data": ["builtin:math"], "split": "heldout"}  # no --prompts, no SFT data
+    cfg.generate.prompts = ["p.jsonl"]
+    assert generation_data(cfg) == {"data": ["p.jsonl"], "split": "all"}
+    cfg.generate.prompts, cfg.data.task, cfg.data.paths, cfg.data.heldout_paths = [], "sft", ["x.jsonl"], ["y.jsonl"]
+    assert generation_data(cfg) == {"data": ["x.jsonl"], "heldout_data": ["y.jsonl"], "split": "heldout"}
+    cfg.data.paths, cfg.data.heldout_paths = [], []
+    assert generation_data(cfg) == {"data": ["builtin:math"], "split": "heldout"}

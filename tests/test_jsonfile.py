@@ -128,3 +128,4 @@ def test_every_output_of_runs_with_infinite_metrics_is_strict_json_and_compare_r
     train_rows, held_rows = read_metrics(run)  # the readers get the floats back
     assert all(r["rkl"] == math.inf for r in held_rows) and all(not math.isfinite(r["loss"]) for r in train_rows)
     assert read_evals(run)[0]["teacher_ppl"] == math.inf
+

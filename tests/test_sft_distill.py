@@ -76,6 +76,9 @@ def test_eval_generate_on_an_sft_run(assets, tmp_path, capsys):
                  "--samples", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["mode"] == "generate" and result["examples"] == 3
+    # the prompts decoded: the run's held-out pairs (it said "run/built-in held-out", a string where eval.json
+    # has a list of paths)
+    assert result["data"] == [str(assets["pairs"])] and result["split"] == "heldout"
     for side in ("student", "teacher"):
         assert 0.0 <= result[f"{side}_exact_match"] <= 1.0
         assert 0.0 <= result[f"{side}_distinct_1"] <= 1.0

@@ -64,10 +64,10 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
 
 
 def scored_data(data: DataConfig, split: str) -> dict:
-    """What eval.json and teacher_analysis.json name as the data read: ``data`` (``data.paths``; "built-in" when
-    empty) and, where ``split`` takes held-out rows from files of their own (``data.heldout_paths``, e.g.
-    ``--heldout-data builtin:pydoc``), ``heldout_data``: those files."""
-    named = {"data": data.paths or "built-in"}
+    """What eval.json, teacher_analysis.json and selection.json name as the data read: ``data`` (``data.paths``, a
+    list: empty for the built-in corpus, as config.yaml writes it) and, where ``split`` takes held-out rows from files
+    of their own (``data.heldout_paths``, e.g. ``--heldout-data builtin:pydoc``), ``heldout_data``: those files."""
+    named = {"data": list(data.paths)}
     if data.heldout_paths and split != "train":
         named["heldout_data"] = list(data.heldout_paths)
     return named
@@ -108,7 +108,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                   max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size, samples=g.samples,
                                   temperature=g.temperature, top_p=g.top_p, limit=g.limit or None, seed=g.seed,
                                   rouge=g.rouge)
-        result.update(mode="generate", data=g.prompts or "run/built-in held-out", **metrics)
+        result.update(mode="generate", **generation_data(cfg), **metrics)
     else:
         model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
@@ -122,6 +122,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(format_table(result))
     print(f"saved {cfg.eval.out}")
     return result
+
+
+def generation_data(cfg: EvalConfig) -> dict:
+    """What a ``--generate`` eval.json names as the prompts decoded (`generation_examples`): ``data``, a list of paths
+    (``builtin:math`` for the built-in problems), ``heldout_data`` where an SFT run's held-out files were read, and
+    ``split`` (``all``: every example of ``--prompts``; else ``heldout``)."""
+    if cfg.generate.prompts:
+        return {"data": list(cfg.generate.prompts), "split": "all"}
+    if cfg.data.task == "sft" and cfg.data.paths:
+        return {**scored_data(cfg.data, "heldout"), "split": "heldout"}
+    return {"data": ["builtin:math"], "split": "heldout"}
 
 
 def generation_examples(cfg: EvalConfig, tokenizer):
@@ -480,7 +491,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     result = {"teacher": cfg.teacher.path, "reference": s.reference, "keep": s.keep, "documents": len(docs),
               "kept": len(kept), "tokens_scored": tokens["teacher"], "tokens_scored_by": tokens,
               "kept_tokens": sum(len(docs[i]) for i in kept), "seq_len": cfg.data.seq_len,
-              "data": cfg.data.paths or "built-in", "doc_eos": cfg.data.doc_eos, "score": how, "flops": flops}
+              "data": list(cfg.data.paths), "doc_eos": cfg.data.doc_eos, "score": how, "flops": flops}
     kept_set = set(kept)
 
     def write(tmp: Path) -> None:
