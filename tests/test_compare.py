@@ -46,7 +46,7 @@ def test_load_run_reads_the_final_heldout_row(tmp_path):
     r = load_run(run)
     assert r["curve"] == ([0, 1000, 2000], [3.0, 2.0, 1.5])
     assert (r["kl"], r["ppl"], r["agreement"], r["full_ece"]) == (1.5, 40.0, 0.6, 0.2)
-    assert (r["tokens"], r["seconds"], r["flops"], r["loss"], r["finished"]) == (2000, 75.0, 2.5e15, "kd", True)
+    assert (r["tokens"], r["train_seconds"], r["flops"], r["loss"], r["finished"]) == (2000, 75.0, 2.5e15, "kd", True)
 
 
 def test_compare_table_and_figure(tmp_path, capsys):
@@ -67,7 +67,7 @@ def test_compare_table_and_figure(tmp_path, capsys):
     assert tad_row["Rel perplexity"] == f"{100 * math.log(20 / 40):+.2f}"
     assert tad_row["Full-ECE"] == "0.1000" and tad_row["Rel Full-ECE"] == f"{100 * math.log(0.5):+.2f}"
     assert tad_row["Rel agreement"] == f"{100 * math.log(0.55 / 0.50):+.2f}"
-    assert tad_row["wall time"] == "0:01:15" and tad_row["PFLOPs"] == "2.5" and tad_row["tokens"] == "2,000"
+    assert tad_row["train time"] == "0:01:15" and tad_row["PFLOPs"] == "2.5" and tad_row["tokens"] == "2,000"
     base_row = dict(zip(header, rows["kd (baseline)"]))
     assert base_row["Rel held-out KL"] == "+0.00"
     part_row = dict(zip(header, rows["partial (unfinished)"]))
@@ -151,7 +151,7 @@ def test_compare_fidelity_diversity_columns_and_scatter(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"saved {out / 'fidelity_diversity.png'}" in printed
     header, rows = table_rows((out / "compare.md").read_text())
-    assert header[-5:] == ["ROUGE-L", "Distinct-2", "Self-BLEU", "wall time", "PFLOPs"]
+    assert header[-5:] == ["ROUGE-L", "Distinct-2", "Self-BLEU", "train time", "PFLOPs"]
     assert (rows["kd"]["ROUGE-L"], rows["kd"]["Distinct-2"], rows["kd"]["Self-BLEU"]) == ("0.3100", "0.6200", "0.4000")
     assert rows["kd"]["Full-ECE"] == "0.2000"  # eval.json (held-out) and generate.json are both read
     assert (rows["drkl"]["ROUGE-L"], rows["drkl"]["Full-ECE"]) == ("0.3500", "—")

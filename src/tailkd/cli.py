@@ -58,7 +58,7 @@ COMMANDS = {
     "compare": (
         cc.CompareConfig, "compare", "several runs side by side: held-out KL curves and a table (paper Fig. 1)",
         "Plot held-out KL vs training tokens of several runs (metrics.jsonl) and tabulate final held-out KL, "
-        "perplexity, Full-ECE (RUN/eval.json), agreement, tokens, wall time and FLOPs, with "
+        "perplexity, Full-ECE (RUN/eval.json), agreement, tokens, training time and FLOPs, with "
         "Rel = 100·ln(metric / baseline); with generation results (tailkd eval --generate --out "
         "RUN/generate.json) also ROUGE-L, Distinct-2 and Self-BLEU, and a fidelity-vs-diversity scatter plot; "
         "with lm-eval results (tailkd lm-eval --out RUN/lm_eval.json) the mean task accuracy and Rel̄ = the mean "

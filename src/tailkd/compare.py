@@ -184,7 +184,7 @@ def load_run(path: str | Path) -> dict:
         "curve": ([r.get("tokens", 0) for r in curve], [r["kl"] for r in curve]),
         "kl": final.get("kl"), "ppl": final.get("student_ppl"), "agreement": final.get("agreement"),
         "full_ece": ev.get("student_full_ece"), "tokens": summary.get("tokens", final.get("tokens")),
-        "seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
+        "train_seconds": summary.get("train_seconds"), "flops": flops.get("total"), "finished": bool(summary),
         "rougeL": gen.get("student_rougeL"), "distinct_2": gen.get("student_distinct_2"),
         "self_bleu": gen.get("student_self_bleu"), "tasks": read_task_accuracies(run),
         "task_setups": read_task_setups(run),
@@ -264,7 +264,7 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
     scored = any(r.get("tasks") for r in records)  # the columns stay ("—") when no task is in every run
     if scored:
         head += ["tasks: mean acc"] + (["Rel̄ (tasks)"] if baseline is not None else [])
-    head += ["wall time", "PFLOPs"]
+    head += ["train time", "PFLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r, loss in zip(records, loss_labels(records)):
         name = r["name"] + (" (baseline)" if baseline is r else "") + ("" if r["finished"] else " (unfinished)")
@@ -276,7 +276,7 @@ def markdown_table(records: list[dict], baseline: dict | None) -> str:
         if scored:
             mean, rel_bar = task_summary(r, baseline, tasks)
             cells += [_fmt(mean, ".4f")] + ([_fmt(rel_bar, "+.2f")] if baseline is not None else [])
-        cells += [_hms(r["seconds"]), _fmt(None if r["flops"] is None else r["flops"] / 1e15, ".3g")]
+        cells += [_hms(r["train_seconds"]), _fmt(None if r["flops"] is None else r["flops"] / 1e15, ".3g")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", ("held-out KL = mean KL(teacher‖student) [nats/token] and perplexity, agreement from each run's "
                   "final held-out row of metrics.jsonl; Full-ECE from RUN/eval.json "
