@@ -124,6 +124,11 @@ def test_every_output_of_runs_with_infinite_metrics_is_strict_json_and_compare_r
     record = strict_loads((tmp_path / "cmp" / "compare.json").read_text())[0]
     assert math.isfinite(record["kl"]) and record["ppl"] > 0  # kl and the student's perplexity: finite
 
+    # every key of the run's files is documented in docs/outputs.md (nested: heldout_*'s as eval.json's)
+    documented = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text()
+    keys = {k for r in rows for k in r} | set(summary) | {"non_finite"}
+    assert not {k for k in keys if f"`{k}`" not in documented}
+
     from tailkd.compare import read_evals, read_metrics
     train_rows, held_rows = read_metrics(run)  # the readers get the floats back
     assert all(r["rkl"] == math.inf for r in held_rows) and all(not math.isfinite(r["loss"]) for r in train_rows)
