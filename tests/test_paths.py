@@ -52,3 +52,42 @@ def test_a_live_or_other_hosts_first_config_leftover_is_left_alone(tmp_path):
         writer.kill()
         writer.wait()
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.yaml", live.name, other.name])
+
+
+LONG_NAMES = {"ascii 250": "r" * 246 + ".json", "cjk 255 bytes": "中" * 85, "e-acute 254 bytes": "é" * 127}
+
+
+@pytest.mark.parametrize("name", LONG_NAMES.values(), ids=LONG_NAMES.keys())
+def test_a_target_named_near_name_max_is_written(tmp_path, name):
+    """A file or folder whose name is near NAME_MAX (255 bytes) but within it: the temporary name beside it
+    (``.tmp-<name>-<pid>@<host>...``, 20+ bytes more) was over the limit, so e.g. ``tailkd eval --out <240
+    characters>.json`` failed after the evaluation with OSError: [Errno 36] File name too long (exit 1)."""
+    from tailkd import checkpoint as ckpt
+
+    assert len(name.encode()) <= ckpt.NAME_MAX
+    ckpt.atomic_write_text(tmp_path / name, "one")
+    ckpt.atomic_write_text(tmp_path / name, "two")  # replacing it
+    assert (tmp_path / name).read_text() == "two"
+    folder = tmp_path / "d" / name
+    for text in ("one", "two"):
+        ckpt.atomic_write_dir(folder, lambda tmp, text=text: (tmp / "f.txt").write_text(text))
+        assert (folder / "f.txt").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", name])
+    assert [p.name for p in folder.parent.iterdir()] == [name]
+
+
+def test_a_dead_writers_leftovers_of_a_long_name_are_found(tmp_path):
+    """`remove_dead_writers` finds a killed writer's shortened ``.tmp-*`` and ``.old-*`` (its pid longer or shorter
+    than ours: the shortened name does not depend on it), and puts the set-aside folder back."""
+    from tailkd import checkpoint as ckpt
+
+    final = tmp_path / ("x" * 250)
+    stem, tag = ckpt.temp_stem(final.name), f"{_dead_pid()}@{socket.gethostname()}"
+    assert stem != final.name and len(f".tmp-{stem}-4194304@{socket.gethostname()}-{'0' * 12}".encode()) <= 255
+    half = tmp_path / f".tmp-{stem}-{tag}-0123456789ab"
+    aside = tmp_path / f".old-{stem}-{tag}"
+    half.mkdir()
+    aside.mkdir()
+    (aside / "kept.txt").write_text("the old folder")
+    assert sorted(ckpt.remove_dead_writers(final)) == sorted([half, aside])
+    assert (final / "kept.txt").read_text() == "the old folder" and sorted(tmp_path.iterdir()) == [final]

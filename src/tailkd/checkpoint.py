@@ -73,6 +73,25 @@ def writer_tag() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS; ext4, xfs, btrfs, tmpfs, NFS)
+_TEMP_ROOM = len(".tmp-") + len("-4194304@") + len("-") + 12  # what a temporary name adds to the target's (pid_max
+# is 2^22 on 64-bit Linux: seven digits) besides the host name, with `new_temp_dir`'s 12 random hex digits
+
+
+def temp_stem(name: str) -> str:
+    """``name`` as the temporary and set-aside names beside it hold it (``.tmp-<stem>-<pid>@<host>[-<random>]``,
+    ``.old-<stem>-<pid>@<host>``): ``name`` itself where those stay within `NAME_MAX` bytes, else its first bytes and
+    ``~`` and 8 hex digits of its sha256 (a target named near the limit, e.g. a 240-character --out, could not be
+    written: File name too long). The same for every writer of one target on one host, so that
+    `remove_dead_writers` finds a dead one's leftovers."""
+    room = NAME_MAX - _TEMP_ROOM - len(socket.gethostname().encode())
+    raw = name.encode()
+    if len(raw) <= room:
+        return name
+    head = raw[: max(room - 9, 1)].decode("utf-8", errors="ignore")  # never half a multi-byte character
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -97,7 +116,7 @@ def remove_dead_writers(final: Path) -> list[Path]:
     writer's folders and other hosts' (a shared disk) are left alone. Returns what was removed or put back."""
     final = Path(final)
     host = re.escape(socket.gethostname())
-    name = re.escape(final.name)
+    name = re.escape(temp_stem(final.name))
     ours = re.compile(rf"\.tmp-{name}-\d+@{host}-[^-]+|\.old-{name}-\d+@{host}")
     done = []
     try:
@@ -163,8 +182,8 @@ def atomic_write_dir(final: Path, write) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(final)
-    tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{writer_tag()}-")
-    old = final.with_name(f".old-{final.name}-{writer_tag()}")
+    tmp = new_temp_dir(final.parent, f".tmp-{temp_stem(final.name)}-{writer_tag()}-")
+    old = final.with_name(f".old-{temp_stem(final.name)}-{writer_tag()}")
     try:
         write(tmp)
         new_file_modes(tmp)
@@ -206,10 +225,11 @@ def atomic_write_file(final: Path, write, *, replace: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``final``, fsync it, rename it to ``final`` (replacing
     it) and fsync the folder: after a crash there is the old file or the new one, never half of one. The file has
     the mode of any new file (`new_file_modes`). ``replace=False``: never replace an existing ``final``, even one
-    another process creates meanwhile (FileExistsError). The temporary file is ``.tmp-<name>-<pid>@<host>``."""
+    another process creates meanwhile (FileExistsError). The temporary file is ``.tmp-<name>-<pid>@<host>`` (a long
+    name shortened: `temp_stem`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{writer_tag()}")  # whose: `left_by_dead_writer` tells a dead one's
+    tmp = final.with_name(f".tmp-{temp_stem(final.name)}-{writer_tag()}")  # `left_by_dead_writer` tells a dead one's
     try:
         write(tmp)
         _set_mode(tmp, _new_file_mode(final.parent))  # that of any new file (safetensors 0.8 writes 0o600)
