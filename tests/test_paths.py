@@ -91,3 +91,58 @@ def test_a_dead_writers_leftovers_of_a_long_name_are_found(tmp_path):
     (aside / "kept.txt").write_text("the old folder")
     assert sorted(ckpt.remove_dead_writers(final)) == sorted([half, aside])
     assert (final / "kept.txt").read_text() == "the old folder" and sorted(tmp_path.iterdir()) == [final]
+
+
+def _configs():
+    from tailkd.cli import COMMANDS
+
+    return [DistillConfig, *(cls for cls, *_ in COMMANDS.values())]
+
+
+def test_every_path_setting_is_listed_and_reads_a_leading_tilde_as_home(tmp_path, monkeypatch):
+    """``~`` in a path setting (quoted on the command line, or in YAML) is the user's home, as transformers' and
+    datasets' own paths: ``--out '~/runs/x'`` made a folder named '~' in the working directory, ``--data.cache_dir
+    '~/c'`` another, and ``--data '~/corpus.txt'`` was 'does not exist' while ``--teacher '~/t'`` was expanded.
+    Every str / list[str] leaf that names a file or folder is in PATH_KEYS; the others hold words (devices,
+    choices, task names)."""
+    from tailkd.config import PATH_KEYS, _leaves, from_dict, leaf_value
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = str(tmp_path / "home")
+    words = {"teacher.dtype", "teacher.parallel", "student.mlp_init", "data.doc_sep", "data.task", "data.sft_mode",
+             "data.overlong", "loss.name", "loss.drkl_anchor", "train.precision", "train.device", "train.fused_loss",
+             "train.loss_kernels", "train.parallel", "eval.split", "eval.device", "analyze.split", "analyze.device",
+             "lm_eval.tasks", "lm_eval.split", "lm_eval.device", "cache.hidden_dtype", "cache.split", "cache.device",
+             "select.device", "reproduce.device"}
+    seen = set()
+    for cls in _configs():
+        for key, tp, _ in _leaves(cls):
+            if "str" not in str(tp) or "dict" in str(tp):
+                continue
+            seen.add(key)
+            section, name = key.split(".")
+            value = ["~/a", "b"] if "list" in str(tp) else "~/a"
+            got = leaf_value(from_dict(cls, {section: {name: value}}), key)
+            if key in PATH_KEYS:
+                assert got == ([f"{home}/a", "b"] if isinstance(value, list) else f"{home}/a"), key
+            else:
+                assert key in words, f"{key}: a path (add it to PATH_KEYS) or a word (add it here)?"
+    assert PATH_KEYS <= seen
+    words = from_dict(DistillConfig, {"teacher": {"path": "smollm2"}, "data": {"paths": ["builtin:math"]}})
+    assert (words.teacher.path, words.data.paths, words.data.chat_template) == ("smollm2", ["builtin:math"], "auto")
+
+
+def test_a_tilde_in_a_config_built_in_python_or_a_recipe_is_home(tmp_path, monkeypatch):
+    from tailkd.config import load_yaml
+    from tailkd.recipe import read_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = DistillConfig()
+    cfg.train.out_dir, cfg.data.cache_dir = "~/runs/x", "~/cache"
+    cfg.validate()
+    assert (cfg.train.out_dir, cfg.data.cache_dir) == (f"{tmp_path}/runs/x", f"{tmp_path}/cache")
+    (tmp_path / "r.yaml").write_text("out_dir: ~/math\nstages:\n  - name: one\n    train: {max_steps: 2}\n")
+    assert load_yaml("~/r.yaml")["out_dir"] == "~/math"
+    (stage,) = read_recipe("~/r.yaml").stages
+    assert stage.train.out_dir == f"{tmp_path}/math/one"

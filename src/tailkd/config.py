@@ -110,6 +110,26 @@ FLOAT_RANGES = {
 }
 
 
+# The settings that name files or folders, of every command's config. A leading ``~`` in them is the user's home, read
+# once here (`from_dict`, `DistillConfig.validate`), as transformers' TrainingArguments and datasets read theirs: given
+# quoted or in YAML, it made a folder named '~' in the working directory (--out '~/runs/x', --data.cache_dir) or, for
+# data paths, a 'does not exist' error while the teacher's '~' was expanded. tailkd's own words (smollm2, builtin:*,
+# auto, none) start with no '~' and are left as they are.
+PATH_KEYS = frozenset({
+    "teacher.path", "teacher.cache", "student.path", "data.paths", "data.heldout_paths", "data.cache_dir",
+    "data.chat_template", "loss.module", "train.out_dir", "eval.student", "eval.out", "generate.prompts",
+    "analyze.teachers", "analyze.out", "compare.runs", "compare.baseline", "compare.out", "flops.teacher",
+    "flops.student", "flops.reference", "flops.out", "lm_eval.model", "lm_eval.gsm_data", "lm_eval.work_dir",
+    "lm_eval.out", "cache.out", "select.reference", "select.out", "reproduce.out"})
+
+
+def expand_home(value):
+    """A path setting's value (a string, a list of them, or None) with a leading ``~`` / ``~user`` expanded."""
+    if isinstance(value, list):
+        return [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
     """A dataclass field whose help text becomes the flag's ``--help`` line; ``choices=`` (a tuple) are the only
     values `check_leaves` accepts; ``positional="NAME"`` (a list field) makes it the positional arguments."""
@@ -345,6 +365,9 @@ class DistillConfig:
         from tailkd.registry import LOSSES, bind  # the registry (imports torch): loss names live there only
 
         c = self
+        for key in PATH_KEYS & {dotted for dotted, _, _ in _leaves(DistillConfig)}:  # a config built in Python
+            section, name = key.split(".")  # (`distill(cfg)`) is read as a YAML one
+            setattr(getattr(c, section), name, expand_home(leaf_value(c, key)))
         if c.loss.module:
             load_loss_module(c.loss.module)
         if c.loss.name not in LOSSES:
@@ -606,6 +629,8 @@ def from_dict(cls, data: dict, prefix: str = "", omit: frozenset[str] | None = N
             if isinstance(value, bool) and {"on", "off"} <= set(choices[name]):
                 value = "on" if value else "off"  # YAML 1.1 reads an unquoted on / off as true / false
             kwargs[name] = _coerce(value, tp, prefix + name)
+            if prefix + name in PATH_KEYS:
+                kwargs[name] = expand_home(kwargs[name])
     return dataclasses.replace(base, **kwargs)
 
 
@@ -650,7 +675,7 @@ def read_yaml(text: str):
 
 
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:

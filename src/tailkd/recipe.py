@@ -114,7 +114,7 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
     chain = doc.get("chain", True)
     if not isinstance(chain, bool):
         raise TailkdError(f"recipe {path}: 'chain' must be true or false, got {chain!r}")
-    root = Path(out_dir or doc.get("out_dir") or "runs/recipe")
+    root = Path(out_dir or doc.get("out_dir") or "runs/recipe").expanduser()  # as every path setting (config.PATH_KEYS)
     common = _mapping(doc, "common", path) or {}
     configs, names = [], set()
     for i, stage in enumerate(stages):
