@@ -4,6 +4,7 @@ paths read from another working directory."""
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,75 @@ def test_a_tilde_in_a_config_built_in_python_or_a_recipe_is_home(tmp_path, monke
     assert load_yaml("~/r.yaml")["out_dir"] == "~/math"
     (stage,) = read_recipe("~/r.yaml").stages
     assert stage.train.out_dir == f"{tmp_path}/math/one"
+
+
+def _relative_run(tmp_path, monkeypatch):
+    """A run's config as `tailkd distill --teacher teacher --data corpus.txt --data.cache_dir cache --out runs/rel`
+    from ``tmp_path/w1`` saves it (claim_run_dir), with a final/ folder."""
+    from tailkd.config import from_dict
+
+    work = tmp_path / "w1"
+    (work / "teacher").mkdir(parents=True)
+    (work / "corpus.txt").write_text("one\n\ntwo\n")
+    monkeypatch.chdir(work)
+    cfg = from_dict(DistillConfig, {"teacher": {"path": "teacher"}, "data": {"paths": ["corpus.txt"],
+                                    "cache_dir": "cache", "heldout_paths": ["builtin:pydoc"]},
+                                    "train": {"out_dir": "runs/rel/"}})
+    runs.claim_run_dir(Path(cfg.train.out_dir), cfg, False, [])
+    (work / "runs" / "rel" / "final").mkdir()
+    return work, cfg
+
+
+def test_a_runs_config_holds_absolute_paths(tmp_path, monkeypatch):
+    """config.yaml held the paths as given, relative to the working directory of the run: `tailkd eval RUN/final`
+    and `tailkd distill --config RUN/config.yaml --resume` from another one read them against theirs ('model
+    'teacher' not found', '--resume given but runs/rel holds no run', or silently another folder of that name)."""
+    from tailkd.config import load_yaml
+
+    work, _ = _relative_run(tmp_path, monkeypatch)
+    saved = load_yaml(work / "runs" / "rel" / "config.yaml")
+    assert saved["teacher"]["path"] == str(work / "teacher") and saved["teacher"]["cache"] is None
+    assert saved["data"]["paths"] == [str(work / "corpus.txt")] and saved["data"]["cache_dir"] == str(work / "cache")
+    assert saved["data"]["heldout_paths"] == ["builtin:pydoc"] and saved["data"]["chat_template"] == "auto"
+    assert saved["train"]["out_dir"] == str(work / "runs" / "rel") and saved["student"]["path"] is None
+
+
+def test_eval_and_resume_of_a_run_from_another_working_directory(tmp_path, monkeypatch):
+    from tailkd.command_config import EvalConfig
+    from tailkd.config import from_dict, load_yaml
+
+    work, _ = _relative_run(tmp_path, monkeypatch)
+    other = tmp_path / "w2"
+    (other / "teacher").mkdir(parents=True)  # another folder of the same name: not the run's
+    monkeypatch.chdir(other)
+    run = Path("../w1/runs/rel")
+    ev = EvalConfig.run_defaults({"eval": {"student": str(run / "final")}})
+    assert ev["teacher"]["path"] == str(work / "teacher") and ev["data"]["paths"] == [str(work / "corpus.txt")]
+    again = from_dict(DistillConfig, {**load_yaml(run / "config.yaml"), "train": {
+        **load_yaml(run / "config.yaml")["train"], "resume": True}})
+    out, resuming, changes = runs.prepare_run_dir(again)
+    assert (out, resuming, changes) == (work / "runs" / "rel", True, [])
+
+
+def test_a_resume_may_spell_the_runs_paths_otherwise(tmp_path, monkeypatch):
+    """Relative or absolute, with ./ or a trailing slash: the same teacher, data and cache are no config change; an
+    older run's config.yaml with relative paths resumes (read against the working directory, as before)."""
+    from tailkd.config import from_dict
+
+    work, cfg = _relative_run(tmp_path, monkeypatch)
+    spelled = from_dict(DistillConfig, {"teacher": {"path": str(work / "teacher") + "/"}, "data": {
+        "paths": ["./corpus.txt"], "cache_dir": str(work / "cache"), "heldout_paths": ["builtin:pydoc"]},
+        "train": {"out_dir": str(work / "runs" / "rel"), "resume": True}})
+    assert runs.prepare_run_dir(spelled)[1:] == (True, [])
+    import yaml
+
+    older = work / "runs" / "rel" / "config.yaml"  # as an older tailkd wrote it
+    text = yaml.safe_load(older.read_text())
+    text["teacher"]["path"], text["data"]["paths"], text["train"]["out_dir"] = "teacher", ["corpus.txt"], "runs/rel"
+    older.write_text(yaml.safe_dump(text))
+    assert runs.prepare_run_dir(spelled)[1:] == (True, [])
+    moved = from_dict(DistillConfig, {"teacher": {"path": str(tmp_path / "elsewhere")}, "data": {
+        "paths": ["corpus.txt"], "cache_dir": "cache", "heldout_paths": ["builtin:pydoc"]},
+        "train": {"out_dir": "runs/rel", "resume": True}})
+    with pytest.raises(Exception, match="teacher.path was"):
+        runs.prepare_run_dir(moved)

@@ -130,6 +130,32 @@ def expand_home(value):
     return os.path.expanduser(value) if isinstance(value, str) else value
 
 
+def absolute_paths(cfg: "DistillConfig") -> "DistillConfig":
+    """A copy of ``cfg`` whose local paths are absolute (against the working directory, without resolving symlinks or
+    ``..``): the run's config.yaml holds these, so that ``tailkd eval RUN/final``, ``tailkd distill --config
+    RUN/config.yaml --resume`` and a recipe read the teacher, data and cache the run used from any working directory
+    (relative ones were read against the reader's: 'not found', or another folder of the same name). tailkd's own
+    words are kept: smollm2, builtin:*, auto / none (chat_template), a dotted loss.module."""
+    def local(v):
+        return isinstance(v, str) and bool(v) and not v.startswith("builtin:") and v not in ("smollm2", "auto", "none")
+
+    def absolute(v):
+        if isinstance(v, list):
+            return [absolute(x) for x in v]
+        return str(Path(v).absolute()) if local(v) else v
+
+    module = cfg.loss.module
+    is_file = module.endswith(".py") or "/" in module or "\\" in module  # tailkd.registry.names_a_file
+    t, st, d = cfg.teacher, cfg.student, cfg.data
+    return dataclasses.replace(
+        cfg, teacher=dataclasses.replace(t, path=absolute(t.path), cache=absolute(t.cache)),
+        student=dataclasses.replace(st, path=absolute(st.path)),
+        data=dataclasses.replace(d, paths=absolute(d.paths), heldout_paths=absolute(d.heldout_paths),
+                                 cache_dir=absolute(d.cache_dir), chat_template=absolute(d.chat_template)),
+        loss=dataclasses.replace(cfg.loss, module=absolute(module) if is_file else module),
+        train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir)))
+
+
 def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
     """A dataclass field whose help text becomes the flag's ``--help`` line; ``choices=`` (a tuple) are the only
     values `check_leaves` accepts; ``positional="NAME"`` (a list field) makes it the positional arguments."""

@@ -46,6 +46,7 @@ from tailkd.config import (
     BUILD_KEYS,
     DistillConfig,
     StudentConfig,
+    absolute_paths,
     config_from_dict,
     flatten,
     from_dict,
@@ -158,7 +159,7 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     if not saved.is_file():
         return None
     try:
-        old = flatten(to_dict(from_dict(DistillConfig, load_yaml(saved))))
+        old = flatten(to_dict(absolute_paths(from_dict(DistillConfig, load_yaml(saved)))))
     except TailkdError as exc:
         raise TailkdError(f"the run folder {run} has a damaged config.yaml ({exc}); delete {run} to run it "
                           "again") from None
@@ -166,7 +167,7 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     if cfg.train.epochs > 0:
         free = free | {"train.max_steps"}
     changed = config_changes(old, cfg, free)
-    return (changed[0], old.get(changed[0]), flatten(to_dict(cfg)).get(changed[0])) if changed else None
+    return (changed[0], old.get(changed[0]), flatten(to_dict(absolute_paths(cfg))).get(changed[0])) if changed else None
 
 
 def finished(cfg: DistillConfig) -> bool:

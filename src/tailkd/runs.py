@@ -30,7 +30,7 @@ import torch
 from tailkd import checkpoint as ckpt
 from tailkd import distributed as dist
 from tailkd import jsonfile
-from tailkd.config import DistillConfig, flatten, from_dict, load_yaml, save_yaml, to_dict
+from tailkd.config import DistillConfig, absolute_paths, flatten, from_dict, load_yaml, save_yaml, to_dict
 from tailkd.errors import TailkdError
 
 # Config keys that may differ between a run and its resumption. Run control, logging, held-out evaluation and
@@ -165,12 +165,12 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
         if not saved.exists():
             raise TailkdError(f"{out} has no config.yaml, so it is not a tailkd run; choose another --out")
         try:
-            old = flatten(to_dict(from_dict(DistillConfig, load_yaml(saved))))
+            old = flatten(to_dict(absolute_paths(from_dict(DistillConfig, load_yaml(saved)))))  # older runs: relative
         except TailkdError as exc:
             raise TailkdError(f"cannot resume {out}: its config.yaml is damaged ({exc}); start a new run with "
                               "another --out") from None
         diff = sorted(config_changes(old, cfg, RESUME_FREE_KEYS))
-        new = flatten(to_dict(cfg))
+        new = flatten(to_dict(absolute_paths(cfg)))
         changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff]
         if diff and not cfg.train.force_resume:
             k = diff[0]
@@ -189,9 +189,10 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
 
 def config_changes(old: dict, cfg: DistillConfig, free) -> list[str]:
     """The settings (dotted keys, in ``cfg``'s order, then those only the saved config has: an entry of a mapping such
-    as ``loss.options.alpha`` that ``cfg`` no longer gives) in which a saved config (``flatten``ed) differs from
-    ``cfg``, leaving out the keys in ``free``."""
-    new = flatten(to_dict(cfg))
+    as ``loss.options.alpha`` that ``cfg`` no longer gives) in which a saved config (``flatten``ed, its paths
+    `absolute_paths`) differs from ``cfg``, leaving out the keys in ``free``: a path spelled otherwise (relative,
+    absolute) is no change."""
+    new = flatten(to_dict(absolute_paths(cfg)))
     return [k for k in [*new, *(k for k in old if k not in new)] if k not in free and old.get(k) != new.get(k)]
 
 
@@ -199,6 +200,7 @@ def _write_config(cfg: DistillConfig, path: Path, *, replace: bool = True) -> No
     """The run's config.yaml, without what one invocation did to the folder (--resume, --overwrite, --force): the
     printed ``tailkd distill --config RUN/config.yaml --resume`` continues it, and a later change needs --force
     again. ``replace=False``: FileExistsError where there is one already."""
+    cfg = absolute_paths(cfg)  # read from any working directory (eval, --resume)
     train = dataclasses.replace(cfg.train, resume=False, overwrite=False, force_resume=False)
     saved = dataclasses.replace(cfg, train=train)
     ckpt.atomic_write_file(path, lambda tmp: save_yaml(saved, tmp), replace=replace)  # never half a config.yaml
