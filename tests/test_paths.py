@@ -219,3 +219,21 @@ def test_a_resume_may_spell_the_runs_paths_otherwise(tmp_path, monkeypatch):
         "train": {"out_dir": "runs/rel", "resume": True}})
     with pytest.raises(Exception, match="teacher.path was"):
         runs.prepare_run_dir(moved)
+
+
+def test_overwrite_of_a_run_folder_that_is_a_symlink(tmp_path):
+    """--out a symlink to a folder elsewhere (another disk) holding a run, with --overwrite: shutil.rmtree refused
+    the link (OSError: Cannot call rmtree on a symbolic link, exit 1). The run in the folder it points to is
+    replaced; the link stays."""
+    target = tmp_path / "disk" / "run"
+    target.mkdir(parents=True)
+    (target / "config.yaml").write_text("train: {seed: 3}\n")
+    (target / "stale.txt").write_text("from the old run")
+    link = tmp_path / "run"
+    link.symlink_to(target, target_is_directory=True)
+    cfg = DistillConfig()
+    cfg.train.out_dir, cfg.train.overwrite = str(link), True
+    out, resuming, _ = runs.prepare_run_dir(cfg)
+    runs.claim_run_dir(out, cfg, resuming, [])
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["config.yaml"]
+    assert "seed: 0" in (target / "config.yaml").read_text()

@@ -223,7 +223,14 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[s
     """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config."""
     if not resuming:
         if out.exists() and cfg.train.overwrite:
-            shutil.rmtree(out)
+            if out.is_symlink():  # a link to a folder elsewhere (another disk): its run is replaced, the link stays
+                for child in out.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            else:
+                shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         for leftover in filter(_first_config_leftover, out.iterdir()):
             if _left_by_dead_writer(leftover.name):  # a live one: a run claiming the folder now
