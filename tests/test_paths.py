@@ -237,3 +237,19 @@ def test_overwrite_of_a_run_folder_that_is_a_symlink(tmp_path):
     runs.claim_run_dir(out, cfg, resuming, [])
     assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["config.yaml"]
     assert "seed: 0" in (target / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("argv", [["flops", "--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "1000",
+                                   "--hidden", "64", "--out"],
+                                  ["distill", "--out"]])
+def test_an_output_name_over_the_filesystems_limit_is_one_line(tmp_path, capsys, argv):
+    """A name longer than NAME_MAX (300 bytes) in --out ended in 'OSError: [Errno 36] File name too long' with exit
+    1 (an unexpected error); it is bad input: one line naming the setting, exit 2, before anything runs."""
+    from tailkd.cli import main
+
+    long = tmp_path / ("y" * 300) / "x.json"
+    assert main([*argv, str(long)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tailkd: error: ") and "out" in err[0], err
+    assert "File name too long; choose another path" in err[0] and "OSError" not in err[0]
+    assert list(tmp_path.iterdir()) == []

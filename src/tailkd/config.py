@@ -532,6 +532,14 @@ def check_out_path(cfg, key: str, folder: bool) -> None:
     out = leaf_value(cfg, key)
     if not out:
         return
+    try:
+        _check_out_path(key, out, folder)
+    except OSError as exc:  # a name longer than the filesystem's limit (errno 36), a looping symlink, ...
+        raise TailkdError(f"{key}={out} cannot be used: {exc.strerror or exc}; choose another path (one name "
+                          "holds at most 255 bytes on most filesystems)") from None
+
+
+def _check_out_path(key: str, out: str, folder: bool) -> None:
     if folder and Path(out).exists() and not Path(out).is_dir():
         raise TailkdError(f"{key}={out} is a file; give a folder name")
     if not folder and Path(out).is_dir():
