@@ -10,6 +10,7 @@ import pytest
 
 from tailkd import runs
 from tailkd.config import DistillConfig
+from tailkd.errors import TailkdError
 
 
 def _dead_pid() -> int:
@@ -195,6 +196,23 @@ def test_eval_and_resume_of_a_run_from_another_working_directory(tmp_path, monke
         **load_yaml(run / "config.yaml")["train"], "resume": True}})
     out, resuming, changes = runs.prepare_run_dir(again)
     assert (out, resuming, changes) == (work / "runs" / "rel", True, [])
+
+
+def test_a_moved_run_folder_says_how_to_resume_it(tmp_path, monkeypatch):
+    """config.yaml names the folder the run started in: resuming a moved run from its config said only 'holds no
+    run; drop --resume'. The line now says that --out its new place resumes it, and that does."""
+    from tailkd.config import from_dict, load_yaml
+
+    work, _ = _relative_run(tmp_path, monkeypatch)
+    moved = work / "runs" / "moved"
+    (work / "runs" / "rel").rename(moved)
+    saved = load_yaml(moved / "config.yaml")
+    again = from_dict(DistillConfig, {**saved, "train": {**saved["train"], "resume": True}})
+    with pytest.raises(TailkdError, match=r"holds no run; drop --resume to start a new run \(a run folder moved "
+                                          r"since: --out its new place"):
+        runs.prepare_run_dir(again)
+    again.train.out_dir = str(moved)
+    assert runs.prepare_run_dir(again) == (moved, True, [])
 
 
 def test_a_resume_may_spell_the_runs_paths_otherwise(tmp_path, monkeypatch):

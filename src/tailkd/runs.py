@@ -160,7 +160,8 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
     exists = out.is_dir() and any(not _first_config_leftover(p) for p in out.iterdir())
     if cfg.train.resume:
         if not exists:
-            raise TailkdError(f"--resume given but {out} holds no run; drop --resume to start a new run")
+            raise TailkdError(f"--resume given but {out} holds no run; drop --resume to start a new run (a run folder "
+                              "moved since: --out its new place, as RUN/config.yaml names the folder it started in)")
         saved = out / "config.yaml"
         if not saved.exists():
             raise TailkdError(f"{out} has no config.yaml, so it is not a tailkd run; choose another --out")
