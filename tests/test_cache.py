@@ -21,7 +21,7 @@ from tailkd.head import Head, HeadSpec
 from tailkd.objective import chunked_objective, objective, step_terms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tokenizer, write_corpus
+from tiny import dead_pid, make_tokenizer, write_corpus
 
 SEQ_LEN = 12
 
@@ -353,7 +353,7 @@ def test_a_second_cache_teacher_on_one_out_leaves_the_first_ones_shard_alone(set
     teacher cache shard ... (No such file or directory); free disk space", a wrong cause). Here the second run
     (another live process: writer tag of the parent process) runs whole while the first has written shard 1's
     temporary file: both finish and equal a fresh cache; the temporary files of a dead writer of this host and an
-    untagged one (an older tailkd's) are still removed, another live writer's is kept."""
+    untagged one of a dead pid (an older tailkd's) are still removed, a live writer's (tagged or not) is kept."""
     import socket
     import subprocess
 
@@ -373,7 +373,9 @@ def test_a_second_cache_teacher_on_one_out_leaves_the_first_ones_shard_alone(set
         if tmp.name.startswith(".tmp-shard_000001") and not state["second"]:
             state["second"] = True
             path.joinpath(f".tmp-shard_000002.safetensors-{gone.pid}@{host}").write_bytes(b"killed")
-            path.joinpath(".tmp-shard_000002.safetensors-1").write_bytes(b"older tailkd, killed")
+            path.joinpath(f".tmp-shard_000002.safetensors-{gone.pid}").write_bytes(b"older tailkd, killed")
+            older_live = path / f".tmp-shard_000003.safetensors-{os.getppid()}"
+            older_live.write_bytes(b"older tailkd, live")  # (pid alive: kept, as a tagged live writer's)
             other = path / f".tmp-head.safetensors-{os.getppid()}@{host}"
             other.write_bytes(b"a third writer, live")  # (of a file the second run does not write)
             writer["tag"] = f"{os.getppid()}@{host}"  # another live process
@@ -381,8 +383,9 @@ def test_a_second_cache_teacher_on_one_out_leaves_the_first_ones_shard_alone(set
                 _write(setup, "shared")
             finally:
                 writer["tag"] = f"{os.getpid()}@{host}"
-            assert tmp.is_file() and other.is_file()
+            assert tmp.is_file() and other.is_file() and older_live.is_file()
             other.unlink()
+            older_live.unlink()
 
     monkeypatch.setattr(cache, "save_safetensors", second_run_starts_meanwhile)
     _write(setup, "shared")
@@ -398,7 +401,7 @@ def test_resume_after_a_crash_skips_complete_shards_and_equals_a_fresh_cache(set
 
     def crashing_save(path, tensors):
         if path.name.startswith("shard_") and calls["n"] == 2:
-            path.with_name(f".tmp-{path.name}-1").write_bytes(b"half a shard")  # what a kill leaves behind
+            path.with_name(f".tmp-{path.name}-{dead_pid()}").write_bytes(b"half a shard")  # a killed older tailkd's
             raise KeyboardInterrupt("simulated crash")
         calls["n"] += path.name.startswith("shard_")
         real_save(path, tensors)

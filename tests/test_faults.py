@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import make_teacher_dir, read_metrics, write_corpus
+from tiny import dead_pid, make_teacher_dir, read_metrics, write_corpus
 
 from tailkd import checkpoint as ckpt
 from tailkd.cli import main
@@ -518,12 +518,6 @@ def test_a_replaced_checkpoint_put_aside_by_a_writer_on_a_hyphenated_host_is_rep
     assert ckpt.list_checkpoints(tmp_path) == [good] and ckpt.verify_checkpoint(good) is None
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_a_writer_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path):
     """SIGKILL while ``atomic_write_dir`` writes (as a corpus being tokenised): its temporary folder is removed
     by the next writer of the same folder, and nothing else is."""
@@ -540,8 +534,8 @@ def test_a_writer_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path)
     assert len(left) == 1 and left[0].startswith(f".tmp-corpus-{proc.pid}@")
     host = left[0][len(f".tmp-corpus-{proc.pid}@"):].rsplit("-", 1)[0]
     keep = [tmp_path / f".tmp-corpus-{os.getpid()}@{host}-live0000",  # a live writer (this process)
-            tmp_path / f".tmp-corpus-{_dead_pid()}@another-host-x1",  # another host's writer (a shared disk)
-            tmp_path / f".tmp-other-{_dead_pid()}@{host}-abcd1234"]  # a writer of another folder
+            tmp_path / f".tmp-corpus-{dead_pid()}@another-host-x1",  # another host's writer (a shared disk)
+            tmp_path / f".tmp-other-{dead_pid()}@{host}-abcd1234"]  # a writer of another folder
     for p in keep:
         p.mkdir()
     ckpt.atomic_write_dir(final, lambda tmp: (tmp / "train.bin").write_bytes(b"done"))
@@ -552,7 +546,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path)
 def test_a_folder_put_aside_by_a_killed_writer_is_put_back_or_removed(tmp_path):
     final = tmp_path / "corpus"
     host = ckpt.writer_tag().split("@", 1)[1]
-    aside = tmp_path / f".old-corpus-{_dead_pid()}@{host}"
+    aside = tmp_path / f".old-corpus-{dead_pid()}@{host}"
     aside.mkdir()
     (aside / "meta.json").write_text("{}")
     assert ckpt.remove_dead_writers(final) == [aside]  # killed between the two renames: the old folder returns

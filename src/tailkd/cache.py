@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -378,7 +377,7 @@ def _model_class(model) -> str:
 
 def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
     """Make ``out`` the cache described by ``meta``: refused if it holds another cache or other files; temporary
-    files of killed writers removed (`_left_by_killed_writer`: not the shard another run on ``out`` writes now);
+    files of killed writers removed (`checkpoint.left_by_dead_writer`: not the shard another run on ``out`` writes now);
     ``cache.json`` written once (and the teacher's LM head when ``head`` is given: a cache of hidden states needs
     it)."""
     meta_path = out / META_FILE
@@ -395,7 +394,7 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".tmp-*"):
-            if _left_by_killed_writer(stale.name):
+            if left_by_dead_writer(stale.name, untagged=True):  # not a live writer's (a second run on out)
                 stale.unlink(missing_ok=True)
         if not meta_path.is_file():
             atomic_write_text(meta_path, jsonfile.dumps({**meta, "created_unix": time.time()}, indent=1))
@@ -408,13 +407,6 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
         if head.bias is not None:
             tensors["bias"] = head.bias[:vocab].detach().cpu().contiguous()
         _save_shard(out / HEAD_FILE, tensors)
-
-
-def _left_by_killed_writer(name: str) -> bool:
-    """Whether the temporary file ``name`` (`checkpoint.atomic_write_file`'s ``.tmp-<file>-<pid>@<host>``) is the
-    leftover of a writer of this host whose process is gone, or an untagged ``.tmp-<file>-<pid>`` of an older
-    tailkd. A live writer's (a second cache-teacher on the same --out) and another host's are kept."""
-    return left_by_dead_writer(name) or re.fullmatch(r"\.tmp-[^@]+-\d+", name) is not None
 
 
 def _shard_complete(path: Path, log) -> bool:

@@ -102,10 +102,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def left_by_dead_writer(name: str) -> bool:
+def left_by_dead_writer(name: str, untagged: bool = False) -> bool:
     """Whether ``name`` (``...-<pid>@<host>`` or ``...-<pid>@<host>-<random>``, see `writer_tag`) is the leftover of
-    a writer of THIS host whose process is gone. Another host's (a shared disk) or an untagged name: False."""
+    a writer of THIS host whose process is gone. Another host's (a shared disk): False. ``untagged``: also a
+    temporary file ``.tmp-<file>-<pid>`` of an older tailkd (before writer tags), read as this host's."""
     m = re.search(rf"-(\d+)@{re.escape(socket.gethostname())}(-[^-]+)?$", name)
+    if m is None and untagged:
+        m = re.fullmatch(r"\.tmp-[^@]+-(\d+)", name)
     return m is not None and not pid_alive(int(m.group(1)))
 
 

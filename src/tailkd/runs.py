@@ -213,13 +213,6 @@ def _first_config_leftover(path: Path) -> bool:
     return re.fullmatch(r"\.tmp-config\.yaml-\d+(@.+)?", path.name) is not None and path.is_file()
 
 
-def _left_by_dead_writer(name: str) -> bool:
-    """Whether the first-config leftover ``name`` is a dead writer's: ``.tmp-config.yaml-<pid>@<host>`` of this host
-    (`ckpt.left_by_dead_writer`; another host's pid says nothing here), or an older tailkd's ``-<pid>``."""
-    untagged = re.fullmatch(r"\.tmp-config\.yaml-(\d+)", name)
-    return ckpt.left_by_dead_writer(name) or (untagged is not None and not ckpt.pid_alive(int(untagged.group(1))))
-
-
 def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
     """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config."""
     if not resuming:
@@ -234,7 +227,7 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[s
                 shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         for leftover in filter(_first_config_leftover, out.iterdir()):
-            if _left_by_dead_writer(leftover.name):  # a live one: a run claiming the folder now
+            if ckpt.left_by_dead_writer(leftover.name, untagged=True):  # not a live one: a run claiming the folder now
                 leftover.unlink(missing_ok=True)
         try:  # never over the config.yaml of a run that claimed the folder since `prepare_run_dir` looked
             _write_config(cfg, out / "config.yaml", replace=False)
