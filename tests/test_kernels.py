@@ -215,6 +215,19 @@ def test_dense_kernels_extreme_logits(name):
     _check_dense(name, s.float(), t.float(), seed=4)
 
 
+@pytest.mark.parametrize("beta", [0.3, 0.5, 0.9])
+def test_jsd_kernel_where_the_mixture_underflows(beta, monkeypatch):
+    """Rows whose float32 mixture β(p + mix·q) of an entry rounds to 0 although one side has mass there (2^-149
+    against 0: `test_losses.jsd_underflow_logits`) gave log m = −inf, a value of +inf and NaN in G; within the bound
+    of the float64 reference and of divergences.py, as every other row."""
+    from test_losses import jsd_underflow_logits
+
+    monkeypatch.setitem(LOSSES, "jsd_underflow", (
+        kernels.RowLoss(2, jsd_beta=beta), dv.jsd_kernel(beta), lambda s, t: R.jsd(s, t, beta),
+        lambda s, t, dz_s=None, dz_t=None: LB.jsd(s, t, beta, dz_s=dz_s, dz_t=dz_t)))
+    _check_dense("jsd_underflow", *jsd_underflow_logits(), seed=7)
+
+
 @pytest.mark.parametrize("name", [*LOSSES, "tad"])
 def test_kernels_at_their_cuda_launch_blocks_equal_reference(name):
     """Each pass at the columns per step `kernels.CUDA_LAUNCH` gives it on a GPU (2048 for the streaming passes,

@@ -441,6 +441,46 @@ def test_jsd_endpoints_limits_and_symmetry():
     torch.testing.assert_close(L.jsd(s, t, beta=0.3), L.jsd(t, s, beta=0.7), rtol=1e-12, atol=1e-14)
 
 
+def jsd_underflow_logits(vocab: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) [4, V] float32: rows where one side's float32 probability of entry V − 1 is the smallest sub-normal,
+    2^-149 (logit −149 ln 2 + log Σ_{i<V−1} e^(z_i)), and the other side's is 0 (logit −200):
+    the mixture m = β p + (1 − β) q of that entry, rounded in float32, is 0.5·2^-149 (β = 0.5) or 0.3·2^-149 (β = 0.3,
+    p side), which rounds to 0, although JSD_β is bounded (by log 2). Rows 0-1: the student's side, rows 2-3: the
+    teacher's; rows 1 and 3 add a spread of ordinary logits."""
+    s = torch.zeros(4, vocab, dtype=torch.float64)
+    t = torch.zeros(4, vocab, dtype=torch.float64)
+    s[:, 2:-1] = t[:, 2:-1] = -30.0  # more entries, far below the two at 0
+    s[1, :-1] += torch.linspace(-1, 1, vocab - 1, dtype=torch.float64)
+    t[3, :-1] += torch.linspace(1, -1, vocab - 1, dtype=torch.float64)
+    for x, y, rows in ((s, t, slice(0, 2)), (t, s, slice(2, 4))):
+        x[rows, -1] = -149 * math.log(2) + torch.logsumexp(x[rows, :-1], -1)
+        y[rows, -1] = -200.0
+    return s.float(), t.float()
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.5, 0.9])
+def test_jsd_where_the_mixture_underflows_stays_finite_and_accurate(beta):
+    """JSD_β <= −β log β − (1 − β) log(1 − β) <= log 2 is finite for every pair of distributions; float32 rows whose
+    mixture m underflowed to 0 where one side still had mass (`jsd_underflow_logits`) gave log m = −inf, so the value
+    +inf (and NaN gradients through the student's side): a step of ordinary finite logits skipped. Dense (`jsd`) and
+    the chunked layer's row maths (`divergences.jsd_kernel`: forward, backward) against the float64 reference, within
+    `loss_bounds.jsd` (the rescaled m has the relative error of the ordinary one; the 2^-149 entries weigh ~1e-45)."""
+    from tailkd import divergences as dv
+
+    s, t = jsd_underflow_logits()
+    assert (torch.softmax(s, -1)[:2, -1] == 2.0**-149).all() and (torch.softmax(t, -1)[2:, -1] == 2.0**-149).all()
+    w = torch.ones(4, dtype=torch.float64)
+    assert_matches(lambda x: L.jsd(x, t, beta=beta), lambda x: R.jsd(x, t, beta), s, w, torch.float32,
+                   lambda: LB.jsd(s, t, beta))
+    kern = dv.jsd_kernel(beta)
+    value, state = kern.forward(s, torch.log_softmax(s, -1), kern.teacher(t.clone()), None)
+    grad = kern.backward(state, torch.ones(4), None)
+    want, want_grad = value_grad(lambda x: R.jsd(R.f64(x), t, beta), s.double(), w)
+    value_bound, grad_bound = LB.jsd(s, t, beta)
+    B.assert_within(value, want, value_bound + B.REF64_ATOL, msg="row kernel value")
+    B.assert_within(grad, want_grad, grad_bound + B.REF64_ATOL, msg="row kernel gradient")
+
+
 @FAST
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(1, 40), st.booleans())
 def test_blocked_top_k_selection_equals_torch_topk(seed, k, extra_blocks, dead_columns):

@@ -29,6 +29,7 @@ Conventions (``docs/formulas.md``; p = teacher, q = student at temperature τ; �
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -216,16 +217,33 @@ RKL = RowKernel(dense_teacher, _rkl_forward, _rkl_backward)
 # --------------------------------------------------------------------------- generalized JSD
 
 
+JSD_RESCALE = 2.0**100  # `jsd_log_mix`: p, q times this are normal (>= 2^-49), their mixture is exact to 3u
+
+
+def jsd_log_mix(p: torch.Tensor, q: torch.Tensor, bj: float) -> torch.Tensor:
+    """log m = log(β (p + ((1 − β)/β) q)) [n, V], the mixture of `_jsd_forward` for the rows given: where m rounds to 0
+    although p or q is not 0 (sub-normal p, q: float32's 2^-149 times 0.5 is 0), from p and q times `JSD_RESCALE`
+    (exact), minus its log; −inf only where p = q = 0. The Triton kernel (`kernels._dense_kernel`) does the same."""
+    mix = (1 - bj) / bj
+    m = torch.add(p, q, alpha=mix).mul_(bj)
+    under = m == 0
+    big = torch.add(p * JSD_RESCALE, q * JSD_RESCALE, alpha=mix).mul_(bj)
+    return torch.where(under, big.log_().sub_(math.log(JSD_RESCALE)), m.log_())
+
+
 def _jsd_forward(s, logq, teacher: Dense, w, bj: float):
-    """JSD_β = β KL(p‖m) + (1 − β) KL(q‖m), m = βp + (1 − β)q, 0 < β < 1."""
+    """JSD_β = β KL(p‖m) + (1 − β) KL(q‖m), m = βp + (1 − β)q, 0 < β < 1. JSD_β <= log 2: where m of an entry
+    rounds to 0 while p or q does not (sub-normal probabilities), log m is taken from rescaled p, q (`jsd_log_mix`)."""
     poisoned = teacher.nan | logq[:, 0].isnan()
     q = logq.exp()  # [n, V]
     log_m = torch.add(teacher.p, q, alpha=(1 - bj) / bj).mul_(bj).log_()  # [n, V]
+    fq = logq.sub_(log_m).mul_(q)  # [n, V] q log(q/m) (logq consumed)
+    if not bool(torch.isfinite(fq).all()):  # 0·log 0 (NaN: q = 0 against −inf), or +inf/NaN where m underflowed
+        rows = (~torch.isfinite(fq)).any(-1).nonzero().squeeze(1)
+        log_m[rows] = lm = jsd_log_mix(teacher.p[rows], q[rows], bj)
+        fq[rows] = torch.where(q[rows] > 0, (torch.log_softmax(s[rows], -1) - lm) * q[rows], 0.0)
     value = bj * kl_sum(teacher.p, teacher.logp, log_m, poisoned)
-    fq = logq.sub_(log_m).mul_(q)  # [n, V] q log(q/m)
     del log_m
-    if bool(torch.isnan(fq).any()):
-        fq = torch.where(q > 0, fq, 0.0)
     kl_qm = fq.sum(-1)
     value = value + (1 - bj) * kl_qm
     return _poison(value, poisoned), (fq, q, kl_qm, bj)
