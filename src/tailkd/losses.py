@@ -9,8 +9,13 @@ float32 (float64 stays float64), one value per token ``[...]``; nothing here nor
 - ``temperature`` divides both sides' logits; there is no hidden τ² factor (scale outside if you want Hinton's);
 - the teacher is a target: teacher tensors are detached, no gradient flows into them;
 - ``0 · log 0 = 0``: a vocabulary entry where the weighting distribution is 0 contributes exactly 0, with a finite
-  gradient; a student −inf where the teacher has mass gives +inf for forward KL, which is the right value; a NaN
-  logit gives a NaN row (the trainer then skips the step);
+  gradient; a student −inf where the teacher has mass gives +inf for forward KL, which is the right value (its
+  gradient q − p stays finite); a teacher −inf (p = 0) where the student has mass gives +inf for the reverse-KL
+  type (`reverse_kl`, and the losses built on it or on KL(q‖·): symmetric KL, AKL, DRKL, skew RKL at α = 0, α-β at
+  α = 0, JSD at β = 1), whose gradient is not defined there: that row's gradient holds NaN and ±inf, the same in the
+  dense, chunked and Triton paths (as torch's ``kl_div`` with such a target); a NaN logit gives a NaN row. The
+  trainer skips a step whose loss is not finite (JSD with 0 < β < 1, skew KL/RKL with α > 0, TVD, α-β with α, β > 0
+  stay finite);
 - bad arguments raise ``ValueError`` naming the argument and the fix.
 
 Where a divergence has a closed-form gradient its maths lives in `tailkd.divergences` (a `RowKernel`: teacher
@@ -243,7 +248,9 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     """Reverse KL: KL(q‖p) = Σ_i q_i (log q_i − log p_i), per token (mode-seeking).
 
     p = softmax(teacher_logits / τ), q = softmax(student_logits / τ); no τ² factor. A teacher −inf where the student
-    has mass gives +inf. Gradient q_i (log(q_i/p_i) − KL(q‖p)) (closed form, `divergences.RKL`).
+    has mass gives +inf, and that row's gradient, not defined there, holds NaN and −inf (as torch's ``kl_div`` gives
+    it), in every path: a training step with such a row is skipped. Gradient q_i (log(q_i/p_i) − KL(q‖p)) (closed form,
+    `divergences.RKL`).
     Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
     """
     check_logits(student_logits, teacher_logits)
