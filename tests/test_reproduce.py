@@ -326,3 +326,63 @@ def test_epochs_do_not_apply():
     cfg.train.epochs = 1.0
     with pytest.raises(TailkdError, match=r"train.epochs=1 does not apply to tailkd reproduce"):
         cfg.validate()
+
+
+def test_a_stop_while_the_report_is_written_never_leaves_report_md_and_json_of_two_states(tmp_path, monkeypatch):
+    """report.md and report.json were two atomic writes, markdown first: a stop between them (Ctrl-C, a kill, a full
+    disk) left a fresh report.md beside the report.json of the previous invocation (other numbers). Now both are
+    removed before anything is written and report.md comes last: after a stop at any write, every report file
+    present is of this invocation, and a report.md present means report.json and the figures are written."""
+    from tailkd import checkpoint, plots
+
+    cfg = _reproduction(tmp_path)
+    runs = plan(cfg)
+    out = Path(cfg.reproduce.out)
+
+    def state(kl: float) -> None:  # what the runs, evaluations and analysis on disk hold; kl tells one from another
+        for e in runs:
+            e.run.mkdir(parents=True, exist_ok=True)
+            (e.run / "eval.json").write_text(json.dumps({"kl": kl, "student_clm": 3.0, "student_full_ece": 0.1,
+                                                         "agreement": 0.5}))
+            (e.run / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "tokens": 10, "kl": kl}) + "\n")
+        (out / "teacher_analysis.json").write_text(json.dumps(
+            {"t": {"alpha_mean": [0.5, 0.3], "mismatch_rate": 0.4, "tokens": 100}}))
+
+    def figure(*args):  # the figures are atomic writes of their own (plots._save): written, without drawing them
+        return checkpoint.atomic_write_file(Path(args[-1]), lambda tmp: tmp.write_bytes(b"png"))
+
+    for name in ("plot_seed_bands", "plot_tail_mass", "plot_sweeps"):
+        monkeypatch.setattr(plots, name, figure)
+    state(1.0)
+    rp.write_report(cfg, runs, out, seconds=1.0)
+    writes = []
+    real = checkpoint.atomic_write_file
+
+    def counted(final, write, **kw):
+        writes.append(Path(final).name)
+        return real(final, write, **kw)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_file", counted)
+    state(2.0)
+    rp.write_report(cfg, runs, out, seconds=1.0)  # every write of the report, in order
+    assert {"report.md", "report.json"} <= set(writes)
+    for stop in range(len(writes)):
+        state(1.0)
+        monkeypatch.setattr(checkpoint, "atomic_write_file", real)
+        rp.write_report(cfg, runs, out, seconds=1.0)  # the complete report of state 1
+        state(2.0)
+        calls = []
+
+        def stopped(final, write, **kw):
+            calls.append(final)
+            if len(calls) > stop:
+                raise KeyboardInterrupt
+            return real(final, write, **kw)
+
+        monkeypatch.setattr(checkpoint, "atomic_write_file", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            rp.write_report(cfg, runs, out, seconds=1.0)
+        md, js = out / "report.md", out / "report.json"
+        assert not md.exists() or "| KD | 1 | 2.0000 |" in md.read_text(), writes[stop]
+        assert not js.exists() or json.loads(js.read_text())["evals"]["kd-s0"]["kl"] == 2.0, writes[stop]
+        assert not md.exists() or js.exists(), writes[stop]

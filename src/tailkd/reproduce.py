@@ -280,7 +280,8 @@ def _machine() -> str:
 
 
 def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path, *, seconds: float) -> Path:
-    """``out/report.md`` and its figures from the run folders, evaluations and teacher analysis on disk."""
+    """``out/report.md``, its figures and ``out/report.json`` (its numbers) from the run folders, evaluations and
+    teacher analysis on disk; report.md last."""
     from tailkd.checkpoint import atomic_write_text
     from tailkd.compare import read_metrics
     from tailkd.plots import plot_seed_bands, plot_sweeps, plot_tail_mass
@@ -291,6 +292,11 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
                              for e in main_runs(experiments) if e.loss == loss
                              for held in [[r for r in read_metrics(e.run)[1] if "kl" in r]]]
               for loss in ("kd", "tad")}
+    # report.md and report.json describe one state of the runs, and report.md shows the figures: both are removed
+    # before anything is written, and report.md comes last. A stop part-way (Ctrl-C, a kill, a full disk) leaves no
+    # report.md (the next invocation writes the report), never one beside a report.json or figures of another state.
+    for name in ("report.md", "report.json"):
+        (out / name).unlink(missing_ok=True)
     plot_seed_bands(curves, out / "fig1_heldout_kl.png")
     plot_tail_mass(analysis, out / "fig2_tail_mass.png")
     r = cfg.reproduce
@@ -326,10 +332,10 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
         + f"; mode mismatch (argmax ≠ next token) {stats['mismatch_rate']:.1%}, against the paper's "
         f"{PAPER_MISMATCH[0]:.0%}–{PAPER_MISMATCH[1]:.0%} for its 1.8B–9B teachers; over {stats['tokens']} tokens.",
         "", "![tail mass](fig2_tail_mass.png)", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
     atomic_write_text(out / "report.json", jsonfile.dumps(
         {"paired": numbers, "beta_sweep": beta_points, "k_sweep": k_points, "alpha": alpha,
          "mismatch_rate": stats["mismatch_rate"], "evals": evals}, indent=1, default=str))
+    atomic_write_text(out / "report.md", "\n".join(lines))  # last: a report.md is a whole report
     return out / "report.md"
 
 
