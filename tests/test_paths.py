@@ -271,3 +271,41 @@ def test_an_output_name_over_the_filesystems_limit_is_one_line(tmp_path, capsys,
     assert len(err) == 1 and err[0].startswith("tailkd: error: ") and "out" in err[0], err
     assert "File name too long; choose another path" in err[0] and "OSError" not in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling-link"])
+def test_a_folder_written_whole_through_a_symlink_is_written_where_the_link_points(tmp_path, dangling):
+    """select-data --out / compare --out a symlink to a folder elsewhere (another disk): atomic_write_dir renamed the
+    link itself aside and its new folder into the link's place (the output on the wrong disk), then rmtree refused
+    the link (ignored): a '.old-<name>-<pid>@<host>' link stayed beside it for good. The folder the link points to is
+    replaced now; the link stays, and nothing is left beside it or the target. Twice: a second write replaces the
+    first through the same link."""
+    from tailkd.checkpoint import atomic_write_dir
+
+    target = tmp_path / "disk" / "sel"
+    if not dangling:
+        target.mkdir(parents=True)
+        (target / "selection.json").write_text("{}")
+    link = tmp_path / "here" / "sel"
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    for text in ("first", "second"):
+        assert atomic_write_dir(link, lambda tmp, text=text: (tmp / "selected.jsonl").write_text(text)) == link
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert [p.name for p in target.iterdir()] == ["selected.jsonl"]
+        assert (link / "selected.jsonl").read_text() == text
+        assert [p.name for p in link.parent.iterdir()] == [p.name for p in target.parent.iterdir()] == ["sel"]
+
+
+def test_a_dead_writers_set_aside_link_is_removed(tmp_path):
+    """The '.old-<name>-<pid>@<host>' link an earlier tailkd left (the test above) is removed by the next writer: rmtree
+    with ignore_errors left a link as it was."""
+    from tailkd.checkpoint import atomic_write_dir
+
+    target = tmp_path / "disk"
+    target.mkdir()
+    old = tmp_path / f".old-sel-{_dead_pid()}@{socket.gethostname()}"
+    old.symlink_to(target, target_is_directory=True)
+    (tmp_path / "sel").mkdir()  # in place: the link is not put back
+    atomic_write_dir(tmp_path / "sel", lambda tmp: (tmp / "selection.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "sel"] and target.is_dir()

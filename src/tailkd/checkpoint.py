@@ -131,6 +131,8 @@ def remove_dead_writers(final: Path) -> list[Path]:
             continue
         if p.name.startswith(".old-") and not final.exists():
             os.replace(p, final)
+        elif p.is_symlink():  # a link an older tailkd set aside (`atomic_write_dir` of a link): rmtree refuses one
+            p.unlink()
         else:
             shutil.rmtree(p, ignore_errors=True)
         done.append(p)
@@ -181,10 +183,15 @@ def atomic_write_dir(final: Path, write) -> Path:
     The temporary folder ``.tmp-<name>-<pid>@<host>-*`` is removed when ``write`` fails or a signal stops it (the
     replaced folder put back if it was already moved aside); one left by a killed process is removed by the next
     writer of ``final`` (``remove_dead_writers``). Two writers of ``final`` at once both succeed: the folder in place
-    at the end is one of theirs, whole (`_put_in_place`)."""
-    final = Path(final)
+    at the end is one of theirs, whole (`_put_in_place`). ``final`` a symlink (--out a link to a folder on another
+    disk): the folder it points to is replaced (made if missing), the link stays."""
+    given = final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(final)
+    if final.is_symlink():  # renamed aside, the link itself was replaced by a folder here, on the wrong disk
+        final = Path(os.path.realpath(final))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(final)
     tmp = new_temp_dir(final.parent, f".tmp-{temp_stem(final.name)}-{writer_tag()}-")
     old = final.with_name(f".old-{temp_stem(final.name)}-{writer_tag()}")
     try:
@@ -201,7 +208,7 @@ def atomic_write_dir(final: Path, write) -> Path:
         if old.exists() and not final.exists():
             os.replace(old, final)
         raise
-    return final
+    return given
 
 
 def _put_in_place(tmp: Path, final: Path, old: Path) -> None:
