@@ -297,6 +297,7 @@ def test_output_paths_of_the_wrong_kind_are_one_clear_error(tmp_path):
                    str(tmp_path)], rf"^flops\.out={folder} is a folder; give a file name$"),
         ("eval", ["--student", str(tmp_path), "--out", str(tmp_path)], rf"^eval\.out={folder} is a folder"),
         ("lm-eval", ["--model", str(tmp_path), "--out", str(tmp_path)], rf"^lm_eval\.out={folder} is a folder"),
+        ("lm-eval", ["--model", str(tmp_path), "--work-dir", str(a_file)], rf"^lm_eval\.work_dir={file_} is a file"),
         ("compare", ["--out", str(a_file)], rf"^compare\.out={file_} is a file; give a folder name$"),
         ("analyze-teacher", ["--out", str(a_file)], rf"^analyze\.out={file_} is a file"),
         ("reproduce", ["--out", str(a_file)], rf"^reproduce\.out={file_} is a file"),
@@ -348,6 +349,7 @@ def test_output_paths_under_a_file_are_one_clear_error(tmp_path):
                    str(a_file / "flops.json")], rf"^flops\.out={file_}/flops\.json: {file_} is a file, not a folder"),
         ("eval", ["--student", str(tmp_path), "--out", str(a_file / "sub" / "e.json")], rf"^eval\.out=.*{file_} is a"),
         ("lm-eval", ["--model", str(tmp_path), "--out", str(a_file / "r.json")], rf"^lm_eval\.out=.*{file_} is a"),
+        ("lm-eval", ["--model", str(tmp_path), "--work-dir", str(a_file / "w")], rf"^lm_eval\.work_dir=.*{file_} is a"),
         ("compare", ["--out", str(a_file / "cmp")], rf"^compare\.out=.*{file_} is a file"),
         ("analyze-teacher", ["--out", str(a_file / "an")], rf"^analyze\.out=.*{file_} is a file"),
         ("reproduce", ["--out", str(a_file / "rep")], rf"^reproduce\.out=.*{file_} is a file"),
@@ -384,6 +386,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkey
     cases = [
         ("eval", ["--student", str(tmp_path), "--out", str(locked / "e.json")], "eval.out"),
         ("lm-eval", ["--model", str(tmp_path), "--out", str(locked / "r.json")], "lm_eval.out"),
+        ("lm-eval", ["--model", str(tmp_path), "--work-dir", str(locked / "tasks")], "lm_eval.work_dir"),
         ("analyze-teacher", ["--out", str(locked)], "analyze.out"),
         ("analyze-teacher", ["--out", str(locked / "new" / "an")], "analyze.out"),  # the folders to be made in it
         ("cache-teacher", ["--out", str(locked / "cache")], "cache.out"),

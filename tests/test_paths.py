@@ -259,10 +259,11 @@ def test_overwrite_of_a_run_folder_that_is_a_symlink(tmp_path):
 
 @pytest.mark.parametrize("argv", [["flops", "--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "1000",
                                    "--hidden", "64", "--out"],
-                                  ["distill", "--out"]])
+                                  ["distill", "--out"], ["lm-eval", "--model", "m", "--work-dir"]])
 def test_an_output_name_over_the_filesystems_limit_is_one_line(tmp_path, capsys, argv):
-    """A name longer than NAME_MAX (300 bytes) in --out ended in 'OSError: [Errno 36] File name too long' with exit
-    1 (an unexpected error); it is bad input: one line naming the setting, exit 2, before anything runs."""
+    """A name longer than NAME_MAX (300 bytes) in --out (lm-eval: --work-dir) ended in 'OSError: [Errno 36] File name
+    too long' with exit 1 (an unexpected error); it is bad input: one line naming the setting, exit 2, before anything
+    runs."""
     from tailkd.cli import main
 
     long = tmp_path / ("y" * 300) / "x.json"

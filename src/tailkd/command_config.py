@@ -375,6 +375,8 @@ class LmEvalConfig:
         _check_device(self, "lm_eval.device")
         check_out_path(self, "lm_eval.out", folder=False)
         check_out_writable(self, "lm_eval.out", into=False)
+        check_out_path(self, "lm_eval.work_dir", folder=True)  # the task files are written into it
+        check_out_writable(self, "lm_eval.work_dir", into=True)
         check_replaced_output(self, "lm_eval.out", "lm-eval", ("results",))
         return self
 
