@@ -711,3 +711,23 @@ def test_a_full_disk_on_one_rank_of_a_sharded_teacher_ends_every_rank(tmp_path):
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_000000.safetensors", "shard_000002.safetensors"]
     for name in ("shard_000000.safetensors", "shard_000002.safetensors"):
         cache.verify_shard(out / name)
+
+
+def test_a_resume_may_spell_the_teacher_otherwise_another_teacher_is_refused(setup):
+    """cache.json's teacher.name is --teacher as given, and it was compared on resume: the same cache-teacher command
+    run again from another folder (--teacher w1/teacher for teacher), or with ./teacher/ or the absolute path, was
+    refused ('written with other settings (teacher.name: ...)') although the shards would be the same. The teacher
+    is told by its weights hash, class and head; its spelling is no setting. Another teacher (other weights) under
+    the same name is still refused."""
+    import copy
+
+    model, tok, rows, ident, root = setup
+    _write(setup, "spelled", teacher_name="teacher", max_rows=4)
+    for name in ("./teacher/", "/abs/w1/teacher", "w1/teacher"):
+        _write(setup, "spelled", teacher_name=name, max_rows=4)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(-1.0)
+    with pytest.raises(TailkdError, match="other settings .teacher.weights_sha256"):
+        cache.write_cache(other, tok, rows, root / "spelled", corpus=ident, teacher_name="teacher", k=8,
+                          rows_per_shard=4, max_rows=4, batch_size=3, log=lambda *_: None)

@@ -134,7 +134,13 @@ def _shard_name(i: int) -> str:
 
 
 def _identity(meta: dict) -> dict:
-    return {key: meta.get(key) for key in IDENTITY_KEYS}
+    """What a resume compares: ``IDENTITY_KEYS``, less the teacher's name (--teacher as spelled: relative to the
+    folder the command ran in, ./, a trailing /). Its weights hash, class and head tell the teacher; the name did
+    refuse the same teacher spelled otherwise (the same command run from another folder)."""
+    ident = {key: meta.get(key) for key in IDENTITY_KEYS}
+    if isinstance(ident["teacher"], dict):
+        ident["teacher"] = {k: v for k, v in ident["teacher"].items() if k != "name"}
+    return ident
 
 
 def _first_difference(a, b, prefix: str = "") -> str | None:
