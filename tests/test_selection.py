@@ -3,9 +3,6 @@ reference (same tokenizer: per token; another tokenizer: per byte, each model in
 top-fraction selection, the command end to end and its bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -150,9 +147,12 @@ def test_cross_tokenizer_scores_equal_a_float64_reference():
             assert got[:-1] == pytest.approx(want, abs=2e-5), (bos, append_eos)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tailkd.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def _cli(capfd, *args) -> tuple[int, str]:
+    """``tailkd ARGS`` in this process (`tailkd.cli.main`, the code behind the command's exit status; the process
+    boundary is tests/test_bad_input.py's): its exit code and all it wrote to stderr, the file descriptor's too."""
+    capfd.readouterr()
+    code = main(list(args))
+    return code, capfd.readouterr().err
 
 
 def _args(assets, out, *extra):
@@ -248,7 +248,7 @@ def test_select_data_with_a_reference_of_another_tokenizer(assets, tmp_path):
     assert flops["total"] == pytest.approx(flops["teacher"] + flops["reference"] + flops["scoring"])
 
 
-def test_bad_input_is_one_line(assets, tmp_path):
+def test_bad_input_is_one_line(assets, tmp_path, capfd):
     small = tmp_path / "small_head"  # another tokenizer (280 tokens), checked against its own model: 250 rows
     tok = make_tokenizer(vocab_size=280)
     _model(250, 1, 0).save_pretrained(small)
@@ -268,16 +268,16 @@ def test_bad_input_is_one_line(assets, tmp_path):
         args = _args(assets, tmp_path / "out", *extra)
         if not extra:
             args[args.index("--reference") + 1] = str(small)
-        proc = _cli(*args)
-        last = proc.stderr.strip().splitlines()[-1]  # after the model loaders' progress bars, if any
-        assert proc.returncode == 2 and last.startswith("tailkd: error:") and needle in last, proc.stderr
-        assert "Traceback" not in proc.stderr
+        code, err = _cli(capfd, *args)
+        last = err.strip().splitlines()[-1]  # after the model loaders' progress bars, if any
+        assert code == 2 and last.startswith("tailkd: error:") and needle in last, err
+        assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    proc = _cli("select-data", "--teacher", str(assets["teacher"]))
-    assert proc.returncode == 2 and "--reference" in proc.stderr
+    code, err = _cli(capfd, "select-data", "--teacher", str(assets["teacher"]))
+    assert code == 2 and "--reference" in err
 
 
-def test_out_that_is_not_a_selection_is_never_replaced(assets, tmp_path):
+def test_out_that_is_not_a_selection_is_never_replaced(assets, tmp_path, capfd):
     """--out is replaced as a whole: a folder of the user's (no selection.json), or a file, is refused before any
     model is loaded, and left as it was."""
     mine = tmp_path / "corpus"
@@ -288,9 +288,9 @@ def test_out_that_is_not_a_selection_is_never_replaced(assets, tmp_path):
     for out, want in ((mine, f"refusing to replace {mine}: it exists and is not a tailkd select-data output (no "
                              "selection.json); choose a new or empty folder for --out"),
                       (a_file, f"select.out={a_file} is a file; give a folder name")):
-        proc = _cli(*_args(assets, out))
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        code, err = _cli(capfd, *_args(assets, out))
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err, err
         assert last == f"tailkd: error: {want}"
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and a_file.read_text() == "mine too"
     empty = tmp_path / "empty"
