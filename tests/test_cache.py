@@ -731,3 +731,25 @@ def test_a_resume_may_spell_the_teacher_otherwise_another_teacher_is_refused(set
     with pytest.raises(TailkdError, match="other settings .teacher.weights_sha256"):
         cache.write_cache(other, tok, rows, root / "spelled", corpus=ident, teacher_name="teacher", k=8,
                           rows_per_shard=4, max_rows=4, batch_size=3, log=lambda *_: None)
+
+
+def test_an_out_holding_other_files_is_refused_before_the_teacher_loads(tmp_path, capsys):
+    """--out a folder of the user's (files, no cache.json) was refused only once the teacher had loaded and the data
+    was tokenised (minutes for a large teacher); it is now refused when the config is read, as select-data's --out.
+    The teacher here does not exist: its 'not found' would come first otherwise. The folder is left as it was; one
+    holding only a killed writer's temporary file is a cache folder still to be written."""
+    from tailkd.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["cache-teacher", "--teacher", str(tmp_path / "no_teacher"), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tailkd: error: {mine} exists and is not a teacher cache; choose a new or empty --out"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / ".tmp-shard_000000.safetensors-1").write_text("")
+    assert main(["cache-teacher", "--teacher", str(tmp_path / "no_teacher"), "--out", str(started)]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "not a teacher cache" not in err

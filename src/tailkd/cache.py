@@ -49,6 +49,7 @@ from safetensors.torch import load_file
 
 from tailkd import jsonfile
 from tailkd.checkpoint import atomic_write_file, atomic_write_text, left_by_dead_writer, save_safetensors
+from tailkd.command_config import check_cache_out
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.fused import default_chunk_size
@@ -395,8 +396,8 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
         if diff:
             raise TailkdError(f"{out} holds a teacher cache written with other settings ({diff}); resume with the "
                               "same arguments, or choose another --out")
-    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".tmp-")):
-        raise TailkdError(f"{out} exists and is not a teacher cache; choose a new or empty --out")
+    else:
+        check_cache_out(out)  # (CacheTeacherConfig.validate checks it first, before the teacher loads)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".tmp-*"):

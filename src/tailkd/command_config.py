@@ -315,12 +315,21 @@ class CacheTeacherConfig:
             raise TailkdError("cache.out is not set; pass --out DIR (the cache folder)")
         check_out_path(self, "cache.out", folder=True)
         check_out_writable(self, "cache.out", into=True)
+        check_cache_out(Path(self.cache.out))  # before the teacher loads (minutes for a large one)
         for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard", "cache.ddp_timeout"):
             check_at_least(self, key, 1)
         check_at_least(self, "cache.tail_samples", 0, " (0: none)")
         check_at_least(self, "cache.max_rows", 0, " (0: all)")
         _check_device(self, "cache.device")
         return self
+
+
+def check_cache_out(out: Path) -> None:
+    """TailkdError where ``out`` is a folder holding files but no teacher cache (``cache.json``): a cache is never
+    written among other files. A killed writer's temporary files (``.tmp-*``) do not count."""
+    if out.is_dir() and not (out / "cache.json").is_file() and any(
+            not p.name.startswith(".tmp-") for p in out.iterdir()):
+        raise TailkdError(f"{out} exists and is not a teacher cache; choose a new or empty --out")
 
 
 # --------------------------------------------------------------------------- tailkd lm-eval
