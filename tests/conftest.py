@@ -12,6 +12,22 @@ if not torch.cuda.is_available():  # tailkd's Triton kernels run interpreted on 
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (torch.compile's inductor does)
 
 
+def refuse_new_files_in(monkeypatch, folder) -> None:
+    """Creating a file in ``folder`` fails with EACCES (``os.open`` with O_CREAT), as in a folder without write
+    permission or on a read-only file system: the tests run as root, whom chmod -w refuses nothing."""
+    import errno
+    from pathlib import Path
+
+    real_open = os.open
+
+    def no_permission(path, flags, *a, **kw):
+        if Path(path).parent == Path(folder) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_permission)
+
+
 def triton_interpreter_problem():
     """Why tailkd's Triton kernels cannot run interpreted on this CPU machine, or None where they can (or where CUDA
     is visible: there they run compiled). Triton's interpreter up to 3.6 takes a runtime loop bound (the kernels'

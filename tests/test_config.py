@@ -367,21 +367,13 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkey
     written, after the whole evaluation, analysis, scoring or lm-eval run: exit 1, 'PermissionError: [Errno 13]'. Now
     refused when the command's config is read, in one line, exit 2: a probe file cannot be created where the output
     goes (this test runs as root, so the folder's refusal is simulated: creating a file in it fails with EACCES)."""
-    import errno
-    import os
+    from conftest import refuse_new_files_in
 
     from tailkd.cli import main
 
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_open = os.open
-
-    def no_permission(path, flags, *a, **kw):
-        if Path(path).parent == locked and flags & os.O_CREAT:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(path, flags, *a, **kw)
-
-    monkeypatch.setattr(os, "open", no_permission)
+    refuse_new_files_in(monkeypatch, locked)
     where = re.escape(str(locked))
     cases = [
         ("eval", ["--student", str(tmp_path), "--out", str(locked / "e.json")], "eval.out"),
@@ -400,7 +392,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkey
     assert main(["eval", "--student", str(tmp_path / "nothing"), "--out", str(locked / "e.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tailkd: error: eval.out=") and "cannot write in" in err[0]
-    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.undo()
     assert list(locked.iterdir()) == []  # nothing made there; and a writable folder passes (no probe left)
     parse(["--student", str(tmp_path), "--out", str(locked / "e.json")], COMMAND_CONFIGS["eval"])
     parse(["--out", str(locked)], COMMAND_CONFIGS["analyze-teacher"])

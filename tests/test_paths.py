@@ -310,3 +310,27 @@ def test_a_dead_writers_set_aside_link_is_removed(tmp_path):
     (tmp_path / "sel").mkdir()  # in place: the link is not put back
     atomic_write_dir(tmp_path / "sel", lambda tmp: (tmp / "selection.json").write_text("{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "sel"] and target.is_dir()
+
+
+def test_an_unwritable_folder_behind_a_symlinked_out_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """select-data / compare --out a link to a folder on a read-only disk: the folder is written beside the one the
+    link points to (atomic_write_dir), so that is where a file must be creatable; the probe looked beside the link,
+    passed, and the write failed after the scoring ('OSError: [Errno 30] Read-only file system', exit 1). As root,
+    the refusal is simulated (creating a file there fails with EACCES), as in test_config."""
+    from conftest import refuse_new_files_in
+
+    from tailkd.cli import main
+
+    disk = tmp_path / "disk"
+    (disk / "sel").mkdir(parents=True)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "sel").symlink_to(disk / "sel", target_is_directory=True)
+    (here / "cmp").symlink_to(disk / "cmp", target_is_directory=True)  # dangling: the folder is made there
+    refuse_new_files_in(monkeypatch, disk)
+    for argv, key, link in ((["select-data", "--reference", str(tmp_path)], "select.out", here / "sel"),
+                            (["compare"], "compare.out", here / "cmp")):
+        assert main([*argv, "--out", str(link)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"tailkd: error: {key}={link}: cannot write in {disk} (Permission denied); choose another "
+                       "--out, or make that folder writable"], err
