@@ -386,3 +386,47 @@ def test_a_stop_while_the_report_is_written_never_leaves_report_md_and_json_of_t
         assert not md.exists() or "| KD | 1 | 2.0000 |" in md.read_text(), writes[stop]
         assert not js.exists() or json.loads(js.read_text())["evals"]["kd-s0"]["kl"] == 2.0, writes[stop]
         assert not md.exists() or js.exists(), writes[stop]
+
+
+def test_a_rerun_from_another_folder_may_spell_the_paths_otherwise(tmp_path, monkeypatch):
+    """The runs' config.yaml hold absolute paths (compared through config.absolute_paths), but eval.settings.json and
+    teacher_analysis.settings.json held teacher.path, data.paths and data.cache_dir as spelled: the same reproduction
+    continued from the parent folder (--teacher w1/teacher --out w1/rep for --teacher teacher --out rep) was refused,
+    'w1/rep/runs/clm-s0/eval.json was made with teacher.path='teacher', this command gives 'w1/teacher''. Settings
+    are saved with absolute paths and an older file's relative ones read against the working directory; another
+    teacher is still refused."""
+    from tailkd import runs as runs_mod
+
+    (tmp_path / "w1" / "teacher").mkdir(parents=True)
+    (tmp_path / "w1" / "corpus.txt").write_text("x")
+
+    def reproduction(prefix: str, teacher: str = "teacher") -> ReproduceConfig:
+        cfg = _reproduction(tmp_path, teacher__path=prefix + teacher)
+        cfg.data.paths, cfg.data.cache_dir = [prefix + "corpus.txt"], prefix + "cache"
+        cfg.reproduce.out = prefix + "rep"
+        return cfg.validate()
+
+    monkeypatch.chdir(tmp_path / "w1")
+    cfg = reproduction("")
+    runs = plan(cfg)
+    out = Path(cfg.reproduce.out)
+    write_settings(out / "teacher_analysis.json", result_settings(rp._analysis_config(cfg, out), "analyze"))
+    (out / "teacher_analysis.json").write_text("{}")
+    for e in runs:
+        _finish(e.cfg)
+        runs_mod._write_config(e.cfg, e.run / "config.yaml")  # as tailkd distill writes it: absolute paths
+        write_settings(e.run / "eval.json", result_settings(rp._eval_config(cfg, e), "eval"))
+        (e.run / "eval.json").write_text(EVAL_STUB)
+    rp.check_reuse(cfg, runs)
+    monkeypatch.chdir(tmp_path)
+    for again in (reproduction("w1/"), reproduction(f"{tmp_path}/w1/"), reproduction("./w1/")):
+        rp.check_reuse(again, plan(again))
+    (tmp_path / "w1" / "other").mkdir()
+    other = reproduction("w1/", teacher="other")
+    with pytest.raises(TailkdError, match="its run clm-s0 was finished with teacher.path="):
+        rp.check_reuse(other, plan(other))
+    for e in runs:  # the evaluations on their own
+        (tmp_path / "w1" / e.run / "config.yaml").unlink()
+    with pytest.raises(TailkdError, match="clm-s0/eval.json was made with teacher.path="):
+        rp.check_reuse(other, plan(other))
+    rp.check_reuse(reproduction("w1/"), plan(reproduction("w1/")))

@@ -130,20 +130,22 @@ def expand_home(value):
     return os.path.expanduser(value) if isinstance(value, str) else value
 
 
+def absolute_path(v):
+    """A path setting's value (a string or a list of them) made absolute against the working directory, without
+    resolving symlinks or ``..``; tailkd's own words (smollm2, builtin:*, auto, none), None and '' as they are."""
+    if isinstance(v, list):
+        return [absolute_path(x) for x in v]
+    local = isinstance(v, str) and bool(v) and not v.startswith("builtin:") and v not in ("smollm2", "auto", "none")
+    return str(Path(v).absolute()) if local else v
+
+
 def absolute_paths(cfg: "DistillConfig") -> "DistillConfig":
     """A copy of ``cfg`` whose local paths are absolute (against the working directory, without resolving symlinks or
     ``..``): the run's config.yaml holds these, so that ``tailkd eval RUN/final``, ``tailkd distill --config
     RUN/config.yaml --resume`` and a recipe read the teacher, data and cache the run used from any working directory
     (relative ones were read against the reader's: 'not found', or another folder of the same name). tailkd's own
     words are kept: smollm2, builtin:*, auto / none (chat_template), a dotted loss.module."""
-    def local(v):
-        return isinstance(v, str) and bool(v) and not v.startswith("builtin:") and v not in ("smollm2", "auto", "none")
-
-    def absolute(v):
-        if isinstance(v, list):
-            return [absolute(x) for x in v]
-        return str(Path(v).absolute()) if local(v) else v
-
+    absolute = absolute_path
     module = cfg.loss.module
     is_file = module.endswith(".py") or "/" in module or "\\" in module  # tailkd.registry.names_a_file
     t, st, d = cfg.teacher, cfg.student, cfg.data

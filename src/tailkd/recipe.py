@@ -44,8 +44,10 @@ from tailkd import jsonfile
 from tailkd.command_config import CompareConfig, EvalConfig
 from tailkd.config import (
     BUILD_KEYS,
+    PATH_KEYS,
     DistillConfig,
     StudentConfig,
+    absolute_path,
     absolute_paths,
     config_from_dict,
     flatten,
@@ -198,10 +200,19 @@ def check_chain(stages: list[DistillConfig]) -> None:
 
 def result_settings(config, section: str) -> dict:
     """What an evaluation's (``eval``) or the teacher analysis's (``analyze``) numbers depend on: every setting but
-    the device and the paths (those of its run)."""
+    the device and the paths of its run; the paths of its teacher and data absolute (`absolute_settings`)."""
 
     drop = {f"{section}.device", f"{section}.out", f"{section}.student"}
-    return json.loads(json.dumps({k: v for k, v in flatten(to_dict(config)).items() if k not in drop}))
+    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in drop}
+    return json.loads(json.dumps(absolute_settings(flat)))
+
+
+def absolute_settings(settings: dict) -> dict:
+    """``settings`` (flat, `result_settings`) with the path settings absolute (`tailkd.config.absolute_path`), as the
+    runs' config.yaml hold them: the same reproduction or recipe continued from another folder spells its teacher
+    and data otherwise (w1/teacher for teacher). A saved file's relative paths (an older tailkd) are read against the
+    working directory, as an older relative config.yaml is."""
+    return {k: absolute_path(v) if k in PATH_KEYS and k != "loss.module" else v for k, v in settings.items()}
 
 
 def _settings_path(result: Path) -> Path:
@@ -238,6 +249,7 @@ def saved_settings(result: Path) -> dict | None:
 
 def first_change(saved: dict, planned: dict) -> tuple[str, object, object] | None:
     """The first setting in which ``saved`` and ``planned`` (`result_settings`) differ: (key, saved, planned)."""
+    saved = absolute_settings(saved)  # a file saved with relative paths (before they were saved absolute)
     for key in [*planned, *(k for k in saved if k not in planned)]:
         if saved.get(key) != planned.get(key):
             return key, saved.get(key), planned.get(key)
