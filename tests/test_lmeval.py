@@ -350,3 +350,31 @@ def test_limit_below_one_is_a_fraction_as_the_help_says(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["lm-eval", "--help"])
     assert "below 1: this fraction" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_full_disk_while_the_task_files_are_written_leaves_the_earlier_ones_whole(tmp_path, monkeypatch):
+    """prepare_tasks wrote the task YAMLs with Path.write_text: a full disk (or a kill) part-way left a cut YAML in
+    --work-dir (--write-only's output, read later by the printed lm_eval command, or by lm-eval at once), where a
+    complete one had been. Now each file is written whole or not at all: the earlier YAML stays."""
+    import errno
+    import os
+    from pathlib import Path
+
+    work = tmp_path / "tasks"
+    prepare_tasks(work, ppl_docs=["one document", "another"], gsm_items=[{"question": "1+1?", "answer": "#### 2"}])
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.suffix == ".yaml"}
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if ".yaml" in self.name:
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        prepare_tasks(work, ppl_docs=["one document"], gsm_items=[{"question": "2+2?", "answer": "#### 4"}],
+                      max_gen_toks=64)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.suffix == ".yaml"} == before
+    assert not [p.name for p in work.iterdir() if p.name.startswith(".tmp-")]

@@ -119,8 +119,11 @@ def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gs
 
     Returns ``work_dir`` (absolute): pass it to ``lm_eval --include_path``. Only the tasks whose data is
     given are written. The tasks keep the arrow copies that ``datasets`` makes of their data in
-    ``work_dir/datasets_cache`` (not the user's datasets cache, where every run's copy would stay).
+    ``work_dir/datasets_cache`` (not the user's datasets cache, where every run's copy would stay). Each file is
+    written whole or not at all (a temporary file renamed): a full disk or a kill never leaves a cut task YAML.
     """
+    from tailkd.checkpoint import atomic_write_text
+
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if max_gen_toks < 1:
@@ -132,11 +135,11 @@ def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gs
         data = _write_jsonl(work / "tailkd_ppl.jsonl", [{"text": d} for d in ppl_docs])
         # json.dumps gives a double-quoted string, valid YAML whatever characters the path holds
         text = _template("tailkd_ppl").replace("@PPL_FILE@", json.dumps(str(data)))
-        (work / "tailkd_ppl.yaml").write_text(text.replace("@CACHE_DIR@", cache))
+        atomic_write_text(work / "tailkd_ppl.yaml", text.replace("@CACHE_DIR@", cache))
     if gsm_items is not None:
         data = _write_jsonl(work / "tailkd_gsm.jsonl", gsm_items)
         text = _template("tailkd_gsm").replace("@GSM_FILE@", json.dumps(str(data))).replace("@CACHE_DIR@", cache)
-        (work / "tailkd_gsm.yaml").write_text(text.replace("@MAX_GEN_TOKS@", str(int(max_gen_toks))))
+        atomic_write_text(work / "tailkd_gsm.yaml", text.replace("@MAX_GEN_TOKS@", str(int(max_gen_toks))))
     return work
 
 
