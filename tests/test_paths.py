@@ -334,3 +334,17 @@ def test_an_unwritable_folder_behind_a_symlinked_out_is_refused_before_the_work(
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"tailkd: error: {key}={link}: cannot write in {disk} (Permission denied); choose another "
                        "--out, or make that folder writable"], err
+
+
+def test_lm_eval_write_only_checks_its_default_work_folder(tmp_path, monkeypatch, capsys):
+    """lm-eval --write-only without --work-dir writes ./lm_eval_tasks; that path went unchecked (the given --work-dir
+    is checked as every output folder): a file of that name ended in 'FileExistsError: [Errno 17]', exit 1, after
+    the data was read. One line naming the setting, exit 2, before anything runs."""
+    from tailkd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lm_eval_tasks").write_text("mine")
+    assert main(["lm-eval", "--model", "m", "--write-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tailkd: error: lm_eval.work_dir=lm_eval_tasks is a file; give a folder name"], err
+    assert (tmp_path / "lm_eval_tasks").read_text() == "mine"

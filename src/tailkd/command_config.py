@@ -21,7 +21,7 @@ configs there would take it past 1,400.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -335,6 +335,9 @@ def check_cache_out(out: Path) -> None:
 # --------------------------------------------------------------------------- tailkd lm-eval
 
 
+WRITE_ONLY_WORK_DIR = "lm_eval_tasks"  # lm-eval --write-only's task folder when no --work-dir is given
+
+
 @dataclass
 class LmEvalOptions:
     model: Optional[str] = _f(None, "saved model folder, e.g. runs/x/final (required); the data settings not given "
@@ -384,8 +387,10 @@ class LmEvalConfig:
         _check_device(self, "lm_eval.device")
         check_out_path(self, "lm_eval.out", folder=False)
         check_out_writable(self, "lm_eval.out", into=False)
-        check_out_path(self, "lm_eval.work_dir", folder=True)  # the task files are written into it
-        check_out_writable(self, "lm_eval.work_dir", into=True)
+        o = self.lm_eval  # the task files are written into the work folder (--write-only's default too)
+        work = replace(self, lm_eval=replace(o, work_dir=o.work_dir or (WRITE_ONLY_WORK_DIR if o.write_only else None)))
+        check_out_path(work, "lm_eval.work_dir", folder=True)
+        check_out_writable(work, "lm_eval.work_dir", into=True)
         check_replaced_output(self, "lm_eval.out", "lm-eval", ("results",))
         return self
 

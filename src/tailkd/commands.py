@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tailkd import jsonfile
 from tailkd.command_config import (
+    WRITE_ONLY_WORK_DIR,
     AnalyzeTeacherConfig,
     CacheTeacherConfig,
     CompareConfig,
@@ -299,7 +300,7 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     work_dir = Path(o.work_dir) if o.work_dir else None
     temp = None
     if work_dir is None:
-        work_dir = Path("lm_eval_tasks") if o.write_only else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
+        work_dir = Path(WRITE_ONLY_WORK_DIR) if o.write_only else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
         temp = None if o.write_only else work_dir
     try:
         include = tasks.prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=o.max_gen_toks)
