@@ -248,6 +248,24 @@ def test_topk_bucket_kl_accepts_stored_tail_mass():
     torch.testing.assert_close(got, L.tad_decompose(s, t, k=3)[0], rtol=1e-12, atol=1e-12)
 
 
+def test_topk_bucket_kl_with_cached_logprobs_summing_above_one():
+    """A teacher whose top-K holds all its mass, cached with log-probs rounded up (Σ_k p_k = 1 + 1e-9, as float32
+    rounding of log p_k ≈ 0 gives): 1 − Σ p_k < 0 is rounding, α^T is 0 (clamped), the bucket is absent and the
+    value is Σ_k p_k log(p_k/q_k), finite, not log of a negative mass (NaN). float64: the reference drops the
+    bucket for α^T <= 0 alike (F64_TOL: u64-level rounding of a handful of terms)."""
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    ids = torch.tensor([[0, 3], [6, 1], [2, 5]])
+    logprobs = torch.log(torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.999, 0.001]], dtype=torch.float64)) + 1e-9
+    assert (torch.logsumexp(logprobs, -1) > 0).all()  # Σ p_k > 1: the case meant
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    got, got_grad = value_grad(lambda x: L.topk_bucket_kl(x, ids, logprobs), s, w)
+    want, want_grad = value_grad(lambda x: R.topk_bucket_kl(x, ids, logprobs), s, w)
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got, want, **F64_TOL)
+    torch.testing.assert_close(got_grad, want_grad, **F64_TOL)
+
+
 @FAST
 @given(cases(min_vocab=2, max_vocab=6), st.booleans())
 def test_hidden_cosine_matches_reference(c, project):
