@@ -313,6 +313,7 @@ def test_gradcheck_every_loss():
     labels = torch.tensor([[1, -100, 5], [0, 2, 3]])
     ids = torch.topk(t, 2).indices
     logprobs = torch.log_softmax(t, -1).gather(-1, ids)
+    stored_alpha = 1.5 * -torch.expm1(torch.logsumexp(logprobs, -1))
     checks = {
         "forward_kl": lambda x: L.forward_kl(x, t, temperature=1.7),
         "reverse_kl": lambda x: L.reverse_kl(x, t),
@@ -325,6 +326,9 @@ def test_gradcheck_every_loss():
         "drkl_argmax": lambda x: L.drkl(x, t, None, gamma=0.5, anchor="teacher_argmax"),
         "tvd": lambda x: BL.tvd(x, t, temperature=1.3),
         "topk_bucket_kl": lambda x: L.topk_bucket_kl(x, ids, logprobs),
+        # a stored α^T that is not 1 − Σ p_k (another precision than the log-probs): the gradient must be that of
+        # the value computed with it, c·q_k − p_k with c = Σ p_k + α^T, not the c = 1 of a consistent cache
+        "topk_bucket_kl_stored_mass": lambda x: L.topk_bucket_kl(x, ids, logprobs, teacher_tail_mass=stored_alpha),
         "hidden_cosine": lambda x: L.hidden_cosine(x, t, mask),
     }
     for name, fn in checks.items():
