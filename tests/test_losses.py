@@ -717,6 +717,19 @@ def test_tad_student_tail_mass_underflow_is_exact(dtype):
                        w, dtype, lambda: LB.topk_bucket_kl(s, ids, logprobs))
 
 
+def _tad_float32_finite_and_within_bound(s, t32, mask, w):
+    """TAD (K = 3, β = 2) of float32 s, t32 [1, T, V]: value and gradient (upstream weight w) finite and within
+    loss_bounds.tad (float32, first order, SAFETY 2) of the float64 reference on the same float32 inputs; returns
+    (value, reference value)."""
+    got, got_grad = value_grad(lambda x: L.tad(x, t32, mask, k=3), s, w)
+    want, want_grad = value_grad(lambda x: R.tad(R.f64(x), t32.double(), mask, 3, 2.0), s.double(), w)
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    value_bound, grad_bound = LB.tad(s, t32, mask, 3, 2.0)
+    B.assert_within(got, want, value_bound + B.REF64_ATOL, msg="value")
+    B.assert_within(got_grad, want_grad, grad_bound * w[..., None] + B.REF64_ATOL, msg="gradient")
+    return got, want
+
+
 @pytest.mark.parametrize("gap", [80.0, 95.0, 100.0, 110.0, 300.0])
 def test_tad_float32_with_a_subnormal_teacher_tail_mass(gap):
     """Teacher top-3 logits `gap` nats above the rest: α^T ~ e^-gap, below float32's normal range from ~87 on (and 0
@@ -729,12 +742,7 @@ def test_tad_float32_with_a_subnormal_teacher_tail_mass(gap):
     t32 = t.float()
     mask = torch.ones(1, 2, dtype=torch.bool)
     w = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
-    got, got_grad = value_grad(lambda x: L.tad(x, t32, mask, k=3), s, w)
-    want, want_grad = value_grad(lambda x: R.tad(R.f64(x), t32.double(), mask, 3, 2.0), s.double(), w)
-    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
-    value_bound, grad_bound = LB.tad(s, t32, mask, 3, 2.0)
-    B.assert_within(got, want, value_bound + B.REF64_ATOL, msg="value")
-    B.assert_within(got_grad, want_grad, grad_bound * w[..., None] + B.REF64_ATOL, msg="gradient")
+    got, want = _tad_float32_finite_and_within_bound(s, t32, mask, w)
     # the tail term is really there: L − D_KL1 = β(X)·α^T·D_KL2 = β·D_KL2 (one token per sequence of one row: here
     # two tokens, each row's ᾱ averages them); dropping it would leave D_KL1 alone
     d1 = R.tad_decompose(s.double(), t32.double(), 3)[0]
@@ -761,6 +769,25 @@ def test_tad_empty_teacher_tail_beside_tokens_with_tail_mass(dtype):
     B.assert_within(got_grad, want_grad, grad_bound * w[..., None] + B.REF64_ATOL, msg="gradient")
     q, p = torch.softmax(s.double()[0, 0], -1), torch.softmax(t[0, 0], -1)
     B.assert_within(got_grad[0, 0], w[0, 0] * (q - p), grad_bound[0, 0] * w[0, 0] + B.REF64_ATOL, msg="q − p")
+
+
+def test_tad_empty_teacher_tail_beside_a_subnormal_one_in_float32():
+    """Token 0's teacher tail is empty (α^T = 0 exactly), token 1's is sub-normal in float32 (top-3 logits 95 nats
+    up: α^T ~ 1e-42), so β(X) = β/ᾱ ~ 1e42 is beyond float32 (inf as a float32 weight). Token 0's value and
+    gradient do not depend on β(X) (its tail term is 0, its gradient q − p): they must stay finite, not inf·0 = NaN
+    (the weight of an empty-tail row is set to 0 before it meets the tail). Bounds: loss_bounds.tad (float32, first
+    order, SAFETY 2) as in the tests above."""
+    gen = torch.Generator().manual_seed(29)
+    t = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
+    t[0, 0, 3:] = -INF
+    t[0, 1] = t[0, 1].scatter_add(-1, torch.topk(t[0, 1], 3).indices, torch.full((3,), 95.0, dtype=torch.float64))
+    s = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64).float()
+    t32 = t.float()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    alpha = L.tad_decompose(s, t32, k=3)[2]
+    assert alpha[0, 0] == 0 and 0 < alpha[0, 1] < 1e-38 and torch.isinf(2.0 / alpha.mean())  # the case meant
+    w = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
+    _tad_float32_finite_and_within_bound(s, t32, mask, w)
 
 
 def test_tail_term_stays_accurate_and_nonnegative_in_float32_for_peaked_teachers():
