@@ -882,6 +882,22 @@ def test_neg_inf_on_one_side_only():
     torch.testing.assert_close(s_dead.grad, torch.softmax(s_dead.detach(), -1) - torch.softmax(t, -1))
 
 
+def test_tad_is_plus_inf_not_nan_when_the_student_has_no_tail_where_the_teacher_has_one():
+    """Student −inf on every id outside the teacher's top 3, teacher with tail mass: α^S = 0, so D_KL1's bucket
+    α^T log(α^T/α^S) = +inf and KL(p‖q) = +inf; TAD's value is +inf too (like forward KL's, the right value), not
+    NaN: its tail term Σ_tail p log(p/q) − bucket is inf − inf there and must be left out, not added. Exact
+    (IEEE inf), no tolerance."""
+    gen = torch.Generator().manual_seed(31)
+    s, t = torch.randn(1, 2, 8, generator=gen), torch.randn(1, 2, 8, generator=gen)
+    ids = torch.topk(t, 3).indices
+    s_dead = torch.full_like(s, -INF).scatter(-1, ids, s.gather(-1, ids))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert torch.isposinf(L.forward_kl(s_dead, t)).all()
+    assert torch.isposinf(L.tad_decompose(s_dead, t, k=3)[0]).all()  # D_KL1 = +inf
+    for beta in (0.5, 2.0):
+        assert torch.isposinf(L.tad(s_dead, t, mask, k=3, beta=beta)).all(), beta
+
+
 def test_bf16_inputs_compute_in_float32():
     gen = torch.Generator().manual_seed(14)
     s, t = torch.randn(2, 4, 16, generator=gen).bfloat16(), (torch.randn(2, 4, 16, generator=gen) * 3).bfloat16()
