@@ -977,6 +977,18 @@ def test_nan_logits_propagate():
     s[0, 3] = float("nan")
     assert torch.isnan(L.forward_kl(s, t)[0]) and torch.isfinite(L.forward_kl(s, t)[1])
     assert torch.isnan(L.tad(t[None], s[None], torch.ones(1, 2, dtype=torch.bool), k=2)[0, 0])
+    # TAD with a NaN teacher logit: ᾱ of its sequence is NaN, so β(X) is undefined; that row is NaN and the other
+    # rows of the sequence keep D_KL1 (tail_log_weight: no tail term), finite, not NaN. The same float32 operations
+    # as tad_decompose's D_KL1 up to summation order: loss_bounds of both (first order, SAFETY 2)
+    x = t[None].clone().requires_grad_(True)
+    out = L.tad(x, s[None], torch.ones(1, 2, dtype=torch.bool), k=2)
+    out.sum().backward()
+    assert torch.isnan(out[0, 0]) and torch.isfinite(out[0, 1]) and torch.isfinite(x.grad[0, 1]).all()
+    d1 = L.tad_decompose(t[1], s[1], k=2)[0]
+    bound = LB.tad_decompose(t[None, 1:], s[None, 1:], 2)[0][0][0, 0] + LB.tad(t[None, 1:], s[None, 1:],
+                                                                                 torch.ones(1, 1, dtype=torch.bool),
+                                                                                 2, 0.0)[0][0, 0]
+    B.assert_within(out[0, 1], d1, bound, msg="the NaN row's neighbour keeps D_KL1")
 
 
 # --------------------------------------------------------------------------- validation
