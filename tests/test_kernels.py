@@ -425,6 +425,30 @@ def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():
     assert same.all()
 
 
+def test_tad_kernel_empty_teacher_tail_with_a_weight_beyond_float32():
+    """A row with α^T = 0 in a sequence whose other tails are sub-normal: log β(X) = 100 (β/ᾱ ~ e^100, inf as a
+    float32 weight). The row's value and gradient do not depend on its weight (its tail term is 0, its gradient
+    cd(q − p) + cq·q − cy·onehot): the weight is set to 0 on an empty tail before it meets the tail, so they equal
+    those at log β(X) = 0 bit for bit (the same float32 operations on the same inputs), finite, not inf·0 = NaN."""
+    s, t = _logits(1, 257, seed=31)
+    t[0, 5:] = -math.inf
+    cd, cq = _coefs(1, 4)
+    y, cy = _onehot(1, 257, 4)
+    s, t, cd, cq, y, cy = (x.to(DEVICE) for x in (s, t, cd, cq, y, cy))
+    loss = kernels.RowLoss(3, k=5)
+    runs = []
+    for log_w in (0.0, 100.0):
+        stats = kernels.row_stats(s, t, 5)
+        assert stats.log_alpha.item() == -math.inf  # the case meant: an empty teacher tail
+        out = torch.empty_like(s)
+        value = kernels.row_values_and_grads(loss, s, t, stats, torch.full((1,), log_w, dtype=torch.float64,
+                                                                           device=DEVICE), cd, cq, out, y=y, cy=cy)
+        runs.append((value.cpu(), out.cpu()))
+    (v0, g0), (v1, g1) = runs
+    assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
+    assert torch.equal(v0, v1) and torch.equal(g0, g1)
+
+
 def _block_edge_logits():
     """(s, t) [3, 257] float64 whose teacher top-7 sits where the ascending walk of `_tad_kernel` turns: column 0, both
     sides of a block edge (127 | 128), several ids in one block, the partial last block and column V − 1; and a row
