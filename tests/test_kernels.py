@@ -449,6 +449,21 @@ def test_tad_kernel_empty_teacher_tail_with_a_weight_beyond_float32():
     assert torch.equal(v0, v1) and torch.equal(g0, g1)
 
 
+def test_tad_kernel_is_plus_inf_where_the_student_has_no_tail():
+    """Student −inf outside the teacher's top 5, teacher with tail mass: α^S = 0, the bucket α^T log(α^T/α^S) = +inf
+    and KL(p‖q) = +inf; TAD's value is +inf (as `divergences._tad_forward`'s), not NaN from the tail term's
+    inf − inf. Exact (IEEE inf), no tolerance."""
+    s, t = _logits(2, 257, seed=37)
+    ids = torch.topk(t, 5).indices
+    s = torch.full_like(s, -math.inf).scatter(-1, ids, s.gather(-1, ids))
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    stats = kernels.row_stats(s, t, 5)
+    value = kernels.row_values_and_grads(kernels.RowLoss(3, k=5), s, t, stats,
+                                         torch.zeros(2, dtype=torch.float64, device=DEVICE),
+                                         torch.ones(2, device=DEVICE))
+    assert torch.isposinf(value).all(), value
+
+
 def _block_edge_logits():
     """(s, t) [3, 257] float64 whose teacher top-7 sits where the ascending walk of `_tad_kernel` turns: column 0, both
     sides of a block edge (127 | 128), several ids in one block, the partial last block and column V − 1; and a row
