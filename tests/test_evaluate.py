@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import corpus_text, make_teacher_dir, write_corpus
 
+from tailkd import evaluate
 from tailkd.cli import main
 from tailkd.errors import TailkdError
 from tailkd.evaluate import IGNORE_INDEX, add_sums, finalize, heldout_metrics, token_sums
@@ -114,6 +115,18 @@ def test_a_nan_clm_has_a_nan_perplexity_not_an_infinite_one():
     from tailkd.evaluate import _exp
 
     assert _exp(700.0) == math.inf and _exp(-1.0) == math.exp(-1.0)
+
+
+@pytest.mark.parametrize("bins", [2, 4, 10, 20])
+def test_bin_edges_belong_to_the_upper_bin(bins):
+    """The binning rule of Full-ECE and ECE: bin m holds m/M <= q < (m+1)/M and q = 1 the last bin, so a
+    probability exactly on an edge (0.5, 0.25: uniform over 2 or 4 tokens) counts in the bin above it. Exact: the
+    edges are the same float64 linspace values the binning compares against."""
+    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)
+    want = torch.tensor(list(range(bins)) + [bins - 1], dtype=torch.int32)
+    assert torch.equal(evaluate._bin_index(edges, bins), want)
+    inside = (edges[:-1] + edges[1:]) / 2  # mid-bin values: bin m
+    assert torch.equal(evaluate._bin_index(inside, bins), want[:-1])
 
 
 def test_calibrated_predictions_have_zero_ece():
