@@ -258,6 +258,24 @@ def test_exact_tad_from_cached_hidden_states_equals_online_tad(setup):
     B.assert_within(approx.loss, online.loss, rounding + 2 * loss_bound(dz), msg="loss, bf16 hidden states")
 
 
+@pytest.mark.parametrize("k_run", [8, 5])
+def test_tail_support_weights_sum_to_the_tail_mass(setup, k_run):
+    """The reader's tail support points carry weights with Σ_j w_j = α^T_{K_run} (`divergences.SparseTeacher`: what
+    makes Σ_j w_j f(id_j) an unbiased estimate of Σ_{i∉𝒦} p_i f(i)): M samples of α^T_{K_cache}/M each, plus the
+    ranks K_run..K_cache−1 with weights p_i. Bound: the weights and log α^T are float32 (each weight within u of its
+    float64 value; exp of a float32 log α within u(|log α| + 1) relative): SAFETY·u(|log α^T| + 2) relative."""
+    _, path = _write(setup, "weight_sums", tail_samples=3)
+    reader = cache.CacheReader(path, k=k_run)
+    sparse = reader.sparse_teacher([0, 4])
+    alpha = sparse.log_tail_mass.double().exp()  # [B, T] α^T_{K_run}
+    weights = sparse.tail_weights.double()  # [B, T, (8 − K_run) + 3]
+    assert weights.shape[-1] == 8 - k_run + 3
+    samples = weights[..., -3:]
+    assert torch.equal(samples, samples[..., :1].expand_as(samples))  # the M samples weigh alike
+    rel = B.SAFETY * B.U32 * (sparse.log_tail_mass.double().abs() + 2)
+    B.assert_within(weights.sum(-1), alpha, rel * alpha, msg="Σ_j w_j = α^T")
+
+
 def test_tail_sample_estimator_is_unbiased():
     """Mean over 4000 independent draws of the estimated tail term (and its gradient) → the exact α^T·D_KL2."""
     g = torch.Generator().manual_seed(0)
