@@ -108,6 +108,29 @@ def test_cosine_term_and_missing_teacher_errors():
         objective(s, labels, n, cfg=LossConfig(name="kd", cosine_weight=1.0), teacher_logits=t)
 
 
+def test_cache_tad_uses_segment_ids_only_per_document():
+    """TAD against a top-K cache with tail points on full logits (`registry.Divergence.sparse_per_token`): β(X)
+    averages α^T over each row unless loss.per_document, so segment ids given with per_document false change
+    nothing (bit-identical: the same operations on the same values), and with per_document true they do (the
+    documents' ᾱ differ here), as on the chunked path. (Without tail points the cache loss is D_KL1, free of β(X).)"""
+    from tailkd.divergences import SparseTeacher
+    from tailkd.registry import bind
+
+    s, t, labels = _batch(B=3, T=6, V=40, seed=13)
+    mask = labels != IGNORE_INDEX
+    seg = torch.tensor([0, 0, 1, 1, 1, 2]).expand(3, 6)
+    lp = torch.log_softmax(t, -1)
+    ranked = lp.topk(40, -1)  # every id: the top 5, then the tail as exact support points (weights p_i)
+    ids, vals = ranked.indices, ranked.values
+    cache = SparseTeacher(ids[..., :5], vals[..., :5], vals[..., 5:].logsumexp(-1), ids[..., 5:], vals[..., 5:],
+                          vals[..., 5:].exp())  # with tail points: β(X) weighs the tail term
+    per_row = bind(LossConfig(name="tad", k=5)).sparse_per_token(s, cache, mask)
+    ignored = bind(LossConfig(name="tad", k=5, per_document=False)).sparse_per_token(s, cache, mask, seg)
+    per_doc = bind(LossConfig(name="tad", k=5, per_document=True)).sparse_per_token(s, cache, mask, seg)
+    assert torch.equal(ignored, per_row)
+    assert (per_doc - per_row).abs().max() > 1e-3
+
+
 def test_chunked_cosine_term_carries_its_weight():
     """The chunked path adds cosine_weight · Σ (1 − cos) / N, as the dense path: with cosine_weight 0.5 the loss
     rises by half the cosine sum over N, and the reported cos term is the unweighted Σ (1 − cos) / N. float64, the
