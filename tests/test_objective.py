@@ -194,6 +194,28 @@ def test_every_knob_of_the_registry_row_reaches_the_loss(name):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", [n for n in LOSS_NAMES if LOSSES[n].needs_teacher])
+def test_non_finite_teacher_rows_at_masked_positions_beside_a_clean_student(name):
+    """Only the teacher has NaN rows at the masked positions (its padding rows; the student's are finite): the
+    value and the student's gradient are exactly those of a clean teacher, 0 at the masked rows. (The test below
+    spoils both sides at once, where the student's own masking zeroes the gradient: it cannot see a teacher-side
+    0·NaN in a divergence's backward, e.g. kd's cd·p at a masked row.)"""
+    s, t, labels = _batch(B=3, T=6, V=40, seed=9)
+    masked = labels == IGNORE_INDEX
+    n = count_valid_tokens(labels)
+    cfg = LossConfig(name=name, k=5)
+
+    def run(teacher):
+        x = s.clone().requires_grad_(True)
+        out = objective(x, labels, n, cfg=cfg, teacher_logits=teacher)
+        out.loss.backward()
+        return out.loss, x.grad
+
+    clean, spoilt = run(t), run(t.masked_fill(masked[..., None], float("nan")))
+    assert torch.equal(spoilt[0], clean[0])
+    assert torch.equal(spoilt[1], clean[1]) and (spoilt[1][masked] == 0).all()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_non_finite_rows_at_masked_positions_change_nothing(name, bad):
