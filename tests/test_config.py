@@ -386,7 +386,9 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkey
         ("compare", ["--out", str(locked / "cmp")], "compare.out"),  # written beside, renamed into place
     ]
     for command, argv, key in cases:
-        with pytest.raises(TailkdError, match=rf"^{re.escape(key)}=.*: cannot write in {where} \(Permission denied\)"):
+        flag = argv[-2]  # the fix names the flag the user gave (--work-dir, not --out)
+        with pytest.raises(TailkdError, match=rf"^{re.escape(key)}=.*: cannot write in {where} \(Permission denied\); "
+                                              rf"choose another {flag}, or make that folder writable$"):
             parse(argv, COMMAND_CONFIGS[command])
     capsys.readouterr()
     assert main(["eval", "--student", str(tmp_path / "nothing"), "--out", str(locked / "e.json")]) == 2

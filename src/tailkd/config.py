@@ -572,9 +572,16 @@ def check_out_writable(cfg, key: str, *, into: bool, whole: bool = False) -> Non
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as exc:
-        raise TailkdError(f"{key}={out}: cannot write in {folder} ({exc.strerror or exc}); choose another --out, "
-                          "or make that folder writable") from None
+        raise TailkdError(f"{key}={out}: cannot write in {folder} ({exc.strerror or exc}); choose another "
+                          f"{flag_of(cfg, key)}, or make that folder writable") from None
     probe.unlink(missing_ok=True)
+
+
+def flag_of(cfg, key: str) -> str:
+    """The flag a user types for setting ``key`` of ``cfg``: its short alias (``--out``, ``--work-dir``), else
+    ``--key``."""
+    reverse = {v: k for k, v in getattr(cfg, "ALIASES", ALIASES).items()}
+    return f"--{reverse.get(key, key)}"
 
 
 def leaf_value(cfg, dotted: str):
