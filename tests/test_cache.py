@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -530,6 +531,31 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert meta["k"] == 4 and meta["num_rows"] == 3 and meta["corpus"]["seq_len"] == 16
     assert main(args) == 0  # rerun: everything complete, nothing recomputed
     assert "0 shard(s) written" in capsys.readouterr().out
+
+
+def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_made(tmp_path, capsys, monkeypatch):
+    """A cache of the first rows only (cache-teacher --max-rows) failed at the first step that drew a row past them
+    ('row i is not in teacher cache'), after the run folder and its config.yaml were made: the same command again
+    then needed --overwrite. Now refused when the cache is opened, one line, exit 2, no run folder."""
+    from tiny import make_teacher_dir
+
+    from tailkd.cli import main
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                 "--out", str(tmp_path / "part"), "--max-rows", "2", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--batch-size", "2",
+                 "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
+                 str(tmp_path / "part"), "--student-layers", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"tailkd: error: teacher cache {re.escape(str(tmp_path / 'part'))} holds 2 of the run's "
+                        r"\d+ training rows \(cache-teacher --max-rows\): a run reads every training row; cache them "
+                        r"all \(tailkd cache-teacher --max-rows 0\)", err[-1]), err
+    assert not any("Traceback" in line for line in err) and not run.exists()
 
 
 def test_cache_teacher_progress_in_a_log_is_a_line_per_30_seconds_not_one_per_batch(tmp_path, capsys, monkeypatch):

@@ -435,12 +435,14 @@ class CacheReader:
     """Cached teacher tensors for row indices of the run's `PackedRows`, checked against the run.
 
     ``k``: the run's K (TAD's loss.k; ≤ the cache's K: the top-K is truncated and the tail mass extended exactly).
+    ``rows``: the run's number of training rows, every one of them cached.
     Shards are verified (sha256 of every tensor) the first time they are read.
     """
 
     def __init__(self, path, *, tokenizer_fingerprint: str | None = None, corpus_fingerprint: str | None = None,
                  split: str | None = None, seq_len: int | None = None, k: int | None = None,
-                 teacher_weights_sha256: str | None = None, teacher_weights_sha256_bf16: str | None = None):
+                 teacher_weights_sha256: str | None = None, teacher_weights_sha256_bf16: str | None = None,
+                 rows: int | None = None):
         self.path = Path(path)
         meta_path = self.path / META_FILE
         if not meta_path.is_file():
@@ -467,6 +469,10 @@ class CacheReader:
             raise TailkdError(f"teacher cache {self.path} holds the top-{m['k']} teacher ids, the run needs "
                               f"K={self.k}; use loss.k <= {m['k']} or rebuild the cache with --k {self.k}")
         self.num_rows = int(m["num_rows"])
+        if rows is not None and self.num_rows < rows:  # refused now, not at the first step that draws such a row
+            raise TailkdError(f"teacher cache {self.path} holds {self.num_rows} of the run's {rows} training rows "
+                              "(cache-teacher --max-rows): a run reads every training row; cache them all (tailkd "
+                              "cache-teacher --max-rows 0)")
         self.rows_per_shard = int(m["rows_per_shard"])
         self._verified: set[int] = set()
         missing = [_shard_name(i) for i in range(int(m["num_shards"])) if not (self.path / _shard_name(i)).is_file()]
@@ -587,8 +593,10 @@ class CacheReader:
 
 
 def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, split: str = "train",
-               seq_len: int | None = None, k: int | None = None, teacher_model=None) -> CacheReader:
-    """`CacheReader` checked against the run's tokenizer, corpus, split, seq_len, K and teacher weights.
+               seq_len: int | None = None, k: int | None = None, teacher_model=None,
+               rows: int | None = None) -> CacheReader:
+    """`CacheReader` checked against the run's tokenizer, corpus, split, seq_len, K, teacher weights and number of
+    training rows.
 
     ``teacher_model`` loaded in the dtype the cache was written with is compared by its weights hash; loaded in
     another (a bf16 cache from a GPU and an fp32 teacher on a CPU hash differently with the same weights), by the
@@ -608,7 +616,7 @@ def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, s
             sha_bf16 = weights_hash(teacher_model, torch.bfloat16)
     return CacheReader(path, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
                        corpus_fingerprint=corpus_fingerprint, split=split, seq_len=seq_len, k=k,
-                       teacher_weights_sha256=sha, teacher_weights_sha256_bf16=sha_bf16)
+                       teacher_weights_sha256=sha, teacher_weights_sha256_bf16=sha_bf16, rows=rows)
 
 
 # --------------------------------------------------------------------------- what a run gets from a cache

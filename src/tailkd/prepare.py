@@ -284,14 +284,14 @@ def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: to
 
 
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
-                         fused_path: bool, probe: torch.Tensor):
+                         fused_path: bool, probe: torch.Tensor, train_rows: int):
     """(signal_of, description): where each step's teacher signal comes from, and in words which loss that gives.
 
     Online: the teacher runs on every micro-batch (full logits, or final hidden states + LM head when fused).
     ``teacher.cache``: a `tailkd.cache.CacheReader` checked against this run (tokenizer, corpus, split, seq_len,
-    K, teacher weights, and each batch's row hashes); a top-K cache gives D_KL1 (+ a sampled tail estimate), a
-    cache with hidden states the exact loss. On the fused path the LM heads are checked once against the models'
-    own logits (``probe``: a few token ids)."""
+    K, teacher weights, that it holds all ``train_rows`` rows, and each batch's row hashes); a top-K cache gives
+    D_KL1 (+ a sampled tail estimate), a cache with hidden states the exact loss. On the fused path the LM heads
+    are checked once against the models' own logits (``probe``: a few token ids)."""
     if fused_path:
         verify_head(student, probe, vocab_size=vocab)
     if not LOSSES[cfg.loss.name].needs_teacher:
@@ -301,7 +301,8 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
 
         reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
                             split="train", seq_len=cfg.data.seq_len,
-                            k=cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None, teacher_model=teacher)
+                            k=cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None, teacher_model=teacher,
+                            rows=train_rows)
         description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
         return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
     if fused_path:
