@@ -337,6 +337,23 @@ def test_resume_over_edited_data_is_refused_unless_forced(assets, tmp_path):
     assert "warning: --force: the training rows differ" in proc.stderr and (run / "final").is_dir()
 
 
+def test_a_forced_resume_that_cannot_load_the_checkpoint_leaves_the_run_as_it_was(assets, tmp_path):
+    """--resume --force with another architecture: the checkpoint does not fit the student, exit 2. The run's
+    config.yaml was replaced by the new config (and config.replaced-*.yaml written) before the checkpoint was read,
+    so the error's fix, resuming with the run's own config (--config RUN/config.yaml), read the new one and failed
+    again. Now nothing in the run folder changes and that fix resumes the run."""
+    run = tmp_path / "run"
+    proc = cli(*args(assets, run, "--steps", "4", "--train.stop_after", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_error(cli(*args(assets, run, "--steps", "4", "--resume", "--force", "--student-layers", "3")),
+                 "does not fit this student", "resume with the run's own config")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    proc = cli("distill", "--config", str(run / "config.yaml"), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "final").is_dir() and not list(run.glob("config.replaced-*.yaml"))
+
+
 def test_resume_of_something_that_is_not_a_run(assets, tmp_path):
     assert_error(cli(*args(assets, tmp_path / "nothing"), "--resume"), "holds no run", "drop --resume")
     other = tmp_path / "other"

@@ -887,9 +887,9 @@ def test_two_new_runs_started_at_once_into_one_folder_do_not_share_it(tmp_path):
     second.train.seed = 7
     decided = [runs.prepare_run_dir(cfg) for cfg in (first, second)]  # both before either claims: a new run each
     assert [resuming for _, resuming, _ in decided] == [False, False]
-    runs.claim_run_dir(out, first, False, [])
+    runs.claim_run_dir(out, first, False)
     with pytest.raises(TailkdError, match=r"run folder .*distill was claimed by another tailkd run started at the "
                                           r"same time; choose another --out"):
-        runs.claim_run_dir(out, second, False, [])
+        runs.claim_run_dir(out, second, False)
     assert "seed: 0" in (out / "config.yaml").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

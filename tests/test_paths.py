@@ -32,7 +32,7 @@ def test_a_dead_writers_first_config_leftover_is_removed_when_the_run_starts(tmp
     cfg = DistillConfig()
     cfg.train.out_dir = str(out)
     assert runs.prepare_run_dir(cfg)[:2] == (out, False)
-    runs.claim_run_dir(out, cfg, False, [])
+    runs.claim_run_dir(out, cfg, False)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
@@ -49,7 +49,7 @@ def test_a_live_or_other_hosts_first_config_leftover_is_left_alone(tmp_path):
             p.write_text("train:\n  lr: 0.0")
         cfg = DistillConfig()
         cfg.train.out_dir = str(out)
-        runs.claim_run_dir(out, cfg, False, [])
+        runs.claim_run_dir(out, cfg, False)
     finally:
         writer.kill()
         writer.wait()
@@ -162,7 +162,7 @@ def _relative_run(tmp_path, monkeypatch):
     cfg = from_dict(DistillConfig, {"teacher": {"path": "teacher"}, "data": {"paths": ["corpus.txt"],
                                     "cache_dir": "cache", "heldout_paths": ["builtin:pydoc"]},
                                     "train": {"out_dir": "runs/rel/"}})
-    runs.claim_run_dir(Path(cfg.train.out_dir), cfg, False, [])
+    runs.claim_run_dir(Path(cfg.train.out_dir), cfg, False)
     (work / "runs" / "rel" / "final").mkdir()
     return work, cfg
 
@@ -252,7 +252,7 @@ def test_overwrite_of_a_run_folder_that_is_a_symlink(tmp_path):
     cfg = DistillConfig()
     cfg.train.out_dir, cfg.train.overwrite = str(link), True
     out, resuming, _ = runs.prepare_run_dir(cfg)
-    runs.claim_run_dir(out, cfg, resuming, [])
+    runs.claim_run_dir(out, cfg, resuming)
     assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["config.yaml"]
     assert "seed: 0" in (target / "config.yaml").read_text()
 

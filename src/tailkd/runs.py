@@ -213,28 +213,37 @@ def _first_config_leftover(path: Path) -> bool:
     return re.fullmatch(r"\.tmp-config\.yaml-\d+(@.+)?", path.name) is not None and path.is_file()
 
 
-def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, changes: list[str]) -> None:
-    """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config."""
-    if not resuming:
-        if out.exists() and cfg.train.overwrite:
-            if out.is_symlink():  # a link to a folder elsewhere (another disk): its run is replaced, the link stays
-                for child in out.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-            else:
-                shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for leftover in filter(_first_config_leftover, out.iterdir()):
-            if ckpt.left_by_dead_writer(leftover.name, untagged=True):  # not a live one: a run claiming the folder now
-                leftover.unlink(missing_ok=True)
-        try:  # never over the config.yaml of a run that claimed the folder since `prepare_run_dir` looked
-            _write_config(cfg, out / "config.yaml", replace=False)
-        except FileExistsError:
-            raise TailkdError(f"run folder {out} was claimed by another tailkd run started at the same time; choose "
-                              "another --out") from None
-    elif changes:
+def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool) -> None:
+    """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config. A resume writes
+    nothing here: a config changed with --force is saved by `replace_config` once the checkpoint has loaded."""
+    if resuming:
+        return
+    if out.exists() and cfg.train.overwrite:
+        if out.is_symlink():  # a link to a folder elsewhere (another disk): its run is replaced, the link stays
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        else:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in filter(_first_config_leftover, out.iterdir()):
+        if ckpt.left_by_dead_writer(leftover.name, untagged=True):  # not a live one: a run claiming the folder now
+            leftover.unlink(missing_ok=True)
+    try:  # never over the config.yaml of a run that claimed the folder since `prepare_run_dir` looked
+        _write_config(cfg, out / "config.yaml", replace=False)
+    except FileExistsError:
+        raise TailkdError(f"run folder {out} was claimed by another tailkd run started at the same time; choose "
+                          "another --out") from None
+
+
+def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:
+    """Rank 0, a resume with --force and the config ``changes``: the old config.yaml kept as
+    config.replaced-TIME.yaml, ``cfg`` saved in its place. Called once the checkpoint has loaded: a forced resume
+    that fails (a checkpoint that does not fit the new student, another number of rows) leaves the run's own
+    config.yaml, which the error tells the user to resume with."""
+    if changes:
         kept = out / f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         shutil.copyfile(out / "config.yaml", kept)
         _write_config(cfg, out / "config.yaml")

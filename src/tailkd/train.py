@@ -244,7 +244,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
              f"{signal_text}")
 
     # every input checked out: only now touch the run folder
-    dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, changes), main_only=True)
+    dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming), main_only=True)
     if table is not None and not resuming and dist.is_main():
         ckpt.atomic_write_text(out / "student_init.json", jsonfile.dumps(table, indent=1))
     dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
@@ -259,6 +259,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     sampler = data_mod.RowSampler(len(train_rows), seed=t.seed, digest=getattr(train_rows, "digest", None),
                                   force=t.force_resume)
     restored = runs.restore(out, model, student, optimizer, scheduler, sampler) if resuming else None
+    dist.on_main_then_all(lambda: runs.replace_config(out, cfg, changes), main_only=True)  # the checkpoint fits
     if restored is not None:
         use_optimizer_settings(optimizer, scheduler, t)
         if restored.step > t.max_steps:
