@@ -257,7 +257,12 @@ def test_bad_input_is_one_line(assets, tmp_path, capfd):
     tok = make_tokenizer()
     _model(len(tok), 1, 0).save_pretrained(short)
     tok.save_pretrained(short)
+    narrow = tmp_path / "narrow_head"  # the teacher's tokenizer (300 tokens), 292 rows: named the reference (it was
+    _model(len(tok) - 8, 1, 0).save_pretrained(narrow)  # called "the student's LM head")
+    tok.save_pretrained(narrow)
     for extra, needle in (([], "the reference's LM head has 250 rows but the tokenizer has 280 tokens"),
+                          (["--reference", str(narrow)], "the reference's LM head has 292 rows but the tokenizer has "
+                                                          "300 tokens"),
                           (["--keep", "0"], "select.keep"),
                           (["--keep", "1.5"], "select.keep"),
                           (["--reference", str(short), "--seq-len", "100"],

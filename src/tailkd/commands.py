@@ -454,7 +454,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
               "model scores a document in its own tokenization, and its score is the log-likelihood ratio per byte")
         vocabs = {role: check_own_vocab(t, m, role) for role, (m, t) in roles.items()}
     else:
-        vocabs = dict.fromkeys(roles, check_vocab(tok, ref_tok, teacher, reference))
+        vocabs = dict.fromkeys(roles, check_vocab(tok, ref_tok, teacher, reference, student_role="reference"))
     for role, spec, model in (("teacher", cfg.teacher.path, teacher), ("reference", s.reference, reference)):
         try:
             check_seq_len(cfg.data.seq_len, models.model_max_length(model))

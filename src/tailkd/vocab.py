@@ -88,15 +88,17 @@ def relation(teacher_tokenizer, student_tokenizer) -> str:
     )
 
 
-def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int:
+def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_model, *,
+                student_role: str = "student") -> int:
     """The vocabulary distilled over, V (the student's max id + 1), or a TailkdError (`relation`).
 
     LM heads with more rows than V (padded, or a teacher's extra tokens) are fine: logits are sliced to
-    ``[..., :V]``. A head (or input embedding) with fewer rows than V cannot score every token: error.
+    ``[..., :V]``. A head (or input embedding) with fewer rows than V cannot score every token: error, naming the
+    model as ``student_role`` for the second one (select-data's reference).
     """
     relation(teacher_tokenizer, student_tokenizer)
     vocab = real_vocab_size(student_tokenizer)
-    for role, model in (("teacher", teacher_model), ("student", student_model)):
+    for role, model in (("teacher", teacher_model), (student_role, student_model)):
         check_rows(model, vocab, role)
     return vocab
 
