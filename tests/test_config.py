@@ -592,6 +592,33 @@ def test_the_readmes_subcommand_lines_parse(tmp_path, monkeypatch):
     assert seen == set(COMMAND_CONFIGS)
 
 
+def test_every_flag_the_readme_names_exists():
+    """Every ``--flag`` of the README is a flag of a tailkd command, and one on a ``tailkd SUBCOMMAND ...`` line (a
+    code block, continuation lines joined, or inline code) is that subcommand's own. The launchers' flags (torchrun,
+    accelerate launch), those of ``python -m tailkd.install`` and the table's examples of a typo are named here."""
+    from tailkd.cli import build_parser
+
+    parser = build_parser()
+    subcommands = parser._subcommands
+    ours = {f for p in (parser, *subcommands.values()) for f in p._option_string_actions}
+    others = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",  # torchrun
+              "--config_file", "--cpu", "--multi_gpu", "--num_processes", "--machine_rank", "--mpirun_hostfile",
+              "--dest", "--from", "--no-convert",  # python -m tailkd.install
+              "--loss.kk", "--section.field"}  # the error table's typo, the flags' pattern
+    flag = re.compile(r"(?<![\w-])--[A-Za-z](?:[\w.-]*\w)?")
+    text = re.sub(r"--\w+\.\*", "", (REPO / "README.md").read_text(encoding="utf-8"))  # --train.*: a section's flags
+    assert set(flag.findall(text)) - ours - others == set()
+    lines = [ln for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+             for ln in block.replace("\\\n", " ").splitlines()] + re.findall(r"`([^`\n]+)`", text)
+    wrong = []
+    for line in lines:
+        for sub, rest in re.findall(r"(?:\btailkd|-m tailkd\.cli)\s+([a-z-]+)(?=\s|$)(.*)", line):
+            if sub in subcommands:
+                wrong += [(sub, f) for f in flag.findall(rest)
+                          if f not in subcommands[sub]._option_string_actions and f not in others]
+    assert wrong == []
+
+
 def test_the_readmes_distill_synopsis_names_every_loss():
     """The README's `tailkd distill` synopsis offers ``--loss a|b|...``: the registry's names, all of them (it offered
     7 of the 13, without tvd and the DRKL paper's baselines)."""
