@@ -185,3 +185,16 @@ def test_answer_parsing_is_a_leaf_shared_by_data_and_evaluation():
     assert set(edges["tailkd.answers"]) == set()
     assert "tailkd.answers" in edges["tailkd.mathdata"] and "tailkd.answers" in edges["tailkd.generation"]
     assert not {"tailkd.generation", "tailkd.evaluate"} & set(edges["tailkd.mathdata"])
+
+
+def test_the_readmes_layout_names_every_module():
+    """README "Layout" lists every module of src/tailkd (errors.py was missing) and none that is gone."""
+    import re
+
+    readme = (SRC.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Layout\n\n```\n(.*?)```", readme, re.S).group(1)
+    src = block.split("\ntests/")[0]  # the src/tailkd part (tests/ names test files)
+    named = set(re.findall(r"(?<![\w.])(\w+\.py|\w+/)(?=\s)", src)) - {"tailkd/"}
+    modules = {p.name for p in (SRC / PACKAGE).glob("*.py")} - {"__init__.py"}
+    packages = {f"{p.name}/" for p in (SRC / PACKAGE).iterdir() if (p / "__init__.py").is_file()}
+    assert named == modules | packages
