@@ -893,3 +893,38 @@ def test_two_new_runs_started_at_once_into_one_folder_do_not_share_it(tmp_path):
         runs.claim_run_dir(out, second, False)
     assert "seed: 0" in (out / "config.yaml").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_a_full_disk_when_a_run_claims_its_folder_is_one_line(tmp_path, monkeypatch):
+    """A new run on a full disk (or in a folder it may not write): the run's config.yaml, written when the run
+    claims its folder after every input checked out, failed with 'tailkd: error: OSError: [Errno 28] No space left
+    on device (rerun with --debug ...)', exit 1, an unexpected error naming no file nor fix. The config.yaml of a
+    resume with --force and the rewrite of metrics.jsonl on --resume failed the same way. Each is now one
+    TailkdError (exit 2) naming the file and the fix."""
+    from tailkd import runs
+    from tailkd.config import DistillConfig
+    from tailkd.errors import TailkdError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cfg = DistillConfig()
+    cfg.train.out_dir = str(tmp_path / "run")
+    monkeypatch.setattr(runs, "save_yaml", full)
+    with pytest.raises(TailkdError, match=rf"^could not write {tmp_path / 'run'}/config\.yaml \(No space left on "
+                                          r"device\); free disk space or choose another --out"):
+        runs.claim_run_dir(Path(cfg.train.out_dir), cfg, False)
+    old = tmp_path / "old"  # a resume with --force writes the changed config: the same, and the old one stays
+    old.mkdir()
+    (old / "config.yaml").write_text("train: {seed: 0}\n")
+    with pytest.raises(TailkdError, match=rf"^could not write {old}/config\.yaml \(No space left on device\); free "
+                                          r"disk space and continue with --resume --force"):
+        runs.replace_config(old, cfg, ["train.seed: 0 -> 1"])
+    assert (old / "config.yaml").read_text() == "train: {seed: 0}\n"
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2}\n')
+    monkeypatch.setattr(ckpt, "atomic_write_file", full)
+    with pytest.raises(TailkdError, match=rf"^could not write {metrics} \(No space left on device\); free disk space "
+                                          r"and continue with --resume"):
+        runs.MetricsLog(metrics, resume_step=1)
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -103,7 +103,11 @@ class MetricsLog:
                         keep.append(ln)
                 except (ValueError, KeyError, TypeError):
                     continue  # empty, or the half line of a killed write
-            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the history
+            try:
+                ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the history
+            except OSError as exc:
+                raise TailkdError(f"could not write {path} ({exc.strerror or exc}); free disk space and continue "
+                                  "with --resume") from exc
 
     def write(self, record: dict) -> None:
         try:
@@ -227,15 +231,18 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool) -> None:
                     child.unlink()
         else:
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for leftover in filter(_first_config_leftover, out.iterdir()):
-        if ckpt.left_by_dead_writer(leftover.name, untagged=True):  # not a live one: a run claiming the folder now
-            leftover.unlink(missing_ok=True)
-    try:  # never over the config.yaml of a run that claimed the folder since `prepare_run_dir` looked
-        _write_config(cfg, out / "config.yaml", replace=False)
-    except FileExistsError:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for leftover in filter(_first_config_leftover, out.iterdir()):
+            if ckpt.left_by_dead_writer(leftover.name, untagged=True):  # not a live one: a run claiming it now
+                leftover.unlink(missing_ok=True)
+        _write_config(cfg, out / "config.yaml", replace=False)  # never over the config.yaml of a run that claimed
+    except FileExistsError:  # the folder since `prepare_run_dir` looked
         raise TailkdError(f"run folder {out} was claimed by another tailkd run started at the same time; choose "
                           "another --out") from None
+    except OSError as exc:  # a full disk, a folder this user may not write
+        raise TailkdError(f"could not write {out / 'config.yaml'} ({exc.strerror or exc}); free disk space or choose "
+                          "another --out") from exc
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:
@@ -245,8 +252,12 @@ def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:
     config.yaml, which the error tells the user to resume with."""
     if changes:
         kept = out / f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
-        shutil.copyfile(out / "config.yaml", kept)
-        _write_config(cfg, out / "config.yaml")
+        try:
+            shutil.copyfile(out / "config.yaml", kept)
+            _write_config(cfg, out / "config.yaml")  # atomic: the old one stays where this fails
+        except OSError as exc:
+            raise TailkdError(f"could not write {out / 'config.yaml'} ({exc.strerror or exc}); free disk space and "
+                              "continue with --resume --force") from exc
         print(f"tailkd: warning: --force: resuming {out} with a changed config ({'; '.join(changes)}); "
               f"the old one is kept as {kept.name}", file=sys.stderr)
 
