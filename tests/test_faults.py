@@ -914,6 +914,15 @@ def test_a_full_disk_when_a_run_claims_its_folder_is_one_line(tmp_path, monkeypa
     with pytest.raises(TailkdError, match=rf"^could not write {tmp_path / 'run'}/config\.yaml \(No space left on "
                                           r"device\); free disk space or choose another --out"):
         runs.claim_run_dir(Path(cfg.train.out_dir), cfg, False)
+    monkeypatch.undo()
+    real_write, init = ckpt.atomic_write_text, tmp_path / "init"  # student_init.json just after it, still in the
+    monkeypatch.setattr(ckpt, "atomic_write_text",  # claim (rank 0's error raised on every rank)
+                        lambda path, text: full() if path.name == "student_init.json" else real_write(path, text))
+    with pytest.raises(TailkdError, match=rf"^could not write {init}/student_init\.json \(No space left on device\); "
+                                          r"free disk space and run the command again with --overwrite$"):
+        runs.claim_run_dir(init, cfg, False, student_init={"layers": [0, 1]})
+    assert (init / "config.yaml").is_file()
+    monkeypatch.setattr(runs, "save_yaml", full)
     old = tmp_path / "old"  # a resume with --force writes the changed config: the same, and the old one stays
     old.mkdir()
     (old / "config.yaml").write_text("train: {seed: 0}\n")

@@ -217,9 +217,11 @@ def _first_config_leftover(path: Path) -> bool:
     return re.fullmatch(r"\.tmp-config\.yaml-\d+(@.+)?", path.name) is not None and path.is_file()
 
 
-def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool) -> None:
-    """Rank 0: create (or replace, with --overwrite) the run folder and save the resolved config. A resume writes
-    nothing here: a config changed with --force is saved by `replace_config` once the checkpoint has loaded."""
+def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: dict | None = None) -> None:
+    """Rank 0 (`distributed.on_main_then_all`: an error here is raised on every rank): create (or replace, with
+    --overwrite) the run folder and save the resolved config, and ``student_init`` (how a student built from the
+    teacher was initialised) as student_init.json. A resume writes nothing here: a config changed with --force is
+    saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
         return
     if out.exists() and cfg.train.overwrite:
@@ -243,6 +245,12 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool) -> None:
     except OSError as exc:  # a full disk, a folder this user may not write
         raise TailkdError(f"could not write {out / 'config.yaml'} ({exc.strerror or exc}); free disk space or choose "
                           "another --out") from exc
+    if student_init is not None:
+        try:
+            ckpt.atomic_write_text(out / "student_init.json", jsonfile.dumps(student_init, indent=1))
+        except OSError as exc:
+            raise TailkdError(f"could not write {out / 'student_init.json'} ({exc.strerror or exc}); free disk space "
+                              "and run the command again with --overwrite") from exc
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:

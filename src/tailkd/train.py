@@ -244,13 +244,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
              f"{signal_text}")
 
     # every input checked out: only now touch the run folder
-    dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming), main_only=True)
-    if table is not None and not resuming and dist.is_main():
-        try:
-            ckpt.atomic_write_text(out / "student_init.json", jsonfile.dumps(table, indent=1))
-        except OSError as exc:
-            raise TailkdError(f"could not write {out / 'student_init.json'} ({exc.strerror or exc}); free disk space "
-                              "and run the command again with --overwrite") from exc
+    dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, student_init=table), main_only=True)
     dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
                                                                    else ""))
     if cfg.train.compile:
