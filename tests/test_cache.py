@@ -330,6 +330,18 @@ def test_mismatches_are_clear_errors(setup):
         _write(setup, "topk", k=6)
 
 
+def test_rows_whose_tokens_differ_from_the_cached_ones_are_refused(setup):
+    """The run's tokens of rows 0, 1 read against cached rows 1, 0: the row hashes differ, a one-line TailkdError."""
+    _, tok, rows, _, _ = setup
+    _, path = _write(setup, "topk")
+    reader = cache.CacheReader(path)
+    ids = data_mod.collate([rows[0], rows[1]])["input_ids"]
+    assert set(reader.rows([0, 1], input_ids=ids)) >= {"row_hash", "topk_ids"}  # the aligned rows are read
+    with pytest.raises(TailkdError) as info:
+        reader.sparse_teacher([1, 0], input_ids=ids)
+    assert str(info.value) == (f"the rows read from teacher cache {path} do not hold the run's tokens (row hash "
+                               "mismatch): the cache and the training data are not aligned; rebuild the cache")
+
 def test_a_cache_of_another_teacher_is_refused_when_the_run_loads_it_in_another_dtype(setup):
     """The cache was written by an fp32 teacher; a run loading its teacher in bf16 (a GPU's default) cannot compare
     the fp32 weights hash, so it compares both sides' weights rounded to bf16: the same teacher passes, another one

@@ -481,6 +481,45 @@ def test_a_failed_write_of_the_final_outputs_resumes_into_writing_them(assets, s
     assert (run / "curves.png").is_file() and (run / "summary.json").is_file()
 
 
+def test_a_full_disk_while_appending_to_metrics_is_one_line_and_resume_continues(assets, short_reference, tmp_path,
+                                                                               capsys, monkeypatch):
+    """ENOSPC on an append to metrics.jsonl (the line of step 6, after checkpoint 4): one line naming the file and
+    the fix, exit 2; the --resume it advises ends with the uninterrupted run's weights."""
+    from tailkd import runs
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            if '"step": 6,' in text:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.fh.write(text)
+
+    def full_at_step_6(path, mode="r", *a, **kw):
+        fh = open(path, mode, *a, **kw)
+        return FullDisk(fh) if Path(path).name == "metrics.jsonl" and mode == "a" else fh
+
+    monkeypatch.setattr(runs, "open", full_at_step_6, raising=False)
+    run = tmp_path / "run"
+    assert main(args(assets, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"tailkd: error: could not append to {run / 'metrics.jsonl'} ({os.strerror(errno.ENOSPC)}); "
+                       "free disk space and continue with --resume from the last checkpoint")
+    assert max(r["step"] for r in read_metrics(run)) == 5
+    monkeypatch.undo()
+    assert main(args(assets, run, "--resume")) == 0
+    assert_identical(weights(short_reference / "final" / "model.safetensors"),
+                     weights(run / "final" / "model.safetensors"))
+    assert [s for s, _ in train_losses(run)] == list(range(1, 13))
+
+
 def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp_path):
     state = {"w": torch.arange(4.0)}
     good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)

@@ -467,3 +467,18 @@ def test_gguf_conversion_on_a_full_disk_is_one_line(tmp_path, tiny_tokenizer, mo
                                           r"device\); free disk space or set TAILKD_CACHE"):
         models.gguf_cache_entry(gguf_file, cache)
     assert [p.name for p in (cache / "gguf").iterdir()] == [".by-file"]
+
+
+def test_an_unwritable_gguf_cache_is_one_line(tmp_path):
+    """The cache root is a file (any folder that cannot be made): a TailkdError naming the folder and the fix,
+    before any conversion (the .gguf here is not even valid)."""
+    gguf_file = tmp_path / "tiny.gguf"
+    gguf_file.write_bytes(b"GGUF not really")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(TailkdError) as info:
+        models.gguf_cache_entry(gguf_file, blocked)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"cannot write the GGUF cache under {blocked / 'gguf'} (")
+    assert msg.endswith("): set TAILKD_CACHE (or cache_dir) to a writable folder")

@@ -408,3 +408,19 @@ def test_bad_input_is_one_line(assets, tmp_path, capsys):
     assert (teacher_folder(assets["gguf"], assets["gguf_cache"]) / "model.safetensors").is_file()
     with pytest.raises(TailkdError, match=r"needs a process group"):
         load_sharded_teacher(str(assets["tied"]), device=torch.device("cpu"))
+
+
+def test_a_sharded_teacher_with_only_pytorch_bin_weights_is_refused_with_the_fix(tmp_path):
+    """A folder whose weights are only pytorch_model.bin (no safetensors to read slice by slice): one line naming the
+    folder, what it has, and both fixes."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "bin-teacher"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(TailkdError) as info:
+        teacher_folder(str(folder))
+    assert str(info.value) == (f"teacher.parallel=fsdp reads the teacher's safetensors files slice by slice, and "
+                               f"{folder} has only pytorch_model.bin: re-save it with save_pretrained (safetensors) "
+                               "or use --teacher.parallel replicate")
