@@ -520,6 +520,91 @@ def test_a_full_disk_while_appending_to_metrics_is_one_line_and_resume_continues
     assert [s for s, _ in train_losses(run)] == list(range(1, 13))
 
 
+class _Sampler:
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _two_layers(frozen_first: bool, optimizer=torch.optim.AdamW):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(not frozen_first)
+    optimizer = optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_a_one_line_error(tmp_path):
+    """A checkpoint saved with a frozen layer (student.freeze_embeddings) resumed with --force without it: the
+    optimizer has no saved state for the unfrozen weights. A TailkdError naming the checkpoint, the weight and the
+    fix (it quoted torch's advice 'use StateDictOptions(strict=False)', which a user cannot follow). Any other
+    state torch refuses (here AdamW's loaded into SGD) is the same line with torch's reason."""
+    from tailkd import runs
+    from tailkd.errors import TailkdError
+
+    model, optimizer, scheduler = _two_layers(frozen_first=True)
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    runs.save(tmp_path, model, optimizer, scheduler, _Sampler(), runs.Progress(step=1), keep_last=2)
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    model, optimizer, scheduler = _two_layers(frozen_first=False)
+    with pytest.raises(TailkdError) as info:
+        runs.restore(tmp_path, model, model, optimizer, scheduler, _Sampler())
+    assert str(info.value) == (f"checkpoint {checkpoint} does not fit this run's optimizer (it holds no state of "
+                               "0.weight, which this run trains); resume with the run's own config")
+    model, optimizer, scheduler = _two_layers(frozen_first=True, optimizer=lambda params, lr: torch.optim.SGD(
+        params, lr=lr, momentum=0.9))
+    with pytest.raises(TailkdError) as info:
+        runs.restore(tmp_path, model, model, optimizer, scheduler, _Sampler())
+    msg = str(info.value)
+    assert "\n" not in msg and msg.endswith("); resume with the run's own config")
+    assert msg.startswith(f"checkpoint {checkpoint} does not fit this run's optimizer (")
+
+def _tied_llama(frozen_embeddings: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    model.get_input_embeddings().requires_grad_(not frozen_embeddings)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trained if p.ndim >= 2]},
+                                   {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}], lr=1e-3)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def test_tied_embeddings_frozen_in_the_checkpoint_and_trained_now_are_refused_at_the_resume(tmp_path):
+    """--resume --force turning student.freeze_embeddings off, with tied embeddings: torch skips the shared weight
+    missing from the checkpoint and loads the other moments shifted by one place (q_proj's onto the embeddings), and
+    the first step failed with 'RuntimeError: The size of tensor a (64) must match the size of tensor b (300)',
+    exit 1 (moments of equal shapes would have been swapped silently). It is refused when the checkpoint loads."""
+    from tailkd import runs
+    from tailkd.errors import TailkdError
+
+    model, optimizer, scheduler = _tied_llama(frozen_embeddings=True)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    scheduler.step()
+    runs.save(tmp_path, model, optimizer, scheduler, _Sampler(), runs.Progress(step=1), keep_last=2)
+    model, optimizer, scheduler = _tied_llama(frozen_embeddings=False)
+    with pytest.raises(TailkdError) as info:
+        runs.restore(tmp_path, model, model, optimizer, scheduler, _Sampler())
+    assert str(info.value) == (f"checkpoint {tmp_path / 'checkpoints' / 'step_00000001'} does not fit this run's "
+                               "optimizer (it holds no state of model.embed_tokens.weight, which this run trains); "
+                               "resume with the run's own config")
+    # the other way (embeddings trained in the checkpoint, frozen now) loads every moment onto its own weight
+    model, optimizer, scheduler = _tied_llama(frozen_embeddings=False)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    runs.save(tmp_path / "b", model, optimizer, scheduler, _Sampler(), runs.Progress(step=1), keep_last=2)
+    model, optimizer, scheduler = _tied_llama(frozen_embeddings=True)
+    runs.restore(tmp_path / "b", model, model, optimizer, scheduler, _Sampler())
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for g in optimizer.param_groups for p in g["params"])
+
+
 def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp_path):
     state = {"w": torch.arange(4.0)}
     good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)

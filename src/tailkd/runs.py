@@ -302,6 +302,26 @@ def save(out: Path, model, optimizer, scheduler, sampler, progress: Progress, ke
     return dist.broadcast(dist.on_main_then_all(write, main_only=True))
 
 
+def _untrained_in_checkpoint(model, optimizer, saved: dict) -> str | None:
+    """The first weight the run's ``optimizer`` trains that the saved optimizer state (``full_state``'s, keyed by
+    name; empty on the ranks other than 0) has not in the same parameter group, else None. Checked before loading:
+    torch skips such a weight when it is tied to another (the embeddings frozen in the checkpoint, trained now) and
+    loads the other moments of its group one place off."""
+    groups = saved.get("param_groups")
+    if not groups:
+        return None
+    names: dict[int, list[str]] = {}
+    for name, param in dist.unwrap(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for i, group in enumerate(optimizer.param_groups):
+        held = set(groups[i]["params"]) if i < len(groups) else set()
+        for param in group["params"]:
+            own = names.get(id(param), ["?"])
+            if not held.intersection(own):
+                return own[0]
+    return None
+
+
 def restore(out: Path, model, student, optimizer, scheduler, sampler) -> Progress | None:
     """Load the newest good checkpoint of ``out`` into every rank (rank 0 reads the files and broadcasts);
     returns its counters, or None when the run has no checkpoint at all (killed before its first one: it starts
@@ -323,7 +343,11 @@ def restore(out: Path, model, student, optimizer, scheduler, sampler) -> Progres
     model_state, saved = dist.on_main_then_all(lambda: ckpt.load_checkpoint(Path(path), student),
                                                main_only=True) or ({}, {"optimizer": {}})
     small = dist.broadcast({key: saved.get(key) for key in ("scheduler", "sampler", "rng", "state")} |
-                           {"stepped": bool(saved["optimizer"].get("state"))})
+                           {"stepped": bool(saved["optimizer"].get("state")),
+                            "unfit": _untrained_in_checkpoint(model, optimizer, saved["optimizer"])})
+    if small["unfit"]:
+        raise TailkdError(f"checkpoint {path} does not fit this run's optimizer (it holds no state of "
+                          f"{small['unfit']}, which this run trains); resume with the run's own config")
     try:
         dist.load_full_state(model, optimizer, model_state, saved["optimizer"], optimizer_stepped=small["stepped"])
     except (KeyError, RuntimeError, ValueError) as exc:
