@@ -145,17 +145,16 @@ def absolute_paths(cfg: "DistillConfig") -> "DistillConfig":
     RUN/config.yaml --resume`` and a recipe read the teacher, data and cache the run used from any working directory
     (relative ones were read against the reader's: 'not found', or another folder of the same name). tailkd's own
     words are kept: smollm2, builtin:*, auto / none (chat_template), a dotted loss.module."""
-    absolute = absolute_path
     module = cfg.loss.module
     is_file = module.endswith(".py") or "/" in module or "\\" in module  # tailkd.registry.names_a_file
     t, st, d = cfg.teacher, cfg.student, cfg.data
     return dataclasses.replace(
-        cfg, teacher=dataclasses.replace(t, path=absolute(t.path), cache=absolute(t.cache)),
-        student=dataclasses.replace(st, path=absolute(st.path)),
-        data=dataclasses.replace(d, paths=absolute(d.paths), heldout_paths=absolute(d.heldout_paths),
-                                 cache_dir=absolute(d.cache_dir), chat_template=absolute(d.chat_template)),
-        loss=dataclasses.replace(cfg.loss, module=absolute(module) if is_file else module),
-        train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir)))
+        cfg, teacher=dataclasses.replace(t, path=absolute_path(t.path), cache=absolute_path(t.cache)),
+        student=dataclasses.replace(st, path=absolute_path(st.path)),
+        data=dataclasses.replace(d, paths=absolute_path(d.paths), heldout_paths=absolute_path(d.heldout_paths),
+                                 cache_dir=absolute_path(d.cache_dir), chat_template=absolute_path(d.chat_template)),
+        loss=dataclasses.replace(cfg.loss, module=absolute_path(module) if is_file else module),
+        train=dataclasses.replace(cfg.train, out_dir=absolute_path(cfg.train.out_dir)))
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
@@ -577,11 +576,16 @@ def check_out_writable(cfg, key: str, *, into: bool, whole: bool = False) -> Non
     probe.unlink(missing_ok=True)
 
 
+def short_flags(cls) -> dict[str, str]:
+    """``section.key`` -> its short flag (without ``--``) for the config class (or instance) ``cls``: its
+    ``ALIASES``, for `DistillConfig` the module's."""
+    return {v: k for k, v in getattr(cls, "ALIASES", ALIASES).items()}
+
+
 def flag_of(cfg, key: str) -> str:
     """The flag a user types for setting ``key`` of ``cfg``: its short alias (``--out``, ``--work-dir``), else
     ``--key``."""
-    reverse = {v: k for k, v in getattr(cfg, "ALIASES", ALIASES).items()}
-    return f"--{reverse.get(key, key)}"
+    return f"--{short_flags(cfg).get(key, key)}"
 
 
 def leaf_value(cfg, dotted: str):
@@ -813,7 +817,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None
     """Add ``--config`` and one flag per leaf of ``cls`` (plus its short aliases: ``cls.ALIASES``, for
     `DistillConfig` the module's ``ALIASES``); a field marked ``positional=`` takes the positional arguments."""
     parser.add_argument("--config", metavar="YAML", help="YAML file mirroring the config sections; flags override it")
-    reverse = {v: k for k, v in getattr(cls, "ALIASES", ALIASES).items()}
+    reverse = short_flags(cls)
     defaults = cls()
     for dotted, tp, f in _leaves(cls):
         base, optional = _unwrap_optional(tp)
