@@ -361,6 +361,11 @@ class LmEvalOptions:
     out: str = _f("lm_eval.json", "JSON file for lm-eval's results; a re-run replaces an earlier lm-eval output there, "
                                   "any other existing file is refused")
 
+    def task_folder(self) -> Optional[str]:
+        """The folder the task files are written to: --work-dir, else --write-only's ./lm_eval_tasks, else None (a
+        temporary folder, removed after the run)."""
+        return self.work_dir or (WRITE_ONLY_WORK_DIR if self.write_only else None)
+
 
 @dataclass
 class LmEvalConfig:
@@ -387,8 +392,7 @@ class LmEvalConfig:
         _check_device(self, "lm_eval.device")
         check_out_path(self, "lm_eval.out", folder=False)
         check_out_writable(self, "lm_eval.out", into=False)
-        o = self.lm_eval  # the task files are written into the work folder (--write-only's default too)
-        work = replace(self, lm_eval=replace(o, work_dir=o.work_dir or (WRITE_ONLY_WORK_DIR if o.write_only else None)))
+        work = replace(self, lm_eval=replace(self.lm_eval, work_dir=self.lm_eval.task_folder()))
         check_out_path(work, "lm_eval.work_dir", folder=True)
         check_out_writable(work, "lm_eval.work_dir", into=True)
         check_replaced_output(self, "lm_eval.out", "lm-eval", ("results",))

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from tailkd import jsonfile
 from tailkd.command_config import (
-    WRITE_ONLY_WORK_DIR,
     AnalyzeTeacherConfig,
     CacheTeacherConfig,
     CompareConfig,
@@ -297,11 +296,8 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     if "tailkd_ppl" in names:
         ppl_docs = ppl_documents(cfg)
     device = str(resolve_device(o.device, "lm_eval.device"))
-    work_dir = Path(o.work_dir) if o.work_dir else None
-    temp = None
-    if work_dir is None:
-        work_dir = Path(WRITE_ONLY_WORK_DIR) if o.write_only else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
-        temp = None if o.write_only else work_dir
+    temp = None if o.task_folder() else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
+    work_dir = Path(o.task_folder()) if temp is None else temp
     try:
         include = tasks.prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=o.max_gen_toks)
         command = tasks.lm_eval_command(model_dir, names, include, batch_size=o.batch_size, device=device,
