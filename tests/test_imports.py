@@ -198,3 +198,16 @@ def test_the_readmes_layout_names_every_module():
     modules = {p.name for p in (SRC / PACKAGE).glob("*.py")} - {"__init__.py"}
     packages = {f"{p.name}/" for p in (SRC / PACKAGE).iterdir() if (p / "__init__.py").is_file()}
     assert named == modules | packages
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """.ci/run ends with the README's test command, verbatim (the README's promise: "exactly what `.ci/run` does")."""
+    import re
+
+    root = SRC.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(bash scripts/setup\.sh test[^\n]*)\n```", readme)
+    assert len(blocks) == 1
+    ci = [line.split("  #")[0].strip() for line in (root / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+    assert ci[-1] == blocks[0]
