@@ -238,13 +238,15 @@ def _jsd_forward(s, logq, teacher: Dense, w, bj: float):
     q = logq.exp()  # [n, V]
     log_m = torch.add(teacher.p, q, alpha=(1 - bj) / bj).mul_(bj).log_()  # [n, V]
     fq = logq.sub_(log_m).mul_(q)  # [n, V] q log(q/m) (logq consumed)
-    if not bool(torch.isfinite(fq).all()):  # 0·log 0 (NaN: q = 0 against −inf), or +inf/NaN where m underflowed
-        rows = (~torch.isfinite(fq)).any(-1).nonzero().squeeze(1)
+    kl_qm = fq.sum(-1)  # [n]: not finite exactly where an entry is not (a finite entry's |q log(q/m)| <= max(1/e,
+    bad = ~torch.isfinite(kl_qm)  # −log(1 − β)) < 37: no row sum overflows), so the check reads [n], not [n, V]
+    if bool(bad.any()):  # 0·log 0 (NaN: q = 0 against −inf), or +inf/NaN where m underflowed
+        rows = bad.nonzero().squeeze(1)
         log_m[rows] = lm = jsd_log_mix(teacher.p[rows], q[rows], bj)
         fq[rows] = torch.where(q[rows] > 0, (torch.log_softmax(s[rows], -1) - lm) * q[rows], 0.0)
+        kl_qm[rows] = fq[rows].sum(-1)
     value = bj * kl_sum(teacher.p, teacher.logp, log_m, poisoned)
     del log_m
-    kl_qm = fq.sum(-1)
     value = value + (1 - bj) * kl_qm
     return _poison(value, poisoned), (fq, q, kl_qm, bj)
 
