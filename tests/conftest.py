@@ -14,8 +14,9 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # processes the tests start du
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _CORES // _WORKERS))
-    torch.set_num_threads(max(1, _CORES // _WORKERS))
+    _THREADS = max(1, _CORES // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
 if not torch.cuda.is_available():  # tailkd's Triton kernels run interpreted on the CPU (tests/test_kernels.py); set
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (torch.compile's inductor does)
 

@@ -296,8 +296,9 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     if "tailkd_ppl" in names:
         ppl_docs = ppl_documents(cfg)
     device = str(resolve_device(o.device, "lm_eval.device"))
-    temp = None if o.task_folder() else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))
-    work_dir = Path(o.task_folder()) if temp is None else temp
+    folder = o.task_folder()
+    temp = None if folder else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))  # removed after the run
+    work_dir = temp or Path(folder)
     try:
         include = tasks.prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=o.max_gen_toks)
         command = tasks.lm_eval_command(model_dir, names, include, batch_size=o.batch_size, device=device,
