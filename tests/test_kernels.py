@@ -217,7 +217,7 @@ def test_dense_kernels_extreme_logits(name):
 
 @pytest.mark.parametrize("beta", [0.3, 0.5, 0.9])
 def test_jsd_kernel_where_the_mixture_underflows(beta, monkeypatch):
-    """Rows whose float32 mixture β(p + mix·q) of an entry rounds to 0 although one side has mass there (2^-149
+    """Rows whose float32 mixture β p + (1 − β) q of an entry rounds to 0 although one side has mass there (2^-149
     against 0: `test_losses.jsd_underflow_logits`) gave log m = −inf, a value of +inf and NaN in G; within the bound
     of the float64 reference and of divergences.py, as every other row."""
     from test_losses import jsd_underflow_logits
@@ -226,6 +226,16 @@ def test_jsd_kernel_where_the_mixture_underflows(beta, monkeypatch):
         kernels.RowLoss(2, jsd_beta=beta), dv.jsd_kernel(beta), lambda s, t: R.jsd(s, t, beta),
         lambda s, t, dz_s=None, dz_t=None: LB.jsd(s, t, beta, dz_s=dz_s, dz_t=dz_t)))
     _check_dense("jsd_underflow", *jsd_underflow_logits(), seed=7)
+
+
+@pytest.mark.parametrize("beta", [1e-45, 1e-39, 1e-30])
+def test_jsd_kernel_of_a_tiny_beta(beta, monkeypatch):
+    """The kernel takes β and 1 − β (never (1 − β)/β, beyond float32's range below β ~2.9e-39: inf · 0 = NaN where
+    q = 0, or a launch argument out of range): within the bound of the float64 reference, as for every β."""
+    monkeypatch.setitem(LOSSES, "jsd_tiny", (
+        kernels.RowLoss(2, jsd_beta=beta), dv.jsd_kernel(beta), lambda s, t: R.jsd(s, t, beta),
+        lambda s, t, dz_s=None, dz_t=None: LB.jsd(s, t, beta, dz_s=dz_s, dz_t=dz_t)))
+    _check_dense("jsd_tiny", *_logits(7, 257, seed=8), seed=9)
 
 
 @pytest.mark.parametrize("name", [*LOSSES, "tad"])

@@ -503,6 +503,30 @@ def test_jsd_where_the_mixture_underflows_stays_finite_and_accurate(beta):
     B.assert_within(grad, want_grad, grad_bound + B.REF64_ATOL, msg="row kernel gradient")
 
 
+@pytest.mark.parametrize("beta", [1e-45, 1e-39, 1e-30, 1e-7])
+def test_jsd_of_a_tiny_beta_is_computed_and_matches_reference(beta):
+    """0 < β < 1 is a valid mixing weight however small: the mixture is m = β p + (1 − β) q with the scalars β and
+    1 − β (the form β (p + ((1 − β)/β) q) raised torch's "cannot be converted to type float without overflow" for
+    β below ~2.9e-39, where (1 − β)/β exceeds float32's range). Dense (`jsd`) and the row kernel, float32 logits
+    against the float64 reference within `loss_bounds.jsd`; the value is ~β KL(p‖q), so these check the float32
+    rounding of a value that is itself tiny (or sub-normal)."""
+    from tailkd import divergences as dv
+
+    gen = torch.Generator().manual_seed(21)
+    s = (torch.randn(5, 17, generator=gen, dtype=torch.float64) * 3).float()
+    t = (torch.randn(5, 17, generator=gen, dtype=torch.float64) * 3).float()
+    w = torch.ones(5, dtype=torch.float64)
+    assert_matches(lambda x: L.jsd(x, t, beta=beta), lambda x: R.jsd(x, t, beta), s, w, torch.float32,
+                   lambda: LB.jsd(s, t, beta))
+    kern = dv.jsd_kernel(beta)
+    value, state = kern.forward(s, torch.log_softmax(s, -1), kern.teacher(t.clone()), None)
+    grad = kern.backward(state, torch.ones(5), None)
+    want, want_grad = value_grad(lambda x: R.jsd(R.f64(x), t, beta), s.double(), w)
+    value_bound, grad_bound = LB.jsd(s, t, beta)
+    B.assert_within(value, want, value_bound + B.REF64_ATOL, msg="row kernel value")
+    B.assert_within(grad, want_grad, grad_bound + B.REF64_ATOL, msg="row kernel gradient")
+
+
 @FAST
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(1, 40), st.booleans())
 def test_blocked_top_k_selection_equals_torch_topk(seed, k, extra_blocks, dead_columns):

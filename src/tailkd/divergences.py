@@ -221,13 +221,13 @@ JSD_RESCALE = 2.0**100  # `jsd_log_mix`: p, q times this are normal (>= 2^-49), 
 
 
 def jsd_log_mix(p: torch.Tensor, q: torch.Tensor, bj: float) -> torch.Tensor:
-    """log m = log(β (p + ((1 − β)/β) q)) [n, V], the mixture of `_jsd_forward` for the rows given: where m rounds to 0
+    """log m = log(β p + (1 − β) q) [n, V], the mixture of `_jsd_forward` for the rows given: where m rounds to 0
     although p or q is not 0 (sub-normal p, q: float32's 2^-149 times 0.5 is 0), from p and q times `JSD_RESCALE`
-    (exact), minus its log; −inf only where p = q = 0. The Triton kernel (`kernels._dense_kernel`) does the same."""
-    mix = (1 - bj) / bj
-    m = torch.add(p, q, alpha=mix).mul_(bj)
+    (exact), minus its log; −inf only where p = q = 0. The Triton kernel (`kernels._dense_kernel`) does the same.
+    β and 1 − β are the scalars (never (1 − β)/β, which overflows float32 for β below ~2.9e-39)."""
+    m = torch.mul(p, bj).add_(q, alpha=1 - bj)
     under = m == 0
-    big = torch.add(p * JSD_RESCALE, q * JSD_RESCALE, alpha=mix).mul_(bj)
+    big = torch.mul(p * JSD_RESCALE, bj).add_(q * JSD_RESCALE, alpha=1 - bj)
     return torch.where(under, big.log_().sub_(math.log(JSD_RESCALE)), m.log_())
 
 
@@ -236,7 +236,7 @@ def _jsd_forward(s, logq, teacher: Dense, w, bj: float):
     rounds to 0 while p or q does not (sub-normal probabilities), log m is taken from rescaled p, q (`jsd_log_mix`)."""
     poisoned = teacher.nan | logq[:, 0].isnan()
     q = logq.exp()  # [n, V]
-    log_m = torch.add(teacher.p, q, alpha=(1 - bj) / bj).mul_(bj).log_()  # [n, V]
+    log_m = torch.mul(teacher.p, bj).add_(q, alpha=1 - bj).log_()  # [n, V]
     fq = logq.sub_(log_m).mul_(q)  # [n, V] q log(q/m) (logq consumed)
     kl_qm = fq.sum(-1)  # [n]: not finite exactly where an entry is not (a finite entry's |q log(q/m)| <= max(1/e,
     bad = ~torch.isfinite(kl_qm)  # −log(1 − β)) < 37: no row sum overflows), so the check reads [n], not [n, V]

@@ -334,10 +334,10 @@ if triton is not None:
 
     @triton.jit
     def _dense_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, coef_ptr, y_ptr, value_ptr, V, stride_s, stride_t,
-                      stride_o, bj, mix, LOSS: tl.constexpr, VALUE: tl.constexpr, WRITE: tl.constexpr,
+                      stride_o, bj, cj, LOSS: tl.constexpr, VALUE: tl.constexpr, WRITE: tl.constexpr,
                       BLOCK: tl.constexpr):
         """One pass over a row of a whole-vocabulary divergence (LOSS 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_bj with
-        log m = log(bj·(p + mix·q)), mix = (1 − bj)/bj, from p, q times 2^100 where m rounds to 0 although p or q is
+        log m = log(bj·p + cj·q), cj = 1 − bj, from p, q times 2^100 where m rounds to 0 although p or q is
         not 0: `divergences.jsd_log_mix`). VALUE: value_ptr[row] = (Σ of the value's terms, and for JSD Σ q log(q/m)).
         WRITE: out = c_q·q + c_f·f − c_p·p − c_y·[col = y] with coef_ptr[row] = (c_q, c_f, c_p, c_y) and y = y_ptr[row]
         (the label: the CLM's one-hot, −1 = none), f the entry's term q log(q/p) (RKL) or q log(q/m) (JSD)."""
@@ -364,9 +364,9 @@ if triton is not None:
                 acc1 += tl.where(ok, f, 0.0)
                 g = c_q * q + c_f * f
             else:
-                m = bj * (p + mix * q)
+                m = bj * p + cj * q
                 under = m == 0.0  # p or q sub-normal, m rounded to 0: p, q times 2^100, log m − 100 ln 2
-                big = bj * (p * 1.2676506002282294e30 + mix * (q * 1.2676506002282294e30))  # (the same as
+                big = bj * (p * 1.2676506002282294e30) + cj * (q * 1.2676506002282294e30)  # (the same as
                 lm = tl.log(tl.where(under, big, m)) - tl.where(under, 69.31471805599453, 0.0)  # jsd_log_mix)
                 acc1 += tl.where(ok & (p > 0), p * (lp - lm), 0.0)
                 f = tl.where(q > 0, q * (lq - lm), 0.0)
@@ -630,7 +630,7 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch)
     and JSD (their gradient holds the row value)."""
     n, vocab = s.shape
     bj = float(loss.jsd_beta)
-    mix = (1 - bj) / bj if loss.kind == 2 else 0.0
+    cj = 1 - bj
     value = torch.zeros(n, 2, dtype=torch.float32, device=s.device)
     zero = torch.zeros_like(cd)
     coef = torch.stack([cd + cq, zero, cd, cy], 1) if loss.kind == 0 else torch.zeros(n, 4, device=s.device)
@@ -638,7 +638,7 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch)
     args = dict(BLOCK=go.block, LOSS=loss.kind, num_warps=go.warps)
     if n:
         _dense_kernel[(n,)](s, t, o, stats.stats, coef, y, value, vocab, s.stride(0), t.stride(0), o.stride(0), bj,
-                            mix, VALUE=True, WRITE=out is not None and loss.kind == 0, **args)
+                            cj, VALUE=True, WRITE=out is not None and loss.kind == 0, **args)
     if loss.kind == 0:
         return value[:, 0]
     if loss.kind == 1:  # _rkl_backward: cd·q log(q/p) + (cq − cd·KL(q‖p))·q
@@ -648,7 +648,7 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch)
     if out is not None and n:
         coef = torch.stack([cq - c * row, c, zero, cy], 1)
         _dense_kernel[(n,)](s, t, out, stats.stats, coef, y, value, vocab, s.stride(0), t.stride(0), out.stride(0),
-                            bj, mix, VALUE=False, WRITE=True, **args)
+                            bj, cj, VALUE=False, WRITE=True, **args)
     return value[:, 0] if loss.kind == 1 else bj * value[:, 0] + (1 - bj) * value[:, 1]
 
 
