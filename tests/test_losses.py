@@ -480,6 +480,24 @@ def jsd_underflow_logits(vocab: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return s.float(), t.float()
 
 
+def _check_jsd_dense_and_row_kernel(s: torch.Tensor, t: torch.Tensor, beta: float) -> None:
+    """Float32 JSD_β of ``s`` against ``t``, dense (`jsd`) and the chunked layer's row maths (`divergences.jsd_kernel`:
+    forward, backward), values and gradients against the float64 reference within `loss_bounds.jsd`."""
+    from tailkd import divergences as dv
+
+    n = s.shape[0]
+    w = torch.ones(n, dtype=torch.float64)
+    assert_matches(lambda x: L.jsd(x, t, beta=beta), lambda x: R.jsd(x, t, beta), s, w, torch.float32,
+                   lambda: LB.jsd(s, t, beta))
+    kern = dv.jsd_kernel(beta)
+    value, state = kern.forward(s, torch.log_softmax(s, -1), kern.teacher(t.clone()), None)
+    grad = kern.backward(state, torch.ones(n), None)
+    want, want_grad = value_grad(lambda x: R.jsd(R.f64(x), t, beta), s.double(), w)
+    value_bound, grad_bound = LB.jsd(s, t, beta)
+    B.assert_within(value, want, value_bound + B.REF64_ATOL, msg="row kernel value")
+    B.assert_within(grad, want_grad, grad_bound + B.REF64_ATOL, msg="row kernel gradient")
+
+
 @pytest.mark.parametrize("beta", [0.3, 0.5, 0.9])
 def test_jsd_where_the_mixture_underflows_stays_finite_and_accurate(beta):
     """JSD_β <= −β log β − (1 − β) log(1 − β) <= log 2 is finite for every pair of distributions; float32 rows whose
@@ -487,20 +505,9 @@ def test_jsd_where_the_mixture_underflows_stays_finite_and_accurate(beta):
     +inf (and NaN gradients through the student's side): a step of ordinary finite logits skipped. Dense (`jsd`) and
     the chunked layer's row maths (`divergences.jsd_kernel`: forward, backward) against the float64 reference, within
     `loss_bounds.jsd` (the rescaled m has the relative error of the ordinary one; the 2^-149 entries weigh ~1e-45)."""
-    from tailkd import divergences as dv
-
     s, t = jsd_underflow_logits()
     assert (torch.softmax(s, -1)[:2, -1] == 2.0**-149).all() and (torch.softmax(t, -1)[2:, -1] == 2.0**-149).all()
-    w = torch.ones(4, dtype=torch.float64)
-    assert_matches(lambda x: L.jsd(x, t, beta=beta), lambda x: R.jsd(x, t, beta), s, w, torch.float32,
-                   lambda: LB.jsd(s, t, beta))
-    kern = dv.jsd_kernel(beta)
-    value, state = kern.forward(s, torch.log_softmax(s, -1), kern.teacher(t.clone()), None)
-    grad = kern.backward(state, torch.ones(4), None)
-    want, want_grad = value_grad(lambda x: R.jsd(R.f64(x), t, beta), s.double(), w)
-    value_bound, grad_bound = LB.jsd(s, t, beta)
-    B.assert_within(value, want, value_bound + B.REF64_ATOL, msg="row kernel value")
-    B.assert_within(grad, want_grad, grad_bound + B.REF64_ATOL, msg="row kernel gradient")
+    _check_jsd_dense_and_row_kernel(s, t, beta)
 
 
 @pytest.mark.parametrize("beta", [1e-45, 1e-39, 1e-30, 1e-7])
@@ -510,21 +517,10 @@ def test_jsd_of_a_tiny_beta_is_computed_and_matches_reference(beta):
     β below ~2.9e-39, where (1 − β)/β exceeds float32's range). Dense (`jsd`) and the row kernel, float32 logits
     against the float64 reference within `loss_bounds.jsd`; the value is ~β KL(p‖q), so these check the float32
     rounding of a value that is itself tiny (or sub-normal)."""
-    from tailkd import divergences as dv
-
     gen = torch.Generator().manual_seed(21)
     s = (torch.randn(5, 17, generator=gen, dtype=torch.float64) * 3).float()
     t = (torch.randn(5, 17, generator=gen, dtype=torch.float64) * 3).float()
-    w = torch.ones(5, dtype=torch.float64)
-    assert_matches(lambda x: L.jsd(x, t, beta=beta), lambda x: R.jsd(x, t, beta), s, w, torch.float32,
-                   lambda: LB.jsd(s, t, beta))
-    kern = dv.jsd_kernel(beta)
-    value, state = kern.forward(s, torch.log_softmax(s, -1), kern.teacher(t.clone()), None)
-    grad = kern.backward(state, torch.ones(5), None)
-    want, want_grad = value_grad(lambda x: R.jsd(R.f64(x), t, beta), s.double(), w)
-    value_bound, grad_bound = LB.jsd(s, t, beta)
-    B.assert_within(value, want, value_bound + B.REF64_ATOL, msg="row kernel value")
-    B.assert_within(grad, want_grad, grad_bound + B.REF64_ATOL, msg="row kernel gradient")
+    _check_jsd_dense_and_row_kernel(s, t, beta)
 
 
 @FAST
