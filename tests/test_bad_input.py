@@ -389,7 +389,8 @@ def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path):
 
 def test_generate_rouge_without_reference_responses(assets, tmp_path):
     """`eval --generate` scores ROUGE-L by default: a prompt whose reference response is empty (a chat whose last
-    assistant turn is blank) is refused with one line naming the fix, and no result file is written."""
+    assistant turn is blank) is refused with one line naming it (FILE:LINE) and the fix, and no result file is
+    written."""
     import json
 
     prompts = tmp_path / "p.jsonl"
@@ -399,7 +400,7 @@ def test_generate_rouge_without_reference_responses(assets, tmp_path):
     out = tmp_path / "g.json"
     argv = ["eval", "--student", str(assets["teacher"]), "--teacher", str(assets["teacher"]), "--generate",
             "--prompts", str(prompts), "--max-new-tokens", "2", "--out", str(out)]
-    assert_error(cli(*argv), "ROUGE-L needs a reference response for every prompt", "2 of 3", "example 2",
+    assert_error(cli(*argv), "ROUGE-L needs a reference response for every prompt", "2 of 3", f"(first: {prompts}:2)",
                  "--generate.rouge false")
     assert not out.exists()
     # the fix it names works for an empty "response" too (refused when the file was read, with a message that did

@@ -560,18 +560,20 @@ def test_eval_generate_prompts_are_rendered_as_the_runs_rows(tmp_path):
 
     from tailkd.command_config import EvalConfig
     from tailkd.commands import generation_examples
+    from tailkd.generation import _prompts_and_references
 
     tok = chatml_tokenizer(template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     jinja = tmp_path / "chatml.jinja"
     jinja.write_text(CHATML)
-    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "What is 1 plus 2?", "response": "#### 3"}])
+    prompts_file = write_prompts(tmp_path / "p.jsonl", [{"prompt": "What is 1 plus 2?", "response": "#### 3"}])
     for setting, want in (("none", None), ("auto", tok.chat_template), (str(jinja), CHATML)):
         cfg = EvalConfig()
-        cfg.generate.enabled, cfg.generate.prompts, cfg.data.chat_template = True, [str(prompts)], setting
+        cfg.generate.enabled, cfg.generate.prompts, cfg.data.chat_template = True, [str(prompts_file)], setting
         examples, template = generation_examples(cfg, tok)
         assert template == want, setting
-        prompt = examples[0][0]
-        assert prompt == ("What is 1 plus 2?" if want is None else [{"role": "user", "content": "What is 1 plus 2?"}])
+        prompts, refs, sources, _ = _prompts_and_references(examples, template)  # as generation_eval renders them
+        assert prompts == ["What is 1 plus 2?" if want is None else [{"role": "user", "content": "What is 1 plus 2?"}]]
+        assert refs == ["#### 3"] and sources == [f"{prompts_file}:1"]
 
 
 def test_eval_generate_without_references_is_one_line(assets, tmp_path, capsys, monkeypatch):

@@ -138,7 +138,8 @@ def generation_data(cfg: EvalConfig) -> dict:
 def generation_examples(cfg: EvalConfig, tokenizer):
     """(held-out examples, chat template) for ``tailkd eval --generate``.
 
-    ``generate.prompts``: every example of those JSONL files (prompt/response or messages). Otherwise, with
+    ``generate.prompts``: every example of those JSONL files (prompt/response or messages; `tailkd.sft.SFTExample`s,
+    rendered by `generation.generation_eval` with the template returned). Otherwise, with
     ``data.task sft``, the held-out split of the data (an SFT run's own: ``data.heldout_paths``, else a held-out
     fraction of ``data.paths``; the built-in math problems' when no path is given); else the held-out set of the
     built-in math problems (``data.math_train``/``data.math_heldout`` name the same set as a builtin:math run's).
@@ -148,8 +149,7 @@ def generation_examples(cfg: EvalConfig, tokenizer):
 
     if cfg.generate.prompts:  # rendered as the run's rows were (data.chat_template), not always the tokenizer's
         template = sft.resolve_chat_template(tokenizer, sft.chat_template_setting(cfg.data.chat_template))
-        examples = sft.read_sft_examples([Path(p) for p in cfg.generate.prompts], references_optional=True)
-        return [(e.generation_prompt(template is not None), e.reference) for e in examples], template
+        return sft.read_sft_examples([Path(p) for p in cfg.generate.prompts], references_optional=True), template
     data = cfg.data if cfg.data.task == "sft" else DataConfig(
         task="sft", cache_dir=cfg.data.cache_dir, math_train=cfg.data.math_train, math_heldout=cfg.data.math_heldout)
     root = Path(data.cache_dir) if data.cache_dir else default_cache_root()

@@ -32,7 +32,7 @@ import torch
 from tailkd.answers import exact_match, extract_answer
 from tailkd.errors import TailkdError
 from tailkd.models import max_positions
-from tailkd.sft import Prompt, SFTRows, encode_prompt, sft_rows_to_prompts, stop_token_ids
+from tailkd.sft import Prompt, SFTExample, SFTRows, encode_prompt, stop_token_ids
 
 # --------------------------------------------------------------------------- diversity
 
@@ -277,17 +277,28 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
 
 
 def _prompts_and_references(heldout_examples, chat_template: str | None):
-    """(prompts, reference responses, chat template) of held-out ``SFTRows`` or of ``(prompt, reference)`` pairs."""
+    """(prompts, reference responses, sources, chat template) of held-out ``SFTRows``, of `tailkd.sft.SFTExample`s
+    (a chat prompt where ``chat_template`` is given, else the plain one) or of ``(prompt, reference)`` pairs. The
+    sources name the examples in messages: ``file:line`` for examples read from files, else ``example N`` (1-based,
+    in order)."""
     if isinstance(heldout_examples, SFTRows):
-        prompts, references = sft_rows_to_prompts(heldout_examples)
-        return prompts, references, heldout_examples.chat_template if chat_template is None else chat_template
-    prompts, references = [], []
-    for k, item in enumerate(heldout_examples):
+        items, chat = heldout_examples.examples, heldout_examples.chat_template is not None
+        chat_template = heldout_examples.chat_template if chat_template is None else chat_template
+    else:
+        items, chat = heldout_examples, chat_template is not None
+    prompts, references, sources = [], [], []
+    for k, item in enumerate(items):
+        if isinstance(item, SFTExample):
+            prompts.append(item.generation_prompt(chat))
+            references.append(item.reference)
+            sources.append(item.source)
+            continue
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], str)):
             raise ValueError(f"held-out example {k} is not a (prompt, reference) pair: {item!r:.80}")
         prompts.append(item[0])
         references.append(item[1])
-    return prompts, references, chat_template
+        sources.append(f"example {k + 1}")
+    return prompts, references, sources, chat_template
 
 
 def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, batch_size, samples, temperature, top_p,
@@ -322,7 +333,9 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
     also the accuracy of ``samples`` sampled completions per prompt, and with ``samples`` ≥ 2 their diversity.
 
     ``heldout_examples``: the held-out ``SFTRows`` of ``tailkd.sft.prepare_sft`` (prompts rendered as in
-    training, references = the reference responses), or a sequence of ``(prompt, reference)`` pairs.
+    training, references = the reference responses), a sequence of `tailkd.sft.SFTExample` (e.g. of
+    ``read_sft_examples``; chat prompts where ``chat_template`` is given, else plain ones; messages name them by
+    ``file:line``), or a sequence of ``(prompt, reference)`` pairs.
     ``teacher`` may be None. ``limit``: evaluate the first ``limit`` examples only. ``rouge``: score ROUGE-L
     (`rouge_l`); every evaluated example then needs a non-empty reference (``TailkdError`` before decoding).
 
@@ -336,13 +349,12 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
     """
     if samples < 0:
         raise TailkdError(f"--samples must be >= 0, got {samples}")
-    prompts, references, chat_template = _prompts_and_references(heldout_examples, chat_template)
+    prompts, references, sources, chat_template = _prompts_and_references(heldout_examples, chat_template)
     if limit is not None:
-        prompts, references = prompts[:limit], references[:limit]
+        prompts, references, sources = prompts[:limit], references[:limit], sources[:limit]
     if not prompts:
         raise TailkdError("no held-out examples to generate for; give more held-out data or a larger --limit")
     if rouge:
-        sources = [e.source for e in heldout_examples.examples] if isinstance(heldout_examples, SFTRows) else None
         check_references(references, sources)
         _rouge_scorer()  # a missing package is reported before any decoding
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples,
