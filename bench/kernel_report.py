@@ -61,7 +61,7 @@ def _variants(logits: str):
     def dense(loss, value, write):
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
                "coef_ptr": "*fp32", "y_ptr": "*i64", "value_ptr": "*fp32", "V": "i32", "stride_s": "i32",
-               "stride_t": "i32", "stride_o": "i32", "bj": "fp32", "mix": "fp32", "LOSS": "constexpr",
+               "stride_t": "i32", "stride_o": "i32", "bj": "fp32", "cj": "fp32", "LOSS": "constexpr",
                "VALUE": "constexpr", "WRITE": "constexpr", "BLOCK": "constexpr"}
         return K._dense_kernel, sig, {"LOSS": loss, "VALUE": value, "WRITE": write}
 
