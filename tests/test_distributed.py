@@ -474,3 +474,31 @@ def test_resolve_device_names_the_setting_and_the_visible_devices(monkeypatch):
     with pytest.raises(TailkdError, match=r"^analyze\.device=cuda:2 but only 2 CUDA device\(s\) are visible: use "
                                           r"cuda:0 to cuda:1$"):
         dist.resolve_device("cuda:2", "analyze.device")
+
+
+def test_native_bf16_override_and_the_precision_it_gives(monkeypatch):
+    """TAILKD_NATIVE_BF16: 0 or 1 (spaces around allowed) replaces the hardware detection, so precision auto takes
+    fp32 (None) or bf16; anything else is a one-line error naming the variable; unset, the CPU probes decide.
+    precision bf16 / fp32 do not read it."""
+    cpu = torch.device("cpu")
+    for value, native in (("0", False), ("1", True), (" 1 ", True)):
+        monkeypatch.setenv(dist.NATIVE_BF16_ENV, value)
+        assert dist.native_bf16(cpu) is native
+        assert dist.autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+        assert dist.autocast_dtype("bf16", cpu) is torch.bfloat16 and dist.autocast_dtype("fp32", cpu) is None
+    for value in ("yes", "true", "2"):
+        monkeypatch.setenv(dist.NATIVE_BF16_ENV, value)
+        with pytest.raises(TailkdError, match=rf"^TAILKD_NATIVE_BF16='{value}' must be 0 \(no native bf16: fp32 by "
+                                              r"default\) or 1; unset it to detect the hardware$"):
+            dist.autocast_dtype("auto", cpu)
+        assert dist.autocast_dtype("fp32", cpu) is None
+    for value in (None, ""):  # unset or empty: the detection
+        if value is None:
+            monkeypatch.delenv(dist.NATIVE_BF16_ENV, raising=False)
+        else:
+            monkeypatch.setenv(dist.NATIVE_BF16_ENV, value)
+        for probes, native in (((True, False), True), ((False, True), True), ((False, False), False)):
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda p=probes: p[0], raising=False)
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda p=probes: p[1], raising=False)
+            assert dist.native_bf16(cpu) is native
+            assert dist.autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)

@@ -12,6 +12,7 @@ from tailkd.config import LossConfig
 from tailkd.errors import TailkdError
 from tailkd.head import Head, HeadSpec
 from tailkd.objective import IGNORE_INDEX, chunked_objective, objective
+from tailkd.registry import bind
 
 CASES = [
     ("clm", {}),
@@ -507,6 +508,36 @@ def test_run_loss_chunk_fixes_whole_rows_of_seq_len_on_cuda(monkeypatch):
     assert run_loss_chunk(cfg, 1000, student, torch.device("cpu")) is None
     cfg.train.loss_chunk_size = 512
     assert run_loss_chunk(cfg, 1000, student, torch.device("cuda")) == 512 and len(seen) == 1
+
+
+def test_run_log_states_the_chunk_the_cpu_layer_uses():
+    """The run log's chunk (prepare.loss_layer_text, CPU, no train.loss_chunk_size) is the longest chunk the fused
+    layer plans for rows of data.seq_len tokens: the cache-sized default, and for TAD against the online teacher
+    (or a cache of hidden states) chunks grown to whole sequences; a top-K cache gives TAD its ᾱ, no growth."""
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import loss_layer_text
+
+    V, T, d = 65536, 1000, 4  # default chunk 2^24 / V = 256 tokens; whole rows of 1000 fit 2^28 / V = 4096
+    g = torch.Generator().manual_seed(0)
+    h_s, h_t = torch.randn(2, T, d, generator=g), torch.randn(2, T, d, generator=g)
+    w = torch.randn(V, d, generator=g)
+    labels = torch.randint(0, V, (2, T), generator=g)
+
+    def planned(name):
+        cfg = LossConfig(name=name, k=10)
+        d_ = bind(cfg)
+        _, plan = fused._prepare(h_s, Head(w, None, HeadSpec(V)), labels, d_, h_t, Head(w, None, HeadSpec(V)),
+                                 None, None, None, None, None)
+        return max(b - a for a, b in plan.chunks)
+
+    def logged(name, sparse=False):
+        cfg = DistillConfig()
+        cfg.loss.name, cfg.data.seq_len = name, T
+        return loss_layer_text(cfg, True, V, torch.device("cpu"), None, sparse)
+
+    assert planned("kd") == 256 and "chunks of 256 tokens" in logged("kd")
+    assert planned("tad") == T and f"chunks of up to {T} tokens (whole sequences)" in logged("tad")
+    assert "chunks of 256 tokens" in logged("tad", sparse=True)
 
 
 def test_matmul_into_falls_back_where_addmm_has_no_out_dtype(monkeypatch):

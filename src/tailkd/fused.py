@@ -55,7 +55,7 @@ from tailkd.losses import group_log_mean, log_alpha_mean, sequence_index
 from tailkd.registry import Divergence
 
 __all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "device_chunk",
-           "teacher_log_tail_mass", "use_fused"]
+           "teacher_log_tail_mass", "use_fused", "whole_sequence_chunk"]
 
 AUTO_BYTES = 1 << 30  # fused_loss=auto: fuse when one side's float32 logits [N, V] would exceed 1 GiB
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: ~64 MiB per float32 [chunk, V] buffer (a chunk uses ~5 of them)
@@ -78,6 +78,13 @@ _OVERLAP_PARTS, _OVERLAP_MIN_ROWS = 4, 1024  # a chunk's parts: up to 4, of at l
 def default_chunk_size(vocab: int) -> int:
     """Tokens per chunk: ~2^24 logits per [chunk, V] buffer, at least 16 and at most 4096 tokens."""
     return int(min(4096, max(16, _CHUNK_ELEMENTS // max(1, vocab))))
+
+
+def whole_sequence_chunk(vocab: int, longest: int) -> int:
+    """Tokens per chunk on the CPU for a tail-weight loss whose ᾱ comes from the batch (TAD against a dense teacher):
+    `default_chunk_size`, grown to ``longest`` tokens (whole sequences: no statistics pass) up to 2^28 logits per
+    [chunk, V] buffer."""
+    return max(default_chunk_size(vocab), min(int(longest), _WHOLE_SEQUENCE_ELEMENTS // max(1, vocab)))
 
 
 def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | None, dtype: torch.dtype,
@@ -694,7 +701,7 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
             if chunk_size is None and dev.type != "cuda":  # CPU: whole sequences per chunk avoid the
                 # statistics pass, up to 1 GiB per buffer (CUDA: every loss gets the same chunk)
                 longest = int(mask.sum(1).max()) if seg is None else labels.shape[1]
-                chunk = max(chunk, min(longest, _WHOLE_SEQUENCE_ELEMENTS // vocab))
+                chunk = whole_sequence_chunk(vocab, longest)
     plan.triton = _triton_loss(d, plan.sparse, cdtype, dev) if kernels else None
     plan.logits_dtype = mm if plan.triton is not None and _low_logits(plan, student_head) else cdtype
     plan.chunks, split = _plan_chunks(seq, idx_p.numel(), chunk)

@@ -268,19 +268,24 @@ def run_loss_chunk(cfg: DistillConfig, vocab: int, student, device: torch.device
 def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: torch.device,
                     chunk: int | None, sparse: bool = False) -> str:
     """The run log's account of the loss layer: full logits, or fused with its chunk size (``chunk``: the run's,
-    `run_loss_chunk`; None: the CPU's rule) and row maths (``sparse``: the teacher signal is a top-K cache; the
-    kernels' rule is the fused layer's, `fused.kernel_form`)."""
+    `run_loss_chunk`; None: the CPU's rule, whose chunks a tail-weight loss without a top-K cache grows to whole
+    rows of ``data.seq_len`` tokens, `fused.whole_sequence_chunk`) and row maths (``sparse``: the teacher signal is
+    a top-K cache; the kernels' rule is the fused layer's, `fused.kernel_form`)."""
     if not fused_path:
         return "full logits"
-    chunk = chunk or fused.default_chunk_size(vocab)
+    divergence = bind(cfg.loss)
+    size = f"{chunk or fused.default_chunk_size(vocab)} tokens"
+    whole = fused.whole_sequence_chunk(vocab, cfg.data.seq_len)
+    if not chunk and divergence.spec.tail_weight and not sparse and whole > fused.default_chunk_size(vocab):
+        size = f"up to {whole} tokens (whole sequences)"
     maths = "torch row maths"
     if (device.type == "cuda" and cfg.train.loss_kernels == "auto"
-            and fused.kernel_form(bind(cfg.loss), sparse) is not None):
+            and fused.kernel_form(divergence, sparse) is not None):
         from tailkd import kernels
 
         maths = "Triton row kernels" if kernels.available() else "torch row maths (pip install tailkd[kernels] " \
                                                                  "for the Triton ones)"
-    return f"fused (LM heads + loss in chunks of {chunk} tokens, {maths})"
+    return f"fused (LM heads + loss in chunks of {size}, {maths})"
 
 
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
