@@ -171,7 +171,7 @@ def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int
         row = {"variant": name, "block": go.block, "warps": go.warps}
         try:
             src = ASTSource(kernel, signature, constexprs=constexprs, attrs=_attrs(kernel, signature, vocab))
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": go.warps})
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=go.options)
             row.update(_resources(compiled.asm["cubin"]))
             row["shared"] = int(compiled.metadata.shared)
             row["warps_per_sm"] = _warps_per_sm(row["regs"], go.warps, row["shared"], arch)

@@ -276,6 +276,39 @@ def test_launch_per_pass(monkeypatch):
     assert asked == ["stats", "dense", "stats_topk", "tad", "sparse", "sparse"]
 
 
+def test_every_launch_pins_fp_contraction(monkeypatch):
+    """Every kernel launch passes its `Launch.options`: its warps and ``enable_fp_fusion=True`` (Triton 3.9 warns
+    that 3.10 turns floating-point contraction off by default; the kernels were timed and bounded with it on). The
+    passes of kd, rkl, jsd, TAD (seeded) and the cache teacher run with each kernel wrapped to record its keywords."""
+    seen = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                seen.append((self.name, kwargs.get("num_warps"), kwargs.get("enable_fp_fusion")))
+                return self.kernel[grid](*args, **kwargs)
+            return call
+
+    names = {n for n in dir(kernels) if n.startswith("_") and n.endswith("_kernel")}
+    for name in names:
+        monkeypatch.setattr(kernels, name, Spy(name, getattr(kernels, name)))
+    s, t = _logits(2, 300, seed=2)
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    cd = torch.ones(2, device=DEVICE)
+    for loss in (kernels.RowLoss(0), kernels.RowLoss(1), kernels.RowLoss(2, jsd_beta=0.3), kernels.RowLoss(3, k=4)):
+        stats = kernels.row_stats(s, t, loss.k, seed=True)
+        kernels.row_values_and_grads(loss, s, t, stats, torch.ones(2, dtype=torch.float64, device=DEVICE), cd,
+                                     out=torch.empty_like(s))
+    cache = _sparse_teacher(t.cpu().double(), 4, 0, 0)
+    sparse = dv.SparseTeacher(*(None if x is None else x.to(DEVICE) for x in cache))
+    kernels.sparse_values_and_grads(s, sparse, kernels.sparse_stats(s, sparse), None, cd, out=torch.empty_like(s))
+    assert {name for name, _, _ in seen} == names and len(names) == 6
+    assert all(warps and fusion is True for _, warps, fusion in seen), seen
+
+
 # --------------------------------------------------------------------------- TAD
 
 

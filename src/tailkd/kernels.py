@@ -554,6 +554,12 @@ class Launch(NamedTuple):
     block: int
     warps: int
 
+    @property
+    def options(self) -> dict:
+        """The launch options: ``num_warps``, and floating-point contraction (a·b + c as one FMA) on — Triton's
+        default through 3.9, which warns that 3.10 turns it off: pinned, as the kernels were measured and timed."""
+        return {"num_warps": self.warps, "enable_fp_fusion": True}
+
 
 # On CUDA, per pass, from the launch sweep on an H200 (bench/results/h200-2026-11-30/call1_kernels.md: 2048 rows x
 # 151936 bf16, each pass timed alone, the same inputs for every launch; ms at 1024 x 4 -> 2048 x 4): the streaming
@@ -616,10 +622,10 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
             sow = launch(vocab, t.device, kind="seed")  # its block: the seeded columns (whole statistics blocks)
             if sow.block >= max(kp, go.block):
                 seeds, seeded = torch.empty(n, kp, dtype=torch.int32, device=t.device), min(sow.block, vocab)
-                _seed_kernel[(n,)](t, seeds, vocab, t.stride(0), KP=kp, COLS=sow.block, num_warps=sow.warps)
+                _seed_kernel[(n,)](t, seeds, vocab, t.stride(0), KP=kp, COLS=sow.block, **sow.options)
         _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, seeds, vocab, src.stride(0), t.stride(0),
                             RESCALE_GAP if rescale else -1.0, seeded, K=k, KP=kp, STUDENT=s is not None,
-                            SEED=seeded > 0, BLOCK=go.block, num_warps=go.warps)
+                            SEED=seeded > 0, BLOCK=go.block, **go.options)
     if not k:
         return RowStats(stats)
     return RowStats(stats, ids, t_top, s_top)
@@ -635,7 +641,7 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch)
     zero = torch.zeros_like(cd)
     coef = torch.stack([cd + cq, zero, cd, cy], 1) if loss.kind == 0 else torch.zeros(n, 4, device=s.device)
     o = out if out is not None else s
-    args = dict(BLOCK=go.block, LOSS=loss.kind, num_warps=go.warps)
+    args = dict(BLOCK=go.block, LOSS=loss.kind, **go.options)
     if n:
         _dense_kernel[(n,)](s, t, o, stats.stats, coef, y, value, vocab, s.stride(0), t.stride(0), o.stride(0), bj,
                             cj, VALUE=True, WRITE=out is not None and loss.kind == 0, **args)
@@ -663,7 +669,7 @@ def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch
         for rare in (False, True):  # the second launch's programs return at once unless their row is rare
             _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, stats.t_top, stats.s_top, w, cd, cq, cy, y, value,
                               vocab, s.stride(0), t.stride(0), o.stride(0), K=loss.k, KP=padded_k(loss.k),
-                              WRITE=out is not None, RARE=rare, HELD=held, BLOCK=go.block, num_warps=go.warps)
+                              WRITE=out is not None, RARE=rare, HELD=held, BLOCK=go.block, **go.options)
     return value
 
 
@@ -726,7 +732,7 @@ def sparse_stats(s: torch.Tensor, teacher, *, block: int | None = None, warps: i
         go = launch(vocab, s.device, block, warps, "sparse")
         _sparse_stats_kernel[(n,)](s, ids.to(torch.int32).contiguous(), stats, vocab, s.stride(0),
                                    RESCALE_GAP if rescale else -1.0, K=ids.shape[1],
-                                   BLOCK=go.block, num_warps=go.warps)
+                                   BLOCK=go.block, **go.options)
     return SparseStats(stats, ids, teacher.topk_logprobs.gather(-1, order).to(torch.float32))
 
 
@@ -762,7 +768,7 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
         coef_q = cd * c + cq0
         coef = torch.stack([coef_q, cd * w_tail, cy], 1).contiguous()
         _sparse_grad_kernel[(n,)](s, out, stats.stats, coef, y, vocab, s.stride(0), out.stride(0), BLOCK=go.block,
-                                  num_warps=go.warps)
+                                  **go.options)
         top = coef_q[:, None] * logq_top.exp() - cd[:, None] * p_top - cy[:, None] * (ids == y[:, None])
         out.scatter_(-1, ids, top.to(out.dtype))
         if w is not None:
