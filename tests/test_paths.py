@@ -336,6 +336,47 @@ def test_an_unwritable_folder_behind_a_symlinked_out_is_refused_before_the_work(
                        "--out, or make that folder writable"], err
 
 
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling-link"])
+def test_a_file_written_through_a_symlink_is_written_where_the_link_points(tmp_path, dangling):
+    """eval / lm-eval / flops --out a symlink to a file elsewhere (another disk): atomic_write_file renamed the new
+    file over the link itself (the output here, on the wrong disk; the file the link pointed to left stale). The file
+    the link points to is replaced now (made if missing), as `open(link, "w")` would write it, still atomically; the
+    link stays, nothing is left beside it or the target. Twice: a second write replaces the first through the link."""
+    from tailkd.checkpoint import atomic_write_text
+
+    target = tmp_path / "disk" / "result.json"
+    target.parent.mkdir()
+    if not dangling:
+        target.write_text("old")
+    link = tmp_path / "here" / "result.json"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    for text in ("first", "second"):
+        assert atomic_write_text(link, text) == link
+        assert link.is_symlink() and link.resolve() == target.resolve() and target.read_text() == text
+        assert [p.name for p in link.parent.iterdir()] == [p.name for p in target.parent.iterdir()] == ["result.json"]
+
+
+def test_an_unwritable_folder_behind_a_symlinked_out_file_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """lm-eval / eval --out a link to a file on a read-only disk: the file is written beside the one the link points
+    to, so that is where a file must be creatable (the probe looked beside the link). Simulated as above."""
+    from conftest import refuse_new_files_in
+
+    from tailkd.cli import main
+
+    disk, here = tmp_path / "disk", tmp_path / "here"
+    disk.mkdir()
+    here.mkdir()
+    (here / "results.json").symlink_to(disk / "results.json")
+    refuse_new_files_in(monkeypatch, disk)
+    link = here / "results.json"
+    assert main(["lm-eval", "--model", "m", "--write-only", "--work-dir", str(tmp_path / "w"), "--out",
+                 str(link)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tailkd: error: lm_eval.out={link}: cannot write in {disk} (Permission denied); choose another "
+                   "--out, or make that folder writable"], err
+
+
 def test_lm_eval_write_only_checks_its_default_work_folder(tmp_path, monkeypatch, capsys):
     """lm-eval --write-only without --work-dir writes ./lm_eval_tasks; that path went unchecked (the given --work-dir
     is checked as every output folder): a file of that name ended in 'FileExistsError: [Errno 17]', exit 1, after

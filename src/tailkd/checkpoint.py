@@ -236,8 +236,11 @@ def atomic_write_file(final: Path, write, *, replace: bool = True) -> Path:
     it) and fsync the folder: after a crash there is the old file or the new one, never half of one. The file has
     the mode of any new file (`new_file_modes`). ``replace=False``: never replace an existing ``final``, even one
     another process creates meanwhile (FileExistsError). The temporary file is ``.tmp-<name>-<pid>@<host>`` (a long
-    name shortened: `temp_stem`)."""
-    final = Path(final)
+    name shortened: `temp_stem`). ``final`` a symlink (--out a link to a file on another disk) and ``replace``: the
+    file it points to is replaced (made if missing), the link stays. Returns ``final`` as given."""
+    given = final = Path(final)
+    if replace and final.is_symlink():  # renamed over, the link itself would become the file, here, on the wrong disk
+        final = Path(os.path.realpath(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{temp_stem(final.name)}-{writer_tag()}")  # `left_by_dead_writer` tells a dead one's
     try:
@@ -252,7 +255,7 @@ def atomic_write_file(final: Path, write, *, replace: bool = True) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(final.parent)
-    return final
+    return given
 
 
 def _rename_new(tmp: Path, final: Path) -> None:

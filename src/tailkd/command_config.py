@@ -422,7 +422,7 @@ class CompareConfig:
     def validate(self) -> CompareConfig:
         check_leaves(self)
         check_out_path(self, "compare.out", folder=True)
-        check_out_writable(self, "compare.out", into=False, whole=True)
+        check_out_writable(self, "compare.out", into=False)
         from tailkd.compare import check_compare_out
 
         check_compare_out(self.compare.out)  # before a recipe's stages run, not after them
@@ -530,7 +530,7 @@ class SelectDataConfig:
         check_at_least(self, "select.batch_size", 1)
         check_at_least(self, "select.max_docs", 0, " (0: all)")
         check_out_path(self, "select.out", folder=True)
-        check_out_writable(self, "select.out", into=False, whole=True)
+        check_out_writable(self, "select.out", into=False)
         _check_device(self, "select.device")
         return self
 

@@ -550,18 +550,18 @@ def _check_out_path(key: str, out: str, folder: bool) -> None:
         raise TailkdError(f"{key}={out}: {parent} is a file, not a folder; give a path in a folder")
 
 
-def check_out_writable(cfg, key: str, *, into: bool, whole: bool = False) -> None:
+def check_out_writable(cfg, key: str, *, into: bool) -> None:
     """TailkdError unless a file can be created where the output ``key`` is written: in the folder itself (``into``:
-    a folder the command writes files into), else in its parent (a file, or a folder renamed into place ``whole``:
-    a symlink's, beside the folder it points to, as `tailkd.checkpoint.atomic_write_dir` writes it); the nearest of
-    them that exists, where the missing folders would be made. A probe file is created and removed there (as
-    `tailkd.checkpoint` reads a new file's mode): a folder without write permission or on a read-only file system
-    was found only after the evaluation, analysis or scoring had run (PermissionError, exit 1)."""
+    a folder the command writes files into), else in its parent (a file, or a folder renamed into place whole; a
+    symlink's beside what it points to, as `tailkd.checkpoint.atomic_write_file` / `atomic_write_dir` write it);
+    the nearest of them that exists, where the missing folders would be made. A probe file is created and removed
+    there (as `tailkd.checkpoint` reads a new file's mode): a folder without write permission or on a read-only file
+    system was found only after the evaluation, analysis or scoring had run (PermissionError, exit 1)."""
     out = leaf_value(cfg, key)
     if not out:
         return
     path = Path(out).absolute()
-    if whole and path.is_symlink():  # --out a link to a folder on another disk (or to one still to be made)
+    if not into and path.is_symlink():  # --out a link to a file or folder on another disk (or one still to be made)
         path = Path(os.path.realpath(path))
     start = path if into else path.parent
     folder = next((p for p in (start, *start.parents) if p.is_dir()), None)
