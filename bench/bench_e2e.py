@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe, header  # bench/ is this script's folder
 
 
 def main() -> None:
@@ -40,13 +42,30 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--tail-samples", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=None)
-    ap.add_argument("--work", default=None, help="folder for the caches (default: a temporary folder)")
+    ap.add_argument("--work", default=None, help="folder for the caches (default: a temporary folder, removed at "
+                                                 "the end)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1 (timed steps per mode)")
+    if args.k > args.cache_k:
+        ap.error(f"--k {args.k} is above --cache-k {args.cache_k}: the caches hold the top --cache-k ids")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tailkd-e2e-"))
+    try:
+        run(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> None:
+    """Write the three caches into ``work``, time the modes, print the table and write --out."""
+    setting = describe("transformers")
+    print(header(setting, torch.get_num_threads()), flush=True)
 
     from tailkd import cache, models
     from tailkd import corpus as corpus_mod
@@ -66,7 +85,6 @@ def main() -> None:
                                             tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tok))
     rows = data_mod.PackedRows(info.train_bin, args.seq_len)
     n_rows = args.batch_size * (args.steps + 1)
-    work = Path(args.work or tempfile.mkdtemp(prefix="tailkd-e2e-"))
     corpus = {"fingerprint": info.fingerprint, "split": "train", "eos_id": info.eos_id,
               "settings": {"doc_sep": "auto", "heldout_fraction": 0.05}}
     caching = {}
@@ -113,8 +131,8 @@ def main() -> None:
                 times[m].append(dt)
                 losses[m].append(float(terms.loss.detach()))
     tokens = args.batch_size * args.seq_len
-    result = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "argv": sys.argv[1:], "loadavg_end": os.getloadavg(),
+    result = {"machine": platform.machine(), **setting, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
+              "loadavg_end": os.getloadavg(),
               "teacher": args.teacher, "vocab": vocab, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "student_layers": args.student_layers, "k": args.k, "cache_k": args.cache_k, "caching": caching,
               "modes": {m: {"median_step_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts),

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import describe, header  # bench/ is this script's folder
 
 LOSSES = ("kd", "tad", "jsd", "tad_longrow")  # tad_longrow: one row of N tokens > chunk (TAD statistics pass)
 PEERS = ("liger", "torchtune", "trl")
@@ -302,10 +302,11 @@ def report(paths: list[str]) -> str:
              "|---:|---:|---|---|---:|---:|---:|---:|"]
     dense = {(c["vocab"], c["n"], c["loss"]): c["median_s"] for c in cells if c["method"] == "tailkd_dense"}
     for c in cells:
-        ref = dense.get((c["vocab"], c["n"], c["loss"]))
+        ref = dense.get((c["vocab"], c["n"], c["loss"]))  # None: no tailkd_dense cell (--methods left it out)
         mem = f"{c['peak_bytes'] / 2**20:,.0f}" if c.get("peak_bytes") is not None else "n/a"
+        ratio = f"{c['median_s'] / ref:.2f}" if ref else "n/a"
         lines.append(f"| {c['vocab']} | {c['n']} | {c['loss']} | {c['method']} | {c['median_s'] * 1e3:,.0f} | "
-                     f"{c['median_s'] / ref:.2f} | {mem} | {c['value']:.4f} |")
+                     f"{ratio} | {mem} | {c['value']:.4f} |")
     lines += ["", "| V | N | method | TAD / KD time (same run, medians) | TAD(long row, stats pass) / KD |",
               "|---:|---:|---|---:|---:|"]
     by = {(c["vocab"], c["n"], c["loss"], c["method"]): c["median_s"] for c in cells}
@@ -361,7 +362,7 @@ def report_paired(paths: list[str]) -> str:
     for p in paths:
         info = json.load(open(p))
         chunking = "library default" if info.get("fused_default_chunk") else f"chunk_size={info['chunk']}"
-        for key, pairs in info["paired"].items():
+        for key, pairs in info.get("paired", {}).items():
             v, n = key.split("x")
             for name, r in pairs.items():
                 lines.append(f"| {os.path.basename(p)} | {info['threads']} | {chunking} | {v} | {n} | {name} | "
@@ -374,7 +375,9 @@ def main() -> int | None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 49152, 151936])
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
-    ap.add_argument("--max-elements", type=float, default=2.0e8, help="skip cells with N·V above this (CPU time)")
+    ap.add_argument("--max-elements", type=float, default=2.0e8,
+                    help="grid timing: a cell with N·V above this is not measured (named, exit 1; a CPU-time "
+                         "guard); --paired and --memory-only do not apply it")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     ap.add_argument("--chunk", type=int, default=256, help="tokens per chunk for fused methods (tailkd, Liger)")
@@ -399,12 +402,24 @@ def main() -> int | None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    for flag, fn in ((args.report, report), (args.report_peers, report_peers), (args.report_memory, report_memory),
-                     (args.report_paired, report_paired)):
-        if flag:
-            print(fn(flag))
-    if args.report or args.report_peers or args.report_memory or args.report_paired:
-        return
+    reports = ((args.report, report, "no timed cell"), (args.report_peers, report_peers,
+                                                         "no cell of these files has tailkd_fused beside a peer"),
+               (args.report_memory, report_memory, "no cell"), (args.report_paired, report_paired, "no paired ratio"))
+    if any(flag for flag, _, _ in reports):
+        empty = []
+        for flag, fn, what in reports:
+            if flag:
+                lines = fn(flag).splitlines()
+                print("\n".join(lines))
+                if len(lines) < 3 or not lines[2].startswith("|"):  # the (first) table has no row
+                    empty.append(f"{what} in {' '.join(flag)}")
+        for why in empty:
+            print(f"bench_fused: {why}: that table is empty", file=sys.stderr)
+        return 1 if empty else 0
+    for n in args.tokens:  # the N tokens are rows of this length (tad_longrow: one row of N)
+        row = min(n, args.seq_len or args.chunk)
+        if n % row:
+            ap.error(f"--tokens {n} is not a multiple of the row length {row} (--seq-len, default --chunk)")
     global FUSED_DEFAULT_CHUNK, METHODS
     FUSED_DEFAULT_CHUNK, METHODS = args.fused_default_chunk, args.methods
     if args.threads:
@@ -416,12 +431,13 @@ def main() -> int | None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     mods = _peer_modules()
-    info = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "hidden": args.hidden, "chunk": args.chunk,
+    info = {"device": args.device, **describe("liger-kernel", "torchtune", "trl", "transformers"),
+            "threads": torch.get_num_threads(), "hidden": args.hidden, "chunk": args.chunk,
             "peers": {k: v for k, v in mods.items() if k.endswith("_error")},
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "fused_default_chunk": args.fused_default_chunk, "argv": sys.argv[1:], "loadavg_start": os.getloadavg(),
             "cells": [], "not_measured": []}
+    print(header(info, info["threads"]), flush=True)
     missing = info["not_measured"]
     if args.memory_only is not None:
         for vocab in args.vocab:
@@ -500,7 +516,7 @@ def _finish(args, info) -> int:
         print(f"bench_fused: {len(missing)} cell(s) not measured (listed above and under not_measured"
               f"{' in ' + args.out if args.out else ''})", file=sys.stderr)
         return 1
-    if not info["cells"] and not info.get("paired"):
+    if not info["cells"] and not any(info.get("paired", {}).values()):
         print("bench_fused: nothing was measured", file=sys.stderr)
         return 1
     return 0

@@ -410,7 +410,8 @@ def _markdown(result):
     rows = result.get("rows", 1)
     methods = result.get("methods", METHODS)
     shape = "one row" if rows == 1 else f"{rows} rows of {result['tokens'] // rows}"
-    lines = [f"device: {result['device']}; N={result['tokens']} ({shape}), V={result['vocab']}, d={result['hidden']}, "
+    lines = [f"{result['date']}; device: {result['device']}; N={result['tokens']} ({shape}), V={result['vocab']}, "
+             f"d={result['hidden']}, "
              f"default chunk at the start {result['chunk']} tokens "
              f"(Liger {result.get('liger_chunk', result['chunk'])}); "
              "each cell's chunk is in its cell (the library's rule reads the free memory then); versions "
@@ -511,6 +512,7 @@ def main(argv=None):
         cell = run_cell(method, loss, inputs, device, args, liger_chunk if method == "liger" else chunk)
         cells.append(cell)
         print(json.dumps({k: v for k, v in cell.items() if k != "all_s"}), flush=True)
+    _check_values(cells, device)  # before the files are written: a cell that fails it is an error there too
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": name, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk": chunk,
               "liger_chunk": liger_chunk, "rows": args.rows, "methods": list(methods),
@@ -528,7 +530,6 @@ def main(argv=None):
         result["gemms"] = gemm_rates(inputs, device, chunk)
         with open(args.out + ".json", "w") as f:
             json.dump(result, f, indent=1)
-    _check_values(cells, device)
     missing = [c for c in cells if "error" in c or ("skipped" in c and c["skipped"] != "n/a")]
     if missing and not args.allow_missing:
         print(f"{len(missing)} cell(s) skipped or failed: " + "; ".join(

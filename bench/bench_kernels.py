@@ -118,9 +118,10 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
 
 
 def _markdown(result):
-    lines = [f"device: {result['device']}; rows={result['rows']}, V={result['vocab']}, bf16 logits; versions "
-             f"{result['versions']}", "", "| block × warps | loss | stats pass ms (GB/s) | value + G ms (GB/s) "
-             "| total ms | / kd | device: stats + value/G ms (host issue ms) | device / kd |",
+    lines = [f"{result['date']}; device: {result['device']}; rows={result['rows']}, V={result['vocab']}, bf16 logits; "
+             f"versions {result['versions']}", "",
+             "| block × warps | loss | stats pass ms (GB/s) | value + G ms (GB/s) | total ms | / kd "
+             "| device: stats + value/G ms (host issue ms) | device / kd |",
              "|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         kd = next((x for x in result["cells"] if x["loss"] == "kd" and x["block"] == c["block"]
@@ -156,6 +157,10 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="path prefix: writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: --device cuda but no CUDA device is visible; use --device cpu for the dry run (Triton's "
+              "interpreter)", file=sys.stderr)
+        return 1
     if device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before tailkd.kernels is imported
     from tailkd import kernels

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from machine import cpu_model  # bench/ is this script's folder
 
 from tailkd import losses
 
@@ -126,16 +127,24 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="*", default=[32000, 49152, 151936])
     parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 1536, 512], help="N per vocabulary size")
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats of tad and forward_kl")
-    parser.add_argument("--slow-repeats", type=int, default=3, help="timed repeats of reverse_kl and jsd")
+    parser.add_argument("--slow-repeats", type=int, default=3,
+                        help="timed repeats of reverse_kl and jsd (the first of the --repeats)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.vocab, args.tokens, args.repeats, args.slow_repeats = [4096], [128], 2, 1
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    print(f"# {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  {cpu}")
+    if not args.vocab:
+        parser.error("--vocab needs at least one size")
+    if len(args.vocab) != len(args.tokens):
+        parser.error(f"one --tokens per --vocab ({len(args.vocab)} and {len(args.tokens)} given)")
+    for tokens in args.tokens:
+        if tokens < 4 or tokens % 4:
+            parser.error(f"--tokens {tokens} is not a multiple of 4 (the logits are 4 rows of N/4 tokens)")
+    if args.repeats < 1 or args.slow_repeats < 1:
+        parser.error("--repeats must be at least 1, and so must --slow-repeats")
+    print(f"# {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  {cpu_model()}")
     print(f"# python {platform.python_version()}  {' '.join(sys.argv)}\n")
     print(
         "| V | N | forward_kl ms | tad ms | tad/forward_kl wall (min-max) | tad/forward_kl CPU time | reverse_kl ms "
