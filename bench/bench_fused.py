@@ -387,7 +387,8 @@ def main() -> int | None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", nargs="+", default=None, help="print markdown tables of result JSON files")
-    ap.add_argument("--paired", action="store_true", help="paired time ratios to fused KD instead of the full grid")
+    ap.add_argument("--paired", action="store_true",
+                    help="paired time ratios to fused KD instead of the full grid (CPU only)")
     ap.add_argument("--memory-only", nargs="*", default=None, metavar="METHOD", choices=METHOD_NAMES,
                     help="only peak memory (fresh subprocess per cell), for these methods (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -420,6 +421,9 @@ def main() -> int | None:
         row = min(n, args.seq_len or args.chunk)
         if n % row:
             ap.error(f"--tokens {n} is not a multiple of the row length {row} (--seq-len, default --chunk)")
+    if args.paired and args.device == "cuda":  # its clocks read the host: on CUDA they would time the launches
+        ap.error("--paired times on the CPU (host wall and process CPU time, float32); on CUDA use the grid or "
+                 "bench/bench_gpu.py")
     global FUSED_DEFAULT_CHUNK, METHODS
     FUSED_DEFAULT_CHUNK, METHODS = args.fused_default_chunk, args.methods
     if args.threads:

@@ -126,6 +126,8 @@ def test_bench_fused_refuses_what_it_cannot_measure_with_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _bench("bench_fused.py", "--report-peers", str(out))
     assert proc.returncode == 1 and "no cell of these files has tailkd_fused beside a peer" in proc.stderr
+    proc = _bench("bench_fused.py", *SMALL, "--paired", "--device", "cuda", "--out", str(out))
+    assert proc.returncode == 2 and "--paired times on the CPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_gpu_files_carry_the_value_check(tmp_path):
