@@ -159,6 +159,24 @@ def test_distill_loss_refuses_a_knob_out_of_range_as_the_dense_objective_does(kn
                       teacher_logits=h_t @ w_t.T)
 
 
+@pytest.mark.parametrize("knobs,needle", [({"loss": "nonexistent"}, "not in the registry"), ({"k": 0}, "k=0"),
+                                          ({"beta": -1.0}, "beta=-1.0"), ({"clm_weight": -1.0}, "clm_weight")])
+def test_a_knob_out_of_range_is_refused_also_with_div_weight_0(knobs, needle):
+    """div_weight 0 skips the divergence, not the checks: distill_loss's docstring promises a ValueError for a value
+    out of its range (an unknown loss, k 0 and beta −1 were taken silently)."""
+    from tailkd.objective import objective
+
+    teacher, student, ids = _models()
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    h_s, h_t = tailkd.head.final_hidden(student, ids), tailkd.head.final_hidden(teacher, ids)
+    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    knobs = {"loss": "tad", **knobs, "div_weight": 0.0}
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, **knobs)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        objective(h_s @ w_s.T, labels, count_valid_tokens(labels), cfg=LossConfig(name=knobs.pop("loss"), **knobs))
+
+
 def test_distill_loss_takes_a_models_head_with_its_soft_capping_and_padding():
     """A Head (model_head(model, V)) carries the logit soft-capping a bare weight does not: the value then equals the
     dense objective on the capped logits of the shared V ids; a transposed weight is named as such."""

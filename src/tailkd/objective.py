@@ -73,8 +73,10 @@ def _divergence(cfg) -> registry.Divergence | None:
 
 def _weighted_divergence(cfg) -> registry.Divergence | None:
     """`_divergence`, or None when ``cfg.div_weight`` is 0: a divergence of weight 0 is not computed, so the teacher
-    does not enter the step (0·D would be NaN for a teacher with NaN logits, and cost a pass over [N, V])."""
-    return _divergence(cfg) if cfg.div_weight != 0 else None
+    does not enter the step (0·D would be NaN for a teacher with NaN logits, and cost a pass over [N, V]); its knobs
+    are checked all the same (`registry.bind`)."""
+    d = _divergence(cfg)
+    return d if cfg.div_weight != 0 else None
 
 
 def _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype) -> torch.Tensor | None:
