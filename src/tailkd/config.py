@@ -171,7 +171,7 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 class TeacherConfig:
     path: str = _f("smollm2", "teacher: 'smollm2' (built-in SmolLM2-135M-Instruct), an HF model folder, or a .gguf "
                               "file")
-    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32",
+    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on a CUDA device with bf16, else fp32), bf16, fp32",
                     choices=TEACHER_DTYPES)
     cache: Optional[str] = _f(None, "teacher cache folder (tailkd cache-teacher) that training steps read instead "
                                     "of running the teacher; the teacher is still loaded for the student's "
@@ -256,8 +256,8 @@ class DataConfig:
     overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated (their END is cut: "
                                     "the response's last tokens and EOS) or dropped", choices=OVERLONG)
     split_seed: int = _f(0, "sft: seed of the held-out split (kept apart from train.seed)")
-    math_train: int = _f(2000, "sft: built-in math problems for training")
-    math_heldout: int = _f(200, "sft: built-in math problems held out")
+    math_train: int = _f(2000, "built-in math problems for training (sft; builtin:math's corpus: their solutions)")
+    math_heldout: int = _f(200, "built-in math problems held out (sft; kept out of builtin:math's corpus)")
     instruct_heldout: int = _f(100, "sft: builtin:instruct instructions held out (of all 805, fixed by a hash)")
     instruct_max_words: int = _f(150, "sft: builtin:instruct keeps the pairs of at most N words (instruction + "
                                       "answer; 0: all): 734 of 805 by default")
@@ -357,14 +357,15 @@ class TrainConfig:
                                     "(slower on GPU)")
     fused_loss: str = _f("auto", "LM heads + loss in chunks from the final hidden states, never [B, T, V] logits "
                                  "(every loss has a chunked form): auto (when one side's float32 logits of a "
-                                 "micro-batch would exceed 1 GiB), on, off", choices=FUSED_MODES)
-    loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: CPU about 2^24 logits per chunk; "
-                                 "CUDA from the free memory and the matmul shape, the same for every loss)")
-    loss_kernels: str = _f("auto", "fused loss layer on CUDA: auto (Triton row kernels for kd, tad, rkl, jsd, and for "
-                                   "any loss against a teacher cache, when triton is installed: pip install "
-                                   "tailkd[kernels]) or torch", choices=LOSS_KERNELS)
-    compile: bool = _f(False, "torch.compile the decoder stacks of student and teacher (in place: checkpoints and "
-                              "saved students unchanged)")
+                                 "process's share of a micro-batch would exceed 1 GiB), on, off", choices=FUSED_MODES)
+    loss_chunk_size: int = _f(0, "tokens per chunk of the fused loss layer (0: CPU about 2^24 logits per chunk, TAD's "
+                                 "grown to whole sequences up to 2^28 unless a top-K cache gives its ᾱ; CUDA from "
+                                 "the free memory and the matmul shape, the same for every loss)")
+    loss_kernels: str = _f("auto", "fused loss layer on CUDA: auto (Triton row kernels for kd, tad (K <= 64), rkl, "
+                                   "jsd, and for any loss against a teacher cache, when triton is installed: pip "
+                                   "install tailkd[kernels]) or torch", choices=LOSS_KERNELS)
+    compile: bool = _f(False, "torch.compile the decoder stacks of student and teacher (a sharded teacher stays eager; "
+                              "in place: checkpoints and saved students unchanged)")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)",
                        choices=PARALLEL_MODES)
