@@ -58,9 +58,9 @@ def lse(x: torch.Tensor) -> torch.Tensor:
 def teacher_top_ids(t: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
     """Ids [..., K] of the k largest teacher logits t [..., V] (= largest p), in no particular order: 𝒦.
 
-    Two-stage when 64 divides V (all common LM vocabularies): block maxima (one vectorised read), the k blocks with
-    the largest maxima (they hold every top-k entry), then top-k among those k·64 candidates; 2-3x cheaper than
-    torch.topk over V on CPU. Otherwise torch.topk. Ties at the k-th value are resolved by this selection
+    Two-stage when 64 divides V (all common LM vocabularies) and V/64 > 4k: block maxima (one vectorised read),
+    the k blocks with the largest maxima (they hold every top-k entry), then top-k among those k·64 candidates; 2-3x
+    cheaper than torch.topk over V on CPU. Otherwise torch.topk. Ties at the k-th value are resolved by this selection
     (deterministic, implementation-defined): 𝒦 is then one of the valid top-k sets. Every torch path uses this
     one; the Triton kernels take the smaller ids on such a tie (`tailkd.kernels`), another valid set.
     """
