@@ -2,6 +2,7 @@
 weights and held-out metrics as one process (DDP and FSDP2), and checkpoints move between world sizes."""
 
 import json
+import types
 
 import bounds as B
 import loss_bounds as LB
@@ -502,3 +503,19 @@ def test_native_bf16_override_and_the_precision_it_gives(monkeypatch):
             monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda p=probes: p[1], raising=False)
             assert dist.native_bf16(cpu) is native
             assert dist.autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+
+
+@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
+def test_native_bf16_on_cuda_is_sm80_or_newer_not_emulated_bf16(monkeypatch, major, native):
+    """precision auto promises bf16 autocast where the hardware has native bf16: torch.cuda.is_bf16_supported() also
+    says yes where bf16 is emulated (a V100, T4: sm_70/75), which took the slow emulated bf16 path there."""
+    monkeypatch.delenv(dist.NATIVE_BF16_ENV, raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d=None: True, raising=False)
+    cuda = torch.device("cuda", 0)
+    assert dist.native_bf16(cuda) is native
+    assert dist.autocast_dtype("auto", cuda) is (torch.bfloat16 if native else None)
