@@ -161,8 +161,8 @@ def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
 def heldout(model, teacher, held_rows, cfg: DistillConfig, vocab: int, device, ac) -> dict:
     """Held-out metrics of the first ``data.eval_rows`` rows (`tailkd.evaluate.heldout_sums`): rank r scores rows
     r::world in the same number of forwards on every rank (`prepare.rank_batches`: at most ~1 GiB of float32 logits
-    per model and forward), the sums are added over ranks, then divided once, so 1 and W processes give the same
-    metrics."""
+    per model and forward, or one row), the sums are added over ranks, then divided once, so 1 and W processes give
+    the same metrics."""
     n = min(len(held_rows), cfg.data.eval_rows)
     batches = rank_batches(held_rows, n, cfg.train.batch_size, cfg.data.seq_len, vocab)
     sums = heldout_sums(dist.unwrap(model), teacher, batches, vocab, device=device, autocast_dtype=ac)
