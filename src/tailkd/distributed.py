@@ -401,8 +401,8 @@ def native_bf16(device: torch.device) -> bool:
             raise TailkdError(f"{NATIVE_BF16_ENV}={forced!r} must be 0 (no native bf16: fp32 by default) or 1; "
                               "unset it to detect the hardware")
         return forced == "1"
-    if device.type == "cuda":  # not torch.cuda.is_bf16_supported(): it also says yes where bf16 is emulated (sm_70)
-        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cuda":  # without emulation: torch's default also says yes where bf16 is emulated (sm_70)
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # (the current device: each rank's own)
     cpu = getattr(torch, "cpu", None)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in probes)
