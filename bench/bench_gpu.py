@@ -50,6 +50,7 @@ import sys
 import time
 
 import torch
+from machine import versions  # bench/ is this script's folder
 
 LOSSES = ("kd", "tad", "jsd")
 METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton_1024x4",
@@ -376,15 +377,8 @@ def _check_values(cells, device):
 
 
 def _versions():
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    from importlib import metadata
-
-    for name in ("triton", "liger-kernel", "transformers"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            **versions("triton", "liger-kernel", "transformers")}
 
 
 def _ok(cell) -> bool:

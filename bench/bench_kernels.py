@@ -33,8 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+import machine  # bench/ is this script's folder
 import torch
-from bench_gpu import _LEAD_S, time_device_covered, time_once  # bench/ is this script's folder
+from bench_gpu import _LEAD_S, time_device_covered, time_once
 
 LOSSES = {"kd": (0, 0, True, None, None), "tad K=10": (3, 10, True, None, None),
           "tad K=10, no rescale": (3, 10, False, None, None), "tad K=10, ids held": (3, 10, True, True, None),
@@ -172,9 +173,7 @@ def main(argv=None):
     configs = [(None, None) if c == "default" else tuple(int(x) for x in c.lower().split("x")) for c in names]
     repeats = args.repeats or (10 if device.type == "cuda" else 1)
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
-    from importlib import metadata
-
-    versions = {"torch": torch.__version__, "triton": metadata.version("triton")}
+    versions = {"torch": torch.__version__, **machine.versions("triton")}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     cells = bench(args.rows, args.vocab, device, configs, repeats, warmup)
     result = {"device": name, "rows": args.rows, "vocab": args.vocab, "versions": versions, "cells": cells,

@@ -32,14 +32,19 @@ def describe(*packages: str) -> dict:
                                 capture_output=True, text=True, timeout=30).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    versions = {}
+    return {"date": datetime.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
+            "commit": commit, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "versions": versions(*packages)}
+
+
+def versions(*packages: str) -> dict:
+    """The installed version of each of ``packages`` (None where not installed)."""
+    out = {}
     for name in packages:
         try:
-            versions[name] = metadata.version(name)
+            out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"date": datetime.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "commit": commit, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "versions": versions}
+            out[name] = None
+    return out
 
 
 def header(info: dict, threads: int) -> str:
