@@ -11,8 +11,7 @@ from tailkd import head as head_mod
 from tailkd.config import LossConfig
 from tailkd.errors import TailkdError
 from tailkd.head import Head, HeadSpec
-from tailkd.objective import IGNORE_INDEX, chunked_objective, objective
-from tailkd.registry import bind
+from tailkd.objective import IGNORE_INDEX, chunked_objective, computed_divergence, objective
 
 CASES = [
     ("clm", {}),
@@ -523,21 +522,22 @@ def test_run_log_states_the_chunk_the_cpu_layer_uses():
     w = torch.randn(V, d, generator=g)
     labels = torch.randint(0, V, (2, T), generator=g)
 
-    def planned(name):
-        cfg = LossConfig(name=name, k=10)
-        d_ = bind(cfg)
+    def planned(name, div_weight=1.0):
+        d_ = computed_divergence(LossConfig(name=name, k=10, div_weight=div_weight))
         _, plan = fused._prepare(h_s, Head(w, None, HeadSpec(V)), labels, d_, h_t, Head(w, None, HeadSpec(V)),
                                  None, None, None, None, None)
         return max(b - a for a, b in plan.chunks)
 
-    def logged(name, sparse=False):
+    def logged(name, sparse=False, div_weight=1.0):
         cfg = DistillConfig()
-        cfg.loss.name, cfg.data.seq_len = name, T
+        cfg.loss.name, cfg.loss.div_weight, cfg.data.seq_len = name, div_weight, T
         return loss_layer_text(cfg, True, V, torch.device("cpu"), None, sparse)
 
     assert planned("kd") == 256 and "chunks of 256 tokens" in logged("kd")
     assert planned("tad") == T and f"chunks of up to {T} tokens (whole sequences)" in logged("tad")
     assert "chunks of 256 tokens" in logged("tad", sparse=True)
+    # a divergence of weight 0 is not computed (objective.computed_divergence): no ᾱ, no growth
+    assert planned("tad", div_weight=0.0) == 256 and "chunks of 256 tokens" in logged("tad", div_weight=0.0)
 
 
 def test_matmul_into_falls_back_where_addmm_has_no_out_dtype(monkeypatch):

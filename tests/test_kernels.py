@@ -638,7 +638,8 @@ def test_losses_for_maps_the_registry():
 def test_run_log_names_the_row_maths_the_fused_layer_uses():
     """`prepare.loss_layer_text` (the run log) says Triton exactly where `fused.kernel_form` gives the fused layer a
     kernel form on CUDA: not for TAD with K above the register buffer, nor for a loss without a closed form against
-    a dense teacher (an online one, or a cache of hidden states); for any loss against a top-K cache."""
+    a dense teacher (an online one, or a cache of hidden states), nor where the divergence has weight 0; for any loss
+    against a top-K cache."""
     from tailkd.config import DistillConfig
     from tailkd.prepare import loss_layer_text
 
@@ -653,6 +654,7 @@ def test_run_log_names_the_row_maths_the_fused_layer_uses():
     assert text("tad", k=65).endswith("torch row maths)") and text("dkd").endswith("torch row maths)")
     assert text("dkd", sparse=True).endswith("Triton row kernels)")
     assert text("kd", kernels="torch").endswith("torch row maths)")
+    assert text("kd", div_weight=0.0).endswith("torch row maths)")  # no divergence computed: only the CLM's rows
 
 
 # --------------------------------------------------------------------------- the chunked layer on the kernels

@@ -55,7 +55,7 @@ from tailkd.losses import group_log_mean, log_alpha_mean, sequence_index
 from tailkd.registry import Divergence
 
 __all__ = ["AUTO_BYTES", "ChunkSums", "chunk_tokens", "chunked_sums", "default_chunk_size", "device_chunk",
-           "teacher_log_tail_mass", "use_fused", "whole_sequence_chunk"]
+           "grows_to_whole_sequences", "teacher_log_tail_mass", "use_fused", "whole_sequence_chunk"]
 
 AUTO_BYTES = 1 << 30  # fused_loss=auto: fuse when one side's float32 logits [N, V] would exceed 1 GiB
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: ~64 MiB per float32 [chunk, V] buffer (a chunk uses ~5 of them)
@@ -81,10 +81,19 @@ def default_chunk_size(vocab: int) -> int:
 
 
 def whole_sequence_chunk(vocab: int, longest: int) -> int:
-    """Tokens per chunk on the CPU for a tail-weight loss whose ᾱ comes from the batch (TAD against a dense teacher):
-    `default_chunk_size`, grown to ``longest`` tokens (whole sequences: no statistics pass) up to 2^28 logits per
-    [chunk, V] buffer."""
+    """Tokens per chunk where `grows_to_whole_sequences`: `default_chunk_size`, grown to ``longest`` tokens (whole
+    sequences: no statistics pass) up to 2^28 logits per [chunk, V] buffer."""
     return max(default_chunk_size(vocab), min(int(longest), _WHOLE_SEQUENCE_ELEMENTS // max(1, vocab)))
+
+
+def grows_to_whole_sequences(d: Divergence | None, sparse: bool, device_type: str, chunk_size: int | None,
+                             abar_given: bool = False) -> bool:
+    """Whether the layer's chunks grow to whole sequences (`whole_sequence_chunk`): on the CPU (CUDA gives every loss
+    the same chunk, `chunk_tokens`) when the caller gives no ``chunk_size``, for a computed divergence ``d`` with a
+    tail weight whose ᾱ comes from the batch — not from a top-K cache (``sparse``: α^T is cached) nor given
+    (``abar_given``: ``seq_alpha_mean``)."""
+    return (d is not None and d.spec.tail_weight and not sparse and not abar_given and chunk_size is None
+            and device_type != "cuda")
 
 
 def chunk_tokens(device_type: str, vocab: int, hidden: int, free_bytes: int | None, dtype: torch.dtype,
@@ -697,11 +706,9 @@ def _prepare(student_hidden, student_head, labels, d, teacher_hidden, teacher_he
             seq_d = to_device(seq, dev)
             plan.log_abar = group_log_mean(plan.sparse.log_tail_mass, seq_d, n_seq)[seq_d]
             seq = None
-        elif seq is not None:
-            if chunk_size is None and dev.type != "cuda":  # CPU: whole sequences per chunk avoid the
-                # statistics pass, up to 1 GiB per buffer (CUDA: every loss gets the same chunk)
-                longest = int(mask.sum(1).max()) if seg is None else labels.shape[1]
-                chunk = whole_sequence_chunk(vocab, longest)
+        elif grows_to_whole_sequences(d, False, dev.type, chunk_size):  # no statistics pass
+            longest = int(mask.sum(1).max()) if seg is None else labels.shape[1]
+            chunk = whole_sequence_chunk(vocab, longest)
     plan.triton = _triton_loss(d, plan.sparse, cdtype, dev) if kernels else None
     plan.logits_dtype = mm if plan.triton is not None and _low_logits(plan, student_head) else cdtype
     plan.chunks, split = _plan_chunks(seq, idx_p.numel(), chunk)

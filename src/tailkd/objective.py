@@ -32,8 +32,8 @@ from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.head import Head, apply_head, final_hidden, model_head
 
-__all__ = ["IGNORE_INDEX", "ObjectiveTerms", "chunked_objective", "count_valid_tokens", "distill_loss", "objective",
-           "step_terms"]
+__all__ = ["IGNORE_INDEX", "ObjectiveTerms", "chunked_objective", "computed_divergence", "count_valid_tokens",
+           "distill_loss", "objective", "step_terms"]
 
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -71,10 +71,10 @@ def _divergence(cfg) -> registry.Divergence | None:
     return d if d.spec.needs_teacher else None
 
 
-def _weighted_divergence(cfg) -> registry.Divergence | None:
-    """`_divergence`, or None when ``cfg.div_weight`` is 0: a divergence of weight 0 is not computed, so the teacher
-    does not enter the step (0·D would be NaN for a teacher with NaN logits, and cost a pass over [N, V]); its knobs
-    are checked all the same (`registry.bind`)."""
+def computed_divergence(cfg) -> registry.Divergence | None:
+    """The divergence a step computes for loss config ``cfg``: `_divergence`, or None when ``cfg.div_weight`` is 0 —
+    a divergence of weight 0 is not computed, so the teacher does not enter the step (0·D would be NaN for a teacher
+    with NaN logits, and cost a pass over [N, V]); its knobs are checked all the same (`registry.bind`)."""
     d = _divergence(cfg)
     return d if cfg.div_weight != 0 else None
 
@@ -118,7 +118,7 @@ def objective(
                               ignore_index=IGNORE_INDEX, reduction="sum")
     zero = student_logits.new_zeros((), dtype=dtype)
     div_sum = zero
-    d = _weighted_divergence(cfg)
+    d = computed_divergence(cfg)
     if d is not None:
         if sparse_teacher is not None:
             div = d.sparse_per_token(student_logits, sparse_teacher, mask, segment_ids)
@@ -154,7 +154,7 @@ def chunked_objective(
     from tailkd.config import LossConfig
 
     cfg = cfg or LossConfig()
-    sums = fused.chunked_sums(student_hidden, student_head, labels, _weighted_divergence(cfg),
+    sums = fused.chunked_sums(student_hidden, student_head, labels, computed_divergence(cfg),
                               clm_weight=cfg.clm_weight, div_weight=cfg.div_weight, teacher_hidden=teacher_hidden,
                               teacher_head=teacher_head, sparse_teacher=sparse_teacher, segment_ids=segment_ids,
                               seq_alpha_mean=seq_alpha_mean, chunk_size=chunk_size, matmul_dtype=matmul_dtype,

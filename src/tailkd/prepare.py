@@ -30,7 +30,8 @@ from tailkd import vocab as vocab_mod
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.head import verify_head
-from tailkd.registry import LOSSES, bind
+from tailkd.objective import computed_divergence
+from tailkd.registry import LOSSES
 
 # --------------------------------------------------------------------------- models: teacher, student, vocabulary
 
@@ -268,15 +269,16 @@ def run_loss_chunk(cfg: DistillConfig, vocab: int, student, device: torch.device
 def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: torch.device,
                     chunk: int | None, sparse: bool = False) -> str:
     """The run log's account of the loss layer: full logits, or fused with its chunk size (``chunk``: the run's,
-    `run_loss_chunk`; None: the CPU's rule, whose chunks a tail-weight loss without a top-K cache grows to whole
-    rows of ``data.seq_len`` tokens, `fused.whole_sequence_chunk`) and row maths (``sparse``: the teacher signal is
-    a top-K cache; the kernels' rule is the fused layer's, `fused.kernel_form`)."""
+    `run_loss_chunk`; None: the CPU's rule, whose chunks `fused.grows_to_whole_sequences` up to rows of
+    ``data.seq_len`` tokens) and row maths (``sparse``: the teacher signal is a top-K cache; the kernels' rule is
+    the fused layer's, `fused.kernel_form`) — both for the divergence a step computes (`computed_divergence`)."""
     if not fused_path:
         return "full logits"
-    divergence = bind(cfg.loss)
+    divergence = computed_divergence(cfg.loss)
     size = f"{chunk or fused.default_chunk_size(vocab)} tokens"
     whole = fused.whole_sequence_chunk(vocab, cfg.data.seq_len)
-    if not chunk and divergence.spec.tail_weight and not sparse and whole > fused.default_chunk_size(vocab):
+    if fused.grows_to_whole_sequences(divergence, sparse, device.type, chunk) and whole > fused.default_chunk_size(
+            vocab):
         size = f"up to {whole} tokens (whole sequences)"
     maths = "torch row maths"
     if (device.type == "cuda" and cfg.train.loss_kernels == "auto"
