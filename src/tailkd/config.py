@@ -236,7 +236,9 @@ class DataConfig:
                               "pretrain corpus, the problems with --task sft), 'builtin:pydoc' (Python's "
                               "documentation, for pretraining) and, with --task sft only, "
                               "'builtin:instruct' (AlpacaEval's instructions with gpt-3.5-turbo answers, CC BY-NC "
-                              "4.0, non-commercial); a built-in set brings its own held-out split")
+                              "4.0, non-commercial); with --task sft a built-in set brings its own held-out "
+                              "split (data.math_heldout, data.instruct_heldout), as a pretraining corpus "
+                              "data.heldout_fraction of its documents are held out")
     seq_len: int = _f(128, "tokens per packed training row")
     heldout_fraction: float = _f(0.05, "fraction of documents held out for evaluation")
     doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file", choices=DOC_SEPS)
@@ -346,7 +348,7 @@ class TrainConfig:
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(1, "metrics line every N steps")
     seed: int = _f(0, "seed for initialisation, data order and dropout")
-    device: str = _f("auto", "auto, cpu or cuda")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     resume: bool = _f(False, "continue the run in out_dir from its last checkpoint")
     overwrite: bool = _f(False, "delete an existing run in out_dir (a folder with its config.yaml) and start again")
     force_resume: bool = _f(False, "with --resume: continue even though the config differs from the run's "
