@@ -182,3 +182,26 @@ def test_bad_on_policy_settings(assets, tmp_path, capsys, extra, needle):  # noq
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tailkd: error: ") and needle in err[0], err
     assert not run.exists()
+
+
+def test_generation_seconds_time_only_the_generation(monkeypatch):
+    """A step's generation_seconds (its metrics' gen_tokens_per_s) time the student's sampling alone: not the drawing
+    and collating of the micro-batches before it (imitated: 0.3 s to draw, generation instant), nor the step after."""
+    import time
+    from types import SimpleNamespace
+
+    from tailkd import runs, train
+    from tailkd.config import DistillConfig
+
+    monkeypatch.setattr(train, "next_micro_batches", lambda *a: time.sleep(0.3) or [])
+    monkeypatch.setattr(train, "forward_backward", lambda *a, **k: (dict.fromkeys(train.TERMS, 0.0), 1))
+    on_policy = SimpleNamespace(apply=lambda model, micro, step, rank: (micro, 1, 7))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = SimpleNamespace(progress=runs.Progress(), on_policy=on_policy, model=model, cfg=DistillConfig(),
+                          train_rows=None, sampler=None, signal_of=None, vocab=2, device=torch.device("cpu"),
+                          ac=None, fused_path=False, loss_chunk=None, optimizer=optimizer,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
+    report = train.train_step(run, [])
+    assert report.generated == 7 and report.seconds >= 0.3
+    assert report.generation_seconds < 0.1  # generation returns at once; its timer must not hold the 0.3 s

@@ -306,12 +306,13 @@ def train_step(run: Run, signals: list[int]) -> StepReport:
     t0 = time.perf_counter()
     p = run.progress
     micro = next_micro_batches(run.train_rows, run.sampler, run.cfg)
-    generated = 0
+    generated, t_gen = 0, 0.0
     if run.on_policy is not None:  # some micro-batches' responses sampled from the student (before the count)
+        t_gen = time.perf_counter()
         micro, n_batches, generated = run.on_policy.apply(dist.unwrap(run.model), micro, step=p.step,
                                                           rank=dist.rank())
         p.on_policy_batches += n_batches
-    t_gen = time.perf_counter() - t0
+        t_gen = time.perf_counter() - t_gen
     terms, n_valid = forward_backward(run.model, run.signal_of, micro, cfg=run.cfg, vocab=run.vocab,
                                       device=run.device, ac=run.ac, fused_path=run.fused_path, chunk=run.loss_chunk)
     *values, n_signals, generated = dist.sum_over_ranks([terms[k] for k in TERMS] + [len(signals), generated],
