@@ -7,7 +7,8 @@ the min is the least disturbed estimate):
 
 - online/dense:   teacher forward -> full logits; student logits; `objective` (the current trainer)
 - online/fused:   teacher + student final hidden states -> `objective.chunked_objective` (never [B, T, V])
-- cache-topk:     top-K cache (K=64 truncated to loss.k) -> D_KL1 (dense `Divergence.sparse_per_token` / chunked sparse path)
+- cache-topk:     top-K cache (K=64 truncated to loss.k) -> D_KL1 (dense `Divergence.sparse_per_token` / chunked
+                  sparse path)
 - cache-samples:  + 16 tail samples -> D_KL1 + unbiased tail estimate (fused sparse path)
 - cache-hidden:   cached bf16 teacher hidden states + stored head -> exact TAD (fused)
 
@@ -138,7 +139,8 @@ def run(args, work: Path) -> None:
               "modes": {m: {"median_step_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts),
                             "min_step_s": min(ts), "tokens_per_s_at_min": tokens / min(ts),
                             "all_s": ts, "mean_loss": statistics.mean(losses[m]),
-                            "description": cache.cache_loss_description(readers[m.split("/")[0].split("-")[1]].reader.meta, "tad", k=args.k)
+                            "description": cache.cache_loss_description(
+                                readers[m.split("/")[0].split("-")[1]].reader.meta, "tad", k=args.k)
                             if m.startswith("cache") else "tad: exact, online teacher"}
                         for m, ts in times.items()}}
     for m, r in result["modes"].items():

@@ -167,7 +167,8 @@ def _run_once(method, loss, inputs, mods, *, chunk, mm_dtype):
         value = objective(s_logits, labels, n, cfg=cfg, teacher_logits=t_logits).loss
     elif method == "liger":
         beta = 0.0 if loss == "kd" else 0.5  # Liger: beta=0 is forward KL(p‖q), as tailkd's jsd endpoints
-        fn = mods["liger"](weight_hard_loss=1.0, weight_soft_loss=1.0, beta=beta, compiled=h_s.is_cuda, chunk_size=chunk)
+        fn = mods["liger"](weight_hard_loss=1.0, weight_soft_loss=1.0, beta=beta, compiled=h_s.is_cuda,
+                           chunk_size=chunk)
         value = fn(h_s, w_s, h_t, w_t, labels.reshape(-1))
     elif method == "torchtune":
         n_chunks = max(1, seq_len // chunk)
@@ -262,7 +263,8 @@ def measure_time(pairs, n, vocab, d, device, repeats, chunk, mods, seq_lens) -> 
     return {pair: {"median_s": statistics.median(ts), "all_s": ts, "value": values[pair]} for pair, ts in times.items()}
 
 
-def measure_paired(n, vocab, d, device, repeats, chunk, mods, seq_len, losses=LOSSES, ref=("kd", "tailkd_fused")) -> dict:
+def measure_paired(n, vocab, d, device, repeats, chunk, mods, seq_len, losses=LOSSES,
+                   ref=("kd", "tailkd_fused")) -> dict:
     """Ratios t(pair) / t(ref) from back-to-back runs (order alternating), median over ``repeats`` pairs.
 
     A paired comparison cancels the slow drift of a shared machine's load; wall time and process CPU time.
@@ -287,7 +289,8 @@ def measure_paired(n, vocab, d, device, repeats, chunk, mods, seq_len, losses=LO
         q = statistics.quantiles(walls, n=4) if len(walls) > 1 else [walls[0]] * 3
         out[f"{pair[0]}/{pair[1]}"] = {"wall_ratio": statistics.median(walls), "wall_q1": q[0], "wall_q3": q[2],
                                        "cpu_ratio": statistics.median(cpus), "walls": walls}
-        print(f"V={vocab:6d} N={n:5d} {pair[0]:11s} {pair[1]:13s} / {ref[0]} {ref[1]}: wall x{out[f'{pair[0]}/{pair[1]}']['wall_ratio']:.3f} "
+        ratio = out[f"{pair[0]}/{pair[1]}"]["wall_ratio"]
+        print(f"V={vocab:6d} N={n:5d} {pair[0]:11s} {pair[1]:13s} / {ref[0]} {ref[1]}: wall x{ratio:.3f} "
               f"(IQR {q[0]:.3f}-{q[2]:.3f}), cpu x{statistics.median(cpus):.3f}", flush=True)
     return out
 
@@ -344,12 +347,12 @@ def report_memory(paths: list[str]) -> str:
     cols = sorted({(c["vocab"], c["method"], c["loss"]) for c in cells})
     ns = sorted({c["n"] for c in cells})
     peak = {(c["vocab"], c["method"], c["loss"], c["n"]): c.get("peak_bytes") for c in cells}
-    lines = ["| N | " + " | ".join(f"{m} {l} (V={v})" for v, m, l in cols) + " |",
+    lines = ["| N | " + " | ".join(f"{m} {loss} (V={v})" for v, m, loss in cols) + " |",
              "|---:|" + "---:|" * len(cols)]
     for n in ns:
         row = []
-        for v, m, l in cols:
-            b = peak.get((v, m, l, n))
+        for v, m, loss in cols:
+            b = peak.get((v, m, loss, n))
             row.append(f"{b / 2**20:,.0f}" if b is not None else "–")
         lines.append(f"| {n} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -458,7 +461,8 @@ def main() -> int | None:
                                 "device": args.device, "chunk": args.chunk, "seq_len": sl, "threads": args.threads,
                                 "fused_default_chunk": args.fused_default_chunk}
                         mem = measure_memory(cell)
-                        info["cells"].append({**cell, "peak_bytes": mem.get("peak_bytes"), "mem_error": mem.get("error")})
+                        info["cells"].append({**cell, "peak_bytes": mem.get("peak_bytes"),
+                                              "mem_error": mem.get("error")})
                         print(f"V={vocab:6d} N={n:5d} {loss:11s} {method:13s} peak "
                               f"{(mem.get('peak_bytes') or 0) / 2**20:8.1f} MiB", flush=True)
                         if mem.get("error"):
@@ -484,7 +488,8 @@ def main() -> int | None:
                 not_measured(missing, f"V={vocab} N={n}: N·V = {n * vocab:.3g} is above --max-elements "
                                       f"{args.max_elements:.3g}; raise it to measure this cell")
                 continue
-            seq_lens = {loss: n if loss == "tad_longrow" else min(n, args.seq_len or args.chunk) for loss in args.losses}
+            seq_lens = {loss: n if loss == "tad_longrow" else min(n, args.seq_len or args.chunk)
+                        for loss in args.losses}
             for loss in args.losses:
                 for method, why in unavailable(loss, mods):
                     not_measured(missing, f"V={vocab} N={n} {loss} {method}: {why}")
