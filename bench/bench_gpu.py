@@ -456,7 +456,8 @@ def main(argv=None):
                     help="the N tokens as ROWS sequences of N / ROWS tokens (default 1: one row; TAD's ᾱ is per row, "
                          "and the chunk rule grows chunks to whole rows)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                    help="only these columns (default: all; keep tailkd_dense: each cell's loss is checked against it)")
+                    help="only these columns, tailkd_dense among them (each cell's loss is checked against it; "
+                         "default: all)")
     ap.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on the CPU")
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
     ap.add_argument("--device-repeats", type=int, default=5,
@@ -473,6 +474,8 @@ def main(argv=None):
     ap.add_argument("--sweep-chunks", type=int, nargs="*", default=None,
                     help="chunk sizes for the Triton fused kd/tad sweep (default on CUDA: 1024 2048 4096 8192)")
     args = ap.parse_args(argv)
+    if args.methods and "tailkd_dense" not in args.methods:
+        ap.error("--methods must include tailkd_dense (each cell's loss is checked against it)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device is visible; use --device cpu for the dry run")

@@ -145,12 +145,22 @@ def _markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def _launch(text: str) -> tuple:
+    """One ``--configs`` entry: ``default`` -> (None, None), BLOCKxWARPS -> (BLOCK, WARPS), both positive."""
+    if text == "default":
+        return None, None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'default' or BLOCKxWARPS (e.g. 2048x8)")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rows", type=int, default=2048, help="rows of one chunk (the fused layer's CUDA chunk)")
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--configs", nargs="+", default=None,
+    ap.add_argument("--configs", nargs="+", default=None, type=_launch,
                     help="launches: 'default' (each pass at kernels.CUDA_LAUNCH's) or BLOCKxWARPS for both passes "
                          "(default: default 1024x4 2048x4 2048x8 4096x8 4096x16)")
     ap.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 1 on the CPU")
@@ -169,8 +179,7 @@ def main(argv=None):
     if not kernels.available():
         print("bench_kernels: triton is not installed", file=sys.stderr)
         return 1
-    names = args.configs or ["default", "1024x4", "2048x4", "2048x8", "4096x8", "4096x16"]
-    configs = [(None, None) if c == "default" else tuple(int(x) for x in c.lower().split("x")) for c in names]
+    configs = args.configs or [_launch(c) for c in ("default", "1024x4", "2048x4", "2048x8", "4096x8", "4096x16")]
     repeats = args.repeats or (10 if device.type == "cuda" else 1)
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
     versions = {"torch": torch.__version__, **machine.versions("triton")}

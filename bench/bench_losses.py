@@ -123,18 +123,21 @@ def _max_rel(x: torch.Tensor, exact: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small V and N, 2 repeats")
-    parser.add_argument("--vocab", type=int, nargs="*", default=[32000, 49152, 151936])
-    parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 1536, 512], help="N per vocabulary size")
-    parser.add_argument("--repeats", type=int, default=9, help="timed repeats of tad and forward_kl")
-    parser.add_argument("--slow-repeats", type=int, default=3,
-                        help="timed repeats of reverse_kl and jsd (the first of the --repeats)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: V 4096, N 128, 2 repeats, 1 slow repeat where not given")
+    parser.add_argument("--vocab", type=int, nargs="*", default=None, help="default 32000 49152 151936")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None,
+                        help="N per vocabulary size (default 2048 1536 512)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of tad and forward_kl (default 9)")
+    parser.add_argument("--slow-repeats", type=int, default=None,
+                        help="timed repeats of reverse_kl and jsd, the first of the --repeats (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.vocab, args.tokens, args.repeats, args.slow_repeats = [4096], [128], 2, 1
+    defaults = ([4096], [128], 2, 1) if args.quick else ([32000, 49152, 151936], [2048, 1536, 512], 9, 3)
+    given = (args.vocab, args.tokens, args.repeats, args.slow_repeats)
+    args.vocab, args.tokens, args.repeats, args.slow_repeats = (d if g is None else g for g, d in zip(given, defaults))
     if not args.vocab:
         parser.error("--vocab needs at least one size")
     if len(args.vocab) != len(args.tokens):

@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import machine  # bench/ is this script's folder
 import torch
 
 REGS_PER_SM, REG_UNIT = 65536, 256
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
     print(_table(rows, f"sm_{args.arch}, V = {args.vocab}, {args.dtype} logits, triton {triton.__version__}"))
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "vocab": args.vocab, "dtype": args.dtype,
-                                               "triton": triton.__version__, "rows": rows}, indent=1))
+                                               "triton": triton.__version__, **machine.describe("triton"),
+                                               "rows": rows}, indent=1))
     bad = [r["variant"] for r in rows if "error" in r or (_hot(r) and (r["local"] or r["stack"]))]
     spills = [r["variant"] for r in rows if "error" not in r and not _hot(r) and (r["local"] or r["stack"])]
     if spills:

@@ -149,6 +149,15 @@ def test_bench_gpu_files_carry_the_value_check(tmp_path):
     assert table.count("ERROR loss") == 3 and datetime.date.today().isoformat() in table.splitlines()[0]
 
 
+def test_bench_gpu_refuses_methods_without_the_reference_column(tmp_path):
+    """--methods without tailkd_dense would leave every cell's loss unchecked: refused in one line, exit 2, no file."""
+    proc = _bench("bench_gpu.py", "--device", "cpu", "--tokens", "16", "--vocab", "50", "--hidden", "8", "--methods",
+                  "tailkd_fused_torch", "--out", str(tmp_path / "gpu"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "--methods must include tailkd_dense (each cell's loss is checked against it)" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_kernels_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
     """The default --device cuda on a machine without CUDA: one line and exit 1 (was a traceback from torch)."""
     if torch.cuda.is_available():
@@ -171,6 +180,25 @@ def test_bench_losses_quick_states_its_setting_and_refuses_bad_sizes():
     for args, why in ((["--vocab", "--tokens"], "--vocab needs at least one size"),
                       (["--vocab", "1000", "2000", "--tokens", "64"], "one --tokens per --vocab (2 and 1 given)"),
                       (["--vocab", "1000", "--tokens", "66"], "--tokens 66 is not a multiple of 4"),
-                      (["--repeats", "0"], "--repeats must be at least 1")):
+                      (["--repeats", "0"], "--repeats must be at least 1"),
+                      (["--quick", "--vocab", "1000", "--tokens", "66"], "--tokens 66 is not a multiple of 4")):
         proc = _bench("bench_losses.py", *args)
         assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_bench_losses_quick_keeps_the_sizes_given():
+    """--quick sets only what is not given: explicit sizes and repeats are measured and labelled as asked (they were
+    replaced by its 4096 x 128 silently)."""
+    proc = _bench("bench_losses.py", "--quick", "--vocab", "512", "--tokens", "32", "--repeats", "1", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 512 | 32 |" in proc.stdout and "| 4096 |" not in proc.stdout
+
+
+def test_bench_kernels_refuses_a_malformed_launch_in_one_line(tmp_path):
+    """--configs takes 'default' or BLOCKxWARPS; anything else is one line and exit 2 (was a ValueError traceback)."""
+    for bad in ("2048", "axb", "2048x4x2", "0x4"):
+        proc = _bench("bench_kernels.py", "--device", "cpu", "--rows", "4", "--vocab", "100", "--configs", bad,
+                      "--out", str(tmp_path / "k"))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr[-3000:])
+        assert f"--configs: {bad!r} is not 'default' or BLOCKxWARPS" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ interpreted (tests/test_kernels.py). About 15 s.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -32,7 +33,9 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--check", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    assert report["date"] == datetime.date.today().isoformat() and report["versions"]["triton"] == triton.__version__
+    rows = {r["variant"]: r for r in report["rows"]}
     assert len(rows) == 22 and all("error" not in r for r in rows.values())  # 16 launches + 6 of TAD's A/B variants
     hot = [r for name, r in rows.items() if "split sequences only" not in name and "(A/B)" not in name]
     assert len(hot) == 15 and all(r["stack"] == r["local"] == 0 for r in hot)  # (--check: no spill in these)
