@@ -458,6 +458,16 @@ def test_tad_kernel_student_tail_underflow_beside_a_normal_teacher_tail():
     _check_tad(s.float(), t.float(), 3, seed=10)
 
 
+@pytest.mark.parametrize("student_tail_logit", [-25.0, -12.0])
+def test_tad_kernel_gradient_where_beta_x_times_the_tail_ratio_overflows(student_tail_logit):
+    """One row as its own sequence, a small normal teacher tail (α^T ~ e^-40: β(X) = β/α^T ~ 7e17) and a student tail
+    at e^-105 (0 in float32) or e^-92 (sub-normal): α^T/α^S is below 1e30, but 1 + (β(X) − 1)·α^T/α^S overflows
+    float32: the plain form's tail gradient was NaN (0·inf) or +inf (test_losses.py has the torch path's)."""
+    s = torch.tensor([[80.0, 0.0, 0.0, student_tail_logit]])
+    t = torch.tensor([[30.0, 29.0, 28.0, -10.0]])
+    _check_tad(s, t, 3, seed=10)
+
+
 def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():
     """Row 0's teacher is −inf outside its top 5 (α^T = 0 exactly) while the sequence's other rows have tail mass,
     so its weight w = β/ᾱ is finite and positive: its tail term is 0 and its gradient q − p (no log-space row: p̃ is

@@ -769,6 +769,19 @@ def test_tad_float32_with_a_subnormal_teacher_tail_mass(gap):
     assert ((want - d1).abs() > 1e-3).all() and ((got.double() - d1).abs() > 1e-3).all()
 
 
+@pytest.mark.parametrize("student_tail_logit", [-25.0, -12.0])
+def test_tad_float32_gradient_where_beta_x_times_the_tail_ratio_overflows(student_tail_logit):
+    """A one-token sequence with a small but normal teacher tail (α^T ~ e^-40: β(X) = β/α^T ~ 7e17) and a student
+    tail far below it (α^S ~ e^-105, 0 in float32, or e^-92, sub-normal): α^T/α^S ~ 1e28 / 4e22 is below the 1e30
+    of the q̃/p̃ gradient form, but the tail coefficient 1 + (β(X) − 1)·α^T/α^S overflows float32, and q_i times it
+    was NaN (q_i = 0) or +inf on the one tail entry, whose exact gradient is α^S − α^T ~ −3e-18. Value and gradient
+    finite and within loss_bounds.tad (float32, first order, SAFETY 2) of the float64 reference."""
+    s = torch.tensor([[[80.0, 0.0, 0.0, student_tail_logit]]])
+    t32 = torch.tensor([[[30.0, 29.0, 28.0, -10.0]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    _tad_float32_finite_and_within_bound(s, t32, mask, torch.ones(1, 1, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tad_empty_teacher_tail_beside_tokens_with_tail_mass(dtype):
     """Token 0's teacher is −inf outside its top 3 (α^T = 0 exactly), token 1's is not: ᾱ > 0, so token 0's weight

@@ -137,11 +137,14 @@ def tad_weight(log_w, alpha_t, tiny, dtype) -> torch.Tensor:
     return torch.where(tiny | (alpha_t == 0), 0.0, log_w.double().exp()).to(dtype)
 
 
-def tad_gradient_form(alpha_t, log_at, log_as, tiny):
+def tad_gradient_form(alpha_t, log_at, log_as, tiny, w):
     """(α^T/α^S [n], the rows whose tail gradient takes the q̃/p̃ form of `_tad_backward` [n]): α^S underflowed
-    (the ratio is not finite or above 1e30) or α^T is tiny. ``log_at``: log α^T, any finite value where α^T = 0."""
+    (the ratio is not finite or above 1e30, or w times it is: the tail coefficient 1 + (w − 1)·α^T/α^S, with w =
+    β(X) up to ~1e30 where α^T is small, would overflow and meet q_i = 0) or α^T is tiny. ``log_at``: log α^T, any
+    finite value where α^T = 0; ``w`` [n]: the row weight of `tad_weight`."""
     ratio = torch.where(alpha_t > 0, (log_at - log_as).exp(), 0.0)
-    return ratio, (~torch.isfinite(ratio)) | (ratio > 1e30) | tiny
+    big = w.double() * ratio.double() > 1e30  # float64: the product itself may be beyond float32
+    return ratio, (~torch.isfinite(ratio)) | (ratio > 1e30) | big | tiny
 
 
 def _poison(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -342,15 +345,15 @@ def _tad_forward(s, logq, teacher: TopK, log_w):
 
 def _tad_backward(state, cd, cq, inplace=True):
     """Eq. 5/6: q_k − p_k on 𝒦; q_i (1 + (w − 1) α^T/α^S) − w p_i = q_i + (W − α^T) q̃_i − W p̃_i on the tail
-    (W = w·α^T, q̃ = q/α^S, p̃ = p/α^T): the second form, with q̃ from the tail logits, where α^S underflowed or
-    α^T is sub-normal."""
+    (W = w·α^T, q̃ = q/α^S, p̃ = p/α^T): the second form, with q̃ from the tail logits, where α^S underflowed (also
+    relative to W: w·α^T/α^S above 1e30) or α^T is sub-normal."""
     s, q, teacher, q_top, log_at, log_as, w, small = state
     ids, p, p_top, alpha_t = teacher.ids, teacher.p_tail, teacher.p_top, teacher.alpha
     cq0 = torch.zeros_like(cd) if cq is None else cq
     tiny = torch.zeros_like(alpha_t, dtype=torch.bool)
     if small is not None:
         tiny[small[0]] = True
-    ratio, bad = tad_gradient_form(alpha_t, log_at, log_as, tiny)  # [n] α^T/α^S; α^S underflowed or α^T tiny
+    ratio, bad = tad_gradient_form(alpha_t, log_at, log_as, tiny, w)  # [n] α^T/α^S; α^S underflowed or α^T tiny
     fix = None
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)

@@ -400,7 +400,8 @@ if triton is not None:
         tiny = (alpha_t < 1e-30) & (la == la) & (tl.abs(la) < float("inf")) & ~poisoned & (log_w > float("-inf"))
         wd = tl.where(tiny | (alpha_t == 0), 0.0, tl.exp(log_w)).to(tl.float32)
         ratio = tl.where(alpha_t > 0, tl.exp((log_at - las).to(tl.float64)).to(tl.float32), 0.0)
-        bad = ~((ratio == ratio) & (tl.abs(ratio) < float("inf"))) | (ratio > 1e30) | tiny
+        big = wd.to(tl.float64) * ratio.to(tl.float64) > 1e30  # (1 + (wd − 1)·ratio would overflow float32)
+        bad = ~((ratio == ratio) & (tl.abs(ratio) < float("inf"))) | (ratio > 1e30) | big | tiny
         big_w = tl.where(tiny, tl.exp(log_w + la.to(tl.float64)).to(tl.float32), wd * alpha_t)
         return alpha_t, log_at, las, tiny, bad, wd, ratio, big_w
 
