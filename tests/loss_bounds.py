@@ -228,7 +228,7 @@ def akl(s, t, mu, temperature=1.0):
     (within V·u + the p errors) possibly moving a token between head and tail (its |p_i − q_i| then counts on the
     other side); the weights' error times |FKL|, |RKL| and their gradients."""
     Q, P = _Dist(s, temperature), _Dist(t, temperature)
-    p_sorted, order = P.w.sort(dim=-1, descending=True)
+    p_sorted, order = P.w.sort(dim=-1, descending=True, stable=True)  # ties: the smaller id first, as akl
     q_sorted = Q.w.gather(-1, order)
     gap = (p_sorted - q_sorted).abs()
     e_gap = p_sorted * P.rel.gather(-1, order) + q_sorted * Q.rel.gather(-1, order) + U * gap

@@ -98,6 +98,22 @@ def test_identities_and_limits():
         assert (fn(s, s.clone()).abs() <= zero_tol).all(), fn.__name__
 
 
+def test_akl_tied_teacher_probabilities_split_head_and_tail_by_the_smaller_id():
+    """A uniform teacher over V = 17 (every probability tied), μ = 0.5: the head is the first 8 tokens in the
+    teacher's order, which on a tie is the smaller id first (as tests/reference.py and the sorted order of ids of a
+    top-K set): {0, ..., 7}, not whatever order an unstable sort leaves tied entries in (torch.sort(descending=True)
+    put id 8 first here, and the value depended on it). float64: the two differ by ~2e-4, the reference's own
+    rounding is ~1e-16."""
+    t = torch.zeros(1, 17, dtype=torch.float64)
+    s = torch.arange(17, dtype=torch.float64)[None] * 0.1
+    w_head, w_tail = BL.akl_weights(s, t, mu=0.5)
+    q, p = torch.softmax(s, -1)[0], torch.softmax(t, -1)[0]
+    g_head, g_tail = (q[:8] - p[:8]).abs().sum(), (q[8:] - p[8:]).abs().sum()
+    torch.testing.assert_close(w_head[0], g_head / (g_head + g_tail), rtol=0, atol=1e-14)
+    torch.testing.assert_close(w_tail[0], g_tail / (g_head + g_tail), rtol=0, atol=1e-14)
+    torch.testing.assert_close(BL.akl(s, t, mu=0.5), R.akl(s, t, 0.5), rtol=0, atol=1e-12)
+
+
 def test_akl_weights_carry_no_gradient_and_follow_the_gaps():
     """μ = 0.98: the teacher's head is its two top tokens. A student that swaps them (same head mass, so the same
     tail) is off on the head only: all weight on FKL; one that permutes the tail is off on the tail only: all weight

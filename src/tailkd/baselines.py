@@ -93,13 +93,14 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def akl_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mu: float = 0.5,
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """AKL's (head, tail) weights [...] (Wu et al. 2024), detached: the teacher's tokens sorted by probability,
+    """AKL's (head, tail) weights [...] (Wu et al. 2024), detached: the teacher's tokens sorted by probability (tied
+    probabilities by the smaller id: a stable sort, the same split on every device and for every batch shape),
     the head = those whose cumulative teacher probability is <= μ (the most likely token always), the tail = the
     rest; g = Σ |p_i − q_i| over each part; weights g_head / (g_head + g_tail) and g_tail / (g_head + g_tail)
     (0 and 0 where p = q)."""
     s, t = scaled_pair(student_logits.detach(), teacher_logits, temperature)
     p, q = torch.softmax(t, dim=-1), torch.softmax(s, dim=-1)  # [..., V]
-    p_sorted, order = p.sort(dim=-1, descending=True)
+    p_sorted, order = p.sort(dim=-1, descending=True, stable=True)
     gap = (p_sorted - q.gather(-1, order)).abs()  # [..., V]
     tail = p_sorted.cumsum(-1) > mu
     tail[..., 0] = False
