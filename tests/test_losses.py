@@ -1067,6 +1067,12 @@ def test_argument_errors_name_the_argument():
         ("student_logits must", lambda: L.forward_kl(torch.zeros(2, 3, 8, dtype=torch.long), t)),
         ("projection", lambda: L.hidden_cosine(torch.randn(2, 3, 9), s, mask)),
         ("projection weight", lambda: L.hidden_cosine(s, s, mask, projection=torch.randn(8, 7))),
+        # the unit-interval knobs of the baselines: a value that is not a number is named too (it was a TypeError
+        # from the comparison with 1, made before the type check)
+        ("alpha must", lambda: BL.skew_forward_kl(s, t, alpha="0.1")),
+        ("alpha must", lambda: BL.skew_reverse_kl(s, t, alpha=None)),
+        ("mu must", lambda: BL.akl(s, t, mu="0.5")),
+        ("mu must", lambda: BL.akl(s, t, mu=None)),
     ]
     for pattern, call in cases_:
         with pytest.raises(ValueError, match=pattern):

@@ -91,8 +91,8 @@ def check_nonnegative(name: str, value: float) -> None:
 
 
 def check_unit_interval(name: str, value: float, *, closed: bool = False) -> None:
-    below_one = value <= 1 if closed else value < 1
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value and below_one):
+    number = isinstance(value, (int, float)) and math.isfinite(value)  # before the comparisons: "x" < 1 raises
+    if not (number and 0 <= value and (value <= 1 if closed else value < 1)):
         raise ValueError(f"{name} must be a finite number in [0, 1{']' if closed else ')'}; got {value!r}")
 
 
