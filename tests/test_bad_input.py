@@ -425,3 +425,36 @@ def test_a_resume_with_fewer_steps_than_done_says_so(assets, tmp_path):
     assert ("warning: the checkpoint is at step 3, past train.max_steps=2: nothing more is trained; the run ends at "
             "step 3") in proc.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+# --------------------------------------------------------------------------- values found by a randomized CLI audit
+# In-process (`tailkd.cli.main`): each is refused while the config is read, before any model loads. The other
+# settings are the tiny assets', so that where a value was not refused the command ran quickly to its failure.
+
+
+def run_main(capsys, *argv):
+    """(exit code, stderr lines) of `tailkd.cli.main`; a traceback would escape as an exception."""
+    from tailkd.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+
+
+def assert_main_error(capsys, argv, *needles):
+    code, lines = run_main(capsys, *argv)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tailkd: error: "), (code, lines[-3:])
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("argv", [
+    ["distill", "--config", "~no_such_user_zz9/run.yaml"],
+    ["distill", "--teacher", "~no_such_user_zz9/teacher", "--out", "{out}"],
+    ["losses", "--loss.module", "~no_such_user_zz9/losses.py"],
+])
+def test_a_home_of_no_user_is_a_path_that_does_not_exist(tmp_path, capsys, argv):
+    """'~user' of a user that does not exist stays as it is (as the shell and os.path.expanduser leave it): it was
+    'RuntimeError: Could not determine home directory', exit 1 (pathlib's expanduser)."""
+    assert_main_error(capsys, [a.format(out=tmp_path / "run") for a in argv], "~no_such_user_zz9")
+    assert not (tmp_path / "run").exists()

@@ -73,7 +73,7 @@ def assets_dir() -> Path:
     shared copy for several environments: ``python -m tailkd.install --dest DIR``), else ``<sys.prefix>/share/tailkd``
     (the virtual environment's own folder)."""
     env = os.environ.get("TAILKD_ASSETS")
-    return Path(env).expanduser() if env else Path(sys.prefix).joinpath(*ASSETS_ENV_DIR)
+    return Path(os.path.expanduser(env)) if env else Path(sys.prefix).joinpath(*ASSETS_ENV_DIR)
 
 
 def _in_package(asset: Asset) -> list[Path] | None:

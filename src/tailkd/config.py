@@ -492,7 +492,7 @@ def load_loss_module(source: str) -> None:
         load_module(source)
     except Exception as exc:
         if names_a_file(source):
-            itself = not Path(source).expanduser().is_file() or Path(source).suffix != ".py"
+            itself = not Path(os.path.expanduser(source)).is_file() or Path(source).suffix != ".py"
         else:  # the module, or a package above it, is not on sys.path
             itself = isinstance(exc, ModuleNotFoundError) and f"{source}.".startswith(f"{exc.name}.")
         hint = ("; give a .py file, or a module importable from sys.path (PYTHONPATH)" if itself else
@@ -729,7 +729,7 @@ def read_yaml(text: str):
 
 
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path).expanduser()
+    p = Path(os.path.expanduser(path))  # '~user' of no user as it is (pathlib: RuntimeError)
     if not p.is_file():
         raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:

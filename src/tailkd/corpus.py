@@ -42,7 +42,7 @@ def default_cache_root() -> Path:
     """Root of tailkd's caches (the tokenised corpora, the built-in data's copies, the converted GGUF teachers of
     `tailkd.models`): ``$TAILKD_CACHE`` (``~`` expanded), else ``~/.cache/tailkd``."""
     env = os.environ.get("TAILKD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tailkd"
+    return Path(os.path.expanduser(env)) if env else Path.home() / ".cache" / "tailkd"
 
 
 def default_corpus_files(cache_dir: Path | None = None) -> list[Path]:

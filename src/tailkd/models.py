@@ -178,7 +178,7 @@ def _resolve_spec(spec) -> Path:
         return builtin_teacher_gguf()
     if text.startswith("builtin:"):
         raise TailkdError(f"unknown built-in model {text!r}: the built-ins are {', '.join(BUILTIN_SPECS)}")
-    path = Path(text).expanduser()
+    path = Path(os.path.expanduser(text))  # '~user' of no user as it is (pathlib: RuntimeError)
     if not path.exists():
         raise TailkdError(
             f"model {text!r} not found: pass 'smollm2', a local Hugging Face model directory or a .gguf file "
@@ -290,7 +290,7 @@ def _stat_key(gguf: Path) -> str:
 def gguf_sha256(gguf: Path, cache_dir: str | os.PathLike | None = None) -> str:
     """The SHA-256 of `gguf`'s bytes, read in full once per file (0.2 s for the built-in 98 MB teacher) and then
     remembered in ``<cache>/gguf/.by-file/`` under the file's absolute path, size and mtime."""
-    gguf = Path(gguf).expanduser()
+    gguf = Path(os.path.expanduser(gguf))
     pointer = _gguf_root(cache_dir) / ".by-file" / _stat_key(gguf)
     try:
         memo = json.loads(pointer.read_text())
@@ -315,12 +315,12 @@ def gguf_cache_key(gguf: Path, cache_dir: str | os.PathLike | None = None) -> st
 def _gguf_root(cache_dir: str | os.PathLike | None) -> Path:
     from tailkd.corpus import default_cache_root  # tailkd's one cache root, the data caches' too
 
-    return (Path(cache_dir).expanduser() if cache_dir else default_cache_root()) / "gguf"
+    return (Path(os.path.expanduser(cache_dir)) if cache_dir else default_cache_root()) / "gguf"
 
 
 def gguf_cache_path(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where `load_causal_lm` keeps (or will keep) the converted copy of `gguf`."""
-    gguf = Path(gguf).expanduser()
+    gguf = Path(os.path.expanduser(gguf))
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", gguf.stem)[:80]
     return _gguf_root(cache_dir) / f"{stem}-{gguf_cache_key(gguf, cache_dir)}"
 

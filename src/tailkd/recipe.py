@@ -37,6 +37,7 @@ stops the recipe before anything runs (`check_chain`): it began from the student
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
     chain = doc.get("chain", True)
     if not isinstance(chain, bool):
         raise TailkdError(f"recipe {path}: 'chain' must be true or false, got {chain!r}")
-    root = Path(out_dir or doc.get("out_dir") or "runs/recipe").expanduser()  # as every path setting (config.PATH_KEYS)
+    # '~' expanded as in every path setting (config.PATH_KEYS); '~user' of no user left as it is
+    root = Path(os.path.expanduser(out_dir or doc.get("out_dir") or "runs/recipe"))
     common = _mapping(doc, "common", path) or {}
     configs, names = [], set()
     for i, stage in enumerate(stages):

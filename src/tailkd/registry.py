@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -320,7 +321,7 @@ def load_module(source: str) -> None:
     if not names_a_file(source):
         importlib.import_module(source)
         return
-    path = Path(source).expanduser().resolve()
+    path = Path(os.path.expanduser(source)).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")
     if path.suffix != ".py":  # importlib has no loader for it
