@@ -448,6 +448,54 @@ def assert_main_error(capsys, argv, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
+def tiny(assets, command, out, *extra):
+    """``command`` on the tiny assets, output ``out``, then ``extra``."""
+    data = ["--data", str(assets["corpus"]), "--seq-len", "32"]
+    cache = ["--data.cache_dir" if command == "distill" else "--cache-dir", str(assets["cache"])]
+    small = {
+        "distill": [*args(assets, out)[1:]],
+        "reproduce": ["--teacher", str(assets["teacher"]), *data, *cache, "--heldout-data", str(assets["corpus"]),
+                      "--steps", "1", "--batch-size", "2", "--data.eval_rows", "2", "--student-layers", "1",
+                      "--seeds", "0", "--betas", "2", "--ks", "10", "--sweep-seeds", "0", "--eval-rows", "2",
+                      "--device", "cpu", "--train.eval_every", "0", "--out", str(out)],
+        "eval": ["--student", str(assets["teacher"]), "--teacher", str(assets["teacher"]), *data, *cache,
+                 "--max-rows", "2", "--device", "cpu", "--out", str(out)],
+        "cache-teacher": ["--teacher", str(assets["teacher"]), *data, *cache, "--max-rows", "2", "--k", "4",
+                          "--device", "cpu", "--out", str(out)],
+        "select-data": ["--teacher", str(assets["teacher"]), "--reference", str(assets["teacher"]), *data, *cache,
+                        "--max-docs", "2", "--device", "cpu", "--out", str(out)],
+        "analyze-teacher": ["--teacher", str(assets["teacher"]), *data, *cache, "--max-rows", "2", "--kmax", "5",
+                            "--device", "cpu", "--out", str(out)],
+        "lm-eval": ["--model", str(assets["teacher"]), "--data", str(assets["corpus"]), "--write-only",
+                    "--out", str(out)],
+    }[command]
+    return [command, *small, *extra]
+
+
+@pytest.mark.parametrize("command, extra, needles", [
+    # beyond 64 bits: torch's 'Overflow when unpacking long long' (exit 1) after the model had loaded
+    ("eval", ["--bins", str(2 ** 63)], ["eval.bins", "64-bit"]),
+    ("cache-teacher", ["--tail-samples", str(10 ** 30)], ["cache.tail_samples", "64-bit"]),
+    # seeds: numpy's 'Seed must be between 0 and 2**32 - 1' (exit 1) once the run had started
+    ("distill", ["--seed", "-1"], ["train.seed=-1", "[0, 4294967295]"]),
+    ("distill", ["--seed", str(2 ** 32)], ["train.seed=4294967296", "[0, 4294967295]"]),
+    ("reproduce", ["--seeds", "0", "-3"], ["reproduce.seeds", "[0, 4294967295]"]),
+    ("cache-teacher", ["--seed", str(2 ** 50), "--tail-samples", "2"], ["cache.seed", "[0, 4294967295]"]),
+])
+def test_an_integer_out_of_range_is_refused_up_front(assets, tmp_path, capsys, command, extra, needles):
+    out = tmp_path / ("out.json" if command == "eval" else "out")
+    assert_main_error(capsys, tiny(assets, command, out, *extra), *needles)
+    assert not out.exists()
+
+
+def test_an_integer_yaml_cannot_read_is_one_line(tmp_path, capsys):
+    """An integer of more digits than Python converts (4300) was 'ValueError: Exceeds the limit', exit 1."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: " + "9" * 5000 + "\n")
+    assert_main_error(capsys, ["distill", "--config", str(path), "--out", str(tmp_path / "run")], "not valid YAML")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["distill", "--config", "~no_such_user_zz9/run.yaml"],
     ["distill", "--teacher", "~no_such_user_zz9/teacher", "--out", "{out}"],

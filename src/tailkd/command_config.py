@@ -105,7 +105,7 @@ def read_run_config(model_dir: str | Path | None) -> tuple[dict, Path | None]:
         if cand.is_file():
             try:
                 cfg = read_yaml(cand.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of 4300+ digits
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise TailkdError(f"the run config {cand} of {p} is not valid YAML ({first}); repair it, or give the "
                                   "teacher and data settings yourself and move it away") from None

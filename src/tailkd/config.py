@@ -109,6 +109,13 @@ FLOAT_RANGES = {
     "select.keep": Range(0.0, 1.0, low_open=True, note="the fraction of documents kept; MiniPLM uses 0.5"),
 }
 
+# The seeds of every command's config (each item of a list): numpy's range, which train.seed is given to
+# (`tailkd.train.set_seed`; -1 or 2^32 was numpy's 'Seed must be between 0 and 2**32 - 1', exit 1, once the run had
+# started; cache.seed above 2^43: torch's 'Overflow when unpacking long long'). Not data.split_seed (hashed with
+# each prompt) nor generate.seed (torch.manual_seed's, any 64-bit integer).
+SEED_KEYS = ("train.seed", "cache.seed", "reproduce.seeds", "reproduce.sweep_seeds")
+SEED_MAX = 2 ** 32 - 1
+INT64 = 2 ** 63  # every int setting lies in [-INT64, INT64): what torch and numpy take (`_coerce`)
 
 # The settings that name files or folders, of every command's config. A leading ``~`` in them is the user's home, read
 # once here (`from_dict`, `DistillConfig.validate`), as transformers' TrainingArguments and datasets read theirs: given
@@ -481,6 +488,13 @@ def check_leaves(cfg) -> None:
         value = leaf_value(cfg, key) if key in names else None  # None: also an unset optional
         if value is not None and (problem := out_of_range(key, value)):
             raise TailkdError(problem)
+    for key in SEED_KEYS:
+        value = leaf_value(cfg, key) if key in names else None
+        items = value if isinstance(value, list) else [value]
+        if any(v is not None and not 0 <= v <= SEED_MAX for v in items):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise TailkdError(f"{key}={shown}: {'each seed' if isinstance(value, list) else 'a seed'} must be an "
+                              f"integer in [0, {SEED_MAX}] (numpy's range)")
 
 
 def load_loss_module(source: str) -> None:
@@ -643,6 +657,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise TailkdError(f"config key {key} expects true/false, got {value!r}")
     if base is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64 <= value < INT64:  # torch and numpy read it as a C long long: 'Overflow when unpacking'
+                raise TailkdError(f"config key {key} expects a 64-bit integer (of size below 2^63), got {value}")
             return value
         raise TailkdError(f"config key {key} expects an integer, got {value!r}")
     if base is float:
@@ -734,7 +750,7 @@ def load_yaml(path: str | Path) -> dict:
         raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:
         data = read_yaml(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of over 4300 digits
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailkdError(f"config file {p} is not valid YAML ({first}); fix the syntax") from exc
     if data is None:
@@ -902,7 +918,7 @@ def parse_assignment(text: str) -> dict:
         raise TailkdError(f"--set {text!r} must look like section.key=value, e.g. train.max_steps=400")
     try:
         parsed = read_yaml(value) if value.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         parsed = value
     node: dict = {}
     out = node
