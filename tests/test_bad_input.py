@@ -496,6 +496,18 @@ def test_an_integer_yaml_cannot_read_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command, text, key", [
+    ("eval", "eval:\n  student: [1, 2]\n", "eval.student expects a string"),
+    ("lm-eval", "lm_eval:\n  model: {a: 1}\n", "lm_eval.model expects a string"),
+])
+def test_a_saved_model_setting_of_the_wrong_type_is_named(tmp_path, capsys, command, text, key):
+    """eval and lm-eval read the run config of the saved model before the types were checked: 'TypeError: expected
+    str, bytes or os.PathLike object, not list', exit 1."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert_main_error(capsys, [command, "--config", str(path)], key)
+
+
 @pytest.mark.parametrize("argv", [
     ["distill", "--config", "~no_such_user_zz9/run.yaml"],
     ["distill", "--teacher", "~no_such_user_zz9/teacher", "--out", "{out}"],

@@ -905,6 +905,7 @@ def config_from_dict(cls, given: dict):
     """Config ``cls`` from the sections ``given`` (YAML and flags merged), under them the settings of the run
     that produced a saved model for a config with a ``run_defaults`` hook (eval, lm-eval); validated."""
     if hasattr(cls, "run_defaults"):
+        from_dict(cls, given)  # the types first: run_defaults reads the saved model's path from them
         given = merge(cls.run_defaults(given), given)
     cfg = from_dict(cls, given)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
