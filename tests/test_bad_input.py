@@ -508,6 +508,31 @@ def test_a_saved_model_setting_of_the_wrong_type_is_named(tmp_path, capsys, comm
     assert_main_error(capsys, [command, "--config", str(path)], key)
 
 
+@pytest.mark.parametrize("command", [
+    "eval",  # 'ValueError: PosixPath('.') has an empty name' after the evaluation
+    "select-data",  # the same after scoring every document, and a .tmp- folder left in the working directory
+    "analyze-teacher",  # wrote into the working directory
+    "distill",  # a run in the working directory, among whatever else it held
+    "reproduce",  # the same
+    "lm-eval",  # the results file ''
+])
+def test_an_empty_output_path_is_refused(assets, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    assert_main_error(capsys, tiny(assets, command, ""), "is empty", "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_compare_output_is_refused(assets, tmp_path, capsys, monkeypatch):
+    """'ValueError: PosixPath('.') has an empty name' and a .tmp- folder left in the working directory."""
+    run = tmp_path / "run"
+    assert run_main(capsys, *args(assets, run))[0] == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert_main_error(capsys, ["compare", str(run), "--out", ""], "compare.out is empty", "--out")
+    assert list(work.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [
     ["distill", "--config", "~no_such_user_zz9/run.yaml"],
     ["distill", "--teacher", "~no_such_user_zz9/teacher", "--out", "{out}"],

@@ -546,8 +546,10 @@ def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:
 
 def check_out_path(cfg, key: str, folder: bool) -> None:
     """The output path ``key``: a folder that is not an existing file (``folder``), or a file that is not an
-    existing folder; and no existing file among its parent folders (they are created when missing)."""
+    existing folder, never empty; and no existing file among its parent folders (they are created when missing)."""
     out = leaf_value(cfg, key)
+    if out == "":  # Path("") is the working directory: a run or a folder written among its files, or a late crash
+        raise TailkdError(f"{key} is empty; give a {'folder' if folder else 'file'} name ({flag_of(cfg, key)})")
     if not out:
         return
     try:
