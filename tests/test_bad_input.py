@@ -543,3 +543,14 @@ def test_a_home_of_no_user_is_a_path_that_does_not_exist(tmp_path, capsys, argv)
     'RuntimeError: Could not determine home directory', exit 1 (pathlib's expanduser)."""
     assert_main_error(capsys, [a.format(out=tmp_path / "run") for a in argv], "~no_such_user_zz9")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["distill", "select-data"])
+def test_an_input_path_longer_than_the_filesystem_allows_is_one_line(assets, tmp_path, capsys, command):
+    """A name over 255 bytes among the data paths (read once the models have loaded): 'OSError: [Errno 36] File name
+    too long', exit 1 (pathlib's exists() raises it)."""
+    long = str(tmp_path / ("x" * 300))
+    out = tmp_path / "out"
+    code, lines = run_main(capsys, *tiny(assets, command, out, "--data", long))
+    assert code == 2 and lines[-1].startswith("tailkd: error: File name too long: " + long), (code, lines[-1:])
+    assert not any("Traceback" in ln for ln in lines) and not out.exists()

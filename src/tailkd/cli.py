@@ -5,18 +5,19 @@ Every subcommand's flags come from a typed config (`tailkd.config.add_config_fla
 `tailkd.command_config` (run by the functions of `tailkd.commands`). So each takes ``--config YAML`` mirroring
 its sections, ``--section.field`` flags and the short aliases, and reports a bad value the same way.
 
-Errors a user can cause end in one line ``tailkd: error: ...`` and exit code 2; anything
-unexpected ends in one line and exit code 1. ``--debug`` shows the traceback instead. A distill run
-stopped by SIGINT / SIGTERM saves a checkpoint and exits with 130 / 143 (a second Ctrl-C: 130 at once); so do
-``recipe`` and ``reproduce`` when a signal stops one of their runs. Any other command stopped by Ctrl-C or SIGTERM
-unwinds (its temporary folders removed, no output half written), prints one line and exits with 130 / 143; a
-second SIGTERM ends it at once.
+Errors a user can cause end in one line ``tailkd: error: ...`` and exit code 2 (so does a path with a name longer
+than the filesystem allows, wherever it is first read); anything unexpected ends in one line and exit code 1.
+``--debug`` shows the traceback instead. A distill run stopped by SIGINT / SIGTERM saves a checkpoint and exits with
+130 / 143 (a second Ctrl-C: 130 at once); so do ``recipe`` and ``reproduce`` when a signal stops one of their runs.
+Any other command stopped by Ctrl-C or SIGTERM unwinds (its temporary folders removed, no output half written), prints
+one line and exits with 130 / 143; a second SIGTERM ends it at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -289,6 +290,10 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path given: wherever it is first read
+            print(f"tailkd: error: {exc.strerror}: {exc.filename} (one name holds at most 255 bytes on most "
+                  "filesystems); give a shorter path", file=sys.stderr)
+            return 2
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"tailkd: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
