@@ -554,3 +554,17 @@ def test_an_input_path_longer_than_the_filesystem_allows_is_one_line(assets, tmp
     code, lines = run_main(capsys, *tiny(assets, command, out, "--data", long))
     assert code == 2 and lines[-1].startswith("tailkd: error: File name too long: " + long), (code, lines[-1:])
     assert not any("Traceback" in ln for ln in lines) and not out.exists()
+
+
+def test_python_m_tailkd_is_the_command(tmp_path):
+    """`python -m tailkd` runs the `tailkd` command (it was "No module named tailkd.__main__"): its help, and a bad
+    value's one line and exit 2."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "tailkd", "--help"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and "distill" in done.stdout and "reproduce" in done.stdout, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "tailkd", "distill", "--steps", "0", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert done.stderr.startswith("tailkd: error:") and "Traceback" not in done.stderr
