@@ -917,7 +917,21 @@ def test_sparse_kernels_equal_reference(n, vocab, k, samples, loss, rescale):
     the float64 plain sums of the definition within `loss_bounds.cache_tad` (the cache's float32 entries are exact
     inputs; dz: the online log-sum-exps' folds, as above), and against divergences.SPARSE in float32 within twice
     that."""
-    s, t = _logits(n, vocab, seed=3 * k + vocab)
+    _check_sparse(*_logits(n, vocab, seed=3 * k + vocab), k, samples, loss, rescale)
+
+
+def test_sparse_kernels_at_logits_offset_by_1e4():
+    """Student rows offset by ±1e4 (as `test_dense_kernels_extreme_logits`), one of them all equal: a log q the
+    cache loss reads on 𝒦 and at the tail points is (s − m) − log S, as torch's log_softmax (`_Dist`'s error κ_V +
+    2u|log q|), not s − (m + log S), whose rounded m + log S (u·1e4 ≈ 6e-4 here) would carry into q there."""
+    s, t = _logits(4, 257, seed=19)
+    s = s + torch.tensor([1e4, -1e4, 0.0, 1e4])[:, None]
+    s[3] = 1e4  # every student logit equal: q = 1/V
+    _check_sparse(s, t, 5, 3, "kd", True)
+
+
+def _check_sparse(s, t, k, samples, loss, rescale):
+    n, vocab = s.shape
     sp = _sparse_teacher(t.double(), k, samples, seed=k)
     alpha = sp.log_tail_mass.double().exp()
     w = _log_w(alpha.mean().expand(n)).exp() if loss == "tad" else torch.ones(n, dtype=torch.float64)  # β(X)

@@ -753,16 +753,20 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
     cd, cq0, cy, y = _row_coefs(cd, cq, cy, y)
     ids, logp_top = stats.ids, stats.logp_top
     log_at = teacher.log_tail_mass.to(torch.float32)
-    lse_s = stats.lse()
-    log_as = stats.lse(tail=True) - lse_s
-    logq_top = s.gather(-1, ids).to(torch.float32) - lse_s[:, None]
+    st = stats.stats
+    log_as = (st[:, 2] - st[:, 0]) + st[:, 3] - st[:, 1]  # as `RowStats.log_mass`
+
+    def logq(cols):  # log q at ``cols`` [n, J]: (s − m) − log S, torch's log_softmax formula (not s − (m + log S))
+        return (s.gather(-1, cols).to(torch.float32) - st[:, :1]) - st[:, 1:2]
+
+    logq_top = logq(ids)
     alpha_t, p_top = log_at.exp(), logp_top.exp()
     bucket = dv.rest_bucket(alpha_t, log_at, log_as)
     w, tids, tw = dv.sparse_tail_points(teacher, w, torch.float32)
     logp_t = logq_t = None
     if w is not None:
         logp_t = teacher.tail_logprobs.to(torch.float32)
-        logq_t = s.gather(-1, tids).to(torch.float32) - lse_s[:, None]
+        logq_t = logq(tids)
     value = dv.sparse_value(p_top, logp_top, logq_top, bucket, w, tw, logp_t, logq_t)
     if out is not None and n:
         c, w_tail = dv.sparse_grad_coefs(p_top, alpha_t, w, tw)
@@ -774,5 +778,5 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
         out.scatter_(-1, ids, top.to(out.dtype))
         if w is not None:
             out.scatter_add_(-1, tids, (-(cd * w)[:, None] * tw).to(out.dtype))  # − w Σ_j w_j e_{id_j}
-    poisoned = torch.isnan(lse_s) | torch.isnan(log_at)
+    poisoned = torch.isnan(stats.lse()) | torch.isnan(log_at)
     return torch.where(poisoned, math.nan, value)
