@@ -229,13 +229,20 @@ def test_jsd_kernel_where_the_mixture_underflows(beta, monkeypatch):
 
 
 @pytest.mark.parametrize("beta", [1e-45, 1e-39, 1e-30])
-def test_jsd_kernel_of_a_tiny_beta(beta, monkeypatch):
+@pytest.mark.parametrize("underflow", [False, True])
+def test_jsd_kernel_of_a_tiny_beta(beta, underflow, monkeypatch):
     """The kernel takes β and 1 − β (never (1 − β)/β, beyond float32's range below β ~2.9e-39: inf · 0 = NaN where
-    q = 0, or a launch argument out of range): within the bound of the float64 reference, as for every β."""
+    q = 0, or a launch argument out of range): within the bound of the float64 reference, as for every β.
+    ``underflow``: 40 columns where q rounds to 0 (200 nats down) and p ~ e^-95 (sub-normal): m = βp rounds to 0,
+    and so did β·(p·2^100) below β ~1e-39 — log m was −inf there, the value +inf."""
     monkeypatch.setitem(LOSSES, "jsd_tiny", (
         kernels.RowLoss(2, jsd_beta=beta), dv.jsd_kernel(beta), lambda s, t: R.jsd(s, t, beta),
         lambda s, t, dz_s=None, dz_t=None: LB.jsd(s, t, beta, dz_s=dz_s, dz_t=dz_t)))
-    _check_dense("jsd_tiny", *_logits(7, 257, seed=8), seed=9)
+    s, t = _logits(7, 257, seed=8)
+    if underflow:
+        s[:, 100:140] = torch.logsumexp(s, -1, keepdim=True) - 200.0
+        t[:, 100:140] = torch.logsumexp(t, -1, keepdim=True) - 95.0
+    _check_dense("jsd_tiny", s, t, seed=9)
 
 
 @pytest.mark.parametrize("name", [*LOSSES, "tad"])

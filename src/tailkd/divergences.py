@@ -220,18 +220,20 @@ RKL = RowKernel(dense_teacher, _rkl_forward, _rkl_backward)
 # --------------------------------------------------------------------------- generalized JSD
 
 
-JSD_RESCALE = 2.0**100  # `jsd_log_mix`: p, q times this are normal (>= 2^-49), their mixture is exact to 3u
+JSD_RESCALE = 2.0**100  # `jsd_log_mix`: p, q, β and 1 − β times this are normal (>= 2^-49); where m rounds to 0
+# (β p, (1 − β) q < 2^-149) the products of two of them lie in [2^-98, 2^51]: the mixture is exact to 3u
 
 
 def jsd_log_mix(p: torch.Tensor, q: torch.Tensor, bj: float) -> torch.Tensor:
     """log m = log(β p + (1 − β) q) [n, V], the mixture of `_jsd_forward` for the rows given: where m rounds to 0
-    although p or q is not 0 (sub-normal p, q: float32's 2^-149 times 0.5 is 0), from p and q times `JSD_RESCALE`
-    (exact), minus its log; −inf only where p = q = 0. The Triton kernel (`kernels._dense_kernel`) does the same.
-    β and 1 − β are the scalars (never (1 − β)/β, which overflows float32 for β below ~2.9e-39)."""
+    although p or q is not 0 (sub-normal p, q: float32's 2^-149 times 0.5 is 0), from p, q, β and 1 − β each times
+    `JSD_RESCALE` (exact), minus the log of its square (β·(p·2^100) alone is 0 again below β ~2^-100·2^-149/p);
+    −inf only where p = q = 0. The Triton kernel (`kernels._dense_kernel`) does the same. β and 1 − β are the
+    scalars (never (1 − β)/β, which overflows float32 for β below ~2.9e-39)."""
     m = torch.mul(p, bj).add_(q, alpha=1 - bj)
     under = m == 0
-    big = torch.mul(p * JSD_RESCALE, bj).add_(q * JSD_RESCALE, alpha=1 - bj)
-    return torch.where(under, big.log_().sub_(math.log(JSD_RESCALE)), m.log_())
+    big = torch.mul(p * JSD_RESCALE, bj * JSD_RESCALE).add_(q * JSD_RESCALE, alpha=(1 - bj) * JSD_RESCALE)
+    return torch.where(under, big.log_().sub_(2 * math.log(JSD_RESCALE)), m.log_())
 
 
 def _jsd_forward(s, logq, teacher: Dense, w, bj: float):

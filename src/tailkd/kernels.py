@@ -337,10 +337,11 @@ if triton is not None:
                       stride_o, bj, cj, LOSS: tl.constexpr, VALUE: tl.constexpr, WRITE: tl.constexpr,
                       BLOCK: tl.constexpr):
         """One pass over a row of a whole-vocabulary divergence (LOSS 0 = KL(p‖q), 1 = KL(q‖p), 2 = JSD_bj with
-        log m = log(bj·p + cj·q), cj = 1 − bj, from p, q times 2^100 where m rounds to 0 although p or q is
-        not 0: `divergences.jsd_log_mix`). VALUE: value_ptr[row] = (Σ of the value's terms, and for JSD Σ q log(q/m)).
-        WRITE: out = c_q·q + c_f·f − c_p·p − c_y·[col = y] with coef_ptr[row] = (c_q, c_f, c_p, c_y) and y = y_ptr[row]
-        (the label: the CLM's one-hot, −1 = none), f the entry's term q log(q/p) (RKL) or q log(q/m) (JSD)."""
+        log m = log(bj·p + cj·q), cj = 1 − bj, from p, q, bj, cj each times 2^100 where m rounds to 0 although p
+        or q is not 0: `divergences.jsd_log_mix`). VALUE: value_ptr[row] = (Σ of the value's terms, and for JSD
+        Σ q log(q/m)). WRITE: out = c_q·q + c_f·f − c_p·p − c_y·[col = y] with coef_ptr[row] = (c_q, c_f, c_p,
+        c_y) and y = y_ptr[row] (the label: the CLM's one-hot, −1 = none), f the entry's term q log(q/p) (RKL) or
+        q log(q/m) (JSD)."""
         row = tl.program_id(0).to(tl.int64)
         st = stats_ptr + row * 8
         m_s, ls_s, m_t, ls_t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3)
@@ -365,9 +366,10 @@ if triton is not None:
                 g = c_q * q + c_f * f
             else:
                 m = bj * p + cj * q
-                under = m == 0.0  # p or q sub-normal, m rounded to 0: p, q times 2^100, log m − 100 ln 2
-                big = bj * (p * 1.2676506002282294e30) + cj * (q * 1.2676506002282294e30)  # (the same as
-                lm = tl.log(tl.where(under, big, m)) - tl.where(under, 69.31471805599453, 0.0)  # jsd_log_mix)
+                under = m == 0.0  # p or q sub-normal, m rounded to 0: p, q, bj, cj times 2^100, log m − 200 ln 2
+                big = ((bj * 1.2676506002282294e30) * (p * 1.2676506002282294e30)  # (the same as jsd_log_mix)
+                       + (cj * 1.2676506002282294e30) * (q * 1.2676506002282294e30))
+                lm = tl.log(tl.where(under, big, m)) - tl.where(under, 138.62943611198907, 0.0)
                 acc1 += tl.where(ok & (p > 0), p * (lp - lm), 0.0)
                 f = tl.where(q > 0, q * (lq - lm), 0.0)
                 acc2 += tl.where(ok, f, 0.0)
