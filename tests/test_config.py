@@ -706,3 +706,19 @@ def test_every_flags_help_states_its_type(cls):
         for flag in ("--lr FLOAT", "--k INT", "--train.adam_betas [FLOAT ...]", "--resume [BOOL]",
                      "--fused-loss {auto,on,off}", "--teacher TEXT"):
             assert flag in text, flag
+
+
+def test_a_config_section_that_is_not_a_mapping_is_refused_under_flags_of_it(tmp_path):
+    """A --config whose section is a scalar or a list (``train: 5``) is refused naming the section also where flags
+    of that section are given (they replaced it: the file's value was dropped without a word); a null section is
+    empty."""
+    for text, argv, cls, section in (("train: 5\n", ["--steps", "3"], DistillConfig, "train"),
+                                     ("loss: [kd]\n", ["--loss", "tad"], DistillConfig, "loss"),
+                                     ("compare: 5\n", ["--out", str(tmp_path / "c")], COMMAND_CONFIGS["compare"],
+                                      "compare")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(TailkdError, match=rf"^config section {section} must be a mapping, got (int|list)"):
+            parse(["--config", str(path), *argv], cls)
+    path.write_text("train:\n")
+    assert parse(["--config", str(path), "--steps", "3"]).train.max_steps == 3

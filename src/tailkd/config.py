@@ -721,12 +721,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def merge(base: dict, override: dict) -> dict:
-    """Deep-merge ``override`` into a copy of ``base``."""
+def merge(base: dict, override: dict, prefix: str = "") -> dict:
+    """Deep-merge ``override`` into a copy of ``base``. Where ``override`` has a section (a mapping) and ``base`` a
+    value that is neither a mapping nor null at that key, TailkdError: a section of ``base`` that is not a mapping
+    (``train: 5`` in a --config under --steps) would be dropped without a word."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{prefix}{key}.")
+        elif isinstance(value, dict) and out.get(key) is not None:
+            raise TailkdError(f"config section {prefix}{key} must be a mapping, got {type(out[key]).__name__}")
         else:
             out[key] = value
     return out
