@@ -35,6 +35,7 @@ from tailkd.config import (
     _f,
     _leaves,
     check_at_least,
+    check_data,
     check_device_name,
     check_leaves,
     check_out_path,
@@ -205,6 +206,7 @@ class EvalConfig:
         if not self.eval.student:
             raise TailkdError("eval.student is not set; pass --student DIR (a saved student, e.g. runs/x/final)")
         check_at_least(self, "data.seq_len", 2, " (a row needs a token and its successor)")
+        check_data(self)
         for key in ("eval.batch_size", "eval.bins", "generate.max_new_tokens"):
             check_at_least(self, key, 1)
         for key in ("eval.max_rows", "generate.samples", "generate.limit"):
@@ -267,6 +269,7 @@ class AnalyzeTeacherConfig:
         if not self.analyze.teachers:
             raise TailkdError("no teacher given; pass --teacher SPEC (e.g. smollm2), several to compare")
         check_at_least(self, "data.seq_len", 2, " (a row needs a token and its successor)")
+        check_data(self)
         check_at_least(self, "analyze.batch_size", 1)
         check_at_least(self, "analyze.max_rows", 0, " (0: all)")
         check_at_least(self, "analyze.kmax", 1, " (the paper uses 100)")
@@ -318,6 +321,7 @@ class CacheTeacherConfig:
         check_cache_out(Path(self.cache.out))  # before the teacher loads (minutes for a large one)
         for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard", "cache.ddp_timeout"):
             check_at_least(self, key, 1)
+        check_data(self)
         check_at_least(self, "cache.tail_samples", 0, " (0: none)")
         check_at_least(self, "cache.max_rows", 0, " (0: all)")
         _check_device(self, "cache.device")
@@ -388,6 +392,7 @@ class LmEvalConfig:
             raise TailkdError("lm_eval.model is not set; pass --model DIR (a saved model, e.g. runs/x/final)")
         for key in ("lm_eval.max_gen_toks", "lm_eval.batch_size"):
             check_at_least(self, key, 1)
+        check_data(self)
         check_at_least(self, "lm_eval.num_fewshot", 0)
         _check_device(self, "lm_eval.device")
         check_out_path(self, "lm_eval.out", folder=False)
@@ -528,6 +533,7 @@ class SelectDataConfig:
                               "teacher, e.g. a CLM run's RUN/final, or the paper's OPT-125M)")
         check_at_least(self, "data.seq_len", 1)
         check_at_least(self, "select.batch_size", 1)
+        check_data(self)
         check_at_least(self, "select.max_docs", 0, " (0: all)")
         check_out_path(self, "select.out", folder=True)
         check_out_writable(self, "select.out", into=False)

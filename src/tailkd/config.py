@@ -427,15 +427,14 @@ class DistillConfig:
         c.student.check_source()
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
         check_out_path(c, "train.out_dir", folder=True)
-        for key in ("data.eval_rows", "data.math_train", "data.math_heldout", "data.instruct_max_words",
-                    "train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last", "train.log_every",
-                    "train.max_bad_steps", "train.ddp_timeout"):
+        check_data(c)
+        for key in ("data.eval_rows", "train.max_steps", "train.batch_size", "train.grad_accum", "train.keep_last",
+                    "train.log_every", "train.max_bad_steps", "train.ddp_timeout"):
             check_at_least(c, key, 1)
         for key, hint in (("train.warmup_steps", ""), ("train.stop_after", " (0: run to max_steps)"),
                           ("train.eval_every", " (0: only before and after)"), ("train.save_every", " (0: only at "
                           "the end)"), ("train.loss_chunk_size", " (0: automatic)")):
             check_at_least(c, key, 0, hint)
-        c.data.check_builtin_paths()
         check_on_policy(c)
         if c.teacher.cache and c.data.task != "pretrain":
             raise TailkdError("teacher.cache holds packed pretraining rows; supervised runs (data.task=sft) use the "
@@ -535,6 +534,17 @@ def check_device_name(key: str, name: str) -> None:
     Whether a CUDA device is there is `tailkd.distributed.resolve_device`'s to check."""
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise TailkdError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def check_data(cfg) -> None:
+    """The data section's built-in set settings, for every command that has one (distill and the commands of
+    `tailkd.command_config`): their sizes at least 1 and, where the command reads ``data.task``, no built-in set the
+    task cannot read (`DataConfig.check_builtin_paths`; lm-eval, which omits it, must accept the data section of an
+    sft run) — before any model loads."""
+    for key in ("data.math_train", "data.math_heldout", "data.instruct_max_words"):
+        check_at_least(cfg, key, 1)
+    if "data.task" not in getattr(cfg, "OMIT", ()):
+        cfg.data.check_builtin_paths()
 
 
 def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:
