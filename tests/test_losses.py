@@ -1073,6 +1073,11 @@ def test_argument_errors_name_the_argument():
         ("alpha must", lambda: BL.skew_reverse_kl(s, t, alpha=None)),
         ("mu must", lambda: BL.akl(s, t, mu="0.5")),
         ("mu must", lambda: BL.akl(s, t, mu=None)),
+        # a bool is not a number here (Python counts True as 1): each kind of knob check refuses it
+        ("temperature must", lambda: L.forward_kl(s, t, temperature=True)),
+        ("beta must", lambda: L.tad(s, t, mask, k=2, beta=True)),
+        ("alpha must", lambda: BL.skew_forward_kl(s, t, alpha=False)),
+        ("beta must be in \\[0, 1\\]", lambda: L.jsd(s, t, beta=True)),
     ]
     for pattern, call in cases_:
         with pytest.raises(ValueError, match=pattern):
