@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_evaluate import TableLM, from_probs, one_batch, one_line_error
 from tiny import corpus_text, make_teacher_dir, write_corpus
+from transformers import AutoTokenizer
 
 from tailkd.analysis import tail_mass, teacher_statistics
 from tailkd.cli import main
 from tailkd.errors import TailkdError
+from tailkd.vocab import real_vocab_size
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -127,6 +129,23 @@ def test_analyze_teacher_of_a_nan_teacher_is_one_line_and_writes_nothing(tmp_pat
     one_line_error(capsys.readouterr().err, "the teacher's logits are not finite (NaN or +inf: no softmax) at 64 of "
                                             "the 64 held-out positions of rows 0-1")
     assert not out.exists()
+
+
+def test_analyze_teacher_kmax_beyond_the_vocabulary_is_one_line(tmp_path, capsys):
+    """--kmax above the teacher's vocabulary is refused once the vocabulary is known (the curves are [N, kmax] and
+    zero beyond V: --kmax 10**9 filled the memory); --kmax V itself is accepted and α_V = 0."""
+    teacher = make_teacher_dir(tmp_path / "t", train_steps=0)
+    vocab = real_vocab_size(AutoTokenizer.from_pretrained(teacher))  # the vocabulary distilled over (check_vocab)
+    args = ["analyze-teacher", "--teacher", str(teacher), "--data", str(write_corpus(tmp_path / "corpus.txt")),
+            "--seq-len", "32", "--max-rows", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a")]
+    assert main([*args, "--kmax", str(10**9)]) == 2
+    one_line_error(capsys.readouterr().err, f"analyze.kmax=1000000000 is more than the vocabulary of {teacher} "
+                                            f"({vocab} tokens), where α_K = 0 for every K >= V; give --kmax {vocab} "
+                                            f"or less")
+    assert not (tmp_path / "a").exists()
+    assert main([*args, "--kmax", str(vocab)]) == 0
+    r = json.loads((tmp_path / "a" / "teacher_analysis.json").read_text())[str(teacher)]
+    assert len(r["alpha_mean"]) == vocab and r["alpha_mean"][-1] == 0 and r["alpha_q75"][-1] == 0
 
 
 def test_analyze_teacher_cli_writes_json_and_png(tmp_path, capsys):

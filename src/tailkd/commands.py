@@ -179,6 +179,9 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     for spec in a.teachers:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
         vocab = check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
+        if a.kmax > vocab:  # the per-position curves are [N, kmax]: a huge --kmax would fill the memory with zeros
+            raise TailkdError(f"analyze.kmax={a.kmax} is more than the vocabulary of {spec} ({vocab} tokens), where "
+                              f"α_K = 0 for every K >= V; give --kmax {vocab} or less")
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
         with progress_bar(total=len(rows), unit="row", desc="analyze-teacher", dynamic_ncols=True) as bar:
