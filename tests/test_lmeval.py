@@ -305,6 +305,19 @@ def test_lm_eval_errors_are_one_line(student, capsys, extra, needle):
     one_line_error(capsys.readouterr().err, needle)
 
 
+def test_write_only_names_an_unknown_task_before_writing(student, tmp_path, capsys):
+    """--write-only checked no task name: the printed lm_eval command failed later on a misspelt one. With lm-eval
+    installed its own tasks' names are checked before the folder is written; ours are always known."""
+    work = tmp_path / "tasks"
+    base = ["lm-eval", "--model", str(student["model"]), "--data", str(student["corpus"]), "--split", "all",
+            "--work-dir", str(work), "--write-only"]
+    assert main([*base, "--tasks", "tailkd_ppl,arc_easyy"]) == 2
+    one_line_error(capsys.readouterr().err, "unknown lm-eval task 'arc_easyy'; check the name with `lm_eval ls tasks`")
+    assert not work.exists()
+    assert main([*base, "--tasks", "tailkd_ppl,arc_easy"]) == 0
+    assert "--tasks tailkd_ppl,arc_easy" in capsys.readouterr().out
+
+
 def test_max_gen_toks_beyond_the_models_context_is_one_line_before_loading(student, tmp_path, capsys):
     """lm-eval's generate_until keeps context − max_gen_toks prompt tokens and fails on an assertion (exit 1, after
     loading the model and the data) when that is not positive: the default 256 on the tiny 128-position model is

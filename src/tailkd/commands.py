@@ -274,6 +274,7 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     written and the ``lm_eval`` command printed. Returns ``{"command", "include_path", "results"}`` (``results``
     None with ``write_only``); ``log_samples`` keeps lm-eval's per-sample logs in ``results`` (never in the JSON).
     """
+    import importlib.util
     import shutil
     import tempfile
 
@@ -299,6 +300,9 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     if "tailkd_ppl" in names:
         ppl_docs = ppl_documents(cfg)
     device = str(resolve_device(o.device, "lm_eval.device"))
+    theirs = [t for t in names if t not in tasks.OUR_TASKS]
+    if o.write_only and theirs and importlib.util.find_spec("lm_eval") is not None:
+        tasks.task_manager(theirs, None)  # names the printed command would fail on; without lm-eval: not checked
     folder = o.task_folder()
     temp = None if folder else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))  # removed after the run
     work_dir = temp or Path(folder)

@@ -166,17 +166,13 @@ def _import_lm_eval():
     return lm_eval, TaskManager
 
 
-def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int = 1, device: str = "cpu",
-                limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False) -> dict:
-    """Run lm-eval in-process. ``model``: an HF model folder (run as ``--model hf``) or an ``lm_eval`` LM instance.
-
-    Returns lm-eval's results dict (``results``, ``configs``, ``n-samples``, ...; ``samples`` with
-    ``log_samples``). Unknown task names and tasks whose data cannot be fetched are TailkdErrors.
-    """
+def task_manager(tasks: list[str], include_path: Path | None):
+    """lm-eval's TaskManager over its own tasks and ``include_path`` (our written task files; None: lm-eval's own
+    tasks only), or a TailkdError naming the first of ``tasks`` it does not know."""
     import inspect
 
-    lm_eval, TaskManager = _import_lm_eval()
-    kwargs = {"include_path": str(include_path)}
+    _, TaskManager = _import_lm_eval()
+    kwargs = {"include_path": None if include_path is None else str(include_path)}
     if set(tasks) <= set(OUR_TASKS) and "include_defaults" in inspect.signature(TaskManager).parameters:
         kwargs["include_defaults"] = False  # indexing lm-eval's ~15k built-in task files takes seconds
     manager = TaskManager(**kwargs)
@@ -186,6 +182,18 @@ def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int 
         hint = ("pass its data (--data for tailkd_ppl, --gsm-data for tailkd_gsm)" if set(missing) & set(OUR_TASKS)
                 else "check the name with `lm_eval ls tasks`")
         raise TailkdError(f"unknown lm-eval task {missing[0]!r}; {hint}")
+    return manager
+
+
+def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int = 1, device: str = "cpu",
+                limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = False) -> dict:
+    """Run lm-eval in-process. ``model``: an HF model folder (run as ``--model hf``) or an ``lm_eval`` LM instance.
+
+    Returns lm-eval's results dict (``results``, ``configs``, ``n-samples``, ...; ``samples`` with
+    ``log_samples``). Unknown task names and tasks whose data cannot be fetched are TailkdErrors.
+    """
+    lm_eval, _ = _import_lm_eval()
+    manager = task_manager(tasks, include_path)
     if isinstance(model, (str, Path)):
         model_args = {"pretrained": str(Path(model).resolve()), "dtype": "float32"}
         model = "hf"
