@@ -100,6 +100,9 @@ def test_reproduce_killed_then_resumed_writes_the_report(assets, tmp_path, capsy
 
 @pytest.mark.parametrize("extra, needle", [(["--seeds"], "seeds"), (["--ks", "0"], "reproduce.ks"),
                                            (["--betas", "-1"], "reproduce.betas"), (["--scale", "0"], "scale"),
+                                           (["--scale", "1e308"], "reproduce.scale=1e+308 makes train.max_steps 4 × "
+                                            "1e+308 = inf, more than a setting may hold"),
+                                           (["--scale", "3e18"], "train.max_steps 4 × 3e+18 = 1.2e+19, more than"),
                                            (["--seeds", "0", "0", "1"], "reproduce.seeds names 0 twice"),
                                            (["--sweep-seeds", "0", "3"], "reproduce.sweep_seeds holds 3"),
                                            (["--betas", "0", "2"], "every β of the sweep must be > 0"),

@@ -28,6 +28,7 @@ from typing import ClassVar, Optional
 import yaml
 
 from tailkd.config import (
+    INT64,
     DataConfig,
     StudentConfig,
     TeacherConfig,
@@ -610,9 +611,24 @@ class ReproduceConfig:
         # before the plan scales them (max(1, round(steps × scale)) would make --steps 0 or -5 one step)
         check_at_least(self, "train.max_steps", 1)
         check_at_least(self, "train.eval_every", 0, " (0: only before and after)")
+        self.scaled_steps()  # a --scale whose runs' lengths no setting could hold: refused here, not while planning
         _check_device(self, "reproduce.device")
         check_out_path(self, "reproduce.out", folder=True)
         return self
+
+    def scaled_steps(self) -> tuple[int, int]:
+        """Every run's ``(train.max_steps, train.eval_every)``: each × ``reproduce.scale``, rounded, at least 1
+        (eval_every 0 stays 0); a TailkdError where a product is not an integer a setting may hold (below 2^63)."""
+        scale = self.reproduce.scale
+        out = []
+        for key in ("max_steps", "eval_every"):
+            value = getattr(self.train, key)
+            scaled = value * scale
+            if not scaled < INT64:  # also inf (40 × 1e308)
+                raise TailkdError(f"reproduce.scale={scale:g} makes train.{key} {value} × {scale:g} = {scaled:.3g}, "
+                                  f"more than a setting may hold (2^63); give a smaller --scale")
+            out.append(max(1, round(scaled)) if value else 0)
+        return out[0], out[1]
 
 
 __all__ = ["AnalyzeTeacherConfig", "CacheTeacherConfig", "CompareConfig", "EvalConfig",

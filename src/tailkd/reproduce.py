@@ -88,9 +88,7 @@ def plan(cfg: ReproduceConfig) -> list[Experiment]:
 
 def _distill_config(cfg: ReproduceConfig, name: str, loss: str, seed: int, k: int, beta: float) -> DistillConfig:
     train = copy.deepcopy(cfg.train)
-    scale = cfg.reproduce.scale
-    train.max_steps = max(1, round(train.max_steps * scale))
-    train.eval_every = max(1, round(train.eval_every * scale)) if train.eval_every else 0
+    train.max_steps, train.eval_every = cfg.scaled_steps()
     train.seed, train.out_dir, train.device = seed, str(Path(cfg.reproduce.out) / "runs" / name), cfg.reproduce.device
     return DistillConfig(teacher=copy.deepcopy(cfg.teacher), student=copy.deepcopy(cfg.student),
                          data=copy.deepcopy(cfg.data), loss=LossConfig(name=loss, k=k, beta=beta),
