@@ -80,23 +80,23 @@ def _describe(x: object) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _finite_number(x) -> bool:
-    """An int or float (not a bool: True would pass as 1) that is finite."""
+def finite_number(x) -> bool:
+    """Whether ``x`` is a finite int or float: not a bool (Python counts True as 1), not a string or tensor."""
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def check_temperature(temperature: float) -> None:
-    if not (_finite_number(temperature) and temperature > 0):
+    if not (finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 (1.0 = no scaling); got {temperature!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:
-    if not (_finite_number(value) and value >= 0):
+    if not (finite_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
 def check_unit_interval(name: str, value: float, *, closed: bool = False) -> None:
-    if not (_finite_number(value) and 0 <= value and (value <= 1 if closed else value < 1)):
+    if not (finite_number(value) and 0 <= value and (value <= 1 if closed else value < 1)):
         raise ValueError(f"{name} must be a finite number in [0, 1{']' if closed else ')'}; got {value!r}")
 
 
@@ -274,7 +274,7 @@ def jsd(
     JSD_β divided by its scale.) Closed-form gradient (`divergences.jsd_kernel`).
     Shapes: logits [..., V] -> [...]; float32 (float64 for float64 input).
     """
-    if not (_finite_number(beta) and 0 <= beta <= 1):
+    if not (finite_number(beta) and 0 <= beta <= 1):
         raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {beta!r}")
     check_logits(student_logits, teacher_logits)
     check_temperature(temperature)

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
-import math
 import os
 import re
 import sys
@@ -33,6 +32,7 @@ from tailkd.losses import (
     cache_divergence,
     dkd,
     drkl,
+    finite_number,
     forward_kl,
     jsd,
     kernel_divergence,
@@ -301,7 +301,7 @@ def check_options(options) -> str | None:
     for name, value in options.items():
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             return f"{name!r} is not a lowercase identifier (letters, digits, _)"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             return f"{name}={value!r} must be a finite number"
     return None
 
