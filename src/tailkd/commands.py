@@ -287,6 +287,9 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
         raise TailkdError(f"--model {model_dir} is not a saved model folder (no config.json); pass e.g. runs/x/final")
     names = tasks.expand_tasks(o.tasks)
     ours = [t for t in names if t in tasks.OUR_TASKS]
+    theirs = [t for t in names if t not in ours]
+    if o.write_only and theirs and importlib.util.find_spec("lm_eval") is not None:
+        tasks.task_manager(theirs, None)  # names the printed command would fail on; without lm-eval: not checked
     if o.num_fewshot and ours:  # tailkd_gsm's YAML says 0 shots, which lm-eval keeps; tailkd_ppl has no context
         print(f"tailkd: warning: {', '.join(ours)} {'is' if len(ours) == 1 else 'are'} zero-shot: --num-fewshot "
               f"{o.num_fewshot} applies to the other tasks only", file=sys.stderr)
@@ -300,9 +303,6 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     if "tailkd_ppl" in names:
         ppl_docs = ppl_documents(cfg)
     device = str(resolve_device(o.device, "lm_eval.device"))
-    theirs = [t for t in names if t not in tasks.OUR_TASKS]
-    if o.write_only and theirs and importlib.util.find_spec("lm_eval") is not None:
-        tasks.task_manager(theirs, None)  # names the printed command would fail on; without lm-eval: not checked
     folder = o.task_folder()
     temp = None if folder else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))  # removed after the run
     work_dir = temp or Path(folder)
