@@ -117,6 +117,66 @@ def test_method_table_orders_the_methods_as_the_paper():
     assert with_ref["MiniPLM"]["other"] == pytest.approx(model_flops_per_token(opt, seq_len=2048)["forward"] / 0.5)
 
 
+# A mixture of experts: each token passes through k = 2 of E = 8 experts (gated MLPs of 3·d·ffn weights each)
+MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "num_local_experts": 8,
+           "num_experts_per_tok": 2, "tie_word_embeddings": False}
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_passes_through(tmp_path, capsys):
+    d, ffn, layers, e, k = 64, 128, 2, 8, 2
+    attention = d * d + 2 * d * 2 * 16 + d * d  # q, k+v (2 KV heads of 16), o; Mixtral has no biases
+    dense = attention + 2 * d + e * d  # + two norms + the router
+    size = model_size(MIXTRAL)
+    assert size.experts == (k, e)
+    assert size.params_nonembedding == layers * (dense + k * 3 * d * ffn) + d  # + the final norm
+    assert size.params_total == layers * (dense + e * 3 * d * ffn) + d + 2 * 100 * d
+    assert model_flops_per_token(MIXTRAL)["matmul"] == 2 * size.params_nonembedding
+    # Qwen2-MoE: the routed experts count k/E, its shared expert (and its gate) in full
+    qwen_moe = {"model_type": "qwen2_moe", "hidden_size": d, "intermediate_size": 96, "num_hidden_layers": layers,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "num_experts": e,
+                "num_experts_per_tok": k, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                "decoder_sparse_step": 1, "mlp_only_layers": []}
+    q = model_size(qwen_moe)
+    assert q.experts == (k, e)
+    assert q.params_total - 2 * 100 * d - q.params_nonembedding == layers * (e - k) * 3 * d * 32
+    # a dense model is unchanged
+    assert model_size(QWEN_1_2B).experts == (0, 0)
+    (tmp_path / "t.json").write_text(json.dumps(MIXTRAL))
+    (tmp_path / "s.json").write_text(json.dumps({**MIXTRAL, "num_hidden_layers": 1}))
+    assert main(["flops", "--teacher", str(tmp_path / "t.json"), "--student", str(tmp_path / "s.json"),
+                 "--seq-len", "32"]) == 0
+    assert "(active: 2 of 8 experts)" in capsys.readouterr().out
+
+
+def test_sliding_window_layers_attend_at_most_their_window():
+    from tailkd.flops import _decode_keys, _generation_per_sequence
+
+    d_attn, w, s = 64, 8, 32
+    mistral = {**MIXTRAL, "model_type": "mistral", "sliding_window": w}  # the window on every layer
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        del mistral[key]
+    full = {**mistral, "sliding_window": None}
+    # (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s) keys per layer in place of Kaplan's s/2
+    assert model_flops_per_token(mistral, seq_len=s)["attention"] == 4 * d_attn * 2 * (w - w * w / (2 * s))
+    assert model_flops_per_token(full, seq_len=s)["attention"] == 2 * 2 * s * d_attn
+    assert model_flops_per_token(mistral, seq_len=w)["attention"] == model_flops_per_token(full, seq_len=w)[
+        "attention"]  # rows no longer than the window: full attention
+    # layer_types marks which layers slide (Qwen2 here: the second of two)
+    mixed = {**QWEN_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100, "use_sliding_window": True,
+             "sliding_window": w, "layer_types": ["full_attention", "sliding_attention"]}
+    m = model_flops_per_token(mixed, seq_len=s)
+    assert m["windows"] == [0, w]
+    assert m["attention"] == 4 * d_attn * (s / 2 + w - w * w / (2 * s))
+    # decoding: Σ_g min(P + g, w) keys per sliding layer, as plain sums
+    for window, prompt, gen in ((8, 3, 10), (8, 10, 4), (8, 0, 20), (0, 5, 7), (100, 5, 7)):
+        cap = window or float("inf")
+        assert _decode_keys(window, prompt, gen) == sum(min(prompt + g, cap) for g in range(gen))
+    no_window = {**m, "windows": []}
+    assert _generation_per_sequence(m, 4, 20) < _generation_per_sequence(no_window, 4, 20)
+
+
 def test_model_size_from_total_parameters():
     s = ModelSize.from_total("t", 1.8e9, vocab=151936, hidden=2048)
     assert s.params_nonembedding == pytest.approx(1.8e9 - 2 * 151936 * 2048)

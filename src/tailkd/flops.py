@@ -5,11 +5,17 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
 - forward of a model   F = 2·N + 2·d·V + 2·n_layer·s·d_attn
   * N: non-embedding parameters (every weight matrix except the token embedding and the LM head;
     norms and biases included). A matrix-vector product with a weight of P entries costs 2·P FLOPs.
+    A mixture of experts counts the parameters a token passes through: of the weights under a module named
+    ``experts`` (Mixtral, Qwen-MoE, DeepSeek, OLMoE, Granite-MoE), the fraction k/E (``num_experts_per_tok`` of
+    ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``); shared experts and routers fully.
   * 2·d·V: the LM head (hidden d → vocabulary V), counted once even when tied to the embedding; the
     embedding lookup itself costs nothing.
   * 2·n_layer·s·d_attn: attention scores QKᵀ and the weighted sum AV. For a token at position t each
     costs 2·t·d_attn per layer; averaged over a causal row of s tokens t ≈ s/2, so together
     2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term.
+    A sliding-window layer (window w: ``sliding_window`` on the layers ``layer_types`` marks
+    ``sliding_attention``, on every layer without ``layer_types``, as Mistral) attends min(t, w) keys:
+    averaged over the row, w − w²/(2s) in place of s/2 when w < s.
 - backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
   token. With frozen embeddings (paper §3.2.2) a head tied to them is frozen too and its weight gradient
   (2·d·V) is skipped; an untied head (Phi-2, Qwen1.5) still trains and is counted.
@@ -47,6 +53,8 @@ class ModelSize:
     attn_dim: int = 0  # heads × head_dim; 0: = hidden
     params_total: float = 0.0
     tied: bool = False  # the LM head is the input embedding (frozen with it by freeze_embeddings)
+    windows: tuple[int, ...] = ()  # per layer: its sliding attention window, 0 = full causal; () = all full
+    experts: tuple[int, int] = (0, 0)  # (k, E): each token passes through k of E experts; (0, 0) = no experts
 
     @classmethod
     def from_total(cls, name: str, params_total: float, *, vocab: int, hidden: int, layers: int = 0,
@@ -72,20 +80,63 @@ def _count(model, name: str) -> ModelSize:
     tied = head is not None and id(head.weight) in embed_ids
     if head is not None:
         embed_ids.add(id(head.weight))
-    for p in model.parameters():
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    k, n_experts = _experts(text_cfg)
+    expert = 0.0  # parameters under a module named "experts"
+    for qualified, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
         if id(p) in embed_ids:
             emb += p.numel()
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        elif "experts" in qualified.split(".")[:-1]:
+            expert += p.numel()
+    active = float(total - emb) - (expert * (1.0 - k / n_experts) if n_experts else 0.0)
     hidden = int(getattr(text_cfg, "hidden_size", 0) or getattr(text_cfg, "n_embd", 0))
     heads = int(getattr(text_cfg, "num_attention_heads", 0) or getattr(text_cfg, "n_head", 0) or 0)
     head_dim = int(getattr(text_cfg, "head_dim", 0) or (hidden // heads if heads else 0))
     vocab = int(head.weight.shape[0]) if head is not None else int(text_cfg.vocab_size)
     layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
-    return ModelSize(name, float(total - emb), hidden, vocab, layers, heads * head_dim or hidden, float(total), tied)
+    return ModelSize(name, active, hidden, vocab, layers, heads * head_dim or hidden, float(total), tied,
+                     _windows(text_cfg, layers), (k, n_experts) if n_experts else (0, 0))
+
+
+def _experts(cfg) -> tuple[int, int]:
+    """(k, E) of a mixture-of-experts config: experts per token and routed experts; (0, 0) for a dense model."""
+    k = getattr(cfg, "num_experts_per_tok", None)
+    n = next((v for v in (getattr(cfg, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+              if isinstance(v, int) and v > 0), None)
+    if not isinstance(k, int) or not n or not 0 < k <= n:
+        return 0, 0
+    return k, n
+
+
+def _windows(cfg, layers: int) -> tuple[int, ...]:
+    """Each layer's sliding attention window (0: full causal attention), () when every layer is full."""
+    w = getattr(cfg, "sliding_window", None)
+    if not isinstance(w, int) or w <= 0:
+        return ()
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # Mistral: the window applies to every layer
+        return (w,) * layers
+    out = tuple(w if kind == "sliding_attention" else 0 for kind in types[:layers])
+    return out + (0,) * (layers - len(out)) if any(out) else ()
+
+
+def _keys(windows: tuple[int, ...], layers: int, context: float) -> float:
+    """Σ over layers of the keys a query at ``context`` keys of context attends: min(context, w), or context."""
+    if not windows:
+        return layers * context
+    return sum(min(context, w) if w else context for w in windows)
+
+
+def _mean_keys(windows: tuple[int, ...], layers: int, seq_len: int) -> float:
+    """Σ over layers of the keys attended, averaged over a causal row of ``seq_len`` (Kaplan's continuous t ≈ s/2;
+    a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s))."""
+    if not windows:
+        return layers * seq_len / 2.0
+    return sum(w - w * w / (2.0 * seq_len) if 0 < w < seq_len else seq_len / 2.0 for w in windows)
 
 
 def model_size(model_or_config, name: str | None = None) -> ModelSize:
@@ -147,15 +198,18 @@ def size_from_spec(spec: str) -> ModelSize:
 def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
     """Forward FLOPs per token of one model, and the sizes they come from.
 
-    Returns ``params_nonembedding`` (N), ``params_total``, ``hidden`` (d), ``vocab`` (V), ``layers``,
-    ``attn_dim``, ``head_params`` (d·V), ``tied`` (the head is the input embedding), ``seq_len`` and the
-    forward FLOPs per token ``matmul`` (2·N), ``head`` (2·d·V), ``attention`` (2·n_layer·seq_len·d_attn; 0 when
-    seq_len or layers is 0) and ``forward`` (their sum).
+    Returns ``params_nonembedding`` (N: active ones for a mixture of experts), ``params_total``, ``hidden`` (d),
+    ``vocab`` (V), ``layers``, ``attn_dim``, ``windows`` (per layer its sliding window, 0 = full; [] = all full),
+    ``experts`` ([k, E]; [0, 0] for a dense model), ``head_params`` (d·V), ``tied`` (the head is the input
+    embedding), ``seq_len`` and the forward FLOPs per token ``matmul`` (2·N), ``head`` (2·d·V), ``attention``
+    (2·n_layer·seq_len·d_attn with full attention, sliding windows as in the module docstring; 0 when seq_len or
+    layers is 0) and ``forward`` (their sum).
     """
     s = model_size(model_or_config)
-    attn = 2.0 * s.layers * seq_len * (s.attn_dim or s.hidden)
+    attn = 4.0 * (s.attn_dim or s.hidden) * _mean_keys(s.windows, s.layers, seq_len) if seq_len else 0.0
     out = {"name": s.name, "params_nonembedding": s.params_nonembedding, "params_total": s.params_total,
            "hidden": s.hidden, "vocab": s.vocab, "layers": s.layers, "attn_dim": s.attn_dim or s.hidden,
+           "windows": list(s.windows), "experts": list(s.experts),
            "head_params": float(s.hidden * s.vocab), "tied": s.tied, "seq_len": seq_len,
            "matmul": 2.0 * s.params_nonembedding, "head": 2.0 * s.hidden * s.vocab, "attention": attn}
     out["forward"] = out["matmul"] + out["head"] + out["attention"]
@@ -221,13 +275,22 @@ def _generation_per_sequence(m: dict, prompt_len: int, gen_len: int) -> float:
 
     Prefill: ``prompt_len`` tokens at 2·N + 2·d·V + attention of a causal row (Kaplan's average).
     Decode step g (0-based) costs 2·N + 2·d·V + sampling 5·V + attention of ONE new query against the
-    prompt_len + g cached keys: QKᵀ and AV are 2·(P+g)·d_attn each, i.e. 4·n_layer·(P+g)·d_attn.
+    prompt_len + g cached keys: QKᵀ and AV are 2·(P+g)·d_attn each, i.e. 4·n_layer·(P+g)·d_attn (a sliding
+    layer of window w: min(P+g, w) keys).
     """
-    prefill = prompt_len * (m["matmul"] + m["head"] + 2.0 * m["layers"] * prompt_len * m["attn_dim"])
-    ctx_sum = gen_len * prompt_len + gen_len * (gen_len - 1) / 2.0  # Σ_g (P + g)
-    decode = gen_len * (m["matmul"] + m["head"] + SAMPLE_FLOPS_PER_VOCAB * m["vocab"]) \
-        + 4.0 * m["layers"] * m["attn_dim"] * ctx_sum
+    windows, layers = tuple(m["windows"]), m["layers"]
+    prefill = prompt_len * (m["matmul"] + m["head"]
+                            + (4.0 * m["attn_dim"] * _mean_keys(windows, layers, prompt_len) if prompt_len else 0.0))
+    keys = sum(_decode_keys(w, prompt_len, gen_len) for w in windows) if windows \
+        else layers * _decode_keys(0, prompt_len, gen_len)  # Σ_layers Σ_g keys attended
+    decode = gen_len * (m["matmul"] + m["head"] + SAMPLE_FLOPS_PER_VOCAB * m["vocab"]) + 4.0 * m["attn_dim"] * keys
     return prefill + decode
+
+
+def _decode_keys(window: int, prompt_len: int, gen_len: int) -> float:
+    """Σ_g min(P + g, w) over decode steps g = 0..G−1 (Σ_g (P + g) for full attention, w = 0)."""
+    n = gen_len if not window else min(max(window - prompt_len, 0), gen_len)  # steps with P + g < w
+    return n * prompt_len + n * (n - 1) / 2.0 + (gen_len - n) * window
 
 
 def method_table(teacher_cfg, student_cfg, *, seq_len: int = 2048, tokens: float = 1e6, k_loss: str = "tad",
@@ -312,8 +375,12 @@ def format_method_table(rows: list[dict], teacher: dict, student: dict, *, token
         return f"{x / 1e15:.3g}"
 
     def describe(role, m):
-        return (f"{role} {m['name']}: N={m['params_nonembedding'] / 1e6:.1f}M non-embedding, d={m['hidden']}, "
-                f"V={m['vocab']}, {m['layers']} layers\n")
+        k, n = m["experts"]
+        moe = f" (active: {k} of {n} experts)" if n else ""
+        sliding = sum(1 for w in m["windows"] if w)
+        window = f" ({sliding} with a sliding window of {max(m['windows'])})" if sliding else ""
+        return (f"{role} {m['name']}: N={m['params_nonembedding'] / 1e6:.1f}M non-embedding{moe}, d={m['hidden']}, "
+                f"V={m['vocab']}, {m['layers']} layers{window}\n")
 
     head = (describe("teacher", teacher) + describe("student", student)
             + f"PetaFLOPs per {tokens:.3g} training tokens (rows of {seq_len} tokens)\n")
