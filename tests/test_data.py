@@ -184,6 +184,20 @@ def test_missing_path_and_empty_corpus(tmp_path):
         docs_of(tmp_path / "blank.txt", doc_sep="para")
 
 
+@pytest.mark.parametrize("settings, needle", [
+    ({"heldout_fraction": "0.1"}, r"heldout_fraction='0\.1' must lie in \[0, 1\)"),
+    ({"heldout_fraction": None}, r"heldout_fraction=None must lie in \[0, 1\)"),
+    ({"heldout_fraction": True}, r"heldout_fraction=True must lie in \[0, 1\)"),
+    ({"min_heldout_docs": float("inf")}, r"min_heldout_docs=inf must be a whole number >= 0"),
+    ({"min_heldout_docs": True}, r"min_heldout_docs=True must be a whole number >= 0"),
+    ({"min_heldout_docs": "3"}, r"min_heldout_docs='3' must be a whole number >= 0"),
+])
+def test_corpus_settings_of_the_wrong_type_are_one_line(tmp_path, settings, needle):
+    # through the Python API (the CLI's config checks types first): a TypeError / OverflowError, or True taken as 1
+    with pytest.raises(TailkdError, match=needle):
+        corpus.prepare_corpus([tmp_path / "a.txt"], None, tmp_path / "out", **settings)
+
+
 # --------------------------------------------------------------------------- the built-in corpus
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from tailkd.config import DOC_SEPS
 from tailkd.data import HELDOUT_FILE, META_FILE, TOKEN_BYTES, TOKEN_DTYPE, TRAIN_FILE
 from tailkd.errors import TailkdError
+from tailkd.losses import finite_number
 
 FORMAT = "tailkd-corpus-1"  # bump when the on-disk layout or the split rule changes: invalidates caches
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -269,10 +270,11 @@ def _settings(**settings) -> dict:
     out = {**DEFAULT_SETTINGS, **settings}
     if out["doc_sep"] not in DOC_SEPS:
         raise TailkdError(f"doc_sep={out['doc_sep']!r} is not one of {', '.join(DOC_SEPS)}")
-    if not 0.0 <= out["heldout_fraction"] < 1.0:
-        raise TailkdError(f"heldout_fraction={out['heldout_fraction']} must lie in [0, 1); 0.05 is usual")
-    if int(out["min_heldout_docs"]) != out["min_heldout_docs"] or out["min_heldout_docs"] < 0:
-        raise TailkdError(f"min_heldout_docs={out['min_heldout_docs']} must be a whole number >= 0")
+    if not (finite_number(out["heldout_fraction"]) and 0.0 <= out["heldout_fraction"] < 1.0):
+        raise TailkdError(f"heldout_fraction={out['heldout_fraction']!r} must lie in [0, 1); 0.05 is usual")
+    docs = out["min_heldout_docs"]
+    if not (finite_number(docs) and int(docs) == docs and docs >= 0):
+        raise TailkdError(f"min_heldout_docs={docs!r} must be a whole number >= 0")
     out["heldout_fraction"] = float(out["heldout_fraction"])
     out["min_heldout_docs"] = int(out["min_heldout_docs"])
     out["append_eos"] = bool(out["append_eos"])
