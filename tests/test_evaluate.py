@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import shutil
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,16 +118,29 @@ def test_a_nan_clm_has_a_nan_perplexity_not_an_infinite_one():
     assert _exp(700.0) == math.inf and _exp(-1.0) == math.exp(-1.0)
 
 
-@pytest.mark.parametrize("bins", [2, 4, 10, 20])
-def test_bin_edges_belong_to_the_upper_bin(bins):
-    """The binning rule of Full-ECE and ECE: bin m holds m/M <= q < (m+1)/M and q = 1 the last bin, so a
-    probability exactly on an edge (0.5, 0.25: uniform over 2 or 4 tokens) counts in the bin above it. Exact: the
-    edges are the same float64 linspace values the binning compares against."""
-    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)
-    want = torch.tensor(list(range(bins)) + [bins - 1], dtype=torch.int32)
-    assert torch.equal(evaluate._bin_index(edges, bins), want)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bins", [1, 2, 4, 10, 15, 20, 30, 100])
+def test_bin_edges_are_the_floats_nearest_m_over_m_and_belong_to_the_upper_bin(bins, dtype):
+    """The binning rule of Full-ECE and ECE: bin m holds m/M <= q < (m+1)/M and q = 1 the last bin, m/M being the
+    float nearest it in q's dtype: a probability exactly on an edge (0.5, 0.25: uniform over 2 or 4 tokens; 0.1
+    in float32) counts in the bin above it, the float just below it in the bin below. The edges were a
+    torch.linspace, whose j/M differs from the float nearest m/M by an ulp for some m (M = 15, 20, 30, 100 in float32,
+    10, 15, 20, 30, 100 in float64): q = fl(m/M) then fell in bin m - 1, or fl(m/M) - 1 ulp in bin m."""
+    exact = [Fraction(m, bins) for m in range(bins + 1)]
+    # Python's int / int is the correctly rounded float64; rounding that to float32 is the float32 nearest m/M (a
+    # second rounding can only err when the float64 lies on a float32 midpoint, impossible for M < 2^28) -- checked
+    # here against both float neighbours, exactly, so the reference does not rest on that argument
+    edges = torch.tensor([m / bins for m in range(bins + 1)], dtype=torch.float64).to(dtype)
+    for e, r in zip(edges, exact):
+        up, down = torch.nextafter(e, e.new_tensor(2.0)), torch.nextafter(e, e.new_tensor(-1.0))
+        assert abs(Fraction(float(e)) - r) <= min(abs(Fraction(float(up)) - r), abs(Fraction(float(down)) - r))
+    want = list(range(bins)) + [bins - 1]
+    assert evaluate._bin_index(edges, bins).tolist() == want  # on an edge: the bin above (1: the last bin)
+    below = torch.nextafter(edges[1:], torch.zeros_like(edges[1:]))  # 1 ulp under each edge m = 1..M: bin m - 1
+    assert evaluate._bin_index(below, bins).tolist() == want[:-1]
     inside = (edges[:-1] + edges[1:]) / 2  # mid-bin values: bin m
-    assert torch.equal(evaluate._bin_index(inside, bins), want[:-1])
+    assert evaluate._bin_index(inside, bins).tolist() == want[:-1]
+    assert evaluate._bin_index(edges, bins).dtype == torch.int32
 
 
 def test_calibrated_predictions_have_zero_ece():

@@ -48,8 +48,12 @@ def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_
 
 
 def _bin_index(x: torch.Tensor, bins: int) -> torch.Tensor:
-    """Bin m such that m/M <= x < (m+1)/M, with x = 1 in the last bin; int32, same shape as ``x``."""
-    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=x.dtype, device=x.device)[1:-1]  # (M-1,) interior edges
+    """Bin m such that m/M <= x < (m+1)/M, with x = 1 in the last bin; int32, same shape as ``x``.
+
+    The edges m/M are the floats nearest m/M in ``x``'s dtype (a linspace's j/M can be an ulp off them)."""
+    # m / M correctly rounded in float64, then once to x's dtype: the nearest float (a float64 on a float32 midpoint,
+    # the one case of double rounding, needs M >= 2^28)
+    edges = (torch.arange(1, bins, dtype=torch.float64) / bins).to(x.dtype).to(x.device)  # (M-1,) interior edges
     return torch.bucketize(x, edges, right=True, out_int32=True)
 
 
