@@ -143,6 +143,27 @@ def test_bin_edges_are_the_floats_nearest_m_over_m_and_belong_to_the_upper_bin(b
     assert evaluate._bin_index(edges, bins).dtype == torch.int32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_accuracy_agreement_and_top1_hits_take_the_argmax_of_the_logits(dtype):
+    """argmax q_i is the argmax of the logits (q is monotone in them). log_softmax rounds two logits one ulp apart
+    to the same log-probability when that ulp is below half an ulp of the log-normaliser (here 1e-3 and the next
+    float, normaliser ~0.86): argmax of the log-probs then took the first of the tie, the smaller logit, and
+    accuracy, agreement and top-1 ECE hits counted a right prediction as wrong."""
+    a = torch.tensor(1e-3, dtype=dtype)
+    tied = torch.stack([a, torch.nextafter(a, a.new_tensor(1.0)), a.new_tensor(-1.0)])[None]  # [1, 3]
+    assert tied.argmax(-1).tolist() == [1]  # token 1 is the mode, by one ulp
+    logq = torch.log_softmax(tied, dim=-1)
+    assert logq[0, 0] == logq[0, 1] and logq.argmax(-1).tolist() == [0]  # rounded into a tie: not vacuous
+    clear = torch.tensor([[0.0, 5.0, 0.0]], dtype=dtype)  # mode 1 by far
+    y = torch.tensor([1])
+    s = token_sums(tied, clear, y, bins=10)
+    assert (float(s["student_hits"]), float(s["agree"]), float(s["student_top1_hits"].sum())) == (1.0, 1.0, 1.0)
+    t = token_sums(clear, tied, y, bins=10)
+    assert (float(t["teacher_hits"]), float(t["agree"]), float(t["teacher_top1_hits"].sum())) == (1.0, 1.0, 1.0)
+    # the top-1 confidence stays max_v q_iv: both tied probabilities are that value
+    assert float(s["student_top1_conf"].sum()) == float(logq.exp().max())
+
+
 def test_calibrated_predictions_have_zero_ece():
     # q = (0.75, 0.25) at every position, label 0 three times out of four: calibrated in every bin
     model = from_probs([[0.75, 0.25]])

@@ -57,16 +57,18 @@ def _bin_index(x: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.bucketize(x, edges, right=True, out_int32=True)
 
 
-def calibration_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> dict[str, torch.Tensor]:
+def calibration_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int, *, pred: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
     """Per-bin sums for Full-ECE and top-1 ECE of one chunk, float64 ``[M]`` each.
 
-    ``probs`` ``[N, V]`` (rows sum to 1), ``labels`` ``[N]`` (all valid). Returns
+    ``probs`` ``[N, V]`` (rows sum to 1), ``labels`` ``[N]`` (all valid), ``pred`` ``[N]`` argmax q_i, taken from
+    the logits (rounding can tie probabilities whose logits differ). Returns
     ``full_count`` (pairs per bin), ``full_conf`` (Σ q_iv per bin), ``full_hits`` (Σ 1[y_i = v] per bin),
     ``top1_count``, ``top1_conf`` (Σ max_v q_iv), ``top1_hits`` (Σ 1[argmax q_i = y_i]).
     """
     flat_bins = _bin_index(probs, bins).reshape(-1)  # (N*V,) int32
     label_prob = probs.gather(-1, labels[:, None]).squeeze(-1)  # (N,) q_iy
-    conf, pred = probs.max(dim=-1)  # (N,), (N,)
+    conf = probs.amax(dim=-1)  # (N,)
     hit = (pred == labels).double()
     top1_bins = _bin_index(conf, bins)
     return {
@@ -98,27 +100,34 @@ def token_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
     models prefixed ``student_`` / ``teacher_``.
     """
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    logq = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (N, V)
+    student_logits = student_logits.to(dtype)
+    logq = torch.log_softmax(student_logits, dim=-1)  # (N, V)
+    # argmax q_i from the logits: q is monotone in them, but log_softmax can round two of them into a tie
+    student_pred = student_logits.argmax(-1)  # (N,)
     student_y = logq.gather(-1, labels[:, None])  # (N, 1) log q_iy; NaN where the row has no softmax (NaN, +inf)
     out = {
         "tokens": torch.tensor(float(labels.numel()), dtype=torch.float64),
         "student_nll": -student_y.double().sum(),
-        "student_hits": (logq.argmax(-1) == labels).double().sum(),
+        "student_hits": (student_pred == labels).double().sum(),
         "student_broken": student_y.isnan().double().sum(),
     }
     if bins:
-        out.update({f"student_{k}": v for k, v in calibration_sums(logq.exp(), labels, bins).items()})
+        calibration = calibration_sums(logq.exp(), labels, bins, pred=student_pred)
+        out.update({f"student_{k}": v for k, v in calibration.items()})
     if teacher_logits is not None:
-        logp = torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (N, V)
+        teacher_logits = teacher_logits.to(dtype)
+        logp = torch.log_softmax(teacher_logits, dim=-1)  # (N, V)
+        teacher_pred = teacher_logits.argmax(-1)  # (N,)
         teacher_y = logp.gather(-1, labels[:, None])  # (N, 1)
         out["teacher_nll"] = -teacher_y.double().sum()
         out["teacher_broken"] = teacher_y.isnan().double().sum()
-        out["teacher_hits"] = (logp.argmax(-1) == labels).double().sum()
+        out["teacher_hits"] = (teacher_pred == labels).double().sum()
         out["kl"] = _plogp_diff(logp, logq).sum()
         out["rkl"] = _plogp_diff(logq, logp).sum()
-        out["agree"] = (logq.argmax(-1) == logp.argmax(-1)).double().sum()
+        out["agree"] = (student_pred == teacher_pred).double().sum()
         if bins:
-            out.update({f"teacher_{k}": v for k, v in calibration_sums(logp.exp(), labels, bins).items()})
+            calibration = calibration_sums(logp.exp(), labels, bins, pred=teacher_pred)
+            out.update({f"teacher_{k}": v for k, v in calibration.items()})
     return out
 
 
