@@ -39,6 +39,23 @@ def test_distinct_n_closed_form():
         distinct_n(same, 0)
 
 
+def test_distinct_n_of_k_copies_is_one_over_k_only_with_an_n_gram():
+    """The docstring's claims, exactly: k copies of a text with at least n words and no repeated n-gram score 1/k
+    (u/(k·u) and 1/k are the same correctly rounded quotient); shorter than n, the copies have no n-gram and score
+    0, as any set without one does (the docstring said 1/k for any text without internal repeats)."""
+    for text in ("a", "a b", "a b c d", "a a b", "x y x z"):
+        words = text.split()
+        for n in (1, 2, 3, 4):
+            repeats = len(set(zip(*(words[i:] for i in range(n))))) < len(words) - n + 1
+            for k in (1, 2, 3, 7):
+                got = distinct_n([text] * k, n)
+                if len(words) < n:
+                    assert got == 0.0, (text, n, k)
+                elif not repeats:
+                    assert got == 1 / k, (text, n, k)
+    assert distinct_n([], 1) == 0.0 and distinct_n(["a b", "c"], 3) == 0.0
+
+
 def test_sentence_bleu_by_hand():
     # p1 = 3/4, p2 = (2+1)/(3+1), p3 = (1+1)/(2+1), p4 = (0+1)/(1+1), BP = 1 (same length)
     want = (3 / 4 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25

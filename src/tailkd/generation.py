@@ -46,10 +46,12 @@ def _ngrams(words: Sequence[str], n: int) -> Counter:
 
 
 def distinct_n(samples: Sequence[str], n: int) -> float:
-    """Distinct-n (Li et al., 2016) of a set of texts: |unique n-grams| / |n-grams|, pooled over the set.
+    """Distinct-n (Li et al., 2016) of a set of texts: |unique n-grams| / |n-grams|, pooled over the set (the
+    common form; the paper divides by the number of words, the same for n = 1).
 
     Words are whitespace-separated. 1.0 = no n-gram repeats anywhere in the set; k identical copies of a
-    text without internal repeats score 1/k. A set without any n-gram (all texts shorter than n) scores 0.
+    text of at least n words without a repeated n-gram score 1/k. A set without any n-gram (all texts shorter
+    than n, k copies of one included) scores 0.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
