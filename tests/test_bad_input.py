@@ -66,12 +66,14 @@ def assets(tmp_path_factory):
     binary.write_bytes(bytes(range(256)) * 8)
     no_text = root / "docs.jsonl"
     no_text.write_text('{"body": "a document"}\n')
+    surrogate = root / "surrogate.jsonl"  # the JSON escape \ud800 without its other half: no Unicode text
+    surrogate.write_text('{"text": "a document"}\n{"text": "cut \\ud800"}\n')
     return {
         "root": root, "teacher": teacher, "corpus": write_corpus(root / "corpus.txt"), "cache": root / "cache",
         "vocab": vocab,
         "other_tokenizer": student(root / "other-tok", other_tok, len(other_tok)),
         "small_head": student(root / "small-head", tok, vocab - 8),
-        "no_config": no_config, "bad_config": bad_config, "binary": binary, "no_text": no_text,
+        "no_config": no_config, "bad_config": bad_config, "binary": binary, "no_text": no_text, "surrogate": surrogate,
         "truncated": truncated, "bad_header": bad_header, "sharded": sharded, "missing_shard": shards[1],
         "bin_only": bin_only, "bad_bin": bad_bin,
     }
@@ -290,6 +292,7 @@ def test_a_bin_only_model_folder_loads(assets, tmp_path):
 @pytest.mark.parametrize("case, needles", [
     ("binary", ["is not UTF-8 text", "remove it from data.paths"]),
     ("no_text", ['no "text" field', "docs.jsonl:1"]),
+    ("surrogate", ['surrogate.jsonl:2: "text" holds \\ud800, half of a UTF-16 surrogate pair', "remove the line"]),
 ])
 def test_unusable_data_file(assets, tmp_path, case, needles):
     run = tmp_path / "run"

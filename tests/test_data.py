@@ -131,6 +131,24 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         docs_of(h)
 
 
+@pytest.mark.parametrize("line, match", [
+    # a \ud800 escape without its other half parses into a str that is no Unicode text: it ended later, in hashing
+    # or the tokenizer, as 'UnicodeEncodeError: ... surrogates not allowed'
+    ('{"text": "a\\ud800b"}', r'"text" holds \\ud800, half of a UTF-16 surrogate pair .*remove the line$'),
+    ('{"text": "low \\udc00 alone", "id": "x"}', r'"text" holds \\udc00, half of a UTF-16 surrogate pair'),
+])
+def test_jsonl_lines_that_are_no_text_name_file_and_line(tmp_path, line, match):
+    f = write(tmp_path / "d.jsonl", '{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(TailkdError, match=r"d\.jsonl:2: " + match):
+        docs_of(f)
+
+
+def test_jsonl_surrogate_pair_is_one_character(tmp_path):
+    """A whole pair of surrogate escapes is one character, kept; a lone one in a field tailkd does not read is left."""
+    f = write(tmp_path / "d.jsonl", '{"text": "a\\ud83d\\ude00b", "note": "\\ud800 in another field"}\n')
+    assert docs_of(f) == ["a\U0001f600b"]
+
+
 def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

@@ -395,6 +395,9 @@ def test_render_chat_matches_the_template(tok):
     ('[1, 2]\n', r'd\.jsonl:1: a JSON list, not an object; write \{"prompt": \.\.\., "response": \.\.\.\} or'),
     ('{"messages": [{"role": "user", "content": "a"}]}\n', r'd\.jsonl:1: no "assistant" message'),
     ('{"messages": [{"role": "user"}]}\n', r"d\.jsonl:1: message 0 is not"),
+    ('{"prompt": "a", "response": "b\\ud800"}\n', r'd\.jsonl:1: "response" holds \\ud800, half of a UTF-16 surrogate'),
+    ('{"messages": [{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "b"}]}\n',
+     r'd\.jsonl:1: message 0\'s "content" holds \\udfff, half of a UTF-16 surrogate pair'),
     ("\n  \n", r'd\.jsonl holds no examples .*"response": \.\.\.\} or remove the file'),
     ("", r"d\.jsonl holds no examples"),
 ])

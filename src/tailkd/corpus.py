@@ -147,8 +147,9 @@ def iter_documents(paths: str | Path | Iterable[str | Path], *, doc_sep: str = "
     Documents that are empty or whitespace are skipped. In text files, line endings become ``\\n``
     and a document's trailing whitespace is dropped (for ``"line"`` its leading whitespace too);
     JSON and parquet texts are kept exactly. Raises
-    ``TailkdError`` for a missing path, a binary or non-UTF-8 file, a JSON line without ``text``,
-    or a corpus without a single document.
+    ``TailkdError`` for a missing path, a binary or non-UTF-8 file, a JSON line without ``text``
+    or whose ``text`` is no Unicode (an unpaired surrogate escape, see ``check_unicode``), or a
+    corpus without a single document.
     """
     if doc_sep not in DOC_SEPS:
         raise TailkdError(f"doc_sep={doc_sep!r} is not one of {', '.join(DOC_SEPS)}")
@@ -232,7 +233,20 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
         if not isinstance(obj["text"], str):
             raise TailkdError(f'{path}:{n}: "text" is a {type(obj["text"]).__name__}, not a string; '
                               "store each document as a string")
+        check_unicode(obj["text"], f'{path}:{n}: "text"')
         yield obj["text"]
+
+
+def check_unicode(text: str, what: str) -> None:
+    """TailkdError ``{what} holds \\ud800, ...`` where ``text`` holds an unpaired UTF-16 surrogate: a JSON ``\\ud800``
+    escape without its other half parses into such a str, which is no Unicode text (UTF-8, the tokenizer and hashing
+    refuse it). A whole pair (``\\ud83d\\ude00``) is one character and passes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # UTF-8 encodes every code point but a surrogate
+        raise TailkdError(f"{what} holds \\u{ord(text[exc.start]):04x}, half of a UTF-16 surrogate pair without the "
+                          "other half, which is no character (text cut inside a pair?); repair or remove the line") \
+            from None
 
 
 def _iter_parquet(path: Path) -> Iterator[str]:

@@ -117,6 +117,8 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
+    from tailkd.corpus import check_unicode
+
     if not isinstance(obj, dict):
         raise TailkdError(f'{where}: a JSON {type(obj).__name__}, not an object; write {{"prompt": ..., '
                           '"response": ...} or {"messages": [...]} per line')
@@ -127,6 +129,8 @@ def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
         for j, m in enumerate(msgs):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise TailkdError(f'{where}: message {j} is not {{"role": str, "content": str}} (got {m!r:.80})')
+            for k in ("role", "content"):
+                check_unicode(m[k], f'{where}: message {j}\'s "{k}"')
         if not any(m["role"] == "assistant" for m in msgs):
             raise TailkdError(f'{where}: no "assistant" message, so nothing to train on; add the assistant reply')
         return SFTExample(where, messages=tuple({"role": m["role"], "content": m["content"]} for m in msgs))
@@ -137,6 +141,7 @@ def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
     for k in ("prompt", "response"):
         if not isinstance(obj[k], str):
             raise TailkdError(f'{where}: "{k}" is a {type(obj[k]).__name__}, not a string')
+        check_unicode(obj[k], f'{where}: "{k}"')
     if not obj["response"].strip() and not references_optional:
         raise TailkdError(f'{where}: "response" is empty; remove the line or give the reference answer')
     return SFTExample(where, prompt=obj["prompt"], response=obj["response"])
@@ -146,7 +151,8 @@ def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTEx
     """Every example of ``paths`` (files or folders, as ``tailkd.corpus.list_files``), in reading order.
 
     Blank lines are skipped. ``TailkdError`` (with file:line) for a line that is not JSON, not an object,
-    lacks ``prompt``/``response`` (or ``messages``), or has the wrong types; and for a file without examples; for
+    lacks ``prompt``/``response`` (or ``messages``), has the wrong types or text that is no Unicode (an unpaired
+    surrogate escape, ``tailkd.corpus.check_unicode``); and for a file without examples; for
     an empty ``response`` too unless ``references_optional`` (prompts to decode: the response is only a reference,
     which ROUGE-L then asks for).
     """
