@@ -213,6 +213,11 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
         fh.write("{not json\n")
     assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys.readouterr().err, "metrics.jsonl:3")
+    run = make_run(tmp_path, "deep", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
+    with open(run / "metrics.jsonl", "a") as fh:  # JSON nested past what Python's parser reads: a RecursionError
+        fh.write("[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "metrics.jsonl:3 is not valid JSON")
 
 
 def test_real_runs_eval_and_compare_end_to_end(tmp_path, capsys):

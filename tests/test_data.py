@@ -136,6 +136,8 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     # or the tokenizer, as 'UnicodeEncodeError: ... surrogates not allowed'
     ('{"text": "a\\ud800b"}', r'"text" holds \\ud800, half of a UTF-16 surrogate pair .*remove the line$'),
     ('{"text": "low \\udc00 alone", "id": "x"}', r'"text" holds \\udc00, half of a UTF-16 surrogate pair'),
+    pytest.param("[" * 100_000 + "]" * 100_000,  # past what Python's parser reads: a RecursionError
+                 r"not valid JSON \(nested too deeply to read\); \.jsonl/\.json files need one", id="nested too deep"),
 ])
 def test_jsonl_lines_that_are_no_text_name_file_and_line(tmp_path, line, match):
     f = write(tmp_path / "d.jsonl", '{"text": "ok"}\n' + line + "\n")

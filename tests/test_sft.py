@@ -398,6 +398,8 @@ def test_render_chat_matches_the_template(tok):
     ('{"prompt": "a", "response": "b\\ud800"}\n', r'd\.jsonl:1: "response" holds \\ud800, half of a UTF-16 surrogate'),
     ('{"messages": [{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "b"}]}\n',
      r'd\.jsonl:1: message 0\'s "content" holds \\udfff, half of a UTF-16 surrogate pair'),
+    pytest.param('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n",  # a RecursionError in Python's parser
+                 r"d\.jsonl:1: not valid JSON \(nested too deeply to read\)", id="nested too deep"),
     ("\n  \n", r'd\.jsonl holds no examples .*"response": \.\.\.\} or remove the file'),
     ("", r"d\.jsonl holds no examples"),
 ])

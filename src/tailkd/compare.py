@@ -66,7 +66,7 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
             continue
         try:
             row = jsonfile.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past Python's stack
             raise TailkdError(f"{metrics_path}:{n} is not valid JSON; repair or remove that line") from None
         if row.get("split") == "heldout" and ("kl" in row or "student_clm" in row):
             held.append(row)

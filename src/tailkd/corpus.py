@@ -224,8 +224,9 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TailkdError(f"{path}:{n}: not valid JSON ({exc.msg}); .jsonl/.json files need one JSON object "
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's stack
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
+            raise TailkdError(f"{path}:{n}: not valid JSON ({why}); .jsonl/.json files need one JSON object "
                               'per line, e.g. {"text": "..."}') from None
         if not isinstance(obj, dict) or "text" not in obj:
             found = f"keys {sorted(obj)[:5]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"

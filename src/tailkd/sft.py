@@ -167,8 +167,9 @@ def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTEx
             where = f"{f}:{n}"
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TailkdError(f"{where}: not valid JSON ({exc.msg}); SFT data needs one JSON object per line") \
+            except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's stack
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
+                raise TailkdError(f"{where}: not valid JSON ({why}); SFT data needs one JSON object per line") \
                     from None
             out.append(_parse(obj, where, references_optional))
             n_file += 1
