@@ -175,6 +175,20 @@ def test_parquet_dictionary_encoded_text(tmp_path):
         docs_of(tmp_path / "ints.parquet")
 
 
+def test_parquet_text_column_of_type_null_holds_no_documents(tmp_path):
+    """pandas writes an all-None object column (an empty one too) with arrow type null: no documents, as a string
+    column of nulls (it was refused: 'column "text" holds null, not strings'); the other files' documents are read."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": pa.nulls(3)}), tmp_path / "nulls.parquet")
+    pq.write_table(pa.table({"text": pa.nulls(3, pa.string())}), tmp_path / "string-nulls.parquet")
+    pq.write_table(pa.table({"text": ["a doc"]}), tmp_path / "one.parquet")
+    for name in ("nulls", "string-nulls"):
+        assert docs_of([tmp_path / f"{name}.parquet", tmp_path / "one.parquet"]) == ["a doc"]
+        with pytest.raises(TailkdError, match=rf"^no documents in \S*{name}\.parquet: every file is empty"):
+            docs_of(tmp_path / f"{name}.parquet")
+
+
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError

@@ -139,7 +139,8 @@ def iter_documents(paths: str | Path | Iterable[str | Path], *, doc_sep: str = "
     """Stream the documents of ``paths`` (files or folders), one file and one document at a time.
 
     - ``.jsonl`` / ``.json``: one JSON object per line, the document in its ``"text"`` field;
-    - ``.parquet``: the ``text`` column (needs pyarrow);
+    - ``.parquet``: the ``text`` column (needs pyarrow), its nulls skipped (a column of arrow type null, as
+      pandas writes an all-None one, holds none);
     - anything else: UTF-8 text, split by ``doc_sep``: ``"blank_line"`` (one or more blank lines
       between documents), ``"line"`` (each non-empty line), ``"file"`` (the whole file), or
       ``"auto"`` (``.cor`` files by line, the rest by blank line).
@@ -267,6 +268,8 @@ def _iter_parquet(path: Path) -> Iterator[str]:
         raise TailkdError(f'{path} has no "text" column (columns: {names[:8]}); rename the document column to "text"')
     kind = pf.schema_arrow.field("text").type
     values = kind.value_type if pa.types.is_dictionary(kind) else kind  # dictionary: e.g. a pandas "category" column
+    if pa.types.is_null(values):  # pandas writes an all-None object column so (an empty one too): no documents
+        return
     if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
         raise TailkdError(f'{path}: column "text" holds {kind}, not strings; store each document as a string')
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
