@@ -189,6 +189,19 @@ def test_parquet_text_column_of_type_null_holds_no_documents(tmp_path):
             docs_of(tmp_path / f"{name}.parquet")
 
 
+def test_parquet_text_that_is_not_utf8_names_its_row(tmp_path):
+    """Arrow strings are UTF-8 by contract, but a writer that does not check can store other bytes (here a surrogate
+    in CESU-8, ED A0 80): one line naming the file and row (it was 'UnicodeDecodeError: 'utf-8' codec can't
+    decode byte 0xed ...', exit 1)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    raw = pa.array([b"ok", b"fine", b"cut \xed\xa0\x80"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": raw}), tmp_path / "d.parquet", row_group_size=2)
+    with pytest.raises(TailkdError, match=r'd\.parquet is not UTF-8 text \(row 3 of column "text" is not UTF-8 '
+                                          r"\(invalid continuation byte\)\); remove it from data\.paths or convert"):
+        docs_of(tmp_path / "d.parquet")
+
+
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError

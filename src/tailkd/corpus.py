@@ -272,10 +272,26 @@ def _iter_parquet(path: Path) -> Iterator[str]:
         return
     if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
         raise TailkdError(f'{path}: column "text" holds {kind}, not strings; store each document as a string')
+    row = 0
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
-        for text in batch.column(0).to_pylist():
+        column = batch.column(0)
+        try:
+            texts = column.to_pylist()
+        except UnicodeDecodeError as exc:  # arrow strings are UTF-8 by contract, which a writer may not have checked
+            bad = next(i for i in range(len(column)) if not _decodes(column[i]))
+            raise _binary_error(path, f'row {row + bad + 1} of column "text" is not UTF-8 ({exc.reason})') from None
+        row += len(texts)
+        for text in texts:
             if text is not None:
                 yield text
+
+
+def _decodes(scalar) -> bool:
+    try:
+        scalar.as_py()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- fingerprint and split
