@@ -182,6 +182,19 @@ def test_dkd_matches_reference(c, alpha_beta):
     )
 
 
+
+def test_drkl_teacher_argmax_anchor_is_the_argmax_of_the_teacher_logits():
+    # p is monotone in the logits, so argmax p = argmax of the logits; dividing by the temperature first rounds two
+    # logits one ulp apart (1.9 and the next float32, at T = 0.9) into a tie, and argmax then took the first
+    a = torch.tensor(1.9)
+    t = torch.stack([a, torch.nextafter(a, torch.tensor(2.0)), torch.tensor(-1.0)])[None]  # [1, 3]
+    assert (t[0, 0] / 0.9) == (t[0, 1] / 0.9)  # the tie the division makes (else the test proves nothing)
+    s = torch.tensor([[0.3, -0.2, 0.5]])
+    labels = torch.tensor([1])
+    got = L.drkl(s, t, labels, gamma=0.5, anchor="teacher_argmax", temperature=0.9)
+    assert torch.equal(got, L.drkl(s, t, labels, gamma=0.5, anchor="label", temperature=0.9))
+    assert not torch.equal(got, L.drkl(s, t, torch.tensor([0]), gamma=0.5, anchor="label", temperature=0.9))
+
 @FAST
 @given(cases(), st.sampled_from([0.0, 0.5, 3.0]), st.sampled_from(["label", "teacher_argmax"]))
 def test_drkl_matches_reference(c, gamma, anchor):

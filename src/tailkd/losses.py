@@ -596,8 +596,9 @@ def drkl(
     check_temperature(temperature)
     if labels is not None:  # (without labels every position is valid)
         student_logits, teacher_logits = (zero_masked_rows(x, valid) for x in (student_logits, teacher_logits))
+    # the teacher's mode from its logits: dividing by the temperature can round two of them into a tie
+    y = teacher_logits.argmax(-1) if anchor == "teacher_argmax" else torch.where(valid, labels, 0)  # [...]
     s, t = scaled_pair(student_logits, teacher_logits, temperature)
-    y = t.argmax(-1) if anchor == "teacher_argmax" else torch.where(valid, labels, 0)  # [...]
     binary, nontarget = _target_split(s, t, y)  # [...], [...]
     return torch.where(valid, binary + gamma * nontarget, 0.0)
 
