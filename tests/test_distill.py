@@ -362,6 +362,11 @@ def test_heldout_data_smaller_than_a_row_is_named(assets, tmp_path):
     with pytest.raises(TailkdError, match=r"train\.bin holds \d+ tokens, fewer than one row") as exc:
         _setup_data(assets, heldout_paths=[str(small)])
     assert str(exc.value).startswith(f"--heldout-data {small}: ")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")  # no documents: named as the held-out data too (it said "point data.paths at ...")
+    with pytest.raises(TailkdError, match=rf"^--heldout-data {blank}: no documents in {blank}: every file is empty "
+                                          r"or whitespace; pass files that hold text$"):
+        _setup_data(assets, heldout_paths=[str(blank)])
 
 
 def test_doc_eos_false_reads_one_continuous_stream(assets):

@@ -163,8 +163,8 @@ def iter_documents(paths: str | Path | Iterable[str | Path], *, doc_sep: str = "
                 yield doc
     if n == 0:
         names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
-        raise TailkdError(f"no documents in {names}: every file is empty or whitespace; point data.paths at "
-                          "files that hold text")
+        raise TailkdError(f"no documents in {names}: every file is empty or whitespace; pass files that "
+                          "hold text")
 
 
 def _iter_file(path: Path, doc_sep: str) -> Iterator[str]:

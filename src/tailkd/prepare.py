@@ -218,10 +218,11 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     # A separate held-out corpus (paper: held-out KL on a validation set of its own): all of its documents, i.e.
     # the "train" file of a corpus prepared with nothing held out. The training corpus is prepared as without it,
     # so its rows (and a teacher cache of them) do not depend on --heldout-data.
-    held = prepare(text_paths(cfg.data.heldout_paths, cfg.data, cache_root), heldout_fraction=0.0, min_heldout_docs=0)
-    try:
+    try:  # its errors name files (no documents) or the cached train.bin of that corpus: say which data they are
+        held = prepare(text_paths(cfg.data.heldout_paths, cfg.data, cache_root), heldout_fraction=0.0,
+                       min_heldout_docs=0)
         held_rows = data_mod.PackedRows(held.train_bin, cfg.data.seq_len)
-    except TailkdError as exc:  # it names the cached train.bin of that corpus: say which data it holds
+    except TailkdError as exc:
         raise TailkdError(f"--heldout-data {' '.join(map(str, cfg.data.heldout_paths))}: {exc}") from None
     return info, train_rows, held_rows
 
