@@ -218,6 +218,10 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
         fh.write("[" * 100_000 + "]" * 100_000 + "\n")
     assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys.readouterr().err, "metrics.jsonl:3 is not valid JSON")
+    run = make_run(tmp_path, "deep_eval", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
+    (run / "eval.json").write_text("[" * 100_000 + "]" * 100_000)  # the same in a run's eval.json
+    assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "eval.json is not valid JSON (nested too deeply to read)")
 
 
 def test_real_runs_eval_and_compare_end_to_end(tmp_path, capsys):

@@ -229,6 +229,14 @@ def test_flops_cli_errors_are_one_line(capsys, args, needle):
     one_line_error(capsys.readouterr().err, needle)
 
 
+def test_flops_of_a_config_nested_too_deeply_is_one_line(tmp_path, capsys):
+    deep = tmp_path / "config.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # past Python's parser: a RecursionError
+    assert main(["flops", "--teacher", str(deep), "--student-params", "1e8", "--vocab", "9", "--hidden", "4"]) == 2
+    one_line_error(capsys.readouterr().err, f"cannot read a model config from {deep}: not valid JSON (nested too "
+                                            "deeply to read)")
+
+
 def test_flops_out_is_never_half_written(tmp_path, monkeypatch, capsys):
     """A write that fails half-way (a full disk: ENOSPC after 10 characters) leaves no file at --out (it left the
     10 characters), and the command reports it in one line with exit 1; the old file, if any, stays whole."""

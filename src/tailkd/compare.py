@@ -49,8 +49,9 @@ def _read_json(path: Path) -> dict | None:
         return None
     try:
         return jsonfile.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TailkdError(f"{path} is not valid JSON ({exc.msg}); re-create it or remove it") from None
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's stack
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
+        raise TailkdError(f"{path} is not valid JSON ({why}); re-create it or remove it") from None
 
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:

@@ -191,6 +191,9 @@ def size_from_spec(spec: str) -> ModelSize:
             return model_size(AutoConfig.from_pretrained(models.model_dir(spec)), name=spec)
     except (OSError, json.JSONDecodeError) as exc:
         raise TailkdError(f"cannot read a model config from {spec}: {str(exc).splitlines()[0]}") from exc
+    except RecursionError:  # json nested past Python's stack
+        raise TailkdError(f"cannot read a model config from {spec}: not valid JSON (nested too deeply to read)") \
+            from None
     raise TailkdError(f"{spec} is not a config.json, a model folder, a .gguf file or 'smollm2'; "
                       "or give sizes with --teacher-params/--student-params --vocab --hidden")
 
