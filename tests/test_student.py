@@ -139,6 +139,35 @@ def test_rope_aware_truncation_keeps_rotated_queries():
     assert not torch.allclose(sq, tq[..., :8], atol=1e-3)
 
 
+def test_rope_scaling_is_the_teachers_setting_over_the_students_rotary_rows():
+    """A rope_type is computed by transformers over the student's rotary rows r_s. YaRN: the kept teacher pairs'
+    frequencies where both ramps are 0 or 1; inside the ramp, whose bounds it rounds over r_s/2 pairs, a frequency
+    between the interpolated (θ_j / factor) and the extrapolated θ_j. Dynamic NTK raises its base to r/(r - 2): 2
+    rotated rows are refused in one line (transformers divided by zero building the student)."""
+    factor, original = 4.0, 64
+    yarn = {"rope_type": "yarn", "factor": factor, "rope_theta": 10000.0, "original_max_position_embeddings": original}
+    teacher = make_tiny_lm("llama", rope_parameters=yarn, max_position_embeddings=int(original * factor))
+    student, _ = build_student(teacher, hidden_size=32)  # head_dim 16 -> 8: teacher pair 2j for student pair j
+    ft, fs = teacher.model.rotary_emb.inv_freq, student.model.rotary_emb.inv_freq
+    kept = ft[rope_pair_rows(16, 8)[:4]]
+    theta = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # the unscaled frequencies θ_j
+    extrapolated, interpolated = kept.double() == theta.float().double(), kept.double() == (theta / factor).float()
+    edge = ~(extrapolated | interpolated)  # the teacher's ramp
+    assert extrapolated[0] and interpolated[-1]
+    same = fs == kept
+    assert same[~edge].all() and not same.all()  # this setting's rounding differs at one ramp pair
+    inside = ~same
+    assert ((fs[inside].double() <= theta[inside] * (1 + 1e-6))
+            & (fs[inside].double() >= theta[inside] / factor * (1 - 1e-6))).all()
+    assert student.model.rotary_emb.attention_scaling == teacher.model.rotary_emb.attention_scaling
+    dynamic = make_tiny_lm("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(TailkdError, match=r"^the teacher's dynamic \(NTK\) RoPE scaling raises its base to r/\(r - 2\) "
+                                          r"over the r = head_dim rotated rows, but a head_dim 2 student rotates 2: "
+                                          r"pick a head_dim that rotates at least 4 \(the teacher's is 16\)$"):
+        build_student(dynamic, hidden_size=8)
+    assert build_student(dynamic, hidden_size=16)[0].config.head_dim == 4  # 4 rotated rows: built
+
+
 def test_rope_pair_rows_general():
     assert rope_pair_rows(16, 16) == list(range(16))
     assert rope_pair_rows(64, 32) == [2 * j for j in range(16)] + [32 + 2 * j for j in range(16)]
@@ -311,6 +340,8 @@ def test_student_saves_and_loads_as_plain_hf_model(tmp_path, family):
     ("llama", {"layers": [0, 4]}, r"layer indices \[4\] out of range.*0\.\.3"),
     ("llama", {"layers": [2, 1]}, r"increasing.*\[1, 2\]"),
     ("llama", {"layers": [0, 1], "num_layers": 3}, r"only one of them"),
+    ("llama", {"layers": []}, r"^layers is empty: list the teacher layers \(0\.\.3\) the student keeps, or pass "
+                              r"num_layers$"),
     ("llama", {"hidden_size": 128}, r"hidden_size=128 but the teacher's is 64"),
     ("llama", {"intermediate_size": 256}, r"intermediate_size=256 but the teacher's is 128"),
     ("llama", {"hidden_size": 30}, r"hidden_size=30 is not divisible by num_heads=4"),

@@ -34,8 +34,11 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              keep whole pairs, teacher pair floor(j * r_t/r_s + 1/2) for student pair j, which is the
              teacher pair rotating at exactly the student's frequency when r_t/r_s is an integer
              (a plain "first rows" cut would split every pair and re-time every frequency), then the first
-             head_dim - r_s of the teacher's non-rotated rows. GPT-2 (absolute positions) keeps the first
-             head_dim rows of q, k and v.
+             head_dim - r_s of the teacher's non-rotated rows. A RoPE scaling (rope_type) is the teacher's
+             setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
+             at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
+             raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
+             GPT-2 (absolute positions) keeps the first head_dim rows of q, k and v.
            - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows
              above in their own blocks, Phi-3 gate_up_proj the first units of each half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm) keep the rows
@@ -150,9 +153,12 @@ def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) ->
         raise TailkdError(f"layers lists {len(layers)} layers but num_layers={num_layers}: pass only one of them")
     if layers is not None:
         layers = [int(i) for i in layers]
+        if not layers:
+            raise TailkdError(f"layers is empty: list the teacher layers (0..{n_teacher - 1}) the student keeps, "
+                              "or pass num_layers")
         bad = [i for i in layers if not 0 <= i < n_teacher]
-        if bad or not layers:
-            raise TailkdError(f"layer indices {bad or layers} out of range: the teacher has layers 0..{n_teacher - 1}")
+        if bad:
+            raise TailkdError(f"layer indices {bad} out of range: the teacher has layers 0..{n_teacher - 1}")
         if any(a >= b for a, b in itertools.pairwise(layers)):
             raise TailkdError(f"layers {layers} must be increasing without repeats: pass e.g. {sorted(set(layers))}")
         return layers
@@ -255,12 +261,19 @@ def _check_layer_index_flags(config, fam: Family, chosen: list[int]) -> None:
                               f"(--student.layers {first})")
 
 
-def _check_rope_lists(config, fam: Family, t: Dims, s: Dims) -> None:
-    """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting."""
+def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
+    """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting;
+    and 2 rotated rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
     if s.head_dim == t.head_dim:
         return
     params = getattr(config, "rope_parameters", None) or {}
     groups = (params, *(v for v in params.values() if isinstance(v, dict)))
+    rotated = int(s.head_dim * fraction)
+    if rotated == 2 and any(group.get("rope_type") == "dynamic" for group in groups):
+        what = "head_dim" if fraction == 1 else f"head_dim * partial_rotary_factor ({fraction:g})"
+        raise TailkdError(f"the teacher's dynamic (NTK) RoPE scaling raises its base to r/(r - 2) over the r = "
+                          f"{what} rotated rows, but a head_dim {s.head_dim} student rotates 2: pick a head_dim "
+                          f"that rotates at least 4 (the teacher's is {t.head_dim})")
     lists = sorted({key for group in groups for key, value in group.items() if isinstance(value, (list, tuple))})
     if lists:
         how = ("keep hidden_size/num_heads" if fam.head_dim == "derived" else "keep head_dim") + f" = {t.head_dim}"
@@ -379,7 +392,7 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
     _check_layer_index_flags(teacher.config, fam, chosen)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction)
-    _check_rope_lists(teacher.config, fam, t, s)
+    _check_rope(teacher.config, fam, t, s, fraction)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
 
