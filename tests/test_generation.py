@@ -317,3 +317,29 @@ def test_generate_on_chat_prompts_with_a_real_model(tmp_path):
     ref = generate(model, tok, chats, max_new_tokens=5, batch_size=1, progress=False)
     assert out == ref and len(out) == 2 and all(isinstance(o[0], str) for o in out)
     assert TINY_VOCAB < len(tok)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2", None])
+def test_ngram_orders_must_be_positive_integers(bad):
+    """An n-gram order that is not an integer >= 1 is a ValueError naming it: True ran as n = 1 (Python counts it as
+    1), 2.0 failed inside range() with a TypeError, sentence_bleu's max_order = 0 divided by zero."""
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        distinct_n(["a b c"], bad)
+    with pytest.raises(ValueError, match="max_order must be an integer >= 1"):
+        sentence_bleu("a b c", ["a b c"], max_order=bad)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        diversity([["a b", "c d"]], orders=(1, bad))
+
+
+def test_ngram_orders_accept_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert distinct_n(["a b a b"], np.int64(2)) == distinct_n(["a b a b"], 2) == 2 / 3
+    assert sentence_bleu("a b c", ["a b d"], max_order=np.int32(2)) == sentence_bleu("a b c", ["a b d"], max_order=2)
+
+
+def test_diversity_counts_a_prompt_without_n_grams_as_zero():
+    """The docstring's rule: a prompt whose samples are all shorter than n words is in the mean with distinct-n 0
+    (a collapsed prompt lowers the score; averaging over the other prompts only would hide it)."""
+    d = diversity([["a b c", "d e f"], ["", ""]])
+    assert d["distinct_1"] == (1.0 + 0.0) / 2 and d["distinct_3"] == (1.0 + 0.0) / 2
+    assert diversity([["a b", "c d"]])["distinct_3"] == 0.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections import Counter
 from collections.abc import Sequence
 
@@ -45,6 +46,13 @@ def _ngrams(words: Sequence[str], n: int) -> Counter:
     return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
+def _check_order(n, name: str) -> None:
+    """An n-gram order: an integer >= 1 (numpy's too; a bool is refused: Python would count True as 1)."""
+    if not isinstance(n, bool) and hasattr(n, "__index__") and operator.index(n) >= 1:
+        return
+    raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+
+
 def distinct_n(samples: Sequence[str], n: int) -> float:
     """Distinct-n (Li et al., 2016) of a set of texts: |unique n-grams| / |n-grams|, pooled over the set (the
     common form; the paper divides by the number of words, the same for n = 1).
@@ -53,8 +61,7 @@ def distinct_n(samples: Sequence[str], n: int) -> float:
     text of at least n words without a repeated n-gram score 1/k. A set without any n-gram (all texts shorter
     than n, k copies of one included) scores 0.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    _check_order(n, "n")
     counts: Counter = Counter()
     for s in samples:
         counts.update(_ngrams(_words(s), n))
@@ -77,6 +84,7 @@ def sentence_bleu(hypothesis: str, references: Sequence[str], *, max_order: int 
     a set of identical empty samples, e.g. a student that ends every answer at once, would get Self-BLEU 0 and
     read as the most diverse).
     """
+    _check_order(max_order, "max_order")
     hyp = _words(hypothesis)
     refs = [_words(r) for r in references]
     if not refs:
@@ -117,7 +125,12 @@ def self_bleu(samples: Sequence[str], *, max_order: int = 4) -> float:
 def diversity(groups: Sequence[Sequence[str]], *, orders: Sequence[int] = (1, 2, 3, 4)) -> dict[str, float]:
     """Distinct-n and Self-BLEU of sampled outputs, each computed within one prompt's samples and then
     averaged over prompts (the diversity of a model's answers to the same question, not across questions).
-    Keys: ``distinct_1`` .. ``distinct_4``, ``self_bleu``."""
+    Keys: ``distinct_1`` .. ``distinct_4``, ``self_bleu``.
+
+    A prompt whose samples have no n-gram (all shorter than n words) counts with distinct-n 0, as `distinct_n`
+    scores it, and is not left out of the mean: a student that collapses to empty or one-word answers on some
+    prompts must read as less diverse there, not be averaged over its other prompts only. (Distinct answers
+    shorter than n words also score 0 at that order; their diversity shows in the lower orders.)"""
     if not groups:
         raise ValueError("diversity needs at least one group of samples")
     out = {f"distinct_{n}": sum(distinct_n(g, n) for g in groups) / len(groups) for n in orders}
