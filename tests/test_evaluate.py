@@ -105,6 +105,17 @@ def test_a_nan_teacher_is_not_reported_as_kl_zero():
     assert torch.isfinite(token_sums(s, t, torch.tensor([1]))["kl"])
 
 
+def test_a_float64_teachers_prediction_is_its_own_argmax_not_after_the_float32_cast():
+    """With a float32 student the sums are computed in float32, but the teacher's argmax (its hits, the agreement,
+    its top-1 ECE hits) is taken from its own float64 logits: 1 and 1 + 1e-12 both round to 1.0f, and the
+    argmax of the cast picked id 0 — a right prediction (y = 1) counted wrong, and the agreement with a student
+    that predicts 1 counted as a disagreement."""
+    s = torch.tensor([[0.0, 1.0, -1.0]])  # float32 student, predicts 1
+    t = torch.tensor([[1.0, 1.0 + 1e-12, -3.0]], dtype=torch.float64)
+    sums = token_sums(s, t, torch.tensor([1]), bins=10)
+    assert sums["teacher_hits"] == 1.0 and sums["agree"] == 1.0 and sums["teacher_top1_hits"].sum() == 1.0
+
+
 def test_a_nan_clm_has_a_nan_perplexity_not_an_infinite_one():
     """distill's held-out rows (metrics.jsonl, which keeps NaN sums) showed teacher_ppl Infinity for a NaN teacher:
     exp of a NaN CLM is NaN; a CLM past float64's exp range is still inf."""

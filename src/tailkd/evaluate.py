@@ -94,10 +94,10 @@ def token_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
     """Sums over the N positions of one chunk (all valid), float64 scalars or ``[M]`` per-bin tensors.
 
     ``student_logits``, ``teacher_logits``: ``[N, V]``; ``labels``: ``[N]``. Computed in float32
-    (float64 stays float64), accumulated in float64. Keys: ``tokens``, ``student_nll``, ``student_hits``,
-    ``student_broken`` (positions whose logits have no softmax: NaN or +inf), and with a teacher ``teacher_nll``,
-    ``teacher_hits``, ``teacher_broken``, ``kl``, ``rkl``, ``agree``; with ``bins`` the ``calibration_sums`` of both
-    models prefixed ``student_`` / ``teacher_``.
+    (float64 stays float64), accumulated in float64; each model's prediction is the argmax of its own logits.
+    Keys: ``tokens``, ``student_nll``, ``student_hits``, ``student_broken`` (positions whose logits have no
+    softmax: NaN or +inf), and with a teacher ``teacher_nll``, ``teacher_hits``, ``teacher_broken``, ``kl``, ``rkl``,
+    ``agree``; with ``bins`` the ``calibration_sums`` of both models prefixed ``student_`` / ``teacher_``.
     """
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     student_logits = student_logits.to(dtype)
@@ -115,9 +115,9 @@ def token_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None
         calibration = calibration_sums(logq.exp(), labels, bins, pred=student_pred)
         out.update({f"student_{k}": v for k, v in calibration.items()})
     if teacher_logits is not None:
+        teacher_pred = teacher_logits.argmax(-1)  # (N,) from its own logits: a float64 teacher's cast can tie two
         teacher_logits = teacher_logits.to(dtype)
         logp = torch.log_softmax(teacher_logits, dim=-1)  # (N, V)
-        teacher_pred = teacher_logits.argmax(-1)  # (N,)
         teacher_y = logp.gather(-1, labels[:, None])  # (N, 1)
         out["teacher_nll"] = -teacher_y.double().sum()
         out["teacher_broken"] = teacher_y.isnan().double().sum()
