@@ -101,6 +101,44 @@ def test_doc_sep_auto_reads_cor_by_line_and_strips_bom(tmp_path):
     assert docs_of(cor, doc_sep="blank_line") == ["first article\nsecond article", "third"]
 
 
+@pytest.mark.parametrize("doc_sep", ["blank_line", "line", "file"])
+def test_a_lone_cr_ends_a_line_of_a_text_file_as_python_reads_text(tmp_path, doc_sep):
+    """Line endings \n, \r\n and a lone \r (classic Mac OS), as Python's universal newlines: a CR-only file was
+    one line, so a .cor file of three articles was one document and \r stayed inside the text."""
+    text = "one\ntwo\n\nthree\n\n\nfour five\nsix"
+    unix = tmp_path / "unix.txt"
+    unix.write_bytes(text.encode())
+    for ending in ("\r", "\r\n"):
+        other = tmp_path / f"other{len(ending)}.txt"
+        other.write_bytes(text.replace("\n", ending).encode())
+        got = docs_of(other, doc_sep=doc_sep)
+        assert got == docs_of(unix, doc_sep=doc_sep), ending
+        with open(other, encoding="utf-8") as fh:  # Python's own reading of the same bytes, by line
+            assert fh.read().split("\n") == text.split("\n")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"a\rb\r\nc\n\r\rd\r\r\ne")
+    with open(mixed, encoding="utf-8") as fh:
+        assert docs_of(mixed, doc_sep=doc_sep) == docs_of(write(tmp_path / "m.txt", fh.read()), doc_sep=doc_sep)
+
+
+def test_a_bad_byte_after_lone_crs_names_its_line(tmp_path):
+    f = tmp_path / "mac.txt"
+    f.write_bytes(b"one\rtwo\rth\xffree\rfour")
+    with pytest.raises(TailkdError, match="line 3 is not UTF-8"):
+        docs_of(f)
+
+
+def test_a_cr_only_jsonl_file_is_not_json_lines(tmp_path):
+    """JSON Lines separates records by \n (\r\n allowed); a lone \r is JSON whitespace, not a record break, so a
+    CR-only .jsonl file is refused as one line holding more than one value, naming the file."""
+    f = tmp_path / "mac.jsonl"
+    f.write_bytes(b'{"text": "a"}\r{"text": "b"}\r')
+    with pytest.raises(TailkdError, match=r"mac.jsonl:1: not valid JSON \(Extra data\)"):
+        docs_of(f)
+    f.write_bytes(b'{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert docs_of(f) == ["a", "b"]
+
+
 def test_folder_is_recursive_sorted_and_skips_hidden(tmp_path):
     write(tmp_path / "b.txt", "B")
     write(tmp_path / "a" / "z.txt", "AZ")

@@ -27,7 +27,7 @@ from tailkd.data import HELDOUT_FILE, META_FILE, TOKEN_BYTES, TOKEN_DTYPE, TRAIN
 from tailkd.errors import TailkdError
 from tailkd.losses import finite_number
 
-FORMAT = "tailkd-corpus-1"  # bump when the on-disk layout or the split rule changes: invalidates caches
+FORMAT = "tailkd-corpus-2"  # bump when the on-disk layout or the split rule changes: invalidates caches
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 LINE_SUFFIXES = (".cor",)  # gensim-style corpora: one document per line ("auto" reads them as doc_sep="line")
@@ -145,7 +145,8 @@ def iter_documents(paths: str | Path | Iterable[str | Path], *, doc_sep: str = "
       between documents), ``"line"`` (each non-empty line), ``"file"`` (the whole file), or
       ``"auto"`` (``.cor`` files by line, the rest by blank line).
 
-    Documents that are empty or whitespace are skipped. In text files, line endings become ``\\n``
+    Documents that are empty or whitespace are skipped. In text files, line endings (``\\n``, ``\\r\\n`` and a
+    lone ``\\r``, as Python's universal newlines; JSON Lines end at ``\\n`` only) become ``\\n``
     and a document's trailing whitespace is dropped (for ``"line"`` its leading whitespace too);
     JSON and parquet texts are kept exactly. Raises
     ``TailkdError`` for a missing path, a binary or non-UTF-8 file, a JSON line without ``text``
@@ -175,17 +176,29 @@ def _iter_file(path: Path, doc_sep: str) -> Iterator[str]:
         yield from _iter_parquet(path)
     else:
         mode = doc_sep if doc_sep != "auto" else ("line" if suffix in LINE_SUFFIXES else "blank_line")
-        yield from _split_text(_iter_lines(path), mode)
+        yield from _split_text(_iter_lines(path, lone_cr=True), mode)
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its line ending) of a UTF-8 text file; binary or non-UTF-8 -> TailkdError."""
+def _physical_lines(fh, lone_cr: bool) -> Iterator[bytes]:
+    """The lines of a binary file without their endings: ``\\n`` and ``\\r\\n`` end a line; with ``lone_cr`` a lone
+    ``\\r`` does too (Python's universal newlines). UTF-8 never uses bytes 0x0A / 0x0D inside a multi-byte
+    character, so splitting the bytes is exact."""
+    for raw in fh:
+        body = raw.removesuffix(b"\n")
+        if lone_cr:
+            yield from body.removesuffix(b"\r").split(b"\r") if raw.endswith(b"\n") else body.split(b"\r")
+        else:
+            yield body.removesuffix(b"\r")
+
+
+def _iter_lines(path: Path, *, lone_cr: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line ending) of a UTF-8 text file; binary or non-UTF-8 -> TailkdError.
+    Lines end at ``\\n`` and ``\\r\\n``, and with ``lone_cr`` (plain text, not JSON Lines) at a lone ``\\r`` too."""
     with open(path, "rb") as fh:
         if b"\x00" in fh.read(8192):
             raise _binary_error(path, "it contains NUL bytes")
         fh.seek(0)
-        # UTF-8 never uses byte 0x0A inside a multi-byte character, so decoding line by line is exact.
-        for n, raw in enumerate(fh, start=1):
+        for n, raw in enumerate(_physical_lines(fh, lone_cr), start=1):
             if b"\x00" in raw:
                 raise _binary_error(path, f"line {n} contains NUL bytes")
             try:
@@ -195,7 +208,7 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                                           f"convert it with e.g. iconv -f latin1 -t utf-8") from None
             if n == 1:
                 line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
-            yield n, line.rstrip("\r\n")
+            yield n, line
 
 
 def _binary_error(path: Path, why: str) -> TailkdError:
