@@ -384,3 +384,39 @@ def test_heldout_kl_figure_leaves_out_a_run_without_kl(tmp_path, monkeypatch):
     monkeypatch.setattr(tailkd.plots, "plot_heldout_kl", lambda c, path: drawn.update(c) or real(c, path))
     compare_runs([kd, clm], out_dir=tmp_path / "o")
     assert drawn == {"kd": ([0, 1000], [3.0, 1.6])}
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("metrics.jsonl", b"[1]\n", "metrics.jsonl:5 is not a JSON object"),
+    ("metrics.jsonl", b"\xff\n", "metrics.jsonl is not UTF-8 text (line 5"),
+    ("metrics.jsonl", b'{"step": 30, "split": "heldout", "tokens": 9, "kl": "low"}\n',
+     'metrics.jsonl:5: "kl" is a str, not a number'),
+    ("metrics.jsonl", b'{"step": 30, "split": "train", "tokens": [9], "loss": 1.0}\n',
+     'metrics.jsonl:5: "tokens" is a list, not a number'),
+    ("summary.json", b"[1]", "summary.json is not a JSON object (it holds a list)"),
+    ("summary.json", b'{"tokens": "many"}', 'summary.json: "tokens" is a str, not a number'),
+    ("summary.json", b'{"flops": 5}', 'summary.json: "flops" is an int, not an object'),
+    ("summary.json", b'{"loss": 5}', 'summary.json: "loss" is an int, not a string'),
+    ("eval.json", b'{"student_full_ece": \xff}', "eval.json is not UTF-8 text"),
+    ("eval.json", b"[1]", "eval.json is not a JSON object (it holds a list)"),
+    ("eval.json", b'{"student_full_ece": true}', 'eval.json: "student_full_ece" is a bool, not a number'),
+    ("lm_eval.json", b'"results"', "lm_eval.json is not a JSON object (it holds a str)"),
+])
+def test_damaged_run_files_are_one_line(tmp_path, capsys, name, content, needle):
+    """A run file that is not UTF-8, holds JSON of another shape, or a field of another type is one line naming the
+    file (and the line): an AttributeError / UnicodeDecodeError / ValueError of a format spec, exit 1, before; and a
+    non-object eval.json or lm_eval.json was silently taken for no results."""
+    run = make_run(tmp_path, "r", loss="kd", kls=[1.0, 0.5], ppl=3.0, agreement=0.5)
+    path = run / name
+    path.write_bytes((path.read_bytes() if name == "metrics.jsonl" else b"") + content)
+    assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, needle)
+
+
+def test_a_config_yaml_that_is_not_utf8_only_loses_the_loss_settings(tmp_path):
+    """config.yaml gives the loss settings of the loss column, read leniently ({} when unreadable): bytes that are
+    not UTF-8 are unreadable too (a UnicodeDecodeError traceback before); the loss name comes from summary.json."""
+    run = make_run(tmp_path, "r", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
+    (run / "config.yaml").write_bytes(b"loss:\n  name: \xff\n")
+    record = load_run(run)
+    assert record["loss"] == "kd" and record["loss_settings"] == {}

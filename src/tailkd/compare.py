@@ -42,16 +42,53 @@ GENERATION_COLUMNS = [("ROUGE-L", "rougeL", ".4f", False), ("Distinct-2", "disti
                       ("Self-BLEU", "self_bleu", ".4f", False)]
 EVAL_FILES = ("eval.json", "generate.json")  # the names `tailkd eval --out` is given for a run, read in this order
 LM_EVAL_FILE = "lm_eval.json"  # `tailkd lm-eval --out RUN/lm_eval.json`
+LM_EVAL_OBJECTS = ("results", "n-shot", "n-samples")  # the parts of lm_eval.json compare reads
+# the numbers of eval.json / generate.json compare reads
+EVAL_NUMBERS = ("student_full_ece", "student_rougeL", "student_distinct_2", "student_self_bleu")
 
 
-def _read_json(path: Path) -> dict | None:
+def _kind(value) -> str:
+    """``value``'s JSON-ish type with its article, for messages: "a list", "an int"."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise TailkdError(f"{path} is not UTF-8 text (line {line}: {exc.reason}); re-create it or remove it") from None
+
+
+def _check_fields(obj: dict, where: str, numbers=(), objects=(), strings=()) -> dict:
+    """``obj`` when its ``numbers`` keys hold numbers (or null: a non-finite value, `tailkd.jsonfile`), ``objects``
+    objects and ``strings`` strings wherever present; TailkdError naming ``where`` and the key otherwise."""
+    for keys, ok, want in ((numbers, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+                           (objects, lambda v: isinstance(v, dict), "an object"),
+                           (strings, lambda v: isinstance(v, str), "a string")):
+        for key in keys:
+            if obj.get(key) is not None and not ok(obj[key]):
+                raise TailkdError(f'{where}: "{key}" is {_kind(obj[key])}, not {want}; re-create it or remove it')
+    return obj
+
+
+def _read_json(path: Path, **fields) -> dict | None:
+    """The object in the JSON file ``path`` (None without the file), its ``fields`` checked (`_check_fields`)."""
     if not path.is_file():
         return None
     try:
-        return jsonfile.loads(path.read_text())
+        obj = jsonfile.loads(_read_text(path))
     except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's stack
         why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
         raise TailkdError(f"{path} is not valid JSON ({why}); re-create it or remove it") from None
+    if not isinstance(obj, dict):
+        raise TailkdError(f"{path} is not a JSON object (it holds {_kind(obj)}); re-create it or remove it")
+    return _check_fields(obj, str(path), **fields)
+
+
+# the numbers of a metrics.jsonl row that compare reads: the curves' axes and the final held-out metrics
+METRIC_NUMBERS = ("step", "tokens", "kl", "student_ppl", "agreement", "student_clm", "loss", "clm", "div")
 
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
@@ -62,19 +99,23 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
         raise TailkdError(f"{run} has no metrics.jsonl, so it is not a tailkd run folder; pass folders written by "
                           "tailkd distill --out")
     train, held = [], []
-    for n, line in enumerate(metrics_path.read_text().splitlines(), start=1):
+    for n, line in enumerate(_read_text(metrics_path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = jsonfile.loads(line)
         except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past Python's stack
             raise TailkdError(f"{metrics_path}:{n} is not valid JSON; repair or remove that line") from None
+        if not isinstance(row, dict):
+            raise TailkdError(f"{metrics_path}:{n} is not a JSON object (it holds {_kind(row)}); repair or remove "
+                              "that line")
+        _check_fields(row, f"{metrics_path}:{n}", numbers=METRIC_NUMBERS)
         if row.get("split") == "heldout" and ("kl" in row or "student_clm" in row):
             held.append(row)
         elif row.get("split") == "train":
             train.append(row)
     def order(row: dict) -> tuple:
-        return row.get("tokens", 0), row.get("step", 0)
+        return row.get("tokens") or 0, row.get("step") or 0
 
     return sorted(train, key=order), sorted(held, key=order)
 
@@ -94,8 +135,8 @@ def read_evals(run: str | Path) -> tuple[dict, dict]:
     held: dict = {}
     gen: dict = {}
     for name in EVAL_FILES:
-        ev = _read_json(Path(run) / name)
-        if not isinstance(ev, dict):
+        ev = _read_json(Path(run) / name, strings=("mode",), numbers=EVAL_NUMBERS)
+        if ev is None:
             continue
         if ev.get("mode") == "generate":
             gen = gen or ev
@@ -108,8 +149,8 @@ def read_task_accuracies(run: str | Path) -> dict[str, float]:
     """{task: accuracy} from ``RUN/lm_eval.json`` (lm-eval's results as `tailkd lm-eval` saves them): each task's
     ``acc`` (its ``acc,none``), else its first ``exact_match`` (generation tasks); tasks with neither (perplexity)
     are left out; {} without the file."""
-    saved = _read_json(Path(run) / LM_EVAL_FILE)
-    results = saved.get("results") if isinstance(saved, dict) else None
+    saved = _read_json(Path(run) / LM_EVAL_FILE, objects=LM_EVAL_OBJECTS)
+    results = saved.get("results") if saved is not None else None
     if not isinstance(results, dict):
         return {}
     out = {}
@@ -126,8 +167,8 @@ def read_task_accuracies(run: str | Path) -> dict[str, float]:
 def read_task_setups(run: str | Path) -> dict[str, tuple]:
     """{task: (shots, documents scored)} from ``RUN/lm_eval.json`` (lm-eval's ``n-shot`` and ``n-samples`` effective:
     what --num-fewshot and --limit made of the task); tasks without them are left out."""
-    saved = _read_json(Path(run) / LM_EVAL_FILE)
-    if not isinstance(saved, dict):
+    saved = _read_json(Path(run) / LM_EVAL_FILE, objects=LM_EVAL_OBJECTS)
+    if saved is None:
         return {}
     shots, samples = saved.get("n-shot") or {}, saved.get("n-samples") or {}
     return {t: (shots[t], samples[t].get("effective")) for t in shots
@@ -174,11 +215,12 @@ def load_run(path: str | Path) -> dict:
     run = Path(path)
     held = read_metrics(run)[1]  # a run without a teacher (clm) has no kl: its perplexity is still compared
     curve = [r for r in held if "kl" in r]
-    summary = _read_json(run / "summary.json") or {}
+    summary = _read_json(run / "summary.json", numbers=("tokens", "train_seconds"), objects=("flops",),
+                         strings=("loss",)) or {}
     ev, gen = read_evals(run)
     loss = _config_loss(run)
     final = held[-1] if held else {}
-    flops = summary.get("flops") or {}
+    flops = _check_fields(summary.get("flops") or {}, f"{run / 'summary.json'} flops", numbers=("total",))
     return {
         "name": run.name, "path": str(run), "loss": summary.get("loss") or loss.get("name"),
         "loss_settings": {k: v for k, v in flatten(loss).items() if k != "name"},
@@ -211,8 +253,8 @@ def _config_loss(run: Path) -> dict:
     if not p.is_file():
         return {}
     try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
         return {}
     loss = cfg.get("loss") if isinstance(cfg, dict) else None
     return loss if isinstance(loss, dict) else {}
