@@ -1061,3 +1061,16 @@ def test_a_full_disk_when_a_run_claims_its_folder_is_one_line(tmp_path, monkeypa
                                           r"and continue with --resume"):
         runs.MetricsLog(metrics, resume_step=1)
     assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_resume_drops_damaged_metrics_lines_as_it_drops_a_half_written_one(tmp_path):
+    """`runs.MetricsLog` on --resume keeps the lines up to the checkpoint's step and drops the others, a damaged
+    line among them: bytes that are not UTF-8 were a UnicodeDecodeError and a line nested past Python's parser a
+    RecursionError (a traceback, the run not resumed)."""
+    from tailkd import runs
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1}\n\xff{"step": 1}\n' + b"[" * 100_000 + b"]" * 100_000 + b'\n{"step": 2}\n'
+                        b'[1]\n{"step": "x"}\n{"step": 3}\n{"ste')
+    runs.MetricsLog(metrics, resume_step=2)
+    assert metrics.read_bytes() == b'{"step": 1}\n{"step": 2}\n'

@@ -97,12 +97,13 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             keep = []
-            for ln in path.read_text().splitlines():
+            for raw in path.read_bytes().splitlines():
                 try:
+                    ln = raw.decode("utf-8")
                     if json.loads(ln)["step"] <= resume_step:
                         keep.append(ln)
-                except (ValueError, KeyError, TypeError):
-                    continue  # empty, or the half line of a killed write
+                except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+                    continue  # empty, the half line of a killed write, or a damaged one
             try:
                 ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))  # a kill here keeps the history
             except OSError as exc:
