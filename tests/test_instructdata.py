@@ -138,6 +138,9 @@ def test_bad_settings_and_files(tmp_path):
     bad.write_text('{"instruction": "a"}')
     with pytest.raises(TailkdError, match="not a JSON list"):
         instructdata.read_outputs(bad)
+    bad.write_text("[" * 100_000 + "]" * 100_000)  # nested past Python's parser: a RecursionError before
+    with pytest.raises(TailkdError, match=r"is not a readable JSON file \(nested too deeply to read\)"):
+        instructdata.read_outputs(bad)
 
 
 def test_write_converts_reuses_and_refuses_foreign_folders(tmp_path):

@@ -52,8 +52,9 @@ def read_outputs(path) -> list[dict]:
     path = Path(path)
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TailkdError(f"{path} is not a readable JSON file ({str(exc)[:80]}); reinstall it with "
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: UnicodeDecodeError too; Recursion: too deep
+        why = "nested too deeply to read" if isinstance(exc, RecursionError) else str(exc)[:80]
+        raise TailkdError(f"{path} is not a readable JSON file ({why}); reinstall it with "
                           "`python -m tailkd.install instruct`") from None
     if not isinstance(records, list) or not records:
         raise TailkdError(f"{path} is not a JSON list of instructions; reinstall it with "
