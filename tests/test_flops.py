@@ -237,6 +237,33 @@ def test_flops_of_a_config_nested_too_deeply_is_one_line(tmp_path, capsys):
                                             "deeply to read)")
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b'{"model_type": "llama", \xff}', "config.json is not UTF-8 text"),
+    (b"[1]", "config.json is not a JSON object (it holds a list)"),
+    (b'{"model_type": "llama", "hidden_size": "x"}', "Field 'hidden_size' expected int, got str"),
+])
+def test_flops_of_a_damaged_config_json_is_one_line(tmp_path, capsys, content, needle):
+    """A config.json that is not UTF-8, not an object, or with a field of the wrong type (transformers 5 validates
+    it: huggingface_hub's StrictDataclassFieldValidationError, whose first line does not say what is wrong) is one
+    line naming the file; each was a bare exception line with exit 1."""
+    bad = tmp_path / "config.json"
+    bad.write_bytes(content)
+    assert main(["flops", "--teacher", str(bad), "--student-params", "1e8", "--vocab", "9", "--hidden", "4"]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, needle)
+    one_line_error(err, str(bad))
+
+
+def test_flops_of_a_model_folder_with_a_field_of_the_wrong_type_is_one_line(tmp_path, tiny_lm, capsys):
+    tiny_lm().save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "x"}))
+    assert main(["flops", "--teacher", str(tmp_path / "m"), "--student", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "Field 'hidden_size' expected int, got str")
+    one_line_error(err, str(tmp_path / "m"))
+
+
 def test_flops_out_is_never_half_written(tmp_path, monkeypatch, capsys):
     """A write that fails half-way (a full disk: ENOSPC after 10 characters) leaves no file at --out (it left the
     10 characters), and the command reports it in one line with exit 1; the old file, if any, stays whole."""

@@ -175,6 +175,30 @@ def test_dir_without_config(tmp_path):
         load_causal_lm(tmp_path / "empty")
 
 
+def test_a_config_field_of_the_wrong_type_is_one_line(tmp_path):
+    """transformers 5 validates config.json's fields (huggingface_hub's StrictDataclassFieldValidationError, not a
+    ValueError): a teacher folder whose config.json says hidden_size "x" was a bare exception line, exit 1, whose
+    first line said only "Validation error for field 'hidden_size':"."""
+    make_tiny_lm("llama").save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "x"}))
+    with pytest.raises(TailkdError, match=r"cannot read the model config in .*m \(.*hidden_size.* expected int, got "
+                                          r"str.*\)"):
+        load_causal_lm(tmp_path / "m")
+
+
+@pytest.mark.parametrize("index, why", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to read"),  # past Python's parser: a RecursionError before
+    ('{"weight_map": 3}', "'int' object has no attribute 'values'"),
+])
+def test_a_damaged_shard_index_is_one_line(tmp_path, index, why):
+    from tailkd.models import safetensors_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(TailkdError, match=rf"model\.safetensors\.index\.json is not a valid shard index \({why}\)"):
+        safetensors_files(tmp_path)
+
+
 def test_dir_without_tokenizer(tmp_path):
     make_tiny_lm("llama").save_pretrained(tmp_path / "m")
     with pytest.raises(TailkdError, match=r"no tokenizer in .*m \(none of tokenizer\.json.*tokenizer\.save_pretrained"):

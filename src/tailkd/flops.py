@@ -150,6 +150,8 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
         return _count(model_or_config, name or type(model_or_config).__name__)
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+    from tailkd.models import brief_error, config_errors
+
     cfg = model_or_config
     if isinstance(cfg, dict):
         d = dict(cfg)
@@ -157,9 +159,8 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
             raise TailkdError(f"config {name or ''} has no model_type; pass a transformers config.json")
         try:
             cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-        except (ValueError, KeyError) as exc:
-            first = str(exc).splitlines()[0]
-            raise TailkdError(f"config {name or ''}: {first}; pass a transformers config.json") from exc
+        except config_errors() as exc:
+            raise TailkdError(f"config {name or ''}: {brief_error(exc)}; pass a transformers config.json") from None
     if not isinstance(cfg, PretrainedConfig):
         raise TypeError(f"expected a model, a transformers config, a config dict or a ModelSize, got {type(cfg)}")
     try:
@@ -175,10 +176,20 @@ def size_from_spec(spec: str) -> ModelSize:
     """``ModelSize`` from a config.json path, an HF model folder, a .gguf file or ``smollm2`` (no weights read)."""
     from transformers import AutoConfig
 
+    from tailkd.models import brief_error, config_errors
+
     p = Path(spec)
     try:
         if p.suffix == ".json" and p.is_file():
-            return model_size(json.loads(p.read_text()), name=str(p))
+            try:
+                d = json.loads(p.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise TailkdError(f"cannot read a model config from {spec}: {p} is not UTF-8 text ({exc.reason})") \
+                    from None
+            if not isinstance(d, dict):
+                raise TailkdError(f"cannot read a model config from {spec}: {p} is not a JSON object (it holds "
+                                  f"{'an' if type(d).__name__[0] in 'aeiou' else 'a'} {type(d).__name__})")
+            return model_size(d, name=str(p))
         if p.is_dir():
             if not (p / "config.json").is_file():
                 raise TailkdError(f"{p} has no config.json; pass an HF model folder or a config.json")
@@ -189,8 +200,8 @@ def size_from_spec(spec: str) -> ModelSize:
             from tailkd import models
 
             return model_size(AutoConfig.from_pretrained(models.model_dir(spec)), name=spec)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TailkdError(f"cannot read a model config from {spec}: {str(exc).splitlines()[0]}") from exc
+    except config_errors() as exc:  # json.JSONDecodeError is a ValueError
+        raise TailkdError(f"cannot read a model config from {spec}: {brief_error(exc)}") from None
     except RecursionError:  # json nested past Python's stack
         raise TailkdError(f"cannot read a model config from {spec}: not valid JSON (nested too deeply to read)") \
             from None

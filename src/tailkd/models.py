@@ -64,7 +64,17 @@ _DTYPES = {
 }
 
 
-def _brief(err: BaseException) -> str:
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What reading a bad config.json raises: OSError / ValueError / KeyError, and (transformers 5) huggingface_hub's
+    StrictDataclassError for a field of the wrong type, which is none of those."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub (transformers 4): no strict configs
+        return OSError, ValueError, KeyError
+    return OSError, ValueError, KeyError, StrictDataclassError
+
+
+def brief_error(err: BaseException) -> str:
     """An exception as one short line, to quote inside a TailkdError."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 160 else text[:157] + "..."
@@ -161,7 +171,7 @@ def load_teacher(spec: str | os.PathLike, *, device: str | torch.device = "cpu",
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise TailkdError(f"unknown device {device!r} ({_brief(err)}): use cpu, cuda or cuda:N") from None
+        raise TailkdError(f"unknown device {device!r} ({brief_error(err)}): use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TailkdError(f"device {device!r} was asked for but CUDA is not available: pass device='cpu'")
     model, tokenizer = load_causal_lm(spec, dtype=resolve_dtype(dtype, dev), cache_dir=cache_dir)
@@ -214,8 +224,9 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise TailkdError(f"{index} is not a valid shard index ({_brief(err)}): copy the model folder again or "
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:  # Recursion: nested too deep
+            why = "nested too deeply to read" if isinstance(err, RecursionError) else brief_error(err)
+            raise TailkdError(f"{index} is not a valid shard index ({why}): copy the model folder again or "
                               "re-save it with save_pretrained") from None
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
@@ -230,8 +241,8 @@ def safetensors_files(path: Path) -> list[Path]:
             with safe_open(str(f), "pt"):
                 pass
         except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be read either way
-            raise TailkdError(f"{f} is truncated or damaged ({_brief(err)}): copy it again or re-save the model with "
-                              "save_pretrained") from None
+            raise TailkdError(f"{f} is truncated or damaged ({brief_error(err)}): copy it again or re-save the model "
+                              "with save_pretrained") from None
     return [path / name for name in shards]
 
 
@@ -241,8 +252,8 @@ def read_config(path: Path):
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise TailkdError(f"cannot read the model config in {path} ({_brief(err)}): "
+    except config_errors() as err:
+        raise TailkdError(f"cannot read the model config in {path} ({brief_error(err)}): "
                           "re-save the model with save_pretrained")
     _check_causal_lm_config(config, path)
     return config
@@ -259,7 +270,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         bins = sorted(f.name for f in path.glob("*.bin"))
         which = f"{', '.join(bins)} in {path}" if bins else f"the weights in {path}"
         raise TailkdError(
-            f"cannot load {which} ({_brief(err)}): the folder needs the complete *.safetensors (or "
+            f"cannot load {which} ({brief_error(err)}): the folder needs the complete *.safetensors (or "
             "pytorch_model*.bin) written by save_pretrained; copy it again or re-save the model"
         ) from None
     tokenizer = load_tokenizer(path)
@@ -277,7 +288,7 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
-        raise TailkdError(f"unusable tokenizer in {path} ({_brief(err)}): {fix}") from None
+        raise TailkdError(f"unusable tokenizer in {path} ({brief_error(err)}): {fix}") from None
 
 
 # --------------------------------------------------------------------------- GGUF → safetensors cache
@@ -383,7 +394,7 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = new_temp_dir(final.parent, f".tmp-{final.name}-{writer_tag()}-")
     except OSError as err:
-        raise TailkdError(f"cannot write the GGUF cache under {final.parent} ({_brief(err)}): "
+        raise TailkdError(f"cannot write the GGUF cache under {final.parent} ({brief_error(err)}): "
                           f"set TAILKD_CACHE (or cache_dir) to a writable folder") from None
     try:
         try:
@@ -421,7 +432,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except (ValueError, KeyError, OSError) as err:
-        raise TailkdError(f"cannot read {gguf} as a model ({_brief(err)}): pass a GGUF of an architecture "
+        raise TailkdError(f"cannot read {gguf} as a model ({brief_error(err)}): pass a GGUF of an architecture "
                           f"transformers supports (llama, qwen2, mistral, ...)") from None
     _check_causal_lm_config(config, gguf)
     if hasattr(config, "quantization_config"):
