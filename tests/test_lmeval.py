@@ -332,6 +332,25 @@ def test_max_gen_toks_beyond_the_models_context_is_one_line_before_loading(stude
     assert main([*base, "--max-gen-toks", "127", "--work-dir", str(tmp_path / "w2")]) == 0
 
 
+def test_a_model_config_of_a_wrong_field_type_is_one_line(student, tmp_path, capsys):
+    """A config.json field of the wrong type (huggingface_hub's StrictDataclassError, not a ValueError): the context
+    check of `--write-only` leaves it to lm-eval's loading (it raised), and a run reports it in one line before
+    lm-eval loads the model (a bare exception line, exit 1)."""
+    import shutil
+
+    from tailkd.commands import _check_generation_room
+
+    model = tmp_path / "m"
+    shutil.copytree(student["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": "many"}))
+    assert _check_generation_room(model, 256) is None
+    assert main(["lm-eval", "--model", str(model), "--tasks", "tailkd_ppl", "--out", str(tmp_path / "r.json")]) == 2
+    one_line_error(capsys.readouterr().err, f"cannot read the model config in {model} (Validation error for field "
+                                            "'max_position_embeddings': TypeError: Field 'max_position_embeddings' "
+                                            "expected int, got str")
+
+
 def test_paper_tasks_offline_fail_in_one_line(student, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -285,6 +285,10 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     model_dir = Path(o.model)
     if not (model_dir / "config.json").is_file():
         raise TailkdError(f"--model {model_dir} is not a saved model folder (no config.json); pass e.g. runs/x/final")
+    if not o.write_only:  # lm-eval loads it here: a config it cannot read is one line now, not its traceback later
+        from tailkd import models
+
+        models.read_config(model_dir)
     names = tasks.expand_tasks(o.tasks)
     ours = [t for t in names if t in tasks.OUR_TASKS]
     theirs = [t for t in names if t not in ours]
@@ -336,7 +340,7 @@ def _check_generation_room(model_dir: Path, max_gen_toks: int) -> None:
 
     try:
         context = models.model_max_length(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    except (TailkdError, OSError, ValueError):  # no stated context, or a folder lm-eval's own loading reports
+    except (TailkdError, *models.config_errors()):  # no stated context, or a folder lm-eval's own loading reports
         return
     if max_gen_toks >= context:
         raise TailkdError(f"tailkd_gsm: --max-gen-toks {max_gen_toks} leaves no room for the question in the "
