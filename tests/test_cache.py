@@ -330,6 +330,34 @@ def test_mismatches_are_clear_errors(setup):
         _write(setup, "topk", k=6)
 
 
+@pytest.mark.parametrize("damage, why", [
+    (lambda text: b"\xff" + text.encode(), "not UTF-8"),
+    (lambda text: text[: len(text) // 2].encode(), "not valid JSON"),
+    (lambda text: b"[" * 100_000 + b"]" * 100_000, "nested too deeply to read"),
+    (lambda text: b"[1]", "not a JSON object"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "corpus"}).encode(), "no 'corpus'"),
+    (lambda text: json.dumps({**json.loads(text), "num_rows": "ten"}).encode(), "'num_rows'"),
+])
+def test_a_damaged_cache_json_is_one_line_naming_it(setup, damage, why):
+    """A cache.json that is not UTF-8, cut short, nested too deeply, not an object, or missing / mistyping a field
+    is one line naming it, read by a run and by a resumed cache-teacher alike: a UnicodeDecodeError, JSONDecodeError,
+    RecursionError, KeyError or ValueError traceback before."""
+    _, path = _write(setup, "damaged")
+    meta = path / "cache.json"
+    good = meta.read_text()
+    meta.write_bytes(damage(good))
+    try:
+        with pytest.raises(TailkdError, match=rf"teacher cache {path}: cache\.json is damaged \(.*{why}.*\); "):
+            cache.CacheReader(path)
+        with pytest.raises(TailkdError, match=rf"teacher cache {path}: cache\.json is damaged \(.*{why}.*\); "):
+            cache.open_cache(path, teacher_model=setup[0])
+        if why not in ("no 'corpus'", "'num_rows'"):  # a readable object is compared with the new settings
+            with pytest.raises(TailkdError, match=rf"teacher cache {path}: cache\.json is damaged"):
+                _write(setup, "damaged")
+    finally:
+        meta.write_text(good)
+
+
 def test_rows_whose_tokens_differ_from_the_cached_ones_are_refused(setup):
     """The run's tokens of rows 0, 1 read against cached rows 1, 0: the row hashes differ, a one-line TailkdError."""
     _, tok, rows, _, _ = setup

@@ -134,6 +134,45 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:06d}.safetensors"
 
 
+# the fields of cache.json a reader uses: (key, inner keys of an object) or (key, int)
+_META_FIELDS = (("tokenizer_fingerprint", str), ("corpus", ("fingerprint", "split", "seq_len")),
+                ("teacher", ("weights_sha256",)), ("k", int), ("num_rows", int), ("rows_per_shard", int),
+                ("num_shards", int), ("vocab_size", int))
+
+
+def _damaged(path: Path, why: str) -> TailkdError:
+    return TailkdError(f"teacher cache {path}: {META_FILE} is damaged ({why}); delete {path} and build the cache "
+                       "again with tailkd cache-teacher")
+
+
+def read_meta(path: Path) -> dict:
+    """The ``cache.json`` object of cache folder ``path`` (a one-line TailkdError when it is not readable JSON)."""
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, f"not UTF-8: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"not valid JSON: {exc.msg}") from None
+    except RecursionError:  # nested past Python's parser
+        raise _damaged(path, "nested too deeply to read") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"not a JSON object: a {type(meta).__name__}")
+    return meta
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """A one-line TailkdError unless ``meta`` has the fields a reader uses (`_META_FIELDS`), of their types."""
+    for key, want in _META_FIELDS:
+        if key not in meta:
+            raise _damaged(path, f"no {key!r}")
+        value = meta[key]
+        if isinstance(want, tuple):
+            if not isinstance(value, dict) or any(inner not in value for inner in want):
+                raise _damaged(path, f"{key!r} is not an object with {', '.join(map(repr, want))}")
+        elif not isinstance(value, want) or isinstance(value, bool):
+            raise _damaged(path, f"{key!r} is {value!r}, not {'an integer' if want is int else 'a string'}")
+
+
 def _identity(meta: dict) -> dict:
     """What a resume compares: ``IDENTITY_KEYS``, less the teacher's name (--teacher as spelled: relative to the
     folder the command ran in, ./, a trailing /). Its weights hash, class and head tell the teacher; the name did
@@ -391,7 +430,7 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
     if out.exists() and not out.is_dir():
         raise TailkdError(f"cache.out {out} is a file; choose a folder name with --out")
     if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
+        old = read_meta(out)
         diff = _first_difference(_identity(old), _identity(meta))
         if diff:
             raise TailkdError(f"{out} holds a teacher cache written with other settings ({diff}); resume with the "
@@ -448,11 +487,12 @@ class CacheReader:
         if not meta_path.is_file():
             raise TailkdError(f"{self.path} is not a teacher cache (no {META_FILE}); build one with tailkd "
                               "cache-teacher")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.path)
         m = self.meta
         if m.get("format") != FORMAT:
             raise TailkdError(f"{self.path} has cache format {m.get('format')!r}, this tailkd reads {FORMAT}; "
                               "rebuild it")
+        _check_meta(self.path, m)
         rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
         checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
                   ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
@@ -607,8 +647,8 @@ def open_cache(path, *, tokenizer=None, corpus_fingerprint: str | None = None, s
     sha = sha_bf16 = None
     if teacher_model is not None:
         meta_path = Path(path) / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        cached = meta.get("teacher", {}).get("dtype")
+        meta = read_meta(path) if meta_path.is_file() else {}
+        cached = meta.get("teacher", {}).get("dtype") if isinstance(meta.get("teacher"), dict) else None
         loaded = str(next(teacher_model.parameters()).dtype).removeprefix("torch.")
         if cached in (None, loaded):
             sha = weights_hash(teacher_model)
