@@ -619,6 +619,16 @@ def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp
     assert sorted(p.name for p in good.parent.iterdir()) == ["step_00000004"]
 
 
+@pytest.mark.parametrize("manifest", [b"[" * 100_000 + b"]" * 100_000, b"\xff{}", b"[1]"])
+def test_a_damaged_manifest_makes_a_checkpoint_unusable_not_a_traceback(tmp_path, manifest):
+    """`verify_checkpoint` names a manifest nested past Python's parser (a RecursionError before, which stopped the
+    resume instead of falling back to an older checkpoint), not UTF-8, or not an object as unreadable."""
+    good = ckpt.save_checkpoint(tmp_path, 4, {"w": torch.arange(4.0)}, {"step": 4}, keep_last=3)
+    (good / ckpt.MANIFEST).write_bytes(manifest)
+    assert ckpt.verify_checkpoint(good) in ("missing or unreadable manifest.json",
+                                            f"manifest.json does not list {ckpt.MODEL_FILE} and {ckpt.STATE_FILE}")
+
+
 def test_pruning_never_deletes_the_checkpoint_just_written_for_a_newer_corrupted_one(tmp_path):
     """A resume skips a corrupted newest checkpoint (step 8) and continues from step 4; its next checkpoint (step 5)
     was pruned with keep_last=1 (keep_last may change on --resume) because step 8 sorts after it, leaving only the

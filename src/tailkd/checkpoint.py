@@ -425,8 +425,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def verify_checkpoint(path: Path) -> str | None:
     """None if ``path`` is complete and its files match the manifest, else what is wrong."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON; Recursion: nested too deep
         return "missing or unreadable manifest.json"
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_FILE}:
