@@ -125,6 +125,24 @@ def test_garbled_yaml_and_missing_file(tmp_path):
         parse(["--config", str(tmp_path / "nope.yaml")])
 
 
+def test_yaml_nested_past_the_parser_is_not_valid_yaml(tmp_path):
+    """A YAML document nested past Python's stack (PyYAML's composer recurses: a RecursionError traceback before) is
+    the one 'not valid YAML' line, in --config, in the run config a saved model's commands read, and in --set."""
+    from tailkd.command_config import read_run_config
+    from tailkd.config import parse_assignment
+
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.yaml"
+    path.write_text(deep)
+    with pytest.raises(TailkdError, match=r"config file .*deep\.yaml is not valid YAML \(nested too deeply to read\)"):
+        parse(["--config", str(path)])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(deep)
+    with pytest.raises(TailkdError, match=r"the run config .*config\.yaml of .* is not valid YAML \(nested too "):
+        read_run_config(tmp_path / "run" / "final")
+    assert parse_assignment(f"train.seed={deep}") == {"train": {"seed": deep}}  # a string, refused as a seed later
+
+
 def test_shipped_configs_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert files, "configs/ should ship example recipes"
@@ -317,7 +335,9 @@ def test_a_json_output_replaces_only_an_earlier_output_of_its_command(tmp_path):
     final.mkdir(parents=True)
     (final / "config.json").write_text('{"model_type": "llama", "vocab_size": 9}')
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    inputs = {p: p.read_bytes() for p in (final / "config.json", tmp_path / "run" / "metrics.jsonl")}
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # past Python's parser: a RecursionError
+    inputs = {p: p.read_bytes() for p in (final / "config.json", tmp_path / "run" / "metrics.jsonl",
+                                          tmp_path / "deep.json")}
     sizes = ["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "9", "--hidden", "4"]
     commands = {"eval": (["--student", str(final)], "eval.out", '{"student": "s", "teacher": "t", "kl": 1.0}'),
                 "lm-eval": (["--model", str(final)], "lm_eval.out", '{"results": {"tailkd_ppl": {}}}'),

@@ -87,7 +87,7 @@ def check_replaced_output(cfg, key: str, command: str, marks: tuple[str, ...]) -
         return
     try:
         old = json.loads(out.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError):
+    except (ValueError, OSError, RecursionError):  # ValueError: not UTF-8 or not JSON; Recursion: nested too deep
         old = None
     if not (isinstance(old, dict) and all(m in old for m in marks)):
         raise TailkdError(f"refusing to replace {out}: it is not a tailkd {command} output (a JSON object with "

@@ -756,8 +756,12 @@ YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def read_yaml(text: str):
-    """The document ``text`` as `YamlLoader` reads it (every YAML a user writes: --config, run configs, --set)."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
+    """The document ``text`` as `YamlLoader` reads it (every YAML a user writes: --config, run configs, --set);
+    a document nested past Python's stack is a ``yaml.YAMLError`` too, as any other YAML that cannot be read."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
+    except RecursionError:  # PyYAML's composer and constructor recurse per nesting level
+        raise yaml.YAMLError("nested too deeply to read") from None
 
 
 def load_yaml(path: str | Path) -> dict:
