@@ -977,6 +977,45 @@ def _check_sparse(s, t, k, samples, loss, rescale):
     B.assert_within(g, g32, 2 * gbound, msg="sparse gradient vs divergences.py")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_sparse_gradient_into_a_half_buffer_is_one_rounding_at_the_tail_points(out_dtype):
+    """`kernels.sparse_values_and_grads` with a bf16 / fp16 ``out``: every entry is the float32 gradient rounded once.
+    At a tail point the gradient is c·q_j + (β−1)α^T q̃_j − β·w_j: it was the kernel's value rounded to the half
+    type plus −β·w_j rounded, added in the half type (three roundings; where the two nearly cancel, as here with
+    w_j = c·q_j, the two roundings of ~c·q_j leave up to a half-type ulp of c·q_j beside a far smaller gradient).
+    Bound: one rounding of the float32 result in any rounding mode (< 1 ulp ≤ eps·|g32|, or fp16's subnormal
+    spacing below 6e-5; Triton's interpreter truncates its stores, a GPU rounds to nearest), plus the float32
+    re-evaluation of the parts, 8·2⁻²⁴·(c·q_j + β·Σ_j w_j) for the few float32 operations of each side."""
+    from tailkd.divergences import SparseTeacher
+
+    n, vocab, k, samples = 6, 300, 5, 4
+    s, t = _logits(n, vocab, seed=41)
+    sp = _sparse_teacher(t.double(), k, samples, seed=7)
+    q = torch.softmax(s.double(), -1)
+    c = sp.topk_logprobs.double().exp().sum(-1) + sp.log_tail_mass.double().exp()  # Σ_𝒦 p + α^T
+    tids, tlp = sp.tail_ids.clone(), sp.tail_logprobs.clone()
+    tids[0, 1], tlp[0, 1] = tids[0, 0], tlp[0, 0]  # a point drawn twice: its two weights add
+    tw = (c[:, None] * q.gather(-1, tids.long())).float()  # w_j = c·q_j: the tail point's gradient nearly cancels
+    tw[0, :2] /= 2
+    sp = SparseTeacher(sp.topk_ids, sp.topk_logprobs, sp.log_tail_mass, tids, tlp, tw)
+    tids = tids.long()
+    w = torch.ones(n, dtype=torch.float64)  # KD with tail points: β = 1
+    cd, cq = torch.ones(n), torch.zeros(n)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    sp_d, s_d = type(sp)(*(dev(x) for x in sp)), s.to(DEVICE)
+    stats = kernels.sparse_stats(s_d, sp_d, block=BLOCK)
+    g32 = torch.empty(s.shape, device=DEVICE)
+    kernels.sparse_values_and_grads(s_d, sp_d, stats, w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), g32, block=BLOCK)
+    gh = torch.empty(s.shape, device=DEVICE, dtype=out_dtype)
+    kernels.sparse_values_and_grads(s_d, sp_d, stats, w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), gh, block=BLOCK)
+    g32, gh = g32.cpu(), gh.cpu()
+    fi = torch.finfo(out_dtype)
+    parts = torch.zeros(s.shape, dtype=torch.float64).scatter_add(-1, tids, tw.double()) + c[:, None] * q
+    bound = fi.eps * g32.double().abs() + fi.tiny * fi.eps + 8 * 2.0 ** -24 * parts  # eps = 2u; + subnormal spacing
+    err = (gh.double() - g32.double()).abs()
+    assert (err <= bound).all(), (err / bound).max()
+
+
 @pytest.mark.parametrize("name,extra,samples", [("kd", {}, 0), ("kd", {}, 3), ("tad", {"k": 4}, 3),
                                                 ("tad", {"k": 4, "per_document": True}, 0)])
 def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples, monkeypatch):

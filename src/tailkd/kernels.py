@@ -748,7 +748,8 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
     be ``s``), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it. ``w`` [n]: the row weight of the tail points
     (β(X) for TAD, 1 for KD; used only with tail points). [n, K] and [n, J] torch ops for the value and the
     coefficients, a gradient pass, then the K entries of 𝒦 and the tail points' −w·w_j set in torch, as
-    `divergences._sparse_backward` does."""
+    `divergences._sparse_backward` does (into a bf16 / fp16 ``out``, the tail points' whole gradient is re-evaluated
+    in float32 and rounded once)."""
     _check(s, s)
     n, vocab = s.shape
     go = launch(vocab, s.device, block, warps, "sparse")
@@ -779,6 +780,13 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
         top = coef_q[:, None] * logq_top.exp() - cd[:, None] * p_top - cy[:, None] * (ids == y[:, None])
         out.scatter_(-1, ids, top.to(out.dtype))
         if w is not None:
-            out.scatter_add_(-1, tids, (-(cd * w)[:, None] * tw).to(out.dtype))  # − w Σ_j w_j e_{id_j}
+            points = -(cd * w)[:, None] * tw  # [n, J] − w Σ_j w_j e_{id_j}
+            if out.dtype == torch.float32:
+                out.scatter_add_(-1, tids, points)
+            else:  # one rounding: the kernel's float32 value at the points re-evaluated, their terms added, written
+                at = (coef_q[:, None] * logq_t.exp() + (cd * w_tail)[:, None] * (logq_t - log_as[:, None]).exp()
+                      - cy[:, None] * (tids == y[:, None]))
+                same = tids[:, :, None] == tids[:, None, :]  # [n, J, J]: a point drawn twice gets both weights
+                out.scatter_(-1, tids, (at + (same * points[:, None, :]).sum(-1)).to(out.dtype))
     poisoned = torch.isnan(stats.lse()) | torch.isnan(log_at)
     return torch.where(poisoned, math.nan, value)
