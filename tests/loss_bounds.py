@@ -322,16 +322,68 @@ def ab_divergence(s, t, alpha, beta, temperature=1.0):
     return first_order(lambda a, b: terms(a, b).sum(), abs_terms, s, t, temperature, n_ops=10)
 
 
-def _seq_mean(x, mask, segment_ids):
-    """Per-position mean of x over the valid tokens of the same row (or the same (row, segment)), 0 if none."""
-    a = torch.where(mask, x, 0.0)
+def _same_tokens(mask, segment_ids):
+    """[B, T, T]: token u counts for position t (the same row, or the same (row, segment), and valid)."""
     if segment_ids is None:
         same = torch.ones(mask.shape[0], mask.shape[1], mask.shape[1], dtype=torch.bool)
     else:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
-    same = same & mask[:, None, :]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & mask[:, None, :]
+
+
+def _seq_mean(x, mask, segment_ids):
+    """Per-position mean of x over the valid tokens of the same row (or the same (row, segment)), 0 if none."""
+    a = torch.where(mask, x, 0.0)
+    same = _same_tokens(mask, segment_ids)
     count = same.sum(-1)
     return torch.where(count > 0, (same * a[:, None, :]).sum(-1) / count.clamp_min(1), 0.0)
+
+
+def _seq_log_mean(log_x, mask, segment_ids):
+    """`_seq_mean` in log space: log of the per-position mean of exp(log_x) over the same row's (segment's) valid
+    tokens (−inf if none), exact where the mean is below float64's range."""
+    same = _same_tokens(mask, segment_ids)
+    count = same.sum(-1)
+    total = torch.logsumexp(torch.where(same, log_x[:, None, :], NEG_INF), -1)
+    return torch.where(count > 0, total - count.clamp_min(1).double().log(), NEG_INF)
+
+
+def _tiny_tail(P, Q, top, valid, beta, segment_ids, seq_alpha_mean, lat, e_lat):
+    """(value bound [...], tail gradient bound [..., V], W) of TAD's log-space rows (`divergences.tad_tiny_rows`:
+    α^T below 1e-30, where the linear tail sums have lost their precision): the tail term W·D_KL2 with W = β·α^T/ᾱ
+    = exp(log β − log ᾱ + log α^T) and D_KL2 = KL(p̃‖q̃) from log p̃ = log p − log α^T (error P.err + Δlog α^T +
+    u|log p̃|) and log q̃ = log q − lse_tail(log q) (Q.err, the log-sum-exp's κ + max Q.err + u|log α^S|, u|log q̃|);
+    W's relative error Δlog α^T + Δlog ᾱ (ᾱ averaged in float64 from the float32 log α^T: the largest Δlog α^T of
+    the sequence) + 2u. Gradient on the tail: q_i + (W − α^T) q̃_i − W p̃_i, each factor's relative error."""
+    if seq_alpha_mean is None:
+        log_abar = _seq_log_mean(torch.where(valid, lat, NEG_INF), valid, segment_ids)
+        e_labar = _seq_mean(e_lat, valid, segment_ids).clamp_min(0) + torch.where(
+            valid, e_lat, 0.0).amax(-1, keepdim=True) + 1e-15
+    else:
+        abar = seq_alpha_mean.detach().double()
+        log_abar = torch.where(abar > 0, abar.clamp_min(1e-300).log(), NEG_INF)
+        e_labar = torch.full_like(abar, U)
+    has = torch.isfinite(lat) & (log_abar > NEG_INF)
+    big_w = torch.where(has, beta * (lat - torch.where(has, log_abar, 0.0)).exp(), 0.0)
+    e_w = e_lat + e_labar + 2 * U
+    lpt = torch.where(top, NEG_INF, P.l - torch.where(torch.isfinite(lat), lat, 0.0)[..., None])
+    e_lpt = P.err + e_lat[..., None] + U * _abs_finite(lpt)
+    q_tail = torch.where(top, NEG_INF, Q.l)
+    lse_q = torch.logsumexp(q_tail, -1, keepdim=True)
+    lqt = q_tail - lse_q
+    e_lse_q = Q.kappa + torch.where(top, 0.0, Q.err).amax(-1, keepdim=True) + U * _abs_finite(lse_q)
+    e_lqt = Q.err + e_lse_q + U * _abs_finite(lqt)
+    p_t, q_t = torch.where(top, 0.0, lpt.exp()), torch.where(top, 0.0, lqt.exp())
+    n_tail = Q.V - int(top[(0,) * (top.dim() - 1)].sum())
+    d_kl2 = _kl_val(p_t, torch.where(top, 0.0, lpt), torch.where(top, 0.0, lqt))
+    e_kl2 = _kl_err(p_t, torch.where(top, 0.0, lpt), torch.where(top, 0.0, e_lpt), torch.where(top, 0.0, lqt),
+                    torch.where(top, 0.0, e_lqt), n_tail)
+    value = big_w * (e_kl2 + d_kl2.abs() * (e_w + U))
+    alpha_t = torch.where(torch.isfinite(lat), lat.exp(), 0.0)[..., None]
+    coef = (big_w[..., None] - alpha_t).abs()
+    grad = (Q.w * (Q.rel + 2 * U) + coef * q_t * (e_lqt + e_w[..., None] + 4 * U) + alpha_t * q_t * U
+            + big_w[..., None] * p_t * (e_lpt + e_w[..., None] + 4 * U))
+    return value, grad, big_w
 
 
 def _underflow_path(alpha_s, vocab):
@@ -346,7 +398,9 @@ def tad(s, t, mask, k, beta, segment_ids=None, seq_alpha_mean=None, temperature=
     terms), tail KL = Σ_tail p(log p − log q) (a V-term sum), α^T = Σ_tail p (V terms; a sub-normal p adds 2^-149 each),
     α^S = Σ_tail q (or, when it underflows, log α^S = lse_tail − lse: two u·M roundings), bucket = α^T(log α^T −
     log α^S), β_x = β/ᾱ with ᾱ the T-term mean of the float32 α^T. Closed-form gradient: (q − p) on 𝒦; on the tail
-    q_i(1 + (β_x − 1)α^T/α^S) − β_x p_i, or q̃_i(α^S + (β_x − 1)α^T) − β_x p_i on the underflow path."""
+    q_i(1 + (β_x − 1)α^T/α^S) − β_x p_i, or q̃_i(α^S + (β_x − 1)α^T) − β_x p_i on the underflow path. Rows whose
+    α^T is below 1e-30 (the library's log-space rows, also where α^T and ᾱ are below float64's range) by `_tiny_tail`;
+    both counts near that threshold."""
     Q, P = _Dist(s, temperature, dz_s), _Dist(t, temperature, dz_t)
     V = Q.V
     if ids is None:
@@ -398,6 +452,18 @@ def tad(s, t, mask, k, beta, segment_ids=None, seq_alpha_mean=None, temperature=
     loss = top_val + bucket + beta_x * tail
     value = (d_top + d_bucket + beta_x * (d_tail + rel_bx * tail.abs())
              + U * (top_val.abs() + bucket.abs() + 2 * beta_x * tail.abs() + loss.abs()))
+    # rows computed in log space (α^T below 1e-30 in float32, `divergences.tad_tiny_rows`; both bounds near it):
+    # their tail term is W·D_KL2 from log p̃, log q̃ — the linear-space count above charges sub-normal p_i's and a
+    # β/ᾱ beyond float64's range, which does not describe them
+    (ltt, e_ltt), (lt_all, e_lt_all) = P.lse(~top), P.lse()
+    lat = ltt - lt_all
+    e_lat = torch.where(torch.isfinite(lat), e_ltt + e_lt_all + U * _abs_finite(lat), 0.0)
+    alpha64 = torch.where(torch.isfinite(lat), lat.exp(), 0.0)
+    maybe_tiny = (alpha64 < 2e-30) & torch.isfinite(lat)
+    maybe_linear = ~(alpha64 < 0.5e-30) | ~torch.isfinite(lat)
+    v_tiny, g_tiny, _ = _tiny_tail(P, Q, top, valid, beta, segment_ids, seq_alpha_mean, lat, e_lat)
+    v_tiny = v_tiny + d_top + d_bucket + U * (top_val.abs() + bucket.abs() + loss.abs())
+    value = torch.maximum(torch.where(maybe_linear, value, 0.0), torch.where(maybe_tiny, v_tiny, 0.0))
     # gradient
     g_top = Q.w * Q.rel + P.w * P.rel + 3 * U * (Q.w - P.w).abs()
     bx, at = beta_x[..., None], alpha_t[..., None]
@@ -415,6 +481,8 @@ def tad(s, t, mask, k, beta, segment_ids=None, seq_alpha_mean=None, temperature=
     g_under = q_tilde * ((e_lq_tilde + 3 * U) * coef.abs() + d_coef) + p_term
     g_tail = torch.maximum(torch.where(normal[..., None], g_normal, 0.0), torch.where(under[..., None], g_under, 0.0))
     grad = torch.where(top, g_top, g_tail + U * (Q.w * c1.abs() + bx * P.w))
+    grad = torch.maximum(torch.where(maybe_linear[..., None], grad, 0.0),
+                         torch.where(maybe_tiny[..., None], torch.where(top, g_top, g_tiny), 0.0))
     return SAFETY * torch.where(valid, value, 0.0), SAFETY * torch.where(valid[..., None], grad, 0.0)
 
 

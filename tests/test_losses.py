@@ -122,6 +122,26 @@ def test_jsd_matches_reference(c, beta):
     )
 
 
+@pytest.mark.parametrize("gap", [66.0, 120.0, 400.0, 800.0])
+def test_tad_with_teacher_tails_below_float32_and_float64_range_within_its_bound(gap):
+    """Teacher tails `gap` nats below its top 3: α^T near 1e-30 (66), below float32's range (120, 400: the library's
+    log-space rows) and below float64's (800: ᾱ too, β(X)·α^T = β·exp(log α^T − log ᾱ) ~ β). `loss_bounds.tad`
+    bounds these rows by their log-space computation (W·KL(p̃‖q̃)); its linear-space count alone was ~10⁴× too small
+    for the gradient at 800 and meaningless (β/ᾱ ~ 1e50 times sub-normal p_i) in between."""
+    g = torch.Generator().manual_seed(0)
+    n, vocab, k = 6, 257, 3
+    s = torch.randn(1, n, vocab, generator=g) * 2
+    t = torch.randn(1, n, vocab, generator=g) * 2
+    t = t.scatter_add(-1, torch.topk(t, k).indices, torch.full((1, n, k), gap))
+    mask = torch.ones(1, n, dtype=torch.bool)
+    mask[0, 4] = False
+    w = torch.rand(1, n, generator=g) + 0.5
+    assert_matches(lambda x: L.tad(x, t, mask, k=k, beta=2.0), lambda x: R.tad(x, t, mask, k, 2.0), s, w,
+                   torch.float32, lambda: LB.tad(s, t, mask, k, 2.0))
+    value_bound = LB.tad(s, t, mask, k, 2.0)[0]
+    assert value_bound.max() < 0.05  # a bound that can fail: errors ~1e-4 here, values ~10
+
+
 @FAST
 @given(cases(), st.sampled_from([0.0, 0.5, 2.0, 5.0]), st.booleans())
 def test_tad_matches_reference(c, beta, packed):
