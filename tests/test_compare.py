@@ -413,10 +413,12 @@ def test_damaged_run_files_are_one_line(tmp_path, capsys, name, content, needle)
     one_line_error(capsys.readouterr().err, needle)
 
 
-def test_a_config_yaml_that_is_not_utf8_only_loses_the_loss_settings(tmp_path):
+@pytest.mark.parametrize("content", [b"loss:\n  name: \xff\n", b"[" * 100_000 + b"]" * 100_000])
+def test_a_config_yaml_that_is_not_utf8_only_loses_the_loss_settings(tmp_path, content):
     """config.yaml gives the loss settings of the loss column, read leniently ({} when unreadable): bytes that are
-    not UTF-8 are unreadable too (a UnicodeDecodeError traceback before); the loss name comes from summary.json."""
+    not UTF-8, or YAML nested past Python's stack, are unreadable too (a UnicodeDecodeError / RecursionError
+    traceback before); the loss name comes from summary.json."""
     run = make_run(tmp_path, "r", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
-    (run / "config.yaml").write_bytes(b"loss:\n  name: \xff\n")
+    (run / "config.yaml").write_bytes(content)
     record = load_run(run)
     assert record["loss"] == "kd" and record["loss_settings"] == {}

@@ -254,7 +254,7 @@ def _config_loss(run: Path) -> dict:
         return {}
     try:
         cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's stack
         return {}
     loss = cfg.get("loss") if isinstance(cfg, dict) else None
     return loss if isinstance(loss, dict) else {}
