@@ -347,9 +347,9 @@ class TrainConfig:
                               "cosine_with_min_lr")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (the cosine reaches it at max_steps)")
     grad_clip: float = _f(1.0, "gradient-norm clipping (0 disables)")
-    precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: CUDA, CPUs with "
-                                "AVX512-BF16 or AMX; else fp32; TAILKD_NATIVE_BF16=0|1 overrides the detection), "
-                                "bf16, fp32", choices=PRECISIONS)
+    precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: CUDA sm_80+ or ROCm, "
+                                "CPUs with AVX512-BF16 or AMX; else fp32; TAILKD_NATIVE_BF16=0|1 overrides the "
+                                "detection), bf16, fp32", choices=PRECISIONS)
     eval_every: int = _f(10, "held-out evaluation every N steps (0: only before and after)")
     save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept")

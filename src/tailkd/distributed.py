@@ -391,7 +391,7 @@ NATIVE_BF16_ENV = "TAILKD_NATIVE_BF16"  # 0 / 1: override the detection below (e
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX).
+    """Whether ``device`` runs bf16 matrix products natively (CUDA sm_80+ or ROCm; CPUs with AVX512-BF16 or AMX).
 
     ``TAILKD_NATIVE_BF16=0`` (or ``1``) in the environment replaces the detection, so that ``precision: auto``
     takes the fp32 path (or bf16) whatever the hardware."""
