@@ -110,9 +110,9 @@ FLOAT_RANGES = {
 }
 
 # The seeds of every command's config (each item of a list): numpy's range, which train.seed is given to
-# (`tailkd.train.set_seed`; -1 or 2^32 was numpy's 'Seed must be between 0 and 2**32 - 1', exit 1, once the run had
-# started; cache.seed above 2^43: torch's 'Overflow when unpacking long long'). Not data.split_seed (hashed with
-# each prompt) nor generate.seed (torch.manual_seed's, any 64-bit integer).
+# (`tailkd.train.seed_everything`; -1 or 2^32 was numpy's 'Seed must be between 0 and 2**32 - 1', exit 1, once the
+# run had started; cache.seed above 2^43: torch's 'Overflow when unpacking long long'). Not data.split_seed (hashed
+# with each prompt) nor generate.seed (torch.manual_seed's, any 64-bit integer).
 SEED_KEYS = ("train.seed", "cache.seed", "reproduce.seeds", "reproduce.sweep_seeds")
 SEED_MAX = 2 ** 32 - 1
 INT64 = 2 ** 63  # every int setting lies in [-INT64, INT64): what torch and numpy take (`_coerce`)

@@ -91,7 +91,7 @@ def progress_bar(iterable=None, **kwargs):
 
 class MetricsLog:
     """Append-only JSONL written by rank 0; on resume, lines after the checkpoint's step are dropped first
-    (and a line cut short by a kill)."""
+    (and a line cut short by a kill, or one that is not UTF-8 or not readable JSON)."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
