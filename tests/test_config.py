@@ -649,6 +649,19 @@ def test_the_readmes_distill_synopsis_names_every_loss():
     assert choices.split("|") == list(LOSSES)
 
 
+def test_the_readmes_loss_table_lists_every_knob():
+    """The README's table of losses names, per ``--loss``, the `LossConfig` knobs its registry row reads, all of them
+    (it left temperature out of eight rows: tad, jsd, dkd, drkl, skew_kl, skew_rkl, akl, alpha_beta)."""
+    from tailkd.registry import LOSSES
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("| loss (`--loss`) | function | per-token formula | knobs |")[1].split("\n\n")[0]
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table.splitlines()[2:]]  # a \| inside a formula
+    rows = {re.match(r" `(\w+)`", c[0]).group(1): c[3] for c in cells if re.match(r" `(\w+)`", c[0])}
+    knobs = {name: set(re.findall(r"`(\w+)`", rows[name])) for name in LOSSES if name != "clm"}
+    assert knobs == {name: set(spec.knobs) for name, spec in LOSSES.items() if name != "clm"}
+
+
 @pytest.mark.parametrize("flags, key", [
     (["--student.hidden_size", "32"], "student.hidden_size=32"),
     (["--student-layers", "3"], "student.num_layers=3"),
