@@ -761,15 +761,20 @@ def test_a_config_section_that_is_not_a_mapping_is_refused_under_flags_of_it(tmp
                                            ("cache-teacher", ["--out", "c"]), ("lm-eval", ["--model", "m"]),
                                            ("select-data", ["--reference", "r"])])
 def test_every_command_with_a_data_section_checks_its_settings_as_distill(command, argv, tmp_path, monkeypatch):
-    """The built-in data sets' sizes (data.math_train, data.math_heldout, data.instruct_max_words) are checked when
-    the command's config is read, as distill does (they failed after the teacher loaded, naming n_train / n_heldout),
-    and, where the command reads data.task, a built-in set the task cannot read (of the settings the command has:
-    instruct_max_words and data.task are sft's, which cache-teacher, lm-eval and select-data do not read)."""
+    """The built-in data sets' sizes (data.math_train, data.math_heldout >= 1; data.instruct_max_words >= 0, 0 keeping
+    every pair as its help says: 0 was refused) are checked when the command's config is read, as distill does (they
+    failed after the teacher loaded, naming n_train / n_heldout), and, where the command reads data.task, a built-in
+    set the task cannot read (of the settings the command has: instruct_max_words and data.task are sft's, which
+    cache-teacher, lm-eval and select-data do not read)."""
     monkeypatch.chdir(tmp_path)
     cls = COMMAND_CONFIGS[command]
-    for key in {"data.math_train", "data.math_heldout", "data.instruct_max_words"} - set(cls.OMIT):
+    for key in {"data.math_train", "data.math_heldout"} - set(cls.OMIT):
         with pytest.raises(TailkdError, match=rf"^{re.escape(key)}=0 must be >= 1$"):
             parse([*argv, f"--{key}", "0"], cls)
+    if "data.instruct_max_words" not in cls.OMIT:  # 0 keeps every pair, as its help and instructdata say
+        assert parse([*argv, "--data.instruct_max_words", "0"], cls).data.instruct_max_words == 0
+        with pytest.raises(TailkdError, match=r"^data\.instruct_max_words=-1 must be >= 0 \(0: all\)$"):
+            parse([*argv, "--data.instruct_max_words", "-1"], cls)
     if "data.task" not in cls.OMIT:
         with pytest.raises(TailkdError, match=r"^data.paths builtin:instruct is prompt/response data"):
             parse([*argv, "--data", "builtin:instruct"], cls)

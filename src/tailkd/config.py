@@ -538,11 +538,12 @@ def check_device_name(key: str, name: str) -> None:
 
 def check_data(cfg) -> None:
     """The data section's built-in set settings, for every command that has one (distill and the commands of
-    `tailkd.command_config`): their sizes at least 1 and, where the command reads ``data.task``, no built-in set the
-    task cannot read (`DataConfig.check_builtin_paths`; lm-eval, which omits it, must accept the data section of an
-    sft run) — before any model loads."""
-    for key in ("data.math_train", "data.math_heldout", "data.instruct_max_words"):
+    `tailkd.command_config`): their sizes at least 1 (instruct_max_words at least 0: 0 keeps all) and, where the
+    command reads ``data.task``, no built-in set the task cannot read (`DataConfig.check_builtin_paths`; lm-eval,
+    which omits it, must accept the data section of an sft run) — before any model loads."""
+    for key in ("data.math_train", "data.math_heldout"):
         check_at_least(cfg, key, 1)
+    check_at_least(cfg, "data.instruct_max_words", 0, " (0: all)")
     if "data.task" not in getattr(cfg, "OMIT", ()):
         cfg.data.check_builtin_paths()
 
