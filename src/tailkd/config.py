@@ -240,10 +240,10 @@ class StudentConfig:
 class DataConfig:
     paths: list[str] = _f([], "text files/folders, .jsonl (field 'text') or .parquet; empty: built-in news corpus. "
                               "Built-in sets: 'builtin:math' (GSM-style problems: the worked solutions as a "
-                              "pretrain corpus, the problems with --task sft), 'builtin:pydoc' (Python's "
-                              "documentation, for pretraining) and, with --task sft only, "
+                              "pretrain corpus, the problems with distill --task sft), 'builtin:pydoc' (Python's "
+                              "documentation, for pretraining) and, with distill --task sft only, "
                               "'builtin:instruct' (AlpacaEval's instructions with gpt-3.5-turbo answers, CC BY-NC "
-                              "4.0, non-commercial); with --task sft a built-in set brings its own held-out "
+                              "4.0, non-commercial); with distill --task sft a built-in set brings its own held-out "
                               "split (data.math_heldout, data.instruct_heldout), as a pretraining corpus "
                               "data.heldout_fraction of its documents are held out")
     seq_len: int = _f(128, "tokens per packed training row")
