@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_VOCAB, make_tiny_lm
 
 import tailkd
-from tailkd.config import LossConfig
+from tailkd.config import FUSED_MODES, LossConfig
 from tailkd.objective import count_valid_tokens, step_terms
 from tailkd.teacher import OnlineTeacher
 
@@ -244,5 +244,8 @@ def test_final_hidden_falls_back_by_signature_and_never_hides_a_forward_error():
         def forward(self, *args, **kwargs):
             return self.module(*args, **kwargs)
 
-    with pytest.raises(TailkdError, match="Plain.forward takes no logits_to_keep"):
+    with pytest.raises(TailkdError, match="Plain.forward takes no logits_to_keep") as refused:
         final_hidden(Wrapper(Plain(student)), ids)
+    # the fix it names is a value --train.fused_loss takes (it said 'false', which the flag refuses)
+    (value,) = re.findall(r"use --train\.fused_loss (\w+)", str(refused.value))
+    assert value in FUSED_MODES and value == "off"

@@ -167,7 +167,7 @@ def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     inner = getattr(model, "module", model)
     if _distributed_wrapper(model):
         raise TailkdError(f"{type(inner).__name__}.forward takes no logits_to_keep, which the chunked loss layer needs "
-                          "under DDP / FSDP; use --train.fused_loss false, or one process")
+                          "under DDP / FSDP; use --train.fused_loss off, or one process")
     out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)  # the decoder alone
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
