@@ -61,8 +61,9 @@ def teacher_top_ids(t: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
     Two-stage when 64 divides V (all common LM vocabularies) and V/64 > 4k: block maxima (one vectorised read),
     the k blocks with the largest maxima (they hold every top-k entry), then top-k among those k·64 candidates; 2-3x
     cheaper than torch.topk over V on CPU. Otherwise torch.topk. Ties at the k-th value are resolved by this selection
-    (deterministic, implementation-defined): 𝒦 is then one of the valid top-k sets. Every torch path uses this
-    one; the Triton kernels take the smaller ids on such a tie (`tailkd.kernels`), another valid set.
+    (deterministic, implementation-defined): 𝒦 is then one of the valid top-k sets. The dense and chunked torch paths
+    use this one (a top-K cache holds torch.topk's set, `tailkd.cache`); the Triton kernels take the smaller ids on
+    such a tie (`tailkd.kernels`), another valid set.
     """
     vocab = t.shape[-1]
     n_blocks = vocab // block

@@ -291,8 +291,9 @@ def tad_decompose(
 
     𝒦 = the k ids with the largest teacher probability, ranked by teacher logits (same order as p). Exact ties at
     the k-th place: 𝒦 is one valid top-k set, chosen deterministically by `divergences.teacher_top_ids`, the
-    selection of every torch path (dense, chunked, sparse); the Triton kernels (CUDA) break such ties toward the
-    smaller id (`tailkd.kernels`), so on an exact tie at the k-th place they may hold another valid 𝒦.
+    selection of the dense and chunked torch paths (a top-K cache holds the set torch.topk chose when it was written,
+    `tailkd.cache`); the Triton kernels (CUDA) break such ties toward the smaller id (`tailkd.kernels`), so on an
+    exact tie at the k-th place they may hold another valid 𝒦.
     - D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S)       (k terms + the "rest" bucket)
     - D_KL2 = Σ_{i∉𝒦} p̃_i log(p̃_i/q̃_i),  p̃ = p/α^T, q̃ = q/α^S  (KL of the renormalised tails; 0 when α^T = 0)
     - α^T = Σ_{i∉𝒦} p_i, α^S likewise: log α = logsumexp(tail logits) − logsumexp(logits), never 1 − Σ top-K.
