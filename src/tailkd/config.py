@@ -5,11 +5,12 @@ key for key (``loss: {name: tad, k: 10}``); every leaf is also a flag ``--sectio
 ``--loss.k 20``), and the most used ones have short aliases (``--loss tad``, ``--k 20``,
 ``--teacher DIR``). Unknown keys and values of the wrong type are errors that name the key.
 
-The other subcommands (eval, analyze-teacher, cache-teacher, lm-eval, compare, flops) have configs of the same
-kind in `tailkd.command_config`, built from these sections where the meaning is the same; the machinery below
-(``add_config_flags``, ``config_from_args``, ``from_dict``, ``check_leaves``) serves them all. A config class may
-declare ``ALIASES`` (its short flags), ``OMIT`` (leaves of a reused section it does not read: no flag, and an
-unknown key in YAML) and a ``run_defaults(given)`` class method (settings of the run that made a saved model).
+The other subcommands (eval, analyze-teacher, cache-teacher, lm-eval, compare, flops, select-data, reproduce) have
+configs of the same kind in `tailkd.command_config`, built from these sections where the meaning is the same; the
+machinery below (``add_config_flags``, ``config_from_args``, ``from_dict``, ``check_leaves``) serves them all. A
+config class may declare ``ALIASES`` (its short flags), ``OMIT`` (leaves of a reused section it does not read: no
+flag, and an unknown key in YAML) and a ``run_defaults(given)`` class method (settings of the run that made a saved
+model).
 """
 
 from __future__ import annotations
