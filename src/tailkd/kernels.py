@@ -28,9 +28,10 @@ Which `tailkd.divergences` function each kernel implements:
 - `_tad_kernel` (two launches: the rows on the plain formulas, then the rare rows below): `_tad_forward`'s value
   (the tail sum Σ_tail p log(p/q), or KL(p̃‖q̃) on rows whose α^T is below 1e-30, where a linear tail sum has lost
   its precision, but not 0; the K terms on 𝒦 and the bucket) and `_tad_backward` (Eq. 5 on 𝒦, Eq. 6 on the tail,
-  or its q̃/p̃ form where α^S underflowed or α^T < 1e-30); its per-row quantities (`_tad_row`) are those of
-  `divergences.tad_tiny_rows`, `tad_gradient_form`, `tad_tiny_weight` and `rest_bucket`. It finds 𝒦's columns by
-  comparing each with 𝒦's last entry in pass 1's order (no read of 𝒦 per block).
+  or its q̃/p̃ form where α^S underflowed, also relative to β(X): β(X)·α^T/α^S above 1e30, or α^T < 1e-30); its
+  per-row quantities (`_tad_row`) are those of `divergences.tad_tiny_rows`, `tad_gradient_form`, `tad_tiny_weight`
+  and `rest_bucket`. It finds 𝒦's columns by comparing each with 𝒦's last entry in pass 1's order (no read of 𝒦 per
+  block).
 
 Against a top-K cache teacher (`divergences.SparseTeacher`: 𝒦, its log-probabilities, α^T, optional tail points)
 `sparse_values_and_grads` implements `divergences._sparse_forward` / `_sparse_backward`: `_sparse_stats_kernel`
