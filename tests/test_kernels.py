@@ -937,7 +937,16 @@ def test_sparse_kernels_at_logits_offset_by_1e4():
     _check_sparse(s, t, 5, 3, "kd", True)
 
 
-def _check_sparse(s, t, k, samples, loss, rescale):
+@pytest.mark.parametrize("samples,loss", [(0, "kd"), (4, "kd"), (4, "tad")])
+def test_sparse_kernels_bf16_inputs_and_gradient(samples, loss):
+    """bf16 logits and gradient buffer (as the chunked path's bf16 logits), against the float64 reference within
+    the float32 bound plus one bf16 ulp (`_grad_bound`): every entry one rounding of the float32 gradient, the tail
+    points' too (their −w·w_j was added in bf16 to the kernel's rounded value before)."""
+    s, t = _logits(9, 257, seed=17, dtype=torch.bfloat16)
+    _check_sparse(s, t, 5, samples, loss, True, out_dtype=torch.bfloat16)
+
+
+def _check_sparse(s, t, k, samples, loss, rescale, out_dtype=None):
     n, vocab = s.shape
     sp = _sparse_teacher(t.double(), k, samples, seed=k)
     alpha = sp.log_tail_mass.double().exp()
@@ -947,7 +956,7 @@ def _check_sparse(s, t, k, samples, loss, rescale):
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     sp_d = type(sp)(*(dev(x) for x in sp))
     stats = kernels.sparse_stats(s.to(DEVICE), sp_d, block=BLOCK, rescale=rescale)
-    out = torch.empty(s.shape, device=DEVICE)
+    out = torch.empty(s.shape, device=DEVICE, dtype=out_dtype or s.dtype)
     value = kernels.sparse_values_and_grads(s.to(DEVICE), sp_d, stats, w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE),
                                             out, y=y.to(DEVICE), cy=cy.to(DEVICE), block=BLOCK).cpu()
     g = out.cpu()
@@ -967,7 +976,7 @@ def _check_sparse(s, t, k, samples, loss, rescale):
     p_w = torch.zeros_like(q64).scatter(-1, ids, sp.topk_logprobs.double().exp()) + alpha[:, None] * q_tilde
     if samples:
         p_w = p_w.scatter_add(-1, sp.tail_ids.long(), w[:, None] * sp.tail_weights.double())
-    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, p_w, torch.float32, y, cy)
+    gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, p_w, out_dtype or s.dtype, y, cy)
     B.assert_within(value, ref_v.detach(), vb + B.REF64_ATOL, msg="sparse value vs reference")
     B.assert_within(g, ref_g, gbound + B.REF64_ATOL, msg="sparse gradient vs reference")
     s32 = s.float()
@@ -1014,6 +1023,12 @@ def test_sparse_gradient_into_a_half_buffer_is_one_rounding_at_the_tail_points(o
     bound = fi.eps * g32.double().abs() + fi.tiny * fi.eps + 8 * 2.0 ** -24 * parts  # eps = 2u; + subnormal spacing
     err = (gh.double() - g32.double()).abs()
     assert (err <= bound).all(), (err / bound).max()
+    # the entries torch writes (𝒦, the tail points) are rounded to nearest on any device: within half an ulp of
+    # their float32 value (exactly g32's on 𝒦, its re-evaluation within the 8u·parts above at the tail points)
+    written = torch.zeros(s.shape, dtype=torch.bool).scatter(-1, sp.topk_ids.long(), True).scatter(-1, tids, True)
+    e32 = 8 * 2.0 ** -24 * parts
+    near = fi.eps / 2 * (g32.double().abs() + e32) + fi.tiny * fi.eps / 2 + e32
+    assert (err <= near)[written].all(), (err / near)[written].max()
 
 
 @pytest.mark.parametrize("name,extra,samples", [("kd", {}, 0), ("kd", {}, 3), ("tad", {"k": 4}, 3),
