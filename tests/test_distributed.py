@@ -505,10 +505,9 @@ def test_native_bf16_override_and_the_precision_it_gives(monkeypatch):
             assert dist.autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)
 
 
-@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
-def test_native_bf16_on_cuda_is_sm80_or_newer_not_emulated_bf16(monkeypatch, major, native):
-    """precision auto promises bf16 autocast where the hardware has native bf16: torch.cuda.is_bf16_supported() also
-    says yes where bf16 is emulated (a V100, T4: sm_70/75), which took the slow emulated bf16 path there."""
+def fake_cuda_capability(monkeypatch, major: int) -> None:
+    """torch.cuda as on one CUDA card of compute capability ``major``.0 (bf16 tensors allowed: emulated below sm_80),
+    without TAILKD_NATIVE_BF16."""
     monkeypatch.delenv(dist.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -516,6 +515,13 @@ def test_native_bf16_on_cuda_is_sm80_or_newer_not_emulated_bf16(monkeypatch, maj
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(major=major))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (major, 0))
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d=None: True, raising=False)
+
+
+@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
+def test_native_bf16_on_cuda_is_sm80_or_newer_not_emulated_bf16(monkeypatch, major, native):
+    """precision auto promises bf16 autocast where the hardware has native bf16: torch.cuda.is_bf16_supported() also
+    says yes where bf16 is emulated (a V100, T4: sm_70/75), which took the slow emulated bf16 path there."""
+    fake_cuda_capability(monkeypatch, major)
     cuda = torch.device("cuda", 0)
     assert dist.native_bf16(cuda) is native
     assert dist.autocast_dtype("auto", cuda) is (torch.bfloat16 if native else None)

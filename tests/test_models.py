@@ -154,6 +154,27 @@ def test_resolve_dtype_on_cpu(dtype, expected):
     assert resolve_dtype(dtype, "cpu") is expected
 
 
+@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
+def test_teacher_dtype_auto_on_cuda_is_bf16_only_where_it_is_native(monkeypatch, major, native):
+    """teacher.dtype auto (and a teacher-only command's autocast) follows precision auto's rule: bf16 where the card
+    runs it natively (sm_80+), float32 on a V100 / T4 (sm_70/75), where torch.cuda.is_bf16_supported() says yes for
+    emulated bf16 — the teacher was loaded in slow emulated bf16 there while training ran in fp32. An explicit bf16
+    stays bf16."""
+    from test_distributed import fake_cuda_capability
+
+    from tailkd import distributed as dist
+    from tailkd.models import teacher_autocast_dtype
+
+    fake_cuda_capability(monkeypatch, major)
+    want = torch.bfloat16 if native else torch.float32
+    assert resolve_dtype("auto", "cuda") is want
+    assert teacher_autocast_dtype("auto", torch.device("cuda")) is (torch.bfloat16 if native else None)
+    assert resolve_dtype("bf16", "cuda") is torch.bfloat16
+    assert teacher_autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setenv(dist.NATIVE_BF16_ENV, "0")  # the override of precision auto's detection applies here too
+    assert resolve_dtype("auto", "cuda") is torch.float32
+
+
 def test_resolve_dtype_unknown():
     with pytest.raises(TailkdError, match="fp32, bf16"):
         resolve_dtype("int8")

@@ -179,8 +179,8 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors argparse's name
 class TeacherConfig:
     path: str = _f("smollm2", "teacher: 'smollm2' (built-in SmolLM2-135M-Instruct), an HF model folder, or a .gguf "
                               "file")
-    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on a CUDA device with bf16, else fp32), bf16, fp32",
-                    choices=TEACHER_DTYPES)
+    dtype: str = _f("auto", "teacher weights dtype: auto (bf16 on a CUDA device with native bf16, else fp32), "
+                            "bf16, fp32", choices=TEACHER_DTYPES)
     cache: Optional[str] = _f(None, "teacher cache folder (tailkd cache-teacher) that training steps read instead "
                                     "of running the teacher; the teacher is still loaded for the student's "
                                     "initialisation and the held-out evaluation")

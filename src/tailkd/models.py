@@ -92,16 +92,20 @@ def builtin_teacher_gguf() -> Path:
 # --------------------------------------------------------------------------- small helpers
 
 def teacher_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast of a teacher-only command (cache-teacher, select-data): bf16 on CUDA for a teacher dtype of auto
-    or bf16, else None (its own dtype)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" and dtype in ("auto", "bf16") else None
+    """The autocast of a teacher-only command (cache-teacher, select-data): bf16 on CUDA for a teacher dtype of bf16,
+    or of auto where the card has native bf16 (`resolve_dtype`), else None (its own dtype)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in ("auto", "bf16"):
+        return None
+    return torch.bfloat16 if dtype == "bf16" or resolve_dtype("auto", device) is torch.bfloat16 else None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
     """``None``/"fp32" → float32; "bf16"/"fp16" as named; a torch.dtype as is.
 
-    "auto" → bfloat16 on a CUDA device that supports it, else float32 (CPU keeps exact float32 by
-    default even though bf16 matmuls are 2-3x faster on AVX-512-bf16 CPUs: ask for "bf16" to get them).
+    "auto" → bfloat16 on a CUDA device with native bf16 (sm_80+ or ROCm: `distributed.native_bf16`, the rule of
+    precision auto, ``TAILKD_NATIVE_BF16`` included; a V100 / T4 only emulates it), else float32 (CPU keeps exact
+    float32 by default even though bf16 matmuls are 2-3x faster on AVX-512-bf16 CPUs: ask for "bf16" to get them).
     """
     if dtype is None:
         return torch.float32
@@ -110,7 +114,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
     key = str(dtype).lower().removeprefix("torch.")
     if key == "auto":
         dev = torch.device(device)
-        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        from tailkd.distributed import native_bf16
+
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and native_bf16(dev)
         return torch.bfloat16 if cuda_bf16 else torch.float32
     if key not in _DTYPES:
         raise TailkdError(f"unknown dtype {dtype!r}: use one of auto, fp32, bf16, fp16")
