@@ -211,10 +211,10 @@ def skew_kl(s, t, alpha, temperature=1.0, reverse=False):
     """KL(w ‖ αw + (1 − α)v) with (w, v) = (p, q), or (q, p) for the reverse form: `first_order`, plus the rounding of
     the mixture's log m = logaddexp(lw + log α, lv + log(1 − α)) in float32, an absolute error the terms' relative
     count misses: (log α, log(1 − α) rounded to float32, the two sums, |x − y| and the result, and ~2 ulps of
-    exp / log1p) δ_k ≤ u(2|log α| + 2|log(1 − α)| + 2|lw_k| + 2|lv_k| + |lm_k| + 2). As α → 1, D and its terms
-    shrink like (1 − α) while δ_k does not: Σ_k w_k δ_k is then the error (`first_order` alone was 10-500× too small
-    at α = 0.999-0.99999). It enters the value as Σ_k |∂D/∂lm_k| δ_k and the gradient through |∂h/∂lm| δ
-    (Jacobians in float64), then log_softmax's backward (linear in the bound of h)."""
+    exp / log1p) δ_k ≤ u(2|log α| + 2|log(1 − α)| + 2|lw_k| + 2|lv_k| + |lm_k| + 2). As α → 1, the terms shrink
+    like (1 − α) and D like (1 − α)² while δ_k does not: Σ_k w_k δ_k is then the error (`first_order` alone was
+    10-500× too small at α = 0.999-0.99999). It enters the value as Σ_k |∂D/∂lm_k| δ_k and the gradient through
+    |∂h/∂lm| δ (Jacobians in float64), then log_softmax's backward (linear in the bound of h)."""
     from torch.func import grad, jacrev
 
     la, lb = math.log(alpha) if alpha > 0 else NEG_INF, math.log1p(-alpha)

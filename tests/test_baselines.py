@@ -32,9 +32,10 @@ def test_symmetric_kl_matches_reference(c):
 @pytest.mark.parametrize("alpha", [0.999, 0.99999])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_skew_kls_near_alpha_one_within_their_bound(alpha, reverse):
-    """Near α = 1 the divergence and its terms shrink like 1 − α while the float32 rounding of the mixture's log m
-    does not: `loss_bounds.skew_kl` counts it (the terms' relative count alone was 10-500× too small at α = 0.999 -
-    0.99999, for values and the reverse form's gradients). Float32 rows at the three logit scales of `cases`."""
+    """Near α = 1 the terms shrink like 1 − α (the divergence like (1 − α)²) while the float32 rounding of the log m
+    of the mixture does not: `loss_bounds.skew_kl` counts it (the terms' relative count alone was 10-500× too small
+    at α = 0.999 - 0.99999, for values and the reverse form's gradients). Float32 rows at the logit scales of
+    `cases`."""
     for seed, scale in enumerate([0.3, 2.0, 8.0]):
         g = torch.Generator().manual_seed(seed)
         s, t = (torch.randn(2, 3, 20, generator=g) * scale for _ in range(2))

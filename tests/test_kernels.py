@@ -408,9 +408,10 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     s = torch.randn(5, 60, generator=g, dtype=torch.float64)
     s[3:] = 20 * t[3:] / 10
     _check_tad(s.float(), t.float(), 3, seed=9)
-    # The bounds of `_check_tad` model a linear tail sum, whose sub-normal summands each carry 2^-149 times
-    # β(X) ~ 1e43 here: they cannot see the log-space value top + bucket + W·KL(p̃‖q̃) of these rows (W = β(X)·α^T ~ 1)
-    # nor the q̃/p̃ gradient cd(q + (W − α^T)q̃ − W p̃) + cq·q on their tail. Each float32 log-probability
+    # `_check_tad`'s bounds (`loss_bounds.tad`) count these log-space rows since 8a76889 (before, a linear tail sum
+    # whose sub-normal summands each carried 2^-149 times β(X) ~ 1e43 here: vacuous). The direct bound below, derived
+    # for the log-space value top + bucket + W·KL(p̃‖q̃) (W = β(X)·α^T ~ 1) and the q̃/p̃ gradient
+    # cd(q + (W − α^T)q̃ − W p̃) + cq·q on their tail, is kept as a second check. Each float32 log-probability
     # (x − m) − log S is within ε = 6u(2M + log V) of its value (M = max |logit|: three roundings of magnitude
     # ≤ 2M + log V per side), so log α^T, hence W (relative), and every log(p̃/q̃), q, q̃, p̃ (relative) are within
     # ~2ε; then |Δ(W·KL)| ≤ 2ε|W|(KL + 1 + L), L = max_tail |log(p̃/q̃)|, the top and bucket terms are within
