@@ -156,7 +156,7 @@ def read_meta(path: Path) -> dict:
     except RecursionError:  # nested past Python's parser
         raise _damaged(path, "nested too deeply to read") from None
     if not isinstance(meta, dict):
-        raise _damaged(path, f"not a JSON object: a {type(meta).__name__}")
+        raise _damaged(path, f"not a JSON object: {jsonfile.kind(meta)}")
     return meta
 
 

@@ -47,12 +47,6 @@ LM_EVAL_OBJECTS = ("results", "n-shot", "n-samples")  # the parts of lm_eval.jso
 EVAL_NUMBERS = ("student_full_ece", "student_rougeL", "student_distinct_2", "student_self_bleu")
 
 
-def _kind(value) -> str:
-    """``value``'s JSON-ish type with its article, for messages: "a list", "an int"."""
-    name = type(value).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
@@ -69,7 +63,8 @@ def _check_fields(obj: dict, where: str, numbers=(), objects=(), strings=()) -> 
                            (strings, lambda v: isinstance(v, str), "a string")):
         for key in keys:
             if obj.get(key) is not None and not ok(obj[key]):
-                raise TailkdError(f'{where}: "{key}" is {_kind(obj[key])}, not {want}; re-create it or remove it')
+                raise TailkdError(f'{where}: "{key}" is {jsonfile.kind(obj[key])}, not {want}; re-create it or '
+                                  'remove it')
     return obj
 
 
@@ -83,7 +78,7 @@ def _read_json(path: Path, **fields) -> dict | None:
         why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
         raise TailkdError(f"{path} is not valid JSON ({why}); re-create it or remove it") from None
     if not isinstance(obj, dict):
-        raise TailkdError(f"{path} is not a JSON object (it holds {_kind(obj)}); re-create it or remove it")
+        raise TailkdError(f"{path} is not a JSON object (it holds {jsonfile.kind(obj)}); re-create it or remove it")
     return _check_fields(obj, str(path), **fields)
 
 
@@ -107,8 +102,8 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
         except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past Python's stack
             raise TailkdError(f"{metrics_path}:{n} is not valid JSON; repair or remove that line") from None
         if not isinstance(row, dict):
-            raise TailkdError(f"{metrics_path}:{n} is not a JSON object (it holds {_kind(row)}); repair or remove "
-                              "that line")
+            raise TailkdError(f"{metrics_path}:{n} is not a JSON object (it holds {jsonfile.kind(row)}); repair or "
+                              "remove that line")
         _check_fields(row, f"{metrics_path}:{n}", numbers=METRIC_NUMBERS)
         if row.get("split") == "heldout" and ("kl" in row or "student_clm" in row):
             held.append(row)

@@ -33,6 +33,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tailkd import jsonfile
 from tailkd.errors import TailkdError
 
 # Scoring a token with a model for its log-probability (MiniPLM, teacher rewards): log-softmax 4 + gather.
@@ -188,7 +189,7 @@ def size_from_spec(spec: str) -> ModelSize:
                     from None
             if not isinstance(d, dict):
                 raise TailkdError(f"cannot read a model config from {spec}: {p} is not a JSON object (it holds "
-                                  f"{'an' if type(d).__name__[0] in 'aeiou' else 'a'} {type(d).__name__})")
+                                  f"{jsonfile.kind(d)})")
             return model_size(d, name=str(p))
         if p.is_dir():
             if not (p / "config.json").is_file():

@@ -83,6 +83,13 @@ def restore(value):
     return value
 
 
+def kind(value) -> str:
+    """The type of a parsed JSON value with its article, for messages about a file of the wrong shape: "a list",
+    "an int", "a str"."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def loads(text: str):
     """A tailkd JSON file's content: `restore` of ``json.loads`` (which also reads the ``NaN`` / ``Infinity`` of files
     written before `dumps` was the rule)."""
