@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 
 from tailkd import jsonfile
-from tailkd.config import flatten
+from tailkd.config import flatten, read_yaml
 from tailkd.errors import TailkdError
 
 # (column title, key in the run record, format, has a Rel column)
@@ -241,15 +241,16 @@ def fidelity_diversity_points(records: list[dict]) -> dict[str, dict]:
 
 
 def _config_loss(run: Path) -> dict:
-    """The ``loss:`` section of the run's config.yaml ({} without a readable one)."""
+    """The ``loss:`` section of the run's config.yaml ({} without a readable one), read as every run config is
+    (`tailkd.config.read_yaml`)."""
     import yaml
 
     p = run / "config.yaml"
     if not p.is_file():
         return {}
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's stack
+        cfg = read_yaml(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):  # read_yaml: nested past Python's stack is a YAMLError too
         return {}
     loss = cfg.get("loss") if isinstance(cfg, dict) else None
     return loss if isinstance(loss, dict) else {}
