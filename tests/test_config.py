@@ -143,6 +143,25 @@ def test_yaml_nested_past_the_parser_is_not_valid_yaml(tmp_path):
     assert parse_assignment(f"train.seed={deep}") == {"train": {"seed": deep}}  # a string, refused as a seed later
 
 
+def test_yaml_that_is_not_utf8_says_so_and_where(tmp_path):
+    """A --config or a saved model's run config holding bytes that are not UTF-8 (a Latin-1 'é') is one line naming
+    the file and its line as not UTF-8 text; it was "not valid YAML ('utf-8' codec can't decode byte 0xe9 in
+    position 15: ...); fix the syntax": no syntax to fix."""
+    from tailkd.command_config import read_run_config
+
+    latin = b"loss:\n  name: caf\xe9\n"
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(latin)
+    with pytest.raises(TailkdError, match=r"^config file .*latin\.yaml is not UTF-8 text \(line 2: invalid "
+                                          r"continuation byte\); save it as UTF-8$"):
+        parse(["--config", str(path)])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_bytes(latin)
+    with pytest.raises(TailkdError, match=r"^the run config .*config\.yaml of .* is not UTF-8 text \(line 2: invalid "
+                                          r"continuation byte\); save it as UTF-8, or give "):
+        read_run_config(tmp_path / "run" / "final")
+
+
 def test_shipped_configs_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert files, "configs/ should ship example recipes"

@@ -44,6 +44,7 @@ from tailkd.config import (
     from_dict,
     leaf_value,
     read_yaml,
+    yaml_text,
 )
 from tailkd.errors import TailkdError
 
@@ -105,12 +106,14 @@ def read_run_config(model_dir: str | Path | None) -> tuple[dict, Path | None]:
     p = Path(model_dir)
     for cand in (p / "config.yaml", p.parent / "config.yaml"):
         if cand.is_file():
+            fix = "give the teacher and data settings yourself and move it away"
+            text = yaml_text(cand, f"the run config {cand} of {p}", f"save it as UTF-8, or {fix}")
             try:
-                cfg = read_yaml(cand.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of 4300+ digits
+                cfg = read_yaml(text)
+            except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of 4300+ digits
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise TailkdError(f"the run config {cand} of {p} is not valid YAML ({first}); repair it, or give the "
-                                  "teacher and data settings yourself and move it away") from None
+                raise TailkdError(f"the run config {cand} of {p} is not valid YAML ({first}); repair it, or "
+                                  f"{fix}") from None
             return (cfg if isinstance(cfg, dict) else {}), cand
     return {}, None
 

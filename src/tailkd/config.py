@@ -766,13 +766,25 @@ def read_yaml(text: str):
         raise yaml.YAMLError("nested too deeply to read") from None
 
 
+def yaml_text(path: Path, name: str, fix: str) -> str:
+    """The text of the YAML file ``path``; where it is not UTF-8, a TailkdError: ``name`` (the file in words), the
+    line, then ``fix``."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise TailkdError(f"{name} is not UTF-8 text (line {line}: {exc.reason}); {fix}") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(os.path.expanduser(path))  # '~user' of no user as it is (pathlib: RuntimeError)
     if not p.is_file():
         raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    text = yaml_text(p, f"config file {p}", "save it as UTF-8")
     try:
-        data = read_yaml(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of over 4300 digits
+        data = read_yaml(text)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of over 4300 digits
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TailkdError(f"config file {p} is not valid YAML ({first}); fix the syntax") from exc
     if data is None:
