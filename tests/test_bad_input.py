@@ -383,11 +383,32 @@ def test_a_run_killed_while_writing_its_first_config_can_be_started_again(assets
     assert (run / "final").is_dir() and not leftover.exists()
 
 
-def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path):
+@pytest.mark.parametrize("text, why", [("loss: [unclosed\n", "not valid YAML"),
+                                       ("", "it is empty"), ("# nothing but a comment\n", "it is empty")])
+def test_resume_of_a_run_with_a_damaged_config(assets, tmp_path, text, why):
+    """An empty config.yaml (no section at all: a run writes every one) is damaged too; it was read as the defaults,
+    and the resume refused with 'data.cache_dir was None, now ...; resume with the run's own config', a config
+    that is not the run's."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("loss: [unclosed\n")
-    assert_error(cli(*args(assets, run), "--resume"), f"cannot resume {run}: its config.yaml is damaged")
+    (run / "config.yaml").write_text(text)
+    assert_error(cli(*args(assets, run), "--resume"), f"cannot resume {run}: its config.yaml is damaged (", why,
+                 "start a new run with another --out")
+
+
+def test_a_stage_with_an_empty_config_is_damaged(tmp_path):
+    """A recipe's or reproduction's stage whose config.yaml is empty is damaged, as a resume says (it was read as
+    the defaults: 'finished with data.cache_dir=None, but now gives ...')."""
+    from tailkd.config import DistillConfig
+    from tailkd.errors import TailkdError
+    from tailkd.recipe import saved_change
+
+    cfg = DistillConfig()
+    cfg.train.out_dir = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("")
+    with pytest.raises(TailkdError, match=r"^the run folder .*run has a damaged config\.yaml \(it is empty\); delete "):
+        saved_change(cfg)
 
 
 def test_generate_rouge_without_reference_responses(assets, tmp_path):

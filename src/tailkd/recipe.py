@@ -156,14 +156,14 @@ def saved_change(cfg: DistillConfig) -> tuple[str, object, object] | None:
     logging, loss kernels, ...) except the schedule's length and held-out points (train.max_steps and
     train.eval_every, which a resume may change but a finished run cannot); train.max_steps neither when
     train.epochs sets it from the data."""
-    from tailkd.runs import RESUME_FREE_KEYS, config_changes
+    from tailkd.runs import RESUME_FREE_KEYS, config_changes, saved_config
 
     run = Path(cfg.train.out_dir)
     saved = run / "config.yaml"
     if not saved.is_file():
         return None
     try:
-        old = flatten(to_dict(absolute_paths(from_dict(DistillConfig, load_yaml(saved)))))
+        old = saved_config(saved)
     except TailkdError as exc:
         raise TailkdError(f"the run folder {run} has a damaged config.yaml ({exc}); delete {run} to run it "
                           "again") from None

@@ -171,7 +171,7 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
         if not saved.exists():
             raise TailkdError(f"{out} has no config.yaml, so it is not a tailkd run; choose another --out")
         try:
-            old = flatten(to_dict(absolute_paths(from_dict(DistillConfig, load_yaml(saved)))))  # older runs: relative
+            old = saved_config(saved)
         except TailkdError as exc:
             raise TailkdError(f"cannot resume {out}: its config.yaml is damaged ({exc}); start a new run with "
                               "another --out") from None
@@ -191,6 +191,16 @@ def prepare_run_dir(cfg: DistillConfig) -> tuple[Path, bool, list[str]]:
         raise TailkdError(f"{out} is not a tailkd run folder (no config.yaml) and --overwrite would delete everything "
                           "in it; choose a new or empty folder with --out")
     return out, False, []
+
+
+def saved_config(path: Path) -> dict:
+    """The config a run saved as ``path`` (its config.yaml), `flatten`ed, its paths `absolute_paths` (an older run's
+    are relative); TailkdError when it cannot be read, holds a value of the wrong type or is empty (a run saves every
+    section: an empty one would read as the defaults)."""
+    doc = load_yaml(path)
+    if not doc:
+        raise TailkdError("it is empty")
+    return flatten(to_dict(absolute_paths(from_dict(DistillConfig, doc))))
 
 
 def config_changes(old: dict, cfg: DistillConfig, free) -> list[str]:
