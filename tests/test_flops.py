@@ -241,6 +241,7 @@ def test_flops_of_a_config_nested_too_deeply_is_one_line(tmp_path, capsys):
     (b'{"model_type": "llama", \xff}', "config.json is not UTF-8 text"),
     (b"[1]", "config.json is not a JSON object (it holds a list)"),
     (b'{"model_type": "llama", "hidden_size": "x"}', "Field 'hidden_size' expected int, got str"),
+    (b'{"model_type": ["llama"]}', "unhashable type: 'list'"),  # a TypeError, exit 1
 ])
 def test_flops_of_a_damaged_config_json_is_one_line(tmp_path, capsys, content, needle):
     """A config.json that is not UTF-8, not an object, or with a field of the wrong type (transformers 5 validates

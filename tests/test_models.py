@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -205,6 +206,23 @@ def test_a_config_field_of_the_wrong_type_is_one_line(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "x"}))
     with pytest.raises(TailkdError, match=r"cannot read the model config in .*m \(.*hidden_size.* expected int, got "
                                           r"str.*\)"):
+        load_causal_lm(tmp_path / "m")
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"model_type": ["llama"]}, "unhashable type: 'list'"),  # TypeError: a bare 'TypeError: ...' line, exit 1
+    ({"dtype": [1]}, "list index out of range"),  # IndexError
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to read"),  # past Python's parser: a RecursionError
+    ({"architectures": 5}, "architectures is 5, not a list of class names"),  # TypeError
+    ({"architectures": "LlamaForCausalLM"}, "architectures is 'LlamaForCausalLM', not a list of class names"),
+])
+def test_a_config_json_of_another_shape_is_one_line(tmp_path, change, why):
+    """A teacher folder's config.json with a field of a type transformers does not check (or nested past Python's
+    parser) is one line naming the folder; a string for architectures was 'holds a L, l, a, m, a, F, o, r, ...'."""
+    make_tiny_lm("llama").save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(change if isinstance(change, str) else json.dumps({**cfg, **change}))
+    with pytest.raises(TailkdError, match=rf"^cannot read the model config in .*m \({re.escape(why)}\): re-save "):
         load_causal_lm(tmp_path / "m")
 
 

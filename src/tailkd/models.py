@@ -65,13 +65,14 @@ _DTYPES = {
 
 
 def config_errors() -> tuple[type[BaseException], ...]:
-    """What reading a bad config.json raises: OSError / ValueError / KeyError, and (transformers 5) huggingface_hub's
-    StrictDataclassError for a field of the wrong type, which is none of those."""
+    """What reading a bad config.json raises: OSError / ValueError / KeyError, TypeError / IndexError for a field of
+    a type transformers does not check (model_type a list: unhashable; dtype a list), and (transformers 5)
+    huggingface_hub's StrictDataclassError for a field of the wrong type that it checks, which is none of those."""
     try:
         from huggingface_hub.errors import StrictDataclassError
     except ImportError:  # an older huggingface_hub (transformers 4): no strict configs
-        return OSError, ValueError, KeyError
-    return OSError, ValueError, KeyError, StrictDataclassError
+        return OSError, ValueError, KeyError, TypeError, IndexError
+    return OSError, ValueError, KeyError, TypeError, IndexError, StrictDataclassError
 
 
 def brief_error(err: BaseException) -> str:
@@ -137,6 +138,9 @@ def _check_causal_lm_config(config, where: Path) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None) or []
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise TailkdError(f"cannot read the model config in {where} (architectures is {architectures!r:.80}, not a "
+                          "list of class names): re-save the model with save_pretrained")
     if architectures:
         ok = any(name in _causal_lm_class_names() for name in architectures)
     else:
@@ -258,9 +262,9 @@ def read_config(path: Path):
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except config_errors() as err:
-        raise TailkdError(f"cannot read the model config in {path} ({brief_error(err)}): "
-                          "re-save the model with save_pretrained")
+    except (*config_errors(), RecursionError) as err:  # RecursionError: nested past Python's parser
+        why = "nested too deeply to read" if isinstance(err, RecursionError) else brief_error(err)
+        raise TailkdError(f"cannot read the model config in {path} ({why}): re-save the model with save_pretrained")
     _check_causal_lm_config(config, path)
     return config
 
