@@ -244,6 +244,35 @@ def test_dir_without_tokenizer(tmp_path):
         load_causal_lm(tmp_path / "m")
 
 
+@pytest.mark.parametrize("name, text, why", [
+    ("tokenizer_config.json", "[1]", "'list' object has no attribute 'get'"),  # AttributeError, exit 1
+    ("tokenizer.json", '"x"', "'str' object has no attribute 'pop'"),
+    ("special_tokens_map.json", "[1]", "'list' object has no attribute 'items'"),
+    ("tokenizer_config.json", "[" * 100_000, "nested too deeply to read"),  # RecursionError
+])
+def test_a_tokenizer_file_of_another_shape_is_one_line(hf_dir, name, text, why):
+    path, _ = hf_dir
+    (path / name).write_text(text)
+    with pytest.raises(TailkdError, match=rf"^unusable tokenizer in .*tiny \({re.escape(why)}\): save the model's "):
+        load_causal_lm(path)
+
+
+@pytest.mark.parametrize("text, why", [("[1]", "not a JSON object"), ("null", "not a JSON object"),
+                                       ("[" * 100_000, "nested too deeply to read")])
+def test_a_generation_config_of_another_shape_is_one_line(hf_dir, text, why):
+    """transformers' loading failed on a generation_config.json that is not an object ('TypeError: 'list' object is
+    not a mapping', exit 1) or nested past Python's parser ('cannot load the weights in X (maximum recursion depth
+    exceeded ...): the folder needs the complete *.safetensors', a RecursionError being a RuntimeError). One it
+    cannot parse it goes without, as before."""
+    path, _ = hf_dir
+    (path / "generation_config.json").write_text(text)
+    with pytest.raises(TailkdError, match=rf"^cannot read .*tiny/generation_config\.json \({why}\): re-save the model "
+                                          "with save_pretrained, or delete it$"):
+        load_causal_lm(path)
+    (path / "generation_config.json").write_text('{"eos_token_id": ')
+    load_causal_lm(path)
+
+
 def test_dir_without_weights(tmp_path, tiny_tokenizer):
     model = make_tiny_lm("llama")
     model.config.save_pretrained(tmp_path / "m")

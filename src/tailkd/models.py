@@ -266,7 +266,27 @@ def read_config(path: Path):
         why = "nested too deeply to read" if isinstance(err, RecursionError) else brief_error(err)
         raise TailkdError(f"cannot read the model config in {path} ({why}): re-save the model with save_pretrained")
     _check_causal_lm_config(config, path)
+    _check_generation_config(path / "generation_config.json")
     return config
+
+
+def _check_generation_config(path: Path) -> None:
+    """A one-line TailkdError for a ``generation_config.json`` that transformers' loading fails on: one that is not
+    a JSON object (a bare TypeError) or is nested past Python's parser (a RecursionError). One that is not UTF-8 or
+    not JSON it goes without, using the model config's generation settings, and so does tailkd."""
+    if not path.is_file():
+        return
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8 (UnicodeDecodeError) or not JSON
+        return
+    except RecursionError:
+        why = "nested too deeply to read"
+    else:
+        if isinstance(obj, dict):
+            return
+        why = "not a JSON object"
+    raise TailkdError(f"cannot read {path} ({why}): re-save the model with save_pretrained, or delete it")
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
@@ -297,8 +317,10 @@ def load_tokenizer(path: Path):
         raise TailkdError(f"no tokenizer in {path} (none of {', '.join(_TOKENIZER_FILES)}): {fix}")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise TailkdError(f"unusable tokenizer in {path} ({brief_error(err)}): {fix}") from None
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as err:  # Attribute: a file of another
+        # shape (tokenizer_config.json a list); Recursion: one nested past Python's parser
+        why = "nested too deeply to read" if isinstance(err, RecursionError) else brief_error(err)
+        raise TailkdError(f"unusable tokenizer in {path} ({why}): {fix}") from None
 
 
 # --------------------------------------------------------------------------- GGUF → safetensors cache
