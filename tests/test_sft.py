@@ -481,3 +481,21 @@ def test_smollm2_template_masks(smollm2_tokenizer, tmp_path):
     ids = encode_prompt(tok, sft_rows_to_prompts(rows)[0][1], chat_template=rows.chat_template)
     assert rows[1]["input_ids"][: len(ids)].tolist() == ids and int(rows[1]["labels"][len(ids) - 1]) != IGNORE_INDEX
     assert end in rows[1]["labels"].tolist()
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{{ messages }} caf\xe9 ", r"is not UTF-8 text \(line 1: invalid continuation byte\); save it as UTF-8"),
+    (b"", "is empty; write a Jinja chat template in it, or pass auto or none"),
+    (b" \n", "is empty; write a Jinja chat template in it, or pass auto or none"),
+])
+def test_a_chat_template_file_that_holds_no_template_is_one_line(tmp_path, content, why):
+    """--data.chat_template naming a file that is not UTF-8 was 'UnicodeDecodeError: ...' (exit 1); an empty one
+    "chat_template must be None, 'auto' or a Jinja template string, got ''", which does not name the file."""
+    from tailkd.sft import chat_template_setting
+
+    path = tmp_path / "t.jinja"
+    path.write_bytes(content)
+    with pytest.raises(TailkdError, match=rf"^data\.chat_template {path} {why}$"):
+        chat_template_setting(str(path))
+    path.write_bytes(b"{{ messages }}\r\n")  # read as read_text reads it: universal newlines
+    assert chat_template_setting(str(path)) == "{{ messages }}\n"

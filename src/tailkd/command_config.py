@@ -44,7 +44,7 @@ from tailkd.config import (
     from_dict,
     leaf_value,
     read_yaml,
-    yaml_text,
+    utf8_text,
 )
 from tailkd.errors import TailkdError
 
@@ -107,7 +107,7 @@ def read_run_config(model_dir: str | Path | None) -> tuple[dict, Path | None]:
     for cand in (p / "config.yaml", p.parent / "config.yaml"):
         if cand.is_file():
             fix = "give the teacher and data settings yourself and move it away"
-            text = yaml_text(cand, f"the run config {cand} of {p}", f"save it as UTF-8, or {fix}")
+            text = utf8_text(cand, f"the run config {cand} of {p}", f"save it as UTF-8, or {fix}")
             try:
                 cfg = read_yaml(text)
             except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of 4300+ digits

@@ -766,12 +766,13 @@ def read_yaml(text: str):
         raise yaml.YAMLError("nested too deeply to read") from None
 
 
-def yaml_text(path: Path, name: str, fix: str) -> str:
-    """The text of the YAML file ``path``; where it is not UTF-8, a TailkdError: ``name`` (the file in words), the
-    line, then ``fix``."""
+def utf8_text(path: Path, name: str, fix: str) -> str:
+    """The text of the file ``path`` (a YAML file, a chat template) as ``read_text(encoding="utf-8")`` reads it (line
+    endings \\r\\n and \\r as \\n); where it is not UTF-8, a TailkdError: ``name`` (the file in words), the line,
+    then ``fix``."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise TailkdError(f"{name} is not UTF-8 text (line {line}: {exc.reason}); {fix}") from None
@@ -781,7 +782,7 @@ def load_yaml(path: str | Path) -> dict:
     p = Path(os.path.expanduser(path))  # '~user' of no user as it is (pathlib: RuntimeError)
     if not p.is_file():
         raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
-    text = yaml_text(p, f"config file {p}", "save it as UTF-8")
+    text = utf8_text(p, f"config file {p}", "save it as UTF-8")
     try:
         data = read_yaml(text)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of over 4300 digits

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tailkd.config import OVERLONG, SFT_MODES
+from tailkd.config import OVERLONG, SFT_MODES, utf8_text
 from tailkd.data import IGNORE_INDEX, content_digest
 from tailkd.errors import TailkdError
 
@@ -552,7 +552,11 @@ def chat_template_setting(value: str) -> str | None:
     tfile = Path(value)
     if not tfile.is_file():
         raise TailkdError(f"data.chat_template {value!r} is neither auto, none nor a template file; pass a .jinja file")
-    return tfile.read_text(encoding="utf-8")
+    text = utf8_text(tfile, f"data.chat_template {value}", "save it as UTF-8")
+    if not text.strip():
+        raise TailkdError(f"data.chat_template {value} is empty; write a Jinja chat template in it, or pass auto or "
+                          "none")
+    return text
 
 
 def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTRows, dict]:
