@@ -538,6 +538,31 @@ def test_cache_reuse_and_invalidation(tmp_path, tok):
         corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A", seq_len=4)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda meta: json.dumps([meta]),  # not an object: an AttributeError
+    lambda meta: "[" * 100_000 + "]" * 100_000,  # nested past Python's parser: a RecursionError
+    lambda meta: json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}),  # a KeyError
+    lambda meta: json.dumps({**meta, "eos_id": "x"}),  # "'bool' object has no attribute 'long'" at the first batch
+    lambda meta: json.dumps({**meta, "sha256": "x"}),  # an AttributeError
+])
+def test_a_damaged_corpus_meta_is_refused_and_prepared_again(tmp_path, tok, damage):
+    """A prepared corpus whose meta.json is not an object, is nested past Python's parser or holds a field of another
+    type is refused by load_corpus, and the cache prepares it again, as it does an unreadable one; each was a
+    traceback (exit 1) of the run that found it in its data.cache_dir."""
+    f = corpus_file(tmp_path / "src")
+    root = tmp_path / "cache"
+    info = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A")
+    meta = info.dir / "meta.json"
+    good = json.loads(meta.read_text())
+    meta.write_text(damage(good))
+    with pytest.raises(TailkdError, match=r"prepare (it|the corpus) again$"):
+        corpus.load_corpus(info.dir)
+    again = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A")
+    assert again.dir == info.dir
+    assert {k: v for k, v in again.meta.items() if k != "created_unix"} == \
+        {k: v for k, v in good.items() if k != "created_unix"}
+
+
 def test_fingerprint_follows_the_order_of_paths(tmp_path):
     a, b = write(tmp_path / "a.txt", "a"), write(tmp_path / "b.txt", "b")
     fp = corpus.corpus_fingerprint([a, b], "t", corpus.DEFAULT_SETTINGS)

@@ -431,8 +431,10 @@ def load_corpus(out_dir: Path) -> CorpusInfo:
     out_dir = Path(out_dir)
     try:
         meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise TailkdError(f"{out_dir} is not a prepared corpus (no readable {META_FILE}); prepare it again") from None
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON; Recursion: nested too deep
+        meta = None
+    if not isinstance(meta, dict):
+        raise TailkdError(f"{out_dir} is not a prepared corpus (no readable {META_FILE}); prepare it again")
     if meta.get("format") != FORMAT:
         raise TailkdError(f"{out_dir} was written in format {meta.get('format')!r}, not {FORMAT}; prepare it again")
     for name, split in ((TRAIN_FILE, "train"), (HELDOUT_FILE, "heldout")):
@@ -441,6 +443,11 @@ def load_corpus(out_dir: Path) -> CorpusInfo:
         if not isinstance(tokens, int) or not f.is_file() or f.stat().st_size != tokens * TOKEN_BYTES:
             raise TailkdError(f"{f} is missing or does not match {META_FILE}; delete {out_dir} and prepare the "
                               "corpus again")
+    eos = meta.get("eos_id", "missing")
+    if not (isinstance(meta.get("fingerprint"), str) and isinstance(meta.get("sha256", {}), dict)
+            and (eos is None or isinstance(eos, int) and not isinstance(eos, bool))):
+        raise TailkdError(f"{out_dir / META_FILE} is damaged (its fingerprint, eos_id or sha256 is missing or of "
+                          f"another type); delete {out_dir} and prepare the corpus again")
     return CorpusInfo(out_dir, meta)
 
 
