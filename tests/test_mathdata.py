@@ -99,6 +99,24 @@ def test_refuses_foreign_folders_and_bad_settings(tmp_path):
         mathdata.write_math_dataset(tmp_path / "x", n_train=5, n_heldout=5, train_seed=3, heldout_seed=3)
 
 
+@pytest.mark.parametrize("text", ["[1]", '{"settings": "x"}', "[" * 100_000 + "]" * 100_000, b"\xff", ""])
+def test_a_damaged_meta_json_is_one_line(small, tmp_path, text):
+    """A math dataset folder whose meta.json is not an object (or its settings not one), is nested past Python's
+    parser, is not UTF-8 or is empty: one line naming it and the fix. They were an AttributeError, a RecursionError,
+    and '... holds a math dataset of another format; pass overwrite=True', which a CLI user cannot pass."""
+    import shutil
+
+    out, _ = small
+    copy = tmp_path / "gsm"
+    shutil.copytree(out, copy)
+    meta = copy / mathdata.META_FILE
+    meta.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(TailkdError, match=rf"^{re.escape(str(meta))} is damaged \(.*\); delete {re.escape(str(copy))} "
+                                          "to write the math dataset again$"):
+        mathdata.write_math_dataset(copy, n_train=60, n_heldout=20)
+    assert mathdata.write_math_dataset(copy, n_train=60, n_heldout=20, overwrite=True).train.is_file()
+
+
 def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # makes `import reasoning_gym` raise ImportError
     with pytest.raises(TailkdError, match=re.escape(mathdata.RG_INSTALL)):

@@ -140,12 +140,15 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
     if out_dir.exists() and not overwrite:
         if meta_path.is_file():
             try:
-                old = json.loads(meta_path.read_text(encoding="utf-8"))
-            except ValueError:
-                old = {}
-            if old.get("settings") == settings and all(f.is_file() for f in files):
+                old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings")
+            except (ValueError, AttributeError, RecursionError):  # not UTF-8 / JSON, not an object, nested too deep
+                old = None
+            if not isinstance(old, dict):
+                raise TailkdError(f"{meta_path} is damaged (no readable settings); delete {out_dir} to write the math "
+                                  "dataset again")
+            if old == settings and all(f.is_file() for f in files):
                 return files
-            if old.get("settings", {}).get("format") != FORMAT:
+            if old.get("format") != FORMAT:
                 raise TailkdError(f"{out_dir} holds a math dataset of another format; pass overwrite=True or "
                                   "choose another folder")
         elif not out_dir.is_dir() or any(out_dir.iterdir()):
