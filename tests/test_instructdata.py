@@ -166,6 +166,9 @@ def test_write_converts_reuses_and_refuses_foreign_folders(tmp_path):
     with pytest.raises(TailkdError, match="not a tailkd instruction dataset"):
         instructdata.write_instruct_dataset(src, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
+    (tmp_path / "out" / "meta.json").write_text("[" * 100_000 + "]" * 100_000)  # as any damaged meta.json (it
+    with pytest.raises(TailkdError, match="not a tailkd instruction dataset"):  # was a RecursionError, exit 1)
+        instructdata.write_instruct_dataset(src, tmp_path / "out", heldout=6, max_words=0)
 
 
 # --------------------------------------------------------------------------- builtin:instruct in tailkd

@@ -140,7 +140,7 @@ def write_instruct_dataset(source, out_dir, *, heldout: int = DEFAULTS["heldout"
     if out_dir.exists():
         try:
             old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings", {}) if meta_path.is_file() else {}
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # not UTF-8 / JSON, not an object, nested too deep
             old = {}
         if old == settings and all(f.is_file() for f in files):
             return files
