@@ -337,11 +337,16 @@ def test_mismatches_are_clear_errors(setup):
     (lambda text: b"[1]", "not a JSON object"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "corpus"}).encode(), "no 'corpus'"),
     (lambda text: json.dumps({**json.loads(text), "num_rows": "ten"}).encode(), "'num_rows'"),
+    # the fields of a cache with tail samples / hidden states: a ValueError, a TypeError at the run's first lines
+    (lambda text: json.dumps({**json.loads(text), "tail_samples": "ten"}).encode(), "'tail_samples'"),
+    (lambda text: json.dumps({**json.loads(text), "hidden_states": "bf16"}).encode(), "'hidden_states'"),
+    (lambda text: json.dumps({**(m := json.loads(text)), "hidden_states": {"dtype": "bf16", "size": 32},
+                              "teacher": {**m["teacher"], "head": "x"}}).encode(), "'head'"),
 ])
 def test_a_damaged_cache_json_is_one_line_naming_it(setup, damage, why):
     """A cache.json that is not UTF-8, cut short, nested too deeply, not an object, or missing / mistyping a field
     is one line naming it, read by a run and by a resumed cache-teacher alike: a UnicodeDecodeError, JSONDecodeError,
-    RecursionError, KeyError or ValueError traceback before."""
+    RecursionError, KeyError, ValueError or TypeError traceback before."""
     _, path = _write(setup, "damaged")
     meta = path / "cache.json"
     good = meta.read_text()
@@ -351,7 +356,7 @@ def test_a_damaged_cache_json_is_one_line_naming_it(setup, damage, why):
             cache.CacheReader(path)
         with pytest.raises(TailkdError, match=rf"teacher cache {path}: cache\.json is damaged \(.*{why}.*\); "):
             cache.open_cache(path, teacher_model=setup[0])
-        if why not in ("no 'corpus'", "'num_rows'"):  # a readable object is compared with the new settings
+        if why.startswith(("not ", "nested")):  # a readable object is compared with the new settings
             with pytest.raises(TailkdError, match=rf"teacher cache {path}: cache\.json is damaged"):
                 _write(setup, "damaged")
     finally:

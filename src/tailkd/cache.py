@@ -138,6 +138,8 @@ def _shard_name(i: int) -> str:
 _META_FIELDS = (("tokenizer_fingerprint", str), ("corpus", ("fingerprint", "split", "seq_len")),
                 ("teacher", ("weights_sha256",)), ("k", int), ("num_rows", int), ("rows_per_shard", int),
                 ("num_shards", int), ("vocab_size", int))
+# ... and those it uses where they are not null: the number of tail samples, the hidden states' dtype and size
+_OPTIONAL_META_FIELDS = (("tail_samples", int), ("hidden_states", ("dtype", "size")))
 
 
 def _damaged(path: Path, why: str) -> TailkdError:
@@ -161,8 +163,11 @@ def read_meta(path: Path) -> dict:
 
 
 def _check_meta(path: Path, meta: dict) -> None:
-    """A one-line TailkdError unless ``meta`` has the fields a reader uses (`_META_FIELDS`), of their types."""
-    for key, want in _META_FIELDS:
+    """A one-line TailkdError unless ``meta`` has the fields a reader uses (`_META_FIELDS`; `_OPTIONAL_META_FIELDS`
+    where not null, and the teacher's head with hidden states), of their types."""
+    for key, want in _META_FIELDS + _OPTIONAL_META_FIELDS:
+        if meta.get(key) is None and (key, want) in _OPTIONAL_META_FIELDS:
+            continue
         if key not in meta:
             raise _damaged(path, f"no {key!r}")
         value = meta[key]
@@ -171,6 +176,10 @@ def _check_meta(path: Path, meta: dict) -> None:
                 raise _damaged(path, f"{key!r} is not an object with {', '.join(map(repr, want))}")
         elif not isinstance(value, want) or isinstance(value, bool):
             raise _damaged(path, f"{key!r} is {value!r}, not {'an integer' if want is int else 'a string'}")
+    head = meta["teacher"].get("head")  # hidden states give the logits through the teacher's LM head
+    if meta.get("hidden_states") is not None and not (isinstance(head, dict) and
+                                                      all(k in head for k in ("vocab_size", "scale", "softcap"))):
+        raise _damaged(path, "'teacher' has no 'head' object with 'vocab_size', 'scale', 'softcap'")
 
 
 def _identity(meta: dict) -> dict:
