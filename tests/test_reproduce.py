@@ -331,31 +331,45 @@ def test_epochs_do_not_apply():
         cfg.validate()
 
 
+def _report_inputs(runs, out: Path, kl: float) -> None:
+    """What the runs, evaluations and analysis on disk hold for `write_report`; ``kl`` tells one state from
+    another."""
+    for e in runs:
+        e.run.mkdir(parents=True, exist_ok=True)
+        (e.run / "eval.json").write_text(json.dumps({"kl": kl, "student_clm": 3.0, "student_full_ece": 0.1,
+                                                     "agreement": 0.5}))
+        (e.run / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "tokens": 10, "kl": kl}) + "\n")
+    (out / "teacher_analysis.json").write_text(json.dumps(
+        {"t": {"alpha_mean": [0.5, 0.3], "mismatch_rate": 0.4, "tokens": 100}}))
+
+
+def _figures_unplotted(monkeypatch) -> None:
+    """The report's figures written as the bytes b"png", without drawing them (each is an atomic write of its own,
+    plots._save)."""
+    from tailkd import checkpoint, plots
+
+    def figure(*args):
+        return checkpoint.atomic_write_file(Path(args[-1]), lambda tmp: tmp.write_bytes(b"png"))
+
+    for name in ("plot_seed_bands", "plot_tail_mass", "plot_sweeps"):
+        monkeypatch.setattr(plots, name, figure)
+
+
 def test_a_stop_while_the_report_is_written_never_leaves_report_md_and_json_of_two_states(tmp_path, monkeypatch):
     """report.md and report.json were two atomic writes, markdown first: a stop between them (Ctrl-C, a kill, a full
     disk) left a fresh report.md beside the report.json of the previous invocation (other numbers). Now both are
     removed before anything is written and report.md comes last: after a stop at any write, every report file
     present is of this invocation, and a report.md present means report.json and the figures are written."""
-    from tailkd import checkpoint, plots
+    from tailkd import checkpoint
 
     cfg = _reproduction(tmp_path)
     runs = plan(cfg)
     out = Path(cfg.reproduce.out)
 
-    def state(kl: float) -> None:  # what the runs, evaluations and analysis on disk hold; kl tells one from another
-        for e in runs:
-            e.run.mkdir(parents=True, exist_ok=True)
-            (e.run / "eval.json").write_text(json.dumps({"kl": kl, "student_clm": 3.0, "student_full_ece": 0.1,
-                                                         "agreement": 0.5}))
-            (e.run / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "tokens": 10, "kl": kl}) + "\n")
-        (out / "teacher_analysis.json").write_text(json.dumps(
-            {"t": {"alpha_mean": [0.5, 0.3], "mismatch_rate": 0.4, "tokens": 100}}))
+    def state(kl: float) -> None:
+        _report_inputs(runs, out, kl)
 
-    def figure(*args):  # the figures are atomic writes of their own (plots._save): written, without drawing them
-        return checkpoint.atomic_write_file(Path(args[-1]), lambda tmp: tmp.write_bytes(b"png"))
-
-    for name in ("plot_seed_bands", "plot_tail_mass", "plot_sweeps"):
-        monkeypatch.setattr(plots, name, figure)
+    _figures_unplotted(monkeypatch)
     state(1.0)
     rp.write_report(cfg, runs, out, seconds=1.0)
     writes = []
@@ -389,6 +403,28 @@ def test_a_stop_while_the_report_is_written_never_leaves_report_md_and_json_of_t
         assert not md.exists() or "| KD | 1 | 2.0000 |" in md.read_text(), writes[stop]
         assert not js.exists() or json.loads(js.read_text())["evals"]["kd-s0"]["kl"] == 2.0, writes[stop]
         assert not md.exists() or js.exists(), writes[stop]
+
+
+@pytest.mark.parametrize("name", ["runs/kd-s0/eval.json", "teacher_analysis.json", "runs/kd-s0/summary.json"])
+@pytest.mark.parametrize("content, why", [(b'{"kl": ', "not valid JSON: Expecting value"), (b"\xff", "not UTF-8 text"),
+                                          (b"[1]", "not a JSON object"),
+                                          (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to read")])
+def test_a_damaged_result_the_report_reads_is_one_line_naming_it(tmp_path, monkeypatch, name, content, why):
+    """An evaluation, the teacher analysis or a run's summary.json that a re-run reuses (its settings file intact)
+    but that is not a JSON object: write_report said 'JSONDecodeError: ...', 'UnicodeDecodeError: ...',
+    'TypeError: list indices ...' or 'RecursionError: ...' (exit 1). Deleted, it is made again by the next run of the
+    command (a summary.json: that run is trained again)."""
+    cfg = _reproduction(tmp_path)
+    runs = plan(cfg)
+    out = Path(cfg.reproduce.out)
+    _figures_unplotted(monkeypatch)
+    _report_inputs(runs, out, 1.0)
+    for e in runs:
+        (e.run / "summary.json").write_text(json.dumps({"train_seconds": 1.0}))
+    (out / name).write_bytes(content)
+    with pytest.raises(TailkdError, match=rf"^{re.escape(str(out / name))} is damaged \({why}.*\); delete it and run "
+                                          "the same command again$"):
+        rp.write_report(cfg, runs, out, seconds=1.0)
 
 
 def test_a_rerun_from_another_folder_may_spell_the_paths_otherwise(tmp_path, monkeypatch):

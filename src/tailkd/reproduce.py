@@ -30,6 +30,7 @@ run trained (again) by this invocation.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import shutil
@@ -210,8 +211,26 @@ def _pm(values: list[float], fmt: str = ".4f") -> str:
     return f"{m:{fmt}} ± {s:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
 
 
+def _read_result(path: Path) -> dict:
+    """The JSON object in ``path`` (an evaluation, the teacher analysis, a run's summary.json); where it is not one, a
+    one-line TailkdError naming it: deleted, it is made again by the next invocation."""
+    try:
+        obj = jsonfile.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 text: {exc.reason}"
+    except json.JSONDecodeError as exc:
+        why = f"not valid JSON: {exc.msg}"
+    except RecursionError:  # nested past Python's parser
+        why = "nested too deeply to read"
+    else:
+        if isinstance(obj, dict):
+            return obj
+        why = "not a JSON object"
+    raise TailkdError(f"{path} is damaged ({why}); delete it and run the same command again")
+
+
 def _evals(experiments: list[Experiment]) -> dict[str, dict]:
-    return {e.name: jsonfile.loads((e.run / "eval.json").read_text()) for e in experiments}
+    return {e.name: _read_result(e.run / "eval.json") for e in experiments}
 
 
 def main_table(experiments: list[Experiment], evals: dict[str, dict]) -> list[str]:
@@ -285,7 +304,7 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
     from tailkd.plots import plot_seed_bands, plot_sweeps, plot_tail_mass
 
     evals = _evals(experiments)
-    analysis = jsonfile.loads((out / "teacher_analysis.json").read_text())
+    analysis = _read_result(out / "teacher_analysis.json")
     curves = {loss.upper(): [([r["tokens"] for r in held], [r["kl"] for r in held])
                              for e in main_runs(experiments) if e.loss == loss
                              for held in [[r for r in read_metrics(e.run)[1] if "kl" in r]]]
@@ -304,7 +323,7 @@ def write_report(cfg: ReproduceConfig, experiments: list[Experiment], out: Path,
     verdict, numbers = paired_verdict(experiments, evals)
     stats = next(iter(analysis.values()))
     alpha = {k: stats["alpha_mean"][k - 1] for k in (1, 5, 10, 20) if k <= len(stats["alpha_mean"])}
-    train_seconds = sum(jsonfile.loads((e.run / "summary.json").read_text()).get("train_seconds") or 0.0
+    train_seconds = sum(_read_result(e.run / "summary.json").get("train_seconds") or 0.0
                         for e in experiments if (e.run / "summary.json").is_file())
     e0 = experiments[0].cfg
     lines = [
