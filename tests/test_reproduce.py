@@ -217,6 +217,17 @@ def test_a_rerun_reuses_only_evaluations_made_with_the_same_settings(tmp_path):
     assert json.loads((runs[0].run / "eval.settings.json").read_text()) == settings
 
 
+def test_a_settings_file_nested_too_deeply_is_not_trusted(tmp_path):
+    """An eval.settings.json nested past Python's parser is damaged as an unreadable one is: its result is made
+    again (saved_settings None); it was a RecursionError traceback (exit 1) of reproduce or recipe."""
+    result = tmp_path / "eval.json"
+    result.write_text(EVAL_STUB)
+    write_settings(result, {"eval.max_rows": 8})
+    assert saved_settings(result) == {"eval.max_rows": 8}
+    (tmp_path / "eval.settings.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert saved_settings(result) is None
+
+
 def test_a_finished_recipe_stage_with_other_settings_is_refused(tmp_path, capsys):
     cfg = DistillConfig()
     cfg.train.out_dir = str(tmp_path / "stage")

@@ -244,7 +244,7 @@ def saved_settings(result: Path) -> dict | None:
         return None
     try:
         saved = jsonfile.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON; Recursion: nested too deep
         return None  # a damaged settings file: the result cannot be trusted, so it is made again
     return saved if isinstance(saved, dict) else None
 
