@@ -401,6 +401,11 @@ def test_heldout_kl_figure_leaves_out_a_run_without_kl(tmp_path, monkeypatch):
     ("eval.json", b"[1]", "eval.json is not a JSON object (it holds a list)"),
     ("eval.json", b'{"student_full_ece": true}', 'eval.json: "student_full_ece" is a bool, not a number'),
     ("lm_eval.json", b'"results"', "lm_eval.json is not a JSON object (it holds a str)"),
+    # a task's shots or documents scored that is no number: 'TypeError: unhashable type: 'list'', exit 1
+    ("lm_eval.json", b'{"results": {"t": {"acc,none": 0.5}}, "n-shot": {"t": [0]}, "n-samples": {"t": '
+     b'{"effective": 5}}}', 'lm_eval.json n-shot: "t" is a list, not a number'),
+    ("lm_eval.json", b'{"results": {"t": {"acc,none": 0.5}}, "n-shot": {"t": 0}, "n-samples": {"t": '
+     b'{"effective": [5]}}}', 'lm_eval.json n-samples t: "effective" is a list, not a number'),
 ])
 def test_damaged_run_files_are_one_line(tmp_path, capsys, name, content, needle):
     """A run file that is not UTF-8, holds JSON of another shape, or a field of another type is one line naming the

@@ -162,12 +162,14 @@ def read_task_accuracies(run: str | Path) -> dict[str, float]:
 def read_task_setups(run: str | Path) -> dict[str, tuple]:
     """{task: (shots, documents scored)} from ``RUN/lm_eval.json`` (lm-eval's ``n-shot`` and ``n-samples`` effective:
     what --num-fewshot and --limit made of the task); tasks without them are left out."""
-    saved = _read_json(Path(run) / LM_EVAL_FILE, objects=LM_EVAL_OBJECTS)
+    path = Path(run) / LM_EVAL_FILE
+    saved = _read_json(path, objects=LM_EVAL_OBJECTS)
     if saved is None:
         return {}
     shots, samples = saved.get("n-shot") or {}, saved.get("n-samples") or {}
-    return {t: (shots[t], samples[t].get("effective")) for t in shots
-            if isinstance(samples.get(t), dict) and samples[t].get("effective") is not None}
+    _check_fields(shots, f"{path} n-shot", numbers=tuple(shots))  # a setup is a key: a list in it is unhashable
+    return {t: (shots[t], _check_fields(samples[t], f"{path} n-samples {t}", numbers=("effective",))["effective"])
+            for t in shots if isinstance(samples.get(t), dict) and samples[t].get("effective") is not None}
 
 
 def check_task_setups(records: list[dict], tasks: list[str]) -> None:
