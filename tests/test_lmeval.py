@@ -13,6 +13,7 @@ from tailkd import commands
 from tailkd.cli import main
 from tailkd.command_config import LmEvalConfig, LmEvalOptions
 from tailkd.config import DataConfig
+from tailkd.errors import TailkdError
 from tailkd.lmeval_tasks import PAPER_TASKS, expand_tasks, prepare_tasks, read_gsm_items, run_lm_eval
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'tailkd[eval]')")
@@ -100,6 +101,18 @@ def test_gsm_reference_whitespace_does_not_turn_right_answers_wrong(tmp_path):
     inc = prepare_tasks(tmp_path / "w", gsm_items=items)
     res = run_lm_eval(FinalAnswerLM(finals), ["tailkd_gsm"], include_path=inc)
     assert res["results"]["tailkd_gsm"]["exact_match,strict-match"] == 1.0
+
+
+@pytest.mark.parametrize("content, line, why", [
+    (b'{"question": "q", "answer": "#### 5"}\n{"question": "caf\xe9?", "answer": "5"}\n', 2,
+     r"not UTF-8 \(invalid continuation byte\); --gsm-data needs UTF-8 JSON lines"),  # a UnicodeDecodeError
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", 1, r"not valid JSON \(nested too deeply to read\)"),  # RecursionError
+])
+def test_a_gsm_file_that_cannot_be_read_is_one_line_naming_the_line(tmp_path, content, line, why):
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_bytes(content)
+    with pytest.raises(TailkdError, match=rf"^{gsm_file}:{line}: {why}"):
+        read_gsm_items(gsm_file)
 
 
 def test_perplexity_task_closed_form(tmp_path):

@@ -81,13 +81,18 @@ def read_gsm_items(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise TailkdError(f"--gsm-data {p} does not exist; pass a .jsonl file of {{\"question\", \"answer\"}} lines")
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(p.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TailkdError(f"{p}:{n}: not UTF-8 ({exc.reason}); --gsm-data needs UTF-8 JSON lines") from None
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TailkdError(f"{p}:{n}: not valid JSON ({exc.msg}); one object per line") from None
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's stack
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
+            raise TailkdError(f"{p}:{n}: not valid JSON ({why}); one object per line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or "answer" not in obj:
             raise TailkdError(f'{p}:{n}: needs "question" (a string) and "answer" fields, e.g. '
                               '{"question": "2+3?", "answer": "2+3=5 #### 5"}')
