@@ -490,6 +490,23 @@ def test_recipe_compare_baseline_is_checked_before_any_stage(tmp_path):
             read_recipe(path, str(tmp_path / "r"))
 
 
+@pytest.mark.parametrize("part, match", [
+    ({"out_dir": [1]}, r"^recipe .*recipe\.yaml: 'out_dir' must be a folder name, got \[1\]$"),  # a TypeError
+    ({"evaluate": {"generate": 5}}, r"^config section generate must be a mapping, got int"),  # an AttributeError
+    ({"compare": {"compare": 5}}, r"^config section compare must be a mapping, got int$"),  # a TypeError
+])
+def test_a_recipe_part_of_another_shape_is_one_line(tmp_path, part, match):
+    """A recipe's out_dir that is not a string, or its evaluate: generate: or compare: compare: that is not a mapping,
+    was a TypeError or AttributeError traceback, exit 1, while the recipe was read (generate: null too, which now
+    reads as an empty section, as a null section does everywhere)."""
+    from tailkd.recipe import read_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "a"}], **part}))
+    with pytest.raises(TailkdError, match=match):
+        read_recipe(path, None if "out_dir" in part else str(tmp_path / "r"))
+
+
 @pytest.mark.parametrize("command, argv, match", [
     ("eval", [], r"^eval\.student is not set; pass --student DIR"),
     ("eval", ["--bins", "0"], r"^eval\.bins=0 must be >= 1$"),

@@ -73,7 +73,8 @@ class Recipe:
 
     def eval_out(self, stage: DistillConfig) -> Path:
         """Where the evaluation of ``stage`` goes: RUN/generate.json for ``--generate``, else RUN/eval.json."""
-        generate = (self.evaluate or {}).get("generate", {}).get("enabled", False)
+        generate = (self.evaluate or {}).get("generate")  # not a mapping: refused by eval_config
+        generate = isinstance(generate, dict) and generate.get("enabled", False)
         return Path(stage.train.out_dir) / ("generate.json" if generate else "eval.json")
 
     def eval_config(self, stage: DistillConfig, *, with_run: bool = True) -> EvalConfig:
@@ -88,6 +89,8 @@ class Recipe:
         names = {Path(s.train.out_dir).name: s.train.out_dir for s in self.stages}
         given = merge({"compare": {"out": str(self.root / "compare")}}, self.compare or {})
         options = given.setdefault("compare", {})
+        if not isinstance(options, dict):
+            raise TailkdError(f"config section compare must be a mapping, got {type(options).__name__}")
         options["runs"] = [s.train.out_dir for s in self.stages]
         base = options.get("baseline")
         if isinstance(base, str):
@@ -118,8 +121,11 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
     chain = doc.get("chain", True)
     if not isinstance(chain, bool):
         raise TailkdError(f"recipe {path}: 'chain' must be true or false, got {chain!r}")
+    root = out_dir or doc.get("out_dir") or "runs/recipe"
+    if not isinstance(root, str):
+        raise TailkdError(f"recipe {path}: 'out_dir' must be a folder name, got {root!r:.80}")
     # '~' expanded as in every path setting (config.PATH_KEYS); '~user' of no user left as it is
-    root = Path(os.path.expanduser(out_dir or doc.get("out_dir") or "runs/recipe"))
+    root = Path(os.path.expanduser(root))
     common = _mapping(doc, "common", path) or {}
     configs, names = [], set()
     for i, stage in enumerate(stages):
