@@ -438,6 +438,11 @@ def test_gguf_file_is_hashed_once(tmp_path, tiny_tokenizer, monkeypatch):
     assert models.gguf_sha256(gguf_file, cache) == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
     (cache / "gguf" / ".by-file" / next((cache / "gguf" / ".by-file").iterdir()).name).write_text("{torn")
     assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 2  # a torn memo: read again
+    memo = next((cache / "gguf" / ".by-file").iterdir())
+    memo.write_text("[" * 100_000 + "]" * 100_000)  # nested past Python's parser: a RecursionError before
+    assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 3
+    memo.write_text(json.dumps({"source": str(gguf_file.resolve()), "sha256": ["x"]}))  # was taken for the hash
+    assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 4
     unwritable = tmp_path / "ro"
     unwritable.write_text("a file, not a folder")
     assert models.gguf_cache_key(gguf_file, unwritable) == key  # no memo possible: still the key
@@ -477,6 +482,11 @@ def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_to
     assert (entry / models._GGUF_MARKER).is_file()
     assert [p.name for p in (root / ".by-file").iterdir()] == [models._stat_key(gguf_file)]
     assert models.prune_gguf_cache(cache) == []  # nothing more to remove
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's parser: a RecursionError before
+    (other_entry / models._GGUF_MARKER).write_text(deep)  # a marker it cannot read: the entry is left alone
+    damaged = root / ".by-file" / "0123456789abcdef0123"  # a memo it cannot read: removed
+    damaged.write_text(deep)
+    assert models.prune_gguf_cache(cache) == [damaged] and other_entry.is_dir()
 
 
 def test_gguf_matches_transformers_from_pretrained(tmp_path, tiny_tokenizer):

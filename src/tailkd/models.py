@@ -337,9 +337,9 @@ def gguf_sha256(gguf: Path, cache_dir: str | os.PathLike | None = None) -> str:
     pointer = _gguf_root(cache_dir) / ".by-file" / _stat_key(gguf)
     try:
         memo = json.loads(pointer.read_text())
-        if memo.get("source") == str(gguf.resolve()):
+        if memo.get("source") == str(gguf.resolve()) and isinstance(memo["sha256"], str):
             return memo["sha256"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a damaged memo: hashed again
         pass
     sha = file_sha256(gguf)
     try:  # a memo only: a cache we cannot write still gives the key
@@ -398,7 +398,7 @@ def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
             if stale:
                 shutil.rmtree(path)
                 removed.append(path)
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # Recursion: a marker nested too deeply
             continue
     pointers = root / ".by-file"
     for pointer in pointers.iterdir() if pointers.is_dir() else ():
@@ -408,7 +408,7 @@ def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
             else:
                 source = Path(json.loads(pointer.read_text())["source"])
                 stale = not source.is_file() or _stat_key(source) != pointer.name
-        except (OSError, ValueError, KeyError, TypeError):  # a damaged memo; a temporary one already renamed
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # a damaged memo; a temporary one renamed
             stale = not pointer.name.startswith(".tmp-")
         if stale:
             pointer.unlink(missing_ok=True)
