@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -55,15 +56,14 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     cd = torch.full((rows,), 1.0 / rows, device=device)
     cq = torch.full((rows,), 0.5 / rows, device=device)
     y = torch.randint(0, vocab, (rows,), generator=g).to(device)
-    w = torch.full((rows,), 2.0, dtype=torch.float64, device=device)  # β(X): the cache kernel's row weight, TAD's
-    log_w = w.log()  # as log β(X)
+    log_w = torch.full((rows,), math.log(2.0), dtype=torch.float64, device=device)  # log β(X): TAD's and the cache's
     from tailkd.divergences import SparseTeacher
 
     ranked = torch.topk(t.float(), 72, dim=-1)  # a top-64 cache of t; ranks 64..71 as its 8 tail points
     logp = ranked.values - torch.logsumexp(t.float(), -1, keepdim=True)
     cache = SparseTeacher(ranked.indices[:, :64], logp[:, :64], torch.log1p(-logp[:, :64].exp().sum(-1)
                                                                              .clamp(max=1 - 1e-6)),
-                          ranked.indices[:, 64:], logp[:, 64:], logp[:, 64:].exp())
+                          ranked.indices[:, 64:], logp[:, 64:], logp[:, 64:])  # tail log weights: log p_i
     elem = rows * vocab * s.element_size()
     cells = []
     for block, warps in configs:  # (None, None): each pass at its default launch
@@ -80,7 +80,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
 
                 def grads():
                     if kind == 4:
-                        box["v"] = kernels.sparse_values_and_grads(s, cache, box["st"], w, cd, cq, s, y=y, cy=cq,
+                        box["v"] = kernels.sparse_values_and_grads(s, cache, box["st"], log_w, cd, cq, s, y=y, cy=cq,
                                                                    block=block, warps=warps)
                         return
                     box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], log_w if kind == 3 else None, cd, cq,

@@ -776,10 +776,13 @@ def _sparse64(sp):
 
 def cache_tad(s, sparse, mask, *, loss="tad", beta=2.0, segment_ids=None, dz_s=None):
     """`Divergence.sparse_per_token` (and the chunked path's `divergences.SPARSE`) from a top-K cache with tail support
-    points, its float32 inputs exact: D_KL1 = `topk_bucket_kl` with the cached α^T (its bound), plus w_X·(Σ_j
-    w_j(log p_j − log q_j) − bucket), log q_j = s_j − lse(s) (κ + u|lse| + u|log q_j|), log α^S = lse(tail) − lse
-    (two u·M terms), w_X = β/ᾱ (T-term mean, division: (T + 2)u) or 1. Gradient: D_KL1's plus w_X(q_i Σw + Σ_{j:
-    id_j = i} w_j + α q̃_i + α q_i) with the lse backward's relative error."""
+    points, its float32 inputs exact: D_KL1 = `topk_bucket_kl` with the cached α^T (its bound), plus the tail term
+    as `divergences.sparse_tail_points` computes it, W·(Σ_j ŵ_j(log p_j − log q_j) − B): W = w_X·α^T and ŵ_j =
+    w_j/α^T each one float32 rounding of a float64 value (u; float64's own error, ~T·2⁻⁵³ for the log-space mean ᾱ,
+    is far below; ŵ_j may also be sub-normal: 2⁻¹⁴⁹ absolute), log q_j = s_j − lse(s) (κ + u|lse| + u|log q_j|),
+    B = log α^T − log α^S with log α^S = lse(tail) − lse (two u·M terms), w_X = β/ᾱ or 1. Gradient: D_KL1's plus
+    W(q_i Σŵ + Σ_{j: id_j = i} ŵ_j + q̃_i + q_i) with the lse backward's relative error, and the rounding of the
+    coefficient W − α^T of q̃. Exact where α^T and the w_j are below float32's range (tails ~100 nats below 𝒦)."""
     Q = _Dist(s, 1.0, dz_s)
     ids = sparse.topk_ids.long()
     alpha = sparse.log_tail_mass.double().exp()
@@ -790,38 +793,38 @@ def cache_tad(s, sparse, mask, *, loss="tad", beta=2.0, segment_ids=None, dz_s=N
     valid = mask.bool()
     if sparse.tail_ids is None:
         return torch.where(valid, value, 0.0), torch.where(valid[..., None], grad, 0.0)
-    tids, tw, tlp = sparse.tail_ids.long(), sparse.tail_weights.double(), sparse.tail_logprobs.double()
+    lat = sparse.log_tail_mass.double()
+    has = lat > -math.inf
+    tids, tlp = sparse.tail_ids.long(), sparse.tail_logprobs.double()
+    tw = torch.where(has[..., None], (sparse.tail_log_weights.double() - lat[..., None]).exp(), 0.0)  # ŵ_j
     top = torch.zeros_like(Q.w, dtype=torch.bool).scatter(-1, ids, True)
     (lse, e_lse), (lse_t, e_lse_t) = Q.lse(), Q.lse(~top)
     lq_j = Q.z.gather(-1, tids) - lse[..., None]
     e_lq_j = e_lse[..., None] + U * lq_j.abs() + Q._scaling(extra_M=False)
     d_j = tlp - lq_j
-    tail_kl = torch.where(tw > 0, tw * d_j, 0.0).sum(-1)
     J = tids.shape[-1]
-    d_tail_kl = torch.where(tw > 0, tw * (e_lq_j + U * (3 + n_eff(J)) * d_j.abs()), 0.0).sum(-1)
+    tail_sum = torch.where(tw > 0, tw * d_j, 0.0).sum(-1)  # Σ_j ŵ_j d_j
+    d_tail_sum = (torch.where(tw > 0, tw * (e_lq_j + U * (4 + n_eff(J)) * d_j.abs()), 0.0)
+                  + F32_SUBNORMAL * d_j.abs()).sum(-1)
     las = lse_t - lse
     e_las = e_lse + e_lse_t + U * _abs_finite(las)
-    has = alpha > 0
-    lat = torch.log(torch.where(has, alpha, 1.0))
-    B = torch.where(has, lat - las, 0.0)
-    bucket = alpha * B
-    d_bucket = torch.where(has, alpha * (U * lat.abs() + e_las + U * B.abs()) + 2 * U * bucket.abs(), 0.0)
-    tail = tail_kl - bucket
-    n_time = mask.shape[-1]
+    spread = torch.where(has, lat - las, 0.0)  # B = log(α^T/α^S)
+    d_spread = torch.where(has, e_las + U * spread.abs(), 0.0)
+    tail = tail_sum - spread
     if loss == "tad":
-        abar = _seq_mean(alpha, valid, segment_ids)
-        wx = torch.where(abar > 0, beta / abar.clamp_min(1e-300), 0.0)
+        log_abar = _seq_log_mean(lat, valid, segment_ids)
+        big_w = torch.where(has & (log_abar > -math.inf), (math.log(beta) - log_abar + lat).exp(), 0.0)  # W
     else:
-        wx = torch.ones_like(alpha)
-    rel_wx = U * (n_time + 2)
-    value = value + SAFETY * (wx * (d_tail_kl + d_bucket + (rel_wx + U) * tail.abs()) + U * (wx * tail).abs())
+        big_w = torch.where(has, alpha, 0.0)
+    value = value + SAFETY * (big_w * (d_tail_sum + d_spread + U * tail.abs()) + 5 * U * (big_w * tail).abs())
     lq_tilde, _, back_q_tilde = Q.log_ratio(~top)
     back_q = Q.kappa + U * _abs_finite(Q.l) + 3 * U + Q._scaling()
     hits = torch.zeros_like(Q.w).scatter_add(-1, tids, tw)
-    a = alpha[..., None]
-    G = (Q.w * tw.sum(-1, keepdim=True) * (back_q + 3 * U) + hits * 3 * U + a * lq_tilde.exp() * (back_q_tilde + 3 * U)
-         + a * Q.w * (back_q + 3 * U))
-    grad = grad + SAFETY * (wx[..., None] * G + rel_wx * wx[..., None] * (Q.w * tw.sum(-1, keepdim=True) + hits))
+    q_tilde = lq_tilde.exp()
+    sum_w = tw.sum(-1, keepdim=True)
+    G = (Q.w * sum_w * (back_q + (4 + n_eff(J)) * U) + hits * 5 * U + q_tilde * (back_q_tilde + 4 * U)
+         + Q.w * (back_q + 4 * U))
+    grad = grad + SAFETY * (big_w[..., None] * G + U * alpha[..., None] * q_tilde)
     return torch.where(valid, value, 0.0), torch.where(valid[..., None], grad, 0.0)
 
 

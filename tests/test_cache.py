@@ -1,6 +1,7 @@
 """Teacher cache: round trip, exact losses from it, the tail-sample estimator, mismatches, corruption, resume."""
 
 import json
+import math
 import os
 import re
 import sys
@@ -262,19 +263,85 @@ def test_exact_tad_from_cached_hidden_states_equals_online_tad(setup):
 @pytest.mark.parametrize("k_run", [8, 5])
 def test_tail_support_weights_sum_to_the_tail_mass(setup, k_run):
     """The reader's tail support points carry weights with Σ_j w_j = α^T_{K_run} (`divergences.SparseTeacher`: what
-    makes Σ_j w_j f(id_j) an unbiased estimate of Σ_{i∉𝒦} p_i f(i)): M samples of α^T_{K_cache}/M each, plus the
-    ranks K_run..K_cache−1 with weights p_i. Bound: the weights and log α^T are float32 (each weight within u of its
-    float64 value; exp of a float32 log α within u(|log α| + 1) relative): SAFETY·u(|log α^T| + 2) relative."""
+    makes Σ_j w_j f(id_j) an unbiased estimate of Σ_{i∉𝒦} p_i f(i)), as their logs: M samples of α^T_{K_cache}/M
+    each, plus the ranks K_run..K_cache−1 with weights p_i. Bound: the log weights and log α^T are float32 roundings
+    of float64 values (each within u|x|: exp of it within u|x| relative), so the two sides differ by at most
+    SAFETY·u(max_j |log w_j| + |log α^T| + 2) relative."""
     _, path = _write(setup, "weight_sums", tail_samples=3)
     reader = cache.CacheReader(path, k=k_run)
     sparse = reader.sparse_teacher([0, 4])
     alpha = sparse.log_tail_mass.double().exp()  # [B, T] α^T_{K_run}
-    weights = sparse.tail_weights.double()  # [B, T, (8 − K_run) + 3]
-    assert weights.shape[-1] == 8 - k_run + 3
-    samples = weights[..., -3:]
+    log_weights = sparse.tail_log_weights.double()  # [B, T, (8 − K_run) + 3]
+    assert log_weights.shape[-1] == 8 - k_run + 3
+    samples = log_weights[..., -3:]
     assert torch.equal(samples, samples[..., :1].expand_as(samples))  # the M samples weigh alike
-    rel = B.SAFETY * B.U32 * (sparse.log_tail_mass.double().abs() + 2)
-    B.assert_within(weights.sum(-1), alpha, rel * alpha, msg="Σ_j w_j = α^T")
+    ref = sparse.log_tail_mass.double()[..., None] - math.log(3)  # log(α^T_{K_cache}/M) when K_run = K_cache
+    if k_run == 8:
+        B.assert_within(samples, ref.expand_as(samples), B.SAFETY * B.U32 * ref.abs(), msg="log(α^T/M)")
+    rel = B.SAFETY * B.U32 * (log_weights.abs().amax(-1) + sparse.log_tail_mass.double().abs() + 2)
+    B.assert_within(log_weights.exp().sum(-1), alpha, rel * alpha, msg="Σ_j w_j = α^T")
+
+
+def _cache_loss_sums(s64, sp, log_w):
+    """The cache loss of `divergences.SparseTeacher` as plain float64 sums of its definition, from the float64 values
+    of ``sp``'s entries: Σ_𝒦 p (log p − log q) + α^T log(α^T/α^S) + w·(Σ_j w_j (log p_j − log q_j) − α^T log(α^T/α^S)),
+    w = exp(``log_w``) [n]; rows [n, V]."""
+    logq = torch.log_softmax(s64, -1)
+    ids, tids = sp.topk_ids.long(), sp.tail_ids.long()
+    lp, la = sp.topk_logprobs.double(), sp.log_tail_mass.double()
+    alpha = la.exp()
+    alpha_s = logq.exp().scatter(-1, ids, 0.0).sum(-1)
+    bucket = alpha * (la - alpha_s.log())
+    d_kl1 = (lp.exp() * (lp - logq.gather(-1, ids))).sum(-1) + bucket
+    tail = (sp.tail_log_weights.double().exp() * (sp.tail_logprobs.double() - logq.gather(-1, tids))).sum(-1)
+    return d_kl1 + log_w.exp() * (tail - bucket)
+
+
+@pytest.mark.parametrize("name", ["tad", "kd"])
+def test_cache_teacher_keeps_tails_below_float32(name):
+    """A top-K cache teacher whose tails lie 110-160 nats below 𝒦 (α^T and the tail weights below float32's range,
+    ~1e-45) keeps TAD's tail term. With exact tail points (every tail id, w_i = p_i: the estimate is the exact
+    α^T·D_KL2) the cache loss is the dense TAD (KL for kd) of the same teacher: checked in float64 (plain sums of the
+    cache loss's definition vs `losses.tad` / `losses.forward_kl`, within V·u64 times the sum of the terms'
+    magnitudes, 8 operations each). Then `Divergence.sparse_per_token` in float32 against those plain sums of its
+    float32 inputs, value and gradient, within `loss_bounds.cache_tad`. The tail weights were linear float32 (0
+    there), so β(X)·α^T·D_KL2 — comparable to D_KL1, since β(X) = β/ᾱ — was lost: the total was about half."""
+    g = torch.Generator().manual_seed(5)
+    n, vocab, k = 6, 40, 4
+    s = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    t[:, k:] -= torch.linspace(110, 160, n, dtype=torch.float64)[:, None]  # the tail 110-160 nats below 𝒦 = ids < k
+    logp = torch.log_softmax(t, -1)
+    ids, tail_ids = torch.arange(k).expand(n, k), torch.arange(k, vocab).expand(n, vocab - k)
+    log_alpha = logp[:, k:].logsumexp(-1)
+    assert bool((log_alpha < -103).all())  # below float32's smallest sub-normal
+    exact = SparseTeacher(ids, logp[:, :k], log_alpha, tail_ids, logp[:, k:], logp[:, k:])  # float64 entries
+    mask = torch.ones(1, n, dtype=torch.bool)
+    if name == "tad":
+        log_w = math.log(2.0) - (log_alpha.logsumexp(-1) - math.log(n))  # log β(X), ᾱ over the one sequence
+        dense = losses.tad(s[None], t[None], mask, k=k, beta=2.0)[0]
+        d_kl1 = losses.tad_decompose(s, t, k=k)[0]
+        assert float((dense - d_kl1).sum()) > 0.3 * float(dense.sum())  # the tail term: a real part of TAD here
+    else:
+        log_w, dense = torch.tensor(0.0, dtype=torch.float64), losses.forward_kl(s, t)
+    log_w = log_w.expand(n)
+    sums = _cache_loss_sums(s, exact, log_w)
+    logq = torch.log_softmax(s, -1)
+    mag = ((logp.exp() * (logp - logq).abs()).sum(-1) + log_w.exp() * logp[:, k:].exp().sum(-1)
+           * (logp[:, k:] - logq[:, k:]).abs().amax(-1) + logq.abs().amax(-1))
+    B.assert_within(sums, dense, 8 * vocab * 2.0 ** -53 * mag, msg="float64 cache loss with exact tail = dense")
+    cached = SparseTeacher(*(x.float() if x.is_floating_point() else x for x in exact))  # as the cache holds it
+    leaf = s.float()[None].requires_grad_(True)
+    cfg = LossConfig(name=name, k=k, beta=2.0) if name == "tad" else LossConfig(name=name)
+    got = registry.bind(cfg).sparse_per_token(leaf, SparseTeacher(*(x[None] for x in cached)), mask)[0]
+    (grad,) = torch.autograd.grad(got.sum(), leaf)
+    s64 = s.float().double().requires_grad_(True)
+    ref = _cache_loss_sums(s64, cached, log_w if name == "kd" else
+                           math.log(2.0) - (cached.log_tail_mass.double().logsumexp(-1) - math.log(n)).expand(n))
+    (ref_g,) = torch.autograd.grad(ref.sum(), s64)
+    vb, gb = LB.cache_tad(s.float()[None], SparseTeacher(*(x[None] for x in cached)), mask, loss=name, beta=2.0)
+    B.assert_within(got.detach(), ref.detach(), vb[0] + B.REF64_ATOL, msg="cache loss value")
+    B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
 
 
 def test_tail_sample_estimator_is_unbiased():
@@ -293,7 +360,7 @@ def test_tail_sample_estimator_is_unbiased():
     draw, draw_lp = cache.sample_tail(rep(t), rep(ids), rep(lse), M, torch.Generator().manual_seed(123))
     log_a = torch.log(alpha)
     sparse = SparseTeacher(rep(ids)[None], rep(t.gather(-1, ids) - lse[:, None])[None], rep(log_a)[None],
-                                 draw[None], draw_lp[None], (rep(alpha)[:, None] / M).expand(-1, M)[None])
+                           draw[None], draw_lp[None], (rep(log_a)[:, None] - math.log(M)).expand(-1, M)[None])
     s_rep = rep(s)[None].clone().requires_grad_(True)
     mask = torch.ones(1, n * S, dtype=torch.bool)
     est = registry.bind(LossConfig(name="kd")).sparse_per_token(s_rep, sparse, mask)[0].view(S, n) - d1  # [S, n]

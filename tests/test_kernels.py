@@ -883,7 +883,8 @@ def test_overlapped_chunk_equals_the_plain_chunk(name, extra, size, monkeypatch)
 
 def _sparse_teacher(t64, k, samples, seed):
     """A top-K cache of the float64 teacher logits t64 [n, V], as `tailkd.cache` stores it (float32 log-probs under
-    the full softmax, log α^T summed over the tail), with ``samples`` tail points drawn from p̃ (weight α^T/J each)."""
+    the full softmax, log α^T summed over the tail), with ``samples`` tail points drawn from p̃ (weight α^T/J each,
+    as its float32 log, as `cache.CacheReader.sparse_teacher` gives it)."""
     from tailkd.divergences import SparseTeacher
 
     logp = torch.log_softmax(t64, -1)
@@ -896,9 +897,9 @@ def _sparse_teacher(t64, k, samples, seed):
     p_tilde = (logp - log_alpha[:, None]).exp() * tail
     g = torch.Generator().manual_seed(seed + 1)
     tids = torch.multinomial(p_tilde, samples, replacement=True, generator=g)
-    tw = (log_alpha.exp()[:, None] / samples).expand(-1, samples)
+    log_tw = (log_alpha[:, None] - math.log(samples)).expand(-1, samples)
     return SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), tids,
-                         logp.gather(-1, tids).float(), tw.float())
+                         logp.gather(-1, tids).float(), log_tw.float())
 
 
 def _sparse_ref(s64, sp, w):
@@ -912,7 +913,7 @@ def _sparse_ref(s64, sp, w):
     bucket = alpha * (alpha.log() - alpha_s.log())
     value = (lp.exp() * (lp - logq.gather(-1, ids))).sum(-1) + bucket
     if sp.tail_ids is not None:
-        tids, tw = sp.tail_ids.long(), sp.tail_weights.double()
+        tids, tw = sp.tail_ids.long(), sp.tail_log_weights.double().exp()
         value = value + w * ((tw * (sp.tail_logprobs.double() - logq.gather(-1, tids))).sum(-1) - bucket)
     return value
 
@@ -938,6 +939,17 @@ def test_sparse_kernels_at_logits_offset_by_1e4():
     _check_sparse(s, t, 5, 3, "kd", True)
 
 
+def test_sparse_kernels_with_tails_below_float32():
+    """A cache teacher whose tails lie 110-160 nats below 𝒦: α^T and the tail points' weights are below float32's
+    range, and TAD's tail term W·(Σ_j ŵ_j log(p_j/q_j) − log(α^T/α^S)) (W = β(X)·α^T of order β) is computed from
+    their logs (`divergences.sparse_tail_points`); as `test_sparse_kernels_equal_reference`, against the float64
+    plain sums. With linear float32 weights (0 there) the kernels dropped that term."""
+    s, t = _logits(6, 257, seed=23)
+    top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, t.topk(5, -1).indices, True)
+    t = torch.where(top, t, t - torch.linspace(110, 160, 6)[:, None])
+    _check_sparse(s, t, 5, 4, "tad", True)
+
+
 @pytest.mark.parametrize("samples,loss", [(0, "kd"), (4, "kd"), (4, "tad")])
 def test_sparse_kernels_bf16_inputs_and_gradient(samples, loss):
     """bf16 logits and gradient buffer (as the chunked path's bf16 logits), against the float64 reference within
@@ -951,14 +963,15 @@ def _check_sparse(s, t, k, samples, loss, rescale, out_dtype=None):
     n, vocab = s.shape
     sp = _sparse_teacher(t.double(), k, samples, seed=k)
     alpha = sp.log_tail_mass.double().exp()
-    w = _log_w(alpha.mean().expand(n)).exp() if loss == "tad" else torch.ones(n, dtype=torch.float64)  # β(X)
+    log_w = _log_w(alpha.mean().expand(n)) if loss == "tad" else torch.zeros(n, dtype=torch.float64)  # log β(X)
+    w = log_w.exp()
     cd, cq = _coefs(n, seed=k)
     y, cy = _onehot(n, vocab, seed=k)
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     sp_d = type(sp)(*(dev(x) for x in sp))
     stats = kernels.sparse_stats(s.to(DEVICE), sp_d, block=BLOCK, rescale=rescale)
     out = torch.empty(s.shape, device=DEVICE, dtype=out_dtype or s.dtype)
-    value = kernels.sparse_values_and_grads(s.to(DEVICE), sp_d, stats, w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE),
+    value = kernels.sparse_values_and_grads(s.to(DEVICE), sp_d, stats, log_w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE),
                                             out, y=y.to(DEVICE), cy=cy.to(DEVICE), block=BLOCK).cpu()
     g = out.cpu()
     leaf = s.double().requires_grad_(True)
@@ -976,12 +989,12 @@ def _check_sparse(s, t, k, samples, loss, rescale, out_dtype=None):
     q_tilde = torch.softmax(s.double().masked_fill(top, -math.inf), -1)
     p_w = torch.zeros_like(q64).scatter(-1, ids, sp.topk_logprobs.double().exp()) + alpha[:, None] * q_tilde
     if samples:
-        p_w = p_w.scatter_add(-1, sp.tail_ids.long(), w[:, None] * sp.tail_weights.double())
+        p_w = p_w.scatter_add(-1, sp.tail_ids.long(), w[:, None] * sp.tail_log_weights.double().exp())
     gbound = _grad_bound(gb, s.float(), cd, cq, dz, ref_g, p_w, out_dtype or s.dtype, y, cy)
     B.assert_within(value, ref_v.detach(), vb + B.REF64_ATOL, msg="sparse value vs reference")
     B.assert_within(g, ref_g, gbound + B.REF64_ATOL, msg="sparse gradient vs reference")
     s32 = s.float()
-    v32, state = dv.SPARSE.forward(s32, torch.log_softmax(s32, -1), sp, w if samples else None)
+    v32, state = dv.SPARSE.forward(s32, torch.log_softmax(s32, -1), sp, log_w if samples else None)
     g32 = _minus_onehot(dv.SPARSE.backward(state, cd, cq).double(), y, cy)
     B.assert_within(value, v32, 2 * vb, msg="sparse value vs divergences.py")
     B.assert_within(g, g32, 2 * gbound, msg="sparse gradient vs divergences.py")
@@ -1007,9 +1020,10 @@ def test_sparse_gradient_into_a_half_buffer_is_one_rounding_at_the_tail_points(o
     tids[0, 1], tlp[0, 1] = tids[0, 0], tlp[0, 0]  # a point drawn twice: its two weights add
     tw = (c[:, None] * q.gather(-1, tids.long())).float()  # w_j = c·q_j: the tail point's gradient nearly cancels
     tw[0, :2] /= 2
-    sp = SparseTeacher(sp.topk_ids, sp.topk_logprobs, sp.log_tail_mass, tids, tlp, tw)
+    sp = SparseTeacher(sp.topk_ids, sp.topk_logprobs, sp.log_tail_mass, tids, tlp, tw.log())
     tids = tids.long()
-    w = torch.ones(n, dtype=torch.float64)  # KD with tail points: β = 1
+    tw = sp.tail_log_weights.double().exp()  # w_j as the kernel uses them (from their float32 logs)
+    w = torch.zeros(n, dtype=torch.float64)  # KD with tail points: β = 1, log β = 0
     cd, cq = torch.ones(n), torch.zeros(n)
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     sp_d, s_d = type(sp)(*(dev(x) for x in sp)), s.to(DEVICE)

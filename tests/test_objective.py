@@ -123,7 +123,7 @@ def test_cache_tad_uses_segment_ids_only_per_document():
     ranked = lp.topk(40, -1)  # every id: the top 5, then the tail as exact support points (weights p_i)
     ids, vals = ranked.indices, ranked.values
     cache = SparseTeacher(ids[..., :5], vals[..., :5], vals[..., 5:].logsumexp(-1), ids[..., 5:], vals[..., 5:],
-                          vals[..., 5:].exp())  # with tail points: β(X) weighs the tail term
+                          vals[..., 5:])  # with tail points (log w_i = log p_i): β(X) weighs the tail term
     per_row = bind(LossConfig(name="tad", k=5)).sparse_per_token(s, cache, mask)
     ignored = bind(LossConfig(name="tad", k=5, per_document=False)).sparse_per_token(s, cache, mask, seg)
     per_doc = bind(LossConfig(name="tad", k=5, per_document=True)).sparse_per_token(s, cache, mask, seg)

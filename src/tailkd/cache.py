@@ -608,7 +608,8 @@ class CacheReader:
         """Rows as a `divergences.SparseTeacher` truncated to the run's K, with tail support points when cached.
 
         With K_run < K_cache the ranks K_run..K_cache−1 are known exactly: α^T_{K_run} = α^T_{K_cache} + Σ their p,
-        and they join the tail support points with weights p_i (samples keep weights α^T_{K_cache}/M).
+        and they join the tail support points with weights p_i (samples keep weights α^T_{K_cache}/M). The weights
+        are given as their logs (`divergences.SparseTeacher.tail_log_weights`), as α^T is.
         """
         got = self.rows(indices, input_ids=input_ids)
         k, kc = self.k, self.meta["k"]
@@ -621,18 +622,18 @@ class CacheReader:
         extra_ids, extra_lp = ids[..., k:], lp[..., k:]
         if k < kc:
             la = torch.logaddexp(la, torch.logsumexp(extra_lp, dim=-1))
-        tail_ids = tail_lp = tail_w = None
+        tail_ids = tail_lp = tail_lw = None
         if self.tail_samples:
             m = self.tail_samples
-            samples_w = (got["log_tail_mass"].double().exp() / m)[..., None].expand(*got["tail_ids"].shape)
+            samples_lw = (got["log_tail_mass"].double() - math.log(m))[..., None].expand(*got["tail_ids"].shape)
             tail_ids = torch.cat([extra_ids, got["tail_ids"]], dim=-1)
             tail_lp = torch.cat([extra_lp, got["tail_logprobs"].double()], dim=-1)
-            tail_w = torch.cat([extra_lp.exp(), samples_w], dim=-1)
+            tail_lw = torch.cat([extra_lp, samples_lw], dim=-1)  # log w_j: log p_i, log(α^T_{K_cache}/M)
         def to(x, dtype=None):
             return None if x is None else x.to(device=device, dtype=dtype or x.dtype)
 
         return SparseTeacher(to(ids[..., :k]), to(lp[..., :k], torch.float32), to(la, torch.float32),
-                             to(tail_ids), to(tail_lp, torch.float32), to(tail_w, torch.float32))
+                             to(tail_ids), to(tail_lp, torch.float32), to(tail_lw, torch.float32))
 
     def teacher_hidden(self, indices, *, input_ids: torch.Tensor | None = None, device="cpu") -> torch.Tensor:
         """Cached final hidden states [B, T, d] of rows ``indices`` (feed them with `head()` to the fused path)."""

@@ -392,13 +392,14 @@ class SparseTeacher(NamedTuple):
 
     ``topk_ids`` [n, K] int (𝒦: the K largest teacher probabilities), ``topk_logprobs`` [n, K] (TRUE log-probs under
     the full teacher softmax at τ = 1, not renormalised over K), ``log_tail_mass`` [n] = log α^T. Optional tail
-    support points ``tail_ids`` / ``tail_logprobs`` / ``tail_weights`` [n, J], ids outside 𝒦 with their true log p
-    and weights w_j, Σ_j w_j = α^T, such that Σ_j w_j f(id_j) estimates Σ_{i∉𝒦} p_i f(i) without bias: M ids drawn
-    with replacement from the renormalised tail p̃ = p/α^T get w = α^T/M each (sparse logit sampling, Anshumann et
-    al. 2025); ids known exactly (cache ranks K_run..K_cache−1) get w = p_i. Without tail points the divergence is
-    D_KL1 (the K+1 bucket loss); with them and a row weight w_X it is D_KL1 + w_X · (Σ_j w_j log(p_j/q_j) −
-    α^T log(α^T/α^S)), an unbiased estimate of D_KL1 + w_X · α^T·D_KL2 (w_X = β(X) for TAD, 1 for KD, whose
-    expectation is then KL(p‖q)).
+    support points ``tail_ids`` / ``tail_logprobs`` / ``tail_log_weights`` [n, J], ids outside 𝒦 with their true
+    log p and the logs of weights w_j, Σ_j w_j = α^T, such that Σ_j w_j f(id_j) estimates Σ_{i∉𝒦} p_i f(i) without
+    bias: M ids drawn with replacement from the renormalised tail p̃ = p/α^T get w = α^T/M each (sparse logit
+    sampling, Anshumann et al. 2025); ids known exactly (cache ranks K_run..K_cache−1) get w = p_i. The weights are
+    logs, as α^T is: a tail ~100 nats below 𝒦 has α^T and w_j below float32's range, and TAD's row weight β(X) =
+    β/ᾱ(X) makes its tail term count all the same. Without tail points the divergence is D_KL1 (the K+1 bucket
+    loss); with them and a row weight w_X it is D_KL1 + w_X · (Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)), an unbiased
+    estimate of D_KL1 + w_X · α^T·D_KL2 (w_X = β(X) for TAD, 1 for KD, whose expectation is then KL(p‖q)).
     """
 
     topk_ids: torch.Tensor
@@ -406,69 +407,79 @@ class SparseTeacher(NamedTuple):
     log_tail_mass: torch.Tensor
     tail_ids: torch.Tensor | None = None
     tail_logprobs: torch.Tensor | None = None
-    tail_weights: torch.Tensor | None = None
+    tail_log_weights: torch.Tensor | None = None
 
 
-def sparse_tail_points(teacher: SparseTeacher, w, dtype):
-    """(w, tail ids, tail weights) where the cache loss uses its tail points (they exist and a row weight w is
-    given), else (None, None, None). w may come in float64 (β/ᾱ of a sub-normal tail mass): clamped to ``dtype``'s
-    range, so the estimate is then ~0, not inf·0. Shared by `_sparse_forward` and the kernels."""
-    if teacher.tail_ids is None or w is None:
+def sparse_tail_points(teacher: SparseTeacher, log_w, dtype):
+    """(W [n], tail ids [n, J], ŵ [n, J]) where the cache loss uses its tail points (they exist and a row weight is
+    given as log w_X [n]), else (None, None, None). The tail term w_X·(Σ_j w_j d_j − α^T log(α^T/α^S)) is computed
+    as W·(Σ_j ŵ_j d_j − log(α^T/α^S)) with W = w_X·α^T = exp(log w_X + log α^T) and ŵ_j = w_j/α^T = exp(log w_j −
+    log α^T) (Σ_j ŵ_j = 1), both in float64 then rounded once to ``dtype``: finite where w_X, α^T and w_j are beyond
+    float32 (or, for w_X, float64: every tail of a sequence ~745 nats down) — W is at most β·n. 0 where α^T = 0 (no
+    tail). Shared by `_sparse_forward` and the kernels."""
+    if teacher.tail_ids is None or log_w is None:
         return None, None, None
-    return (w.to(dtype).clamp(max=torch.finfo(dtype).max), teacher.tail_ids.long(),
-            teacher.tail_weights.to(dtype))
+    log_at = teacher.log_tail_mass.double()
+    has = log_at > -_INF  # a row with tail mass (NaN rows are poisoned by the callers)
+    big_w = torch.where(has, (log_w.double() + log_at).exp(), 0.0).to(dtype)
+    tw = torch.where(has[:, None], (teacher.tail_log_weights.double() - log_at[:, None]).exp(), 0.0).to(dtype)
+    return big_w, teacher.tail_ids.long(), tw
 
 
-def sparse_value(p_top, logp_top, logq_top, bucket, w=None, tw=None, logp_t=None, logq_t=None):
-    """The cache loss per row [n] from its parts: D_KL1 = Σ_𝒦 p (log p − log q) + bucket, plus with tail points
-    (w not None) w·(Σ_j w_j (log p_j − log q_j) − bucket). Shared by `_sparse_forward` and the kernels."""
-    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + bucket  # [n] D_KL1
-    if w is not None:
-        tail_kl = torch.where(tw > 0, tw * (logp_t - logq_t), 0.0).sum(-1)  # [n]
-        value = value + w * torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)
+def sparse_value(p_top, logp_top, logq_top, log_at, log_as, big_w=None, tw=None, logp_t=None, logq_t=None):
+    """The cache loss per row [n] from its parts: D_KL1 = Σ_𝒦 p (log p − log q) + α^T log(α^T/α^S), plus with tail
+    points (W not None, `sparse_tail_points`) W·(Σ_j ŵ_j (log p_j − log q_j) − log(α^T/α^S)); the tail term is 0
+    where log(α^T/α^S) is not finite (α^S = 0: D_KL1 is +inf already) or W = 0. Shared by `_sparse_forward` and the
+    kernels."""
+    alpha_t = log_at.exp()
+    value = torch.where(p_top > 0, p_top * (logp_top - logq_top), 0.0).sum(-1) + rest_bucket(alpha_t, log_at, log_as)
+    if big_w is not None:
+        spread = log_at - log_as  # [n] log(α^T/α^S)
+        tail = torch.where(tw > 0, tw * (logp_t - logq_t), 0.0).sum(-1) - spread  # [n]
+        value = value + torch.where(torch.isfinite(spread) & (big_w > 0), big_w * tail, 0.0)
     return value
 
 
-def sparse_grad_coefs(p_top, alpha_t, w=None, tw=None):
-    """(c, w_tail) [n] of the cache loss's gradient: c·q_i + w_tail·q̃_i on the tail, c·q_k − p_k on 𝒦, − w·w_j at
+def sparse_grad_coefs(p_top, alpha_t, big_w=None, tw=None):
+    """(c, w_tail) [n] of the cache loss's gradient: c·q_i + w_tail·q̃_i on the tail, c·q_k − p_k on 𝒦, − W·ŵ_j at
     the tail points (`_sparse_backward`). Shared by `_sparse_backward` and the kernels."""
     c = p_top.sum(-1) + alpha_t  # [n]
-    w_tail = -alpha_t if w is None else (w - 1) * alpha_t  # [n] coefficient of q̃
-    if w is not None:
-        c = c + w * (tw.sum(-1) - alpha_t)
-    return c, w_tail
+    if big_w is None:
+        return c, -alpha_t
+    return c + big_w * (tw.sum(-1) - 1), big_w - alpha_t  # w_X(Σ_j w_j − α^T) = W(Σ_j ŵ_j − 1); (w_X − 1)α^T
 
 
-def _sparse_forward(s, logq, teacher: SparseTeacher, w=None):
-    """D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S) (exact); with tail points and a weight w (β(X) for TAD,
-    1 for KD) + w·(Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)), an unbiased estimate of w·α^T·D_KL2."""
+def _sparse_forward(s, logq, teacher: SparseTeacher, log_w=None):
+    """D_KL1 = Σ_{k∈𝒦} p_k log(p_k/q_k) + α^T log(α^T/α^S) (exact); with tail points and a row weight given as log w
+    (w = β(X) for TAD, 1 for KD) + w·(Σ_j w_j log(p_j/q_j) − α^T log(α^T/α^S)), an unbiased estimate of
+    w·α^T·D_KL2, computed as W·(Σ_j ŵ_j log(p_j/q_j) − log(α^T/α^S)) (`sparse_tail_points`: in range however far
+    down the teacher's tail is)."""
     ids = teacher.topk_ids.long()
     logp_top = teacher.topk_logprobs.to(s.dtype)
     log_at = teacher.log_tail_mass.to(s.dtype)
     alpha_t, p_top = log_at.exp(), logp_top.exp()
-    w, tids, tw = sparse_tail_points(teacher, w, s.dtype)
-    logq_t = logq.gather(-1, tids) if w is not None else None  # [n, J]
+    big_w, tids, tw = sparse_tail_points(teacher, log_w, s.dtype)
+    logq_t = logq.gather(-1, tids) if big_w is not None else None  # [n, J]
     poisoned = logq[:, 0].isnan() | log_at.isnan()
     q, q_top, logq_top, log_as = student_tail(s, logq, ids)  # logq consumed
-    bucket = rest_bucket(alpha_t, log_at, log_as)
-    logp_t = teacher.tail_logprobs.to(s.dtype) if w is not None else None
-    value = sparse_value(p_top, logp_top, logq_top, bucket, w, tw, logp_t, logq_t)
-    return _poison(value, poisoned), (s, q, q_top, ids, p_top, alpha_t, log_as, tids, tw, w)
+    logp_t = teacher.tail_logprobs.to(s.dtype) if big_w is not None else None
+    value = sparse_value(p_top, logp_top, logq_top, log_at, log_as, big_w, tw, logp_t, logq_t)
+    return _poison(value, poisoned), (s, q, q_top, ids, p_top, alpha_t, tids, tw, big_w)
 
 
 def _sparse_backward(state, cd, cq, inplace=True):
     """∂D_KL1/∂s: c·q_k − p_k on 𝒦 and c·q_i − α^T q̃_i on the tail (q̃ = q/α^S on the tail), c = Σ_𝒦 p + α^T (1 up
     to the cache's rounding, kept for the exact gradient of the value computed); the tail estimate adds
-    w (α^T q̃_i − Σ_j w_j e_{id_j}) + w (Σ_j w_j − α^T) q."""
-    s, q, q_top, ids, p_top, alpha_t, log_as, tids, tw, w = state
+    W (q̃_i − Σ_j ŵ_j e_{id_j}) + W (Σ_j ŵ_j − 1) q (W = w·α^T, ŵ_j = w_j/α^T: `sparse_tail_points`)."""
+    s, q, q_top, ids, p_top, alpha_t, tids, tw, big_w = state
     cq0 = torch.zeros_like(cd) if cq is None else cq
     tail = s.scatter(-1, ids, -_INF)  # [n, V] the student's tail logits
     q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [n, V] q̃ = q/α^S on the tail, from the tail alone
-    c, w_tail = sparse_grad_coefs(p_top, alpha_t, w, tw)
+    c, w_tail = sparse_grad_coefs(p_top, alpha_t, big_w, tw)
     coef_q = (cd * c + cq0)[:, None]
     g = (q.mul_(coef_q) if inplace else q * coef_q).add_(q_tilde.mul_((cd * w_tail)[:, None]))
-    if w is not None:
-        g.scatter_add_(-1, tids, -((cd * w)[:, None] * tw))  # − w Σ_j w_j e_{id_j}
+    if big_w is not None:
+        g.scatter_add_(-1, tids, -((cd * big_w)[:, None] * tw))  # − W Σ_j ŵ_j e_{id_j}
     g.scatter_(-1, ids, (cd * c + cq0)[:, None] * q_top - cd[:, None] * p_top)
     return g
 

@@ -199,18 +199,18 @@ def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
 
 
 def _row_weight(plan: _Plan, a: int, b: int, teacher) -> torch.Tensor | None:
-    """The kernel's row weight for tokens [a, b) from log ᾱ (precomputed, or of the α^T of each chunk-closed
-    sequence): log β(X) for TAD's kernel, β(X) for a top-K cache teacher's; 1 for a sparse KD teacher with tail
-    samples; None otherwise."""
+    """The kernel's row weight for tokens [a, b) as its log, from log ᾱ (precomputed, or of the α^T of each
+    chunk-closed sequence): log β(X) for TAD's kernel and a top-K cache teacher's; 0 (w = 1) for a sparse KD teacher
+    with tail samples; None otherwise. float64."""
     if not plan.d.spec.tail_weight:
-        return torch.ones(b - a, dtype=plan.cdtype, device=plan.labels.device) if plan.sparse is not None else None
+        return (torch.zeros(b - a, dtype=torch.float64, device=plan.labels.device) if plan.sparse is not None
+                else None)
     log_abar = plan.log_abar[a:b]
     if a in plan.local:
         local, n_seq = plan.local[a]  # [n]
         log_abar = torch.where(torch.isnan(log_abar), group_log_mean(teacher.log_alpha, local, n_seq)[local],
                                log_abar)
-    log_w = plan.d.row_log_weight(log_abar)
-    return log_w.exp() if plan.sparse is not None else log_w
+    return plan.d.row_log_weight(log_abar)
 
 
 def _autograd_div(plan: _Plan, z: torch.Tensor, a: int, b: int, coef: torch.Tensor, want_grad: bool):

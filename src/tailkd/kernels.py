@@ -747,10 +747,10 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
     """`divergences.SPARSE` (a top-K cache teacher, `divergences.SparseTeacher`) by the kernels, after
     `sparse_stats`: per-row value [n] (NaN on rows with a NaN logit or tail mass) and, when ``out`` is given (it may
     be ``s``), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it. ``w`` [n]: the row weight of the tail points
-    (β(X) for TAD, 1 for KD; used only with tail points). [n, K] and [n, J] torch ops for the value and the
-    coefficients, a gradient pass, then the K entries of 𝒦 and the tail points' −w·w_j set in torch, as
-    `divergences._sparse_backward` does (into a bf16 / fp16 ``out``, the tail points' whole gradient is re-evaluated
-    in float32 and rounded once)."""
+    as its log (log β(X) for TAD, 0 for KD; used only with tail points; `divergences.sparse_tail_points`). [n, K]
+    and [n, J] torch ops for the value and the coefficients, a gradient pass, then the K entries of 𝒦 and the tail
+    points' −W·ŵ_j set in torch, as `divergences._sparse_backward` does (into a bf16 / fp16 ``out``, the tail
+    points' whole gradient is re-evaluated in float32 and rounded once)."""
     _check(s, s)
     n, vocab = s.shape
     go = launch(vocab, s.device, block, warps, "sparse")
@@ -765,23 +765,22 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
 
     logq_top = logq(ids)
     alpha_t, p_top = log_at.exp(), logp_top.exp()
-    bucket = dv.rest_bucket(alpha_t, log_at, log_as)
-    w, tids, tw = dv.sparse_tail_points(teacher, w, torch.float32)
+    big_w, tids, tw = dv.sparse_tail_points(teacher, w, torch.float32)
     logp_t = logq_t = None
-    if w is not None:
+    if big_w is not None:
         logp_t = teacher.tail_logprobs.to(torch.float32)
         logq_t = logq(tids)
-    value = dv.sparse_value(p_top, logp_top, logq_top, bucket, w, tw, logp_t, logq_t)
+    value = dv.sparse_value(p_top, logp_top, logq_top, log_at, log_as, big_w, tw, logp_t, logq_t)
     if out is not None and n:
-        c, w_tail = dv.sparse_grad_coefs(p_top, alpha_t, w, tw)
+        c, w_tail = dv.sparse_grad_coefs(p_top, alpha_t, big_w, tw)
         coef_q = cd * c + cq0
         coef = torch.stack([coef_q, cd * w_tail, cy], 1).contiguous()
         _sparse_grad_kernel[(n,)](s, out, stats.stats, coef, y, vocab, s.stride(0), out.stride(0), BLOCK=go.block,
                                   **go.options)
         top = coef_q[:, None] * logq_top.exp() - cd[:, None] * p_top - cy[:, None] * (ids == y[:, None])
         out.scatter_(-1, ids, top.to(out.dtype))
-        if w is not None:
-            points = -(cd * w)[:, None] * tw  # [n, J] − w Σ_j w_j e_{id_j}
+        if big_w is not None:
+            points = -(cd * big_w)[:, None] * tw  # [n, J] − W Σ_j ŵ_j e_{id_j}
             if out.dtype == torch.float32:
                 out.scatter_add_(-1, tids, points)
             else:  # one rounding: the kernel's float32 value at the points re-evaluated, their terms added, written

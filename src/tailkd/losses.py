@@ -185,11 +185,11 @@ class _Rows(torch.autograd.Function):
     """Per-row values [N] of a `divergences.RowKernel` on student logits s [N, V], with its closed-form backward.
 
     ``teacher``: the kernel's teacher rows (``kernel.teacher(t)``, or `divergences.SparseTeacher`); ``w`` [N] or None:
-    the per-row weight (TAD's log β(X), the sparse kernel's β(X)); ``valid`` [N] bool or None: rows outside it give 0
-    and no gradient. Memory: the kernel's state (two [N, V] buffers for KL and TAD) is kept for backward only when s
-    requires grad, as saved tensors, so that autograd frees it once this node's backward ran (not at the end of the
-    pass: other [N, V] gradients, e.g. the CLM term's, are computed after it); backward allocates G and leaves the
-    state intact (autograd may call it again with ``retain_graph``)."""
+    the per-row weight as its log (log β(X) for TAD's kernel and a top-K cache's, 0 for the cache's KD); ``valid``
+    [N] bool or None: rows outside it give 0 and no gradient. Memory: the kernel's state (two [N, V] buffers for KL
+    and TAD) is kept for backward only when s requires grad, as saved tensors, so that autograd frees it once this
+    node's backward ran (not at the end of the pass: other [N, V] gradients, e.g. the CLM term's, are computed after
+    it); backward allocates G and leaves the state intact (autograd may call it again with ``retain_graph``)."""
 
     @staticmethod
     def forward(ctx, s, kernel: dv.RowKernel, teacher, w, valid):
@@ -508,15 +508,16 @@ def topk_bucket_kl(
 
 
 def cache_divergence(student_logits: torch.Tensor, teacher: dv.SparseTeacher, mask: torch.Tensor,
-                     row_weight: torch.Tensor | None = None) -> torch.Tensor:
+                     row_log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token divergence [B, T] of dense student logits [B, T, V] (τ = 1) against a top-K teacher cache
-    (`divergences.SparseTeacher`, fields [B, T, ...]): D_KL1 exactly, plus ``row_weight`` [B, T] × the unbiased
-    estimate of α^T·D_KL2 where the cache holds tail samples (β(X) for TAD, 1 for KD; None: D_KL1 only). 0 at
-    masked positions. Closed-form gradient: the kernel of the chunked path, `divergences.SPARSE`."""
+    (`divergences.SparseTeacher`, fields [B, T, ...]): D_KL1 exactly, plus w × the unbiased estimate of α^T·D_KL2
+    where the cache holds tail samples, w given as ``row_log_weight`` [B, T] = log w (log β(X) for TAD, as
+    `tail_log_weight` gives it; 0 for KD; None: D_KL1 only). 0 at masked positions. Closed-form gradient: the kernel
+    of the chunked path, `divergences.SPARSE`."""
     dtype = _compute_dtype(student_logits)
     B, T, vocab = student_logits.shape
     rows = dv.SparseTeacher(*(None if x is None else x.detach().reshape(B * T, *x.shape[2:]) for x in teacher))
-    w = None if row_weight is None else row_weight.reshape(-1)
+    w = None if row_log_weight is None else row_log_weight.reshape(-1)
     return _Rows.apply(student_logits.to(dtype).reshape(-1, vocab), dv.SPARSE, rows, w, mask.reshape(-1)).view(B, T)
 
 

@@ -229,14 +229,14 @@ class Divergence:
         """[B, T] from dense student logits [B, T, V] (τ = 1) and a top-K cache's teacher ([B, T, ...] fields), 0 at
         masked positions: D_KL1, plus w·(the tail estimate) where the cache holds tail samples, w = β(X) from the
         cached α^T for ``tail_weight`` losses (per row, or per document with ``per_document``), else 1 — the kernel
-        of the chunked path (`divergences.SPARSE`)."""
+        of the chunked path (`divergences.SPARSE`), given log w."""
         self.check_sparse()
         log_alpha = teacher.log_tail_mass.detach().double()  # [B, T]
-        w = torch.ones_like(log_alpha)
+        log_w = torch.zeros_like(log_alpha)
         if self.spec.tail_weight:
             seg = segment_ids if self.cfg.per_document else None
-            w = self.row_log_weight(sequence_log_alpha_mean(log_alpha, mask, seg)).exp()
-        return cache_divergence(student_logits, teacher, mask, w)
+            log_w = self.row_log_weight(sequence_log_alpha_mean(log_alpha, mask, seg))
+        return cache_divergence(student_logits, teacher, mask, log_w)
 
 
 def per_token_by_kernel(d, student_logits, teacher_logits, labels, mask, segment_ids=None) -> torch.Tensor:
