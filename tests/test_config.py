@@ -748,8 +748,29 @@ def test_every_flags_help_states_its_default_once_and_truly(cls):
     for dotted, _, f in _leaves(cls):
         text = helps[dotted]
         assert text.count("default:") == 1 and "(default: )" not in text, (dotted, text)
-        if "default:" not in f.metadata["help"]:
+        if "default:" not in getattr(cls, "HELP", {}).get(dotted, f.metadata["help"]):
             assert f"(default: {leaf_value(cls(), dotted)}" in text, (dotted, text)
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_a_commands_own_help_of_a_shared_leaf(cls):
+    """A command whose reused section means something else there says so in --help (``cls.HELP``): select-data's
+    data.seq_len is its scoring window, not distill's "tokens per packed training row" (the shared field's help,
+    which it printed). Every HELP key is a leaf of the command's config, and its text replaces the field's."""
+    from tailkd.config import _leaves
+
+    p = argparse.ArgumentParser()
+    add_config_flags(p, cls)
+    helps = {a.dest: a.help for a in p._actions}
+    own = getattr(cls, "HELP", {})
+    assert set(own) <= {dotted for dotted, _, _ in _leaves(cls)}, set(own)
+    for dotted, text in own.items():
+        assert helps[dotted].startswith(text), (dotted, helps[dotted])
+    if cls is COMMAND_CONFIGS["select-data"]:
+        window = helps["data.seq_len"]
+        assert window.startswith("tokens per scoring window") and "(default: 256)" in window
+    if cls is DistillConfig:
+        assert helps["data.seq_len"].startswith("tokens per packed training row")
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)

@@ -189,6 +189,8 @@ class EvalConfig:
     generate: GenerateOptions = field(default_factory=GenerateOptions)
 
     OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "teacher.parallel", "data.eval_rows")
+    HELP: ClassVar[dict[str, str]] = {
+        "data.seq_len": "tokens per packed held-out row (default: the student's run's; 128 without one)"}
     ALIASES: ClassVar[dict[str, str]] = {
         "student": "eval.student", "teacher": "teacher.path", "teacher-dtype": "teacher.dtype", **DATA_ALIASES,
         **_aliases("eval", EvalOptions, "split", "batch_size", "max_rows", "bins", "device", "out"),
@@ -264,6 +266,7 @@ class AnalyzeTeacherConfig:
     analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
 
     OMIT: ClassVar[tuple[str, ...]] = ("teacher.path", "teacher.cache", "teacher.parallel", "data.eval_rows")
+    HELP: ClassVar[dict[str, str]] = {"data.seq_len": "tokens per packed row the teachers score"}
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "analyze.teachers", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("analyze", AnalyzeOptions, "split", "batch_size", "max_rows",
                                                     "kmax", "device", "out")}
@@ -529,6 +532,9 @@ class SelectDataConfig:
                                        *CORPUS_ONLY)
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("select", SelectOptions)}
+    HELP: ClassVar[dict[str, str]] = {
+        "data.seq_len": "tokens per scoring window: a longer document is scored in consecutive windows of this many "
+                        "tokens, each given the previous window's last token as context"}
 
     def validate(self) -> SelectDataConfig:
         check_leaves(self)

@@ -9,8 +9,8 @@ The other subcommands (eval, analyze-teacher, cache-teacher, lm-eval, compare, f
 configs of the same kind in `tailkd.command_config`, built from these sections where the meaning is the same; the
 machinery below (``add_config_flags``, ``config_from_args``, ``from_dict``, ``check_leaves``) serves them all. A
 config class may declare ``ALIASES`` (its short flags), ``OMIT`` (leaves of a reused section it does not read: no
-flag, and an unknown key in YAML) and a ``run_defaults(given)`` class method (settings of the run that made a saved
-model).
+flag, and an unknown key in YAML), ``HELP`` (the --help of a reused leaf that means something else there) and a
+``run_defaults(given)`` class method (settings of the run that made a saved model).
 """
 
 from __future__ import annotations
@@ -869,20 +869,24 @@ def _name_value(text: str) -> dict:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=DistillConfig) -> None:
     """Add ``--config`` and one flag per leaf of ``cls`` (plus its short aliases: ``cls.ALIASES``, for
-    `DistillConfig` the module's ``ALIASES``); a field marked ``positional=`` takes the positional arguments."""
+    `DistillConfig` the module's ``ALIASES``); a field marked ``positional=`` takes the positional arguments. A leaf's
+    help is its field's, or the command's own where a shared section means something else there (``cls.HELP``,
+    {dotted name: help})."""
     parser.add_argument("--config", metavar="YAML", help="YAML file mirroring the config sections; flags override it")
     reverse = short_flags(cls)
     defaults = cls()
+    own_help = getattr(cls, "HELP", {})
     for dotted, tp, f in _leaves(cls):
         base, optional = _unwrap_optional(tp)
         default = leaf_value(defaults, dotted)
         if typing.get_origin(base) is dict:  # NAME=VALUE words, merged over the YAML's mapping; a repeated flag adds
             parser.add_argument("--" + dotted, dest=dotted, nargs="*", type=_name_value, metavar="NAME=VALUE",
-                                action="extend", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+                                action="extend", default=argparse.SUPPRESS,
+                                help=own_help.get(dotted, f.metadata.get("help", "")))
             continue
         is_list = typing.get_origin(base) is list
         unset = ("no value unsets it" if is_list else "null unsets it") if optional else ""
-        text = f.metadata.get("help", "")
+        text = own_help.get(dotted, f.metadata.get("help", ""))
         if "default:" in text:  # the help says what the default means: not a second "(default: None)"
             text += f" ({unset})" if unset else ""
         else:
