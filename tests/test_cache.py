@@ -670,6 +670,41 @@ def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_ma
     assert not any("Traceback" in line for line in err) and not run.exists()
 
 
+def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """What of a teacher cache needs no model — its seq_len, its K, whether it can give the loss — is checked before
+    the teacher loads (minutes for a large one): the same one-line refusals, exit 2, no run folder, and
+    `models.load_teacher` never called. They came only after the teacher and the student were loaded."""
+    from tiny import make_teacher_dir
+
+    from tailkd import models
+    from tailkd.cli import main
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    topk = tmp_path / "topk"
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                 "--out", str(topk), "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the cache was checked")
+
+    monkeypatch.setattr(models, "load_teacher", loaded)
+    run = tmp_path / "run"
+    base = ["distill", "--teacher", str(teacher), "--data", str(corpus), "--batch-size", "2", "--steps", "1",
+            "--teacher-cache", str(topk), "--student-layers", "1", "--out", str(run)]
+    for extra, line in ((["--seq-len", "16", "--loss", "jsd"], "loss.name=jsd needs the teacher's full distribution"),
+                        (["--seq-len", "16", "--loss", "tad", "--k", "6"], "holds the top-4 teacher ids, the run "
+                                                                            "needs K=6"),
+                        (["--seq-len", "32", "--loss", "kd"], "its seq_len is 16, the run's is 32"),
+                        (["--seq-len", "16", "--loss", "kd", "--loss.temperature", "2"], "temperature 1")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tailkd: error: ") and line in err[0], err
+        assert not run.exists()
+
+
 def test_cache_teacher_progress_in_a_log_is_a_line_per_30_seconds_not_one_per_batch(tmp_path, capsys, monkeypatch):
     """stderr not a terminal (a CI log, a file): the bar refreshes at most every 30 s of its clock, so an hour's run
     leaves ~120 updates in the log, not one per batch (tqdm's default: up to 10 a second)."""

@@ -291,6 +291,23 @@ def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: to
     return f"fused (LM heads + loss in chunks of {size}, {maths})"
 
 
+def _cache_k(cfg: DistillConfig) -> int | None:
+    """The K a run reads from a teacher cache: loss.k for a loss with a K, else None (the cache's own)."""
+    return cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None
+
+
+def check_teacher_cache(cfg: DistillConfig) -> None:
+    """What of ``teacher.cache`` needs no model, checked before any loads (minutes for a large teacher): a complete
+    cache of training rows of this seq_len, holding the run's K, that can give the loss (`CacheReader.check_loss`).
+    The rest — tokenizer, corpus, teacher weights, number of rows — when `setup_teacher_signal` opens it."""
+    if not cfg.teacher.cache or not LOSSES[cfg.loss.name].needs_teacher:
+        return
+    from tailkd.cache import CacheReader
+
+    reader = CacheReader(cfg.teacher.cache, split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg))
+    reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+
+
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
                          fused_path: bool, probe: torch.Tensor, train_rows: int):
     """(signal_of, description): where each step's teacher signal comes from, and in words which loss that gives.
@@ -308,8 +325,7 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
         from tailkd.cache import open_cache
 
         reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
-                            split="train", seq_len=cfg.data.seq_len,
-                            k=cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None, teacher_model=teacher,
+                            split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg), teacher_model=teacher,
                             rows=train_rows)
         description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
         return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
