@@ -950,6 +950,14 @@ def test_sparse_kernels_with_tails_below_float32():
     _check_sparse(s, t, 5, 4, "tad", True)
 
 
+@pytest.mark.parametrize("scale", [0.6, 1.5])
+def test_sparse_kernels_with_tail_weights_not_summing_to_the_tail_mass(scale):
+    """Tail points whose weights sum to ``scale``·α^T (a hand-built `SparseTeacher`; a cache's sum to α^T up to
+    rounding): value and gradient are still those of the definition's plain sums — the gradient's W(Σ_j ŵ_j − 1)·q
+    term, ~0 for a cache's weights, is what makes it exact then."""
+    _check_sparse(*_logits(7, 257, seed=29), 5, 4, "tad", True, weight_scale=scale)
+
+
 @pytest.mark.parametrize("samples,loss", [(0, "kd"), (4, "kd"), (4, "tad")])
 def test_sparse_kernels_bf16_inputs_and_gradient(samples, loss):
     """bf16 logits and gradient buffer (as the chunked path's bf16 logits), against the float64 reference within
@@ -959,9 +967,11 @@ def test_sparse_kernels_bf16_inputs_and_gradient(samples, loss):
     _check_sparse(s, t, 5, samples, loss, True, out_dtype=torch.bfloat16)
 
 
-def _check_sparse(s, t, k, samples, loss, rescale, out_dtype=None):
+def _check_sparse(s, t, k, samples, loss, rescale, out_dtype=None, weight_scale=1.0):
     n, vocab = s.shape
     sp = _sparse_teacher(t.double(), k, samples, seed=k)
+    if weight_scale != 1.0:  # tail weights that do not sum to α^T (a hand-built teacher's): Σ_j ŵ_j ≠ 1
+        sp = sp._replace(tail_log_weights=sp.tail_log_weights + math.log(weight_scale))
     alpha = sp.log_tail_mass.double().exp()
     log_w = _log_w(alpha.mean().expand(n)) if loss == "tad" else torch.zeros(n, dtype=torch.float64)  # log β(X)
     w = log_w.exp()
