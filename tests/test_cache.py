@@ -344,6 +344,37 @@ def test_cache_teacher_keeps_tails_below_float32(name):
     B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
 
 
+def test_tail_samples_follow_the_tail_below_float32():
+    """`cache.sample_tail` draws from the renormalised tail p̃ = p/α^T also where the teacher's tail lies 110-160 nats
+    below 𝒦 (float32 logits, as the cache writer has them: every p_i of the tail below float32's range). Since the
+    cache loss counts such rows' samples (W·Σ_j ŵ_j log(p_j/q_j), `divergences.sparse_tail_points`), the mean over M
+    draws of log(p̃_j/q̃_j) must estimate D_KL2 = KL(p̃‖q̃) without bias: within 5 standard errors of the mean (the
+    float64 p̃, q̃ of the same float32 logits; their rounding, ~1e-5 absolute here, is far below 5 se). It drew
+    uniformly from the tail there (p/α^T formed as exp(log p), which underflowed to 0: taken for a row without tail
+    mass), an estimate off by about a nat here."""
+    g = torch.Generator().manual_seed(3)
+    n, V, K, M = 4, 40, 4, 4000
+    t = torch.randn(n, V, generator=g, dtype=torch.float64) * 1.5
+    s = torch.randn(n, V, generator=g, dtype=torch.float64)
+    ids = torch.topk(t, K, dim=-1).indices
+    top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, ids, True)
+    t = torch.where(top, t, t - torch.linspace(110, 160, n, dtype=torch.float64)[:, None]).float()  # as written
+    lse = torch.logsumexp(t, dim=-1)
+    draw, draw_lp = cache.sample_tail(t, ids, lse, M, torch.Generator().manual_seed(4))
+    t64 = t.double()
+    log_pt = torch.log_softmax(t64.masked_fill(top, -math.inf), -1)  # [n, V] log p̃, −inf on 𝒦
+    log_qt = torch.log_softmax(s.masked_fill(top, -math.inf), -1)
+    assert bool((torch.logsumexp(t64.masked_fill(top, -math.inf), -1) - lse.double() < -103).all())  # p_i < 1e-45
+    exact = torch.where(top, 0.0, log_pt.exp() * (log_pt - log_qt)).sum(-1)  # [n] D_KL2
+    terms = log_pt.gather(-1, draw) - log_qt.gather(-1, draw)  # [n, M]
+    mean, se = terms.mean(-1), terms.std(-1) / M ** 0.5
+    assert bool((se > 0).all())  # a real random estimate
+    assert bool(((mean - exact).abs() < 5 * se).all()), (mean, exact, se)
+    # their log p: one float32 subtraction of the given inputs, t_j − lse (u|log p_j|)
+    B.assert_within(draw_lp.double(), t64.gather(-1, draw) - lse.double()[:, None], B.U32 * draw_lp.double().abs(),
+                    msg="log p of the draws")
+
+
 def test_tail_sample_estimator_is_unbiased():
     """Mean over 4000 independent draws of the estimated tail term (and its gradient) → the exact α^T·D_KL2."""
     g = torch.Generator().manual_seed(0)

@@ -206,16 +206,20 @@ def sample_tail(t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, m: int, g
     """M ids per row drawn with replacement from the renormalised teacher tail p̃ = p/α^T (i ∉ 𝒦 = ``ids``).
 
     ``t`` [n, V] teacher logits, ``ids`` [n, K], ``lse`` [n] = logsumexp(t). Returns (ids [n, M] int64, their true
-    log p [n, M]). Σ_j (α^T/M) f(id_j) is then an unbiased estimate of Σ_{i∉𝒦} p_i f(i). A row without tail mass
-    (one-hot teacher) draws uniformly from the tail; its weights α^T/M are 0. A row without a distribution (``lse``
-    not finite: NaN or +inf logits) draws uniformly from the tail too, and its log p are NaN.
+    log p [n, M]). Σ_j (α^T/M) f(id_j) is then an unbiased estimate of Σ_{i∉𝒦} p_i f(i). p̃ is formed from the
+    tail's own log-sum-exp, in range however far below float32 the tail lies (p_i itself is 0 in float32 beyond ~104
+    nats, where its weights α^T/M still count: `divergences.sparse_tail_points`). A row without tail mass (every tail
+    logit −inf: α^T = 0) draws uniformly from the tail; its weights α^T/M are 0. A row without a distribution
+    (``lse`` not finite: NaN or +inf logits) draws uniformly from the tail too, and its log p are NaN.
     """
-    p_tail = (t.scatter(-1, ids, -torch.inf) - lse[:, None]).exp()  # [n, V] p on the tail, 0 on 𝒦
-    broken = ~torch.isfinite(lse)  # [n] NaN / +inf logits: p_tail is NaN, which torch.multinomial refuses
-    empty = (p_tail.sum(-1) <= 0) | broken
+    tail = t.scatter(-1, ids, -torch.inf)  # [n, V] the tail logits, −inf on 𝒦
+    lse_tail = torch.logsumexp(tail, dim=-1)  # [n]
+    broken = ~torch.isfinite(lse)  # [n] NaN / +inf logits: p̃ is NaN, which torch.multinomial refuses
+    empty = ~torch.isfinite(lse_tail) | broken  # no tail mass (or no distribution)
+    p_tilde = (tail - torch.where(empty, 0.0, lse_tail)[:, None]).exp()  # [n, V] p̃ = p/α^T, 0 on 𝒦
     if bool(empty.any()):
-        p_tail[empty] = torch.ones_like(p_tail[empty]).scatter_(-1, ids[empty], 0.0)
-    draw = torch.multinomial(p_tail.float().cpu(), m, replacement=True, generator=generator).to(t.device)  # [n, M]
+        p_tilde[empty] = torch.ones_like(p_tilde[empty]).scatter_(-1, ids[empty], 0.0)
+    draw = torch.multinomial(p_tilde.float().cpu(), m, replacement=True, generator=generator).to(t.device)  # [n, M]
     draw_lp = t.gather(-1, draw) - lse[:, None]
     return draw, draw_lp.masked_fill_(broken[:, None], math.nan)
 
