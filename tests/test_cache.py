@@ -344,6 +344,38 @@ def test_cache_teacher_keeps_tails_below_float32(name):
     B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
 
 
+def test_cache_teacher_gradient_at_logits_offset_by_1e4():
+    """TAD from a top-K cache with tail samples, student rows offset by ±1e4: the gradient's tail term (W − α^T)·q̃
+    takes q̃ = q/α^S as (s − m) − log S over the tail, log_softmax's formula, so `Divergence.sparse_per_token` is
+    within `loss_bounds.cache_tad` (q̃'s relative error κ + u|log q̃| + 3u, a log-sum-exp backward's) of the float64
+    plain sums of its float32 inputs, value and gradient. `divergences._sparse_backward` formed s − (m + log S),
+    whose rounding u·1e4 ≈ 6e-4 it carried into q̃: the gradient was ~9 times that bound off (KD, whose W = α^T,
+    does not read q̃; the Triton kernel forms (s − m) − log S)."""
+    g = torch.Generator().manual_seed(11)
+    n, vocab, k, m = 6, 40, 4, 4
+    s = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    s = (s + torch.tensor([1e4, -1e4, 0.0, 1e4, -1e4, 0.0], dtype=torch.float64)[:, None]).float().double()
+    t = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    logp = torch.log_softmax(t, -1)
+    ids = torch.topk(t, k, dim=-1).indices
+    log_alpha = logp.scatter(-1, ids, -math.inf).logsumexp(-1)
+    draw, draw_lp = cache.sample_tail(t, ids, torch.logsumexp(t, -1), m, torch.Generator().manual_seed(12))
+    cached = SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), draw, draw_lp.float(),
+                           (log_alpha[:, None] - math.log(m)).expand(n, m).float())  # as the cache reader gives it
+    mask = torch.ones(1, n, dtype=torch.bool)
+    leaf = s.float()[None].requires_grad_(True)
+    got = registry.bind(LossConfig(name="tad", k=k, beta=2.0)).sparse_per_token(
+        leaf, SparseTeacher(*(x[None] for x in cached)), mask)[0]
+    (grad,) = torch.autograd.grad(got.sum(), leaf)
+    s64 = s.clone().requires_grad_(True)
+    log_w = math.log(2.0) - (cached.log_tail_mass.double().logsumexp(-1) - math.log(n))  # log β(X), one sequence
+    ref = _cache_loss_sums(s64, cached, log_w.expand(n))
+    (ref_g,) = torch.autograd.grad(ref.sum(), s64)
+    vb, gb = LB.cache_tad(s.float()[None], SparseTeacher(*(x[None] for x in cached)), mask, loss="tad", beta=2.0)
+    B.assert_within(got.detach(), ref.detach(), vb[0] + B.REF64_ATOL, msg="cache loss value")
+    B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
+
+
 def test_tail_samples_follow_the_tail_below_float32():
     """`cache.sample_tail` draws from the renormalised tail p̃ = p/α^T also where the teacher's tail lies 110-160 nats
     below 𝒦 (float32 logits, as the cache writer has them: every p_i of the tail below float32's range). Since the

@@ -474,7 +474,9 @@ def _sparse_backward(state, cd, cq, inplace=True):
     s, q, q_top, ids, p_top, alpha_t, tids, tw, big_w = state
     cq0 = torch.zeros_like(cd) if cq is None else cq
     tail = s.scatter(-1, ids, -_INF)  # [n, V] the student's tail logits
-    q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [n, V] q̃ = q/α^S on the tail, from the tail alone
+    m = tail.amax(-1, keepdim=True)  # q̃ = q/α^S on the tail, from the tail alone, as (s − m) − log S (log_softmax's
+    tail.sub_(torch.where(torch.isfinite(m), m, 0.0))  # formula; s − (m + log S) carries the rounding u·|m| into q̃)
+    q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [n, V]
     c, w_tail = sparse_grad_coefs(p_top, alpha_t, big_w, tw)
     coef_q = (cd * c + cq0)[:, None]
     g = (q.mul_(coef_q) if inplace else q * coef_q).add_(q_tilde.mul_((cd * w_tail)[:, None]))
