@@ -211,7 +211,7 @@ class Divergence:
 
     def row_log_weight(self, log_abar: torch.Tensor) -> torch.Tensor | None:
         """log of the per-row weight from log ᾱ of each row's sequence: log β(X) for ``tail_weight`` losses (TAD's
-        kernel takes it so; the top-K cache's takes β(X) = its exp), else None."""
+        kernel and the top-K cache's both take it so), else None."""
         return tail_log_weight(log_abar, float(self.cfg.beta)) if self.spec.tail_weight else None
 
     def check_sparse(self) -> None:
