@@ -407,6 +407,30 @@ def test_tail_samples_follow_the_tail_below_float32():
                     msg="log p of the draws")
 
 
+def test_a_cache_of_tail_samples_drawn_by_an_older_tailkd_is_refused(setup):
+    """Tail samples written before `cache.sample_tail` formed p̃ in log space were uniform draws where the teacher's
+    tail lies ~104+ nats below 𝒦, rows whose sampled term now counts (W·ŵ form): a cache with tail samples and no
+    cache.json "tail_sampler" (an older tailkd's) is refused when opened, and its unfinished folder is not resumed
+    by the new sampler; a top-K-only cache of the same age (no tail samples, no key) is read as before."""
+    _, path = _write(setup, "old_sampler", tail_samples=3)
+    meta = json.loads((path / "cache.json").read_text())
+    assert meta["tail_sampler"] == cache.TAIL_SAMPLER
+    del meta["tail_sampler"]
+    (path / "cache.json").write_text(json.dumps(meta))
+    with pytest.raises(TailkdError, match=r"holds tail samples drawn by an older tailkd .* delete it and run the same "
+                                          r"tailkd cache-teacher command again$"):
+        cache.CacheReader(path)
+    with pytest.raises(TailkdError, match=r"written with other settings \(tail_sampler: None vs 2\)"):
+        _write(setup, "old_sampler", tail_samples=3)
+    _, topk = _write(setup, "old_topk")
+    meta = json.loads((topk / "cache.json").read_text())
+    assert meta["tail_sampler"] is None
+    del meta["tail_sampler"]
+    (topk / "cache.json").write_text(json.dumps(meta))
+    assert cache.CacheReader(topk).sparse_teacher([0]).tail_ids is None
+    _write(setup, "old_topk")  # resumed: complete, nothing differs
+
+
 def test_tail_sample_estimator_is_unbiased():
     """Mean over 4000 independent draws of the estimated tail term (and its gradient) → the exact α^T·D_KL2."""
     g = torch.Generator().manual_seed(0)

@@ -30,7 +30,9 @@ a damaged shard is named in a TailkdError and never used.
 
 What each mode gives (formulas.md §2; `cache_loss_description` says it in the run log):
 - top-K only: D_KL1 exactly (the K+1 bucket loss, `losses.topk_bucket_kl`); the tail term α^T·D_KL2 is absent.
-- + tail samples: D_KL1 + β(X)·(unbiased estimate of α^T·D_KL2); β(X) itself is exact (α^T is cached).
+- + tail samples: D_KL1 + β(X)·(unbiased estimate of α^T·D_KL2); β(X) itself is exact (α^T is cached). cache.json's
+  ``tail_sampler`` (`TAIL_SAMPLER`) marks samples drawn from p̃ in log space; a cache of an older tailkd's samples
+  (no key: uniform draws where the tail lies ~104+ nats below 𝒦) is refused.
 - + hidden states: the teacher's logits re-computed from its head: every loss exactly, up to the rounding of
   the stored hidden states (bf16 by default).
 """
@@ -61,7 +63,11 @@ HEAD_FILE = "head.safetensors"
 SHARD_BYTES = 1 << 28  # default shard size ~256 MiB
 HIDDEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IDENTITY_KEYS = ("format", "teacher", "tokenizer_fingerprint", "corpus", "k", "vocab_size", "hidden_states",
-                 "tail_samples", "seed", "rows_per_shard", "num_rows")
+                 "tail_samples", "tail_sampler", "seed", "rows_per_shard", "num_rows")
+# The tail sampler of a cache with tail samples (cache.json "tail_sampler"): 2 draws from p̃ = p/α^T formed in log
+# space (`sample_tail`); an older tailkd (no key) drew uniformly where the teacher's tail lies ~104+ nats below 𝒦,
+# rows whose sampled tail term did not count then and does now (`divergences.sparse_tail_points`): refused.
+TAIL_SAMPLER = 2
 
 __all__ = ["CacheReader", "bytes_per_token", "cache_loss_description", "format_size_table",
            "open_cache", "row_hash", "sample_tail", "verify_shard", "weights_hash", "write_cache"]
@@ -416,7 +422,7 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
         "corpus": dict(corpus, seq_len=seq_len),
         "k": k, "vocab_size": vocab,
         "hidden_states": {"dtype": hidden_dtype, "size": d} if hidden_states else None,
-        "tail_samples": tail_samples, "seed": seed,
+        "tail_samples": tail_samples, "tail_sampler": TAIL_SAMPLER if tail_samples else None, "seed": seed,
         "rows_per_shard": rows_per_shard, "num_rows": n_rows,
         "num_shards": -(-n_rows // rows_per_shard),
         "dtypes": {"topk_ids": "int32", "topk_logprobs": "float32", "log_tail_mass": "float32", "row_hash": "int64",
@@ -506,6 +512,10 @@ class CacheReader:
             raise TailkdError(f"{self.path} has cache format {m.get('format')!r}, this tailkd reads {FORMAT}; "
                               "rebuild it")
         _check_meta(self.path, m)
+        if m.get("tail_samples") and m.get("tail_sampler") != TAIL_SAMPLER:
+            raise TailkdError(f"teacher cache {self.path} holds tail samples drawn by an older tailkd (uniformly where "
+                              "the teacher's tail lies ~104+ nats below its top-K, rows whose tail term now counts); "
+                              "delete it and run the same tailkd cache-teacher command again")
         rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
         checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
                   ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
