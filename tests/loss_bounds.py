@@ -804,8 +804,8 @@ def cache_tad(s, sparse, mask, *, loss="tad", beta=2.0, segment_ids=None, dz_s=N
     d_j = tlp - lq_j
     J = tids.shape[-1]
     tail_sum = torch.where(tw > 0, tw * d_j, 0.0).sum(-1)  # Σ_j ŵ_j d_j
-    d_tail_sum = (torch.where(tw > 0, tw * (e_lq_j + U * (4 + n_eff(J)) * d_j.abs()), 0.0)
-                  + F32_SUBNORMAL * d_j.abs()).sum(-1)
+    d_tail_sum = torch.where(tw > 0, tw * (e_lq_j + U * (4 + n_eff(J)) * d_j.abs()) + F32_SUBNORMAL * d_j.abs(),
+                             0.0).sum(-1)
     las = lse_t - lse
     e_las = e_lse + e_lse_t + U * _abs_finite(las)
     spread = torch.where(has, lat - las, 0.0)  # B = log(α^T/α^S)
@@ -813,7 +813,8 @@ def cache_tad(s, sparse, mask, *, loss="tad", beta=2.0, segment_ids=None, dz_s=N
     tail = tail_sum - spread
     if loss == "tad":
         log_abar = _seq_log_mean(lat, valid, segment_ids)
-        big_w = torch.where(has & (log_abar > -math.inf), (math.log(beta) - log_abar + lat).exp(), 0.0)  # W
+        log_beta = math.log(beta) if beta > 0 else -math.inf
+        big_w = torch.where(has & (log_abar > -math.inf), (log_beta - log_abar + lat).exp(), 0.0)  # W
     else:
         big_w = torch.where(has, alpha, 0.0)
     value = value + SAFETY * (big_w * (d_tail_sum + d_spread + U * tail.abs()) + 5 * U * (big_w * tail).abs())
