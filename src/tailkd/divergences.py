@@ -9,7 +9,7 @@ functions, used unchanged by every path that computes it:
 - ``forward(s, logq, T, w) -> (value [n], state)``: the per-row divergence from the student's scaled logits
   s [n, V] and logq = log_softmax(s) (logq is CONSUMED), with an optional per-row weight w [n] (TAD's: log β(X)
   = log β − log ᾱ(X) in float64, a sequence statistic computed by the caller from the rows' α^T in log space; the
-  top-K cache's: β(X) itself).
+  top-K cache's, `SPARSE`: log β(X) too for TAD, 0 (w = 1) for KD, read only with tail points).
 - ``backward(state, cd, cq, inplace=True) -> G [n, V] = cd·∂D/∂s + cq·q`` for per-row coefficients cd, cq [n] (cq
   may be None). ``inplace``: G is written into a state buffer (the chunked layer: one [n, V] allocation fewer);
   False leaves the state intact, so that backward can run again (autograd with ``retain_graph``, gradcheck).
