@@ -1,5 +1,7 @@
 """What a distillation run prepares before its first step (`tailkd.train.setup_run` calls these in order).
 
+0. What of a teacher cache needs no model (`check_teacher_cache`: its cache.json, split, seq_len and K, every shard
+   there, whether it can give the loss), before anything loads; the rest with the teacher signal (3.).
 1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
    ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`), the student (built from the teacher,
    `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
