@@ -257,7 +257,8 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def read_config(path: Path):
-    """The causal-LM config of model folder ``path`` (``config.json``), or a one-line TailkdError."""
+    """The causal-LM config of model folder ``path`` (``config.json``), or a one-line TailkdError; also one for a
+    ``generation_config.json`` that transformers would fail on (`_check_generation_config`)."""
     from transformers import AutoConfig
 
     try:
@@ -332,7 +333,8 @@ def _stat_key(gguf: Path) -> str:
 
 def gguf_sha256(gguf: Path, cache_dir: str | os.PathLike | None = None) -> str:
     """The SHA-256 of `gguf`'s bytes, read in full once per file (0.2 s for the built-in 98 MB teacher) and then
-    remembered in ``<cache>/gguf/.by-file/`` under the file's absolute path, size and mtime."""
+    remembered in ``<cache>/gguf/.by-file/`` under the file's absolute path, size and mtime; a memo that cannot be
+    read or holds no string hash is damaged: the file is hashed again and the memo rewritten."""
     gguf = Path(os.path.expanduser(gguf))
     pointer = _gguf_root(cache_dir) / ".by-file" / _stat_key(gguf)
     try:
@@ -375,8 +377,9 @@ def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Remove what the GGUF cache can never serve again; returns the removed paths. That is: complete entries of
     another cache format (their key cannot be made any more), temporary folders of killed conversions (at once when
     their writer was a process of this host that is gone, else when older than a day: another host's, on a shared
-    disk) and pointers whose file is gone or changed. Entries of this format are kept, whether or not their source
-    file still exists: another copy of the same bytes may need them."""
+    disk) and pointers whose file is gone or changed, or that cannot be read (torn, nested too deeply). Entries of
+    this format are kept, whether or not their source file still exists: another copy of the same bytes may need
+    them."""
     import time
 
     root = _gguf_root(cache_dir)
