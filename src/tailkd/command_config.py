@@ -6,9 +6,10 @@ for key, every leaf is a flag ``--section.field`` and the flags users type most 
 (``ALIASES``: ``--student``, ``--data``, ``--seq-len``, ``--out``, ...). Where a setting means what it means for
 ``tailkd distill`` the section is distill's own: ``data`` is a `DataConfig` (the same packed rows, held-out split,
 ``builtin:math`` and SFT rules) and ``teacher`` a `TeacherConfig`; ``OMIT`` lists the leaves of a reused section a
-command does not read (no flag for them, and an unknown key in YAML). The rest is one small section per command
-(``eval``, ``generate``, ``analyze``, ``cache``, ``lm_eval``, ``compare``, ``flops``, ``select``, ``reproduce``).
-Floats are checked by `tailkd.config.FLOAT_RANGES`, choices by ``choices=`` metadata, both through
+command does not read (no flag for them, and an unknown key in YAML), ``HELP`` the command's own --help of a reused
+leaf that means something else there (select-data's --seq-len: its scoring window). The rest is one small section
+per command (``eval``, ``generate``, ``analyze``, ``cache``, ``lm_eval``, ``compare``, ``flops``, ``select``,
+``reproduce``). Floats are checked by `tailkd.config.FLOAT_RANGES`, choices by ``choices=`` metadata, both through
 `tailkd.config.check_leaves`.
 
 eval and lm-eval read a saved model; ``run_defaults`` fills the settings not given with the ones of the run that
