@@ -420,8 +420,9 @@ def test_a_cache_of_tail_samples_drawn_by_an_older_tailkd_is_refused(setup):
     with pytest.raises(TailkdError, match=r"holds tail samples drawn by an older tailkd .* delete it and run the same "
                                           r"tailkd cache-teacher command again$"):
         cache.CacheReader(path)
-    with pytest.raises(TailkdError, match=r"written with other settings \(tail_sampler: None vs 2\)"):
-        _write(setup, "old_sampler", tail_samples=3)
+    with pytest.raises(TailkdError, match=r"holds a teacher cache whose tail samples an older tailkd drew; delete it "
+                                          r"and run this command again, or choose another --out$"):
+        _write(setup, "old_sampler", tail_samples=3)  # not "resume with the same arguments": none resumes it
     _, topk = _write(setup, "old_topk")
     meta = json.loads((topk / "cache.json").read_text())
     assert meta["tail_sampler"] is None

@@ -451,6 +451,9 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
     if meta_path.is_file():
         old = read_meta(out)
         diff = _first_difference(_identity(old), _identity(meta))
+        if diff and old.get("tail_samples") and old.get("tail_sampler") != TAIL_SAMPLER:  # no argument resumes it
+            raise TailkdError(f"{out} holds a teacher cache whose tail samples an older tailkd drew; delete it and "
+                              "run this command again, or choose another --out")
         if diff:
             raise TailkdError(f"{out} holds a teacher cache written with other settings ({diff}); resume with the "
                               "same arguments, or choose another --out")
