@@ -160,7 +160,7 @@ def test_cache_that_does_not_match_the_run_is_refused_before_the_run_starts(asse
         (("--teacher-cache", str(caches["topk"]), "--seq-len", "16"), "seq_len is 32, the run's is 16"),
         (("--teacher-cache", str(caches["topk"]), "--loss", "tad", "--k", "9"), "use loss.k <= 8"),
         (("--teacher-cache", str(caches["topk"]), "--loss", "rkl"), "does not hold; rebuild it with --hidden-states"),
-        (("--teacher-cache", str(caches["topk"]), "--data.heldout_fraction", "0.2"), "its corpus is"),
+        (("--teacher-cache", str(caches["topk"]), "--k", "8", "--data.heldout_fraction", "0.2"), "its corpus is"),
         (("--teacher-cache", str(tmp_path / "nowhere")), "is not a teacher cache"),
         (("--teacher-cache", str(caches["topk"]), "--task", "sft"), "drop --teacher.cache"),
         (("--fused-loss", "on", "--loss", "dkd", "--teacher-cache", str(caches["topk"])), "rebuild it with --hidden"),

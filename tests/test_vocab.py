@@ -274,8 +274,8 @@ def test_a_teacher_cache_with_a_shared_vocabulary_is_refused_up_front(pair, tmp_
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(pair["teacher_plus"]), "--student", str(pair["student"]), "--data",
                  str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size", "4",
-                 "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--teacher-cache", str(cache_dir),
-                 "--out", str(out)]) == 2
+                 "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
+                 str(cache_dir), "--out", str(out)]) == 2  # the cache's K: a larger one is refused first
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("tailkd: error: teacher.cache does not combine with a teacher vocabulary extending the student's "
                     "(the student's 300 token ids of the teacher's 302): a cache holds the teacher's own tokenisation "
