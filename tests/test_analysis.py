@@ -1,6 +1,7 @@
 """tailkd.analysis and `tailkd analyze-teacher`: tail mass α_K, mode mismatch, the two-panel figure."""
 
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -10,7 +11,7 @@ from bounds import SAFETY, U32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_evaluate import TableLM, from_probs, one_batch, one_line_error
-from tiny import corpus_text, make_teacher_dir, write_corpus
+from tiny import corpus_text, make_teacher_dir, make_tokenizer, write_corpus
 from transformers import AutoTokenizer
 
 from tailkd.analysis import tail_mass, teacher_statistics
@@ -129,6 +130,33 @@ def test_analyze_teacher_of_a_nan_teacher_is_one_line_and_writes_nothing(tmp_pat
     one_line_error(capsys.readouterr().err, "the teacher's logits are not finite (NaN or +inf: no softmax) at 64 of "
                                             "the 64 held-out positions of rows 0-1")
     assert not out.exists()
+
+
+def test_every_teacher_is_found_and_its_vocabulary_checked_before_any_is_analysed(tmp_path, capsys, monkeypatch):
+    """With several teachers, a later one that does not exist, or whose vocabulary is below --kmax, is refused before
+    the first is analysed (minutes each for real teachers): it was refused only once the earlier ones were done."""
+    import tailkd.analysis
+
+    teacher = make_teacher_dir(tmp_path / "t", train_steps=0)
+    vocab = real_vocab_size(AutoTokenizer.from_pretrained(teacher))
+
+    def analysed(*args, **kwargs):
+        raise AssertionError("a teacher was analysed before every teacher was checked")
+
+    monkeypatch.setattr(tailkd.analysis, "teacher_statistics", analysed)
+    args = ["analyze-teacher", "--data", str(write_corpus(tmp_path / "corpus.txt")), "--seq-len", "32",
+            "--max-rows", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a")]
+    assert main([*args, "--teacher", str(teacher), str(tmp_path / "missing"), "--kmax", "5"]) == 2
+    one_line_error(capsys.readouterr().err, f"model '{tmp_path / 'missing'}' not found")
+    small = tmp_path / "small"  # the same model with a smaller tokenizer (a head with more rows is fine)
+    shutil.copytree(teacher, small)
+    make_tokenizer(vocab_size=290).save_pretrained(small)
+    small_vocab = real_vocab_size(AutoTokenizer.from_pretrained(small))
+    assert small_vocab < vocab
+    assert main([*args, "--teacher", str(teacher), str(small), "--kmax", str(vocab)]) == 2
+    one_line_error(capsys.readouterr().err, f"analyze.kmax={vocab} is more than the vocabulary of {small} "
+                                            f"({small_vocab} tokens)")
+    assert not (tmp_path / "a").exists()
 
 
 def test_analyze_teacher_kmax_beyond_the_vocabulary_is_one_line(tmp_path, capsys):

@@ -171,17 +171,19 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     from tailkd.evaluate import batched
     from tailkd.plots import tail_mass_png
     from tailkd.runs import progress_bar
-    from tailkd.vocab import check_vocab
+    from tailkd.vocab import check_vocab, real_vocab_size
 
     a = cfg.analyze
     dev = resolve_device(a.device, "analyze.device")
+    for spec in a.teachers:  # every teacher found, its vocabulary read, before any is analysed (minutes each)
+        vocab = real_vocab_size(models.load_tokenizer(models.model_dir(spec)))  # check_vocab's V
+        if a.kmax > vocab:  # the per-position curves are [N, kmax]: a huge --kmax would fill the memory with zeros
+            raise TailkdError(f"analyze.kmax={a.kmax} is more than the vocabulary of {spec} ({vocab} tokens), where "
+                              f"α_K = 0 for every K >= V; give --kmax {vocab} or less")
     results = {}
     for spec in a.teachers:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
         vocab = check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
-        if a.kmax > vocab:  # the per-position curves are [N, kmax]: a huge --kmax would fill the memory with zeros
-            raise TailkdError(f"analyze.kmax={a.kmax} is more than the vocabulary of {spec} ({vocab} tokens), where "
-                              f"α_K = 0 for every K >= V; give --kmax {vocab} or less")
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
         with progress_bar(total=len(rows), unit="row", desc="analyze-teacher", dynamic_ncols=True) as bar:
