@@ -473,12 +473,12 @@ def tad(s, t, mask, k, beta, segment_ids=None, seq_alpha_mean=None, temperature=
     c1 = 1 + (bx - 1) * ratio
     d_c1 = (bx + 1) * ratio * (rel_ratio + rel_bx[..., None] + 3 * U) + U * c1.abs()
     g_normal = Q.w * (Q.rel * c1.abs() + 2 * U * c1.abs()) + Q.w * d_c1 + p_term
-    lq_tilde, e_lq_tilde, _ = Q.log_ratio(~top)
+    lq_tilde, _, back_q_tilde = Q.log_ratio(~top)  # q̃ as the tail's softmax, (s − m) − log S (`tail_softmax_`)
     q_tilde = lq_tilde.exp()
     coef = alpha_s[..., None] + (bx - 1) * at
     d_coef = (alpha_s[..., None] * (e_las[..., None] + U) + (bx + 1) * at * (rel_alpha_t[..., None] + rel_bx[..., None]
                                                                            + 2 * U) + U * coef.abs())
-    g_under = q_tilde * ((e_lq_tilde + 3 * U) * coef.abs() + d_coef) + p_term
+    g_under = q_tilde * ((back_q_tilde + 3 * U) * coef.abs() + d_coef) + p_term
     g_tail = torch.maximum(torch.where(normal[..., None], g_normal, 0.0), torch.where(under[..., None], g_under, 0.0))
     grad = torch.where(top, g_top, g_tail + U * (Q.w * c1.abs() + bx * P.w))
     grad = torch.maximum(torch.where(maybe_linear[..., None], grad, 0.0),

@@ -770,6 +770,22 @@ def test_tad_student_tail_mass_underflow_is_exact(dtype):
                        w, dtype, lambda: LB.topk_bucket_kl(s, ids, logprobs))
 
 
+def test_tad_q_tilde_form_rows_at_logits_offset_by_1e4():
+    """Rows whose tail gradient takes the q̃/p̃ form (α^S underflowed: the student's top-K 200 nats above its tail) at
+    student logits offset by 1e4: q̃ is the tail's softmax as (s − m) − log S (`divergences.tail_softmax_`, as the
+    kernels and log_softmax), within the log-sum-exp backward's relative error (`loss_bounds.tad`); it was
+    s − (m + log S), whose rounding u·1e4 ≈ 6e-4 went into q̃ and the gradient's (β(X)α^T − α^T)·q̃ term."""
+    gen = torch.Generator().manual_seed(21)
+    t = torch.randn(1, 3, 12, generator=gen, dtype=torch.float64)
+    s = torch.randn(1, 3, 12, generator=gen, dtype=torch.float64) + 1e4
+    s = s.scatter_add(-1, torch.topk(t, 4).indices, torch.full((1, 3, 4), 200.0, dtype=torch.float64)).float()
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.3, 2.0]], dtype=torch.float64)
+    t_in = t.float()
+    assert_matches(lambda x: L.tad(x, t_in, mask, k=4), lambda x: R.tad(x, t_in.double(), mask, 4, 2.0), s, w,
+                   torch.float32, lambda: LB.tad(s, t_in, mask, 4, 2.0))
+
+
 def _tad_float32_finite_and_within_bound(s, t32, mask, w):
     """TAD (K = 3, β = 2) of float32 s, t32 [1, T, V]: value and gradient (upstream weight w) finite and within
     loss_bounds.tad (float32, first order, SAFETY 2) of the float64 reference on the same float32 inputs; returns

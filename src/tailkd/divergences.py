@@ -113,6 +113,15 @@ def student_tail(s: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor):
     return q, q_top, logq_top, log_as
 
 
+def tail_softmax_(tail: torch.Tensor) -> torch.Tensor:
+    """q̃ = q/α^S [n, V], the student's softmax over its tail, in place over ``tail`` (its logits, −inf on 𝒦): as
+    (s − m) − log S, torch's log_softmax formula — s − (m + log S) carries the rounding u·|m| of that sum into q̃ (6e-4
+    relative at logits ~1e4). NaN on a row without tail."""
+    m = tail.amax(-1, keepdim=True)
+    tail.sub_(torch.where(torch.isfinite(m), m, 0.0))
+    return tail.sub_(lse(tail)[:, None]).exp_()
+
+
 def rest_bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tensor) -> torch.Tensor:
     """The rest bucket α^T log(α^T/α^S) per row; 0 where α^T = 0."""
     return torch.where(alpha_t > 0, alpha_t * (log_at - log_as), 0.0)
@@ -360,8 +369,7 @@ def _tad_backward(state, cd, cq, inplace=True):
     fix = None
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
-        tail = s[rows].scatter(-1, ids[rows], -_INF)  # [r, V] the student's tail logits
-        q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [r, V] q̃ = q/α^S, from the tail alone (no ~1e4 round trip)
+        q_tilde = tail_softmax_(s[rows].scatter(-1, ids[rows], -_INF))  # [r, V] q̃ from the tail logits alone
         big_w = w[rows] * alpha_t[rows]  # [r] W
         p_tilde = p[rows] / torch.where(alpha_t[rows] > 0, alpha_t[rows], 1.0)[:, None]  # [r, V]
         if small is not None:  # sub-normal α^T: W and p̃ from log space
@@ -473,10 +481,7 @@ def _sparse_backward(state, cd, cq, inplace=True):
     W (q̃_i − Σ_j ŵ_j e_{id_j}) + W (Σ_j ŵ_j − 1) q (W = w·α^T, ŵ_j = w_j/α^T: `sparse_tail_points`)."""
     s, q, q_top, ids, p_top, alpha_t, tids, tw, big_w = state
     cq0 = torch.zeros_like(cd) if cq is None else cq
-    tail = s.scatter(-1, ids, -_INF)  # [n, V] the student's tail logits
-    m = tail.amax(-1, keepdim=True)  # q̃ = q/α^S on the tail, from the tail alone, as (s − m) − log S (log_softmax's
-    tail.sub_(torch.where(torch.isfinite(m), m, 0.0))  # formula; s − (m + log S) carries the rounding u·|m| into q̃)
-    q_tilde = tail.sub_(lse(tail)[:, None]).exp_()  # [n, V]
+    q_tilde = tail_softmax_(s.scatter(-1, ids, -_INF))  # [n, V] q̃ = q/α^S on the tail, from the tail alone
     c, w_tail = sparse_grad_coefs(p_top, alpha_t, big_w, tw)
     coef_q = (cd * c + cq0)[:, None]
     g = (q.mul_(coef_q) if inplace else q * coef_q).add_(q_tilde.mul_((cd * w_tail)[:, None]))
