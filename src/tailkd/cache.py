@@ -156,16 +156,9 @@ def _damaged(path: Path, why: str) -> TailkdError:
 def read_meta(path: Path) -> dict:
     """The ``cache.json`` object of cache folder ``path`` (a one-line TailkdError when it is not readable JSON)."""
     try:
-        meta = json.loads((Path(path) / META_FILE).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise _damaged(path, f"not UTF-8: {exc.reason}") from None
-    except json.JSONDecodeError as exc:
-        raise _damaged(path, f"not valid JSON: {exc.msg}") from None
-    except RecursionError:  # nested past Python's parser
-        raise _damaged(path, "nested too deeply to read") from None
-    if not isinstance(meta, dict):
-        raise _damaged(path, f"not a JSON object: {jsonfile.kind(meta)}")
-    return meta
+        return jsonfile.read_object(Path(path) / META_FILE)
+    except jsonfile.Damaged as exc:
+        raise _damaged(path, str(exc)) from None
 
 
 def _check_meta(path: Path, meta: dict) -> None:

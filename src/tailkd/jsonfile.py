@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 NON_FINITE = "non_finite"  # the key of the record in an object that held a non-finite float
 _PATH = re.compile(r"^(.*?)((?:\[\d+\])*)$")  # "key[1][0]" -> "key", "[1][0]"
@@ -88,6 +89,27 @@ def kind(value) -> str:
     "an int", "a str"."""
     name = type(value).__name__
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+class Damaged(ValueError):
+    """A file that does not hold a JSON object (`read_object`); its text says what is wrong."""
+
+
+def read_object(path) -> dict:
+    """The JSON object of tailkd's file ``path`` (`loads`); `Damaged` saying what is wrong where it holds none — "not
+    UTF-8 text: ...", "not valid JSON: ...", "nested too deeply to read" (past Python's parser), "not a JSON object:
+    a list" — for the caller's one-line error (an OSError of reading is the caller's too)."""
+    try:
+        obj = loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise Damaged(f"not UTF-8 text: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise Damaged(f"not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise Damaged("nested too deeply to read") from None
+    if not isinstance(obj, dict):
+        raise Damaged(f"not a JSON object: {kind(obj)}")
+    return obj
 
 
 def loads(text: str):

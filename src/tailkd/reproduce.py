@@ -30,7 +30,6 @@ run trained (again) by this invocation.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import shutil
@@ -215,18 +214,9 @@ def _read_result(path: Path) -> dict:
     """The JSON object in ``path`` (an evaluation, the teacher analysis, a run's summary.json); where it is not one, a
     one-line TailkdError naming it: deleted, it is made again by the next invocation."""
     try:
-        obj = jsonfile.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        why = f"not UTF-8 text: {exc.reason}"
-    except json.JSONDecodeError as exc:
-        why = f"not valid JSON: {exc.msg}"
-    except RecursionError:  # nested past Python's parser
-        why = "nested too deeply to read"
-    else:
-        if isinstance(obj, dict):
-            return obj
-        why = "not a JSON object"
-    raise TailkdError(f"{path} is damaged ({why}); delete it and run the same command again")
+        return jsonfile.read_object(path)
+    except jsonfile.Damaged as exc:
+        raise TailkdError(f"{path} is damaged ({exc}); delete it and run the same command again") from None
 
 
 def _evals(experiments: list[Experiment]) -> dict[str, dict]:
