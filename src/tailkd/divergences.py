@@ -137,7 +137,7 @@ def tad_tiny_rows(alpha_t, log_alpha_t, poisoned, log_w, dtype) -> torch.Tensor:
 
 def tad_tiny_weight(log_w, log_alpha_t, dtype) -> torch.Tensor:
     """W = w·α^T = exp(log w + log α^T) [n], in float64 (w = β/ᾱ is beyond float64 where every tail of the sequence
-    is beyond ~708 nats; W is at most β·n)."""
+    is beyond ~708 nats; W is at most β·n): TAD's tiny rows' weight, and the top-K cache's (`sparse_tail_points`)."""
     return (log_w.double() + log_alpha_t.double()).exp().to(dtype)
 
 
@@ -429,7 +429,7 @@ def sparse_tail_points(teacher: SparseTeacher, log_w, dtype):
         return None, None, None
     log_at = teacher.log_tail_mass.double()
     has = log_at > -_INF  # a row with tail mass (NaN rows are poisoned by the callers)
-    big_w = torch.where(has, (log_w.double() + log_at).exp(), 0.0).to(dtype)
+    big_w = torch.where(has, tad_tiny_weight(log_w, log_at, torch.float64), 0.0).to(dtype)  # W = exp(log w + log α^T)
     tw = torch.where(has[:, None], (teacher.tail_log_weights.double() - log_at[:, None]).exp(), 0.0).to(dtype)
     return big_w, teacher.tail_ids.long(), tw
 
