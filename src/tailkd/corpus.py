@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tailkd import jsonfile
 from tailkd.config import DOC_SEPS
 from tailkd.data import HELDOUT_FILE, META_FILE, TOKEN_BYTES, TOKEN_DTYPE, TRAIN_FILE
 from tailkd.errors import TailkdError
@@ -430,11 +431,9 @@ def load_corpus(out_dir: Path) -> CorpusInfo:
     """Open a prepared corpus folder, checking that its files match ``meta.json``."""
     out_dir = Path(out_dir)
     try:
-        meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON; Recursion: nested too deep
-        meta = None
-    if not isinstance(meta, dict):
-        raise TailkdError(f"{out_dir} is not a prepared corpus (no readable {META_FILE}); prepare it again")
+        meta = jsonfile.read_object(out_dir / META_FILE)
+    except (OSError, jsonfile.Damaged):
+        raise TailkdError(f"{out_dir} is not a prepared corpus (no readable {META_FILE}); prepare it again") from None
     if meta.get("format") != FORMAT:
         raise TailkdError(f"{out_dir} was written in format {meta.get('format')!r}, not {FORMAT}; prepare it again")
     for name, split in ((TRAIN_FILE, "train"), (HELDOUT_FILE, "heldout")):

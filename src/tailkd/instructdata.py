@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from tailkd import jsonfile
 from tailkd.errors import TailkdError
 
 ASSET = "instruct"  # the key in tailkd.assets.ASSETS
@@ -139,8 +140,8 @@ def write_instruct_dataset(source, out_dir, *, heldout: int = DEFAULTS["heldout"
     meta_path = out_dir / META_FILE
     if out_dir.exists():
         try:
-            old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings", {}) if meta_path.is_file() else {}
-        except (ValueError, AttributeError, RecursionError):  # not UTF-8 / JSON, not an object, nested too deep
+            old = jsonfile.read_object(meta_path).get("settings", {}) if meta_path.is_file() else {}
+        except jsonfile.Damaged:
             old = {}
         if old == settings and all(f.is_file() for f in files):
             return files

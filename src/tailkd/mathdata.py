@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from tailkd import jsonfile
 from tailkd.answers import extract_answer, normalize_number
 from tailkd.errors import TailkdError
 
@@ -140,8 +141,8 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
     if out_dir.exists() and not overwrite:
         if meta_path.is_file():
             try:
-                old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings")
-            except (ValueError, AttributeError, RecursionError):  # not UTF-8 / JSON, not an object, nested too deep
+                old = jsonfile.read_object(meta_path).get("settings")
+            except jsonfile.Damaged:
                 old = None
             if not isinstance(old, dict):
                 raise TailkdError(f"{meta_path} is damaged (no readable settings); delete {out_dir} to write the math "
