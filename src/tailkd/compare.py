@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 
 from tailkd import jsonfile
-from tailkd.config import flatten, read_yaml
+from tailkd.config import flatten, read_yaml, utf8_text
 from tailkd.errors import TailkdError
 
 # (column title, key in the run record, format, has a Rel column)
@@ -48,11 +48,7 @@ EVAL_NUMBERS = ("student_full_ece", "student_rougeL", "student_distinct_2", "stu
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise TailkdError(f"{path} is not UTF-8 text (line {line}: {exc.reason}); re-create it or remove it") from None
+    return utf8_text(path, str(path), "re-create it or remove it")
 
 
 def _check_fields(obj: dict, where: str, numbers=(), objects=(), strings=()) -> dict:
