@@ -81,27 +81,44 @@ def _pair(seed=5, shape=(3, 4, 17), scale=2.0):
 
 
 def test_identities_and_limits():
-    """symmetric = FKL + RKL; skew at α = 0 is FKL / RKL exactly and tends to them as α -> 0; the α-β divergence
-    is FKL at (1, 0), RKL at (0, 1), continuous into its limits, 4 × squared Hellinger at (½, ½); every one is 0
-    for p = q and >= 0."""
+    """symmetric = FKL + RKL; skew at α = 0 is FKL / RKL exactly and leaves them with its first-order Taylor slope;
+    the α-β divergence is FKL at (1, 0), RKL at (0, 1), its general formula continuous into those limits with the
+    first-order slope in β (α), 4 × squared Hellinger at (½, ½); every one is 0 for p = q and >= 0."""
     s, t = _pair()
     fkl, rkl = L.forward_kl(s, t), L.reverse_kl(s, t)
     torch.testing.assert_close(BL.symmetric_kl(s, t), fkl + rkl, rtol=1e-14, atol=0)
     torch.testing.assert_close(BL.skew_forward_kl(s, t, alpha=0.0), fkl, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(BL.skew_reverse_kl(s, t, alpha=0.0), rkl, rtol=1e-12, atol=1e-14)
-    # as α -> 0 the skew KLs leave FKL / RKL with slope d/dα KL(w ‖ αw + (1−α)v) at 0 = 1 − Σ w²/v: the difference
-    # quotient at α = 1e-6 equals it up to the second-order term, α·|f''| / 2 << 1e-3 (1 + |f'|) here
+    # Near their limits, each against its first-order Taylor term, within a remainder bound computed from the data
+    # plus float64 rounding (u64 = 2^-53; L = the largest |log p|, |log q|, all finite here):
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
-    alpha = 1e-6
-    for got, zero, slope in ((BL.skew_forward_kl(s, t, alpha=alpha), fkl, 1 - (p * p / q).sum(-1)),
-                             (BL.skew_reverse_kl(s, t, alpha=alpha), rkl, 1 - (q * q / p).sum(-1))):
-        assert (((got - zero) / alpha - slope).abs() <= 1e-3 * (1 + slope.abs())).all()
-    torch.testing.assert_close(BL.ab_divergence(s, t, alpha=1.0, beta=0.0), fkl, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(BL.ab_divergence(s, t, alpha=0.0, beta=1.0), rkl, rtol=1e-12, atol=1e-14)
-    for eps in (1e-4, 1e-6):  # the general formula converges to the limits (float64: cancellation ~ u/eps)
-        torch.testing.assert_close(BL.ab_divergence(s, t, alpha=1.0, beta=eps), fkl, rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(BL.ab_divergence(s, t, alpha=eps, beta=1.0), rkl, rtol=1e-3, atol=1e-3)
-    hellinger2 = 0.5 * ((torch.softmax(t, -1).sqrt() - torch.softmax(s, -1).sqrt()) ** 2).sum(-1)
+    u, V = 2.0**-53, s.shape[-1]
+    # skew: g(α) = KL(w ‖ αw + (1−α)v), g'(0) = 1 − Σ w²/v, g''(α) = Σ w (w − v)²/m² with m >= (1−α) v, so
+    # |g(α) − g(0) − α g'(0)| <= α²/2 · Σ w (w − v)²/((1−α) v)²; each g rounds within ~V (1 + L) u
+    for alpha in (1e-4, 1e-6):
+        for got, zero, w, v in ((BL.skew_forward_kl(s, t, alpha=alpha), fkl, p, q),
+                                (BL.skew_reverse_kl(s, t, alpha=alpha), rkl, q, p)):
+            big_l = torch.maximum(w.log().abs().amax(-1), v.log().abs().amax(-1))
+            slope = 1 - (w * w / v).sum(-1)
+            tol = alpha**2 / 2 * (w * (w - v) ** 2 / ((1 - alpha) * v) ** 2).sum(-1) + 8 * V * (1 + big_l) * u
+            assert ((got - zero - alpha * slope).abs() <= tol).all()
+            assert (alpha * slope.abs() > 10 * tol).all()  # the check sees the first-order term
+    # α-β at (1, β) as β -> 0 (and at (α, 1), the same with p and q exchanged): D = −f(β)/β with
+    # f(β) = Σ p e^{βb} − p e^{βa}/(1+β) − β/(1+β) q e^{βb} (a = log p, b = log q), so D(1, 0) = −f'(0) = KL(p‖q),
+    # ∂D/∂β(1, 0) = −f''(0)/2 = Σ p (a² − b²)/2 − p a + q b, and |D − KL − β ∂D/∂β| <= β² max|f'''|/6 with
+    # |f'''| <= 3L³ + 6L² + 12L + 12 (a, b <= 0, Σ p = Σ q = 1, |d^m (1+β)^-1| <= m!). Rounding: its 3V terms (their
+    # magnitudes sum to <= 3) carry <= (4 + 4L) u relative each, the sum V u more, all divided by αβ = β.
+    for beta in (1e-4, 1e-5):
+        for got, kl, lp, lq in ((BL.ab_divergence(s, t, alpha=1.0, beta=beta), fkl, t, s),
+                                (BL.ab_divergence(s, t, alpha=beta, beta=1.0), rkl, s, t)):
+            a, b = torch.log_softmax(lp, -1), torch.log_softmax(lq, -1)
+            big_l = torch.maximum(a.abs().amax(-1), b.abs().amax(-1))
+            slope = (a.exp() * (a * a - b * b) / 2 - a.exp() * a + b.exp() * b).sum(-1)
+            tol = (beta**2 / 6 * (3 * big_l**3 + 6 * big_l**2 + 12 * big_l + 12)
+                   + 3 * (V + 4 + 4 * big_l) * u / beta + 8 * V * (1 + big_l) * u)
+            assert ((got - kl - beta * slope).abs() <= tol).all()
+            assert (beta * slope.abs() > 10 * tol).all()
+    hellinger2 = 0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
     torch.testing.assert_close(BL.ab_divergence(s, t, alpha=0.5, beta=0.5), 4 * hellinger2, rtol=1e-12, atol=1e-14)
     h_w, t_w = BL.akl_weights(s, t, mu=0.5)
     torch.testing.assert_close(h_w + t_w, torch.ones_like(h_w), rtol=1e-14, atol=0)
