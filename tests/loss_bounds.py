@@ -352,7 +352,8 @@ def _tiny_tail(P, Q, top, valid, beta, segment_ids, seq_alpha_mean, lat, e_lat):
     """(value bound [...], tail gradient bound [..., V], W) of TAD's log-space rows (`divergences.tad_tiny_rows`:
     α^T below 1e-30, where the linear tail sums have lost their precision): the tail term W·D_KL2 with W = β·α^T/ᾱ
     = exp(log β − log ᾱ + log α^T) and D_KL2 = KL(p̃‖q̃) from log p̃ = log p − log α^T (error P.err + Δlog α^T +
-    u|log p̃|) and log q̃ = log q − lse_tail(log q) (Q.err, the log-sum-exp's κ + max Q.err + u|log α^S|, u|log q̃|);
+    u|log p̃|) and log q̃ the log_softmax of the tail's logits, (z − m) − log S (κ_V + 2u|log q̃|, as any
+    log-probability: no u|log α^S|);
     W's relative error Δlog α^T + Δlog ᾱ (ᾱ averaged in float64 from the float32 log α^T: the largest Δlog α^T of
     the sequence) + 2u. Gradient on the tail: q_i + (W − α^T) q̃_i − W p̃_i, each factor's relative error."""
     if seq_alpha_mean is None:
@@ -368,11 +369,8 @@ def _tiny_tail(P, Q, top, valid, beta, segment_ids, seq_alpha_mean, lat, e_lat):
     e_w = e_lat + e_labar + 2 * U
     lpt = torch.where(top, NEG_INF, P.l - torch.where(torch.isfinite(lat), lat, 0.0)[..., None])
     e_lpt = P.err + e_lat[..., None] + U * _abs_finite(lpt)
-    q_tail = torch.where(top, NEG_INF, Q.l)
-    lse_q = torch.logsumexp(q_tail, -1, keepdim=True)
-    lqt = q_tail - lse_q
-    e_lse_q = Q.kappa + torch.where(top, 0.0, Q.err).amax(-1, keepdim=True) + U * _abs_finite(lse_q)
-    e_lqt = Q.err + e_lse_q + U * _abs_finite(lqt)
+    lqt = _renorm(Q.z, top)  # log q̃: the tail's own log_softmax of the logits (`divergences.tail_log_softmax_`)
+    e_lqt = Q.kappa + 2 * U * _abs_finite(lqt) + Q._scaling()
     p_t, q_t = torch.where(top, 0.0, lpt.exp()), torch.where(top, 0.0, lqt.exp())
     n_tail = Q.V - int(top[(0,) * (top.dim() - 1)].sum())
     d_kl2 = _kl_val(p_t, torch.where(top, 0.0, lpt), torch.where(top, 0.0, lqt))

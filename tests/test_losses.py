@@ -786,6 +786,24 @@ def test_tad_q_tilde_form_rows_at_logits_offset_by_1e4():
                    torch.float32, lambda: LB.tad(s, t_in, mask, 4, 2.0))
 
 
+def test_tad_log_space_rows_with_a_student_tail_1e4_nats_down():
+    """Rows TAD computes in log space (the teacher's tail 100 nats below its top 3: α^T < 1e-30) whose student puts its
+    top 3 1e4 nats above its tail (log α^S ≈ −1e4): log q̃ in W·KL(p̃‖q̃) is the tail's own log-softmax of the logits
+    (`divergences.tail_log_softmax_`, as the backward's q̃ and the kernels), within κ_V + 2u|log q̃| of its value
+    (`loss_bounds.tad`); as log q − lse(log q) it carried each log q's rounding u·|log α^S| ≈ 6e-4 (2× the value
+    bound here, whose old count allowed it)."""
+    gen = torch.Generator().manual_seed(22)
+    t = torch.randn(1, 4, 40, generator=gen, dtype=torch.float64)
+    ids = torch.topk(t, 3).indices
+    t = t.scatter_add(-1, ids, torch.full((1, 4, 3), 100.0, dtype=torch.float64)).float()
+    s = torch.randn(1, 4, 40, generator=gen, dtype=torch.float64)
+    s = s.scatter_add(-1, ids, torch.full((1, 4, 3), 1e4, dtype=torch.float64)).float()
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.3, 2.0, 0.7]], dtype=torch.float64)
+    assert_matches(lambda x: L.tad(x, t, mask, k=3), lambda x: R.tad(x, t.double(), mask, 3, 2.0), s, w,
+                   torch.float32, lambda: LB.tad(s, t, mask, 3, 2.0))
+
+
 def _tad_float32_finite_and_within_bound(s, t32, mask, w):
     """TAD (K = 3, β = 2) of float32 s, t32 [1, T, V]: value and gradient (upstream weight w) finite and within
     loss_bounds.tad (float32, first order, SAFETY 2) of the float64 reference on the same float32 inputs; returns

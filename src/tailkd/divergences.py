@@ -113,13 +113,19 @@ def student_tail(s: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor):
     return q, q_top, logq_top, log_as
 
 
-def tail_softmax_(tail: torch.Tensor) -> torch.Tensor:
-    """q̃ = q/α^S [n, V], the student's softmax over its tail, in place over ``tail`` (its logits, −inf on 𝒦): as
-    (s − m) − log S, torch's log_softmax formula — s − (m + log S) carries the rounding u·|m| of that sum into q̃ (6e-4
-    relative at logits ~1e4). NaN on a row without tail."""
+def tail_log_softmax_(tail: torch.Tensor) -> torch.Tensor:
+    """log q̃ = log q − log α^S [n, V], the student's log-softmax over its tail, in place over ``tail`` (its logits,
+    −inf on 𝒦): as (s − m) − log S, torch's log_softmax formula — s − (m + log S) carries the rounding u·|m| of that
+    sum into log q̃ (6e-4 at logits ~1e4), and log q − lse(log q) the rounding u·|log α^S| of each log q. NaN on a row
+    without tail."""
     m = tail.amax(-1, keepdim=True)
     tail.sub_(torch.where(torch.isfinite(m), m, 0.0))
-    return tail.sub_(lse(tail)[:, None]).exp_()
+    return tail.sub_(lse(tail)[:, None])
+
+
+def tail_softmax_(tail: torch.Tensor) -> torch.Tensor:
+    """q̃ = q/α^S [n, V], the student's softmax over its tail, in place over ``tail`` (`tail_log_softmax_`)."""
+    return tail_log_softmax_(tail).exp_()
 
 
 def rest_bucket(alpha_t: torch.Tensor, log_at: torch.Tensor, log_as: torch.Tensor) -> torch.Tensor:
@@ -333,8 +339,7 @@ def _tad_forward(s, logq, teacher: TopK, log_w):
         rows = tiny.nonzero().squeeze(1)
         ids_r = teacher.ids[rows]
         log_pt = teacher.logp[rows].scatter(-1, ids_r, -_INF) - teacher.log_alpha[rows, None]  # [r, V] log p̃
-        lq = logq[rows].scatter(-1, ids_r, -_INF)
-        log_qt = lq - lse(lq)[:, None]  # [r, V] log q̃
+        log_qt = tail_log_softmax_(s[rows].scatter(-1, ids_r, -_INF))  # [r, V] log q̃ from the tail logits alone
         p_tilde = log_pt.exp()
         d_kl2 = torch.where(p_tilde > 0, p_tilde * (log_pt - log_qt), 0.0).sum(-1)  # [r] KL(p̃‖q̃)
         big_w = tad_tiny_weight(log_w[rows], teacher.log_alpha[rows], s.dtype)  # [r] W = β(X)·α^T
