@@ -793,6 +793,103 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
         assert not run.exists()
 
 
+def test_a_cache_of_another_tokenizer_or_corpus_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A cache of another tokenizer or of another corpus was refused only when `setup_teacher_signal` opened it,
+    after the teacher and the student were loaded and the corpus tokenised (minutes for a large teacher). Now
+    before any model loads, with the very line the reader gives there (`open_cache` with the run's data tokenizer
+    and the fingerprint of the corpus `setup_data` prepares): exit 2, no run folder, no model loaded."""
+    import shutil
+
+    from tiny import make_teacher_dir
+
+    from tailkd import models
+    from tailkd.cli import main
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import setup_data
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    student = make_teacher_dir(tmp_path / "student", layers=1, hidden=32, seed=1, train_steps=0)  # same tokenizer
+    other_tok = shutil.copytree(teacher, tmp_path / "other-tok")
+    make_tokenizer(290).save_pretrained(other_tok)  # another vocabulary (its 300-row head still covers it)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    other = write_corpus(tmp_path / "d.txt", n_docs=21)
+    topk = tmp_path / "topk"
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                 "--out", str(topk), "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    def reader_line(tokenizer_dir, paths, heldout_fraction=0.05):
+        """The line `setup_teacher_signal`'s `open_cache` gives for that data tokenizer and corpus."""
+        tok = models.load_tokenizer(tokenizer_dir)
+        cfg = DistillConfig()
+        cfg.data.paths, cfg.data.seq_len, cfg.data.heldout_fraction = paths, 16, heldout_fraction
+        info, _, _ = setup_data(cfg, tok, None)
+        with pytest.raises(TailkdError) as exc:
+            cache.open_cache(topk, tokenizer=tok, corpus_fingerprint=info.fingerprint, split="train", seq_len=16, k=4)
+        return f"tailkd: error: {exc.value}"
+
+    built = ["--student-layers", "1"]
+    cases = [(["--teacher", str(other_tok), *built, "--data", str(corpus)], reader_line(other_tok, [str(corpus)])),
+             (["--teacher", str(teacher), *built, "--data", str(other)], reader_line(teacher, [str(other)])),
+             (["--teacher", str(teacher), *built], reader_line(teacher, [])),  # the built-in news corpus
+             (["--teacher", str(teacher), *built, "--data", str(corpus), "--data.heldout_fraction", "0.2"],
+              reader_line(teacher, [str(corpus)], 0.2)),
+             (["--teacher", str(teacher), "--student", str(student), "--data", str(other)],
+              reader_line(student, [str(other)]))]
+    assert "its tokenizer is" in cases[0][1] and all("its corpus is" in line for _, line in cases[1:])
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cache was checked")
+
+    loaders = models.load_teacher, models.load_causal_lm
+    monkeypatch.setattr(models, "load_teacher", loaded)
+    monkeypatch.setattr(models, "load_causal_lm", loaded)
+    run = tmp_path / "run"
+    args = ["--seq-len", "16", "--batch-size", "2", "--steps", "1", "--loss", "kd", "--teacher-cache", str(topk),
+            "--out", str(run)]
+    for extra, line in cases:
+        assert main(["distill", *extra, *args]) == 2, extra
+        assert capsys.readouterr().err.strip().splitlines() == [line], extra
+        assert not run.exists()
+    # the cache's own tokenizer and corpus still run: a loaded student (its tokenizer reads the data), a held-out
+    # corpus of its own (the training corpus is prepared as without it)
+    monkeypatch.setattr(models, "load_teacher", loaders[0])
+    monkeypatch.setattr(models, "load_causal_lm", loaders[1])
+    assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus),
+                 "--heldout-data", str(other), "--train.precision", "fp32", *args]) == 0
+    assert f"teacher signal: teacher cache {topk}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data", [{}, {"paths": ["c.txt", "d.txt"]}, {"paths": ["d.txt", "c.txt"]},
+                                  {"paths": ["c.txt"], "heldout_paths": ["d.txt"]},
+                                  {"paths": ["c.txt", "builtin:pydoc"]},
+                                  {"paths": ["c.txt"], "doc_sep": "line", "doc_eos": False, "heldout_fraction": 0.2},
+                                  {"paths": ["c.txt"], "cache_dir": "own-cache"}])
+def test_the_corpus_fingerprint_a_cache_run_checks_first_is_the_one_setup_data_gives(tmp_path, monkeypatch, data):
+    """`check_teacher_cache` compares a cache's corpus before any model loads with `train_corpus_fingerprint`, not
+    tokenising: it is the fingerprint of the training corpus `setup_data` prepares (what the cache is compared with
+    when the teacher signal opens it) for the built-in news corpus, files in either order, a held-out corpus of its
+    own, a built-in set, other settings and another data cache."""
+    from tailkd.config import DistillConfig
+    from tailkd.prepare import setup_data, train_corpus_fingerprint
+    from tailkd.vocab import tokenizer_fingerprint
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    write_corpus(tmp_path / "c.txt", n_docs=20)
+    write_corpus(tmp_path / "d.txt", n_docs=21)
+    cfg = DistillConfig()
+    cfg.data.seq_len = 16
+    for key, value in data.items():
+        rooted = [p if p.startswith("builtin:") else str(tmp_path / p) for p in value] if key.endswith("paths") else \
+            str(tmp_path / value) if key == "cache_dir" else value
+        setattr(cfg.data, key, rooted)
+    tok = make_tokenizer()
+    early = train_corpus_fingerprint(cfg.data, tokenizer_fingerprint(tok))
+    info, _, _ = setup_data(cfg, tok, None)
+    assert early == info.fingerprint
+
+
 def test_cache_teacher_progress_in_a_log_is_a_line_per_30_seconds_not_one_per_batch(tmp_path, capsys, monkeypatch):
     """stderr not a terminal (a CI log, a file): the bar refreshes at most every 30 s of its clock, so an hour's run
     leaves ~120 updates in the log, not one per batch (tqdm's default: up to 10 a second)."""

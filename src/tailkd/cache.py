@@ -512,17 +512,9 @@ class CacheReader:
             raise TailkdError(f"teacher cache {self.path} holds tail samples drawn by an older tailkd (uniformly where "
                               "the teacher's tail lies ~104+ nats below its top-K, rows whose tail term now counts); "
                               "delete it and run the same tailkd cache-teacher command again")
-        rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
-        checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
-                  ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
-                  ("split", split, m["corpus"]["split"]), ("seq_len", seq_len, m["corpus"]["seq_len"]),
-                  ("teacher weights", teacher_weights_sha256, m["teacher"]["weights_sha256"]),
-                  ("teacher weights", teacher_weights_sha256_bf16, m.get("teacher_weights_sha256_bf16"))]
-        for what, run_value, cached in checks:
-            if run_value is not None and run_value != cached:
-                show = (lambda v: str(v)[:12]) if isinstance(cached, str) and len(str(cached)) > 20 else repr
-                raise TailkdError(f"teacher cache {self.path} does not match this run: its {what} is {show(cached)}, "
-                                  f"the run's is {show(run_value)}; {rebuild}")
+        self.check_run(tokenizer_fingerprint=tokenizer_fingerprint, corpus_fingerprint=corpus_fingerprint,
+                       split=split, seq_len=seq_len, teacher_weights_sha256=teacher_weights_sha256,
+                       teacher_weights_sha256_bf16=teacher_weights_sha256_bf16)
         self.k = int(k or m["k"])
         if self.k > m["k"]:
             raise TailkdError(f"teacher cache {self.path} holds the top-{m['k']} teacher ids, the run needs "
@@ -537,6 +529,25 @@ class CacheReader:
         missing = [_shard_name(i) for i in range(int(m["num_shards"])) if not (self.path / _shard_name(i)).is_file()]
         if missing:  # refused now, not at the first batch (maybe hours in) that reads a row of a missing shard
             raise self._unfinished(missing)
+
+    def check_run(self, *, tokenizer_fingerprint: str | None = None, corpus_fingerprint: str | None = None,
+                  split: str | None = None, seq_len: int | None = None, teacher_weights_sha256: str | None = None,
+                  teacher_weights_sha256_bf16: str | None = None) -> None:
+        """A one-line TailkdError naming the first of the run's tokenizer, corpus, split, seq_len and teacher weights
+        that is not this cache's (those given; None is not compared). The constructor checks what it is given; a run
+        checks what needs no model before any loads, the same way (`tailkd.prepare.check_teacher_cache`)."""
+        m = self.meta
+        rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
+        checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
+                  ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
+                  ("split", split, m["corpus"]["split"]), ("seq_len", seq_len, m["corpus"]["seq_len"]),
+                  ("teacher weights", teacher_weights_sha256, m["teacher"]["weights_sha256"]),
+                  ("teacher weights", teacher_weights_sha256_bf16, m.get("teacher_weights_sha256_bf16"))]
+        for what, run_value, cached in checks:
+            if run_value is not None and run_value != cached:
+                show = (lambda v: str(v)[:12]) if isinstance(cached, str) and len(str(cached)) > 20 else repr
+                raise TailkdError(f"teacher cache {self.path} does not match this run: its {what} is {show(cached)}, "
+                                  f"the run's is {show(run_value)}; {rebuild}")
 
     def _unfinished(self, missing: list[str]) -> TailkdError:
         more = f" and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""

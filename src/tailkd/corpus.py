@@ -557,6 +557,12 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
     return load_corpus(out_dir)
 
 
+def cached_fingerprint(paths, *, tokenizer_fingerprint: str, **settings) -> str:
+    """The fingerprint `prepare_corpus_cached` gives the corpus of ``paths`` (its `CorpusInfo.fingerprint`, what a
+    teacher cache records), without tokenising: the same arguments less the tokenizer."""
+    return corpus_fingerprint(paths, tokenizer_fingerprint, _settings(**settings))
+
+
 def prepare_corpus_cached(paths, tokenizer, cache_root: Path, *, tokenizer_fingerprint: str,
                           **settings) -> CorpusInfo:
     """``prepare_corpus`` into ``cache_root/<fingerprint[:16]>``, or reuse that folder if it is already complete.
@@ -566,7 +572,7 @@ def prepare_corpus_cached(paths, tokenizer, cache_root: Path, *, tokenizer_finge
     fingerprint and so a new folder; older folders are left for the user to delete.
     """
     settings = _settings(**settings)
-    fingerprint = corpus_fingerprint(paths, tokenizer_fingerprint, settings)
+    fingerprint = cached_fingerprint(paths, tokenizer_fingerprint=tokenizer_fingerprint, **settings)
     out_dir = Path(cache_root) / fingerprint[:16]
     if (out_dir / META_FILE).is_file():
         try:

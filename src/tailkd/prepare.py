@@ -1,7 +1,8 @@
 """What a distillation run prepares before its first step (`tailkd.train.setup_run` calls these in order).
 
 0. What of a teacher cache needs no model (`check_teacher_cache`: its cache.json, split, seq_len and K, every shard
-   there, whether it can give the loss), before anything loads; the rest with the teacher signal (3.).
+   there, whether it can give the loss; its tokenizer and corpus, against the data tokenizer read alone and the
+   corpus fingerprint computed without tokenising), before any model loads; the rest with the teacher signal (3.).
 1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
    ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`), the student (built from the teacher,
    `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
@@ -197,13 +198,32 @@ def pretrain_paths(data, cache_root: Path) -> list[Path]:
     return text_paths(data.paths, data, cache_root) or corpus.default_corpus_files(cache_root)
 
 
+def data_cache_root(data) -> Path:
+    """Where a run's data is prepared: ``data.cache_dir``, else tailkd's cache root (`corpus.default_cache_root`)."""
+    return Path(data.cache_dir) if data.cache_dir else corpus.default_cache_root()
+
+
+def corpus_settings(data) -> dict:
+    """The settings `setup_data` prepares the training corpus of packed text rows with
+    (`corpus.prepare_corpus_cached`); a held-out corpus of its own (``data.heldout_paths``) holds nothing out."""
+    return {"doc_sep": data.doc_sep, "append_eos": data.doc_eos, "heldout_fraction": data.heldout_fraction}
+
+
+def train_corpus_fingerprint(data, tokenizer_fingerprint: str) -> str:
+    """The fingerprint of the training corpus `setup_data` prepares from packed text rows (its ``info.fingerprint``)
+    with the tokenizer of fingerprint ``tokenizer_fingerprint`` (`vocab.tokenizer_fingerprint`), without tokenising
+    (`corpus.cached_fingerprint`: the files' paths, sizes and mtimes, the settings, the tokenizer)."""
+    return corpus.cached_fingerprint(pretrain_paths(data, data_cache_root(data)),
+                                     tokenizer_fingerprint=tokenizer_fingerprint, **corpus_settings(data))
+
+
 def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     """(info, train_rows, held_rows): packed text rows (task pretrain) or prompt/response rows (task sft).
 
     Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
     """
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else corpus.default_cache_root()
+    cache_root = data_cache_root(cfg.data)
     if cfg.data.task == "sft":
         from tailkd.sft import setup_sft_rows
 
@@ -212,8 +232,8 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
     paths = pretrain_paths(cfg.data, cache_root)
     prepare = functools.partial(corpus.prepare_corpus_cached, tokenizer=tokenizer, cache_root=cache_root / "corpora",
                                 tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer),
-                                doc_sep=cfg.data.doc_sep, append_eos=cfg.data.doc_eos)
-    info = prepare(paths, heldout_fraction=cfg.data.heldout_fraction)
+                                **corpus_settings(cfg.data))
+    info = prepare(paths)
     train_rows = data_mod.PackedRows(info.train_bin, cfg.data.seq_len)
     if not cfg.data.heldout_paths:
         return info, train_rows, data_mod.PackedRows(info.heldout_bin, cfg.data.seq_len)
@@ -300,14 +320,40 @@ def _cache_k(cfg: DistillConfig) -> int | None:
 
 def check_teacher_cache(cfg: DistillConfig) -> None:
     """What of ``teacher.cache`` needs no model, checked before any loads (minutes for a large teacher): a complete
-    cache of training rows of this seq_len, holding the run's K, that can give the loss (`CacheReader.check_loss`).
-    The rest — tokenizer, corpus, teacher weights, number of rows — when `setup_teacher_signal` opens it."""
+    cache of training rows of this seq_len, holding the run's K, that can give the loss (`CacheReader.check_loss`),
+    then of the run's tokenizer and training corpus (`CacheReader.check_run`, the lines `setup_teacher_signal`
+    gives): the data tokenizer read alone (`data_tokenizer_fingerprint`) and the corpus fingerprint computed
+    without tokenising (`train_corpus_fingerprint`). The rest — teacher weights, number of rows — when
+    `setup_teacher_signal` opens it."""
     if not cfg.teacher.cache or not LOSSES[cfg.loss.name].needs_teacher:
         return
     from tailkd.cache import CacheReader
 
     reader = CacheReader(cfg.teacher.cache, split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg))
     reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+    # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
+    tokenizer_fp = dist.on_main_then_all(lambda: data_tokenizer_fingerprint(cfg))
+    if tokenizer_fp is None:  # another vocabulary: setup_models refuses it, or the cache with it (check_cache_vocab)
+        return
+    corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg.data, tokenizer_fp))
+    reader.check_run(tokenizer_fingerprint=tokenizer_fp, corpus_fingerprint=corpus_fp)
+
+
+def data_tokenizer_fingerprint(cfg: DistillConfig) -> str | None:
+    """`vocab.tokenizer_fingerprint` of the tokenizer `setup_models` gives the data (the teacher's; the student's
+    with ``student.path``), read alone from its model folder (seconds; a GGUF converted first, as loading it does).
+    None when a ``student.path`` tokenizer is not the teacher's (`vocab.relation` is "same" only for equal
+    fingerprints): a teacher vocabulary extending the student's, which `check_cache_vocab` refuses with a cache, or
+    a pair `setup_models` refuses; the run never compares such a cache's tokenizer or corpus."""
+    def fingerprint(spec) -> str:
+        folder = models.model_dir(spec)
+        models.read_config(folder)  # as loading the model does first: its line for a config it cannot read
+        return vocab_mod.tokenizer_fingerprint(models.load_tokenizer(folder))
+
+    teacher = fingerprint(cfg.teacher.path)
+    if cfg.student.path and fingerprint(cfg.student.path) != teacher:
+        return None
+    return teacher
 
 
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
