@@ -3,6 +3,7 @@ readers get the floats back and still read the files written before (NaN / Infin
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -139,3 +140,26 @@ def test_every_output_of_runs_with_infinite_metrics_is_strict_json_and_compare_r
 def test_kind_names_a_parsed_values_type_with_its_article():
     assert [jsonfile.kind(v) for v in ([1], {}, "s", 5, 1.5, True, None)] == [
         "a list", "a dict", "a str", "an int", "a float", "a bool", "a NoneType"]
+
+
+@pytest.mark.parametrize("content, why", [(b"\xff{}", "not UTF-8 text: invalid start byte"),
+                                          (b'{"kl": ', "not valid JSON: Expecting value"),
+                                          (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to read"),
+                                          (b"[1]", "not a JSON object: a list"), (b"5", "not a JSON object: an int")])
+def test_read_object_says_what_is_damaged(tmp_path, content, why):
+    """`read_object`'s `Damaged` is the reason its callers put in their one line (a cache.json, a reproduction's
+    eval.json), as its docstring gives them, the type of a value that is not an object named."""
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(jsonfile.Damaged, match=f"^{re.escape(why)}$"):
+        jsonfile.read_object(path)
+
+
+def test_read_object_gives_the_non_finite_floats_back(tmp_path):
+    """A tailkd file's object is read as `loads` reads it: an eval.json's +inf reverse KL (written null with its
+    record) is +inf again, not None, for the reproduction's report that reads it."""
+    path = tmp_path / "eval.json"
+    path.write_text(jsonfile.dumps({"kl": 0.5, "rkl": math.inf, "curve": [1.0, math.nan]}))
+    obj = jsonfile.read_object(path)
+    assert obj["kl"] == 0.5 and obj["rkl"] == math.inf and math.isnan(obj["curve"][1]) and "non_finite" not in obj
+
