@@ -407,6 +407,28 @@ def test_tail_samples_follow_the_tail_below_float32():
                     msg="log p of the draws")
 
 
+
+def test_tail_samples_of_a_row_without_tail_mass_or_distribution_are_uniform_on_the_tail():
+    """`cache.sample_tail`'s rows without tail mass (every tail logit −inf: α^T = 0, its weights α^T/M are 0) and
+    without a distribution (a NaN or a +inf logit) draw uniformly from the tail, never from 𝒦, and the latter's log p
+    are NaN (a +inf row's t_j − lse is −inf, taken for a true log p). Uniform: each of the V − K tail ids drawn
+    within 5 binomial standard deviations of M/(V − K) (the draws are seeded: a check of the rule, not a flaky one);
+    a normal row keeps its true log p."""
+    V, K, M = 40, 4, 3600
+    t = torch.randn(4, V, generator=torch.Generator().manual_seed(8))
+    ids = torch.topk(t, K, dim=-1).indices
+    top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, ids, True)
+    t[0] = t[0].masked_fill(~top[0], -math.inf)  # one-hot-like: no tail mass
+    t[1, (~top[1]).nonzero()[0, 0]] = math.nan  # a NaN logit on the tail
+    t[2, ids[2, 0]] = math.inf  # a +inf logit in 𝒦
+    draw, draw_lp = cache.sample_tail(t, ids, torch.logsumexp(t, -1), M, torch.Generator().manual_seed(9))
+    assert not bool(top.gather(-1, draw).any())  # from the tail only
+    counts = torch.zeros(4, V).scatter_add_(-1, draw, torch.ones(4, M))[~top].view(4, V - K)[:3]
+    mean, sd = M / (V - K), (M / (V - K) * (1 - 1 / (V - K))) ** 0.5
+    assert bool(((counts - mean).abs() < 5 * sd).all()), counts
+    assert bool(draw_lp[0].eq(-math.inf).all()) and bool(draw_lp[1:3].isnan().all())
+    assert bool(draw_lp[3].isfinite().all())
+
 def test_a_cache_of_tail_samples_drawn_by_an_older_tailkd_is_refused(setup):
     """Tail samples written before `cache.sample_tail` formed p̃ in log space were uniform draws where the teacher's
     tail lies ~104+ nats below 𝒦, rows whose sampled term now counts (W·ŵ form): a cache with tail samples and no
