@@ -690,7 +690,9 @@ def test_cache_loss_descriptions_name_the_approximation(setup):
             reader.check_loss(**bad)
 
 
-def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
+@pytest.mark.parametrize("cfg", [LossConfig(name="tad", k=5, per_document=True), LossConfig(name="kd", k=5)],
+                         ids=["tad", "kd"])  # kd: the cache's tail estimate with row weight w = 1 (log w = 0)
+def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup, cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tailkd import teacher as teacher_mod
@@ -705,7 +707,6 @@ def test_step_terms_dense_and_fused_agree_for_online_and_cached_teachers(setup):
     batch = next(data_mod.batches(rows, sampler, 3))
     n = batch["labels"].numel()
     V = len(tok)
-    cfg = LossConfig(name="tad", k=5, per_document=True)
     sources = [teacher_mod.OnlineTeacher(model, V, fused_path=False),
                teacher_mod.OnlineTeacher(model, V, fused_path=True),
                teacher_mod.CachedTeacher(cache.CacheReader(path, k=5))]
