@@ -285,15 +285,17 @@ def test_tail_support_weights_sum_to_the_tail_mass(setup, k_run):
 def _cache_loss_sums(s64, sp, log_w):
     """The cache loss of `divergences.SparseTeacher` as plain float64 sums of its definition, from the float64 values
     of ``sp``'s entries: Σ_𝒦 p (log p − log q) + α^T log(α^T/α^S) + w·(Σ_j w_j (log p_j − log q_j) − α^T log(α^T/α^S)),
-    w = exp(``log_w``) [n]; rows [n, V]."""
+    w = exp(``log_w``) [n], a term of weight 0 taken as 0 (a row without tail: α^T = 0, its w_j and log p_j −inf);
+    rows [n, V]."""
     logq = torch.log_softmax(s64, -1)
     ids, tids = sp.topk_ids.long(), sp.tail_ids.long()
     lp, la = sp.topk_logprobs.double(), sp.log_tail_mass.double()
     alpha = la.exp()
     alpha_s = logq.exp().scatter(-1, ids, 0.0).sum(-1)
-    bucket = alpha * (la - alpha_s.log())
+    bucket = torch.where(alpha > 0, alpha * (la - alpha_s.log()), 0.0)
     d_kl1 = (lp.exp() * (lp - logq.gather(-1, ids))).sum(-1) + bucket
-    tail = (sp.tail_log_weights.double().exp() * (sp.tail_logprobs.double() - logq.gather(-1, tids))).sum(-1)
+    w = sp.tail_log_weights.double().exp()
+    tail = torch.where(w > 0, w * (sp.tail_logprobs.double() - logq.gather(-1, tids)), 0.0).sum(-1)
     return d_kl1 + log_w.exp() * (tail - bucket)
 
 
@@ -375,6 +377,43 @@ def test_cache_teacher_gradient_at_logits_offset_by_1e4():
     B.assert_within(got.detach(), ref.detach(), vb[0] + B.REF64_ATOL, msg="cache loss value")
     B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
 
+
+@pytest.mark.parametrize("name", ["tad", "kd"])
+def test_cache_loss_with_tail_samples_on_a_row_without_teacher_or_student_tail(name):
+    """A cache with tail samples, one row whose teacher has no tail (α^T = 0: its samples drawn uniformly, their
+    log p and log weights −inf) and one whose student has none (α^S = 0). The first's loss is D_KL1 with its
+    gradient (no tail term: `divergences.sparse_tail_points` gives W = 0 and ŵ = 0 there, not exp(−inf + inf), a NaN
+    in the gradient's W(Σ_j ŵ_j − 1) term), the second's +inf as D_KL1 is (the tail term 0 where log(α^T/α^S) is
+    not finite, not −inf, which made it NaN); the other rows as the float64 plain sums of the float32 inputs, value
+    and gradient, within `loss_bounds.cache_tad`."""
+    g = torch.Generator().manual_seed(13)
+    n, vocab, k, m = 4, 40, 4, 4
+    s = torch.randn(n, vocab, generator=g, dtype=torch.float64).float().double() * 2
+    t = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    ids = torch.topk(t, k, dim=-1).indices
+    top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, ids, True)
+    t[0] = t[0].masked_fill(~top[0], -math.inf)  # the teacher's row 0: no tail
+    s[1] = s[1].masked_fill(~top[1], -math.inf)  # the student's row 1: no tail
+    logp = torch.log_softmax(t, -1)
+    log_alpha = logp.masked_fill(top, -math.inf).logsumexp(-1)
+    draw, draw_lp = cache.sample_tail(t, ids, torch.logsumexp(t, -1), m, torch.Generator().manual_seed(14))
+    cached = SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), draw, draw_lp.float(),
+                           (log_alpha[:, None] - math.log(m)).expand(n, m).float())  # as the cache reader gives it
+    mask = torch.ones(1, n, dtype=torch.bool)
+    leaf = s.float()[None].requires_grad_(True)
+    cfg = LossConfig(name=name, k=k, beta=2.0) if name == "tad" else LossConfig(name=name)
+    got = registry.bind(cfg).sparse_per_token(leaf, SparseTeacher(*(x[None] for x in cached)), mask)[0]
+    assert float(got.detach()[1]) == math.inf
+    rows = [0, 2, 3]
+    (grad,) = torch.autograd.grad(got[rows].sum(), leaf)
+    s64 = s.clone().requires_grad_(True)
+    log_w = (math.log(2.0) - (cached.log_tail_mass.double().logsumexp(-1) - math.log(n)) if name == "tad"
+             else torch.tensor(0.0, dtype=torch.float64))  # log β(X) over the one sequence; 0 for kd
+    ref = _cache_loss_sums(s64, cached, log_w.expand(n))
+    (ref_g,) = torch.autograd.grad(ref[rows].sum(), s64)
+    vb, gb = LB.cache_tad(s.float()[None], SparseTeacher(*(x[None] for x in cached)), mask, loss=name, beta=2.0)
+    B.assert_within(got.detach()[rows], ref.detach()[rows], vb[0, rows] + B.REF64_ATOL, msg="cache loss value")
+    B.assert_within(grad[0, rows], ref_g[rows], gb[0, rows] + B.REF64_ATOL, msg="cache loss gradient")
 
 def test_tail_samples_follow_the_tail_below_float32():
     """`cache.sample_tail` draws from the renormalised tail p̃ = p/α^T also where the teacher's tail lies 110-160 nats
