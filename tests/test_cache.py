@@ -823,7 +823,8 @@ def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_ma
 def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
     """What of a teacher cache needs no model — its seq_len, its K, whether it can give the loss — is checked before
     the teacher loads (minutes for a large one): the same one-line refusals, exit 2, no run folder, and
-    `models.load_teacher` never called. They came only after the teacher and the student were loaded."""
+    `models.load_teacher` never called. They came only after the teacher and the student were loaded. A clm run,
+    which reads no teacher signal, leaves the cache alone."""
     from tiny import make_teacher_dir
 
     from tailkd import models
@@ -840,6 +841,7 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
     def loaded(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the cache was checked")
 
+    real_load = models.load_teacher
     monkeypatch.setattr(models, "load_teacher", loaded)
     run = tmp_path / "run"
     base = ["distill", "--teacher", str(teacher), "--data", str(corpus), "--batch-size", "2", "--steps", "1",
@@ -853,6 +855,9 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tailkd: error: ") and line in err[0], err
         assert not run.exists()
+    # clm reads no teacher signal: its teacher.cache is neither read nor refused (prepare.check_teacher_cache)
+    monkeypatch.setattr(models, "load_teacher", real_load)  # the student is made from the teacher's layers
+    assert main(base + ["--seq-len", "32", "--loss", "clm", "--out", str(tmp_path / "clm")]) == 0
 
 
 def test_a_cache_of_another_tokenizer_or_corpus_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
