@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tailkd.cli import COMMANDS
-from tailkd.config import DistillConfig, add_config_flags, config_from_args, from_dict, save_yaml, to_dict
+from tailkd.config import DistillConfig, add_config_flags, config_from_args, from_dict, save_yaml, to_dict, utf8_text
 from tailkd.errors import TailkdError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +161,14 @@ def test_yaml_that_is_not_utf8_says_so_and_where(tmp_path):
                                           r"continuation byte\); save it as UTF-8, or give "):
         read_run_config(tmp_path / "run" / "final")
 
+
+def test_utf8_text_reads_line_endings_as_read_text_does(tmp_path):
+    """config.utf8_text, the reader of --config, a run config, a chat template file and compare's run files, reads
+    \\r\\n and a lone \\r (a classic-Mac file) as \\n, as read_text(encoding="utf-8") does: a Jinja chat template keeps
+    no \\r of its line endings."""
+    path = tmp_path / "t.jinja"
+    path.write_bytes(b"{{ a }}\r\n{{ b }}\r{{ c }}\n")
+    assert utf8_text(path, "t", "fix") == "{{ a }}\n{{ b }}\n{{ c }}\n" == path.read_text(encoding="utf-8")
 
 def test_shipped_configs_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
