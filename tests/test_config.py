@@ -170,6 +170,15 @@ def test_utf8_text_reads_line_endings_as_read_text_does(tmp_path):
     path.write_bytes(b"{{ a }}\r\n{{ b }}\r{{ c }}\n")
     assert utf8_text(path, "t", "fix") == "{{ a }}\n{{ b }}\n{{ c }}\n" == path.read_text(encoding="utf-8")
 
+@pytest.mark.parametrize("raw", [b"a\nb\ncaf\xe9\n", b"a\r\nb\r\ncaf\xe9\r\n", b"a\rb\rcaf\xe9\r"])
+def test_utf8_text_names_the_line_of_a_bad_byte_as_it_reads_the_lines(tmp_path, raw):
+    """The line a byte that is not UTF-8 is on, counted as utf8_text reads the lines (\\n, \\r\\n and a lone \\r end
+    one; an editor's line numbers): a classic-Mac file's third line is line 3. It counted \\n only: line 1."""
+    path = tmp_path / "t.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(TailkdError, match=r"^t is not UTF-8 text \(line 3: invalid continuation byte\); fix$"):
+        utf8_text(path, "t", "fix")
+
 def test_shipped_configs_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert files, "configs/ should ship example recipes"

@@ -768,13 +768,13 @@ def read_yaml(text: str):
 
 def utf8_text(path: Path, name: str, fix: str) -> str:
     """The text of the file ``path`` (a YAML file, a chat template) as ``read_text(encoding="utf-8")`` reads it (line
-    endings \\r\\n and \\r as \\n); where it is not UTF-8, a TailkdError: ``name`` (the file in words), the line,
-    then ``fix``."""
+    endings \\r\\n and \\r as \\n); where it is not UTF-8, a TailkdError: ``name`` (the file in words), the line
+    (counted so: a lone \\r ends one), then ``fix``."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = raw[:exc.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
         raise TailkdError(f"{name} is not UTF-8 text (line {line}: {exc.reason}); {fix}") from None
 
 
