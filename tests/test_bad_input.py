@@ -411,6 +411,26 @@ def test_a_stage_with_an_empty_config_is_damaged(tmp_path):
         saved_change(cfg)
 
 
+def test_an_older_runs_relative_paths_are_read_against_the_working_directory(tmp_path, monkeypatch):
+    """An older tailkd saved a run's paths as given (relative): `runs.saved_config` reads them against the working
+    directory, as the new config's are made absolute, so a --resume or a recipe's finished stage from where the run
+    was started sees no change (it saw 'teacher.path was 'teacher', now '/.../teacher''), and another teacher is
+    still one."""
+    from tailkd.config import DistillConfig, save_yaml
+    from tailkd.recipe import saved_change
+    from tailkd.runs import RESUME_FREE_KEYS, config_changes, saved_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = DistillConfig()
+    cfg.teacher.path, cfg.data.paths, cfg.train.out_dir = "teacher", ["c.txt"], "run"
+    (tmp_path / "run").mkdir()
+    save_yaml(cfg, tmp_path / "run" / "config.yaml")  # its paths relative, as an older tailkd wrote them
+    old = saved_config(tmp_path / "run" / "config.yaml")
+    assert old["teacher.path"] == str(tmp_path / "teacher") and old["data.paths"] == [str(tmp_path / "c.txt")]
+    assert config_changes(old, cfg, RESUME_FREE_KEYS) == [] and saved_change(cfg) is None
+    cfg.teacher.path = "other"
+    assert config_changes(old, cfg, RESUME_FREE_KEYS) == ["teacher.path"]
+
 def test_generate_rouge_without_reference_responses(assets, tmp_path):
     """`eval --generate` scores ROUGE-L by default: a prompt whose reference response is empty (a chat whose last
     assistant turn is blank) is refused with one line naming it (FILE:LINE) and the fix, and no result file is
