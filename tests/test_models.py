@@ -263,14 +263,15 @@ def test_a_generation_config_of_another_shape_is_one_line(hf_dir, text, why):
     """transformers' loading failed on a generation_config.json that is not an object ('TypeError: 'list' object is
     not a mapping', exit 1) or nested past Python's parser ('cannot load the weights in X (maximum recursion depth
     exceeded ...): the folder needs the complete *.safetensors', a RecursionError being a RuntimeError). One it
-    cannot parse it goes without, as before."""
+    cannot parse (not JSON, not UTF-8) it goes without, as before."""
     path, _ = hf_dir
     (path / "generation_config.json").write_text(text)
     with pytest.raises(TailkdError, match=rf"^cannot read .*tiny/generation_config\.json \({why}\): re-save the model "
                                           "with save_pretrained, or delete it$"):
         load_causal_lm(path)
-    (path / "generation_config.json").write_text('{"eos_token_id": ')
-    load_causal_lm(path)
+    for unparsed in (b'{"eos_token_id": ', b'{"eos_token_id": 1, "x": "caf\xe9"}'):  # not JSON, not UTF-8
+        (path / "generation_config.json").write_bytes(unparsed)
+        load_causal_lm(path)
 
 
 def test_dir_without_weights(tmp_path, tiny_tokenizer):
