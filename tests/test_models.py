@@ -215,6 +215,7 @@ def test_a_config_field_of_the_wrong_type_is_one_line(tmp_path):
     ("[" * 100_000 + "]" * 100_000, "nested too deeply to read"),  # past Python's parser: a RecursionError
     ({"architectures": 5}, "architectures is 5, not a list of class names"),  # TypeError
     ({"architectures": "LlamaForCausalLM"}, "architectures is 'LlamaForCausalLM', not a list of class names"),
+    ({"architectures": [5]}, "architectures is [5], not a list of class names"),  # a list, but not of names
 ])
 def test_a_config_json_of_another_shape_is_one_line(tmp_path, change, why):
     """A teacher folder's config.json with a field of a type transformers does not check (or nested past Python's
