@@ -524,6 +524,23 @@ def test_a_recipe_part_of_another_shape_is_one_line(tmp_path, part, match):
         read_recipe(path, None if "out_dir" in part else str(tmp_path / "r"))
 
 
+@pytest.mark.parametrize("evaluate, name", [
+    ({"generate": {"enabled": True, "limit": 2}}, "generate.json"), ({"generate": {"limit": 2}}, "eval.json"),
+    ({"generate": None}, "eval.json"), ({"eval": {"max_rows": 2}}, "eval.json")])
+def test_a_recipes_evaluation_is_generate_json_only_where_generation_is_enabled(tmp_path, evaluate, name):
+    """Recipe.eval_out: a stage's evaluation is RUN/generate.json where the recipe's evaluate: enables generation,
+    else RUN/eval.json — a generate: section giving other options only (enabled is false by default) or none is the
+    held-out metrics' eval.json, where compare reads them; the eval config writes the file eval_out names."""
+    from tailkd.recipe import read_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "a"}], "evaluate": evaluate}))
+    recipe = read_recipe(path, str(tmp_path / "r"))
+    stage = recipe.stages[0]
+    assert recipe.eval_out(stage) == Path(stage.train.out_dir) / name
+    ev = recipe.eval_config(stage, with_run=False)
+    assert ev.eval.out == str(recipe.eval_out(stage)) and ev.generate.enabled == (name == "generate.json")
+
 @pytest.mark.parametrize("command, argv, match", [
     ("eval", [], r"^eval\.student is not set; pass --student DIR"),
     ("eval", ["--bins", "0"], r"^eval\.bins=0 must be >= 1$"),
