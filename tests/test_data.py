@@ -563,6 +563,14 @@ def test_a_damaged_corpus_meta_is_refused_and_prepared_again(tmp_path, tok, dama
         {k: v for k, v in good.items() if k != "created_unix"}
 
 
+def test_a_folder_without_a_meta_json_is_not_a_prepared_corpus(tmp_path):
+    """load_corpus on a folder without meta.json (or one it cannot read) is its one line, as for a damaged one, not a
+    FileNotFoundError traceback."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TailkdError, match=r"^.*empty is not a prepared corpus \(no readable meta\.json\); prepare it "
+                                          r"again$"):
+        corpus.load_corpus(tmp_path / "empty")
+
 def test_fingerprint_follows_the_order_of_paths(tmp_path):
     a, b = write(tmp_path / "a.txt", "a"), write(tmp_path / "b.txt", "b")
     fp = corpus.corpus_fingerprint([a, b], "t", corpus.DEFAULT_SETTINGS)
