@@ -346,6 +346,43 @@ def test_cache_teacher_keeps_tails_below_float32(name):
     B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
 
 
+def _sampled_cache(t, k, m, seed):
+    """The rows of a top-K cache with ``m`` tail samples of teacher logits ``t`` [n, V] (float64) as the cache reader
+    gives them: 𝒦 = the top ``k``, float32 log-probs and log α^T, the draws' log p and log weights log(α^T/m)."""
+    logp = torch.log_softmax(t, -1)
+    ids = torch.topk(t, k, dim=-1).indices
+    log_alpha = logp.scatter(-1, ids, -math.inf).logsumexp(-1)
+    draw, draw_lp = cache.sample_tail(t, ids, torch.logsumexp(t, -1), m, torch.Generator().manual_seed(seed))
+    return SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), draw, draw_lp.float(),
+                         (log_alpha[:, None] - math.log(m)).expand(*draw.shape).float())
+
+
+def _assert_cache_loss(s, cached, cfg, log_w, rows=slice(None)):
+    """`Divergence.sparse_per_token` of ``cfg`` on the float32 student logits ``s`` [n, V] (float64 values exact in
+    float32) against the cache rows ``cached`` [n, ...] (one sequence) within `loss_bounds.cache_tad` of the float64
+    plain sums of its float32 inputs (`_cache_loss_sums`, row weights ``log_w`` [n] as logs), value and gradient, on
+    ``rows``; returns the values [n]."""
+    n = s.shape[0]
+    mask = torch.ones(1, n, dtype=torch.bool)
+    sparse = SparseTeacher(*(x[None] for x in cached))
+    leaf = s.float()[None].requires_grad_(True)
+    got = registry.bind(cfg).sparse_per_token(leaf, sparse, mask)[0]
+    (grad,) = torch.autograd.grad(got[rows].sum(), leaf)
+    s64 = s.clone().requires_grad_(True)
+    ref = _cache_loss_sums(s64, cached, log_w)
+    (ref_g,) = torch.autograd.grad(ref[rows].sum(), s64)
+    vb, gb = LB.cache_tad(s.float()[None], sparse, mask, loss=cfg.name, beta=cfg.beta)
+    B.assert_within(got.detach()[rows], ref.detach()[rows], vb[0, rows] + B.REF64_ATOL, msg="cache loss value")
+    B.assert_within(grad[0, rows], ref_g[rows], gb[0, rows] + B.REF64_ATOL, msg="cache loss gradient")
+    return got.detach()
+
+
+def _log_beta_x(cached, beta):
+    """log β(X) = log β − log ᾱ [n] of the cache rows ``cached`` [n, ...] as one sequence, float64."""
+    n = cached.log_tail_mass.shape[0]
+    return (math.log(beta) - (cached.log_tail_mass.double().logsumexp(-1) - math.log(n))).expand(n)
+
+
 def test_cache_teacher_gradient_at_logits_offset_by_1e4():
     """TAD from a top-K cache with tail samples, student rows offset by ±1e4: the gradient's tail term (W − α^T)·q̃
     takes q̃ = q/α^S as (s − m) − log S over the tail, log_softmax's formula, so `Divergence.sparse_per_token` is
@@ -358,24 +395,8 @@ def test_cache_teacher_gradient_at_logits_offset_by_1e4():
     s = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
     s = (s + torch.tensor([1e4, -1e4, 0.0, 1e4, -1e4, 0.0], dtype=torch.float64)[:, None]).float().double()
     t = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
-    logp = torch.log_softmax(t, -1)
-    ids = torch.topk(t, k, dim=-1).indices
-    log_alpha = logp.scatter(-1, ids, -math.inf).logsumexp(-1)
-    draw, draw_lp = cache.sample_tail(t, ids, torch.logsumexp(t, -1), m, torch.Generator().manual_seed(12))
-    cached = SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), draw, draw_lp.float(),
-                           (log_alpha[:, None] - math.log(m)).expand(n, m).float())  # as the cache reader gives it
-    mask = torch.ones(1, n, dtype=torch.bool)
-    leaf = s.float()[None].requires_grad_(True)
-    got = registry.bind(LossConfig(name="tad", k=k, beta=2.0)).sparse_per_token(
-        leaf, SparseTeacher(*(x[None] for x in cached)), mask)[0]
-    (grad,) = torch.autograd.grad(got.sum(), leaf)
-    s64 = s.clone().requires_grad_(True)
-    log_w = math.log(2.0) - (cached.log_tail_mass.double().logsumexp(-1) - math.log(n))  # log β(X), one sequence
-    ref = _cache_loss_sums(s64, cached, log_w.expand(n))
-    (ref_g,) = torch.autograd.grad(ref.sum(), s64)
-    vb, gb = LB.cache_tad(s.float()[None], SparseTeacher(*(x[None] for x in cached)), mask, loss="tad", beta=2.0)
-    B.assert_within(got.detach(), ref.detach(), vb[0] + B.REF64_ATOL, msg="cache loss value")
-    B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
+    cached = _sampled_cache(t, k, m, seed=12)
+    _assert_cache_loss(s, cached, LossConfig(name="tad", k=k, beta=2.0), _log_beta_x(cached, 2.0))
 
 
 @pytest.mark.parametrize("name", ["tad", "kd"])
@@ -390,30 +411,28 @@ def test_cache_loss_with_tail_samples_on_a_row_without_teacher_or_student_tail(n
     n, vocab, k, m = 4, 40, 4, 4
     s = torch.randn(n, vocab, generator=g, dtype=torch.float64).float().double() * 2
     t = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
-    ids = torch.topk(t, k, dim=-1).indices
-    top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, ids, True)
+    top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, torch.topk(t, k, dim=-1).indices, True)
     t[0] = t[0].masked_fill(~top[0], -math.inf)  # the teacher's row 0: no tail
     s[1] = s[1].masked_fill(~top[1], -math.inf)  # the student's row 1: no tail
-    logp = torch.log_softmax(t, -1)
-    log_alpha = logp.masked_fill(top, -math.inf).logsumexp(-1)
-    draw, draw_lp = cache.sample_tail(t, ids, torch.logsumexp(t, -1), m, torch.Generator().manual_seed(14))
-    cached = SparseTeacher(ids, logp.gather(-1, ids).float(), log_alpha.float(), draw, draw_lp.float(),
-                           (log_alpha[:, None] - math.log(m)).expand(n, m).float())  # as the cache reader gives it
-    mask = torch.ones(1, n, dtype=torch.bool)
-    leaf = s.float()[None].requires_grad_(True)
+    cached = _sampled_cache(t, k, m, seed=14)
     cfg = LossConfig(name=name, k=k, beta=2.0) if name == "tad" else LossConfig(name=name)
-    got = registry.bind(cfg).sparse_per_token(leaf, SparseTeacher(*(x[None] for x in cached)), mask)[0]
-    assert float(got.detach()[1]) == math.inf
-    rows = [0, 2, 3]
-    (grad,) = torch.autograd.grad(got[rows].sum(), leaf)
-    s64 = s.clone().requires_grad_(True)
-    log_w = (math.log(2.0) - (cached.log_tail_mass.double().logsumexp(-1) - math.log(n)) if name == "tad"
-             else torch.tensor(0.0, dtype=torch.float64))  # log β(X) over the one sequence; 0 for kd
-    ref = _cache_loss_sums(s64, cached, log_w.expand(n))
-    (ref_g,) = torch.autograd.grad(ref[rows].sum(), s64)
-    vb, gb = LB.cache_tad(s.float()[None], SparseTeacher(*(x[None] for x in cached)), mask, loss=name, beta=2.0)
-    B.assert_within(got.detach()[rows], ref.detach()[rows], vb[0, rows] + B.REF64_ATOL, msg="cache loss value")
-    B.assert_within(grad[0, rows], ref_g[rows], gb[0, rows] + B.REF64_ATOL, msg="cache loss gradient")
+    log_w = _log_beta_x(cached, 2.0) if name == "tad" else torch.zeros(n, dtype=torch.float64)  # kd: w = 1
+    got = _assert_cache_loss(s, cached, cfg, log_w, rows=[0, 2, 3])
+    assert float(got[1]) == math.inf
+
+
+def test_cache_tad_with_beta_0_is_d_kl1():
+    """TAD with β = 0 from a cache with tail samples has no tail term (`losses.tail_log_weight`: log β(X) = −inf, so
+    W = 0): `Divergence.sparse_per_token` is D_KL1, value and gradient, within `loss_bounds.cache_tad` (β = 0) of the
+    float64 plain sums of its float32 inputs (their tail term of weight 0)."""
+    g = torch.Generator().manual_seed(17)
+    n, vocab, k, m = 6, 40, 4, 4
+    s = torch.randn(n, vocab, generator=g, dtype=torch.float64).float().double() * 2
+    t = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    cached = _sampled_cache(t, k, m, seed=18)
+    no_tail_term = torch.full((n,), -math.inf, dtype=torch.float64)  # log w = −inf: the plain sums are D_KL1
+    _assert_cache_loss(s, cached, LossConfig(name="tad", k=k, beta=0.0), no_tail_term)
+
 
 def test_tail_samples_follow_the_tail_below_float32():
     """`cache.sample_tail` draws from the renormalised tail p̃ = p/α^T also where the teacher's tail lies 110-160 nats
