@@ -577,6 +577,9 @@ def test_mismatches_are_clear_errors(setup):
     (lambda text: json.dumps({**json.loads(text), "hidden_states": "bf16"}).encode(), "'hidden_states'"),
     (lambda text: json.dumps({**(m := json.loads(text)), "hidden_states": {"dtype": "bf16", "size": 32},
                               "teacher": {**m["teacher"], "head": "x"}}).encode(), "'head'"),
+    (lambda text: json.dumps({**(m := json.loads(text)), "hidden_states": {"dtype": "bf16", "size": 32},
+                              "teacher": {**m["teacher"], "head": {"scale": 1.0}}}).encode(), "'head' object with"),
+    (lambda text: json.dumps({**json.loads(text), "k": True}).encode(), "'k' is True, not an integer"),  # JSON true
 ])
 def test_a_damaged_cache_json_is_one_line_naming_it(setup, damage, why):
     """A cache.json that is not UTF-8, cut short, nested too deeply, not an object, or missing / mistyping a field
