@@ -116,7 +116,8 @@ def f32_forward_rel(fan_in: int) -> float:
 
 def assert_within(got, want, atol, rtol=0.0, msg: str = "") -> None:
     """|got − want| <= atol + rtol·|want| elementwise, in float64, with `atol` a number or a tensor broadcastable to
-    the values (a per-element bound). Non-finite entries must agree exactly (same infinity, or both NaN)."""
+    the values (a per-element bound; NaN where the reference is finite is no bound: refused). Non-finite entries must
+    agree exactly (same infinity, or both NaN)."""
     got = torch.as_tensor(got).detach().double()
     want = torch.as_tensor(want).detach().double()
     assert got.shape == want.shape, f"{msg}: shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -126,6 +127,7 @@ def assert_within(got, want, atol, rtol=0.0, msg: str = "") -> None:
     assert bool(torch.isfinite(got[finite]).all()), f"{msg}: got non-finite values where the reference is finite"
     allowed = torch.as_tensor(atol, dtype=torch.float64) + rtol * want.abs()
     allowed = torch.broadcast_to(allowed, want.shape)
+    assert not bool(torch.isnan(allowed[finite]).any()), f"{msg}: the bound is NaN where the reference is finite"
     diff = torch.where(finite, (got - want).abs(), 0.0)
     over = diff > allowed
     if bool(over.any()):
