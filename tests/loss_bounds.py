@@ -222,14 +222,17 @@ def skew_kl(s, t, alpha, temperature=1.0, reverse=False):
     def parts(lp, lq):
         return (lq, lp) if reverse else (lp, lq)
 
+    def log_mix(w, v):  # at α = 0 the library computes no mixture (log m = lv), and logaddexp's second derivative
+        return v if alpha == 0 else torch.logaddexp(w + la, v + lb)  # at −inf is NaN
+
     def loss64(lp, lq, d=None):
         w, v = parts(lp, lq)
-        lm = torch.logaddexp(w + la, v + lb)
+        lm = log_mix(w, v)
         return _kl64(w, lm if d is None else lm + d).sum()
 
     def terms(lp, lq):
         w, v = parts(lp, lq)
-        return _kl64(w, torch.logaddexp(w + la, v + lb))
+        return _kl64(w, log_mix(w, v))
 
     value, gbound = first_order(loss64, terms, s, t, temperature, n_ops=8)
     if alpha == 0:  # log m = lv exactly: no mixture is computed
@@ -241,7 +244,7 @@ def skew_kl(s, t, alpha, temperature=1.0, reverse=False):
     extra_v, extra_h = [], []
     for a, b in zip(P.l.reshape(-1, V), Q.l.reshape(-1, V)):
         w, v = parts(a, b)
-        lm = torch.logaddexp(w + la, v + lb)
+        lm = log_mix(w, v)
         delta = U * (2 * abs(la) + 2 * abs(lb) + 2 * _abs_finite(w) + 2 * _abs_finite(v) + _abs_finite(lm) + 2)
         delta = torch.where(lm > NEG_INF, delta, 0.0)  # an entry neither side has: −inf, no term
         zero = torch.zeros_like(a)
