@@ -222,8 +222,9 @@ def skew_kl(s, t, alpha, temperature=1.0, reverse=False):
     def parts(lp, lq):
         return (lq, lp) if reverse else (lp, lq)
 
-    def log_mix(w, v):  # at α = 0 the library computes no mixture (log m = lv), and logaddexp's second derivative
-        return v if alpha == 0 else torch.logaddexp(w + la, v + lb)  # at −inf is NaN
+    def log_mix(w, v):
+        """log m; at α = 0 log v, as the library computes it (logaddexp(w − inf, v)'s second derivative is NaN)."""
+        return v if alpha == 0 else torch.logaddexp(w + la, v + lb)
 
     def loss64(lp, lq, d=None):
         w, v = parts(lp, lq)

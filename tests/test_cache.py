@@ -465,7 +465,6 @@ def test_tail_samples_follow_the_tail_below_float32():
                     msg="log p of the draws")
 
 
-
 def test_tail_samples_of_a_row_without_tail_mass_or_distribution_are_uniform_on_the_tail():
     """`cache.sample_tail`'s rows without tail mass (every tail logit −inf: α^T = 0, its weights α^T/M are 0) and
     without a distribution (a NaN or a +inf logit) draw uniformly from the tail, never from 𝒦, and the latter's log p
@@ -486,6 +485,7 @@ def test_tail_samples_of_a_row_without_tail_mass_or_distribution_are_uniform_on_
     assert bool(((counts - mean).abs() < 5 * sd).all()), counts
     assert bool(draw_lp[0].eq(-math.inf).all()) and bool(draw_lp[1:3].isnan().all())
     assert bool(draw_lp[3].isfinite().all())
+
 
 def test_a_cache_of_tail_samples_drawn_by_an_older_tailkd_is_refused(setup):
     """Tail samples written before `cache.sample_tail` formed p̃ in log space were uniform draws where the teacher's
