@@ -877,7 +877,7 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tailkd: error: ") and line in err[0], err
         assert not run.exists()
-    # clm reads no teacher signal: its teacher.cache is neither read nor refused (prepare.check_teacher_cache)
+    # clm reads no teacher signal: its teacher.cache is neither read nor refused (prepare.check_before_models)
     monkeypatch.setattr(models, "load_teacher", real_load)  # the student is made from the teacher's layers
     assert main(base + ["--seq-len", "32", "--loss", "clm", "--out", str(tmp_path / "clm")]) == 0
 
@@ -956,7 +956,7 @@ def test_a_cache_of_another_tokenizer_or_corpus_is_refused_before_any_model_load
                                   {"paths": ["c.txt"], "doc_sep": "line", "doc_eos": False, "heldout_fraction": 0.2},
                                   {"paths": ["c.txt"], "cache_dir": "own-cache"}])
 def test_the_corpus_fingerprint_a_cache_run_checks_first_is_the_one_setup_data_gives(tmp_path, monkeypatch, data):
-    """`check_teacher_cache` compares a cache's corpus before any model loads with `train_corpus_fingerprint`, not
+    """`check_before_models` compares a cache's corpus before any model loads with `train_corpus_fingerprint`, not
     tokenising: it is the fingerprint of the training corpus `setup_data` prepares (what the cache is compared with
     when the teacher signal opens it) for the built-in news corpus, files in either order, a held-out corpus of its
     own, a built-in set, other settings and another data cache."""

@@ -535,7 +535,7 @@ class CacheReader:
                   teacher_weights_sha256_bf16: str | None = None) -> None:
         """A one-line TailkdError naming the first of the run's tokenizer, corpus, split, seq_len and teacher weights
         that is not this cache's (those given; None is not compared). The constructor checks what it is given; a run
-        checks what needs no model before any loads, the same way (`tailkd.prepare.check_teacher_cache`)."""
+        checks what needs no model before any loads, the same way (`tailkd.prepare.check_before_models`)."""
         m = self.meta
         rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
         checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),

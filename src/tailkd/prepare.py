@@ -1,8 +1,9 @@
 """What a distillation run prepares before its first step (`tailkd.train.setup_run` calls these in order).
 
-0. What of a teacher cache needs no model (`check_teacher_cache`: its cache.json, split, seq_len and K, every shard
-   there, whether it can give the loss; its tokenizer and corpus, against the data tokenizer read alone and the
-   corpus fingerprint computed without tokenising), before any model loads; the rest with the teacher signal (3.).
+0. What needs no model (`check_before_models`), before any model loads: of a teacher cache its cache.json, split,
+   seq_len and K, every shard there, whether it can give the loss; a loaded student's tokenizer against the
+   teacher's (read alone); the cache's tokenizer and corpus, against the data tokenizer and the corpus fingerprint
+   computed without tokenising. The rest of the cache with the teacher signal (3.).
 1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
    ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`), the student (built from the teacher,
    `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
@@ -318,42 +319,49 @@ def _cache_k(cfg: DistillConfig) -> int | None:
     return cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None
 
 
-def check_teacher_cache(cfg: DistillConfig) -> None:
-    """What of ``teacher.cache`` needs no model, checked before any loads (minutes for a large teacher): a complete
-    cache of training rows of this seq_len, holding the run's K, that can give the loss (`CacheReader.check_loss`),
-    then of the run's tokenizer and training corpus (`CacheReader.check_run`, the lines `setup_teacher_signal`
-    gives): the data tokenizer read alone (`data_tokenizer_fingerprint`) and the corpus fingerprint computed
-    without tokenising (`train_corpus_fingerprint`). The rest — teacher weights, number of rows — when
-    `setup_teacher_signal` opens it."""
-    if not cfg.teacher.cache or not LOSSES[cfg.loss.name].needs_teacher:
-        return
-    from tailkd.cache import CacheReader
+def check_before_models(cfg: DistillConfig) -> None:
+    """What needs no model, checked before any loads (minutes for a large teacher), in this order: of a teacher cache
+    (``teacher.cache``, a loss with a teacher) a complete cache of training rows of this seq_len, holding the run's K,
+    that can give the loss (`CacheReader.check_loss`); with ``student.path`` the two tokenizers read alone, one
+    vocabulary or a teacher's extending the student's (`vocab.relation`'s line, as `setup_models` gives it), and no
+    cache with an extending teacher (`check_cache_vocab`); then the cache's tokenizer and training corpus
+    (`CacheReader.check_run`, the lines `setup_teacher_signal` gives) against the data tokenizer
+    (`data_tokenizer_fingerprint`) and the corpus fingerprint computed without tokenising (`train_corpus_fingerprint`).
+    The rest — the models' heads, teacher weights, number of rows — when `setup_models` and `setup_teacher_signal`
+    load them."""
+    reader = None
+    if cfg.teacher.cache and LOSSES[cfg.loss.name].needs_teacher:
+        from tailkd.cache import CacheReader
 
-    reader = CacheReader(cfg.teacher.cache, split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg))
-    reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+        reader = CacheReader(cfg.teacher.cache, split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg))
+        reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+    if reader is None and not cfg.student.path:
+        return  # a student built from the teacher has the teacher's tokenizer: nothing to compare
     # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
     tokenizer_fp = dist.on_main_then_all(lambda: data_tokenizer_fingerprint(cfg))
-    if tokenizer_fp is None:  # another vocabulary: setup_models refuses it, or the cache with it (check_cache_vocab)
-        return
-    corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg.data, tokenizer_fp))
-    reader.check_run(tokenizer_fingerprint=tokenizer_fp, corpus_fingerprint=corpus_fp)
+    if reader is not None:
+        corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg.data, tokenizer_fp))
+        reader.check_run(tokenizer_fingerprint=tokenizer_fp, corpus_fingerprint=corpus_fp)
 
 
-def data_tokenizer_fingerprint(cfg: DistillConfig) -> str | None:
+def data_tokenizer_fingerprint(cfg: DistillConfig) -> str:
     """`vocab.tokenizer_fingerprint` of the tokenizer `setup_models` gives the data (the teacher's; the student's
     with ``student.path``), read alone from its model folder (seconds; a GGUF converted first, as loading it does).
-    None when a ``student.path`` tokenizer is not the teacher's (`vocab.relation` is "same" only for equal
-    fingerprints): a teacher vocabulary extending the student's, which `check_cache_vocab` refuses with a cache, or
-    a pair `setup_models` refuses; the run never compares such a cache's tokenizer or corpus."""
-    def fingerprint(spec) -> str:
+    With ``student.path`` the pair is checked as `setup_models` checks it: a TailkdError unless the tokenizers are one
+    (`vocab.relation` "same": equal fingerprints) or the teacher's extends the student's ("extends"), which refuses a
+    teacher cache (`check_cache_vocab`)."""
+    def tokenizer(spec):
         folder = models.model_dir(spec)
         models.read_config(folder)  # as loading the model does first: its line for a config it cannot read
-        return vocab_mod.tokenizer_fingerprint(models.load_tokenizer(folder))
+        return models.load_tokenizer(folder)
 
-    teacher = fingerprint(cfg.teacher.path)
-    if cfg.student.path and fingerprint(cfg.student.path) != teacher:
-        return None
-    return teacher
+    data_tokenizer = teacher_tokenizer = tokenizer(cfg.teacher.path)
+    if cfg.student.path:
+        data_tokenizer = tokenizer(cfg.student.path)
+        if vocab_mod.relation(teacher_tokenizer, data_tokenizer) == "extends":
+            check_cache_vocab(cfg, vocab_mod.real_vocab_size(data_tokenizer),
+                              vocab_mod.real_vocab_size(teacher_tokenizer))
+    return vocab_mod.tokenizer_fingerprint(data_tokenizer)
 
 
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,

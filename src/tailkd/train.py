@@ -51,7 +51,7 @@ from tailkd.onpolicy import OnPolicy, on_policy_from_config
 from tailkd.prepare import (
     attention_text,
     check_batch_split,
-    check_teacher_cache,
+    check_before_models,
     choose_loss_path,
     compile_models,
     loss_layer_text,
@@ -217,7 +217,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     ac = dist.autocast_dtype(cfg.train.precision, device)
     check_batch_split(cfg.train.batch_size)
     out, resuming, changes = dist.on_main_then_all(lambda: runs.prepare_run_dir(cfg))
-    check_teacher_cache(cfg)  # what of a teacher cache needs no model: before any loads
+    check_before_models(cfg)  # what needs no model (a teacher cache, a loaded student's tokenizer): before any loads
     seed_everything(cfg.train.seed)
     # rank 0 first: a GGUF teacher is converted into a cache once, a corpus tokenised into its cache once
     teacher, student, tokenizer, vocab, teacher_vocab, table = dist.on_main_then_all(lambda: setup_models(cfg, device))
