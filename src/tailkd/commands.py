@@ -88,12 +88,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched, format_table, heldout_metrics
     from tailkd.runs import progress_bar
-    from tailkd.vocab import check_vocab
+    from tailkd.vocab import check_vocab, relation
 
     student = Path(cfg.eval.student)
     if not student.is_dir():
         raise TailkdError(f"--student {student} is not a folder; pass a saved student (e.g. runs/x/final)")
     dev = resolve_device(cfg.eval.device, "eval.device")
+    relation(models.read_tokenizer(cfg.teacher.path), models.read_tokenizer(student))  # before either model loads
     s_model, s_tok = models.load_causal_lm(str(student))
     s_model.to(device=dev, dtype=torch.float32).eval()
     t_model, t_tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)

@@ -309,6 +309,15 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def read_tokenizer(spec: str | os.PathLike):
+    """The tokenizer of a model spec read alone, without its weights (seconds, where loading a large model takes
+    minutes): from `model_dir` (a GGUF converted first, as loading it does), its config read first
+    (`read_config`'s line for one it cannot read, as loading the model gives), then `load_tokenizer`."""
+    folder = model_dir(spec)
+    read_config(folder)
+    return load_tokenizer(folder)
+
+
 def load_tokenizer(path: Path):
     """The tokenizer saved in model folder ``path``, or a one-line TailkdError."""
     from transformers import AutoTokenizer

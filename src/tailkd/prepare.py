@@ -37,6 +37,53 @@ from tailkd.head import verify_head
 from tailkd.objective import computed_divergence
 from tailkd.registry import LOSSES
 
+# --------------------------------------------------------------------------- before any model loads
+
+def _cache_k(cfg: DistillConfig) -> int | None:
+    """The K a run reads from a teacher cache: loss.k for a loss with a K, else None (the cache's own)."""
+    return cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None
+
+
+def check_before_models(cfg: DistillConfig) -> None:
+    """What needs no model, checked before any loads (minutes for a large teacher), in this order: of a teacher cache
+    (``teacher.cache``, a loss with a teacher) a complete cache of training rows of this seq_len, holding the run's K,
+    that can give the loss (`CacheReader.check_loss`); with ``student.path`` the two tokenizers read alone, one
+    vocabulary or a teacher's extending the student's (`vocab.relation`'s line, as `setup_models` gives it), and no
+    cache with an extending teacher (`check_cache_vocab`); then the cache's tokenizer and training corpus
+    (`CacheReader.check_run`, the lines `setup_teacher_signal` gives) against the data tokenizer
+    (`data_tokenizer_fingerprint`) and the corpus fingerprint computed without tokenising (`train_corpus_fingerprint`).
+    The rest — the models' heads, teacher weights, number of rows — when `setup_models` and `setup_teacher_signal`
+    load them."""
+    reader = None
+    if cfg.teacher.cache and LOSSES[cfg.loss.name].needs_teacher:
+        from tailkd.cache import CacheReader
+
+        reader = CacheReader(cfg.teacher.cache, split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg))
+        reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
+    if reader is None and not cfg.student.path:
+        return  # a student built from the teacher has the teacher's tokenizer: nothing to compare
+    # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
+    tokenizer_fp = dist.on_main_then_all(lambda: data_tokenizer_fingerprint(cfg))
+    if reader is not None:
+        corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg.data, tokenizer_fp))
+        reader.check_run(tokenizer_fingerprint=tokenizer_fp, corpus_fingerprint=corpus_fp)
+
+
+def data_tokenizer_fingerprint(cfg: DistillConfig) -> str:
+    """`vocab.tokenizer_fingerprint` of the tokenizer `setup_models` gives the data (the teacher's; the student's
+    with ``student.path``), read alone from its model folder (seconds; a GGUF converted first, as loading it does).
+    With ``student.path`` the pair is checked as `setup_models` checks it: a TailkdError unless the tokenizers are one
+    (`vocab.relation` "same": equal fingerprints) or the teacher's extends the student's ("extends"), which refuses a
+    teacher cache (`check_cache_vocab`)."""
+    data_tokenizer = teacher_tokenizer = models.read_tokenizer(cfg.teacher.path)
+    if cfg.student.path:
+        data_tokenizer = models.read_tokenizer(cfg.student.path)
+        if vocab_mod.relation(teacher_tokenizer, data_tokenizer) == "extends":
+            check_cache_vocab(cfg, vocab_mod.real_vocab_size(data_tokenizer),
+                              vocab_mod.real_vocab_size(teacher_tokenizer))
+    return vocab_mod.tokenizer_fingerprint(data_tokenizer)
+
+
 # --------------------------------------------------------------------------- models: teacher, student, vocabulary
 
 def setup_models(cfg: DistillConfig, device: torch.device):
@@ -312,56 +359,6 @@ def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: to
         maths = "Triton row kernels" if kernels.available() else "torch row maths (pip install tailkd[kernels] " \
                                                                  "for the Triton ones)"
     return f"fused (LM heads + loss in chunks of {size}, {maths})"
-
-
-def _cache_k(cfg: DistillConfig) -> int | None:
-    """The K a run reads from a teacher cache: loss.k for a loss with a K, else None (the cache's own)."""
-    return cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None
-
-
-def check_before_models(cfg: DistillConfig) -> None:
-    """What needs no model, checked before any loads (minutes for a large teacher), in this order: of a teacher cache
-    (``teacher.cache``, a loss with a teacher) a complete cache of training rows of this seq_len, holding the run's K,
-    that can give the loss (`CacheReader.check_loss`); with ``student.path`` the two tokenizers read alone, one
-    vocabulary or a teacher's extending the student's (`vocab.relation`'s line, as `setup_models` gives it), and no
-    cache with an extending teacher (`check_cache_vocab`); then the cache's tokenizer and training corpus
-    (`CacheReader.check_run`, the lines `setup_teacher_signal` gives) against the data tokenizer
-    (`data_tokenizer_fingerprint`) and the corpus fingerprint computed without tokenising (`train_corpus_fingerprint`).
-    The rest — the models' heads, teacher weights, number of rows — when `setup_models` and `setup_teacher_signal`
-    load them."""
-    reader = None
-    if cfg.teacher.cache and LOSSES[cfg.loss.name].needs_teacher:
-        from tailkd.cache import CacheReader
-
-        reader = CacheReader(cfg.teacher.cache, split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg))
-        reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
-    if reader is None and not cfg.student.path:
-        return  # a student built from the teacher has the teacher's tokenizer: nothing to compare
-    # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
-    tokenizer_fp = dist.on_main_then_all(lambda: data_tokenizer_fingerprint(cfg))
-    if reader is not None:
-        corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg.data, tokenizer_fp))
-        reader.check_run(tokenizer_fingerprint=tokenizer_fp, corpus_fingerprint=corpus_fp)
-
-
-def data_tokenizer_fingerprint(cfg: DistillConfig) -> str:
-    """`vocab.tokenizer_fingerprint` of the tokenizer `setup_models` gives the data (the teacher's; the student's
-    with ``student.path``), read alone from its model folder (seconds; a GGUF converted first, as loading it does).
-    With ``student.path`` the pair is checked as `setup_models` checks it: a TailkdError unless the tokenizers are one
-    (`vocab.relation` "same": equal fingerprints) or the teacher's extends the student's ("extends"), which refuses a
-    teacher cache (`check_cache_vocab`)."""
-    def tokenizer(spec):
-        folder = models.model_dir(spec)
-        models.read_config(folder)  # as loading the model does first: its line for a config it cannot read
-        return models.load_tokenizer(folder)
-
-    data_tokenizer = teacher_tokenizer = tokenizer(cfg.teacher.path)
-    if cfg.student.path:
-        data_tokenizer = tokenizer(cfg.student.path)
-        if vocab_mod.relation(teacher_tokenizer, data_tokenizer) == "extends":
-            check_cache_vocab(cfg, vocab_mod.real_vocab_size(data_tokenizer),
-                              vocab_mod.real_vocab_size(teacher_tokenizer))
-    return vocab_mod.tokenizer_fingerprint(data_tokenizer)
 
 
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
