@@ -183,7 +183,8 @@ class TeacherConfig:
                             "bf16, fp32", choices=TEACHER_DTYPES)
     cache: Optional[str] = _f(None, "teacher cache folder (tailkd cache-teacher) that training steps read instead "
                                     "of running the teacher; the teacher is still loaded for the student's "
-                                    "initialisation and the held-out evaluation")
+                                    "initialisation and the held-out evaluation; unused by loss.name=clm (no "
+                                    "teacher signal)")
     parallel: str = _f("replicate", "teacher placement: replicate (a whole copy on every rank) or fsdp (FSDP2 "
                                     "shards it over the ranks, forward only, loaded shard by shard from its "
                                     "safetensors so no rank holds it whole; its LM head stays replicated; also in "
