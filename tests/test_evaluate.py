@@ -204,6 +204,47 @@ def test_overconfident_predictions(bins):
     assert sum(cal["full_count"]) == 7 * 2 and sum(cal["top1_count"]) == 7 and sum(cal["full_hits"]) == 7
 
 
+def test_a_bin_holding_a_single_pair_counts_in_both_eces():
+    """One position, q = (0.9, 0.1), label 1: bin 9 holds the one pair (q 0.9, no hit), bin 1 the other (q 0.1, hit),
+    each bin a single pair: Full-ECE = |0 − 0.9| + |1 − 0.1| = 1.8 and ECE = |0 − 0.9| = 0.9 (the empty-bin rule
+    skips bins without pairs only). float64 throughout: a few ulps of 1.8, far below 1e-12."""
+    m = heldout_metrics(from_probs([[0.9, 0.1]]), None, one_batch([0], [1]), 2, bins=10)
+    assert m["tokens"] == 1
+    assert m["student_full_ece"] == pytest.approx(1.8, abs=1e-12)
+    assert m["student_ece"] == pytest.approx(0.9, abs=1e-12)
+
+
+def test_no_valid_held_out_token_is_a_tailkd_error():
+    """Every label -100: no metric is defined (a division by N = 0); one line saying so, not a ZeroDivisionError."""
+    model = from_probs([[0.5, 0.5]])
+    with pytest.raises(TailkdError, match="no valid held-out tokens to evaluate"):
+        heldout_metrics(model, model, one_batch([0, 0], [IGNORE_INDEX, IGNORE_INDEX]), 2, bins=10)
+    with pytest.raises(TailkdError, match="no valid held-out tokens to evaluate"):
+        finalize({})
+
+
+def test_a_batch_without_a_valid_token_still_runs_both_forwards():
+    """heldout_sums' rule: every batch runs the student's and the teacher's forward, also one whose labels are all
+    -100 (a data-parallel rank out of rows keeps its collectives in step); the sums are those of the valid batches."""
+    calls = {"student": 0, "teacher": 0}
+
+    class Counting(TableLM):
+        def __init__(self, table, who):
+            super().__init__(table)
+            self.who = who
+
+        def forward(self, input_ids, **kw):
+            calls[self.who] += 1
+            return super().forward(input_ids, **kw)
+
+    student = Counting(torch.tensor([[0.1, 0.2], [0.3, -0.4]]), "student")
+    teacher = Counting(torch.tensor([[1.0, -1.0], [0.5, 0.0]]), "teacher")
+    batches = one_batch([0, 1], [IGNORE_INDEX, IGNORE_INDEX]) + one_batch([0, 1], [1, 0])
+    sums = evaluate.heldout_sums(student, teacher, batches, 2)
+    assert calls == {"student": 2, "teacher": 2}
+    assert float(sums["tokens"]) == 2
+
+
 def test_full_ece_matches_a_dense_reference():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(40, 7, generator=g, dtype=torch.float64) * 2
