@@ -126,7 +126,18 @@ def test_a_nan_clm_has_a_nan_perplexity_not_an_infinite_one():
     assert out["student_ppl"] == pytest.approx(math.exp(out["student_clm"]), rel=1e-15)
     from tailkd.evaluate import _exp
 
-    assert _exp(700.0) == math.inf and _exp(-1.0) == math.exp(-1.0)
+    assert _exp(710.0) == math.inf and _exp(-1.0) == math.exp(-1.0)
+
+
+def test_perplexity_is_finite_wherever_float64_holds_it():
+    """_exp's rule: exp of the mean CLM, inf only past float64's range (exp(x) > DBL_MAX for x > ln DBL_MAX ≈ 709.78).
+    A CLM of 700 or 709 (a diverged student) gave inf although exp(700) ≈ 1.0e304 and exp(709) ≈ 8.2e307 are
+    floats; math.exp is correctly rounded to within an ulp, and _exp must be that value."""
+    from tailkd.evaluate import _exp
+
+    for x in (100.0, 700.0, 709.0, 709.78):
+        assert _exp(x) == math.exp(x) and math.isfinite(_exp(x)), x
+    assert _exp(709.79) == math.inf and _exp(math.inf) == math.inf and math.isnan(_exp(math.nan))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

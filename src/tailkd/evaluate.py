@@ -147,7 +147,12 @@ def _ece(count: torch.Tensor, conf: torch.Tensor, hits: torch.Tensor, n: float) 
 
 def _exp(x: float) -> float:
     """Perplexity from a mean CLM: inf past float64's range, NaN for a NaN CLM (a model with NaN logits: not inf)."""
-    return math.exp(x) if x < 700 else float("inf") if x >= 700 else math.nan
+    if math.isnan(x):
+        return math.nan
+    try:
+        return math.exp(x)
+    except OverflowError:  # x > ln(DBL_MAX) ≈ 709.78
+        return math.inf
 
 
 def finalize(sums: dict[str, torch.Tensor], *, bins: int | None = None) -> dict:
