@@ -1,6 +1,7 @@
 """tailkd.analysis and `tailkd analyze-teacher`: tail mass α_K, mode mismatch, the two-panel figure."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from test_evaluate import TableLM, from_probs, one_batch, one_line_error
 from tiny import corpus_text, make_teacher_dir, make_tokenizer, write_corpus
 from transformers import AutoTokenizer
 
-from tailkd.analysis import tail_mass, teacher_statistics
+from tailkd.analysis import format_summary, tail_mass, teacher_statistics
 from tailkd.cli import main
 from tailkd.errors import TailkdError
 from tailkd.vocab import real_vocab_size
@@ -82,6 +83,26 @@ def test_statistics_closed_form():
     assert stats["alpha_median"][0] == pytest.approx(0.5, rel=rel)
     assert stats["alpha_q25"][0] == pytest.approx(0.35, rel=rel)  # linear interpolation between 0.2 and 0.5
     assert stats["alpha_q75"][1] == pytest.approx(0.2, rel=rel)
+
+
+def test_statistics_teacher_clm_is_the_mean_negative_log_probability_of_the_label():
+    """teacher_clm = (1/N) Σ_i −log p_iy over valid positions: here −(log 0.5 + log 0.3 + log 0.8)/3 (the ignored
+    position left out); float64 log-softmax of float64 log-probabilities, a few ulps of ~0.69, far below 1e-12."""
+    teacher = from_probs([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    stats = teacher_statistics(teacher, one_batch([0, 0, 1, 1], [0, 1, 2, -100]), 3, kmax=2)
+    want = -(math.log(0.5) + math.log(0.3) + math.log(0.8)) / 3
+    assert stats["teacher_clm"] == pytest.approx(want, rel=1e-12, abs=0)
+
+
+def test_summary_prints_the_mean_tail_mass_of_each_k_under_its_column():
+    """format_summary: columns α_K for K = 1, 5, 10, 20, 50, 100 up to kmax (K = kmax included), each holding
+    alpha_mean[K − 1] (lists are indexed from K = 1), then the mismatch rate and N."""
+    kmax = 20
+    results = {"teacher": {"k": list(range(1, kmax + 1)), "alpha_mean": [k / 100 for k in range(1, kmax + 1)],
+                           "mismatch_rate": 0.25, "tokens": 8}}
+    head, rule, row = format_summary(results).splitlines()
+    assert head.split() == ["teacher", "α_1", "α_5", "α_10", "α_20", "mismatch", "tokens"]
+    assert row.split() == ["teacher", "0.0100", "0.0500", "0.1000", "0.2000", "25.00%", "8"]
 
 
 def test_statistics_do_not_depend_on_batch_size():
