@@ -117,6 +117,24 @@ def test_method_table_orders_the_methods_as_the_paper():
     assert with_ref["MiniPLM"]["other"] == pytest.approx(model_flops_per_token(opt, seq_len=2048)["forward"] / 0.5)
 
 
+def test_minillm_teacher_scores_with_its_own_vocabulary_only():
+    """MiniLLM has no reference model: per trained token its teacher runs a forward over the P + G tokens and a
+    log-softmax + gather (SCORE_FLOPS_PER_VOCAB) over the teacher's V. The MiniPLM reference (its model, its size, its
+    vocabulary) must not change the MiniLLM row; its scoring cost was added to MiniLLM's teacher column too.
+    Sizes are integers and halves far below 2⁵³ (exact sums); the one division by P + G is within an ulp."""
+    teacher = ModelSize("t", 1000.0, hidden=8, vocab=50, layers=3, attn_dim=6)
+    student = ModelSize("s", 300.0, hidden=4, vocab=50, layers=2, attn_dim=4)
+    opt = ModelSize("r", 500.0, hidden=4, vocab=70, layers=1)
+    prompt, gen = 5, 7
+    seq = prompt + gen
+    forward = 2 * 1000 + 2 * 8 * 50 + 4 * 3 * 6 * seq / 2  # 2N + 2dV + Kaplan's attention over P + G
+    rows = [{r["method"].split(" (")[0]: r for r in method_table(teacher, student, seq_len=16, tokens=1.0,
+                                                                 prompt_len=prompt, gen_len=gen, **ref)}["MiniLLM"]
+            for ref in ({}, {"reference_params": 3e6}, {"reference_cfg": opt})]
+    assert rows[0]["teacher"] == pytest.approx(forward + SCORE_FLOPS_PER_VOCAB * 50, rel=1e-15)
+    assert rows[1] == rows[0] and rows[2] == rows[0]
+
+
 # A mixture of experts: each token passes through k = 2 of E = 8 experts (gated MLPs of 3·d·ffn weights each)
 MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "num_local_experts": 8,

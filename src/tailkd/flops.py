@@ -374,7 +374,7 @@ def method_table(teacher_cfg, student_cfg, *, seq_len: int = 2048, tokens: float
     row(f"SeqKD (gen {gen_len})", t_gen, s_train_seq, 0.0, clm,
         f"teacher generates {gen_len} tokens after {prompt_len} (KV cache); student CLM on prompt+generation")
     s_gen = _generation_per_sequence(s_seq, prompt_len, gen_len) / seq
-    t_score = t_seq["forward"] + score
+    t_score = t_seq["forward"] + SCORE_FLOPS_PER_VOCAB * t["vocab"]  # its own log-probs: no reference model here
     s_policy = s_seq["forward"] + ppo_epochs * s_train_seq + s_train_seq  # old log-probs + PPO epochs + LM term
     row(f"MiniLLM (gen {gen_len})", t_score, s_policy, s_gen, (ppo_epochs + 1) * loss_flops_per_token("rkl", V),
         f"student generates {gen_len}; teacher scores; {ppo_epochs} PPO epochs + pretraining-LM term")
