@@ -8,6 +8,7 @@ import pytest
 from test_evaluate import one_line_error
 
 from tailkd.cli import main
+from tailkd.errors import TailkdError
 from tailkd.flops import (
     SCORE_FLOPS_PER_VOCAB,
     ModelSize,
@@ -135,6 +136,74 @@ def test_minillm_teacher_scores_with_its_own_vocabulary_only():
     assert rows[1] == rows[0] and rows[2] == rows[0]
 
 
+def test_generation_rows_and_vs_kd_equal_plain_sums_over_the_decode_steps():
+    """SeqKD and MiniLLM per trained token, summed step by step from the documented rules (one forward of a token
+    whose query attends c keys: 2N + 2dV + 4·n_layer·c·d_attn; a prefill of P tokens at Kaplan's c = P/2; decode step
+    g at c = P + g plus sampling 5·V; training 3·F at Kaplan's c = (P + G)/2; the loss layer (c_loss + c_clm)·V),
+    and vs_kd = total / vanilla KD's total. Integers and halves far below 2⁵³ add exactly; one division per row."""
+    t = ModelSize("t", 1000.0, hidden=8, vocab=50, layers=3, attn_dim=6)
+    s = ModelSize("s", 300.0, hidden=4, vocab=50, layers=2, attn_dim=4)
+    prompt, gen, epochs, seq_len = 5, 7, 3, 16
+    seq = prompt + gen
+
+    def forward(m, keys):
+        return 2 * m.params_nonembedding + 2 * m.hidden * m.vocab + 4 * m.layers * keys * m.attn_dim
+
+    def generation(m):
+        total = prompt * forward(m, prompt / 2)
+        for g in range(gen):
+            total += forward(m, prompt + g) + 5 * m.vocab
+        return total
+
+    def loss(name):
+        return (LOSSES[name].flops_per_vocab + CLM_FLOPS_PER_VOCAB) * 50
+
+    rows = {r["method"].split(" (")[0]: r for r in method_table(t, s, seq_len=seq_len, tokens=1.0, prompt_len=prompt,
+                                                                gen_len=gen, ppo_epochs=epochs)}
+    train = 3 * forward(s, seq / 2)
+    want = {"SeqKD": (generation(t) / seq, train, 0.0, CLM_FLOPS_PER_VOCAB * 50),
+            "MiniLLM": (forward(t, seq / 2) + 5 * 50, forward(s, seq / 2) + epochs * train + train,
+                        generation(s) / seq, (epochs + 1) * loss("rkl"))}
+    for method, (teacher, student, other, loss_layer) in want.items():
+        got = rows[method]
+        for key, value in zip(("teacher", "student", "other", "loss"), (teacher, student, other, loss_layer)):
+            assert got[key] == pytest.approx(value, rel=1e-15), (method, key)
+    kd = forward(t, seq_len / 2) + 3 * forward(s, seq_len / 2) + loss("kd")
+    assert rows["Vanilla KD"]["total"] == kd and rows["Vanilla KD"]["vs_kd"] == 1.0
+    for method, row in rows.items():
+        assert row["vs_kd"] == pytest.approx(row["total"] / kd, rel=1e-15), method
+    assert rows["TAD"]["vs_kd"] != 1.0  # the KD row, not TAD's, is the denominator (their loss layers differ)
+
+
+def test_shared_experts_count_fully_and_only_modules_named_experts_are_routed():
+    """The module docstring's rule: of the weights under a module named ``experts`` a token passes through k/E;
+    shared experts (DeepSeek's ``shared_experts``) and the router count fully. A hand-built model: N by plain
+    counting."""
+    import torch
+
+    d, vocab, e, k = 4, 10, 4, 1
+
+    class Tiny(torch.nn.Module):
+        config = type("Cfg", (), {"hidden_size": d, "num_attention_heads": 1, "num_hidden_layers": 1,
+                                  "vocab_size": vocab, "num_experts_per_tok": k, "n_routed_experts": e})()
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False) for _ in range(e))
+            self.shared_experts = torch.nn.Linear(d, d, bias=False)
+            self.gate = torch.nn.Linear(d, e, bias=False)
+            self.head = torch.nn.Linear(d, vocab, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    size = model_size(Tiny())
+    routed, shared, router = e * d * d, d * d, d * e
+    assert size.params_nonembedding == routed * k / e + shared + router
+    assert size.experts == (k, e) and size.params_total == routed + shared + router + 2 * vocab * d
+
+
 # A mixture of experts: each token passes through k = 2 of E = 8 experts (gated MLPs of 3·d·ffn weights each)
 MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "num_local_experts": 8,
@@ -199,6 +268,10 @@ def test_model_size_from_total_parameters():
     s = ModelSize.from_total("t", 1.8e9, vocab=151936, hidden=2048)
     assert s.params_nonembedding == pytest.approx(1.8e9 - 2 * 151936 * 2048)
     assert ModelSize.from_total("t", 1e9, vocab=1000, hidden=100, tied=True).params_nonembedding == 1e9 - 1e5
+    # a total that is all embeddings leaves no non-embedding weights (N = 0): refused, like one below them
+    for total in (1e5, 1e5 - 1):
+        with pytest.raises(TailkdError, match="cannot hold tied embeddings of 1000×100"):
+            ModelSize.from_total("t", total, vocab=1000, hidden=100, tied=True)
 
 
 def test_flops_cli_with_sizes_and_with_config_files(tmp_path, capsys):
