@@ -68,6 +68,16 @@ def test_sentence_bleu_by_hand():
     assert sentence_bleu("", ["a", " "]) == 1.0  # identical (empty) hypothesis and reference
 
 
+def test_sentence_bleu_averages_over_max_order_precisions():
+    """BLEU = BP · exp((1/N) Σ_{n≤N} log p_n) with N = max_order: "a b c" vs "a b d" has p_1 = 2/3,
+    p_2 = (1 + 1)/(2 + 1) (add-one for n ≥ 2), BP = 1 (equal lengths); N = 1 and N = 2 give 2/3, N = 3 adds
+    p_3 = (0 + 1)/(1 + 1). A handful of float64 operations: within 1e-15 relative."""
+    assert sentence_bleu("a b c", ["a b d"], max_order=1) == pytest.approx(2 / 3, rel=1e-15)
+    assert sentence_bleu("a b c", ["a b d"], max_order=2) == pytest.approx(2 / 3, rel=1e-15)
+    want = (2 / 3 * 2 / 3 * 1 / 2) ** (1 / 3)
+    assert sentence_bleu("a b c", ["a b d"], max_order=3) == pytest.approx(want, rel=1e-15)
+
+
 def test_identical_empty_samples_are_not_read_as_diverse():
     """A student that ends every sample at once: Self-BLEU 1 (all samples identical), as Distinct-n says (0),
     not 0, which would rank it the most diverse."""
@@ -266,6 +276,17 @@ def test_generation_eval_teacher_optional_and_limit(tmp_path):
     assert res["student_exact_match"] == 0.5 and res["student_strict_exact_match"] == 0.0
     with pytest.raises(TailkdError, match="no held-out"):
         generation_eval(model, None, tok, [], max_new_tokens=8, progress=False)
+
+
+def test_answer_rate_counts_greedy_outputs_with_any_number():
+    """answer_rate: the fraction of greedy outputs from which an answer is read at all, by the flexible rule (a
+    last number counts, no #### needed): "so 2" is an answer (a wrong one here), "no idea" is not."""
+    tok = build_tiny_tokenizer()
+    pairs = [("Q1\n", "#### 4"), ("Q2\n", "#### 6")]
+    replies = {"Q1\n": "so 2", "Q2\n": "no idea"}
+    res = generation_eval(ScriptedLM(tok, lambda p: replies[p]), None, tok, pairs, max_new_tokens=8, progress=False,
+                          rouge=False)
+    assert res["student_answer_rate"] == 0.5 and res["student_exact_match"] == 0.0
 
 
 def test_generation_eval_rouge_l_of_student_and_teacher(tmp_path):
