@@ -23,6 +23,9 @@ from tailkd.answers import answers_match, exact_match, extract_answer, normalize
     ("#### 5\nso 9 + 1 = 10", "5"),  # #### beats later numbers
     ("The answer is 5. Check: 5 + 1 = 6", "5"),  # the phrase beats the last number
     ("The answer is $-4.50", "-4.5"),
+    ("The answer is -$4.50", "-4.5"),  # the sign before "$" (the phrase's own sign group)
+    ("The answer is 3. No: the answer is 5, as 2 + 3 = 5", "5"),  # the LAST phrase
+    ("ANSWER: 12 (from 3 x 4)", "12"),  # phrases are case-insensitive
     ("Final answer: 1,001", "1001"),
     ("so it is \\boxed{12}", "12"),
     ("3 apples and 4 pears, total 7", "7"),  # fallback: the last number
