@@ -27,11 +27,12 @@ stage starts. In a chain, a stage after the first with no ``student.path`` start
 stage's: ``student.num_layers``, ...) are dropped, and those it sets itself are refused, as by distill.
 Re-running a recipe skips stages that wrote ``final/`` and ``summary.json`` (`finished`), resumes a stage that has
 checkpoints, and skips evaluations already made (of a stage not trained again, with their settings saved beside
-them: ``RUN/eval.settings.json``), so an interrupted recipe continues. A finished stage is skipped only if it was
-run with the stage's settings (`saved_change`), an evaluation kept only if made with the ``evaluate:`` settings
-(`check_evaluations`); otherwise the recipe stops, before anything runs, with one line naming the setting. In a
-chain, a stage that has a run folder while the stage it starts from is to be trained again (its ``final/`` deleted)
-stops the recipe before anything runs (`check_chain`): it began from the student that is being replaced.
+them: ``RUN/eval.settings.json``, or ``RUN/generate.settings.json`` beside a ``generate.json``), so an interrupted
+recipe continues. A finished stage is skipped only if it was run with the stage's settings (`saved_change`), an
+evaluation kept only if made with the ``evaluate:`` settings (`check_evaluations`); otherwise the recipe stops,
+before anything runs, with one line naming the setting. In a chain, a stage that has a run folder while the stage it
+starts from is to be trained again (its ``final/`` deleted) stops the recipe before anything runs (`check_chain`): it
+began from the student that is being replaced.
 """
 
 from __future__ import annotations
