@@ -524,6 +524,18 @@ def test_a_recipe_part_of_another_shape_is_one_line(tmp_path, part, match):
         read_recipe(path, None if "out_dir" in part else str(tmp_path / "r"))
 
 
+def test_a_missing_recipe_file_is_named_as_the_recipe(tmp_path, capsys):
+    """`tailkd recipe FILE` of no file: one line naming the recipe, not the --config flag (which recipe has not: the
+    line was load_yaml's 'pass an existing YAML file to --config')."""
+    from tailkd.cli import main
+
+    missing = tmp_path / "nope.yaml"
+    assert main(["recipe", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tailkd: error: recipe file {missing} does not exist; give the path of a recipe YAML file "
+                   "(e.g. configs/math-two-stage.yaml)"]
+
+
 @pytest.mark.parametrize("evaluate, name", [
     ({"generate": {"enabled": True, "limit": 2}}, "generate.json"), ({"generate": {"limit": 2}}, "eval.json"),
     ({"generate": None}, "eval.json"), ({"eval": {"max_rows": 2}}, "eval.json")])
