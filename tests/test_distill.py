@@ -33,6 +33,18 @@ def base_args(assets, out, *extra):
             "--out", str(out), *extra]
 
 
+def test_expected_duration_says_one_step_and_one_evaluation_in_the_singular():
+    """The ETA line counts one step and one held-out evaluation as such (a resume two steps before the end printed
+    'expected: 6 s more (1 steps at 6.3 s/step)'); more are plural, none is left out, as before."""
+    from tailkd.runs import expected_duration
+
+    assert expected_duration(6.3, 1, 17.0, 1).startswith("expected: 23 s more (1 step at 6.3 s/step + 1 held-out "
+                                                         "evaluation at 17 s); done around ")
+    assert expected_duration(1.4, 38, 3.0, 4).startswith("expected: 1 min 05 s more (38 steps at 1.4 s/step + 4 "
+                                                         "held-out evaluations at 3 s); done around ")
+    assert expected_duration(6.3, 1, 0.0, 1).startswith("expected: 6 s more (1 step at 6.3 s/step); done around ")
+
+
 def test_student_layers_list_overrides_num_layers(assets, tmp_path):
     """``--student.layers`` lists the teacher layers to keep and overrides num_layers (its help says so): with the
     default or another count also set, a list of a different length builds that student (it was refused: "layers

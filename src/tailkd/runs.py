@@ -149,9 +149,10 @@ def expected_duration(step_seconds: float, steps_left: int, eval_seconds: float,
     """The line printed after the first steps: the time the rest of the invocation should take, measured."""
     rest = step_seconds * steps_left + eval_seconds * evals_left
     done = time.strftime("%H:%M", time.localtime(time.time() + rest))
-    evals = f" + {evals_left} held-out evaluations at {eval_seconds:.0f} s" if eval_seconds and evals_left else ""
-    return (f"expected: {format_duration(rest)} more ({steps_left} steps at {step_seconds:.1f} s/step{evals}); "
-            f"done around {done}")
+    evals = (f" + {evals_left} held-out evaluation{'s' * (evals_left != 1)} at {eval_seconds:.0f} s"
+             if eval_seconds and evals_left else "")
+    return (f"expected: {format_duration(rest)} more ({steps_left} step{'s' * (steps_left != 1)} at "
+            f"{step_seconds:.1f} s/step{evals}); done around {done}")
 
 
 # --------------------------------------------------------------------------- run folder
