@@ -42,6 +42,18 @@ def test_sft_distill_learns_and_counts_only_responses(assets, tmp_path, loss):
     assert AutoModelForCausalLM.from_pretrained(run / "final").config.num_hidden_layers == 2
 
 
+def test_sft_truncation_is_a_tailkd_warning_line(assets, tmp_path, capsys):
+    """`sft.prepare_sft`'s warning of examples cut to --seq-len prints as tailkd's other warnings do, one
+    ``tailkd: warning: SFT data: ...`` line on stderr, not Python's ``.../sft.py:LINE: UserWarning: ...`` with the
+    caller's source line under it."""
+    assert main(sft_args(assets, tmp_path / "run", "--loss", "kd", "--steps", "1", "--seq-len", "40")) == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [x for x in err if "SFT data:" in x]
+    assert len(lines) == 1 and lines[0].startswith("tailkd: warning: SFT data: ") and "truncated to --seq-len 40" in \
+        lines[0], err
+    assert not any("UserWarning" in x or "prepare_sft(" in x for x in err), err
+
+
 def test_two_stage_recipe(assets, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     common = {"teacher": {"path": str(assets["teacher"])},

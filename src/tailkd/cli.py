@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from tailkd import __version__
 from tailkd import command_config as cc  # the subcommands' typed configs (no torch: importing them is cheap)
@@ -236,6 +237,27 @@ def _keep_host_memory() -> None:
 
 
 @contextlib.contextmanager
+def _own_warnings():
+    """tailkd's own warnings (``warnings.warn`` in its modules, e.g. SFT data truncated to --seq-len) printed as its
+    other warnings are, ``tailkd: warning: MESSAGE`` on stderr, not Python's ``FILE:LINE: UserWarning: ...`` and the
+    source line, and each time (a recipe's second stage warns again; Python's default shows a place once); other
+    libraries' warnings keep Python's format and filters."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.dirname(os.path.abspath(filename)) == package:
+            print(f"tailkd: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores the filters and showwarning
+        warnings.filterwarnings("always", module=r"tailkd(\.|$)")
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
 def _unwind_on_sigterm():
     """Within the block SIGTERM raises `Terminated` (Python's default ends the process at once: temporary folders
     and lm-eval's work folder stayed, and nothing was said); the handler then steps aside, so a second SIGTERM ends
@@ -268,7 +290,7 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
         return 0
     debug = getattr(args, "debug", False) or args.debug_first
     try:
-        with _unwind_on_sigterm():
+        with _unwind_on_sigterm(), _own_warnings():
             if keep_host_memory:
                 _keep_host_memory()
             return int(args.func(args) or 0)
