@@ -305,6 +305,11 @@ def test_eval_settings_default_to_the_students_run(tmp_path):
     # --generate of a pretraining run: its text holds no prompts, so its data.paths are not taken
     cfg = parse(["--student", student, "--generate"], EvalConfig)
     assert cfg.generate.enabled and cfg.data.paths == [] and cfg.data.math_heldout == 7
+    # nor its seq_len (the length of its packed text rows): the decoded examples' limit is the given one, or 128
+    from tailkd.config import DataConfig
+
+    assert cfg.data.seq_len == DataConfig().seq_len == 128
+    assert parse(["--student", student, "--generate", "--seq-len", "300"], EvalConfig).data.seq_len == 300
     (run / "config.yaml").write_text("data:\n  seq_len: long\n")
     with pytest.raises(TailkdError, match=r"config\.yaml: config key data\.seq_len expects an integer"):
         parse(["--student", student], EvalConfig)

@@ -626,6 +626,28 @@ def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm,
     assert not (tmp_path / "e.json").exists()
 
 
+def test_eval_generate_of_a_pretraining_run_takes_its_seq_len(assets):
+    """The built-in math problems `eval --generate` decodes for a pretraining student were always prepared at the
+    default 128 tokens, whatever --seq-len said (the warning then asked to raise --seq-len): now at data.seq_len,
+    so a longer limit keeps more held-out problems whole."""
+    import warnings
+
+    from tailkd import models
+    from tailkd.command_config import EvalConfig
+    from tailkd.commands import generation_examples
+
+    tokenizer = models.load_tokenizer(assets["teacher"])
+    kept = {}
+    for seq_len in (256, 1024):
+        cfg = EvalConfig()
+        cfg.generate.enabled, cfg.data.seq_len, cfg.data.cache_dir = True, seq_len, str(assets["cache"])
+        with warnings.catch_warnings():  # the count of examples cut to --seq-len: not what is checked here
+            warnings.simplefilter("ignore")
+            rows, _ = generation_examples(cfg, tokenizer)
+        kept[seq_len] = len(rows)
+    assert 0 < kept[256] < kept[1024], kept
+
+
 def write_prompts(path, objs):
     path.write_text("".join(json.dumps(o) + "\n" for o in objs))
     return path

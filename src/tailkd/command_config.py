@@ -191,7 +191,9 @@ class EvalConfig:
 
     OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "teacher.parallel", "data.eval_rows")
     HELP: ClassVar[dict[str, str]] = {
-        "data.seq_len": "tokens per packed held-out row (default: the student's run's; 128 without one)"}
+        "data.seq_len": "tokens per packed held-out row (default: the student's run's; 128 without one); with "
+                        "--generate the most tokens of a decoded prompt/response example (a pretraining run's row "
+                        "length is not taken: 128 unless given)"}
     ALIASES: ClassVar[dict[str, str]] = {
         "student": "eval.student", "teacher": "teacher.path", "teacher-dtype": "teacher.dtype", **DATA_ALIASES,
         **_aliases("eval", EvalOptions, "split", "batch_size", "max_rows", "bins", "device", "out"),
@@ -202,10 +204,12 @@ class EvalConfig:
     @classmethod
     def run_defaults(cls, given: dict) -> dict:
         """The teacher and data sections of the student's run. With ``--generate`` a pretraining run's data.paths
-        are left out: text holds no prompts (the built-in math problems are decoded instead)."""
+        and data.seq_len are left out: text holds no prompts (the built-in math problems are decoded instead, their
+        examples limited by the given --seq-len or the default, not by the length of the run's packed text rows)."""
         out, run = run_sections(cls, _given(given, "eval", "student"), ("teacher", "data"))
         if _given(given, "generate", "enabled") and _given(run, "data", "task") != "sft":
-            out.get("data", {}).pop("paths", None)
+            for key in ("paths", "seq_len"):
+                out.get("data", {}).pop(key, None)
         return out
 
     def validate(self) -> EvalConfig:

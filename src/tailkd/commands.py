@@ -143,7 +143,8 @@ def generation_examples(cfg: EvalConfig, tokenizer):
     rendered by `generation.generation_eval` with the template returned). Otherwise, with
     ``data.task sft``, the held-out split of the data (an SFT run's own: ``data.heldout_paths``, else a held-out
     fraction of ``data.paths``; the built-in math problems' when no path is given); else the held-out set of the
-    built-in math problems (``data.math_train``/``data.math_heldout`` name the same set as a builtin:math run's).
+    built-in math problems (``data.math_train``/``data.math_heldout`` name the same set as a builtin:math run's),
+    examples of at most ``data.seq_len`` tokens (`EvalConfig.run_defaults` does not take a pretraining run's).
     """
     from tailkd import sft
     from tailkd.corpus import default_cache_root
@@ -152,7 +153,8 @@ def generation_examples(cfg: EvalConfig, tokenizer):
         template = sft.resolve_chat_template(tokenizer, sft.chat_template_setting(cfg.data.chat_template))
         return sft.read_sft_examples([Path(p) for p in cfg.generate.prompts], references_optional=True), template
     data = cfg.data if cfg.data.task == "sft" else DataConfig(
-        task="sft", cache_dir=cfg.data.cache_dir, math_train=cfg.data.math_train, math_heldout=cfg.data.math_heldout)
+        task="sft", seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir, math_train=cfg.data.math_train,
+        math_heldout=cfg.data.math_heldout)
     root = Path(data.cache_dir) if data.cache_dir else default_cache_root()
     _, held_rows, _ = sft.setup_sft_rows(data, tokenizer, root)
     return held_rows, held_rows.chat_template
