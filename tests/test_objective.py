@@ -92,6 +92,27 @@ def test_all_masked_batch_is_zero_with_finite_gradient():
     assert torch.all(x.grad == 0)
 
 
+@pytest.mark.parametrize("count", [0, torch.tensor(0), torch.tensor(0.0)])
+def test_a_step_without_valid_tokens_is_zero_whatever_the_type_of_its_count(count):
+    """The count may be a Python int or a tensor (a device count, e.g. summed over ranks by all_reduce): a step whose
+    global count is 0 (every label -100) gives loss 0 and zero gradients on the dense and the chunked path, not
+    0 / 0 = NaN; the denominator is clamped to 1 for both kinds (`objective._normalised`)."""
+    from tailkd.head import Head, HeadSpec
+    from tailkd.objective import chunked_objective
+
+    s, t, labels = _batch(B=3, T=6, V=40, seed=6)
+    hs, ht, w_s, w_t = _hidden_and_heads(6)
+    labels[:] = IGNORE_INDEX
+    x, h = s.clone().requires_grad_(True), hs.clone().requires_grad_(True)
+    dense = objective(x, labels, count, cfg=LossConfig(name="tad", k=5), teacher_logits=t)
+    chunked = chunked_objective(h, Head(w_s, None, HeadSpec(40)), labels, count, cfg=LossConfig(name="tad", k=5),
+                                teacher_hidden=ht, teacher_head=Head(w_t, None, HeadSpec(40)), chunk_size=4)
+    (dense.loss + chunked.loss).backward()
+    for out in (dense, chunked):
+        assert [float(out.loss.detach()), float(out.clm), float(out.div), float(out.cos)] == [0.0] * 4
+    assert torch.all(x.grad == 0) and torch.all(h.grad == 0)
+
+
 def test_cosine_term_and_missing_teacher_errors():
     s, t, labels = _batch(seed=7)
     hs, ht = torch.randn(4, 7, 8, dtype=torch.float64), torch.randn(4, 7, 12, dtype=torch.float64)
