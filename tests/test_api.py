@@ -79,6 +79,35 @@ def test_distill_loss_normalises_by_the_count_it_is_given():
         tailkd.distill_loss(h_s, w_s, h_t, w_t[:-1], labels)
 
 
+def test_distill_loss_adds_the_biases_given_beside_bare_weights():
+    """``student_bias`` / ``teacher_bias`` beside bare weights enter the logits, z = h Wᵀ + b: the value equals plain
+    float64 sums of CE(q_t, y_t) + KL(p_t‖q_t) over the valid tokens, / their count, from those logits. Error bound:
+    float64 (u ≈ 1.1e-16) over dot products of 8–12 terms and sums of ≤ 30-term softmaxes and 8 tokens, values O(10):
+    ≪ 1e-12 relative. The biases (scale 2) move the loss by far more than that."""
+    g = torch.Generator().manual_seed(5)
+    h_s, h_t = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 5, 12, generator=g,
+                                                                                  dtype=torch.float64)
+    w_s, w_t = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(30, 12, generator=g,
+                                                                                dtype=torch.float64)
+    b_s, b_t = 2 * torch.randn(30, generator=g, dtype=torch.float64), 2 * torch.randn(30, generator=g,
+                                                                                      dtype=torch.float64)
+    labels = torch.randint(0, 30, (2, 5), generator=g)
+    labels[0, :2] = labels[1, 4] = -100
+    got = tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss="kd", student_bias=b_s, teacher_bias=b_t)
+    total, n = 0.0, 0
+    for b in range(2):
+        for t in range(5):
+            if labels[b, t] == -100:
+                continue
+            log_q = torch.log_softmax(h_s[b, t] @ w_s.T + b_s, -1)
+            log_p = torch.log_softmax(h_t[b, t] @ w_t.T + b_t, -1)
+            total += -float(log_q[labels[b, t]]) + float((log_p.exp() * (log_p - log_q)).sum())
+            n += 1
+    assert float(got.loss) == pytest.approx(total / n, rel=1e-12)
+    unbiased = tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss="kd")
+    assert abs(float(unbiased.loss) - total / n) > 1e-2
+
+
 def _padded_rows():
     """4 rows of 12 tokens, left-padded to different lengths (attention_mask 0 and label -100 on the padding): each
     micro-batch of 1 or 2 rows has its own count of valid labels."""
