@@ -281,6 +281,21 @@ def test_packing_keeps_examples_whole_with_their_own_segments(tok, tmp_path):
     assert seen == list(range(8))
     assert info["train"]["fill"] > padded.stats()["fill"]
 
+def test_packing_fills_a_row_exactly(tok, tmp_path):
+    """Next-fit: an example that fits the current row's space exactly goes in it. Each example here is 8 tokens
+    ("Q?\\n", 4 response bytes, EOS), so 7 positions: two fill a row of 14 to the last position, with no padding, and
+    the third starts the next row."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?\n", "response": r} for r in ("zzzz", "yyyy", "xxxx")])
+    packed, _, _ = prepare_sft([f], tok, seq_len=14, chat_template=None, heldout_fraction=0, mode="pack")
+    assert packed.rows == [[0, 1], [2]]
+    row = packed[0]
+    assert row["segment_ids"].tolist() == [0] * 7 + [1] * 7
+    first, _ = expected_row(tok, [(byte_ids(tok, "Q?\n"), False), (byte_ids(tok, "zzzz"), True),
+                                  ([tok.eos_token_id], True)])
+    second, _ = expected_row(tok, [(byte_ids(tok, "Q?\n"), False), (byte_ids(tok, "yyyy"), True),
+                                   ([tok.eos_token_id], True)])
+    assert row["input_ids"].tolist() == first + second
+
 
 def test_rows_work_with_the_trainer_collate_and_sampler(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
