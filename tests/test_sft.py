@@ -345,6 +345,21 @@ def test_truncation_and_drop_counts(tok, tmp_path):
 
 # --------------------------------------------------------------------------- held-out split and prompts
 
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_an_example_of_exactly_seq_len_plus_one_tokens_is_whole(tok, tmp_path, overlong):
+    """seq_len positions hold an example of seq_len + 1 tokens whole (only longer ones are overlong): it is neither
+    truncated nor dropped, in either overlong mode, and no warning is given. Here "Q?\\n" + "zzzz" + EOS = 8 tokens
+    in a row of 7 positions, labels through the EOS."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?\n", "response": "zzzz"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, _, info = prepare_sft([f], tok, seq_len=7, chat_template=None, heldout_fraction=0, overlong=overlong)
+    counts = info["train"]
+    assert (counts["truncated"], counts["dropped_overlong"], counts["dropped_no_response"]) == (0, 0, 0)
+    want = expected_row(tok, [(byte_ids(tok, "Q?\n"), False), (byte_ids(tok, "zzzz"), True),
+                              ([tok.eos_token_id], True)])
+    assert len(train) == 1 and as_lists(train[0], 7) == want
+
 
 def test_heldout_split_is_deterministic_and_prompt_disjoint(tok, tmp_path):
     objs = [{"prompt": f"P{i % 30}", "response": f"R{i}"} for i in range(60)]  # each prompt twice
