@@ -360,6 +360,15 @@ def test_an_example_of_exactly_seq_len_plus_one_tokens_is_whole(tok, tmp_path, o
                               ([tok.eos_token_id], True)])
     assert len(train) == 1 and as_lists(train[0], 7) == want
 
+def test_an_example_left_with_one_label_is_kept(tok, tmp_path):
+    """Only an example left WITHOUT a label is dropped: a one-token prompt truncated to seq_len 1 keeps one position,
+    whose label is the response's first token."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "response": "zzz"}, EXAMPLES[0]])
+    with pytest.warns(UserWarning, match="truncated"):
+        train, _, info = prepare_sft([f], tok, seq_len=1, chat_template=None, heldout_fraction=0)
+    assert info["train"]["dropped_no_response"] == 1 and len(train) == 1  # EXAMPLES[0]: its prompt fills the row
+    assert as_lists(train[0], 1) == (byte_ids(tok, "Q"), byte_ids(tok, "z"))
+
 
 def test_heldout_split_is_deterministic_and_prompt_disjoint(tok, tmp_path):
     objs = [{"prompt": f"P{i % 30}", "response": f"R{i}"} for i in range(60)]  # each prompt twice
