@@ -384,6 +384,13 @@ def test_heldout_split_is_deterministic_and_prompt_disjoint(tok, tmp_path):
     lines = [int(e.source.rsplit(":", 1)[1]) for e in tr1.examples]
     assert lines == sorted(lines)  # file order kept
 
+def test_a_small_heldout_fraction_holds_out_one_example(tok, tmp_path):
+    """round(fraction · n) held out, at least 1: 0.05 · 5 rounds to 0, so one example of five is held out (not
+    none, and not all five)."""
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:5])
+    train, held, _ = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0.05)
+    assert (len(held.examples), len(train.examples)) == (1, 4)
+
 
 def test_heldout_files_drop_overlapping_training_prompts(tok, tmp_path):
     f = write_jsonl(tmp_path / "train.jsonl", EXAMPLES)
