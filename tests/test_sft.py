@@ -304,6 +304,18 @@ def test_rows_work_with_the_trainer_collate_and_sampler(tok, tmp_path):
     batch = collate([train[next(sampler)] for _ in range(3)])
     assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 40) for k in batch}
 
+def test_stats_count_positions_labels_and_fill(tok, tmp_path):
+    """info's per-split counts from their definitions: ``tokens`` the positions the examples take (an example of L
+    tokens takes L - 1), ``response_tokens`` the positions with a label, ``fill`` tokens / (rows · seq_len). Two
+    examples "Q?\\n" + 4 response bytes + EOS: 7 positions, 5 labels each (4 bytes and the EOS); padded into rows of
+    10, packed into one row of 14."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?\n", "response": r} for r in ("zzzz", "yyyy")])
+    for mode, seq_len, rows in (("pad", 10, 2), ("pack", 14, 1)):
+        _, _, info = prepare_sft([f], tok, seq_len=seq_len, chat_template=None, heldout_fraction=0, mode=mode)
+        stats = info["train"]
+        assert (stats["examples"], stats["rows"], stats["tokens"], stats["response_tokens"]) == (2, rows, 14, 10)
+        assert stats["fill"] == 14 / (rows * seq_len)
+
 
 def test_right_padding_after_the_last_response_changes_no_logit(tok, tmp_path):
     """Rows are right-padded to seq_len and batched as the trainer batches them (``collate_rows``); no attention
