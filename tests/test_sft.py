@@ -496,6 +496,15 @@ def test_empty_heldout_rows_are_a_dataset(tok, tmp_path):
     with pytest.raises(IndexError):
         held[0]
 
+def test_rows_index_from_the_end_like_a_sequence(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:3])
+    train, _, _ = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0)
+    for i in (-1, -3):
+        assert all(torch.equal(train[i][k], train[len(train) + i][k]) for k in train[i])
+    for i in (3, -4):
+        with pytest.raises(IndexError):
+            train[i]
+
 
 # --------------------------------------------------------------------------- the real SmolLM2 template
 
