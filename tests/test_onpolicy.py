@@ -118,6 +118,38 @@ def test_generation_restores_the_training_mode_and_rng(tiny_lm):
                         pad_id=PAD, seed=1)
     assert model.training and torch.equal(torch.get_rng_state(), state)
 
+def _fixed_lm(tiny_lm, probs: torch.Tensor):
+    """A tiny LM whose next-token distribution is ``probs`` [V] at every position, whatever the prompt: its LM head
+    is a zero weight plus a bias of log ``probs``."""
+    model = tiny_lm(vocab_size=probs.numel())
+    head = torch.nn.Linear(model.config.hidden_size, probs.numel(), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(probs.log())
+    model.lm_head = head
+    return model.eval()
+
+
+def _first_tokens(model, n: int, **sampling) -> list[int]:
+    """The first sampled token of each of ``n`` one-token prompts, as the on-policy step samples them."""
+    policy = op.OnPolicy(1.0, **{"temperature": 1.0, "top_p": 1.0} | sampling, max_new_tokens=1, seed=0,
+                         stops=(EOS,), pad_id=PAD)
+    rows = [op.build_row([5], [6], 4, PAD) for _ in range(n)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    new, _ = policy.generate_batch(model, batch, seed=1)
+    return new["labels"][:, 0].tolist()
+
+
+def test_sampling_is_nucleus_top_p_of_the_students_distribution(tiny_lm):
+    """train.on_policy_top_p reaches the sampler: with p(7) = 0.6, p(8) = 0.3 and the other 0.1 spread over the rest,
+    the nucleus of top-p 0.8 is {7, 8}, so no sample falls outside it; without the cut each of 200 draws would
+    fall outside with probability 0.1 (all 200 inside: 0.9^200 < 1e-9)."""
+    V = 64
+    probs = torch.full((V,), 0.1 / (V - 2))
+    probs[7], probs[8] = 0.6, 0.3
+    drawn = _first_tokens(_fixed_lm(tiny_lm, probs), 200, top_p=0.8)
+    assert set(drawn) <= {7, 8} and set(drawn) == {7, 8}
+
 
 def final_weights(run):
     from safetensors.torch import load_file
