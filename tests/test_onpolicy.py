@@ -151,6 +151,15 @@ def test_sampling_is_nucleus_top_p_of_the_students_distribution(tiny_lm):
     assert set(drawn) <= {7, 8} and set(drawn) == {7, 8}
 
 
+def test_sampling_applies_no_top_k(tiny_lm):
+    """No top-k cut (the module docstring): from a near-uniform distribution over V = 262 ids (p_i ∝ exp(−i/1000):
+    no ties, which a top-k cut would keep whole), 200 draws hit far more than the 50 ids that transformers' default
+    top-k would leave (expected distinct ids about 262 (1 − (261/262)^200) ≈ 140, standard deviation about 5)."""
+    V = 262
+    drawn = _first_tokens(_fixed_lm(tiny_lm, torch.softmax(-torch.arange(V) / 1000.0, 0)), 200)
+    assert len(set(drawn)) > 100
+
+
 def final_weights(run):
     from safetensors.torch import load_file
 
