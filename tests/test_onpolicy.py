@@ -44,6 +44,13 @@ def test_on_policy_draws_are_counter_based_with_rate_lambda():
     assert abs(sum(draws) / len(draws) - 0.3) < 5 * math.sqrt(0.3 * 0.7 / len(draws))
     assert draws != [op.is_on_policy(0.3, 8, s, m) for s in range(2000) for m in range(2)]  # the seed matters
 
+def test_each_micro_batch_of_a_step_draws_on_its_own():
+    """Whether a micro-batch is on-policy is drawn per (seed, step, micro-batch): the micro-batches of one step are
+    independent Bernoulli(λ) draws, so with λ = 0.5 the two of a step differ in about half of the steps (expected
+    2λ(1 − λ) = 0.5 of 2000 steps; standard deviation sqrt(0.25 / 2000) = 0.011), not never."""
+    differ = [op.is_on_policy(0.5, 3, s, 0) != op.is_on_policy(0.5, 3, s, 1) for s in range(2000)]
+    assert abs(sum(differ) / len(differ) - 0.5) < 5 * math.sqrt(0.25 / len(differ))
+
 
 def test_generate_batch_keeps_prompts_and_labels_only_generated_tokens(tiny_lm):
     model, T = tiny_lm(), 24
