@@ -166,6 +166,25 @@ def test_sampling_applies_no_top_k(tiny_lm):
     drawn = _first_tokens(_fixed_lm(tiny_lm, torch.softmax(-torch.arange(V) / 1000.0, 0)), 200)
     assert len(set(drawn)) > 100
 
+def test_a_sampled_stop_token_is_kept_and_labelled(tiny_lm):
+    """Generation stops at the first stop token, which is kept and labelled as the dataset's EOS is: with p(EOS) = 0.5
+    at every position and at most 6 new tokens, each of 20 rows ends with its label EOS unless it drew no EOS in 6
+    draws (probability 1/64 per row; that no row stops at all: 64^-20); EOS is never labelled before a row's end."""
+    V = 64
+    probs = torch.full((V,), 0.5 / (V - 1))
+    probs[EOS] = 0.5
+    model = _fixed_lm(tiny_lm, probs)
+    policy = op.OnPolicy(1.0, 1.0, 1.0, 6, 0, (EOS,), PAD)
+    rows = [op.build_row([5], [6], 12, PAD) for _ in range(20)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    new, tokens = policy.generate_batch(model, batch, seed=1)
+    stopped = 0
+    for y in new["labels"]:
+        valid = y[y != IGNORE_INDEX].tolist()
+        assert EOS not in valid[:-1] and (valid[-1] == EOS or len(valid) == 6)
+        stopped += valid[-1] == EOS
+    assert stopped > 0 and tokens == int((new["labels"] != IGNORE_INDEX).sum())
+
 
 def final_weights(run):
     from safetensors.torch import load_file
