@@ -185,6 +185,25 @@ def test_a_sampled_stop_token_is_kept_and_labelled(tiny_lm):
         stopped += valid[-1] == EOS
     assert stopped > 0 and tokens == int((new["labels"] != IGNORE_INDEX).sum())
 
+def test_samples_are_keyed_by_step_micro_batch_and_rank(tiny_lm):
+    """A generated micro-batch's samples come from (seed, step, micro-batch, rank): the same key gives the same
+    tokens, and another step, micro-batch or rank other ones (from a uniform distribution over 64 ids, 3 rows of 4
+    tokens: two keys agree by chance with probability about 64^-12)."""
+    V = 64
+    model = _fixed_lm(tiny_lm, torch.full((V,), 1.0 / V))
+    policy = op.OnPolicy(1.0, 1.0, 1.0, 4, 0, (EOS,), PAD)
+    rows = [op.build_row(p, [6], 12, PAD) for p in ([5], [7, 8], [9])]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def labels(step, rank):
+        micro, n, _ = policy.apply(model, [batch, batch], step=step, rank=rank)
+        assert n == 2
+        return [mb["labels"] for mb in micro]
+
+    (a, b), (again, _) = labels(3, 0), labels(3, 0)
+    assert torch.equal(a, again) and not torch.equal(a, b)  # micro-batches 0 and 1 of step 3
+    assert not torch.equal(a, labels(4, 0)[0]) and not torch.equal(a, labels(3, 1)[0])  # another step, rank
+
 
 def final_weights(run):
     from safetensors.torch import load_file
