@@ -204,6 +204,22 @@ def test_samples_are_keyed_by_step_micro_batch_and_rank(tiny_lm):
     assert torch.equal(a, again) and not torch.equal(a, b)  # micro-batches 0 and 1 of step 3
     assert not torch.equal(a, labels(4, 0)[0]) and not torch.equal(a, labels(3, 1)[0])  # another step, rank
 
+def test_apply_generates_exactly_the_micro_batches_drawn_on_policy(tiny_lm):
+    """`OnPolicy.apply` with λ = 0.5 replaces micro-batch m of step s exactly when is_on_policy(λ, seed, s, m): the
+    others pass through as they are. Over 20 steps of 2 micro-batches the two draws of a step differ somewhere
+    (all 20 steps alike: probability 2^-20)."""
+    model = _fixed_lm(tiny_lm, torch.full((64,), 1.0 / 64))
+    policy = op.OnPolicy(0.5, 1.0, 1.0, 1, 7, (EOS,), PAD)
+    rows = [op.build_row([5], [6], 4, PAD)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    mixed = 0
+    for step in range(20):
+        want = [op.is_on_policy(0.5, 7, step, m) for m in range(2)]
+        out, n, _ = policy.apply(model, [batch, batch], step=step, rank=0)
+        assert [mb is not batch for mb in out] == want and n == sum(want)
+        mixed += want[0] != want[1]
+    assert mixed > 0
+
 
 def final_weights(run):
     from safetensors.torch import load_file
