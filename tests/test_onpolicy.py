@@ -220,6 +220,23 @@ def test_apply_generates_exactly_the_micro_batches_drawn_on_policy(tiny_lm):
         mixed += want[0] != want[1]
     assert mixed > 0
 
+def test_a_chat_run_stops_at_the_end_of_turn_token_too():
+    """Rows rendered with a chat template end their responses with its end-of-turn token (ChatML's <|im_end|>), so
+    the on-policy sampler stops there as well as at EOS (`sft.stop_token_ids`); plain rows stop at EOS alone."""
+    from types import SimpleNamespace
+
+    from test_sft import CHATML, IM_END, chatml_tokenizer
+
+    from tailkd.config import DistillConfig
+
+    tok = chatml_tokenizer()
+    cfg = DistillConfig()
+    cfg.train.on_policy = 0.5
+    chat = op.on_policy_from_config(cfg, tok, SimpleNamespace(chat_template=CHATML, pad_id=tok.pad_token_id), None)
+    plain = op.on_policy_from_config(cfg, tok, SimpleNamespace(chat_template=None, pad_id=tok.pad_token_id), None)
+    assert chat.stops == (tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)) and plain.stops == (tok.eos_token_id,)
+    assert (chat.rate, chat.pad_id, chat.vocab) == (0.5, tok.pad_token_id, len(tok))
+
 
 def final_weights(run):
     from safetensors.torch import load_file
