@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tailkd import baselines, losses
 from tailkd.config import LossConfig
-from tailkd.objective import IGNORE_INDEX, count_valid_tokens, objective
+from tailkd.objective import IGNORE_INDEX, count_valid_tokens, objective, step_terms
 from tailkd.registry import LOSSES
 
 LOSS_NAMES = list(LOSSES)  # every row of the registry
@@ -362,3 +362,38 @@ def test_a_cache_teacher_refuses_what_it_cannot_give_on_both_paths(name, knobs, 
     with pytest.raises(TailkdError, match=match):
         chunked_objective(torch.randn(2, 5, 6), Head(torch.randn(30, 6), None, HeadSpec(30)), labels, n, cfg=cfg,
                           sparse_teacher=cache)
+
+
+@pytest.mark.parametrize("fused_path", [False, True])
+def test_step_terms_cosine_term_compares_the_last_hidden_states(fused_path):
+    """A trainer step with loss.cosine_weight > 0 (online teacher with want_hidden, as `prepare` builds it) on either
+    loss layer: the cos term is Σ over valid tokens of 1 − cos(h_S, h_T) between the two models' final hidden states
+    (after the final norm), / the count, and the loss carries it with its weight. Reference: plain float64 dot
+    products over the base models' last_hidden_state, token by token; float64 throughout (u ≈ 1.1e-16, 64-term dot
+    products, ≤ 20 tokens, 1 − cos away from 0 for these random models): rel 1e-10 is far above the rounding."""
+    from conftest import TINY_VOCAB, make_tiny_lm
+
+    from tailkd.teacher import OnlineTeacher
+
+    student = make_tiny_lm(seed=0, num_hidden_layers=2).double()
+    teacher = make_tiny_lm(seed=1).double()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, TINY_VOCAB, (2, 11), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[0, :3] = labels[1, 7:] = IGNORE_INDEX
+    batch = {"input_ids": ids[:, :-1], "labels": labels}
+    n = count_valid_tokens(labels)
+
+    def run(weight):
+        cfg = LossConfig(name="kd", cosine_weight=weight)
+        signal = OnlineTeacher(teacher, TINY_VOCAB, fused_path=fused_path, want_hidden=weight > 0)(batch)
+        return step_terms(student, batch, signal, n, cfg, vocab_size=TINY_VOCAB, fused_path=fused_path)
+
+    with torch.no_grad():
+        h_s = student.model(input_ids=batch["input_ids"]).last_hidden_state
+        h_t = teacher.model(input_ids=batch["input_ids"]).last_hidden_state
+    want = sum(1 - float(h_s[b, t] @ h_t[b, t]) / float(h_s[b, t].norm() * h_t[b, t].norm())
+               for b in range(2) for t in range(10) if labels[b, t] != IGNORE_INDEX) / n
+    with_cos, without = run(0.5), run(0.0)
+    assert float(with_cos.cos) == pytest.approx(want, rel=1e-10)
+    assert float(with_cos.loss.detach() - without.loss.detach()) == pytest.approx(0.5 * want, rel=1e-8)
