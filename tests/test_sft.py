@@ -467,6 +467,15 @@ def test_bad_files_name_file_and_line(tok, tmp_path, content, match):
     with pytest.raises(TailkdError, match=match):
         prepare_sft([f], tok, seq_len=32)
 
+def test_a_byte_order_mark_before_the_first_line_is_not_text(tok, tmp_path):
+    """A file saved with a UTF-8 byte order mark (Windows editors) reads as without one: the mark is not part of the
+    first line's JSON (json.loads refuses it) nor of its prompt."""
+    line = json.dumps({"prompt": "Q?\n", "response": "zzzz"}) + "\n"
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + line.encode() + line.encode())
+    (first, second) = read_sft_examples([f])
+    assert first.prompt == second.prompt == "Q?\n" and first.source.endswith(":1")
+
 
 def test_bad_settings(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
