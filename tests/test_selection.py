@@ -103,6 +103,17 @@ def test_scores_equal_a_float64_reference():
     one = selection.document_scores(teacher, reference, docs, 97, seq_len=8, batch_size=1, device="cpu", pad_id=0)
     assert one[1:] == pytest.approx(got[1:], abs=1e-5)
 
+def test_progress_counts_each_scored_token_once():
+    """``progress(n)`` is told the tokens scored in each batch, so its calls add up to the bar's total, Σ (len − 1)
+    over the documents (the first token of each is context only): 0 + 1 + 4 + 22 here, windows of 8 in batches of 3."""
+    model = _model(97, 1, 0)
+    docs = [[5], [1, 2], list(range(5)), list(range(23))]
+    for fn in (lambda **kw: selection.document_scores(model, model, docs, 97, **kw),
+               lambda **kw: selection.document_logprobs(model, docs, 97, **kw)):
+        told = []
+        fn(seq_len=8, batch_size=3, device="cpu", pad_id=0, progress=told.append)
+        assert sum(told) == 27 and len(told) == 2  # 1 + 1 + 3 windows: two batches
+
 
 def _logprob64(model, tok, text, append_eos):
     """log p(text) the plain way: BOS (EOS if the tokenizer has none), the text's tokens, then EOS if appended; the
