@@ -364,6 +364,25 @@ def test_a_cache_teacher_refuses_what_it_cannot_give_on_both_paths(name, knobs, 
                           sparse_teacher=cache)
 
 
+def test_step_terms_refuses_the_cosine_term_without_the_teachers_hidden_states():
+    """A dense teacher signal with logits but without hidden states (an `OnlineTeacher` built through the API
+    without want_hidden) and loss.cosine_weight > 0: step_terms' TailkdError naming the fix, not objective's plain
+    ValueError after the student's forward (its check refused only a signal with neither)."""
+    from conftest import TINY_VOCAB, make_tiny_lm
+
+    from tailkd.errors import TailkdError
+    from tailkd.teacher import OnlineTeacher
+
+    student, teacher = make_tiny_lm(seed=0, num_hidden_layers=2), make_tiny_lm(seed=1)
+    ids = torch.randint(0, TINY_VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()}
+    signal = OnlineTeacher(teacher, TINY_VOCAB, fused_path=False)(batch)
+    assert signal.logits is not None and signal.hidden is None
+    with pytest.raises(TailkdError, match=r"^loss\.cosine_weight > 0 needs the teacher's hidden states"):
+        step_terms(student, batch, signal, count_valid_tokens(batch["labels"]),
+                   LossConfig(name="kd", cosine_weight=0.5), vocab_size=TINY_VOCAB, fused_path=False)
+
+
 @pytest.mark.parametrize("fused_path", [False, True])
 def test_step_terms_cosine_term_compares_the_last_hidden_states(fused_path):
     """A trainer step with loss.cosine_weight > 0 (online teacher with want_hidden, as `prepare` builds it) on either

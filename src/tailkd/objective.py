@@ -178,7 +178,7 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
     want_cos = cfg.cosine_weight > 0
     if _divergence(cfg) is not None and signal is None:
         raise TailkdError(f"loss.name={cfg.name} needs a teacher signal")
-    if want_cos and (signal is None or signal.hidden is None and signal.logits is None):
+    if want_cos and (signal is None or signal.hidden is None):  # the cosine term compares final hidden states
         raise TailkdError("loss.cosine_weight > 0 needs the teacher's hidden states: use the online teacher or a "
                           "cache written with --hidden-states")
     logits = hidden = sparse = t_hidden = head = None
