@@ -539,6 +539,17 @@ def test_a_missing_recipe_file_is_named_as_the_recipe(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tailkd: error: recipe file {missing} does not exist; give the path of a recipe YAML file "
                    "(e.g. configs/math-two-stage.yaml)"]
+    # load_yaml's other lines name it as the recipe too (they said "config file", and a list's "a mapping of
+    # sections (teacher:, student:, ...)", a --config file's keys)
+    garbled, listed = tmp_path / "garbled.yaml", tmp_path / "list.yaml"
+    garbled.write_text("stages: [\n")
+    listed.write_text("- a\n")
+    for path, line in ((garbled, f"recipe file {garbled} is not valid YAML ("),
+                       (listed, f"recipe file {listed} must hold a mapping of recipe keys (out_dir, chain, common, "
+                                "stages, evaluate, compare)")):
+        assert main(["recipe", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"tailkd: error: {line}"), err
 
 
 @pytest.mark.parametrize("evaluate, name", [

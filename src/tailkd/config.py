@@ -779,20 +779,23 @@ def utf8_text(path: Path, name: str, fix: str) -> str:
         raise TailkdError(f"{name} is not UTF-8 text (line {line}: {exc.reason}); {fix}") from None
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, *, what: str = "config file", missing: str = "pass an existing YAML file to --config",
+              mapping: str = "sections (teacher:, student:, ...)") -> dict:
+    """The mapping in the YAML file ``path``, or a one-line TailkdError naming it as ``what`` (a missing file: with
+    the fix ``missing``; not a mapping: of ``mapping``). Defaults: a --config file; `tailkd.recipe` names its own."""
     p = Path(os.path.expanduser(path))  # '~user' of no user as it is (pathlib: RuntimeError)
     if not p.is_file():
-        raise TailkdError(f"config file {p} does not exist; pass an existing YAML file to --config")
-    text = utf8_text(p, f"config file {p}", "save it as UTF-8")
+        raise TailkdError(f"{what} {p} does not exist; {missing}")
+    text = utf8_text(p, f"{what} {p}", "save it as UTF-8")
     try:
         data = read_yaml(text)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of over 4300 digits
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TailkdError(f"config file {p} is not valid YAML ({first}); fix the syntax") from exc
+        raise TailkdError(f"{what} {p} is not valid YAML ({first}); fix the syntax") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise TailkdError(f"config file {p} must hold a mapping of sections (teacher:, student:, ...)")
+        raise TailkdError(f"{what} {p} must hold a mapping of {mapping}")
     return data
 
 

@@ -112,10 +112,8 @@ def _mapping(doc: dict, key: str, path) -> dict | None:
 def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | None = None) -> Recipe:
     """The recipe in ``path``, every config checked; ``out_dir`` replaces its ``out_dir``, ``overrides`` (config
     sections: ``--set``) are merged over each stage's settings (``common`` and the stage's own keys)."""
-    if not Path(os.path.expanduser(path)).is_file():  # load_yaml's line would name --config, which recipe has not
-        raise TailkdError(f"recipe file {path} does not exist; give the path of a recipe YAML file "
-                          "(e.g. configs/math-two-stage.yaml)")
-    doc = load_yaml(path)
+    doc = load_yaml(path, what="recipe file", missing="give the path of a recipe YAML file (e.g. "
+                    "configs/math-two-stage.yaml)", mapping=f"recipe keys ({', '.join(RECIPE_KEYS)})")
     unknown = sorted(set(doc) - set(RECIPE_KEYS))
     if unknown:
         raise TailkdError(f"unknown recipe key {unknown[0]!r} in {path}; valid keys: {', '.join(RECIPE_KEYS)}")
