@@ -147,10 +147,8 @@ def _ece(count: torch.Tensor, conf: torch.Tensor, hits: torch.Tensor, n: float) 
 
 def _exp(x: float) -> float:
     """Perplexity from a mean CLM: inf past float64's range, NaN for a NaN CLM (a model with NaN logits: not inf)."""
-    if math.isnan(x):
-        return math.nan
     try:
-        return math.exp(x)
+        return math.exp(x)  # exp(NaN) is NaN
     except OverflowError:  # x > ln(DBL_MAX) ≈ 709.78
         return math.inf
 
