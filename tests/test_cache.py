@@ -23,7 +23,7 @@ from tailkd.head import Head, HeadSpec
 from tailkd.objective import chunked_objective, objective, step_terms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import dead_pid, make_tokenizer, write_corpus
+from tiny import dead_pid, make_tokenizer, no_model_loads, write_corpus
 
 SEQ_LEN = 12
 
@@ -849,7 +849,6 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
     which reads no teacher signal, leaves the cache alone."""
     from tiny import make_teacher_dir
 
-    from tailkd import models
     from tailkd.cli import main
 
     monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
@@ -860,25 +859,21 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
                  "--out", str(topk), "--device", "cpu"]) == 0
     capsys.readouterr()
 
-    def loaded(*args, **kwargs):
-        raise AssertionError("the teacher was loaded before the cache was checked")
-
-    real_load = models.load_teacher
-    monkeypatch.setattr(models, "load_teacher", loaded)
     run = tmp_path / "run"
     base = ["distill", "--teacher", str(teacher), "--data", str(corpus), "--batch-size", "2", "--steps", "1",
             "--teacher-cache", str(topk), "--student-layers", "1", "--out", str(run)]
-    for extra, line in ((["--seq-len", "16", "--loss", "jsd"], "loss.name=jsd needs the teacher's full distribution"),
-                        (["--seq-len", "16", "--loss", "tad", "--k", "6"], "holds the top-4 teacher ids, the run "
-                                                                            "needs K=6"),
-                        (["--seq-len", "32", "--loss", "kd"], "its seq_len is 16, the run's is 32"),
-                        (["--seq-len", "16", "--loss", "kd", "--loss.temperature", "2"], "temperature 1")):
-        assert main(base + extra) == 2, extra
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("tailkd: error: ") and line in err[0], err
-        assert not run.exists()
-    # clm reads no teacher signal: its teacher.cache is neither read nor refused (prepare.check_before_models)
-    monkeypatch.setattr(models, "load_teacher", real_load)  # the student is made from the teacher's layers
+    cases = ((["--seq-len", "16", "--loss", "jsd"], "loss.name=jsd needs the teacher's full distribution"),
+             (["--seq-len", "16", "--loss", "tad", "--k", "6"], "holds the top-4 teacher ids, the run needs K=6"),
+             (["--seq-len", "32", "--loss", "kd"], "its seq_len is 16, the run's is 32"),
+             (["--seq-len", "16", "--loss", "kd", "--loss.temperature", "2"], "temperature 1"))
+    with no_model_loads("the cache was checked"):
+        for extra, line in cases:
+            assert main(base + extra) == 2, extra
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("tailkd: error: ") and line in err[0], err
+            assert not run.exists()
+    # clm reads no teacher signal: its teacher.cache is neither read nor refused (prepare.check_before_models); the
+    # student is made from the teacher's layers
     assert main(base + ["--seq-len", "32", "--loss", "clm", "--out", str(tmp_path / "clm")]) == 0
 
 
@@ -928,23 +923,16 @@ def test_a_cache_of_another_tokenizer_or_corpus_is_refused_before_any_model_load
               reader_line(student, [str(other)]))]
     assert "its tokenizer is" in cases[0][1] and all("its corpus is" in line for _, line in cases[1:])
 
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the cache was checked")
-
-    loaders = models.load_teacher, models.load_causal_lm
-    monkeypatch.setattr(models, "load_teacher", loaded)
-    monkeypatch.setattr(models, "load_causal_lm", loaded)
     run = tmp_path / "run"
     args = ["--seq-len", "16", "--batch-size", "2", "--steps", "1", "--loss", "kd", "--teacher-cache", str(topk),
             "--out", str(run)]
-    for extra, line in cases:
-        assert main(["distill", *extra, *args]) == 2, extra
-        assert capsys.readouterr().err.strip().splitlines() == [line], extra
-        assert not run.exists()
+    with no_model_loads("the cache was checked"):
+        for extra, line in cases:
+            assert main(["distill", *extra, *args]) == 2, extra
+            assert capsys.readouterr().err.strip().splitlines() == [line], extra
+            assert not run.exists()
     # the cache's own tokenizer and corpus still run: a loaded student (its tokenizer reads the data), a held-out
     # corpus of its own (the training corpus is prepared as without it)
-    monkeypatch.setattr(models, "load_teacher", loaders[0])
-    monkeypatch.setattr(models, "load_causal_lm", loaders[1])
     assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus),
                  "--heldout-data", str(other), "--train.precision", "fp32", *args]) == 0
     assert f"teacher signal: teacher cache {topk}" in capsys.readouterr().out

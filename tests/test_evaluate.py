@@ -605,23 +605,18 @@ def test_eval_errors_are_one_line(assets, tmp_path, capsys, change, needle):
     assert not out.exists()
 
 
-def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm, tiny_tokenizer, monkeypatch):
+def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm, tiny_tokenizer):
     """A student of another tokenizer is refused with `vocab.relation`'s line before either model loads (the two
     tokenizers read alone: minutes saved for a large teacher)."""
-    from tailkd import models
+    from tiny import no_model_loads
 
     other = tmp_path / "other"
     tiny_lm().save_pretrained(other)
     tiny_tokenizer.save_pretrained(other)
     args = eval_args(assets, tmp_path / "e.json")
     args[args.index("--student") + 1] = str(other)
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the tokenizers were checked")
-
-    monkeypatch.setattr(models, "load_teacher", loaded)
-    monkeypatch.setattr(models, "load_causal_lm", loaded)
-    assert main(args) == 2
+    with no_model_loads("the tokenizers were checked"):
+        assert main(args) == 2
     one_line_error(capsys.readouterr().err, "tokenizers differ")
     assert not (tmp_path / "e.json").exists()
 

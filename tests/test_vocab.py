@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_MERGES, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+from tiny import no_model_loads
 
 from tailkd.errors import TailkdError
 from tailkd.losses import forward_kl
@@ -260,17 +261,7 @@ def test_shared_vocabulary_distillation_equals_plain_distillation(pair, tmp_path
                  str(tmp_path / "e.json")]) == 0
 
 
-def _no_model_loads(monkeypatch):
-    from tailkd import models
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the tokenizers were checked")
-
-    monkeypatch.setattr(models, "load_teacher", loaded)
-    monkeypatch.setattr(models, "load_causal_lm", loaded)
-
-
-def test_a_teacher_cache_with_a_shared_vocabulary_is_refused_up_front(pair, tmp_path, capsys, monkeypatch):
+def test_a_teacher_cache_with_a_shared_vocabulary_is_refused_up_front(pair, tmp_path, capsys):
     """The cache tailkd cache-teacher writes for the extended teacher holds the teacher's tokenisation and its
     probabilities over all 302 ids: a run distilling over the student's 300 refuses it before its run folder is made
     and before any model loads (`prepare.check_before_models` reads the two tokenizers alone), saying so (not
@@ -282,12 +273,12 @@ def test_a_teacher_cache_with_a_shared_vocabulary_is_refused_up_front(pair, tmp_
                  "--cache-dir", str(pair["cache"]), "--seq-len", "32", "--k", "4", "--max-rows", "4", "--out",
                  str(cache_dir), "--device", "cpu"]) == 0
     capsys.readouterr()
-    _no_model_loads(monkeypatch)
     out = tmp_path / "run"
-    assert main(["distill", "--teacher", str(pair["teacher_plus"]), "--student", str(pair["student"]), "--data",
-                 str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size", "4",
-                 "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
-                 str(cache_dir), "--out", str(out)]) == 2  # the cache's K: a larger one is refused first
+    with no_model_loads("the tokenizers were checked"):
+        assert main(["distill", "--teacher", str(pair["teacher_plus"]), "--student", str(pair["student"]), "--data",
+                     str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size",
+                     "4", "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
+                     str(cache_dir), "--out", str(out)]) == 2  # the cache's K: a larger one is refused first
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("tailkd: error: teacher.cache does not combine with a teacher vocabulary extending the student's "
                     "(the student's 300 token ids of the teacher's 302): a cache holds the teacher's own tokenisation "
@@ -296,17 +287,17 @@ def test_a_teacher_cache_with_a_shared_vocabulary_is_refused_up_front(pair, tmp_
     assert not out.exists()
 
 
-def test_a_student_of_another_tokenizer_is_refused_before_any_model_loads(pair, tmp_path, capsys, monkeypatch):
+def test_a_student_of_another_tokenizer_is_refused_before_any_model_loads(pair, tmp_path, capsys):
     """`vocab.relation` refused a --student whose tokenizer is not the teacher's (nor extended by it) only after
     both models had loaded (minutes for a large teacher); `prepare.check_before_models` reads the two tokenizers
     alone first and gives the same line: here the student's vocabulary extends the teacher's, the wrong way round."""
     from tailkd.cli import main
 
-    _no_model_loads(monkeypatch)
     out = tmp_path / "run"
-    assert main(["distill", "--teacher", str(pair["student"]), "--student", str(pair["teacher_plus"]), "--data",
-                 str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size", "4",
-                 "--steps", "1", "--out", str(out)]) == 2
+    with no_model_loads("the tokenizers were checked"):
+        assert main(["distill", "--teacher", str(pair["student"]), "--student", str(pair["teacher_plus"]), "--data",
+                     str(pair["corpus"]), "--data.cache_dir", str(pair["cache"]), "--seq-len", "32", "--batch-size",
+                     "4", "--steps", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tailkd: error: teacher and student tokenizers differ ("), err
     assert "extends the student's" in err[0] and not out.exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -89,3 +91,18 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+@contextlib.contextmanager
+def no_model_loads(before: str):
+    """Within the block `tailkd.models.load_teacher` and `load_causal_lm` fail the test ("a model was loaded before
+    BEFORE"): for a command that must refuse its input before any model loads. Undone at the block's end."""
+    from tailkd import models
+
+    def loaded(*args, **kwargs):
+        raise AssertionError(f"a model was loaded before {before}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_teacher", loaded)
+        mp.setattr(models, "load_causal_lm", loaded)
+        yield
