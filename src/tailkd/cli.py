@@ -242,11 +242,11 @@ def _own_warnings():
     other warnings are, ``tailkd: warning: MESSAGE`` on stderr, not Python's ``FILE:LINE: UserWarning: ...`` and the
     source line, and each time (a recipe's second stage warns again; Python's default shows a place once); other
     libraries' warnings keep Python's format and filters."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if os.path.dirname(os.path.abspath(filename)) == package:
+        if os.path.abspath(filename).startswith(package):  # tailkd and its sub-packages, as the filter below
             print(f"tailkd: warning: {message}", file=sys.stderr if file is None else file)
         else:
             default(message, category, filename, lineno, file, line)
