@@ -12,7 +12,7 @@ from bounds import SAFETY, U32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_evaluate import TableLM, from_probs, one_batch, one_line_error
-from tiny import corpus_text, make_teacher_dir, make_tokenizer, write_corpus
+from tiny import corpus_text, make_teacher_dir, make_tokenizer, no_model_loads, write_corpus
 from transformers import AutoTokenizer
 
 from tailkd.analysis import format_summary, tail_mass, teacher_statistics
@@ -287,3 +287,24 @@ def test_tail_mass_properties(n, vocab, scale, kmax, seed):
         assert bool((alpha[:, vocab - 1:] == 0).all())
     K = min(kmax, vocab)
     torch.testing.assert_close(alpha[:, K - 1], reference_tail(logits, K), rtol=1e-9, atol=1e-12)
+
+
+def test_analyze_teacher_refuses_a_later_teachers_config_before_any_model_loads(tmp_path, capsys):
+    """Every teacher's folder is checked before the first is analysed (minutes each), its config as loading it would:
+    a second teacher that is not a causal LM was found only when its turn came, after the first had loaded and run,
+    and one whose config.json is not JSON was blamed on its tokenizer ("unusable tokenizer ...")."""
+    teacher = make_teacher_dir(tmp_path / "t", train_steps=0)
+    args = ["analyze-teacher", "--data", str(write_corpus(tmp_path / "corpus.txt")), "--seq-len", "32",
+            "--max-rows", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a")]
+    encoder, broken = tmp_path / "encoder", tmp_path / "broken"  # the same tokenizer, another config
+    for folder in (encoder, broken):
+        shutil.copytree(teacher, folder)
+    config = json.loads((teacher / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    (broken / "config.json").write_text("{not json")
+    for folder, line in ((encoder, f"{encoder} holds a BertModel, not a causal language model"),
+                         (broken, f"cannot read the model config in {broken}")):
+        with no_model_loads("every teacher's config was read"):
+            assert main([*args, "--teacher", str(teacher), str(folder)]) == 2
+        one_line_error(capsys.readouterr().err, line)
+        assert not (tmp_path / "a").exists()

@@ -178,8 +178,8 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
 
     a = cfg.analyze
     dev = resolve_device(a.device, "analyze.device")
-    for spec in a.teachers:  # every teacher found, its vocabulary read, before any is analysed (minutes each)
-        vocab = real_vocab_size(models.load_tokenizer(models.model_dir(spec)))  # check_vocab's V
+    for spec in a.teachers:  # every teacher found, its config and vocabulary read, before any is analysed (minutes
+        vocab = real_vocab_size(models.read_tokenizer(spec))  # each); check_vocab's V
         if a.kmax > vocab:  # the per-position curves are [N, kmax]: a huge --kmax would fill the memory with zeros
             raise TailkdError(f"analyze.kmax={a.kmax} is more than the vocabulary of {spec} ({vocab} tokens), where "
                               f"α_K = 0 for every K >= V; give --kmax {vocab} or less")
