@@ -181,6 +181,26 @@ def test_greedy_generate_matches_a_manual_unpadded_decode(tiny):
     assert again == out  # left padding does not change greedy results; deterministic
 
 
+def test_generate_batches_prompts_of_similar_length(tiny, monkeypatch):
+    """Prompts are decoded in order of length, ``batch_size`` at a time, so a batch pads
+    its prompts to the nearest lengths; the completions come back in the prompts' order."""
+    import tailkd.generation as generation
+
+    model, tok = tiny
+    batches, real = [], generation.generate_ids
+
+    def recording(model, prompts, **kwargs):
+        batches.append([len(p) for p in prompts])
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_ids", recording)
+    prompts = [*PROMPTS, "Rain", "The quick brown fox jumps"]
+    lengths = [len(tok(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]) for p in prompts]
+    out = generate(model, tok, prompts, max_new_tokens=3, batch_size=2, progress=False)
+    assert [n for batch in batches for n in batch] == sorted(lengths) and [len(b) for b in batches] == [2, 2, 2]
+    assert out == [[manual_greedy(model, tok, p, 3)] for p in prompts]
+
+
 def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(tiny):
     model, tok = tiny
     model.train()
