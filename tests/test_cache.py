@@ -649,6 +649,25 @@ def test_corrupted_shard_is_detected_named_and_rewritten(setup):
     cache.CacheReader(path).rows([5, 9])
 
 
+def test_a_shard_whose_tensors_are_not_those_its_checksums_name_is_damaged(setup):
+    """A shard without a tensor its checksums list (the checksums of the others hold), or with a tensor they do not
+    list, is named as lacking it: every listed tensor is there and every tensor is checked, not only those listed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, path = _write(setup, "tensor-set")
+    shard = path / "shard_000000.safetensors"
+    with safe_open(str(shard), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(shard))
+    save_file({n: x for n, x in tensors.items() if n != "topk_ids"}, str(shard), metadata=metadata)
+    with pytest.raises(TailkdError, match=r"shard_000000.safetensors lacks tensors \['topk_ids'\]"):
+        cache.verify_shard(shard)
+    save_file({**tensors, "extra": torch.zeros(2)}, str(shard), metadata=metadata)
+    with pytest.raises(TailkdError, match=r"shard_000000.safetensors lacks tensors \['extra'\]"):
+        cache.verify_shard(shard)
+
+
 def test_a_second_cache_teacher_on_one_out_leaves_the_first_ones_shard_alone(setup, monkeypatch):
     """Two cache-teacher runs on one --out at once: the second's start-up deleted every .tmp-* file in the folder,
     the shard the first was writing at that moment among them, and the first then failed (exit 2, "could not write
