@@ -565,6 +565,23 @@ def test_mismatches_are_clear_errors(setup):
         _write(setup, "topk", k=6)
 
 
+def test_a_cache_one_row_short_of_the_run_is_refused(setup):
+    """The run reads every one of its training rows: a cache of 10 rows serves a run of 10, and refuses one of 11
+    (the boundary: one row short)."""
+    _, path = _write(setup, "topk")
+    assert cache.CacheReader(path, rows=10).num_rows == 10
+    with pytest.raises(TailkdError, match="holds 10 of the run's 11 training rows"):
+        cache.CacheReader(path, rows=11)
+
+
+def test_a_resume_with_another_seed_is_refused(setup):
+    """The seed draws the tail samples (per shard): a cache-teacher resumed with another --seed would mix shards of
+    two seeds under one cache.json; it is refused, naming the seed."""
+    _write(setup, "seeded", tail_samples=2, seed=0)
+    with pytest.raises(TailkdError, match=r"other settings \(seed: 0 vs 1\)"):
+        _write(setup, "seeded", tail_samples=2, seed=1)
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda text: b"\xff" + text.encode(), "not UTF-8"),
     (lambda text: text[: len(text) // 2].encode(), "not valid JSON"),
