@@ -694,6 +694,27 @@ def test_sampler_resumes_exactly(consumed):
     assert [next(b) for _ in range(25)] == [next(a) for _ in range(25)]  # across epoch boundaries
 
 
+def test_sampler_refuses_a_saved_position_outside_the_epoch():
+    """A saved position past the last row (or negative: a damaged trainer.pt) is one line naming it, not an
+    IndexError at the first draw or a silent wrap to the end of the epoch."""
+    for position in (7, -1):
+        state = {**data.RowSampler(7, seed=0).state_dict(), "position": position}
+        with pytest.raises(TailkdError, match=rf"saved sampler position {position} is outside 0..6"):
+            data.RowSampler(7, seed=0).load_state_dict(state)
+
+
+def test_a_sampler_that_has_drawn_continues_from_the_state_it_loads():
+    """load_state_dict into a sampler that has drawn already (its epoch's order made) continues the loaded state, as
+    a new sampler does, not the order of its own epoch."""
+    saved = data.RowSampler(7, seed=11)
+    for _ in range(10):  # epoch 1, position 3
+        next(saved)
+    used = data.RowSampler(7, seed=11)
+    next(used)  # epoch 0's order made
+    used.load_state_dict(saved.state_dict())
+    assert [next(used) for _ in range(10)] == [next(saved) for _ in range(10)]
+
+
 def test_sampler_refuses_a_changed_corpus():
     a = data.RowSampler(7, seed=0)
     next(a)
