@@ -582,6 +582,35 @@ def test_a_resume_with_another_seed_is_refused(setup):
         _write(setup, "seeded", tail_samples=2, seed=1)
 
 
+def test_a_cached_teacher_checks_the_batch_rows_against_the_cache(setup):
+    """The trainer's CachedTeacher reads a batch's rows by their row_index and checks their tokens against the
+    cached row hashes: a batch whose tokens are other rows' is refused (verify_rows=False alone skips it)."""
+    from tailkd import teacher as teacher_mod
+
+    _, _, rows, _, _ = setup
+    _, path = _write(setup, "topk")
+    batch = data_mod.collate_rows(rows, [0, 1])
+    assert teacher_mod.CachedTeacher(cache.CacheReader(path))(batch).sparse.topk_ids.shape[0] == 2
+    batch["row_index"] = torch.tensor([1, 0])  # the tokens of rows 0, 1 under indices 1, 0
+    with pytest.raises(TailkdError, match="row hash mismatch"):
+        teacher_mod.CachedTeacher(cache.CacheReader(path))(batch)
+    assert teacher_mod.CachedTeacher(cache.CacheReader(path), verify_rows=False)(batch).sparse is not None
+
+
+def test_an_online_teacher_gives_logits_over_the_run_vocabulary_only(setup):
+    """A teacher whose head has more rows than the run's vocabulary (padded embeddings): its dense signal is its
+    logits over the first ``vocab_size`` ids, those of the model's own forward."""
+    from tailkd import teacher as teacher_mod
+
+    model, tok, rows, _, _ = setup
+    ids = data_mod.collate([rows[0]])["input_ids"]
+    v = len(tok) - 7
+    signal = teacher_mod.OnlineTeacher(model, v, fused_path=False)({"input_ids": ids})
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    assert signal.logits.shape == (*ids.shape, v) and torch.equal(signal.logits, full[..., :v])
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda text: b"\xff" + text.encode(), "not UTF-8"),
     (lambda text: text[: len(text) // 2].encode(), "not valid JSON"),
