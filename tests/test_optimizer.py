@@ -121,3 +121,16 @@ def test_training_steps_equal_a_plain_adamw_loop(tmp_path, monkeypatch):
     for name, p in model.state_dict().items():
         if name in got:  # the tied head is saved once, as the input embeddings
             torch.testing.assert_close(got[name], p, rtol=0, atol=1e-5, msg=name)
+
+
+def test_grad_clip_0_leaves_the_gradient_as_it_is():
+    """train.grad_clip = 0 disables clipping: clip_and_norm returns the gradient's norm and leaves it unchanged
+    (a max norm of 0 would scale it to 0); a positive one scales it to that norm."""
+    from tailkd.train import clip_and_norm
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert clip_and_norm(torch.nn.ParameterList([p]), 0.0) == 5.0
+    assert torch.equal(p.grad, torch.tensor([3.0, 4.0]))
+    assert clip_and_norm(torch.nn.ParameterList([p]), 1.0) == 5.0
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]))  # clip coefficient 1 / (5 + 1e-6): 2e-7 relative
