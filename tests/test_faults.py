@@ -769,6 +769,9 @@ def test_non_finite_steps_mid_run_are_skipped_and_counted(assets, tmp_path, caps
     final = weights(run / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values())
     assert torch.load(c[5] / ckpt.STATE_FILE, weights_only=False)["state"]["bad_steps"] == 2
+    # a step that updates ends the run of bad steps: train.max_bad_steps counts bad steps IN A ROW
+    in_a_row = [torch.load(c[s] / ckpt.STATE_FILE, weights_only=False)["state"]["bad_in_a_row"] for s in c]
+    assert in_a_row == [0, 1, 2, 0]
 
 
 def test_a_step_without_valid_tokens_changes_nothing(assets, tmp_path, capsys, monkeypatch):
