@@ -827,6 +827,32 @@ def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file descriptor through /proc")
+def test_atomic_writes_fsync_the_new_data_before_renaming_it_into_place(tmp_path, monkeypatch):
+    """After a power cut the name holds the old data or the whole new data: atomic_write_file and atomic_write_dir
+    fsync every new file before the rename that puts it under the real name (a rename may reach the disk before
+    the data it names)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt.atomic_write_text(tmp_path / "summary.json", "new")
+    (tmp,) = [src for kind, src in events if kind == "rename"]
+    assert events.index(("fsync", tmp)) < events.index(("rename", tmp))
+    events.clear()
+    ckpt.atomic_write_dir(tmp_path / "final", lambda d: (d / "a.txt").write_text("a"))
+    (tmp,) = [src for kind, src in events if kind == "rename" and ".tmp-" in src]
+    assert events.index(("fsync", f"{tmp}/a.txt")) < events.index(("rename", tmp))
+
+
 def test_atomic_write_dir_stopped_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
     """A folder output (select-data's, the saved student final/) replaced by atomic_write_dir is moved aside, then
     the new one renamed into place: Ctrl-C / SIGTERM (`Terminated`) between the two renames removed the new folder
