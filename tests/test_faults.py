@@ -536,6 +536,24 @@ def _two_layers(frozen_first: bool, optimizer=torch.optim.AdamW):
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
+def test_a_resume_continues_the_random_streams_of_the_checkpoint(tmp_path):
+    """A student with dropout draws from the global random generators at every step: runs.restore puts back the
+    Python, NumPy and torch states the checkpoint saved, so the draws after a resume are those after the save."""
+    import random
+
+    import numpy as np
+
+    from tailkd import runs
+
+    model, optimizer, scheduler = _two_layers(frozen_first=False)
+    runs.save(tmp_path, model, optimizer, scheduler, _Sampler(), runs.Progress(step=1), keep_last=2)
+    after_save = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # what a new process's set-up draws meanwhile
+    runs.restore(tmp_path, model, model, optimizer, scheduler, _Sampler())
+    after_restore = (random.random(), np.random.rand(), torch.rand(3))
+    assert after_restore[:2] == after_save[:2] and torch.equal(after_restore[2], after_save[2])
+
+
 def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_a_one_line_error(tmp_path):
     """A checkpoint saved with a frozen layer (student.freeze_embeddings) resumed with --force without it: the
     optimizer has no saved state for the unfrozen weights. A TailkdError naming the checkpoint, the weight and the
