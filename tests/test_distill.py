@@ -234,6 +234,7 @@ def test_the_saved_config_continues_a_run_started_with_overwrite_or_resumed_with
     assert main(base_args(assets, run, "--steps", "1")) == 0
     assert main(base_args(assets, run, "--steps", "4", "--overwrite", "--train.stop_after", "1")) == 0
     assert main(["distill", "--config", saved, "--resume"]) == 0  # stop_after 1: the run's setting
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2]  # 1 more step, not up to step 1
     assert main(["distill", "--config", saved, "--resume", "--force", "--k", "5"]) == 0
     flags = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert (flags["resume"], flags["overwrite"], flags["force_resume"]) == (False, False, False)
