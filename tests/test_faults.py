@@ -727,7 +727,8 @@ def test_a_nan_teacher_stops_after_max_bad_steps_with_a_usable_checkpoint(assets
 
     run = tmp_path / "run"
     teacher = poisoned_teacher(assets, tmp_path)
-    code = main([*args(assets, run), "--teacher", str(teacher), "--train.max_bad_steps", "3"])
+    code = main([*args(assets, run), "--teacher", str(teacher), "--train.max_bad_steps", "3",
+                 "--train.log_every", "10"])  # a skipped step has its metrics line whatever log_every says
     err = capsys.readouterr().err
     assert code == 2
     last = err.strip().splitlines()[-1]
