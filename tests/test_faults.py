@@ -554,6 +554,25 @@ def test_a_resume_continues_the_random_streams_of_the_checkpoint(tmp_path):
     assert after_restore[:2] == after_save[:2] and torch.equal(after_restore[2], after_save[2])
 
 
+def test_a_checkpoint_of_other_shapes_is_named_by_the_weight_that_differs(tmp_path):
+    """load_checkpoint refuses weights of the student's names but other shapes (a student.hidden_size changed under
+    --force), naming the weight and both shapes, before the optimizer sees them."""
+    from tailkd.errors import TailkdError
+
+    path = ckpt.save_checkpoint(tmp_path, 1, torch.nn.Linear(3, 2).state_dict(), {}, keep_last=1)
+    with pytest.raises(TailkdError, match=r"weight has shape \(2, 3\), the student \(4, 3\)"):
+        ckpt.load_checkpoint(path, torch.nn.Linear(3, 4))
+
+
+def test_a_checkpoint_keeps_views_of_one_storage_at_other_offsets(tmp_path):
+    """Tied weights (one tensor, several names) are saved once; views of one storage at other offsets (e.g. the
+    halves of a fused tensor) are other weights, each saved."""
+    base = torch.arange(4.0)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"a": base[:2], "b": base[2:], "tied": base[:2]}, {}, keep_last=1)
+    saved = load_file(str(path / ckpt.MODEL_FILE))
+    assert sorted(saved) == ["a", "b"] and torch.equal(saved["b"], torch.tensor([2.0, 3.0]))
+
+
 def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_a_one_line_error(tmp_path):
     """A checkpoint saved with a frozen layer (student.freeze_embeddings) resumed with --force without it: the
     optimizer has no saved state for the unfrozen weights. A TailkdError naming the checkpoint, the weight and the
