@@ -135,3 +135,17 @@ def test_grad_clip_0_leaves_the_gradient_as_it_is():
     assert torch.equal(p.grad, torch.tensor([3.0, 4.0]))
     assert clip_and_norm(torch.nn.ParameterList([p]), 1.0) == 5.0
     torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]))  # clip coefficient 1 / (5 + 1e-6): 2e-7 relative
+
+
+def test_the_micro_batches_of_consecutive_steps_are_the_samplers_rows_in_order():
+    """next_micro_batches draws grad_accum x batch_size rows per step from the shared sampler, in its order: no row
+    is skipped or repeated across micro-batches and steps."""
+    from tailkd.data import RowSampler
+    from tailkd.train import next_micro_batches
+
+    rows = [{"input_ids": torch.tensor([i]), "labels": torch.tensor([i])} for i in range(10)]
+    cfg = DistillConfig()
+    cfg.train.batch_size, cfg.train.grad_accum = 2, 3
+    sampler, order = RowSampler(10, seed=0), RowSampler(10, seed=0)
+    drawn = [mb["row_index"].tolist() for _ in range(2) for mb in next_micro_batches(rows, sampler, cfg)]
+    assert drawn == [[next(order), next(order)] for _ in range(6)]
