@@ -681,6 +681,12 @@ def test_pruning_never_deletes_the_checkpoint_just_written_for_a_newer_corrupted
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000005", "step_00000008"]
 
 
+def test_pruning_keeps_the_last_keep_last_checkpoints(tmp_path):
+    for step in range(1, 5):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, {}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+
+
 def test_a_replaced_checkpoint_put_aside_by_a_writer_on_a_hyphenated_host_is_repaired(tmp_path):
     state = {"w": torch.arange(4.0)}
     good = ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, keep_last=3)
