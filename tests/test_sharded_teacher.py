@@ -410,6 +410,22 @@ def test_bad_input_is_one_line(assets, tmp_path, capsys):
         load_sharded_teacher(str(assets["tied"]), device=torch.device("cpu"))
 
 
+def test_a_tensor_whose_stored_shape_is_not_the_model_classes_is_refused(tmp_path):
+    """A folder whose config.json does not describe its weights: reading a tensor (whole or by rows) of another
+    shape than the skeleton's is one line naming the tensor, its file and both shapes, not rows of a wrong layout."""
+    from safetensors.torch import save_file
+
+    from tailkd.sharded_teacher import _read
+
+    file = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2, 3)}, str(file))
+    for rows in (None, (0, 1)):
+        with pytest.raises(TailkdError, match=r"tensor w of .* has shape \(2, 3\), its model class expects \(4, 3\): "
+                                              "the folder's config.json and weights do not match"):
+            _read({"w": file}, "w", rows, (4, 3))
+    assert _read({"w": file}, "w", (1, 2), (2, 3)).shape == (1, 3)
+
+
 def test_a_sharded_teacher_with_only_pytorch_bin_weights_is_refused_with_the_fix(tmp_path):
     """A folder whose weights are only pytorch_model.bin (no safetensors to read slice by slice): one line naming the
     folder, what it has, and both fixes."""
