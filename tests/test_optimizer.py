@@ -116,6 +116,7 @@ def test_training_steps_equal_a_plain_adamw_loop(tmp_path, monkeypatch):
     assert [r["lr"] for r in logged] == pytest.approx(lrs, rel=1e-5)
     assert [r["grad_norm"] for r in logged] == pytest.approx(norms, rel=1e-5)
     assert [r["tokens"] for r in logged] == [(s + 1) * 2 * 3 * 32 for s in range(steps)]  # rows x micro x seq_len
+    assert 0 < logged[0]["elapsed_s"] < logged[-1]["elapsed_s"]  # the seconds of the steps add up
     assert max(norms) > clip  # clipping acted
     got, start = load_file(str(run / "final" / "model.safetensors")), load_file(str(student / "model.safetensors"))
     assert max((got[n] - start[n]).abs().max().item() for n in got) > 1e-2
