@@ -339,6 +339,7 @@ def test_student_saves_and_loads_as_plain_hf_model(tmp_path, family):
     ("llama", {"num_layers": 0}, r"pick 1\.\.4"),
     ("llama", {"layers": [0, 4]}, r"layer indices \[4\] out of range.*0\.\.3"),
     ("llama", {"layers": [2, 1]}, r"increasing.*\[1, 2\]"),
+    ("llama", {"layers": [0, 1, 1]}, r"layers \[0, 1, 1\] must be increasing without repeats: pass e\.g\. \[0, 1\]"),
     ("llama", {"layers": [0, 1], "num_layers": 3}, r"only one of them"),
     ("llama", {"layers": []}, r"^layers is empty: list the teacher layers \(0\.\.3\) the student keeps, or pass "
                               r"num_layers$"),
