@@ -458,6 +458,19 @@ def test_longrope_refuses_a_head_dim_change_only():
     assert student.config.rope_parameters["short_factor"] == [1.0] * 8
 
 
+def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
+    """Gemma3's RoPE settings are per layer type ({"full_attention": {...}, "sliding_attention": {...}}): a dynamic
+    (NTK) scaling of one of them refuses a student rotating 2 rows as a top-level one does (tests/test_student.py)."""
+    rope = {F: {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+            S: {"rope_type": "default", "rope_theta": 10000.0}}
+    teacher = make_teacher("gemma3", rope_parameters=rope)
+    with pytest.raises(TailkdError, match=r"^the teacher's dynamic \(NTK\) RoPE scaling .* but a head_dim 2 "
+                                          r"student rotates 2: pick a head_dim that rotates at least 4 "
+                                          r"\(the teacher's is 16\)$"):
+        build_student(teacher, head_dim=2)
+    assert build_student(teacher, head_dim=4)[0].config.head_dim == 4
+
+
 @pytest.mark.parametrize("family, kwargs, message", [
     ("phi3", {"hidden_size": 32, "head_dim": 4}, r"Phi-3 has no head_dim setting \(it is hidden_size/num_heads = "
                                                  r"32/4\): drop head_dim=4"),
