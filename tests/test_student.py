@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailkd.errors import TailkdError
-from tailkd.student import build_student, choose_layers, format_table, rope_pair_rows
+from tailkd.student import build_student, choose_layers, format_table, rope_pair_rows, student_config
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
@@ -203,8 +203,10 @@ def test_gpt2_fused_qkv_truncation_index_by_index():
 
 def test_student_from_bf16_teacher_is_float32_and_exact():
     teacher = make_tiny_lm("llama").to(torch.bfloat16)
+    teacher.config.dtype = torch.bfloat16  # as a teacher loaded in bf16 says (from_pretrained(dtype=torch.bfloat16))
     student, _ = build_student(teacher, num_layers=2, mlp_init="copy")
     assert student.dtype == torch.float32 and student.config.dtype == torch.float32
+    assert student_config(teacher, num_layers=2).dtype == torch.float32  # the config build_student makes
     assert torch.equal(_params(student)["model.layers.1.self_attn.k_proj.weight"],
                        _params(teacher)["model.layers.3.self_attn.k_proj.weight"].float())
 
