@@ -393,6 +393,21 @@ def test_unsupported_architecture():
         build_student(model)
 
 
+def test_a_quantized_teacher_is_refused_and_its_setting_is_not_the_students():
+    """build_student refuses a quantized teacher (a quantization_config, or transformers' hf_quantizer) in one line;
+    the config student_config plans from it (no weights read) carries no quantization_config: the student's weights
+    are plain float32."""
+    quantized = make_tiny_lm("llama")
+    quantized.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    with_quantizer = make_tiny_lm("llama")
+    with_quantizer.hf_quantizer = object()
+    for teacher in (quantized, with_quantizer):
+        with pytest.raises(TailkdError, match=r"^the teacher is a quantized model: load it with "
+                                              r"tailkd\.models\.load_teacher, which dequantizes GGUF files"):
+            build_student(teacher, num_layers=2)
+    assert getattr(student_config(quantized, num_layers=2), "quantization_config", None) is None
+
+
 # --------------------------------------------------------------------------- the real built-in teacher
 
 
