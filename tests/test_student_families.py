@@ -480,6 +480,15 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("gemma", {"head_dim": 7}, r"head_dim 7 is odd but RoPE needs it even: pick an even head_dim"),
     ("phi", {"hidden_size": 24}, r"head_dim 6 \(hidden_size/num_heads\) rotates 3 rows \(partial_rotary_factor 0\.5\), "
                                  r"which is odd"),
+    # the fix named works: "an even multiple of num_heads" (hidden_size 8: head_dim 2) still rotated 1 row, and a
+    # head_dim rotating none was called odd
+    ("phi", {"hidden_size": 8}, r"^head_dim 2 \(hidden_size/num_heads\) rotates 1 rows \(partial_rotary_factor 0\.5\), "
+                                r"which is odd but RoPE rotates pairs of rows: pick hidden_size and num_heads whose "
+                                r"head_dim rotates an even number of rows, e\.g\. head_dim 4 \(hidden_size 16 with 4 "
+                                r"heads\)$"),
+    ("phi", {"hidden_size": 4}, r"^head_dim 1 \(hidden_size/num_heads\) rotates 0 rows \(partial_rotary_factor 0\.5\), "
+                                r"but RoPE rotates pairs of rows: .* e\.g\. head_dim 4 \(hidden_size 16 with 4 "
+                                r"heads\)$"),
     ("phi", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
     ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
 ])

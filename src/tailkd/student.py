@@ -189,11 +189,28 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
         rot, rot_t = int(hd * rotary_fraction), int(t.head_dim * rotary_fraction)
         if rot % 2 or (rot == 0 and rot_t > 0):
             what = f"head_dim {hd}" + (" (hidden_size/num_heads)" if head_dim is None else "")
-            if rotary_fraction != 1:
-                what += f" rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), which"
-            fix = "an even head_dim" if head_dim is not None else "a hidden_size that is an even multiple of num_heads"
-            raise TailkdError(f"{what} is odd but RoPE needs it even: pick {fix}")
+            if rotary_fraction == 1:
+                fix = ("an even head_dim" if head_dim is not None
+                       else "a hidden_size that is an even multiple of num_heads")
+                raise TailkdError(f"{what} is odd but RoPE needs it even: pick {fix}")
+            raise TailkdError(f"{what} rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), "
+                              f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
+                              f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
     return Dims(n_layers, hidden, heads, kv_heads, hd, inter)
+
+
+def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: bool) -> str:
+    """The fix for a head_dim ``hd`` whose partial rotary share ``int(hd * fraction)`` is odd or none: the head_dims up
+    to the teacher's that rotate an even number of rows (at least 2), the one nearest ``hd`` as an example."""
+    fit = [d for d in range(1, t.head_dim + 1) if int(d * fraction) >= 2 and int(d * fraction) % 2 == 0]
+    if explicit:
+        pick = "pick a head_dim that rotates an even number of rows"
+    else:
+        pick = "pick hidden_size and num_heads whose head_dim rotates an even number of rows"
+    if not fit:
+        return pick
+    d = min(fit, key=lambda d: (abs(d - hd), -d))
+    return f"{pick}, e.g. head_dim {d}" + ("" if explicit else f" (hidden_size {d * heads} with {heads} heads)")
 
 
 def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
