@@ -250,6 +250,17 @@ def test_range_messages():
     assert parse(["--train.grad_clip", "0", "--loss.jsd_beta", "1"]).train.grad_clip == 0.0  # the closed ends pass
 
 
+def test_a_seed_range_is_numpys_both_ends_included():
+    """Seeds lie in numpy's [0, 2^32 - 1] (`SEED_KEYS`): both ends pass, one past either end is refused."""
+    from tailkd.command_config import ReproduceConfig
+
+    assert [parse(["--seed", str(seed)]).train.seed for seed in (0, 2 ** 32 - 1)] == [0, 2 ** 32 - 1]
+    assert parse(["--seeds", "0", str(2 ** 32 - 1)], ReproduceConfig).reproduce.seeds == [0, 2 ** 32 - 1]
+    for seed in (-1, 2 ** 32):
+        with pytest.raises(TailkdError, match=rf"^train\.seed={seed}: a seed must be an integer in \[0, 4294967295\]"):
+            parse(["--seed", str(seed)])
+
+
 # --------------------------------------------------------------------------- the other subcommands' configs
 
 
