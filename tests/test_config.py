@@ -65,6 +65,8 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"train": {"save_every": -1}}, r"^train\.save_every=-1 must be >= 0"),
         ({"data": {"math_train": -5}}, r"^data\.math_train=-5 must be >= 1$"),  # was n_train, after the models loaded
         ({"data": {"seq_len": 1}}, r"^data\.seq_len=1 must be >= 2 \(a row needs a token and its successor\)$"),
+        ({"loss": {"name": "clm", "cosine_weight": 0.5}},
+         r"^loss\.cosine_weight needs a teacher; it cannot be used with loss\.name=clm$"),
     ],
 )
 def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):
