@@ -58,6 +58,35 @@ def test_student_layers_list_overrides_num_layers(assets, tmp_path):
     assert kept == {0, 1, 3}  # the student's layers are copied from the listed teacher layers
 
 
+def test_the_student_settings_shape_the_student_a_run_builds(assets, tmp_path):
+    """Every student.* build setting reaches the student a run builds from the teacher (`prepare.setup_models` ->
+    `build_student`): widths, heads, MLP init, untied head, frozen embeddings (student_init.json and the saved
+    student say so), and train.seed seeds its random MLP (a step at lr 1e-30 leaves every weight as built: each
+    AdamW update, ~1e-30, is far below half an ulp of a weight of the student's ~0.02 init)."""
+    from tailkd.models import load_teacher
+    from tailkd.student import build_student
+
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "1", "--student.layers", "0", "3", "--student.hidden_size", "32",
+                          "--student.num_heads", "2", "--student.num_kv_heads", "1", "--student.intermediate_size",
+                          "64", "--student.mlp_init", "copy", "--student.tie_embeddings", "false",
+                          "--student.freeze_embeddings", "true")) == 0
+    config = AutoModelForCausalLM.from_pretrained(run / "final").config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.tie_word_embeddings) == (2, 32, 2, 1, 64, False)
+    table = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    assert table["model.layers.1.mlp.up_proj.weight"]["source"] == "model.layers.3.mlp.up_proj.weight"  # copied
+    assert table["model.embed_tokens.weight"]["frozen"] and not table["lm_head.weight"]["frozen"]  # an untied head
+
+    seeded = tmp_path / "seeded"
+    assert main(base_args(assets, seeded, "--steps", "1", "--seed", "3", "--lr", "1e-30")) == 0
+    teacher, _ = load_teacher(str(assets["teacher"]))
+    built = dict(build_student(teacher, num_layers=2, seed=3)[0].named_parameters())
+    saved = final_weights(seeded)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(saved[name], built[name].detach())
+
+
 def final_weights(run: Path) -> dict:
     return load_file(str(run / "final" / "model.safetensors"))
 
