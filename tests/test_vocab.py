@@ -53,6 +53,19 @@ def test_check_vocab_different_special_tokens(tmp_path, tiny_tokenizer):
         check_vocab(tiny_tokenizer, other, model, model)
 
 
+def test_another_set_of_special_tokens_over_one_vocabulary_is_refused(tiny_tokenizer):
+    """A token of the shared vocabulary that only one tokenizer treats as special (never split, dropped by
+    skip_special_tokens) tokenises text otherwise: the tokenizers are not one, though their token -> id maps and
+    their bos/eos/unk/pad tokens are equal."""
+    other = build_tiny_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["in"]})  # 'in' (id 259) is already in the vocabulary
+    assert other.get_vocab() == tiny_tokenizer.get_vocab()
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tiny_tokenizer)
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(special tokens .*'all': \['<\|endoftext\|>', "
+                                          r"'<\|pad\|>', 'in'\]\}\)"):
+        relation(tiny_tokenizer, other)
+
+
 def test_tokenizer_fingerprint(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     from transformers import AutoTokenizer
