@@ -31,9 +31,10 @@ def test_check_vocab_padded_head_and_slicing(tiny_tokenizer):
     assert teacher_logits[..., :vocab].shape == student_logits[..., :vocab].shape == (*ids.shape, TINY_VOCAB)
 
 
-def test_check_vocab_head_too_small(tiny_tokenizer):
-    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 6)
-    with pytest.raises(TailkdError, match=rf"student's LM head has {TINY_VOCAB - 6} rows .* {TINY_VOCAB} tokens"):
+@pytest.mark.parametrize("short", [1, 6])  # one row short: the last token could not be scored
+def test_check_vocab_head_too_small(tiny_tokenizer, short):
+    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - short)
+    with pytest.raises(TailkdError, match=rf"student's LM head has {TINY_VOCAB - short} rows .* {TINY_VOCAB} tokens"):
         check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
 
 
