@@ -38,6 +38,22 @@ def test_check_vocab_head_too_small(tiny_tokenizer, short):
         check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
 
 
+def test_check_vocab_input_embedding_too_small(tiny_tokenizer):
+    """An input embedding with fewer rows than the vocabulary (its LM head full) cannot read every token."""
+    small = make_tiny_lm("llama", tie_word_embeddings=False)
+    small.set_input_embeddings(torch.nn.Embedding(TINY_VOCAB - 2, small.config.hidden_size))
+    with pytest.raises(TailkdError, match=rf"^the student's input embedding has {TINY_VOCAB - 2} rows but the "
+                                          rf"tokenizer has {TINY_VOCAB} tokens"):
+        check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
+
+
+def test_check_vocab_names_the_second_model_by_its_role(tiny_tokenizer):
+    """select-data's reference model is named as the reference, not as a student."""
+    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 1)
+    with pytest.raises(TailkdError, match=r"^the reference's LM head has"):
+        check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small, student_role="reference")
+
+
 def test_check_vocab_different_tokenizers(tiny_tokenizer):
     other = build_tiny_tokenizer(merges=[*TINY_MERGES[:-1], ("o", "n")])  # 'in' (259) became 'on'
     model = make_tiny_lm("llama")
