@@ -209,6 +209,19 @@ def test_a_loss_option_trains_is_saved_and_a_resume_with_another_value_is_refuse
             del sys.modules[name]
 
 
+def test_a_setting_only_the_saved_config_has_is_a_change():
+    """`runs.config_changes` lists a key of the saved config that the new one lacks (an entry of a mapping such as
+    loss.options that the run's loss now does not give), after the new config's own changed keys."""
+    from tailkd.config import DistillConfig, absolute_paths, flatten, to_dict
+    from tailkd.runs import config_changes
+
+    cfg = DistillConfig()
+    old = flatten(to_dict(absolute_paths(cfg)))
+    assert config_changes(old, cfg, set()) == []
+    old["loss.options.alpha"], old["loss.k"] = 0.5, 20
+    assert config_changes(old, cfg, set()) == ["loss.k", "loss.options.alpha"]
+
+
 def test_a_resume_with_changed_logging_eval_and_checkpoint_keys_is_bit_identical(assets, tmp_path):
     """`runs.RESUME_FREE_KEYS` of run control, logging, evaluation and checkpointing (and device auto, the CPU
     here) are accepted on --resume and change no bit: held-out evaluations and checkpoints between the steps leave
