@@ -390,8 +390,9 @@ def test_a_json_output_replaces_only_an_earlier_output_of_its_command(tmp_path):
     (final / "config.json").write_text('{"model_type": "llama", "vocab_size": 9}')
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # past Python's parser: a RecursionError
+    (tmp_path / "half.json").write_text('{"student": "s"}')  # one of eval's two keys only: not an eval output
     inputs = {p: p.read_bytes() for p in (final / "config.json", tmp_path / "run" / "metrics.jsonl",
-                                          tmp_path / "deep.json")}
+                                          tmp_path / "deep.json", tmp_path / "half.json")}
     sizes = ["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "9", "--hidden", "4"]
     commands = {"eval": (["--student", str(final)], "eval.out", '{"student": "s", "teacher": "t", "kl": 1.0}'),
                 "lm-eval": (["--model", str(final)], "lm_eval.out", '{"results": {"tailkd_ppl": {}}}'),
