@@ -357,6 +357,14 @@ def test_reproduce_takes_distills_short_flags_for_what_it_shares():
             cfg.train.max_steps) == (3, 8, 2, 1e-3, "off", 12)
 
 
+def test_reproduce_scale_rounds_each_runs_steps_to_at_least_one_and_keeps_eval_every_0():
+    """`ReproduceConfig.scaled_steps`: train.max_steps and train.eval_every × reproduce.scale, rounded, at least 1;
+    an eval_every of 0 (only before and after) stays 0."""
+    reproduce = COMMAND_CONFIGS["reproduce"]
+    assert parse(["--steps", "10", "--train.eval_every", "0", "--scale", "0.5"], reproduce).scaled_steps() == (5, 0)
+    assert parse(["--steps", "10", "--train.eval_every", "4", "--scale", "0.1"], reproduce).scaled_steps() == (1, 1)
+
+
 def test_output_paths_of_the_wrong_kind_are_one_clear_error(tmp_path):
     """A JSON output that is an existing folder, an output folder that is an existing file: refused when the
     command's config is read (flops --out DIR was an IsADirectoryError, compare --out FILE a FileExistsError, after
