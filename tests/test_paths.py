@@ -181,6 +181,21 @@ def test_a_runs_config_holds_absolute_paths(tmp_path, monkeypatch):
     assert saved["train"]["out_dir"] == str(work / "runs" / "rel") and saved["student"]["path"] is None
 
 
+def test_tailkds_own_words_stay_words_in_a_runs_config(tmp_path, monkeypatch):
+    """`absolute_paths` leaves tailkd's own words as they are: a chat_template of none or auto, the built-in teacher,
+    builtin:* data sets (made absolute, 'none' would name a template file in the working directory)."""
+    from tailkd.config import DistillConfig, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = DistillConfig()
+    cfg.data.paths, cfg.data.heldout_paths = ["builtin:math"], ["builtin:pydoc"]
+    for word in ("none", "auto"):
+        cfg.data.chat_template = word
+        saved = absolute_paths(cfg)
+        assert (saved.data.chat_template, saved.teacher.path) == (word, "smollm2")
+        assert (saved.data.paths, saved.data.heldout_paths) == (["builtin:math"], ["builtin:pydoc"])
+
+
 def test_eval_and_resume_of_a_run_from_another_working_directory(tmp_path, monkeypatch):
     from tailkd.command_config import EvalConfig
     from tailkd.config import from_dict, load_yaml
