@@ -297,6 +297,9 @@ def test_plain_file_and_bad_gguf(tmp_path):
     (tmp_path / "broken.gguf").write_bytes(b"NOPE" + b"\0" * 16)
     with pytest.raises(TailkdError, match=r"broken\.gguf is not a GGUF file"):
         load_causal_lm(tmp_path / "broken.gguf")
+    (tmp_path / "BROKEN.GGUF").write_bytes(b"NOPE" + b"\0" * 16)  # the suffix in any case: read as a GGUF
+    with pytest.raises(TailkdError, match=r"BROKEN\.GGUF is not a GGUF file"):
+        load_causal_lm(tmp_path / "BROKEN.GGUF")
 
 
 # --------------------------------------------------------------------------- GGUF -> safetensors cache
