@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -514,6 +515,14 @@ def test_model_max_length():
 
     with pytest.raises(TailkdError, match="max_position_embeddings"):
         model_max_length(Bare())
+
+    class Unset:  # a 0 is no length: the next name is read, else none is known
+        config = SimpleNamespace(max_position_embeddings=0, n_positions=64)
+
+    assert model_max_length(Unset()) == 64
+    Unset.config.n_positions = 0
+    with pytest.raises(TailkdError, match="max_position_embeddings"):
+        model_max_length(Unset())
 
 
 # --------------------------------------------------------------------------- the real built-in teacher
