@@ -849,6 +849,31 @@ def test_tad_float32_gradient_where_beta_x_times_the_tail_ratio_overflows(studen
     _tad_float32_finite_and_within_bound(s, t32, mask, torch.ones(1, 1, dtype=torch.float64))
 
 
+def test_tad_float32_gradient_at_beta_zero_where_the_tail_ratio_is_above_1e30():
+    """β = 0 (w = β(X) = 0: L = D_KL1) on a row whose student puts its top-1 88 nats above its tail (log α^S ≈ −82)
+    while the teacher's tail holds most of the mass (α^T ≈ 0.9): α^T/α^S ≈ e^82 ≈ 4e35, finite in float32. Only the
+    ratio > 1e30 test of `divergences.tad_gradient_form` sends the row to the q̃/p̃ form (w·α^T/α^S = 0): the plain
+    form's q_i(1 − α^T/α^S) multiplies q_i ≈ 2e-36·q̃_i, sub-normal and rounded to few bits where q̃_i is small, by
+    4e35. Value and gradient within loss_bounds.tad (float32, first order) of the float64 reference; a 1e38
+    threshold there put 3 tail entries 57× beyond the gradient bound (mutation audit)."""
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(1, 1, 200, generator=gen, dtype=torch.float64) * 2
+    s = torch.randn(1, 1, 200, generator=gen, dtype=torch.float64) * 2
+    s = s.scatter_add(-1, torch.topk(t, 1).indices, torch.full((1, 1, 1), 88.0, dtype=torch.float64)).float()
+    t32 = t.float()
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    w = torch.ones(1, 1, dtype=torch.float64)
+    tail = torch.ones(200, dtype=torch.bool).scatter(0, torch.topk(t32[0, 0], 1).indices, False)
+    log_ratio = float(torch.log_softmax(t32.double(), -1)[0, 0, tail].logsumexp(0)
+                      - torch.log_softmax(s.double(), -1)[0, 0, tail].logsumexp(0))  # log(α^T/α^S)
+    assert math.log(1e30) < log_ratio < math.log(3e38)  # the case meant: above 1e30, finite in float32
+    got, got_grad = value_grad(lambda x: L.tad(x, t32, mask, k=1, beta=0.0), s, w)
+    want, want_grad = value_grad(lambda x: R.tad(R.f64(x), t32.double(), mask, 1, 0.0), s.double(), w)
+    value_bound, grad_bound = LB.tad(s, t32, mask, 1, 0.0)
+    B.assert_within(got, want, value_bound + B.REF64_ATOL, msg="value")
+    B.assert_within(got_grad, want_grad, grad_bound + B.REF64_ATOL, msg="gradient")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tad_empty_teacher_tail_beside_tokens_with_tail_mass(dtype):
     """Token 0's teacher is −inf outside its top 3 (α^T = 0 exactly), token 1's is not: ᾱ > 0, so token 0's weight
