@@ -525,6 +525,29 @@ def test_tad_kernel_is_plus_inf_where_the_student_has_no_tail():
     assert torch.isposinf(value).all(), value
 
 
+def test_tad_kernel_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail():
+    """β = 0 (log β(X) = −inf: no tail term, L = D_KL1, as `divergences._tad_forward`): row 0's student is −inf at a
+    tail entry where the teacher has mass, so D_KL2 = +inf while D_KL1 is finite; its value was 0·inf = NaN. Value
+    and gradient against divergences.py on the same float32 inputs within twice `loss_bounds.tad_decompose`'s D_KL1
+    bound (two evaluations, each within it), as the other rows."""
+    s, t = _logits(2, 257, seed=43)
+    tail = torch.ones_like(t, dtype=torch.bool).scatter(-1, torch.topk(t, 5).indices, False)
+    s[0, tail[0].nonzero()[0]] = -math.inf
+    cd = torch.ones(2)
+    log_w = torch.full((2,), -math.inf, dtype=torch.float64)
+    stats = kernels.row_stats(s.to(DEVICE), t.to(DEVICE), 5)
+    out = torch.empty(s.shape, device=DEVICE)
+    value = kernels.row_values_and_grads(kernels.RowLoss(3, k=5), s.to(DEVICE), t.to(DEVICE), stats,
+                                         log_w.to(DEVICE), cd.to(DEVICE), out=out).cpu()
+    kern = dv.tad_kernel(5)
+    v32, state = kern.forward(s, torch.log_softmax(s, -1), kern.teacher(t.clone()), log_w)
+    g32 = kern.backward(state, cd, None)
+    (vb, gb), _, _ = LB.tad_decompose(s, t, 5)
+    assert torch.isfinite(value).all() and torch.isfinite(out).all()
+    B.assert_within(value, v32, 2 * vb + B.REF64_ATOL, msg="value vs divergences.py")
+    B.assert_within(out.cpu(), g32, 2 * gb + B.REF64_ATOL, msg="gradient vs divergences.py")
+
+
 def _block_edge_logits():
     """(s, t) [3, 257] float64 whose teacher top-7 sits where the ascending walk of `_tad_kernel` turns: column 0, both
     sides of a block edge (127 | 128), several ids in one block, the partial last block and column V − 1; and a row

@@ -874,6 +874,28 @@ def test_tad_float32_gradient_at_beta_zero_where_the_tail_ratio_is_above_1e30():
     B.assert_within(got_grad, want_grad, grad_bound + B.REF64_ATOL, msg="gradient")
 
 
+def test_tad_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail():
+    """β = 0: no tail term (`losses.tail_log_weight`: log β(X) = −inf), L = D_KL1, as from a top-K cache
+    (test_cache's test_cache_tad_with_beta_0_is_d_kl1). Token 0's student is −inf at a tail entry where the teacher
+    has mass, so D_KL2 = +inf but D_KL1 is finite (α^S > 0): its value was 0·inf = NaN. Value and gradient (dense
+    `tad`, whose row kernel the chunked layer runs) against the float64 reference's D_KL1 within
+    `loss_bounds.tad_decompose` (float32, first order); token 1 is an ordinary row."""
+    gen = torch.Generator().manual_seed(41)
+    t = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
+    s = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
+    tail = torch.ones_like(t, dtype=torch.bool).scatter(-1, torch.topk(t, 3).indices, False)
+    s[0, 0, tail[0, 0].nonzero()[0]] = -INF
+    s, t32 = s.float(), t.float()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
+    assert torch.isinf(R.tad_decompose(s.double(), t32.double(), 3)[1][0, 0])  # the case meant: D_KL2 = +inf
+    got, got_grad = value_grad(lambda x: L.tad(x, t32, mask, k=3, beta=0.0), s, w)
+    want, want_grad = value_grad(lambda x: R.tad_decompose(R.f64(x), t32.double(), 3)[0], s.double(), w)
+    (value_bound, grad_bound), _, _ = LB.tad_decompose(s, t32, 3)
+    B.assert_within(got, want, value_bound + B.REF64_ATOL, msg="value")
+    B.assert_within(got_grad, want_grad, grad_bound * w[..., None] + B.REF64_ATOL, msg="gradient")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tad_empty_teacher_tail_beside_tokens_with_tail_mass(dtype):
     """Token 0's teacher is −inf outside its top 3 (α^T = 0 exactly), token 1's is not: ᾱ > 0, so token 0's weight

@@ -331,7 +331,7 @@ def _tad_forward(s, logq, teacher: TopK, log_w):
     every tail of the sequence is beyond ~708 nats). α^T·D_KL2 = Σ_{i∉𝒦} p_i log(p_i/q_i) − α^T log(α^T/α^S) is
     summed over the tail (one pass over V, as KL; never KL − D_KL1); where α^T itself is below `_tiny` (1e-30 in
     float32) but not 0, W = w·α^T = exp(log w + log α^T) and D_KL2 = KL(p̃‖q̃) are computed in log space instead.
-    w = 1 (log w = 0) gives KL(p‖q)."""
+    w = 1 (log w = 0) gives KL(p‖q); log w = −inf (β = 0) D_KL1, also where D_KL2 = +inf."""
     poisoned = teacher.nan | logq[:, 0].isnan()
     tiny = tad_tiny_rows(teacher.alpha, teacher.log_alpha, poisoned, log_w, s.dtype)
     small = None
@@ -352,7 +352,8 @@ def _tad_forward(s, logq, teacher: TopK, log_w):
     bucket = rest_bucket(alpha_t, log_at, log_as)  # [n] α^T log(α^T/α^S)
     tail = torch.where(torch.isfinite(bucket), tail_kl - bucket, 0.0)  # [n] α^T·D_KL2
     wd = tad_weight(log_w, alpha_t, tiny, s.dtype)  # [n] (the tiny rows' weight is W, applied below)
-    value = top + bucket + wd * tail
+    value = top + bucket + torch.where(log_w > -_INF, wd * tail, 0.0)  # log w = −inf (β = 0): no tail term, not
+    # 0·inf = NaN where D_KL2 = +inf (a student −inf where the teacher's tail has mass)
     if small is not None:
         rows, _, big_w, d_kl2 = small
         value[rows] = top[rows] + bucket[rows] + big_w * d_kl2

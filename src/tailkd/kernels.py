@@ -495,7 +495,8 @@ if triton is not None:
                 value = top_sum + bucket + big_w * tail_sum
             else:
                 finite = (bucket == bucket) & (tl.abs(bucket) < float("inf"))
-                value = top_sum + bucket + wd * tl.where(finite, tail_sum - bucket, 0.0)
+                term = wd * tl.where(finite, tail_sum - bucket, 0.0)  # log w = −inf (β = 0): no tail term, not
+                value = top_sum + bucket + tl.where(tl.load(w_ptr + row) > float("-inf"), term, 0.0)  # 0·inf = NaN
             tl.store(value_ptr + row, value)
 
     @triton.jit
