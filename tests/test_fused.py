@@ -97,6 +97,25 @@ def test_fused_equals_dense_values_and_gradients(name, extra, dtype):
         _close(grads, ref_grads, dtype, [bound.get(k) for k in params], params)
 
 
+@pytest.mark.parametrize("name,extra", [("kd", {"temperature": 2.0}), ("tad", {"k": 4}), ("dkd", {})])
+def test_a_teacher_head_bias_enters_the_teacher_logits(name, extra):
+    """A teacher LM head with a bias (padded rows, as its weight): the chunked layer's teacher logits are h Wᵀ + b
+    as the model's (`head.apply_head`) on every path — a row kernel (kd at τ = 2, tad, also through the statistics
+    pass of the sequences that chunks of 4 split) and autograd per chunk (dkd). Float64, to 1e-10 (a glance: u64 ~
+    1e-16); _inputs' teacher head has no bias, and dropping it from the chunks' teacher logits survived (mutation
+    audit)."""
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(head_t.weight.shape[0], generator=g, dtype=torch.float64) * 2
+    inputs = (h_s, w_s, b_s, spec_s, h_t, Head(head_t.weight, bias, head_t.spec), labels, seg)
+    cfg = LossConfig(name=name, **extra)
+    ref, *ref_grads = _dense(cfg, *inputs)
+    for chunk in (4, None):
+        got, *grads = _fused(cfg, *inputs, chunk)
+        _close([got.loss, got.clm, got.div], [ref.loss, ref.clm, ref.div], torch.float64)
+        _close(grads, ref_grads, torch.float64)
+
+
 @pytest.mark.parametrize("per_document", [False, True])
 def test_tad_chunk_size_does_not_change_loss_or_gradients(per_document):
     """β(X) needs ᾱ over whole sequences: chunks that cut sequences (statistics pass) == whole-sequence chunks."""
