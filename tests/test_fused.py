@@ -475,6 +475,9 @@ def test_chunk_rule_cuda_grows_to_whole_rows_where_they_fit():
     # rows of 8192 do not fit (6795): no partial growth, the shape rule stands; 140 GiB free (9513 tokens): they fit
     assert fused.chunk_tokens("cuda", 151936, 2048, 100 * gib, torch.bfloat16, 8192) == 2048
     assert fused.chunk_tokens("cuda", 151936, 2048, 140 * gib, torch.bfloat16, 8192) == 8192
+    # a row of exactly the cap (16384 tokens, 300 GiB free) fits, one token more does not
+    assert fused.chunk_tokens("cuda", 151936, 2048, 300 * gib, torch.bfloat16, 16384) == 16384
+    assert fused.chunk_tokens("cuda", 151936, 2048, 300 * gib, torch.bfloat16, 16385) == 2048
     # the CPU keeps its cache-sized chunks (its tail-weight losses grow per call, in _prepare)
     assert fused.chunk_tokens("cpu", 151936, 2048, 100 * gib, torch.bfloat16, 4096) == fused.default_chunk_size(151936)
 
