@@ -202,6 +202,14 @@ def test_dkd_matches_reference(c, alpha_beta):
     )
 
 
+def test_dkd_defaults_are_the_dkd_papers_alpha_1_beta_8():
+    """`dkd`'s docstring: defaults α = 1, β = 8 (the DKD paper's), τ = 1: the call without them is the call with them,
+    bit for bit (the same float32 operations). A default β of 1 survived (mutation audit)."""
+    s, t, _, _, labels = make({"seed": 3, "B": 2, "T": 4, "V": 11, "scale": 2.0, "dtype": torch.float32})
+    assert torch.equal(L.dkd(s, t, labels), L.dkd(s, t, labels, alpha=1.0, beta=8.0, temperature=1.0))
+    assert not torch.equal(L.dkd(s, t, labels), L.dkd(s, t, labels, alpha=1.0, beta=1.0))  # β counts here
+
+
 
 def test_drkl_teacher_argmax_anchor_is_the_argmax_of_the_teacher_logits():
     # p is monotone in the logits, so argmax p = argmax of the logits; dividing by the temperature first rounds two
