@@ -1,5 +1,7 @@
 """The fused, chunked LM-head + loss layer equals the dense path (objective on full logits), values and gradients."""
 
+import types
+
 import bounds as B
 import loss_bounds as LB
 import pytest
@@ -387,6 +389,33 @@ def test_verify_head_names_a_model_whose_own_logits_are_not_finite():
     with pytest.raises(TailkdError, match=r"^Gemma2ForCausalLM's own logits are not finite") as err:
         head_mod.verify_head(model, ids)
     assert "fused_loss" not in str(err.value)
+
+
+def test_verify_head_refuses_finite_logits_where_the_models_own_are_not(monkeypatch):
+    """Where the model's own logits are NaN (row 0: a NaN embedding), `final_hidden` + `apply_head` must give NaN
+    there too; final hidden states that are finite there (NaN replaced by 0) are a head that does not reproduce the
+    model, refused, although the finite positions (row 1) agree. Comparing the finite positions alone survived
+    (mutation audit)."""
+    model = _tiny_model("Gemma2Config", final_logit_softcapping=3.0, tie_word_embeddings=False)
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids[1][ids[1] == 5], ids[0, 3] = 6, 5
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5] = float("nan")  # row 0's logits: NaN
+    assert head_mod.verify_head(model, ids) < 1e-3 * 40  # NaN alike: accepted
+    real = head_mod.final_hidden
+    monkeypatch.setattr(head_mod, "final_hidden", lambda m, i, **kw: torch.nan_to_num(real(m, i, **kw)))
+    with pytest.raises(TailkdError, match="does not reproduce"):
+        head_mod.verify_head(model, ids)
+
+
+def test_head_spec_reads_a_scaling_its_config_lacks_from_the_base_model():
+    """A Granite-type model whose config has no logits_scaling but whose base model (model.model) has one: head_spec
+    takes the base model's (Granite divides: scale 1/8). Ignoring the base model (scale 1) survived (mutation
+    audit)."""
+    model = _tiny_model("GraniteConfig", logits_scaling=8.0)
+    model.config = types.SimpleNamespace(model_type="granite", vocab_size=70)  # (a config field cannot be None)
+    model.model.logits_scaling = 8.0
+    assert head_mod.head_spec(model) == HeadSpec(70, scale=1 / 8.0)
 
 
 def test_fused_objective_on_gemma2_equals_objective_on_model_logits():
