@@ -391,6 +391,18 @@ def test_verify_head_names_a_model_whose_own_logits_are_not_finite():
     assert "fused_loss" not in str(err.value)
 
 
+def test_verify_head_refuses_a_scale_off_by_one_percent():
+    """verify_head's tolerance is 1e-3 × max(1, max |logit|) in float32 (its docstring): a Cohere head read with
+    logit_scale 0.25·1.01 instead of 0.25 is off by 1% of each logit, 10× that tolerance where max |logit| >= 1:
+    refused (the right one passes: test_head_spec_reproduces_the_models_own_logits). A tolerance of 1e-1 survived
+    (mutation audit)."""
+    model = _tiny_model("CohereConfig", logit_scale=0.25)
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    head = head_mod.model_head(model)
+    with pytest.raises(TailkdError, match="does not reproduce"):
+        head_mod.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70, scale=0.25 * 1.01)))
+
+
 def test_verify_head_refuses_finite_logits_where_the_models_own_are_not(monkeypatch):
     """Where the model's own logits are NaN (row 0: a NaN embedding), `final_hidden` + `apply_head` must give NaN
     there too; final hidden states that are finite there (NaN replaced by 0) are a head that does not reproduce the
