@@ -548,6 +548,33 @@ def test_tad_kernel_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the
     B.assert_within(out.cpu(), g32, 2 * gb + B.REF64_ATOL, msg="gradient vs divergences.py")
 
 
+def test_tad_kernel_gradient_at_beta_zero_where_the_tail_ratio_is_above_1e30():
+    """β = 0 (log β(X) = −inf, w = 0) on a row whose student puts its top-1 88 nats above its tail while the teacher's
+    tail holds most of the mass: α^T/α^S ≈ e^82 ≈ 4e35, finite in float32, and w·α^T/α^S = 0, so only `_tad_row`'s
+    ratio > 1e30 test puts the row on the q̃/p̃ form (as `divergences.tad_gradient_form`; test_losses has the torch
+    path): the plain c2 = 1 − α^T/α^S times q_i ≈ 2e-36·q̃_i, sub-normal where q̃_i is small, loses their bits.
+    Value and gradient within loss_bounds.tad (float32, first order, the statistics pass's dz) of the float64
+    reference."""
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(1, 200, generator=gen, dtype=torch.float64) * 2
+    s = torch.randn(1, 200, generator=gen, dtype=torch.float64) * 2
+    s = s.scatter_add(-1, torch.topk(t, 1).indices, torch.full((1, 1), 88.0, dtype=torch.float64)).float()
+    t = t.float()
+    cd = torch.ones(1)
+    log_w = torch.full((1,), -math.inf, dtype=torch.float64)
+    stats = kernels.row_stats(s.to(DEVICE), t.to(DEVICE), 1)
+    assert math.log(1e30) < float(stats.log_mass(1) - stats.log_mass(0)) < math.log(3e38)  # the case meant
+    out = torch.empty(s.shape, device=DEVICE)
+    value = kernels.row_values_and_grads(kernels.RowLoss(3, k=1), s.to(DEVICE), t.to(DEVICE), stats,
+                                         log_w.to(DEVICE), cd.to(DEVICE), out=out).cpu()
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    ref_v, ref_g = _ref_grad(lambda a, b: R.tad(a[None], b[None], mask, 1, 0.0)[0], s, t)
+    dz = _dz(t, 1)
+    vb, gb = LB.tad(s[None], t[None], mask, 1, 0.0, dz_s=dz[None], dz_t=dz[None])
+    B.assert_within(value, ref_v, vb[0] + B.REF64_ATOL, msg="value")
+    B.assert_within(out.cpu(), ref_g, gb[0] + B.REF64_ATOL, msg="gradient")
+
+
 def _block_edge_logits():
     """(s, t) [3, 257] float64 whose teacher top-7 sits where the ascending walk of `_tad_kernel` turns: column 0, both
     sides of a block edge (127 | 128), several ids in one block, the partial last block and column V − 1; and a row
