@@ -699,6 +699,7 @@ def test_losses_for_maps_the_registry():
     assert kernels.losses_for(bind(LossConfig(name="jsd", jsd_beta=1.0))) == kernels.RowLoss(1)
     assert kernels.losses_for(bind(LossConfig(name="jsd", jsd_beta=0.2))) == kernels.RowLoss(2, jsd_beta=0.2)
     assert kernels.losses_for(bind(LossConfig(name="tad", k=10))) == kernels.RowLoss(3, k=10)
+    assert kernels.losses_for(bind(LossConfig(name="tad", k=64))) == kernels.RowLoss(3, k=64)  # MAX_K: the last
     assert kernels.losses_for(bind(LossConfig(name="tad", k=65))) is None  # beyond the register buffer
     assert kernels.losses_for(bind(LossConfig(name="dkd"))) is None  # no closed form: torch autograd per chunk
 
