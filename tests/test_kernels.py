@@ -449,6 +449,18 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
                     msg="tad gradient of sub-normal-α^T rows (q̃/p̃ form) vs reference")
 
 
+def test_tad_kernel_log_space_rows_of_a_teacher_tail_between_1e_38_and_1e_30():
+    """Teacher top 3 84 nats above its tail: α^T ~1e-35, normal in float32 but below the 1e-30 under which `_tad_row`
+    takes the row in log space (its "tiny", as `divergences.tad_tiny_rows`): linear sums of the tail's p_i, mostly
+    sub-normal, lose their bits. Value and gradient within `_check_tad`'s bounds (float64 reference, divergences.py);
+    a 1e-38 threshold put 6 gradient entries 3× beyond them (mutation audit)."""
+    s, t = _logits(3, 257, seed=51, dtype=torch.float64)
+    t = t.scatter_add(-1, torch.topk(t, 3).indices, torch.full((3, 3), 84.0, dtype=torch.float64))
+    alpha = R.tad_decompose(s, t, 3)[2]
+    assert ((1e-38 < alpha) & (alpha < 1e-30)).all()  # the case meant
+    _check_tad(s.float(), t.float(), 3, seed=5)
+
+
 def test_tad_kernel_student_tail_underflow_beside_a_normal_teacher_tail():
     """Rows whose gradient takes the q̃/p̃ form while α^T is normal (not sub-normal: W = β(X)·α^T ~ 2, where
     W − α^T and W differ): the student's logits on the teacher's top 3 lifted by 200 nats (α^S ~ e^-200: the ratio
