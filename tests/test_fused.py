@@ -465,6 +465,8 @@ def test_unknown_scaling_attribute_is_refused():
     model.config.logits_scaling = 4.0
     with pytest.raises(TailkdError, match="does not know"):
         head_mod.head_spec(model)
+    model.config.logits_scaling = 1.0  # a scaling of 1 changes nothing: accepted (refusing it survived)
+    assert head_mod.head_spec(model) == HeadSpec(70)
 
 
 def test_selection_and_errors():
