@@ -236,7 +236,8 @@ def tad(s, t, mask, k, beta, segment_ids=None, seq_alpha_mean=None, temperature=
     out = []
     for b in range(n_batch):
         for u in range(n_time):
-            if not bool(mask[b, u]) or float(log_abar[b, u]) == NEG_INF:
+            if not bool(mask[b, u]) or float(log_abar[b, u]) == NEG_INF or beta == 0:  # β(X) = 0: no tail term,
+                # also where D_KL2 = +inf (a student −inf under the teacher's tail: 0·inf is not taken as NaN)
                 value = d1[b, u] if bool(mask[b, u]) else torch.zeros((), dtype=torch.float64)
             else:
                 weight = beta * math.exp(float(log_alpha[b, u]) - float(log_abar[b, u]))  # β(X)·α^T

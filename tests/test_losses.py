@@ -897,6 +897,7 @@ def test_tad_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teache
     mask = torch.ones(1, 2, dtype=torch.bool)
     w = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
     assert torch.isinf(R.tad_decompose(s.double(), t32.double(), 3)[1][0, 0])  # the case meant: D_KL2 = +inf
+    assert torch.equal(R.tad(s.double(), t32.double(), mask, 3, 0.0), R.tad_decompose(s.double(), t32.double(), 3)[0])
     got, got_grad = value_grad(lambda x: L.tad(x, t32, mask, k=3, beta=0.0), s, w)
     want, want_grad = value_grad(lambda x: R.tad_decompose(R.f64(x), t32.double(), 3)[0], s.double(), w)
     (value_bound, grad_bound), _, _ = LB.tad_decompose(s, t32, 3)
