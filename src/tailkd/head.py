@@ -67,7 +67,8 @@ def head_spec(model, vocab_size: int | None = None) -> HeadSpec:
 
     Known: final-logit soft-capping (any config with ``final_logit_softcapping``: Gemma-2/3/4, nanochat, ...),
     Cohere ``logit_scale`` (multiplies), Granite / MiniCPM3 ``logits_scaling`` (divides), HyperCLOVA X
-    ``logits_scaling`` (multiplies), Falcon-H1 ``lm_head_multiplier``. A config with a scaling attribute of an
+    ``logits_scaling`` (multiplies), Falcon-H1 ``lm_head_multiplier``; a known model type whose config lacks its
+    attribute takes the base model's (``model.model``) attribute of that name. A config with a scaling attribute of an
     unknown model type is refused (TailkdError) rather than guessed; `verify_head` checks the result against the
     model's own logits.
     """
