@@ -501,6 +501,29 @@ def test_eval_json_names_the_heldout_files_it_scored(assets, tmp_path):
     assert "heldout_data" not in json.loads(out.read_text())
 
 
+
+def test_eval_split_train_scores_the_training_rows_not_the_heldout_ones(assets, tmp_path):
+    """``--split train`` scores the rows distill trains on: with held-out files of their own the two splits are
+    different text, so the student's per-token loss differs (the mean of different tokens' losses); scoring the
+    held-out rows for every split survived (mutation audit)."""
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+    from tailkd.models import read_tokenizer
+
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_text(30, seed=7))
+    r = {}
+    for split in ("train", "heldout"):
+        out = tmp_path / f"{split}.json"
+        assert main(eval_args(assets, out, "--heldout-data", str(other), "--split", split, "--max-rows", "2")) == 0
+        r[split] = json.loads(out.read_text())
+    data = DataConfig(paths=[str(assets["corpus"])], heldout_paths=[str(other)], seq_len=32,
+                      cache_dir=str(assets["cache"]))
+    rows = {split: eval_rows(read_tokenizer(str(assets["student"])), data, split=split, max_rows=2)
+            for split in r}
+    assert [list(x["input_ids"]) for x in rows["train"]] != [list(x["input_ids"]) for x in rows["heldout"]]
+    assert r["train"]["split"] == "train" and r["train"]["student_clm"] != r["heldout"]["student_clm"]
+
 def test_eval_of_a_run_trained_on_builtin_math(assets, tmp_path, capsys):
     """A pretraining run on `--data builtin:math` (the built-in math corpus): `tailkd eval --student RUN/final`
     evaluates on that run's held-out rows of the math corpus (it used to take 'builtin:math' for a file path), and
