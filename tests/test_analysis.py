@@ -232,6 +232,24 @@ def test_analyze_teacher_json_names_the_heldout_files_it_read(tmp_path):
     assert r["data"] == [str(corpus)] and r["heldout_data"] == [str(other)]
 
 
+
+def test_analyze_teacher_split_train_analyses_the_training_rows(tmp_path):
+    """``--split`` picks the rows analysed and teacher_analysis.json says which: with held-out files of their own the
+    two splits are different text, so the mean tail mass differs; analysing the training rows for every split, and a
+    JSON without its ``split``, survived (mutation audit)."""
+    teacher = make_teacher_dir(tmp_path / "t", train_steps=0)
+    corpus, other = write_corpus(tmp_path / "corpus.txt"), tmp_path / "other.txt"
+    other.write_text(corpus_text(30, seed=7))
+    r = {}
+    for split in ("heldout", "train"):
+        out = tmp_path / split
+        assert main(["analyze-teacher", "--teacher", str(teacher), "--data", str(corpus), "--heldout-data", str(other),
+                     "--split", split, "--seq-len", "32", "--max-rows", "2", "--kmax", "5", "--cache-dir",
+                     str(tmp_path / "cache"), "--out", str(out)]) == 0
+        r[split] = json.loads((out / "teacher_analysis.json").read_text())[str(teacher)]
+        assert r[split]["split"] == split
+    assert r["train"]["alpha_mean"] != r["heldout"]["alpha_mean"]
+
 @pytest.mark.parametrize("stopped_at", ["teacher_tail_mass.png", "teacher_analysis.json"])
 def test_analyze_teacher_stopped_while_writing_never_leaves_a_mismatched_pair(tmp_path, monkeypatch, stopped_at):
     """analyze-teacher wrote teacher_analysis.json, then its PNG: Ctrl-C / SIGTERM between the two left the new JSON
