@@ -882,6 +882,29 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert "0 shard(s) written" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_cache_teacher_split_caches_the_rows_of_that_split(tmp_path, monkeypatch, split):
+    """``--split`` picks the rows cached: all of them (no --max-rows), as many as `commands.eval_rows` gives for the
+    same settings; the train and held-out counts differ here, so caching the other split's rows, which survived,
+    fails (mutation audit)."""
+    from tiny import make_teacher_dir
+
+    from tailkd.cli import main
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+    from tailkd.models import read_tokenizer
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                 "--out", str(tmp_path / "out"), "--split", split, "--device", "cpu"]) == 0
+    meta = json.loads((tmp_path / "out" / "cache.json").read_text())
+    data = DataConfig(paths=[str(corpus)], seq_len=16)
+    counts = {s: len(eval_rows(read_tokenizer(str(teacher)), data, split=s)) for s in ("train", "heldout")}
+    assert counts["train"] != counts["heldout"] and meta["num_rows"] == counts[split], counts
+
 def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_made(tmp_path, capsys, monkeypatch):
     """A cache of the first rows only (cache-teacher --max-rows) failed at the first step that drew a row past them
     ('row i is not in teacher cache'), after the run folder and its config.yaml were made: the same command again
