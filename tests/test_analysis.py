@@ -232,7 +232,6 @@ def test_analyze_teacher_json_names_the_heldout_files_it_read(tmp_path):
     assert r["data"] == [str(corpus)] and r["heldout_data"] == [str(other)]
 
 
-
 def test_analyze_teacher_split_train_analyses_the_training_rows(tmp_path):
     """``--split`` picks the rows analysed and teacher_analysis.json says which: with held-out files of their own the
     two splits are different text, so the mean tail mass differs; analysing the training rows for every split, and a
@@ -249,6 +248,7 @@ def test_analyze_teacher_split_train_analyses_the_training_rows(tmp_path):
         r[split] = json.loads((out / "teacher_analysis.json").read_text())[str(teacher)]
         assert r[split]["split"] == split
     assert r["train"]["alpha_mean"] != r["heldout"]["alpha_mean"]
+
 
 @pytest.mark.parametrize("stopped_at", ["teacher_tail_mass.png", "teacher_analysis.json"])
 def test_analyze_teacher_stopped_while_writing_never_leaves_a_mismatched_pair(tmp_path, monkeypatch, stopped_at):

@@ -882,7 +882,6 @@ def test_cache_teacher_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert "0 shard(s) written" in capsys.readouterr().out
 
 
-
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_cache_teacher_split_caches_the_rows_of_that_split(tmp_path, monkeypatch, split):
     """``--split`` picks the rows cached: all of them (no --max-rows), as many as `commands.eval_rows` gives for the
@@ -904,6 +903,7 @@ def test_cache_teacher_split_caches_the_rows_of_that_split(tmp_path, monkeypatch
     data = DataConfig(paths=[str(corpus)], seq_len=16)
     counts = {s: len(eval_rows(read_tokenizer(str(teacher)), data, split=s)) for s in ("train", "heldout")}
     assert counts["train"] != counts["heldout"] and meta["num_rows"] == counts[split], counts
+
 
 def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_made(tmp_path, capsys, monkeypatch):
     """A cache of the first rows only (cache-teacher --max-rows) failed at the first step that drew a row past them

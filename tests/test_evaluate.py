@@ -501,7 +501,6 @@ def test_eval_json_names_the_heldout_files_it_scored(assets, tmp_path):
     assert "heldout_data" not in json.loads(out.read_text())
 
 
-
 def test_eval_split_train_scores_the_training_rows_not_the_heldout_ones(assets, tmp_path):
     """``--split train`` scores the rows distill trains on: with held-out files of their own the two splits are
     different text, so the student's per-token loss differs (the mean of different tokens' losses); scoring the
@@ -523,6 +522,7 @@ def test_eval_split_train_scores_the_training_rows_not_the_heldout_ones(assets, 
             for split in r}
     assert [list(x["input_ids"]) for x in rows["train"]] != [list(x["input_ids"]) for x in rows["heldout"]]
     assert r["train"]["split"] == "train" and r["train"]["student_clm"] != r["heldout"]["student_clm"]
+
 
 def test_eval_of_a_run_trained_on_builtin_math(assets, tmp_path, capsys):
     """A pretraining run on `--data builtin:math` (the built-in math corpus): `tailkd eval --student RUN/final`
