@@ -57,7 +57,6 @@ def triton_interpreter_problem():
     return None
 
 
-
 @pytest.fixture
 def triton_kernels():
     """`tailkd.kernels` where its kernels can run here (compiled on CUDA, interpreted on the CPU); skips where triton
@@ -69,6 +68,7 @@ def triton_kernels():
     if triton_interpreter_problem():
         pytest.skip(triton_interpreter_problem())
     return kernels
+
 
 # 256 byte symbols + len(TINY_MERGES) merged tokens + len(TINY_SPECIALS) special tokens.
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]

@@ -95,7 +95,6 @@ def test_main_installs_the_assets_named(tmp_path, capsys):
     assert "unknown asset 'nope'" in capsys.readouterr().err
 
 
-
 def test_assets_installed_with_dest_are_found_through_tailkd_assets(tmp_path, monkeypatch, capsys):
     """``--dest DIR`` installs into DIR, which tailkd reads when ``TAILKD_ASSETS`` names it (``~`` expanded, as
     TAILKD_CACHE): before, nothing read DIR, so assets installed there were "not installed"."""
@@ -108,6 +107,7 @@ def test_assets_installed_with_dest_are_found_through_tailkd_assets(tmp_path, mo
     assert assets.find("corpus") == [tmp_path / "shared" / "gensim" / n for n in ("lee_background.cor", "lee.cor")]
     monkeypatch.delenv("TAILKD_ASSETS")
     assert assets.assets_dir() == Path(sys.prefix, "share", "tailkd")
+
 
 def test_an_unwritable_destination_is_one_line(tmp_path, capsys):
     """An install folder that cannot be written (a read-only environment, a full disk, a file in the way): the

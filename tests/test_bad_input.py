@@ -431,6 +431,7 @@ def test_an_older_runs_relative_paths_are_read_against_the_working_directory(tmp
     cfg.teacher.path = "other"
     assert config_changes(old, cfg, RESUME_FREE_KEYS) == ["teacher.path"]
 
+
 def test_generate_rouge_without_reference_responses(assets, tmp_path):
     """`eval --generate` scores ROUGE-L by default: a prompt whose reference response is empty (a chat whose last
     assistant turn is blank) is refused with one line naming it (FILE:LINE) and the fix, and no result file is

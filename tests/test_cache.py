@@ -659,6 +659,7 @@ def test_rows_whose_tokens_differ_from_the_cached_ones_are_refused(setup):
     assert str(info.value) == (f"the rows read from teacher cache {path} do not hold the run's tokens (row hash "
                                "mismatch): the cache and the training data are not aligned; rebuild the cache")
 
+
 def test_a_cache_of_another_teacher_is_refused_when_the_run_loads_it_in_another_dtype(setup):
     """The cache was written by an fp32 teacher; a run loading its teacher in bf16 (a GPU's default) cannot compare
     the fp32 weights hash, so it compares both sides' weights rounded to bf16: the same teacher passes, another one

@@ -173,7 +173,6 @@ def test_compare_without_generation_results_has_no_scatter(tmp_path):
     assert "ROUGE-L" not in res["markdown"] and res["records"][0]["rougeL"] is None
 
 
-
 def test_compare_replaces_its_output_folder_whole(tmp_path, capsys, monkeypatch):
     """compare's output is one folder written at once (as select-data's): each of its files was replaced on its own,
     so a compare without generation results into the folder of one with them kept the old fidelity_diversity.png
@@ -203,6 +202,7 @@ def test_compare_replaces_its_output_folder_whole(tmp_path, capsys, monkeypatch)
     assert main(["compare", str(kd), str(tad), "--out", str(tad)]) == 2
     one_line_error(capsys.readouterr().err, f"refusing to replace {tad}: it exists and is not a tailkd compare output")
     assert sorted(p.name for p in tad.iterdir()) == in_run
+
 
 def test_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()

@@ -76,7 +76,6 @@ def test_bad_yaml_is_one_clear_error(tmp_path, doc, match):
         parse(["--config", str(path)])
 
 
-
 def test_yaml_reads_floats_written_with_an_exponent(tmp_path):
     """``lr: 1e-4`` is the number it looks like, as YAML 1.2 reads it: PyYAML's YAML 1.1 resolver wants a dot
     (``1.0e-4``) and read a string, so the learning rate the README writes as 1e-4 was refused ("config key train.lr
@@ -117,6 +116,7 @@ def test_yaml_on_off_are_the_choices_of_a_setting_that_has_them(tmp_path):
     path.write_text("train:\n  precision: off\n")
     with pytest.raises(TailkdError, match=r"^config key train\.precision expects a string, got False$"):
         parse(["--config", str(path)])
+
 
 def test_garbled_yaml_and_missing_file(tmp_path):
     path = tmp_path / "garbled.yaml"
@@ -172,6 +172,7 @@ def test_utf8_text_reads_line_endings_as_read_text_does(tmp_path):
     path.write_bytes(b"{{ a }}\r\n{{ b }}\r{{ c }}\n")
     assert utf8_text(path, "t", "fix") == "{{ a }}\n{{ b }}\n{{ c }}\n" == path.read_text(encoding="utf-8")
 
+
 @pytest.mark.parametrize("raw", [b"a\nb\ncaf\xe9\n", b"a\r\nb\r\ncaf\xe9\r\n", b"a\rb\rcaf\xe9\r"])
 def test_utf8_text_names_the_line_of_a_bad_byte_as_it_reads_the_lines(tmp_path, raw):
     """The line a byte that is not UTF-8 is on, counted as utf8_text reads the lines (\\n, \\r\\n and a lone \\r end
@@ -180,6 +181,7 @@ def test_utf8_text_names_the_line_of_a_bad_byte_as_it_reads_the_lines(tmp_path, 
     path.write_bytes(raw)
     with pytest.raises(TailkdError, match=r"^t is not UTF-8 text \(line 3: invalid continuation byte\); fix$"):
         utf8_text(path, "t", "fix")
+
 
 def test_shipped_configs_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
@@ -590,6 +592,7 @@ def test_a_recipes_evaluation_is_generate_json_only_where_generation_is_enabled(
     assert recipe.eval_out(stage) == Path(stage.train.out_dir) / name
     ev = recipe.eval_config(stage, with_run=False)
     assert ev.eval.out == str(recipe.eval_out(stage)) and ev.generate.enabled == (name == "generate.json")
+
 
 @pytest.mark.parametrize("command, argv, match", [
     ("eval", [], r"^eval\.student is not set; pass --student DIR"),

@@ -571,6 +571,7 @@ def test_a_folder_without_a_meta_json_is_not_a_prepared_corpus(tmp_path):
                                           r"again$"):
         corpus.load_corpus(tmp_path / "empty")
 
+
 def test_fingerprint_follows_the_order_of_paths(tmp_path):
     a, b = write(tmp_path / "a.txt", "a"), write(tmp_path / "b.txt", "b")
     fp = corpus.corpus_fingerprint([a, b], "t", corpus.DEFAULT_SETTINGS)

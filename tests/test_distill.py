@@ -285,6 +285,7 @@ def test_the_saved_config_continues_a_run_started_with_overwrite_or_resumed_with
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4]
     assert main(["distill", "--config", saved, "--out", str(tmp_path / "new"), "--steps", "1"]) == 0
 
+
 def _cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "tailkd.cli", *args], capture_output=True, text=True, env=env,

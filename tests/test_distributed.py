@@ -225,7 +225,6 @@ def _definition_grads(loss: str, case: str):
     return {name: prm.grad for name, prm in student.named_parameters()}, total.item() / n, n
 
 
-
 def _hung_worker(rank, world, port, folder):
     """Rank 1 joins the group and then hangs (alive, never in the collective) until rank 0 has written how long its
     all-reduce waited, or 60 s; rank 0's group was set up with a 2 s timeout (`distributed.setup`'s ``timeout_s``).
@@ -263,6 +262,7 @@ def test_a_hung_rank_fails_the_others_after_the_timeout(tmp_path):
     waited = float((tmp_path / "waited").read_text())
     assert "timed out" in (tmp_path / "message").read_text().lower()
     assert 2 <= waited < 30, waited
+
 
 def test_two_ranks_give_the_defined_gradient_in_float64_with_empty_micro_batches(tmp_path):
     """2 gloo ranks x 2 micro-batches in float64, a fully masked micro-batch on a rank, a micro-batch with one label,
@@ -307,7 +307,6 @@ def args(assets, out, *extra):
             "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--train.warmup_steps", "2",
             "--data.eval_rows", "5", "--steps", "6", "--train.eval_every", "3", "--train.save_every", "3",
             "--device", "cpu", "--train.precision", "fp32", "--out", str(out), *extra]  # fp32: compared to 1e-4
-
 
 
 @pytest.fixture(scope="module")

@@ -600,6 +600,7 @@ def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_a_one_line_error(tmp
     assert "\n" not in msg and msg.endswith("); resume with the run's own config")
     assert msg.startswith(f"checkpoint {checkpoint} does not fit this run's optimizer (")
 
+
 def _tied_llama(frozen_embeddings: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -870,7 +871,6 @@ def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file descriptor through /proc")
 def test_atomic_writes_fsync_the_new_data_before_renaming_it_into_place(tmp_path, monkeypatch):
     """After a power cut the name holds the old data or the whole new data: atomic_write_file and atomic_write_dir
@@ -920,6 +920,7 @@ def test_atomic_write_dir_stopped_between_its_renames_keeps_the_old_folder(tmp_p
     assert Path(calls[0][1]).name.startswith(".old-sel-")  # the first rename moved the old folder aside
     assert (target / "selection.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["sel"]
+
 
 class _Interleaving:
     """Writers in threads, one at a time: each parks at its start and before each ``os.replace``, and ``order`` (one

@@ -136,7 +136,6 @@ def test_every_output_of_runs_with_infinite_metrics_is_strict_json_and_compare_r
     assert read_evals(run)[0]["teacher_ppl"] == math.inf
 
 
-
 def test_kind_names_a_parsed_values_type_with_its_article():
     assert [jsonfile.kind(v) for v in ([1], {}, "s", 5, 1.5, True, None)] == [
         "a list", "a dict", "a str", "an int", "a float", "a bool", "a NoneType"]

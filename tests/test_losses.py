@@ -210,7 +210,6 @@ def test_dkd_defaults_are_the_dkd_papers_alpha_1_beta_8():
     assert not torch.equal(L.dkd(s, t, labels), L.dkd(s, t, labels, alpha=1.0, beta=1.0))  # β counts here
 
 
-
 def test_drkl_teacher_argmax_anchor_is_the_argmax_of_the_teacher_logits():
     # p is monotone in the logits, so argmax p = argmax of the logits; dividing by the temperature first rounds two
     # logits one ulp apart (1.9 and the next float32, at T = 0.9) into a tie, and argmax then took the first
@@ -222,6 +221,7 @@ def test_drkl_teacher_argmax_anchor_is_the_argmax_of_the_teacher_logits():
     got = L.drkl(s, t, labels, gamma=0.5, anchor="teacher_argmax", temperature=0.9)
     assert torch.equal(got, L.drkl(s, t, labels, gamma=0.5, anchor="label", temperature=0.9))
     assert not torch.equal(got, L.drkl(s, t, torch.tensor([0]), gamma=0.5, anchor="label", temperature=0.9))
+
 
 @FAST
 @given(cases(), st.sampled_from([0.0, 0.5, 3.0]), st.sampled_from(["label", "teacher_argmax"]))

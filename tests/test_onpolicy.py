@@ -44,6 +44,7 @@ def test_on_policy_draws_are_counter_based_with_rate_lambda():
     assert abs(sum(draws) / len(draws) - 0.3) < 5 * math.sqrt(0.3 * 0.7 / len(draws))
     assert draws != [op.is_on_policy(0.3, 8, s, m) for s in range(2000) for m in range(2)]  # the seed matters
 
+
 def test_each_micro_batch_of_a_step_draws_on_its_own():
     """Whether a micro-batch is on-policy is drawn per (seed, step, micro-batch): the micro-batches of one step are
     independent Bernoulli(λ) draws, so with λ = 0.5 the two of a step differ in about half of the steps (expected
@@ -125,6 +126,7 @@ def test_generation_restores_the_training_mode_and_rng(tiny_lm):
                         pad_id=PAD, seed=1)
     assert model.training and torch.equal(torch.get_rng_state(), state)
 
+
 def _fixed_lm(tiny_lm, probs: torch.Tensor):
     """A tiny LM whose next-token distribution is ``probs`` [V] at every position, whatever the prompt: its LM head
     is a zero weight plus a bias of log ``probs``."""
@@ -166,6 +168,7 @@ def test_sampling_applies_no_top_k(tiny_lm):
     drawn = _first_tokens(_fixed_lm(tiny_lm, torch.softmax(-torch.arange(V) / 1000.0, 0)), 200)
     assert len(set(drawn)) > 100
 
+
 def test_a_sampled_stop_token_is_kept_and_labelled(tiny_lm):
     """Generation stops at the first stop token, which is kept and labelled as the dataset's EOS is: with p(EOS) = 0.5
     at every position and at most 6 new tokens, each of 20 rows ends with its label EOS unless it drew no EOS in 6
@@ -184,6 +187,7 @@ def test_a_sampled_stop_token_is_kept_and_labelled(tiny_lm):
         assert EOS not in valid[:-1] and (valid[-1] == EOS or len(valid) == 6)
         stopped += valid[-1] == EOS
     assert stopped > 0 and tokens == int((new["labels"] != IGNORE_INDEX).sum())
+
 
 def test_samples_are_keyed_by_step_micro_batch_and_rank(tiny_lm):
     """A generated micro-batch's samples come from (seed, step, micro-batch, rank): the same key gives the same
@@ -204,6 +208,7 @@ def test_samples_are_keyed_by_step_micro_batch_and_rank(tiny_lm):
     assert torch.equal(a, again) and not torch.equal(a, b)  # micro-batches 0 and 1 of step 3
     assert not torch.equal(a, labels(4, 0)[0]) and not torch.equal(a, labels(3, 1)[0])  # another step, rank
 
+
 def test_apply_generates_exactly_the_micro_batches_drawn_on_policy(tiny_lm):
     """`OnPolicy.apply` with λ = 0.5 replaces micro-batch m of step s exactly when is_on_policy(λ, seed, s, m): the
     others pass through as they are. Over 20 steps of 2 micro-batches the two draws of a step differ somewhere
@@ -219,6 +224,7 @@ def test_apply_generates_exactly_the_micro_batches_drawn_on_policy(tiny_lm):
         assert [mb is not batch for mb in out] == want and n == sum(want)
         mixed += want[0] != want[1]
     assert mixed > 0
+
 
 def test_a_chat_run_stops_at_the_end_of_turn_token_too():
     """Rows rendered with a chat template end their responses with its end-of-turn token (ChatML's <|im_end|>), so

@@ -425,6 +425,7 @@ def test_options_that_are_not_a_mapping_are_a_value_error_in_one_line(restore_lo
             distill_loss(h_s, w_s, h_t, w_t, labels, loss=name, options=options)
         _one_line(exc, "must be a mapping of names to numbers")
 
+
 def test_options_come_from_flags_and_yaml_and_are_checked_before_the_run(restore_losses, tmp_path, capsys):
     """``--loss.options NAME=VALUE ...`` over YAML's ``loss: {options: {...}}`` (merged, flags win), refused in one line
     (exit 2, nothing written) when malformed, unknown to the loss, or out of the range its kernel checks; `tailkd

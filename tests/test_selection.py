@@ -103,6 +103,7 @@ def test_scores_equal_a_float64_reference():
     one = selection.document_scores(teacher, reference, docs, 97, seq_len=8, batch_size=1, device="cpu", pad_id=0)
     assert one[1:] == pytest.approx(got[1:], abs=1e-5)
 
+
 def test_progress_counts_each_scored_token_once():
     """``progress(n)`` is told the tokens scored in each batch, so its calls add up to the bar's total, Σ (len − 1)
     over the documents (the first token of each is context only): 0 + 1 + 4 + 22 here, windows of 8 in batches of 3."""

@@ -281,6 +281,7 @@ def test_packing_keeps_examples_whole_with_their_own_segments(tok, tmp_path):
     assert seen == list(range(8))
     assert info["train"]["fill"] > padded.stats()["fill"]
 
+
 def test_packing_fills_a_row_exactly(tok, tmp_path):
     """Next-fit: an example that fits the current row's space exactly goes in it. Each example here is 8 tokens
     ("Q?\\n", 4 response bytes, EOS), so 7 positions: two fill a row of 14 to the last position, with no padding, and
@@ -303,6 +304,7 @@ def test_rows_work_with_the_trainer_collate_and_sampler(tok, tmp_path):
     sampler = RowSampler(len(train), seed=3)
     batch = collate([train[next(sampler)] for _ in range(3)])
     assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 40) for k in batch}
+
 
 def test_stats_count_positions_labels_and_fill(tok, tmp_path):
     """info's per-split counts from their definitions: ``tokens`` the positions the examples take (an example of L
@@ -372,6 +374,7 @@ def test_an_example_of_exactly_seq_len_plus_one_tokens_is_whole(tok, tmp_path, o
                               ([tok.eos_token_id], True)])
     assert len(train) == 1 and as_lists(train[0], 7) == want
 
+
 def test_an_example_left_with_one_label_is_kept(tok, tmp_path):
     """Only an example left WITHOUT a label is dropped: a one-token prompt truncated to seq_len 1 keeps one position,
     whose label is the response's first token."""
@@ -395,6 +398,7 @@ def test_heldout_split_is_deterministic_and_prompt_disjoint(tok, tmp_path):
     assert len(he1.examples) == 12 and len(tr1.examples) + len(he1.examples) == 60
     lines = [int(e.source.rsplit(":", 1)[1]) for e in tr1.examples]
     assert lines == sorted(lines)  # file order kept
+
 
 def test_a_small_heldout_fraction_holds_out_one_example(tok, tmp_path):
     """round(fraction · n) held out, at least 1: 0.05 · 5 rounds to 0, so one example of five is held out (not
@@ -467,6 +471,7 @@ def test_bad_files_name_file_and_line(tok, tmp_path, content, match):
     with pytest.raises(TailkdError, match=match):
         prepare_sft([f], tok, seq_len=32)
 
+
 def test_a_byte_order_mark_before_the_first_line_is_not_text(tok, tmp_path):
     """A file saved with a UTF-8 byte order mark (Windows editors) reads as without one: the mark is not part of the
     first line's JSON (json.loads refuses it) nor of its prompt."""
@@ -504,6 +509,7 @@ def test_empty_heldout_rows_are_a_dataset(tok, tmp_path):
     assert isinstance(held, SFTRows) and len(held) == 0
     with pytest.raises(IndexError):
         held[0]
+
 
 def test_rows_index_from_the_end_like_a_sequence(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:3])

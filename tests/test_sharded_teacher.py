@@ -255,7 +255,6 @@ def test_peak_rss_of_each_rank_while_loading_stays_below_its_share(tmp_path):
 # --------------------------------------------------------------------------- distillation runs through the CLI
 
 
-
 def distill_args(assets, out, *extra):
     # 6 rows per step (divisible by 1, 2, 3 ranks), 5 held-out rows (uneven over 2 and 3 ranks), evaluations and
     # checkpoints every 2 steps

@@ -39,6 +39,7 @@ from tailkd.registry import LOSSES
 
 # --------------------------------------------------------------------------- before any model loads
 
+
 def _cache_k(cfg: DistillConfig) -> int | None:
     """The K a run reads from a teacher cache: loss.k for a loss with a K, else None (the cache's own)."""
     return cfg.loss.k if "k" in LOSSES[cfg.loss.name].knobs else None
@@ -225,6 +226,7 @@ def compile_models(student, teacher) -> None:
 
 # --------------------------------------------------------------------------- data: the rows of a run
 
+
 def text_paths(paths, data, cache_root: Path) -> list[Path]:
     """Text files, with the built-in sets resolved: ``builtin:math`` (the worked solutions of the built-in math
     problems, a stage-1 corpus) and ``builtin:pydoc`` (Python's documentation, `corpus.python_docs_corpus`)."""
@@ -314,6 +316,7 @@ def check_batch_split(batch_size: int) -> None:
 
 # --------------------------------------------------------------------------- the loss path and the teacher signal
 
+
 def choose_loss_path(cfg: DistillConfig, vocab: int) -> bool:
     """``train.fused_loss``: True for the fused, chunked loss layer (`tailkd.fused`), False for full logits."""
     tokens = max(1, cfg.train.batch_size // dist.world()) * cfg.data.seq_len  # one rank's micro-batch
@@ -389,6 +392,7 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
     return online, f"{cfg.loss.name}: exact, online teacher"
 
 # --------------------------------------------------------------------------- the optimizer
+
 
 def _group_settings(t) -> tuple[dict, dict]:
     """The settings of `make_optimizer`'s two parameter groups (weight matrices and embeddings; biases and norm

@@ -126,7 +126,6 @@ def heldout_record(step: int, tokens: int, metrics: dict) -> dict:
     return {"step": step, "split": "heldout", "tokens": tokens, "eval_tokens": metrics.pop("tokens", 0), **metrics}
 
 
-
 # --------------------------------------------------------------------------- how long the rest takes
 
 
