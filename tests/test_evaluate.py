@@ -838,3 +838,35 @@ def test_the_data_read_is_always_a_list_of_paths():
     assert generation_data(cfg) == {"data": ["x.jsonl"], "heldout_data": ["y.jsonl"], "split": "heldout"}
     cfg.data.paths, cfg.data.heldout_paths = [], []
     assert generation_data(cfg) == {"data": ["builtin:math"], "split": "heldout"}
+
+
+@pytest.mark.parametrize("short", ["student", "teacher"])
+def test_eval_seq_len_beyond_either_models_context_is_one_line(assets, tmp_path, capsys, short):
+    """Rows are cut to the shorter of the two models' contexts: a --seq-len past either model's
+    max_position_embeddings is refused in one line, whichever of the two is the shorter (taking the longer
+    survived: a rotary model scores positions past its context without an error)."""
+    folder = tmp_path / short
+    shutil.copytree(assets[short], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    args = eval_args({**assets, short: folder}, tmp_path / "eval.json")
+    assert main(args) == 2
+    one_line_error(capsys.readouterr().err, "--seq-len 32 exceeds the model's maximum context of 16 tokens")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_rows_all_is_the_heldout_rows_then_the_training_rows(assets, tmp_path):
+    """``--split all`` takes the held-out rows first, then the training rows, so --max-rows cuts the training rows
+    first."""
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+    from tailkd.models import read_tokenizer
+
+    tok = read_tokenizer(str(assets["student"]))
+    data = DataConfig(paths=[str(assets["corpus"])], seq_len=32, cache_dir=str(assets["cache"]))
+    ids = {split: [list(r["input_ids"]) for r in eval_rows(tok, data, split=split)] for split in ("heldout", "train")}
+    assert ids["heldout"] and ids["train"]
+    every = [list(r["input_ids"]) for r in eval_rows(tok, data, split="all")]
+    assert every == ids["heldout"] + ids["train"]
+    cut = [list(r["input_ids"]) for r in eval_rows(tok, data, split="all", max_rows=len(ids["heldout"]) + 1)]
+    assert cut == ids["heldout"] + ids["train"][:1]
