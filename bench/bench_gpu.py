@@ -1,13 +1,12 @@
 """Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
 tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as the matmul wrote them, the default,
 and ``_f32`` on a float32 copy of each chunk's logits, as before that change; ``_1024x4`` with every kernel pass at
-1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass; ``_tad_ab`` with TAD's two A/B
-switches of `tailkd.kernels` flipped, `TAD_SEED_TOPK` and `TAD_IDS_HELD`: the layer-level effect of what
-bench_kernels.py times alone; ``_overlap`` with `tailkd.fused.OVERLAP` on: each chunk's row passes on a second
-stream, overlapping its matmuls) and Liger's compiled chunked loss (if liger_kernel imports).
+1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass; ``_tad_ab`` with the A/B
+switches of `tailkd.kernels` named in `_TAD_AB` flipped: the layer-level effect of what bench_kernels.py times
+alone) and Liger's compiled chunked loss (if liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: 41-49 s, H200
-  python bench/bench_gpu.py --rows 4 --methods tailkd_dense tailkd_fused_triton tailkd_fused_triton_overlap liger \
+  python bench/bench_gpu.py --rows 4 --methods tailkd_dense tailkd_fused_triton liger \
       --sweep-chunks --out bench/results/gpu_loss_layer_rows   # the same N as 4 rows of 2048 (training's rows)
   python bench/bench_gpu.py --device cpu --tokens 64 --vocab 1000 --hidden 64 --allow-missing --out /tmp/dry
 
@@ -54,14 +53,13 @@ from machine import versions  # bench/ is this script's folder
 
 LOSSES = ("kd", "tad", "jsd")
 METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton_1024x4",
-           "tailkd_fused_triton", "tailkd_fused_triton_tad_ab", "tailkd_fused_triton_overlap", "liger")
+           "tailkd_fused_triton", "tailkd_fused_triton_tad_ab", "liger")
 _TAD_AB = ("TAD_SEED_TOPK", "TAD_IDS_HELD")  # tailkd.kernels' A/B switches of TAD's two passes
 
 
 _LOW_LOGITS = None  # tailkd.fused._low_logits, restored after each cell (main sets it)
 _CUDA_LAUNCH = None  # tailkd.kernels.CUDA_LAUNCH, likewise
 _TAD_AB_DEFAULTS = {}  # tailkd.kernels' _TAD_AB switches, likewise
-_OVERLAP = None  # tailkd.fused.OVERLAP, likewise
 
 
 def _inputs(n, vocab, d, device, seed=0, rows=1):
@@ -105,8 +103,6 @@ def _tailkd(method, loss, inputs, mm_dtype):
     if method == "tailkd_fused_triton_tad_ab":  # TAD's passes with their A/B variants switched (restored per cell)
         for name in _TAD_AB:
             setattr(kernels, name, not _TAD_AB_DEFAULTS[name])
-    if method == "tailkd_fused_triton_overlap":  # the row passes on a second stream (restored per cell)
-        fused.OVERLAP = not _OVERLAP
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s, head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t, teacher_head=head_mod.Head(w_t, None, spec),
@@ -276,7 +272,6 @@ def run_cell(method, loss, inputs, device, args, chunk):
 
         fused._TRITON_DEVICES = ("cuda",)
         fused._low_logits = _LOW_LOGITS
-        fused.OVERLAP = _OVERLAP
         if _CUDA_LAUNCH is not None:
             from tailkd import kernels
 
@@ -485,8 +480,8 @@ def main(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 1)
     from tailkd import fused
 
-    global _LOW_LOGITS, _CUDA_LAUNCH, _OVERLAP
-    _LOW_LOGITS, _OVERLAP = fused._low_logits, fused.OVERLAP
+    global _LOW_LOGITS, _CUDA_LAUNCH
+    _LOW_LOGITS = fused._low_logits
     from tailkd import kernels
 
     if kernels.available():

@@ -38,9 +38,9 @@ with the host clock, the synchronisation of the logged loss and gradient norm in
 fused loss layer, the dense ones full logits, and the fsdp cell a sharded teacher. A failed run or a missing cell is
 reported and the script exits 1, unless --allow-missing.
 
-Run time on one H200 (measured 2026-11-30): teacher build + save 15-17 s, then 64-75 s per run (the 8 steps take
-~5 s of it; the rest is start-up, the held-out evaluations and writing the end-of-run checkpoint), ~6.5 min for the
-5 cells (the dense cells peak at 96 GiB).
+Run time on one H200: teacher build + save 15-17 s, then 64-75 s per run on 2026-11-30 and ~105 s on 2026-12-04
+(the 8 steps take 5-6 s of it; the rest is start-up, the held-out evaluations and writing the end-of-run
+checkpoint; what grew was not split up), ~6.5 min for the 5 cells on 2026-11-30 (the dense cells peak at 96 GiB).
 
 On the CPU (``--device cpu --tiny``: V = 1000, d = 64, 4 layers, a 2-layer student, seq-len 64, batch 2, 3 steps,
 fp32; the fsdp cell then runs FSDP2 over a one-process gloo group) it is only a dry run of the wiring, parsing and

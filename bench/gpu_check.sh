@@ -8,15 +8,12 @@
 #   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
 #                                     # the loss layer beside Liger (and beside the old single kernel launch),
 #                                     # torch.profiler's table of a kd and a tad step and the head matmuls alone
-#                                     # (box 135 s; 41-49 s on an H200 before the profile, the matmuls, the
-#                                     # 1024x4, A/B and overlap columns and each cell's device time were added),
-#                                     # the same N as 4 rows of 2048 tokens (box 65 s; its table appended to
-#                                     # gpu_loss_layer.md), the CUDA tests (box 100 s;
-#                                     # 61 s before the overlap tests), the kernels
-#                                     # alone at the per-pass default and at 1024x4 (box 120 s; the other launches
-#                                     # were swept on 2026-11-30), tailkd distill kd/tad fused with what is left (teacher
-#                                     # 15-17 s + 64-75 s per run; the dense runs' figures stand: their path has
-#                                     # no kernels): ~9.5 min in all
+#                                     # (box 135 s), the same N as 4 rows of 2048 tokens (box 65 s; its table
+#                                     # appended to gpu_loss_layer.md), the CUDA tests (box 170 s; 119 tests took
+#                                     # ~160 s on 2026-12-04, compiles included), the kernels alone at the per-pass
+#                                     # default (box 60 s), tailkd distill kd/tad fused with what is left (teacher
+#                                     # ~22 s + ~105 s per run on 2026-12-04, 6 s of it the 8 steps; the dense
+#                                     # runs' figures stand: their path has no kernels): ~9.5 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -86,7 +83,7 @@ run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
 run_layer_rows() {  # [time box]; the same N as 4 rows of 2048 tokens (training's rows: whole-row chunks of 2048)
     echo "== the loss layer at 4 rows of 2048 tokens (bench/bench_gpu.py --rows 4)"
     local prefix; prefix=$(mktemp -d)/rows  # its table is appended to gpu_loss_layer.md (8 files come back at most)
-    local methods=(--methods tailkd_dense tailkd_fused_triton tailkd_fused_triton_overlap liger --sweep-chunks)
+    local methods=(--methods tailkd_dense tailkd_fused_triton liger --sweep-chunks)
     if [[ ${DRY:-0} == 1 ]]; then
         box "${1:-}" "$py" bench/bench_gpu.py --device cpu --tokens 64 --rows 4 --vocab 1000 --hidden 64 \
             --allow-missing "${methods[@]}" --out "$prefix" || status=1
@@ -111,7 +108,7 @@ run_kernels() {  # [time box] [json kept: 1 (default) or 0] [launches...: bench_
 run_distill() {  # [time box] [cells...]
     echo "== tailkd distill end to end (bench/bench_gpu_distill.py)"
     local limit=${1:-}; shift || true
-    local only=(); (($#)) && only=(--only "$@" --run-timeout 90)
+    local only=(); (($#)) && only=(--only "$@" --run-timeout 125)
     local work; work=$(mktemp -d)
     if [[ ${DRY:-0} == 1 ]]; then
         box "$limit" "$py" bench/bench_gpu_distill.py --device cpu --tiny "${only[@]}" --out "$work/gd" || status=1
@@ -131,10 +128,11 @@ case $stage in
     lease)
         run_layer 135
         run_layer_rows 65
-        run_tests 100
-        run_kernels 120 0 default 1024x4  # the per-pass default (with the A/B rows) beside the old single launch
-        left=$((585 - (SECONDS - t_start)))
-        if ((left >= 100)); then run_distill "$left" kd_fused tad_fused
+        run_tests 170
+        run_kernels 60 0 default  # the per-pass default, with the A/B rows
+        left=$((585 - (SECONDS - t_start)))  # a run takes ~105 s, the teacher ~22 s
+        if ((left >= 255)); then run_distill "$left" kd_fused tad_fused
+        elif ((left >= 150)); then run_distill "$left" tad_fused
         else echo "gpu_check: no time left for tailkd distill"; fi ;;
     *) echo "gpu_check: unknown stage '$stage' (layer, distill, lease or all)"; exit 2 ;;
 esac

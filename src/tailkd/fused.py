@@ -19,9 +19,6 @@ per-token loss) is differentiated by autograd on the chunk's logits. The CLM gra
 into the same buffer, then the chain rule goes through the model's logit transforms (`tailkd.head`) back to the
 head's matmul.
 
-With `OVERLAP` (an A/B, off until timed on the card) a CUDA chunk on the Triton kernels is cut into parts whose row
-passes run on a second stream while the main stream runs the next part's matmuls (`_overlapped_chunk`).
-
 Chunk sizes (`chunk_tokens`): on the CPU ~2^24 logits per chunk (cache-sized), and tail-weight losses grow their
 chunks to whole sequences; on CUDA one rule for every loss, from the free device memory and the matmul shape
 (thousands of tokens at V ≈ 150k), grown to whole rows where they fit the memory bound (so TAD needs no statistics
@@ -40,7 +37,6 @@ No Hugging Face or config import here: heads come as `tailkd.head.Head`, the los
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -68,11 +64,6 @@ _GPU_FLOAT32_BUFFERS = 6
 _GPU_FREE_FRACTION = 0.25
 _GPU_MIN_TOKENS, _GPU_MAX_TOKENS, _GPU_ALIGN = 128, 16384, 128
 _TRITON_DEVICES = ("cuda",)  # where the Triton row kernels replace the torch ones (tests add "cpu": interpreter)
-# A/B, off until timed on the card (bench_gpu.py's ``tailkd_fused_triton_overlap`` column): a chunk's Triton row
-# passes on a second CUDA stream, each part's passes overlapping the matmuls of the next part (`_overlapped_chunk`)
-OVERLAP = False
-_OVERLAP_DEVICES = ("cuda",)  # where OVERLAP applies (tests add "cpu": the same schedule on one stream)
-_OVERLAP_PARTS, _OVERLAP_MIN_ROWS = 4, 1024  # a chunk's parts: up to 4, of at least 1024 rows
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -316,110 +307,6 @@ def _clm_from_stats(z: torch.Tensor, y: torch.Tensor, stats, cdtype: torch.dtype
     return -((z.gather(-1, y).squeeze(-1).to(cdtype) - st[:, 0]) - st[:, 1])
 
 
-class _SideStream:
-    """The second stream of `_overlapped_chunk` on CUDA: ``with side():`` runs after everything the current (main)
-    stream has queued so far; ``mark()`` is an event after what the side has queued so far, ``main_waits(event)``
-    makes the main stream wait for it. Tensors the side reads are allocated on the main stream, which has waited for
-    the side's last event before they are freed, so no block is reused while the side still reads it. Elsewhere
-    (the CPU: tests) a no-op: one stream, the same order."""
-
-    _streams: dict = {}  # device -> its side stream (created once: high priority, the chunk's critical path)
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.main = torch.cuda.current_stream(device)
-            if device not in self._streams:
-                self._streams[device] = torch.cuda.Stream(device, priority=-1)
-            self.side = self._streams[device]
-
-    def __call__(self):
-        if not self.cuda:
-            return contextlib.nullcontext()
-        self.side.wait_stream(self.main)
-        return torch.cuda.stream(self.side)
-
-    def mark(self):
-        return self.side.record_event() if self.cuda else None
-
-    def main_waits(self, event) -> None:
-        if event is not None:
-            self.main.wait_event(event)
-
-
-def _overlap_parts(plan: _Plan, n: int, want_grad: bool, device: torch.device) -> list[tuple[int, int]] | None:
-    """The parts [i, j) of a chunk of n tokens that `_overlapped_chunk` pipelines (`OVERLAP`), or None (the plain
-    chunk): the Triton kernels against a dense teacher, both sides' logits in the matmul dtype (`_low_logits`),
-    gradients wanted, and at least two parts of `_OVERLAP_MIN_ROWS`."""
-    if not (OVERLAP and want_grad and device.type in _OVERLAP_DEVICES and plan.triton is not None
-            and plan.sparse is None and plan.logits_dtype != plan.cdtype):
-        return None
-    _w, mm, keep = _teacher_matmul(plan, scaled=True)
-    rows = max(_OVERLAP_MIN_ROWS, -(-n // _OVERLAP_PARTS))
-    if not keep or n < 2 * rows:
-        return None
-    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
-
-
-def _overlapped_chunk(plan: _Plan, a: int, b: int, parts, h, w_mm, coef_clm: float, coef_div: float, clm_all,
-                      div_all, grad_h, grad_w) -> None:
-    """Tokens [a, b) as `_chunk` + `_run_chunks` do them on the Triton kernels (low logits: z and t in the matmul
-    dtype, G written over z), with the row passes on a side stream (`_SideStream`) so that they overlap the matmuls:
-
-        main:  Z₀ T₀ | Z₁ T₁ | … | Z_P T_P | ∂h₀ | ∂h₁ | … | ∂h_P | ∂W
-        side:        | passes 1, 2 (part 0) | passes 1, 2 (part 1) | …
-
-    each ∂h waiting for its own part's pass 2 only; ∂W is one matmul over the chunk, as in `_run_chunks`. Where β(X)
-    (TAD) needs the statistics of the whole chunk (its ᾱ is computed in the chunk: `_Plan.local`), pass 2 of every
-    part waits for pass 1 of all of them:
-
-        side:        | pass 1 (part 0) | … | pass 1 (P), β(X) | pass 2 (0) | pass 2 (1) | …
-
-    The parts' rows are those of the chunk and the kernels work row by row, so values and G equal the plain chunk's
-    bit for bit where the logit matmuls round alike."""
-    from tailkd import kernels
-
-    n, vocab, mm = b - a, plan.spec.vocab_size, plan.mm_dtype
-    w_t, mm_t, _keep = _teacher_matmul(plan, scaled=True)
-    w_t = w_t.to(mm_t)
-    h_c, ht_c = h[a:b].to(mm), plan.teacher_hidden[a:b].to(mm_t)
-    z = torch.empty(n, vocab, dtype=mm, device=h.device)  # the student's logits, then G in place
-    t = torch.empty(n, vocab, dtype=mm_t, device=h.device)
-    y = plan.labels[a:b][:, None]
-    c_clm = torch.full((n,), float(coef_clm), dtype=torch.float32, device=h.device)
-    cd = torch.full((n,), float(coef_div), dtype=torch.float32, device=h.device)  # τ = 1 (low logits)
-    chunk_wide = plan.d.spec.tail_weight and a in plan.local  # β(X) from the whole chunk's statistics
-    side = _SideStream(h.device)
-
-    def pass2(i, j, st, w):  # on the side stream: values and G of part [i, j), then an event for its ∂h
-        div_all[a + i:a + j] = kernels.row_values_and_grads(plan.triton, z[i:j], t[i:j], st, w, cd[i:j], c_clm[i:j],
-                                                             z[i:j], y=y[i:j], cy=c_clm[i:j])
-        return side.mark()
-
-    pieces, done = [], []
-    for i, j in parts:
-        torch.mm(h_c[i:j], w_mm.T, out=z[i:j])
-        torch.mm(ht_c[i:j], w_t.T, out=t[i:j])
-        with side():
-            st = kernels.row_stats(z[i:j], t[i:j], plan.triton.k)
-            clm_all[a + i:a + j] = _clm_from_stats(z[i:j], y[i:j], st, plan.cdtype)
-            if chunk_wide:
-                pieces.append(st)
-            else:  # β(X) from ᾱ computed before the chunk (None without it; a + i starts no chunk of `_Plan.local`)
-                done.append(pass2(i, j, st, _row_weight(plan, a + i, a + j, st)))
-    if chunk_wide:
-        with side():
-            w = _row_weight(plan, a, b, kernels.RowStats(torch.cat([p.stats for p in pieces])))
-            done = [pass2(i, j, st, w[i:j]) for (i, j), st in zip(parts, pieces)]
-    for (i, j), event in zip(parts, done):
-        side.main_waits(event)
-        if grad_h is not None:
-            _matmul_into(grad_h[a + i:a + j], z[i:j], w_mm, accumulate=False)
-    t = pieces = None  # the main stream has waited for the side's last read of t: its block may be reused
-    if grad_w is not None:
-        _matmul_into(grad_w, z.T, h_c, accumulate=a > 0)
-
-
 _WIDE_OUT = {"cuda"}  # devices whose bf16/fp16 matmuls may write float32 (addmm's out_dtype; not on the CPU)
 
 
@@ -466,10 +353,6 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
     grad_b = torch.zeros(vocab, dtype=acc, device=w.device) if need_b else None
     h = h.detach()
     for a, b in plan.chunks:
-        parts = _overlap_parts(plan, b - a, want_grad, h.device)
-        if parts is not None:
-            _overlapped_chunk(plan, a, b, parts, h, w_mm, coef_clm, coef_div, clm_all, div_all, grad_h, grad_w)
-            continue
         clm, div, g = _chunk(plan, a, b, h, w_mm, b_c, coef_clm, coef_div, want_grad)
         clm_all[a:b], div_all[a:b] = clm, div
         if g is None:
