@@ -12,7 +12,10 @@ alone) and Liger's compiled chunked loss (if liger_kernel imports).
 
 Every cell computes, from final hidden states h_S, h_T [N, d] (bf16 on CUDA, under bf16 autocast as a training
 step) and LM heads W_S (float32, trained), W_T (bf16): both sides' logits, CLM + divergence (kd; tad K=10, β=2; jsd
-β=0.5) averaged over the N tokens, and the gradients of h_S and W_S. tailkd's fused cells use the library's default
+β=0.5) averaged over the N tokens, and the gradients of h_S and W_S. The labels of tailkd's fused cells are a host
+tensor, as the trainer passes them (the chunk plan then reads no device data and the call never waits for the
+device: until 2026-12-04 they were on the device, and the plan's nonzero/unique waited); dense and Liger get them
+on the device. tailkd's fused cells use the library's default
 chunk (`tailkd.fused.chunk_tokens`: on CUDA the same for every loss, from free memory and the matmul shape, grown
 to the whole N-token row where it fits); Liger gets the same chunk unless --liger-chunk says otherwise. Liger has no
 TAD. ``--rows R``: the N tokens as R rows (sequences) of N / R: TAD's ᾱ is per row, and the chunk rule grows
@@ -64,15 +67,16 @@ _TAD_AB_DEFAULTS = {}  # tailkd.kernels' _TAD_AB switches, likewise
 
 def _inputs(n, vocab, d, device, seed=0, rows=1):
     """h_S (requires grad), W_S (float32, requires grad), h_T, W_T, labels [rows, N / rows] (the N tokens as rows
-    sequences); bf16 hidden states and teacher head on CUDA."""
+    sequences) on the device, and the same labels on the host (the fused cells', as the trainer passes them: the chunk
+    plan is then made without waiting for the device); bf16 hidden states and teacher head on CUDA."""
     g = torch.Generator().manual_seed(seed)
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
     h_s = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(device, low).requires_grad_(True)
     h_t = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(device, low)
     w_s = (torch.randn(vocab, d, generator=g) * 2).to(device).requires_grad_(True)
     w_t = (torch.randn(vocab, d, generator=g) * 3).to(device, low)
-    labels = torch.randint(0, vocab, (rows, n // rows), generator=g).to(device)
-    return h_s, w_s, h_t, w_t, labels
+    labels = torch.randint(0, vocab, (rows, n // rows), generator=g)
+    return h_s, w_s, h_t, w_t, labels.to(device), labels
 
 
 def _cfg(loss):
@@ -86,7 +90,7 @@ def _tailkd(method, loss, inputs, mm_dtype):
     from tailkd import head as head_mod
     from tailkd.objective import chunked_objective, objective
 
-    h_s, w_s, h_t, w_t, labels = inputs
+    h_s, w_s, h_t, w_t, labels, host_labels = inputs
     n, vocab = h_s.shape[0], w_s.shape[0]
     h_s, h_t = h_s.view(*labels.shape, -1), h_t.view(*labels.shape, -1)  # [rows, N / rows, d]
     method, _, chunk = method.partition("@")  # "...@C": C-token chunks instead of the library's default
@@ -104,7 +108,7 @@ def _tailkd(method, loss, inputs, mm_dtype):
         for name in _TAD_AB:
             setattr(kernels, name, not _TAD_AB_DEFAULTS[name])
     spec = head_mod.HeadSpec(vocab)
-    return chunked_objective(h_s, head_mod.Head(w_s, None, spec), labels, n, cfg=_cfg(loss),
+    return chunked_objective(h_s, head_mod.Head(w_s, None, spec), host_labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t, teacher_head=head_mod.Head(w_t, None, spec),
                              matmul_dtype=mm_dtype, chunk_size=int(chunk) if chunk else None).loss
 
@@ -112,7 +116,7 @@ def _tailkd(method, loss, inputs, mm_dtype):
 def _liger(loss, inputs, chunk):
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    h_s, w_s, h_t, w_t, labels = inputs
+    h_s, w_s, h_t, w_t, labels, _ = inputs
     beta = 0.0 if loss == "kd" else 0.5  # Liger's beta = 0: forward KL(p‖q), as tailkd's jsd endpoints
     fn = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=beta, compiled=h_s.is_cuda,
                                  chunk_size=chunk)
@@ -313,7 +317,7 @@ def gemm_rates(inputs, device, chunk, warmup=3, repeats=10):
     Returns rows of dicts (printed as a table)."""
     from tailkd import fused
 
-    h_s, w_s, h_t, w_t, _ = inputs
+    h_s, w_s, h_t, w_t = inputs[:4]
     n, d = min(chunk, h_s.shape[0]), h_s.shape[1]
     v = w_s.shape[0]
     mm = torch.bfloat16 if device.type == "cuda" else torch.float32
