@@ -138,6 +138,31 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+
+def test_stop_and_resume_is_bit_identical_with_dropout(assets, tmp_path):
+    """A student with attention dropout (inherited from its teacher's config) draws dropout masks from torch's RNG
+    at every step: the resume continues those draws where the checkpoint left them (`runs.set_rng_state`), so its
+    weights and losses equal an uninterrupted run's (a resume that starts the RNG from the seed again draws other
+    masks after the stop). The teacher runs in eval mode: its forward draws nothing."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps(cfg | {"attention_dropout": 0.3}))
+    args = dict(assets, teacher=teacher)
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    assert main(base_args(args, full, "--steps", "8", "--train.save_every", "4")) == 0
+    assert main(base_args(args, parted, "--steps", "8", "--train.save_every", "4", "--train.stop_after", "4")) == 0
+    assert main(base_args(args, parted, "--steps", "8", "--train.save_every", "4", "--resume")) == 0
+    assert json.loads((full / "final" / "config.json").read_text())["attention_dropout"] == 0.3
+    a, b = final_weights(full), final_weights(parted)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    la = [r["loss"] for r in read_metrics(full) if r["split"] == "train"]
+    assert la == [r["loss"] for r in read_metrics(parted) if r["split"] == "train"]
+
 def test_a_loss_of_the_users_module_trains_resumes_and_is_evaluated(assets, tmp_path):
     """README "A loss of your own": ``--loss.module FILE`` imports the user's file, which registers a loss; the run
     trains ``--loss NAME`` on the fused layer (its closed-form kernel), and a fresh ``tailkd`` process resumes it from
