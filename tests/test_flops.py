@@ -236,6 +236,38 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_passes_through(tmp_path
     assert "(active: 2 of 8 experts)" in capsys.readouterr().out
 
 
+
+def test_every_expert_active_is_still_a_mixture_of_experts():
+    """k = E (each token passes through every expert): N counts all the experts' weights, as k/E = 1 says, and the
+    model is reported as a mixture of E of E experts, not as a dense model ([0, 0])."""
+    d, ffn, layers, e = 64, 128, 2, 8
+    every = {**MIXTRAL, "num_experts_per_tok": e}
+    f = model_flops_per_token(every)
+    assert f["experts"] == [e, e]
+    assert f["params_nonembedding"] == f["params_total"] - 2 * 100 * d  # untied: only the embedding and the head
+    assert f["params_nonembedding"] == model_size(MIXTRAL).params_nonembedding + layers * (e - 2) * 3 * d * ffn
+
+
+def test_attention_term_uses_heads_times_head_dim():
+    """d_attn = heads × head_dim (module docstring), not the hidden size: a Qwen3 config with head_dim 32 and 4
+    heads attends in 128 dimensions on a 64-wide residual stream: 2·n_layer·s·d_attn per token."""
+    layers, heads, head_dim, s = 2, 4, 32, 16
+    qwen3 = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+             "num_attention_heads": heads, "num_key_value_heads": 2, "head_dim": head_dim, "vocab_size": 100}
+    f = model_flops_per_token(qwen3, seq_len=s)
+    assert f["attn_dim"] == heads * head_dim
+    assert f["attention"] == 2 * layers * s * heads * head_dim
+
+
+def test_method_table_default_reference_is_the_cli_default():
+    """Without a reference, method_table's MiniPLM reference is the ``--reference-params`` default of ``tailkd flops``
+    (command_config: 125e6 parameters, 2·P FLOPs per scored token, 1/δ scored tokens per trained token)."""
+    from tailkd.command_config import FlopsOptions
+
+    p_ref = FlopsOptions().reference_params
+    rows = {r["method"].split(" (")[0]: r for r in method_table(QWEN_1_8B, QWEN_1_2B, seq_len=64, tokens=1.0)}
+    assert rows["MiniPLM"]["other"] == pytest.approx(2 * p_ref / 0.5, rel=1e-12)
+
 def test_sliding_window_layers_attend_at_most_their_window():
     from tailkd.flops import _decode_keys, _generation_per_sequence
 
@@ -249,6 +281,8 @@ def test_sliding_window_layers_attend_at_most_their_window():
     assert model_flops_per_token(full, seq_len=s)["attention"] == 2 * 2 * s * d_attn
     assert model_flops_per_token(mistral, seq_len=w)["attention"] == model_flops_per_token(full, seq_len=w)[
         "attention"]  # rows no longer than the window: full attention
+    # a window longer than the row (Mistral-7B v0.1: 4096 on rows of 2048) never binds: Kaplan's 2·n_layer·s·d_attn
+    assert model_flops_per_token(mistral, seq_len=w // 2)["attention"] == 2 * 2 * (w // 2) * d_attn
     # layer_types marks which layers slide (Qwen2 here: the second of two)
     mixed = {**QWEN_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100, "use_sliding_window": True,
