@@ -176,6 +176,28 @@ def test_rope_pair_rows_general():
     assert len(set(rows)) == 48 and max(rows) < 64
 
 
+
+def test_qwen2_window_threshold_follows_the_layers():
+    """Qwen2 (the Llama family) slides from layer max_window_layers on: of teacher layers 0, 2, 3 with the threshold
+    at 2, one comes before it, so the student's threshold is 1 and agrees with its layer_types [F, S, S]."""
+    teacher = make_tiny_lm("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    full, slide = "full_attention", "sliding_attention"
+    assert teacher.config.layer_types == [full, full, slide, slide]
+    student, _ = build_student(teacher, layers=[0, 2, 3])
+    assert student.config.layer_types == [full, slide, slide] and student.config.max_window_layers == 1
+
+
+def test_gpt2_ignores_a_head_dim_in_its_config():
+    """GPT-2 computes head_dim = n_embd // n_head whatever its config holds (the family does not read head_dim): a
+    stray head_dim 8 (not 64 // 4 = 16) changes neither the teacher's heads nor its full copy."""
+    teacher = make_tiny_lm("gpt2", head_dim=8)
+    assert teacher.transformer.h[0].attn.head_dim == 16
+    student, table = build_student(teacher, mlp_init="copy")
+    assert {row["action"] for row in table} == {"copied"}
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(student.eval()(ids).logits, teacher(ids).logits)
+
 def test_gpt2_fused_qkv_truncation_index_by_index():
     # teacher: n_embd 64, 4 heads of 16; student: n_embd 32, 4 heads of 8, n_inner 100.
     teacher = make_tiny_lm("gpt2", n_inner=128)
