@@ -10,7 +10,14 @@ from test_analysis import assert_png
 from test_evaluate import one_line_error
 
 from tailkd.cli import main
-from tailkd.compare import compare_runs, fidelity_diversity_points, load_run, relative_change
+from tailkd.compare import (
+    compare_runs,
+    fidelity_diversity_points,
+    load_run,
+    markdown_table,
+    relative_change,
+    task_summary,
+)
 
 
 def make_run(root, name, *, loss, kls, ppl, agreement, tokens_per_eval=1000, full_ece=None, seconds=75.0,
@@ -39,6 +46,7 @@ def test_relative_change_closed_form():
     assert relative_change(0.5, 1.0) == pytest.approx(100 * math.log(0.5))
     assert relative_change(2.0, 2.0) == 0.0
     assert relative_change(None, 1.0) is None and relative_change(1.0, 0.0) is None
+    assert relative_change(0.0, 1.0) is None  # not positive: no logarithm (an accuracy of 0 on a task)
 
 
 def test_load_run_reads_the_final_heldout_row(tmp_path):
@@ -84,6 +92,7 @@ def test_the_loss_column_names_the_settings_in_which_runs_of_one_loss_differ(tmp
 
     runs = []
     settings = (("tad16", {"name": "tad", "k": 16, "beta": 2.0}), ("tad64", {"name": "tad", "k": 64, "beta": 2.0}),
+                ("tad", {"name": "tad", "beta": 2.0}),  # no k in its config.yaml: k differs, but it has none to name
                 ("kd", {"name": "kd", "k": 10}), ("a3", {"name": "amari", "options": {"alpha": 0.3}}),
                 ("a5", {"name": "amari", "options": {"alpha": 0.5}}))
     for name, loss in settings:
@@ -95,11 +104,76 @@ def test_the_loss_column_names_the_settings_in_which_runs_of_one_loss_differ(tmp
     md = (out / "compare.md").read_text()
     cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines()[2:]
              if line.startswith("|")}
-    assert cells == {"tad16": "tad (k=16)", "tad64": "tad (k=64)", "kd": "kd", "a3": "amari (options.alpha=0.3)",
-                     "a5": "amari (options.alpha=0.5)"}
+    assert cells == {"tad16": "tad (k=16)", "tad64": "tad (k=64)", "tad": "tad", "kd": "kd",
+                     "a3": "amari (options.alpha=0.3)", "a5": "amari (options.alpha=0.5)"}
     saved = {r["name"]: r for r in json.loads((out / "compare.json").read_text())}
     assert saved["a3"]["loss"] == "amari" and saved["a3"]["loss_settings"] == {"options.alpha": 0.3}
 
+
+
+def test_train_time_is_hours_minutes_seconds(tmp_path):
+    """The train time column is h:mm:ss of summary.json's train_seconds, rounded to the second: 3725 s = 1 h 2 min
+    5 s; 36059.6 s rounds to 36060 s = 10 h 1 min 0 s."""
+    for seconds, shown in ((3725.0, "1:02:05"), (36059.6, "10:01:00"), (59.4, "0:00:59")):
+        run = make_run(tmp_path / str(seconds), "r", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5,
+                       seconds=seconds)
+        _, rows = table_rows(markdown_table([load_run(run)], None))
+        assert rows["r"]["train time"] == shown
+
+
+def test_of_two_eval_files_holding_one_kind_the_first_is_read(tmp_path):
+    """read_evals: of RUN/eval.json and RUN/generate.json, in that order, the first holding held-out results and the
+    first holding generation results (``"mode": "generate"``) are read."""
+    run = make_run(tmp_path, "r", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5, full_ece=0.2)
+    (run / "generate.json").write_text(json.dumps({"student_full_ece": 0.7}))  # held-out results in both
+    assert load_run(run)["full_ece"] == 0.2
+    write_generation(run, "eval.json", rougeL=0.31)
+    write_generation(run, "generate.json", rougeL=0.99)  # generation results in both
+    assert load_run(run)["rougeL"] == 0.31
+
+
+def test_a_baseline_later_in_the_list_is_the_one_compared_against(tmp_path):
+    """--baseline naming the second run: that run is marked and every Rel is against it (its own Rel +0.00, the
+    first run's 100·ln(2.0 / 0.5))."""
+    a = make_run(tmp_path, "a", loss="kd", kls=[3.0, 2.0], ppl=10.0, agreement=0.5)
+    b = make_run(tmp_path, "b", loss="tad", kls=[3.0, 0.5], ppl=8.0, agreement=0.6)
+    res = compare_runs([a, b], baseline=b, out_dir=tmp_path / "o")
+    _, rows = table_rows(res["markdown"])
+    assert set(rows) == {"a", "b (baseline)"}
+    assert rows["b (baseline)"]["Rel held-out KL"] == "+0.00"
+    assert rows["a"]["Rel held-out KL"] == f"{100 * math.log(2.0 / 0.5):+.2f}"
+
+
+def test_the_tokens_column_is_the_summarys_trained_tokens(tmp_path):
+    """tokens: summary.json's trained tokens, which may lie past the last held-out row; a run without summary.json
+    (unfinished) shows its last held-out row's."""
+    run = make_run(tmp_path, "r", loss="kd", kls=[3.0, 2.0], ppl=10.0, agreement=0.5)  # held-out rows at 0, 1000
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "tokens": 1500}))
+    part = make_run(tmp_path, "p", loss="kd", kls=[3.0, 2.5, 2.2], ppl=10.0, agreement=0.5, finished=False)
+    _, rows = table_rows(markdown_table([load_run(run), load_run(part)], None))
+    assert rows["r"]["tokens"] == "1,500" and rows["p (unfinished)"]["tokens"] == "2,000"
+
+
+def test_rouge_alone_still_shows_the_generation_columns(tmp_path):
+    """A run whose generation results have ROUGE-L but no diversity (``--samples 0``) has generation results: the
+    table shows ROUGE-L (Distinct-2 and Self-BLEU "—"), and there is no scatter (it needs all three)."""
+    run = make_run(tmp_path, "greedy", loss="rkl", kls=[3.0, 1.4], ppl=35.0, agreement=0.55)
+    write_generation(run, rougeL=0.33)
+    res = compare_runs([run], out_dir=tmp_path / "o")
+    _, rows = table_rows(res["markdown"])
+    greedy = rows["greedy"]
+    assert (greedy["ROUGE-L"], greedy["Distinct-2"], greedy["Self-BLEU"]) == ("0.3300", "—", "—")
+    assert res["fidelity_plot"] is None
+
+
+def test_task_mean_and_rel_bar_with_an_accuracy_of_zero():
+    """task_summary: the mean accuracy is still the plain mean ((0 + 0.5) / 2), Rel̄ is None when a task's accuracy
+    is 0 (no logarithm), and with both positive it is the mean of 100·ln(acc / acc_baseline)."""
+    base = {"tasks": {"a": 0.4, "b": 0.5}}
+    assert task_summary({"tasks": {"a": 0.0, "b": 0.5}}, base, ["a", "b"]) == (0.25, None)
+    mean, rel_bar = task_summary({"tasks": {"a": 0.2, "b": 0.5}}, base, ["a", "b"])
+    assert mean == pytest.approx(0.35) and rel_bar == pytest.approx(100 * math.log(0.2 / 0.4) / 2)
 
 def test_compare_without_baseline_and_a_baseline_not_in_the_list(tmp_path):
     a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
