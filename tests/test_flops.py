@@ -13,6 +13,7 @@ from tailkd.flops import (
     SCORE_FLOPS_PER_VOCAB,
     ModelSize,
     distill_flops,
+    format_method_table,
     method_table,
     model_flops_per_token,
     model_size,
@@ -297,6 +298,50 @@ def test_sliding_window_layers_attend_at_most_their_window():
     no_window = {**m, "windows": []}
     assert _generation_per_sequence(m, 4, 20) < _generation_per_sequence(no_window, 4, 20)
 
+
+
+def test_the_printed_sizes_name_the_sliding_layers_and_their_window():
+    """format_method_table's size line: of Qwen2's two layers the second slides (window 8): "1 with a sliding window
+    of 8", not the count of all layers nor the full layer's 0."""
+    mixed = {**QWEN_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100, "use_sliding_window": True,
+             "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}
+    m = model_flops_per_token(mixed, seq_len=32)
+    text = format_method_table(method_table(mixed, mixed, seq_len=32), m, m, tokens=1e6, seq_len=32)
+    assert "V=100, 2 layers (1 with a sliding window of 8)" in text
+
+
+def test_gpt2_sizes_come_from_its_own_config_names():
+    """GPT-2's config calls d and the layers n_embd and n_layer. N by hand: per layer c_attn 3d²+3d, attn c_proj
+    d²+d, c_fc 4d²+4d, mlp c_proj 4d²+d, two LayerNorms 4d; the final LayerNorm 2d (token and position embeddings
+    are lookups); the head 2·d·V and attention 2·n_layer·s·d (d_attn = n_head × d/n_head = d)."""
+    d, layers, vocab, s = 64, 3, 100, 16
+    gpt2 = {"model_type": "gpt2", "n_embd": d, "n_layer": layers, "n_head": 4, "vocab_size": vocab, "n_positions": 32}
+    f = model_flops_per_token(gpt2, seq_len=s)
+    assert (f["hidden"], f["layers"], f["attn_dim"]) == (d, layers, d)
+    assert f["params_nonembedding"] == layers * (12 * d * d + 13 * d) + 2 * d
+    assert f["head"] == 2 * d * vocab and f["attention"] == 2 * layers * s * d
+
+
+def test_clm_counts_no_teacher_even_when_one_is_given():
+    """loss clm runs no teacher: a teacher passed anyway costs nothing (student 3·F_S + c_clm·V per token)."""
+    t = ModelSize("t", 1000.0, hidden=8, vocab=50)
+    s = ModelSize("s", 300.0, hidden=4, vocab=50)
+    d = distill_flops(t, s, 10, seq_len=0, loss="clm")
+    assert d["teacher"] is None and d["teacher_forward"] == 0
+    assert d["total"] == 10 * (3 * (2 * 300 + 2 * 4 * 50) + CLM_FLOPS_PER_VOCAB * 50)
+
+
+def test_a_tied_student_given_by_its_total_and_zero_tokens():
+    """--student-params with --student-tied: N = total − V·d and the head is tied, so frozen embeddings skip its
+    weight gradient 2·d·V; zero tokens are zero FLOPs (per_token 0, not an error)."""
+    s = ModelSize.from_total("s", 1e6, vocab=100, hidden=10, tied=True)
+    assert s.tied and s.params_nonembedding == 1e6 - 100 * 10
+    plain = distill_flops(None, s, 1.0, seq_len=0, loss="clm")
+    frozen = distill_flops(None, s, 1.0, seq_len=0, loss="clm", freeze_embeddings=True)
+    assert plain["student_forward_backward"] - frozen["student_forward_backward"] == 2 * 10 * 100
+    zero = distill_flops(None, s, 0, seq_len=0, loss="clm")
+    assert zero["total"] == zero["per_token"] == 0
 
 def test_model_size_from_total_parameters():
     s = ModelSize.from_total("t", 1.8e9, vocab=151936, hidden=2048)
