@@ -3,8 +3,9 @@
 Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 2 FLOPs), per token:
 
 - forward of a model   F = 2·N + 2·d·V + 2·n_layer·s·d_attn
-  * N: non-embedding parameters (every weight matrix except the token embedding and the LM head;
-    norms and biases included). A matrix-vector product with a weight of P entries costs 2·P FLOPs.
+  * N: non-embedding parameters (every weight matrix except the embedding tables, token and learned positions
+    (GPT-2), and the LM head; norms and biases included). A matrix-vector product with a weight of P entries
+    costs 2·P FLOPs.
     A mixture of experts counts the parameters a token passes through: of the weights under a module named
     ``experts`` (Mixtral, Qwen-MoE, DeepSeek, OLMoE, Granite-MoE), the fraction k/E (``num_experts_per_tok`` of
     ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``); shared experts and routers fully.
