@@ -278,6 +278,14 @@ def test_compare_replaces_its_output_folder_whole(tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in tad.iterdir()) == in_run
 
 
+
+def test_compare_writes_into_an_existing_empty_folder(tmp_path):
+    """--out may name a folder that exists and is empty (check_compare_out: new, empty or an earlier compare)."""
+    a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
+    (tmp_path / "empty").mkdir()
+    res = compare_runs([a], out_dir=tmp_path / "empty")
+    assert (tmp_path / "empty" / "compare.md").read_text() == res["markdown"]
+
 def test_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
     assert main(["compare", str(tmp_path / "notarun"), "--out", str(tmp_path / "o")]) == 2
@@ -382,6 +390,20 @@ def test_compare_lm_eval_accuracies_and_the_papers_rel_bar(tmp_path, capsys):
                  "--out", str(tmp_path / "cmp2")]) == 0
     assert "tasks" not in (tmp_path / "cmp2" / "compare.md").read_text()
 
+
+
+def test_a_run_without_lm_eval_results_leaves_the_task_mean_to_the_others(tmp_path):
+    """The task columns average over the tasks every run WITH results has: a third run without lm_eval.json neither
+    empties that set nor removes the columns; its own cells are "—"."""
+    kd = make_run(tmp_path, "kd", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5)
+    tad = make_run(tmp_path, "tad", loss="tad", kls=[3.0, 1.4], ppl=30.0, agreement=0.55)
+    plain = make_run(tmp_path, "plain", loss="rkl", kls=[3.0, 1.5], ppl=35.0, agreement=0.5)
+    write_lm_eval(kd, {"arc_easy": 0.40, "piqa": 0.60})
+    write_lm_eval(tad, {"arc_easy": 0.44, "piqa": 0.56})
+    res = compare_runs([kd, tad, plain], out_dir=tmp_path / "o")
+    _, rows = table_rows(res["markdown"].split("\n\n")[0])
+    assert rows["tad"]["tasks: mean acc"] == f"{(0.44 + 0.56) / 2:.4f}"
+    assert rows["plain"]["tasks: mean acc"] == "—"
 
 def test_compare_lm_eval_runs_without_a_shared_task(tmp_path):
     """Runs scored on disjoint lm-eval tasks: the task columns stay, as "—", and the note names the tasks left out
