@@ -110,7 +110,6 @@ def test_the_loss_column_names_the_settings_in_which_runs_of_one_loss_differ(tmp
     assert saved["a3"]["loss"] == "amari" and saved["a3"]["loss_settings"] == {"options.alpha": 0.3}
 
 
-
 def test_train_time_is_hours_minutes_seconds(tmp_path):
     """The train time column is h:mm:ss of summary.json's train_seconds, rounded to the second: 3725 s = 1 h 2 min
     5 s; 36059.6 s rounds to 36060 s = 10 h 1 min 0 s."""
@@ -174,6 +173,7 @@ def test_task_mean_and_rel_bar_with_an_accuracy_of_zero():
     assert task_summary({"tasks": {"a": 0.0, "b": 0.5}}, base, ["a", "b"]) == (0.25, None)
     mean, rel_bar = task_summary({"tasks": {"a": 0.2, "b": 0.5}}, base, ["a", "b"])
     assert mean == pytest.approx(0.35) and rel_bar == pytest.approx(100 * math.log(0.2 / 0.4) / 2)
+
 
 def test_compare_without_baseline_and_a_baseline_not_in_the_list(tmp_path):
     a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
@@ -278,13 +278,13 @@ def test_compare_replaces_its_output_folder_whole(tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in tad.iterdir()) == in_run
 
 
-
 def test_compare_writes_into_an_existing_empty_folder(tmp_path):
     """--out may name a folder that exists and is empty (check_compare_out: new, empty or an earlier compare)."""
     a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
     (tmp_path / "empty").mkdir()
     res = compare_runs([a], out_dir=tmp_path / "empty")
     assert (tmp_path / "empty" / "compare.md").read_text() == res["markdown"]
+
 
 def test_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
@@ -391,7 +391,6 @@ def test_compare_lm_eval_accuracies_and_the_papers_rel_bar(tmp_path, capsys):
     assert "tasks" not in (tmp_path / "cmp2" / "compare.md").read_text()
 
 
-
 def test_a_run_without_lm_eval_results_leaves_the_task_mean_to_the_others(tmp_path):
     """The task columns average over the tasks every run WITH results has: a third run without lm_eval.json neither
     empties that set nor removes the columns; its own cells are "—"."""
@@ -404,6 +403,7 @@ def test_a_run_without_lm_eval_results_leaves_the_task_mean_to_the_others(tmp_pa
     _, rows = table_rows(res["markdown"].split("\n\n")[0])
     assert rows["tad"]["tasks: mean acc"] == f"{(0.44 + 0.56) / 2:.4f}"
     assert rows["plain"]["tasks: mean acc"] == "—"
+
 
 def test_compare_lm_eval_runs_without_a_shared_task(tmp_path):
     """Runs scored on disjoint lm-eval tasks: the task columns stay, as "—", and the note names the tasks left out

@@ -138,7 +138,6 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
-
 def test_stop_and_resume_is_bit_identical_with_dropout(assets, tmp_path):
     """A student with attention dropout (inherited from its teacher's config) draws dropout masks from torch's RNG
     at every step: the resume continues those draws where the checkpoint left them (`runs.set_rng_state`), so its
@@ -162,6 +161,7 @@ def test_stop_and_resume_is_bit_identical_with_dropout(assets, tmp_path):
         assert torch.equal(a[name], b[name]), name
     la = [r["loss"] for r in read_metrics(full) if r["split"] == "train"]
     assert la == [r["loss"] for r in read_metrics(parted) if r["split"] == "train"]
+
 
 def test_a_loss_of_the_users_module_trains_resumes_and_is_evaluated(assets, tmp_path):
     """README "A loss of your own": ``--loss.module FILE`` imports the user's file, which registers a loss; the run

@@ -237,7 +237,6 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_passes_through(tmp_path
     assert "(active: 2 of 8 experts)" in capsys.readouterr().out
 
 
-
 def test_every_expert_active_is_still_a_mixture_of_experts():
     """k = E (each token passes through every expert): N counts all the experts' weights, as k/E = 1 says, and the
     model is reported as a mixture of E of E experts, not as a dense model ([0, 0])."""
@@ -269,6 +268,7 @@ def test_method_table_default_reference_is_the_cli_default():
     rows = {r["method"].split(" (")[0]: r for r in method_table(QWEN_1_8B, QWEN_1_2B, seq_len=64, tokens=1.0)}
     assert rows["MiniPLM"]["other"] == pytest.approx(2 * p_ref / 0.5, rel=1e-12)
 
+
 def test_sliding_window_layers_attend_at_most_their_window():
     from tailkd.flops import _decode_keys, _generation_per_sequence
 
@@ -297,7 +297,6 @@ def test_sliding_window_layers_attend_at_most_their_window():
         assert _decode_keys(window, prompt, gen) == sum(min(prompt + g, cap) for g in range(gen))
     no_window = {**m, "windows": []}
     assert _generation_per_sequence(m, 4, 20) < _generation_per_sequence(no_window, 4, 20)
-
 
 
 def test_the_printed_sizes_name_the_sliding_layers_and_their_window():
@@ -342,6 +341,7 @@ def test_a_tied_student_given_by_its_total_and_zero_tokens():
     assert plain["student_forward_backward"] - frozen["student_forward_backward"] == 2 * 10 * 100
     zero = distill_flops(None, s, 0, seq_len=0, loss="clm")
     assert zero["total"] == zero["per_token"] == 0
+
 
 def test_model_size_from_total_parameters():
     s = ModelSize.from_total("t", 1.8e9, vocab=151936, hidden=2048)

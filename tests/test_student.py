@@ -176,7 +176,6 @@ def test_rope_pair_rows_general():
     assert len(set(rows)) == 48 and max(rows) < 64
 
 
-
 def test_qwen2_window_threshold_follows_the_layers():
     """Qwen2 (the Llama family) slides from layer max_window_layers on: of teacher layers 0, 2, 3 with the threshold
     at 2, one comes before it, so the student's threshold is 1 and agrees with its layer_types [F, S, S]."""
@@ -197,6 +196,7 @@ def test_gpt2_ignores_a_head_dim_in_its_config():
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(student.eval()(ids).logits, teacher(ids).logits)
+
 
 def test_gpt2_fused_qkv_truncation_index_by_index():
     # teacher: n_embd 64, 4 heads of 16; student: n_embd 32, 4 heads of 8, n_inner 100.
