@@ -126,13 +126,6 @@ def _windows(cfg, layers: int) -> tuple[int, ...]:
     return out + (0,) * (layers - len(out)) if any(out) else ()
 
 
-def _keys(windows: tuple[int, ...], layers: int, context: float) -> float:
-    """Σ over layers of the keys a query at ``context`` keys of context attends: min(context, w), or context."""
-    if not windows:
-        return layers * context
-    return sum(min(context, w) if w else context for w in windows)
-
-
 def _mean_keys(windows: tuple[int, ...], layers: int, seq_len: int) -> float:
     """Σ over layers of the keys attended, averaged over a causal row of ``seq_len`` (Kaplan's continuous t ≈ s/2;
     a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s))."""
