@@ -6,9 +6,7 @@
 For each launch (``--configs``: ``default``, each pass at its `tailkd.kernels.CUDA_LAUNCH` entry, first; then
 BLOCKxWARPS for both passes, 1024x4 being the single launch of every pass before the per-pass table) and each loss
 (kd; tad K=10 and K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of
-`kernels.RESCALE_GAP`), K=10 and 64 with pass 2 holding 𝒦 in registers (``ids held``: the A/B of
-`kernels.TAD_IDS_HELD`), K=10 and 64 with pass 1's top-K seeded from the row's first columns at once (``seeded``:
-the A/B of `kernels.TAD_SEED_TOPK`; the statistics time includes the seed kernel); jsd β=0.5; a top-64 cache teacher
+`kernels.RESCALE_GAP`); jsd β=0.5; a top-64 cache teacher
 with 8 tail points), times the statistics pass and the value + gradient pass (written in place over the student's
 logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits [rows, V] in bf16,
 random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a row's running top-K
@@ -38,12 +36,8 @@ import machine  # bench/ is this script's folder
 import torch
 from bench_gpu import _LEAD_S, time_device_covered, time_once
 
-LOSSES = {"kd": (0, 0, True, None, None), "tad K=10": (3, 10, True, None, None),
-          "tad K=10, no rescale": (3, 10, False, None, None), "tad K=10, ids held": (3, 10, True, True, None),
-          "tad K=10, seeded": (3, 10, True, None, True), "tad K=64": (3, 64, True, None, None),
-          "tad K=64, ids held": (3, 64, True, True, None), "tad K=64, seeded": (3, 64, True, None, True),
-          "jsd": (2, 0, True, None, None), "cache K=64": (4, 64, True, None, None)}
-# (kind, K, rescale, TAD pass 2's ids_held, TAD pass 1's seed; None = the default)
+LOSSES = {"kd": (0, 0, True), "tad K=10": (3, 10, True), "tad K=10, no rescale": (3, 10, False),
+          "tad K=64": (3, 64, True), "jsd": (2, 0, True), "cache K=64": (4, 64, True)}  # (kind, K, rescale)
 
 
 def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
@@ -67,14 +61,14 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     elem = rows * vocab * s.element_size()
     cells = []
     for block, warps in configs:  # (None, None): each pass at its default launch
-        for name, (kind, k, rescale, held, seed) in LOSSES.items():
+        for name, (kind, k, rescale) in LOSSES.items():
             loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
             cell = {"loss": name, "block": block, "warps": warps}
             try:
                 def stats():
                     if kind == 4:
                         return kernels.sparse_stats(s, cache, block=block, warps=warps, rescale=rescale)
-                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale, seed=seed)
+                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale)
 
                 box = {}
 
@@ -84,7 +78,7 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
                                                                    block=block, warps=warps)
                         return
                     box["v"] = kernels.row_values_and_grads(loss, s, t, box["st"], log_w if kind == 3 else None, cd, cq,
-                                                            s, y=y, cy=cq, block=block, warps=warps, ids_held=held)
+                                                            s, y=y, cy=cq, block=block, warps=warps)
 
                 t1, t2, dev, lead = [], [], [], None
                 for i in range(warmup + repeats):

@@ -46,18 +46,12 @@ def _variants(logits: str):
     mirrored from its torch side."""
     from tailkd import kernels as K
 
-    def stats(k, student=True, seed=K.TAD_SEED_TOPK):
+    def stats(k, student=True):
         kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "ids_ptr": "*i32",
-               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "seed_ptr": "*i32", "V": "i32", "stride_s": "i32",
-               "stride_t": "i32", "gap": "fp32", "seeded": "i32", "K": "constexpr", "KP": "constexpr",
-               "STUDENT": "constexpr", "SEED": "constexpr", "BLOCK": "constexpr"}
-        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student, "SEED": bool(k) and seed}
-
-    def seed(k):
-        sig = {"t_ptr": f"*{logits}", "seed_ptr": "*i32", "V": "i32", "stride_t": "i32", "KP": "constexpr",
-               "COLS": "constexpr"}
-        return K._seed_kernel, sig, {"KP": K.padded_k(k)}
+               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
+               "gap": "fp32", "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
+        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student}
 
     def dense(loss, value, write):
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
@@ -66,14 +60,14 @@ def _variants(logits: str):
                "VALUE": "constexpr", "WRITE": "constexpr", "BLOCK": "constexpr"}
         return K._dense_kernel, sig, {"LOSS": loss, "VALUE": value, "WRITE": write}
 
-    def tad(k, write, rare=False, held=K.TAD_IDS_HELD):
+    def tad(k, write, rare=False):
         kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
                "ids_ptr": "*i32", "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "w_ptr": "*fp64", "cd_ptr": "*fp32",
                "cq_ptr": "*fp32", "cy_ptr": "*fp32", "y_ptr": "*i64", "value_ptr": "*fp32", "V": "i32",
                "stride_s": "i32", "stride_t": "i32", "stride_o": "i32", "K": "constexpr", "KP": "constexpr",
-               "WRITE": "constexpr", "RARE": "constexpr", "HELD": "constexpr", "BLOCK": "constexpr"}
-        return K._tad_kernel, sig, {"K": k, "KP": kp, "WRITE": write, "RARE": rare, "HELD": held}
+               "WRITE": "constexpr", "RARE": "constexpr", "BLOCK": "constexpr"}
+        return K._tad_kernel, sig, {"K": k, "KP": kp, "WRITE": write, "RARE": rare}
 
     def sparse_stats():
         sig = {"s_ptr": f"*{logits}", "ids_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "stride_s": "i32",
@@ -90,10 +84,6 @@ def _variants(logits: str):
         ("stats: tad K=10", "stats_topk", *stats(10)),
         ("stats: tad K=64", "stats_topk", *stats(64)),
         ("stats: α^T alone K=10 (split sequences only)", "stats_topk", *stats(10, student=False)),
-        ("stats: tad K=10, seeded (A/B)", "stats_topk", *stats(10, seed=not K.TAD_SEED_TOPK)),
-        ("stats: tad K=64, seeded (A/B)", "stats_topk", *stats(64, seed=not K.TAD_SEED_TOPK)),
-        ("seed: tad K=10 (A/B)", "seed", *seed(10)),
-        ("seed: tad K=64 (A/B)", "seed", *seed(64)),
         ("kd: value + G", "dense", *dense(0, True, True)),
         ("kd: value", "dense", *dense(0, True, False)),
         ("rkl: value", "dense", *dense(1, True, False)),
@@ -104,8 +94,6 @@ def _variants(logits: str):
         ("tad K=10: value", "tad", *tad(10, False)),
         ("tad K=64: value + G", "tad", *tad(64, True)),
         ("tad K=10, rare rows: value + G", "tad", *tad(10, True, rare=True)),
-        ("tad K=10, 𝒦 held (A/B): value + G", "tad", *tad(10, True, held=not K.TAD_IDS_HELD)),
-        ("tad K=64, 𝒦 held (A/B): value + G", "tad", *tad(64, True, held=not K.TAD_IDS_HELD)),
         ("cache teacher K=64: stats", "sparse", *sparse_stats()),
         ("cache teacher: G", "sparse", *sparse_grad()),
     ]
@@ -166,9 +154,8 @@ def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int
 
     rows = []
     for name, kind, kernel, signature, constexprs in _variants(logits):
-        go = (K.launch(vocab, torch.device("cuda"), kind=kind) if kind == "seed"  # row_stats overrides no seed
-              else K.launch(vocab, torch.device("cuda"), block, warps, kind))
-        constexprs = {**constexprs, "COLS" if "COLS" in signature else "BLOCK": go.block}  # the seed: its columns
+        go = K.launch(vocab, torch.device("cuda"), block, warps, kind)
+        constexprs = {**constexprs, "BLOCK": go.block}
         row = {"variant": name, "block": go.block, "warps": go.warps}
         try:
             src = ASTSource(kernel, signature, constexprs=constexprs, attrs=_attrs(kernel, signature, vocab))

@@ -113,11 +113,9 @@ def _log_w(abar):
     return tail_log_weight(log_alpha_mean(abar), BETA)
 
 
-def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK),
-         seeded=False):
-    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step; ``seeded``: TAD's
-    top-k seeded by `kernels._seed_kernel` (`kernels.TAD_SEED_TOPK`)."""
-    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale, seed=seeded)
+def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK)):
+    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step."""
+    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale)
     if loss.kind == 3 and w is None:
         w = _log_w(stats.log_alpha.double().exp().mean().expand(s.shape[0]))
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
@@ -286,7 +284,7 @@ def test_launch_per_pass(monkeypatch):
 def test_every_launch_pins_fp_contraction(monkeypatch):
     """Every kernel launch passes its `Launch.options`: its warps and ``enable_fp_fusion=True`` (Triton 3.9 warns
     that 3.10 turns floating-point contraction off by default; the kernels were timed and bounded with it on). The
-    passes of kd, rkl, jsd, TAD (seeded) and the cache teacher run with each kernel wrapped to record its keywords."""
+    passes of kd, rkl, jsd, TAD and the cache teacher run with each kernel wrapped to record its keywords."""
     seen = []
 
     class Spy:
@@ -306,20 +304,20 @@ def test_every_launch_pins_fp_contraction(monkeypatch):
     s, t = s.to(DEVICE), t.to(DEVICE)
     cd = torch.ones(2, device=DEVICE)
     for loss in (kernels.RowLoss(0), kernels.RowLoss(1), kernels.RowLoss(2, jsd_beta=0.3), kernels.RowLoss(3, k=4)):
-        stats = kernels.row_stats(s, t, loss.k, seed=True)
+        stats = kernels.row_stats(s, t, loss.k)
         kernels.row_values_and_grads(loss, s, t, stats, torch.ones(2, dtype=torch.float64, device=DEVICE), cd,
                                      out=torch.empty_like(s))
     cache = _sparse_teacher(t.cpu().double(), 4, 0, 0)
     sparse = dv.SparseTeacher(*(None if x is None else x.to(DEVICE) for x in cache))
     kernels.sparse_values_and_grads(s, sparse, kernels.sparse_stats(s, sparse), None, cd, out=torch.empty_like(s))
-    assert {name for name, _, _ in seen} == names and len(names) == 6
+    assert {name for name, _, _ in seen} == names and len(names) == 5
     assert all(warps and fusion is True for _, warps, fusion in seen), seen
 
 
 # --------------------------------------------------------------------------- TAD
 
 
-def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK), seeded=False):
+def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK)):
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     s64, t64 = s.double(), t.double()
@@ -329,8 +327,7 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
     loss = kernels.RowLoss(3, k=k)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
-                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks,
-                           seeded=seeded)
+                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks)
     mask = torch.ones(1, n, dtype=torch.bool)
     ref_fn = lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0]  # noqa: E731
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
@@ -387,14 +384,12 @@ def _extreme_logits():
     return s, t
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_tad_kernel_extreme_logits_ties_and_minus_inf(seeded):
+def test_tad_kernel_extreme_logits_ties_and_minus_inf():
     """±1e4 offsets; teacher −inf entries (p = 0, some of them inside the first k columns, which the running top-k
     starts from); a row of tied teacher logits (𝒦 = the k smallest ids, as the reference); increasing teacher logits
-    (every column enters the top-k: the most evictions). ``seeded``: the top-k of the first 256 columns found at once
-    (`kernels.TAD_SEED_TOPK`)."""
+    (every column enters the top-k: the most evictions)."""
     s, t = _extreme_logits()
-    same = _check_tad(s.float(), t.float(), 5, seed=6, seeded=seeded)
+    same = _check_tad(s.float(), t.float(), 5, seed=6)
     assert same[[0, 1, 2, 4, 5]].all()  # rows without ties: the same 𝒦 as divergences.py
 
 
@@ -598,86 +593,27 @@ def _block_edge_logits():
     return s, t
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_tad_kernel_top_k_at_block_edges_and_clustered(seeded):
-    """𝒦 at block edges and clustered (`_block_edge_logits`); ``seeded`` as above (the seeded columns end at 256:
-    rows 1 and 2 have 𝒦 on both sides of that edge)."""
+def test_tad_kernel_top_k_at_block_edges_and_clustered():
+    """𝒦 at block edges and clustered (`_block_edge_logits`)."""
     s, t = _block_edge_logits()
-    same = _check_tad(s.float(), t.float(), 7, seed=4, seeded=seeded)
+    same = _check_tad(s.float(), t.float(), 7, seed=4)
     assert same.all()
 
 
-@pytest.mark.parametrize("k", [1, 10, 64])  # K = 1, one that is no power of two, MAX_K
-def test_tad_seeded_top_k_equals_the_walk(k):
-    """`kernels.TAD_SEED_TOPK`: the running top-k seeded by `_seed_kernel` (the top-k of the first 256 columns under the
-    interpreter, of the whole row on a GPU, found at once) gives the walk's 𝒦 and both sides' values on it exactly, and
-    the same statistics within their roundings (each fold ≤ 3u relative to its sum: the module docstring's dz for both),
-    on ties across the k-th place, ±0 at the top (equal, as float comparisons have them), −inf entries, rows shorter
-    than the seeded columns and (interpreted) rows of several seeded blocks, with and without the student side (α^T
-    alone)."""
-    s, t = _logits(5, 1000, seed=k + 50, dtype=torch.float64)
-    t[0, :300] = torch.round(t[0, :300])  # ties, also at the k-th value
-    t[1] = -t[1].abs()
-    t[1, [3, 70, 140, 600]] = torch.tensor([-0.0, 0.0, -0.0, 0.0], dtype=torch.float64)  # ±0 ties on top
-    t[2, 2:40] = -math.inf
-    t[3, 100:] = -math.inf  # the top-k all in the seeded columns
-    t[4, :260] = -10.0  # the top-k all past them
-    for side in (s, None):
-        for short in (False, True):  # short: rows of 200 columns, less than the seeded 256
-            cut = slice(0, 200 if short else 1000)
-            s_, t_ = (None if side is None else side[:, cut].float().to(DEVICE)), t[:, cut].float().to(DEVICE)
-            walk = kernels.row_stats(s_, t_, k, block=BLOCK, seed=False)
-            sown = kernels.row_stats(s_, t_, k, block=BLOCK, seed=True)
-            assert torch.equal(walk.ids, sown.ids) and torch.equal(walk.t_top, sown.t_top)
-            assert torch.equal(walk.s_top, sown.s_top)
-            dz = _dz(t[:, cut], k, block=BLOCK)
-            for col in range(0, 8, 2):  # (m, log S) pairs: all, and the tails, of each side
-                a, b = walk.stats[:, col:col + 2].cpu().double(), sown.stats[:, col:col + 2].cpu().double()
-                assert torch.equal(a[:, 0], b[:, 0])  # maxima are exact
-                finite = torch.isfinite(a[:, 1])
-                assert torch.equal(finite, torch.isfinite(b[:, 1]))
-                B.assert_within(b[finite, 1], a[finite, 1], 2 * dz[finite], msg=f"log S, column {col + 1}")
-
-
-@pytest.mark.parametrize("seeded", [False, True])
-def test_tad_finds_top_k_columns_by_last_entry_or_held_ids_alike(seeded):
-    """`_tad_kernel`'s two ways of finding 𝒦's columns per block (by comparing each column with 𝒦's last entry
-    (t_k, i_k) in the order (t descending, id ascending) that pass 1 kept, or, kernels.TAD_IDS_HELD, by 𝒦's ids held
-    in a [KP] tensor and marked per block) compute the same value and G bit for bit: the same maths on the same mask.
-    Cases: 𝒦 at block edges and clustered, K = 1, a K that is no power of two, K = MAX_K, the rare rows' launch (a
-    sub-normal teacher tail), bf16 G; ties at the K-th value, −inf entries in 𝒦 (some in the first K columns),
-    increasing logits (`_extreme_logits`), and a row of ±0 with ties among them; pass 1 walked or ``seeded``
-    (`kernels.TAD_SEED_TOPK`)."""
+def test_tad_kernel_signed_zero_ties_at_the_k_th_value():
+    """Half of each teacher row at ±0 (−0.0 beside +0.0, equal as float comparisons have them), so that the K-th
+    value is a tie among zeros: pass 1 keeps the smallest ids among them, as the reference does, and pass 2's rule
+    (a column is in 𝒦 iff (t, −id) ≥ (t_k, −i_k), 𝒦's last entry) marks exactly those; value and G against the
+    float64 reference."""
     g = torch.Generator().manual_seed(41)
-    edges = _block_edge_logits()
-    rare_t = torch.randn(4, 60, generator=g, dtype=torch.float64)
-    rare_t = rare_t.scatter_add(-1, torch.topk(rare_t, 3).indices, torch.full((4, 3), 100.0, dtype=torch.float64))
-    zeros_t = torch.randn(2, 300, generator=g).clamp(max=0.0)  # half the row at 0: the K-th value a tie of zeros
-    zeros_t[0, ::2] = -zeros_t[0, ::2].abs()  # −0.0 beside +0.0 (equal as float comparisons have them)
-    cases = [(edges, 7, None), (_logits(5, 1000, seed=43), 1, None), (_logits(5, 1000, seed=44), 10, None),
-             (_logits(3, 1000, seed=45), kernels.MAX_K, None), ((torch.randn(4, 60, generator=g), rare_t), 3, None),
-             (_logits(5, 257, seed=46, dtype=torch.bfloat16), 5, torch.bfloat16), (_extreme_logits(), 5, None),
-             ((torch.randn(2, 300, generator=g), zeros_t), 6, None)]
-    for (s, t), k, out_dtype in cases:
-        s, t = s.float() if out_dtype is None else s, t.float() if out_dtype is None else t
-        n = s.shape[0]
-        cd, cq = _coefs(n, k)
-        y, cy = _onehot(n, s.shape[1], k)
-        s, t = s.to(DEVICE), t.to(DEVICE)
-        stats = kernels.row_stats(s, t, k, block=BLOCK, seed=seeded)
-        w = _log_w(stats.log_alpha.double().exp().mean().expand(n))
-        got = []
-        for held in (False, True):
-            out = torch.full(s.shape, math.nan, dtype=out_dtype or s.dtype, device=DEVICE)  # every entry written
-            value = kernels.row_values_and_grads(kernels.RowLoss(3, k=k), s, t, stats, w, cd.to(DEVICE), cq.to(DEVICE),
-                                                 out, y=y.to(DEVICE), cy=cy.to(DEVICE), block=BLOCK, ids_held=held)
-            got.append((value.cpu(), out.cpu()))
-        assert not torch.isnan(got[1][1]).any(), f"K={k}: G not written everywhere"
-        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), f"K={k}"
+    t = torch.randn(2, 300, generator=g, dtype=torch.float64).clamp(max=0.0)
+    t[0, ::2] = -t[0, ::2].abs()
+    s = torch.randn(2, 300, generator=g, dtype=torch.float64)
+    _check_tad(s.float(), t.float(), 6, seed=6)
 
 
 def test_row_stats_top_k_ascending_and_paired_with_both_sides():
-    """𝒦 is stored by ascending id (pass 2's held ids rely on it) with both sides' logits in the same order, exactly
+    """𝒦 is stored by ascending id (as `RowStats` says) with both sides' logits in the same order, exactly
     the logits at those ids; the teacher-only pass (s = None) gives the same teacher columns bit for bit."""
     s, t = _logits(9, 1000, seed=31, dtype=torch.bfloat16)
     s, t = s.to(DEVICE), t.to(DEVICE)

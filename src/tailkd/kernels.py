@@ -96,8 +96,8 @@ def losses_for(divergence) -> RowLoss | None:
 
 class RowStats(NamedTuple):
     """Pass 1's per-row results. ``stats`` [n, 8] float32: (m, log S) of s, t, s on the tail, t on the tail (the
-    tail columns are 0 without a top-K); ``ids`` [n, K] int32 (TAD only): 𝒦 by ascending id (`_tad_kernel` relies
-    on the order), ``t_top``, ``s_top`` [n, K] float32: both sides' logits on it, in the same order."""
+    tail columns are 0 without a top-K); ``ids`` [n, K] int32 (TAD only): 𝒦 by ascending id, ``t_top``, ``s_top``
+    [n, K] float32: both sides' logits on it, in the same order."""
 
     stats: torch.Tensor
     ids: torch.Tensor | None = None
@@ -126,12 +126,6 @@ class RowStats(NamedTuple):
 
 # --------------------------------------------------------------------------- the kernels
 
-TAD_IDS_HELD = False  # TAD's pass 2 finds 𝒦's columns by comparing each with 𝒦's last entry (t_k, i_k) (since
-# 2026-12-01; before, by walking the ids in memory, measured in bench/RESULTS.md); True: by the ids held in registers
-# (`_tad_kernel` HELD), not yet measured on a GPU: the A/B of bench_kernels.py
-TAD_SEED_TOPK = False  # TAD's pass 1 starts its running top-K from the first K columns (measured); True: from the top-K
-# of the row's first columns found at once by `_seed_kernel` (tl.topk), ~K·ln(4096/K) insertions fewer per row; not
-# yet measured on a GPU: the A/B of bench_kernels.py
 RESCALE_GAP = 50.0  # nats: a tail log-sum-exp reuses the full one's block sums while its max is this close to the
 # full max (`_fold_rescaled`); row_stats/sparse_stats(rescale=False) pass -1: never (the A/B of bench_kernels.py)
 
@@ -205,33 +199,14 @@ if triton is not None:
         return s, t, lq, lp, tl.exp(lq), tl.exp(lp)
 
     @triton.jit
-    def _seed_kernel(t_ptr, seed_ptr, V, stride_t, KP: tl.constexpr, COLS: tl.constexpr):
-        """TAD's pass-1 seed of one row: the KP largest of its first COLS columns by (t descending, id ascending),
-        found at once, their ids stored in that order in seed_ptr[row, :KP] (so slot K − 1 holds the K-th, the
-        set's boundary). Each column's key packs an order-keeping integer image of t (−0 as +0, so that ±0 tie as
-        float comparisons do) above its inverted id; the keys are distinct, and tl.topk sorts the largest KP; columns
-        past V and NaN never rank (slots past the valid columns hold no id: the caller reads slots < K < V)."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, COLS)
-        ok = cols < V
-        t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        bits = tl.where(t == 0.0, 0.0, t).to(tl.int32, bitcast=True)
-        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        keys = tl.where(ok & (t == t), (ordered << 32) | (4294967295 - cols.to(tl.int64)), -9223372036854775807 - 1)
-        top = tl.topk(keys, KP)
-        tl.store(seed_ptr + row * KP + tl.arange(0, KP), (4294967295 - (top & 4294967295)).to(tl.int32))
-
-    @triton.jit
-    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, seed_ptr, V, stride_s, stride_t, gap,
-                      seeded, K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, SEED: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t, gap,
+                      K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 1 of one row: (m, log S) of s and t; with K > 0 the teacher's running top-K (initially the first K
         columns; a column enters when its t is larger than the buffer's minimum, which leaves: the smallest, and
         among equal ones the latest id) and the tail log-sum-exps of both sides over what is not in the buffer,
         stored by ascending id. STUDENT = False: the teacher's statistics only (s is not read; its columns stay
-        0). SEED: the buffer starts as `_seed_kernel`'s top-K of the first ``seeded`` columns (a multiple of BLOCK,
-        or V), whose blocks then split into 𝒦 and tail by the K-th entry (t_k, i_k) with no insertion; 𝒦 is the
-        same either way: the top-K by (t descending, id ascending)."""
+        0). (A buffer seeded by a tl.topk of the row's first 4096 columns was slower at K = 10 on an H200:
+        bench/RESULTS.md, 2026-12-04.)"""
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
         offs = tl.arange(0, BLOCK)
@@ -242,10 +217,6 @@ if triton is not None:
         slots = tl.arange(0, KP)
         real = slots < K
         buf_i = slots
-        if SEED:
-            buf_i = tl.load(seed_ptr + row * KP + slots)
-            i_k = tl.load(seed_ptr + row * KP + K - 1)
-            t_k = tl.load(t_row + i_k).to(tl.float32)
         buf_t = tl.load(t_row + buf_i, mask=real, other=float("inf")).to(tl.float32)
         if STUDENT:
             buf_s = tl.load(s_row + buf_i, mask=real, other=0.0).to(tl.float32)
@@ -261,13 +232,8 @@ if triton is not None:
                 # scalars are carried through the while loop (the last entry taken, (lv, lc)): a block-sized tensor
                 # carried there would cost a layout conversion per step. Most blocks hold no entry above thr: the
                 # block maximum of the log-sum-exp says so without another reduction.
-                if SEED:  # (constexpr branches: the unseeded kernel compiles as before the seed existed)
-                    seeded_block = start < seeded  # its members are known: (t, −id) ≥ (t_k, −i_k)
-                    later = ok  # no initial buffer to skip; past the seeded columns (≥ K of them) cols ≥ K anyway
-                    search = (t_max > thr) & (start >= seeded)
-                else:
-                    later = ok & (cols >= K)  # the first K columns are the initial buffer
-                    search = t_max > thr
+                later = ok & (cols >= K)  # the first K columns are the initial buffer
+                search = t_max > thr
                 thr0 = thr
                 lv = float("inf")
                 lc = -1
@@ -290,8 +256,6 @@ if triton is not None:
                         after = (t < lv) | ((t == lv) & (cols > lc))
                         best = tl.max(tl.where(later & (t > thr) & after, t, float("-inf")), 0)
                 none = (lv == float("inf")) & (start >= K)  # nothing entered
-                if SEED:
-                    none = tl.where(seeded_block, t_max < t_k, none)
                 # The tail's share of the block: where nothing entered (past the first block) it is the whole
                 # block, whose sums the log-sum-exps above already took; rescaled to the tail's shift they cost no
                 # exp per entry. That needs the tail's max within ``gap`` (RESCALE_GAP) nats of the full one
@@ -306,8 +270,6 @@ if triton is not None:
                         m_st, sum_st = _fold_rescaled(m_st, sum_st, s_max, shift_s, block_s)
                 else:
                     taken = later & (t > thr0) & ((t > lv) | ((t == lv) & (cols <= lc)))  # what entered, in order
-                    if SEED:
-                        taken = tl.where(seeded_block, (t > t_k) | ((t == t_k) & (cols <= i_k)), taken)
                     rest = later & ~taken
                     m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
                     if STUDENT:
@@ -324,8 +286,7 @@ if triton is not None:
                 tl.store(out + 5, tl.log(sum_st))
             tl.store(out + 6, m_tt)
             tl.store(out + 7, tl.log(sum_tt))
-            # slot j goes to its rank among the K ids (they are distinct), so 𝒦 is stored ascending and pass 2 can
-            # walk it block by block
+            # slot j goes to its rank among the K ids (they are distinct), so 𝒦 is stored ascending (`RowStats`)
             rank = tl.sum(((buf_i[None, :] < buf_i[:, None]) & real[None, :]).to(tl.int32), 1)
             dst = row * K + rank
             tl.store(ids_ptr + dst, buf_i, mask=real)
@@ -411,7 +372,7 @@ if triton is not None:
     @triton.jit
     def _tad_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, w_ptr, cd_ptr, cq_ptr, cy_ptr,
                     y_ptr, value_ptr, V, stride_s, stride_t, stride_o, K: tl.constexpr, KP: tl.constexpr,
-                    WRITE: tl.constexpr, RARE: tl.constexpr, HELD: tl.constexpr, BLOCK: tl.constexpr):
+                    WRITE: tl.constexpr, RARE: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 2 of TAD for one row, its per-row maths in the kernel (`_tad_row`; no [n]-sized torch ops around
         it). value_ptr[row] = Σ_𝒦 p log(p/q) + α^T log(α^T/α^S) + wd·(Σ_tail p log(p/q) − α^T log(α^T/α^S)), or
         on tiny rows (α^T sub-normal) Σ_𝒦 … + α^T log(α^T/α^S) + W·Σ_tail p̃ log(p̃/q̃) (`divergences._tad_forward`).
@@ -421,9 +382,9 @@ if triton is not None:
         label column y_ptr[row] (−1 = none), cy = cy_ptr[row]. RARE = False does the rows that are neither tiny nor
         bad, RARE = True the others (each launch skips the other's rows): the rare rows' maths in the same loop
         would hold ~3× the registers. 𝒦's columns: those at or above its last entry (t_k, i_k) in the order
-        (t descending, id ascending) that pass 1 kept — two comparisons per entry, no load of 𝒦 in the loop; HELD:
-        𝒦's ids loaded once into a [KP] tensor, each block counting and marking its own (a KP-wide reduction per
-        block, K comparisons in the blocks that hold one): the A/B of `TAD_IDS_HELD`."""
+        (t descending, id ascending) that pass 1 kept — two comparisons per entry, no load of 𝒦 in the loop (𝒦's
+        ids held in registers instead, each block marking its own, was slower on an H200: bench/RESULTS.md,
+        2026-12-04)."""
         row = tl.program_id(0).to(tl.int64)
         alpha_t, log_at, las, tiny, bad, wd, ratio, big_w = _tad_row(stats_ptr, w_ptr, row)
         if (tiny | bad) == RARE:
@@ -445,25 +406,17 @@ if triton is not None:
             ids_row = ids_ptr + row * K
             slots = tl.arange(0, KP)
             real = slots < K
-            if HELD:
-                held = tl.load(ids_row + slots, mask=real, other=2147483647)  # ascending, sentinels last
-            else:  # 𝒦's last entry by (t descending, id ascending): the smallest t, among equal ones the largest id
-                t_top = tl.load(ttop_ptr + row * K + slots, mask=real, other=float("inf"))
-                t_k = tl.min(t_top, 0)
-                i_k = tl.max(tl.where(real & (t_top == t_k), tl.load(ids_row + slots, mask=real, other=-1), -1), 0)
+            # 𝒦's last entry by (t descending, id ascending): the smallest t, among equal ones the largest id
+            t_top = tl.load(ttop_ptr + row * K + slots, mask=real, other=float("inf"))
+            t_k = tl.min(t_top, 0)
+            i_k = tl.max(tl.where(real & (t_top == t_k), tl.load(ids_row + slots, mask=real, other=-1), -1), 0)
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 ok = cols < V
-                if HELD:  # (before the tile's loads: its values are not held through the marking loop)
-                    lo = tl.sum((held < start).to(tl.int32), 0)
-                    hi = tl.sum((held < start + BLOCK).to(tl.int32), 0)
-                    top = cols < 0
-                    if hi > lo:
-                        top = _marked(cols, ids_row, lo, hi)
                 s, t, lq, lp, q, p = _tile(s_ptr + row * stride_s, t_ptr + row * stride_t, cols, ok, m_s, ls_s,
                                            m_t, ls_t)
-                if not HELD:  # a column is in 𝒦 iff (t, −id) ≥ (t_k, −i_k): pass 1 read the same t (NaN: in no 𝒦)
-                    top = (t > t_k) | ((t == t_k) & (cols <= i_k))
+                top = (t > t_k) | ((t == t_k) & (cols <= i_k))  # in 𝒦 iff (t, −id) ≥ (t_k, −i_k): pass 1 read
+                # the same t (NaN: in no 𝒦)
                 if RARE:
                     lqt = (s - m_st) - ls_st
                     lpt = (t - m_tt) - ls_tt
@@ -574,21 +527,18 @@ class Launch(NamedTuple):
 # teacher's passes (0.556 vs 0.544 and 1.030 vs 1.208). RKL shares the dense kernel's launch (not timed alone). No
 # variant spills at these launches (bench/kernel_report.py).
 CUDA_LAUNCH = {"stats": Launch(2048, 4), "stats_topk": Launch(1024, 4), "dense": Launch(2048, 4),
-               "tad": Launch(2048, 4), "sparse": Launch(1024, 4),
-               "seed": Launch(4096, 8)}  # `_seed_kernel`'s columns (TAD_SEED_TOPK, A/B; not timed yet)
-INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes (the seed: two)
+               "tad": Launch(2048, 4), "sparse": Launch(1024, 4)}
+INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes
 
 
 def launch(vocab: int, device: torch.device, block: int | None = None, warps: int | None = None,
            kind: str = "dense") -> Launch:
     """The launch of the kernels of pass ``kind`` (a key of `CUDA_LAUNCH`: "stats" / "stats_topk" = pass 1 without /
     with TAD's top-K, "dense" = KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against
-    a cache teacher, "seed" = `_seed_kernel`, whose block is the columns it seeds) for rows of ``vocab`` columns: on
-    CUDA `CUDA_LAUNCH`'s, under the CPU interpreter `INTERPRETER_BLOCK` columns (the seed: twice that) by 4 warps;
-    never more columns than the row's power of two. ``block`` and ``warps`` override (bench/bench_kernels.py sweeps
-    them)."""
-    base = (CUDA_LAUNCH[kind] if device.type == "cuda"
-            else Launch(INTERPRETER_BLOCK * (2 if kind == "seed" else 1), 4))
+    a cache teacher) for rows of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under the CPU interpreter
+    `INTERPRETER_BLOCK` columns by 4 warps; never more columns than the row's power of two. ``block`` and ``warps``
+    override (bench/bench_kernels.py sweeps them)."""
+    base = CUDA_LAUNCH[kind] if device.type == "cuda" else Launch(INTERPRETER_BLOCK, 4)
     return Launch(block or min(base.block, max(16, triton.next_power_of_2(vocab))), warps or base.warps)
 
 
@@ -603,13 +553,11 @@ def _check(s: torch.Tensor, t: torch.Tensor) -> None:
 
 
 def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int | None = None,
-              warps: int | None = None, rescale: bool = True, seed: bool | None = None) -> RowStats:
+              warps: int | None = None, rescale: bool = True) -> RowStats:
     """Pass 1 over rows s, t [n, V] (student and teacher logits at the loss's temperature); ``k`` > 0: TAD's
     teacher top-k (ids ascending, int32) and tail statistics. ``s`` None: the teacher's statistics only (the
     student columns of ``stats`` are 0; what α^T needs, one read of t). ``rescale`` False: the tail sums fold every
-    block themselves (`RESCALE_GAP`). ``seed`` (None: `TAD_SEED_TOPK`): the top-k of the row's first columns
-    (`launch`'s "seed" block, where it spans whole statistics blocks) found at once by `_seed_kernel` first, then
-    insertions only past them — the same 𝒦, the tail sums within their roundings."""
+    block themselves (`RESCALE_GAP`)."""
     _check(t if s is None else s, t)
     if not 0 <= k <= MAX_K or (k and k >= t.shape[1]):
         raise ValueError(f"k must be in [0, {MAX_K}] and < V={t.shape[1]}; got {k}")
@@ -622,15 +570,9 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
         go = launch(vocab, t.device, block, warps, "stats_topk" if k else "stats")
         kp = padded_k(k)
         src = t if s is None else s
-        seeds, seeded = ids, 0
-        if k and (TAD_SEED_TOPK if seed is None else seed):
-            sow = launch(vocab, t.device, kind="seed")  # its block: the seeded columns (whole statistics blocks)
-            if sow.block >= max(kp, go.block):
-                seeds, seeded = torch.empty(n, kp, dtype=torch.int32, device=t.device), min(sow.block, vocab)
-                _seed_kernel[(n,)](t, seeds, vocab, t.stride(0), KP=kp, COLS=sow.block, **sow.options)
-        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, seeds, vocab, src.stride(0), t.stride(0),
-                            RESCALE_GAP if rescale else -1.0, seeded, K=k, KP=kp, STUDENT=s is not None,
-                            SEED=seeded > 0, BLOCK=go.block, **go.options)
+        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, vocab, src.stride(0), t.stride(0),
+                            RESCALE_GAP if rescale else -1.0, K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
+                            **go.options)
     if not k:
         return RowStats(stats)
     return RowStats(stats, ids, t_top, s_top)
@@ -663,7 +605,7 @@ def _dense(loss: RowLoss, s, t, stats: RowStats, cd, cq, y, cy, out, go: Launch)
     return value[:, 0] if loss.kind == 1 else bj * value[:, 0] + (1 - bj) * value[:, 1]
 
 
-def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch, held: bool):
+def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch):
     """TAD's pass 2: the value and the gradient, the per-row coefficients and the value's K terms on 𝒦 computed in
     the kernel (`_tad_row`): two launches (the plain rows, then the rare ones), no [n]-sized torch ops."""
     n, vocab = s.shape
@@ -674,7 +616,7 @@ def _tad(loss: RowLoss, s, t, stats: RowStats, w, cd, cq, y, cy, out, go: Launch
         for rare in (False, True):  # the second launch's programs return at once unless their row is rare
             _tad_kernel[(n,)](s, t, o, stats.stats, stats.ids, stats.t_top, stats.s_top, w, cd, cq, cy, y, value,
                               vocab, s.stride(0), t.stride(0), o.stride(0), K=loss.k, KP=padded_k(loss.k),
-                              WRITE=out is not None, RARE=rare, HELD=held, BLOCK=go.block, **go.options)
+                              WRITE=out is not None, RARE=rare, BLOCK=go.block, **go.options)
     return value
 
 
@@ -691,12 +633,12 @@ def _row_coefs(cd, cq, cy, y):
 def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats: RowStats, w: torch.Tensor | None,
                          cd: torch.Tensor, cq: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
                          y: torch.Tensor | None = None, cy: torch.Tensor | None = None, block: int | None = None,
-                         warps: int | None = None, ids_held: bool | None = None) -> torch.Tensor:
+                         warps: int | None = None) -> torch.Tensor:
     """Per-row value [n] (float32; NaN on rows with a NaN logit) of ``loss`` and, when ``out`` [n, V] is given (it
     may be ``s``: in place, in s's dtype), G = cd·∂D/∂s + cq·q − cy·onehot(y) written into it: computed in float32
     and rounded once on store. ``w`` [n]: TAD's row weight as log β(X) (float64), None otherwise; ``cd``, ``cq``,
     ``cy`` [n] float32 (None = 0); ``y`` [n] integer label columns (the CLM's one-hot; None: no one-hot).
-    ``block``, ``warps``: as `launch`. ``ids_held`` (TAD; None: `TAD_IDS_HELD`): how pass 2 finds 𝒦's columns.
+    ``block``, ``warps``: as `launch`.
     """
     _check(s, t)
     go = launch(s.shape[1], s.device, block, warps, "tad" if loss.kind == 3 else "dense")
@@ -706,7 +648,7 @@ def row_values_and_grads(loss: RowLoss, s: torch.Tensor, t: torch.Tensor, stats:
     if loss.kind == 3:
         if w is None or stats.ids is None:
             raise ValueError("TAD needs the row weight w and row_stats(..., k) with its top-k")
-        value = _tad(loss, s, t, stats, w, cd, cq, y, cy, out, go, TAD_IDS_HELD if ids_held is None else ids_held)
+        value = _tad(loss, s, t, stats, w, cd, cq, y, cy, out, go)
     else:
         value = _dense(loss, s, t, stats, cd, cq, y, cy, out, go)
     return torch.where(stats.poisoned, math.nan, value)
