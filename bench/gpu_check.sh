@@ -129,7 +129,7 @@ case $stage in
         run_layer 135
         run_layer_rows 65
         run_tests 170
-        run_kernels 60 0 default  # the per-pass default, with the A/B rows
+        run_kernels 60 0 default  # the per-pass default, with the rescale A/B row
         left=$((585 - (SECONDS - t_start)))  # a run takes ~105 s, the teacher ~22 s
         if ((left >= 255)); then run_distill "$left" kd_fused tad_fused
         elif ((left >= 150)); then run_distill "$left" tad_fused
