@@ -167,21 +167,14 @@ class ChunkSums(NamedTuple):
 # --------------------------------------------------------------------------- one chunk
 
 
-def _teacher_matmul(plan: _Plan, scaled: bool) -> tuple[torch.Tensor, torch.dtype, bool]:
-    """(the teacher head's [V, d_T] weight, its matmul dtype, whether the kernels read the teacher logits in that
-    dtype as the matmul wrote them: bf16/fp16, plain head, no bias, where the student's are read so)."""
-    head = plan.teacher_head
-    w = head.weight[: head.spec.vocab_size]
-    mm = torch.promote_types(plan.teacher_hidden.dtype, w.dtype)
-    keep = (plan.logits_dtype != plan.cdtype and mm in (torch.bfloat16, torch.float16) and head.bias is None
-            and _plain(head.spec) and (not scaled or plan.temperature == 1.0))
-    return w, mm, keep
-
-
 def _teacher_logits(plan: _Plan, a: int, b: int, scaled: bool) -> torch.Tensor:
     """Teacher logits of tokens [a, b) in the compute dtype (divided by τ when ``scaled``): [n, V]."""
     head = plan.teacher_head
-    w, mm, keep = _teacher_matmul(plan, scaled)
+    w = head.weight[: head.spec.vocab_size]
+    mm = torch.promote_types(plan.teacher_hidden.dtype, w.dtype)
+    # the kernels read bf16/fp16 teacher logits as the matmul wrote them where the student's are read so
+    keep = (plan.logits_dtype != plan.cdtype and mm in (torch.bfloat16, torch.float16) and head.bias is None
+            and _plain(head.spec) and (not scaled or plan.temperature == 1.0))
     t = (plan.teacher_hidden[a:b].to(mm) @ w.to(mm).T).to(mm if keep else plan.cdtype)  # [n, V] <- chunk-sized
     if head.bias is not None:
         t += head.bias[: head.spec.vocab_size].to(plan.cdtype)
@@ -288,8 +281,9 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
         t = _teacher_logits(plan, a, b, scaled=True)  # [n, V]
         stats = kernels.row_stats(s, t, plan.triton.k)
         w = _row_weight(plan, a, b, stats)
-    if logz is None:  # τ = 1: s is z (read before G overwrites s)
-        clm = _clm_from_stats(s, y, stats, plan.cdtype)
+    if logz is None:  # τ = 1: s is z; (m, log S) of s are both statistics' first two columns (read before G
+        st = stats.stats  # overwrites s)
+        clm = -((s.gather(-1, y).squeeze(-1).to(plan.cdtype) - st[:, 0]) - st[:, 1])
     else:
         clm = -logz.gather(-1, y).squeeze(-1)
     if sparse:
@@ -299,12 +293,6 @@ def _triton_rows(plan: _Plan, a: int, b: int, z, logz, c_clm, coef_div: float, w
     if out is not None and logz is not None:
         out.add_(logz.exp_().mul_(c_clm[:, None]))  # coef · softmax(z)
     return clm, div, out
-
-
-def _clm_from_stats(z: torch.Tensor, y: torch.Tensor, stats, cdtype: torch.dtype) -> torch.Tensor:
-    """CLM [n] = −((z_y − m) − log S) at τ = 1, from pass 1's (m, log S) of z (its statistics' first two columns)."""
-    st = stats.stats
-    return -((z.gather(-1, y).squeeze(-1).to(cdtype) - st[:, 0]) - st[:, 1])
 
 
 _WIDE_OUT = {"cuda"}  # devices whose bf16/fp16 matmuls may write float32 (addmm's out_dtype; not on the CPU)
