@@ -1,9 +1,8 @@
 """Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
 tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as the matmul wrote them, the default,
 and ``_f32`` on a float32 copy of each chunk's logits, as before that change; ``_1024x4`` with every kernel pass at
-1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass; ``_tad_ab`` with the A/B
-switches of `tailkd.kernels` named in `_TAD_AB` flipped: the layer-level effect of what bench_kernels.py times
-alone) and Liger's compiled chunked loss (if liger_kernel imports).
+1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass) and Liger's compiled chunked
+loss (if liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: 41-49 s, H200
   python bench/bench_gpu.py --rows 4 --methods tailkd_dense tailkd_fused_triton liger \
@@ -56,13 +55,11 @@ from machine import versions  # bench/ is this script's folder
 
 LOSSES = ("kd", "tad", "jsd")
 METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton_1024x4",
-           "tailkd_fused_triton", "tailkd_fused_triton_tad_ab", "liger")
-_TAD_AB = ()  # tailkd.kernels' A/B switches of TAD's passes (none now: the last two lost on an H200, 2026-12-04)
+           "tailkd_fused_triton", "liger")
 
 
 _LOW_LOGITS = None  # tailkd.fused._low_logits, restored after each cell (main sets it)
 _CUDA_LAUNCH = None  # tailkd.kernels.CUDA_LAUNCH, likewise
-_TAD_AB_DEFAULTS = {}  # tailkd.kernels' _TAD_AB switches, likewise
 
 
 def _inputs(n, vocab, d, device, seed=0, rows=1):
@@ -104,9 +101,6 @@ def _tailkd(method, loss, inputs, mm_dtype):
         fused._low_logits = lambda plan, head: False
     if method == "tailkd_fused_triton_1024x4":  # every pass at 1024 x 4, the one launch before kernels.CUDA_LAUNCH
         kernels.CUDA_LAUNCH = {kind: kernels.Launch(1024, 4) for kind in _CUDA_LAUNCH}
-    if method == "tailkd_fused_triton_tad_ab":  # TAD's passes with their A/B variants switched (restored per cell)
-        for name in _TAD_AB:
-            setattr(kernels, name, not _TAD_AB_DEFAULTS[name])
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s, head_mod.Head(w_s, None, spec), host_labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t, teacher_head=head_mod.Head(w_t, None, spec),
@@ -136,8 +130,6 @@ def _step(method, loss, inputs, mm_dtype, chunk):
 
 def _cell_skip(method, loss, device):
     """Why a cell cannot run here, or None."""
-    if method == "tailkd_fused_triton_tad_ab" and (loss != "tad" or not _TAD_AB):
-        return "n/a"  # TAD's A/B variants (if any): the other losses run the same kernels as tailkd_fused_triton
     if method == "liger":
         if loss == "tad":
             return "n/a"  # Liger has no TAD: not a missing cell
@@ -280,8 +272,6 @@ def run_cell(method, loss, inputs, device, args, chunk):
             from tailkd import kernels
 
             kernels.CUDA_LAUNCH = _CUDA_LAUNCH
-            for name, default in _TAD_AB_DEFAULTS.items():
-                setattr(kernels, name, default)
     return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
             "peak_bytes": peak, "chunk": used, **(dev or {})}
 
@@ -490,7 +480,6 @@ def main(argv=None):
 
     if kernels.available():
         _CUDA_LAUNCH = dict(kernels.CUDA_LAUNCH)
-        _TAD_AB_DEFAULTS.update({name: getattr(kernels, name) for name in _TAD_AB})
     if args.rows < 1 or args.tokens % args.rows:
         sys.exit(f"--rows {args.rows} must divide --tokens {args.tokens}")
     inputs = _inputs(args.tokens, args.vocab, args.hidden, device, rows=args.rows)
