@@ -123,12 +123,14 @@ def test_loss_falls_and_student_loads(assets, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_stop_and_resume_is_bit_identical(assets, tmp_path):
+def _assert_stop_and_resume_is_bit_identical(assets, tmp_path, steps: int, save_every: int, stop_after: int):
+    """A run stopped after ``stop_after`` steps and resumed ends with the uninterrupted run's weights and losses."""
     full, parted = tmp_path / "full", tmp_path / "parted"
-    assert main(base_args(assets, full, "--steps", "20", "--train.save_every", "5")) == 0
-    assert main(base_args(assets, parted, "--steps", "20", "--train.save_every", "5", "--train.stop_after", "10")) == 0
+    schedule = ("--steps", str(steps), "--train.save_every", str(save_every))
+    assert main(base_args(assets, full, *schedule)) == 0
+    assert main(base_args(assets, parted, *schedule, "--train.stop_after", str(stop_after))) == 0
     assert not (parted / "final").exists()
-    assert main(base_args(assets, parted, "--steps", "20", "--train.save_every", "5", "--resume")) == 0
+    assert main(base_args(assets, parted, *schedule, "--resume")) == 0
     a, b = final_weights(full), final_weights(parted)
     assert a.keys() == b.keys()
     for name in a:
@@ -136,6 +138,11 @@ def test_stop_and_resume_is_bit_identical(assets, tmp_path):
     la = [r for r in read_metrics(full) if r["split"] == "train"]
     lb = [r for r in read_metrics(parted) if r["split"] == "train"]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    return full
+
+
+def test_stop_and_resume_is_bit_identical(assets, tmp_path):
+    _assert_stop_and_resume_is_bit_identical(assets, tmp_path, steps=20, save_every=5, stop_after=10)
 
 
 def test_stop_and_resume_is_bit_identical_with_dropout(assets, tmp_path):
@@ -149,18 +156,9 @@ def test_stop_and_resume_is_bit_identical_with_dropout(assets, tmp_path):
     shutil.copytree(assets["teacher"], teacher)
     cfg = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps(cfg | {"attention_dropout": 0.3}))
-    args = dict(assets, teacher=teacher)
-    full, parted = tmp_path / "full", tmp_path / "parted"
-    assert main(base_args(args, full, "--steps", "8", "--train.save_every", "4")) == 0
-    assert main(base_args(args, parted, "--steps", "8", "--train.save_every", "4", "--train.stop_after", "4")) == 0
-    assert main(base_args(args, parted, "--steps", "8", "--train.save_every", "4", "--resume")) == 0
+    full = _assert_stop_and_resume_is_bit_identical(dict(assets, teacher=teacher), tmp_path, steps=8, save_every=4,
+                                                    stop_after=4)
     assert json.loads((full / "final" / "config.json").read_text())["attention_dropout"] == 0.3
-    a, b = final_weights(full), final_weights(parted)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    la = [r["loss"] for r in read_metrics(full) if r["split"] == "train"]
-    assert la == [r["loss"] for r in read_metrics(parted) if r["split"] == "train"]
 
 
 def test_a_loss_of_the_users_module_trains_resumes_and_is_evaluated(assets, tmp_path):
