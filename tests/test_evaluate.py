@@ -501,14 +501,22 @@ def test_eval_json_names_the_heldout_files_it_scored(assets, tmp_path):
     assert "heldout_data" not in json.loads(out.read_text())
 
 
-def test_eval_split_train_scores_the_training_rows_not_the_heldout_ones(assets, tmp_path):
-    """``--split train`` scores the rows distill trains on: with held-out files of their own the two splits are
-    different text, so the student's per-token loss differs (the mean of different tokens' losses); scoring the
-    held-out rows for every split survived (mutation audit)."""
+def _row_ids(assets, split, max_rows=None, **data):
+    """The input ids of `commands.eval_rows`' rows of ``split`` for the assets' corpus at seq_len 32 (``data``: more
+    DataConfig settings), tokenised with the student's tokenizer."""
     from tailkd.commands import eval_rows
     from tailkd.config import DataConfig
     from tailkd.models import read_tokenizer
 
+    cfg = DataConfig(paths=[str(assets["corpus"])], seq_len=32, cache_dir=str(assets["cache"]), **data)
+    rows = eval_rows(read_tokenizer(str(assets["student"])), cfg, split=split, max_rows=max_rows)
+    return [list(r["input_ids"]) for r in rows]
+
+
+def test_eval_split_train_scores_the_training_rows_not_the_heldout_ones(assets, tmp_path):
+    """``--split train`` scores the rows distill trains on: with held-out files of their own the two splits are
+    different text, so the student's per-token loss differs (the mean of different tokens' losses); scoring the
+    held-out rows for every split survived (mutation audit)."""
     other = tmp_path / "other.txt"
     other.write_text(corpus_text(30, seed=7))
     r = {}
@@ -516,11 +524,8 @@ def test_eval_split_train_scores_the_training_rows_not_the_heldout_ones(assets, 
         out = tmp_path / f"{split}.json"
         assert main(eval_args(assets, out, "--heldout-data", str(other), "--split", split, "--max-rows", "2")) == 0
         r[split] = json.loads(out.read_text())
-    data = DataConfig(paths=[str(assets["corpus"])], heldout_paths=[str(other)], seq_len=32,
-                      cache_dir=str(assets["cache"]))
-    rows = {split: eval_rows(read_tokenizer(str(assets["student"])), data, split=split, max_rows=2)
-            for split in r}
-    assert [list(x["input_ids"]) for x in rows["train"]] != [list(x["input_ids"]) for x in rows["heldout"]]
+    ids = {split: _row_ids(assets, split, max_rows=2, heldout_paths=[str(other)]) for split in r}
+    assert ids["train"] != ids["heldout"]
     assert r["train"]["split"] == "train" and r["train"]["student_clm"] != r["heldout"]["student_clm"]
 
 
@@ -858,15 +863,7 @@ def test_eval_seq_len_beyond_either_models_context_is_one_line(assets, tmp_path,
 def test_eval_rows_all_is_the_heldout_rows_then_the_training_rows(assets, tmp_path):
     """``--split all`` takes the held-out rows first, then the training rows, so --max-rows cuts the training rows
     first."""
-    from tailkd.commands import eval_rows
-    from tailkd.config import DataConfig
-    from tailkd.models import read_tokenizer
-
-    tok = read_tokenizer(str(assets["student"]))
-    data = DataConfig(paths=[str(assets["corpus"])], seq_len=32, cache_dir=str(assets["cache"]))
-    ids = {split: [list(r["input_ids"]) for r in eval_rows(tok, data, split=split)] for split in ("heldout", "train")}
+    ids = {split: _row_ids(assets, split) for split in ("heldout", "train")}
     assert ids["heldout"] and ids["train"]
-    every = [list(r["input_ids"]) for r in eval_rows(tok, data, split="all")]
-    assert every == ids["heldout"] + ids["train"]
-    cut = [list(r["input_ids"]) for r in eval_rows(tok, data, split="all", max_rows=len(ids["heldout"]) + 1)]
-    assert cut == ids["heldout"] + ids["train"][:1]
+    assert _row_ids(assets, "all") == ids["heldout"] + ids["train"]
+    assert _row_ids(assets, "all", max_rows=len(ids["heldout"]) + 1) == ids["heldout"] + ids["train"][:1]
