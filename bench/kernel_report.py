@@ -5,17 +5,17 @@
   python bench/kernel_report.py --arch 80 --vocab 32000 --dtype fp32 --block 2048 --warps 8 --json out.json
 
 Compiles every kernel variant that `tailkd.kernels` launches (pass 1 for KD/RKL/JSD, for TAD with K = 10 and K = 64,
-for α^T alone; pass 2 of each loss, with and without the gradient; both passes against a top-K cache teacher) with
-the installed triton's compiler and its bundled ptxas, for the launch `kernels.launch` chooses for each pass on CUDA
-(or --block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers; V and
-the row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with triton):
-registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every chunk runs
-by default; only reported for the α^T-alone pass, which runs over split sequences alone, and for the A/B variants
-that a switch in `tailkd.kernels` turns on), shared memory, resident warps per SM
-(65536 registers; the arch's warp, block and shared-memory limits), and static SASS counts: instructions, MUFU
-(exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory).
-Static counts are a proxy of the work per element, not a time: the speed is measured on a GPU
-(bench/bench_kernels.py, bench/bench_gpu.py).
+for α^T alone, and TAD's in two stages (`kernels.TAD_TWO_STAGE`); pass 2 of each loss, with and without the
+gradient; both passes against a top-K cache teacher) with the installed triton's compiler and its bundled ptxas, for
+the launch `kernels.launch` chooses for each pass on CUDA (or --block/--warps), with the argument specialisation the
+JIT gives real tensors (16-byte aligned pointers; V and the row strides divisible by 16 when V is). Reported per
+variant, from the cubin (cuobjdump ships with triton): registers per thread, stack frame and local memory (spills: a
+failure under --check in the kernels every chunk runs by default; only reported for the α^T-alone pass, which runs
+over split sequences alone, and for the A/B variants that a switch in `tailkd.kernels` turns on), shared memory,
+resident warps per SM (65536 registers; the arch's warp, block and shared-memory limits), and static SASS counts:
+instructions, MUFU (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory). Static counts
+are a proxy of the work per element, not a time: the speed is measured on a GPU (bench/bench_kernels.py,
+bench/bench_gpu.py).
 
 Needs triton with its NVIDIA backend (the Linux wheel); TRITON_INTERPRET must be unset (the interpreter replaces
 the kernels). About 1 s per variant on a CPU.
@@ -46,12 +46,20 @@ def _variants(logits: str):
     mirrored from its torch side."""
     from tailkd import kernels as K
 
-    def stats(k, student=True):
+    def stats(k, student=True, keep=False):
         kp = K.padded_k(k)
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "ids_ptr": "*i32",
-               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32", "stride_t": "i32",
-               "gap": "fp32", "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr", "BLOCK": "constexpr"}
-        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student}
+               "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "blk_ptr": "*fp32", "V": "i32", "stride_s": "i32",
+               "stride_t": "i32", "gap": "fp32", "K": "constexpr", "KP": "constexpr", "STUDENT": "constexpr",
+               "KEEP": "constexpr", "NBP": "constexpr", "BLOCK": "constexpr"}
+        return K._stats_kernel, sig, {"K": k, "KP": kp, "STUDENT": student, "KEEP": keep, "NBP": None if keep else 2}
+
+    def topk(k):  # stage B of the two-stage top-K (NBP: the blocks of a row at its launch, set in `report`)
+        sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "stats_ptr": "*fp32", "blk_ptr": "*fp32",
+               "ids_ptr": "*i32", "ttop_ptr": "*fp32", "stop_ptr": "*fp32", "V": "i32", "stride_s": "i32",
+               "stride_t": "i32", "gap": "fp32", "K": "constexpr", "KP": "constexpr", "NBP": "constexpr",
+               "STUDENT": "constexpr", "BLOCK": "constexpr"}
+        return K._topk_kernel, sig, {"K": k, "KP": K.padded_k(k), "NBP": None, "STUDENT": True}
 
     def dense(loss, value, write):
         sig = {"s_ptr": f"*{logits}", "t_ptr": f"*{logits}", "out_ptr": f"*{logits}", "stats_ptr": "*fp32",
@@ -84,6 +92,9 @@ def _variants(logits: str):
         ("stats: tad K=10", "stats_topk", *stats(10)),
         ("stats: tad K=64", "stats_topk", *stats(64)),
         ("stats: α^T alone K=10 (split sequences only)", "stats_topk", *stats(10, student=False)),
+        ("stats: tad two-stage, stage A (A/B)", "two_stage", *stats(0, keep=True)),
+        ("stats: tad K=10, two-stage, stage B (A/B)", "two_stage_topk", *topk(10)),
+        ("stats: tad K=64, two-stage, stage B (A/B)", "two_stage_topk", *topk(64)),
         ("kd: value + G", "dense", *dense(0, True, True)),
         ("kd: value", "dense", *dense(0, True, False)),
         ("rkl: value", "dense", *dense(1, True, False)),
@@ -156,6 +167,8 @@ def report(arch: int = 90, vocab: int = 151936, logits: str = "bf16", block: int
     for name, kind, kernel, signature, constexprs in _variants(logits):
         go = K.launch(vocab, torch.device("cuda"), block, warps, kind)
         constexprs = {**constexprs, "BLOCK": go.block}
+        if constexprs.get("NBP", 0) is None:  # the two-stage top-K's blocks per row, as `kernels.row_stats` sets it
+            constexprs["NBP"] = max(2, triton.next_power_of_2(triton.cdiv(vocab, go.block)))
         row = {"variant": name, "block": go.block, "warps": go.warps}
         try:
             src = ASTSource(kernel, signature, constexprs=constexprs, attrs=_attrs(kernel, signature, vocab))

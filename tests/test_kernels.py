@@ -54,6 +54,8 @@ if DEVICE == "cpu" and type(kernels._stats_kernel).__name__ != "InterpretedFunct
 
 U = B.U32
 BLOCK = 128  # columns per kernel step: V = 257 and 1000 span several blocks with a partial last one
+TWO_STAGE_BLOCK = 16  # TAD's two-stage pass 1: rows of 257 and 1000 columns have 17 and 63 blocks, most below θ
+PASS1 = pytest.mark.parametrize("two_stage", [False, True], ids=["walk", "two-stage"])  # TAD's pass 1, both ways
 LOSSES = {  # name: (kernels.RowLoss, divergences RowKernel, float64 reference, loss_bounds function)
     "kd": (kernels.RowLoss(0), dv.KL, R.forward_kl, LB.forward_kl),
     "rkl": (kernels.RowLoss(1), dv.RKL, R.reverse_kl, LB.reverse_kl),
@@ -88,16 +90,36 @@ def _insertions(t: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _dz(t: torch.Tensor, k: int = 0, tail: bool = False, block: int = BLOCK) -> torch.Tensor:
-    """dz per row (module docstring): 3u per online fold (blocks, and for TAD the entries leaving the top-k), 5u
-    where a tail sum is kept (TAD, or ``tail``: a cache teacher's α^S): a block folded into it from the full sum's
-    block sum costs two roundings more (S·e^(m − m') + B·e^(c − m'): two exps, two products, one sum); plus κ_V for
-    TAD's log-space tail masses. ``block``: the statistics pass's columns per step."""
+def _candidates(t: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Per row, a bound on the entries leaving the running top-k of the two-stage pass (`kernels._topk_kernel`): the
+    entries ≥ θ, the k-th largest block maximum (only they enter its buffer, each at most once); where fewer than k
+    blocks have a finite maximum (θ = −inf) it walks the row as the single pass does (`_insertions`)."""
+    out = []
+    for row, walk in zip(t.double(), _insertions(t, k)):
+        maxima = torch.stack([c.max() for c in row.split(block)])
+        theta = maxima.sort(descending=True).values[k - 1] if len(maxima) >= k else -math.inf
+        out.append(float(walk) if theta == -math.inf else float((row >= theta).sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _folds(t: torch.Tensor, k: int = 0, block: int = BLOCK, two_stage: bool = False) -> torch.Tensor:
+    """The online folds of a row's log-sum-exps: one per block, and for TAD one per entry leaving the top-k (plus k
+    for the buffer's start) — of the single pass (`_insertions`) or of the two-stage one (`_candidates`)."""
     n, vocab = t.shape
     folds = math.ceil(vocab / block) * torch.ones(n, dtype=torch.float64)
     if k:
-        folds = folds + _insertions(t, k) + k
-    return (5 if k or tail else 3) * U * folds + (B.lse_kappa(vocab) if k else 0.0)
+        folds = folds + (_candidates(t, k, block) if two_stage else _insertions(t, k)) + k
+    return folds
+
+
+def _dz(t: torch.Tensor, k: int = 0, tail: bool = False, block: int = BLOCK, two_stage: bool = False) -> torch.Tensor:
+    """dz per row (module docstring): 3u per online fold (blocks, and for TAD the entries leaving the top-k), 5u
+    where a tail sum is kept (TAD, or ``tail``: a cache teacher's α^S): a block folded into it from the full sum's
+    block sum costs two roundings more (S·e^(m − m') + B·e^(c − m'): two exps, two products, one sum); plus κ_V for
+    TAD's log-space tail masses. ``block``: the statistics pass's columns per step; ``two_stage``: TAD's top-k in two
+    stages (`_folds`; its tail sums take the blocks below θ as one tree sum of such terms: within 5u per block)."""
+    folds = _folds(t, k, block, two_stage)
+    return (5 if k or tail else 3) * U * folds + (B.lse_kappa(t.shape[1]) if k else 0.0)
 
 
 def _ref_grad(fn, s, t):
@@ -113,9 +135,11 @@ def _log_w(abar):
     return tail_log_weight(log_alpha_mean(abar), BETA)
 
 
-def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK)):
-    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step."""
-    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale)
+def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK),
+         two_stage=False):
+    """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step; ``two_stage``: TAD's
+    top-k in two stages (`kernels.TAD_TWO_STAGE`)."""
+    stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale, two_stage=two_stage)
     if loss.kind == 3 and w is None:
         w = _log_w(stats.log_alpha.double().exp().mean().expand(s.shape[0]))
     out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
@@ -243,15 +267,17 @@ def test_jsd_kernel_of_a_tiny_beta(beta, underflow, monkeypatch):
     _check_dense("jsd_tiny", s, t, seed=9)
 
 
-@pytest.mark.parametrize("name", [*LOSSES, "tad"])
+@pytest.mark.parametrize("name", [*LOSSES, "tad", "tad two-stage"])
 def test_kernels_at_their_cuda_launch_blocks_equal_reference(name):
     """Each pass at the columns per step `kernels.CUDA_LAUNCH` gives it on a GPU (2048 for the streaming passes,
     1024 for TAD's top-K statistics; the other tests use 128), on rows spanning several such blocks with a partial
-    last one."""
+    last one (TAD's two-stage pass 1 at K = 2: 3 blocks, one of them below θ)."""
     s, t = _logits(3, 4500, seed=41)
     go = kernels.CUDA_LAUNCH
     if name == "tad":
         _check_tad(s, t, 10, seed=6, blocks=(go["stats_topk"].block, go["tad"].block))
+    elif name == "tad two-stage":
+        _check_tad(s, t, 2, seed=6, blocks=(go["two_stage"].block, go["tad"].block), two_stage=True)
     else:
         _check_dense(name, s, t, seed=6, blocks=(go["stats"].block, go["dense"].block))
 
@@ -262,6 +288,8 @@ def test_launch_per_pass(monkeypatch):
     cuda = torch.device("cuda")
     assert kernels.launch(151936, cuda, kind="stats_topk") == kernels.CUDA_LAUNCH["stats_topk"]
     assert kernels.launch(151936, cuda, kind="tad") == kernels.CUDA_LAUNCH["tad"]
+    assert kernels.launch(151936, cuda, kind="two_stage") == kernels.CUDA_LAUNCH["two_stage"]
+    assert kernels.CUDA_LAUNCH["two_stage_topk"].block == kernels.CUDA_LAUNCH["two_stage"].block  # one unit
     assert kernels.launch(1000, cuda, kind="dense").block == 1024  # next_power_of_2(1000) < 2048
     assert kernels.launch(151936, cuda, block=512, warps=8, kind="stats") == (512, 8)
     assert kernels.launch(151936, torch.device("cpu"), kind="stats") == (kernels.INTERPRETER_BLOCK, 4)
@@ -278,7 +306,8 @@ def test_launch_per_pass(monkeypatch):
     cache = _sparse_teacher(t.cpu().double(), 4, 0, 0)
     sparse = dv.SparseTeacher(*(None if x is None else x.to(DEVICE) for x in cache))
     kernels.sparse_values_and_grads(s, sparse, kernels.sparse_stats(s, sparse), None, cd)
-    assert asked == ["stats", "dense", "stats_topk", "tad", "sparse", "sparse"]
+    kernels.row_stats(s, t, 4, two_stage=True)
+    assert asked == ["stats", "dense", "stats_topk", "tad", "sparse", "sparse", "two_stage", "two_stage_topk"]
 
 
 def test_every_launch_pins_fp_contraction(monkeypatch):
@@ -310,14 +339,18 @@ def test_every_launch_pins_fp_contraction(monkeypatch):
     cache = _sparse_teacher(t.cpu().double(), 4, 0, 0)
     sparse = dv.SparseTeacher(*(None if x is None else x.to(DEVICE) for x in cache))
     kernels.sparse_values_and_grads(s, sparse, kernels.sparse_stats(s, sparse), None, cd, out=torch.empty_like(s))
-    assert {name for name, _, _ in seen} == names and len(names) == 5
+    kernels.row_stats(s, t, 4, two_stage=True)  # TAD's pass 1 in two stages
+    assert {name for name, _, _ in seen} == names and len(names) == 6
     assert all(warps and fusion is True for _, warps, fusion in seen), seen
 
 
 # --------------------------------------------------------------------------- TAD
 
 
-def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK)):
+def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=None, two_stage=False):
+    """TAD's two passes against the float64 reference and divergences.py (value, G, 𝒦, log α^T) at ``blocks``
+    (default: `BLOCK`; pass 1 at `TWO_STAGE_BLOCK` where ``two_stage``, its top-k in two stages)."""
+    blocks = blocks or (TWO_STAGE_BLOCK if two_stage else BLOCK, BLOCK)
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     s64, t64 = s.double(), t.double()
@@ -327,7 +360,8 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
     loss = kernels.RowLoss(3, k=k)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, stats = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), w=w.to(DEVICE),
-                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks)
+                           out_dtype=out_dtype, y=y.to(DEVICE), cy=cy.to(DEVICE), rescale=rescale, blocks=blocks,
+                           two_stage=two_stage)
     mask = torch.ones(1, n, dtype=torch.bool)
     ref_fn = lambda a, b: R.tad(a[None], b[None], mask, k, BETA, seq_alpha_mean=abar)[0]  # noqa: E731
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
@@ -335,7 +369,7 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
     assert [sorted(r) for r in stats.ids.cpu().tolist()] == ref_ids  # 𝒦: ties to the smaller id, as the reference
     q64 = torch.softmax(s64, -1)
     ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
-    dz = _dz(t, k, block=blocks[0])
+    dz = _dz(t, k, block=blocks[0], two_stage=two_stage)
     vb, gb = LB.tad(s.float()[None], t.float()[None], mask, k, BETA, seq_alpha_mean=abar, dz_s=dz[None],
                     dz_t=dz[None])
     vb, gb = vb[0], gb[0]
@@ -360,16 +394,18 @@ def _check_tad(s, t, k, seed, out_dtype=None, rescale=True, blocks=(BLOCK, BLOCK
 
 @pytest.mark.parametrize("n,vocab,k", [(1, 50, 1), (7, 257, 5), (7, 257, 10), (9, 1000, 10), (7, 1000, 1)])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_tad_kernel_equals_reference(n, vocab, k, rescale):
-    """Both ways of keeping the tail sums: blocks where nothing entered the top-k folded from the full sums' block
-    sums (the default), or every block folded by the tail itself (rescale=False)."""
+@PASS1
+def test_tad_kernel_equals_reference(n, vocab, k, rescale, two_stage):
+    """Both ways of keeping the tail sums: blocks where nothing entered the top-k (two-stage: blocks below θ) folded
+    from the full sums' block sums (the default), or every block folded by the tail itself (rescale=False)."""
     s, t = _logits(n, vocab, seed=7 * k + vocab)
-    _check_tad(s, t, k, seed=k, rescale=rescale)
+    _check_tad(s, t, k, seed=k, rescale=rescale, two_stage=two_stage)
 
 
-def test_tad_kernel_bf16_inputs_and_gradient():
+@PASS1
+def test_tad_kernel_bf16_inputs_and_gradient(two_stage):
     s, t = _logits(7, 257, seed=13, dtype=torch.bfloat16)
-    _check_tad(s, t, 5, seed=2, out_dtype=torch.bfloat16)
+    _check_tad(s, t, 5, seed=2, out_dtype=torch.bfloat16, two_stage=two_stage)
 
 
 def _extreme_logits():
@@ -384,16 +420,18 @@ def _extreme_logits():
     return s, t
 
 
-def test_tad_kernel_extreme_logits_ties_and_minus_inf():
+@PASS1
+def test_tad_kernel_extreme_logits_ties_and_minus_inf(two_stage):
     """±1e4 offsets; teacher −inf entries (p = 0, some of them inside the first k columns, which the running top-k
     starts from); a row of tied teacher logits (𝒦 = the k smallest ids, as the reference); increasing teacher logits
     (every column enters the top-k: the most evictions)."""
     s, t = _extreme_logits()
-    same = _check_tad(s.float(), t.float(), 5, seed=6)
+    same = _check_tad(s.float(), t.float(), 5, seed=6, two_stage=two_stage)
     assert same[[0, 1, 2, 4, 5]].all()  # rows without ties: the same 𝒦 as divergences.py
 
 
-def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
+@PASS1
+def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail(two_stage):
     """Teacher: a 100-nat gap after its top 3 (α^T ~ e^-100, below float32's normal range: the log-space value
     KL(p̃‖q̃) and the q̃/p̃ gradient). Student (rows 3, 4): 2× the teacher's logits (α^S ~ e^-200 < 1e-30: the ratio α^T/α^S
     leaves the normal path)."""
@@ -402,7 +440,7 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     t = t.scatter_add(-1, torch.topk(t, 3).indices, torch.full((5, 3), 100.0, dtype=torch.float64))
     s = torch.randn(5, 60, generator=g, dtype=torch.float64)
     s[3:] = 20 * t[3:] / 10
-    _check_tad(s.float(), t.float(), 3, seed=9)
+    _check_tad(s.float(), t.float(), 3, seed=9, two_stage=two_stage)
     # `_check_tad`'s bounds (`loss_bounds.tad`) count these log-space rows since 8a76889 (before, a linear tail sum
     # whose sub-normal summands each carried 2^-149 times β(X) ~ 1e43 here: vacuous). The direct bound below, derived
     # for the log-space value top + bucket + W·KL(p̃‖q̃) (W = β(X)·α^T ~ 1) and the q̃/p̃ gradient
@@ -418,7 +456,8 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
     abar = alpha.mean().expand(1, n)
     w = _log_w(abar.reshape(-1))
     cd, cq = _coefs(n, 5)
-    stats = kernels.row_stats(s32.to(DEVICE), t32.to(DEVICE), k)
+    stats = kernels.row_stats(s32.to(DEVICE), t32.to(DEVICE), k, two_stage=two_stage,
+                              block=TWO_STAGE_BLOCK if two_stage else None)
     out = torch.empty_like(s32).to(DEVICE)
     value = kernels.row_values_and_grads(kernels.RowLoss(3, k=k), s32.to(DEVICE), t32.to(DEVICE), stats,
                                          w.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), out).cpu().double()
@@ -444,7 +483,8 @@ def test_tad_kernel_subnormal_teacher_tail_and_underflowing_student_tail():
                     msg="tad gradient of sub-normal-α^T rows (q̃/p̃ form) vs reference")
 
 
-def test_tad_kernel_log_space_rows_of_a_teacher_tail_between_1e_38_and_1e_30():
+@PASS1
+def test_tad_kernel_log_space_rows_of_a_teacher_tail_between_1e_38_and_1e_30(two_stage):
     """Teacher top 3 84 nats above its tail: α^T ~1e-35, normal in float32 but below the 1e-30 under which `_tad_row`
     takes the row in log space (its "tiny", as `divergences.tad_tiny_rows`): linear sums of the tail's p_i, mostly
     sub-normal, lose their bits. Value and gradient within `_check_tad`'s bounds (float64 reference, divergences.py);
@@ -453,10 +493,11 @@ def test_tad_kernel_log_space_rows_of_a_teacher_tail_between_1e_38_and_1e_30():
     t = t.scatter_add(-1, torch.topk(t, 3).indices, torch.full((3, 3), 84.0, dtype=torch.float64))
     alpha = R.tad_decompose(s, t, 3)[2]
     assert ((1e-38 < alpha) & (alpha < 1e-30)).all()  # the case meant
-    _check_tad(s.float(), t.float(), 3, seed=5)
+    _check_tad(s.float(), t.float(), 3, seed=5, two_stage=two_stage)
 
 
-def test_tad_kernel_student_tail_underflow_beside_a_normal_teacher_tail():
+@PASS1
+def test_tad_kernel_student_tail_underflow_beside_a_normal_teacher_tail(two_stage):
     """Rows whose gradient takes the q̃/p̃ form while α^T is normal (not sub-normal: W = β(X)·α^T ~ 2, where
     W − α^T and W differ): the student's logits on the teacher's top 3 lifted by 200 nats (α^S ~ e^-200: the ratio
     α^T/α^S is not finite) or by 90.5 (α^T/α^S ~ e^88.3: finite but above 1e30, where the plain form's tail q, down
@@ -470,7 +511,7 @@ def test_tad_kernel_student_tail_underflow_beside_a_normal_teacher_tail():
     lat = torch.logsumexp(t.scatter(-1, torch.topk(t, 3).indices, -math.inf), -1) - torch.logsumexp(t, -1)
     log_ratio, log_max = lat - las, math.log(torch.finfo(torch.float32).max)  # log(α^T/α^S); float32's overflow
     assert lat.exp().min() > 0.1 and log_ratio[0] > log_max and 69.1 < log_ratio[1] < log_max and log_ratio[2] < 5
-    _check_tad(s.float(), t.float(), 3, seed=10)
+    _check_tad(s.float(), t.float(), 3, seed=10, two_stage=two_stage)
 
 
 @pytest.mark.parametrize("student_tail_logit", [-25.0, -12.0])
@@ -483,13 +524,14 @@ def test_tad_kernel_gradient_where_beta_x_times_the_tail_ratio_overflows(student
     _check_tad(s, t, 3, seed=10)
 
 
-def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass():
+@PASS1
+def test_tad_kernel_empty_teacher_tail_beside_rows_with_tail_mass(two_stage):
     """Row 0's teacher is −inf outside its top 5 (α^T = 0 exactly) while the sequence's other rows have tail mass,
     so its weight w = β/ᾱ is finite and positive: its tail term is 0 and its gradient q − p (no log-space row: p̃ is
     undefined there; it was NaN on every tail entry)."""
     s, t = _logits(7, 257, seed=23, dtype=torch.float64)
     t[0, 5:] = -math.inf
-    same = _check_tad(s.float(), t.float(), 5, seed=8)
+    same = _check_tad(s.float(), t.float(), 5, seed=8, two_stage=two_stage)
     assert same.all()
 
 
@@ -593,14 +635,16 @@ def _block_edge_logits():
     return s, t
 
 
-def test_tad_kernel_top_k_at_block_edges_and_clustered():
-    """𝒦 at block edges and clustered (`_block_edge_logits`)."""
+@PASS1
+def test_tad_kernel_top_k_at_block_edges_and_clustered(two_stage):
+    """𝒦 at block edges and clustered (`_block_edge_logits`; 128 is also an edge of the two-stage pass's blocks)."""
     s, t = _block_edge_logits()
-    same = _check_tad(s.float(), t.float(), 7, seed=4)
+    same = _check_tad(s.float(), t.float(), 7, seed=4, two_stage=two_stage)
     assert same.all()
 
 
-def test_tad_kernel_signed_zero_ties_at_the_k_th_value():
+@PASS1
+def test_tad_kernel_signed_zero_ties_at_the_k_th_value(two_stage):
     """Half of each teacher row at ±0 (−0.0 beside +0.0, equal as float comparisons have them), so that the K-th
     value is a tie among zeros: pass 1 keeps the smallest ids among them, as the reference does, and pass 2's rule
     (a column is in 𝒦 iff (t, −id) ≥ (t_k, −i_k), 𝒦's last entry) marks exactly those; value and G against the
@@ -609,33 +653,108 @@ def test_tad_kernel_signed_zero_ties_at_the_k_th_value():
     t = torch.randn(2, 300, generator=g, dtype=torch.float64).clamp(max=0.0)
     t[0, ::2] = -t[0, ::2].abs()
     s = torch.randn(2, 300, generator=g, dtype=torch.float64)
-    _check_tad(s.float(), t.float(), 6, seed=6)
+    _check_tad(s.float(), t.float(), 6, seed=6, two_stage=two_stage)
 
 
-def test_row_stats_top_k_ascending_and_paired_with_both_sides():
+@PASS1
+def test_row_stats_top_k_ascending_and_paired_with_both_sides(two_stage):
     """𝒦 is stored by ascending id (as `RowStats` says) with both sides' logits in the same order, exactly
     the logits at those ids; the teacher-only pass (s = None) gives the same teacher columns bit for bit."""
     s, t = _logits(9, 1000, seed=31, dtype=torch.bfloat16)
     s, t = s.to(DEVICE), t.to(DEVICE)
-    stats = kernels.row_stats(s, t, 16, block=BLOCK)
+    block = TWO_STAGE_BLOCK if two_stage else BLOCK
+    stats = kernels.row_stats(s, t, 16, block=block, two_stage=two_stage)
     ids = stats.ids.long()
     assert stats.ids.dtype == torch.int32 and bool((ids[:, 1:] > ids[:, :-1]).all())
     assert torch.equal(stats.t_top, t.float().gather(-1, ids))
     assert torch.equal(stats.s_top, s.float().gather(-1, ids))
-    alone = kernels.row_stats(None, t, 16, block=BLOCK)
+    alone = kernels.row_stats(None, t, 16, block=block, two_stage=two_stage)
     assert torch.equal(alone.ids, stats.ids) and torch.equal(alone.t_top, stats.t_top)
     assert torch.equal(alone.stats[:, [2, 3, 6, 7]], stats.stats[:, [2, 3, 6, 7]])
     assert not alone.stats[:, [0, 1, 4, 5]].any() and not alone.s_top.any()
     assert torch.equal(alone.log_alpha, stats.log_alpha)
 
 
-def test_nan_logit_poisons_its_row_only():
-    s, t = _logits(3, 257, seed=1)
+def _pass1_rows(k, seed):
+    """(s, t) [6, 600] float64: the rows of `test_two_stage_top_k_equals_the_walk`."""
+    s, t = _logits(6, 600, seed=seed, dtype=torch.float64)
+    t[0] = torch.round(t[0])  # ties, also across the k-th place
+    t[1] = -t[1].abs()
+    t[1, [3, 70, 140, 500]] = torch.tensor([-0.0, 0.0, -0.0, 0.0], dtype=torch.float64)  # ±0 ties at the top
+    t[2, 2:40] = -math.inf  # −inf entries, some in the first k columns
+    t[3, 40:] = -math.inf  # 3 blocks hold a finite entry: θ = −inf for k > 3
+    t[4, 300:316] += 30.0  # the top 16 in one block
+    s[4, 0] = 120.0  # every later block of s, and of t on the next row, ~110 nats below the running maximum, where
+    t[5, 0] = 120.0  # its block sums flushed to 0: re-read, not rescaled (`RESCALE_GAP`)
+    return s, t
+
+
+@pytest.mark.parametrize("k,block", [(1, 16), (10, 16), (64, 8)])  # K = 1, no power of two, MAX_K (75 blocks)
+def test_two_stage_top_k_equals_the_walk(k, block):
+    """`kernels.TAD_TWO_STAGE`: pass 1 in two stages gives the single pass's 𝒦 and both sides' logits on it exactly,
+    the full statistics bit for bit (stage A is the same streaming pass), the tail maxima exactly, and the tail
+    sums within their roundings (each pass's log S within 5u per fold of its own, `_folds`), on the rows of
+    `_pass1_rows` at ``block`` columns per block (more blocks than k, most below θ): float32 with and without the
+    student side (α^T alone), and bf16."""
+    s64, t64 = _pass1_rows(k, seed=k + 60)
+    for dtype, sides in ((torch.float32, (True, False)), (torch.bfloat16, (True,))):
+        s_, t_ = s64.to(dtype), t64.to(dtype)
+        bound = 5 * U * (_folds(t_, k, block) + _folds(t_, k, block, two_stage=True))
+        for side in sides:
+            s_d = s_.to(DEVICE) if side else None
+            walk = kernels.row_stats(s_d, t_.to(DEVICE), k, block=block, two_stage=False)
+            two = kernels.row_stats(s_d, t_.to(DEVICE), k, block=block, two_stage=True)
+            assert torch.equal(walk.ids, two.ids) and torch.equal(walk.t_top, two.t_top)
+            assert torch.equal(walk.s_top, two.s_top)
+            a, b = walk.stats.cpu().double(), two.stats.cpu().double()
+            assert torch.equal(a[:, :4], b[:, :4]) and torch.equal(a[:, [4, 6]], b[:, [4, 6]])
+            for col in (5, 7):  # log S of the student's and the teacher's tail
+                finite = torch.isfinite(a[:, col])
+                assert torch.equal(finite, torch.isfinite(b[:, col]))
+                B.assert_within(b[finite, col], a[finite, col], bound[finite], msg=f"{dtype} log S, column {col}")
+
+
+def test_two_stage_reads_only_the_blocks_reaching_theta(monkeypatch):
+    """Stage B reads the blocks whose teacher maximum reaches θ (the k-th largest block maximum) and no other (on
+    these rows no block below θ needs a re-read): with every other block of s and t overwritten by NaN after stage
+    A took its block statistics, its results are those of the untouched logits, bit for bit — and those blocks are
+    most of the row."""
+    k, block = 10, TWO_STAGE_BLOCK
+    s, t = _logits(3, 1000, seed=5)
+    maxima = torch.stack([c.amax(-1) for c in t.split(block, -1)], -1)  # [n, blocks]
+    theta = maxima.sort(-1, descending=True).values[:, k - 1 : k]
+    below = (maxima < theta).repeat_interleave(block, -1)[:, : t.shape[1]]
+    assert below.double().mean() > 0.7
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    ref = kernels.row_stats(s, t, k, block=block, two_stage=True)
+    real = kernels._topk_kernel
+
+    class Spoiled:  # stage B, launched on logits spoiled where it must not look
+        def __getitem__(self, grid):
+            def call(s_, t_, *args, **kwargs):
+                return real[grid](s_.masked_fill(below.to(DEVICE), math.nan),
+                                  t_.masked_fill(below.to(DEVICE), math.nan), *args, **kwargs)
+            return call
+
+    monkeypatch.setattr(kernels, "_topk_kernel", Spoiled())
+    got = kernels.row_stats(s, t, k, block=block, two_stage=True)
+    for name in ("stats", "ids", "t_top", "s_top"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+@PASS1
+def test_nan_logit_poisons_its_row_only(two_stage):
+    """A NaN in the student's row 1 or the teacher's row 2 (TAD: pass 1 both ways, in two stages at 16-column blocks:
+    row 2's block maximum may be NaN)."""
+    s, t = _logits(4, 257, seed=1)
     s[1, 7] = math.nan
+    t[2, 40] = math.nan
+    blocks = (TWO_STAGE_BLOCK if two_stage else BLOCK, BLOCK)
     for loss in (kernels.RowLoss(0), kernels.RowLoss(1), kernels.RowLoss(2), kernels.RowLoss(3, k=4)):
-        w = torch.ones(3, dtype=torch.float64, device=DEVICE) if loss.kind == 3 else None
-        value, _, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), torch.ones(3, device=DEVICE), None, w=w)
-        assert torch.isnan(value[1]) and torch.isfinite(value[[0, 2]]).all()
+        w = torch.ones(4, dtype=torch.float64, device=DEVICE) if loss.kind == 3 else None
+        value, _, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), torch.ones(4, device=DEVICE), None, w=w, blocks=blocks,
+                           two_stage=two_stage)
+        assert torch.isnan(value[[1, 2]]).all() and torch.isfinite(value[[0, 3]]).all()
 
 
 def test_losses_for_maps_the_registry():
@@ -718,6 +837,23 @@ def test_chunked_layer_on_the_kernels_equals_dense(name, extra, monkeypatch):
         TF._close(_cpu([got.loss, got.clm, got.div]), [ref.loss, ref.clm, ref.div], torch.float32,
                   [bound.get(k) for k in ("loss", "clm", "div")], ("loss", "clm", "div"))
         TF._close(_cpu(grads), ref_grads, torch.float32, [bound.get(k) for k in ("h", "w", "b")], ("h", "w", "b"))
+
+
+def test_chunked_layer_with_the_two_stage_top_k_equals_dense(monkeypatch):
+    """The layer with `kernels.TAD_TWO_STAGE` on (TAD's pass 1 and the α^T-alone pass of its split sequences take
+    `row_stats`' default): within the same bound as above, and stage B really runs."""
+    calls = []
+    real = kernels._topk_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "TAD_TWO_STAGE", True)
+    monkeypatch.setattr(kernels, "_topk_kernel", Counted())
+    test_chunked_layer_on_the_kernels_equals_dense("tad", {"k": 4, "per_document": True}, monkeypatch)
+    assert calls
 
 
 def _bind(cfg):
@@ -1013,7 +1149,8 @@ def test_chunked_layer_with_a_cache_teacher_on_the_kernels(name, extra, samples,
                   ("h", "w", "b"))
 
 
-def test_tad_kernel_teacher_tails_beyond_float64_range():
+@PASS1
+def test_tad_kernel_teacher_tails_beyond_float64_range(two_stage):
     """Every teacher tail 800 nats below the row's top 3 (α^T, and ᾱ of the rows, below float64's range): the kernel
     takes log β(X) and forms W = exp(log β(X) + log α^T) (~β) on these rows, so the tail term is there (it was
     inf/NaN from 708 nats on, dropped from 745). Against the float64 reference (log-space ᾱ): every log-probability
@@ -1025,7 +1162,8 @@ def test_tad_kernel_teacher_tails_beyond_float64_range():
     s, t = _logits(n, vocab, seed=41)
     t = t.scatter_add(-1, torch.topk(t, k).indices, torch.full((n, k), 800.0))
     cd, cq = _coefs(n, 41)
-    stats = kernels.row_stats(s.to(DEVICE), t.to(DEVICE), k, block=BLOCK)
+    stats = kernels.row_stats(s.to(DEVICE), t.to(DEVICE), k, block=TWO_STAGE_BLOCK if two_stage else BLOCK,
+                              two_stage=two_stage)
     one = torch.zeros(n, dtype=torch.long, device=DEVICE)  # the rows are one sequence
     log_w = tail_log_weight(group_log_mean(stats.log_alpha, one, 1)[one], BETA)
     assert torch.isfinite(log_w).all() and bool((stats.log_alpha < -745).all())  # exp(log α^T) is 0 in float64

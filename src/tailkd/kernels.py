@@ -13,6 +13,9 @@ fp16 or float32 in, float32 arithmetic):
    log α = (m_tail − m) + log S_tail − log S is never sub-normal. A block where nothing entered the top-K is all
    tail: its tail sums are the full sums' block sums rescaled (`_fold_rescaled`, no exp per entry) while the tail
    max is within `RESCALE_GAP` nats of the full one — so TAD's pass 1 does KD's per-entry work on such blocks.
+   `TAD_TWO_STAGE` (an A/B, off by default): the same results in two stages — KD's streaming pass also storing each
+   block's maximum and sums (stage A), then `_topk_kernel` (stage B), which folds the blocks below θ, the K-th
+   largest block maximum, into the tail sums from those sums and reads only the ~K blocks that reach θ.
 2. `row_values_and_grads` — a second pass writing G = cd·∂D/∂s + cq·q (cq: the CLM softmax folded in, as
    `RowKernel.backward`) into ``out`` (which may be s itself: in place) and returning the per-row value. KD and
    TAD read s and t twice in all (TAD's top-K and tail sums ride on pass 1; its per-row coefficients and the value's
@@ -22,7 +25,7 @@ fp16 or float32 in, float32 arithmetic):
 
 Which `tailkd.divergences` function each kernel implements:
 - `_stats_kernel`: `divergences.lse` / torch.log_softmax of both sides; `topk_teacher` (𝒦, α^T) and
-  `student_tail` (α^S) for TAD;
+  `student_tail` (α^S) for TAD; `_topk_kernel` the latter two in two stages;
 - `_dense_kernel`: LOSS=0 `_kl_forward` + `_kl_backward`; LOSS=1 `_rkl_forward` (value pass) and `_rkl_backward`
   (gradient pass); LOSS=2 `_jsd_forward` / `_jsd_backward` likewise;
 - `_tad_kernel` (two launches: the rows on the plain formulas, then the rare rows below): `_tad_forward`'s value
@@ -126,6 +129,10 @@ class RowStats(NamedTuple):
 
 # --------------------------------------------------------------------------- the kernels
 
+TAD_TWO_STAGE = False  # TAD's pass 1 finds the top-K by a running top-K over every column (`_stats_kernel`, measured);
+# True: in two stages — KD's statistics pass also storing block statistics, then `_topk_kernel` re-reading only the
+# ~K blocks whose maximum reaches the K-th largest block maximum. The same 𝒦; not yet measured on a GPU: the A/B of
+# bench_kernels.py ("two-stage") and bench_gpu.py (tailkd_fused_triton_two_stage)
 RESCALE_GAP = 50.0  # nats: a tail log-sum-exp reuses the full one's block sums while its max is this close to the
 # full max (`_fold_rescaled`); row_stats/sparse_stats(rescale=False) pass -1: never (the A/B of bench_kernels.py)
 
@@ -199,14 +206,64 @@ if triton is not None:
         return s, t, lq, lp, tl.exp(lq), tl.exp(lp)
 
     @triton.jit
-    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t, gap,
-                      K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, BLOCK: tl.constexpr):
+    def _enter(t, s, cols, offs, start, later, thr, buf_t, buf_s, buf_i, slots, m_tt, sum_tt, m_st, sum_st,
+               STUDENT: tl.constexpr):
+        """A block's insertions into the running top-K (buffer buf_t, buf_s, buf_i [KP], minimum thr): its entries in
+        ``later`` above thr enter in the order (value desc, id asc), each evicting the buffer's minimum (the smallest
+        t, among equal ones the latest id) into the tail sums (m_tt, sum_tt; m_st, sum_st for s). Only scalars are
+        carried through the while loop besides the buffer (the last entry taken, (lv, lc)): a block-sized tensor
+        carried there would cost a layout conversion per step. Returns the buffer, thr, the tail sums and (lv, lc):
+        what entered is later & (t > thr before) & (t, −id) ≥ (lv, −lc) (lv = inf: nothing)."""
+        lv = float("inf")
+        lc = -1
+        best = tl.max(tl.where(later & (t > thr), t, float("-inf")), 0)
+        while best > thr:
+            after = (t < lv) | ((t == lv) & (cols > lc))
+            j = tl.argmax(tl.where(later & (t > thr) & after, t, float("-inf")), 0, tie_break_left=True)
+            slot = tl.argmax(tl.where(buf_t == thr, buf_i, -2147483647), 0)
+            here = slots == slot
+            m_tt, sum_tt = _lse_add(m_tt, sum_tt, thr)  # the evicted entry joins the tail (an empty slot: −inf)
+            buf_t = tl.where(here, best, buf_t)
+            if STUDENT:
+                m_st, sum_st = _lse_add(m_st, sum_st, tl.sum(tl.where(here, buf_s, 0.0), 0))
+                buf_s = tl.where(here, tl.sum(tl.where(offs == j, s, 0.0), 0), buf_s)
+            buf_i = tl.where(here, start + j, buf_i)
+            lv, lc = best, start + j
+            thr = tl.min(buf_t, 0)
+            after = (t < lv) | ((t == lv) & (cols > lc))
+            best = tl.max(tl.where(later & (t > thr) & after, t, float("-inf")), 0)
+        return buf_t, buf_s, buf_i, thr, m_tt, sum_tt, m_st, sum_st, lv, lc
+
+    @triton.jit
+    def _store_topk(stats_ptr, ids_ptr, ttop_ptr, stop_ptr, row, buf_t, buf_s, buf_i, real, m_tt, sum_tt, m_st,
+                    sum_st, K: tl.constexpr, STUDENT: tl.constexpr):
+        """Store the tail log-sum-exps (stats_ptr[row, 4:8]) and the top-K, slot j at its rank among the K ids (they
+        are distinct), so that 𝒦 is stored ascending (`RowStats`)."""
+        out = stats_ptr + row * 8
+        if STUDENT:
+            tl.store(out + 4, m_st)
+            tl.store(out + 5, tl.log(sum_st))
+        tl.store(out + 6, m_tt)
+        tl.store(out + 7, tl.log(sum_tt))
+        rank = tl.sum(((buf_i[None, :] < buf_i[:, None]) & real[None, :]).to(tl.int32), 1)
+        dst = row * K + rank
+        tl.store(ids_ptr + dst, buf_i, mask=real)
+        tl.store(ttop_ptr + dst, buf_t, mask=real)
+        if STUDENT:
+            tl.store(stop_ptr + dst, buf_s, mask=real)
+
+    @triton.jit
+    def _stats_kernel(s_ptr, t_ptr, stats_ptr, ids_ptr, ttop_ptr, stop_ptr, blk_ptr, V, stride_s, stride_t, gap,
+                      K: tl.constexpr, KP: tl.constexpr, STUDENT: tl.constexpr, KEEP: tl.constexpr,
+                      NBP: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 1 of one row: (m, log S) of s and t; with K > 0 the teacher's running top-K (initially the first K
         columns; a column enters when its t is larger than the buffer's minimum, which leaves: the smallest, and
         among equal ones the latest id) and the tail log-sum-exps of both sides over what is not in the buffer,
         stored by ascending id. STUDENT = False: the teacher's statistics only (s is not read; its columns stay
-        0). (A buffer seeded by a tl.topk of the row's first 4096 columns was slower at K = 10 on an H200:
-        bench/RESULTS.md, 2026-12-04.)"""
+        0). KEEP (with K = 0: stage A of the two-stage top-K, `_topk_kernel`): also store, per block b of the row,
+        blk_ptr[row, j, b] for j = 0..5: t's block maximum, the shift of its fold (the running maximum, 0 while
+        −inf) and the block's Σ exp(t − shift), then the same three of s. (A buffer seeded by a tl.topk of the
+        row's first 4096 columns was slower at K = 10 on an H200: bench/RESULTS.md, 2026-12-04.)"""
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
         offs = tl.arange(0, BLOCK)
@@ -218,6 +275,7 @@ if triton is not None:
         real = slots < K
         buf_i = slots
         buf_t = tl.load(t_row + buf_i, mask=real, other=float("inf")).to(tl.float32)
+        buf_s = buf_t  # (teacher only: never read)
         if STUDENT:
             buf_s = tl.load(s_row + buf_i, mask=real, other=0.0).to(tl.float32)
         thr = tl.min(buf_t, 0)  # the buffer's minimum
@@ -225,36 +283,30 @@ if triton is not None:
             cols = start + offs
             ok = cols < V
             t, t_max, m_t, sum_t, shift_t, block_t = _load_fold(t_row, cols, ok, m_t, sum_t)
+            s = t  # (teacher only: never read)
             if STUDENT:
                 s, s_max, m_s, sum_s, shift_s, block_s = _load_fold(s_row, cols, ok, m_s, sum_s)
+            if KEEP:
+                blk = blk_ptr + row * (6 * NBP) + start // BLOCK
+                tl.store(blk, t_max)
+                tl.store(blk + NBP, shift_t)
+                tl.store(blk + 2 * NBP, block_t)
+                if STUDENT:
+                    tl.store(blk + 3 * NBP, s_max)
+                    tl.store(blk + 4 * NBP, shift_s)
+                    tl.store(blk + 5 * NBP, block_s)
             if K > 0:
-                # entries enter in the order (value desc, id asc) while above the buffer's minimum thr; only
-                # scalars are carried through the while loop (the last entry taken, (lv, lc)): a block-sized tensor
-                # carried there would cost a layout conversion per step. Most blocks hold no entry above thr: the
-                # block maximum of the log-sum-exp says so without another reduction.
+                # entries enter while above the buffer's minimum thr (`_enter`). Most blocks hold no entry above
+                # thr: the block maximum of the log-sum-exp says so without another reduction.
                 later = ok & (cols >= K)  # the first K columns are the initial buffer
                 search = t_max > thr
                 thr0 = thr
                 lv = float("inf")
                 lc = -1
                 if search:
-                    best = tl.max(tl.where(later & (t > thr), t, float("-inf")), 0)
-                    while best > thr:
-                        after = (t < lv) | ((t == lv) & (cols > lc))
-                        j = tl.argmax(tl.where(later & (t > thr) & after, t, float("-inf")), 0,
-                                      tie_break_left=True)
-                        slot = tl.argmax(tl.where(buf_t == thr, buf_i, -1), 0)
-                        here = slots == slot
-                        m_tt, sum_tt = _lse_add(m_tt, sum_tt, thr)  # the evicted entry joins the tail
-                        buf_t = tl.where(here, best, buf_t)
-                        if STUDENT:
-                            m_st, sum_st = _lse_add(m_st, sum_st, tl.sum(tl.where(here, buf_s, 0.0), 0))
-                            buf_s = tl.where(here, tl.sum(tl.where(offs == j, s, 0.0), 0), buf_s)
-                        buf_i = tl.where(here, start + j, buf_i)
-                        lv, lc = best, start + j
-                        thr = tl.min(buf_t, 0)
-                        after = (t < lv) | ((t == lv) & (cols > lc))
-                        best = tl.max(tl.where(later & (t > thr) & after, t, float("-inf")), 0)
+                    buf_t, buf_s, buf_i, thr, m_tt, sum_tt, m_st, sum_st, lv, lc = _enter(
+                        t, s, cols, offs, start, later, thr, buf_t, buf_s, buf_i, slots, m_tt, sum_tt, m_st, sum_st,
+                        STUDENT)
                 none = (lv == float("inf")) & (start >= K)  # nothing entered
                 # The tail's share of the block: where nothing entered (past the first block) it is the whole
                 # block, whose sums the log-sum-exps above already took; rescaled to the tail's shift they cost no
@@ -281,18 +333,96 @@ if triton is not None:
         tl.store(out + 2, m_t)
         tl.store(out + 3, tl.log(sum_t))
         if K > 0:
+            _store_topk(stats_ptr, ids_ptr, ttop_ptr, stop_ptr, row, buf_t, buf_s, buf_i, real, m_tt, sum_tt, m_st,
+                        sum_st, K, STUDENT)
+
+    @triton.jit
+    def _topk_kernel(s_ptr, t_ptr, stats_ptr, blk_ptr, ids_ptr, ttop_ptr, stop_ptr, V, stride_s, stride_t, gap,
+                     K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, STUDENT: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """Stage B of the two-stage top-K (`TAD_TWO_STAGE`), after `_stats_kernel` with KEEP stored the row's block
+        statistics: the teacher's top-K 𝒦 (the same as the single pass's: ties to the smaller id) and both sides'
+        tail log-sum-exps into stats_ptr[row, 4:8], 𝒦 and both sides' logits on it stored by ascending id.
+
+        θ = the K-th largest block maximum of t: K distinct blocks hold an entry ≥ θ, so 𝒦's K-th value is ≥ θ and
+        no entry < θ is in 𝒦. A block whose maximum is < θ is all tail: its stored sum, rescaled, is folded into the
+        tail sums without reading it, where its shift is within ``gap`` nats of the tail's maximum (bounded below by
+        the largest such block maximum: an entry the sum flushed to 0, 87 nats below the shift, is then ≥ 37 nats
+        below the tail's maximum), else it is read and folded entry by entry. The blocks with maximum ≥ θ (~K of
+        them) are read in ascending order: their entries ≥ θ go through the single pass's insertion into a running
+        top-K that starts empty (empty slots hold −inf and leave first, adding nothing to the tail), the others and
+        whatever leaves the buffer are folded into the tail sums. Where fewer than K blocks have a finite maximum
+        (θ = −inf) or a block maximum is NaN, every block is read and the buffer starts from the first K columns,
+        as in the single pass."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
+        nb = tl.cdiv(V, BLOCK)
+        bidx = tl.arange(0, NBP)
+        bok = bidx < nb
+        blk = blk_ptr + row * (6 * NBP) + bidx
+        t_max = tl.load(blk, mask=bok, other=float("-inf"))
+        shift_t = tl.load(blk + NBP, mask=bok, other=0.0)
+        sum_t = tl.load(blk + 2 * NBP, mask=bok, other=0.0)
+        nan_row = tl.max((t_max != t_max).to(tl.int32), 0) > 0
+        left = tl.where(t_max == t_max, t_max, float("-inf"))
+        theta = tl.full([], float("-inf"), tl.float32)
+        for _ in range(K):  # θ: the largest block maximum, removed, K times (−inf once the blocks run out)
+            theta = tl.max(left, 0)
+            left = tl.where(bidx == tl.argmax(left, 0, tie_break_left=True), float("-inf"), left)
+        theta = tl.where(nan_row, float("-inf"), theta)  # θ = −inf: every block is read, from the first K columns
+        k0 = tl.where(theta == float("-inf"), K, 0)  # (masks below compare with scalars: triton 3.9's interpreter
+        # does not broadcast a scalar condition into a block's mask)
+        outside = bok & (t_max < theta)  # all tail
+        m_out = tl.max(tl.where(outside, t_max, float("-inf")), 0)  # ≤ the tail's maximum
+        plain = outside & (shift_t - m_out < gap)
+        if STUDENT:
+            s_max = tl.load(blk + 3 * NBP, mask=bok, other=float("-inf"))
+            shift_s = tl.load(blk + 4 * NBP, mask=bok, other=0.0)
+            sum_s = tl.load(blk + 5 * NBP, mask=bok, other=0.0)
+            m_out_s = tl.max(tl.where(outside, s_max, float("-inf")), 0)
+            plain = plain & (shift_s - m_out_s < gap)
+        # the plain blocks' sums relative to m_out: Σ_b B_b·e^(shift_b − m_out), each factor ≤ e^gap (finite: where
+        # m_out = −inf no block is plain). (m_out, S) is a log-sum-exp state whose m bounds every entry in S.
+        some = tl.max(plain.to(tl.int32), 0) > 0
+        m_tt = tl.where(some, m_out, float("-inf"))
+        sum_tt = tl.sum(tl.where(plain, sum_t * tl.exp(shift_t - tl.where(some, m_out, 0.0)), 0.0), 0)
+        m_st, sum_st = m_tt, sum_tt  # (teacher only: never read)
+        if STUDENT:
+            m_st = tl.where(some, m_out_s, float("-inf"))
+            sum_st = tl.sum(tl.where(plain, sum_s * tl.exp(shift_s - tl.where(some, m_out_s, 0.0)), 0.0), 0)
+        slots = tl.arange(0, KP)
+        real = slots < K
+        first = slots < k0  # the first K columns are the initial buffer where θ = −inf
+        buf_i = tl.where(first, slots, slots - KP)  # empty slots: distinct negative ids
+        buf_t = tl.where(real, tl.load(t_row + slots, mask=first, other=float("-inf")).to(tl.float32), float("inf"))
+        buf_s = buf_t  # (teacher only: never read)
+        if STUDENT:
+            buf_s = tl.load(s_row + slots, mask=first, other=float("-inf")).to(tl.float32)
+        thr = tl.min(buf_t, 0)
+        offs = tl.arange(0, BLOCK)
+        read = bok & ~plain
+        b = tl.min(tl.where(read, bidx, NBP), 0)
+        while b < nb:
+            start = b * BLOCK
+            cols = start + offs
+            ok = cols < V
+            t = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            s = t  # (teacher only: never read)
             if STUDENT:
-                tl.store(out + 4, m_st)
-                tl.store(out + 5, tl.log(sum_st))
-            tl.store(out + 6, m_tt)
-            tl.store(out + 7, tl.log(sum_tt))
-            # slot j goes to its rank among the K ids (they are distinct), so 𝒦 is stored ascending (`RowStats`)
-            rank = tl.sum(((buf_i[None, :] < buf_i[:, None]) & real[None, :]).to(tl.int32), 1)
-            dst = row * K + rank
-            tl.store(ids_ptr + dst, buf_i, mask=real)
-            tl.store(ttop_ptr + dst, buf_t, mask=real)
+                s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            fresh = ok & (cols >= k0)
+            later = fresh & (t >= theta)  # the candidates: every entry of 𝒦 is one
+            thr0 = thr
+            buf_t, buf_s, buf_i, thr, m_tt, sum_tt, m_st, sum_st, lv, lc = _enter(  # the single pass's insertion
+                t, s, cols, offs, start, later, thr, buf_t, buf_s, buf_i, slots, m_tt, sum_tt, m_st, sum_st, STUDENT)
+            taken = later & (t > thr0) & ((t > lv) | ((t == lv) & (cols <= lc)))  # what entered, in order
+            rest = fresh & ~taken
+            m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
             if STUDENT:
-                tl.store(stop_ptr + dst, buf_s, mask=real)
+                m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
+            b = tl.min(tl.where(read & (bidx > b), bidx, NBP), 0)
+        _store_topk(stats_ptr, ids_ptr, ttop_ptr, stop_ptr, row, buf_t, buf_s, buf_i, real, m_tt, sum_tt, m_st, sum_st,
+                    K, STUDENT)
 
     @triton.jit
     def _dense_kernel(s_ptr, t_ptr, out_ptr, stats_ptr, coef_ptr, y_ptr, value_ptr, V, stride_s, stride_t,
@@ -526,18 +656,24 @@ class Launch(NamedTuple):
 # of TAD's statistics keeps 1024 x 4 (1.564 vs 1.751 at K = 10, 3.705 vs 4.127 at K = 64), and so do the cache
 # teacher's passes (0.556 vs 0.544 and 1.030 vs 1.208). RKL shares the dense kernel's launch (not timed alone). No
 # variant spills at these launches (bench/kernel_report.py).
+# The two-stage top-K (`TAD_TWO_STAGE`, not yet timed): stage A at the statistics pass's launch, stage B at the same
+# columns per block (one unit: it reads stage A's per-block sums; `row_stats` gives it stage A's block) by 8 warps:
+# compiled for sm_90 (bench/kernel_report.py, triton 3.6) its 2048-column tile holds 179 registers by 4 warps (8
+# warps/SM), 102 by 8 (16 warps/SM), no spills.
 CUDA_LAUNCH = {"stats": Launch(2048, 4), "stats_topk": Launch(1024, 4), "dense": Launch(2048, 4),
-               "tad": Launch(2048, 4), "sparse": Launch(1024, 4)}
+               "tad": Launch(2048, 4), "sparse": Launch(1024, 4), "two_stage": Launch(2048, 4),
+               "two_stage_topk": Launch(2048, 8)}
 INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes
 
 
 def launch(vocab: int, device: torch.device, block: int | None = None, warps: int | None = None,
            kind: str = "dense") -> Launch:
     """The launch of the kernels of pass ``kind`` (a key of `CUDA_LAUNCH`: "stats" / "stats_topk" = pass 1 without /
-    with TAD's top-K, "dense" = KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against
-    a cache teacher) for rows of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under the CPU interpreter
-    `INTERPRETER_BLOCK` columns by 4 warps; never more columns than the row's power of two. ``block`` and ``warps``
-    override (bench/bench_kernels.py sweeps them)."""
+    with TAD's top-K, "two_stage" / "two_stage_topk" = stage A / B of TAD's pass 1 in two stages, "dense" =
+    KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against a cache teacher) for rows
+    of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under the CPU interpreter `INTERPRETER_BLOCK` columns by 4 warps;
+    never more columns than the row's power of two. ``block`` and ``warps`` override (bench/bench_kernels.py sweeps
+    them)."""
     base = CUDA_LAUNCH[kind] if device.type == "cuda" else Launch(INTERPRETER_BLOCK, 4)
     return Launch(block or min(base.block, max(16, triton.next_power_of_2(vocab))), warps or base.warps)
 
@@ -553,11 +689,12 @@ def _check(s: torch.Tensor, t: torch.Tensor) -> None:
 
 
 def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int | None = None,
-              warps: int | None = None, rescale: bool = True) -> RowStats:
+              warps: int | None = None, rescale: bool = True, two_stage: bool | None = None) -> RowStats:
     """Pass 1 over rows s, t [n, V] (student and teacher logits at the loss's temperature); ``k`` > 0: TAD's
     teacher top-k (ids ascending, int32) and tail statistics. ``s`` None: the teacher's statistics only (the
     student columns of ``stats`` are 0; what α^T needs, one read of t). ``rescale`` False: the tail sums fold every
-    block themselves (`RESCALE_GAP`)."""
+    block themselves (`RESCALE_GAP`). ``two_stage``: the top-k in two stages (`_topk_kernel`; None =
+    `TAD_TWO_STAGE`): the same 𝒦 and logits on it, tail sums within their roundings."""
     _check(t if s is None else s, t)
     if not 0 <= k <= MAX_K or (k and k >= t.shape[1]):
         raise ValueError(f"k must be in [0, {MAX_K}] and < V={t.shape[1]}; got {k}")
@@ -566,13 +703,21 @@ def row_stats(s: torch.Tensor | None, t: torch.Tensor, k: int = 0, *, block: int
     ids = torch.empty(n, max(k, 1), dtype=torch.int32, device=t.device)
     t_top = torch.empty(n, max(k, 1), dtype=torch.float32, device=t.device)
     s_top = torch.zeros_like(t_top) if s is None else torch.empty_like(t_top)
+    two = bool(k) and (TAD_TWO_STAGE if two_stage is None else two_stage)
     if n:
-        go = launch(vocab, t.device, block, warps, "stats_topk" if k else "stats")
+        go = launch(vocab, t.device, block, warps, "two_stage" if two else "stats_topk" if k else "stats")
         kp = padded_k(k)
         src = t if s is None else s
-        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, vocab, src.stride(0), t.stride(0),
-                            RESCALE_GAP if rescale else -1.0, K=k, KP=kp, STUDENT=s is not None, BLOCK=go.block,
+        gap = RESCALE_GAP if rescale else -1.0
+        nbp = max(2, triton.next_power_of_2(triton.cdiv(vocab, go.block))) if two else 2
+        blk = torch.empty(n, 6, nbp, dtype=torch.float32, device=t.device) if two else stats
+        _stats_kernel[(n,)](src, t, stats, ids, t_top, s_top, blk, vocab, src.stride(0), t.stride(0), gap,
+                            K=0 if two else k, KP=kp, STUDENT=s is not None, KEEP=two, NBP=nbp, BLOCK=go.block,
                             **go.options)
+        if two:  # stage B at stage A's columns per block
+            go = Launch(go.block, launch(vocab, t.device, block, warps, "two_stage_topk").warps)
+            _topk_kernel[(n,)](src, t, stats, blk, ids, t_top, s_top, vocab, src.stride(0), t.stride(0), gap, K=k,
+                               KP=kp, NBP=nbp, STUDENT=s is not None, BLOCK=go.block, **go.options)
     if not k:
         return RowStats(stats)
     return RowStats(stats, ids, t_top, s_top)
