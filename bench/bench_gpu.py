@@ -1,8 +1,9 @@
 """Loss layer forward + backward on one GPU, side by side in one run: tailkd dense, tailkd fused (torch row kernels),
 tailkd fused (Triton row kernels, `tailkd.kernels`: reading the bf16 logits as the matmul wrote them, the default,
 and ``_f32`` on a float32 copy of each chunk's logits, as before that change; ``_1024x4`` with every kernel pass at
-1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass) and Liger's compiled chunked
-loss (if liger_kernel imports).
+1024 columns x 4 warps, the one launch before `kernels.CUDA_LAUNCH` chose per pass; ``_two_stage``, TAD only, with
+its pass-1 top-K in two stages, the A/B of `kernels.TAD_TWO_STAGE`) and Liger's compiled chunked loss (if
+liger_kernel imports).
 
   python bench/bench_gpu.py --out bench/results/gpu_loss_layer            # N=8192, V=151936, d=2048: 41-49 s, H200
   python bench/bench_gpu.py --rows 4 --methods tailkd_dense tailkd_fused_triton liger \
@@ -55,11 +56,12 @@ from machine import versions  # bench/ is this script's folder
 
 LOSSES = ("kd", "tad", "jsd")
 METHODS = ("tailkd_dense", "tailkd_fused_torch", "tailkd_fused_triton_f32", "tailkd_fused_triton_1024x4",
-           "tailkd_fused_triton", "liger")
+           "tailkd_fused_triton", "tailkd_fused_triton_two_stage", "liger")
 
 
 _LOW_LOGITS = None  # tailkd.fused._low_logits, restored after each cell (main sets it)
 _CUDA_LAUNCH = None  # tailkd.kernels.CUDA_LAUNCH, likewise
+_TWO_STAGE = False  # tailkd.kernels.TAD_TWO_STAGE, likewise
 
 
 def _inputs(n, vocab, d, device, seed=0, rows=1):
@@ -101,6 +103,8 @@ def _tailkd(method, loss, inputs, mm_dtype):
         fused._low_logits = lambda plan, head: False
     if method == "tailkd_fused_triton_1024x4":  # every pass at 1024 x 4, the one launch before kernels.CUDA_LAUNCH
         kernels.CUDA_LAUNCH = {kind: kernels.Launch(1024, 4) for kind in _CUDA_LAUNCH}
+    if method == "tailkd_fused_triton_two_stage":  # TAD's top-K in two stages (restored after the cell)
+        kernels.TAD_TWO_STAGE = not _TWO_STAGE
     spec = head_mod.HeadSpec(vocab)
     return chunked_objective(h_s, head_mod.Head(w_s, None, spec), host_labels, n, cfg=_cfg(loss),
                              teacher_hidden=h_t, teacher_head=head_mod.Head(w_t, None, spec),
@@ -130,6 +134,8 @@ def _step(method, loss, inputs, mm_dtype, chunk):
 
 def _cell_skip(method, loss, device):
     """Why a cell cannot run here, or None."""
+    if method == "tailkd_fused_triton_two_stage" and loss != "tad":
+        return "n/a"  # the A/B of TAD's pass 1: the other losses run the same kernels as tailkd_fused_triton
     if method == "liger":
         if loss == "tad":
             return "n/a"  # Liger has no TAD: not a missing cell
@@ -272,6 +278,7 @@ def run_cell(method, loss, inputs, device, args, chunk):
             from tailkd import kernels
 
             kernels.CUDA_LAUNCH = _CUDA_LAUNCH
+            kernels.TAD_TWO_STAGE = _TWO_STAGE
     return {"method": method, "loss": loss, "value": value, "median_s": statistics.median(times), "all_s": times,
             "peak_bytes": peak, "chunk": used, **(dev or {})}
 
@@ -414,6 +421,9 @@ def _markdown(result):
     ratios = []
     for m in methods:
         got = {c["loss"]: c for c in result["cells"] if c["method"] == m}
+        if m == "tailkd_fused_triton_two_stage":  # its kd is tailkd_fused_triton's (the A/B changes TAD alone)
+            got["kd"] = next((c for c in result["cells"] if c["method"] == "tailkd_fused_triton"
+                              and c["loss"] == "kd"), None)
         if _ok(got.get("kd")) and _ok(got.get("tad")):
             ratios.append(f"{m} {_ratio(got['tad'], got['kd'])}")
     if ratios:
@@ -474,12 +484,13 @@ def main(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 1)
     from tailkd import fused
 
-    global _LOW_LOGITS, _CUDA_LAUNCH
+    global _LOW_LOGITS, _CUDA_LAUNCH, _TWO_STAGE
     _LOW_LOGITS = fused._low_logits
     from tailkd import kernels
 
     if kernels.available():
         _CUDA_LAUNCH = dict(kernels.CUDA_LAUNCH)
+        _TWO_STAGE = kernels.TAD_TWO_STAGE
     if args.rows < 1 or args.tokens % args.rows:
         sys.exit(f"--rows {args.rows} must divide --tokens {args.tokens}")
     inputs = _inputs(args.tokens, args.vocab, args.hidden, device, rows=args.rows)

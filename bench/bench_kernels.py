@@ -6,7 +6,8 @@
 For each launch (``--configs``: ``default``, each pass at its `tailkd.kernels.CUDA_LAUNCH` entry, first; then
 BLOCKxWARPS for both passes, 1024x4 being the single launch of every pass before the per-pass table) and each loss
 (kd; tad K=10 and K=64, and K=10 with the tail sums folding every block themselves (``rescale=False``: the A/B of
-`kernels.RESCALE_GAP`); jsd β=0.5; a top-64 cache teacher
+`kernels.RESCALE_GAP`), K=10 and 64 with pass 1 in two stages (``two-stage``: the A/B of `kernels.TAD_TWO_STAGE`;
+at a BLOCKxWARPS launch both stages take it); jsd β=0.5; a top-64 cache teacher
 with 8 tail points), times the statistics pass and the value + gradient pass (written in place over the student's
 logits, as the fused layer does) on one chunk of ``--rows`` rows: student and teacher logits [rows, V] in bf16,
 random normal with scale 3 (TAD's top-K and tail sums see a realistic number of top-K entries: a row's running top-K
@@ -36,8 +37,10 @@ import machine  # bench/ is this script's folder
 import torch
 from bench_gpu import _LEAD_S, time_device_covered, time_once
 
-LOSSES = {"kd": (0, 0, True), "tad K=10": (3, 10, True), "tad K=10, no rescale": (3, 10, False),
-          "tad K=64": (3, 64, True), "jsd": (2, 0, True), "cache K=64": (4, 64, True)}  # (kind, K, rescale)
+LOSSES = {"kd": (0, 0, True, False), "tad K=10": (3, 10, True, False), "tad K=10, no rescale": (3, 10, False, False),
+          "tad K=10, two-stage": (3, 10, True, True), "tad K=64": (3, 64, True, False),
+          "tad K=64, two-stage": (3, 64, True, True), "jsd": (2, 0, True, False),
+          "cache K=64": (4, 64, True, False)}  # (kind, K, rescale, TAD's pass 1 in two stages)
 
 
 def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
@@ -61,14 +64,15 @@ def bench(rows, vocab, device, configs, repeats, warmup, seed=0):
     elem = rows * vocab * s.element_size()
     cells = []
     for block, warps in configs:  # (None, None): each pass at its default launch
-        for name, (kind, k, rescale) in LOSSES.items():
+        for name, (kind, k, rescale, two_stage) in LOSSES.items():
             loss = kernels.RowLoss(kind, k=k, jsd_beta=0.5)
             cell = {"loss": name, "block": block, "warps": warps}
             try:
                 def stats():
                     if kind == 4:
                         return kernels.sparse_stats(s, cache, block=block, warps=warps, rescale=rescale)
-                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale)
+                    return kernels.row_stats(s, t, k, block=block, warps=warps, rescale=rescale,
+                                             two_stage=two_stage)
 
                 box = {}
 

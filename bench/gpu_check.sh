@@ -6,14 +6,16 @@
 #                                     # over launch configurations) (~2.5 min on an H200)
 #   bench/gpu_check.sh OUT distill    # bench/bench_gpu_distill.py: tailkd distill end to end (~6.5 min: 5 runs)
 #   bench/gpu_check.sh OUT lease      # what fits one 10-minute device call, each part time-boxed, by priority:
-#                                     # the loss layer beside Liger (and beside the old single kernel launch),
-#                                     # torch.profiler's table of a kd and a tad step and the head matmuls alone
-#                                     # (box 135 s), the same N as 4 rows of 2048 tokens (box 65 s; its table
-#                                     # appended to gpu_loss_layer.md), the CUDA tests (box 170 s; 119 tests took
-#                                     # ~160 s on 2026-12-04, compiles included), the kernels alone at the per-pass
-#                                     # default (box 60 s), tailkd distill kd/tad fused with what is left (teacher
-#                                     # ~22 s + ~105 s per run on 2026-12-04, 6 s of it the 8 steps; the dense
-#                                     # runs' figures stand: their path has no kernels): ~9.5 min in all
+#                                     # the loss layer beside Liger (and beside the old single kernel launch and
+#                                     # TAD's two-stage pass 1), torch.profiler's table of a kd and a tad step and
+#                                     # the head matmuls alone (box 135 s), the same N as 4 rows of 2048 tokens
+#                                     # (box 65 s; its table appended to gpu_loss_layer.md), the kernels alone at
+#                                     # the per-pass default (box 60 s; with the two-stage rows), the CUDA tests
+#                                     # (box 210 s; 119 tests took ~160 s on 2026-12-04, compiles included; ~146
+#                                     # now), tailkd distill fused with what is left (kd and tad from 255 s, tad
+#                                     # alone from 150 s; teacher ~22 s + ~105 s per run on 2026-12-04, 6 s of it
+#                                     # the 8 steps; the dense runs' figures stand: their path has no kernels):
+#                                     # ~9.5 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -83,7 +85,7 @@ run_layer() {  # [time box]; the loss layer beside Liger, then the chunk sweep
 run_layer_rows() {  # [time box]; the same N as 4 rows of 2048 tokens (training's rows: whole-row chunks of 2048)
     echo "== the loss layer at 4 rows of 2048 tokens (bench/bench_gpu.py --rows 4)"
     local prefix; prefix=$(mktemp -d)/rows  # its table is appended to gpu_loss_layer.md (8 files come back at most)
-    local methods=(--methods tailkd_dense tailkd_fused_triton liger --sweep-chunks)
+    local methods=(--methods tailkd_dense tailkd_fused_triton tailkd_fused_triton_two_stage liger --sweep-chunks)
     if [[ ${DRY:-0} == 1 ]]; then
         box "${1:-}" "$py" bench/bench_gpu.py --device cpu --tokens 64 --rows 4 --vocab 1000 --hidden 64 \
             --allow-missing "${methods[@]}" --out "$prefix" || status=1
@@ -128,8 +130,8 @@ case $stage in
     lease)
         run_layer 135
         run_layer_rows 65
-        run_tests 170
-        run_kernels 60 0 default  # the per-pass default, with the rescale A/B row
+        run_kernels 60 0 default  # the per-pass default, with the rescale and two-stage A/B rows
+        run_tests 210
         left=$((585 - (SECONDS - t_start)))  # a run takes ~105 s, the teacher ~22 s
         if ((left >= 255)); then run_distill "$left" kd_fused tad_fused
         elif ((left >= 150)); then run_distill "$left" tad_fused
