@@ -40,7 +40,8 @@ reported and the script exits 1, unless --allow-missing.
 
 Run time on one H200: teacher build + save 15-17 s, then 64-75 s per run on 2026-11-30 and ~105 s on 2026-12-04
 (the 8 steps take 5-6 s of it; the rest is start-up, the held-out evaluations and writing the end-of-run
-checkpoint; what grew was not split up), ~6.5 min for the 5 cells on 2026-11-30 (the dense cells peak at 96 GiB).
+checkpoint; what grew was not split up then: the table now gives summary.json's phase_seconds beside each run's
+wall time), ~6.5 min for the 5 cells on 2026-11-30 (the dense cells peak at 96 GiB).
 
 On the CPU (``--device cpu --tiny``: V = 1000, d = 64, 4 layers, a 2-layer student, seq-len 64, batch 2, 3 steps,
 fp32; the fsdp cell then runs FSDP2 over a one-process gloo group) it is only a dry run of the wiring, parsing and
@@ -270,6 +271,7 @@ def run_cell(name: str, spec: tuple, args, paths: dict, env: dict) -> dict:
     cell["peak_memory_kind"] = summary.get("peak_memory_kind")
     cell["teacher_placement"] = summary.get("teacher_placement")
     cell["summary_loss_layer"] = summary.get("loss_layer")
+    cell["phase_seconds"] = summary.get("phase_seconds")  # where the run's wall time went (tailkd.train.PHASES)
     if not summary:
         cell["errors"].append("no summary.json")
     else:
@@ -308,17 +310,21 @@ def markdown(result: dict) -> str:
              f"tokens/s: median of metrics.jsonl's tokens_per_s over steps {s['skip_steps'] + 1}..{s['steps']}; peak "
              f"memory: summary.json peak_memory_per_rank_bytes ({result['peak_memory_kind'] or 'n/a'}); step-1 loss: "
              "the same data in every run (kd cells agree with each other, tad cells likewise, up to the loss layer's "
-             "rounding); wall s: the whole run (start-up, held-out evaluations, end-of-run checkpoint included)",
+             "rounding); wall s: the whole run (start-up, held-out evaluations, end-of-run checkpoint included), then "
+             "summary.json's phase_seconds: setup / steps / held-out evaluations / checkpoints / final outputs",
              "",
-             "| run | loss layer | tokens/s (median) | peak memory GiB | teacher placement | step-1 loss | wall s |",
+             "| run | loss layer | tokens/s (median) | peak memory GiB | teacher placement | step-1 loss | wall s "
+             "(phases) |",
              "|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         med = f"{c['tokens_per_s_median']:,.0f}" if c.get("tokens_per_s_median") else "MISSING"
         mem = f"{c['peak_memory_gib']:.2f}" if c.get("peak_memory_gib") else "MISSING"
         name = c["run"] + (" (FAILED: " + "; ".join(c["errors"]) + ")" if c["errors"] else "")
         loss = f"{c['losses'][0]:.4f}" if c.get("losses") else "-"
+        phases = c.get("phase_seconds")
+        split = f" ({' / '.join(f'{v:.0f}' for v in phases.values())})" if phases else ""
         lines.append(f"| {name} | {c.get('loss_layer') or 'MISSING'} | {med} | {mem} | "
-                     f"{c.get('teacher_placement') or 'MISSING'} | {loss} | {c['wall_s']:.0f} |")
+                     f"{c.get('teacher_placement') or 'MISSING'} | {loss} | {c['wall_s']:.0f}{split} |")
     if result["device_type"] == "cpu":
         lines += ["", "CPU dry run: checks the wiring only; the numbers mean nothing."]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 from transformers import AutoModelForCausalLM
 
+from tailkd import train as train_mod
 from tailkd.cli import main
 from tailkd.errors import TailkdError
 
@@ -93,7 +95,9 @@ def final_weights(run: Path) -> dict:
 
 def test_loss_falls_and_student_loads(assets, tmp_path, capsys):
     run = tmp_path / "run"
+    t0 = time.perf_counter()
     assert main(base_args(assets, run, "--steps", "20", "--train.eval_every", "10")) == 0
+    wall = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert "held-out KL(teacher‖student)" in out and str(run / "final") in out
     rows = read_metrics(run)
@@ -117,8 +121,15 @@ def test_loss_falls_and_student_loads(assets, tmp_path, capsys):
     lines = out.strip().splitlines()
     assert any(ln.startswith("expected: ") and "18 steps at" in ln and "2 held-out evaluations" in ln
                for ln in lines)
-    assert lines[-2] == f"curves (held-out KL, training loss): {run / 'curves.png'}"
+    assert lines[-3] == f"curves (held-out KL, training loss): {run / 'curves.png'}"
     assert lines[-1] == f"student saved to {run / 'final'}"
+    # where the wall time went, by phase: in summary.json and the log's last lines; each phase took time, the steps'
+    # are train_seconds (a fresh run), and together they fit in the call's own wall time
+    phases = json.loads((run / "summary.json").read_text())["phase_seconds"]
+    assert list(phases) == list(train_mod.PHASES) and all(v > 0 for v in phases.values())
+    assert phases["steps"] == json.loads((run / "summary.json").read_text())["train_seconds"]
+    assert sum(phases.values()) <= wall
+    assert lines[-2] == train_mod.phase_text(phases) and lines[-2].startswith("wall time: setup")
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -32,7 +32,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -198,17 +198,34 @@ class Run:
     on_policy: OnPolicy | None = None  # train.on_policy > 0: student-generated micro-batches
     loss_chunk: int | None = None  # fused layer: tokens per chunk, fixed for the run (None: the CPU's rule per call)
     shared_vocab: dict | None = None  # a teacher vocabulary extending the student's: `prepare.shared_vocab_summary`
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # this invocation's wall time by phase
 
     def write_metrics(self, record: dict) -> None:
         if self.log is not None:
             self.log.write(record)
 
     def checkpoint(self) -> Path:
-        return runs.save(self.out, self.model, self.optimizer, self.scheduler, self.sampler, self.progress,
+        t0 = time.perf_counter()
+        path = runs.save(self.out, self.model, self.optimizer, self.scheduler, self.sampler, self.progress,
                          self.cfg.train.keep_last)
+        self.seconds["checkpoints"] += time.perf_counter() - t0
+        return path
 
     def heldout(self) -> dict:
-        return heldout(self.model, self.teacher, self.held_rows, self.cfg, self.vocab, self.device, self.ac)
+        t0 = time.perf_counter()
+        result = heldout(self.model, self.teacher, self.held_rows, self.cfg, self.vocab, self.device, self.ac)
+        self.seconds["heldout"] += time.perf_counter() - t0
+        return result
+
+
+PHASES = ("setup", "steps", "heldout", "checkpoints", "outputs")  # `Run.seconds`, summary.json's phase_seconds
+
+
+def phase_text(seconds: dict) -> str:
+    """The run log's line of where this invocation's wall time went (`Run.seconds`)."""
+    names = {"setup": "setup (models, data, teacher signal)", "steps": "training steps",
+             "heldout": "held-out evaluations", "checkpoints": "checkpoints", "outputs": "final outputs"}
+    return "wall time: " + ", ".join(f"{names[k]} {seconds[k]:.1f} s" for k in PHASES)
 
 
 def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
@@ -412,7 +429,9 @@ def distill(cfg: DistillConfig) -> dict:
 
 def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitStack) -> dict:
     """Setup, the steps, the end; ``cleanup`` undoes the signal handlers and closes the progress bar."""
+    t0 = time.perf_counter()
     run = setup_run(cfg, device)
+    run.seconds["setup"] = time.perf_counter() - t0
     p, t = run.progress, cfg.train
     stop_at = min(t.max_steps, p.step + t.stop_after) if t.stop_after else t.max_steps
     signals = cleanup.enter_context(runs.stop_on_signals())  # from here on SIGINT/SIGTERM stop after a step
@@ -428,6 +447,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
                                                   unit="step", dynamic_ncols=True, disable=not dist.is_main()))
     while p.step < stop_at:
         report = train_step(run, signals)
+        run.seconds["steps"] += report.seconds
         log_step(run, report, bar)
         if p.step == first_step + 2 and p.step < stop_at:  # the second step of this invocation: past warm-up costs
             dist.say(runs.expected_duration(report.seconds, stop_at - p.step, eval_seconds,
@@ -463,6 +483,7 @@ def finish(run: Run) -> dict:
         p.final_heldout = run.heldout()
         run.write_metrics(runs.heldout_record(p.step, p.tokens, p.final_heldout))
         run.checkpoint()
+    t_outputs = time.perf_counter()
     model_state = dist.full_model_state(run.model)
     peaks = dist.peak_memory_per_rank(run.device)  # collective
     final_dir, curves = out / ckpt.FINAL_DIR, out / CURVES_FILE
@@ -491,6 +512,8 @@ def finish(run: Run) -> dict:
         try:
             ckpt.atomic_write_dir(final_dir, write_final)
             plot_run(out, curves)
+            run.seconds["outputs"] = time.perf_counter() - t_outputs  # (summary.json's own write: not counted)
+            summary["phase_seconds"] = dict(run.seconds)
             ckpt.atomic_write_text(out / "summary.json", jsonfile.dumps(summary, indent=1))
         except Exception as exc:
             failure = ckpt.io_failure(exc)
@@ -510,5 +533,6 @@ def finish(run: Run) -> dict:
     dist.say(f"teacher: {summary['teacher_placement'] or 'none'}; peak memory per rank "
              f"({summary['peak_memory_kind']}): {', '.join(f'{b / 2**30:.2f} GiB' for b in peaks)}")
     dist.say(f"curves (held-out KL, training loss): {curves}")
+    dist.say(phase_text(summary.get("phase_seconds", run.seconds)))
     dist.say(f"student saved to {final_dir}")
     return summary
