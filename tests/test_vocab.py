@@ -331,3 +331,27 @@ def test_a_student_of_another_tokenizer_is_refused_before_any_model_loads(pair, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tailkd: error: teacher and student tokenizers differ ("), err
     assert "extends the student's" in err[0] and not out.exists()
+
+
+def test_real_vocab_size_is_the_largest_id_plus_one_or_the_tokenizers_length():
+    """`vocab.real_vocab_size`: a vocabulary with an id gap (0, 1, 5: 3 tokens) can emit id 5, so 6 rows are needed,
+    not len() = 3; a tokenizer whose get_vocab() leaves out tokens that len() counts (ids 0..2 listed, 5 tokens):
+    len()."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from tailkd.vocab import real_vocab_size
+
+    gappy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "b": 1, "c": 5}, unk_token="a")))
+    assert len(gappy) == 3 and gappy.convert_tokens_to_ids("c") == 5
+    assert real_vocab_size(gappy) == 6
+
+    class Partial:  # get_vocab without two added tokens
+        def get_vocab(self):
+            return {"a": 0, "b": 1, "c": 2}
+
+        def __len__(self):
+            return 5
+
+    assert real_vocab_size(Partial()) == 5
