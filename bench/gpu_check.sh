@@ -10,12 +10,12 @@
 #                                     # TAD's two-stage pass 1), torch.profiler's table of a kd and a tad step and
 #                                     # the head matmuls alone (box 135 s), the same N as 4 rows of 2048 tokens
 #                                     # (box 65 s; its table appended to gpu_loss_layer.md), the kernels alone at
-#                                     # the per-pass default (box 60 s; with the two-stage rows), the CUDA tests
-#                                     # (box 210 s; 119 tests took ~160 s on 2026-12-04, compiles included; ~146
-#                                     # now), tailkd distill fused with what is left (kd and tad from 255 s, tad
-#                                     # alone from 150 s; teacher ~22 s + ~105 s per run on 2026-12-04, 6 s of it
-#                                     # the 8 steps; the dense runs' figures stand: their path has no kernels):
-#                                     # ~9.5 min in all
+#                                     # the per-pass default, 2048 x 8 and 1024 x 4 (box 80 s; with the two-stage
+#                                     # rows), the CUDA tests (box 210 s; 119 tests took ~160 s on 2026-12-04,
+#                                     # compiles included; ~146 now), tailkd distill fused with what is left (kd
+#                                     # and tad from 255 s, tad alone from 150 s; teacher ~22 s + ~105 s per run
+#                                     # on 2026-12-04, 6 s of it the 8 steps; the dense runs' figures stand: their
+#                                     # path has no kernels): ~9.5 min in all
 #   DRY=1 bench/gpu_check.sh OUT all  # CPU dry run of both stages at tiny sizes (Triton interpreted; minutes)
 #
 # Runs in the repository root with nothing of ours installed: tailkd is imported from src/. Wheels in .whl/ (at
@@ -130,7 +130,8 @@ case $stage in
     lease)
         run_layer 135
         run_layer_rows 65
-        run_kernels 60 0 default  # the per-pass default, with the rescale and two-stage A/B rows
+        run_kernels 80 0 default 2048x8 1024x4  # the per-pass default, with the rescale and two-stage A/B rows; two
+        # launches more for the two-stage pass's stages (both at one launch: 2048 x 8, stage B's default; 1024 x 4)
         run_tests 210
         left=$((585 - (SECONDS - t_start)))  # a run takes ~105 s, the teacher ~22 s
         if ((left >= 255)); then run_distill "$left" kd_fused tad_fused
