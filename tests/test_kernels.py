@@ -692,14 +692,16 @@ def _pass1_rows(k, seed):
 @pytest.mark.parametrize("k,block", [(1, 16), (10, 16), (64, 8)])  # K = 1, no power of two, MAX_K (75 blocks)
 def test_two_stage_top_k_equals_the_walk(k, block):
     """`kernels.TAD_TWO_STAGE`: pass 1 in two stages gives the single pass's 𝒦 and both sides' logits on it exactly,
-    the full statistics bit for bit (stage A is the same streaming pass), the tail maxima exactly, and the tail
-    sums within their roundings (each pass's log S within 5u per fold of its own, `_folds`), on the rows of
-    `_pass1_rows` at ``block`` columns per block (more blocks than k, most below θ): float32 with and without the
-    student side (α^T alone), and bf16."""
+    every maximum exactly, the full sums within their roundings (stage A is the same streaming pass: the same
+    operations, equal under the interpreter; a compiler may order another variant's arithmetic otherwise: each log S
+    within 3u per block fold), and the tail sums likewise (each pass's within 5u per fold of its own, `_folds`), on the
+    rows of `_pass1_rows` at ``block`` columns per block (more blocks than k, most below θ): float32 with and without
+    the student side (α^T alone), and bf16."""
     s64, t64 = _pass1_rows(k, seed=k + 60)
     for dtype, sides in ((torch.float32, (True, False)), (torch.bfloat16, (True,))):
         s_, t_ = s64.to(dtype), t64.to(dtype)
         bound = 5 * U * (_folds(t_, k, block) + _folds(t_, k, block, two_stage=True))
+        full = 2 * 3 * U * _folds(t_, 0, block)  # two evaluations of a full log-sum-exp, 3u per block fold each
         for side in sides:
             s_d = s_.to(DEVICE) if side else None
             walk = kernels.row_stats(s_d, t_.to(DEVICE), k, block=block, two_stage=False)
@@ -707,11 +709,11 @@ def test_two_stage_top_k_equals_the_walk(k, block):
             assert torch.equal(walk.ids, two.ids) and torch.equal(walk.t_top, two.t_top)
             assert torch.equal(walk.s_top, two.s_top)
             a, b = walk.stats.cpu().double(), two.stats.cpu().double()
-            assert torch.equal(a[:, :4], b[:, :4]) and torch.equal(a[:, [4, 6]], b[:, [4, 6]])
-            for col in (5, 7):  # log S of the student's and the teacher's tail
+            assert torch.equal(a[:, 0::2], b[:, 0::2])  # every maximum: of s, t, s's tail, t's tail
+            for col, tol in ((1, full), (3, full), (5, bound), (7, bound)):  # log S: s, t, s's tail, t's tail
                 finite = torch.isfinite(a[:, col])
                 assert torch.equal(finite, torch.isfinite(b[:, col]))
-                B.assert_within(b[finite, col], a[finite, col], bound[finite], msg=f"{dtype} log S, column {col}")
+                B.assert_within(b[finite, col], a[finite, col], tol[finite], msg=f"{dtype} log S, column {col}")
 
 
 def test_two_stage_reads_only_the_blocks_reaching_theta(monkeypatch):
