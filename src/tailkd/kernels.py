@@ -235,16 +235,21 @@ if triton is not None:
         return buf_t, buf_s, buf_i, thr, m_tt, sum_tt, m_st, sum_st, lv, lc
 
     @triton.jit
+    def _store_lse(out, m_a, sum_a, m_b, sum_b, A: tl.constexpr):
+        """Two online log-sum-exps as (m, log S) pairs: (m_a, log sum_a) at out[0:2] (A = False: not stored), (m_b,
+        log sum_b) at out[2:4]."""
+        if A:
+            tl.store(out + 0, m_a)
+            tl.store(out + 1, tl.log(sum_a))
+        tl.store(out + 2, m_b)
+        tl.store(out + 3, tl.log(sum_b))
+
+    @triton.jit
     def _store_topk(stats_ptr, ids_ptr, ttop_ptr, stop_ptr, row, buf_t, buf_s, buf_i, real, m_tt, sum_tt, m_st,
                     sum_st, K: tl.constexpr, STUDENT: tl.constexpr):
         """Store the tail log-sum-exps (stats_ptr[row, 4:8]) and the top-K, slot j at its rank among the K ids (they
         are distinct), so that 𝒦 is stored ascending (`RowStats`)."""
-        out = stats_ptr + row * 8
-        if STUDENT:
-            tl.store(out + 4, m_st)
-            tl.store(out + 5, tl.log(sum_st))
-        tl.store(out + 6, m_tt)
-        tl.store(out + 7, tl.log(sum_tt))
+        _store_lse(stats_ptr + row * 8 + 4, m_st, sum_st, m_tt, sum_tt, STUDENT)
         rank = tl.sum(((buf_i[None, :] < buf_i[:, None]) & real[None, :]).to(tl.int32), 1)
         dst = row * K + rank
         tl.store(ids_ptr + dst, buf_i, mask=real)
@@ -326,12 +331,7 @@ if triton is not None:
                     m_tt, sum_tt = _lse_fold(m_tt, sum_tt, tl.where(rest, t, float("-inf")))
                     if STUDENT:
                         m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(rest, s, float("-inf")))
-        out = stats_ptr + row * 8
-        if STUDENT:
-            tl.store(out + 0, m_s)
-            tl.store(out + 1, tl.log(sum_s))
-        tl.store(out + 2, m_t)
-        tl.store(out + 3, tl.log(sum_t))
+        _store_lse(stats_ptr + row * 8, m_s, sum_s, m_t, sum_t, STUDENT)
         if K > 0:
             _store_topk(stats_ptr, ids_ptr, ttop_ptr, stop_ptr, row, buf_t, buf_s, buf_i, real, m_tt, sum_tt, m_st,
                         sum_st, K, STUDENT)
@@ -608,11 +608,7 @@ if triton is not None:
                     top = _marked(cols, ids_row, lo, hi)
                 m_st, sum_st = _lse_fold(m_st, sum_st, tl.where(top, float("-inf"), s))
             lo = hi
-        out = stats_ptr + row * 4
-        tl.store(out + 0, m_s)
-        tl.store(out + 1, tl.log(sum_s))
-        tl.store(out + 2, m_st)
-        tl.store(out + 3, tl.log(sum_st))
+        _store_lse(stats_ptr + row * 4, m_s, sum_s, m_st, sum_st, True)
 
     @triton.jit
     def _sparse_grad_kernel(s_ptr, out_ptr, stats_ptr, coef_ptr, y_ptr, V, stride_s, stride_o, BLOCK: tl.constexpr):
