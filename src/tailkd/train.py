@@ -435,12 +435,10 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     p, t = run.progress, cfg.train
     stop_at = min(t.max_steps, p.step + t.stop_after) if t.stop_after else t.max_steps
     signals = cleanup.enter_context(runs.stop_on_signals())  # from here on SIGINT/SIGTERM stop after a step
-    eval_seconds = 0.0  # measured on the first held-out evaluation (a resume has none: the ETA leaves them out)
     if p.initial_heldout is None:
-        t0 = time.perf_counter()
         p.initial_heldout = run.heldout()
         run.write_metrics(runs.heldout_record(0, 0, p.initial_heldout))
-        eval_seconds = time.perf_counter() - t0
+    eval_seconds = run.seconds["heldout"]  # the first held-out evaluation (a resume has none: the ETA leaves it out)
     first_step = p.step
     run.model.train()
     bar = cleanup.enter_context(runs.progress_bar(total=t.max_steps, initial=p.step, desc=f"distill[{cfg.loss.name}]",
@@ -533,6 +531,6 @@ def finish(run: Run) -> dict:
     dist.say(f"teacher: {summary['teacher_placement'] or 'none'}; peak memory per rank "
              f"({summary['peak_memory_kind']}): {', '.join(f'{b / 2**30:.2f} GiB' for b in peaks)}")
     dist.say(f"curves (held-out KL, training loss): {curves}")
-    dist.say(phase_text(summary.get("phase_seconds", run.seconds)))
+    dist.say(phase_text(run.seconds))
     dist.say(f"student saved to {final_dir}")
     return summary
