@@ -6,16 +6,16 @@
 
 Compiles every kernel variant that `tailkd.kernels` launches (pass 1 for KD/RKL/JSD, for TAD with K = 10 and K = 64,
 for α^T alone, and TAD's in two stages (`kernels.TAD_TWO_STAGE`); pass 2 of each loss, with and without the
-gradient; both passes against a top-K cache teacher) with the installed triton's compiler and its bundled ptxas, for
-the launch `kernels.launch` chooses for each pass on CUDA (or --block/--warps), with the argument specialisation the
-JIT gives real tensors (16-byte aligned pointers; V and the row strides divisible by 16 when V is). Reported per
-variant, from the cubin (cuobjdump ships with triton): registers per thread, stack frame and local memory (spills: a
-failure under --check in the kernels every chunk runs by default; only reported for the α^T-alone pass, which runs
-over split sequences alone, and for the A/B variants that a switch in `tailkd.kernels` turns on), shared memory,
-resident warps per SM (65536 registers; the arch's warp, block and shared-memory limits), and static SASS counts:
-instructions, MUFU (exp2/log2/rcp) and BAR (block-wide reductions synchronise through shared memory). Static counts
-are a proxy of the work per element, not a time: the speed is measured on a GPU (bench/bench_kernels.py,
-bench/bench_gpu.py).
+gradient; both passes against a top-K cache teacher; the backward's scaling of ∂W and ∂h) with the installed
+triton's compiler and its bundled ptxas, for the launch `kernels.launch` chooses for each pass on CUDA (or
+--block/--warps), with the argument specialisation the JIT gives real tensors (16-byte aligned pointers; V and the
+row strides divisible by 16 when V is). Reported per variant, from the cubin (cuobjdump ships with triton):
+registers per thread, stack frame and local memory (spills: a failure under --check in the kernels every chunk runs
+by default; only reported for the α^T-alone pass, which runs over split sequences alone, and for the A/B variants
+that a switch in `tailkd.kernels` turns on), shared memory, resident warps per SM (65536 registers; the arch's warp,
+block and shared-memory limits), and static SASS counts: instructions, MUFU (exp2/log2/rcp) and BAR (block-wide
+reductions synchronise through shared memory). Static counts are a proxy of the work per element, not a time: the
+speed is measured on a GPU (bench/bench_kernels.py, bench/bench_gpu.py).
 
 Needs triton with its NVIDIA backend (the Linux wheel); TRITON_INTERPRET must be unset (the interpreter replaces
 the kernels). About 1 s per variant on a CPU.
@@ -87,6 +87,10 @@ def _variants(logits: str):
                "y_ptr": "*i64", "V": "i32", "stride_s": "i32", "stride_o": "i32", "BLOCK": "constexpr"}
         return K._sparse_grad_kernel, sig, {}
 
+    def scale(dtype):  # the layer's backward (`kernels.scale_`): ∂W (the head's float32), ∂h (the hidden states')
+        sig = {"x_ptr": f"*{dtype}", "g_ptr": "*fp32", "expected": "fp32", "numel": "i32", "BLOCK": "constexpr"}
+        return K._scale_kernel, sig, {}
+
     return [
         ("stats: kd/rkl/jsd", "stats", *stats(0)),
         ("stats: tad K=10", "stats_topk", *stats(10)),
@@ -107,6 +111,8 @@ def _variants(logits: str):
         ("tad K=10, rare rows: value + G", "tad", *tad(10, True, rare=True)),
         ("cache teacher K=64: stats", "sparse", *sparse_stats()),
         ("cache teacher: G", "sparse", *sparse_grad()),
+        ("backward: scale ∂W (fp32)", "scale", *scale("fp32")),
+        ("backward: scale ∂h (bf16)", "scale", *scale("bf16")),
     ]
 
 

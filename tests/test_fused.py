@@ -165,7 +165,8 @@ def test_masked_tokens_get_zero_gradient_and_fully_masked_batch_is_zero():
 
 
 def test_backward_scales_the_gradients_in_place_and_runs_once():
-    """The layer's backward writes ∂W into the buffer its forward filled (scaled there by the incoming gradient): no
+    """The layer's backward writes ∂W into the buffer its forward filled (scaled there by the incoming gradient; in
+    float64 that is not the float32 1/n the layer expects, so the product runs): no
     [V, d] tensor is allocated in backward — every op there with a result of W's shape writes into one of its inputs'
     storage (autograd's AccumulateGrad takes the buffer itself as W.grad; with ``retain_graph`` it copies it, the
     buffer being still referenced) — and the gradients are those of the dense path. A second backward
@@ -200,6 +201,96 @@ def test_backward_scales_the_gradients_in_place_and_runs_once():
     again.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagates once"):
         again.loss.backward()
+
+
+def scaling_check(monkeypatch, device="cpu", cfg=None, watch_ops=True):
+    """(What `test_backward_scales_nothing_at_the_expected_gradient` asserts, on ``device``; ``watch_ops``: also that
+    the factor-1 backward dispatches no op on a tensor of W's shape but autograd's detach.) Returns the number of
+    `fused._scale_` calls seen."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = (x.to(device) if isinstance(x, torch.Tensor) else x
+                                                        for x in _inputs(torch.float32))
+    head_t = Head(head_t.weight.to(device), None, head_t.spec)
+    cfg = cfg or LossConfig(name="tad", k=4)
+    seen, real, own = [], fused._scale_, []
+
+    def watched(g, g_total, expected):
+        own.append(1)  # the watcher's own ops are not the layer's
+        before = g.clone()
+        own.pop()
+        out = real(g, g_total, expected)
+        own.append(1)
+        seen.append((float(g_total), expected, torch.equal(out, before)))  # (holding no reference to the
+        own.pop()  # gradient: autograd takes it as .grad without a copy)
+        return out
+
+    monkeypatch.setattr(fused, "_scale_", watched)
+
+    touched = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (not own and any(isinstance(x, torch.Tensor) and x.shape == w_s.shape for x in args)
+                    and "detach" not in str(func)):
+                touched.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def grads(n, factor):
+        a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+        terms = chunked_objective(a, Head(w, b, spec_s), labels, n, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                                  segment_ids=seg, chunk_size=5)
+        if factor != 1:
+            (terms.loss * factor).backward()
+        elif watch_ops:
+            with Ops():
+                terms.loss.backward()
+            assert touched == [], touched
+        else:
+            terms.loss.backward()
+        return a.grad, w.grad, b.grad
+
+    calls, unit = 0, None
+    for n in (1, 32, 4096, 2**20, int((labels != IGNORE_INDEX).sum()), 3, 4099, 65537, 2**24 - 3):
+        seen.clear()
+        one = grads(n, 1)
+        if n & (n - 1) == 0:  # e = 1/n = 2^-j exactly: scaling by it commutes with every float operation (no
+            unit = unit or one  # value comes near float32's range ends), so the gradients at n are those at n = 1
+            assert all(torch.equal(x * n, y) for x, y in zip(one, unit)), n  # divided by n, bit for bit
+        assert len(seen) == 3  # ∂h, ∂W, ∂bias
+        for g_total, expected, same in seen:
+            assert g_total == expected == float(torch.tensor(1 / n, dtype=torch.float32)), (n, g_total, expected)
+            assert same  # untouched
+        seen.clear()
+        three = grads(n, 3)
+        assert len(seen) == 3 and all(g_total != expected for g_total, expected, *_ in seen)
+        for got, ref in zip(three, one):
+            # g_total = fl(3·e), r = g_total / e (a division, or a product by fl(1/e): 2 roundings), fl(x·r): 4u
+            assert torch.all((got - 3 * ref).abs() <= 4 * B.U32 * (1 + 4 * B.U32) * (3 * ref).abs()), n
+        calls += 6
+    return calls
+
+
+def test_backward_scales_nothing_at_the_expected_gradient(monkeypatch):
+    """`tailkd.objective` has the layer compute its gradients at the scale 1/n (``grad_scale``), the gradient its
+    division of the sums by the valid-token count n sends back: a training step's ``loss.backward()`` then brings
+    exactly that (the float32 1/n: torch's float32 reciprocal of n and the host's 1/n rounded to float32 are both
+    the correctly rounded value) and the backward scales nothing — the buffers the forward filled are returned
+    untouched (no op on a tensor of W's shape: no pass over [V, d]). Any other incoming gradient (loss·3 here)
+    scales them: each entry is the factor-1 gradient times r = fl(fl(3·e) / e), e = fl(1/n), within 4 roundings of
+    3× it. Where n is a power of two the gradients are those at n = 1 divided by n, bit for bit (forgetting to
+    compute them at 1/n fails here; that they are the loss's gradients is every other test of the layer's). The
+    torch path (float32 on the CPU); tests/test_kernels.py runs the same with `kernels.scale_`."""
+    assert scaling_check(monkeypatch) == 54
+
+
+def test_grad_scale_must_be_a_positive_float32(monkeypatch):
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float32)
+    d = computed_divergence(LossConfig(name="kd"))
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 1e-50):
+        with pytest.raises(ValueError, match="grad_scale"):
+            fused.chunked_sums(h_s, Head(w_s, b_s, spec_s), labels, d, teacher_hidden=h_t, teacher_head=head_t,
+                               grad_scale=bad)
 
 
 def test_global_denominator_and_micro_batches_match_one_big_batch():

@@ -340,7 +340,8 @@ def test_every_launch_pins_fp_contraction(monkeypatch):
     sparse = dv.SparseTeacher(*(None if x is None else x.to(DEVICE) for x in cache))
     kernels.sparse_values_and_grads(s, sparse, kernels.sparse_stats(s, sparse), None, cd, out=torch.empty_like(s))
     kernels.row_stats(s, t, 4, two_stage=True)  # TAD's pass 1 in two stages
-    assert {name for name, _, _ in seen} == names and len(names) == 6
+    kernels.scale_(torch.ones(300, device=DEVICE), torch.full((1,), 2.0, device=DEVICE), 1.0)  # the backward's
+    assert {name for name, _, _ in seen} == names and len(names) == 7
     assert all(warps and fusion is True for _, warps, fusion in seen), seen
 
 
@@ -858,6 +859,57 @@ def test_chunked_layer_with_the_two_stage_top_k_equals_dense(monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_kernel_scales_by_the_ratio_or_leaves_the_tensor_as_it_is(dtype):
+    """`kernels.scale_` (the layer's backward): where g equals ``expected`` the tensor is left bit for bit as it is
+    (NaN, ±inf, −0, sub-normals included); otherwise every entry is x·r, r = g / expected correctly rounded in float32
+    (`tl.math.div_rn`), the product rounded once to x's dtype — bit for bit torch's float32 product for float32 and
+    fp16 (round to nearest), within one ulp (2u_bf16 relative) for bf16, whose store the interpreter truncates
+    (module docstring). A NaN gradient makes every entry NaN. 1061 entries: 4 programs stride over several blocks
+    with a partial last one under the interpreter."""
+    g = torch.Generator().manual_seed(11)
+    x0 = (torch.randn(1061, generator=g) * 3).to(dtype)
+    x0[:6] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-40 if dtype == torch.float32 else 1e-7])
+    expected = float(torch.tensor(1 / 4099, dtype=torch.float32))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+
+    def run(g_value):
+        x = x0.clone().to(DEVICE)
+        out = kernels.scale_(x, torch.tensor([g_value], dtype=torch.float32, device=DEVICE), expected)
+        assert out is x
+        return x.cpu()
+
+    assert torch.equal(run(expected).view(bits), x0.view(bits))
+    for g_value in (3 * expected, 0.37, 1.0):
+        got = run(g_value)
+        r = torch.tensor(g_value, dtype=torch.float32) / torch.tensor(expected, dtype=torch.float32)
+        want = (x0.float() * r).to(dtype)
+        if dtype == torch.bfloat16:
+            ok = torch.isfinite(want)
+            torch.testing.assert_close(got[~ok], want[~ok], rtol=0, atol=0, equal_nan=True)  # NaN, ±inf
+            assert torch.all((got[ok].float() - want[ok].float()).abs() <= 2 * B.U_BF16 * want[ok].float().abs())
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(run(math.nan)).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.scale_(torch.ones(4, 4, device=DEVICE).T, torch.ones(1, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="one float32 element"):
+        kernels.scale_(torch.ones(4, device=DEVICE), torch.ones(2, device=DEVICE), 1.0)
+
+
+def test_chunked_layer_backward_on_the_kernels_scales_nothing_at_the_expected_gradient(monkeypatch):
+    """tests/test_fused.py's `scaling_check` with the Triton kernels: the row maths and the backward's scaling
+    (`kernels.scale_`, which decides on the device) — the gradients left as the forward computed them at the
+    expected gradient 1/n, scaled by any other, bit for bit 1/n times those at n = 1 where n is a power of two."""
+    import test_fused as TF
+
+    monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu"))
+    calls, real = [], kernels.scale_
+    monkeypatch.setattr(kernels, "scale_", lambda *a: calls.append(a[0].shape) or real(*a))
+    assert TF.scaling_check(monkeypatch, DEVICE, watch_ops=False) == 54
+    assert len(calls) == 54  # every scaling by the kernel
+
+
 def _bind(cfg):
     from tailkd.registry import bind
 
@@ -916,7 +968,7 @@ def test_chunked_layer_reads_bf16_logits_as_the_matmul_wrote_them(name, extra, m
     assert ref_plan.triton is not None and ref_plan.logits_dtype == torch.float32
     for key in ("loss", "clm", "div"):
         assert torch.equal(getattr(got, key), getattr(ref, key)), key
-    g_abs = torch.cat(recorded) / n  # [M, V] |G| of the reference side (the layer scales by 1/n afterwards)
+    g_abs = torch.cat(recorded)  # [M, V] |G| of the reference side (computed at the expected gradient 1/n)
     ub, n_chunks = B.U_BF16, -(-n // chunk)
 
     def coef(k):

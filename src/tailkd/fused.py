@@ -364,20 +364,43 @@ def _run_chunks(plan: _Plan, h, w, bias, coef_clm: float, coef_div: float, need_
                                ((grad_h, h), (grad_w, w), (grad_b, bias)))
 
 
+def _scale_(g: torch.Tensor, g_total: torch.Tensor, expected: float) -> torch.Tensor:
+    """g ·= g_total / expected in place: the layer's gradients, computed in forward at the scale ``expected`` (a
+    float32 value), take the incoming gradient ``g_total`` — and nothing is done where g_total == expected (no pass
+    over [V, d]): decided on the device by `kernels.scale_` where the Triton kernels run (no host read), by reading
+    g_total on the CPU (nothing to wait for); on other devices g is always scaled. The product in float32 (float64
+    for float64 g) rounded once to g's dtype."""
+    if (g.device.type in _TRITON_DEVICES and g_total.dtype == torch.float32 and g.is_contiguous()
+            and g.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        from tailkd import kernels
+
+        if kernels.available():
+            return kernels.scale_(g, g_total.reshape(1), expected)
+    if g_total.device.type == "cpu" and float(g_total) == expected:
+        return g
+    r = g_total / expected
+    if g.dtype in (torch.bfloat16, torch.float16):
+        return g.copy_(g.float().mul_(r.float()))
+    return g.mul_(r.to(g.dtype))
+
+
 class _ChunkedSum(torch.autograd.Function):
     """Σ_t (coef_clm·CLM(t) + coef_div·D(t)) and the detached Σ CLM, Σ D; gradients computed in forward, chunk by
-    chunk (Liger-style), scaled by the incoming gradient in backward IN PLACE: no second [V, d] buffer for ∂W at
-    the start of the backward pass (1.2 GB in float32 at V = 151936, d = 2048), which on the CPU is also a fresh
-    allocation's page faults (~60 ms at d = 256). So the layer backpropagates once: a second backward through it
-    (``retain_graph=True``) raises instead of scaling the gradients twice."""
+    chunk (Liger-style), at the scale ``grad_scale`` (the gradient ``total`` is expected to receive), and scaled by
+    the incoming gradient in backward IN PLACE (`_scale_`: not at all where it is the expected one): no second
+    [V, d] buffer for ∂W at the start of the backward pass (1.2 GB in float32 at V = 151936, d = 2048), which on the
+    CPU is also a fresh allocation's page faults (~60 ms at d = 256). So the layer backpropagates once: a second
+    backward through it (``retain_graph=True``) raises instead of scaling the gradients twice."""
 
     @staticmethod
-    def forward(ctx, h, w, bias, plan: _Plan, coef_clm: float, coef_div: float, need: tuple):
+    def forward(ctx, h, w, bias, plan: _Plan, coef_clm: float, coef_div: float, need: tuple, grad_scale: float):
         with torch.autocast(h.device.type, enabled=False):
-            clm, div, gh, gw, gb = _run_chunks(plan, h, w, bias, coef_clm, coef_div, *need)
+            clm, div, gh, gw, gb = _run_chunks(plan, h, w, bias, coef_clm * grad_scale, coef_div * grad_scale,
+                                               *need)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (gh, gw, gb)))
         ctx.present = tuple(g is not None for g in (gh, gw, gb))
         ctx.spent = False
+        ctx.expected = grad_scale
         clm_sum, div_sum = clm.sum(), div.sum()
         ctx.mark_non_differentiable(clm_sum, div_sum)
         return coef_clm * clm_sum + coef_div * div_sum, clm_sum, div_sum
@@ -389,9 +412,9 @@ class _ChunkedSum(torch.autograd.Function):
                                "were scaled in place by the first backward; compute the loss again to backpropagate "
                                "again")
         ctx.spent = True
-        grads = [g.mul_(g_total.to(g.dtype)) if present else None for g, present in zip(ctx.saved_tensors,
-                                                                                       ctx.present)]
-        return (*grads, None, None, None, None)
+        grads = [_scale_(g, g_total, ctx.expected) if present else None for g, present in zip(ctx.saved_tensors,
+                                                                                                ctx.present)]
+        return (*grads, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- planning: valid tokens, chunks, ᾱ
@@ -615,6 +638,7 @@ def chunked_sums(
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     kernels: bool = True,
+    grad_scale: float = 1.0,
 ) -> ChunkSums:
     """Σ over valid tokens of clm_weight·CLM + div_weight·D, and Σ CLM, Σ D, from final hidden states in chunks.
 
@@ -622,7 +646,10 @@ def chunked_sums(
     states + LM head (exact), or a top-K cache's `divergences.SparseTeacher` (losses with a sparse form: D_KL1
     [+ sampled tail estimate]). Gradients flow to ``student_hidden`` and ``student_head.weight`` / ``.bias`` (unless
     they do not require grad: a frozen head costs no weight-gradient matmul); they are computed here, in forward,
-    and scaled in place by the one backward through ``total`` (a second, ``retain_graph=True``, raises).
+    at the scale ``grad_scale`` (> 0: the gradient ``total`` is expected to receive; rounded to float32), and scaled
+    in place by the one backward through ``total`` by the gradient it does receive divided by ``grad_scale`` —
+    where the two are equal, not at all: no pass over [V, d] (`tailkd.objective` passes 1 / its denominator, the
+    gradient its division sends back). A second backward (``retain_graph=True``) raises.
     ``matmul_dtype`` (e.g. torch.bfloat16 on GPU) sets the head matmuls' dtype; softmax math is float32 (float64 for
     float64 inputs).
     ``kernels=False`` keeps the torch row maths where the Triton kernels would apply (CUDA, triton installed).
@@ -630,6 +657,9 @@ def chunked_sums(
     computed on the host, without waiting for the device. Divide by the number of valid tokens yourself
     (`tailkd.objective` does, once).
     """
+    expected = float(torch.tensor(grad_scale, dtype=torch.float32))
+    if not 0 < expected < math.inf:
+        raise ValueError(f"grad_scale must be positive and finite in float32; got {grad_scale}")
     h, plan = _prepare(student_hidden, student_head, labels, divergence, teacher_hidden, teacher_head,
                        sparse_teacher, segment_ids, seq_alpha_mean, chunk_size, matmul_dtype, kernels)
     w, bias = student_head.weight, student_head.bias
@@ -637,4 +667,4 @@ def chunked_sums(
     need = (grad_on and h.requires_grad, grad_on and w.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
     return ChunkSums(*_ChunkedSum.apply(h, w, bias, plan, float(clm_weight),
-                                        float(div_weight) if divergence is not None else 0.0, need))
+                                        float(div_weight) if divergence is not None else 0.0, need, expected))

@@ -22,6 +22,9 @@ fp16 or float32 in, float32 arithmetic):
    K terms on 𝒦 are computed by pass 2's programs themselves, `_tad_row`: no [n]-sized torch ops between the passes,
    whose launches would cost TAD ~100 small kernels per chunk more than KD). RKL and JSD need the row value inside
    their gradient, so they add a value pass before the gradient pass (three passes).
+3. `scale_` — the layer's backward: its gradients (of h, W, bias), computed in forward at the gradient the loss is
+   expected to receive, scaled by the one it does receive — on the device, without a host read, and not at all (no
+   pass over [V, d]) where the two are equal, as in a training step.
 
 Which `tailkd.divergences` function each kernel implements:
 - `_stats_kernel`: `divergences.lse` / torch.log_softmax of both sides; `topk_teacher` (𝒦, α^T) and
@@ -62,7 +65,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = tl = None
 
 __all__ = ["MAX_K", "SPARSE", "RowLoss", "RowStats", "SparseStats", "available", "losses_for", "padded_k", "row_stats",
-           "row_values_and_grads", "sparse_stats", "sparse_values_and_grads"]
+           "row_values_and_grads", "scale_", "sparse_stats", "sparse_values_and_grads"]
 
 MAX_K = 64  # the largest teacher top-K the register buffer holds
 
@@ -628,6 +631,21 @@ if triton is not None:
             g = tl.where(cols == y, g - c_y, g)
             tl.store(out_ptr + row * stride_o + cols, g.to(out_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _scale_kernel(x_ptr, g_ptr, expected, numel, BLOCK: tl.constexpr):
+        """x ·= g / expected in place, unless g == expected (g: the one float32 element at g_ptr, the backward's
+        incoming gradient; every program reads it: no host read): the product in float32, rounded once to x's
+        dtype. The programs stride over x's elements."""
+        g = tl.load(g_ptr)
+        if g != expected:
+            r = tl.math.div_rn(g, expected)  # correctly rounded (`/` may not be on a GPU)
+            offs = tl.arange(0, BLOCK)
+            for start in range(tl.program_id(0) * BLOCK, numel, tl.num_programs(0) * BLOCK):
+                idx = start + offs
+                ok = idx < numel
+                x = tl.load(x_ptr + idx, mask=ok).to(tl.float32)
+                tl.store(x_ptr + idx, (x * r).to(x_ptr.dtype.element_ty), mask=ok)
+
 
 # --------------------------------------------------------------------------- torch side
 
@@ -658,7 +676,8 @@ class Launch(NamedTuple):
 # warps/SM), 102 by 8 (16 warps/SM), no spills.
 CUDA_LAUNCH = {"stats": Launch(2048, 4), "stats_topk": Launch(1024, 4), "dense": Launch(2048, 4),
                "tad": Launch(2048, 4), "sparse": Launch(1024, 4), "two_stage": Launch(2048, 4),
-               "two_stage_topk": Launch(2048, 8)}
+               "two_stage_topk": Launch(2048, 8), "scale": Launch(4096, 8)}
+SCALE_PROGRAMS_PER_SM = 4  # `scale_`: programs striding over the tensor (on CUDA, per multiprocessor)
 INTERPRETER_BLOCK = 128  # under the CPU interpreter: several blocks per row at test sizes
 
 
@@ -666,10 +685,10 @@ def launch(vocab: int, device: torch.device, block: int | None = None, warps: in
            kind: str = "dense") -> Launch:
     """The launch of the kernels of pass ``kind`` (a key of `CUDA_LAUNCH`: "stats" / "stats_topk" = pass 1 without /
     with TAD's top-K, "two_stage" / "two_stage_topk" = stage A / B of TAD's pass 1 in two stages, "dense" =
-    KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against a cache teacher) for rows
-    of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under the CPU interpreter `INTERPRETER_BLOCK` columns by 4 warps;
-    never more columns than the row's power of two. ``block`` and ``warps`` override (bench/bench_kernels.py sweeps
-    them)."""
+    KD/RKL/JSD's value and gradient, "tad" = TAD's pass 2, "sparse" = both passes against a cache teacher, "scale" =
+    `scale_`, whose ``vocab`` is the tensor's size) for rows of ``vocab`` columns: on CUDA `CUDA_LAUNCH`'s, under
+    the CPU interpreter `INTERPRETER_BLOCK` columns by 4 warps; never more columns than the row's power of two.
+    ``block`` and ``warps`` override (bench/bench_kernels.py sweeps them)."""
     base = CUDA_LAUNCH[kind] if device.type == "cuda" else Launch(INTERPRETER_BLOCK, 4)
     return Launch(block or min(base.block, max(16, triton.next_power_of_2(vocab))), warps or base.warps)
 
@@ -874,3 +893,23 @@ def sparse_values_and_grads(s: torch.Tensor, teacher, stats: SparseStats, w: tor
                 out.scatter_(-1, tids, (at + (same * points[:, None, :]).sum(-1)).to(out.dtype))
     poisoned = torch.isnan(stats.lse()) | torch.isnan(log_at)
     return torch.where(poisoned, math.nan, value)
+
+
+def scale_(x: torch.Tensor, g: torch.Tensor, expected: float) -> torch.Tensor:
+    """x ·= g / ``expected`` in place, unless g == ``expected``, decided on the device (no host read): the chunked
+    layer's backward, whose gradients were computed in forward at the scale ``expected``, taking the incoming
+    gradient ``g`` (one float32 element on x's device). ``expected`` is compared exactly with g (pass a float32
+    value). Where g differs the product is computed in float32 and rounded once to x's dtype (float32, bf16 or
+    fp16, contiguous). Returns x."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32, bf16 or fp16 tensor; got {x.dtype}")
+    if g.numel() != 1 or g.dtype != torch.float32 or g.device != x.device:
+        raise ValueError(f"g must be one float32 element on {x.device}; got {tuple(g.shape)} {g.dtype} on {g.device}")
+    numel = x.numel()
+    if numel:
+        go = launch(numel, x.device, kind="scale")
+        per = SCALE_PROGRAMS_PER_SM * (torch.cuda.get_device_properties(x.device).multi_processor_count
+                                       if x.device.type == "cuda" else 1)
+        _scale_kernel[(min(triton.cdiv(numel, go.block), per),)](x, g, float(expected), numel, BLOCK=go.block,
+                                                                  **go.options)
+    return x

@@ -55,12 +55,17 @@ class ObjectiveTerms:
     cos: torch.Tensor
 
 
-def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens) -> ObjectiveTerms:
-    """THE denominator: every sum over valid tokens divided by the step's global valid-token count (>= 1)."""
+def _denominator(num_valid_tokens, like: torch.Tensor) -> torch.Tensor | float:
+    """THE denominator: the step's global valid-token count (>= 1)."""
     if isinstance(num_valid_tokens, torch.Tensor):
-        denom = num_valid_tokens.to(total.device, total.dtype).clamp_min(1.0)
-    else:  # a Python count: no host-to-device copy (a CUDA tensor made from a scalar waits for the device)
-        denom = float(max(1, num_valid_tokens))
+        return num_valid_tokens.to(like.device, like.dtype).clamp_min(1.0)
+    return float(max(1, num_valid_tokens))  # a Python count: no host-to-device copy (a CUDA tensor made from a
+    # scalar waits for the device)
+
+
+def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens) -> ObjectiveTerms:
+    """Every sum over valid tokens divided by `_denominator`."""
+    denom = _denominator(num_valid_tokens, total)
     return ObjectiveTerms(loss=total / denom, clm=(clm_sum / denom).detach(), div=(div_sum / denom).detach(),
                           cos=(cos_sum / denom).detach())
 
@@ -154,11 +159,13 @@ def chunked_objective(
     from tailkd.config import LossConfig
 
     cfg = cfg or LossConfig()
+    denom = _denominator(num_valid_tokens, student_hidden)
     sums = fused.chunked_sums(student_hidden, student_head, labels, computed_divergence(cfg),
                               clm_weight=cfg.clm_weight, div_weight=cfg.div_weight, teacher_hidden=teacher_hidden,
                               teacher_head=teacher_head, sparse_teacher=sparse_teacher, segment_ids=segment_ids,
                               seq_alpha_mean=seq_alpha_mean, chunk_size=chunk_size, matmul_dtype=matmul_dtype,
-                              kernels=kernels)
+                              kernels=kernels, grad_scale=1.0 / denom if isinstance(denom, float) else 1.0)
+    # (the gradient `_normalised`'s division sends back to the layer's total: its backward then scales nothing)
     total, cos_sum = sums.total, _cosine_sum(cfg, student_hidden, teacher_hidden, labels, sums.total.dtype)
     if cos_sum is not None:
         total = total + cfg.cosine_weight * cos_sum
