@@ -55,8 +55,8 @@ class ObjectiveTerms:
     cos: torch.Tensor
 
 
-def _denominator(num_valid_tokens, like: torch.Tensor) -> torch.Tensor | float:
-    """THE denominator: the step's global valid-token count (>= 1)."""
+def _denominator(num_valid_tokens, like: torch.Tensor | None) -> torch.Tensor | float:
+    """THE denominator: the step's global valid-token count (>= 1); a tensor count on ``like``'s device and dtype."""
     if isinstance(num_valid_tokens, torch.Tensor):
         return num_valid_tokens.to(like.device, like.dtype).clamp_min(1.0)
     return float(max(1, num_valid_tokens))  # a Python count: no host-to-device copy (a CUDA tensor made from a
@@ -159,13 +159,14 @@ def chunked_objective(
     from tailkd.config import LossConfig
 
     cfg = cfg or LossConfig()
-    denom = _denominator(num_valid_tokens, student_hidden)
+    # the gradient `_normalised`'s division by a host count sends back to the layer's total: its backward then
+    # scales nothing (a device count: unknown here, the backward scales)
+    expected = 1.0 if isinstance(num_valid_tokens, torch.Tensor) else 1.0 / _denominator(num_valid_tokens, None)
     sums = fused.chunked_sums(student_hidden, student_head, labels, computed_divergence(cfg),
                               clm_weight=cfg.clm_weight, div_weight=cfg.div_weight, teacher_hidden=teacher_hidden,
                               teacher_head=teacher_head, sparse_teacher=sparse_teacher, segment_ids=segment_ids,
                               seq_alpha_mean=seq_alpha_mean, chunk_size=chunk_size, matmul_dtype=matmul_dtype,
-                              kernels=kernels, grad_scale=1.0 / denom if isinstance(denom, float) else 1.0)
-    # (the gradient `_normalised`'s division sends back to the layer's total: its backward then scales nothing)
+                              kernels=kernels, grad_scale=expected)
     total, cos_sum = sums.total, _cosine_sum(cfg, student_hidden, teacher_hidden, labels, sums.total.dtype)
     if cos_sum is not None:
         total = total + cfg.cosine_weight * cos_sum
