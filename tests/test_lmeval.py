@@ -423,3 +423,40 @@ def test_a_full_disk_while_the_task_files_are_written_leaves_the_earlier_ones_wh
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.suffix == ".yaml"} == before
     assert not [p.name for p in work.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_the_printed_command_carries_every_option(tmp_path, monkeypatch):
+    """`lm_eval_command` (what `--write-only` prints) passes each option through: the model folder absolute and in
+    float32 (as `run_lm_eval` loads it), every task in order, the batch size, the device, a fractional or whole
+    --limit as given, and --num_fewshot only when set."""
+    import shlex
+
+    from tailkd.lmeval_tasks import lm_eval_command
+
+    monkeypatch.chdir(tmp_path)
+    parts = shlex.split(lm_eval_command("model", ["tailkd_ppl", "tailkd_gsm"], tmp_path / "inc", batch_size=3,
+                                        device="cuda:1", limit=0.25, num_fewshot=2))
+    assert parts == ["lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'model'},dtype=float32",
+                     "--include_path", str(tmp_path / "inc"), "--tasks", "tailkd_ppl,tailkd_gsm", "--batch_size", "3",
+                     "--device", "cuda:1", "--limit", "0.25", "--num_fewshot", "2"]
+    plain = shlex.split(lm_eval_command("model", ["tailkd_ppl"], tmp_path, limit=40.0))
+    assert plain[-4:] == ["--device", "cpu", "--limit", "40"] and "--num_fewshot" not in plain
+
+
+def test_corpus_documents_are_the_held_out_ones_by_hash_in_reading_order(tmp_path):
+    """`corpus_documents` reads the corpus with its document separator and keeps, with ``heldout_only``, exactly the
+    documents whose `corpus.doc_hash` is below the split threshold (as `tailkd distill` holds them out), in
+    reading order; without it, every document."""
+    import types
+
+    from tailkd import corpus
+    from tailkd.lmeval_tasks import corpus_documents
+
+    docs = [f"document number {i} about {SENTENCES[i % len(SENTENCES)]}" for i in range(12)]
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(docs) + "\n")  # one document per line: doc_sep "line"
+    hashes = sorted(corpus.doc_hash(d) for d in docs)
+    info = types.SimpleNamespace(meta={"files": [{"path": str(path)}], "split_threshold": hashes[5]})
+    assert corpus_documents(info, doc_sep="line", heldout_only=False) == docs
+    held = corpus_documents(info, doc_sep="line")
+    assert held == [d for d in docs if corpus.doc_hash(d) < hashes[5]] and len(held) == 5
