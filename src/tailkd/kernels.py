@@ -902,7 +902,8 @@ def scale_(x: torch.Tensor, g: torch.Tensor, expected: float) -> torch.Tensor:
     value). Where g differs the product is computed in float32 and rounded once to x's dtype (float32, bf16 or
     fp16, contiguous). Returns x."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous float32, bf16 or fp16 tensor; got {x.dtype}")
+        raise ValueError(f"x must be a contiguous float32, bf16 or fp16 tensor; got {x.dtype}, "
+                         f"{'contiguous' if x.is_contiguous() else 'not contiguous'}")
     if g.numel() != 1 or g.dtype != torch.float32 or g.device != x.device:
         raise ValueError(f"g must be one float32 element on {x.device}; got {tuple(g.shape)} {g.dtype} on {g.device}")
     numel = x.numel()
