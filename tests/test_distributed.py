@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
 from tailkd import distributed as dist
-from tailkd import prepare, train
+from tailkd import fused, prepare, train
 from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.objective import count_valid_tokens, objective
@@ -69,11 +69,16 @@ def _grad_worker(rank, world, port, out_path):
     results = {}
     try:
         assert dist.world() == world and dist.rank() == rank
+        incoming, real = [], fused._scale_  # the fused layer's backward: (incoming gradient, the one it expected)
+        fused._scale_ = lambda g, g_total, expected: incoming.append((float(g_total), expected)) or real(
+            g, g_total, expected)
         for parallel, fused_path in (("ddp", False), ("fsdp", False), ("ddp", True)):
             model, loss, _ = _rank_step(_problem(), parallel, fused_path, rank, world, device)
             grads = _full_grads(model)
             key = parallel + ("+fused" if fused_path else "")
             results[key] = {"grads": grads, "loss": loss, "norm": train.clip_and_norm(model, 0.0)}
+        fused._scale_ = real
+        results["incoming"] = incoming
         with pytest.raises(TailkdError, match="split evenly"):
             prepare.check_batch_split(3)
         if rank == 0:
@@ -88,6 +93,10 @@ def test_two_ranks_give_the_gradient_of_one_big_batch(tmp_path):
     out = tmp_path / "grads.pt"
     spawn(_grad_worker, (2, free_port(), str(out)), 2)
     results = torch.load(out)
+    # the fused run's layer computed its gradients at the one its total received (the world size declared as
+    # `chunked_objective`'s loss_scale; 2 / n, exact in float32 as 2 · fl(1/n)): its backward scaled nothing
+    incoming = results.pop("incoming")
+    assert len(incoming) == 2 * 2 and all(g == e for g, e in incoming), incoming  # 2 micro-batches: ∂h, ∂W
 
     # One process, the same two micro-batches accumulated ...
     cfg, teacher, student, micro = _problem()

@@ -236,10 +236,10 @@ def scaling_check(monkeypatch, device="cpu", cfg=None, watch_ops=True):
                 touched.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    def grads(n, factor):
+    def grads(n, factor, declared=1.0):
         a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
         terms = chunked_objective(a, Head(w, b, spec_s), labels, n, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
-                                  segment_ids=seg, chunk_size=5)
+                                  segment_ids=seg, chunk_size=5, loss_scale=declared)
         if factor != 1:
             (terms.loss * factor).backward()
         elif watch_ops:
@@ -267,7 +267,13 @@ def scaling_check(monkeypatch, device="cpu", cfg=None, watch_ops=True):
         for got, ref in zip(three, one):
             # g_total = fl(3·e), r = g_total / e (a division, or a product by fl(1/e): 2 roundings), fl(x·r): 4u
             assert torch.all((got - 3 * ref).abs() <= 4 * B.U32 * (1 + 4 * B.U32) * (3 * ref).abs()), n
-        calls += 6
+        for world in (2, 8):  # several processes: the loss times the world size, declared to the layer
+            seen.clear()
+            scaled = grads(n, world, declared=world)
+            assert len(seen) == 3 and all(g == e and same for g, e, same in seen), (n, world, seen)
+            # fl(world·e) = world·e exactly, and every operation commutes with a power-of-two factor
+            assert all(torch.equal(x, world * y) for x, y in zip(scaled, one)), (n, world)
+        calls += 12
     return calls
 
 
@@ -280,8 +286,10 @@ def test_backward_scales_nothing_at_the_expected_gradient(monkeypatch):
     scales them: each entry is the factor-1 gradient times r = fl(fl(3·e) / e), e = fl(1/n), within 4 roundings of
     3× it. Where n is a power of two the gradients are those at n = 1 divided by n, bit for bit (forgetting to
     compute them at 1/n fails here; that they are the loss's gradients is every other test of the layer's). The
-    torch path (float32 on the CPU); tests/test_kernels.py runs the same with `kernels.scale_`."""
-    assert scaling_check(monkeypatch) == 54
+    torch path (float32 on the CPU); tests/test_kernels.py runs the same with `kernels.scale_`. A loss the caller
+    multiplies by a world size of 2 or 8 (several processes) and declares (``loss_scale``) is likewise not scaled
+    in the backward, its gradients ``world`` times those of one process, bit for bit."""
+    assert scaling_check(monkeypatch) == 108
 
 
 def test_grad_scale_must_be_a_positive_float32(monkeypatch):

@@ -900,14 +900,15 @@ def test_scale_kernel_scales_by_the_ratio_or_leaves_the_tensor_as_it_is(dtype):
 def test_chunked_layer_backward_on_the_kernels_scales_nothing_at_the_expected_gradient(monkeypatch):
     """tests/test_fused.py's `scaling_check` with the Triton kernels: the row maths and the backward's scaling
     (`kernels.scale_`, which decides on the device) — the gradients left as the forward computed them at the
-    expected gradient 1/n, scaled by any other, bit for bit 1/n times those at n = 1 where n is a power of two."""
+    expected gradient 1/n, scaled by any other, bit for bit 1/n times those at n = 1 where n is a power of two, and
+    a declared world size's loss not scaled."""
     import test_fused as TF
 
     monkeypatch.setattr(fused, "_TRITON_DEVICES", ("cuda", "cpu"))
     calls, real = [], kernels.scale_
     monkeypatch.setattr(kernels, "scale_", lambda *a: calls.append(a[0].shape) or real(*a))
-    assert TF.scaling_check(monkeypatch, DEVICE, watch_ops=False) == 54
-    assert len(calls) == 54  # every scaling by the kernel
+    assert TF.scaling_check(monkeypatch, DEVICE, watch_ops=False) == 108
+    assert len(calls) == 108  # every scaling by the kernel
 
 
 def _bind(cfg):

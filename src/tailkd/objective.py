@@ -63,6 +63,18 @@ def _denominator(num_valid_tokens, like: torch.Tensor | None) -> torch.Tensor | 
     # scalar waits for the device)
 
 
+def _expected_gradient(num_valid_tokens, loss_scale: float) -> float:
+    """The gradient that ``(loss * loss_scale).backward()`` sends to the total `_normalised` divides by a host
+    count: float32 ``loss_scale`` times the float32 ``1 / n``, rounded once — how CUDA divides by a host scalar
+    (by its reciprocal); the CPU divides, the same value where ``loss_scale`` is a power of two (one process: 1).
+    The layer's backward compares, and scales its gradients only where the incoming gradient differs (a device
+    count: unknown here, 1.0 — the backward then scales)."""
+    if isinstance(num_valid_tokens, torch.Tensor):
+        return 1.0
+    one = torch.tensor(1.0 / _denominator(num_valid_tokens, None), dtype=torch.float32)
+    return float(one * torch.tensor(loss_scale, dtype=torch.float32))
+
+
 def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens) -> ObjectiveTerms:
     """Every sum over valid tokens divided by `_denominator`."""
     denom = _denominator(num_valid_tokens, total)
@@ -153,15 +165,18 @@ def chunked_objective(
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     kernels: bool = True,
+    loss_scale: float = 1.0,
 ) -> ObjectiveTerms:
     """The chunked path: the same terms as `objective` from final hidden states + LM heads (`fused.chunked_sums`;
-    ``kernels``: its Triton row kernels where they apply), never [B, T, V] logits; same denominator."""
+    ``kernels``: its Triton row kernels where they apply), never [B, T, V] logits; same denominator.
+
+    ``loss_scale``: the factor the caller multiplies the returned loss by before ``backward`` (several processes:
+    `tailkd.distributed.loss_scale`). It changes no value; the layer computes its gradients at the gradient its
+    total will then receive, so that its backward has nothing to scale."""
     from tailkd.config import LossConfig
 
     cfg = cfg or LossConfig()
-    # the gradient `_normalised`'s division by a host count sends back to the layer's total: its backward then
-    # scales nothing (a device count: unknown here, the backward scales)
-    expected = 1.0 if isinstance(num_valid_tokens, torch.Tensor) else 1.0 / _denominator(num_valid_tokens, None)
+    expected = _expected_gradient(num_valid_tokens, loss_scale)
     sums = fused.chunked_sums(student_hidden, student_head, labels, computed_divergence(cfg),
                               clm_weight=cfg.clm_weight, div_weight=cfg.div_weight, teacher_hidden=teacher_hidden,
                               teacher_head=teacher_head, sparse_teacher=sparse_teacher, segment_ids=segment_ids,
@@ -176,11 +191,12 @@ def chunked_objective(
 
 def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,
                chunk_size: int | None = None, autocast_dtype=None, student_head: Head | None = None,
-               kernels: bool = True, host_batch: dict | None = None):
+               kernels: bool = True, host_batch: dict | None = None, loss_scale: float = 1.0):
     """`ObjectiveTerms` of one micro-batch (``batch`` on the student's device) from its teacher signal
     (`tailkd.teacher.TeacherSignal`; None only for loss clm): the student forward, then `chunked_objective` on its
     final hidden states (``fused_path``) or `objective` on its logits. ``host_batch``: the same micro-batch on the
-    host, whose labels and segment ids the fused layer plans its chunks from without a device synchronisation."""
+    host, whose labels and segment ids the fused layer plans its chunks from without a device synchronisation.
+    ``loss_scale``: the factor ``loss`` is multiplied by before backward (`chunked_objective`; no value changes)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     segment_ids = batch.get("segment_ids")
     want_cos = cfg.cosine_weight > 0
@@ -204,7 +220,8 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
         return chunked_objective(h_s, student_head or model_head(student, vocab_size), plan_from["labels"],
                                  num_valid_tokens, cfg=cfg, teacher_hidden=hidden, teacher_head=head,
                                  sparse_teacher=sparse, segment_ids=plan_from.get("segment_ids"),
-                                 chunk_size=chunk_size, matmul_dtype=autocast_dtype, kernels=kernels)
+                                 chunk_size=chunk_size, matmul_dtype=autocast_dtype, kernels=kernels,
+                                 loss_scale=loss_scale)
     if logits is None and hidden is not None:
         logits = apply_head(hidden, head).float()  # cached hidden states: (B, T, V)
     t_hidden = hidden if want_cos else None

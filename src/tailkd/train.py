@@ -139,7 +139,7 @@ def forward_backward(model, signal_of, micro: list[dict], *, cfg: DistillConfig,
             signal = signal_of(batch, host_batch=mb) if signal_of is not None else None
             terms = step_terms(model, batch, signal, n_valid, cfg.loss, vocab_size=vocab, fused_path=fused_path,
                                chunk_size=chunk, autocast_dtype=ac, kernels=cfg.train.loss_kernels == "auto",
-                               host_batch=mb)
+                               host_batch=mb, loss_scale=scale)
             (terms.loss * scale).backward()  # scale 1.0 in one process: exact, changes nothing
         sums.append(torch.stack([getattr(terms, key).detach().double() for key in TERMS]))
     values = torch.stack(sums).sum(0).tolist() if sums else [0.0] * len(TERMS)  # the step's one read
