@@ -633,6 +633,17 @@ def test_eval_errors_are_one_line(assets, tmp_path, capsys, change, needle):
     assert not out.exists()
 
 
+def test_eval_of_a_student_that_is_a_file_is_one_line(assets, tmp_path, capsys):
+    """--student naming a file (a weights file, as `from_pretrained` users sometimes pass) is refused, naming it,
+    before a tokenizer or model is read."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a folder")
+    out = tmp_path / "eval.json"
+    assert main(eval_args(assets, out, "--student", str(weights))) == 2
+    one_line_error(capsys.readouterr().err, f"--student {weights} is not a folder; pass a saved student")
+    assert not out.exists()
+
+
 def test_eval_vocabulary_mismatch_is_one_line(assets, tmp_path, capsys, tiny_lm, tiny_tokenizer):
     """A student of another tokenizer is refused with `vocab.relation`'s line before either model loads (the two
     tokenizers read alone: minutes saved for a large teacher)."""

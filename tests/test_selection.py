@@ -183,6 +183,9 @@ def test_select_data_end_to_end_then_the_clm_baseline(assets, tmp_path):
     kept = [s["doc"] for s in scores if s["kept"]]
     assert kept == selection.select_top([s["score"] for s in scores], 0.4)
     assert selected == [docs[i].strip() for i in kept]
+    # the kept documents' tokens as the teacher's tokenizer packs them: each document's tokens and its EOS
+    tok = make_tokenizer()
+    assert meta["kept_tokens"] == sum(len(tok.encode(text, add_special_tokens=False)) + 1 for text in selected)
     assert meta["flops"]["total"] > meta["flops"]["teacher"] > meta["flops"]["reference"] > 0
     # deterministic: a second selection, into its own previous output (which it replaces), is the same file
     first = (out / "selected.jsonl").read_bytes()
