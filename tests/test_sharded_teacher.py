@@ -439,3 +439,46 @@ def test_a_sharded_teacher_with_only_pytorch_bin_weights_is_refused_with_the_fix
     assert str(info.value) == (f"teacher.parallel=fsdp reads the teacher's safetensors files slice by slice, and "
                                f"{folder} has only pytorch_model.bin: re-save it with save_pretrained (safetensors) "
                                "or use --teacher.parallel replicate")
+
+
+def _with_a_stored_buffer(model_cls):
+    """``model_cls.__init__`` that also registers a persistent buffer ``marker`` of zeros: a model class whose state
+    dict stores a buffer next to its weights (no causal LM of transformers here does: rotary buffers are computed)."""
+    real = model_cls.__init__
+
+    def init(self, config):
+        real(self, config)
+        self.register_buffer("marker", torch.zeros(3), persistent=True)
+
+    return init
+
+
+def _stored_buffer_worker(rank, world, port, folder, out_path):
+    from transformers import LlamaModel
+
+    LlamaModel.__init__ = _with_a_stored_buffer(LlamaModel)  # this process's model class, as the parent's
+    device = join_gloo(rank, world, port)
+    try:
+        model = load_sharded_teacher(folder, device=device)
+        if rank == 0:
+            torch.save({"marker": model.model.marker.clone(),
+                        "inv_freq": model.model.rotary_emb.inv_freq.clone()}, out_path)
+    finally:
+        dist.shutdown()
+
+
+def test_a_persistent_buffer_stored_with_the_weights_is_read_from_them(tmp_path, monkeypatch):
+    """A persistent buffer saved with the weights comes from the file (as from_pretrained loads it), not from the
+    model class's __init__; a computed one (rotary inv_freq, not in the file) is the class's, on every rank."""
+    from transformers import LlamaModel
+
+    monkeypatch.setattr(LlamaModel, "__init__", _with_a_stored_buffer(LlamaModel))
+    folder, out = tmp_path / "teacher", tmp_path / "buffers.pt"
+    model = make_tiny_lm("llama", num_hidden_layers=2)
+    model.model.marker.copy_(torch.tensor([1.5, -2.0, 3.25]))
+    model.save_pretrained(folder)
+    assert "model.marker" in load_file(str(folder / "model.safetensors"))
+    spawn(_stored_buffer_worker, (2, free_port(), str(folder), str(out)), 2)
+    got = torch.load(out)
+    assert torch.equal(got["marker"], torch.tensor([1.5, -2.0, 3.25]))
+    assert torch.equal(got["inv_freq"], model.model.rotary_emb.inv_freq)
