@@ -460,3 +460,29 @@ def test_corpus_documents_are_the_held_out_ones_by_hash_in_reading_order(tmp_pat
     assert corpus_documents(info, doc_sep="line", heldout_only=False) == docs
     held = corpus_documents(info, doc_sep="line")
     assert held == [d for d in docs if corpus.doc_hash(d) < hashes[5]] and len(held) == 5
+
+
+def test_a_model_folder_lm_eval_cannot_load_is_named_not_the_hub(student, tmp_path, monkeypatch):
+    """Offline, an OSError of lm-eval was reported as the hub's ("run online with HF_HUB_OFFLINE=0"); with only our
+    tasks (local data) the hub has no part in the run: a folder with config.json but no weights is named as the
+    failure. A run with one of lm-eval's own tasks offline still gets the hub hint."""
+    import shutil
+
+    import tailkd.lmeval_tasks as lt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "m"
+    shutil.copytree(student["model"], model, ignore=shutil.ignore_patterns("*.safetensors"))
+    inc = prepare_tasks(tmp_path / "work", ppl_docs=["one two three"])
+    with pytest.raises(TailkdError) as err:
+        run_lm_eval(model, ["tailkd_ppl"], include_path=inc)
+    assert f"could not load the model in {model} (" in str(err.value) and "check that folder" in str(err.value)
+    assert "HF_HUB_OFFLINE" not in str(err.value) and "\n" not in str(err.value)
+
+    def no_connection(**kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the dataset")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", no_connection)
+    monkeypatch.setattr(lt, "task_manager", lambda tasks, include_path: None)  # lm-eval's task index takes seconds
+    with pytest.raises(TailkdError, match="fetch their data from the Hugging Face hub: run online with HF_HUB_OFF"):
+        run_lm_eval(model, ["tailkd_ppl", "arc_easy"], include_path=inc)
