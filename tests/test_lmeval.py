@@ -460,3 +460,189 @@ def test_corpus_documents_are_the_held_out_ones_by_hash_in_reading_order(tmp_pat
     assert corpus_documents(info, doc_sep="line", heldout_only=False) == docs
     held = corpus_documents(info, doc_sep="line")
     assert held == [d for d in docs if corpus.doc_hash(d) < hashes[5]] and len(held) == 5
+
+
+def test_a_model_folder_lm_eval_cannot_load_is_named_not_the_hub(student, tmp_path, monkeypatch):
+    """Offline, an OSError of lm-eval was reported as the hub's ("run online with HF_HUB_OFFLINE=0"); with only our
+    tasks (local data) the hub has no part in the run: a folder with config.json but no weights is named as the
+    failure. A run with one of lm-eval's own tasks offline still gets the hub hint."""
+    import shutil
+
+    import tailkd.lmeval_tasks as lt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "m"
+    shutil.copytree(student["model"], model, ignore=shutil.ignore_patterns("*.safetensors"))
+    inc = prepare_tasks(tmp_path / "work", ppl_docs=["one two three"])
+    with pytest.raises(TailkdError) as err:
+        run_lm_eval(model, ["tailkd_ppl"], include_path=inc)
+    assert f"could not load the model in {model} (" in str(err.value) and "check that folder" in str(err.value)
+    assert "HF_HUB_OFFLINE" not in str(err.value) and "\n" not in str(err.value)
+
+    def no_connection(**kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the dataset")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", no_connection)
+    monkeypatch.setattr(lt, "task_manager", lambda tasks, include_path: None)  # lm-eval's task index takes seconds
+    with pytest.raises(TailkdError, match="fetch their data from the Hugging Face hub: run online with HF_HUB_OFF"):
+        run_lm_eval(model, ["tailkd_ppl", "arc_easy"], include_path=inc)
+
+
+def test_expand_tasks_skips_empty_names_and_refuses_no_task():
+    """An empty name (a doubled or trailing comma) is skipped, not passed to lm-eval as task ''; nothing but empty names
+    is the one-line "no task given"."""
+    assert expand_tasks("tailkd_ppl,,arc_easy,") == ["tailkd_ppl", "arc_easy"]
+    assert expand_tasks(["", " paper"]) == list(PAPER_TASKS)
+    for spec in ("", " , ", []):
+        with pytest.raises(TailkdError, match=r"^no task given; pass --tasks tailkd_ppl,tailkd_gsm"):
+            expand_tasks(spec)
+
+
+@pytest.mark.parametrize("content, line, why", [
+    (b'{"question": "q", "answer": "#### 5"}\n{"question": "q2"}\n', 2, 'needs "question" \\(a string\\) and "answer"'),
+    (b'{"question": 7, "answer": "#### 5"}\n', 1, 'needs "question" \\(a string\\) and "answer"'),
+    (b'{"question": "q", "answer": "2 + 3 = 5 ####  \\n"}\n', 1, "the final answer is empty"),
+    (b'{"question": "q", "answer": ""}\n', 1, "the final answer is empty"),
+    (b'\n{"question": "q", "answer": "#### 5"}\n  \n\n{"question": "q"}\n', 5, 'needs "question"'),  # blanks counted
+])
+def test_a_gsm_item_without_a_question_or_a_final_answer_is_one_line_naming_the_line(tmp_path, content, line, why):
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_bytes(content)
+    with pytest.raises(TailkdError, match=rf"^{gsm_file}:{line}: {why}") as err:
+        read_gsm_items(gsm_file)
+    assert "\n" not in str(err.value)
+
+
+def test_gsm_blank_lines_are_skipped_and_a_file_without_a_problem_is_refused(tmp_path):
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text('\n{"question": "q1", "answer": "#### 1"}\n \t\n\n{"question": "q2", "answer": "2"}\n\n')
+    assert read_gsm_items(gsm_file) == [{"question": "q1", "answer": "#### 1"}, {"question": "q2", "answer": "#### 2"}]
+    gsm_file.write_text("\n  \n")
+    with pytest.raises(TailkdError, match=rf"^--gsm-data {gsm_file} holds no problem; add"):
+        read_gsm_items(gsm_file)
+    with pytest.raises(TailkdError, match=rf"^--gsm-data {tmp_path / 'none.jsonl'} does not exist; pass a .jsonl"):
+        read_gsm_items(tmp_path / "none.jsonl")
+
+
+def test_task_files_refuse_no_document_and_no_generated_token(tmp_path):
+    """An empty tailkd_ppl.jsonl makes lm-eval end in a bare StopIteration, and max_gen_toks 0 generates no answer:
+    prepare_tasks refuses both in one line (the CLI refuses --max-gen-toks 0 when it reads its options)."""
+    with pytest.raises(TailkdError, match=r"^no documents for tailkd_ppl; pass --data with text$"):
+        prepare_tasks(tmp_path / "w1", ppl_docs=[])
+    with pytest.raises(TailkdError, match=r"^--max-gen-toks 0 must be >= 1$"):
+        prepare_tasks(tmp_path / "w2", gsm_items=[{"question": "1+1?", "answer": "#### 2"}], max_gen_toks=0)
+    assert not (tmp_path / "w1" / "tailkd_ppl.jsonl").exists() and not (tmp_path / "w2" / "tailkd_gsm.yaml").exists()
+
+
+def test_summary_drops_the_samples_only():
+    from tailkd.lmeval_tasks import summarize
+
+    results = {"results": {"t": {}}, "configs": {"t": {"dataset_kwargs": {}}}, "config": {"model": "hf"},
+               "n-samples": {"t": {}}, "samples": {"t": [{"doc": {}}]}}
+    assert summarize(results) == {k: v for k, v in results.items() if k != "samples"}
+
+
+def test_the_printed_command_is_shell_quoted(tmp_path):
+    """A model or task folder with a space (or a quote) reads back through the shell as one argument."""
+    import shlex
+
+    from tailkd.lmeval_tasks import lm_eval_command
+
+    model, inc = tmp_path / "my model's", tmp_path / "task folder"
+    parts = shlex.split(lm_eval_command(model, ["tailkd_ppl"], inc))
+    assert parts[4] == f"pretrained={model},dtype=float32" and parts[6] == str(inc) and len(parts) == 13
+
+
+def test_max_gen_toks_equal_to_the_context_is_refused(student):
+    """context − max_gen_toks prompt tokens must be positive: 128 on the 128-position model leaves none."""
+    from tailkd.commands import _check_generation_room
+
+    with pytest.raises(TailkdError, match=r"^tailkd_gsm: --max-gen-toks 128 leaves no room .* the 128-token context"):
+        _check_generation_room(student["model"], 128)
+    assert _check_generation_room(student["model"], 127) is None
+
+
+def test_a_model_folder_without_config_json_is_one_line(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    assert main(["lm-eval", "--model", str(tmp_path / "m"), "--tasks", "tailkd_ppl", "--write-only"]) == 2
+    one_line_error(capsys.readouterr().err, f"--model {tmp_path / 'm'} is not a saved model folder (no config.json)")
+    assert main(["lm-eval", "--model", str(tmp_path / "m"), "--max-gen-toks", "0"]) == 2
+    one_line_error(capsys.readouterr().err, "lm_eval.max_gen_toks=0 must be >= 1")
+
+
+def test_tailkd_ppl_reads_the_runs_documents_with_its_separator(student, tmp_path):
+    """The run's data.doc_sep (here `line`, in its config.yaml) splits the documents of tailkd_ppl as it split them for
+    `tailkd distill`; the default for a .txt file (blank_line) would give paragraphs of two lines."""
+    import shutil
+
+    import yaml
+
+    lines = [f"{s} ({i})" for i, s in enumerate(SENTENCES[:6] * 2)]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"{a}\n{b}\n\n" for a, b in zip(lines[::2], lines[1::2])))
+    run = tmp_path / "run"
+    shutil.copytree(student["model"], run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"paths": [str(corpus)], "doc_sep": "line",
+                                                              "cache_dir": str(student["cache"])}}))
+    work = tmp_path / "tasks"
+    assert main(["lm-eval", "--model", str(run / "final"), "--split", "all", "--work-dir", str(work),
+                 "--write-only"]) == 0
+    assert [json.loads(r)["text"] for r in (work / "tailkd_ppl.jsonl").read_text().splitlines()] == lines
+
+
+class CallRecorder:
+    """lm_eval.simple_evaluate in place: records its arguments, returns results of no task."""
+
+    def __init__(self):
+        self.kwargs = None
+
+    def __call__(self, **kwargs):
+        self.kwargs = kwargs
+        return {"results": {}, "configs": {}}
+
+
+def test_a_run_passes_every_option_to_lm_eval(student, tmp_path, monkeypatch, capsys):
+    """`tailkd lm-eval` runs lm-eval in-process with what its printed command says: the folder absolute in float32,
+    the tasks, batch size, the device resolved (auto: cpu here, as torch sees no GPU), --limit and --num-fewshot."""
+    from tailkd.distributed import resolve_device
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", record := CallRecorder())
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    base = ["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_gsm", "--gsm-data", str(gsm_file),
+            "--max-gen-toks", "8", "--batch-size", "3", "--device", "auto", "--limit", "0.5", "--num-fewshot", "2"]
+    assert main([*base, "--out", str(tmp_path / "r.json")]) == 0
+    device = str(resolve_device("auto"))
+    assert {k: record.kwargs[k] for k in ("model", "model_args", "tasks", "batch_size", "device", "limit",
+                                          "num_fewshot")} == {
+        "model": "hf", "model_args": {"pretrained": str(student["model"].resolve()), "dtype": "float32"},
+        "tasks": ["tailkd_gsm"], "batch_size": 3, "device": device, "limit": 0.5, "num_fewshot": 2}
+    capsys.readouterr()
+    work = tmp_path / "tasks"
+    got = commands.lm_eval(LmEvalConfig(lm_eval=LmEvalOptions(
+        model=str(student["model"]), tasks="tailkd_gsm", gsm_data=str(gsm_file), max_gen_toks=8, device="auto",
+        work_dir=str(work), write_only=True)).validate())
+    assert f" --device {device} " in f"{got['command']} " and got["command"] in capsys.readouterr().out
+    assert got == {"command": got["command"], "include_path": str(work.resolve()), "results": None}
+    assert (work / "tailkd_gsm.yaml").is_file()
+
+
+def test_only_the_asked_tasks_are_prepared_and_warned_about(student, tmp_path, monkeypatch, capsys):
+    """tailkd_ppl's documents are read only when it is asked (a run on tailkd_gsm needs no --data); the --num-fewshot
+    warning is for our zero-shot tasks only: none for lm-eval's own tasks, none without --num-fewshot."""
+    import tailkd.lmeval_tasks as lt
+
+    def no_ppl(cfg):
+        raise AssertionError("tailkd_ppl's documents read")
+
+    monkeypatch.setattr(commands, "ppl_documents", no_ppl)
+    monkeypatch.setattr(lt, "task_manager", lambda tasks, include_path: None)  # lm-eval's task index takes seconds
+    gsm_file = tmp_path / "gsm.jsonl"
+    gsm_file.write_text("".join(json.dumps(i) + "\n" for i in GSM))
+    base = ["lm-eval", "--model", str(student["model"]), "--write-only"]
+    assert main([*base, "--tasks", "tailkd_gsm,arc_easy", "--gsm-data", str(gsm_file), "--max-gen-toks", "8",
+                 "--work-dir", str(tmp_path / "w1")]) == 0
+    assert sorted(p.name for p in (tmp_path / "w1").iterdir()) == ["tailkd_gsm.jsonl", "tailkd_gsm.yaml"]
+    assert main([*base, "--tasks", "arc_easy", "--num-fewshot", "2", "--work-dir", str(tmp_path / "w2")]) == 0
+    out = capsys.readouterr()
+    assert "--num_fewshot 2" in out.out and "warning" not in out.err

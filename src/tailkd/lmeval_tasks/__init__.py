@@ -195,12 +195,14 @@ def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int 
     """Run lm-eval in-process. ``model``: an HF model folder (run as ``--model hf``) or an ``lm_eval`` LM instance.
 
     Returns lm-eval's results dict (``results``, ``configs``, ``n-samples``, ...; ``samples`` with
-    ``log_samples``). Unknown task names and tasks whose data cannot be fetched are TailkdErrors.
+    ``log_samples``). Unknown task names, tasks whose data cannot be fetched and (with only our tasks, whose data
+    are local) a model folder lm-eval cannot load are TailkdErrors.
     """
     lm_eval, _ = _import_lm_eval()
     manager = task_manager(tasks, include_path)
-    if isinstance(model, (str, Path)):
-        model_args = {"pretrained": str(Path(model).resolve()), "dtype": "float32"}
+    folder = Path(model).resolve() if isinstance(model, (str, Path)) else None
+    if folder is not None:
+        model_args = {"pretrained": str(folder), "dtype": "float32"}
         model = "hf"
     else:
         model_args = None
@@ -210,6 +212,9 @@ def run_lm_eval(model, tasks: list[str], *, include_path: Path, batch_size: int 
                                           log_samples=log_samples)
     except (ConnectionError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if folder is not None and set(tasks) <= set(OUR_TASKS):  # our tasks' data are local: the hub has no part
+            raise TailkdError(f"lm-eval could not load the model in {folder} ({first[:200]}); check that folder: a "
+                              "saved model (config.json, its weights and tokenizer files), e.g. runs/x/final") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", "")
         fix = ("these tasks fetch their data from the Hugging Face hub: run online with HF_HUB_OFFLINE=0 "
                "HF_DATASETS_OFFLINE=0" if offline else "check the network and the model folder")
