@@ -526,12 +526,13 @@ def test_gsm_blank_lines_are_skipped_and_a_file_without_a_problem_is_refused(tmp
 
 def test_task_files_refuse_no_document_and_no_generated_token(tmp_path):
     """An empty tailkd_ppl.jsonl makes lm-eval end in a bare StopIteration, and max_gen_toks 0 generates no answer:
-    prepare_tasks refuses both in one line (the CLI refuses --max-gen-toks 0 when it reads its options)."""
+    prepare_tasks refuses both in one line (the CLI refuses --max-gen-toks 0 when it reads its options), before it
+    creates its folder."""
     with pytest.raises(TailkdError, match=r"^no documents for tailkd_ppl; pass --data with text$"):
         prepare_tasks(tmp_path / "w1", ppl_docs=[])
     with pytest.raises(TailkdError, match=r"^--max-gen-toks 0 must be >= 1$"):
         prepare_tasks(tmp_path / "w2", gsm_items=[{"question": "1+1?", "answer": "#### 2"}], max_gen_toks=0)
-    assert not (tmp_path / "w1" / "tailkd_ppl.jsonl").exists() and not (tmp_path / "w2" / "tailkd_gsm.yaml").exists()
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
 
 
 def test_summary_drops_the_samples_only():

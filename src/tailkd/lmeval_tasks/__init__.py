@@ -129,14 +129,14 @@ def prepare_tasks(work_dir: str | Path, *, ppl_docs: list[str] | None = None, gs
     """
     from tailkd.checkpoint import atomic_write_text
 
-    work = Path(work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     if max_gen_toks < 1:
         raise TailkdError(f"--max-gen-toks {max_gen_toks} must be >= 1")
+    if ppl_docs is not None and not ppl_docs:
+        raise TailkdError("no documents for tailkd_ppl; pass --data with text")
+    work = Path(work_dir).resolve()  # refused input above: nothing created
+    work.mkdir(parents=True, exist_ok=True)
     cache = json.dumps(str(work / "datasets_cache"))  # datasets' arrow copies of the data, not in ~/.cache
     if ppl_docs is not None:
-        if not ppl_docs:
-            raise TailkdError("no documents for tailkd_ppl; pass --data with text")
         data = _write_jsonl(work / "tailkd_ppl.jsonl", [{"text": d} for d in ppl_docs])
         # json.dumps gives a double-quoted string, valid YAML whatever characters the path holds
         text = _template("tailkd_ppl").replace("@PPL_FILE@", json.dumps(str(data)))
