@@ -315,17 +315,19 @@ def test_sampling_settings_reach_the_sampler():
       falls outside with probability 0.1 (all inside: 0.9^200 < 1e-9).
     - temperature 0.05 of p(a) = 0.6, 0.4 over the other 61: each other letter weighs (0.4 / 61 / 0.6)^20 < 1e-39
       against a, so 200 draws are all a (at temperature 1: probability 0.6^200 < 1e-44).
-    - no top-k: 400 draws from the uniform distribution over 62 letters miss a given letter with probability
-      (61/62)^400 < 0.002, so more than 50 of them show up (transformers' default top-k 50 allows 50 at most; that some
-      12 letters all miss: below C(62, 12) * (50/62)^400 < 3e12 * 1e-37)."""
+    - no top-k: 400 draws from p_i ∝ exp(−i/1000) over 62 letters (distinct probabilities: a top-k cut keeps exactly
+      k of them, none tied with the k-th; each p_i ≥ 0.0156) show more than 50 letters, where transformers' default
+      top-k 50 allows 50 at most. Fewer would need some 12 letters all missed: below C(62, 12)·(1 − 12·0.0156)^400
+      < 2e-24."""
     tok = build_tiny_tokenizer()
     rest = [c for c in LETTERS if c not in "ab"]
     nucleus = _fixed_lm(tok, {"a": 0.6, "b": 0.3} | {c: 0.1 / len(rest) for c in rest})
     assert set(_samples(nucleus, tok, 200, top_p=0.8)) == {"a", "b"}
     peaked = _fixed_lm(tok, {"a": 0.6} | {c: 0.4 / (len(LETTERS) - 1) for c in LETTERS[1:]})
     assert set(_samples(peaked, tok, 200, temperature=0.05)) == {"a"}
-    uniform = _fixed_lm(tok, dict.fromkeys(LETTERS, 1 / len(LETTERS)))
-    assert len(set(_samples(uniform, tok, 400))) > 50
+    weights = [math.exp(-i / 1000) for i in range(len(LETTERS))]
+    spread = _fixed_lm(tok, {c: w / sum(weights) for c, w in zip(LETTERS, weights)})
+    assert len(set(_samples(spread, tok, 400))) > 50
 
 
 # --------------------------------------------------------------------------- scripted stand-ins at the HF interface
