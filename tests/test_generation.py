@@ -66,6 +66,9 @@ def test_sentence_bleu_by_hand():
     assert sentence_bleu("the the the the", ["the cat"]) < sentence_bleu("the cat", ["the cat"]) == 1.0
     assert sentence_bleu("", ["a"]) == 0.0 and sentence_bleu("a", [""]) == 0.0
     assert sentence_bleu("", ["a", " "]) == 1.0  # identical (empty) hypothesis and reference
+    for hyp in ("", "a"):
+        with pytest.raises(ValueError, match="at least one reference"):
+            sentence_bleu(hyp, [])
 
 
 def test_sentence_bleu_averages_over_max_order_precisions():
@@ -93,8 +96,10 @@ def test_self_bleu_closed_form():
     want = (sentence_bleu(mixed[0], mixed[1:]) + sentence_bleu(mixed[1], [mixed[0], mixed[2]])
             + sentence_bleu(mixed[2], mixed[:2])) / 3
     assert self_bleu(mixed) == pytest.approx(want) and 0 < want < 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 2 samples"):
         self_bleu(["only one"])
+    with pytest.raises(ValueError, match="at least one group"):
+        diversity([])
     d = diversity([["a b c d"] * 2, ["a b c d", "e f g h"]])
     assert d["self_bleu"] == pytest.approx(0.5) and d["distinct_1"] == pytest.approx((4 / 8 + 1.0) / 2)
 
@@ -134,6 +139,10 @@ def test_rouge_l_by_hand():
     assert mean == pytest.approx((10 / 11 + 0 + 1) / 3, abs=1e-12)  # "#### 12": punctuation is no word
     with pytest.raises(ValueError, match="references"):
         rouge_l(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="references"):
+        rouge_l(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        rouge_l([], [])
 
 
 def test_rouge_l_missing_package_and_missing_references(monkeypatch):
@@ -142,9 +151,15 @@ def test_rouge_l_missing_package_and_missing_references(monkeypatch):
         check_references(["a", "  ", ""])
     with pytest.raises(TailkdError, match=r"first: d\.jsonl:7"):
         check_references(["a", ""], ["d.jsonl:3", "d.jsonl:7"])
+    with pytest.raises(TailkdError, match=r"first: d\.jsonl:1\)"):
+        check_references(["", "a", " "], ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"])
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed
     with pytest.raises(TailkdError, match=r"pip install rouge-score"):
         rouge_l(["a"], ["a"])
+    model = ScriptedLM(build_tiny_tokenizer(), lambda p: "#### 0")
+    with pytest.raises(TailkdError, match=r"pip install rouge-score"):
+        generation_eval(model, None, model.tok, [("Q1\n", "#### 2")], max_new_tokens=8, progress=False)
+    assert model.prompts == []  # reported before any decoding
 
 
 # --------------------------------------------------------------------------- generate on a real tiny HF model
@@ -225,7 +240,94 @@ def test_generate_argument_errors(tiny):
         generate(model, tok, PROMPTS, max_new_tokens=2, num_return_sequences=2, progress=False)
     with pytest.raises(TailkdError, match="empty"):
         generate(model, tok, [""], max_new_tokens=2, progress=False)
+    with pytest.raises(TailkdError, match="batch-size"):
+        generate(model, tok, PROMPTS, max_new_tokens=2, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate(model, tok, PROMPTS, max_new_tokens=2, num_return_sequences=0, do_sample=True, progress=False)
+    for temperature, top_p in ((0.0, 1.0), (1.0, 0.0), (1.0, 1.5)):
+        with pytest.raises(TailkdError, match="sampling needs"):
+            generate(model, tok, PROMPTS, max_new_tokens=2, do_sample=True, temperature=temperature, top_p=top_p,
+                     progress=False)
     assert generate(model, tok, [], max_new_tokens=2) == []
+
+
+def test_a_prompt_may_fill_the_models_positions_exactly():
+    """A prompt of L tokens with max_new_tokens N needs L + N positions: L + N = 128 (the tiny model's positions) is
+    decoded, L + N = 129 refused before decoding."""
+    model, tok = make_tiny_lm(seed=1), build_tiny_tokenizer()
+    prompt = "The quick " * 12
+    n = 128 - len(tok(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    assert len(generate(model, tok, [prompt], max_new_tokens=n, progress=False)) == 1
+    with pytest.raises(TailkdError, match="positions"):
+        generate(model, tok, [prompt], max_new_tokens=n + 1, progress=False)
+
+
+def test_generate_with_a_tokenizer_without_a_pad_token(tiny):
+    """A tokenizer without a pad token (Llama's) pads with its first stop token: the completions are those of a
+    tokenizer that has one (padding is masked)."""
+    model, tok = tiny
+    bare = build_tiny_tokenizer()
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    assert generate(model, bare, PROMPTS, max_new_tokens=4, batch_size=4, progress=False) == \
+        generate(model, tok, PROMPTS, max_new_tokens=4, batch_size=4, progress=False)
+
+
+def test_decoding_ignores_the_checkpoints_generation_config():
+    """A checkpoint's generation_config (Qwen2.5-Instruct's sets repetition_penalty 1.05, others num_beams) does not
+    change generate's decoding: greedy stays the argmax of each step (the manual unpadded decode)."""
+    model, tok = make_tiny_lm(seed=1), build_tiny_tokenizer()
+    model.generation_config.num_beams = 4
+    model.generation_config.repetition_penalty = 10.0
+    out = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=4, progress=False)
+    assert [o[0] for o in out] == [manual_greedy(model, tok, p, 6) for p in PROMPTS]
+
+
+def _fixed_lm(tok, probs: dict[str, float]) -> torch.nn.Module:
+    """A tiny LM whose next-token distribution is the same at every position: ``probs`` maps one-token texts to their
+    probabilities, every other id gets 1e-12 (an LM head of zero weight and a bias of log p)."""
+    model = make_tiny_lm()
+    p = torch.full((TINY_VOCAB,), 1e-12)
+    for text, q in probs.items():
+        (i,) = tok(text, add_special_tokens=False)["input_ids"]
+        p[i] = q
+    head = torch.nn.Linear(model.config.hidden_size, TINY_VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(p.log())
+    model.lm_head = head
+    return model.eval()
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def _samples(model, tok, n: int, **sampling) -> list[str]:
+    """``n`` sampled one-token completions of one prompt."""
+    return generate(model, tok, ["Q"], max_new_tokens=1, do_sample=True, num_return_sequences=n, progress=False,
+                    **sampling)[0]
+
+
+def test_sampling_settings_reach_the_sampler():
+    """generate's sampling: temperature, nucleus top_p and no top-k cut, each observable on a fixed distribution.
+
+    - top_p 0.8 of p(a) = 0.6, p(b) = 0.3, 0.1 over the other 60 letters keeps {a, b}: without it each of 200 draws
+      falls outside with probability 0.1 (all inside: 0.9^200 < 1e-9).
+    - temperature 0.05 of p(a) = 0.6, 0.4 over the other 61: each other letter weighs (0.4 / 61 / 0.6)^20 < 1e-39
+      against a, so 200 draws are all a (at temperature 1: probability 0.6^200 < 1e-44).
+    - no top-k: 400 draws from p_i ∝ exp(−i/1000) over 62 letters (distinct probabilities: a top-k cut keeps exactly
+      k of them, none tied with the k-th; each p_i ≥ 0.0156) show more than 50 letters, where transformers' default
+      top-k 50 allows 50 at most. Fewer would need some 12 letters all missed: below C(62, 12)·(1 − 12·0.0156)^400
+      < 2e-24."""
+    tok = build_tiny_tokenizer()
+    rest = [c for c in LETTERS if c not in "ab"]
+    nucleus = _fixed_lm(tok, {"a": 0.6, "b": 0.3} | {c: 0.1 / len(rest) for c in rest})
+    assert set(_samples(nucleus, tok, 200, top_p=0.8)) == {"a", "b"}
+    peaked = _fixed_lm(tok, {"a": 0.6} | {c: 0.4 / (len(LETTERS) - 1) for c in LETTERS[1:]})
+    assert set(_samples(peaked, tok, 200, temperature=0.05)) == {"a"}
+    weights = [math.exp(-i / 1000) for i in range(len(LETTERS))]
+    spread = _fixed_lm(tok, {c: w / sum(weights) for c, w in zip(LETTERS, weights)})
+    assert len(set(_samples(spread, tok, 400))) > 50
 
 
 # --------------------------------------------------------------------------- scripted stand-ins at the HF interface
@@ -290,7 +392,7 @@ def test_generation_eval_teacher_optional_and_limit(tmp_path):
     model = ScriptedLM(tok, lambda p: "#### 0")
     res = generation_eval(model, None, tok, held, max_new_tokens=8, limit=2, progress=False)
     assert res["examples"] == 2 and not any(k.startswith("teacher") for k in res)
-    assert "student_self_bleu" not in res  # no sampling asked for
+    assert "student_self_bleu" not in res and "outputs" not in res  # no sampling, no outputs asked for
     pairs = [("Q: 1+1?\n", "#### 2"), ("Q: 2+2?\n", "4")]
     res = generation_eval(ScriptedLM(tok, lambda p: "so 2"), None, tok, pairs, max_new_tokens=8, progress=False)
     assert res["student_exact_match"] == 0.5 and res["student_strict_exact_match"] == 0.0
@@ -322,6 +424,7 @@ def test_generation_eval_rouge_l_of_student_and_teacher(tmp_path):
     assert res["student_rougeL"] == pytest.approx(want, abs=1e-12) and res["teacher_rougeL"] == 0.0
     assert res["student_sample_rougeL"] == pytest.approx(want, abs=1e-12)  # the scripted samples = greedy
     assert res["student_exact_match"] == 0.0  # exact match stays beside it
+    assert res["student_self_bleu"] == 1.0  # two samples (identical here): their diversity is reported
     off = generation_eval(student, None, tok, pairs, max_new_tokens=40, progress=False, rouge=False)
     assert not any("rouge" in k for k in off)
 

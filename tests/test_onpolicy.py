@@ -2,6 +2,7 @@
 labels only on generated tokens, λ = 0 leaves the supervised run untouched, λ = 1 generates every micro-batch, a
 stopped and resumed run ends identical to an uninterrupted one, and bad settings end in one line."""
 
+import dataclasses
 import json
 import math
 
@@ -28,6 +29,7 @@ def test_build_row_labels_only_the_response():
     assert row["input_ids"].tolist() == [5, 6, 7, 8] and row["labels"].tolist() == [IGNORE_INDEX, 7, 8, 9]
     # an empty response leaves no label
     assert (op.build_row([5, 6], [], seq_len=4, pad_id=PAD)["labels"] == IGNORE_INDEX).all()
+    assert op.build_row([5, 6], [7], seq_len=4, pad_id=9)["input_ids"].tolist() == [5, 6, 9, 9]  # padded with pad_id
 
 
 def test_prompt_lengths_from_the_first_label():
@@ -125,6 +127,9 @@ def test_generation_restores_the_training_mode_and_rng(tiny_lm):
     op.sample_responses(model, [[5, 6], [7]], max_new_tokens=3, temperature=1.0, top_p=0.9, stops=[EOS],
                         pad_id=PAD, seed=1)
     assert model.training and torch.equal(torch.get_rng_state(), state)
+    op.sample_responses(model.eval(), [[5, 6]], max_new_tokens=3, temperature=1.0, top_p=0.9, stops=[EOS], pad_id=PAD,
+                        seed=1)
+    assert not model.training  # an eval-mode model stays in eval mode
 
 
 def _fixed_lm(tiny_lm, probs: torch.Tensor):
@@ -169,6 +174,69 @@ def test_sampling_applies_no_top_k(tiny_lm):
     assert len(set(drawn)) > 100
 
 
+def test_sampling_temperature_reaches_the_sampler(tiny_lm):
+    """train.on_policy_temperature reaches the sampler: with p(7) = 0.6 and 0.4 spread evenly over the other 63 ids,
+    temperature 0.05 gives each other id the weight (p_i / p_7)^20 = (0.4 / 63 / 0.6)^20 < 1e-39 against 7's, so 200
+    draws are all 7 but for a chance below 200 * 63 * 1e-39; at temperature 1 all 200 are 7 with probability
+    0.6^200 < 1e-44."""
+    V = 64
+    probs = torch.full((V,), 0.4 / (V - 1))
+    probs[7] = 0.6
+    assert set(_first_tokens(_fixed_lm(tiny_lm, probs), 200, temperature=0.05)) == {7}
+
+
+def test_generation_runs_under_the_runs_autocast_only(tiny_lm):
+    """The student samples under the run's autocast (train.dtype's ``ac``) with its dtype, and without autocast when
+    the run has none: every forward of `generate` sees the autocast state the run trains in."""
+    model = tiny_lm()
+    seen = []
+    model.model.register_forward_pre_hook(lambda module, args: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+    rows = [op.build_row([5, 6], [7], 8, PAD)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    for ac in (None, torch.float16):
+        seen.clear()
+        op.OnPolicy(1.0, 1.0, 1.0, 3, 0, (EOS,), PAD, autocast_dtype=ac).generate_batch(model, batch, seed=0)
+        want = (False,) if ac is None else (True, ac)
+        assert seen and all(s[:len(want)] == want for s in seen), (ac, seen)
+
+
+def test_a_micro_batch_without_any_label_is_returned_as_it_is(tiny_lm):
+    """Rows without any label have no prompt to answer: a micro-batch of only such rows comes back as it is, with 0
+    tokens generated, and the student is not run."""
+    model = tiny_lm()
+    model.forward = None  # a call of the student fails
+    rows = [op.build_row([5, 6], [7], 8, PAD) for _ in range(2)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    batch["labels"][:] = IGNORE_INDEX
+    new, tokens = op.OnPolicy(1.0, 1.0, 1.0, 3, 0, (EOS,), PAD).generate_batch(model, batch, seed=0)
+    assert new is batch and tokens == 0
+
+
+def test_draw_keys_do_not_collide():
+    """The counter-based keys are the parts joined with a separator, so different (step, micro-batch) pairs never share
+    a seed by concatenating to the same text (step 1 micro-batch 23 and step 12 micro-batch 3 did without one): 10^4
+    keys give 10^4 seeds (two 63-bit hashes of distinct texts agree with probability 2^-63)."""
+    assert len({op._seed("on-policy", 0, s, m) for s in range(100) for m in range(100)}) == 100 * 100
+
+
+def test_on_policy_from_config_carries_the_runs_settings():
+    """Every sampling setting of the config reaches the sampler's OnPolicy, with the run's seed and autocast dtype."""
+    from types import SimpleNamespace
+
+    from test_sft import chatml_tokenizer
+
+    from tailkd.config import DistillConfig
+
+    tok = chatml_tokenizer()
+    cfg = DistillConfig()
+    t = cfg.train
+    t.on_policy, t.on_policy_temperature, t.on_policy_top_p, t.on_policy_max_new_tokens, t.seed = 0.5, 0.7, 0.9, 5, 3
+    policy = op.on_policy_from_config(cfg, tok, SimpleNamespace(chat_template=None, pad_id=1), torch.bfloat16)
+    assert (policy.temperature, policy.top_p, policy.max_new_tokens, policy.seed, policy.pad_id,
+            policy.autocast_dtype) == (0.7, 0.9, 5, 3, 1, torch.bfloat16)
+
+
 def test_a_sampled_stop_token_is_kept_and_labelled(tiny_lm):
     """Generation stops at the first stop token, which is kept and labelled as the dataset's EOS is: with p(EOS) = 0.5
     at every position and at most 6 new tokens, each of 20 rows ends with its label EOS unless it drew no EOS in 6
@@ -207,6 +275,8 @@ def test_samples_are_keyed_by_step_micro_batch_and_rank(tiny_lm):
     (a, b), (again, _) = labels(3, 0), labels(3, 0)
     assert torch.equal(a, again) and not torch.equal(a, b)  # micro-batches 0 and 1 of step 3
     assert not torch.equal(a, labels(4, 0)[0]) and not torch.equal(a, labels(3, 1)[0])  # another step, rank
+    policy = dataclasses.replace(policy, seed=1)
+    assert not torch.equal(a, labels(3, 0)[0])  # another run seed
 
 
 def test_apply_generates_exactly_the_micro_batches_drawn_on_policy(tiny_lm):
@@ -295,6 +365,10 @@ def test_stopped_and_resumed_on_policy_run_is_bit_identical(assets, tmp_path):  
     (["--train.on_policy", "0.5", "--train.on_policy_max_new_tokens", "0"],
      "train.on_policy_max_new_tokens=0 must be >= 1"),
     (["--train.on_policy", "0.5", "--train.on_policy_top_p", "0"], "train.on_policy_top_p=0.0 must be a finite"),
+    (["--train.on_policy", "0.5", "--train.on_policy_top_p", "1.5"], "train.on_policy_top_p=1.5 must be a finite"),
+    (["--train.on_policy", "0.5", "--train.on_policy_temperature", "0"], "train.on_policy_temperature=0.0 must be a"),
+    (["--train.on_policy", "0.5", "--train.parallel", "fsdp"], "use --train.parallel ddp"),
+    (["--train.on_policy", "1", "--task", "pretrain"], "train.on_policy=1.0 cannot be used here"),
     (["--train.on_policy", "0.5", "--teacher-cache", "somewhere"],
      "a teacher cache cannot score tokens the student generates"),
     (["--train.on_policy", "0.5", "--loss", "clm"], "has no teacher to score the generated tokens"),
