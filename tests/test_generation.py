@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+from test_onpolicy import _fixed_lm as fixed_distribution_lm
 from test_sft import IM_END, chatml_tokenizer
 
 from tailkd.errors import TailkdError
@@ -284,19 +285,13 @@ def test_decoding_ignores_the_checkpoints_generation_config():
 
 
 def _fixed_lm(tok, probs: dict[str, float]) -> torch.nn.Module:
-    """A tiny LM whose next-token distribution is the same at every position: ``probs`` maps one-token texts to their
-    probabilities, every other id gets 1e-12 (an LM head of zero weight and a bias of log p)."""
-    model = make_tiny_lm()
+    """tests/test_onpolicy.py's LM of one next-token distribution at every position, ``probs`` mapping one-token texts
+    to their probabilities, every other id 1e-12."""
     p = torch.full((TINY_VOCAB,), 1e-12)
     for text, q in probs.items():
         (i,) = tok(text, add_special_tokens=False)["input_ids"]
         p[i] = q
-    head = torch.nn.Linear(model.config.hidden_size, TINY_VOCAB, bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(p.log())
-    model.lm_head = head
-    return model.eval()
+    return fixed_distribution_lm(make_tiny_lm, p)
 
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
