@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
 from test_onpolicy import _fixed_lm as fixed_distribution_lm
-from test_sft import IM_END, chatml_tokenizer
+from test_sft import CHATML, IM_END, IM_START, chatml_tokenizer
 
 from tailkd.errors import TailkdError
 from tailkd.generation import (
@@ -24,7 +24,7 @@ from tailkd.generation import (
     self_bleu,
     sentence_bleu,
 )
-from tailkd.sft import prepare_sft, render_chat
+from tailkd.sft import SFTExample, prepare_sft, render_chat
 
 # --------------------------------------------------------------------------- diversity, closed form
 
@@ -446,6 +446,61 @@ def test_chat_prompts_are_rendered_with_the_template_and_stop_at_end_of_turn(tmp
             for e in held.examples}
     assert set(model.prompts) == want
     assert model.stops == [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+
+
+def test_held_out_rows_are_prompted_with_their_own_template(tmp_path):
+    """Held-out SFTRows rendered in training with a template other than the tokenizer's are prompted with that
+    template (the one training used), not the tokenizer's: here ChatML whose default system prompt says "Be exact"
+    where the tokenizer's says "Be brief"."""
+    tok = chatml_tokenizer()
+    own = CHATML.replace("Be brief", "Be exact")
+    held = math_rows(tmp_path, tok, template=own)
+    assert held.chat_template == own != tok.chat_template
+    model = ScriptedLM(tok, lambda p: "#### 0")
+    generation_eval(model, None, tok, held, max_new_tokens=8, progress=False, rouge=False)
+    assert set(model.prompts) == {render_chat(tok, [{"role": "user", "content": e.prompt}], chat_template=own,
+                                              add_generation_prompt=True) for e in held.examples}
+
+
+def test_examples_are_prompted_as_chats_with_a_template_and_scored_against_the_last_assistant_turn():
+    """A sequence of SFTExamples: with ``chat_template`` given, plain (prompt, response) examples are prompted as
+    one-turn chats through it; a chat example's reference is the content of its last assistant turn (its
+    ``response`` field is None)."""
+    tok = chatml_tokenizer()
+    own = CHATML.replace("Be brief", "Be exact")
+    plain = [SFTExample("d.jsonl:1", prompt="Q: 1+1?\n", response="#### 2"),
+             SFTExample("d.jsonl:2", prompt="Q: 2+2?\n", response="#### 4")]
+    model = ScriptedLM(tok, lambda p: "#### 2")
+    res = generation_eval(model, None, tok, plain, max_new_tokens=8, chat_template=own, progress=False, rouge=False)
+    assert set(model.prompts) == {render_chat(tok, [{"role": "user", "content": e.prompt}], chat_template=own,
+                                              add_generation_prompt=True) for e in plain}
+    assert res["student_exact_match"] == 0.5
+    turns = ({"role": "user", "content": "Q: 3+3?"}, {"role": "assistant", "content": "it is 6\n#### 6"},
+             {"role": "user", "content": "and 4+4?"}, {"role": "assistant", "content": "#### 8"})
+    chats = [SFTExample("c.jsonl:1", messages=turns)]
+    assert chats[0].response is None
+    res = generation_eval(ScriptedLM(tok, lambda p: "#### 8"), None, tok, chats, max_new_tokens=8, progress=False)
+    assert res["student_strict_exact_match"] == 1.0 and res["student_rougeL"] == 1.0
+
+
+def test_completions_are_decoded_without_special_tokens():
+    """A special token the model emits before its stop (ChatML's <|im_start|> after a plain prompt, where only EOS
+    stops) is left out of the text, as generate's docstring says."""
+    tok = chatml_tokenizer()
+    model = ScriptedLM(tok, lambda p: IM_START + "#### 4")
+    assert generate(model, tok, ["Q\n"], max_new_tokens=8, progress=False) == [["#### 4"]]
+
+
+def test_one_sample_per_prompt_reports_its_accuracy_not_its_diversity():
+    """samples = 1: the sampled exact match is reported (diversity needs two samples per prompt, so not that), read
+    by the flexible rule as the greedy one is: "so 2" matches "#### 2" (strictly it would not)."""
+    tok = build_tiny_tokenizer()
+    pairs = [("Q: 1+1?\n", "#### 2"), ("Q: 2+2?\n", "4")]
+    res = generation_eval(ScriptedLM(tok, lambda p: "so 2"), None, tok, pairs, max_new_tokens=8, samples=1,
+                          progress=False, rouge=False)
+    assert res["student_sample_exact_match"] == 0.5 == res["student_exact_match"]
+    assert res["student_strict_exact_match"] == 0.0
+    assert not {"student_self_bleu", "student_distinct_1"} & set(res)
 
 
 def test_generate_on_chat_prompts_with_a_real_model(tmp_path):
