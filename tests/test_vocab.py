@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_MERGES, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+from conftest import TINY_MERGES, TINY_SPECIALS, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
 from tiny import no_model_loads
 
 from tailkd.errors import TailkdError
@@ -38,6 +38,13 @@ def test_check_vocab_head_too_small(tiny_tokenizer, short):
         check_vocab(tiny_tokenizer, tiny_tokenizer, make_tiny_lm("llama"), small)
 
 
+def test_check_vocab_teacher_head_too_small(tiny_tokenizer):
+    """The teacher's LM head is checked as the student's is: one row short, it could not score the last token."""
+    small = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 1)
+    with pytest.raises(TailkdError, match=rf"^the teacher's LM head has {TINY_VOCAB - 1} rows .* {TINY_VOCAB} tokens"):
+        check_vocab(tiny_tokenizer, tiny_tokenizer, small, make_tiny_lm("llama"))
+
+
 def test_check_vocab_input_embedding_too_small(tiny_tokenizer):
     """An input embedding with fewer rows than the vocabulary (its LM head full) cannot read every token."""
     small = make_tiny_lm("llama", tie_word_embeddings=False)
@@ -65,6 +72,21 @@ def test_check_vocab_different_tokenizers(tiny_tokenizer):
 def test_check_vocab_different_special_tokens(tmp_path, tiny_tokenizer):
     other = build_tiny_tokenizer()
     other.pad_token = other.eos_token  # same token -> id map, different pad token
+    model = make_tiny_lm("llama")
+    with pytest.raises(TailkdError, match=r"tokenizers differ \(special tokens"):
+        check_vocab(tiny_tokenizer, other, model, model)
+
+
+@pytest.mark.parametrize("role", ["pad_token", "bos_token"])
+def test_another_named_special_token_over_one_set_of_special_tokens_is_refused(tiny_tokenizer, role):
+    """The same token -> id map and the same set of special tokens, but another token in the bos or pad role (the
+    tiny tokenizer's bos is <|endoftext|>, its pad <|pad|>; here the two trade one role): refused, naming the special
+    tokens."""
+    eos, pad = TINY_SPECIALS
+    other = build_tiny_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": [pad]})  # <|pad|> stays special either way
+    setattr(other, role, eos if role == "pad_token" else pad)
+    assert sorted(other.all_special_tokens) == sorted(tiny_tokenizer.all_special_tokens)
     model = make_tiny_lm("llama")
     with pytest.raises(TailkdError, match=r"tokenizers differ \(special tokens"):
         check_vocab(tiny_tokenizer, other, model, model)
@@ -128,6 +150,18 @@ def test_a_near_extension_names_the_first_difference():
     assert "\n" not in str(err.value)
 
 
+def test_the_first_difference_is_the_lowest_student_id_whatever_the_vocabulary_order(tiny_tokenizer):
+    """`get_vocab()` promises no order (the Rust backend's is random per process): the message names the student
+    token of lowest id whose teacher id differs, here with the student's vocabulary handed out highest id first."""
+    swapped = [TINY_MERGES[1], TINY_MERGES[0], *TINY_MERGES[2:]]  # 'Ġt' and 'he' trade ids 256 and 257
+    teacher, student = build_tiny_tokenizer(merges=swapped), build_tiny_tokenizer()
+    teacher.add_tokens(["<x1>"])
+    vocab = student.get_vocab
+    student.get_vocab = lambda: dict(sorted(vocab().items(), key=lambda kv: -kv[1]))
+    with pytest.raises(TailkdError, match=r"\(the student's token 'Ġt' has id 256, the teacher's id 257\)"):
+        relation(teacher, student)
+
+
 def _gapped_tokenizer(merged: dict):
     """A byte-level BPE tokenizer with the 256 byte symbols, `merged` (token -> id, its merges in id order) and the
     special tokens at fixed ids 260, 261: ids the merges skip are holes."""
@@ -152,6 +186,9 @@ def test_an_extra_teacher_token_among_the_students_ids_is_named():
     with pytest.raises(TailkdError, match=r"^teacher and student tokenizers differ \(the teacher's token 'Ġthe' has id "
                                           r"258, which the student lacks, among the student's ids 0\.\.261\): "):
         relation(teacher, student)
+    fewer = _gapped_tokenizer({"Ġt": 256, "in": 259})  # two teacher tokens among its ids: the lower one is named
+    with pytest.raises(TailkdError, match=r"\(the teacher's token 'he' has id 257, which the student lacks"):
+        relation(teacher, fewer)
 
 
 def test_distilling_over_the_shared_ids_renormalises_the_teacher():
@@ -174,10 +211,14 @@ def test_distilling_over_the_shared_ids_renormalises_the_teacher():
             want = sum(p[j] / shared * (math.log(p[j] / shared) - math.log(q[j] / zq)) for j in range(v_s))
             assert float(got[b, i]) == pytest.approx(want, rel=1e-11)
             assert float(outside_mass(t[b, i], v_s, v_t)) == pytest.approx(1 - shared, rel=1e-11)
-    # a tiny mass outside is exact, not 1 − (1 − ε) rounded
+    # a tiny mass outside keeps its relative precision (1 − Σ shared rounds 2e^-40 / 8 ≈ 1e-18 to 0), and a mass
+    # near 1 likewise: exponents of magnitude ≤ 41 give a relative error below ~4 · 41 · 2^-52 ≈ 4e-14 (abs=0:
+    # pytest.approx's default absolute 1e-12 would take 0 for 1e-18)
     z = torch.zeros(10, dtype=torch.float64)
     z[8:] = -40.0
-    assert float(outside_mass(z, 8, 10)) == pytest.approx(2 * math.exp(-40.0) / 8, rel=1e-9)
+    assert float(outside_mass(z, 8, 10)) == pytest.approx(2 * math.exp(-40.0) / (8 + 2 * math.exp(-40.0)), rel=1e-12,
+                                                          abs=0)
+    assert float(outside_mass(-z, 8, 10)) == pytest.approx(2 / (2 + 8 * math.exp(-40.0)), rel=1e-12, abs=0)
 
 
 def _rows(n, length=13, seed=0):

@@ -51,9 +51,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _difference(teacher, student) -> str:
-    """The first difference of two tokenizers, in words: the first student token (by id) whose teacher id differs,
-    else the first teacher token the student lacks with an id below the student's vocabulary size, else the sizes,
-    else the special tokens."""
+    """The first difference of two tokenizers that `relation` refuses, in words: the first student token (by id)
+    whose teacher id differs, else the first teacher token the student lacks with an id below the student's vocabulary
+    size, else the special tokens (every student token then has its id in the teacher's vocabulary, and the teacher
+    has no token the student lacks: with one, all after the student's ids, `relation` found an extension)."""
     vt, vs = teacher.get_vocab(), student.get_vocab()
     for token, idx in sorted(vs.items(), key=lambda kv: kv[1]):
         if token not in vt:
@@ -66,8 +67,6 @@ def _difference(teacher, student) -> str:
         idx, token = inside[0]
         return (f"the teacher's token {token!r} has id {idx}, which the student lacks, among the student's ids "
                 f"0..{n_s - 1}")
-    if len(vt) != len(vs):
-        return f"{len(vt)} vs {len(vs)} tokens"
     return f"special tokens {_special_tokens(teacher)} vs {_special_tokens(student)}"
 
 
@@ -127,7 +126,9 @@ def check_rows(model, vocab: int, role: str) -> None:
 @torch.no_grad()
 def outside_mass(teacher_logits: torch.Tensor, shared: int, teacher_vocab: int) -> torch.Tensor:
     """Per position, the teacher's probability on its own extra tokens (ids ``shared .. teacher_vocab − 1``):
-    1 − Σ_{i < shared} p_i, computed as −expm1(lse(z[:shared]) − lse(z[:teacher_vocab])) in float64 (exact
-    where the mass is tiny). Padded head rows past the tokenizer (``teacher_vocab``) are no tokens: left out."""
+    Σ_{shared ≤ i < teacher_vocab} p_i, computed as exp(lse(z[shared:teacher_vocab]) − lse(z[:teacher_vocab])) in
+    float64, so a tiny mass keeps its relative precision (about 2^-52 · the two log-sum-exps' magnitude; 1 − Σ_{i <
+    shared} p_i would round any mass below ~1e-16 to 0). Padded head rows past the tokenizer (``teacher_vocab``) are
+    no tokens: left out."""
     z = teacher_logits[..., :teacher_vocab].double()
-    return -torch.expm1(torch.logsumexp(z[..., :shared], -1) - torch.logsumexp(z, -1))
+    return torch.exp(torch.logsumexp(z[..., shared:], -1) - torch.logsumexp(z, -1))
