@@ -50,10 +50,13 @@ def setup(tmp_path_factory):
     return model, tok, rows, ident, root
 
 
-def _write(setup, name, **kw):
+def _write(setup, name, tmp=None, **kw):
+    """The setup teacher's cache of its first 10 rows (K = 8, 4 rows per shard) in ``name`` under ``tmp`` (default:
+    the module's folder, shared by the tests that reuse a cache)."""
     model, tok, rows, ident, root = setup
     kw = {"k": 8, "rows_per_shard": 4, "max_rows": 10, "batch_size": 3, "log": lambda *_: None, **kw}
-    return cache.write_cache(model, tok, rows, root / name, corpus=ident, **kw), root / name
+    out = Path(tmp or root) / name
+    return cache.write_cache(model, tok, rows, out, corpus=ident, **kw), out
 
 
 def _online(setup, idx):
@@ -554,6 +557,8 @@ def test_mismatches_are_clear_errors(setup):
         cache.CacheReader(path, corpus_fingerprint="0" * 64)
     with pytest.raises(TailkdError, match="seq_len"):
         cache.CacheReader(path, seq_len=SEQ_LEN + 1)
+    with pytest.raises(TailkdError, match=r"its split is 'train', the run's is 'heldout'"):
+        cache.CacheReader(path, split="heldout")
     with pytest.raises(TailkdError, match="K=9"):
         cache.CacheReader(path, k=9)
     assert cache.CacheReader(path, k=3).sparse_teacher([0]).topk_ids.shape[-1] == 3  # K_run < K_cache: truncated
@@ -563,6 +568,106 @@ def test_mismatches_are_clear_errors(setup):
         cache.CacheReader(path).rows([10])
     with pytest.raises(TailkdError, match="other settings"):
         _write(setup, "topk", k=6)
+
+
+def test_a_cache_of_another_format_is_refused(setup, tmp_path):
+    """cache.json's format number names the layout of the shards: a cache of another one is refused, naming both."""
+    import shutil
+
+    _, path = _write(setup, "topk")
+    other = shutil.copytree(path, tmp_path / "other")
+    meta = json.loads((other / "cache.json").read_text())
+    (other / "cache.json").write_text(json.dumps({**meta, "format": "tailkd-cache-v0"}))
+    with pytest.raises(TailkdError, match=rf"has cache format 'tailkd-cache-v0', this tailkd reads {cache.FORMAT}"):
+        cache.CacheReader(other)
+
+
+def test_write_cache_refuses_bad_k_and_tail_samples_and_caps_max_rows(setup, tmp_path):
+    """write_cache's own checks (the API; the command line checks first): K in [1, V) — K = V leaves no tail —,
+    tail samples >= 0; a --max-rows beyond the rows caches all of them."""
+    model, tok, rows, ident, _ = setup
+    for bad in (0, len(tok)):
+        with pytest.raises(TailkdError, match=rf"--k {bad} must lie in \[1, {len(tok)}\)"):
+            cache.write_cache(model, tok, rows, tmp_path / "k", k=bad, corpus=ident, log=lambda *_: None)
+    with pytest.raises(TailkdError, match="--tail-samples -1 must be >= 0"):
+        cache.write_cache(model, tok, rows, tmp_path / "m", k=4, tail_samples=-1, corpus=ident, log=lambda *_: None)
+    assert not (tmp_path / "k").exists() and not (tmp_path / "m").exists()
+    meta = cache.write_cache(model, tok, rows, tmp_path / "all", k=2, corpus=ident, max_rows=len(rows) + 5,
+                             batch_size=16, log=lambda *_: None)
+    assert meta["num_rows"] == len(rows) and cache.CacheReader(tmp_path / "all", rows=len(rows)).num_rows == len(rows)
+
+
+def test_the_default_shard_holds_at_most_shard_bytes(setup, tmp_path, monkeypatch):
+    """Without --rows-per-shard a shard holds as many rows as fit SHARD_BYTES at the cache's bytes per token and
+    seq_len: here room for 3 rows and a bit, so 10 rows are 4 shards of 3, 3, 3, 1 rows."""
+    per_row = cache.bytes_per_token(8) * SEQ_LEN
+    monkeypatch.setattr(cache, "SHARD_BYTES", 3 * per_row + per_row // 2)
+    meta, path = _write(setup, "sized", rows_per_shard=None, tmp=tmp_path)
+    assert (meta["rows_per_shard"], meta["num_shards"]) == (3, 4)
+    sizes = [cache.verify_shard(path / f"shard_{i:06d}.safetensors")["row_hash"].shape[0] for i in range(4)]
+    assert sizes == [3, 3, 3, 1]
+
+
+def test_a_resumed_cache_keeps_its_cache_json(setup, tmp_path):
+    """cache.json is written once, by the first run on the folder: a resume (here spelling the teacher otherwise)
+    leaves it byte for byte, its creation time and first name included."""
+    _write(setup, "once", teacher_name="teacher", tmp=tmp_path)
+    first = (tmp_path / "once" / "cache.json").read_bytes()
+    _write(setup, "once", teacher_name="./teacher/", tmp=tmp_path)
+    assert (tmp_path / "once" / "cache.json").read_bytes() == first
+
+
+def test_a_hidden_states_cache_stores_the_heads_vocabulary_rows_and_bias(setup, tmp_path):
+    """A teacher whose LM head has padded rows past the vocabulary and a bias (Phi's): the cached head is its first V
+    rows and its bias, so the teacher logits re-computed from the cache are the model's own."""
+    import copy
+
+    model, tok, rows, ident, _ = setup
+    V, d = len(tok), model.config.hidden_size
+    teacher = copy.deepcopy(model)
+    head = torch.nn.Linear(d, V + 6, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V + 6, d, generator=torch.Generator().manual_seed(3)) * 3)
+        head.bias.copy_(torch.randn(V + 6, generator=torch.Generator().manual_seed(4)))
+    teacher.lm_head = head
+    cache.write_cache(teacher, tok, rows, tmp_path / "biased", k=4, corpus=ident, max_rows=2, hidden_states=True,
+                      hidden_dtype="fp32", vocab_size=V, log=lambda *_: None)
+    stored = cache.CacheReader(tmp_path / "biased").head()
+    assert torch.equal(stored.weight, head.weight[:V].detach()) and torch.equal(stored.bias, head.bias[:V].detach())
+
+
+def test_positions_with_plus_inf_logits_are_cached_as_nan():
+    """A position whose teacher logits hold +inf has no distribution (its log-softmax is NaN online): every top-K
+    log-prob, the tail mass and the tail samples' log-probs are cached as NaN there — not the −inf that finite
+    logits minus an infinite log-sum-exp give."""
+    g = torch.Generator().manual_seed(0)
+    V, d = 40, 8
+    bias = torch.zeros(V)
+    bias[5] = math.inf
+    head = Head(torch.randn(V, d, generator=g), bias, HeadSpec(vocab_size=V))
+    hidden = torch.randn(1, 3, d, generator=g)
+    got = cache._teacher_rows(hidden, head, k=4, tail_samples=2, generator=torch.Generator().manual_seed(1),
+                              chunk=64, want_hidden=False)
+    assert bool(got["broken"].all())
+    for name in ("topk_logprobs", "log_tail_mass", "tail_logprobs"):
+        assert bool(got[name].isnan().all()), name
+
+
+@pytest.mark.parametrize("bad", [-1, "V"])
+def test_cached_ids_outside_the_vocabulary_are_refused(setup, tmp_path, bad):
+    """A shard whose top-K ids leave [0, V) (its checksums made to match: damage the sha256 cannot see) is refused
+    on the host when read, before a gather on a device would assert."""
+    import shutil
+
+    _, path = _write(setup, "topk")
+    other = shutil.copytree(path, tmp_path / "other")
+    V = json.loads((other / "cache.json").read_text())["vocab_size"]
+    shard = other / "shard_000000.safetensors"
+    tensors = cache.verify_shard(shard)
+    tensors["topk_ids"][0, 0, 0] = V if bad == "V" else bad
+    cache._save_shard(shard, tensors)
+    with pytest.raises(TailkdError, match=rf"topk_ids outside the vocabulary \[0, {V}\); the cache is damaged"):
+        cache.CacheReader(other).sparse_teacher([0])
 
 
 def test_a_cache_one_row_short_of_the_run_is_refused(setup):
@@ -807,6 +912,7 @@ def test_cache_loss_descriptions_name_the_approximation(setup):
     assert "K=4" in cache.cache_loss_description(meta, "tad", k=4)
     assert "lower bound" in cache.cache_loss_description(meta, "kd")
     assert "NOT available" in cache.cache_loss_description(meta, "rkl")
+    assert cache.cache_loss_description(meta, "clm") == "clm: no teacher; the teacher cache is not used"
     assert "unbiased 3-sample" in cache.cache_loss_description({**meta, "tail_samples": 3}, "tad")
     assert "exact" in cache.cache_loss_description({**meta, "hidden_states": {"dtype": "bf16", "size": 32}}, "jsd")
     reader = cache.CacheReader(setup[4] / "topk", k=4)
