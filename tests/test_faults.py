@@ -562,6 +562,9 @@ def test_a_checkpoint_of_other_shapes_is_named_by_the_weight_that_differs(tmp_pa
     path = ckpt.save_checkpoint(tmp_path, 1, torch.nn.Linear(3, 2).state_dict(), {}, keep_last=1)
     with pytest.raises(TailkdError, match=r"weight has shape \(2, 3\), the student \(4, 3\)"):
         ckpt.load_checkpoint(path, torch.nn.Linear(3, 4))
+    # weights the student lacks (a checkpoint of a student with a bias, loaded into one without) are refused too
+    with pytest.raises(TailkdError, match=r"does not fit this student \(missing \[\], unexpected \['bias'\]\)"):
+        ckpt.load_checkpoint(path, torch.nn.Linear(3, 2, bias=False))
 
 
 def test_a_checkpoint_keeps_views_of_one_storage_at_other_offsets(tmp_path):
@@ -655,6 +658,12 @@ def test_a_kill_between_the_two_renames_of_a_replaced_checkpoint_is_repaired(tmp
     ckpt.clean_partial_writes(tmp_path)
     assert ckpt.list_checkpoints(tmp_path) == [good] and ckpt.verify_checkpoint(good) is None
     assert sorted(p.name for p in good.parent.iterdir()) == ["step_00000004"]
+    # a kill after the new folder was renamed in, before the old one was removed: the old one goes, the new stays
+    aside = good.with_name(".old-step_00000004-999")
+    aside.mkdir()
+    (aside / ckpt.MODEL_FILE).write_bytes(b"the replaced one")
+    ckpt.clean_partial_writes(tmp_path)
+    assert sorted(p.name for p in good.parent.iterdir()) == ["step_00000004"] and ckpt.verify_checkpoint(good) is None
 
 
 @pytest.mark.parametrize("manifest", [b"[" * 100_000 + b"]" * 100_000, b"\xff{}", b"[1]"])
@@ -680,6 +689,68 @@ def test_pruning_never_deletes_the_checkpoint_just_written_for_a_newer_corrupted
     new = ckpt.save_checkpoint(tmp_path, 5, state, {"step": 5}, keep_last=1)
     assert ckpt.find_checkpoint(tmp_path)[0] == new and ckpt.verify_checkpoint(new) is None
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000005", "step_00000008"]
+
+
+def test_the_newest_checkpoint_that_verifies_is_found_and_newer_bad_ones_named(tmp_path):
+    """find_checkpoint: the newest of steps 1, 2, 3 whose files match its manifest — step 2 when step 3's trainer
+    state is cut short — with step 3 named as skipped; a file named like a checkpoint is none, and a manifest that
+    does not list both files makes a checkpoint unusable."""
+    state = {"w": torch.arange(4.0)}
+    steps = [ckpt.save_checkpoint(tmp_path, i, state, {"step": i}, keep_last=3) for i in (1, 2, 3)]
+    assert ckpt.find_checkpoint(tmp_path) == (steps[2], [])
+    (steps[2] / ckpt.STATE_FILE).write_bytes((steps[2] / ckpt.STATE_FILE).read_bytes()[:-1])
+    found, skipped = ckpt.find_checkpoint(tmp_path)
+    assert found == steps[1] and [p for p, _ in skipped] == [steps[2]] and "checksum" in skipped[0][1]
+    (tmp_path / ckpt.CKPT_DIR / "step_00000009").write_text("not a checkpoint")
+    assert ckpt.list_checkpoints(tmp_path) == steps
+    manifest = json.loads((steps[1] / ckpt.MANIFEST).read_text())
+    del manifest["files"][ckpt.STATE_FILE]
+    (steps[1] / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert "does not list" in ckpt.verify_checkpoint(steps[1])
+    assert ckpt.find_checkpoint(tmp_path)[0] == steps[0]
+
+
+def test_a_checkpoint_file_changed_past_its_first_mebibyte_does_not_verify(tmp_path):
+    """The manifest's sha256 covers every byte: a student.safetensors of ~1.5 MiB with one byte changed near its end
+    fails the check."""
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.zeros(400_000)}, {"step": 1}, keep_last=1)
+    model = path / ckpt.MODEL_FILE
+    data = bytearray(model.read_bytes())
+    assert len(data) > 1 << 20
+    data[-2] ^= 1
+    model.write_bytes(bytes(data))
+    assert "does not match its checksum" in ckpt.verify_checkpoint(path)
+
+
+def test_a_checkpoint_save_first_clears_what_killed_writers_left(tmp_path):
+    """save_checkpoint starts by removing a killed writer's leftovers: a ``.tmp-*`` folder in checkpoints/ (never
+    complete) and the saved student's ``.tmp-final-*`` / ``.old-final-*`` beside final/ (the run writes final/ again
+    at its end)."""
+    root = tmp_path / ckpt.CKPT_DIR
+    left = [root / ".tmp-step_00000002-999@host-abc", tmp_path / ".tmp-final-999@host-abc",
+            tmp_path / ".old-final-999@host"]
+    for p in left:
+        p.mkdir(parents=True)
+        (p / "part").write_text("half")
+    path = ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"step": 2}, keep_last=1)
+    assert not any(p.exists() for p in left) and ckpt.verify_checkpoint(path) is None
+
+
+def test_a_safetensors_write_failure_is_raised_as_its_oserror(tmp_path, monkeypatch):
+    """safetensors reports a failed write as ``SafetensorError: ... (os error 28)``: save_safetensors raises it as the
+    OSError it is (errno 28), so a full disk reads as one; another SafetensorError stays as it is."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(OSError) as err:
+        ckpt.save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert err.value.errno == 28
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("other")))
+    with pytest.raises(SafetensorError, match="other"):
+        ckpt.save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
 
 
 def test_pruning_keeps_the_last_keep_last_checkpoints(tmp_path):
@@ -1062,6 +1133,20 @@ def test_atomic_folders_files_get_the_permissions_of_any_new_file(tmp_path):
     assert modes == dict.fromkeys(["model.safetensors", "config.json", ckpt.MODEL_FILE, ckpt.STATE_FILE,
                                    ckpt.MANIFEST], 0o644)
     assert ckpt.verify_checkpoint(step) is None
+
+
+def test_a_link_in_an_atomic_folder_leaves_the_mode_of_what_it_points_to(tmp_path):
+    """The files of an atomic folder get the mode of any new file; a symbolic link among them is not followed: the
+    file it points to, outside the folder, keeps its own mode (chmod follows links)."""
+    outside = tmp_path / "private.txt"
+    outside.write_text("mine")
+    outside.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        final = ckpt.atomic_write_dir(tmp_path / "final", lambda tmp: (tmp / "link").symlink_to(outside))
+    finally:
+        os.umask(old)
+    assert (final / "link").is_symlink() and outside.stat().st_mode & 0o777 == 0o600
 
 
 def test_atomic_files_get_the_permissions_of_any_new_file(tmp_path):

@@ -95,6 +95,58 @@ def test_a_dead_writers_leftovers_of_a_long_name_are_found(tmp_path):
     assert (final / "kept.txt").read_text() == "the old folder" and sorted(tmp_path.iterdir()) == [final]
 
 
+def test_a_name_that_fits_beside_its_temporary_names_is_kept_whole():
+    """temp_stem keeps a name of exactly the room its temporary names leave (NAME_MAX less the tag, the host and the
+    random part) and shortens one byte more to a stem that fits."""
+    from tailkd import checkpoint as ckpt
+
+    room = ckpt.NAME_MAX - ckpt._TEMP_ROOM - len(socket.gethostname().encode())
+    assert ckpt.temp_stem("a" * room) == "a" * room
+    longer = ckpt.temp_stem("a" * (room + 1))
+    assert longer != "a" * (room + 1) and len(longer.encode()) <= room
+
+
+def test_a_live_process_of_another_user_is_alive(monkeypatch):
+    """pid_alive: os.kill(pid, 0) refused (PermissionError: another user's process) means the process exists, so
+    its temporary files are not a dead writer's; a pid that is gone is dead."""
+    import os
+
+    from tailkd import checkpoint as ckpt
+
+    dead = _dead_pid()
+    assert not ckpt.pid_alive(dead)
+
+    def refuse(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refuse)
+    assert ckpt.pid_alive(dead)
+
+
+def test_an_untagged_temporary_name_is_a_dead_writers_only_when_asked():
+    """``.tmp-<file>-<pid>`` (an older tailkd's temporary file, without ``@host``) is read as this host's dead writer's
+    with ``untagged=True`` only; a name with this host's tag is read either way."""
+    from tailkd import checkpoint as ckpt
+
+    dead = _dead_pid()
+    assert ckpt.left_by_dead_writer(f".tmp-config.yaml-{dead}", untagged=True)
+    assert not ckpt.left_by_dead_writer(f".tmp-config.yaml-{dead}")
+    assert ckpt.left_by_dead_writer(f".tmp-config.yaml-{dead}@{socket.gethostname()}")
+
+
+def test_an_exclusive_atomic_write_never_writes_through_an_existing_link(tmp_path):
+    """atomic_write_file(replace=False) never replaces an existing name: a symbolic link is one, even when the file
+    it points to is missing (FileExistsError; nothing made where it points)."""
+    from tailkd import checkpoint as ckpt
+
+    link = tmp_path / "claim.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(FileExistsError):
+        ckpt.atomic_write_file(link, lambda tmp: tmp.write_text("{}"), replace=False)
+    assert not (tmp_path / "elsewhere.json").exists() and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["claim.json"]
+
+
 def _configs():
     from tailkd.cli import COMMANDS
 
