@@ -738,7 +738,8 @@ def test_a_checkpoint_save_first_clears_what_killed_writers_left(tmp_path):
 
 def test_a_safetensors_write_failure_is_raised_as_its_oserror(tmp_path, monkeypatch):
     """safetensors reports a failed write as ``SafetensorError: ... (os error 28)``: save_safetensors raises it as the
-    OSError it is (errno 28), so a full disk reads as one; another SafetensorError stays as it is."""
+    OSError it is (errno 28), so a full disk reads as one, and another errno as itself (13: a folder it may not
+    write, not a full disk); another SafetensorError stays as it is, and another error naming an os error is none."""
     from safetensors import SafetensorError
 
     def full(*args, **kwargs):
@@ -751,6 +752,9 @@ def test_a_safetensors_write_failure_is_raised_as_its_oserror(tmp_path, monkeypa
     monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("other")))
     with pytest.raises(SafetensorError, match="other"):
         ckpt.save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    denied = ckpt.io_failure(SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)"))
+    assert (denied.errno, denied.strerror) == (errno.EACCES, os.strerror(errno.EACCES))
+    assert ckpt.io_failure(RuntimeError("I/O error (os error 28)")) is None
 
 
 def test_pruning_keeps_the_last_keep_last_checkpoints(tmp_path):
@@ -802,6 +806,50 @@ def test_a_folder_put_aside_by_a_killed_writer_is_put_back_or_removed(tmp_path):
     assert (final / "meta.json").read_text() == "{}" and not aside.exists()
     aside.mkdir()  # killed after the second rename: the new folder is in place, the old one goes
     assert ckpt.remove_dead_writers(final) == [aside] and not aside.exists() and final.is_dir()
+
+
+def test_a_checkpoint_keeps_each_weight_exactly(tmp_path):
+    """student.safetensors holds each weight as the student has it: its dtype and every bit of its values (float32
+    values that bfloat16 would round, bfloat16 ones kept in bfloat16), a non-contiguous one (a transposed view,
+    which safetensors refuses as it is) too; manifest.json names the step."""
+    torch.manual_seed(0)
+    state = {"w": torch.randn(3, 4), "h": torch.randn(4).to(torch.bfloat16), "t": torch.randn(4, 3).t()}
+    path = ckpt.save_checkpoint(tmp_path, 7, state, {"step": 7}, keep_last=1)
+    saved = load_file(str(path / ckpt.MODEL_FILE))
+    assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in state.items()}
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
+    assert json.loads((path / ckpt.MANIFEST).read_text())["step"] == 7
+
+
+def test_a_prune_stopped_midway_leaves_no_half_checkpoint_under_a_real_name(tmp_path, monkeypatch):
+    """Pruning renames an old checkpoint out of the way before deleting it: a kill while its files are deleted leaves
+    a ``.tmp-*`` folder, which the next save removes, never a half-deleted ``step_*`` folder."""
+    state = {"w": torch.zeros(2)}
+    ckpt.save_checkpoint(tmp_path, 1, state, {"step": 1}, keep_last=1)
+    real_rmtree = shutil.rmtree
+
+    def killed_after_one_file(path, ignore_errors=False):
+        if "step_00000001" not in Path(path).name:
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        (Path(path) / ckpt.MODEL_FILE).unlink()
+        raise KeyboardInterrupt  # the kill, its first file deleted
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, state, {"step": 2}, keep_last=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002"]
+    ckpt.save_checkpoint(tmp_path, 3, state, {"step": 3}, keep_last=1)
+    assert [p.name for p in (tmp_path / ckpt.CKPT_DIR).iterdir()] == ["step_00000003"]
+
+
+def test_a_checkpoint_missing_a_file_is_named_and_the_previous_one_used(tmp_path):
+    """verify_checkpoint names a file of the manifest that is gone (deleted by hand, a copy that skipped it) instead
+    of raising FileNotFoundError, so that find_checkpoint falls back to the previous checkpoint."""
+    state = {"w": torch.zeros(2)}
+    first, second = [ckpt.save_checkpoint(tmp_path, i, state, {"step": i}, keep_last=2) for i in (1, 2)]
+    (second / ckpt.STATE_FILE).unlink()
+    assert ckpt.find_checkpoint(tmp_path) == (first, [(second, f"missing {ckpt.STATE_FILE}")])
 
 
 # --------------------------------------------------------------------------- non-finite loss or gradients
@@ -942,11 +990,26 @@ def test_atomic_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_an_exclusive_atomic_write_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
+    """atomic_write_file(replace=False) on a file system without hard links (os.link failing with EPERM, as on FAT)
+    writes a new file by a check then a rename, and still refuses an existing one: FileExistsError, its text kept,
+    no temporary file left."""
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(ckpt.os, "link", no_links)
+    target = tmp_path / "config.yaml"
+    ckpt.atomic_write_file(target, lambda tmp: tmp.write_text("first"), replace=False)
+    with pytest.raises(FileExistsError):
+        ckpt.atomic_write_file(target, lambda tmp: tmp.write_text("second"), replace=False)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file descriptor through /proc")
 def test_atomic_writes_fsync_the_new_data_before_renaming_it_into_place(tmp_path, monkeypatch):
     """After a power cut the name holds the old data or the whole new data: atomic_write_file and atomic_write_dir
     fsync every new file before the rename that puts it under the real name (a rename may reach the disk before
-    the data it names)."""
+    the data it names), and the folder holding the name after it (the rename itself is on disk only then)."""
     events, real_fsync, real_replace = [], os.fsync, os.replace
 
     def fsync(fd):
@@ -961,11 +1024,12 @@ def test_atomic_writes_fsync_the_new_data_before_renaming_it_into_place(tmp_path
     monkeypatch.setattr(os, "replace", replace)
     ckpt.atomic_write_text(tmp_path / "summary.json", "new")
     (tmp,) = [src for kind, src in events if kind == "rename"]
-    assert events.index(("fsync", tmp)) < events.index(("rename", tmp))
+    folder = ("fsync", str(tmp_path))
+    assert events.index(("fsync", tmp)) < events.index(("rename", tmp)) < events.index(folder)
     events.clear()
     ckpt.atomic_write_dir(tmp_path / "final", lambda d: (d / "a.txt").write_text("a"))
     (tmp,) = [src for kind, src in events if kind == "rename" and ".tmp-" in src]
-    assert events.index(("fsync", f"{tmp}/a.txt")) < events.index(("rename", tmp))
+    assert events.index(("fsync", f"{tmp}/a.txt")) < events.index(("rename", tmp)) < events.index(folder)
 
 
 def test_atomic_write_dir_stopped_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):

@@ -379,6 +379,23 @@ def test_a_dead_writers_set_aside_link_is_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "sel"] and target.is_dir()
 
 
+def test_a_dead_writers_leftover_beside_a_links_target_is_removed(tmp_path):
+    """atomic_write_dir through a link (--out a link to a folder on another disk) writes beside the folder the link
+    points to, so a killed writer's ``.tmp-*`` folder is left there, not beside the link: the next write through the
+    link removes it."""
+    from tailkd.checkpoint import atomic_write_dir
+
+    target = tmp_path / "disk" / "sel"
+    target.mkdir(parents=True)
+    half = target.parent / f".tmp-sel-{_dead_pid()}@{socket.gethostname()}-0123456789ab"
+    half.mkdir()
+    (half / "selected.jsonl").write_text("half")
+    link = tmp_path / "sel"
+    link.symlink_to(target, target_is_directory=True)
+    atomic_write_dir(link, lambda tmp: (tmp / "selected.jsonl").write_text("whole"))
+    assert [p.name for p in target.parent.iterdir()] == ["sel"] and (link / "selected.jsonl").read_text() == "whole"
+
+
 def test_an_unwritable_folder_behind_a_symlinked_out_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
     """select-data / compare --out a link to a folder on a read-only disk: the folder is written beside the one the
     link points to (atomic_write_dir), so that is where a file must be creatable; the probe looked beside the link,
