@@ -666,6 +666,38 @@ def test_check_seq_len():
         data.check_seq_len(2048, 1024)
     with pytest.raises(TailkdError, match="positive"):
         data.check_seq_len(0, 1024)
+    for bad in (True, 4.0, "8"):  # a YAML `yes` is a bool, which Python counts as the int 1: not a length
+        with pytest.raises(TailkdError, match=rf"^--seq-len must be a positive whole number of tokens, got {bad!r}$"):
+            data.check_seq_len(bad, 1024)
+
+
+def test_packed_rows_refuse_a_seq_len_that_is_no_whole_number(tmp_path):
+    path = token_file(tmp_path, list(range(10)))
+    for bad in (True, 0, -2, 2.0):
+        with pytest.raises(TailkdError, match=rf"^--seq-len must be a positive whole number of tokens, got {bad!r}$"):
+            data.PackedRows(path, bad, eos_id=0)
+
+
+def test_a_rows_tensors_are_its_own(tmp_path):
+    """input_ids and labels are one slice of the token stream shifted by one; each row's tensors own their memory,
+    so that a caller writing into labels (masking a prompt, say) leaves input_ids as they were."""
+    rows = data.PackedRows(token_file(tmp_path, list(range(10))), 4, eos_id=None)
+    row = rows[0]
+    row["labels"][:2] = data.IGNORE_INDEX
+    row["input_ids"][3] = 99
+    assert row["input_ids"].tolist() == [0, 1, 2, 99] and row["labels"].tolist() == [-100, -100, 3, 4]
+    assert rows[0]["input_ids"].tolist() == [0, 1, 2, 3] and rows[0]["labels"].tolist() == [1, 2, 3, 4]
+
+
+def test_collate_and_batches_refuse_nothing_to_stack(tmp_path):
+    with pytest.raises(ValueError, match="^collate needs at least one row$"):
+        data.collate([])
+    rows = data.PackedRows(token_file(tmp_path, list(range(10))), 3, eos_id=0)
+    for bad in (0, -1):
+        with pytest.raises(TailkdError, match=rf"^batch size must be at least 1, got {bad}$"):
+            next(data.batches(rows, data.RowSampler(len(rows), seed=0), bad))
+    with pytest.raises(TailkdError, match=r"^no training rows to sample; use a smaller --seq-len or more data$"):
+        data.RowSampler(0, seed=0)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -721,6 +753,8 @@ def test_sampler_refuses_a_changed_corpus():
     next(a)
     with pytest.raises(TailkdError, match=r"num_rows=7, this run 9: the training corpus or --seq-len changed"):
         data.RowSampler(9, seed=0).load_state_dict(a.state_dict())
+    with pytest.raises(TailkdError, match=r"^the saved data order has shuffle=True, this run False: "):
+        data.RowSampler(7, seed=0, shuffle=False).load_state_dict(a.state_dict())
 
 
 def test_packed_rows_digest_follows_their_tokens(tmp_path, tok):
@@ -734,10 +768,26 @@ def test_packed_rows_digest_follows_their_tokens(tmp_path, tok):
     assert len(ra) == len(rb) and not np.array_equal(ra.tokens, rb.tokens)
     assert ra.digest == ra2.digest and ra.digest != rb.digest and len(ra.digest) == 64
     assert data.PackedRows(ia.train_bin, 9).digest != ra.digest  # rows of another length
+    assert data.PackedRows(ia.train_bin, 8, eos_id=None).digest != ra.digest  # other segment_ids: one document
     meta = json.loads((tmp_path / "A2" / "meta.json").read_text())
     del meta["sha256"]  # a corpus tokenised before the digest was recorded: unknown, not checked
     (tmp_path / "A2" / "meta.json").write_text(json.dumps(meta))
     assert data.PackedRows(ia2.train_bin, 8).digest is None
+
+
+def test_content_digest_tells_apart_what_rows_of_other_content_would_be():
+    """A row source's digest (`PackedRows`, `SFTRows`) changes with any change to the content of its rows; parts
+    equal as data give equal digests."""
+    d = data.content_digest
+    a = np.arange(6, dtype=np.int32)
+    assert d(a) == d(a.copy()) and len(d(a)) == 64
+    assert d(a) != d(a.reshape(2, 3)) and d(a) != d(a.view(np.uint32))  # the same bytes, another shape / dtype
+    assert d(a) != d(np.arange(1, 7, dtype=np.int32)) and d(a) != d(a[::-1].copy())  # other values, every element
+    assert d(a[::2]) == d(np.ascontiguousarray(a[::2]))  # a strided view hashes its elements, not its buffer
+    assert d([[1, 2], [3]]) != d([[1], [2, 3]]) and d([[], [1]]) != d([[1], []])  # the grouping is content
+    assert d({"a": 1, "b": 2}) == d({"b": 2, "a": 1})  # a dict is its items, whatever their insertion order
+    assert d({"a": 1}) != d({"b": 1}) and d({"a": 1, "b": 2}) != d({"a": 2, "b": 1})  # keys are content
+    assert d(1) != d("1") and d(None) != d("None") and d([1]) != d(1)  # JSON values by type
 
 
 def test_sampler_refuses_rows_whose_content_changed_unless_forced():
