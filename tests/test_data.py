@@ -92,6 +92,14 @@ def test_doc_sep_blank_line_line_file(tmp_path):
     assert docs_of(f, doc_sep="line") == ["one", "indented two", "three", "four"]
     assert docs_of(f, doc_sep="file") == ["one\n  indented two\n\n\n \t \nthree\nfour"]
     assert docs_of(f) == docs_of(f, doc_sep="blank_line")  # auto: blank_line for .txt
+    g = write(tmp_path / "b.txt", "\n \t\n\nbody\n\nmore\n")
+    assert docs_of(g, doc_sep="file") == ["body\n\nmore"]  # a document's leading blank lines are dropped
+
+
+def test_suffixes_are_read_whatever_their_case(tmp_path):
+    write(tmp_path / "A.JSONL", '{"text": "upper json"}\n')
+    write(tmp_path / "B.Cor", "first line\nsecond line\n")
+    assert docs_of(tmp_path) == ["upper json", "first line", "second line"]
 
 
 def test_doc_sep_auto_reads_cor_by_line_and_strips_bom(tmp_path):
@@ -147,12 +155,15 @@ def test_folder_is_recursive_sorted_and_skips_hidden(tmp_path):
     write(tmp_path / ".git" / "config", "GIT")
     write(tmp_path / "a" / ".cache" / "x.txt", "CACHED")
     assert docs_of(tmp_path) == ["AC", "AZ", "B"]
-    # paths keep the order given; a file listed twice is read once
+    # paths keep the order given; a file listed twice is read once, under any name that leads to it
     assert docs_of([tmp_path / "b.txt", tmp_path / "a", tmp_path / "b.txt"]) == ["B", "AC", "AZ"]
+    assert docs_of([tmp_path / "b.txt", tmp_path / "a" / ".." / "b.txt"]) == ["B"]
+    (tmp_path / "link.txt").symlink_to(tmp_path / "b.txt")
+    assert docs_of([tmp_path / "link.txt", tmp_path / "b.txt"]) == ["B"]
 
 
 def test_jsonl_and_json_lines(tmp_path):
-    write(tmp_path / "d.jsonl", '{"text": "hello  world\\n", "id": 1}\n\n{"text": "   "}\n{"text": "second"}\n')
+    write(tmp_path / "d.jsonl", '{"text": "hello  world\\n", "id": 1}\n\n \t\n{"text": "   "}\n{"text": "second"}\n')
     write(tmp_path / "e.json", '{"text": "from json"}\n')
     assert docs_of(tmp_path) == ["hello  world\n", "second", "from json"]
 
@@ -254,6 +265,9 @@ def test_binary_and_non_utf8_files_are_named(tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"ok line\nprice \xa33\n")
     with pytest.raises(TailkdError, match=r"latin\.txt is not UTF-8 text \(line 2 is not UTF-8.*iconv"):
         docs_of(tmp_path / "latin.txt")
+    (tmp_path / "late.txt").write_bytes(b"x" * 9000 + b"\nline two\nthree \x00 four\n")  # past the first 8 KiB
+    with pytest.raises(TailkdError, match=r"late\.txt is not UTF-8 text \(line 3 contains NUL bytes\)"):
+        docs_of(tmp_path / "late.txt")
 
 
 def test_missing_path_and_empty_corpus(tmp_path):
@@ -273,6 +287,8 @@ def test_missing_path_and_empty_corpus(tmp_path):
     ({"heldout_fraction": "0.1"}, r"heldout_fraction='0\.1' must lie in \[0, 1\)"),
     ({"heldout_fraction": None}, r"heldout_fraction=None must lie in \[0, 1\)"),
     ({"heldout_fraction": True}, r"heldout_fraction=True must lie in \[0, 1\)"),
+    ({"heldout_fraction": 1.0}, r"heldout_fraction=1\.0 must lie in \[0, 1\)"),  # nothing left to train on
+    ({"min_heldout_docs": 1.5}, r"min_heldout_docs=1\.5 must be a whole number >= 0"),
     ({"min_heldout_docs": float("inf")}, r"min_heldout_docs=inf must be a whole number >= 0"),
     ({"min_heldout_docs": True}, r"min_heldout_docs=True must be a whole number >= 0"),
     ({"min_heldout_docs": "3"}, r"min_heldout_docs='3' must be a whole number >= 0"),
@@ -442,7 +458,48 @@ def test_min_heldout_and_at_least_one_train_doc(tmp_path, tok):
     assert not (tmp_path / "o4").exists()
     same = write(tmp_path / "same.txt", "copy\n\ncopy\n\ncopy")
     with pytest.raises(TailkdError, match=r"copies of each other"):
-        corpus.prepare_corpus(same, tok, tmp_path / "o5")
+        corpus.prepare_corpus(same, tok, tmp_path / "o5")  # all held out (their hash is the lowest): none to train
+    with pytest.raises(TailkdError, match=r"^cannot hold out 1 document\(s\) and keep one for training: the 3 "
+                                          r"documents are copies of each other"):
+        corpus.prepare_corpus(same, tok, tmp_path / "o6", heldout_fraction=0.999)  # all kept (the highest hash)
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
+
+
+def test_meta_vocab_size_counts_added_tokens(tmp_path):
+    """meta.json's vocab_size bounds the ids stored: an added token (id 257 here) counts, as len(tokenizer) does
+    (the tokenizer's vocab_size leaves added tokens out: 257)."""
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra>"])
+    info = corpus.prepare_corpus(write(tmp_path / "c.txt", "a <extra> b\n\nc"), tok, tmp_path / "out")
+    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    assert int(ids.max()) == 257 and info.meta["vocab_size"] == 258 == len(tok)
+
+
+def test_equal_settings_give_one_corpus(tmp_path):
+    """Settings equal as values (2.0 documents, append_eos 1) name the same corpus as their plain form."""
+    f = write(tmp_path / "c.txt", "one\n\ntwo")
+    plain = corpus.cached_fingerprint(f, tokenizer_fingerprint="t", min_heldout_docs=2, append_eos=True)
+    assert corpus.cached_fingerprint(f, tokenizer_fingerprint="t", min_heldout_docs=2.0, append_eos=1) == plain
+    assert corpus.cached_fingerprint(f, tokenizer_fingerprint="t", min_heldout_docs=3, append_eos=True) != plain
+
+
+def test_documents_are_tokenised_in_batches_of_bounded_text(tmp_path, tok, monkeypatch):
+    """One tokenizer call takes at most TOKENIZE_BATCH_DOCS documents and stops adding them once it holds
+    TOKENIZE_BATCH_CHARS characters; the batching does not change the corpus."""
+    f = corpus_file(tmp_path, n=30)  # documents of ~45 characters
+    whole = corpus.prepare_corpus(f, tok, tmp_path / "whole")
+    sizes = []
+
+    class Recording(CountingTokenizer):
+        def __call__(self, texts, **kw):
+            sizes.append(sum(map(len, texts)))
+            return super().__call__(texts, **kw)
+
+    monkeypatch.setattr(corpus, "TOKENIZE_BATCH_CHARS", 100)
+    small = corpus.prepare_corpus(f, Recording(tok), tmp_path / "small")
+    assert len(sizes) >= 10 and max(sizes) < 100 + 60  # each call stops at the first document past 100 characters
+    assert small.train_bin.read_bytes() == whole.train_bin.read_bytes()
+    assert small.heldout_bin.read_bytes() == whole.heldout_bin.read_bytes()
 
 
 def test_eos_inside_text_is_not_a_boundary(tmp_path, tok):
@@ -474,6 +531,70 @@ def test_tokenizer_without_eos_or_bos(tmp_path):
     info = corpus.prepare_corpus(f, bare, tmp_path / "out", append_eos=False)
     assert info.eos_id is None
     assert info.meta["train"]["tokens"] + info.meta["heldout"]["tokens"] == 3
+
+
+def test_a_tokenizer_with_bos_only_closes_documents_with_it(tmp_path):
+    wl = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "a": 1, "<s>": 2}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos_only = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", bos_token="<s>")
+    info = corpus.prepare_corpus(write(tmp_path / "c.txt", "a a\n\na"), bos_only, tmp_path / "out")
+    assert info.eos_id == 2
+    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    assert sorted(ids.tolist()) == [1, 1, 1, 2, 2]
+
+
+def test_documents_are_tokenised_without_the_tokenizers_special_tokens(tmp_path):
+    """A tokenizer that adds BOS to every call (Llama's post-processor) adds none to a corpus: each document is its
+    text's tokens and the closing EOS, never a BOS the text did not hold."""
+    from tokenizers import processors
+
+    wl = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "a": 1, "<s>": 2, "</s>": 3}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wl.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    assert llama_like("a a")["input_ids"] == [2, 1, 1]  # the tokenizer's own default
+    assert corpus.tokenize_documents(llama_like, ["a a", "a"]) == [[1, 1], [1]]
+    info = corpus.prepare_corpus(write(tmp_path / "c.txt", "a a\n\na"), llama_like, tmp_path / "out")
+    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    assert sorted(ids.tolist()) == [1, 1, 1, 3, 3]
+
+
+class FixedIds:
+    """A tokenizer whose every document is ``ids`` (an id no uint32 holds, say)."""
+
+    eos_token_id, bos_token_id, name_or_path = 0, None, "fixed"
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return 1
+
+    def __call__(self, texts, **kw):
+        return {"input_ids": [list(self.ids) for _ in texts]}
+
+
+@pytest.mark.parametrize("ids, bad", [([1, 2**32], 2**32), ([-1, 1], -1)])
+def test_token_ids_a_corpus_cannot_hold_are_refused(tmp_path, ids, bad):
+    f = write(tmp_path / "c.txt", "one\n\ntwo\n\nthree")
+    with pytest.raises(TailkdError, match=rf"^token id {bad} does not fit in uint32; this tokenizer cannot be used"):
+        corpus.prepare_corpus(f, FixedIds(ids), tmp_path / "out", tokenizer_fingerprint="fixed")
+    assert sorted(os.listdir(tmp_path)) == ["c.txt"]
+
+
+def test_the_tokenizer_identity_follows_its_eos_and_bos(tmp_path):
+    """Without a given tokenizer fingerprint, the corpus's is the tokenizer's rules and its EOS / BOS: a tokenizer
+    whose EOS is another token writes other rows, so its corpus must not share a cache entry."""
+    a, b = byte_tokenizer(), byte_tokenizer()
+    assert corpus._tokenizer_identity(a) == corpus._tokenizer_identity(b)
+    b.bos_token = EOS
+    assert corpus._tokenizer_identity(a) != corpus._tokenizer_identity(b)
+    c = byte_tokenizer()
+    c.eos_token = "a"
+    assert c.eos_token_id != a.eos_token_id and corpus._tokenizer_identity(a) != corpus._tokenizer_identity(c)
+    f = corpus_file(tmp_path)
+    assert corpus.prepare_corpus(f, a, tmp_path / "A").fingerprint != \
+        corpus.prepare_corpus(f, c, tmp_path / "C").fingerprint
 
 
 def test_crash_leaves_no_corpus_and_keeps_the_previous_one(tmp_path, tok, monkeypatch):
@@ -561,6 +682,22 @@ def test_a_damaged_corpus_meta_is_refused_and_prepared_again(tmp_path, tok, dama
     assert again.dir == info.dir
     assert {k: v for k, v in again.meta.items() if k != "created_unix"} == \
         {k: v for k, v in good.items() if k != "created_unix"}
+
+
+def test_a_corpus_of_another_format_is_prepared_again(tmp_path, tok):
+    f = corpus_file(tmp_path / "src")
+    root = tmp_path / "cache"
+    info = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A")
+    meta = json.loads((info.dir / "meta.json").read_text())
+    (info.dir / "meta.json").write_text(json.dumps({**meta, "format": "tailkd-corpus-1"}))
+    with pytest.raises(TailkdError, match=rf"^{info.dir} was written in format 'tailkd-corpus-1', not "
+                                          rf"{corpus.FORMAT}; prepare it again$"):
+        corpus.load_corpus(info.dir)
+    again = corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A")
+    assert again.dir == info.dir and again.meta["format"] == corpus.FORMAT
+    # a complete corpus in the folder of this fingerprint's first 16 digits, of another fingerprint, is not reused
+    (info.dir / "meta.json").write_text(json.dumps({**meta, "fingerprint": info.fingerprint[:16] + "0" * 48}))
+    assert corpus.prepare_corpus_cached(f, tok, root, tokenizer_fingerprint="tok-A").fingerprint == info.fingerprint
 
 
 def test_a_folder_without_a_meta_json_is_not_a_prepared_corpus(tmp_path):

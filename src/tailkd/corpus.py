@@ -509,8 +509,9 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
                 for text, ids in zip(batch, tokenize_documents(tokenizer, batch)):
                     split = "heldout" if doc_hash(text) < threshold else "train"
                     arr = np.asarray(ids if eos is None else [*ids, eos], dtype=np.int64)
-                    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max):
-                        raise TailkdError(f"token id {int(arr.max())} does not fit in {np.dtype(TOKEN_DTYPE).name}; "
+                    bad = arr[(arr < 0) | (arr > np.iinfo(TOKEN_DTYPE).max)]
+                    if bad.size:
+                        raise TailkdError(f"token id {int(bad[0])} does not fit in {np.dtype(TOKEN_DTYPE).name}; "
                                           "this tokenizer cannot be used with tailkd corpora")
                     parts[split].append(arr.astype(TOKEN_DTYPE))
                     counts[split]["docs"] += 1
