@@ -433,8 +433,9 @@ def _tiny_config(name, **extra):
     import transformers
 
     cls = getattr(transformers, name)
-    return cls(vocab_size=70, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=None, **extra)
+    return cls(**{"vocab_size": 70, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+                  "pad_token_id": None, **extra})
 
 
 def _tiny_model(config_name, **extra):
@@ -452,6 +453,13 @@ def _tiny_model(config_name, **extra):
     ("LlamaConfig", {}, {}),
     ("CohereConfig", {"logit_scale": 0.25}, {"scale": 0.25}),
     ("GraniteConfig", {"logits_scaling": 8.0}, {"scale": 1 / 8.0}),
+    ("HyperCLOVAXConfig", {"logits_scaling": 0.5}, {"scale": 0.5}),  # multiplies, where Granite divides
+    ("FalconH1Config", {"lm_head_multiplier": 0.5}, {"scale": 0.5}),
+    # MiniCPM3 divides its final hidden states by logits_scaling = hidden_size / dim_model_base (32 / 4) before a
+    # head without bias: the same as dividing the logits (its multi-head latent attention needs its own sizes)
+    ("MiniCPM3Config", {"dim_model_base": 4, "num_key_value_heads": 4, "head_dim": None, "qk_nope_head_dim": 4,
+                        "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 16, "kv_lora_rank": 8},
+     {"scale": 1 / 8.0}),
 ])
 def test_head_spec_reproduces_the_models_own_logits(config_name, extra, expect):
     model = _tiny_model(config_name, **extra)
@@ -498,8 +506,43 @@ def test_verify_head_refuses_a_scale_off_by_one_percent():
     model = _tiny_model("CohereConfig", logit_scale=0.25)
     ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
     head = head_mod.model_head(model)
-    with pytest.raises(TailkdError, match="does not reproduce"):
+    with pytest.raises(TailkdError, match=r"does not reproduce CohereForCausalLM's logits \(V=70, scale=0\.2525; max "):
         head_mod.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70, scale=0.25 * 1.01)))
+
+
+def test_a_head_spec_describes_its_transforms():
+    """The words a refusal of `verify_head` names the head by: the vocabulary, then each transform it applies."""
+    assert HeadSpec(70).describe() == "V=70"
+    assert HeadSpec(70, scale=0.125, softcap=30.0).describe() == "V=70, scale=0.125, softcap=30"
+    assert HeadSpec(5, softcap=3.5).describe() == "V=5, softcap=3.5"
+
+
+def test_verify_head_tolerance_grows_with_the_largest_logit(monkeypatch):
+    """The tolerance is 1e-3 x max(1, max |logit|) (float32): final hidden states off by a relative 2e-4 give logits
+    off by 2e-4 x |logit| <= 2e-4 x max |logit|, within it (and past 1e-3 where max |logit| > 5, as here)."""
+    model = _tiny_model("LlamaConfig")
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top = float(model(input_ids=ids).logits.abs().max())
+        hidden = head_mod.final_hidden(model, ids)
+    head = head_mod.model_head(model)
+    rounding = 2 * float(LB.head_logits(hidden, head.weight, head.bias, head.spec)[1].max())  # each side's float32
+    assert top > 10 and rounding < 1e-4 * top
+    real = head_mod.final_hidden
+    monkeypatch.setattr(head_mod, "final_hidden", lambda m, i, **kw: real(m, i, **kw) * (1 + 2e-4))
+    assert 1e-3 < head_mod.verify_head(model, ids) <= 2e-4 * top * (1 + 2e-4) + rounding
+
+
+def test_verify_head_refuses_nan_logits_where_the_models_own_are_finite(monkeypatch):
+    """A head that gives NaN where the model's logits are finite does not reproduce them (max |diff| NaN, which no
+    comparison with the tolerance accepts)."""
+    model = _tiny_model("LlamaConfig")
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    real = head_mod.final_hidden
+    monkeypatch.setattr(head_mod, "final_hidden", lambda m, i, **kw: real(m, i, **kw).index_fill(1, torch.tensor([2]),
+                                                                                              float("nan")))
+    with pytest.raises(TailkdError, match=r"does not reproduce LlamaForCausalLM's logits \(V=70; max \|diff\| nan"):
+        head_mod.verify_head(model, ids)
 
 
 def test_verify_head_refuses_finite_logits_where_the_models_own_are_not(monkeypatch):
@@ -517,6 +560,114 @@ def test_verify_head_refuses_finite_logits_where_the_models_own_are_not(monkeypa
     monkeypatch.setattr(head_mod, "final_hidden", lambda m, i, **kw: torch.nan_to_num(real(m, i, **kw)))
     with pytest.raises(TailkdError, match="does not reproduce"):
         head_mod.verify_head(model, ids)
+
+
+def test_head_spec_reads_a_multimodal_config_s_text_config_and_refuses_a_short_head():
+    """A config with a text config (Gemma-3's multimodal one) keeps the language model's settings there: the
+    soft-cap and the vocabulary are read from it. A head with fewer rows than the vocabulary is refused."""
+    model = _tiny_model("LlamaConfig")
+    text = types.SimpleNamespace(vocab_size=70, final_logit_softcapping=3.0)
+    model.config = types.SimpleNamespace(model_type="gemma3", get_text_config=lambda: text)
+    assert head_mod.head_spec(model) == HeadSpec(70, softcap=3.0)
+    assert head_mod.head_spec(model, vocab_size=69) == HeadSpec(69, softcap=3.0)  # the shared vocabulary
+    with pytest.raises(TailkdError, match=r"^the LM head has 70 rows, fewer than the vocabulary \(71\)$"):
+        head_mod.head_spec(model, vocab_size=71)
+
+
+def test_model_head_of_a_wrapped_model_is_the_model_s_own():
+    """A DDP-wrapped student (its model at ``.module``): model_head gives the wrapped model's own head parameters
+    (the gradients flow into them) and spec."""
+    model = _tiny_model("CohereConfig", logit_scale=0.25)
+    head = head_mod.model_head(types.SimpleNamespace(module=model))
+    assert head.weight is model.get_output_embeddings().weight and head.spec == HeadSpec(70, scale=0.25)
+
+
+def test_model_head_takes_the_head_s_bias():
+    """A head with a bias (Phi's): model_head returns it, and final_hidden + apply_head reproduce the logits with it."""
+    model = _tiny_model("LlamaConfig")
+    torch.manual_seed(1)
+    model.lm_head = torch.nn.Linear(32, 70, bias=True)
+    with torch.no_grad():
+        model.lm_head.bias.mul_(50.0)  # larger than verify_head's tolerance of 1e-3 x max |logit|
+    head = head_mod.model_head(model)
+    assert head.bias is model.lm_head.bias and head.weight is model.lm_head.weight
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    head_mod.verify_head(model, ids, head)
+    with pytest.raises(TailkdError, match="does not reproduce"):
+        head_mod.verify_head(model, ids, Head(head.weight, None, head.spec))
+
+
+class _KeywordsOnly(torch.nn.Module):
+    """A causal LM whose forward takes every argument through ``**kwargs`` (none named logits_to_keep)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no logits_to_keep; its decoder is ``base_model``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def base_model(self):
+        return self.inner.model
+
+    def forward(self, input_ids, use_cache=False, output_hidden_states=False):
+        return self.inner(input_ids=input_ids, use_cache=use_cache, output_hidden_states=output_hidden_states)
+
+
+def test_final_hidden_runs_a_forward_that_takes_keywords_and_refuses_a_sharded_one_that_cannot():
+    """A forward taking ``**kwargs`` is given logits_to_keep (its own forward runs: DDP's and FSDP's hooks with it);
+    one that takes none runs its decoder (`base_model`) instead, which an FSDP-sharded model cannot (its forward
+    unshards the weights): refused. Both give the final hidden states the head reads."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = _tiny_model("LlamaConfig")
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        assert torch.equal(head_mod.final_hidden(_KeywordsOnly(model), ids), want)
+        assert torch.equal(head_mod.final_hidden(_NoLogitsToKeep(model), ids), want)
+        sharded = _NoLogitsToKeep(model)
+        sharded.__class__ = type("FSDP_NoLogitsToKeep", (FSDPModule, _NoLogitsToKeep), {})  # as fully_shard does
+        with pytest.raises(TailkdError, match=r"^FSDP_NoLogitsToKeep\.forward takes no logits_to_keep, which the "
+                                              r"chunked loss layer needs under DDP / FSDP"):
+            head_mod.final_hidden(sharded, ids)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_verify_head_compares_without_dropout_and_leaves_the_mode(training):
+    """verify_head runs the two forwards in eval mode (dropout would make them differ) and leaves the model in the
+    mode it found it in."""
+    model = _tiny_model("LlamaConfig", attention_dropout=0.5)
+    model.train(training)
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    head_mod.verify_head(model, ids)
+    assert model.training is training
+
+
+def test_apply_head_computes_in_the_wider_dtype_and_refuses_a_model_without_a_head():
+    """apply_head multiplies in the wider of the hidden states' and the head's dtypes (bf16 hidden states and a
+    float32 head: float32, exactly the float32 product of the upcast states), or in the dtype asked for; a model whose
+    output embeddings have no weight is refused as without an LM head."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 16, generator=g).bfloat16()
+    head = Head(torch.randn(9, 16, generator=g), None, HeadSpec(9))
+    got = head_mod.apply_head(hidden, head)
+    assert got.dtype == torch.float32 and torch.equal(got, hidden.float() @ head.weight.T)
+    assert head_mod.apply_head(hidden, head, dtype=torch.float64).dtype == torch.float64
+    model = _tiny_model("LlamaConfig")
+    model.get_output_embeddings = torch.nn.Identity
+    with pytest.raises(TailkdError, match=r"^LlamaForCausalLM has no LM head \(get_output_embeddings\); set "
+                                          r"train\.fused_loss=off$"):
+        head_mod.head_spec(model)
 
 
 def test_head_spec_reads_a_scaling_its_config_lacks_from_the_base_model():
