@@ -843,9 +843,9 @@ def test_run_log_states_the_chunk_the_cpu_layer_uses():
                                  None, None, None, None, None)
         return max(b - a for a, b in plan.chunks)
 
-    def logged(name, sparse=False, div_weight=1.0):
+    def logged(name, sparse=False, div_weight=1.0, seq_len=T):
         cfg = DistillConfig()
-        cfg.loss.name, cfg.loss.div_weight, cfg.data.seq_len = name, div_weight, T
+        cfg.loss.name, cfg.loss.div_weight, cfg.data.seq_len = name, div_weight, seq_len
         return loss_layer_text(cfg, True, V, torch.device("cpu"), None, sparse)
 
     assert planned("kd") == 256 and "chunks of 256 tokens" in logged("kd")
@@ -853,6 +853,8 @@ def test_run_log_states_the_chunk_the_cpu_layer_uses():
     assert "chunks of 256 tokens" in logged("tad", sparse=True)
     # a divergence of weight 0 is not computed (objective.computed_divergence): no ᾱ, no growth
     assert planned("tad", div_weight=0.0) == 256 and "chunks of 256 tokens" in logged("tad", div_weight=0.0)
+    # rows shorter than the default chunk: the chunk stays the default (several rows each), nothing grows
+    assert "chunks of 256 tokens," in logged("tad", seq_len=100)
 
 
 def test_matmul_into_falls_back_where_addmm_has_no_out_dtype(monkeypatch):

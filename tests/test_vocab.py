@@ -270,6 +270,19 @@ def test_the_shared_vocabulary_record_is_measured_on_the_initial_heldout_rows(he
                     f"tokens of {words})")
 
 
+def test_the_outside_mass_of_rows_without_a_label_is_unknown_not_zero():
+    """No labelled position to average over: the mass is NaN over 0 tokens (the run log says nan), never a 0 that
+    would claim the teacher puts nothing outside the shared ids."""
+    from tailkd.prepare import shared_vocab_mass
+
+    teacher = make_tiny_lm("llama", vocab_size=TINY_VOCAB + 3)
+    rows = _rows(2, seed=1)
+    for row in rows:
+        row["labels"] = torch.full_like(row["labels"], -100)
+    mass, tokens = shared_vocab_mass(teacher, rows, 2, TINY_VOCAB, TINY_VOCAB + 3, batch_size=2, device="cpu")
+    assert tokens == 0 and math.isnan(mass)
+
+
 # --------------------------------------------------------------------------- end to end: tailkd distill and eval
 
 
