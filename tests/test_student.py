@@ -49,6 +49,8 @@ def test_layer_subset_copies_chosen_layers_exactly():
     sources = {row["name"]: row["source"] for row in table}
     assert sources["model.layers.1.mlp.up_proj.weight"] == "model.layers.3.mlp.up_proj.weight"
     assert student.config.num_hidden_layers == 2 and student.config.layer_types == ["full_attention"] * 2
+    again, _ = build_student(teacher, layers=torch.tensor([1, 3]), mlp_init="copy")  # any sequence of whole numbers
+    assert all(torch.equal(param, s[name]) for name, param in again.named_parameters())
 
 
 def test_llama_per_head_truncation_index_by_index():
@@ -102,6 +104,19 @@ def test_query_heads_keep_their_kv_head():
     student, _ = build_student(teacher, num_heads=2, num_kv_heads=1)  # hidden kept: head_dim stays 16
     q = _params(student)["model.layers.0.self_attn.q_proj.weight"]
     assert student.config.head_dim == 16 and torch.equal(q, tq[:32])  # heads 0, 1 share KV head 0
+
+
+def test_explicit_head_dim_may_be_the_teachers():
+    """An explicit head_dim is anything from 1 to the teacher's, the teacher's included: a Llama student of hidden 32
+    with head_dim 16 keeps the teacher's four heads whole (every q/k/v row, the first 32 input columns)."""
+    teacher = make_tiny_lm("llama")
+    student, _ = build_student(teacher, hidden_size=32, head_dim=16)
+    assert student.config.head_dim == 16 and student.model.layers[0].self_attn.head_dim == 16
+    t, s = _params(teacher), _params(student)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.1.self_attn.{proj}.weight"
+        assert torch.equal(s[name], t[name][:, :32])
+    assert torch.equal(s["model.layers.1.self_attn.o_proj.weight"], t["model.layers.1.self_attn.o_proj.weight"][:32])
 
 
 def test_rope_aware_truncation_keeps_rotated_queries():
@@ -168,6 +183,38 @@ def test_rope_scaling_is_the_teachers_setting_over_the_students_rotary_rows():
     assert build_student(dynamic, hidden_size=16)[0].config.head_dim == 4  # 4 rotated rows: built
 
 
+def test_dynamic_rope_counts_the_rotated_rows_of_a_partial_rotary_head():
+    """Under Phi's partial rotary factor a dynamic (NTK) scaling sees the rotated rows only: a head_dim 4 student of a
+    teacher rotating half its rows rotates 2 and is refused as head_dim 2 is at a full factor; head_dim 8 is built."""
+    import transformers
+
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    teacher = transformers.AutoModelForCausalLM.from_config(transformers.PhiConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+        rope_parameters=rope))
+    with pytest.raises(TailkdError, match=r"^the teacher's dynamic \(NTK\) RoPE scaling raises its base to r/\(r - 2\) "
+                                          r"over the r = head_dim \* partial_rotary_factor \(0\.5\) rotated rows, but "
+                                          r"a head_dim 4 student rotates 2: pick a head_dim that rotates at least 4 "
+                                          r"\(the teacher's is 16\)$"):
+        build_student(teacher, hidden_size=16)
+    assert build_student(teacher, hidden_size=32)[0].model.layers[0].self_attn.rotary_ndims == 4
+
+
+def test_gemma2_attention_scale_follows_head_dim_rounded_and_positive():
+    """Gemma2's attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim: the scalar is multiplied by
+    head_dim_s/head_dim_t and rounded (23 * 8/16 = 11.5 -> 12, not 11), and stays a positive whole number (1 * 4/16
+    rounds to 0, whose scale 0 ** -0.5 is a division by zero)."""
+    import transformers
+
+    for scalar, head_dim, want in ((23, 8, 12), (1, 4, 1)):
+        teacher = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+            vocab_size=TINY_VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_hidden_layers=2, intermediate_size=64, query_pre_attn_scalar=scalar))
+        student, _ = build_student(teacher, head_dim=head_dim)
+        assert student.config.query_pre_attn_scalar == want
+        assert student.model.layers[0].self_attn.scaling == want ** -0.5
+
+
 def test_rope_pair_rows_general():
     assert rope_pair_rows(16, 16) == list(range(16))
     assert rope_pair_rows(64, 32) == [2 * j for j in range(16)] + [32 + 2 * j for j in range(16)]
@@ -221,6 +268,19 @@ def test_gpt2_fused_qkv_truncation_index_by_index():
     assert torch.equal(s["transformer.wpe.weight"], t["transformer.wpe.weight"][:, :32])
     assert torch.equal(s["transformer.ln_f.bias"], t["transformer.ln_f.bias"][:32])
     assert student.config.n_inner == 100 and student.config.n_embd == 32
+
+
+def test_gpt2_heads_have_no_rope_constraints():
+    """GPT-2 has absolute positions: an odd head_dim (n_embd 28 over 4 heads: 7) is built, keeping the first 7 rows of
+    each q, k and v head; num_kv_heads may be given as num_heads (its heads are MHA), only another value is refused."""
+    teacher = make_tiny_lm("gpt2")
+    student, _ = build_student(teacher, hidden_size=28, num_kv_heads=4)
+    cols = torch.tensor([h * 16 + r for h in range(4) for r in range(7)])
+    tw = _params(teacher)["transformer.h.1.attn.c_attn.weight"]  # Conv1D: [in, out], out = [q | k | v]
+    expected = torch.cat([tw[:28, block * 64 + cols] for block in range(3)], dim=1)
+    assert torch.equal(_params(student)["transformer.h.1.attn.c_attn.weight"], expected)
+    with torch.no_grad():
+        assert torch.isfinite(student.eval()(_ids()).logits).all()
 
 
 def test_student_from_bf16_teacher_is_float32_and_exact():
@@ -290,6 +350,7 @@ def test_table_lists_every_parameter_once_with_its_action(family):
         is_mlp = ".mlp." in row["name"]
         assert row["action"] == ("random" if is_mlp else "truncated"), row
         assert (row["source"] is None) == is_mlp
+        assert row["frozen"] is False and params[row["name"]].requires_grad  # freeze_embeddings is off by default
     sources = {row["name"]: row["source"] for row in table}  # layers [0, 2, 3]: student 1 <- teacher 2
     if family == "gpt2":
         assert sources["transformer.h.1.ln_1.weight"] == "transformer.h.2.ln_1.weight"
@@ -312,6 +373,23 @@ def test_table_copied_vs_truncated_and_json_ready():
     assert actions["model.layers.0.mlp.up_proj.weight"] == "truncated"
     assert actions["lm_head.weight"] == "copied"
     assert json.loads(json.dumps(table)) == table
+
+
+def test_format_table_columns_and_counts():
+    """One aligned line per tensor: name, shape, action, "yes" where frozen, source ("-" for a random one); then the
+    parameters per action and, among them, the frozen ones (not counted twice in the total)."""
+    table = [{"name": "emb", "shape": [10, 4], "source": "t.emb", "action": "copied", "frozen": True},
+             {"name": "layers.0.attn", "shape": [3, 4], "source": "t.layers.2.attn", "action": "truncated",
+              "frozen": False},
+             {"name": "layers.0.mlp", "shape": [5], "source": None, "action": "random", "frozen": False}]
+    lines = format_table(table).splitlines()
+    assert [line.split() for line in lines[:-1]] == [
+        ["name", "shape", "action", "frozen", "source"], ["emb", "10x4", "copied", "yes", "t.emb"],
+        ["layers.0.attn", "3x4", "truncated", "t.layers.2.attn"], ["layers.0.mlp", "5", "random", "-"]]
+    starts = [lines[0].index(column) for column in ("shape", "action", "frozen", "source")]
+    assert [lines[1].index(cell) for cell in ("10x4", "copied", "yes", "t.emb")] == starts
+    assert lines[3].index("-") == starts[3]
+    assert lines[-1] == "3 tensors, 57 parameters: 40 copied, 12 truncated, 5 random, 40 frozen"
 
 
 # --------------------------------------------------------------------------- layer choice
@@ -377,6 +455,20 @@ def test_student_saves_and_loads_as_plain_hf_model(tmp_path, family):
     ("llama", {"mlp_init": "zeros"}, r"mlp_init='zeros': use one of random, copy"),
     ("gpt2", {"num_kv_heads": 2}, r"GPT-2 has no grouped KV heads"),
     ("gpt2", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
+    # the lower bounds and the fixes named: without them a student with no MLP units was built, a layer -1 or 0 KV
+    # heads failed with a KeyError or ZeroDivisionError, head_dim 0 was called odd, and a fix one head short was named
+    ("llama", {"layers": [-1, 2]}, r"^layer indices \[-1\] out of range: the teacher has layers 0\.\.3$"),
+    ("llama", {"intermediate_size": 0}, r"^intermediate_size=0 but the teacher's is 128: a student can only be "
+                                        r"narrower, pick 1\.\.128$"),
+    ("llama", {"num_kv_heads": 0}, r"^num_kv_heads=0 but the teacher has 2: pick 1\.\.2$"),
+    ("llama", {"head_dim": 0}, r"^head_dim=0 but the teacher's is 16: a student can only be narrower, pick 1\.\.16$"),
+    ("llama", {"num_heads": 3, "num_kv_heads": 1}, r"than the teacher's 2: raise num_kv_heads to at least 2 "
+                                                   r"\(a divisor of 3\)$"),  # 3 heads need 3 / 2 -> 2 KV heads
+    ("llama", {"hidden_size": 40, "num_heads": 2, "num_kv_heads": 2}, r"gives head_dim 20, wider than the teacher's "
+                                                                       r"16: use at least 3 heads"),  # 40 / 16 -> 3
+    # GPT-2's head_dim is n_embd // n_head, which must be exact: an explicit head_dim of 34 // 4 is no way round it
+    ("gpt2", {"hidden_size": 34, "head_dim": 8}, r"^GPT-2 has no head_dim setting \(it is hidden_size/num_heads = "
+                                                 r"34/4\): drop head_dim=8"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message):
@@ -413,6 +505,15 @@ def test_unsupported_architecture():
     with pytest.raises(TailkdError,
                        match=r"GPTNeoXForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
         build_student(model)
+
+
+def test_a_parameter_without_a_copy_rule_is_refused():
+    """A student parameter its family's table does not name is refused in one line, never left at its random init:
+    GPT-2 with cross-attention (a decoder of an encoder-decoder) has crossattention.* weights no table lists."""
+    teacher = make_tiny_lm("gpt2", add_cross_attention=True)
+    with pytest.raises(TailkdError, match=r"^student parameter transformer\.h\.0\.crossattention\.\S+ has no copy rule "
+                                          r"\(an unsupported variant of a supported architecture\?\)"):
+        build_student(teacher, num_layers=2)
 
 
 def test_a_quantized_teacher_is_refused_and_its_setting_is_not_the_students():
