@@ -509,9 +509,10 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
                 for text, ids in zip(batch, tokenize_documents(tokenizer, batch)):
                     split = "heldout" if doc_hash(text) < threshold else "train"
                     arr = np.asarray(ids if eos is None else [*ids, eos], dtype=np.int64)
-                    bad = arr[(arr < 0) | (arr > np.iinfo(TOKEN_DTYPE).max)]
-                    if bad.size:
-                        raise TailkdError(f"token id {int(bad[0])} does not fit in {np.dtype(TOKEN_DTYPE).name}; "
+                    top = np.iinfo(TOKEN_DTYPE).max
+                    if arr.size and (arr.min() < 0 or arr.max() > top):  # two reductions; the culprit only on failure
+                        bad = int(arr[(arr < 0) | (arr > top)][0])
+                        raise TailkdError(f"token id {bad} does not fit in {np.dtype(TOKEN_DTYPE).name}; "
                                           "this tokenizer cannot be used with tailkd corpora")
                     parts[split].append(arr.astype(TOKEN_DTYPE))
                     counts[split]["docs"] += 1
