@@ -392,6 +392,11 @@ def test_prepare_default_corpus(tmp_path, tok):
 # --------------------------------------------------------------------------- tokenised corpus
 
 
+def stored_ids(info) -> np.ndarray:
+    """Every token id a prepared corpus stores: its train.bin, then its heldout.bin."""
+    return np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+
+
 def corpus_file(tmp_path, n: int = 40, name: str = "c.txt"):
     return write(tmp_path / name, "\n\n".join(f"Document number {i}: some words about item {i * 7}." for i in range(n)))
 
@@ -471,7 +476,7 @@ def test_meta_vocab_size_counts_added_tokens(tmp_path):
     tok = byte_tokenizer()
     tok.add_tokens(["<extra>"])
     info = corpus.prepare_corpus(write(tmp_path / "c.txt", "a <extra> b\n\nc"), tok, tmp_path / "out")
-    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    ids = stored_ids(info)
     assert int(ids.max()) == 257 and info.meta["vocab_size"] == 258 == len(tok)
 
 
@@ -505,7 +510,7 @@ def test_documents_are_tokenised_in_batches_of_bounded_text(tmp_path, tok, monke
 def test_eos_inside_text_is_not_a_boundary(tmp_path, tok):
     f = write(tmp_path / "c.txt", f"before {EOS} after\n\nsecond\n\nthird")
     info = corpus.prepare_corpus(f, tok, tmp_path / "out")
-    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    ids = stored_ids(info)
     assert int((ids == 256).sum()) == 3  # one EOS per document, none forged by the text
     assert f"before {EOS} after" in split_docs(info.train_bin, 256, tok) + split_docs(info.heldout_bin, 256, tok)
 
@@ -517,7 +522,7 @@ def test_ids_above_65535_survive(tmp_path):
     big = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="</s>", unk_token="[UNK]")
     f = write(tmp_path / "c.txt", "hello world\n\nworld hello hello")
     info = corpus.prepare_corpus(f, big, tmp_path / "out")
-    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    ids = stored_ids(info)
     assert sorted(ids.tolist()) == sorted([70_000, 3, 100_000, 3, 70_000, 70_000, 100_000])
 
 
@@ -539,7 +544,7 @@ def test_a_tokenizer_with_bos_only_closes_documents_with_it(tmp_path):
     bos_only = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", bos_token="<s>")
     info = corpus.prepare_corpus(write(tmp_path / "c.txt", "a a\n\na"), bos_only, tmp_path / "out")
     assert info.eos_id == 2
-    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    ids = stored_ids(info)
     assert sorted(ids.tolist()) == [1, 1, 1, 2, 2]
 
 
@@ -555,7 +560,7 @@ def test_documents_are_tokenised_without_the_tokenizers_special_tokens(tmp_path)
     assert llama_like("a a")["input_ids"] == [2, 1, 1]  # the tokenizer's own default
     assert corpus.tokenize_documents(llama_like, ["a a", "a"]) == [[1, 1], [1]]
     info = corpus.prepare_corpus(write(tmp_path / "c.txt", "a a\n\na"), llama_like, tmp_path / "out")
-    ids = np.concatenate([np.fromfile(info.train_bin, np.uint32), np.fromfile(info.heldout_bin, np.uint32)])
+    ids = stored_ids(info)
     assert sorted(ids.tolist()) == [1, 1, 1, 3, 3]
 
 
