@@ -34,8 +34,9 @@ def _permute_for_ggml(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: Path, model, tokenizer) -> Path:
-    """Write a tiny Llama + its byte-level BPE tokenizer as an F32 GGUF (the llama.cpp layout)."""
+def write_tiny_llama_gguf(path: Path, model, tokenizer, skip=()) -> Path:
+    """Write a tiny Llama + its byte-level BPE tokenizer as an F32 GGUF (the llama.cpp layout), without the GGUF
+    tensors named in `skip`."""
     import gguf
 
     cfg = model.config
@@ -59,21 +60,26 @@ def write_tiny_llama_gguf(path: Path, model, tokenizer) -> Path:
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+
+    def add(name, array):
+        if name not in skip:
+            writer.add_tensor(name, array)
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
     if not cfg.tie_word_embeddings:
-        writer.add_tensor("output.weight", sd["lm_head.weight"])
+        add("output.weight", sd["lm_head.weight"])
     names = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
              "ffn_norm": "post_attention_layernorm"}
     for i in range(cfg.num_hidden_layers):
         hf = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_q.weight",
-                          _permute_for_ggml(sd[hf + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight",
-                          _permute_for_ggml(sd[hf + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        add(f"blk.{i}.attn_q.weight",
+            _permute_for_ggml(sd[hf + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        add(f"blk.{i}.attn_k.weight",
+            _permute_for_ggml(sd[hf + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
         for gg, name in names.items():
-            writer.add_tensor(f"blk.{i}.{gg}.weight", sd[hf + name + ".weight"])
+            add(f"blk.{i}.{gg}.weight", sd[hf + name + ".weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -147,6 +153,16 @@ def test_load_teacher_cuda_without_cuda_is_an_error(hf_dir):
         load_teacher(hf_dir[0], device="cuda")
 
 
+@pytest.mark.parametrize("device, why", [("gpu", "Expected one of cpu"),  # RuntimeError
+                                         ([0], "device() received an invalid combination of arguments")])  # TypeError
+def test_an_unknown_device_is_one_line(tmp_path, device, why):
+    """A device torch cannot read, as a string or of another type (a YAML list), is one line with the fix, before any
+    model is read."""
+    expected = rf"^unknown device {re.escape(repr(device))} \({re.escape(why)}.*\): use cpu, cuda or cuda:N$"
+    with pytest.raises(TailkdError, match=expected):
+        load_teacher(tmp_path / "not-read", device=device)
+
+
 @pytest.mark.parametrize(
     "dtype, expected",
     [(None, torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
@@ -180,6 +196,41 @@ def test_teacher_dtype_auto_on_cuda_is_bf16_only_where_it_is_native(monkeypatch,
 def test_resolve_dtype_unknown():
     with pytest.raises(TailkdError, match="fp32, bf16"):
         resolve_dtype("int8")
+
+
+def test_brief_error_is_one_line_of_at_most_160_characters():
+    """A quoted error keeps its words on one line (transformers' errors span several) and is cut past 160 characters,
+    "..." saying so; an exception without a message is named by its type."""
+    assert models.brief_error(OSError("no such\n  file\tor folder")) == "no such file or folder"
+    assert models.brief_error(KeyError()) == "KeyError"
+    assert models.brief_error(ValueError("x" * 160)) == "x" * 160  # 160 characters: whole
+    assert models.brief_error(ValueError("x" * 161)) == "x" * 157 + "..."  # 161: cut to 160, the "..." included
+
+
+@pytest.mark.parametrize("dtype, expected", [("BF16", torch.bfloat16), ("Fp32", torch.float32), ("AUTO", torch.float32),
+                                             ("torch.bfloat16", torch.bfloat16), ("torch.float16", torch.float16)])
+def test_resolve_dtype_reads_any_case_and_torchs_own_names(dtype, expected):
+    """A dtype is read in any case, and as str(torch.dtype) writes it ("torch.bfloat16": a script's or a saved
+    setting's str of a dtype)."""
+    assert resolve_dtype(dtype, "cpu") is expected
+
+
+def test_auto_dtype_on_the_cpu_is_float32_where_cuda_and_native_bf16_are_there_too(monkeypatch):
+    """"auto" keeps the CPU's exact float32 on a machine with CUDA whose CPU has native bf16 (TAILKD_NATIVE_BF16=1, as
+    an AVX-512-bf16 CPU answers): a teacher asked for on the CPU is not loaded in bf16 because a GPU is there. A
+    teacher-only command's autocast on the CPU is none, for an explicit bf16 too (the teacher's own dtype)."""
+    from test_distributed import fake_cuda_capability
+
+    from tailkd import distributed as dist
+    from tailkd.models import teacher_autocast_dtype
+
+    fake_cuda_capability(monkeypatch, 8)
+    monkeypatch.setenv(dist.NATIVE_BF16_ENV, "1")
+    assert dist.native_bf16(torch.device("cpu"))  # the CPU counts as native bf16 here
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    for dtype in ("auto", "bf16"):
+        assert teacher_autocast_dtype(dtype, torch.device("cpu")) is None
 
 
 def test_missing_path_error(tmp_path):
@@ -240,6 +291,31 @@ def test_a_damaged_shard_index_is_one_line(tmp_path, index, why):
         safetensors_files(tmp_path)
 
 
+def test_safetensors_files_lists_each_file_once(hf_dir, tmp_path):
+    """The safetensors files of a folder: model.safetensors, or each shard its index names (once, however many tensors
+    it holds: a sharded teacher reads each file's tensors from this list), a shard it names but lacks by name; none
+    for a folder without safetensors."""
+    from safetensors.torch import save_file
+
+    from tailkd.models import safetensors_files
+
+    path, _ = hf_dir
+    assert safetensors_files(path) == [path / "model.safetensors"]
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, sharded / first)
+    save_file({"c": torch.zeros(2)}, sharded / second)
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"a": first, "b": first, "c": second}}))
+    assert safetensors_files(sharded) == [sharded / first, sharded / second]
+    (sharded / second).unlink()
+    with pytest.raises(TailkdError, match=rf"{second} is missing \(listed in model\.safetensors\.index\.json\)"):
+        safetensors_files(sharded)
+    (tmp_path / "none").mkdir()
+    assert safetensors_files(tmp_path / "none") == []
+
+
 def test_dir_without_tokenizer(tmp_path):
     make_tiny_lm("llama").save_pretrained(tmp_path / "m")
     with pytest.raises(TailkdError, match=r"no tokenizer in .*m \(none of tokenizer\.json.*tokenizer\.save_pretrained"):
@@ -257,6 +333,23 @@ def test_a_tokenizer_file_of_another_shape_is_one_line(hf_dir, name, text, why):
     (path / name).write_text(text)
     with pytest.raises(TailkdError, match=rf"^unusable tokenizer in .*tiny \({re.escape(why)}\): save the model's "):
         load_causal_lm(path)
+
+
+def test_a_slow_tokenizers_files_alone_are_a_tokenizer(hf_dir, tiny_tokenizer):
+    """A folder whose tokenizer is a slow one's files (vocab.json + merges.txt + tokenizer_config.json, no
+    tokenizer.json, as GPT-2-era checkpoints have) loads, as the same tokenizer."""
+    path, _ = hf_dir
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    (path / "vocab.json").write_text(json.dumps(tiny_tokenizer.get_vocab()))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in TINY_MERGES))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|pad|>"}))
+    _, tok = load_causal_lm(path)
+    text = "the thin cat sat in the hat"
+    assert tok(text).input_ids == tiny_tokenizer(text).input_ids and len(tok) == TINY_VOCAB
+    assert (tok.eos_token_id, tok.pad_token_id) == (tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("text, why", [("[1]", "not a JSON object"), ("null", "not a JSON object"),
@@ -283,12 +376,61 @@ def test_dir_without_weights(tmp_path, tiny_tokenizer):
         load_causal_lm(tmp_path / "m")
 
 
+def test_a_pytorch_bin_that_is_not_a_pickle_is_one_line(hf_dir):
+    """Weights as a pytorch_model.bin that is not a pickle (nor a zip): torch.load's UnpicklingError, which is no
+    OSError or RuntimeError, is one line naming the file."""
+    path, _ = hf_dir
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"garbage, not a pickle")
+    with pytest.raises(TailkdError, match=rf"^cannot load pytorch_model\.bin in {re.escape(str(path))} \(.*\): the "
+                                          r"folder needs the complete"):
+        load_causal_lm(path)
+
+
+def test_read_tokenizer_reads_the_config_first(hf_dir):
+    """The tokenizer read alone (before the models load: the vocabulary checks, distill's data) refuses a folder
+    whose config.json it cannot read with the line loading the model gives (read_config's), not one blaming the
+    tokenizer ("unusable tokenizer in DIR (It looks like the config file ... is not a valid JSON file.)")."""
+    from tailkd.models import read_tokenizer
+
+    path, _ = hf_dir
+    assert len(read_tokenizer(path)) == TINY_VOCAB
+    (path / "config.json").write_text("{")
+    with pytest.raises(TailkdError, match=r"^cannot read the model config in .*tiny \("):
+        read_tokenizer(path)
+
+
 def test_non_causal_lm_dir(tmp_path):
     from transformers import GPT2Config, GPT2Model
 
     GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=TINY_VOCAB)).save_pretrained(tmp_path / "enc")
     with pytest.raises(TailkdError, match=r"enc holds a GPT2Model, not a causal language model"):
         load_causal_lm(tmp_path / "enc")
+
+
+def test_a_config_without_architectures_is_judged_by_its_model_type(tmp_path, tiny_tokenizer):
+    """A config.json that names no architectures (a config saved alone) is a causal LM when its model_type has one: a
+    llama one loads, a t5 one (an encoder-decoder) is refused by name, not left to AutoModelForCausalLM's bare
+    ValueError ("Unrecognized configuration class")."""
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=TINY_VOCAB).save_pretrained(tmp_path / "t5")
+    assert not json.loads((tmp_path / "t5" / "config.json").read_text()).get("architectures")
+    with pytest.raises(TailkdError, match=r"t5 holds a t5, not a causal language model"):
+        load_causal_lm(tmp_path / "t5")
+    original = make_tiny_lm("llama")
+    original.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "architectures": None}))
+    _assert_same_weights(load_causal_lm(tmp_path / "m")[0], original)
+
+
+def test_a_config_naming_several_architectures_loads_where_one_is_a_causal_lm(hf_dir):
+    path, original = hf_dir
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaModel", "LlamaForCausalLM"]}))
+    _assert_same_weights(load_causal_lm(path)[0], original)
 
 
 def test_plain_file_and_bad_gguf(tmp_path):
@@ -301,6 +443,33 @@ def test_plain_file_and_bad_gguf(tmp_path):
     (tmp_path / "BROKEN.GGUF").write_bytes(b"NOPE" + b"\0" * 16)  # the suffix in any case: read as a GGUF
     with pytest.raises(TailkdError, match=r"BROKEN\.GGUF is not a GGUF file"):
         load_causal_lm(tmp_path / "BROKEN.GGUF")
+
+
+def test_a_spec_and_a_cache_dir_under_a_tilde_are_read_under_home(hf_dir, tiny_tokenizer, monkeypatch):
+    """'~/...' is the home folder, for a model folder, a .gguf and the GGUF cache (cache_dir, as a Python caller
+    passes it), not a folder named '~' in the working directory."""
+    path, original = hf_dir
+    home = path.parent
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)  # where a "~" taken literally would be made
+    _assert_same_weights(load_causal_lm("~/tiny")[0], original)
+    write_tiny_llama_gguf(home / "tiny.gguf", original, tiny_tokenizer)
+    assert models.model_dir("~/tiny.gguf", "~/cache").parent == home / "cache" / "gguf"
+    assert not (home / "~").exists()
+
+
+def test_an_unreadable_model_is_one_line(hf_dir, monkeypatch):
+    """A model path without read permission is one line with the fix. The tests run as root, whom chmod refuses
+    nothing: os.access answers for it as for a user without read permission."""
+    path, _ = hf_dir
+    real = os.access
+
+    def access(p, mode, **kwargs):
+        return (Path(p) != path or mode != os.R_OK) and real(p, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(TailkdError, match=rf"^cannot read {re.escape(str(path))}: fix its permissions \(chmod u\+r\)"):
+        load_causal_lm(path)
 
 
 # --------------------------------------------------------------------------- GGUF -> safetensors cache
@@ -449,9 +618,63 @@ def test_gguf_file_is_hashed_once(tmp_path, tiny_tokenizer, monkeypatch):
     assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 3
     memo.write_text(json.dumps({"source": str(gguf_file.resolve()), "sha256": ["x"]}))  # was taken for the hash
     assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 4
+    memo.write_text("[1]")  # JSON, but not an object
+    assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 5
+    memo.write_text(json.dumps({"source": str(tmp_path / "other.gguf"), "sha256": "0" * 64}))  # another file's
+    assert models.gguf_cache_key(gguf_file, cache) == key and len(reads) == 6
     unwritable = tmp_path / "ro"
     unwritable.write_text("a file, not a folder")
     assert models.gguf_cache_key(gguf_file, unwritable) == key  # no memo possible: still the key
+
+
+def test_gguf_cache_key_follows_the_bytes_whatever_the_size_and_mtime_say(tmp_path, tiny_tokenizer):
+    """The remembered hash serves the file only as it was: bytes rewritten at the same size (a newer mtime), or at
+    another size with the former mtime put back (a copy over it that keeps mtimes, `cp -p`), get their own key, not the
+    memo of the former bytes (which would load the former model for them)."""
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+    first = gguf_cache_path(gguf_file, cache)
+    data, st = gguf_file.read_bytes(), gguf_file.stat()
+    gguf_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
+    os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later mtime, whatever the clock's step
+    second = gguf_cache_path(gguf_file, cache)
+    assert models.gguf_sha256(gguf_file, cache) == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    gguf_file.write_bytes(data + b"\0" * 32)  # another size...
+    os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...with the first mtime
+    third = gguf_cache_path(gguf_file, cache)
+    assert models.gguf_sha256(gguf_file, cache) == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    assert len({first, second, third}) == 3
+
+
+def test_a_gguf_given_by_a_relative_path_is_remembered_by_its_absolute_one(tmp_path, tiny_tokenizer, monkeypatch):
+    """A GGUF passed by a relative path (--teacher tiny.gguf) has its hash remembered under its absolute path, which
+    pruning checks the memo against: the memo stays, and that file by any other path is not hashed again."""
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+    reads = []
+    real = models.file_sha256
+    monkeypatch.setattr(models, "file_sha256", lambda path: reads.append(path) or real(path))
+    monkeypatch.chdir(tmp_path)
+    entry = models.model_dir("tiny.gguf", cache)  # converted, then the cache pruned
+    assert [p.name for p in (cache / "gguf" / ".by-file").iterdir()] == [models._stat_key(gguf_file)]
+    assert models.prune_gguf_cache(cache) == []
+    assert gguf_cache_path(gguf_file, cache) == entry and len(reads) == 1
+
+
+def test_gguf_cache_entry_names(tmp_path, monkeypatch):
+    """An entry is <stem>-<key>: the file's stem with each character but letters, digits, '.', '_' and '-' as '_', cut
+    to 80 (within NAME_MAX beside its .tmp-<entry>-<pid>@<host>-<random> folder), and a key that changes with the cache
+    format, so that a new format never reads an older one's entries."""
+    cache = tmp_path / "cache"
+    odd = tmp_path / "my model (v2)+é.gguf"
+    long = tmp_path / ("a" * 200 + ".gguf")
+    for f in (odd, long):
+        f.write_bytes(b"GGUF")
+    assert re.fullmatch(r"my_model__v2___-[0-9a-f]{20}", gguf_cache_path(odd, cache).name)
+    assert re.fullmatch("a" * 80 + r"-[0-9a-f]{20}", gguf_cache_path(long, cache).name)
+    key = models.gguf_cache_key(odd, cache)
+    monkeypatch.setattr(models, "_GGUF_CACHE_FORMAT", models._GGUF_CACHE_FORMAT + 1)
+    assert models.gguf_cache_key(odd, cache) != key
 
 
 def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_tokenizer):
@@ -495,6 +718,61 @@ def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_to
     assert models.prune_gguf_cache(cache) == [damaged] and other_entry.is_dir()
 
 
+def test_gguf_prune_removes_every_older_format_and_leaves_what_it_cannot_read(tmp_path):
+    """Pruning removes the complete entries of every other format (format 1, format 2, a marker without one) and
+    leaves this format's, folders without a marker (not complete: not an entry it knows) and entries whose marker it
+    cannot read (torn, not an object), rather than stopping there."""
+    root = tmp_path / "cache" / "gguf"
+
+    def entry(name, marker=None):
+        (root / name).mkdir(parents=True)
+        if marker is not None:
+            (root / name / models._GGUF_MARKER).write_text(marker)
+        return root / name
+
+    older = [entry("a-1", json.dumps({"format": 1})), entry("a-2", json.dumps({"format": 2})),
+             entry("a-none", json.dumps({"source": "/gone/a.gguf"}))]
+    kept = [entry("a-now", json.dumps({"format": models._GGUF_CACHE_FORMAT})), entry("a-no-marker"),
+            entry("a-torn", '{"format": '), entry("a-list", "[1]")]
+    assert sorted(models.prune_gguf_cache(tmp_path / "cache")) == sorted(older)
+    assert all(path.is_dir() for path in kept) and not any(path.exists() for path in older)
+
+
+def test_gguf_prune_of_the_hash_memos(tmp_path, monkeypatch):
+    """A memo is removed once its file changed (its name holds the former size and mtime: never read again); one being
+    written (.tmp-<name>-<pid>@<host>, atomic_write_text) stays while its writer lives, and goes once it is dead; one
+    that its writer renames into place while pruning looks at it is neither removed nor reported as removed."""
+    cache = tmp_path / "cache"
+    memos = cache / "gguf" / ".by-file"
+    touched, other = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    touched.write_bytes(b"GGUF a")
+    other.write_bytes(b"GGUF b")
+    models.gguf_sha256(touched, cache)
+    before = memos / models._stat_key(touched)
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    models.gguf_sha256(touched, cache)
+    after = memos / models._stat_key(touched)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    live = memos / f".tmp-{'1' * 20}-{os.getpid()}@{host}"
+    dead = memos / f".tmp-{'2' * 20}-{gone.pid}@{host}"
+    racing = memos / f".tmp-{models._stat_key(other)}-{os.getpid()}@{host}"
+    for path in (live, dead, racing):
+        path.write_text(json.dumps({"source": str(other), "sha256": hashlib.sha256(b"GGUF b").hexdigest()}))
+    real = models.left_by_dead_writer
+
+    def renamed_meanwhile(name, *args):  # the writer renames its memo into place between listing and stat
+        if name == racing.name:
+            racing.rename(memos / models._stat_key(other))
+        return real(name, *args)
+
+    monkeypatch.setattr(models, "left_by_dead_writer", renamed_meanwhile)
+    assert sorted(models.prune_gguf_cache(cache)) == sorted([before, dead])
+    assert after.is_file() and live.is_file() and (memos / models._stat_key(other)).is_file()
+
+
 def test_gguf_matches_transformers_from_pretrained(tmp_path, tiny_tokenizer):
     """Where accelerate is installed, transformers' own GGUF route gives the same tensors."""
     pytest.importorskip("accelerate")
@@ -523,6 +801,9 @@ def test_model_max_length():
     Unset.config.n_positions = 0
     with pytest.raises(TailkdError, match="max_position_embeddings"):
         model_max_length(Unset())
+    # the names in this order, a config itself too: max_position_embeddings first, n_ctx last (GPT-J-era configs)
+    assert model_max_length(SimpleNamespace(max_position_embeddings=96, n_positions=64, n_ctx=32)) == 96
+    assert model_max_length(SimpleNamespace(n_ctx=32)) == 32
 
 
 # --------------------------------------------------------------------------- the real built-in teacher
@@ -563,6 +844,62 @@ def test_gguf_conversion_keeps_the_entry_a_concurrent_writer_completed(tmp_path,
     assert models.gguf_cache_entry(gguf_file, cache) == final
     assert (final / "opened-by-the-other-process").is_file()
     assert [p.name for p in (cache / "gguf").iterdir() if p.name != ".by-file"] == [final.name]  # no temp dir left
+
+
+def test_gguf_conversion_replaces_a_folder_without_its_marker(tmp_path, tiny_tokenizer):
+    """A folder at the entry's name without the marker that completes an entry (a copy cut short, say) is not one:
+    the conversion replaces it."""
+    original = make_tiny_lm("llama")
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", original, tiny_tokenizer)
+    cache = tmp_path / "cache"
+    final = gguf_cache_path(gguf_file, cache)
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"half a file")
+    assert models.gguf_cache_entry(gguf_file, cache) == final and (final / models._GGUF_MARKER).is_file()
+    _assert_same_weights(load_causal_lm(gguf_file, cache_dir=cache)[0], original)
+
+
+def test_gguf_conversion_that_cannot_rename_its_entry_into_place_fails(tmp_path, tiny_tokenizer, monkeypatch):
+    """A rename into place that fails (the cache's folder made read-only meanwhile, say) with no other writer's entry
+    there fails the load, rather than giving a folder that is not there; no temporary folder stays."""
+    import errno
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+    final = gguf_cache_path(gguf_file, cache)
+    real = os.rename
+
+    def refused(src, dst, *args, **kwargs):
+        if Path(dst) == final:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises((OSError, TailkdError)):
+        models.gguf_cache_entry(gguf_file, cache)
+    assert [p.name for p in (cache / "gguf").iterdir()] == [".by-file"]
+
+
+def test_a_gguf_without_one_of_its_models_tensors_is_refused(tmp_path, tiny_tokenizer):
+    """A GGUF lacking a tensor of its model is refused by name: load_state_dict(strict=False) would leave that tensor
+    as from_config drew it, a random MLP in a teacher, without a word. No entry is written."""
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer,
+                                      skip={"blk.1.ffn_up.weight"})
+    with pytest.raises(TailkdError, match=r"tiny\.gguf does not match its LlamaForCausalLM \(missing "
+                                          r"\['model\.layers\.1\.mlp\.up_proj\.weight'\], unexpected \[\]\)"):
+        load_causal_lm(gguf_file, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [".by-file"]
+
+
+def test_gguf_special_token_ids_at_the_ends_of_the_vocabulary(tmp_path, tiny_tokenizer, monkeypatch):
+    """Any id of the vocabulary names a special token, its first (0) and last included; -1 is outside it."""
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    monkeypatch.setattr(models, "gguf_special_token_ids", lambda path: {"unk_token": 0, "pad_token": TINY_VOCAB - 1})
+    _, tok = load_causal_lm(gguf_file, cache_dir=tmp_path / "cache")
+    assert (tok.unk_token_id, tok.pad_token_id) == (0, TINY_VOCAB - 1)
+    monkeypatch.setattr(models, "gguf_special_token_ids", lambda path: {"unk_token": -1})
+    with pytest.raises(TailkdError, match=f"unk_token id -1 is outside its {TINY_VOCAB}-token vocabulary"):
+        load_causal_lm(gguf_file, cache_dir=tmp_path / "cache2")
 
 
 def test_gguf_conversion_on_a_full_disk_is_one_line(tmp_path, tiny_tokenizer, monkeypatch):
