@@ -861,7 +861,8 @@ def test_gguf_conversion_replaces_a_folder_without_its_marker(tmp_path, tiny_tok
 
 def test_gguf_conversion_that_cannot_rename_its_entry_into_place_fails(tmp_path, tiny_tokenizer, monkeypatch):
     """A rename into place that fails (the cache's folder made read-only meanwhile, say) with no other writer's entry
-    there fails the load, rather than giving a folder that is not there; no temporary folder stays."""
+    there fails the load with one line naming the entry and the fix (it was the bare PermissionError), rather than
+    giving a folder that is not there; no temporary folder stays."""
     import errno
 
     gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
@@ -875,8 +876,10 @@ def test_gguf_conversion_that_cannot_rename_its_entry_into_place_fails(tmp_path,
         return real(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "rename", refused)
-    with pytest.raises((OSError, TailkdError)):
+    with pytest.raises(TailkdError) as info:
         models.gguf_cache_entry(gguf_file, cache)
+    assert str(info.value) == (f"could not move the converted GGUF into place as {final} (Permission denied): make "
+                               f"{final.parent} writable or set TAILKD_CACHE (or cache_dir) to a writable folder")
     assert [p.name for p in (cache / "gguf").iterdir()] == [".by-file"]
 
 

@@ -459,9 +459,12 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
                 shutil.rmtree(final)
             try:
                 os.rename(tmp, final)
-            except OSError:
+            except OSError as err:
                 if not (final / _GGUF_MARKER).is_file():  # not a concurrent writer that won the race
-                    raise
+                    why = err.strerror or brief_error(err)
+                    raise TailkdError(f"could not move the converted GGUF into place as {final} ({why}): make "
+                                      f"{final.parent} writable or set TAILKD_CACHE (or cache_dir) to a writable "
+                                      "folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prune_gguf_cache(cache_dir)
