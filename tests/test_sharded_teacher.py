@@ -86,6 +86,8 @@ def _write_cache(model, tokenizer, rows, out, fingerprint):
 
 
 def _logits_worker(rank, world, port, assets, out):
+    from torch.distributed.fsdp import FSDPModule
+
     from tailkd.data import PackedRows
 
     device = join_gloo(rank, world, port)
@@ -101,11 +103,16 @@ def _logits_worker(rank, world, port, assets, out):
                         "hidden": torch.equal(final_hidden(sharded, ids), final_hidden(whole, ids))}
             same["hash"] = weights_hash(sharded) == weights_hash(whole)
             same["buffers"] = all(torch.equal(b, dict(whole.named_buffers())[n]) for n, b in sharded.named_buffers())
+            # after the forward: every layer's weights resharded (reshard_after_forward), none trainable, eval mode,
+            # an untied input embedding its own FSDP unit (gathered for the lookup only, not for the whole forward)
             layers_sharded = all(is_dtensor(p) for n, p in sharded.named_parameters() if ".layers." in n)
+            same["frozen_eval"] = not sharded.training and not any(p.requires_grad for p in sharded.parameters())
+            tied = whole.get_output_embeddings().weight is whole.get_input_embeddings().weight
+            same["embed_unit"] = isinstance(sharded.get_input_embeddings(), FSDPModule) is not tied
             results[name] = {**same, "layers_sharded": layers_sharded, "local": local_numel(sharded),
                              "total": sum(p.numel() for p in whole.parameters()),
                              "head": whole.get_output_embeddings().weight.numel(),
-                             "tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight}
+                             "tied": tied}
         # the teacher cache: rank r writes shards r, r + W, ...; then shard 1 (rank 1's) is lost and rewritten while
         # the other ranks, with nothing to write, pad with forwards (the sharded teacher's forward is a collective)
         sharded = load_sharded_teacher(str(assets["tied"]), device=device, dtype="fp32")
@@ -142,6 +149,7 @@ def test_sharded_teacher_equals_the_replicated_one_and_writes_the_same_cache(ass
         for r, got in enumerate(per_rank):
             g = got[name]
             assert g["logits"] and g["hidden"] and g["buffers"] and g["hash"] and g["layers_sharded"], (name, r, g)
+            assert g["frozen_eval"] and g["embed_unit"], (name, r, g)
             # the shards of rank r plus the replicated head: never the whole teacher
             assert g["local"] < g["total"], (name, r, g)
         shards = sum(got[name]["local"] - got[name]["head"] for got in per_rank)
@@ -425,6 +433,28 @@ def test_a_tensor_whose_stored_shape_is_not_the_model_classes_is_refused(tmp_pat
     assert _read({"w": file}, "w", (1, 2), (2, 3)).shape == (1, 3)
 
 
+def test_read_names_a_missing_tensor_and_reads_a_0_dim_one(tmp_path):
+    """`_read`: a tensor the model class expects and no file holds is one line naming it and the fixes (not a
+    KeyError); a 0-dim tensor (a learned scalar) is read whole, as a slice of it cannot be taken."""
+    from safetensors.torch import save_file
+
+    from tailkd.sharded_teacher import _read
+
+    file = tmp_path / "model.safetensors"
+    save_file({"scale": torch.tensor(2.5), "w": torch.arange(6.0).reshape(3, 2)}, str(file))
+    files = {"scale": file, "w": file}
+    with pytest.raises(TailkdError) as info:
+        _read(files, "model.norm.weight", None, (2,))
+    assert str(info.value) == ("the teacher's safetensors files have no tensor 'model.norm.weight', which its model "
+                               "class expects (a checkpoint whose tensor names transformers renames on load): re-save "
+                               "it with save_pretrained, or use --teacher.parallel replicate")
+    scale = _read(files, "scale", None, ())
+    assert scale.shape == () and scale.item() == 2.5
+    assert torch.equal(_read(files, "w", None, (3, 2)), torch.arange(6.0).reshape(3, 2))
+    assert torch.equal(_read(files, "w", (1, 3), (3, 2)), torch.arange(2.0, 6.0).reshape(2, 2))
+    assert _read(files, "w", (3, 3), (3, 2)).shape == (0, 2)  # the empty chunk of a rank past the last row
+
+
 def test_a_sharded_teacher_with_only_pytorch_bin_weights_is_refused_with_the_fix(tmp_path):
     """A folder whose weights are only pytorch_model.bin (no safetensors to read slice by slice): one line naming the
     folder, what it has, and both fixes."""
@@ -439,6 +469,78 @@ def test_a_sharded_teacher_with_only_pytorch_bin_weights_is_refused_with_the_fix
     assert str(info.value) == (f"teacher.parallel=fsdp reads the teacher's safetensors files slice by slice, and "
                                f"{folder} has only pytorch_model.bin: re-save it with save_pretrained (safetensors) "
                                "or use --teacher.parallel replicate")
+
+
+def test_student_source_reads_exactly_the_tensors_the_student_copies(tmp_path):
+    """`student_source`: the skeleton's parameters outside the decoder layers and those of the layers the student
+    keeps are the teacher's (cast to the teacher dtype asked for), every other layer's stay on meta (never read);
+    layer 1 skipped does not skip layer 10 or 11 (a name prefix "layers.1" would). With an existing student
+    (``student.path``) nothing is read."""
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+
+    teacher = make_tiny_lm("llama", num_hidden_layers=12)
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    weights = teacher.state_dict()
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=None, layers=[0, 10, 11]),
+                                     dtype=dtype)
+        for name, p in skeleton.named_parameters():
+            kept = ".layers." not in name or name.split(".layers.")[1].split(".")[0] in ("0", "10", "11")
+            if kept:
+                assert p.device.type == "cpu" and p.dtype == torch_dtype, (name, p.device, p.dtype)
+                assert torch.equal(p, weights[name].to(torch_dtype)), name
+            else:
+                assert p.device.type == "meta", name
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(path=str(tmp_path / "student")))
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+
+
+def test_a_model_class_naming_no_decoder_layer_is_refused(monkeypatch):
+    """FSDP2 shards the teacher by its decoder layers, the classes its ``_no_split_modules`` names: a class that names
+    none (or none present) is one line with the fix, not a teacher sharded as one unit."""
+    from tailkd.sharded_teacher import _decoder_layers
+
+    model = make_tiny_lm("llama", num_hidden_layers=2)
+    assert [name for name, _ in _decoder_layers(model)] == ["model.layers.0", "model.layers.1"]
+    for names in (None, [], ["NoSuchLayer"]):
+        monkeypatch.setattr(model, "_no_split_modules", names, raising=False)
+        with pytest.raises(TailkdError) as info:
+            _decoder_layers(model)
+        assert str(info.value) == ("LlamaForCausalLM names no decoder layer class (_no_split_modules), so FSDP2 cannot "
+                                   "shard it layer by layer: use --teacher.parallel replicate")
+
+
+def test_placement_words_and_counts_of_a_replicated_model():
+    """A model that is not sharded (or none: a run without a teacher) is "replicated" and holds all its parameters."""
+    from tailkd.sharded_teacher import is_sharded, placement
+
+    model = make_tiny_lm("llama", num_hidden_layers=1)
+    assert not is_sharded(None) and not is_sharded(model) and placement(model) == "replicated"
+    assert local_numel(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_tie_fsdp2_would_shard_is_refused(tmp_path, monkeypatch):
+    """Tied weights stay one tensor only where they are replicated (the LM head and a tied input embedding): a class
+    whose tied weights FSDP2 would shard (here: a head it does not name as its output embeddings, so not replicated)
+    is one line with the fix. One process, a group of one (as a single GPU runs it)."""
+    from transformers import LlamaForCausalLM
+
+    teacher = make_tiny_lm("llama", num_hidden_layers=1, tie_word_embeddings=True)
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    monkeypatch.setattr(LlamaForCausalLM, "get_output_embeddings", lambda self: None)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    device = dist.setup("cpu", process_group=True)
+    try:
+        with pytest.raises(TailkdError) as info:
+            load_sharded_teacher(str(tmp_path / "teacher"), device=device, dtype="fp32")
+    finally:
+        dist.shutdown()
+    assert str(info.value) == ("LlamaForCausalLM ties model.embed_tokens.weight, lm_head.weight, which FSDP2 would "
+                               "shard: use --teacher.parallel replicate")
 
 
 def _with_a_stored_buffer(model_cls):
@@ -469,7 +571,9 @@ def _stored_buffer_worker(rank, world, port, folder, out_path):
 
 def test_a_persistent_buffer_stored_with_the_weights_is_read_from_them(tmp_path, monkeypatch):
     """A persistent buffer saved with the weights comes from the file (as from_pretrained loads it), not from the
-    model class's __init__; a computed one (rotary inv_freq, not in the file) is the class's, on every rank."""
+    model class's __init__; a computed one (rotary inv_freq, non-persistent) is the class's on every rank, also where
+    the file holds a tensor of its name (as checkpoints saved by older transformers do; from_pretrained ignores it)."""
+    from safetensors.torch import save_file
     from transformers import LlamaModel
 
     monkeypatch.setattr(LlamaModel, "__init__", _with_a_stored_buffer(LlamaModel))
@@ -477,7 +581,10 @@ def test_a_persistent_buffer_stored_with_the_weights_is_read_from_them(tmp_path,
     model = make_tiny_lm("llama", num_hidden_layers=2)
     model.model.marker.copy_(torch.tensor([1.5, -2.0, 3.25]))
     model.save_pretrained(folder)
-    assert "model.marker" in load_file(str(folder / "model.safetensors"))
+    stored = load_file(str(folder / "model.safetensors"))
+    assert "model.marker" in stored and "model.rotary_emb.inv_freq" not in stored
+    stored["model.rotary_emb.inv_freq"] = torch.zeros_like(model.model.rotary_emb.inv_freq)
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
     spawn(_stored_buffer_worker, (2, free_port(), str(folder), str(out)), 2)
     got = torch.load(out)
     assert torch.equal(got["marker"], torch.tensor([1.5, -2.0, 3.25]))

@@ -234,6 +234,7 @@ def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     persistent = set(model.state_dict().keys())
     aliases = _aliases(model)  # to_empty unties tied parameters: tied again below
+    model_class = type(model).__name__  # fully_shard swaps the class for FSDP<name>
 
     world = dist.world()
     mesh = init_device_mesh(device.type, (world,))
@@ -248,7 +249,7 @@ def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=
     for name, names in aliases.items():
         if len(names) > 1:
             if is_dtensor(model.get_parameter(name)):
-                raise TailkdError(f"{type(model).__name__} ties {', '.join(names)}, which FSDP2 would shard: "
+                raise TailkdError(f"{model_class} ties {', '.join(names)}, which FSDP2 would shard: "
                                   "use --teacher.parallel replicate")
             _set_param(model, name, model.get_parameter(name).detach(), aliases)
 
