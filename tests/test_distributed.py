@@ -3,6 +3,7 @@ weights and held-out metrics as one process (DDP and FSDP2), and checkpoints mov
 
 import json
 import types
+from pathlib import Path
 
 import bounds as B
 import loss_bounds as LB
@@ -415,6 +416,260 @@ def test_trainer_heldout_metrics_equal_the_evaluation_module(assets, single):
     cfg_rows = {**cfg_rows, "tokens": cfg_rows["eval_tokens"]}  # a metrics line's "tokens" are TRAINING tokens
     for key in ("kl", "student_clm", "agreement", "tokens"):
         B.assert_within(cfg_rows[key], expected[key], bound[key], msg=key)
+
+
+# --------------------------------------------------------------------------- the small collectives
+
+
+def _collectives_worker(rank, world, port, folder):
+    """Every small collective of `tailkd.distributed` on one of 2 gloo ranks; what this rank saw, saved for the
+    parent to check (an assertion here would only show as the spawn's traceback)."""
+    import contextlib
+    import io
+    import time
+
+    folder = Path(folder)
+    join_gloo(rank, world, port, timeout_s=60)
+    seen = {"world": dist.world(), "rank": dist.rank(), "is_main": dist.is_main(), "loss_scale": dist.loss_scale()}
+    try:
+        # float64 sums: 2^24 + 1 has no float32 (it would come back as 2^24)
+        seen["sum"] = dist.sum_over_ranks([2.0 ** 24, 0.5] if rank == 0 else [1.0, 0.25], torch.device("cpu"))
+        seen["max"] = dist.max_over_ranks(10.0 * rank - 5.0, torch.device("cpu"))
+        seen["broadcast"] = dist.broadcast({"from": rank})
+        sums = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([3.0], dtype=torch.float64)}
+        seen["gather_sums"] = dist.gather_sums(sums if rank == 0 else {"a": torch.tensor([0.5, 0.25],
+                                                                                          dtype=torch.float64),
+                                                                       "c": torch.tensor([7.0], dtype=torch.float64)})
+        # barrier: rank 0 passes it only once rank 1, which writes a file late, reached it
+        if rank == 1:
+            time.sleep(1.0)
+            (folder / "before-barrier").write_text("1")
+        dist.barrier()
+        seen["after_barrier"] = (folder / "before-barrier").is_file()
+        # raise_if_any: an error on one rank is raised on every rank, named with its rank, even without a message
+        for bad_rank, error in ((1, ValueError()), (0, OSError("disk full"))):
+            try:
+                dist.raise_if_any(error if rank == bad_rank else None)
+                seen[f"raised{bad_rank}"] = None
+            except Exception as exc:  # noqa: BLE001 - what each rank raised is the subject
+                seen[f"raised{bad_rank}"] = (type(exc).__name__, str(exc))
+
+        # on_main_then_all: rank 0 first (its file is there when rank 1 runs), main_only runs on rank 0 alone
+        def first():
+            (folder / f"ran{rank}").write_text("1")
+            return [rank, (folder / "ran0").is_file()]
+
+        seen["main_then_all"] = dist.on_main_then_all(first)
+        calls = []
+        seen["main_only"] = dist.on_main_then_all(lambda: calls.append(rank) or "result", main_only=True)
+        seen["main_only_calls"] = calls
+        # say: rank 0 only, stdout or stderr
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            dist.say("to stdout")
+            dist.say("to stderr", err=True)
+        seen["say"] = (out.getvalue(), err.getvalue())
+        real_peak = dist.peak_memory
+        dist.peak_memory = lambda device: 1000 + rank  # each rank's own, gathered in rank order
+        try:
+            seen["peaks"] = dist.peak_memory_per_rank(torch.device("cpu"))
+        finally:
+            dist.peak_memory = real_peak
+    finally:
+        torch.save(seen, folder / f"seen{rank}.pt")
+        dist.shutdown()
+
+
+def test_the_small_collectives_on_two_ranks(tmp_path):
+    """`sum_over_ranks` (float64), `max_over_ranks`, `broadcast` (rank 0's), `gather_sums` (key-wise, keys of any
+    rank), `barrier`, `raise_if_any` (the error on every rank, named with its rank, also one without a message),
+    `on_main_then_all` (rank 0 first; main_only: rank 0 alone), `say` (rank 0 only), `peak_memory_per_rank` (rank
+    order) and `loss_scale` (the world size) on 2 gloo ranks."""
+    spawn(_collectives_worker, (2, free_port(), str(tmp_path)), 2)
+    seen = [torch.load(tmp_path / f"seen{r}.pt") for r in range(2)]
+    for r, s in enumerate(seen):
+        assert (s["world"], s["rank"], s["is_main"], s["loss_scale"]) == (2, r, r == 0, 2.0)
+        assert s["sum"] == [2.0 ** 24 + 1, 0.75] and s["max"] == 5.0 and s["broadcast"] == {"from": 0}
+        assert sorted(s["gather_sums"]) == ["a", "b", "c"]
+        assert s["gather_sums"]["a"].tolist() == [1.5, 2.25]
+        assert s["gather_sums"]["b"].tolist() == [3.0] and s["gather_sums"]["c"].tolist() == [7.0]
+        assert s["after_barrier"]
+        assert s["main_then_all"] == [r, True]
+        assert s["main_only"] == ("result" if r == 0 else None) and s["main_only_calls"] == ([0] if r == 0 else [])
+        assert s["peaks"] == [1000, 1001]
+    assert seen[0]["raised1"] == ("TailkdError", "ValueError (on rank 1)") and seen[1]["raised1"] == ("ValueError", "")
+    assert seen[0]["raised0"] == ("OSError", "disk full")
+    assert seen[1]["raised0"] == ("TailkdError", "disk full (on rank 0)")
+    assert seen[0]["say"] == ("to stdout\n", "to stderr\n") and seen[1]["say"] == ("", "")
+
+
+def test_the_small_collectives_in_one_process(monkeypatch):
+    """In one process every collective is the identity and costs nothing: `on_main_then_all` runs its function once
+    (main_only too) and an error raised in it comes out as it is; `raise_if_any` raises the error it is given."""
+    cpu = torch.device("cpu")
+    assert (dist.world(), dist.rank(), dist.is_main(), dist.loss_scale()) == (1, 0, True, 1.0)
+    assert dist.sum_over_ranks([1, 2.5], cpu) == [1.0, 2.5] and dist.max_over_ranks(3, cpu) == 3.0
+    obj = {"x": 1}
+    assert dist.broadcast(obj) is obj
+    calls = []
+    assert dist.on_main_then_all(lambda: calls.append(1) or "r") == "r" and calls == [1]
+    assert dist.on_main_then_all(lambda: calls.append(2) or "m", main_only=True) == "m" and calls == [1, 2]
+    error = OSError("disk full")
+    with pytest.raises(OSError) as info:
+        dist.on_main_then_all(lambda: (_ for _ in ()).throw(error))
+    assert info.value is error
+    dist.raise_if_any(None)
+    with pytest.raises(ValueError, match="^$"):
+        dist.raise_if_any(ValueError())
+
+
+def _wrap_worker(rank, world, port, folder):
+    """One of 2 gloo ranks: a DDP and an FSDP2 student, two micro-batches of other rows per rank, the first under
+    ``grad_sync(False)``; what the gradients look like after each, which modules FSDP2 made its units, and a
+    checkpoint that only rank 0 holds loaded on every rank (`load_full_state`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from tailkd.sharded_teacher import is_dtensor
+
+    join_gloo(rank, world, port, timeout_s=120)
+    seen = {}
+    try:
+        ids = torch.randint(0, TINY_VOCAB, (2, 2, 8), generator=torch.Generator().manual_seed(10 + rank))
+        for parallel in ("ddp", "fsdp"):
+            student = make_tiny_lm(seed=0, num_hidden_layers=2).train()
+            model = dist.wrap_student(student, parallel, torch.device("cpu"))
+            grads = []
+            for micro, sync in ((0, False), (1, True)):
+                with dist.grad_sync(model, sync):
+                    model(input_ids=ids[micro], labels=ids[micro]).loss.backward()
+                params = dict(dist.unwrap(model).named_parameters())
+                if parallel == "ddp":
+                    grads.append({n: p.grad.detach().clone() for n, p in params.items()})
+                else:  # the sharded gradients (DTensors), or None before the first reduce-scatter
+                    grads.append([p.grad is not None and is_dtensor(p.grad) for p in params.values()])
+            seen[parallel] = grads
+        seen["fsdp_units"] = [n for n, m in student.named_modules() if isinstance(m, FSDPModule)]
+        # a checkpoint of rank 0's (the other ranks pass empty dicts) reaches every rank
+        saved = make_tiny_lm(seed=5, num_hidden_layers=2)
+        optimizer = torch.optim.AdamW(saved.parameters(), lr=1e-3)
+        state = ({k: v.clone() for k, v in saved.state_dict().items()}, optimizer.state_dict())
+        if rank != 0:
+            state = ({}, {})
+        student = make_tiny_lm(seed=6, num_hidden_layers=2).train()
+        model = dist.wrap_student(student, "ddp", torch.device("cpu"))
+        dist.load_full_state(model, torch.optim.AdamW(model.parameters(), lr=1e-3), *state, optimizer_stepped=False)
+        seen["loaded"] = all(torch.equal(v, saved.state_dict()[k]) for k, v in dist.unwrap(model).state_dict().items())
+    finally:
+        torch.save(seen, Path(folder) / f"seen{rank}.pt")
+        dist.shutdown()
+
+
+def test_wrapped_students_reduce_gradients_on_the_synced_micro_batch_only(tmp_path):
+    """2 gloo ranks, other rows per rank: under DDP the first micro-batch's backward (``grad_sync(False)``) leaves
+    each rank its own gradient and the last one (sync) makes them equal; under FSDP2 the first leaves no sharded
+    gradient at all and the last one gives every rank its shard; FSDP2's units are the decoder layers and the root
+    (nothing else); a checkpoint only rank 0 holds is loaded on every rank (broadcast from rank 0)."""
+    spawn(_wrap_worker, (2, free_port(), str(tmp_path)), 2)
+    seen = [torch.load(tmp_path / f"seen{r}.pt") for r in range(2)]
+    first, last = ([s["ddp"][i] for s in seen] for i in (0, 1))
+    assert any(not torch.equal(first[0][n], first[1][n]) for n in first[0])  # accumulated locally
+    assert all(torch.equal(last[0][n], last[1][n]) for n in last[0])  # reduced (the same average on both ranks)
+    for s in seen:
+        assert not any(s["fsdp"][0]) and all(s["fsdp"][1]), s["fsdp"]
+        assert s["fsdp_units"] == ["", "model.layers.0", "model.layers.1"], s["fsdp_units"]
+        assert s["loaded"]
+
+
+def test_full_state_round_trip_in_one_process_keeps_an_unstepped_optimizer_empty_and_ties_one_tensor():
+    """`full_state` of an optimizer that never stepped: no state (torch's get_state_dict would have made one by a
+    zero-gradient step, AdamW step 1, and the next real update would differ from a run that saved nothing), in the
+    returned dict and in the optimizer; tied weights are one tensor under both names (saved once). `load_full_state`
+    restores the weights, leaves an unstepped optimizer empty and restores a stepped one's moments."""
+    saved = make_tiny_lm(seed=0, num_hidden_layers=1, tie_word_embeddings=True)
+    optimizer = torch.optim.AdamW(saved.parameters(), lr=1e-2)
+    model_state, optim_state = dist.full_state(saved, optimizer)
+    assert not optimizer.state and optim_state["state"] == {}
+    assert model_state["lm_head.weight"] is model_state["model.embed_tokens.weight"]
+    loaded = make_tiny_lm(seed=1, num_hidden_layers=1, tie_word_embeddings=True)
+    loaded_opt = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    dist.load_full_state(loaded, loaded_opt, model_state, optim_state, optimizer_stepped=False)
+    assert not loaded_opt.state
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    saved(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    optimizer.step()
+    model_state, optim_state = dist.full_state(saved, optimizer)
+    dist.load_full_state(loaded, loaded_opt, model_state, optim_state, optimizer_stepped=True)
+    for p, q in zip(saved.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], loaded_opt.state[q][key]), key
+
+
+def test_setup_and_shutdown_own_only_the_group_they_started(monkeypatch):
+    """`setup(process_group=True)` in a plain process starts a group of one and `shutdown` ends it; a group the caller
+    started (a user's script that set up torch.distributed itself) is used as it is and left running by `shutdown`."""
+    from datetime import timedelta
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not torch.distributed.is_initialized()
+    try:
+        assert dist.setup("cpu", process_group=True) == torch.device("cpu")
+        assert torch.distributed.is_initialized() and dist.world() == 1
+        dist.shutdown()
+        assert not torch.distributed.is_initialized()
+        assert dist.setup("cpu") == torch.device("cpu") and not torch.distributed.is_initialized()  # none needed
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                             timeout=timedelta(seconds=60))
+        for process_group in (False, True):
+            assert dist.setup("cpu", process_group=process_group) == torch.device("cpu")
+            dist.shutdown()
+            assert torch.distributed.is_initialized()  # the caller's
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_launcher_environment_refusals(monkeypatch):
+    """WORLD_SIZE that is not a number, accelerate configs tailkd would silently ignore (DeepSpeed, FSDP, whatever
+    the case of accelerate's "true") and, under a launcher, a device name that is none, are one-line errors;
+    WORLD_SIZE unset is one process."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist.launched_world_size() == 1
+    for value in ("two", ""):
+        monkeypatch.setenv("WORLD_SIZE", value)
+        with pytest.raises(TailkdError, match=rf"^WORLD_SIZE='{value}' is not a number; launch with torchrun$"):
+            dist.launched_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for var, words in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed config is not supported"),
+                       ("ACCELERATE_USE_FSDP", "FSDP config is not read by tailkd")):
+        for value in ("true", "True", "TRUE"):
+            monkeypatch.setenv(var, value)
+            with pytest.raises(TailkdError, match=words):
+                dist.setup("cpu")
+        monkeypatch.setenv(var, "false")
+        assert dist.setup("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: the device name is checked before any rendezvous
+    with pytest.raises(TailkdError, match=r"^train\.device='gpu' is not a device"):
+        dist.setup("gpu")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the RSS from /proc (Linux)")
+def test_peak_memory_on_the_cpu_is_the_peak_rss_in_bytes():
+    """On the CPU `peak_memory` is the process's peak resident set size in BYTES (Linux's ru_maxrss is in KiB): at
+    least a buffer just touched, and the resident size now (/proc/self/statm, in pages) up to the kernel's counting
+    slack: getrusage reads per-CPU batched RSS counters that can lag the exact sum by up to a batch of pages per CPU
+    (here ~46 pages were seen); 16 MiB is far above that and 1024x below a size read in KiB as bytes."""
+    import os
+
+    buffer = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, every page written
+    rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = dist.peak_memory(torch.device("cpu"))
+    assert peak >= buffer.numel() * 4 and peak >= rss_now - 16 * 2 ** 20, (peak, rss_now)
+    assert dist.memory_kind(torch.device("cpu")) == "peak RSS (getrusage ru_maxrss)"
+    assert dist.memory_kind(torch.device("cuda", 0)) == "torch.cuda.max_memory_allocated"
 
 
 # --------------------------------------------------------------------------- the end of a rank
