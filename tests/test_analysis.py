@@ -105,6 +105,10 @@ def test_summary_prints_the_mean_tail_mass_of_each_k_under_its_column():
     head, rule, row = format_summary(results).splitlines()
     assert head.split() == ["teacher", "α_1", "α_5", "α_10", "α_20", "mismatch", "tokens"]
     assert row.split() == ["teacher", "0.0100", "0.0500", "0.1000", "0.2000", "25.00%", "8"]
+    # a teacher named by a long path keeps its last 28 characters (the model's folder), in a column of 28
+    long = "/models/checkpoints/teachers/qwen2-1.5b-instruct"
+    row = format_summary({long: results["teacher"]}).splitlines()[2]
+    assert row.startswith("teachers/qwen2-1.5b-instruct ")
 
 
 def test_statistics_do_not_depend_on_batch_size():
@@ -124,6 +128,47 @@ def test_statistics_do_not_depend_on_batch_size():
     assert a["mismatch_rate"] == b["mismatch_rate"]
     assert a["alpha_median"] == b["alpha_median"] and a["alpha_q25"] == b["alpha_q25"]
     assert b["alpha_mean"] == pytest.approx(a["alpha_mean"], rel=1e-12)
+
+
+def test_statistics_in_chunks_of_positions_equal_one_chunk(monkeypatch):
+    """Valid positions are scored in chunks of CHUNK_ELEMENTS // V (a large V's logits never in float64 at once):
+    chunks of 5 positions give the one-chunk counts, mismatch rate and quartiles exactly, and the mean tail masses
+    and teacher_clm up to the order of their float64 sums (≤ 30 terms of at most 1 and ~5 nats: a few ulps, far
+    below 1e-12 relative)."""
+    from tailkd import evaluate
+
+    g = torch.Generator().manual_seed(5)
+    V = 40
+    teacher = TableLM(torch.randn(V, V, generator=g) * 3)
+    ids = torch.randint(0, V, (3, 12), generator=g)
+    labels = torch.randint(0, V, (3, 12), generator=g)
+    labels[1, :6] = -100
+    batches = [{"input_ids": ids, "labels": labels}]
+    whole = teacher_statistics(teacher, batches, V, kmax=8)
+    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 5 * V)
+    chunked = teacher_statistics(teacher, batches, V, kmax=8)
+    assert chunked["tokens"] == whole["tokens"] == 30
+    for key in ("mismatch_rate", "alpha_q25", "alpha_median", "alpha_q75"):
+        assert chunked[key] == whole[key], key
+    assert chunked["alpha_mean"] == pytest.approx(whole["alpha_mean"], rel=1e-12, abs=0)
+    assert chunked["teacher_clm"] == pytest.approx(whole["teacher_clm"], rel=1e-12, abs=0)
+
+
+def test_statistics_skip_a_batch_without_labels_and_refuse_none_at_all():
+    """A batch whose positions are all ignored costs no teacher forward and changes nothing; no valid position in
+    any batch is one line, not a failed concatenation of nothing; kmax below 1 is refused."""
+    teacher = from_probs([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    forwards = []
+    real = teacher.forward
+    teacher.forward = lambda input_ids, **kw: forwards.append(1) or real(input_ids, **kw)
+    masked, valid = one_batch([0, 1], [-100, -100]), one_batch([0, 1, 1], [0, 2, -100])
+    assert teacher_statistics(teacher, masked + valid, 3, kmax=2) == teacher_statistics(teacher, valid, 3, kmax=2)
+    assert len(forwards) == 2  # one per call: the masked batch was not run
+    with pytest.raises(TailkdError, match=r"^no valid positions to analyse; give more data \(--data\) or a shorter "
+                                          r"--seq-len$"):
+        teacher_statistics(teacher, masked, 3, kmax=2)
+    with pytest.raises(ValueError, match=r"^kmax=0 must be >= 1$"):
+        tail_mass(torch.zeros(1, 3), 0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
