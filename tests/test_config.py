@@ -791,6 +791,10 @@ def test_the_readmes_loss_table_lists_every_knob():
     (["--student.layers", "0", "2"], "student.layers=[0, 2]"),
     (["--student.tie_embeddings", "false"], "student.tie_embeddings=False"),
     (["--student.mlp_init", "copy"], "student.mlp_init='copy'"),
+    (["--student.num_heads", "2"], "student.num_heads=2"),
+    (["--student.num_kv_heads", "1"], "student.num_kv_heads=1"),
+    (["--student.intermediate_size", "64"], "student.intermediate_size=64"),
+    (["--student.head_dim", "16"], "student.head_dim=16"),
 ])
 def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     """An existing student (student.path) is loaded as it is: the settings that shape a student built from the teacher
@@ -924,3 +928,141 @@ def test_every_command_with_a_data_section_checks_its_settings_as_distill(comman
             parse([*argv, "--data", "builtin:instruct"], cls)
     else:  # lm-eval takes a run's data section as it is: an sft run's builtin:instruct (cache-teacher, select-data:
         parse([*argv, "--data", "builtin:instruct"], cls)  # no such path, said when the corpus is read)
+
+
+# --------------------------------------------------------------------------- validate()'s checks, end by end
+
+
+def test_the_open_and_closed_ends_of_a_float_range():
+    """Each range's ends as its help and message say: a temperature of 0 (a division by zero) is refused, while
+    train.min_lr_ratio 0 (decay to zero) and train.on_policy 1 (fully on-policy, GKD's λ = 1) are allowed; the
+    skew losses' α stops short of 1 (α = 1 is the target itself, no skew)."""
+    with pytest.raises(TailkdError, match=r"^loss\.temperature=0\.0 must be a finite number > 0 \(the paper uses 1\)$"):
+        parse(["--temperature", "0"])
+    assert parse(["--train.min_lr_ratio", "0"]).train.min_lr_ratio == 0.0
+    assert parse(["--task", "sft", "--train.on_policy", "1"]).train.on_policy == 1.0
+    with pytest.raises(TailkdError, match=r"^loss\.skew_alpha=1\.0 must be a finite number in \[0, 1\)$"):
+        parse(["--loss", "skew_kl", "--loss.skew_alpha", "1"])
+
+
+def test_an_integer_setting_holds_64_bits_both_ends():
+    """An int leaf lies in [-2^63, 2^63) (a C long long, what torch and numpy read): both ends pass, one past
+    either end is refused naming the key."""
+    for value in (-2 ** 63, 2 ** 63 - 1):
+        assert from_dict(DistillConfig, {"data": {"split_seed": value}}).data.split_seed == value
+    for value in (-2 ** 63 - 1, 2 ** 63):
+        with pytest.raises(TailkdError, match=rf"^config key data\.split_seed expects a 64-bit integer .*got {value}$"):
+            from_dict(DistillConfig, {"data": {"split_seed": value}})
+
+
+def test_a_layer_list_overrides_num_layers():
+    """``student.layers`` decides the depth (the default num_layers 6 would otherwise conflict with a list of
+    another length); without a list, num_layers does."""
+    from tailkd.config import StudentConfig
+
+    assert StudentConfig(layers=[0, 2]).depth is None
+    assert StudentConfig(num_layers=3).depth == 3
+    assert parse(["--student.layers", "0", "2"]).student.depth is None
+
+
+def test_loss_config_check_names_the_knob_as_python_spells_it():
+    """`LossConfig.check` (configs built in Python: `tailkd.registry.bind`) names the field without the ``loss.``
+    of the CLI (the caller wrote ``LossConfig(temperature=0)``), and refuses k = 0 and k = True (a bool is an int
+    to Python, not a number of tokens)."""
+    from tailkd.config import LossConfig
+
+    with pytest.raises(ValueError, match=r"^temperature=0\.0 must be a finite number > 0"):
+        LossConfig(temperature=0.0).check()
+    for k in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"^k={k!r} must be an integer >= 1"):
+            LossConfig(k=k).check()
+    assert LossConfig(k=1).check().k == 1
+
+
+AT_LEAST = [("data.eval_rows", 1, ""), ("train.max_steps", 1, ""), ("train.batch_size", 1, ""),
+            ("train.grad_accum", 1, ""), ("train.keep_last", 1, ""), ("train.log_every", 1, ""),
+            ("train.max_bad_steps", 1, ""), ("train.ddp_timeout", 1, ""), ("train.warmup_steps", 0, ""),
+            ("train.stop_after", 0, " (0: run to max_steps)"), ("train.eval_every", 0, " (0: only before and after)"),
+            ("train.save_every", 0, " (0: only at the end)"), ("train.loss_chunk_size", 0, " (0: automatic)"),
+            ("train.on_policy_max_new_tokens", 1, "")]
+
+
+@pytest.mark.parametrize("key, low, hint", AT_LEAST, ids=[key for key, _, _ in AT_LEAST])
+def test_every_count_setting_is_refused_below_its_least_value_and_taken_at_it(key, low, hint):
+    """Each count of distill's config: ``low`` passes, ``low - 1`` is one line naming the key (a zero batch,
+    accumulation, evaluation size or collective timeout failed after the models had loaded, or divided by zero)."""
+    section, name = key.split(".")
+    assert getattr(getattr(parse([f"--{key}", str(low)]), section), name) == low
+    with pytest.raises(TailkdError, match=rf"^{re.escape(key)}={low - 1} must be >= {low}{re.escape(hint)}$"):
+        parse([f"--{key}", str(low - 1)])
+
+
+def test_the_flag_pairs_validate_refuses_and_the_ones_it_takes():
+    """--force goes with --resume (refused alone, taken with it); per-document β needs the documents' EOS
+    boundaries only in packed pretraining rows (sft rows are one example each); a loss without a teacher (clm)
+    takes the default cosine weight 0."""
+    with pytest.raises(TailkdError, match=r"^train\.force_resume \(--force\) only applies with --resume$"):
+        parse(["--force"])
+    assert parse(["--resume", "--force"]).train.force_resume
+    with pytest.raises(TailkdError, match=r"^loss\.per_document needs the documents' boundaries"):
+        parse(["--loss.per_document", "--data.doc_eos", "false"])
+    assert parse(["--loss.per_document", "--data.doc_eos", "false", "--task", "sft"]).loss.per_document
+    assert parse(["--loss", "clm"]).loss.cosine_weight == 0.0
+
+
+@pytest.mark.parametrize("flags, why", [
+    ([], "it samples responses to prompts: use --task sft"),
+    (["--task", "sft", "--teacher.cache", "c"], "a teacher cache cannot score tokens the student generates"),
+    (["--task", "sft", "--loss", "clm"], "loss.name=clm has no teacher to score the generated tokens"),
+    (["--task", "sft", "--data.sft_mode", "pack"], "packed rows hold several prompts: use --data.sft_mode pad"),
+    (["--task", "sft", "--train.parallel", "fsdp"], "FSDP's forward is a collective"),
+])
+def test_on_policy_is_refused_where_it_cannot_sample_or_score(flags, why):
+    """Any λ > 0 (not only λ = 1) needs prompt/response rows, an online teacher, a loss with a teacher, one example
+    per row and DDP; each lack is one line naming it, before any model loads. λ = 0.5 with all of them passes."""
+    with pytest.raises(TailkdError, match=rf"^train\.on_policy=0\.5 cannot be used here: {re.escape(why)}"):
+        parse([*flags, "--train.on_policy", "0.5"])
+    assert parse(["--task", "sft", "--train.on_policy", "0.5"]).train.on_policy == 0.5
+
+
+def test_device_names():
+    """auto, cpu, cuda and cuda:N are device names (whether the GPU is there is checked at run time); anything
+    else, cuda with a non-number index included, is refused naming the key."""
+    from tailkd.config import check_device_name
+
+    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        check_device_name("train.device", name)
+    assert parse(["--device", "cuda:1"]).train.device == "cuda:1"
+    for name in ("tpu", "cuda:", "cuda:x", "cudax1", "cuda1"):
+        with pytest.raises(TailkdError, match=rf"^train\.device={re.escape(repr(name))} is not a device"):
+            check_device_name("train.device", name)
+
+
+def test_a_falsy_section_under_flags_of_it_is_refused_too(tmp_path):
+    """``train: 0``, ``train: []`` or ``train: ''`` in a --config under --steps is no mapping either: refused
+    naming the section, as ``train: 5`` is (only null is an empty section)."""
+    path = tmp_path / "c.yaml"
+    for text, kind in (("train: 0\n", "int"), ("train: []\n", "list"), ("train: ''\n", "str")):
+        path.write_text(text)
+        with pytest.raises(TailkdError, match=rf"^config section train must be a mapping, got {kind}$"):
+            parse(["--config", str(path), "--steps", "3"])
+
+
+def test_an_empty_config_file_is_the_defaults(tmp_path):
+    """A --config with no document (empty, or comments only) is no settings: the defaults, not 'must hold a
+    mapping'."""
+    path = tmp_path / "c.yaml"
+    for text in ("", "# nothing yet\n"):
+        path.write_text(text)
+        assert parse(["--config", str(path)]) == parse([])
+
+
+def test_set_needs_a_section_and_a_key():
+    """recipe --set names a leaf as section.key: a bare key (``max_steps=3``) is refused with the form and an
+    example, not read as a section of its own."""
+    from tailkd.config import parse_assignment
+
+    for text in ("max_steps=3", ".max_steps=3", "train.=3", "train.max_steps"):
+        with pytest.raises(TailkdError, match=r"must look like section\.key=value, e\.g\. train\.max_steps=400$"):
+            parse_assignment(text)
+    assert parse_assignment("train.max_steps=3") == {"train": {"max_steps": 3}}
