@@ -70,7 +70,7 @@ def teacher_statistics(teacher, batches: Iterable[dict], vocab_size: int, *, kma
         mask = labels != IGNORE_INDEX  # (B, T)
         if not bool(mask.any()):
             continue
-        logits, _ = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
+        logits = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
         logits, y = logits[mask], labels[mask]  # (N, V), (N,)
         broken = 0.0  # positions whose logits have no softmax (NaN / +inf): every statistic would be NaN
         for sl in _chunks(y.numel(), logits.shape[-1]):

@@ -33,15 +33,12 @@ from tailkd.errors import TailkdError
 CHUNK_ELEMENTS = 1 << 23  # positions per chunk = CHUNK_ELEMENTS // V: ~8M probabilities (32 MB) at a time
 
 
-def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_dtype=None,
-                   output_hidden_states: bool = False):
-    """Run ``model`` and return logits sliced to the shared vocabulary (and the last hidden state)."""
+def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_dtype=None) -> torch.Tensor:
+    """Run ``model`` and return its logits sliced to the shared vocabulary (the first ``vocab_size`` columns)."""
     device_type = input_ids.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False)
-    logits = out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
-    hidden = out.hidden_states[-1] if output_hidden_states else None
-    return logits, hidden
+        out = model(input_ids=input_ids, use_cache=False)
+    return out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
 
 
 # --------------------------------------------------------------------------- per-chunk sums
@@ -220,10 +217,10 @@ def heldout_sums(student, teacher, batches: Iterable[dict], vocab_size: int, *, 
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             mask = labels != IGNORE_INDEX  # (B, T)
-            s_logits, _ = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype)  # (B, T, V)
+            s_logits = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype)  # (B, T, V)
             t_logits = None
             if teacher is not None:
-                t_logits, _ = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
+                t_logits = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
             if not bool(mask.any()):
                 continue
             s_logits, y = s_logits[mask], labels[mask]  # (N, V), (N,) valid positions only

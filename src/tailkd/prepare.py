@@ -183,8 +183,7 @@ def shared_vocab_mass(teacher, rows, n: int, vocab: int, teacher_vocab: int, *, 
 
     total, count = torch.zeros((), dtype=torch.float64), 0
     for batch in rank_batches(rows, n, batch_size, rows[0]["input_ids"].numel(), teacher_vocab):
-        logits, _ = forward_logits(teacher, batch["input_ids"].to(device), teacher_vocab,
-                                   autocast_dtype=autocast_dtype)
+        logits = forward_logits(teacher, batch["input_ids"].to(device), teacher_vocab, autocast_dtype=autocast_dtype)
         mask = (batch["labels"] != data_mod.IGNORE_INDEX).to(logits.device)
         if not bool(mask.any()):
             continue

@@ -66,7 +66,7 @@ def token_logprob_sums(model, batch: list[list[int]], vocab: int, *, device, pad
         ids[i, :len(w)] = torch.tensor(w)
         mask[i, :len(w) - 1] = True
     ids, mask = ids.to(device), mask.to(device)
-    logits, _ = forward_logits(model, ids[:, :-1], vocab, autocast_dtype=autocast_dtype)
+    logits = forward_logits(model, ids[:, :-1], vocab, autocast_dtype=autocast_dtype)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return torch.where(mask, logp, 0.0).double().sum(-1).cpu()
 
