@@ -93,6 +93,37 @@ def test_teacher_vs_itself_and_no_teacher():
     assert "kl" not in alone and alone["student_clm"] == pytest.approx(m["student_clm"], rel=1e-15)
 
 
+def test_logits_past_the_shared_vocabulary_are_not_scored():
+    """Models whose heads are wider than the shared vocabulary (embeddings padded to a multiple of 64, a teacher
+    vocabulary extending the student's) are scored on the first V columns only: columns past V holding the largest
+    logits change nothing."""
+    student = from_probs([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    teacher = from_probs([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    wide_student, wide_teacher = (TableLM(torch.cat([m.table, torch.full((2, 3), 10.0, dtype=m.table.dtype)], -1))
+                                  for m in (student, teacher))
+    batches = one_batch([0, 1, 0, 1], [0, 2, 1, 1])
+    assert heldout_metrics(wide_student, wide_teacher, batches, 3, bins=10) == heldout_metrics(student, teacher,
+                                                                                                batches, 3, bins=10)
+
+
+def test_forward_logits_runs_under_the_autocast_asked_for():
+    """``autocast_dtype`` (bf16 where the hardware has it natively): the model's matrix products run in it, so its
+    logits come out in bf16; None: float32 as the weights are."""
+
+    class LinearLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(4, 8), torch.nn.Linear(8, 5, bias=False)
+
+        def forward(self, input_ids, use_cache=False):
+            return SimpleNamespace(logits=self.head(self.embed(input_ids)))
+
+    ids = torch.tensor([[0, 1, 2]])
+    assert evaluate.forward_logits(LinearLM(), ids, 3, autocast_dtype=torch.bfloat16).dtype == torch.bfloat16
+    logits = evaluate.forward_logits(LinearLM(), ids, 3)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 3, 3)
+
+
 def test_a_nan_teacher_is_not_reported_as_kl_zero():
     from tailkd.evaluate import token_sums
 
@@ -341,10 +372,23 @@ def test_chunking_does_not_change_results(monkeypatch):
     student, teacher = TableLM(torch.randn(V, V, generator=g)), TableLM(torch.randn(V, V, generator=g))
     rows = _rows(6, 10, V, seed=5)
     whole = heldout_metrics(student, teacher, _batches(rows, 6), V, bins=10)
-    monkeypatch.setattr(ev, "CHUNK_ELEMENTS", 2 * V)  # two positions per chunk
-    chunked = heldout_metrics(student, teacher, _batches(rows, 6), V, bins=10)
-    for key in ("kl", "rkl", "student_clm", "student_full_ece", "teacher_full_ece", "student_ece"):
-        assert chunked[key] == pytest.approx(whole[key], rel=1e-12), key
+    # two positions per chunk; then fewer elements than one row holds (a vocabulary past CHUNK_ELEMENTS): one position
+    for elements in (2 * V, V - 1):
+        monkeypatch.setattr(ev, "CHUNK_ELEMENTS", elements)
+        chunked = heldout_metrics(student, teacher, _batches(rows, 6), V, bins=10)
+        assert chunked["tokens"] == whole["tokens"]
+        for key in ("kl", "rkl", "student_clm", "student_full_ece", "teacher_full_ece", "student_ece"):
+            assert chunked[key] == pytest.approx(whole[key], rel=1e-12), key
+
+
+def test_a_model_without_a_softmax_is_named_with_the_rows_of_its_batch():
+    """refuse_broken names the held-out row, or the first and last rows of a batch of several."""
+    with pytest.raises(TailkdError, match=r"at 1 of the 5 held-out positions of row 3: "):
+        evaluate.refuse_broken("student", 1.0, 5, 3, 1)
+    with pytest.raises(TailkdError, match=r"^the teacher's logits are not finite \(NaN or \+inf: no softmax\) at 2 "
+                                          r"of the 9 held-out positions of rows 4-5: "):
+        evaluate.refuse_broken("teacher", 2.0, 9, 4, 2)
+    evaluate.refuse_broken("student", 0.0, 9, 4, 2)  # none broken: nothing to say
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -466,6 +510,27 @@ def test_batched_reports_each_batch_once_it_is_consumed():
     for batch in batched(rows, 2, seen.append):
         seen.append(("batch", len(batch["input_ids"])))
     assert seen == [("batch", 2), 2, ("batch", 2), 2, ("batch", 1), 1]
+    with pytest.raises(TailkdError, match=r"^--batch-size 0 must be >= 1$"):
+        next(batched(rows, 0))
+
+
+def test_the_printed_table_has_the_rows_of_the_metrics_it_was_given():
+    """`format_table`: without a teacher no KL / agreement rows and "—" in the teacher column, without bins no ECE
+    rows; each value in its row's format."""
+    from tailkd.evaluate import format_table
+
+    model = from_probs([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    alone = heldout_metrics(model, None, one_batch([0, 1, 0], [0, 2, 1]), 3)
+    lines = format_table({**alone, "rows": 1, "seq_len": 3}).splitlines()
+    assert [ln.split("  ")[0] for ln in lines[2:-1]] == ["CLM loss [nats/token]", "perplexity",
+                                                         "top-1 accuracy (next token)"]
+    assert lines[2].split()[-2:] == [format(alone["student_clm"], ".4f"), "—"]
+    assert lines[-1] == "3 held-out tokens (1 rows of 3)"
+    both = heldout_metrics(model, model, one_batch([0, 1, 0], [0, 2, 1]), 3, bins=10)
+    names = [ln.split("  ")[0] for ln in format_table(both).splitlines()[2:-1]]
+    assert names == ["CLM loss [nats/token]", "perplexity", "top-1 accuracy (next token)", "Full-ECE (M=10)",
+                     "top-1 ECE (M=10)", "KL(teacher‖student) [nats/token]", "KL(student‖teacher) [nats/token]",
+                     "top-1 agreement"]
 
 
 def test_eval_defaults_from_the_run_config(assets, tmp_path):
