@@ -92,3 +92,67 @@ def test_an_unknown_tailkd_malloc_is_one_line_and_exit_2(monkeypatch, capsys, tm
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "TAILKD_MALLOC='sytem' must be 'system'" in err, err
     assert not (tmp_path / "f.json").exists()  # nothing ran
+
+
+def _clean_malloc_env(monkeypatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MALLOC_") or name in ("TAILKD_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("env, own", [
+    ({}, False), ({"TAILKD_MALLOC": "KEEP"}, False), ({"TAILKD_MALLOC": " System "}, True),
+    ({"MALLOC_ARENA_TEST": "4"}, True), ({"MALLOC_TRIM_THRESHOLD_": "0"}, True),
+    ({"LD_PRELOAD": "/usr/lib/libmimalloc.so.2"}, True), ({"LD_PRELOAD": "/opt/libtcmalloc_minimal.so"}, True),
+    # not glibc's malloc settings: jemalloc's MALLOC_CONF (read only where jemalloc is loaded), another tunable
+    ({"MALLOC_CONF": "narenas:1"}, False), ({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, False),
+])
+def test_which_environments_are_the_users_own_malloc_setting(monkeypatch, env, own):
+    """TAILKD_MALLOC in any case and with spaces around; glibc's MALLOC_*_ variables and its two arena variables
+    without the underscore, glibc.malloc tunables and a preloaded jemalloc / tcmalloc / mimalloc are the user's;
+    other variables that only look alike are not."""
+    _clean_malloc_env(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert hostmem._users_own_setting() is own
+
+
+def test_an_unknown_tailkd_malloc_value_is_refused(monkeypatch):
+    _clean_malloc_env(monkeypatch)
+    monkeypatch.setenv("TAILKD_MALLOC", "default")
+    with pytest.raises(hostmem.TailkdError, match=r"^TAILKD_MALLOC='default' must be 'system'"):
+        hostmem.keep_freed_memory()
+
+
+class _FakeLibc:
+    """A C library whose ``mallopt`` records its calls and answers ``answer`` (glibc: 1 on success, 0 on error)."""
+
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+        def mallopt(param, value):
+            self.calls.append((param, value))
+            return self.answer
+
+        self.mallopt = mallopt
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_keep_freed_memory_sets_both_malloc_parameters_on_glibc_only(monkeypatch):
+    """Two mallopt calls, M_MMAP_MAX = 0 then M_TRIM_THRESHOLD = the largest int (glibc's parameter numbers -4 and
+    -1); True only where both succeed; False, calling nothing, for another C library or a libc without mallopt."""
+    import ctypes
+
+    _clean_malloc_env(monkeypatch)
+    libc = _FakeLibc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    assert hostmem.keep_freed_memory() is True
+    assert libc.calls == [(-4, 0), (-1, 2**31 - 1)]
+    libc.answer, libc.calls = 0, []
+    assert hostmem.keep_freed_memory() is False
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # no mallopt (AttributeError)
+    assert hostmem.keep_freed_memory() is False
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2.4"))
+    libc.calls = []
+    assert hostmem.keep_freed_memory() is False and libc.calls == []
