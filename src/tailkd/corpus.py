@@ -497,6 +497,7 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
     files = list_files(paths)
     stats = _file_stats(files)
     threshold, n_docs = _split_threshold(files, doc_sep, heldout_fraction, min_heldout_docs)
+    top = np.iinfo(TOKEN_DTYPE).max  # the largest token id a corpus stores
 
     def write(tmp: Path) -> None:
         counts = {"train": {"tokens": 0, "docs": 0}, "heldout": {"tokens": 0, "docs": 0}}
@@ -509,7 +510,6 @@ def prepare_corpus(paths, tokenizer, out_dir: Path, *, heldout_fraction: float =
                 for text, ids in zip(batch, tokenize_documents(tokenizer, batch)):
                     split = "heldout" if doc_hash(text) < threshold else "train"
                     arr = np.asarray(ids if eos is None else [*ids, eos], dtype=np.int64)
-                    top = np.iinfo(TOKEN_DTYPE).max
                     if arr.size and (arr.min() < 0 or arr.max() > top):  # two reductions; the culprit only on failure
                         bad = int(arr[(arr < 0) | (arr > top)][0])
                         raise TailkdError(f"token id {bad} does not fit in {np.dtype(TOKEN_DTYPE).name}; "
