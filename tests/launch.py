@@ -31,6 +31,12 @@ def _run_then_leave(rank: int, fn, *args) -> None:
     distributed.leave(0)
 
 
+def as_a_plain_process(monkeypatch) -> None:
+    """This process's environment as outside any launcher (no WORLD_SIZE, RANK, LOCAL_RANK), for the test's span."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def join_gloo(rank: int, world: int, port: int, timeout_s: float = 1800):
     """In a process `spawn` started: join ``world`` gloo ranks on the CPU as rank ``rank`` (one thread each) through
     `tailkd.distributed.setup` (its ``timeout_s``), as torchrun's environment would; returns the device."""

@@ -10,7 +10,7 @@ import loss_bounds as LB
 import pytest
 import torch
 from conftest import TINY_VOCAB, make_tiny_lm
-from launch import free_port, join_gloo, run_cli, spawn
+from launch import as_a_plain_process, free_port, join_gloo, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -503,7 +503,7 @@ def test_the_small_collectives_on_two_ranks(tmp_path):
     assert seen[0]["say"] == ("to stdout\n", "to stderr\n") and seen[1]["say"] == ("", "")
 
 
-def test_the_small_collectives_in_one_process(monkeypatch):
+def test_the_small_collectives_in_one_process():
     """In one process every collective is the identity and costs nothing: `on_main_then_all` runs its function once
     (main_only too) and an error raised in it comes out as it is; `raise_if_any` raises the error it is given."""
     cpu = torch.device("cpu")
@@ -611,8 +611,7 @@ def test_setup_and_shutdown_own_only_the_group_they_started(monkeypatch):
     started (a user's script that set up torch.distributed itself) is used as it is and left running by `shutdown`."""
     from datetime import timedelta
 
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    as_a_plain_process(monkeypatch)
     assert not torch.distributed.is_initialized()
     try:
         assert dist.setup("cpu", process_group=True) == torch.device("cpu")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_runs import _Sampler
 from tiny import dead_pid, make_teacher_dir, read_metrics, write_corpus
 
 from tailkd import checkpoint as ckpt
@@ -518,14 +519,6 @@ def test_a_full_disk_while_appending_to_metrics_is_one_line_and_resume_continues
     assert_identical(weights(short_reference / "final" / "model.safetensors"),
                      weights(run / "final" / "model.safetensors"))
     assert [s for s, _ in train_losses(run)] == list(range(1, 13))
-
-
-class _Sampler:
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def _two_layers(frozen_first: bool, optimizer=torch.optim.AdamW):

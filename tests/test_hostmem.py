@@ -34,9 +34,13 @@ print(min(plain), int(kept), max([step() for _ in range(12)][-3:]))
 """
 
 
+def _malloc_setting(name: str) -> bool:
+    """Whether environment variable ``name`` could set the allocator (what a test clears to start from glibc's own)."""
+    return name.startswith("MALLOC_") or name in ("TAILKD_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def _probe(**env) -> tuple[int, bool, int]:
-    base = {k: v for k, v in os.environ.items()
-            if k != "TAILKD_MALLOC" and k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    base = {k: v for k, v in os.environ.items() if not _malloc_setting(k)}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
     return int(out[0]), out[1] == "1", int(out[2])
@@ -95,9 +99,8 @@ def test_an_unknown_tailkd_malloc_is_one_line_and_exit_2(monkeypatch, capsys, tm
 
 
 def _clean_malloc_env(monkeypatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MALLOC_") or name in ("TAILKD_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD"):
-            monkeypatch.delenv(name)
+    for name in filter(_malloc_setting, list(os.environ)):
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("env, own", [

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_tokenizer, make_tiny_lm
-from launch import ENV, failure_text, free_port, join_gloo, run_cli, spawn
+from launch import ENV, as_a_plain_process, failure_text, free_port, join_gloo, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
 
@@ -531,8 +531,7 @@ def test_a_tie_fsdp2_would_shard_is_refused(tmp_path, monkeypatch):
     teacher.save_pretrained(tmp_path / "teacher")
     build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     monkeypatch.setattr(LlamaForCausalLM, "get_output_embeddings", lambda self: None)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    as_a_plain_process(monkeypatch)
     device = dist.setup("cpu", process_group=True)
     try:
         with pytest.raises(TailkdError) as info:
