@@ -883,6 +883,34 @@ def test_gguf_conversion_that_cannot_rename_its_entry_into_place_fails(tmp_path,
     assert [p.name for p in (cache / "gguf").iterdir()] == [".by-file"]
 
 
+def test_gguf_conversion_that_cannot_remove_a_folder_without_its_marker_fails(tmp_path, tiny_tokenizer,
+                                                                              monkeypatch):
+    """A folder without the marker at the entry's name that cannot be removed (made read-only meanwhile, say) fails
+    the load with the same one line as a refused rename (it was the bare PermissionError of rmtree); the temporary
+    folder does not stay."""
+    import errno
+    import shutil
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "tiny.gguf", make_tiny_lm("llama"), tiny_tokenizer)
+    cache = tmp_path / "cache"
+    final = gguf_cache_path(gguf_file, cache)
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"half a file")
+    real = shutil.rmtree
+
+    def refused(path, *args, **kwargs):
+        if Path(path) == final:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    with pytest.raises(TailkdError) as info:
+        models.gguf_cache_entry(gguf_file, cache)
+    assert str(info.value) == (f"could not move the converted GGUF into place as {final} (Permission denied): make "
+                               f"{final.parent} writable or set TAILKD_CACHE (or cache_dir) to a writable folder")
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted([".by-file", final.name])
+
+
 def test_a_gguf_without_one_of_its_models_tensors_is_refused(tmp_path, tiny_tokenizer):
     """A GGUF lacking a tensor of its model is refused by name: load_state_dict(strict=False) would leave that tensor
     as from_config drew it, a random MLP in a teacher, without a word. No entry is written."""

@@ -455,9 +455,9 @@ def gguf_cache_entry(gguf: Path, cache_dir: str | os.PathLike | None = None) -> 
                               f"); free disk space or set TAILKD_CACHE (or cache_dir) to a folder on another disk "
                               f"(SmolLM2 needs 0.5 GB)") from None
         if not (final / _GGUF_MARKER).is_file():  # else a concurrent conversion finished first: keep its entry,
-            if final.exists():  # which that process may be reading now; an entry without its marker: not ours
-                shutil.rmtree(final)
-            try:
+            try:  # which that process may be reading now; an entry without its marker: not ours, replaced
+                if final.exists():
+                    shutil.rmtree(final)
                 os.rename(tmp, final)
             except OSError as err:
                 if not (final / _GGUF_MARKER).is_file():  # not a concurrent writer that won the race
