@@ -719,9 +719,11 @@ def test_gguf_conversion_prunes_what_the_cache_can_never_serve(tmp_path, tiny_to
 
 
 def test_gguf_prune_removes_every_older_format_and_leaves_what_it_cannot_read(tmp_path):
-    """Pruning removes the complete entries of every other format (format 1, format 2, a marker without one) and
-    leaves this format's, folders without a marker (not complete: not an entry it knows) and entries whose marker it
-    cannot read (torn, not an object), rather than stopping there."""
+    """Pruning removes the complete entries of every older format (format 1, format 2, a marker without one) and
+    leaves this format's, a newer format's (a later tailkd sharing the cache: it was removed, and each version then
+    removed the other's 0.5 GB entry on every conversion), folders without a marker (not complete: not an entry it
+    knows) and entries whose marker it cannot read (torn, not an object, a format that is not a number), rather than
+    stopping there."""
     root = tmp_path / "cache" / "gguf"
 
     def entry(name, marker=None):
@@ -733,7 +735,8 @@ def test_gguf_prune_removes_every_older_format_and_leaves_what_it_cannot_read(tm
     older = [entry("a-1", json.dumps({"format": 1})), entry("a-2", json.dumps({"format": 2})),
              entry("a-none", json.dumps({"source": "/gone/a.gguf"}))]
     kept = [entry("a-now", json.dumps({"format": models._GGUF_CACHE_FORMAT})), entry("a-no-marker"),
-            entry("a-torn", '{"format": '), entry("a-list", "[1]")]
+            entry("a-newer", json.dumps({"format": models._GGUF_CACHE_FORMAT + 1})),
+            entry("a-text", json.dumps({"format": "1"})), entry("a-torn", '{"format": '), entry("a-list", "[1]")]
     assert sorted(models.prune_gguf_cache(tmp_path / "cache")) == sorted(older)
     assert all(path.is_dir() for path in kept) and not any(path.exists() for path in older)
 

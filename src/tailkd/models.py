@@ -384,11 +384,11 @@ _STALE_TMP_SECONDS = 24 * 3600  # a conversion's temporary folder older than thi
 
 def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Remove what the GGUF cache can never serve again; returns the removed paths. That is: complete entries of
-    another cache format (their key cannot be made any more), temporary folders of killed conversions (at once when
-    their writer was a process of this host that is gone, else when older than a day: another host's, on a shared
-    disk) and pointers whose file is gone or changed, or that cannot be read (torn, nested too deeply). Entries of
-    this format are kept, whether or not their source file still exists: another copy of the same bytes may need
-    them."""
+    an older cache format (their key cannot be made any more; a newer format's belong to a later tailkd sharing the
+    cache and are kept), temporary folders of killed conversions (at once when their writer was a process of this
+    host that is gone, else when older than a day: another host's, on a shared disk) and pointers whose file is
+    gone or changed, or that cannot be read (torn, nested too deeply). Entries of this format are kept, whether or
+    not their source file still exists: another copy of the same bytes may need them."""
     import time
 
     root = _gguf_root(cache_dir)
@@ -404,9 +404,12 @@ def prune_gguf_cache(cache_dir: str | os.PathLike | None = None) -> list[Path]:
         try:
             if path.name.startswith(".tmp-"):
                 stale = path.is_dir() and killed(path)
+            elif path.is_dir() and (path / _GGUF_MARKER).is_file():  # a complete entry: removed when of an older
+                # format (a marker without one is older than any); a newer format's is a later tailkd's: kept
+                fmt = json.loads((path / _GGUF_MARKER).read_text()).get("format", 0)
+                stale = type(fmt) is int and fmt < _GGUF_CACHE_FORMAT
             else:
-                stale = path.is_dir() and (path / _GGUF_MARKER).is_file() and \
-                    json.loads((path / _GGUF_MARKER).read_text()).get("format") != _GGUF_CACHE_FORMAT
+                stale = False
             if stale:
                 shutil.rmtree(path)
                 removed.append(path)
