@@ -542,6 +542,28 @@ def test_a_tie_fsdp2_would_shard_is_refused(tmp_path, monkeypatch):
                                "shard: use --teacher.parallel replicate")
 
 
+def test_start_up_refusals_name_a_sharded_teachers_own_class(tmp_path, monkeypatch):
+    """fully_shard swaps the teacher's class for a subclass FSDP<name>: the start-up check of the LM head names the
+    model's own class, as for a replicated teacher ("FSDPLlamaForCausalLM's own logits ..." before). One process, a
+    group of one; the teacher's final norm holds a NaN, so that its own logits are not finite."""
+    from tailkd.head import verify_head
+
+    teacher = make_tiny_lm("llama", num_hidden_layers=1)
+    with torch.no_grad():
+        teacher.model.norm.weight[0] = math.nan
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    as_a_plain_process(monkeypatch)
+    device = dist.setup("cpu", process_group=True)
+    try:
+        sharded = load_sharded_teacher(str(tmp_path / "teacher"), device=device, dtype="fp32")
+        assert type(sharded).__name__ == "FSDPLlamaForCausalLM"
+        with pytest.raises(TailkdError, match=r"^LlamaForCausalLM's own logits are not finite \(NaN or inf\)"):
+            verify_head(sharded, torch.tensor([[1, 2, 3]]))
+    finally:
+        dist.shutdown()
+
+
 def _with_a_stored_buffer(model_cls):
     """``model_cls.__init__`` that also registers a persistent buffer ``marker`` of zeros: a model class whose state
     dict stores a buffer next to its weights (no causal LM of transformers here does: rotary buffers are computed)."""
