@@ -1,6 +1,7 @@
 """Config: YAML mirrors the dataclasses, flags override YAML, unknown keys and wrong types are errors."""
 
 import argparse
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
     path = tmp_path / "run.yaml"
     save_yaml(cfg, path)
     assert from_dict(DistillConfig, yaml.safe_load(path.read_text())) == cfg
+    saved = yaml.safe_load(path.read_text())  # in the config's own order (teacher first, train last), not sorted
+    assert list(saved) == [f.name for f in dataclasses.fields(DistillConfig)]
+    assert list(saved["loss"]) == [f.name for f in dataclasses.fields(type(cfg.loss))]
     got = parse(["--config", str(path), "--k", "20", "--loss.beta", "5", "--data", "c.txt", "--resume"])
     assert (got.loss.k, got.loss.beta, got.data.paths, got.train.resume) == (20, 5.0, ["c.txt"], True)
     assert got.train.lr == cfg.train.lr
@@ -125,6 +129,9 @@ def test_garbled_yaml_and_missing_file(tmp_path):
         parse(["--config", str(path)])
     with pytest.raises(TailkdError, match="does not exist"):
         parse(["--config", str(tmp_path / "nope.yaml")])
+    path.write_text("train:\n  seed: " + "9" * 5000 + "\n")  # Python's int() refuses over 4300 digits: ValueError
+    with pytest.raises(TailkdError, match=r"garbled\.yaml is not valid YAML \(Exceeds the limit \(4300 digits\)"):
+        parse(["--config", str(path)])
 
 
 def test_yaml_nested_past_the_parser_is_not_valid_yaml(tmp_path):

@@ -248,6 +248,36 @@ def test_tailkds_own_words_stay_words_in_a_runs_config(tmp_path, monkeypatch):
         assert (saved.data.paths, saved.data.heldout_paths) == (["builtin:math"], ["builtin:pydoc"])
 
 
+def test_absolute_paths_makes_every_local_path_absolute_as_written(tmp_path, monkeypatch):
+    """Every path setting a run reads again (teacher and its cache, a student, data and held-out files, the data
+    cache, a chat template file, a loss.module file, the run folder) is saved against the working directory, as
+    written: through a symlinked folder and '..' unresolved (the link is what the user named; resolving it would tie
+    the run to where it points today). A dotted loss.module and an empty setting stay as they are."""
+    from tailkd.config import absolute_paths
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    cfg = DistillConfig()
+    cfg.teacher.path, cfg.teacher.cache, cfg.student.path = "link/teacher", "caches/top64", "students/s"
+    cfg.data.paths, cfg.data.heldout_paths = ["link/a.txt", "b.jsonl"], ["held/c.txt"]
+    cfg.data.cache_dir, cfg.data.chat_template, cfg.train.out_dir = "dc", "tpl/chat.jinja", "runs/x/../y"
+    for module, saved_module in (("losses/mine.py", str(tmp_path / "losses/mine.py")),
+                                 ("losses/mine", str(tmp_path / "losses/mine")), ("mine.py", str(tmp_path / "mine.py")),
+                                 ("pkg.mine", "pkg.mine")):
+        cfg.loss.module = module
+        saved = absolute_paths(cfg)
+        assert saved.loss.module == saved_module
+    assert saved.teacher.path == f"{tmp_path}/link/teacher" and saved.teacher.cache == f"{tmp_path}/caches/top64"
+    assert saved.student.path == f"{tmp_path}/students/s" and saved.data.cache_dir == f"{tmp_path}/dc"
+    assert saved.data.paths == [f"{tmp_path}/link/a.txt", f"{tmp_path}/b.jsonl"]
+    assert saved.data.heldout_paths == [f"{tmp_path}/held/c.txt"]
+    assert saved.data.chat_template == f"{tmp_path}/tpl/chat.jinja" and saved.train.out_dir == f"{tmp_path}/runs/x/../y"
+    assert cfg.teacher.path == "link/teacher"  # a copy: the given config unchanged
+    cfg.teacher.cache = ""
+    assert absolute_paths(cfg).teacher.cache == ""
+
+
 def test_eval_and_resume_of_a_run_from_another_working_directory(tmp_path, monkeypatch):
     from tailkd.command_config import EvalConfig
     from tailkd.config import from_dict, load_yaml

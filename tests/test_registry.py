@@ -316,6 +316,28 @@ def test_a_loss_module_that_fails_on_its_own_import_is_not_told_to_give_a_file(t
             del sys.modules[name]
 
 
+def test_a_dotted_loss_module_that_imports_a_missing_one_is_not_told_it_is_missing(tmp_path, monkeypatch):
+    """A dotted loss.module that is found but imports a module that is not is told so ("a module that loss.module
+    imports"), not "give a .py file": the missing module is the one loss.module names only when that name is
+    loss.module or a package above it — as a dotted prefix, so that ``lossmod_extra`` importing a missing ``lossmod``
+    is not taken for itself."""
+    import sys
+
+    from tailkd.config import load_loss_module
+    from tailkd.errors import TailkdError
+
+    (tmp_path / "lossmod_extra.py").write_text("import lossmod\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(TailkdError) as err:
+            load_loss_module("lossmod_extra")
+    finally:
+        sys.modules.pop("lossmod_extra", None)
+    _one_line(err, "loss.module='lossmod_extra' could not be imported: ModuleNotFoundError: No module named "
+                   "'lossmod'", "a module that loss.module imports")
+    assert "give a .py file" not in str(err.value)
+
+
 def test_a_loss_of_ones_own_without_its_module_is_refused_naming_loss_module(restore_losses):
     """A run made through a launcher that registers its loss (README: it "works as well") saves no loss.module, so
     the ``tailkd distill --config RUN/config.yaml --resume`` it prints refused the name with only the built-in names

@@ -153,15 +153,16 @@ def absolute_paths(cfg: "DistillConfig") -> "DistillConfig":
     RUN/config.yaml --resume`` and a recipe read the teacher, data and cache the run used from any working directory
     (relative ones were read against the reader's: 'not found', or another folder of the same name). tailkd's own
     words are kept: smollm2, builtin:*, auto / none (chat_template), a dotted loss.module."""
+    from tailkd.registry import names_a_file
+
     module = cfg.loss.module
-    is_file = module.endswith(".py") or "/" in module or "\\" in module  # tailkd.registry.names_a_file
     t, st, d = cfg.teacher, cfg.student, cfg.data
     return dataclasses.replace(
         cfg, teacher=dataclasses.replace(t, path=absolute_path(t.path), cache=absolute_path(t.cache)),
         student=dataclasses.replace(st, path=absolute_path(st.path)),
         data=dataclasses.replace(d, paths=absolute_path(d.paths), heldout_paths=absolute_path(d.heldout_paths),
                                  cache_dir=absolute_path(d.cache_dir), chat_template=absolute_path(d.chat_template)),
-        loss=dataclasses.replace(cfg.loss, module=absolute_path(module) if is_file else module),
+        loss=dataclasses.replace(cfg.loss, module=absolute_path(module) if names_a_file(module) else module),
         train=dataclasses.replace(cfg.train, out_dir=absolute_path(cfg.train.out_dir)))
 
 
