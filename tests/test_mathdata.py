@@ -133,3 +133,109 @@ def test_feeds_prepare_sft(small):
     assert info["train"]["truncated"] == 0 and info["dropped_train_overlap"] == 0
     answers = [x["answer"] for x in read_jsonl(files.heldout)]
     assert [extract_answer(e.reference) for e in held.examples] == [normalize_number(a) for a in answers]
+
+
+# --------------------------------------------------------------------------- one rule at a time, on a stand-in gym
+
+
+def problem(question: str, answer="5", cot: str = "2 + 3 = 5\n#### 5") -> dict:
+    """A gsm_symbolic-shaped item."""
+    return {"question": question, "answer": answer, "metadata": {"answer_cot": cot}}
+
+
+@pytest.fixture
+def gym(monkeypatch):
+    """reasoning-gym stood in by a generator whose first items of every seed are ``gym.items`` (set by the test),
+    then distinct valid problems of that seed: which item draw_problems takes or skips is then known."""
+    class Gym:
+        items: list[dict] = []
+
+        @classmethod
+        def create_dataset(cls, name, *, seed, size):
+            assert name == mathdata.DATASET
+            return [*cls.items, *(problem(f"Problem {i} of seed {seed}?") for i in range(size))][:size]
+
+    monkeypatch.setattr(mathdata, "_reasoning_gym", lambda: Gym)
+    return Gym
+
+
+def test_make_prompt_strips_the_question():
+    assert mathdata.make_prompt("  How many?\n") == f"How many?\n{mathdata.INSTRUCTION}\n"
+
+
+def test_an_item_is_valid_only_with_its_answer_on_its_own_last_line():
+    """The solution must end in a line ``#### N`` whose number is the item's answer, and the question must not
+    contain ``####`` (its prompt would then hold an answer line of its own)."""
+    assert mathdata._valid(problem("Q?"))
+    assert mathdata._valid(problem("Q?", answer=5, cot="2 + 3 = 5\n#### 5\n \n"))  # trailing blank lines are fine
+    assert not mathdata._valid(problem("Q? #### 5"))
+    assert not mathdata._valid(problem("Q?", cot="2 + 3 = 5 #### 5"))  # extracts to 5, but not on its own line
+    assert not mathdata._valid(problem("Q?", answer="6"))
+    assert not mathdata._valid(problem("Q?", answer="", cot="so\n#### many"))  # no number on either side: no match
+    assert not mathdata._valid({"question": "Q?", "answer": "5", "metadata": {}})
+    assert not mathdata._valid(problem(None))
+
+
+def test_draw_problems_skips_repeats_excluded_and_invalid_items(gym):
+    gym.items = [problem("A?"), problem("B?", answer=5, cot="1 + 4 = 5\n#### 5\n\n"), problem("A?"),
+                 problem("C? #### 5"), problem("D?"), problem("E?")]
+    out, skipped = mathdata.draw_problems(3, seed=7, exclude={"D?"})
+    assert [x["question"] for x in out] == ["A?", "B?", "E?"]
+    assert skipped == {"duplicate": 2, "invalid": 1}  # the second "A?" and the excluded "D?"; "C? #### 5"
+    assert out[1] == {"question": "B?", "answer": "5", "solution": "1 + 4 = 5\n#### 5"}  # stripped, a string
+
+
+def test_draw_problems_gives_up_after_max_tries(gym):
+    assert len(mathdata.draw_problems(4, seed=0, max_tries=4)[0]) == 4
+    with pytest.raises(TailkdError, match=r"gave only 4 distinct valid problems for seed 0 in 4 draws"):
+        mathdata.draw_problems(5, seed=0, max_tries=4)
+
+
+def test_a_corpus_document_has_no_blank_line_inside():
+    """Blank lines separate the corpus's documents, so one made of spaces or tabs inside a solution goes too."""
+    doc = mathdata._corpus_document({"question": " Q?\n", "solution": "a\n  \nb\n\t\n\n#### 5\n"})
+    assert doc == "Q?\na\nb\n#### 5"
+
+
+def test_a_count_that_is_a_bool_is_refused(tmp_path):
+    with pytest.raises(TailkdError, match="n_train must be a positive whole number, got True"):
+        mathdata.write_math_dataset(tmp_path / "m", n_train=True, n_heldout=5)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_dataset_missing_a_file_is_written_again(gym, tmp_path):
+    files = mathdata.write_math_dataset(tmp_path / "m", n_train=3, n_heldout=2)
+    corpus = files.corpus.read_text()
+    files.corpus.unlink()
+    assert mathdata.write_math_dataset(tmp_path / "m", n_train=3, n_heldout=2).corpus.read_text() == corpus
+
+
+def test_a_dataset_of_another_format_is_replaced_only_with_overwrite(gym, tmp_path):
+    files = mathdata.write_math_dataset(tmp_path / "m", n_train=3, n_heldout=2)
+    meta_path = tmp_path / "m" / mathdata.META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["settings"]["format"] = "tailkd-math-0"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TailkdError, match="holds a math dataset of another format; pass overwrite=True"):
+        mathdata.write_math_dataset(tmp_path / "m", n_train=3, n_heldout=2)
+    assert json.loads(meta_path.read_text())["settings"]["format"] == "tailkd-math-0"  # not touched
+    assert mathdata.write_math_dataset(tmp_path / "m", n_train=3, n_heldout=2, overwrite=True) == files
+    assert json.loads(meta_path.read_text())["settings"]["format"] == mathdata.FORMAT
+
+
+def test_a_file_in_the_way_is_refused(gym, tmp_path):
+    (tmp_path / "m").write_text("mine")
+    with pytest.raises(TailkdError, match="refusing to write the math dataset into .*: it exists and is not"):
+        mathdata.write_math_dataset(tmp_path / "m", n_train=3, n_heldout=2)
+    assert (tmp_path / "m").read_text() == "mine"
+
+
+def test_default_math_dataset_keeps_one_folder_per_setting_in_the_cache_given(gym, tmp_path, monkeypatch):
+    """Under ``<cache_dir>/math``; two settings of the seeds are two folders, neither rewriting the other."""
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "default"))  # not the user's cache, should cache_dir be lost
+    first = mathdata.default_math_dataset(tmp_path, n_train=3, n_heldout=2)
+    assert first.train.parent.parent == tmp_path / "math"
+    other = mathdata.default_math_dataset(tmp_path, n_train=3, n_heldout=2, heldout_seed=5)
+    assert other.train.parent != first.train.parent
+    meta = json.loads((first.train.parent / mathdata.META_FILE).read_text())
+    assert meta["settings"]["heldout_seed"] == mathdata.DEFAULT_SEEDS["heldout_seed"]
