@@ -226,6 +226,18 @@ def test_is_release_reads_pips_names_of_the_pinned_release():
     assert assets.is_release(Path("alpaca_eval-0.6.6.tar.gz"), instruct)
 
 
+def test_is_release_does_not_take_a_longer_version_for_the_pinned_one():
+    """A name that only starts with ``gensim-4.3.3`` is another release (4.3.30, 4.3.3.post1): ``--from`` took it
+    as gensim 4.3.3 and, the corpus having no SHA-256 pinned, copied its files as the pinned ones."""
+    corpus, instruct = assets.ASSETS["corpus"], assets.ASSETS["instruct"]
+    for name in ("gensim-4.3.30-cp311-cp311-manylinux_2_17_x86_64.whl", "gensim-4.3.3.post1.tar.gz",
+                 "gensim-4.3.3rc1.tar.gz", "gensim-4.3.3.1-py3-none-any.whl"):
+        assert not assets.is_release(Path(name), corpus), name
+    assert not assets.is_release(Path("alpaca_eval-0.6.60.tar.gz"), instruct)
+    for name in ("gensim-4.3.3-1-cp311-cp311-win_amd64.whl", "gensim-4.3.3.zip"):  # a build tag; an old sdist
+        assert assets.is_release(Path(name), corpus), name
+
+
 def test_what_counts_as_the_member_in_an_sdist(tmp_path):
     """The member's whole path below the sdist's top folder, as a regular file: not a path that only ends in the
     same characters (``mygensim/...``), not a link of that name."""

