@@ -230,6 +230,20 @@ def test_a_file_in_the_way_is_refused(gym, tmp_path):
     assert (tmp_path / "m").read_text() == "mine"
 
 
+def test_overwrite_never_replaces_a_folder_that_is_no_math_dataset(gym, tmp_path):
+    """overwrite=True replaces a math dataset (a folder with its meta.json), not a folder of the user's nor a file:
+    it did, deleting what was there."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "mine", tmp_path / "file"):
+        with pytest.raises(TailkdError, match="refusing to write the math dataset into .*: it exists and is not"):
+            mathdata.write_math_dataset(out, n_train=3, n_heldout=2, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert mathdata.write_math_dataset(tmp_path / "empty", n_train=3, n_heldout=2, overwrite=True).train.is_file()
+
+
 def test_default_math_dataset_keeps_one_folder_per_setting_in_the_cache_given(gym, tmp_path, monkeypatch):
     """Under ``<cache_dir>/math``; two settings of the seeds are two folders, neither rewriting the other."""
     monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "default"))  # not the user's cache, should cache_dir be lost

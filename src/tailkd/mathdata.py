@@ -138,7 +138,7 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
                 "reasoning_gym": _rg_version()}
     files = MathFiles(out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CORPUS_FILE)
     meta_path = out_dir / META_FILE
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not (overwrite and meta_path.is_file()):  # overwrite replaces a math dataset only
         if meta_path.is_file():
             try:
                 old = jsonfile.read_object(meta_path).get("settings")
