@@ -51,12 +51,30 @@ def test_non_finite_floats_are_null_with_a_record_and_come_back():
     assert strict_loads(jsonfile.dumps([inf, 1.0])) == [None, 1.0]  # outside any object: null, no record
     with pytest.raises(ValueError, match="non_finite"):
         jsonfile.dumps({"non_finite": 1, "x": nan})
+    with pytest.raises(ValueError, match="not JSON compliant"):  # a `default` hook's float is past `strict`: still
+        jsonfile.dumps({"x": object()}, default=lambda _: nan)  # never written as NaN (json's allow_nan=False)
 
 
 def test_files_written_before_with_nan_and_infinity_still_read():
     old = '{"kl": 0.5, "rkl": Infinity, "loss": NaN, "curve": [[0], [-Infinity]]}'
     back = jsonfile.loads(old)
     assert back["rkl"] == math.inf and math.isnan(back["loss"]) and back["curve"] == [[0], [-math.inf]]
+
+
+def test_a_record_that_does_not_fit_its_object_is_left_as_it_is():
+    """`loads` puts back only what `dumps` replaced: a record naming a key the object lacks, an index past a list or
+    into a number, or a value that is not null (a file edited by hand, or another program's) puts nothing back and
+    never fails the reader (a KeyError / IndexError / TypeError traceback); a "non_finite" key that is no record of
+    marks (a number, an unknown mark) is the data's own and stays."""
+    assert jsonfile.loads('{"a": 1, "non_finite": {"b": "inf"}}') == {"a": 1}
+    assert jsonfile.loads('{"a": [null], "non_finite": {"a[3]": "inf"}}') == {"a": [None]}
+    assert jsonfile.loads('{"a": 5, "non_finite": {"a[0]": "inf"}}') == {"a": 5}
+    assert jsonfile.loads('{"a": 2.0, "non_finite": {"a": "inf"}}') == {"a": 2.0}
+    assert jsonfile.loads('{"a": null, "non_finite": {"a": "big"}}') == {"a": None, "non_finite": {"a": "big"}}
+    assert jsonfile.loads('{"non_finite": 3}') == {"non_finite": 3}
+    back = jsonfile.loads('{"a": [[1.0, null]], "non_finite": {"a[0][1]": "-inf"}}')  # the one that fits: back
+    assert back == {"a": [[1.0, -math.inf]]}
+    assert jsonfile.loads(jsonfile.dumps({"a": [0.0] * 11 + [math.inf]}))["a"][11] == math.inf  # index of 2 digits
 
 
 # --------------------------------------------------------------------------- real runs
