@@ -11,13 +11,19 @@ from test_evaluate import one_line_error
 
 from tailkd.cli import main
 from tailkd.compare import (
+    check_task_setups,
     compare_runs,
     fidelity_diversity_points,
     load_run,
+    loss_labels,
     markdown_table,
+    read_metrics,
+    read_task_accuracies,
+    read_task_setups,
     relative_change,
     task_summary,
 )
+from tailkd.errors import TailkdError
 
 
 def make_run(root, name, *, loss, kls, ppl, agreement, tokens_per_eval=1000, full_ece=None, seconds=75.0,
@@ -416,6 +422,7 @@ def test_compare_lm_eval_runs_without_a_shared_task(tmp_path):
     _, rows = table_rows(md.split("\n\n")[0])
     assert rows["b"]["tasks: mean acc"] == "—" and rows["b"]["Rel̄ (tasks)"] == "—"
     assert "left out (not in every run's results): arc_easy, piqa." in md
+    assert "\n\n| run |" not in md  # no per-task table without a task in it
     write_lm_eval(b, {"piqa": 0.6, "arc_easy": 0.5})
     md = compare_runs([a, b], baseline=a, out_dir=tmp_path / "o")["markdown"]
     _, rows = table_rows(md.split("\n\n")[0])
@@ -514,12 +521,121 @@ def test_damaged_run_files_are_one_line(tmp_path, capsys, name, content, needle)
     one_line_error(capsys.readouterr().err, needle)
 
 
-@pytest.mark.parametrize("content", [b"loss:\n  name: \xff\n", b"[" * 100_000 + b"]" * 100_000])
+@pytest.mark.parametrize("content", [b"loss:\n  name: \xff\n", b"[" * 100_000 + b"]" * 100_000,
+                                     b"- loss\n", b"loss: kd\n"])
 def test_a_config_yaml_that_is_not_utf8_only_loses_the_loss_settings(tmp_path, content):
     """config.yaml gives the loss settings of the loss column, read leniently ({} when unreadable): bytes that are
     not UTF-8, or YAML nested past Python's stack, are unreadable too (a UnicodeDecodeError / RecursionError
-    traceback before); the loss name comes from summary.json."""
+    traceback before), and a config.yaml of another shape (a list, a loss that is no mapping) gives no settings
+    either, not an AttributeError; the loss name comes from summary.json."""
     run = make_run(tmp_path, "r", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
     (run / "config.yaml").write_bytes(content)
     record = load_run(run)
     assert record["loss"] == "kd" and record["loss_settings"] == {}
+
+
+# --------------------------------------------------------------------------- gaps found by a mutation audit
+
+
+def test_read_metrics_keeps_the_rows_it_plots_in_training_order(tmp_path):
+    """read_metrics: the training rows and the held-out rows with a KL or a student CLM, each sorted by training
+    tokens whatever the order of the lines; a blank line (also one of spaces) is skipped; a held-out row with
+    neither metric is not a held-out row (it would become the table's final row, with KL "—"); a row of no known
+    split is not a training row; a row without tokens (the checker lets it through) sorts as 0, not a TypeError."""
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [{"step": 20, "split": "heldout", "tokens": 2000, "kl": 1.0},
+            {"step": 11, "split": "train", "tokens": 1100, "loss": 2.0},
+            {"step": 10, "split": "heldout", "tokens": 1000, "kl": 2.0},
+            {"step": 30, "split": "heldout", "tokens": 3000, "teacher_ppl": 5.0},  # no kl, no student_clm
+            {"step": 1, "split": "train", "tokens": 100, "loss": 3.0},
+            {"step": 5, "tokens": 500, "loss": 9.0},  # no split
+            {"step": 0, "split": "heldout", "kl": 3.0}]  # no tokens
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, "   ")
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    train, held = read_metrics(run)
+    assert [r["step"] for r in train] == [1, 11]
+    assert [r["step"] for r in held] == [0, 10, 20]
+    assert load_run(run)["kl"] == 1.0 and load_run(run)["curve"] == ([0, 1000, 2000], [3.0, 2.0, 1.0])
+
+
+def test_lm_eval_accuracies_read_from_each_task(tmp_path):
+    """read_task_accuracies: a task's acc,none before any exact_match; of several exact_match filters the first by
+    name (sorted: the same one for every run, whatever the file's order); an accuracy of 0 is an accuracy (it was
+    left out, so the task vanished from the mean); a null accuracy (a non-finite value, `tailkd.jsonfile`) is none,
+    and the next metric is taken; a task entry that is not an object is left out."""
+    run = make_run(tmp_path, "r", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
+    results = {"both": {"exact_match,strict-match": 0.9, "acc,none": 0.4},
+               "gsm": {"exact_match,strict-match": 0.2, "exact_match,flexible-extract": 0.3},
+               "zero": {"acc,none": 0.0},
+               "nan_acc": {"acc,none": None, "exact_match,strict-match": 0.6},
+               "nan_only": {"acc,none": None},
+               "odd": "not scored"}
+    (run / "lm_eval.json").write_text(json.dumps({"results": results}))
+    assert read_task_accuracies(run) == {"both": 0.4, "gsm": 0.3, "zero": 0.0, "nan_acc": 0.6}
+
+
+def test_task_setups_without_a_number_of_documents_are_left_out(tmp_path):
+    """read_task_setups: a task whose n-samples has no "effective" (null or missing) has no setup to compare, so
+    compare does not stop over it."""
+    run = make_run(tmp_path, "r", loss="kd", kls=[1.0], ppl=3.0, agreement=0.5)
+    (run / "lm_eval.json").write_text(json.dumps({
+        "results": {"a": {"acc,none": 0.5}, "b": {"acc,none": 0.5}, "c": {"acc,none": 0.5}},
+        "n-shot": {"a": 5, "b": 0, "c": 0},
+        "n-samples": {"a": {"original": 10, "effective": 8}, "b": {"original": 10, "effective": None},
+                      "c": {"original": 10}}}))
+    assert read_task_setups(run) == {"a": (5, 8)}
+
+
+def test_a_task_setup_error_names_the_first_run_of_each_setup(tmp_path):
+    """check_task_setups with three runs, the first and third scored alike: the line names the first run of each
+    setup (a and b), not the last run seen with a's setup."""
+    records = [{"path": p, "task_setups": {"arc": s}} for p, s in (("a", (0, 100)), ("b", (5, 100)), ("c", (0, 100)))]
+    with pytest.raises(TailkdError, match=r"^arc was scored with 5 shots on 100 documents in b/lm_eval\.json but 0 "
+                                          r"shots on 100 in a/lm_eval\.json;"):
+        check_task_setups(records, ["arc"])
+
+
+def test_a_run_missing_one_of_the_tasks_has_no_task_mean():
+    """task_summary: a run with some of the tasks but not all has no mean and no Rel̄ (a mean over fewer tasks
+    would not compare with the others')."""
+    base = {"tasks": {"a": 0.4, "b": 0.5}}
+    assert task_summary({"tasks": {"a": 0.3}}, base, ["a", "b"]) == (None, None)
+
+
+def test_a_loss_setting_that_is_a_float_is_shown_short():
+    """loss_labels: float settings as format's g (``beta=2``, not ``beta=2.0``), as ``k=16`` reads."""
+    records = [{"loss": "tad", "loss_settings": {"beta": b, "k": 16}} for b in (2.0, 0.5)]
+    assert loss_labels(records) == ["tad (beta=2)", "tad (beta=0.5)"]
+
+
+def test_generation_columns_have_no_rel_column_beside_a_baseline(tmp_path):
+    """With a baseline, the Rel columns follow KL, perplexity, Full-ECE and agreement only; ROUGE-L, Distinct-2 and
+    Self-BLEU have none, in the header as in the rows (a header with one put every later cell under another title)."""
+    a = make_run(tmp_path, "a", loss="kd", kls=[3.0, 1.6], ppl=40.0, agreement=0.5)
+    b = make_run(tmp_path, "b", loss="tad", kls=[3.0, 1.0], ppl=20.0, agreement=0.7)
+    write_generation(a, rougeL=0.31, distinct_2=0.62, self_bleu=0.40)
+    write_generation(b, rougeL=0.35, distinct_2=0.55, self_bleu=0.50)
+    header, rows = table_rows(compare_runs([a, b], baseline=a, out_dir=tmp_path / "o")["markdown"])
+    assert header == ["run", "loss", "tokens", "held-out KL", "Rel held-out KL", "perplexity", "Rel perplexity",
+                      "Full-ECE", "Rel Full-ECE", "agreement", "Rel agreement", "ROUGE-L", "Distinct-2", "Self-BLEU",
+                      "train time", "PFLOPs"]
+    assert (rows["b"]["ROUGE-L"], rows["b"]["Self-BLEU"], rows["b"]["train time"]) == ("0.3500", "0.5000", "0:01:15")
+
+
+def test_a_baseline_spelled_otherwise_is_the_run_in_the_list(tmp_path, monkeypatch):
+    """--baseline a relative path of a run given absolute (or through ..): the same folder, so the same record, not
+    a second copy of it (which made every name a path, the two copies of one name)."""
+    a = make_run(tmp_path, "a", loss="kd", kls=[2.0, 1.0], ppl=10.0, agreement=0.5)
+    b = make_run(tmp_path, "b", loss="tad", kls=[2.0, 0.5], ppl=8.0, agreement=0.6)
+    monkeypatch.chdir(b)
+    res = compare_runs([a, b], baseline="../a", out_dir=tmp_path / "o")
+    assert [r["name"] for r in res["records"]] == ["a", "b"]
+    assert set(table_rows(res["markdown"])[1]) == {"a (baseline)", "b"}
+
+
+def test_compare_of_no_run_is_refused(tmp_path):
+    with pytest.raises(TailkdError, match=r"^no run given; "):
+        compare_runs([], out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
