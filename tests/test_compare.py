@@ -605,9 +605,14 @@ def test_a_run_missing_one_of_the_tasks_has_no_task_mean():
 
 
 def test_a_loss_setting_that_is_a_float_is_shown_short():
-    """loss_labels: float settings as format's g (``beta=2``, not ``beta=2.0``), as ``k=16`` reads."""
+    """loss_labels: float settings as format's g (``beta=2``, not ``beta=2.0``), as ``k=16`` reads, where that is
+    their value; else exactly."""
     records = [{"loss": "tad", "loss_settings": {"beta": b, "k": 16}} for b in (2.0, 0.5)]
     assert loss_labels(records) == ["tad (beta=2)", "tad (beta=0.5)"]
+    # a value g's six digits do not hold is shown exactly: runs of beta 1 and 1.0000001 must not look alike
+    records = [{"loss": "tad", "loss_settings": {"beta": b}} for b in (1.0, 1.0000001, 1e-30, 123456789.0)]
+    assert loss_labels(records) == ["tad (beta=1)", "tad (beta=1.0000001)", "tad (beta=1e-30)",
+                                    "tad (beta=123456789.0)"]
 
 
 def test_generation_columns_have_no_rel_column_beside_a_baseline(tmp_path):

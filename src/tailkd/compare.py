@@ -264,9 +264,18 @@ def loss_labels(records: list[dict]) -> list[str]:
         keys = sorted({k for s in same for k in s})
         mine = r.get("loss_settings") or {}
         differ = [k for k in keys if len({repr(s.get(k)) for s in same}) > 1 and k in mine]
-        knobs = ", ".join(f"{k}={mine[k]:g}" if isinstance(mine[k], float) else f"{k}={mine[k]}" for k in differ)
+        knobs = ", ".join(f"{k}={_short(mine[k])}" for k in differ)
         labels.append((r["loss"] or "—") + (f" ({knobs})" if knobs else ""))
     return labels
+
+
+def _short(value) -> str:
+    """A setting as the label shows it: a float as format's g (``2``, not ``2.0``) where that is its value, else
+    exactly (``1.0000001``: g's six digits would show it as ``1``, beside a run of 1.0 it must differ from)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = format(value, "g")
+    return short if float(short) == value else repr(value)
 
 
 def relative_change(value: float | None, baseline: float | None) -> float | None:
