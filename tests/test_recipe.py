@@ -3,6 +3,7 @@ re-run reuses, and the order run_recipe trains, evaluates and compares in (disti
 run: tests/test_sft_distill.py runs real recipes)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,17 @@ def test_stages_without_a_name_are_numbered_from_one_and_two_of_one_name_are_ref
         "stage1", "b", "stage3"]
     write_recipe(path, {"stages": [{"name": "a"}, {"name": "a"}]})
     with pytest.raises(TailkdError, match=r"two stages are named 'a'; give each stage its own name$"):
+        read_recipe(path, str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/abs"])
+def test_a_stage_name_that_is_not_one_folder_name_is_refused(tmp_path, name):
+    """A stage's name is its run's folder under out_dir: "" or "." made out_dir itself the run (the other stages'
+    folders inside it), ".." the folder above, "a/b" a nested folder that compare's baseline (a stage's folder name)
+    cannot name, "/abs" a folder outside out_dir. Refused as one line before anything runs."""
+    path = write_recipe(tmp_path / "r.yaml", {"stages": [{"name": "a"}, {"name": name}]})
+    with pytest.raises(TailkdError, match=rf"^recipe {re.escape(str(path))}: a stage is named {re.escape(repr(name))}; "
+                                          r"a stage's name is its run's folder under out_dir: give one folder name"):
         read_recipe(path, str(tmp_path / "o"))
 
 

@@ -135,6 +135,9 @@ def read_recipe(path: str | Path, out_dir: str | None = None, overrides: dict | 
             raise TailkdError(f"recipe {path}: stage {i} must be a mapping of config sections")
         stage = dict(stage)
         name = str(stage.pop("name", f"stage{i + 1}"))
+        if name in ("", ".", "..") or "/" in name:  # its run's folder is out_dir/name: one folder of its own
+            raise TailkdError(f"recipe {path}: a stage is named {name!r}; a stage's name is its run's folder under "
+                              "out_dir: give one folder name (no '/')")
         if name in names:
             raise TailkdError(f"recipe {path}: two stages are named {name!r}; give each stage its own name")
         names.add(name)
