@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -107,6 +108,18 @@ def test_rows_digest_follows_tokens_and_labels(tok, tmp_path):
                 prepare_sft([f], tok, **build | {"mode": "pack"})[0].digest}) == 4
 
 
+def test_rows_digest_follows_the_pad_id(tmp_path):
+    """The same examples padded with another id are other rows (their inputs differ at the padding): another
+    digest, so a checkpoint does not resume onto them."""
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:2])
+    other_pad = chatml_tokenizer()
+    other_pad.pad_token = other_pad.eos_token
+    a, b = (prepare_sft([f], t, seq_len=40, chat_template=None, heldout_fraction=0)[0]
+            for t in (chatml_tokenizer(), other_pad))
+    assert a.inputs[0].tolist() == b.inputs[0].tolist() and a[0]["input_ids"][-1] != b[0]["input_ids"][-1]
+    assert a.digest != b.digest
+
+
 def test_plain_text_that_spells_a_special_token_stays_text(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x<|endoftext|>", "response": "y"}])
     train, _, _ = prepare_sft([f], tok, seq_len=64, chat_template=None, heldout_fraction=0)
@@ -168,6 +181,42 @@ def test_explicit_template_string_and_no_template(tmp_path):
     g = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "response": "Yo"}])
     _, _, info = prepare_sft([g], plain_tok, seq_len=64, heldout_fraction=0)  # auto without template: plain
     assert info["rendering"] == "plain"
+
+
+def test_an_empty_tokenizer_template_is_none_and_a_blank_one_passed_is_refused(tmp_path):
+    """"auto" with a tokenizer whose chat_template is "" renders plain (it has no template); a template passed that
+    is empty or only whitespace is refused, not taken as a template (which would render every turn as nothing)."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?\n", "response": "zzzz"}])
+    tok = chatml_tokenizer(template="")
+    _, _, info = prepare_sft([f], tok, seq_len=16, heldout_fraction=0)
+    assert (info["rendering"], info["chat_template"]) == ("plain", None)
+    for blank in ("", " \n"):
+        with pytest.raises(TailkdError, match="chat_template must be None, 'auto' or a Jinja template string"):
+            prepare_sft([f], tok, seq_len=16, heldout_fraction=0, chat_template=blank)
+
+
+def test_a_template_passed_wins_over_the_tokenizers(tmp_path):
+    """An explicit chat_template renders the rows and finds the stop tokens even when the tokenizer has a template
+    of its own (here one with neither headers nor end-of-turn tokens)."""
+    tok = chatml_tokenizer(template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi", "response": "Yo"}])
+    train, _, _ = prepare_sft([f], tok, seq_len=64, heldout_fraction=0, chat_template=CHATML)
+    ids, _ = encode_example(chatml_tokenizer(), SFTExample("x", prompt="Hi", response="Yo"), CHATML)
+    assert train[0]["input_ids"][:len(ids) - 1].tolist() == ids[:-1].tolist()
+    assert stop_token_ids(tok, chat=True, chat_template=CHATML) == [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+
+
+def test_a_tokenizer_without_eos_is_a_tailkd_error(tmp_path):
+    """Plain pairs end with EOS and plain generation stops only there: without one, both are one-line errors (not
+    int(None)'s TypeError, nor generation that can never stop early)."""
+    tok = build_tiny_tokenizer()
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?\n", "response": "zzzz"}])
+    with pytest.raises(TailkdError, match="has no EOS token to end responses; set tokenizer.eos_token"):
+        prepare_sft([f], tok, seq_len=16, heldout_fraction=0, chat_template=None)
+    with pytest.raises(TailkdError, match="could never stop early"):
+        stop_token_ids(tok, chat=False)
 
 
 # --------------------------------------------------------------------------- templates that cannot be masked
@@ -249,6 +298,79 @@ def test_special_tokens_the_tokenizer_flags_but_does_not_list():
     with pytest.raises(TailkdError, match=r"f:2: a assistant message contains the special token '<\\|user\\|>'"):
         encode_example(tok, SFTExample("f:2", messages=forged), tok.chat_template)
     assert user not in encode_example(tok, SFTExample("f:3", prompt="<|user|>", response="x"), None)[0]  # plain: text
+
+
+def test_an_added_token_that_is_not_special_is_content():
+    """Only special tokens forge template structure: an added token NOT flagged special (a tokenizer's extra
+    vocabulary) may appear in a message, and inside a response it is labelled like any other content token."""
+    tok = chatml_tokenizer()
+    tok.add_tokens(["<b>"])
+    ids, mask = encode_example(tok, SFTExample("f:1", prompt="Q", response="x <b> y"), CHATML)
+    assert tok.convert_tokens_to_ids("<b>") in ids[mask].tolist()
+    assert tok.decode(ids[mask]) == "x <b> y" + IM_END
+
+
+# --------------------------------------------------------------------------- other templates
+
+
+def test_a_template_without_special_tokens_labels_through_the_turns_end():
+    """With no end-of-turn token the labels run to the end of the rendered turn (here its newline), and generation
+    stops at EOS alone."""
+    tok = chatml_tokenizer()
+    tmpl = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}")
+    ids, mask = encode_example(tok, SFTExample("f:1", prompt="Q", response="Yo"), tmpl)
+    assert tok.decode(ids) == "user: Q\nassistant: Yo\n" and tok.decode(ids[mask]) == "Yo\n"
+    assert stop_token_ids(tok, chat=True, chat_template=tmpl) == [tok.eos_token_id]
+
+
+def test_labels_run_through_the_last_special_token_of_a_turn():
+    """A template closing an assistant turn with two special tokens (<|im_end|> then EOS): both are labelled, as the
+    model must learn to emit the whole close; the newline after them is scaffolding."""
+    tok = chatml_tokenizer()
+    tmpl = CHATML.replace("'<|im_end|>\\n'", "'<|im_end|>' + (eos_token if m['role'] == 'assistant' else '') + '\\n'")
+    assert tmpl != CHATML
+    ids, mask = encode_example(tok, SFTExample("f:1", prompt="Q", response="Yo"), tmpl)
+    assert tok.decode(ids[mask]) == "Yo<|im_end|><|endoftext|>" and not mask[-1]
+
+
+def test_a_response_with_surrounding_whitespace_is_labelled_whole():
+    """A response that starts with a space or ends with a newline is rendered and labelled as written (the check
+    that no header precedes the content ignores the whitespace around it)."""
+    tok = chatml_tokenizer()
+    ids, mask = encode_example(tok, SFTExample("f:1", prompt="Q", response=" Yo\n"), CHATML)
+    assert tok.decode(ids[mask]) == " Yo\n" + IM_END
+
+
+def test_a_merge_after_an_assistant_turn_is_refused():
+    """A template without separators: the turn "ah" followed by "ex" renders "ahex", whose tokens merge "h"+"e"
+    across the turn's end, so the turn's tokens are no prefix of the conversation's (the turn's own tokens end with a
+    lone "h"): refused, where a span to len(turn tokens) would label the next turn's first token."""
+    tok = chatml_tokenizer()
+    tmpl = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    msgs = ({"role": "user", "content": "Q"}, {"role": "assistant", "content": "ah"}, {"role": "user", "content": "ex"},
+            {"role": "assistant", "content": "y"})
+    with pytest.raises(TailkdError, match=r"f:1: the tokens of the conversation up to assistant turn 1 are not a "
+                                          "prefix"):
+        encode_example(tok, SFTExample("f:1", messages=msgs), tmpl)
+
+
+def test_a_header_the_generation_prompt_does_not_render_is_named():
+    """add_generation_prompt emits "<|im_start|>assistant\\n" but the turn renders "<|im_start|>bot\\n": the
+    prompt a model is given is not the text it was trained after, told as such (not as a token merge)."""
+    tok = chatml_tokenizer()
+    tmpl = CHATML.replace("'<|im_start|>' + m['role'] + '\\n'", "'<|im_start|>' + ('bot' if m['role'] == "
+                          "'assistant' else m['role']) + '\\n'")
+    assert tmpl != CHATML
+    with pytest.raises(TailkdError, match="f:1: the chat template renders assistant turn 1 differently"):
+        encode_example(tok, SFTExample("f:1", prompt="Q", response="A"), tmpl)
+
+
+def test_an_eos_that_ends_turns_is_one_stop_token():
+    """SmolLM2's EOS is its <|im_end|>: the stop tokens list it once."""
+    tok = chatml_tokenizer()
+    tok.eos_token = IM_END
+    assert stop_token_ids(tok, chat=True) == [tok.convert_tokens_to_ids(IM_END)]
 
 
 # --------------------------------------------------------------------------- layout: padding and packing
@@ -357,6 +479,37 @@ def test_truncation_and_drop_counts(tok, tmp_path):
     assert len(train) == 1 and info["train"]["dropped_overlong"] == 2
 
 
+@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("case", ["no_response", "overlong"])
+def test_each_count_warns_from_either_split(tok, tmp_path, split, case):
+    """The warning is given when any one count is non-zero, summed over both splits: here a single example dropped
+    (as too long with overlong="drop", or with its prompt filling the row), in the training or the held-out files."""
+    bad = {"prompt": "q" * 40, "response": "r"} if case == "no_response" else {"prompt": "Q?\n", "response": "z" * 30}
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:2] + [bad] * (split == "train"))
+    g = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "new", "response": "one"}] + [bad] * (split == "heldout"))
+    n_over, n_none = int(case == "overlong"), int(case == "no_response")
+    with pytest.warns(UserWarning, match=f"SFT data: 0 example.* truncated .*, {n_over} dropped as too long, {n_none} "
+                                         "dropped with no response token left"):
+        _, _, info = prepare_sft([f], tok, seq_len=16, chat_template=None, heldout_paths=[g],
+                                 overlong="drop" if case == "overlong" else "truncate")
+    assert info[split][f"dropped_{case}"] == 1
+
+
+def test_an_example_labelled_on_its_first_token_only_has_no_label(tok, tmp_path):
+    """The first token is never a target (labels are shifted once), so an example whose only response token is its
+    first has no label and is dropped. A template that renders the system message as nothing makes a one-token
+    assistant turn the conversation's first token."""
+    tmpl = "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    first = {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "y"},
+                          {"role": "user", "content": "Q"}]}
+    f = write_jsonl(tmp_path / "d.jsonl", [first, {"prompt": "Q", "response": "zz"}])
+    _, mask = encode_example(tok, read_sft_examples([f])[0], tmpl)
+    assert mask.tolist() == [True, False]
+    with pytest.warns(UserWarning, match="0 dropped as too long, 1 dropped with no response token left"):
+        train, _, info = prepare_sft([f], tok, seq_len=16, heldout_fraction=0, chat_template=tmpl)
+    assert info["train"]["dropped_no_response"] == 1 and [e.source for e in train.examples] == [f"{f}:2"]
+
+
 # --------------------------------------------------------------------------- held-out split and prompts
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
@@ -398,6 +551,46 @@ def test_heldout_split_is_deterministic_and_prompt_disjoint(tok, tmp_path):
     assert len(he1.examples) == 12 and len(tr1.examples) + len(he1.examples) == 60
     lines = [int(e.source.rsplit(":", 1)[1]) for e in tr1.examples]
     assert lines == sorted(lines)  # file order kept
+
+
+def test_heldout_split_is_the_documented_hash(tok, tmp_path):
+    """The held-out examples are those of the smallest sha256(f"{seed}\\n{prompt as canonical JSON}") (its first 8
+    bytes, big-endian), computed here from that rule for pairs and chats with non-ASCII prompts: a run's split must
+    not move between versions (its rows' digest, kept by a checkpoint, would no longer match)."""
+    objs = [{"prompt": f"Frage {i}: wie?", "response": "R"} for i in range(10)] + [
+        {"messages": [{"role": "user", "content": f"Grüß {i}"}, {"role": "assistant", "content": "R"}]}
+        for i in range(10)]
+    f = write_jsonl(tmp_path / "d.jsonl", objs)
+
+    def key(obj, seed):
+        prompt = obj["prompt"] if "prompt" in obj else obj["messages"][:1]
+        blob = f"{seed}\n{json.dumps(prompt, sort_keys=True, ensure_ascii=False)}".encode()
+        return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+    for seed in (0, 7):
+        _, held, _ = prepare_sft([f], tok, seq_len=64, heldout_fraction=0.25, seed=seed)
+        want = sorted(range(20), key=lambda j: key(objs[j], seed))[:5]
+        assert sorted(int(e.source.rsplit(":", 1)[1]) - 1 for e in held.examples) == sorted(want)
+
+
+def test_a_large_heldout_fraction_leaves_one_example_for_training(tok, tmp_path):
+    """At most n - 1 held out: 0.95 · 5 rounds to 5, so four of five are held out, not all five (which would be
+    refused as if every example shared one prompt)."""
+    f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:5])
+    train, held, _ = prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0.95)
+    assert (len(held.examples), len(train.examples)) == (4, 1)
+
+
+def test_no_training_example_left_by_the_split_is_named(tok, tmp_path):
+    """Examples that share one prompt go to one side: if that leaves none for training the message says why, for
+    the fraction's split and for held-out files holding every training prompt."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "response": f"R{i}"} for i in range(4)])
+    with pytest.raises(TailkdError, match="every SFT example shares one prompt, so none is left for training"):
+        prepare_sft([f], tok, seq_len=40, chat_template=None, heldout_fraction=0.5)
+    g = write_jsonl(tmp_path / "t.jsonl", EXAMPLES[:2])
+    h = write_jsonl(tmp_path / "h.jsonl", EXAMPLES[:3])
+    with pytest.raises(TailkdError, match="every training example's prompt is also in the held-out files"):
+        prepare_sft([g], tok, seq_len=40, chat_template=None, heldout_paths=[h])
 
 
 def test_a_small_heldout_fraction_holds_out_one_example(tok, tmp_path):
@@ -457,9 +650,13 @@ def test_render_chat_matches_the_template(tok):
     ('[1, 2]\n', r'd\.jsonl:1: a JSON list, not an object; write \{"prompt": \.\.\., "response": \.\.\.\} or'),
     ('{"messages": [{"role": "user", "content": "a"}]}\n', r'd\.jsonl:1: no "assistant" message'),
     ('{"messages": [{"role": "user"}]}\n', r"d\.jsonl:1: message 0 is not"),
+    ('{"messages": []}\n', r'd\.jsonl:1: "messages" must be a non-empty list'),
+    ('{"question": "a"}\n', r'd\.jsonl:1: no "prompt" field'),  # the first missing one is named
     ('{"prompt": "a", "response": "b\\ud800"}\n', r'd\.jsonl:1: "response" holds \\ud800, half of a UTF-16 surrogate'),
     ('{"messages": [{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "b"}]}\n',
      r'd\.jsonl:1: message 0\'s "content" holds \\udfff, half of a UTF-16 surrogate pair'),
+    ('{"messages": [{"role": "\\udfff", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+     r'd\.jsonl:1: message 0\'s "role" holds \\udfff, half of a UTF-16 surrogate pair'),
     pytest.param('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n",  # a RecursionError in Python's parser
                  r"d\.jsonl:1: not valid JSON \(nested too deeply to read\)", id="nested too deep"),
     ("\n  \n", r'd\.jsonl holds no examples .*"response": \.\.\.\} or remove the file'),
@@ -482,10 +679,41 @@ def test_a_byte_order_mark_before_the_first_line_is_not_text(tok, tmp_path):
     assert first.prompt == second.prompt == "Q?\n" and first.source.endswith(":1")
 
 
+def test_other_keys_of_a_message_are_ignored(tmp_path):
+    """A message's keys besides role and content ("name", ...) are dropped on reading: they reach neither the
+    template nor the prompt's key, so the split does not depend on them."""
+    named = [{"role": "user", "content": "Hi", "name": "ann"}, {"role": "assistant", "content": "Yo", "weight": 0}]
+    plain = [{k: m[k] for k in ("role", "content")} for m in named]
+    a, b = read_sft_examples([write_jsonl(tmp_path / "d.jsonl", [{"messages": named}, {"messages": plain}])])
+    assert a.messages == b.messages == tuple(plain) and a.key() == b.key()
+
+
+def test_references_optional_takes_an_empty_response(tmp_path):
+    """Prompts to decode (tailkd eval --prompts) may come without a reference: an empty or blank response is kept
+    as it is with references_optional, and refused without."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "A", "response": ""}, {"prompt": "B", "response": " "}])
+    a, b = read_sft_examples([f], references_optional=True)
+    assert (a.prompt, a.reference, b.prompt, b.reference) == ("A", "", "B", " ")
+    with pytest.raises(TailkdError, match=r'd\.jsonl:1: "response" is empty'):
+        read_sft_examples([f])
+
+
+def test_an_empty_file_after_another_is_refused(tmp_path):
+    """Each file must hold an example, not only the first one read."""
+    f = write_jsonl(tmp_path / "a.jsonl", EXAMPLES[:2])
+    g = tmp_path / "b.jsonl"
+    g.write_text("\n")
+    with pytest.raises(TailkdError, match=r"b\.jsonl holds no examples"):
+        read_sft_examples([f, g])
+
+
 def test_bad_settings(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
     for kwargs, match in (({"mode": "stack"}, "mode"), ({"overlong": "cut"}, "overlong"),
-                          ({"seq_len": 0}, "seq-len"), ({"heldout_fraction": 1.0}, "heldout_fraction")):
+                          ({"seq_len": 0}, "seq-len"), ({"heldout_fraction": 1.0}, "heldout_fraction"),
+                          # True is an int but no length (it would be rows of one position)
+                          ({"seq_len": True}, "--seq-len must be a positive whole number of tokens, got True"),
+                          ({"heldout_fraction": -0.1}, r"heldout_fraction=-0\.1 must lie in \[0, 1\)")):
         with pytest.raises(TailkdError, match=match):
             prepare_sft([f], tok, **{"seq_len": 32, **kwargs})
     missing = tmp_path / "missing.jsonl"
@@ -519,6 +747,33 @@ def test_rows_index_from_the_end_like_a_sequence(tok, tmp_path):
     for i in (3, -4):
         with pytest.raises(IndexError):
             train[i]
+
+
+def test_setup_sft_rows_takes_the_data_settings(tok, tmp_path):
+    """The trainer's entry point gives the rows prepare_sft gives with data.* as its arguments (sft_mode, seq_len,
+    chat_template none, overlong, split_seed, heldout_fraction), each of which changes the rows here; an empty
+    held-out split is refused."""
+    from tailkd.config import DataConfig
+    from tailkd.sft import setup_sft_rows
+
+    objs = [{"prompt": f"Q{i}: {'x' * (i % 5)}?\n", "response": "y" * (3 * i + 1)} for i in range(12)]
+    f = write_jsonl(tmp_path / "d.jsonl", objs)
+    cfg = DataConfig(task="sft", paths=[str(f)], seq_len=24, sft_mode="pack", chat_template="none", overlong="drop",
+                     split_seed=5, heldout_fraction=0.25)
+    args = dict(seq_len=24, mode="pack", chat_template=None, overlong="drop", seed=5, heldout_fraction=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = setup_sft_rows(cfg, tok, tmp_path / "cache")
+        want = prepare_sft([f], tok, **args)
+        other_seed = prepare_sft([f], tok, **args | {"seed": 0})[1]
+    assert [r.digest for r in got[:2]] == [r.digest for r in want[:2]] and got[2] == want[2]
+    info = want[2]
+    assert info["train"]["dropped_overlong"] > 0 and info["rendering"] == "plain"  # tok has a template: none is plain
+    assert info["train"]["rows"] < info["train"]["examples"]  # packed
+    assert {e.source for e in other_seed.examples} != {e.source for e in want[1].examples}
+    cfg.heldout_fraction = 0
+    with pytest.raises(TailkdError, match="the SFT held-out split is empty"), pytest.warns(UserWarning):
+        setup_sft_rows(cfg, tok, tmp_path / "cache")
 
 
 # --------------------------------------------------------------------------- the real SmolLM2 template
