@@ -1073,3 +1073,176 @@ def test_set_needs_a_section_and_a_key():
         with pytest.raises(TailkdError, match=r"must look like section\.key=value, e\.g\. train\.max_steps=400$"):
             parse_assignment(text)
     assert parse_assignment("train.max_steps=3") == {"train": {"max_steps": 3}}
+
+
+# The counts of the other subcommands (tailkd.command_config): (command, key, least value, hint of the message).
+COMMAND_AT_LEAST = [
+    ("eval", "data.seq_len", 2, " (a row needs a token and its successor)"), ("eval", "eval.batch_size", 1, ""),
+    ("eval", "eval.bins", 1, ""), ("eval", "generate.max_new_tokens", 1, ""), ("eval", "eval.max_rows", 0, " (0: all)"),
+    ("eval", "generate.samples", 0, ""), ("eval", "generate.limit", 0, " (0: all)"),
+    ("analyze-teacher", "data.seq_len", 2, " (a row needs a token and its successor)"),
+    ("analyze-teacher", "analyze.batch_size", 1, ""), ("analyze-teacher", "analyze.max_rows", 0, " (0: all)"),
+    ("analyze-teacher", "analyze.kmax", 1, " (the paper uses 100)"),
+    ("cache-teacher", "data.seq_len", 1, ""), ("cache-teacher", "cache.k", 1, ""),
+    ("cache-teacher", "cache.batch_size", 1, ""), ("cache-teacher", "cache.rows_per_shard", 1, ""),
+    ("cache-teacher", "cache.ddp_timeout", 1, ""), ("cache-teacher", "cache.tail_samples", 0, " (0: none)"),
+    ("cache-teacher", "cache.max_rows", 0, " (0: all)"),
+    ("lm-eval", "lm_eval.max_gen_toks", 1, ""), ("lm-eval", "lm_eval.batch_size", 1, ""),
+    ("lm-eval", "lm_eval.num_fewshot", 0, ""),
+    ("flops", "flops.seq_len", 1, ""), ("flops", "flops.gen_len", 1, ""), ("flops", "flops.vocab", 1, ""),
+    ("flops", "flops.hidden", 1, ""), ("flops", "flops.student_hidden", 1, ""), ("flops", "flops.prompt_len", 0, ""),
+    ("flops", "flops.ppo_epochs", 0, ""), ("flops", "flops.teacher_layers", 0, ""),
+    ("flops", "flops.student_layers", 0, ""),
+    ("select-data", "data.seq_len", 1, ""), ("select-data", "select.batch_size", 1, ""),
+    ("select-data", "select.max_docs", 0, " (0: all)"),
+    ("reproduce", "reproduce.eval_rows", 0, " (0: all)"), ("reproduce", "train.max_steps", 1, ""),
+    ("reproduce", "train.eval_every", 0, " (0: only before and after)")]
+
+
+@pytest.mark.parametrize("command, key, low, hint", COMMAND_AT_LEAST,
+                         ids=[f"{command}-{key}" for command, key, _, _ in COMMAND_AT_LEAST])
+def test_every_count_of_a_subcommand_is_refused_below_its_least_value_and_taken_at_it(tmp_path, command, key, low,
+                                                                                      hint):
+    """As distill's counts: ``low`` passes (0 is "all" or "none" where the help says so, select-data scores windows
+    of one token with the previous window's last as context), ``low - 1`` is one line naming the key, when the
+    config is read: before any model loads."""
+    cls = COMMAND_CONFIGS[command]
+    required = {"eval": ["--student", str(tmp_path), "--out", str(tmp_path / "e.json")],
+                "cache-teacher": ["--out", str(tmp_path / "c")],
+                "lm-eval": ["--model", str(tmp_path), "--out", str(tmp_path / "l.json")],
+                "flops": ["--teacher", "t", "--student", "s"], "select-data": ["--reference", "r"],
+                "analyze-teacher": ["--out", str(tmp_path / "a")], "reproduce": ["--out", str(tmp_path / "r")]}
+    argv = required[command]
+    section, name = key.split(".")
+    assert getattr(getattr(parse([*argv, f"--{key}", str(low)], cls), section), name) == low
+    with pytest.raises(TailkdError, match=rf"^{re.escape(key)}={low - 1} must be >= {low}{re.escape(hint)}$"):
+        parse([*argv, f"--{key}", str(low - 1)], cls)
+
+
+def test_analyze_teacher_without_a_teacher_is_refused(tmp_path):
+    """``--teacher`` with no spec (an empty list, as YAML's ``teachers: []``) names nothing to analyse: refused when
+    the config is read, by the check for no teacher (an empty list is not None)."""
+    from tailkd.command_config import AnalyzeTeacherConfig
+
+    for argv in (["--teacher"], ["--analyze.teachers"]):
+        with pytest.raises(TailkdError, match=r"^no teacher given; pass --teacher SPEC"):
+            parse([*argv, "--out", str(tmp_path / "a")], AnalyzeTeacherConfig)
+
+
+def test_a_run_config_that_is_not_a_mapping_gives_no_defaults(tmp_path):
+    """RUN/config.yaml holding a list or a scalar is no run's config: eval and lm-eval take none of its settings
+    (read as one, a list would be 'AttributeError: 'list' object has no attribute 'get'', exit 1)."""
+    from tailkd.command_config import EvalConfig, LmEvalConfig, read_run_config
+
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    for text in ("- a\n- b\n", "just words\n"):
+        (tmp_path / "run" / "config.yaml").write_text(text)
+        assert read_run_config(final) == ({}, tmp_path / "run" / "config.yaml")
+        assert parse(["--student", str(final)], EvalConfig).data.paths == []
+        assert parse(["--model", str(final)], LmEvalConfig).data.paths == []
+
+
+def test_reproduce_scale_refuses_a_product_of_2_to_the_63(tmp_path):
+    """`ReproduceConfig.scaled_steps`: a run length must be below 2^63 (a setting's int64); exactly 2^63 (2^62 steps
+    × 2, a float with no rounding error) is refused when the config is read (validate), not first while planning the
+    runs; one step less is taken."""
+    reproduce = COMMAND_CONFIGS["reproduce"]
+    out = ["--out", str(tmp_path / "r"), "--train.eval_every", "0"]
+    with pytest.raises(TailkdError, match=r"^reproduce\.scale=2 makes train\.max_steps 4611686018427387904 × 2 = "
+                                          r"9\.22e\+18, more than a setting may hold \(2\^63\)"):
+        parse([*out, "--steps", str(2 ** 62), "--scale", "2"], reproduce)
+    assert parse([*out, "--steps", str(2 ** 61), "--scale", "2"], reproduce).scaled_steps() == (2 ** 62, 0)
+
+
+def test_eval_generate_needs_rouge_score_only_to_score_rouge(tmp_path, monkeypatch):
+    """--generate scores ROUGE-L (generate.rouge, true by default) with the rouge-score package: without it the config
+    is refused before any model loads, unless --generate.rouge false (exact match and diversity need no package);
+    without --generate nothing needs it."""
+    import sys
+
+    from tailkd.command_config import EvalConfig
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # as if not installed
+    argv = ["--student", str(tmp_path), "--out", str(tmp_path / "g.json")]
+    with pytest.raises(TailkdError, match=r"^eval --generate scores ROUGE-L with the rouge-score package, which is "
+                                          r"not installed: pip install rouge-score"):
+        parse([*argv, "--generate"], EvalConfig)
+    assert not parse([*argv, "--generate", "--generate.rouge", "false"], EvalConfig).generate.rouge
+    assert not parse(argv, EvalConfig).generate.enabled
+
+
+def test_a_teacher_cache_folder_with_its_shards_is_taken_as_the_cache_out(tmp_path):
+    """cache-teacher --out: a folder holding a cache (cache.json beside its shards) is resumed, so taken; one holding
+    other files and no cache.json is refused (tests/test_cache.py), an empty one or one holding only a killed
+    writer's temporary files is a cache still to be written."""
+    from tailkd.command_config import CacheTeacherConfig
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("cache.json", "shard_000000.safetensors", ".tmp-shard_000001.safetensors-1"):
+        (cache / name).write_text("")
+    assert parse(["--out", str(cache)], CacheTeacherConfig).cache.out == str(cache)
+    (cache / "cache.json").unlink()
+    with pytest.raises(TailkdError, match=rf"^{re.escape(str(cache))} exists and is not a teacher cache; choose a new "
+                                          r"or empty --out$"):
+        parse(["--out", str(cache)], CacheTeacherConfig)
+    (cache / "shard_000000.safetensors").unlink()
+    assert parse(["--out", str(cache)], CacheTeacherConfig).cache.out == str(cache)
+
+
+def test_lm_eval_writes_its_tasks_in_a_temporary_folder_unless_told(tmp_path, monkeypatch):
+    """`LmEvalOptions.task_folder`: --work-dir, else --write-only's ./lm_eval_tasks, else None (a temporary folder):
+    without --write-only a file named lm_eval_tasks in the working directory is no concern of lm-eval's."""
+    from tailkd.command_config import LmEvalConfig, LmEvalOptions
+
+    assert [LmEvalOptions(work_dir=w, write_only=o).task_folder() for w, o in (
+        ("w", False), ("w", True), (None, True), (None, False))] == ["w", "w", "lm_eval_tasks", None]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lm_eval_tasks").write_text("mine")
+    assert parse(["--model", "m"], LmEvalConfig).lm_eval.task_folder() is None
+
+
+def test_lm_eval_settings_default_to_the_models_run(tmp_path):
+    """lm-eval's data settings not given are those of RUN/config.yaml (tailkd_ppl then scores that run's held-out
+    documents); flags win; its teacher section is not lm-eval's."""
+    from tailkd.command_config import LmEvalConfig
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    rc = DistillConfig()
+    rc.teacher.path, rc.data.paths, rc.data.heldout_fraction, rc.data.doc_sep = "t", ["a.txt"], 0.2, "line"
+    save_yaml(rc, run / "config.yaml")
+    cfg = parse(["--model", str(run / "final")], LmEvalConfig)
+    assert (cfg.data.paths, cfg.data.heldout_fraction, cfg.data.doc_sep) == (["a.txt"], 0.2, "line")
+    cfg = parse(["--model", str(run / "final"), "--data", "b.txt"], LmEvalConfig)
+    assert (cfg.data.paths, cfg.data.heldout_fraction) == (["b.txt"], 0.2)
+
+
+def test_compare_out_of_other_files_is_refused_when_the_config_is_read(tmp_path):
+    """compare --out replaces its folder whole: a folder of other files (one of the runs compared) is refused by
+    CompareConfig.validate, so a recipe's compare: says so before any of its stages trains; an earlier compare output
+    (compare.json) or an empty folder is taken."""
+    from tailkd.command_config import CompareConfig
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    assert parse(["--out", str(out)], CompareConfig).compare.out == str(out)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(TailkdError, match=rf"^refusing to replace {re.escape(str(out))}: it exists and is not a "
+                                          r"tailkd compare output"):
+        parse(["--out", str(out)], CompareConfig)
+    (out / "compare.json").write_text("{}")
+    assert parse(["--out", str(out)], CompareConfig).compare.out == str(out)
+
+
+def test_flops_from_sizes_needs_the_vocabulary_and_the_hidden_size(tmp_path):
+    """A model given by its parameter count (--teacher-params / --student-params) has its embedding from --vocab and
+    --hidden: either missing is refused, naming both, when the config is read."""
+    from tailkd.command_config import FlopsConfig
+
+    sizes = ["--teacher-params", "1e9", "--student", "s"]
+    for given in (["--vocab", "9"], ["--hidden", "4"], []):
+        with pytest.raises(TailkdError, match=r"^--teacher-params needs --vocab and --hidden"):
+            parse([*sizes, *given], FlopsConfig)
+    assert parse([*sizes, "--vocab", "9", "--hidden", "4"], FlopsConfig).flops.hidden == 4
