@@ -39,7 +39,8 @@ def _stand_in(monkeypatch, raised=None, returned=None):
     # a surprise: its type and first line only, and the way to its traceback
     (ValueError("first line\nsecond line"), 1,
      "tailkd: error: ValueError: first line (rerun with --debug for the traceback)"),
-    (RuntimeError(""), 1, "tailkd: error: RuntimeError:  (rerun with --debug for the traceback)"),
+    # one without a message: its type alone (it was 'RuntimeError:  (rerun ...', a colon before nothing)
+    (RuntimeError(""), 1, "tailkd: error: RuntimeError (rerun with --debug for the traceback)"),
     # a name longer than the filesystem allows is the user's path: exit 2, whatever reads it first
     (OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), "x" * 300), 2,
      f"tailkd: error: {os.strerror(errno.ENAMETOOLONG)}: {'x' * 300} (one name holds at most 255 bytes on most "

@@ -316,8 +316,8 @@ def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> in
             print(f"tailkd: error: {exc.strerror}: {exc.filename} (one name holds at most 255 bytes on most "
                   "filesystems); give a shorter path", file=sys.stderr)
             return 2
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"tailkd: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        msg = ": " + str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # AssertionError(): the name
+        print(f"tailkd: error: {type(exc).__name__}{msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
