@@ -458,7 +458,8 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkey
     """An output folder without write permission (or on a read-only file system) was found only when the result was
     written, after the whole evaluation, analysis, scoring or lm-eval run: exit 1, 'PermissionError: [Errno 13]'. Now
     refused when the command's config is read, in one line, exit 2: a probe file cannot be created where the output
-    goes (this test runs as root, so the folder's refusal is simulated: creating a file in it fails with EACCES)."""
+    goes (this test runs as root, so the folder's refusal is simulated: creating a file in it fails with EACCES).
+    flops and reproduce are probed too (they were not: the only commands with an --out that were not)."""
     from conftest import refuse_new_files_in
 
     from tailkd.cli import main
@@ -476,6 +477,9 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(tmp_path, monkey
         ("cache-teacher", ["--out", str(locked / "cache")], "cache.out"),
         ("select-data", ["--reference", str(tmp_path), "--out", str(locked / "sel")], "select.out"),
         ("compare", ["--out", str(locked / "cmp")], "compare.out"),  # written beside, renamed into place
+        ("flops", ["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "9", "--hidden", "4", "--out",
+                   str(locked / "f.json")], "flops.out"),
+        ("reproduce", ["--out", str(locked / "rep")], "reproduce.out"),  # its runs, evaluations and report inside
     ]
     for command, argv, key in cases:
         flag = argv[-2]  # the fix names the flag the user gave (--work-dir, not --out)

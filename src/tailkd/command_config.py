@@ -503,6 +503,7 @@ class FlopsConfig:
         for key in ("flops.prompt_len", "flops.ppo_epochs", "flops.teacher_layers", "flops.student_layers"):
             check_at_least(self, key, 0)
         check_out_path(self, "flops.out", folder=False)
+        check_out_writable(self, "flops.out", into=False)
         check_replaced_output(self, "flops.out", "flops", ("methods",))
         return self
 
@@ -628,6 +629,7 @@ class ReproduceConfig:
         self.scaled_steps()  # a --scale whose runs' lengths no setting could hold: refused here, not while planning
         _check_device(self, "reproduce.device")
         check_out_path(self, "reproduce.out", folder=True)
+        check_out_writable(self, "reproduce.out", into=True)
         return self
 
     def scaled_steps(self) -> tuple[int, int]:
