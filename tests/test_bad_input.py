@@ -25,9 +25,9 @@ def assets(tmp_path_factory):
     tok = make_tokenizer()
     vocab = len(tok)
 
-    def student(path, tokenizer, vocab_size):
+    def student(path, tokenizer, vocab_size, positions=128):
         cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions)
         LlamaForCausalLM(cfg).save_pretrained(path)
         tokenizer.save_pretrained(path)
         return path
@@ -73,6 +73,7 @@ def assets(tmp_path_factory):
         "vocab": vocab,
         "other_tokenizer": student(root / "other-tok", other_tok, len(other_tok)),
         "small_head": student(root / "small-head", tok, vocab - 8),
+        "long_context": student(root / "long-context", tok, vocab, positions=256),  # the teacher has 128
         "no_config": no_config, "bad_config": bad_config, "binary": binary, "no_text": no_text, "surrogate": surrogate,
         "truncated": truncated, "bad_header": bad_header, "sharded": sharded, "missing_shard": shards[1],
         "bin_only": bin_only, "bad_bin": bad_bin,
@@ -254,6 +255,17 @@ def test_student_that_does_not_fit_the_teacher(assets, tmp_path, case, needles):
     argv = args(assets, run)
     del argv[argv.index("--student-layers"):argv.index("--student-layers") + 2]  # a setting of a built student only
     assert_error(cli(*argv, "--student", str(assets[case])), *needles)
+    assert not run.exists()
+
+
+def test_seq_len_past_the_teachers_context_is_refused_whatever_the_students(assets, tmp_path):
+    """The longest row is the shorter of the two models' contexts: a loaded student of 256 positions with the
+    teacher's 128 refuses --seq-len 200 before anything is trained or written."""
+    run = tmp_path / "run"
+    argv = args(assets, run)
+    del argv[argv.index("--student-layers"):argv.index("--student-layers") + 2]  # a setting of a built student only
+    assert_error(cli(*argv, "--student", str(assets["long_context"]), "--seq-len", "200"),
+                 "--seq-len 200 exceeds the model's maximum context of 128 tokens")
     assert not run.exists()
 
 

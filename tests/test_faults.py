@@ -473,13 +473,29 @@ def test_a_failed_write_of_the_final_outputs_resumes_into_writing_them(assets, s
     assert last.startswith(f"tailkd: error: could not write the run's outputs in {run} (No space left on device)")
     assert "--resume" in last and "step 12" in last
     assert not (run / "final").exists() and not (run / "summary.json").exists()
+    # the checkpoint the message names: the last step's, written by finish with the final held-out metrics (the loop
+    # saves every 4 steps but leaves step 12 to finish); a resume from step 8 would train 4 steps again
+    assert ckpt.list_checkpoints(run)[-1].name == "step_00000012"
     monkeypatch.undo()
     assert main(args(assets, run, "--resume")) == 0
+    assert "past train.max_steps" not in capsys.readouterr().err  # at max_steps, not past it: no warning
     assert_identical(weights(short_reference / "final" / "model.safetensors"),
                      weights(run / "final" / "model.safetensors"))
     finals = [r for r in read_metrics(run) if r["split"] == "heldout" and r["step"] == 12]
     assert len(finals) == 1  # the final held-out metrics were kept in the checkpoint, not computed twice
     assert (run / "curves.png").is_file() and (run / "summary.json").is_file()
+
+
+def test_a_resume_before_the_first_checkpoint_starts_the_metrics_again(assets, tmp_path, capsys):
+    """A run killed before its first checkpoint (here: its checkpoints removed) resumes from step 0: the metrics lines
+    it had written all go, the step-0 held-out line included (it is evaluated and written again), so that
+    metrics.jsonl has one line per step and split."""
+    run = tmp_path / "run"
+    assert main(args(assets, run, "--train.stop_after", "2")) == 0
+    shutil.rmtree(run / "checkpoints")
+    assert main(args(assets, run, "--resume", "--train.stop_after", "1")) == 0
+    assert f"{run} has no checkpoint yet: starting it from step 0" in capsys.readouterr().out
+    assert [(r["step"], r["split"]) for r in read_metrics(run)] == [(0, "heldout"), (1, "train")]
 
 
 def test_a_full_disk_while_appending_to_metrics_is_one_line_and_resume_continues(assets, short_reference, tmp_path,
