@@ -181,12 +181,13 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(assets, tmp_path):
     wait_for(proc, lambda: half_written(run), "the first checkpoint write")
     proc.send_signal(signal.SIGINT)  # the first: noted, the write goes on
     time.sleep(0.5)
-    assert proc.poll() is None and half_written(run)
+    assert proc.poll() is None, f"the first SIGINT ended the run (rc {proc.returncode}): {proc.stderr.read()[-2000:]}"
+    assert half_written(run), sorted(p.name for p in (run / "checkpoints").iterdir())
     proc.send_signal(signal.SIGINT)  # the second: out at once, the half-written checkpoint removed
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    assert "SIGINT received" in err and err.strip().splitlines()[-1] == "tailkd: interrupted"
-    assert not half_written(run) and ckpt.list_checkpoints(run) == []
+    assert "SIGINT received" in err and err.strip().splitlines()[-1] == "tailkd: interrupted", err[-2000:]
+    assert not half_written(run) and ckpt.list_checkpoints(run) == [], sorted(p.name for p in run.rglob("*"))
 
 
 def test_sigterm_outside_a_training_loop_unwinds_says_one_line_and_exits_143(tmp_path, monkeypatch, capsys):

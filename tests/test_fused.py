@@ -626,7 +626,8 @@ class _NoLogitsToKeep(torch.nn.Module):
 def test_final_hidden_runs_a_forward_that_takes_keywords_and_refuses_a_sharded_one_that_cannot():
     """A forward taking ``**kwargs`` is given logits_to_keep (its own forward runs: DDP's and FSDP's hooks with it);
     one that takes none runs its decoder (`base_model`) instead, which an FSDP-sharded model cannot (its forward
-    unshards the weights): refused. Both give the final hidden states the head reads."""
+    unshards the weights): refused, naming the model's own class, not fully_shard's FSDP<name>. Both give the final
+    hidden states the head reads."""
     from torch.distributed.fsdp import FSDPModule
 
     model = _tiny_model("LlamaConfig")
@@ -637,8 +638,8 @@ def test_final_hidden_runs_a_forward_that_takes_keywords_and_refuses_a_sharded_o
         assert torch.equal(head_mod.final_hidden(_NoLogitsToKeep(model), ids), want)
         sharded = _NoLogitsToKeep(model)
         sharded.__class__ = type("FSDP_NoLogitsToKeep", (FSDPModule, _NoLogitsToKeep), {})  # as fully_shard does
-        with pytest.raises(TailkdError, match=r"^FSDP_NoLogitsToKeep\.forward takes no logits_to_keep, which the "
-                                              r"chunked loss layer needs under DDP / FSDP"):
+        with pytest.raises(TailkdError, match=r"^_NoLogitsToKeep\.forward takes no logits_to_keep, which the "
+                                              r"chunked loss layer needs under DDP / FSDP"):  # its own class
             head_mod.final_hidden(sharded, ids)
 
 
