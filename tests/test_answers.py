@@ -31,6 +31,10 @@ from tailkd.answers import answers_match, exact_match, extract_answer, normalize
     ("3 apples and 4 pears, total 7", "7"),  # fallback: the last number
     ("10 - 3 = 7", "7"),  # subtraction, not a negative number
     ("Total: \u22123", "-3"),  # unicode minus
+    ("#### \u20135", "-5"),  # an en dash for a minus
+    ("#### \u20145", "-5"),  # an em dash for a minus
+    ("#### $5 (it was 7 before)", "5"),  # "$" after the marker: still the #### answer, not the last number
+    ("see section 2.3.1", "2.3"),  # the digits after a decimal's second point are not a number of their own
     ("The loss was -$5", "-5"),  # the last number keeps its sign before "$", as #### and the phrases do
     ("it cost $12, i.e. 20-$8", "8"),  # subtraction, not a negative amount
     ("1,2,3", "3"),  # a list, not 123
@@ -47,6 +51,8 @@ def test_extract_answer(text, want):
 @pytest.mark.parametrize("text, want", [
     ("1,234.50", "1234.5"), ("+3", "3"), ("-0.0", "0"), ("$7.", "7"), ("100", "100"), ("0.10", "0.1"),
     ("-12.340", "-12.34"), ("abc", None), ("1.2.3", None), ("", None), ("-", None),
+    ("7..", "7"),  # the trailing period of a sentence after a number's own: "7." then "."
+    ("- 5", "-5"), ("$ 12", "12"),  # spaces between sign, "$" and digits (as after "####" and in the phrases)
 ])
 def test_normalize_number(text, want):
     assert normalize_number(text) == want
@@ -54,6 +60,7 @@ def test_normalize_number(text, want):
 
 def test_strict_extraction_needs_the_marker():
     assert extract_answer("#### 5\nthen 6", strict=True) == "5"
+    assert extract_answer("#### $5", strict=True) == "5"  # "$" after the marker is still the marker's number
     assert extract_answer("The answer is 5", strict=True) is None and extract_answer("7", strict=True) is None
     refs = ["#### 2", "2"]
     assert exact_match(["1 page, 2", "#### 2"], refs) == 1.0
