@@ -1401,3 +1401,22 @@ def test_an_out_holding_other_files_is_refused_before_the_teacher_loads(tmp_path
     assert main(["cache-teacher", "--teacher", str(tmp_path / "no_teacher"), "--out", str(started)]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "not a teacher cache" not in err
+
+
+def test_cache_teacher_without_tail_samples_prints_what_16_would_cost(tmp_path, capsys, monkeypatch):
+    """The size table printed after a cache without tail samples (the default 0) prices its tail-sample modes at 16
+    samples, not 0: at 0 those rows would repeat the top-K-only and hidden-state ones (16 in their place survived the
+    mutation audit)."""
+    from tiny import make_teacher_dir
+
+    from tailkd.cache import format_size_table
+    from tailkd.cli import main
+
+    monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
+    teacher = make_teacher_dir(tmp_path / "teacher", layers=1, hidden=32, train_steps=0)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4",
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--max-rows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert format_size_table(4, hidden_size=32, hidden_dtype="bf16", tail_samples=16) in printed
+    assert "top-K + 16 tail samples" in printed

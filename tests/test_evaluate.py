@@ -943,3 +943,44 @@ def test_eval_rows_all_is_the_heldout_rows_then_the_training_rows(assets, tmp_pa
     assert ids["heldout"] and ids["train"]
     assert _row_ids(assets, "all") == ids["heldout"] + ids["train"]
     assert _row_ids(assets, "all", max_rows=len(ids["heldout"]) + 1) == ids["heldout"] + ids["train"][:1]
+
+
+def test_eval_rows_of_a_split_without_a_row_is_one_line(monkeypatch):
+    """A split with no row of ``seq_len`` tokens is a TailkdError naming the split and the length, not an empty
+    list (eval would divide by zero tokens, analyze-teacher plot nothing); the other split is still given. Only the
+    rows matter here, so setup_data is replaced by the rows it would build (dropping the check survived the
+    mutation audit: every test's data fills both splits)."""
+    from tailkd import prepare
+    from tailkd.commands import eval_rows
+    from tailkd.config import DataConfig
+
+    row = {"input_ids": [1, 2, 3]}
+    monkeypatch.setattr(prepare, "setup_data", lambda cfg, tok, model_max: (None, [row], []))
+    assert eval_rows(None, DataConfig(seq_len=32), split="train") == [row]
+    with pytest.raises(TailkdError, match="the heldout split holds no row of 32 tokens"):
+        eval_rows(None, DataConfig(seq_len=32), split="heldout")
+
+
+def test_eval_generate_passes_the_decoding_settings_to_generation_eval(assets, tmp_path, monkeypatch):
+    """`tailkd eval --generate` decodes with the settings given (seed, samples, temperature, top_p, limit, batch
+    size, new tokens, rouge): generation_eval is replaced by one that records them, as every value would otherwise
+    have to be inferred from sampled text (decoding with seed 0 whatever --generate.seed said survived the mutation
+    audit)."""
+    from tailkd import generation
+
+    seen = {}
+
+    def record(student, teacher, tokenizer, examples, **kw):
+        seen.update(kw, teacher=teacher is not None, examples=len(examples))
+        return {"examples": len(examples)}
+
+    monkeypatch.setattr(generation, "generation_eval", record)
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"The team won {i}", "response": "the final match"}
+                                                   for i in range(3)])
+    out = tmp_path / "g.json"
+    assert main(generate_args(assets, prompts, out, "--samples", "3", "--generate.seed", "7", "--generate.temperature",
+                              "0.5", "--generate.top_p", "0.8", "--batch-size", "2", "--generate.rouge", "false",
+                              "--generate.teacher", "false")) == 0
+    assert seen == {"chat_template": None, "max_new_tokens": 4, "batch_size": 2, "samples": 3, "temperature": 0.5,
+                    "top_p": 0.8, "limit": None, "seed": 7, "rouge": False, "teacher": False, "examples": 3}
+    assert json.loads(out.read_text())["mode"] == "generate"

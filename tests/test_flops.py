@@ -467,3 +467,27 @@ def test_flops_of_the_builtin_reads_its_config_not_its_weights(monkeypatch):
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the weights were loaded"))
     s = size_from_spec("smollm2")
     assert (s.hidden, s.vocab, s.layers, s.params_total) == (576, 49152, 30, 134515008)
+
+
+def test_flops_command_passes_every_size_setting_to_the_table(tmp_path, capsys):
+    """`commands.flops` builds the table from every setting given: a narrower student (--student-hidden), tied
+    heads, frozen embeddings and a --reference model each change the FLOPs, so the table must equal method_table's
+    for the sizes built by hand (the student at --hidden, no reference and no frozen embeddings each survived the
+    mutation audit: the CLI tests give none of them)."""
+    from tailkd import commands
+    from tailkd.command_config import FlopsConfig, FlopsOptions
+    from tailkd.flops import size_from_spec, size_to_dict
+
+    reference = tmp_path / "r.json"
+    reference.write_text(json.dumps(QWEN_1_2B))
+    f = FlopsOptions(teacher_params=1.8e9, student_params=3e8, vocab=151936, hidden=2048, student_hidden=1024,
+                     teacher_layers=24, student_layers=12, teacher_tied=True, student_tied=True,
+                     freeze_embeddings=True, reference=str(reference))
+    got = commands.flops(FlopsConfig(flops=f).validate())
+    teacher = ModelSize.from_total("teacher", 1.8e9, vocab=151936, hidden=2048, layers=24, tied=True)
+    student = ModelSize.from_total("student", 3e8, vocab=151936, hidden=1024, layers=12, tied=True)
+    assert got["teacher"] == size_to_dict(teacher) and got["student"] == size_to_dict(student)
+    assert got["methods"] == method_table(teacher, student, seq_len=2048, tokens=1e6, delta=0.5,
+                                          reference_cfg=size_from_spec(str(reference)), prompt_len=128, gen_len=256,
+                                          ppo_epochs=4, freeze_embeddings=True)
+    assert "Vanilla KD" in capsys.readouterr().out

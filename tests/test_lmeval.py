@@ -303,6 +303,11 @@ def test_tailkd_ppl_refuses_the_heldout_split_of_an_sft_runs_data(student, tmp_p
     assert main(["lm-eval", "--model", str(run / "final"), "--data", str(student["corpus"]), "--work-dir",
                  str(tmp_path / "w2"), "--write-only"]) == 0
     assert (tmp_path / "w2" / "tailkd_ppl.jsonl").is_file()
+    # --split all asks for every document of the run's own data, training text included: not refused (refusing
+    # it too survived the mutation audit)
+    assert main(["lm-eval", "--model", str(run / "final"), "--split", "all", "--work-dir", str(tmp_path / "w3"),
+                 "--write-only"]) == 0
+    assert (tmp_path / "w3" / "tailkd_ppl.jsonl").is_file()
 
 
 @pytest.mark.parametrize(
@@ -618,6 +623,10 @@ def test_a_run_passes_every_option_to_lm_eval(student, tmp_path, monkeypatch, ca
                                           "num_fewshot")} == {
         "model": "hf", "model_args": {"pretrained": str(student["model"].resolve()), "dtype": "float32"},
         "tasks": ["tailkd_gsm"], "batch_size": 3, "device": device, "limit": 0.5, "num_fewshot": 2}
+    ran = commands.lm_eval(LmEvalConfig(lm_eval=LmEvalOptions(
+        model=str(student["model"]), tasks="tailkd_gsm", gsm_data=str(gsm_file), max_gen_toks=8, device="cpu",
+        out=str(tmp_path / "r2.json"))).validate())
+    assert ran["include_path"] is None  # its temporary task folder, removed after the run, is not named
     capsys.readouterr()
     work = tmp_path / "tasks"
     got = commands.lm_eval(LmEvalConfig(lm_eval=LmEvalOptions(

@@ -195,6 +195,9 @@ def test_select_data_end_to_end_then_the_clm_baseline(assets, tmp_path):
     # the kept documents' tokens as the teacher's tokenizer packs them: each document's tokens and its EOS
     tok = make_tokenizer()
     assert meta["kept_tokens"] == sum(len(tok.encode(text, add_special_tokens=False)) + 1 for text in selected)
+    # every token of a document but its first is scored (the first is predicted from nothing), by both models
+    scored = sum(len(tok.encode(d.strip(), add_special_tokens=False)) for d in docs)
+    assert meta["tokens_scored"] == meta["tokens_scored_by"]["reference"] == scored
     assert meta["flops"]["total"] > meta["flops"]["teacher"] > meta["flops"]["reference"] > 0
     # deterministic: a second selection, into its own previous output (which it replaces), is the same file
     first = (out / "selected.jsonl").read_bytes()
@@ -326,3 +329,38 @@ def test_out_that_is_not_a_selection_is_never_replaced(assets, tmp_path, capfd):
     empty.mkdir()
     assert main(_args(assets, empty, "--max-docs", "3")) == 0
     assert json.loads((empty / "selection.json").read_text())["documents"] == 3
+
+
+def test_out_that_is_a_file_is_refused_by_the_command_itself(tmp_path):
+    """`commands.select_data` refuses to replace a file at --out before any model is loaded, also for a config that
+    did not pass through validate (a notebook's, or a file written there since), in one line: without its
+    `not out.is_dir()` it listed the file's entries, a NotADirectoryError (that mutant survived the mutation audit:
+    the CLI refuses a file in validate first)."""
+    from tailkd import commands
+    from tailkd.command_config import SelectDataConfig
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    cfg = SelectDataConfig()
+    cfg.teacher.path, cfg.select.reference, cfg.select.out = "/nonexistent/teacher", "/nonexistent/ref", str(a_file)
+    with pytest.raises(TailkdError, match=f"refusing to replace {a_file}: it exists and is not a tailkd select-data"):
+        commands.select_data(cfg)
+    assert a_file.read_text() == "mine"
+
+
+def test_copies_of_a_document_get_the_first_copys_score_whatever_the_scores_say(assets, tmp_path, monkeypatch):
+    """The command ties copies of a text to the first copy's score (selection.tie_duplicates) after scoring, so a
+    later copy never outranks the earlier one. The float rounding that makes copies differ depends on the CPU (on
+    some, test_copies_of_one_document_tie_... scores them equal anyway, and dropping the tie survived the mutation
+    audit), so document_scores is replaced here by one that scores the later copy highest."""
+    docs = [d for d in assets["corpus"].read_text().split("\n\n") if d.strip()]
+    data = tmp_path / "copies.txt"
+    data.write_text("\n\n".join([docs[1], docs[0], docs[1]]) + "\n")
+    monkeypatch.setattr(selection, "document_scores", lambda teacher, reference, ids, *a, **kw: [0.1, 0.5, 0.9])
+    out = tmp_path / "sel"
+    args = _args(assets, out, "--keep", "0.34")
+    args[args.index("--data") + 1] = str(data)
+    assert main(args) == 0
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [s["score"] for s in scores] == [0.1, 0.5, 0.1]
+    assert [s["doc"] for s in scores if s["kept"]] == [1]
