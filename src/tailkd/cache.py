@@ -55,7 +55,7 @@ from tailkd.command_config import check_cache_out
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.fused import default_chunk_size
-from tailkd.head import Head, HeadSpec, apply_head, final_hidden, model_head, verify_head
+from tailkd.head import Head, HeadSpec, apply_head, final_hidden, model_class_name, model_head, verify_head
 
 FORMAT = "tailkd-teacher-cache-1"
 META_FILE = "cache.json"
@@ -405,7 +405,7 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
     sha, sha_bf16 = weights_hashes(model, (None, torch.bfloat16))
     return {
         "format": FORMAT,
-        "teacher": {"name": teacher_name, "class": _model_class(model), "weights_sha256": sha,
+        "teacher": {"name": teacher_name, "class": model_class_name(model), "weights_sha256": sha,
                     "hidden_size": d,
                     "head": {"vocab_size": vocab, "scale": head.spec.scale, "softcap": head.spec.softcap},
                     "dtype": str(head.weight.dtype).removeprefix("torch.")},
@@ -423,14 +423,6 @@ def cache_meta(model, tokenizer, head, *, k: int, corpus: dict, seq_len: int, n_
                    **({"tail_ids": "int32", "tail_logprobs": "float32"} if tail_samples else {})},
         "bytes_per_token": per_token,
     }
-
-
-def _model_class(model) -> str:
-    """The model's class name; FSDP2 (a sharded teacher) puts ``FSDP<class>`` in front of it: the class it wraps."""
-    cls = type(model)
-    if cls.__name__.startswith("FSDP"):
-        cls = next((base for base in cls.__mro__[1:] if not base.__name__.startswith("FSDP")), cls)
-    return cls.__name__
 
 
 def claim_cache_dir(out: Path, meta: dict, head=None) -> None:

@@ -18,8 +18,8 @@ import torch
 
 from tailkd.errors import TailkdError
 
-__all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "head_spec", "model_head", "transform",
-           "transform_backward", "verify_head"]
+__all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "head_spec", "model_class_name", "model_head",
+           "transform", "transform_backward", "verify_head"]
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,12 @@ def head_spec(model, vocab_size: int | None = None) -> HeadSpec:
         found = [a for a in _SCALE_ATTRS if getattr(text, a, None) not in (None, 1, 1.0)]
         if found:
             raise TailkdError(
-                f"{model_type or _model_name(model)} has {found[0]}={getattr(text, found[0])!r} in its config and "
+                f"{model_type or model_class_name(model)} has {found[0]}={getattr(text, found[0])!r} in its config and "
                 "tailkd does not know how its forward applies it to the logits; set train.fused_loss=off"
             )
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise TailkdError(f"{_model_name(model)} has no LM head (get_output_embeddings); set train.fused_loss=off")
+        raise TailkdError(f"{model_class_name(model)} has no LM head (get_output_embeddings); set train.fused_loss=off")
     if head.weight.shape[0] < vocab:
         raise TailkdError(f"the LM head has {head.weight.shape[0]} rows, fewer than the vocabulary ({vocab})")
     return HeadSpec(vocab_size=vocab, scale=scale, softcap=float(softcap) if softcap is not None else None)
@@ -154,7 +154,7 @@ def _distributed_wrapper(model) -> bool:
     return hasattr(model, "module") or isinstance(model, FSDPModule)
 
 
-def _model_name(model) -> str:
+def model_class_name(model) -> str:
     """The class name a user knows: a DDP wrapper's module's, and for an FSDP2-sharded model the class that
     ``fully_shard`` swapped for its subclass ``FSDP<name>``."""
     from torch.distributed.fsdp import FSDPModule
@@ -176,8 +176,8 @@ def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return out.hidden_states[-1]
     inner = getattr(model, "module", model)
     if _distributed_wrapper(model):
-        raise TailkdError(f"{_model_name(model)}.forward takes no logits_to_keep, which the chunked loss layer needs "
-                          "under DDP / FSDP; use --train.fused_loss off, or one process")
+        raise TailkdError(f"{model_class_name(model)}.forward takes no logits_to_keep, which the chunked loss layer "
+                          "needs under DDP / FSDP; use --train.fused_loss off, or one process")
     out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)  # the decoder alone
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -201,7 +201,7 @@ def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, voc
         model.train(was_training)
     finite = torch.isfinite(ref)  # a broken model's own logits (a NaN in its weights) are no test of the head
     if ref.numel() and not bool(finite.any()):
-        raise TailkdError(f"{_model_name(model)}'s own logits are not finite (NaN or inf) on the first tokens of "
+        raise TailkdError(f"{model_class_name(model)}'s own logits are not finite (NaN or inf) on the first tokens of "
                           "the data: its weights or its forward produce them (e.g. a NaN in the checkpoint); check "
                           "the model")
     same = bool(((ours == ref) | (ours.isnan() & ref.isnan()))[~finite].all())  # non-finite where the model's are
@@ -210,7 +210,7 @@ def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, voc
     tol = (3e-2 if low else 1e-3) * max(1.0, float(ref[finite].abs().max()) if bool(finite.any()) else 1.0)
     if not err <= tol:
         raise TailkdError(
-            f"the fused loss layer does not reproduce {_model_name(model)}'s logits ({head.spec.describe()}; max "
+            f"the fused loss layer does not reproduce {model_class_name(model)}'s logits ({head.spec.describe()}; max "
             f"|diff| {err:.3g} > {tol:.3g}): its forward transforms the logits in a way tailkd does not model; set "
             "train.fused_loss=off"
         )
