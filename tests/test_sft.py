@@ -608,6 +608,37 @@ def test_heldout_files_drop_overlapping_training_prompts(tok, tmp_path):
     assert info["dropped_train_overlap"] == 2 and len(train.examples) == 6 and len(held.examples) == 3
 
 
+def _asked(example):
+    """The one user turn a pair or a one-turn chat asks, written out here from the data, not by the module."""
+    return example.prompt if example.messages is None else example.messages[0]["content"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_prompt_given_as_a_pair_and_as_a_chat_is_on_one_side(tok, tmp_path, seed):
+    """A data set mixing the formats can hold one question as a pair and as a one-turn chat: a chat template
+    renders both prompts alike, so they are one prompt and must not be on both sides of the split (hashing each
+    format's own JSON, as the split's hash does, puts some of the ten questions apart for each of these seeds)."""
+    pairs = [{"prompt": f"Q{i}?", "response": f"A{i}"} for i in range(10)]
+    chats = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"B{i}"}]}
+             for i in range(10)]
+    f = write_jsonl(tmp_path / "d.jsonl", pairs + chats)
+    train, held, _ = prepare_sft([f], tok, seq_len=64, chat_template=CHATML, heldout_fraction=0.25, seed=seed)
+    asked = {side: [_asked(e) for e in rows.examples] for side, rows in (("train", train), ("held", held))}
+    assert not set(asked["train"]) & set(asked["held"])
+    assert sorted(asked["train"] + asked["held"]) == sorted(2 * [f"Q{i}?" for i in range(10)])
+
+
+def test_heldout_files_drop_a_training_pair_asked_there_as_a_chat(tok, tmp_path):
+    """Held-out files in one format remove the same questions given for training in the other."""
+    f = write_jsonl(tmp_path / "train.jsonl", EXAMPLES)
+    g = write_jsonl(tmp_path / "held.jsonl", [{"messages": [{"role": "user", "content": e["prompt"]},
+                                                            {"role": "assistant", "content": "R"}]}
+                                              for e in EXAMPLES[:3]])
+    train, held, info = prepare_sft([f], tok, seq_len=64, chat_template=CHATML, heldout_paths=[g])
+    assert info["dropped_train_overlap"] == 3 and [e.prompt for e in train.examples] == [
+        e["prompt"] for e in EXAMPLES[3:]]
+
+
 @pytest.mark.parametrize("template", [None, CHATML])
 def test_generation_prompts_render_exactly_as_training(tok, tmp_path, template):
     f = write_jsonl(tmp_path / "d.jsonl", EXAMPLES[:4] + [{"messages": [

@@ -102,8 +102,14 @@ class SFTExample:
         return [dict(m) for m in self.messages[:last]]
 
     def key(self) -> str:
-        """The prompt as canonical JSON: examples with the same prompt share a key (and a split)."""
+        """The prompt as canonical JSON, in the example's own format: the held-out split's hash input (kept as it
+        is, so that no run's split moves between versions)."""
         return json.dumps(self.generation_prompt(chat=self.is_chat), sort_keys=True, ensure_ascii=False)
+
+    def prompt_key(self) -> str:
+        """The prompt as a chat template sees it, as canonical JSON: a pair ``(X, ·)`` and a chat whose one turn
+        before the reply is ``user: X`` share it. Examples sharing it are one prompt: never on both sides of a split."""
+        return json.dumps(self.generation_prompt(chat=True), sort_keys=True, ensure_ascii=False)
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -422,7 +428,8 @@ def _split_key(example: SFTExample, seed: int) -> int:
 
 def _heldout_split(examples: list[SFTExample], fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
     """Hold out the ``round(fraction * n)`` examples (at least 1, at most n - 1) with the smallest
-    ``sha256(seed, prompt)``, plus any other example with the same prompt (no prompt on both sides).
+    ``sha256(seed, prompt)``, plus any other example with the same prompt (no prompt on both sides; a pair and a
+    one-turn chat asking the same are one prompt, `SFTExample.prompt_key`, and take the smaller of their hashes).
     Deterministic, independent of the file order; file order is kept within each split."""
     if fraction == 0 or not examples:
         return list(examples), []
@@ -431,6 +438,10 @@ def _heldout_split(examples: list[SFTExample], fraction: float, seed: int) -> tu
         raise TailkdError(f"only {n} SFT example, so none can be held out; add examples or give held-out examples of "
                           "their own (--heldout-data FILE)")
     keys = [_split_key(e, seed) for e in examples]
+    group: dict[str, int] = {}  # a prompt in both formats (pair, one-turn chat) takes its smallest key: one side
+    for e, k in zip(examples, keys):
+        group[e.prompt_key()] = min(k, group.get(e.prompt_key(), k))
+    keys = [group[e.prompt_key()] for e in examples]
     want = min(n - 1, max(1, round(fraction * n)))
     cut = sorted(keys)[want - 1]
     held = [k <= cut for k in keys]
@@ -489,8 +500,8 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     overlap = 0
     if heldout_paths:
         held = read_sft_examples(heldout_paths)
-        held_keys = {e.key() for e in held}
-        train = [e for e in examples if e.key() not in held_keys]
+        held_keys = {e.prompt_key() for e in held}
+        train = [e for e in examples if e.prompt_key() not in held_keys]
         overlap = len(examples) - len(train)
         if not train:
             raise TailkdError("every training example's prompt is also in the held-out files; give distinct data")
