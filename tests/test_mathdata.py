@@ -244,6 +244,22 @@ def test_overwrite_never_replaces_a_folder_that_is_no_math_dataset(gym, tmp_path
     assert mathdata.write_math_dataset(tmp_path / "empty", n_train=3, n_heldout=2, overwrite=True).train.is_file()
 
 
+@pytest.mark.parametrize("meta", ['{"settings": {"lr": 0.1}}', '{"run": 1}', "not json"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_users_folder_with_a_meta_json_of_its_own_is_neither_replaced_nor_called_damaged(gym, tmp_path, meta,
+                                                                                            overwrite):
+    """A folder of the user's holding a meta.json (and a train.jsonl) of its own is not a math dataset: refused as
+    one, untouched. It was called damaged with the advice to delete it, and overwrite=True deleted it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "meta.json").write_text(meta)
+    (out / "train.jsonl").write_text('{"prompt": "mine", "response": "mine"}\n')
+    with pytest.raises(TailkdError, match="refusing to write the math dataset into .*: it exists and is not"):
+        mathdata.write_math_dataset(out, n_train=3, n_heldout=2, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.jsonl"]
+    assert (out / "meta.json").read_text() == meta
+
+
 def test_default_math_dataset_keeps_one_folder_per_setting_in_the_cache_given(gym, tmp_path, monkeypatch):
     """Under ``<cache_dir>/math``; two settings of the seeds are two folders, neither rewriting the other."""
     monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "default"))  # not the user's cache, should cache_dir be lost

@@ -138,23 +138,19 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
                 "reasoning_gym": _rg_version()}
     files = MathFiles(out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CORPUS_FILE)
     meta_path = out_dir / META_FILE
-    if out_dir.exists() and not (overwrite and meta_path.is_file()):  # overwrite replaces a math dataset only
-        if meta_path.is_file():
-            try:
-                old = jsonfile.read_object(meta_path).get("settings")
-            except jsonfile.Damaged:
-                old = None
-            if not isinstance(old, dict):
-                raise TailkdError(f"{meta_path} is damaged (no readable settings); delete {out_dir} to write the math "
-                                  "dataset again")
-            if old == settings and all(f.is_file() for f in files):
-                return files
-            if old.get("format") != FORMAT:
-                raise TailkdError(f"{out_dir} holds a math dataset of another format; pass overwrite=True or "
-                                  "choose another folder")
-        elif not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise TailkdError(f"refusing to write the math dataset into {out_dir}: it exists and is not a tailkd math "
-                              "dataset; choose a new or empty folder")
+    ours, old = _math_dataset_at(out_dir) if out_dir.is_dir() else (False, None)
+    if out_dir.exists() and not ours and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise TailkdError(f"refusing to write the math dataset into {out_dir}: it exists and is not a tailkd math "
+                          "dataset; choose a new or empty folder")
+    if ours and not overwrite:  # overwrite replaces a math dataset only
+        if old is None:
+            raise TailkdError(f"{meta_path} is damaged (no readable settings); delete {out_dir} to write the math "
+                              "dataset again")
+        if old == settings and all(f.is_file() for f in files):
+            return files
+        if old.get("format") != FORMAT:
+            raise TailkdError(f"{out_dir} holds a math dataset of another format; pass overwrite=True or "
+                              "choose another folder")
 
     held, held_skipped = draw_problems(n_heldout, seed=heldout_seed)
     held_questions = {x["question"] for x in held}
@@ -179,6 +175,24 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
         raise TailkdError(f"could not write the math dataset to {out_dir} ({exc.strerror or exc}); choose another "
                           "folder") from exc
     return files
+
+
+def _math_dataset_at(folder: Path) -> tuple[bool, dict | None]:
+    """``(ours, settings)``: whether ``folder`` holds a math dataset this module wrote, and its meta.json's settings
+    (None where that file is damaged). Ours: a meta.json whose settings name a tailkd math format, or a folder of
+    this module's four files and nothing else (its meta.json damaged). A user's folder with a meta.json of its own
+    is not: it is never replaced, nor its deletion advised."""
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        return False, None
+    try:
+        old = jsonfile.read_object(meta_path).get("settings")
+    except jsonfile.Damaged:
+        old = None
+    if isinstance(old, dict) and str(old.get("format")).startswith("tailkd-math-"):
+        return True, old
+    names = {p.name for p in folder.iterdir()}
+    return names == {META_FILE, TRAIN_FILE, HELDOUT_FILE, CORPUS_FILE}, None
 
 
 def default_math_dataset(cache_dir=None, **settings) -> MathFiles:
