@@ -376,12 +376,15 @@ def test_dir_without_weights(tmp_path, tiny_tokenizer):
         load_causal_lm(tmp_path / "m")
 
 
-def test_a_pytorch_bin_that_is_not_a_pickle_is_one_line(hf_dir):
-    """Weights as a pytorch_model.bin that is not a pickle (nor a zip): torch.load's UnpicklingError, which is no
-    OSError or RuntimeError, is one line naming the file."""
+@pytest.mark.parametrize("data", [b"garbage, not a pickle", b"\x80", b"h\x82", b"J", b"c\xf1\xa21!"])
+def test_a_pytorch_bin_that_is_not_a_pickle_is_one_line(hf_dir, data):
+    """Weights as a pytorch_model.bin that is not a pickle (nor a zip): what torch.load's unpickler raises on a few
+    odd bytes is one line naming the file: an UnpicklingError, and (found by feeding it random bytes) an IndexError
+    (b"\\x80": a PROTO opcode without its argument), a KeyError (b"h\\x82": a memo entry never stored), a
+    struct.error (b"J": an int with too few bytes) and a UnicodeDecodeError (b"c\\xf1...": a global's name)."""
     path, _ = hf_dir
     (path / "model.safetensors").unlink()
-    (path / "pytorch_model.bin").write_bytes(b"garbage, not a pickle")
+    (path / "pytorch_model.bin").write_bytes(data)
     with pytest.raises(TailkdError, match=rf"^cannot load pytorch_model\.bin in {re.escape(str(path))} \(.*\): the "
                                           r"folder needs the complete"):
         load_causal_lm(path)

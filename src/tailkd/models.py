@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -295,10 +296,13 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
 
     read_config(path)
     safetensors_files(path)
+    bins = sorted(f.name for f in path.glob("*.bin"))
+    # what torch.load's unpickler raises on a damaged .bin besides UnpicklingError (a truncated opcode, a memo key
+    # never stored, a short int, a name not UTF-8); caught only where the weights are .bin files
+    unpickling = (IndexError, KeyError, ValueError, struct.error) if bins else ()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        bins = sorted(f.name for f in path.glob("*.bin"))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, *unpickling) as err:
         which = f"{', '.join(bins)} in {path}" if bins else f"the weights in {path}"
         raise TailkdError(
             f"cannot load {which} ({brief_error(err)}): the folder needs the complete *.safetensors (or "
