@@ -288,8 +288,8 @@ def test_tail_support_weights_sum_to_the_tail_mass(setup, k_run):
 def _cache_loss_sums(s64, sp, log_w):
     """The cache loss of `divergences.SparseTeacher` as plain float64 sums of its definition, from the float64 values
     of ``sp``'s entries: Σ_𝒦 p (log p − log q) + α^T log(α^T/α^S) + w·(Σ_j w_j (log p_j − log q_j) − α^T log(α^T/α^S)),
-    w = exp(``log_w``) [n], a term of weight 0 taken as 0 (a row without tail: α^T = 0, its w_j and log p_j −inf);
-    rows [n, V]."""
+    w = exp(``log_w``) [n], a term of weight 0 taken as 0 (a row without tail: α^T = 0, its w_j and log p_j −inf; a
+    row weight w = 0, log_w = −inf, whatever its tail sum); rows [n, V]."""
     logq = torch.log_softmax(s64, -1)
     ids, tids = sp.topk_ids.long(), sp.tail_ids.long()
     lp, la = sp.topk_logprobs.double(), sp.log_tail_mass.double()
@@ -299,7 +299,7 @@ def _cache_loss_sums(s64, sp, log_w):
     d_kl1 = (lp.exp() * (lp - logq.gather(-1, ids))).sum(-1) + bucket
     w = sp.tail_log_weights.double().exp()
     tail = torch.where(w > 0, w * (sp.tail_logprobs.double() - logq.gather(-1, tids)), 0.0).sum(-1)
-    return d_kl1 + log_w.exp() * (tail - bucket)
+    return d_kl1 + torch.where(log_w > -math.inf, log_w.exp() * (tail - bucket), 0.0)
 
 
 @pytest.mark.parametrize("name", ["tad", "kd"])
@@ -435,6 +435,35 @@ def test_cache_tad_with_beta_0_is_d_kl1():
     cached = _sampled_cache(t, k, m, seed=18)
     no_tail_term = torch.full((n,), -math.inf, dtype=torch.float64)  # log w = −inf: the plain sums are D_KL1
     _assert_cache_loss(s, cached, LossConfig(name="tad", k=k, beta=0.0), no_tail_term)
+
+
+def test_cache_tad_with_beta_0_is_d_kl1_where_the_student_is_minus_inf_at_a_tail_sample():
+    """As `test_cache_tad_with_beta_0_is_d_kl1`, row 0's student −inf at its first tail sample: the tail estimate
+    Σ_j ŵ_j log(p_j/q_j) is +inf there while D_KL1 is finite (α^S > 0), and the tail term of weight W = 0 is 0
+    (`divergences.sparse_value` adds W·tail only where W > 0), not 0·inf = NaN, as the dense path's (test_losses'
+    test_tad_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail). Value and gradient within
+    `loss_bounds.cache_tad` of the cache without tail points (D_KL1's bound: W = 0 adds nothing) of the float64 plain
+    sums of its float32 inputs (their tail term of weight 0)."""
+    g = torch.Generator().manual_seed(17)
+    n, vocab, k, m = 6, 40, 4, 4
+    s = torch.randn(n, vocab, generator=g, dtype=torch.float64).float().double() * 2
+    t = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    cached = _sampled_cache(t, k, m, seed=18)
+    s[0, cached.tail_ids[0, 0]] = -math.inf
+    mask = torch.ones(1, n, dtype=torch.bool)
+    leaf = s.float()[None].requires_grad_(True)
+    got = registry.bind(LossConfig(name="tad", k=k, beta=0.0)).sparse_per_token(
+        leaf, SparseTeacher(*(x[None] for x in cached)), mask)[0]
+    (grad,) = torch.autograd.grad(got.sum(), leaf)
+    s64 = s.clone().requires_grad_(True)
+    no_tail_term = torch.full((n,), -math.inf, dtype=torch.float64)
+    ref = _cache_loss_sums(s64, cached, no_tail_term)
+    (ref_g,) = torch.autograd.grad(ref.sum(), s64)
+    assert math.isinf(float(_cache_loss_sums(s, cached, torch.zeros(n, dtype=torch.float64))[0]))  # the case meant
+    d_kl1_only = SparseTeacher(*(x[None] for x in cached[:3]))
+    vb, gb = LB.cache_tad(s.float()[None], d_kl1_only, mask, loss="tad", beta=0.0)
+    B.assert_within(got.detach(), ref.detach(), vb[0] + B.REF64_ATOL, msg="cache loss value")
+    B.assert_within(grad[0], ref_g, gb[0] + B.REF64_ATOL, msg="cache loss gradient")
 
 
 def test_tail_samples_follow_the_tail_below_float32():

@@ -1147,6 +1147,17 @@ def test_nan_logits_propagate():
     B.assert_within(out[0, 1], d1, bound, msg="the NaN row's neighbour keeps D_KL1")
 
 
+def test_a_nan_teacher_logit_makes_its_row_nan_for_every_dense_divergence():
+    """A NaN teacher logit gives a NaN row (the trainer sees it and skips the step), its neighbour finite, for KL,
+    reverse KL and JSD: the teacher's NaN rows are poisoned (`divergences.dense_teacher`), as kl_sum's 0·log 0 redo
+    of a NaN row (NaN > 0 is false) would otherwise make forward KL's row 0."""
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    t[0, 3] = float("nan")
+    for name, value in {"forward_kl": L.forward_kl(s, t), "reverse_kl": L.reverse_kl(s, t),
+                        "jsd": L.jsd(s, t, beta=0.3)}.items():
+        assert torch.isnan(value[0]) and torch.isfinite(value[1]), name
+
 # --------------------------------------------------------------------------- validation
 
 
