@@ -2,6 +2,7 @@
 (tests/reference.py): values and gradients, their identities and limits, masking through the registry, extreme
 logits, and the chunked layer (tests/test_fused.py covers chunked == dense for every registry row)."""
 
+import math
 from pathlib import Path
 
 import loss_bounds as LB
@@ -195,6 +196,17 @@ def test_alpha_beta_limits_are_cichockis_and_the_docs_say_how_abkds_code_differs
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     (row,) = [ln for ln in readme.splitlines() if ln.startswith("| `alpha_beta` |")]
     assert "ABKD's code divides" in row
+
+
+def test_skew_kls_stay_finite_where_one_side_alone_has_no_mass():
+    """The mixture keeps the target finite where the student (skew KL) or the teacher (skew RKL) puts no mass: the
+    value is at most log 1/α (each term p log(p/(αp + ...)) <= p log 1/α), not +inf from a mixture taken as −inf."""
+    gen = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    s[:, 2], t[:, 4] = -float("inf"), -float("inf")
+    for fn in (BL.skew_forward_kl, BL.skew_reverse_kl):
+        got = fn(s, t, alpha=0.1)
+        assert torch.isfinite(got).all() and (got <= math.log(10) + 1e-12).all(), fn.__name__
 
 
 def test_alpha_beta_at_zero_zero_is_infinite_where_one_side_alone_has_mass():

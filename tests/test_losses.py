@@ -340,6 +340,11 @@ def test_hidden_cosine_projection_module_and_widths():
     assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
     same = L.hidden_cosine(h_t[..., :4], h_t, mask)  # truncated teacher coordinates: identical vectors
     B.assert_within(same, torch.zeros(2, 3), LB.hidden_cosine(h_t[..., :4], h_t, mask)[0], msg="1 − cos(a, a)")
+    # the teacher's hidden states are a target, as its logits are: a teacher tensor that requires grad gets none
+    student, teacher = h_s.clone().requires_grad_(True), h_t.clone().requires_grad_(True)
+    for projection in (None, proj, proj.weight):
+        L.hidden_cosine(student, teacher, mask, projection=projection).sum().backward()
+        assert teacher.grad is None and student.grad is not None
 
 
 # --------------------------------------------------------------------------- gradcheck (float64, small)
@@ -1050,6 +1055,8 @@ def test_tad_is_plus_inf_not_nan_when_the_student_has_no_tail_where_the_teacher_
     mask = torch.ones(1, 2, dtype=torch.bool)
     assert torch.isposinf(L.forward_kl(s_dead, t)).all()
     assert torch.isposinf(L.tad_decompose(s_dead, t, k=3)[0]).all()  # D_KL1 = +inf
+    # D_KL2 too: the student puts no mass where p̃ has some (the forward-KL convention), not NaN from −inf − (−inf)
+    assert torch.isposinf(L.tad_decompose(s_dead, t, k=3)[1]).all()
     for beta in (0.5, 2.0):
         assert torch.isposinf(L.tad(s_dead, t, mask, k=3, beta=beta)).all(), beta
 
@@ -1207,6 +1214,11 @@ def test_argument_errors_name_the_argument():
         ("alpha must", lambda: BL.skew_reverse_kl(s, t, alpha=None)),
         ("mu must", lambda: BL.akl(s, t, mu="0.5")),
         ("mu must", lambda: BL.akl(s, t, mu=None)),
+        # their open end: at α = 1 the skew's mixture is its target itself (0 whatever the student), and at μ = 1 only
+        # rounding of the cumulative sum decides whether AKL's tail is empty
+        ("alpha must", lambda: BL.skew_forward_kl(s, t, alpha=1.0)),
+        ("alpha must", lambda: BL.skew_reverse_kl(s, t, alpha=1.0)),
+        ("mu must", lambda: BL.akl(s, t, mu=1.0)),
         # a bool is not a number here (Python counts True as 1): each kind of knob check refuses it
         ("temperature must", lambda: L.forward_kl(s, t, temperature=True)),
         ("beta must", lambda: L.tad(s, t, mask, k=2, beta=True)),
@@ -1224,6 +1236,10 @@ def test_output_dtypes_and_shapes():
         out = L.forward_kl(s, t)
         assert out.dtype == want and out.shape == (2, 3)
     assert L.forward_kl(torch.randn(8), torch.randn(8)).shape == ()
+    # a float64 cache under a float32 student: the top-K log-probs are not rounded to float32
+    ids = torch.topk(torch.randn(2, 3, 8), 2).indices
+    lp = torch.full((2, 3, 2), -2.0, dtype=torch.float64)
+    assert L.topk_bucket_kl(torch.randn(2, 3, 8), ids, lp).dtype == torch.float64
     # identical inputs through the same log_softmax: log p − log q = 0 exactly
     assert float(L.forward_kl(torch.zeros(5), torch.zeros(5))) == 0.0
 
