@@ -724,6 +724,8 @@ def test_selection_and_errors():
     assert not fused.use_fused("auto", 1000, 32000)
     assert fused.use_fused("auto", 8192, 151936)  # one side's float32 logits: 5 GB > 1 GiB
     assert fused.use_fused("on", 10, 10) and not fused.use_fused("off", 10**9, 10**6)
+    # auto fuses above 1 GiB, not at it: 2^18 tokens x 2^10 entries x 4 bytes is 1 GiB exactly (mutation audit)
+    assert not fused.use_fused("auto", 2**18, 2**10) and fused.use_fused("auto", 2**18 + 1, 2**10)
     with pytest.raises(TailkdError, match="auto, on, off"):
         fused.use_fused("maybe", 10, 10)
     assert fused.default_chunk_size(151936) == 110 and fused.default_chunk_size(100) == 4096
@@ -733,6 +735,11 @@ def test_selection_and_errors():
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         chunked_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="kd"), teacher_hidden=h_t,
                           teacher_head=Head(head_t.weight, None, HeadSpec(36)))
+    # a negative chunk size is refused, not planned as no chunk at all (a loss of 0 without a gradient; 0 or None
+    # takes the default rule)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        chunked_objective(h_s, Head(w_s, None, spec_s), labels, 5, cfg=LossConfig(name="kd"), teacher_hidden=h_t,
+                          teacher_head=head_t, chunk_size=-1)
 
 
 # --------------------------------------------------------------------------- chunk sizes
