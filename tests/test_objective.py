@@ -416,3 +416,31 @@ def test_step_terms_cosine_term_compares_the_last_hidden_states(fused_path):
     with_cos, without = run(0.5), run(0.0)
     assert float(with_cos.cos) == pytest.approx(want, rel=1e-10)
     assert float(with_cos.loss.detach() - without.loss.detach()) == pytest.approx(0.5 * want, rel=1e-8)
+
+
+def test_chunked_kd_against_a_cache_with_every_tail_id_is_exact_kd():
+    """KD against a top-K cache whose tail points are every id outside the top 5 with its true weight p_i is KL(p‖q)
+    exactly (D_KL1 + 1·(Σ_j p_j log(p_j/q_j) − α^T log(α^T/α^S))): the chunked layer's KD row weight is log w = 0
+    (w = 1) for the tail points, as the dense path's `sparse_per_token`, so its values and gradients equal the dense
+    KD against the full teacher logits. float64, the same sums in another order: rel 1e-10 (u64 ~ 1e-16 times a few
+    dozen terms). Dropping the row weight (the tail points ignored: D_KL1 alone) survived (mutation audit)."""
+    from tailkd.divergences import SparseTeacher
+    from tailkd.head import Head, HeadSpec
+    from tailkd.objective import chunked_objective
+
+    _, _, labels = _batch(B=3, T=6, V=40, seed=12)
+    hs, ht, w_s, w_t = _hidden_and_heads(12)
+    t = ht @ w_t.T
+    ranked = torch.log_softmax(t, -1).topk(40, -1)
+    ids, vals = ranked.indices, ranked.values
+    cache = SparseTeacher(ids[..., :5], vals[..., :5], vals[..., 5:].logsumexp(-1), ids[..., 5:], vals[..., 5:],
+                          vals[..., 5:])
+    n, cfg = count_valid_tokens(labels), LossConfig(name="kd")
+    x = hs.clone().requires_grad_(True)
+    ref = objective(x @ w_s.T, labels, n, cfg=cfg, teacher_logits=t)
+    ref.loss.backward()
+    h = hs.clone().requires_grad_(True)
+    got = chunked_objective(h, Head(w_s, None, HeadSpec(40)), labels, n, cfg=cfg, sparse_teacher=cache, chunk_size=4)
+    got.loss.backward()
+    for a, b in ((got.loss, ref.loss), (got.div, ref.div), (h.grad, x.grad)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
