@@ -1242,3 +1242,75 @@ def test_tad_kernel_teacher_tails_beyond_float64_range(two_stage):
     tail_terms = torch.where(top, 0.0, big_w[:, None] * (log_qt.exp() + log_pt.exp()))
     bound = 4 * eps * cd.double()[:, None] * (q + tail_terms + torch.softmax(t64, -1)) + eps * cq.double()[:, None] * q
     B.assert_within(out.cpu().double(), ref_g, bound, msg="gradient")
+
+
+def test_sparse_kernels_top_k_at_block_edges():
+    """A cache teacher whose 𝒦 sits at block edges and clustered (`_block_edge_logits`: column 0, both sides of the
+    edge 127 | 128, the partial last block, column V − 1): the statistics pass walks 𝒦 ascending block by block
+    (`kernels._walk`), and an id at a block's first column is that block's, not the one before's (where the walk
+    ended there, column 128 was in no block's 𝒦: α^S counted it)."""
+    s, t = _block_edge_logits()
+    _check_sparse(s.float(), t.float(), 7, 3, "tad", True)
+
+
+def test_sparse_stats_where_the_student_top_k_is_far_above_its_tail():
+    """The student's logit on a column of 𝒦 ~120 nats above the rest of its row: the full log-sum-exp's block sums
+    of the later blocks, relative to that maximum, flush to 0 in float32, so the tail's sums re-read those blocks
+    (`RESCALE_GAP`) rather than rescale them. The tail's log-sum-exp within κ_V + dz (5u per fold: `_dz`) plus the
+    rounding of m + log S of the float64 one over the columns outside 𝒦; rescaling the flushed sums lost every
+    block but the first (~log 2 here)."""
+    s, t = _logits(4, 257, seed=47)
+    t[:, 0] += 30.0  # column 0 in every row's 𝒦
+    s[:, 0] += 120.0
+    sp = _sparse_teacher(t.double(), 5, 0, seed=3)
+    assert bool((sp.topk_ids == 0).any(-1).all())  # the case meant
+    stats = kernels.sparse_stats(s.to(DEVICE), type(sp)(*(None if x is None else x.to(DEVICE) for x in sp)),
+                                 block=BLOCK)
+    tail = torch.ones_like(s, dtype=torch.bool).scatter(-1, sp.topk_ids.long(), False)
+    ref = torch.logsumexp(s.double().masked_fill(~tail, -math.inf), -1)
+    assert bool((torch.logsumexp(s.double(), -1) - ref > 104).all())  # the tail below float32's range of the full sum
+    got = stats.lse(tail=True).cpu().double()
+    B.assert_within(got, ref, _dz(s, tail=True) + B.lse_kappa(s.shape[1]) + U * ref.abs(),
+                    msg="log-sum-exp of s over the tail")
+
+
+def test_sparse_kernels_with_the_label_in_the_top_k():
+    """Each row's label (the CLM's one-hot) on a column of the cache teacher's 𝒦, whose K entries of G torch sets
+    after the gradient pass: the one-hot is subtracted there as well."""
+    s, t = _logits(7, 257, seed=53)
+    y, _ = _onehot(7, 257, seed=5)  # `_check_sparse`'s labels at k = 5
+    rows = (y >= 0).nonzero().squeeze(1)
+    t[rows, y[rows]] += 30.0
+    _check_sparse(s, t, 5, 3, "tad", True)
+
+
+def test_entry_points_refuse_what_the_kernels_cannot_read():
+    """`row_stats` refuses a top-k not below V (TAD needs a tail) or above `MAX_K` (the register buffer), and rows
+    whose columns are not contiguous (the kernels step through a row by unit column stride)."""
+    s, t = _logits(2, 8, seed=1)
+    for k in (8, 9, kernels.MAX_K + 1):
+        with pytest.raises(ValueError, match="k must be"):
+            kernels.row_stats(s.to(DEVICE), t.to(DEVICE), k)
+    kernels.row_stats(s.to(DEVICE), t.to(DEVICE), 7)  # k = V − 1: the last one allowed
+    strided = t.T.contiguous().T.to(DEVICE)  # [2, 8] with column stride 2
+    with pytest.raises(ValueError, match="unit column stride"):
+        kernels.row_stats(s.to(DEVICE), strided, 1)
+    with pytest.raises(ValueError, match="unit column stride"):
+        kernels.row_stats(strided, t.to(DEVICE), 0)
+
+
+@pytest.mark.parametrize("name", ["kd", "rkl", "tad"])
+def test_gradient_without_labels_has_no_one_hot(name):
+    """``y`` None (no labels): G has no one-hot, whatever ``cy`` says — the same G, bit for bit, as with ``cy`` None
+    (the same float32 operations on the same inputs)."""
+    s, t = _logits(3, 257, seed=61)
+    s, t = s.to(DEVICE), t.to(DEVICE)
+    loss = kernels.RowLoss(3, k=4) if name == "tad" else LOSSES[name][0]
+    stats = kernels.row_stats(s, t, loss.k)
+    w = torch.zeros(3, dtype=torch.float64, device=DEVICE) if name == "tad" else None
+    cd = torch.ones(3, device=DEVICE)
+    outs = []
+    for cy in (None, torch.full((3,), 0.5, device=DEVICE)):
+        out = torch.empty_like(s)
+        outs.append((kernels.row_values_and_grads(loss, s, t, stats, w, cd, out=out, cy=cy), out))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
