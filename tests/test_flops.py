@@ -491,3 +491,66 @@ def test_flops_command_passes_every_size_setting_to_the_table(tmp_path, capsys):
                                           reference_cfg=size_from_spec(str(reference)), prompt_len=128, gen_len=256,
                                           ppo_epochs=4, freeze_embeddings=True)
     assert "Vanilla KD" in capsys.readouterr().out
+
+
+def test_a_model_counted_from_its_modules_with_gpt2_names_and_a_padded_head():
+    """A model counted from its modules (remote code: no transformers class) whose config names d, the layers and the
+    heads as GPT-2's does (n_embd, n_layer, n_head; no transformers attribute map from hidden_size & co.) and whose
+    head has more rows than its config's vocab_size (padded to a multiple of 8): d, the layers and d_attn come from
+    GPT-2's names, V from the head's rows (the 2·d·V the token pays is the head's matmul). N by plain counting."""
+    import torch
+
+    d, layers, heads, vocab, rows, s = 8, 3, 2, 10, 16, 4
+
+    class Remote(torch.nn.Module):
+        config = type("Cfg", (), {"n_embd": d, "n_layer": layers, "n_head": heads, "vocab_size": vocab})()
+
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(rows, d)
+            self.h = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+            self.lm_head = torch.nn.Linear(d, rows, bias=False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    f = model_flops_per_token(Remote(), seq_len=s)
+    assert (f["hidden"], f["layers"], f["attn_dim"], f["vocab"]) == (d, layers, d, rows)
+    assert f["params_nonembedding"] == layers * (d * d + d)
+    assert f["head"] == 2 * d * rows and f["attention"] == 2 * layers * s * d
+
+
+def test_which_layers_slide_and_which_configs_are_experts():
+    """The module docstring's rules as the config is read. Sliding windows: a window of 0, or one that no layer of
+    ``layer_types`` slides under (dots1, Cohere's compass: sliding_window 4096, every layer full_attention), leaves
+    every layer full ([] as model_flops_per_token documents); only ``sliding_attention`` layers slide (not another
+    kind: dots3's indexed_attention); a ``layer_types`` shorter than the layers leaves the rest full. Experts: E is
+    the first of num_local_experts / num_experts / n_routed_experts that is a positive integer (a 0 names none)."""
+    from types import SimpleNamespace as Cfg
+
+    from tailkd.flops import _experts, _windows
+
+    mistral = {**MIXTRAL, "model_type": "mistral", "sliding_window": 0}
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        del mistral[key]
+    assert model_flops_per_token(mistral, seq_len=32)["windows"] == []
+    full = {**QWEN_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100, "use_sliding_window": True,
+            "sliding_window": 8, "layer_types": ["full_attention", "full_attention"]}
+    assert model_flops_per_token(full, seq_len=32)["windows"] == []
+    assert _windows(Cfg(sliding_window=8, layer_types=["full_attention", "indexed_attention", "sliding_attention"]),
+                    3) == (0, 0, 8)
+    assert _windows(Cfg(sliding_window=8, layer_types=["sliding_attention"]), 3) == (8, 0, 0)
+    assert _experts(Cfg(num_local_experts=0, num_experts=8, num_experts_per_tok=2)) == (2, 8)
+
+
+def test_distill_flops_refuses_what_it_cannot_count():
+    """An unknown loss is a TailkdError naming the registry's losses (it was a KeyError), a loss that needs a teacher
+    without one a ValueError saying so, and negative tokens a ValueError."""
+    s = ModelSize("s", 300.0, hidden=4, vocab=50)
+    with pytest.raises(TailkdError, match="loss 'nope' is not a loss; choose one of tad, kd"):
+        distill_flops(s, s, 10, seq_len=0, loss="nope")
+    with pytest.raises(ValueError, match="loss 'kd' needs a teacher"):
+        distill_flops(None, s, 10, seq_len=0, loss="kd")
+    with pytest.raises(ValueError, match="tokens=-1 must be >= 0"):
+        distill_flops(s, s, -1, seq_len=0, loss="kd")
