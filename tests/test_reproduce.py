@@ -480,3 +480,131 @@ def test_a_rerun_from_another_folder_may_spell_the_paths_otherwise(tmp_path, mon
     with pytest.raises(TailkdError, match="clm-s0/eval.json was made with teacher.path="):
         rp.check_reuse(other, plan(other))
     rp.check_reuse(reproduction("w1/"), plan(reproduction("w1/")))
+
+
+# --------------------------------------------------------------------------- mutation audit: plan, driver, report
+
+
+def test_plan_gives_every_run_its_own_seed_folder_and_loss():
+    """Each run trains with its own seed, into OUT/runs/<name>, with the loss, K and β its name says (the seed was
+    only checked on a seed-0 run, where a constant 0 passes)."""
+    cfg = ReproduceConfig()
+    cfg.reproduce.out = "/r"
+    runs = plan(cfg.validate())
+    assert {e.seed for e in runs} == {0, 1, 2}
+    for e in runs:
+        assert e.cfg.train.seed == e.seed and e.run == Path("/r/runs") / e.name, e.name
+        assert (e.cfg.loss.name, e.cfg.loss.k, e.cfg.loss.beta) == (e.loss, e.k, e.beta), e.name
+
+
+def _check_ks_teacher(tmp_path) -> str:
+    """A teacher config.json of 40 tokens (`_check_ks` reads only the config)."""
+    from transformers import LlamaConfig
+
+    path = tmp_path / "teacher.json"
+    LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2).to_json_file(path)
+    return str(path)
+
+
+def test_every_k_of_the_sweep_must_be_below_the_teachers_vocabulary(tmp_path):
+    """K = V leaves no tail (α_V = 0): refused before any run, as a larger K is; K = V - 1 is accepted."""
+    cfg = _reproduction(tmp_path, teacher__path=_check_ks_teacher(tmp_path))
+    cfg.reproduce.ks = [5, 39]
+    rp._check_ks(cfg)
+    cfg.reproduce.ks = [40, 5]
+    with pytest.raises(TailkdError, match=r"reproduce.ks holds 40; every K must be smaller than the teacher's "
+                                          r"vocabulary \(40;"):
+        rp._check_ks(cfg)
+
+
+def test_reproduce_evaluates_what_it_trained_and_stops_when_a_run_stops(tmp_path, monkeypatch):
+    """The driver on its own (training, evaluation, analysis and report replaced by records): a stopped run stops
+    the reproduction with its exit code, before any evaluation or pruning; then an evaluation is made again for a
+    run trained by this invocation even where one with the same settings is on disk, kept for a run skipped, and
+    made where it is missing; checkpoints of finished runs are deleted; the teacher is analysed once."""
+    from tailkd import commands, recipe
+
+    cfg = _reproduction(tmp_path)
+    runs = plan(cfg)
+    out = Path(cfg.reproduce.out)
+    for e in runs[:2]:  # clm-s0 and kd-s0 were evaluated by an earlier invocation
+        write_settings(e.run / "eval.json", result_settings(rp._eval_config(cfg, e), "eval"))
+        (e.run / "eval.json").write_text(EVAL_STUB)
+    for e in runs:
+        (e.run / "checkpoints").mkdir(parents=True)
+    summaries = []
+    evaluated, analysed = [], []
+    monkeypatch.setattr(recipe, "run_stages", lambda cfgs: summaries)
+    monkeypatch.setattr(rp, "_check_ks", lambda cfg: None)
+    monkeypatch.setattr(rp, "write_report", lambda cfg, runs, out, seconds: out / "report.md")
+    monkeypatch.setattr(commands, "evaluate", lambda ev: evaluated.append(Path(ev.eval.out))
+                        or Path(ev.eval.out).write_text(EVAL_STUB))
+    monkeypatch.setattr(commands, "analyze_teacher", lambda a: analysed.append(a.analyze.out)
+                        or (Path(a.analyze.out) / "teacher_analysis.json").write_text("{}"))
+    summaries[:] = [{"skipped": True}, {"stopped": True, "exit_code": 130}]
+    assert rp.reproduce(cfg) == {"stopped": True, "out": str(out), "exit_code": 130}
+    assert evaluated == analysed == [] and all((e.run / "checkpoints").is_dir() for e in runs)
+    summaries[:] = [{"skipped": True}, {}, {}]  # kd-s0 trained again (resumed), tad-s0 trained
+    assert rp.reproduce(cfg) == {"out": str(out), "report": str(out / "report.md")}
+    assert evaluated == [runs[1].run / "eval.json", runs[2].run / "eval.json"]
+    assert analysed == [str(out)] and not any((e.run / "checkpoints").exists() for e in runs)
+    assert (runs[0].run / "eval.json").read_text() == EVAL_STUB  # the skipped run's evaluation is reused
+    summaries[:] = [{"skipped": True}] * 3
+    evaluated.clear()
+    rp.reproduce(cfg)  # nothing new: tad-s0 and kd-s0 have settings files now, and so has the analysis
+    assert evaluated == [] and analysed == [str(out)]
+
+
+def test_the_report_numbers_are_those_of_the_evaluations(tmp_path, monkeypatch):
+    """write_report's tables and report.json from evaluations of known values (figures not drawn): mean ± sample
+    std over two seeds, one seed without ±, the main table of the main runs only, the sweeps in increasing order
+    with the lowest held-out KL named, TAD vs KD per seed (a tie is not below), the KD seed spread, α_1 and α_K at
+    K = len(alpha_mean), the student line. The end-to-end test checks only the paired KL and the sweep points."""
+    cfg = _reproduction(tmp_path, reproduce__seeds=[0, 1], reproduce__betas=[4.0, 1.0, 2.0], reproduce__ks=[10, 5],
+                        student__layers=[0, 2], student__freeze_embeddings=True)
+    runs = plan(cfg)
+    out = Path(cfg.reproduce.out)
+    _figures_unplotted(monkeypatch)
+    kl = {"clm-s0": 9.0, "clm-s1": 9.0, "kd-s0": 2.0, "kd-s1": 4.0, "tad-s0": 1.5, "tad-s1": 4.0,
+          "tad-beta4-s0": 1.0, "tad-beta1-s0": 3.0, "tad-k5-s0": 1.8}
+    ece = {"kd-s0": 0.1, "kd-s1": 0.2, "tad-s0": 0.05, "tad-s1": 0.3}
+    assert sorted(e.name for e in runs) == sorted(kl)
+    for e in runs:
+        e.run.mkdir(parents=True)
+        (e.run / "eval.json").write_text(json.dumps({"kl": kl[e.name], "student_clm": 3.0, "agreement": 0.5,
+                                                     "student_full_ece": ece.get(e.name, 0.1)}))
+        (e.run / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "tokens": 10, "kl": kl[e.name]}) + "\n")
+        (e.run / "summary.json").write_text(json.dumps({"train_seconds": 60.0}))
+    (out / "teacher_analysis.json").write_text(json.dumps(
+        {"t": {"alpha_mean": [0.9, 0.7, 0.5, 0.4, 0.3], "mismatch_rate": 0.4, "tokens": 100}}))
+    report = rp.write_report(cfg, runs, out, seconds=120.0).read_text()
+    numbers = json.loads((out / "report.json").read_text())
+    spread = 100 * 2 ** 0.5 / 3  # KD's KL 2 and 4: sample std √2, mean 3
+    paired = numbers["paired"]
+    assert paired["tad_vs_kd_kl_percent"] == pytest.approx([-25.0, 0.0], abs=1e-12)
+    assert paired["tad_vs_kd_full_ece_percent"] == pytest.approx([-50.0, 50.0], rel=1e-12)
+    assert (paired["tad_below_kd_seeds"], paired["seeds"]) == (1, 2)
+    assert paired["kd_seed_spread_percent"] == pytest.approx(spread, rel=1e-12)
+    assert numbers["alpha"] == {"1": 0.9, "5": 0.3}
+    assert numbers["beta_sweep"] == {"1.0": 3.0, "2.0": 1.5, "4.0": 1.0} and numbers["k_sweep"] == {"5": 1.8, "10": 1.5}
+    lines = report.splitlines()
+    assert "| KD | 2 | 3.0000 ± 1.4142 | 3.0000 ± 0.0000 | 0.1500 ± 0.0707 | 0.500 ± 0.000 |" in lines
+    assert "| TAD | 2 | 2.7500 ± 1.7678 | 3.0000 ± 0.0000 | 0.1750 ± 0.1768 | 0.500 ± 0.000 |" in lines
+    beta = [line for line in lines if re.match(r"\| [0-9.]+ \| ", line)]
+    assert beta == ["| 1 | 3.0000 | 0.1000 |", "| 2 | 1.5000 | 0.0500 |", "| 4 | 1.0000 | 0.1000 |",
+                    "| 5 | 1.8000 | 0.1000 |", "| 10 | 1.5000 | 0.0500 |"]  # the β sweep's rows, then the K sweep's
+    assert "Lowest held-out KL at β = 4." in lines and "Lowest held-out KL at K = 10." in lines
+    assert f"below KD's in **1 of 2** seeds: per seed -25.00%, +0.00%; mean -12.50% ± 17.68% (paired), " \
+           f"against a seed spread (std/mean) of KD's KL of {spread:.2f}%." in report
+    assert "Mean tail mass α_K = 1 − Σ top-K p: α_1 = 0.900, α_5 = 0.300; mode mismatch" in report
+    assert "student: built from the teacher (layers [0, 2], MLP random, embeddings frozen);" in report
+    assert "9 runs, 9.0 min of training in all (this invocation: 2.0 min)." in report
+
+
+def test_the_report_names_a_student_as_it_was_built():
+    """The report's student: a given model by its path, else the layers kept and whether embeddings train."""
+    cfg = DistillConfig()
+    assert rp._student_text(cfg) == "built from the teacher (6 layers, MLP random, embeddings trained)"
+    cfg.student.path = "runs/x/final"
+    assert rp._student_text(cfg) == "`runs/x/final`"
