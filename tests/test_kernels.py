@@ -575,13 +575,17 @@ def test_tad_kernel_is_plus_inf_where_the_student_has_no_tail():
     assert torch.isposinf(value).all(), value
 
 
-def test_tad_kernel_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail():
+@pytest.mark.parametrize("tail_shift", [0.0, 80.0])
+def test_tad_kernel_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail(tail_shift):
     """β = 0 (log β(X) = −inf: no tail term, L = D_KL1, as `divergences._tad_forward`): row 0's student is −inf at a
     tail entry where the teacher has mass, so D_KL2 = +inf while D_KL1 is finite; its value was 0·inf = NaN. Value
     and gradient against divergences.py on the same float32 inputs within twice `loss_bounds.tad_decompose`'s D_KL1
-    bound (two evaluations, each within it), as the other rows."""
+    bound (two evaluations, each within it), as the other rows. ``tail_shift`` 80: the teacher's tail 80 nats lower
+    (α^T ≈ e^-80 < 1e-30), where `_tad_row` takes a row of positive weight to log space, and one of weight 0 must
+    not go there (its W·D_KL2 would be 0·inf)."""
     s, t = _logits(2, 257, seed=43)
     tail = torch.ones_like(t, dtype=torch.bool).scatter(-1, torch.topk(t, 5).indices, False)
+    t = t - tail_shift * tail
     s[0, tail[0].nonzero()[0]] = -math.inf
     cd = torch.ones(2)
     log_w = torch.full((2,), -math.inf, dtype=torch.float64)

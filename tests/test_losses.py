@@ -887,16 +887,20 @@ def test_tad_float32_gradient_at_beta_zero_where_the_tail_ratio_is_above_1e30():
     B.assert_within(got_grad, want_grad, grad_bound + B.REF64_ATOL, msg="gradient")
 
 
-def test_tad_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail():
+@pytest.mark.parametrize("tail_shift", [0.0, 80.0])
+def test_tad_at_beta_zero_is_d_kl1_where_the_student_has_minus_inf_on_the_teacher_tail(tail_shift):
     """β = 0: no tail term (`losses.tail_log_weight`: log β(X) = −inf), L = D_KL1, as from a top-K cache
     (test_cache's test_cache_tad_with_beta_0_is_d_kl1). Token 0's student is −inf at a tail entry where the teacher
     has mass, so D_KL2 = +inf but D_KL1 is finite (α^S > 0): its value was 0·inf = NaN. Value and gradient (dense
     `tad`, whose row kernel the chunked layer runs) against the float64 reference's D_KL1 within
-    `loss_bounds.tad_decompose` (float32, first order); token 1 is an ordinary row."""
+    `loss_bounds.tad_decompose` (float32, first order); token 1 is an ordinary row. ``tail_shift`` 80: the teacher's
+    tail 80 nats lower, α^T ≈ e^-80 below float32's tiny-row threshold (1e-30), where a row of positive weight is
+    computed in log space; a row of weight 0 must not be (`divergences.tad_tiny_rows`: log w > −inf)."""
     gen = torch.Generator().manual_seed(41)
     t = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
     s = torch.randn(1, 2, 12, generator=gen, dtype=torch.float64)
     tail = torch.ones_like(t, dtype=torch.bool).scatter(-1, torch.topk(t, 3).indices, False)
+    t = t - tail_shift * tail
     s[0, 0, tail[0, 0].nonzero()[0]] = -INF
     s, t32 = s.float(), t.float()
     mask = torch.ones(1, 2, dtype=torch.bool)
