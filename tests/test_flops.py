@@ -554,3 +554,58 @@ def test_distill_flops_refuses_what_it_cannot_count():
         distill_flops(None, s, 10, seq_len=0, loss="kd")
     with pytest.raises(ValueError, match="tokens=-1 must be >= 0"):
         distill_flops(s, s, -1, seq_len=0, loss="kd")
+
+
+def test_distill_flops_per_token_of_a_fraction_of_a_token():
+    """per_token is total / tokens for any tokens > 0, a fraction of one included (not total / max(tokens, 1)); only
+    0 tokens give 0. Teacher 2N + 2dV, student 3·(2N + 2dV), loss layer (c_kd + c_clm)·V: integers, times 0.5 and
+    back exactly."""
+    t = ModelSize("t", 1000.0, hidden=8, vocab=50)
+    s = ModelSize("s", 300.0, hidden=4, vocab=50)
+    per_token = (2 * 1000 + 2 * 8 * 50) + 3 * (2 * 300 + 2 * 4 * 50) + (LOSSES["kd"].flops_per_vocab
+                                                                      + CLM_FLOPS_PER_VOCAB) * 50
+    half = distill_flops(t, s, 0.5, seq_len=0, loss="kd")
+    assert half["total"] == 0.5 * per_token and half["per_token"] == per_token
+
+
+def test_method_table_bounds_delta_one_and_its_generation_settings():
+    """δ = 1 (MiniPLM keeps every scored token) is the closed end of (0, 1]: accepted, the teacher and the reference
+    scoring one token per trained token; --gen-len 0 (nothing generated) and --ppo-epochs -1 are refused."""
+    t = ModelSize("t", 1000.0, hidden=8, vocab=50)
+    s = ModelSize("s", 300.0, hidden=4, vocab=50)
+    rows = {r["method"].split(" (")[0]: r for r in method_table(t, s, seq_len=0, tokens=1.0, delta=1.0,
+                                                                reference_params=7.0)}
+    assert rows["MiniPLM"]["method"] == "MiniPLM (δ=1)"
+    assert rows["MiniPLM"]["teacher"] == 2 * 1000 + 2 * 8 * 50 and rows["MiniPLM"]["other"] == 2 * 7.0
+    assert rows["MiniPLM"]["loss"] == SCORE_FLOPS_PER_VOCAB * (50 + 50) + CLM_FLOPS_PER_VOCAB * 50
+    for bad in ({"gen_len": 0}, {"ppo_epochs": -1}, {"prompt_len": -1}):
+        with pytest.raises(TailkdError, match="--gen-len must be >= 1, --prompt-len >= 0 and --ppo-epochs >= 0"):
+            method_table(t, s, seq_len=0, **bad)
+
+
+def test_teacher_and_student_of_different_vocabularies_score_with_the_teacher_s():
+    """A teacher of V_T = 50 and a student of V_S = 70: MiniPLM's default reference (given by its size) scores over the
+    teacher's vocabulary, as the teacher does (5·(V_T + V_T) per scored token, + the student's CLM c_clm·V_S), and
+    MiniLLM's teacher scores the P + G tokens with its own V_T (forward + 5·V_T); a reference_params of 0 is a
+    reference of 0 parameters (no forward), not the 125M default. Integers and halves: exact sums."""
+    t = ModelSize("t", 1000.0, hidden=8, vocab=50, layers=3, attn_dim=6)
+    s = ModelSize("s", 300.0, hidden=4, vocab=70, layers=2, attn_dim=4)
+    prompt, gen = 5, 7
+    rows = {r["method"].split(" (")[0]: r for r in method_table(t, s, seq_len=16, tokens=1.0, prompt_len=prompt,
+                                                                gen_len=gen, reference_params=0.0)}
+    assert rows["MiniPLM"]["loss"] == SCORE_FLOPS_PER_VOCAB * (50 + 50) / 0.5 + CLM_FLOPS_PER_VOCAB * 70
+    assert rows["MiniPLM"]["other"] == 0.0
+    teacher_forward = 2 * 1000 + 2 * 8 * 50 + 4 * 3 * 6 * (prompt + gen) / 2
+    assert rows["MiniLLM"]["teacher"] == teacher_forward + SCORE_FLOPS_PER_VOCAB * 50
+
+
+def test_a_model_folder_without_config_json_and_a_config_without_model_type_are_refused(tmp_path):
+    """size_from_spec of a folder lacking config.json says so (not transformers' message of a missing file), and a
+    config dict without model_type is refused by name (not a KeyError's 'model_type')."""
+    from tailkd.flops import size_from_spec
+
+    (tmp_path / "m").mkdir()
+    with pytest.raises(TailkdError, match="has no config.json; pass an HF model folder or a config.json"):
+        size_from_spec(str(tmp_path / "m"))
+    with pytest.raises(TailkdError, match="config c has no model_type; pass a transformers config.json"):
+        model_size({"hidden_size": 8, "vocab_size": 50}, name="c")

@@ -895,3 +895,53 @@ def test_bad_segment_ids_are_refused_alike_dense_and_chunked():
         for run in (_dense, lambda *a: _fused(*a, None)):
             with pytest.raises(ValueError, match="segment_ids must be an integer tensor"):
                 run(cfg, h_s, w_s, b_s, spec_s, h_t, head_t, labels, bad)
+
+
+def test_a_label_equal_to_the_vocabulary_size_is_refused():
+    """Labels are ids in [0, V): one equal to V (a row of the padded head, past the vocabulary) is the layer's one-line
+    ValueError, as is V + 1; V - 1 is a label."""
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, _ = _inputs(torch.float64)  # V = 37 of 40 head rows
+    cfg = LossConfig(name="kd")
+    for bad in (37, 38):
+        wrong = labels.clone()
+        wrong[2, 5] = bad
+        with pytest.raises(ValueError, match=r"^labels must be token ids in \[0, 37\) or -100$"):
+            chunked_objective(h_s, Head(w_s, b_s, spec_s), wrong, 5, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                              chunk_size=4)
+    last = labels.clone()
+    last[2, 5] = 36
+    chunked_objective(h_s, Head(w_s, b_s, spec_s), last, 5, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                      chunk_size=4)
+
+
+def test_whole_sequence_chunks_grow_to_the_longest_row_of_valid_tokens():
+    """TAD on the CPU grows its chunks to whole sequences: to the longest row's VALID tokens (masked ones are dropped
+    before chunking), not to the row length. Three rows of 300 valid of 1000 tokens: chunks of 300 (one row each);
+    grown to 1000 they would hold all three rows in one chunk."""
+    V, T, d = 65536, 1000, 4  # default chunk 2^24 / V = 256 tokens < 300 valid per row < 2^28 / V = 4096
+    g = torch.Generator().manual_seed(0)
+    h_s, h_t = torch.randn(3, T, d, generator=g), torch.randn(3, T, d, generator=g)
+    w = torch.randn(V, d, generator=g)
+    labels = torch.randint(0, V, (3, T), generator=g)
+    labels[:, 300:] = IGNORE_INDEX
+    d_ = computed_divergence(LossConfig(name="tad", k=10))
+    _, plan = fused._prepare(h_s, Head(w, None, HeadSpec(V)), labels, d_, h_t, Head(w, None, HeadSpec(V)),
+                             None, None, None, None, None)
+    assert plan.chunks == [(0, 300), (300, 600), (600, 900)]
+
+
+def test_no_gradient_matmul_runs_under_no_grad(monkeypatch):
+    """Under torch.no_grad the layer computes values only: no gradient matmul (`_matmul_into`), though the hidden states
+    and the head weight require grad; with gradients on, each chunk runs them."""
+    h_s, w_s, b_s, spec_s, h_t, head_t, labels, _ = _inputs(torch.float64)
+    calls = []
+    real = fused._matmul_into
+    monkeypatch.setattr(fused, "_matmul_into", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    a, w, b = _leaf(h_s), _leaf(w_s), _leaf(b_s)
+    cfg = LossConfig(name="kd")
+    with torch.no_grad():
+        terms = chunked_objective(a, Head(w, b, spec_s), labels, 5, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t,
+                                  chunk_size=4)
+    assert calls == [] and not terms.loss.requires_grad
+    chunked_objective(a, Head(w, b, spec_s), labels, 5, cfg=cfg, teacher_hidden=h_t, teacher_head=head_t, chunk_size=4)
+    assert len(calls) == 2 * 6  # ∂h and ∂W per chunk: 22 valid tokens in chunks of at most 4
