@@ -136,13 +136,18 @@ def _log_w(abar):
 
 
 def _run(loss, s, t, cd, cq, w=None, out_dtype=None, y=None, cy=None, rescale=True, blocks=(BLOCK, BLOCK),
-         two_stage=False):
+         two_stage=False, in_place=False):
     """Both passes, at ``blocks`` = (statistics pass, value + gradient pass) columns per step; ``two_stage``: TAD's
-    top-k in two stages (`kernels.TAD_TWO_STAGE`)."""
+    top-k in two stages (`kernels.TAD_TWO_STAGE`); ``in_place``: G written over (a copy of) s, as the chunked layer
+    does (``out`` = s)."""
     stats = kernels.row_stats(s, t, loss.k, block=blocks[0], rescale=rescale, two_stage=two_stage)
     if loss.kind == 3 and w is None:
         w = _log_w(stats.log_alpha.double().exp().mean().expand(s.shape[0]))
-    out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
+    if in_place:
+        s = s.clone()
+        out = s
+    else:
+        out = torch.empty(s.shape, dtype=out_dtype or s.dtype, device=s.device)
     value = kernels.row_values_and_grads(loss, s, t, stats, w, cd, cq, out, y=y, cy=cy, block=blocks[1])
     return value.cpu(), out.cpu(), stats
 
@@ -185,13 +190,13 @@ def _grad_bound(gb, s, cd, cq, dz, ref_g, p_w, out_dtype, y, cy):
     return bound
 
 
-def _check_dense(name, s, t, seed, out_dtype=None, blocks=(BLOCK, BLOCK)):
+def _check_dense(name, s, t, seed, out_dtype=None, blocks=(BLOCK, BLOCK), in_place=False):
     loss, kern, ref_fn, bound_fn = LOSSES[name]
     n = s.shape[0]
     cd, cq = _coefs(n, seed)
     y, cy = _onehot(n, s.shape[1], seed)
     value, g, _ = _run(loss, s.to(DEVICE), t.to(DEVICE), cd.to(DEVICE), cq.to(DEVICE), out_dtype=out_dtype,
-                       y=y.to(DEVICE), cy=cy.to(DEVICE), blocks=blocks)
+                       y=y.to(DEVICE), cy=cy.to(DEVICE), blocks=blocks, in_place=in_place)
     ref_v, ref_d = _ref_grad(ref_fn, s, t)
     q64 = torch.softmax(s.double(), -1)
     ref_g = _minus_onehot(cd.double()[:, None] * ref_d + cq.double()[:, None] * q64, y, cy)
@@ -214,6 +219,16 @@ def _check_dense(name, s, t, seed, out_dtype=None, blocks=(BLOCK, BLOCK)):
 def test_dense_kernels_equal_reference(name, n, vocab):
     s, t = _logits(n, vocab, seed=vocab + n)
     _check_dense(name, s, t, seed=n)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_dense_kernels_write_the_gradient_in_place_over_the_logits(name):
+    """``out`` = s, as the chunked layer passes it (τ = 1, no soft-cap: G overwrites the chunk's logits): value and G
+    against the float64 reference of the logits before the call, within the bounds above. RKL and JSD read s twice
+    (the value pass, then the gradient pass, whose G holds the row value): their value pass must not write ``out``
+    (where it wrote it with its zero coefficients, s was 0 when the gradient pass read it)."""
+    s, t = _logits(7, 257, seed=71)
+    _check_dense(name, s, t, seed=71, in_place=True)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -690,7 +705,9 @@ def _pass1_rows(k, seed):
     t[3, 40:] = -math.inf  # 3 blocks hold a finite entry: θ = −inf for k > 3
     t[4, 300:316] += 30.0  # the top 16 in one block
     s[4, 0] = 120.0  # every later block of s, and of t on the next row, ~110 nats below the running maximum, where
-    t[5, 0] = 120.0  # its block sums flushed to 0: re-read, not rescaled (`RESCALE_GAP`)
+    t[5, 0] = 120.0  # its block sums flushed to 0: re-read, not rescaled (`RESCALE_GAP`). s[4, 0] is not in 𝒦, so
+    # s's tail max is that maximum too and its rescaled sums are right: the student's gap test is the case of
+    # `test_row_stats_student_tail_where_its_top_k_entry_is_far_above_the_rest`
     return s, t
 
 
@@ -719,6 +736,41 @@ def test_two_stage_top_k_equals_the_walk(k, block):
                 finite = torch.isfinite(a[:, col])
                 assert torch.equal(finite, torch.isfinite(b[:, col]))
                 B.assert_within(b[finite, col], a[finite, col], tol[finite], msg=f"{dtype} log S, column {col}")
+
+
+@PASS1
+def test_row_stats_student_tail_where_its_top_k_entry_is_far_above_the_rest(two_stage):
+    """The student's logit on a column of 𝒦 ~120 nats above the rest of its row, that column in the first block (row
+    0), at a block's first column (row 1), inside a later block (row 2) and at a block's last column (row 3), with 𝒦
+    (k = 3: that column and two more, all 30 nats up in t) complete by that block's end: from there on the running
+    maximum of s has jumped ~110 nats above the tail's, the full sum's block sums of the later blocks flush to 0 in
+    float32, and the student's tail sum must re-read those blocks (`RESCALE_GAP`, the student's own gap test; the
+    teacher's passes it: t's jump is 30 nats) rather than rescale them. Pass 1's student statistics against float64:
+    the maxima of s over the row and over the tail exactly (a float32 max of float32 values), the full log-sum-exp
+    within κ_V + 3u per block fold + the rounding of m + log S, the tail's within dz (`_dz`: κ_V + 5u per fold) + the
+    same rounding. Rescaling those flushed sums (0 · e^(~110), beyond float32) made every row's tail NaN. Pass 1 both
+    ways (the two-stage one at 16-column blocks has its own gap test for s, in stage B)."""
+    k = 3
+    s, t = _logits(4, 1000, seed=67)
+    cols = [0, 256, 300, 383]  # at BLOCK = 128: blocks 0, 2 (its first column), 2, 2 (its last column) of 8
+    for r, c in enumerate(cols):
+        t[r, [c, 5, 9] if c else [0, 5, 9]] += 30.0
+        s[r, c] += 120.0
+    block = TWO_STAGE_BLOCK if two_stage else BLOCK
+    stats = kernels.row_stats(s.to(DEVICE), t.to(DEVICE), k, block=block, two_stage=two_stage)
+    ids = stats.ids.cpu().long()
+    assert ids.tolist() == [sorted(R.top_ids(row, k)) for row in t]
+    assert all(c in row for c, row in zip(cols, ids.tolist()))  # the case meant: the far column is in 𝒦
+    tail = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
+    s64, s_tail = s.double(), s.double().masked_fill(~tail, -math.inf)
+    full_ref, tail_ref = torch.logsumexp(s64, -1), torch.logsumexp(s_tail, -1)
+    assert bool((full_ref - tail_ref > 104).all())  # the tail below float32's range of the full sum
+    st = stats.stats.cpu().double()
+    assert torch.equal(st[:, 0], s64.amax(-1)) and torch.equal(st[:, 4], s_tail.amax(-1))
+    full_bound = 3 * U * _folds(t, 0, block) + B.lse_kappa(s.shape[1]) + U * full_ref.abs()
+    B.assert_within(stats.lse(0).cpu().double(), full_ref, full_bound, msg="log-sum-exp of s")
+    tail_bound = _dz(t, k, block=block, two_stage=two_stage) + U * tail_ref.abs()
+    B.assert_within(stats.lse(2).cpu().double(), tail_ref, tail_bound, msg="log-sum-exp of s over the tail")
 
 
 def test_two_stage_reads_only_the_blocks_reaching_theta(monkeypatch):
