@@ -88,18 +88,20 @@ def test_a_row_kernel_whose_value_is_not_one_per_row_is_refused(restore_losses):
     _one_line(exc, "'mine'", "forward", "one value per row")
 
 
-@pytest.mark.parametrize("kernel", [
-    HELLINGER,  # the kernel itself where the row takes a function of the LossConfig that makes it
-    lambda c: dv.RowKernel(h_teacher, h_forward, None),  # no gradient
-    lambda c: (h_teacher, h_forward, h_backward),  # a plain tuple
+@pytest.mark.parametrize("kernel, got", [
+    (HELLINGER, "got a RowKernel, not a function"),  # the kernel itself where the row takes a function making it
+    (lambda c: dv.RowKernel(h_teacher, h_forward, None), "got a RowKernel whose backward is not a function"),
+    (lambda c: (h_teacher, h_forward, h_backward), "got a function returning a tuple"),  # a plain tuple
 ])
-def test_a_malformed_kernel_row_is_refused_in_one_line(restore_losses, kernel):
+def test_a_malformed_kernel_row_is_refused_in_one_line(restore_losses, kernel, got):
     """Each was a bare TypeError ("'NoneType' object is not callable", "'RowKernel' object is not callable") from
-    inside the chunked layer, or an AttributeError; now one ValueError naming the loss and what the row needs."""
+    inside the chunked layer, or an AttributeError; now one ValueError naming the loss, what the row needs and what
+    it got: the kernel itself instead of a function making it, or only the RowKernel's field that is not a
+    function (not all three)."""
     LOSSES["mine"] = LossSpec("mine", "", "", hellinger_per_token, kernel=kernel)
     with pytest.raises(ValueError) as exc:
         _chunked("mine", *_inputs())
-    _one_line(exc, "'mine'", "RowKernel")
+    _one_line(exc, "'mine'", "RowKernel", got)
 
 
 # --------------------------------------------------------------------------- register: a loss of your own
@@ -184,6 +186,14 @@ def test_a_registered_loss_is_a_loss_of_the_config_and_of_tailkd_losses(restore_
     ({"options": {"alpha": "half"}}, ["options: alpha='half' must be a finite number"]),
     ({"options": {"alpha": float("nan")}}, ["options: alpha=nan must be a finite number"]),
     ({"options": [("alpha", 0.5)]}, ["must be a mapping of names to numbers"]),
+    ({"name": "2nd"}, ["lowercase identifier"]),  # not a flag value / YAML key: a digit first
+    ({"name": "_x"}, ["lowercase identifier"]),  # nor an underscore first
+    ({"knobs": ("temperature", 1)}, ["tuple of LossConfig field names"]),  # a tuple, but not of names
+    ({"per_token": "by kernel", "kernel": lambda c: HELLINGER, "tail_weight": True},
+     ["per_token_by_kernel", "one without tail_weight"]),  # kernel_divergence takes no row weight
+    ({"triton": "kl"}, ["triton must be a function of the LossConfig or None"]),  # the form, not a function of cfg
+    ({"flops_per_vocab": True}, ["flops_per_vocab=True must be an integer >= 0"]),  # a bool is an int to Python
+    ({"flops_per_vocab": 1.5}, ["flops_per_vocab=1.5 must be an integer >= 0"]),
 ])
 def test_register_refuses_a_malformed_row_in_one_line(restore_losses, change, words):
     """A row the rest of tailkd could not use is refused when it is registered, in one line; a built-in's name is
@@ -554,3 +564,182 @@ def test_the_run_config_holds_every_option_so_a_resume_compares_the_values_used(
     with pytest.raises(TailkdError, match="loss.options.alpha was 0.5, now 0.3"):
         prepare_run_dir(changed)
 
+
+# --------------------------------------------------------------------------- the built-in rows and bind
+
+
+def test_every_built_in_rows_flops_per_vocab_is_the_count_its_comment_derives():
+    """The run's reported loss-layer FLOPs (`flops.loss_flops_per_token`) take each row's ``flops_per_vocab``; the
+    comment above `LOSSES` derives each count term by term ("tad 28: kd 15 + ..."). Every built-in row states the
+    count derived there (clm: the objective's `CLM_FLOPS_PER_VOCAB`, its row 0), and the run reports it plus CLM's."""
+    import inspect
+    import re
+
+    from tailkd import registry
+    from tailkd.flops import loss_flops_per_token
+
+    derived = {}
+    for line in inspect.getsource(registry).splitlines():
+        head = re.match(r"#  ([a-z_]+ +\d+(?: / [a-z_]+ +\d+)*):", line)
+        if head:
+            derived.update((n, int(c)) for n, c in re.findall(r"([a-z_]+) +(\d+)", head.group(1)))
+    assert derived.pop("clm") == registry.CLM_FLOPS_PER_VOCAB == 6 and LOSSES["clm"].flops_per_vocab == 0
+    assert derived == {name: spec.flops_per_vocab for name, spec in LOSSES.items() if name != "clm"}
+    assert derived["tad"] == 28 and loss_flops_per_token("tad", 1000) == (28 + 6) * 1000
+
+
+def test_tailkd_losses_says_what_each_built_in_needs_and_which_a_top_k_cache_gives(capsys):
+    """`tailkd losses`'s needs and top-K cache cells come from the rows' ``needs_labels``, ``tail_weight`` and
+    ``sparse``: DKD and DRKL need labels (the label is their target split), TAD needs the teacher's top-K and ᾱ(X),
+    and a top-K cache gives KD and TAD only."""
+    from tailkd.cli import main
+
+    assert main(["losses"]) == 0
+    cells = {row.split(" | ")[0].strip("| "): row.split(" | ")[3:6] for row in capsys.readouterr().out.splitlines()}
+    assert cells["tad"] == ["teacher, teacher top-K and ᾱ(X)", "closed-form kernel", "D_KL1 (+ tail estimate)"]
+    assert cells["kd"] == ["teacher", "closed-form kernel", "D_KL1 (+ tail estimate)"]
+    assert cells["rkl"] == ["teacher", "closed-form kernel", "-"]
+    assert cells["dkd"] == ["teacher, labels", "autograd per chunk", "-"]
+    assert cells["drkl"] == ["teacher, labels", "autograd per chunk", "-"]
+
+
+def _exact_cache(t, k=5):
+    """A top-K cache of teacher logits ``t`` [B, T, V] at τ = 1 whose tail points are every id outside the top k,
+    each with its exact weight p_i: the cache's tail estimate is then the tail sum itself."""
+    from tailkd.divergences import SparseTeacher
+
+    ranked = torch.log_softmax(t, -1).topk(t.shape[-1], -1)
+    ids, vals = ranked.indices, ranked.values
+    return SparseTeacher(ids[..., :k], vals[..., :k], vals[..., k:].logsumexp(-1), ids[..., k:], vals[..., k:],
+                         vals[..., k:])
+
+
+def test_a_top_k_cache_gives_kd_exactly_and_only_sparse_rows_at_temperature_one():
+    """KD from a top-K cache whose tail points are exact is KL(p‖q) itself (D_KL1 + 1·α^T·D_KL2), as the dense KD
+    gives it (float64, the same sums in another order: 1e-12); a loss without a top-K form (RKL), or KD at τ ≠ 1
+    (the cache holds log-probs at τ = 1), is a TailkdError, not a silently different loss."""
+    from tailkd.errors import TailkdError
+    from tailkd.registry import bind
+
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 4, V, generator=g, dtype=torch.float64), 2 * torch.randn(2, 4, V, generator=g,
+                                                                                     dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    kd = bind(LossConfig(name="kd"))
+    got = kd.sparse_per_token(s, _exact_cache(t), mask)
+    torch.testing.assert_close(got, kd.per_token(s, t, None, mask), rtol=1e-12, atol=1e-14)
+    assert got[0, 0] == 0 and bool((got[mask] > 1e-3).all())
+    for cfg, words in ((LossConfig(name="rkl"), "cannot be computed from a top-K teacher cache"),
+                       (LossConfig(name="kd", temperature=2.0), "loss.temperature must be 1")):
+        with pytest.raises(TailkdError, match=words):
+            bind(cfg).sparse_per_token(s, _exact_cache(t), mask)
+
+
+def test_only_a_tail_weight_row_has_a_row_weight():
+    """`Divergence.row_log_weight` is TAD's log β(X) = log β − log ᾱ(X), and None for a row without ``tail_weight``
+    (KD's kernel and cache then weigh the tail by 1, not by β(X))."""
+    from tailkd.registry import bind
+
+    log_abar = torch.tensor([-1.0, -3.0], dtype=torch.float64)
+    assert bind(LossConfig(name="kd", beta=4.0)).row_log_weight(log_abar) is None
+    torch.testing.assert_close(bind(LossConfig(name="tad", beta=4.0)).row_log_weight(log_abar),
+                               torch.log(torch.tensor(4.0, dtype=torch.float64)) - log_abar)
+
+
+def test_dense_tad_uses_segment_ids_only_per_document():
+    """TAD's dense row (the registry's per_token): β(X) averages α^T over each row unless loss.per_document, so
+    segment ids given with per_document false change nothing (bit-identical), and with it true they do (the
+    documents' ᾱ differ here)."""
+    from tailkd.registry import bind
+
+    g = torch.Generator().manual_seed(9)
+    s, t = torch.randn(2, 6, V, generator=g, dtype=torch.float64), 3 * torch.randn(2, 6, V, generator=g,
+                                                                                     dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    seg = torch.tensor([0, 0, 0, 1, 1, 1]).expand(2, 6)
+    per_row = bind(LossConfig(name="tad", k=5)).per_token(s, t, None, mask)
+    ignored = bind(LossConfig(name="tad", k=5, per_document=False)).per_token(s, t, None, mask, seg)
+    per_doc = bind(LossConfig(name="tad", k=5, per_document=True)).per_token(s, t, None, mask, seg)
+    assert torch.equal(ignored, per_row)
+    assert (per_doc - per_row).abs().max() > 1e-3
+
+
+def test_per_token_by_kernel_takes_the_temperature(restore_losses):
+    """A loss defined by its kernel alone (``per_token=per_token_by_kernel``) at τ = 1.7 is the kernel on p and q at
+    τ: squared Hellinger's plain autograd `hellinger` at the same τ, not at τ = 1 (float64: 1e-12)."""
+    from tailkd.registry import bind, per_token_by_kernel, register
+
+    register(LossSpec("mine", "", "", per_token_by_kernel, kernel=lambda c: HELLINGER, knobs=("temperature",)))
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, V, generator=g, dtype=torch.float64), 3 * torch.randn(2, 5, V, generator=g,
+                                                                                     dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    got = bind(LossConfig(name="mine", temperature=1.7)).per_token(s, t, None, mask)
+    torch.testing.assert_close(got, hellinger(s, t, temperature=1.7), rtol=1e-12, atol=1e-15)
+    assert (got - hellinger(s, t)).abs().max() > 1e-3  # τ matters here
+
+
+def test_bind_refuses_an_unknown_name_a_knob_named_name_and_knobs_out_of_range(restore_losses):
+    """`bind`, for a config built in Python: a name not in the registry is a ValueError listing the losses (not a
+    KeyError); a registered row whose knobs list ``name`` (the loss's name, not one of its knobs) is refused as a
+    knob that is not a LossConfig field; a knob out of its range is refused by `LossConfig.check` at bind, so
+    neither path computes a loss with it."""
+    from tailkd.registry import bind, register
+
+    with pytest.raises(ValueError) as exc:
+        bind(LossConfig(name="no_such_loss"))
+    _one_line(exc, "loss 'no_such_loss' is not in the registry; choose one of tad, kd")
+    register(LossSpec("mine", "", "", hellinger_per_token, knobs=("name", "temperature")))
+    with pytest.raises(ValueError) as exc:
+        bind(LossConfig(name="mine"))
+    _one_line(exc, "'mine': its knobs name are not LossConfig fields")
+    assert "(name, " not in str(exc.value) and ", name," not in str(exc.value)
+    for cfg, words in ((LossConfig(name="tad", k=0), "k=0 must be an integer >= 1"),
+                       (LossConfig(name="kd", temperature=0.0), "temperature")):
+        with pytest.raises(ValueError, match=words):
+            bind(cfg)
+
+
+def test_bind_imports_loss_module_only_for_a_name_not_yet_registered(tmp_path, restore_losses):
+    """``loss.module`` is imported by `bind` only where ``loss.name`` is not a loss yet: a config naming a built-in
+    (or a loss already registered) with a module is bound without running the module again."""
+    from tailkd.registry import bind
+
+    module = tmp_path / "raises.py"
+    module.write_text("raise RuntimeError('imported')\n")
+    assert bind(LossConfig(name="kd", module=str(module))).name == "kd"
+    with pytest.raises(RuntimeError, match="imported"):
+        bind(LossConfig(name="hellinger", module=str(module)))
+
+
+def test_a_loss_module_path_is_one_file_however_it_is_written(tmp_path, monkeypatch, restore_losses):
+    """`load_module` imports a file once per resolved path: the same file named as a/../a/m.py, through a symbolic
+    link, or as ~/m.py (the home folder expanded) is not imported again (its ``register`` would refuse the taken
+    name); a path written with backslashes names a file, not a dotted module."""
+    import sys
+
+    from tailkd.registry import load_module, names_a_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "m.py").write_text("from user_loss import register_hellinger\nregister_hellinger()\n")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    monkeypatch.setenv("HOME", str(tmp_path / "a"))
+    monkeypatch.chdir(tmp_path)
+    before = set(sys.modules)
+    try:
+        load_module(str(tmp_path / "a" / "m.py"))
+        for same in (str(tmp_path / "a" / ".." / "a" / "m.py"), "a/../a/m.py", "link/m.py", "~/m.py"):
+            load_module(same)
+        assert "hellinger" in LOSSES
+        assert len([n for n in set(sys.modules) - before if n.startswith("tailkd_user_losses_")]) == 1
+        LOSSES.pop("hellinger")
+        for name in [n for n in set(sys.modules) - before if n.startswith("tailkd_user_losses_")]:
+            del sys.modules[name]
+        load_module("~/m.py")  # expanded: the file in $HOME, not ./~/m.py
+        assert "hellinger" in LOSSES
+    finally:
+        for name in [n for n in set(sys.modules) - before if n.startswith("tailkd_user_losses_")]:
+            del sys.modules[name]
+    assert names_a_file(r"losses\mine") and names_a_file("losses/mine") and names_a_file("mine.py")
+    assert not names_a_file("my_pkg.losses")
