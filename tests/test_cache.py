@@ -731,6 +731,29 @@ def test_a_cached_teacher_checks_the_batch_rows_against_the_cache(setup):
     assert teacher_mod.CachedTeacher(cache.CacheReader(path), verify_rows=False)(batch).sparse is not None
 
 
+def test_a_cached_teacher_reads_the_host_batch_and_names_a_missing_row_index(setup, tmp_path):
+    """CachedTeacher: a top-K cache's signal is sparse and its ``sparse`` says so (the run log's loss-layer line
+    reads it); a cache with hidden states gives hidden states and a head, not sparse. Given ``host_batch``, the row
+    indices and tokens are read from it, never from the device batch (no device synchronisation per micro-batch:
+    meta tensors, which cannot be read, stand in for a device's here). A batch without row_index is one line."""
+    from tailkd import teacher as teacher_mod
+
+    _, _, rows, _, _ = setup
+    _, topk = _write(setup, "topk", tmp_path)
+    _, hidden = _write(setup, "hidden", tmp_path, hidden_states=True)
+    host = data_mod.collate_rows(rows, [0, 1])
+    device = {key: torch.empty_like(value, device="meta") for key, value in host.items()}
+    sparse_teacher = teacher_mod.CachedTeacher(cache.CacheReader(topk))
+    assert sparse_teacher.sparse and sparse_teacher(device, host_batch=host).sparse.topk_ids.shape[0] == 2
+    hidden_teacher = teacher_mod.CachedTeacher(cache.CacheReader(hidden))
+    signal = hidden_teacher(device, host_batch=host)
+    assert not hidden_teacher.sparse and signal.sparse is None and signal.head is not None
+    assert signal.hidden.shape[:2] == host["input_ids"].shape
+    del host["row_index"]
+    with pytest.raises(TailkdError, match="^a cached teacher needs the row index of every batch row; draw batches"):
+        sparse_teacher(host)
+
+
 def test_an_online_teacher_gives_logits_over_the_run_vocabulary_only(setup):
     """A teacher whose head has more rows than the run's vocabulary (padded embeddings): its dense signal is its
     logits over the first ``vocab_size`` ids, those of the model's own forward."""
