@@ -138,7 +138,7 @@ def write_math_dataset(out_dir, *, n_train: int = 2000, n_heldout: int = 200,
                 "reasoning_gym": _rg_version()}
     files = MathFiles(out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CORPUS_FILE)
     meta_path = out_dir / META_FILE
-    ours, old = _math_dataset_at(out_dir) if out_dir.is_dir() else (False, None)
+    ours, old = _math_dataset_at(out_dir)  # (False, None) for a file or nothing at out_dir
     if out_dir.exists() and not ours and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TailkdError(f"refusing to write the math dataset into {out_dir}: it exists and is not a tailkd math "
                           "dataset; choose a new or empty folder")

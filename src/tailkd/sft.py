@@ -437,11 +437,12 @@ def _heldout_split(examples: list[SFTExample], fraction: float, seed: int) -> tu
     if n < 2:
         raise TailkdError(f"only {n} SFT example, so none can be held out; add examples or give held-out examples of "
                           "their own (--heldout-data FILE)")
-    keys = [_split_key(e, seed) for e in examples]
+    prompts = [e.prompt_key() for e in examples]
     group: dict[str, int] = {}  # a prompt in both formats (pair, one-turn chat) takes its smallest key: one side
-    for e, k in zip(examples, keys):
-        group[e.prompt_key()] = min(k, group.get(e.prompt_key(), k))
-    keys = [group[e.prompt_key()] for e in examples]
+    for e, prompt in zip(examples, prompts):
+        k = _split_key(e, seed)
+        group[prompt] = min(k, group.get(prompt, k))
+    keys = [group[prompt] for prompt in prompts]
     want = min(n - 1, max(1, round(fraction * n)))
     cut = sorted(keys)[want - 1]
     held = [k <= cut for k in keys]
