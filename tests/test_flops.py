@@ -310,6 +310,32 @@ def test_the_printed_sizes_name_the_sliding_layers_and_their_window():
     assert "V=100, 2 layers (1 with a sliding window of 8)" in text
 
 
+QWEN3_NEXT = {"model_type": "qwen3_next", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100,
+              "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+              "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+              "shared_expert_intermediate_size": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+              "linear_key_head_dim": 8, "linear_value_head_dim": 8}
+
+
+def test_layers_without_attention_over_the_sequence_have_no_attention_term():
+    """Qwen3-Next (three Gated DeltaNet layers of four, as its 36 of 48; no sliding_window in its config): only the
+    full_attention layer attends, 4·d_attn·s/2 per token (it was 4 layers' worth: 4× too much); decoding likewise
+    attends with that layer alone (Σ_g (P + g) keys, plain sums); the size line says so."""
+    from tailkd.flops import _generation_per_sequence
+
+    d_attn, s, prompt, gen = 4 * 16, 32, 5, 7
+    m = model_flops_per_token(QWEN3_NEXT, seq_len=s)
+    assert m["windows"] == [-1, -1, -1, 0]
+    assert m["attention"] == 4 * d_attn * (s / 2)
+    dense = {**m, "windows": []}  # the same sizes read as four full-attention layers
+    keys_one_layer = sum(prompt + g for g in range(gen))
+    assert _generation_per_sequence(dense, prompt, gen) - _generation_per_sequence(m, prompt, gen) == \
+        pytest.approx(3 * (4 * d_attn * keys_one_layer + prompt * 4 * d_attn * prompt / 2), rel=1e-12)
+    text = format_method_table(method_table(QWEN3_NEXT, QWEN3_NEXT, seq_len=s), m, m, tokens=1e6, seq_len=s)
+    assert "V=100, 4 layers (3 without attention over the sequence)" in text
+
+
 def test_gpt2_sizes_come_from_its_own_config_names():
     """GPT-2's config calls d and the layers n_embd and n_layer. N by hand: per layer c_attn 3d²+3d, attn c_proj
     d²+d, c_fc 4d²+4d, mlp c_proj 4d²+d, two LayerNorms 4d; the final LayerNorm 2d (token and position embeddings
@@ -435,6 +461,29 @@ def test_flops_of_a_model_folder_with_a_field_of_the_wrong_type_is_one_line(tmp_
     one_line_error(err, str(tmp_path / "m"))
 
 
+def test_a_config_whose_layers_differ_is_one_line(tmp_path, tiny_lm, capsys):
+    """transformers 5's per_layer_config (layers that differ): a config.json with it, which transformers cannot build
+    a model from, and a model whose config gained one (read by the count as one value for every layer), are each
+    one line naming the attribute and the sizes to give instead (they were transformers' RuntimeError, exit 1)."""
+    from transformers import AutoConfig
+
+    cfg = {**QWEN_1_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100,
+           "per_layer_config": {"1": {"intermediate_size": 64}}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["flops", "--teacher", str(tmp_path / "config.json"), "--student-params", "1e8", "--vocab", "100",
+                 "--hidden", "64"]) == 2
+    one_line_error(capsys.readouterr().err, f"the config of {tmp_path / 'config.json'} sets intermediate_size per "
+                                            "layer (per_layer_config): the FLOPs count needs one value for every "
+                                            "layer; pass --*-params/--vocab/--hidden instead")
+    model = tiny_lm()
+    het = AutoConfig.for_model(**model.config.to_dict())
+    het.per_layer_config = {1: {"num_attention_heads": 2}}
+    model.config = het
+    with pytest.raises(TailkdError, match=r"^the config of m sets num_attention_heads per layer \(per_layer_config\)"):
+        model_size(model, "m")
+
+
 def test_flops_out_is_never_half_written(tmp_path, monkeypatch, capsys):
     """A write that fails half-way (a full disk: ENOSPC after 10 characters) leaves no file at --out (it left the
     10 characters), and the command reports it in one line with exit 1; the old file, if any, stays whole."""
@@ -523,9 +572,10 @@ def test_a_model_counted_from_its_modules_with_gpt2_names_and_a_padded_head():
 def test_which_layers_slide_and_which_configs_are_experts():
     """The module docstring's rules as the config is read. Sliding windows: a window of 0, or one that no layer of
     ``layer_types`` slides under (dots1, Cohere's compass: sliding_window 4096, every layer full_attention), leaves
-    every layer full ([] as model_flops_per_token documents); only ``sliding_attention`` layers slide (not another
-    kind: dots3's indexed_attention); a ``layer_types`` shorter than the layers leaves the rest full. Experts: E is
-    the first of num_local_experts / num_experts / n_routed_experts that is a positive integer (a 0 names none)."""
+    every layer full ([] as model_flops_per_token documents); only ``sliding_attention`` and ``hybrid_sliding``
+    layers slide (not another kind: dots3's indexed_attention); a ``layer_types`` shorter than the layers leaves the
+    rest full. Experts: E is the first of num_local_experts / num_experts / n_routed_experts that is a positive
+    integer (a 0 names none)."""
     from types import SimpleNamespace as Cfg
 
     from tailkd.flops import _experts, _windows
@@ -541,6 +591,12 @@ def test_which_layers_slide_and_which_configs_are_experts():
     assert _windows(Cfg(sliding_window=8, layer_types=["full_attention", "indexed_attention", "sliding_attention"]),
                     3) == (0, 0, 8)
     assert _windows(Cfg(sliding_window=8, layer_types=["sliding_attention"]), 3) == (8, 0, 0)
+    # zaya's hybrid_sliding layers slide; recurrent, convolution and MLP-only layers (Jamba, LFM2, Nemotron-H's moe
+    # and mlp) attend to nothing, with or without a window; hybrid (Falcon-H1) and chunked (Llama 4) count as full
+    kinds = ["hybrid_sliding", "linear_attention", "conv", "moe", "mlp", "hybrid", "chunked_attention"]
+    assert _windows(Cfg(sliding_window=8, layer_types=kinds), 7) == (8, -1, -1, -1, -1, 0, 0)
+    assert _windows(Cfg(layer_types=kinds), 7) == (0, -1, -1, -1, -1, 0, 0)
+    assert _windows(Cfg(sliding_window=None, layer_types=["hybrid", "full_attention"]), 2) == ()
     assert _experts(Cfg(num_local_experts=0, num_experts=8, num_experts_per_tok=2)) == (2, 8)
 
 

@@ -390,6 +390,25 @@ def test_a_pytorch_bin_that_is_not_a_pickle_is_one_line(hf_dir, data):
         load_causal_lm(path)
 
 
+def test_a_config_whose_layers_differ_is_one_line_naming_per_layer_config(hf_dir):
+    """A config.json with transformers 5's per_layer_config (layer 1's MLP narrower), which this transformers cannot
+    build a model from (AmbiguousGlobalPerLayerAttributeError, a RuntimeError, at the modeling code's read of the
+    whole config's intermediate_size): one line naming the folder, the attribute and per_layer_config — for the
+    loaded model and for the sharded teacher's skeleton — not "the weights ... copy it again" (the weights are
+    fine) nor transformers' own advice to set allow_global_per_layer_attribute_access."""
+    from tailkd.sharded_teacher import _skeleton
+
+    path, _ = hf_dir
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "per_layer_config": {"1": {"intermediate_size": 16}}}))
+    line = rf"^the config of {re.escape(str(path))} sets intermediate_size per layer \(per_layer_config\): " \
+           r"transformers \S+ cannot build a model whose layers differ"
+    with pytest.raises(TailkdError, match=line):
+        load_causal_lm(path)
+    with pytest.raises(TailkdError, match=line):
+        _skeleton(path, torch.float32)
+
+
 def test_read_tokenizer_reads_the_config_first(hf_dir):
     """The tokenizer read alone (before the models load: the vocabulary checks, distill's data) refuses a folder
     whose config.json it cannot read with the line loading the model gives (read_config's), not one blaming the

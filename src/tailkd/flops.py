@@ -15,8 +15,13 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     costs 2·t·d_attn per layer; averaged over a causal row of s tokens t ≈ s/2, so together
     2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term.
     A sliding-window layer (window w: ``sliding_window`` on the layers ``layer_types`` marks
-    ``sliding_attention``, on every layer without ``layer_types``, as Mistral) attends min(t, w) keys:
-    averaged over the row, w − w²/(2s) in place of s/2 when w < s.
+    ``sliding_attention`` or ``hybrid_sliding``, on every layer without ``layer_types``, as Mistral) attends
+    min(t, w) keys: averaged over the row, w − w²/(2s) in place of s/2 when w < s. A layer without attention over
+    the sequence (``layer_types``' ``linear_attention`` — Mamba, Gated DeltaNet, lightning attention —, ``conv``,
+    ``moe`` and ``mlp``: Qwen3-Next, Qwen3.5, Jamba, LFM2, Nemotron-H) has no such term: its recurrent state update
+    (a few FLOPs per state entry) is left out, as the other element-wise work is. Every other layer type counts as
+    full attention: exact for ``full_attention`` and ``hybrid`` (Falcon-H1, Zamba2), an upper bound for
+    ``chunked_attention`` rows longer than the chunk (Llama 4: 8192) and for ``indexed_attention``'s selected keys.
 - backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
   token. With frozen embeddings (paper §3.2.2) a head tied to them is frozen too and its weight gradient
   (2·d·V) is skipped; an untied head (Phi-2, Qwen1.5) still trains and is counted.
@@ -43,6 +48,11 @@ SCORE_FLOPS_PER_VOCAB = 5
 SAMPLE_FLOPS_PER_VOCAB = 5
 
 
+# a config whose layers differ (per_layer_config): transformers 5.25 builds no model from it, and the count reads one
+# value of each attribute for the whole model
+_PER_LAYER_FIX = "the FLOPs count needs one value for every layer; pass --*-params/--vocab/--hidden instead"
+
+
 @dataclass
 class ModelSize:
     """What the FLOPs count needs of a model: N (non-embedding parameters), d, V, layers, d_attn."""
@@ -55,7 +65,8 @@ class ModelSize:
     attn_dim: int = 0  # heads × head_dim; 0: = hidden
     params_total: float = 0.0
     tied: bool = False  # the LM head is the input embedding (frozen with it by freeze_embeddings)
-    windows: tuple[int, ...] = ()  # per layer: its sliding attention window, 0 = full causal; () = all full
+    # per layer: its sliding attention window, 0 = full causal, -1 = no attention over the sequence; () = all full
+    windows: tuple[int, ...] = ()
     experts: tuple[int, int] = (0, 0)  # (k, E): each token passes through k of E experts; (0, 0) = no experts
 
     @classmethod
@@ -70,6 +81,13 @@ class ModelSize:
 
 
 def _count(model, name: str) -> ModelSize:
+    from tailkd.models import per_layer_refusal
+
+    with per_layer_refusal(name, _PER_LAYER_FIX):
+        return _count_config(model, name)
+
+
+def _count_config(model, name: str) -> ModelSize:
     import torch
 
     cfg = model.config
@@ -114,24 +132,28 @@ def _experts(cfg) -> tuple[int, int]:
     return k, n
 
 
+_SLIDING_LAYERS = ("sliding_attention", "hybrid_sliding")
+_NO_ATTENTION_LAYERS = ("linear_attention", "conv", "moe", "mlp")  # recurrent, convolution or MLP-only layers
+
+
 def _windows(cfg, layers: int) -> tuple[int, ...]:
-    """Each layer's sliding attention window (0: full causal attention), () when every layer is full."""
+    """Each layer's sliding attention window (0: full causal attention, -1: no attention over the sequence, as the
+    module docstring's rules), () when every layer is full."""
     w = getattr(cfg, "sliding_window", None)
-    if not isinstance(w, int) or w <= 0:
-        return ()
+    w = w if isinstance(w, int) and w > 0 else 0
     types = getattr(cfg, "layer_types", None)
     if types is None:  # Mistral: the window applies to every layer
-        return (w,) * layers
-    out = tuple(w if kind == "sliding_attention" else 0 for kind in types[:layers])
+        return (w,) * layers if w else ()
+    out = tuple(w if kind in _SLIDING_LAYERS else -1 if kind in _NO_ATTENTION_LAYERS else 0 for kind in types[:layers])
     return out + (0,) * (layers - len(out)) if any(out) else ()
 
 
 def _mean_keys(windows: tuple[int, ...], layers: int, seq_len: int) -> float:
     """Σ over layers of the keys attended, averaged over a causal row of ``seq_len`` (Kaplan's continuous t ≈ s/2;
-    a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s))."""
+    a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s); none for a layer without attention, w = -1)."""
     if not windows:
         return layers * seq_len / 2.0
-    return sum(w - w * w / (2.0 * seq_len) if 0 < w < seq_len else seq_len / 2.0 for w in windows)
+    return sum(0.0 if w < 0 else w - w * w / (2.0 * seq_len) if 0 < w < seq_len else seq_len / 2.0 for w in windows)
 
 
 def model_size(model_or_config, name: str | None = None) -> ModelSize:
@@ -145,7 +167,7 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
         return _count(model_or_config, name or type(model_or_config).__name__)
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    from tailkd.models import brief_error, config_errors
+    from tailkd.models import brief_error, config_errors, per_layer_refusal
 
     cfg = model_or_config
     if isinstance(cfg, dict):
@@ -159,7 +181,8 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
     if not isinstance(cfg, PretrainedConfig):
         raise TypeError(f"expected a model, a transformers config, a config dict or a ModelSize, got {type(cfg)}")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), per_layer_refusal(name or getattr(cfg, "_name_or_path", "") or cfg.model_type,
+                                                     _PER_LAYER_FIX):
             model = AutoModelForCausalLM.from_config(cfg)
     except (ValueError, KeyError) as exc:
         raise TailkdError(f"cannot build a causal LM from config {name or cfg.model_type}: "
@@ -208,7 +231,8 @@ def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
     """Forward FLOPs per token of one model, and the sizes they come from.
 
     Returns ``params_nonembedding`` (N: active ones for a mixture of experts), ``params_total``, ``hidden`` (d),
-    ``vocab`` (V), ``layers``, ``attn_dim``, ``windows`` (per layer its sliding window, 0 = full; [] = all full),
+    ``vocab`` (V), ``layers``, ``attn_dim``, ``windows`` (per layer its sliding window, 0 = full, -1 = no attention
+    over the sequence; [] = all full),
     ``experts`` ([k, E]; [0, 0] for a dense model), ``head_params`` (d·V), ``tied`` (the head is the input
     embedding), ``seq_len`` and the forward FLOPs per token ``matmul`` (2·N), ``head`` (2·d·V), ``attention``
     (2·n_layer·seq_len·d_attn with full attention, sliding windows as in the module docstring; 0 when seq_len or
@@ -285,7 +309,7 @@ def _generation_per_sequence(m: dict, prompt_len: int, gen_len: int) -> float:
     Prefill: ``prompt_len`` tokens at 2·N + 2·d·V + attention of a causal row (Kaplan's average).
     Decode step g (0-based) costs 2·N + 2·d·V + sampling 5·V + attention of ONE new query against the
     prompt_len + g cached keys: QKᵀ and AV are 2·(P+g)·d_attn each, i.e. 4·n_layer·(P+g)·d_attn (a sliding
-    layer of window w: min(P+g, w) keys).
+    layer of window w: min(P+g, w) keys; a layer without attention: none).
     """
     windows, layers = tuple(m["windows"]), m["layers"]
     prefill = prompt_len * (m["matmul"] + m["head"]
@@ -297,7 +321,10 @@ def _generation_per_sequence(m: dict, prompt_len: int, gen_len: int) -> float:
 
 
 def _decode_keys(window: int, prompt_len: int, gen_len: int) -> float:
-    """Σ_g min(P + g, w) over decode steps g = 0..G−1 (Σ_g (P + g) for full attention, w = 0)."""
+    """Σ_g min(P + g, w) over decode steps g = 0..G−1 (Σ_g (P + g) for full attention, w = 0; 0 for a layer without
+    attention, w = -1)."""
+    if window < 0:
+        return 0.0
     n = gen_len if not window else min(max(window - prompt_len, 0), gen_len)  # steps with P + g < w
     return n * prompt_len + n * (n - 1) / 2.0 + (gen_len - n) * window
 
@@ -386,8 +413,11 @@ def format_method_table(rows: list[dict], teacher: dict, student: dict, *, token
     def describe(role, m):
         k, n = m["experts"]
         moe = f" (active: {k} of {n} experts)" if n else ""
-        sliding = sum(1 for w in m["windows"] if w)
-        window = f" ({sliding} with a sliding window of {max(m['windows'])})" if sliding else ""
+        sliding = sum(1 for w in m["windows"] if w > 0)
+        linear = sum(1 for w in m["windows"] if w < 0)
+        kinds = ([f"{sliding} with a sliding window of {max(m['windows'])}"] if sliding else []) \
+            + ([f"{linear} without attention over the sequence"] if linear else [])
+        window = f" ({', '.join(kinds)})" if kinds else ""
         return (f"{role} {m['name']}: N={m['params_nonembedding'] / 1e6:.1f}M non-embedding{moe}, d={m['hidden']}, "
                 f"V={m['vocab']}, {m['layers']} layers{window}\n")
 

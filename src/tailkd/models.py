@@ -28,6 +28,7 @@ built with `from_config`, i.e. a plain model that was never flagged quantized (a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,6 +81,29 @@ def brief_error(err: BaseException) -> str:
     """An exception as one short line, to quote inside a TailkdError."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+@contextlib.contextmanager
+def per_layer_refusal(where, fix: str | None = None):
+    """Turn transformers' AmbiguousGlobalPerLayerAttributeError into a one-line TailkdError naming ``where`` and
+    ``fix``: a config whose ``per_layer_config`` makes some layers differ from the others (transformers 5's
+    heterogeneity integration) read as one value for the whole model — by a transformers that cannot build such a
+    model (its modeling code reads the attribute on the whole config: the default ``fix``), or by tailkd. Without
+    that integration (transformers 4), nothing to turn."""
+    try:
+        from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError as per_layer
+    except ImportError:
+        per_layer = ()
+    try:
+        yield
+    except per_layer as err:
+        import transformers
+
+        attr = re.match(r"'(\w+)'", str(err))
+        fix = fix or (f"transformers {transformers.__version__} cannot build a model whose layers differ; use one "
+                      "that can, or a config without per_layer_config")
+        raise TailkdError(f"the config of {where} sets {attr.group(1) if attr else 'attributes'} per layer "
+                          f"(per_layer_config): {fix}") from None
 
 
 # --------------------------------------------------------------------------- built-in teacher
@@ -301,7 +325,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     # never stored, a short int, a name not UTF-8); caught only where the weights are .bin files
     unpickling = (IndexError, KeyError, ValueError, struct.error) if bins else ()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with per_layer_refusal(path):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, *unpickling) as err:
         which = f"{', '.join(bins)} in {path}" if bins else f"the weights in {path}"
         raise TailkdError(

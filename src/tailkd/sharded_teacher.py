@@ -146,7 +146,7 @@ def _skeleton(folder: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = models.read_config(folder)
-    with _params_on_meta():
+    with _params_on_meta(), models.per_layer_refusal(folder):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if model.can_generate():
         try:  # as from_pretrained: the folder's generation_config.json, else (none, unreadable) the config's
