@@ -79,6 +79,32 @@ def test_distill_loss_normalises_by_the_count_it_is_given():
         tailkd.distill_loss(h_s, w_s, h_t, w_t[:-1], labels)
 
 
+def test_distill_loss_normalises_tad_per_document_of_its_segment_ids():
+    """distill_loss passes ``segment_ids`` on to the chunked layer: with ``per_document=True`` TAD's β(X) averages over
+    each document of a packed row, as the dense objective does on the same logits (two float64 paths of one sum:
+    rtol 1e-10), which differs from the per-row loss; without ``per_document`` the segment ids change nothing."""
+    from tailkd.head import final_hidden
+    from tailkd.objective import objective
+
+    teacher, student, ids = _models()
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    seg = (torch.arange(ids.shape[1]) >= 5).long().expand_as(ids)  # two documents per row: tokens 0-4 and 5-11
+    h_s, h_t = final_hidden(student, ids), final_hidden(teacher, ids)
+    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    knobs = {"k": 4, "beta": 0.5, "per_document": True}
+    got = tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss="tad", segment_ids=seg, chunk_size=7, **knobs)
+    n = count_valid_tokens(labels)
+    want = objective(h_s @ w_s.T, labels, n, cfg=LossConfig(name="tad", **knobs), teacher_logits=h_t @ w_t.T,
+                     segment_ids=seg)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-10, atol=0)
+    rows = tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss="tad", chunk_size=7, **knobs)
+    assert not torch.allclose(rows.div, got.div, rtol=1e-6, atol=0)
+    plain = {**knobs, "per_document": False}
+    with_ids = tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss="tad", segment_ids=seg, **plain)
+    torch.testing.assert_close(with_ids.loss, tailkd.distill_loss(h_s, w_s, h_t, w_t, labels, loss="tad",
+                                                                  **plain).loss, rtol=0, atol=0)
+
+
 def test_distill_loss_adds_the_biases_given_beside_bare_weights():
     """``student_bias`` / ``teacher_bias`` beside bare weights enter the logits, z = h Wᵀ + b: the value equals plain
     float64 sums of CE(q_t, y_t) + KL(p_t‖q_t) over the valid tokens, / their count, from those logits. Error bound:
