@@ -292,6 +292,22 @@ def test_backward_scales_nothing_at_the_expected_gradient(monkeypatch):
     assert scaling_check(monkeypatch) == 108
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_are_scaled_by_the_float32_ratio_and_rounded_once(dtype):
+    """`fused._scale_` on bf16/fp16 gradients (the CPU torch path): each entry is g·r with r = g_total/expected in
+    float32, rounded once to g's dtype — not g times r rounded to g's dtype first. Here expected = 2^-5 and r =
+    1 + 2^-9 + 2^-10 (10 fraction bits: exact in float32 and float16, not in bf16, where it rounds to 1), so
+    g·r in float32 is exact (at most 8 + 10 significant bits) and the result is that product rounded once,
+    bit for bit."""
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    r = 1 + 2 ** -9 + 2 ** -10
+    want = (g.float() * r).to(dtype)
+    out = fused._scale_(g.clone(), torch.tensor(r * 2 ** -5, dtype=torch.float32), 2 ** -5)
+    assert torch.equal(out, want)
+    if dtype == torch.bfloat16:  # r rounded to bf16 first would leave g as it was: a test that can see it
+        assert not torch.equal(want, g * torch.tensor(r).to(dtype))
+
+
 def test_grad_scale_must_be_a_positive_float32(monkeypatch):
     h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float32)
     d = computed_divergence(LossConfig(name="kd"))
