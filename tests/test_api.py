@@ -105,6 +105,32 @@ def test_distill_loss_normalises_tad_per_document_of_its_segment_ids():
                                                                   **plain).loss, rtol=0, atol=0)
 
 
+def test_a_fused_step_under_autocast_runs_the_head_matmuls_in_the_autocast_dtype():
+    """step_terms on the fused path with ``autocast_dtype`` bf16 (a training step where the hardware has bf16): the
+    chunked layer's head matmuls run in bf16, as the dense path's head does under autocast — the loss equals
+    chunked_objective with ``matmul_dtype=bf16`` on the same final hidden states bit for bit (one computation), and
+    differs from the float32 matmuls' (bf16 rounds the logits by up to 2^-9 relative)."""
+    from tailkd.head import final_hidden, model_head
+    from tailkd.objective import chunked_objective
+
+    teacher, student, ids = _models()
+    teacher, student = teacher.float(), student.float()
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    batch, cfg, n = {"input_ids": ids, "labels": labels}, LossConfig(name="kd"), count_valid_tokens(labels)
+    signal = OnlineTeacher(teacher, TINY_VOCAB, fused_path=True)(batch)
+    got = step_terms(student, batch, signal, n, cfg, vocab_size=TINY_VOCAB, fused_path=True,
+                     autocast_dtype=torch.bfloat16, chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_s = final_hidden(student, ids)
+
+    def layer(mm):
+        return chunked_objective(h_s, model_head(student, TINY_VOCAB), labels, n, cfg=cfg, teacher_hidden=signal.hidden,
+                                 teacher_head=signal.head, chunk_size=5, matmul_dtype=mm).loss
+
+    assert torch.equal(got.loss, layer(torch.bfloat16))
+    assert not torch.equal(got.loss, layer(None))
+
+
 def test_distill_loss_adds_the_biases_given_beside_bare_weights():
     """``student_bias`` / ``teacher_bias`` beside bare weights enter the logits, z = h Wᵀ + b: the value equals plain
     float64 sums of CE(q_t, y_t) + KL(p_t‖q_t) over the valid tokens, / their count, from those logits. Error bound:
