@@ -308,6 +308,23 @@ def test_half_precision_gradients_are_scaled_by_the_float32_ratio_and_rounded_on
         assert not torch.equal(want, g * torch.tensor(r).to(dtype))
 
 
+def test_the_expected_gradient_is_cuda_s_division_by_a_host_count():
+    """`objective._expected_gradient(n, s)`, the gradient ``(loss · s).backward()`` sends to the layer's total where
+    loss = total / n on CUDA (which divides by a host scalar through its float32 reciprocal): fl(s · fl(1/n)) in
+    float32, rounded once — for a loss_scale s that is not a power of two (a world size of 3), not fl(s/n), the
+    correctly rounded quotient (also what a float64 1/n times s gives), which differs from it for 564 of the counts
+    1..1999 (the layer's backward would then rescale every gradient needlessly). A device count: 1.0 (unknown on the
+    host)."""
+    from tailkd.objective import _expected_gradient
+
+    f32 = torch.float32
+    for n in range(1, 2000):
+        assert _expected_gradient(n, 3.0) == float(torch.tensor(3.0, dtype=f32) * torch.tensor(1.0 / n, dtype=f32))
+        assert _expected_gradient(n, 1.0) == float(torch.tensor(1.0, dtype=f32) / n)
+    assert _expected_gradient(7, 3.0) != float(torch.tensor(3.0 / 7, dtype=torch.float64).float())
+    assert _expected_gradient(torch.tensor(7), 3.0) == 1.0
+
+
 def test_grad_scale_must_be_a_positive_float32(monkeypatch):
     h_s, w_s, b_s, spec_s, h_t, head_t, labels, seg = _inputs(torch.float32)
     d = computed_divergence(LossConfig(name="kd"))
