@@ -148,6 +148,22 @@ def test_akl_tied_teacher_probabilities_split_head_and_tail_by_the_smaller_id():
     torch.testing.assert_close(BL.akl(s, t, mu=0.5), R.akl(s, t, 0.5), rtol=0, atol=1e-12)
 
 
+def test_akl_head_keeps_the_token_whose_cumulative_probability_equals_mu():
+    """The head is the tokens whose cumulative teacher probability is <= μ (the docstring's rule): with μ set to the
+    cumulative probability of the teacher's top two tokens, as the function computes it (so equal bit for bit), the
+    second token is in the head — g_head = |p − q| over the top two, as plain sums — not in the tail (``>= μ``)."""
+    t = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]], dtype=torch.float64)
+    s = torch.tensor([[0.0, 1.5, 0.5, -1.0, -2.0]], dtype=torch.float64)
+    p, q = torch.softmax(t, -1)[0], torch.softmax(s, -1)[0]
+    mu = float(p.sort(descending=True, stable=True).values.cumsum(-1)[1])
+    g_head, g_tail = (p[:2] - q[:2]).abs().sum(), (p[2:] - q[2:]).abs().sum()
+    w_head, w_tail = BL.akl_weights(s, t, mu=mu)
+    torch.testing.assert_close(w_head[0], g_head / (g_head + g_tail), rtol=0, atol=1e-14)
+    torch.testing.assert_close(w_tail[0], g_tail / (g_head + g_tail), rtol=0, atol=1e-14)
+    other = (p[0] - q[0]).abs() / (p - q).abs().sum()  # the head of the top token alone: far from it
+    assert abs(float(w_head[0] - other)) > 0.1
+
+
 def test_akl_weights_carry_no_gradient_and_follow_the_gaps():
     """μ = 0.98: the teacher's head is its two top tokens. A student that swaps them (same head mass, so the same
     tail) is off on the head only: all weight on FKL; one that permutes the tail is off on the tail only: all weight
