@@ -255,14 +255,31 @@ def on_main_then_all(fn, *, main_only: bool = False):
 
 def peak_memory(device: torch.device) -> int:
     """This process's peak memory in bytes: on CUDA ``torch.cuda.max_memory_allocated`` (tensors on the device),
-    on the CPU the peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``; Linux counts it in KiB, macOS
-    in bytes)."""
+    on the CPU the peak resident set size — on Linux ``VmHWM`` of /proc/self/status, the high-water mark of this
+    process's own memory (``getrusage``'s ru_maxrss is not: Linux carries it across execve, so a run started by
+    a process that once held more — a test runner, a notebook, a benchmark driver — reported that peak), elsewhere
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` (macOS counts it in bytes, others in KiB)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    own = _vm_hwm()
+    if own is not None:
+        return own
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _vm_hwm() -> int | None:
+    """``VmHWM`` of /proc/self/status in bytes (Linux), None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def peak_memory_per_rank(device: torch.device) -> list[int]:
@@ -277,7 +294,9 @@ def peak_memory_per_rank(device: torch.device) -> list[int]:
 
 def memory_kind(device: torch.device) -> str:
     """What `peak_memory` measures on ``device``, in words (for logs and summary.json)."""
-    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (getrusage ru_maxrss)"
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "peak RSS (VmHWM)" if _vm_hwm() is not None else "peak RSS (getrusage ru_maxrss)"
 
 
 # --------------------------------------------------------------------------- the student under DDP / FSDP2
