@@ -134,6 +134,48 @@ def test_loss_falls_and_student_loads(assets, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def _tiny_qwen3_next(path: Path, tokenizer, layer_types: list[str], seed: int) -> Path:
+    """A random tiny Qwen3-Next (Gated DeltaNet linear-attention layers beside full attention, a mixture of 4
+    experts) saved with ``tokenizer``: the hybrid layout of Qwen3-Next and Qwen3.5."""
+    import transformers
+
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=layer_types, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=256,
+        bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(assets, tmp_path):
+    """A Qwen3-Next teacher (three linear-attention layers and one full) and a two-layer Qwen3-Next student given as
+    a folder: `tailkd distill` runs on the fused loss layer and on full logits, their first steps' losses agree
+    (float32: the same sums over 300-entry rows, reassociated by the chunks: a few hundred roundings of 2^-24, far
+    below 1e-4 relative), and the saved student loads with its hybrid layer_types."""
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    teacher = _tiny_qwen3_next(tmp_path / "teacher", tok, ["linear_attention"] * 3 + ["full_attention"], 0)
+    student = _tiny_qwen3_next(tmp_path / "student", tok, ["linear_attention", "full_attention"], 1)
+    losses = {}
+    for fused in ("on", "off"):
+        run = tmp_path / f"run_{fused}"
+        assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(assets["corpus"]),
+                     "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "3",
+                     "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", fused,
+                     "--out", str(run)]) == 0
+        losses[fused] = [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
+    assert len(losses["on"]) == 3 and all(math.isfinite(x) for x in losses["on"] + losses["off"])
+    assert losses["on"][0] == pytest.approx(losses["off"][0], rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run_on" / "final")
+    assert type(model).__name__ == "Qwen3NextForCausalLM"
+    assert model.config.layer_types == ["linear_attention", "full_attention"]
+
+
 def _assert_stop_and_resume_is_bit_identical(assets, tmp_path, steps: int, save_every: int, stop_after: int):
     """A run stopped after ``stop_after`` steps and resumed ends with the uninterrupted run's weights and losses."""
     full, parted = tmp_path / "full", tmp_path / "parted"
