@@ -180,14 +180,14 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
             raise TailkdError(f"config {name or ''}: {brief_error(exc)}; pass a transformers config.json") from None
     if not isinstance(cfg, PretrainedConfig):
         raise TypeError(f"expected a model, a transformers config, a config dict or a ModelSize, got {type(cfg)}")
+    label = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
     try:
-        with torch.device("meta"), per_layer_refusal(name or getattr(cfg, "_name_or_path", "") or cfg.model_type,
-                                                     _PER_LAYER_FIX):
+        with torch.device("meta"), per_layer_refusal(label, _PER_LAYER_FIX):
             model = AutoModelForCausalLM.from_config(cfg)
     except (ValueError, KeyError) as exc:
         raise TailkdError(f"cannot build a causal LM from config {name or cfg.model_type}: "
                           f"{str(exc).splitlines()[0]}; pass --*-params/--vocab/--hidden instead") from exc
-    return _count(model, name or getattr(cfg, "_name_or_path", "") or cfg.model_type)
+    return _count(model, label)
 
 
 def size_from_spec(spec: str) -> ModelSize:
