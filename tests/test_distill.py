@@ -138,13 +138,11 @@ def _tiny_qwen3_next(path: Path, tokenizer, layer_types: list[str], seed: int) -
     """A random tiny Qwen3-Next (Gated DeltaNet linear-attention layers beside full attention, a mixture of 4
     experts) saved with ``tokenizer``: the hybrid layout of Qwen3-Next and Qwen3.5."""
     import transformers
+    from test_flops import QWEN3_NEXT
 
-    cfg = transformers.Qwen3NextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=layer_types, num_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=256,
-        bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    cfg = transformers.AutoConfig.for_model(**{
+        **QWEN3_NEXT, "vocab_size": len(tokenizer), "num_hidden_layers": len(layer_types), "layer_types": layer_types,
+        "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None})
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
