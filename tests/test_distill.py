@@ -174,6 +174,41 @@ def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(as
     assert model.config.layer_types == ["linear_attention", "full_attention"]
 
 
+def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path):
+    """A Mixtral teacher (4 layers, 4 experts, 2 per token) and a student built from it with 2 layers and its first
+    2 experts (``--student.num_experts``), experts and router copied (mlp_init copy): `tailkd distill` trains it on
+    the fused layer; student_init.json says what was copied, truncated to the kept experts; the saved student loads
+    as a Mixtral of 2 experts whose router rows are the teacher's first two changed by training."""
+    import transformers
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    config = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student.num_layers", "2",
+                 "--student.num_experts", "2", "--student.mlp_init", "copy", "--data", str(assets["corpus"]),
+                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+                 "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
+                 "--out", str(run)]) == 0
+    init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    router = init["model.layers.1.mlp.gate.weight"]
+    assert (router["shape"], router["action"], router["source"]) == ([2, 32], "truncated",
+                                                                     "model.layers.3.mlp.gate.weight")
+    assert init["model.layers.0.mlp.experts.down_proj"]["shape"] == [2, 32, 48]
+    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert type(student).__name__ == "MixtralForCausalLM"
+    assert (student.config.num_local_experts, student.config.num_experts_per_tok) == (2, 2)
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    trained, start = student.model.layers[1].mlp.gate.weight, teacher.model.layers[3].mlp.gate.weight[:2]
+    assert trained.shape == start.shape and not torch.equal(trained, start)
+
+
 def _assert_stop_and_resume_is_bit_identical(assets, tmp_path, steps: int, save_every: int, stop_after: int):
     """A run stopped after ``stop_after`` steps and resumed ends with the uninterrupted run's weights and losses."""
     full, parted = tmp_path / "full", tmp_path / "parted"

@@ -1,5 +1,6 @@
 """tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
-Qwen3 and OLMo-2, each from a tiny random config built with its own config class (no hub).
+Qwen3, OLMo-2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, each from a tiny random config built
+with its own config class (no hub).
 
 Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
 config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
@@ -42,10 +43,24 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
                                   max_window_layers=2, **_SLIDING)),  # layer_types [F, F, S, S, S]
     "olmo2": ("Olmo2Config", dict(hidden_size=64, num_key_value_heads=2)),
+    # mixtures of 4 experts, 2 per token; Mixtral's intermediate_size is its experts' width
+    "mixtral": ("MixtralConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    # every second layer sparse (1, 3; dense MLPs of intermediate_size 96 in 0, 2, 4), a shared expert, sliding
+    # window below layer 3: layer_types [S, F, S, F, F]
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=40, shared_expert_intermediate_size=80,
+                                         decoder_sparse_step=2, use_sliding_window=True, max_window_layers=3,
+                                         **_SLIDING)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=40, mlp_only_layers=[2])),
+    # q/k norms over the whole projection, as OLMo-2's
+    "olmoe": ("OlmoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "olmo2": "Olmo2ForCausalLM"}
+           "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -97,6 +112,16 @@ def _expected(name, teacher, plan):
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     rest = m.group(2)
     w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
+    experts, ff_e = plan["experts"], plan["ff_e"]
+    if rest == "mlp.gate.weight":  # the router: one row per expert
+        return w[:experts, :d]
+    if rest == "mlp.experts.gate_up_proj":  # [E, gate | up, d]
+        gate, up = w[:experts].chunk(2, dim=1)
+        return torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1)[:, :, :d]
+    if rest == "mlp.experts.down_proj":  # [E, d, ff]
+        return w[:experts, :d, :ff_e]
+    if rest.startswith(("mlp.shared_expert", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")) and plan["moe"]:
+        return w[:d] if ".down_proj" in rest else w[:, :d]  # Qwen-MoE's whole-width MLPs: the residual side only
     module, kind = rest.rsplit(".", 1)
     q, kv, rows, first = plan["q_heads"], plan["kv_heads"], plan["rows"], list(range(plan["hd_s"]))
     cols = (lambda x: x[:, :d]) if kind == "weight" else (lambda x: x)
@@ -128,11 +153,17 @@ def _expected(name, teacher, plan):
     raise AssertionError(f"the reference has no rule for {name}")
 
 
-def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None):
+def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
+          experts=None):
+    """The reference's slices: ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a mixture's expert width and
+    routed experts kept (the first ones)."""
     c = teacher.config
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
-    return dict(layers=layers, d=d or c.hidden_size, ff=ff or c.intermediate_size, hd_t=hd_t, hd_s=hd_s,
+    moe = getattr(c, "num_experts_per_tok", None) is not None
+    return dict(layers=layers, d=d or c.hidden_size, ff=ff or c.intermediate_size, hd_t=hd_t, hd_s=hd_s, moe=moe,
+                ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
+                experts=experts or getattr(c, "num_experts", None),
                 H_t=c.num_attention_heads, KV_t=c.num_key_value_heads,
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
                 kv_heads=kv_heads if kv_heads is not None else list(range(c.num_key_value_heads)),
@@ -185,7 +216,8 @@ def test_full_copy_is_the_teacher_bit_for_bit(family, tied):
 def _zero_dropped_layers(teacher, keep):
     """A copy of the teacher whose other layers add exact zeros to the residual stream."""
     model = copy.deepcopy(teacher)
-    outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.")
+    outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.experts.down_proj",
+               "mlp.shared_expert.down_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -221,6 +253,46 @@ def test_qwen3_window_threshold_follows_the_layers():
     assert rebuilt.layer_types == student.config.layer_types  # the threshold alone gives the same pattern
 
 
+def _mlp_kinds(model):
+    return [type(layer.mlp).__name__ for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("family, layers, config", [
+    # sparse layers 1, 3 (decoder_sparse_step 2): teacher layers 1, 2, 4 are sparse, dense, dense
+    ("qwen2_moe", SUBSET, dict(mlp_only_layers=[1, 2], decoder_sparse_step=1)),
+    ("qwen2_moe", [1, 2, 3], dict(mlp_only_layers=[1], decoder_sparse_step=1)),
+    ("qwen2_moe", [0, 1], dict(mlp_only_layers=[], decoder_sparse_step=2)),  # the teacher's rule says the same
+    # dense layer 2 (mlp_only_layers): teacher layers 1, 2, 4 are sparse, dense, sparse
+    ("qwen3_moe", SUBSET, dict(mlp_only_layers=[1], decoder_sparse_step=1)),
+    ("qwen3_moe", [0, 1, 2], dict(mlp_only_layers=[2], decoder_sparse_step=1)),
+])
+def test_qwen_moe_sparse_layers_follow_the_layers(family, layers, config, tmp_path):
+    """Qwen-MoE picks a layer's MLP (routed experts or dense) by its index; the student's layer j must have teacher
+    layer layers[j]'s kind: its config lists its dense layers (``mlp_only_layers``, step 1) where the teacher's own
+    settings would give another pattern, and keeps them where they give the same. Saved and loaded, the same."""
+    teacher = make_teacher(family)
+    student, _ = build_student(teacher, layers=layers, mlp_init="copy")
+    kinds = _mlp_kinds(teacher)
+    assert _mlp_kinds(student) == [kinds[i] for i in layers]
+    assert {k: getattr(student.config, k) for k in config} == config
+    student.save_pretrained(tmp_path / "s")
+    assert _mlp_kinds(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")) == _mlp_kinds(student)
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("mixtral", {"num_experts": 1}, r"^num_experts=1 but the teacher has 4 experts \(each token is routed to 2: "
+                                    r"num_experts_per_tok\): pick 2\.\.4$"),
+    ("qwen2_moe", {"num_experts": 5}, r"^num_experts=5 but the teacher has 4 experts \(each token is routed to 2: "
+                                      r"num_experts_per_tok\): pick 2\.\.4$"),
+    ("qwen3_moe", {"intermediate_size": 41}, r"^intermediate_size=41 but the teacher's is 40: a student can only be "
+                                             r"narrower, pick 1\.\.40$"),
+    ("gemma", {"num_experts": 2}, r"^num_experts=2 but Gemma is not a mixture of experts: drop num_experts$"),
+])
+def test_expert_settings_out_of_range_are_refused(family, kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_teacher(family), **kwargs)
+
+
 # --------------------------------------------------------------------------- narrowing, per family
 
 FULL_ROPE_16_TO_8 = [0, 2, 4, 6, 8, 10, 12, 14]  # RoPE pairs (i, i+8) of a 16-row head: teacher pairs 0, 2, 4, 6
@@ -240,6 +312,15 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8)),
     "qwen3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
     "olmo2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # mixtures: intermediate_size narrows each routed expert, num_experts keeps the first experts (router rows too)
+    "mixtral": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 2},
+                dict(d=32, hd_s=8, ff_e=40, experts=2, rows=FULL_ROPE_16_TO_8)),
+    "qwen2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
+                  dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
+    "qwen3_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 2},
+                  dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=2)),
+    "olmoe": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
+              dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
 }
 
 
@@ -273,7 +354,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     assert type(loaded) is type(teacher) and loaded.dtype == torch.float32
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "layer_types", "query_pre_attn_scalar", "max_window_layers", "sliding_window",
-                "final_logit_softcapping", "tie_word_embeddings"):
+                "final_logit_softcapping", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step"):
         assert getattr(loaded.config, key, None) == getattr(config, key, None), key
     assert torch.equal(_logits(loaded, ids), logits)
 

@@ -194,8 +194,8 @@ class TeacherConfig:
 
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
-BUILD_KEYS = ("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "head_dim",
-              "mlp_init", "tie_embeddings")
+BUILD_KEYS = ("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_experts",
+              "head_dim", "mlp_init", "tie_embeddings")
 
 
 @dataclass
@@ -208,7 +208,11 @@ class StudentConfig:
     hidden_size: Optional[int] = _f(None, "student hidden size (default: the teacher's)")
     num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
     num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
-    intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's)")
+    intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's); of a mixture of experts "
+                                                "(Mixtral, Qwen-MoE), each routed expert's width")
+    num_experts: Optional[int] = _f(None, "routed experts per layer of a student built from a mixture-of-experts "
+                                          "teacher: the teacher's first ones, at least its experts per token "
+                                          "(default: all of them)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",

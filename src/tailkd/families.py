@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 #   o        the attention output's input side: the kept query heads, the rows v keeps in each
 #   head_qk  the rows kept inside one q/k head (per-head q/k norms: Qwen3, Gemma3, Phi qk_layernorm)
 #   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
-#   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj): the first units of each half
-AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up")
+#   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj, a mixture's experts.gate_up_proj): the first units
+#            of each half
+#   expert   a mixture's routed experts (the router's rows, the experts' leading axis): the first num_experts
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "expert")
 MLP_PREFIX = "mlp."
 
 
@@ -67,7 +69,7 @@ class Family:
     rope: bool = True
     keys: dict = field(default_factory=lambda: dict(
         layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
-        kv_heads="num_key_value_heads", intermediate="intermediate_size"))
+        kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None))
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
@@ -77,6 +79,9 @@ class Family:
     # a "derived" family whose models read config.head_dim first when the config carries one (Phi, Phi-3, OLMo-2;
     # not GPT-2): such a teacher's head_dim is the config's and follows the student like "follows_hidden"
     reads_head_dim: bool = True
+    # a mixture whose layers are sparse (routed experts) or dense by their index (Qwen-MoE's ``decoder_sparse_step``
+    # and ``mlp_only_layers``): the student's config lists its dense layers explicitly (see tailkd.student)
+    sparse_by_index: bool = False
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -88,6 +93,18 @@ _PRE_NORMS = norms("input_layernorm", "post_attention_layernorm")
 _SANDWICH = norms("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _HEAD_QK_NORMS = norms("self_attn.q_norm", "self_attn.k_norm", axis="head_qk")
 _EMBED = ("model.embed_tokens.weight",)
+# a mixture of experts (transformers 5's layout: the experts of a layer as 3-D tensors [E, out, in], gate before up)
+_EXPERTS = {"mlp.gate.weight": ("expert", "d"), "mlp.experts.gate_up_proj": ("expert", "gate_up", "d"),
+            "mlp.experts.down_proj": ("expert", "d", "ff")}
+# Qwen-MoE's whole-width MLPs, kept at the teacher's width (intermediate_size / shared_expert_intermediate_size):
+# the dense layers' MLP (mlp_only_layers, decoder_sparse_step) and Qwen2-MoE's shared expert with its gate
+_DENSE_MLP = {**linear("mlp.gate_proj", "all", "d"), **linear("mlp.up_proj", "all", "d"),
+              **linear("mlp.down_proj", "d", "all")}
+_SHARED_EXPERT = {**linear("mlp.shared_expert.gate_proj", "all", "d"),
+                  **linear("mlp.shared_expert.up_proj", "all", "d"),
+                  **linear("mlp.shared_expert.down_proj", "d", "all"), **linear("mlp.shared_expert_gate", "all", "d")}
+_MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
+                 kv_heads="num_key_value_heads", experts="num_experts")
 
 FAMILIES = {f.name: f for f in (
     Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"), _DECODER,
@@ -125,6 +142,20 @@ FAMILIES = {f.name: f for f in (
     Family("qwen3", "Qwen3", ("Qwen3ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
            layer_thresholds=("max_window_layers",)),
+    Family("mixtral", "Mixtral", ("MixtralForCausalLM",), _DECODER, {**_ATTENTION, **_EXPERTS, **_PRE_NORMS},
+           _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
+    Family("qwen2_moe", "Qwen2-MoE", ("Qwen2MoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_DENSE_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
+           keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
+           sparse_by_index=True),
+    Family("qwen3_moe", "Qwen3-MoE", ("Qwen3MoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_EXPERTS, **_DENSE_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
+           keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
+           sparse_by_index=True),
+    Family("olmoe", "OLMoE", ("OlmoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_EXPERTS, **_PRE_NORMS,
+            "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection
+           _EMBED, "derived", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
     Family("olmo2", "OLMo-2", ("Olmo2ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection

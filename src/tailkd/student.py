@@ -45,6 +45,14 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) keeps the teacher's first `num_experts`
+         routed experts (all by default; at least ``num_experts_per_tok``, which the student keeps) and, with
+         "copy", their router rows; `intermediate_size` is each routed expert's width (Mixtral's and OLMoE's
+         intermediate_size, Qwen-MoE's moe_intermediate_size). Qwen-MoE's whole-width MLPs — its dense layers'
+         and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense
+         depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer
+         layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would
+         give other ones.
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -65,7 +73,8 @@ hidden_size and num_heads together). The per-family parameter tables are in `tai
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
 student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
-(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2.
+(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE (transformers 5's layout of experts: one [E, ...] tensor per projection).
 """
 
 from __future__ import annotations
@@ -96,7 +105,8 @@ class Dims:
     heads: int
     kv_heads: int
     head_dim: int
-    intermediate: int
+    intermediate: int  # a mixture's: each routed expert's width
+    experts: int = 0  # routed experts per layer; 0 for a dense model
 
 
 # --------------------------------------------------------------------------- choosing the student's shape
@@ -134,8 +144,9 @@ def teacher_dims(config, family: str | Family) -> Dims:
     hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
+    experts = getattr(config, keys["experts"]) if keys.get("experts") else 0
     return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim,
-                getattr(config, keys["intermediate"]) or 4 * hidden)
+                getattr(config, keys["intermediate"]) or 4 * hidden, experts)
 
 
 def rotary_fraction(config) -> float:
@@ -172,8 +183,10 @@ def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) ->
 
 
 def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
-                 intermediate_size=None, head_dim=None, rotary_fraction: float = 1.0) -> Dims:
-    """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring)."""
+                 intermediate_size=None, head_dim=None, rotary_fraction: float = 1.0, num_experts=None,
+                 experts_per_token: int = 0) -> Dims:
+    """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring).
+    ``experts_per_token``: the teacher's experts per token (``num_experts_per_tok``), the fewest a student keeps."""
     fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
     heads = t.heads if num_heads is None else int(num_heads)
@@ -184,6 +197,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
             raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, "
                               f"pick 1..{limit}")
     kv_heads = _kv_heads(t, fam, heads, num_kv_heads)
+    experts = _experts(t, fam, num_experts, experts_per_token)
     hd = _head_dim(t, fam, hidden, heads, head_dim)
     if fam.rope:
         rot, rot_t = int(hd * rotary_fraction), int(t.head_dim * rotary_fraction)
@@ -196,7 +210,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
             raise TailkdError(f"{what} rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), "
                               f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
-    return Dims(n_layers, hidden, heads, kv_heads, hd, inter)
+    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts)
 
 
 def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: bool) -> str:
@@ -235,6 +249,21 @@ def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
             f"teacher's {t.heads // t.kv_heads}: raise num_kv_heads to at least {need} (a divisor of {heads})"
         )
     return kv_heads
+
+
+def _experts(t: Dims, fam: Family, requested, per_token: int) -> int:
+    """The student's routed experts: the teacher's first `requested` (all by default), at least the experts each
+    token is routed to (the student keeps the teacher's ``num_experts_per_tok``)."""
+    if requested is None:
+        return t.experts
+    n = int(requested)
+    if not t.experts:
+        raise TailkdError(f"num_experts={n} but {fam.label} is not a mixture of experts: drop num_experts")
+    low = max(1, per_token)
+    if not low <= n <= t.experts:
+        why = f" (each token is routed to {per_token}: num_experts_per_tok)" if per_token > 1 else ""
+        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts{why}: pick {low}..{t.experts}")
+    return n
 
 
 def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
@@ -307,9 +336,12 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
         data.pop(key, None)
     data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
     sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-             "intermediate": s.intermediate}
-    data.update({fam.keys[role]: value for role, value in sizes.items() if fam.keys[role]})
-    if fam.head_dim != "derived":
+             "intermediate": s.intermediate, "experts": s.experts}
+    aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
+    data.update({aliases.get(fam.keys[role], fam.keys[role]): value for role, value in sizes.items()
+                 if fam.keys.get(role)})
+    implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
+    if fam.head_dim != "derived" and not implied:
         data["head_dim"] = s.head_dim
     for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
         if isinstance(data.get(key), list) and len(data[key]) == t.layers:
@@ -317,6 +349,11 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
         if isinstance(data.get(key), int):
             data[key] = sum(i < data[key] for i in layers)
+    if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
+        sparse = [_sparse_layer(teacher_config, i) for i in layers]
+        if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
+            data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
+            data["decoder_sparse_step"] = 1
     for key in fam.head_dim_scaled:  # attention scale 1/sqrt(key), proportional to head_dim
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
@@ -326,6 +363,13 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
         if s.hidden % s.heads == 0:
             raise
         raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
+
+
+def _sparse_layer(config, i: int) -> bool:
+    """Whether Qwen-MoE's layer i routes to experts (their modeling code's rule), else a dense MLP."""
+    only = getattr(config, "mlp_only_layers", None) or []
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return i not in only and getattr(config, "num_experts", 0) > 0 and (i + 1) % step == 0
 
 
 # --------------------------------------------------------------------------- index helpers
@@ -379,7 +423,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0) -> 
     return {"all": None, "d": s.hidden, "ff": s.intermediate, "q": q, "k": k, "v": v,
             "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
-            "gate_up": torch.cat([ff, t.intermediate + ff])}
+            "gate_up": torch.cat([ff, t.intermediate + ff]), "expert": s.experts}
 
 
 # --------------------------------------------------------------------------- copy plans
@@ -401,14 +445,14 @@ def _copy_rule(name: str, fam: Family, mlp_init: str):
 # --------------------------------------------------------------------------- the builder
 
 def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-          tie_embeddings=None):
+          tie_embeddings=None, num_experts=None):
     fam = config_family(teacher.config, family_spec(teacher))
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)
     _check_layer_index_flags(teacher.config, fam, chosen)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                     fraction)
+                     fraction, num_experts, getattr(teacher.config, "num_experts_per_tok", 0) if t.experts else 0)
     _check_rope(teacher.config, fam, t, s, fraction)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
@@ -416,18 +460,19 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
 def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                    num_heads: int | None = None, num_kv_heads: int | None = None,
                    intermediate_size: int | None = None, head_dim: int | None = None,
-                   tie_embeddings: bool | None = None):
+                   tie_embeddings: bool | None = None, num_experts: int | None = None):
     """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
     are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
     `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
     return _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                 tie_embeddings)[-1]
+                 tie_embeddings, num_experts)[-1]
 
 
 def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                   num_heads: int | None = None, num_kv_heads: int | None = None,
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
-                  freeze_embeddings: bool = False, tie_embeddings: bool | None = None, seed: int = 0):
+                  freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
+                  seed: int = 0):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
@@ -440,7 +485,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
     fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                               intermediate_size, head_dim, tie_embeddings)
+                                               intermediate_size, head_dim, tie_embeddings, num_experts)
 
     from transformers import AutoModelForCausalLM
 
