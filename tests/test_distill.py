@@ -174,19 +174,21 @@ def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(as
     assert model.config.layer_types == ["linear_attention", "full_attention"]
 
 
-def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path):
-    """A Mixtral teacher (4 layers, 4 experts, 2 per token) and a student built from it with 2 layers and its first
-    2 experts (``--student.num_experts``), experts and router copied (mlp_init copy): `tailkd distill` trains it on
-    the fused layer; student_init.json says what was copied, truncated to the kept experts; the saved student loads
-    as a Mixtral of 2 experts whose router rows are the teacher's first two changed by training."""
+def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, capsys):
+    """A Mixtral teacher (4 layers, 4 experts, 2 per token; its config asks for the router load-balancing loss) and a
+    student built from it with 2 layers and its first 2 experts (``--student.num_experts``), experts and router
+    copied (mlp_init copy): `tailkd distill` trains it on the fused layer with the router term (the run log says
+    so; each metrics line's loss is clm + div + aux, aux > 0); student_init.json says what was copied, truncated to
+    the kept experts; the saved student loads as a Mixtral of 2 experts whose router rows are the teacher's first
+    two changed by training."""
     import transformers
     from tiny import make_tokenizer
 
     tok = make_tokenizer(300)
     config = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=0,
-                                        eos_token_id=0, pad_token_id=None)
+                                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02,
+                                        max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
@@ -196,6 +198,11 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path):
                  "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
                  "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
                  "--out", str(run)]) == 0
+    assert "router load-balancing loss: 0.02 x the student's aux_loss per token" in capsys.readouterr().out
+    train = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert len(train) == 2 and all(r["aux"] > 0.01 for r in train)  # 0.02 * aux_loss, which is ~k = 2 here
+    for r in train:  # float32 terms summed in float64: a few ulps of 2^-24 apart
+        assert r["loss"] == pytest.approx(r["clm"] + r["div"] + r["aux"], rel=1e-6)
     init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
     router = init["model.layers.1.mlp.gate.weight"]
     assert (router["shape"], router["action"], router["source"]) == ([2, 32], "truncated",

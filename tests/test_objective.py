@@ -444,3 +444,88 @@ def test_chunked_kd_against_a_cache_with_every_tail_id_is_exact_kd():
     got.loss.backward()
     for a, b in ((got.loss, ref.loss), (got.div, ref.div), (h.grad, x.grad)):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- a mixture's router load-balancing term
+
+def _mixture(seed=0, **config):
+    """A tiny float64 Mixtral (4 experts, 2 per token) whose config asks for the router load-balancing loss."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(**{
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
+        "router_aux_loss_coef": 0.25, **config})
+    torch.manual_seed(seed)
+    # eager experts: torch's grouped matmul (transformers' default) takes no float64
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float64,
+                                                         experts_implementation="eager").train()
+
+
+def _shifted(ids):
+    """tailkd's labels (shifted once by the data pipeline): the next token, -100 after a row's last."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_router_term_is_the_models_own_loss_term(fused_path):
+    """A student whose config sets output_router_logits: the CLM step's loss is transformers' own training loss
+    (mean CE + router_aux_loss_coef * aux_loss), value and gradient, on the fused layer as on full logits.
+    Reference: that formula written out in float64 from the model's own logits and aux_loss (the two differ by the
+    order of a few hundred additions, ~1e-15 relative; 1e-10 is far above); and transformers' own loss, whose cross
+    entropy runs in float32 (logits of |z| < 2 rounded to 2^-24: < 1e-6 on the mean; 1e-5 absolute)."""
+    model = _mixture()
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=ids, use_cache=False)
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) + 0.25 * out.aux_loss
+    assert want.dtype == torch.float64
+    want.backward()
+    want_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        own = model(input_ids=ids, labels=ids, use_cache=False).loss  # shifts the labels itself
+    labels = _shifted(ids)
+    terms = step_terms(model, {"input_ids": ids, "labels": labels}, None, count_valid_tokens(labels),
+                       LossConfig(name="clm"), vocab_size=64, fused_path=fused_path)
+    terms.loss.backward()
+    torch.testing.assert_close(terms.loss, want.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(terms.loss.float(), own, rtol=0, atol=1e-5)
+    # transformers computes aux_loss in float32 (its softmax of the router logits), even for a float64 model
+    torch.testing.assert_close(terms.aux, 0.25 * out.aux_loss.detach().double(), rtol=1e-10, atol=0)
+    assert terms.aux > 0.1  # aux_loss = E * sum of routed fractions times mean probabilities: ~k = 2 when near uniform
+    torch.testing.assert_close(terms.loss, terms.clm + terms.aux, rtol=1e-12, atol=0)
+    got = _grads(model)
+    assert got.keys() == want_grads.keys() and any("mlp.gate" in name for name in got)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12 * float(g.abs().max()), msg=name)
+
+
+def test_router_term_of_micro_batches_is_weighted_by_their_valid_tokens():
+    """Two micro-batches of one step: each adds coef * its aux_loss * its valid tokens / the step's valid tokens
+    (one micro-batch: the model's own term); a student without the setting, or a dense one, adds nothing."""
+    model = _mixture()
+    ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(2))
+    labels = _shifted(ids)
+    labels[2:, :5] = IGNORE_INDEX  # the second micro-batch has fewer valid tokens
+    n = count_valid_tokens(labels)
+    parts = [(ids[:2], labels[:2]), (ids[2:], labels[2:])]
+    aux = []
+    for part_ids, part_labels in parts:
+        terms = step_terms(model, {"input_ids": part_ids, "labels": part_labels}, None, n, LossConfig(name="clm"),
+                           vocab_size=64, fused_path=True)
+        with torch.no_grad():
+            own = model(input_ids=part_ids, use_cache=False).aux_loss
+        torch.testing.assert_close(terms.aux, 0.25 * own.double() * count_valid_tokens(part_labels) / n, rtol=1e-10,
+                                   atol=0)
+        aux.append(float(terms.aux))
+    assert count_valid_tokens(parts[1][1]) < count_valid_tokens(parts[0][1]) and aux[0] != aux[1]
+    for off in (_mixture(output_router_logits=False), _mixture(router_aux_loss_coef=0.0)):
+        terms = step_terms(off, {"input_ids": ids, "labels": labels}, None, n, LossConfig(name="clm"),
+                           vocab_size=64, fused_path=True)
+        assert float(terms.aux) == 0.0 and torch.equal(terms.loss, terms.clm)

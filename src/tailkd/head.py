@@ -18,7 +18,8 @@ import torch
 
 from tailkd.errors import TailkdError
 
-__all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "head_spec", "model_class_name", "model_head",
+__all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "forward_hidden", "head_spec", "model_class_name",
+           "model_head",
            "transform", "transform_backward", "verify_head"]
 
 
@@ -171,15 +172,21 @@ def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     its base model instead — refused (``TailkdError``) when wrapped by DDP or sharded by FSDP, whose own forward
     that would skip. `verify_head` checks that these states reproduce the model's logits.
     """
+    return forward_hidden(model, input_ids, **kwargs)[0]
+
+
+def forward_hidden(model, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
+    """`final_hidden` and the output of the forward that computed them (e.g. its ``aux_loss``: a mixture of experts'
+    router load-balancing loss, where the model's config sets ``output_router_logits``)."""
     if _takes_logits_to_keep(model):
         out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False, **kwargs)
-        return out.hidden_states[-1]
+        return out.hidden_states[-1], out
     inner = getattr(model, "module", model)
     if _distributed_wrapper(model):
         raise TailkdError(f"{model_class_name(model)}.forward takes no logits_to_keep, which the chunked loss layer "
                           "needs under DDP / FSDP; use --train.fused_loss off, or one process")
     out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)  # the decoder alone
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), out
 
 
 @torch.no_grad()

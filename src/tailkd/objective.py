@@ -6,6 +6,11 @@ Per valid token t (labels already shifted once by the data pipeline, -100 = igno
 
 (a term of weight 0 among div and cosine is not computed: the teacher does not enter it, even with NaN logits)
 
+plus, for a mixture-of-experts student whose config sets ``output_router_logits`` (as transformers' models then add
+it to their own loss), ``router_aux_loss_coef`` times the model's router load-balancing loss (``aux_loss``) of each
+micro-batch, weighted by the micro-batch's valid tokens (``aux``: in one micro-batch exactly the model's own
+``coef * aux_loss``; transformers computes it over every position of the rows: tailkd passes no attention mask)
+
 and the value returned for backward is ``Σ_t L(t) / num_valid_tokens`` where ``num_valid_tokens`` is the GLOBAL
 number of valid tokens of the optimizer step: summed over every gradient-accumulation micro-batch and every
 data-parallel rank, counted before the step. With that denominator the accumulated gradient equals the gradient of
@@ -30,10 +35,10 @@ from tailkd import fused, losses, registry
 from tailkd.data import IGNORE_INDEX, to_device
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
-from tailkd.head import Head, apply_head, final_hidden, model_head
+from tailkd.head import Head, apply_head, forward_hidden, model_head
 
 __all__ = ["IGNORE_INDEX", "ObjectiveTerms", "chunked_objective", "computed_divergence", "count_valid_tokens",
-           "distill_loss", "objective", "step_terms"]
+           "distill_loss", "objective", "router_weight", "step_terms"]
 
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -47,12 +52,14 @@ def count_valid_tokens(labels: torch.Tensor) -> int:
 
 @dataclass
 class ObjectiveTerms:
-    """``loss`` is differentiable; the other terms are detached, in the same normalisation."""
+    """``loss`` is differentiable; the other terms are detached, in the same normalisation (``aux``: the router
+    load-balancing term, already weighted by its coefficient; 0 for a dense student)."""
 
     loss: torch.Tensor
     clm: torch.Tensor
     div: torch.Tensor
     cos: torch.Tensor
+    aux: torch.Tensor
 
 
 def _denominator(num_valid_tokens, like: torch.Tensor | None) -> torch.Tensor | float:
@@ -75,11 +82,17 @@ def _expected_gradient(num_valid_tokens, loss_scale: float) -> float:
     return float(one * torch.tensor(loss_scale, dtype=torch.float32))
 
 
-def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens) -> ObjectiveTerms:
-    """Every sum over valid tokens divided by `_denominator`."""
+def _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens, aux_sum=None) -> ObjectiveTerms:
+    """Every sum over valid tokens divided by `_denominator` (``aux_sum``: the router term times the micro-batch's
+    valid tokens, added to the total)."""
     denom = _denominator(num_valid_tokens, total)
+    if aux_sum is None:  # a dense student: the total as it is (no extra device operation)
+        aux_sum = total.new_zeros(())
+    else:
+        aux_sum = aux_sum.to(total.dtype)
+        total = total + aux_sum
     return ObjectiveTerms(loss=total / denom, clm=(clm_sum / denom).detach(), div=(div_sum / denom).detach(),
-                          cos=(cos_sum / denom).detach())
+                          cos=(cos_sum / denom).detach(), aux=(aux_sum / denom).detach())
 
 
 def _divergence(cfg) -> registry.Divergence | None:
@@ -116,6 +129,7 @@ def objective(
     segment_ids: torch.Tensor | None = None,
     student_hidden: torch.Tensor | None = None,  # (B, T, d_S)
     teacher_hidden: torch.Tensor | None = None,  # (B, T, d_T)
+    router_aux: torch.Tensor | None = None,  # coef * aux_loss * this micro-batch's valid tokens (`step_terms`)
 ) -> ObjectiveTerms:
     """The dense path: Σ over valid tokens of the weighted terms from full logits, / the global valid-token count."""
     from tailkd.config import LossConfig
@@ -147,7 +161,7 @@ def objective(
     cos_sum = _cosine_sum(cfg, student_hidden, teacher_hidden, labels, dtype)
     cos_sum = zero if cos_sum is None else cos_sum
     total = cfg.clm_weight * clm_sum + cfg.div_weight * div_sum + cfg.cosine_weight * cos_sum
-    return _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens)
+    return _normalised(total, clm_sum, div_sum, cos_sum, num_valid_tokens, router_aux)
 
 
 def chunked_objective(
@@ -166,6 +180,7 @@ def chunked_objective(
     matmul_dtype: torch.dtype | None = None,
     kernels: bool = True,
     loss_scale: float = 1.0,
+    router_aux: torch.Tensor | None = None,  # coef * aux_loss * this micro-batch's valid tokens (`step_terms`)
 ) -> ObjectiveTerms:
     """The chunked path: the same terms as `objective` from final hidden states + LM heads (`fused.chunked_sums`;
     ``kernels``: its Triton row kernels where they apply), never [B, T, V] logits; same denominator.
@@ -186,7 +201,30 @@ def chunked_objective(
     if cos_sum is not None:
         total = total + cfg.cosine_weight * cos_sum
     return _normalised(total, sums.clm, sums.div, total.new_zeros(()) if cos_sum is None else cos_sum,
-                       num_valid_tokens)
+                       num_valid_tokens, router_aux)
+
+
+def router_weight(student) -> float:
+    """The weight of a mixture-of-experts student's router load-balancing loss (its forward's ``aux_loss``):
+    ``router_aux_loss_coef`` where its config sets ``output_router_logits`` (transformers' models then add
+    ``coef * aux_loss`` to their own loss), else 0 (a dense student, or the setting off: transformers' default)."""
+    config = getattr(getattr(student, "module", student), "config", None)  # DDP keeps the model in .module
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", None) or 0.0)
+
+
+def _router_aux(student, out, labels) -> torch.Tensor | None:
+    """``coef * aux_loss * valid tokens`` of a micro-batch (``labels``: host labels where given: no device wait)."""
+    coef = router_weight(student)
+    if not coef:
+        return None
+    aux = getattr(out, "aux_loss", None)
+    if not isinstance(aux, torch.Tensor):
+        raise TailkdError(f"the student's config sets output_router_logits, but its forward "
+                          f"({type(getattr(student, 'module', student)).__name__}) returned no aux_loss: set "
+                          "output_router_logits to false in its config.json")
+    return aux.double() * (coef * count_valid_tokens(labels))  # a scalar: rounded once, to the total's dtype
 
 
 def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,
@@ -194,8 +232,9 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
                kernels: bool = True, host_batch: dict | None = None, loss_scale: float = 1.0):
     """`ObjectiveTerms` of one micro-batch (``batch`` on the student's device) from its teacher signal
     (`tailkd.teacher.TeacherSignal`; None only for loss clm): the student forward, then `chunked_objective` on its
-    final hidden states (``fused_path``) or `objective` on its logits. ``host_batch``: the same micro-batch on the
-    host, whose labels and segment ids the fused layer plans its chunks from without a device synchronisation.
+    final hidden states (``fused_path``) or `objective` on its logits, with a mixture-of-experts student's router
+    load-balancing term where its config asks for it (`router_weight`). ``host_batch``: the same micro-batch on
+    the host, whose labels and segment ids the fused layer plans its chunks from without a device synchronisation.
     ``loss_scale``: the factor ``loss`` is multiplied by before backward (`chunked_objective`; no value changes)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     segment_ids = batch.get("segment_ids")
@@ -210,23 +249,24 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
         logits, hidden, sparse, head = signal.logits, signal.hidden, signal.sparse, signal.head
     with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if fused_path:
-            h_s = final_hidden(student, input_ids)  # (B, T, d_S)
+            h_s, out = forward_hidden(student, input_ids)  # (B, T, d_S)
         else:
             out = student(input_ids=input_ids, output_hidden_states=want_cos, use_cache=False)
             s_logits = out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
             h_s = out.hidden_states[-1] if want_cos else None
+    plan_from = host_batch if host_batch is not None else batch
+    router_aux = _router_aux(student, out, plan_from["labels"])
     if fused_path:
-        plan_from = host_batch if host_batch is not None else batch
         return chunked_objective(h_s, student_head or model_head(student, vocab_size), plan_from["labels"],
                                  num_valid_tokens, cfg=cfg, teacher_hidden=hidden, teacher_head=head,
                                  sparse_teacher=sparse, segment_ids=plan_from.get("segment_ids"),
                                  chunk_size=chunk_size, matmul_dtype=autocast_dtype, kernels=kernels,
-                                 loss_scale=loss_scale)
+                                 loss_scale=loss_scale, router_aux=router_aux)
     if logits is None and hidden is not None:
         logits = apply_head(hidden, head).float()  # cached hidden states: (B, T, V)
     t_hidden = hidden if want_cos else None
     return objective(s_logits, labels, num_valid_tokens, cfg=cfg, teacher_logits=logits, sparse_teacher=sparse,
-                     segment_ids=segment_ids, student_hidden=h_s, teacher_hidden=t_hidden)
+                     segment_ids=segment_ids, student_hidden=h_s, teacher_hidden=t_hidden, router_aux=router_aux)
 
 
 def distill_loss(

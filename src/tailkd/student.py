@@ -52,7 +52,8 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) keeps the t
          and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense
          depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer
          layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would
-         give other ones.
+         give other ones. The router load-balancing loss is on where the student's config (the teacher's
+         settings) sets ``output_router_logits`` (`tailkd.objective`).
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
