@@ -1,6 +1,6 @@
 """tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
-Qwen3, OLMo-2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, each from a tiny random config built
-with its own config class (no hub).
+Qwen3, OLMo-2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS, each from a tiny random
+config built with its own config class (no hub).
 
 Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
 config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
@@ -56,11 +56,14 @@ CONFIGS = {
                                          num_experts_per_tok=2, moe_intermediate_size=40, mlp_only_layers=[2])),
     # q/k norms over the whole projection, as OLMo-2's
     "olmoe": ("OlmoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
+    # experts [E, in, out] with biases, gate/up interleaved; an attention sink per query head; sliding layers
+    "gpt_oss": ("GptOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                     num_experts_per_tok=2, layer_types=[S, F, S, S, F], **_SLIDING)),
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -113,6 +116,16 @@ def _expected(name, teacher, plan):
     rest = m.group(2)
     w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
     experts, ff_e = plan["experts"], plan["ff_e"]
+    if type(teacher).__name__ == "GptOssForCausalLM":
+        if rest in ("mlp.router.weight", "mlp.router.bias"):  # [E, d] and [E]
+            return w[:experts, :d] if rest.endswith("weight") else w[:experts]
+        if rest.startswith("mlp.experts.gate_up_proj"):  # [E, d, 2 ff] / [E, 2 ff]: (gate, up) pairs
+            w = w[:experts, :d] if rest.endswith("proj") else w[:experts]
+            return w.reshape(*w.shape[:-1], -1, 2)[..., :ff_e, :].flatten(-2)
+        if rest.startswith("mlp.experts.down_proj"):  # [E, ff, d] / [E, d]
+            return w[:experts, :ff_e, :d] if rest.endswith("proj") else w[:experts, :d]
+        if rest == "self_attn.sinks":  # one per query head
+            return w[plan["q_heads"]]
     if rest == "mlp.gate.weight":  # the router: one row per expert
         return w[:experts, :d]
     if rest == "mlp.experts.gate_up_proj":  # [E, gate | up, d]
@@ -321,6 +334,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                   dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=2)),
     "olmoe": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
               dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
+    "gpt_oss": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 40, "num_experts": 3},
+                dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=40, experts=3)),
+    "gpt_oss-head_dim": ({"head_dim": 8, "num_experts": 2}, dict(hd_s=8, experts=2, rows=FULL_ROPE_16_TO_8)),
 }
 
 

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 #   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
 #   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj, a mixture's experts.gate_up_proj): the first units
 #            of each half
+#   gate_up_pairs  an interleaved [gate_0, up_0, gate_1, up_1, ...] projection (GPT-OSS's experts): the first pairs
 #   expert   a mixture's routed experts (the router's rows, the experts' leading axis): the first num_experts
-AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "expert")
+#   head     one entry per query head (GPT-OSS's attention sinks): the kept query heads
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "head")
 MLP_PREFIX = "mlp."
 
 
@@ -156,6 +158,13 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_EXPERTS, **_PRE_NORMS,
             "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection
            _EMBED, "derived", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
+    # experts stored [E, in, out] (transposed) with biases; a learned attention sink per query head
+    Family("gpt_oss", "GPT-OSS", ("GptOssForCausalLM",), _DECODER,
+           {**_ATTENTION, "self_attn.sinks": ("head",), **linear("mlp.router", "expert", "d"),
+            "mlp.experts.gate_up_proj": ("expert", "d", "gate_up_pairs"),
+            "mlp.experts.gate_up_proj_bias": ("expert", "gate_up_pairs"),
+            "mlp.experts.down_proj": ("expert", "ff", "d"), "mlp.experts.down_proj_bias": ("expert", "d"),
+            **_PRE_NORMS}, _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
     Family("olmo2", "OLMo-2", ("Olmo2ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection

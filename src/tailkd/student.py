@@ -45,15 +45,16 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) keeps the teacher's first `num_experts`
-         routed experts (all by default; at least ``num_experts_per_tok``, which the student keeps) and, with
-         "copy", their router rows; `intermediate_size` is each routed expert's width (Mixtral's and OLMoE's
-         intermediate_size, Qwen-MoE's moe_intermediate_size). Qwen-MoE's whole-width MLPs — its dense layers'
-         and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense
-         depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer
-         layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would
-         give other ones. The router load-balancing loss is on where the student's config (the teacher's
-         settings) sets ``output_router_logits`` (`tailkd.objective`).
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS) keeps the teacher's first
+         `num_experts` routed experts (all by default; at least ``num_experts_per_tok``, which the student keeps)
+         and, with "copy", their router rows; `intermediate_size` is each routed expert's width (Mixtral's,
+         OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's moe_intermediate_size; GPT-OSS's interleaved gate/up
+         pairs are kept as pairs). GPT-OSS's attention sinks follow the kept query heads. Qwen-MoE's whole-width
+         MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE
+         layer routes or is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the
+         student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers``
+         where the teacher's settings would give other ones. The router load-balancing loss is on where the
+         student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`).
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -75,7 +76,7 @@ hidden_size and num_heads together). The per-family parameter tables are in `tai
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
 student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
 (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE (transformers 5's layout of experts: one [E, ...] tensor per projection).
+Qwen3-MoE, OLMoE, GPT-OSS (transformers 5's layout of experts: one [E, ...] tensor per projection).
 """
 
 from __future__ import annotations
@@ -424,7 +425,9 @@ def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0) -> 
     return {"all": None, "d": s.hidden, "ff": s.intermediate, "q": q, "k": k, "v": v,
             "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
-            "gate_up": torch.cat([ff, t.intermediate + ff]), "expert": s.experts}
+            "gate_up": torch.cat([ff, t.intermediate + ff]),
+            "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": s.experts,
+            "head": torch.tensor(q_heads, dtype=torch.long)}
 
 
 # --------------------------------------------------------------------------- copy plans
