@@ -216,6 +216,31 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, cap
     assert trained.shape == start.shape and not torch.equal(trained, start)
 
 
+def test_a_student_built_from_a_hybrid_teacher(assets, tmp_path):
+    """A student built from the Qwen3-Next teacher (three Gated DeltaNet layers and one gated full-attention layer,
+    4 experts): 2 layers (0 and 3: one of each kind), hidden 32, 2 experts; `tailkd distill` trains it on the fused
+    layer; the saved student loads with those layer types and sizes, its linear attention narrowed on the residual
+    side only."""
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    teacher = _tiny_qwen3_next(tmp_path / "teacher", tok, ["linear_attention"] * 3 + ["full_attention"], 0)
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--student.num_layers", "2", "--student.hidden_size", "32",
+                 "--student.num_experts", "2", "--data", str(assets["corpus"]), "--data.cache_dir",
+                 str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--data.eval_rows", "8",
+                 "--train.precision", "fp32", "--train.fused_loss", "on", "--out", str(run)]) == 0
+    init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    qkvz = init["model.layers.0.linear_attn.in_proj_qkvz.weight"]
+    assert (qkvz["shape"][1], qkvz["action"], qkvz["source"]) == (32, "truncated",
+                                                                 "model.layers.0.linear_attn.in_proj_qkvz.weight")
+    assert init["model.layers.1.self_attn.q_proj.weight"]["source"] == "model.layers.3.self_attn.q_proj.weight"
+    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert type(student).__name__ == "Qwen3NextForCausalLM"
+    assert student.config.layer_types == ["linear_attention", "full_attention"]
+    assert (student.config.hidden_size, student.config.num_experts) == (32, 2)
+
+
 def _assert_stop_and_resume_is_bit_identical(assets, tmp_path, steps: int, save_every: int, stop_after: int):
     """A run stopped after ``stop_after`` steps and resumed ends with the uninterrupted run's weights and losses."""
     full, parted = tmp_path / "full", tmp_path / "parted"

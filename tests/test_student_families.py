@@ -1,6 +1,7 @@
 """tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
-Qwen3, OLMo-2 and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS, each from a tiny random
-config built with its own config class (no hub).
+Qwen3, OLMo-2, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS, and the hybrids (gated
+attention beside Gated DeltaNet linear attention) Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, each from a tiny random config
+built with its own config class (no hub).
 
 Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
 config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
@@ -28,7 +29,8 @@ SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's 
 _SLIDING = {"sliding_window": 4}  # shorter than the test sequences (13 tokens): sliding layers really differ
 _COMMON = dict(vocab_size=TINY_VOCAB, num_hidden_layers=N_LAYERS, intermediate_size=96, num_attention_heads=4,
                max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-S, F = "sliding_attention", "full_attention"
+S, F, L = "sliding_attention", "full_attention", "linear_attention"
+_LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 CONFIGS = {
     # Phi-2 style: parallel attention/MLP, partial rotary (8 of 16 rows), biases, final LayerNorm + LM head bias;
     # qk_layernorm on (Phi-2 has it off) to cover the per-head q/k LayerNorms.
@@ -59,11 +61,24 @@ CONFIGS = {
     # experts [E, in, out] with biases, gate/up interleaved; an attention sink per query head; sliding layers
     "gpt_oss": ("GptOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                      num_experts_per_tok=2, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
+    "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
+                                           layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=40, shared_expert_intermediate_size=80,
+                                           mlp_only_layers=[3], **_LINEAR)),
+    "qwen3_5": ("Qwen3_5TextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
+                                          layer_types=[F, L, F, L, F], **_LINEAR)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
+                                                 layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=40, shared_expert_intermediate_size=80,
+                                                 **_LINEAR)),
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+           "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
+           "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -133,6 +148,14 @@ def _expected(name, teacher, plan):
         return torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1)[:, :, :d]
     if rest == "mlp.experts.down_proj":  # [E, d, ff]
         return w[:experts, :d, :ff_e]
+    if rest.startswith("linear_attn."):  # Gated DeltaNet keeps its own sizes: only the residual side narrows
+        if rest.startswith("linear_attn.in_proj_"):
+            return w[:, :d]
+        return w[:d] if rest == "linear_attn.out_proj.weight" else w
+    if rest == "self_attn.q_proj.weight" and w.shape[0] == 2 * plan["H_t"] * hd_t:  # [query | gate] per head
+        per_head = w.reshape(plan["H_t"], 2, hd_t, -1)[plan["q_heads"]]
+        query, gate = per_head[:, 0][:, plan["rows"]], per_head[:, 1][:, : plan["hd_s"]]
+        return torch.cat([query, gate], dim=1).reshape(-1, w.shape[1])[:, :d]
     if rest.startswith(("mlp.shared_expert", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")) and plan["moe"]:
         return w[:d] if ".down_proj" in rest else w[:, :d]  # Qwen-MoE's whole-width MLPs: the residual side only
     module, kind = rest.rsplit(".", 1)
@@ -230,7 +253,7 @@ def _zero_dropped_layers(teacher, keep):
     """A copy of the teacher whose other layers add exact zeros to the residual stream."""
     model = copy.deepcopy(teacher)
     outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.experts.down_proj",
-               "mlp.shared_expert.down_proj.")
+               "mlp.shared_expert.down_proj.", "linear_attn.out_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -337,6 +360,14 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "gpt_oss": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 40, "num_experts": 3},
                 dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=40, experts=3)),
     "gpt_oss-head_dim": ({"head_dim": 8, "num_experts": 2}, dict(hd_s=8, experts=2, rows=FULL_ROPE_16_TO_8)),
+    # hybrids: the full-attention layers narrow, the linear-attention layers keep their heads
+    "qwen3_next": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 3},
+                   dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=3)),
+    # 4 of 16 rows rotate, pairs (i, i+2): 2 of 8 rotate, teacher pair 0 = rows 0, 2; then non-rotated rows 4..9
+    "qwen3_next-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 5, 6, 7, 8, 9])),
+    "qwen3_5": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
+                dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
+    "qwen3_5_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
 }
 
 
@@ -534,6 +565,7 @@ def test_unsupported_family_is_one_clear_line():
     assert message.startswith("cannot build a student from a OlmoForCausalLM: supported teachers are ")
     for cls in CLASSES.values():
         assert cls in message
+    assert message.endswith("; any causal LM teaches a student given as a folder (--student DIR)")
 
 
 def _longrope_phi3():

@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 #   gate_up_pairs  an interleaved [gate_0, up_0, gate_1, up_1, ...] projection (GPT-OSS's experts): the first pairs
 #   expert   a mixture's routed experts (the router's rows, the experts' leading axis): the first num_experts
 #   head     one entry per query head (GPT-OSS's attention sinks): the kept query heads
-AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "head")
+#   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
+#            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "head",
+        "q_gated")
 MLP_PREFIX = "mlp."
 
 
@@ -105,6 +108,14 @@ _DENSE_MLP = {**linear("mlp.gate_proj", "all", "d"), **linear("mlp.up_proj", "al
 _SHARED_EXPERT = {**linear("mlp.shared_expert.gate_proj", "all", "d"),
                   **linear("mlp.shared_expert.up_proj", "all", "d"),
                   **linear("mlp.shared_expert.down_proj", "d", "all"), **linear("mlp.shared_expert_gate", "all", "d")}
+# hybrids (Qwen3-Next, Qwen3.5): gated full attention beside Gated DeltaNet linear attention, whose own sizes
+# (linear_num_key_heads, ...) a student keeps: only its residual side (d) narrows
+_GATED_ATTENTION = {**_ATTENTION, **linear("self_attn.q_proj", "q_gated", "d")}
+_LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all",),
+                     **{f"linear_attn.conv1d.{kind}": ("all", "all", "all") for kind in ("weight", "bias")},
+                     **norms("linear_attn.norm", axis="all"), **linear("linear_attn.out_proj", "d", "all"),
+                     **{k: v for p in ("qkvz", "ba", "qkv", "z", "b", "a")  # Qwen3-Next: qkvz, ba; Qwen3.5 split
+                        for k, v in linear(f"linear_attn.in_proj_{p}", "all", "d").items()}}
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
                  kv_heads="num_key_value_heads", experts="num_experts")
 
@@ -165,6 +176,15 @@ FAMILIES = {f.name: f for f in (
             "mlp.experts.gate_up_proj_bias": ("expert", "gate_up_pairs"),
             "mlp.experts.down_proj": ("expert", "ff", "d"), "mlp.experts.down_proj_bias": ("expert", "d"),
             **_PRE_NORMS}, _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
+    Family("qwen3_next", "Qwen3-Next", ("Qwen3NextForCausalLM",), _DECODER,
+           {**_GATED_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_DENSE_MLP,
+            **_PRE_NORMS}, _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
+           sparse_by_index=True),
+    Family("qwen3_5", "Qwen3.5", ("Qwen3_5ForCausalLM",), _DECODER,
+           {**_GATED_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "kept"),
+    Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen3_5MoeForCausalLM",), _DECODER,
+           {**_GATED_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_PRE_NORMS},
+           _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size")),
     Family("olmo2", "OLMo-2", ("Olmo2ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection

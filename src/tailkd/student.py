@@ -55,6 +55,11 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS) ke
          student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers``
          where the teacher's settings would give other ones. The router load-balancing loss is on where the
          student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`).
+Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind (``layer_types``: gated full
+         attention or Gated DeltaNet linear attention). The full-attention layers narrow like Qwen3's (their q_proj
+         holds [query | gate] per head: the query's kept rows, then the gate's first head_dim rows, which scale the
+         head's output as v's rows); the linear-attention layers keep their own sizes (``linear_num_key_heads``,
+         ...) and narrow on the residual side only (input projections' columns, out_proj's rows).
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -76,7 +81,8 @@ hidden_size and num_heads together). The per-family parameter tables are in `tai
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
 student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
 (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, GPT-OSS (transformers 5's layout of experts: one [E, ...] tensor per projection).
+Qwen3-MoE, OLMoE, GPT-OSS (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
+Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes).
 """
 
 from __future__ import annotations
@@ -118,7 +124,8 @@ def family_spec(model) -> Family:
     name = type(model).__name__
     family = family_for_class(name)
     if family is None:
-        raise TailkdError(f"cannot build a student from a {name}: supported teachers are {', '.join(SUPPORTED)}")
+        raise TailkdError(f"cannot build a student from a {name}: supported teachers are {', '.join(SUPPORTED)}; "
+                          "any causal LM teaches a student given as a folder (--student DIR)")
     return family
 
 
@@ -427,7 +434,9 @@ def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0) -> 
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": s.experts,
-            "head": torch.tensor(q_heads, dtype=torch.long)}
+            "head": torch.tensor(q_heads, dtype=torch.long),
+            "q_gated": torch.tensor([h * 2 * t.head_dim + r + part * t.head_dim for h in q_heads
+                                     for part, rows in ((0, qk_rows), (1, first)) for r in rows], dtype=torch.long)}
 
 
 # --------------------------------------------------------------------------- copy plans
