@@ -102,11 +102,13 @@ _TINY_CONFIGS = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
+    # 4 experts, 2 per token; save_pretrained writes the checkpoint format (one tensor per expert and projection)
+    "mixtral": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
 def make_tiny_lm(family="llama", *, seed=0, **overrides):
-    """A seeded tiny causal LM of `family` (llama, qwen2, mistral, gpt2), float32, eval mode.
+    """A seeded tiny causal LM of `family` (llama, qwen2, mistral, mixtral, gpt2), float32, eval mode.
 
     Defaults: vocab TINY_VOCAB, hidden 64, 4 layers, 4 heads (2 KV heads), MLP 128, 128 positions.
     Every parameter (norm weights and biases included) is redrawn from N(0, 0.1) (norm weights

@@ -54,13 +54,20 @@ def test_shard_rows_is_fsdp2s_torch_chunk_layout():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A trained tied teacher (one file), an untied teacher saved in 4+ safetensors shards (index), its GGUF already
-    converted, a corpus and its packed rows."""
+    converted, a Mixtral in the checkpoint format transformers converts on load (a tensor per expert and projection,
+    `block_sparse_moe`; several files), a corpus and its packed rows."""
     root = tmp_path_factory.mktemp("sharded")
     tied = make_teacher_dir(root / "tied", train_steps=20)
     untied = root / "untied"
     make_tiny_lm(seed=3, tie_word_embeddings=False).save_pretrained(untied, max_shard_size="100KB")
     build_tiny_tokenizer().save_pretrained(untied)
     assert len(list(untied.glob("model-*.safetensors"))) > 3
+    moe = root / "moe"
+    make_tiny_lm("mixtral", seed=5).save_pretrained(moe, max_shard_size="100KB")
+    build_tiny_tokenizer().save_pretrained(moe)
+    stored = json.loads((moe / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in stored
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in stored
     from test_models import write_tiny_llama_gguf
 
     gguf = write_tiny_llama_gguf(root / "tiny.gguf", make_tiny_lm(seed=4), build_tiny_tokenizer())
@@ -73,7 +80,7 @@ def assets(tmp_path_factory):
 
     info, rows, _ = setup_data(cfg, models.load_tokenizer(tied), 128)
     return {"root": root, "tied": tied, "untied": untied, "gguf": gguf, "gguf_cache": gguf_cache,
-            "corpus": corpus, "rows": (str(info.train_bin), 32), "fingerprint": info.fingerprint}
+            "corpus": corpus, "rows": (str(info.train_bin), 32), "fingerprint": info.fingerprint, "moe": moe}
 
 
 CACHE_ARGS = {"k": 8, "hidden_states": True, "tail_samples": 4, "seed": 3, "batch_size": 2, "rows_per_shard": 3,
@@ -85,6 +92,9 @@ def _write_cache(model, tokenizer, rows, out, fingerprint):
                        teacher_name="tied", log=lambda _: None, **CACHE_ARGS)
 
 
+TEACHERS = ("tied", "untied", "gguf", "moe")
+
+
 def _logits_worker(rank, world, port, assets, out):
     from torch.distributed.fsdp import FSDPModule
 
@@ -94,7 +104,7 @@ def _logits_worker(rank, world, port, assets, out):
     try:
         results = {}
         ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(rank))  # other rows per rank
-        for name in ("tied", "untied", "gguf"):
+        for name in TEACHERS:
             sharded = load_sharded_teacher(str(assets[name]), device=device, dtype="fp32",
                                            cache_dir=assets["gguf_cache"])
             whole, _ = models.load_causal_lm(str(assets[name]), cache_dir=assets["gguf_cache"])
@@ -138,14 +148,15 @@ def _cache_files(path: Path) -> dict:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_teacher_equals_the_replicated_one_and_writes_the_same_cache(assets, tmp_path, world):
-    """2 and 3 ranks, a tied teacher in one file, an untied one in several files, one from a GGUF: bit-equal logits,
-    hidden states, buffers (rotary inv_freq) and weights hash; every rank holds less than the whole; the cache written
-    by the ranks (and resumed) has the files one process writes with the replicated teacher, bit for bit."""
+    """2 and 3 ranks, a tied teacher in one file, an untied one in several files, one from a GGUF, a Mixtral whose
+    files hold one tensor per expert (its 4 experts over 3 ranks: 2, 2 and none): bit-equal logits, hidden states,
+    buffers (rotary inv_freq) and weights hash; every rank holds less than the whole; the cache written by the ranks
+    (and resumed) has the files one process writes with the replicated teacher, bit for bit."""
     from tailkd.data import PackedRows
 
     spawn(_logits_worker, (world, free_port(), assets, tmp_path), world)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for name in ("tied", "untied", "gguf"):
+    for name in TEACHERS:
         for r, got in enumerate(per_rank):
             g = got[name]
             assert g["logits"] and g["hidden"] and g["buffers"] and g["hash"] and g["layers_sharded"], (name, r, g)
@@ -446,8 +457,8 @@ def test_read_names_a_missing_tensor_and_reads_a_0_dim_one(tmp_path):
     with pytest.raises(TailkdError) as info:
         _read(files, "model.norm.weight", None, (2,))
     assert str(info.value) == ("the teacher's safetensors files have no tensor 'model.norm.weight', which its model "
-                               "class expects (a checkpoint whose tensor names transformers renames on load): re-save "
-                               "it with save_pretrained, or use --teacher.parallel replicate")
+                               "class expects, nor tensors that transformers' conversions for this architecture turn "
+                               "into it: use --teacher.parallel replicate (from_pretrained reads the folder)")
     scale = _read(files, "scale", None, ())
     assert scale.shape == () and scale.item() == 2.5
     assert torch.equal(_read(files, "w", None, (3, 2)), torch.arange(6.0).reshape(3, 2))
@@ -495,6 +506,30 @@ def test_student_source_reads_exactly_the_tensors_the_student_copies(tmp_path):
                 assert p.device.type == "meta", name
     skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(path=str(tmp_path / "student")))
     assert all(p.device.type == "meta" for p in skeleton.parameters())
+
+
+def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_teacher(tmp_path):
+    """A Mixtral stored in the checkpoint format (a tensor per expert and projection, which transformers stacks into
+    one [E, ...] tensor on load): `student_source` reads the kept layers through those conversions, and the student
+    built from its skeleton (2 of 4 layers, 3 of 4 experts, MLP copied) equals, tensor for tensor, the one built from
+    the teacher loaded whole with from_pretrained; a layer it skips stays on meta."""
+    from transformers import AutoModelForCausalLM
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+    from tailkd.student import build_student
+
+    make_tiny_lm("mixtral", seed=6).save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=2), dtype="fp32")
+    assert skeleton.model.layers[1].mlp.experts.gate_up_proj.device.type == "meta"
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    kwargs = dict(num_layers=2, num_experts=3, mlp_init="copy")
+    (ours, _), (want, _) = build_student(skeleton, **kwargs), build_student(whole, **kwargs)
+    params = dict(want.named_parameters())
+    assert "model.layers.1.mlp.experts.gate_up_proj" in params
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, params[name]), name
 
 
 def test_a_model_class_naming_no_decoder_layer_is_refused(monkeypatch):

@@ -24,6 +24,10 @@ Loading (`load_sharded_teacher`; collective: every rank calls it, also a single 
 
 The teacher must be a folder of safetensors files (``model.safetensors`` or an index and shards): a folder with
 ``pytorch_model*.bin`` only is refused (a pickle cannot be read by slices; re-save it with ``save_pretrained``).
+Checkpoints whose tensor names are not the model's (transformers 5 converts them on load and back on save: a mixture
+of experts' per-expert tensors into one [E, ...] tensor per projection, renamed modules) are read through those same
+conversions (`_Checkpoint`): a renamed tensor by slices as any other, a converted one whole (all its sources: one
+layer's experts), then sliced, so a rank's peak while loading is its shards + one such tensor.
 The built-in teacher and ``.gguf`` files are converted once into tailkd's plain safetensors cache
 (`tailkd.models.model_dir`; the conversion dequantizes the GGUF, on rank 0, whole: the GGUF is the small
 quantized form) and loaded from there shard by shard.
@@ -99,22 +103,79 @@ def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def _read(files: dict[str, Path], name: str, rows: tuple[int, int] | None, shape) -> torch.Tensor:
     """Tensor ``name`` (rows ``[start, end)`` of dim 0 with ``rows``) read from its file, whose shape must be
-    ``shape``. The file is opened for this tensor only: its memory map goes when the tensor is read."""
+    ``shape`` (None: as stored). The file is opened for this tensor only: its memory map goes when it is read."""
     from safetensors import safe_open
 
     if name not in files:
-        raise TailkdError(f"the teacher's safetensors files have no tensor {name!r}, which its model class expects "
-                          "(a checkpoint whose tensor names transformers renames on load): re-save it with "
-                          "save_pretrained, or use --teacher.parallel replicate")
+        raise TailkdError(f"the teacher's safetensors files have no tensor {name!r}, which its model class expects, "
+                          "nor tensors that transformers' conversions for this architecture turn into it: "
+                          "use --teacher.parallel replicate (from_pretrained reads the folder)")
     with safe_open(str(files[name]), "pt") as fh:
         sl = fh.get_slice(name)
         stored = tuple(sl.get_shape())
-        if stored != tuple(shape):
+        if shape is not None and stored != tuple(shape):
             raise TailkdError(f"tensor {name} of {files[name]} has shape {stored}, its model class expects "
                               f"{tuple(shape)}: the folder's config.json and weights do not match")
         if rows is None:
             return sl[:] if stored else fh.get_tensor(name)
         return sl[rows[0]:rows[1]]
+
+
+class _Checkpoint:
+    """The teacher folder's tensors by the model's own names: stored under them, or under the names of the checkpoint
+    format that transformers converts on load (`transformers.conversion_mapping`, the same conversions
+    ``from_pretrained`` applies; ``save_pretrained`` writes that format back): a renamed tensor is read by slices,
+    a converted one (a mixture's per-expert tensors stacked and concatenated) whole from all its sources, then
+    sliced. The conversion plan is built from the model before FSDP2 swaps its classes, only where a name is
+    missing from the files."""
+
+    def __init__(self, folder: Path, model):
+        self.files = _weight_map(folder)
+        missing = set(model.state_dict()) - set(self.files)
+        self._plan = self._conversions(model) if missing else {}
+        self._model, self._done = model, {}
+
+    def _conversions(self, model) -> dict:
+        """{model name: (converter or None for a renaming, [(source pattern, checkpoint name), ...])}."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+        expected = model.state_dict()
+        plan: dict = {}
+        for key in sorted(self.files, key=dot_natural_key):  # experts in index order, as from_pretrained
+            renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if renamed != key and renamed in expected:
+                plan.setdefault(renamed, (by_pattern.get(pattern), []))[1].append((pattern, key))
+        return plan
+
+    def has(self, name: str) -> bool:
+        return name in self.files or name in self._plan
+
+    def read(self, name: str, rows: tuple[int, int] | None, shape) -> torch.Tensor:
+        """Tensor ``name`` of the model (rows ``[start, end)`` with ``rows``), of shape ``shape`` (see `_read`)."""
+        if name in self.files or name not in self._plan:
+            return _read(self.files, name, rows, shape)
+        converter, sources = self._plan[name]
+        if converter is None:  # stored under another name
+            return _read(self.files, sources[0][1], rows, shape)
+        value = self._done.pop(name, None)
+        if value is None:
+            import copy
+
+            op = copy.deepcopy(converter)  # a fresh copy per target, as from_pretrained
+            for pattern, key in sources:
+                op.add_tensor(name, key, pattern, _read(self.files, key, None, None))
+            self._done = op.convert(name, model=self._model, config=self._model.config)
+            value = self._done.pop(name)  # other targets of the same sources (a split) wait for their read
+        if tuple(value.shape) != tuple(shape):
+            raise TailkdError(f"tensor {name}, converted from {sources[0][1]} and {len(sources) - 1} more, has shape "
+                              f"{tuple(value.shape)}, its model class expects {tuple(shape)}: the folder's config.json "
+                              "and weights do not match")
+        return value if rows is None else value[rows[0]:rows[1]]
 
 
 # --------------------------------------------------------------------------- the skeleton
@@ -202,10 +263,10 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     chosen = choose_layers(teacher_dims(model.config, family_of(model)).layers, student_cfg.depth,
                            student_cfg.layers)
     skipped = tuple(f"{name}." for i, (name, _) in enumerate(layers) if i not in set(chosen))
-    files, aliases = _weight_map(folder), _aliases(model)
+    files, aliases = _Checkpoint(folder, model), _aliases(model)
     for name, p in list(model.named_parameters()):
         if not name.startswith(skipped):
-            _set_param(model, name, _read(files, name, None, p.shape).to(p.dtype), aliases)
+            _set_param(model, name, files.read(name, None, p.shape).to(p.dtype), aliases)
     return model, tokenizer
 
 
@@ -227,7 +288,7 @@ def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=
     folder = teacher_folder(spec, cache_dir)
     torch_dtype = models.resolve_dtype(dtype, device)
     model = _skeleton(folder, torch_dtype)
-    files = _weight_map(folder)
+    files = _Checkpoint(folder, model)  # before fully_shard, which swaps the model's classes
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     ignored = set(head.parameters()) if head is not None else set()
@@ -256,8 +317,8 @@ def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])  # computed by the model's own __init__ (rotary inv_freq, ...)
-            if name in persistent and name in files:
-                b.copy_(_read(files, name, None, b.shape))
+            if name in persistent and files.has(name):
+                b.copy_(files.read(name, None, b.shape))
         for name, p in list(model.named_parameters()):
             if is_dtensor(p):
                 local = p.to_local()
@@ -265,9 +326,9 @@ def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=
                 if local.shape[0] != rows[1] - rows[0]:  # FSDP2 changed its layout: never fill wrong rows silently
                     raise RuntimeError(f"{name}: local shard of {tuple(local.shape)}, expected rows {rows}")
                 if local.numel():
-                    local.copy_(_read(files, name, rows, p.shape))
+                    local.copy_(files.read(name, rows, p.shape))
             else:  # the replicated LM head (and a tied input embedding: the same tensor, read once)
-                p.copy_(_read(files, name, None, p.shape))
+                p.copy_(files.read(name, None, p.shape))
         for name, names in aliases.items():  # ties kept: one tensor under every name
             if any(model.get_parameter(alias) is not model.get_parameter(name) for alias in names):
                 raise RuntimeError(f"tied parameter {name} came apart from {names}")
