@@ -1,7 +1,7 @@
 """tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
-Qwen3, OLMo-2, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS, and the hybrids (gated
-attention beside Gated DeltaNet linear attention) Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, each from a tiny random config
-built with its own config class (no hub).
+Qwen3, OLMo-2, OLMo-3, SmolLM3, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS, and the
+hybrids (gated attention beside Gated DeltaNet linear attention) Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, each from a tiny
+random config built with its own config class (no hub).
 
 Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
 config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
@@ -45,6 +45,10 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
                                   max_window_layers=2, **_SLIDING)),  # layer_types [F, F, S, S, S]
     "olmo2": ("Olmo2Config", dict(hidden_size=64, num_key_value_heads=2)),
+    "olmo3": ("Olmo3Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # no_rope_layers: 0 = a layer without RoPE, per layer as layer_types
+    "smollm3": ("SmolLM3Config", dict(hidden_size=64, num_key_value_heads=2, no_rope_layers=[1, 0, 1, 1, 0],
+                                      use_sliding_window=True, layer_types=[S, F, S, S, F], **_SLIDING)),
     # mixtures of 4 experts, 2 per token; Mixtral's intermediate_size is its experts' width
     "mixtral": ("MixtralConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
                                       num_experts_per_tok=2)),
@@ -75,10 +79,10 @@ CONFIGS = {
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
-           "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
-           "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
+           "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+           "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+           "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+           "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -348,6 +352,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8)),
     "qwen3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
     "olmo2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "olmo3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "smollm3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     # mixtures: intermediate_size narrows each routed expert, num_experts keeps the first experts (router rows too)
     "mixtral": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 2},
                 dict(d=32, hd_s=8, ff_e=40, experts=2, rows=FULL_ROPE_16_TO_8)),
@@ -606,7 +612,7 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                                  r"32/4\): drop head_dim=4"),
     ("gemma", {"head_dim": 32}, r"head_dim=32 but the teacher's is 16: .*pick 1\.\.16"),
     ("phi3", {"hidden_size": 30}, r"^hidden_size=30 is not divisible by num_heads=4: pick a hidden_size"),
-    ("olmo2", {"hidden_size": 30, "head_dim": 6}, r"OLMo-2 has no head_dim setting"),
+    ("olmo2", {"hidden_size": 30, "head_dim": 6}, r"OLMo-2/3 has no head_dim setting"),
     ("gemma", {"head_dim": 7}, r"head_dim 7 is odd but RoPE needs it even: pick an even head_dim"),
     ("phi", {"hidden_size": 24}, r"head_dim 6 \(hidden_size/num_heads\) rotates 3 rows \(partial_rotary_factor 0\.5\), "
                                  r"which is odd"),

@@ -185,7 +185,10 @@ FAMILIES = {f.name: f for f in (
     Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen3_5MoeForCausalLM",), _DECODER,
            {**_GATED_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_PRE_NORMS},
            _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size")),
-    Family("olmo2", "OLMo-2", ("Olmo2ForCausalLM",), _DECODER,
+    # SmolLM3: Llama's layout; no_rope_layers (1 = RoPE, 0 = none) is per layer and follows the chosen layers
+    Family("smollm3", "SmolLM3", ("SmolLM3ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+           _EMBED, "follows_hidden", layer_lists=("layer_types", "no_rope_layers")),
+    Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection
            _EMBED, "derived"),

@@ -80,7 +80,8 @@ hidden_size and num_heads together). The per-family parameter tables are in `tai
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
 student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
-(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, Mixtral, Qwen2-MoE,
+(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its
+per-layer no_rope_layers follow the chosen layers), Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE, GPT-OSS (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
 Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes).
 """
