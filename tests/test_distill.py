@@ -175,12 +175,12 @@ def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(as
 
 
 def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, capsys):
-    """A Mixtral teacher (4 layers, 4 experts, 2 per token; its config asks for the router load-balancing loss) and a
-    student built from it with 2 layers and its first 3 experts (``--student.num_experts``), experts and router
-    copied (mlp_init copy): `tailkd distill` trains it on the fused layer with the router term (the run log says
-    so; each metrics line's loss is clm + div + aux, aux > 0); student_init.json says what was copied, truncated to
-    the kept experts; the saved student loads as a Mixtral of 3 experts whose router rows are the teacher's first
-    three changed by training."""
+    """A Mixtral teacher (4 layers, 4 experts, 2 per token; its config asks for the router load-balancing loss) and
+    a student built from it with 2 layers and its first 3 experts (``--student.num_experts``), one per token
+    (``--student.num_experts_per_tok``), experts and router copied (mlp_init copy): `tailkd distill` trains it on
+    the fused layer with the router term (the run log says so; each metrics line's loss is clm + div + aux, aux >
+    0); student_init.json says what was copied, truncated to the kept experts; the saved student loads as a Mixtral
+    of 3 experts whose router rows are the teacher's first three changed by training."""
     import transformers
     from tiny import make_tokenizer
 
@@ -194,13 +194,14 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, cap
     tok.save_pretrained(tmp_path / "teacher")
     run = tmp_path / "run"
     assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student.num_layers", "2",
-                 "--student.num_experts", "3", "--student.mlp_init", "copy", "--data", str(assets["corpus"]),
+                 "--student.num_experts", "3", "--student.num_experts_per_tok", "1", "--student.mlp_init", "copy",
+                 "--data", str(assets["corpus"]),
                  "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
                  "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
                  "--out", str(run)]) == 0
     assert "router load-balancing loss: 0.02 x the student's aux_loss per token" in capsys.readouterr().out
     train = [r for r in read_metrics(run) if r["split"] == "train"]
-    assert len(train) == 2 and all(r["aux"] > 0.01 for r in train)  # 0.02 * aux_loss, which is ~k = 2 here
+    assert len(train) == 2 and all(r["aux"] > 0.01 for r in train)  # 0.02 * aux_loss, which is ~k = 1 here
     for r in train:  # float32 terms summed in float64: a few ulps of 2^-24 apart
         assert r["loss"] == pytest.approx(r["clm"] + r["div"] + r["aux"], rel=1e-6)
     init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
@@ -210,7 +211,7 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, cap
     assert init["model.layers.0.mlp.experts.down_proj"]["shape"] == [3, 32, 48]
     student = AutoModelForCausalLM.from_pretrained(run / "final")
     assert type(student).__name__ == "MixtralForCausalLM"
-    assert (student.config.num_local_experts, student.config.num_experts_per_tok) == (3, 2)
+    assert (student.config.num_local_experts, student.config.num_experts_per_tok) == (3, 1)
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
     trained, start = student.model.layers[1].mlp.gate.weight, teacher.model.layers[3].mlp.gate.weight[:3]
     assert trained.shape == start.shape and not torch.equal(trained, start)

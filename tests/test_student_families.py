@@ -321,16 +321,38 @@ def test_qwen_moe_sparse_layers_follow_the_layers(family, layers, config, tmp_pa
 
 @pytest.mark.parametrize("family, kwargs, message", [
     ("mixtral", {"num_experts": 1}, r"^num_experts=1 but the teacher has 4 experts \(each token is routed to 2: "
-                                    r"num_experts_per_tok\): pick 2\.\.4$"),
+                                    r"num_experts_per_tok\): pick 2\.\.4, or fewer experts per token "
+                                    r"\(num_experts_per_tok\)$"),
     ("qwen2_moe", {"num_experts": 5}, r"^num_experts=5 but the teacher has 4 experts \(each token is routed to 2: "
-                                      r"num_experts_per_tok\): pick 2\.\.4$"),
+                                      r"num_experts_per_tok\): pick 2\.\.4, or fewer"),
+    ("olmoe", {"num_experts": 2, "num_experts_per_tok": 3}, r"^num_experts_per_tok=3 but the student has 2 experts: "
+                                                            r"pick 1\.\.2$"),
+    ("gpt_oss", {"num_experts_per_tok": 0}, r"^num_experts_per_tok=0 but the student has 4 experts: pick 1\.\.4$"),
     ("qwen3_moe", {"intermediate_size": 41}, r"^intermediate_size=41 but the teacher's is 40: a student can only be "
                                              r"narrower, pick 1\.\.40$"),
     ("gemma", {"num_experts": 2}, r"^num_experts=2 but Gemma is not a mixture of experts: drop num_experts$"),
+    ("qwen3", {"num_experts_per_tok": 1}, r"^num_experts_per_tok=1 but Qwen3 is not a mixture of experts: drop "
+                                          r"num_experts_per_tok$"),
 ])
 def test_expert_settings_out_of_range_are_refused(family, kwargs, message):
     with pytest.raises(TailkdError, match=message):
         build_student(make_teacher(family), **kwargs)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe"])
+def test_fewer_experts_per_token(family, tmp_path):
+    """num_experts_per_tok: a top-1 student of one expert (below the teacher's 2 per token) builds, runs, saves and
+    loads with its own num_experts_per_tok (the same logits); the default keeps the teacher's."""
+    teacher = make_teacher(family)
+    assert teacher.config.num_experts_per_tok == 2
+    student, _ = build_student(teacher, layers=SUBSET, num_experts=1, num_experts_per_tok=1, mlp_init="copy")
+    assert (student.config.num_experts, student.config.num_experts_per_tok) == (1, 1)
+    assert torch.isfinite(_logits(student, _ids(3))).all()
+    student.save_pretrained(tmp_path / "s")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert loaded.config.num_experts_per_tok == 1
+    assert torch.equal(_logits(loaded, _ids(3)), _logits(student, _ids(3)))
+    assert build_student(teacher, layers=SUBSET, num_experts=3)[0].config.num_experts_per_tok == 2
 
 
 # --------------------------------------------------------------------------- narrowing, per family

@@ -195,7 +195,7 @@ class TeacherConfig:
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
 BUILD_KEYS = ("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_experts",
-              "head_dim", "mlp_init", "tie_embeddings")
+              "num_experts_per_tok", "head_dim", "mlp_init", "tie_embeddings")
 
 
 @dataclass
@@ -213,6 +213,8 @@ class StudentConfig:
     num_experts: Optional[int] = _f(None, "routed experts per layer of a student built from a mixture-of-experts "
                                           "teacher: the teacher's first ones, at least its experts per token "
                                           "(default: all of them)")
+    num_experts_per_tok: Optional[int] = _f(None, "experts each token is routed to in a student built from a "
+                                                  "mixture-of-experts teacher (default: the teacher's)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",

@@ -74,7 +74,7 @@ class Family:
     rope: bool = True
     keys: dict = field(default_factory=lambda: dict(
         layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
-        kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None))
+        kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None, experts_per_token=None))
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
@@ -117,7 +117,7 @@ _LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all
                      **{k: v for p in ("qkvz", "ba", "qkv", "z", "b", "a")  # Qwen3-Next: qkvz, ba; Qwen3.5 split
                         for k, v in linear(f"linear_attn.in_proj_{p}", "all", "d").items()}}
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
-                 kv_heads="num_key_value_heads", experts="num_experts")
+                 kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
 
 FAMILIES = {f.name: f for f in (
     Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"), _DECODER,

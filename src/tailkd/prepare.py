@@ -116,8 +116,8 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         student, table = build_student(
             teacher, num_layers=s.depth, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
             num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
-            head_dim=s.head_dim, mlp_init=s.mlp_init, freeze_embeddings=s.freeze_embeddings,
-            tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
+            num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
+            freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
         )
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok

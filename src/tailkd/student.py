@@ -46,7 +46,7 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS) keeps the teacher's first
-         `num_experts` routed experts (all by default; at least ``num_experts_per_tok``, which the student keeps)
+         `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's by default)
          and, with "copy", their router rows; `intermediate_size` is each routed expert's width (Mixtral's,
          OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's moe_intermediate_size; GPT-OSS's interleaved gate/up
          pairs are kept as pairs). GPT-OSS's attention sinks follow the kept query heads. Qwen-MoE's whole-width
@@ -116,6 +116,7 @@ class Dims:
     head_dim: int
     intermediate: int  # a mixture's: each routed expert's width
     experts: int = 0  # routed experts per layer; 0 for a dense model
+    experts_per_token: int = 0  # experts each token is routed to (num_experts_per_tok); 0 for a dense model
 
 
 # --------------------------------------------------------------------------- choosing the student's shape
@@ -155,8 +156,9 @@ def teacher_dims(config, family: str | Family) -> Dims:
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
     experts = getattr(config, keys["experts"]) if keys.get("experts") else 0
+    per_token = getattr(config, keys["experts_per_token"]) if experts else 0
     return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim,
-                getattr(config, keys["intermediate"]) or 4 * hidden, experts)
+                getattr(config, keys["intermediate"]) or 4 * hidden, experts, per_token)
 
 
 def rotary_fraction(config) -> float:
@@ -194,9 +196,8 @@ def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) ->
 
 def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
                  intermediate_size=None, head_dim=None, rotary_fraction: float = 1.0, num_experts=None,
-                 experts_per_token: int = 0) -> Dims:
-    """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring).
-    ``experts_per_token``: the teacher's experts per token (``num_experts_per_tok``), the fewest a student keeps."""
+                 num_experts_per_tok=None) -> Dims:
+    """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring)."""
     fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
     heads = t.heads if num_heads is None else int(num_heads)
@@ -207,7 +208,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
             raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, "
                               f"pick 1..{limit}")
     kv_heads = _kv_heads(t, fam, heads, num_kv_heads)
-    experts = _experts(t, fam, num_experts, experts_per_token)
+    experts, per_token = _experts(t, fam, num_experts, num_experts_per_tok)
     hd = _head_dim(t, fam, hidden, heads, head_dim)
     if fam.rope:
         rot, rot_t = int(hd * rotary_fraction), int(t.head_dim * rotary_fraction)
@@ -220,7 +221,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
             raise TailkdError(f"{what} rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), "
                               f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
-    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts)
+    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token)
 
 
 def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: bool) -> str:
@@ -261,19 +262,23 @@ def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
     return kv_heads
 
 
-def _experts(t: Dims, fam: Family, requested, per_token: int) -> int:
-    """The student's routed experts: the teacher's first `requested` (all by default), at least the experts each
-    token is routed to (the student keeps the teacher's ``num_experts_per_tok``)."""
-    if requested is None:
-        return t.experts
-    n = int(requested)
+def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int, int]:
+    """The student's routed experts (the teacher's first `requested`; all by default) and experts per token (the
+    teacher's by default), at most as many as it has."""
+    for name, value in (("num_experts", requested), ("num_experts_per_tok", requested_per_token)):
+        if value is not None and not t.experts:
+            raise TailkdError(f"{name}={value} but {fam.label} is not a mixture of experts: drop {name}")
     if not t.experts:
-        raise TailkdError(f"num_experts={n} but {fam.label} is not a mixture of experts: drop num_experts")
-    low = max(1, per_token)
-    if not low <= n <= t.experts:
-        why = f" (each token is routed to {per_token}: num_experts_per_tok)" if per_token > 1 else ""
-        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts{why}: pick {low}..{t.experts}")
-    return n
+        return 0, 0
+    n = t.experts if requested is None else int(requested)
+    k = t.experts_per_token if requested_per_token is None else int(requested_per_token)
+    if requested_per_token is not None and not 1 <= k <= n:
+        raise TailkdError(f"num_experts_per_tok={k} but the student has {n} experts: pick 1..{n}")
+    if not max(1, k) <= n <= t.experts:
+        why = f" (each token is routed to {k}: num_experts_per_tok)" if k > 1 else ""
+        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts{why}: pick {max(1, k)}..{t.experts}"
+                          + (", or fewer experts per token (num_experts_per_tok)" if k > 1 else ""))
+    return n, k
 
 
 def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
@@ -346,7 +351,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
         data.pop(key, None)
     data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
     sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-             "intermediate": s.intermediate, "experts": s.experts}
+             "intermediate": s.intermediate, "experts": s.experts, "experts_per_token": s.experts_per_token}
     aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
     data.update({aliases.get(fam.keys[role], fam.keys[role]): value for role, value in sizes.items()
                  if fam.keys.get(role)})
@@ -459,14 +464,14 @@ def _copy_rule(name: str, fam: Family, mlp_init: str):
 # --------------------------------------------------------------------------- the builder
 
 def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-          tie_embeddings=None, num_experts=None):
+          tie_embeddings=None, num_experts=None, num_experts_per_tok=None):
     fam = config_family(teacher.config, family_spec(teacher))
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)
     _check_layer_index_flags(teacher.config, fam, chosen)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                     fraction, num_experts, getattr(teacher.config, "num_experts_per_tok", 0) if t.experts else 0)
+                     fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
@@ -474,19 +479,20 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
 def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                    num_heads: int | None = None, num_kv_heads: int | None = None,
                    intermediate_size: int | None = None, head_dim: int | None = None,
-                   tie_embeddings: bool | None = None, num_experts: int | None = None):
+                   tie_embeddings: bool | None = None, num_experts: int | None = None,
+                   num_experts_per_tok: int | None = None):
     """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
     are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
     `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
     return _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                 tie_embeddings, num_experts)[-1]
+                 tie_embeddings, num_experts, num_experts_per_tok)[-1]
 
 
 def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                   num_heads: int | None = None, num_kv_heads: int | None = None,
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
-                  seed: int = 0):
+                  num_experts_per_tok: int | None = None, seed: int = 0):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
@@ -499,7 +505,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
     fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                               intermediate_size, head_dim, tie_embeddings, num_experts)
+                                               intermediate_size, head_dim, tie_embeddings, num_experts,
+                                               num_experts_per_tok)
 
     from transformers import AutoModelForCausalLM
 
