@@ -19,8 +19,7 @@ import torch
 from tailkd.errors import TailkdError
 
 __all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "forward_hidden", "head_spec", "model_class_name",
-           "model_head",
-           "transform", "transform_backward", "verify_head"]
+           "model_head", "transform", "transform_backward", "verify_head"]
 
 
 @dataclass(frozen=True)

@@ -272,12 +272,13 @@ def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int,
         return 0, 0
     n = t.experts if requested is None else int(requested)
     k = t.experts_per_token if requested_per_token is None else int(requested_per_token)
-    if requested_per_token is not None and not 1 <= k <= n:
+    if not 1 <= n <= t.experts:
+        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts: pick 1..{t.experts}")
+    if not 1 <= k <= n:
+        if requested_per_token is None:
+            raise TailkdError(f"num_experts={n} but each token is routed to {k} (the teacher's num_experts_per_tok): "
+                              f"pick {k}..{t.experts}, or set num_experts_per_tok to at most {n}")
         raise TailkdError(f"num_experts_per_tok={k} but the student has {n} experts: pick 1..{n}")
-    if not max(1, k) <= n <= t.experts:
-        why = f" (each token is routed to {k}: num_experts_per_tok)" if k > 1 else ""
-        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts{why}: pick {max(1, k)}..{t.experts}"
-                          + (", or fewer experts per token (num_experts_per_tok)" if k > 1 else ""))
     return n, k
 
 
