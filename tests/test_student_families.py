@@ -1,7 +1,7 @@
 """tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
-Qwen3, OLMo-2, OLMo-3, SmolLM3, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS, and the
-hybrids (gated attention beside Gated DeltaNet linear attention) Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, each from a tiny
-random config built with its own config class (no hub).
+Qwen3, OLMo-2, OLMo-3, SmolLM3, GLM, GLM-4 (interleaved RoPE), the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE and GPT-OSS, and the hybrids (gated attention beside Gated DeltaNet linear attention) Qwen3-Next, Qwen3.5 and
+Qwen3.5-MoE, each from a tiny random config built with its own config class (no hub).
 
 Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
 config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
@@ -12,8 +12,10 @@ own per-layer settings (sliding vs full attention, Gemma3's local vs global RoPE
 """
 
 import copy
+import math
 import re
 
+import bounds as B
 import pytest
 import torch
 import transformers
@@ -45,6 +47,9 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
                                   max_window_layers=2, **_SLIDING)),  # layer_types [F, F, S, S, S]
     "olmo2": ("Olmo2Config", dict(hidden_size=64, num_key_value_heads=2)),
+    # interleaved RoPE over half of each 16-row head (rows (2p, 2p+1)), fused [gate | up], q/k/v biases
+    "glm": ("GlmConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),
+    "glm4": ("Glm4Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),
     "olmo3": ("Olmo3Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     # no_rope_layers: 0 = a layer without RoPE, per layer as layer_types
     "smollm3": ("SmolLM3Config", dict(hidden_size=64, num_key_value_heads=2, no_rope_layers=[1, 0, 1, 1, 0],
@@ -79,10 +84,11 @@ CONFIGS = {
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-           "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-           "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-           "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
+           "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+           "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM",
+           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+           "gpt_oss": "GptOssForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
+           "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -373,6 +379,12 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "qwen3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
     "olmo2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "olmo3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # interleaved partial RoPE: 8 of 16 rows rotate in pairs (2p, 2p+1); 4 of 8 keep teacher pairs 0, 2 (rows 0, 1,
+    # 4, 5: the frequencies the student's pairs 0, 1 rotate at), then the first 4 non-rotated rows 8..11
+    "glm": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 40},
+            dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 10, 11])),
+    "glm4": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
+             dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=[0, 1, 4, 5, 8, 9, 10, 11])),
     "smollm3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     # mixtures: intermediate_size narrows each routed expert, num_experts keeps the first experts (router rows too)
     "mixtral": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 2},
@@ -402,6 +414,40 @@ def test_narrow_student_is_the_teachers_slices(case, tmp_path):
     family = case.split("-")[0]
     kwargs, plan = NARROW[case]
     _check_narrow_student(make_teacher(family), kwargs, plan, tmp_path)
+
+
+def test_interleaved_rope_keeps_rotated_queries():
+    """GLM-4's interleaved partial RoPE (pairs (2p, 2p+1) over the first half of each head): student q/k after RoPE
+    equal the teacher's on the kept rows [0, 1, 4, 5, 8..11] (head_dim 16 -> 8, hidden kept: the same inputs), the
+    reason for the pair choice; rotate-half's rows would not. Bound: each q/k entry a 48-term float32 dot product in
+    either model (bounds.f32_dot_atol), RoPE mixing it with its pair partner (|cos| + |sin| <= sqrt 2) and rounding 3
+    times, as test_student's rotate-half twin."""
+    from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb
+
+    teacher = make_teacher("glm4")
+    student, _ = build_student(teacher, head_dim=8)
+    x = torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(7)[None]
+
+    def rotated(model, head_dim):
+        attn = model.model.layers[1].self_attn
+        q = attn.q_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(x, positions)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    with torch.no_grad():
+        tq, tk = rotated(teacher, 16)
+        sq, sk = rotated(student, 8)
+    rows, partner = [0, 1, 4, 5, 8, 9, 10, 11], [1, 0, 3, 2, 4, 5, 6, 7]  # rotated rows 0..3 in pairs, 4..7 not
+    for got, want, proj in ((sq, tq[..., rows], "q_proj"), (sk, tk[..., rows], "k_proj")):
+        module = getattr(student.model.layers[1].self_attn, proj)
+        mag = (x.double().abs() @ module.weight.double().abs().T + module.bias.double().abs())
+        mag = mag.view(1, 7, -1, 8).transpose(1, 2)
+        pair = torch.maximum(mag, mag[..., partner])
+        bound = 2 * (math.sqrt(2) * B.f32_dot_atol(49, pair) + B.SAFETY * 3 * B.U32 * math.sqrt(2) * pair)
+        B.assert_within(got, want, bound, msg=proj)
+    assert not torch.allclose(sq, tq[..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)  # rotate-half's choice
 
 
 def _check_narrow_student(teacher, kwargs, plan, tmp_path):

@@ -71,7 +71,8 @@ class Family:
     head_dim: str  # "derived": hidden_size // heads (no head_dim in the config); "follows_hidden": the teacher's
     #                while hidden_size is unchanged, else hidden_size // heads; "kept": the teacher's (decoupled)
     layer_prefix: str = "model.layers."
-    rope: bool = True
+    rope: bool | str = True  # q/k carry RoPE: True rotate-half (pairs (i, i + half)), "interleaved" (pairs (2i, 2i+1):
+    #                         GLM), False none (GPT-2's absolute positions)
     keys: dict = field(default_factory=lambda: dict(
         layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
         kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None, experts_per_token=None))
@@ -185,6 +186,14 @@ FAMILIES = {f.name: f for f in (
     Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen3_5MoeForCausalLM",), _DECODER,
            {**_GATED_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_PRE_NORMS},
            _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size")),
+    # GLM, GLM-4: interleaved partial RoPE, fused [gate | up], q/k/v biases; GLM-4 adds post-sublayer norms
+    Family("glm", "GLM", ("GlmForCausalLM",), _DECODER,
+           {**_ATTENTION, **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"),
+            **_PRE_NORMS}, _EMBED, "kept", rope="interleaved"),
+    Family("glm4", "GLM-4", ("Glm4ForCausalLM",), _DECODER,
+           {**_ATTENTION, **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"),
+            **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")}, _EMBED, "kept",
+           rope="interleaved"),
     # SmolLM3: Llama's layout; no_rope_layers (1 = RoPE, 0 = none) is per layer and follows the chosen layers
     Family("smollm3", "SmolLM3", ("SmolLM3ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "follows_hidden", layer_lists=("layer_types", "no_rope_layers")),

@@ -81,7 +81,8 @@ hidden_size and num_heads together). The per-family parameter tables are in `tai
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
 student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
 (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its
-per-layer no_rope_layers follow the chosen layers), Mixtral, Qwen2-MoE,
+per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1),
+kept by the same frequency rule), Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE, GPT-OSS (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
 Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes).
 """
@@ -390,20 +391,25 @@ def _sparse_layer(config, i: int) -> bool:
 
 # --------------------------------------------------------------------------- index helpers
 
-def rope_pair_rows(hd_t: int, hd_s: int) -> list[int]:
-    """Rows of a teacher q/k head (rotate-half RoPE) kept for a student head, in student order."""
+def rope_pair_rows(hd_t: int, hd_s: int, interleaved: bool = False) -> list[int]:
+    """Rows of a teacher q/k head kept for a student head, in student order: the teacher's RoPE pair
+    floor(j * half_t/half_s + 1/2) for student pair j; pair p is rows (p, p + half) under rotate-half RoPE, rows
+    (2p, 2p + 1) under interleaved RoPE (GLM), both rotating at frequency index p."""
     half_t, half_s = hd_t // 2, hd_s // 2
     pairs = [(2 * j * half_t + half_s) // (2 * half_s) for j in range(half_s)]  # floor(j*half_t/half_s + 1/2)
+    if interleaved:
+        return [row for p in pairs for row in (2 * p, 2 * p + 1)]
     return pairs + [half_t + i for i in pairs]
 
 
-def qk_head_rows(hd_t: int, hd_s: int, rope: bool = True, fraction: float = 1.0) -> list[int]:
+def qk_head_rows(hd_t: int, hd_s: int, rope: bool = True, fraction: float = 1.0,
+                 interleaved: bool = False) -> list[int]:
     """Rows of a teacher q/k head kept for a student head: RoPE pairs of the rotated part, then the first
     non-rotated rows (partial rotary); the first hd_s rows without RoPE."""
     if not rope:
         return list(range(hd_s))
     rot_t, rot_s = int(hd_t * fraction), int(hd_s * fraction)
-    return (rope_pair_rows(rot_t, rot_s) if rot_s else []) + [rot_t + i for i in range(hd_s - rot_s)]
+    return (rope_pair_rows(rot_t, rot_s, interleaved) if rot_s else []) + [rot_t + i for i in range(hd_s - rot_s)]
 
 
 def _rows(heads: list[int], hd_t: int, rows_in_head: list[int]) -> torch.Tensor:
@@ -429,10 +435,10 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
     return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
 
 
-def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0) -> dict:
+def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0, interleaved: bool = False) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices."""
     q_heads, kv_heads = _query_heads(t, s), list(range(s.kv_heads))
-    qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
+    qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction, interleaved), list(range(s.head_dim))
     q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
     v = _rows(kv_heads, t.head_dim, first)
     q_width, kv_width, ff = t.heads * t.head_dim, t.kv_heads * t.head_dim, torch.arange(s.intermediate)
@@ -517,7 +523,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if getattr(teacher, "generation_config", None) is not None:  # the teacher's tokenizer: its stop ids and sampling
         student.generation_config = copy.deepcopy(teacher.generation_config)
 
-    index = axis_indices(t, s, fam.rope, fraction)
+    index = axis_indices(t, s, bool(fam.rope), fraction, fam.rope == "interleaved")
     teacher_params = dict(teacher.named_parameters(remove_duplicate=False))  # a tied head under its own name too
     table = []
     with torch.no_grad():
