@@ -107,6 +107,17 @@ _TINY_CONFIGS = {
 }
 
 
+def rotated_qk(model, x, head_dim: int, apply_rotary_pos_emb, layer: int = 1):
+    """q and k of ``model``'s decoder layer ``layer`` for inputs ``x`` [1, T, d] at positions 0..T-1, after its RoPE
+    (``apply_rotary_pos_emb`` of the model's family), as [1, heads, T, head_dim] each."""
+    attn = model.model.layers[layer].self_attn
+    positions = torch.arange(x.shape[1])[None]
+    q = attn.q_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(x, positions)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
 def make_tiny_lm(family="llama", *, seed=0, **overrides):
     """A seeded tiny causal LM of `family` (llama, qwen2, mistral, mixtral, gpt2), float32, eval mode.
 

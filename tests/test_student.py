@@ -6,7 +6,7 @@ import math
 import bounds as B
 import pytest
 import torch
-from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
+from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm, rotated_qk
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -127,18 +127,9 @@ def test_rope_aware_truncation_keeps_rotated_queries():
     student, _ = build_student(teacher, hidden_size=32)  # head_dim 16 -> 8
     hidden = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))
     padded = torch.cat([hidden, torch.zeros(1, 7, 32)], dim=-1)  # teacher input with the dropped dims zero
-    positions = torch.arange(7)[None]
-
-    def rotated(model, x, head_dim):
-        attn = model.model.layers[1].self_attn
-        q = attn.q_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(x, positions)
-        return apply_rotary_pos_emb(q, k, cos, sin)
-
     with torch.no_grad():
-        tq, tk = rotated(teacher, padded, 16)
-        sq, sk = rotated(student, hidden, 8)
+        tq, tk = rotated_qk(teacher, padded, 16, apply_rotary_pos_emb)
+        sq, sk = rotated_qk(student, hidden, 8, apply_rotary_pos_emb)
     rows = rope_pair_rows(16, 8)
     assert rows == [0, 2, 4, 6, 8, 10, 12, 14]
     # the same 32 products per output (the teacher's 32 extra inputs are exact zeros) summed in two blockings: each

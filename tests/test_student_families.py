@@ -19,7 +19,7 @@ import bounds as B
 import pytest
 import torch
 import transformers
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, rotated_qk
 
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
@@ -427,18 +427,9 @@ def test_interleaved_rope_keeps_rotated_queries():
     teacher = make_teacher("glm4")
     student, _ = build_student(teacher, head_dim=8)
     x = torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(3))
-    positions = torch.arange(7)[None]
-
-    def rotated(model, head_dim):
-        attn = model.model.layers[1].self_attn
-        q = attn.q_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, 7, -1, head_dim).transpose(1, 2)
-        cos, sin = model.model.rotary_emb(x, positions)
-        return apply_rotary_pos_emb(q, k, cos, sin)
-
     with torch.no_grad():
-        tq, tk = rotated(teacher, 16)
-        sq, sk = rotated(student, 8)
+        tq, tk = rotated_qk(teacher, x, 16, apply_rotary_pos_emb)
+        sq, sk = rotated_qk(student, x, 8, apply_rotary_pos_emb)
     rows, partner = [0, 1, 4, 5, 8, 9, 10, 11], [1, 0, 3, 2, 4, 5, 6, 7]  # rotated rows 0..3 in pairs, 4..7 not
     for got, want, proj in ((sq, tq[..., rows], "q_proj"), (sk, tk[..., rows], "k_proj")):
         module = getattr(student.model.layers[1].self_attn, proj)
