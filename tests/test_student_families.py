@@ -50,6 +50,13 @@ CONFIGS = {
     # interleaved RoPE over half of each 16-row head (rows (2p, 2p+1)), fused [gate | up], q/k/v biases
     "glm": ("GlmConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),
     "glm4": ("Glm4Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),
+    "ministral": ("MinistralConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16,
+                                          layer_types=[S, F, S, S, F], **_SLIDING)),
+    "seed_oss": ("SeedOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),  # biases, 4 x 16 != 48
+    # interleaved RoPE on the sliding layers only, parallel attention and MLP, logit_scale
+    "cohere2": ("Cohere2Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
+    "exaone4": ("Exaone4Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
+    "apertus": ("ApertusConfig", dict(hidden_size=64, num_key_value_heads=2)),
     "olmo3": ("Olmo3Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     # no_rope_layers: 0 = a layer without RoPE, per layer as layer_types
     "smollm3": ("SmolLM3Config", dict(hidden_size=64, num_key_value_heads=2, no_rope_layers=[1, 0, 1, 1, 0],
@@ -84,10 +91,12 @@ CONFIGS = {
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-           "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM",
-           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-           "gpt_oss": "GptOssForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
+           "ministral": "MinistralForCausalLM", "seed_oss": "SeedOssForCausalLM", "cohere2": "Cohere2ForCausalLM",
+           "exaone4": "Exaone4ForCausalLM", "apertus": "ApertusForCausalLM", "glm": "GlmForCausalLM",
+           "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+           "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+           "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
 
@@ -196,6 +205,8 @@ def _expected(name, teacher, plan):
         return w[:d, :ff] if kind == "weight" else w[:d]
     if module.endswith("layernorm"):
         return w[:d]
+    if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
+        return w
     raise AssertionError(f"the reference has no rule for {name}")
 
 
@@ -379,6 +390,13 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "qwen3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
     "olmo2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "olmo3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "ministral": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "seed_oss": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
+    "cohere2": ({"hidden_size": 32, "intermediate_size": 40},
+                dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
+    "exaone4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "apertus": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     # interleaved partial RoPE: 8 of 16 rows rotate in pairs (2p, 2p+1); 4 of 8 keep teacher pairs 0, 2 (rows 0, 1,
     # 4, 5: the frequencies the student's pairs 0, 1 rotate at), then the first 4 non-rotated rows 8..11
     "glm": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 40},

@@ -121,7 +121,8 @@ _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_at
                  kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
 
 FAMILIES = {f.name: f for f in (
-    Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"), _DECODER,
+    Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
+                              "SeedOssForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
            layer_thresholds=("max_window_layers",)),
     Family("gpt2", "GPT-2", ("GPT2LMHeadModel",),
@@ -194,6 +195,21 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"),
             **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")}, _EMBED, "kept",
            rope="interleaved"),
+    # Cohere2 (Command R7B / A): parallel attention and MLP after one LayerNorm, interleaved RoPE (on its sliding
+    # layers only); its logit_scale is the head's (tailkd.head)
+    Family("cohere2", "Cohere2", ("Cohere2ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP,
+                                                                     **norms("input_layernorm")},
+           _EMBED, "follows_hidden", rope="interleaved"),
+    # EXAONE 4: OLMo-2-style post-norms, per-head q/k norms (RoPE on its sliding layers only)
+    Family("exaone4", "EXAONE 4", ("Exaone4ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_HEAD_QK_NORMS, **norms("post_attention_layernorm",
+                                                                  "post_feedforward_layernorm")},
+           _EMBED, "derived"),
+    # Apertus: an ungated MLP with xIELU's two learned scalars, per-head q/k norms
+    Family("apertus", "Apertus", ("ApertusForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff"),
+            "mlp.act_fn.alpha_p": ("all",), "mlp.act_fn.alpha_n": ("all",),
+            **norms("attention_layernorm", "feedforward_layernorm")}, _EMBED, "derived"),
     # SmolLM3: Llama's layout; no_rope_layers (1 = RoPE, 0 = none) is per layer and follows the chosen layers
     Family("smollm3", "SmolLM3", ("SmolLM3ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "follows_hidden", layer_lists=("layer_types", "no_rope_layers")),

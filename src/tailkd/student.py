@@ -79,7 +79,8 @@ under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): kee
 hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
-student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, GPT-2, Phi
+student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS,
+Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi
 (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its
 per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1),
 kept by the same frequency rule), Mixtral, Qwen2-MoE,
