@@ -532,6 +532,26 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
         assert torch.equal(p, params[name]), name
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe"])
+def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(family, tmp_path):
+    """Each mixture family's tiny teacher (test_student_families), saved by save_pretrained in the format transformers
+    converts on load (per-expert tensors, renamed modules): `student_source` with every layer reads every parameter
+    through the conversions, equal bit for bit to the model's own."""
+    from test_student_families import make_teacher
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import _weight_map, student_source
+
+    teacher = make_teacher(family)
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    names = dict(teacher.named_parameters())
+    assert set(names) - set(_weight_map(tmp_path / "teacher"))  # some are stored under other names
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=None), dtype="fp32")
+    for name, p in skeleton.named_parameters():
+        assert torch.equal(p, names[name]), name
+
+
 def test_a_model_class_naming_no_decoder_layer_is_refused(monkeypatch):
     """FSDP2 shards the teacher by its decoder layers, the classes its ``_no_split_modules`` names: a class that names
     none (or none present) is one line with the fix, not a teacher sharded as one unit."""
