@@ -99,6 +99,8 @@ _PRE_NORMS = norms("input_layernorm", "post_attention_layernorm")
 _SANDWICH = norms("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _HEAD_QK_NORMS = norms("self_attn.q_norm", "self_attn.k_norm", axis="head_qk")
 _EMBED = ("model.embed_tokens.weight",)
+_FUSED_MLP = {**linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff")}  # [gate | up]
+_PROJECTION_QK_NORMS = {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)}  # OLMo-2's, OLMoE's
 # a mixture of experts (transformers 5's layout: the experts of a layer as 3-D tensors [E, out, in], gate before up)
 _EXPERTS = {"mlp.gate.weight": ("expert", "d"), "mlp.experts.gate_up_proj": ("expert", "gate_up", "d"),
             "mlp.experts.down_proj": ("expert", "d", "ff")}
@@ -144,7 +146,7 @@ FAMILIES = {f.name: f for f in (
            _EMBED, "derived"),
     Family("phi3", "Phi-3", ("Phi3ForCausalLM",), _DECODER,
            {**linear("self_attn.qkv_proj", "qkv", "d"), **linear("self_attn.o_proj", "d", "o"),
-            **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"), **_PRE_NORMS},
+            **_FUSED_MLP, **_PRE_NORMS},
            _EMBED, "derived"),
     Family("gemma", "Gemma", ("GemmaForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "kept"),
@@ -168,9 +170,8 @@ FAMILIES = {f.name: f for f in (
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
            sparse_by_index=True),
     Family("olmoe", "OLMoE", ("OlmoeForCausalLM",), _DECODER,
-           {**_ATTENTION, **_EXPERTS, **_PRE_NORMS,
-            "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection
-           _EMBED, "derived", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
+           {**_ATTENTION, **_EXPERTS, **_PRE_NORMS, **_PROJECTION_QK_NORMS}, _EMBED, "derived",
+           keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
     # experts stored [E, in, out] (transposed) with biases; a learned attention sink per query head
     Family("gpt_oss", "GPT-OSS", ("GptOssForCausalLM",), _DECODER,
            {**_ATTENTION, "self_attn.sinks": ("head",), **linear("mlp.router", "expert", "d"),
@@ -189,12 +190,10 @@ FAMILIES = {f.name: f for f in (
            _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size")),
     # GLM, GLM-4: interleaved partial RoPE, fused [gate | up], q/k/v biases; GLM-4 adds post-sublayer norms
     Family("glm", "GLM", ("GlmForCausalLM",), _DECODER,
-           {**_ATTENTION, **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"),
-            **_PRE_NORMS}, _EMBED, "kept", rope="interleaved"),
+           {**_ATTENTION, **_FUSED_MLP, **_PRE_NORMS}, _EMBED, "kept", rope="interleaved"),
     Family("glm4", "GLM-4", ("Glm4ForCausalLM",), _DECODER,
-           {**_ATTENTION, **linear("mlp.gate_up_proj", "gate_up", "d"), **linear("mlp.down_proj", "d", "ff"),
-            **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")}, _EMBED, "kept",
-           rope="interleaved"),
+           {**_ATTENTION, **_FUSED_MLP, **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")},
+           _EMBED, "kept", rope="interleaved"),
     # Cohere2 (Command R7B / A): parallel attention and MLP after one LayerNorm, interleaved RoPE (on its sliding
     # layers only); its logit_scale is the head's (tailkd.head)
     Family("cohere2", "Cohere2", ("Cohere2ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP,
@@ -215,8 +214,7 @@ FAMILIES = {f.name: f for f in (
            _EMBED, "follows_hidden", layer_lists=("layer_types", "no_rope_layers")),
     Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
-            "self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("k",)},  # over the whole projection
-           _EMBED, "derived"),
+            **_PROJECTION_QK_NORMS}, _EMBED, "derived"),
 )}
 
 SUPPORTED = tuple(name for family in FAMILIES.values() for name in family.classes)

@@ -131,11 +131,11 @@ class _Checkpoint:
 
     def __init__(self, folder: Path, model):
         self.files = _weight_map(folder)
-        missing = set(model.state_dict()) - set(self.files)
-        self._plan = self._conversions(model) if missing else {}
+        expected = model.state_dict()
+        self._plan = self._conversions(model, expected) if set(expected) - set(self.files) else {}
         self._model, self._done = model, {}
 
-    def _conversions(self, model) -> dict:
+    def _conversions(self, model, expected: dict) -> dict:
         """{model name: (converter or None for a renaming, [(source pattern, checkpoint name), ...])}."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
@@ -144,7 +144,6 @@ class _Checkpoint:
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
-        expected = model.state_dict()
         plan: dict = {}
         for key in sorted(self.files, key=dot_natural_key):  # experts in index order, as from_pretrained
             renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)

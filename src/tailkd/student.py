@@ -78,14 +78,13 @@ settings are the teacher's. Narrowing is supported for every family; the one ref
 under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow
 hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
-Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the
-student is always built in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS,
-Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi
-(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its
-per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1),
-kept by the same frequency rule), Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, GPT-OSS (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
-Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes).
+Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always
+built in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere2 (interleaved
+RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3,
+OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair
+p is rows (2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS
+(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
+(text-only ForCausalLM classes).
 """
 
 from __future__ import annotations
@@ -403,14 +402,15 @@ def rope_pair_rows(hd_t: int, hd_s: int, interleaved: bool = False) -> list[int]
     return pairs + [half_t + i for i in pairs]
 
 
-def qk_head_rows(hd_t: int, hd_s: int, rope: bool = True, fraction: float = 1.0,
-                 interleaved: bool = False) -> list[int]:
+def qk_head_rows(hd_t: int, hd_s: int, rope: bool | str = True, fraction: float = 1.0) -> list[int]:
     """Rows of a teacher q/k head kept for a student head: RoPE pairs of the rotated part, then the first
-    non-rotated rows (partial rotary); the first hd_s rows without RoPE."""
+    non-rotated rows (partial rotary); the first hd_s rows without RoPE. ``rope``: a `Family`'s (True: rotate-half,
+    "interleaved", False: none)."""
     if not rope:
         return list(range(hd_s))
     rot_t, rot_s = int(hd_t * fraction), int(hd_s * fraction)
-    return (rope_pair_rows(rot_t, rot_s, interleaved) if rot_s else []) + [rot_t + i for i in range(hd_s - rot_s)]
+    pairs = rope_pair_rows(rot_t, rot_s, rope == "interleaved") if rot_s else []
+    return pairs + [rot_t + i for i in range(hd_s - rot_s)]
 
 
 def _rows(heads: list[int], hd_t: int, rows_in_head: list[int]) -> torch.Tensor:
@@ -436,10 +436,10 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
     return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
 
 
-def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0, interleaved: bool = False) -> dict:
+def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices."""
     q_heads, kv_heads = _query_heads(t, s), list(range(s.kv_heads))
-    qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction, interleaved), list(range(s.head_dim))
+    qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
     q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
     v = _rows(kv_heads, t.head_dim, first)
     q_width, kv_width, ff = t.heads * t.head_dim, t.kv_heads * t.head_dim, torch.arange(s.intermediate)
@@ -449,8 +449,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool = True, fraction: float = 1.0, int
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": s.experts,
             "head": torch.tensor(q_heads, dtype=torch.long),
-            "q_gated": torch.tensor([h * 2 * t.head_dim + r + part * t.head_dim for h in q_heads
-                                     for part, rows in ((0, qk_rows), (1, first)) for r in rows], dtype=torch.long)}
+            "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first])}
 
 
 # --------------------------------------------------------------------------- copy plans
@@ -524,7 +523,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if getattr(teacher, "generation_config", None) is not None:  # the teacher's tokenizer: its stop ids and sampling
         student.generation_config = copy.deepcopy(teacher.generation_config)
 
-    index = axis_indices(t, s, bool(fam.rope), fraction, fam.rope == "interleaved")
+    index = axis_indices(t, s, fam.rope, fraction)
     teacher_params = dict(teacher.named_parameters(remove_duplicate=False))  # a tied head under its own name too
     table = []
     with torch.no_grad():

@@ -261,8 +261,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     sparse = signal_of is not None and signal_of.sparse
     dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk, sparse)}; teacher signal: "
              f"{signal_text}")
-    if router_weight(student):  # a mixture-of-experts student whose config asks for it, as in its own loss
-        dist.say(f"router load-balancing loss: {router_weight(student):g} x the student's aux_loss per token "
+    if coef := router_weight(student):  # a mixture-of-experts student whose config asks for it, as in its own loss
+        dist.say(f"router load-balancing loss: {coef:g} x the student's aux_loss per token "
                  "(its config's output_router_logits, router_aux_loss_coef; the metrics' aux term)")
 
     # every input checked out: only now touch the run folder
