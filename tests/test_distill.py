@@ -217,6 +217,35 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, cap
     assert trained.shape == start.shape and not torch.equal(trained, start)
 
 
+def test_a_router_term_the_students_forward_cannot_give_is_refused_before_the_run_folder(assets, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A student whose config asks for the router term but whose forward on the fused path returns no aux_loss (here:
+    a model taken for one without logits_to_keep, whose base model runs alone) is one line, exit 2, before the run
+    folder is touched; on full logits the same student trains."""
+    import transformers
+    from tiny import make_tokenizer
+
+    import tailkd.head
+
+    tok = make_tokenizer(300)
+    config = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        output_router_logits=True, max_position_embeddings=256, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=None)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    monkeypatch.setattr(tailkd.head, "_takes_logits_to_keep", lambda model: False)
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--student.num_layers", "1", "--data",
+            str(assets["corpus"]), "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4",
+            "--steps", "1", "--data.eval_rows", "8", "--train.precision", "fp32"]
+    assert main([*args, "--train.fused_loss", "on", "--out", str(tmp_path / "fused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("tailkd: error: the student's config sets output_router_logits, but its forward "
+                   "(MixtralForCausalLM) returned no aux_loss: set output_router_logits to false in its config.json")
+    assert not (tmp_path / "fused").exists()
+    assert main([*args, "--train.fused_loss", "off", "--out", str(tmp_path / "dense")]) == 0
+
+
 def test_a_student_built_from_a_hybrid_teacher(assets, tmp_path):
     """A student built from the Qwen3-Next teacher (three Gated DeltaNet layers and one gated full-attention layer,
     4 experts): 2 layers (0 and 3: one of each kind), hidden 32, 2 experts; `tailkd distill` trains it on the fused

@@ -38,7 +38,7 @@ from tailkd.errors import TailkdError
 from tailkd.head import Head, apply_head, forward_hidden, model_head
 
 __all__ = ["IGNORE_INDEX", "ObjectiveTerms", "chunked_objective", "computed_divergence", "count_valid_tokens",
-           "distill_loss", "objective", "router_weight", "step_terms"]
+           "check_router_aux", "distill_loss", "objective", "router_weight", "step_terms"]
 
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -214,17 +214,33 @@ def router_weight(student) -> float:
     return float(getattr(config, "router_aux_loss_coef", None) or 0.0)
 
 
-def _router_aux(student, out, labels) -> torch.Tensor | None:
-    """``coef * aux_loss * valid tokens`` of a micro-batch (``labels``: host labels where given: no device wait)."""
-    coef = router_weight(student)
-    if not coef:
-        return None
+def _aux_loss(student, out) -> torch.Tensor:
+    """The forward output's ``aux_loss``, or a one-line TailkdError where the model returns none."""
     aux = getattr(out, "aux_loss", None)
     if not isinstance(aux, torch.Tensor):
         raise TailkdError(f"the student's config sets output_router_logits, but its forward "
                           f"({type(getattr(student, 'module', student)).__name__}) returned no aux_loss: set "
                           "output_router_logits to false in its config.json")
-    return aux.double() * (coef * count_valid_tokens(labels))  # a scalar: rounded once, to the total's dtype
+    return aux
+
+
+def check_router_aux(student, input_ids: torch.Tensor, fused_path: bool) -> None:
+    """Before a run touches its folder: a student whose config asks for the router term (`router_weight`) returns
+    an ``aux_loss`` from the forward a step runs (one no-grad forward of ``input_ids``, a few tokens)."""
+    if not router_weight(student):
+        return
+    devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):  # router jitter draws nothing from the run's RNG
+        out = forward_hidden(student, input_ids)[1] if fused_path else student(input_ids=input_ids, use_cache=False)
+    _aux_loss(student, out)
+
+
+def _router_aux(student, out, labels) -> torch.Tensor | None:
+    """``coef * aux_loss * valid tokens`` of a micro-batch (``labels``: host labels where given: no device wait)."""
+    coef = router_weight(student)
+    if not coef:
+        return None
+    return _aux_loss(student, out).double() * (coef * count_valid_tokens(labels))  # rounded once, to the total's dtype
 
 
 def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,

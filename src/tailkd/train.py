@@ -46,7 +46,7 @@ from tailkd.config import DistillConfig
 from tailkd.errors import TailkdError
 from tailkd.evaluate import finalize, heldout_sums
 from tailkd.flops import distill_flops
-from tailkd.objective import count_valid_tokens, router_weight, step_terms
+from tailkd.objective import check_router_aux, count_valid_tokens, router_weight, step_terms
 from tailkd.onpolicy import OnPolicy, on_policy_from_config
 from tailkd.prepare import (
     attention_text,
@@ -261,6 +261,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     sparse = signal_of is not None and signal_of.sparse
     dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk, sparse)}; teacher signal: "
              f"{signal_text}")
+    check_router_aux(student, probe, fused_path)
     if coef := router_weight(student):  # a mixture-of-experts student whose config asks for it, as in its own loss
         dist.say(f"router load-balancing loss: {coef:g} x the student's aux_loss per token "
                  "(its config's output_router_logits, router_aux_loss_coef; the metrics' aux term)")
