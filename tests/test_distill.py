@@ -217,6 +217,45 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, cap
     assert trained.shape == start.shape and not torch.equal(trained, start)
 
 
+def test_a_student_built_from_a_glm45_teacher_keeps_its_expert_groups_and_score_correction(assets, tmp_path):
+    """A GLM-4.5 teacher (DeepSeek-V3-style routing: 8 experts in n_group 2 groups, a saved score-correction bias per
+    expert, shared experts, a dense first layer) and a student of 2 layers and 4 experts: `tailkd distill` trains it
+    on the fused layer; the saved student is a GLM-4.5 of 4 experts in 2 groups (the first 2 of each teacher group:
+    0, 1, 4, 5), its score-correction bias those experts' (a buffer: no gradient, unchanged by training), its layer 0
+    dense and layer 1 routed (first_k_dense_replace 1 of teacher layers 0, 3)."""
+    import transformers
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    config = transformers.Glm4MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                        topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                                        max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    torch.manual_seed(0)
+    teacher = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in teacher.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student.num_layers", "2",
+                 "--student.num_experts", "4", "--student.mlp_init", "copy", "--data", str(assets["corpus"]),
+                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+                 "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
+                 "--out", str(run)]) == 0
+    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert type(student).__name__ == "Glm4MoeForCausalLM"
+    assert (student.config.n_routed_experts, student.config.n_group, student.config.first_k_dense_replace) == (4, 2, 1)
+    assert [type(layer.mlp).__name__ for layer in student.model.layers] == ["Glm4MoeMLP", "Glm4MoeMoE"]
+    kept = torch.tensor([0, 1, 4, 5])
+    bias = teacher.model.layers[3].mlp.gate.e_score_correction_bias
+    assert torch.equal(student.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept])
+    init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    assert init["model.layers.1.mlp.experts.gate_up_proj"]["shape"] == [4, 48, 32]
+
+
 def test_a_router_term_the_students_forward_cannot_give_is_refused_before_the_run_folder(assets, tmp_path,
                                                                                         monkeypatch, capsys):
     """A student whose config asks for the router term but whose forward on the fused path returns no aux_loss (here:

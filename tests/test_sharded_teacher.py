@@ -532,12 +532,14 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
         assert torch.equal(p, params[name]), name
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe",
+                                    "glm4_moe", "dots1"])
 def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(family, tmp_path):
     """Each mixture family's tiny teacher (test_student_families), saved by save_pretrained in the format transformers
     converts on load (per-expert tensors, renamed modules): `student_source` with every layer reads every parameter
-    through the conversions, equal bit for bit to the model's own."""
-    from test_student_families import make_teacher
+    through the conversions, and every saved buffer (GLM-4.5's, dots.llm1's expert score correction: redrawn, not
+    the class's zeros), equal bit for bit to the model's own."""
+    from test_student_families import _persistent_buffers, make_teacher
 
     from tailkd.config import StudentConfig
     from tailkd.sharded_teacher import _weight_map, student_source
@@ -550,6 +552,10 @@ def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(fam
     skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=None), dtype="fp32")
     for name, p in skeleton.named_parameters():
         assert torch.equal(p, names[name]), name
+    buffers = _persistent_buffers(teacher)
+    assert set(_persistent_buffers(skeleton)) == set(buffers)
+    for name, b in _persistent_buffers(skeleton).items():
+        assert torch.equal(b, buffers[name]), name
 
 
 def test_a_model_class_naming_no_decoder_layer_is_refused(monkeypatch):

@@ -1,7 +1,8 @@
-"""tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text),
-Qwen3, OLMo-2, OLMo-3, SmolLM3, GLM, GLM-4 (interleaved RoPE), the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE and GPT-OSS, and the hybrids (gated attention beside Gated DeltaNet linear attention) Qwen3-Next, Qwen3.5 and
-Qwen3.5-MoE, each from a tiny random config built with its own config class (no hub).
+"""tailkd.student for the teacher families beyond Llama/GPT-2: Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text), Qwen3,
+OLMo-2, OLMo-3, SmolLM3, GLM, GLM-4 (interleaved RoPE), the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
+GPT-OSS, GLM-4.5 and dots.llm1 (DeepSeek-V3-style routing), and the hybrids (gated attention beside Gated DeltaNet
+linear attention) Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, each from a tiny random config built with its own config class
+(no hub).
 
 Exactness: a student with all the teacher's layers and no narrowing is the teacher's class, built from the same
 config (only dtype/name differ), holding bit-identical float32 weights; its forward runs the very same kernels on
@@ -77,6 +78,17 @@ CONFIGS = {
     # experts [E, in, out] with biases, gate/up interleaved; an attention sink per query head; sliding layers
     "gpt_oss": ("GptOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                      num_experts_per_tok=2, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # DeepSeek-V3-style routing: sigmoid router with a score-correction bias (a buffer), group-limited routing (8
+    # experts in 2 groups, 1 group per token), shared experts of 2 routed widths, dense MLPs in layers 0, 1;
+    # partial rotary (8 of 16 rows), per-head q/k norms, q/k/v biases
+    "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
+                                       num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
+                                       n_group=2, topk_group=1, first_k_dense_replace=2, use_qk_norm=True,
+                                       attention_bias=True)),
+    # dense layer 0; full attention below layer 3 (max_window_layers), sliding above: layer_types [F, F, F, S, S]
+    "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
+                                  first_k_dense_replace=1, max_window_layers=3, **_SLIDING)),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -96,24 +108,31 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+           "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
 def make_teacher(family, seed=0, **overrides):
-    """A seeded tiny teacher of `family`; every parameter redrawn (norm weights 1 + N(0, 0.1), the rest N(0, 0.1)),
-    so a tensor that is not copied cannot equal its source by accident."""
+    """A seeded tiny teacher of `family`; every parameter and persistent buffer redrawn (norm weights 1 + N(0, 0.1),
+    the rest N(0, 0.1)), so a tensor that is not copied cannot equal its source by accident."""
     name, extra = CONFIGS[family]
     config = getattr(transformers, name)(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for pname, param in model.named_parameters():
+        for pname, param in [*model.named_parameters(), *_persistent_buffers(model).items()]:
             noise = torch.randn(param.shape, generator=generator) * 0.1
             param.copy_(1.0 + noise if param.ndim == 1 and pname.endswith("weight") else noise)
     return model.eval()
+
+
+def _persistent_buffers(model) -> dict:
+    """The buffers a model saves (GLM-4.5's e_score_correction_bias, Apertus' xIELU constants), by name."""
+    saved = set(model.state_dict())
+    return {name: b for name, b in model.named_buffers() if name in saved}
 
 
 def _ids(seed=0, shape=(2, 13)):
@@ -139,7 +158,7 @@ def _heads(w, hd, heads, rows):
 
 def _expected(name, teacher, plan):
     """The value a student parameter must hold: the teacher's tensor, sliced as the student docstring says."""
-    t = dict(teacher.named_parameters())
+    t = {**dict(teacher.named_parameters()), **_persistent_buffers(teacher)}
     d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if m is None:
@@ -152,21 +171,26 @@ def _expected(name, teacher, plan):
     experts, ff_e = plan["experts"], plan["ff_e"]
     if type(teacher).__name__ == "GptOssForCausalLM":
         if rest in ("mlp.router.weight", "mlp.router.bias"):  # [E, d] and [E]
-            return w[:experts, :d] if rest.endswith("weight") else w[:experts]
+            return w[experts, :d] if rest.endswith("weight") else w[experts]
         if rest.startswith("mlp.experts.gate_up_proj"):  # [E, d, 2 ff] / [E, 2 ff]: (gate, up) pairs
-            w = w[:experts, :d] if rest.endswith("proj") else w[:experts]
+            w = w[experts, :d] if rest.endswith("proj") else w[experts]
             return w.reshape(*w.shape[:-1], -1, 2)[..., :ff_e, :].flatten(-2)
         if rest.startswith("mlp.experts.down_proj"):  # [E, ff, d] / [E, d]
-            return w[:experts, :ff_e, :d] if rest.endswith("proj") else w[:experts, :d]
+            return w[experts, :ff_e, :d] if rest.endswith("proj") else w[experts, :d]
         if rest == "self_attn.sinks":  # one per query head
             return w[plan["q_heads"]]
     if rest == "mlp.gate.weight":  # the router: one row per expert
-        return w[:experts, :d]
+        return w[experts, :d]
+    if rest == "mlp.gate.e_score_correction_bias":  # one per expert
+        return w[experts]
     if rest == "mlp.experts.gate_up_proj":  # [E, gate | up, d]
-        gate, up = w[:experts].chunk(2, dim=1)
+        gate, up = w[experts].chunk(2, dim=1)
         return torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1)[:, :, :d]
     if rest == "mlp.experts.down_proj":  # [E, d, ff]
-        return w[:experts, :d, :ff_e]
+        return w[experts, :d, :ff_e]
+    if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
+        units = ff_e * teacher.config.n_shared_experts
+        return w[:d, :units] if ".down_proj" in rest else w[:units, :d]
     if rest.startswith("linear_attn."):  # Gated DeltaNet keeps its own sizes: only the residual side narrows
         if rest.startswith("linear_attn.in_proj_"):
             return w[:, :d]
@@ -213,27 +237,34 @@ def _expected(name, teacher, plan):
 def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
           experts=None):
     """The reference's slices: ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a mixture's expert width and
-    routed experts kept (the first ones)."""
+    routed experts kept (a number: the first ones; or the teacher's indices)."""
     c = teacher.config
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
     moe = getattr(c, "num_experts_per_tok", None) is not None
     return dict(layers=layers, d=d or c.hidden_size, ff=ff or c.intermediate_size, hd_t=hd_t, hd_s=hd_s, moe=moe,
                 ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
-                experts=experts or getattr(c, "num_experts", None),
+                experts=_first(experts or getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None)),
                 H_t=c.num_attention_heads, KV_t=c.num_key_value_heads,
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
                 kv_heads=kv_heads if kv_heads is not None else list(range(c.num_key_value_heads)),
                 rows=rows if rows is not None else list(range(hd_s)))
 
 
+def _first(experts):
+    """Expert indices: n -> the first n (None: a dense model)."""
+    return list(range(experts)) if isinstance(experts, int) else experts
+
+
 def _assert_copied_exactly(student, table, teacher, plan):
-    """Every copied tensor, name by name, equals the reference slice; random ones are MLP tensors only."""
+    """Every copied tensor, name by name, equals the reference slice; random ones are MLP tensors only. Persistent
+    buffers (not in the table) likewise: copied, or under a random MLP the student's own."""
     actions = {row["name"]: row["action"] for row in table}
     params = dict(student.named_parameters())
     assert list(actions) == list(params)
-    for name, param in params.items():
-        if actions[name] == "random":
+    random_mlp = "random" in actions.values()
+    for name, param in [*params.items(), *_persistent_buffers(student).items()]:
+        if actions.get(name) == "random" or (name not in actions and random_mlp and ".mlp." in name):
             assert ".mlp." in name, name
             assert not torch.equal(param, _expected(name, teacher, plan)), name
             continue
@@ -274,7 +305,7 @@ def _zero_dropped_layers(teacher, keep):
     """A copy of the teacher whose other layers add exact zeros to the residual stream."""
     model = copy.deepcopy(teacher)
     outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.experts.down_proj",
-               "mlp.shared_expert.down_proj.", "linear_attn.out_proj.")
+               "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.", "linear_attn.out_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -322,11 +353,18 @@ def _mlp_kinds(model):
     # dense layer 2 (mlp_only_layers): teacher layers 1, 2, 4 are sparse, dense, sparse
     ("qwen3_moe", SUBSET, dict(mlp_only_layers=[1], decoder_sparse_step=1)),
     ("qwen3_moe", [0, 1, 2], dict(mlp_only_layers=[2], decoder_sparse_step=1)),
+    # dense below first_k_dense_replace (GLM-4.5: 2, dots.llm1: 1): the number of chosen layers below it
+    ("glm4_moe", SUBSET, dict(first_k_dense_replace=1)),
+    ("glm4_moe", [2, 3], dict(first_k_dense_replace=0)),
+    ("glm4_moe", [0, 1, 4], dict(first_k_dense_replace=2)),
+    ("dots1", [0, 3, 4], dict(first_k_dense_replace=1, max_window_layers=1)),
 ])
-def test_qwen_moe_sparse_layers_follow_the_layers(family, layers, config, tmp_path):
-    """Qwen-MoE picks a layer's MLP (routed experts or dense) by its index; the student's layer j must have teacher
-    layer layers[j]'s kind: its config lists its dense layers (``mlp_only_layers``, step 1) where the teacher's own
-    settings would give another pattern, and keeps them where they give the same. Saved and loaded, the same."""
+def test_moe_dense_layers_follow_the_layers(family, layers, config, tmp_path):
+    """Qwen-MoE, GLM-4.5 and dots.llm1 pick a layer's MLP (routed experts or dense) by its index; the student's layer
+    j must have teacher layer layers[j]'s kind. Qwen-MoE's student config lists its dense layers (``mlp_only_layers``,
+    step 1) where the teacher's own settings would give another pattern, and keeps them where they give the same;
+    ``first_k_dense_replace`` ("dense below layer N") counts the chosen layers below N. Saved and loaded, the
+    same."""
     teacher = make_teacher(family)
     student, _ = build_student(teacher, layers=layers, mlp_init="copy")
     kinds = _mlp_kinds(teacher)
@@ -346,6 +384,18 @@ def test_qwen_moe_sparse_layers_follow_the_layers(family, layers, config, tmp_pa
     ("qwen3_moe", {"intermediate_size": 41}, r"^intermediate_size=41 but the teacher's is 40: a student can only be "
                                              r"narrower, pick 1\.\.40$"),
     ("gemma", {"num_experts": 2}, r"^num_experts=2 but Gemma is not a mixture of experts: drop num_experts$"),
+    # group-limited routing (GLM-4.5: 8 experts in n_group 2, a token's experts from topk_group 1)
+    ("glm4_moe", {"num_experts": 5}, r"^num_experts=5 but the teacher routes within n_group=2 groups of experts: pick "
+                                     r"a multiple of 2 \(the student keeps the first num_experts/2 of each group\)$"),
+    ("glm4_moe", {"num_experts": 2, "num_experts_per_tok": 1},
+     r"^num_experts=2 leaves 1 expert per group, but the router scores each of the n_group=2 groups by its top 2 "
+     r"experts: pick at least 4$"),
+    ("glm4_moe", {"num_experts": 4, "num_experts_per_tok": 3},
+     r"^num_experts_per_tok=3 but a token's experts come from topk_group=1 of the student's groups of 2: pick at "
+     r"most 2, or more experts$"),
+    ("dots1", {"num_experts": 1, "num_experts_per_tok": 1},
+     r"^num_experts=1 leaves 1 expert per group, but the router scores each of the n_group=1 groups by its top 2 "
+     r"experts: pick at least 2$"),
     ("qwen3", {"num_experts_per_tok": 1}, r"^num_experts_per_tok=1 but Qwen3 is not a mixture of experts: drop "
                                           r"num_experts_per_tok$"),
 ])
@@ -424,6 +474,12 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "qwen3_5": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
                 dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
     "qwen3_5_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
+    # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4; shared experts 2 x 24 wide
+    "glm4_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                 dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8 rotate, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11
+    "glm4_moe-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
+    "dots1": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
 }
 
 
@@ -483,7 +539,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "layer_types", "query_pre_attn_scalar", "max_window_layers", "sliding_window",
                 "final_logit_softcapping", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
-                "moe_intermediate_size", "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step"):
+                "moe_intermediate_size", "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step",
+                "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "first_k_dense_replace"):
         assert getattr(loaded.config, key, None) == getattr(config, key, None), key
     assert torch.equal(_logits(loaded, ids), logits)
 
@@ -564,8 +621,8 @@ def test_layer_subset_saves_and_loads_unchanged(family, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     assert type(loaded) is type(teacher)
     assert loaded.config.num_hidden_layers == len(SUBSET) and _layer_types(loaded) == _layer_types(student)
-    reloaded = dict(loaded.named_parameters())
-    for name, param in student.named_parameters():
+    reloaded = {**dict(loaded.named_parameters()), **_persistent_buffers(loaded)}
+    for name, param in [*student.named_parameters(), *_persistent_buffers(student).items()]:
         assert torch.equal(reloaded[name], param), name
     ids = _ids(4)
     assert torch.equal(_logits(loaded, ids), _logits(student, ids))

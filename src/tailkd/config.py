@@ -209,10 +209,10 @@ class StudentConfig:
     num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
     num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
     intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's); of a mixture of experts "
-                                                "(Mixtral, Qwen-MoE), each routed expert's width")
+                                                "(Mixtral, Qwen-MoE, GLM-4.5), each routed expert's width")
     num_experts: Optional[int] = _f(None, "routed experts per layer of a student built from a mixture-of-experts "
-                                          "teacher: the teacher's first ones, at least its experts per token "
-                                          "(default: all of them)")
+                                          "teacher: the teacher's first ones (of each group under group-limited "
+                                          "routing: GLM-4.5), at least its experts per token (default: all of them)")
     num_experts_per_tok: Optional[int] = _f(None, "experts each token is routed to in a student built from a "
                                                   "mixture-of-experts teacher (default: the teacher's)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "

@@ -3,9 +3,10 @@
 An entry says, for one family of Hugging Face causal LMs:
 
 - which model classes it covers and what its config calls the sizes a student may change (`keys`);
-- how each parameter is sliced: a parameter name (global ones by full name, per-layer ones by the part after
-  ``<layer_prefix><i>.``) maps to one *axis kind* per tensor dimension (see `AXES`); the student builder turns
-  the kinds into index lists once per student and cuts every teacher tensor with them;
+- how each parameter (and persistent buffer: GLM-4.5's expert score correction) is sliced: a name (global ones by
+  full name, per-layer ones by the part after ``<layer_prefix><i>.``) maps to one *axis kind* per tensor dimension
+  (see `AXES`); the student builder turns the kinds into index lists once per student and cuts every teacher tensor
+  with them;
 - how the head size follows the other sizes (`head_dim`, `reads_head_dim`), whether q/k carry rotate-half RoPE
   (`rope`);
 - which config fields must follow the chosen layers: per-layer lists (``layer_types``) are subset, "from layer
@@ -14,7 +15,8 @@ An entry says, for one family of Hugging Face causal LMs:
   index (`layer_index_flags`: GPT-2's ``scale_attn_by_inverse_layer_idx``), so that only the first layers can be
   kept.
 
-A parameter of the student that its family's table does not name is an error (never a silent random init).
+A parameter of the student that its family's table does not name is an error (never a silent random init); a
+persistent buffer it does not name keeps the value the student's own config gives it.
 Parameters under ``mlp.`` are the MLP (random or copied, see ``mlp_init``).
 """
 
@@ -33,12 +35,16 @@ from dataclasses import dataclass, field
 #   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj, a mixture's experts.gate_up_proj): the first units
 #            of each half
 #   gate_up_pairs  an interleaved [gate_0, up_0, gate_1, up_1, ...] projection (GPT-OSS's experts): the first pairs
-#   expert   a mixture's routed experts (the router's rows, the experts' leading axis): the first num_experts
+#   expert   a mixture's routed experts (the router's rows and score-correction bias, the experts' leading axis):
+#            the first num_experts; under group-limited routing (n_group groups: GLM-4.5, dots.llm1) the first
+#            num_experts / n_group of each group
+#   ff_shared  a mixture's shared experts, one MLP of n_shared_experts x the routed width: its first units, the
+#            student's routed width x n_shared_experts
 #   head     one entry per query head (GPT-OSS's attention sinks): the kept query heads
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
-AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "head",
-        "q_gated")
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "ff_shared",
+        "head", "q_gated")
 MLP_PREFIX = "mlp."
 
 
@@ -76,6 +82,8 @@ class Family:
     keys: dict = field(default_factory=lambda: dict(
         layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
         kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None, experts_per_token=None))
+    # optional keys of a mixture, kept at the teacher's values: expert_groups (group-limited routing: n_group),
+    # shared_experts (how many routed widths the shared MLP is: n_shared_experts)
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
@@ -119,8 +127,18 @@ _LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all
                      **norms("linear_attn.norm", axis="all"), **linear("linear_attn.out_proj", "d", "all"),
                      **{k: v for p in ("qkvz", "ba", "qkv", "z", "b", "a")  # Qwen3-Next: qkvz, ba; Qwen3.5 split
                         for k, v in linear(f"linear_attn.in_proj_{p}", "all", "d").items()}}
+# DeepSeek-V3-style mixtures (GLM-4.5, dots.llm1): a sigmoid router with a score-correction bias (a persistent
+# buffer) and group-limited routing, shared experts of n_shared_experts x the routed width, dense MLPs (the teacher's
+# width) in the first first_k_dense_replace layers
+_SIGMOID_ROUTED = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
+                   **linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),
+                   **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
+                   **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
                  kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
+
+_SIGMOID_ROUTED_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
+                            expert_groups="n_group", shared_experts="n_shared_experts")
 
 FAMILIES = {f.name: f for f in (
     Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
@@ -169,6 +187,12 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_EXPERTS, **_DENSE_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
            sparse_by_index=True),
+    Family("glm4_moe", "GLM-4.5", ("Glm4MoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_SIGMOID_ROUTED_KEYS, layer_thresholds=("first_k_dense_replace",)),
+    Family("dots1", "dots.llm1", ("Dots1ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_SIGMOID_ROUTED_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),
     Family("olmoe", "OLMoE", ("OlmoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_EXPERTS, **_PRE_NORMS, **_PROJECTION_QK_NORMS}, _EMBED, "derived",
            keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
@@ -207,7 +231,7 @@ FAMILIES = {f.name: f for f in (
     # Apertus: an ungated MLP with xIELU's two learned scalars, per-head q/k norms
     Family("apertus", "Apertus", ("ApertusForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff"),
-            "mlp.act_fn.alpha_p": ("all",), "mlp.act_fn.alpha_n": ("all",),
+            **{f"mlp.act_fn.{name}": ("all",) for name in ("alpha_p", "alpha_n", "beta", "eps")},
             **norms("attention_layernorm", "feedforward_layernorm")}, _EMBED, "derived"),
     # SmolLM3: Llama's layout; no_rope_layers (1 = RoPE, 0 = none) is per layer and follows the chosen layers
     Family("smollm3", "SmolLM3", ("SmolLM3ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},

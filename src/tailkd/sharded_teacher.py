@@ -248,9 +248,10 @@ def _aliases(model) -> dict[str, list[str]]:
 
 def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=None):
     """``(teacher skeleton, tokenizer)`` to build the student from (`tailkd.student.build_student`) and check the
-    vocabulary against, without loading the teacher: the skeleton's parameters are on meta except those a student
-    built from it copies (every parameter outside the decoder layers and those of the layers the student keeps),
-    read whole in the teacher dtype. With ``student_cfg.path`` (an existing student) none is read."""
+    vocabulary against, without loading the teacher: the skeleton's parameters are on meta except those a student built
+    from it copies (every parameter outside the decoder layers and those of the layers the student keeps), read whole in
+    the teacher dtype; their saved (persistent) buffers are read too. With ``student_cfg.path`` (an existing student)
+    none is read."""
     from tailkd.student import choose_layers, family_of, teacher_dims
 
     folder = teacher_folder(spec, cache_dir)
@@ -266,6 +267,11 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     for name, p in list(model.named_parameters()):
         if not name.startswith(skipped):
             _set_param(model, name, files.read(name, None, p.shape).to(p.dtype), aliases)
+    persistent = set(model.state_dict())
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # saved ones (GLM-4.5's expert score correction) as from_pretrained
+            if name in persistent and not name.startswith(skipped) and files.has(name):
+                b.copy_(files.read(name, None, b.shape))
     return model, tokenizer
 
 

@@ -45,16 +45,24 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS) keeps the teacher's first
-         `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's by default)
-         and, with "copy", their router rows; `intermediate_size` is each routed expert's width (Mixtral's,
-         OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's moe_intermediate_size; GPT-OSS's interleaved gate/up
-         pairs are kept as pairs). GPT-OSS's attention sinks follow the kept query heads. Qwen-MoE's whole-width
-         MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE
-         layer routes or is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the
-         student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers``
-         where the teacher's settings would give other ones. The router load-balancing loss is on where the
-         student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`).
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1) keeps the
+         teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the
+         teacher's by default) and, with "copy", their router rows; `intermediate_size` is each routed expert's width
+         (Mixtral's, OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's, GLM-4.5's and dots.llm1's
+         moe_intermediate_size; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's attention sinks
+         follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert
+         — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
+         (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind,
+         its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
+         router load-balancing loss is on where the student's config (the teacher's settings) sets
+         ``output_router_logits`` (`tailkd.objective`).
+         GLM-4.5 and dots.llm1 (DeepSeek-V3's routing): dense MLPs (the teacher's width) below
+         ``first_k_dense_replace``, renumbered as other thresholds; the router's score-correction bias (a saved
+         buffer) follows the kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2
+         experts, ``topk_group`` picked per token) the student keeps the first num_experts/n_group experts of each
+         group, so num_experts is a multiple of n_group with at least 2 per group and num_experts_per_tok fits in
+         topk_group groups; the shared experts (one MLP of n_shared_experts routed widths) keep their first
+         n_shared_experts x intermediate_size units.
 Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind (``layer_types``: gated full
          attention or Gated DeltaNet linear attention). The full-attention layers narrow like Qwen3's (their q_proj
          holds [query | gate] per head: the query's kept rows, then the gate's first head_dim rows, which scale the
@@ -78,13 +86,13 @@ settings are the teacher's. Narrowing is supported for every family; the one ref
 under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow
 hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
-Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always
-built in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere2 (interleaved
-RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3,
-OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair
-p is rows (2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS
-(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes).
+Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
+in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere2 (interleaved RoPE),
+EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2,
+OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
+(2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1
+(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
+ForCausalLM classes).
 """
 
 from __future__ import annotations
@@ -118,6 +126,8 @@ class Dims:
     intermediate: int  # a mixture's: each routed expert's width
     experts: int = 0  # routed experts per layer; 0 for a dense model
     experts_per_token: int = 0  # experts each token is routed to (num_experts_per_tok); 0 for a dense model
+    expert_groups: int = 1  # group-limited routing's groups (n_group: GLM-4.5, dots.llm1), the teacher's
+    shared_experts: int = 0  # the shared MLP's width in routed widths (n_shared_experts), the teacher's
 
 
 # --------------------------------------------------------------------------- choosing the student's shape
@@ -158,8 +168,10 @@ def teacher_dims(config, family: str | Family) -> Dims:
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
     experts = getattr(config, keys["experts"]) if keys.get("experts") else 0
     per_token = getattr(config, keys["experts_per_token"]) if experts else 0
+    groups, shared = (getattr(config, keys[role], None) if keys.get(role) else None
+                      for role in ("expert_groups", "shared_experts"))
     return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim,
-                getattr(config, keys["intermediate"]) or 4 * hidden, experts, per_token)
+                getattr(config, keys["intermediate"]) or 4 * hidden, experts, per_token, groups or 1, shared or 0)
 
 
 def rotary_fraction(config) -> float:
@@ -222,7 +234,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
             raise TailkdError(f"{what} rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), "
                               f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
-    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token)
+    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts)
 
 
 def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: bool) -> str:
@@ -281,6 +293,25 @@ def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int,
                               f"pick {k}..{t.experts}, or set num_experts_per_tok to at most {n}")
         raise TailkdError(f"num_experts_per_tok={k} but the student has {n} experts: pick 1..{n}")
     return n, k
+
+
+def _check_expert_groups(config, fam: Family, s: Dims) -> None:
+    """Group-limited routing (GLM-4.5, dots.llm1: a group's score is the sum of its top 2 experts, each token picks
+    ``topk_group`` groups, then its experts among theirs): the student's experts fill its ``n_group`` groups evenly,
+    at least 2 each, and its experts per token fit in the groups a token picks."""
+    if not fam.keys.get("expert_groups"):
+        return
+    groups, picked = s.expert_groups, getattr(config, "topk_group", None) or 1
+    n, k = s.experts, s.experts_per_token
+    if n % groups:
+        raise TailkdError(f"num_experts={n} but the teacher routes within n_group={groups} groups of experts: pick a "
+                          f"multiple of {groups} (the student keeps the first num_experts/{groups} of each group)")
+    if n // groups < 2:
+        raise TailkdError(f"num_experts={n} leaves {n // groups} expert per group, but the router scores each of the "
+                          f"n_group={groups} groups by its top 2 experts: pick at least {2 * groups}")
+    if k > picked * (n // groups):
+        raise TailkdError(f"num_experts_per_tok={k} but a token's experts come from topk_group={picked} of the "
+                          f"student's groups of {n // groups}: pick at most {picked * (n // groups)}, or more experts")
 
 
 def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
@@ -443,23 +474,31 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
     v = _rows(kv_heads, t.head_dim, first)
     q_width, kv_width, ff = t.heads * t.head_dim, t.kv_heads * t.head_dim, torch.arange(s.intermediate)
+    experts = s.experts  # the first ones; under group-limited routing the first of each group
+    if t.expert_groups > 1 and s.experts != t.experts:
+        per_t, per_s = t.experts // t.expert_groups, s.experts // t.expert_groups
+        experts = torch.tensor([g * per_t + i for g in range(t.expert_groups) for i in range(per_s)])
     return {"all": None, "d": s.hidden, "ff": s.intermediate, "q": q, "k": k, "v": v,
             "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
-            "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": s.experts,
+            "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
+            "ff_shared": s.intermediate * s.shared_experts,
             "head": torch.tensor(q_heads, dtype=torch.long),
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first])}
 
 
 # --------------------------------------------------------------------------- copy plans
 
-def _copy_rule(name: str, fam: Family, mlp_init: str):
-    """(teacher name or (pattern, student layer), axis kinds) for a student parameter; (None, None) = random."""
+def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
+    """(teacher name or (pattern, student layer), axis kinds) for a student parameter (or persistent ``buffer``);
+    (None, None) = random (a buffer the table does not name: its own init)."""
     if name in fam.params:
         return name, fam.params[name]
     m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+)", name)
     if m is None or m.group(2) not in fam.layer_params:
+        if buffer:
+            return None, None
         raise TailkdError(f"student parameter {name} has no copy rule (an unsupported variant of a supported "
                           f"architecture?): supported teachers are {', '.join(SUPPORTED)} in their standard layout")
     rest = m.group(2)
@@ -480,6 +519,7 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
+    _check_expert_groups(teacher.config, fam, s)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
 
@@ -524,23 +564,33 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student.generation_config = copy.deepcopy(teacher.generation_config)
 
     index = axis_indices(t, s, fam.rope, fraction)
-    teacher_params = dict(teacher.named_parameters(remove_duplicate=False))  # a tied head under its own name too
+    teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
+                       **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
+
+    def copy_into(name: str, tensor: torch.Tensor, buffer: bool = False) -> str | None:
+        """Copy the teacher's slice for ``name`` into ``tensor``; its source name, None where the rule is random."""
+        source, axes = _copy_rule(name, fam, mlp_init, buffer)
+        if source is None:
+            return None
+        if isinstance(source, tuple):  # (pattern, student layer)
+            source = source[0].format(chosen[source[1]])
+        value = _take(teacher_tensors[source].detach(), *(index[axis] for axis in axes))
+        if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
+            raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+        tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+        return source
+
     table = []
     with torch.no_grad():
         for name, param in student.named_parameters():
-            source, axes = _copy_rule(name, fam, mlp_init)
-            if source is None:
-                table.append({"name": name, "shape": list(param.shape), "source": None, "action": "random"})
-                continue
-            if isinstance(source, tuple):  # (pattern, student layer)
-                source = source[0].format(chosen[source[1]])
-            value = _take(teacher_params[source].detach(), *(index[axis] for axis in axes))
-            if tuple(value.shape) != tuple(param.shape):  # a bug in a table, not a user error
-                raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(param.shape)}")
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
-            same = tuple(param.shape) == tuple(teacher_params[source].shape)
+            source = copy_into(name, param)
+            same = source is not None and tuple(param.shape) == tuple(teacher_tensors[source].shape)
             table.append({"name": name, "shape": list(param.shape), "source": source,
-                          "action": "copied" if same else "truncated"})
+                          "action": "random" if source is None else "copied" if same else "truncated"})
+        persistent = set(student.state_dict())
+        for name, buffer in student.named_buffers():  # not in the table: it lists parameters
+            if name in persistent:
+                copy_into(name, buffer, buffer=True)
     frozen = freeze_student_embeddings(student) if freeze_embeddings else []
     for row in table:
         row["frozen"] = row["name"] in frozen
