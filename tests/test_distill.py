@@ -217,6 +217,21 @@ def test_a_student_built_from_a_mixture_of_experts_teacher(assets, tmp_path, cap
     assert trained.shape == start.shape and not torch.equal(trained, start)
 
 
+def _distil_a_built_student(assets, tmp_path, teacher, *student_args):
+    """`tailkd distill` (fused layer, fp32, 2 steps) of a student built from ``teacher`` (a model of the tiny
+    tokenizer's vocabulary, saved with it) with ``student_args``; the saved student, loaded."""
+    from tiny import make_tokenizer
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    make_tokenizer(300).save_pretrained(tmp_path / "teacher")
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), *student_args, "--data", str(assets["corpus"]),
+                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+                 "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
+                 "--out", str(run)]) == 0
+    return AutoModelForCausalLM.from_pretrained(run / "final")
+
+
 def test_a_student_built_from_a_glm45_teacher_keeps_its_expert_groups_and_score_correction(assets, tmp_path):
     """A GLM-4.5 teacher (DeepSeek-V3-style routing: 8 experts in n_group 2 groups, a saved score-correction bias per
     expert, shared experts, a dense first layer) and a student of 2 layers and 4 experts: `tailkd distill` trains it
@@ -237,23 +252,42 @@ def test_a_student_built_from_a_glm45_teacher_keeps_its_expert_groups_and_score_
     with torch.no_grad():
         for layer in teacher.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tok.save_pretrained(tmp_path / "teacher")
-    run = tmp_path / "run"
-    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student.num_layers", "2",
-                 "--student.num_experts", "4", "--student.mlp_init", "copy", "--data", str(assets["corpus"]),
-                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
-                 "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
-                 "--out", str(run)]) == 0
-    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    student = _distil_a_built_student(assets, tmp_path, teacher, "--student.num_layers", "2", "--student.num_experts",
+                                      "4", "--student.mlp_init", "copy")
     assert type(student).__name__ == "Glm4MoeForCausalLM"
     assert (student.config.n_routed_experts, student.config.n_group, student.config.first_k_dense_replace) == (4, 2, 1)
     assert [type(layer.mlp).__name__ for layer in student.model.layers] == ["Glm4MoeMLP", "Glm4MoeMoE"]
     kept = torch.tensor([0, 1, 4, 5])
     bias = teacher.model.layers[3].mlp.gate.e_score_correction_bias
     assert torch.equal(student.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept])
-    init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    init = {row["name"]: row for row in json.loads((tmp_path / "run" / "student_init.json").read_text())}
     assert init["model.layers.1.mlp.experts.gate_up_proj"]["shape"] == [4, 48, 32]
+
+
+def test_a_student_built_from_a_deepseek_v3_teacher_narrows_its_latent_attention_by_whole_heads(assets, tmp_path):
+    """A DeepSeek-V3 teacher (multi-head latent attention: q through a rank-24 pair, each head's [key | value] expanded
+    from one rank-16 latent; a head's query 8 + 4 rows, its value 12) and a student of 2 layers, 2 of 4 heads and a
+    48-wide residual stream: `tailkd distill` trains it on the fused layer; the saved student is a DeepSeek-V3 whose
+    per-head projections hold 2 heads' blocks and whose latent ranks are the teacher's."""
+    import transformers
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    config = transformers.DeepseekV3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=12, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    torch.manual_seed(0)
+    teacher = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    student = _distil_a_built_student(assets, tmp_path, teacher, "--student.num_layers", "2", "--student.num_heads",
+                                      "2", "--student.hidden_size", "48")
+    assert type(student).__name__ == "DeepseekV3ForCausalLM"
+    c = student.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.kv_lora_rank) == (2, 2, 48, 16)
+    attention = student.model.layers[1].self_attn
+    assert attention.q_b_proj.weight.shape == (2 * 12, 24) and attention.kv_b_proj.weight.shape == (2 * 20, 16)
+    assert attention.o_proj.weight.shape == (48, 2 * 12)
 
 
 def test_a_router_term_the_students_forward_cannot_give_is_refused_before_the_run_folder(assets, tmp_path,

@@ -89,6 +89,17 @@ CONFIGS = {
     "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
                                   first_k_dense_replace=1, max_window_layers=3, **_SLIDING)),
+    # multi-head latent attention (q through a rank-24 pair, k/v from a rank-16 latent; a head's q is 8 + 4 rows,
+    # its [k | v] out of the latent 8 + 12) with DeepSeek-V3's routing (8 experts in 2 groups, dense layer 0)
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
+                                             num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
+                                             n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
+                                             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)),
+    # GLM-4.7-Flash: q straight from the residual stream (q_proj), dense/routed layers listed per layer
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=40, q_lora_rank=None,
+                                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                                                mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"])),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -108,7 +119,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
-           "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
+           "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+           "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -191,6 +203,16 @@ def _expected(name, teacher, plan):
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
         units = ff_e * teacher.config.n_shared_experts
         return w[:d, :units] if ".down_proj" in rest else w[:units, :d]
+    if plan["latent"] and rest.startswith("self_attn."):  # latent attention: whole heads, the latent's sizes kept
+        if rest in ("self_attn.q_proj.weight", "self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight"):
+            per_head = w.reshape(plan["H_t"], -1, w.shape[1])[plan["q_heads"]].reshape(-1, w.shape[1])
+            return per_head[:, :d] if rest == "self_attn.q_proj.weight" else per_head
+        if rest == "self_attn.o_proj.weight":
+            return w[:d].reshape(d, plan["H_t"], -1)[:, plan["q_heads"]].reshape(d, -1)
+        if rest in ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"):
+            return w[:, :d]
+        if rest in ("self_attn.q_a_layernorm.weight", "self_attn.kv_a_layernorm.weight"):
+            return w
     if rest.startswith("linear_attn."):  # Gated DeltaNet keeps its own sizes: only the residual side narrows
         if rest.startswith("linear_attn.in_proj_"):
             return w[:, :d]
@@ -242,7 +264,8 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
     moe = getattr(c, "num_experts_per_tok", None) is not None
-    return dict(layers=layers, d=d or c.hidden_size, ff=ff or c.intermediate_size, hd_t=hd_t, hd_s=hd_s, moe=moe,
+    return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"), ff=ff or c.intermediate_size,
+                hd_t=hd_t, hd_s=hd_s, moe=moe,
                 ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
                 experts=_first(experts or getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None)),
                 H_t=c.num_attention_heads, KV_t=c.num_key_value_heads,
@@ -358,6 +381,8 @@ def _mlp_kinds(model):
     ("glm4_moe", [2, 3], dict(first_k_dense_replace=0)),
     ("glm4_moe", [0, 1, 4], dict(first_k_dense_replace=2)),
     ("dots1", [0, 3, 4], dict(first_k_dense_replace=1, max_window_layers=1)),
+    ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
+    ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
 ])
 def test_moe_dense_layers_follow_the_layers(family, layers, config, tmp_path):
     """Qwen-MoE, GLM-4.5 and dots.llm1 pick a layer's MLP (routed experts or dense) by its index; the student's layer
@@ -480,6 +505,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8 rotate, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11
     "glm4_moe-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
     "dots1": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
+    # latent attention narrows whole heads (their q, [k | v] and output blocks), the latent's ranks kept
+    "deepseek_v3": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                    dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    "glm4_moe_lite": ({"hidden_size": 32, "num_heads": 3, "intermediate_size": 24, "num_experts": 2},
+                      dict(d=32, q_heads=[0, 1, 2], ff_e=24, experts=2)),
 }
 
 
@@ -526,7 +556,11 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     hd = plan.get("hd_s", _plan(teacher, layers)["hd_t"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
-    assert getattr(config, "head_dim", None) in (hd, None) and student.model.layers[0].self_attn.head_dim == hd
+    attention = student.model.layers[0].self_attn
+    if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
+        assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
+    else:
+        assert getattr(config, "head_dim", None) in (hd, None) and attention.head_dim == hd
     if family in ("gemma2", "gemma3"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
     ids = _ids(2)
@@ -759,6 +793,10 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                 r"heads\)$"),
     ("phi", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
     ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
+    ("deepseek_v3", {"num_kv_heads": 2}, r"^DeepSeek-V3 has no grouped KV heads: drop num_kv_heads \(or set it to "
+                                         r"num_heads=4\)$"),
+    ("glm4_moe_lite", {"head_dim": 2}, r"^head_dim=2, but GLM-4.7-Flash's latent attention keeps its head sizes "
+                                       r"\(qk_nope_head_dim, qk_rope_head_dim, v_head_dim\): drop head_dim$"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 #            num_experts / n_group of each group
 #   ff_shared  a mixture's shared experts, one MLP of n_shared_experts x the routed width: its first units, the
 #            student's routed width x n_shared_experts
-#   head     one entry per query head (GPT-OSS's attention sinks): the kept query heads
+#   head     whole query heads: the kept query heads' blocks of rows, whatever a head's size (GPT-OSS's attention
+#            sinks: one entry per head; latent attention's q / q_b_proj, kv_b_proj and o_proj: a head's query, its
+#            [key | value] rows out of the latent, its output columns)
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "ff_shared",
@@ -96,6 +98,9 @@ class Family:
     # a mixture whose layers are sparse (routed experts) or dense by their index (Qwen-MoE's ``decoder_sparse_step``
     # and ``mlp_only_layers``): the student's config lists its dense layers explicitly (see tailkd.student)
     sparse_by_index: bool = False
+    # multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash): heads narrow whole (axis "head"), one key/value head per
+    # query head, the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and LoRA ranks kept
+    latent_attention: bool = False
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -137,6 +142,12 @@ _SIGMOID_ROUTED = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), 
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
                  kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
 
+# multi-head latent attention: q from the residual stream directly (q_proj) or through a low-rank q_a / q_b pair; k and
+# v from one shared latent (kv_a_proj_with_mqa: the latent and a RoPE key shared by all heads), expanded per head
+_LATENT_ATTENTION = {**linear("self_attn.q_proj", "head", "d"), **linear("self_attn.q_b_proj", "head", "all"),
+                     **linear("self_attn.kv_b_proj", "head", "all"), **linear("self_attn.o_proj", "d", "head"),
+                     **linear("self_attn.q_a_proj", "all", "d"), **linear("self_attn.kv_a_proj_with_mqa", "all", "d"),
+                     **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", axis="all")}
 _SIGMOID_ROUTED_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
                             expert_groups="n_group", shared_experts="n_shared_experts")
 
@@ -193,6 +204,13 @@ FAMILIES = {f.name: f for f in (
     Family("dots1", "dots.llm1", ("Dots1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept",
            keys=_SIGMOID_ROUTED_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),
+    Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3ForCausalLM",), _DECODER,
+           {**_LATENT_ATTENTION, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept", keys=_SIGMOID_ROUTED_KEYS,
+           layer_thresholds=("first_k_dense_replace",), latent_attention=True),
+    # GLM-4.7-Flash: DeepSeek-V3's layout, its dense/routed layers listed per layer (mlp_layer_types)
+    Family("glm4_moe_lite", "GLM-4.7-Flash", ("Glm4MoeLiteForCausalLM",), _DECODER,
+           {**_LATENT_ATTENTION, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept", keys=_SIGMOID_ROUTED_KEYS,
+           layer_lists=("layer_types", "mlp_layer_types"), latent_attention=True),
     Family("olmoe", "OLMoE", ("OlmoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_EXPERTS, **_PRE_NORMS, **_PROJECTION_QK_NORMS}, _EMBED, "derived",
            keys=dict(_MOE_KEYS, intermediate="intermediate_size")),

@@ -45,7 +45,8 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1) keeps the
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1, DeepSeek-V3,
+         GLM-4.7-Flash) keeps the
          teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the
          teacher's by default) and, with "copy", their router rows; `intermediate_size` is each routed expert's width
          (Mixtral's, OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's, GLM-4.5's and dots.llm1's
@@ -56,13 +57,19 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GL
          its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
          router load-balancing loss is on where the student's config (the teacher's settings) sets
          ``output_router_logits`` (`tailkd.objective`).
-         GLM-4.5 and dots.llm1 (DeepSeek-V3's routing): dense MLPs (the teacher's width) below
-         ``first_k_dense_replace``, renumbered as other thresholds; the router's score-correction bias (a saved
+         GLM-4.5, dots.llm1, DeepSeek-V3 and GLM-4.7-Flash (DeepSeek-V3's routing): dense MLPs (the teacher's
+         width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
+         ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved
          buffer) follows the kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2
          experts, ``topk_group`` picked per token) the student keeps the first num_experts/n_group experts of each
          group, so num_experts is a multiple of n_group with at least 2 per group and num_experts_per_tok fits in
          topk_group groups; the shared experts (one MLP of n_shared_experts routed widths) keep their first
          n_shared_experts x intermediate_size units.
+Latent   Multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash): one key/value head per query head, so
+         num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
+         expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
+         (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank, kv_lora_rank) are the
+         teacher's, so num_kv_heads and head_dim are refused; the latent projections narrow on the residual side.
 Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind (``layer_types``: gated full
          attention or Gated DeltaNet linear attention). The full-attention layers narrow like Qwen3's (their q_proj
          holds [query | gate] per head: the query's kept rows, then the gate's first head_dim rows, which scale the
@@ -90,9 +97,9 @@ Values are exact copies/slices of the teacher's (computed in its dtype, stored i
 in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere2 (interleaved RoPE),
 EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2,
 OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
-(2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1
-(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes).
+(2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1,
+DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
+Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes).
 """
 
 from __future__ import annotations
@@ -252,7 +259,7 @@ def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: 
 
 
 def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
-    if fam.keys["kv_heads"] is None:
+    if fam.keys["kv_heads"] is None or fam.latent_attention:
         if requested is not None and int(requested) != heads:
             raise TailkdError(f"{fam.label} has no grouped KV heads: drop num_kv_heads "
                               f"(or set it to num_heads={heads})")
@@ -322,6 +329,9 @@ def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
 def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
     if requested is not None:
         hd = int(requested)
+        if fam.latent_attention and hd != t.head_dim:
+            raise TailkdError(f"head_dim={hd}, but {fam.label}'s latent attention keeps its head sizes "
+                              "(qk_nope_head_dim, qk_rope_head_dim, v_head_dim): drop head_dim")
         if fam.head_dim == "derived" and (hidden % heads or hd != hidden // heads):
             raise TailkdError(f"{fam.label} has no head_dim setting (it is hidden_size/num_heads = {hidden}/{heads}): "
                               f"drop head_dim={hd} and choose hidden_size and num_heads instead")
@@ -450,8 +460,11 @@ def _rows(heads: list[int], hd_t: int, rows_in_head: list[int]) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, *index) -> torch.Tensor:
-    """Slice each leading dim: None keeps it, an int n keeps the first n, a LongTensor picks those indices."""
+    """Slice each leading dim: None keeps it, an int n keeps the first n, a LongTensor picks those indices, a function
+    of the dim's size gives one of these."""
     for dim, idx in enumerate(index):
+        if callable(idx):
+            idx = idx(tensor.shape[dim])
         if idx is None:
             continue
         if isinstance(idx, int):
@@ -459,6 +472,13 @@ def _take(tensor: torch.Tensor, *index) -> torch.Tensor:
         else:
             tensor = tensor.index_select(dim, idx.to(tensor.device))
     return tensor
+
+
+def _per_head(n: int, heads: int) -> int:
+    """The rows per head of an axis of ``n`` rows over ``heads`` heads."""
+    if n % heads:  # a bug in a table, not a user error
+        raise RuntimeError(f"an axis of {n} rows is not {heads} heads' blocks")
+    return n // heads
 
 
 def _query_heads(t: Dims, s: Dims) -> list[int]:
@@ -484,7 +504,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
-            "head": torch.tensor(q_heads, dtype=torch.long),
+            "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first])}
 
 
