@@ -259,6 +259,23 @@ def test_attention_term_uses_heads_times_head_dim():
     assert f["attention"] == 2 * layers * s * heads * head_dim
 
 
+def test_latent_attention_term_uses_its_query_and_value_head_sizes():
+    """Multi-head latent attention (DeepSeek-V3): each head's QKᵀ spans qk_nope_head_dim + qk_rope_head_dim = 12
+    dims and its AV v_head_dim = 20 (config.head_dim is the RoPE part alone, 4): 2·t·4·12 + 2·t·4·20 FLOPs per layer
+    at position t, d_attn = 4 × (12 + 20) / 2 = 64; a head count giving an odd 4·(...) keeps the half."""
+    layers, s = 2, 16
+    dsv3 = {"model_type": "deepseek_v3", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 20, "vocab_size": 100}
+    f = model_flops_per_token(dsv3, seq_len=s)
+    assert f["attn_dim"] == 64
+    assert f["attention"] == layers * (2 * (s / 2) * 4 * 12 + 2 * (s / 2) * 4 * 20)  # QKᵀ + AV over s/2 keys
+    odd = model_flops_per_token({**dsv3, "num_attention_heads": 3, "num_key_value_heads": 3, "v_head_dim": 21},
+                                seq_len=s)
+    assert odd["attn_dim"] == 3 * 33 / 2
+
+
 def test_method_table_default_reference_is_the_cli_default():
     """Without a reference, method_table's MiniPLM reference is the ``--reference-params`` default of ``tailkd flops``
     (command_config: 125e6 parameters, 2·P FLOPs per scored token, 1/δ scored tokens per trained token)."""

@@ -13,7 +13,9 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     embedding lookup itself costs nothing.
   * 2·n_layer·s·d_attn: attention scores QKᵀ and the weighted sum AV. For a token at position t each
     costs 2·t·d_attn per layer; averaged over a causal row of s tokens t ≈ s/2, so together
-    2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term.
+    2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term. Under
+    multi-head latent attention (DeepSeek-V2/V3) QKᵀ spans qk_nope_head_dim + qk_rope_head_dim per head and AV
+    v_head_dim: d_attn = heads × (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) / 2.
     A sliding-window layer (window w: ``sliding_window`` on the layers ``layer_types`` marks
     ``sliding_attention`` or ``hybrid_sliding``, on every layer without ``layer_types``, as Mistral) attends
     min(t, w) keys: averaged over the row, w − w²/(2s) in place of s/2 when w < s. A layer without attention over
@@ -62,7 +64,7 @@ class ModelSize:
     hidden: int
     vocab: int
     layers: int = 0  # 0: attention term unknown (left out)
-    attn_dim: int = 0  # heads × head_dim; 0: = hidden
+    attn_dim: float = 0  # heads × head_dim (latent attention: see `_attn_dim`); 0: = hidden
     params_total: float = 0.0
     tied: bool = False  # the LM head is the input embedding (frozen with it by freeze_embeddings)
     # per layer: its sliding attention window, 0 = full causal, -1 = no attention over the sequence; () = all full
@@ -115,11 +117,22 @@ def _count_config(model, name: str) -> ModelSize:
     active = float(total - emb) - (expert * (1.0 - k / n_experts) if n_experts else 0.0)
     hidden = int(getattr(text_cfg, "hidden_size", 0) or getattr(text_cfg, "n_embd", 0))
     heads = int(getattr(text_cfg, "num_attention_heads", 0) or getattr(text_cfg, "n_head", 0) or 0)
-    head_dim = int(getattr(text_cfg, "head_dim", 0) or (hidden // heads if heads else 0))
     vocab = int(head.weight.shape[0]) if head is not None else int(text_cfg.vocab_size)
     layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
-    return ModelSize(name, active, hidden, vocab, layers, heads * head_dim or hidden, float(total), tied,
+    return ModelSize(name, active, hidden, vocab, layers, _attn_dim(text_cfg, hidden, heads), float(total), tied,
                      _windows(text_cfg, layers), (k, n_experts) if n_experts else (0, 0))
+
+
+def _attn_dim(cfg, hidden: int, heads: int):
+    """d_attn: heads × head_dim; under multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash: its head_dim is the
+    RoPE part alone) heads × (qk_head_dim + v_head_dim) / 2, QKᵀ over a head's qk_nope_head_dim + qk_rope_head_dim
+    dims and AV over its v_head_dim (int where exact)."""
+    sizes = [getattr(cfg, key, None) for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")]
+    if getattr(cfg, "kv_lora_rank", None) and all(isinstance(x, int) for x in sizes):
+        twice = heads * sum(sizes)
+        return twice // 2 if twice % 2 == 0 else twice / 2
+    head_dim = int(getattr(cfg, "head_dim", 0) or (hidden // heads if heads else 0))
+    return heads * head_dim or hidden
 
 
 def _experts(cfg) -> tuple[int, int]:
