@@ -62,6 +62,16 @@ CONFIGS = {
     # no_rope_layers: 0 = a layer without RoPE, per layer as layer_types
     "smollm3": ("SmolLM3Config", dict(hidden_size=64, num_key_value_heads=2, no_rope_layers=[1, 0, 1, 1, 0],
                                       use_sliding_window=True, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # Granite: Llama's layout, an attention scale of its own (attention_multiplier) and multipliers
+    "granite": ("GraniteConfig", dict(hidden_size=64, num_key_value_heads=2, attention_multiplier=0.05,
+                                      embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)),
+    "olmo": ("OlmoConfig", dict(hidden_size=64, num_key_value_heads=2, clip_qkv=8.0)),  # LayerNorms without weights
+    "starcoder2": ("Starcoder2Config", dict(hidden_size=64, num_key_value_heads=2, use_bias=True, **_SLIDING)),
+    # partial rotary (4 of 16 rows), LayerNorms with biases, q/k/v biases
+    "stablelm": ("StableLmConfig", dict(hidden_size=64, num_key_value_heads=2, use_qkv_bias=True)),
+    "nemotron": ("NemotronConfig", dict(hidden_size=64, num_key_value_heads=2)),  # relu² MLP, partial rotary (8 of 16)
+    "arcee": ("ArceeConfig", dict(hidden_size=64, num_key_value_heads=2)),
+    "ernie4_5": ("Ernie4_5Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, use_bias=True)),
     # mixtures of 4 experts, 2 per token; Mixtral's intermediate_size is its experts' width
     "mixtral": ("MixtralConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
                                       num_experts_per_tok=2)),
@@ -75,6 +85,7 @@ CONFIGS = {
                                          num_experts_per_tok=2, moe_intermediate_size=40, mlp_only_layers=[2])),
     # q/k norms over the whole projection, as OLMo-2's
     "olmoe": ("OlmoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     # experts [E, in, out] with biases, gate/up interleaved; an attention sink per query head; sliding layers
     "gpt_oss": ("GptOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                      num_experts_per_tok=2, layer_types=[S, F, S, S, F], **_SLIDING)),
@@ -120,7 +131,9 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
            "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-           "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+           "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "granite": "GraniteForCausalLM", "olmo": "OlmoForCausalLM",
+           "starcoder2": "Starcoder2ForCausalLM", "stablelm": "StableLmForCausalLM", "nemotron": "NemotronForCausalLM",
+           "arcee": "ArceeForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -191,7 +204,7 @@ def _expected(name, teacher, plan):
             return w[experts, :ff_e, :d] if rest.endswith("proj") else w[experts, :d]
         if rest == "self_attn.sinks":  # one per query head
             return w[plan["q_heads"]]
-    if rest == "mlp.gate.weight":  # the router: one row per expert
+    if rest in ("mlp.gate.weight", "mlp.router.weight"):  # the router: one row per expert
         return w[experts, :d]
     if rest == "mlp.gate.e_score_correction_bias":  # one per expert
         return w[experts]
@@ -245,9 +258,9 @@ def _expected(name, teacher, plan):
     if module == "mlp.gate_up_proj":
         gate, up = w.chunk(2)
         return torch.cat([gate[:ff], up[:ff]])[:, :d]
-    if module in ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1"):
+    if module in ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.c_fc"):
         return cols(w[:ff])
-    if module in ("mlp.down_proj", "mlp.fc2"):
+    if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
     if module.endswith("layernorm"):
         return w[:d]
@@ -267,7 +280,9 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"), ff=ff or c.intermediate_size,
                 hd_t=hd_t, hd_s=hd_s, moe=moe,
                 ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
-                experts=_first(experts or getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None)),
+                experts=_first(experts or next((getattr(c, k) for k in ("num_experts", "n_routed_experts",
+                                                                       "num_local_experts") if getattr(c, k, None)),
+                                               None)),
                 H_t=c.num_attention_heads, KV_t=c.num_key_value_heads,
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
                 kv_heads=kv_heads if kv_heads is not None else list(range(c.num_key_value_heads)),
@@ -327,8 +342,9 @@ def test_full_copy_is_the_teacher_bit_for_bit(family, tied):
 def _zero_dropped_layers(teacher, keep):
     """A copy of the teacher whose other layers add exact zeros to the residual stream."""
     model = copy.deepcopy(teacher)
-    outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.experts.down_proj",
-               "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.", "linear_attn.out_proj.")
+    outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.c_proj.",
+               "mlp.experts.down_proj", "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.",
+               "linear_attn.out_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -418,6 +434,11 @@ def test_moe_dense_layers_follow_the_layers(family, layers, config, tmp_path):
     ("glm4_moe", {"num_experts": 4, "num_experts_per_tok": 3},
      r"^num_experts_per_tok=3 but a token's experts come from topk_group=1 of the student's groups of 2: pick at "
      r"most 2, or more experts$"),
+    # Phi-MoE's router (sparsemixer) takes 2 experts per token whatever num_experts_per_tok says: 1 gave NaN logits
+    ("phimoe", {"num_experts": 1}, r"^num_experts=1 but the teacher has 4 experts and Phi-MoE's router sends each "
+                                   r"token to 2: pick 2\.\.4$"),
+    ("phimoe", {"num_experts_per_tok": 1}, r"^num_experts_per_tok=1 but Phi-MoE's router sends each token to 2 "
+                                           r"experts whatever its config says: drop num_experts_per_tok$"),
     ("dots1", {"num_experts": 1, "num_experts_per_tok": 1},
      r"^num_experts=1 leaves 1 expert per group, but the router scores each of the n_group=1 groups by its top 2 "
      r"experts: pick at least 2$"),
@@ -505,6 +526,21 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8 rotate, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11
     "glm4_moe-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
     "dots1": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
+    "phimoe": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
+               dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
+    # Granite's attention_multiplier follows head_dim 16 -> 8 (see _check_narrow_student)
+    "granite": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "olmo": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "starcoder2": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    # 4 of 16 rows rotate, pairs (i, i+2): 2 of 8, teacher pair 0 = rows 0, 2; then the non-rotated rows 4..9
+    "stablelm": ({"hidden_size": 32, "intermediate_size": 40},
+                 dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 5, 6, 7, 8, 9])),
+    # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11
+    "nemotron": ({"hidden_size": 32, "intermediate_size": 40},
+                 dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
+    "arcee": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
+    "ernie4_5": ({"hidden_size": 32, "head_dim": 8}, dict(d=32, hd_s=8, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     # latent attention narrows whole heads (their q, [k | v] and output blocks), the latent's ranks kept
     "deepseek_v3": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
@@ -563,6 +599,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert getattr(config, "head_dim", None) in (hd, None) and attention.head_dim == hd
     if family in ("gemma2", "gemma3"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
+    if family == "granite":  # the attention scale itself, as 1/sqrt(head_dim) changes
+        assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5 and hd == 8
     ids = _ids(2)
     logits = _logits(student, ids)
     assert logits.shape == (2, 13, TINY_VOCAB) and torch.isfinite(logits).all()
@@ -727,14 +765,13 @@ def test_gemma2_soft_capping_reaches_the_fused_head():
 
 
 def test_unsupported_family_is_one_clear_line():
-    model = transformers.AutoModelForCausalLM.from_config(transformers.OlmoConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        pad_token_id=0, eos_token_id=0))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, eos_token_id=0))
     with pytest.raises(TailkdError) as err:
         build_student(model)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("cannot build a student from a OlmoForCausalLM: supported teachers are ")
+    assert message.startswith("cannot build a student from a FalconForCausalLM: supported teachers are ")
     for cls in CLASSES.values():
         assert cls in message
     assert message.endswith("; any causal LM teaches a student given as a folder (--student DIR)")

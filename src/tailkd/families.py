@@ -89,6 +89,9 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
+    # the attention scale itself (Granite's attention_multiplier, in place of 1/sqrt(head_dim)): multiplied by
+    # sqrt(head_dim_t / head_dim_s) when head_dim shrinks, as Llama's 1/sqrt(head_dim) changes
+    attention_scales: tuple[str, ...] = ()
     # (config flag, what it does): when set, layer i computes with its index i (no config can say otherwise for a
     # student's layer j), so a student keeps the teacher's first layers or is refused
     layer_index_flags: tuple[tuple[str, str], ...] = ()
@@ -101,6 +104,8 @@ class Family:
     # multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash): heads narrow whole (axis "head"), one key/value head per
     # query head, the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and LoRA ranks kept
     latent_attention: bool = False
+    # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
+    fixed_experts_per_token: int = 0
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -151,11 +156,32 @@ _LATENT_ATTENTION = {**linear("self_attn.q_proj", "head", "d"), **linear("self_a
 _SIGMOID_ROUTED_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
                             expert_groups="n_group", shared_experts="n_shared_experts")
 
+_UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
+
 FAMILIES = {f.name: f for f in (
     Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
                               "SeedOssForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
            layer_thresholds=("max_window_layers",)),
+    # Granite: Llama's layout; its attention scale is a setting (attention_multiplier), its multipliers the teacher's
+    Family("granite", "Granite", ("GraniteForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED,
+           "follows_hidden", attention_scales=("attention_multiplier",)),
+    # OLMo (1): Llama's layout with LayerNorms without parameters
+    Family("olmo", "OLMo", ("OlmoForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP}, _EMBED, "follows_hidden"),
+    Family("starcoder2", "StarCoder2", ("Starcoder2ForCausalLM",), _DECODER,
+           {**_ATTENTION, **linear("mlp.c_fc", "ff", "d"), **linear("mlp.c_proj", "d", "ff"), **_PRE_NORMS}, _EMBED,
+           "follows_hidden"),
+    # StableLM: partial rotary (0.25), LayerNorms with biases, optionally parallel attention and MLP; head_dim is always
+    # hidden_size / num_heads (its per-head q/k LayerNorm modules, qk_layernorm, are not in the table: refused)
+    Family("stablelm", "StableLM", ("StableLmForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+           _EMBED, "derived", reads_head_dim=False),
+    Family("nemotron", "Nemotron", ("NemotronForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS},
+           _EMBED, "follows_hidden"),
+    Family("arcee", "Arcee", ("ArceeForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS}, _EMBED,
+           "follows_hidden"),
+    # ERNIE 4.5 (dense): interleaved RoPE, head_dim decoupled from hidden_size / heads
+    Family("ernie4_5", "ERNIE 4.5", ("Ernie4_5ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+           _EMBED, "kept", rope="interleaved"),
     Family("gpt2", "GPT-2", ("GPT2LMHeadModel",),
            {"transformer.wte.weight": ("all", "d"), "transformer.wpe.weight": ("all", "d"),
             **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
@@ -211,6 +237,12 @@ FAMILIES = {f.name: f for f in (
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("Glm4MoeLiteForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept", keys=_SIGMOID_ROUTED_KEYS,
            layer_lists=("layer_types", "mlp_layer_types"), latent_attention=True),
+    # Phi-3.5-MoE: a router named router (sparsemixer: always 2 experts per token), LayerNorms with biases
+    Family("phimoe", "Phi-MoE", ("PhimoeForCausalLM",), _DECODER,
+           {**_ATTENTION, "mlp.router.weight": ("expert", "d"), **{k: v for k, v in _EXPERTS.items() if "experts" in k},
+            **_PRE_NORMS}, _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, experts="num_local_experts",
+                                                                 intermediate="intermediate_size"),
+           fixed_experts_per_token=2),
     Family("olmoe", "OLMoE", ("OlmoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_EXPERTS, **_PRE_NORMS, **_PROJECTION_QK_NORMS}, _EMBED, "derived",
            keys=dict(_MOE_KEYS, intermediate="intermediate_size")),

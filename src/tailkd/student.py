@@ -45,8 +45,8 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1, DeepSeek-V3,
-         GLM-4.7-Flash) keeps the
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1,
+         DeepSeek-V3, GLM-4.7-Flash) keeps the
          teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the
          teacher's by default) and, with "copy", their router rows; `intermediate_size` is each routed expert's width
          (Mixtral's, OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's, GLM-4.5's and dots.llm1's
@@ -56,7 +56,8 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GL
          (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind,
          its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
          router load-balancing loss is on where the student's config (the teacher's settings) sets
-         ``output_router_logits`` (`tailkd.objective`).
+         ``output_router_logits`` (`tailkd.objective`). Phi-MoE's router (sparsemixer) sends every token to 2
+         experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
          GLM-4.5, dots.llm1, DeepSeek-V3 and GLM-4.7-Flash (DeepSeek-V3's routing): dense MLPs (the teacher's
          width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
          ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved
@@ -88,18 +89,20 @@ Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 p
 any residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower
 student's copied embeddings enter the residual stream scaled by sqrt(d_s/d_t) relative to the teacher's.
 Gemma2/3's query_pre_attn_scalar (attention scale 1/sqrt of it) is multiplied by head_dim_s/head_dim_t
-(rounded) when head_dim shrinks, as Llama's 1/sqrt(head_dim) would be; soft-capping, sliding windows and RoPE
-settings are the teacher's. Narrowing is supported for every family; the one refusal is a head_dim change
+(rounded) when head_dim shrinks, as Llama's 1/sqrt(head_dim) would be, and Granite's attention_multiplier (the
+scale itself) by sqrt(head_dim_t/head_dim_s); soft-capping, sliding windows, RoPE settings and Granite's other
+multipliers are the teacher's. Narrowing is supported for every family; the one refusal is a head_dim change
 under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow
 hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
-in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere2 (interleaved RoPE),
-EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2,
-OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
-(2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, GLM-4.5, dots.llm1,
-DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
-Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes).
+in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Granite, OLMo, StarCoder2,
+StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi
+(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
+no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
+frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, GLM-4.7-Flash
+(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
+ForCausalLM classes).
 """
 
 from __future__ import annotations
@@ -292,8 +295,14 @@ def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int,
         return 0, 0
     n = t.experts if requested is None else int(requested)
     k = t.experts_per_token if requested_per_token is None else int(requested_per_token)
-    if not 1 <= n <= t.experts:
-        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts: pick 1..{t.experts}")
+    fixed = fam.fixed_experts_per_token
+    if not (fixed or 1) <= n <= t.experts:
+        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts"
+                          + (f" and {fam.label}'s router sends each token to {fixed}" if fixed else "")
+                          + f": pick {fixed or 1}..{t.experts}")
+    if fixed and k != fixed:
+        raise TailkdError(f"num_experts_per_tok={k} but {fam.label}'s router sends each token to {fixed} experts "
+                          "whatever its config says: drop num_experts_per_tok")
     if not 1 <= k <= n:
         if requested_per_token is None:
             raise TailkdError(f"num_experts={n} but each token is routed to {k} (the teacher's num_experts_per_tok): "
@@ -415,6 +424,9 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.head_dim_scaled:  # attention scale 1/sqrt(key), proportional to head_dim
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
+    for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes
+        if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
+            data[key] = data[key] * (t.head_dim / s.head_dim) ** 0.5
     try:
         return type(teacher_config).from_dict(data)
     except Exception as err:  # some config classes validate hidden % heads (transformers 5: Llama, Gemma2, Gemma3)
