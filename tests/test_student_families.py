@@ -72,6 +72,14 @@ CONFIGS = {
     "nemotron": ("NemotronConfig", dict(hidden_size=64, num_key_value_heads=2)),  # relu² MLP, partial rotary (8 of 16)
     "arcee": ("ArceeConfig", dict(hidden_size=64, num_key_value_heads=2)),
     "ernie4_5": ("Ernie4_5Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, use_bias=True)),
+    # short-convolution layers beside attention layers, per-head q/k norms; the MLP's width is int(2/3 x 96) = 64,
+    # rounded up to block_multiple_of
+    "lfm2": ("Lfm2Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
+                                full_attn_idxs=[1, 3, 4], block_multiple_of=8, conv_bias=True)),
+    # LFM2-MoE: dense layers 0, 1 (num_dense_layers), a score bias per expert
+    "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
+                                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                                       num_dense_layers=2)),
     # mixtures of 4 experts, 2 per token; Mixtral's intermediate_size is its experts' width
     "mixtral": ("MixtralConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
                                       num_experts_per_tok=2)),
@@ -133,7 +141,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
            "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "granite": "GraniteForCausalLM", "olmo": "OlmoForCausalLM",
            "starcoder2": "Starcoder2ForCausalLM", "stablelm": "StableLmForCausalLM", "nemotron": "NemotronForCausalLM",
-           "arcee": "ArceeForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM",
+           "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
+           "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -193,6 +202,8 @@ def _expected(name, teacher, plan):
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     rest = m.group(2)
     w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
+    if plan["moe"] and rest.startswith("feed_forward."):  # LFM2-MoE: the rules of the other mixtures' mlp.
+        rest = "mlp." + rest.removeprefix("feed_forward.")
     experts, ff_e = plan["experts"], plan["ff_e"]
     if type(teacher).__name__ == "GptOssForCausalLM":
         if rest in ("mlp.router.weight", "mlp.router.bias"):  # [E, d] and [E]
@@ -206,7 +217,7 @@ def _expected(name, teacher, plan):
             return w[plan["q_heads"]]
     if rest in ("mlp.gate.weight", "mlp.router.weight"):  # the router: one row per expert
         return w[experts, :d]
-    if rest == "mlp.gate.e_score_correction_bias":  # one per expert
+    if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias"):  # one per expert
         return w[experts]
     if rest == "mlp.experts.gate_up_proj":  # [E, gate | up, d]
         gate, up = w[experts].chunk(2, dim=1)
@@ -226,6 +237,15 @@ def _expected(name, teacher, plan):
             return w[:, :d]
         if rest in ("self_attn.q_a_layernorm.weight", "self_attn.kv_a_layernorm.weight"):
             return w
+    if rest.startswith("conv."):  # LFM2's short convolution: channel by channel, in_proj = [B | C | x]
+        if rest.startswith("conv.in_proj"):
+            blocks = w.reshape(3, -1, *w.shape[1:])[:, :d]
+            return blocks.reshape(-1, *w.shape[1:])[..., :d] if rest.endswith("weight") else blocks.reshape(-1)
+        return w[:d, :d] if rest == "conv.out_proj.weight" else w[:d]
+    if rest.startswith("feed_forward."):  # LFM2's MLP: the width its model makes of intermediate_size
+        c = teacher.config
+        units = c.block_multiple_of * -(-int(c.block_ffn_dim_multiplier * int(2 * ff / 3)) // c.block_multiple_of)
+        return w[:d, :units] if rest == "feed_forward.w2.weight" else w[:units, :d]
     if rest.startswith("linear_attn."):  # Gated DeltaNet keeps its own sizes: only the residual side narrows
         if rest.startswith("linear_attn.in_proj_"):
             return w[:, :d]
@@ -234,8 +254,10 @@ def _expected(name, teacher, plan):
         per_head = w.reshape(plan["H_t"], 2, hd_t, -1)[plan["q_heads"]]
         query, gate = per_head[:, 0][:, plan["rows"]], per_head[:, 1][:, : plan["hd_s"]]
         return torch.cat([query, gate], dim=1).reshape(-1, w.shape[1])[:, :d]
-    if rest.startswith(("mlp.shared_expert", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")) and plan["moe"]:
-        return w[:d] if ".down_proj" in rest else w[:, :d]  # Qwen-MoE's whole-width MLPs: the residual side only
+    # the whole-width MLPs of a mixture (Qwen-MoE's, LFM2-MoE's w1-3): the residual side only
+    whole_width = ("mlp.shared_expert", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.w")
+    if rest.startswith(whole_width) and plan["moe"]:
+        return w[:d] if ".down_proj" in rest or rest.startswith("mlp.w2") else w[:, :d]
     module, kind = rest.rsplit(".", 1)
     q, kv, rows, first = plan["q_heads"], plan["kv_heads"], plan["rows"], list(range(plan["hd_s"]))
     cols = (lambda x: x[:, :d]) if kind == "weight" else (lambda x: x)
@@ -247,7 +269,7 @@ def _expected(name, teacher, plan):
         parts = (_heads(w[:n_q], hd_t, q, rows), _heads(w[n_q:n_q + n_kv], hd_t, kv, rows),
                  _heads(w[n_q + n_kv:], hd_t, kv, first))
         return torch.cat(parts)[:, :d]
-    if module in ("self_attn.o_proj", "self_attn.dense"):
+    if module in ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj"):
         if kind == "bias":
             return w[:d]
         return w[:d].reshape(d, -1, hd_t)[:, q][:, :, first].reshape(d, -1)
@@ -262,7 +284,7 @@ def _expected(name, teacher, plan):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
-    if module.endswith("layernorm"):
+    if module.endswith(("layernorm", "operator_norm", "ffn_norm")):
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -289,6 +311,11 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
                 rows=rows if rows is not None else list(range(hd_s)))
 
 
+def _in_mlp(name):
+    """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.)."""
+    return ".mlp." in name or ".feed_forward." in name
+
+
 def _first(experts):
     """Expert indices: n -> the first n (None: a dense model)."""
     return list(range(experts)) if isinstance(experts, int) else experts
@@ -302,8 +329,8 @@ def _assert_copied_exactly(student, table, teacher, plan):
     assert list(actions) == list(params)
     random_mlp = "random" in actions.values()
     for name, param in [*params.items(), *_persistent_buffers(student).items()]:
-        if actions.get(name) == "random" or (name not in actions and random_mlp and ".mlp." in name):
-            assert ".mlp." in name, name
+        if actions.get(name) == "random" or (name not in actions and random_mlp and _in_mlp(name)):
+            assert _in_mlp(name), name
             assert not torch.equal(param, _expected(name, teacher, plan)), name
             continue
         want = _expected(name, teacher, plan)
@@ -344,7 +371,8 @@ def _zero_dropped_layers(teacher, keep):
     model = copy.deepcopy(teacher)
     outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.c_proj.",
                "mlp.experts.down_proj", "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.",
-               "linear_attn.out_proj.")
+               "linear_attn.out_proj.", "conv.out_proj.", "self_attn.out_proj.", "feed_forward.w2.",
+               "feed_forward.experts.down_proj")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -367,8 +395,20 @@ def test_layer_subset_copies_its_layers_and_their_settings(family):
 
     random_mlp, table = build_student(teacher, layers=SUBSET)  # the paper's default: MLP random
     assert {row["name"] for row in table if row["action"] == "random"} == {
-        name for name, _ in random_mlp.named_parameters() if ".mlp." in name}
+        name for name, _ in random_mlp.named_parameters() if _in_mlp(name)}
     _assert_copied_exactly(random_mlp, table, teacher, _plan(teacher, SUBSET))
+
+
+def test_lfm2_attention_layer_list_follows_the_layers(tmp_path):
+    """LFM2 lists its attention layers twice (layer_types and full_attn_idxs): the student's full_attn_idxs are its own
+    indices of the chosen attention layers, as its layer_types; saved and loaded, its layers have those kinds."""
+    teacher = make_teacher("lfm2")
+    student, _ = build_student(teacher, layers=SUBSET)
+    assert student.config.layer_types == [F, "conv", F] and student.config.full_attn_idxs == [0, 2]
+    student.save_pretrained(tmp_path / "s")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert [layer.is_attention_layer for layer in loaded.model.layers] == [True, False, True]
+    assert loaded.config.full_attn_idxs == [0, 2]
 
 
 def test_qwen3_window_threshold_follows_the_layers():
@@ -381,7 +421,7 @@ def test_qwen3_window_threshold_follows_the_layers():
 
 
 def _mlp_kinds(model):
-    return [type(layer.mlp).__name__ for layer in model.model.layers]
+    return [type(getattr(layer, "mlp", None) or layer.feed_forward).__name__ for layer in model.model.layers]
 
 
 @pytest.mark.parametrize("family, layers, config", [
@@ -399,6 +439,7 @@ def _mlp_kinds(model):
     ("dots1", [0, 3, 4], dict(first_k_dense_replace=1, max_window_layers=1)),
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
+    ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),
 ])
 def test_moe_dense_layers_follow_the_layers(family, layers, config, tmp_path):
     """Qwen-MoE, GLM-4.5 and dots.llm1 pick a layer's MLP (routed experts or dense) by its index; the student's layer
@@ -450,7 +491,7 @@ def test_expert_settings_out_of_range_are_refused(family, kwargs, message):
         build_student(make_teacher(family), **kwargs)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe", "lfm2_moe"])
 def test_fewer_experts_per_token(family, tmp_path):
     """num_experts_per_tok: a top-1 student of one expert (below the teacher's 2 per token) builds, runs, saves and
     loads with its own num_experts_per_tok (the same logits); the default keeps the teacher's."""
@@ -539,6 +580,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "nemotron": ({"hidden_size": 32, "intermediate_size": 40},
                  dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
     "arcee": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # the convolution's channels narrow with hidden_size; the MLP's width int(2/3 x 40) = 26, rounded up to 32
+    "lfm2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "lfm2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
+                 dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
     "ernie4_5": ({"hidden_size": 32, "head_dim": 8}, dict(d=32, hd_s=8, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     # latent attention narrows whole heads (their q, [k | v] and output blocks), the latent's ranks kept
@@ -592,7 +637,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     hd = plan.get("hd_s", _plan(teacher, layers)["hd_t"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
-    attention = student.model.layers[0].self_attn
+    attention = next(layer.self_attn for layer in student.model.layers if hasattr(layer, "self_attn"))
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     else:

@@ -17,7 +17,8 @@ An entry says, for one family of Hugging Face causal LMs:
 
 A parameter of the student that its family's table does not name is an error (never a silent random init); a
 persistent buffer it does not name keeps the value the student's own config gives it.
-Parameters under ``mlp.`` are the MLP (random or copied, see ``mlp_init``).
+Parameters under the family's ``mlp_prefix`` (``mlp.``; LFM2's ``feed_forward.``) are the MLP (random or copied,
+see ``mlp_init``).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from dataclasses import dataclass, field
 #   head     whole query heads: the kept query heads' blocks of rows, whatever a head's size (GPT-OSS's attention
 #            sinks: one entry per head; latent attention's q / q_b_proj, kv_b_proj and o_proj: a head's query, its
 #            [key | value] rows out of the latent, its output columns)
+#   d_blocks the first hidden_size entries of each block of the teacher's hidden_size (LFM2's short convolution:
+#            in_proj = [B | C | x], channel by channel)
+#   ff_model the MLP's first units, as many as the student's model makes of its intermediate_size (LFM2 rounds it)
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "ff_shared",
-        "head", "q_gated")
-MLP_PREFIX = "mlp."
+        "head", "d_blocks", "ff_model", "q_gated")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -88,6 +91,8 @@ class Family:
     # shared_experts (how many routed widths the shared MLP is: n_shared_experts)
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
+    # lists of layer indices (LFM2's full_attn_idxs): the student's indices of the chosen layers they list
+    layer_index_lists: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
     # the attention scale itself (Granite's attention_multiplier, in place of 1/sqrt(head_dim)): multiplied by
     # sqrt(head_dim_t / head_dim_s) when head_dim shrinks, as Llama's 1/sqrt(head_dim) changes
@@ -106,6 +111,7 @@ class Family:
     latent_attention: bool = False
     # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
     fixed_experts_per_token: int = 0
+    mlp_prefix: str = "mlp."  # what mlp_init random draws afresh
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -156,6 +162,15 @@ _LATENT_ATTENTION = {**linear("self_attn.q_proj", "head", "d"), **linear("self_a
 _SIGMOID_ROUTED_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
                             expert_groups="n_group", shared_experts="n_shared_experts")
 
+# LFM2's global tensors (its final norm is embedding_norm) and its mixers: attention with per-head q/k norms, or a
+# short convolution whose in_proj is [B | C | x] over the residual channels
+_LFM2_GLOBAL = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+                **norms("model.embedding_norm")}
+_LFM2_MIXERS = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
+                **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.out_proj", "d", "o"),
+                **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
+                **linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
+                "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d"), **norms("operator_norm", "ffn_norm")}
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
 
 FAMILIES = {f.name: f for f in (
@@ -286,6 +301,21 @@ FAMILIES = {f.name: f for f in (
     # SmolLM3: Llama's layout; no_rope_layers (1 = RoPE, 0 = none) is per layer and follows the chosen layers
     Family("smollm3", "SmolLM3", ("SmolLM3ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "follows_hidden", layer_lists=("layer_types", "no_rope_layers")),
+    # LFM2: short-convolution layers (depthwise over the residual channels: they narrow with hidden_size) beside
+    # attention layers (layer_types / full_attn_idxs), per-head q/k norms, an MLP whose width the model rounds
+    Family("lfm2", "LFM2", ("Lfm2ForCausalLM",), _LFM2_GLOBAL,
+           {**_LFM2_MIXERS, **linear("feed_forward.w1", "ff_model", "d"), **linear("feed_forward.w3", "ff_model", "d"),
+            **linear("feed_forward.w2", "d", "ff_model")},
+           _EMBED, "follows_hidden", layer_index_lists=("full_attn_idxs",), mlp_prefix="feed_forward."),
+    # LFM2-MoE: routed experts (sigmoid router, a score bias per expert: a saved buffer) below a dense prefix
+    # (num_dense_layers) of the teacher's width
+    Family("lfm2_moe", "LFM2-MoE", ("Lfm2MoeForCausalLM",), _LFM2_GLOBAL,
+           {**_LFM2_MIXERS, "feed_forward.gate.weight": ("expert", "d"), "feed_forward.expert_bias": ("expert",),
+            "feed_forward.experts.gate_up_proj": ("expert", "gate_up", "d"),
+            "feed_forward.experts.down_proj": ("expert", "d", "ff"), **linear("feed_forward.w1", "all", "d"),
+            **linear("feed_forward.w3", "all", "d"), **linear("feed_forward.w2", "d", "all")},
+           _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
+           layer_thresholds=("num_dense_layers",), mlp_prefix="feed_forward."),
     Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             **_PROJECTION_QK_NORMS}, _EMBED, "derived"),

@@ -76,6 +76,12 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          holds [query | gate] per head: the query's kept rows, then the gate's first head_dim rows, which scale the
          head's output as v's rows); the linear-attention layers keep their own sizes (``linear_num_key_heads``,
          ...) and narrow on the residual side only (input projections' columns, out_proj's rows).
+         LFM2 and LFM2-MoE: short-convolution layers beside attention layers (``layer_types``, ``full_attn_idxs``,
+         both following the chosen layers); the convolution is depthwise over the residual channels, so it narrows
+         with hidden_size channel by channel (in_proj's B, C and x blocks, the kernels, out_proj); the MLP
+         (``feed_forward``, which mlp_init draws) keeps the first units of the width LFM2's model makes of
+         intermediate_size (rounded to block_multiple_of); LFM2-MoE's dense prefix (``num_dense_layers``) is
+         renumbered as other thresholds and its per-expert score bias (a saved buffer) follows the kept experts.
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -102,7 +108,7 @@ StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved Ro
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, GLM-4.7-Flash
 (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes).
+ForCausalLM classes), LFM2, LFM2-MoE.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ from dataclasses import dataclass
 import torch
 
 from tailkd.errors import TailkdError
-from tailkd.families import FAMILIES, MLP_PREFIX, SUPPORTED, Family, family_for_class
+from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 
 MLP_INITS = ("random", "copy")
 
@@ -416,6 +422,9 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
         if isinstance(data.get(key), int):
             data[key] = sum(i < data[key] for i in layers)
+    for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
+        if isinstance(data.get(key), list):
+            data[key] = [j for j, i in enumerate(layers) if i in data[key]]
     if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
         sparse = [_sparse_layer(teacher_config, i) for i in layers]
         if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
@@ -516,6 +525,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
+            "d_blocks": lambda n: torch.cat([b * t.hidden + torch.arange(s.hidden) for b in range(n // t.hidden)]),
+            "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first])}
 
@@ -534,7 +545,7 @@ def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
         raise TailkdError(f"student parameter {name} has no copy rule (an unsupported variant of a supported "
                           f"architecture?): supported teachers are {', '.join(SUPPORTED)} in their standard layout")
     rest = m.group(2)
-    if rest.startswith(MLP_PREFIX) and mlp_init == "random":
+    if rest.startswith(fam.mlp_prefix) and mlp_init == "random":
         return None, None
     return (fam.layer_prefix + "{}." + rest, int(m.group(1))), fam.layer_params[rest]
 
@@ -606,7 +617,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
             return None
         if isinstance(source, tuple):  # (pattern, student layer)
             source = source[0].format(chosen[source[1]])
-        value = _take(teacher_tensors[source].detach(), *(index[axis] for axis in axes))
+        value = _take(teacher_tensors[source].detach(),
+                      *(tensor.shape[dim] if axis == "ff_model" else index[axis] for dim, axis in enumerate(axes)))
         if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
             raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
