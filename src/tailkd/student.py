@@ -45,19 +45,18 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1,
-         DeepSeek-V3, GLM-4.7-Flash) keeps the
-         teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the
-         teacher's by default) and, with "copy", their router rows; `intermediate_size` is each routed expert's width
-         (Mixtral's, OLMoE's and GPT-OSS's intermediate_size, Qwen-MoE's, GLM-4.5's and dots.llm1's
-         moe_intermediate_size; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's attention sinks
-         follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert
-         — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
-         (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind,
-         its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
-         router load-balancing loss is on where the student's config (the teacher's settings) sets
-         ``output_router_logits`` (`tailkd.objective`). Phi-MoE's router (sparsemixer) sends every token to 2
-         experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3,
+         GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least its
+         `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size` is
+         each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
+         experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's attention sinks follow the kept
+         query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's
+         width. Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
+         ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its dense layers listed in
+         ``mlp_only_layers`` where the teacher's settings would give other ones. The router load-balancing loss is on
+         where the student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`).
+         Phi-MoE's router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least
+         2 and num_experts_per_tok is refused.
          GLM-4.5, dots.llm1, DeepSeek-V3 and GLM-4.7-Flash (DeepSeek-V3's routing): dense MLPs (the teacher's
          width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
          ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved
@@ -318,9 +317,9 @@ def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int,
 
 
 def _check_expert_groups(config, fam: Family, s: Dims) -> None:
-    """Group-limited routing (GLM-4.5, dots.llm1: a group's score is the sum of its top 2 experts, each token picks
-    ``topk_group`` groups, then its experts among theirs): the student's experts fill its ``n_group`` groups evenly,
-    at least 2 each, and its experts per token fit in the groups a token picks."""
+    """Group-limited routing (GLM-4.5, dots.llm1, DeepSeek-V3: a group's score is the sum of its top 2 experts, each
+    token picks ``topk_group`` groups, then its experts among theirs): the student's experts fill its ``n_group``
+    groups evenly, at least 2 each, and its experts per token fit in the groups a token picks."""
     if not fam.keys.get("expert_groups"):
         return
     groups, picked = s.expert_groups, getattr(config, "topk_group", None) or 1
