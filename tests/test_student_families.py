@@ -76,6 +76,11 @@ CONFIGS = {
     # rounded up to block_multiple_of
     "lfm2": ("Lfm2Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
                                 full_attn_idxs=[1, 3, 4], block_multiple_of=8, conv_bias=True)),
+    # attention beside a Mamba-2 mixer of its own width (mamba_d_ssm 48: 6 heads of 8) with its gated norm, biases
+    "falcon_h1": ("FalconH1Config", dict(hidden_size=64, num_key_value_heads=2, mamba_d_ssm=48, mamba_n_heads=6,
+                                         mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16, mamba_rms_norm=True,
+                                         mamba_proj_bias=True, attention_bias=True, mlp_bias=True,
+                                         key_multiplier=0.5, attention_out_multiplier=0.7, ssm_out_multiplier=0.9)),
     # LFM2-MoE: dense layers 0, 1 (num_dense_layers), a score bias per expert
     "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
@@ -142,7 +147,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "granite": "GraniteForCausalLM", "olmo": "OlmoForCausalLM",
            "starcoder2": "Starcoder2ForCausalLM", "stablelm": "StableLmForCausalLM", "nemotron": "NemotronForCausalLM",
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
-           "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM",
+           "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -242,6 +247,12 @@ def _expected(name, teacher, plan):
             blocks = w.reshape(3, -1, *w.shape[1:])[:, :d]
             return blocks.reshape(-1, *w.shape[1:])[..., :d] if rest.endswith("weight") else blocks.reshape(-1)
         return w[:d, :d] if rest == "conv.out_proj.weight" else w[:d]
+    if rest.startswith("mamba."):  # Falcon-H1's Mamba-2 mixer keeps its sizes: only the residual side narrows
+        if rest.startswith("mamba.in_proj"):
+            return w[:, :d] if rest.endswith("weight") else w
+        return w[:d] if rest.startswith("mamba.out_proj") else w
+    if rest.startswith("feed_forward.") and type(teacher).__name__ == "FalconH1ForCausalLM":  # a gated MLP
+        rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("feed_forward."):  # LFM2's MLP: the width its model makes of intermediate_size
         c = teacher.config
         units = c.block_multiple_of * -(-int(c.block_ffn_dim_multiplier * int(2 * ff / 3)) // c.block_multiple_of)
@@ -372,7 +383,7 @@ def _zero_dropped_layers(teacher, keep):
     outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.c_proj.",
                "mlp.experts.down_proj", "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.",
                "linear_attn.out_proj.", "conv.out_proj.", "self_attn.out_proj.", "feed_forward.w2.",
-               "feed_forward.experts.down_proj")
+               "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -389,7 +400,8 @@ def test_layer_subset_copies_its_layers_and_their_settings(family):
     assert student.config.num_hidden_layers == len(SUBSET)
     types = _layer_types(teacher)
     if types is not None:
-        assert _layer_types(student) == [types[i] for i in SUBSET] != types[: len(SUBSET)]
+        assert _layer_types(student) == [types[i] for i in SUBSET]
+        assert len(set(types)) == 1 or _layer_types(student) != types[: len(SUBSET)]  # Falcon-H1: every layer hybrid
     ids = _ids(1)
     assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, SUBSET), ids))
 
@@ -397,6 +409,21 @@ def test_layer_subset_copies_its_layers_and_their_settings(family):
     assert {row["name"] for row in table if row["action"] == "random"} == {
         name for name, _ in random_mlp.named_parameters() if _in_mlp(name)}
     _assert_copied_exactly(random_mlp, table, teacher, _plan(teacher, SUBSET))
+
+
+def test_falcon_h1_keeps_hidden_size_where_its_mixers_follow_it():
+    """Falcon-H1 without mamba_d_ssm: its Mamba-2 mixers are mamba_expand x hidden_size wide, so a narrower residual
+    stream is refused in one line; layers, heads and the MLP still narrow (bit for bit the teacher's slices)."""
+    teacher = make_teacher("falcon_h1", mamba_d_ssm=None, mamba_n_heads=16)  # 2 x 64 = 128 = 16 heads of 8
+    assert teacher.model.layers[0].mamba.intermediate_size == 128
+    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Falcon-H1 mixers are mamba_expand x "
+                                          r"hidden_size wide \(mamba_d_ssm unset\): keep hidden_size 64 \(layers, "
+                                          r"heads and the MLP narrow\)$"):
+        build_student(teacher, hidden_size=32)
+    student, table = build_student(teacher, layers=SUBSET, num_heads=2, num_kv_heads=1, intermediate_size=40,
+                                   mlp_init="copy")
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET, q_heads=[0, 1], kv_heads=[0], ff=40))
+    assert student.config.mamba_d_ssm is None and student.model.layers[0].mamba.intermediate_size == 128
 
 
 def test_lfm2_attention_layer_list_follows_the_layers(tmp_path):
@@ -582,6 +609,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "arcee": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     # the convolution's channels narrow with hidden_size; the MLP's width int(2/3 x 40) = 26, rounded up to 32
     "lfm2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "falcon_h1": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
+                  dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
     "lfm2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                  dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)

@@ -112,6 +112,9 @@ class Family:
     # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
     fixed_experts_per_token: int = 0
     mlp_prefix: str = "mlp."  # what mlp_init random draws afresh
+    # config keys giving a mixer a width of its own (Falcon-H1's mamba_d_ssm): where one is unset the mixer is
+    # mamba_expand x hidden_size wide, so a student keeps hidden_size (its mixers keep their sizes)
+    mixer_width_keys: tuple[str, ...] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -316,6 +319,17 @@ FAMILIES = {f.name: f for f in (
             **linear("feed_forward.w3", "all", "d"), **linear("feed_forward.w2", "d", "all")},
            _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
            layer_thresholds=("num_dense_layers",), mlp_prefix="feed_forward."),
+    # Falcon-H1: attention and a Mamba-2 mixer side by side in every layer, muP multipliers (the teacher's); the mixer
+    # keeps its sizes (mamba_d_ssm, heads, state) and narrows on the residual side only
+    Family("falcon_h1", "Falcon-H1", ("FalconH1ForCausalLM",),
+           {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+            **norms("model.final_layernorm")},
+           {**_ATTENTION, **linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
+            "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.dt_bias": ("all",),
+            "mamba.A_log": ("all",), "mamba.D": ("all",), **norms("mamba.norm", axis="all"),
+            **linear("feed_forward.gate_proj", "ff", "d"), **linear("feed_forward.up_proj", "ff", "d"),
+            **linear("feed_forward.down_proj", "d", "ff"), **norms("input_layernorm", "pre_ff_layernorm")},
+           _EMBED, "follows_hidden", mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
     Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             **_PROJECTION_QK_NORMS}, _EMBED, "derived"),

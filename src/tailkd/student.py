@@ -81,6 +81,9 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          (``feed_forward``, which mlp_init draws) keeps the first units of the width LFM2's model makes of
          intermediate_size (rounded to block_multiple_of); LFM2-MoE's dense prefix (``num_dense_layers``) is
          renumbered as other thresholds and its per-expert score bias (a saved buffer) follows the kept experts.
+         Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; the mixer keeps its sizes and narrows
+         on the residual side only, which needs its own width (``mamba_d_ssm``): without one it is mamba_expand x
+         hidden_size wide and hidden_size is kept (refused in one line); its muP multipliers are the teacher's.
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -107,7 +110,7 @@ StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved Ro
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, GLM-4.7-Flash
 (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE.
+ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1.
 """
 
 from __future__ import annotations
@@ -562,6 +565,11 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
     _check_expert_groups(teacher.config, fam, s)
+    unset = [key for key in fam.mixer_width_keys if getattr(teacher.config, key, None) is None]
+    if unset and s.hidden != t.hidden:
+        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} mixers are mamba_expand x "
+                          f"hidden_size wide ({', '.join(unset)} unset): keep hidden_size {t.hidden} (layers, heads "
+                          "and the MLP narrow)")
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
 
