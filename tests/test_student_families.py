@@ -81,6 +81,12 @@ CONFIGS = {
                                          mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16, mamba_rms_norm=True,
                                          mamba_proj_bias=True, attention_bias=True, mlp_bias=True,
                                          key_multiplier=0.5, attention_out_multiplier=0.7, ssm_out_multiplier=0.9)),
+    # Granite 4.0-H: Mamba-2 layers (2 x 64 wide: 16 heads of 8) beside attention layers (here with RoPE), routed
+    # experts plus a shared MLP, Granite's attention_multiplier
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(
+        hidden_size=64, num_key_value_heads=2, layer_types=[L, F, L, F, F], num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=80, mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16, mamba_n_groups=1,
+        attention_multiplier=0.05, position_embedding_type="rope")),
     # LFM2-MoE: dense layers 0, 1 (num_dense_layers), a score bias per expert
     "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
@@ -148,6 +154,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "starcoder2": "Starcoder2ForCausalLM", "stablelm": "StableLmForCausalLM", "nemotron": "NemotronForCausalLM",
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
            "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
+           "granitemoehybrid": "GraniteMoeHybridForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -209,6 +216,8 @@ def _expected(name, teacher, plan):
     w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
     if plan["moe"] and rest.startswith("feed_forward."):  # LFM2-MoE: the rules of the other mixtures' mlp.
         rest = "mlp." + rest.removeprefix("feed_forward.")
+    if rest.startswith("block_sparse_moe."):  # Granite 4.0-H's routed experts: likewise
+        rest = "mlp." + rest.removeprefix("block_sparse_moe.")
     experts, ff_e = plan["experts"], plan["ff_e"]
     if type(teacher).__name__ == "GptOssForCausalLM":
         if rest in ("mlp.router.weight", "mlp.router.bias"):  # [E, d] and [E]
@@ -247,6 +256,12 @@ def _expected(name, teacher, plan):
             blocks = w.reshape(3, -1, *w.shape[1:])[:, :d]
             return blocks.reshape(-1, *w.shape[1:])[..., :d] if rest.endswith("weight") else blocks.reshape(-1)
         return w[:d, :d] if rest == "conv.out_proj.weight" else w[:d]
+    if rest.startswith("shared_mlp."):  # [gate | up] and its output: whole beside experts, else the MLP, narrowed
+        units = (w.shape[1] if "output" in rest else w.shape[0] // 2) if teacher.config.num_local_experts else ff
+        if "output" in rest:
+            return w[:d, :units]
+        gate, up = w.chunk(2)
+        return torch.cat([gate[:units], up[:units]])[:, :d]
     if rest.startswith("mamba."):  # Falcon-H1's Mamba-2 mixer keeps its sizes: only the residual side narrows
         if rest.startswith("mamba.in_proj"):
             return w[:, :d] if rest.endswith("weight") else w
@@ -323,8 +338,8 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
 
 
 def _in_mlp(name):
-    """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.)."""
-    return ".mlp." in name or ".feed_forward." in name
+    """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.; Granite 4.0-H: two modules)."""
+    return any(f".{module}." in name for module in ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp"))
 
 
 def _first(experts):
@@ -383,7 +398,8 @@ def _zero_dropped_layers(teacher, keep):
     outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.c_proj.",
                "mlp.experts.down_proj", "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.",
                "linear_attn.out_proj.", "conv.out_proj.", "self_attn.out_proj.", "feed_forward.w2.",
-               "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.")
+               "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
+               "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -416,14 +432,35 @@ def test_falcon_h1_keeps_hidden_size_where_its_mixers_follow_it():
     stream is refused in one line; layers, heads and the MLP still narrow (bit for bit the teacher's slices)."""
     teacher = make_teacher("falcon_h1", mamba_d_ssm=None, mamba_n_heads=16)  # 2 x 64 = 128 = 16 heads of 8
     assert teacher.model.layers[0].mamba.intermediate_size == 128
-    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Falcon-H1 mixers are mamba_expand x "
-                                          r"hidden_size wide \(mamba_d_ssm unset\): keep hidden_size 64 \(layers, "
+    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Falcon-H1 Mamba mixers are mamba_expand "
+                                          r"x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(layers, "
                                           r"heads and the MLP narrow\)$"):
         build_student(teacher, hidden_size=32)
     student, table = build_student(teacher, layers=SUBSET, num_heads=2, num_kv_heads=1, intermediate_size=40,
                                    mlp_init="copy")
     _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET, q_heads=[0, 1], kv_heads=[0], ff=40))
     assert student.config.mamba_d_ssm is None and student.model.layers[0].mamba.intermediate_size == 128
+
+
+def test_granite_4_dense_variant_narrows_its_shared_mlp(tmp_path):
+    """Granite 4.0-H without routed experts (its 350M, 1B and Micro models): the shared MLP is the MLP, narrowed by
+    intermediate_size (the first units of gate and of up, shared_intermediate_size in the student's config); no
+    num_experts to set; hidden_size kept, its Mamba mixers being mamba_expand x hidden_size wide."""
+    teacher = make_teacher("granitemoehybrid", num_local_experts=0)
+    assert teacher.model.layers[0].block_sparse_moe is None
+    full, table = build_student(teacher, mlp_init="copy")
+    assert {row["action"] for row in table} == {"copied"}
+    ids = _ids(9)
+    assert torch.equal(_logits(full, ids), _logits(teacher, ids))
+    student, table = build_student(teacher, layers=[0, 2, 3], intermediate_size=40, mlp_init="copy")
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, [0, 2, 3], ff=40))
+    assert student.config.shared_intermediate_size == 40 and student.config.num_local_experts == 0
+    with pytest.raises(TailkdError, match=r"^num_experts=2 but Granite 4\.0-H is not a mixture of experts: drop "
+                                          r"num_experts$"):
+        build_student(teacher, num_experts=2)
+    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Granite 4\.0-H Mamba mixers are "
+                                          r"mamba_expand x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"):
+        build_student(teacher, hidden_size=32)
 
 
 def test_lfm2_attention_layer_list_follows_the_layers(tmp_path):
@@ -611,6 +648,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "lfm2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "falcon_h1": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
                   dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
+    # hidden_size kept (its Mamba mixers are 2 x hidden_size wide); head_dim kept, so attention_multiplier too
+    "granitemoehybrid": ({"num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 3},
+                         dict(q_heads=[0, 1], kv_heads=[0], ff_e=40, experts=3)),
     "lfm2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                  dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
@@ -666,7 +706,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     hd = plan.get("hd_s", _plan(teacher, layers)["hd_t"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
-    attention = next(layer.self_attn for layer in student.model.layers if hasattr(layer, "self_attn"))
+    attention = next(layer.self_attn for layer in student.model.layers if getattr(layer, "self_attn", None))
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     else:

@@ -17,8 +17,8 @@ An entry says, for one family of Hugging Face causal LMs:
 
 A parameter of the student that its family's table does not name is an error (never a silent random init); a
 persistent buffer it does not name keeps the value the student's own config gives it.
-Parameters under the family's ``mlp_prefix`` (``mlp.``; LFM2's ``feed_forward.``) are the MLP (random or copied,
-see ``mlp_init``).
+Parameters under the family's ``mlp_prefix`` (``mlp.``; LFM2's ``feed_forward.``, Granite 4.0-H's two MLP modules)
+are the MLP (random or copied, see ``mlp_init``).
 """
 
 from __future__ import annotations
@@ -111,10 +111,13 @@ class Family:
     latent_attention: bool = False
     # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
     fixed_experts_per_token: int = 0
-    mlp_prefix: str = "mlp."  # what mlp_init random draws afresh
-    # config keys giving a mixer a width of its own (Falcon-H1's mamba_d_ssm): where one is unset the mixer is
-    # mamba_expand x hidden_size wide, so a student keeps hidden_size (its mixers keep their sizes)
+    mlp_prefix: str | tuple[str, ...] = "mlp."  # what mlp_init random draws afresh
+    # config keys giving a mixer a width of its own (Falcon-H1's mamba_d_ssm): where one is unset (or the config has
+    # no such key: Granite 4.0-H) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
     mixer_width_keys: tuple[str, ...] = ()
+    # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
+    # kinds that change then (`tailkd.student.config_family` applies them)
+    without_experts: dict = field(default_factory=dict)
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -174,6 +177,11 @@ _LFM2_MIXERS = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_pr
                 **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
                 **linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
                 "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d"), **norms("operator_norm", "ffn_norm")}
+# a Mamba-2 mixer (Falcon-H1, Granite 4.0-H) keeps its sizes: only its residual side (in_proj's input, out_proj's
+# output) follows hidden_size
+_MAMBA2 = {**linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
+           "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.dt_bias": ("all",),
+           "mamba.A_log": ("all",), "mamba.D": ("all",), **norms("mamba.norm", axis="all")}
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
 
 FAMILIES = {f.name: f for f in (
@@ -324,12 +332,26 @@ FAMILIES = {f.name: f for f in (
     Family("falcon_h1", "Falcon-H1", ("FalconH1ForCausalLM",),
            {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("model.final_layernorm")},
-           {**_ATTENTION, **linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
-            "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.dt_bias": ("all",),
-            "mamba.A_log": ("all",), "mamba.D": ("all",), **norms("mamba.norm", axis="all"),
-            **linear("feed_forward.gate_proj", "ff", "d"), **linear("feed_forward.up_proj", "ff", "d"),
-            **linear("feed_forward.down_proj", "d", "ff"), **norms("input_layernorm", "pre_ff_layernorm")},
+           {**_ATTENTION, **_MAMBA2, **linear("feed_forward.gate_proj", "ff", "d"),
+            **linear("feed_forward.up_proj", "ff", "d"), **linear("feed_forward.down_proj", "d", "ff"),
+            **norms("input_layernorm", "pre_ff_layernorm")},
            _EMBED, "follows_hidden", mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
+    # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide: hidden_size kept) beside attention layers
+    # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at
+    # the teacher's width beside experts; the MLP itself, narrowed, in the dense variants without experts)
+    Family("granitemoehybrid", "Granite 4.0-H", ("GraniteMoeHybridForCausalLM",), _DECODER,
+           {**_ATTENTION, **_MAMBA2, **_PRE_NORMS, "block_sparse_moe.router.weight": ("expert", "d"),
+            "block_sparse_moe.experts.gate_up_proj": ("expert", "gate_up", "d"),
+            "block_sparse_moe.experts.down_proj": ("expert", "d", "ff"),
+            **linear("shared_mlp.input_linear", "all", "d"), **linear("shared_mlp.output_linear", "d", "all")},
+           _EMBED, "follows_hidden",
+           keys=dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size"),
+           attention_scales=("attention_multiplier",), mlp_prefix=("block_sparse_moe.", "shared_mlp."),
+           mixer_width_keys=("mamba_d_ssm",),
+           without_experts=dict(
+               keys=dict(experts=None, experts_per_token=None, intermediate="shared_intermediate_size"),
+               layer_params={**linear("shared_mlp.input_linear", "gate_up", "d"),
+                             **linear("shared_mlp.output_linear", "d", "ff")})),
     Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             **_PROJECTION_QK_NORMS}, _EMBED, "derived"),

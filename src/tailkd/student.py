@@ -84,6 +84,11 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; the mixer keeps its sizes and narrows
          on the residual side only, which needs its own width (``mamba_d_ssm``): without one it is mamba_expand x
          hidden_size wide and hidden_size is kept (refused in one line); its muP multipliers are the teacher's.
+         Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its mixers are always
+         mamba_expand x hidden_size wide, so hidden_size is kept (layers, heads, experts and the MLP narrow); its
+         routed experts (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width
+         beside them and is the MLP, narrowed by intermediate_size (shared_intermediate_size), in the variants
+         without experts; attention_multiplier follows head_dim as Granite's.
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -110,7 +115,7 @@ StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved Ro
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, GLM-4.7-Flash
 (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1.
+ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Granite 4.0-H (GraniteMoeHybrid).
 """
 
 from __future__ import annotations
@@ -171,10 +176,15 @@ def _spec(family: str | Family) -> Family:
 
 def config_family(config, family: str | Family) -> Family:
     """The family's entry as it applies to `config`: a "derived" family whose models read ``config.head_dim`` first
-    (Phi, Phi-3, OLMo-2), for a config that carries one, has Llama's "follows_hidden" head_dim rule."""
+    (Phi, Phi-3, OLMo-2), for a config that carries one, has Llama's "follows_hidden" head_dim rule; a mixture whose
+    config has no routed experts, its ``without_experts`` keys and axes (Granite 4.0-H's dense variants)."""
     fam = _spec(family)
     if fam.head_dim == "derived" and fam.reads_head_dim and getattr(config, "head_dim", None) is not None:
-        return dataclasses.replace(fam, head_dim="follows_hidden")
+        fam = dataclasses.replace(fam, head_dim="follows_hidden")
+    if fam.without_experts and not getattr(config, fam.keys["experts"], 0):  # Granite 4.0-H's dense variants
+        fam = dataclasses.replace(fam, keys={**fam.keys, **fam.without_experts["keys"]},
+                                  layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
+                                  without_experts={})
     return fam
 
 
@@ -567,9 +577,9 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
     _check_expert_groups(teacher.config, fam, s)
     unset = [key for key in fam.mixer_width_keys if getattr(teacher.config, key, None) is None]
     if unset and s.hidden != t.hidden:
-        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} mixers are mamba_expand x "
-                          f"hidden_size wide ({', '.join(unset)} unset): keep hidden_size {t.hidden} (layers, heads "
-                          "and the MLP narrow)")
+        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are mamba_expand x "
+                          f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (layers, heads and "
+                          "the MLP narrow)")
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
 
