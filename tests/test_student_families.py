@@ -87,6 +87,12 @@ CONFIGS = {
         hidden_size=64, num_key_value_heads=2, layer_types=[L, F, L, F, F], num_local_experts=4, num_experts_per_tok=2,
         shared_intermediate_size=80, mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16, mamba_n_groups=1,
         attention_multiplier=0.05, position_embedding_type="rope")),
+    # Nemotron-H: one mixer per layer (Mamba-2 of its own width, 8 heads of 8; attention; relu² MLP; routed relu²
+    # experts, 8 in 2 groups, with a shared one and score-correction biases)
+    "nemotron_h": ("NemotronHConfig", dict(
+        hidden_size=64, num_key_value_heads=2, head_dim=16, layers_block_type=[L, "moe", F, "mlp", "moe"],
+        mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=1, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=40, moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1)),
     # LFM2-MoE: dense layers 0, 1 (num_dense_layers), a score bias per expert
     "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
@@ -154,7 +160,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "starcoder2": "Starcoder2ForCausalLM", "stablelm": "StableLmForCausalLM", "nemotron": "NemotronForCausalLM",
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
            "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
-           "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+           "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -186,8 +192,8 @@ def _ids(seed=0, shape=(2, 13)):
 
 
 def _logits(model, ids):
-    with torch.no_grad():
-        return model.eval()(ids).logits
+    with torch.no_grad():  # no cache: Nemotron-H's hybrid cache fails in a plain forward (transformers 5.25)
+        return model.eval()(ids, use_cache=False).logits
 
 
 def _layer_types(model):
@@ -209,11 +215,17 @@ def _expected(name, teacher, plan):
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if m is None:
         w = t[name]
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight"):
             return w[:, :d]
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     rest = m.group(2)
     w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
+    if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
+        tail = rest.removeprefix("mixer.")
+        kind = tail.split(".")[0]
+        rest = ("mamba." if kind in ("in_proj", "out_proj", "conv1d", "dt_bias", "A_log", "D", "norm") else
+                "self_attn." if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + tail
+        rest = rest.replace("mlp.shared_experts.", "mlp.shared_expert.")  # a width of its own: Qwen's whole-width rule
     if plan["moe"] and rest.startswith("feed_forward."):  # LFM2-MoE: the rules of the other mixtures' mlp.
         rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("block_sparse_moe."):  # Granite 4.0-H's routed experts: likewise
@@ -238,6 +250,8 @@ def _expected(name, teacher, plan):
         return torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1)[:, :, :d]
     if rest == "mlp.experts.down_proj":  # [E, d, ff]
         return w[experts, :d, :ff_e]
+    if rest == "mlp.experts.up_proj":  # Nemotron-H's ungated experts [E, ff, d]
+        return w[experts, :ff_e, :d]
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
         units = ff_e * teacher.config.n_shared_experts
         return w[:d, :units] if ".down_proj" in rest else w[:units, :d]
@@ -310,7 +324,7 @@ def _expected(name, teacher, plan):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
-    if module.endswith(("layernorm", "operator_norm", "ffn_norm")):
+    if module.endswith(("layernorm", "operator_norm", "ffn_norm")) or module == "norm":
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -324,7 +338,8 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     c = teacher.config
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
-    moe = getattr(c, "num_experts_per_tok", None) is not None
+    moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
+           and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
     return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"), ff=ff or c.intermediate_size,
                 hd_t=hd_t, hd_s=hd_s, moe=moe,
                 ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
@@ -339,7 +354,9 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
 
 def _in_mlp(name):
     """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.; Granite 4.0-H: two modules)."""
-    return any(f".{module}." in name for module in ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp"))
+    modules = ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp", *(f"mixer.{m}" for m in (  # Nemotron-H's
+        "up_proj", "down_proj", "gate", "experts", "shared_experts")))
+    return any(f".{module}." in name for module in modules)
 
 
 def _first(experts):
@@ -399,7 +416,8 @@ def _zero_dropped_layers(teacher, keep):
                "mlp.experts.down_proj", "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.",
                "linear_attn.out_proj.", "conv.out_proj.", "self_attn.out_proj.", "feed_forward.w2.",
                "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
-               "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.")
+               "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
+               "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -461,6 +479,33 @@ def test_granite_4_dense_variant_narrows_its_shared_mlp(tmp_path):
     with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Granite 4\.0-H Mamba mixers are "
                                           r"mamba_expand x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"):
         build_student(teacher, hidden_size=32)
+
+
+def test_nemotron_h_dense_models_narrow_their_mlp():
+    """Nemotron-H without "moe" layers (Nemotron-H 8B, Nano 9B v2) has no routed experts whatever n_routed_experts
+    says: intermediate_size narrows its MLP layers, num_experts is refused."""
+    teacher = make_teacher("nemotron_h", layers_block_type=[L, "mlp", F, "mlp", "mlp"])
+    full, table = build_student(teacher, mlp_init="copy")
+    ids = _ids(10)
+    assert {row["action"] for row in table} == {"copied"} and torch.equal(_logits(full, ids), _logits(teacher, ids))
+    student, table = build_student(teacher, layers=[0, 1, 2], hidden_size=32, intermediate_size=40, mlp_init="copy")
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, [0, 1, 2], d=32, ff=40))
+    assert student.config.intermediate_size == 40 and student.config.layers_block_type == [L, "mlp", F]
+    with pytest.raises(TailkdError, match=r"^num_experts=2 but Nemotron-H is not a mixture of experts"):
+        build_student(teacher, num_experts=2)
+
+
+@pytest.mark.parametrize("family, overrides, why", [
+    ("nemotron_h", {"moe_latent_size": 16}, "its experts work in a latent space of their own"),
+    ("stablelm", {"qk_layernorm": True}, "its q/k LayerNorms are one module per head"),
+])
+def test_settings_the_tables_cannot_slice_are_refused_in_one_line(family, overrides, why):
+    """A teacher setting that brings tensors no table entry slices (Family.refused_settings) is refused by name, with
+    the way out, before any tensor is read (it had been a "no copy rule" error naming one parameter)."""
+    key = next(iter(overrides))
+    with pytest.raises(TailkdError, match=rf"^the teacher sets {key} \({re.escape(why)}\), which tailkd cannot cut "
+                                          r"into a student: give the student as a folder \(--student DIR\)$"):
+        build_student(make_teacher(family, **overrides))
 
 
 def test_lfm2_attention_layer_list_follows_the_layers(tmp_path):
@@ -651,6 +696,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # hidden_size kept (its Mamba mixers are 2 x hidden_size wide); head_dim kept, so attention_multiplier too
     "granitemoehybrid": ({"num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 3},
                          dict(q_heads=[0, 1], kv_heads=[0], ff_e=40, experts=3)),
+    # 4 of 8 experts in n_group 2: the first 2 of each group; head_dim 16 kept
+    "nemotron_h": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 24, "num_experts": 4},
+                   dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=24, experts=[0, 1, 4, 5])),
     "lfm2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                  dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
@@ -706,7 +754,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     hd = plan.get("hd_s", _plan(teacher, layers)["hd_t"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
-    attention = next(layer.self_attn for layer in student.model.layers if getattr(layer, "self_attn", None))
+    attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
+                                 for layer in student.model.layers) if "Attention" in type(a).__name__)
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     else:

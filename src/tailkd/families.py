@@ -118,6 +118,11 @@ class Family:
     # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
     # kinds that change then (`tailkd.student.config_family` applies them)
     without_experts: dict = field(default_factory=dict)
+    # the layer kind (in the first of `layer_lists`) that holds the routed experts: a config listing none has none
+    # (Nemotron-H's "moe" layers; its dense models still set n_routed_experts)
+    expert_layer_kind: str = ""
+    # (config key, why): a teacher setting the key has tensors the table cannot slice, refused in one line
+    refused_settings: tuple[tuple[str, str], ...] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -198,9 +203,10 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **linear("mlp.c_fc", "ff", "d"), **linear("mlp.c_proj", "d", "ff"), **_PRE_NORMS}, _EMBED,
            "follows_hidden"),
     # StableLM: partial rotary (0.25), LayerNorms with biases, optionally parallel attention and MLP; head_dim is always
-    # hidden_size / num_heads (its per-head q/k LayerNorm modules, qk_layernorm, are not in the table: refused)
+    # hidden_size / num_heads (its per-head q/k LayerNorm modules, qk_layernorm: refused)
     Family("stablelm", "StableLM", ("StableLmForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
-           _EMBED, "derived", reads_head_dim=False),
+           _EMBED, "derived", reads_head_dim=False,
+           refused_settings=(("qk_layernorm", "its q/k LayerNorms are one module per head"),)),
     Family("nemotron", "Nemotron", ("NemotronForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS},
            _EMBED, "follows_hidden"),
     Family("arcee", "Arcee", ("ArceeForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS}, _EMBED,
@@ -352,6 +358,26 @@ FAMILIES = {f.name: f for f in (
                keys=dict(experts=None, experts_per_token=None, intermediate="shared_intermediate_size"),
                layer_params={**linear("shared_mlp.input_linear", "gate_up", "d"),
                              **linear("shared_mlp.output_linear", "d", "ff")})),
+    # Nemotron-H: every layer one mixer (layers_block_type: Mamba-2 of its own width, attention without RoPE, a relu²
+    # MLP, or DeepSeek-V3-style routed relu² experts with a shared one); the dense models (no "moe" layer) narrow the
+    # MLP
+    Family("nemotron_h", "Nemotron-H", ("NemotronHForCausalLM",),
+           {"model.embeddings.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm_f")},
+           {**{"mixer." + k.removeprefix("mamba."): v for k, v in _MAMBA2.items()},
+            **linear("mixer.q_proj", "q", "d"), **linear("mixer.k_proj", "k", "d"), **linear("mixer.v_proj", "v", "d"),
+            **linear("mixer.o_proj", "d", "o"), **linear("mixer.up_proj", "all", "d"),
+            **linear("mixer.down_proj", "d", "all"), "mixer.gate.weight": ("expert", "d"),
+            "mixer.gate.e_score_correction_bias": ("expert",), "mixer.experts.up_proj": ("expert", "ff", "d"),
+            "mixer.experts.down_proj": ("expert", "d", "ff"), **linear("mixer.shared_experts.up_proj", "all", "d"),
+            **linear("mixer.shared_experts.down_proj", "d", "all"), **norms("norm")},
+           ("model.embeddings.weight",), "kept", layer_lists=("layers_block_type",),
+           keys=dict(_SIGMOID_ROUTED_KEYS, shared_experts=None),
+           mlp_prefix=("mixer.up_proj", "mixer.down_proj", "mixer.gate.", "mixer.experts.", "mixer.shared_experts."),
+           expert_layer_kind="moe",
+           refused_settings=(("moe_latent_size", "its experts work in a latent space of their own"),),
+           without_experts=dict(keys=dict(experts=None, experts_per_token=None, intermediate="intermediate_size"),
+                                layer_params={**linear("mixer.up_proj", "ff", "d"),
+                                              **linear("mixer.down_proj", "d", "ff")})),
     Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             **_PROJECTION_QK_NORMS}, _EMBED, "derived"),

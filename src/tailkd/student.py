@@ -89,6 +89,10 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          routed experts (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width
          beside them and is the MLP, narrowed by intermediate_size (shared_intermediate_size), in the variants
          without experts; attention_multiplier follows head_dim as Granite's.
+         Nemotron-H: one mixer per layer (``layers_block_type``: Mamba-2 of its own width, narrowing on the residual
+         side; attention; a relu² MLP; DeepSeek-V3-style routed relu² experts with a shared one of its own width);
+         a model without "moe" layers has no experts whatever n_routed_experts says and narrows its MLP by
+         intermediate_size; experts in a latent space of their own (moe_latent_size) are refused.
 Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -115,7 +119,7 @@ StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved Ro
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, GLM-4.7-Flash
 (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Granite 4.0-H (GraniteMoeHybrid).
+ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -181,11 +185,18 @@ def config_family(config, family: str | Family) -> Family:
     fam = _spec(family)
     if fam.head_dim == "derived" and fam.reads_head_dim and getattr(config, "head_dim", None) is not None:
         fam = dataclasses.replace(fam, head_dim="follows_hidden")
-    if fam.without_experts and not getattr(config, fam.keys["experts"], 0):  # Granite 4.0-H's dense variants
+    if fam.without_experts and not _routed_experts(config, fam):  # Granite 4.0-H's, Nemotron-H's dense models
         fam = dataclasses.replace(fam, keys={**fam.keys, **fam.without_experts["keys"]},
                                   layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
                                   without_experts={})
     return fam
+
+
+def _routed_experts(config, fam: Family) -> int:
+    """A mixture's routed experts per layer (0: none, also where no layer holds them: `Family.expert_layer_kind`)."""
+    n = getattr(config, fam.keys["experts"], 0) if fam.keys.get("experts") else 0
+    kinds = getattr(config, fam.layer_lists[0], None) if fam.expert_layer_kind else None
+    return 0 if fam.expert_layer_kind and fam.expert_layer_kind not in (kinds or ()) else n or 0
 
 
 def teacher_dims(config, family: str | Family) -> Dims:
@@ -194,7 +205,7 @@ def teacher_dims(config, family: str | Family) -> Dims:
     hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
-    experts = getattr(config, keys["experts"]) if keys.get("experts") else 0
+    experts = _routed_experts(config, fam)
     per_token = getattr(config, keys["experts_per_token"]) if experts else 0
     groups, shared = (getattr(config, keys[role], None) if keys.get(role) else None
                       for role in ("expert_groups", "shared_experts"))
@@ -333,7 +344,7 @@ def _check_expert_groups(config, fam: Family, s: Dims) -> None:
     """Group-limited routing (GLM-4.5, dots.llm1, DeepSeek-V3: a group's score is the sum of its top 2 experts, each
     token picks ``topk_group`` groups, then its experts among theirs): the student's experts fill its ``n_group``
     groups evenly, at least 2 each, and its experts per token fit in the groups a token picks."""
-    if not fam.keys.get("expert_groups"):
+    if not fam.keys.get("expert_groups") or not s.experts:
         return
     groups, picked = s.expert_groups, getattr(config, "topk_group", None) or 1
     n, k = s.experts, s.experts_per_token
@@ -567,6 +578,10 @@ def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
 def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
           tie_embeddings=None, num_experts=None, num_experts_per_tok=None):
     fam = config_family(teacher.config, family_spec(teacher))
+    for key, why in fam.refused_settings:
+        if getattr(teacher.config, key, None):
+            raise TailkdError(f"the teacher sets {key} ({why}), which tailkd cannot cut into a student: give the "
+                              "student as a folder (--student DIR)")
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)
