@@ -131,6 +131,13 @@ CONFIGS = {
                                              num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
                                              n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
                                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)),
+    # DeepSeek-V2: q straight from the residual stream, a softmax router over 4 groups of 2 experts scored by their
+    # best one (group_limited_greedy), 2 shared experts' width
+    "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
+                                             num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
+                                             n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                                             first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)),
     # GLM-4.7-Flash: q straight from the residual stream (q_proj), dense/routed layers listed per layer
     "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=4,
                                                 num_experts_per_tok=2, moe_intermediate_size=40, q_lora_rank=None,
@@ -161,6 +168,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
            "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+           "deepseek_v2": "DeepseekV2ForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -508,6 +516,15 @@ def test_settings_the_tables_cannot_slice_are_refused_in_one_line(family, overri
         build_student(make_teacher(family, **overrides))
 
 
+def test_deepseek_v2_greedy_routing_keeps_the_first_experts():
+    """DeepSeek-V2 with topk_method greedy (V2-Lite) routes over all experts whatever n_group says: the student keeps
+    the first ones, any number of them."""
+    teacher = make_teacher("deepseek_v2", topk_method="greedy")
+    student, table = build_student(teacher, layers=SUBSET, num_experts=3, mlp_init="copy")
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET, experts=3))
+    assert torch.isfinite(_logits(student, _ids(11))).all()
+
+
 def test_lfm2_attention_layer_list_follows_the_layers(tmp_path):
     """LFM2 lists its attention layers twice (layer_types and full_attn_idxs): the student's full_attn_idxs are its own
     indices of the chosen attention layers, as its layer_types; saved and loaded, its layers have those kinds."""
@@ -583,6 +600,9 @@ def test_moe_dense_layers_follow_the_layers(family, layers, config, tmp_path):
      r"experts: pick at least 4$"),
     ("glm4_moe", {"num_experts": 4, "num_experts_per_tok": 3},
      r"^num_experts_per_tok=3 but a token's experts come from topk_group=1 of the student's groups of 2: pick at "
+     r"most 2, or more experts$"),
+    ("deepseek_v2", {"num_experts": 4, "num_experts_per_tok": 3},
+     r"^num_experts_per_tok=3 but a token's experts come from topk_group=2 of the student's groups of 1: pick at "
      r"most 2, or more experts$"),
     # Phi-MoE's router (sparsemixer) takes 2 experts per token whatever num_experts_per_tok says: 1 gave NaN logits
     ("phimoe", {"num_experts": 1}, r"^num_experts=1 but the teacher has 4 experts and Phi-MoE's router sends each "
@@ -706,6 +726,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # latent attention narrows whole heads (their q, [k | v] and output blocks), the latent's ranks kept
     "deepseek_v3": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)
+    "deepseek_v2": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                    dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 2, 4, 6])),
     "glm4_moe_lite": ({"hidden_size": 32, "num_heads": 3, "intermediate_size": 24, "num_experts": 2},
                       dict(d=32, q_heads=[0, 1, 2], ff_e=24, experts=2)),
 }

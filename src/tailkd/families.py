@@ -123,6 +123,10 @@ class Family:
     expert_layer_kind: str = ""
     # (config key, why): a teacher setting the key has tensors the table cannot slice, refused in one line
     refused_settings: tuple[tuple[str, str], ...] = ()
+    # group-limited routing (expert_groups): how many of a group's experts score it (DeepSeek-V3's top-2 sum, V2's
+    # max: 1), and the (config key, value) under which the groups limit routing at all (DeepSeek-V2's topk_method)
+    group_score_top: int = 2
+    group_routing: tuple[str, str] | tuple = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -154,10 +158,10 @@ _LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all
                      **norms("linear_attn.norm", axis="all"), **linear("linear_attn.out_proj", "d", "all"),
                      **{k: v for p in ("qkvz", "ba", "qkv", "z", "b", "a")  # Qwen3-Next: qkvz, ba; Qwen3.5 split
                         for k, v in linear(f"linear_attn.in_proj_{p}", "all", "d").items()}}
-# DeepSeek-V3-style mixtures (GLM-4.5, dots.llm1): a sigmoid router with a score-correction bias (a persistent
-# buffer) and group-limited routing, shared experts of n_shared_experts x the routed width, dense MLPs (the teacher's
-# width) in the first first_k_dense_replace layers
-_SIGMOID_ROUTED = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
+# DeepSeek-style mixtures (DeepSeek-V2/V3, GLM-4.5, dots.llm1): a router (V3's sigmoid one with a score-correction
+# bias, a persistent buffer) with group-limited routing, shared experts of n_shared_experts x the routed width, dense
+# MLPs (the teacher's width) in the first first_k_dense_replace layers
+_DEEPSEEK_MOE = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
                    **linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),
                    **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
                    **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
@@ -170,7 +174,7 @@ _LATENT_ATTENTION = {**linear("self_attn.q_proj", "head", "d"), **linear("self_a
                      **linear("self_attn.kv_b_proj", "head", "all"), **linear("self_attn.o_proj", "d", "head"),
                      **linear("self_attn.q_a_proj", "all", "d"), **linear("self_attn.kv_a_proj_with_mqa", "all", "d"),
                      **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", axis="all")}
-_SIGMOID_ROUTED_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
+_DEEPSEEK_MOE_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
                             expert_groups="n_group", shared_experts="n_shared_experts")
 
 # LFM2's global tensors (its final norm is embedding_norm) and its mixers: attention with per-head q/k norms, or a
@@ -257,17 +261,22 @@ FAMILIES = {f.name: f for f in (
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
            sparse_by_index=True),
     Family("glm4_moe", "GLM-4.5", ("Glm4MoeForCausalLM",), _DECODER,
-           {**_ATTENTION, **_HEAD_QK_NORMS, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept",
-           keys=_SIGMOID_ROUTED_KEYS, layer_thresholds=("first_k_dense_replace",)),
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace",)),
     Family("dots1", "dots.llm1", ("Dots1ForCausalLM",), _DECODER,
-           {**_ATTENTION, **_HEAD_QK_NORMS, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept",
-           keys=_SIGMOID_ROUTED_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),
+    # DeepSeek-V2: a softmax router whose groups (topk_method group_limited_greedy) are scored by their best expert
+    Family("deepseek_v2", "DeepSeek-V2", ("DeepseekV2ForCausalLM",), _DECODER,
+           {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
+           layer_thresholds=("first_k_dense_replace",), latent_attention=True, group_score_top=1,
+           group_routing=("topk_method", "group_limited_greedy")),
     Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3ForCausalLM",), _DECODER,
-           {**_LATENT_ATTENTION, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept", keys=_SIGMOID_ROUTED_KEYS,
+           {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
            layer_thresholds=("first_k_dense_replace",), latent_attention=True),
     # GLM-4.7-Flash: DeepSeek-V3's layout, its dense/routed layers listed per layer (mlp_layer_types)
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("Glm4MoeLiteForCausalLM",), _DECODER,
-           {**_LATENT_ATTENTION, **_SIGMOID_ROUTED, **_PRE_NORMS}, _EMBED, "kept", keys=_SIGMOID_ROUTED_KEYS,
+           {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
            layer_lists=("layer_types", "mlp_layer_types"), latent_attention=True),
     # Phi-3.5-MoE: a router named router (sparsemixer: always 2 experts per token), LayerNorms with biases
     Family("phimoe", "Phi-MoE", ("PhimoeForCausalLM",), _DECODER,
@@ -371,7 +380,7 @@ FAMILIES = {f.name: f for f in (
             "mixer.experts.down_proj": ("expert", "d", "ff"), **linear("mixer.shared_experts.up_proj", "all", "d"),
             **linear("mixer.shared_experts.down_proj", "d", "all"), **norms("norm")},
            ("model.embeddings.weight",), "kept", layer_lists=("layers_block_type",),
-           keys=dict(_SIGMOID_ROUTED_KEYS, shared_experts=None),
+           keys=dict(_DEEPSEEK_MOE_KEYS, shared_experts=None),
            mlp_prefix=("mixer.up_proj", "mixer.down_proj", "mixer.gate.", "mixer.experts.", "mixer.shared_experts."),
            expert_layer_kind="moe",
            refused_settings=(("moe_latent_size", "its experts work in a latent space of their own"),),

@@ -45,10 +45,10 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3,
-         GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least its
-         `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size` is
-         each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1,
+         DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
+         its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size`
+         is each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
          experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's attention sinks follow the kept
          query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's
          width. Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
@@ -57,15 +57,15 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          where the student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`).
          Phi-MoE's router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least
          2 and num_experts_per_tok is refused.
-         GLM-4.5, dots.llm1, DeepSeek-V3 and GLM-4.7-Flash (DeepSeek-V3's routing): dense MLPs (the teacher's
-         width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
-         ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved
-         buffer) follows the kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2
-         experts, ``topk_group`` picked per token) the student keeps the first num_experts/n_group experts of each
-         group, so num_experts is a multiple of n_group with at least 2 per group and num_experts_per_tok fits in
-         topk_group groups; the shared experts (one MLP of n_shared_experts routed widths) keep their first
-         n_shared_experts x intermediate_size units.
-Latent   Multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash): one key/value head per query head, so
+         GLM-4.5, dots.llm1, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the teacher's width)
+         below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer, ``mlp_layer_types``,
+         subset as layer_types); the router's score-correction bias (a saved buffer) follows the kept experts; under
+         group-limited routing (``n_group`` groups, each scored by its top 2 experts — DeepSeek-V2's by its best one,
+         where its topk_method is group_limited_greedy —, ``topk_group`` picked per token) the student keeps the first
+         num_experts/n_group experts of each group, so num_experts is a multiple of n_group with at least 2 (V2: 1) per
+         group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of n_shared_experts routed
+         widths) keep their first n_shared_experts x intermediate_size units.
+Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): one key/value head per query head, so
          num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
          (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank, kv_lora_rank) are the
@@ -117,9 +117,9 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Se
 StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi
 (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
-frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, GLM-4.7-Flash
-(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3,
+GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ def config_family(config, family: str | Family) -> Family:
     fam = _spec(family)
     if fam.head_dim == "derived" and fam.reads_head_dim and getattr(config, "head_dim", None) is not None:
         fam = dataclasses.replace(fam, head_dim="follows_hidden")
+    if fam.group_routing and getattr(config, fam.group_routing[0], None) != fam.group_routing[1]:
+        fam = dataclasses.replace(fam, keys={**fam.keys, "expert_groups": None}, group_routing=())  # V2's greedy
     if fam.without_experts and not _routed_experts(config, fam):  # Granite 4.0-H's, Nemotron-H's dense models
         fam = dataclasses.replace(fam, keys={**fam.keys, **fam.without_experts["keys"]},
                                   layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
@@ -341,19 +343,20 @@ def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int,
 
 
 def _check_expert_groups(config, fam: Family, s: Dims) -> None:
-    """Group-limited routing (GLM-4.5, dots.llm1, DeepSeek-V3: a group's score is the sum of its top 2 experts, each
-    token picks ``topk_group`` groups, then its experts among theirs): the student's experts fill its ``n_group``
-    groups evenly, at least 2 each, and its experts per token fit in the groups a token picks."""
+    """Group-limited routing (GLM-4.5, dots.llm1, DeepSeek-V3: a group's score is the sum of its top 2 experts;
+    DeepSeek-V2: its best one; each token picks ``topk_group`` groups, then its experts among theirs): the student's
+    experts fill its ``n_group`` groups evenly, as many each as score a group, and its experts per token fit in the
+    groups a token picks."""
     if not fam.keys.get("expert_groups") or not s.experts:
         return
-    groups, picked = s.expert_groups, getattr(config, "topk_group", None) or 1
+    groups, picked, top = s.expert_groups, getattr(config, "topk_group", None) or 1, fam.group_score_top
     n, k = s.experts, s.experts_per_token
     if n % groups:
         raise TailkdError(f"num_experts={n} but the teacher routes within n_group={groups} groups of experts: pick a "
                           f"multiple of {groups} (the student keeps the first num_experts/{groups} of each group)")
-    if n // groups < 2:
+    if n // groups < top:
         raise TailkdError(f"num_experts={n} leaves {n // groups} expert per group, but the router scores each of the "
-                          f"n_group={groups} groups by its top 2 experts: pick at least {2 * groups}")
+                          f"n_group={groups} groups by its top {top} experts: pick at least {top * groups}")
     if k > picked * (n // groups):
         raise TailkdError(f"num_experts_per_tok={k} but a token's experts come from topk_group={picked} of the "
                           f"student's groups of {n // groups}: pick at most {picked * (n // groups)}, or more experts")
