@@ -93,6 +93,9 @@ CONFIGS = {
         hidden_size=64, num_key_value_heads=2, head_dim=16, layers_block_type=[L, "moe", F, "mlp", "moe"],
         mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=1, n_routed_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=40, moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1)),
+    # Bamba: attention in layers 1, 3, 4 (attn_layer_indices), Mamba-2 (2 x 64 wide: 16 heads of 8) elsewhere
+    "bamba": ("BambaConfig", dict(hidden_size=64, num_key_value_heads=2, attn_layer_indices=[1, 3, 4],
+                                  mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16, mamba_n_groups=1)),
     # LFM2-MoE: dense layers 0, 1 (num_dense_layers), a score bias per expert
     "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
@@ -168,7 +171,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
            "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM",
-           "deepseek_v2": "DeepseekV2ForCausalLM",
+           "deepseek_v2": "DeepseekV2ForCausalLM", "bamba": "BambaForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -288,7 +291,7 @@ def _expected(name, teacher, plan):
         if rest.startswith("mamba.in_proj"):
             return w[:, :d] if rest.endswith("weight") else w
         return w[:d] if rest.startswith("mamba.out_proj") else w
-    if rest.startswith("feed_forward.") and type(teacher).__name__ == "FalconH1ForCausalLM":  # a gated MLP
+    if rest.startswith("feed_forward.") and type(teacher).__name__ in ("FalconH1ForCausalLM", "BambaForCausalLM"):
         rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("feed_forward."):  # LFM2's MLP: the width its model makes of intermediate_size
         c = teacher.config
@@ -719,6 +722,7 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # 4 of 8 experts in n_group 2: the first 2 of each group; head_dim 16 kept
     "nemotron_h": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=24, experts=[0, 1, 4, 5])),
+    "bamba": ({"num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40}, dict(q_heads=[0, 1], kv_heads=[0], ff=40)),
     "lfm2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                  dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
@@ -1016,6 +1020,9 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                 r"heads\)$"),
     ("phi", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
     ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
+    ("bamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Bamba Mamba mixers are mamba_expand x "
+                                   r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(layers, heads and the "
+                                   r"MLP narrow\)$"),
     ("deepseek_v3", {"num_kv_heads": 2}, r"^DeepSeek-V3 has no grouped KV heads: drop num_kv_heads \(or set it to "
                                          r"num_heads=4\)$"),
     ("glm4_moe_lite", {"head_dim": 2}, r"^head_dim=2, but GLM-4.7-Flash's latent attention keeps its head sizes "

@@ -191,6 +191,12 @@ _LFM2_MIXERS = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_pr
 _MAMBA2 = {**linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
            "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.dt_bias": ("all",),
            "mamba.A_log": ("all",), "mamba.D": ("all",), **norms("mamba.norm", axis="all")}
+# Falcon-H1's and Bamba's tensors: a final LayerNorm of that name; attention and a Mamba-2 mixer, a gated MLP
+_MAMBA_HYBRID_DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+                         **norms("model.final_layernorm")}
+_MAMBA_HYBRID_LAYER = {**_ATTENTION, **_MAMBA2, **linear("feed_forward.gate_proj", "ff", "d"),
+                       **linear("feed_forward.up_proj", "ff", "d"), **linear("feed_forward.down_proj", "d", "ff"),
+                       **norms("input_layernorm", "pre_ff_layernorm")}
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
 
 FAMILIES = {f.name: f for f in (
@@ -344,13 +350,13 @@ FAMILIES = {f.name: f for f in (
            layer_thresholds=("num_dense_layers",), mlp_prefix="feed_forward."),
     # Falcon-H1: attention and a Mamba-2 mixer side by side in every layer, muP multipliers (the teacher's); the mixer
     # keeps its sizes (mamba_d_ssm, heads, state) and narrows on the residual side only
-    Family("falcon_h1", "Falcon-H1", ("FalconH1ForCausalLM",),
-           {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
-            **norms("model.final_layernorm")},
-           {**_ATTENTION, **_MAMBA2, **linear("feed_forward.gate_proj", "ff", "d"),
-            **linear("feed_forward.up_proj", "ff", "d"), **linear("feed_forward.down_proj", "d", "ff"),
-            **norms("input_layernorm", "pre_ff_layernorm")},
-           _EMBED, "follows_hidden", mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
+    Family("falcon_h1", "Falcon-H1", ("FalconH1ForCausalLM",), _MAMBA_HYBRID_DECODER, _MAMBA_HYBRID_LAYER, _EMBED,
+           "follows_hidden", mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
+    # Bamba: Falcon-H1's tensors, but one mixer per layer (attention where attn_layer_indices lists it, Mamba-2
+    # elsewhere, mamba_expand x hidden_size wide: hidden_size kept)
+    Family("bamba", "Bamba", ("BambaForCausalLM",), _MAMBA_HYBRID_DECODER, _MAMBA_HYBRID_LAYER, _EMBED,
+           "follows_hidden", layer_index_lists=("attn_layer_indices",), mlp_prefix="feed_forward.",
+           mixer_width_keys=("mamba_d_ssm",)),
     # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide: hidden_size kept) beside attention layers
     # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at
     # the teacher's width beside experts; the MLP itself, narrowed, in the dense variants without experts)

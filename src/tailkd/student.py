@@ -84,6 +84,9 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; the mixer keeps its sizes and narrows
          on the residual side only, which needs its own width (``mamba_d_ssm``): without one it is mamba_expand x
          hidden_size wide and hidden_size is kept (refused in one line); its muP multipliers are the teacher's.
+         Bamba: Falcon-H1's tensors, one mixer per layer (attention where ``attn_layer_indices`` lists it, a list
+         that follows the chosen layers); its Mamba mixers are always mamba_expand x hidden_size wide: hidden_size is
+         kept.
          Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its mixers are always
          mamba_expand x hidden_size wide, so hidden_size is kept (layers, heads, experts and the MLP narrow); its
          routed experts (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width
@@ -119,7 +122,7 @@ StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved Ro
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3,
 GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
