@@ -106,14 +106,14 @@ class Family:
     # a mixture whose layers are sparse (routed experts) or dense by their index (Qwen-MoE's ``decoder_sparse_step``
     # and ``mlp_only_layers``): the student's config lists its dense layers explicitly (see tailkd.student)
     sparse_by_index: bool = False
-    # multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash): heads narrow whole (axis "head"), one key/value head per
-    # query head, the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and LoRA ranks kept
+    # multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): heads narrow whole (axis "head"), one key/value
+    # head per query head, the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and LoRA ranks kept
     latent_attention: bool = False
     # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
     fixed_experts_per_token: int = 0
     mlp_prefix: str | tuple[str, ...] = "mlp."  # what mlp_init random draws afresh
     # config keys giving a mixer a width of its own (Falcon-H1's mamba_d_ssm): where one is unset (or the config has
-    # no such key: Granite 4.0-H) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
+    # no such key: Granite 4.0-H, Bamba) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
     mixer_width_keys: tuple[str, ...] = ()
     # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
     # kinds that change then (`tailkd.student.config_family` applies them)
@@ -126,7 +126,7 @@ class Family:
     # group-limited routing (expert_groups): how many of a group's experts score it (DeepSeek-V3's top-2 sum, V2's
     # max: 1), and the (config key, value) under which the groups limit routing at all (DeepSeek-V2's topk_method)
     group_score_top: int = 2
-    group_routing: tuple[str, str] | tuple = ()
+    group_routing: tuple[str, ...] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -162,9 +162,9 @@ _LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all
 # bias, a persistent buffer) with group-limited routing, shared experts of n_shared_experts x the routed width, dense
 # MLPs (the teacher's width) in the first first_k_dense_replace layers
 _DEEPSEEK_MOE = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
-                   **linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),
-                   **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
-                   **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
+                 **linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),
+                 **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
+                 **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
                  kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
 
@@ -175,7 +175,7 @@ _LATENT_ATTENTION = {**linear("self_attn.q_proj", "head", "d"), **linear("self_a
                      **linear("self_attn.q_a_proj", "all", "d"), **linear("self_attn.kv_a_proj_with_mqa", "all", "d"),
                      **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", axis="all")}
 _DEEPSEEK_MOE_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
-                            expert_groups="n_group", shared_experts="n_shared_experts")
+                          expert_groups="n_group", shared_experts="n_shared_experts")
 
 # LFM2's global tensors (its final norm is embedding_norm) and its mixers: attention with per-head q/k norms, or a
 # short convolution whose in_proj is [B | C | x] over the residual channels
@@ -186,8 +186,8 @@ _LFM2_MIXERS = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_pr
                 **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
                 **linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
                 "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d"), **norms("operator_norm", "ffn_norm")}
-# a Mamba-2 mixer (Falcon-H1, Granite 4.0-H) keeps its sizes: only its residual side (in_proj's input, out_proj's
-# output) follows hidden_size
+# a Mamba-2 mixer (Falcon-H1, Bamba, Granite 4.0-H; Nemotron-H's under "mixer.") keeps its sizes: only its residual
+# side (in_proj's input, out_proj's output) follows hidden_size
 _MAMBA2 = {**linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
            "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.dt_bias": ("all",),
            "mamba.A_log": ("all",), "mamba.D": ("all",), **norms("mamba.norm", axis="all")}

@@ -199,9 +199,9 @@ def config_family(config, family: str | Family) -> Family:
 
 def _routed_experts(config, fam: Family) -> int:
     """A mixture's routed experts per layer (0: none, also where no layer holds them: `Family.expert_layer_kind`)."""
-    n = getattr(config, fam.keys["experts"], 0) if fam.keys.get("experts") else 0
-    kinds = getattr(config, fam.layer_lists[0], None) if fam.expert_layer_kind else None
-    return 0 if fam.expert_layer_kind and fam.expert_layer_kind not in (kinds or ()) else n or 0
+    if fam.expert_layer_kind and fam.expert_layer_kind not in (getattr(config, fam.layer_lists[0], None) or ()):
+        return 0
+    return (getattr(config, fam.keys["experts"], 0) or 0) if fam.keys.get("experts") else 0
 
 
 def teacher_dims(config, family: str | Family) -> Dims:
