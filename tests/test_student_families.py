@@ -96,6 +96,16 @@ CONFIGS = {
     # Bamba: attention in layers 1, 3, 4 (attn_layer_indices), Mamba-2 (2 x 64 wide: 16 heads of 8) elsewhere
     "bamba": ("BambaConfig", dict(hidden_size=64, num_key_value_heads=2, attn_layer_indices=[1, 3, 4],
                                   mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16, mamba_n_groups=1)),
+    # Granite 3 MoE: routed experts under block_sparse_moe (the Shared variant adds an always-on MLP)
+    "granitemoe": ("GraniteMoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, attention_multiplier=0.05)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
+                                                        num_experts_per_tok=2, shared_intermediate_size=80,
+                                                        attention_multiplier=0.05)),
+    # ERNIE 4.5 MoE: routed layers 1..4 (moe_layer_start_index), interleaved RoPE, a [1, E] score bias, 2 shared
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, moe_num_experts=4,
+                                                moe_k=2, moe_intermediate_size=40, moe_num_shared_experts=2,
+                                                moe_layer_start_index=1, use_bias=True)),
     # LFM2-MoE: dense layers 0, 1 (num_dense_layers), a score bias per expert
     "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=["conv", F, "conv", F, F],
                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
@@ -171,7 +181,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
            "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM",
-           "deepseek_v2": "DeepseekV2ForCausalLM", "bamba": "BambaForCausalLM",
+           "deepseek_v2": "DeepseekV2ForCausalLM", "bamba": "BambaForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+           "granitemoeshared": "GraniteMoeSharedForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
            "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 NAMES = list(CONFIGS)
@@ -256,6 +267,8 @@ def _expected(name, teacher, plan):
         return w[experts, :d]
     if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias"):  # one per expert
         return w[experts]
+    if rest == "mlp.gate.moe_statics.e_score_correction_bias":  # ERNIE 4.5's [1, E]
+        return w[:, experts]
     if rest == "mlp.experts.gate_up_proj":  # [E, gate | up, d]
         gate, up = w[experts].chunk(2, dim=1)
         return torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1)[:, :, :d]
@@ -264,7 +277,9 @@ def _expected(name, teacher, plan):
     if rest == "mlp.experts.up_proj":  # Nemotron-H's ungated experts [E, ff, d]
         return w[experts, :ff_e, :d]
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
-        units = ff_e * teacher.config.n_shared_experts
+        units = ff_e * (getattr(teacher.config, "n_shared_experts", None) or teacher.config.moe_num_shared_experts)
+        if rest.endswith(".bias"):
+            return w[:d] if ".down_proj" in rest else w[:units]
         return w[:d, :units] if ".down_proj" in rest else w[:units, :d]
     if plan["latent"] and rest.startswith("self_attn."):  # latent attention: whole heads, the latent's sizes kept
         if rest in ("self_attn.q_proj.weight", "self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight"):
@@ -308,6 +323,8 @@ def _expected(name, teacher, plan):
     # the whole-width MLPs of a mixture (Qwen-MoE's, LFM2-MoE's w1-3): the residual side only
     whole_width = ("mlp.shared_expert", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.w")
     if rest.startswith(whole_width) and plan["moe"]:
+        if rest.endswith(".bias"):
+            return w[:d] if ".down_proj" in rest else w
         return w[:d] if ".down_proj" in rest or rest.startswith("mlp.w2") else w[:, :d]
     module, kind = rest.rsplit(".", 1)
     q, kv, rows, first = plan["q_heads"], plan["kv_heads"], plan["rows"], list(range(plan["hd_s"]))
@@ -528,6 +545,20 @@ def test_deepseek_v2_greedy_routing_keeps_the_first_experts():
     assert torch.isfinite(_logits(student, _ids(11))).all()
 
 
+def test_a_layer_kind_the_students_config_cannot_give_is_refused():
+    """ERNIE 4.5 MoE routes every moe_layer_interval-th layer: teacher layers 1 and 3 of 0..4 with interval 2. A student
+    of layers 1, 2, 3 would need routed, dense, routed layers, which no interval gives its layers 0..2: refused in one
+    line before any tensor is copied (it was a KeyError on the first missing tensor); layers 0..3 keep the rhythm."""
+    teacher = make_teacher("ernie4_5_moe", moe_layer_interval=2)
+    assert _mlp_kinds(teacher)[:4] == ["Ernie4_5_MoeMLP", "Ernie4_5_MoeSparseMoeBlock"] * 2
+    with pytest.raises(TailkdError, match=r"^the student's config cannot give its layer 0 the modules of teacher layer "
+                                          r"1 \(.+ differs\): the teacher's per-layer settings do not carry over to "
+                                          r"layers 1 2 3; choose other layers \(--student\.layers\)$"):
+        build_student(teacher, layers=[1, 2, 3])
+    student, _ = build_student(teacher, layers=[0, 1, 2, 3], mlp_init="copy")
+    assert _mlp_kinds(student) == _mlp_kinds(teacher)[:4]
+
+
 def test_lfm2_attention_layer_list_follows_the_layers(tmp_path):
     """LFM2 lists its attention layers twice (layer_types and full_attn_idxs): the student's full_attn_idxs are its own
     indices of the chosen attention layers, as its layer_types; saved and loaded, its layers have those kinds."""
@@ -569,6 +600,9 @@ def _mlp_kinds(model):
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
     ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),
+    # routed layers 1..4: the student's routed range, start and end renumbered
+    ("ernie4_5_moe", SUBSET, dict(moe_layer_start_index=0, moe_layer_end_index=2)),
+    ("ernie4_5_moe", [0, 2, 3], dict(moe_layer_start_index=1, moe_layer_end_index=2)),
 ])
 def test_moe_dense_layers_follow_the_layers(family, layers, config, tmp_path):
     """Qwen-MoE, GLM-4.5 and dots.llm1 pick a layer's MLP (routed experts or dense) by its index; the student's layer
@@ -723,6 +757,13 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "nemotron_h": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=24, experts=[0, 1, 4, 5])),
     "bamba": ({"num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40}, dict(q_heads=[0, 1], kv_heads=[0], ff=40)),
+    # attention_multiplier follows head_dim 16 -> 8 (see _check_narrow_student)
+    "granitemoe": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
+                   dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
+    "granitemoeshared": ({"hidden_size": 32, "num_experts": 2}, dict(d=32, hd_s=8, experts=2, rows=FULL_ROPE_16_TO_8)),
+    # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
+    "ernie4_5_moe": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 24, "num_experts": 3},
+                     dict(d=32, hd_s=8, ff_e=24, experts=3, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     "lfm2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                  dict(d=32, hd_s=8, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
@@ -789,7 +830,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert getattr(config, "head_dim", None) in (hd, None) and attention.head_dim == hd
     if family in ("gemma2", "gemma3"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
-    if family == "granite":  # the attention scale itself, as 1/sqrt(head_dim) changes
+    if family in ("granite", "granitemoe", "granitemoeshared"):  # the attention scale itself, as 1/sqrt(head_dim)
         assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5 and hd == 8
     ids = _ids(2)
     logits = _logits(student, ids)

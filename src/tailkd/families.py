@@ -91,6 +91,9 @@ class Family:
     # shared_experts (how many routed widths the shared MLP is: n_shared_experts)
     layer_lists: tuple[str, ...] = ("layer_types",)
     layer_thresholds: tuple[str, ...] = ()
+    # "up to layer N" (inclusive) bounds (ERNIE 4.5's moe_layer_end_index): the student's index of the last chosen layer
+    # at or below N
+    layer_last_indices: tuple[str, ...] = ()
     # lists of layer indices (LFM2's full_attn_idxs): the student's indices of the chosen layers they list
     layer_index_lists: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
@@ -161,10 +164,10 @@ _LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all
 # DeepSeek-style mixtures (DeepSeek-V2/V3, GLM-4.5, dots.llm1): a router (V3's sigmoid one with a score-correction
 # bias, a persistent buffer) with group-limited routing, shared experts of n_shared_experts x the routed width, dense
 # MLPs (the teacher's width) in the first first_k_dense_replace layers
-_DEEPSEEK_MOE = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
-                 **linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),
-                 **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
-                 **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
+_SHARED_EXPERTS = {**linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),  # n_shared_experts routed widths
+                   **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
+                   **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
+_DEEPSEEK_MOE = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP, **_SHARED_EXPERTS}
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
                  kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
 
@@ -197,6 +200,13 @@ _MAMBA_HYBRID_DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm
 _MAMBA_HYBRID_LAYER = {**_ATTENTION, **_MAMBA2, **linear("feed_forward.gate_proj", "ff", "d"),
                        **linear("feed_forward.up_proj", "ff", "d"), **linear("feed_forward.down_proj", "d", "ff"),
                        **norms("input_layernorm", "pre_ff_layernorm")}
+# Granite's mixtures (Granite 3 MoE, Granite 4.0-H): routed experts under block_sparse_moe beside an always-on shared
+# MLP ([gate | up] input_linear, output_linear) kept at the teacher's width
+_GRANITE_MOE = {"block_sparse_moe.router.weight": ("expert", "d"),
+                "block_sparse_moe.experts.gate_up_proj": ("expert", "gate_up", "d"),
+                "block_sparse_moe.experts.down_proj": ("expert", "d", "ff"),
+                **linear("shared_mlp.input_linear", "all", "d"), **linear("shared_mlp.output_linear", "d", "all")}
+_GRANITE_MOE_KEYS = dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size")
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
 
 FAMILIES = {f.name: f for f in (
@@ -204,6 +214,10 @@ FAMILIES = {f.name: f for f in (
                               "SeedOssForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
            layer_thresholds=("max_window_layers",)),
+    # Granite 3 MoE (and its variant with a shared MLP): Granite's attention, routed experts under block_sparse_moe
+    Family("granitemoe", "Granite-MoE", ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"), _DECODER,
+           {**_ATTENTION, **_PRE_NORMS, **_GRANITE_MOE}, _EMBED, "follows_hidden", keys=_GRANITE_MOE_KEYS,
+           attention_scales=("attention_multiplier",), mlp_prefix=("block_sparse_moe.", "shared_mlp.")),
     # Granite: Llama's layout; its attention scale is a setting (attention_multiplier), its multipliers the teacher's
     Family("granite", "Granite", ("GraniteForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED,
            "follows_hidden", attention_scales=("attention_multiplier",)),
@@ -266,6 +280,14 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_EXPERTS, **_DENSE_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
            sparse_by_index=True),
+    # ERNIE 4.5 MoE: interleaved RoPE; routed layers by index (moe_layer_start/end_index renumbered, moe_layer_interval
+    # kept: a choice of layers it cannot express is refused), a [1, E] score bias parameter, shared experts
+    Family("ernie4_5_moe", "ERNIE 4.5 MoE", ("Ernie4_5_MoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_EXPERTS, "mlp.gate.moe_statics.e_score_correction_bias": ("all", "expert"), **_DENSE_MLP,
+            **_SHARED_EXPERTS, **_PRE_NORMS}, _EMBED, "kept", rope="interleaved",
+           keys=dict(_MOE_KEYS, experts="moe_num_experts", experts_per_token="moe_k",
+                     intermediate="moe_intermediate_size", shared_experts="moe_num_shared_experts"),
+           layer_thresholds=("moe_layer_start_index",), layer_last_indices=("moe_layer_end_index",)),
     Family("glm4_moe", "GLM-4.5", ("Glm4MoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace",)),
@@ -361,12 +383,7 @@ FAMILIES = {f.name: f for f in (
     # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at
     # the teacher's width beside experts; the MLP itself, narrowed, in the dense variants without experts)
     Family("granitemoehybrid", "Granite 4.0-H", ("GraniteMoeHybridForCausalLM",), _DECODER,
-           {**_ATTENTION, **_MAMBA2, **_PRE_NORMS, "block_sparse_moe.router.weight": ("expert", "d"),
-            "block_sparse_moe.experts.gate_up_proj": ("expert", "gate_up", "d"),
-            "block_sparse_moe.experts.down_proj": ("expert", "d", "ff"),
-            **linear("shared_mlp.input_linear", "all", "d"), **linear("shared_mlp.output_linear", "d", "all")},
-           _EMBED, "follows_hidden",
-           keys=dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size"),
+           {**_ATTENTION, **_MAMBA2, **_PRE_NORMS, **_GRANITE_MOE}, _EMBED, "follows_hidden", keys=_GRANITE_MOE_KEYS,
            attention_scales=("attention_multiplier",), mlp_prefix=("block_sparse_moe.", "shared_mlp."),
            mixer_width_keys=("mamba_d_ssm",),
            without_experts=dict(

@@ -45,18 +45,21 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1,
-         DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
-         its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size`
-         is each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
-         experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's attention sinks follow the kept
-         query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's
-         width. Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
-         ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its dense layers listed in
-         ``mlp_only_layers`` where the teacher's settings would give other ones. The router load-balancing loss is on
-         where the student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`).
-         Phi-MoE's router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least
-         2 and num_experts_per_tok is refused.
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE, ERNIE 4.5 MoE,
+         GLM-4.5, dots.llm1, DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all
+         by default; at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows;
+         `intermediate_size` is each routed expert's width (the config's intermediate_size or moe_intermediate_size,
+         whichever the family's experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's
+         attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's
+         shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
+         (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its
+         dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The router
+         load-balancing loss is on where the student's config (the teacher's settings) sets ``output_router_logits``
+         (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every
+         moe_layer_interval-th: start and end are renumbered to the chosen layers, the interval kept. Every student
+         layer must have its teacher layer's modules: a choice of layers whose kinds the student's config cannot give
+         (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2
+         experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
          GLM-4.5, dots.llm1, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the teacher's width)
          below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer, ``mlp_layer_types``,
          subset as layer_types); the router's score-correction bias (a saved buffer) follows the kept experts; under
@@ -120,9 +123,10 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Se
 StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi
 (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
-frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3,
-GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), ERNIE 4.5 MoE,
+GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per
+projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite
+4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -451,6 +455,9 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
         if isinstance(data.get(key), int):
             data[key] = sum(i < data[key] for i in layers)
+    for key in fam.layer_last_indices:  # "up to layer N": the student's index of the last chosen layer up to N
+        if isinstance(data.get(key), int):
+            data[key] = sum(i <= data[key] for i in layers) - 1
     for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
         if isinstance(data.get(key), list):
             data[key] = [j for j, i in enumerate(layers) if i in data[key]]
@@ -643,6 +650,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if getattr(teacher, "generation_config", None) is not None:  # the teacher's tokenizer: its stop ids and sampling
         student.generation_config = copy.deepcopy(teacher.generation_config)
+    _check_layer_kinds(teacher, student, fam, chosen)
 
     index = axis_indices(t, s, fam.rope, fraction)
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
@@ -678,6 +686,26 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         row["frozen"] = row["name"] in frozen
     student.train()
     return student, table
+
+
+def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None:
+    """Each student layer j has teacher layer chosen[j]'s modules (the per-layer settings that follow the layers saw to
+    it); a layer kind the student's config cannot give its layer (ERNIE 4.5's routed layers every moe_layer_interval
+    layers, a choice off that rhythm) is refused in one line."""
+    def kinds(model, layers):
+        out = {i: set() for i in layers}
+        for name, _ in model.named_parameters():
+            m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+?)\.[^.]+", name)
+            if m is not None and int(m.group(1)) in out:
+                out[int(m.group(1))].add(m.group(2))
+        return out
+    want, have = kinds(teacher, chosen), kinds(student, range(len(chosen)))
+    for j, i in enumerate(chosen):
+        if want[i] != have[j]:
+            diff = sorted(want[i] ^ have[j])[0]
+            raise TailkdError(f"the student's config cannot give its layer {j} the modules of teacher layer {i} "
+                              f"({diff} differs): the teacher's per-layer settings do not carry over to layers "
+                              f"{' '.join(map(str, chosen))}; choose other layers (--student.layers)")
 
 
 def freeze_student_embeddings(student) -> list[str]:
