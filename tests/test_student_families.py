@@ -56,6 +56,8 @@ CONFIGS = {
     "seed_oss": ("SeedOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),  # biases, 4 x 16 != 48
     # interleaved RoPE on the sliding layers only, parallel attention and MLP, logit_scale
     "cohere2": ("Cohere2Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # Cohere: interleaved RoPE, q/k LayerNorms of one [heads, head_dim] weight each, logit_scale
+    "cohere": ("CohereConfig", dict(hidden_size=64, num_key_value_heads=2, use_qk_norm=True, logit_scale=0.5)),
     "exaone4": ("Exaone4Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     "apertus": ("ApertusConfig", dict(hidden_size=64, num_key_value_heads=2)),
     "olmo3": ("Olmo3Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
@@ -171,6 +173,7 @@ CONFIGS = {
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "ministral": "MinistralForCausalLM", "seed_oss": "SeedOssForCausalLM", "cohere2": "Cohere2ForCausalLM",
+           "cohere": "CohereForCausalLM",
            "exaone4": "Exaone4ForCausalLM", "apertus": "ApertusForCausalLM", "glm": "GlmForCausalLM",
            "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -341,6 +344,8 @@ def _expected(name, teacher, plan):
         if kind == "bias":
             return w[:d]
         return w[:d].reshape(d, -1, hd_t)[:, q][:, :, first].reshape(d, -1)
+    if module in ("self_attn.q_norm", "self_attn.k_norm") and w.ndim == 2:  # Cohere: [heads, head_dim]
+        return w[q if module.endswith("q_norm") else kv][:, rows]
     if module in ("self_attn.q_norm", "self_attn.k_norm") and w.shape[0] != hd_t:  # OLMo-2: the whole projection
         return _heads(w, hd_t, q if module.endswith("q_norm") else kv, rows)
     if module in ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm"):
@@ -698,6 +703,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
     "cohere2": ({"hidden_size": 32, "intermediate_size": 40},
                 dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
+    # 2 query heads on 2 KV heads: query heads 0, 2 (their q norm rows too), head_dim 32/2 = 16 kept
+    "cohere": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    # head_dim 8: interleaved pairs 0, 2, 4, 6 = rows (0, 1), (4, 5), (8, 9), (12, 13) of q, k and their norms
+    "cohere-head_dim": ({"hidden_size": 32, "intermediate_size": 40},
+                        dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     "exaone4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "apertus": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     # interleaved partial RoPE: 8 of 16 rows rotate in pairs (2p, 2p+1); 4 of 8 keep teacher pairs 0, 2 (rows 0, 1,

@@ -44,13 +44,14 @@ from dataclasses import dataclass, field
 #   head     whole query heads: the kept query heads' blocks of rows, whatever a head's size (GPT-OSS's attention
 #            sinks: one entry per head; latent attention's q / q_b_proj, kv_b_proj and o_proj: a head's query, its
 #            [key | value] rows out of the latent, its output columns)
+#   kv_head  one entry per KV head (Cohere's k norm, [kv heads, head_dim]): the first num_kv_heads
 #   d_blocks the first hidden_size entries of each block of the teacher's hidden_size (LFM2's short convolution:
 #            in_proj = [B | C | x], channel by channel)
 #   ff_model the MLP's first units, as many as the student's model makes of its intermediate_size (LFM2 rounds it)
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "ff_shared",
-        "head", "d_blocks", "ff_model", "q_gated")
+        "head", "kv_head", "d_blocks", "ff_model", "q_gated")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -207,6 +208,7 @@ _GRANITE_MOE = {"block_sparse_moe.router.weight": ("expert", "d"),
                 "block_sparse_moe.experts.down_proj": ("expert", "d", "ff"),
                 **linear("shared_mlp.input_linear", "all", "d"), **linear("shared_mlp.output_linear", "d", "all")}
 _GRANITE_MOE_KEYS = dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size")
+_PARALLEL_COHERE = {**_ATTENTION, **_GATED_MLP, **norms("input_layernorm")}  # attention and MLP after one LayerNorm
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
 
 FAMILIES = {f.name: f for f in (
@@ -339,9 +341,13 @@ FAMILIES = {f.name: f for f in (
            _EMBED, "kept", rope="interleaved"),
     # Cohere2 (Command R7B / A): parallel attention and MLP after one LayerNorm, interleaved RoPE (on its sliding
     # layers only); its logit_scale is the head's (tailkd.head)
-    Family("cohere2", "Cohere2", ("Cohere2ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP,
-                                                                     **norms("input_layernorm")},
-           _EMBED, "follows_hidden", rope="interleaved"),
+    Family("cohere2", "Cohere2", ("Cohere2ForCausalLM",), _DECODER, _PARALLEL_COHERE, _EMBED, "follows_hidden",
+           rope="interleaved"),
+    # Cohere (Command R, Aya 23, Aya Expanse): Cohere2's layout with interleaved RoPE everywhere and optional q/k
+    # LayerNorms of one [heads, head_dim] weight each (use_qk_norm)
+    Family("cohere", "Cohere", ("CohereForCausalLM",), _DECODER,
+           {**_PARALLEL_COHERE, "self_attn.q_norm.weight": ("head", "head_qk"),
+            "self_attn.k_norm.weight": ("kv_head", "head_qk")}, _EMBED, "follows_hidden", rope="interleaved"),
     # EXAONE 4: OLMo-2-style post-norms, per-head q/k norms (RoPE on its sliding layers only)
     Family("exaone4", "EXAONE 4", ("Exaone4ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_HEAD_QK_NORMS, **norms("post_attention_layernorm",

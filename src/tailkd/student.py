@@ -119,14 +119,14 @@ under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): kee
 hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
-in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Granite, OLMo, StarCoder2,
-StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi
-(Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
-no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
-frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), ERNIE 4.5 MoE,
-GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per
-projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite
-4.0-H (GraniteMoeHybrid), Nemotron-H.
+in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere (its [heads, head_dim]
+q/k norms follow the kept heads and rows), Granite, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved
+RoPE), Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
+Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4
+(interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), ERNIE 4.5 MoE, GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash
+(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
+ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -561,6 +561,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
+            "kv_head": s.kv_heads,
             "d_blocks": lambda n: torch.cat([b * t.hidden + torch.arange(s.hidden) for b in range(n // t.hidden)]),
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
