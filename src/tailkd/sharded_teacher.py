@@ -218,6 +218,14 @@ def _skeleton(folder: Path, dtype: torch.dtype):
     return model
 
 
+def _read_saved_buffers(model, files: _Checkpoint, persistent: set, skipped: tuple[str, ...] = ()) -> None:
+    """Copy into ``model`` the buffers it saves (``persistent``: its state_dict's names; GLM-4.5's expert score
+    correction) that the folder holds, as from_pretrained loads them; none under a ``skipped`` prefix."""
+    for name, b in model.named_buffers():
+        if name in persistent and not name.startswith(skipped) and files.has(name):
+            b.copy_(files.read(name, None, b.shape))
+
+
 def _decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of the decoder layers (the classes of ``_no_split_modules``), in order."""
     classes = set(getattr(model, "_no_split_modules", None) or [])
@@ -267,11 +275,8 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     for name, p in list(model.named_parameters()):
         if not name.startswith(skipped):
             _set_param(model, name, files.read(name, None, p.shape).to(p.dtype), aliases)
-    persistent = set(model.state_dict())
     with torch.no_grad():
-        for name, b in model.named_buffers():  # saved ones (GLM-4.5's expert score correction) as from_pretrained
-            if name in persistent and not name.startswith(skipped) and files.has(name):
-                b.copy_(files.read(name, None, b.shape))
+        _read_saved_buffers(model, files, set(model.state_dict()), skipped)
     return model, tokenizer
 
 
@@ -322,8 +327,7 @@ def load_sharded_teacher(spec, *, device: torch.device, dtype="auto", cache_dir=
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])  # computed by the model's own __init__ (rotary inv_freq, ...)
-            if name in persistent and files.has(name):
-                b.copy_(files.read(name, None, b.shape))
+        _read_saved_buffers(model, files, persistent)
         for name, p in list(model.named_parameters()):
             if is_dtensor(p):
                 local = p.to_local()

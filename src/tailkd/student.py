@@ -575,16 +575,21 @@ def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
     (None, None) = random (a buffer the table does not name: its own init)."""
     if name in fam.params:
         return name, fam.params[name]
-    m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+)", name)
-    if m is None or m.group(2) not in fam.layer_params:
+    layer, rest = _in_layer(name, fam)
+    if rest not in fam.layer_params:
         if buffer:
             return None, None
         raise TailkdError(f"student parameter {name} has no copy rule (an unsupported variant of a supported "
                           f"architecture?): supported teachers are {', '.join(SUPPORTED)} in their standard layout")
-    rest = m.group(2)
     if rest.startswith(fam.mlp_prefix) and mlp_init == "random":
         return None, None
-    return (fam.layer_prefix + "{}." + rest, int(m.group(1))), fam.layer_params[rest]
+    return (fam.layer_prefix + "{}." + rest, layer), fam.layer_params[rest]
+
+
+def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
+    """(layer index, the name after ``<layer_prefix><i>.``) of a per-layer tensor name; (None, None) otherwise."""
+    m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+)", name)
+    return (int(m.group(1)), m.group(2)) if m else (None, None)
 
 
 # --------------------------------------------------------------------------- the builder
@@ -696,9 +701,9 @@ def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None
     def kinds(model, layers):
         out = {i: set() for i in layers}
         for name, _ in model.named_parameters():
-            m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+?)\.[^.]+", name)
-            if m is not None and int(m.group(1)) in out:
-                out[int(m.group(1))].add(m.group(2))
+            layer, rest = _in_layer(name, fam)
+            if layer in out:
+                out[layer].add(rest.rpartition(".")[0])  # the module path
         return out
     want, have = kinds(teacher, chosen), kinds(student, range(len(chosen)))
     for j, i in enumerate(chosen):
