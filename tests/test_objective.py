@@ -529,3 +529,76 @@ def test_router_term_of_micro_batches_is_weighted_by_their_valid_tokens():
         terms = step_terms(off, {"input_ids": ids, "labels": labels}, None, n, LossConfig(name="clm"),
                            vocab_size=64, fused_path=True)
         assert float(terms.aux) == 0.0 and torch.equal(terms.loss, terms.clm)
+
+
+def _load_balancing_reference(router_logits, keep, top_k):
+    """Mixtral's (Switch Transformer's) load-balancing loss over the kept positions, written as plain float64 sums:
+    E * sum_e f_e * P_e, f_e = the share of (layer, kept token) pairs whose top-k holds expert e, P_e = the mean
+    router probability of e over the same pairs."""
+    probs = [torch.softmax(g.double(), dim=-1)[keep] for g in router_logits]  # per layer: (n_kept, E)
+    n, num_experts = sum(p.shape[0] for p in probs), probs[0].shape[1]
+    total = 0.0
+    for e in range(num_experts):
+        f_e = sum(float((p.topk(top_k, dim=-1).indices == e).any(-1).sum()) for p in probs) / n
+        total = total + f_e * sum(p[:, e].sum() for p in probs) / n
+    return num_experts * total
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_router_term_of_padded_rows_keeps_the_padding_out(fused_path):
+    """Right-padded rows (SFT, on-policy: ``attention_mask`` 0 on the padding): the router term's statistics are
+    those of the real tokens alone, value and gradient; the real tokens' CE is unchanged (causal attention never
+    sees the padding). Reference: the load-balancing formula as plain float64 sums over the real positions of an
+    unmasked forward's router logits; transformers sums in float32 (n <= 2 layers x 33 tokens = 66 terms of
+    each of its two sums: <= 66 x 2^-24 ~ 4e-6 relative each, ~8e-6 for their product: rtol 1e-5). Its gradient
+    passes the float32 sums (1e-7 relative of the router part): atol 1e-6 x the largest entry."""
+    model = _mixture()
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(4))
+    real = torch.tensor([11, 7, 4])  # real tokens per row; the rest is padding
+    mask = (torch.arange(11) < real[:, None]).long()
+    labels = _shifted(ids)
+    labels[mask == 0] = IGNORE_INDEX
+    labels[torch.arange(3), real - 1] = IGNORE_INDEX  # a row's last real token has no next token
+    labels[1, :2] = IGNORE_INDEX  # a prompt: real tokens without a label, routed all the same
+    out = model(input_ids=ids, use_cache=False)  # no mask: the real tokens' outputs are the same
+    keep = mask.reshape(-1).bool()
+    aux_ref = _load_balancing_reference(out.router_logits, keep, top_k=2)
+    valid = labels != IGNORE_INDEX
+    want = F.cross_entropy(out.logits[valid], labels[valid]) + 0.25 * aux_ref
+    want.backward()
+    want_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    terms = step_terms(model, batch, None, count_valid_tokens(labels), LossConfig(name="clm"), vocab_size=64,
+                       fused_path=fused_path)
+    terms.loss.backward()
+    torch.testing.assert_close(terms.aux, 0.25 * aux_ref.detach(), rtol=1e-5, atol=0)
+    # over every position (the padding's routing included) the term would be another number
+    assert abs(float(out.aux_loss.detach()) - float(aux_ref.detach())) > 1e-3 * float(aux_ref.detach())
+    torch.testing.assert_close(terms.loss, want.detach(), rtol=1e-5, atol=0)
+    got = _grads(model)
+    assert got.keys() == want_grads.keys()
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got[name], g, rtol=0, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
+def test_only_the_router_term_of_padded_rows_hands_the_student_a_mask():
+    """The attention mask reaches the student's forward only where it matters: the router term on and a row padded.
+    A dense student, a mixture without the term, or full rows keep the unmasked (causal) attention kernel."""
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    labels = _shifted(ids)
+    padded = torch.ones_like(ids)
+    padded[1, 6:] = 0
+    labels[1, 5:] = IGNORE_INDEX
+    for model, mask, handed in ((_mixture(), padded, True), (_mixture(), torch.ones_like(ids), False),
+                                (_mixture(output_router_logits=False), padded, False),
+                                (_mixture(router_aux_loss_coef=0.0), padded, False)):
+        seen = []
+        hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append("attention_mask" in kwargs),
+                                               with_kwargs=True)
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        for fused_path in (True, False):
+            step_terms(model, batch, None, count_valid_tokens(labels), LossConfig(name="clm"), vocab_size=64,
+                       fused_path=fused_path, host_batch={k: v.clone() for k, v in batch.items()})
+        hook.remove()
+        assert seen == [handed, handed]

@@ -24,12 +24,14 @@ def test_build_row_labels_only_the_response():
     assert row["input_ids"].tolist() == [5, 6, 7, 8, 9, PAD, PAD, PAD]
     assert row["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 8, 9, EOS] + [IGNORE_INDEX] * 3
     assert row["segment_ids"].tolist() == [0] * 5 + [1] * 3
+    assert row["attention_mask"].tolist() == [1] * 5 + [0] * 3  # the padding's 0, as SFT rows'
     # a row never grows past seq_len: prompt + response is cut to seq_len + 1 tokens
     row = op.build_row([5, 6], [7, 8, 9, 10], seq_len=4, pad_id=PAD)
     assert row["input_ids"].tolist() == [5, 6, 7, 8] and row["labels"].tolist() == [IGNORE_INDEX, 7, 8, 9]
     # an empty response leaves no label
     assert (op.build_row([5, 6], [], seq_len=4, pad_id=PAD)["labels"] == IGNORE_INDEX).all()
     assert op.build_row([5, 6], [7], seq_len=4, pad_id=9)["input_ids"].tolist() == [5, 6, 9, 9]  # padded with pad_id
+    assert op.build_row([5, 6], [7, 8, 9, 10], seq_len=4, pad_id=PAD)["attention_mask"].tolist() == [1] * 4  # full
 
 
 def test_prompt_lengths_from_the_first_label():

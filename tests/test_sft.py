@@ -89,7 +89,8 @@ def test_plain_pair_masks_exactly(tok, tmp_path):
     assert want_lab[-1] == tok.eos_token_id and want_lab[-5] == byte_ids(tok, "A")[0]
     assert (row["labels"][n:] == IGNORE_INDEX).all() and (row["input_ids"][n:] == tok.pad_token_id).all()
     assert row["segment_ids"][:n].tolist() == [0] * n and (row["segment_ids"][n:] == 1).all()
-    assert set(row) == {"input_ids", "labels", "segment_ids"}  # no position ids: the model numbers 0..T-1 itself
+    assert row["attention_mask"].tolist() == [1] * n + [0] * (32 - n)  # the padding's 0: for a router's statistics
+    assert set(row) == {"input_ids", "labels", "segment_ids", "attention_mask"}  # no position ids: 0..T-1 itself
     assert {k: (v.dtype, v.shape) for k, v in row.items()} == {k: (torch.int64, (32,)) for k in row}
 
 
@@ -400,6 +401,7 @@ def test_packing_keeps_examples_whole_with_their_own_segments(tok, tmp_path):
             seen.append(k)
         tail = seg == len(packed.rows[i])
         assert (row["labels"][tail] == IGNORE_INDEX).all() and (row["input_ids"][tail] == tok.pad_token_id).all()
+        assert torch.equal(row["attention_mask"], (~tail).long())  # 0 on the padding alone
     assert seen == list(range(8))
     assert info["train"]["fill"] > padded.stats()["fill"]
 
@@ -418,6 +420,7 @@ def test_packing_fills_a_row_exactly(tok, tmp_path):
     second, _ = expected_row(tok, [(byte_ids(tok, "Q?\n"), False), (byte_ids(tok, "yyyy"), True),
                                    ([tok.eos_token_id], True)])
     assert row["input_ids"].tolist() == first + second
+    assert row["attention_mask"].tolist() == [1] * 14  # a full row: no padding
 
 
 def test_rows_work_with_the_trainer_collate_and_sampler(tok, tmp_path):

@@ -9,7 +9,8 @@ Per valid token t (labels already shifted once by the data pipeline, -100 = igno
 plus, for a mixture-of-experts student whose config sets ``output_router_logits`` (as transformers' models then add
 it to their own loss), ``router_aux_loss_coef`` times the model's router load-balancing loss (``aux_loss``) of each
 micro-batch, weighted by the micro-batch's valid tokens (``aux``: in one micro-batch exactly the model's own
-``coef * aux_loss``; transformers computes it over every position of the rows: tailkd passes no attention mask)
+``coef * aux_loss``; transformers computes it over the positions its attention mask keeps: a batch of padded rows
+(`tailkd.sft.SFTRows`, on-policy rows) hands the student its ``attention_mask``, so padding routes no token)
 
 and the value returned for backward is ``Σ_t L(t) / num_valid_tokens`` where ``num_valid_tokens`` is the GLOBAL
 number of valid tokens of the optimizer step: summed over every gradient-accumulation micro-batch and every
@@ -243,14 +244,26 @@ def _router_aux(student, out, labels) -> torch.Tensor | None:
     return _aux_loss(student, out).double() * (coef * count_valid_tokens(labels))  # rounded once, to the total's dtype
 
 
+def _padding_mask(student, batch: dict, host: dict) -> dict:
+    """``{"attention_mask": ...}`` where the student's router term is on (`router_weight`) and the batch's rows are
+    right-padded (an ``attention_mask`` with a 0, read from the host batch: no device wait), else ``{}``. Causal
+    attention over right padding changes no real token's output; the mask keeps the padding out of the router's
+    load-balancing statistics, which transformers' models compute over the positions it keeps. Without the term
+    the forward takes no mask, so attention keeps its unmasked (causal) kernel."""
+    if "attention_mask" not in batch or not router_weight(student) or bool(host["attention_mask"].all()):
+        return {}
+    return {"attention_mask": batch["attention_mask"]}
+
+
 def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_size: int, fused_path: bool,
                chunk_size: int | None = None, autocast_dtype=None, student_head: Head | None = None,
                kernels: bool = True, host_batch: dict | None = None, loss_scale: float = 1.0):
     """`ObjectiveTerms` of one micro-batch (``batch`` on the student's device) from its teacher signal
     (`tailkd.teacher.TeacherSignal`; None only for loss clm): the student forward, then `chunked_objective` on its
     final hidden states (``fused_path``) or `objective` on its logits, with a mixture-of-experts student's router
-    load-balancing term where its config asks for it (`router_weight`). ``host_batch``: the same micro-batch on
-    the host, whose labels and segment ids the fused layer plans its chunks from without a device synchronisation.
+    load-balancing term where its config asks for it (`router_weight`; over the rows' real tokens: `_padding_mask`).
+    ``host_batch``: the same micro-batch on the host, whose labels, segment ids and attention mask the fused layer and
+    the router term read without a device synchronisation.
     ``loss_scale``: the factor ``loss`` is multiplied by before backward (`chunked_objective`; no value changes)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     segment_ids = batch.get("segment_ids")
@@ -263,14 +276,15 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
     logits = hidden = sparse = t_hidden = head = None
     if signal is not None:
         logits, hidden, sparse, head = signal.logits, signal.hidden, signal.sparse, signal.head
+    plan_from = host_batch if host_batch is not None else batch
+    mask = _padding_mask(student, batch, plan_from)
     with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if fused_path:
-            h_s, out = forward_hidden(student, input_ids)  # (B, T, d_S)
+            h_s, out = forward_hidden(student, input_ids, **mask)  # (B, T, d_S)
         else:
-            out = student(input_ids=input_ids, output_hidden_states=want_cos, use_cache=False)
+            out = student(input_ids=input_ids, output_hidden_states=want_cos, use_cache=False, **mask)
             s_logits = out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
             h_s = out.hidden_states[-1] if want_cos else None
-    plan_from = host_batch if host_batch is not None else batch
     router_aux = _router_aux(student, out, plan_from["labels"])
     if fused_path:
         return chunked_objective(h_s, student_head or model_head(student, vocab_size), plan_from["labels"],

@@ -34,11 +34,12 @@ Example with the labels shifted once (``x`` = tokens, ``m`` = response mask; the
 
 Layout (``mode``): ``"pad"`` (one example per row, right-padded to ``seq_len``) or ``"pack"`` (examples
 placed whole, in order, into rows of ``seq_len`` — next-fit: an example that does not fit in the current
-row's space starts a new row; the rest of a row is padding). Padding positions carry label -100 and the
-segment id after the row's last example. No attention mask is needed: attention is causal and padding is
-on the right, so real tokens never attend to padding. In packed rows later examples DO attend to earlier
-ones (no block-diagonal mask): the usual packing approximation, harmless in practice as the earlier text
-is unrelated and fully visible; use ``mode="pad"`` for exact per-example attention.
+row's space starts a new row; the rest of a row is padding). Padding positions carry label -100, the segment
+id after the row's last example and ``attention_mask`` 0 — which only a mixture's router term uses, to keep its
+routing statistics off the padding (`tailkd.objective.step_terms`): attention is causal and padding on the right,
+so real tokens never attend to padding. In packed rows later examples DO attend to earlier ones (no
+block-diagonal mask): the usual packing approximation, harmless in practice as the earlier text is unrelated
+and fully visible; use ``mode="pad"`` for exact per-example attention.
 
 Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong="truncate"`` (default) keeps
 the first ``seq_len + 1`` tokens, i.e. drops the END of the response (and its EOS) — a warning gives the
@@ -395,8 +396,9 @@ class SFTRows(Dataset):
             labels[at:at + n] = self.targets[k]
             segment_ids[at:at + n] = seg
             at += n
+        attention_mask = torch.from_numpy((segment_ids < len(members)).astype(np.int64))  # 0 on the padding alone
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "segment_ids": torch.from_numpy(segment_ids)}
+                "segment_ids": torch.from_numpy(segment_ids), "attention_mask": attention_mask}
 
     @functools.cached_property
     def digest(self) -> str:
