@@ -54,6 +54,20 @@ CONFIGS = {
     "ministral": ("MinistralConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16,
                                           layer_types=[S, F, S, S, F], **_SLIDING)),
     "seed_oss": ("SeedOssConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16)),  # biases, 4 x 16 != 48
+    # Ministral 3: YaRN and a query scale growing with the position (every 4 tokens here: the test rows are 13)
+    "ministral3": ("Ministral3Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=4, beta_fast=32.0,
+        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
+    "cwm": ("CwmConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, layer_types=[S, F, S, S, F],
+                              **_SLIDING)),
+    "helium": ("HeliumConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),  # interleaved RoPE
+    # per-head q/k norms after RoPE
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),
+    "jais2": ("Jais2Config", dict(hidden_size=64, num_key_value_heads=2)),  # LayerNorms with biases, relu², biases
+    # VaultGemma: Gemma2's attention (soft-capping, query_pre_attn_scalar) with pre-norms only, sliding layers
+    "vaultgemma": ("VaultGemmaConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
+                                            query_pre_attn_scalar=16, final_logit_softcapping=2.0,
+                                            attn_logit_softcapping=5.0, layer_types=[S, F, S, S, F], **_SLIDING)),
     # interleaved RoPE on the sliding layers only, parallel attention and MLP, logit_scale
     "cohere2": ("Cohere2Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     # Cohere: interleaved RoPE, q/k LayerNorms of one [heads, head_dim] weight each, logit_scale
@@ -98,6 +112,15 @@ CONFIGS = {
     # Bamba: attention in layers 1, 3, 4 (attn_layer_indices), Mamba-2 (2 x 64 wide: 16 heads of 8) elsewhere
     "bamba": ("BambaConfig", dict(hidden_size=64, num_key_value_heads=2, attn_layer_indices=[1, 3, 4],
                                   mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16, mamba_n_groups=1)),
+    # Granite with sliding layers: attention sinks, a RoPE base per layer (0: no RoPE), Granite's multipliers
+    "granite_swa": ("GraniteSWAConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F],
+                                             layer_rope_theta=[1e4, 0, 500.0, 1e4, 0], attention_multiplier=0.05,
+                                             embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0,
+                                             **_SLIDING)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
+                                                   num_experts_per_tok=2, layer_types=[S, F, S, S, F],
+                                                   layer_rope_theta=[1e4, 0, 500.0, 1e4, 0],
+                                                   attention_multiplier=0.05, **_SLIDING)),
     # Granite 3 MoE: routed experts under block_sparse_moe (the Shared variant adds an always-on MLP)
     "granitemoe": ("GraniteMoeConfig", dict(hidden_size=64, num_key_value_heads=2, num_local_experts=4,
                                             num_experts_per_tok=2, attention_multiplier=0.05)),
@@ -136,6 +159,14 @@ CONFIGS = {
                                        num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
                                        n_group=2, topk_group=1, first_k_dense_replace=2, use_qk_norm=True,
                                        attention_bias=True)),
+    # Solar Open: DeepSeek-V3's routing in every layer (8 experts in 2 groups, 1 group per token), a shared expert
+    "solar_open": ("SolarOpenConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
+                                           num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
+                                           n_group=2, topk_group=1)),
+    # MiniMax-M2: sigmoid routing with the score bias on the block, q/k norms over the whole projection, RoPE on 8
+    # of a head's 16 rows (rotary_dim, as its checkpoints say it)
+    "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                           num_experts_per_tok=2, intermediate_size=40, rotary_dim=8)),
     # dense layer 0; full attention below layer 3 (max_window_layers), sliding above: layer_types [F, F, F, S, S]
     "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -187,7 +218,11 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "deepseek_v2": "DeepseekV2ForCausalLM", "bamba": "BambaForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
            "granitemoeshared": "GraniteMoeSharedForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
            "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
-           "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
+           "qwen3_5_moe": "Qwen3_5MoeForCausalLM", "ministral3": "Ministral3ForCausalLM", "cwm": "CwmForCausalLM",
+           "helium": "HeliumForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM", "jais2": "Jais2ForCausalLM",
+           "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
+           "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
+           "minimax_m2": "MiniMaxM2ForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -264,11 +299,11 @@ def _expected(name, teacher, plan):
             return w.reshape(*w.shape[:-1], -1, 2)[..., :ff_e, :].flatten(-2)
         if rest.startswith("mlp.experts.down_proj"):  # [E, ff, d] / [E, d]
             return w[experts, :ff_e, :d] if rest.endswith("proj") else w[experts, :d]
-        if rest == "self_attn.sinks":  # one per query head
-            return w[plan["q_heads"]]
+    if rest == "self_attn.sinks":  # GPT-OSS, Granite-SWA: one per query head
+        return w[plan["q_heads"]]
     if rest in ("mlp.gate.weight", "mlp.router.weight"):  # the router: one row per expert
         return w[experts, :d]
-    if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias"):  # one per expert
+    if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias", "mlp.e_score_correction_bias"):  # per expert
         return w[experts]
     if rest == "mlp.gate.moe_statics.e_score_correction_bias":  # ERNIE 4.5's [1, E]
         return w[:, experts]
@@ -348,7 +383,8 @@ def _expected(name, teacher, plan):
         return w[q if module.endswith("q_norm") else kv][:, rows]
     if module in ("self_attn.q_norm", "self_attn.k_norm") and w.shape[0] != hd_t:  # OLMo-2: the whole projection
         return _heads(w, hd_t, q if module.endswith("q_norm") else kv, rows)
-    if module in ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm"):
+    if module in ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm",
+                  "self_attn.query_layernorm", "self_attn.key_layernorm"):
         return w[rows]  # per head
     if module == "mlp.gate_up_proj":
         gate, up = w.chunk(2)
@@ -681,6 +717,9 @@ def test_fewer_experts_per_token(family, tmp_path):
 # --------------------------------------------------------------------------- narrowing, per family
 
 FULL_ROPE_16_TO_8 = [0, 2, 4, 6, 8, 10, 12, 14]  # RoPE pairs (i, i+8) of a 16-row head: teacher pairs 0, 2, 4, 6
+# MiniMax-M2's checkpoints set partial RoPE by rotary_dim, which transformers reads from 5.2x on (5.17: not at all)
+_ROTARY_DIM_READ = transformers.MiniMaxM2Config(head_dim=16, rotary_dim=8).rope_parameters.get(
+    "partial_rotary_factor") == 0.5
 NARROW = {  # family, build_student kwargs, reference plan overrides
     # partial rotary: 8 rotated rows -> 4 (teacher pairs 0, 2 of (i, i+4)), then the first 4 non-rotated rows
     "phi": ({"hidden_size": 32, "intermediate_size": 40},
@@ -786,6 +825,29 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 2, 4, 6])),
     "glm4_moe_lite": ({"hidden_size": 32, "num_heads": 3, "intermediate_size": 24, "num_experts": 2},
                       dict(d=32, q_heads=[0, 1, 2], ff_e=24, experts=2)),
+    "ministral3": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "cwm": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
+    "helium": ({"hidden_size": 32, "intermediate_size": 40},
+               dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
+    "hunyuan_v1_dense": ({"hidden_size": 32, "intermediate_size": 40},
+                         dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "jais2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "vaultgemma": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 64},
+                   dict(d=32, hd_s=8, ff=64, rows=FULL_ROPE_16_TO_8)),
+    # attention_multiplier follows head_dim 16 -> 8; the sinks of the 4 query heads kept
+    "granite_swa": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # 2 query heads on 2 KV heads: query heads 0, 2 and their sinks; head_dim (so attention_multiplier) kept
+    "granitemoe_swa": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 40,
+                        "num_experts": 3}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=40, experts=3)),
+    # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4
+    "solar_open": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                   dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11; rotary_dim
+    # 8 -> 4 (see _check_narrow_student). A transformers that reads no rotary_dim (5.17) rotates the whole head.
+    "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
+                                                  else FULL_ROPE_16_TO_8)),
 }
 
 
@@ -838,10 +900,13 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     else:
         assert getattr(config, "head_dim", None) in (hd, None) and attention.head_dim == hd
-    if family in ("gemma2", "gemma3"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
+    if family in ("gemma2", "gemma3", "vaultgemma"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
-    if family in ("granite", "granitemoe", "granitemoeshared"):  # the attention scale itself, as 1/sqrt(head_dim)
-        assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5 and hd == 8
+    if family.startswith("granite"):  # the attention scale itself, as 1/sqrt(head_dim)
+        assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5
+    if family == "minimax_m2":  # RoPE rows (rotary_dim) follow head_dim: half of each head rotates, as the teacher's
+        assert config.rotary_dim == hd // 2
+        assert config.rope_parameters.get("partial_rotary_factor") == (0.5 if _ROTARY_DIM_READ else None)
     ids = _ids(2)
     logits = _logits(student, ids)
     assert logits.shape == (2, 13, TINY_VOCAB) and torch.isfinite(logits).all()
@@ -850,6 +915,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert type(loaded) is type(teacher) and loaded.dtype == torch.float32
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rotary_dim", "rope_parameters", "layer_rope_theta", "attention_multiplier",
                 "intermediate_size", "layer_types", "query_pre_attn_scalar", "max_window_layers", "sliding_window",
                 "final_logit_softcapping", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                 "moe_intermediate_size", "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step",

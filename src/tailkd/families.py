@@ -212,10 +212,30 @@ _PARALLEL_COHERE = {**_ATTENTION, **_GATED_MLP, **norms("input_layernorm")}  # a
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
 
 FAMILIES = {f.name: f for f in (
+    # Ministral 3: Mistral's layout (its position-dependent query scale, llama_4_scaling_beta, has no width); CWM:
+    # Llama's with sliding layers (layer_types)
     Family("llama", "Llama", ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
-                              "SeedOssForCausalLM"), _DECODER,
+                              "Ministral3ForCausalLM", "SeedOssForCausalLM", "CwmForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
            layer_thresholds=("max_window_layers",)),
+    # Helium: Llama's layout with interleaved RoPE
+    Family("helium", "Helium", ("HeliumForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED,
+           "follows_hidden", rope="interleaved"),
+    # HunYuan (dense): per-head q/k norms applied after RoPE (query_layernorm, key_layernorm)
+    Family("hunyuan_v1_dense", "HunYuan", ("HunYuanDenseV1ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS,
+            **norms("self_attn.query_layernorm", "self_attn.key_layernorm", axis="head_qk")}, _EMBED, "follows_hidden"),
+    # Jais 2: LayerNorms with biases, an ungated relu² MLP, biases throughout
+    Family("jais2", "Jais 2", ("Jais2ForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS}, _EMBED,
+           "follows_hidden"),
+    # Granite with sliding layers: an attention sink per query head, a RoPE base per layer (layer_rope_theta, 0: none)
+    Family("granite_swa", "Granite-SWA", ("GraniteSWAForCausalLM",), _DECODER,
+           {**_ATTENTION, "self_attn.sinks": ("head",), **_GATED_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
+           attention_scales=("attention_multiplier",), layer_lists=("layer_types", "layer_rope_theta")),
+    Family("granitemoe_swa", "Granite-MoE-SWA", ("GraniteMoeSWAForCausalLM",), _DECODER,
+           {**_ATTENTION, "self_attn.sinks": ("head",), **_PRE_NORMS, **_GRANITE_MOE}, _EMBED, "follows_hidden",
+           keys=_GRANITE_MOE_KEYS, attention_scales=("attention_multiplier",),
+           layer_lists=("layer_types", "layer_rope_theta"), mlp_prefix=("block_sparse_moe.", "shared_mlp.")),
     # Granite 3 MoE (and its variant with a shared MLP): Granite's attention, routed experts under block_sparse_moe
     Family("granitemoe", "Granite-MoE", ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"), _DECODER,
            {**_ATTENTION, **_PRE_NORMS, **_GRANITE_MOE}, _EMBED, "follows_hidden", keys=_GRANITE_MOE_KEYS,
@@ -263,6 +283,10 @@ FAMILIES = {f.name: f for f in (
            _EMBED, "derived"),
     Family("gemma", "Gemma", ("GemmaForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "kept"),
+    # VaultGemma: Gemma2's attention (query_pre_attn_scalar, soft-capping) with pre-norms only
+    Family("vaultgemma", "VaultGemma", ("VaultGemmaForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **norms("input_layernorm", "pre_feedforward_layernorm")}, _EMBED, "kept",
+           head_dim_scaled=("query_pre_attn_scalar",)),
     Family("gemma2", "Gemma2", ("Gemma2ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_SANDWICH}, _EMBED, "kept",
            head_dim_scaled=("query_pre_attn_scalar",)),
@@ -293,6 +317,16 @@ FAMILIES = {f.name: f for f in (
     Family("glm4_moe", "GLM-4.5", ("Glm4MoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace",)),
+    # Solar Open: DeepSeek-V3's routing (every layer routed), grouped-query attention
+    Family("solar_open", "Solar Open", ("SolarOpenForCausalLM",), _DECODER,
+           {**_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS),
+    # MiniMax-M2: a sigmoid router whose score-correction bias (a buffer) sits on the MoE block, q/k norms over the
+    # whole projection (OLMo-2's), partial rotary set by rotary_dim (rows, so it follows head_dim)
+    Family("minimax_m2", "MiniMax-M2", ("MiniMaxM2ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_PROJECTION_QK_NORMS, **_EXPERTS, "mlp.e_score_correction_bias": ("expert",),
+            **_PRE_NORMS}, _EMBED, "kept", keys=dict(_MOE_KEYS, experts="num_local_experts",
+                                                      intermediate="intermediate_size"),
+           head_dim_scaled=("rotary_dim",)),
     Family("dots1", "dots.llm1", ("Dots1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),

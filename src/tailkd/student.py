@@ -41,33 +41,36 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              GPT-2 (absolute positions) keeps the first head_dim rows of q, k and v.
            - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows
              above in their own blocks, Phi-3 gate_up_proj the first units of each half.
-           - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm) keep the rows
-             kept inside a head, OLMo-2's norms over the whole projection keep exactly q_proj's/k_proj's rows.
+           - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, HunYuan's after RoPE)
+             keep the rows kept inside a head, OLMo-2's and MiniMax-M2's norms over the whole projection keep
+             exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE, ERNIE 4.5 MoE,
-         GLM-4.5, dots.llm1, DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all
-         by default; at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows;
-         `intermediate_size` is each routed expert's width (the config's intermediate_size or moe_intermediate_size,
-         whichever the family's experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's
-         attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's
-         shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
-         (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its
-         dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The router
-         load-balancing loss is on where the student's config (the teacher's settings) sets ``output_router_logits``
-         (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every
-         moe_layer_interval-th: start and end are renumbered to the chosen layers, the interval kept. Every student
-         layer must have its teacher layer's modules: a choice of layers whose kinds the student's config cannot give
-         (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2
-         experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
-         GLM-4.5, dots.llm1, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the teacher's width)
-         below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer, ``mlp_layer_types``,
-         subset as layer_types); the router's score-correction bias (a saved buffer) follows the kept experts; under
-         group-limited routing (``n_group`` groups, each scored by its top 2 experts — DeepSeek-V2's by its best one,
-         where its topk_method is group_limited_greedy —, ``topk_group`` picked per token) the student keeps the first
-         num_experts/n_group experts of each group, so num_experts is a multiple of n_group with at least 2 (V2: 1) per
-         group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of n_shared_experts routed
-         widths) keep their first n_shared_experts x intermediate_size units.
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
+         MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first
+         `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's by default)
+         and, with "copy", their router rows; `intermediate_size` is each routed expert's width (the config's
+         intermediate_size or moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved gate/up
+         pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's
+         whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a
+         Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the
+         student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the
+         teacher's settings would give other ones. The router load-balancing loss is on where the student's config (the
+         teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from
+         moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the
+         chosen layers, the interval kept. Every student layer must have its teacher layer's modules: a choice of layers
+         whose kinds the student's config cannot give (off ERNIE's interval, say) is refused in one line. Phi-MoE's
+         router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least 2 and
+         num_experts_per_tok is refused.
+         GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the
+         teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
+         ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved buffer) follows the
+         kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2 experts — DeepSeek-V2's
+         by its best one, where its topk_method is group_limited_greedy —, ``topk_group`` picked per token) the student
+         keeps the first num_experts/n_group experts of each group, so num_experts is a multiple of n_group with at
+         least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of
+         n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size units. MiniMax-M2's
+         score-correction bias (on its MoE block) likewise follows the kept experts.
 Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): one key/value head per query head, so
          num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
@@ -114,19 +117,23 @@ student's copied embeddings enter the residual stream scaled by sqrt(d_s/d_t) re
 Gemma2/3's query_pre_attn_scalar (attention scale 1/sqrt of it) is multiplied by head_dim_s/head_dim_t
 (rounded) when head_dim shrinks, as Llama's 1/sqrt(head_dim) would be, and Granite's attention_multiplier (the
 scale itself) by sqrt(head_dim_t/head_dim_s); soft-capping, sliding windows, RoPE settings and Granite's other
-multipliers are the teacher's. Narrowing is supported for every family; the one refusal is a head_dim change
-under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow
-hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
+multipliers are the teacher's (Granite-SWA's per-layer RoPE bases, ``layer_rope_theta``, follow the chosen layers);
+MiniMax-M2's RoPE rows (``rotary_dim``) follow head_dim in proportion, as its partial_rotary_factor. Narrowing is
+supported for every family; the one refusal is a head_dim change under per-frequency RoPE factor lists (Phi-3
+"longrope" short/long factors): keep head_dim (narrow hidden_size and num_heads together). The per-family parameter
+tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
-in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Seed-OSS, Cohere (its [heads, head_dim]
-q/k norms follow the kept heads and rows), Granite, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved
-RoPE), Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
-Gemma3ForCausalLM), Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4
-(interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), ERNIE 4.5 MoE, GLM-4.5, dots.llm1, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash
-(transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
+(interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
+kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
+Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
+Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers),
+GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, MiniMax-M2, GLM-4.5,
+dots.llm1, Solar Open, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...]
+tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1,
+Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -466,7 +473,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
         if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
             data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
             data["decoder_sparse_step"] = 1
-    for key in fam.head_dim_scaled:  # attention scale 1/sqrt(key), proportional to head_dim
+    for key in fam.head_dim_scaled:  # proportional to head_dim: an attention scale 1/sqrt(key), MiniMax-M2's RoPE rows
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
     for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes
