@@ -489,12 +489,11 @@ def test_gpt2_attention_scaled_by_layer_index_keeps_the_first_layers_only():
 
 
 def test_unsupported_architecture():
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
-    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                           intermediate_size=64, vocab_size=64))
+    model = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(TailkdError,
-                       match=r"GPTNeoXForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
+                       match=r"BloomForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
         build_student(model)
 
 

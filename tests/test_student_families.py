@@ -64,6 +64,10 @@ CONFIGS = {
     # per-head q/k norms after RoPE
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),
     "jais2": ("Jais2Config", dict(hidden_size=64, num_key_value_heads=2)),  # LayerNorms with biases, relu², biases
+    # learned positions, biases, fc1/fc2 in the layer itself; model.decoder.layers
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)),
+    # per-head [q | k | v] blocks, RoPE on 4 of a head's 16 rows, parallel residual; gpt_neox.layers
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64)),
     # VaultGemma: Gemma2's attention (soft-capping, query_pre_attn_scalar) with pre-norms only, sliding layers
     "vaultgemma": ("VaultGemmaConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                             query_pre_attn_scalar=16, final_logit_softcapping=2.0,
@@ -222,7 +226,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "helium": "HeliumForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM", "jais2": "Jais2ForCausalLM",
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
-           "minimax_m2": "MiniMaxM2ForCausalLM"}
+           "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -260,6 +264,23 @@ def _layer_types(model):
     return getattr(model.config, "layer_types", None)
 
 
+_LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.")  # most families, OPT, GPT-NeoX
+
+
+def _split_layer(name):
+    """(prefix, layer index, the rest) of a per-layer parameter name; (None, None, None) for a global one."""
+    for prefix in _LAYER_PREFIXES:
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.(.+)", name)
+        if m:
+            return prefix, int(m.group(1)), m.group(2)
+    return None, None, None
+
+
+def _decoder_layers(model):
+    base = model.base_model
+    return base.decoder.layers if hasattr(base, "decoder") else base.layers
+
+
 # --------------------------------------------------------------------------- an independent reference slicer
 # Written with reshapes to [heads, head_dim, ...] and the families' own module names, not with tailkd's tables.
 
@@ -272,14 +293,25 @@ def _expected(name, teacher, plan):
     """The value a student parameter must hold: the teacher's tensor, sliced as the student docstring says."""
     t = {**dict(teacher.named_parameters()), **_persistent_buffers(teacher)}
     d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m is None:
+    prefix, i, rest = _split_layer(name)
+    if prefix is None:
         w = t[name]
-        if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight"):
+        if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
+                    "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
+                    "gpt_neox.embed_in.weight"):
             return w[:, :d]
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
-    rest = m.group(2)
-    w = t[f"model.layers.{plan['layers'][int(m.group(1))]}.{rest}"]
+    w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
+    if rest.startswith("attention.query_key_value"):  # GPT-NeoX: [q | k | v] blocks per head, one KV head each
+        blocks = w.reshape(plan["H_t"], 3, hd_t, *w.shape[1:])[plan["q_heads"]]
+        kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
+                            blocks[:, 2][:, : plan["hd_s"]]], dim=1)
+        kept = kept.reshape(-1, *w.shape[1:])
+        return kept[:, :d] if rest.endswith("weight") else kept
+    module, kind = rest.rsplit(".", 1)
+    renamed = {"attention.dense": "self_attn.o_proj", "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, OPT's names
+               "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(module)
+    rest = f"{renamed}.{kind}" if renamed else rest
     if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
         tail = rest.removeprefix("mixer.")
         kind = tail.split(".")[0]
@@ -393,7 +425,7 @@ def _expected(name, teacher, plan):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
-    if module.endswith(("layernorm", "operator_norm", "ffn_norm")) or module == "norm":
+    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module == "norm":
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -407,6 +439,7 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     c = teacher.config
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
+    kv_t = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT, GPT-NeoX: one per query head
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
            and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
     return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"), ff=ff or c.intermediate_size,
@@ -415,16 +448,17 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
                 experts=_first(experts or next((getattr(c, k) for k in ("num_experts", "n_routed_experts",
                                                                        "num_local_experts") if getattr(c, k, None)),
                                                None)),
-                H_t=c.num_attention_heads, KV_t=c.num_key_value_heads,
+                H_t=c.num_attention_heads, KV_t=kv_t,
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
-                kv_heads=kv_heads if kv_heads is not None else list(range(c.num_key_value_heads)),
+                kv_heads=kv_heads if kv_heads is not None else list(range(kv_t)),
                 rows=rows if rows is not None else list(range(hd_s)))
 
 
 def _in_mlp(name):
-    """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.; Granite 4.0-H: two modules)."""
-    modules = ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp", *(f"mixer.{m}" for m in (  # Nemotron-H's
-        "up_proj", "down_proj", "gate", "experts", "shared_experts")))
+    """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.; Granite 4.0-H: two modules; OPT:
+    fc1, fc2)."""
+    modules = ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp", "fc1", "fc2", *(f"mixer.{m}" for m in (
+        "up_proj", "down_proj", "gate", "experts", "shared_experts")))  # Nemotron-H's
     return any(f".{module}." in name for module in modules)
 
 
@@ -486,11 +520,12 @@ def _zero_dropped_layers(teacher, keep):
                "linear_attn.out_proj.", "conv.out_proj.", "self_attn.out_proj.", "feed_forward.w2.",
                "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
-               "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.")
+               "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
+               "attention.dense.", "mlp.dense_4h_to_h.")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-            if m and int(m.group(1)) not in keep and m.group(2).startswith(outputs):
+            prefix, i, rest = _split_layer(name)
+            if prefix is not None and i not in keep and rest.startswith(outputs):
                 param.zero_()
     return model
 
@@ -575,6 +610,18 @@ def test_settings_the_tables_cannot_slice_are_refused_in_one_line(family, overri
     with pytest.raises(TailkdError, match=rf"^the teacher sets {key} \({re.escape(why)}\), which tailkd cannot cut "
                                           r"into a student: give the student as a folder \(--student DIR\)$"):
         build_student(make_teacher(family, **overrides))
+
+
+def test_opt_with_embedding_projections_is_refused_in_one_line():
+    """OPT-350m's embeddings are word_embed_proj_dim wide, projected in and out of a wider hidden_size
+    (Family.hidden_keys): refused with the way out before any tensor is read, even at the teacher's sizes; where the
+    two are equal (every other OPT) a student's word_embed_proj_dim follows its hidden_size."""
+    teacher = make_teacher("opt", word_embed_proj_dim=32)
+    assert teacher.model.decoder.project_in is not None
+    with pytest.raises(TailkdError, match=r"^the teacher's word_embed_proj_dim \(32\) differs from its hidden_size "
+                                          r"\(64\): its projections between the two widths are not cut by tailkd; "
+                                          r"give the student as a folder \(--student DIR\)$"):
+        build_student(teacher)
 
 
 def test_deepseek_v2_greedy_routing_keeps_the_first_experts():
@@ -844,6 +891,14 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "solar_open": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
+    "opt": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
+    "opt-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
+    # 4 of 16 rows rotate, pairs (i, i+2): 2 of 8, teacher pair 0 = rows 0, 2; then the non-rotated rows 4..9, each
+    # of q, k (and v's first 8 rows) in its head's block
+    "gpt_neox": ({"hidden_size": 32, "intermediate_size": 40},
+                 dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 5, 6, 7, 8, 9])),
+    "gpt_neox-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
     # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11; rotary_dim
     # 8 -> 4 (see _check_narrow_student). A transformers that reads no rotary_dim (5.17) rotates the whole head.
     "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
@@ -895,15 +950,19 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
     attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
-                                 for layer in student.model.layers) if "Attention" in type(a).__name__)
+                                 or getattr(layer, "attention", None) for layer in _decoder_layers(student))
+                     if "Attention" in type(a).__name__)
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     else:
-        assert getattr(config, "head_dim", None) in (hd, None) and attention.head_dim == hd
+        assert getattr(config, "head_dim", None) in (hd, None)
+        assert (getattr(attention, "head_dim", None) or attention.head_size) == hd  # GPT-NeoX: head_size
     if family in ("gemma2", "gemma3", "vaultgemma"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
     if family.startswith("granite"):  # the attention scale itself, as 1/sqrt(head_dim)
         assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5
+    if family == "opt":  # its embeddings are hidden_size wide: no projection in or out
+        assert config.word_embed_proj_dim == config.hidden_size and student.model.decoder.project_in is None
     if family == "minimax_m2":  # RoPE rows (rotary_dim) follow head_dim: half of each head rotates, as the teacher's
         assert config.rotary_dim == hd // 2
         assert config.rope_parameters.get("partial_rotary_factor") == (0.5 if _ROTARY_DIM_READ else None)

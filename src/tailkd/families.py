@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 #   o        the attention output's input side: the kept query heads, the rows v keeps in each
 #   head_qk  the rows kept inside one q/k head (per-head q/k norms: Qwen3, Gemma3, Phi qk_layernorm)
 #   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
+#   qkv_heads  a fused projection of [q | k | v] blocks per head (GPT-NeoX's query_key_value; one KV head per query
+#            head): the kept heads' blocks, q, k and v rows in each
 #   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj, a mixture's experts.gate_up_proj): the first units
 #            of each half
 #   gate_up_pairs  an interleaved [gate_0, up_0, gate_1, up_1, ...] projection (GPT-OSS's experts): the first pairs
@@ -50,8 +52,8 @@ from dataclasses import dataclass, field
 #   ff_model the MLP's first units, as many as the student's model makes of its intermediate_size (LFM2 rounds it)
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
-AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "gate_up", "gate_up_pairs", "expert", "ff_shared",
-        "head", "kv_head", "d_blocks", "ff_model", "q_gated")
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "gate_up", "gate_up_pairs", "expert",
+        "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -131,6 +133,9 @@ class Family:
     # max: 1), and the (config key, value) under which the groups limit routing at all (DeepSeek-V2's topk_method)
     group_score_top: int = 2
     group_routing: tuple[str, ...] = ()
+    # config keys equal to hidden_size that follow it (OPT's word_embed_proj_dim); a teacher where one differs has
+    # projections between the two widths (OPT-350m), refused in one line
+    hidden_keys: tuple[str, ...] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -269,6 +274,30 @@ FAMILIES = {f.name: f for f in (
            rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
                                  intermediate="n_inner"), layer_lists=(), reads_head_dim=False,
            layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
+    # OPT: learned absolute positions (offset 2), q/k/v/out biases, an ungated MLP (fc1, fc2) in the layer itself
+    Family("opt", "OPT", ("OPTForCausalLM",),
+           {"model.decoder.embed_tokens.weight": ("all", "d"), "model.decoder.embed_positions.weight": ("all", "d"),
+            **linear("lm_head", "all", "d"), **norms("model.decoder.final_layer_norm")},
+           {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
+            **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.out_proj", "d", "o"),
+            **linear("fc1", "ff", "d"), **linear("fc2", "d", "ff"),
+            **norms("self_attn_layer_norm", "final_layer_norm")},
+           ("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"), "derived",
+           layer_prefix="model.decoder.layers.", rope=False,
+           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
+                     intermediate="ffn_dim"), layer_lists=(), reads_head_dim=False, mlp_prefix=("fc1.", "fc2."),
+           hidden_keys=("word_embed_proj_dim",)),
+    # GPT-NeoX (Pythia): one query_key_value of [q | k | v] blocks per head, partial rotate-half RoPE, parallel
+    # attention and MLP, LayerNorms with biases
+    Family("gpt_neox", "GPT-NeoX", ("GPTNeoXForCausalLM",),
+           {"gpt_neox.embed_in.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+            **norms("gpt_neox.final_layer_norm")},
+           {**linear("attention.query_key_value", "qkv_heads", "d"), **linear("attention.dense", "d", "o"),
+            **linear("mlp.dense_h_to_4h", "ff", "d"), **linear("mlp.dense_4h_to_h", "d", "ff"),
+            **norms("input_layernorm", "post_attention_layernorm")},
+           ("gpt_neox.embed_in.weight",), "derived", layer_prefix="gpt_neox.layers.",
+           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
+                     intermediate="intermediate_size"), layer_lists=(), reads_head_dim=False),
     Family("phi", "Phi", ("PhiForCausalLM",),
            {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("model.final_layernorm")},

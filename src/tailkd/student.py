@@ -16,7 +16,7 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always
+         hidden_size // num_heads; GPT-2, OPT, GPT-NeoX, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always
          hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by
          design) the teacher's. A Phi, Phi-3 or OLMo-2 config that does carry a head_dim (their models read it
          first) is treated like Llama's, and the student's config carries the student's head_dim. An explicit
@@ -38,9 +38,10 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
-             GPT-2 (absolute positions) keeps the first head_dim rows of q, k and v.
+             GPT-2 and OPT (absolute positions) keep the first head_dim rows of q, k and v.
            - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows
-             above in their own blocks, Phi-3 gate_up_proj the first units of each half.
+             above in their own blocks, GPT-NeoX's query_key_value ([q | k | v] per head) in each kept head's
+             block, Phi-3 gate_up_proj the first units of each half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, HunYuan's after RoPE)
              keep the rows kept inside a head, OLMo-2's and MiniMax-M2's norms over the whole projection keep
              exactly q_proj's/k_proj's rows.
@@ -129,11 +130,12 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Mi
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
 Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers),
-GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, MiniMax-M2, GLM-4.5,
-dots.llm1, Solar Open, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...]
-tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1,
-Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
+word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
+(Pythia), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5
+MoE, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of
+experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
+LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -453,6 +455,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
     data.update({aliases.get(fam.keys[role], fam.keys[role]): value for role, value in sizes.items()
                  if fam.keys.get(role)})
+    data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `_plan`
     implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
     if fam.head_dim != "derived" and not implied:
         data["head_dim"] = s.head_dim
@@ -565,6 +568,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     return {"all": None, "d": s.hidden, "ff": s.intermediate, "q": q, "k": k, "v": v,
             "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
+            "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
+                               + [2 * t.head_dim + r for r in first]),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
@@ -608,6 +613,11 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
         if getattr(teacher.config, key, None):
             raise TailkdError(f"the teacher sets {key} ({why}), which tailkd cannot cut into a student: give the "
                               "student as a folder (--student DIR)")
+    for key in fam.hidden_keys:
+        if getattr(teacher.config, key, None) not in (None, teacher.config.hidden_size):
+            raise TailkdError(f"the teacher's {key} ({getattr(teacher.config, key)}) differs from its hidden_size "
+                              f"({teacher.config.hidden_size}): its projections between the two widths are not cut "
+                              "by tailkd; give the student as a folder (--student DIR)")
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)
