@@ -188,6 +188,16 @@ CONFIGS = {
                                              n_group=4, topk_group=2, topk_method="group_limited_greedy",
                                              first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
                                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)),
+    # Cohere2-MoE: dense layers 0, 1 (96 wide, prefix_dense_intermediate_size; first_k_dense_replace becomes
+    # mlp_layer_types), routed experts 40 wide and one shared expert of their width, interleaved RoPE
+    "cohere2_moe": ("Cohere2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, intermediate_size=40,
+                                             num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                                             first_k_dense_replace=2, prefix_dense_intermediate_size=96,
+                                             logit_scale=0.5, **_SLIDING)),
+    # Youtu-LLM: latent attention (q through a rank-24 pair) with a dense MLP in every layer; no padding id: its
+    # _init_weights zeroes the padding row again on every load (transformers 5.25): a redrawn row would not survive
+    "youtu": ("YoutuConfig", dict(hidden_size=48, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, pad_token_id=None)),
     # GLM-4.7-Flash: q straight from the residual stream (q_proj), dense/routed layers listed per layer
     "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=4,
                                                 num_experts_per_tok=2, moe_intermediate_size=40, q_lora_rank=None,
@@ -226,7 +236,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "helium": "HeliumForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM", "jais2": "Jais2ForCausalLM",
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
-           "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+           "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+           "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -347,7 +358,9 @@ def _expected(name, teacher, plan):
     if rest == "mlp.experts.up_proj":  # Nemotron-H's ungated experts [E, ff, d]
         return w[experts, :ff_e, :d]
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
-        units = ff_e * (getattr(teacher.config, "n_shared_experts", None) or teacher.config.moe_num_shared_experts)
+        c = teacher.config
+        units = ff_e * next(getattr(c, k) for k in ("n_shared_experts", "moe_num_shared_experts", "num_shared_experts")
+                            if getattr(c, k, None))
         if rest.endswith(".bias"):
             return w[:d] if ".down_proj" in rest else w[:units]
         return w[:d, :units] if ".down_proj" in rest else w[:units, :d]
@@ -891,6 +904,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "solar_open": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # interleaved RoPE over the whole head (teacher pairs 0, 2, 4, 6); dense layers keep their width, the shared
+    # expert narrows with the routed ones
+    "cohere2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
+                    dict(d=32, hd_s=8, ff_e=24, experts=3, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
+    "youtu": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 40}, dict(d=32, q_heads=[0, 1], ff=40)),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
     "opt": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "opt-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
@@ -1203,6 +1221,9 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                          r"num_heads=4\)$"),
     ("glm4_moe_lite", {"head_dim": 2}, r"^head_dim=2, but GLM-4.7-Flash's latent attention keeps its head sizes "
                                        r"\(qk_nope_head_dim, qk_rope_head_dim, v_head_dim\): drop head_dim$"),
+    ("youtu", {"num_kv_heads": 2}, r"^Youtu-LLM has no grouped KV heads: drop num_kv_heads \(or set it to "
+                                   r"num_heads=4\)$"),
+    ("youtu", {"head_dim": 8}, r"^head_dim=8, but Youtu-LLM's latent attention keeps its head sizes"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

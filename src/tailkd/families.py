@@ -367,6 +367,9 @@ FAMILIES = {f.name: f for f in (
     Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3ForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
            layer_thresholds=("first_k_dense_replace",), latent_attention=True),
+    # Youtu-LLM: DeepSeek-V3's latent attention with a dense MLP in every layer
+    Family("youtu", "Youtu-LLM", ("YoutuForCausalLM",), _DECODER, {**_LATENT_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+           _EMBED, "kept", latent_attention=True),
     # GLM-4.7-Flash: DeepSeek-V3's layout, its dense/routed layers listed per layer (mlp_layer_types)
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("Glm4MoeLiteForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
@@ -411,6 +414,14 @@ FAMILIES = {f.name: f for f in (
     Family("cohere", "Cohere", ("CohereForCausalLM",), _DECODER,
            {**_PARALLEL_COHERE, "self_attn.q_norm.weight": ("head", "head_qk"),
             "self_attn.k_norm.weight": ("kv_head", "head_qk")}, _EMBED, "follows_hidden", rope="interleaved"),
+    # Cohere2-MoE: Cohere2's parallel attention and MLP after one LayerNorm; routed experts (intermediate_size wide)
+    # with optional shared experts (num_shared_experts widths), dense MLPs of their own width (prefix dense layers,
+    # listed per layer in mlp_layer_types)
+    Family("cohere2_moe", "Cohere2-MoE", ("Cohere2MoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **norms("input_layernorm"), **_EXPERTS, **_DENSE_MLP, **_SHARED_EXPERTS}, _EMBED,
+           "follows_hidden", rope="interleaved",
+           keys=dict(_MOE_KEYS, intermediate="intermediate_size", shared_experts="num_shared_experts"),
+           layer_lists=("layer_types", "mlp_layer_types")),
     # EXAONE 4: OLMo-2-style post-norms, per-head q/k norms (RoPE on its sliding layers only)
     Family("exaone4", "EXAONE 4", ("Exaone4ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_HEAD_QK_NORMS, **norms("post_attention_layernorm",

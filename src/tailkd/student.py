@@ -47,22 +47,22 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
-         MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first
-         `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's by default)
-         and, with "copy", their router rows; `intermediate_size` is each routed expert's width (the config's
-         intermediate_size or moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved gate/up
-         pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's
-         whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a
-         Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the
-         student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the
-         teacher's settings would give other ones. The router load-balancing loss is on where the student's config (the
-         teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from
-         moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the
-         chosen layers, the interval kept. Every student layer must have its teacher layer's modules: a choice of layers
-         whose kinds the student's config cannot give (off ERNIE's interval, say) is refused in one line. Phi-MoE's
-         router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least 2 and
-         num_experts_per_tok is refused.
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE
+         4.5 MoE, Cohere2-MoE, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3, GLM-4.7-Flash) keeps the
+         teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's
+         by default) and, with "copy", their router rows; `intermediate_size` is each routed expert's width (the
+         config's intermediate_size or moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved
+         gate/up pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads.
+         Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width.
+         Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
+         ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its dense layers listed in
+         ``mlp_only_layers`` where the teacher's settings would give other ones. The router load-balancing loss is on
+         where the student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE
+         4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start
+         and end are renumbered to the chosen layers, the interval kept. Every student layer must have its teacher
+         layer's modules: a choice of layers whose kinds the student's config cannot give (off ERNIE's interval, say) is
+         refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2 experts whatever its config says:
+         num_experts is at least 2 and num_experts_per_tok is refused.
          GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the
          teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
          ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved buffer) follows the
@@ -72,8 +72,8 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of
          n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size units. MiniMax-M2's
          score-correction bias (on its MoE block) likewise follows the kept experts.
-Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): one key/value head per query head, so
-         num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
+Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM): one key/value head per query
+         head, so num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
          (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank, kv_lora_rank) are the
          teacher's, so num_kv_heads and head_dim are refused; the latent projections narrow on the residual side.
@@ -128,14 +128,15 @@ Values are exact copies/slices of the teacher's (computed in its dtype, stored i
 in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
 (interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
-Cohere2 (interleaved RoPE), EXAONE 4, Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
-Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers),
-GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
-word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
-(Pythia), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5
-MoE, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of
-experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
-LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
+Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
+OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
+(2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
+embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE,
+Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2,
+DeepSeek-V3, GLM-4.7-Flash, Youtu-LLM (transformers 5's layout of experts: one [E, ...] tensor per projection),
+Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
+(GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
