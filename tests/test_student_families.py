@@ -64,6 +64,10 @@ CONFIGS = {
     # per-head q/k norms after RoPE
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),
     "jais2": ("Jais2Config", dict(hidden_size=64, num_key_value_heads=2)),  # LayerNorms with biases, relu², biases
+    # per-head [q | k | v] blocks with per-head q/k LayerNorms, RoPE on 8 of 16 rows, relu²
+    "persimmon": ("PersimmonConfig", dict(hidden_size=64)),
+    # norms without weights, relu² fc1/fc2, final soft-capping
+    "nanochat": ("NanoChatConfig", dict(hidden_size=64, num_key_value_heads=2, final_logit_softcapping=3.0)),
     # learned positions, biases, fc1/fc2 in the layer itself; model.decoder.layers
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)),
     # per-head [q | k | v] blocks, RoPE on 4 of a head's 16 rows, parallel residual; gpt_neox.layers
@@ -188,6 +192,13 @@ CONFIGS = {
                                              n_group=4, topk_group=2, topk_method="group_limited_greedy",
                                              first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
                                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)),
+    # Mellum: sparse and dense layers and sliding and full attention listed per layer, per-head q/k norms
+    "mellum": ("MellumConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                    num_experts_per_tok=2, moe_intermediate_size=40,
+                                    mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"],
+                                    layer_types=[S, F, S, S, F], **_SLIDING)),
+    # FlexOlmo: q/k norms over the whole projection, post-norms
+    "flex_olmo": ("FlexOlmoConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
     # Cohere2-MoE: dense layers 0, 1 (96 wide, prefix_dense_intermediate_size; first_k_dense_replace becomes
     # mlp_layer_types), routed experts 40 wide and one shared expert of their width, interleaved RoPE
     "cohere2_moe": ("Cohere2MoeConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, intermediate_size=40,
@@ -237,7 +248,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
-           "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM"}
+           "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
+           "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -313,7 +325,7 @@ def _expected(name, teacher, plan):
             return w[:, :d]
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
-    if rest.startswith("attention.query_key_value"):  # GPT-NeoX: [q | k | v] blocks per head, one KV head each
+    if rest.split(".")[1] == "query_key_value":  # GPT-NeoX, Persimmon: [q | k | v] blocks per head, one KV head each
         blocks = w.reshape(plan["H_t"], 3, hd_t, *w.shape[1:])[plan["q_heads"]]
         kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
                             blocks[:, 2][:, : plan["hd_s"]]], dim=1)
@@ -909,6 +921,15 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "cohere2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                     dict(d=32, hd_s=8, ff_e=24, experts=3, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     "youtu": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 40}, dict(d=32, q_heads=[0, 1], ff=40)),
+    # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11, in each
+    # head's [q | k | v] block, the per-head q/k LayerNorms likewise
+    "persimmon": ({"hidden_size": 32, "intermediate_size": 40},
+                  dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 6, 8, 9, 10, 11])),
+    "nanochat": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "mellum": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 2},
+               dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=2)),
+    "flex_olmo": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
+                  dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
     "opt": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "opt-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),

@@ -298,6 +298,19 @@ FAMILIES = {f.name: f for f in (
            ("gpt_neox.embed_in.weight",), "derived", layer_prefix="gpt_neox.layers.",
            keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
                      intermediate="intermediate_size"), layer_lists=(), reads_head_dim=False),
+    # Persimmon (Adept): GPT-NeoX's per-head [q | k | v] projection with per-head q/k LayerNorms, partial RoPE
+    Family("persimmon", "Persimmon", ("PersimmonForCausalLM",),
+           {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+            **norms("model.final_layernorm")},
+           {**linear("self_attn.query_key_value", "qkv_heads", "d"), **linear("self_attn.dense", "d", "o"),
+            **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
+            **linear("mlp.dense_h_to_4h", "ff", "d"), **linear("mlp.dense_4h_to_h", "d", "ff"),
+            **norms("input_layernorm", "post_attention_layernorm")}, _EMBED, "derived",
+           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
+                     intermediate="intermediate_size"), layer_lists=(), reads_head_dim=False),
+    # nanochat: norms without weights (q/k norms too), a relu² MLP (fc1, fc2), final soft-capping (the head's)
+    Family("nanochat", "nanochat", ("NanoChatForCausalLM",), _DECODER,
+           {**_ATTENTION, **linear("mlp.fc1", "ff", "d"), **linear("mlp.fc2", "d", "ff")}, _EMBED, "derived"),
     Family("phi", "Phi", ("PhiForCausalLM",),
            {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("model.final_layernorm")},
@@ -335,6 +348,15 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_EXPERTS, **_DENSE_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
            sparse_by_index=True),
+    # Mellum: Qwen3-MoE's layout, its sparse/dense MLPs and sliding/full attention listed per layer (mlp_layer_types,
+    # layer_types)
+    Family("mellum", "Mellum", ("MellumForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_EXPERTS, **_DENSE_MLP, **_PRE_NORMS}, _EMBED, "kept",
+           keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_lists=("layer_types", "mlp_layer_types")),
+    # FlexOlmo: OLMoE's attention (q/k norms over the whole projection) with OLMo-2's post-norms
+    Family("flex_olmo", "FlexOlmo", ("FlexOlmoForCausalLM",), _DECODER,
+           {**_ATTENTION, **_EXPERTS, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
+            **_PROJECTION_QK_NORMS}, _EMBED, "derived", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
     # ERNIE 4.5 MoE: interleaved RoPE; routed layers by index (moe_layer_start/end_index renumbered, moe_layer_interval
     # kept: a choice of layers it cannot express is refused), a [1, E] score bias parameter, shared experts
     Family("ernie4_5_moe", "ERNIE 4.5 MoE", ("Ernie4_5_MoeForCausalLM",), _DECODER,

@@ -16,14 +16,14 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, OPT, GPT-NeoX, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always
-         hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by
-         design) the teacher's. A Phi, Phi-3 or OLMo-2 config that does carry a head_dim (their models read it
-         first) is treated like Llama's, and the student's config carries the student's head_dim. An explicit
-         `head_dim` overrides the first and last group. Never more than the teacher's. hidden_size must be a
-         multiple of num_heads where head_dim is hidden_size // num_heads, and where the installed transformers'
-         config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5). Each student head is a
-         teacher head truncated to head_dim:
+         hidden_size // num_heads; GPT-2, OPT, GPT-NeoX, Persimmon, nanochat, FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim
+         in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled from
+         hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo config that does carry a
+         head_dim (their models read it first) is treated like Llama's, and the student's config carries the student's
+         head_dim. An explicit `head_dim` overrides the first and last group. Never more than the teacher's. hidden_size
+         must be a multiple of num_heads where head_dim is hidden_size // num_heads, and where the installed
+         transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5). Each student
+         head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
@@ -39,30 +39,30 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
              GPT-2 and OPT (absolute positions) keep the first head_dim rows of q, k and v.
-           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows
-             above in their own blocks, GPT-NeoX's query_key_value ([q | k | v] per head) in each kept head's
-             block, Phi-3 gate_up_proj the first units of each half.
-           - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, HunYuan's after RoPE)
-             keep the rows kept inside a head, OLMo-2's and MiniMax-M2's norms over the whole projection keep
-             exactly q_proj's/k_proj's rows.
+           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows above in their
+             own blocks, GPT-NeoX's and Persimmon's query_key_value ([q | k | v] per head) in each kept head's block,
+             Phi-3 gate_up_proj the first units of each half.
+           - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, Persimmon, HunYuan's
+             after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
+             projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE
-         4.5 MoE, Cohere2-MoE, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3, GLM-4.7-Flash) keeps the
-         teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's
-         by default) and, with "copy", their router rows; `intermediate_size` is each routed expert's width (the
-         config's intermediate_size or moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved
-         gate/up pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads.
-         Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width.
-         Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
-         ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its dense layers listed in
-         ``mlp_only_layers`` where the teacher's settings would give other ones. The router load-balancing loss is on
-         where the student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE
-         4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start
-         and end are renumbered to the chosen layers, the interval kept. Every student layer must have its teacher
-         layer's modules: a choice of layers whose kinds the student's config cannot give (off ERNIE's interval, say) is
-         refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2 experts whatever its config says:
-         num_experts is at least 2 and num_experts_per_tok is refused.
+         4.5 MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3,
+         GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least its
+         `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size` is
+         each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
+         experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention
+         sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared
+         expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
+         (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its
+         dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The router
+         load-balancing loss is on where the student's config (the teacher's settings) sets ``output_router_logits``
+         (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every
+         moe_layer_interval-th: start and end are renumbered to the chosen layers, the interval kept. Every student
+         layer must have its teacher layer's modules: a choice of layers whose kinds the student's config cannot give
+         (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2
+         experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
          GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the
          teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
          ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved buffer) follows the
@@ -132,11 +132,11 @@ Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per 
 Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
 OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
 (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
-embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE,
-Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2,
-DeepSeek-V3, GLM-4.7-Flash, Youtu-LLM (transformers 5's layout of experts: one [E, ...] tensor per projection),
-Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Persimmon, nanochat, Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, Mellum (its sparse and dense layers
+listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash,
+Youtu-LLM (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
