@@ -132,11 +132,12 @@ Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per 
 Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
 OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
 (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
-embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Persimmon, nanochat, Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, Mellum (its sparse and dense layers
-listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash,
-Youtu-LLM (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Persimmon, nanochat, Youtu-LLM (latent attention),
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, Mellum
+(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2,
+DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
+Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
+(GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
