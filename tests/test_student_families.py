@@ -167,6 +167,12 @@ CONFIGS = {
                                        num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
                                        n_group=2, topk_group=1, first_k_dense_replace=2, use_qk_norm=True,
                                        attention_bias=True)),
+    # EXAONE-MoE: DeepSeek-V3's routing (8 experts in 2 groups), a shared expert, dense layers 0, 1 (96 wide) listed in
+    # mlp_layer_types, RoPE on its sliding layers only, per-head q/k norms
+    "exaone_moe": ("ExaoneMoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, moe_intermediate_size=40,
+                                           num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                                           first_k_dense_replace=2, n_group=2, topk_group=1,
+                                           layer_types=[S, F, S, S, F], **_SLIDING)),
     # Solar Open: DeepSeek-V3's routing in every layer (8 experts in 2 groups, 1 group per token), a shared expert
     "solar_open": ("SolarOpenConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
                                            num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -249,7 +255,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
-           "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM"}
+           "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
+           "exaone_moe": "ExaoneMoeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -930,6 +937,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=2)),
     "flex_olmo": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
                   dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
+    # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4
+    "exaone_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                   dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
     "opt": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "opt-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),

@@ -368,6 +368,12 @@ FAMILIES = {f.name: f for f in (
     Family("glm4_moe", "GLM-4.5", ("Glm4MoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace",)),
+    # EXAONE-MoE: DeepSeek-V3's routing with per-head q/k norms, RoPE on sliding layers only (EXAONE 4's), its
+    # sliding/full attention and dense/sparse MLPs listed per layer (first_k_dense_replace renumbered alike)
+    Family("exaone_moe", "EXAONE-MoE", ("ExaoneMoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=dict(_DEEPSEEK_MOE_KEYS, experts="num_experts", shared_experts="num_shared_experts"),
+           layer_lists=("layer_types", "mlp_layer_types"), layer_thresholds=("first_k_dense_replace",)),
     # Solar Open: DeepSeek-V3's routing (every layer routed), grouped-query attention
     Family("solar_open", "Solar Open", ("SolarOpenForCausalLM",), _DECODER,
            {**_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS),

@@ -48,7 +48,7 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE
-         4.5 MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3,
+         4.5 MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3,
          GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least its
          `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size` is
          each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
@@ -63,15 +63,15 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          layer must have its teacher layer's modules: a choice of layers whose kinds the student's config cannot give
          (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2
          experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
-         GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the
-         teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash: per layer,
-         ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved buffer) follows the
-         kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2 experts — DeepSeek-V2's
-         by its best one, where its topk_method is group_limited_greedy —, ``topk_group`` picked per token) the student
-         keeps the first num_experts/n_group experts of each group, so num_experts is a multiple of n_group with at
-         least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of
-         n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size units. MiniMax-M2's
-         score-correction bias (on its MoE block) likewise follows the kept experts.
+         GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs
+         (the teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash,
+         EXAONE-MoE: per layer, ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved
+         buffer) follows the kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2
+         experts — DeepSeek-V2's by its best one, where its topk_method is group_limited_greedy —, ``topk_group`` picked
+         per token) the student keeps the first num_experts/n_group experts of each group, so num_experts is a multiple
+         of n_group with at least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared
+         experts (one MLP of n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size
+         units. MiniMax-M2's score-correction bias (on its MoE block) likewise follows the kept experts.
 Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM): one key/value head per query
          head, so num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
@@ -134,9 +134,9 @@ OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GL
 (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
 embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Persimmon, nanochat, Youtu-LLM (latent attention),
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, Mellum
-(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, DeepSeek-V2,
-DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next,
-Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
+(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
+Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
 (GraniteMoeHybrid), Nemotron-H.
 """
 
