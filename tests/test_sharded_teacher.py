@@ -535,7 +535,7 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe",
                                     "glm4_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "lfm2_moe",
                                     "nemotron_h", "ernie4_5_moe", "granitemoe", "solar_open", "minimax_m2",
-                                    "gpt_neox", "cohere2_moe", "mellum", "flex_olmo", "exaone_moe"])
+                                    "gpt_neox", "cohere2_moe", "mellum", "flex_olmo", "exaone_moe", "hunyuan_v1_moe"])
 def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(family, tmp_path):
     """Each mixture family's tiny teacher (test_student_families), and GPT-NeoX's (its head saved as embed_out), saved
     by save_pretrained in the format transformers converts on load (per-expert tensors, renamed modules):

@@ -64,6 +64,9 @@ CONFIGS = {
     # per-head q/k norms after RoPE
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),
     "jais2": ("Jais2Config", dict(hidden_size=64, num_key_value_heads=2)),  # LayerNorms with biases, relu², biases
+    # routed experts and an always-on shared MLP of the same width, per-head q/k norms after RoPE
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                                  moe_topk=2, intermediate_size=40)),
     # per-head [q | k | v] blocks with per-head q/k LayerNorms, RoPE on 8 of 16 rows, relu²
     "persimmon": ("PersimmonConfig", dict(hidden_size=64)),
     # norms without weights, relu² fc1/fc2, final soft-capping
@@ -256,7 +259,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
-           "exaone_moe": "ExaoneMoeForCausalLM"}
+           "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -363,7 +366,7 @@ def _expected(name, teacher, plan):
             return w[experts, :ff_e, :d] if rest.endswith("proj") else w[experts, :d]
     if rest == "self_attn.sinks":  # GPT-OSS, Granite-SWA: one per query head
         return w[plan["q_heads"]]
-    if rest in ("mlp.gate.weight", "mlp.router.weight"):  # the router: one row per expert
+    if rest in ("mlp.gate.weight", "mlp.router.weight", "mlp.gate.wg.weight"):  # the router: one row per expert
         return w[experts, :d]
     if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias", "mlp.e_score_correction_bias"):  # per expert
         return w[experts]
@@ -376,6 +379,8 @@ def _expected(name, teacher, plan):
         return w[experts, :d, :ff_e]
     if rest == "mlp.experts.up_proj":  # Nemotron-H's ungated experts [E, ff, d]
         return w[experts, :ff_e, :d]
+    if rest.startswith("mlp.shared_mlp."):  # HunYuan-MoE's: as wide as its experts, it narrows with them
+        return w[:d, :ff_e] if ".down_proj" in rest else w[:ff_e, :d]
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
         c = teacher.config
         units = ff_e * next(getattr(c, k) for k in ("n_shared_experts", "moe_num_shared_experts", "num_shared_experts")
@@ -553,7 +558,7 @@ def _zero_dropped_layers(teacher, keep):
                "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
-               "attention.dense.", "mlp.dense_4h_to_h.")
+               "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -654,6 +659,16 @@ def test_opt_with_embedding_projections_is_refused_in_one_line():
                                           r"\(64\): its projections between the two widths are not cut by tailkd; "
                                           r"give the student as a folder \(--student DIR\)$"):
         build_student(teacher)
+
+
+def test_expert_settings_listed_per_layer_are_refused_in_one_line():
+    """HunYuan-MoE's config may list moe_topk per layer (its model reads entry i in layer i): no single student value
+    replaces the list, so the teacher is refused with the way out before any tensor is read."""
+    teacher = make_teacher("hunyuan_v1_moe", moe_topk=[2, 1, 2, 2, 1])
+    assert teacher.model.layers[1].mlp.gate.top_k == 1
+    with pytest.raises(TailkdError, match=r"^the teacher's moe_topk is a list, one per layer, which tailkd cannot cut "
+                                          r"into a student: give the student as a folder \(--student DIR\)$"):
+        build_student(teacher, num_experts=3)
 
 
 def test_deepseek_v2_greedy_routing_keeps_the_first_experts():
@@ -937,6 +952,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=2)),
     "flex_olmo": ({"hidden_size": 32, "intermediate_size": 40, "num_experts": 3},
                   dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
+    # the shared MLP narrows with the experts (one intermediate_size)
+    "hunyuan_v1_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
+                       dict(d=32, hd_s=8, ff=24, ff_e=24, experts=3, rows=FULL_ROPE_16_TO_8)),
     # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4
     "exaone_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),

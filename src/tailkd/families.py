@@ -230,6 +230,15 @@ FAMILIES = {f.name: f for f in (
     Family("hunyuan_v1_dense", "HunYuan", ("HunYuanDenseV1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS,
             **norms("self_attn.query_layernorm", "self_attn.key_layernorm", axis="head_qk")}, _EMBED, "follows_hidden"),
+    # HunYuan-MoE (Hunyuan-A13B): HunYuan's attention; routed experts and an always-on shared MLP, both
+    # intermediate_size wide, so both narrow with it; the router under mlp.gate.wg
+    Family("hunyuan_v1_moe", "HunYuan-MoE", ("HunYuanMoEV1ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_PRE_NORMS, **norms("self_attn.query_layernorm", "self_attn.key_layernorm", axis="head_qk"),
+            "mlp.gate.wg.weight": ("expert", "d"), "mlp.experts.gate_up_proj": ("expert", "gate_up", "d"),
+            "mlp.experts.down_proj": ("expert", "d", "ff"), **linear("mlp.shared_mlp.gate_proj", "ff", "d"),
+            **linear("mlp.shared_mlp.up_proj", "ff", "d"), **linear("mlp.shared_mlp.down_proj", "d", "ff")},
+           _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, experts_per_token="moe_topk",
+                                               intermediate="intermediate_size")),
     # Jais 2: LayerNorms with biases, an ungated relu² MLP, biases throughout
     Family("jais2", "Jais 2", ("Jais2ForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS}, _EMBED,
            "follows_hidden"),

@@ -48,10 +48,10 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE
-         4.5 MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3,
-         GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least its
-         `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size` is
-         each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
+         4.5 MoE, HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+         DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
+         its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size`
+         is each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
          experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention
          sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared
          expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
@@ -71,7 +71,9 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          per token) the student keeps the first num_experts/n_group experts of each group, so num_experts is a multiple
          of n_group with at least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared
          experts (one MLP of n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size
-         units. MiniMax-M2's score-correction bias (on its MoE block) likewise follows the kept experts.
+         units. MiniMax-M2's score-correction bias (on its MoE block) likewise follows the kept experts. HunYuan-MoE's
+         always-on shared MLP is as wide as its experts and narrows with them; an expert setting its config lists per
+         layer (HunYuan-MoE's moe_topk) is refused.
 Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM): one key/value head per query
          head, so num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
@@ -133,11 +135,11 @@ Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCa
 OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
 (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
 embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Persimmon, nanochat, Youtu-LLM (latent attention),
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, Mellum
-(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
-Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
+HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
+Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per
+projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite
+4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -222,6 +224,10 @@ def _routed_experts(config, fam: Family) -> int:
 def teacher_dims(config, family: str | Family) -> Dims:
     fam = config_family(config, family)
     keys = fam.keys
+    for role in ("experts", "experts_per_token", "intermediate"):  # HunYuan-MoE's configs may list them per layer
+        if keys.get(role) and isinstance(getattr(config, keys[role], None), (list, tuple)):
+            raise TailkdError(f"the teacher's {keys[role]} is a list, one per layer, which tailkd cannot cut into a "
+                              "student: give the student as a folder (--student DIR)")
     hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
