@@ -489,11 +489,11 @@ def test_gpt2_attention_scaled_by_layer_index_keeps_the_first_layers_only():
 
 
 def test_unsupported_architecture():
-    from transformers import AutoModelForCausalLM, BloomConfig
+    from transformers import AutoModelForCausalLM, GPTJConfig
 
-    model = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64))
+    model = AutoModelForCausalLM.from_config(GPTJConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, vocab_size=64))
     with pytest.raises(TailkdError,
-                       match=r"BloomForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
+                       match=r"GPTJForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
         build_student(model)
 
 

@@ -71,6 +71,8 @@ CONFIGS = {
     "persimmon": ("PersimmonConfig", dict(hidden_size=64)),
     # norms without weights, relu² fc1/fc2, final soft-capping
     "nanochat": ("NanoChatConfig", dict(hidden_size=64, num_key_value_heads=2, final_logit_softcapping=3.0)),
+    # ALiBi, per-head [q | k | v] blocks, an embedding LayerNorm, an MLP 4 x hidden_size wide; transformer.h
+    "bloom": ("BloomConfig", dict(hidden_size=64, intermediate_size=None)),  # no such setting: 4 x hidden_size
     # learned positions, biases, fc1/fc2 in the layer itself; model.decoder.layers
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)),
     # per-head [q | k | v] blocks, RoPE on 4 of a head's 16 rows, parallel residual; gpt_neox.layers
@@ -259,7 +261,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
-           "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM"}
+           "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
+           "bloom": "BloomForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -297,7 +300,7 @@ def _layer_types(model):
     return getattr(model.config, "layer_types", None)
 
 
-_LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.")  # most families, OPT, GPT-NeoX
+_LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.", "transformer.h.")  # + OPT, NeoX, Bloom
 
 
 def _split_layer(name):
@@ -311,7 +314,7 @@ def _split_layer(name):
 
 def _decoder_layers(model):
     base = model.base_model
-    return base.decoder.layers if hasattr(base, "decoder") else base.layers
+    return base.decoder.layers if hasattr(base, "decoder") else base.h if hasattr(base, "h") else base.layers
 
 
 # --------------------------------------------------------------------------- an independent reference slicer
@@ -331,7 +334,7 @@ def _expected(name, teacher, plan):
         w = t[name]
         if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
                     "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
-                    "gpt_neox.embed_in.weight"):
+                    "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight"):
             return w[:, :d]
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
@@ -342,7 +345,8 @@ def _expected(name, teacher, plan):
         kept = kept.reshape(-1, *w.shape[1:])
         return kept[:, :d] if rest.endswith("weight") else kept
     module, kind = rest.rsplit(".", 1)
-    renamed = {"attention.dense": "self_attn.o_proj", "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, OPT's names
+    renamed = {"attention.dense": "self_attn.o_proj", "self_attention.dense": "self_attn.o_proj",  # GPT-NeoX, Bloom
+               "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, Bloom's, OPT's names
                "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(module)
     rest = f"{renamed}.{kind}" if renamed else rest
     if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
@@ -479,7 +483,8 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     kv_t = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT, GPT-NeoX: one per query head
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
            and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
-    return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"), ff=ff or c.intermediate_size,
+    return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"),
+                ff=ff or getattr(c, "intermediate_size", None) or 4 * c.hidden_size,  # Bloom: 4 x hidden_size
                 hd_t=hd_t, hd_s=hd_s, moe=moe,
                 ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
                 experts=_first(experts or next((getattr(c, k) for k in ("num_experts", "n_routed_experts",
@@ -558,7 +563,7 @@ def _zero_dropped_layers(teacher, keep):
                "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
-               "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.")
+               "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -958,6 +963,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4
     "exaone_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    # ALiBi: the 4 heads kept, each its first 8 rows (no RoPE); the MLP 4 x 32 wide: the first 128 units
+    "bloom": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
     "opt": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "opt-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
@@ -1017,7 +1024,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
     attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
-                                 or getattr(layer, "attention", None) for layer in _decoder_layers(student))
+                                 or getattr(layer, "attention", None) or getattr(layer, "self_attention", None)
+                                 for layer in _decoder_layers(student))
                      if "Attention" in type(a).__name__)
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
@@ -1273,6 +1281,11 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("youtu", {"num_kv_heads": 2}, r"^Youtu-LLM has no grouped KV heads: drop num_kv_heads \(or set it to "
                                    r"num_heads=4\)$"),
     ("youtu", {"head_dim": 8}, r"^head_dim=8, but Youtu-LLM's latent attention keeps its head sizes"),
+    ("bloom", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but Bloom's ALiBi slopes are set by the number of "
+                                                   r"heads: keep num_heads 4 \(a narrower hidden_size narrows each "
+                                                   r"head\)$"),
+    ("bloom", {"intermediate_size": 128}, r"^Bloom has no intermediate_size setting \(its MLP is 4 x hidden_size "
+                                          r"wide\): drop intermediate_size and choose hidden_size$"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

@@ -136,6 +136,8 @@ class Family:
     # config keys equal to hidden_size that follow it (OPT's word_embed_proj_dim); a teacher where one differs has
     # projections between the two widths (OPT-350m), refused in one line
     hidden_keys: tuple[str, ...] = ()
+    # ALiBi position biases (Bloom): one slope per head, set by the number of heads, so num_heads is the teacher's
+    alibi: bool = False
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -283,6 +285,17 @@ FAMILIES = {f.name: f for f in (
            rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
                                  intermediate="n_inner"), layer_lists=(), reads_head_dim=False,
            layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
+    # Bloom: ALiBi (no RoPE; num_heads kept), GPT-NeoX's per-head [q | k | v] projection, an embedding LayerNorm, an MLP
+    # always 4 x hidden_size wide (no setting: it narrows with hidden_size)
+    Family("bloom", "Bloom", ("BloomForCausalLM",),
+           {"transformer.word_embeddings.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+            **norms("transformer.word_embeddings_layernorm", "transformer.ln_f")},
+           {**linear("self_attention.query_key_value", "qkv_heads", "d"), **linear("self_attention.dense", "d", "o"),
+            **linear("mlp.dense_h_to_4h", "ff_model", "d"), **linear("mlp.dense_4h_to_h", "d", "ff_model"),
+            **norms("input_layernorm", "post_attention_layernorm")},
+           ("transformer.word_embeddings.weight",), "derived", layer_prefix="transformer.h.", rope=False,
+           keys=dict(layers="n_layer", hidden="hidden_size", heads="n_head", kv_heads=None, intermediate=None),
+           layer_lists=(), reads_head_dim=False, alibi=True),
     # OPT: learned absolute positions (offset 2), q/k/v/out biases, an ungated MLP (fc1, fc2) in the layer itself
     Family("opt", "OPT", ("OPTForCausalLM",),
            {"model.decoder.embed_tokens.weight": ("all", "d"), "model.decoder.embed_positions.weight": ("all", "d"),

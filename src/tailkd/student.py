@@ -16,12 +16,12 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, OPT, GPT-NeoX, Persimmon, nanochat, FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim
-         in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled from
-         hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo config that does carry a
-         head_dim (their models read it first) is treated like Llama's, and the student's config carries the student's
-         head_dim. An explicit `head_dim` overrides the first and last group. Never more than the teacher's. hidden_size
-         must be a multiple of num_heads where head_dim is hidden_size // num_heads, and where the installed
+         hidden_size // num_heads; GPT-2, OPT, GPT-NeoX, Bloom, Persimmon, nanochat, FlexOlmo, Phi, Phi-3, OLMo-2 (no
+         head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled
+         from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo config that does
+         carry a head_dim (their models read it first) is treated like Llama's, and the student's config carries the
+         student's head_dim. An explicit `head_dim` overrides the first and last group. Never more than the teacher's.
+         hidden_size must be a multiple of num_heads where head_dim is hidden_size // num_heads, and where the installed
          transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5). Each student
          head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
@@ -38,10 +38,10 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
-             GPT-2 and OPT (absolute positions) keep the first head_dim rows of q, k and v.
-           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows above in their
-             own blocks, GPT-NeoX's and Persimmon's query_key_value ([q | k | v] per head) in each kept head's block,
-             Phi-3 gate_up_proj the first units of each half.
+             GPT-2 and OPT (absolute positions) and Bloom (ALiBi) keep the first head_dim rows of q, k and v.
+           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows above in
+             their own blocks, GPT-NeoX's, Bloom's and Persimmon's query_key_value ([q | k | v] per head) in each kept
+             head's block, Phi-3 gate_up_proj the first units of each half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, Persimmon, HunYuan's
              after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
              projection keep exactly q_proj's/k_proj's rows.
@@ -134,12 +134,13 @@ Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per 
 Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
 OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
 (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
-embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Persimmon, nanochat, Youtu-LLM (latent attention),
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
-HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
-Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per
-projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite
-4.0-H (GraniteMoeHybrid), Nemotron-H.
+embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads:
+num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), Persimmon, nanochat,
+Youtu-LLM (latent attention), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3),
+Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo,
+MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout
+of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
+LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -235,8 +236,9 @@ def teacher_dims(config, family: str | Family) -> Dims:
     per_token = getattr(config, keys["experts_per_token"]) if experts else 0
     groups, shared = (getattr(config, keys[role], None) if keys.get(role) else None
                       for role in ("expert_groups", "shared_experts"))
-    return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim,
-                getattr(config, keys["intermediate"]) or 4 * hidden, experts, per_token, groups or 1, shared or 0)
+    inter = getattr(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
+    return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
+                per_token, groups or 1, shared or 0)
 
 
 def rotary_fraction(config) -> float:
@@ -279,6 +281,12 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
     heads = t.heads if num_heads is None else int(num_heads)
+    if fam.alibi and heads != t.heads:
+        raise TailkdError(f"num_heads={heads}, but {fam.label}'s ALiBi slopes are set by the number of heads: keep "
+                          f"num_heads {t.heads} (a narrower hidden_size narrows each head)")
+    if intermediate_size is not None and not fam.keys["intermediate"]:
+        raise TailkdError(f"{fam.label} has no intermediate_size setting (its MLP is 4 x hidden_size wide): drop "
+                          "intermediate_size and choose hidden_size")
     inter = t.intermediate if intermediate_size is None else int(intermediate_size)
     for name, value, limit in (("hidden_size", hidden, t.hidden), ("num_heads", heads, t.heads),
                                ("intermediate_size", inter, t.intermediate)):
