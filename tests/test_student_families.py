@@ -71,6 +71,8 @@ CONFIGS = {
     "persimmon": ("PersimmonConfig", dict(hidden_size=64)),
     # norms without weights, relu² fc1/fc2, final soft-capping
     "nanochat": ("NanoChatConfig", dict(hidden_size=64, num_key_value_heads=2, final_logit_softcapping=3.0)),
+    # interleaved RoPE on 8 of a head's 16 rows (rotary_dim), parallel attention and MLP, an LM head bias
+    "gptj": ("GPTJConfig", dict(hidden_size=64, rotary_dim=8, n_inner=96)),
     # ALiBi, per-head [q | k | v] blocks, an embedding LayerNorm, an MLP 4 x hidden_size wide; transformer.h
     "bloom": ("BloomConfig", dict(hidden_size=64, intermediate_size=None)),  # no such setting: 4 x hidden_size
     # learned positions, biases, fc1/fc2 in the layer itself; model.decoder.layers
@@ -262,7 +264,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
-           "bloom": "BloomForCausalLM"}
+           "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -334,7 +336,7 @@ def _expected(name, teacher, plan):
         w = t[name]
         if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
                     "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
-                    "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight"):
+                    "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "transformer.wte.weight"):
             return w[:, :d]
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
@@ -347,7 +349,9 @@ def _expected(name, teacher, plan):
     module, kind = rest.rsplit(".", 1)
     renamed = {"attention.dense": "self_attn.o_proj", "self_attention.dense": "self_attn.o_proj",  # GPT-NeoX, Bloom
                "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, Bloom's, OPT's names
-               "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(module)
+               "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "mlp.fc_in": "mlp.fc1",  # GPT-J
+               "mlp.fc_out": "mlp.fc2", "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+               "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj"}.get(module)
     rest = f"{renamed}.{kind}" if renamed else rest
     if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
         tail = rest.removeprefix("mixer.")
@@ -466,7 +470,7 @@ def _expected(name, teacher, plan):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
-    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module == "norm":
+    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in ("norm", "ln_1"):
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -563,7 +567,8 @@ def _zero_dropped_layers(teacher, keep):
                "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
-               "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.")
+               "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
+               "attn.out_proj.", "mlp.fc_out.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -963,6 +968,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4
     "exaone_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    # interleaved RoPE on 8 of 16 rows: 4 of 8 keep teacher pairs 0, 2 (rows 0, 1, 4, 5), then rows 8..11;
+    # rotary_dim 8 -> 4 (see _check_narrow_student)
+    "gptj": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 10, 11])),
     # ALiBi: the 4 heads kept, each its first 8 rows (no RoPE); the MLP 4 x 32 wide: the first 128 units
     "bloom": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
@@ -1025,6 +1033,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
     attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
                                  or getattr(layer, "attention", None) or getattr(layer, "self_attention", None)
+                                 or getattr(layer, "attn", None)
                                  for layer in _decoder_layers(student))
                      if "Attention" in type(a).__name__)
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
@@ -1038,6 +1047,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5
     if family == "opt":  # its embeddings are hidden_size wide: no projection in or out
         assert config.word_embed_proj_dim == config.hidden_size and student.model.decoder.project_in is None
+    if family == "gptj":  # its model reads rotary_dim: the rows the copy keeps rotating, half of each head
+        assert config.rotary_dim == hd // 2 and attention.rotary_dim == hd // 2
     if family == "minimax_m2":  # RoPE rows (rotary_dim) follow head_dim: half of each head rotates, as the teacher's
         assert config.rotary_dim == hd // 2
         assert config.rope_parameters.get("partial_rotary_factor") == (0.5 if _ROTARY_DIM_READ else None)

@@ -138,6 +138,9 @@ class Family:
     hidden_keys: tuple[str, ...] = ()
     # ALiBi position biases (Bloom): one slope per head, set by the number of heads, so num_heads is the teacher's
     alibi: bool = False
+    # a config key giving RoPE's rows per head (GPT-J's rotary_dim, which its model reads in place of a
+    # partial_rotary_factor): the rotated share is that over head_dim; a student's are the rows it keeps rotating
+    rotary_dim_key: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -285,6 +288,16 @@ FAMILIES = {f.name: f for f in (
            rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
                                  intermediate="n_inner"), layer_lists=(), reads_head_dim=False,
            layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
+    # GPT-J: parallel attention and MLP after one LayerNorm, interleaved RoPE on rotary_dim rows of each head (which
+    # follows head_dim), an LM head with a bias
+    Family("gptj", "GPT-J", ("GPTJForCausalLM",),
+           {"transformer.wte.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
+           {**linear("attn.q_proj", "q", "d"), **linear("attn.k_proj", "k", "d"), **linear("attn.v_proj", "v", "d"),
+            **linear("attn.out_proj", "d", "o"), **linear("mlp.fc_in", "ff", "d"), **linear("mlp.fc_out", "d", "ff"),
+            **norms("ln_1")}, ("transformer.wte.weight",), "derived", layer_prefix="transformer.h.",
+           rope="interleaved", keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
+                                         intermediate="n_inner"),
+           layer_lists=(), reads_head_dim=False, rotary_dim_key="rotary_dim"),
     # Bloom: ALiBi (no RoPE; num_heads kept), GPT-NeoX's per-head [q | k | v] projection, an embedding LayerNorm, an MLP
     # always 4 x hidden_size wide (no setting: it narrows with hidden_size)
     Family("bloom", "Bloom", ("BloomForCausalLM",),

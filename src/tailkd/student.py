@@ -16,14 +16,14 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, OPT, GPT-NeoX, Bloom, Persimmon, nanochat, FlexOlmo, Phi, Phi-3, OLMo-2 (no
-         head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim decoupled
-         from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo config that does
-         carry a head_dim (their models read it first) is treated like Llama's, and the student's config carries the
-         student's head_dim. An explicit `head_dim` overrides the first and last group. Never more than the teacher's.
-         hidden_size must be a multiple of num_heads where head_dim is hidden_size // num_heads, and where the installed
-         transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5). Each student
-         head is a teacher head truncated to head_dim:
+         hidden_size // num_heads; GPT-2, GPT-J, OPT, GPT-NeoX, Bloom, Persimmon, nanochat, FlexOlmo, Phi, Phi-3, OLMo-2
+         (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim
+         decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo config
+         that does carry a head_dim (their models read it first) is treated like Llama's, and the student's config
+         carries the student's head_dim. An explicit `head_dim` overrides the first and last group. Never more than the
+         teacher's. hidden_size must be a multiple of num_heads where head_dim is hidden_size // num_heads, and where
+         the installed transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5).
+         Each student head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
@@ -114,33 +114,34 @@ Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head
 Generate The teacher's ``generation_config`` (the student has the teacher's tokenizer: the same stop ids, e.g. an
          instruct model's end-of-turn id, and sampling defaults), not one derived from the config.
 
-Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 post-norms) are copied like
-any residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower
-student's copied embeddings enter the residual stream scaled by sqrt(d_s/d_t) relative to the teacher's.
-Gemma2/3's query_pre_attn_scalar (attention scale 1/sqrt of it) is multiplied by head_dim_s/head_dim_t
-(rounded) when head_dim shrinks, as Llama's 1/sqrt(head_dim) would be, and Granite's attention_multiplier (the
-scale itself) by sqrt(head_dim_t/head_dim_s); soft-capping, sliding windows, RoPE settings and Granite's other
-multipliers are the teacher's (Granite-SWA's per-layer RoPE bases, ``layer_rope_theta``, follow the chosen layers);
-MiniMax-M2's RoPE rows (``rotary_dim``) follow head_dim in proportion, as its partial_rotary_factor. Narrowing is
-supported for every family; the one refusal is a head_dim change under per-frequency RoPE factor lists (Phi-3
-"longrope" short/long factors): keep head_dim (narrow hidden_size and num_heads together). The per-family parameter
-tables are in `tailkd.families`.
+Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 post-norms) are copied like any
+residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower student's copied
+embeddings enter the residual stream scaled by sqrt(d_s/d_t) relative to the teacher's. Gemma2/3's query_pre_attn_scalar
+(attention scale 1/sqrt of it) is multiplied by head_dim_s/head_dim_t (rounded) when head_dim shrinks, as Llama's
+1/sqrt(head_dim) would be, and Granite's attention_multiplier (the scale itself) by sqrt(head_dim_t/head_dim_s);
+soft-capping, sliding windows, RoPE settings and Granite's other multipliers are the teacher's (Granite-SWA's per-layer
+RoPE bases, ``layer_rope_theta``, follow the chosen layers); MiniMax-M2's RoPE rows (``rotary_dim``) follow head_dim in
+proportion, as its partial_rotary_factor; GPT-J's ``rotary_dim``, which its model reads in place of one, is the rows the
+student keeps rotating. Narrowing is supported for every family; the one refusal is a head_dim change under
+per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow hidden_size and num_heads
+together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
 in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
 (interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
-Apertus, GPT-2, Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
-OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
-(2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
-embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads:
-num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), Persimmon, nanochat,
-Youtu-LLM (latent attention), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3),
-Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo,
-MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout
-of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
-LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+Apertus, GPT-2, GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
+Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers),
+GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
+word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
+(Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x
+hidden_size wide, no intermediate_size), Persimmon, nanochat, Youtu-LLM (latent attention), Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its
+sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
+Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
+(GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -241,8 +242,11 @@ def teacher_dims(config, family: str | Family) -> Dims:
                 per_token, groups or 1, shared or 0)
 
 
-def rotary_fraction(config) -> float:
-    """The share of a head's rows that RoPE rotates (``partial_rotary_factor``; 1 unless Phi-style partial)."""
+def rotary_fraction(config, fam: Family | None = None) -> float:
+    """The share of a head's rows that RoPE rotates (``partial_rotary_factor``; 1 unless Phi-style partial; a family's
+    `rotary_dim_key` over head_dim: GPT-J)."""
+    if fam is not None and fam.rotary_dim_key and getattr(config, fam.rotary_dim_key, None):
+        return getattr(config, fam.rotary_dim_key) / teacher_dims(config, fam).head_dim
     params = getattr(config, "rope_parameters", None) or {}
     for group in (params, *(v for v in params.values() if isinstance(v, dict))):
         if group.get("partial_rotary_factor") is not None:
@@ -495,6 +499,8 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.head_dim_scaled:  # proportional to head_dim: an attention scale 1/sqrt(key), MiniMax-M2's RoPE rows
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
+    if fam.rotary_dim_key and data.get(fam.rotary_dim_key):  # GPT-J: the rotated rows of a student head
+        data[fam.rotary_dim_key] = int(s.head_dim * rotary_fraction(teacher_config, fam))
     for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = data[key] * (t.head_dim / s.head_dim) ** 0.5
@@ -635,7 +641,7 @@ def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, int
                               f"({teacher.config.hidden_size}): its projections between the two widths are not cut "
                               "by tailkd; give the student as a folder (--student DIR)")
     t = teacher_dims(teacher.config, fam)
-    fraction = rotary_fraction(teacher.config) if fam.rope else 1.0
+    fraction = rotary_fraction(teacher.config, fam) if fam.rope else 1.0
     chosen = choose_layers(t.layers, num_layers, layers)
     _check_layer_index_flags(teacher.config, fam, chosen)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
