@@ -71,6 +71,10 @@ CONFIGS = {
     "persimmon": ("PersimmonConfig", dict(hidden_size=64)),
     # norms without weights, relu² fc1/fc2, final soft-capping
     "nanochat": ("NanoChatConfig", dict(hidden_size=64, num_key_value_heads=2, final_logit_softcapping=3.0)),
+    # GPT-BigCode: multi-query attention (c_attn = [q | k | v], one KV head), learned positions; without multi_query
+    # c_attn holds [q | k | v] blocks per head
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(hidden_size=64, n_inner=96, multi_query=True)),
+    "gpt_bigcode_mha": ("GPTBigCodeConfig", dict(hidden_size=64, n_inner=96, multi_query=False)),
     # interleaved RoPE on 8 of a head's 16 rows (rotary_dim), parallel attention and MLP, an LM head bias
     "gptj": ("GPTJConfig", dict(hidden_size=64, rotary_dim=8, n_inner=96)),
     # ALiBi, per-head [q | k | v] blocks, an embedding LayerNorm, an MLP 4 x hidden_size wide; transformer.h
@@ -264,7 +268,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
-           "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM"}
+           "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
+           "gpt_bigcode_mha": "GPTBigCodeForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -336,10 +341,13 @@ def _expected(name, teacher, plan):
         w = t[name]
         if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
                     "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
-                    "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "transformer.wte.weight"):
+                    "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "transformer.wte.weight",
+                    "transformer.wpe.weight"):
             return w[:, :d]
         return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
+    if rest.startswith("attn.c_attn"):  # GPT-BigCode: [q | k | v] with one KV head, or (no multi_query) per head
+        rest = rest.replace("attn.c_attn", "self_attn.qkv_proj" if teacher.config.multi_query else "a.query_key_value")
     if rest.split(".")[1] == "query_key_value":  # GPT-NeoX, Persimmon: [q | k | v] blocks per head, one KV head each
         blocks = w.reshape(plan["H_t"], 3, hd_t, *w.shape[1:])[plan["q_heads"]]
         kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
@@ -351,7 +359,8 @@ def _expected(name, teacher, plan):
                "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, Bloom's, OPT's names
                "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "mlp.fc_in": "mlp.fc1",  # GPT-J
                "mlp.fc_out": "mlp.fc2", "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
-               "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj"}.get(module)
+               "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj",
+               "attn.c_proj": "self_attn.o_proj"}.get(module)  # GPT-BigCode
     rest = f"{renamed}.{kind}" if renamed else rest
     if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
         tail = rest.removeprefix("mixer.")
@@ -451,7 +460,7 @@ def _expected(name, teacher, plan):
         n_q, n_kv = plan["H_t"] * hd_t, plan["KV_t"] * hd_t
         parts = (_heads(w[:n_q], hd_t, q, rows), _heads(w[n_q:n_q + n_kv], hd_t, kv, rows),
                  _heads(w[n_q + n_kv:], hd_t, kv, first))
-        return torch.cat(parts)[:, :d]
+        return cols(torch.cat(parts))  # GPT-BigCode's c_attn has a bias
     if module in ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj"):
         if kind == "bias":
             return w[:d]
@@ -470,7 +479,7 @@ def _expected(name, teacher, plan):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
-    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in ("norm", "ln_1"):
+    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in ("norm", "ln_1", "ln_2"):
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -485,6 +494,7 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
     kv_t = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT, GPT-NeoX: one per query head
+    kv_t = 1 if getattr(c, "multi_query", False) else kv_t  # GPT-BigCode's multi-query attention
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
            and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
     return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"),
@@ -568,7 +578,7 @@ def _zero_dropped_layers(teacher, keep):
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
                "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
-               "attn.out_proj.", "mlp.fc_out.")
+               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -971,6 +981,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # interleaved RoPE on 8 of 16 rows: 4 of 8 keep teacher pairs 0, 2 (rows 0, 1, 4, 5), then rows 8..11;
     # rotary_dim 8 -> 4 (see _check_narrow_student)
     "gptj": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 10, 11])),
+    # multi-query: 2 query heads on the one KV head (head_dim 16 kept), or head_dim 8 (the first rows: no RoPE)
+    "gpt_bigcode": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0])),
+    "gpt_bigcode-head_dim": ({"hidden_size": 32, "intermediate_size": 40},
+                             dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
+    "gpt_bigcode_mha": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
     # ALiBi: the 4 heads kept, each its first 8 rows (no RoPE); the MLP 4 x 32 wide: the first 128 units
     "bloom": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
@@ -1295,6 +1310,8 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("bloom", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but Bloom's ALiBi slopes are set by the number of "
                                                    r"heads: keep num_heads 4 \(a narrower hidden_size narrows each "
                                                    r"head\)$"),
+    ("gpt_bigcode", {"num_kv_heads": 2}, r"^GPT-BigCode's multi-query attention has one KV head: drop num_kv_heads "
+                                         r"\(or set it to 1\)$"),
     ("bloom", {"intermediate_size": 128}, r"^Bloom has no intermediate_size setting \(its MLP is 4 x hidden_size "
                                           r"wide\): drop intermediate_size and choose hidden_size$"),
 ])

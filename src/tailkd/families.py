@@ -141,6 +141,9 @@ class Family:
     # a config key giving RoPE's rows per head (GPT-J's rotary_dim, which its model reads in place of a
     # partial_rotary_factor): the rotated share is that over head_dim; a student's are the rows it keeps rotating
     rotary_dim_key: str = ""
+    # (config flag, per-layer axes when it is off): where the flag is set (GPT-BigCode's multi_query) attention has one
+    # KV head, kept; where it is off, one KV head per query head and these axes (`tailkd.student.config_family`)
+    multi_query: tuple = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -288,6 +291,17 @@ FAMILIES = {f.name: f for f in (
            rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
                                  intermediate="n_inner"), layer_lists=(), reads_head_dim=False,
            layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
+    # GPT-BigCode (StarCoder, SantaCoder): GPT-2's layout in nn.Linear; multi-query attention, c_attn = [q | k | v] with
+    # one KV head, or (multi_query off) [q | k | v] blocks per head
+    Family("gpt_bigcode", "GPT-BigCode", ("GPTBigCodeForCausalLM",),
+           {"transformer.wte.weight": ("all", "d"), "transformer.wpe.weight": ("all", "d"),
+            **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
+           {**linear("attn.c_attn", "qkv", "d"), **linear("attn.c_proj", "d", "o"), **linear("mlp.c_fc", "ff", "d"),
+            **linear("mlp.c_proj", "d", "ff"), **norms("ln_1", "ln_2")},
+           ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.", rope=False,
+           keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None, intermediate="n_inner"),
+           layer_lists=(), reads_head_dim=False,
+           multi_query=("multi_query", linear("attn.c_attn", "qkv_heads", "d"))),
     # GPT-J: parallel attention and MLP after one LayerNorm, interleaved RoPE on rotary_dim rows of each head (which
     # follows head_dim), an LM head with a bias
     Family("gptj", "GPT-J", ("GPTJForCausalLM",),

@@ -16,14 +16,14 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, GPT-J, OPT, GPT-NeoX, Bloom, Persimmon, nanochat, FlexOlmo, Phi, Phi-3, OLMo-2
-         (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3 (head_dim
-         decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo config
-         that does carry a head_dim (their models read it first) is treated like Llama's, and the student's config
-         carries the student's head_dim. An explicit `head_dim` overrides the first and last group. Never more than the
-         teacher's. hidden_size must be a multiple of num_heads where head_dim is hidden_size // num_heads, and where
-         the installed transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in transformers 5).
-         Each student head is a teacher head truncated to head_dim:
+         hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, Persimmon, nanochat, FlexOlmo, Phi,
+         Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3
+         (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo
+         config that does carry a head_dim (their models read it first) is treated like Llama's, and the student's
+         config carries the student's head_dim. An explicit `head_dim` overrides the first and last group. Never more
+         than the teacher's. hidden_size must be a multiple of num_heads where head_dim is hidden_size // num_heads, and
+         where the installed transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in
+         transformers 5). Each student head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
@@ -38,10 +38,12 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
-             GPT-2 and OPT (absolute positions) and Bloom (ALiBi) keep the first head_dim rows of q, k and v.
-           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn keep the q, k and v rows above in
-             their own blocks, GPT-NeoX's, Bloom's and Persimmon's query_key_value ([q | k | v] per head) in each kept
-             head's block, Phi-3 gate_up_proj the first units of each half.
+             GPT-2, GPT-BigCode and OPT (absolute positions) and Bloom (ALiBi) keep the first head_dim rows of
+             q, k and v.
+           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn / GPT-BigCode's multi-query c_attn
+             (one KV head, kept) keep the q, k and v rows above in their own blocks, GPT-NeoX's, Bloom's and Persimmon's
+             query_key_value and GPT-BigCode's c_attn without multi_query ([q | k | v] per head) in each kept head's
+             block, Phi-3 gate_up_proj the first units of each half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, Persimmon, HunYuan's
              after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
              projection keep exactly q_proj's/k_proj's rows.
@@ -131,14 +133,14 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Mi
 (interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
-Apertus, GPT-2, GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only
-Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers),
-GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
-word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
-(Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x
-hidden_size wide, no intermediate_size), Persimmon, nanochat, Youtu-LLM (latent attention), Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its
-sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3,
+Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
+no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
+frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is
+refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP
+is always 4 x hidden_size wide, no intermediate_size), Persimmon, nanochat, Youtu-LLM (latent attention), Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE,
+Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
 DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
 Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
 (GraniteMoeHybrid), Nemotron-H.
@@ -209,6 +211,8 @@ def config_family(config, family: str | Family) -> Family:
         fam = dataclasses.replace(fam, head_dim="follows_hidden")
     if fam.group_routing and getattr(config, fam.group_routing[0], None) != fam.group_routing[1]:
         fam = dataclasses.replace(fam, keys={**fam.keys, "expert_groups": None}, group_routing=())  # V2's greedy
+    if fam.multi_query and not getattr(config, fam.multi_query[0], False):  # GPT-BigCode without multi-query
+        fam = dataclasses.replace(fam, layer_params={**fam.layer_params, **fam.multi_query[1]}, multi_query=())
     if fam.without_experts and not _routed_experts(config, fam):  # Granite 4.0-H's, Nemotron-H's dense models
         fam = dataclasses.replace(fam, keys={**fam.keys, **fam.without_experts["keys"]},
                                   layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
@@ -232,6 +236,7 @@ def teacher_dims(config, family: str | Family) -> Dims:
                               "student: give the student as a folder (--student DIR)")
     hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
+    kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's multi-query attention
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
     experts = _routed_experts(config, fam)
     per_token = getattr(config, keys["experts_per_token"]) if experts else 0
@@ -329,6 +334,11 @@ def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: 
 
 
 def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
+    if fam.multi_query:  # one KV head, kept (GPT-BigCode's multi-query attention)
+        if requested is not None and int(requested) != 1:
+            raise TailkdError(f"{fam.label}'s multi-query attention has one KV head: drop num_kv_heads (or set it "
+                              "to 1)")
+        return 1
     if fam.keys["kv_heads"] is None or fam.latent_attention:
         if requested is not None and int(requested) != heads:
             raise TailkdError(f"{fam.label} has no grouped KV heads: drop num_kv_heads "
