@@ -79,6 +79,8 @@ CONFIGS = {
     "gptj": ("GPTJConfig", dict(hidden_size=64, rotary_dim=8, n_inner=96)),
     # ALiBi, per-head [q | k | v] blocks, an embedding LayerNorm, an MLP 4 x hidden_size wide; transformer.h
     "bloom": ("BloomConfig", dict(hidden_size=64, intermediate_size=None)),  # no such setting: 4 x hidden_size
+    # MPT: ALiBi, a fused [q | k | v] Wqkv, LayerNorms without biases, an MLP 4 x hidden_size wide; transformer.blocks
+    "mpt": ("MptConfig", dict(hidden_size=64, intermediate_size=None)),
     # learned positions, biases, fc1/fc2 in the layer itself; model.decoder.layers
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)),
     # per-head [q | k | v] blocks, RoPE on 4 of a head's 16 rows, parallel residual; gpt_neox.layers
@@ -269,7 +271,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
            "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
-           "gpt_bigcode_mha": "GPTBigCodeForCausalLM"}
+           "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -307,7 +309,8 @@ def _layer_types(model):
     return getattr(model.config, "layer_types", None)
 
 
-_LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.", "transformer.h.")  # + OPT, NeoX, Bloom
+_LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.", "transformer.h.",  # + OPT, NeoX, Bloom
+                   "transformer.blocks.")  # MPT
 
 
 def _split_layer(name):
@@ -321,7 +324,10 @@ def _split_layer(name):
 
 def _decoder_layers(model):
     base = model.base_model
-    return base.decoder.layers if hasattr(base, "decoder") else base.h if hasattr(base, "h") else base.layers
+    for name in ("layers", "h", "blocks"):  # most families, Bloom / GPT-J / GPT-BigCode, MPT
+        if hasattr(base, name):
+            return getattr(base, name)
+    return base.decoder.layers  # OPT
 
 
 # --------------------------------------------------------------------------- an independent reference slicer
@@ -360,7 +366,8 @@ def _expected(name, teacher, plan):
                "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "mlp.fc_in": "mlp.fc1",  # GPT-J
                "mlp.fc_out": "mlp.fc2", "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
                "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj",
-               "attn.c_proj": "self_attn.o_proj"}.get(module)  # GPT-BigCode
+               "attn.c_proj": "self_attn.o_proj", "attn.Wqkv": "self_attn.qkv_proj",  # GPT-BigCode, MPT
+               "ffn.up_proj": "mlp.fc1", "ffn.down_proj": "mlp.fc2"}.get(module)
     rest = f"{renamed}.{kind}" if renamed else rest
     if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
         tail = rest.removeprefix("mixer.")
@@ -479,7 +486,8 @@ def _expected(name, teacher, plan):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
-    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in ("norm", "ln_1", "ln_2"):
+    if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in (
+            "norm", "ln_1", "ln_2", "norm_1", "norm_2"):
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -512,8 +520,8 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
 
 def _in_mlp(name):
     """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.; Granite 4.0-H: two modules; OPT:
-    fc1, fc2)."""
-    modules = ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp", "fc1", "fc2", *(f"mixer.{m}" for m in (
+    fc1, fc2; MPT: ffn.)."""
+    modules = ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp", "fc1", "fc2", "ffn", *(f"mixer.{m}" for m in (
         "up_proj", "down_proj", "gate", "experts", "shared_experts")))  # Nemotron-H's
     return any(f".{module}." in name for module in modules)
 
@@ -578,7 +586,7 @@ def _zero_dropped_layers(teacher, keep):
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
                "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
-               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.")
+               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -986,6 +994,7 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "gpt_bigcode-head_dim": ({"hidden_size": 32, "intermediate_size": 40},
                              dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "gpt_bigcode_mha": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
+    "mpt": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),  # as Bloom's
     # ALiBi: the 4 heads kept, each its first 8 rows (no RoPE); the MLP 4 x 32 wide: the first 128 units
     "bloom": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
@@ -1312,6 +1321,8 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                                    r"head\)$"),
     ("gpt_bigcode", {"num_kv_heads": 2}, r"^GPT-BigCode's multi-query attention has one KV head: drop num_kv_heads "
                                          r"\(or set it to 1\)$"),
+    ("mpt", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but MPT's ALiBi slopes are set by the number of "
+                                                 r"heads: keep num_heads 4"),
     ("bloom", {"intermediate_size": 128}, r"^Bloom has no intermediate_size setting \(its MLP is 4 x hidden_size "
                                           r"wide\): drop intermediate_size and choose hidden_size$"),
 ])

@@ -323,6 +323,16 @@ FAMILIES = {f.name: f for f in (
            ("transformer.word_embeddings.weight",), "derived", layer_prefix="transformer.h.", rope=False,
            keys=dict(layers="n_layer", hidden="hidden_size", heads="n_head", kv_heads=None, intermediate=None),
            layer_lists=(), reads_head_dim=False, alibi=True),
+    # MPT: ALiBi (num_heads kept), a fused [q | k | v] Wqkv, LayerNorms without biases, an MLP always 4 x hidden_size
+    # wide (axis ff_model)
+    Family("mpt", "MPT", ("MptForCausalLM",),
+           {"transformer.wte.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("transformer.norm_f")},
+           {**linear("attn.Wqkv", "qkv", "d"), **linear("attn.out_proj", "d", "o"),
+            **linear("ffn.up_proj", "ff_model", "d"), **linear("ffn.down_proj", "d", "ff_model"),
+            **norms("norm_1", "norm_2")}, ("transformer.wte.weight",), "derived",
+           layer_prefix="transformer.blocks.", rope=False,
+           keys=dict(layers="n_layers", hidden="d_model", heads="n_heads", kv_heads=None, intermediate=None),
+           layer_lists=(), reads_head_dim=False, alibi=True, mlp_prefix="ffn."),
     # OPT: learned absolute positions (offset 2), q/k/v/out biases, an ungated MLP (fc1, fc2) in the layer itself
     Family("opt", "OPT", ("OPTForCausalLM",),
            {"model.decoder.embed_tokens.weight": ("all", "d"), "model.decoder.embed_positions.weight": ("all", "d"),

@@ -16,8 +16,8 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, Persimmon, nanochat, FlexOlmo, Phi,
-         Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3
+         hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Persimmon, nanochat, FlexOlmo,
+         Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3
          (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo
          config that does carry a head_dim (their models read it first) is treated like Llama's, and the student's
          config carries the student's head_dim. An explicit `head_dim` overrides the first and last group. Never more
@@ -38,8 +38,8 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
-             GPT-2, GPT-BigCode and OPT (absolute positions) and Bloom (ALiBi) keep the first head_dim rows of
-             q, k and v.
+             GPT-2, GPT-BigCode and OPT (absolute positions) and Bloom and MPT (ALiBi) keep the first head_dim
+             rows of q, k and v.
            - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn / GPT-BigCode's multi-query c_attn
              (one KV head, kept) keep the q, k and v rows above in their own blocks, GPT-NeoX's, Bloom's and Persimmon's
              query_key_value and GPT-BigCode's c_attn without multi_query ([q | k | v] per head) in each kept head's
@@ -138,12 +138,12 @@ Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, 
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is
 refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP
-is always 4 x hidden_size wide, no intermediate_size), Persimmon, nanochat, Youtu-LLM (latent attention), Mixtral,
-Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE,
-Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
-Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+is always 4 x hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent
+attention), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5
+MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
+Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per
+projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite
+4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
