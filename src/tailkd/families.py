@@ -223,6 +223,13 @@ _GRANITE_MOE = {"block_sparse_moe.router.weight": ("expert", "d"),
 _GRANITE_MOE_KEYS = dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size")
 _PARALLEL_COHERE = {**_ATTENTION, **_GATED_MLP, **norms("input_layernorm")}  # attention and MLP after one LayerNorm
 _UNGATED_MLP = {**linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff")}  # Nemotron's, Arcee's relu²
+_HUNYUAN_QK_NORMS = norms("self_attn.query_layernorm", "self_attn.key_layernorm", axis="head_qk")  # after RoPE
+# GPT-NeoX's and Persimmon's MLP; the sizes of the families with one KV head per query head (MHA) under their config's
+# names: Llama's, or GPT-2's
+_NEOX_MLP = {**linear("mlp.dense_h_to_4h", "ff", "d"), **linear("mlp.dense_4h_to_h", "d", "ff")}
+_MHA_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
+                 intermediate="intermediate_size")
+_GPT2_KEYS = dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None, intermediate="n_inner")
 
 FAMILIES = {f.name: f for f in (
     # Ministral 3: Mistral's layout (its position-dependent query scale, llama_4_scaling_beta, has no width); CWM:
@@ -236,12 +243,11 @@ FAMILIES = {f.name: f for f in (
            "follows_hidden", rope="interleaved"),
     # HunYuan (dense): per-head q/k norms applied after RoPE (query_layernorm, key_layernorm)
     Family("hunyuan_v1_dense", "HunYuan", ("HunYuanDenseV1ForCausalLM",), _DECODER,
-           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS,
-            **norms("self_attn.query_layernorm", "self_attn.key_layernorm", axis="head_qk")}, _EMBED, "follows_hidden"),
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_HUNYUAN_QK_NORMS}, _EMBED, "follows_hidden"),
     # HunYuan-MoE (Hunyuan-A13B): HunYuan's attention; routed experts and an always-on shared MLP, both
     # intermediate_size wide, so both narrow with it; the router under mlp.gate.wg
     Family("hunyuan_v1_moe", "HunYuan-MoE", ("HunYuanMoEV1ForCausalLM",), _DECODER,
-           {**_ATTENTION, **_PRE_NORMS, **norms("self_attn.query_layernorm", "self_attn.key_layernorm", axis="head_qk"),
+           {**_ATTENTION, **_PRE_NORMS, **_HUNYUAN_QK_NORMS,
             "mlp.gate.wg.weight": ("expert", "d"), "mlp.experts.gate_up_proj": ("expert", "gate_up", "d"),
             "mlp.experts.down_proj": ("expert", "d", "ff"), **linear("mlp.shared_mlp.gate_proj", "ff", "d"),
             **linear("mlp.shared_mlp.up_proj", "ff", "d"), **linear("mlp.shared_mlp.down_proj", "d", "ff")},
@@ -288,8 +294,7 @@ FAMILIES = {f.name: f for f in (
            {**conv1d("attn.c_attn", "d", "qkv"), **conv1d("attn.c_proj", "o", "d"), **conv1d("mlp.c_fc", "d", "ff"),
             **conv1d("mlp.c_proj", "ff", "d"), **norms("ln_1", "ln_2")},
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.",
-           rope=False, keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
-                                 intermediate="n_inner"), layer_lists=(), reads_head_dim=False,
+           rope=False, keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False,
            layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
     # GPT-BigCode (StarCoder, SantaCoder): GPT-2's layout in nn.Linear; multi-query attention, c_attn = [q | k | v] with
     # one KV head, or (multi_query off) [q | k | v] blocks per head
@@ -299,8 +304,7 @@ FAMILIES = {f.name: f for f in (
            {**linear("attn.c_attn", "qkv", "d"), **linear("attn.c_proj", "d", "o"), **linear("mlp.c_fc", "ff", "d"),
             **linear("mlp.c_proj", "d", "ff"), **norms("ln_1", "ln_2")},
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.", rope=False,
-           keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None, intermediate="n_inner"),
-           layer_lists=(), reads_head_dim=False,
+           keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False,
            multi_query=("multi_query", linear("attn.c_attn", "qkv_heads", "d"))),
     # GPT-J: parallel attention and MLP after one LayerNorm, interleaved RoPE on rotary_dim rows of each head (which
     # follows head_dim), an LM head with a bias
@@ -309,9 +313,7 @@ FAMILIES = {f.name: f for f in (
            {**linear("attn.q_proj", "q", "d"), **linear("attn.k_proj", "k", "d"), **linear("attn.v_proj", "v", "d"),
             **linear("attn.out_proj", "d", "o"), **linear("mlp.fc_in", "ff", "d"), **linear("mlp.fc_out", "d", "ff"),
             **norms("ln_1")}, ("transformer.wte.weight",), "derived", layer_prefix="transformer.h.",
-           rope="interleaved", keys=dict(layers="n_layer", hidden="n_embd", heads="n_head", kv_heads=None,
-                                         intermediate="n_inner"),
-           layer_lists=(), reads_head_dim=False, rotary_dim_key="rotary_dim"),
+           rope="interleaved", keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False, rotary_dim_key="rotary_dim"),
     # Bloom: ALiBi (no RoPE; num_heads kept), GPT-NeoX's per-head [q | k | v] projection, an embedding LayerNorm, an MLP
     # always 4 x hidden_size wide (no setting: it narrows with hidden_size)
     Family("bloom", "Bloom", ("BloomForCausalLM",),
@@ -343,8 +345,8 @@ FAMILIES = {f.name: f for f in (
             **norms("self_attn_layer_norm", "final_layer_norm")},
            ("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"), "derived",
            layer_prefix="model.decoder.layers.", rope=False,
-           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
-                     intermediate="ffn_dim"), layer_lists=(), reads_head_dim=False, mlp_prefix=("fc1.", "fc2."),
+           keys=dict(_MHA_KEYS, intermediate="ffn_dim"), layer_lists=(), reads_head_dim=False,
+           mlp_prefix=("fc1.", "fc2."),
            hidden_keys=("word_embed_proj_dim",)),
     # GPT-NeoX (Pythia): one query_key_value of [q | k | v] blocks per head, partial rotate-half RoPE, parallel
     # attention and MLP, LayerNorms with biases
@@ -352,21 +354,17 @@ FAMILIES = {f.name: f for f in (
            {"gpt_neox.embed_in.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("gpt_neox.final_layer_norm")},
            {**linear("attention.query_key_value", "qkv_heads", "d"), **linear("attention.dense", "d", "o"),
-            **linear("mlp.dense_h_to_4h", "ff", "d"), **linear("mlp.dense_4h_to_h", "d", "ff"),
-            **norms("input_layernorm", "post_attention_layernorm")},
-           ("gpt_neox.embed_in.weight",), "derived", layer_prefix="gpt_neox.layers.",
-           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
-                     intermediate="intermediate_size"), layer_lists=(), reads_head_dim=False),
+            **_NEOX_MLP, **norms("input_layernorm", "post_attention_layernorm")},
+           ("gpt_neox.embed_in.weight",), "derived", layer_prefix="gpt_neox.layers.", keys=_MHA_KEYS, layer_lists=(),
+           reads_head_dim=False),
     # Persimmon (Adept): GPT-NeoX's per-head [q | k | v] projection with per-head q/k LayerNorms, partial RoPE
     Family("persimmon", "Persimmon", ("PersimmonForCausalLM",),
            {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
             **norms("model.final_layernorm")},
            {**linear("self_attn.query_key_value", "qkv_heads", "d"), **linear("self_attn.dense", "d", "o"),
             **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
-            **linear("mlp.dense_h_to_4h", "ff", "d"), **linear("mlp.dense_4h_to_h", "d", "ff"),
-            **norms("input_layernorm", "post_attention_layernorm")}, _EMBED, "derived",
-           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads", kv_heads=None,
-                     intermediate="intermediate_size"), layer_lists=(), reads_head_dim=False),
+            **_NEOX_MLP, **norms("input_layernorm", "post_attention_layernorm")}, _EMBED, "derived", keys=_MHA_KEYS,
+           layer_lists=(), reads_head_dim=False),
     # nanochat: norms without weights (q/k norms too), a relu² MLP (fc1, fc2), final soft-capping (the head's)
     Family("nanochat", "nanochat", ("NanoChatForCausalLM",), _DECODER,
            {**_ATTENTION, **linear("mlp.fc1", "ff", "d"), **linear("mlp.fc2", "d", "ff")}, _EMBED, "derived"),

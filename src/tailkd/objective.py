@@ -236,21 +236,21 @@ def check_router_aux(student, input_ids: torch.Tensor, fused_path: bool) -> None
     _aux_loss(student, out)
 
 
-def _router_aux(student, out, labels) -> torch.Tensor | None:
-    """``coef * aux_loss * valid tokens`` of a micro-batch (``labels``: host labels where given: no device wait)."""
-    coef = router_weight(student)
+def _router_aux(student, out, labels, coef: float) -> torch.Tensor | None:
+    """``coef * aux_loss * valid tokens`` of a micro-batch (``coef``: `router_weight`; ``labels``: host labels where
+    given: no device wait)."""
     if not coef:
         return None
     return _aux_loss(student, out).double() * (coef * count_valid_tokens(labels))  # rounded once, to the total's dtype
 
 
-def _padding_mask(student, batch: dict, host: dict) -> dict:
-    """``{"attention_mask": ...}`` where the student's router term is on (`router_weight`) and the batch's rows are
+def _padding_mask(coef: float, batch: dict, host: dict) -> dict:
+    """``{"attention_mask": ...}`` where the student's router term is on (``coef``: `router_weight`) and the rows are
     right-padded (an ``attention_mask`` with a 0, read from the host batch: no device wait), else ``{}``. Causal
     attention over right padding changes no real token's output; the mask keeps the padding out of the router's
     load-balancing statistics, which transformers' models compute over the positions it keeps. Without the term
     the forward takes no mask, so attention keeps its unmasked (causal) kernel."""
-    if "attention_mask" not in batch or not router_weight(student) or bool(host["attention_mask"].all()):
+    if "attention_mask" not in batch or not coef or bool(host["attention_mask"].all()):
         return {}
     return {"attention_mask": batch["attention_mask"]}
 
@@ -277,7 +277,8 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
     if signal is not None:
         logits, hidden, sparse, head = signal.logits, signal.hidden, signal.sparse, signal.head
     plan_from = host_batch if host_batch is not None else batch
-    mask = _padding_mask(student, batch, plan_from)
+    coef = router_weight(student)
+    mask = _padding_mask(coef, batch, plan_from)
     with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if fused_path:
             h_s, out = forward_hidden(student, input_ids, **mask)  # (B, T, d_S)
@@ -285,7 +286,7 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
             out = student(input_ids=input_ids, output_hidden_states=want_cos, use_cache=False, **mask)
             s_logits = out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
             h_s = out.hidden_states[-1] if want_cos else None
-    router_aux = _router_aux(student, out, plan_from["labels"])
+    router_aux = _router_aux(student, out, plan_from["labels"], coef)
     if fused_path:
         return chunked_objective(h_s, student_head or model_head(student, vocab_size), plan_from["labels"],
                                  num_valid_tokens, cfg=cfg, teacher_hidden=hidden, teacher_head=head,
