@@ -806,6 +806,8 @@ def test_the_readmes_loss_table_lists_every_knob():
     (["--student.num_kv_heads", "1"], "student.num_kv_heads=1"),
     (["--student.intermediate_size", "64"], "student.intermediate_size=64"),
     (["--student.head_dim", "16"], "student.head_dim=16"),
+    (["--student.experts", "used", "--student.mlp_init", "copy"], "student.experts='used'"),
+    (["--student.calibration_rows", "8"], "student.calibration_rows=8"),
 ])
 def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     """An existing student (student.path) is loaded as it is: the settings that shape a student built from the teacher
@@ -816,6 +818,23 @@ def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
         parse(["--student", "s", *flags]).validate()
     # what does apply to a loaded student: freezing its embeddings; the defaults pass
     assert parse(["--student", "s", "--student.freeze_embeddings", "true"]).validate().student.path == "s"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--student.experts", "most"], r"^student\.experts='most' must be first or used$"),
+    (["--student.calibration_rows", "0"], r"^student\.calibration_rows=0 must be >= 1$"),
+    (["--student.experts", "used"], r"^student\.experts=used keeps the experts the teacher uses, but "
+                                    r"student\.mlp_init=random draws the student's experts afresh: add "
+                                    r"--student\.mlp_init copy$"),
+    (["--student.experts", "used", "--student.mlp_init", "copy", "--teacher.parallel", "fsdp"],
+     r"^student\.experts=used counts the experts' use by a forward of the whole teacher before the student is built, "
+     r"which teacher\.parallel fsdp .* use --student\.experts first, or --teacher\.parallel replicate$"),
+])
+def test_bad_expert_choices_are_refused(flags, message):
+    with pytest.raises(TailkdError, match=message):
+        parse(flags).validate()
+    ok = parse(["--student.experts", "used", "--student.mlp_init", "copy", "--student.calibration_rows", "1"])
+    assert ok.validate().student.experts == "used"
 
 
 def test_a_chained_recipe_stage_does_not_inherit_the_first_stages_build_settings(tmp_path):

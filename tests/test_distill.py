@@ -232,26 +232,33 @@ def _distil_a_built_student(assets, tmp_path, teacher, *student_args):
     return AutoModelForCausalLM.from_pretrained(run / "final")
 
 
+def _glm45_teacher(**overrides):
+    """A GLM-4.5 teacher of the tiny tokenizer's vocabulary: 4 layers (0 dense), 8 experts in 2 groups, 2 per token
+    from 1 group (``overrides`` change these), its score-correction biases drawn from N(0, 0.1)."""
+    import transformers
+    from tiny import make_tokenizer
+
+    config = transformers.Glm4MoeConfig(**{
+        "vocab_size": len(make_tokenizer(300)), "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "moe_intermediate_size": 24,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1,
+        "first_k_dense_replace": 1, "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0,
+        "pad_token_id": None, **overrides})
+    torch.manual_seed(0)
+    teacher = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in teacher.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return teacher
+
+
 def test_a_student_built_from_a_glm45_teacher_keeps_its_expert_groups_and_score_correction(assets, tmp_path):
     """A GLM-4.5 teacher (DeepSeek-V3-style routing: 8 experts in n_group 2 groups, a saved score-correction bias per
     expert, shared experts, a dense first layer) and a student of 2 layers and 4 experts: `tailkd distill` trains it
     on the fused layer; the saved student is a GLM-4.5 of 4 experts in 2 groups (the first 2 of each teacher group:
     0, 1, 4, 5), its score-correction bias those experts' (a buffer: no gradient, unchanged by training), its layer 0
     dense and layer 1 routed (first_k_dense_replace 1 of teacher layers 0, 3)."""
-    import transformers
-    from tiny import make_tokenizer
-
-    tok = make_tokenizer(300)
-    config = transformers.Glm4MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                                        topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
-                                        max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=None)
-    torch.manual_seed(0)
-    teacher = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in teacher.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    teacher = _glm45_teacher()
     student = _distil_a_built_student(assets, tmp_path, teacher, "--student.num_layers", "2", "--student.num_experts",
                                       "4", "--student.mlp_init", "copy")
     assert type(student).__name__ == "Glm4MoeForCausalLM"
@@ -262,6 +269,29 @@ def test_a_student_built_from_a_glm45_teacher_keeps_its_expert_groups_and_score_
     assert torch.equal(student.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept])
     init = {row["name"]: row for row in json.loads((tmp_path / "run" / "student_init.json").read_text())}
     assert init["model.layers.1.mlp.experts.gate_up_proj"]["shape"] == [4, 48, 32]
+
+
+def test_a_student_keeps_the_experts_its_teacher_uses(assets, tmp_path, capsys):
+    """``--student.experts used``: a GLM-4.5 teacher (8 experts in 2 groups, both picked, 4 experts per token) whose
+    layer 3 routes every token to experts 1, 2, 6, 7 and none to the others (their score-correction bias -1e4) and a
+    student of its layers 0, 3 with 4 experts, experts copied: `tailkd distill` counts the teacher's routing over 6
+    training rows (the run log gives the share of the routings the kept experts had: all), keeps 1, 2, 6, 7 — their
+    biases in the saved student, their names in student_init.json."""
+    teacher = _glm45_teacher(num_experts_per_tok=4, topk_group=2)
+    with torch.no_grad():
+        teacher.model.layers[3].mlp.gate.e_score_correction_bias[[0, 3, 4, 5]] = -1e4
+    student = _distil_a_built_student(assets, tmp_path, teacher, "--student.num_layers", "2", "--student.num_experts",
+                                      "4", "--student.mlp_init", "copy", "--student.experts", "used",
+                                      "--student.calibration_rows", "6")
+    assert ("experts kept by use (student.experts used, student.calibration_rows 6): 100.0%-100.0% of the teacher's "
+            "routings in each of the 1 routed layers went to them") in capsys.readouterr().out
+    kept = [1, 2, 6, 7]
+    bias = teacher.model.layers[3].mlp.gate.e_score_correction_bias
+    assert torch.equal(student.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept])
+    init = {row["name"]: row for row in json.loads((tmp_path / "run" / "student_init.json").read_text())}
+    for name in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):  # parameters (the bias: a buffer)
+        row = init[f"model.layers.1.mlp.{name}"]
+        assert (row["experts"], row["routed_share"]) == (kept, 1.0), name
 
 
 def test_a_student_built_from_a_deepseek_v3_teacher_narrows_its_latent_attention_by_whole_heads(assets, tmp_path):

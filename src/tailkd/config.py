@@ -34,6 +34,7 @@ from tailkd.errors import TailkdError
 # The allowed values of the choice fields, defined here once (the modules that read them import them).
 TEACHER_DTYPES = ("auto", "bf16", "fp32")
 MLP_INITS = ("random", "copy")
+EXPERT_CHOICES = ("first", "used")  # which routed experts a student with fewer than its teacher keeps
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -195,7 +196,7 @@ class TeacherConfig:
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
 BUILD_KEYS = ("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_experts",
-              "num_experts_per_tok", "head_dim", "mlp_init", "tie_embeddings")
+              "num_experts_per_tok", "experts", "calibration_rows", "head_dim", "mlp_init", "tie_embeddings")
 
 
 @dataclass
@@ -215,6 +216,12 @@ class StudentConfig:
                                           "routing: GLM-4.5), at least its experts per token (default: all of them)")
     num_experts_per_tok: Optional[int] = _f(None, "experts each token is routed to in a student built from a "
                                                   "mixture-of-experts teacher (default: the teacher's)")
+    experts: str = _f("first", "which routed experts a student with fewer than its mixture-of-experts teacher keeps "
+                               "(num_experts): first (the teacher's first ones; of each group under group-limited "
+                               "routing) or used (per layer the ones the teacher routes the most tokens of "
+                               "calibration_rows training rows to; of each group likewise)", choices=EXPERT_CHOICES)
+    calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher routes to count "
+                                   "its experts' use (experts used)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
@@ -434,6 +441,14 @@ class DistillConfig:
         c.loss.options = dict(bound.cfg.options)  # every option, its default where none is given: config.yaml holds
         # the values the run trains with, and a resume compares them (not what the flags happened to name)
         c.student.check_source()
+        check_at_least(c, "student.calibration_rows", 1)
+        if c.student.experts == "used" and c.student.mlp_init != "copy":
+            raise TailkdError(f"student.experts=used keeps the experts the teacher uses, but student.mlp_init="
+                              f"{c.student.mlp_init} draws the student's experts afresh: add --student.mlp_init copy")
+        if c.student.experts == "used" and c.teacher.parallel == "fsdp":
+            raise TailkdError("student.experts=used counts the experts' use by a forward of the whole teacher before "
+                              "the student is built, which teacher.parallel fsdp (the teacher sharded over the ranks) "
+                              "does not have: use --student.experts first, or --teacher.parallel replicate")
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
         check_out_path(c, "train.out_dir", folder=True)
         check_data(c)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -118,10 +119,16 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
             num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
             freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
+            experts=s.experts, calibration=lambda: calibration_batches(cfg, teacher, t_tok),
         )
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok
         dist.say(format_table(table))
+        if shares := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["routed_share"] for row in table
+                      if "routed_share" in row}:  # per student layer
+            dist.say(f"experts kept by use (student.experts used, student.calibration_rows {s.calibration_rows}): "
+                     f"{100 * min(shares.values()):.1f}%-{100 * max(shares.values()):.1f}% of the teacher's routings "
+                     f"in each of the {len(shares)} routed layers went to them (student_init.json lists them)")
     vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
     teacher_vocab = vocab_mod.real_vocab_size(t_tok)
     check_cache_vocab(cfg, vocab, teacher_vocab)
@@ -130,6 +137,20 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         teacher = None
     # the student's tokenizer reads the data: the teacher's may extend it (shared-vocabulary distillation)
     return teacher, student, s_tok, vocab, teacher_vocab, table
+
+
+def calibration_batches(cfg: DistillConfig, teacher, tokenizer):
+    """The batches a mixture-of-experts teacher's routing is counted over for ``student.experts used``
+    (`tailkd.expert_use`): ``student.calibration_rows`` training rows (all where there are fewer), evenly spaced over
+    the training set (row ``j * rows // n``), ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows,
+    ``attention_mask``."""
+    _, train_rows, _ = setup_data(cfg, tokenizer, models.model_max_length(teacher))
+    rows = len(train_rows)
+    n = min(cfg.student.calibration_rows, rows)
+    index = [j * rows // n for j in range(n)]
+    for b in range(0, n, cfg.train.batch_size):
+        batch = data_mod.collate([train_rows[i] for i in index[b:b + cfg.train.batch_size]])
+        yield {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
 
 
 def check_cache_vocab(cfg: DistillConfig, vocab: int, teacher_vocab: int) -> None:

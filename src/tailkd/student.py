@@ -52,30 +52,32 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE
          4.5 MoE, HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
          DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
-         its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; `intermediate_size`
-         is each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
-         experts have; GPT-OSS's interleaved gate/up pairs are kept as pairs). GPT-OSS's and Granite-SWA's attention
-         sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared
-         expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index
-         (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its
-         dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The router
-         load-balancing loss is on where the student's config (the teacher's settings) sets ``output_router_logits``
-         (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every
-         moe_layer_interval-th: start and end are renumbered to the chosen layers, the interval kept. Every student
-         layer must have its teacher layer's modules: a choice of layers whose kinds the student's config cannot give
-         (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2
-         experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is refused.
-         GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs
-         (the teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash,
-         EXAONE-MoE: per layer, ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved
-         buffer) follows the kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2
-         experts — DeepSeek-V2's by its best one, where its topk_method is group_limited_greedy —, ``topk_group`` picked
-         per token) the student keeps the first num_experts/n_group experts of each group, so num_experts is a multiple
-         of n_group with at least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared
-         experts (one MLP of n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size
-         units. MiniMax-M2's score-correction bias (on its MoE block) likewise follows the kept experts. HunYuan-MoE's
-         always-on shared MLP is as wide as its experts and narrows with them; an expert setting its config lists per
-         layer (HunYuan-MoE's moe_topk) is refused.
+         its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
+         ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
+         (`tailkd.expert_use`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
+         moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved gate/up pairs are kept as
+         pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs —
+         its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or
+         is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher
+         layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give
+         other ones. The router load-balancing loss is on where the student's config (the teacher's settings) sets
+         ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to
+         moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the chosen layers, the
+         interval kept. Every student layer must have its teacher layer's modules: a choice of layers whose kinds the
+         student's config cannot give (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer)
+         sends every token to 2 experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is
+         refused. GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing):
+         dense MLPs (the teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds
+         (GLM-4.7-Flash, EXAONE-MoE: per layer, ``mlp_layer_types``, subset as layer_types); the router's
+         score-correction bias (a saved buffer) follows the kept experts; under group-limited routing (``n_group``
+         groups, each scored by its top 2 experts — DeepSeek-V2's by its best one, where its topk_method is
+         group_limited_greedy —, ``topk_group`` picked per token) the student keeps the first num_experts/n_group
+         experts of each group (or, by use, the most used of each group), so num_experts is a multiple of n_group with
+         at least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of
+         n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size units. MiniMax-M2's
+         score-correction bias (on its MoE block) likewise follows the kept experts. HunYuan-MoE's always-on shared MLP
+         is as wide as its experts and narrows with them; an expert setting its config lists per layer (HunYuan-MoE's
+         moe_topk) is refused.
 Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM): one key/value head per query
          head, so num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
@@ -156,10 +158,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tailkd.config import EXPERT_CHOICES, MLP_INITS
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
-
-MLP_INITS = ("random", "copy")
 
 __all__ = ["SUPPORTED", "Dims", "build_student", "choose_layers", "config_family", "family_of", "format_table",
            "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
@@ -682,15 +683,28 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   num_heads: int | None = None, num_kv_heads: int | None = None,
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
-                  num_experts_per_tok: int | None = None, seed: int = 0):
+                  num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
+                  calibration=None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
+
+    ``experts``: which routed experts a student with fewer than the teacher's copies (``mlp_init="copy"``) — "first"
+    (the teacher's first ones; of each group under group-limited routing) or "used" (per layer the ones the teacher
+    routes the most real tokens to over ``calibration()``'s batches, dicts of ``input_ids`` and optionally
+    ``attention_mask``; see `tailkd.expert_use`). ``calibration`` is called only where a choice is to be made.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
-    "copied" (same shape), "truncated" (a slice of `source`) or "random" (source None).
+    "copied" (same shape), "truncated" (a slice of `source`) or "random" (source None); under "used" a routed
+    layer's expert tensors add ``"experts"`` (the teacher's experts kept, in the student's order) and
+    ``"routed_share"`` (the share of that layer's calibration routings that went to them).
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
+    if experts not in EXPERT_CHOICES:
+        raise TailkdError(f"experts={experts!r}: use one of {', '.join(EXPERT_CHOICES)}")
+    if experts == "used" and mlp_init != "copy":
+        raise TailkdError(f"experts=used keeps the experts the teacher uses, but mlp_init={mlp_init} draws the "
+                          "student's experts afresh: use mlp_init copy")
     if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher.config, "quantization_config", None):
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
@@ -708,6 +722,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     _check_layer_kinds(teacher, student, fam, chosen)
 
     index = axis_indices(t, s, fam.rope, fraction)
+    kept, share = _experts_by_use(teacher, fam, t, s, chosen, experts, calibration)  # {teacher layer: ...}
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
 
@@ -716,10 +731,13 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         source, axes = _copy_rule(name, fam, mlp_init, buffer)
         if source is None:
             return None
+        layer = None
         if isinstance(source, tuple):  # (pattern, student layer)
-            source = source[0].format(chosen[source[1]])
+            layer = chosen[source[1]]
+            source = source[0].format(layer)
         value = _take(teacher_tensors[source].detach(),
-                      *(tensor.shape[dim] if axis == "ff_model" else index[axis] for dim, axis in enumerate(axes)))
+                      *(tensor.shape[dim] if axis == "ff_model" else kept[layer] if axis == "expert" and layer in kept
+                        else index[axis] for dim, axis in enumerate(axes)))
         if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
             raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
@@ -732,6 +750,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
             same = source is not None and tuple(param.shape) == tuple(teacher_tensors[source].shape)
             table.append({"name": name, "shape": list(param.shape), "source": source,
                           "action": "random" if source is None else "copied" if same else "truncated"})
+            layer = _in_layer(name, fam)[0]
+            if layer is not None and chosen[layer] in kept and "expert" in (_copy_rule(name, fam, "copy")[1] or ()):
+                table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
         persistent = set(student.state_dict())
         for name, buffer in student.named_buffers():  # not in the table: it lists parameters
             if name in persistent:
@@ -741,6 +762,27 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         row["frozen"] = row["name"] in frozen
     student.train()
     return student, table
+
+
+def _experts_by_use(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], experts: str, calibration):
+    """``(kept, share)``: per routed teacher layer among ``chosen``, the experts a student keeps by use (LongTensor,
+    increasing) and the share of the layer's calibration routings they had; empty where ``experts`` is "first" or
+    the student keeps every expert."""
+    if experts == "first":
+        return {}, {}
+    if not t.experts:
+        raise TailkdError(f"experts=used chooses among a mixture's routed experts, but {fam.label} is not a mixture "
+                          "of experts: drop it")
+    if s.experts == t.experts:
+        return {}, {}
+    if calibration is None:
+        raise TailkdError("experts=used needs calibration rows to count the teacher's routing over")
+    from tailkd.expert_use import kept_experts, routed_counts
+
+    counts, _ = routed_counts(teacher, fam, calibration(), sorted(set(chosen)))
+    kept = {i: kept_experts(c, s.experts, t.expert_groups) for i, c in counts.items()}
+    share = {i: round(float(c[kept[i]].sum()) / max(1, int(c.sum())), 6) for i, c in counts.items()}
+    return kept, share
 
 
 def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None:
