@@ -1259,6 +1259,20 @@ def _longrope_phi3():
                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, **factors})
 
 
+def test_mpts_explicit_softmax_scale_follows_head_dim():
+    """MPT's attn_config.softmax_scale, where a config sets it, replaces 1/sqrt(head_dim): a student whose heads halve
+    (hidden_size 64 -> 32, 4 heads kept) has it times sqrt(16 / 8), as 1/sqrt(head_dim) changes, and its attention
+    computes with it; a student of the teacher's head_dim keeps it, and an unset one stays unset (the model's own)."""
+    teacher = make_teacher("mpt", attn_config={"softmax_scale": 0.3})
+    narrow, _ = build_student(teacher, layers=SUBSET, hidden_size=32)
+    assert narrow.config.attn_config.softmax_scale == pytest.approx(0.3 * math.sqrt(2), rel=4 * 2.0**-53)  # 2 roundings
+    assert narrow.transformer.blocks[0].attn.softmax_scale == narrow.config.attn_config.softmax_scale
+    assert build_student(teacher, layers=SUBSET)[0].config.attn_config.softmax_scale == 0.3
+    unset = build_student(make_teacher("mpt"), layers=SUBSET, hidden_size=32)[0]
+    assert unset.config.attn_config.softmax_scale is None
+    assert unset.transformer.blocks[0].attn.softmax_scale == 1 / math.sqrt(8)
+
+
 def test_longrope_refuses_a_head_dim_change_only():
     teacher = _longrope_phi3()
     with pytest.raises(TailkdError, match=r"per-frequency factors \(long_factor, short_factor\) for head_dim 16.*"

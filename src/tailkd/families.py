@@ -100,8 +100,9 @@ class Family:
     # lists of layer indices (LFM2's full_attn_idxs): the student's indices of the chosen layers they list
     layer_index_lists: tuple[str, ...] = ()
     head_dim_scaled: tuple[str, ...] = ()
-    # the attention scale itself (Granite's attention_multiplier, in place of 1/sqrt(head_dim)): multiplied by
-    # sqrt(head_dim_t / head_dim_s) when head_dim shrinks, as Llama's 1/sqrt(head_dim) changes
+    # the attention scale itself (Granite's attention_multiplier, MPT's attn_config.softmax_scale — "a.b", key b of
+    # the config's dict a —, in place of 1/sqrt(head_dim)): multiplied by sqrt(head_dim_t / head_dim_s) when head_dim
+    # shrinks, as Llama's 1/sqrt(head_dim) changes; unset (None), the model's own 1/sqrt(head_dim)
     attention_scales: tuple[str, ...] = ()
     # (config flag, what it does): when set, layer i computes with its index i (no config can say otherwise for a
     # student's layer j), so a student keeps the teacher's first layers or is refused
@@ -334,7 +335,8 @@ FAMILIES = {f.name: f for f in (
             **norms("norm_1", "norm_2")}, ("transformer.wte.weight",), "derived",
            layer_prefix="transformer.blocks.", rope=False,
            keys=dict(layers="n_layers", hidden="d_model", heads="n_heads", kv_heads=None, intermediate=None),
-           layer_lists=(), reads_head_dim=False, alibi=True, mlp_prefix="ffn."),
+           layer_lists=(), reads_head_dim=False, alibi=True, mlp_prefix="ffn.",
+           attention_scales=("attn_config.softmax_scale",)),
     # OPT: learned absolute positions (offset 2), q/k/v/out biases, an ungated MLP (fc1, fc2) in the layer itself
     Family("opt", "OPT", ("OPTForCausalLM",),
            {"model.decoder.embed_tokens.weight": ("all", "d"), "model.decoder.embed_positions.weight": ("all", "d"),

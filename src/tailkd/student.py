@@ -122,13 +122,13 @@ Family notes. Norms and sandwich norms (Gemma2/3 pre/post feed-forward, OLMo-2 p
 residual-stream tensor. Gemma's embedding multiplier is sqrt(hidden_size) of the *student*: a narrower student's copied
 embeddings enter the residual stream scaled by sqrt(d_s/d_t) relative to the teacher's. Gemma2/3's query_pre_attn_scalar
 (attention scale 1/sqrt of it) is multiplied by head_dim_s/head_dim_t (rounded) when head_dim shrinks, as Llama's
-1/sqrt(head_dim) would be, and Granite's attention_multiplier (the scale itself) by sqrt(head_dim_t/head_dim_s);
-soft-capping, sliding windows, RoPE settings and Granite's other multipliers are the teacher's (Granite-SWA's per-layer
-RoPE bases, ``layer_rope_theta``, follow the chosen layers); MiniMax-M2's RoPE rows (``rotary_dim``) follow head_dim in
-proportion, as its partial_rotary_factor; GPT-J's ``rotary_dim``, which its model reads in place of one, is the rows the
-student keeps rotating. Narrowing is supported for every family; the one refusal is a head_dim change under
-per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim (narrow hidden_size and num_heads
-together). The per-family parameter tables are in `tailkd.families`.
+1/sqrt(head_dim) would be, and Granite's attention_multiplier and an explicit MPT attn_config.softmax_scale (the scale
+itself) by sqrt(head_dim_t/head_dim_s); soft-capping, sliding windows, RoPE settings and Granite's other multipliers are
+the teacher's (Granite-SWA's per-layer RoPE bases, ``layer_rope_theta``, follow the chosen layers); MiniMax-M2's RoPE
+rows (``rotary_dim``) follow head_dim in proportion, as its partial_rotary_factor; GPT-J's ``rotary_dim``, which its
+model reads in place of one, is the rows the student keeps rotating. Narrowing is supported for every family; the one
+refusal is a head_dim change under per-frequency RoPE factor lists (Phi-3 "longrope" short/long factors): keep head_dim
+(narrow hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
 in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
@@ -512,9 +512,11 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
     if fam.rotary_dim_key and data.get(fam.rotary_dim_key):  # GPT-J: the rotated rows of a student head
         data[fam.rotary_dim_key] = int(s.head_dim * rotary_fraction(teacher_config, fam))
-    for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes
-        if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
-            data[key] = data[key] * (t.head_dim / s.head_dim) ** 0.5
+    for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes; "a.b": key b of dict a (MPT)
+        *outer, name = key.split(".")
+        group = data.get(outer[0]) if outer else data
+        if s.head_dim != t.head_dim and isinstance(group, dict) and isinstance(group.get(name), (int, float)):
+            group[name] = group[name] * (t.head_dim / s.head_dim) ** 0.5
     try:
         return type(teacher_config).from_dict(data)
     except Exception as err:  # some config classes validate hidden % heads (transformers 5: Llama, Gemma2, Gemma3)
