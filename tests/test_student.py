@@ -489,12 +489,12 @@ def test_gpt2_attention_scaled_by_layer_index_keeps_the_first_layers_only():
 
 
 def test_unsupported_architecture():
-    from transformers import AutoModelForCausalLM, FalconConfig
+    from transformers import AutoModelForCausalLM, CodeGenConfig
 
-    model = AutoModelForCausalLM.from_config(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                          vocab_size=64))
+    model = AutoModelForCausalLM.from_config(CodeGenConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64,
+                                                           vocab_size=64))
     with pytest.raises(TailkdError,
-                       match=r"FalconForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
+                       match=r"CodeGenForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
         build_student(model)
 
 

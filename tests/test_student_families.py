@@ -75,6 +75,16 @@ CONFIGS = {
     # c_attn holds [q | k | v] blocks per head
     "gpt_bigcode": ("GPTBigCodeConfig", dict(hidden_size=64, n_inner=96, multi_query=True)),
     "gpt_bigcode_mha": ("GPTBigCodeConfig", dict(hidden_size=64, n_inner=96, multi_query=False)),
+    # Falcon's three attention layouts: Falcon-7B's multi-query [q | k | v] with parallel attention; Falcon-40B's new
+    # decoder architecture (per KV head its 2 queries, key, value; ln_attn and ln_mlp; its config also says
+    # multi_query); Falcon-RW's [q | k | v] per head under ALiBi, sequential, with biases; the same under RoPE
+    "falcon": ("FalconConfig", dict(hidden_size=64, ffn_hidden_size=96, multi_query=True, parallel_attn=True)),
+    "falcon_new": ("FalconConfig", dict(hidden_size=64, ffn_hidden_size=96, new_decoder_architecture=True,
+                                        num_kv_heads=2, multi_query=True, parallel_attn=True)),
+    "falcon_rw": ("FalconConfig", dict(hidden_size=64, ffn_hidden_size=96, multi_query=False, parallel_attn=False,
+                                       alibi=True, bias=True)),
+    "falcon_mha": ("FalconConfig", dict(hidden_size=64, ffn_hidden_size=96, multi_query=False, parallel_attn=False,
+                                        bias=True)),
     # interleaved RoPE on 8 of a head's 16 rows (rotary_dim), parallel attention and MLP, an LM head bias
     "gptj": ("GPTJConfig", dict(hidden_size=64, rotary_dim=8, n_inner=96)),
     # ALiBi, per-head [q | k | v] blocks, an embedding LayerNorm, an MLP 4 x hidden_size wide; transformer.h
@@ -271,7 +281,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
            "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
-           "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM"}
+           "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
+           "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -354,6 +365,16 @@ def _expected(name, teacher, plan):
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
     if rest.startswith("attn.c_attn"):  # GPT-BigCode: [q | k | v] with one KV head, or (no multi_query) per head
         rest = rest.replace("attn.c_attn", "self_attn.qkv_proj" if teacher.config.multi_query else "a.query_key_value")
+    c = teacher.config
+    if rest.startswith("self_attention.query_key_value") and getattr(c, "new_decoder_architecture", False):
+        g_t = plan["H_t"] // plan["KV_t"]  # Falcon-40B: per KV head [its g_t queries | k | v]
+        groups = w.reshape(plan["KV_t"], g_t + 2, hd_t, *w.shape[1:])
+        kept = torch.cat([torch.cat([*(groups[k, h % g_t][plan["rows"]] for h in plan["q_heads"] if h // g_t == k),
+                                     groups[k, g_t][plan["rows"]], groups[k, g_t + 1][: plan["hd_s"]]])
+                          for k in plan["kv_heads"]])
+        return kept[:, :d] if rest.endswith("weight") else kept
+    if rest.startswith("self_attention.query_key_value") and getattr(c, "multi_query", False):  # Falcon-7B's
+        rest = rest.replace("self_attention.query_key_value", "self_attn.qkv_proj")
     if rest.split(".")[1] == "query_key_value":  # GPT-NeoX, Persimmon: [q | k | v] blocks per head, one KV head each
         blocks = w.reshape(plan["H_t"], 3, hd_t, *w.shape[1:])[plan["q_heads"]]
         kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
@@ -487,7 +508,7 @@ def _expected(name, teacher, plan):
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return w[:d, :ff] if kind == "weight" else w[:d]
     if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in (
-            "norm", "ln_1", "ln_2", "norm_1", "norm_2"):
+            "norm", "ln_1", "ln_2", "norm_1", "norm_2", "ln_attn", "ln_mlp"):
         return w[:d]
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -502,11 +523,14 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
     kv_t = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT, GPT-NeoX: one per query head
-    kv_t = 1 if getattr(c, "multi_query", False) else kv_t  # GPT-BigCode's multi-query attention
+    grouped = getattr(c, "new_decoder_architecture", False)  # Falcon-40B (transformers 5.17: no num_key_value_heads)
+    kv_t = c.num_kv_heads if grouped else 1 if getattr(c, "multi_query", False) else kv_t  # GPT-BigCode's, Falcon-7B's
+    # multi-query attention: one KV head
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
            and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
     return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"),
-                ff=ff or getattr(c, "intermediate_size", None) or 4 * c.hidden_size,  # Bloom: 4 x hidden_size
+                ff=ff or getattr(c, "ffn_hidden_size", None) or getattr(c, "intermediate_size", None)  # Falcon's
+                or 4 * c.hidden_size,  # Bloom: 4 x hidden_size
                 hd_t=hd_t, hd_s=hd_s, moe=moe,
                 ff_e=ff_e or getattr(c, "moe_intermediate_size", c.intermediate_size),
                 experts=_first(experts or next((getattr(c, k) for k in ("num_experts", "n_routed_experts",
@@ -995,6 +1019,15 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                              dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "gpt_bigcode_mha": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
     "mpt": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),  # as Bloom's
+    # Falcon-7B: 4 heads on the one KV head narrow to head_dim 8 (RoPE pairs), the MLP to 40
+    "falcon": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # Falcon-40B: 1 query head per KV head (of 2): query heads 0, 2 in their groups, head_dim 16 kept; or head_dim 8
+    "falcon_new": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    "falcon_new-head_dim": ({"hidden_size": 16, "num_heads": 2, "num_kv_heads": 1},  # group 0 whole, head_dim 8
+                            dict(d=16, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8)),
+    "falcon_rw": ({"hidden_size": 32}, dict(d=32, hd_s=8, rows=list(range(8)))),  # ALiBi: first rows, as Bloom's
+    # one KV head per query head: 2 heads, num_kv_heads 2 in the student's config
+    "falcon_mha": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
     # ALiBi: the 4 heads kept, each its first 8 rows (no RoPE); the MLP 4 x 32 wide: the first 128 units
     "bloom": ({"hidden_size": 32}, dict(d=32, hd_s=8, ff=128, rows=list(range(8)))),
     # no RoPE: a head's first rows; word_embed_proj_dim follows hidden_size (see _check_narrow_student)
@@ -1069,6 +1102,10 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
     if family.startswith("granite"):  # the attention scale itself, as 1/sqrt(head_dim)
         assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5
+    if family == "falcon":  # its attention's KV heads are the layout's (num_kv_heads: read by the grouped one only)
+        assert attention.num_kv_heads == len(_plan(teacher, layers, **plan)["kv_heads"])
+        grouped = config.new_decoder_architecture
+        assert config.num_kv_heads == (attention.num_kv_heads if grouped else config.num_attention_heads)
     if family == "opt":  # its embeddings are hidden_size wide: no projection in or out
         assert config.word_embed_proj_dim == config.hidden_size and student.model.decoder.project_in is None
     if family == "gptj":  # its model reads rotary_dim: the rows the copy keeps rotating, half of each head
@@ -1241,13 +1278,13 @@ def test_gemma2_soft_capping_reaches_the_fused_head():
 
 
 def test_unsupported_family_is_one_clear_line():
-    model = transformers.AutoModelForCausalLM.from_config(transformers.FalconConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, eos_token_id=0))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.CodeGenConfig(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64))
     with pytest.raises(TailkdError) as err:
         build_student(model)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("cannot build a student from a FalconForCausalLM: supported teachers are ")
+    assert message.startswith("cannot build a student from a CodeGenForCausalLM: supported teachers are ")
     for cls in CLASSES.values():
         assert cls in message
     assert message.endswith("; any causal LM teaches a student given as a folder (--student DIR)")
@@ -1335,6 +1372,11 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                                    r"head\)$"),
     ("gpt_bigcode", {"num_kv_heads": 2}, r"^GPT-BigCode's multi-query attention has one KV head: drop num_kv_heads "
                                          r"\(or set it to 1\)$"),
+    ("falcon_rw", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but Falcon's ALiBi slopes are set by the "
+                                                       r"number of heads: keep num_heads 4"),
+    ("falcon", {"num_kv_heads": 2}, r"^Falcon's multi-query attention has one KV head: drop num_kv_heads"),
+    ("falcon_mha", {"num_kv_heads": 2}, r"^Falcon has no grouped KV heads: drop num_kv_heads \(or set it to "
+                                        r"num_heads=4\)$"),
     ("mpt", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but MPT's ALiBi slopes are set by the number of "
                                                  r"heads: keep num_heads 4"),
     ("bloom", {"intermediate_size": 128}, r"^Bloom has no intermediate_size setting \(its MLP is 4 x hidden_size "

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 #   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
 #   qkv_heads  a fused projection of [q | k | v] blocks per head (GPT-NeoX's query_key_value; one KV head per query
 #            head): the kept heads' blocks, q, k and v rows in each
+#   qkv_groups  a fused projection of, per KV head, its group's query heads then its key and value (Falcon's new
+#            decoder architecture): the kept KV heads' blocks, in each the kept query heads' q rows, then k and v rows
 #   gate_up  a fused [gate | up] projection (Phi-3 gate_up_proj, a mixture's experts.gate_up_proj): the first units
 #            of each half
 #   gate_up_pairs  an interleaved [gate_0, up_0, gate_1, up_1, ...] projection (GPT-OSS's experts): the first pairs
@@ -52,8 +54,8 @@ from dataclasses import dataclass, field
 #   ff_model the MLP's first units, as many as the student's model makes of its intermediate_size (LFM2 rounds it)
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
-AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "gate_up", "gate_up_pairs", "expert",
-        "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated")
+AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
+        "expert", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -145,6 +147,14 @@ class Family:
     # (config flag, per-layer axes when it is off): where the flag is set (GPT-BigCode's multi_query) attention has one
     # KV head, kept; where it is off, one KV head per query head and these axes (`tailkd.student.config_family`)
     multi_query: tuple = ()
+    # ((config flag, Family fields where it is set), ...): the first set flag's fields replace the entry's (its
+    # layer_params and keys merged into the entry's), before `multi_query` is read (Falcon's three attention layouts)
+    layouts: tuple = ()
+    # config keys equal to the number of query heads that follow it (Falcon's num_kv_heads where each query head has
+    # its own KV head): a student's are its num_heads
+    heads_keys: tuple[str, ...] = ()
+    # a config flag that turns `alibi` on and RoPE off where it is set (Falcon-RW's alibi)
+    alibi_flag: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -337,6 +347,26 @@ FAMILIES = {f.name: f for f in (
            keys=dict(layers="n_layers", hidden="d_model", heads="n_heads", kv_heads=None, intermediate=None),
            layer_lists=(), reads_head_dim=False, alibi=True, mlp_prefix="ffn.",
            attention_scales=("attn_config.softmax_scale",)),
+    # Falcon (Falcon-7B/40B/180B, Falcon-11B, Falcon-RW): a fused query_key_value in one of three layouts by config —
+    # [q | k | v] blocks per head (the base: one KV head per query head, num_kv_heads following num_heads), multi-query
+    # [q | k | v] with one KV head (multi_query; its model then ignores num_kv_heads, which still follows), or per KV
+    # head its group's queries then its key and value (new_decoder_architecture, num_kv_heads grouped); RoPE, or ALiBi
+    # where its alibi flag is set; LayerNorms with biases, one or two per block (parallel attention: ln_attn, ln_mlp);
+    # an ungated MLP ffn_hidden_size wide
+    Family("falcon", "Falcon", ("FalconForCausalLM",),
+           {"transformer.word_embeddings.weight": ("all", "d"), **linear("lm_head", "all", "d"),
+            **norms("transformer.ln_f")},
+           {**linear("self_attention.query_key_value", "qkv_heads", "d"), **linear("self_attention.dense", "d", "o"),
+            **linear("mlp.dense_h_to_4h", "ff", "d"), **linear("mlp.dense_4h_to_h", "d", "ff"),
+            **norms("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp")},
+           ("transformer.word_embeddings.weight",), "derived", layer_prefix="transformer.h.",
+           keys=dict(_MHA_KEYS, intermediate="ffn_hidden_size"), layer_lists=(), reads_head_dim=False,
+           heads_keys=("num_kv_heads",), alibi_flag="alibi",
+           layouts=(("new_decoder_architecture", dict(layer_params=linear("self_attention.query_key_value",
+                                                                         "qkv_groups", "d"),
+                                                      keys={"kv_heads": "num_kv_heads"}, heads_keys=())),
+                    ("multi_query", dict(layer_params=linear("self_attention.query_key_value", "qkv", "d"),
+                                         multi_query=("multi_query", {}))))),
     # OPT: learned absolute positions (offset 2), q/k/v/out biases, an ungated MLP (fc1, fc2) in the layer itself
     Family("opt", "OPT", ("OPTForCausalLM",),
            {"model.decoder.embed_tokens.weight": ("all", "d"), "model.decoder.embed_positions.weight": ("all", "d"),

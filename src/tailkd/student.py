@@ -16,14 +16,14 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's input side).
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Persimmon, nanochat, FlexOlmo,
-         Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2, Gemma3, Qwen3
-         (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2, nanochat or FlexOlmo
-         config that does carry a head_dim (their models read it first) is treated like Llama's, and the student's
-         config carries the student's head_dim. An explicit `head_dim` overrides the first and last group. Never more
-         than the teacher's. hidden_size must be a multiple of num_heads where head_dim is hidden_size // num_heads, and
-         where the installed transformers' config class of the teacher requires it (Llama, Gemma2, Gemma3 in
-         transformers 5). Each student head is a teacher head truncated to head_dim:
+         hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
+         FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2,
+         Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2,
+         nanochat or FlexOlmo config that does carry a head_dim (their models read it first) is treated like Llama's,
+         and the student's config carries the student's head_dim. An explicit `head_dim` overrides the first and last
+         group. Never more than the teacher's. hidden_size must be a multiple of num_heads where head_dim is hidden_size
+         // num_heads, and where the installed transformers' config class of the teacher requires it (Llama, Gemma2,
+         Gemma3 in transformers 5). Each student head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
@@ -38,12 +38,15 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
-             GPT-2, GPT-BigCode and OPT (absolute positions) and Bloom and MPT (ALiBi) keep the first head_dim
-             rows of q, k and v.
-           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn / GPT-BigCode's multi-query c_attn
-             (one KV head, kept) keep the q, k and v rows above in their own blocks, GPT-NeoX's, Bloom's and Persimmon's
+             GPT-2, GPT-BigCode and OPT (absolute positions) and Bloom, MPT and Falcon-RW (ALiBi) keep the first
+             head_dim rows of q, k and v.
+           - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn / GPT-BigCode's multi-query c_attn (one
+             KV head, kept) keep the q, k and v rows above in their own blocks, GPT-NeoX's, Bloom's and Persimmon's
              query_key_value and GPT-BigCode's c_attn without multi_query ([q | k | v] per head) in each kept head's
-             block, Phi-3 gate_up_proj the first units of each half.
+             block, Falcon's query_key_value by its config's layout (Falcon-7B's multi-query [q | k | v], Falcon-RW's
+             blocks per head, with num_kv_heads following num_heads; under new_decoder_architecture, Falcon-40B's, per
+             kept KV head its kept query heads' rows, then its k and v rows), Phi-3 gate_up_proj the first units of each
+             half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, Persimmon, HunYuan's
              after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
              projection keep exactly q_proj's/k_proj's rows.
@@ -208,6 +211,13 @@ def config_family(config, family: str | Family) -> Family:
     (Phi, Phi-3, OLMo-2), for a config that carries one, has Llama's "follows_hidden" head_dim rule; a mixture whose
     config has no routed experts, its ``without_experts`` keys and axes (Granite 4.0-H's dense variants)."""
     fam = _spec(family)
+    for flag, fields in fam.layouts:  # Falcon's attention layouts: the first set flag's
+        if getattr(config, flag, False):
+            fam = dataclasses.replace(fam, **{**fields, "layer_params": {**fam.layer_params, **fields.get(
+                "layer_params", {})}, "keys": {**fam.keys, **fields.get("keys", {})}}, layouts=())
+            break
+    if fam.alibi_flag and getattr(config, fam.alibi_flag, False):  # Falcon-RW: ALiBi in place of RoPE
+        fam = dataclasses.replace(fam, alibi=True, rope=False, alibi_flag="")
     if fam.head_dim == "derived" and fam.reads_head_dim and getattr(config, "head_dim", None) is not None:
         fam = dataclasses.replace(fam, head_dim="follows_hidden")
     if fam.group_routing and getattr(config, fam.group_routing[0], None) != fam.group_routing[1]:
@@ -487,6 +497,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     data.update({aliases.get(fam.keys[role], fam.keys[role]): value for role, value in sizes.items()
                  if fam.keys.get(role)})
     data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `_plan`
+    data.update({key: s.heads for key in fam.heads_keys if key in data})  # Falcon's num_kv_heads without groups
     implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
     if fam.head_dim != "derived" and not implied:
         data["head_dim"] = s.head_dim
@@ -592,6 +603,7 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices."""
     q_heads, kv_heads = _query_heads(t, s), list(range(s.kv_heads))
+    g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
     qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
     q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
     v = _rows(kv_heads, t.head_dim, first)
@@ -605,6 +617,10 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
                                + [2 * t.head_dim + r for r in first]),
+            "qkv_groups": _rows(kv_heads, (g_t + 2) * t.head_dim,  # per KV head: its g_s queries, its k, its v
+                                [m * t.head_dim + r for m in range(g_s) for r in qk_rows]
+                                + [g_t * t.head_dim + r for r in qk_rows]
+                                + [(g_t + 1) * t.head_dim + r for r in first]),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
