@@ -808,6 +808,7 @@ def test_the_readmes_loss_table_lists_every_knob():
     (["--student.head_dim", "16"], "student.head_dim=16"),
     (["--student.experts", "used", "--student.mlp_init", "copy"], "student.experts='used'"),
     (["--student.calibration_rows", "8"], "student.calibration_rows=8"),
+    (["--student.layer_choice", "influence"], "student.layer_choice='influence'"),
 ])
 def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     """An existing student (student.path) is loaded as it is: the settings that shape a student built from the teacher
@@ -827,8 +828,15 @@ def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
                                     r"student\.mlp_init=random draws the student's experts afresh: add "
                                     r"--student\.mlp_init copy$"),
     (["--student.experts", "used", "--student.mlp_init", "copy", "--teacher.parallel", "fsdp"],
-     r"^student\.experts=used counts the experts' use by a forward of the whole teacher before the student is built, "
-     r"which teacher\.parallel fsdp .* use --student\.experts first, or --teacher\.parallel replicate$"),
+     r"^student\.experts=used reads a forward of the whole teacher before the student is built, which "
+     r"teacher\.parallel fsdp .* use --student\.experts first, or --teacher\.parallel replicate$"),
+    (["--student.layer_choice", "influence", "--teacher.parallel", "fsdp"],
+     r"^student\.layer_choice=influence reads a forward of the whole teacher .* use --student\.layer_choice spaced, "
+     r"or --teacher\.parallel replicate$"),
+    (["--student.layer_choice", "influence", "--student.layers", "0", "2"],
+     r"^student\.layer_choice=influence chooses the student's layers, and student\.layers lists them: drop one of "
+     r"the two$"),
+    (["--student.layer_choice", "deep"], r"^student\.layer_choice='deep' must be spaced or influence$"),
 ])
 def test_bad_expert_choices_are_refused(flags, message):
     with pytest.raises(TailkdError, match=message):

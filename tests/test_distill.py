@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tailkd import train as train_mod
 from tailkd.cli import main
@@ -292,6 +293,44 @@ def test_a_student_keeps_the_experts_its_teacher_uses(assets, tmp_path, capsys):
     for name in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):  # parameters (the bias: a buffer)
         row = init[f"model.layers.1.mlp.{name}"]
         assert (row["experts"], row["routed_share"]) == (kept, 1.0), name
+
+
+def test_a_student_keeps_the_most_influential_layers_and_resumes_only_as_built(assets, tmp_path, capsys):
+    """``--student.layer_choice influence``: the assets' Llama teacher (4 layers) with layers 1 and 3 adding nothing
+    (o_proj and down_proj zero): a 2-layer student keeps teacher layers 0 and 2 (evenly spaced: 0 and 3; the run log
+    names them with their Block Influence, student_init.json's sources say so). A run stopped after a step resumes;
+    the same resume with a student_init.json naming other layers is refused in one line, the run folder untouched."""
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"])
+    with torch.no_grad():
+        for i in (1, 3):
+            teacher.model.layers[i].self_attn.o_proj.weight.zero_()
+            teacher.model.layers[i].mlp.down_proj.weight.zero_()
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(assets["teacher"]).save_pretrained(tmp_path / "teacher")
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(assets["corpus"]), "--data.cache_dir",
+            str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--data.eval_rows", "8",
+            "--train.precision", "fp32", "--student.num_layers", "2", "--student.layer_choice", "influence",
+            "--student.calibration_rows", "6", "--out", str(tmp_path / "run")]
+    run = tmp_path / "run"
+    assert main([*args, "--train.stop_after", "1"]) == 0
+    assert re.search(r"layers kept by influence \(student\.layer_choice influence, student\.calibration_rows 6\): "
+                     r"teacher layers 0 2, their Block Influence 0\.\d{4}-0\.\d{4}\n", capsys.readouterr().out)
+    init = json.loads((run / "student_init.json").read_text())
+    sources = [row["source"] for row in init if row["name"].endswith("self_attn.q_proj.weight")]
+    assert sources == ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.self_attn.q_proj.weight"]
+    assert main([*args, "--resume"]) == 0
+    assert len([r for r in read_metrics(run) if r["split"] == "train"]) == 2
+    for row in init:  # the run as if built of layers 0 and 3
+        row["source"] = row["source"] and row["source"].replace("model.layers.2.", "model.layers.3.")
+    (run / "student_init.json").write_text(json.dumps(init))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main([*args, "--steps", "3", "--resume", "--force"]) == 2
+    assert re.fullmatch(r"tailkd: error: cannot resume \S+: the student built now differs from the run's "
+                        r"\(student_init\.json\): model\.layers\.1\.\S+ built from model\.layers\.2\.\S+, the "
+                        r"run's from model\.layers\.3\.\S+: the student settings changed, or a student chosen from "
+                        r"calibration rows .* came out otherwise here; resume with the run's settings on the machine "
+                        r"and data it started with", capsys.readouterr().err.splitlines()[-1])
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
 def test_a_student_built_from_a_deepseek_v3_teacher_narrows_its_latent_attention_by_whole_heads(assets, tmp_path):

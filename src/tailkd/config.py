@@ -35,6 +35,7 @@ from tailkd.errors import TailkdError
 TEACHER_DTYPES = ("auto", "bf16", "fp32")
 MLP_INITS = ("random", "copy")
 EXPERT_CHOICES = ("first", "used")  # which routed experts a student with fewer than its teacher keeps
+LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num_layers keeps
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -195,8 +196,9 @@ class TeacherConfig:
 
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
-BUILD_KEYS = ("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_experts",
-              "num_experts_per_tok", "experts", "calibration_rows", "head_dim", "mlp_init", "tie_embeddings")
+BUILD_KEYS = ("num_layers", "layers", "layer_choice", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+              "num_experts", "num_experts_per_tok", "experts", "calibration_rows", "head_dim", "mlp_init",
+              "tie_embeddings")
 
 
 @dataclass
@@ -206,6 +208,10 @@ class StudentConfig:
                                    "the student is built from the teacher")
     num_layers: Optional[int] = _f(6, "layers of the student built from the teacher (evenly spaced)")
     layers: Optional[list[int]] = _f(None, "explicit teacher layer indices for the student (overrides num_layers)")
+    layer_choice: str = _f("spaced", "which num_layers teacher layers the student keeps: spaced (evenly, the first "
+                                     "and last included; the paper) or influence (those of largest Block Influence, "
+                                     "1 - cos(layer input, layer output), over calibration_rows training rows: "
+                                     "ShortGPT's, Minitron's depth pruning)", choices=LAYER_CHOICES)
     hidden_size: Optional[int] = _f(None, "student hidden size (default: the teacher's)")
     num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
     num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
@@ -220,8 +226,9 @@ class StudentConfig:
                                "(num_experts): first (the teacher's first ones; of each group under group-limited "
                                "routing) or used (per layer the ones the teacher routes the most tokens of "
                                "calibration_rows training rows to; of each group likewise)", choices=EXPERT_CHOICES)
-    calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher routes to count "
-                                   "its experts' use (experts used)")
+    calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher's forward over "
+                                   "which measures its layers (layer_choice influence) and counts its experts' use "
+                                   "(experts used)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
@@ -445,10 +452,14 @@ class DistillConfig:
         if c.student.experts == "used" and c.student.mlp_init != "copy":
             raise TailkdError(f"student.experts=used keeps the experts the teacher uses, but student.mlp_init="
                               f"{c.student.mlp_init} draws the student's experts afresh: add --student.mlp_init copy")
-        if c.student.experts == "used" and c.teacher.parallel == "fsdp":
-            raise TailkdError("student.experts=used counts the experts' use by a forward of the whole teacher before "
-                              "the student is built, which teacher.parallel fsdp (the teacher sharded over the ranks) "
-                              "does not have: use --student.experts first, or --teacher.parallel replicate")
+        for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced")):
+            if getattr(c.student, key) == value and c.teacher.parallel == "fsdp":
+                raise TailkdError(f"student.{key}={value} reads a forward of the whole teacher before the student is "
+                                  "built, which teacher.parallel fsdp (the teacher sharded over the ranks) does not "
+                                  f"have: use --student.{key} {other}, or --teacher.parallel replicate")
+        if c.student.layer_choice == "influence" and c.student.layers is not None:
+            raise TailkdError("student.layer_choice=influence chooses the student's layers, and student.layers lists "
+                              "them: drop one of the two")
         check_at_least(c, "data.seq_len", 2, " (a row needs a token and its successor)")  # as eval's
         check_out_path(c, "train.out_dir", folder=True)
         check_data(c)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 #   gate_up_pairs  an interleaved [gate_0, up_0, gate_1, up_1, ...] projection (GPT-OSS's experts): the first pairs
 #   expert   a mixture's routed experts (the router's rows and score-correction bias, the experts' leading axis):
 #            the first num_experts; under group-limited routing (n_group groups: GLM-4.5, DeepSeek-V3) the first
-#            num_experts / n_group of each group (with experts "used", per layer the most used: tailkd.expert_use)
+#            num_experts / n_group of each group (with experts "used", per layer the most used: tailkd.calibration)
 #   ff_shared  a mixture's shared experts, one MLP of n_shared_experts x the routed width: its first units, the
 #            student's routed width x n_shared_experts
 #   head     whole query heads: the kept query heads' blocks of rows, whatever a head's size (GPT-OSS's attention

@@ -228,12 +228,15 @@ def _first_config_leftover(path: Path) -> bool:
     return re.fullmatch(r"\.tmp-config\.yaml-\d+(@.+)?", path.name) is not None and path.is_file()
 
 
-def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: dict | None = None) -> None:
+def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: list | None = None) -> None:
     """Rank 0 (`distributed.on_main_then_all`: an error here is raised on every rank): create (or replace, with
     --overwrite) the run folder and save the resolved config, and ``student_init`` (how a student built from the
-    teacher was initialised) as student_init.json. A resume writes nothing here: a config changed with --force is
-    saved by `replace_config` once the checkpoint has loaded."""
+    teacher was initialised) as student_init.json. A resume writes nothing here (its student is checked against the
+    run's student_init.json: `check_student_init`): a config changed with --force is saved by `replace_config` once
+    the checkpoint has loaded."""
     if resuming:
+        if student_init is not None:
+            check_student_init(out, student_init)
         return
     if out.exists() and cfg.train.overwrite:
         if out.is_symlink():  # a link to a folder elsewhere (another disk): its run is replaced, the link stays
@@ -262,6 +265,29 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: d
         except OSError as exc:
             raise TailkdError(f"could not write {out / 'student_init.json'} ({exc.strerror or exc}); free disk space "
                               "and run the command again with --overwrite") from exc
+
+
+def check_student_init(out: Path, student_init: list[dict]) -> None:
+    """A resume's student built from the teacher is the run's: each parameter from the same teacher tensor (and, kept
+    by use, the same experts) as its student_init.json says, else a TailkdError naming the first that differs — a
+    student built from calibration rows (``student.layer_choice influence``, ``student.experts used``) can come out
+    otherwise on another machine (another float rounding of a near tie) or over changed data. A run without the file
+    (or an unreadable one) is not checked."""
+    try:
+        saved = jsonfile.loads((out / "student_init.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    def key(row: dict) -> tuple:
+        return row.get("name"), row.get("source"), row.get("experts")
+
+    for was, now in zip(saved, student_init):
+        if key(was) != key(now):
+            what = (f"its experts {now.get('experts')}, the run's {was.get('experts')}" if was.get("source") ==
+                    now.get("source") else f"built from {now.get('source')}, the run's from {was.get('source')}")
+            raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
+                              f"{now.get('name')} {what}: the student settings changed, or a student chosen from "
+                              "calibration rows (student.layer_choice influence, student.experts used) came out "
+                              "otherwise here; resume with the run's settings on the machine and data it started with")
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:

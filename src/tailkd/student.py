@@ -57,7 +57,7 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
          its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
          ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
-         (`tailkd.expert_use`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
+         (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
          moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved gate/up pairs are kept as
          pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs —
          its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or
@@ -161,7 +161,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tailkd.config import EXPERT_CHOICES, MLP_INITS
+from tailkd.config import EXPERT_CHOICES, LAYER_CHOICES, MLP_INITS
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 
@@ -702,19 +702,23 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
                   num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
-                  calibration=None):
+                  layer_choice: str = "spaced", calibration=None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
+    ``layer_choice``: which teacher layers a student of ``num_layers`` keeps — "spaced" (evenly, see the module
+    docstring) or "influence" (the ``num_layers`` of largest Block Influence over ``calibration()``'s batches, see
+    `tailkd.calibration`); ``layers`` lists them instead.
     ``experts``: which routed experts a student with fewer than the teacher's copies (``mlp_init="copy"``) — "first"
     (the teacher's first ones; of each group under group-limited routing) or "used" (per layer the ones the teacher
     routes the most real tokens to over ``calibration()``'s batches, dicts of ``input_ids`` and optionally
-    ``attention_mask``; see `tailkd.expert_use`). ``calibration`` is called only where a choice is to be made.
+    ``attention_mask``; see `tailkd.calibration`). ``calibration`` is called only where a choice is to be made.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
-    "copied" (same shape), "truncated" (a slice of `source`) or "random" (source None); under "used" a routed
-    layer's expert tensors add ``"experts"`` (the teacher's experts kept, in the student's order) and
-    ``"routed_share"`` (the share of that layer's calibration routings that went to them).
+    "copied" (same shape), "truncated" (a slice of `source`) or "random" (source None); under "influence" a layer's
+    tensors add ``"block_influence"`` (their teacher layer's), under "used" a routed layer's expert tensors add
+    ``"experts"`` (the teacher's experts kept, in the student's order) and ``"routed_share"`` (the share of that
+    layer's calibration routings that went to them).
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
@@ -723,6 +727,11 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if experts == "used" and mlp_init != "copy":
         raise TailkdError(f"experts=used keeps the experts the teacher uses, but mlp_init={mlp_init} draws the "
                           "student's experts afresh: use mlp_init copy")
+    influence = None
+    if layer_choice not in LAYER_CHOICES:
+        raise TailkdError(f"layer_choice={layer_choice!r}: use one of {', '.join(LAYER_CHOICES)}")
+    if layer_choice == "influence":
+        layers, num_layers, influence = _layers_by_influence(teacher, layers, num_layers, calibration)
     if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher.config, "quantization_config", None):
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
@@ -769,6 +778,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
             table.append({"name": name, "shape": list(param.shape), "source": source,
                           "action": "random" if source is None else "copied" if same else "truncated"})
             layer = _in_layer(name, fam)[0]
+            if layer is not None and influence is not None:
+                table[-1]["block_influence"] = round(float(influence[chosen[layer]]), 6)
             if layer is not None and chosen[layer] in kept and "expert" in (_copy_rule(name, fam, "copy")[1] or ()):
                 table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
         persistent = set(student.state_dict())
@@ -780,6 +791,25 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         row["frozen"] = row["name"] in frozen
     student.train()
     return student, table
+
+
+def _layers_by_influence(teacher, layers, num_layers, calibration):
+    """``(layers, num_layers, influence)`` for `build_student` under layer_choice "influence": the ``num_layers``
+    teacher layers of largest Block Influence (`tailkd.calibration`), each layer's influence (float64 [L]); unchanged
+    and None where a student keeps every layer (or a number `choose_layers` refuses)."""
+    if layers is not None:
+        raise TailkdError("layer_choice=influence chooses the student's layers, and layers lists them: drop one of "
+                          "the two")
+    fam = config_family(teacher.config, family_spec(teacher))
+    total = teacher_dims(teacher.config, fam).layers
+    if num_layers is None or not 1 <= num_layers < total:
+        return layers, num_layers, None
+    if calibration is None:
+        raise TailkdError("layer_choice=influence needs calibration rows to measure the teacher's layers over")
+    from tailkd.calibration import block_influence, most_influential
+
+    influence, _ = block_influence(teacher, fam, calibration())
+    return most_influential(influence, num_layers), None, influence
 
 
 def _experts_by_use(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], experts: str, calibration):
@@ -795,7 +825,7 @@ def _experts_by_use(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], e
         return {}, {}
     if calibration is None:
         raise TailkdError("experts=used needs calibration rows to count the teacher's routing over")
-    from tailkd.expert_use import kept_experts, routed_counts
+    from tailkd.calibration import kept_experts, routed_counts
 
     counts, _ = routed_counts(teacher, fam, calibration(), sorted(set(chosen)))
     kept = {i: kept_experts(c, s.experts, t.expert_groups) for i, c in counts.items()}

@@ -1,14 +1,17 @@
-"""Experts kept by use (`tailkd.expert_use`, ``build_student(experts="used")``): the counts are the teacher's routing
-(an independent top-k of its router logits), the choice is the most used per layer (per group), and a student that
-keeps exactly the experts its teacher routes to computes the teacher's function."""
+"""A student built from calibration rows (`tailkd.calibration`). Layers by influence (``build_student(layer_choice=
+"influence")``): the Block Influence is 1 - cos of a layer's input and output hidden states (an independent float64
+computation from the hidden states the model returns), the choice the most influential, and a student that drops
+exactly the layers that do nothing computes the teacher's function. Experts by use (``experts="used"``): the counts
+are the teacher's routing (an independent top-k of its router logits), the choice the most used per layer (per
+group), and a student that keeps exactly the experts its teacher routes to computes the teacher's function."""
 
 import pytest
 import torch
 import transformers
 from test_student_families import CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
+from tailkd.calibration import block_influence, experts_module, kept_experts, most_influential, routed_counts
 from tailkd.errors import TailkdError
-from tailkd.expert_use import experts_module, kept_experts, routed_counts
 from tailkd.student import build_student, config_family, family_spec
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
@@ -181,3 +184,106 @@ def test_a_dense_teacher_refuses_experts_used():
     with pytest.raises(TailkdError, match=r"^experts=used chooses among a mixture's routed experts, but Llama is not "
                                           r"a mixture of experts: drop it$"):
         build_student(teacher, num_layers=1, mlp_init="copy", experts="used", calibration=lambda: [])
+
+
+# --------------------------------------------------------------------------- layers by influence
+
+
+def test_block_influence_is_one_minus_the_cosine_of_a_layers_input_and_output():
+    """Helium (Llama's layout): the hidden states its forward returns are each layer's input (and the last one's output
+    after the final norm): the influence of layers 0..L-2 equals 1 - cos of consecutive ones, averaged over the real
+    tokens in float64 (float32 hidden states; rtol 1e-6: a few ulps of the cosines' float64 mean), and of the last layer
+    the same with its output taken by a hook before the norm."""
+    teacher = make_teacher("helium")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    influence, tokens = block_influence(teacher, fam, [{"input_ids": ids, "attention_mask": mask}])
+    assert tokens == 13 + 7 + 13 and influence.dtype == torch.float64 and influence.shape == (N_LAYERS,)
+    last = {}
+    handle = teacher.model.layers[-1].register_forward_hook(lambda m, a, out: last.update(out=out))
+    with torch.no_grad():
+        states = list(teacher(ids, output_hidden_states=True, use_cache=False).hidden_states[:-1])
+    handle.remove()
+    states.append(last["out"][0] if isinstance(last["out"], tuple) else last["out"])
+    real = mask.bool()
+    for i in range(N_LAYERS):
+        x, y = states[i][real].double(), states[i + 1][real].double()
+        cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+        assert float(influence[i]) == pytest.approx(1 - float(cos.mean()), rel=1e-6, abs=1e-12), i
+
+
+def test_most_influential_ties_to_the_lower_index():
+    influence = torch.tensor([0.3, 0.1, 0.5, 0.1, 0.3], dtype=torch.float64)
+    assert most_influential(influence, 2) == [0, 2]
+    assert most_influential(influence, 3) == [0, 2, 4]
+    assert most_influential(influence, 4) == [0, 1, 2, 4]
+
+
+def _do_nothing(teacher, layers):
+    """Make ``layers`` of a Helium teacher (Llama's layout) leave the residual stream as they found it: their o_proj and
+    down_proj weights zero (attention and MLP add exact zeros)."""
+    with torch.no_grad():
+        for i in layers:
+            teacher.model.layers[i].self_attn.o_proj.weight.zero_()
+            teacher.model.layers[i].mlp.down_proj.weight.zero_()
+
+
+def test_a_student_dropping_the_layers_that_do_nothing_is_its_teacher():
+    """Where Helium layers 2 and 4 add nothing (Block Influence 0), a student of 3 layers by influence keeps 0, 1, 3
+    and computes the teacher's logits (the same operations on the same weights, bit for bit); evenly spaced (0, 2, 4)
+    it does not. The table gives each layer's influence."""
+    teacher = make_teacher("helium")
+    _do_nothing(teacher, [2, 4])
+    calls = []
+
+    def calibration():
+        calls.append(1)
+        return [{"input_ids": _ids(7, (2, 13))}]
+
+    student, table = build_student(teacher, num_layers=3, layer_choice="influence", calibration=calibration,
+                                   mlp_init="copy")
+    assert len(calls) == 1
+    rows = {row["name"]: row for row in table}
+    assert [rows[f"model.layers.{j}.self_attn.q_proj.weight"]["source"] for j in range(3)] == [
+        f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1, 3)]
+    assert rows["model.layers.2.mlp.down_proj.weight"]["block_influence"] > 0
+    assert "block_influence" not in rows["model.embed_tokens.weight"]
+    ids = _ids(8, (2, 13))
+    assert torch.equal(_logits(student, ids), _logits(teacher, ids))
+    spaced, _ = build_student(teacher, num_layers=3, mlp_init="copy")
+    assert not torch.allclose(_logits(spaced, ids), _logits(teacher, ids), atol=1e-3)
+
+
+def test_influence_keeps_the_per_layer_settings_of_the_layers_it_chooses():
+    """Gemma3's sliding / full layers follow the layers influence keeps (as they follow a list of layers)."""
+    teacher = make_teacher("gemma3")
+    kinds = teacher.config.layer_types
+    fam = config_family(teacher.config, family_spec(teacher))
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    expected = most_influential(block_influence(teacher, fam, batches)[0], 3)
+    student, _ = build_student(teacher, num_layers=3, layer_choice="influence", calibration=lambda: batches)
+    assert student.config.layer_types == [kinds[i] for i in expected]
+
+
+def test_every_layer_kept_or_spaced_needs_no_calibration():
+    teacher = make_teacher("helium")
+
+    def calibration():
+        raise AssertionError("no calibration forward where nothing is chosen")
+
+    for kwargs in ({"layer_choice": "influence"}, {"layer_choice": "influence", "num_layers": N_LAYERS},
+                   {"num_layers": 3}):
+        build_student(teacher, calibration=calibration, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layer_choice": "best"}, r"^layer_choice='best': use one of spaced, influence$"),
+    ({"layer_choice": "influence", "num_layers": 3}, r"^layer_choice=influence needs calibration rows"),
+    ({"layer_choice": "influence", "layers": [0, 1]}, r"^layer_choice=influence chooses the student's layers, and "
+                                                      r"layers lists them: drop one of the two$"),
+])
+def test_bad_layer_choices_are_refused(kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_teacher("helium"), **kwargs)

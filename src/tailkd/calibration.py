@@ -1,0 +1,165 @@
+"""What a teacher's forward over calibration rows says about its layers and experts, for a student built from it.
+
+Two choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
+student: evenly spaced layers, the first experts):
+
+Layers (``layer_choice="influence"``): the ``num_layers`` teacher layers of largest Block Influence — ShortGPT's
+importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidharan et al., 2024) — kept in order:
+
+    BI[i] = 1 - mean over real tokens t of cos(x_i[t], y_i[t])     x_i, y_i: layer i's input and output hidden states
+
+A layer that leaves the residual stream as it found it (BI 0) is the first a student drops.
+
+Experts (``experts="used"``): per layer the ``num_experts`` experts the teacher routes the most tokens to — the
+expert-pruning-by-frequency choice of the MoE compression literature (e.g. "Not All Experts are Equal", Lu et al.,
+2024, as its frequency baseline):
+
+    count[i, e] = #{(real token t, slot j < k): the teacher's layer i routes t to expert e in slot j}
+    kept[i]     = the n experts of largest count[i, :], ties to the lower index, listed in increasing order
+
+Under group-limited routing (``n_group`` groups: DeepSeek-V3, GLM-4.5) each group keeps its own n / n_group most used,
+so the student's experts fill its groups as the teacher's do (`tailkd.student` checks the sizes). The counts are the
+routing decisions themselves, whatever the router's rule (softmax top-k, sigmoid scores with a correction bias, group
+limits, a sparsemixer): transformers 5 hands every mixture's experts module the chosen indices
+(``experts(hidden_states, top_k_index, top_k_weights)``; GPT-OSS's ``router_indices``), read here by a forward pre-hook.
+
+Both count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
+forward of the teacher's decoder (no LM head) per batch, on the teacher's device, in its dtype, under no_grad.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tailkd.errors import TailkdError
+from tailkd.families import Family
+
+__all__ = ["block_influence", "experts_module", "kept_experts", "most_influential", "routed_counts"]
+
+
+def experts_module(fam: Family) -> str:
+    """The path, inside one of `fam`'s layers, of the module holding its routed experts (``mlp.experts``)."""
+    names = [name for name, axes in fam.layer_params.items() if "expert" in axes and ".experts." in f".{name}"]
+    if not names:  # a bug in a table, not a user error
+        raise RuntimeError(f"{fam.label} has no experts module in its table")
+    return names[0][: names[0].index("experts.")] + "experts"
+
+
+def _indices(args, kwargs) -> torch.Tensor:
+    """The routed experts' indices an experts module is called with: ``[tokens, k]`` integers."""
+    if len(args) > 1:
+        return args[1]
+    for key in ("top_k_index", "router_indices"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    raise RuntimeError("an experts module was called without its routed indices (a transformers release whose "
+                       "mixtures call their experts otherwise: `tailkd.calibration` needs updating)")
+
+
+def _forward(teacher, batches, real: dict) -> int:
+    """Run the teacher's decoder over ``batches``, ``real["mask"]`` each batch's flattened real-token mask (None
+    without padding) while its forward runs; the real tokens seen. Eval mode for the pass, restored after."""
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    tokens = 0
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            real["mask"] = None if mask is None else mask.reshape(-1).bool().to(device)
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            teacher.base_model(input_ids=batch["input_ids"].to(device), use_cache=False)
+    finally:
+        teacher.train(was_training)
+    return tokens
+
+
+@torch.no_grad()
+def block_influence(teacher, fam: Family, batches) -> tuple[torch.Tensor, int]:
+    """``(BI float64 [L], real tokens)``: each teacher layer's Block Influence over ``batches`` (see the module
+    docstring), read by hooks on the layer modules (their input and output hidden states, cosine in float64)."""
+    layers = teacher.get_submodule(fam.layer_prefix.rstrip("."))  # the ModuleList
+    total = torch.zeros(len(layers), dtype=torch.float64)
+    real, inputs = {"mask": None}, {}
+
+    def take_input(i):
+        def hook(module, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def take_output(i):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            x, y = inputs.pop(i).reshape(-1, out.shape[-1]), out.reshape(-1, out.shape[-1])
+            if real["mask"] is not None:
+                x, y = x[real["mask"]], y[real["mask"]]
+            total[i] += torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum().cpu()
+        return hook
+
+    handles = [h for i, layer in enumerate(layers) for h in (
+        layer.register_forward_pre_hook(take_input(i), with_kwargs=True),
+        layer.register_forward_hook(take_output(i), with_kwargs=True))]
+    try:
+        tokens = _forward(teacher, batches, real)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not tokens:
+        raise TailkdError("the calibration rows hold no real token: layer_choice=influence has nothing to measure")
+    return 1.0 - total / tokens, tokens
+
+
+def most_influential(influence: torch.Tensor, n: int) -> list[int]:
+    """The ``n`` layers of largest ``influence`` (ties to the lower index), in increasing order."""
+    return sorted(torch.sort(-influence, stable=True).indices[:n].tolist())
+
+
+@torch.no_grad()
+def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: int64 [E] tokens routed to each expert}, real tokens)`` over ``batches`` (dicts of
+    ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``), for the routed layers among ``layers``."""
+    prefix = fam.layer_prefix
+    path = experts_module(fam)
+    modules = {}
+    for i in layers:
+        try:
+            modules[i] = teacher.get_submodule(f"{prefix}{i}.{path}")
+        except AttributeError:  # a dense layer of a mixture (DeepSeek's first layers, Qwen-MoE's mlp_only_layers)
+            continue
+    if not modules:
+        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, layers))}) routes to experts: "
+                          "student.experts=used has nothing to count; drop it")
+    experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
+    counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
+    real = {"mask": None}
+
+    def hook(i):
+        def count(module, args, kwargs):
+            chosen = _indices(args, kwargs)  # [tokens, k]
+            chosen = chosen.reshape(-1, chosen.shape[-1]) if chosen.dim() > 1 else chosen.reshape(-1, 1)
+            if real["mask"] is not None:
+                if chosen.shape[0] != real["mask"].numel():  # a bug, not a user error
+                    raise RuntimeError(f"layer {i}'s experts saw {chosen.shape[0]} tokens, the batch has "
+                                       f"{real['mask'].numel()}")
+                chosen = chosen[real["mask"]]
+            counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
+        return count
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
+    try:
+        tokens = _forward(teacher, batches, real)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts, tokens
+
+
+def kept_experts(counts: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
+    """The ``n`` experts of one layer a student keeps by ``counts`` ``[E]``: within each of ``groups`` equal groups
+    of consecutive experts its n / groups most used (ties to the lower index), all in increasing order."""
+    size, per = counts.numel() // groups, n // groups
+    kept = []
+    for g in range(groups):
+        order = torch.sort(-counts[g * size:(g + 1) * size], stable=True).indices[:per]
+        kept.append(g * size + order.sort().values)
+    return torch.cat(kept)
