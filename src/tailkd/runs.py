@@ -228,14 +228,16 @@ def _first_config_leftover(path: Path) -> bool:
     return re.fullmatch(r"\.tmp-config\.yaml-\d+(@.+)?", path.name) is not None and path.is_file()
 
 
-def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: list | None = None) -> None:
+def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: list | None = None,
+                  changes: list[str] = ()) -> None:
     """Rank 0 (`distributed.on_main_then_all`: an error here is raised on every rank): create (or replace, with
     --overwrite) the run folder and save the resolved config, and ``student_init`` (how a student built from the
     teacher was initialised) as student_init.json. A resume writes nothing here (its student is checked against the
-    run's student_init.json: `check_student_init`): a config changed with --force is saved by `replace_config` once
+    run's student_init.json, `check_student_init`, unless --force changed a student setting: then the checkpoint's
+    own check says what does not fit): a config changed with --force (``changes``) is saved by `replace_config` once
     the checkpoint has loaded."""
     if resuming:
-        if student_init is not None:
+        if student_init is not None and not any(change.startswith("student.") for change in changes):
             check_student_init(out, student_init)
         return
     if out.exists() and cfg.train.overwrite:
@@ -271,8 +273,8 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
     """A resume's student built from the teacher is the run's: each parameter from the same teacher tensor (and, kept
     by use, the same experts) as its student_init.json says, else a TailkdError naming the first that differs — a
     student built from calibration rows (``student.layer_choice influence``, ``student.experts used``) can come out
-    otherwise on another machine (another float rounding of a near tie) or over changed data. A run without the file
-    (or an unreadable one) is not checked."""
+    otherwise on another machine (another float rounding of a near tie), over changed data or from a changed teacher.
+    A run without the file (or an unreadable one) is not checked."""
     try:
         saved = jsonfile.loads((out / "student_init.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -285,9 +287,9 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
             what = (f"its experts {now.get('experts')}, the run's {was.get('experts')}" if was.get("source") ==
                     now.get("source") else f"built from {now.get('source')}, the run's from {was.get('source')}")
             raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
-                              f"{now.get('name')} {what}: the student settings changed, or a student chosen from "
-                              "calibration rows (student.layer_choice influence, student.experts used) came out "
-                              "otherwise here; resume with the run's settings on the machine and data it started with")
+                              f"{now.get('name')} {what}: a student chosen from calibration rows "
+                              "(student.layer_choice influence, student.experts used) came out otherwise here; resume "
+                              "on the machine, data and teacher the run started with")
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:

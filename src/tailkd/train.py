@@ -267,7 +267,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
                  "(its config's output_router_logits, router_aux_loss_coef; the metrics' aux term)")
 
     # every input checked out: only now touch the run folder
-    dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, student_init=table), main_only=True)
+    dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, student_init=table, changes=changes),
+                          main_only=True)
     dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
                                                                    else ""))
     if cfg.train.compile:
