@@ -232,12 +232,13 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
                   changes: list[str] = ()) -> None:
     """Rank 0 (`distributed.on_main_then_all`: an error here is raised on every rank): create (or replace, with
     --overwrite) the run folder and save the resolved config, and ``student_init`` (how a student built from the
-    teacher was initialised) as student_init.json. A resume writes nothing here (its student is checked against the
-    run's student_init.json, `check_student_init`, unless --force changed a student setting: then the checkpoint's
-    own check says what does not fit): a config changed with --force (``changes``) is saved by `replace_config` once
-    the checkpoint has loaded."""
+    teacher was initialised) as student_init.json. A resume writes nothing here (a student chosen from calibration
+    rows is checked against the run's student_init.json, `check_student_init`, unless --force changed a student
+    setting: then the checkpoint's own check says what does not fit): a config changed with --force (``changes``) is
+    saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
-        if student_init is not None and not any(change.startswith("student.") for change in changes):
+        calibrated = cfg.student.layer_choice == "influence" or cfg.student.experts == "used"
+        if calibrated and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
     if out.exists() and cfg.train.overwrite:
@@ -279,6 +280,9 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
         saved = jsonfile.loads((out / "student_init.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
+    if not isinstance(saved, list) or not all(isinstance(row, dict) for row in saved):
+        return
+
     def key(row: dict) -> tuple:
         return row.get("name"), row.get("source"), row.get("experts")
 
