@@ -3,10 +3,11 @@
 The student is a regular Hugging Face model of the teacher's class (`from_config`), so it saves and
 loads like any other. What is copied, and how:
 
-Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced with the first and the last
-         included: ``layers[j] = floor(j * (L - 1) / (n - 1) + 1/2)`` (rounded linspace; n = 1 → [0]).
-         Per-layer config lists follow the chosen layers (``layer_types``: sliding vs full attention, which
-         also picks Gemma3's local/global RoPE), and "from layer N on" thresholds are renumbered
+Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced with the first and the last included:
+         ``layers[j] = floor(j * (L - 1) / (n - 1) + 1/2)`` (rounded linspace; n = 1 → [0]), or with
+         ``layer_choice="influence"`` the n of largest Block Influence over calibration rows (`tailkd.calibration`).
+         Per-layer config lists follow the chosen layers (``layer_types``: sliding vs full attention, which also picks
+         Gemma3's local/global RoPE), and "from layer N on" thresholds are renumbered
          (``max_window_layers`` becomes the number of chosen layers below it). A teacher whose layers compute
          with their own index (GPT-2's ``scale_attn_by_inverse_layer_idx``: layer i's attention scores / (i + 1),
          which a config cannot set per layer) gives a student of its first n layers only: other choices are
