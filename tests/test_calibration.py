@@ -8,14 +8,33 @@ group), and a student that keeps exactly the experts its teacher routes to compu
 import pytest
 import torch
 import transformers
+from conftest import TINY_VOCAB
 from test_student_families import CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
-from tailkd.calibration import block_influence, experts_module, kept_experts, most_influential, routed_counts
+from tailkd.calibration import (
+    block_influence,
+    experts_module,
+    kept_experts,
+    most_active,
+    most_influential,
+    routed_counts,
+    unit_activity,
+)
 from tailkd.errors import TailkdError
 from tailkd.student import build_student, config_family, family_spec
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
     key in extra for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))]
+
+
+def _computes_the_teacher(student, teacher, first):
+    """``student`` computes ``teacher``'s logits (atol 1e-5 of the largest: the same operations on the same weights up
+    to the order of a few terms, some exact zeros, in float32 sums of ≤ 96 terms), the student of the first ones
+    (``first``) does not (by more than 1e-2 of the largest)."""
+    ids = _ids(8, (2, 13))
+    scale = _logits(teacher, ids).abs().max()
+    torch.testing.assert_close(_logits(student, ids), _logits(teacher, ids), rtol=0, atol=1e-5 * scale)
+    assert (_logits(first, ids) - _logits(teacher, ids)).abs().max() > 1e-2 * scale
 
 
 def _experts(model, i):
@@ -114,11 +133,8 @@ def test_a_student_keeping_the_routed_experts_is_its_teacher():
             assert (row["experts"], row["routed_share"]) == (kept, 1.0), (i, name)
         assert torch.equal(student.model.layers[i].mlp.experts.gate_up_proj,
                            teacher.model.layers[i].mlp.experts.gate_up_proj[kept])
-    ids = _ids(8, (2, 13))
-    scale = _logits(teacher, ids).abs().max()
-    torch.testing.assert_close(_logits(student, ids), _logits(teacher, ids), rtol=0, atol=1e-5 * scale)
-    first, _ = build_student(teacher, num_layers=N_LAYERS, num_experts=2, mlp_init="copy")
-    assert (_logits(first, ids) - _logits(teacher, ids)).abs().max() > 1e-2 * scale
+    _computes_the_teacher(student, teacher, build_student(teacher, num_layers=N_LAYERS, num_experts=2,
+                                                          mlp_init="copy")[0])
 
 
 def test_group_limited_routing_keeps_the_most_used_of_each_group_in_layer_subsets():
@@ -287,3 +303,110 @@ def test_every_layer_kept_or_spaced_needs_no_calibration():
 def test_bad_layer_choices_are_refused(kwargs, message):
     with pytest.raises(TailkdError, match=message):
         build_student(make_teacher("helium"), **kwargs)
+
+
+# --------------------------------------------------------------------------- MLP units by activity
+
+
+def test_unit_activity_is_the_mean_absolute_input_of_the_down_projection():
+    """Helium (Llama's gated MLP): each unit's activity equals mean |silu(x W_gate^T) * (x W_up^T)| over the real
+    tokens, x the MLP's input (its norm's output, taken by a hook), recomputed in float64 (rtol 1e-5: the model's
+    float32 products of 64-term dot products, ~64 u relative, and the mean of such terms)."""
+    teacher = make_teacher("helium")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    activity, tokens = unit_activity(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], [1, 3])
+    assert sorted(activity) == [1, 3] and tokens == 13 + 13 + 5
+    for i in (1, 3):
+        mlp_in = {}
+        layer = teacher.model.layers[i]
+        handle = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: mlp_in.update(x=out))
+        with torch.no_grad():
+            teacher(ids, use_cache=False)
+        handle.remove()
+        x = mlp_in["x"][mask.bool()].double()
+        gate, up = x @ layer.mlp.gate_proj.weight.double().T, x @ layer.mlp.up_proj.weight.double().T
+        a = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(activity[i], a.abs().mean(0), rtol=1e-5, atol=0)
+
+
+def test_most_active_units_ties_to_the_lower_index():
+    activity = torch.tensor([0.2, 0.5, 0.2, 0.0, 0.5], dtype=torch.float64)
+    assert most_active(activity, 2).tolist() == [1, 4]
+    assert most_active(activity, 3).tolist() == [0, 1, 4]
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=N_LAYERS, n_head=4, n_inner=96,
+                                     n_positions=64)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _silence(teacher, family, dead):
+    """Make the units ``dead[i]`` of layer i's MLP produce exactly 0 at the down projection's input: the up side's
+    rows (columns of GPT-2's Conv1D) and biases zero, act(0) = 0."""
+    with torch.no_grad():
+        for i, units in dead.items():
+            if family == "gpt2":
+                mlp = teacher.transformer.h[i].mlp
+                mlp.c_fc.weight[:, units] = 0
+                mlp.c_fc.bias[units] = 0
+            elif family == "falcon":
+                teacher.transformer.h[i].mlp.dense_h_to_4h.weight[units] = 0
+            elif family == "phi3":
+                w = teacher.model.layers[i].mlp.gate_up_proj.weight
+                w[units] = 0
+                w[[96 + u for u in units]] = 0
+            else:
+                mlp = teacher.model.layers[i].mlp
+                mlp.gate_proj.weight[units] = 0
+                mlp.up_proj.weight[units] = 0
+
+
+@pytest.mark.parametrize("family", ["helium", "phi3", "falcon", "gpt2"])
+def test_a_student_keeping_the_active_mlp_units_is_its_teacher(family):
+    """Where half of every layer's 96 MLP units (a different half per layer) output exactly 0, a student of every
+    layer with intermediate_size 48 by activity keeps, per layer, the other half and computes the teacher's logits
+    (the same operations on the same weights up to the order of 48 zero terms in each sum); by the first units it
+    does not. Gated (Helium), fused gate/up (Phi-3), ungated parallel (Falcon) and Conv1D (GPT-2) MLPs."""
+    teacher = _gpt2() if family == "gpt2" else make_teacher(family)
+    dead = {i: [u for u in range(96) if (u // 3 + i) % 2 == 0] for i in range(N_LAYERS)}
+    _silence(teacher, family, dead)
+    student, table = build_student(teacher, num_layers=N_LAYERS, intermediate_size=48, mlp_init="copy",
+                                   mlp_units="active", calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])
+    rows = [row for row in table if "units" in row]
+    assert len(rows) >= 2 * N_LAYERS and all(row["active_share"] == 1.0 for row in rows)
+    assert all(row["units"].startswith("48 of 96, sha1 ") for row in rows)
+    _computes_the_teacher(student, teacher, build_student(teacher, num_layers=N_LAYERS, intermediate_size=48,
+                                                          mlp_init="copy")[0])
+
+
+def test_the_teachers_width_or_the_first_units_need_no_calibration():
+    teacher = make_teacher("helium")
+
+    def calibration():
+        raise AssertionError("no calibration forward where nothing is chosen")
+
+    build_student(teacher, layers=SUBSET, mlp_init="copy", mlp_units="active", calibration=calibration)
+    build_student(teacher, layers=SUBSET, intermediate_size=40, mlp_init="copy", calibration=calibration)
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("helium", {"mlp_units": "most"}, r"^mlp_units='most': use one of first, active$"),
+    ("helium", {"mlp_units": "active", "intermediate_size": 40}, r"^mlp_units=active keeps the MLP units the teacher "
+                                                                 r"uses most, but mlp_init=random draws the student's "
+                                                                 r"MLP afresh: use mlp_init copy$"),
+    ("helium", {"mlp_units": "active", "intermediate_size": 40, "mlp_init": "copy"},
+     r"^mlp_units=active needs calibration rows"),
+    ("mixtral", {"mlp_units": "active", "mlp_init": "copy"}, r"^mlp_units=active chooses the units of a dense MLP cut "
+                                                             r"by intermediate_size, which Mixtral's routed experts "
+                                                             r"are not: drop it$"),
+    ("bloom", {"mlp_units": "active", "mlp_init": "copy"}, r"^mlp_units=active chooses the units of a dense MLP cut "
+                                                           r"by intermediate_size, which Bloom's MLP is not: drop it$"),
+])
+def test_bad_mlp_unit_choices_are_refused(family, kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_teacher(family), layers=SUBSET, **kwargs)

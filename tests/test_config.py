@@ -809,6 +809,7 @@ def test_the_readmes_loss_table_lists_every_knob():
     (["--student.experts", "used", "--student.mlp_init", "copy"], "student.experts='used'"),
     (["--student.calibration_rows", "8"], "student.calibration_rows=8"),
     (["--student.layer_choice", "influence"], "student.layer_choice='influence'"),
+    (["--student.mlp_units", "active", "--student.mlp_init", "copy"], "student.mlp_units='active'"),
 ])
 def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     """An existing student (student.path) is loaded as it is: the settings that shape a student built from the teacher
@@ -827,18 +828,20 @@ def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     (["--student.experts", "used"], r"^student\.experts=used keeps the experts the teacher uses, but "
                                     r"student\.mlp_init=random draws the student's experts afresh: add "
                                     r"--student\.mlp_init copy$"),
-    (["--student.experts", "used", "--student.mlp_init", "copy", "--teacher.parallel", "fsdp"],
-     r"^student\.experts=used reads a forward of the whole teacher before the student is built, which "
-     r"teacher\.parallel fsdp .* use --student\.experts first, or --teacher\.parallel replicate$"),
-    (["--student.layer_choice", "influence", "--teacher.parallel", "fsdp"],
-     r"^student\.layer_choice=influence reads a forward of the whole teacher .* use --student\.layer_choice spaced, "
-     r"or --teacher\.parallel replicate$"),
+    *[([f"--student.{key}", value, "--student.mlp_init", "copy", "--teacher.parallel", "fsdp"],
+       rf"^student\.{key}={value} reads a forward of the whole teacher before the student is built, which "
+       rf"teacher\.parallel fsdp .* use --student\.{key} {other}, or --teacher\.parallel replicate$")
+      for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced"),
+                                ("mlp_units", "active", "first"))],
     (["--student.layer_choice", "influence", "--student.layers", "0", "2"],
      r"^student\.layer_choice=influence chooses the student's layers, and student\.layers lists them: drop one of "
      r"the two$"),
     (["--student.layer_choice", "deep"], r"^student\.layer_choice='deep' must be spaced or influence$"),
+    (["--student.mlp_units", "active"], r"^student\.mlp_units=active keeps the MLP units the teacher uses most, but "
+                                        r"student\.mlp_init=random draws the student's MLP afresh: add "
+                                        r"--student\.mlp_init copy$"),
 ])
-def test_bad_expert_choices_are_refused(flags, message):
+def test_bad_calibrated_student_choices_are_refused(flags, message):
     with pytest.raises(TailkdError, match=message):
         parse(flags).validate()
     ok = parse(["--student.experts", "used", "--student.mlp_init", "copy", "--student.calibration_rows", "1"])

@@ -334,6 +334,24 @@ def test_a_student_keeps_the_most_influential_layers_and_resumes_only_as_built(a
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
+def test_a_student_keeps_the_most_active_mlp_units(assets, tmp_path, capsys):
+    """``--student.mlp_units active`` with a copied, narrower MLP (64 of the assets teacher's 128 units): the run log
+    gives the share of the teacher's activity the kept units had (more than half: the most active half), and
+    student_init.json names how many units each MLP tensor keeps, with a digest of which."""
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "1", "--train.precision", "fp32", "--student.intermediate_size", "64",
+                          "--student.mlp_init", "copy", "--student.mlp_units", "active",
+                          "--student.calibration_rows", "6")) == 0
+    found = re.search(r"MLP units kept by activity \(student\.mlp_units active, student\.calibration_rows 6\): "
+                      r"(\d+\.\d)%-(\d+\.\d)% of the teacher's mean \|activation\| in each of the 2 layers\n",
+                      capsys.readouterr().out)
+    assert found and 50 < float(found.group(1)) <= float(found.group(2)) < 100
+    init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    for name in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+        assert re.fullmatch(r"64 of 128, sha1 [0-9a-f]{16}", init[f"model.layers.1.mlp.{name}"]["units"])
+    assert "units" not in init["model.layers.1.self_attn.q_proj.weight"]
+
+
 def test_a_student_built_from_a_deepseek_v3_teacher_narrows_its_latent_attention_by_whole_heads(assets, tmp_path):
     """A DeepSeek-V3 teacher (multi-head latent attention: q through a rank-24 pair, each head's [key | value] expanded
     from one rank-16 latent; a head's query 8 + 4 rows, its value 12) and a student of 2 layers, 2 of 4 heads and a

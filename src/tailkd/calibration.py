@@ -1,7 +1,7 @@
 """What a teacher's forward over calibration rows says about its layers and experts, for a student built from it.
 
-Two choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
-student: evenly spaced layers, the first experts):
+Three choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
+student: evenly spaced layers, the first experts, the first MLP units):
 
 Layers (``layer_choice="influence"``): the ``num_layers`` teacher layers of largest Block Influence — ShortGPT's
 importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidharan et al., 2024) — kept in order:
@@ -23,7 +23,12 @@ routing decisions themselves, whatever the router's rule (softmax top-k, sigmoid
 limits, a sparsemixer): transformers 5 hands every mixture's experts module the chosen indices
 (``experts(hidden_states, top_k_index, top_k_weights)``; GPT-OSS's ``router_indices``), read here by a forward pre-hook.
 
-Both count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
+MLP units (``mlp_units="active"``, with a copied MLP): per layer the ``intermediate_size`` units of largest mean
+absolute activation at the input of the MLP's down projection — Minitron's activation-based neuron importance:
+
+    A[i, u] = mean over real tokens t of |a_i[t, u]|     a_i: the input of layer i's down projection (act(gate) * up)
+
+All three count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
 forward of the teacher's decoder (no LM head) per batch, on the teacher's device, in its dtype, under no_grad.
 """
 
@@ -34,7 +39,8 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 
-__all__ = ["block_influence", "experts_module", "kept_experts", "most_influential", "routed_counts"]
+__all__ = ["block_influence", "experts_module", "kept_experts", "most_influential", "most_active", "routed_counts",
+           "unit_activity"]
 
 
 def experts_module(fam: Family) -> str:
@@ -56,9 +62,10 @@ def _indices(args, kwargs) -> torch.Tensor:
                        "mixtures call their experts otherwise: `tailkd.calibration` needs updating)")
 
 
-def _forward(teacher, batches, real: dict) -> int:
+def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> int:
     """Run the teacher's decoder over ``batches``, ``real["mask"]`` each batch's flattened real-token mask (None
-    without padding) while its forward runs; the real tokens seen. Eval mode for the pass, restored after."""
+    without padding) while its forward runs; the real tokens seen (none: a TailkdError where ``measure`` names what
+    needs them). Eval mode for the pass, restored after; the hooks ``handles`` removed after."""
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
@@ -70,7 +77,11 @@ def _forward(teacher, batches, real: dict) -> int:
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             teacher.base_model(input_ids=batch["input_ids"].to(device), use_cache=False)
     finally:
+        for handle in handles:
+            handle.remove()
         teacher.train(was_training)
+    if measure and not tokens:
+        raise TailkdError(f"the calibration rows hold no real token: {measure} has nothing to measure")
     return tokens
 
 
@@ -99,13 +110,7 @@ def block_influence(teacher, fam: Family, batches) -> tuple[torch.Tensor, int]:
     handles = [h for i, layer in enumerate(layers) for h in (
         layer.register_forward_pre_hook(take_input(i), with_kwargs=True),
         layer.register_forward_hook(take_output(i), with_kwargs=True))]
-    try:
-        tokens = _forward(teacher, batches, real)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not tokens:
-        raise TailkdError("the calibration rows hold no real token: layer_choice=influence has nothing to measure")
+    tokens = _forward(teacher, batches, real, handles, "layer_choice=influence")
     return 1.0 - total / tokens, tokens
 
 
@@ -146,12 +151,7 @@ def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
         return count
 
     handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
-    try:
-        tokens = _forward(teacher, batches, real)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts, tokens
+    return counts, _forward(teacher, batches, real, handles)
 
 
 def kept_experts(counts: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
@@ -163,3 +163,53 @@ def kept_experts(counts: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
         order = torch.sort(-counts[g * size:(g + 1) * size], stable=True).indices[:per]
         kept.append(g * size + order.sort().values)
     return torch.cat(kept)
+
+
+@torch.no_grad()
+def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: float64 [ff] mean |activation| of each MLP unit}, real tokens)`` over ``batches`` for
+    ``layers``: the input of the layer's down projection, which is the last of its MLP modules (those whose weights
+    the table cuts along ``ff`` / ``gate_up``) to run in the layer's forward."""
+    names = sorted({name.rpartition(".")[0] for name, axes in fam.layer_params.items()
+                    if set(axes) & {"ff", "gate_up"} and name.endswith("weight")})
+    if not names:  # a bug in a table, not a user error (`tailkd.student` refuses such families first)
+        raise RuntimeError(f"{fam.label} has no MLP cut by units in its table")
+    real, last = {"mask": None}, {}
+    total: dict[int, torch.Tensor] = {}
+
+    def take_input(i):
+        def hook(module, args):
+            last[i] = args[0]
+        return hook
+
+    def count(i):
+        def hook(module, args, output):
+            a = last.pop(i)
+            a = a.reshape(-1, a.shape[-1])
+            if real["mask"] is not None:
+                a = a[real["mask"]]
+            summed = a.abs().double().sum(0).cpu()
+            total[i] = summed if i not in total else total[i] + summed
+        return hook
+
+    handles = []
+    for i in layers:
+        layer = teacher.get_submodule(f"{fam.layer_prefix}{i}")
+        handles.append(layer.register_forward_hook(count(i)))
+        handles += [layer.get_submodule(name).register_forward_pre_hook(take_input(i)) for name in names
+                    if _has(layer, name)]
+    tokens = _forward(teacher, batches, real, handles, "mlp_units=active")
+    return {i: t / tokens for i, t in total.items()}, tokens
+
+
+def _has(module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def most_active(activity: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` units of largest ``activity`` (ties to the lower index), in increasing order."""
+    return torch.sort(-activity, stable=True).indices[:n].sort().values

@@ -36,6 +36,7 @@ TEACHER_DTYPES = ("auto", "bf16", "fp32")
 MLP_INITS = ("random", "copy")
 EXPERT_CHOICES = ("first", "used")  # which routed experts a student with fewer than its teacher keeps
 LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num_layers keeps
+MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -197,7 +198,7 @@ class TeacherConfig:
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
 BUILD_KEYS = ("num_layers", "layers", "layer_choice", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
-              "num_experts", "num_experts_per_tok", "experts", "calibration_rows", "head_dim", "mlp_init",
+              "num_experts", "num_experts_per_tok", "experts", "calibration_rows", "head_dim", "mlp_units", "mlp_init",
               "tie_embeddings")
 
 
@@ -227,12 +228,16 @@ class StudentConfig:
                                "routing) or used (per layer the ones the teacher routes the most tokens of "
                                "calibration_rows training rows to; of each group likewise)", choices=EXPERT_CHOICES)
     calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher's forward over "
-                                   "which measures its layers (layer_choice influence) and counts its experts' use "
-                                   "(experts used)")
+                                   "which measures its layers (layer_choice influence), its MLP units (mlp_units "
+                                   "active) and counts its experts' use (experts used)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
                        choices=MLP_INITS)
+    mlp_units: str = _f("first", "which units of a dense MLP a student with a narrower intermediate_size copies "
+                                 "(mlp_init copy): first, or active (per layer those of largest mean |activation| at "
+                                 "the down projection's input over calibration_rows training rows: Minitron's width "
+                                 "importance)", choices=MLP_UNIT_CHOICES)
     freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
     tie_embeddings: Optional[bool] = _f(None, "tie the student's LM head to its input embeddings: true, one matrix "
                                               "copied from the teacher's input embeddings (MiniPLM's Qwen "
@@ -452,7 +457,12 @@ class DistillConfig:
         if c.student.experts == "used" and c.student.mlp_init != "copy":
             raise TailkdError(f"student.experts=used keeps the experts the teacher uses, but student.mlp_init="
                               f"{c.student.mlp_init} draws the student's experts afresh: add --student.mlp_init copy")
-        for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced")):
+        if c.student.mlp_units == "active" and c.student.mlp_init != "copy":
+            raise TailkdError(f"student.mlp_units=active keeps the MLP units the teacher uses most, but "
+                              f"student.mlp_init={c.student.mlp_init} draws the student's MLP afresh: add "
+                              "--student.mlp_init copy")
+        for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced"),
+                                  ("mlp_units", "active", "first")):
             if getattr(c.student, key) == value and c.teacher.parallel == "fsdp":
                 raise TailkdError(f"student.{key}={value} reads a forward of the whole teacher before the student is "
                                   "built, which teacher.parallel fsdp (the teacher sharded over the ranks) does not "

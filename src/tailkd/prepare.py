@@ -119,7 +119,7 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
             num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
             freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
-            experts=s.experts, layer_choice=s.layer_choice,
+            experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units,
             calibration=lambda: calibration_batches(cfg, teacher, t_tok),
         )
         student.to(device=device, dtype=torch.float32)
@@ -130,6 +130,11 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             dist.say(f"layers kept by influence (student.layer_choice influence, student.calibration_rows "
                      f"{s.calibration_rows}): teacher layers {' '.join(map(str, sorted(influence)))}, their Block "
                      f"Influence {min(influence.values()):.4f}-{max(influence.values()):.4f}")
+        if active := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["active_share"] for row in table
+                      if "active_share" in row}:  # per student layer
+            dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows "
+                     f"{s.calibration_rows}): {100 * min(active.values()):.1f}%-{100 * max(active.values()):.1f}% of "
+                     f"the teacher's mean |activation| in each of the {len(active)} layers")
         if shares := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["routed_share"] for row in table
                       if "routed_share" in row}:  # per student layer
             dist.say(f"experts kept by use (student.experts used, student.calibration_rows {s.calibration_rows}): "
@@ -147,9 +152,9 @@ def setup_models(cfg: DistillConfig, device: torch.device):
 
 def calibration_batches(cfg: DistillConfig, teacher, tokenizer):
     """The batches `tailkd.calibration` measures a teacher over (``student.layer_choice influence``, ``student.experts
-    used``): ``student.calibration_rows`` training rows (all where there are fewer), evenly spaced over the training set
-    (row ``j * rows // n``), ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows,
-    ``attention_mask``."""
+    used``, ``student.mlp_units active``): ``student.calibration_rows`` training rows (all where there are fewer),
+    evenly spaced over the training set (row ``j * rows // n``), ``train.batch_size`` at a time, as ``input_ids`` and,
+    for padded rows, ``attention_mask``."""
     _, train_rows, _ = setup_data(cfg, tokenizer, models.model_max_length(teacher))
     rows = len(train_rows)
     n = min(cfg.student.calibration_rows, rows)

@@ -237,7 +237,8 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
     setting: then the checkpoint's own check says what does not fit): a config changed with --force (``changes``) is
     saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
-        calibrated = cfg.student.layer_choice == "influence" or cfg.student.experts == "used"
+        calibrated = (cfg.student.layer_choice, cfg.student.experts, cfg.student.mlp_units) != ("spaced", "first",
+                                                                                                 "first")
         if calibrated and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
@@ -284,16 +285,18 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
         return
 
     def key(row: dict) -> tuple:
-        return row.get("name"), row.get("source"), row.get("experts")
+        return row.get("name"), row.get("source"), row.get("experts"), row.get("units")
 
     for was, now in zip(saved, student_init):
         if key(was) != key(now):
-            what = (f"its experts {now.get('experts')}, the run's {was.get('experts')}" if was.get("source") ==
-                    now.get("source") else f"built from {now.get('source')}, the run's from {was.get('source')}")
+            what = (f"built from {now.get('source')}, the run's from {was.get('source')}" if was.get("source") !=
+                    now.get("source") else f"its experts {now.get('experts')}, the run's {was.get('experts')}"
+                    if was.get("experts") != now.get("experts") else f"its units {now.get('units')}, the run's "
+                    f"{was.get('units')}")
             raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
                               f"{now.get('name')} {what}: a student chosen from calibration rows "
-                              "(student.layer_choice influence, student.experts used) came out otherwise here; resume "
-                              "on the machine, data and teacher the run started with")
+                              "(student.layer_choice influence, student.experts used, student.mlp_units active) came "
+                              "out otherwise here; resume on the machine, data and teacher the run started with")
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:

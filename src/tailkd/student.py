@@ -156,13 +156,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass
 
 import torch
 
-from tailkd.config import EXPERT_CHOICES, LAYER_CHOICES, MLP_INITS
+from tailkd.config import EXPERT_CHOICES, LAYER_CHOICES, MLP_INITS, MLP_UNIT_CHOICES
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 
@@ -703,7 +704,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
                   num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
-                  layer_choice: str = "spaced", calibration=None):
+                  layer_choice: str = "spaced", mlp_units: str = "first", calibration=None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     ``layer_choice``: which teacher layers a student of ``num_layers`` keeps — "spaced" (evenly, see the module
@@ -712,14 +713,18 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``experts``: which routed experts a student with fewer than the teacher's copies (``mlp_init="copy"``) — "first"
     (the teacher's first ones; of each group under group-limited routing) or "used" (per layer the ones the teacher
     routes the most real tokens to over ``calibration()``'s batches, dicts of ``input_ids`` and optionally
-    ``attention_mask``; see `tailkd.calibration`). ``calibration`` is called only where a choice is to be made.
+    ``attention_mask``; see `tailkd.calibration`).
+    ``mlp_units``: which units of a dense MLP a narrower student (``intermediate_size``) copies (``mlp_init="copy"``)
+    — "first" or "active" (per layer those of largest mean absolute activation at the down projection's input over
+    ``calibration()``'s batches). ``calibration`` is called only where a choice is to be made.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
     "copied" (same shape), "truncated" (a slice of `source`) or "random" (source None); under "influence" a layer's
     tensors add ``"block_influence"`` (their teacher layer's), under "used" a routed layer's expert tensors add
     ``"experts"`` (the teacher's experts kept, in the student's order) and ``"routed_share"`` (the share of that
-    layer's calibration routings that went to them).
+    layer's calibration routings that went to them), under "active" a layer's MLP tensors add ``"units"`` (how many
+    and a digest of which) and ``"active_share"`` (the share of the layer's activity the kept units had).
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
@@ -728,6 +733,11 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if experts == "used" and mlp_init != "copy":
         raise TailkdError(f"experts=used keeps the experts the teacher uses, but mlp_init={mlp_init} draws the "
                           "student's experts afresh: use mlp_init copy")
+    if mlp_units not in MLP_UNIT_CHOICES:
+        raise TailkdError(f"mlp_units={mlp_units!r}: use one of {', '.join(MLP_UNIT_CHOICES)}")
+    if mlp_units == "active" and mlp_init != "copy":
+        raise TailkdError(f"mlp_units=active keeps the MLP units the teacher uses most, but mlp_init={mlp_init} draws "
+                          "the student's MLP afresh: use mlp_init copy")
     influence = None
     if layer_choice not in LAYER_CHOICES:
         raise TailkdError(f"layer_choice={layer_choice!r}: use one of {', '.join(LAYER_CHOICES)}")
@@ -751,6 +761,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
 
     index = axis_indices(t, s, fam.rope, fraction)
     kept, share = _experts_by_use(teacher, fam, t, s, chosen, experts, calibration)  # {teacher layer: ...}
+    units, active = _units_by_activity(teacher, fam, t, s, chosen, mlp_units, calibration)  # {teacher layer: ...}
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
 
@@ -763,9 +774,16 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         if isinstance(source, tuple):  # (pattern, student layer)
             layer = chosen[source[1]]
             source = source[0].format(layer)
-        value = _take(teacher_tensors[source].detach(),
-                      *(tensor.shape[dim] if axis == "ff_model" else kept[layer] if axis == "expert" and layer in kept
-                        else index[axis] for dim, axis in enumerate(axes)))
+        def cut(dim: int, axis: str):
+            if axis == "ff_model":
+                return tensor.shape[dim]
+            if axis == "expert" and layer in kept:
+                return kept[layer]
+            if axis in ("ff", "gate_up") and layer in units:  # a dense MLP's units by activity
+                return units[layer] if axis == "ff" else torch.cat([units[layer], t.intermediate + units[layer]])
+            return index[axis]
+
+        value = _take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
         if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
             raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
@@ -781,8 +799,14 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
             layer = _in_layer(name, fam)[0]
             if layer is not None and influence is not None:
                 table[-1]["block_influence"] = round(float(influence[chosen[layer]]), 6)
-            if layer is not None and chosen[layer] in kept and "expert" in (_copy_rule(name, fam, "copy")[1] or ()):
+            axes = _copy_rule(name, fam, "copy")[1] or () if layer is not None else ()
+            if layer is not None and chosen[layer] in kept and "expert" in axes:
                 table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
+            if layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes):
+                ids = units[chosen[layer]]
+                digest = hashlib.sha1(ids.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+                table[-1].update(units=f"{ids.numel()} of {t.intermediate}, sha1 {digest}",
+                                 active_share=active[chosen[layer]])
         persistent = set(student.state_dict())
         for name, buffer in student.named_buffers():  # not in the table: it lists parameters
             if name in persistent:
@@ -811,6 +835,27 @@ def _layers_by_influence(teacher, layers, num_layers, calibration):
 
     influence, _ = block_influence(teacher, fam, calibration())
     return most_influential(influence, num_layers), None, influence
+
+
+def _units_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], mlp_units: str, calibration):
+    """``(units, share)``: per teacher layer among ``chosen``, the dense MLP units a student keeps by activity
+    (LongTensor, increasing) and the share of the layer's activity they had; empty where ``mlp_units`` is "first" or
+    the student keeps the teacher's width."""
+    if mlp_units == "first":
+        return {}, {}
+    if t.experts or not any("ff" in axes for axes in fam.layer_params.values()):
+        raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
+                          f"{fam.label}'s " + ("routed experts are not" if t.experts else "MLP is not") + ": drop it")
+    if s.intermediate == t.intermediate:
+        return {}, {}
+    if calibration is None:
+        raise TailkdError("mlp_units=active needs calibration rows to measure the teacher's MLP units over")
+    from tailkd.calibration import most_active, unit_activity
+
+    activity, _ = unit_activity(teacher, fam, calibration(), sorted(set(chosen)))
+    units = {i: most_active(a, s.intermediate) for i, a in activity.items()}
+    share = {i: round(float(a[units[i]].sum() / a.sum().clamp_min(1e-300)), 6) for i, a in activity.items()}
+    return units, share
 
 
 def _experts_by_use(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], experts: str, calibration):
