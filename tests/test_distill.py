@@ -329,8 +329,8 @@ def test_a_student_keeps_the_most_influential_layers_and_resumes_only_as_built(a
     assert re.fullmatch(r"tailkd: error: cannot resume \S+: the student built now differs from the run's "
                         r"\(student_init\.json\): model\.layers\.1\.\S+ built from model\.layers\.2\.\S+, the "
                         r"run's from model\.layers\.3\.\S+: a student chosen from calibration rows "
-                        r"\(student\.layer_choice influence, student\.experts used\) came out otherwise here; resume "
-                        r"on the machine, data and teacher the run started with", last)
+                        r"\(student\.layer_choice influence, student\.experts used, student\.mlp_units active\) came "
+                        r"out otherwise here; resume on the machine, data and teacher the run started with", last)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
