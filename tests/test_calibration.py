@@ -11,15 +11,7 @@ import transformers
 from conftest import TINY_VOCAB
 from test_student_families import CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
-from tailkd.calibration import (
-    block_influence,
-    experts_module,
-    kept_experts,
-    most_active,
-    most_influential,
-    routed_counts,
-    unit_activity,
-)
+from tailkd.calibration import block_influence, experts_module, largest, routed_counts, unit_activity
 from tailkd.errors import TailkdError
 from tailkd.student import build_student, config_family, family_spec
 
@@ -44,12 +36,12 @@ def _experts(model, i):
 
 def test_kept_experts_are_the_most_used_ties_to_the_lower_index():
     counts = torch.tensor([5, 9, 9, 1, 0, 7, 3, 3])
-    assert kept_experts(counts, 4).tolist() == [0, 1, 2, 5]  # 9, 9, 7, 5
-    assert kept_experts(counts, 3).tolist() == [1, 2, 5]
-    assert kept_experts(counts, 8).tolist() == list(range(8))
+    assert largest(counts, 4).tolist() == [0, 1, 2, 5]  # 9, 9, 7, 5
+    assert largest(counts, 3).tolist() == [1, 2, 5]
+    assert largest(counts, 8).tolist() == list(range(8))
     # two groups of four: [5, 9, 9, 1] keeps 1, 2; [0, 7, 3, 3] keeps 5 and, of the tie 6/7, 6
-    assert kept_experts(counts, 4, groups=2).tolist() == [1, 2, 5, 6]
-    assert kept_experts(torch.zeros(6, dtype=torch.long), 2, groups=2).tolist() == [0, 3]  # no use: the first
+    assert largest(counts, 4, groups=2).tolist() == [1, 2, 5, 6]
+    assert largest(torch.zeros(6, dtype=torch.long), 2, groups=2).tolist() == [0, 3]  # no use: the first
 
 
 def test_counts_are_the_top_k_of_the_router_logits_over_real_tokens():
@@ -232,9 +224,9 @@ def test_block_influence_is_one_minus_the_cosine_of_a_layers_input_and_output():
 
 def test_most_influential_ties_to_the_lower_index():
     influence = torch.tensor([0.3, 0.1, 0.5, 0.1, 0.3], dtype=torch.float64)
-    assert most_influential(influence, 2) == [0, 2]
-    assert most_influential(influence, 3) == [0, 2, 4]
-    assert most_influential(influence, 4) == [0, 1, 2, 4]
+    assert largest(influence, 2).tolist() == [0, 2]
+    assert largest(influence, 3).tolist() == [0, 2, 4]
+    assert largest(influence, 4).tolist() == [0, 1, 2, 4]
 
 
 def _do_nothing(teacher, layers):
@@ -278,7 +270,7 @@ def test_influence_keeps_the_per_layer_settings_of_the_layers_it_chooses():
     kinds = teacher.config.layer_types
     fam = config_family(teacher.config, family_spec(teacher))
     batches = [{"input_ids": _ids(7, (2, 13))}]
-    expected = most_influential(block_influence(teacher, fam, batches)[0], 3)
+    expected = largest(block_influence(teacher, fam, batches)[0], 3).tolist()
     student, _ = build_student(teacher, num_layers=3, layer_choice="influence", calibration=lambda: batches)
     assert student.config.layer_types == [kinds[i] for i in expected]
 
@@ -334,8 +326,8 @@ def test_unit_activity_is_the_mean_absolute_input_of_the_down_projection():
 
 def test_most_active_units_ties_to_the_lower_index():
     activity = torch.tensor([0.2, 0.5, 0.2, 0.0, 0.5], dtype=torch.float64)
-    assert most_active(activity, 2).tolist() == [1, 4]
-    assert most_active(activity, 3).tolist() == [0, 1, 4]
+    assert largest(activity, 2).tolist() == [1, 4]
+    assert largest(activity, 3).tolist() == [0, 1, 4]
 
 
 def _gpt2():

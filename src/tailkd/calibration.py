@@ -39,8 +39,7 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 
-__all__ = ["block_influence", "experts_module", "kept_experts", "most_influential", "most_active", "routed_counts",
-           "unit_activity"]
+__all__ = ["block_influence", "experts_module", "largest", "routed_counts", "unit_activity"]
 
 
 def experts_module(fam: Family) -> str:
@@ -114,23 +113,14 @@ def block_influence(teacher, fam: Family, batches) -> tuple[torch.Tensor, int]:
     return 1.0 - total / tokens, tokens
 
 
-def most_influential(influence: torch.Tensor, n: int) -> list[int]:
-    """The ``n`` layers of largest ``influence`` (ties to the lower index), in increasing order."""
-    return sorted(torch.sort(-influence, stable=True).indices[:n].tolist())
-
-
 @torch.no_grad()
 def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
     """``({teacher layer i: int64 [E] tokens routed to each expert}, real tokens)`` over ``batches`` (dicts of
     ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``), for the routed layers among ``layers``."""
     prefix = fam.layer_prefix
     path = experts_module(fam)
-    modules = {}
-    for i in layers:
-        try:
-            modules[i] = teacher.get_submodule(f"{prefix}{i}.{path}")
-        except AttributeError:  # a dense layer of a mixture (DeepSeek's first layers, Qwen-MoE's mlp_only_layers)
-            continue
+    # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
+    modules = {i: m for i in layers if (m := _submodule(teacher, f"{prefix}{i}.{path}")) is not None}
     if not modules:
         raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, layers))}) routes to experts: "
                           "student.experts=used has nothing to count; drop it")
@@ -154,13 +144,14 @@ def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
     return counts, _forward(teacher, batches, real, handles)
 
 
-def kept_experts(counts: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
-    """The ``n`` experts of one layer a student keeps by ``counts`` ``[E]``: within each of ``groups`` equal groups
-    of consecutive experts its n / groups most used (ties to the lower index), all in increasing order."""
-    size, per = counts.numel() // groups, n // groups
+def largest(values: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
+    """The indices of the ``n`` largest of ``values`` [N] (ties to the lower index), in increasing order; with
+    ``groups`` equal groups of consecutive entries, each group's n / groups largest: the one rule that picks the
+    layers (Block Influence), the MLP units (activity) and the experts (use, per group) a student keeps."""
+    size, per = values.numel() // groups, n // groups
     kept = []
     for g in range(groups):
-        order = torch.sort(-counts[g * size:(g + 1) * size], stable=True).indices[:per]
+        order = torch.sort(-values[g * size:(g + 1) * size], stable=True).indices[:per]
         kept.append(g * size + order.sort().values)
     return torch.cat(kept)
 
@@ -196,20 +187,16 @@ def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
     for i in layers:
         layer = teacher.get_submodule(f"{fam.layer_prefix}{i}")
         handles.append(layer.register_forward_hook(count(i)))
-        handles += [layer.get_submodule(name).register_forward_pre_hook(take_input(i)) for name in names
-                    if _has(layer, name)]
+        handles += [m.register_forward_pre_hook(take_input(i)) for name in names
+                    if (m := _submodule(layer, name)) is not None]
     tokens = _forward(teacher, batches, real, handles, "mlp_units=active")
     return {i: t / tokens for i, t in total.items()}, tokens
 
 
-def _has(module, name: str) -> bool:
+def _submodule(root, name: str):
+    """``root``'s submodule ``name``, None where it has none (a dense layer of a mixture, a layer without that MLP
+    module)."""
     try:
-        module.get_submodule(name)
+        return root.get_submodule(name)
     except AttributeError:
-        return False
-    return True
-
-
-def most_active(activity: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` units of largest ``activity`` (ties to the lower index), in increasing order."""
-    return torch.sort(-activity, stable=True).indices[:n].sort().values
+        return None

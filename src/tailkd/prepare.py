@@ -114,13 +114,15 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         from tailkd.student import build_student, format_table
 
         s = cfg.student
+        # the training rows, set up once for the calibrated choices that read them (each its own teacher pass)
+        calibration_rows = functools.cache(lambda: setup_data(cfg, t_tok, models.model_max_length(teacher))[1])
         student, table = build_student(
             teacher, num_layers=s.depth, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
             num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
             num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
             freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
             experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units,
-            calibration=lambda: calibration_batches(cfg, teacher, t_tok),
+            calibration=lambda: calibration_batches(cfg, calibration_rows()),
         )
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok
@@ -150,12 +152,11 @@ def setup_models(cfg: DistillConfig, device: torch.device):
     return teacher, student, s_tok, vocab, teacher_vocab, table
 
 
-def calibration_batches(cfg: DistillConfig, teacher, tokenizer):
+def calibration_batches(cfg: DistillConfig, train_rows):
     """The batches `tailkd.calibration` measures a teacher over (``student.layer_choice influence``, ``student.experts
-    used``, ``student.mlp_units active``): ``student.calibration_rows`` training rows (all where there are fewer),
-    evenly spaced over the training set (row ``j * rows // n``), ``train.batch_size`` at a time, as ``input_ids`` and,
-    for padded rows, ``attention_mask``."""
-    _, train_rows, _ = setup_data(cfg, tokenizer, models.model_max_length(teacher))
+    used``, ``student.mlp_units active``): ``student.calibration_rows`` of ``train_rows`` (all where there are fewer),
+    evenly spaced (row ``j * rows // n``), ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows,
+    ``attention_mask``."""
     rows = len(train_rows)
     n = min(cfg.student.calibration_rows, rows)
     index = [j * rows // n for j in range(n)]

@@ -831,10 +831,10 @@ def _layers_by_influence(teacher, layers, num_layers, calibration):
         return layers, num_layers, None
     if calibration is None:
         raise TailkdError("layer_choice=influence needs calibration rows to measure the teacher's layers over")
-    from tailkd.calibration import block_influence, most_influential
+    from tailkd.calibration import block_influence, largest
 
     influence, _ = block_influence(teacher, fam, calibration())
-    return most_influential(influence, num_layers), None, influence
+    return largest(influence, num_layers).tolist(), None, influence
 
 
 def _units_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], mlp_units: str, calibration):
@@ -850,10 +850,10 @@ def _units_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int]
         return {}, {}
     if calibration is None:
         raise TailkdError("mlp_units=active needs calibration rows to measure the teacher's MLP units over")
-    from tailkd.calibration import most_active, unit_activity
+    from tailkd.calibration import largest, unit_activity
 
     activity, _ = unit_activity(teacher, fam, calibration(), sorted(set(chosen)))
-    units = {i: most_active(a, s.intermediate) for i, a in activity.items()}
+    units = {i: largest(a, s.intermediate) for i, a in activity.items()}
     share = {i: round(float(a[units[i]].sum() / a.sum().clamp_min(1e-300)), 6) for i, a in activity.items()}
     return units, share
 
@@ -871,10 +871,10 @@ def _experts_by_use(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], e
         return {}, {}
     if calibration is None:
         raise TailkdError("experts=used needs calibration rows to count the teacher's routing over")
-    from tailkd.calibration import kept_experts, routed_counts
+    from tailkd.calibration import largest, routed_counts
 
     counts, _ = routed_counts(teacher, fam, calibration(), sorted(set(chosen)))
-    kept = {i: kept_experts(c, s.experts, t.expert_groups) for i, c in counts.items()}
+    kept = {i: largest(c, s.experts, t.expert_groups) for i, c in counts.items()}
     share = {i: round(float(c[kept[i]].sum()) / max(1, int(c.sum())), 6) for i, c in counts.items()}
     return kept, share
 
