@@ -144,11 +144,11 @@ class Family:
     # a config key giving RoPE's rows per head (GPT-J's rotary_dim, which its model reads in place of a
     # partial_rotary_factor): the rotated share is that over head_dim; a student's are the rows it keeps rotating
     rotary_dim_key: str = ""
-    # (config flag, per-layer axes when it is off): where the flag is set (GPT-BigCode's multi_query) attention has one
-    # KV head, kept; where it is off, one KV head per query head and these axes (`tailkd.student.config_family`)
-    multi_query: tuple = ()
+    # multi-query attention: one KV head, kept (set by a layout where a config flag asks for it: GPT-BigCode, Falcon-7B)
+    multi_query: bool = False
     # ((config flag, Family fields where it is set), ...): the first set flag's fields replace the entry's (its
-    # layer_params and keys merged into the entry's), before `multi_query` is read (Falcon's three attention layouts)
+    # layer_params and keys merged into the entry's; `tailkd.student.config_family`): the attention layouts a config
+    # picks (GPT-BigCode's multi-query or per-head c_attn, Falcon's three query_key_value layouts)
     layouts: tuple = ()
     # config keys equal to the number of query heads that follow it (Falcon's num_kv_heads where each query head has
     # its own KV head): a student's are its num_heads
@@ -307,16 +307,16 @@ FAMILIES = {f.name: f for f in (
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.",
            rope=False, keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False,
            layer_index_flags=(("scale_attn_by_inverse_layer_idx", "divides layer i's attention scores by i + 1"),)),
-    # GPT-BigCode (StarCoder, SantaCoder): GPT-2's layout in nn.Linear; multi-query attention, c_attn = [q | k | v] with
-    # one KV head, or (multi_query off) [q | k | v] blocks per head
+    # GPT-BigCode (StarCoder, SantaCoder): GPT-2's layout in nn.Linear; c_attn = [q | k | v] blocks per head, or under
+    # multi-query attention (multi_query, StarCoder's) [q | k | v] with one KV head
     Family("gpt_bigcode", "GPT-BigCode", ("GPTBigCodeForCausalLM",),
            {"transformer.wte.weight": ("all", "d"), "transformer.wpe.weight": ("all", "d"),
             **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
-           {**linear("attn.c_attn", "qkv", "d"), **linear("attn.c_proj", "d", "o"), **linear("mlp.c_fc", "ff", "d"),
-            **linear("mlp.c_proj", "d", "ff"), **norms("ln_1", "ln_2")},
+           {**linear("attn.c_attn", "qkv_heads", "d"), **linear("attn.c_proj", "d", "o"),
+            **linear("mlp.c_fc", "ff", "d"), **linear("mlp.c_proj", "d", "ff"), **norms("ln_1", "ln_2")},
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.", rope=False,
            keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False,
-           multi_query=("multi_query", linear("attn.c_attn", "qkv_heads", "d"))),
+           layouts=(("multi_query", dict(layer_params=linear("attn.c_attn", "qkv", "d"), multi_query=True)),)),
     # GPT-J: parallel attention and MLP after one LayerNorm, interleaved RoPE on rotary_dim rows of each head (which
     # follows head_dim), an LM head with a bias
     Family("gptj", "GPT-J", ("GPTJForCausalLM",),
@@ -366,7 +366,7 @@ FAMILIES = {f.name: f for f in (
                                                                          "qkv_groups", "d"),
                                                       keys={"kv_heads": "num_kv_heads"}, heads_keys=())),
                     ("multi_query", dict(layer_params=linear("self_attention.query_key_value", "qkv", "d"),
-                                         multi_query=("multi_query", {}))))),
+                                         multi_query=True)))),
     # OPT: learned absolute positions (offset 2), q/k/v/out biases, an ungated MLP (fc1, fc2) in the layer itself
     Family("opt", "OPT", ("OPTForCausalLM",),
            {"model.decoder.embed_tokens.weight": ("all", "d"), "model.decoder.embed_positions.weight": ("all", "d"),

@@ -213,7 +213,7 @@ def config_family(config, family: str | Family) -> Family:
     (Phi, Phi-3, OLMo-2), for a config that carries one, has Llama's "follows_hidden" head_dim rule; a mixture whose
     config has no routed experts, its ``without_experts`` keys and axes (Granite 4.0-H's dense variants)."""
     fam = _spec(family)
-    for flag, fields in fam.layouts:  # Falcon's attention layouts: the first set flag's
+    for flag, fields in fam.layouts:  # GPT-BigCode's, Falcon's attention layouts: the first set flag's
         if getattr(config, flag, False):
             fam = dataclasses.replace(fam, **{**fields, "layer_params": {**fam.layer_params, **fields.get(
                 "layer_params", {})}, "keys": {**fam.keys, **fields.get("keys", {})}}, layouts=())
@@ -224,8 +224,6 @@ def config_family(config, family: str | Family) -> Family:
         fam = dataclasses.replace(fam, head_dim="follows_hidden")
     if fam.group_routing and getattr(config, fam.group_routing[0], None) != fam.group_routing[1]:
         fam = dataclasses.replace(fam, keys={**fam.keys, "expert_groups": None}, group_routing=())  # V2's greedy
-    if fam.multi_query and not getattr(config, fam.multi_query[0], False):  # GPT-BigCode without multi-query
-        fam = dataclasses.replace(fam, layer_params={**fam.layer_params, **fam.multi_query[1]}, multi_query=())
     if fam.without_experts and not _routed_experts(config, fam):  # Granite 4.0-H's, Nemotron-H's dense models
         fam = dataclasses.replace(fam, keys={**fam.keys, **fam.without_experts["keys"]},
                                   layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
@@ -249,7 +247,7 @@ def teacher_dims(config, family: str | Family) -> Dims:
                               "student: give the student as a folder (--student DIR)")
     hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
     kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
-    kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's multi-query attention
+    kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's, Falcon-7B's multi-query attention
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
     experts = _routed_experts(config, fam)
     per_token = getattr(config, keys["experts_per_token"]) if experts else 0
@@ -347,7 +345,7 @@ def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: 
 
 
 def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
-    if fam.multi_query:  # one KV head, kept (GPT-BigCode's multi-query attention)
+    if fam.multi_query:  # one KV head, kept (GPT-BigCode's, Falcon-7B's multi-query attention)
         if requested is not None and int(requested) != 1:
             raise TailkdError(f"{fam.label}'s multi-query attention has one KV head: drop num_kv_heads (or set it "
                               "to 1)")
