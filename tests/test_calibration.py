@@ -3,7 +3,11 @@
 computation from the hidden states the model returns), the choice the most influential, and a student that drops
 exactly the layers that do nothing computes the teacher's function. Experts by use (``experts="used"``): the counts
 are the teacher's routing (an independent top-k of its router logits), the choice the most used per layer (per
-group), and a student that keeps exactly the experts its teacher routes to computes the teacher's function."""
+group), and a student that keeps exactly the experts its teacher routes to computes the teacher's function. MLP units
+and hidden channels by activity (``mlp_units="active"``, ``hidden_channels="active"``): the activity is the mean
+absolute input of the down projection / output of the norms (recomputed in float64), the choice the most active; a
+student keeping exactly the active units computes the teacher's function, one keeping the active channels drops the
+dead ones (every tensor's slices at the chosen channels: tests/test_student_families.py)."""
 
 import pytest
 import torch
@@ -11,7 +15,15 @@ import transformers
 from conftest import TINY_VOCAB
 from test_student_families import CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
-from tailkd.calibration import block_influence, experts_module, largest, routed_counts, unit_activity
+from tailkd.calibration import (
+    block_influence,
+    channel_activity,
+    experts_module,
+    largest,
+    norm_modules,
+    routed_counts,
+    unit_activity,
+)
 from tailkd.errors import TailkdError
 from tailkd.student import build_student, config_family, family_spec
 
@@ -402,3 +414,94 @@ def test_the_teachers_width_or_the_first_units_need_no_calibration():
 def test_bad_mlp_unit_choices_are_refused(family, kwargs, message):
     with pytest.raises(TailkdError, match=message):
         build_student(make_teacher(family), layers=SUBSET, **kwargs)
+
+
+# --------------------------------------------------------------------------- hidden channels by activity
+
+
+def _identity_layers(teacher, family):
+    """Zero every layer's writes to the residual stream (attention and MLP output projections, their biases): each
+    layer then hands on its input, and every norm reads the embeddings."""
+    with torch.no_grad():
+        for name, param in teacher.named_parameters():
+            if family == "gpt2" and (".attn.c_proj." in name or ".mlp.c_proj." in name):
+                param.zero_()
+            if family == "helium" and (".self_attn.o_proj." in name or ".mlp.down_proj." in name):
+                param.zero_()
+
+
+@pytest.mark.parametrize("family", ["helium", "gpt2"])
+def test_channel_activity_is_the_mean_absolute_output_of_the_norms(family):
+    """Where every layer hands on its input, each norm reads the embeddings (GPT-2: token + position), so each
+    channel's activity is, recomputed in float64 from the weights alone, the sum over the norms of the kept layers
+    (1 and 3: two each) and the final norm of mean |norm(e)| over the real tokens — RMSNorm w * e / rms(e) (Helium),
+    LayerNorm w * (e - mean) / std + b (GPT-2). rtol 1e-5: the model's float32 norm of 64 entries (a 64-term mean of
+    squares, ~64 u relative) and a mean of 31 such terms."""
+    teacher = _gpt2() if family == "gpt2" else make_teacher("helium")
+    _identity_layers(teacher, family)
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    activity, tokens = channel_activity(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], [1, 3])
+    assert tokens == 13 + 13 + 5 and activity.dtype == torch.float64 and activity.shape == (64,)
+    params = {name: p.detach().double() for name, p in teacher.named_parameters()}
+    if family == "gpt2":
+        e = params["transformer.wte.weight"][ids] + params["transformer.wpe.weight"][:13]
+        centred = e - e.mean(-1, keepdim=True)
+        normed = centred / (centred.pow(2).mean(-1, keepdim=True) + teacher.config.layer_norm_epsilon).sqrt()
+        norms = ["transformer.ln_f"] + [f"transformer.h.{i}.{n}" for i in (1, 3) for n in ("ln_1", "ln_2")]
+    else:
+        e = params["model.embed_tokens.weight"][ids]
+        normed = e / (e.pow(2).mean(-1, keepdim=True) + teacher.config.rms_norm_eps).sqrt()
+        norms = ["model.norm"] + [f"model.layers.{i}.{n}" for i in (1, 3)
+                                  for n in ("input_layernorm", "post_attention_layernorm")]
+    expected = torch.zeros(64, dtype=torch.float64)
+    for norm in norms:
+        out = normed * params[f"{norm}.weight"] + params.get(f"{norm}.bias", 0)
+        expected += out[mask.bool()].abs().mean(0)
+    torch.testing.assert_close(activity, expected, rtol=1e-5, atol=0)
+    assert sorted(norm_modules(fam, [1, 3])) == sorted(norms)
+
+
+def test_a_student_keeping_the_active_channels_drops_the_dead_ones():
+    """Where half of the residual stream's 64 channels are dead (the embeddings and every write to the stream zero
+    there), they have activity exactly 0: a student of hidden_size 32 by activity keeps the live half (all of the
+    norms' activity, the table says so on the embeddings' row), the first channels' student keeps half of them; its
+    embeddings are the teacher's live columns."""
+    teacher = make_teacher("helium")
+    dead = [c for c in range(64) if (c // 4) % 2 == 0]
+    live = [c for c in range(64) if c not in dead]
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight[:, dead] = 0
+        for layer in teacher.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    student, table = build_student(teacher, layers=SUBSET, hidden_size=32, mlp_init="copy", hidden_channels="active",
+                                   calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])
+    row = next(row for row in table if row["name"] == "model.embed_tokens.weight")
+    assert row["channel_share"] == 1.0 and row["channels"].startswith("32 of 64, sha1 ")
+    assert [r["name"] for r in table if "channels" in r] == ["model.embed_tokens.weight"]
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, live])
+    assert torch.equal(student.model.norm.weight, teacher.model.norm.weight[live])
+    first = build_student(teacher, layers=SUBSET, hidden_size=32, mlp_init="copy")[0]
+    assert (first.model.embed_tokens.weight == 0).all(0).sum() == 16
+
+
+def test_the_teachers_hidden_size_or_the_first_channels_need_no_calibration():
+    teacher = make_teacher("helium")
+
+    def calibration():
+        raise AssertionError("no calibration forward where nothing is chosen")
+
+    build_student(teacher, layers=SUBSET, hidden_channels="active", calibration=calibration)
+    build_student(teacher, layers=SUBSET, hidden_size=32, calibration=calibration)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden_channels": "most"}, r"^hidden_channels='most': use one of first, active$"),
+    ({"hidden_channels": "active", "hidden_size": 32}, r"^hidden_channels=active needs calibration rows"),
+])
+def test_bad_hidden_channel_choices_are_refused(kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_teacher("helium"), layers=SUBSET, **kwargs)

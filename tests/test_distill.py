@@ -329,8 +329,9 @@ def test_a_student_keeps_the_most_influential_layers_and_resumes_only_as_built(a
     assert re.fullmatch(r"tailkd: error: cannot resume \S+: the student built now differs from the run's "
                         r"\(student_init\.json\): model\.layers\.1\.\S+ built from model\.layers\.2\.\S+, the "
                         r"run's from model\.layers\.3\.\S+: a student chosen from calibration rows "
-                        r"\(student\.layer_choice influence, student\.experts used, student\.mlp_units active\) came "
-                        r"out otherwise here; resume on the machine, data and teacher the run started with", last)
+                        r"\(student\.layer_choice influence, student\.experts used, student\.mlp_units active, "
+                        r"student\.hidden_channels active\) came out otherwise here; resume on the machine, data "
+                        r"and teacher the run started with", last)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
@@ -350,6 +351,39 @@ def test_a_student_keeps_the_most_active_mlp_units(assets, tmp_path, capsys):
     for name in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
         assert re.fullmatch(r"64 of 128, sha1 [0-9a-f]{16}", init[f"model.layers.1.mlp.{name}"]["units"])
     assert "units" not in init["model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_a_student_keeps_the_most_active_hidden_channels_and_resumes_only_as_built(assets, tmp_path, capsys):
+    """``--student.hidden_channels active`` with a narrower residual stream (32 of the assets teacher's 64 channels):
+    the run log gives how many channels were kept and the share of the norms' activity they had (more than half: the
+    most active half), student_init.json names them (count and digest) on the embeddings' row. A run stopped after a
+    step resumes; the same resume with a student_init.json naming other channels is refused in one line, the run
+    folder untouched."""
+    run = tmp_path / "run"
+    args = base_args(assets, run, "--steps", "2", "--train.precision", "fp32", "--student.hidden_size", "32",
+                     "--student.hidden_channels", "active", "--student.calibration_rows", "6")
+    assert main([*args, "--train.stop_after", "1"]) == 0
+    found = re.search(r"hidden channels kept by activity \(student\.hidden_channels active, student\.calibration_rows "
+                      r"6\): 32 of 64, (\d+\.\d)% of the mean \|output\| of the teacher's norms\n",
+                      capsys.readouterr().out)
+    assert found and 50 < float(found.group(1)) < 100
+    init = json.loads((run / "student_init.json").read_text())
+    assert [(row["name"], row["channels"][:15]) for row in init if "channels" in row] == [
+        ("model.embed_tokens.weight", "32 of 64, sha1 ")]
+    assert main([*args, "--resume"]) == 0
+    assert len([r for r in read_metrics(run) if r["split"] == "train"]) == 2
+    for row in init:
+        if "channels" in row:
+            row["channels"] = "32 of 64, sha1 0000000000000000"
+    (run / "student_init.json").write_text(json.dumps(init))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main([*args, "--steps", "3", "--resume", "--force"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(r"tailkd: error: cannot resume \S+: the student built now differs from the run's "
+                        r"\(student_init\.json\): model\.embed_tokens\.weight its channels 32 of 64, sha1 "
+                        r"[0-9a-f]{16}, the run's 32 of 64, sha1 0{16}: a student chosen from calibration rows .*",
+                        last)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
 def test_a_student_built_from_a_deepseek_v3_teacher_narrows_its_latent_attention_by_whole_heads(assets, tmp_path):

@@ -22,10 +22,11 @@ import torch
 import transformers
 from conftest import TINY_VOCAB, rotated_qk
 
+from tailkd.calibration import channel_activity, largest
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
-from tailkd.student import build_student, freeze_student_embeddings
+from tailkd.student import build_student, config_family, family_spec, freeze_student_embeddings
 
 N_LAYERS = 5
 SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's first three in every family below
@@ -352,7 +353,10 @@ def _heads(w, hd, heads, rows):
 def _expected(name, teacher, plan):
     """The value a student parameter must hold: the teacher's tensor, sliced as the student docstring says."""
     t = {**dict(teacher.named_parameters()), **_persistent_buffers(teacher)}
-    d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]
+    d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]  # d: the residual channels kept (LongTensor)
+
+    def rd(x, dim):  # the kept residual channels along dim
+        return x.index_select(dim, d)
     prefix, i, rest = _split_layer(name)
     if prefix is None:
         w = t[name]
@@ -360,8 +364,8 @@ def _expected(name, teacher, plan):
                     "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
                     "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "transformer.wte.weight",
                     "transformer.wpe.weight"):
-            return w[:, :d]
-        return w if name == "lm_head.bias" else w[:d]  # final norm weight / bias
+            return rd(w, 1)
+        return w if name == "lm_head.bias" else rd(w, 0)  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
     if rest.startswith("attn.c_attn"):  # GPT-BigCode: [q | k | v] with one KV head, or (no multi_query) per head
         rest = rest.replace("attn.c_attn", "self_attn.qkv_proj" if teacher.config.multi_query else "a.query_key_value")
@@ -372,7 +376,7 @@ def _expected(name, teacher, plan):
         kept = torch.cat([torch.cat([*(groups[k, h % g_t][plan["rows"]] for h in plan["q_heads"] if h // g_t == k),
                                      groups[k, g_t][plan["rows"]], groups[k, g_t + 1][: plan["hd_s"]]])
                           for k in plan["kv_heads"]])
-        return kept[:, :d] if rest.endswith("weight") else kept
+        return rd(kept, 1) if rest.endswith("weight") else kept
     if rest.startswith("self_attention.query_key_value") and getattr(c, "multi_query", False):  # Falcon-7B's
         rest = rest.replace("self_attention.query_key_value", "self_attn.qkv_proj")
     if rest.split(".")[1] == "query_key_value":  # GPT-NeoX, Persimmon: [q | k | v] blocks per head, one KV head each
@@ -380,7 +384,7 @@ def _expected(name, teacher, plan):
         kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
                             blocks[:, 2][:, : plan["hd_s"]]], dim=1)
         kept = kept.reshape(-1, *w.shape[1:])
-        return kept[:, :d] if rest.endswith("weight") else kept
+        return rd(kept, 1) if rest.endswith("weight") else kept
     module, kind = rest.rsplit(".", 1)
     renamed = {"attention.dense": "self_attn.o_proj", "self_attention.dense": "self_attn.o_proj",  # GPT-NeoX, Bloom
                "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, Bloom's, OPT's names
@@ -403,84 +407,84 @@ def _expected(name, teacher, plan):
     experts, ff_e = plan["experts"], plan["ff_e"]
     if type(teacher).__name__ == "GptOssForCausalLM":
         if rest in ("mlp.router.weight", "mlp.router.bias"):  # [E, d] and [E]
-            return w[experts, :d] if rest.endswith("weight") else w[experts]
+            return rd(w[experts], 1) if rest.endswith("weight") else w[experts]
         if rest.startswith("mlp.experts.gate_up_proj"):  # [E, d, 2 ff] / [E, 2 ff]: (gate, up) pairs
-            w = w[experts, :d] if rest.endswith("proj") else w[experts]
+            w = rd(w[experts], 1) if rest.endswith("proj") else w[experts]
             return w.reshape(*w.shape[:-1], -1, 2)[..., :ff_e, :].flatten(-2)
         if rest.startswith("mlp.experts.down_proj"):  # [E, ff, d] / [E, d]
-            return w[experts, :ff_e, :d] if rest.endswith("proj") else w[experts, :d]
+            return rd(w[experts, :ff_e], 2) if rest.endswith("proj") else rd(w[experts], 1)
     if rest == "self_attn.sinks":  # GPT-OSS, Granite-SWA: one per query head
         return w[plan["q_heads"]]
     if rest in ("mlp.gate.weight", "mlp.router.weight", "mlp.gate.wg.weight"):  # the router: one row per expert
-        return w[experts, :d]
+        return rd(w[experts], 1)
     if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias", "mlp.e_score_correction_bias"):  # per expert
         return w[experts]
     if rest == "mlp.gate.moe_statics.e_score_correction_bias":  # ERNIE 4.5's [1, E]
         return w[:, experts]
     if rest == "mlp.experts.gate_up_proj":  # [E, gate | up, d]
         gate, up = w[experts].chunk(2, dim=1)
-        return torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1)[:, :, :d]
+        return rd(torch.cat([gate[:, :ff_e], up[:, :ff_e]], dim=1), 2)
     if rest == "mlp.experts.down_proj":  # [E, d, ff]
-        return w[experts, :d, :ff_e]
+        return rd(w[experts, :, :ff_e], 1)
     if rest == "mlp.experts.up_proj":  # Nemotron-H's ungated experts [E, ff, d]
-        return w[experts, :ff_e, :d]
+        return rd(w[experts, :ff_e], 2)
     if rest.startswith("mlp.shared_mlp."):  # HunYuan-MoE's: as wide as its experts, it narrows with them
-        return w[:d, :ff_e] if ".down_proj" in rest else w[:ff_e, :d]
+        return rd(w[:, :ff_e], 0) if ".down_proj" in rest else rd(w[:ff_e], 1)
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
         c = teacher.config
         units = ff_e * next(getattr(c, k) for k in ("n_shared_experts", "moe_num_shared_experts", "num_shared_experts")
                             if getattr(c, k, None))
         if rest.endswith(".bias"):
-            return w[:d] if ".down_proj" in rest else w[:units]
-        return w[:d, :units] if ".down_proj" in rest else w[:units, :d]
+            return rd(w, 0) if ".down_proj" in rest else w[:units]
+        return rd(w[:, :units], 0) if ".down_proj" in rest else rd(w[:units], 1)
     if plan["latent"] and rest.startswith("self_attn."):  # latent attention: whole heads, the latent's sizes kept
         if rest in ("self_attn.q_proj.weight", "self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight"):
             per_head = w.reshape(plan["H_t"], -1, w.shape[1])[plan["q_heads"]].reshape(-1, w.shape[1])
-            return per_head[:, :d] if rest == "self_attn.q_proj.weight" else per_head
+            return rd(per_head, 1) if rest == "self_attn.q_proj.weight" else per_head
         if rest == "self_attn.o_proj.weight":
-            return w[:d].reshape(d, plan["H_t"], -1)[:, plan["q_heads"]].reshape(d, -1)
+            return rd(w, 0).reshape(len(d), plan["H_t"], -1)[:, plan["q_heads"]].reshape(len(d), -1)
         if rest in ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"):
-            return w[:, :d]
+            return rd(w, 1)
         if rest in ("self_attn.q_a_layernorm.weight", "self_attn.kv_a_layernorm.weight"):
             return w
     if rest.startswith("conv."):  # LFM2's short convolution: channel by channel, in_proj = [B | C | x]
         if rest.startswith("conv.in_proj"):
-            blocks = w.reshape(3, -1, *w.shape[1:])[:, :d]
-            return blocks.reshape(-1, *w.shape[1:])[..., :d] if rest.endswith("weight") else blocks.reshape(-1)
-        return w[:d, :d] if rest == "conv.out_proj.weight" else w[:d]
+            blocks = rd(w.reshape(3, -1, *w.shape[1:]), 1)
+            return rd(blocks.reshape(-1, *w.shape[1:]), 1) if rest.endswith("weight") else blocks.reshape(-1)
+        return rd(rd(w, 0), 1) if rest == "conv.out_proj.weight" else rd(w, 0)
     if rest.startswith("shared_mlp."):  # [gate | up] and its output: whole beside experts, else the MLP, narrowed
         units = (w.shape[1] if "output" in rest else w.shape[0] // 2) if teacher.config.num_local_experts else ff
         if "output" in rest:
-            return w[:d, :units]
+            return rd(w[:, :units], 0)
         gate, up = w.chunk(2)
-        return torch.cat([gate[:units], up[:units]])[:, :d]
+        return rd(torch.cat([gate[:units], up[:units]]), 1)
     if rest.startswith("mamba."):  # Falcon-H1's Mamba-2 mixer keeps its sizes: only the residual side narrows
         if rest.startswith("mamba.in_proj"):
-            return w[:, :d] if rest.endswith("weight") else w
-        return w[:d] if rest.startswith("mamba.out_proj") else w
+            return rd(w, 1) if rest.endswith("weight") else w
+        return rd(w, 0) if rest.startswith("mamba.out_proj") else w
     if rest.startswith("feed_forward.") and type(teacher).__name__ in ("FalconH1ForCausalLM", "BambaForCausalLM"):
         rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("feed_forward."):  # LFM2's MLP: the width its model makes of intermediate_size
         c = teacher.config
         units = c.block_multiple_of * -(-int(c.block_ffn_dim_multiplier * int(2 * ff / 3)) // c.block_multiple_of)
-        return w[:d, :units] if rest == "feed_forward.w2.weight" else w[:units, :d]
+        return rd(w[:, :units], 0) if rest == "feed_forward.w2.weight" else rd(w[:units], 1)
     if rest.startswith("linear_attn."):  # Gated DeltaNet keeps its own sizes: only the residual side narrows
         if rest.startswith("linear_attn.in_proj_"):
-            return w[:, :d]
-        return w[:d] if rest == "linear_attn.out_proj.weight" else w
+            return rd(w, 1)
+        return rd(w, 0) if rest == "linear_attn.out_proj.weight" else w
     if rest == "self_attn.q_proj.weight" and w.shape[0] == 2 * plan["H_t"] * hd_t:  # [query | gate] per head
         per_head = w.reshape(plan["H_t"], 2, hd_t, -1)[plan["q_heads"]]
         query, gate = per_head[:, 0][:, plan["rows"]], per_head[:, 1][:, : plan["hd_s"]]
-        return torch.cat([query, gate], dim=1).reshape(-1, w.shape[1])[:, :d]
+        return rd(torch.cat([query, gate], dim=1).reshape(-1, w.shape[1]), 1)
     # the whole-width MLPs of a mixture (Qwen-MoE's, LFM2-MoE's w1-3): the residual side only
     whole_width = ("mlp.shared_expert", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.w")
     if rest.startswith(whole_width) and plan["moe"]:
         if rest.endswith(".bias"):
-            return w[:d] if ".down_proj" in rest else w
-        return w[:d] if ".down_proj" in rest or rest.startswith("mlp.w2") else w[:, :d]
+            return rd(w, 0) if ".down_proj" in rest else w
+        return rd(w, 0) if ".down_proj" in rest or rest.startswith("mlp.w2") else rd(w, 1)
     module, kind = rest.rsplit(".", 1)
     q, kv, rows, first = plan["q_heads"], plan["kv_heads"], plan["rows"], list(range(plan["hd_s"]))
-    cols = (lambda x: x[:, :d]) if kind == "weight" else (lambda x: x)
+    cols = (lambda x: rd(x, 1)) if kind == "weight" else (lambda x: x)
     if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         heads = q if module.endswith("q_proj") else kv
         return cols(_heads(w, hd_t, heads, first if module.endswith("v_proj") else rows))
@@ -491,8 +495,8 @@ def _expected(name, teacher, plan):
         return cols(torch.cat(parts))  # GPT-BigCode's c_attn has a bias
     if module in ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj"):
         if kind == "bias":
-            return w[:d]
-        return w[:d].reshape(d, -1, hd_t)[:, q][:, :, first].reshape(d, -1)
+            return rd(w, 0)
+        return rd(w, 0).reshape(len(d), -1, hd_t)[:, q][:, :, first].reshape(len(d), -1)
     if module in ("self_attn.q_norm", "self_attn.k_norm") and w.ndim == 2:  # Cohere: [heads, head_dim]
         return w[q if module.endswith("q_norm") else kv][:, rows]
     if module in ("self_attn.q_norm", "self_attn.k_norm") and w.shape[0] != hd_t:  # OLMo-2: the whole projection
@@ -502,14 +506,14 @@ def _expected(name, teacher, plan):
         return w[rows]  # per head
     if module == "mlp.gate_up_proj":
         gate, up = w.chunk(2)
-        return torch.cat([gate[:ff], up[:ff]])[:, :d]
+        return rd(torch.cat([gate[:ff], up[:ff]]), 1)
     if module in ("mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.c_fc"):
         return cols(w[:ff])
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
-        return w[:d, :ff] if kind == "weight" else w[:d]
+        return rd(w[:, :ff], 0) if kind == "weight" else rd(w, 0)
     if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in (
             "norm", "ln_1", "ln_2", "norm_1", "norm_2", "ln_attn", "ln_mlp"):
-        return w[:d]
+        return rd(w, 0)
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
     raise AssertionError(f"the reference has no rule for {name}")
@@ -517,8 +521,9 @@ def _expected(name, teacher, plan):
 
 def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
           experts=None):
-    """The reference's slices: ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a mixture's expert width and
-    routed experts kept (a number: the first ones; or the teacher's indices)."""
+    """The reference's slices: ``d`` the residual channels, ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a
+    mixture's expert width and routed experts kept (``d`` and ``experts`` a number: the first ones; or the teacher's
+    indices)."""
     c = teacher.config
     hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
@@ -528,7 +533,8 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     # multi-query attention: one KV head
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
            and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
-    return dict(layers=layers, d=d or c.hidden_size, latent=hasattr(c, "kv_lora_rank"),
+    d = torch.arange(d or c.hidden_size) if d is None or isinstance(d, int) else torch.as_tensor(d)
+    return dict(layers=layers, d=d, latent=hasattr(c, "kv_lora_rank"),
                 ff=ff or getattr(c, "ffn_hidden_size", None) or getattr(c, "intermediate_size", None)  # Falcon's
                 or 4 * c.hidden_size,  # Bloom: 4 x hidden_size
                 hd_t=hd_t, hd_s=hd_s, moe=moe,
@@ -1050,6 +1056,24 @@ def test_narrow_student_is_the_teachers_slices(case, tmp_path):
     family = case.split("-")[0]
     kwargs, plan = NARROW[case]
     _check_narrow_student(make_teacher(family), kwargs, plan, tmp_path)
+
+
+@pytest.mark.parametrize("case", [case for case, (kwargs, _) in NARROW.items() if "hidden_size" in kwargs])
+def test_narrow_student_by_channel_activity_is_the_teachers_slices(case, tmp_path):
+    """``hidden_channels="active"``: the same students with the residual channels of largest activity
+    (`tailkd.calibration.channel_activity` over the kept layers' norms and the model's own, tested against a float64
+    recomputation in tests/test_calibration.py) in place of the first ones: every tensor's residual side (embeddings,
+    projections, norms, LFM2's convolution channels, latent attention's down projections, a mixture's router and
+    experts) holds the reference's slices at those channels — which are not the first ones."""
+    family = case.split("-")[0]
+    kwargs, plan = NARROW[case]
+    teacher = make_teacher(family)
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    activity, _ = channel_activity(teacher, config_family(teacher.config, family_spec(teacher)), batches, [0, 2, 3])
+    channels = largest(activity, kwargs["hidden_size"])
+    assert not torch.equal(channels, torch.arange(kwargs["hidden_size"]))
+    _check_narrow_student(teacher, {**kwargs, "hidden_channels": "active", "calibration": lambda: batches},
+                          {**plan, "d": channels}, tmp_path)
 
 
 def test_interleaved_rope_keeps_rotated_queries():

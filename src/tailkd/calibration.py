@@ -1,7 +1,8 @@
-"""What a teacher's forward over calibration rows says about its layers and experts, for a student built from it.
+"""What a teacher's forward over calibration rows says about its layers, channels, units and experts, for a student
+built from it.
 
-Three choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
-student: evenly spaced layers, the first experts, the first MLP units):
+Four choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
+student: evenly spaced layers, the first experts, the first MLP units, the first hidden channels):
 
 Layers (``layer_choice="influence"``): the ``num_layers`` teacher layers of largest Block Influence — ShortGPT's
 importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidharan et al., 2024) — kept in order:
@@ -28,7 +29,17 @@ absolute activation at the input of the MLP's down projection — Minitron's act
 
     A[i, u] = mean over real tokens t of |a_i[t, u]|     a_i: the input of layer i's down projection (act(gate) * up)
 
-All three count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
+Hidden channels (``hidden_channels="active"``, a narrower ``hidden_size``): the ``hidden_size`` residual-stream
+channels of largest activity at the teacher's norms — Minitron's embedding-channel importance, read at its LayerNorm
+outputs; the norms are those of the layers the student keeps and the model's own (the final norm; Bloom's embedding
+norm), every module whose weight the family table slices along ``d`` alone:
+
+    A[c] = sum over those norms n of mean over real tokens t of |LN_n(x)[t, c]|
+
+The channel choice is one for the whole model (the residual stream is one): embeddings, every projection's residual
+side and every norm keep the same channels.
+
+All four count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
 forward of the teacher's decoder (no LM head) per batch, on the teacher's device, in its dtype, under no_grad.
 """
 
@@ -39,7 +50,8 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 
-__all__ = ["block_influence", "experts_module", "largest", "routed_counts", "unit_activity"]
+__all__ = ["block_influence", "channel_activity", "experts_module", "largest", "norm_modules", "routed_counts",
+           "unit_activity"]
 
 
 def experts_module(fam: Family) -> str:
@@ -191,6 +203,43 @@ def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
                     if (m := _submodule(layer, name)) is not None]
     tokens = _forward(teacher, batches, real, handles, "mlp_units=active")
     return {i: t / tokens for i, t in total.items()}, tokens
+
+
+def norm_modules(fam: Family, layers) -> list[str]:
+    """The norms `channel_activity` reads: the modules whose weight `fam`'s table slices along ``d`` alone (RMSNorm,
+    LayerNorm), the model's own (the final norm; Bloom's embedding norm) and those of teacher ``layers``."""
+    def modules(table):
+        return [name.removesuffix(".weight") for name, axes in table.items()
+                if name.endswith(".weight") and tuple(axes) == ("d",)]
+    return modules(fam.params) + [f"{fam.layer_prefix}{i}.{name}" for i in layers for name in modules(fam.layer_params)]
+
+
+@torch.no_grad()
+def channel_activity(teacher, fam: Family, batches, layers) -> tuple[torch.Tensor, int]:
+    """``(float64 [hidden] activity of each residual channel, real tokens)`` over ``batches``: the sum over the norms
+    of `norm_modules` (those of ``layers`` and the model's own) of each channel's mean |output| (see the module
+    docstring)."""
+    hidden = teacher.config.hidden_size
+    modules = {name: m for name in norm_modules(fam, layers) if (m := _submodule(teacher, name)) is not None}
+    if not modules:  # a bug in a table, not a user error
+        raise RuntimeError(f"{fam.label} has no norm in its table")
+    total = torch.zeros(hidden, dtype=torch.float64)
+    real = {"mask": None}
+
+    def count(name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if out.shape[-1] != hidden:  # a bug in a table, not a user error
+                raise RuntimeError(f"{name} outputs {out.shape[-1]} channels, the residual stream has {hidden}")
+            out = out.reshape(-1, hidden)
+            if real["mask"] is not None:
+                out = out[real["mask"]]
+            total.add_(out.abs().double().sum(0).cpu())
+        return hook
+
+    handles = [m.register_forward_hook(count(name)) for name, m in modules.items()]
+    tokens = _forward(teacher, batches, real, handles, "hidden_channels=active")
+    return total / tokens, tokens
 
 
 def _submodule(root, name: str):

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 # Axis kinds, one per tensor dimension:
 #   all      keep the whole axis (vocabulary rows, positions)
-#   d        the residual stream: its first hidden_size entries
+#   d        the residual stream: its first hidden_size entries (with hidden_channels "active", the most active:
+#            tailkd.calibration)
 #   ff       the MLP: its first intermediate_size units
 #   q k v    the query / key / value rows of the kept heads (q and k: RoPE-pair aware, see tailkd.student)
 #   o        the attention output's input side: the kept query heads, the rows v keeps in each
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 #            sinks: one entry per head; latent attention's q / q_b_proj, kv_b_proj and o_proj: a head's query, its
 #            [key | value] rows out of the latent, its output columns)
 #   kv_head  one entry per KV head (Cohere's k norm, [kv heads, head_dim]): the first num_kv_heads
-#   d_blocks the first hidden_size entries of each block of the teacher's hidden_size (LFM2's short convolution:
+#   d_blocks the entries d keeps of each block of the teacher's hidden_size (LFM2's short convolution:
 #            in_proj = [B | C | x], channel by channel)
 #   ff_model the MLP's first units, as many as the student's model makes of its intermediate_size (LFM2 rounds it)
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query

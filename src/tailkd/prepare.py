@@ -121,7 +121,7 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
             num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
             freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
-            experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units,
+            experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units, hidden_channels=s.hidden_channels,
             calibration=lambda: calibration_batches(cfg, calibration_rows()),
         )
         student.to(device=device, dtype=torch.float32)
@@ -132,6 +132,10 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             dist.say(f"layers kept by influence (student.layer_choice influence, student.calibration_rows "
                      f"{s.calibration_rows}): teacher layers {' '.join(map(str, sorted(influence)))}, their Block "
                      f"Influence {min(influence.values()):.4f}-{max(influence.values()):.4f}")
+        if channels := next((row for row in table if "channel_share" in row), None):
+            dist.say(f"hidden channels kept by activity (student.hidden_channels active, student.calibration_rows "
+                     f"{s.calibration_rows}): {channels['channels'].split(',')[0]}, "
+                     f"{100 * channels['channel_share']:.1f}% of the mean |output| of the teacher's norms")
         if active := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["active_share"] for row in table
                       if "active_share" in row}:  # per student layer
             dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows "
@@ -154,9 +158,9 @@ def setup_models(cfg: DistillConfig, device: torch.device):
 
 def calibration_batches(cfg: DistillConfig, train_rows):
     """The batches `tailkd.calibration` measures a teacher over (``student.layer_choice influence``, ``student.experts
-    used``, ``student.mlp_units active``): ``student.calibration_rows`` of ``train_rows`` (all where there are fewer),
-    evenly spaced (row ``j * rows // n``), ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows,
-    ``attention_mask``."""
+    used``, ``student.mlp_units active``, ``student.hidden_channels active``): ``student.calibration_rows`` of
+    ``train_rows`` (all where there are fewer), evenly spaced (row ``j * rows // n``), ``train.batch_size`` at a time,
+    as ``input_ids`` and, for padded rows, ``attention_mask``."""
     rows = len(train_rows)
     n = min(cfg.student.calibration_rows, rows)
     index = [j * rows // n for j in range(n)]

@@ -237,8 +237,9 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
     setting: then the checkpoint's own check says what does not fit): a config changed with --force (``changes``) is
     saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
-        calibrated = (cfg.student.layer_choice, cfg.student.experts, cfg.student.mlp_units) != ("spaced", "first",
-                                                                                                 "first")
+        s = cfg.student
+        calibrated = (s.layer_choice, s.experts, s.mlp_units, s.hidden_channels) != ("spaced", "first", "first",
+                                                                                      "first")
         if calibrated and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
@@ -273,10 +274,11 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
 
 def check_student_init(out: Path, student_init: list[dict]) -> None:
     """A resume's student built from the teacher is the run's: each parameter from the same teacher tensor (and, kept
-    by use, the same experts) as its student_init.json says, else a TailkdError naming the first that differs — a
-    student built from calibration rows (``student.layer_choice influence``, ``student.experts used``) can come out
-    otherwise on another machine (another float rounding of a near tie), over changed data or from a changed teacher.
-    A run without the file (or an unreadable one) is not checked."""
+    by use, the same experts; by activity, the same units and channels) as its student_init.json says, else a
+    TailkdError naming the first that differs — a student built from calibration rows (``student.layer_choice
+    influence``, ``student.experts used``, ``student.mlp_units active``, ``student.hidden_channels active``) can come
+    out otherwise on another machine (another float rounding of a near tie), over changed data or from a changed
+    teacher. A run without the file (or an unreadable one) is not checked."""
     try:
         saved = jsonfile.loads((out / "student_init.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -285,18 +287,18 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
         return
 
     def key(row: dict) -> tuple:
-        return row.get("name"), row.get("source"), row.get("experts"), row.get("units")
+        return row.get("name"), row.get("source"), row.get("experts"), row.get("units"), row.get("channels")
 
     for was, now in zip(saved, student_init):
         if key(was) != key(now):
-            what = (f"built from {now.get('source')}, the run's from {was.get('source')}" if was.get("source") !=
-                    now.get("source") else f"its experts {now.get('experts')}, the run's {was.get('experts')}"
-                    if was.get("experts") != now.get("experts") else f"its units {now.get('units')}, the run's "
-                    f"{was.get('units')}")
+            field = next((f for f in ("source", "experts", "units", "channels") if was.get(f) != now.get(f)), "source")
+            what = (f"built from {now.get('source')}, the run's from {was.get('source')}" if field == "source" else
+                    f"its {field} {now.get(field)}, the run's {was.get(field)}")
             raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
                               f"{now.get('name')} {what}: a student chosen from calibration rows "
-                              "(student.layer_choice influence, student.experts used, student.mlp_units active) came "
-                              "out otherwise here; resume on the machine, data and teacher the run started with")
+                              "(student.layer_choice influence, student.experts used, student.mlp_units active, "
+                              "student.hidden_channels active) came out otherwise here; resume on the machine, data "
+                              "and teacher the run started with")
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:

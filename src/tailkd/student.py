@@ -15,7 +15,9 @@ Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced wi
 Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` (and `head_dim`, see Heads)
          default to the teacher's and may only shrink (num_kv_heads of an MHA teacher, one KV head per query
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
-         columns/entries (embeddings, norms, every projection's input side).
+         columns/entries (embeddings, norms, every projection's residual side), or with ``hidden_channels="active"``
+         the `hidden_size` channels of largest activity at the teacher's norms over calibration rows
+         (`tailkd.calibration`), the same channels in every tensor.
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
          hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
          FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2,
@@ -113,7 +115,7 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          side; attention; a relu² MLP; DeepSeek-V3-style routed relu² experts with a shared one of its own width);
          a model without "moe" layers has no experts whatever n_routed_experts says and narrows its MLP by
          intermediate_size; experts in a latent space of their own (moe_latent_size) are refused.
-Embeds   Copied (all vocabulary rows, first hidden_size columns), untied LM head (and its bias: Phi)
+Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
          MiniPLM's Qwen students) or unties it (False: its own head, copied from the teacher's head, which is
@@ -163,7 +165,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tailkd.config import EXPERT_CHOICES, LAYER_CHOICES, MLP_INITS, MLP_UNIT_CHOICES
+from tailkd.config import EXPERT_CHOICES, HIDDEN_CHANNEL_CHOICES, LAYER_CHOICES, MLP_INITS, MLP_UNIT_CHOICES
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 
@@ -600,8 +602,9 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
     return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
 
 
-def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0) -> dict:
-    """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices."""
+def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None) -> dict:
+    """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
+    ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``)."""
     q_heads, kv_heads = _query_heads(t, s), list(range(s.kv_heads))
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
     qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
@@ -612,7 +615,9 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     if t.expert_groups > 1 and s.experts != t.experts:
         per_t, per_s = t.experts // t.expert_groups, s.experts // t.expert_groups
         experts = torch.tensor([g * per_t + i for g in range(t.expert_groups) for i in range(per_s)])
-    return {"all": None, "d": s.hidden, "ff": s.intermediate, "q": q, "k": k, "v": v,
+    d = s.hidden if channels is None else channels
+    d_range = torch.arange(s.hidden) if channels is None else channels
+    return {"all": None, "d": d, "ff": s.intermediate, "q": q, "k": k, "v": v,
             "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
@@ -625,7 +630,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
             "kv_head": s.kv_heads,
-            "d_blocks": lambda n: torch.cat([b * t.hidden + torch.arange(s.hidden) for b in range(n // t.hidden)]),
+            "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first])}
@@ -702,7 +707,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
                   num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
-                  layer_choice: str = "spaced", mlp_units: str = "first", calibration=None):
+                  layer_choice: str = "spaced", mlp_units: str = "first", hidden_channels: str = "first",
+                  calibration=None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     ``layer_choice``: which teacher layers a student of ``num_layers`` keeps — "spaced" (evenly, see the module
@@ -714,7 +720,10 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``attention_mask``; see `tailkd.calibration`).
     ``mlp_units``: which units of a dense MLP a narrower student (``intermediate_size``) copies (``mlp_init="copy"``)
     — "first" or "active" (per layer those of largest mean absolute activation at the down projection's input over
-    ``calibration()``'s batches). ``calibration`` is called only where a choice is to be made.
+    ``calibration()``'s batches).
+    ``hidden_channels``: which residual-stream channels a narrower student (``hidden_size``) keeps — "first" or
+    "active" (those of largest mean absolute output of the teacher's norms over ``calibration()``'s batches, one
+    choice for every tensor's residual side). ``calibration`` is called only where a choice is to be made.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
@@ -722,7 +731,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     tensors add ``"block_influence"`` (their teacher layer's), under "used" a routed layer's expert tensors add
     ``"experts"`` (the teacher's experts kept, in the student's order) and ``"routed_share"`` (the share of that
     layer's calibration routings that went to them), under "active" a layer's MLP tensors add ``"units"`` (how many
-    and a digest of which) and ``"active_share"`` (the share of the layer's activity the kept units had).
+    and a digest of which) and ``"active_share"`` (the share of the layer's activity the kept units had), under
+    hidden_channels "active" the input embeddings' rows add ``"channels"`` (how many and a digest of which) and
+    ``"channel_share"`` (the share of the norms' activity the kept channels had).
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
@@ -736,6 +747,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if mlp_units == "active" and mlp_init != "copy":
         raise TailkdError(f"mlp_units=active keeps the MLP units the teacher uses most, but mlp_init={mlp_init} draws "
                           "the student's MLP afresh: use mlp_init copy")
+    if hidden_channels not in HIDDEN_CHANNEL_CHOICES:
+        raise TailkdError(f"hidden_channels={hidden_channels!r}: use one of {', '.join(HIDDEN_CHANNEL_CHOICES)}")
     influence = None
     if layer_choice not in LAYER_CHOICES:
         raise TailkdError(f"layer_choice={layer_choice!r}: use one of {', '.join(LAYER_CHOICES)}")
@@ -757,7 +770,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student.generation_config = copy.deepcopy(teacher.generation_config)
     _check_layer_kinds(teacher, student, fam, chosen)
 
-    index = axis_indices(t, s, fam.rope, fraction)
+    channels, channel_share = _channels_by_activity(teacher, fam, t, s, chosen, hidden_channels, calibration)
+    index = axis_indices(t, s, fam.rope, fraction, channels)
     kept, share = _experts_by_use(teacher, fam, t, s, chosen, experts, calibration)  # {teacher layer: ...}
     units, active = _units_by_activity(teacher, fam, t, s, chosen, mlp_units, calibration)  # {teacher layer: ...}
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
@@ -802,9 +816,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                 table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
             if layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes):
                 ids = units[chosen[layer]]
-                digest = hashlib.sha1(ids.numpy().astype("<i8").tobytes()).hexdigest()[:16]
-                table[-1].update(units=f"{ids.numel()} of {t.intermediate}, sha1 {digest}",
-                                 active_share=active[chosen[layer]])
+                table[-1].update(units=_digest(ids, t.intermediate), active_share=active[chosen[layer]])
+            if channels is not None and name in fam.embeddings:
+                table[-1].update(channels=_digest(channels, t.hidden), channel_share=channel_share)
         persistent = set(student.state_dict())
         for name, buffer in student.named_buffers():  # not in the table: it lists parameters
             if name in persistent:
@@ -833,6 +847,27 @@ def _layers_by_influence(teacher, layers, num_layers, calibration):
 
     influence, _ = block_influence(teacher, fam, calibration())
     return largest(influence, num_layers).tolist(), None, influence
+
+
+def _digest(ids: torch.Tensor, total: int) -> str:
+    """"n of total, sha1 <16 hex digits>": how many of ``total`` indices ``ids`` keeps, and which."""
+    return f"{ids.numel()} of {total}, sha1 {hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}"
+
+
+def _channels_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], hidden_channels: str,
+                          calibration):
+    """``(channels, share)``: the residual-stream channels a student keeps by activity (LongTensor, increasing) and
+    the share of the norms' activity they had; ``(None, None)`` where ``hidden_channels`` is "first" or the student
+    keeps the teacher's hidden_size."""
+    if hidden_channels == "first" or s.hidden == t.hidden:
+        return None, None
+    if calibration is None:
+        raise TailkdError("hidden_channels=active needs calibration rows to measure the teacher's channels over")
+    from tailkd.calibration import channel_activity, largest
+
+    activity, _ = channel_activity(teacher, fam, calibration(), sorted(set(chosen)))
+    channels = largest(activity, s.hidden)
+    return channels, round(float(activity[channels].sum() / activity.sum().clamp_min(1e-300)), 6)
 
 
 def _units_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], mlp_units: str, calibration):
