@@ -19,6 +19,8 @@ from tailkd.calibration import (
     block_influence,
     channel_activity,
     experts_module,
+    head_importance,
+    kept_heads,
     largest,
     norm_modules,
     routed_counts,
@@ -505,3 +507,100 @@ def test_the_teachers_hidden_size_or_the_first_channels_need_no_calibration():
 def test_bad_hidden_channel_choices_are_refused(kwargs, message):
     with pytest.raises(TailkdError, match=message):
         build_student(make_teacher("helium"), layers=SUBSET, **kwargs)
+
+
+# --------------------------------------------------------------------------- attention heads by importance
+
+
+def test_head_importance_is_the_mean_norm_of_each_heads_attention_output():
+    """GPT-2 (4 heads of 16, no RoPE): each head's importance equals mean ||softmax(q k^T / 4 + causal) v||_2 over the
+    real tokens, recomputed in float64 from the layer's input hidden states (those the model returns) through ln_1 and
+    c_attn. rtol 1e-5: the model's float32 attention (64-term dot products, a 13-term softmax, ~100 u) and a mean of
+    31 such norms."""
+    teacher = _gpt2()
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    importance, tokens = head_importance(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], [1, 3], 4)
+    assert sorted(importance) == [1, 3] and tokens == 31
+    with torch.no_grad():
+        hidden = teacher(ids, output_hidden_states=True).hidden_states
+    causal = torch.full((13, 13), float("-inf"), dtype=torch.float64).triu(1)
+    for i in (1, 3):
+        block = teacher.transformer.h[i]
+        x = torch.nn.functional.layer_norm(hidden[i].double(), (64,), block.ln_1.weight.double(),
+                                           block.ln_1.bias.double(), teacher.config.layer_norm_epsilon)
+        q, k, v = (x @ block.attn.c_attn.weight.double() + block.attn.c_attn.bias.double()).split(64, dim=-1)
+        q, k, v = (z.reshape(3, 13, 4, 16).transpose(1, 2) for z in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-1, -2) / 4 + causal, dim=-1) @ v  # [3, heads, 13, 16]
+        norms = out.norm(dim=-1).transpose(1, 2)[mask.bool()]  # [real tokens, heads]
+        torch.testing.assert_close(importance[i], norms.mean(0), rtol=1e-5, atol=0)
+
+
+def test_kept_heads_keep_each_kv_heads_best_queries_and_the_best_kv_heads():
+    importance = torch.tensor([1.0, 5.0, 3.0, 0.0, 2.0, 2.0, 9.0, 0.0], dtype=torch.float64)  # 2 KV heads of 4
+    assert kept_heads(importance, 2, 1, 2).tolist() == [4, 6]  # KV head 1's best pair (2 + 9) over KV head 0's (5 + 3)
+    assert kept_heads(importance, 2, 2, 2).tolist() == [1, 2, 4, 6]
+    assert kept_heads(importance, 2, 2, 1).tolist() == [1, 6]
+    assert kept_heads(importance, 2, 1, 4).tolist() == [4, 5, 6, 7]  # 13 over 9
+    pair_sums = torch.tensor([6.0, 6.0, 0.0, 0.0, 10.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    assert kept_heads(pair_sums, 2, 1, 2).tolist() == [0, 1]  # 12 over 11: the sum, not the largest head
+    assert kept_heads(importance, 8, 3, 1).tolist() == [1, 2, 6]  # one KV head per query head: the 3 largest
+    assert kept_heads(torch.zeros(4, dtype=torch.float64), 2, 1, 1).tolist() == [0]  # ties to the lower index
+
+
+def _silence_heads(teacher, family, dead):
+    """Make the query heads ``dead[i]`` of layer i output exactly 0: the value rows they read zero (Ministral: their KV
+    head's v_proj rows, so whole KV groups; DeepSeek-V3: each head's value rows of kv_b_proj, [k_nope 8 | v 12])."""
+    with torch.no_grad():
+        for i, heads in dead.items():
+            attention = teacher.model.layers[i].self_attn
+            for h in heads:
+                if family == "deepseek_v3":
+                    attention.kv_b_proj.weight[h * 20 + 8:(h + 1) * 20] = 0
+                else:
+                    group = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+                    attention.v_proj.weight[h // group * 16:(h // group + 1) * 16] = 0
+
+
+@pytest.mark.parametrize("family, kv_heads, student", [
+    ("ministral", 2, {"num_heads": 2, "num_kv_heads": 1}),  # grouped: a dead KV head and its two query heads
+    ("ministral", 4, {"num_heads": 2, "num_kv_heads": 2}),  # one KV head per query head
+    ("deepseek_v3", 4, {"num_heads": 2}),  # latent attention: whole heads
+])
+def test_a_student_keeping_the_important_heads_is_its_teacher(family, kv_heads, student):
+    """Where half of every layer's 4 query heads output exactly 0 (a different half per layer), a student of every
+    layer with 2 heads by importance keeps, per layer, the other half and computes the teacher's logits (the dead
+    heads add exactly 0 through the output projection); the first heads' student does not. The table names each
+    layer's heads, all of the importance kept."""
+    teacher = make_teacher(family, num_key_value_heads=kv_heads)
+    dead = {i: [0, 1] if i % 2 else [2, 3] for i in range(N_LAYERS)}
+    _silence_heads(teacher, family, dead)
+    built, table = build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", attention_heads="active",
+                                 calibration=lambda: [{"input_ids": _ids(7, (2, 13))}], **student)
+    named = {row["name"]: row for row in table if "heads" in row}
+    for i in range(N_LAYERS):
+        row = named[f"model.layers.{i}.self_attn.o_proj.weight"]
+        assert row["heads"] == [h for h in range(4) if h not in dead[i]] and row["head_share"] == 1.0
+    assert not any(".mlp." in name or "layernorm" in name for name in named)
+    _computes_the_teacher(built, teacher, build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", **student)[0])
+
+
+def test_every_head_kept_or_the_first_need_no_calibration():
+    teacher = make_teacher("ministral")
+
+    def calibration():
+        raise AssertionError("no calibration forward where nothing is chosen")
+
+    build_student(teacher, layers=SUBSET, attention_heads="active", calibration=calibration)
+    build_student(teacher, layers=SUBSET, num_heads=2, num_kv_heads=1, calibration=calibration)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"attention_heads": "most"}, r"^attention_heads='most': use one of first, active$"),
+    ({"attention_heads": "active", "num_heads": 2}, r"^attention_heads=active needs calibration rows"),
+])
+def test_bad_head_choices_are_refused(kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_teacher("ministral"), layers=SUBSET, **kwargs)

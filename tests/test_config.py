@@ -811,6 +811,7 @@ def test_the_readmes_loss_table_lists_every_knob():
     (["--student.layer_choice", "influence"], "student.layer_choice='influence'"),
     (["--student.mlp_units", "active", "--student.mlp_init", "copy"], "student.mlp_units='active'"),
     (["--student.hidden_channels", "active"], "student.hidden_channels='active'"),
+    (["--student.attention_heads", "active"], "student.attention_heads='active'"),
 ])
 def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     """An existing student (student.path) is loaded as it is: the settings that shape a student built from the teacher
@@ -833,12 +834,14 @@ def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
        rf"^student\.{key}={value} reads a forward of the whole teacher before the student is built, which "
        rf"teacher\.parallel fsdp .* use --student\.{key} {other}, or --teacher\.parallel replicate$")
       for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced"),
-                                ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"))],
+                                ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"),
+                                ("attention_heads", "active", "first"))],
     (["--student.layer_choice", "influence", "--student.layers", "0", "2"],
      r"^student\.layer_choice=influence chooses the student's layers, and student\.layers lists them: drop one of "
      r"the two$"),
     (["--student.layer_choice", "deep"], r"^student\.layer_choice='deep' must be spaced or influence$"),
     (["--student.hidden_channels", "most"], r"^student\.hidden_channels='most' must be first or active$"),
+    (["--student.attention_heads", "most"], r"^student\.attention_heads='most' must be first or active$"),
     (["--student.mlp_units", "active"], r"^student\.mlp_units=active keeps the MLP units the teacher uses most, but "
                                         r"student\.mlp_init=random draws the student's MLP afresh: add "
                                         r"--student\.mlp_init copy$"),

@@ -330,8 +330,8 @@ def test_a_student_keeps_the_most_influential_layers_and_resumes_only_as_built(a
                         r"\(student_init\.json\): model\.layers\.1\.\S+ built from model\.layers\.2\.\S+, the "
                         r"run's from model\.layers\.3\.\S+: a student chosen from calibration rows "
                         r"\(student\.layer_choice influence, student\.experts used, student\.mlp_units active, "
-                        r"student\.hidden_channels active\) came out otherwise here; resume on the machine, data "
-                        r"and teacher the run started with", last)
+                        r"student\.hidden_channels active, student\.attention_heads active\) came out otherwise "
+                        r"here; resume on the machine, data and teacher the run started with", last)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
@@ -384,6 +384,28 @@ def test_a_student_keeps_the_most_active_hidden_channels_and_resumes_only_as_bui
                         r"[0-9a-f]{16}, the run's 32 of 64, sha1 0{16}: a student chosen from calibration rows .*",
                         last)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_a_student_keeps_the_most_important_heads(assets, tmp_path, capsys):
+    """``--student.attention_heads active`` with 2 query heads on 1 KV head (of the assets teacher's 4 on 2): the run
+    log gives the share of each layer's head importance the kept heads had (more than a quarter: the better KV head's
+    better pair), student_init.json names each layer's kept query heads (both of one teacher KV head) on its attention
+    tensors and on no other."""
+    run = tmp_path / "run"
+    assert main(base_args(assets, run, "--steps", "1", "--train.precision", "fp32", "--student.num_heads", "2",
+                          "--student.num_kv_heads", "1", "--student.attention_heads", "active",
+                          "--student.calibration_rows", "6")) == 0
+    found = re.search(r"attention heads kept by importance \(student\.attention_heads active, student\."
+                      r"calibration_rows 6\): (\d+\.\d)%-(\d+\.\d)% of the teacher's head output norm in each of "
+                      r"the 2 attention layers\n", capsys.readouterr().out)
+    assert found and 25 < float(found.group(1)) <= float(found.group(2)) < 100
+    init = {row["name"]: row for row in json.loads((run / "student_init.json").read_text())}
+    for layer in (0, 1):
+        heads = init[f"model.layers.{layer}.self_attn.q_proj.weight"]["heads"]
+        assert heads in ([0, 1], [2, 3])
+        for name in ("k_proj.weight", "v_proj.weight", "o_proj.weight"):
+            assert init[f"model.layers.{layer}.self_attn.{name}"]["heads"] == heads
+    assert [name for name, row in init.items() if "heads" in row and ".self_attn." not in name] == []
 
 
 def test_a_student_built_from_a_deepseek_v3_teacher_narrows_its_latent_attention_by_whole_heads(assets, tmp_path):

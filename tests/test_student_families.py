@@ -22,11 +22,11 @@ import torch
 import transformers
 from conftest import TINY_VOCAB, rotated_qk
 
-from tailkd.calibration import channel_activity, largest
+from tailkd.calibration import channel_activity, head_importance, kept_heads, largest
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
-from tailkd.student import build_student, config_family, family_spec, freeze_student_embeddings
+from tailkd.student import build_student, config_family, family_spec, freeze_student_embeddings, teacher_dims
 
 N_LAYERS = 5
 SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's first three in every family below
@@ -358,6 +358,9 @@ def _expected(name, teacher, plan):
     def rd(x, dim):  # the kept residual channels along dim
         return x.index_select(dim, d)
     prefix, i, rest = _split_layer(name)
+    if prefix is not None and isinstance(plan["q_heads"], dict):  # per teacher layer (attention_heads "active")
+        layer = plan["layers"][i]
+        plan = {**plan, "q_heads": plan["q_heads"].get(layer), "kv_heads": plan["kv_heads"].get(layer)}
     if prefix is None:
         w = t[name]
         if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
@@ -896,6 +899,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                 dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     # 2 query heads on 2 KV heads: query heads 0, 2 (their q norm rows too), head_dim 32/2 = 16 kept
     "cohere": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
+    # 2 query heads on 1 KV head: KV head 0's query heads 0, 1 (its k norm row only)
+    "cohere-kv": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1}, dict(d=32, q_heads=[0, 1], kv_heads=[0])),
     # head_dim 8: interleaved pairs 0, 2, 4, 6 = rows (0, 1), (4, 5), (8, 9), (12, 13) of q, k and their norms
     "cohere-head_dim": ({"hidden_size": 32, "intermediate_size": 40},
                         dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
@@ -1076,6 +1081,35 @@ def test_narrow_student_by_channel_activity_is_the_teachers_slices(case, tmp_pat
                           {**plan, "d": channels}, tmp_path)
 
 
+@pytest.mark.parametrize("case", [case for case, (kwargs, _) in NARROW.items()
+                                  if "num_heads" in kwargs or "num_kv_heads" in kwargs])
+def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path):
+    """``attention_heads="active"``: the same students with, per attention layer, the heads of largest importance
+    (`tailkd.calibration.head_importance` and `kept_heads`, tested in tests/test_calibration.py) in place of the first
+    ones: every attention tensor (q/k/v, fused qkv of every layout, o, gated queries, per-head norms, sinks, latent
+    attention's per-head projections) holds the reference's slices of that layer's heads — which are not the first
+    ones in some layer; the table names them."""
+    family = case.split("-")[0]
+    kwargs, plan = NARROW[case]
+    teacher = make_teacher(family)
+    fam = config_family(teacher.config, family_spec(teacher))
+    t = teacher_dims(teacher.config, fam)
+    reference = _plan(teacher, [0, 2, 3], **plan)
+    n_kv = len(reference["q_heads"]) if reference["latent"] else len(reference["kv_heads"])  # latent: one per head
+    per_kv = len(reference["q_heads"]) // n_kv
+    for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
+        batches = [{"input_ids": _ids(seed, (2, 13))}]
+        importance, _ = head_importance(teacher, fam, batches, [0, 2, 3], t.heads)
+        q_heads = {i: kept_heads(v, t.kv_heads, n_kv, per_kv).tolist() for i, v in importance.items()}
+        if any(q != reference["q_heads"] for q in q_heads.values()):
+            break
+    else:
+        raise AssertionError("every calibration set chose the first heads")
+    kv_heads = {i: [q[j * per_kv] // (t.heads // t.kv_heads) for j in range(n_kv)] for i, q in q_heads.items()}
+    _check_narrow_student(teacher, {**kwargs, "attention_heads": "active", "calibration": lambda: batches},
+                          {**plan, "q_heads": q_heads, "kv_heads": kv_heads}, tmp_path)
+
+
 def test_interleaved_rope_keeps_rotated_queries():
     """GLM-4's interleaved partial RoPE (pairs (2p, 2p+1) over the first half of each head): student q/k after RoPE
     equal the teacher's on the kept rows [0, 1, 4, 5, 8..11] (head_dim 16 -> 8, hidden kept: the same inputs), the
@@ -1127,7 +1161,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     if family.startswith("granite"):  # the attention scale itself, as 1/sqrt(head_dim)
         assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5
     if family == "falcon":  # its attention's KV heads are the layout's (num_kv_heads: read by the grouped one only)
-        assert attention.num_kv_heads == len(_plan(teacher, layers, **plan)["kv_heads"])
+        kv_heads = _plan(teacher, layers, **plan)["kv_heads"]  # per teacher layer under attention_heads "active"
+        assert attention.num_kv_heads == len(next(iter(kv_heads.values())) if isinstance(kv_heads, dict) else kv_heads)
         grouped = config.new_decoder_architecture
         assert config.num_kv_heads == (attention.num_kv_heads if grouped else config.num_attention_heads)
     if family == "opt":  # its embeddings are hidden_size wide: no projection in or out

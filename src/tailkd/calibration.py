@@ -1,8 +1,9 @@
-"""What a teacher's forward over calibration rows says about its layers, channels, units and experts, for a student
-built from it.
+"""What a teacher's forward over calibration rows says about its layers, channels, heads, units and experts, for a
+student built from it.
 
-Four choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
-student: evenly spaced layers, the first experts, the first MLP units, the first hidden channels):
+Five choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
+student: evenly spaced layers, the first hidden channels, the first heads of the first KV heads, the first MLP units,
+the first experts):
 
 Layers (``layer_choice="influence"``): the ``num_layers`` teacher layers of largest Block Influence — ShortGPT's
 importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidharan et al., 2024) — kept in order:
@@ -39,7 +40,18 @@ norm), every module whose weight the family table slices along ``d`` alone:
 The channel choice is one for the whole model (the residual stream is one): embeddings, every projection's residual
 side and every norm keep the same channels.
 
-All four count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
+Attention heads (``attention_heads="active"``, fewer ``num_heads`` / ``num_kv_heads``): per layer the heads of largest
+mean L2 norm of their output (the attention's output projection's input, one block per query head) — Minitron's head
+importance:
+
+    I[i, h] = mean over real tokens t of ||o_i[t, h, :]||_2     o_i: the input of layer i's attention output projection
+
+A student's query heads share KV heads as the teacher's do (each keeps the KV head it was trained with): per teacher
+KV head its ``g_s`` (the student's query heads per KV head) most important query heads, and of the KV heads the
+``num_kv_heads`` whose kept query heads have the largest summed importance (`kept_heads`); with one KV head per query
+head (multi-head attention, latent attention) simply the ``num_heads`` most important heads.
+
+All five count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
 forward of the teacher's decoder (no LM head) per batch, on the teacher's device, in its dtype, under no_grad.
 """
 
@@ -50,8 +62,8 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 
-__all__ = ["block_influence", "channel_activity", "experts_module", "largest", "norm_modules", "routed_counts",
-           "unit_activity"]
+__all__ = ["attention_output", "block_influence", "channel_activity", "experts_module", "head_importance", "kept_heads",
+           "largest", "norm_modules", "routed_counts", "unit_activity"]
 
 
 def experts_module(fam: Family) -> str:
@@ -159,7 +171,8 @@ def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
 def largest(values: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
     """The indices of the ``n`` largest of ``values`` [N] (ties to the lower index), in increasing order; with
     ``groups`` equal groups of consecutive entries, each group's n / groups largest: the one rule that picks the
-    layers (Block Influence), the MLP units (activity) and the experts (use, per group) a student keeps."""
+    layers (Block Influence), the hidden channels and MLP units (activity), the heads (importance, per KV head; see
+    `kept_heads`) and the experts (use, per group) a student keeps."""
     size, per = values.numel() // groups, n // groups
     kept = []
     for g in range(groups):
@@ -240,6 +253,53 @@ def channel_activity(teacher, fam: Family, batches, layers) -> tuple[torch.Tenso
     handles = [m.register_forward_hook(count(name)) for name, m in modules.items()]
     tokens = _forward(teacher, batches, real, handles, "hidden_channels=active")
     return total / tokens, tokens
+
+
+def attention_output(fam: Family) -> str:
+    """The path, inside one of `fam`'s layers, of its attention's output projection: the module whose weight the table
+    cuts along ``o`` (the kept query heads' blocks of its input), or latent attention's o_proj (``d`` by ``head``)."""
+    names = [name.removesuffix(".weight") for name, axes in fam.layer_params.items()
+             if name.endswith(".weight") and ("o" in axes or tuple(axes) == ("d", "head"))]
+    if len(names) != 1:  # a bug in a table, not a user error
+        raise RuntimeError(f"{fam.label}'s table names {len(names)} attention output projections: {names}")
+    return names[0]
+
+
+@torch.no_grad()
+def head_importance(teacher, fam: Family, batches, layers, heads: int) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: float64 [heads] mean L2 norm of each query head's output}, real tokens)`` over ``batches``
+    for the attention layers among ``layers`` (a hybrid's other mixers have no attention output projection): the
+    input of `attention_output`, ``heads`` equal blocks (see the module docstring)."""
+    path = attention_output(fam)
+    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
+        raise RuntimeError(f"none of teacher layers {layers} has {path}")
+    total = {i: torch.zeros(heads, dtype=torch.float64) for i in modules}
+    real = {"mask": None}
+
+    def count(i):
+        def hook(module, args):
+            out = args[0]
+            out = out.reshape(-1, heads, out.shape[-1] // heads)
+            if real["mask"] is not None:
+                out = out[real["mask"]]
+            total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
+        return hook
+
+    handles = [m.register_forward_pre_hook(count(i)) for i, m in modules.items()]
+    tokens = _forward(teacher, batches, real, handles, "attention_heads=active")
+    return {i: t / tokens for i, t in total.items()}, tokens
+
+
+def kept_heads(importance: torch.Tensor, kv_heads: int, student_kv_heads: int, per_kv_head: int) -> torch.Tensor:
+    """The teacher query heads a student keeps by ``importance`` [heads] (``kv_heads`` teacher KV heads over equal
+    consecutive groups of query heads): per KV head its ``per_kv_head`` most important query heads, and of the KV heads
+    the ``student_kv_heads`` whose kept query heads sum to the most (`largest`'s ties); listed KV head by KV head in
+    increasing order, so that student query head j keeps the teacher KV head of entry j // per_kv_head."""
+    size = importance.numel() // kv_heads
+    best = [k * size + largest(importance[k * size:(k + 1) * size], per_kv_head) for k in range(kv_heads)]
+    groups = largest(torch.stack([importance[b].sum() for b in best]), student_kv_heads)
+    return torch.cat([best[k] for k in groups.tolist()])
 
 
 def _submodule(root, name: str):

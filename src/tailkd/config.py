@@ -38,6 +38,7 @@ EXPERT_CHOICES = ("first", "used")  # which routed experts a student with fewer 
 LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num_layers keeps
 MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
 HIDDEN_CHANNEL_CHOICES = ("first", "active")  # which residual-stream channels a narrower student keeps
+HEAD_CHOICES = ("first", "active")  # which attention heads a student with fewer keeps
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -199,8 +200,8 @@ class TeacherConfig:
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
 BUILD_KEYS = ("num_layers", "layers", "layer_choice", "hidden_size", "hidden_channels", "num_heads", "num_kv_heads",
-              "intermediate_size", "num_experts", "num_experts_per_tok", "experts", "calibration_rows", "head_dim",
-              "mlp_units", "mlp_init", "tie_embeddings")
+              "attention_heads", "intermediate_size", "num_experts", "num_experts_per_tok", "experts",
+              "calibration_rows", "head_dim", "mlp_units", "mlp_init", "tie_embeddings")
 
 
 @dataclass
@@ -221,6 +222,10 @@ class StudentConfig:
                               choices=HIDDEN_CHANNEL_CHOICES)
     num_heads: Optional[int] = _f(None, "student attention heads (default: the teacher's)")
     num_kv_heads: Optional[int] = _f(None, "student key/value heads (default: the teacher's)")
+    attention_heads: str = _f("first", "which heads a student with fewer num_heads / num_kv_heads keeps: first (the "
+                                       "first query heads of the first KV heads), or active (per layer those whose "
+                                       "output has the largest mean L2 norm over calibration_rows training rows, KV "
+                                       "head by KV head: Minitron's head importance)", choices=HEAD_CHOICES)
     intermediate_size: Optional[int] = _f(None, "student MLP width (default: the teacher's); of a mixture of experts "
                                                 "(Mixtral, Qwen-MoE, GLM-4.5), each routed expert's width")
     num_experts: Optional[int] = _f(None, "routed experts per layer of a student built from a mixture-of-experts "
@@ -234,8 +239,8 @@ class StudentConfig:
                                "calibration_rows training rows to; of each group likewise)", choices=EXPERT_CHOICES)
     calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher's forward over "
                                    "which measures its layers (layer_choice influence), its hidden channels "
-                                   "(hidden_channels active), its MLP units (mlp_units active) and counts its "
-                                   "experts' use (experts used)")
+                                   "(hidden_channels active), its heads (attention_heads active), its MLP units "
+                                   "(mlp_units active) and counts its experts' use (experts used)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
@@ -468,7 +473,8 @@ class DistillConfig:
                               f"student.mlp_init={c.student.mlp_init} draws the student's MLP afresh: add "
                               "--student.mlp_init copy")
         for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced"),
-                                  ("mlp_units", "active", "first"), ("hidden_channels", "active", "first")):
+                                  ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"),
+                                  ("attention_heads", "active", "first")):
             if getattr(c.student, key) == value and c.teacher.parallel == "fsdp":
                 raise TailkdError(f"student.{key}={value} reads a forward of the whole teacher before the student is "
                                   "built, which teacher.parallel fsdp (the teacher sharded over the ranks) does not "

@@ -122,6 +122,7 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
             freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
             experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units, hidden_channels=s.hidden_channels,
+            attention_heads=s.attention_heads,
             calibration=lambda: calibration_batches(cfg, calibration_rows()),
         )
         student.to(device=device, dtype=torch.float32)
@@ -136,6 +137,11 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             dist.say(f"hidden channels kept by activity (student.hidden_channels active, student.calibration_rows "
                      f"{s.calibration_rows}): {channels['channels'].split(',')[0]}, "
                      f"{100 * channels['channel_share']:.1f}% of the mean |output| of the teacher's norms")
+        if heads := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["head_share"] for row in table
+                     if "head_share" in row}:  # per student layer
+            dist.say(f"attention heads kept by importance (student.attention_heads active, student.calibration_rows "
+                     f"{s.calibration_rows}): {100 * min(heads.values()):.1f}%-{100 * max(heads.values()):.1f}% of "
+                     f"the teacher's head output norm in each of the {len(heads)} attention layers")
         if active := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["active_share"] for row in table
                       if "active_share" in row}:  # per student layer
             dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows "
@@ -158,7 +164,8 @@ def setup_models(cfg: DistillConfig, device: torch.device):
 
 def calibration_batches(cfg: DistillConfig, train_rows):
     """The batches `tailkd.calibration` measures a teacher over (``student.layer_choice influence``, ``student.experts
-    used``, ``student.mlp_units active``, ``student.hidden_channels active``): ``student.calibration_rows`` of
+    used``, ``student.mlp_units active``, ``student.hidden_channels active``, ``student.attention_heads active``):
+    ``student.calibration_rows`` of
     ``train_rows`` (all where there are fewer), evenly spaced (row ``j * rows // n``), ``train.batch_size`` at a time,
     as ``input_ids`` and, for padded rows, ``attention_mask``."""
     rows = len(train_rows)

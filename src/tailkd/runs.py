@@ -238,8 +238,8 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
     saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
         s = cfg.student
-        calibrated = (s.layer_choice, s.experts, s.mlp_units, s.hidden_channels) != ("spaced", "first", "first",
-                                                                                      "first")
+        calibrated = (s.layer_choice, s.experts, s.mlp_units, s.hidden_channels, s.attention_heads) != (
+            "spaced", "first", "first", "first", "first")
         if calibrated and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
@@ -274,11 +274,12 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
 
 def check_student_init(out: Path, student_init: list[dict]) -> None:
     """A resume's student built from the teacher is the run's: each parameter from the same teacher tensor (and, kept
-    by use, the same experts; by activity, the same units and channels) as its student_init.json says, else a
-    TailkdError naming the first that differs — a student built from calibration rows (``student.layer_choice
-    influence``, ``student.experts used``, ``student.mlp_units active``, ``student.hidden_channels active``) can come
-    out otherwise on another machine (another float rounding of a near tie), over changed data or from a changed
-    teacher. A run without the file (or an unreadable one) is not checked."""
+    by use, the same experts; by activity or importance, the same units, channels and heads) as its student_init.json
+    says, else a TailkdError naming the first that differs — a student built from calibration rows
+    (``student.layer_choice influence``, ``student.experts used``, ``student.mlp_units active``,
+    ``student.hidden_channels active``, ``student.attention_heads active``) can come out otherwise on another machine
+    (another float rounding of a near tie), over changed data or from a changed teacher. A run without the file (or an
+    unreadable one) is not checked."""
     try:
         saved = jsonfile.loads((out / "student_init.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -286,19 +287,21 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
     if not isinstance(saved, list) or not all(isinstance(row, dict) for row in saved):
         return
 
+    fields = ("source", "experts", "units", "channels", "heads")
+
     def key(row: dict) -> tuple:
-        return row.get("name"), row.get("source"), row.get("experts"), row.get("units"), row.get("channels")
+        return tuple(row.get(f) for f in ("name", *fields))
 
     for was, now in zip(saved, student_init):
         if key(was) != key(now):
-            field = next((f for f in ("source", "experts", "units", "channels") if was.get(f) != now.get(f)), "source")
+            field = next((f for f in fields if was.get(f) != now.get(f)), "source")
             what = (f"built from {now.get('source')}, the run's from {was.get('source')}" if field == "source" else
                     f"its {field} {now.get(field)}, the run's {was.get(field)}")
             raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
                               f"{now.get('name')} {what}: a student chosen from calibration rows "
                               "(student.layer_choice influence, student.experts used, student.mlp_units active, "
-                              "student.hidden_channels active) came out otherwise here; resume on the machine, data "
-                              "and teacher the run started with")
+                              "student.hidden_channels active, student.attention_heads active) came out otherwise "
+                              "here; resume on the machine, data and teacher the run started with")
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:

@@ -31,6 +31,9 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
              unchanged grouping (g_s == g_t) these are simply the first `num_heads` heads.
+           - With ``attention_heads="active"``, per layer in place of both: of each teacher KV head its g_s query
+             heads of largest importance over calibration rows, and the `num_kv_heads` KV heads whose kept query
+             heads sum to the most (`tailkd.calibration.kept_heads`), each query head still on its own KV head.
            - Rows kept inside a head: v (and o_proj's matching columns) the first head_dim rows. q and
              k use rotate-half RoPE over their first r = int(head_dim * partial_rotary_factor) rows (all of
              them but in Phi/Phi-3 configs with a partial factor), which pairs row i with row i + r/2; we
@@ -165,7 +168,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tailkd.config import EXPERT_CHOICES, HIDDEN_CHANNEL_CHOICES, LAYER_CHOICES, MLP_INITS, MLP_UNIT_CHOICES
+from tailkd.config import (
+    EXPERT_CHOICES,
+    HEAD_CHOICES,
+    HIDDEN_CHANNEL_CHOICES,
+    LAYER_CHOICES,
+    MLP_INITS,
+    MLP_UNIT_CHOICES,
+)
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 
@@ -602,11 +612,18 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
     return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
 
 
-def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None) -> dict:
+# the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)
+HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated"}
+
+
+def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
+                 q_heads=None) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
-    ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``)."""
-    q_heads, kv_heads = _query_heads(t, s), list(range(s.kv_heads))
+    ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``), ``q_heads``
+    the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `_query_heads`)."""
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
+    q_heads = _query_heads(t, s) if q_heads is None else [int(h) for h in q_heads]
+    kv_heads = [q_heads[j * g_s] // g_t for j in range(s.kv_heads)]  # student KV head j's teacher KV head
     qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
     q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
     v = _rows(kv_heads, t.head_dim, first)
@@ -622,14 +639,14 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
                                + [2 * t.head_dim + r for r in first]),
-            "qkv_groups": _rows(kv_heads, (g_t + 2) * t.head_dim,  # per KV head: its g_s queries, its k, its v
-                                [m * t.head_dim + r for m in range(g_s) for r in qk_rows]
-                                + [g_t * t.head_dim + r for r in qk_rows]
-                                + [(g_t + 1) * t.head_dim + r for r in first]),
+            "qkv_groups": torch.tensor([  # per kept KV head k: its kept queries' rows, then its k and v rows
+                (k * (g_t + 2) + part) * t.head_dim + r for j, k in enumerate(kv_heads)
+                for part, rows in [*((h % g_t, qk_rows) for h in q_heads[j * g_s:(j + 1) * g_s]),
+                                   (g_t, qk_rows), (g_t + 1, first)] for r in rows], dtype=torch.long),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "ff_shared": s.intermediate * s.shared_experts,
-            "kv_head": s.kv_heads,
+            "kv_head": torch.tensor(kv_heads, dtype=torch.long),
             "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
@@ -708,7 +725,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
                   num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
                   layer_choice: str = "spaced", mlp_units: str = "first", hidden_channels: str = "first",
-                  calibration=None):
+                  attention_heads: str = "first", calibration=None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     ``layer_choice``: which teacher layers a student of ``num_layers`` keeps — "spaced" (evenly, see the module
@@ -723,7 +740,11 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``calibration()``'s batches).
     ``hidden_channels``: which residual-stream channels a narrower student (``hidden_size``) keeps — "first" or
     "active" (those of largest mean absolute output of the teacher's norms over ``calibration()``'s batches, one
-    choice for every tensor's residual side). ``calibration`` is called only where a choice is to be made.
+    choice for every tensor's residual side).
+    ``attention_heads``: which heads a student with fewer (``num_heads``, ``num_kv_heads``) keeps — "first" (the first
+    ones of the first KV heads, see the module docstring) or "active" (per layer those whose output has the largest
+    mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibration.kept_heads`).
+    ``calibration`` is called only where a choice is to be made.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
@@ -733,7 +754,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     layer's calibration routings that went to them), under "active" a layer's MLP tensors add ``"units"`` (how many
     and a digest of which) and ``"active_share"`` (the share of the layer's activity the kept units had), under
     hidden_channels "active" the input embeddings' rows add ``"channels"`` (how many and a digest of which) and
-    ``"channel_share"`` (the share of the norms' activity the kept channels had).
+    ``"channel_share"`` (the share of the norms' activity the kept channels had), under attention_heads "active" a
+    layer's attention tensors add ``"heads"`` (the teacher's query heads kept, in the student's order) and
+    ``"head_share"`` (the share of the layer's head importance they had).
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
@@ -747,6 +770,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if mlp_units == "active" and mlp_init != "copy":
         raise TailkdError(f"mlp_units=active keeps the MLP units the teacher uses most, but mlp_init={mlp_init} draws "
                           "the student's MLP afresh: use mlp_init copy")
+    if attention_heads not in HEAD_CHOICES:
+        raise TailkdError(f"attention_heads={attention_heads!r}: use one of {', '.join(HEAD_CHOICES)}")
     if hidden_channels not in HIDDEN_CHANNEL_CHOICES:
         raise TailkdError(f"hidden_channels={hidden_channels!r}: use one of {', '.join(HIDDEN_CHANNEL_CHOICES)}")
     influence = None
@@ -772,6 +797,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
 
     channels, channel_share = _channels_by_activity(teacher, fam, t, s, chosen, hidden_channels, calibration)
     index = axis_indices(t, s, fam.rope, fraction, channels)
+    heads, head_share = _heads_by_importance(teacher, fam, t, s, chosen, attention_heads, calibration)
+    per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads) for i, q_heads in heads.items()}
     kept, share = _experts_by_use(teacher, fam, t, s, chosen, experts, calibration)  # {teacher layer: ...}
     units, active = _units_by_activity(teacher, fam, t, s, chosen, mlp_units, calibration)  # {teacher layer: ...}
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
@@ -793,7 +820,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                 return kept[layer]
             if axis in ("ff", "gate_up") and layer in units:  # a dense MLP's units by activity
                 return units[layer] if axis == "ff" else torch.cat([units[layer], t.intermediate + units[layer]])
-            return index[axis]
+            return per_layer.get(layer, index)[axis]  # a layer's own heads by importance
 
         value = _take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
         if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
@@ -817,6 +844,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
             if layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes):
                 ids = units[chosen[layer]]
                 table[-1].update(units=_digest(ids, t.intermediate), active_share=active[chosen[layer]])
+            if layer is not None and chosen[layer] in heads and set(axes) & HEAD_AXES:
+                table[-1].update(heads=heads[chosen[layer]].tolist(), head_share=head_share[chosen[layer]])
             if channels is not None and name in fam.embeddings:
                 table[-1].update(channels=_digest(channels, t.hidden), channel_share=channel_share)
         persistent = set(student.state_dict())
@@ -868,6 +897,23 @@ def _channels_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[i
     activity, _ = channel_activity(teacher, fam, calibration(), sorted(set(chosen)))
     channels = largest(activity, s.hidden)
     return channels, round(float(activity[channels].sum() / activity.sum().clamp_min(1e-300)), 6)
+
+
+def _heads_by_importance(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], attention_heads: str,
+                         calibration):
+    """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
+    importance (LongTensor, KV head by KV head: `tailkd.calibration.kept_heads`) and the share of the layer's head
+    importance they had; empty where ``attention_heads`` is "first" or the student keeps every head."""
+    if attention_heads == "first" or (s.heads, s.kv_heads) == (t.heads, t.kv_heads):
+        return {}, {}
+    if calibration is None:
+        raise TailkdError("attention_heads=active needs calibration rows to measure the teacher's heads over")
+    from tailkd.calibration import head_importance, kept_heads
+
+    importance, _ = head_importance(teacher, fam, calibration(), sorted(set(chosen)), t.heads)
+    heads = {i: kept_heads(v, t.kv_heads, s.kv_heads, s.heads // s.kv_heads) for i, v in importance.items()}
+    share = {i: round(float(v[heads[i]].sum() / v.sum().clamp_min(1e-300)), 6) for i, v in importance.items()}
+    return heads, share
 
 
 def _units_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], mlp_units: str, calibration):
