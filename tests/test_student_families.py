@@ -1415,6 +1415,12 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                 r"but RoPE rotates pairs of rows: .* e\.g\. head_dim 4 \(hidden_size 16 with 4 "
                                 r"heads\)$"),
     ("phi", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
+    # transformers' Helium: o_proj is hidden_size x hidden_size (the student's was cut to 2 heads' 32 columns: an
+    # internal error)
+    ("helium", {"num_heads": 2, "num_kv_heads": 1}, r"^Helium's attention output projection is hidden_size x "
+                                                    r"hidden_size, so num_heads x head_dim \(2 x 16\) must equal "
+                                                    r"hidden_size \(64\): narrow hidden_size with num_heads "
+                                                    r"\(hidden_size 32\)$"),
     ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
     ("bamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Bamba Mamba mixers are mamba_expand x "
                                    r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(layers, heads and the "

@@ -156,6 +156,9 @@ class Family:
     heads_keys: tuple[str, ...] = ()
     # a config flag that turns `alibi` on and RoPE off where it is set (Falcon-RW's alibi)
     alibi_flag: str = ""
+    # an attention output projection of hidden_size x hidden_size whatever the heads (transformers' HeliumAttention):
+    # a student's num_heads x head_dim must be its hidden_size
+    square_attention_output: bool = False
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -252,7 +255,7 @@ FAMILIES = {f.name: f for f in (
            layer_thresholds=("max_window_layers",)),
     # Helium: Llama's layout with interleaved RoPE
     Family("helium", "Helium", ("HeliumForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED,
-           "follows_hidden", rope="interleaved"),
+           "follows_hidden", rope="interleaved", square_attention_output=True),
     # HunYuan (dense): per-head q/k norms applied after RoPE (query_layernorm, key_layernorm)
     Family("hunyuan_v1_dense", "HunYuan", ("HunYuanDenseV1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_HUNYUAN_QK_NORMS}, _EMBED, "follows_hidden"),

@@ -328,6 +328,10 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     kv_heads = _kv_heads(t, fam, heads, num_kv_heads)
     experts, per_token = _experts(t, fam, num_experts, num_experts_per_tok)
     hd = _head_dim(t, fam, hidden, heads, head_dim)
+    if fam.square_attention_output and heads * hd != hidden:
+        raise TailkdError(f"{fam.label}'s attention output projection is hidden_size x hidden_size, so num_heads x "
+                          f"head_dim ({heads} x {hd}) must equal hidden_size ({hidden}): narrow hidden_size with "
+                          f"num_heads (hidden_size {heads * hd})")
     if fam.rope:
         rot, rot_t = int(hd * rotary_fraction), int(t.head_dim * rotary_fraction)
         if rot % 2 or (rot == 0 and rot_t > 0):
