@@ -1110,6 +1110,25 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
                           {**plan, "q_heads": q_heads, "kv_heads": kv_heads}, tmp_path)
 
 
+def test_calibrated_layers_channels_and_heads_compose():
+    """The calibrated choices in one student: Ministral's layers 1 and 4 add nothing (so influence keeps 0, 2, 3), and
+    of those layers the most active 32 residual channels and per layer the most important 2 query heads on 1 KV head
+    — every tensor holds the reference's slices of the chosen layers at those channels and heads."""
+    teacher = _zero_dropped_layers(make_teacher("ministral"), keep=[0, 2, 3])
+    fam = config_family(teacher.config, family_spec(teacher))
+    batches = [{"input_ids": _ids(seed, (2, 13))} for seed in (7, 8)]
+    channels = largest(channel_activity(teacher, fam, batches, [0, 2, 3])[0], 32)
+    importance = head_importance(teacher, fam, batches, [0, 2, 3], 4)[0]
+    q_heads = {i: kept_heads(v, 2, 1, 2).tolist() for i, v in importance.items()}
+    assert any(q != [0, 1] for q in q_heads.values())  # not the first heads throughout
+    student, table = build_student(teacher, num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=48, mlp_init="copy", layer_choice="influence",
+                                   hidden_channels="active", attention_heads="active", calibration=lambda: batches)
+    plan = _plan(teacher, [0, 2, 3], d=channels, ff=48, q_heads=q_heads,
+                 kv_heads={i: [q[0] // 2] for i, q in q_heads.items()})
+    _assert_copied_exactly(student, table, teacher, plan)
+
+
 def test_interleaved_rope_keeps_rotated_queries():
     """GLM-4's interleaved partial RoPE (pairs (2p, 2p+1) over the first half of each head): student q/k after RoPE
     equal the teacher's on the kept rows [0, 1, 4, 5, 8..11] (head_dim 16 -> 8, hidden kept: the same inputs), the
