@@ -604,3 +604,49 @@ def test_every_head_kept_or_the_first_need_no_calibration():
 def test_bad_head_choices_are_refused(kwargs, message):
     with pytest.raises(TailkdError, match=message):
         build_student(make_teacher("ministral"), layers=SUBSET, **kwargs)
+
+
+# --------------------------------------------------------------------------- one teacher pass for every choice
+
+
+def test_every_calibrated_choice_reads_one_teacher_pass():
+    """Layers, channels, heads and units chosen together: one forward of the teacher's decoder per calibration batch
+    (two batches: two forwards), and the same student as the choices' own measures give (the slices of the composed
+    student: tests/test_student_families.py)."""
+    teacher = make_teacher("ministral")
+    batches = [{"input_ids": _ids(seed, (2, 13))} for seed in (7, 8)]
+    calls = []
+    handle = teacher.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    kwargs = dict(num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=48, mlp_init="copy",
+                  layer_choice="influence", hidden_channels="active", attention_heads="active", mlp_units="active")
+    student, table = build_student(teacher, calibration=lambda: iter(batches), **kwargs)
+    handle.remove()
+    assert len(calls) == 2
+    fam = config_family(teacher.config, family_spec(teacher))
+    chosen = largest(block_influence(teacher, fam, batches)[0], 3).tolist()
+    units = unit_activity(teacher, fam, batches, chosen)[0]
+    for j, i in enumerate(chosen):
+        row = next(r for r in table if r["name"] == f"model.layers.{j}.mlp.down_proj.weight")
+        assert row["source"] == f"model.layers.{i}.mlp.down_proj.weight"
+        kept = largest(units[i], 48)
+        assert torch.equal(student.model.layers[j].mlp.down_proj.weight,
+                           teacher.model.layers[i].mlp.down_proj.weight[:, kept][
+                               largest(channel_activity(teacher, fam, batches, chosen)[0], 32)])
+
+
+def test_calibration_rows_without_a_real_token_are_refused_before_the_build():
+    teacher = make_teacher("ministral")
+    rows = [{"input_ids": _ids(7, (2, 13)), "attention_mask": torch.zeros(2, 13, dtype=torch.long)}]
+    with pytest.raises(TailkdError, match=r"^the calibration rows hold no real token: nothing to measure for "
+                                          r"hidden_channels=active and attention_heads=active$"):
+        build_student(teacher, layers=SUBSET, hidden_size=32, num_heads=2, num_kv_heads=1, hidden_channels="active",
+                      attention_heads="active", calibration=lambda: rows)
+
+
+def test_experts_used_on_dense_layers_only_is_refused():
+    """DeepSeek-V3's first layer is dense (first_k_dense_replace 1): a student of that layer alone has no routing to
+    count."""
+    with pytest.raises(TailkdError, match=r"^none of the student's teacher layers \(0\) routes to experts: "
+                                          r"experts=used has nothing to count; drop it$"):
+        build_student(make_teacher("deepseek_v3"), layers=[0], num_experts=4, mlp_init="copy", experts="used",
+                      calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])

@@ -51,8 +51,9 @@ KV head its ``g_s`` (the student's query heads per KV head) most important query
 ``num_kv_heads`` whose kept query heads have the largest summed importance (`kept_heads`); with one KV head per query
 head (multi-head attention, latent attention) simply the ``num_heads`` most important heads.
 
-All five count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. One
-forward of the teacher's decoder (no LM head) per batch, on the teacher's device, in its dtype, under no_grad.
+All five count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. They
+share one forward of the teacher's decoder (no LM head) per batch (`measure`: each choice's hooks, over every layer
+where the layers are yet to be chosen), on the teacher's device, in its dtype, under no_grad.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 
-__all__ = ["attention_output", "block_influence", "channel_activity", "experts_module", "head_importance", "kept_heads",
-           "largest", "norm_modules", "routed_counts", "unit_activity"]
+__all__ = ["PROBES", "attention_output", "block_influence", "channel_activity", "experts_module", "head_importance",
+           "kept_heads", "largest", "measure", "norm_modules", "routed_counts", "unit_activity"]
 
 
 def experts_module(fam: Family) -> str:
@@ -104,17 +105,20 @@ def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> 
             handle.remove()
         teacher.train(was_training)
     if measure and not tokens:
-        raise TailkdError(f"the calibration rows hold no real token: {measure} has nothing to measure")
+        raise TailkdError(f"the calibration rows hold no real token: nothing to measure for {measure}")
     return tokens
 
 
-@torch.no_grad()
-def block_influence(teacher, fam: Family, batches) -> tuple[torch.Tensor, int]:
-    """``(BI float64 [L], real tokens)``: each teacher layer's Block Influence over ``batches`` (see the module
-    docstring), read by hooks on the layer modules (their input and output hidden states, cosine in float64)."""
-    layers = teacher.get_submodule(fam.layer_prefix.rstrip("."))  # the ModuleList
-    total = torch.zeros(len(layers), dtype=torch.float64)
-    real, inputs = {"mask": None}, {}
+# --------------------------------------------------------------------------- probes: hooks and what they sum up
+# A probe registers its hooks on the teacher for ``layers`` (reading ``real["mask"]``, the batch's real tokens, which
+# `_forward` sets) and returns ``(handles, finish)``: ``finish(tokens)`` gives the measure once the pass is over.
+
+
+def _influence_probe(teacher, fam: Family, real: dict, layers, heads: int):
+    """Block Influence of every layer (float64 [L]; ``layers`` unused): hooks on the layer modules, their input and
+    output hidden states, cosine in float64."""
+    modules = teacher.get_submodule(fam.layer_prefix.rstrip("."))  # the ModuleList
+    total, inputs = torch.zeros(len(modules), dtype=torch.float64), {}
 
     def take_input(i):
         def hook(module, args, kwargs):
@@ -130,68 +134,66 @@ def block_influence(teacher, fam: Family, batches) -> tuple[torch.Tensor, int]:
             total[i] += torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum().cpu()
         return hook
 
-    handles = [h for i, layer in enumerate(layers) for h in (
+    handles = [h for i, layer in enumerate(modules) for h in (
         layer.register_forward_pre_hook(take_input(i), with_kwargs=True),
         layer.register_forward_hook(take_output(i), with_kwargs=True))]
-    tokens = _forward(teacher, batches, real, handles, "layer_choice=influence")
-    return 1.0 - total / tokens, tokens
+    return handles, lambda tokens: 1.0 - total / tokens
 
 
-@torch.no_grad()
-def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
-    """``({teacher layer i: int64 [E] tokens routed to each expert}, real tokens)`` over ``batches`` (dicts of
-    ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``), for the routed layers among ``layers``."""
-    prefix = fam.layer_prefix
-    path = experts_module(fam)
-    # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
-    modules = {i: m for i in layers if (m := _submodule(teacher, f"{prefix}{i}.{path}")) is not None}
-    if not modules:
-        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, layers))}) routes to experts: "
-                          "student.experts=used has nothing to count; drop it")
-    experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
-    counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
-    real = {"mask": None}
+def _heads_probe(teacher, fam: Family, real: dict, layers, heads: int):
+    """Mean L2 norm of each query head's output ({layer: float64 [heads]}) of the attention layers among ``layers``
+    (a hybrid's other mixers have no attention output projection): the input of `attention_output`, ``heads`` equal
+    blocks."""
+    path = attention_output(fam)
+    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
+        raise RuntimeError(f"none of teacher layers {layers} has {path}")
+    total = {i: torch.zeros(heads, dtype=torch.float64) for i in modules}
 
-    def hook(i):
-        def count(module, args, kwargs):
-            chosen = _indices(args, kwargs)  # [tokens, k]
-            chosen = chosen.reshape(-1, chosen.shape[-1]) if chosen.dim() > 1 else chosen.reshape(-1, 1)
+    def count(i):
+        def hook(module, args):
+            out = args[0]
+            out = out.reshape(-1, heads, out.shape[-1] // heads)
             if real["mask"] is not None:
-                if chosen.shape[0] != real["mask"].numel():  # a bug, not a user error
-                    raise RuntimeError(f"layer {i}'s experts saw {chosen.shape[0]} tokens, the batch has "
-                                       f"{real['mask'].numel()}")
-                chosen = chosen[real["mask"]]
-            counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
-        return count
+                out = out[real["mask"]]
+            total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
+        return hook
 
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
-    return counts, _forward(teacher, batches, real, handles)
+    handles = [m.register_forward_pre_hook(count(i)) for i, m in modules.items()]
+    return handles, lambda tokens: {i: t / tokens for i, t in total.items()}
 
 
-def largest(values: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
-    """The indices of the ``n`` largest of ``values`` [N] (ties to the lower index), in increasing order; with
-    ``groups`` equal groups of consecutive entries, each group's n / groups largest: the one rule that picks the
-    layers (Block Influence), the hidden channels and MLP units (activity), the heads (importance, per KV head; see
-    `kept_heads`) and the experts (use, per group) a student keeps."""
-    size, per = values.numel() // groups, n // groups
-    kept = []
-    for g in range(groups):
-        order = torch.sort(-values[g * size:(g + 1) * size], stable=True).indices[:per]
-        kept.append(g * size + order.sort().values)
-    return torch.cat(kept)
+def _channels_probe(teacher, fam: Family, real: dict, layers, heads: int):
+    """Mean |output| of each residual channel at each norm of `norm_modules` ({norm: float64 [hidden]})."""
+    hidden = teacher.config.hidden_size
+    modules = {name: m for name in norm_modules(fam, layers) if (m := _submodule(teacher, name)) is not None}
+    if not modules:  # a bug in a table, not a user error
+        raise RuntimeError(f"{fam.label} has no norm in its table")
+    total = {name: torch.zeros(hidden, dtype=torch.float64) for name in modules}
+
+    def count(name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if out.shape[-1] != hidden:  # a bug in a table, not a user error
+                raise RuntimeError(f"{name} outputs {out.shape[-1]} channels, the residual stream has {hidden}")
+            out = out.reshape(-1, hidden)
+            if real["mask"] is not None:
+                out = out[real["mask"]]
+            total[name].add_(out.abs().double().sum(0).cpu())
+        return hook
+
+    handles = [m.register_forward_hook(count(name)) for name, m in modules.items()]
+    return handles, lambda tokens: {name: t / tokens for name, t in total.items()}
 
 
-@torch.no_grad()
-def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
-    """``({teacher layer i: float64 [ff] mean |activation| of each MLP unit}, real tokens)`` over ``batches`` for
-    ``layers``: the input of the layer's down projection, which is the last of its MLP modules (those whose weights
-    the table cuts along ``ff`` / ``gate_up``) to run in the layer's forward."""
+def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
+    """Mean |activation| of each dense MLP unit ({layer: float64 [ff]}): the input of the layer's down projection,
+    the last of its MLP modules (those whose weights the table cuts along ``ff`` / ``gate_up``) to run."""
     names = sorted({name.rpartition(".")[0] for name, axes in fam.layer_params.items()
                     if set(axes) & {"ff", "gate_up"} and name.endswith("weight")})
     if not names:  # a bug in a table, not a user error (`tailkd.student` refuses such families first)
         raise RuntimeError(f"{fam.label} has no MLP cut by units in its table")
-    real, last = {"mask": None}, {}
-    total: dict[int, torch.Tensor] = {}
+    last, total = {}, {}
 
     def take_input(i):
         def hook(module, args):
@@ -214,8 +216,110 @@ def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
         handles.append(layer.register_forward_hook(count(i)))
         handles += [m.register_forward_pre_hook(take_input(i)) for name in names
                     if (m := _submodule(layer, name)) is not None]
-    tokens = _forward(teacher, batches, real, handles, "mlp_units=active")
-    return {i: t / tokens for i, t in total.items()}, tokens
+    return handles, lambda tokens: {i: t / tokens for i, t in total.items()}
+
+
+def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
+    """Tokens routed to each expert ({layer: int64 [E]}) of the routed layers among ``layers``: a forward pre-hook on
+    each experts module reads the routed indices it is called with."""
+    path = experts_module(fam)
+    # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
+    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    if not modules:
+        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, layers))}) routes to experts: "
+                          "student.experts=used has nothing to count; drop it")
+    experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
+    counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
+
+    def hook(i):
+        def count(module, args, kwargs):
+            chosen = _indices(args, kwargs)  # [tokens, k]
+            chosen = chosen.reshape(-1, chosen.shape[-1]) if chosen.dim() > 1 else chosen.reshape(-1, 1)
+            if real["mask"] is not None:
+                if chosen.shape[0] != real["mask"].numel():  # a bug, not a user error
+                    raise RuntimeError(f"layer {i}'s experts saw {chosen.shape[0]} tokens, the batch has "
+                                       f"{real['mask'].numel()}")
+                chosen = chosen[real["mask"]]
+            counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
+        return count
+
+    return [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()], lambda tokens: counts
+
+
+# the measures, by the student setting that reads them
+PROBES = {"layer_choice=influence": _influence_probe, "hidden_channels=active": _channels_probe,
+          "attention_heads=active": _heads_probe, "mlp_units=active": _units_probe, "experts=used": _experts_probe}
+
+
+@torch.no_grad()
+def measure(teacher, fam: Family, batches, wanted: dict, heads: int = 0) -> tuple[dict, int]:
+    """``({setting: its measure}, real tokens)``: one forward of the teacher's decoder over ``batches`` (dicts of
+    ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``) with the hooks of every measure ``wanted`` names
+    (``{PROBES key: teacher layers}``; ``heads``: the teacher's query heads, for attention_heads), each as the
+    function of its name below gives it (channel activity per norm). Rows without a real token are a TailkdError
+    naming the settings."""
+    real, handles, finish = {"mask": None}, [], {}
+    try:
+        for key, layers in wanted.items():
+            hooks, finish[key] = PROBES[key](teacher, fam, real, layers, heads)
+            handles += hooks
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    tokens = _forward(teacher, batches, real, handles, " and ".join(wanted))
+    return {key: done(tokens) for key, done in finish.items()}, tokens
+
+
+def block_influence(teacher, fam: Family, batches) -> tuple[torch.Tensor, int]:
+    """``(BI float64 [L], real tokens)``: each teacher layer's Block Influence over ``batches`` (see the module
+    docstring), read by hooks on the layer modules (their input and output hidden states, cosine in float64)."""
+    found, tokens = measure(teacher, fam, batches, {"layer_choice=influence": None})
+    return found["layer_choice=influence"], tokens
+
+
+def channel_activity(teacher, fam: Family, batches, layers) -> tuple[torch.Tensor, int]:
+    """``(float64 [hidden] activity of each residual channel, real tokens)`` over ``batches``: the sum over the norms
+    of `norm_modules` (those of ``layers`` and the model's own) of each channel's mean |output| (see the module
+    docstring)."""
+    found, tokens = measure(teacher, fam, batches, {"hidden_channels=active": layers})
+    return sum(found["hidden_channels=active"].values()), tokens
+
+
+def head_importance(teacher, fam: Family, batches, layers, heads: int) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: float64 [heads] mean L2 norm of each query head's output}, real tokens)`` over ``batches``
+    for the attention layers among ``layers`` (a hybrid's other mixers have no attention output projection): the
+    input of `attention_output`, ``heads`` equal blocks (see the module docstring)."""
+    found, tokens = measure(teacher, fam, batches, {"attention_heads=active": layers}, heads)
+    return found["attention_heads=active"], tokens
+
+
+def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: float64 [ff] mean |activation| of each MLP unit}, real tokens)`` over ``batches`` for
+    ``layers``: the input of the layer's down projection, which is the last of its MLP modules (those whose weights
+    the table cuts along ``ff`` / ``gate_up``) to run in the layer's forward."""
+    found, tokens = measure(teacher, fam, batches, {"mlp_units=active": layers})
+    return found["mlp_units=active"], tokens
+
+
+def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: int64 [E] tokens routed to each expert}, real tokens)`` over ``batches`` (dicts of
+    ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``), for the routed layers among ``layers``."""
+    found, tokens = measure(teacher, fam, batches, {"experts=used": layers})
+    return found["experts=used"], tokens
+
+
+def largest(values: torch.Tensor, n: int, groups: int = 1) -> torch.Tensor:
+    """The indices of the ``n`` largest of ``values`` [N] (ties to the lower index), in increasing order; with
+    ``groups`` equal groups of consecutive entries, each group's n / groups largest: the one rule that picks the
+    layers (Block Influence), the hidden channels and MLP units (activity), the heads (importance, per KV head; see
+    `kept_heads`) and the experts (use, per group) a student keeps."""
+    size, per = values.numel() // groups, n // groups
+    kept = []
+    for g in range(groups):
+        order = torch.sort(-values[g * size:(g + 1) * size], stable=True).indices[:per]
+        kept.append(g * size + order.sort().values)
+    return torch.cat(kept)
 
 
 def norm_modules(fam: Family, layers) -> list[str]:
@@ -227,34 +331,6 @@ def norm_modules(fam: Family, layers) -> list[str]:
     return modules(fam.params) + [f"{fam.layer_prefix}{i}.{name}" for i in layers for name in modules(fam.layer_params)]
 
 
-@torch.no_grad()
-def channel_activity(teacher, fam: Family, batches, layers) -> tuple[torch.Tensor, int]:
-    """``(float64 [hidden] activity of each residual channel, real tokens)`` over ``batches``: the sum over the norms
-    of `norm_modules` (those of ``layers`` and the model's own) of each channel's mean |output| (see the module
-    docstring)."""
-    hidden = teacher.config.hidden_size
-    modules = {name: m for name in norm_modules(fam, layers) if (m := _submodule(teacher, name)) is not None}
-    if not modules:  # a bug in a table, not a user error
-        raise RuntimeError(f"{fam.label} has no norm in its table")
-    total = torch.zeros(hidden, dtype=torch.float64)
-    real = {"mask": None}
-
-    def count(name):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            if out.shape[-1] != hidden:  # a bug in a table, not a user error
-                raise RuntimeError(f"{name} outputs {out.shape[-1]} channels, the residual stream has {hidden}")
-            out = out.reshape(-1, hidden)
-            if real["mask"] is not None:
-                out = out[real["mask"]]
-            total.add_(out.abs().double().sum(0).cpu())
-        return hook
-
-    handles = [m.register_forward_hook(count(name)) for name, m in modules.items()]
-    tokens = _forward(teacher, batches, real, handles, "hidden_channels=active")
-    return total / tokens, tokens
-
-
 def attention_output(fam: Family) -> str:
     """The path, inside one of `fam`'s layers, of its attention's output projection: the module whose weight the table
     cuts along ``o`` (the kept query heads' blocks of its input), or latent attention's o_proj (``d`` by ``head``)."""
@@ -263,32 +339,6 @@ def attention_output(fam: Family) -> str:
     if len(names) != 1:  # a bug in a table, not a user error
         raise RuntimeError(f"{fam.label}'s table names {len(names)} attention output projections: {names}")
     return names[0]
-
-
-@torch.no_grad()
-def head_importance(teacher, fam: Family, batches, layers, heads: int) -> tuple[dict[int, torch.Tensor], int]:
-    """``({teacher layer i: float64 [heads] mean L2 norm of each query head's output}, real tokens)`` over ``batches``
-    for the attention layers among ``layers`` (a hybrid's other mixers have no attention output projection): the
-    input of `attention_output`, ``heads`` equal blocks (see the module docstring)."""
-    path = attention_output(fam)
-    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
-    if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
-        raise RuntimeError(f"none of teacher layers {layers} has {path}")
-    total = {i: torch.zeros(heads, dtype=torch.float64) for i in modules}
-    real = {"mask": None}
-
-    def count(i):
-        def hook(module, args):
-            out = args[0]
-            out = out.reshape(-1, heads, out.shape[-1] // heads)
-            if real["mask"] is not None:
-                out = out[real["mask"]]
-            total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
-        return hook
-
-    handles = [m.register_forward_pre_hook(count(i)) for i, m in modules.items()]
-    tokens = _forward(teacher, batches, real, handles, "attention_heads=active")
-    return {i: t / tokens for i, t in total.items()}, tokens
 
 
 def kept_heads(importance: torch.Tensor, kv_heads: int, student_kv_heads: int, per_kv_head: int) -> torch.Tensor:

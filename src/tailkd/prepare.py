@@ -114,8 +114,6 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         from tailkd.student import build_student, format_table
 
         s = cfg.student
-        # the training rows, set up once for the calibrated choices that read them (each its own teacher pass)
-        calibration_rows = functools.cache(lambda: setup_data(cfg, t_tok, models.model_max_length(teacher))[1])
         student, table = build_student(
             teacher, num_layers=s.depth, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
             num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
@@ -123,7 +121,8 @@ def setup_models(cfg: DistillConfig, device: torch.device):
             freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
             experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units, hidden_channels=s.hidden_channels,
             attention_heads=s.attention_heads,
-            calibration=lambda: calibration_batches(cfg, calibration_rows()),
+            # the training rows, set up where a calibrated choice reads them (one teacher pass for all)
+            calibration=lambda: calibration_batches(cfg, setup_data(cfg, t_tok, models.model_max_length(teacher))[1]),
         )
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok

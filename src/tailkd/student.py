@@ -168,6 +168,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tailkd.calibration import kept_heads, largest, measure, norm_modules
 from tailkd.config import (
     EXPERT_CHOICES,
     HEAD_CHOICES,
@@ -748,7 +749,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``attention_heads``: which heads a student with fewer (``num_heads``, ``num_kv_heads``) keeps — "first" (the first
     ones of the first KV heads, see the module docstring) or "active" (per layer those whose output has the largest
     mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibration.kept_heads`).
-    ``calibration`` is called only where a choice is to be made.
+    ``calibration`` is called only where a choice is to be made, once: one teacher pass serves every choice.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
@@ -778,14 +779,22 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         raise TailkdError(f"attention_heads={attention_heads!r}: use one of {', '.join(HEAD_CHOICES)}")
     if hidden_channels not in HIDDEN_CHANNEL_CHOICES:
         raise TailkdError(f"hidden_channels={hidden_channels!r}: use one of {', '.join(HIDDEN_CHANNEL_CHOICES)}")
-    influence = None
     if layer_choice not in LAYER_CHOICES:
         raise TailkdError(f"layer_choice={layer_choice!r}: use one of {', '.join(LAYER_CHOICES)}")
-    if layer_choice == "influence":
-        layers, num_layers, influence = _layers_by_influence(teacher, layers, num_layers, calibration)
+    if layer_choice == "influence" and layers is not None:
+        raise TailkdError("layer_choice=influence chooses the student's layers, and layers lists them: drop one of "
+                          "the two")
     if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher.config, "quantization_config", None):
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
+    measured = _measure_teacher(teacher, num_layers, layers, dict(
+        hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+        head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok), dict(
+        layer_choice=layer_choice, hidden_channels=hidden_channels, attention_heads=attention_heads,
+        mlp_units=mlp_units, experts=experts), calibration)
+    influence = measured.get("layer_choice=influence")
+    if influence is not None:  # the num_layers teacher layers of largest Block Influence
+        layers, num_layers = largest(influence, num_layers).tolist(), None
     fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                                intermediate_size, head_dim, tie_embeddings, num_experts,
                                                num_experts_per_tok)
@@ -799,12 +808,12 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student.generation_config = copy.deepcopy(teacher.generation_config)
     _check_layer_kinds(teacher, student, fam, chosen)
 
-    channels, channel_share = _channels_by_activity(teacher, fam, t, s, chosen, hidden_channels, calibration)
+    channels, channel_share = _channels_by_activity(fam, s, chosen, measured.get("hidden_channels=active"))
     index = axis_indices(t, s, fam.rope, fraction, channels)
-    heads, head_share = _heads_by_importance(teacher, fam, t, s, chosen, attention_heads, calibration)
+    heads, head_share = _heads_by_importance(t, s, chosen, measured.get("attention_heads=active"))
     per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads) for i, q_heads in heads.items()}
-    kept, share = _experts_by_use(teacher, fam, t, s, chosen, experts, calibration)  # {teacher layer: ...}
-    units, active = _units_by_activity(teacher, fam, t, s, chosen, mlp_units, calibration)  # {teacher layer: ...}
+    kept, share = _experts_by_use(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
+    units, active = _units_by_activity(s, chosen, measured.get("mlp_units=active"))  # {teacher layer: ...}
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
 
@@ -863,23 +872,43 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     return student, table
 
 
-def _layers_by_influence(teacher, layers, num_layers, calibration):
-    """``(layers, num_layers, influence)`` for `build_student` under layer_choice "influence": the ``num_layers``
-    teacher layers of largest Block Influence (`tailkd.calibration`), each layer's influence (float64 [L]); unchanged
-    and None where a student keeps every layer (or a number `choose_layers` refuses)."""
-    if layers is not None:
-        raise TailkdError("layer_choice=influence chooses the student's layers, and layers lists them: drop one of "
-                          "the two")
+def _measure_teacher(teacher, num_layers, layers, widths: dict, choices: dict, calibration) -> dict:
+    """What the calibrated ``choices`` (`build_student`'s layer_choice, hidden_channels, attention_heads, mlp_units,
+    experts) need to know of the teacher, ``{tailkd.calibration.PROBES key: measure}``, of every teacher layer, all
+    from one forward over ``calibration()``'s batches (`tailkd.calibration.measure`); {} (and no forward) where
+    nothing is to be chosen: every layer, channel, head, unit or expert kept, or the first ones asked for. A choice
+    the teacher's family cannot make is refused here, before any forward."""
     fam = config_family(teacher.config, family_spec(teacher))
-    total = teacher_dims(teacher.config, fam).layers
-    if num_layers is None or not 1 <= num_layers < total:
-        return layers, num_layers, None
+    t = teacher_dims(teacher.config, fam)
+    n = len(choose_layers(t.layers, num_layers, layers))  # a number or list choose_layers refuses: before any pass
+    s = student_dims(t, fam, n, rotary_fraction=rotary_fraction(teacher.config, fam) if fam.rope else 1.0, **widths)
+    every = list(range(t.layers))
+    wanted = {}
+    if choices["layer_choice"] == "influence" and layers is None and n < t.layers:
+        wanted["layer_choice=influence"] = every
+    if choices["hidden_channels"] == "active" and s.hidden != t.hidden:
+        wanted["hidden_channels=active"] = every
+    if choices["attention_heads"] == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
+        wanted["attention_heads=active"] = every
+    if choices["mlp_units"] == "active":
+        if t.experts or not any("ff" in axes for axes in fam.layer_params.values()):
+            raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
+                              f"{fam.label}'s " + ("routed experts are not" if t.experts else "MLP is not") +
+                              ": drop it")
+        if s.intermediate != t.intermediate:
+            wanted["mlp_units=active"] = every
+    if choices["experts"] == "used":
+        if not t.experts:
+            raise TailkdError(f"experts=used chooses among a mixture's routed experts, but {fam.label} is not a "
+                              "mixture of experts: drop it")
+        if s.experts != t.experts:
+            wanted["experts=used"] = every
+    if not wanted:
+        return {}
     if calibration is None:
-        raise TailkdError("layer_choice=influence needs calibration rows to measure the teacher's layers over")
-    from tailkd.calibration import block_influence, largest
-
-    influence, _ = block_influence(teacher, fam, calibration())
-    return largest(influence, num_layers).tolist(), None, influence
+        raise TailkdError(f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} calibration rows to measure "
+                          "the teacher over")
+    return measure(teacher, fam, calibration(), wanted, t.heads)[0]
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:
@@ -887,79 +916,55 @@ def _digest(ids: torch.Tensor, total: int) -> str:
     return f"{ids.numel()} of {total}, sha1 {hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}"
 
 
-def _channels_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], hidden_channels: str,
-                          calibration):
-    """``(channels, share)``: the residual-stream channels a student keeps by activity (LongTensor, increasing) and
-    the share of the norms' activity they had; ``(None, None)`` where ``hidden_channels`` is "first" or the student
-    keeps the teacher's hidden_size."""
-    if hidden_channels == "first" or s.hidden == t.hidden:
+def _share(values: torch.Tensor, kept: torch.Tensor) -> float:
+    """The share of ``values``' sum the entries ``kept`` have (rounded to 6 digits)."""
+    return round(float(values[kept].sum() / values.sum().clamp_min(1e-300)), 6)
+
+
+def _channels_by_activity(fam: Family, s: Dims, chosen: list[int], per_norm: dict | None):
+    """``(channels, share)``: the residual-stream channels a student keeps by activity (LongTensor, increasing) —
+    summed over the norms of its ``chosen`` teacher layers and the model's own, of ``per_norm`` (the teacher's
+    measure) — and the share of that activity they had; ``(None, None)`` without a measure."""
+    if per_norm is None:
         return None, None
-    if calibration is None:
-        raise TailkdError("hidden_channels=active needs calibration rows to measure the teacher's channels over")
-    from tailkd.calibration import channel_activity, largest
-
-    activity, _ = channel_activity(teacher, fam, calibration(), sorted(set(chosen)))
+    activity = sum(per_norm[name] for name in norm_modules(fam, sorted(set(chosen))) if name in per_norm)
     channels = largest(activity, s.hidden)
-    return channels, round(float(activity[channels].sum() / activity.sum().clamp_min(1e-300)), 6)
+    return channels, _share(activity, channels)
 
 
-def _heads_by_importance(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], attention_heads: str,
-                         calibration):
+def _heads_by_importance(t: Dims, s: Dims, chosen: list[int], importance: dict | None):
     """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
-    importance (LongTensor, KV head by KV head: `tailkd.calibration.kept_heads`) and the share of the layer's head
-    importance they had; empty where ``attention_heads`` is "first" or the student keeps every head."""
-    if attention_heads == "first" or (s.heads, s.kv_heads) == (t.heads, t.kv_heads):
+    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `tailkd.calibration.kept_heads`) and the
+    share of the layer's head importance they had; empty without a measure."""
+    if importance is None:
         return {}, {}
-    if calibration is None:
-        raise TailkdError("attention_heads=active needs calibration rows to measure the teacher's heads over")
-    from tailkd.calibration import head_importance, kept_heads
-
-    importance, _ = head_importance(teacher, fam, calibration(), sorted(set(chosen)), t.heads)
-    heads = {i: kept_heads(v, t.kv_heads, s.kv_heads, s.heads // s.kv_heads) for i, v in importance.items()}
-    share = {i: round(float(v[heads[i]].sum() / v.sum().clamp_min(1e-300)), 6) for i, v in importance.items()}
-    return heads, share
+    heads = {i: kept_heads(importance[i], t.kv_heads, s.kv_heads, s.heads // s.kv_heads) for i in set(chosen)
+             if i in importance}
+    return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 
-def _units_by_activity(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], mlp_units: str, calibration):
-    """``(units, share)``: per teacher layer among ``chosen``, the dense MLP units a student keeps by activity
-    (LongTensor, increasing) and the share of the layer's activity they had; empty where ``mlp_units`` is "first" or
-    the student keeps the teacher's width."""
-    if mlp_units == "first":
+def _units_by_activity(s: Dims, chosen: list[int], activity: dict | None):
+    """``(units, share)``: per teacher layer among ``chosen``, the dense MLP units a student keeps by ``activity``
+    (the teacher's measure; LongTensor, increasing) and the share of the layer's activity they had; empty without a
+    measure."""
+    if activity is None:
         return {}, {}
-    if t.experts or not any("ff" in axes for axes in fam.layer_params.values()):
-        raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
-                          f"{fam.label}'s " + ("routed experts are not" if t.experts else "MLP is not") + ": drop it")
-    if s.intermediate == t.intermediate:
+    units = {i: largest(activity[i], s.intermediate) for i in set(chosen)}
+    return units, {i: _share(activity[i], u) for i, u in units.items()}
+
+
+def _experts_by_use(t: Dims, s: Dims, chosen: list[int], counts: dict | None):
+    """``(kept, share)``: per routed teacher layer among ``chosen``, the experts a student keeps by use (the teacher's
+    routing ``counts``; LongTensor, increasing, per group under group-limited routing) and the share of the layer's
+    calibration routings they had; empty without a measure."""
+    if counts is None:
         return {}, {}
-    if calibration is None:
-        raise TailkdError("mlp_units=active needs calibration rows to measure the teacher's MLP units over")
-    from tailkd.calibration import largest, unit_activity
-
-    activity, _ = unit_activity(teacher, fam, calibration(), sorted(set(chosen)))
-    units = {i: largest(a, s.intermediate) for i, a in activity.items()}
-    share = {i: round(float(a[units[i]].sum() / a.sum().clamp_min(1e-300)), 6) for i, a in activity.items()}
-    return units, share
-
-
-def _experts_by_use(teacher, fam: Family, t: Dims, s: Dims, chosen: list[int], experts: str, calibration):
-    """``(kept, share)``: per routed teacher layer among ``chosen``, the experts a student keeps by use (LongTensor,
-    increasing) and the share of the layer's calibration routings they had; empty where ``experts`` is "first" or
-    the student keeps every expert."""
-    if experts == "first":
-        return {}, {}
-    if not t.experts:
-        raise TailkdError(f"experts=used chooses among a mixture's routed experts, but {fam.label} is not a mixture "
-                          "of experts: drop it")
-    if s.experts == t.experts:
-        return {}, {}
-    if calibration is None:
-        raise TailkdError("experts=used needs calibration rows to count the teacher's routing over")
-    from tailkd.calibration import largest, routed_counts
-
-    counts, _ = routed_counts(teacher, fam, calibration(), sorted(set(chosen)))
-    kept = {i: largest(c, s.experts, t.expert_groups) for i, c in counts.items()}
-    share = {i: round(float(c[kept[i]].sum()) / max(1, int(c.sum())), 6) for i, c in counts.items()}
-    return kept, share
+    routed = sorted(i for i in set(chosen) if i in counts)
+    if not routed:  # a mixture's dense layers only (DeepSeek's first layers, Qwen-MoE's mlp_only_layers)
+        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, chosen))}) routes to experts: "
+                          "experts=used has nothing to count; drop it")
+    kept = {i: largest(counts[i], s.experts, t.expert_groups) for i in routed}
+    return kept, {i: round(float(counts[i][k].sum()) / max(1, int(counts[i].sum())), 6) for i, k in kept.items()}
 
 
 def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None:
