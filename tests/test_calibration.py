@@ -650,3 +650,18 @@ def test_experts_used_on_dense_layers_only_is_refused():
                                           r"experts=used has nothing to count; drop it$"):
         build_student(make_teacher("deepseek_v3"), layers=[0], num_experts=4, mlp_init="copy", experts="used",
                       calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("bamba", {"hidden_size": 32, "hidden_channels": "active"}, r"^hidden_size=32, but the teacher's Bamba Mamba "
+                                                                r"mixers are mamba_expand x hidden_size wide"),
+    ("ministral", {"num_heads": 3, "attention_heads": "active"}, r"^num_heads=3 is not a multiple of num_kv_heads=2"),
+    ("ministral", {"num_layers": 9, "layer_choice": "influence"}, r"^num_layers=9 but the teacher has 5 layers"),
+])
+def test_a_student_refused_anyway_costs_no_calibration_pass(family, kwargs, message):
+    """Widths or a depth the teacher cannot give are refused before the calibration rows are read."""
+    def calibration():
+        raise AssertionError("no calibration forward for a refused student")
+
+    with pytest.raises(TailkdError, match=message):
+        build_student(make_teacher(family), calibration=calibration, **kwargs)
