@@ -9,6 +9,8 @@ absolute input of the down projection / output of the norms (recomputed in float
 student keeping exactly the active units computes the teacher's function, one keeping the active channels drops the
 dead ones (every tensor's slices at the chosen channels: tests/test_student_families.py)."""
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -665,3 +667,24 @@ def test_a_student_refused_anyway_costs_no_calibration_pass(family, kwargs, mess
 
     with pytest.raises(TailkdError, match=message):
         build_student(make_teacher(family), calibration=calibration, **kwargs)
+
+
+def test_every_key_of_student_init_json_is_documented():
+    """docs/outputs.md names every key a built student's table (student_init.json) can hold: those of all five
+    calibrated choices (a dense and a mixture-of-experts teacher)."""
+    from pathlib import Path
+
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    _, dense = build_student(make_teacher("ministral"), num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1,
+                             intermediate_size=48, mlp_init="copy", layer_choice="influence",
+                             hidden_channels="active", attention_heads="active", mlp_units="active",
+                             calibration=lambda: batches)
+    _, moe = build_student(make_teacher("mixtral"), layers=SUBSET, num_experts=2, mlp_init="copy", experts="used",
+                           calibration=lambda: batches)
+    keys = {key for row in dense + moe for key in row}
+    assert {"block_influence", "channels", "heads", "units", "experts"} <= keys
+    documented = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text(encoding="utf-8")
+    section = documented[documented.index("## `RUN/student_init.json`"):]
+    named = {key for line in section.splitlines() if line.startswith("| `")  # the table's first column
+             for key in re.findall(r"`(\w+)`", line.split("|")[1])}
+    assert keys <= named
