@@ -127,30 +127,7 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok
         dist.say(format_table(table))
-        if influence := {int(re.search(r"\.(\d+)\.", row["source"]).group(1)): row["block_influence"]
-                         for row in table if "block_influence" in row and row["source"]}:  # per teacher layer
-            dist.say(f"layers kept by influence (student.layer_choice influence, student.calibration_rows "
-                     f"{s.calibration_rows}): teacher layers {' '.join(map(str, sorted(influence)))}, their Block "
-                     f"Influence {min(influence.values()):.4f}-{max(influence.values()):.4f}")
-        if channels := next((row for row in table if "channel_share" in row), None):
-            dist.say(f"hidden channels kept by activity (student.hidden_channels active, student.calibration_rows "
-                     f"{s.calibration_rows}): {channels['channels'].split(',')[0]}, "
-                     f"{100 * channels['channel_share']:.1f}% of the mean |output| of the teacher's norms")
-        if heads := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["head_share"] for row in table
-                     if "head_share" in row}:  # per student layer
-            dist.say(f"attention heads kept by importance (student.attention_heads active, student.calibration_rows "
-                     f"{s.calibration_rows}): {100 * min(heads.values()):.1f}%-{100 * max(heads.values()):.1f}% of "
-                     f"the teacher's head output norm in each of the {len(heads)} attention layers")
-        if active := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["active_share"] for row in table
-                      if "active_share" in row}:  # per student layer
-            dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows "
-                     f"{s.calibration_rows}): {100 * min(active.values()):.1f}%-{100 * max(active.values()):.1f}% of "
-                     f"the teacher's mean |activation| in each of the {len(active)} layers")
-        if shares := {re.search(r"\.(\d+)\.", row["name"]).group(1): row["routed_share"] for row in table
-                      if "routed_share" in row}:  # per student layer
-            dist.say(f"experts kept by use (student.experts used, student.calibration_rows {s.calibration_rows}): "
-                     f"{100 * min(shares.values()):.1f}%-{100 * max(shares.values()):.1f}% of the teacher's routings "
-                     f"in each of the {len(shares)} routed layers went to them (student_init.json lists them)")
+        say_calibrated_choices(table, s.calibration_rows)
     vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
     teacher_vocab = vocab_mod.real_vocab_size(t_tok)
     check_cache_vocab(cfg, vocab, teacher_vocab)
@@ -161,12 +138,41 @@ def setup_models(cfg: DistillConfig, device: torch.device):
     return teacher, student, s_tok, vocab, teacher_vocab, table
 
 
+def say_calibrated_choices(table: list[dict], rows: int) -> None:
+    """The run log's line for each calibrated choice a student built from the teacher was made with, read from its
+    table (`tailkd.student.build_student`: the keys it adds per tensor)."""
+    def per_layer(key: str, by: str = "name") -> dict:  # {layer index in row[by]: row[key]} of the rows holding key
+        return {int(re.search(r"\.(\d+)\.", row[by]).group(1)): row[key] for row in table if key in row and row[by]}
+
+    def span(shares: dict) -> str:
+        return f"{100 * min(shares.values()):.1f}%-{100 * max(shares.values()):.1f}%"
+
+    if influence := per_layer("block_influence", by="source"):  # per teacher layer
+        dist.say(f"layers kept by influence (student.layer_choice influence, student.calibration_rows {rows}): "
+                 f"teacher layers {' '.join(map(str, sorted(influence)))}, their Block Influence "
+                 f"{min(influence.values()):.4f}-{max(influence.values()):.4f}")
+    if channels := next((row for row in table if "channel_share" in row), None):
+        dist.say(f"hidden channels kept by activity (student.hidden_channels active, student.calibration_rows {rows}): "
+                 f"{channels['channels'].split(',')[0]}, {100 * channels['channel_share']:.1f}% of the mean |output| "
+                 "of the teacher's norms")
+    if heads := per_layer("head_share"):  # per student layer
+        dist.say(f"attention heads kept by importance (student.attention_heads active, student.calibration_rows "
+                 f"{rows}): {span(heads)} of the teacher's head output norm in each of the {len(heads)} attention "
+                 "layers")
+    if active := per_layer("active_share"):
+        dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows {rows}): "
+                 f"{span(active)} of the teacher's mean |activation| in each of the {len(active)} layers")
+    if shares := per_layer("routed_share"):
+        dist.say(f"experts kept by use (student.experts used, student.calibration_rows {rows}): {span(shares)} of "
+                 f"the teacher's routings in each of the {len(shares)} routed layers went to them (student_init.json "
+                 "lists them)")
+
+
 def calibration_batches(cfg: DistillConfig, train_rows):
     """The batches `tailkd.calibration` measures a teacher over (``student.layer_choice influence``, ``student.experts
     used``, ``student.mlp_units active``, ``student.hidden_channels active``, ``student.attention_heads active``):
-    ``student.calibration_rows`` of
-    ``train_rows`` (all where there are fewer), evenly spaced (row ``j * rows // n``), ``train.batch_size`` at a time,
-    as ``input_ids`` and, for padded rows, ``attention_mask``."""
+    ``student.calibration_rows`` of ``train_rows`` (all where there are fewer), evenly spaced (row ``j * rows // n``),
+    ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows, ``attention_mask``."""
     rows = len(train_rows)
     n = min(cfg.student.calibration_rows, rows)
     index = [j * rows // n for j in range(n)]
