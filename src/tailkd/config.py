@@ -39,6 +39,11 @@ LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num
 MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
 HIDDEN_CHANNEL_CHOICES = ("first", "active")  # which residual-stream channels a narrower student keeps
 HEAD_CHOICES = ("first", "active")  # which attention heads a student with fewer keeps
+# the student choices made from calibration rows (a teacher forward before the build): (setting, calibrated value,
+# default)
+CALIBRATED_CHOICES = (("layer_choice", "influence", "spaced"), ("experts", "used", "first"),
+                      ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"),
+                      ("attention_heads", "active", "first"))
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -472,9 +477,7 @@ class DistillConfig:
             raise TailkdError(f"student.mlp_units=active keeps the MLP units the teacher uses most, but "
                               f"student.mlp_init={c.student.mlp_init} draws the student's MLP afresh: add "
                               "--student.mlp_init copy")
-        for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced"),
-                                  ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"),
-                                  ("attention_heads", "active", "first")):
+        for key, value, other in CALIBRATED_CHOICES:
             if getattr(c.student, key) == value and c.teacher.parallel == "fsdp":
                 raise TailkdError(f"student.{key}={value} reads a forward of the whole teacher before the student is "
                                   "built, which teacher.parallel fsdp (the teacher sharded over the ranks) does not "

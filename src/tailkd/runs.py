@@ -30,7 +30,16 @@ import torch
 from tailkd import checkpoint as ckpt
 from tailkd import distributed as dist
 from tailkd import jsonfile
-from tailkd.config import DistillConfig, absolute_paths, flatten, from_dict, load_yaml, save_yaml, to_dict
+from tailkd.config import (
+    CALIBRATED_CHOICES,
+    DistillConfig,
+    absolute_paths,
+    flatten,
+    from_dict,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from tailkd.errors import TailkdError
 
 # Config keys that may differ between a run and its resumption. Run control, logging, held-out evaluation and
@@ -237,9 +246,7 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
     setting: then the checkpoint's own check says what does not fit): a config changed with --force (``changes``) is
     saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
-        s = cfg.student
-        calibrated = (s.layer_choice, s.experts, s.mlp_units, s.hidden_channels, s.attention_heads) != (
-            "spaced", "first", "first", "first", "first")
+        calibrated = any(getattr(cfg.student, key) == value for key, value, _ in CALIBRATED_CHOICES)
         if calibrated and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
@@ -276,9 +283,8 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
     """A resume's student built from the teacher is the run's: each parameter from the same teacher tensor (and, kept
     by use, the same experts; by activity or importance, the same units, channels and heads) as its student_init.json
     says, else a TailkdError naming the first that differs — a student built from calibration rows
-    (``student.layer_choice influence``, ``student.experts used``, ``student.mlp_units active``,
-    ``student.hidden_channels active``, ``student.attention_heads active``) can come out otherwise on another machine
-    (another float rounding of a near tie), over changed data or from a changed teacher. A run without the file (or an
+    (`tailkd.config.CALIBRATED_CHOICES`) can come out otherwise on another machine (another float rounding of a near
+    tie), over changed data or from a changed teacher. A run without the file (or an
     unreadable one) is not checked."""
     try:
         saved = jsonfile.loads((out / "student_init.json").read_text(encoding="utf-8"))
@@ -297,11 +303,10 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
             field = next((f for f in fields if was.get(f) != now.get(f)), "source")
             what = (f"built from {now.get('source')}, the run's from {was.get('source')}" if field == "source" else
                     f"its {field} {now.get(field)}, the run's {was.get(field)}")
+            settings = ", ".join(f"student.{key} {value}" for key, value, _ in CALIBRATED_CHOICES)
             raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
-                              f"{now.get('name')} {what}: a student chosen from calibration rows "
-                              "(student.layer_choice influence, student.experts used, student.mlp_units active, "
-                              "student.hidden_channels active, student.attention_heads active) came out otherwise "
-                              "here; resume on the machine, data and teacher the run started with")
+                              f"{now.get('name')} {what}: a student chosen from calibration rows ({settings}) came "
+                              "out otherwise here; resume on the machine, data and teacher the run started with")
 
 
 def replace_config(out: Path, cfg: DistillConfig, changes: list[str]) -> None:
