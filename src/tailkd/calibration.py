@@ -114,6 +114,17 @@ def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> 
 # `_forward` sets) and returns ``(handles, finish)``: ``finish(tokens)`` gives the measure once the pass is over.
 
 
+def _real_rows(x: torch.Tensor, real: dict, *row: int) -> torch.Tensor:
+    """``x`` as one row per token of the batch (a row's shape ``row``; by default x's last dim), the real tokens' rows
+    only (``real["mask"]``)."""
+    rows = x.reshape(-1, *(row or x.shape[-1:]))
+    if real["mask"] is None:
+        return rows
+    if rows.shape[0] != real["mask"].numel():  # a bug, not a user error
+        raise RuntimeError(f"a hooked tensor has {rows.shape[0]} token rows, the batch {real['mask'].numel()}")
+    return rows[real["mask"]]
+
+
 def _influence_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Block Influence of every layer (float64 [L]; ``layers`` unused): hooks on the layer modules, their input and
     output hidden states, cosine in float64."""
@@ -128,9 +139,7 @@ def _influence_probe(teacher, fam: Family, real: dict, layers, heads: int):
     def take_output(i):
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, tuple) else output
-            x, y = inputs.pop(i).reshape(-1, out.shape[-1]), out.reshape(-1, out.shape[-1])
-            if real["mask"] is not None:
-                x, y = x[real["mask"]], y[real["mask"]]
+            x, y = _real_rows(inputs.pop(i), real, out.shape[-1]), _real_rows(out, real)
             total[i] += torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum().cpu()
         return hook
 
@@ -152,10 +161,7 @@ def _heads_probe(teacher, fam: Family, real: dict, layers, heads: int):
 
     def count(i):
         def hook(module, args):
-            out = args[0]
-            out = out.reshape(-1, heads, out.shape[-1] // heads)
-            if real["mask"] is not None:
-                out = out[real["mask"]]
+            out = _real_rows(args[0], real, heads, args[0].shape[-1] // heads)
             total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
         return hook
 
@@ -176,10 +182,7 @@ def _channels_probe(teacher, fam: Family, real: dict, layers, heads: int):
             out = output[0] if isinstance(output, tuple) else output
             if out.shape[-1] != hidden:  # a bug in a table, not a user error
                 raise RuntimeError(f"{name} outputs {out.shape[-1]} channels, the residual stream has {hidden}")
-            out = out.reshape(-1, hidden)
-            if real["mask"] is not None:
-                out = out[real["mask"]]
-            total[name].add_(out.abs().double().sum(0).cpu())
+            total[name].add_(_real_rows(out, real).abs().double().sum(0).cpu())
         return hook
 
     handles = [m.register_forward_hook(count(name)) for name, m in modules.items()]
@@ -202,11 +205,7 @@ def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
 
     def count(i):
         def hook(module, args, output):
-            a = last.pop(i)
-            a = a.reshape(-1, a.shape[-1])
-            if real["mask"] is not None:
-                a = a[real["mask"]]
-            summed = a.abs().double().sum(0).cpu()
+            summed = _real_rows(last.pop(i), real).abs().double().sum(0).cpu()
             total[i] = summed if i not in total else total[i] + summed
         return hook
 
@@ -234,12 +233,7 @@ def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
     def hook(i):
         def count(module, args, kwargs):
             chosen = _indices(args, kwargs)  # [tokens, k]
-            chosen = chosen.reshape(-1, chosen.shape[-1]) if chosen.dim() > 1 else chosen.reshape(-1, 1)
-            if real["mask"] is not None:
-                if chosen.shape[0] != real["mask"].numel():  # a bug, not a user error
-                    raise RuntimeError(f"layer {i}'s experts saw {chosen.shape[0]} tokens, the batch has "
-                                       f"{real['mask'].numel()}")
-                chosen = chosen[real["mask"]]
+            chosen = _real_rows(chosen, real, chosen.shape[-1] if chosen.dim() > 1 else 1)
             counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
         return count
 
