@@ -224,9 +224,6 @@ def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
     path = experts_module(fam)
     # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
     modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
-    if not modules:
-        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, layers))}) routes to experts: "
-                          "student.experts=used has nothing to count; drop it")
     experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
     counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
 
@@ -298,7 +295,8 @@ def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torc
 
 def routed_counts(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
     """``({teacher layer i: int64 [E] tokens routed to each expert}, real tokens)`` over ``batches`` (dicts of
-    ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``), for the routed layers among ``layers``."""
+    ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``), for the routed layers among ``layers`` (none
+    where they are all dense: `tailkd.student` refuses such a student)."""
     found, tokens = measure(teacher, fam, batches, {"experts=used": layers})
     return found["experts=used"], tokens
 
