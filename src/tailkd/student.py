@@ -684,11 +684,11 @@ def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
 
 # --------------------------------------------------------------------------- the builder
 
-def _widths(teacher, n_layers: int, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
+def _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
             num_experts=None, num_experts_per_tok=None):
-    """``(family, teacher dims, student dims, rotary fraction)`` of a student of ``n_layers`` with these widths, after
-    every refusal that does not depend on which layers it keeps (`build_student` makes them before a calibration
-    pass, `_plan` before the layers' own)."""
+    """``(family, teacher dims, student dims, rotary fraction, layers)`` of a student of these layers (`choose_layers`)
+    and widths, after every refusal that does not depend on which layers it keeps (`build_student` makes them before
+    a calibration pass, `_plan` before the layers' own)."""
     fam = config_family(teacher.config, family_spec(teacher))
     for key, why in fam.refused_settings:
         if getattr(teacher.config, key, None):
@@ -701,7 +701,8 @@ def _widths(teacher, n_layers: int, hidden_size, num_heads, num_kv_heads, interm
                               "by tailkd; give the student as a folder (--student DIR)")
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config, fam) if fam.rope else 1.0
-    s = student_dims(t, fam, n_layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
+    chosen = choose_layers(t.layers, num_layers, layers)
+    s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
     _check_expert_groups(teacher.config, fam, s)
@@ -710,15 +711,13 @@ def _widths(teacher, n_layers: int, hidden_size, num_heads, num_kv_heads, interm
         raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are mamba_expand x "
                           f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (layers, heads and "
                           "the MLP narrow)")
-    return fam, t, s, fraction
+    return fam, t, s, fraction, chosen
 
 
 def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
           tie_embeddings=None, num_experts=None, num_experts_per_tok=None):
-    n_teacher = teacher_dims(teacher.config, config_family(teacher.config, family_spec(teacher))).layers
-    chosen = choose_layers(n_teacher, num_layers, layers)
-    fam, t, s, fraction = _widths(teacher, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size,
-                                  head_dim, num_experts, num_experts_per_tok)
+    fam, t, s, fraction, chosen = _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
+                                          intermediate_size, head_dim, num_experts, num_experts_per_tok)
     _check_layer_index_flags(teacher.config, fam, chosen)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
@@ -889,12 +888,10 @@ def _measure_teacher(teacher, num_layers, layers, widths: dict, choices: dict, c
     from one forward over ``calibration()``'s batches (`tailkd.calibration.measure`); {} (and no forward) where
     nothing is to be chosen: every layer, channel, head, unit or expert kept, or the first ones asked for. A choice
     the teacher's family cannot make, or widths it cannot give (`_widths`), are refused here, before any forward."""
-    n_teacher = teacher_dims(teacher.config, config_family(teacher.config, family_spec(teacher))).layers
-    n = len(choose_layers(n_teacher, num_layers, layers))  # a number or list choose_layers refuses: before any pass
-    fam, t, s, _ = _widths(teacher, n, **widths)  # the refusals of any layers' student: before any pass
+    fam, t, s, _, _ = _widths(teacher, num_layers, layers, **widths)  # its refusals: before any pass
     every = list(range(t.layers))
     wanted = {}
-    if choices["layer_choice"] == "influence" and layers is None and n < t.layers:
+    if choices["layer_choice"] == "influence" and layers is None and s.layers < t.layers:
         wanted["layer_choice=influence"] = every
     if choices["hidden_channels"] == "active" and s.hidden != t.hidden:
         wanted["hidden_channels=active"] = every
