@@ -830,12 +830,6 @@ def test_student_path_refuses_the_settings_of_a_built_student(flags, key):
     (["--student.experts", "used"], r"^student\.experts=used keeps the experts the teacher uses, but "
                                     r"student\.mlp_init=random draws the student's experts afresh: add "
                                     r"--student\.mlp_init copy$"),
-    *[([f"--student.{key}", value, "--student.mlp_init", "copy", "--teacher.parallel", "fsdp"],
-       rf"^student\.{key}={value} reads a forward of the whole teacher before the student is built, which "
-       rf"teacher\.parallel fsdp .* use --student\.{key} {other}, or --teacher\.parallel replicate$")
-      for key, value, other in (("experts", "used", "first"), ("layer_choice", "influence", "spaced"),
-                                ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"),
-                                ("attention_heads", "active", "first"))],
     (["--student.layer_choice", "influence", "--student.layers", "0", "2"],
      r"^student\.layer_choice=influence chooses the student's layers, and student\.layers lists them: drop one of "
      r"the two$"),

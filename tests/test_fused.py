@@ -677,6 +677,12 @@ def test_final_hidden_runs_a_forward_that_takes_keywords_and_refuses_a_sharded_o
         with pytest.raises(TailkdError, match=r"^_NoLogitsToKeep\.forward takes no logits_to_keep, which the "
                                               r"chunked loss layer needs under DDP / FSDP"):  # its own class
             head_mod.final_hidden(sharded, ids)
+        from tailkd.calibration import measure
+
+        with pytest.raises(TailkdError, match=r"^_NoLogitsToKeep\.forward takes no logits_to_keep, which a "
+                                              r"calibration pass over a teacher sharded with FSDP2 needs: use "
+                                              r"--teacher\.parallel replicate$"):  # the calibration's own reason
+            measure(sharded, None, [{"input_ids": ids}], {})
 
 
 @pytest.mark.parametrize("training", [True, False])

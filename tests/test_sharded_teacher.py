@@ -532,6 +532,109 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
         assert torch.equal(p, params[name]), name
 
 
+# --------------------------------------------------------------------------- a calibrated student, sharded teacher
+
+# every calibrated choice a tiny Llama (4 layers, hidden 64, 4 heads on 2 KV heads, MLP 128) or Mixtral (4 experts)
+# can make, each narrowing its axis by half
+CALIBRATED = {"tied": dict(num_layers=2, layer_choice="influence", hidden_size=32, hidden_channels="active",
+                           num_heads=2, num_kv_heads=1, attention_heads="active", intermediate_size=64,
+                           mlp_units="active"),
+              "moe": dict(num_layers=2, layer_choice="influence", num_experts=2, experts="used")}
+
+
+def _calibration_batches():
+    """Two batches, the second right-padded (its mask's zeros must stay out of every measure)."""
+    ids = torch.randint(3, 250, (5, 24), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[0, 17:], mask[2, 9:] = 0, 0
+    return [{"input_ids": ids[:2]}, {"input_ids": ids[2:], "attention_mask": mask}]
+
+
+def _calibration_worker(rank, world, port, assets, out):
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+    from tailkd.student import build_student, calibrate
+
+    device = join_gloo(rank, world, port)
+    try:
+        results = {}
+        for name, settings in CALIBRATED.items():
+            sharded = load_sharded_teacher(str(assets[name]), device=device, dtype="fp32")
+            measured = calibrate(sharded, _calibration_batches, **settings)  # collective: the same rows everywhere
+            skeleton, _ = student_source(str(assets[name]), StudentConfig(num_layers=2), dtype="fp32",
+                                         measured=measured)
+            student, table = build_student(skeleton, mlp_init="copy", measured=measured, **settings)
+            results[name] = {"measured": measured, "student": student.state_dict(), "table": table}
+        torch.save(results, out / f"calibrated{rank}.pt")
+    finally:
+        dist.shutdown()
+
+
+def _same(a, b) -> bool:
+    """Equal measures: tensors bit for bit, dicts key by key."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_a_student_calibrated_on_the_sharded_teacher_is_the_one_the_whole_teacher_gives(assets, tmp_path):
+    """`tailkd.student.calibrate` over a teacher sharded on 2 gloo ranks (its forward collective, every rank the same
+    rows) measures what it measures over the teacher loaded whole, bit for bit (the sharded forward is the
+    replicated one's arithmetic: module docstring): layers by influence, channels, heads and MLP units of a Llama,
+    the experts of a Mixtral (stored a tensor per expert); the student built from `student_source`'s skeleton of the
+    layers the pass chose (others on meta, never read) equals, tensor for tensor and in its table, the one built from
+    the whole teacher."""
+    from tailkd.student import build_student, calibrate
+
+    spawn(_calibration_worker, (2, free_port(), assets, tmp_path), 2)
+    per_rank = [torch.load(tmp_path / f"calibrated{r}.pt") for r in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same kernels, the same bits
+    try:
+        for name, settings in CALIBRATED.items():
+            whole, _ = models.load_causal_lm(str(assets[name]))
+            want, table = build_student(whole, mlp_init="copy", calibration=_calibration_batches, **settings)
+            measured = calibrate(whole, _calibration_batches, **settings)
+            assert len(measured) == (4 if name == "tied" else 2), sorted(measured)
+            kept = sorted({int(row["source"].split(".")[2]) for row in table if "block_influence" in row})
+            assert len(kept) == 2 and kept != [0, 3], kept  # not the spaced layers: the skeleton's follow the pass
+            for r, got in enumerate(per_rank):
+                assert _same(got[name]["measured"], measured), (name, r)
+                assert got[name]["table"] == table, (name, r)
+                state = want.state_dict()
+                assert got[name]["student"].keys() == state.keys(), (name, r)
+                for key, value in state.items():
+                    assert torch.equal(got[name]["student"][key], value), (name, r, key)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_calibrated_student_of_a_sharded_teacher_through_the_cli_stopped_and_resumed(assets, tmp_path):
+    """``distill --teacher.parallel fsdp`` with all four calibrated choices of a dense student on 2 ranks: the sharded
+    teacher loads first and is measured (the run log's lines of each choice, once), the student is the one-process
+    replicated run's (its student_init.json, equal), stopped after step 2 and resumed (the resume rebuilds it through
+    the same pass and checks it against student_init.json) it trains as that run (DDP's float tolerances, above)."""
+    flags = ["--student.layer_choice", "influence", "--student.hidden_size", "32", "--student.hidden_channels",
+             "active", "--student.num_heads", "2", "--student.num_kv_heads", "1", "--student.attention_heads", "active",
+             "--student.intermediate_size", "64", "--student.mlp_init", "copy", "--student.mlp_units", "active"]
+    one = tmp_path / "one"
+    run_cli(distill_args(assets, one, *flags))
+    run = tmp_path / "run"
+    argv = distill_args(assets, run, "--teacher.parallel", "fsdp", *flags)
+    first, _ = run_cli([*argv, "--train.stop_after", "2"], nproc=2)
+    assert not (run / "final").exists()
+    resumed, _ = run_cli([*argv, "--resume"], nproc=2)
+    for out in (first, resumed):
+        assert out.count("teacher: sharded over 2 ranks (FSDP2") == 1, out
+        for line in ("layers kept by influence", "hidden channels kept by activity", "attention heads kept by "
+                     "importance", "MLP units kept by activity"):
+            assert out.count(line) == 1, (line, out)
+    init = json.loads((run / "student_init.json").read_text())
+    assert init == json.loads((one / "student_init.json").read_text())
+    assert {row["source"].split(".")[2] for row in init if "block_influence" in row} != {"0", "3"}  # not spaced
+    _compare_runs(one, run, exact=False)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe",
                                     "glm4_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "lfm2_moe",
                                     "nemotron_h", "ernie4_5_moe", "granitemoe", "solar_open", "minimax_m2",

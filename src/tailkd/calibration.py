@@ -52,8 +52,10 @@ KV head its ``g_s`` (the student's query heads per KV head) most important query
 head (multi-head attention, latent attention) simply the ``num_heads`` most important heads.
 
 All five count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. They
-share one forward of the teacher's decoder (no LM head) per batch (`measure`: each choice's hooks, over every layer
-where the layers are yet to be chosen), on the teacher's device, in its dtype, under no_grad.
+share one forward of the teacher per batch (`measure`: each choice's hooks, over every layer where the layers are yet
+to be chosen; its decoder and the logits of one position, `tailkd.head.decoder_forward`), on the teacher's device, in
+its dtype, under no_grad. A teacher sharded with FSDP2 (``teacher.parallel fsdp``) is measured the same way: its
+forward is collective, so every rank passes the same batches (`tailkd.prepare.calibrate_sharded_teacher`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import torch
 
 from tailkd.errors import TailkdError
 from tailkd.families import Family
+from tailkd.head import decoder_forward
 
 __all__ = ["PROBES", "attention_output", "block_influence", "channel_activity", "experts_module", "head_importance",
            "kept_heads", "largest", "measure", "norm_modules", "routed_counts", "unit_activity"]
@@ -87,9 +90,11 @@ def _indices(args, kwargs) -> torch.Tensor:
 
 
 def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> int:
-    """Run the teacher's decoder over ``batches``, ``real["mask"]`` each batch's flattened real-token mask (None
-    without padding) while its forward runs; the real tokens seen (none: a TailkdError where ``measure`` names what
-    needs them). Eval mode for the pass, restored after; the hooks ``handles`` removed after."""
+    """Run the teacher's decoder over ``batches`` (`tailkd.head.decoder_forward`: its own forward, the logits of one
+    position, so that a teacher sharded with FSDP2 gathers its weights as in training), ``real["mask"]`` each batch's
+    flattened real-token mask (None without padding) while its forward runs; the real tokens seen (none: a TailkdError
+    where ``measure`` names what needs them). Eval mode for the pass, restored after; the hooks ``handles`` removed
+    after."""
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
@@ -99,7 +104,8 @@ def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> 
             mask = batch.get("attention_mask")
             real["mask"] = None if mask is None else mask.reshape(-1).bool().to(device)
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            teacher.base_model(input_ids=batch["input_ids"].to(device), use_cache=False)
+            decoder_forward(teacher, batch["input_ids"].to(device), needs="a calibration pass over a teacher "
+                            "sharded with FSDP2 needs: use --teacher.parallel replicate")
     finally:
         for handle in handles:
             handle.remove()

@@ -39,11 +39,9 @@ LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num
 MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
 HIDDEN_CHANNEL_CHOICES = ("first", "active")  # which residual-stream channels a narrower student keeps
 HEAD_CHOICES = ("first", "active")  # which attention heads a student with fewer keeps
-# the student choices made from calibration rows (a teacher forward before the build): (setting, calibrated value,
-# default)
-CALIBRATED_CHOICES = (("layer_choice", "influence", "spaced"), ("experts", "used", "first"),
-                      ("mlp_units", "active", "first"), ("hidden_channels", "active", "first"),
-                      ("attention_heads", "active", "first"))
+# the student choices made from calibration rows (a teacher forward before the build): (setting, calibrated value)
+CALIBRATED_CHOICES = (("layer_choice", "influence"), ("experts", "used"), ("mlp_units", "active"),
+                      ("hidden_channels", "active"), ("attention_heads", "active"))
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -259,6 +257,11 @@ class StudentConfig:
                                               "copied from the teacher's input embeddings (MiniPLM's Qwen "
                                               "students); false, a head of its own copied from the teacher's head; "
                                               "unset: as the teacher")
+
+    def calibrated(self) -> bool:
+        """Whether a setting of `CALIBRATED_CHOICES` asks to choose the student's layers, channels, heads, units or
+        experts from calibration rows (a teacher pass before the student is built)."""
+        return any(getattr(self, key) == value for key, value in CALIBRATED_CHOICES)
 
     def check_source(self) -> None:
         """An existing student (``path``) is loaded as it is: a setting of `BUILD_KEYS` other than its default (which
@@ -477,11 +480,6 @@ class DistillConfig:
             raise TailkdError(f"student.mlp_units=active keeps the MLP units the teacher uses most, but "
                               f"student.mlp_init={c.student.mlp_init} draws the student's MLP afresh: add "
                               "--student.mlp_init copy")
-        for key, value, other in CALIBRATED_CHOICES:
-            if getattr(c.student, key) == value and c.teacher.parallel == "fsdp":
-                raise TailkdError(f"student.{key}={value} reads a forward of the whole teacher before the student is "
-                                  "built, which teacher.parallel fsdp (the teacher sharded over the ranks) does not "
-                                  f"have: use --student.{key} {other}, or --teacher.parallel replicate")
         if c.student.layer_choice == "influence" and c.student.layers is not None:
             raise TailkdError("student.layer_choice=influence chooses the student's layers, and student.layers lists "
                               "them: drop one of the two")

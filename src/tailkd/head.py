@@ -18,8 +18,8 @@ import torch
 
 from tailkd.errors import TailkdError
 
-__all__ = ["Head", "HeadSpec", "apply_head", "final_hidden", "forward_hidden", "head_spec", "model_class_name",
-           "model_head", "transform", "transform_backward", "verify_head"]
+__all__ = ["Head", "HeadSpec", "apply_head", "decoder_forward", "final_hidden", "forward_hidden", "head_spec",
+           "model_class_name", "model_head", "transform", "transform_backward", "verify_head"]
 
 
 @dataclass(frozen=True)
@@ -177,15 +177,26 @@ def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
 def forward_hidden(model, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
     """`final_hidden` and the output of the forward that computed them (e.g. its ``aux_loss``: a mixture of experts'
     router load-balancing loss, where the model's config sets ``output_router_logits``)."""
-    if _takes_logits_to_keep(model):
-        out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False, **kwargs)
+    out = decoder_forward(model, input_ids, hidden_states=True, **kwargs)
+    if getattr(out, "hidden_states", None) is not None:  # the model's own forward
         return out.hidden_states[-1], out
-    inner = getattr(model, "module", model)
-    if _distributed_wrapper(model):
-        raise TailkdError(f"{model_class_name(model)}.forward takes no logits_to_keep, which the chunked loss layer "
-                          "needs under DDP / FSDP; use --train.fused_loss off, or one process")
-    out = inner.base_model(input_ids=input_ids, use_cache=False, **kwargs)  # the decoder alone
     return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), out
+
+
+def decoder_forward(model, input_ids: torch.Tensor, *, hidden_states: bool = False,
+                    needs: str = "the chunked loss layer needs under DDP / FSDP; use --train.fused_loss off, or one "
+                                  "process", **kwargs):
+    """The output of the model's decoder over ``input_ids``, without [B, T, V] logits: the model's own forward with
+    ``logits_to_keep=1`` (every hidden state too where ``hidden_states``), so that DDP / FSDP wrappers see a normal
+    forward (FSDP2 gathers the root's parameters in it); a model whose forward takes no ``logits_to_keep`` runs its
+    base model (the last hidden state only), refused (``TailkdError``, its reason ``needs``) when wrapped by DDP or
+    sharded by FSDP."""
+    if _takes_logits_to_keep(model):
+        return model(input_ids=input_ids, output_hidden_states=hidden_states, logits_to_keep=1, use_cache=False,
+                     **kwargs)
+    if _distributed_wrapper(model):
+        raise TailkdError(f"{model_class_name(model)}.forward takes no logits_to_keep, which {needs}")
+    return getattr(model, "module", model).base_model(input_ids=input_ids, use_cache=False, **kwargs)
 
 
 @torch.no_grad()

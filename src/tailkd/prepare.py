@@ -5,7 +5,8 @@
    teacher's (read alone); the cache's tokenizer and corpus, against the data tokenizer and the corpus fingerprint
    computed without tokenising. The rest of the cache with the teacher signal (3.).
 1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
-   ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`), the student (built from the teacher,
+   ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`; a student chosen from calibration rows is measured
+   on the sharded teacher first, `calibrate_sharded_teacher`), the student (built from the teacher,
    `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
    or a teacher vocabulary extending the student's, which refuses a teacher cache, and whose teacher mass outside
    the shared ids `shared_vocab_summary` measures); ``train.compile``; the attention implementation, logged.
@@ -88,18 +89,19 @@ def data_tokenizer_fingerprint(cfg: DistillConfig) -> str:
 
 # --------------------------------------------------------------------------- models: teacher, student, vocabulary
 
-def setup_models(cfg: DistillConfig, device: torch.device):
+def setup_models(cfg: DistillConfig, device: torch.device, measured: dict | None = None):
     """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, V, V_teacher, table): the
     student's tokenizer (it reads the data), V the vocabulary distilled over (the student's ids, `tailkd.vocab`),
     V_teacher the teacher tokenizer's (> V when it extends the student's: shared-vocabulary distillation), and the
     `tailkd.student` provenance table of a student built from the teacher (None for a loaded one).
 
     With ``teacher.parallel fsdp`` the teacher returned is a skeleton holding only what the student is built from
-    (`tailkd.sharded_teacher.student_source`); `setup_run` then loads the sharded teacher on every rank at once.
+    (`tailkd.sharded_teacher.student_source`); `setup_run` then loads the sharded teacher on every rank at once,
+    or has loaded it before to calibrate the student (``measured``: `calibrate_sharded_teacher`).
     A teacher cache with a teacher vocabulary extending the student's is refused here (`check_cache_vocab`)."""
     if cfg.teacher.parallel == "fsdp":
         teacher, t_tok = sharded_teacher.student_source(cfg.teacher.path, cfg.student, dtype=cfg.teacher.dtype,
-                                                        device=device)
+                                                        device=device, measured=measured)
     else:
         teacher, t_tok = models.load_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype)
     table = None
@@ -115,12 +117,8 @@ def setup_models(cfg: DistillConfig, device: torch.device):
 
         s = cfg.student
         student, table = build_student(
-            teacher, num_layers=s.depth, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-            num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
-            num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, mlp_init=s.mlp_init,
-            freeze_embeddings=s.freeze_embeddings, tie_embeddings=s.tie_embeddings, seed=cfg.train.seed,
-            experts=s.experts, layer_choice=s.layer_choice, mlp_units=s.mlp_units, hidden_channels=s.hidden_channels,
-            attention_heads=s.attention_heads,
+            teacher, **student_shape(cfg), mlp_init=s.mlp_init, freeze_embeddings=s.freeze_embeddings,
+            tie_embeddings=s.tie_embeddings, seed=cfg.train.seed, measured=measured,
             # the training rows, set up where a calibrated choice reads them (one teacher pass for all)
             calibration=lambda: calibration_batches(cfg, setup_data(cfg, t_tok, models.model_max_length(teacher))[1]),
         )
@@ -136,6 +134,36 @@ def setup_models(cfg: DistillConfig, device: torch.device):
         teacher = None
     # the student's tokenizer reads the data: the teacher's may extend it (shared-vocabulary distillation)
     return teacher, student, s_tok, vocab, teacher_vocab, table
+
+
+def student_shape(cfg: DistillConfig) -> dict:
+    """The keywords of `tailkd.student.build_student` (and `tailkd.student.calibrate`) that ``cfg.student`` sets: the
+    student's shape and how its layers, channels, heads, units and experts are chosen."""
+    s = cfg.student
+    return dict(num_layers=s.depth, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+                num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
+                num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, layer_choice=s.layer_choice,
+                experts=s.experts, mlp_units=s.mlp_units, hidden_channels=s.hidden_channels,
+                attention_heads=s.attention_heads)
+
+
+def calibrate_sharded_teacher(cfg: DistillConfig, device: torch.device):
+    """Collective (every rank calls it): with ``teacher.parallel fsdp`` and a calibrated choice of the student's
+    layers, channels, heads, units or experts, ``(the sharded teacher, its calibration)``: the teacher loaded here,
+    before the student (`tailkd.sharded_teacher.load_sharded_teacher`), and measured over the calibration rows
+    (`tailkd.student.calibrate`); `setup_models` then builds the student from a skeleton of the layers it chose.
+    Every rank runs the whole pass — the sharded forward is collective, and rows split over the ranks would sum the
+    measures in another order than one process does, moving near ties — and builds from rank 0's measures
+    (broadcast), so that every rank holds one student, the one a replicated teacher gives."""
+    from tailkd.student import calibrate
+
+    folder = dist.on_main_then_all(lambda: sharded_teacher.teacher_folder(cfg.teacher.path))  # a GGUF converted once
+    teacher = sharded_teacher.load_sharded_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype,
+                                                   log=dist.say)
+    tokenizer = models.load_tokenizer(folder)
+    rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, models.model_max_length(teacher)))[1]
+    measured = calibrate(teacher, lambda: calibration_batches(cfg, rows), **student_shape(cfg))
+    return teacher, dist.broadcast(measured)  # CPU tensors (`tailkd.calibration`'s probes sum on the host)
 
 
 def say_calibrated_choices(table: list[dict], rows: int) -> None:

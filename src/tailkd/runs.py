@@ -246,8 +246,7 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
     setting: then the checkpoint's own check says what does not fit): a config changed with --force (``changes``) is
     saved by `replace_config` once the checkpoint has loaded."""
     if resuming:
-        calibrated = any(getattr(cfg.student, key) == value for key, value, _ in CALIBRATED_CHOICES)
-        if calibrated and student_init is not None and not any(c.startswith("student.") for c in changes):
+        if cfg.student.calibrated() and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
     if out.exists() and cfg.train.overwrite:
@@ -303,7 +302,7 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
             field = next((f for f in fields if was.get(f) != now.get(f)), "source")
             what = (f"built from {now.get('source')}, the run's from {was.get('source')}" if field == "source" else
                     f"its {field} {now.get(field)}, the run's {was.get(field)}")
-            settings = ", ".join(f"student.{key} {value}" for key, value, _ in CALIBRATED_CHOICES)
+            settings = ", ".join(f"student.{key} {value}" for key, value in CALIBRATED_CHOICES)
             raise TailkdError(f"cannot resume {out}: the student built now differs from the run's (student_init.json): "
                               f"{now.get('name')} {what}: a student chosen from calibration rows ({settings}) came "
                               "out otherwise here; resume on the machine, data and teacher the run started with")

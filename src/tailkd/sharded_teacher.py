@@ -45,7 +45,10 @@ embedding is sharded, gathered for the lookup only).
 
 Building a student from a sharded teacher (`student_source`): the student is initialised from a skeleton whose
 only real tensors are those the student copies (the chosen layers, embeddings, final norm, head), read whole from
-the files, so a rank holds the student's share of the teacher, never the teacher.
+the files, so a rank holds the student's share of the teacher, never the teacher. A student whose layers, channels,
+heads, MLP units or experts are chosen from calibration rows (`tailkd.calibration`) is measured on the sharded
+teacher first, loaded before the student then (`tailkd.prepare.calibrate_sharded_teacher`): the skeleton holds the
+layers that pass chose, and a rank holds its shards and that skeleton while the student is built.
 """
 
 from __future__ import annotations
@@ -254,13 +257,14 @@ def _aliases(model) -> dict[str, list[str]]:
     return out
 
 
-def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=None):
+def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=None, measured: dict | None = None):
     """``(teacher skeleton, tokenizer)`` to build the student from (`tailkd.student.build_student`) and check the
     vocabulary against, without loading the teacher: the skeleton's parameters are on meta except those a student built
     from it copies (every parameter outside the decoder layers and those of the layers the student keeps), read whole in
     the teacher dtype; their saved (persistent) buffers are read too. With ``student_cfg.path`` (an existing student)
-    none is read."""
-    from tailkd.student import choose_layers, family_of, teacher_dims
+    none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
+    layers where it measured their influence (`tailkd.student.calibrated_layers`)."""
+    from tailkd.student import calibrated_layers, choose_layers, family_of, teacher_dims
 
     folder = teacher_folder(spec, cache_dir)
     model = _skeleton(folder, models.resolve_dtype(dtype, device))
@@ -268,8 +272,8 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     if student_cfg.path:
         return model, tokenizer
     layers = _decoder_layers(model)
-    chosen = choose_layers(teacher_dims(model.config, family_of(model)).layers, student_cfg.depth,
-                           student_cfg.layers)
+    chosen = choose_layers(teacher_dims(model.config, family_of(model)).layers,
+                           *calibrated_layers(measured or {}, student_cfg.depth, student_cfg.layers))
     skipped = tuple(f"{name}." for i, (name, _) in enumerate(layers) if i not in set(chosen))
     files, aliases = _Checkpoint(folder, model), _aliases(model)
     for name, p in list(model.named_parameters()):

@@ -179,9 +179,10 @@ from tailkd.config import (
 )
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
+from tailkd.head import model_class_name
 
-__all__ = ["SUPPORTED", "Dims", "build_student", "choose_layers", "config_family", "family_of", "format_table",
-           "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
+__all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "calibrated_layers", "choose_layers", "config_family",
+           "family_of", "format_table", "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ class Dims:
 
 def family_spec(model) -> Family:
     """The `Family` table entry of a supported model, else a one-line TailkdError listing the supported classes."""
-    name = type(model).__name__
+    name = model_class_name(model)  # a teacher sharded with FSDP2: its own class
     family = family_for_class(name)
     if family is None:
         raise TailkdError(f"cannot build a student from a {name}: supported teachers are {', '.join(SUPPORTED)}; "
@@ -740,7 +741,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
                   num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
                   layer_choice: str = "spaced", mlp_units: str = "first", hidden_channels: str = "first",
-                  attention_heads: str = "first", calibration=None):
+                  attention_heads: str = "first", calibration=None, measured: dict | None = None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     ``layer_choice``: which teacher layers a student of ``num_layers`` keeps — "spaced" (evenly, see the module
@@ -760,6 +761,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ones of the first KV heads, see the module docstring) or "active" (per layer those whose output has the largest
     mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibration.kept_heads`).
     ``calibration`` is called only where a choice is to be made, once: one teacher pass serves every choice.
+    ``measured``: that pass made already (`calibrate`'s measures for these settings, e.g. over a teacher sharded with
+    FSDP2 while `teacher` is the skeleton of `tailkd.sharded_teacher.student_source`), in place of ``calibration``.
 
     Returns ``(student, table)``: a float32 CPU model of the teacher's class in train mode, and one dict
     per student parameter ``{"name", "shape", "source", "action", "frozen"}`` where action is
@@ -775,36 +778,26 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
-    if experts not in EXPERT_CHOICES:
-        raise TailkdError(f"experts={experts!r}: use one of {', '.join(EXPERT_CHOICES)}")
     if experts == "used" and mlp_init != "copy":
         raise TailkdError(f"experts=used keeps the experts the teacher uses, but mlp_init={mlp_init} draws the "
                           "student's experts afresh: use mlp_init copy")
-    if mlp_units not in MLP_UNIT_CHOICES:
-        raise TailkdError(f"mlp_units={mlp_units!r}: use one of {', '.join(MLP_UNIT_CHOICES)}")
     if mlp_units == "active" and mlp_init != "copy":
         raise TailkdError(f"mlp_units=active keeps the MLP units the teacher uses most, but mlp_init={mlp_init} draws "
                           "the student's MLP afresh: use mlp_init copy")
-    if attention_heads not in HEAD_CHOICES:
-        raise TailkdError(f"attention_heads={attention_heads!r}: use one of {', '.join(HEAD_CHOICES)}")
-    if hidden_channels not in HIDDEN_CHANNEL_CHOICES:
-        raise TailkdError(f"hidden_channels={hidden_channels!r}: use one of {', '.join(HIDDEN_CHANNEL_CHOICES)}")
-    if layer_choice not in LAYER_CHOICES:
-        raise TailkdError(f"layer_choice={layer_choice!r}: use one of {', '.join(LAYER_CHOICES)}")
-    if layer_choice == "influence" and layers is not None:
-        raise TailkdError("layer_choice=influence chooses the student's layers, and layers lists them: drop one of "
-                          "the two")
     if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher.config, "quantization_config", None):
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
-    measured = _measure_teacher(teacher, num_layers, layers, dict(
-        hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok), dict(
-        layer_choice=layer_choice, hidden_channels=hidden_channels, attention_heads=attention_heads,
-        mlp_units=mlp_units, experts=experts), calibration)
+    settings = dict(num_layers=num_layers, layers=layers, hidden_size=hidden_size, num_heads=num_heads,
+                    num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, head_dim=head_dim,
+                    num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, layer_choice=layer_choice,
+                    hidden_channels=hidden_channels, attention_heads=attention_heads, mlp_units=mlp_units,
+                    experts=experts)
+    if measured is None:
+        measured = calibrate(teacher, calibration, **settings)
+    elif set(measured) != set(wanted := _wanted(teacher, **settings)[1]):  # a caller's bug, not a user error
+        raise RuntimeError(f"measured holds {sorted(measured)}, these settings need {sorted(wanted)}")
     influence = measured.get("layer_choice=influence")
-    if influence is not None:  # the num_layers teacher layers of largest Block Influence
-        layers, num_layers = largest(influence, num_layers).tolist(), None
+    num_layers, layers = calibrated_layers(measured, num_layers, layers)
     fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                                intermediate_size, head_dim, tie_embeddings, num_experts,
                                                num_experts_per_tok)
@@ -882,40 +875,76 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     return student, table
 
 
-def _measure_teacher(teacher, num_layers, layers, widths: dict, choices: dict, calibration) -> dict:
-    """What the calibrated ``choices`` (`build_student`'s layer_choice, hidden_channels, attention_heads, mlp_units,
-    experts) need to know of the teacher, ``{tailkd.calibration.PROBES key: measure}``, of every teacher layer, all
-    from one forward over ``calibration()``'s batches (`tailkd.calibration.measure`); {} (and no forward) where
-    nothing is to be chosen: every layer, channel, head, unit or expert kept, or the first ones asked for. A choice
-    the teacher's family cannot make, or widths it cannot give (`_widths`), are refused here, before any forward."""
-    fam, t, s, _, _ = _widths(teacher, num_layers, layers, **widths)  # its refusals: before any pass
+def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layers=None, hidden_size=None,
+              num_heads=None, num_kv_heads=None, intermediate_size=None, head_dim=None, num_experts=None,
+              num_experts_per_tok=None, layer_choice: str = "spaced", hidden_channels: str = "first",
+              attention_heads: str = "first", mlp_units: str = "first", experts: str = "first") -> dict:
+    """What the calibrated choices among `build_student`'s settings (the same keywords) need to know of the teacher,
+    ``{tailkd.calibration.PROBES key: measure}``, of every teacher layer, all from one forward over
+    ``calibration()``'s batches (`tailkd.calibration.measure`); {} (and no forward) where nothing is to be chosen:
+    every layer, channel, head, unit or expert kept, or the first ones asked for. A choice the teacher's family cannot
+    make, or widths it cannot give (`_widths`), are refused here, before any forward. ``teacher`` may be sharded
+    with FSDP2 (`tailkd.sharded_teacher.load_sharded_teacher`; collective then: every rank passes the same batches).
+    """
+    fam, wanted, heads = _wanted(teacher, num_layers=num_layers, layers=layers, hidden_size=hidden_size,
+                                 num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                                 head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                 layer_choice=layer_choice, hidden_channels=hidden_channels,
+                                 attention_heads=attention_heads, mlp_units=mlp_units, experts=experts)
+    if not wanted:
+        return {}
+    if calibration is None:
+        raise TailkdError(f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} calibration rows to measure "
+                          "the teacher over")
+    return measure(teacher, fam, calibration(), wanted, heads)[0]
+
+
+def calibrated_layers(measured: dict, num_layers: int | None, layers) -> tuple[int | None, list | None]:
+    """``(num_layers, layers)`` of a student after its calibration (`calibrate`'s ``measured``): the ``num_layers``
+    teacher layers of largest Block Influence, in order, where it was measured; else as given."""
+    influence = measured.get("layer_choice=influence")
+    if influence is None:
+        return num_layers, layers
+    return None, largest(influence, num_layers).tolist()
+
+
+def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
+            num_experts, num_experts_per_tok, layer_choice, hidden_channels, attention_heads, mlp_units, experts):
+    """``(family, {PROBES key: teacher layers}, the teacher's query heads)``: what `calibrate` measures for these
+    settings, after their refusals."""
+    for key, value, choices in (("experts", experts, EXPERT_CHOICES), ("mlp_units", mlp_units, MLP_UNIT_CHOICES),
+                                ("attention_heads", attention_heads, HEAD_CHOICES),
+                                ("hidden_channels", hidden_channels, HIDDEN_CHANNEL_CHOICES),
+                                ("layer_choice", layer_choice, LAYER_CHOICES)):
+        if value not in choices:
+            raise TailkdError(f"{key}={value!r}: use one of {', '.join(choices)}")
+    if layer_choice == "influence" and layers is not None:
+        raise TailkdError("layer_choice=influence chooses the student's layers, and layers lists them: drop one of "
+                          "the two")
+    fam, t, s, _, _ = _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
+                              head_dim, num_experts, num_experts_per_tok)  # its refusals: before any pass
     every = list(range(t.layers))
     wanted = {}
-    if choices["layer_choice"] == "influence" and layers is None and s.layers < t.layers:
+    if layer_choice == "influence" and layers is None and s.layers < t.layers:
         wanted["layer_choice=influence"] = every
-    if choices["hidden_channels"] == "active" and s.hidden != t.hidden:
+    if hidden_channels == "active" and s.hidden != t.hidden:
         wanted["hidden_channels=active"] = every
-    if choices["attention_heads"] == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
+    if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
         wanted["attention_heads=active"] = every
-    if choices["mlp_units"] == "active":
+    if mlp_units == "active":
         if t.experts or not any("ff" in axes for axes in fam.layer_params.values()):
             raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
                               f"{fam.label}'s " + ("routed experts are not" if t.experts else "MLP is not") +
                               ": drop it")
         if s.intermediate != t.intermediate:
             wanted["mlp_units=active"] = every
-    if choices["experts"] == "used":
+    if experts == "used":
         if not t.experts:
             raise TailkdError(f"experts=used chooses among a mixture's routed experts, but {fam.label} is not a "
                               "mixture of experts: drop it")
         if s.experts != t.experts:
             wanted["experts=used"] = every
-    if not wanted:
-        return {}
-    if calibration is None:
-        raise TailkdError(f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} calibration rows to measure "
-                          "the teacher over")
-    return measure(teacher, fam, calibration(), wanted, t.heads)[0]
+    return fam, wanted, t.heads
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:

@@ -50,6 +50,7 @@ from tailkd.objective import check_router_aux, count_valid_tokens, router_weight
 from tailkd.onpolicy import OnPolicy, on_policy_from_config
 from tailkd.prepare import (
     attention_text,
+    calibrate_sharded_teacher,
     check_batch_split,
     check_before_models,
     choose_loss_path,
@@ -237,10 +238,14 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     check_before_models(cfg)  # what needs no model (a teacher cache, a loaded student's tokenizer): before any loads
     seed_everything(cfg.train.seed)
     # rank 0 first: a GGUF teacher is converted into a cache once, a corpus tokenised into its cache once
-    teacher, student, tokenizer, vocab, teacher_vocab, table = dist.on_main_then_all(lambda: setup_models(cfg, device))
+    sharded = measured = None
+    if cfg.teacher.parallel == "fsdp" and cfg.student.calibrated():  # collective: the student's calibration first
+        sharded, measured = calibrate_sharded_teacher(cfg, device)
+    teacher, student, tokenizer, vocab, teacher_vocab, table = dist.on_main_then_all(
+        lambda: setup_models(cfg, device, measured))
     if teacher is not None and cfg.teacher.parallel == "fsdp":  # collective: every rank loads its shards at once
-        teacher = sharded_teacher.load_sharded_teacher(cfg.teacher.path, device=device, dtype=cfg.teacher.dtype,
-                                                       log=dist.say)
+        teacher = sharded if sharded is not None else sharded_teacher.load_sharded_teacher(
+            cfg.teacher.path, device=device, dtype=cfg.teacher.dtype, log=dist.say)
     elif teacher is not None:
         dist.say(f"teacher: {sharded_teacher.placement(teacher)} on each of the {dist.world()} rank(s)")
     model_max = models.model_max_length(student)
