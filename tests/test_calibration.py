@@ -29,7 +29,7 @@ from tailkd.calibration import (
     unit_activity,
 )
 from tailkd.errors import TailkdError
-from tailkd.student import build_student, config_family, family_spec
+from tailkd.student import build_student, calibrate, calibrated_layers, config_family, family_spec
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
     key in extra for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))]
@@ -634,6 +634,33 @@ def test_every_calibrated_choice_reads_one_teacher_pass():
         assert torch.equal(student.model.layers[j].mlp.down_proj.weight,
                            teacher.model.layers[i].mlp.down_proj.weight[:, kept][
                                largest(channel_activity(teacher, fam, batches, chosen)[0], 32)])
+
+
+def test_a_student_built_from_measures_made_before_is_the_one_its_own_pass_builds():
+    """`calibrate` then ``build_student(measured=...)`` (what a sharded teacher's run does: measured on the sharded
+    teacher, built from a skeleton) gives the student and table of ``build_student(calibration=...)`` without a
+    forward of its own; measures of other settings are a caller's bug (RuntimeError), not used."""
+    teacher = make_teacher("ministral")
+    batches = [{"input_ids": _ids(seed, (2, 13))} for seed in (7, 8)]
+    kwargs = dict(num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=48,
+                  layer_choice="influence", hidden_channels="active", attention_heads="active", mlp_units="active")
+    measured = calibrate(teacher, lambda: iter(batches), **kwargs)
+    assert sorted(measured) == ["attention_heads=active", "hidden_channels=active", "layer_choice=influence",
+                                "mlp_units=active"]
+    want, want_table = build_student(teacher, calibration=lambda: iter(batches), mlp_init="copy", **kwargs)
+    calls = []
+    handle = teacher.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    got, table = build_student(teacher, measured=measured, mlp_init="copy", **kwargs)
+    handle.remove()
+    assert not calls and table == want_table
+    assert all(torch.equal(p, q) for p, q in zip(got.state_dict().values(), want.state_dict().values(), strict=True))
+    assert calibrated_layers(measured, 3, None)[1] == [int(r["source"].split(".")[2]) for r in table
+                                                       if r["name"].endswith("input_layernorm.weight")]
+    with pytest.raises(RuntimeError, match=r"^measured holds \['attention_heads=active', 'hidden_channels=active', "
+                                           r"'layer_choice=influence', 'mlp_units=active'\], these settings need "
+                                           r"\['attention_heads=active', 'hidden_channels=active', "
+                                           r"'layer_choice=influence'\]$"):
+        build_student(teacher, measured=measured, mlp_init="copy", **{**kwargs, "intermediate_size": None})
 
 
 def test_calibration_rows_without_a_real_token_are_refused_before_the_build():
