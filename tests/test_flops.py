@@ -314,6 +314,13 @@ def test_sliding_window_layers_attend_at_most_their_window():
         assert _decode_keys(window, prompt, gen) == sum(min(prompt + g, cap) for g in range(gen))
     no_window = {**m, "windows": []}
     assert _generation_per_sequence(m, 4, 20) < _generation_per_sequence(no_window, 4, 20)
+    # GPT-Neo: its attention_layers (from the run-length attention_types) mark the local layers, window_size keys each
+    neo = {"model_type": "gpt_neo", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "vocab_size": 100,
+           "max_position_embeddings": 64, "window_size": w, "attention_types": [[["global", "local"], 1],
+                                                                                [["local"], 2]]}
+    m = model_flops_per_token(neo, seq_len=s)
+    assert m["windows"] == [0, w, w, w]
+    assert m["attention"] == 4 * d_attn * (s / 2 + 3 * (w - w * w / (2 * s)))
 
 
 def test_the_printed_sizes_name_the_sliding_layers_and_their_window():

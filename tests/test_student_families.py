@@ -96,6 +96,9 @@ CONFIGS = {
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)),
     # per-head [q | k | v] blocks, RoPE on 4 of a head's 16 rows, parallel residual; gpt_neox.layers
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64)),
+    # global and local (a window of 4) attention by layer, run-length encoded: G L G L L; separate q/k/v, no scale
+    "gpt_neo": ("GPTNeoConfig", dict(hidden_size=64, window_size=4,
+                                     attention_types=[[["global", "local"], 2], [["local"], 1]])),
     # VaultGemma: Gemma2's attention (soft-capping, query_pre_attn_scalar) with pre-norms only, sliding layers
     "vaultgemma": ("VaultGemmaConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                             query_pre_attn_scalar=16, final_logit_softcapping=2.0,
@@ -283,7 +286,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
            "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
            "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
-           "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM"}
+           "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
+           "gpt_neo": "GPTNeoForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -318,7 +322,7 @@ def _logits(model, ids):
 
 
 def _layer_types(model):
-    return getattr(model.config, "layer_types", None)
+    return getattr(model.config, "layer_types", None) or getattr(model.config, "attention_layers", None)  # GPT-Neo
 
 
 _LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.", "transformer.h.",  # + OPT, NeoX, Bloom
@@ -392,7 +396,9 @@ def _expected(name, teacher, plan):
     renamed = {"attention.dense": "self_attn.o_proj", "self_attention.dense": "self_attn.o_proj",  # GPT-NeoX, Bloom
                "mlp.dense_h_to_4h": "mlp.fc1",  # GPT-NeoX's, Bloom's, OPT's names
                "mlp.dense_4h_to_h": "mlp.fc2", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "mlp.fc_in": "mlp.fc1",  # GPT-J
-               "mlp.fc_out": "mlp.fc2", "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+               "mlp.fc_out": "mlp.fc2", "attn.q_proj": "self_attn.q_proj", "attn.attention.q_proj": "self_attn.q_proj",
+               "attn.attention.k_proj": "self_attn.k_proj", "attn.attention.v_proj": "self_attn.v_proj",
+               "attn.attention.out_proj": "self_attn.o_proj", "attn.k_proj": "self_attn.k_proj",
                "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj",
                "attn.c_proj": "self_attn.o_proj", "attn.Wqkv": "self_attn.qkv_proj",  # GPT-BigCode, MPT
                "ffn.up_proj": "mlp.fc1", "ffn.down_proj": "mlp.fc2"}.get(module)
@@ -619,7 +625,7 @@ def _zero_dropped_layers(teacher, keep):
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
                "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
-               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.")
+               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.", "attn.attention.out_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -638,6 +644,9 @@ def test_layer_subset_copies_its_layers_and_their_settings(family):
     if types is not None:
         assert _layer_types(student) == [types[i] for i in SUBSET]
         assert len(set(types)) == 1 or _layer_types(student) != types[: len(SUBSET)]  # Falcon-H1: every layer hybrid
+    if family == "gpt_neo":  # its run-length attention_types spells the same layers (a reader of either agrees)
+        spelled = [kind for kinds, n in student.config.attention_types for _ in range(n) for kind in kinds]
+        assert spelled == _layer_types(student) == ["local", "global", "local"]
     ids = _ids(1)
     assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, SUBSET), ids))
 
@@ -1049,6 +1058,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "gpt_neox": ({"hidden_size": 32, "intermediate_size": 40},
                  dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 5, 6, 7, 8, 9])),
     "gpt_neox-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
+    # no RoPE: a head's first rows (head_dim 16 -> 8; no attention scale to follow it); or 2 whole heads
+    "gpt_neo": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
+    "gpt_neo-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
     # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11; rotary_dim
     # 8 -> 4 (see _check_narrow_student). A transformers that reads no rotary_dim (5.17) rotates the whole head.
     "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
@@ -1170,6 +1182,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
                                  or getattr(layer, "attn", None)
                                  for layer in _decoder_layers(student))
                      if "Attention" in type(a).__name__)
+    attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     else:

@@ -96,6 +96,9 @@ class Family:
     # optional keys of a mixture, kept at the teacher's values: expert_groups (group-limited routing: n_group),
     # shared_experts (how many routed widths the shared MLP is: n_shared_experts)
     layer_lists: tuple[str, ...] = ("layer_types",)
+    # per-layer settings listed run-length encoded, ``[[kinds, repeat], ...]`` spelling kinds * repeat in turn
+    # (GPT-Neo's attention_types): rewritten as one entry per chosen layer (kept as it is where every layer is kept)
+    run_length_layer_lists: tuple[str, ...] = ()
     layer_thresholds: tuple[str, ...] = ()
     # "up to layer N" (inclusive) bounds (ERNIE 4.5's moe_layer_end_index): the student's index of the last chosen layer
     # at or below N
@@ -321,6 +324,18 @@ FAMILIES = {f.name: f for f in (
            ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.", rope=False,
            keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False,
            layouts=(("multi_query", dict(layer_params=linear("attn.c_attn", "qkv", "d"), multi_query=True)),)),
+    # GPT-Neo: GPT-2's layout in nn.Linear, q/k/v without biases, global and local (window_size) attention by layer
+    # (attention_types run-length encoded, attention_layers spelled out), no 1/sqrt(head_dim) scale at all
+    Family("gpt_neo", "GPT-Neo", ("GPTNeoForCausalLM",),
+           {"transformer.wte.weight": ("all", "d"), "transformer.wpe.weight": ("all", "d"),
+            **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
+           {**linear("attn.attention.q_proj", "q", "d"), **linear("attn.attention.k_proj", "k", "d"),
+            **linear("attn.attention.v_proj", "v", "d"), **linear("attn.attention.out_proj", "d", "o"),
+            **linear("mlp.c_fc", "ff", "d"), **linear("mlp.c_proj", "d", "ff"), **norms("ln_1", "ln_2")},
+           ("transformer.wte.weight", "transformer.wpe.weight"), "derived", layer_prefix="transformer.h.", rope=False,
+           keys=dict(layers="num_layers", hidden="hidden_size", heads="num_heads", kv_heads=None,
+                     intermediate="intermediate_size"),
+           layer_lists=("attention_layers",), run_length_layer_lists=("attention_types",), reads_head_dim=False),
     # GPT-J: parallel attention and MLP after one LayerNorm, interleaved RoPE on rotary_dim rows of each head (which
     # follows head_dim), an LM head with a bias
     Family("gptj", "GPT-J", ("GPTJForCausalLM",),

@@ -17,7 +17,8 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     multi-head latent attention (DeepSeek-V2/V3) QKᵀ spans qk_nope_head_dim + qk_rope_head_dim per head and AV
     v_head_dim: d_attn = heads × (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) / 2.
     A sliding-window layer (window w: ``sliding_window`` on the layers ``layer_types`` marks
-    ``sliding_attention`` or ``hybrid_sliding``, on every layer without ``layer_types``, as Mistral) attends
+    ``sliding_attention`` or ``hybrid_sliding``, on every layer without ``layer_types``, as Mistral; GPT-Neo's
+    ``window_size`` on the layers its ``attention_layers`` marks ``local``) attends
     min(t, w) keys: averaged over the row, w − w²/(2s) in place of s/2 when w < s. A layer without attention over
     the sequence (``layer_types``' ``linear_attention`` — Mamba, Gated DeltaNet, lightning attention —, ``conv``,
     ``moe`` and ``mlp``: Qwen3-Next, Qwen3.5, Jamba, LFM2, Nemotron-H) has no such term: its recurrent state update
@@ -145,16 +146,17 @@ def _experts(cfg) -> tuple[int, int]:
     return k, n
 
 
-_SLIDING_LAYERS = ("sliding_attention", "hybrid_sliding")
+_SLIDING_LAYERS = ("sliding_attention", "hybrid_sliding", "local")  # + GPT-Neo's local layers
 _NO_ATTENTION_LAYERS = ("linear_attention", "conv", "moe", "mlp")  # recurrent, convolution or MLP-only layers
 
 
 def _windows(cfg, layers: int) -> tuple[int, ...]:
     """Each layer's sliding attention window (0: full causal attention, -1: no attention over the sequence, as the
     module docstring's rules), () when every layer is full."""
-    w = getattr(cfg, "sliding_window", None)
+    w, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    if types is None and isinstance(getattr(cfg, "attention_layers", None), list):  # GPT-Neo: global / local layers
+        w, types = getattr(cfg, "window_size", None), cfg.attention_layers
     w = w if isinstance(w, int) and w > 0 else 0
-    types = getattr(cfg, "layer_types", None)
     if types is None:  # Mistral: the window applies to every layer
         return (w,) * layers if w else ()
     out = tuple(w if kind in _SLIDING_LAYERS else -1 if kind in _NO_ATTENTION_LAYERS else 0 for kind in types[:layers])

@@ -18,8 +18,8 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          columns/entries (embeddings, norms, every projection's residual side), or with ``hidden_channels="active"``
          the `hidden_size` channels of largest activity at the teacher's norms over calibration rows
          (`tailkd.calibration`), the same channels in every tensor.
-Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else
-         hidden_size // num_heads; GPT-2, GPT-BigCode, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
+Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else hidden_size //
+         num_heads; GPT-2, GPT-BigCode, GPT-Neo, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
          FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2,
          Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2,
          nanochat or FlexOlmo config that does carry a head_dim (their models read it first) is treated like Llama's,
@@ -44,8 +44,8 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              setting, computed by transformers over the student's r_s: YaRN's interpolation ramp is bounded
              at indices it rounds over r_s/2 pairs (the same wavelengths up to that rounding), dynamic NTK
              raises its base to r_s/(r_s - 2), so a dynamic teacher needs r_s >= 4 (r_s = 2 is refused).
-             GPT-2, GPT-BigCode and OPT (absolute positions) and Bloom, MPT and Falcon-RW (ALiBi) keep the first
-             head_dim rows of q, k and v.
+             GPT-2, GPT-BigCode, GPT-Neo and OPT (absolute positions) and Bloom, MPT and Falcon-RW (ALiBi) keep the
+             first head_dim rows of q, k and v.
            - Fused projections are cut per block: Phi-3 qkv_proj / GPT-2 c_attn / GPT-BigCode's multi-query c_attn (one
              KV head, kept) keep the q, k and v rows above in their own blocks, GPT-NeoX's, Bloom's and Persimmon's
              query_key_value and GPT-BigCode's c_attn without multi_query ([q | k | v] per head) in each kept head's
@@ -144,7 +144,8 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Mi
 (interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
-Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3,
+Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen
+layers), GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3,
 Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
 no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
 frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is
@@ -522,6 +523,10 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
         if isinstance(data.get(key), list) and len(data[key]) == t.layers:
             data[key] = [data[key][i] for i in layers]
+    for key in fam.run_length_layer_lists:  # [[kinds, repeat], ...]: one [[kind], 1] per chosen layer
+        if isinstance(data.get(key), list) and layers != list(range(t.layers)):
+            spelled = [kind for kinds, repeat in data[key] for _ in range(repeat) for kind in kinds]
+            data[key] = [[[spelled[i]], 1] for i in layers]
     for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
         if isinstance(data.get(key), int):
             data[key] = sum(i < data[key] for i in layers)
