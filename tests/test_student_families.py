@@ -242,6 +242,11 @@ CONFIGS = {
     # _init_weights zeroes the padding row again on every load (transformers 5.25): a redrawn row would not survive
     "youtu": ("YoutuConfig", dict(hidden_size=48, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
                                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, pad_token_id=None)),
+    # MiniCPM3: Youtu's layout with muP scales (embeddings x 12; residual branches x scale_depth / sqrt(layers); final
+    # hidden states / (hidden_size / dim_model_base) = / 4)
+    "minicpm3": ("MiniCPM3Config", dict(hidden_size=64, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, dim_model_base=16,
+                                        scale_depth=1.4)),
     # GLM-4.7-Flash: q straight from the residual stream (q_proj), dense/routed layers listed per layer
     "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=4,
                                                 num_experts_per_tok=2, moe_intermediate_size=40, q_lora_rank=None,
@@ -287,7 +292,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
            "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
-           "gpt_neo": "GPTNeoForCausalLM"}
+           "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -656,6 +661,26 @@ def test_layer_subset_copies_its_layers_and_their_settings(family):
     _assert_copied_exactly(random_mlp, table, teacher, _plan(teacher, SUBSET))
 
 
+def test_a_minicpm3_student_of_any_depth_keeps_its_residual_scale():
+    """MiniCPM3's layers multiply their residual branches by scale_depth / sqrt(num_hidden_layers): for teachers of 5,
+    40, 62 (MiniCPM3-4B's) and 97 layers and every student depth below, the student's scale_depth gives its layers the
+    teacher's multiplier — the same float32 (the activations' dtype: torch multiplies by the scalar cast to it), and as
+    a double within one ulp."""
+    from tailkd.student import student_config
+
+    for n_t in (5, 40, 62, 97):
+        name, extra = CONFIGS["minicpm3"]
+        with torch.device("meta"):
+            teacher = transformers.AutoModelForCausalLM.from_config(
+                getattr(transformers, name)(**{**_COMMON, **extra, "num_hidden_layers": n_t}))
+        want = teacher.model.layers[0].residual_scale
+        for n_s in range(1, n_t):
+            config = student_config(teacher, num_layers=n_s)
+            got = config.scale_depth / math.sqrt(config.num_hidden_layers)  # the model's own arithmetic
+            assert torch.tensor(got, dtype=torch.float32) == torch.tensor(want, dtype=torch.float32), (n_t, n_s)
+            assert abs(got - want) <= math.ulp(want), (n_t, n_s)
+
+
 def test_falcon_h1_keeps_hidden_size_where_its_mixers_follow_it():
     """Falcon-H1 without mamba_d_ssm: its Mamba-2 mixers are mamba_expand x hidden_size wide, so a narrower residual
     stream is refused in one line; layers, heads and the MLP still narrow (bit for bit the teacher's slices)."""
@@ -1015,6 +1040,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "cohere2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
                     dict(d=32, hd_s=8, ff_e=24, experts=3, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     "youtu": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 40}, dict(d=32, q_heads=[0, 1], ff=40)),
+    # dim_model_base 16 -> 8: the logits' divisor hidden_size / dim_model_base stays 4 (see _check_narrow_student)
+    "minicpm3": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 40}, dict(d=32, q_heads=[0, 1], ff=40)),
     # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11, in each
     # head's [q | k | v] block, the per-head q/k LayerNorms likewise
     "persimmon": ({"hidden_size": 32, "intermediate_size": 40},
@@ -1197,6 +1224,10 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert attention.num_kv_heads == len(next(iter(kv_heads.values())) if isinstance(kv_heads, dict) else kv_heads)
         grouped = config.new_decoder_architecture
         assert config.num_kv_heads == (attention.num_kv_heads if grouped else config.num_attention_heads)
+    if family == "minicpm3":  # its muP scales: the logits' divisor, each layer's residual scale as the teacher's
+        assert config.logits_scaling == teacher.config.logits_scaling == 4
+        residual = [layer.residual_scale for layer in student.model.layers]
+        assert residual == [teacher.model.layers[0].residual_scale] * 3 and config.scale_depth != 1.4
     if family == "opt":  # its embeddings are hidden_size wide: no projection in or out
         assert config.word_embed_proj_dim == config.hidden_size and student.model.decoder.project_in is None
     if family == "gptj":  # its model reads rotary_dim: the rows the copy keeps rotating, half of each head
@@ -1464,6 +1495,10 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("youtu", {"num_kv_heads": 2}, r"^Youtu-LLM has no grouped KV heads: drop num_kv_heads \(or set it to "
                                    r"num_heads=4\)$"),
     ("youtu", {"head_dim": 8}, r"^head_dim=8, but Youtu-LLM's latent attention keeps its head sizes"),
+    ("minicpm3", {"hidden_size": 42, "num_heads": 2}, r"^hidden_size=42, but MiniCPM3's final hidden states divide "
+                                                      r"by hidden_size / dim_model_base \(64 / 16\), a ratio a "
+                                                      r"student keeps with a whole dim_model_base: pick a hidden_size "
+                                                      r"that is a multiple of 4$"),
     ("bloom", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but Bloom's ALiBi slopes are set by the number of "
                                                    r"heads: keep num_heads 4 \(a narrower hidden_size narrows each "
                                                    r"head\)$"),

@@ -162,6 +162,13 @@ class Family:
     # an attention output projection of hidden_size x hidden_size whatever the heads (transformers' HeliumAttention):
     # a student's num_heads x head_dim must be its hidden_size
     square_attention_output: bool = False
+    # depth-muP residual scales (MiniCPM3's scale_depth: each residual branch times key / sqrt(num_hidden_layers)):
+    # rescaled by sqrt(student layers / teacher layers), so that a kept layer adds to the residual stream what it did
+    depth_scales: tuple[str, ...] = ()
+    # config keys in proportion to hidden_size (MiniCPM3's dim_model_base: its final hidden states divide by
+    # hidden_size / dim_model_base before the head): scaled with a narrower hidden_size, the ratio the teacher's; a
+    # hidden_size for which the key is not a whole number is refused
+    hidden_ratios: tuple[str, ...] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -506,6 +513,11 @@ FAMILIES = {f.name: f for f in (
     # Youtu-LLM: DeepSeek-V3's latent attention with a dense MLP in every layer
     Family("youtu", "Youtu-LLM", ("YoutuForCausalLM",), _DECODER, {**_LATENT_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "kept", latent_attention=True),
+    # MiniCPM3: Youtu's layout, with muP scales: embeddings times scale_emb (kept), each residual branch times
+    # scale_depth / sqrt(num_hidden_layers), the final hidden states divided by hidden_size / dim_model_base
+    Family("minicpm3", "MiniCPM3", ("MiniCPM3ForCausalLM",), _DECODER,
+           {**_LATENT_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED, "kept", latent_attention=True,
+           depth_scales=("scale_depth",), hidden_ratios=("dim_model_base",)),
     # GLM-4.7-Flash: DeepSeek-V3's layout, its dense/routed layers listed per layer (mlp_layer_types)
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("Glm4MoeLiteForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,

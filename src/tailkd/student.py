@@ -144,18 +144,19 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Mi
 (interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
-Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen
-layers), GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3,
-Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer
-no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same
-frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is
-refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP
-is always 4 x hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent
-attention), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5
-MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
-Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per
-projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite
-4.0-H (GraniteMoeHybrid), Nemotron-H.
+Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers),
+GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM),
+VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4
+(interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows
+hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes
+are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no
+intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its
+muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its
+sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
+Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
+(GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ import copy
 import dataclasses
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass
 
@@ -541,6 +543,14 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
         if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
             data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
             data["decoder_sparse_step"] = 1
+    for key in fam.depth_scales:  # key / sqrt(layers) scales each residual branch: the teacher's per layer
+        if s.layers != t.layers and isinstance(data.get(key), (int, float)):
+            # r * sqrt(L_s), r = the teacher's key / sqrt(L_t): the model's key / sqrt(L_s) gives back r to within a
+            # double's ulp, the same float32 (what multiplies the activations), for every pair of depths below 120
+            data[key] = data[key] / math.sqrt(t.layers) * math.sqrt(s.layers)
+    for key in fam.hidden_ratios:  # hidden_size / key: the teacher's (`_widths` refused a ratio it cannot keep)
+        if s.hidden != t.hidden and isinstance(data.get(key), int):
+            data[key] = data[key] * s.hidden // t.hidden
     for key in fam.head_dim_scaled:  # proportional to head_dim: an attention scale 1/sqrt(key), MiniMax-M2's RoPE rows
         if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
             data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
@@ -712,6 +722,13 @@ def _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, i
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
     _check_expert_groups(teacher.config, fam, s)
+    for key in fam.hidden_ratios:
+        value = getattr(teacher.config, key, None)
+        if isinstance(value, int) and s.hidden * value % t.hidden:
+            step = t.hidden // math.gcd(t.hidden, value)
+            raise TailkdError(f"hidden_size={s.hidden}, but {fam.label}'s final hidden states divide by hidden_size / "
+                              f"{key} ({t.hidden} / {value}), a ratio a student keeps with a whole {key}: pick a "
+                              f"hidden_size that is a multiple of {step}")
     unset = [key for key in fam.mixer_width_keys if getattr(teacher.config, key, None) is None]
     if unset and s.hidden != t.hidden:
         raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are mamba_expand x "
