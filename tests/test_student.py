@@ -489,12 +489,12 @@ def test_gpt2_attention_scaled_by_layer_index_keeps_the_first_layers_only():
 
 
 def test_unsupported_architecture():
-    from transformers import AutoModelForCausalLM, CodeGenConfig
+    from transformers import AutoModelForCausalLM, XGLMConfig
 
-    model = AutoModelForCausalLM.from_config(CodeGenConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64,
-                                                           vocab_size=64))
+    model = AutoModelForCausalLM.from_config(XGLMConfig(d_model=32, num_layers=1, attention_heads=2, ffn_dim=64,
+                                                        max_position_embeddings=64, vocab_size=64))
     with pytest.raises(TailkdError,
-                       match=r"CodeGenForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
+                       match=r"XGLMForCausalLM: supported teachers are LlamaForCausalLM.*GPT2LMHeadModel"):
         build_student(model)
 
 

@@ -96,6 +96,8 @@ CONFIGS = {
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)),
     # per-head [q | k | v] blocks, RoPE on 4 of a head's 16 rows, parallel residual; gpt_neox.layers
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64)),
+    # GPT-J's block with q, v and k in one qkv_proj of 4 blocks of 2 heads (head_dim 8), RoPE on 4 rows
+    "codegen": ("CodeGenConfig", dict(hidden_size=64, num_attention_heads=8, rotary_dim=4, n_inner=96)),
     # global and local (a window of 4) attention by layer, run-length encoded: G L G L L; separate q/k/v, no scale
     "gpt_neo": ("GPTNeoConfig", dict(hidden_size=64, window_size=4,
                                      attention_types=[[["global", "local"], 2], [["local"], 1]])),
@@ -292,7 +294,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
            "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
-           "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM"}
+           "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -391,6 +393,11 @@ def _expected(name, teacher, plan):
         return rd(kept, 1) if rest.endswith("weight") else kept
     if rest.startswith("self_attention.query_key_value") and getattr(c, "multi_query", False):  # Falcon-7B's
         rest = rest.replace("self_attention.query_key_value", "self_attn.qkv_proj")
+    if rest == "attn.qkv_proj.weight" and type(teacher).__name__ == "CodeGenForCausalLM":  # [block, q|v|k, head, row]
+        blocks = w.reshape(4, 3, plan["H_t"] // 4, hd_t, w.shape[1])
+        kept = torch.stack([blocks[:, 0][:, :, plan["rows"]], blocks[:, 1][:, :, : plan["hd_s"]],
+                            blocks[:, 2][:, :, plan["rows"]]], dim=1)
+        return rd(kept.reshape(-1, w.shape[1]), 1)
     if rest.split(".")[1] == "query_key_value":  # GPT-NeoX, Persimmon: [q | k | v] blocks per head, one KV head each
         blocks = w.reshape(plan["H_t"], 3, hd_t, *w.shape[1:])[plan["q_heads"]]
         kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
@@ -1085,6 +1092,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "gpt_neox": ({"hidden_size": 32, "intermediate_size": 40},
                  dict(d=32, hd_s=8, ff=40, rows=[0, 2, 4, 5, 6, 7, 8, 9])),
     "gpt_neox-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
+    # its 8 heads kept, each 8 -> 4 rows: interleaved RoPE on 4 of 8 rows, 2 of 4 keep teacher pair 0 (rows 0, 1),
+    # then the non-rotated rows 4, 5; rotary_dim 4 -> 2 (as GPT-J's, see _check_narrow_student)
+    "codegen": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=4, ff=40, rows=[0, 1, 4, 5])),
     # no RoPE: a head's first rows (head_dim 16 -> 8; no attention scale to follow it); or 2 whole heads
     "gpt_neo": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "gpt_neo-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
@@ -1203,7 +1213,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     config = student.config
     hd = plan.get("hd_s", _plan(teacher, layers)["hd_t"])
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
-        3, kwargs.get("hidden_size", teacher.config.hidden_size), kwargs.get("num_heads", 4))
+        3, kwargs.get("hidden_size", teacher.config.hidden_size),
+        kwargs.get("num_heads", teacher.config.num_attention_heads))
     attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
                                  or getattr(layer, "attention", None) or getattr(layer, "self_attention", None)
                                  or getattr(layer, "attn", None)
@@ -1230,7 +1241,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert residual == [teacher.model.layers[0].residual_scale] * 3 and config.scale_depth != 1.4
     if family == "opt":  # its embeddings are hidden_size wide: no projection in or out
         assert config.word_embed_proj_dim == config.hidden_size and student.model.decoder.project_in is None
-    if family == "gptj":  # its model reads rotary_dim: the rows the copy keeps rotating, half of each head
+    if family in ("gptj", "codegen"):  # their models read rotary_dim: the rows the copy keeps rotating, half a head
         assert config.rotary_dim == hd // 2 and attention.rotary_dim == hd // 2
     if family == "minimax_m2":  # RoPE rows (rotary_dim) follow head_dim: half of each head rotates, as the teacher's
         assert config.rotary_dim == hd // 2
@@ -1400,13 +1411,13 @@ def test_gemma2_soft_capping_reaches_the_fused_head():
 
 
 def test_unsupported_family_is_one_clear_line():
-    model = transformers.AutoModelForCausalLM.from_config(transformers.CodeGenConfig(
-        vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.XGLMConfig(
+        vocab_size=64, d_model=32, num_layers=1, attention_heads=2, ffn_dim=64, max_position_embeddings=64))
     with pytest.raises(TailkdError) as err:
         build_student(model)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("cannot build a student from a CodeGenForCausalLM: supported teachers are ")
+    assert message.startswith("cannot build a student from a XGLMForCausalLM: supported teachers are ")
     for cls in CLASSES.values():
         assert cls in message
     assert message.endswith("; any causal LM teaches a student given as a folder (--student DIR)")
@@ -1495,6 +1506,9 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("youtu", {"num_kv_heads": 2}, r"^Youtu-LLM has no grouped KV heads: drop num_kv_heads \(or set it to "
                                    r"num_heads=4\)$"),
     ("youtu", {"head_dim": 8}, r"^head_dim=8, but Youtu-LLM's latent attention keeps its head sizes"),
+    ("codegen", {"num_heads": 4}, r"^num_heads=4, but CodeGen's qkv_proj holds q, v and k in 4 blocks of heads "
+                                  r"\(mp_num, fixed in its code\): keep num_heads 8 \(a narrower hidden_size narrows "
+                                  r"each head\)$"),
     ("minicpm3", {"hidden_size": 42, "num_heads": 2}, r"^hidden_size=42, but MiniCPM3's final hidden states divide "
                                                       r"by hidden_size / dim_model_base \(64 / 16\), a ratio a "
                                                       r"student keeps with a whole dim_model_base: pick a hidden_size "

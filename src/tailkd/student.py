@@ -19,7 +19,7 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          the `hidden_size` channels of largest activity at the teacher's norms over calibration rows
          (`tailkd.calibration`), the same channels in every tensor.
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else hidden_size //
-         num_heads; GPT-2, GPT-BigCode, GPT-Neo, GPT-J, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
+         num_heads; GPT-2, GPT-BigCode, GPT-Neo, GPT-J, CodeGen, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
          FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2,
          Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2,
          nanochat or FlexOlmo config that does carry a head_dim (their models read it first) is treated like Llama's,
@@ -145,18 +145,18 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Mi
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
 Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers),
-GPT-J (interleaved RoPE on rotary_dim rows), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM),
-VaultGemma, Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4
-(interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows
-hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes
-are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no
-intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its
-muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its
-sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection),
-Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+GPT-J (interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: num_heads is
+the teacher's), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
+OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
+(2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
+embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads:
+num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), MPT (likewise), Persimmon,
+nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the student: scale_depth by
+sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
+(Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
+FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers
+5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM
+classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -318,6 +318,9 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
     heads = t.heads if num_heads is None else int(num_heads)
+    if fam.heads_kept and heads != t.heads:
+        raise TailkdError(f"num_heads={heads}, but {fam.label}'s {fam.heads_kept}: keep num_heads {t.heads} (a "
+                          "narrower hidden_size narrows each head)")
     if fam.alibi and heads != t.heads:
         raise TailkdError(f"num_heads={heads}, but {fam.label}'s ALiBi slopes are set by the number of heads: keep "
                           f"num_heads {t.heads} (a narrower hidden_size narrows each head)")
@@ -634,7 +637,7 @@ def _query_heads(t: Dims, s: Dims) -> list[int]:
 
 
 # the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)
-HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated"}
+HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp"}
 
 
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
@@ -671,7 +674,19 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
-            "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first])}
+            "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
+            "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first)}
+
+
+def _mp_rows(q_heads: list[int], t: Dims, qk_rows: list[int], v_rows: list[int], blocks: int = 4) -> torch.Tensor:
+    """CodeGen's qkv_proj rows kept (axis ``qkv_mp``): ``blocks`` blocks of [q | v | k], each over a quarter of the
+    teacher's heads in turn; per block the kept heads of that block (the student's blocks hold them alike: its heads
+    are the teacher's, `Family.heads_kept`), their q, v and k rows in the block's order."""
+    per = t.heads // blocks
+    local = per * t.head_dim
+    return torch.tensor([b * 3 * local + part * local + (h - b * per) * t.head_dim + r for b in range(blocks)
+                         for part, rows in ((0, qk_rows), (1, v_rows), (2, qk_rows))
+                         for h in q_heads if h // per == b for r in rows], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- copy plans
