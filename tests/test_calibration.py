@@ -346,6 +346,86 @@ def test_most_active_units_ties_to_the_lower_index():
     assert largest(activity, 3).tolist() == [0, 1, 4]
 
 
+def _moe_input(teacher, i, ids):
+    """The input of layer i's mixture block (its norm's output) over ``ids``: [tokens, hidden]."""
+    taken = {}
+    handle = teacher.model.layers[i].post_attention_layernorm.register_forward_hook(
+        lambda m, a, out: taken.update(x=out))
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+    handle.remove()
+    return taken["x"].reshape(-1, taken["x"].shape[-1])
+
+
+def test_expert_unit_activity_is_the_mean_absolute_input_of_each_experts_down_projection():
+    """Mixtral (softmax top-2 routing of 4 experts): each routed expert's unit activity equals mean |silu(x G_e^T) *
+    (x U_e^T)| over the real tokens the router sends to it, G_e and U_e the gate and up halves of its gate_up_proj,
+    the routing recomputed from the router's weights and everything in float64 (rtol 1e-5: the model's float32 64-term
+    dot products, ~64 u relative, as the dense units'); every expert is reached by some token here."""
+    teacher = make_teacher("mixtral")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[0, 9:], mask[2, 5:] = 0, 0  # padding inside the batch's token rows, not only at their end
+    fam = config_family(teacher.config, family_spec(teacher))
+    activity, tokens = unit_activity(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], [1, 3])
+    assert sorted(activity) == [1, 3] and tokens == 9 + 13 + 5
+    for i in (1, 3):
+        x = _moe_input(teacher, i, ids)[mask.reshape(-1).bool()].double()
+        mlp = teacher.model.layers[i].mlp
+        routed = (x @ mlp.gate.weight.double().T).topk(2, dim=-1).indices  # softmax keeps the order of the logits
+        w = mlp.experts.gate_up_proj.double()
+        assert activity[i].shape == (4, 96)
+        for e in range(4):
+            xe = x[(routed == e).any(-1)]
+            assert len(xe) > 0
+            a = torch.nn.functional.silu(xe @ w[e, :96].T) * (xe @ w[e, 96:].T)
+            torch.testing.assert_close(activity[i][e], a.abs().mean(0), rtol=1e-5, atol=0)
+
+
+def _silence_experts(teacher, dead):
+    """Make units ``dead[i][e]`` of layer i's expert e produce exactly 0 at its down projection's input: their gate and
+    up rows zero (silu(0) * 0 = 0). The routers' weights x 100: router logits then differ by far more than a float32
+    sum's rounding, so a student's routing is its teacher's (a near tie would flip on a difference of 1e-7)."""
+    with torch.no_grad():
+        for i, per_expert in dead.items():
+            mlp = teacher.model.layers[i].mlp
+            (mlp.gate if hasattr(mlp, "gate") else mlp.router).weight.mul_(100)
+            w = teacher.model.layers[i].mlp.experts.gate_up_proj
+            for e, units in per_expert.items():
+                w[e, units] = 0
+                w[e, [96 + u for u in units]] = 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "phimoe"])  # softmax top-2, OLMoE's, Phi-MoE's sparsemixer
+def test_a_student_keeping_each_experts_active_units_is_its_teacher(family):
+    """Where half of each routed expert's 96 units (a different half per expert and layer) output exactly 0, a student
+    of every layer and expert with intermediate_size 48 by activity keeps, per expert, the other half and computes the
+    teacher's logits (`_computes_the_teacher`); by the first units it does not. With 2 of the 4 experts kept by use as
+    well, each kept expert's tensors are its own live rows and columns of the teacher's, in the student's expert
+    order."""
+    teacher = make_teacher(family)
+    dead = {i: {e: [u for u in range(96) if (u // 3 + i + e) % 2 == 0] for e in range(4)} for i in range(N_LAYERS)}
+    _silence_experts(teacher, dead)
+    calibration = [{"input_ids": _ids(7, (2, 13))}]
+    student, table = build_student(teacher, num_layers=N_LAYERS, intermediate_size=48, mlp_init="copy",
+                                   mlp_units="active", calibration=lambda: calibration)
+    rows = [row for row in table if "units" in row]
+    assert {row["name"].split(".", 3)[3] for row in rows} == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    assert all(row["active_share"] == 1.0 and row["units"].startswith("48 of 96 in each of 4 experts, sha1 ")
+               for row in rows) and len(rows) == 2 * N_LAYERS
+    _computes_the_teacher(student, teacher, build_student(teacher, num_layers=N_LAYERS, intermediate_size=48,
+                                                          mlp_init="copy")[0])
+    both, table = build_student(teacher, num_layers=N_LAYERS, intermediate_size=48, num_experts=2, experts="used",
+                                mlp_init="copy", mlp_units="active", calibration=lambda: calibration)
+    for i in range(N_LAYERS):
+        kept = next(row["experts"] for row in table if row["name"] == f"model.layers.{i}.mlp.experts.down_proj")
+        t, s = teacher.model.layers[i].mlp.experts, both.model.layers[i].mlp.experts
+        for j, e in enumerate(kept):
+            live = [u for u in range(96) if u not in dead[i][e]]
+            assert torch.equal(s.gate_up_proj[j], t.gate_up_proj[e, live + [96 + u for u in live]])
+            assert torch.equal(s.down_proj[j], t.down_proj[e][:, live])
+
+
 def _gpt2():
     config = transformers.GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=N_LAYERS, n_head=4, n_inner=96,
                                      n_positions=64)
@@ -409,9 +489,10 @@ def test_the_teachers_width_or_the_first_units_need_no_calibration():
                                                                  r"MLP afresh: use mlp_init copy$"),
     ("helium", {"mlp_units": "active", "intermediate_size": 40, "mlp_init": "copy"},
      r"^mlp_units=active needs calibration rows"),
-    ("mixtral", {"mlp_units": "active", "mlp_init": "copy"}, r"^mlp_units=active chooses the units of a dense MLP cut "
-                                                             r"by intermediate_size, which Mixtral's routed experts "
-                                                             r"are not: drop it$"),
+    *[(family, {"mlp_units": "active", "mlp_init": "copy", "intermediate_size": 16},
+       rf"^mlp_units=active measures a mixture's experts stored as gate_up_proj \[experts, gate \| up, hidden\] and "
+       rf"down_proj \[experts, hidden, units\], which {label}'s are not: drop it$")
+      for family, label in (("gpt_oss", "GPT-OSS"), ("nemotron_h", "Nemotron-H"))],  # interleaved pairs; ungated
     ("bloom", {"mlp_units": "active", "mlp_init": "copy"}, r"^mlp_units=active chooses the units of a dense MLP cut "
                                                            r"by intermediate_size, which Bloom's MLP is not: drop it$"),
 ])

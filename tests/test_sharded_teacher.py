@@ -534,12 +534,13 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
 
 # --------------------------------------------------------------------------- a calibrated student, sharded teacher
 
-# every calibrated choice a tiny Llama (4 layers, hidden 64, 4 heads on 2 KV heads, MLP 128) or Mixtral (4 experts)
-# can make, each narrowing its axis by half
+# every calibrated choice a tiny Llama (4 layers, hidden 64, 4 heads on 2 KV heads, MLP 128) or Mixtral (4 experts, 128
+# units each) can make, each narrowing its axis by half
 CALIBRATED = {"tied": dict(num_layers=2, layer_choice="influence", hidden_size=32, hidden_channels="active",
                            num_heads=2, num_kv_heads=1, attention_heads="active", intermediate_size=64,
                            mlp_units="active"),
-              "moe": dict(num_layers=2, layer_choice="influence", num_experts=2, experts="used")}
+              "moe": dict(num_layers=2, layer_choice="influence", num_experts=2, experts="used", intermediate_size=64,
+                          mlp_units="active")}
 
 
 def _calibration_batches():
@@ -579,11 +580,11 @@ def _same(a, b) -> bool:
 
 def test_a_student_calibrated_on_the_sharded_teacher_is_the_one_the_whole_teacher_gives(assets, tmp_path):
     """`tailkd.student.calibrate` over a teacher sharded on 2 gloo ranks (its forward collective, every rank the same
-    rows) measures what it measures over the teacher loaded whole, bit for bit (the sharded forward is the
-    replicated one's arithmetic: module docstring): layers by influence, channels, heads and MLP units of a Llama,
-    the experts of a Mixtral (stored a tensor per expert); the student built from `student_source`'s skeleton of the
-    layers the pass chose (others on meta, never read) equals, tensor for tensor and in its table, the one built from
-    the whole teacher."""
+    rows) measures what it measures over the teacher loaded whole, bit for bit (the sharded forward is the replicated
+    one's arithmetic: module docstring): layers by influence, channels, heads and MLP units of a Llama, the experts
+    and each expert's units of a Mixtral (stored a tensor per expert); the student built from `student_source`'s
+    skeleton of the layers the pass chose (others on meta, never read) equals, tensor for tensor and in its table, the
+    one built from the whole teacher."""
     from tailkd.student import build_student, calibrate
 
     spawn(_calibration_worker, (2, free_port(), assets, tmp_path), 2)
@@ -595,7 +596,7 @@ def test_a_student_calibrated_on_the_sharded_teacher_is_the_one_the_whole_teache
             whole, _ = models.load_causal_lm(str(assets[name]))
             want, table = build_student(whole, mlp_init="copy", calibration=_calibration_batches, **settings)
             measured = calibrate(whole, _calibration_batches, **settings)
-            assert len(measured) == (4 if name == "tied" else 2), sorted(measured)
+            assert len(measured) == (4 if name == "tied" else 3), sorted(measured)
             kept = sorted({int(row["source"].split(".")[2]) for row in table if "block_influence" in row})
             assert len(kept) == 2 and kept != [0, 3], kept  # not the spaced layers: the skeleton's follow the pass
             for r, got in enumerate(per_rank):

@@ -30,6 +30,15 @@ absolute activation at the input of the MLP's down projection — Minitron's act
 
     A[i, u] = mean over real tokens t of |a_i[t, u]|     a_i: the input of layer i's down projection (act(gate) * up)
 
+A mixture's routed experts (``mlp_units="active"`` with a narrower ``intermediate_size``: each expert's width) are
+measured expert by expert over the tokens routed to it, from the experts module's own [E, gate | up, d] weights and
+activation (the fused module has no hook between its up and down projections, so a forward pre-hook recomputes the
+down projection's input, as transformers 5's experts compute it):
+
+    A[i, e, u] = mean over the real tokens t routed to expert e of |act(x_t G_e^T) * (x_t U_e^T)|[u]
+
+and each expert the student keeps keeps its own units (0 for an expert no calibration token reached: its first ones).
+
 Hidden channels (``hidden_channels="active"``, a narrower ``hidden_size``): the ``hidden_size`` residual-stream
 channels of largest activity at the teacher's norms — Minitron's embedding-channel importance, read at its LayerNorm
 outputs; the norms are those of the layers the student keeps and the model's own (the final norm; Bloom's embedding
@@ -197,7 +206,10 @@ def _channels_probe(teacher, fam: Family, real: dict, layers, heads: int):
 
 def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Mean |activation| of each dense MLP unit ({layer: float64 [ff]}): the input of the layer's down projection,
-    the last of its MLP modules (those whose weights the table cuts along ``ff`` / ``gate_up``) to run."""
+    the last of its MLP modules (those whose weights the table cuts along ``ff`` / ``gate_up``) to run; of a mixture,
+    its routed experts' units (`_expert_units_probe`)."""
+    if any("expert" in axes for axes in fam.layer_params.values()):
+        return _expert_units_probe(teacher, fam, real, layers, heads)
     names = sorted({name.rpartition(".")[0] for name, axes in fam.layer_params.items()
                     if set(axes) & {"ff", "gate_up"} and name.endswith("weight")})
     if not names:  # a bug in a table, not a user error (`tailkd.student` refuses such families first)
@@ -222,6 +234,34 @@ def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
         handles += [m.register_forward_pre_hook(take_input(i)) for name in names
                     if (m := _submodule(layer, name)) is not None]
     return handles, lambda tokens: {i: t / tokens for i, t in total.items()}
+
+
+def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
+    """Mean |activation| of each routed expert's units over the real tokens routed to it ({layer: float64 [E, ff]};
+    zeros for an expert no token reached) of the routed layers among ``layers``: a forward pre-hook on each experts
+    module recomputes act(gate) * up from its gate_up_proj [E, gate | up, d] and act_fn for the tokens it is called
+    with, expert by expert."""
+    path = experts_module(fam)
+    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    total = {i: torch.zeros(m.gate_up_proj.shape[0], m.gate_up_proj.shape[1] // 2, dtype=torch.float64)
+             for i, m in modules.items()}
+    count = {i: torch.zeros(len(t), dtype=torch.float64) for i, t in total.items()}
+
+    def hook(i):
+        def measure_units(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            chosen = _indices(args, kwargs)
+            chosen = _real_rows(chosen, real, chosen.shape[-1] if chosen.dim() > 1 else 1)
+            x = _real_rows(x, real)
+            for e in chosen.unique().tolist():
+                rows = (chosen == e).any(-1)
+                gate, up = torch.nn.functional.linear(x[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
+                total[i][e] += (module.act_fn(gate) * up).abs().double().sum(0).cpu()
+                count[i][e] += int(rows.sum())
+        return measure_units
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
+    return handles, lambda tokens: {i: t / count[i].clamp_min(1)[:, None] for i, t in total.items()}
 
 
 def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
@@ -294,7 +334,8 @@ def head_importance(teacher, fam: Family, batches, layers, heads: int) -> tuple[
 def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
     """``({teacher layer i: float64 [ff] mean |activation| of each MLP unit}, real tokens)`` over ``batches`` for
     ``layers``: the input of the layer's down projection, which is the last of its MLP modules (those whose weights
-    the table cuts along ``ff`` / ``gate_up``) to run in the layer's forward."""
+    the table cuts along ``ff`` / ``gate_up``) to run in the layer's forward; of a mixture, per routed layer float64
+    [E, ff], each expert's over the tokens routed to it (`_expert_units_probe`)."""
     found, tokens = measure(teacher, fam, batches, {"mlp_units=active": layers})
     return found["mlp_units=active"], tokens
 

@@ -248,9 +248,10 @@ class StudentConfig:
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",
                        choices=MLP_INITS)
-    mlp_units: str = _f("first", "which units of a dense MLP a student with a narrower intermediate_size copies "
-                                 "(mlp_init copy): first, or active (per layer those of largest mean |activation| at "
-                                 "the down projection's input over calibration_rows training rows: Minitron's width "
+    mlp_units: str = _f("first", "which units of a dense MLP (or of each routed expert) a student with a narrower "
+                                 "intermediate_size copies (mlp_init copy): first, or active (per layer, and per "
+                                 "expert over the tokens routed to it, those of largest mean |activation| at the down "
+                                 "projection's input over calibration_rows training rows: Minitron's width "
                                  "importance)", choices=MLP_UNIT_CHOICES)
     freeze_embeddings: bool = _f(False, "freeze the student's embeddings copied from the teacher (paper §3.2.2)")
     tie_embeddings: Optional[bool] = _f(None, "tie the student's LM head to its input embeddings: true, one matrix "

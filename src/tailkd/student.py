@@ -171,7 +171,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tailkd.calibration import kept_heads, largest, measure, norm_modules
+from tailkd.calibration import experts_module, kept_heads, largest, measure, norm_modules
 from tailkd.config import (
     EXPERT_CHOICES,
     HEAD_CHOICES,
@@ -790,7 +790,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``attention_mask``; see `tailkd.calibration`).
     ``mlp_units``: which units of a dense MLP a narrower student (``intermediate_size``) copies (``mlp_init="copy"``)
     — "first" or "active" (per layer those of largest mean absolute activation at the down projection's input over
-    ``calibration()``'s batches).
+    ``calibration()``'s batches; of a mixture, each routed expert's own, over the tokens routed to it).
     ``hidden_channels``: which residual-stream channels a narrower student (``hidden_size``) keeps — "first" or
     "active" (those of largest mean absolute output of the teacher's norms over ``calibration()``'s batches, one
     choice for every tensor's residual side).
@@ -853,7 +853,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     heads, head_share = _heads_by_importance(t, s, chosen, measured.get("attention_heads=active"))
     per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads) for i, q_heads in heads.items()}
     kept, share = _experts_by_use(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
-    units, active = _units_by_activity(s, chosen, measured.get("mlp_units=active"))  # {teacher layer: ...}
+    units, active = _units_by_activity(s, chosen, measured.get("mlp_units=active"),  # {teacher layer: ...}
+                                       lambda i: kept.get(i, index["expert"]))
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
 
@@ -871,11 +872,15 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                 return tensor.shape[dim]
             if axis == "expert" and layer in kept:
                 return kept[layer]
-            if axis in ("ff", "gate_up") and layer in units:  # a dense MLP's units by activity
+            if axis in ("ff", "gate_up") and layer in units and units[layer].dim() == 2 and "expert" in axes:
+                return None  # each routed expert's own units by activity: `_each_experts_units` below
+            if axis in ("ff", "gate_up") and layer in units and units[layer].dim() == 1:  # a dense MLP's by activity
                 return units[layer] if axis == "ff" else torch.cat([units[layer], t.intermediate + units[layer]])
             return per_layer.get(layer, index)[axis]  # a layer's own heads by importance
 
         value = _take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
+        if layer in units and units[layer].dim() == 2 and "expert" in axes and {"ff", "gate_up"} & set(axes):
+            value = _each_experts_units(value, axes, units[layer], t.intermediate)
         if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
             raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
@@ -894,7 +899,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
             axes = _copy_rule(name, fam, "copy")[1] or () if layer is not None else ()
             if layer is not None and chosen[layer] in kept and "expert" in axes:
                 table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
-            if layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes):
+            if (layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes)
+                    and ("expert" in axes) == (units[chosen[layer]].dim() == 2)):
                 ids = units[chosen[layer]]
                 table[-1].update(units=_digest(ids, t.intermediate), active_share=active[chosen[layer]])
             if layer is not None and chosen[layer] in heads and set(axes) & HEAD_AXES:
@@ -969,10 +975,15 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
     if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
         wanted["attention_heads=active"] = every
     if mlp_units == "active":
-        if t.experts or not any("ff" in axes for axes in fam.layer_params.values()):
+        path = experts_module(fam) if t.experts else ""
+        standard = {f"{path}.gate_up_proj": ("expert", "gate_up", "d"), f"{path}.down_proj": ("expert", "d", "ff")}
+        if t.experts and any(fam.layer_params.get(name) != axes for name, axes in standard.items()):
+            raise TailkdError(f"mlp_units=active measures a mixture's experts stored as gate_up_proj [experts, gate | "
+                              f"up, hidden] and down_proj [experts, hidden, units], which {fam.label}'s are not: drop "
+                              "it")
+        if not t.experts and not any("ff" in axes for axes in fam.layer_params.values()):
             raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
-                              f"{fam.label}'s " + ("routed experts are not" if t.experts else "MLP is not") +
-                              ": drop it")
+                              f"{fam.label}'s MLP is not: drop it")
         if s.intermediate != t.intermediate:
             wanted["mlp_units=active"] = every
     if experts == "used":
@@ -985,8 +996,11 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:
-    """"n of total, sha1 <16 hex digits>": how many of ``total`` indices ``ids`` keeps, and which."""
-    return f"{ids.numel()} of {total}, sha1 {hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}"
+    """"n of total, sha1 <16 hex digits>": how many of ``total`` indices ``ids`` keeps, and which; for one row of
+    indices per routed expert, "n of total in each of E experts, sha1 ..."."""
+    each = f" in each of {ids.shape[0]} experts" if ids.dim() == 2 else ""
+    return (f"{ids.shape[-1]} of {total}{each}, sha1 "
+            f"{hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}")
 
 
 def _share(values: torch.Tensor, kept: torch.Tensor) -> float:
@@ -1016,14 +1030,36 @@ def _heads_by_importance(t: Dims, s: Dims, chosen: list[int], importance: dict |
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 
-def _units_by_activity(s: Dims, chosen: list[int], activity: dict | None):
-    """``(units, share)``: per teacher layer among ``chosen``, the dense MLP units a student keeps by ``activity``
-    (the teacher's measure; LongTensor, increasing) and the share of the layer's activity they had; empty without a
-    measure."""
+def _units_by_activity(s: Dims, chosen: list[int], activity: dict | None, experts_kept=None):
+    """``(units, share)``: per teacher layer among ``chosen``, the MLP units a student keeps by ``activity`` (the
+    teacher's measure) and the share of the layer's activity they had; empty without a measure. A dense MLP's: a
+    LongTensor (increasing); a mixture's routed experts' ([E, ff] measures): one row per expert the student keeps
+    (``experts_kept(layer)``: the teacher's indices, or how many first ones), its units, the share over those
+    experts."""
     if activity is None:
         return {}, {}
-    units = {i: largest(activity[i], s.intermediate) for i in set(chosen)}
-    return units, {i: _share(activity[i], u) for i, u in units.items()}
+    units, share = {}, {}
+    for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers have no measure: they are kept whole
+        a = activity[i]
+        if a.dim() == 1:
+            units[i], share[i] = largest(a, s.intermediate), _share(a, largest(a, s.intermediate))
+            continue
+        experts = experts_kept(i)
+        experts = torch.arange(experts) if isinstance(experts, int) else experts
+        units[i] = torch.stack([largest(a[e], s.intermediate) for e in experts.tolist()])
+        kept = a[experts].gather(1, units[i]).sum()
+        share[i] = round(float(kept / a[experts].sum().clamp_min(1e-300)), 6)
+    return units, share
+
+
+def _each_experts_units(value: torch.Tensor, axes, units: torch.Tensor, width: int) -> torch.Tensor:
+    """``value`` (a mixture's experts tensor, its kept experts along axis 0, their units whole) with each expert's own
+    ``units`` (a row per expert) along its ``ff`` or ``gate_up`` axis (gate_up: [gate | up] of ``width`` each)."""
+    dim = next(d for d, axis in enumerate(axes) if axis in ("ff", "gate_up"))
+    index = units if axes[dim] == "ff" else torch.cat([units, width + units], dim=1)
+    view = [index.shape[0]] + [index.shape[1] if d == dim else 1 for d in range(1, value.dim())]
+    size = [index.shape[1] if d == dim else n for d, n in enumerate(value.shape)]
+    return value.gather(dim, index.view(view).expand(size).to(value.device))
 
 
 def _experts_by_use(t: Dims, s: Dims, chosen: list[int], counts: dict | None):
