@@ -382,6 +382,56 @@ def test_expert_unit_activity_is_the_mean_absolute_input_of_each_experts_down_pr
             torch.testing.assert_close(activity[i][e], a.abs().mean(0), rtol=1e-5, atol=0)
 
 
+def _standard_experts(family) -> bool:
+    fam = config_family(make_teacher(family).config, family_spec(make_teacher(family)))
+    if not any("expert" in axes for axes in fam.layer_params.values()):
+        return False
+    path = experts_module(fam)
+    return (fam.layer_params.get(f"{path}.gate_up_proj") == ("expert", "gate_up", "d")
+            and fam.layer_params.get(f"{path}.down_proj") == ("expert", "d", "ff"))
+
+
+@pytest.mark.parametrize("family", [f for f in CONFIGS if f not in ("gpt_oss", "nemotron_h") and _standard_experts(f)])
+def test_each_experts_unit_activity_is_what_its_down_projection_is_given(family, monkeypatch):
+    """Every mixture whose experts tailkd measures (gate_up_proj [E, gate | up, d], down_proj [E, d, ff]): the probe's
+    recomputed down-projection input is, expert by expert, the input the model's own experts forward (its eager
+    per-expert loop) hands to F.linear(., down_proj[e]) (read by a spy on F.linear, matched by the weight's address),
+    averaged over the tokens routed to the expert (rtol 1e-5: the same float32 products; the sums' order may
+    differ)."""
+    teacher = make_teacher(family)
+    if hasattr(teacher, "set_experts_implementation"):  # transformers 5.25: the experts' own per-expert loop
+        teacher.set_experts_implementation("eager")
+    fam = config_family(teacher.config, family_spec(teacher))
+    layers = [i for i in range(N_LAYERS) if _submodule_or_none(teacher, f"{fam.layer_prefix}{i}.{experts_module(fam)}")]
+    where = {_experts(teacher, i).down_proj[e].data_ptr(): (i, e)
+             for i in layers for e in range(_experts(teacher, i).down_proj.shape[0])}
+    given, rows = {}, {}
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        key = where.get(weight.data_ptr()) if weight.dim() == 2 else None
+        if key is not None:
+            given[key] = given.get(key, 0) + x.reshape(-1, x.shape[-1]).abs().double().sum(0)
+            rows[key] = rows.get(key, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    activity, _ = unit_activity(teacher, fam, [{"input_ids": _ids(5, (2, 13))}], layers)
+    assert sorted(activity) == layers and given, "no down projection of an expert was seen"
+    for (i, e), total in given.items():
+        torch.testing.assert_close(activity[i][e], total / rows[(i, e)], rtol=1e-5, atol=0)
+    for i in layers:  # an expert the spy never saw had no token: its activity is 0
+        seen = {e for (j, e) in given if j == i}
+        assert all(not activity[i][e].any() for e in range(len(activity[i])) if e not in seen)
+
+
+def _submodule_or_none(model, name):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _silence_experts(teacher, dead):
     """Make units ``dead[i][e]`` of layer i's expert e produce exactly 0 at its down projection's input: their gate and
     up rows zero (silu(0) * 0 = 0). The routers' weights x 100: router logits then differ by far more than a float32

@@ -239,10 +239,15 @@ def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
 def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Mean |activation| of each routed expert's units over the real tokens routed to it ({layer: float64 [E, ff]};
     zeros for an expert no token reached) of the routed layers among ``layers``: a forward pre-hook on each experts
-    module recomputes act(gate) * up from its gate_up_proj [E, gate | up, d] and act_fn for the tokens it is called
-    with, expert by expert."""
+    module recomputes, expert by expert for the tokens it is called with, the down projection's input from its
+    gate_up_proj [E, gate | up, d] (and gate_up_proj_bias where the module has biases) through the module's own gate,
+    ``_apply_gate`` (transformers 5's experts: act(gate) * up by default, a family's own where it has one; without
+    it act_fn(gate) * up)."""
     path = experts_module(fam)
     modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    for m in modules.values():
+        if getattr(m, "is_transposed", False) or not getattr(m, "has_gate", True):  # a bug in a table
+            raise RuntimeError(f"{type(m).__name__} is not [E, gate | up, d] as {fam.label}'s table says")
     total = {i: torch.zeros(m.gate_up_proj.shape[0], m.gate_up_proj.shape[1] // 2, dtype=torch.float64)
              for i, m in modules.items()}
     count = {i: torch.zeros(len(t), dtype=torch.float64) for i, t in total.items()}
@@ -253,10 +258,16 @@ def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
             chosen = _indices(args, kwargs)
             chosen = _real_rows(chosen, real, chosen.shape[-1] if chosen.dim() > 1 else 1)
             x = _real_rows(x, real)
+            bias = module.gate_up_proj_bias if getattr(module, "has_bias", False) else None
             for e in chosen.unique().tolist():
                 rows = (chosen == e).any(-1)
-                gate, up = torch.nn.functional.linear(x[rows], module.gate_up_proj[e]).chunk(2, dim=-1)
-                total[i][e] += (module.act_fn(gate) * up).abs().double().sum(0).cpu()
+                out = torch.nn.functional.linear(x[rows], module.gate_up_proj[e], None if bias is None else bias[e])
+                if hasattr(module, "_apply_gate"):
+                    act = module._apply_gate(out)
+                else:
+                    gate, up = out.chunk(2, dim=-1)
+                    act = module.act_fn(gate) * up
+                total[i][e] += act.abs().double().sum(0).cpu()
                 count[i][e] += int(rows.sum())
         return measure_units
 
