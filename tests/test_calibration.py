@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_VOCAB
-from test_student_families import CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
+from test_student_families import _COMMON, CLASSES, CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
 from tailkd.calibration import (
     block_influence,
@@ -29,6 +29,7 @@ from tailkd.calibration import (
     unit_activity,
 )
 from tailkd.errors import TailkdError
+from tailkd.families import family_for_class
 from tailkd.student import build_student, calibrate, calibrated_layers, config_family, family_spec
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
@@ -383,7 +384,9 @@ def test_expert_unit_activity_is_the_mean_absolute_input_of_each_experts_down_pr
 
 
 def _standard_experts(family) -> bool:
-    fam = config_family(make_teacher(family).config, family_spec(make_teacher(family)))
+    """Whether a family's table stores its experts as tailkd measures their units (from its config alone)."""
+    name, extra = CONFIGS[family]
+    fam = config_family(getattr(transformers, name)(**{**_COMMON, **extra}), family_for_class(CLASSES[family]))
     if not any("expert" in axes for axes in fam.layer_params.values()):
         return False
     path = experts_module(fam)
