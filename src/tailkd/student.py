@@ -57,19 +57,22 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
              projection keep exactly q_proj's/k_proj's rows.
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
-         first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden.
-Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE
-         4.5 MoE, HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+         first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden, or with
+         ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
+Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
+         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
          DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
          its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
          ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
          (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
-         moe_intermediate_size, whichever the family's experts have; GPT-OSS's interleaved gate/up pairs are kept as
-         pairs). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs —
-         its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or
-         is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher
-         layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give
-         other ones. The router load-balancing loss is on where the student's config (the teacher's settings) sets
+         moe_intermediate_size, whichever the family's experts have; its first units, or with ``mlp_units="active"``
+         each kept expert's own most active ones, over the tokens routed to it — experts stored as [E, gate | up, d],
+         not GPT-OSS's interleaved gate/up pairs, which are kept as pairs of the first units). GPT-OSS's and
+         Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and
+         Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on
+         its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s
+         kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
+         router load-balancing loss is on where the student's config (the teacher's settings) sets
          ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to
          moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the chosen layers, the
          interval kept. Every student layer must have its teacher layer's modules: a choice of layers whose kinds the
@@ -87,7 +90,7 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          score-correction bias (on its MoE block) likewise follows the kept experts. HunYuan-MoE's always-on shared MLP
          is as wide as its experts and narrows with them; an expert setting its config lists per layer (HunYuan-MoE's
          moe_topk) is refused.
-Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM): one key/value head per query
+Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM, MiniCPM3): one key/value head per query
          head, so num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
          (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank, kv_lora_rank) are the
