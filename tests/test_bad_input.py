@@ -484,6 +484,25 @@ def test_a_resume_with_fewer_steps_than_done_says_so(assets, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
 
+def test_a_finished_run_resumed_with_more_steps_evaluates_at_its_new_end(assets, tmp_path):
+    """A run that finished at step 2 (its final held-out metrics in the step-2 checkpoint) resumed with --steps 4
+    (max_steps may change on resume) trains steps 3 and 4 and evaluates the step-4 student: summary.json's
+    heldout_after and the printed line are step 4's, not the step-2 metrics the checkpoint held, and a step-4
+    checkpoint holds them."""
+    run = tmp_path / "run"
+    proc = cli(*args(assets, run))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli(*args(assets, run, "--steps", "4", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    heldout = {r["step"]: r for r in records if r["split"] == "heldout"}
+    assert sorted(heldout) == [0, 2, 4] and [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["heldout_after"]["kl"] == heldout[4]["kl"] != heldout[2]["kl"]
+    assert f"-> {heldout[4]['kl']:.4f}" in proc.stdout
+    assert (run / "checkpoints" / "step_00000004").is_dir()
+
+
 # --------------------------------------------------------------------------- values found by a randomized CLI audit
 # In-process (`tailkd.cli.main`): each is refused while the config is read, before any model loads. The other
 # settings are the tiny assets', so that where a value was not refused the command ran quickly to its failure.

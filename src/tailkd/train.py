@@ -454,6 +454,7 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     bar = cleanup.enter_context(runs.progress_bar(total=t.max_steps, initial=p.step, desc=f"distill[{cfg.loss.name}]",
                                                   unit="step", dynamic_ncols=True, disable=not dist.is_main()))
     while p.step < stop_at:
+        p.final_heldout = None  # a finished run resumed with more steps: its final metrics were of an earlier step
         report = train_step(run, signals)
         run.seconds["steps"] += report.seconds
         log_step(run, report, bar)
