@@ -61,7 +61,8 @@ class Progress:
     tokens: int = 0  # training tokens so far (global: rows x seq_len)
     elapsed: float = 0.0  # seconds spent in steps
     initial_heldout: dict | None = None  # held-out metrics before the first step
-    final_heldout: dict | None = None  # ... after the last (kept so a resume after a failed final write reuses them)
+    final_heldout: dict | None = None  # ... after the last (a resume after a failed final write reuses them; a further
+    #                                      step, a run resumed with more steps, drops them: `tailkd.train`)
     bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     bad_in_a_row: int = 0
     empty_steps: int = 0  # steps skipped for having no valid token
