@@ -394,10 +394,12 @@ def _expected(name, teacher, plan):
     if rest.startswith("self_attention.query_key_value") and getattr(c, "multi_query", False):  # Falcon-7B's
         rest = rest.replace("self_attention.query_key_value", "self_attn.qkv_proj")
     if rest == "attn.qkv_proj.weight" and type(teacher).__name__ == "CodeGenForCausalLM":  # [block, q|v|k, head, row]
-        blocks = w.reshape(4, 3, plan["H_t"] // 4, hd_t, w.shape[1])
-        kept = torch.stack([blocks[:, 0][:, :, plan["rows"]], blocks[:, 1][:, :, : plan["hd_s"]],
-                            blocks[:, 2][:, :, plan["rows"]]], dim=1)
-        return rd(kept.reshape(-1, w.shape[1]), 1)
+        per = plan["H_t"] // 4
+        blocks = w.reshape(4, 3, per, hd_t, w.shape[1])
+        kept = [blocks[b, part, h % per][rows] for b in range(4) for part, rows in (
+                (0, plan["rows"]), (1, list(range(plan["hd_s"]))), (2, plan["rows"]))
+                for h in plan["q_heads"] if h // per == b]  # each block's kept heads, q then v then k
+        return rd(torch.cat(kept), 1)
     if rest.split(".")[1] == "query_key_value":  # GPT-NeoX, Persimmon: [q | k | v] blocks per head, one KV head each
         blocks = w.reshape(plan["H_t"], 3, hd_t, *w.shape[1:])[plan["q_heads"]]
         kept = torch.stack([blocks[:, 0][:, plan["rows"]], blocks[:, 1][:, plan["rows"]],
@@ -1095,6 +1097,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # its 8 heads kept, each 8 -> 4 rows: interleaved RoPE on 4 of 8 rows, 2 of 4 keep teacher pair 0 (rows 0, 1),
     # then the non-rotated rows 4, 5; rotary_dim 4 -> 2 (as GPT-J's, see _check_narrow_student)
     "codegen": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=4, ff=40, rows=[0, 1, 4, 5])),
+    # 4 of its 8 heads: the first of each block of 2 (head_dim 8 kept)
+    "codegen-heads": ({"hidden_size": 32, "num_heads": 4}, dict(d=32, q_heads=[0, 2, 4, 6], kv_heads=[0, 2, 4, 6])),
     # no RoPE: a head's first rows (head_dim 16 -> 8; no attention scale to follow it); or 2 whole heads
     "gpt_neo": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=list(range(8)))),
     "gpt_neo-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
@@ -1149,7 +1153,8 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
         batches = [{"input_ids": _ids(seed, (2, 13))}]
         importance, _ = head_importance(teacher, fam, batches, [0, 2, 3], t.heads)
-        q_heads = {i: kept_heads(v, t.kv_heads, n_kv, per_kv).tolist() for i, v in importance.items()}
+        groups = (4, 4, len(reference["q_heads"]) // 4) if family == "codegen" else (t.kv_heads, n_kv, per_kv)
+        q_heads = {i: kept_heads(v, *groups).tolist() for i, v in importance.items()}  # CodeGen: by its 4 blocks
         if any(q != reference["q_heads"] for q in q_heads.values()):
             break
     else:
@@ -1506,9 +1511,9 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("youtu", {"num_kv_heads": 2}, r"^Youtu-LLM has no grouped KV heads: drop num_kv_heads \(or set it to "
                                    r"num_heads=4\)$"),
     ("youtu", {"head_dim": 8}, r"^head_dim=8, but Youtu-LLM's latent attention keeps its head sizes"),
-    ("codegen", {"num_heads": 4}, r"^num_heads=4, but CodeGen's qkv_proj holds q, v and k in 4 blocks of heads "
-                                  r"\(mp_num, fixed in its code\): keep num_heads 8 \(a narrower hidden_size narrows "
-                                  r"each head\)$"),
+    ("codegen", {"num_heads": 6, "hidden_size": 48}, r"^num_heads=6, but CodeGen's qkv_proj holds its heads in 4 "
+                                                     r"blocks \(mp_num, fixed in its code\), each keeping as many: "
+                                                     r"pick a multiple of 4$"),
     ("minicpm3", {"hidden_size": 42, "num_heads": 2}, r"^hidden_size=42, but MiniCPM3's final hidden states divide "
                                                       r"by hidden_size / dim_model_base \(64 / 16\), a ratio a "
                                                       r"student keeps with a whole dim_model_base: pick a hidden_size "

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 #   d_blocks the entries d keeps of each block of the teacher's hidden_size (LFM2's short convolution:
 #            in_proj = [B | C | x], channel by channel)
 #   ff_model the MLP's first units, as many as the student's model makes of its intermediate_size (LFM2 rounds it)
-#   qkv_mp   CodeGen's qkv_proj: 4 blocks (its mp_num) of [q | v | k] rows of a quarter of the heads each: in each
-#            block the kept heads' q rows, v rows and k rows
+#   qkv_mp   CodeGen's qkv_proj: `Family.head_blocks` blocks (its mp_num, 4) of [q | v | k] rows of a quarter of the
+#            heads each: in each block the kept heads of that block, their q rows, v rows and k rows
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
@@ -167,9 +167,10 @@ class Family:
     # depth-muP residual scales (MiniCPM3's scale_depth: each residual branch times key / sqrt(num_hidden_layers)):
     # rescaled by sqrt(student layers / teacher layers), so that a kept layer adds to the residual stream what it did
     depth_scales: tuple[str, ...] = ()
-    # why a student keeps the teacher's num_heads where that is all the family's layout allows (CodeGen's qkv_proj);
-    # empty: fewer heads are cut as the axis kinds say
-    heads_kept: str = ""
+    # query heads held in this many equal blocks of one projection (CodeGen's qkv_proj: 4, its mp_num, fixed in its
+    # code; axis qkv_mp): a student keeps as many heads of each block — its first ones, or by importance the most
+    # important of each (`tailkd.calibration.kept_heads` with the blocks as groups) — so num_heads is a multiple
+    head_blocks: int = 0
     # config keys in proportion to hidden_size (MiniCPM3's dim_model_base: its final hidden states divide by
     # hidden_size / dim_model_base before the head): scaled with a narrower hidden_size, the ratio the teacher's; a
     # hidden_size for which the key is not a whole number is refused
@@ -357,14 +358,13 @@ FAMILIES = {f.name: f for f in (
             **norms("ln_1")}, ("transformer.wte.weight",), "derived", layer_prefix="transformer.h.",
            rope="interleaved", keys=_GPT2_KEYS, layer_lists=(), reads_head_dim=False, rotary_dim_key="rotary_dim"),
     # CodeGen: GPT-J's block (parallel attention and MLP, interleaved RoPE on rotary_dim rows, LM head bias) with q, v
-    # and k in one qkv_proj of 4 blocks of heads (mp_num, fixed in its code): its heads kept, each narrowed
+    # and k in one qkv_proj of 4 blocks of heads (mp_num, fixed in its code): a student keeps as many of each
     Family("codegen", "CodeGen", ("CodeGenForCausalLM",),
            {"transformer.wte.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("transformer.ln_f")},
            {**linear("attn.qkv_proj", "qkv_mp", "d"), **linear("attn.out_proj", "d", "o"),
             **linear("mlp.fc_in", "ff", "d"), **linear("mlp.fc_out", "d", "ff"), **norms("ln_1")},
            ("transformer.wte.weight",), "derived", layer_prefix="transformer.h.", rope="interleaved", keys=_GPT2_KEYS,
-           layer_lists=(), reads_head_dim=False, rotary_dim_key="rotary_dim",
-           heads_kept="qkv_proj holds q, v and k in 4 blocks of heads (mp_num, fixed in its code)"),
+           layer_lists=(), reads_head_dim=False, rotary_dim_key="rotary_dim", head_blocks=4),
     # Bloom: ALiBi (no RoPE; num_heads kept), GPT-NeoX's per-head [q | k | v] projection, an embedding LayerNorm, an MLP
     # always 4 x hidden_size wide (no setting: it narrows with hidden_size)
     Family("bloom", "Bloom", ("BloomForCausalLM",),

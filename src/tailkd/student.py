@@ -51,8 +51,9 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              query_key_value and GPT-BigCode's c_attn without multi_query ([q | k | v] per head) in each kept head's
              block, Falcon's query_key_value by its config's layout (Falcon-7B's multi-query [q | k | v], Falcon-RW's
              blocks per head, with num_kv_heads following num_heads; under new_decoder_architecture, Falcon-40B's, per
-             kept KV head its kept query heads' rows, then its k and v rows), Phi-3 gate_up_proj the first units of each
-             half.
+             kept KV head its kept query heads' rows, then its k and v rows), CodeGen's qkv_proj (4 blocks of
+             [q | v | k] over a quarter of the heads each) in each block as many heads — its first, or its most
+             important —, Phi-3 gate_up_proj the first units of each half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, Persimmon, HunYuan's
              after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
              projection keep exactly q_proj's/k_proj's rows.
@@ -148,18 +149,18 @@ in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Mi
 kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
 Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
 Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers),
-GPT-J (interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: num_heads is
-the teacher's), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, OLMo-2,
-OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows
-(2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
-embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads:
-num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), MPT (likewise), Persimmon,
-nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the student: scale_depth by
-sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
-(Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
-FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers
-5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM
-classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+GPT-J (interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: a student
+keeps as many heads of each block), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma,
+Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE:
+pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size;
+OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the
+number of heads: num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), MPT
+(likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the
+student: scale_depth by sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
+Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers
+listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3,
+GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -321,9 +322,9 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
     heads = t.heads if num_heads is None else int(num_heads)
-    if fam.heads_kept and heads != t.heads:
-        raise TailkdError(f"num_heads={heads}, but {fam.label}'s {fam.heads_kept}: keep num_heads {t.heads} (a "
-                          "narrower hidden_size narrows each head)")
+    if fam.head_blocks and heads % fam.head_blocks:
+        raise TailkdError(f"num_heads={heads}, but {fam.label}'s qkv_proj holds its heads in {fam.head_blocks} blocks "
+                          f"(mp_num, fixed in its code), each keeping as many: pick a multiple of {fam.head_blocks}")
     if fam.alibi and heads != t.heads:
         raise TailkdError(f"num_heads={heads}, but {fam.label}'s ALiBi slopes are set by the number of heads: keep "
                           f"num_heads {t.heads} (a narrower hidden_size narrows each head)")
@@ -644,11 +645,14 @@ HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_h
 
 
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
-                 q_heads=None) -> dict:
+                 q_heads=None, blocks: int = 0) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
     ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``), ``q_heads``
-    the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `_query_heads`)."""
+    the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `_query_heads`);
+    ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones)."""
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
+    if q_heads is None and blocks:  # each block's first heads
+        q_heads = [b * (t.heads // blocks) + m for b in range(blocks) for m in range(s.heads // blocks)]
     q_heads = _query_heads(t, s) if q_heads is None else [int(h) for h in q_heads]
     kv_heads = [q_heads[j * g_s] // g_t for j in range(s.kv_heads)]  # student KV head j's teacher KV head
     qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
@@ -678,13 +682,13 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
-            "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first)}
+            "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks)}
 
 
-def _mp_rows(q_heads: list[int], t: Dims, qk_rows: list[int], v_rows: list[int], blocks: int = 4) -> torch.Tensor:
-    """CodeGen's qkv_proj rows kept (axis ``qkv_mp``): ``blocks`` blocks of [q | v | k], each over a quarter of the
-    teacher's heads in turn; per block the kept heads of that block (the student's blocks hold them alike: its heads
-    are the teacher's, `Family.heads_kept`), their q, v and k rows in the block's order."""
+def _mp_rows(q_heads: list[int], t: Dims, qk_rows: list[int], v_rows: list[int], blocks: int) -> torch.Tensor:
+    """CodeGen's qkv_proj rows kept (axis ``qkv_mp``): ``blocks`` blocks of [q | v | k], each over 1 / blocks of the
+    teacher's heads in turn; per block the kept heads of that block (as many in each: the student's block b holds
+    them), their q, v and k rows in the block's order."""
     per = t.heads // blocks
     local = per * t.head_dim
     return torch.tensor([b * 3 * local + part * local + (h - b * per) * t.head_dim + r for b in range(blocks)
@@ -852,9 +856,10 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     _check_layer_kinds(teacher, student, fam, chosen)
 
     channels, channel_share = _channels_by_activity(fam, s, chosen, measured.get("hidden_channels=active"))
-    index = axis_indices(t, s, fam.rope, fraction, channels)
-    heads, head_share = _heads_by_importance(t, s, chosen, measured.get("attention_heads=active"))
-    per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads) for i, q_heads in heads.items()}
+    index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks)
+    heads, head_share = _heads_by_importance(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks)
+    per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads, fam.head_blocks)
+                 for i, q_heads in heads.items()}
     kept, share = _experts_by_use(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
     units, active = _units_by_activity(s, chosen, measured.get("mlp_units=active"),  # {teacher layer: ...}
                                        lambda i: kept.get(i, index["expert"]))
@@ -1022,14 +1027,15 @@ def _channels_by_activity(fam: Family, s: Dims, chosen: list[int], per_norm: dic
     return channels, _share(activity, channels)
 
 
-def _heads_by_importance(t: Dims, s: Dims, chosen: list[int], importance: dict | None):
+def _heads_by_importance(t: Dims, s: Dims, chosen: list[int], importance: dict | None, blocks: int = 0):
     """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
-    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `tailkd.calibration.kept_heads`) and the
-    share of the layer's head importance they had; empty without a measure."""
+    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `tailkd.calibration.kept_heads`; in a
+    family's head ``blocks``, block by block, every block kept) and the share of the layer's head importance they had;
+    empty without a measure."""
     if importance is None:
         return {}, {}
-    heads = {i: kept_heads(importance[i], t.kv_heads, s.kv_heads, s.heads // s.kv_heads) for i in set(chosen)
-             if i in importance}
+    groups = (blocks, blocks, s.heads // blocks) if blocks else (t.kv_heads, s.kv_heads, s.heads // s.kv_heads)
+    heads = {i: kept_heads(importance[i], *groups) for i in set(chosen) if i in importance}
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 
