@@ -87,15 +87,17 @@ def experts_module(fam: Family) -> str:
     return names[0][: names[0].index("experts.")] + "experts"
 
 
-def _indices(args, kwargs) -> torch.Tensor:
-    """The routed experts' indices an experts module is called with: ``[tokens, k]`` integers."""
+def _routed(args, kwargs, real: dict) -> torch.Tensor:
+    """The routed experts' indices an experts module is called with, of the batch's real tokens (``real["mask"]``):
+    ``[tokens, k]`` integers."""
     if len(args) > 1:
-        return args[1]
-    for key in ("top_k_index", "router_indices"):
-        if kwargs.get(key) is not None:
-            return kwargs[key]
-    raise RuntimeError("an experts module was called without its routed indices (a transformers release whose "
-                       "mixtures call their experts otherwise: `tailkd.calibration` needs updating)")
+        chosen = args[1]
+    else:
+        chosen = next((kwargs[key] for key in ("top_k_index", "router_indices") if kwargs.get(key) is not None), None)
+    if chosen is None:
+        raise RuntimeError("an experts module was called without its routed indices (a transformers release whose "
+                           "mixtures call their experts otherwise: `tailkd.calibration` needs updating)")
+    return _real_rows(chosen, real, chosen.shape[-1] if chosen.dim() > 1 else 1)
 
 
 def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> int:
@@ -169,7 +171,7 @@ def _heads_probe(teacher, fam: Family, real: dict, layers, heads: int):
     (a hybrid's other mixers have no attention output projection): the input of `attention_output`, ``heads`` equal
     blocks."""
     path = attention_output(fam)
-    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    modules = _layer_modules(teacher, fam, layers, path)
     if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
         raise RuntimeError(f"none of teacher layers {layers} has {path}")
     total = {i: torch.zeros(heads, dtype=torch.float64) for i in modules}
@@ -243,8 +245,7 @@ def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
     gate_up_proj [E, gate | up, d] (and gate_up_proj_bias where the module has biases) through the module's own gate,
     ``_apply_gate`` (transformers 5's experts: act(gate) * up by default, a family's own where it has one; without
     it act_fn(gate) * up)."""
-    path = experts_module(fam)
-    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    modules = _layer_modules(teacher, fam, layers, experts_module(fam))
     for m in modules.values():
         if getattr(m, "is_transposed", False) or not getattr(m, "has_gate", True):  # a bug in a table
             raise RuntimeError(f"{type(m).__name__} is not [E, gate | up, d] as {fam.label}'s table says")
@@ -255,8 +256,7 @@ def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
     def hook(i):
         def measure_units(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            chosen = _indices(args, kwargs)
-            chosen = _real_rows(chosen, real, chosen.shape[-1] if chosen.dim() > 1 else 1)
+            chosen = _routed(args, kwargs, real)
             x = _real_rows(x, real)
             bias = module.gate_up_proj_bias if getattr(module, "has_bias", False) else None
             for e in chosen.unique().tolist():
@@ -278,16 +278,14 @@ def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
 def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Tokens routed to each expert ({layer: int64 [E]}) of the routed layers among ``layers``: a forward pre-hook on
     each experts module reads the routed indices it is called with."""
-    path = experts_module(fam)
     # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
-    modules = {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
+    modules = _layer_modules(teacher, fam, layers, experts_module(fam))
     experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
     counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
 
     def hook(i):
         def count(module, args, kwargs):
-            chosen = _indices(args, kwargs)  # [tokens, k]
-            chosen = _real_rows(chosen, real, chosen.shape[-1] if chosen.dim() > 1 else 1)
+            chosen = _routed(args, kwargs, real)  # [tokens, k]
             counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
         return count
 
@@ -400,6 +398,12 @@ def kept_heads(importance: torch.Tensor, kv_heads: int, student_kv_heads: int, p
     best = [k * size + largest(importance[k * size:(k + 1) * size], per_kv_head) for k in range(kv_heads)]
     groups = largest(torch.stack([importance[b].sum() for b in best]), student_kv_heads)
     return torch.cat([best[k] for k in groups.tolist()])
+
+
+def _layer_modules(teacher, fam: Family, layers, path: str) -> dict:
+    """``{teacher layer i: its module at path}`` of the ``layers`` that have one (a mixture's dense layers have no
+    experts, a hybrid's other mixers no attention output projection)."""
+    return {i: m for i in layers if (m := _submodule(teacher, f"{fam.layer_prefix}{i}.{path}")) is not None}
 
 
 def _submodule(root, name: str):
