@@ -181,16 +181,6 @@ def test_each_group_keeps_its_own_most_used():
     assert set(kept[:2]) < {1, 2, 3} and kept[2:] == [4, 5]
 
 
-def test_every_expert_kept_or_the_first_needs_no_calibration():
-    teacher = make_teacher("mixtral")
-
-    def calibration():
-        raise AssertionError("no calibration forward where nothing is chosen")
-
-    for kwargs in ({"experts": "used"}, {"experts": "used", "num_experts": 4}, {"num_experts": 2}):
-        build_student(teacher, layers=SUBSET, mlp_init="copy", calibration=calibration, **kwargs)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({"experts": "most"}, r"^experts='most': use one of first, used$"),
     ({"experts": "used", "num_experts": 2, "mlp_init": "copy"}, r"^experts=used needs calibration rows"),
@@ -290,17 +280,6 @@ def test_influence_keeps_the_per_layer_settings_of_the_layers_it_chooses():
     expected = largest(block_influence(teacher, fam, batches)[0], 3).tolist()
     student, _ = build_student(teacher, num_layers=3, layer_choice="influence", calibration=lambda: batches)
     assert student.config.layer_types == [kinds[i] for i in expected]
-
-
-def test_every_layer_kept_or_spaced_needs_no_calibration():
-    teacher = make_teacher("helium")
-
-    def calibration():
-        raise AssertionError("no calibration forward where nothing is chosen")
-
-    for kwargs in ({"layer_choice": "influence"}, {"layer_choice": "influence", "num_layers": N_LAYERS},
-                   {"num_layers": 3}):
-        build_student(teacher, calibration=calibration, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -525,16 +504,6 @@ def test_a_student_keeping_the_active_mlp_units_is_its_teacher(family):
                                                           mlp_init="copy")[0])
 
 
-def test_the_teachers_width_or_the_first_units_need_no_calibration():
-    teacher = make_teacher("helium")
-
-    def calibration():
-        raise AssertionError("no calibration forward where nothing is chosen")
-
-    build_student(teacher, layers=SUBSET, mlp_init="copy", mlp_units="active", calibration=calibration)
-    build_student(teacher, layers=SUBSET, intermediate_size=40, mlp_init="copy", calibration=calibration)
-
-
 @pytest.mark.parametrize("family, kwargs, message", [
     ("helium", {"mlp_units": "most"}, r"^mlp_units='most': use one of first, active$"),
     ("helium", {"mlp_units": "active", "intermediate_size": 40}, r"^mlp_units=active keeps the MLP units the teacher "
@@ -626,16 +595,6 @@ def test_a_student_keeping_the_active_channels_drops_the_dead_ones():
     assert (first.model.embed_tokens.weight == 0).all(0).sum() == 16
 
 
-def test_the_teachers_hidden_size_or_the_first_channels_need_no_calibration():
-    teacher = make_teacher("helium")
-
-    def calibration():
-        raise AssertionError("no calibration forward where nothing is chosen")
-
-    build_student(teacher, layers=SUBSET, hidden_channels="active", calibration=calibration)
-    build_student(teacher, layers=SUBSET, hidden_size=32, calibration=calibration)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({"hidden_channels": "most"}, r"^hidden_channels='most': use one of first, active$"),
     ({"hidden_channels": "active", "hidden_size": 32}, r"^hidden_channels=active needs calibration rows"),
@@ -723,16 +682,6 @@ def test_a_student_keeping_the_important_heads_is_its_teacher(family, kv_heads, 
     _computes_the_teacher(built, teacher, build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", **student)[0])
 
 
-def test_every_head_kept_or_the_first_need_no_calibration():
-    teacher = make_teacher("ministral")
-
-    def calibration():
-        raise AssertionError("no calibration forward where nothing is chosen")
-
-    build_student(teacher, layers=SUBSET, attention_heads="active", calibration=calibration)
-    build_student(teacher, layers=SUBSET, num_heads=2, num_kv_heads=1, calibration=calibration)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({"attention_heads": "most"}, r"^attention_heads='most': use one of first, active$"),
     ({"attention_heads": "active", "num_heads": 2}, r"^attention_heads=active needs calibration rows"),
@@ -743,6 +692,33 @@ def test_bad_head_choices_are_refused(kwargs, message):
 
 
 # --------------------------------------------------------------------------- one teacher pass for every choice
+
+
+def _no_calibration():
+    raise AssertionError("no calibration forward where nothing is chosen")
+
+
+@pytest.mark.parametrize("family, kwargs", [
+    # every layer kept, or the spaced ones
+    ("helium", {"layer_choice": "influence"}), ("helium", {"layer_choice": "influence", "num_layers": N_LAYERS}),
+    ("helium", {"num_layers": 3}),
+    # the teacher's hidden_size, or the first channels
+    ("helium", {"layers": SUBSET, "hidden_channels": "active"}), ("helium", {"layers": SUBSET, "hidden_size": 32}),
+    # every head kept, or the first ones
+    ("ministral", {"layers": SUBSET, "attention_heads": "active"}),
+    ("ministral", {"layers": SUBSET, "num_heads": 2, "num_kv_heads": 1}),
+    # the teacher's width, or the first units
+    ("helium", {"layers": SUBSET, "mlp_init": "copy", "mlp_units": "active"}),
+    ("helium", {"layers": SUBSET, "intermediate_size": 40, "mlp_init": "copy"}),
+    # every expert kept, or the first ones
+    ("mixtral", {"layers": SUBSET, "mlp_init": "copy", "experts": "used"}),
+    ("mixtral", {"layers": SUBSET, "mlp_init": "copy", "experts": "used", "num_experts": 4}),
+    ("mixtral", {"layers": SUBSET, "mlp_init": "copy", "num_experts": 2}),
+])
+def test_nothing_to_choose_needs_no_calibration(family, kwargs):
+    """A calibrated choice with nothing to choose (every layer, channel, head, unit or expert kept), or the first ones
+    asked for, reads no calibration row."""
+    build_student(make_teacher(family), calibration=_no_calibration, **kwargs)
 
 
 def test_every_calibrated_choice_reads_one_teacher_pass():
