@@ -18,6 +18,7 @@ from conftest import TINY_VOCAB
 from test_student_families import _COMMON, CLASSES, CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
 from tailkd.calibration import (
+    _layer_modules,
     block_influence,
     channel_activity,
     experts_module,
@@ -384,7 +385,7 @@ def test_each_experts_unit_activity_is_what_its_down_projection_is_given(family,
     if hasattr(teacher, "set_experts_implementation"):  # transformers 5.25: the experts' own per-expert loop
         teacher.set_experts_implementation("eager")
     fam = config_family(teacher.config, family_spec(teacher))
-    layers = [i for i in range(N_LAYERS) if _submodule_or_none(teacher, f"{fam.layer_prefix}{i}.{experts_module(fam)}")]
+    layers = sorted(_layer_modules(teacher, fam, range(N_LAYERS), experts_module(fam)))  # the routed layers
     where = {_experts(teacher, i).down_proj[e].data_ptr(): (i, e)
              for i in layers for e in range(_experts(teacher, i).down_proj.shape[0])}
     given, rows = {}, {}
@@ -405,13 +406,6 @@ def test_each_experts_unit_activity_is_what_its_down_projection_is_given(family,
     for i in layers:  # an expert the spy never saw had no token: its activity is 0
         seen = {e for (j, e) in given if j == i}
         assert all(not activity[i][e].any() for e in range(len(activity[i])) if e not in seen)
-
-
-def _submodule_or_none(model, name):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _silence_experts(teacher, dead):
