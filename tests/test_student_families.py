@@ -313,6 +313,20 @@ def make_teacher(family, seed=0, **overrides):
     return model.eval()
 
 
+def _reload(folder):
+    """``from_pretrained(folder)`` with its tensors in memory of their own, for bit-for-bit comparisons of its outputs.
+
+    safetensors leaves loaded tensors at their byte offsets in the file (8-byte aligned), and MKL's float32 GEMM may
+    round differently at other operand alignments (its Conditional Numerical Reproducibility; ``MKL_CBWR=AUTO,STRICT``
+    removes it): on an AMD EPYC a Qwen3-Next student and its reloaded copy, bit-identical tensors, gave logits 1.7e-6
+    apart. The built student's tensors are the allocator's (64-byte aligned), as these copies are."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:  # tied parameters once: they stay one
+            tensor.data = tensor.data.clone()
+    return model
+
+
 def _persistent_buffers(model) -> dict:
     """The buffers a model saves (GLM-4.5's e_score_correction_bias, Apertus' xIELU constants), by name."""
     saved = set(model.state_dict())
@@ -906,7 +920,7 @@ def test_fewer_experts_per_token(family, tmp_path):
     assert (student.config.num_experts, student.config.num_experts_per_tok) == (1, 1)
     assert torch.isfinite(_logits(student, _ids(3))).all()
     student.save_pretrained(tmp_path / "s")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    loaded = _reload(tmp_path / "s")
     assert loaded.config.num_experts_per_tok == 1
     assert torch.equal(_logits(loaded, _ids(3)), _logits(student, _ids(3)))
     assert build_student(teacher, layers=SUBSET, num_experts=3)[0].config.num_experts_per_tok == 2
@@ -1256,7 +1270,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     assert logits.shape == (2, 13, TINY_VOCAB) and torch.isfinite(logits).all()
 
     student.save_pretrained(tmp_path / "student")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    loaded = _reload(tmp_path / "student")
     assert type(loaded) is type(teacher) and loaded.dtype == torch.float32
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "rotary_dim", "rope_parameters", "layer_rope_theta", "attention_multiplier",
@@ -1341,7 +1355,7 @@ def test_layer_subset_saves_and_loads_unchanged(family, tmp_path):
     teacher = make_teacher(family)
     student, _ = build_student(teacher, layers=SUBSET, seed=3)
     student.save_pretrained(tmp_path / "s")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    loaded = _reload(tmp_path / "s")
     assert type(loaded) is type(teacher)
     assert loaded.config.num_hidden_layers == len(SUBSET) and _layer_types(loaded) == _layer_types(student)
     reloaded = {**dict(loaded.named_parameters()), **_persistent_buffers(loaded)}
@@ -1388,7 +1402,7 @@ def test_tie_embeddings_ties_or_unties_the_students_head(family, width, tmp_path
                                rtol=0, atol=0)
     for model in (student, own):
         model.save_pretrained(tmp_path / "s")
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+        loaded = _reload(tmp_path / "s")
         tied = loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
         assert tied == model.config.tie_word_embeddings
         ids = _ids(4)
