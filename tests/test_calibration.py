@@ -20,6 +20,7 @@ from test_student_families import _COMMON, CLASSES, CONFIGS, N_LAYERS, SUBSET, _
 from tailkd.calibration import (
     _layer_modules,
     block_influence,
+    calibrated_layers,
     channel_activity,
     experts_module,
     head_importance,
@@ -31,7 +32,7 @@ from tailkd.calibration import (
 )
 from tailkd.errors import TailkdError
 from tailkd.families import family_for_class
-from tailkd.student import build_student, calibrate, calibrated_layers, config_family, family_spec
+from tailkd.student import build_student, calibrate, config_family, family_spec
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
     key in extra for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))]

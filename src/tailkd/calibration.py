@@ -1,7 +1,8 @@
-"""What a teacher's forward over calibration rows says about its layers, channels, heads, units and experts, for a
-student built from it.
+"""What a teacher's forward over calibration rows says about its layers, channels, heads, units and experts, and
+which of them a student built from it keeps.
 
-Five choices of `tailkd.student.build_student` read it; each is off by default (the TAD paper's DistilBERT-style
+Five choices of `tailkd.student.build_student` read it (`wanted_measures`: what its settings need measured, `measure`:
+one forward for all of it, ``calibrated_*``: the indices kept); each is off by default (the TAD paper's DistilBERT-style
 student: evenly spaced layers, the first hidden channels, the first heads of the first KV heads, the first MLP units,
 the first experts):
 
@@ -75,8 +76,10 @@ from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.head import decoder_forward
 
-__all__ = ["PROBES", "attention_output", "block_influence", "channel_activity", "experts_module", "head_importance",
-           "kept_heads", "largest", "measure", "norm_modules", "routed_counts", "unit_activity"]
+__all__ = ["PROBES", "attention_output", "block_influence", "calibrated_channels", "calibrated_experts",
+           "calibrated_heads", "calibrated_layers", "calibrated_units", "channel_activity", "experts_module",
+           "head_importance", "kept_heads", "largest", "measure", "norm_modules", "routed_counts", "unit_activity",
+           "wanted_measures"]
 
 
 def experts_module(fam: Family) -> str:
@@ -413,3 +416,116 @@ def _submodule(root, name: str):
         return root.get_submodule(name)
     except AttributeError:
         return None
+
+
+# --------------------------------------------------------------------------- what a student keeps
+# From the measures to the indices a student keeps; ``t``, ``s``: the teacher's and the student's sizes
+# (`tailkd.student.Dims`), ``chosen``: the teacher layers the student keeps.
+
+def wanted_measures(fam: Family, t, s, *, layers, layer_choice: str, hidden_channels: str, attention_heads: str,
+           mlp_units: str, experts: str) -> dict:
+    """``{PROBES key: teacher layers}``: what `measure` reads for a student of sizes ``s`` from a teacher of sizes
+    ``t`` (`tailkd.student.Dims`, the teacher's family ``fam``) under these choices of `tailkd.student.build_student`
+    (``layers``: the teacher layers it lists, None to choose them): every teacher layer (the layers may be yet to be
+    chosen) for each choice that has something to choose; {} where every layer, channel, head, unit or expert is
+    kept, or the first ones are asked for. A choice ``fam`` cannot make is refused in one line."""
+    every = list(range(t.layers))
+    found = {}
+    if layer_choice == "influence" and layers is None and s.layers < t.layers:
+        found["layer_choice=influence"] = every
+    if hidden_channels == "active" and s.hidden != t.hidden:
+        found["hidden_channels=active"] = every
+    if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
+        found["attention_heads=active"] = every
+    if mlp_units == "active":
+        path = experts_module(fam) if t.experts else ""
+        standard = {f"{path}.gate_up_proj": ("expert", "gate_up", "d"), f"{path}.down_proj": ("expert", "d", "ff")}
+        if t.experts and any(fam.layer_params.get(name) != axes for name, axes in standard.items()):
+            raise TailkdError(f"mlp_units=active measures a mixture's experts stored as gate_up_proj [experts, gate | "
+                              f"up, hidden] and down_proj [experts, hidden, units], which {fam.label}'s are not: drop "
+                              "it")
+        if not t.experts and not any("ff" in axes for axes in fam.layer_params.values()):
+            raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
+                              f"{fam.label}'s MLP is not: drop it")
+        if s.intermediate != t.intermediate:
+            found["mlp_units=active"] = every
+    if experts == "used":
+        if not t.experts:
+            raise TailkdError(f"experts=used chooses among a mixture's routed experts, but {fam.label} is not a "
+                              "mixture of experts: drop it")
+        if s.experts != t.experts:
+            found["experts=used"] = every
+    return found
+
+
+def calibrated_layers(measured: dict, num_layers: int | None, layers) -> tuple[int | None, list | None]:
+    """``(num_layers, layers)`` of a student after its calibration (`tailkd.student.calibrate`'s ``measured``): the
+    ``num_layers`` teacher layers of largest Block Influence, in order, where it was measured; else as given."""
+    influence = measured.get("layer_choice=influence")
+    if influence is None:
+        return num_layers, layers
+    return None, largest(influence, num_layers).tolist()
+
+
+def _share(values: torch.Tensor, kept: torch.Tensor) -> float:
+    """The share of ``values``' sum the entries ``kept`` have (rounded to 6 digits)."""
+    return round(float(values[kept].sum() / values.sum().clamp_min(1e-300)), 6)
+
+
+def calibrated_channels(fam: Family, s, chosen: list[int], per_norm: dict | None):
+    """``(channels, share)``: the residual-stream channels a student keeps by activity (LongTensor, increasing) —
+    summed over the norms of its ``chosen`` teacher layers and the model's own, of ``per_norm`` (the teacher's
+    measure) — and the share of that activity they had; ``(None, None)`` without a measure."""
+    if per_norm is None:
+        return None, None
+    activity = sum(per_norm[name] for name in norm_modules(fam, sorted(set(chosen))) if name in per_norm)
+    channels = largest(activity, s.hidden)
+    return channels, _share(activity, channels)
+
+
+def calibrated_heads(t, s, chosen: list[int], importance: dict | None, blocks: int = 0):
+    """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
+    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `kept_heads`; in a
+    family's head ``blocks``, block by block, every block kept) and the share of the layer's head importance they had;
+    empty without a measure."""
+    if importance is None:
+        return {}, {}
+    groups = (blocks, blocks, s.heads // blocks) if blocks else (t.kv_heads, s.kv_heads, s.heads // s.kv_heads)
+    heads = {i: kept_heads(importance[i], *groups) for i in set(chosen) if i in importance}
+    return heads, {i: _share(importance[i], h) for i, h in heads.items()}
+
+
+def calibrated_units(s, chosen: list[int], activity: dict | None, experts_kept=None):
+    """``(units, share)``: per teacher layer among ``chosen``, the MLP units a student keeps by ``activity`` (the
+    teacher's measure) and the share of the layer's activity they had; empty without a measure. A dense MLP's: a
+    LongTensor (increasing); a mixture's routed experts' ([E, ff] measures): one row per expert the student keeps
+    (``experts_kept(layer)``: the teacher's indices, or how many first ones), its units, the share over those
+    experts."""
+    if activity is None:
+        return {}, {}
+    units, share = {}, {}
+    for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers have no measure: they are kept whole
+        a = activity[i]
+        if a.dim() == 1:
+            units[i], share[i] = largest(a, s.intermediate), _share(a, largest(a, s.intermediate))
+            continue
+        experts = experts_kept(i)
+        experts = torch.arange(experts) if isinstance(experts, int) else experts
+        units[i] = torch.stack([largest(a[e], s.intermediate) for e in experts.tolist()])
+        kept = a[experts].gather(1, units[i]).sum()
+        share[i] = round(float(kept / a[experts].sum().clamp_min(1e-300)), 6)
+    return units, share
+
+
+def calibrated_experts(t, s, chosen: list[int], counts: dict | None):
+    """``(kept, share)``: per routed teacher layer among ``chosen``, the experts a student keeps by use (the teacher's
+    routing ``counts``; LongTensor, increasing, per group under group-limited routing) and the share of the layer's
+    calibration routings they had; empty without a measure."""
+    if counts is None:
+        return {}, {}
+    routed = sorted(i for i in set(chosen) if i in counts)
+    if not routed:  # a mixture's dense layers only (DeepSeek's first layers, Qwen-MoE's mlp_only_layers)
+        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, chosen))}) routes to experts: "
+                          "experts=used has nothing to count; drop it")
+    kept = {i: largest(counts[i], s.experts, t.expert_groups) for i in routed}
+    return kept, {i: round(float(counts[i][k].sum()) / max(1, int(counts[i].sum())), 6) for i, k in kept.items()}

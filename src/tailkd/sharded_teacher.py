@@ -263,8 +263,9 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     from it copies (every parameter outside the decoder layers and those of the layers the student keeps), read whole in
     the teacher dtype; their saved (persistent) buffers are read too. With ``student_cfg.path`` (an existing student)
     none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
-    layers where it measured their influence (`tailkd.student.calibrated_layers`)."""
-    from tailkd.student import calibrated_layers, choose_layers, family_of, teacher_dims
+    layers where it measured their influence (`tailkd.calibration.calibrated_layers`)."""
+    from tailkd.calibration import calibrated_layers
+    from tailkd.student import choose_layers, family_of, teacher_dims
 
     folder = teacher_folder(spec, cache_dir)
     model = _skeleton(folder, models.resolve_dtype(dtype, device))

@@ -175,7 +175,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tailkd.calibration import experts_module, kept_heads, largest, measure, norm_modules
+from tailkd.calibration import (
+    calibrated_channels,
+    calibrated_experts,
+    calibrated_heads,
+    calibrated_layers,
+    calibrated_units,
+    measure,
+    wanted_measures,
+)
 from tailkd.config import (
     EXPERT_CHOICES,
     HEAD_CHOICES,
@@ -188,7 +196,7 @@ from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 
-__all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "calibrated_layers", "choose_layers", "config_family",
+__all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "choose_layers", "config_family",
            "family_of", "format_table", "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
 
 
@@ -855,13 +863,13 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student.generation_config = copy.deepcopy(teacher.generation_config)
     _check_layer_kinds(teacher, student, fam, chosen)
 
-    channels, channel_share = _channels_by_activity(fam, s, chosen, measured.get("hidden_channels=active"))
+    channels, channel_share = calibrated_channels(fam, s, chosen, measured.get("hidden_channels=active"))
     index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks)
-    heads, head_share = _heads_by_importance(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks)
+    heads, head_share = calibrated_heads(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks)
     per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads, fam.head_blocks)
                  for i, q_heads in heads.items()}
-    kept, share = _experts_by_use(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
-    units, active = _units_by_activity(s, chosen, measured.get("mlp_units=active"),  # {teacher layer: ...}
+    kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
+    units, active = calibrated_units(s, chosen, measured.get("mlp_units=active"),  # {teacher layer: ...}
                                        lambda i: kept.get(i, index["expert"]))
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
@@ -950,15 +958,6 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
     return measure(teacher, fam, calibration(), wanted, heads)[0]
 
 
-def calibrated_layers(measured: dict, num_layers: int | None, layers) -> tuple[int | None, list | None]:
-    """``(num_layers, layers)`` of a student after its calibration (`calibrate`'s ``measured``): the ``num_layers``
-    teacher layers of largest Block Influence, in order, where it was measured; else as given."""
-    influence = measured.get("layer_choice=influence")
-    if influence is None:
-        return num_layers, layers
-    return None, largest(influence, num_layers).tolist()
-
-
 def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
             num_experts, num_experts_per_tok, layer_choice, hidden_channels, attention_heads, mlp_units, experts):
     """``(family, {PROBES key: teacher layers}, the teacher's query heads)``: what `calibrate` measures for these
@@ -974,33 +973,8 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
                           "the two")
     fam, t, s, _, _ = _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
                               head_dim, num_experts, num_experts_per_tok)  # its refusals: before any pass
-    every = list(range(t.layers))
-    wanted = {}
-    if layer_choice == "influence" and layers is None and s.layers < t.layers:
-        wanted["layer_choice=influence"] = every
-    if hidden_channels == "active" and s.hidden != t.hidden:
-        wanted["hidden_channels=active"] = every
-    if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
-        wanted["attention_heads=active"] = every
-    if mlp_units == "active":
-        path = experts_module(fam) if t.experts else ""
-        standard = {f"{path}.gate_up_proj": ("expert", "gate_up", "d"), f"{path}.down_proj": ("expert", "d", "ff")}
-        if t.experts and any(fam.layer_params.get(name) != axes for name, axes in standard.items()):
-            raise TailkdError(f"mlp_units=active measures a mixture's experts stored as gate_up_proj [experts, gate | "
-                              f"up, hidden] and down_proj [experts, hidden, units], which {fam.label}'s are not: drop "
-                              "it")
-        if not t.experts and not any("ff" in axes for axes in fam.layer_params.values()):
-            raise TailkdError(f"mlp_units=active chooses the units of a dense MLP cut by intermediate_size, which "
-                              f"{fam.label}'s MLP is not: drop it")
-        if s.intermediate != t.intermediate:
-            wanted["mlp_units=active"] = every
-    if experts == "used":
-        if not t.experts:
-            raise TailkdError(f"experts=used chooses among a mixture's routed experts, but {fam.label} is not a "
-                              "mixture of experts: drop it")
-        if s.experts != t.experts:
-            wanted["experts=used"] = every
-    return fam, wanted, t.heads
+    return fam, wanted_measures(fam, t, s, layers=layers, layer_choice=layer_choice, hidden_channels=hidden_channels,
+                       attention_heads=attention_heads, mlp_units=mlp_units, experts=experts), t.heads
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:
@@ -1011,56 +985,6 @@ def _digest(ids: torch.Tensor, total: int) -> str:
             f"{hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}")
 
 
-def _share(values: torch.Tensor, kept: torch.Tensor) -> float:
-    """The share of ``values``' sum the entries ``kept`` have (rounded to 6 digits)."""
-    return round(float(values[kept].sum() / values.sum().clamp_min(1e-300)), 6)
-
-
-def _channels_by_activity(fam: Family, s: Dims, chosen: list[int], per_norm: dict | None):
-    """``(channels, share)``: the residual-stream channels a student keeps by activity (LongTensor, increasing) —
-    summed over the norms of its ``chosen`` teacher layers and the model's own, of ``per_norm`` (the teacher's
-    measure) — and the share of that activity they had; ``(None, None)`` without a measure."""
-    if per_norm is None:
-        return None, None
-    activity = sum(per_norm[name] for name in norm_modules(fam, sorted(set(chosen))) if name in per_norm)
-    channels = largest(activity, s.hidden)
-    return channels, _share(activity, channels)
-
-
-def _heads_by_importance(t: Dims, s: Dims, chosen: list[int], importance: dict | None, blocks: int = 0):
-    """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
-    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `tailkd.calibration.kept_heads`; in a
-    family's head ``blocks``, block by block, every block kept) and the share of the layer's head importance they had;
-    empty without a measure."""
-    if importance is None:
-        return {}, {}
-    groups = (blocks, blocks, s.heads // blocks) if blocks else (t.kv_heads, s.kv_heads, s.heads // s.kv_heads)
-    heads = {i: kept_heads(importance[i], *groups) for i in set(chosen) if i in importance}
-    return heads, {i: _share(importance[i], h) for i, h in heads.items()}
-
-
-def _units_by_activity(s: Dims, chosen: list[int], activity: dict | None, experts_kept=None):
-    """``(units, share)``: per teacher layer among ``chosen``, the MLP units a student keeps by ``activity`` (the
-    teacher's measure) and the share of the layer's activity they had; empty without a measure. A dense MLP's: a
-    LongTensor (increasing); a mixture's routed experts' ([E, ff] measures): one row per expert the student keeps
-    (``experts_kept(layer)``: the teacher's indices, or how many first ones), its units, the share over those
-    experts."""
-    if activity is None:
-        return {}, {}
-    units, share = {}, {}
-    for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers have no measure: they are kept whole
-        a = activity[i]
-        if a.dim() == 1:
-            units[i], share[i] = largest(a, s.intermediate), _share(a, largest(a, s.intermediate))
-            continue
-        experts = experts_kept(i)
-        experts = torch.arange(experts) if isinstance(experts, int) else experts
-        units[i] = torch.stack([largest(a[e], s.intermediate) for e in experts.tolist()])
-        kept = a[experts].gather(1, units[i]).sum()
-        share[i] = round(float(kept / a[experts].sum().clamp_min(1e-300)), 6)
-    return units, share
-
-
 def _each_experts_units(value: torch.Tensor, axes, units: torch.Tensor, width: int) -> torch.Tensor:
     """``value`` (a mixture's experts tensor, its kept experts along axis 0, their units whole) with each expert's own
     ``units`` (a row per expert) along its ``ff`` or ``gate_up`` axis (gate_up: [gate | up] of ``width`` each)."""
@@ -1069,20 +993,6 @@ def _each_experts_units(value: torch.Tensor, axes, units: torch.Tensor, width: i
     view = [index.shape[0]] + [index.shape[1] if d == dim else 1 for d in range(1, value.dim())]
     size = [index.shape[1] if d == dim else n for d, n in enumerate(value.shape)]
     return value.gather(dim, index.view(view).expand(size).to(value.device))
-
-
-def _experts_by_use(t: Dims, s: Dims, chosen: list[int], counts: dict | None):
-    """``(kept, share)``: per routed teacher layer among ``chosen``, the experts a student keeps by use (the teacher's
-    routing ``counts``; LongTensor, increasing, per group under group-limited routing) and the share of the layer's
-    calibration routings they had; empty without a measure."""
-    if counts is None:
-        return {}, {}
-    routed = sorted(i for i in set(chosen) if i in counts)
-    if not routed:  # a mixture's dense layers only (DeepSeek's first layers, Qwen-MoE's mlp_only_layers)
-        raise TailkdError(f"none of the student's teacher layers ({' '.join(map(str, chosen))}) routes to experts: "
-                          "experts=used has nothing to count; drop it")
-    kept = {i: largest(counts[i], s.experts, t.expert_groups) for i in routed}
-    return kept, {i: round(float(counts[i][k].sum()) / max(1, int(counts[i].sum())), 6) for i, k in kept.items()}
 
 
 def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None:
