@@ -63,11 +63,13 @@ def test_kept_experts_are_the_most_used_ties_to_the_lower_index():
     assert largest(torch.zeros(6, dtype=torch.long), 2, groups=2).tolist() == [0, 3]  # no use: the first
 
 
-def test_counts_are_the_top_k_of_the_router_logits_over_real_tokens():
-    """Mixtral: its routing is the top 2 of its router logits per token; the counts over a batch equal those of the
-    logits its forward returns (output_router_logits), ranked here in float64, over the tokens its attention mask
-    keeps (right padding left out)."""
-    teacher = make_teacher("mixtral")
+@pytest.mark.parametrize("family", ["mixtral", "llama4"])
+def test_counts_are_the_top_k_of_the_router_logits_over_real_tokens(family):
+    """Mixtral, Llama 4 (whose experts take every token pre-scaled by its score: counted at its router): their routing
+    is the top 2 of the router logits per token; the counts over a batch equal those of the logits the forward returns
+    (output_router_logits; Llama 4's routed layers 1, 3, 4 only), ranked here in float64, over the tokens the attention
+    mask keeps (right padding left out)."""
+    teacher = make_teacher(family)
     ids = _ids(5, (3, 13))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
@@ -77,9 +79,10 @@ def test_counts_are_the_top_k_of_the_router_logits_over_real_tokens():
     assert tokens == int(mask.sum()) == 13 + 9 + 4
     with torch.no_grad():
         router_logits = teacher(ids, output_router_logits=True, use_cache=False).router_logits
-    assert sorted(counts) == list(range(N_LAYERS)) and len(router_logits) == N_LAYERS
+    routed = [i for i in range(N_LAYERS) if _has_experts(teacher, i)]
+    assert sorted(counts) == routed and len(router_logits) == len(routed) >= 3
     real = mask.reshape(-1).bool()
-    for i, logits in enumerate(router_logits):  # [tokens, E]
+    for i, logits in zip(routed, router_logits):  # [tokens, E]
         top = logits.double()[real].argsort(dim=-1, descending=True)[:, :2]
         expected = torch.tensor([int((top == e).sum()) for e in range(4)])
         assert torch.equal(counts[i], expected), i
@@ -509,7 +512,8 @@ def test_a_student_keeping_the_active_mlp_units_is_its_teacher(family):
     *[(family, {"mlp_units": "active", "mlp_init": "copy", "intermediate_size": 16},
        rf"^mlp_units=active measures a mixture's experts stored as gate_up_proj \[experts, gate \| up, hidden\] and "
        rf"down_proj \[experts, hidden, units\], which {label}'s are not: drop it$")
-      for family, label in (("gpt_oss", "GPT-OSS"), ("nemotron_h", "Nemotron-H"))],  # interleaved pairs; ungated
+      for family, label in (("gpt_oss", "GPT-OSS"), ("nemotron_h", "Nemotron-H"),  # interleaved pairs; ungated
+                            ("llama4", "Llama 4"))],  # [E, hidden, gate | up], in before out
     ("bloom", {"mlp_units": "active", "mlp_init": "copy"}, r"^mlp_units=active chooses the units of a dense MLP cut "
                                                            r"by intermediate_size, which Bloom's MLP is not: drop it$"),
 ])

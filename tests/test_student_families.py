@@ -254,6 +254,14 @@ CONFIGS = {
                                                 num_experts_per_tok=2, moe_intermediate_size=40, q_lora_rank=None,
                                                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
                                                 mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"])),
+    # Llama 4: routed layers 1, 3, 4 (moe_layers; dense MLPs 96 wide in 0, 2), experts stored in before out beside a
+    # shared expert of their width, a sigmoid top-2 router; NoPE layers 1, 3 (no_rope_layers, with the attention
+    # temperature tuning from position 3 on: floor_scale 4) beside chunked attention in chunks of 8 (layer_types),
+    # interleaved RoPE, weightless q/k norms
+    "llama4": ("Llama4TextConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, intermediate_size=40,
+                                        intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=2,
+                                        moe_layers=[1, 3, 4], no_rope_layer_interval=2, attention_chunk_size=8,
+                                        floor_scale=4)),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -294,7 +302,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "bloom": "BloomForCausalLM", "gptj": "GPTJForCausalLM", "gpt_bigcode": "GPTBigCodeForCausalLM",
            "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
-           "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM"}
+           "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
+           "llama4": "Llama4ForCausalLM"}
 NAMES = list(CONFIGS)
 
 
@@ -361,6 +370,8 @@ def _split_layer(name):
 
 def _decoder_layers(model):
     base = model.base_model
+    if base is model:  # Llama 4: its classes' base_model_prefix names the multimodal model's part, not .model
+        base = model.model
     for name in ("layers", "h", "blocks"):  # most families, Bloom / GPT-J / GPT-BigCode, MPT
         if hasattr(base, name):
             return getattr(base, name)
@@ -437,6 +448,18 @@ def _expected(name, teacher, plan):
         rest = ("mamba." if kind in ("in_proj", "out_proj", "conv1d", "dt_bias", "A_log", "D", "norm") else
                 "self_attn." if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + tail
         rest = rest.replace("mlp.shared_experts.", "mlp.shared_expert.")  # a width of its own: Qwen's whole-width rule
+    if type(teacher).__name__ == "Llama4ForCausalLM" and rest.startswith("feed_forward."):  # experts: in before out
+        part, experts, ff_e = rest.removeprefix("feed_forward."), plan["experts"], plan["ff_e"]
+        if part == "router.weight":  # [E, d]
+            return rd(w[experts], 1)
+        if part == "experts.gate_up_proj":  # [E, d, gate | up]
+            gate, up = w[experts].chunk(2, dim=2)
+            return rd(torch.cat([gate[..., :ff_e], up[..., :ff_e]], dim=2), 1)
+        if part == "experts.down_proj":  # [E, ff, d]
+            return rd(w[experts, :ff_e], 2)
+        if part.startswith("shared_expert."):  # as wide as each expert: it narrows with them
+            return rd(w[:, :ff_e], 0) if ".down_proj" in part else rd(w[:ff_e], 1)
+        return rd(w, 0) if part.startswith("down_proj") else rd(w, 1)  # a dense layer's MLP: its own width, whole
     if plan["moe"] and rest.startswith("feed_forward."):  # LFM2-MoE: the rules of the other mixtures' mlp.
         rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("block_sparse_moe."):  # Granite 4.0-H's routed experts: likewise
@@ -653,7 +676,8 @@ def _zero_dropped_layers(teacher, keep):
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
                "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
-               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.", "attn.attention.out_proj.")
+               "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.", "attn.attention.out_proj.",
+               "feed_forward.shared_expert.down_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -987,6 +1011,12 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=3)),
     # 4 of 16 rows rotate, pairs (i, i+2): 2 of 8 rotate, teacher pair 0 = rows 0, 2; then non-rotated rows 4..9
     "qwen3_next-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 5, 6, 7, 8, 9])),
+    # Llama 4: interleaved RoPE on whole heads, 16 -> 8 rows: teacher pairs 0, 2, 4, 6; the shared expert narrows with
+    # the routed ones, the dense layers' MLPs keep their width
+    "llama4": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
+               dict(d=32, hd_s=8, ff_e=24, experts=3, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
+    "llama4-heads": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
+                     dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     "qwen3_5": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
                 dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
     "qwen3_5_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),

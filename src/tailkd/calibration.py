@@ -280,18 +280,31 @@ def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
 
 def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Tokens routed to each expert ({layer: int64 [E]}) of the routed layers among ``layers``: a forward pre-hook on
-    each experts module reads the routed indices it is called with."""
+    each experts module reads the routed indices it is called with; where the family's experts are called without
+    them (`Family.router`: Llama 4), a forward hook on the router takes the top ``top_k`` of the logits it returns, as
+    the router itself does."""
     # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
     modules = _layer_modules(teacher, fam, layers, experts_module(fam))
     experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
     counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
 
+    def add(i, chosen):  # [tokens, k]
+        counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
+
     def hook(i):
         def count(module, args, kwargs):
-            chosen = _routed(args, kwargs, real)  # [tokens, k]
-            counts[i] += torch.bincount(chosen.reshape(-1).long(), minlength=experts[i]).cpu()
+            add(i, _routed(args, kwargs, real))
         return count
 
+    def router_hook(i):
+        def count(module, args, output):  # output: (scores, logits [tokens, E])
+            logits = output[1]
+            add(i, _real_rows(torch.topk(logits, module.top_k, dim=-1).indices, real, module.top_k))
+        return count
+
+    if fam.router:
+        routers = _layer_modules(teacher, fam, modules, fam.router)
+        return [m.register_forward_hook(router_hook(i)) for i, m in routers.items()], lambda tokens: counts
     return [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()], lambda tokens: counts
 
 

@@ -175,6 +175,11 @@ class Family:
     # hidden_size / dim_model_base before the head): scaled with a narrower hidden_size, the ratio the teacher's; a
     # hidden_size for which the key is not a whole number is refused
     hidden_ratios: tuple[str, ...] = ()
+    # a router whose forward returns (scores, logits) and routes each token to the top num_experts_per_tok of the
+    # logits, inside one of the family's layers, where its experts module is called without the routed indices (Llama
+    # 4's feed_forward.router: its experts take every token pre-scaled by its score): `tailkd.calibration` counts the
+    # routed experts there
+    router: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -597,6 +602,22 @@ FAMILIES = {f.name: f for f in (
     # SmolLM3: Llama's layout; no_rope_layers (1 = RoPE, 0 = none) is per layer and follows the chosen layers
     Family("smollm3", "SmolLM3", ("SmolLM3ForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "follows_hidden", layer_lists=("layer_types", "no_rope_layers")),
+    # Llama 4 (text): routed experts stored in before out ([E, d, gate | up], [E, units, d]) under a sigmoid top-k
+    # router, beside a shared expert as wide as each of them; dense MLPs of their own width (intermediate_size_mlp,
+    # kept) in the layers moe_layers does not list; NoPE layers (no_rope_layers) beside RoPE layers on interleaved pairs
+    # with chunked attention (layer_types); weightless q/k norms
+    Family("llama4", "Llama 4", ("Llama4ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_PRE_NORMS, "feed_forward.router.weight": ("expert", "d"),
+            "feed_forward.experts.gate_up_proj": ("expert", "d", "gate_up"),
+            "feed_forward.experts.down_proj": ("expert", "ff", "d"),
+            **linear("feed_forward.shared_expert.gate_proj", "ff", "d"),
+            **linear("feed_forward.shared_expert.up_proj", "ff", "d"),
+            **linear("feed_forward.shared_expert.down_proj", "d", "ff"), **linear("feed_forward.gate_proj", "all", "d"),
+            **linear("feed_forward.up_proj", "all", "d"), **linear("feed_forward.down_proj", "d", "all")},
+           _EMBED, "follows_hidden", rope="interleaved",
+           keys=dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size"),
+           layer_lists=("layer_types", "no_rope_layers"), layer_index_lists=("moe_layers",),
+           mlp_prefix="feed_forward.", router="feed_forward.router"),
     # LFM2: short-convolution layers (depthwise over the residual channels: they narrow with hidden_size) beside
     # attention layers (layer_types / full_attn_idxs), per-head q/k norms, an MLP whose width the model rounds
     Family("lfm2", "LFM2", ("Lfm2ForCausalLM",), _LFM2_GLOBAL,

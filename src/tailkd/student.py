@@ -62,14 +62,15 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3, GLM-4.7-Flash) keeps the teacher's first `num_experts` routed experts (all by default; at least
-         its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
-         ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
+         DeepSeek-V2/V3, GLM-4.7-Flash, Llama 4) keeps the teacher's first `num_experts` routed experts (all by default;
+         at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy"
+         and ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
          (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
          moe_intermediate_size, whichever the family's experts have; its first units, or with ``mlp_units="active"``
          each kept expert's own most active ones, over the tokens routed to it — experts stored as [E, gate | up, d],
-         not GPT-OSS's interleaved gate/up pairs, which are kept as pairs of the first units). GPT-OSS's and
-         Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and
+         not GPT-OSS's interleaved gate/up pairs, which are kept as pairs of the first units, nor Llama 4's
+         in-before-out [E, d, gate | up], which keep their first units). GPT-OSS's and Granite-SWA's attention sinks
+         follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and
          Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on
          its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s
          kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
@@ -90,7 +91,11 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size units. MiniMax-M2's
          score-correction bias (on its MoE block) likewise follows the kept experts. HunYuan-MoE's always-on shared MLP
          is as wide as its experts and narrows with them; an expert setting its config lists per layer (HunYuan-MoE's
-         moe_topk) is refused.
+         moe_topk) is refused. Llama 4 (text) routes with a sigmoid top-k router whose experts take every token
+         pre-scaled by its score (with experts "used" the counts are read at the router); its shared expert is as wide
+         as each routed one and narrows with them, its dense layers' MLPs (``intermediate_size_mlp``, in the layers
+         ``moe_layers`` does not list: renumbered to the chosen layers) keep the teacher's width, its ``no_rope_layers``
+         follow the chosen layers as ``layer_types`` (chunked attention on its RoPE layers) do.
 Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM, MiniCPM3): one key/value head per query
          head, so num_heads narrows whole heads (the first ones: their rows of q_proj / q_b_proj, of kv_b_proj, which
          expands the shared latent into each head's [key | value], and o_proj's columns); the head sizes
@@ -159,8 +164,9 @@ number of heads: num_heads is the teacher's; its MLP is always 4 x hidden_size w
 student: scale_depth by sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
 Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers
 listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3,
-GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
+Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
+ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
