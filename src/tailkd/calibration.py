@@ -436,7 +436,7 @@ def _submodule(root, name: str):
 # (`tailkd.student.Dims`), ``chosen``: the teacher layers the student keeps.
 
 def wanted_measures(fam: Family, t, s, *, layers, layer_choice: str, hidden_channels: str, attention_heads: str,
-           mlp_units: str, experts: str) -> dict:
+                    mlp_units: str, experts: str) -> dict:
     """``{PROBES key: teacher layers}``: what `measure` reads for a student of sizes ``s`` from a teacher of sizes
     ``t`` (`tailkd.student.Dims`, the teacher's family ``fam``) under these choices of `tailkd.student.build_student`
     (``layers``: the teacher layers it lists, None to choose them): every teacher layer (the layers may be yet to be
@@ -498,9 +498,9 @@ def calibrated_channels(fam: Family, s, chosen: list[int], per_norm: dict | None
 
 def calibrated_heads(t, s, chosen: list[int], importance: dict | None, blocks: int = 0):
     """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
-    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `kept_heads`; in a
-    family's head ``blocks``, block by block, every block kept) and the share of the layer's head importance they had;
-    empty without a measure."""
+    ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `kept_heads`; in a family's head ``blocks``,
+    block by block, every block kept) and the share of the layer's head importance they had; empty without a
+    measure."""
     if importance is None:
         return {}, {}
     groups = (blocks, blocks, s.heads // blocks) if blocks else (t.kv_heads, s.kv_heads, s.heads // s.kv_heads)

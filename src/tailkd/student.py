@@ -202,8 +202,8 @@ from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 
-__all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "choose_layers", "config_family",
-           "family_of", "format_table", "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
+__all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "choose_layers", "config_family", "family_of",
+           "format_table", "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
 
 
 @dataclass(frozen=True)
@@ -876,7 +876,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                  for i, q_heads in heads.items()}
     kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
     units, active = calibrated_units(s, chosen, measured.get("mlp_units=active"),  # {teacher layer: ...}
-                                       lambda i: kept.get(i, index["expert"]))
+                                     lambda i: kept.get(i, index["expert"]))
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
 
