@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailkd.errors import TailkdError
-from tailkd.student import build_student, choose_layers, format_table, rope_pair_rows, student_config
+from tailkd.slicing import rope_pair_rows
+from tailkd.student import build_student, choose_layers, format_table, student_config
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
@@ -204,14 +205,6 @@ def test_gemma2_attention_scale_follows_head_dim_rounded_and_positive():
         student, _ = build_student(teacher, head_dim=head_dim)
         assert student.config.query_pre_attn_scalar == want
         assert student.model.layers[0].self_attn.scaling == want ** -0.5
-
-
-def test_rope_pair_rows_general():
-    assert rope_pair_rows(16, 16) == list(range(16))
-    assert rope_pair_rows(64, 32) == [2 * j for j in range(16)] + [32 + 2 * j for j in range(16)]
-    rows = rope_pair_rows(64, 48)  # ratio 4/3: nearest teacher pair per student pair
-    assert rows[:24] == [(4 * j + 1) // 3 for j in range(24)] and rows[24:] == [32 + i for i in rows[:24]]
-    assert len(set(rows)) == 48 and max(rows) < 64
 
 
 def test_qwen2_window_threshold_follows_the_layers():

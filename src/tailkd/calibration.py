@@ -75,6 +75,7 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.head import decoder_forward
+from tailkd.slicing import Dims
 
 __all__ = ["PROBES", "attention_output", "block_influence", "calibrated_channels", "calibrated_experts",
            "calibrated_heads", "calibrated_layers", "calibrated_units", "channel_activity", "experts_module",
@@ -432,13 +433,13 @@ def _submodule(root, name: str):
 
 
 # --------------------------------------------------------------------------- what a student keeps
-# From the measures to the indices a student keeps; ``t``, ``s``: the teacher's and the student's sizes
-# (`tailkd.student.Dims`), ``chosen``: the teacher layers the student keeps.
+# From the measures to the indices a student keeps; ``t``, ``s``: the teacher's and the student's sizes, ``chosen``: the
+# teacher layers the student keeps.
 
-def wanted_measures(fam: Family, t, s, *, layers, layer_choice: str, hidden_channels: str, attention_heads: str,
-                    mlp_units: str, experts: str) -> dict:
+def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str, hidden_channels: str,
+                    attention_heads: str, mlp_units: str, experts: str) -> dict:
     """``{PROBES key: teacher layers}``: what `measure` reads for a student of sizes ``s`` from a teacher of sizes
-    ``t`` (`tailkd.student.Dims`, the teacher's family ``fam``) under these choices of `tailkd.student.build_student`
+    ``t`` (the teacher's family ``fam``) under these choices of `tailkd.student.build_student`
     (``layers``: the teacher layers it lists, None to choose them): every teacher layer (the layers may be yet to be
     chosen) for each choice that has something to choose; {} where every layer, channel, head, unit or expert is
     kept, or the first ones are asked for. A choice ``fam`` cannot make is refused in one line."""
@@ -485,7 +486,7 @@ def _share(values: torch.Tensor, kept: torch.Tensor) -> float:
     return round(float(values[kept].sum() / values.sum().clamp_min(1e-300)), 6)
 
 
-def calibrated_channels(fam: Family, s, chosen: list[int], per_norm: dict | None):
+def calibrated_channels(fam: Family, s: Dims, chosen: list[int], per_norm: dict | None):
     """``(channels, share)``: the residual-stream channels a student keeps by activity (LongTensor, increasing) —
     summed over the norms of its ``chosen`` teacher layers and the model's own, of ``per_norm`` (the teacher's
     measure) — and the share of that activity they had; ``(None, None)`` without a measure."""
@@ -496,7 +497,7 @@ def calibrated_channels(fam: Family, s, chosen: list[int], per_norm: dict | None
     return channels, _share(activity, channels)
 
 
-def calibrated_heads(t, s, chosen: list[int], importance: dict | None, blocks: int = 0):
+def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | None, blocks: int = 0):
     """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
     ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `kept_heads`; in a family's head ``blocks``,
     block by block, every block kept) and the share of the layer's head importance they had; empty without a
@@ -508,7 +509,7 @@ def calibrated_heads(t, s, chosen: list[int], importance: dict | None, blocks: i
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 
-def calibrated_units(s, chosen: list[int], activity: dict | None, experts_kept=None):
+def calibrated_units(s: Dims, chosen: list[int], activity: dict | None, experts_kept=None):
     """``(units, share)``: per teacher layer among ``chosen``, the MLP units a student keeps by ``activity`` (the
     teacher's measure) and the share of the layer's activity they had; empty without a measure. A dense MLP's: a
     LongTensor (increasing); a mixture's routed experts' ([E, ff] measures): one row per expert the student keeps
@@ -530,7 +531,7 @@ def calibrated_units(s, chosen: list[int], activity: dict | None, experts_kept=N
     return units, share
 
 
-def calibrated_experts(t, s, chosen: list[int], counts: dict | None):
+def calibrated_experts(t: Dims, s: Dims, chosen: list[int], counts: dict | None):
     """``(kept, share)``: per routed teacher layer among ``chosen``, the experts a student keeps by use (the teacher's
     routing ``counts``; LongTensor, increasing, per group under group-limited routing) and the share of the layer's
     calibration routings they had; empty without a measure."""

@@ -177,7 +177,6 @@ import hashlib
 import itertools
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 
@@ -201,25 +200,10 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
+from tailkd.slicing import HEAD_AXES, Dims, axis_indices, each_experts_units, take
 
 __all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "choose_layers", "config_family", "family_of",
-           "format_table", "freeze_student_embeddings", "rope_pair_rows", "student_dims", "teacher_dims"]
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The sizes a student differs in from its teacher."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int  # a mixture's: each routed expert's width
-    experts: int = 0  # routed experts per layer; 0 for a dense model
-    experts_per_token: int = 0  # experts each token is routed to (num_experts_per_tok); 0 for a dense model
-    expert_groups: int = 1  # group-limited routing's groups (n_group: GLM-4.5, dots.llm1), the teacher's
-    shared_experts: int = 0  # the shared MLP's width in routed widths (n_shared_experts), the teacher's
+           "format_table", "freeze_student_embeddings", "student_dims", "teacher_dims"]
 
 
 # --------------------------------------------------------------------------- choosing the student's shape
@@ -597,119 +581,6 @@ def _sparse_layer(config, i: int) -> bool:
     return i not in only and getattr(config, "num_experts", 0) > 0 and (i + 1) % step == 0
 
 
-# --------------------------------------------------------------------------- index helpers
-
-def rope_pair_rows(hd_t: int, hd_s: int, interleaved: bool = False) -> list[int]:
-    """Rows of a teacher q/k head kept for a student head, in student order: the teacher's RoPE pair
-    floor(j * half_t/half_s + 1/2) for student pair j; pair p is rows (p, p + half) under rotate-half RoPE, rows
-    (2p, 2p + 1) under interleaved RoPE (GLM), both rotating at frequency index p."""
-    half_t, half_s = hd_t // 2, hd_s // 2
-    pairs = [(2 * j * half_t + half_s) // (2 * half_s) for j in range(half_s)]  # floor(j*half_t/half_s + 1/2)
-    if interleaved:
-        return [row for p in pairs for row in (2 * p, 2 * p + 1)]
-    return pairs + [half_t + i for i in pairs]
-
-
-def qk_head_rows(hd_t: int, hd_s: int, rope: bool | str = True, fraction: float = 1.0) -> list[int]:
-    """Rows of a teacher q/k head kept for a student head: RoPE pairs of the rotated part, then the first
-    non-rotated rows (partial rotary); the first hd_s rows without RoPE. ``rope``: a `Family`'s (True: rotate-half,
-    "interleaved", False: none)."""
-    if not rope:
-        return list(range(hd_s))
-    rot_t, rot_s = int(hd_t * fraction), int(hd_s * fraction)
-    pairs = rope_pair_rows(rot_t, rot_s, rope == "interleaved") if rot_s else []
-    return pairs + [rot_t + i for i in range(hd_s - rot_s)]
-
-
-def _rows(heads: list[int], hd_t: int, rows_in_head: list[int]) -> torch.Tensor:
-    """Flat indices into a [n_heads * hd_t] axis: each of `heads`, its `rows_in_head`."""
-    return torch.tensor([h * hd_t + r for h in heads for r in rows_in_head], dtype=torch.long)
-
-
-def _take(tensor: torch.Tensor, *index) -> torch.Tensor:
-    """Slice each leading dim: None keeps it, an int n keeps the first n, a LongTensor picks those indices, a function
-    of the dim's size gives one of these."""
-    for dim, idx in enumerate(index):
-        if callable(idx):
-            idx = idx(tensor.shape[dim])
-        if idx is None:
-            continue
-        if isinstance(idx, int):
-            tensor = tensor.narrow(dim, 0, idx)
-        else:
-            tensor = tensor.index_select(dim, idx.to(tensor.device))
-    return tensor
-
-
-def _per_head(n: int, heads: int) -> int:
-    """The rows per head of an axis of ``n`` rows over ``heads`` heads."""
-    if n % heads:  # a bug in a table, not a user error
-        raise RuntimeError(f"an axis of {n} rows is not {heads} heads' blocks")
-    return n // heads
-
-
-def _query_heads(t: Dims, s: Dims) -> list[int]:
-    """Teacher query heads kept, grouped so each keeps its KV head (first heads when g_s == g_t)."""
-    g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads
-    return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
-
-
-# the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)
-HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp"}
-
-
-def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
-                 q_heads=None, blocks: int = 0) -> dict:
-    """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
-    ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``), ``q_heads``
-    the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `_query_heads`);
-    ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones)."""
-    g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
-    if q_heads is None and blocks:  # each block's first heads
-        q_heads = [b * (t.heads // blocks) + m for b in range(blocks) for m in range(s.heads // blocks)]
-    q_heads = _query_heads(t, s) if q_heads is None else [int(h) for h in q_heads]
-    kv_heads = [q_heads[j * g_s] // g_t for j in range(s.kv_heads)]  # student KV head j's teacher KV head
-    qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
-    q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
-    v = _rows(kv_heads, t.head_dim, first)
-    q_width, kv_width, ff = t.heads * t.head_dim, t.kv_heads * t.head_dim, torch.arange(s.intermediate)
-    experts = s.experts  # the first ones; under group-limited routing the first of each group
-    if t.expert_groups > 1 and s.experts != t.experts:
-        per_t, per_s = t.experts // t.expert_groups, s.experts // t.expert_groups
-        experts = torch.tensor([g * per_t + i for g in range(t.expert_groups) for i in range(per_s)])
-    d = s.hidden if channels is None else channels
-    d_range = torch.arange(s.hidden) if channels is None else channels
-    return {"all": None, "d": d, "ff": s.intermediate, "q": q, "k": k, "v": v,
-            "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
-            "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
-            "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
-                               + [2 * t.head_dim + r for r in first]),
-            "qkv_groups": torch.tensor([  # per kept KV head k: its kept queries' rows, then its k and v rows
-                (k * (g_t + 2) + part) * t.head_dim + r for j, k in enumerate(kv_heads)
-                for part, rows in [*((h % g_t, qk_rows) for h in q_heads[j * g_s:(j + 1) * g_s]),
-                                   (g_t, qk_rows), (g_t + 1, first)] for r in rows], dtype=torch.long),
-            "gate_up": torch.cat([ff, t.intermediate + ff]),
-            "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
-            "ff_shared": s.intermediate * s.shared_experts,
-            "kv_head": torch.tensor(kv_heads, dtype=torch.long),
-            "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
-            "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
-            "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
-            "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
-            "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks)}
-
-
-def _mp_rows(q_heads: list[int], t: Dims, qk_rows: list[int], v_rows: list[int], blocks: int) -> torch.Tensor:
-    """CodeGen's qkv_proj rows kept (axis ``qkv_mp``): ``blocks`` blocks of [q | v | k], each over 1 / blocks of the
-    teacher's heads in turn; per block the kept heads of that block (as many in each: the student's block b holds
-    them), their q, v and k rows in the block's order."""
-    per = t.heads // blocks
-    local = per * t.head_dim
-    return torch.tensor([b * 3 * local + part * local + (h - b * per) * t.head_dim + r for b in range(blocks)
-                         for part, rows in ((0, qk_rows), (1, v_rows), (2, qk_rows))
-                         for h in q_heads if h // per == b for r in rows], dtype=torch.long)
-
-
 # --------------------------------------------------------------------------- copy plans
 
 def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
@@ -900,9 +771,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                 return units[layer] if axis == "ff" else torch.cat([units[layer], t.intermediate + units[layer]])
             return per_layer.get(layer, index)[axis]  # a layer's own heads by importance
 
-        value = _take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
+        value = take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
         if layer in units and units[layer].dim() == 2 and "expert" in axes and {"ff", "gate_up"} & set(axes):
-            value = _each_experts_units(value, axes, units[layer], t.intermediate)
+            value = each_experts_units(value, axes, units[layer], t.intermediate)
         if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
             raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
@@ -989,16 +860,6 @@ def _digest(ids: torch.Tensor, total: int) -> str:
     each = f" in each of {ids.shape[0]} experts" if ids.dim() == 2 else ""
     return (f"{ids.shape[-1]} of {total}{each}, sha1 "
             f"{hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}")
-
-
-def _each_experts_units(value: torch.Tensor, axes, units: torch.Tensor, width: int) -> torch.Tensor:
-    """``value`` (a mixture's experts tensor, its kept experts along axis 0, their units whole) with each expert's own
-    ``units`` (a row per expert) along its ``ff`` or ``gate_up`` axis (gate_up: [gate | up] of ``width`` each)."""
-    dim = next(d for d, axis in enumerate(axes) if axis in ("ff", "gate_up"))
-    index = units if axes[dim] == "ff" else torch.cat([units, width + units], dim=1)
-    view = [index.shape[0]] + [index.shape[1] if d == dim else 1 for d in range(1, value.dim())]
-    size = [index.shape[1] if d == dim else n for d, n in enumerate(value.shape)]
-    return value.gather(dim, index.view(view).expand(size).to(value.device))
 
 
 def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None:
