@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 #   d        the residual stream: its first hidden_size entries (with hidden_channels "active", the most active:
 #            tailkd.calibration)
 #   ff       the MLP: its first intermediate_size units
-#   q k v    the query / key / value rows of the kept heads (q and k: RoPE-pair aware, see tailkd.student)
+#   q k v    the query / key / value rows of the kept heads (q and k: RoPE-pair aware, see tailkd.slicing)
 #   o        the attention output's input side: the kept query heads, the rows v keeps in each
 #   head_qk  the rows kept inside one q/k head (per-head q/k norms: Qwen3, Gemma3, Phi qk_layernorm)
 #   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
