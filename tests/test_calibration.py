@@ -376,6 +376,8 @@ def test_expert_unit_activity_is_the_mean_absolute_input_of_each_experts_down_pr
 def _standard_experts(family) -> bool:
     """Whether a family's table stores its experts as tailkd measures their units (from its config alone)."""
     name, extra = CONFIGS[family]
+    if not hasattr(transformers, name):  # a family of a later transformers: its tests skip
+        return True
     fam = config_family(getattr(transformers, name)(**{**_COMMON, **extra}), family_for_class(CLASSES[family]))
     if not any("expert" in axes for axes in fam.layer_params.values()):
         return False

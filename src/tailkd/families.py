@@ -624,6 +624,15 @@ FAMILIES = {f.name: f for f in (
            {**_LFM2_MIXERS, **linear("feed_forward.w1", "ff_model", "d"), **linear("feed_forward.w3", "ff_model", "d"),
             **linear("feed_forward.w2", "d", "ff_model")},
            _EMBED, "follows_hidden", layer_index_lists=("full_attn_idxs",), mlp_prefix="feed_forward."),
+    # LFM3: LFM2's short convolutions beside sliding and full attention layers (layer_types; Qwen3's attention with
+    # per-head q/k norms and a sigmoid output gate per head, g_proj), a gated MLP of intermediate_size, sandwich norms
+    Family("lfm3", "LFM3", ("Lfm3ForCausalLM",), _LFM2_GLOBAL,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **linear("self_attn.g_proj", "head", "d"),
+            **linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
+            "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d"), **linear("feed_forward.w1", "ff", "d"),
+            **linear("feed_forward.w3", "ff", "d"), **linear("feed_forward.w2", "d", "ff"),
+            **norms("operator_norm", "ffn_norm", "post_operator_norm", "post_ffn_norm")},
+           _EMBED, "kept", mlp_prefix="feed_forward."),
     # LFM2-MoE: routed experts (sigmoid router, a score bias per expert: a saved buffer) below a dense prefix
     # (num_dense_layers) of the teacher's width
     Family("lfm2_moe", "LFM2-MoE", ("Lfm2MoeForCausalLM",), _LFM2_GLOBAL,

@@ -112,6 +112,11 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          (``feed_forward``, which mlp_init draws) keeps the first units of the width LFM2's model makes of
          intermediate_size (rounded to block_multiple_of); LFM2-MoE's dense prefix (``num_dense_layers``) is
          renumbered as other thresholds and its per-expert score bias (a saved buffer) follows the kept experts.
+         LFM3: LFM2's convolutions beside sliding and full attention layers (``layer_types``); Qwen3's attention
+         (head_dim kept by default) with a sigmoid output gate per query head (g_proj: the kept heads' rows); its full
+         layers' proportional RoPE pairs rows rotate-half over the whole head at frequencies base^(-2i / head_dim),
+         those past partial_rotary_factor at 0, so a student head keeps the whole head's pairs (`rotary_fraction`)
+         under both of its RoPE kinds; its MLP is intermediate_size wide.
          Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; the mixer keeps its sizes and narrows
          on the residual side only, which needs its own width (``mamba_d_ssm``): without one it is mamba_expand x
          hidden_size wide and hidden_size is kept (refused in one line); its muP multipliers are the teacher's.
@@ -166,7 +171,7 @@ Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, M
 listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3,
 GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
 Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
@@ -279,12 +284,14 @@ def teacher_dims(config, family: str | Family) -> Dims:
 
 def rotary_fraction(config, fam: Family | None = None) -> float:
     """The share of a head's rows that RoPE rotates (``partial_rotary_factor``; 1 unless Phi-style partial; a family's
-    `rotary_dim_key` over head_dim: GPT-J)."""
+    `rotary_dim_key` over head_dim: GPT-J). Proportional RoPE (LFM3's full attention layers) pairs rows over the whole
+    head, rotate-half, at frequencies base^(-2i / head_dim) of which the last pairs' are 0: a student head keeps the
+    pairs of the whole head (1), which keeps each rotating pair's frequency and the rest still."""
     if fam is not None and fam.rotary_dim_key and getattr(config, fam.rotary_dim_key, None):
         return getattr(config, fam.rotary_dim_key) / teacher_dims(config, fam).head_dim
     params = getattr(config, "rope_parameters", None) or {}
     for group in (params, *(v for v in params.values() if isinstance(v, dict))):
-        if group.get("partial_rotary_factor") is not None:
+        if group.get("partial_rotary_factor") is not None and group.get("rope_type") != "proportional":
             return float(group["partial_rotary_factor"])
     return float(getattr(config, "partial_rotary_factor", None) or 1.0)
 
