@@ -62,6 +62,8 @@ CONFIGS = {
     "cwm": ("CwmConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16, layer_types=[S, F, S, S, F],
                               **_SLIDING)),
     "helium": ("HeliumConfig", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),  # interleaved RoPE
+    # BitNet: norms over the attention's output (before o_proj) and over the MLP's units (before down_proj), relu²
+    "bitnet": ("BitNetConfig", dict(hidden_size=64, num_key_value_heads=2)),
     # per-head q/k norms after RoPE
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=16)),
     "jais2": ("Jais2Config", dict(hidden_size=64, num_key_value_heads=2)),  # LayerNorms with biases, relu², biases
@@ -307,7 +309,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "gpt_bigcode_mha": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
-           "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM"}
+           "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
+           "bitnet": "BitNetForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -577,6 +580,10 @@ def _expected(name, teacher, plan):
     if module in ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm",
                   "self_attn.query_layernorm", "self_attn.key_layernorm"):
         return w[rows]  # per head
+    if module == "self_attn.attn_sub_norm":  # BitNet: the attention's output, per kept query head its first rows
+        return _heads(w, hd_t, q, first)
+    if module == "mlp.ffn_sub_norm":  # BitNet: the MLP's units
+        return w[:ff]
     if module == "mlp.gate_up_proj":
         gate, up = w.chunk(2)
         return rd(torch.cat([gate[:ff], up[:ff]]), 1)
@@ -1092,6 +1099,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # interleaved over the whole head: teacher pairs 0, 2, 4, 6 are rows (0, 1), (4, 5), (8, 9), (12, 13)
     "helium": ({"hidden_size": 32, "intermediate_size": 40},
                dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
+    # BitNet: head_dim hidden_size / num_heads (16 -> 8, or whole heads); the sub-norms follow the heads and the units
+    "bitnet": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "bitnet-heads": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1},
+                     dict(d=32, q_heads=[0, 1], kv_heads=[0])),
     "hunyuan_v1_dense": ({"hidden_size": 32, "intermediate_size": 40},
                          dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "jais2": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),

@@ -397,10 +397,11 @@ def norm_modules(fam: Family, layers) -> list[str]:
 
 
 def attention_output(fam: Family) -> str:
-    """The path, inside one of `fam`'s layers, of its attention's output projection: the module whose weight the table
-    cuts along ``o`` (the kept query heads' blocks of its input), or latent attention's o_proj (``d`` by ``head``)."""
+    """The path, inside one of `fam`'s layers, of its attention's output projection: the module whose 2-D weight the
+    table cuts along ``o`` (the kept query heads' blocks of its input; BitNet's norm before it is cut along ``o`` too),
+    or latent attention's o_proj (``d`` by ``head``)."""
     names = [name.removesuffix(".weight") for name, axes in fam.layer_params.items()
-             if name.endswith(".weight") and ("o" in axes or tuple(axes) == ("d", "head"))]
+             if name.endswith(".weight") and len(axes) == 2 and ("o" in axes or tuple(axes) == ("d", "head"))]
     if len(names) != 1:  # a bug in a table, not a user error
         raise RuntimeError(f"{fam.label}'s table names {len(names)} attention output projections: {names}")
     return names[0]

@@ -277,6 +277,13 @@ FAMILIES = {f.name: f for f in (
     # Helium: Llama's layout with interleaved RoPE
     Family("helium", "Helium", ("HeliumForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED,
            "follows_hidden", rope="interleaved", square_attention_output=True),
+    # BitNet (its unpacked weights: a packed checkpoint is quantized, refused): Llama's layout with an RMSNorm over
+    # the attention's output before o_proj (attn_sub_norm: the kept heads' rows) and over the MLP's units before
+    # down_proj (ffn_sub_norm), head_dim hidden_size / num_heads; the sub-norm is hidden_size wide, so heads x head_dim
+    # must be hidden_size
+    Family("bitnet", "BitNet", ("BitNetForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **norms("self_attn.attn_sub_norm", axis="o"),
+            **norms("mlp.ffn_sub_norm", axis="ff")}, _EMBED, "derived", square_attention_output=True),
     # HunYuan (dense): per-head q/k norms applied after RoPE (query_layernorm, key_layernorm)
     Family("hunyuan_v1_dense", "HunYuan", ("HunYuanDenseV1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_HUNYUAN_QK_NORMS}, _EMBED, "follows_hidden"),

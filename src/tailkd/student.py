@@ -20,13 +20,13 @@ Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size`
          (`tailkd.calibration`), the same channels in every tensor.
 Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidden size is unchanged, else hidden_size //
          num_heads; GPT-2, GPT-BigCode, GPT-Neo, GPT-J, CodeGen, OPT, GPT-NeoX, Bloom, MPT, Falcon, Persimmon, nanochat,
-         FlexOlmo, Phi, Phi-3, OLMo-2 (no head_dim in their configs) always hidden_size // num_heads; Gemma, Gemma2,
-         Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3, OLMo-2,
-         nanochat or FlexOlmo config that does carry a head_dim (their models read it first) is treated like Llama's,
-         and the student's config carries the student's head_dim. An explicit `head_dim` overrides the first and last
-         group. Never more than the teacher's. hidden_size must be a multiple of num_heads where head_dim is hidden_size
-         // num_heads, and where the installed transformers' config class of the teacher requires it (Llama, Gemma2,
-         Gemma3 in transformers 5). Each student head is a teacher head truncated to head_dim:
+         FlexOlmo, Phi, Phi-3, OLMo-2, BitNet (no head_dim in their configs) always hidden_size // num_heads; Gemma,
+         Gemma2, Gemma3, Qwen3 (head_dim decoupled from hidden_size/heads by design) the teacher's. A Phi, Phi-3,
+         OLMo-2, nanochat or FlexOlmo config that does carry a head_dim (their models read it first) is treated like
+         Llama's, and the student's config carries the student's head_dim. An explicit `head_dim` overrides the first
+         and last group. Never more than the teacher's. hidden_size must be a multiple of num_heads where head_dim is
+         hidden_size // num_heads, and where the installed transformers' config class of the teacher requires it (Llama,
+         Gemma2, Gemma3 in transformers 5). Each student head is a teacher head truncated to head_dim:
            - KV heads: the teacher's first `num_kv_heads`.
            - Query heads: grouped so that every query head keeps the KV head it was trained with: for
              KV head k the teacher's query heads k*g_t + m, m < g_s (g = heads per KV head). With
@@ -155,23 +155,24 @@ refusal is a head_dim change under per-frequency RoPE factor lists (Phi-3 "longr
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
 in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
-(interleaved RoPE), HunYuan (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the
-kept heads and rows), Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE),
-Cohere2 (interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4,
-Apertus, GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers),
-GPT-J (interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: a student
-keeps as many heads of each block), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma,
-Qwen3, OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE:
-pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size;
-OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the
-number of heads: num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), MPT
-(likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the
-student: scale_depth by sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS,
-Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers
-listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3,
-GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
-Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only
-ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+(interleaved RoPE), BitNet (its unpacked weights; norms before o_proj and down_proj follow the heads and units), HunYuan
+(per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the kept heads and rows),
+Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved
+RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4, Apertus, GPT-2,
+GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers), GPT-J
+(interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: a student keeps as
+many heads of each block), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3,
+OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is
+rows (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
+embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads:
+num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), MPT (likewise), Persimmon,
+nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the student: scale_depth by
+sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
+(Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
+FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers
+5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed
+layers listed per layer), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3,
+Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
