@@ -75,6 +75,14 @@ def f32_dot_atol(k: int, abs_product, *, u: float = U32):
     return SAFETY * gamma(k, u) * abs_product
 
 
+def rope_rows_atol(k: int, pair_product):
+    """|error| allowed between two float32 models' q (or k) rows after RoPE, each row a k-term product of the same
+    inputs and weights summed in its own blocking (f32_dot_atol each) and RoPE mixing it with its pair partner
+    (|cos| + |sin| <= √2) and rounding 3 times (u|q cos| + u|q' sin| + u|sum|): twice one model's;
+    ``pair_product`` the larger |x|·|W| of a row and its partner (float64)."""
+    return 2 * (math.sqrt(2) * f32_dot_atol(k, pair_product) + SAFETY * 3 * U32 * math.sqrt(2) * pair_product)
+
+
 def logit_scale(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """M = max_i |z_i| / τ over the finite entries of each row of z [..., V] -> [...] float64 (0 for a row without
     finite entries): the condition of log-softmax (its rounding error is absolute, u·M)."""

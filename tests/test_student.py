@@ -1,7 +1,6 @@
 """tailkd.student: layer choice, per-head truncation, MLP init, frozen embeddings, the table."""
 
 import itertools
-import math
 
 import bounds as B
 import pytest
@@ -140,7 +139,7 @@ def test_rope_aware_truncation_keeps_rotated_queries():
         weight = getattr(student.model.layers[1].self_attn, proj).weight.double()
         mag = (hidden.double().abs() @ weight.abs().T).view(1, 7, -1, 8).transpose(1, 2)
         pair = torch.maximum(mag, torch.cat([mag[..., 4:], mag[..., :4]], -1))
-        bound = 2 * (math.sqrt(2) * B.f32_dot_atol(32, pair) + B.SAFETY * 3 * B.U32 * math.sqrt(2) * pair)
+        bound = B.rope_rows_atol(32, pair)
         B.assert_within(got, want, bound, msg=proj)
     # a plain "first 8 rows" cut would not commute with RoPE:
     assert not torch.allclose(sq, tq[..., :8], atol=1e-3)

@@ -1283,7 +1283,7 @@ def test_proportional_rope_keeps_rotated_queries(layer):
         weight = getattr(student.model.layers[layer].self_attn, proj).weight.double()
         mag = (x.double().abs() @ weight.abs().T).view(1, 7, -1, 8).transpose(1, 2)
         pair = torch.maximum(mag, mag[..., partner])
-        bound = 2 * (math.sqrt(2) * B.f32_dot_atol(64, pair) + B.SAFETY * 3 * B.U32 * math.sqrt(2) * pair)
+        bound = B.rope_rows_atol(64, pair)
         B.assert_within(got, want, bound, msg=f"{kind} {proj}")
     assert not torch.allclose(sq, tq[..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)  # partial rotary's choice
 
@@ -1308,7 +1308,7 @@ def test_interleaved_rope_keeps_rotated_queries():
         mag = (x.double().abs() @ module.weight.double().abs().T + module.bias.double().abs())
         mag = mag.view(1, 7, -1, 8).transpose(1, 2)
         pair = torch.maximum(mag, mag[..., partner])
-        bound = 2 * (math.sqrt(2) * B.f32_dot_atol(49, pair) + B.SAFETY * 3 * B.U32 * math.sqrt(2) * pair)
+        bound = B.rope_rows_atol(49, pair)
         B.assert_within(got, want, bound, msg=proj)
     assert not torch.allclose(sq, tq[..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)  # rotate-half's choice
 

@@ -482,9 +482,14 @@ def calibrated_layers(measured: dict, num_layers: int | None, layers) -> tuple[i
     return None, largest(influence, num_layers).tolist()
 
 
+def _fraction(part: torch.Tensor, whole: torch.Tensor) -> float:
+    """``part / whole`` (a share of a sum), rounded to 6 digits; 0 where the whole is 0."""
+    return round(float(part / whole.clamp_min(1e-300)), 6)
+
+
 def _share(values: torch.Tensor, kept: torch.Tensor) -> float:
     """The share of ``values``' sum the entries ``kept`` have (rounded to 6 digits)."""
-    return round(float(values[kept].sum() / values.sum().clamp_min(1e-300)), 6)
+    return _fraction(values[kept].sum(), values.sum())
 
 
 def calibrated_channels(fam: Family, s: Dims, chosen: list[int], per_norm: dict | None):
@@ -522,13 +527,13 @@ def calibrated_units(s: Dims, chosen: list[int], activity: dict | None, experts_
     for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers have no measure: they are kept whole
         a = activity[i]
         if a.dim() == 1:
-            units[i], share[i] = largest(a, s.intermediate), _share(a, largest(a, s.intermediate))
+            units[i] = largest(a, s.intermediate)
+            share[i] = _share(a, units[i])
             continue
         experts = experts_kept(i)
         experts = torch.arange(experts) if isinstance(experts, int) else experts
         units[i] = torch.stack([largest(a[e], s.intermediate) for e in experts.tolist()])
-        kept = a[experts].gather(1, units[i]).sum()
-        share[i] = round(float(kept / a[experts].sum().clamp_min(1e-300)), 6)
+        share[i] = _fraction(a[experts].gather(1, units[i]).sum(), a[experts].sum())
     return units, share
 
 

@@ -234,11 +234,12 @@ _DEEPSEEK_MOE_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="m
 # short convolution whose in_proj is [B | C | x] over the residual channels
 _LFM2_GLOBAL = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
                 **norms("model.embedding_norm")}
+_SHORT_CONV = {**linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
+               "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d")}  # LFM2's, LFM3's
 _LFM2_MIXERS = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
                 **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.out_proj", "d", "o"),
-                **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"),
-                **linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
-                "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d"), **norms("operator_norm", "ffn_norm")}
+                **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"), **_SHORT_CONV,
+                **norms("operator_norm", "ffn_norm")}
 # a Mamba-2 mixer (Falcon-H1, Bamba, Granite 4.0-H; Nemotron-H's under "mixer.") keeps its sizes: only its residual
 # side (in_proj's input, out_proj's output) follows hidden_size
 _MAMBA2 = {**linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
@@ -634,10 +635,9 @@ FAMILIES = {f.name: f for f in (
     # LFM3: LFM2's short convolutions beside sliding and full attention layers (layer_types; Qwen3's attention with
     # per-head q/k norms and a sigmoid output gate per head, g_proj), a gated MLP of intermediate_size, sandwich norms
     Family("lfm3", "LFM3", ("Lfm3ForCausalLM",), _LFM2_GLOBAL,
-           {**_ATTENTION, **_HEAD_QK_NORMS, **linear("self_attn.g_proj", "head", "d"),
-            **linear("conv.in_proj", "d_blocks", "d"), "conv.conv.weight": ("d", "all", "all"),
-            "conv.conv.bias": ("d",), **linear("conv.out_proj", "d", "d"), **linear("feed_forward.w1", "ff", "d"),
-            **linear("feed_forward.w3", "ff", "d"), **linear("feed_forward.w2", "d", "ff"),
+           {**_ATTENTION, **_HEAD_QK_NORMS, **linear("self_attn.g_proj", "head", "d"), **_SHORT_CONV,
+            **linear("feed_forward.w1", "ff", "d"), **linear("feed_forward.w3", "ff", "d"),
+            **linear("feed_forward.w2", "d", "ff"),
             **norms("operator_norm", "ffn_norm", "post_operator_norm", "post_ffn_norm")},
            _EMBED, "kept", mlp_prefix="feed_forward."),
     # LFM2-MoE: routed experts (sigmoid router, a score bias per expert: a saved buffer) below a dense prefix
