@@ -32,7 +32,8 @@ from tailkd.calibration import (
 )
 from tailkd.errors import TailkdError
 from tailkd.families import family_for_class
-from tailkd.student import build_student, calibrate, config_family, family_spec
+from tailkd.sizing import config_family, family_spec
+from tailkd.student import build_student, calibrate
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
     key in extra for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))]

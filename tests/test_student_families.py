@@ -26,7 +26,8 @@ from tailkd.calibration import channel_activity, head_importance, kept_heads, la
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
-from tailkd.student import build_student, config_family, family_spec, freeze_student_embeddings, teacher_dims
+from tailkd.sizing import config_family, family_spec, teacher_dims
+from tailkd.student import build_student, freeze_student_embeddings
 
 N_LAYERS = 5
 SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's first three in every family below

@@ -131,7 +131,7 @@ class Family:
     # no such key: Granite 4.0-H, Bamba) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
     mixer_width_keys: tuple[str, ...] = ()
     # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
-    # kinds that change then (`tailkd.student.config_family` applies them)
+    # kinds that change then (`tailkd.sizing.config_family` applies them)
     without_experts: dict = field(default_factory=dict)
     # the layer kind (in the first of `layer_lists`) that holds the routed experts: a config listing none has none
     # (Nemotron-H's "moe" layers; its dense models still set n_routed_experts)
@@ -153,7 +153,7 @@ class Family:
     # multi-query attention: one KV head, kept (set by a layout where a config flag asks for it: GPT-BigCode, Falcon-7B)
     multi_query: bool = False
     # ((config flag, Family fields where it is set), ...): the first set flag's fields replace the entry's (its
-    # layer_params and keys merged into the entry's; `tailkd.student.config_family`): the attention layouts a config
+    # layer_params and keys merged into the entry's; `tailkd.sizing.config_family`): the attention layouts a config
     # picks (GPT-BigCode's multi-query or per-head c_attn, Falcon's three query_key_value layouts)
     layouts: tuple = ()
     # config keys equal to the number of query heads that follow it (Falcon's num_kv_heads where each query head has

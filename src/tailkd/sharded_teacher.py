@@ -265,7 +265,7 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
     layers where it measured their influence (`tailkd.calibration.calibrated_layers`)."""
     from tailkd.calibration import calibrated_layers
-    from tailkd.student import choose_layers, family_of, teacher_dims
+    from tailkd.sizing import choose_layers, family_of, teacher_dims
 
     folder = teacher_folder(spec, cache_dir)
     model = _skeleton(folder, models.resolve_dtype(dtype, device))

@@ -115,8 +115,8 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          LFM3: LFM2's convolutions beside sliding and full attention layers (``layer_types``); Qwen3's attention
          (head_dim kept by default) with a sigmoid output gate per query head (g_proj: the kept heads' rows); its full
          layers' proportional RoPE pairs rows rotate-half over the whole head at frequencies base^(-2i / head_dim),
-         those past partial_rotary_factor at 0, so a student head keeps the whole head's pairs (`rotary_fraction`)
-         under both of its RoPE kinds; its MLP is intermediate_size wide.
+         those past partial_rotary_factor at 0, so a student head keeps the whole head's pairs
+         (`tailkd.sizing.rotary_fraction`) under both of its RoPE kinds; its MLP is intermediate_size wide.
          Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; the mixer keeps its sizes and narrows
          on the residual side only, which needs its own width (``mamba_d_ssm``): without one it is mamba_expand x
          hidden_size wide and hidden_size is kept (refused in one line); its muP multipliers are the teacher's.
@@ -178,10 +178,7 @@ Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import itertools
-import math
 import re
 
 import torch
@@ -204,389 +201,11 @@ from tailkd.config import (
     MLP_UNIT_CHOICES,
 )
 from tailkd.errors import TailkdError
-from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
-from tailkd.head import model_class_name
-from tailkd.slicing import HEAD_AXES, Dims, axis_indices, each_experts_units, take
+from tailkd.families import SUPPORTED, Family, family_for_class
+from tailkd.sizing import student_plan, student_widths
+from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, take
 
-__all__ = ["SUPPORTED", "Dims", "build_student", "calibrate", "choose_layers", "config_family", "family_of",
-           "format_table", "freeze_student_embeddings", "student_dims", "teacher_dims"]
-
-
-# --------------------------------------------------------------------------- choosing the student's shape
-
-def family_spec(model) -> Family:
-    """The `Family` table entry of a supported model, else a one-line TailkdError listing the supported classes."""
-    name = model_class_name(model)  # a teacher sharded with FSDP2: its own class
-    family = family_for_class(name)
-    if family is None:
-        raise TailkdError(f"cannot build a student from a {name}: supported teachers are {', '.join(SUPPORTED)}; "
-                          "any causal LM teaches a student given as a folder (--student DIR)")
-    return family
-
-
-def family_of(model) -> str:
-    """The family name ("llama", "gpt2", "phi", "phi3", "gemma", ...) of a supported model (see `family_spec`)."""
-    return family_spec(model).name
-
-
-def _spec(family: str | Family) -> Family:
-    return family if isinstance(family, Family) else FAMILIES[family]
-
-
-def config_family(config, family: str | Family) -> Family:
-    """The family's entry as it applies to `config`: a "derived" family whose models read ``config.head_dim`` first
-    (Phi, Phi-3, OLMo-2), for a config that carries one, has Llama's "follows_hidden" head_dim rule; a mixture whose
-    config has no routed experts, its ``without_experts`` keys and axes (Granite 4.0-H's dense variants)."""
-    fam = _spec(family)
-    for flag, fields in fam.layouts:  # GPT-BigCode's, Falcon's attention layouts: the first set flag's
-        if getattr(config, flag, False):
-            fam = dataclasses.replace(fam, **{**fields, "layer_params": {**fam.layer_params, **fields.get(
-                "layer_params", {})}, "keys": {**fam.keys, **fields.get("keys", {})}}, layouts=())
-            break
-    if fam.alibi_flag and getattr(config, fam.alibi_flag, False):  # Falcon-RW: ALiBi in place of RoPE
-        fam = dataclasses.replace(fam, alibi=True, rope=False, alibi_flag="")
-    if fam.head_dim == "derived" and fam.reads_head_dim and getattr(config, "head_dim", None) is not None:
-        fam = dataclasses.replace(fam, head_dim="follows_hidden")
-    if fam.group_routing and getattr(config, fam.group_routing[0], None) != fam.group_routing[1]:
-        fam = dataclasses.replace(fam, keys={**fam.keys, "expert_groups": None}, group_routing=())  # V2's greedy
-    if fam.without_experts and not _routed_experts(config, fam):  # Granite 4.0-H's, Nemotron-H's dense models
-        fam = dataclasses.replace(fam, keys={**fam.keys, **fam.without_experts["keys"]},
-                                  layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
-                                  without_experts={})
-    return fam
-
-
-def _routed_experts(config, fam: Family) -> int:
-    """A mixture's routed experts per layer (0: none, also where no layer holds them: `Family.expert_layer_kind`)."""
-    if fam.expert_layer_kind and fam.expert_layer_kind not in (getattr(config, fam.layer_lists[0], None) or ()):
-        return 0
-    return (getattr(config, fam.keys["experts"], 0) or 0) if fam.keys.get("experts") else 0
-
-
-def teacher_dims(config, family: str | Family) -> Dims:
-    fam = config_family(config, family)
-    keys = fam.keys
-    for role in ("experts", "experts_per_token", "intermediate"):  # HunYuan-MoE's configs may list them per layer
-        if keys.get(role) and isinstance(getattr(config, keys[role], None), (list, tuple)):
-            raise TailkdError(f"the teacher's {keys[role]} is a list, one per layer, which tailkd cannot cut into a "
-                              "student: give the student as a folder (--student DIR)")
-    hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
-    kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
-    kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's, Falcon-7B's multi-query attention
-    head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
-    experts = _routed_experts(config, fam)
-    per_token = getattr(config, keys["experts_per_token"]) if experts else 0
-    groups, shared = (getattr(config, keys[role], None) if keys.get(role) else None
-                      for role in ("expert_groups", "shared_experts"))
-    inter = getattr(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
-    return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
-                per_token, groups or 1, shared or 0)
-
-
-def rotary_fraction(config, fam: Family | None = None) -> float:
-    """The share of a head's rows that RoPE rotates (``partial_rotary_factor``; 1 unless Phi-style partial; a family's
-    `rotary_dim_key` over head_dim: GPT-J). Proportional RoPE (LFM3's full attention layers) pairs rows over the whole
-    head, rotate-half, at frequencies base^(-2i / head_dim) of which the last pairs' are 0: a student head keeps the
-    pairs of the whole head (1), which keeps each rotating pair's frequency and the rest still."""
-    if fam is not None and fam.rotary_dim_key and getattr(config, fam.rotary_dim_key, None):
-        return getattr(config, fam.rotary_dim_key) / teacher_dims(config, fam).head_dim
-    params = getattr(config, "rope_parameters", None) or {}
-    for group in (params, *(v for v in params.values() if isinstance(v, dict))):
-        if group.get("partial_rotary_factor") is not None and group.get("rope_type") != "proportional":
-            return float(group["partial_rotary_factor"])
-    return float(getattr(config, "partial_rotary_factor", None) or 1.0)
-
-
-def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) -> list[int]:
-    """The teacher layers the student keeps (see the module docstring); all of them by default."""
-    if layers is not None and num_layers is not None and len(layers) != num_layers:
-        raise TailkdError(f"layers lists {len(layers)} layers but num_layers={num_layers}: pass only one of them")
-    if layers is not None:
-        layers = [int(i) for i in layers]
-        if not layers:
-            raise TailkdError(f"layers is empty: list the teacher layers (0..{n_teacher - 1}) the student keeps, "
-                              "or pass num_layers")
-        bad = [i for i in layers if not 0 <= i < n_teacher]
-        if bad:
-            raise TailkdError(f"layer indices {bad} out of range: the teacher has layers 0..{n_teacher - 1}")
-        if any(a >= b for a, b in itertools.pairwise(layers)):
-            raise TailkdError(f"layers {layers} must be increasing without repeats: pass e.g. {sorted(set(layers))}")
-        return layers
-    if num_layers is None:
-        return list(range(n_teacher))
-    if not 1 <= num_layers <= n_teacher:
-        raise TailkdError(f"num_layers={num_layers} but the teacher has {n_teacher} layers: pick 1..{n_teacher}")
-    if num_layers == 1:
-        return [0]
-    return [(2 * j * (n_teacher - 1) + (num_layers - 1)) // (2 * (num_layers - 1)) for j in range(num_layers)]
-
-
-def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
-                 intermediate_size=None, head_dim=None, rotary_fraction: float = 1.0, num_experts=None,
-                 num_experts_per_tok=None) -> Dims:
-    """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring)."""
-    fam = _spec(family)
-    hidden = t.hidden if hidden_size is None else int(hidden_size)
-    heads = t.heads if num_heads is None else int(num_heads)
-    if fam.head_blocks and heads % fam.head_blocks:
-        raise TailkdError(f"num_heads={heads}, but {fam.label}'s qkv_proj holds its heads in {fam.head_blocks} blocks "
-                          f"(mp_num, fixed in its code), each keeping as many: pick a multiple of {fam.head_blocks}")
-    if fam.alibi and heads != t.heads:
-        raise TailkdError(f"num_heads={heads}, but {fam.label}'s ALiBi slopes are set by the number of heads: keep "
-                          f"num_heads {t.heads} (a narrower hidden_size narrows each head)")
-    if intermediate_size is not None and not fam.keys["intermediate"]:
-        raise TailkdError(f"{fam.label} has no intermediate_size setting (its MLP is 4 x hidden_size wide): drop "
-                          "intermediate_size and choose hidden_size")
-    inter = t.intermediate if intermediate_size is None else int(intermediate_size)
-    for name, value, limit in (("hidden_size", hidden, t.hidden), ("num_heads", heads, t.heads),
-                               ("intermediate_size", inter, t.intermediate)):
-        if not 1 <= value <= limit:
-            raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, "
-                              f"pick 1..{limit}")
-    kv_heads = _kv_heads(t, fam, heads, num_kv_heads)
-    experts, per_token = _experts(t, fam, num_experts, num_experts_per_tok)
-    hd = _head_dim(t, fam, hidden, heads, head_dim)
-    if fam.square_attention_output and heads * hd != hidden:
-        raise TailkdError(f"{fam.label}'s attention output projection is hidden_size x hidden_size, so num_heads x "
-                          f"head_dim ({heads} x {hd}) must equal hidden_size ({hidden}): narrow hidden_size with "
-                          f"num_heads (hidden_size {heads * hd})")
-    if fam.rope:
-        rot, rot_t = int(hd * rotary_fraction), int(t.head_dim * rotary_fraction)
-        if rot % 2 or (rot == 0 and rot_t > 0):
-            what = f"head_dim {hd}" + (" (hidden_size/num_heads)" if head_dim is None else "")
-            if rotary_fraction == 1:
-                fix = ("an even head_dim" if head_dim is not None
-                       else "a hidden_size that is an even multiple of num_heads")
-                raise TailkdError(f"{what} is odd but RoPE needs it even: pick {fix}")
-            raise TailkdError(f"{what} rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), "
-                              f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
-                              f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
-    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts)
-
-
-def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: bool) -> str:
-    """The fix for a head_dim ``hd`` whose partial rotary share ``int(hd * fraction)`` is odd or none: the head_dims up
-    to the teacher's that rotate an even number of rows (at least 2), the one nearest ``hd`` as an example."""
-    fit = [d for d in range(1, t.head_dim + 1) if int(d * fraction) >= 2 and int(d * fraction) % 2 == 0]
-    if explicit:
-        pick = "pick a head_dim that rotates an even number of rows"
-    else:
-        pick = "pick hidden_size and num_heads whose head_dim rotates an even number of rows"
-    if not fit:
-        return pick
-    d = min(fit, key=lambda d: (abs(d - hd), -d))
-    return f"{pick}, e.g. head_dim {d}" + ("" if explicit else f" (hidden_size {d * heads} with {heads} heads)")
-
-
-def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
-    if fam.multi_query:  # one KV head, kept (GPT-BigCode's, Falcon-7B's multi-query attention)
-        if requested is not None and int(requested) != 1:
-            raise TailkdError(f"{fam.label}'s multi-query attention has one KV head: drop num_kv_heads (or set it "
-                              "to 1)")
-        return 1
-    if fam.keys["kv_heads"] is None or fam.latent_attention:
-        if requested is not None and int(requested) != heads:
-            raise TailkdError(f"{fam.label} has no grouped KV heads: drop num_kv_heads "
-                              f"(or set it to num_heads={heads})")
-        return heads
-    if requested is not None:
-        kv_heads = int(requested)
-    else:  # the teacher's; an MHA teacher (one KV head per query head: Phi-2) gives an MHA student
-        kv_heads = heads if t.kv_heads == t.heads else t.kv_heads
-    if not 1 <= kv_heads <= t.kv_heads:
-        raise TailkdError(f"num_kv_heads={kv_heads} but the teacher has {t.kv_heads}: pick 1..{t.kv_heads}")
-    if heads % kv_heads:
-        raise TailkdError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}: "
-                          f"pick num_kv_heads dividing {heads}")
-    if heads // kv_heads > t.heads // t.kv_heads:
-        need = -(-heads * t.kv_heads // t.heads)
-        raise TailkdError(
-            f"{heads} query heads on {kv_heads} KV heads would share a KV head among more query heads than the "
-            f"teacher's {t.heads // t.kv_heads}: raise num_kv_heads to at least {need} (a divisor of {heads})"
-        )
-    return kv_heads
-
-
-def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int, int]:
-    """The student's routed experts (the teacher's first `requested`; all by default) and experts per token (the
-    teacher's by default), at most as many as it has."""
-    for name, value in (("num_experts", requested), ("num_experts_per_tok", requested_per_token)):
-        if value is not None and not t.experts:
-            raise TailkdError(f"{name}={value} but {fam.label} is not a mixture of experts: drop {name}")
-    if not t.experts:
-        return 0, 0
-    n = t.experts if requested is None else int(requested)
-    k = t.experts_per_token if requested_per_token is None else int(requested_per_token)
-    fixed = fam.fixed_experts_per_token
-    if not (fixed or 1) <= n <= t.experts:
-        raise TailkdError(f"num_experts={n} but the teacher has {t.experts} experts"
-                          + (f" and {fam.label}'s router sends each token to {fixed}" if fixed else "")
-                          + f": pick {fixed or 1}..{t.experts}")
-    if fixed and k != fixed:
-        raise TailkdError(f"num_experts_per_tok={k} but {fam.label}'s router sends each token to {fixed} experts "
-                          "whatever its config says: drop num_experts_per_tok")
-    if not 1 <= k <= n:
-        if requested_per_token is None:
-            raise TailkdError(f"num_experts={n} but each token is routed to {k} (the teacher's num_experts_per_tok): "
-                              f"pick {k}..{t.experts}, or set num_experts_per_tok to at most {n}")
-        raise TailkdError(f"num_experts_per_tok={k} but the student has {n} experts: pick 1..{n}")
-    return n, k
-
-
-def _check_expert_groups(config, fam: Family, s: Dims) -> None:
-    """Group-limited routing (GLM-4.5, dots.llm1, DeepSeek-V3: a group's score is the sum of its top 2 experts;
-    DeepSeek-V2: its best one; each token picks ``topk_group`` groups, then its experts among theirs): the student's
-    experts fill its ``n_group`` groups evenly, as many each as score a group, and its experts per token fit in the
-    groups a token picks."""
-    if not fam.keys.get("expert_groups") or not s.experts:
-        return
-    groups, picked, top = s.expert_groups, getattr(config, "topk_group", None) or 1, fam.group_score_top
-    n, k = s.experts, s.experts_per_token
-    if n % groups:
-        raise TailkdError(f"num_experts={n} but the teacher routes within n_group={groups} groups of experts: pick a "
-                          f"multiple of {groups} (the student keeps the first num_experts/{groups} of each group)")
-    if n // groups < top:
-        raise TailkdError(f"num_experts={n} leaves {n // groups} expert per group, but the router scores each of the "
-                          f"n_group={groups} groups by its top {top} experts: pick at least {top * groups}")
-    if k > picked * (n // groups):
-        raise TailkdError(f"num_experts_per_tok={k} but a token's experts come from topk_group={picked} of the "
-                          f"student's groups of {n // groups}: pick at most {picked * (n // groups)}, or more experts")
-
-
-def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
-    return TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}{why}: "
-                       f"pick a hidden_size that is a multiple of {heads} or another num_heads")
-
-
-def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
-    if requested is not None:
-        hd = int(requested)
-        if fam.latent_attention and hd != t.head_dim:
-            raise TailkdError(f"head_dim={hd}, but {fam.label}'s latent attention keeps its head sizes "
-                              "(qk_nope_head_dim, qk_rope_head_dim, v_head_dim): drop head_dim")
-        if fam.head_dim == "derived" and (hidden % heads or hd != hidden // heads):
-            raise TailkdError(f"{fam.label} has no head_dim setting (it is hidden_size/num_heads = {hidden}/{heads}): "
-                              f"drop head_dim={hd} and choose hidden_size and num_heads instead")
-        if not 1 <= hd <= t.head_dim:
-            raise TailkdError(f"head_dim={hd} but the teacher's is {t.head_dim}: a student can only be narrower, "
-                              f"pick 1..{t.head_dim}")
-    elif fam.head_dim == "kept" or (fam.head_dim == "follows_hidden" and hidden == t.hidden):
-        hd = t.head_dim
-    else:  # head_dim is hidden_size // num_heads, which must then be exact
-        if hidden % heads:
-            raise _not_divisible(hidden, heads)
-        hd = hidden // heads
-        if hd > t.head_dim:
-            raise TailkdError(
-                f"hidden_size={hidden} with num_heads={heads} gives head_dim {hd}, wider than the teacher's "
-                f"{t.head_dim}: use at least {-(-hidden // t.head_dim)} heads or a smaller hidden_size"
-            )
-    return hd
-
-
-def _check_layer_index_flags(config, fam: Family, chosen: list[int]) -> None:
-    """Refuse layers other than the first n under a setting that ties a layer to its own index (`Family`'s
-    ``layer_index_flags``): the student's layer j would compute as layer j, not as teacher layer chosen[j]."""
-    moved = [(j, i) for j, i in enumerate(chosen) if i != j]
-    for flag, what in fam.layer_index_flags:
-        if getattr(config, flag, False) and moved:
-            j, i = moved[0]
-            first = " ".join(map(str, range(len(chosen))))
-            raise TailkdError(f"the teacher {what} ({flag}): the student's layer {j} would compute as layer {j}, "
-                              f"not as teacher layer {i}; keep the teacher's first {len(chosen)} layers "
-                              f"(--student.layers {first})")
-
-
-def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
-    """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting;
-    and 2 rotated rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
-    if s.head_dim == t.head_dim:
-        return
-    params = getattr(config, "rope_parameters", None) or {}
-    groups = (params, *(v for v in params.values() if isinstance(v, dict)))
-    rotated = int(s.head_dim * fraction)
-    if rotated == 2 and any(group.get("rope_type") == "dynamic" for group in groups):
-        what = "head_dim" if fraction == 1 else f"head_dim * partial_rotary_factor ({fraction:g})"
-        raise TailkdError(f"the teacher's dynamic (NTK) RoPE scaling raises its base to r/(r - 2) over the r = "
-                          f"{what} rotated rows, but a head_dim {s.head_dim} student rotates 2: pick a head_dim "
-                          f"that rotates at least 4 (the teacher's is {t.head_dim})")
-    lists = sorted({key for group in groups for key, value in group.items() if isinstance(value, (list, tuple))})
-    if lists:
-        how = ("keep hidden_size/num_heads" if fam.head_dim == "derived" else "keep head_dim") + f" = {t.head_dim}"
-        raise TailkdError(f"the teacher's RoPE has per-frequency factors ({', '.join(lists)}) for head_dim "
-                          f"{t.head_dim}, which a head_dim {s.head_dim} student cannot reuse: {how} "
-                          f"(narrow hidden_size and num_heads together)")
-
-
-def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[int], tie: bool | None = None):
-    data = teacher_config.to_dict()
-    if tie is not None:
-        data["tie_word_embeddings"] = bool(tie)
-    for key in ("quantization_config", "_name_or_path", "name_or_path"):
-        data.pop(key, None)
-    data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
-    sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-             "intermediate": s.intermediate, "experts": s.experts, "experts_per_token": s.experts_per_token}
-    aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
-    data.update({aliases.get(fam.keys[role], fam.keys[role]): value for role, value in sizes.items()
-                 if fam.keys.get(role)})
-    data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `_plan`
-    data.update({key: s.heads for key in fam.heads_keys if key in data})  # Falcon's num_kv_heads without groups
-    implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
-    if fam.head_dim != "derived" and not implied:
-        data["head_dim"] = s.head_dim
-    for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
-        if isinstance(data.get(key), list) and len(data[key]) == t.layers:
-            data[key] = [data[key][i] for i in layers]
-    for key in fam.run_length_layer_lists:  # [[kinds, repeat], ...]: one [[kind], 1] per chosen layer
-        if isinstance(data.get(key), list) and layers != list(range(t.layers)):
-            spelled = [kind for kinds, repeat in data[key] for _ in range(repeat) for kind in kinds]
-            data[key] = [[[spelled[i]], 1] for i in layers]
-    for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
-        if isinstance(data.get(key), int):
-            data[key] = sum(i < data[key] for i in layers)
-    for key in fam.layer_last_indices:  # "up to layer N": the student's index of the last chosen layer up to N
-        if isinstance(data.get(key), int):
-            data[key] = sum(i <= data[key] for i in layers) - 1
-    for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
-        if isinstance(data.get(key), list):
-            data[key] = [j for j, i in enumerate(layers) if i in data[key]]
-    if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
-        sparse = [_sparse_layer(teacher_config, i) for i in layers]
-        if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
-            data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
-            data["decoder_sparse_step"] = 1
-    for key in fam.depth_scales:  # key / sqrt(layers) scales each residual branch: the teacher's per layer
-        if s.layers != t.layers and isinstance(data.get(key), (int, float)):
-            # r * sqrt(L_s), r = the teacher's key / sqrt(L_t): the model's key / sqrt(L_s) gives back r to within a
-            # double's ulp, the same float32 (what multiplies the activations), for every pair of depths below 120
-            data[key] = data[key] / math.sqrt(t.layers) * math.sqrt(s.layers)
-    for key in fam.hidden_ratios:  # hidden_size / key: the teacher's (`_widths` refused a ratio it cannot keep)
-        if s.hidden != t.hidden and isinstance(data.get(key), int):
-            data[key] = data[key] * s.hidden // t.hidden
-    for key in fam.head_dim_scaled:  # proportional to head_dim: an attention scale 1/sqrt(key), MiniMax-M2's RoPE rows
-        if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
-            data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
-    if fam.rotary_dim_key and data.get(fam.rotary_dim_key):  # GPT-J: the rotated rows of a student head
-        data[fam.rotary_dim_key] = int(s.head_dim * rotary_fraction(teacher_config, fam))
-    for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes; "a.b": key b of dict a (MPT)
-        *outer, name = key.split(".")
-        group = data.get(outer[0]) if outer else data
-        if s.head_dim != t.head_dim and isinstance(group, dict) and isinstance(group.get(name), (int, float)):
-            group[name] = group[name] * (t.head_dim / s.head_dim) ** 0.5
-    try:
-        return type(teacher_config).from_dict(data)
-    except Exception as err:  # some config classes validate hidden % heads (transformers 5: Llama, Gemma2, Gemma3)
-        if s.hidden % s.heads == 0:
-            raise
-        raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
-
-
-def _sparse_layer(config, i: int) -> bool:
-    """Whether Qwen-MoE's layer i routes to experts (their modeling code's rule), else a dense MLP."""
-    only = getattr(config, "mlp_only_layers", None) or []
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    return i not in only and getattr(config, "num_experts", 0) > 0 and (i + 1) % step == 0
+__all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]
 
 
 # --------------------------------------------------------------------------- copy plans
@@ -615,51 +234,6 @@ def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
 
 # --------------------------------------------------------------------------- the builder
 
-def _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-            num_experts=None, num_experts_per_tok=None):
-    """``(family, teacher dims, student dims, rotary fraction, layers)`` of a student of these layers (`choose_layers`)
-    and widths, after every refusal that does not depend on which layers it keeps (`build_student` makes them before
-    a calibration pass, `_plan` before the layers' own)."""
-    fam = config_family(teacher.config, family_spec(teacher))
-    for key, why in fam.refused_settings:
-        if getattr(teacher.config, key, None):
-            raise TailkdError(f"the teacher sets {key} ({why}), which tailkd cannot cut into a student: give the "
-                              "student as a folder (--student DIR)")
-    for key in fam.hidden_keys:
-        if getattr(teacher.config, key, None) not in (None, teacher.config.hidden_size):
-            raise TailkdError(f"the teacher's {key} ({getattr(teacher.config, key)}) differs from its hidden_size "
-                              f"({teacher.config.hidden_size}): its projections between the two widths are not cut "
-                              "by tailkd; give the student as a folder (--student DIR)")
-    t = teacher_dims(teacher.config, fam)
-    fraction = rotary_fraction(teacher.config, fam) if fam.rope else 1.0
-    chosen = choose_layers(t.layers, num_layers, layers)
-    s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                     fraction, num_experts, num_experts_per_tok)
-    _check_rope(teacher.config, fam, t, s, fraction)
-    _check_expert_groups(teacher.config, fam, s)
-    for key in fam.hidden_ratios:
-        value = getattr(teacher.config, key, None)
-        if isinstance(value, int) and s.hidden * value % t.hidden:
-            step = t.hidden // math.gcd(t.hidden, value)
-            raise TailkdError(f"hidden_size={s.hidden}, but {fam.label}'s final hidden states divide by hidden_size / "
-                              f"{key} ({t.hidden} / {value}), a ratio a student keeps with a whole {key}: pick a "
-                              f"hidden_size that is a multiple of {step}")
-    unset = [key for key in fam.mixer_width_keys if getattr(teacher.config, key, None) is None]
-    if unset and s.hidden != t.hidden:
-        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are mamba_expand x "
-                          f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (layers, heads and "
-                          "the MLP narrow)")
-    return fam, t, s, fraction, chosen
-
-
-def _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-          tie_embeddings=None, num_experts=None, num_experts_per_tok=None):
-    fam, t, s, fraction, chosen = _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                          intermediate_size, head_dim, num_experts, num_experts_per_tok)
-    _check_layer_index_flags(teacher.config, fam, chosen)
-    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
-
-
 def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                    num_heads: int | None = None, num_kv_heads: int | None = None,
                    intermediate_size: int | None = None, head_dim: int | None = None,
@@ -668,8 +242,8 @@ def student_config(teacher, *, num_layers: int | None = None, layers=None, hidde
     """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
     are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
     `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
-    return _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                 tie_embeddings, num_experts, num_experts_per_tok)[-1]
+    return student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
+                        head_dim, tie_embeddings, num_experts, num_experts_per_tok)[-1]
 
 
 def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
@@ -735,9 +309,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         raise RuntimeError(f"measured holds {sorted(measured)}, these settings need {sorted(wanted)}")
     influence = measured.get("layer_choice=influence")
     num_layers, layers = calibrated_layers(measured, num_layers, layers)
-    fam, t, s, fraction, chosen, config = _plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                               intermediate_size, head_dim, tie_embeddings, num_experts,
-                                               num_experts_per_tok)
+    fam, t, s, fraction, chosen, config = student_plan(teacher, num_layers, layers, hidden_size, num_heads,
+                                                       num_kv_heads, intermediate_size, head_dim, tie_embeddings,
+                                                       num_experts, num_experts_per_tok)
 
     from transformers import AutoModelForCausalLM
 
@@ -827,8 +401,9 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
     ``{tailkd.calibration.PROBES key: measure}``, of every teacher layer, all from one forward over
     ``calibration()``'s batches (`tailkd.calibration.measure`); {} (and no forward) where nothing is to be chosen:
     every layer, channel, head, unit or expert kept, or the first ones asked for. A choice the teacher's family cannot
-    make, or widths it cannot give (`_widths`), are refused here, before any forward. ``teacher`` may be sharded
-    with FSDP2 (`tailkd.sharded_teacher.load_sharded_teacher`; collective then: every rank passes the same batches).
+    make, or widths it cannot give (`tailkd.sizing.student_widths`), are refused here, before any forward.
+    ``teacher`` may be sharded with FSDP2 (`tailkd.sharded_teacher.load_sharded_teacher`; collective then: every rank
+    passes the same batches).
     """
     fam, wanted, heads = _wanted(teacher, num_layers=num_layers, layers=layers, hidden_size=hidden_size,
                                  num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
@@ -856,10 +431,11 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
     if layer_choice == "influence" and layers is not None:
         raise TailkdError("layer_choice=influence chooses the student's layers, and layers lists them: drop one of "
                           "the two")
-    fam, t, s, _, _ = _widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
-                              head_dim, num_experts, num_experts_per_tok)  # its refusals: before any pass
+    # its refusals: before any pass
+    fam, t, s, _, _ = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
+                                     intermediate_size, head_dim, num_experts, num_experts_per_tok)
     return fam, wanted_measures(fam, t, s, layers=layers, layer_choice=layer_choice, hidden_channels=hidden_channels,
-                       attention_heads=attention_heads, mlp_units=mlp_units, experts=experts), t.heads
+                                attention_heads=attention_heads, mlp_units=mlp_units, experts=experts), t.heads
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:

@@ -1,0 +1,80 @@
+"""tailkd.sizing: which teacher layers a student keeps, and the refusals of widths a family cannot give."""
+
+import itertools
+
+import pytest
+from conftest import make_tiny_lm
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tailkd.errors import TailkdError
+from tailkd.sizing import choose_layers, student_plan
+
+
+def _plan(teacher, **options):
+    """`student_plan` with `tailkd.student.build_student`'s keywords (the unset ones None)."""
+    sizes = dict.fromkeys(("num_layers", "layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+                           "head_dim"))
+    return student_plan(teacher, **{**sizes, **options})
+
+
+# --------------------------------------------------------------------------- layer choice
+
+
+@pytest.mark.parametrize("n_teacher, n, expected", [
+    (30, 6, [0, 6, 12, 17, 23, 29]), (4, 2, [0, 3]), (4, 4, [0, 1, 2, 3]), (4, 1, [0]), (5, 3, [0, 2, 4]),
+    (12, 4, [0, 4, 7, 11]),
+])
+def test_choose_layers_examples(n_teacher, n, expected):
+    assert choose_layers(n_teacher, n) == expected
+
+
+@given(st.integers(2, 80).flatmap(lambda L: st.tuples(st.just(L), st.integers(2, L))))
+def test_choose_layers_is_rounded_linspace(case):
+    n_teacher, n = case
+    chosen = choose_layers(n_teacher, n)
+    assert chosen[0] == 0 and chosen[-1] == n_teacher - 1 and len(chosen) == n
+    assert all(a < b for a, b in itertools.pairwise(chosen))
+    for j, i in enumerate(chosen):
+        assert abs(i - j * (n_teacher - 1) / (n - 1)) <= 0.5
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("family, kwargs, message", [
+    ("llama", {"num_layers": 5}, r"num_layers=5 but the teacher has 4 layers"),
+    ("llama", {"num_layers": 0}, r"pick 1\.\.4"),
+    ("llama", {"layers": [0, 4]}, r"layer indices \[4\] out of range.*0\.\.3"),
+    ("llama", {"layers": [2, 1]}, r"increasing.*\[1, 2\]"),
+    ("llama", {"layers": [0, 1, 1]}, r"layers \[0, 1, 1\] must be increasing without repeats: pass e\.g\. \[0, 1\]"),
+    ("llama", {"layers": [0, 1], "num_layers": 3}, r"only one of them"),
+    ("llama", {"layers": []}, r"^layers is empty: list the teacher layers \(0\.\.3\) the student keeps, or pass "
+                              r"num_layers$"),
+    ("llama", {"hidden_size": 128}, r"hidden_size=128 but the teacher's is 64"),
+    ("llama", {"intermediate_size": 256}, r"intermediate_size=256 but the teacher's is 128"),
+    ("llama", {"hidden_size": 30}, r"hidden_size=30 is not divisible by num_heads=4"),
+    ("llama", {"num_heads": 3}, r"num_heads=3 is not a multiple of num_kv_heads=2"),
+    ("llama", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
+    ("llama", {"num_kv_heads": 1}, r"raise num_kv_heads to at least 2"),
+    ("llama", {"hidden_size": 48, "num_heads": 2, "num_kv_heads": 2}, r"head_dim 24, wider than the teacher's 16"),
+    ("gpt2", {"num_kv_heads": 2}, r"GPT-2 has no grouped KV heads"),
+    ("gpt2", {"num_heads": 2}, r"head_dim 32, wider than the teacher's 16"),
+    # the lower bounds and the fixes named: without them a student with no MLP units was built, a layer -1 or 0 KV
+    # heads failed with a KeyError or ZeroDivisionError, head_dim 0 was called odd, and a fix one head short was named
+    ("llama", {"layers": [-1, 2]}, r"^layer indices \[-1\] out of range: the teacher has layers 0\.\.3$"),
+    ("llama", {"intermediate_size": 0}, r"^intermediate_size=0 but the teacher's is 128: a student can only be "
+                                        r"narrower, pick 1\.\.128$"),
+    ("llama", {"num_kv_heads": 0}, r"^num_kv_heads=0 but the teacher has 2: pick 1\.\.2$"),
+    ("llama", {"head_dim": 0}, r"^head_dim=0 but the teacher's is 16: a student can only be narrower, pick 1\.\.16$"),
+    ("llama", {"num_heads": 3, "num_kv_heads": 1}, r"than the teacher's 2: raise num_kv_heads to at least 2 "
+                                                   r"\(a divisor of 3\)$"),  # 3 heads need 3 / 2 -> 2 KV heads
+    ("llama", {"hidden_size": 40, "num_heads": 2, "num_kv_heads": 2}, r"gives head_dim 20, wider than the teacher's "
+                                                                       r"16: use at least 3 heads"),  # 40 / 16 -> 3
+    # GPT-2's head_dim is n_embd // n_head, which must be exact: an explicit head_dim of 34 // 4 is no way round it
+    ("gpt2", {"hidden_size": 34, "head_dim": 8}, r"^GPT-2 has no head_dim setting \(it is hidden_size/num_heads = "
+                                                 r"34/4\): drop head_dim=8"),
+])
+def test_bad_arguments(family, kwargs, message):
+    with pytest.raises(TailkdError, match=message):
+        _plan(make_tiny_lm(family), **kwargs)
