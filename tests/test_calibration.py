@@ -35,8 +35,8 @@ from tailkd.families import family_for_class
 from tailkd.sizing import config_family, family_spec
 from tailkd.student import build_student, calibrate
 
-MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(
-    key in extra for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))]
+MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(  # DBRX: its sizes in ffn_config
+    key in extra for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "ffn_config"))]
 
 
 def _computes_the_teacher(student, teacher, first):
@@ -64,12 +64,13 @@ def test_kept_experts_are_the_most_used_ties_to_the_lower_index():
     assert largest(torch.zeros(6, dtype=torch.long), 2, groups=2).tolist() == [0, 3]  # no use: the first
 
 
-@pytest.mark.parametrize("family", ["mixtral", "llama4"])
+@pytest.mark.parametrize("family", ["mixtral", "llama4", "dbrx"])
 def test_counts_are_the_top_k_of_the_router_logits_over_real_tokens(family):
-    """Mixtral, Llama 4 (whose experts take every token pre-scaled by its score: counted at its router): their routing
-    is the top 2 of the router logits per token; the counts over a batch equal those of the logits the forward returns
-    (output_router_logits; Llama 4's routed layers 1, 3, 4 only; transformers 5.17's Llama 4 returns none: its routers'
-    own outputs), ranked here in float64, over the tokens the attention mask keeps (right padding left out)."""
+    """Mixtral, Llama 4 (whose experts take every token pre-scaled by its score: counted at its router), DBRX (its
+    flattened experts): their routing is the top 2 of the router logits per token; the counts over a batch equal those
+    of the logits the forward returns (output_router_logits; Llama 4's routed layers 1, 3, 4 only; transformers 5.17's
+    Llama 4 and DBRX return none: their routers' own outputs), ranked here in float64, over the tokens the attention
+    mask keeps (right padding left out)."""
     teacher = make_teacher(family)
     ids = _ids(5, (3, 13))
     mask = torch.ones_like(ids)
@@ -80,8 +81,12 @@ def test_counts_are_the_top_k_of_the_router_logits_over_real_tokens(family):
     assert tokens == int(mask.sum()) == 13 + 9 + 4
     routed = [i for i in range(N_LAYERS) if _has_experts(teacher, i)]
     seen = []  # the routers' own logits, where the forward returns none
-    hooks = [teacher.model.layers[i].feed_forward.router.register_forward_hook(lambda m, a, out: seen.append(out[1]))
-             for i in routed] if family == "llama4" else []
+    routers = {"llama4": lambda i: (teacher.model.layers[i].feed_forward.router, 1),  # (scores, logits)
+               "dbrx": lambda i: (teacher.transformer.blocks[i].ffn.router, None)}  # logits
+    hooks = []
+    for router, item in (routers[family](i) for i in routed) if family in routers else ():
+        hooks.append(router.register_forward_hook(lambda m, a, out, item=item: seen.append(
+            out if item is None else out[item])))
     with torch.no_grad():
         router_logits = getattr(teacher(ids, output_router_logits=True, use_cache=False), "router_logits", None)
     for hook in hooks:
@@ -105,8 +110,9 @@ def test_every_mixture_hands_its_routing_to_the_count(family):
     routed = [i for i in range(N_LAYERS) if _has_experts(teacher, i)]
     counts, tokens = routed_counts(teacher, fam, [{"input_ids": _ids(2, (2, 13))}], range(N_LAYERS))
     assert sorted(counts) == routed and routed
-    per_token = teacher.config.num_experts_per_tok if hasattr(teacher.config, "num_experts_per_tok") \
-        else teacher.config.moe_k
+    c = teacher.config
+    per_token = next(k for k in (getattr(c, "num_experts_per_tok", None), getattr(c, "moe_k", None),
+                                 getattr(getattr(c, "ffn_config", None), "moe_top_k", None)) if k is not None)
     for i in routed:
         assert int(counts[i].sum()) == per_token * tokens == per_token * 26, i
 
@@ -156,6 +162,29 @@ def test_a_student_keeping_the_routed_experts_is_its_teacher():
                            teacher.model.layers[i].mlp.experts.gate_up_proj[kept])
     _computes_the_teacher(student, teacher, build_student(teacher, num_layers=N_LAYERS, num_experts=2,
                                                           mlp_init="copy")[0])
+
+
+def test_dbrx_keeps_the_most_used_of_its_flattened_experts():
+    """DBRX's experts are [E x units, d] tensors (w1, v1, w2): a student of 2 experts by use keeps, per layer, the rows
+    of the 2 its teacher routes the most tokens to (`routed_counts`, tested above), their first 24 units each, and
+    their router rows, in increasing order; the table names them. Not the first two experts in some layer."""
+    teacher = make_teacher("dbrx")
+    batches = [{"input_ids": _ids(7, (4, 13))}]
+    counts, _ = routed_counts(teacher, config_family(teacher.config, family_spec(teacher)), batches, SUBSET)
+    student, table = build_student(teacher, layers=SUBSET, num_experts=2, intermediate_size=24, mlp_init="copy",
+                                   experts="used", calibration=lambda: batches)
+    rows = {row["name"]: row for row in table}
+    chosen = []
+    for j, i in enumerate(SUBSET):
+        kept = largest(counts[i], 2)
+        chosen.append(kept.tolist())
+        mine, theirs = student.transformer.blocks[j].ffn, teacher.transformer.blocks[i].ffn
+        assert torch.equal(mine.router.layer.weight, theirs.router.layer.weight[kept])
+        for w in ("w1", "v1", "w2"):
+            assert torch.equal(getattr(mine.experts.mlp, w),
+                               getattr(theirs.experts.mlp, w).reshape(4, 40, 64)[kept, :24].reshape(48, 64)), (i, w)
+            assert rows[f"transformer.blocks.{j}.ffn.experts.mlp.{w}"]["experts"] == kept.tolist()
+    assert any(kept != [0, 1] for kept in chosen), chosen
 
 
 def test_group_limited_routing_keeps_the_most_used_of_each_group_in_layer_subsets():

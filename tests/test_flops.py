@@ -237,6 +237,21 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_passes_through(tmp_path
     assert "(active: 2 of 8 experts)" in capsys.readouterr().out
 
 
+def test_dbrx_reads_its_experts_from_its_ffn_config():
+    """DBRX keeps k and E in its ffn_config (moe_top_k of moe_num_experts), its experts as three [E x ffn, d] tensors
+    under ``ffn.experts``: N counts k/E of them, by plain counting."""
+    d, ffn, layers, e, k, kv, vocab = 64, 40, 2, 4, 2, 2, 100
+    dbrx = {"model_type": "dbrx", "d_model": d, "n_heads": 4, "n_layers": layers, "vocab_size": vocab,
+            "attn_config": {"kv_n_heads": kv, "rope_theta": 1e4},
+            "ffn_config": {"ffn_hidden_size": ffn, "moe_num_experts": e, "moe_top_k": k}}
+    attention = d * (d + 2 * kv * 16) + d * d  # Wqkv (4 query heads of 16, 2 KV heads), out_proj; no biases
+    dense = attention + 2 * d + e * d  # + two LayerNorms without biases + the router
+    size = model_size(dbrx)
+    assert size.experts == (k, e)
+    assert size.params_nonembedding == layers * (dense + k * 3 * ffn * d) + d  # + the final norm
+    assert size.params_total == layers * (dense + e * 3 * ffn * d) + d + 2 * vocab * d
+
+
 def test_every_expert_active_is_still_a_mixture_of_experts():
     """k = E (each token passes through every expert): N counts all the experts' weights, as k/E = 1 says, and the
     model is reported as a mixture of E of E experts, not as a dense model ([0, 0])."""

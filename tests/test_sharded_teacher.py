@@ -665,6 +665,23 @@ def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(fam
         assert torch.equal(b, buffers[name]), name
 
 
+def test_a_sharded_teachers_skeleton_passes_autocast_safe(tmp_path):
+    """The skeleton a sharded teacher (and `student_source`) is built on passes `tailkd.models.autocast_safe`, as a
+    loaded model does: DBRX's experts modules carry the hook that hands them their input in the autocast dtype
+    (tested in test_student_families: without it a float32 DBRX fails under bf16 autocast)."""
+    from test_student_families import make_teacher
+
+    from tailkd.config import StudentConfig
+    from tailkd.models import _input_in_autocast_dtype
+    from tailkd.sharded_teacher import student_source
+
+    make_teacher("dbrx").save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=None), dtype="fp32")
+    hooks = [list(block.ffn.experts._forward_pre_hooks.values()) for block in skeleton.transformer.blocks]
+    assert hooks == [[_input_in_autocast_dtype]] * len(skeleton.transformer.blocks) != []
+
+
 def test_a_model_class_naming_no_decoder_layer_is_refused(monkeypatch):
     """FSDP2 shards the teacher by its decoder layers, the classes its ``_no_split_modules`` names: a class that names
     none (or none present) is one line with the fix, not a teacher sharded as one unit."""

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailkd.errors import TailkdError
-from tailkd.sizing import choose_layers, student_plan
+from tailkd.sizing import choose_layers, setting, student_plan
 
 
 def _plan(teacher, **options):
@@ -78,3 +78,12 @@ def test_choose_layers_is_rounded_linspace(case):
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message):
         _plan(make_tiny_lm(family), **kwargs)
+
+
+def test_setting_reads_a_key_of_a_sub_config():
+    """A family's config key "a.b" is key b of the config's sub-config (or dict) a: DBRX's attn_config.kv_n_heads."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(d_model=8, attn_config=SimpleNamespace(kv_n_heads=2), ffn_config={"moe_top_k": 1})
+    assert setting(config, "d_model") == 8 and setting(config, "attn_config.kv_n_heads") == 2
+    assert setting(config, "ffn_config.moe_top_k") == 1 and setting(config, "ffn_config.moe_num_experts", 0) == 0

@@ -3,7 +3,7 @@ through the students it builds: tests/test_student.py, tests/test_student_famili
 
 import torch
 
-from tailkd.slicing import each_experts_units, qk_head_rows, rope_pair_rows, take
+from tailkd.slicing import each_experts_units, expert_unit_rows, qk_head_rows, rope_pair_rows, take
 
 
 def test_rope_pair_rows_general():
@@ -40,3 +40,10 @@ def test_each_expert_keeps_its_own_units():
     assert torch.equal(kept[0], gate_up[0, [2, 0, 5, 3]]) and torch.equal(kept[1], gate_up[1, [1, 2, 4, 5]])
     kept = each_experts_units(down, ("expert", "d", "ff"), units, 3)
     assert torch.equal(kept[0], down[0][:, [2, 0]]) and torch.equal(kept[1], down[1][:, [1, 2]])
+
+
+def test_expert_unit_rows_of_flattened_experts():
+    """DBRX's experts as [experts x width, d] tensors (axis ``expert_ff``): of each kept expert, in the student's order,
+    its first ``units`` rows."""
+    assert expert_unit_rows(2, 3, 5).tolist() == [0, 1, 2, 5, 6, 7]
+    assert expert_unit_rows(torch.tensor([3, 1]), 2, 4).tolist() == [12, 13, 4, 5]

@@ -20,7 +20,7 @@ import bounds as B
 import pytest
 import torch
 import transformers
-from conftest import TINY_VOCAB, rotated_qk
+from conftest import TINY_VOCAB, build_tiny_tokenizer, rotated_qk
 
 from tailkd.calibration import channel_activity, head_importance, kept_heads, largest
 from tailkd.errors import TailkdError
@@ -269,6 +269,10 @@ CONFIGS = {
                                         intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=2,
                                         moe_layers=[1, 3, 4], no_rope_layer_interval=2, attention_chunk_size=8,
                                         floor_scale=4)),
+    # DBRX: a fused [q | k | v] Wqkv (4 query heads on 2 KV heads of 16 rows, clipped at 8), LayerNorms without biases,
+    # a softmax top-2 router over 4 experts whose w1, v1, w2 are [4 x 40, 64]; its sizes in attn_config / ffn_config
+    "dbrx": ("DbrxConfig", dict(d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+                                ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2))),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -311,7 +315,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
-           "bitnet": "BitNetForCausalLM"}
+           "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -473,6 +477,14 @@ def _expected(name, teacher, plan):
         if part.startswith("shared_expert."):  # as wide as each expert: it narrows with them
             return rd(w[:, :ff_e], 0) if ".down_proj" in part else rd(w[:ff_e], 1)
         return rd(w, 0) if part.startswith("down_proj") else rd(w, 1)  # a dense layer's MLP: its own width, whole
+    if type(teacher).__name__ == "DbrxForCausalLM":  # MPT's block names; experts flattened as [E x ff, d]
+        if rest.startswith("ffn.experts.mlp."):
+            per_expert = w.reshape(teacher.config.ffn_config.moe_num_experts, -1, w.shape[1])
+            return rd(per_expert[plan["experts"], : plan["ff_e"]].reshape(-1, w.shape[1]), 1)
+        if rest == "ffn.router.layer.weight":
+            return rd(w[plan["experts"]], 1)
+        rest = rest.replace("norm_attn_norm.attn.Wqkv", "self_attn.qkv_proj").replace(
+            "norm_attn_norm.attn.out_proj", "self_attn.o_proj").replace("norm_attn_norm.", "")
     if plan["moe"] and rest.startswith("feed_forward."):  # LFM2-MoE: the rules of the other mixtures' mlp.
         rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("block_sparse_moe."):  # Granite 4.0-H's routed experts: likewise
@@ -614,6 +626,9 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     # multi-query attention: one KV head
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
            and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
+    ffn = getattr(c, "ffn_config", None)  # DBRX: a mixture's sizes in its sub-config
+    if ffn is not None:
+        ff_e, experts = ff_e or ffn.ffn_hidden_size, experts or ffn.moe_num_experts
     d = torch.arange(d or c.hidden_size) if d is None or isinstance(d, int) else torch.as_tensor(d)
     return dict(layers=layers, d=d, latent=hasattr(c, "kv_lora_rank"),
                 ff=ff or getattr(c, "ffn_hidden_size", None) or getattr(c, "intermediate_size", None)  # Falcon's
@@ -676,6 +691,11 @@ def test_tables_name_existing_classes_and_known_axes():
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("family", NAMES)
 def test_full_copy_is_the_teacher_bit_for_bit(family, tied):
+    if tied and family == "dbrx":  # DBRX's config refuses a tied head: a student's too, in one line
+        with pytest.raises(TailkdError, match=r"^DbrxConfig refuses the student's config: ValueError: "
+                                              r"tie_word_embeddings is not supported for DBRX models\.$"):
+            build_student(make_teacher(family), tie_embeddings=True)
+        return
     teacher = make_teacher(family, tie_word_embeddings=tied)
     assert type(teacher).__name__ == CLASSES[family]
     student, table = build_student(teacher, mlp_init="copy")
@@ -698,7 +718,7 @@ def _zero_dropped_layers(teacher, keep):
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
                "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
                "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.", "attn.attention.out_proj.",
-               "feed_forward.shared_expert.down_proj.")
+               "feed_forward.shared_expert.down_proj.", "ffn.experts.mlp.w2", "norm_attn_norm.attn.out_proj.")
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
@@ -1178,6 +1198,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "gpt_neo-heads": ({"hidden_size": 32, "num_heads": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0, 1])),
     # 8 of 16 rows rotate, pairs (i, i+4): 4 of 8, teacher pairs 0, 2 = rows 0, 4, 2, 6; then rows 8..11; rotary_dim
     # 8 -> 4 (see _check_narrow_student). A transformers that reads no rotary_dim (5.17) rotates the whole head.
+    # DBRX: 2 query heads on 1 KV head (head_dim 32 / 2 = 16 kept), 3 experts 24 wide; or head_dim 8 (RoPE pairs)
+    "dbrx": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 24, "num_experts": 3},
+             dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=24, experts=3)),
+    "dbrx-head_dim": ({"hidden_size": 32, "num_experts": 2}, dict(d=32, hd_s=8, experts=2, rows=FULL_ROPE_16_TO_8)),
     "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
                                                   else FULL_ROPE_16_TO_8)),
 }
@@ -1289,6 +1313,31 @@ def test_proportional_rope_keeps_rotated_queries(layer):
     assert not torch.allclose(sq, tq[..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)  # partial rotary's choice
 
 
+def test_dbrx_experts_get_their_input_in_the_autocast_dtype(tmp_path):
+    """transformers' DbrxExperts adds its experts' outputs into a buffer of its input's dtype (index_add_, which needs
+    the two equal): under bf16 autocast a float32 student's residual stream meets bf16 outputs and the forward fails.
+    Every model tailkd builds or loads passes `tailkd.models.autocast_safe`: under autocast the experts module gets
+    its input in bf16 and the forward runs, without autocast its float32 input as it is (a full copy stays its teacher
+    bit for bit: test_full_copy_is_the_teacher_bit_for_bit); one hook per module, however often it is applied."""
+    from tailkd.models import autocast_safe, load_causal_lm
+
+    student, _ = build_student(make_teacher("dbrx"), layers=SUBSET, mlp_init="copy")
+    student.save_pretrained(tmp_path / "student")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "student")
+    loaded, _ = load_causal_lm(tmp_path / "student")
+    ids = _ids(3)
+    assert [len(block.ffn.experts._forward_pre_hooks) for block in student.transformer.blocks] == [1] * 3  # built
+    for model in (autocast_safe(student), loaded):
+        seen = []
+        for block in model.transformer.blocks:
+            assert len(block.ffn.experts._forward_pre_hooks) == 1
+            block.ffn.experts.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(_logits(model, ids)).all()
+        _logits(model, ids)
+        assert seen == [torch.bfloat16] * 3 + [torch.float32] * 3
+
+
 def test_interleaved_rope_keeps_rotated_queries():
     """GLM-4's interleaved partial RoPE (pairs (2p, 2p+1) over the first half of each head): student q/k after RoPE
     equal the teacher's on the kept rows [0, 1, 4, 5, 8..11] (head_dim 16 -> 8, hidden kept: the same inputs), the
@@ -1329,6 +1378,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
                                  or getattr(layer, "attention", None) or getattr(layer, "self_attention", None)
                                  or getattr(layer, "attn", None)
+                                 or getattr(getattr(layer, "norm_attn_norm", None), "attn", None)  # DBRX
                                  for layer in _decoder_layers(student))
                      if "Attention" in type(a).__name__)
     attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
@@ -1354,6 +1404,12 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert config.word_embed_proj_dim == config.hidden_size and student.model.decoder.project_in is None
     if family in ("gptj", "codegen"):  # their models read rotary_dim: the rows the copy keeps rotating, half a head
         assert config.rotary_dim == hd // 2 and attention.rotary_dim == hd // 2
+    if family == "dbrx":  # its sizes in its sub-configs
+        kv_heads = _plan(teacher, layers, **plan)["kv_heads"]
+        expected = (len(next(iter(kv_heads.values())) if isinstance(kv_heads, dict) else kv_heads),
+                    plan.get("ff_e", 40), len(_first(plan.get("experts", 4))), config.hidden_size)
+        assert (config.attn_config.kv_n_heads, config.ffn_config.ffn_hidden_size, config.ffn_config.moe_num_experts,
+                config.ffn_config.hidden_size) == expected
     if family == "minimax_m2":  # RoPE rows (rotary_dim) follow head_dim: half of each head rotates, as the teacher's
         assert config.rotary_dim == hd // 2
         assert config.rope_parameters.get("partial_rotary_factor") == (0.5 if _ROTARY_DIM_READ else None)

@@ -85,7 +85,8 @@ __all__ = ["PROBES", "attention_output", "block_influence", "calibrated_channels
 
 def experts_module(fam: Family) -> str:
     """The path, inside one of `fam`'s layers, of the module holding its routed experts (``mlp.experts``)."""
-    names = [name for name, axes in fam.layer_params.items() if "expert" in axes and ".experts." in f".{name}"]
+    names = [name for name, axes in fam.layer_params.items()
+             if {"expert", "expert_ff"} & set(axes) and ".experts." in f".{name}"]
     if not names:  # a bug in a table, not a user error
         raise RuntimeError(f"{fam.label} has no experts module in its table")
     return names[0][: names[0].index("experts.")] + "experts"
@@ -286,7 +287,8 @@ def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
     the router itself does."""
     # the routed layers: a mixture's dense ones (DeepSeek's first layers, Qwen-MoE's mlp_only_layers) have no experts
     modules = _layer_modules(teacher, fam, layers, experts_module(fam))
-    experts = {i: next(iter(m.parameters())).shape[0] for i, m in modules.items()}  # [E, ...] tensors
+    # [E, ...] tensors; DBRX's flattened [E x units, ...]: the module's num_experts
+    experts = {i: getattr(m, "num_experts", None) or next(iter(m.parameters())).shape[0] for i, m in modules.items()}
     counts = {i: torch.zeros(e, dtype=torch.int64) for i, e in experts.items()}
 
     def add(i, chosen):  # [tokens, k]

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 #   expert   a mixture's routed experts (the router's rows and score-correction bias, the experts' leading axis):
 #            the first num_experts; under group-limited routing (n_group groups: GLM-4.5, DeepSeek-V3) the first
 #            num_experts / n_group of each group (with experts "used", per layer the most used: tailkd.calibration)
+#   expert_ff  a mixture's experts flattened with their units, [experts x units, ...] (DBRX's w1, v1, w2): per kept
+#            expert (as `expert`) its first intermediate_size units
 #   ff_shared  a mixture's shared experts, one MLP of n_shared_experts x the routed width: its first units, the
 #            student's routed width x n_shared_experts
 #   head     whole query heads: the kept query heads' blocks of rows, whatever a head's size (GPT-OSS's attention
@@ -58,7 +60,7 @@ from dataclasses import dataclass, field
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
-        "expert", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp")
+        "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -95,6 +97,7 @@ class Family:
     keys: dict = field(default_factory=lambda: dict(
         layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
         kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None, experts_per_token=None))
+    # (a key "a.b" is key b of the config's sub-config a: DBRX's attn_config, ffn_config; `tailkd.sizing.setting`)
     # optional keys of a mixture, kept at the teacher's values: expert_groups (group-limited routing: n_group),
     # shared_experts (how many routed widths the shared MLP is: n_shared_experts)
     layer_lists: tuple[str, ...] = ("layer_types",)
@@ -482,6 +485,20 @@ FAMILIES = {f.name: f for f in (
            layer_thresholds=("max_window_layers",)),
     Family("mixtral", "Mixtral", ("MixtralForCausalLM",), _DECODER, {**_ATTENTION, **_EXPERTS, **_PRE_NORMS},
            _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="intermediate_size")),
+    # DBRX: MPT's block names (transformer.blocks, norm_attn_norm's LayerNorms without biases around a fused [q | k | v]
+    # Wqkv, clip_qkv) with grouped KV heads and RoPE; a softmax top-k router; its experts' gate (w1), up (v1) and down
+    # (w2) weights each [experts x units, hidden]; its sizes in the nested attn_config and ffn_config ("a.b": key b of
+    # the config's sub-config a)
+    Family("dbrx", "DBRX", ("DbrxForCausalLM",),
+           {"transformer.wte.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("transformer.norm_f")},
+           {**norms("norm_attn_norm.norm_1", "norm_attn_norm.norm_2"), **linear("norm_attn_norm.attn.Wqkv", "qkv", "d"),
+            **linear("norm_attn_norm.attn.out_proj", "d", "o"), **linear("ffn.router.layer", "expert", "d"),
+            **{f"ffn.experts.mlp.{w}": ("expert_ff", "d") for w in ("w1", "v1", "w2")}},
+           ("transformer.wte.weight",), "derived", layer_prefix="transformer.blocks.",
+           keys=dict(layers="n_layers", hidden="d_model", heads="n_heads", kv_heads="attn_config.kv_n_heads",
+                     intermediate="ffn_config.ffn_hidden_size", experts="ffn_config.moe_num_experts",
+                     experts_per_token="ffn_config.moe_top_k"),
+           layer_lists=(), reads_head_dim=False, mlp_prefix="ffn."),
     Family("qwen2_moe", "Qwen2-MoE", ("Qwen2MoeForCausalLM",), _DECODER,
            {**_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_DENSE_MLP, **_PRE_NORMS}, _EMBED, "follows_hidden",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),

@@ -7,8 +7,9 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     (GPT-2), and the LM head; norms and biases included). A matrix-vector product with a weight of P entries
     costs 2·P FLOPs.
     A mixture of experts counts the parameters a token passes through: of the weights under a module named
-    ``experts`` (Mixtral, Qwen-MoE, DeepSeek, OLMoE, Granite-MoE), the fraction k/E (``num_experts_per_tok`` of
-    ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``); shared experts and routers fully.
+    ``experts`` (Mixtral, Qwen-MoE, DeepSeek, OLMoE, Granite-MoE, DBRX), the fraction k/E (``num_experts_per_tok`` of
+    ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``; DBRX's ffn_config: ``moe_top_k`` of
+    ``moe_num_experts``); shared experts and routers fully.
   * 2·d·V: the LM head (hidden d → vocabulary V), counted once even when tied to the embedding; the
     embedding lookup itself costs nothing.
   * 2·n_layer·s·d_attn: attention scores QKᵀ and the weighted sum AV. For a token at position t each
@@ -141,6 +142,9 @@ def _experts(cfg) -> tuple[int, int]:
     k = getattr(cfg, "num_experts_per_tok", None)
     n = next((v for v in (getattr(cfg, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
               if isinstance(v, int) and v > 0), None)
+    ffn = getattr(cfg, "ffn_config", None)  # DBRX: its sizes in a sub-config
+    if k is None and getattr(ffn, "moe_top_k", None) is not None:
+        k, n = ffn.moe_top_k, ffn.moe_num_experts
     if not isinstance(k, int) or not n or not 0 < k <= n:
         return 0, 0
     return k, n

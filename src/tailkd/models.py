@@ -108,6 +108,32 @@ def per_layer_refusal(where, fix: str | None = None):
 
 # --------------------------------------------------------------------------- built-in teacher
 
+# transformers modules that fail under autocast where their input is float32 (a float32 student's residual stream), by
+# class name: DbrxExperts adds its experts' outputs (in autocast's dtype) into a buffer of its input's dtype with
+# index_add_, which needs the two equal (transformers 5.17 and 5.25)
+AUTOCAST_INPUT_MODULES = ("DbrxExperts",)
+
+
+def _input_in_autocast_dtype(module, args):
+    """Forward pre-hook: the first argument in the autocast dtype while autocast is on for its device; else as it is."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != dtype:
+            return (x.to(dtype), *args[1:])
+    return None
+
+
+def autocast_safe(model):
+    """``model``, its modules of `AUTOCAST_INPUT_MODULES` given their input in the autocast dtype (a forward pre-hook,
+    once per module; without autocast the input is left as it is). Every model tailkd loads or builds passes here."""
+    for module in model.modules():
+        hooks = module._forward_pre_hooks.values()
+        if type(module).__name__ in AUTOCAST_INPUT_MODULES and _input_in_autocast_dtype not in hooks:
+            module.register_forward_pre_hook(_input_in_autocast_dtype)
+    return model
+
+
 def builtin_teacher_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, installed by ``python -m tailkd.install`` (`tailkd.install`)."""
     from tailkd.assets import find
@@ -335,7 +361,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         ) from None
     tokenizer = load_tokenizer(path)
     model.eval()
-    return model, tokenizer
+    return autocast_safe(model), tokenizer
 
 
 def read_tokenizer(spec: str | os.PathLike):

@@ -218,7 +218,7 @@ def _skeleton(folder: Path, dtype: torch.dtype):
             pass
     model.eval()
     model.requires_grad_(False)
-    return model
+    return models.autocast_safe(model)
 
 
 def _read_saved_buffers(model, files: _Checkpoint, persistent: set, skipped: tuple[str, ...] = ()) -> None:

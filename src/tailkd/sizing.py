@@ -19,7 +19,7 @@ from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 from tailkd.slicing import Dims
 
-__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "rotary_fraction", "student_dims",
+__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "rotary_fraction", "setting", "student_dims",
            "student_plan", "student_widths", "teacher_dims"]
 
 
@@ -65,30 +65,45 @@ def config_family(config, family: str | Family) -> Family:
     return fam
 
 
+def setting(config, key: str, default=None):
+    """The config's ``key``; "a.b": key b of its sub-config (or dict) a (DBRX's attn_config.kv_n_heads)."""
+    for part in key.split("."):
+        config = config.get(part, default) if isinstance(config, dict) else getattr(config, part, default)
+    return config
+
+
+def _set(data: dict, key: str, value) -> None:
+    """Set ``key`` of a config's dict (`setting`'s "a.b": key b of its dict a)."""
+    *outer, name = key.split(".")
+    for part in outer:
+        data = data[part]
+    data[name] = value
+
+
 def _routed_experts(config, fam: Family) -> int:
     """A mixture's routed experts per layer (0: none, also where no layer holds them: `Family.expert_layer_kind`)."""
     if fam.expert_layer_kind and fam.expert_layer_kind not in (getattr(config, fam.layer_lists[0], None) or ()):
         return 0
-    return (getattr(config, fam.keys["experts"], 0) or 0) if fam.keys.get("experts") else 0
+    return (setting(config, fam.keys["experts"], 0) or 0) if fam.keys.get("experts") else 0
 
 
 def teacher_dims(config, family: str | Family) -> Dims:
     fam = config_family(config, family)
     keys = fam.keys
     for role in ("experts", "experts_per_token", "intermediate"):  # HunYuan-MoE's configs may list them per layer
-        if keys.get(role) and isinstance(getattr(config, keys[role], None), (list, tuple)):
+        if keys.get(role) and isinstance(setting(config, keys[role]), (list, tuple)):
             raise TailkdError(f"the teacher's {keys[role]} is a list, one per layer, which tailkd cannot cut into a "
                               "student: give the student as a folder (--student DIR)")
-    hidden, heads = getattr(config, keys["hidden"]), getattr(config, keys["heads"])
-    kv_heads = (getattr(config, keys["kv_heads"], None) if keys["kv_heads"] else None) or heads
+    hidden, heads = setting(config, keys["hidden"]), setting(config, keys["heads"])
+    kv_heads = (setting(config, keys["kv_heads"]) if keys["kv_heads"] else None) or heads
     kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's, Falcon-7B's multi-query attention
     head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
     experts = _routed_experts(config, fam)
-    per_token = getattr(config, keys["experts_per_token"]) if experts else 0
-    groups, shared = (getattr(config, keys[role], None) if keys.get(role) else None
+    per_token = setting(config, keys["experts_per_token"]) if experts else 0
+    groups, shared = (setting(config, keys[role]) if keys.get(role) else None
                       for role in ("expert_groups", "shared_experts"))
-    inter = getattr(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
-    return Dims(getattr(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
+    inter = setting(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
+    return Dims(setting(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
                 per_token, groups or 1, shared or 0)
 
 
@@ -329,6 +344,10 @@ def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
 
 def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[int], tie: bool | None = None):
     data = teacher_config.to_dict()
+    for key in getattr(teacher_config, "sub_configs", None) or {}:  # nested configs (MPT's attn_config, DBRX's) as
+        #  save_pretrained writes them: DBRX's (transformers 5.17) refuse to_dict's generic keys (_name_or_path, ...)
+        if hasattr(getattr(teacher_config, key, None), "to_diff_dict"):
+            data[key] = getattr(teacher_config, key).to_diff_dict()
     if tie is not None:
         data["tie_word_embeddings"] = bool(tie)
     for key in ("quantization_config", "_name_or_path", "name_or_path"):
@@ -337,8 +356,9 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
              "intermediate": s.intermediate, "experts": s.experts, "experts_per_token": s.experts_per_token}
     aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
-    data.update({aliases.get(fam.keys[role], fam.keys[role]): value for role, value in sizes.items()
-                 if fam.keys.get(role)})
+    for role, value in sizes.items():
+        if fam.keys.get(role):
+            _set(data, aliases.get(fam.keys[role], fam.keys[role]), value)
     data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `student_widths`
     data.update({key: s.heads for key in fam.heads_keys if key in data})  # Falcon's num_kv_heads without groups
     implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
@@ -385,10 +405,13 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
             group[name] = group[name] * (t.head_dim / s.head_dim) ** 0.5
     try:
         return type(teacher_config).from_dict(data)
-    except Exception as err:  # some config classes validate hidden % heads (transformers 5: Llama, Gemma2, Gemma3)
-        if s.hidden % s.heads == 0:
-            raise
-        raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
+    except Exception as err:  # config classes validate: hidden % heads (transformers 5: Llama, Gemma2, Gemma3), DBRX
+        #                       refuses a tied head
+        if s.hidden % s.heads:
+            raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
+        why = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise TailkdError(f"{type(teacher_config).__name__} refuses the student's config: "
+                          f"{why[-1] if why else type(err).__name__}") from err
 
 
 def _sparse_layer(config, i: int) -> bool:

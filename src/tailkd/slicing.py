@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HEAD_AXES", "Dims", "axis_indices", "each_experts_units", "qk_head_rows", "query_heads", "rope_pair_rows",
-           "take"]
+__all__ = ["HEAD_AXES", "Dims", "axis_indices", "each_experts_units", "expert_unit_rows", "qk_head_rows", "query_heads",
+           "rope_pair_rows", "take"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
                                    (g_t, qk_rows), (g_t + 1, first)] for r in rows], dtype=torch.long),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
+            "expert_ff": expert_unit_rows(experts, s.intermediate, t.intermediate) if t.experts else None,
             "ff_shared": s.intermediate * s.shared_experts,
             "kv_head": torch.tensor(kv_heads, dtype=torch.long),
             "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
@@ -143,6 +144,13 @@ def _mp_rows(q_heads: list[int], t: Dims, qk_rows: list[int], v_rows: list[int],
     return torch.tensor([b * 3 * local + part * local + (h - b * per) * t.head_dim + r for b in range(blocks)
                          for part, rows in ((0, qk_rows), (1, v_rows), (2, qk_rows))
                          for h in q_heads if h // per == b for r in rows], dtype=torch.long)
+
+
+def expert_unit_rows(experts, units: int, width: int) -> torch.Tensor:
+    """Rows of an [experts x ``width``, ...] axis (DBRX's flattened experts, axis ``expert_ff``) kept: of each of
+    ``experts`` (n: the first n; or teacher indices, in the student's order) its first ``units`` rows."""
+    experts = torch.arange(experts) if isinstance(experts, int) else experts
+    return (experts.view(-1, 1) * width + torch.arange(units)).flatten()
 
 
 def each_experts_units(value: torch.Tensor, axes, units: torch.Tensor, width: int) -> torch.Tensor:
