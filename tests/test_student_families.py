@@ -273,6 +273,14 @@ CONFIGS = {
     # a softmax top-2 router over 4 experts whose w1, v1, w2 are [4 x 40, 64]; its sizes in attn_config / ffn_config
     "dbrx": ("DbrxConfig", dict(d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
                                 ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2))),
+    # Kimi Linear: latent attention without RoPE (q straight from the residual stream, 4 heads of 8 + 4 query rows, a
+    # rank-16 latent) in layers 0, 3, delta attention (2 heads of 8, a short convolution over its 48 q/k/v channels)
+    # elsewhere; DeepSeek-V3's routing over 4 experts with a shared one, dense layers 0, 3 listed in mlp_layer_types
+    "kimi_linear": ("KimiLinearConfig", dict(
+        hidden_size=64, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=12, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+        n_shared_experts=1, linear_num_heads=2, linear_head_dim=8, layer_types=[F, L, L, F, L],
+        mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -315,7 +323,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
-           "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM"}
+           "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -522,6 +530,11 @@ def _expected(name, teacher, plan):
         if rest.endswith(".bias"):
             return rd(w, 0) if ".down_proj" in rest else w[:units]
         return rd(w[:, :units], 0) if ".down_proj" in rest else rd(w[:units], 1)
+    if type(teacher).__name__ == "KimiLinearForCausalLM" and rest.startswith("self_attn."):  # heads whole: only the
+        inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa")
+        if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
+            return rd(w, 1)
+        return rd(w, 0) if rest == "self_attn.o_proj.weight" else w
     if plan["latent"] and rest.startswith("self_attn."):  # latent attention: whole heads, the latent's sizes kept
         if rest in ("self_attn.q_proj.weight", "self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight"):
             per_head = w.reshape(plan["H_t"], -1, w.shape[1])[plan["q_heads"]].reshape(-1, w.shape[1])
@@ -1202,6 +1215,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "dbrx": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 24, "num_experts": 3},
              dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=24, experts=3)),
     "dbrx-head_dim": ({"hidden_size": 32, "num_experts": 2}, dict(d=32, hd_s=8, experts=2, rows=FULL_ROPE_16_TO_8)),
+    # Kimi Linear: its heads whole in both kinds of attention, the residual stream, experts and their width narrow
+    "kimi_linear": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
     "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
                                                   else FULL_ROPE_16_TO_8)),
 }
@@ -1694,6 +1709,9 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                                  r"heads: keep num_heads 4"),
     ("bloom", {"intermediate_size": 128}, r"^Bloom has no intermediate_size setting \(its MLP is 4 x hidden_size "
                                           r"wide\): drop intermediate_size and choose hidden_size$"),
+    ("kimi_linear", {"num_heads": 2}, r"^num_heads=2, but Kimi Linear's latent and delta attention layers name their "
+                                      r"tensors alike \(q_proj, o_proj\), so its latent layers keep their heads whole: "
+                                      r"keep num_heads 4 \(layers, hidden_size, the MLPs and the experts narrow\)$"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

@@ -183,6 +183,8 @@ class Family:
     # 4's feed_forward.router: its experts take every token pre-scaled by its score): `tailkd.calibration` counts the
     # routed experts there
     router: str = ""
+    # why a student keeps the teacher's num_heads where it must (Kimi Linear's), said in its refusal
+    heads_kept: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -566,6 +568,25 @@ FAMILIES = {f.name: f for f in (
     Family("glm4_moe_lite", "GLM-4.7-Flash", ("Glm4MoeLiteForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
            layer_lists=("layer_types", "mlp_layer_types"), latent_attention=True),
+    # Kimi Linear: Kimi Delta Attention layers (a linear attention of their own sizes, linear_num_heads x
+    # linear_head_dim: only the residual side narrows) beside multi-head latent attention layers without RoPE
+    # (layer_types); the two kinds name their tensors alike (self_attn.q_proj, self_attn.o_proj), so the latent layers'
+    # heads stay whole and a student keeps num_heads; DeepSeek-V3's mixture, its dense and routed layers listed per
+    # layer (mlp_layer_types)
+    Family("kimi_linear", "Kimi Linear", ("KimiLinearForCausalLM",), _DECODER,
+           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
+            **linear("self_attn.kv_a_proj_with_mqa", "all", "d"), **linear("self_attn.kv_b_proj", "all", "all"),
+            **linear("self_attn.q_a_proj", "all", "d"), **linear("self_attn.q_b_proj", "all", "all"),
+            **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "self_attn.o_norm", axis="all"),
+            **linear("self_attn.k_proj", "all", "d"), **linear("self_attn.v_proj", "all", "d"),
+            **linear("self_attn.b_proj", "all", "d"), **linear("self_attn.g_a_proj", "all", "d"),
+            **linear("self_attn.g_b_proj", "all", "all"), **linear("self_attn.forget_gate.f_a_proj", "all", "d"),
+            **linear("self_attn.forget_gate.f_b_proj", "all", "all"), "self_attn.conv1d.weight": ("all", "all", "all"),
+            "self_attn.forget_gate.dt_bias": ("all",), "self_attn.forget_gate.A_log": ("all", "all", "all", "all"),
+            **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", rope=False,
+           keys=dict(_DEEPSEEK_MOE_KEYS, experts="num_experts"), layer_lists=("layer_types", "mlp_layer_types"),
+           latent_attention=True, heads_kept="Kimi Linear's latent and delta attention layers name their tensors "
+                                             "alike (q_proj, o_proj), so its latent layers keep their heads whole"),
     # Phi-3.5-MoE: a router named router (sparsemixer: always 2 experts per token), LayerNorms with biases
     Family("phimoe", "Phi-MoE", ("PhimoeForCausalLM",), _DECODER,
            {**_ATTENTION, "mlp.router.weight": ("expert", "d"), **{k: v for k, v in _EXPERTS.items() if "experts" in k},
