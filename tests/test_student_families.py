@@ -227,6 +227,13 @@ CONFIGS = {
                                              num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
                                              n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
                                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)),
+    # DeepSeek-V3.2: DeepSeek-V3's layout with the DSA indexer (2 heads of 8 rows, 4 keys per query: fewer than the
+    # rows' 13 tokens, so the indexer's choice matters), dense layer 0 also listed in mlp_layer_types
+    "deepseek_v32": ("DeepseekV32Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
+                                               num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
+                                               n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
+                                               kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                                               index_topk=4, index_head_dim=8, index_n_heads=2)),
     # DeepSeek-V2: q straight from the residual stream, a softmax router over 4 groups of 2 experts scored by their
     # best one (group_limited_greedy), 2 shared experts' width
     "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
@@ -323,7 +330,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "falcon_new": "FalconForCausalLM", "falcon_rw": "FalconForCausalLM", "falcon_mha": "FalconForCausalLM",
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
-           "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM"}
+           "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
+           "deepseek_v32": "DeepseekV32ForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -530,6 +538,8 @@ def _expected(name, teacher, plan):
         if rest.endswith(".bias"):
             return rd(w, 0) if ".down_proj" in rest else w[:units]
         return rd(w[:, :units], 0) if ".down_proj" in rest else rd(w[:units], 1)
+    if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
+        return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
     if type(teacher).__name__ == "KimiLinearForCausalLM" and rest.startswith("self_attn."):  # heads whole: only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa")
         if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
@@ -929,6 +939,7 @@ def _mlp_kinds(model):
     ("glm4_moe", [0, 1, 4], dict(first_k_dense_replace=2)),
     ("dots1", [0, 3, 4], dict(first_k_dense_replace=1, max_window_layers=1)),
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
+    ("deepseek_v32", [0, 2, 3], dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"])),
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
     ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),
     # routed layers 1..4: the student's routed range, start and end renumbered
@@ -1123,6 +1134,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # latent attention narrows whole heads (their q, [k | v] and output blocks), the latent's ranks kept
     "deepseek_v3": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)
     "deepseek_v2": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 2, 4, 6])),

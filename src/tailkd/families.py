@@ -234,6 +234,10 @@ _LATENT_ATTENTION = {**linear("self_attn.q_proj", "head", "d"), **linear("self_a
                      **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", axis="all")}
 _DEEPSEEK_MOE_KEYS = dict(_MOE_KEYS, experts="n_routed_experts", intermediate="moe_intermediate_size",
                           expert_groups="n_group", shared_experts="n_shared_experts")
+# DeepSeek-V3.2's DSA indexer (in every attention layer): its own heads (index_n_heads x index_head_dim) score the keys
+# each query attends to; wq_b reads the query latent (q_lora_rank, kept), wk and weights_proj the residual stream
+_DSA_INDEXER = {**linear("self_attn.indexer.wq_b", "all", "all"), **linear("self_attn.indexer.wk", "all", "d"),
+                **norms("self_attn.indexer.k_norm", axis="all"), **linear("self_attn.indexer.weights_proj", "all", "d")}
 
 # LFM2's global tensors (its final norm is embedding_norm) and its mixers: attention with per-head q/k norms, or a
 # short convolution whose in_proj is [B | C | x] over the residual channels
@@ -555,6 +559,12 @@ FAMILIES = {f.name: f for f in (
            group_routing=("topk_method", "group_limited_greedy")),
     Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3ForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
+           layer_thresholds=("first_k_dense_replace",), latent_attention=True),
+    # DeepSeek-V3.2: DeepSeek-V3 with the DSA indexer (only its residual side narrows: its heads are its own, the latent
+    # attention's narrow whole), dense and routed layers also listed per layer (mlp_layer_types)
+    Family("deepseek_v32", "DeepSeek-V3.2", ("DeepseekV32ForCausalLM",), _DECODER,
+           {**_LATENT_ATTENTION, **_DSA_INDEXER, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types"),
            layer_thresholds=("first_k_dense_replace",), latent_attention=True),
     # Youtu-LLM: DeepSeek-V3's latent attention with a dense MLP in every layer
     Family("youtu", "Youtu-LLM", ("YoutuForCausalLM",), _DECODER, {**_LATENT_ATTENTION, **_GATED_MLP, **_PRE_NORMS},

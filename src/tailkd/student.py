@@ -62,7 +62,7 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3, GLM-4.7-Flash, Kimi Linear, Llama 4, DBRX) keeps the teacher's first `num_experts` routed
+         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, Llama 4, DBRX) keeps the teacher's first `num_experts` routed
          experts (all by default; at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their
          router rows; with "copy" and ``experts="used"`` it keeps per layer the experts the teacher routes the most
          tokens of calibration rows to (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the
@@ -97,12 +97,14 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the chosen layers)
          keep the teacher's width, its ``no_rope_layers`` follow the chosen layers as ``layer_types`` (chunked attention
          on its RoPE layers) do.
-Latent   Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see Hybrids):
-         one key/value head per query head, so num_heads narrows whole heads (the first ones: their rows of q_proj /
-         q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value], and o_proj's columns);
-         the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank, kv_lora_rank)
-         are the teacher's, so num_kv_heads and head_dim are refused; the latent projections narrow on the residual
-         side.
+Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see
+         Hybrids): one key/value head per query head, so num_heads narrows whole heads (the first ones: their rows of
+         q_proj / q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value], and o_proj's
+         columns); the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank,
+         kv_lora_rank) are the teacher's, so num_kv_heads and head_dim are refused; the latent projections narrow on the
+         residual side. DeepSeek-V3.2's DSA indexer (its own index_n_heads x index_head_dim, picking the index_topk keys
+         each query attends to; transformers computes it without gradients, so a student's keeps the copied weights)
+         narrows on the residual side only.
 Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind (``layer_types``: gated full
          attention or Gated DeltaNet linear attention). The full-attention layers narrow like Qwen3's (their q_proj
          holds [query | gate] per head: the query's kept rows, then the gate's first head_dim rows, which scale the
@@ -176,12 +178,12 @@ num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermedi
 nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the student: scale_depth by
 sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
 (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
-FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, GLM-4.7-Flash (transformers
-5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed
-layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and
-RoPE; its experts module gets its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`),
-Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, GLM-4.7-Flash
+(transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE
+layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with
+grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under autocast:
+`tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3,
+Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
