@@ -234,6 +234,12 @@ CONFIGS = {
                                                n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
                                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
                                                index_topk=4, index_head_dim=8, index_n_heads=2)),
+    # MiniCPM5-MoE: [query | gate] per head in one q_gate_proj (4 heads of 16 on 2 KV heads), DeepSeek-V3's routing
+    # (8 experts in 2 groups) with a shared expert, dense layers 0, 3 listed in mlp_layer_types
+    "minicpm5_moe": ("MiniCPM5MoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
+                                               num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
+                                               n_group=2, topk_group=1,
+                                               mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
     # DeepSeek-V2: q straight from the residual stream, a softmax router over 4 groups of 2 experts scored by their
     # best one (group_limited_greedy), 2 shared experts' width
     "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
@@ -331,11 +337,11 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
-           "deepseek_v32": "DeepseekV32ForCausalLM"}
+           "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
-LATER_CLASSES = {"Lfm3ForCausalLM"}
+LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
@@ -584,7 +590,8 @@ def _expected(name, teacher, plan):
         if rest.startswith("linear_attn.in_proj_"):
             return rd(w, 1)
         return rd(w, 0) if rest == "linear_attn.out_proj.weight" else w
-    if rest == "self_attn.q_proj.weight" and w.shape[0] == 2 * plan["H_t"] * hd_t:  # [query | gate] per head
+    if rest in ("self_attn.q_proj.weight", "self_attn.q_gate_proj.weight") and w.shape[0] == 2 * plan["H_t"] * hd_t:
+        # [query | gate] per head (Qwen3-Next, Qwen3.5; MiniCPM5-MoE's q_gate_proj)
         per_head = w.reshape(plan["H_t"], 2, hd_t, -1)[plan["q_heads"]]
         query, gate = per_head[:, 0][:, plan["rows"]], per_head[:, 1][:, : plan["hd_s"]]
         return rd(torch.cat([query, gate], dim=1).reshape(-1, w.shape[1]), 1)
@@ -1134,6 +1141,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # latent attention narrows whole heads (their q, [k | v] and output blocks), the latent's ranks kept
     "deepseek_v3": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    # [query | gate] per head: 2 query heads on 2 KV heads, their query rows then their gate's first rows; or head_dim 8
+    "minicpm5_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                     dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    "minicpm5_moe-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=FULL_ROPE_16_TO_8)),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)

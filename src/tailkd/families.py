@@ -566,6 +566,13 @@ FAMILIES = {f.name: f for f in (
            {**_LATENT_ATTENTION, **_DSA_INDEXER, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types"),
            layer_thresholds=("first_k_dense_replace",), latent_attention=True),
+    # MiniCPM5-MoE: q and a sigmoid output gate in one q_gate_proj, [query | gate] per head (the gate's rows scale the
+    # head's output rows, as v's: axis q_gated), head_dim decoupled from hidden_size / heads, DeepSeek-V3's mixture, its
+    # dense and routed layers listed per layer (mlp_layer_types)
+    Family("minicpm5_moe", "MiniCPM5-MoE", ("MiniCPM5MoeForCausalLM",), _DECODER,
+           {**{name: axes for name, axes in _ATTENTION.items() if ".q_proj." not in name},
+            **linear("self_attn.q_gate_proj", "q_gated", "d"), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types")),
     # Youtu-LLM: DeepSeek-V3's latent attention with a dense MLP in every layer
     Family("youtu", "Youtu-LLM", ("YoutuForCausalLM",), _DECODER, {**_LATENT_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
            _EMBED, "kept", latent_attention=True),
