@@ -240,6 +240,13 @@ CONFIGS = {
                                                num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
                                                n_group=2, topk_group=1,
                                                mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
+    # MiMo-V2-Flash: full layers 0, 3 with 1 KV head, sliding ones with 2 and an attention sink per query head; heads of
+    # 12 q/k rows (4 rotated: partial_rotary_factor 0.334) and 8 value rows; DeepSeek-V3's routing, dense layers 0, 3
+    "mimo_v2_flash": ("MiMoV2FlashConfig", dict(hidden_size=48, num_key_value_heads=1, head_dim=12, v_head_dim=8,
+                                                n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=40,
+                                                n_group=2, topk_group=1, layer_types=[F, S, S, F, S],
+                                                mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"],
+                                                **_SLIDING)),
     # DeepSeek-V2: q straight from the residual stream, a softmax router over 4 groups of 2 experts scored by their
     # best one (group_limited_greedy), 2 shared experts' width
     "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
@@ -337,7 +344,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
-           "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM"}
+           "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM",
+           "mimo_v2_flash": "MiMoV2FlashForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -546,7 +554,8 @@ def _expected(name, teacher, plan):
         return rd(w[:, :units], 0) if ".down_proj" in rest else rd(w[:units], 1)
     if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
-    if type(teacher).__name__ == "KimiLinearForCausalLM" and rest.startswith("self_attn."):  # heads whole: only the
+    if type(teacher).__name__ in ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM") and rest.startswith("self_attn."):
+        # the attention kept whole (Kimi Linear: two kinds under one name; MiMo-V2-Flash: KV heads per kind): only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa")
         if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
             return rd(w, 1)
@@ -1145,6 +1154,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "minicpm5_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "minicpm5_moe-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=FULL_ROPE_16_TO_8)),
+    # MiMo-V2-Flash: its attention whole (both kinds), the residual stream, experts (2 of each group) and their width
+    "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
+                      dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)
@@ -1736,6 +1748,11 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("kimi_linear", {"num_heads": 2}, r"^num_heads=2, but Kimi Linear's latent and delta attention layers name their "
                                       r"tensors alike \(q_proj, o_proj\), so its latent layers keep their heads whole: "
                                       r"keep num_heads 4 \(layers, hidden_size, the MLPs and the experts narrow\)$"),
+    ("mimo_v2_flash", {"num_kv_heads": 2}, r"^num_kv_heads=2, but MiMo-V2-Flash's sliding layers have twice the KV "
+                                           r"heads of its full ones \(one num_key_value_heads for both\) and value "
+                                           r"heads of their own size \(v_head_dim\): keep num_kv_heads 1 \(layers, "),
+    ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's .*: keep head_dim 12 \("),
+    ("mimo_v2_flash", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but MiMo-V2-Flash's .*: keep num_heads 4 "),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

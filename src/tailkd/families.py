@@ -183,8 +183,9 @@ class Family:
     # 4's feed_forward.router: its experts take every token pre-scaled by its score): `tailkd.calibration` counts the
     # routed experts there
     router: str = ""
-    # why a student keeps the teacher's num_heads where it must (Kimi Linear's), said in its refusal
-    heads_kept: str = ""
+    # why a student keeps the teacher's attention heads and sizes (num_heads, num_kv_heads, head_dim) where it must
+    # (Kimi Linear, MiMo-V2-Flash), said in the refusal of another; its attention tensors narrow on the residual side
+    attention_kept: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -602,8 +603,19 @@ FAMILIES = {f.name: f for f in (
             "self_attn.forget_gate.dt_bias": ("all",), "self_attn.forget_gate.A_log": ("all", "all", "all", "all"),
             **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", rope=False,
            keys=dict(_DEEPSEEK_MOE_KEYS, experts="num_experts"), layer_lists=("layer_types", "mlp_layer_types"),
-           latent_attention=True, heads_kept="Kimi Linear's latent and delta attention layers name their tensors "
-                                             "alike (q_proj, o_proj), so its latent layers keep their heads whole"),
+           latent_attention=True, attention_kept="Kimi Linear's latent and delta attention layers name their tensors "
+                                                 "alike (q_proj, o_proj), so its latent layers keep their heads whole"),
+    # MiMo-V2-Flash: sliding layers (an attention sink per query head) with twice the KV heads of its full layers under
+    # one num_key_value_heads, value heads of their own size (v_head_dim), partial RoPE with a base per layer kind: a
+    # student keeps the attention's heads and sizes; DeepSeek-V3's mixture without shared experts, dense and routed
+    # layers listed per layer (mlp_layer_types)
+    Family("mimo_v2_flash", "MiMo-V2-Flash", ("MiMoV2FlashForCausalLM",), _DECODER,
+           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
+            **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
+            "self_attn.sinks": ("all",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
+           layer_lists=("layer_types", "mlp_layer_types"),
+           attention_kept="MiMo-V2-Flash's sliding layers have twice the KV heads of its full ones (one "
+                          "num_key_value_heads for both) and value heads of their own size (v_head_dim)"),
     # Phi-3.5-MoE: a router named router (sparsemixer: always 2 experts per token), LayerNorms with biases
     Family("phimoe", "Phi-MoE", ("PhimoeForCausalLM",), _DECODER,
            {**_ATTENTION, "mlp.router.weight": ("expert", "d"), **{k: v for k, v in _EXPERTS.items() if "experts" in k},

@@ -62,15 +62,15 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, Llama 4, DBRX) keeps the teacher's first
-         `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's by default)
-         and, with "copy", their router rows; with "copy" and ``experts="used"`` it keeps per layer the experts the
-         teacher routes the most tokens of calibration rows to (`tailkd.calibration`); `intermediate_size` is each
-         routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's experts
-         have; its first units, or with ``mlp_units="active"`` each kept expert's own most active ones, over the tokens
-         routed to it — experts stored as [E, gate | up, d], not GPT-OSS's interleaved gate/up pairs, which are kept as
-         pairs of the first units, nor Llama 4's in-before-out [E, d, gate | up] or DBRX's flattened [E x units, d] w1,
-         v1, w2, which keep their first units; DBRX's sizes are in its attn_config and ffn_config). GPT-OSS's and
+         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Llama 4, DBRX) keeps the
+         teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's
+         by default) and, with "copy", their router rows; with "copy" and ``experts="used"`` it keeps per layer the
+         experts the teacher routes the most tokens of calibration rows to (`tailkd.calibration`); `intermediate_size`
+         is each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
+         experts have; its first units, or with ``mlp_units="active"`` each kept expert's own most active ones, over the
+         tokens routed to it — experts stored as [E, gate | up, d], not GPT-OSS's interleaved gate/up pairs, which are
+         kept as pairs of the first units, nor Llama 4's in-before-out [E, d, gate | up] or DBRX's flattened [E x units,
+         d] w1, v1, w2, which keep their first units; DBRX's sizes are in its attn_config and ffn_config). GPT-OSS's and
          Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and
          Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on
          its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s
@@ -179,12 +179,14 @@ nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scal
 sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
 (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
 FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE
-(its q_gate_proj holds [query | gate] per head, cut as Qwen3-Next's q_proj), GLM-4.7-Flash (transformers 5's layout of
-experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed layers listed
-per layer), Kimi Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and RoPE; its
-experts module gets its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5,
-Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid),
-Nemotron-H.
+(its q_gate_proj holds [query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have
+twice the KV heads of its full ones under one num_key_value_heads, and value heads of their own size: its attention
+narrows on the residual side only, num_heads, num_kv_heads and head_dim are the teacher's), GLM-4.7-Flash (transformers
+5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed
+layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and
+RoPE; its experts module gets its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`),
+Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H
+(GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
