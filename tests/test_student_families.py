@@ -247,6 +247,13 @@ CONFIGS = {
                                                 n_group=2, topk_group=1, layer_types=[F, S, S, F, S],
                                                 mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"],
                                                 **_SLIDING)),
+    # Laguna: 4, 2, 4, 4, 2 query heads by layer on 2 KV heads, full layers 0, 3 rotating half of each head, sliding
+    # ones all of it; a softplus gate per head, per-head q/k norms; 4 experts beside a shared expert 32 wide, dense
+    # layer 0
+    "laguna": ("LagunaConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                    num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=32,
+                                    layer_types=[F, S, S, F, S], num_attention_heads_per_layer=[4, 2, 4, 4, 2],
+                                    **_SLIDING)),
     # DeepSeek-V2: q straight from the residual stream, a softmax router over 4 groups of 2 experts scored by their
     # best one (group_limited_greedy), 2 shared experts' width
     "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
@@ -345,7 +352,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
            "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM",
-           "mimo_v2_flash": "MiMoV2FlashForCausalLM"}
+           "mimo_v2_flash": "MiMoV2FlashForCausalLM", "laguna": "LagunaForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -545,6 +552,8 @@ def _expected(name, teacher, plan):
         return rd(w[experts, :ff_e], 2)
     if rest.startswith("mlp.shared_mlp."):  # HunYuan-MoE's: as wide as its experts, it narrows with them
         return rd(w[:, :ff_e], 0) if ".down_proj" in rest else rd(w[:ff_e], 1)
+    if rest.startswith("mlp.shared_experts.") and getattr(teacher.config, "shared_expert_intermediate_size", None):
+        return rd(w, 0) if ".down_proj" in rest else rd(w, 1)  # Laguna's: a width of its own, kept
     if rest.startswith("mlp.shared_experts."):  # one MLP of n_shared_experts routed widths: its first units
         c = teacher.config
         units = ff_e * next(getattr(c, k) for k in ("n_shared_experts", "moe_num_shared_experts", "num_shared_experts")
@@ -554,9 +563,11 @@ def _expected(name, teacher, plan):
         return rd(w[:, :units], 0) if ".down_proj" in rest else rd(w[:units], 1)
     if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
-    if type(teacher).__name__ in ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM") and rest.startswith("self_attn."):
-        # the attention kept whole (Kimi Linear: two kinds under one name; MiMo-V2-Flash: KV heads per kind): only the
-        inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa")
+    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM")
+    if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
+        # two kinds under one name; MiMo-V2-Flash: KV heads per kind; Laguna: query heads per layer): only the
+        inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa",
+                  "g_proj")
         if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
             return rd(w, 1)
         return rd(w, 0) if rest == "self_attn.o_proj.weight" else w
@@ -1157,6 +1168,7 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # MiMo-V2-Flash: its attention whole (both kinds), the residual stream, experts (2 of each group) and their width
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
+    "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)
@@ -1753,6 +1765,8 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                            r"heads of their own size \(v_head_dim\): keep num_kv_heads 1 \(layers, "),
     ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's .*: keep head_dim 12 \("),
     ("mimo_v2_flash", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but MiMo-V2-Flash's .*: keep num_heads 4 "),
+    ("laguna", {"num_heads": 2}, r"^num_heads=2, but Laguna's layers have a number of query heads each "
+                                 r"\(num_attention_heads_per_layer\): keep num_heads 4 \(layers, hidden_size, "),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

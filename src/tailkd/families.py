@@ -616,6 +616,20 @@ FAMILIES = {f.name: f for f in (
            layer_lists=("layer_types", "mlp_layer_types"),
            attention_kept="MiMo-V2-Flash's sliding layers have twice the KV heads of its full ones (one "
                           "num_key_value_heads for both) and value heads of their own size (v_head_dim)"),
+    # Laguna: a number of query heads per layer (num_attention_heads_per_layer, following the chosen layers), per-head
+    # q/k norms, a softplus output gate per head (g_proj), partial RoPE on its full layers: a student keeps the
+    # attention's heads and sizes; a sigmoid router (its score-correction bias a frozen parameter) beside a shared
+    # expert of its own width (shared_expert_intermediate_size, kept), dense and routed layers listed per layer
+    Family("laguna", "Laguna", ("LagunaForCausalLM",), _DECODER,
+           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
+            **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
+            **linear("self_attn.g_proj", "all", "d"), **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"),
+            **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
+            **linear("mlp.shared_experts.gate_proj", "all", "d"), **linear("mlp.shared_experts.up_proj", "all", "d"),
+            **linear("mlp.shared_experts.down_proj", "d", "all"), **_PRE_NORMS}, _EMBED, "kept",
+           keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
+           layer_lists=("layer_types", "mlp_layer_types", "num_attention_heads_per_layer"),
+           attention_kept="Laguna's layers have a number of query heads each (num_attention_heads_per_layer)"),
     # Phi-3.5-MoE: a router named router (sparsemixer: always 2 experts per token), LayerNorms with biases
     Family("phimoe", "Phi-MoE", ("PhimoeForCausalLM",), _DECODER,
            {**_ATTENTION, "mlp.router.weight": ("expert", "d"), **{k: v for k, v in _EXPERTS.items() if "experts" in k},

@@ -62,7 +62,7 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Llama 4, DBRX) keeps the
+         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX) keeps the
          teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's
          by default) and, with "copy", their router rows; with "copy" and ``experts="used"`` it keeps per layer the
          experts the teacher routes the most tokens of calibration rows to (`tailkd.calibration`); `intermediate_size`
@@ -181,12 +181,13 @@ sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLM
 FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE
 (its q_gate_proj holds [query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have
 twice the KV heads of its full ones under one num_key_value_heads, and value heads of their own size: its attention
-narrows on the residual side only, num_heads, num_kv_heads and head_dim are the teacher's), GLM-4.7-Flash (transformers
-5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed
-layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and
-RoPE; its experts module gets its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`),
-Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+narrows on the residual side only, num_heads, num_kv_heads and head_dim are the teacher's), Laguna (a number of query
+heads per layer, num_attention_heads_per_layer, which follows the chosen layers: its attention likewise keeps its heads
+and sizes; its shared expert keeps its own width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...]
+tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi
+Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets
+its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
