@@ -349,16 +349,52 @@ def test_unit_activity_is_the_mean_absolute_input_of_the_down_projection():
     activity, tokens = unit_activity(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], [1, 3])
     assert sorted(activity) == [1, 3] and tokens == 13 + 13 + 5
     for i in (1, 3):
-        mlp_in = {}
         layer = teacher.model.layers[i]
-        handle = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: mlp_in.update(x=out))
-        with torch.no_grad():
-            teacher(ids, use_cache=False)
-        handle.remove()
-        x = mlp_in["x"][mask.bool()].double()
-        gate, up = x @ layer.mlp.gate_proj.weight.double().T, x @ layer.mlp.up_proj.weight.double().T
-        a = torch.nn.functional.silu(gate) * up
-        torch.testing.assert_close(activity[i], a.abs().mean(0), rtol=1e-5, atol=0)
+        want = _gated_mlp_activity(teacher, layer.post_attention_layernorm, layer.mlp, ids, mask)
+        torch.testing.assert_close(activity[i], want, rtol=1e-5, atol=0)
+
+
+def _gated_mlp_activity(teacher, norm, mlp, ids, mask):
+    """Mean |silu(x W_gate^T) * (x W_up^T)| over the real tokens (``mask``), x the MLP's input (``norm``'s output,
+    taken by a hook), in float64."""
+    mlp_in = {}
+    handle = norm.register_forward_hook(lambda m, a, out: mlp_in.update(x=out))
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+    handle.remove()
+    x = mlp_in["x"][mask.bool()].double()
+    gate, up = x @ mlp.gate_proj.weight.double().T, x @ mlp.up_proj.weight.double().T
+    return (torch.nn.functional.silu(gate) * up).abs().mean(0)
+
+
+def test_a_mixtures_narrowed_dense_mlps_are_measured_beside_its_experts():
+    """Jamba's dense MLPs and its experts are one intermediate_size wide: a student narrows both, so in its dense
+    layers (0, 2, 4) the units are measured as Helium's (mean |silu(x W_gate^T) * (x W_up^T)| over the real tokens,
+    recomputed in float64 from the layer's own MLP input; rtol 1e-5 as above) and in its routed ones each expert's;
+    a student keeps those units of its dense layers, and the table names them (they were the first units before)."""
+    teacher = make_teacher("jamba")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    activity, tokens = unit_activity(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], range(N_LAYERS))
+    assert tokens == 13 + 13 + 5
+    assert {i: a.dim() for i, a in activity.items()} == {0: 2, 1: 1, 2: 2, 3: 1, 4: 2}  # experts at even layers here
+    for i in (1, 3):
+        layer = teacher.model.layers[i]
+        want = _gated_mlp_activity(teacher, layer.pre_ff_layernorm, layer.feed_forward, ids, mask)
+        torch.testing.assert_close(activity[i], want, rtol=1e-5, atol=0)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    student, table = build_student(teacher, layers=[0, 1, 2, 3], intermediate_size=48, mlp_init="copy",
+                                   mlp_units="active", calibration=lambda: batches)
+    rows = {row["name"]: row for row in table}
+    for j in (1, 3):
+        kept = largest(activity[j], 48)
+        assert not torch.equal(kept, torch.arange(48))
+        mine, theirs = student.model.layers[j].feed_forward, teacher.model.layers[j].feed_forward
+        assert torch.equal(mine.up_proj.weight, theirs.up_proj.weight[kept])
+        assert torch.equal(mine.down_proj.weight, theirs.down_proj.weight[:, kept])
+        assert rows[f"model.layers.{j}.feed_forward.down_proj.weight"]["units"].startswith("48 of 96, sha1 ")
 
 
 def test_most_active_units_ties_to_the_lower_index():

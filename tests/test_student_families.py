@@ -31,6 +31,10 @@ from tailkd.student import build_student, freeze_student_embeddings
 
 N_LAYERS = 5
 SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's first three in every family below
+NARROW_LAYERS = [0, 2, 3]  # the narrow students' layers
+# Jamba's config sets its layers' kinds by periods (attention at the odd layers, experts at the even ones here): a
+# student's layer j is a teacher layer of j's parity, so its layer kinds are those of the teacher's first layers
+SUBSETS, NARROW_LAYERS_OF = {"jamba": [0, 3, 4]}, {"jamba": [0, 1, 4]}
 _SLIDING = {"sliding_window": 4}  # shorter than the test sequences (13 tokens): sliding layers really differ
 _COMMON = dict(vocab_size=TINY_VOCAB, num_hidden_layers=N_LAYERS, intermediate_size=96, num_attention_heads=4,
                max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -308,6 +312,11 @@ CONFIGS = {
         qk_rope_head_dim=4, v_head_dim=12, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
         n_shared_experts=1, linear_num_heads=2, linear_head_dim=8, layer_types=[F, L, L, F, L],
         mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
+    # Jamba: Mamba-1 mixers (2 x 64 wide, dt rank 4, with their dt / B / C norms) at the even layers, attention at the
+    # odd ones (attn_layer_period 2, offset 1); 4 routed experts in place of the MLP at the even layers
+    "jamba": ("JambaConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                  expert_layer_offset=0, mamba_d_state=8, mamba_dt_rank=4)),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -352,7 +361,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
            "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM",
-           "mimo_v2_flash": "MiMoV2FlashForCausalLM", "laguna": "LagunaForCausalLM"}
+           "mimo_v2_flash": "MiMoV2FlashForCausalLM", "laguna": "LagunaForCausalLM",
+           "jamba": "JambaForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -522,6 +532,8 @@ def _expected(name, teacher, plan):
             return rd(w[plan["experts"]], 1)
         rest = rest.replace("norm_attn_norm.attn.Wqkv", "self_attn.qkv_proj").replace(
             "norm_attn_norm.attn.out_proj", "self_attn.o_proj").replace("norm_attn_norm.", "")
+    if type(teacher).__name__ == "JambaForCausalLM" and rest.startswith("feed_forward."):  # the rules of mlp.: routed
+        rest = "mlp." + rest.removeprefix("feed_forward.")  # experts (their width intermediate_size), or a dense MLP
     if plan["moe"] and rest.startswith("feed_forward."):  # LFM2-MoE: the rules of the other mixtures' mlp.
         rest = "mlp." + rest.removeprefix("feed_forward.")
     if rest.startswith("block_sparse_moe."):  # Granite 4.0-H's routed experts: likewise
@@ -592,6 +604,8 @@ def _expected(name, teacher, plan):
             return rd(w[:, :units], 0)
         gate, up = w.chunk(2)
         return rd(torch.cat([gate[:units], up[:units]]), 1)
+    if rest.startswith("mamba.") and type(teacher).__name__ == "JambaForCausalLM":  # Mamba-1, its sizes kept
+        return rd(w, 1) if rest == "mamba.in_proj.weight" else rd(w, 0) if rest == "mamba.out_proj.weight" else w
     if rest.startswith("mamba."):  # Falcon-H1's Mamba-2 mixer keeps its sizes: only the residual side narrows
         if rest.startswith("mamba.in_proj"):
             return rd(w, 1) if rest.endswith("weight") else w
@@ -780,23 +794,25 @@ def _zero_dropped_layers(teacher, keep):
 @pytest.mark.parametrize("family", NAMES)
 def test_layer_subset_copies_its_layers_and_their_settings(family):
     teacher = make_teacher(family)
-    student, table = build_student(teacher, layers=SUBSET, mlp_init="copy")
-    _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET))
-    assert student.config.num_hidden_layers == len(SUBSET)
+    subset = SUBSETS.get(family, SUBSET)
+    student, table = build_student(teacher, layers=subset, mlp_init="copy")
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, subset))
+    assert student.config.num_hidden_layers == len(subset)
     types = _layer_types(teacher)
     if types is not None:
-        assert _layer_types(student) == [types[i] for i in SUBSET]
-        assert len(set(types)) == 1 or _layer_types(student) != types[: len(SUBSET)]  # Falcon-H1: every layer hybrid
+        assert _layer_types(student) == [types[i] for i in subset]
+        assert len(set(types)) == 1 or family in SUBSETS or _layer_types(student) != types[: len(subset)]  # Falcon-H1:
+        # every layer hybrid
     if family == "gpt_neo":  # its run-length attention_types spells the same layers (a reader of either agrees)
         spelled = [kind for kinds, n in student.config.attention_types for _ in range(n) for kind in kinds]
         assert spelled == _layer_types(student) == ["local", "global", "local"]
     ids = _ids(1)
-    assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, SUBSET), ids))
+    assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, subset), ids))
 
-    random_mlp, table = build_student(teacher, layers=SUBSET)  # the paper's default: MLP random
+    random_mlp, table = build_student(teacher, layers=subset)  # the paper's default: MLP random
     assert {row["name"] for row in table if row["action"] == "random"} == {
         name for name, _ in random_mlp.named_parameters() if _in_mlp(name)}
-    _assert_copied_exactly(random_mlp, table, teacher, _plan(teacher, SUBSET))
+    _assert_copied_exactly(random_mlp, table, teacher, _plan(teacher, subset))
 
 
 def test_a_minicpm3_student_of_any_depth_keeps_its_residual_scale():
@@ -1169,6 +1185,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
     "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # Jamba keeps hidden_size (its Mamba mixers are mamba_expand x hidden_size wide): heads, experts and the MLP narrow
+    # (the experts and the dense MLPs one intermediate_size)
+    "jamba": ({"num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 3},
+              dict(q_heads=[0, 1], kv_heads=[0], ff=40, ff_e=40, experts=3)),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)
@@ -1288,7 +1308,8 @@ def test_narrow_student_by_channel_activity_is_the_teachers_slices(case, tmp_pat
     kwargs, plan = NARROW[case]
     teacher = make_teacher(family)
     batches = [{"input_ids": _ids(7, (2, 13))}]
-    activity, _ = channel_activity(teacher, config_family(teacher.config, family_spec(teacher)), batches, [0, 2, 3])
+    layers = NARROW_LAYERS_OF.get(family, NARROW_LAYERS)
+    activity, _ = channel_activity(teacher, config_family(teacher.config, family_spec(teacher)), batches, layers)
     channels = largest(activity, kwargs["hidden_size"])
     assert not torch.equal(channels, torch.arange(kwargs["hidden_size"]))
     _check_narrow_student(teacher, {**kwargs, "hidden_channels": "active", "calibration": lambda: batches},
@@ -1308,12 +1329,13 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     teacher = make_teacher(family)
     fam = config_family(teacher.config, family_spec(teacher))
     t = teacher_dims(teacher.config, fam)
-    reference = _plan(teacher, [0, 2, 3], **plan)
+    layers = NARROW_LAYERS_OF.get(family, NARROW_LAYERS)
+    reference = _plan(teacher, layers, **plan)
     n_kv = len(reference["q_heads"]) if reference["latent"] else len(reference["kv_heads"])  # latent: one per head
     per_kv = len(reference["q_heads"]) // n_kv
     for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
         batches = [{"input_ids": _ids(seed, (2, 13))}]
-        importance, _ = head_importance(teacher, fam, batches, [0, 2, 3], t.heads)
+        importance, _ = head_importance(teacher, fam, batches, layers, t.heads)
         groups = (4, 4, len(reference["q_heads"]) // 4) if family == "codegen" else (t.kv_heads, n_kv, per_kv)
         q_heads = {i: kept_heads(v, *groups).tolist() for i, v in importance.items()}  # CodeGen: by its 4 blocks
         if any(q != reference["q_heads"] for q in q_heads.values()):
@@ -1429,7 +1451,7 @@ def test_interleaved_rope_keeps_rotated_queries():
 def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     """A 3-layer student built with `kwargs` holds the reference slices (`plan`), runs, and saves/loads unchanged."""
     family = next(name for name, cls in CLASSES.items() if cls == type(teacher).__name__)
-    layers = [0, 2, 3]
+    layers = NARROW_LAYERS_OF.get(family, NARROW_LAYERS)
     student, table = build_student(teacher, layers=layers, mlp_init="copy", **kwargs)
     _assert_copied_exactly(student, table, teacher, _plan(teacher, layers, **plan))
     assert "truncated" in {row["action"] for row in table}
@@ -1564,11 +1586,12 @@ def test_phi2_shaped_teacher():
 @pytest.mark.parametrize("family", NAMES)
 def test_layer_subset_saves_and_loads_unchanged(family, tmp_path):
     teacher = make_teacher(family)
-    student, _ = build_student(teacher, layers=SUBSET, seed=3)
+    subset = SUBSETS.get(family, SUBSET)
+    student, _ = build_student(teacher, layers=subset, seed=3)
     student.save_pretrained(tmp_path / "s")
     loaded = _reload(tmp_path / "s")
     assert type(loaded) is type(teacher)
-    assert loaded.config.num_hidden_layers == len(SUBSET) and _layer_types(loaded) == _layer_types(student)
+    assert loaded.config.num_hidden_layers == len(subset) and _layer_types(loaded) == _layer_types(student)
     reloaded = {**dict(loaded.named_parameters()), **_persistent_buffers(loaded)}
     for name, param in [*student.named_parameters(), *_persistent_buffers(student).items()]:
         assert torch.equal(reloaded[name], param), name
@@ -1765,6 +1788,10 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                            r"heads of their own size \(v_head_dim\): keep num_kv_heads 1 \(layers, "),
     ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's .*: keep head_dim 12 \("),
     ("mimo_v2_flash", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but MiMo-V2-Flash's .*: keep num_heads 4 "),
+    ("jamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Jamba Mamba mixers are mamba_expand x "
+                                   r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"),
+    # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one
+    ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
     ("laguna", {"num_heads": 2}, r"^num_heads=2, but Laguna's layers have a number of query heads each "
                                  r"\(num_attention_heads_per_layer\): keep num_heads 4 \(layers, hidden_size, "),
 ])

@@ -214,12 +214,13 @@ def _channels_probe(teacher, fam: Family, real: dict, layers, heads: int):
 def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Mean |activation| of each dense MLP unit ({layer: float64 [ff]}): the input of the layer's down projection,
     the last of its MLP modules (those whose weights the table cuts along ``ff`` / ``gate_up``) to run; of a mixture,
-    its routed experts' units (`_expert_units_probe`)."""
-    if any("expert" in axes for axes in fam.layer_params.values()):
-        return _expert_units_probe(teacher, fam, real, layers, heads)
+    its routed experts' units in its routed layers (`_expert_units_probe`), its dense MLPs' in the others where they
+    narrow (Jamba's; other mixtures keep their dense MLPs whole)."""
+    mixture = any("expert" in axes for axes in fam.layer_params.values())
+    handles, experts = _expert_units_probe(teacher, fam, real, layers, heads) if mixture else ([], lambda tokens: {})
     names = sorted({name.rpartition(".")[0] for name, axes in fam.layer_params.items()
                     if set(axes) & {"ff", "gate_up"} and name.endswith("weight")})
-    if not names:  # a bug in a table, not a user error (`tailkd.student` refuses such families first)
+    if not names and not mixture:  # a bug in a table, not a user error (`tailkd.student` refuses such families first)
         raise RuntimeError(f"{fam.label} has no MLP cut by units in its table")
     last, total = {}, {}
 
@@ -234,13 +235,14 @@ def _units_probe(teacher, fam: Family, real: dict, layers, heads: int):
             total[i] = summed if i not in total else total[i] + summed
         return hook
 
-    handles = []
     for i in layers:
         layer = teacher.get_submodule(f"{fam.layer_prefix}{i}")
+        modules = [m for name in names if (m := _submodule(layer, name)) is not None]
+        if not modules or (mixture and _submodule(layer, experts_module(fam)) is not None):  # its experts' instead
+            continue
         handles.append(layer.register_forward_hook(count(i)))
-        handles += [m.register_forward_pre_hook(take_input(i)) for name in names
-                    if (m := _submodule(layer, name)) is not None]
-    return handles, lambda tokens: {i: t / tokens for i, t in total.items()}
+        handles += [m.register_forward_pre_hook(take_input(i)) for m in modules]
+    return handles, lambda tokens: {**experts(tokens), **{i: t / tokens for i, t in total.items()}}
 
 
 def _expert_units_probe(teacher, fam: Family, real: dict, layers, heads: int):
@@ -526,7 +528,7 @@ def calibrated_units(s: Dims, chosen: list[int], activity: dict | None, experts_
     if activity is None:
         return {}, {}
     units, share = {}, {}
-    for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers have no measure: they are kept whole
+    for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers kept whole have no measure
         a = activity[i]
         if a.dim() == 1:
             units[i] = largest(a, s.intermediate)

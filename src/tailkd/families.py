@@ -739,6 +739,21 @@ FAMILIES = {f.name: f for f in (
     Family("bamba", "Bamba", ("BambaForCausalLM",), _MAMBA_HYBRID_DECODER, _MAMBA_HYBRID_LAYER, _EMBED,
            "follows_hidden", layer_index_lists=("attn_layer_indices",), mlp_prefix="feed_forward.",
            mixer_width_keys=("mamba_d_ssm",)),
+    # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide: hidden_size kept; their dt, B and C norms) beside Llama's
+    # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
+    # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config
+    # gives a student's layer j its kinds by the same periods: a choice of layers whose kinds differ is refused
+    Family("jamba", "Jamba", ("JambaForCausalLM",), {**_MAMBA_HYBRID_DECODER},
+           {**_ATTENTION, **linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
+            **linear("mamba.x_proj", "all", "all"), **linear("mamba.dt_proj", "all", "all"),
+            "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.A_log": ("all", "all"),
+            "mamba.D": ("all",), **norms("mamba.dt_layernorm", "mamba.b_layernorm", "mamba.c_layernorm", axis="all"),
+            **linear("feed_forward.gate_proj", "ff", "d"), **linear("feed_forward.up_proj", "ff", "d"),
+            **linear("feed_forward.down_proj", "d", "ff"), "feed_forward.router.weight": ("expert", "d"),
+            "feed_forward.experts.gate_up_proj": ("expert", "gate_up", "d"),
+            "feed_forward.experts.down_proj": ("expert", "d", "ff"), **norms("input_layernorm", "pre_ff_layernorm")},
+           _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="intermediate_size"), layer_lists=(),
+           mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
     # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide: hidden_size kept) beside attention layers
     # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at
     # the teacher's width beside experts; the MLP itself, narrowed, in the dense variants without experts)

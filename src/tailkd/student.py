@@ -62,28 +62,28 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX) keeps the
-         teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's
-         by default) and, with "copy", their router rows; with "copy" and ``experts="used"`` it keeps per layer the
-         experts the teacher routes the most tokens of calibration rows to (`tailkd.calibration`); `intermediate_size`
-         is each routed expert's width (the config's intermediate_size or moe_intermediate_size, whichever the family's
-         experts have; its first units, or with ``mlp_units="active"`` each kept expert's own most active ones, over the
-         tokens routed to it — experts stored as [E, gate | up, d], not GPT-OSS's interleaved gate/up pairs, which are
-         kept as pairs of the first units, nor Llama 4's in-before-out [E, d, gate | up] or DBRX's flattened [E x units,
-         d] w1, v1, w2, which keep their first units; DBRX's sizes are in its attn_config and ffn_config). GPT-OSS's and
-         Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and
-         Qwen2-MoE's shared expert — keep the teacher's width. Whether a Qwen-MoE layer routes or is dense depends on
-         its index (``decoder_sparse_step``, ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s
-         kind, its dense layers listed in ``mlp_only_layers`` where the teacher's settings would give other ones. The
-         router load-balancing loss is on where the student's config (the teacher's settings) sets
-         ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from moe_layer_start_index to
-         moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the chosen layers, the
-         interval kept. Every student layer must have its teacher layer's modules: a choice of layers whose kinds the
-         student's config cannot give (off ERNIE's interval, say) is refused in one line. Phi-MoE's router (sparsemixer)
-         sends every token to 2 experts whatever its config says: num_experts is at least 2 and num_experts_per_tok is
-         refused. GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing):
-         dense MLPs (the teacher's width) below ``first_k_dense_replace``, renumbered as other thresholds
-         (GLM-4.7-Flash, EXAONE-MoE: per layer, ``mlp_layer_types``, subset as layer_types); the router's
+         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX, Jamba)
+         keeps the teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the
+         teacher's by default) and, with "copy", their router rows; with "copy" and ``experts="used"`` it keeps per
+         layer the experts the teacher routes the most tokens of calibration rows to (`tailkd.calibration`);
+         `intermediate_size` is each routed expert's width (the config's intermediate_size or moe_intermediate_size,
+         whichever the family's experts have; its first units, or with ``mlp_units="active"`` each kept expert's own
+         most active ones, over the tokens routed to it — experts stored as [E, gate | up, d], not GPT-OSS's interleaved
+         gate/up pairs, which are kept as pairs of the first units, nor Llama 4's in-before-out [E, d, gate | up] or
+         DBRX's flattened [E x units, d] w1, v1, w2, which keep their first units; DBRX's sizes are in its attn_config
+         and ffn_config). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's
+         whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a
+         Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the
+         student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the
+         teacher's settings would give other ones. The router load-balancing loss is on where the student's config (the
+         teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from
+         moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the
+         chosen layers, the interval kept. Every student layer must have its teacher layer's modules: a choice of layers
+         whose kinds the student's config cannot give (off ERNIE's interval, say) is refused in one line. Phi-MoE's
+         router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least 2 and
+         num_experts_per_tok is refused. GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3 and GLM-4.7-Flash
+         (DeepSeek's routing): dense MLPs (the teacher's width) below ``first_k_dense_replace``, renumbered as other
+         thresholds (GLM-4.7-Flash, EXAONE-MoE: per layer, ``mlp_layer_types``, subset as layer_types); the router's
          score-correction bias (a saved buffer) follows the kept experts; under group-limited routing (``n_group``
          groups, each scored by its top 2 experts — DeepSeek-V2's by its best one, where its topk_method is
          group_limited_greedy —, ``topk_group`` picked per token) the student keeps the first num_experts/n_group
@@ -132,6 +132,11 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          Bamba: Falcon-H1's tensors, one mixer per layer (attention where ``attn_layer_indices`` lists it, a list
          that follows the chosen layers); its Mamba mixers are always mamba_expand x hidden_size wide: hidden_size is
          kept.
+         Jamba: Mamba-1 mixers beside Llama's attention, and routed experts in place of the MLP, in the layers its
+         config's periods and offsets give (attn_layer_period, expert_layer_period): the student's config keeps them,
+         so its layer j must be a teacher layer of j's kinds (other choices are refused in one line; whole periods can
+         be dropped); its mixers are mamba_expand x hidden_size wide, so hidden_size is kept; the experts are as wide as
+         the MLP (intermediate_size).
          Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its mixers are always
          mamba_expand x hidden_size wide, so hidden_size is kept (layers, heads, experts and the MLP narrow); its
          routed experts (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width
@@ -187,7 +192,8 @@ and sizes; its shared expert keeps its own width), GLM-4.7-Flash (transformers 5
 tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi
 Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets
 its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, Granite 4.0-H (GraniteMoeHybrid),
+Nemotron-H.
 """
 
 from __future__ import annotations
