@@ -706,6 +706,31 @@ def test_head_importance_is_the_mean_norm_of_each_heads_attention_output():
         torch.testing.assert_close(importance[i], norms.mean(0), rtol=1e-5, atol=0)
 
 
+def test_each_attention_kind_is_measured_at_its_own_output_projection():
+    """MiniMax's lightning layers (0, 2, 3) have their own output projection (out_proj, after an output gate cut along
+    the heads too) beside the full layers' o_proj: a head's importance in each layer is the mean L2 norm of its block
+    of that projection's input over the real tokens (read here by hooks on the modules named; the same float32
+    inputs, their norms summed in float64 in another order: rtol 1e-12)."""
+    teacher = make_teacher("minimax")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    importance, tokens = head_importance(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], range(N_LAYERS), 4)
+    assert sorted(importance) == list(range(N_LAYERS)) and tokens == 31
+    inputs, handles = {}, []
+    for i, layer in enumerate(teacher.model.layers):
+        module = layer.self_attn.o_proj if i in (1, 4) else layer.self_attn.out_proj
+        handles.append(module.register_forward_pre_hook(lambda m, args, i=i: inputs.update({i: args[0]})))
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for i, x in inputs.items():
+        norms = x[mask.bool()].reshape(-1, 4, 16).double().norm(dim=-1)  # [real tokens, heads]
+        torch.testing.assert_close(importance[i], norms.mean(0), rtol=1e-12, atol=0)
+
+
 def test_kept_heads_keep_each_kv_heads_best_queries_and_the_best_kv_heads():
     importance = torch.tensor([1.0, 5.0, 3.0, 0.0, 2.0, 2.0, 9.0, 0.0], dtype=torch.float64)  # 2 KV heads of 4
     assert kept_heads(importance, 2, 1, 2).tolist() == [4, 6]  # KV head 1's best pair (2 + 9) over KV head 0's (5 + 3)

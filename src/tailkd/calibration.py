@@ -77,7 +77,7 @@ from tailkd.families import Family
 from tailkd.head import decoder_forward
 from tailkd.slicing import Dims
 
-__all__ = ["PROBES", "attention_output", "block_influence", "calibrated_channels", "calibrated_experts",
+__all__ = ["PROBES", "attention_outputs", "block_influence", "calibrated_channels", "calibrated_experts",
            "calibrated_heads", "calibrated_layers", "calibrated_units", "channel_activity", "experts_module",
            "head_importance", "kept_heads", "largest", "measure", "norm_modules", "routed_counts", "unit_activity",
            "wanted_measures"]
@@ -173,12 +173,12 @@ def _influence_probe(teacher, fam: Family, real: dict, layers, heads: int):
 
 def _heads_probe(teacher, fam: Family, real: dict, layers, heads: int):
     """Mean L2 norm of each query head's output ({layer: float64 [heads]}) of the attention layers among ``layers``
-    (a hybrid's other mixers have no attention output projection): the input of `attention_output`, ``heads`` equal
-    blocks."""
-    path = attention_output(fam)
-    modules = _layer_modules(teacher, fam, layers, path)
+    (a hybrid's other mixers have no attention output projection): the input of its `attention_outputs`, ``heads``
+    equal blocks."""
+    paths = attention_outputs(fam)
+    modules = {i: m for path in paths for i, m in _layer_modules(teacher, fam, layers, path).items()}
     if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
-        raise RuntimeError(f"none of teacher layers {layers} has {path}")
+        raise RuntimeError(f"none of teacher layers {layers} has {' or '.join(paths)}")
     total = {i: torch.zeros(heads, dtype=torch.float64) for i in modules}
 
     def count(i):
@@ -356,7 +356,7 @@ def channel_activity(teacher, fam: Family, batches, layers) -> tuple[torch.Tenso
 def head_importance(teacher, fam: Family, batches, layers, heads: int) -> tuple[dict[int, torch.Tensor], int]:
     """``({teacher layer i: float64 [heads] mean L2 norm of each query head's output}, real tokens)`` over ``batches``
     for the attention layers among ``layers`` (a hybrid's other mixers have no attention output projection): the
-    input of `attention_output`, ``heads`` equal blocks (see the module docstring)."""
+    input of `attention_outputs`, ``heads`` equal blocks (see the module docstring)."""
     found, tokens = measure(teacher, fam, batches, {"attention_heads=active": layers}, heads)
     return found["attention_heads=active"], tokens
 
@@ -400,15 +400,19 @@ def norm_modules(fam: Family, layers) -> list[str]:
     return modules(fam.params) + [f"{fam.layer_prefix}{i}.{name}" for i in layers for name in modules(fam.layer_params)]
 
 
-def attention_output(fam: Family) -> str:
-    """The path, inside one of `fam`'s layers, of its attention's output projection: the module whose 2-D weight the
-    table cuts along ``o`` (the kept query heads' blocks of its input; BitNet's norm before it is cut along ``o`` too),
-    or latent attention's o_proj (``d`` by ``head``)."""
-    names = [name.removesuffix(".weight") for name, axes in fam.layer_params.items()
-             if name.endswith(".weight") and len(axes) == 2 and ("o" in axes or tuple(axes) == ("d", "head"))]
-    if len(names) != 1:  # a bug in a table, not a user error
-        raise RuntimeError(f"{fam.label}'s table names {len(names)} attention output projections: {names}")
-    return names[0]
+def attention_outputs(fam: Family) -> list[str]:
+    """The paths, inside `fam`'s layers, of its attention's output projection: the module whose 2-D weight the table
+    cuts along ``o`` (the kept query heads' blocks of its input; BitNet's norm before it is cut along ``o`` too, but is
+    1-D; GPT-2's Conv1D c_proj is [in, out]), or latent attention's o_proj (``d`` by ``head``); where several are, one
+    per attention kind, those cut ``d`` by ``o`` (MiniMax's o_proj and its lightning layers' out_proj, not their output
+    gate, cut ``o`` by ``d``)."""
+    names = {name.removesuffix(".weight"): tuple(axes) for name, axes in fam.layer_params.items()
+             if name.endswith(".weight") and len(axes) == 2 and ("o" in axes or tuple(axes) == ("d", "head"))}
+    if len(names) > 1:
+        names = {name: axes for name, axes in names.items() if axes == ("d", "o")}
+    if not names:  # a bug in a table, not a user error
+        raise RuntimeError(f"{fam.label}'s table names no attention output projection")
+    return list(names)
 
 
 def kept_heads(importance: torch.Tensor, kv_heads: int, student_kv_heads: int, per_kv_head: int) -> torch.Tensor:

@@ -630,6 +630,16 @@ FAMILIES = {f.name: f for f in (
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
            layer_lists=("layer_types", "mlp_layer_types", "num_attention_heads_per_layer"),
            attention_kept="Laguna's layers have a number of query heads each (num_attention_heads_per_layer)"),
+    # MiniMax (MiniMax-Text-01): lightning (linear) attention layers beside full attention ones (layer_types): a
+    # lightning layer's qkv_proj holds [q | k | v] per head (a key and value head per query head: the kept query heads'
+    # blocks), its output gate and the RMSNorm over its output follow the kept heads' rows, and its per-head decays are
+    # saved buffers, set by the head and the layer's depth (copied: the teacher layer's own); Mixtral's experts
+    Family("minimax", "MiniMax", ("MiniMaxForCausalLM",), _DECODER,
+           {**_ATTENTION, **linear("self_attn.qkv_proj", "qkv_heads", "d"), **linear("self_attn.out_proj", "d", "o"),
+            **linear("self_attn.output_gate", "o", "d"), **norms("self_attn.norm", axis="o"),
+            **{f"self_attn.{name}": ("head", "all", "all") for name in ("slope_rate", "query_decay", "key_decay")},
+            "self_attn.diagonal_decay": ("all", "head", "all", "all"), **_EXPERTS, **_PRE_NORMS}, _EMBED,
+           "follows_hidden", keys=dict(_MOE_KEYS, experts="num_local_experts", intermediate="intermediate_size")),
     # Phi-3.5-MoE: a router named router (sparsemixer: always 2 experts per token), LayerNorms with biases
     Family("phimoe", "Phi-MoE", ("PhimoeForCausalLM",), _DECODER,
            {**_ATTENTION, "mlp.router.weight": ("expert", "d"), **{k: v for k, v in _EXPERTS.items() if "experts" in k},

@@ -62,41 +62,42 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX, Jamba)
-         keeps the teacher's first `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the
-         teacher's by default) and, with "copy", their router rows; with "copy" and ``experts="used"`` it keeps per
-         layer the experts the teacher routes the most tokens of calibration rows to (`tailkd.calibration`);
-         `intermediate_size` is each routed expert's width (the config's intermediate_size or moe_intermediate_size,
-         whichever the family's experts have; its first units, or with ``mlp_units="active"`` each kept expert's own
-         most active ones, over the tokens routed to it — experts stored as [E, gate | up, d], not GPT-OSS's interleaved
-         gate/up pairs, which are kept as pairs of the first units, nor Llama 4's in-before-out [E, d, gate | up] or
-         DBRX's flattened [E x units, d] w1, v1, w2, which keep their first units; DBRX's sizes are in its attn_config
-         and ffn_config). GPT-OSS's and Granite-SWA's attention sinks follow the kept query heads. Qwen-MoE's
-         whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the teacher's width. Whether a
-         Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``, ``mlp_only_layers``): the
-         student's layer j has teacher layer layers[j]'s kind, its dense layers listed in ``mlp_only_layers`` where the
-         teacher's settings would give other ones. The router load-balancing loss is on where the student's config (the
-         teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE 4.5 MoE routes the layers from
-         moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start and end are renumbered to the
-         chosen layers, the interval kept. Every student layer must have its teacher layer's modules: a choice of layers
-         whose kinds the student's config cannot give (off ERNIE's interval, say) is refused in one line. Phi-MoE's
-         router (sparsemixer) sends every token to 2 experts whatever its config says: num_experts is at least 2 and
-         num_experts_per_tok is refused. GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3 and GLM-4.7-Flash
-         (DeepSeek's routing): dense MLPs (the teacher's width) below ``first_k_dense_replace``, renumbered as other
-         thresholds (GLM-4.7-Flash, EXAONE-MoE: per layer, ``mlp_layer_types``, subset as layer_types); the router's
-         score-correction bias (a saved buffer) follows the kept experts; under group-limited routing (``n_group``
-         groups, each scored by its top 2 experts — DeepSeek-V2's by its best one, where its topk_method is
-         group_limited_greedy —, ``topk_group`` picked per token) the student keeps the first num_experts/n_group
-         experts of each group (or, by use, the most used of each group), so num_experts is a multiple of n_group with
-         at least 2 (V2: 1) per group and num_experts_per_tok fits in topk_group groups; the shared experts (one MLP of
-         n_shared_experts routed widths) keep their first n_shared_experts x intermediate_size units. MiniMax-M2's
-         score-correction bias (on its MoE block) likewise follows the kept experts. HunYuan-MoE's always-on shared MLP
-         is as wide as its experts and narrows with them; an expert setting its config lists per layer (HunYuan-MoE's
-         moe_topk) is refused. Llama 4 (text) routes with a sigmoid top-k router whose experts take every token
-         pre-scaled by its score (with experts "used" the counts are read at the router); its shared expert is as wide
-         as each routed one and narrows with them, its dense layers' MLPs (``intermediate_size_mlp``, in the layers
-         ``moe_layers`` does not list: renumbered to the chosen layers) keep the teacher's width, its ``no_rope_layers``
-         follow the chosen layers as ``layer_types`` (chunked attention on its RoPE layers) do.
+         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX, Jamba,
+         MiniMax) keeps the teacher's first `num_experts` routed experts (all by default; at least its
+         `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
+         ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
+         (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
+         moe_intermediate_size, whichever the family's experts have; its first units, or with ``mlp_units="active"``
+         each kept expert's own most active ones, over the tokens routed to it — experts stored as [E, gate | up, d],
+         not GPT-OSS's interleaved gate/up pairs, which are kept as pairs of the first units, nor Llama 4's
+         in-before-out [E, d, gate | up] or DBRX's flattened [E x units, d] w1, v1, w2, which keep their first units;
+         DBRX's sizes are in its attn_config and ffn_config). GPT-OSS's and Granite-SWA's attention sinks follow the
+         kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the
+         teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
+         ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its dense layers listed in
+         ``mlp_only_layers`` where the teacher's settings would give other ones. The router load-balancing loss is on
+         where the student's config (the teacher's settings) sets ``output_router_logits`` (`tailkd.objective`). ERNIE
+         4.5 MoE routes the layers from moe_layer_start_index to moe_layer_end_index, every moe_layer_interval-th: start
+         and end are renumbered to the chosen layers, the interval kept. Every student layer must have its teacher
+         layer's modules: a choice of layers whose kinds the student's config cannot give (off ERNIE's interval, say) is
+         refused in one line. Phi-MoE's router (sparsemixer) sends every token to 2 experts whatever its config says:
+         num_experts is at least 2 and num_experts_per_tok is refused. GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+         DeepSeek-V2/V3 and GLM-4.7-Flash (DeepSeek's routing): dense MLPs (the teacher's width) below
+         ``first_k_dense_replace``, renumbered as other thresholds (GLM-4.7-Flash, EXAONE-MoE: per layer,
+         ``mlp_layer_types``, subset as layer_types); the router's score-correction bias (a saved buffer) follows the
+         kept experts; under group-limited routing (``n_group`` groups, each scored by its top 2 experts — DeepSeek-V2's
+         by its best one, where its topk_method is group_limited_greedy —, ``topk_group`` picked per token) the student
+         keeps the first num_experts/n_group experts of each group (or, by use, the most used of each group), so
+         num_experts is a multiple of n_group with at least 2 (V2: 1) per group and num_experts_per_tok fits in
+         topk_group groups; the shared experts (one MLP of n_shared_experts routed widths) keep their first
+         n_shared_experts x intermediate_size units. MiniMax-M2's score-correction bias (on its MoE block) likewise
+         follows the kept experts. HunYuan-MoE's always-on shared MLP is as wide as its experts and narrows with them;
+         an expert setting its config lists per layer (HunYuan-MoE's moe_topk) is refused. Llama 4 (text) routes with a
+         sigmoid top-k router whose experts take every token pre-scaled by its score (with experts "used" the counts are
+         read at the router); its shared expert is as wide as each routed one and narrows with them, its dense layers'
+         MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the chosen layers)
+         keep the teacher's width, its ``no_rope_layers`` follow the chosen layers as ``layer_types`` (chunked attention
+         on its RoPE layers) do.
 Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see
          Hybrids): one key/value head per query head, so num_heads narrows whole heads (the first ones: their rows of
          q_proj / q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value], and o_proj's
@@ -132,6 +133,11 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          Bamba: Falcon-H1's tensors, one mixer per layer (attention where ``attn_layer_indices`` lists it, a list
          that follows the chosen layers); its Mamba mixers are always mamba_expand x hidden_size wide: hidden_size is
          kept.
+         MiniMax (MiniMax-Text-01): lightning attention layers beside full attention ones (``layer_types``); a
+         lightning layer's qkv_proj holds [q | k | v] per head, cut as GPT-NeoX's (the kept query heads' blocks, each
+         with its own key and value), its output gate and the RMSNorm over its output follow the kept heads' rows, and
+         its per-head decays (saved buffers, set by the head and the layer's depth) are the teacher layer's own; its
+         layers normalize the residual stream itself (post-norm); Mixtral's experts.
          Jamba: Mamba-1 mixers beside Llama's attention, and routed experts in place of the MLP, in the layers its
          config's periods and offsets give (attn_layer_period, expert_layer_period): the student's config keeps them,
          so its layer j must be a teacher layer of j's kinds (other choices are refused in one line; whole periods can
@@ -192,8 +198,8 @@ and sizes; its shared expert keeps its own width), GLM-4.7-Flash (transformers 5
 tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi
 Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets
 its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, Granite 4.0-H (GraniteMoeHybrid),
-Nemotron-H.
+(text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H
+(GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
