@@ -126,7 +126,8 @@ def _input_in_autocast_dtype(module, args):
 
 def autocast_safe(model):
     """``model``, its modules of `AUTOCAST_INPUT_MODULES` given their input in the autocast dtype (a forward pre-hook,
-    once per module; without autocast the input is left as it is). Every model tailkd loads or builds passes here."""
+    once per module; without autocast the input is left as it is). Every model tailkd builds (`tailkd.student`),
+    loads (`load_causal_lm`, `load_teacher`) or shards (`tailkd.sharded_teacher`) passes here."""
     for module in model.modules():
         hooks = module._forward_pre_hooks.values()
         if type(module).__name__ in AUTOCAST_INPUT_MODULES and _input_in_autocast_dtype not in hooks:
