@@ -397,6 +397,15 @@ def test_a_mixtures_narrowed_dense_mlps_are_measured_beside_its_experts():
         assert rows[f"model.layers.{j}.feed_forward.down_proj.weight"]["units"].startswith("48 of 96, sha1 ")
 
 
+def test_layers_by_influence_are_whole_periods_where_the_kinds_repeat():
+    """With a period (Jamba's), the whole periods of largest summed influence, in order; a trailing partial period is
+    not a candidate; without one, the layers of largest influence."""
+    influence = torch.tensor([0.1, 0.1, 0.05, 0.3, 0.2, 0.2, 0.9], dtype=torch.float64)  # periods 0.2, 0.35, 0.4 | 0.9
+    assert calibrated_layers({"layer_choice=influence": influence}, 4, None, period=2) == (None, [2, 3, 4, 5])
+    assert calibrated_layers({"layer_choice=influence": influence}, 2, None) == (None, [3, 6])
+    assert calibrated_layers({}, 4, None, period=2) == (4, None)
+
+
 def test_most_active_units_ties_to_the_lower_index():
     activity = torch.tensor([0.2, 0.5, 0.2, 0.0, 0.5], dtype=torch.float64)
     assert largest(activity, 2).tolist() == [1, 4]

@@ -665,6 +665,32 @@ def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(fam
         assert torch.equal(b, buffers[name]), name
 
 
+def test_a_sharded_jamba_teacher_reads_the_whole_periods_its_calibration_chose(tmp_path):
+    """Jamba's students keep whole periods of its layer kinds (every 2 layers here): `student_source` reads the period
+    a calibration by influence chose (teacher layers 2, 3: test_student_families' Jamba test), the others stay on
+    meta, and the student built from that skeleton is, tensor for tensor, the one built from the whole teacher."""
+    from test_student_families import _ids, _zero_dropped_layers, make_teacher
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+    from tailkd.student import build_student, calibrate
+
+    teacher = _zero_dropped_layers(make_teacher("jamba"), keep=[0, 2, 3, 4])
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    settings = dict(num_layers=2, layer_choice="influence")
+    measured = calibrate(teacher, lambda: batches, **settings)
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(**settings), dtype="fp32", measured=measured)
+    on_meta = [i for i, layer in enumerate(skeleton.model.layers) if layer.input_layernorm.weight.is_meta]
+    assert on_meta == [0, 1, 4]
+    (ours, _), (want, _) = (build_student(model, mlp_init="copy", measured=measured, **settings)
+                            for model in (skeleton, teacher))
+    params = dict(want.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, params[name]), name
+
+
 def test_a_sharded_teachers_skeleton_passes_autocast_safe(tmp_path):
     """The skeleton a sharded teacher (and `student_source`) is built on passes `tailkd.models.autocast_safe`, as a
     loaded model does: DBRX's experts modules carry the hook that hands them their input in the autocast dtype

@@ -29,6 +29,20 @@ def test_choose_layers_examples(n_teacher, n, expected):
     assert choose_layers(n_teacher, n) == expected
 
 
+def test_choose_layers_keeps_whole_periods_where_the_kinds_repeat():
+    """Jamba's layer kinds repeat every lcm(attn_layer_period, expert_layer_period) layers: num_layers keeps whole
+    periods, evenly spaced as layers are (a trailing partial period is never kept); other counts are refused."""
+    assert choose_layers(32, 16, period=8) == [*range(8), *range(24, 32)]
+    assert choose_layers(8, 4, period=2) == [0, 1, 6, 7]
+    assert choose_layers(30, 16, period=8) == [*range(8), *range(16, 24)]
+    assert choose_layers(8, 8, period=4) == list(range(8))
+    with pytest.raises(TailkdError, match=r"^num_layers=3, but the teacher's layer kinds repeat every 4 layers \(its "
+                                          r"config's periods\): pick a multiple of 4 \(whole periods\) or list the "
+                                          r"layers \(--student.layers\)$"):
+        choose_layers(8, 3, period=4)
+    assert choose_layers(8, layers=[0, 1, 2], period=4) == [0, 1, 2]  # listed layers: the model's own check follows
+
+
 @given(st.integers(2, 80).flatmap(lambda L: st.tuples(st.just(L), st.integers(2, L))))
 def test_choose_layers_is_rounded_linspace(case):
     n_teacher, n = case

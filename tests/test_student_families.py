@@ -22,7 +22,7 @@ import torch
 import transformers
 from conftest import TINY_VOCAB, build_tiny_tokenizer, rotated_qk
 
-from tailkd.calibration import channel_activity, head_importance, kept_heads, largest
+from tailkd.calibration import block_influence, channel_activity, head_importance, kept_heads, largest
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
@@ -1446,6 +1446,32 @@ def test_dbrx_experts_get_their_input_in_the_autocast_dtype(tmp_path):
             assert torch.isfinite(_logits(model, ids)).all()
         _logits(model, ids)
         assert seen == [torch.bfloat16] * 3 + [torch.float32] * 3
+
+
+def test_jamba_students_keep_whole_periods_spaced_or_by_influence():
+    """Jamba's kinds repeat every 2 layers here (attention and experts by parity): a student of num_layers 2 keeps a
+    whole period — the first spaced, or by influence the period of largest summed Block Influence. With teacher layer
+    1 zeroed the layers' influence is about 0.62, 0, 0.26, 0.41 (`block_influence`, tested against float64 above):
+    period 1 (layers 2, 3) sums more than period 0 although layer 0 alone has the most, so the period and not the two
+    most influential layers (0, 3) is kept. A student of 3 layers is refused in one line before any calibration
+    pass."""
+    teacher = _zero_dropped_layers(make_teacher("jamba"), keep=[0, 2, 3, 4])
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    influence, _ = block_influence(teacher, config_family(teacher.config, family_spec(teacher)), batches)
+    assert influence[2] + influence[3] > influence[0] + influence[1] and largest(influence, 2).tolist() == [0, 3]
+    spaced, _ = build_student(teacher, num_layers=2, mlp_init="copy")
+    assert torch.equal(spaced.model.layers[0].mamba.in_proj.weight, teacher.model.layers[0].mamba.in_proj.weight)
+    _, table = build_student(teacher, num_layers=2, mlp_init="copy", layer_choice="influence",
+                             calibration=lambda: batches)
+    sources = {row["name"]: row["source"] for row in table}
+    assert sources["model.layers.0.mamba.in_proj.weight"] == "model.layers.2.mamba.in_proj.weight"
+    assert sources["model.layers.1.self_attn.q_proj.weight"] == "model.layers.3.self_attn.q_proj.weight"
+
+    def no_pass():
+        raise AssertionError("no calibration pass for a refused student")
+
+    with pytest.raises(TailkdError, match=r"^num_layers=3, but the teacher's layer kinds repeat every 2 layers"):
+        build_student(teacher, num_layers=3, layer_choice="influence", mlp_init="copy", calibration=no_pass)
 
 
 def test_interleaved_rope_keeps_rotated_queries():

@@ -481,12 +481,18 @@ def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str,
     return found
 
 
-def calibrated_layers(measured: dict, num_layers: int | None, layers) -> tuple[int | None, list | None]:
+def calibrated_layers(measured: dict, num_layers: int | None, layers,
+                      period: int = 1) -> tuple[int | None, list | None]:
     """``(num_layers, layers)`` of a student after its calibration (`tailkd.student.calibrate`'s ``measured``): the
-    ``num_layers`` teacher layers of largest Block Influence, in order, where it was measured; else as given."""
+    ``num_layers`` teacher layers of largest Block Influence, in order, where it was measured; else as given. Where
+    the layers' kinds repeat every ``period`` layers (`tailkd.sizing.layer_period`: Jamba's), the whole periods of
+    largest summed influence."""
     influence = measured.get("layer_choice=influence")
     if influence is None:
         return num_layers, layers
+    if period > 1:
+        by_period = influence[: len(influence) // period * period].reshape(-1, period).sum(1)
+        return None, [p * period + r for p in largest(by_period, num_layers // period).tolist() for r in range(period)]
     return None, largest(influence, num_layers).tolist()
 
 

@@ -212,7 +212,8 @@ class StudentConfig:
     path: Optional[str] = _f(None, "existing student checkpoint (continued pretraining distillation), loaded as it is "
                                    "(of the student settings below only freeze_embeddings applies to it); if unset "
                                    "the student is built from the teacher")
-    num_layers: Optional[int] = _f(6, "layers of the student built from the teacher (evenly spaced)")
+    num_layers: Optional[int] = _f(6, "layers of the student built from the teacher (evenly spaced; whole periods of "
+                                      "its layer kinds where its config sets them by periods: Jamba)")
     layers: Optional[list[int]] = _f(None, "explicit teacher layer indices for the student (overrides num_layers)")
     layer_choice: str = _f("spaced", "which num_layers teacher layers the student keeps: spaced (evenly, the first "
                                      "and last included; the paper) or influence (those of largest Block Influence, "

@@ -183,6 +183,9 @@ class Family:
     # 4's feed_forward.router: its experts take every token pre-scaled by its score): `tailkd.calibration` counts the
     # routed experts there
     router: str = ""
+    # config keys of periods that set the layers' kinds (Jamba: attention where i % attn_layer_period is its offset,
+    # experts likewise): a student keeps whole periods of their lcm (`tailkd.sizing.layer_period`)
+    layer_periods: tuple[str, ...] = ()
     # why a student keeps the teacher's attention heads and sizes (num_heads, num_kv_heads, head_dim) where it must
     # (Kimi Linear, MiMo-V2-Flash), said in the refusal of another; its attention tensors narrow on the residual side
     attention_kept: str = ""
@@ -763,7 +766,8 @@ FAMILIES = {f.name: f for f in (
             "feed_forward.experts.gate_up_proj": ("expert", "gate_up", "d"),
             "feed_forward.experts.down_proj": ("expert", "d", "ff"), **norms("input_layernorm", "pre_ff_layernorm")},
            _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="intermediate_size"), layer_lists=(),
-           mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
+           mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",),
+           layer_periods=("attn_layer_period", "expert_layer_period")),
     # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide: hidden_size kept) beside attention layers
     # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at
     # the teacher's width beside experts; the MLP itself, narrowed, in the dense variants without experts)

@@ -19,8 +19,8 @@ from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 from tailkd.slicing import Dims
 
-__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "rotary_fraction", "setting", "student_dims",
-           "student_plan", "student_widths", "teacher_dims"]
+__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_period", "rotary_fraction", "setting",
+           "student_dims", "student_plan", "student_widths", "teacher_dims"]
 
 
 def family_spec(model) -> Family:
@@ -121,8 +121,15 @@ def rotary_fraction(config, fam: Family | None = None) -> float:
     return float(getattr(config, "partial_rotary_factor", None) or 1.0)
 
 
-def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) -> list[int]:
-    """The teacher layers the student keeps (see the module docstring); all of them by default."""
+def layer_period(config, fam: Family) -> int:
+    """How many layers the pattern of a family's layer kinds spans where its config sets them by periods (Jamba's
+    attn_layer_period and expert_layer_period: their lcm, `Family.layer_periods`); 1 otherwise."""
+    return math.lcm(*(int(setting(config, key) or 1) for key in fam.layer_periods))
+
+
+def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None, period: int = 1) -> list[int]:
+    """The teacher layers the student keeps (see `tailkd.student`'s docstring); all of them by default. Where the
+    layers' kinds repeat every ``period`` layers (`layer_period`), ``num_layers`` keeps whole periods, evenly spaced."""
     if layers is not None and num_layers is not None and len(layers) != num_layers:
         raise TailkdError(f"layers lists {len(layers)} layers but num_layers={num_layers}: pass only one of them")
     if layers is not None:
@@ -140,6 +147,12 @@ def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None) ->
         return list(range(n_teacher))
     if not 1 <= num_layers <= n_teacher:
         raise TailkdError(f"num_layers={num_layers} but the teacher has {n_teacher} layers: pick 1..{n_teacher}")
+    if period > 1:
+        if num_layers % period:
+            raise TailkdError(f"num_layers={num_layers}, but the teacher's layer kinds repeat every {period} layers "
+                              f"(its config's periods): pick a multiple of {period} (whole periods) or list the "
+                              "layers (--student.layers)")
+        return [p * period + r for p in choose_layers(n_teacher // period, num_layers // period) for r in range(period)]
     if num_layers == 1:
         return [0]
     return [(2 * j * (n_teacher - 1) + (num_layers - 1)) // (2 * (num_layers - 1)) for j in range(num_layers)]
@@ -443,7 +456,7 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
                               "by tailkd; give the student as a folder (--student DIR)")
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config, fam) if fam.rope else 1.0
-    chosen = choose_layers(t.layers, num_layers, layers)
+    chosen = choose_layers(t.layers, num_layers, layers, layer_period(teacher.config, fam))
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)

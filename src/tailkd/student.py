@@ -140,9 +140,10 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          layers normalize the residual stream itself (post-norm); Mixtral's experts.
          Jamba: Mamba-1 mixers beside Llama's attention, and routed experts in place of the MLP, in the layers its
          config's periods and offsets give (attn_layer_period, expert_layer_period): the student's config keeps them,
-         so its layer j must be a teacher layer of j's kinds (other choices are refused in one line; whole periods can
-         be dropped); its mixers are mamba_expand x hidden_size wide, so hidden_size is kept; the experts are as wide as
-         the MLP (intermediate_size).
+         so its layer j must be a teacher layer of j's kinds; `num_layers` keeps whole periods (their lcm; a multiple
+         of it, evenly spaced, or with ``layer_choice="influence"`` those of largest summed Block Influence), listed
+         `layers` are checked layer by layer (refused in one line where a kind differs); its mixers are mamba_expand x
+         hidden_size wide, so hidden_size is kept; the experts are as wide as the MLP (intermediate_size).
          Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its mixers are always
          mamba_expand x hidden_size wide, so hidden_size is kept (layers, heads, experts and the MLP narrow); its
          routed experts (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width
@@ -230,7 +231,7 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
 from tailkd.models import autocast_safe
-from tailkd.sizing import student_plan, student_widths
+from tailkd.sizing import config_family, family_spec, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
 
 __all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]
@@ -336,7 +337,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     elif set(measured) != set(wanted := _wanted(teacher, **settings)[1]):  # a caller's bug, not a user error
         raise RuntimeError(f"measured holds {sorted(measured)}, these settings need {sorted(wanted)}")
     influence = measured.get("layer_choice=influence")
-    num_layers, layers = calibrated_layers(measured, num_layers, layers)
+    period = layer_period(teacher.config, config_family(teacher.config, family_spec(teacher)))
+    num_layers, layers = calibrated_layers(measured, num_layers, layers, period)
     fam, t, s, fraction, chosen, config = student_plan(teacher, num_layers, layers, hidden_size, num_heads,
                                                        num_kv_heads, intermediate_size, head_dim, tie_embeddings,
                                                        num_experts, num_experts_per_tok)
