@@ -187,7 +187,8 @@ class Family:
     # experts likewise): a student keeps whole periods of their lcm (`tailkd.sizing.layer_period`)
     layer_periods: tuple[str, ...] = ()
     # why a student keeps the teacher's attention heads and sizes (num_heads, num_kv_heads, head_dim) where it must
-    # (Kimi Linear, MiMo-V2-Flash), said in the refusal of another; its attention tensors narrow on the residual side
+    # (Kimi Linear, MiMo-V2-Flash, Laguna), said in the refusal of another; its attention tensors narrow on the
+    # residual side
     attention_kept: str = ""
 
 
@@ -755,8 +756,9 @@ FAMILIES = {f.name: f for f in (
     # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide: hidden_size kept; their dt, B and C norms) beside Llama's
     # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
     # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config
-    # gives a student's layer j its kinds by the same periods: a choice of layers whose kinds differ is refused
-    Family("jamba", "Jamba", ("JambaForCausalLM",), {**_MAMBA_HYBRID_DECODER},
+    # gives a student's layer j its kinds by the same periods: a student keeps whole periods (layer_periods), listed
+    # layers whose kinds differ are refused
+    Family("jamba", "Jamba", ("JambaForCausalLM",), _MAMBA_HYBRID_DECODER,
            {**_ATTENTION, **linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
             **linear("mamba.x_proj", "all", "all"), **linear("mamba.dt_proj", "all", "all"),
             "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.A_log": ("all", "all"),
