@@ -125,7 +125,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
                                    (g_t, qk_rows), (g_t + 1, first)] for r in rows], dtype=torch.long),
             "gate_up": torch.cat([ff, t.intermediate + ff]),
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
-            "expert_ff": expert_unit_rows(experts, s.intermediate, t.intermediate) if t.experts else None,
+            "expert_ff": lambda n: expert_unit_rows(experts, s.intermediate, t.intermediate),  # DBRX's only: lazily
             "ff_shared": s.intermediate * s.shared_experts,
             "kv_head": torch.tensor(kv_heads, dtype=torch.long),
             "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
