@@ -150,6 +150,47 @@ def _tiny_qwen3_next(path: Path, tokenizer, layer_types: list[str], seed: int) -
     return path
 
 
+def _tiny_gemma4(path: Path, tokenizer, layer_types: list[str], seed: int, **config) -> Path:
+    """A random tiny Gemma 4 text model (Gemma4ForCausalLM) saved with ``tokenizer``: its full attention layers'
+    heads of global_head_dim (per_layer_config), per-layer embeddings, its last layers reusing earlier layers' keys
+    and values (num_kv_shared_layers) with MLPs twice as wide."""
+    import transformers
+
+    cfg = transformers.Gemma4TextConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": len(layer_types),
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32,
+        "layer_types": layer_types, "sliding_window": 8, "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": len(tokenizer), "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+        "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **config})
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_layer(assets, tmp_path):
+    """A Gemma 4 teacher (5 layers, full attention in 2 and 4 with heads twice as wide) and a Gemma 4 student given
+    as a folder: `tailkd distill` trains, saves and counts the run's FLOPs with each layer's own attention width and
+    window (the count refused such a config, failing the run after its last step)."""
+    from tiny import make_tokenizer
+
+    sliding, full = "sliding_attention", "full_attention"
+    tok = make_tokenizer(300)
+    teacher = _tiny_gemma4(tmp_path / "teacher", tok, [sliding, full, sliding, sliding, full], 0)
+    student = _tiny_gemma4(tmp_path / "student", tok, [sliding, full, sliding, full], 1, hidden_size=32,
+                           num_kv_shared_layers=1)
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(assets["corpus"]),
+                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+                 "--data.eval_rows", "8", "--train.precision", "fp32", "--out", str(run)]) == 0
+    flops = json.loads((run / "summary.json").read_text())["flops"]
+    assert flops["teacher"]["attn_dims"] == [64, 128, 64, 64, 128]
+    assert flops["student"]["attn_dims"] == [64, 128, 64, 128]
+    assert flops["teacher"]["windows"] == [8, 0, 8, 8, 0]
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert type(model).__name__ == "Gemma4ForCausalLM" and model.config.num_kv_shared_layers == 1
+
+
 def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(assets, tmp_path):
     """A Qwen3-Next teacher (three linear-attention layers and one full) and a two-layer Qwen3-Next student given as
     a folder: `tailkd distill` runs on the fused loss layer and on full logits, their first steps' losses agree

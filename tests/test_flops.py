@@ -517,10 +517,51 @@ def test_a_config_whose_layers_differ_is_one_line(tmp_path, tiny_lm, capsys):
                                             "layer; pass --*-params/--vocab/--hidden instead")
     model = tiny_lm()
     het = AutoConfig.for_model(**model.config.to_dict())
-    het.per_layer_config = {1: {"num_attention_heads": 2}}
+    het.per_layer_config = {1: {"hidden_size": 32}}  # the count reads one hidden_size (attention sizes: per layer)
     model.config = het
-    with pytest.raises(TailkdError, match=r"^the config of m sets num_attention_heads per layer \(per_layer_config\)"):
+    with pytest.raises(TailkdError, match=r"^the config of m sets hidden_size per layer \(per_layer_config\)"):
         model_size(model, "m")
+
+
+def test_layers_that_differ_in_attention_count_each_its_own():
+    """Gemma 4 (transformers 5's per_layer_config): its full attention layers have heads of global_head_dim (32 here,
+    16 in its sliding ones), so its attention term is 4 Σ_l heads × head_dim_l × keys_l, each layer with its own window
+    — by plain sums, training rows and generation alike; its parameters as built (KV-shared layers without k/v
+    projections, their MLPs twice as wide). Before, the count refused it (one head_dim for every layer), and a `tailkd
+    distill` run of a Gemma 4 teacher failed after its last step."""
+    from transformers import Gemma4TextConfig
+
+    from tailkd.flops import _decode_keys, _generation_per_sequence
+
+    sliding, full, w, s, heads = "sliding_attention", "full_attention", 8, 32, 4
+    kinds = [sliding, sliding, full, sliding, full]
+    cfg = Gemma4TextConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                           num_attention_heads=heads, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                           sliding_window=w, layer_types=kinds, hidden_size_per_layer_input=8,
+                           vocab_size_per_layer_input=100, num_kv_shared_layers=2, use_double_wide_mlp=True)
+    m = model_flops_per_token(cfg, seq_len=s)
+    dims = [heads * (32 if kind == full else 16) for kind in kinds]
+    assert m["attn_dims"] == dims and m["windows"] == [w, w, 0, w, 0]
+    keys = [w - w * w / (2 * s) if kind == sliding else s / 2 for kind in kinds]
+    assert m["attention"] == pytest.approx(4 * sum(d * k for d, k in zip(dims, keys)), rel=1e-15)
+    assert m["attn_dim"] == sum(dims) / len(dims)
+    # generation: per layer Σ_g min(P + g, w) keys (full layers: P + g), at its own d_attn
+    prompt, gen = 5, 12
+    decode_keys = [sum(min(prompt + g, w if kind == sliding else 10**9) for g in range(gen)) for kind in kinds]
+    assert [_decode_keys(x, prompt, gen) for x in m["windows"]] == decode_keys
+    attention = (prompt * 4 * sum(d * (w - w * w / (2 * prompt) if w < prompt else prompt / 2)
+                                  for d in dims)
+                 + 4 * sum(d * k for d, k in zip(dims, decode_keys)))
+    plain = prompt * (m["matmul"] + m["head"]) + gen * (m["matmul"] + m["head"] + 5 * m["vocab"]) + attention
+    assert _generation_per_sequence(m, prompt, gen) == pytest.approx(plain, rel=1e-15)
+    # the parameters: layers 3 and 4 share layers 1's and 2's keys and values (no k/v projections or norms) and their
+    # MLPs are 192 wide; the per-layer embeddings' projection (64 -> 5 x 8) and every layer's gate in and out of it
+    d, hd, g = 64, [16, 16, 32, 16, 32], 8
+    attention_params = sum(heads * h * d * 2 + (0 if i >= 3 else 2 * 2 * h * d + h) + h for i, h in enumerate(hd))
+    mlp = sum(3 * d * (192 if i >= 3 else 96) for i in range(5))
+    per_layer_input = 5 * (2 * d * g + d) + d * 5 * g + g
+    norms = 5 * 4 * d + d
+    assert m["params_nonembedding"] == attention_params + mlp + per_layer_input + norms
 
 
 def test_flops_out_is_never_half_written(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,9 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     (a few FLOPs per state entry) is left out, as the other element-wise work is. Every other layer type counts as
     full attention: exact for ``full_attention`` and ``hybrid`` (Falcon-H1, Zamba2), an upper bound for
     ``chunked_attention`` rows longer than the chunk (Llama 4: 8192) and for ``indexed_attention``'s selected keys.
+    Where layers differ (transformers 5's ``per_layer_config``: Gemma 4's full attention layers, heads of
+    ``global_head_dim``), each layer counts with its own d_attn and window; its parameters are counted as built
+    (KV-shared layers without their k/v projections, double-wide MLPs).
 - backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
   token. With frozen embeddings (paper §3.2.2) a head tied to them is frozen too and its weight gradient
   (2·d·V) is skipped; an untied head (Phi-2, Qwen1.5) still trains and is counted.
@@ -52,8 +55,9 @@ SCORE_FLOPS_PER_VOCAB = 5
 SAMPLE_FLOPS_PER_VOCAB = 5
 
 
-# a config whose layers differ (per_layer_config): transformers 5.25 builds no model from it, and the count reads one
-# value of each attribute for the whole model
+# a config whose layers differ (per_layer_config) in what the count reads once for the whole model (hidden_size, the
+# vocabulary, the experts), or that the installed transformers cannot build a model from (Llama's modeling code reads
+# the attribute on the whole config); attention sizes and windows are read per layer (`_layer_configs`)
 _PER_LAYER_FIX = "the FLOPs count needs one value for every layer; pass --*-params/--vocab/--hidden instead"
 
 
@@ -66,12 +70,13 @@ class ModelSize:
     hidden: int
     vocab: int
     layers: int = 0  # 0: attention term unknown (left out)
-    attn_dim: float = 0  # heads × head_dim (latent attention: see `_attn_dim`); 0: = hidden
+    attn_dim: float = 0  # heads × head_dim (latent attention: see `_attn_dim`); 0: = hidden; with attn_dims their mean
     params_total: float = 0.0
     tied: bool = False  # the LM head is the input embedding (frozen with it by freeze_embeddings)
     # per layer: its sliding attention window, 0 = full causal, -1 = no attention over the sequence; () = all full
     windows: tuple[int, ...] = ()
     experts: tuple[int, int] = (0, 0)  # (k, E): each token passes through k of E experts; (0, 0) = no experts
+    attn_dims: tuple[float, ...] = ()  # per layer its d_attn where layers differ (per_layer_config); () = all attn_dim
 
     @classmethod
     def from_total(cls, name: str, params_total: float, *, vocab: int, hidden: int, layers: int = 0,
@@ -118,11 +123,33 @@ def _count_config(model, name: str) -> ModelSize:
             expert += p.numel()
     active = float(total - emb) - (expert * (1.0 - k / n_experts) if n_experts else 0.0)
     hidden = int(getattr(text_cfg, "hidden_size", 0) or getattr(text_cfg, "n_embd", 0))
-    heads = int(getattr(text_cfg, "num_attention_heads", 0) or getattr(text_cfg, "n_head", 0) or 0)
     vocab = int(head.weight.shape[0]) if head is not None else int(text_cfg.vocab_size)
     layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
-    return ModelSize(name, active, hidden, vocab, layers, _attn_dim(text_cfg, hidden, heads), float(total), tied,
-                     _windows(text_cfg, layers), (k, n_experts) if n_experts else (0, 0))
+    per_layer = _layer_configs(text_cfg, layers)
+    dims = tuple(_attn_dim(c, hidden, _heads(c)) for c in per_layer) if per_layer else ()
+    if len(set(dims)) <= 1:  # every layer alike
+        dims = ()
+    attn_dim = sum(dims) / len(dims) if dims else _attn_dim(per_layer[0] if per_layer else text_cfg, hidden,
+                                                             _heads(per_layer[0] if per_layer else text_cfg))
+    return ModelSize(name, active, hidden, vocab, layers, attn_dim, float(total), tied,
+                     _windows(text_cfg, layers, per_layer), (k, n_experts) if n_experts else (0, 0), dims)
+
+
+def _heads(cfg) -> int:
+    return int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 0)
+
+
+_ATTENTION_KEYS = ("num_attention_heads", "head_dim", "sliding_window", "num_key_value_heads", "global_head_dim")
+
+
+def _layer_configs(cfg, layers: int) -> list | None:
+    """Each layer's own config where ``per_layer_config`` makes layers differ only in attention sizes the count reads
+    per layer (heads, head_dim, window; KV heads change only parameters, counted as built); None where no layer
+    differs. Another attribute per layer (hidden_size, ...) is left to raise where the count reads it once."""
+    varying = getattr(cfg, "per_layer_attributes", None)
+    if not varying or not set(varying) <= set(_ATTENTION_KEYS):
+        return None
+    return [cfg.per_layer_config[i] for i in range(layers)]
 
 
 def _attn_dim(cfg, hidden: int, heads: int):
@@ -154,16 +181,19 @@ _SLIDING_LAYERS = ("sliding_attention", "hybrid_sliding", "local")  # + GPT-Neo'
 _NO_ATTENTION_LAYERS = ("linear_attention", "conv", "moe", "mlp")  # recurrent, convolution or MLP-only layers
 
 
-def _windows(cfg, layers: int) -> tuple[int, ...]:
+def _windows(cfg, layers: int, per_layer: list | None = None) -> tuple[int, ...]:
     """Each layer's sliding attention window (0: full causal attention, -1: no attention over the sequence, as the
-    module docstring's rules), () when every layer is full."""
-    w, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    module docstring's rules), () when every layer is full; ``per_layer``: each layer's config (`_layer_configs`),
+    whose window is its own."""
+    configs = per_layer or [cfg] * layers
+    w, types = [getattr(c, "sliding_window", None) for c in configs], getattr(cfg, "layer_types", None)
     if types is None and isinstance(getattr(cfg, "attention_layers", None), list):  # GPT-Neo: global / local layers
-        w, types = getattr(cfg, "window_size", None), cfg.attention_layers
-    w = w if isinstance(w, int) and w > 0 else 0
+        w, types = [getattr(cfg, "window_size", None)] * layers, cfg.attention_layers
+    w = [x if isinstance(x, int) and x > 0 else 0 for x in w]
     if types is None:  # Mistral: the window applies to every layer
-        return (w,) * layers if w else ()
-    out = tuple(w if kind in _SLIDING_LAYERS else -1 if kind in _NO_ATTENTION_LAYERS else 0 for kind in types[:layers])
+        return tuple(w) if any(w) else ()
+    out = tuple(w[i] if kind in _SLIDING_LAYERS else -1 if kind in _NO_ATTENTION_LAYERS else 0
+                for i, kind in enumerate(types[:layers]))
     return out + (0,) * (layers - len(out)) if any(out) else ()
 
 
@@ -172,7 +202,21 @@ def _mean_keys(windows: tuple[int, ...], layers: int, seq_len: int) -> float:
     a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s); none for a layer without attention, w = -1)."""
     if not windows:
         return layers * seq_len / 2.0
-    return sum(0.0 if w < 0 else w - w * w / (2.0 * seq_len) if 0 < w < seq_len else seq_len / 2.0 for w in windows)
+    return sum(_row_keys(w, seq_len) for w in windows)
+
+
+def _row_keys(window: int, seq_len: int) -> float:
+    """The keys one layer of ``window`` attends, averaged over a causal row of ``seq_len`` (`_mean_keys`)."""
+    return 0.0 if window < 0 else window - window * window / (2.0 * seq_len) if 0 < window < seq_len else seq_len / 2.0
+
+
+def _attention(m: dict, keys) -> float:
+    """4 · Σ over layers of d_attn × ``keys(window)`` (QKᵀ and AV, 2 FLOPs per key and d_attn entry each): with one
+    d_attn for every layer, 4 · d_attn · Σ keys; where layers differ (``attn_dims``), each layer's own."""
+    windows, layers = tuple(m["windows"]), m["layers"]
+    if not m.get("attn_dims"):
+        return 4.0 * m["attn_dim"] * (sum(keys(w) for w in windows) if windows else layers * keys(0))
+    return 4.0 * sum(d * keys(w) for d, w in zip(m["attn_dims"], windows or (0,) * layers))
 
 
 def model_size(model_or_config, name: str | None = None) -> ModelSize:
@@ -251,19 +295,23 @@ def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
 
     Returns ``params_nonembedding`` (N: active ones for a mixture of experts), ``params_total``, ``hidden`` (d),
     ``vocab`` (V), ``layers``, ``attn_dim``, ``windows`` (per layer its sliding window, 0 = full, -1 = no attention
-    over the sequence; [] = all full),
+    over the sequence; [] = all full), ``attn_dims`` (per layer its d_attn where layers differ: Gemma 4; [] = all
+    ``attn_dim``, which is then their mean),
     ``experts`` ([k, E]; [0, 0] for a dense model), ``head_params`` (d·V), ``tied`` (the head is the input
     embedding), ``seq_len`` and the forward FLOPs per token ``matmul`` (2·N), ``head`` (2·d·V), ``attention``
     (2·n_layer·seq_len·d_attn with full attention, sliding windows as in the module docstring; 0 when seq_len or
     layers is 0) and ``forward`` (their sum).
     """
     s = model_size(model_or_config)
-    attn = 4.0 * (s.attn_dim or s.hidden) * _mean_keys(s.windows, s.layers, seq_len) if seq_len else 0.0
     out = {"name": s.name, "params_nonembedding": s.params_nonembedding, "params_total": s.params_total,
            "hidden": s.hidden, "vocab": s.vocab, "layers": s.layers, "attn_dim": s.attn_dim or s.hidden,
-           "windows": list(s.windows), "experts": list(s.experts),
+           "windows": list(s.windows), "attn_dims": list(s.attn_dims), "experts": list(s.experts),
            "head_params": float(s.hidden * s.vocab), "tied": s.tied, "seq_len": seq_len,
-           "matmul": 2.0 * s.params_nonembedding, "head": 2.0 * s.hidden * s.vocab, "attention": attn}
+           "matmul": 2.0 * s.params_nonembedding, "head": 2.0 * s.hidden * s.vocab}
+    if not s.attn_dims:  # Kaplan's 2·n_layer·s·d_attn (as `_attention`, in this order: the figures stay as they were)
+        out["attention"] = 4.0 * out["attn_dim"] * _mean_keys(s.windows, s.layers, seq_len) if seq_len else 0.0
+    else:
+        out["attention"] = _attention(out, lambda w: _row_keys(w, seq_len)) if seq_len else 0.0
     out["forward"] = out["matmul"] + out["head"] + out["attention"]
     return out
 
@@ -330,12 +378,10 @@ def _generation_per_sequence(m: dict, prompt_len: int, gen_len: int) -> float:
     prompt_len + g cached keys: QKᵀ and AV are 2·(P+g)·d_attn each, i.e. 4·n_layer·(P+g)·d_attn (a sliding
     layer of window w: min(P+g, w) keys; a layer without attention: none).
     """
-    windows, layers = tuple(m["windows"]), m["layers"]
     prefill = prompt_len * (m["matmul"] + m["head"]
-                            + (4.0 * m["attn_dim"] * _mean_keys(windows, layers, prompt_len) if prompt_len else 0.0))
-    keys = sum(_decode_keys(w, prompt_len, gen_len) for w in windows) if windows \
-        else layers * _decode_keys(0, prompt_len, gen_len)  # Σ_layers Σ_g keys attended
-    decode = gen_len * (m["matmul"] + m["head"] + SAMPLE_FLOPS_PER_VOCAB * m["vocab"]) + 4.0 * m["attn_dim"] * keys
+                            + (_attention(m, lambda w: _row_keys(w, prompt_len)) if prompt_len else 0.0))
+    decode = gen_len * (m["matmul"] + m["head"] + SAMPLE_FLOPS_PER_VOCAB * m["vocab"]) \
+        + _attention(m, lambda w: _decode_keys(w, prompt_len, gen_len))  # Σ_layers Σ_g keys attended
     return prefill + decode
 
 
