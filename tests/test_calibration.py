@@ -112,7 +112,8 @@ def test_every_mixture_hands_its_routing_to_the_count(family):
     assert sorted(counts) == routed and routed
     c = teacher.config
     per_token = next(k for k in (getattr(c, "num_experts_per_tok", None), getattr(c, "moe_k", None),
-                                 getattr(getattr(c, "ffn_config", None), "moe_top_k", None)) if k is not None)
+                                 getattr(getattr(c, "ffn_config", None), "moe_top_k", None),
+                                 getattr(c, "top_k_experts", None)) if k is not None)  # DBRX's, Gemma 4's
     for i in routed:
         assert int(counts[i].sum()) == per_token * tokens == per_token * 26, i
 
@@ -270,6 +271,41 @@ def test_block_influence_is_one_minus_the_cosine_of_a_layers_input_and_output():
         assert float(influence[i]) == pytest.approx(1 - float(cos.mean()), rel=1e-6, abs=1e-12), i
 
 
+def test_a_gemma4_teachers_kv_shared_layers_are_measured_at_every_position():
+    """Gemma 4 runs its KV-shared layers (3 and 4 here) over the positions whose logits it keeps alone where
+    logits_to_keep is a number; the calibration pass names its last position by index, so every layer's influence is
+    1 - cos of its input and output over every real token, recomputed in float64 from a plain forward's hooks (rtol
+    1e-6, as Helium's), the shared layers' too, and their MLP units' activity is the mean over every real token of the
+    down projection's input (rtol 1e-6: float32 inputs, a float64 mean of 31). Before, those layers were measured at
+    the last position of each row."""
+    teacher = make_teacher("gemma4")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    fam = config_family(teacher.config, family_spec(teacher))
+    influence, tokens = block_influence(teacher, fam, batches)
+    activity, _ = unit_activity(teacher, fam, batches, range(N_LAYERS))
+    assert tokens == 13 + 9 + 13
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out)}))
+             for i, layer in enumerate(teacher.model.layers)]
+    hooks += [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, i=i: seen.update({f"mlp{i}": args[0]}))
+              for i, layer in enumerate(teacher.model.layers)]
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    real = mask.bool()
+    for i in range(N_LAYERS):
+        x, y = (h[real].double() for h in seen[i])
+        cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+        assert float(influence[i]) == pytest.approx(1 - float(cos.mean()), rel=1e-6, abs=1e-12), i
+        units = seen[f"mlp{i}"][real].double().abs().mean(0)
+        assert units.shape == (192 if i >= 3 else 96,)
+        torch.testing.assert_close(activity[i], units, rtol=1e-6, atol=0)
+
+
 def test_most_influential_ties_to_the_lower_index():
     influence = torch.tensor([0.3, 0.1, 0.5, 0.1, 0.3], dtype=torch.float64)
     assert largest(influence, 2).tolist() == [0, 2]
@@ -395,6 +431,46 @@ def test_a_mixtures_narrowed_dense_mlps_are_measured_beside_its_experts():
         assert torch.equal(mine.up_proj.weight, theirs.up_proj.weight[kept])
         assert torch.equal(mine.down_proj.weight, theirs.down_proj.weight[:, kept])
         assert rows[f"model.layers.{j}.feed_forward.down_proj.weight"]["units"].startswith("48 of 96, sha1 ")
+
+
+def test_layers_by_influence_keep_what_gemma4_layers_need():
+    """Gemma 4's student ends with a full attention layer and its KV-shared layers read an earlier layer of their
+    kind: by influence it keeps the teacher's last layer first, then layers by influence each with the layer it reads
+    where both fit. Teacher layers [S, S, F, S, S, F], the last two shared (layer 4 reads 3, layer 5 reads 2)."""
+    from tailkd.families import FAMILIES
+    from tailkd.sizing import layer_needs
+
+    sliding, full = "sliding_attention", "full_attention"
+    config = transformers.Gemma4TextConfig(num_hidden_layers=6, num_kv_shared_layers=2,
+                                           layer_types=[sliding, sliding, full, sliding, sliding, full])
+    needs = layer_needs(config, FAMILIES["gemma4"])
+    assert needs == ([5], {4: (3,), 5: (2,)})
+    influence = {"layer_choice=influence": torch.tensor([0.9, 0.1, 0.2, 0.3, 0.8, 0.05], dtype=torch.float64)}
+    # 5 and 2 first, then 0; 4 with 3 does not fit in 4 layers, 3 alone does; in 5 layers 4 and 3 fit
+    assert calibrated_layers(influence, 4, None, 1, needs) == (None, [0, 2, 3, 5])
+    assert calibrated_layers(influence, 5, None, 1, needs) == (None, [0, 2, 3, 4, 5])
+    assert calibrated_layers(influence, 2, None, 1, needs) == (None, [2, 5])
+    assert calibrated_layers(influence, 4, None) == (None, [0, 2, 3, 4])  # without needs: the 4 most influential
+    assert layer_needs(transformers.Gemma4TextConfig(num_hidden_layers=3, layer_types=[sliding, sliding, full]),
+                       FAMILIES["gemma4"]) == ([2], {})  # nothing shared: the last layer only
+    assert layer_needs(transformers.LlamaConfig(), FAMILIES["llama"]) == ([], {})
+
+
+def test_a_gemma4_student_by_influence_is_one_its_config_can_give():
+    """A student of 3 of the tiny Gemma 4 teacher's layers ([S, F, S, F, F], layers 3 and 4 reading layer 1) by
+    influence: teacher layer 4 and the layer it reads (1), then the most influential other layer, measured by
+    `block_influence` (the 3 most influential alone need not be a student its config can give)."""
+    teacher = make_teacher("gemma4")
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    influence, _ = block_influence(teacher, config_family(teacher.config, family_spec(teacher)), batches)
+    best = max((0, 2, 3), key=lambda i: (float(influence[i]), -i))
+    want = sorted({1, 4, best})
+    student, table = build_student(teacher, num_layers=3, layer_choice="influence", calibration=lambda: batches,
+                                   mlp_init="copy")
+    rows = {row["name"]: row for row in table}
+    assert [rows[f"model.layers.{j}.input_layernorm.weight"]["source"] for j in range(3)] == [
+        f"model.layers.{i}.input_layernorm.weight" for i in want]
+    assert student.config.layer_types[-1] == "full_attention"
 
 
 def test_layers_by_influence_are_whole_periods_where_the_kinds_repeat():
@@ -567,20 +643,23 @@ def _silence(teacher, family, dead):
                 mlp.up_proj.weight[units] = 0
 
 
-@pytest.mark.parametrize("family", ["helium", "phi3", "falcon", "gpt2"])
+@pytest.mark.parametrize("family", ["helium", "phi3", "falcon", "gpt2", "gemma4"])
 def test_a_student_keeping_the_active_mlp_units_is_its_teacher(family):
     """Where half of every layer's 96 MLP units (a different half per layer) output exactly 0, a student of every
     layer with intermediate_size 48 by activity keeps, per layer, the other half and computes the teacher's logits
     (the same operations on the same weights up to the order of 48 zero terms in each sum); by the first units it
-    does not. Gated (Helium), fused gate/up (Phi-3), ungated parallel (Falcon) and Conv1D (GPT-2) MLPs."""
+    does not. Gated (Helium), fused gate/up (Phi-3), ungated parallel (Falcon) and Conv1D (GPT-2) MLPs; Gemma 4's
+    KV-shared layers (3, 4), twice as wide, keep 96 of their 192."""
     teacher = _gpt2() if family == "gpt2" else make_teacher(family)
-    dead = {i: [u for u in range(96) if (u // 3 + i) % 2 == 0] for i in range(N_LAYERS)}
+    width = {i: 192 if family == "gemma4" and i >= 3 else 96 for i in range(N_LAYERS)}
+    dead = {i: [u for u in range(width[i]) if (u // 3 + i) % 2 == 0] for i in range(N_LAYERS)}
     _silence(teacher, family, dead)
     student, table = build_student(teacher, num_layers=N_LAYERS, intermediate_size=48, mlp_init="copy",
                                    mlp_units="active", calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])
     rows = [row for row in table if "units" in row]
     assert len(rows) >= 2 * N_LAYERS and all(row["active_share"] == 1.0 for row in rows)
-    assert all(row["units"].startswith("48 of 96, sha1 ") for row in rows)
+    layer = [int(re.search(r"\.(?:h|layers)\.(\d+)\.", row["name"]).group(1)) for row in rows]
+    assert all(row["units"].startswith(f"{width[i] // 2} of {width[i]}, sha1 ") for row, i in zip(rows, layer))
     _computes_the_teacher(student, teacher, build_student(teacher, num_layers=N_LAYERS, intermediate_size=48,
                                                           mlp_init="copy")[0])
 

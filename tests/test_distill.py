@@ -169,9 +169,10 @@ def _tiny_gemma4(path: Path, tokenizer, layer_types: list[str], seed: int, **con
 
 
 def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_layer(assets, tmp_path):
-    """A Gemma 4 teacher (5 layers, full attention in 2 and 4 with heads twice as wide) and a Gemma 4 student given
+    """A Gemma 4 teacher (5 layers, full attention in 1 and 4 with heads twice as wide) and a Gemma 4 student given
     as a folder: `tailkd distill` trains, saves and counts the run's FLOPs with each layer's own attention width and
-    window (the count refused such a config, failing the run after its last step)."""
+    window (the count refused such a config, failing the run after its last step); and a student built from the
+    teacher (its layers 1, 2, 4, narrower) trains on the fused loss layer and saves its per-layer settings."""
     from tiny import make_tokenizer
 
     sliding, full = "sliding_attention", "full_attention"
@@ -189,6 +190,18 @@ def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_lay
     assert flops["teacher"]["windows"] == [8, 0, 8, 8, 0]
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     assert type(model).__name__ == "Gemma4ForCausalLM" and model.config.num_kv_shared_layers == 1
+    # a student built from it: layers 1, 2, 4 (4 shares layer 1's keys and values), narrower, on the fused loss layer
+    built = tmp_path / "built"
+    assert main(["distill", "--teacher", str(teacher), "--student.layers", "1", "2", "4", "--student.hidden_size", "32",
+                 "--student.intermediate_size", "48", "--data", str(assets["corpus"]), "--data.cache_dir",
+                 str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--data.eval_rows", "8",
+                 "--train.precision", "fp32", "--train.fused_loss", "on", "--out", str(built)]) == 0
+    init = {row["name"]: row for row in json.loads((built / "student_init.json").read_text())}
+    assert init["model.layers.2.mlp.up_proj.weight"]["shape"] == [96, 32]  # teacher layer 4's: twice as wide
+    assert init["model.embed_tokens_per_layer.weight"]["shape"] == [len(tok), 3 * 8]
+    student = AutoModelForCausalLM.from_pretrained(built / "final")
+    assert student.config.layer_types == [full, sliding, full] and student.config.num_kv_shared_layers == 1
+    assert student.config.to_dict()["per_layer_config"] == {"0": {"head_dim": 32}, "2": {"head_dim": 32}}
 
 
 def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(assets, tmp_path):

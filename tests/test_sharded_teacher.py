@@ -691,6 +691,43 @@ def test_a_sharded_jamba_teacher_reads_the_whole_periods_its_calibration_chose(t
         assert torch.equal(p, params[name]), name
 
 
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_moe"])
+def test_a_sharded_gemma4_teacher_builds_the_student_the_whole_teacher_builds(family, tmp_path):
+    """Gemma 4's per-layer embeddings (a table and a projection of one block per layer), its KV-shared layers (3, 4:
+    no k/v projections), its layer scales (saved buffers), its mixture's router scales: `student_source` for layers 1,
+    2, 4 (hidden_size 32) reads them, leaves layers 0 and 3 on meta, and the student built from that skeleton is,
+    tensor for tensor and buffer for buffer, the one built from the whole teacher; by influence it reads the layers
+    the calibration keeps (`tailkd.sizing.layer_needs`: the last layer and layer 1, which it reads)."""
+    from test_student_families import _ids, _persistent_buffers, make_teacher
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+    from tailkd.student import build_student, calibrate
+
+    teacher = make_teacher(family)
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    settings = dict(layers=[1, 2, 4], hidden_size=32)
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(**settings), dtype="fp32")
+    on_meta = [i for i, layer in enumerate(skeleton.model.layers) if layer.input_layernorm.weight.is_meta]
+    assert on_meta == [0, 3]
+    (ours, _), (want, _) = (build_student(model, mlp_init="copy", **settings) for model in (skeleton, teacher))
+    expected = {**dict(want.named_parameters()), **_persistent_buffers(want)}
+    got = {**dict(ours.named_parameters()), **_persistent_buffers(ours)}
+    assert got.keys() == expected.keys() and "model.layers.0.layer_scalar" in got
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name]), name
+    # by influence: the skeleton reads the layers the calibration keeps, with the last layer and the one it reads
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    settings = dict(num_layers=3, layer_choice="influence")
+    measured = calibrate(teacher, lambda: batches, **settings)
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(**settings), dtype="fp32", measured=measured)
+    read = [i for i, layer in enumerate(skeleton.model.layers) if not layer.input_layernorm.weight.is_meta]
+    _, table = build_student(teacher, mlp_init="copy", measured=measured, **settings)
+    built = [int(row["source"].split(".")[2]) for row in table if row["name"].endswith("input_layernorm.weight")]
+    assert read == built and {1, 4} <= set(read)
+
+
 def test_a_sharded_teachers_skeleton_passes_autocast_safe(tmp_path):
     """The skeleton a sharded teacher (and `student_source`) is built on passes `tailkd.models.autocast_safe`, as a
     loaded model does: DBRX's experts modules carry the hook that hands them their input in the autocast dtype

@@ -35,6 +35,10 @@ NARROW_LAYERS = [0, 2, 3]  # the narrow students' layers
 # Jamba's config sets its layers' kinds by periods (attention at the odd layers, experts at the even ones here): a
 # student's layer j is a teacher layer of j's parity, so its layer kinds are those of the teacher's first layers
 SUBSETS, NARROW_LAYERS_OF = {"jamba": [0, 3, 4]}, {"jamba": [0, 1, 4]}
+# Gemma 4's last layer is always a full attention one, and its KV-shared layers (3 and 4 here: full attention) need an
+# earlier full attention layer to take keys and values from: the narrow students keep layers 1 (full), 2, 3 (the
+# mixture's too: `_check_narrow_student` knows a family by its class)
+NARROW_LAYERS_OF.update(gemma4=[1, 2, 3], gemma4_moe=[1, 2, 3])
 # MiniMax's layers normalize the residual stream itself (input_layernorm's output is the residual): a layer whose
 # outputs are zeroed is no identity, so a subset is not the teacher with its other layers zeroed
 NORMED_RESIDUAL = {"minimax"}
@@ -324,6 +328,19 @@ CONFIGS = {
     "jamba": ("JambaConfig", dict(hidden_size=64, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                   expert_layer_offset=0, mamba_d_state=8, mamba_dt_rank=4)),
+    # Gemma 4: full attention layers 1, 3, 4 with heads of 32 rows (global_head_dim; 16 in the sliding ones), per-layer
+    # embeddings of 8 per layer, layers 3, 4 reusing layer 1's keys and values with MLPs twice as wide
+    "gemma4": ("Gemma4TextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                        layer_types=[S, F, S, F, F], hidden_size_per_layer_input=8,
+                                        vocab_size_per_layer_input=TINY_VOCAB, num_kv_shared_layers=2,
+                                        use_double_wide_mlp=True, **_SLIDING)),
+    # Gemma 4's mixture: 4 routed experts 40 wide beside each layer's dense MLP; its full layers' keys used as values
+    # (attention_k_eq_v) on 1 KV head of their own (num_global_key_value_heads); no per-layer embeddings
+    "gemma4_moe": ("Gemma4TextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                            layer_types=[S, F, S, F, F], hidden_size_per_layer_input=0,
+                                            enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                            moe_intermediate_size=40, attention_k_eq_v=True,
+                                            num_global_key_value_heads=1, **_SLIDING)),
     # hybrids: partial rotary (4 of 16 rows), q_proj [query | gate] per head; Qwen3-Next's layer 3 dense
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
                                            layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
@@ -369,7 +386,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
            "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM",
            "mimo_v2_flash": "MiMoV2FlashForCausalLM", "laguna": "LagunaForCausalLM",
-           "jamba": "JambaForCausalLM", "minimax": "MiniMaxForCausalLM"}
+           "jamba": "JambaForCausalLM", "minimax": "MiniMaxForCausalLM", "gemma4": "Gemma4ForCausalLM",
+           "gemma4_moe": "Gemma4ForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -377,8 +395,9 @@ LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
-    """A seeded tiny teacher of `family`; every parameter and persistent buffer redrawn (norm weights 1 + N(0, 0.1),
-    the rest N(0, 0.1)), so a tensor that is not copied cannot equal its source by accident."""
+    """A seeded tiny teacher of `family`; every parameter and persistent buffer redrawn (norm weights and Gemma 4's
+    layer scales 1 + N(0, 0.1), the rest N(0, 0.1)), so a tensor that is not copied cannot equal its source by
+    accident."""
     name, extra = CONFIGS[family]
     if not hasattr(transformers, name):  # a family of a later transformers (LATER_CLASSES)
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
@@ -389,7 +408,8 @@ def make_teacher(family, seed=0, **overrides):
     with torch.no_grad():
         for pname, param in [*model.named_parameters(), *_persistent_buffers(model).items()]:
             noise = torch.randn(param.shape, generator=generator) * 0.1
-            param.copy_(1.0 + noise if param.ndim == 1 and pname.endswith("weight") else noise)
+            scale = param.ndim == 1 and pname.endswith(("weight", "layer_scalar"))  # norms', Gemma 4's layer scale
+            param.copy_(1.0 + noise if scale else noise)
     return model.eval()
 
 
@@ -405,6 +425,14 @@ def _reload(folder):
         for tensor in [*model.parameters(), *model.buffers()]:  # tied parameters once: they stay one
             tensor.data = tensor.data.clone()
     return model
+
+
+def _global(config, key, default=None):
+    """The config's own ``key``, also where some layers override it (transformers 5's per_layer_config: Gemma 4's
+    head_dim, which transformers refuses to read as one value)."""
+    if key in (getattr(config, "per_layer_attributes", None) or ()) or key == "per_layer_config":  # (a view: its dict)
+        return config.to_dict().get(key, default)
+    return getattr(config, key, default)
 
 
 def _persistent_buffers(model) -> dict:
@@ -470,6 +498,13 @@ def _expected(name, teacher, plan):
         plan = {**plan, "q_heads": plan["q_heads"].get(layer), "kv_heads": plan["kv_heads"].get(layer)}
     if prefix is None:
         w = t[name]
+        n_layers = teacher.config.num_hidden_layers
+        if name == "model.embed_tokens_per_layer.weight":  # Gemma 4: [vocab, layers x per-layer width]
+            return w.reshape(w.shape[0], n_layers, -1)[:, plan["layers"]].reshape(w.shape[0], -1)
+        if name == "model.per_layer_model_projection.weight":  # [layers x per-layer width, d]
+            return rd(w.reshape(n_layers, -1, w.shape[1])[plan["layers"]].reshape(-1, w.shape[1]), 1)
+        if name == "model.per_layer_projection_norm.weight":  # over one layer's block
+            return w
         if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
                     "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
                     "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "transformer.wte.weight",
@@ -477,6 +512,25 @@ def _expected(name, teacher, plan):
             return rd(w, 1)
         return w if name == "lm_head.bias" else rd(w, 0)  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
+    if type(teacher).__name__ == "Gemma4ForCausalLM":
+        if rest == "layer_scalar":  # its output scale
+            return w
+        if rest == "post_per_layer_input_norm.weight":  # over the residual stream
+            return rd(w, 0)
+        if rest.startswith("per_layer_input_gate.") or rest.startswith("per_layer_projection."):  # in / out of the
+            return rd(w, 1) if rest.startswith("per_layer_input_gate.") else rd(w, 0)  # layer's per-layer input
+        if rest == "router.proj.weight":  # one row per expert
+            return rd(w[plan["experts"]], 1)
+        if rest in ("router.scale", "router.per_expert_scale"):  # over the residual stream; one per expert
+            return rd(w, 0) if rest == "router.scale" else w[plan["experts"]]
+        if rest.startswith("experts."):  # the rules of the other mixtures' experts
+            rest = "mlp." + rest
+        elif rest.startswith("mlp.") and not plan["moe"]:  # a KV-shared layer's MLP twice as wide: twice the units
+            down = rest.startswith("mlp.down_proj")
+            units = ff * (w.shape[1 if down else 0] // teacher.config.intermediate_size)
+            return rd(w[:, :units], 0) if down else rd(w[:units], 1)
+        rest = rest.replace("feedforward_layernorm_1", "feedforward_layernorm").replace(
+            "feedforward_layernorm_2", "feedforward_layernorm")  # the experts' norms: over the residual stream
     if rest.startswith("attn.c_attn"):  # GPT-BigCode: [q | k | v] with one KV head, or (no multi_query) per head
         rest = rest.replace("attn.c_attn", "self_attn.qkv_proj" if teacher.config.multi_query else "a.query_key_value")
     c = teacher.config
@@ -594,7 +648,7 @@ def _expected(name, teacher, plan):
         return w[:, q] if rest == "self_attn.diagonal_decay" else w[q]  # per-head decays
     if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
-    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM")
+    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM", "Gemma4ForCausalLM")
     if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
         # two kinds under one name; MiMo-V2-Flash: KV heads per kind; Laguna: query heads per layer): only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa",
@@ -701,14 +755,15 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     mixture's expert width and routed experts kept (``d`` and ``experts`` a number: the first ones; or the teacher's
     indices)."""
     c = teacher.config
-    hd_t = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    hd_t = _global(c, "head_dim") or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
-    kv_t = getattr(c, "num_key_value_heads", None) or c.num_attention_heads  # OPT, GPT-NeoX: one per query head
+    kv_t = _global(c, "num_key_value_heads") or c.num_attention_heads  # OPT, GPT-NeoX: one per query head
     grouped = getattr(c, "new_decoder_architecture", False)  # Falcon-40B (transformers 5.17: no num_key_value_heads)
     kv_t = c.num_kv_heads if grouped else 1 if getattr(c, "multi_query", False) else kv_t  # GPT-BigCode's, Falcon-7B's
     # multi-query attention: one KV head
     moe = (getattr(c, "num_experts_per_tok", None) is not None and getattr(c, "num_local_experts", 1) != 0
-           and "moe" in (getattr(c, "layers_block_type", None) or ["moe"]))  # Granite 4.0-H, Nemotron-H: dense too
+           and "moe" in (getattr(c, "layers_block_type", None) or ["moe"])  # Granite 4.0-H, Nemotron-H: dense too
+           or getattr(c, "enable_moe_block", False))  # Gemma 4's experts beside each layer's MLP
     ffn = getattr(c, "ffn_config", None)  # DBRX: a mixture's sizes in its sub-config
     if ffn is not None:
         ff_e, experts = ff_e or ffn.ffn_hidden_size, experts or ffn.moe_num_experts
@@ -729,9 +784,10 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
 
 def _in_mlp(name):
     """Whether a parameter is the MLP's (mlp_init): under mlp. (LFM2: feed_forward.; Granite 4.0-H: two modules; OPT:
-    fc1, fc2; MPT: ffn.)."""
+    fc1, fc2; MPT: ffn.; Gemma 4: its router and experts too)."""
     modules = ("mlp", "feed_forward", "block_sparse_moe", "shared_mlp", "fc1", "fc2", "ffn", *(f"mixer.{m}" for m in (
-        "up_proj", "down_proj", "gate", "experts", "shared_experts")))  # Nemotron-H's
+        "up_proj", "down_proj", "gate", "experts", "shared_experts")),  # Nemotron-H's
+               "router", "experts")  # Gemma 4's, beside its MLP
     return any(f".{module}." in name for module in modules)
 
 
@@ -801,12 +857,17 @@ def _zero_dropped_layers(teacher, keep):
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
                "attention.dense.", "mlp.dense_4h_to_h.", "mlp.shared_mlp.down_proj.", "self_attention.dense.",
                "attn.out_proj.", "mlp.fc_out.", "attn.c_proj.", "ffn.down_proj.", "attn.attention.out_proj.",
-               "feed_forward.shared_expert.down_proj.", "ffn.experts.mlp.w2", "norm_attn_norm.attn.out_proj.")
+               "feed_forward.shared_expert.down_proj.", "ffn.experts.mlp.w2", "norm_attn_norm.attn.out_proj.",
+               "experts.down_proj", "per_layer_projection.")  # Gemma 4's experts, its per-layer input's way out
     with torch.no_grad():
         for name, param in model.named_parameters():
             prefix, i, rest = _split_layer(name)
             if prefix is not None and i not in keep and rest.startswith(outputs):
                 param.zero_()
+        for name, buffer in model.named_buffers():  # Gemma 4 scales the whole residual stream after each layer
+            prefix, i, rest = _split_layer(name)
+            if prefix is not None and i not in keep and rest == "layer_scalar":
+                buffer.fill_(1.0)
     return model
 
 
@@ -1205,6 +1266,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
     "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # Gemma 4: its attention whole (heads of 16 and 32 rows), the residual stream, the per-layer embeddings' blocks of
+    # the kept layers (1, 2, 3); the MLPs' first 40 units, 80 in KV-shared teacher layer 3 (twice as wide)
+    "gemma4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, ff=40)),
+    "gemma4_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
     # MiniMax: 2 query heads on 1 KV head (head_dim 16 kept), in the lightning layers those heads' [q | k | v] blocks,
     # gate and norm rows and decays; or head_dim 8 (RoPE pairs, the same rows in the lightning layers)
     "minimax": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 2},
@@ -1520,8 +1585,11 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
+    elif family.startswith("gemma4"):  # its layers' heads of two sizes: each student layer's its teacher layer's
+        assert [layer.self_attn.head_dim for layer in student.model.layers] == [
+            teacher.model.layers[i].self_attn.head_dim for i in layers] and len({*config.layer_types}) == 2
     else:
-        assert getattr(config, "head_dim", None) in (hd, None)
+        assert _global(config, "head_dim") in (hd, None)
         assert (getattr(attention, "head_dim", None) or attention.head_size) == hd  # GPT-NeoX: head_size
     if family in ("gemma2", "gemma3", "vaultgemma"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
@@ -1561,8 +1629,9 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
                 "intermediate_size", "layer_types", "query_pre_attn_scalar", "max_window_layers", "sliding_window",
                 "final_logit_softcapping", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                 "moe_intermediate_size", "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step",
-                "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "first_k_dense_replace"):
-        assert getattr(loaded.config, key, None) == getattr(config, key, None), key
+                "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "first_k_dense_replace",
+                "per_layer_config", "num_kv_shared_layers"):
+        assert _global(loaded.config, key) == _global(config, key), key
     assert torch.equal(_logits(loaded, ids), logits)
 
 
@@ -1845,6 +1914,20 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
     ("laguna", {"num_heads": 2}, r"^num_heads=2, but Laguna's layers have a number of query heads each "
                                  r"\(num_attention_heads_per_layer\): keep num_heads 4 \(layers, hidden_size, "),
+    ("gemma4", {"head_dim": 8}, r"^head_dim=8, but Gemma 4's full attention layers have heads of their own size "
+                                r"\(global_head_dim\) and, with attention_k_eq_v, KV heads of their own "
+                                r"\(per_layer_config\): keep head_dim 16 \("),
+    ("gemma4_moe", {"num_kv_heads": 1}, r"^num_kv_heads=1, but Gemma 4's .*: keep num_kv_heads 2 \("),
+    # layers 3, 4 (full attention) reuse layer 1's keys and values: a student of layers 0, 2, 4 has no layer for 4 to
+    # take them from (spaced 3 of 5 layers are those)
+    ("gemma4", {"layers": [0, 2, 4]}, r"^teacher layer 4 reuses the keys and values of an earlier full_attention layer "
+                                      r"\(num_kv_shared_layers: its last 2 layers do\), but the student keeps none "
+                                      r"before it: keep teacher layer 1 too \(--student.layers\)$"),
+    ("gemma4", {"num_layers": 3}, r"^teacher layer 4 reuses .*: keep teacher layer 1 too"),
+    # Gemma 4's last layer is always a full attention one: a student ending with sliding layer 2 would get a full one
+    ("gemma4_moe", {"layers": [0, 2]}, r"^Gemma 4's last layer is a full_attention one whatever its config lists, "
+                                       r"but the student's \(teacher layer 2\) is a sliding_attention one: end the "
+                                       r"student's layers with one of teacher layers 1 3 4 \(--student.layers\)$"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:

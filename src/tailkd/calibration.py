@@ -11,7 +11,10 @@ importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidhara
 
     BI[i] = 1 - mean over real tokens t of cos(x_i[t], y_i[t])     x_i, y_i: layer i's input and output hidden states
 
-A layer that leaves the residual stream as it found it (BI 0) is the first a student drops.
+A layer that leaves the residual stream as it found it (BI 0) is the first a student drops. Where layers need others
+(Gemma 4: its last layer, a full attention one in any student; a KV-shared layer, the earlier layer it reads keys and
+values from: `tailkd.sizing.layer_needs`), those come first and, in order of influence, each layer with the ones it
+needs where they all fit.
 
 Experts (``experts="used"``): per layer the ``num_experts`` experts the teacher routes the most tokens to — the
 expert-pruning-by-frequency choice of the MoE compression literature (e.g. "Not All Experts are Equal", Lu et al.,
@@ -75,7 +78,7 @@ import torch
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.head import decoder_forward
-from tailkd.slicing import Dims
+from tailkd.slicing import Dims, mlp_units
 
 __all__ = ["PROBES", "attention_outputs", "block_influence", "calibrated_channels", "calibrated_experts",
            "calibrated_heads", "calibrated_layers", "calibrated_units", "channel_activity", "experts_module",
@@ -108,7 +111,8 @@ def _routed(args, kwargs, real: dict) -> torch.Tensor:
 def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> int:
     """Run the teacher's decoder over ``batches`` (`tailkd.head.decoder_forward`: its own forward, the logits of one
     position, so that a teacher sharded with FSDP2 gathers its weights as in training), ``real["mask"]`` each batch's
-    flattened real-token mask (None without padding) while its forward runs; the real tokens seen (none: a TailkdError
+    flattened real-token mask (None without padding) and ``real["rows"]`` its tokens while its forward runs (a hooked
+    tensor of other rows is refused: every layer runs over every position); the real tokens seen (none: a TailkdError
     where ``measure`` names what needs them). Eval mode for the pass, restored after; the hooks ``handles`` removed
     after."""
     was_training = teacher.training
@@ -119,6 +123,7 @@ def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> 
         for batch in batches:
             mask = batch.get("attention_mask")
             real["mask"] = None if mask is None else mask.reshape(-1).bool().to(device)
+            real["rows"] = batch["input_ids"].numel()
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             decoder_forward(teacher, batch["input_ids"].to(device), needs="a calibration pass over a teacher "
                             "sharded with FSDP2 needs: use --teacher.parallel replicate")
@@ -140,11 +145,9 @@ def _real_rows(x: torch.Tensor, real: dict, *row: int) -> torch.Tensor:
     """``x`` as one row per token of the batch (a row's shape ``row``; by default x's last dim), the real tokens' rows
     only (``real["mask"]``)."""
     rows = x.reshape(-1, *(row or x.shape[-1:]))
-    if real["mask"] is None:
-        return rows
-    if rows.shape[0] != real["mask"].numel():  # a bug, not a user error
-        raise RuntimeError(f"a hooked tensor has {rows.shape[0]} token rows, the batch {real['mask'].numel()}")
-    return rows[real["mask"]]
+    if rows.shape[0] != real["rows"]:  # a bug, not a user error (a layer run over some positions only)
+        raise RuntimeError(f"a hooked tensor has {rows.shape[0]} token rows, the batch {real['rows']}")
+    return rows if real["mask"] is None else rows[real["mask"]]
 
 
 def _influence_probe(teacher, fam: Family, real: dict, layers, heads: int):
@@ -481,19 +484,28 @@ def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str,
     return found
 
 
-def calibrated_layers(measured: dict, num_layers: int | None, layers,
-                      period: int = 1) -> tuple[int | None, list | None]:
+def calibrated_layers(measured: dict, num_layers: int | None, layers, period: int = 1,
+                      needs: tuple = ((), {})) -> tuple[int | None, list | None]:
     """``(num_layers, layers)`` of a student after its calibration (`tailkd.student.calibrate`'s ``measured``): the
     ``num_layers`` teacher layers of largest Block Influence, in order, where it was measured; else as given. Where
     the layers' kinds repeat every ``period`` layers (`tailkd.sizing.layer_period`: Jamba's), the whole periods of
-    largest summed influence."""
+    largest summed influence. Where layers need others (``needs``, `tailkd.sizing.layer_needs`: Gemma 4's), the layers
+    it names first, then by influence (ties to the lower index) each layer with the ones it needs where they all fit."""
     influence = measured.get("layer_choice=influence")
     if influence is None:
         return num_layers, layers
     if period > 1:
         by_period = influence[: len(influence) // period * period].reshape(-1, period).sum(1)
         return None, [p * period + r for p in largest(by_period, num_layers // period).tolist() for r in range(period)]
-    return None, largest(influence, num_layers).tolist()
+    first, needed = needs
+    if not first and not needed:
+        return None, largest(influence, num_layers).tolist()
+    chosen = set()
+    for i in [*first, *sorted(range(len(influence)), key=lambda i: (-float(influence[i]), i))]:
+        add = {i, *needed.get(i, ())} - chosen
+        if len(chosen) + len(add) <= num_layers:
+            chosen |= add
+    return None, sorted(chosen)
 
 
 def _fraction(part: torch.Tensor, whole: torch.Tensor) -> float:
@@ -529,19 +541,20 @@ def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | Non
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 
-def calibrated_units(s: Dims, chosen: list[int], activity: dict | None, experts_kept=None):
+def calibrated_units(s: Dims, chosen: list[int], activity: dict | None, experts_kept=None, width: int = 0):
     """``(units, share)``: per teacher layer among ``chosen``, the MLP units a student keeps by ``activity`` (the
     teacher's measure) and the share of the layer's activity they had; empty without a measure. A dense MLP's: a
-    LongTensor (increasing); a mixture's routed experts' ([E, ff] measures): one row per expert the student keeps
-    (``experts_kept(layer)``: the teacher's indices, or how many first ones), its units, the share over those
-    experts."""
+    LongTensor (increasing), as many as `tailkd.slicing.mlp_units` keeps of its width (``width``: the teacher's
+    intermediate_size; a layer's MLP twice as wide keeps twice ``s.intermediate``); a mixture's routed experts' ([E,
+    ff] measures): one row per expert the student keeps (``experts_kept(layer)``: the teacher's indices, or how many
+    first ones), its units, the share over those experts."""
     if activity is None:
         return {}, {}
     units, share = {}, {}
     for i in sorted(set(chosen) & set(activity)):  # a mixture's dense layers kept whole have no measure
         a = activity[i]
         if a.dim() == 1:
-            units[i] = largest(a, s.intermediate)
+            units[i] = largest(a, mlp_units(len(a), s.intermediate, width or len(a)))
             share[i] = _share(a, units[i])
             continue
         experts = experts_kept(i)

@@ -218,7 +218,8 @@ class StudentConfig:
     layer_choice: str = _f("spaced", "which num_layers teacher layers the student keeps: spaced (evenly, the first "
                                      "and last included; the paper) or influence (those of largest Block Influence, "
                                      "1 - cos(layer input, layer output), over calibration_rows training rows: "
-                                     "ShortGPT's, Minitron's depth pruning)", choices=LAYER_CHOICES)
+                                     "ShortGPT's, Minitron's depth pruning; Gemma 4: its last layer first, each "
+                                     "KV-shared layer with the layer it reads)", choices=LAYER_CHOICES)
     hidden_size: Optional[int] = _f(None, "student hidden size (default: the teacher's)")
     hidden_channels: str = _f("first", "which residual-stream channels a student with a narrower hidden_size keeps: "
                                        "first, or active (those of largest mean |output| of the teacher's norms over "

@@ -59,8 +59,13 @@ from dataclasses import dataclass, field
 #            heads each: in each block the kept heads of that block, their q rows, v rows and k rows
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
+#   layer_blocks  an axis of one equal block per teacher layer (Gemma 4's per-layer embeddings, packed): the blocks of
+#            the chosen layers, in order
+# (``ff``'s first units: where a layer's MLP is m times intermediate_size wide, Gemma 4's double-wide ones, m times the
+# student's)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
-        "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp")
+        "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp",
+        "layer_blocks")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -190,6 +195,13 @@ class Family:
     # (Kimi Linear, MiMo-V2-Flash, Laguna), said in the refusal of another; its attention tensors narrow on the
     # residual side
     attention_kept: str = ""
+    # a config key counting the last layers that reuse the keys and values of the last earlier layer of their kind
+    # (Gemma 4's num_kv_shared_layers; such a layer has no k/v projections): the student's are its chosen layers among
+    # them, and each of their kinds needs an earlier chosen layer of that kind (refused in one line otherwise)
+    kv_shared_layers: str = ""
+    # the kind (of ``layer_types``) a family's config gives its last layer whatever it is told (Gemma 4: full
+    # attention): a student's last layer must be a teacher layer of that kind (refused in one line otherwise)
+    last_layer_kind: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -491,6 +503,34 @@ FAMILIES = {f.name: f for f in (
     Family("gemma3", "Gemma3", ("Gemma3ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_SANDWICH, **_HEAD_QK_NORMS}, _EMBED, "kept",
            head_dim_scaled=("query_pre_attn_scalar",)),
+    # Gemma 4 (text: Gemma4ForCausalLM): Gemma 3's sandwich norms and per-head q/k norms (v's without weights) under
+    # an attention scale of 1; its full attention layers' heads of their own size (global_head_dim; with
+    # attention_k_eq_v KV heads of their own, keys used as values: per_layer_config), so its attention narrows on the
+    # residual side only; per-layer embeddings (a table and a projection of one block per layer: layer_blocks) entering
+    # each layer through a gate; its last num_kv_shared_layers layers reuse an earlier layer's keys and values, their
+    # MLPs twice as wide under use_double_wide_mlp; a scale per layer (layer_scalar, a buffer); with enable_moe_block,
+    # routed experts (a router with its own scales) beside each layer's dense MLP, which stays whole
+    Family("gemma4", "Gemma 4", ("Gemma4ForCausalLM",),
+           {**_DECODER, "model.embed_tokens_per_layer.weight": ("all", "layer_blocks"),
+            **linear("model.per_layer_model_projection", "layer_blocks", "d"),
+            **norms("model.per_layer_projection_norm", axis="all")},
+           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
+            **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
+            **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"), **_GATED_MLP, **_PRE_NORMS, **_SANDWICH,
+            **linear("per_layer_input_gate", "all", "d"), **linear("per_layer_projection", "d", "all"),
+            **norms("post_per_layer_input_norm"), "layer_scalar": ("all",)},
+           (*_EMBED, "model.embed_tokens_per_layer.weight"), "kept", mlp_prefix=("mlp.", "router.", "experts."),
+           kv_shared_layers="num_kv_shared_layers", last_layer_kind="full_attention",
+           attention_kept="Gemma 4's full attention layers have heads of their own size (global_head_dim) and, "
+                          "with attention_k_eq_v, KV heads of their own (per_layer_config)",
+           layouts=(("enable_moe_block", dict(
+               keys=dict(_MOE_KEYS, experts="num_experts", experts_per_token="top_k_experts",
+                         intermediate="moe_intermediate_size"),
+               layer_params={**_DENSE_MLP, **linear("router.proj", "expert", "d"), "router.scale": ("d",),
+                             "router.per_expert_scale": ("expert",), "experts.gate_up_proj": ("expert", "gate_up", "d"),
+                             "experts.down_proj": ("expert", "d", "ff"),
+                             **norms("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                                     "pre_feedforward_layernorm_2")})),)),
     Family("qwen3", "Qwen3", ("Qwen3ForCausalLM",), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
            layer_thresholds=("max_window_layers",)),

@@ -187,12 +187,16 @@ def decoder_forward(model, input_ids: torch.Tensor, *, hidden_states: bool = Fal
                     needs: str = "the chunked loss layer needs under DDP / FSDP; use --train.fused_loss off, or one "
                                   "process", **kwargs):
     """The output of the model's decoder over ``input_ids``, without [B, T, V] logits: the model's own forward with
-    ``logits_to_keep=1`` (every hidden state too where ``hidden_states``), so that DDP / FSDP wrappers see a normal
-    forward (FSDP2 gathers the root's parameters in it); a model whose forward takes no ``logits_to_keep`` runs its
-    base model (the last hidden state only), refused (``TailkdError``, its reason ``needs``) when wrapped by DDP or
-    sharded by FSDP."""
+    the logits of the last position only (every hidden state too where ``hidden_states``), so that DDP / FSDP wrappers
+    see a normal forward (FSDP2 gathers the root's parameters in it); a model whose forward takes no
+    ``logits_to_keep`` runs its base model (the last hidden state only), refused (``TailkdError``, its reason
+    ``needs``) when wrapped by DDP or sharded by FSDP. Every layer runs over every position: Gemma 4 runs its
+    KV-shared layers over the kept positions alone where ``logits_to_keep`` is a number and no hidden state is asked
+    for (transformers 5.17 and 5.25; a calibration pass hooking those layers saw one position of each row), so
+    without ``hidden_states`` the last position is named by index (a tensor)."""
     if _takes_logits_to_keep(model):
-        return model(input_ids=input_ids, output_hidden_states=hidden_states, logits_to_keep=1, use_cache=False,
+        last = 1 if hidden_states else torch.tensor([input_ids.shape[-1] - 1], device=input_ids.device)
+        return model(input_ids=input_ids, output_hidden_states=hidden_states, logits_to_keep=last, use_cache=False,
                      **kwargs)
     if _distributed_wrapper(model):
         raise TailkdError(f"{model_class_name(model)}.forward takes no logits_to_keep, which {needs}")

@@ -265,7 +265,7 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
     layers where it measured their influence (`tailkd.calibration.calibrated_layers`)."""
     from tailkd.calibration import calibrated_layers
-    from tailkd.sizing import choose_layers, config_family, family_spec, layer_period, teacher_dims
+    from tailkd.sizing import choose_layers, config_family, family_spec, layer_needs, layer_period, teacher_dims
 
     folder = teacher_folder(spec, cache_dir)
     model = _skeleton(folder, models.resolve_dtype(dtype, device))
@@ -276,7 +276,8 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     fam = config_family(model.config, family_spec(model))
     period = layer_period(model.config, fam)
     chosen = choose_layers(teacher_dims(model.config, fam).layers,
-                           *calibrated_layers(measured or {}, student_cfg.depth, student_cfg.layers, period), period)
+                           *calibrated_layers(measured or {}, student_cfg.depth, student_cfg.layers, period,
+                                              layer_needs(model.config, fam)), period)
     skipped = tuple(f"{name}." for i, (name, _) in enumerate(layers) if i not in set(chosen))
     files, aliases = _Checkpoint(folder, model), _aliases(model)
     for name, p in list(model.named_parameters()):

@@ -19,8 +19,8 @@ from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 from tailkd.slicing import Dims
 
-__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_period", "rotary_fraction", "setting",
-           "student_dims", "student_plan", "student_widths", "teacher_dims"]
+__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
+           "rotary_fraction", "setting", "student_dims", "student_plan", "student_widths", "teacher_dims"]
 
 
 def family_spec(model) -> Family:
@@ -66,9 +66,16 @@ def config_family(config, family: str | Family) -> Family:
 
 
 def setting(config, key: str, default=None):
-    """The config's ``key``; "a.b": key b of its sub-config (or dict) a (DBRX's attn_config.kv_n_heads)."""
+    """The config's ``key``; "a.b": key b of its sub-config (or dict) a (DBRX's attn_config.kv_n_heads). A key some
+    layers override (transformers 5's per_layer_config: Gemma 4's head_dim) reads the config's own value, that of the
+    layers without an override (transformers refuses it as one value for every layer)."""
     for part in key.split("."):
-        config = config.get(part, default) if isinstance(config, dict) else getattr(config, part, default)
+        if isinstance(config, dict):
+            config = config.get(part, default)
+        elif part in (getattr(config, "per_layer_attributes", None) or ()):
+            config = config.to_dict().get(part, default)
+        else:
+            config = getattr(config, part, default)
     return config
 
 
@@ -97,7 +104,7 @@ def teacher_dims(config, family: str | Family) -> Dims:
     hidden, heads = setting(config, keys["hidden"]), setting(config, keys["heads"])
     kv_heads = (setting(config, keys["kv_heads"]) if keys["kv_heads"] else None) or heads
     kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's, Falcon-7B's multi-query attention
-    head_dim = (None if fam.head_dim == "derived" else getattr(config, "head_dim", None)) or hidden // heads
+    head_dim = (None if fam.head_dim == "derived" else setting(config, "head_dim")) or hidden // heads
     experts = _routed_experts(config, fam)
     per_token = setting(config, keys["experts_per_token"]) if experts else 0
     groups, shared = (setting(config, keys[role]) if keys.get(role) else None
@@ -125,6 +132,19 @@ def layer_period(config, fam: Family) -> int:
     """How many layers the pattern of a family's layer kinds spans where its config sets them by periods (Jamba's
     attn_layer_period and expert_layer_period: their lcm, `Family.layer_periods`); 1 otherwise."""
     return math.lcm(*(int(setting(config, key) or 1) for key in fam.layer_periods))
+
+
+def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ...]]]:
+    """``(first, needs)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first, where the
+    student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as the
+    teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
+    earlier layer of its kind, whose it reads in the teacher; ``([], {})`` elsewhere.
+    `tailkd.calibration.calibrated_layers` keeps them with the layers it chooses."""
+    n, kinds = setting(config, fam.keys["layers"]), getattr(config, "layer_types", None)
+    shared = (setting(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers and kinds else 0
+    read = {kinds[i]: i for i in range(n - shared)} if shared else {}  # each kind's last layer before the shared ones
+    return [n - 1] if fam.last_layer_kind else [], {i: (read[kinds[i]],) for i in range(n - shared, n)
+                                                     if kinds[i] in read}
 
 
 def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None, period: int = 1) -> list[int]:
@@ -339,6 +359,36 @@ def _check_layer_index_flags(config, fam: Family, chosen: list[int]) -> None:
                               f"(--student.layers {first})")
 
 
+def _check_kv_sharing(config, fam: Family, t: Dims, chosen: list[int]) -> None:
+    """The layers that reuse keys and values (`Family.kv_shared_layers`: the teacher's last N) take them from the
+    student's last earlier layer of their kind (sliding or full attention: ``layer_types``), so each kind among the
+    student's sharing layers needs such a layer before them; refused in one line naming the teacher layers to add."""
+    shared = setting(config, fam.kv_shared_layers, 0) if fam.kv_shared_layers else 0
+    kinds = getattr(config, "layer_types", None)
+    if not shared or not kinds:
+        return
+    first = t.layers - shared
+    own = {kinds[i] for i in chosen if i < first}
+    for i in chosen:
+        if i >= first and kinds[i] not in own:
+            offer = [str(j) for j in range(first) if kinds[j] == kinds[i]]
+            keep = f"teacher layer {offer[0]}" if len(offer) == 1 else f"one of teacher layers {' '.join(offer)}"
+            raise TailkdError(f"teacher layer {i} reuses the keys and values of an earlier {kinds[i]} layer "
+                              f"({fam.kv_shared_layers}: its last {shared} layers do), but the student keeps none "
+                              f"before it: keep {keep} too (--student.layers)")
+
+
+def _check_last_layer_kind(config, fam: Family, chosen: list[int]) -> None:
+    """A family whose config gives its last layer a kind whatever it lists (`Family.last_layer_kind`: Gemma 4's full
+    attention) needs a student whose last chosen layer is of that kind; refused in one line naming those layers."""
+    kinds = getattr(config, "layer_types", None)
+    if fam.last_layer_kind and kinds and kinds[chosen[-1]] != fam.last_layer_kind:
+        of_kind = " ".join(str(i) for i, kind in enumerate(kinds) if kind == fam.last_layer_kind)
+        raise TailkdError(f"{fam.label}'s last layer is a {fam.last_layer_kind} one whatever its config lists, but the "
+                          f"student's (teacher layer {chosen[-1]}) is a {kinds[chosen[-1]]} one: end the student's "
+                          f"layers with one of teacher layers {of_kind} (--student.layers)")
+
+
 def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
     """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting;
     and 2 rotated rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
@@ -398,6 +448,11 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
         if isinstance(data.get(key), list):
             data[key] = [j for j, i in enumerate(layers) if i in data[key]]
+    if isinstance(data.get("per_layer_config"), dict):  # transformers 5's overrides by layer: the chosen layers'
+        overrides = {int(i): v for i, v in data["per_layer_config"].items()}
+        data["per_layer_config"] = {str(j): overrides[i] for j, i in enumerate(layers) if i in overrides}
+    if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
+        data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
     if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
         sparse = [_sparse_layer(teacher_config, i) for i in layers]
         if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
@@ -484,6 +539,8 @@ def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_hea
     fam, t, s, fraction, chosen = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                                  intermediate_size, head_dim, num_experts, num_experts_per_tok)
     _check_layer_index_flags(teacher.config, fam, chosen)
+    _check_kv_sharing(teacher.config, fam, t, chosen)
+    _check_last_layer_kind(teacher.config, fam, chosen)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
 

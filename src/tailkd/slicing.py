@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HEAD_AXES", "Dims", "axis_indices", "each_experts_units", "expert_unit_rows", "qk_head_rows", "query_heads",
-           "rope_pair_rows", "take"]
+__all__ = ["HEAD_AXES", "Dims", "axis_indices", "each_experts_units", "expert_unit_rows", "mlp_units", "qk_head_rows",
+           "query_heads", "rope_pair_rows", "take"]
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,13 @@ HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_h
 
 
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
-                 q_heads=None, blocks: int = 0) -> dict:
+                 q_heads=None, blocks: int = 0, layers=None) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
     ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``), ``q_heads``
     the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `query_heads`);
-    ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones)."""
+    ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones);
+    ``layers`` the teacher layers the student keeps (None: its first ``s.layers``), whose blocks ``layer_blocks``
+    keeps."""
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
     if q_heads is None and blocks:  # each block's first heads
         q_heads = [b * (t.heads // blocks) + m for b in range(blocks) for m in range(s.heads // blocks)]
@@ -114,7 +116,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
         experts = torch.tensor([g * per_t + i for g in range(t.expert_groups) for i in range(per_s)])
     d = s.hidden if channels is None else channels
     d_range = torch.arange(s.hidden) if channels is None else channels
-    return {"all": None, "d": d, "ff": s.intermediate, "q": q, "k": k, "v": v,
+    layers = list(range(s.layers)) if layers is None else layers
+    return {"all": None, "d": d, "ff": lambda n: mlp_units(n, s.intermediate, t.intermediate), "q": q, "k": k, "v": v,
             "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
@@ -132,7 +135,14 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
-            "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks)}
+            "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks),
+            "layer_blocks": lambda n: _rows(layers, _per_head(n, t.layers), list(range(_per_head(n, t.layers))))}
+
+
+def mlp_units(n: int, units: int, width: int) -> int:
+    """How many (first) units of an MLP axis of ``n`` a student keeps, ``units`` of the teacher's ``width``: as many
+    times ``units`` as ``n`` is times ``width`` (Gemma 4's KV-shared layers: MLPs twice as wide), else ``units``."""
+    return n // width * units if width and n % width == 0 else units
 
 
 def _mp_rows(q_heads: list[int], t: Dims, qk_rows: list[int], v_rows: list[int], blocks: int) -> torch.Tensor:

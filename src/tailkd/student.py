@@ -63,7 +63,7 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
          DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX, Jamba,
-         MiniMax) keeps the teacher's first `num_experts` routed experts (all by default; at least its
+         MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default; at least its
          `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
          ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
          (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
@@ -153,6 +153,18 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          side; attention; a relu² MLP; DeepSeek-V3-style routed relu² experts with a shared one of its own width);
          a model without "moe" layers has no experts whatever n_routed_experts says and narrows its MLP by
          intermediate_size; experts in a latent space of their own (moe_latent_size) are refused.
+         Gemma 4 (text: Gemma4ForCausalLM): its full attention layers have heads of their own size (global_head_dim,
+         and with attention_k_eq_v KV heads of their own: transformers 5's ``per_layer_config``, which follows the
+         chosen layers), so its attention keeps its heads and sizes and narrows on the residual side only; its
+         per-layer embeddings (a table and a projection of one block per layer) keep the chosen layers' blocks; its
+         last ``num_kv_shared_layers`` layers reuse the keys and values of the last earlier layer of their kind (no
+         k/v projections; a student's count is its chosen layers among them, each kind of which needs an earlier
+         kept layer) with MLPs twice as wide under use_double_wide_mlp (twice the student's intermediate_size: the
+         first units, or the most active of their own width); its config makes the last layer a full attention one,
+         so a student's last layer must be one. ``layer_choice="influence"`` keeps the teacher's last layer first,
+         then by influence each layer with the layer it reads keys and values from (`tailkd.sizing.layer_needs`);
+         spaced or listed layers that miss one are refused in one line naming the layers to keep. With
+         enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole.
 Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -183,10 +195,11 @@ RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_type
 GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers), GPT-J
 (interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: a student keeps as
 many heads of each block), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3,
-OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is
-rows (2p, 2p + 1), kept by the same frequency rule), OPT (its word_embed_proj_dim follows hidden_size; OPT-350m, whose
-embeddings are narrower than it, is refused), GPT-NeoX (Pythia), Bloom (its ALiBi slopes are set by the number of heads:
-num_heads is the teacher's; its MLP is always 4 x hidden_size wide, no intermediate_size), MPT (likewise), Persimmon,
+Gemma 4 (text-only Gemma4ForCausalLM; see above), OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the
+chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
+word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
+(Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x
+hidden_size wide, no intermediate_size), MPT (likewise), Persimmon,
 nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the student: scale_depth by
 sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
 (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
@@ -231,7 +244,7 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
 from tailkd.models import autocast_safe
-from tailkd.sizing import config_family, family_spec, layer_period, student_plan, student_widths
+from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
 
 __all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]
@@ -337,8 +350,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     elif set(measured) != set(wanted := _wanted(teacher, **settings)[1]):  # a caller's bug, not a user error
         raise RuntimeError(f"measured holds {sorted(measured)}, these settings need {sorted(wanted)}")
     influence = measured.get("layer_choice=influence")
-    period = layer_period(teacher.config, config_family(teacher.config, family_spec(teacher)))
-    num_layers, layers = calibrated_layers(measured, num_layers, layers, period)
+    fam = config_family(teacher.config, family_spec(teacher))
+    num_layers, layers = calibrated_layers(measured, num_layers, layers, layer_period(teacher.config, fam),
+                                           layer_needs(teacher.config, fam))
     fam, t, s, fraction, chosen, config = student_plan(teacher, num_layers, layers, hidden_size, num_heads,
                                                        num_kv_heads, intermediate_size, head_dim, tie_embeddings,
                                                        num_experts, num_experts_per_tok)
@@ -353,13 +367,14 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     _check_layer_kinds(teacher, student, fam, chosen)
 
     channels, channel_share = calibrated_channels(fam, s, chosen, measured.get("hidden_channels=active"))
-    index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks)
+    index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks, layers=chosen)
     heads, head_share = calibrated_heads(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks)
-    per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads, fam.head_blocks)
+    per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads, fam.head_blocks, chosen)
                  for i, q_heads in heads.items()}
     kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
-    units, active = calibrated_units(s, chosen, measured.get("mlp_units=active"),  # {teacher layer: ...}
-                                     lambda i: kept.get(i, index["expert"]))
+    activity = measured.get("mlp_units=active")
+    units, active = calibrated_units(s, chosen, activity,  # {teacher layer: ...}
+                                     lambda i: kept.get(i, index["expert"]), t.intermediate)
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
 
@@ -408,8 +423,9 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                 table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
             if (layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes)
                     and ("expert" in axes) == (units[chosen[layer]].dim() == 2)):
-                ids = units[chosen[layer]]
-                table[-1].update(units=_digest(ids, t.intermediate), active_share=active[chosen[layer]])
+                ids = units[chosen[layer]]  # of the layer's own width (Gemma 4's double-wide MLPs: twice)
+                table[-1].update(units=_digest(ids, activity[chosen[layer]].shape[-1]),
+                                 active_share=active[chosen[layer]])
             if layer is not None and chosen[layer] in heads and set(axes) & HEAD_AXES:
                 table[-1].update(heads=heads[chosen[layer]].tolist(), head_share=head_share[chosen[layer]])
             if channels is not None and name in fam.embeddings:
