@@ -204,6 +204,42 @@ def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_lay
     assert student.config.to_dict()["per_layer_config"] == {"0": {"head_dim": 32}, "2": {"head_dim": 32}}
 
 
+def test_a_gemma3n_teacher_distils_into_a_student_folder(assets, tmp_path, capsys):
+    """Gemma 3n (AltUp, LAuReL, per-layer embeddings, KV-shared layers), which tailkd builds no student from (refused
+    in one line pointing at --student DIR): a tiny teacher and a Gemma 3n student given as a folder train on the fused
+    loss layer, the run's FLOPs are counted and the student saves, as README says of other causal LMs."""
+    import transformers
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    sliding, full = "sliding_attention", "full_attention"
+    folders = {}
+    for name, layers, hidden, shared, seed in (("teacher", 4, 64, 2, 0), ("student", 2, 32, 0, 1)):
+        cfg = transformers.Gemma3nTextConfig(
+            vocab_size=len(tok), vocab_size_per_layer_input=len(tok), hidden_size=hidden, intermediate_size=96,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            hidden_size_per_layer_input=8, num_kv_shared_layers=shared, sliding_window=8,
+            layer_types=[sliding, full] * (layers // 2), activation_sparsity_pattern=[0.0] * layers, laurel_rank=4,
+            altup_num_inputs=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        torch.manual_seed(seed)
+        folders[name] = tmp_path / name
+        transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    assert main(["distill", "--teacher", str(folders["teacher"]), "--student.num_layers", "2", "--out",
+                 str(tmp_path / "refused"), "--data", str(assets["corpus"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("tailkd: error: cannot build a student from a Gemma3nForCausalLM: supported teachers ")
+    assert err.endswith("any causal LM teaches a student given as a folder (--student DIR)")
+    assert not (tmp_path / "refused").exists()
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(folders["teacher"]), "--student", str(folders["student"]), "--data",
+                 str(assets["corpus"]), "--data.cache_dir", str(assets["cache"]), "--seq-len", "32", "--batch-size",
+                 "4", "--steps", "2", "--data.eval_rows", "8", "--train.precision", "fp32", "--train.fused_loss", "on",
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["flops"]["teacher"]["layers"] == 4
+    assert type(AutoModelForCausalLM.from_pretrained(run / "final")).__name__ == "Gemma3nForCausalLM"
+
+
 def test_a_hybrid_linear_attention_teacher_and_student_distill_fused_as_dense(assets, tmp_path):
     """A Qwen3-Next teacher (three linear-attention layers and one full) and a two-layer Qwen3-Next student given as
     a folder: `tailkd distill` runs on the fused loss layer and on full logits, their first steps' losses agree

@@ -513,6 +513,39 @@ def test_head_spec_reproduces_the_models_own_logits(config_name, extra, expect):
             head_mod.verify_head(model, ids, Head(head.weight, head.bias, HeadSpec(70)))
 
 
+def test_gemma3n_final_hidden_states_are_its_decoders_output(monkeypatch):
+    """Gemma 3n's hidden states stack its AltUp streams ([2, B, T, d] here), mixed and normalized only after its last
+    layer: `final_hidden` takes its decoder's output, one row per token, and its head (soft-capped at 30) reproduces
+    the model's own logits (within 2 x LB.head_logits' bound, as every family's). Read from the hidden states, as
+    before, they are not one row per token: verify_head says so in one line (the fused run failed with an
+    IndexError)."""
+    import transformers
+
+    sliding, full = "sliding_attention", "full_attention"
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=70, vocab_size_per_layer_input=70, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2, sliding_window=4, layer_types=[sliding, full] * 2,
+        activation_sparsity_pattern=[0.0] * 4, laurel_rank=4, altup_num_inputs=2, final_logit_softcapping=30.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    head = head_mod.model_head(model)
+    ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = head_mod.final_hidden(model, ids)
+    assert hidden.shape == (2, 6, 32) and head.spec == HeadSpec(70, softcap=30.0)
+    assert head_mod.verify_head(model, ids, head) <= 2 * float(LB.head_logits(hidden, head.weight, head.bias,
+                                                                             head.spec)[1].max())
+    monkeypatch.setattr(head_mod, "DECODER_OUTPUT_MODELS", ())
+    fresh = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with pytest.raises(TailkdError, match=r"^the fused loss layer reads Gemma3nForCausalLM's final hidden states as "
+                                          r"\[2, 2, 6, 32\], not one row per token of \[2, 6\]: .*; set "
+                                          r"train.fused_loss=off$"):
+        head_mod.verify_head(fresh, ids)
+
+
 def test_verify_head_names_a_model_whose_own_logits_are_not_finite():
     """A teacher with a NaN in its weights: its logits are NaN, and verify_head said "the fused loss layer does not
     reproduce LlamaForCausalLM's logits (max |diff| nan): its forward transforms the logits in a way tailkd does not

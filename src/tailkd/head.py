@@ -177,10 +177,39 @@ def final_hidden(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
 def forward_hidden(model, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
     """`final_hidden` and the output of the forward that computed them (e.g. its ``aux_loss``: a mixture of experts'
     router load-balancing loss, where the model's config sets ``output_router_logits``)."""
-    out = decoder_forward(model, input_ids, hidden_states=True, **kwargs)
+    box = _decoder_output(model)
+    out = decoder_forward(model, input_ids, hidden_states=box is None, **kwargs)
+    if box is not None:  # the decoder's own output (`DECODER_OUTPUT_MODELS`)
+        return box.pop("last"), out
     if getattr(out, "hidden_states", None) is not None:  # the model's own forward
         return out.hidden_states[-1], out
     return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), out
+
+
+# models whose hidden states (``output_hidden_states``) are not what their LM head reads, by class name: Gemma 3n's
+# stack its AltUp streams ([streams, B, T, d]), which its decoder mixes and normalizes only after its last layer;
+# `forward_hidden` takes their decoder's output (``get_decoder()``'s last_hidden_state) instead. (Its multimodal
+# Gemma3nForConditionalGeneration, untested here — its vision tower needs timm —, is refused by `verify_head`.)
+DECODER_OUTPUT_MODELS = ("Gemma3nForCausalLM",)
+
+
+def _decoder_output(model) -> dict | None:
+    """For a model of `DECODER_OUTPUT_MODELS`, the dict a forward hook on its decoder fills with the decoder's last
+    hidden state (the hook registered on first use, once per model: a compiled forward sees it from the start); None
+    for the others."""
+    if model_class_name(model) not in DECODER_OUTPUT_MODELS:
+        return None
+    inner = getattr(model, "module", model)
+    box = getattr(inner, "_tailkd_decoder_output", None)
+    if box is None:
+        box = {}
+
+        def keep(module, args, output):
+            box["last"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        inner.get_decoder().register_forward_hook(keep)
+        inner._tailkd_decoder_output = box
+    return box
 
 
 def decoder_forward(model, input_ids: torch.Tensor, *, hidden_states: bool = False,
@@ -217,7 +246,13 @@ def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, voc
     model.eval()
     try:
         ref = model(input_ids=input_ids, use_cache=False).logits[..., : head.spec.vocab_size].double()
-        ours = apply_head(final_hidden(model, input_ids), head).double()
+        hidden = final_hidden(model, input_ids)
+        if tuple(hidden.shape[:-1]) != tuple(input_ids.shape):  # not one state per token (Gemma 3n's AltUp streams
+            raise TailkdError(  # were, before `DECODER_OUTPUT_MODELS`)
+                f"the fused loss layer reads {model_class_name(model)}'s final hidden states as "
+                f"{list(hidden.shape)}, not one row per token of {list(input_ids.shape)}: its forward does not return "
+                "the states its LM head reads where tailkd looks for them; set train.fused_loss=off")
+        ours = apply_head(hidden, head).double()
     finally:
         model.train(was_training)
     finite = torch.isfinite(ref)  # a broken model's own logits (a NaN in its weights) are no test of the head
