@@ -204,6 +204,31 @@ def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_lay
     assert student.config.to_dict()["per_layer_config"] == {"0": {"head_dim": 32}, "2": {"head_dim": 32}}
 
 
+def test_a_multimodal_gemma4_checkpoint_teaches_and_builds_a_text_student(assets, tmp_path):
+    """Gemma 4's checkpoints are Gemma4ForConditionalGeneration (AutoModelForCausalLM loads them so): its context
+    length is its text config's (the run stopped at "cannot tell the context length"), and a student is built from its
+    text part (a Gemma4ForCausalLM) and trained on the fused loss layer."""
+    import transformers
+    from tiny import make_tokenizer
+
+    sliding, full = "sliding_attention", "full_attention"
+    tok = make_tokenizer(300)
+    text = _tiny_gemma4(tmp_path / "text", tok, [sliding, full, sliding, sliding, full], 0)
+    config = transformers.Gemma4Config(text_config=transformers.AutoConfig.from_pretrained(text).to_dict())
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--student.layers", "1", "2", "4", "--student.hidden_size",
+                 "32", "--data", str(assets["corpus"]), "--data.cache_dir", str(assets["cache"]), "--seq-len", "32",
+                 "--batch-size", "4", "--steps", "2", "--data.eval_rows", "8", "--train.precision", "fp32",
+                 "--train.fused_loss", "on", "--out", str(run)]) == 0
+    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert type(student).__name__ == "Gemma4ForCausalLM" and student.config.hidden_size == 32
+    assert student.config.layer_types == [full, sliding, full]
+
+
 def test_a_gemma3n_teacher_distils_into_a_student_folder(assets, tmp_path, capsys):
     """Gemma 3n (AltUp, LAuReL, per-layer embeddings, KV-shared layers), which tailkd builds no student from (refused
     in one line pointing at --student DIR): a tiny teacher and a Gemma 3n student given as a folder train on the fused

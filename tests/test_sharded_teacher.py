@@ -728,6 +728,48 @@ def test_a_sharded_gemma4_teacher_builds_the_student_the_whole_teacher_builds(fa
     assert read == built and {1, 4} <= set(read)
 
 
+def test_a_sharded_multimodal_teacher_reads_its_text_part_and_builds_its_student(assets, tmp_path):
+    """A Gemma 3 checkpoint with its vision tower (Gemma3ForConditionalGeneration): `student_source` returns its text
+    part (a Gemma3ForCausalLM sharing the skeleton's modules: `tailkd.student.text_teacher`), reads the kept layers'
+    tensors under the checkpoint's names (model.language_model....) and leaves the vision tower on meta; the student
+    built from it is the one the text model builds. Through the CLI with --teacher.parallel fsdp the run's
+    student_init.json is the replicated run's, and a calibrated choice is refused in one line (exit 2, no run folder):
+    the measures read the text layers, which the sharded teacher runs only within its own forward."""
+    from test_student_families import _multimodal
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import _skeleton, student_source
+    from tailkd.student import build_student
+
+    teacher, text = _multimodal("gemma3")
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    settings = dict(layers=[1, 2, 4], hidden_size=32)
+    view, _ = student_source(folder, StudentConfig(**settings), dtype="fp32")
+    assert type(view).__name__ == "Gemma3ForCausalLM"
+    assert [i for i, layer in enumerate(view.model.layers) if layer.input_layernorm.weight.is_meta] == [0, 3]
+    assert all(p.is_meta for p in _skeleton(folder, torch.float32).model.vision_tower.parameters())
+    (ours, _), (want, _) = (build_student(model, mlp_init="copy", **settings) for model in (view, text))
+    expected = dict(want.named_parameters())
+    for name, tensor in ours.named_parameters():
+        assert torch.equal(tensor, expected[name]), name
+    data = ["--data", str(assets["corpus"]), "--data.cache_dir", str(assets["root"] / "data"), "--seq-len", "32",
+            "--batch-size", "4", "--steps", "1", "--data.eval_rows", "4", "--device", "cpu", "--train.precision",
+            "fp32", "--student.num_layers", "3", "--student.hidden_size", "32"]
+    runs = {mode: tmp_path / mode for mode in ("fsdp", "replicate")}
+    for mode, run in runs.items():
+        run_cli(["distill", "--teacher", str(folder), *data, "--teacher.parallel", mode, "--out", str(run)])
+    assert (runs["fsdp"] / "student_init.json").read_text() == (runs["replicate"] / "student_init.json").read_text()
+    _, err = run_cli(["distill", "--teacher", str(folder), *data, "--teacher.parallel", "fsdp",
+                      "--student.layer_choice", "influence", "--out", str(tmp_path / "refused")], expect=2)
+    assert err.strip().splitlines()[-1] == (
+        "tailkd: error: a student of Gemma3ForConditionalGeneration's text part (Gemma3ForCausalLM) is measured over "
+        "its text layers, which a teacher sharded with FSDP2 runs only within its own forward: use --teacher.parallel "
+        "replicate for calibrated choices (or spaced layers and first widths)")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_sharded_teachers_skeleton_passes_autocast_safe(tmp_path):
     """The skeleton a sharded teacher (and `student_source`) is built on passes `tailkd.models.autocast_safe`, as a
     loaded model does: DBRX's experts modules carry the hook that hands them their input in the autocast dtype

@@ -590,10 +590,12 @@ def _set_gguf_special_tokens(tokenizer, gguf: Path) -> None:
 
 def max_positions(model) -> int | None:
     """The longest sequence the positions of ``model`` (or of a model config) support: its config's
-    max_position_embeddings / n_positions / n_ctx; None where it gives none."""
+    max_position_embeddings / n_positions / n_ctx, or its text config's (a multimodal model: Gemma 3's, Gemma 4's
+    ...ForConditionalGeneration); None where it gives none."""
     config = getattr(model, "config", model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
+        value = getattr(config, name, None) or getattr(text, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None

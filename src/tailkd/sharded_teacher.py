@@ -266,26 +266,31 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     layers where it measured their influence (`tailkd.calibration.calibrated_layers`)."""
     from tailkd.calibration import calibrated_layers
     from tailkd.sizing import choose_layers, config_family, family_spec, layer_needs, layer_period, teacher_dims
+    from tailkd.student import text_teacher
 
     folder = teacher_folder(spec, cache_dir)
     model = _skeleton(folder, models.resolve_dtype(dtype, device))
     tokenizer = models.load_tokenizer(folder)
     if student_cfg.path:
         return model, tokenizer
-    layers = _decoder_layers(model)
-    fam = config_family(model.config, family_spec(model))
-    period = layer_period(model.config, fam)
-    chosen = choose_layers(teacher_dims(model.config, fam).layers,
+    text = text_teacher(model)  # a multimodal checkpoint's text part (Gemma 3's, Gemma 4's): the skeleton's modules
+    layers = _decoder_layers(text)
+    fam = config_family(text.config, family_spec(text))
+    period = layer_period(text.config, fam)
+    chosen = choose_layers(teacher_dims(text.config, fam).layers,
                            *calibrated_layers(measured or {}, student_cfg.depth, student_cfg.layers, period,
-                                              layer_needs(model.config, fam)), period)
-    skipped = tuple(f"{name}." for i, (name, _) in enumerate(layers) if i not in set(chosen))
+                                              layer_needs(text.config, fam)), period)
+    dropped = {id(m) for i, (_, m) in enumerate(layers) if i not in set(chosen)}
+    skipped = tuple(f"{name}." for name, m in model.named_modules() if id(m) in dropped)  # the checkpoint's names
+    used = {id(t) for t in (*text.parameters(), *text.buffers())}  # a vision or audio tower stays on meta
     files, aliases = _Checkpoint(folder, model), _aliases(model)
     for name, p in list(model.named_parameters()):
-        if not name.startswith(skipped):
+        if id(p) in used and not name.startswith(skipped):
             _set_param(model, name, files.read(name, None, p.shape).to(p.dtype), aliases)
     with torch.no_grad():
-        _read_saved_buffers(model, files, set(model.state_dict()), skipped)
-    return model, tokenizer
+        _read_saved_buffers(model, files, {n for n, b in model.named_buffers() if id(b) in used}
+                            & set(model.state_dict()), skipped)
+    return text, tokenizer
 
 
 # --------------------------------------------------------------------------- the sharded teacher

@@ -165,6 +165,10 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          then by influence each layer with the layer it reads keys and values from (`tailkd.sizing.layer_needs`);
          spaced or listed layers that miss one are refused in one line naming the layers to keep. With
          enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole.
+         Gemma 3's and Gemma 4's multimodal checkpoints (...ForConditionalGeneration: vision and audio towers beside
+         a text model) give a text-only student (Gemma3ForCausalLM, Gemma4ForCausalLM) built from their text part
+         (`text_teacher`); ``source`` in the table names the text model's tensors (model.layers...., not the
+         checkpoint's model.language_model.layers....).
 Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -243,11 +247,13 @@ from tailkd.config import (
 )
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
+from tailkd.head import model_class_name
 from tailkd.models import autocast_safe
 from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
 
-__all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]
+__all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config",
+           "text_teacher"]
 
 
 # --------------------------------------------------------------------------- copy plans
@@ -276,6 +282,42 @@ def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
 
 # --------------------------------------------------------------------------- the builder
 
+# multimodal teachers whose text part (a language model and the LM head, which alone compute the logits of text, as
+# tested bit for bit) builds a student, by class name: the causal LM class transformers maps their text config to
+MULTIMODAL_TEACHERS = ("Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration")
+
+
+def text_teacher(teacher):
+    """The text-only causal LM inside a multimodal teacher of `MULTIMODAL_TEACHERS` (Gemma 3's and Gemma 4's
+    ...ForConditionalGeneration: their language model and LM head, which alone compute the logits of text):
+    a model of that class sharing the teacher's modules (nothing copied; a skeleton's too: `tailkd.sharded_teacher`),
+    its generation config the teacher's; the teacher itself for any other class.
+    Calibrated choices over such a teacher sharded with FSDP2 are refused in one line: its own forward must run, and
+    the measures read its text part's layers."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_class_name(teacher) not in MULTIMODAL_TEACHERS:
+        return teacher
+    text = teacher.config.get_text_config()
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text.model_type]
+    if isinstance(teacher, FSDPModule):
+        raise TailkdError(f"a student of {model_class_name(teacher)}'s text part ({name}) is measured over its text "
+                          "layers, which a teacher sharded with FSDP2 runs only within its own forward: use "
+                          "--teacher.parallel replicate for calibrated choices (or spaced layers and first widths)")
+    import transformers
+
+    with torch.device("meta"):
+        view = getattr(transformers, name)(text)
+    setattr(view, view.base_model_prefix, teacher.get_decoder())
+    view.set_output_embeddings(teacher.get_output_embeddings())
+    own = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
+    if any(id(t) not in own for t in (*view.parameters(), *view.buffers())):  # a bug, not a user error
+        raise RuntimeError(f"{name} holds more than {model_class_name(teacher)}'s language model and LM head")
+    view.generation_config = copy.deepcopy(teacher.generation_config)
+    return view.train(teacher.training)
+
+
 def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                    num_heads: int | None = None, num_kv_heads: int | None = None,
                    intermediate_size: int | None = None, head_dim: int | None = None,
@@ -284,6 +326,7 @@ def student_config(teacher, *, num_layers: int | None = None, layers=None, hidde
     """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
     are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
     `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
+    teacher = text_teacher(teacher)
     return student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
                         head_dim, tie_embeddings, num_experts, num_experts_per_tok)[-1]
 
@@ -340,6 +383,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher.config, "quantization_config", None):
         raise TailkdError("the teacher is a quantized model: load it with tailkd.models.load_teacher, "
                           "which dequantizes GGUF files into a plain model")
+    teacher = text_teacher(teacher)
     settings = dict(num_layers=num_layers, layers=layers, hidden_size=hidden_size, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, head_dim=head_dim,
                     num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, layer_choice=layer_choice,
@@ -453,6 +497,7 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
     ``teacher`` may be sharded with FSDP2 (`tailkd.sharded_teacher.load_sharded_teacher`; collective then: every rank
     passes the same batches).
     """
+    teacher = text_teacher(teacher)
     fam, wanted, heads = _wanted(teacher, num_layers=num_layers, layers=layers, hidden_size=hidden_size,
                                  num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                                  head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
