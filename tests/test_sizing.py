@@ -43,6 +43,29 @@ def test_choose_layers_keeps_whole_periods_where_the_kinds_repeat():
     assert choose_layers(8, layers=[0, 1, 2], period=4) == [0, 1, 2]  # listed layers: the model's own check follows
 
 
+def test_spaced_gemma4_layers_keep_what_their_kv_shared_layers_read():
+    """A Gemma 4 shaped like its E2B (35 layers, full attention every 5th, the last 20 reusing the keys and values of
+    layers 13 (sliding) and 14 (full)): spaced layers whose KV-shared ones have an earlier kept layer of their kind are
+    kept as spaced; where one has none, the layer the teacher's read (14) replaces the kept earlier layer nearest to
+    it whose kind stays kept; what that cannot mend (3 layers: one earlier layer for two kinds) is left to the
+    refusal; listed layers are the user's."""
+    import transformers
+
+    from tailkd.families import FAMILIES
+    from tailkd.sizing import student_layers
+
+    kinds = ["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(35)]
+    config = transformers.Gemma4TextConfig(num_hidden_layers=35, num_kv_shared_layers=20, layer_types=kinds)
+    gemma4 = FAMILIES["gemma4"]
+    assert choose_layers(35, 12) == student_layers(config, gemma4, 12)  # 9 (full) and 0, 3, 6, 12 (sliding) kept
+    assert choose_layers(35, 8) == [0, 5, 10, 15, 19, 24, 29, 34]  # no full attention layer before 15
+    assert student_layers(config, gemma4, 8) == [0, 5, 14, 15, 19, 24, 29, 34]  # 14 for 10, the nearest
+    assert student_layers(config, gemma4, 2) == [14, 34]  # 34 (full) reads 14; 0 (sliding) needed by none
+    assert student_layers(config, gemma4, 3) == [0, 17, 34] == choose_layers(35, 3)  # 0 is 17's only source
+    assert student_layers(config, gemma4, layers=[0, 5, 34]) == [0, 5, 34]
+    assert student_layers(transformers.LlamaConfig(num_hidden_layers=8), FAMILIES["llama"], 3) == choose_layers(8, 3)
+
+
 @given(st.integers(2, 80).flatmap(lambda L: st.tuples(st.just(L), st.integers(2, L))))
 def test_choose_layers_is_rounded_linspace(case):
     n_teacher, n = case

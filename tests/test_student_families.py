@@ -1817,6 +1817,24 @@ def _multimodal(family):
     return model, text
 
 
+def test_a_spaced_gemma4_student_keeps_the_layer_its_kv_shared_layers_read(tmp_path):
+    """The tiny Gemma 4 teacher's layers 3 and 4 (full attention) reuse layer 1's keys and values: 3 spaced layers
+    (0, 2, 4) keep layer 1, the one they read, in place of layer 0 (the nearest, ties to the lower index) and build
+    (refused before: its layer 4 had no earlier full attention layer); a sharded teacher's skeleton reads the same."""
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import student_source
+
+    teacher = make_teacher("gemma4")
+    student, table = build_student(teacher, num_layers=3, mlp_init="copy")
+    assert [int(row["source"].split(".")[2]) for row in table if row["name"].endswith("input_layernorm.weight")] == [
+        1, 2, 4]
+    assert student.config.num_kv_shared_layers == 1
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(num_layers=3), dtype="fp32")
+    assert [i for i, layer in enumerate(skeleton.model.layers) if not layer.input_layernorm.weight.is_meta] == [1, 2, 4]
+
+
 @pytest.mark.parametrize("family", ["gemma4", "gemma3"])
 def test_a_multimodal_teachers_text_part_builds_the_student_its_text_model_builds(family, tmp_path):
     """Gemma 3's and Gemma 4's checkpoints are ...ForConditionalGeneration (their vision and audio towers beside a
@@ -1973,11 +1991,10 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
                                 r"\(per_layer_config\): keep head_dim 16 \("),
     ("gemma4_moe", {"num_kv_heads": 1}, r"^num_kv_heads=1, but Gemma 4's .*: keep num_kv_heads 2 \("),
     # layers 3, 4 (full attention) reuse layer 1's keys and values: a student of layers 0, 2, 4 has no layer for 4 to
-    # take them from (spaced 3 of 5 layers are those)
+    # take them from (spaced, 3 of 5 layers would be those: the spaced choice takes layer 1 for 0, test_sizing)
     ("gemma4", {"layers": [0, 2, 4]}, r"^teacher layer 4 reuses the keys and values of an earlier full_attention layer "
                                       r"\(num_kv_shared_layers: its last 2 layers do\), but the student keeps none "
                                       r"before it: keep teacher layer 1 too \(--student.layers\)$"),
-    ("gemma4", {"num_layers": 3}, r"^teacher layer 4 reuses .*: keep teacher layer 1 too"),
     # Gemma 4's last layer is always a full attention one: a student ending with sliding layer 2 would get a full one
     ("gemma4_moe", {"layers": [0, 2]}, r"^Gemma 4's last layer is a full_attention one whatever its config lists, "
                                        r"but the student's \(teacher layer 2\) is a sliding_attention one: end the "

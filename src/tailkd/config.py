@@ -216,7 +216,8 @@ class StudentConfig:
                                       "its layer kinds where its config sets them by periods: Jamba)")
     layers: Optional[list[int]] = _f(None, "explicit teacher layer indices for the student (overrides num_layers)")
     layer_choice: str = _f("spaced", "which num_layers teacher layers the student keeps: spaced (evenly, the first "
-                                     "and last included; the paper) or influence (those of largest Block Influence, "
+                                     "and last included; the paper; Gemma 4: with the layers its KV-shared ones "
+                                     "read) or influence (those of largest Block Influence, "
                                      "1 - cos(layer input, layer output), over calibration_rows training rows: "
                                      "ShortGPT's, Minitron's depth pruning; Gemma 4: its last layer first, each "
                                      "KV-shared layer with the layer it reads)", choices=LAYER_CHOICES)

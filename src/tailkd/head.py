@@ -247,8 +247,8 @@ def verify_head(model, input_ids: torch.Tensor, head: Head | None = None, *, voc
     try:
         ref = model(input_ids=input_ids, use_cache=False).logits[..., : head.spec.vocab_size].double()
         hidden = final_hidden(model, input_ids)
-        if tuple(hidden.shape[:-1]) != tuple(input_ids.shape):  # not one state per token (Gemma 3n's AltUp streams
-            raise TailkdError(  # were, before `DECODER_OUTPUT_MODELS`)
+        if tuple(hidden.shape[:-1]) != tuple(input_ids.shape):  # not one state per token (Gemma 3n's AltUp
+            raise TailkdError(  # streams, read from its hidden states)
                 f"the fused loss layer reads {model_class_name(model)}'s final hidden states as "
                 f"{list(hidden.shape)}, not one row per token of {list(input_ids.shape)}: its forward does not return "
                 "the states its LM head reads where tailkd looks for them; set train.fused_loss=off")

@@ -265,7 +265,7 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
     layers where it measured their influence (`tailkd.calibration.calibrated_layers`)."""
     from tailkd.calibration import calibrated_layers
-    from tailkd.sizing import choose_layers, config_family, family_spec, layer_needs, layer_period, teacher_dims
+    from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_layers
     from tailkd.student import text_teacher
 
     folder = teacher_folder(spec, cache_dir)
@@ -276,10 +276,9 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     text = text_teacher(model)  # a multimodal checkpoint's text part (Gemma 3's, Gemma 4's): the skeleton's modules
     layers = _decoder_layers(text)
     fam = config_family(text.config, family_spec(text))
-    period = layer_period(text.config, fam)
-    chosen = choose_layers(teacher_dims(text.config, fam).layers,
-                           *calibrated_layers(measured or {}, student_cfg.depth, student_cfg.layers, period,
-                                              layer_needs(text.config, fam)), period)
+    chosen = student_layers(text.config, fam, *calibrated_layers(measured or {}, student_cfg.depth, student_cfg.layers,
+                                                                 layer_period(text.config, fam),
+                                                                 layer_needs(text.config, fam)))
     dropped = {id(m) for i, (_, m) in enumerate(layers) if i not in set(chosen)}
     skipped = tuple(f"{name}." for name, m in model.named_modules() if id(m) in dropped)  # the checkpoint's names
     used = {id(t) for t in (*text.parameters(), *text.buffers())}  # a vision or audio tower stays on meta

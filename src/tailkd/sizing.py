@@ -20,7 +20,8 @@ from tailkd.head import model_class_name
 from tailkd.slicing import Dims
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
-           "rotary_fraction", "setting", "student_dims", "student_plan", "student_widths", "teacher_dims"]
+           "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan", "student_widths",
+           "teacher_dims"]
 
 
 def family_spec(model) -> Family:
@@ -145,6 +146,31 @@ def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ..
     read = {kinds[i]: i for i in range(n - shared)} if shared else {}  # each kind's last layer before the shared ones
     return [n - 1] if fam.last_layer_kind else [], {i: (read[kinds[i]],) for i in range(n - shared, n)
                                                      if kinds[i] in read}
+
+
+def student_layers(config, fam: Family, num_layers: int | None = None, layers=None) -> list[int]:
+    """The teacher layers a student keeps (`choose_layers`, with the family's period); where they are spaced and the
+    family's last layers reuse earlier layers' keys and values (`Family.kv_shared_layers`: Gemma 4), a kept sharing
+    layer whose kind has no earlier kept layer gets the layer the teacher's sharing layers of that kind read, in place
+    of the kept earlier layer nearest to it (one whose kind stays kept where a sharing layer needs it); what this
+    cannot mend is refused after (`student_plan`)."""
+    chosen = choose_layers(setting(config, fam.keys["layers"]), num_layers, layers, layer_period(config, fam))
+    shared = (setting(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers else 0
+    kinds = getattr(config, "layer_types", None)
+    if layers is not None or not shared or not kinds:
+        return chosen
+    first = len(kinds) - shared
+    read = {kinds[i]: i for i in range(first)}  # each kind's last layer before the sharing ones
+    for i in [c for c in chosen if c >= first]:
+        own = [j for j in chosen if j < first]
+        if kinds[i] not in read or any(kinds[j] == kinds[i] for j in own):
+            continue
+        needed = {kinds[c] for c in chosen if c >= first}
+        movable = [j for j in own if kinds[j] not in needed or sum(kinds[x] == kinds[j] for x in own) > 1]
+        if movable:
+            j = min(movable, key=lambda j: (abs(j - read[kinds[i]]), j))
+            chosen = sorted([read[kinds[i]] if c == j else c for c in chosen])
+    return chosen
 
 
 def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None, period: int = 1) -> list[int]:
@@ -511,7 +537,7 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
                               "by tailkd; give the student as a folder (--student DIR)")
     t = teacher_dims(teacher.config, fam)
     fraction = rotary_fraction(teacher.config, fam) if fam.rope else 1.0
-    chosen = choose_layers(t.layers, num_layers, layers, layer_period(teacher.config, fam))
+    chosen = student_layers(teacher.config, fam, num_layers, layers)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)

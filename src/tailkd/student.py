@@ -161,9 +161,11 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          k/v projections; a student's count is its chosen layers among them, each kind of which needs an earlier
          kept layer) with MLPs twice as wide under use_double_wide_mlp (twice the student's intermediate_size: the
          first units, or the most active of their own width); its config makes the last layer a full attention one,
-         so a student's last layer must be one. ``layer_choice="influence"`` keeps the teacher's last layer first,
-         then by influence each layer with the layer it reads keys and values from (`tailkd.sizing.layer_needs`);
-         spaced or listed layers that miss one are refused in one line naming the layers to keep. With
+         so a student's last layer must be one. Spaced layers (`tailkd.sizing.student_layers`) take, for a kept
+         KV-shared layer with no earlier kept layer of its kind, the layer the teacher's read, in place of the kept
+         layer nearest to it; ``layer_choice="influence"`` keeps the teacher's last layer first, then by influence
+         each layer with the layer it reads keys and values from (`tailkd.sizing.layer_needs`); listed layers (and
+         spaced ones this cannot mend) that miss one are refused in one line naming the layers to keep. With
          enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole.
          Gemma 3's and Gemma 4's multimodal checkpoints (...ForConditionalGeneration: vision and audio towers beside
          a text model) give a text-only student (Gemma3ForCausalLM, Gemma4ForCausalLM) built from their text part
