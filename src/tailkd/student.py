@@ -153,24 +153,18 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          side; attention; a relu² MLP; DeepSeek-V3-style routed relu² experts with a shared one of its own width);
          a model without "moe" layers has no experts whatever n_routed_experts says and narrows its MLP by
          intermediate_size; experts in a latent space of their own (moe_latent_size) are refused.
-         Gemma 4 (text: Gemma4ForCausalLM): its full attention layers have heads of their own size (global_head_dim,
-         and with attention_k_eq_v KV heads of their own: transformers 5's ``per_layer_config``, which follows the
-         chosen layers), so its attention keeps its heads and sizes and narrows on the residual side only; its
-         per-layer embeddings (a table and a projection of one block per layer) keep the chosen layers' blocks; its
-         last ``num_kv_shared_layers`` layers reuse the keys and values of the last earlier layer of their kind (no
-         k/v projections; a student's count is its chosen layers among them, each kind of which needs an earlier
-         kept layer) with MLPs twice as wide under use_double_wide_mlp (twice the student's intermediate_size: the
-         first units, or the most active of their own width); its config makes the last layer a full attention one,
-         so a student's last layer must be one. Spaced layers (`tailkd.sizing.student_layers`) take, for a kept
-         KV-shared layer with no earlier kept layer of its kind, the layer the teacher's read, in place of the kept
-         layer nearest to it; ``layer_choice="influence"`` keeps the teacher's last layer first, then by influence
-         each layer with the layer it reads keys and values from (`tailkd.sizing.layer_needs`); listed layers (and
-         spaced ones this cannot mend) that miss one are refused in one line naming the layers to keep. With
-         enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole.
-         Gemma 3's and Gemma 4's multimodal checkpoints (...ForConditionalGeneration: vision and audio towers beside
-         a text model) give a text-only student (Gemma3ForCausalLM, Gemma4ForCausalLM) built from their text part
-         (`text_teacher`); ``source`` in the table names the text model's tensors (model.layers...., not the
-         checkpoint's model.language_model.layers....).
+         Gemma 4 (text: Gemma4ForCausalLM): its full attention layers' heads have their own size (global_head_dim;
+         with attention_k_eq_v their own KV heads: ``per_layer_config``, following the chosen layers), so its
+         attention keeps its heads and sizes; its per-layer embeddings keep the chosen layers' blocks; its last
+         ``num_kv_shared_layers`` layers reuse the keys and values of the last earlier layer of their kind (a
+         student's are its chosen ones among them; each needs an earlier kept layer of its kind) with MLPs twice as
+         wide under use_double_wide_mlp (twice the student's units); its last layer is always full attention.
+         Spaced layers take what a kept sharing layer reads in place of the nearest kept layer
+         (`tailkd.sizing.student_layers`), influence keeps the last layer first and each layer with what it reads
+         (`tailkd.sizing.layer_needs`); listed layers missing one are refused in one line. With enable_moe_block,
+         routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma 3's and Gemma 4's
+         multimodal checkpoints (...ForConditionalGeneration) give a text-only student built from their text part
+         (`text_teacher`; the table's ``source`` names the text model's tensors, model.layers....).
 Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -205,21 +199,20 @@ Gemma 4 (text-only Gemma4ForCausalLM; see above), OLMo-2, OLMo-3, SmolLM3 (its p
 chosen layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
 word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
 (Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x
-hidden_size wide, no intermediate_size), MPT (likewise), Persimmon,
-nanochat, Youtu-LLM (latent attention), MiniCPM3 (latent attention; its muP scales follow the student: scale_depth by
-sqrt(layers), dim_model_base by hidden_size), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE
-(Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum (its sparse and dense layers listed per layer),
-FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE
-(its q_gate_proj holds [query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have
-twice the KV heads of its full ones under one num_key_value_heads, and value heads of their own size: its attention
-narrows on the residual side only, num_heads, num_kv_heads and head_dim are the teacher's), Laguna (a number of query
-heads per layer, num_attention_heads_per_layer, which follows the chosen layers: its attention likewise keeps its heads
-and sizes; its shared expert keeps its own width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...]
-tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi
-Linear (its heads whole), DBRX (MPT's block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets
-its input in the autocast dtype under autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE
-(text-only ForCausalLM classes), LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H
-(GraniteMoeHybrid), Nemotron-H.
+hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3
+(latent attention; its muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size),
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
+HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
+Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE (its q_gate_proj holds [query | gate] per head,
+cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have twice the KV heads of its full ones under one
+num_key_value_heads, and value heads of their own size: its attention narrows on the residual side only, num_heads,
+num_kv_heads and head_dim are the teacher's), Laguna (a number of query heads per layer, num_attention_heads_per_layer,
+which follows the chosen layers: its attention likewise keeps its heads and sizes; its shared expert keeps its own
+width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
+Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
+names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
+autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
+LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
 
 from __future__ import annotations
