@@ -846,6 +846,19 @@ def test_full_copy_is_the_teacher_bit_for_bit(family, tied):
     assert torch.equal(_logits(student, ids), _logits(teacher, ids))  # same computation: see the module docstring
 
 
+@pytest.mark.parametrize("family", NAMES)
+def test_every_familys_fused_head_reproduces_its_logits(family):
+    """The fused loss layer's reading of every family's tiny teacher — its final hidden states (`final_hidden`) and
+    its LM head with the transforms `head_spec` names — reproduces the model's own logits (`verify_head`, within its
+    stated tolerance): a family whose hidden states are not what its head reads (as Gemma 3n's AltUp streams were)
+    or whose forward transforms the logits otherwise would fail here, not in a run."""
+    teacher = make_teacher(family)
+    ids = _ids(4, (2, 13))
+    with torch.no_grad():
+        assert final_hidden(teacher, ids).shape == (2, 13, teacher.config.get_text_config().hidden_size)
+    verify_head(teacher, ids)
+
+
 def _zero_dropped_layers(teacher, keep):
     """A copy of the teacher whose other layers add exact zeros to the residual stream."""
     model = copy.deepcopy(teacher)
