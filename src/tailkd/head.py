@@ -65,7 +65,8 @@ _SCALE_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_m
 def head_spec(model, vocab_size: int | None = None) -> HeadSpec:
     """The logit transforms of a Hugging Face causal LM, read from its config (see `HeadSpec`).
 
-    Known: final-logit soft-capping (any config with ``final_logit_softcapping``: Gemma-2/3/4, nanochat, ...),
+    Known: final-logit soft-capping (any config with ``final_logit_softcapping``: Gemma-2/3/4, nanochat, ...;
+    RecurrentGemma's ``logits_soft_cap``),
     Cohere ``logit_scale`` (multiplies), Granite / MiniCPM3 ``logits_scaling`` (divides), HyperCLOVA X
     ``logits_scaling`` (multiplies), Falcon-H1 ``lm_head_multiplier``; a known model type whose config lacks its
     attribute takes the base model's (``model.model``) attribute of that name. A config with a scaling attribute of an
@@ -77,6 +78,8 @@ def head_spec(model, vocab_size: int | None = None) -> HeadSpec:
     model_type = str(getattr(config, "model_type", "") or "")
     vocab = int(vocab_size if vocab_size is not None else getattr(text, "vocab_size"))
     softcap = getattr(text, "final_logit_softcapping", None)
+    if model_type == "recurrent_gemma":  # RecurrentGemma (Griffin) caps every logit at its logits_soft_cap
+        softcap = text.logits_soft_cap
     scale = 1.0
     for prefix, attr, multiply in _SCALE_RULES:
         if model_type.startswith(prefix):
