@@ -253,6 +253,35 @@ def test_sigterm_during_a_run_removes_the_work_folder_and_exits_143(student, tmp
     assert not any(p.name.startswith("tailkd-lmeval-") for p in temp.iterdir()) and not out.exists()
 
 
+def test_a_sigterm_as_the_work_folder_is_made_leaves_nothing(student, tmp_path, monkeypatch, capsys):
+    """The work folder is named before it is made, inside the block that removes it: a SIGTERM raised the moment it
+    exists (here: as its mkdir returns) leaves nothing. Before, mkdtemp's folder was made before that block began, and
+    a SIGTERM in between left it (test_sigterm_during_a_run_removes_the_work_folder_and_exits_143 failed so once in a
+    fresh-clone CI run)."""
+    import tempfile
+    from pathlib import Path
+
+    from tailkd.errors import Terminated
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    mkdir = Path.mkdir
+
+    def mkdir_then_sigterm(self, *args, **kwargs):
+        mkdir(self, *args, **kwargs)
+        if self.name.startswith("tailkd-lmeval-"):
+            raise Terminated
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_sigterm)
+    out = tmp_path / "lm_eval.json"
+    assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_ppl", "--data",
+                 str(student["corpus"]), "--cache-dir", str(student["cache"]), "--device", "cpu",
+                 "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "tailkd: terminated (SIGTERM)"
+    assert list(temp.iterdir()) == [] and not out.exists()
+
+
 def test_write_only_prints_the_lm_eval_command(student, tmp_path, capsys):
     work = tmp_path / "tasks"
     assert main(["lm-eval", "--model", str(student["model"]), "--tasks", "tailkd_ppl", "--data",

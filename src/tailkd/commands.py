@@ -280,6 +280,7 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
     None with ``write_only``); ``log_samples`` keeps lm-eval's per-sample logs in ``results`` (never in the JSON).
     """
     import importlib.util
+    import secrets
     import shutil
     import tempfile
 
@@ -313,9 +314,13 @@ def lm_eval(cfg: LmEvalConfig, *, log_samples: bool = False) -> dict:
         ppl_docs = ppl_documents(cfg)
     device = str(resolve_device(o.device, "lm_eval.device"))
     folder = o.task_folder()
-    temp = None if folder else Path(tempfile.mkdtemp(prefix="tailkd-lmeval-"))  # removed after the run
+    # removed after the run; named before it exists, so that a signal between its creation and the try (a SIGTERM
+    # raised as an exception there left it behind, mkdtemp's result not yet assigned) still finds it
+    temp = None if folder else Path(tempfile.gettempdir()) / f"tailkd-lmeval-{secrets.token_hex(8)}"
     work_dir = temp or Path(folder)
     try:
+        if temp is not None:
+            temp.mkdir(mode=0o700)  # as mkdtemp's: this user's only
         include = tasks.prepare_tasks(work_dir, ppl_docs=ppl_docs, gsm_items=gsm_items, max_gen_toks=o.max_gen_toks)
         command = tasks.lm_eval_command(model_dir, names, include, batch_size=o.batch_size, device=device,
                                         limit=o.limit, num_fewshot=o.num_fewshot)
