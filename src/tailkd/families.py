@@ -209,6 +209,9 @@ _ATTENTION = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj
               **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.o_proj", "d", "o")}
 _GATED_MLP = {**linear("mlp.gate_proj", "ff", "d"), **linear("mlp.up_proj", "ff", "d"),
               **linear("mlp.down_proj", "d", "ff")}
+# attention a student keeps whole (`Family.attention_kept`): only its residual side (q/k/v inputs, o's output) narrows
+_KEPT_ATTENTION = {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
+                   **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all")}
 _PRE_NORMS = norms("input_layernorm", "post_attention_layernorm")
 _SANDWICH = norms("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _HEAD_QK_NORMS = norms("self_attn.q_norm", "self_attn.k_norm", axis="head_qk")
@@ -514,9 +517,8 @@ FAMILIES = {f.name: f for f in (
            {**_DECODER, "model.embed_tokens_per_layer.weight": ("all", "layer_blocks"),
             **linear("model.per_layer_model_projection", "layer_blocks", "d"),
             **norms("model.per_layer_projection_norm", axis="all")},
-           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
-            **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
-            **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"), **_GATED_MLP, **_PRE_NORMS, **_SANDWICH,
+           {**_KEPT_ATTENTION, **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"), **_GATED_MLP,
+            **_PRE_NORMS, **_SANDWICH,
             **linear("per_layer_input_gate", "all", "d"), **linear("per_layer_projection", "d", "all"),
             **norms("post_per_layer_input_norm"), "layer_scalar": ("all",)},
            (*_EMBED, "model.embed_tokens_per_layer.weight"), "kept", mlp_prefix=("mlp.", "router.", "experts."),
@@ -636,11 +638,10 @@ FAMILIES = {f.name: f for f in (
     # heads stay whole and a student keeps num_heads; DeepSeek-V3's mixture, its dense and routed layers listed per
     # layer (mlp_layer_types)
     Family("kimi_linear", "Kimi Linear", ("KimiLinearForCausalLM",), _DECODER,
-           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
-            **linear("self_attn.kv_a_proj_with_mqa", "all", "d"), **linear("self_attn.kv_b_proj", "all", "all"),
-            **linear("self_attn.q_a_proj", "all", "d"), **linear("self_attn.q_b_proj", "all", "all"),
+           {**_KEPT_ATTENTION, **linear("self_attn.kv_a_proj_with_mqa", "all", "d"),
+            **linear("self_attn.kv_b_proj", "all", "all"), **linear("self_attn.q_a_proj", "all", "d"),
+            **linear("self_attn.q_b_proj", "all", "all"),
             **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "self_attn.o_norm", axis="all"),
-            **linear("self_attn.k_proj", "all", "d"), **linear("self_attn.v_proj", "all", "d"),
             **linear("self_attn.b_proj", "all", "d"), **linear("self_attn.g_a_proj", "all", "d"),
             **linear("self_attn.g_b_proj", "all", "all"), **linear("self_attn.forget_gate.f_a_proj", "all", "d"),
             **linear("self_attn.forget_gate.f_b_proj", "all", "all"), "self_attn.conv1d.weight": ("all", "all", "all"),
@@ -654,9 +655,8 @@ FAMILIES = {f.name: f for f in (
     # student keeps the attention's heads and sizes; DeepSeek-V3's mixture without shared experts, dense and routed
     # layers listed per layer (mlp_layer_types)
     Family("mimo_v2_flash", "MiMo-V2-Flash", ("MiMoV2FlashForCausalLM",), _DECODER,
-           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
-            **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
-            "self_attn.sinks": ("all",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", keys=_DEEPSEEK_MOE_KEYS,
+           {**_KEPT_ATTENTION, "self_attn.sinks": ("all",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS,
            layer_lists=("layer_types", "mlp_layer_types"),
            attention_kept="MiMo-V2-Flash's sliding layers have twice the KV heads of its full ones (one "
                           "num_key_value_heads for both) and value heads of their own size (v_head_dim)"),
@@ -665,9 +665,8 @@ FAMILIES = {f.name: f for f in (
     # attention's heads and sizes; a sigmoid router (its score-correction bias a frozen parameter) beside a shared
     # expert of its own width (shared_expert_intermediate_size, kept), dense and routed layers listed per layer
     Family("laguna", "Laguna", ("LagunaForCausalLM",), _DECODER,
-           {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
-            **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all"),
-            **linear("self_attn.g_proj", "all", "d"), **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"),
+           {**_KEPT_ATTENTION, **linear("self_attn.g_proj", "all", "d"),
+            **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"),
             **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
             **linear("mlp.shared_experts.gate_proj", "all", "d"), **linear("mlp.shared_experts.up_proj", "all", "d"),
             **linear("mlp.shared_experts.down_proj", "d", "all"), **_PRE_NORMS}, _EMBED, "kept",

@@ -129,8 +129,8 @@ def _count_config(model, name: str) -> ModelSize:
     dims = tuple(_attn_dim(c, hidden, _heads(c)) for c in per_layer) if per_layer else ()
     if len(set(dims)) <= 1:  # every layer alike
         dims = ()
-    attn_dim = sum(dims) / len(dims) if dims else _attn_dim(per_layer[0] if per_layer else text_cfg, hidden,
-                                                             _heads(per_layer[0] if per_layer else text_cfg))
+    one = per_layer[0] if per_layer else text_cfg
+    attn_dim = sum(dims) / len(dims) if dims else _attn_dim(one, hidden, _heads(one))
     return ModelSize(name, active, hidden, vocab, layers, attn_dim, float(total), tied,
                      _windows(text_cfg, layers, per_layer), (k, n_experts) if n_experts else (0, 0), dims)
 
@@ -197,16 +197,9 @@ def _windows(cfg, layers: int, per_layer: list | None = None) -> tuple[int, ...]
     return out + (0,) * (layers - len(out)) if any(out) else ()
 
 
-def _mean_keys(windows: tuple[int, ...], layers: int, seq_len: int) -> float:
-    """Σ over layers of the keys attended, averaged over a causal row of ``seq_len`` (Kaplan's continuous t ≈ s/2;
-    a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s); none for a layer without attention, w = -1)."""
-    if not windows:
-        return layers * seq_len / 2.0
-    return sum(_row_keys(w, seq_len) for w in windows)
-
-
 def _row_keys(window: int, seq_len: int) -> float:
-    """The keys one layer of ``window`` attends, averaged over a causal row of ``seq_len`` (`_mean_keys`)."""
+    """The keys one layer of ``window`` attends, averaged over a causal row of ``seq_len`` (Kaplan's continuous
+    t ≈ s/2; a window w < s: (1/s)∫₀ˢ min(t, w) dt = w − w²/(2s); none for a layer without attention, w = -1)."""
     return 0.0 if window < 0 else window - window * window / (2.0 * seq_len) if 0 < window < seq_len else seq_len / 2.0
 
 
@@ -308,10 +301,7 @@ def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:
            "windows": list(s.windows), "attn_dims": list(s.attn_dims), "experts": list(s.experts),
            "head_params": float(s.hidden * s.vocab), "tied": s.tied, "seq_len": seq_len,
            "matmul": 2.0 * s.params_nonembedding, "head": 2.0 * s.hidden * s.vocab}
-    if not s.attn_dims:  # Kaplan's 2·n_layer·s·d_attn (as `_attention`, in this order: the figures stay as they were)
-        out["attention"] = 4.0 * out["attn_dim"] * _mean_keys(s.windows, s.layers, seq_len) if seq_len else 0.0
-    else:
-        out["attention"] = _attention(out, lambda w: _row_keys(w, seq_len)) if seq_len else 0.0
+    out["attention"] = _attention(out, lambda w: _row_keys(w, seq_len)) if seq_len else 0.0
     out["forward"] = out["matmul"] + out["head"] + out["attention"]
     return out
 

@@ -135,16 +135,27 @@ def layer_period(config, fam: Family) -> int:
     return math.lcm(*(int(setting(config, key) or 1) for key in fam.layer_periods))
 
 
+def _kv_sharing(config, fam: Family) -> tuple[int, list | None, dict]:
+    """``(first, kinds, read)`` of a family whose last layers reuse earlier layers' keys and values
+    (`Family.kv_shared_layers`: Gemma 4): the first such layer, the layers' kinds (``layer_types``) and, per kind, the
+    last layer before the sharing ones (whose keys and values the teacher's sharing layers of that kind read);
+    ``(layers, None, {})`` where none shares."""
+    n, kinds = setting(config, fam.keys["layers"]), getattr(config, "layer_types", None)
+    shared = (setting(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers and kinds else 0
+    if not shared:
+        return n, None, {}
+    return n - shared, kinds, {kinds[i]: i for i in range(n - shared)}
+
+
 def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ...]]]:
     """``(first, needs)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first, where the
     student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as the
     teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
     earlier layer of its kind, whose it reads in the teacher; ``([], {})`` elsewhere.
     `tailkd.calibration.calibrated_layers` keeps them with the layers it chooses."""
-    n, kinds = setting(config, fam.keys["layers"]), getattr(config, "layer_types", None)
-    shared = (setting(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers and kinds else 0
-    read = {kinds[i]: i for i in range(n - shared)} if shared else {}  # each kind's last layer before the shared ones
-    return [n - 1] if fam.last_layer_kind else [], {i: (read[kinds[i]],) for i in range(n - shared, n)
+    n = setting(config, fam.keys["layers"])
+    first, kinds, read = _kv_sharing(config, fam)
+    return [n - 1] if fam.last_layer_kind else [], {i: (read[kinds[i]],) for i in range(first, n)
                                                      if kinds[i] in read}
 
 
@@ -155,12 +166,9 @@ def student_layers(config, fam: Family, num_layers: int | None = None, layers=No
     of the kept earlier layer nearest to it (one whose kind stays kept where a sharing layer needs it); what this
     cannot mend is refused after (`student_plan`)."""
     chosen = choose_layers(setting(config, fam.keys["layers"]), num_layers, layers, layer_period(config, fam))
-    shared = (setting(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers else 0
-    kinds = getattr(config, "layer_types", None)
-    if layers is not None or not shared or not kinds:
+    first, kinds, read = _kv_sharing(config, fam)
+    if layers is not None or kinds is None:
         return chosen
-    first = len(kinds) - shared
-    read = {kinds[i]: i for i in range(first)}  # each kind's last layer before the sharing ones
     for i in [c for c in chosen if c >= first]:
         own = [j for j in chosen if j < first]
         if kinds[i] not in read or any(kinds[j] == kinds[i] for j in own):
@@ -385,15 +393,14 @@ def _check_layer_index_flags(config, fam: Family, chosen: list[int]) -> None:
                               f"(--student.layers {first})")
 
 
-def _check_kv_sharing(config, fam: Family, t: Dims, chosen: list[int]) -> None:
+def _check_kv_sharing(config, fam: Family, chosen: list[int]) -> None:
     """The layers that reuse keys and values (`Family.kv_shared_layers`: the teacher's last N) take them from the
     student's last earlier layer of their kind (sliding or full attention: ``layer_types``), so each kind among the
     student's sharing layers needs such a layer before them; refused in one line naming the teacher layers to add."""
-    shared = setting(config, fam.kv_shared_layers, 0) if fam.kv_shared_layers else 0
-    kinds = getattr(config, "layer_types", None)
-    if not shared or not kinds:
+    first, kinds, _ = _kv_sharing(config, fam)
+    if kinds is None:
         return
-    first = t.layers - shared
+    shared = len(kinds) - first
     own = {kinds[i] for i in chosen if i < first}
     for i in chosen:
         if i >= first and kinds[i] not in own:
@@ -565,7 +572,7 @@ def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_hea
     fam, t, s, fraction, chosen = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                                  intermediate_size, head_dim, num_experts, num_experts_per_tok)
     _check_layer_index_flags(teacher.config, fam, chosen)
-    _check_kv_sharing(teacher.config, fam, t, chosen)
+    _check_kv_sharing(teacher.config, fam, chosen)
     _check_last_layer_kind(teacher.config, fam, chosen)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
 
