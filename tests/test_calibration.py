@@ -829,6 +829,9 @@ def test_kept_heads_keep_each_kv_heads_best_queries_and_the_best_kv_heads():
     assert kept_heads(pair_sums, 2, 1, 2).tolist() == [0, 1]  # 12 over 11: the sum, not the largest head
     assert kept_heads(importance, 8, 3, 1).tolist() == [1, 2, 6]  # one KV head per query head: the 3 largest
     assert kept_heads(torch.zeros(4, dtype=torch.float64), 2, 1, 1).tolist() == [0]  # ties to the lower index
+    # KV heads given (a layer reading another's keys and values): their groups' best queries, whatever the sums say
+    assert kept_heads(importance, 2, 1, 2, [0]).tolist() == [1, 2]
+    assert kept_heads(importance, 2, 2, 1, [0, 1]).tolist() == [1, 6]
 
 
 def _silence_heads(teacher, family, dead):

@@ -172,7 +172,9 @@ def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_lay
     """A Gemma 4 teacher (5 layers, full attention in 1 and 4 with heads twice as wide) and a Gemma 4 student given
     as a folder: `tailkd distill` trains, saves and counts the run's FLOPs with each layer's own attention width and
     window (the count refused such a config, failing the run after its last step); and a student built from the
-    teacher (its layers 1, 2, 4, narrower) trains on the fused loss layer and saves its per-layer settings."""
+    teacher (its layers 1, 2, 4, narrower: 2 query heads by importance on 1 KV head of 8 rows, the full layers' heads
+    halved alike, 16 rows) trains on the fused loss layer, saves its per-layer settings and counts its FLOPs with
+    them."""
     from tiny import make_tokenizer
 
     sliding, full = "sliding_attention", "full_attention"
@@ -193,7 +195,9 @@ def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_lay
     # a student built from it: layers 1, 2, 4 (4 shares layer 1's keys and values), narrower, on the fused loss layer
     built = tmp_path / "built"
     assert main(["distill", "--teacher", str(teacher), "--student.layers", "1", "2", "4", "--student.hidden_size", "32",
-                 "--student.intermediate_size", "48", "--data", str(assets["corpus"]), "--data.cache_dir",
+                 "--student.intermediate_size", "48", "--student.num_heads", "2", "--student.num_kv_heads", "1",
+                 "--student.head_dim", "8", "--student.attention_heads", "active", "--data", str(assets["corpus"]),
+                 "--data.cache_dir",
                  str(assets["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--data.eval_rows", "8",
                  "--train.precision", "fp32", "--train.fused_loss", "on", "--out", str(built)]) == 0
     init = {row["name"]: row for row in json.loads((built / "student_init.json").read_text())}
@@ -201,7 +205,10 @@ def test_a_gemma4_teacher_and_student_distill_and_count_their_flops_layer_by_lay
     assert init["model.embed_tokens_per_layer.weight"]["shape"] == [len(tok), 3 * 8]
     student = AutoModelForCausalLM.from_pretrained(built / "final")
     assert student.config.layer_types == [full, sliding, full] and student.config.num_kv_shared_layers == 1
-    assert student.config.to_dict()["per_layer_config"] == {"0": {"head_dim": 32}, "2": {"head_dim": 32}}
+    assert student.config.to_dict()["per_layer_config"] == {"0": {"head_dim": 16}, "2": {"head_dim": 16}}
+    assert init["model.layers.0.self_attn.q_proj.weight"]["shape"] == [2 * 16, 32] and len(init[
+        "model.layers.1.self_attn.k_proj.weight"]["heads"]) == 2  # its kept query heads, named
+    assert json.loads((built / "summary.json").read_text())["flops"]["student"]["attn_dims"] == [32, 16, 32]
 
 
 def test_a_multimodal_gemma4_checkpoint_teaches_and_builds_a_text_student(assets, tmp_path):

@@ -66,6 +66,23 @@ def test_spaced_gemma4_layers_keep_what_their_kv_shared_layers_read():
     assert student_layers(transformers.LlamaConfig(num_hidden_layers=8), FAMILIES["llama"], 3) == choose_layers(8, 3)
 
 
+def test_kv_sources_are_the_students_last_earlier_layer_of_each_kind():
+    """The layer a kept KV-shared layer reads in the student: its last kept layer of that kind before the sharing ones
+    (the teacher's 13 and 14 where kept; else an earlier one, as the model's own rule gives); none elsewhere."""
+    import transformers
+
+    from tailkd.families import FAMILIES
+    from tailkd.layer_attention import kv_sources
+
+    kinds = ["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(35)]
+    config = transformers.Gemma4TextConfig(num_hidden_layers=35, num_kv_shared_layers=20, layer_types=kinds)
+    gemma4 = FAMILIES["gemma4"]
+    assert kv_sources(config, gemma4, [0, 5, 14, 15, 19, 24, 29, 34]) == {15: 5, 19: 14, 24: 14, 29: 14, 34: 14}
+    assert kv_sources(config, gemma4, [3, 9, 13, 14, 20]) == {20: 13}
+    assert kv_sources(config, gemma4, [0, 4]) == {}
+    assert kv_sources(transformers.LlamaConfig(num_hidden_layers=8), FAMILIES["llama"], [0, 7]) == {}
+
+
 @given(st.integers(2, 80).flatmap(lambda L: st.tuples(st.just(L), st.integers(2, L))))
 def test_choose_layers_is_rounded_linspace(case):
     n_teacher, n = case

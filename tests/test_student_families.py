@@ -488,11 +488,19 @@ def _heads(w, hd, heads, rows):
 def _expected(name, teacher, plan):
     """The value a student parameter must hold: the teacher's tensor, sliced as the student docstring says."""
     t = {**dict(teacher.named_parameters()), **_persistent_buffers(teacher)}
+    prefix, i, rest = _split_layer(name)
+    if prefix is not None and type(teacher).__name__ == "Gemma4ForCausalLM":  # its full layers' heads of their own
+        layer, c = plan["layers"][i], teacher.config
+        own = {int(k): v for k, v in (_global(c, "per_layer_config") or {}).items()}.get(layer)
+        if own:  # heads of global_head_dim rows (and KV heads of their own), the plan's ``full`` slices of them
+            kv = own.get("num_key_value_heads", plan["KV_t"])
+            full = plan["full"] or dict(hd_s=own["head_dim"], rows=list(range(own["head_dim"])),
+                                        kv_heads=list(range(kv)))
+            plan = {**plan, "hd_t": own["head_dim"], "KV_t": kv, **full}
     d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]  # d: the residual channels kept (LongTensor)
 
     def rd(x, dim):  # the kept residual channels along dim
         return x.index_select(dim, d)
-    prefix, i, rest = _split_layer(name)
     if prefix is not None and isinstance(plan["q_heads"], dict):  # per teacher layer (attention_heads "active")
         layer = plan["layers"][i]
         plan = {**plan, "q_heads": plan["q_heads"].get(layer), "kv_heads": plan["kv_heads"].get(layer)}
@@ -648,7 +656,7 @@ def _expected(name, teacher, plan):
         return w[:, q] if rest == "self_attn.diagonal_decay" else w[q]  # per-head decays
     if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
-    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM", "Gemma4ForCausalLM")
+    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM")
     if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
         # two kinds under one name; MiMo-V2-Flash: KV heads per kind; Laguna: query heads per layer): only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa",
@@ -722,7 +730,7 @@ def _expected(name, teacher, plan):
     if module in ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj"):
         if kind == "bias":
             return rd(w, 0)
-        return rd(w, 0).reshape(len(d), -1, hd_t)[:, q][:, :, first].reshape(len(d), -1)
+        return rd(w, 0).reshape(len(d), -1, hd_t)[:, q][:, :, plan.get("o_rows") or first].reshape(len(d), -1)
     if module in ("self_attn.q_norm", "self_attn.k_norm") and w.ndim == 2:  # Cohere: [heads, head_dim]
         return w[q if module.endswith("q_norm") else kv][:, rows]
     if module in ("self_attn.q_norm", "self_attn.k_norm") and w.shape[0] != hd_t:  # OLMo-2: the whole projection
@@ -750,10 +758,11 @@ def _expected(name, teacher, plan):
 
 
 def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
-          experts=None):
+          experts=None, full=None):
     """The reference's slices: ``d`` the residual channels, ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a
     mixture's expert width and routed experts kept (``d`` and ``experts`` a number: the first ones; or the teacher's
-    indices)."""
+    indices); ``full``: Gemma 4's full attention layers' own (hd_s, rows, q_heads, kv_heads, o_rows: the rows of each
+    kept head o reads)."""
     c = teacher.config
     hd_t = _global(c, "head_dim") or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
@@ -779,7 +788,7 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
                 H_t=c.num_attention_heads, KV_t=kv_t,
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
                 kv_heads=kv_heads if kv_heads is not None else list(range(kv_t)),
-                rows=rows if rows is not None else list(range(hd_s)))
+                rows=rows if rows is not None else list(range(hd_s)), full=full)
 
 
 def _in_mlp(name):
@@ -1155,6 +1164,9 @@ def test_fewer_experts_per_token(family, tmp_path):
 # --------------------------------------------------------------------------- narrowing, per family
 
 FULL_ROPE_16_TO_8 = [0, 2, 4, 6, 8, 10, 12, 14]  # RoPE pairs (i, i+8) of a 16-row head: teacher pairs 0, 2, 4, 6
+# Gemma 4's full layers (heads of 32 rows, proportional RoPE: rotate-half over the whole head) at half the teacher's
+# head_dim: pairs (i, i+16) of teacher pairs 0, 2, ..., 14, the frequencies base^(-2j / 16) of the student's pairs j
+FULL_ROPE_32_TO_16 = [*range(0, 16, 2), *range(16, 32, 2)]
 # MiniMax-M2's checkpoints set partial RoPE by rotary_dim, which transformers reads from 5.2x on (5.17: not at all)
 _ROTARY_DIM_READ = transformers.MiniMaxM2Config(head_dim=16, rotary_dim=8).rope_parameters.get(
     "partial_rotary_factor") == 0.5
@@ -1279,10 +1291,21 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
     "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
-    # Gemma 4: its attention whole (heads of 16 and 32 rows), the residual stream, the per-layer embeddings' blocks of
-    # the kept layers (1, 2, 3); the MLPs' first 40 units, 80 in KV-shared teacher layer 3 (twice as wide)
+    # Gemma 4: the residual stream, the per-layer embeddings' blocks of the kept layers (1, 2, 3); the MLPs' first 40
+    # units, 80 in KV-shared teacher layer 3 (twice as wide); its heads of 16 and 32 rows kept
     "gemma4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, ff=40)),
+    # 2 query heads on 1 KV head of 8 rows; the full layers' heads (32 rows: global_head_dim) halve alike (16), their
+    # 2 KV heads too (1); the KV-shared layer 3 reads layer 1's kept KV head
+    "gemma4-heads": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
+                     dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8,
+                          full=dict(hd_s=16, rows=FULL_ROPE_32_TO_16, kv_heads=[0]))),
     "gemma4_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # 2 query heads of 8 rows: on the sliding layers' 2 KV heads one each (heads 0, 2), on the full layers' one KV head
+    # (num_global_key_value_heads) both (heads 0, 1, of 16 rows), whose keys are their values: o reads the key rows
+    "gemma4_moe-heads": ({"num_heads": 2, "head_dim": 8},
+                         dict(hd_s=8, q_heads=[0, 2], kv_heads=[0, 1], rows=FULL_ROPE_16_TO_8,
+                              full=dict(hd_s=16, rows=FULL_ROPE_32_TO_16, q_heads=[0, 1], kv_heads=[0],
+                                        o_rows=FULL_ROPE_32_TO_16))),
     # MiniMax: 2 query heads on 1 KV head (head_dim 16 kept), in the lightning layers those heads' [q | k | v] blocks,
     # gate and norm rows and decays; or head_dim 8 (RoPE pairs, the same rows in the lightning layers)
     "minimax": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 2},
@@ -1426,7 +1449,9 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     (`tailkd.calibration.head_importance` and `kept_heads`, tested in tests/test_calibration.py) in place of the first
     ones: every attention tensor (q/k/v, fused qkv of every layout, o, gated queries, per-head norms, sinks, latent
     attention's per-head projections) holds the reference's slices of that layer's heads — which are not the first
-    ones in some layer; the table names them."""
+    ones in some layer; the table names them. Gemma 4's full layers group their heads on KV heads of their own
+    (num_global_key_value_heads, scaled as num_kv_heads), and its KV-shared layer 3 keeps the KV heads of layer 1,
+    whose keys and values it reads, choosing its query heads among theirs."""
     family = case.split("-")[0]
     kwargs, plan = NARROW[case]
     teacher = make_teacher(family)
@@ -1435,19 +1460,36 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     layers = NARROW_LAYERS_OF.get(family, NARROW_LAYERS)
     reference = _plan(teacher, layers, **plan)
     n_kv = len(reference["q_heads"]) if reference["latent"] else len(reference["kv_heads"])  # latent: one per head
-    per_kv = len(reference["q_heads"]) // n_kv
+    own = {int(i): v for i, v in (_global(teacher.config, "per_layer_config") or {}).items()}  # Gemma 4's full layers
+    full = {k: v for k, v in (plan.get("full") or {}).items() if k not in ("q_heads", "kv_heads")}
+    reads = {3: 1} if family == "gemma4" else {}  # the tiny Gemma 4's layer 3 reads layer 1's keys and values
+
+    def kv_groups(i):  # (the layer's KV heads, the student's, query heads per student KV head)
+        kv_i = own.get(i, {}).get("num_key_value_heads", t.kv_heads)
+        n_kv_i = n_kv * kv_i // t.kv_heads
+        return kv_i, n_kv_i, len(reference["q_heads"]) // n_kv_i
+
+    def groups(i):  # kept_heads' groups: CodeGen's by its 4 blocks
+        return (4, 4, len(reference["q_heads"]) // 4) if family == "codegen" else kv_groups(i)
+    first = {i: (plan["full"]["q_heads"] if i in own and "q_heads" in plan.get("full", {}) else reference["q_heads"])
+             for i in layers}
     for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
         batches = [{"input_ids": _ids(seed, (2, 13))}]
         importance, _ = head_importance(teacher, fam, batches, layers, t.heads)
-        groups = (4, 4, len(reference["q_heads"]) // 4) if family == "codegen" else (t.kv_heads, n_kv, per_kv)
-        q_heads = {i: kept_heads(v, *groups).tolist() for i, v in importance.items()}  # CodeGen: by its 4 blocks
-        if any(q != reference["q_heads"] for q in q_heads.values()):
+        q_heads = {i: kept_heads(v, *groups(i)).tolist() for i, v in importance.items() if i not in reads}
+        for i, source in reads.items():  # the KV heads of the layer read
+            kv_i, _, per_kv = kv_groups(i)
+            q_heads[i] = kept_heads(importance[i], *kv_groups(i), [h // (t.heads // kv_i) for h in
+                                                                    q_heads[source][::per_kv]]).tolist()
+        if any(q != first[i] for i, q in q_heads.items()):
             break
     else:
         raise AssertionError("every calibration set chose the first heads")
-    kv_heads = {i: [q[j * per_kv] // (t.heads // t.kv_heads) for j in range(n_kv)] for i, q in q_heads.items()}
+    kv_heads = {i: [q[j * kv_groups(i)[2]] // (t.heads // kv_groups(i)[0]) for j in range(kv_groups(i)[1])]
+                for i, q in q_heads.items()}
     _check_narrow_student(teacher, {**kwargs, "attention_heads": "active", "calibration": lambda: batches},
-                          {**plan, "q_heads": q_heads, "kv_heads": kv_heads}, tmp_path)
+                          {**plan, "q_heads": q_heads, "kv_heads": kv_heads, **({"full": full} if full else {})},
+                          tmp_path)
 
 
 def test_calibrated_layers_channels_and_heads_compose():
@@ -1499,6 +1541,38 @@ def test_proportional_rope_keeps_rotated_queries(layer):
         bound = B.rope_rows_atol(64, pair)
         B.assert_within(got, want, bound, msg=f"{kind} {proj}")
     assert not torch.allclose(sq, tq[..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)  # partial rotary's choice
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # Gemma 4's sliding (default RoPE, 16 rows) and full layers (proportional
+def test_gemma4_heads_keep_their_rotated_rows(layer):  # RoPE over 32 rows, partial_rotary_factor 0.25)
+    """A Gemma 4 student of head_dim 8 has full layers of 16-row heads (32 x 8 / 16): its q/k projections after RoPE
+    (before the per-head norms, which renormalize over the kept rows) equal the teacher's on the rows of the whole
+    head's pairs — 16 -> 8: FULL_ROPE_16_TO_8; 32 -> 16: FULL_ROPE_32_TO_16, whose student pair 1 rotates at the
+    teacher's pair 2's frequency and whose pairs from 2 on stay still as the teacher's from 4 on. Bound: as
+    test_proportional_rope_keeps_rotated_queries' (48-term dot products, no bias)."""
+    from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb
+
+    teacher = make_teacher("gemma4")
+    student, _ = build_student(teacher, layers=[0, 1, 2, 3], head_dim=8)
+    kind = teacher.config.layer_types[layer]
+    hd_t, hd_s, rows = (16, 8, FULL_ROPE_16_TO_8) if layer == 0 else (32, 16, FULL_ROPE_32_TO_16)
+    x = torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(7)[None]
+    rotated = []
+    with torch.no_grad():
+        for model, hd in ((teacher, hd_t), (student, hd_s)):
+            attn = model.model.layers[layer].self_attn
+            cos, sin = model.model.rotary_emb(x, positions, kind)
+            rotated.append([apply_rotary_pos_emb(getattr(attn, proj)(x).view(1, 7, -1, hd), cos, sin, unsqueeze_dim=2)
+                            for proj in ("q_proj", "k_proj")])
+    partner = [*range(hd_s // 2, hd_s), *range(hd_s // 2)]
+    for (got, want), proj in zip(zip(rotated[1], rotated[0]), ("q_proj", "k_proj")):
+        weight = getattr(student.model.layers[layer].self_attn, proj).weight.double()
+        mag = (x.double().abs() @ weight.abs().T).view(1, 7, -1, hd_s)
+        bound = B.rope_rows_atol(48, torch.maximum(mag, mag[..., partner]))
+        B.assert_within(got, want[..., rows], bound, msg=f"{kind} {proj}")
+    if layer == 1:  # partial rotary's choice (pairs (0, 4), (2, 6) of the first quarter, then rows 8..19) differs
+        assert not torch.allclose(rotated[1][0], rotated[0][0][..., [0, 2, 4, 6, *range(8, 20)]], atol=1e-3)
 
 
 def test_dbrx_experts_get_their_input_in_the_autocast_dtype(tmp_path):
@@ -1598,9 +1672,16 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
     if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
-    elif family.startswith("gemma4"):  # its layers' heads of two sizes: each student layer's its teacher layer's
+    elif family.startswith("gemma4"):  # its layers' heads of two sizes: each student layer's its teacher layer's,
+        #  scaled as head_dim is, and their KV heads as num_kv_heads
+        hd_t, kv_t = _global(teacher.config, "head_dim"), _global(teacher.config, "num_key_value_heads")
+        kv = kwargs.get("num_kv_heads", kv_t)
         assert [layer.self_attn.head_dim for layer in student.model.layers] == [
-            teacher.model.layers[i].self_attn.head_dim for i in layers] and len({*config.layer_types}) == 2
+            teacher.model.layers[i].self_attn.head_dim * hd // hd_t for i in layers] and len({*config.layer_types}) == 2
+        assert [student.config.num_attention_heads // layer.self_attn.num_key_value_groups
+                for layer in student.model.layers] == [
+            teacher.config.num_attention_heads // teacher.model.layers[i].self_attn.num_key_value_groups * kv // kv_t
+            for i in layers]
     else:
         assert _global(config, "head_dim") in (hd, None)
         assert (getattr(attention, "head_dim", None) or attention.head_size) == hd  # GPT-NeoX: head_size
@@ -1928,6 +2009,25 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     assert build_student(teacher, head_dim=4)[0].config.head_dim == 4
 
 
+def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
+    """Gemma 4's full layers' heads (global_head_dim) scale as head_dim does: 20-row heads beside 16-row ones take a
+    head_dim that is a multiple of 4 (16 -> 8 gives them 10 rows); 6 would give 7.5 rows and 14 17.5, refused in one
+    line; where the scaled heads are whole but odd (global_head_dim 24, head_dim 6: 9 rows), RoPE's pairs refuse
+    them."""
+    teacher = make_teacher("gemma4", global_head_dim=20)
+    student, _ = build_student(teacher, layers=[1, 2, 3], head_dim=8)
+    assert [layer.self_attn.head_dim for layer in student.model.layers] == [10, 8, 10]
+    for head_dim in (6, 14):
+        with pytest.raises(TailkdError, match=rf"^head_dim={head_dim}, but teacher layer 1 \(Gemma 4\) has head_dim 20 "
+                                              r"where its config has 16 \(per_layer_config\), which a student scales "
+                                              rf"alike \(16 -> {head_dim}\): pick a head_dim that is a multiple of 4$"):
+            build_student(teacher, layers=[1, 2, 3], head_dim=head_dim)
+    with pytest.raises(TailkdError, match=r"^head_dim=6 gives the student's layer from teacher layer 1 heads of 9 rows "
+                                          r"\(24 there, scaled as head_dim 16 -> 6\), which RoPE cannot rotate in "
+                                          r"pairs: pick an even head_dim$"):
+        build_student(make_teacher("gemma4", global_head_dim=24), layers=[1, 2, 3], head_dim=6)
+
+
 @pytest.mark.parametrize("family, kwargs, message", [
     ("phi3", {"hidden_size": 32, "head_dim": 4}, r"Phi-3 has no head_dim setting \(it is hidden_size/num_heads = "
                                                  r"32/4\): drop head_dim=4"),
@@ -1999,10 +2099,10 @@ def test_a_dynamic_rope_of_one_layer_type_refuses_two_rotated_rows():
     ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
     ("laguna", {"num_heads": 2}, r"^num_heads=2, but Laguna's layers have a number of query heads each "
                                  r"\(num_attention_heads_per_layer\): keep num_heads 4 \(layers, hidden_size, "),
-    ("gemma4", {"head_dim": 8}, r"^head_dim=8, but Gemma 4's full attention layers have heads of their own size "
-                                r"\(global_head_dim\) and, with attention_k_eq_v, KV heads of their own "
-                                r"\(per_layer_config\): keep head_dim 16 \("),
-    ("gemma4_moe", {"num_kv_heads": 1}, r"^num_kv_heads=1, but Gemma 4's .*: keep num_kv_heads 2 \("),
+    # Gemma 4's full layers have 1 KV head of their own (num_global_key_value_heads): half of the config's 2 is none
+    ("gemma4_moe", {"num_heads": 2, "num_kv_heads": 1},
+     r"^num_kv_heads=1, but teacher layer 1 \(Gemma 4\) has num_key_value_heads 1 where its config has 2 "
+     r"\(per_layer_config\), which a student scales alike \(2 -> 1\): pick a num_kv_heads that is a multiple of 2$"),
     # layers 3, 4 (full attention) reuse layer 1's keys and values: a student of layers 0, 2, 4 has no layer for 4 to
     # take them from (spaced, 3 of 5 layers would be those: the spaced choice takes layer 1 for 0, test_sizing)
     ("gemma4", {"layers": [0, 2, 4]}, r"^teacher layer 4 reuses the keys and values of an earlier full_attention layer "

@@ -418,15 +418,18 @@ def attention_outputs(fam: Family) -> list[str]:
     return list(names)
 
 
-def kept_heads(importance: torch.Tensor, kv_heads: int, student_kv_heads: int, per_kv_head: int) -> torch.Tensor:
+def kept_heads(importance: torch.Tensor, kv_heads: int, student_kv_heads: int, per_kv_head: int,
+               groups: list[int] | None = None) -> torch.Tensor:
     """The teacher query heads a student keeps by ``importance`` [heads] (``kv_heads`` teacher KV heads over equal
     consecutive groups of query heads): per KV head its ``per_kv_head`` most important query heads, and of the KV heads
-    the ``student_kv_heads`` whose kept query heads sum to the most (`largest`'s ties); listed KV head by KV head in
-    increasing order, so that student query head j keeps the teacher KV head of entry j // per_kv_head."""
+    the ``student_kv_heads`` whose kept query heads sum to the most (`largest`'s ties) — or ``groups``, KV heads given
+    (a layer reading another's keys and values keeps that layer's); listed KV head by KV head in increasing order, so
+    that student query head j keeps the teacher KV head of entry j // per_kv_head."""
     size = importance.numel() // kv_heads
     best = [k * size + largest(importance[k * size:(k + 1) * size], per_kv_head) for k in range(kv_heads)]
-    groups = largest(torch.stack([importance[b].sum() for b in best]), student_kv_heads)
-    return torch.cat([best[k] for k in groups.tolist()])
+    if groups is None:
+        groups = largest(torch.stack([importance[b].sum() for b in best]), student_kv_heads).tolist()
+    return torch.cat([best[k] for k in groups])
 
 
 def _layer_modules(teacher, fam: Family, layers, path: str) -> dict:
@@ -529,15 +532,25 @@ def calibrated_channels(fam: Family, s: Dims, chosen: list[int], per_norm: dict 
     return channels, _share(activity, channels)
 
 
-def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | None, blocks: int = 0):
+def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | None, blocks: int = 0,
+                     own: dict | None = None, sources: dict | None = None):
     """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
     ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `kept_heads`; in a family's head ``blocks``,
     block by block, every block kept) and the share of the layer's head importance they had; empty without a
-    measure."""
+    measure. ``own``: layers with KV heads of their own (`tailkd.layer_attention.layer_dims`: {layer: (teacher Dims,
+    student Dims)}); ``sources``: layers that read another's keys and values ({layer: that layer},
+    `tailkd.layer_attention.kv_sources`), which keep its KV heads and choose their query heads among theirs."""
     if importance is None:
         return {}, {}
-    groups = (blocks, blocks, s.heads // blocks) if blocks else (t.kv_heads, s.kv_heads, s.heads // s.kv_heads)
-    heads = {i: kept_heads(importance[i], *groups) for i in set(chosen) if i in importance}
+    own, sources, heads = own or {}, sources or {}, {}
+    for i in sorted(set(chosen) & set(importance), key=lambda i: i in sources):  # sources before their readers
+        t_i, s_i = own.get(i, (t, s))
+        groups = (blocks, blocks, s.heads // blocks) if blocks else (t_i.kv_heads, s_i.kv_heads,
+                                                                      s.heads // s_i.kv_heads)
+        given = None
+        if i in sources and sources[i] in heads:  # the KV heads of the layer it reads
+            given = [int(h) // (t.heads // t_i.kv_heads) for h in heads[sources[i]][::groups[2]]]
+        heads[i] = kept_heads(importance[i], *groups, given)
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 

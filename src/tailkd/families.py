@@ -202,6 +202,10 @@ class Family:
     # the kind (of ``layer_types``) a family's config gives its last layer whatever it is told (Gemma 4: full
     # attention): a student's last layer must be a teacher layer of that kind (refused in one line otherwise)
     last_layer_kind: str = ""
+    # (a config flag, a layer kind of ``layer_types``): where the flag is set, layers of that kind use their keys as
+    # values (Gemma 4's attention_k_eq_v in its full attention layers: no v_proj), so their output projection reads
+    # the kept keys' rows (`tailkd.layer_attention.keys_as_values`)
+    keys_as_values: tuple[str, str] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -508,23 +512,22 @@ FAMILIES = {f.name: f for f in (
            head_dim_scaled=("query_pre_attn_scalar",)),
     # Gemma 4 (text: Gemma4ForCausalLM): Gemma 3's sandwich norms and per-head q/k norms (v's without weights) under
     # an attention scale of 1; its full attention layers' heads of their own size (global_head_dim; with
-    # attention_k_eq_v KV heads of their own, keys used as values: per_layer_config), so its attention narrows on the
-    # residual side only; per-layer embeddings (a table and a projection of one block per layer: layer_blocks) entering
-    # each layer through a gate; its last num_kv_shared_layers layers reuse an earlier layer's keys and values, their
-    # MLPs twice as wide under use_double_wide_mlp; a scale per layer (layer_scalar, a buffer); with enable_moe_block,
-    # routed experts (a router with its own scales) beside each layer's dense MLP, which stays whole
+    # attention_k_eq_v KV heads of their own, keys used as values: per_layer_config), which a student scales as it
+    # does head_dim and num_kv_heads (`tailkd.layer_attention`); per-layer embeddings (a table and a projection of one
+    # block per layer: layer_blocks) entering each layer through a gate; its last num_kv_shared_layers layers reuse an
+    # earlier layer's keys and values, their MLPs twice as wide under use_double_wide_mlp; a scale per layer
+    # (layer_scalar, a buffer); with enable_moe_block, routed experts (a router with its own scales) beside each
+    # layer's dense MLP, which stays whole
     Family("gemma4", "Gemma 4", ("Gemma4ForCausalLM",),
            {**_DECODER, "model.embed_tokens_per_layer.weight": ("all", "layer_blocks"),
             **linear("model.per_layer_model_projection", "layer_blocks", "d"),
             **norms("model.per_layer_projection_norm", axis="all")},
-           {**_KEPT_ATTENTION, **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"), **_GATED_MLP,
-            **_PRE_NORMS, **_SANDWICH,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_GATED_MLP, **_PRE_NORMS, **_SANDWICH,
             **linear("per_layer_input_gate", "all", "d"), **linear("per_layer_projection", "d", "all"),
             **norms("post_per_layer_input_norm"), "layer_scalar": ("all",)},
            (*_EMBED, "model.embed_tokens_per_layer.weight"), "kept", mlp_prefix=("mlp.", "router.", "experts."),
            kv_shared_layers="num_kv_shared_layers", last_layer_kind="full_attention",
-           attention_kept="Gemma 4's full attention layers have heads of their own size (global_head_dim) and, "
-                          "with attention_k_eq_v, KV heads of their own (per_layer_config)",
+           keys_as_values=("attention_k_eq_v", "full_attention"),
            layouts=(("enable_moe_block", dict(
                keys=dict(_MOE_KEYS, experts="num_experts", experts_per_token="top_k_experts",
                          intermediate="moe_intermediate_size"),

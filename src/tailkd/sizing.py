@@ -17,6 +17,7 @@ import math
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
+from tailkd.layer_attention import kv_sharing, layer_dims, student_overrides
 from tailkd.slicing import Dims
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
@@ -135,18 +136,6 @@ def layer_period(config, fam: Family) -> int:
     return math.lcm(*(int(setting(config, key) or 1) for key in fam.layer_periods))
 
 
-def _kv_sharing(config, fam: Family) -> tuple[int, list | None, dict]:
-    """``(first, kinds, read)`` of a family whose last layers reuse earlier layers' keys and values
-    (`Family.kv_shared_layers`: Gemma 4): the first such layer, the layers' kinds (``layer_types``) and, per kind, the
-    last layer before the sharing ones (whose keys and values the teacher's sharing layers of that kind read);
-    ``(layers, None, {})`` where none shares."""
-    n, kinds = setting(config, fam.keys["layers"]), getattr(config, "layer_types", None)
-    shared = (setting(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers and kinds else 0
-    if not shared:
-        return n, None, {}
-    return n - shared, kinds, {kinds[i]: i for i in range(n - shared)}
-
-
 def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ...]]]:
     """``(first, needs)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first, where the
     student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as the
@@ -154,9 +143,9 @@ def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ..
     earlier layer of its kind, whose it reads in the teacher; ``([], {})`` elsewhere.
     `tailkd.calibration.calibrated_layers` keeps them with the layers it chooses."""
     n = setting(config, fam.keys["layers"])
-    first, kinds, read = _kv_sharing(config, fam)
+    first, kinds, read = kv_sharing(config, fam)
     return [n - 1] if fam.last_layer_kind else [], {i: (read[kinds[i]],) for i in range(first, n)
-                                                     if kinds[i] in read}
+                                                     if kinds is not None and kinds[i] in read}
 
 
 def student_layers(config, fam: Family, num_layers: int | None = None, layers=None) -> list[int]:
@@ -166,7 +155,7 @@ def student_layers(config, fam: Family, num_layers: int | None = None, layers=No
     of the kept earlier layer nearest to it (one whose kind stays kept where a sharing layer needs it); what this
     cannot mend is refused after (`student_plan`)."""
     chosen = choose_layers(setting(config, fam.keys["layers"]), num_layers, layers, layer_period(config, fam))
-    first, kinds, read = _kv_sharing(config, fam)
+    first, kinds, read = kv_sharing(config, fam)
     if layers is not None or kinds is None:
         return chosen
     for i in [c for c in chosen if c >= first]:
@@ -397,7 +386,7 @@ def _check_kv_sharing(config, fam: Family, chosen: list[int]) -> None:
     """The layers that reuse keys and values (`Family.kv_shared_layers`: the teacher's last N) take them from the
     student's last earlier layer of their kind (sliding or full attention: ``layer_types``), so each kind among the
     student's sharing layers needs such a layer before them; refused in one line naming the teacher layers to add."""
-    first, kinds, _ = _kv_sharing(config, fam)
+    first, kinds, _ = kv_sharing(config, fam)
     if kinds is None:
         return
     shared = len(kinds) - first
@@ -481,9 +470,9 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
         if isinstance(data.get(key), list):
             data[key] = [j for j, i in enumerate(layers) if i in data[key]]
-    if isinstance(data.get("per_layer_config"), dict):  # transformers 5's overrides by layer: the chosen layers'
-        overrides = {int(i): v for i, v in data["per_layer_config"].items()}
-        data["per_layer_config"] = {str(j): overrides[i] for j, i in enumerate(layers) if i in overrides}
+    own = layer_dims(teacher_config, fam, t, s, layers, rotary_fraction(teacher_config, fam) if fam.rope else 1.0)
+    if (overrides := student_overrides(teacher_config, own, layers)) is not None:  # transformers 5's per-layer sizes
+        data["per_layer_config"] = overrides
     if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
         data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
     if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
@@ -548,6 +537,7 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
+    layer_dims(teacher.config, fam, t, s, chosen, fraction)  # refuses layers' own sizes a student cannot scale
     _check_expert_groups(teacher.config, fam, s)
     for key in fam.hidden_ratios:
         value = getattr(teacher.config, key, None)

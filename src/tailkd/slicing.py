@@ -94,13 +94,14 @@ HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_h
 
 
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
-                 q_heads=None, blocks: int = 0, layers=None) -> dict:
+                 q_heads=None, blocks: int = 0, layers=None, keys_as_values: bool = False) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
     ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``), ``q_heads``
     the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `query_heads`);
     ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones);
     ``layers`` the teacher layers the student keeps (None: its first ``s.layers``), whose blocks ``layer_blocks``
-    keeps."""
+    keeps; ``keys_as_values``: the layer's values are its keys (Gemma 4's attention_k_eq_v), so ``o`` reads the kept
+    heads' key rows (RoPE pairs), not their first rows."""
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
     if q_heads is None and blocks:  # each block's first heads
         q_heads = [b * (t.heads // blocks) + m for b in range(blocks) for m in range(s.heads // blocks)]
@@ -118,7 +119,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     d_range = torch.arange(s.hidden) if channels is None else channels
     layers = list(range(s.layers)) if layers is None else layers
     return {"all": None, "d": d, "ff": lambda n: mlp_units(n, s.intermediate, t.intermediate), "q": q, "k": k, "v": v,
-            "o": _rows(q_heads, t.head_dim, first), "head_qk": torch.tensor(qk_rows, dtype=torch.long),
+            "o": _rows(q_heads, t.head_dim, qk_rows if keys_as_values else first),  # keys as values: their rows
+            "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
                                + [2 * t.head_dim + r for r in first]),

@@ -154,17 +154,18 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          a model without "moe" layers has no experts whatever n_routed_experts says and narrows its MLP by
          intermediate_size; experts in a latent space of their own (moe_latent_size) are refused.
          Gemma 4 (text: Gemma4ForCausalLM): its full attention layers' heads have their own size (global_head_dim;
-         with attention_k_eq_v their own KV heads: ``per_layer_config``, following the chosen layers), so its
-         attention keeps its heads and sizes; its per-layer embeddings keep the chosen layers' blocks; its last
-         ``num_kv_shared_layers`` layers reuse the keys and values of the last earlier layer of their kind (a
-         student's are its chosen ones among them; each needs an earlier kept layer of its kind) with MLPs twice as
-         wide under use_double_wide_mlp (twice the student's units); its last layer is always full attention.
-         Spaced layers take what a kept sharing layer reads in place of the nearest kept layer
-         (`tailkd.sizing.student_layers`), influence keeps the last layer first and each layer with what it reads
-         (`tailkd.sizing.layer_needs`); listed layers missing one are refused in one line. With enable_moe_block,
-         routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma 3's and Gemma 4's
-         multimodal checkpoints (...ForConditionalGeneration) give a text-only student built from their text part
-         (`text_teacher`; the table's ``source`` names the text model's tensors, model.layers....).
+         with attention_k_eq_v their own KV heads, keys as values: ``per_layer_config``), scaled for the chosen
+         layers as head_dim and num_kv_heads are (`tailkd.layer_attention`; o reads the keys' rows where they are
+         the values); its per-layer embeddings keep the chosen layers' blocks; its last ``num_kv_shared_layers``
+         layers reuse the keys and values of the last earlier layer of their kind (a student's are its chosen ones
+         among them, each needing an earlier kept layer of its kind, and keep its KV heads under attention_heads
+         "active") with MLPs twice as wide under use_double_wide_mlp (twice the student's units); its last layer is
+         always full attention. Spaced layers take what a kept sharing layer reads in place of the nearest kept
+         layer (`tailkd.sizing.student_layers`), influence keeps the last layer first and each layer with what it
+         reads (`tailkd.sizing.layer_needs`); listed layers missing one are refused in one line. With
+         enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma
+         3's and Gemma 4's multimodal checkpoints (...ForConditionalGeneration) give a text-only student built from
+         their text part (`text_teacher`; the table's ``source`` names the text model's tensors, model.layers....).
 Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -243,6 +244,7 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
+from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims
 from tailkd.models import autocast_safe
 from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
@@ -407,9 +409,12 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
 
     channels, channel_share = calibrated_channels(fam, s, chosen, measured.get("hidden_channels=active"))
     index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks, layers=chosen)
-    heads, head_share = calibrated_heads(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks)
-    per_layer = {i: axis_indices(t, s, fam.rope, fraction, channels, q_heads, fam.head_blocks, chosen)
-                 for i, q_heads in heads.items()}
+    own, as_values = layer_dims(teacher.config, fam, t, s, chosen, fraction), keys_as_values(teacher.config, fam)
+    heads, head_share = calibrated_heads(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks, own,
+                                         kv_sources(teacher.config, fam, chosen))
+    per_layer = {i: axis_indices(*own.get(i, (t, s)), fam.rope, fraction, channels, heads.get(i), fam.head_blocks,
+                                 chosen, i in as_values)  # a layer's own heads by importance, its own head sizes
+                 for i in set(chosen) & ({*heads, *own} | as_values)}
     kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
     activity = measured.get("mlp_units=active")
     units, active = calibrated_units(s, chosen, activity,  # {teacher layer: ...}

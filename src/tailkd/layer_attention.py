@@ -1,0 +1,114 @@
+"""Attention that differs by layer, for a student cut from such a teacher: transformers 5's ``per_layer_config``
+overrides of ``head_dim`` and ``num_key_value_heads`` (Gemma 4's full attention layers: heads of global_head_dim and,
+with attention_k_eq_v, KV heads of their own, keys used as values), and layers that reuse an earlier layer's keys and
+values (Gemma 4's last num_kv_shared_layers).
+
+A student layer keeps its teacher layer's override scaled as the config's own value is — head_dim h_i x h_s / h_t,
+KV heads k_i x k_s / k_t — so a layer that differs in the teacher differs alike in the student (narrowing nothing keeps
+every override); a scale that is not a whole number, or heads that do not group, are refused in one line.
+`layer_dims` gives each such layer's teacher and student `tailkd.slicing.Dims` (`tailkd.slicing.axis_indices` cuts its
+tensors by them), `student_overrides` the student config's ``per_layer_config``, `keys_as_values` the layers whose
+values are their keys (`Family.keys_as_values`: their output projection reads the kept keys' rows), `kv_sharing` the
+teacher's layers that reuse keys and values and what they read (`tailkd.sizing` keeps what they need), `kv_sources`
+what a student's read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tailkd.errors import TailkdError
+from tailkd.families import Family
+from tailkd.slicing import Dims
+
+__all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "overrides", "student_overrides"]
+
+# the per-layer keys a student scales, and the `Dims` field each is
+SCALED = {"head_dim": "head_dim", "num_key_value_heads": "kv_heads"}
+
+
+def overrides(config) -> dict[int, dict]:
+    """``{teacher layer: {key: value}}``: the config's per-layer overrides (transformers 5's ``per_layer_config``,
+    sparse: only the layers that differ), {} without."""
+    data = config.to_dict().get("per_layer_config")
+    return {int(i): dict(v) for i, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _scaled(name: str, flag: str, value: int, own_t: int, own_s: int, fam: Family, i: int) -> int:
+    """``value`` (layer i's override of ``name``) x own_s / own_t, refused in one line where it is not whole."""
+    if value * own_s % own_t:
+        step = own_t // math.gcd(own_t, value)
+        raise TailkdError(f"{flag}={own_s}, but teacher layer {i} ({fam.label}) has {name} {value} where its config "
+                          f"has {own_t} (per_layer_config), which a student scales alike ({own_t} -> {own_s}): pick "
+                          f"a {flag} that is a multiple of {step}")
+    return value * own_s // own_t
+
+
+def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 1.0) -> dict[int, tuple[Dims, Dims]]:
+    """``{teacher layer: (its Dims, the student layer's Dims)}`` for each of ``layers`` whose attention sizes the
+    config overrides (see the module docstring); ``fraction`` the share of a head RoPE rotates. Refused in one line:
+    a scaled size that is not whole, query heads that are not a multiple of a layer's KV heads, a head that would
+    rotate an odd number of rows."""
+    found = {}
+    for i, over in sorted(overrides(config).items()):
+        if i not in layers:
+            continue
+        hd_t, kv_t = over.get("head_dim", t.head_dim), over.get("num_key_value_heads", t.kv_heads)
+        hd_s = _scaled("head_dim", "head_dim", hd_t, t.head_dim, s.head_dim, fam, i)
+        kv_s = _scaled("num_key_value_heads", "num_kv_heads", kv_t, t.kv_heads, s.kv_heads, fam, i)
+        if s.heads % kv_s:
+            raise TailkdError(f"num_heads={s.heads} is not a multiple of the {kv_s} KV heads the student's layer "
+                              f"from teacher layer {i} has ({kv_t} there, num_key_value_heads in per_layer_config, "
+                              f"scaled as num_kv_heads {t.kv_heads} -> {s.kv_heads}): pick num_heads a multiple of "
+                              f"{kv_s}")
+        if fam.rope and int(hd_s * fraction) % 2:
+            raise TailkdError(f"head_dim={s.head_dim} gives the student's layer from teacher layer {i} heads of "
+                              f"{hd_s} rows ({hd_t} there, scaled as head_dim {t.head_dim} -> {s.head_dim}), which "
+                              "RoPE cannot rotate in pairs: pick an even head_dim")
+        found[i] = dataclasses.replace(t, head_dim=hd_t, kv_heads=kv_t), dataclasses.replace(s, head_dim=hd_s,
+                                                                                             kv_heads=kv_s)
+    return found
+
+
+def student_overrides(config, own: dict[int, tuple[Dims, Dims]], layers) -> dict[str, dict] | None:
+    """The student config's ``per_layer_config``: the overrides of its teacher ``layers``, renumbered, the scaled keys
+    (`SCALED`) the student layer's (``own``: `layer_dims`' for these layers), other keys as the teacher's; None where
+    the teacher's config has none."""
+    if not isinstance(config.to_dict().get("per_layer_config"), dict):
+        return None
+    found = overrides(config)
+    return {str(j): {key: getattr(own[i][1], SCALED[key]) if key in SCALED else value
+                     for key, value in found[i].items()} for j, i in enumerate(layers) if i in found}
+
+
+def keys_as_values(config, fam: Family) -> set[int]:
+    """The teacher layers whose attention uses its keys as values (`Family.keys_as_values`: (a config flag, the layer
+    kind it applies to), Gemma 4's attention_k_eq_v in full attention layers)."""
+    if not fam.keys_as_values or not getattr(config, fam.keys_as_values[0], False):
+        return set()
+    kinds = getattr(config, "layer_types", None) or ()
+    return {i for i, kind in enumerate(kinds) if kind == fam.keys_as_values[1]}
+
+
+def kv_sharing(config, fam: Family) -> tuple[int, list | None, dict]:
+    """``(first, kinds, read)`` of a family whose last layers reuse earlier layers' keys and values
+    (`Family.kv_shared_layers`: Gemma 4): the first such layer, the layers' kinds (``layer_types``) and, per kind, the
+    last layer before the sharing ones (whose keys and values the teacher's sharing layers of that kind read);
+    ``(0, None, {})`` where none shares."""
+    kinds = getattr(config, "layer_types", None)
+    shared = (getattr(config, fam.kv_shared_layers, 0) or 0) if fam.kv_shared_layers and kinds else 0
+    if not shared:
+        return 0, None, {}
+    first = len(kinds) - shared
+    return first, kinds, {kinds[i]: i for i in range(first)}
+
+
+def kv_sources(config, fam: Family, chosen: list[int]) -> dict[int, int]:
+    """``{teacher layer: teacher layer}``: of the ``chosen`` layers that reuse keys and values (`kv_sharing`), the
+    chosen layer each reads them from in the student (the last chosen one of its kind before the sharing layers, as
+    the model's own rule gives); {} where none shares."""
+    first, kinds, _ = kv_sharing(config, fam)
+    own = [j for j in chosen if j < first]
+    return {i: max(j for j in own if kinds[j] == kinds[i]) for i in chosen
+            if kinds is not None and i >= first and any(kinds[j] == kinds[i] for j in own)}
