@@ -523,6 +523,23 @@ def test_a_config_whose_layers_differ_is_one_line(tmp_path, tiny_lm, capsys):
         model_size(model, "m")
 
 
+def test_layers_of_their_own_query_heads_count_each_its_own():
+    """Laguna lists each layer's query heads (num_attention_heads_per_layer: 4, 2, 4, 4, 2 here, head_dim 16): its
+    attention term is 4 Σ_l heads_l × head_dim × keys_l — before, every layer counted num_attention_heads (4)."""
+    from transformers import LagunaConfig
+
+    kinds, s, w = ["full_attention", "sliding_attention"] * 2 + ["full_attention"], 32, 8
+    cfg = LagunaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=5, num_attention_heads=4,
+                       num_attention_heads_per_layer=[4, 2, 4, 4, 2], num_key_value_heads=2, head_dim=16,
+                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, sliding_window=w,
+                       layer_types=kinds)
+    m = model_flops_per_token(cfg, seq_len=s)
+    dims = [16 * h for h in (4, 2, 4, 4, 2)]
+    keys = [s / 2 if kind == "full_attention" else w - w * w / (2 * s) for kind in kinds]
+    assert m["attn_dims"] == dims and m["attn_dim"] == sum(dims) / 5
+    assert m["attention"] == pytest.approx(4 * sum(d * k for d, k in zip(dims, keys)), rel=1e-15)
+
+
 def test_layers_that_differ_in_attention_count_each_its_own():
     """Gemma 4 (transformers 5's per_layer_config): its full attention layers have heads of global_head_dim (32 here,
     16 in its sliding ones), so its attention term is 4 Σ_l heads × head_dim_l × keys_l, each layer with its own window

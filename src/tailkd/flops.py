@@ -27,7 +27,8 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     full attention: exact for ``full_attention`` and ``hybrid`` (Falcon-H1, Zamba2), an upper bound for
     ``chunked_attention`` rows longer than the chunk (Llama 4: 8192) and for ``indexed_attention``'s selected keys.
     Where layers differ (transformers 5's ``per_layer_config``: Gemma 4's full attention layers, heads of
-    ``global_head_dim``), each layer counts with its own d_attn and window; its parameters are counted as built
+    ``global_head_dim``; Laguna's ``num_attention_heads_per_layer``), each layer counts with its own d_attn and
+    window; its parameters are counted as built
     (KV-shared layers without their k/v projections, double-wide MLPs).
 - backward = 2 × forward (gradients wrt activations and wrt weights), so training = 3·F ≈ 6·N per
   token. With frozen embeddings (paper §3.2.2) a head tied to them is frozen too and its weight gradient
@@ -76,7 +77,8 @@ class ModelSize:
     # per layer: its sliding attention window, 0 = full causal, -1 = no attention over the sequence; () = all full
     windows: tuple[int, ...] = ()
     experts: tuple[int, int] = (0, 0)  # (k, E): each token passes through k of E experts; (0, 0) = no experts
-    attn_dims: tuple[float, ...] = ()  # per layer its d_attn where layers differ (per_layer_config); () = all attn_dim
+    attn_dims: tuple[float, ...] = ()  # per layer its d_attn where layers differ (per_layer_config, Laguna's heads
+    #                                    per layer); () = all attn_dim
 
     @classmethod
     def from_total(cls, name: str, params_total: float, *, vocab: int, hidden: int, layers: int = 0,
@@ -127,6 +129,8 @@ def _count_config(model, name: str) -> ModelSize:
     layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
     per_layer = _layer_configs(text_cfg, layers)
     dims = tuple(_attn_dim(c, hidden, _heads(c)) for c in per_layer) if per_layer else ()
+    if listed := getattr(text_cfg, "num_attention_heads_per_layer", None):  # Laguna's query heads, layer by layer
+        dims = tuple(_attn_dim(text_cfg, hidden, int(h)) for h in listed)
     if len(set(dims)) <= 1:  # every layer alike
         dims = ()
     one = per_layer[0] if per_layer else text_cfg
