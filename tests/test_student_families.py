@@ -39,6 +39,8 @@ SUBSETS, NARROW_LAYERS_OF = {"jamba": [0, 3, 4]}, {"jamba": [0, 1, 4]}
 # earlier full attention layer to take keys and values from: the narrow students keep layers 1 (full), 2, 3 (the
 # mixture's too: `_check_narrow_student` knows a family by its class)
 NARROW_LAYERS_OF.update(gemma4=[1, 2, 3], gemma4_moe=[1, 2, 3])
+# Laguna's layers have 4, 2, 4, 4, 2 query heads: the narrow students keep one of 2 (layer 1)
+NARROW_LAYERS_OF.update(laguna=[0, 1, 3])
 # MiniMax's layers normalize the residual stream itself (input_layernorm's output is the residual): a layer whose
 # outputs are zeroed is no identity, so a subset is not the teacher with its other layers zeroed
 NORMED_RESIDUAL = {"minimax"}
@@ -497,6 +499,8 @@ def _expected(name, teacher, plan):
             full = plan["full"] or dict(hd_s=own["head_dim"], rows=list(range(own["head_dim"])),
                                         kv_heads=list(range(kv)))
             plan = {**plan, "hd_t": own["head_dim"], "KV_t": kv, **full}
+    if prefix is not None and plan["per_layer"].get(plan["layers"][i]):  # a layer's own heads (Laguna's)
+        plan = {**plan, **plan["per_layer"][plan["layers"][i]]}
     d, ff, hd_t = plan["d"], plan["ff"], plan["hd_t"]  # d: the residual channels kept (LongTensor)
 
     def rd(x, dim):  # the kept residual channels along dim
@@ -656,9 +660,9 @@ def _expected(name, teacher, plan):
         return w[:, q] if rest == "self_attn.diagonal_decay" else w[q]  # per-head decays
     if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
-    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM", "LagunaForCausalLM")
+    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM")
     if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
-        # two kinds under one name; MiMo-V2-Flash: KV heads per kind; Laguna: query heads per layer): only the
+        # two kinds under one name; MiMo-V2-Flash: KV heads per kind): only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa",
                   "g_proj")
         if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
@@ -691,8 +695,10 @@ def _expected(name, teacher, plan):
         if rest.startswith("mamba.in_proj"):
             return rd(w, 1) if rest.endswith("weight") else w
         return rd(w, 0) if rest.startswith("mamba.out_proj") else w
-    if rest == "self_attn.g_proj.weight":  # LFM3's output gate: one row per query head
+    if rest == "self_attn.g_proj.weight" and w.shape[0] == plan["H_t"]:  # LFM3's, Laguna's output gate: per head
         return rd(w[plan["q_heads"]], 1)
+    if rest == "self_attn.g_proj.weight":  # Laguna's per-element gate: the rows of each kept head's output
+        return rd(_heads(w, hd_t, plan["q_heads"], list(range(plan["hd_s"]))), 1)
     if rest.startswith("feed_forward.") and type(teacher).__name__ == "Lfm3ForCausalLM":  # w1, w3 [ff, d]; w2 [d, ff]
         return rd(w[:, :ff], 0) if rest == "feed_forward.w2.weight" else rd(w[:ff], 1)
     if rest.startswith("feed_forward.") and type(teacher).__name__ in ("FalconH1ForCausalLM", "BambaForCausalLM"):
@@ -758,11 +764,11 @@ def _expected(name, teacher, plan):
 
 
 def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
-          experts=None, full=None):
+          experts=None, full=None, per_layer=None):
     """The reference's slices: ``d`` the residual channels, ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a
     mixture's expert width and routed experts kept (``d`` and ``experts`` a number: the first ones; or the teacher's
     indices); ``full``: Gemma 4's full attention layers' own (hd_s, rows, q_heads, kv_heads, o_rows: the rows of each
-    kept head o reads)."""
+    kept head o reads); ``per_layer``: {teacher layer: its own of these} (Laguna's query heads per layer, H_t)."""
     c = teacher.config
     hd_t = _global(c, "head_dim") or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
@@ -788,7 +794,10 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
                 H_t=c.num_attention_heads, KV_t=kv_t,
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
                 kv_heads=kv_heads if kv_heads is not None else list(range(kv_t)),
-                rows=rows if rows is not None else list(range(hd_s)), full=full)
+                rows=rows if rows is not None else list(range(hd_s)), full=full,
+                per_layer=per_layer if per_layer is not None else {  # Laguna's layers of other heads: all kept
+                    i: dict(H_t=h, q_heads=list(range(h))) for i, h in enumerate(
+                        getattr(c, "num_attention_heads_per_layer", None) or []) if h != c.num_attention_heads})
 
 
 def _in_mlp(name):
@@ -1291,6 +1300,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
     "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # half the query heads, layer by layer: 2 on 1 KV head where the teacher has 4 on 2 (heads 0, 1), 1 where it has 2
+    # (teacher layer 1: head 0); the output gate's rows (one per head) follow them
+    "laguna-heads": ({"num_heads": 2, "num_kv_heads": 1},
+                     dict(q_heads=[0, 1], kv_heads=[0], per_layer={1: dict(H_t=2, q_heads=[0], kv_heads=[0])})),
     # Gemma 4: the residual stream, the per-layer embeddings' blocks of the kept layers (1, 2, 3); the MLPs' first 40
     # units, 80 in KV-shared teacher layer 3 (twice as wide); its heads of 16 and 32 rows kept
     "gemma4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, ff=40)),
@@ -1462,34 +1475,37 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     n_kv = len(reference["q_heads"]) if reference["latent"] else len(reference["kv_heads"])  # latent: one per head
     own = {int(i): v for i, v in (_global(teacher.config, "per_layer_config") or {}).items()}  # Gemma 4's full layers
     full = {k: v for k, v in (plan.get("full") or {}).items() if k not in ("q_heads", "kv_heads")}
+    per_layer = {i: {k: v for k, v in p.items() if k not in ("q_heads", "kv_heads")}
+                 for i, p in plan.get("per_layer", {}).items()}
     reads = {3: 1} if family == "gemma4" else {}  # the tiny Gemma 4's layer 3 reads layer 1's keys and values
+    heads = getattr(teacher.config, "num_attention_heads_per_layer", None) or [t.heads] * t.layers  # Laguna's
 
     def kv_groups(i):  # (the layer's KV heads, the student's, query heads per student KV head)
         kv_i = own.get(i, {}).get("num_key_value_heads", t.kv_heads)
         n_kv_i = n_kv * kv_i // t.kv_heads
-        return kv_i, n_kv_i, len(reference["q_heads"]) // n_kv_i
+        return kv_i, n_kv_i, len(reference["q_heads"]) * heads[i] // t.heads // n_kv_i
 
     def groups(i):  # kept_heads' groups: CodeGen's by its 4 blocks
         return (4, 4, len(reference["q_heads"]) // 4) if family == "codegen" else kv_groups(i)
-    first = {i: (plan["full"]["q_heads"] if i in own and "q_heads" in plan.get("full", {}) else reference["q_heads"])
-             for i in layers}
+    first = {i: (plan["full"]["q_heads"] if i in own and "q_heads" in plan.get("full", {})
+                 else plan.get("per_layer", {}).get(i, {}).get("q_heads", reference["q_heads"])) for i in layers}
     for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
         batches = [{"input_ids": _ids(seed, (2, 13))}]
-        importance, _ = head_importance(teacher, fam, batches, layers, t.heads)
+        importance, _ = head_importance(teacher, fam, batches, layers, heads)
         q_heads = {i: kept_heads(v, *groups(i)).tolist() for i, v in importance.items() if i not in reads}
         for i, source in reads.items():  # the KV heads of the layer read
             kv_i, _, per_kv = kv_groups(i)
-            q_heads[i] = kept_heads(importance[i], *kv_groups(i), [h // (t.heads // kv_i) for h in
+            q_heads[i] = kept_heads(importance[i], *kv_groups(i), [h // (heads[i] // kv_i) for h in
                                                                     q_heads[source][::per_kv]]).tolist()
         if any(q != first[i] for i, q in q_heads.items()):
             break
     else:
         raise AssertionError("every calibration set chose the first heads")
-    kv_heads = {i: [q[j * kv_groups(i)[2]] // (t.heads // kv_groups(i)[0]) for j in range(kv_groups(i)[1])]
+    kv_heads = {i: [q[j * kv_groups(i)[2]] // (heads[i] // kv_groups(i)[0]) for j in range(kv_groups(i)[1])]
                 for i, q in q_heads.items()}
     _check_narrow_student(teacher, {**kwargs, "attention_heads": "active", "calibration": lambda: batches},
-                          {**plan, "q_heads": q_heads, "kv_heads": kv_heads, **({"full": full} if full else {})},
-                          tmp_path)
+                          {**plan, "q_heads": q_heads, "kv_heads": kv_heads, **({"full": full} if full else {}),
+                           **({"per_layer": per_layer} if per_layer else {})}, tmp_path)
 
 
 def test_calibrated_layers_channels_and_heads_compose():
@@ -1573,6 +1589,27 @@ def test_gemma4_heads_keep_their_rotated_rows(layer):  # RoPE over 32 rows, part
         B.assert_within(got, want[..., rows], bound, msg=f"{kind} {proj}")
     if layer == 1:  # partial rotary's choice (pairs (0, 4), (2, 6) of the first quarter, then rows 8..19) differs
         assert not torch.allclose(rotated[1][0], rotated[0][0][..., [0, 2, 4, 6, *range(8, 20)]], atol=1e-3)
+
+
+@pytest.mark.parametrize("attention_heads", ["first", "active"])
+def test_laguna_per_element_gate_follows_the_kept_heads(attention_heads, tmp_path):
+    """Laguna's output gate per element of each head's output (gating "per-element": g_proj [heads x head_dim, d])
+    keeps the kept heads' rows, as o's columns: the reference slices of the narrow student, its heads first or by
+    importance (which are not the first in some layer under these calibration rows), on one KV head — so teacher layer
+    1's 2 query heads share it and the student keeps 1 of them (a layer's own count of heads per KV head)."""
+    teacher = make_teacher("laguna", gating="per-element", num_key_value_heads=1)
+    assert teacher.model.layers[1].self_attn.g_proj.weight.shape[0] == 2 * 16
+    kwargs, plan = NARROW["laguna-heads"]
+    if attention_heads == "active":
+        fam = config_family(teacher.config, family_spec(teacher))
+        batches = [{"input_ids": _ids(8, (2, 13))}]
+        heads = teacher.config.num_attention_heads_per_layer
+        importance, _ = head_importance(teacher, fam, batches, [0, 1, 3], heads)
+        q_heads = {i: kept_heads(v, 1, 1, heads[i] // 2).tolist() for i, v in importance.items()}
+        assert q_heads != {0: [0, 1], 1: [0], 3: [0, 1]}
+        kwargs = {**kwargs, "attention_heads": "active", "calibration": lambda: batches}
+        plan = {**plan, "q_heads": q_heads, "kv_heads": {i: [0] for i in q_heads}, "per_layer": {1: dict(H_t=2)}}
+    _check_narrow_student(teacher, kwargs, plan, tmp_path)
 
 
 def test_dbrx_experts_get_their_input_in_the_autocast_dtype(tmp_path):
@@ -1694,6 +1731,9 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert attention.num_kv_heads == len(next(iter(kv_heads.values())) if isinstance(kv_heads, dict) else kv_heads)
         grouped = config.new_decoder_architecture
         assert config.num_kv_heads == (attention.num_kv_heads if grouped else config.num_attention_heads)
+    if family == "laguna":  # its query heads per layer: the kept layers', scaled as num_heads
+        assert config.num_attention_heads_per_layer == [teacher.config.num_attention_heads_per_layer[i] * kwargs.get(
+            "num_heads", 4) // 4 for i in layers]
     if family == "minicpm3":  # its muP scales: the logits' divisor, each layer's residual scale as the teacher's
         assert config.logits_scaling == teacher.config.logits_scaling == 4
         residual = [layer.residual_scale for layer in student.model.layers]
@@ -2097,8 +2137,15 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                    r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"),
     # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one
     ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
-    ("laguna", {"num_heads": 2}, r"^num_heads=2, but Laguna's layers have a number of query heads each "
-                                 r"\(num_attention_heads_per_layer\): keep num_heads 4 \(layers, hidden_size, "),
+    # Laguna's layer 1 has 2 query heads on its 2 KV heads: half of them is 1 query head on 2 KV heads
+    ("laguna", {"num_heads": 2}, r"^num_heads=2, num_kv_heads=2: the student's layer from teacher layer 1 would have 1 "
+                                 r"query heads on 2 KV heads \(the teacher's 2 on 2, scaled as num_heads 4 -> 2, "
+                                 r"num_kv_heads 2 -> 2\), which do not group: pick num_heads and num_kv_heads that "
+                                 r"give every layer a multiple of its KV heads$"),
+    # its full layers rotate half a head, its sliding ones all of it: one share picks a narrower head's rows
+    ("laguna", {"head_dim": 8}, r"^head_dim=8, but the teacher's layer kinds rotate different shares of a head "
+                                r"\(full_attention 0.5, sliding_attention 1: partial_rotary_factor\), .*: keep "
+                                r"head_dim 16 \(heads, layers and widths narrow\)$"),
     # Gemma 4's full layers have 1 KV head of their own (num_global_key_value_heads): half of the config's 2 is none
     ("gemma4_moe", {"num_heads": 2, "num_kv_heads": 1},
      r"^num_kv_heads=1, but teacher layer 1 \(Gemma 4\) has num_key_value_heads 1 where its config has 2 "

@@ -174,19 +174,20 @@ def _influence_probe(teacher, fam: Family, real: dict, layers, heads: int):
     return handles, lambda tokens: 1.0 - total / tokens
 
 
-def _heads_probe(teacher, fam: Family, real: dict, layers, heads: int):
+def _heads_probe(teacher, fam: Family, real: dict, layers, heads):
     """Mean L2 norm of each query head's output ({layer: float64 [heads]}) of the attention layers among ``layers``
     (a hybrid's other mixers have no attention output projection): the input of its `attention_outputs`, ``heads``
-    equal blocks."""
+    equal blocks (a number, or one per teacher layer: Laguna's)."""
     paths = attention_outputs(fam)
     modules = {i: m for path in paths for i, m in _layer_modules(teacher, fam, layers, path).items()}
     if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
         raise RuntimeError(f"none of teacher layers {layers} has {' or '.join(paths)}")
-    total = {i: torch.zeros(heads, dtype=torch.float64) for i in modules}
+    n = {i: heads[i] if isinstance(heads, (list, tuple)) else heads for i in modules}
+    total = {i: torch.zeros(n[i], dtype=torch.float64) for i in modules}
 
     def count(i):
         def hook(module, args):
-            out = _real_rows(args[0], real, heads, args[0].shape[-1] // heads)
+            out = _real_rows(args[0], real, n[i], args[0].shape[-1] // n[i])
             total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
         return hook
 
@@ -322,10 +323,11 @@ PROBES = {"layer_choice=influence": _influence_probe, "hidden_channels=active": 
 
 
 @torch.no_grad()
-def measure(teacher, fam: Family, batches, wanted: dict, heads: int = 0) -> tuple[dict, int]:
+def measure(teacher, fam: Family, batches, wanted: dict, heads=0) -> tuple[dict, int]:
     """``({setting: its measure}, real tokens)``: one forward of the teacher's decoder over ``batches`` (dicts of
     ``input_ids [B, T]`` and optionally ``attention_mask [B, T]``) with the hooks of every measure ``wanted`` names
-    (``{PROBES key: teacher layers}``; ``heads``: the teacher's query heads, for attention_heads), each as the
+    (``{PROBES key: teacher layers}``; ``heads``: the teacher's query heads, for attention_heads: a number, or one per
+    layer, `tailkd.layer_attention.layer_query_heads`), each as the
     function of its name below gives it (channel activity per norm). Rows without a real token are a TailkdError
     naming the settings."""
     real, handles, finish = {"mask": None}, [], {}
@@ -356,10 +358,11 @@ def channel_activity(teacher, fam: Family, batches, layers) -> tuple[torch.Tenso
     return sum(found["hidden_channels=active"].values()), tokens
 
 
-def head_importance(teacher, fam: Family, batches, layers, heads: int) -> tuple[dict[int, torch.Tensor], int]:
+def head_importance(teacher, fam: Family, batches, layers, heads) -> tuple[dict[int, torch.Tensor], int]:
     """``({teacher layer i: float64 [heads] mean L2 norm of each query head's output}, real tokens)`` over ``batches``
     for the attention layers among ``layers`` (a hybrid's other mixers have no attention output projection): the
-    input of `attention_outputs`, ``heads`` equal blocks (see the module docstring)."""
+    input of `attention_outputs`, ``heads`` equal blocks (a number, or one per teacher layer; see the module
+    docstring)."""
     found, tokens = measure(teacher, fam, batches, {"attention_heads=active": layers}, heads)
     return found["attention_heads=active"], tokens
 
@@ -537,7 +540,7 @@ def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | Non
     """``(heads, share)``: per attention layer among the teacher's ``chosen``, the query heads a student keeps by
     ``importance`` (the teacher's measure; LongTensor, KV head by KV head: `kept_heads`; in a family's head ``blocks``,
     block by block, every block kept) and the share of the layer's head importance they had; empty without a
-    measure. ``own``: layers with KV heads of their own (`tailkd.layer_attention.layer_dims`: {layer: (teacher Dims,
+    measure. ``own``: layers with heads of their own (`tailkd.layer_attention.layer_dims`: {layer: (teacher Dims,
     student Dims)}); ``sources``: layers that read another's keys and values ({layer: that layer},
     `tailkd.layer_attention.kv_sources`), which keep its KV heads and choose their query heads among theirs."""
     if importance is None:
@@ -546,10 +549,10 @@ def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | Non
     for i in sorted(set(chosen) & set(importance), key=lambda i: i in sources):  # sources before their readers
         t_i, s_i = own.get(i, (t, s))
         groups = (blocks, blocks, s.heads // blocks) if blocks else (t_i.kv_heads, s_i.kv_heads,
-                                                                      s.heads // s_i.kv_heads)
+                                                                      s_i.heads // s_i.kv_heads)
         given = None
         if i in sources and sources[i] in heads:  # the KV heads of the layer it reads
-            given = [int(h) // (t.heads // t_i.kv_heads) for h in heads[sources[i]][::groups[2]]]
+            given = [int(h) // (t_i.heads // t_i.kv_heads) for h in heads[sources[i]][::groups[2]]]
         heads[i] = kept_heads(importance[i], *groups, given)
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 

@@ -59,13 +59,15 @@ from dataclasses import dataclass, field
 #            heads each: in each block the kept heads of that block, their q rows, v rows and k rows
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
+#   gate     an output gate of the attention (Laguna's g_proj): one row per query head (the kept heads), or one per
+#            row of each head's output (as ``o``'s columns: the kept heads' first head_dim rows)
 #   layer_blocks  an axis of one equal block per teacher layer (Gemma 4's per-layer embeddings, packed): the blocks of
 #            the chosen layers, in order
 # (``ff``'s first units: where a layer's MLP is m times intermediate_size wide, Gemma 4's double-wide ones, m times the
 # student's)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
         "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp",
-        "layer_blocks")
+        "layer_blocks", "gate")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -192,8 +194,7 @@ class Family:
     # experts likewise): a student keeps whole periods of their lcm (`tailkd.sizing.layer_period`)
     layer_periods: tuple[str, ...] = ()
     # why a student keeps the teacher's attention heads and sizes (num_heads, num_kv_heads, head_dim) where it must
-    # (Kimi Linear, MiMo-V2-Flash, Laguna), said in the refusal of another; its attention tensors narrow on the
-    # residual side
+    # (Kimi Linear, MiMo-V2-Flash), said in the refusal of another; its attention tensors narrow on the residual side
     attention_kept: str = ""
     # a config key counting the last layers that reuse the keys and values of the last earlier layer of their kind
     # (Gemma 4's num_kv_shared_layers; such a layer has no k/v projections): the student's are its chosen layers among
@@ -206,6 +207,9 @@ class Family:
     # values (Gemma 4's attention_k_eq_v in its full attention layers: no v_proj), so their output projection reads
     # the kept keys' rows (`tailkd.layer_attention.keys_as_values`)
     keys_as_values: tuple[str, str] = ()
+    # a config key listing each layer's query heads (Laguna's num_attention_heads_per_layer): a student's are the
+    # chosen layers', scaled as num_heads scales the config's (`tailkd.layer_attention.layer_dims`)
+    layer_heads: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -663,19 +667,18 @@ FAMILIES = {f.name: f for f in (
            layer_lists=("layer_types", "mlp_layer_types"),
            attention_kept="MiMo-V2-Flash's sliding layers have twice the KV heads of its full ones (one "
                           "num_key_value_heads for both) and value heads of their own size (v_head_dim)"),
-    # Laguna: a number of query heads per layer (num_attention_heads_per_layer, following the chosen layers), per-head
-    # q/k norms, a softplus output gate per head (g_proj), partial RoPE on its full layers: a student keeps the
-    # attention's heads and sizes; a sigmoid router (its score-correction bias a frozen parameter) beside a shared
-    # expert of its own width (shared_expert_intermediate_size, kept), dense and routed layers listed per layer
+    # Laguna: a number of query heads per layer (num_attention_heads_per_layer: a student's scaled as num_heads is,
+    # `tailkd.layer_attention`), per-head q/k norms, a softplus output gate per head or per element (g_proj), partial
+    # RoPE on its full layers only (so head_dim is kept: `tailkd.sizing._check_rope`); a sigmoid router (its
+    # score-correction bias a frozen parameter) beside a shared expert of its own width
+    # (shared_expert_intermediate_size, kept), dense and routed layers listed per layer
     Family("laguna", "Laguna", ("LagunaForCausalLM",), _DECODER,
-           {**_KEPT_ATTENTION, **linear("self_attn.g_proj", "all", "d"),
-            **norms("self_attn.q_norm", "self_attn.k_norm", axis="all"),
+           {**_ATTENTION, **linear("self_attn.g_proj", "gate", "d"), **_HEAD_QK_NORMS,
             **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
             **linear("mlp.shared_experts.gate_proj", "all", "d"), **linear("mlp.shared_experts.up_proj", "all", "d"),
             **linear("mlp.shared_experts.down_proj", "d", "all"), **_PRE_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
-           layer_lists=("layer_types", "mlp_layer_types", "num_attention_heads_per_layer"),
-           attention_kept="Laguna's layers have a number of query heads each (num_attention_heads_per_layer)"),
+           layer_lists=("layer_types", "mlp_layer_types"), layer_heads="num_attention_heads_per_layer"),
     # MiniMax (MiniMax-Text-01): lightning (linear) attention layers beside full attention ones (layer_types): a
     # lightning layer's qkv_proj holds [q | k | v] per head (a key and value head per query head: the kept query heads'
     # blocks), its output gate and the RMSNorm over its output follow the kept heads' rows, and its per-head decays are

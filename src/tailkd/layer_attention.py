@@ -1,16 +1,19 @@
 """Attention that differs by layer, for a student cut from such a teacher: transformers 5's ``per_layer_config``
 overrides of ``head_dim`` and ``num_key_value_heads`` (Gemma 4's full attention layers: heads of global_head_dim and,
-with attention_k_eq_v, KV heads of their own, keys used as values), and layers that reuse an earlier layer's keys and
+with attention_k_eq_v, KV heads of their own, keys used as values), a list of each layer's query heads
+(`Family.layer_heads`: Laguna's num_attention_heads_per_layer), and layers that reuse an earlier layer's keys and
 values (Gemma 4's last num_kv_shared_layers).
 
-A student layer keeps its teacher layer's override scaled as the config's own value is — head_dim h_i x h_s / h_t,
-KV heads k_i x k_s / k_t — so a layer that differs in the teacher differs alike in the student (narrowing nothing keeps
-every override); a scale that is not a whole number, or heads that do not group, are refused in one line.
+A student layer keeps its teacher layer's own value scaled as the config's is — head_dim h_i x h_s / h_t, KV heads
+k_i x k_s / k_t, query heads q_i x q_s / q_t — so a layer that differs in the teacher differs alike in the student
+(narrowing nothing keeps every value); a scale that is not a whole number, or heads that do not group, are refused in
+one line.
 `layer_dims` gives each such layer's teacher and student `tailkd.slicing.Dims` (`tailkd.slicing.axis_indices` cuts its
-tensors by them), `student_overrides` the student config's ``per_layer_config``, `keys_as_values` the layers whose
-values are their keys (`Family.keys_as_values`: their output projection reads the kept keys' rows), `kv_sharing` the
-teacher's layers that reuse keys and values and what they read (`tailkd.sizing` keeps what they need), `kv_sources`
-what a student's read.
+tensors by them), `student_overrides` the student config's ``per_layer_config`` (and its list of query heads),
+`layer_query_heads` the teacher's query heads layer by layer (`tailkd.calibration` measures each head),
+`keys_as_values` the layers whose values are their keys (`Family.keys_as_values`: their output projection reads the
+kept keys' rows), `kv_sharing` the teacher's layers that reuse keys and values and what they read (`tailkd.sizing`
+keeps what they need), `kv_sources` what a student's read.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.slicing import Dims
 
-__all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "overrides", "student_overrides"]
+__all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "layer_query_heads", "overrides",
+           "student_overrides"]
 
 # the per-layer keys a student scales, and the `Dims` field each is
 SCALED = {"head_dim": "head_dim", "num_key_value_heads": "kv_heads"}
@@ -45,41 +49,55 @@ def _scaled(name: str, flag: str, value: int, own_t: int, own_s: int, fam: Famil
     return value * own_s // own_t
 
 
+def layer_query_heads(config, fam: Family, t: Dims) -> list[int]:
+    """The teacher's query heads, layer by layer: its list of them (`Family.layer_heads`), else ``t.heads`` each."""
+    listed = getattr(config, fam.layer_heads, None) if fam.layer_heads else None
+    return [int(h) for h in listed] if listed else [t.heads] * t.layers
+
+
 def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 1.0) -> dict[int, tuple[Dims, Dims]]:
-    """``{teacher layer: (its Dims, the student layer's Dims)}`` for each of ``layers`` whose attention sizes the
-    config overrides (see the module docstring); ``fraction`` the share of a head RoPE rotates. Refused in one line:
-    a scaled size that is not whole, query heads that are not a multiple of a layer's KV heads, a head that would
-    rotate an odd number of rows."""
-    found = {}
-    for i, over in sorted(overrides(config).items()):
-        if i not in layers:
+    """``{teacher layer: (its Dims, the student layer's Dims)}`` for each of ``layers`` whose attention sizes differ
+    from the config's own (see the module docstring); ``fraction`` the share of a head RoPE rotates. Refused in one
+    line: a scaled size that is not whole, query heads that are not a multiple of a layer's KV heads, a head that
+    would rotate an odd number of rows."""
+    found, heads, listed = {}, layer_query_heads(config, fam, t), overrides(config)
+    for i in sorted(set(layers)):
+        over = listed.get(i, {})
+        if not over and heads[i] == t.heads:
             continue
         hd_t, kv_t = over.get("head_dim", t.head_dim), over.get("num_key_value_heads", t.kv_heads)
         hd_s = _scaled("head_dim", "head_dim", hd_t, t.head_dim, s.head_dim, fam, i)
         kv_s = _scaled("num_key_value_heads", "num_kv_heads", kv_t, t.kv_heads, s.kv_heads, fam, i)
-        if s.heads % kv_s:
-            raise TailkdError(f"num_heads={s.heads} is not a multiple of the {kv_s} KV heads the student's layer "
-                              f"from teacher layer {i} has ({kv_t} there, num_key_value_heads in per_layer_config, "
-                              f"scaled as num_kv_heads {t.kv_heads} -> {s.kv_heads}): pick num_heads a multiple of "
-                              f"{kv_s}")
+        q_s = _scaled(fam.layer_heads, "num_heads", heads[i], t.heads, s.heads, fam, i) if fam.layer_heads else s.heads
+        if q_s % kv_s:
+            raise TailkdError(f"num_heads={s.heads}, num_kv_heads={s.kv_heads}: the student's layer from teacher "
+                              f"layer {i} would have {q_s} query heads on {kv_s} KV heads (the teacher's {heads[i]} on "
+                              f"{kv_t}, scaled as num_heads {t.heads} -> {s.heads}, num_kv_heads {t.kv_heads} -> "
+                              f"{s.kv_heads}), which do not group: pick num_heads and num_kv_heads that give every "
+                              "layer a multiple of its KV heads")
         if fam.rope and int(hd_s * fraction) % 2:
             raise TailkdError(f"head_dim={s.head_dim} gives the student's layer from teacher layer {i} heads of "
                               f"{hd_s} rows ({hd_t} there, scaled as head_dim {t.head_dim} -> {s.head_dim}), which "
                               "RoPE cannot rotate in pairs: pick an even head_dim")
-        found[i] = dataclasses.replace(t, head_dim=hd_t, kv_heads=kv_t), dataclasses.replace(s, head_dim=hd_s,
-                                                                                             kv_heads=kv_s)
+        found[i] = (dataclasses.replace(t, heads=heads[i], head_dim=hd_t, kv_heads=kv_t),
+                    dataclasses.replace(s, heads=q_s, head_dim=hd_s, kv_heads=kv_s))
     return found
 
 
-def student_overrides(config, own: dict[int, tuple[Dims, Dims]], layers) -> dict[str, dict] | None:
-    """The student config's ``per_layer_config``: the overrides of its teacher ``layers``, renumbered, the scaled keys
-    (`SCALED`) the student layer's (``own``: `layer_dims`' for these layers), other keys as the teacher's; None where
-    the teacher's config has none."""
-    if not isinstance(config.to_dict().get("per_layer_config"), dict):
-        return None
-    found = overrides(config)
-    return {str(j): {key: getattr(own[i][1], SCALED[key]) if key in SCALED else value
-                     for key, value in found[i].items()} for j, i in enumerate(layers) if i in found}
+def student_overrides(config, fam: Family, s: Dims, own: dict[int, tuple[Dims, Dims]], layers) -> dict:
+    """The student config's keys that differ by layer: its ``per_layer_config`` — the overrides of its teacher
+    ``layers``, renumbered, the scaled keys (`SCALED`) the student layer's (``own``: `layer_dims`' for these layers),
+    other keys as the teacher's — where the teacher's config has one, and its list of query heads
+    (`Family.layer_heads`)."""
+    data = {}
+    if isinstance(config.to_dict().get("per_layer_config"), dict):
+        found = overrides(config)
+        data["per_layer_config"] = {str(j): {key: getattr(own[i][1], SCALED[key]) if key in SCALED else value
+                                             for key, value in found[i].items()} for j, i in enumerate(layers)
+                                    if i in found}
+    if fam.layer_heads and getattr(config, fam.layer_heads, None):
+        data[fam.layer_heads] = [own[i][1].heads if i in own else s.heads for i in layers]
+    return data
 
 
 def keys_as_values(config, fam: Family) -> set[int]:

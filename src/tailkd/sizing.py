@@ -413,11 +413,19 @@ def _check_last_layer_kind(config, fam: Family, chosen: list[int]) -> None:
 
 def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
     """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting;
-    and 2 rotated rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
+    under layer kinds that rotate different shares of a head (Laguna's partial_rotary_factor per kind); and 2 rotated
+    rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
     if s.head_dim == t.head_dim:
         return
     params = getattr(config, "rope_parameters", None) or {}
     groups = (params, *(v for v in params.values() if isinstance(v, dict)))
+    kinds = {kind: 1.0 if group.get("rope_type") == "proportional" else float(group.get("partial_rotary_factor") or 1)
+             for kind, group in params.items() if isinstance(group, dict)}  # per layer kind (Laguna's)
+    if len(set(kinds.values())) > 1:
+        shares = ", ".join(f"{kind} {share:g}" for kind, share in kinds.items())
+        raise TailkdError(f"head_dim={s.head_dim}, but the teacher's layer kinds rotate different shares of a head "
+                          f"({shares}: partial_rotary_factor), and tailkd picks a narrower head's rows by one share: "
+                          f"keep head_dim {t.head_dim} (heads, layers and widths narrow)")
     rotated = int(s.head_dim * fraction)
     if rotated == 2 and any(group.get("rope_type") == "dynamic" for group in groups):
         what = "head_dim" if fraction == 1 else f"head_dim * partial_rotary_factor ({fraction:g})"
@@ -471,8 +479,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
         if isinstance(data.get(key), list):
             data[key] = [j for j, i in enumerate(layers) if i in data[key]]
     own = layer_dims(teacher_config, fam, t, s, layers, rotary_fraction(teacher_config, fam) if fam.rope else 1.0)
-    if (overrides := student_overrides(teacher_config, own, layers)) is not None:  # transformers 5's per-layer sizes
-        data["per_layer_config"] = overrides
+    data.update(student_overrides(teacher_config, fam, s, own, layers))  # per_layer_config, query heads per layer
     if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
         data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
     if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices

@@ -207,8 +207,8 @@ HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, Mi
 Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE (its q_gate_proj holds [query | gate] per head,
 cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have twice the KV heads of its full ones under one
 num_key_value_heads, and value heads of their own size: its attention narrows on the residual side only, num_heads,
-num_kv_heads and head_dim are the teacher's), Laguna (a number of query heads per layer, num_attention_heads_per_layer,
-which follows the chosen layers: its attention likewise keeps its heads and sizes; its shared expert keeps its own
+num_kv_heads and head_dim are the teacher's), Laguna (query heads per layer, num_attention_heads_per_layer, scaled
+for the chosen layers as num_heads is, `tailkd.layer_attention`; head_dim kept; its shared expert keeps its own
 width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
 Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
 names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
@@ -244,7 +244,7 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
-from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims
+from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_query_heads
 from tailkd.models import autocast_safe
 from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
@@ -513,8 +513,8 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
 
 def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
             num_experts, num_experts_per_tok, layer_choice, hidden_channels, attention_heads, mlp_units, experts):
-    """``(family, {PROBES key: teacher layers}, the teacher's query heads)``: what `calibrate` measures for these
-    settings, after their refusals."""
+    """``(family, {PROBES key: teacher layers}, the teacher's query heads per layer)``: what `calibrate` measures for
+    these settings, after their refusals."""
     for key, value, choices in (("experts", experts, EXPERT_CHOICES), ("mlp_units", mlp_units, MLP_UNIT_CHOICES),
                                 ("attention_heads", attention_heads, HEAD_CHOICES),
                                 ("hidden_channels", hidden_channels, HIDDEN_CHANNEL_CHOICES),
@@ -528,7 +528,8 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
     fam, t, s, _, _ = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                      intermediate_size, head_dim, num_experts, num_experts_per_tok)
     return fam, wanted_measures(fam, t, s, layers=layers, layer_choice=layer_choice, hidden_channels=hidden_channels,
-                                attention_heads=attention_heads, mlp_units=mlp_units, experts=experts), t.heads
+                                attention_heads=attention_heads, mlp_units=mlp_units,
+                                experts=experts), layer_query_heads(teacher.config, fam, t)
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:
