@@ -660,9 +660,15 @@ def _expected(name, teacher, plan):
         return w[:, q] if rest == "self_attn.diagonal_decay" else w[q]  # per-head decays
     if rest.startswith("self_attn.indexer."):  # DeepSeek-V3.2's DSA indexer keeps its sizes: its residual side narrows
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
-    kept_whole = ("KimiLinearForCausalLM", "MiMoV2FlashForCausalLM")
+    if type(teacher).__name__ == "MiMoV2FlashForCausalLM" and rest in ("self_attn.v_proj.weight",
+                                                                      "self_attn.o_proj.weight"):
+        v_hd = teacher.config.v_head_dim  # value heads of their own size, kept whole: the kept KV heads' and the kept
+        if rest == "self_attn.v_proj.weight":  # query heads' blocks
+            return rd(_heads(w, v_hd, plan["kv_heads"], list(range(v_hd))), 1)
+        return rd(w, 0).reshape(len(d), -1, v_hd)[:, plan["q_heads"]].reshape(len(d), -1)
+    kept_whole = ("KimiLinearForCausalLM",)
     if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
-        # two kinds under one name; MiMo-V2-Flash: KV heads per kind): only the
+        # two kinds under one name): only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa",
                   "g_proj")
         if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
@@ -795,9 +801,12 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
                 q_heads=q_heads if q_heads is not None else list(range(c.num_attention_heads)),
                 kv_heads=kv_heads if kv_heads is not None else list(range(kv_t)),
                 rows=rows if rows is not None else list(range(hd_s)), full=full,
-                per_layer=per_layer if per_layer is not None else {  # Laguna's layers of other heads: all kept
-                    i: dict(H_t=h, q_heads=list(range(h))) for i, h in enumerate(
-                        getattr(c, "num_attention_heads_per_layer", None) or []) if h != c.num_attention_heads})
+                per_layer=per_layer if per_layer is not None else {  # Laguna's layers of other heads: all kept;
+                    i: dict(H_t=h, q_heads=list(range(h))) for i, h in enumerate(  # MiMo-V2-Flash's sliding layers'
+                        getattr(c, "num_attention_heads_per_layer", None) or []) if h != c.num_attention_heads} | {
+                    i: dict(KV_t=2 * kv_t, kv_heads=list(range(2 * kv_t))) for i, kind in enumerate(  # twice the KV
+                        c.layer_types if type(teacher).__name__ == "MiMoV2FlashForCausalLM" else [])  # heads, all kept
+                    if kind == "sliding_attention"})
 
 
 def _in_mlp(name):
@@ -1299,6 +1308,12 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # MiMo-V2-Flash: its attention whole (both kinds), the residual stream, experts (2 of each group) and their width
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
+    # 2 query heads of 8 rows (of 12: partial RoPE rotates 4, pair (0, 2) kept, then the still rows 4..9): on the full
+    # layers' 1 KV head both (0, 1), on the sliding layers' 2 (twice num_key_value_heads) one each (0, 2), their sinks
+    # too; value heads (8 rows: v_head_dim) whole
+    "mimo_v2_flash-heads": ({"num_heads": 2, "head_dim": 8},
+                            dict(hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=[0, 2, 4, 5, 6, 7, 8, 9],
+                                 per_layer={2: dict(KV_t=2, q_heads=[0, 2], kv_heads=[0, 1])})),
     "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
     # half the query heads, layer by layer: 2 on 1 KV head where the teacher has 4 on 2 (heads 0, 1), 1 where it has 2
     # (teacher layer 1: head 0); the output gate's rows (one per head) follow them
@@ -1480,8 +1495,11 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     reads = {3: 1} if family == "gemma4" else {}  # the tiny Gemma 4's layer 3 reads layer 1's keys and values
     heads = getattr(teacher.config, "num_attention_heads_per_layer", None) or [t.heads] * t.layers  # Laguna's
 
+    twice = {i for i, kind in enumerate(getattr(teacher.config, "layer_types", None) or []) if family == "mimo_v2_flash"
+             and kind == "sliding_attention"}  # MiMo-V2-Flash's sliding layers: twice the KV heads
+
     def kv_groups(i):  # (the layer's KV heads, the student's, query heads per student KV head)
-        kv_i = own.get(i, {}).get("num_key_value_heads", t.kv_heads)
+        kv_i = own.get(i, {}).get("num_key_value_heads", t.kv_heads * (2 if i in twice else 1))
         n_kv_i = n_kv * kv_i // t.kv_heads
         return kv_i, n_kv_i, len(reference["q_heads"]) * heads[i] // t.heads // n_kv_i
 
@@ -2128,11 +2146,8 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("kimi_linear", {"num_heads": 2}, r"^num_heads=2, but Kimi Linear's latent and delta attention layers name their "
                                       r"tensors alike \(q_proj, o_proj\), so its latent layers keep their heads whole: "
                                       r"keep num_heads 4 \(layers, hidden_size, the MLPs and the experts narrow\)$"),
-    ("mimo_v2_flash", {"num_kv_heads": 2}, r"^num_kv_heads=2, but MiMo-V2-Flash's sliding layers have twice the KV "
-                                           r"heads of its full ones \(one num_key_value_heads for both\) and value "
-                                           r"heads of their own size \(v_head_dim\): keep num_kv_heads 1 \(layers, "),
-    ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's .*: keep head_dim 12 \("),
-    ("mimo_v2_flash", {"num_heads": 2, "hidden_size": 32}, r"^num_heads=2, but MiMo-V2-Flash's .*: keep num_heads 4 "),
+    # MiMo-V2-Flash's KV heads are its config's num_key_value_heads (1 here; its sliding layers have twice that)
+    ("mimo_v2_flash", {"num_kv_heads": 2}, r"^num_kv_heads=2 but the teacher has 1: pick 1\.\.1$"),
     ("jamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Jamba Mamba mixers are mamba_expand x "
                                    r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"),
     # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one

@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 #            heads each: in each block the kept heads of that block, their q rows, v rows and k rows
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
+#   v_heads  whole KV heads of a value projection whose heads have their own size (MiMo-V2-Flash's v_head_dim): the
+#            kept KV heads' blocks of rows, each whole
 #   gate     an output gate of the attention (Laguna's g_proj): one row per query head (the kept heads), or one per
 #            row of each head's output (as ``o``'s columns: the kept heads' first head_dim rows)
 #   layer_blocks  an axis of one equal block per teacher layer (Gemma 4's per-layer embeddings, packed): the blocks of
@@ -67,7 +69,7 @@ from dataclasses import dataclass, field
 # student's)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
         "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp",
-        "layer_blocks", "gate")
+        "layer_blocks", "gate", "v_heads")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -194,7 +196,7 @@ class Family:
     # experts likewise): a student keeps whole periods of their lcm (`tailkd.sizing.layer_period`)
     layer_periods: tuple[str, ...] = ()
     # why a student keeps the teacher's attention heads and sizes (num_heads, num_kv_heads, head_dim) where it must
-    # (Kimi Linear, MiMo-V2-Flash), said in the refusal of another; its attention tensors narrow on the residual side
+    # (Kimi Linear), said in the refusal of another; its attention tensors narrow on the residual side
     attention_kept: str = ""
     # a config key counting the last layers that reuse the keys and values of the last earlier layer of their kind
     # (Gemma 4's num_kv_shared_layers; such a layer has no k/v projections): the student's are its chosen layers among
@@ -210,6 +212,9 @@ class Family:
     # a config key listing each layer's query heads (Laguna's num_attention_heads_per_layer): a student's are the
     # chosen layers', scaled as num_heads scales the config's (`tailkd.layer_attention.layer_dims`)
     layer_heads: str = ""
+    # (a layer kind, a multiple): that kind's layers have that many times the config's KV heads (MiMo-V2-Flash's
+    # sliding layers: twice num_key_value_heads), a student's likewise (`tailkd.layer_attention.layer_dims`)
+    kind_kv_multiple: tuple[str, int] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -658,15 +663,15 @@ FAMILIES = {f.name: f for f in (
            latent_attention=True, attention_kept="Kimi Linear's latent and delta attention layers name their tensors "
                                                  "alike (q_proj, o_proj), so its latent layers keep their heads whole"),
     # MiMo-V2-Flash: sliding layers (an attention sink per query head) with twice the KV heads of its full layers under
-    # one num_key_value_heads, value heads of their own size (v_head_dim), partial RoPE with a base per layer kind: a
-    # student keeps the attention's heads and sizes; DeepSeek-V3's mixture without shared experts, dense and routed
-    # layers listed per layer (mlp_layer_types)
+    # one num_key_value_heads (a student's likewise: kind_kv_multiple), value heads of their own size (v_head_dim,
+    # kept: whole value heads, o's whole head blocks), partial RoPE with a base per layer kind; DeepSeek-V3's mixture
+    # without shared experts, dense and routed layers listed per layer (mlp_layer_types)
     Family("mimo_v2_flash", "MiMo-V2-Flash", ("MiMoV2FlashForCausalLM",), _DECODER,
-           {**_KEPT_ATTENTION, "self_attn.sinks": ("all",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
-           keys=_DEEPSEEK_MOE_KEYS,
-           layer_lists=("layer_types", "mlp_layer_types"),
-           attention_kept="MiMo-V2-Flash's sliding layers have twice the KV heads of its full ones (one "
-                          "num_key_value_heads for both) and value heads of their own size (v_head_dim)"),
+           {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
+            **linear("self_attn.v_proj", "v_heads", "d"), **linear("self_attn.o_proj", "d", "head"),
+            "self_attn.sinks": ("head",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types"),
+           kind_kv_multiple=("sliding_attention", 2)),
     # Laguna: a number of query heads per layer (num_attention_heads_per_layer: a student's scaled as num_heads is,
     # `tailkd.layer_attention`), per-head q/k norms, a softplus output gate per head or per element (g_proj), partial
     # RoPE on its full layers only (so head_dim is kept: `tailkd.sizing._check_rope`); a sigmoid router (its

@@ -1,7 +1,8 @@
 """Attention that differs by layer, for a student cut from such a teacher: transformers 5's ``per_layer_config``
 overrides of ``head_dim`` and ``num_key_value_heads`` (Gemma 4's full attention layers: heads of global_head_dim and,
 with attention_k_eq_v, KV heads of their own, keys used as values), a list of each layer's query heads
-(`Family.layer_heads`: Laguna's num_attention_heads_per_layer), and layers that reuse an earlier layer's keys and
+(`Family.layer_heads`: Laguna's num_attention_heads_per_layer), KV heads a layer kind has a multiple of
+(`Family.kind_kv_multiple`: MiMo-V2-Flash's sliding layers, twice), and layers that reuse an earlier layer's keys and
 values (Gemma 4's last num_kv_shared_layers).
 
 A student layer keeps its teacher layer's own value scaled as the config's is — head_dim h_i x h_s / h_t, KV heads
@@ -61,11 +62,13 @@ def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 
     line: a scaled size that is not whole, query heads that are not a multiple of a layer's KV heads, a head that
     would rotate an odd number of rows."""
     found, heads, listed = {}, layer_query_heads(config, fam, t), overrides(config)
+    kinds = getattr(config, "layer_types", None) or ()
     for i in sorted(set(layers)):
         over = listed.get(i, {})
-        if not over and heads[i] == t.heads:
+        multiple = fam.kind_kv_multiple[1] if fam.kind_kv_multiple and kinds[i] == fam.kind_kv_multiple[0] else 1
+        if not over and heads[i] == t.heads and multiple == 1:
             continue
-        hd_t, kv_t = over.get("head_dim", t.head_dim), over.get("num_key_value_heads", t.kv_heads)
+        hd_t, kv_t = over.get("head_dim", t.head_dim), over.get("num_key_value_heads", t.kv_heads * multiple)
         hd_s = _scaled("head_dim", "head_dim", hd_t, t.head_dim, s.head_dim, fam, i)
         kv_s = _scaled("num_key_value_heads", "num_kv_heads", kv_t, t.kv_heads, s.kv_heads, fam, i)
         q_s = _scaled(fam.layer_heads, "num_heads", heads[i], t.heads, s.heads, fam, i) if fam.layer_heads else s.heads

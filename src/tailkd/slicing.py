@@ -90,7 +90,8 @@ def query_heads(t: Dims, s: Dims) -> list[int]:
 
 
 # the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)
-HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp", "gate"}
+HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp", "gate",
+             "v_heads"}
 
 
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
@@ -139,7 +140,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
             "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks),
             "layer_blocks": lambda n: _rows(layers, _per_head(n, t.layers), list(range(_per_head(n, t.layers)))),
-            "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first)}
+            "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first),
+            "v_heads": lambda n: _rows(kv_heads, _per_head(n, t.kv_heads), list(range(_per_head(n, t.kv_heads))))}
 
 
 def mlp_units(n: int, units: int, width: int) -> int:

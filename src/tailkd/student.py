@@ -206,11 +206,11 @@ Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3),
 HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
 Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE (its q_gate_proj holds [query | gate] per head,
 cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have twice the KV heads of its full ones under one
-num_key_value_heads, and value heads of their own size: its attention narrows on the residual side only, num_heads,
-num_kv_heads and head_dim are the teacher's), Laguna (query heads per layer, num_attention_heads_per_layer, scaled
-for the chosen layers as num_heads is, `tailkd.layer_attention`; head_dim kept; its shared expert keeps its own
-width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
-Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
+num_key_value_heads, a student's likewise; its value heads, of their own size v_head_dim, kept whole), Laguna (query
+heads per layer, num_attention_heads_per_layer, scaled for the chosen layers as num_heads is,
+`tailkd.layer_attention`; head_dim kept; its shared expert keeps its own width), GLM-4.7-Flash (transformers 5's
+layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed
+layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
 names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
 autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
 LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
