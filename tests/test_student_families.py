@@ -2076,9 +2076,10 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     student, _ = build_student(teacher, layers=[1, 2, 3], head_dim=8)
     assert [layer.self_attn.head_dim for layer in student.model.layers] == [10, 8, 10]
     for head_dim in (6, 14):
-        with pytest.raises(TailkdError, match=rf"^head_dim={head_dim}, but teacher layer 1 \(Gemma 4\) has head_dim 20 "
-                                              r"where its config has 16 \(per_layer_config\), which a student scales "
-                                              rf"alike \(16 -> {head_dim}\): pick a head_dim that is a multiple of 4$"):
+        with pytest.raises(TailkdError, match=rf"^head_dim={head_dim}, but teacher layer 1 \(Gemma 4\) has 20 "
+                                              r"\(head_dim in per_layer_config\) where its config has 16, which a "
+                                              rf"student scales alike \(16 -> {head_dim}\): pick a head_dim that is a "
+                                              r"multiple of 4$"):
             build_student(teacher, layers=[1, 2, 3], head_dim=head_dim)
     with pytest.raises(TailkdError, match=r"^head_dim=6 gives the student's layer from teacher layer 1 heads of 9 rows "
                                           r"\(24 there, scaled as head_dim 16 -> 6\), which RoPE cannot rotate in "
@@ -2163,8 +2164,12 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                 r"head_dim 16 \(heads, layers and widths narrow\)$"),
     # Gemma 4's full layers have 1 KV head of their own (num_global_key_value_heads): half of the config's 2 is none
     ("gemma4_moe", {"num_heads": 2, "num_kv_heads": 1},
-     r"^num_kv_heads=1, but teacher layer 1 \(Gemma 4\) has num_key_value_heads 1 where its config has 2 "
-     r"\(per_layer_config\), which a student scales alike \(2 -> 1\): pick a num_kv_heads that is a multiple of 2$"),
+     r"^num_kv_heads=1, but teacher layer 1 \(Gemma 4\) has 1 \(num_key_value_heads in per_layer_config\) where its "
+     r"config has 2, which a student scales alike \(2 -> 1\): pick a num_kv_heads that is a multiple of 2$"),
+    # Laguna's layers of 2 query heads (of the config's 4) would have half a head under num_heads 1
+    ("laguna", {"num_heads": 1, "num_kv_heads": 1},
+     r"^num_heads=1, but teacher layer 1 \(Laguna\) has 2 \(num_attention_heads_per_layer\) where its config has 4, "
+     r"which a student scales alike \(4 -> 1\): pick a num_heads that is a multiple of 2$"),
     # layers 3, 4 (full attention) reuse layer 1's keys and values: a student of layers 0, 2, 4 has no layer for 4 to
     # take them from (spaced, 3 of 5 layers would be those: the spaced choice takes layer 1 for 0, test_sizing)
     ("gemma4", {"layers": [0, 2, 4]}, r"^teacher layer 4 reuses the keys and values of an earlier full_attention layer "

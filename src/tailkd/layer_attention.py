@@ -40,13 +40,13 @@ def overrides(config) -> dict[int, dict]:
     return {int(i): dict(v) for i, v in data.items()} if isinstance(data, dict) else {}
 
 
-def _scaled(name: str, flag: str, value: int, own_t: int, own_s: int, fam: Family, i: int) -> int:
-    """``value`` (layer i's override of ``name``) x own_s / own_t, refused in one line where it is not whole."""
+def _scaled(source: str, flag: str, value: int, own_t: int, own_s: int, fam: Family, i: int) -> int:
+    """``value`` (layer i's own, read from ``source``) x own_s / own_t, refused in one line where it is not whole."""
     if value * own_s % own_t:
         step = own_t // math.gcd(own_t, value)
-        raise TailkdError(f"{flag}={own_s}, but teacher layer {i} ({fam.label}) has {name} {value} where its config "
-                          f"has {own_t} (per_layer_config), which a student scales alike ({own_t} -> {own_s}): pick "
-                          f"a {flag} that is a multiple of {step}")
+        raise TailkdError(f"{flag}={own_s}, but teacher layer {i} ({fam.label}) has {value} ({source}) where its "
+                          f"config has {own_t}, which a student scales alike ({own_t} -> {own_s}): pick a {flag} "
+                          f"that is a multiple of {step}")
     return value * own_s // own_t
 
 
@@ -65,12 +65,14 @@ def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 
     kinds = getattr(config, "layer_types", None) or ()
     for i in sorted(set(layers)):
         over = listed.get(i, {})
-        multiple = fam.kind_kv_multiple[1] if fam.kind_kv_multiple and kinds[i] == fam.kind_kv_multiple[0] else 1
+        kind = kinds[i] if i < len(kinds) else None
+        multiple = fam.kind_kv_multiple[1] if fam.kind_kv_multiple and kind == fam.kind_kv_multiple[0] else 1
         if not over and heads[i] == t.heads and multiple == 1:
             continue
         hd_t, kv_t = over.get("head_dim", t.head_dim), over.get("num_key_value_heads", t.kv_heads * multiple)
-        hd_s = _scaled("head_dim", "head_dim", hd_t, t.head_dim, s.head_dim, fam, i)
-        kv_s = _scaled("num_key_value_heads", "num_kv_heads", kv_t, t.kv_heads, s.kv_heads, fam, i)
+        hd_s = _scaled("head_dim in per_layer_config", "head_dim", hd_t, t.head_dim, s.head_dim, fam, i)
+        kv_s = _scaled("num_key_value_heads in per_layer_config", "num_kv_heads", kv_t, t.kv_heads, s.kv_heads, fam,
+                       i)
         q_s = _scaled(fam.layer_heads, "num_heads", heads[i], t.heads, s.heads, fam, i) if fam.layer_heads else s.heads
         if q_s % kv_s:
             raise TailkdError(f"num_heads={s.heads}, num_kv_heads={s.kv_heads}: the student's layer from teacher "
