@@ -1319,6 +1319,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # (teacher layer 1: head 0); the output gate's rows (one per head) follow them
     "laguna-heads": ({"num_heads": 2, "num_kv_heads": 1},
                      dict(q_heads=[0, 1], kv_heads=[0], per_layer={1: dict(H_t=2, q_heads=[0], kv_heads=[0])})),
+    # head_dim 8: its full layers (0, 3) rotate half a head (pair (0, 4) and (2, 6) of 8 rotated rows, then the still
+    # rows 8..11), its sliding layer 1 all of it (FULL_ROPE_16_TO_8): each layer kind's own RoPE pairs
+    "laguna-head_dim": ({"head_dim": 8},
+                        dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11],
+                             per_layer={1: dict(H_t=2, q_heads=[0, 1], rows=FULL_ROPE_16_TO_8)})),
     # Gemma 4: the residual stream, the per-layer embeddings' blocks of the kept layers (1, 2, 3); the MLPs' first 40
     # units, 80 in KV-shared teacher layer 3 (twice as wide); its heads of 16 and 32 rows kept
     "gemma4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, ff=40)),
@@ -1545,6 +1550,32 @@ def test_calibrated_layers_channels_and_heads_compose():
     _assert_copied_exactly(student, table, teacher, plan)
 
 
+def _rotated_qk(teacher, student, layer, head_dims, apply):
+    """[(q, k)] of the teacher and the student at ``layer``: the q/k projections of 7 random positions of the
+    residual stream ([1, 7, heads, head_dim], ``head_dims`` the two models'), after RoPE as ``apply(q, k, cos, sin)``
+    applies it with the model's rotary embedding of that layer's kind; and the input, for the bound."""
+    x = torch.randn(1, 7, teacher.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    kind, out = teacher.config.layer_types[layer], []
+    with torch.no_grad():
+        for model, hd in zip((teacher, student), head_dims):
+            attn = model.model.layers[layer].self_attn
+            q, k = (getattr(attn, proj)(x).view(1, 7, -1, hd) for proj in ("q_proj", "k_proj"))
+            out.append(apply(q, k, *model.model.rotary_emb(x, torch.arange(7)[None], kind)))
+    return out, x
+
+
+def _assert_rotated_rows(student, layer, rotated, x, rows, partner):
+    """The student's rotated q and k (``rotated``: `_rotated_qk`'s) equal the teacher's ``rows`` of each head, within
+    `bounds.rope_rows_atol` of the products (hidden_size terms, no bias; ``partner``: each student row's RoPE
+    partner)."""
+    (tq, tk), (sq, sk) = rotated
+    for got, want, proj in ((sq, tq[..., rows], "q_proj"), (sk, tk[..., rows], "k_proj")):
+        weight = getattr(student.model.layers[layer].self_attn, proj).weight.double()
+        mag = (x.double().abs() @ weight.abs().T).view(1, 7, -1, len(rows))
+        bound = B.rope_rows_atol(x.shape[-1], torch.maximum(mag, mag[..., partner]))
+        B.assert_within(got, want, bound, msg=f"{student.config.layer_types[layer]} {proj}")
+
+
 @pytest.mark.parametrize("layer", [1, 2])  # LFM3's sliding (default RoPE) and full (proportional RoPE) layers
 def test_proportional_rope_keeps_rotated_queries(layer):
     """LFM3's full attention layers rotate-half over the whole head at frequencies base^(-2i / head_dim), the last half
@@ -1556,24 +1587,10 @@ def test_proportional_rope_keeps_rotated_queries(layer):
     from transformers.models.lfm3.modeling_lfm3 import apply_rotary_pos_emb
 
     student, _ = build_student(teacher, head_dim=8)
-    kind = teacher.config.layer_types[layer]
-    x = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(3))
-    positions = torch.arange(7)[None]
-    rotated = []
-    with torch.no_grad():
-        for model, hd in ((teacher, 16), (student, 8)):
-            attn = model.model.layers[layer].self_attn
-            q = attn.q_proj(x).view(1, 7, -1, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, 7, -1, hd).transpose(1, 2)
-            rotated.append(apply_rotary_pos_emb(q, k, *model.model.rotary_emb(x, positions, kind)))
-    (tq, tk), (sq, sk) = rotated
-    rows, partner = FULL_ROPE_16_TO_8, [4, 5, 6, 7, 0, 1, 2, 3]
-    for got, want, proj in ((sq, tq[..., rows], "q_proj"), (sk, tk[..., rows], "k_proj")):
-        weight = getattr(student.model.layers[layer].self_attn, proj).weight.double()
-        mag = (x.double().abs() @ weight.abs().T).view(1, 7, -1, 8).transpose(1, 2)
-        pair = torch.maximum(mag, mag[..., partner])
-        bound = B.rope_rows_atol(64, pair)
-        B.assert_within(got, want, bound, msg=f"{kind} {proj}")
+    rotated, x = _rotated_qk(teacher, student, layer, (16, 8), lambda q, k, cos, sin: apply_rotary_pos_emb(
+        q, k, cos, sin, unsqueeze_dim=2))
+    _assert_rotated_rows(student, layer, rotated, x, FULL_ROPE_16_TO_8, [4, 5, 6, 7, 0, 1, 2, 3])
+    (tq, _), (sq, _) = rotated
     assert not torch.allclose(sq, tq[..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)  # partial rotary's choice
 
 
@@ -1588,25 +1605,32 @@ def test_gemma4_heads_keep_their_rotated_rows(layer):  # RoPE over 32 rows, part
 
     teacher = make_teacher("gemma4")
     student, _ = build_student(teacher, layers=[0, 1, 2, 3], head_dim=8)
-    kind = teacher.config.layer_types[layer]
     hd_t, hd_s, rows = (16, 8, FULL_ROPE_16_TO_8) if layer == 0 else (32, 16, FULL_ROPE_32_TO_16)
-    x = torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(3))
-    positions = torch.arange(7)[None]
-    rotated = []
-    with torch.no_grad():
-        for model, hd in ((teacher, hd_t), (student, hd_s)):
-            attn = model.model.layers[layer].self_attn
-            cos, sin = model.model.rotary_emb(x, positions, kind)
-            rotated.append([apply_rotary_pos_emb(getattr(attn, proj)(x).view(1, 7, -1, hd), cos, sin, unsqueeze_dim=2)
-                            for proj in ("q_proj", "k_proj")])
-    partner = [*range(hd_s // 2, hd_s), *range(hd_s // 2)]
-    for (got, want), proj in zip(zip(rotated[1], rotated[0]), ("q_proj", "k_proj")):
-        weight = getattr(student.model.layers[layer].self_attn, proj).weight.double()
-        mag = (x.double().abs() @ weight.abs().T).view(1, 7, -1, hd_s)
-        bound = B.rope_rows_atol(48, torch.maximum(mag, mag[..., partner]))
-        B.assert_within(got, want[..., rows], bound, msg=f"{kind} {proj}")
+    rotated, x = _rotated_qk(teacher, student, layer, (hd_t, hd_s), lambda q, k, cos, sin: tuple(
+        apply_rotary_pos_emb(y, cos, sin, unsqueeze_dim=2) for y in (q, k)))
+    _assert_rotated_rows(student, layer, rotated, x, rows, [*range(hd_s // 2, hd_s), *range(hd_s // 2)])
     if layer == 1:  # partial rotary's choice (pairs (0, 4), (2, 6) of the first quarter, then rows 8..19) differs
         assert not torch.allclose(rotated[1][0], rotated[0][0][..., [0, 2, 4, 6, *range(8, 20)]], atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # Laguna's full (half of a head rotates) and sliding (all of it) layers
+def test_laguna_heads_keep_each_kinds_rotated_rows(layer):
+    """A Laguna student of head_dim 8: its q/k projections after RoPE (before the per-head norms) equal the teacher's
+    on the rows of each layer kind's own pairs — full layers (partial_rotary_factor 0.5: 8 of 16 rows rotate) rows
+    [0, 2, 4, 6] then the still 8..11, sliding layers (1) FULL_ROPE_16_TO_8; one share for both (the config's first,
+    0.5) would rotate the sliding layers' rows at other frequencies. Bound: as
+    test_proportional_rope_keeps_rotated_queries' (48-term dot products, no bias)."""
+    from transformers.models.laguna.modeling_laguna import apply_rotary_pos_emb
+
+    teacher = make_teacher("laguna")
+    student, _ = build_student(teacher, layers=[0, 1, 3], head_dim=8)
+    rows, partner = (([0, 2, 4, 6, 8, 9, 10, 11], [2, 3, 0, 1, 4, 5, 6, 7]) if layer == 0 else
+                     (FULL_ROPE_16_TO_8, [4, 5, 6, 7, 0, 1, 2, 3]))
+    rotated, x = _rotated_qk(teacher, student, layer, (16, 8), lambda q, k, cos, sin: apply_rotary_pos_emb(
+        q, k, cos, sin, unsqueeze_dim=2))
+    _assert_rotated_rows(student, layer, rotated, x, rows, partner)
+    if layer == 1:  # the full layers' share (0.5) picks other rows here
+        assert not torch.allclose(rotated[1][0], rotated[0][0][..., [0, 2, 4, 6, 8, 9, 10, 11]], atol=1e-3)
 
 
 @pytest.mark.parametrize("attention_heads", ["first", "active"])
@@ -2158,10 +2182,10 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                  r"query heads on 2 KV heads \(the teacher's 2 on 2, scaled as num_heads 4 -> 2, "
                                  r"num_kv_heads 2 -> 2\), which do not group: pick num_heads and num_kv_heads that "
                                  r"give every layer a multiple of its KV heads$"),
-    # its full layers rotate half a head, its sliding ones all of it: one share picks a narrower head's rows
-    ("laguna", {"head_dim": 8}, r"^head_dim=8, but the teacher's layer kinds rotate different shares of a head "
-                                r"\(full_attention 0.5, sliding_attention 1: partial_rotary_factor\), .*: keep "
-                                r"head_dim 16 \(heads, layers and widths narrow\)$"),
+    # its sliding layers rotate all of a head (its full ones half): 9 rows would rotate 4 in one kind, 9 in the other
+    ("laguna", {"head_dim": 9}, r"^head_dim=9: teacher layer 1's kind rotates 1 of a head \(partial_rotary_factor\), 9 "
+                                r"rows of the student's, but RoPE rotates pairs of rows: pick a head_dim whose 1 share "
+                                r"is an even number of rows \(at least 2\)$"),
     # Gemma 4's full layers have 1 KV head of their own (num_global_key_value_heads): half of the config's 2 is none
     ("gemma4_moe", {"num_heads": 2, "num_kv_heads": 1},
      r"^num_kv_heads=1, but teacher layer 1 \(Gemma 4\) has 1 \(num_key_value_heads in per_layer_config\) where its "

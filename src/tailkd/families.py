@@ -674,8 +674,8 @@ FAMILIES = {f.name: f for f in (
            kind_kv_multiple=("sliding_attention", 2)),
     # Laguna: a number of query heads per layer (num_attention_heads_per_layer: a student's scaled as num_heads is,
     # `tailkd.layer_attention`), per-head q/k norms, a softplus output gate per head or per element (g_proj), partial
-    # RoPE on its full layers only (so head_dim is kept: `tailkd.sizing._check_rope`); a sigmoid router (its
-    # score-correction bias a frozen parameter) beside a shared expert of its own width
+    # RoPE on its full layers only (a narrower head keeps each kind's own pairs: `layer_attention.layer_fractions`);
+    # a sigmoid router (its score-correction bias a frozen parameter) beside a shared expert of its own width
     # (shared_expert_intermediate_size, kept), dense and routed layers listed per layer
     Family("laguna", "Laguna", ("LagunaForCausalLM",), _DECODER,
            {**_ATTENTION, **linear("self_attn.g_proj", "gate", "d"), **_HEAD_QK_NORMS,

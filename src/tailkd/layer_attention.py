@@ -1,7 +1,8 @@
 """Attention that differs by layer, for a student cut from such a teacher: transformers 5's ``per_layer_config``
 overrides of ``head_dim`` and ``num_key_value_heads`` (Gemma 4's full attention layers: heads of global_head_dim and,
 with attention_k_eq_v, KV heads of their own, keys used as values), a list of each layer's query heads
-(`Family.layer_heads`: Laguna's num_attention_heads_per_layer), KV heads a layer kind has a multiple of
+(`Family.layer_heads`: Laguna's num_attention_heads_per_layer), RoPE rotating a share of a head of each layer
+kind's own (`layer_fractions`: Laguna's partial_rotary_factor per kind), KV heads a layer kind has a multiple of
 (`Family.kind_kv_multiple`: MiMo-V2-Flash's sliding layers, twice), and layers that reuse an earlier layer's keys and
 values (Gemma 4's last num_kv_shared_layers).
 
@@ -26,8 +27,8 @@ from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.slicing import Dims
 
-__all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "layer_query_heads", "overrides",
-           "student_overrides"]
+__all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "layer_fractions", "layer_query_heads",
+           "overrides", "student_overrides"]
 
 # the per-layer keys a student scales, and the `Dims` field each is
 SCALED = {"head_dim": "head_dim", "num_key_value_heads": "kv_heads"}
@@ -48,6 +49,34 @@ def _scaled(source: str, flag: str, value: int, own_t: int, own_s: int, fam: Fam
                           f"config has {own_t}, which a student scales alike ({own_t} -> {own_s}): pick a {flag} "
                           f"that is a multiple of {step}")
     return value * own_s // own_t
+
+
+def _share(config, i: int, fraction: float) -> float:
+    """The share of a head RoPE rotates in layer i: its kind's (per-kind ``rope_parameters``: Laguna's
+    partial_rotary_factor, 0.5 in its full layers and 1 in its sliding ones; proportional RoPE pairs over the whole
+    head: 1), else ``fraction`` (the config's: `tailkd.sizing.rotary_fraction`)."""
+    kinds = getattr(config, "layer_types", None) or ()
+    group = (getattr(config, "rope_parameters", None) or {}).get(kinds[i]) if i < len(kinds) else None
+    if not isinstance(group, dict):
+        return fraction
+    return 1.0 if group.get("rope_type") == "proportional" else float(group.get("partial_rotary_factor") or 1.0)
+
+
+def layer_fractions(config, fam: Family, t: Dims, s: Dims, layers, fraction: float) -> dict[int, float]:
+    """``{teacher layer: the share of a head RoPE rotates there}`` for each of ``layers`` whose kind rotates another
+    share than the config's ``fraction`` (`tailkd.slicing.axis_indices` picks that layer's RoPE pairs by it). Refused
+    in one line: a student head that would rotate an odd number of rows there, or none where the teacher's rotates."""
+    found = {}
+    for i in sorted(set(layers)) if fam.rope else ():
+        if (share := _share(config, i, fraction)) == fraction:
+            continue
+        rot, rot_t = int(s.head_dim * share), int(t.head_dim * share)
+        if rot % 2 or (rot == 0 and rot_t > 0):
+            raise TailkdError(f"head_dim={s.head_dim}: teacher layer {i}'s kind rotates {share:g} of a head "
+                              f"(partial_rotary_factor), {rot} rows of the student's, but RoPE rotates pairs of rows: "
+                              f"pick a head_dim whose {share:g} share is an even number of rows (at least 2)")
+        found[i] = share
+    return found
 
 
 def layer_query_heads(config, fam: Family, t: Dims) -> list[int]:
@@ -80,7 +109,7 @@ def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 
                               f"{kv_t}, scaled as num_heads {t.heads} -> {s.heads}, num_kv_heads {t.kv_heads} -> "
                               f"{s.kv_heads}), which do not group: pick num_heads and num_kv_heads that give every "
                               "layer a multiple of its KV heads")
-        if fam.rope and int(hd_s * fraction) % 2:
+        if fam.rope and int(hd_s * _share(config, i, fraction)) % 2:
             raise TailkdError(f"head_dim={s.head_dim} gives the student's layer from teacher layer {i} heads of "
                               f"{hd_s} rows ({hd_t} there, scaled as head_dim {t.head_dim} -> {s.head_dim}), which "
                               "RoPE cannot rotate in pairs: pick an even head_dim")

@@ -17,7 +17,7 @@ import math
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
-from tailkd.layer_attention import kv_sharing, layer_dims, student_overrides
+from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, student_overrides
 from tailkd.slicing import Dims
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
@@ -413,19 +413,11 @@ def _check_last_layer_kind(config, fam: Family, chosen: list[int]) -> None:
 
 def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
     """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting;
-    under layer kinds that rotate different shares of a head (Laguna's partial_rotary_factor per kind); and 2 rotated
-    rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
+    and 2 rotated rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
     if s.head_dim == t.head_dim:
         return
     params = getattr(config, "rope_parameters", None) or {}
     groups = (params, *(v for v in params.values() if isinstance(v, dict)))
-    kinds = {kind: 1.0 if group.get("rope_type") == "proportional" else float(group.get("partial_rotary_factor") or 1)
-             for kind, group in params.items() if isinstance(group, dict)}  # per layer kind (Laguna's)
-    if len(set(kinds.values())) > 1:
-        shares = ", ".join(f"{kind} {share:g}" for kind, share in kinds.items())
-        raise TailkdError(f"head_dim={s.head_dim}, but the teacher's layer kinds rotate different shares of a head "
-                          f"({shares}: partial_rotary_factor), and tailkd picks a narrower head's rows by one share: "
-                          f"keep head_dim {t.head_dim} (heads, layers and widths narrow)")
     rotated = int(s.head_dim * fraction)
     if rotated == 2 and any(group.get("rope_type") == "dynamic" for group in groups):
         what = "head_dim" if fraction == 1 else f"head_dim * partial_rotary_factor ({fraction:g})"
@@ -544,7 +536,8 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                      fraction, num_experts, num_experts_per_tok)
     _check_rope(teacher.config, fam, t, s, fraction)
-    layer_dims(teacher.config, fam, t, s, chosen, fraction)  # refuses layers' own sizes a student cannot scale
+    layer_fractions(teacher.config, fam, t, s, chosen, fraction)  # refuses heads a layer kind's RoPE cannot rotate
+    layer_dims(teacher.config, fam, t, s, chosen, fraction)  # and layers' own sizes a student cannot scale
     _check_expert_groups(teacher.config, fam, s)
     for key in fam.hidden_ratios:
         value = getattr(teacher.config, key, None)

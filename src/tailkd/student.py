@@ -205,12 +205,11 @@ hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Yo
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
 HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
 Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE (its q_gate_proj holds [query | gate] per head,
-cut as Qwen3-Next's q_proj), MiMo-V2-Flash (its sliding layers have twice the KV heads of its full ones under one
-num_key_value_heads, a student's likewise; its value heads, of their own size v_head_dim, kept whole), Laguna (query
-heads per layer, num_attention_heads_per_layer, scaled for the chosen layers as num_heads is,
-`tailkd.layer_attention`; head_dim kept; its shared expert keeps its own width), GLM-4.7-Flash (transformers 5's
-layout of experts: one [E, ...] tensor per projection), Llama 4 (text: Llama4ForCausalLM, its NoPE layers and routed
-layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
+cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a student's likewise; its value
+heads, v_head_dim, kept whole), Laguna (query heads per layer, num_attention_heads_per_layer, scaled as num_heads is,
+and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its own width),
+GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
+Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
 names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
 autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
 LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
@@ -244,7 +243,7 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
-from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_query_heads
+from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_fractions, layer_query_heads
 from tailkd.models import autocast_safe
 from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
@@ -410,11 +409,12 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     channels, channel_share = calibrated_channels(fam, s, chosen, measured.get("hidden_channels=active"))
     index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks, layers=chosen)
     own, as_values = layer_dims(teacher.config, fam, t, s, chosen, fraction), keys_as_values(teacher.config, fam)
+    shares = layer_fractions(teacher.config, fam, t, s, chosen, fraction)  # a layer kind's own RoPE share
     heads, head_share = calibrated_heads(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks, own,
                                          kv_sources(teacher.config, fam, chosen))
-    per_layer = {i: axis_indices(*own.get(i, (t, s)), fam.rope, fraction, channels, heads.get(i), fam.head_blocks,
-                                 chosen, i in as_values)  # a layer's own heads by importance, its own head sizes
-                 for i in set(chosen) & ({*heads, *own} | as_values)}
+    per_layer = {i: axis_indices(*own.get(i, (t, s)), fam.rope, shares.get(i, fraction), channels, heads.get(i),
+                                 fam.head_blocks, chosen, i in as_values)  # a layer's own heads, sizes, RoPE share
+                 for i in set(chosen) & ({*heads, *own, *shares} | as_values)}
     kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
     activity = measured.get("mlp_units=active")
     units, active = calibrated_units(s, chosen, activity,  # {teacher layer: ...}
