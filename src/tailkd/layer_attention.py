@@ -34,11 +34,11 @@ __all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "layer_fr
 SCALED = {"head_dim": "head_dim", "num_key_value_heads": "kv_heads"}
 
 
-def overrides(config) -> dict[int, dict]:
+def overrides(config) -> dict[int, dict] | None:
     """``{teacher layer: {key: value}}``: the config's per-layer overrides (transformers 5's ``per_layer_config``,
-    sparse: only the layers that differ), {} without."""
+    sparse: only the layers that differ), None without."""
     data = config.to_dict().get("per_layer_config")
-    return {int(i): dict(v) for i, v in data.items()} if isinstance(data, dict) else {}
+    return {int(i): dict(v) for i, v in data.items()} if isinstance(data, dict) else None
 
 
 def _scaled(source: str, flag: str, value: int, own_t: int, own_s: int, fam: Family, i: int) -> int:
@@ -90,7 +90,7 @@ def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 
     from the config's own (see the module docstring); ``fraction`` the share of a head RoPE rotates. Refused in one
     line: a scaled size that is not whole, query heads that are not a multiple of a layer's KV heads, a head that
     would rotate an odd number of rows."""
-    found, heads, listed = {}, layer_query_heads(config, fam, t), overrides(config)
+    found, heads, listed = {}, layer_query_heads(config, fam, t), overrides(config) or {}
     kinds = getattr(config, "layer_types", None) or ()
     for i in sorted(set(layers)):
         over = listed.get(i, {})
@@ -124,8 +124,7 @@ def student_overrides(config, fam: Family, s: Dims, own: dict[int, tuple[Dims, D
     other keys as the teacher's — where the teacher's config has one, and its list of query heads
     (`Family.layer_heads`)."""
     data = {}
-    if isinstance(config.to_dict().get("per_layer_config"), dict):
-        found = overrides(config)
+    if (found := overrides(config)) is not None:
         data["per_layer_config"] = {str(j): {key: getattr(own[i][1], SCALED[key]) if key in SCALED else value
                                              for key, value in found[i].items()} for j, i in enumerate(layers)
                                     if i in found}

@@ -432,7 +432,8 @@ def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
                           f"(narrow hidden_size and num_heads together)")
 
 
-def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[int], tie: bool | None = None):
+def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: float, layers: list[int],
+                    tie: bool | None = None):
     data = teacher_config.to_dict()
     for key in getattr(teacher_config, "sub_configs", None) or {}:  # nested configs (MPT's attn_config, DBRX's) as
         #  save_pretrained writes them: DBRX's (transformers 5.17) refuse to_dict's generic keys (_name_or_path, ...)
@@ -470,7 +471,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, layers: list[
     for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
         if isinstance(data.get(key), list):
             data[key] = [j for j, i in enumerate(layers) if i in data[key]]
-    own = layer_dims(teacher_config, fam, t, s, layers, rotary_fraction(teacher_config, fam) if fam.rope else 1.0)
+    own = layer_dims(teacher_config, fam, t, s, layers, fraction)
     data.update(student_overrides(teacher_config, fam, s, own, layers))  # per_layer_config, query heads per layer
     if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
         data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
@@ -564,6 +565,6 @@ def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_hea
     _check_layer_index_flags(teacher.config, fam, chosen)
     _check_kv_sharing(teacher.config, fam, chosen)
     _check_last_layer_kind(teacher.config, fam, chosen)
-    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, chosen, tie_embeddings)
+    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, fraction, chosen, tie_embeddings)
 
 
