@@ -291,6 +291,25 @@ def test_latent_attention_term_uses_its_query_and_value_head_sizes():
     assert odd["attn_dim"] == 3 * 33 / 2
 
 
+def test_value_heads_of_their_own_size_count_av_over_them():
+    """MiMo-V2-Flash's heads: QKᵀ over head_dim = 12 dims, AV over v_head_dim = 8 (its v_proj and o_proj hold heads
+    of 8): 2·t·4·12 + 2·t·4·8 FLOPs per layer at position t, d_attn = 4 × (12 + 8) / 2 = 40, not heads × head_dim
+    = 48 (which it counted before); its sliding layers over their window as every family's."""
+    from transformers import MiMoV2FlashConfig
+
+    kinds, s, w = ["full_attention", "sliding_attention", "sliding_attention"], 32, 8
+    cfg = MiMoV2FlashConfig(vocab_size=100, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=1, head_dim=12, v_head_dim=8, n_routed_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=40, intermediate_size=64, sliding_window=w,
+                            layer_types=kinds, mlp_layer_types=["dense", "sparse", "sparse"])
+    m = model_flops_per_token(cfg, seq_len=s)
+    keys = [s / 2 if kind == "full_attention" else w - w * w / (2 * s) for kind in kinds]
+    assert m["attn_dim"] == 40
+    assert m["attention"] == pytest.approx(sum(2 * k * 4 * 12 + 2 * k * 4 * 8 for k in keys), rel=1e-15)
+    odd = model_flops_per_token({**cfg.to_dict(), "num_attention_heads": 3, "v_head_dim": 9}, seq_len=s)
+    assert odd["attn_dim"] == 3 * 21 / 2
+
+
 def test_method_table_default_reference_is_the_cli_default():
     """Without a reference, method_table's MiniPLM reference is the ``--reference-params`` default of ``tailkd flops``
     (command_config: 125e6 parameters, 2·P FLOPs per scored token, 1/δ scored tokens per trained token)."""

@@ -16,7 +16,8 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     costs 2·t·d_attn per layer; averaged over a causal row of s tokens t ≈ s/2, so together
     2·(2·(s/2)·d_attn) = 2·s·d_attn per layer (d_attn = heads × head_dim). This is Kaplan's term. Under
     multi-head latent attention (DeepSeek-V2/V3) QKᵀ spans qk_nope_head_dim + qk_rope_head_dim per head and AV
-    v_head_dim: d_attn = heads × (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) / 2.
+    v_head_dim: d_attn = heads × (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) / 2; value heads of their own
+    size beside head_dim (MiMo-V2-Flash's v_head_dim) likewise, d_attn = heads × (head_dim + v_head_dim) / 2.
     A sliding-window layer (window w: ``sliding_window`` on the layers ``layer_types`` marks
     ``sliding_attention`` or ``hybrid_sliding``, on every layer without ``layer_types``, as Mistral; GPT-Neo's
     ``window_size`` on the layers its ``attention_layers`` marks ``local``) attends
@@ -159,13 +160,17 @@ def _layer_configs(cfg, layers: int) -> list | None:
 def _attn_dim(cfg, hidden: int, heads: int):
     """d_attn: heads × head_dim; under multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash: its head_dim is the
     RoPE part alone) heads × (qk_head_dim + v_head_dim) / 2, QKᵀ over a head's qk_nope_head_dim + qk_rope_head_dim
-    dims and AV over its v_head_dim (int where exact)."""
+    dims and AV over its v_head_dim; with value heads of their own size beside head_dim (MiMo-V2-Flash's v_head_dim)
+    heads × (head_dim + v_head_dim) / 2 (int where exact)."""
     sizes = [getattr(cfg, key, None) for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")]
+    head_dim = int(getattr(cfg, "head_dim", 0) or (hidden // heads if heads else 0))
     if getattr(cfg, "kv_lora_rank", None) and all(isinstance(x, int) for x in sizes):
         twice = heads * sum(sizes)
-        return twice // 2 if twice % 2 == 0 else twice / 2
-    head_dim = int(getattr(cfg, "head_dim", 0) or (hidden // heads if heads else 0))
-    return heads * head_dim or hidden
+    elif isinstance(sizes[2], int) and sizes[2] > 0 and heads * head_dim:
+        twice = heads * (head_dim + sizes[2])  # QKᵀ over head_dim, AV over v_head_dim
+    else:
+        return heads * head_dim or hidden
+    return twice // 2 if twice % 2 == 0 else twice / 2
 
 
 def _experts(cfg) -> tuple[int, int]:
