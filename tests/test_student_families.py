@@ -662,10 +662,11 @@ def _expected(name, teacher, plan):
         return rd(w, 1) if rest in ("self_attn.indexer.wk.weight", "self_attn.indexer.weights_proj.weight") else w
     if type(teacher).__name__ == "MiMoV2FlashForCausalLM" and rest in ("self_attn.v_proj.weight",
                                                                       "self_attn.o_proj.weight"):
-        v_hd = teacher.config.v_head_dim  # value heads of their own size, kept whole: the kept KV heads' and the kept
-        if rest == "self_attn.v_proj.weight":  # query heads' blocks
-            return rd(_heads(w, v_hd, plan["kv_heads"], list(range(v_hd))), 1)
-        return rd(w, 0).reshape(len(d), -1, v_hd)[:, plan["q_heads"]].reshape(len(d), -1)
+        v_hd = teacher.config.v_head_dim  # value heads of their own size, v_hd x hd_s / hd_t rows in the student's: the
+        v_s = v_hd * plan["hd_s"] // hd_t  # first rows of the kept KV heads' and of the kept query heads' blocks
+        if rest == "self_attn.v_proj.weight":
+            return rd(_heads(w, v_hd, plan["kv_heads"], list(range(v_s))), 1)
+        return rd(w, 0).reshape(len(d), -1, v_hd)[:, plan["q_heads"], :v_s].reshape(len(d), -1)
     kept_whole = ("KimiLinearForCausalLM",)
     if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
         # two kinds under one name): only the
@@ -1308,11 +1309,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # MiMo-V2-Flash: its attention whole (both kinds), the residual stream, experts (2 of each group) and their width
     "mimo_v2_flash": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 4},
                       dict(d=32, ff_e=24, experts=[0, 1, 4, 5])),
-    # 2 query heads of 8 rows (of 12: partial RoPE rotates 4, pair (0, 2) kept, then the still rows 4..9): on the full
+    # 2 query heads of 6 rows (of 12: partial RoPE rotates 4, pair (0, 2) kept, then the still rows 4..7): on the full
     # layers' 1 KV head both (0, 1), on the sliding layers' 2 (twice num_key_value_heads) one each (0, 2), their sinks
-    # too; value heads (8 rows: v_head_dim) whole
-    "mimo_v2_flash-heads": ({"num_heads": 2, "head_dim": 8},
-                            dict(hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=[0, 2, 4, 5, 6, 7, 8, 9],
+    # too; value heads (v_head_dim 8) of 4 rows, as head_dim 12 -> 6 scales them, their first
+    "mimo_v2_flash-heads": ({"num_heads": 2, "head_dim": 6},
+                            dict(hd_s=6, q_heads=[0, 1], kv_heads=[0], rows=[0, 2, 4, 5, 6, 7],
                                  per_layer={2: dict(KV_t=2, q_heads=[0, 2], kv_heads=[0, 1])})),
     "laguna": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
     # half the query heads, layer by layer: 2 on 1 KV head where the teacher has 4 on 2 (heads 0, 1), 1 where it has 2
@@ -2173,6 +2174,10 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                       r"keep num_heads 4 \(layers, hidden_size, the MLPs and the experts narrow\)$"),
     # MiMo-V2-Flash's KV heads are its config's num_key_value_heads (1 here; its sliding layers have twice that)
     ("mimo_v2_flash", {"num_kv_heads": 2}, r"^num_kv_heads=2 but the teacher has 1: pick 1\.\.1$"),
+    # its value heads (v_head_dim 8 beside head_dim 12) scale as head_dim: 8 rows of 12 would give them 16/3
+    ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's value heads \(v_head_dim 8\) scale as "
+                                       r"head_dim does \(12 -> 8\), to 5\.33333 rows: pick a head_dim that is a "
+                                       r"multiple of 3$"),
     ("jamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Jamba Mamba mixers are mamba_expand x "
                                    r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"),
     # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one

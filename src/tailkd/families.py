@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 #   d        the residual stream: its first hidden_size entries (with hidden_channels "active", the most active:
 #            tailkd.calibration)
 #   ff       the MLP: its first intermediate_size units
-#   q k v    the query / key / value rows of the kept heads (q and k: RoPE-pair aware, see tailkd.slicing)
+#   q k v    the query / key / value rows of the kept heads (q and k: RoPE-pair aware, see tailkd.slicing; value heads
+#            of their own size, `Family.value_head_dim`: their first rows, as many as a student's value head has)
 #   o        the attention output's input side: the kept query heads, the rows v keeps in each
 #   head_qk  the rows kept inside one q/k head (per-head q/k norms: Qwen3, Gemma3, Phi qk_layernorm)
 #   qkv      a fused [q | k | v] projection (Phi-3 qkv_proj, GPT-2 c_attn): q, k and v rows in their blocks
@@ -59,8 +60,6 @@ from dataclasses import dataclass, field
 #            heads each: in each block the kept heads of that block, their q rows, v rows and k rows
 #   q_gated  a gated attention's q_proj (Qwen3-Next, Qwen3.5), [query | gate] per head: q's rows of the kept query
 #            heads, then the gate's first head_dim rows (the gate multiplies the head's output, as v's rows)
-#   v_heads  whole KV heads of a value projection whose heads have their own size (MiMo-V2-Flash's v_head_dim): the
-#            kept KV heads' blocks of rows, each whole
 #   gate     an output gate of the attention (Laguna's g_proj): one row per query head (the kept heads), or one per
 #            row of each head's output (as ``o``'s columns: the kept heads' first head_dim rows)
 #   layer_blocks  an axis of one equal block per teacher layer (Gemma 4's per-layer embeddings, packed): the blocks of
@@ -69,7 +68,7 @@ from dataclasses import dataclass, field
 # student's)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
         "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp",
-        "layer_blocks", "gate", "v_heads")
+        "layer_blocks", "gate")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -215,6 +214,9 @@ class Family:
     # (a layer kind, a multiple): that kind's layers have that many times the config's KV heads (MiMo-V2-Flash's
     # sliding layers: twice num_key_value_heads), a student's likewise (`tailkd.layer_attention.layer_dims`)
     kind_kv_multiple: tuple[str, int] = ()
+    # a config key of value heads of their own size beside head_dim (MiMo-V2-Flash's v_head_dim): a student's scaled
+    # as head_dim scales the config's (`tailkd.sizing.student_dims`), v and o cut by them (`tailkd.slicing`)
+    value_head_dim: str = ""
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -664,14 +666,12 @@ FAMILIES = {f.name: f for f in (
                                                  "alike (q_proj, o_proj), so its latent layers keep their heads whole"),
     # MiMo-V2-Flash: sliding layers (an attention sink per query head) with twice the KV heads of its full layers under
     # one num_key_value_heads (a student's likewise: kind_kv_multiple), value heads of their own size (v_head_dim,
-    # kept: whole value heads, o's whole head blocks), partial RoPE with a base per layer kind; DeepSeek-V3's mixture
-    # without shared experts, dense and routed layers listed per layer (mlp_layer_types)
+    # scaled as head_dim: value_head_dim), partial RoPE with a base per layer kind; DeepSeek-V3's mixture without
+    # shared experts, dense and routed layers listed per layer (mlp_layer_types)
     Family("mimo_v2_flash", "MiMo-V2-Flash", ("MiMoV2FlashForCausalLM",), _DECODER,
-           {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj", "k", "d"),
-            **linear("self_attn.v_proj", "v_heads", "d"), **linear("self_attn.o_proj", "d", "head"),
-            "self_attn.sinks": ("head",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           {**_ATTENTION, "self_attn.sinks": ("head",), **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types"),
-           kind_kv_multiple=("sliding_attention", 2)),
+           kind_kv_multiple=("sliding_attention", 2), value_head_dim="v_head_dim"),
     # Laguna: a number of query heads per layer (num_attention_heads_per_layer: a student's scaled as num_heads is,
     # `tailkd.layer_attention`), per-head q/k norms, a softplus output gate per head or per element (g_proj), partial
     # RoPE on its full layers only (a narrower head keeps each kind's own pairs: `layer_attention.layer_fractions`);

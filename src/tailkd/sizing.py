@@ -112,8 +112,9 @@ def teacher_dims(config, family: str | Family) -> Dims:
     groups, shared = (setting(config, keys[role]) if keys.get(role) else None
                       for role in ("expert_groups", "shared_experts"))
     inter = setting(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
+    v_head_dim = (setting(config, fam.value_head_dim) or 0) if fam.value_head_dim else 0  # MiMo-V2-Flash's
     return Dims(setting(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
-                per_token, groups or 1, shared or 0)
+                per_token, groups or 1, shared or 0, v_head_dim)
 
 
 def rotary_fraction(config, fam: Family | None = None) -> float:
@@ -246,7 +247,19 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
             raise TailkdError(f"{what} rotates {rot} rows (partial_rotary_factor {rotary_fraction:g}), "
                               f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
-    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts)
+    return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts,
+                _value_head_dim(t, fam, hd))
+
+
+def _value_head_dim(t: Dims, fam: Family, hd: int) -> int:
+    """A student's value heads of their own size (`Family.value_head_dim`): the teacher's scaled as head_dim is,
+    refused in one line where that is not whole; 0 without."""
+    if t.v_head_dim * hd % t.head_dim:
+        step = t.head_dim // math.gcd(t.head_dim, t.v_head_dim)
+        raise TailkdError(f"head_dim={hd}, but {fam.label}'s value heads ({fam.value_head_dim} {t.v_head_dim}) scale "
+                          f"as head_dim does ({t.head_dim} -> {hd}), to {t.v_head_dim * hd / t.head_dim:g} rows: pick "
+                          f"a head_dim that is a multiple of {step}")
+    return t.v_head_dim * hd // t.head_dim
 
 
 def _rotating_head_dim(t: Dims, hd: int, heads: int, fraction: float, explicit: bool) -> str:
@@ -455,6 +468,8 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: flo
     implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
     if fam.head_dim != "derived" and not implied:
         data["head_dim"] = s.head_dim
+    if fam.value_head_dim:
+        data[fam.value_head_dim] = s.v_head_dim
     for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
         if isinstance(data.get(key), list) and len(data[key]) == t.layers:
             data[key] = [data[key][i] for i in layers]

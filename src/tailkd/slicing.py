@@ -32,6 +32,7 @@ class Dims:
     experts_per_token: int = 0  # experts each token is routed to (num_experts_per_tok); 0 for a dense model
     expert_groups: int = 1  # group-limited routing's groups (n_group: GLM-4.5, dots.llm1), the teacher's
     shared_experts: int = 0  # the shared MLP's width in routed widths (n_shared_experts), the teacher's
+    v_head_dim: int = 0  # value heads of their own size (`Family.value_head_dim`: MiMo-V2-Flash's); 0: head_dim
 
 
 def rope_pair_rows(hd_t: int, hd_s: int, interleaved: bool = False) -> list[int]:
@@ -90,8 +91,7 @@ def query_heads(t: Dims, s: Dims) -> list[int]:
 
 
 # the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)
-HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp", "gate",
-             "v_heads"}
+HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp", "gate"}
 
 
 def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.0, channels=None,
@@ -102,7 +102,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones);
     ``layers`` the teacher layers the student keeps (None: its first ``s.layers``), whose blocks ``layer_blocks``
     keeps; ``keys_as_values``: the layer's values are its keys (Gemma 4's attention_k_eq_v), so ``o`` reads the kept
-    heads' key rows (RoPE pairs), not their first rows."""
+    heads' key rows (RoPE pairs), not their first rows; value heads of their own size (``v_head_dim``) keep their
+    first ``s.v_head_dim`` rows in v and o."""
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads  # query heads per KV head
     if q_heads is None and blocks:  # each block's first heads
         q_heads = [b * (t.heads // blocks) + m for b in range(blocks) for m in range(s.heads // blocks)]
@@ -110,7 +111,9 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     kv_heads = [q_heads[j * g_s] // g_t for j in range(s.kv_heads)]  # student KV head j's teacher KV head
     qk_rows, first = qk_head_rows(t.head_dim, s.head_dim, rope, fraction), list(range(s.head_dim))
     q, k = _rows(q_heads, t.head_dim, qk_rows), _rows(kv_heads, t.head_dim, qk_rows)
-    v = _rows(kv_heads, t.head_dim, first)
+    v_t, v_rows = t.v_head_dim or t.head_dim, list(range(s.v_head_dim or s.head_dim))  # value heads' own size
+    v = _rows(kv_heads, v_t, v_rows)
+    o = _rows(q_heads, t.head_dim, qk_rows) if keys_as_values else _rows(q_heads, v_t, v_rows)  # keys as values: theirs
     q_width, kv_width, ff = t.heads * t.head_dim, t.kv_heads * t.head_dim, torch.arange(s.intermediate)
     experts = s.experts  # the first ones; under group-limited routing the first of each group
     if t.expert_groups > 1 and s.experts != t.experts:
@@ -120,7 +123,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     d_range = torch.arange(s.hidden) if channels is None else channels
     layers = list(range(s.layers)) if layers is None else layers
     return {"all": None, "d": d, "ff": lambda n: mlp_units(n, s.intermediate, t.intermediate), "q": q, "k": k, "v": v,
-            "o": _rows(q_heads, t.head_dim, qk_rows if keys_as_values else first),  # keys as values: their rows
+            "o": o,
             "head_qk": torch.tensor(qk_rows, dtype=torch.long),
             "qkv": torch.cat([q, q_width + k, q_width + kv_width + v]),
             "qkv_heads": _rows(q_heads, 3 * t.head_dim, qk_rows + [t.head_dim + r for r in qk_rows]
@@ -140,8 +143,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
             "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks),
             "layer_blocks": lambda n: _rows(layers, _per_head(n, t.layers), list(range(_per_head(n, t.layers)))),
-            "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first),
-            "v_heads": lambda n: _rows(kv_heads, _per_head(n, t.kv_heads), list(range(_per_head(n, t.kv_heads))))}
+            "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first)}
 
 
 def mlp_units(n: int, units: int, width: int) -> int:

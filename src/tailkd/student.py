@@ -205,8 +205,8 @@ hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Yo
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
 HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
 Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE (its q_gate_proj holds [query | gate] per head,
-cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a student's likewise; its value
-heads, v_head_dim, kept whole), Laguna (query heads per layer, num_attention_heads_per_layer, scaled as num_heads is,
+cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a student's likewise; value
+heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as num_heads is,
 and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its own width),
 GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
 Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
