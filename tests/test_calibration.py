@@ -9,6 +9,7 @@ absolute input of the down projection / output of the norms (recomputed in float
 student keeping exactly the active units computes the teacher's function, one keeping the active channels drops the
 dead ones (every tensor's slices at the chosen channels: tests/test_student_families.py)."""
 
+import dataclasses
 import re
 
 import pytest
@@ -20,6 +21,7 @@ from test_student_families import _COMMON, CLASSES, CONFIGS, N_LAYERS, SUBSET, _
 from tailkd.calibration import (
     _layer_modules,
     block_influence,
+    calibrated_heads,
     calibrated_layers,
     channel_activity,
     experts_module,
@@ -33,6 +35,7 @@ from tailkd.calibration import (
 from tailkd.errors import TailkdError
 from tailkd.families import family_for_class
 from tailkd.sizing import config_family, family_spec
+from tailkd.slicing import Dims
 from tailkd.student import build_student, calibrate
 
 MIXTURES = [name for name, (_, extra) in CONFIGS.items() if any(  # DBRX: its sizes in ffn_config
@@ -832,6 +835,21 @@ def test_kept_heads_keep_each_kv_heads_best_queries_and_the_best_kv_heads():
     # KV heads given (a layer reading another's keys and values): their groups' best queries, whatever the sums say
     assert kept_heads(importance, 2, 1, 2, [0]).tolist() == [1, 2]
     assert kept_heads(importance, 2, 2, 1, [0, 1]).tolist() == [1, 6]
+
+
+def test_a_layer_keeping_every_head_has_no_choice_of_heads():
+    """`calibrated_heads`: a layer whose own sizes keep every head (a layer kind's own heads, Kimi Linear's delta
+    attention: `tailkd.layer_attention.layer_dims`) gets no entry — no choice, no share in the run log's span —
+    while the others keep their best heads (one KV head per query head: the 2 largest) and that share of the sum."""
+    t = Dims(3, 32, 4, 4, 8, 64)
+    s = dataclasses.replace(t, heads=2, kv_heads=2)
+    whole = dataclasses.replace(t, heads=2, kv_heads=2, head_dim=16)  # the kind's 2 heads of 16, teacher and student
+    importance = {0: torch.tensor([1.0, 4.0, 2.0, 3.0], dtype=torch.float64),
+                  1: torch.tensor([5.0, 1.0], dtype=torch.float64),
+                  2: torch.tensor([0.0, 1.0, 6.0, 1.0], dtype=torch.float64)}
+    heads, share = calibrated_heads(t, s, [0, 1, 2], importance, own={1: (whole, whole)})
+    assert {i: h.tolist() for i, h in heads.items()} == {0: [1, 3], 2: [1, 2]}
+    assert share == {0: 0.7, 2: 0.875}
 
 
 def _silence_heads(teacher, family, dead):

@@ -667,9 +667,9 @@ def _expected(name, teacher, plan):
         if rest == "self_attn.v_proj.weight":
             return rd(_heads(w, v_hd, plan["kv_heads"], list(range(v_s))), 1)
         return rd(w, 0).reshape(len(d), -1, v_hd)[:, plan["q_heads"], :v_s].reshape(len(d), -1)
-    kept_whole = ("KimiLinearForCausalLM",)
-    if type(teacher).__name__ in kept_whole and rest.startswith("self_attn."):  # the attention kept whole (Kimi Linear:
-        # two kinds under one name): only the
+    if (type(teacher).__name__ == "KimiLinearForCausalLM" and rest.startswith("self_attn.")
+            and teacher.config.layer_types[plan["layers"][i]] == "linear_attention"):  # Kimi Delta Attention: its heads
+        # whole (its latent layers' narrow as latent attention's, below), only the
         inputs = ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "f_a_proj", "q_a_proj", "kv_a_proj_with_mqa",
                   "g_proj")
         if rest.endswith(tuple(f".{name}.weight" for name in inputs)):  # residual side narrows, in either kind
@@ -1443,8 +1443,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "dbrx": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 24, "num_experts": 3},
              dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=24, experts=3)),
     "dbrx-head_dim": ({"hidden_size": 32, "num_experts": 2}, dict(d=32, hd_s=8, experts=2, rows=FULL_ROPE_16_TO_8)),
-    # Kimi Linear: its heads whole in both kinds of attention, the residual stream, experts and their width narrow
+    # Kimi Linear: the residual stream, experts and their width narrow; its heads of both kinds kept
     "kimi_linear": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
+    # half the latent attention's heads (whole: their q, [k | v] out of the latent and output blocks) in layers 0 and
+    # 3; the delta attention layers' 2 heads (linear_num_heads, q_proj and o_proj named as the latent layers') all kept
+    "kimi_linear-heads": ({"num_heads": 2}, dict(q_heads=[0, 1])),
     "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
                                                   else FULL_ROPE_16_TO_8)),
 }
@@ -1500,6 +1503,9 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
                  for i, p in plan.get("per_layer", {}).items()}
     reads = {3: 1} if family == "gemma4" else {}  # the tiny Gemma 4's layer 3 reads layer 1's keys and values
     heads = getattr(teacher.config, "num_attention_heads_per_layer", None) or [t.heads] * t.layers  # Laguna's
+    delta = {i for i, kind in enumerate(getattr(teacher.config, "layer_types", None) or []) if family == "kimi_linear"
+             and kind == "linear_attention"}  # Kimi Linear's delta attention layers: their heads all kept
+    heads = [teacher.config.linear_num_heads if i in delta else h for i, h in enumerate(heads)]
 
     twice = {i for i, kind in enumerate(getattr(teacher.config, "layer_types", None) or []) if family == "mimo_v2_flash"
              and kind == "sliding_attention"}  # MiMo-V2-Flash's sliding layers: twice the KV heads
@@ -1516,7 +1522,7 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
         batches = [{"input_ids": _ids(seed, (2, 13))}]
         importance, _ = head_importance(teacher, fam, batches, layers, heads)
-        q_heads = {i: kept_heads(v, *groups(i)).tolist() for i, v in importance.items() if i not in reads}
+        q_heads = {i: kept_heads(v, *groups(i)).tolist() for i, v in importance.items() if i not in {*reads, *delta}}
         for i, source in reads.items():  # the KV heads of the layer read
             kv_i, _, per_kv = kv_groups(i)
             q_heads[i] = kept_heads(importance[i], *kv_groups(i), [h // (heads[i] // kv_i) for h in
@@ -2169,9 +2175,8 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                                  r"heads: keep num_heads 4"),
     ("bloom", {"intermediate_size": 128}, r"^Bloom has no intermediate_size setting \(its MLP is 4 x hidden_size "
                                           r"wide\): drop intermediate_size and choose hidden_size$"),
-    ("kimi_linear", {"num_heads": 2}, r"^num_heads=2, but Kimi Linear's latent and delta attention layers name their "
-                                      r"tensors alike \(q_proj, o_proj\), so its latent layers keep their heads whole: "
-                                      r"keep num_heads 4 \(layers, hidden_size, the MLPs and the experts narrow\)$"),
+    ("kimi_linear", {"head_dim": 8}, r"^head_dim=8, but Kimi Linear's latent attention keeps its head sizes "
+                                     r"\(qk_nope_head_dim, qk_rope_head_dim, v_head_dim\): drop head_dim$"),
     # MiMo-V2-Flash's KV heads are its config's num_key_value_heads (1 here; its sliding layers have twice that)
     ("mimo_v2_flash", {"num_kv_heads": 2}, r"^num_kv_heads=2 but the teacher has 1: pick 1\.\.1$"),
     # its value heads (v_head_dim 8 beside head_dim 12) scale as head_dim: 8 rows of 12 would give them 16/3

@@ -542,12 +542,15 @@ def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | Non
     block by block, every block kept) and the share of the layer's head importance they had; empty without a
     measure. ``own``: layers with heads of their own (`tailkd.layer_attention.layer_dims`: {layer: (teacher Dims,
     student Dims)}); ``sources``: layers that read another's keys and values ({layer: that layer},
-    `tailkd.layer_attention.kv_sources`), which keep its KV heads and choose their query heads among theirs."""
+    `tailkd.layer_attention.kv_sources`), which keep its KV heads and choose their query heads among theirs. A layer
+    that keeps every head (a layer kind's own heads: Kimi Linear's delta attention) has no choice and no entry."""
     if importance is None:
         return {}, {}
     own, sources, heads = own or {}, sources or {}, {}
     for i in sorted(set(chosen) & set(importance), key=lambda i: i in sources):  # sources before their readers
         t_i, s_i = own.get(i, (t, s))
+        if (t_i.heads, t_i.kv_heads) == (s_i.heads, s_i.kv_heads):
+            continue
         groups = (blocks, blocks, s.heads // blocks) if blocks else (t_i.kv_heads, s_i.kv_heads,
                                                                       s_i.heads // s_i.kv_heads)
         given = None

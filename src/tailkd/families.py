@@ -194,9 +194,6 @@ class Family:
     # config keys of periods that set the layers' kinds (Jamba: attention where i % attn_layer_period is its offset,
     # experts likewise): a student keeps whole periods of their lcm (`tailkd.sizing.layer_period`)
     layer_periods: tuple[str, ...] = ()
-    # why a student keeps the teacher's attention heads and sizes (num_heads, num_kv_heads, head_dim) where it must
-    # (Kimi Linear), said in the refusal of another; its attention tensors narrow on the residual side
-    attention_kept: str = ""
     # a config key counting the last layers that reuse the keys and values of the last earlier layer of their kind
     # (Gemma 4's num_kv_shared_layers; such a layer has no k/v projections): the student's are its chosen layers among
     # them, and each of their kinds needs an earlier chosen layer of that kind (refused in one line otherwise)
@@ -217,6 +214,10 @@ class Family:
     # a config key of value heads of their own size beside head_dim (MiMo-V2-Flash's v_head_dim): a student's scaled
     # as head_dim scales the config's (`tailkd.sizing.student_dims`), v and o cut by them (`tailkd.slicing`)
     value_head_dim: str = ""
+    # (a layer kind, a config key of its heads, one of their size): that kind's layers have heads of their own, which
+    # a student keeps whole (Kimi Linear's delta attention: linear_num_heads x linear_head_dim), so the table's head
+    # axes keep every head there (`tailkd.layer_attention.layer_dims`) where tensors of both kinds share a name
+    kind_heads: tuple[str, str, str] = ()
 
 
 _DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("model.norm")}
@@ -224,9 +225,6 @@ _ATTENTION = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_proj
               **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.o_proj", "d", "o")}
 _GATED_MLP = {**linear("mlp.gate_proj", "ff", "d"), **linear("mlp.up_proj", "ff", "d"),
               **linear("mlp.down_proj", "d", "ff")}
-# attention a student keeps whole (`Family.attention_kept`): only its residual side (q/k/v inputs, o's output) narrows
-_KEPT_ATTENTION = {**linear("self_attn.q_proj", "all", "d"), **linear("self_attn.k_proj", "all", "d"),
-                   **linear("self_attn.v_proj", "all", "d"), **linear("self_attn.o_proj", "d", "all")}
 _PRE_NORMS = norms("input_layernorm", "post_attention_layernorm")
 _SANDWICH = norms("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _HEAD_QK_NORMS = norms("self_attn.q_norm", "self_attn.k_norm", axis="head_qk")
@@ -648,22 +646,19 @@ FAMILIES = {f.name: f for f in (
            layer_lists=("layer_types", "mlp_layer_types"), latent_attention=True),
     # Kimi Linear: Kimi Delta Attention layers (a linear attention of their own sizes, linear_num_heads x
     # linear_head_dim: only the residual side narrows) beside multi-head latent attention layers without RoPE
-    # (layer_types); the two kinds name their tensors alike (self_attn.q_proj, self_attn.o_proj), so the latent layers'
-    # heads stay whole and a student keeps num_heads; DeepSeek-V3's mixture, its dense and routed layers listed per
-    # layer (mlp_layer_types)
+    # (layer_types), whose heads narrow whole; the two kinds name their q_proj and o_proj alike, cut by whole heads,
+    # every one in the delta layers (kind_heads); DeepSeek-V3's mixture, its dense and routed layers listed per layer
+    # (mlp_layer_types)
     Family("kimi_linear", "Kimi Linear", ("KimiLinearForCausalLM",), _DECODER,
-           {**_KEPT_ATTENTION, **linear("self_attn.kv_a_proj_with_mqa", "all", "d"),
-            **linear("self_attn.kv_b_proj", "all", "all"), **linear("self_attn.q_a_proj", "all", "d"),
-            **linear("self_attn.q_b_proj", "all", "all"),
-            **norms("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "self_attn.o_norm", axis="all"),
+           {**_LATENT_ATTENTION, **linear("self_attn.k_proj", "all", "d"), **linear("self_attn.v_proj", "all", "d"),
+            **norms("self_attn.o_norm", axis="all"),
             **linear("self_attn.b_proj", "all", "d"), **linear("self_attn.g_a_proj", "all", "d"),
             **linear("self_attn.g_b_proj", "all", "all"), **linear("self_attn.forget_gate.f_a_proj", "all", "d"),
             **linear("self_attn.forget_gate.f_b_proj", "all", "all"), "self_attn.conv1d.weight": ("all", "all", "all"),
             "self_attn.forget_gate.dt_bias": ("all",), "self_attn.forget_gate.A_log": ("all", "all", "all", "all"),
             **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept", rope=False,
            keys=dict(_DEEPSEEK_MOE_KEYS, experts="num_experts"), layer_lists=("layer_types", "mlp_layer_types"),
-           latent_attention=True, attention_kept="Kimi Linear's latent and delta attention layers name their tensors "
-                                                 "alike (q_proj, o_proj), so its latent layers keep their heads whole"),
+           latent_attention=True, kind_heads=("linear_attention", "linear_num_heads", "linear_head_dim")),
     # MiMo-V2-Flash: sliding layers (an attention sink per query head) with twice the KV heads of its full layers under
     # one num_key_value_heads (a student's likewise: kind_kv_multiple), value heads of their own size (v_head_dim,
     # scaled as head_dim: value_head_dim), partial RoPE with a base per layer kind; DeepSeek-V3's mixture without

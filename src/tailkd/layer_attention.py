@@ -3,13 +3,14 @@ overrides of ``head_dim`` and ``num_key_value_heads`` (Gemma 4's full attention 
 with attention_k_eq_v, KV heads of their own, keys used as values), a list of each layer's query heads
 (`Family.layer_heads`: Laguna's num_attention_heads_per_layer), RoPE rotating a share of a head of each layer
 kind's own (`layer_fractions`: Laguna's partial_rotary_factor per kind), KV heads a layer kind has a multiple of
-(`Family.kind_kv_multiple`: MiMo-V2-Flash's sliding layers, twice), and layers that reuse an earlier layer's keys and
-values (Gemma 4's last num_kv_shared_layers).
+(`Family.kind_kv_multiple`: MiMo-V2-Flash's sliding layers, twice), a layer kind with heads of its own, kept whole
+(`Family.kind_heads`: Kimi Linear's delta attention layers beside its latent attention ones), and layers that reuse an
+earlier layer's keys and values (Gemma 4's last num_kv_shared_layers).
 
 A student layer keeps its teacher layer's own value scaled as the config's is — head_dim h_i x h_s / h_t, KV heads
 k_i x k_s / k_t, query heads q_i x q_s / q_t — so a layer that differs in the teacher differs alike in the student
 (narrowing nothing keeps every value); a scale that is not a whole number, or heads that do not group, are refused in
-one line.
+one line; a layer kind with heads of its own keeps them all.
 `layer_dims` gives each such layer's teacher and student `tailkd.slicing.Dims` (`tailkd.slicing.axis_indices` cuts its
 tensors by them), `student_overrides` the student config's ``per_layer_config`` (and its list of query heads),
 `layer_query_heads` the teacher's query heads layer by layer (`tailkd.calibration` measures each head),
@@ -79,10 +80,21 @@ def layer_fractions(config, fam: Family, t: Dims, s: Dims, layers, fraction: flo
     return found
 
 
+def _kind_heads(config, fam: Family, i: int) -> tuple[int, int] | None:
+    """``(heads, head size)`` of layer i where its kind has heads of its own (`Family.kind_heads`: Kimi Linear's delta
+    attention layers), None elsewhere."""
+    kinds = getattr(config, "layer_types", None) or ()
+    if not fam.kind_heads or i >= len(kinds) or kinds[i] != fam.kind_heads[0]:
+        return None
+    return int(getattr(config, fam.kind_heads[1])), int(getattr(config, fam.kind_heads[2]))
+
+
 def layer_query_heads(config, fam: Family, t: Dims) -> list[int]:
-    """The teacher's query heads, layer by layer: its list of them (`Family.layer_heads`), else ``t.heads`` each."""
+    """The teacher's query heads, layer by layer: its list of them (`Family.layer_heads`), else ``t.heads`` each, a
+    layer kind's own where it has them (`Family.kind_heads`)."""
     listed = getattr(config, fam.layer_heads, None) if fam.layer_heads else None
-    return [int(h) for h in listed] if listed else [t.heads] * t.layers
+    heads = [int(h) for h in listed] if listed else [t.heads] * t.layers
+    return [own[0] if (own := _kind_heads(config, fam, i)) else h for i, h in enumerate(heads)]
 
 
 def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 1.0) -> dict[int, tuple[Dims, Dims]]:
@@ -93,6 +105,10 @@ def layer_dims(config, fam: Family, t: Dims, s: Dims, layers, fraction: float = 
     found, heads, listed = {}, layer_query_heads(config, fam, t), overrides(config) or {}
     kinds = getattr(config, "layer_types", None) or ()
     for i in sorted(set(layers)):
+        if own := _kind_heads(config, fam, i):  # heads of the kind's own, kept whole
+            found[i] = tuple(dataclasses.replace(d, heads=own[0], kv_heads=own[0], head_dim=own[1], v_head_dim=0)
+                             for d in (t, s))
+            continue
         over = listed.get(i, {})
         kind = kinds[i] if i < len(kinds) else None
         multiple = fam.kind_kv_multiple[1] if fam.kind_kv_multiple and kind == fam.kind_kv_multiple[0] else 1

@@ -212,11 +212,6 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     if fam.head_blocks and heads % fam.head_blocks:
         raise TailkdError(f"num_heads={heads}, but {fam.label}'s qkv_proj holds its heads in {fam.head_blocks} blocks "
                           f"(mp_num, fixed in its code), each keeping as many: pick a multiple of {fam.head_blocks}")
-    for name, value, kept in (("num_heads", num_heads, t.heads), ("num_kv_heads", num_kv_heads, t.kv_heads),
-                              ("head_dim", head_dim, t.head_dim)) if fam.attention_kept else ():
-        if value is not None and int(value) != kept:
-            raise TailkdError(f"{name}={value}, but {fam.attention_kept}: keep {name} {kept} (layers, hidden_size, "
-                              "the MLPs and the experts narrow)")
     if fam.alibi and heads != t.heads:
         raise TailkdError(f"num_heads={heads}, but {fam.label}'s ALiBi slopes are set by the number of heads: keep "
                           f"num_heads {t.heads} (a narrower hidden_size narrows each head)")

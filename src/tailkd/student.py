@@ -113,9 +113,9 @@ Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind 
          ...) and narrow on the residual side only (input projections' columns, out_proj's rows).
          Kimi Linear: Kimi Delta Attention layers beside latent attention layers without RoPE (``layer_types``); the
          delta layers keep their own sizes (``linear_num_heads`` x ``linear_head_dim``) and narrow on the residual
-         side; both kinds name their projections q_proj and o_proj, so the latent layers keep their heads whole too
-         and num_heads is the teacher's (refused in one line); DeepSeek-V3's mixture, dense or routed per layer
-         (``mlp_layer_types``).
+         side; the latent layers' heads narrow as latent attention's (both kinds name q_proj and o_proj alike: cut by
+         whole heads, every one in a delta layer, `Family.kind_heads`); DeepSeek-V3's mixture, dense or routed per
+         layer (``mlp_layer_types``).
          LFM2 and LFM2-MoE: short-convolution layers beside attention layers (``layer_types``, ``full_attn_idxs``,
          both following the chosen layers); the convolution is depthwise over the residual channels, so it narrows
          with hidden_size channel by channel (in_proj's B, C and x blocks, the kernels, out_proj); the MLP
@@ -209,8 +209,8 @@ cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding la
 heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as num_heads is,
 and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its own width),
 GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
-Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (its heads whole), DBRX (MPT's block
-names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
+Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (latent heads narrow), DBRX (MPT's
+block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
 autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
 LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
 """
