@@ -459,6 +459,24 @@ def test_layers_by_influence_keep_what_gemma4_layers_need():
     assert layer_needs(transformers.LlamaConfig(), FAMILIES["llama"]) == ([], {})
 
 
+def test_layers_by_influence_keep_the_layer_whose_dsa_top_k_a_shared_layer_reuses():
+    """GLM-5's "shared" layers (indexer_types) reuse the DSA top-k of the last earlier "full" layer: [F, S, S, F, S,
+    F] gives layers 1 and 2 layer 0's, layer 4 layer 3's; by influence a shared layer comes with the layer it reads
+    where both fit."""
+    from tailkd.families import FAMILIES
+    from tailkd.sizing import layer_needs
+
+    full, shared = "full", "shared"
+    config = transformers.GlmMoeDsaConfig(num_hidden_layers=6, indexer_types=[full, shared, shared, full, shared, full])
+    needs = layer_needs(config, FAMILIES["glm_moe_dsa"])
+    assert needs == ([], {1: (0,), 2: (0,), 4: (3,)})
+    influence = {"layer_choice=influence": torch.tensor([0.1, 0.9, 0.2, 0.3, 0.8, 0.05], dtype=torch.float64)}
+    # 1 with 0, then 4 with 3 does not fit in 3 layers, 3 alone does; in 4 layers 4 and 3 fit
+    assert calibrated_layers(influence, 3, None, 1, needs) == (None, [0, 1, 3])
+    assert calibrated_layers(influence, 4, None, 1, needs) == (None, [0, 1, 3, 4])
+    assert calibrated_layers(influence, 1, None, 1, needs) == (None, [3])  # 1 and 4 need a second layer
+
+
 def test_a_gemma4_student_by_influence_is_one_its_config_can_give():
     """A student of 3 of the tiny Gemma 4 teacher's layers ([S, F, S, F, F], layers 3 and 4 reading layer 1) by
     influence: teacher layer 4 and the layer it reads (1), then the most influential other layer, measured by

@@ -247,6 +247,13 @@ CONFIGS = {
                                                n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
                                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
                                                index_topk=4, index_head_dim=8, index_n_heads=2)),
+    # GLM-MoE-DSA (GLM-5): DeepSeek-V3.2's, its layers 2 and 3 "shared" (indexer_types: no indexer, layer 1's top-k)
+    "glm_moe_dsa": ("GlmMoeDsaConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
+                                            num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
+                                            n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
+                                            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                                            index_topk=4, index_head_dim=8, index_n_heads=2,
+                                            indexer_types=["full", "full", "shared", "shared", "full"])),
     # MiniCPM5-MoE: [query | gate] per head in one q_gate_proj (4 heads of 16 on 2 KV heads), DeepSeek-V3's routing
     # (8 experts in 2 groups) with a shared expert, dense layers 0, 3 listed in mlp_layer_types
     "minicpm5_moe": ("MiniCPM5MoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
@@ -386,8 +393,9 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
-           "deepseek_v32": "DeepseekV32ForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM",
-           "mimo_v2_flash": "MiMoV2FlashForCausalLM", "laguna": "LagunaForCausalLM",
+           "deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM",
+           "minicpm5_moe": "MiniCPM5MoeForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
+           "laguna": "LagunaForCausalLM",
            "jamba": "JambaForCausalLM", "minimax": "MiniMaxForCausalLM", "gemma4": "Gemma4ForCausalLM",
            "gemma4_moe": "Gemma4ForCausalLM"}
 NAMES = list(CONFIGS)
@@ -1351,6 +1359,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
               dict(q_heads=[0, 1], kv_heads=[0], ff=40, ff_e=40, experts=3)),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    "glm_moe_dsa": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
+                    dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)
     "deepseek_v2": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 2, 4, 6])),
@@ -2177,6 +2187,10 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                           r"wide\): drop intermediate_size and choose hidden_size$"),
     ("kimi_linear", {"head_dim": 8}, r"^head_dim=8, but Kimi Linear's latent attention keeps its head sizes "
                                      r"\(qk_nope_head_dim, qk_rope_head_dim, v_head_dim\): drop head_dim$"),
+    # GLM-5's layer 2 reuses layer 1's DSA top-k ("shared" in indexer_types): a student cannot start with it
+    ("glm_moe_dsa", {"layers": [2, 3, 4]}, r"^teacher layer 2 reuses the DSA top-k of an earlier layer "
+                                           r"\(indexer_types: shared\), but the student keeps none before it: keep "
+                                           r"teacher layer 1, which it reads, too \(--student.layers\)$"),
     # MiMo-V2-Flash's KV heads are its config's num_key_value_heads (1 here; its sliding layers have twice that)
     ("mimo_v2_flash", {"num_kv_heads": 2}, r"^num_kv_heads=2 but the teacher has 1: pick 1\.\.1$"),
     # its value heads (v_head_dim 8 beside head_dim 12) scale as head_dim: 8 rows of 12 would give them 16/3

@@ -201,6 +201,11 @@ class Family:
     # the kind (of ``layer_types``) a family's config gives its last layer whatever it is told (Gemma 4: full
     # attention): a student's last layer must be a teacher layer of that kind (refused in one line otherwise)
     last_layer_kind: str = ""
+    # (a config key listing each layer's kind, a kind, what it reuses): layers of that kind reuse what the last earlier
+    # layer of another kind computed (GLM-5's shared DSA layers: the top-k of the last full indexer layer): a student's
+    # first layer must not be one, and a layer chosen by influence keeps the one it reads
+    # (`tailkd.layer_attention.reused_results`)
+    reuses_earlier: tuple[str, str, str] = ()
     # (a config flag, a layer kind of ``layer_types``): where the flag is set, layers of that kind use their keys as
     # values (Gemma 4's attention_k_eq_v in its full attention layers: no v_proj), so their output projection reads
     # the kept keys' rows (`tailkd.layer_attention.keys_as_values`)
@@ -625,6 +630,13 @@ FAMILIES = {f.name: f for f in (
            {**_LATENT_ATTENTION, **_DSA_INDEXER, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types"),
            layer_thresholds=("first_k_dense_replace",), latent_attention=True),
+    # GLM-MoE-DSA (GLM-5): DeepSeek-V3.2's layout whose "shared" layers (indexer_types) have no indexer and reuse the
+    # DSA top-k of the last earlier "full" one (a student's follow its chosen layers: reuses_earlier)
+    Family("glm_moe_dsa", "GLM-MoE-DSA", ("GlmMoeDsaForCausalLM",), _DECODER,
+           {**_LATENT_ATTENTION, **_DSA_INDEXER, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
+           keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types", "indexer_types"),
+           layer_thresholds=("first_k_dense_replace",), latent_attention=True,
+           reuses_earlier=("indexer_types", "shared", "DSA top-k")),
     # MiniCPM5-MoE: q and a sigmoid output gate in one q_gate_proj, [query | gate] per head (the gate's rows scale the
     # head's output rows, as v's: axis q_gated), head_dim decoupled from hidden_size / heads, DeepSeek-V3's mixture, its
     # dense and routed layers listed per layer (mlp_layer_types)

@@ -29,7 +29,7 @@ from tailkd.families import Family
 from tailkd.slicing import Dims
 
 __all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "layer_fractions", "layer_query_heads",
-           "overrides", "student_overrides"]
+           "overrides", "reused_results", "student_overrides"]
 
 # the per-layer keys a student scales, and the `Dims` field each is
 SCALED = {"head_dim": "head_dim", "num_key_value_heads": "kv_heads"}
@@ -169,6 +169,21 @@ def kv_sharing(config, fam: Family) -> tuple[int, list | None, dict]:
         return 0, None, {}
     first = len(kinds) - shared
     return first, kinds, {kinds[i]: i for i in range(first)}
+
+
+def reused_results(config, fam: Family) -> dict[int, int]:
+    """``{teacher layer: the teacher layer whose result it reuses}`` of a family whose layers of one kind reuse what
+    the last earlier layer of another kind computed (`Family.reuses_earlier`: GLM-5's shared DSA layers, the top-k of
+    the last full indexer layer); {} elsewhere. A student's such layer reuses its last earlier chosen layer's."""
+    if not fam.reuses_earlier:
+        return {}
+    found, last = {}, None
+    for i, kind in enumerate(getattr(config, fam.reuses_earlier[0], None) or ()):
+        if kind != fam.reuses_earlier[1]:
+            last = i
+        elif last is not None:
+            found[i] = last
+    return found
 
 
 def kv_sources(config, fam: Family, chosen: list[int]) -> dict[int, int]:

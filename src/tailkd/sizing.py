@@ -17,7 +17,7 @@ import math
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
-from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, student_overrides
+from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, reused_results, student_overrides
 from tailkd.slicing import Dims
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
@@ -141,12 +141,14 @@ def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ..
     """``(first, needs)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first, where the
     student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as the
     teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
-    earlier layer of its kind, whose it reads in the teacher; ``([], {})`` elsewhere.
+    earlier layer of its kind, whose it reads in the teacher, or another earlier layer's result
+    (`Family.reuses_earlier`: GLM-5's DSA top-k) that layer; ``([], {})`` elsewhere.
     `tailkd.calibration.calibrated_layers` keeps them with the layers it chooses."""
     n = setting(config, fam.keys["layers"])
     first, kinds, read = kv_sharing(config, fam)
-    return [n - 1] if fam.last_layer_kind else [], {i: (read[kinds[i]],) for i in range(first, n)
-                                                     if kinds is not None and kinds[i] in read}
+    needs = {i: (read[kinds[i]],) for i in range(first, n) if kinds is not None and kinds[i] in read}
+    needs.update({i: (j,) for i, j in reused_results(config, fam).items()})
+    return [n - 1] if fam.last_layer_kind else [], needs
 
 
 def student_layers(config, fam: Family, num_layers: int | None = None, layers=None) -> list[int]:
@@ -408,6 +410,15 @@ def _check_kv_sharing(config, fam: Family, chosen: list[int]) -> None:
                               f"before it: keep {keep} too (--student.layers)")
 
 
+def _check_reused_results(config, fam: Family, chosen: list[int]) -> None:
+    """A layer that reuses an earlier layer's result (`Family.reuses_earlier`: GLM-5's shared DSA layers) reuses the
+    student's last earlier chosen layer's, so the student's first layer cannot be one; refused in one line."""
+    if (i := chosen[0]) in (read := reused_results(config, fam)):
+        key, kind, what = fam.reuses_earlier
+        raise TailkdError(f"teacher layer {i} reuses the {what} of an earlier layer ({key}: {kind}), but the student "
+                          f"keeps none before it: keep teacher layer {read[i]}, which it reads, too (--student.layers)")
+
+
 def _check_last_layer_kind(config, fam: Family, chosen: list[int]) -> None:
     """A family whose config gives its last layer a kind whatever it lists (`Family.last_layer_kind`: Gemma 4's full
     attention) needs a student whose last chosen layer is of that kind; refused in one line naming those layers."""
@@ -575,6 +586,7 @@ def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_hea
     _check_layer_index_flags(teacher.config, fam, chosen)
     _check_kv_sharing(teacher.config, fam, chosen)
     _check_last_layer_kind(teacher.config, fam, chosen)
+    _check_reused_results(teacher.config, fam, chosen)
     return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, fraction, chosen, tie_embeddings)
 
 

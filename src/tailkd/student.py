@@ -8,10 +8,9 @@ Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced wi
          ``layer_choice="influence"`` the n of largest Block Influence over calibration rows (`tailkd.calibration`).
          Per-layer config lists follow the chosen layers (``layer_types``: sliding vs full attention, which also picks
          Gemma3's local/global RoPE), and "from layer N on" thresholds are renumbered
-         (``max_window_layers`` becomes the number of chosen layers below it). A teacher whose layers compute
-         with their own index (GPT-2's ``scale_attn_by_inverse_layer_idx``: layer i's attention scores / (i + 1),
-         which a config cannot set per layer) gives a student of its first n layers only: other choices are
-         refused.
+         (``max_window_layers`` becomes the number of chosen layers below it). A teacher whose layers compute with their
+         own index (GPT-2's ``scale_attn_by_inverse_layer_idx``: layer i's attention scores / (i + 1), which a config
+         cannot set per layer) gives a student of its first n layers only: other choices are refused.
 Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` (and `head_dim`, see Heads)
          default to the teacher's and may only shrink (num_kv_heads of an MHA teacher, one KV head per query
          head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
@@ -62,8 +61,8 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
-         DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX, Jamba,
-         MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default; at least its
+         DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX,
+         Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default; at least its
          `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
          ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
          (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
@@ -98,14 +97,15 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the chosen layers)
          keep the teacher's width, its ``no_rope_layers`` follow the chosen layers as ``layer_types`` (chunked attention
          on its RoPE layers) do.
-Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see
+Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see
          Hybrids): one key/value head per query head, so num_heads narrows whole heads (the first ones: their rows of
          q_proj / q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value], and o_proj's
          columns); the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank,
          kv_lora_rank) are the teacher's, so num_kv_heads and head_dim are refused; the latent projections narrow on the
-         residual side. DeepSeek-V3.2's DSA indexer (its own index_n_heads x index_head_dim, picking the index_topk keys
-         each query attends to; transformers computes it without gradients, so a student's keeps the copied weights)
-         narrows on the residual side only.
+         residual side. DeepSeek-V3.2's and GLM-5's DSA indexer (its own index_n_heads x index_head_dim, picking the
+         index_topk keys each query attends to; transformers computes it without gradients, so a student's keeps the
+         copied weights) narrows on the residual side only. GLM-5's "shared" layers (``indexer_types``) reuse the last
+         earlier full layer's top-k (a student's its last earlier chosen one's; refused as its first layer).
 Hybrids  Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: the chosen layers keep their kind (``layer_types``: gated full
          attention or Gated DeltaNet linear attention). The full-attention layers narrow like Qwen3's (their q_proj
          holds [query | gate] per head: the query's kept rows, then the gate's first head_dim rows, which scale the
@@ -204,11 +204,11 @@ hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Yo
 (latent attention; its muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size),
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
 HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
-Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, MiniCPM5-MoE (its q_gate_proj holds [query | gate] per head,
-cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a student's likewise; value
-heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as num_heads is,
-and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its own width),
-GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
+Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, GLM-MoE-DSA (GLM-5), MiniCPM5-MoE (its q_gate_proj holds
+[query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a
+student's likewise; value heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as
+num_heads is, and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its
+own width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
 Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (latent heads narrow), DBRX (MPT's
 block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
 autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), LFM2,
