@@ -134,6 +134,9 @@ CONFIGS = {
     # Granite: Llama's layout, an attention scale of its own (attention_multiplier) and multipliers
     "granite": ("GraniteConfig", dict(hidden_size=64, num_key_value_heads=2, attention_multiplier=0.05,
                                       embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)),
+    # HyperCLOVA X: Granite's, a norm after each sub-layer (use_post_norm), its logits multiplied by logits_scaling
+    "hyperclovax": ("HyperCLOVAXConfig", dict(hidden_size=64, num_key_value_heads=2, attention_multiplier=0.05,
+                                              embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)),
     "olmo": ("OlmoConfig", dict(hidden_size=64, num_key_value_heads=2, clip_qkv=8.0)),  # LayerNorms without weights
     "starcoder2": ("Starcoder2Config", dict(hidden_size=64, num_key_value_heads=2, use_bias=True, **_SLIDING)),
     # partial rotary (4 of 16 rows), LayerNorms with biases, q/k/v biases
@@ -371,7 +374,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
            "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-           "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "granite": "GraniteForCausalLM", "olmo": "OlmoForCausalLM",
+           "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "granite": "GraniteForCausalLM",
+           "hyperclovax": "HyperCLOVAXForCausalLM", "olmo": "OlmoForCausalLM",
            "starcoder2": "Starcoder2ForCausalLM", "stablelm": "StableLmForCausalLM", "nemotron": "NemotronForCausalLM",
            "arcee": "ArceeForCausalLM", "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
            "ernie4_5": "Ernie4_5ForCausalLM", "phimoe": "PhimoeForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
@@ -771,7 +775,7 @@ def _expected(name, teacher, plan):
     if module in ("mlp.down_proj", "mlp.fc2", "mlp.c_proj"):
         return rd(w[:, :ff], 0) if kind == "weight" else rd(w, 0)
     if module.endswith(("layernorm", "layer_norm", "operator_norm", "ffn_norm")) or module in (
-            "norm", "ln_1", "ln_2", "norm_1", "norm_2", "ln_attn", "ln_mlp"):
+            "norm", "ln_1", "ln_2", "norm_1", "norm_2", "ln_attn", "ln_mlp", "post_norm1", "post_norm2"):
         return rd(w, 0)
     if module == "mlp.act_fn":  # Apertus' xIELU: learned scalars
         return w
@@ -1271,6 +1275,7 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                dict(d=32, hd_s=8, ff_e=40, experts=3, rows=FULL_ROPE_16_TO_8)),
     # Granite's attention_multiplier follows head_dim 16 -> 8 (see _check_narrow_student)
     "granite": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "hyperclovax": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "olmo": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "starcoder2": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2}, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1])),
     # 4 of 16 rows rotate, pairs (i, i+2): 2 of 8, teacher pair 0 = rows 0, 2; then the non-rotated rows 4..9
@@ -1783,7 +1788,7 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert (getattr(attention, "head_dim", None) or attention.head_size) == hd  # GPT-NeoX: head_size
     if family in ("gemma2", "gemma3", "vaultgemma"):  # attention scale 1/sqrt(query_pre_attn_scalar) follows head_dim
         assert config.query_pre_attn_scalar == hd  # the teacher's 16 is its head_dim
-    if family.startswith("granite"):  # the attention scale itself, as 1/sqrt(head_dim)
+    if family.startswith("granite") or family == "hyperclovax":  # the attention scale itself, as 1/sqrt(head_dim)
         assert config.attention_multiplier == 0.05 * (16 / hd) ** 0.5
     if family == "falcon":  # its attention's KV heads are the layout's (num_kv_heads: read by the grouped one only)
         kv_heads = _plan(teacher, layers, **plan)["kv_heads"]  # per teacher layer under attention_heads "active"

@@ -362,6 +362,11 @@ FAMILIES = {f.name: f for f in (
     # Granite: Llama's layout; its attention scale is a setting (attention_multiplier), its multipliers the teacher's
     Family("granite", "Granite", ("GraniteForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS}, _EMBED,
            "follows_hidden", attention_scales=("attention_multiplier",)),
+    # HyperCLOVA X: Granite's, with a norm after each sub-layer's output (use_post_norm: post_norm1, post_norm2) and a
+    # head_dim in its config; its logits multiplied by logits_scaling (`tailkd.head`)
+    Family("hyperclovax", "HyperCLOVA X", ("HyperCLOVAXForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS, **norms("post_norm1", "post_norm2")}, _EMBED, "follows_hidden",
+           attention_scales=("attention_multiplier",)),
     # OLMo (1): Llama's layout with LayerNorms without parameters
     Family("olmo", "OLMo", ("OlmoForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP}, _EMBED, "follows_hidden"),
     Family("starcoder2", "StarCoder2", ("Starcoder2ForCausalLM",), _DECODER,

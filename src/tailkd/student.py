@@ -191,9 +191,9 @@ Values are exact copies/slices of the teacher's (computed in its dtype, stored i
 in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
 (interleaved RoPE), BitNet (its unpacked weights; norms before o_proj and down_proj follow the heads and units), HunYuan
 (per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the kept heads and rows),
-Granite, Granite-SWA, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2 (interleaved
-RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4, Apertus, GPT-2,
-GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers), GPT-J
+Granite, Granite-SWA, HyperCLOVA X, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2
+(interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4, Apertus,
+GPT-2, GPT-BigCode (StarCoder, SantaCoder), GPT-Neo (its run-length attention_types follow the chosen layers), GPT-J
 (interleaved RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: a student keeps as
 many heads of each block), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3,
 Gemma 4 (text-only Gemma4ForCausalLM; see above), OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the
