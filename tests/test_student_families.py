@@ -233,6 +233,10 @@ CONFIGS = {
     # of a head's 16 rows (rotary_dim, as its checkpoints say it)
     "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                            num_experts_per_tok=2, intermediate_size=40, rotary_dim=8)),
+    # Hy3: per-head q/k norms, MiniMax-M2's sigmoid routing (4 experts) beside a shared expert, dense layers 0, 3
+    "hy_v3": ("HYV3Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=40, num_shared_experts=1,
+                                 mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
     # dense layer 0; full attention below layer 3 (max_window_layers), sliding above: layer_types [F, F, F, S, S]
     "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -387,7 +391,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "helium": "HeliumForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM", "jais2": "Jais2ForCausalLM",
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
-           "minimax_m2": "MiniMaxM2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+           "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM",
+           "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
@@ -1117,6 +1122,7 @@ def _mlp_kinds(model):
     ("dots1", [0, 3, 4], dict(first_k_dense_replace=1, max_window_layers=1)),
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
     ("deepseek_v32", [0, 2, 3], dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"])),
+    ("hy_v3", [0, 2, 3], dict(mlp_layer_types=["dense", "sparse", "dense"])),  # listed per layer only
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
     ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),
     # routed layers 1..4: the student's routed range, start and end renumbered
@@ -1394,6 +1400,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "solar_open": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # half the heads on one KV head, head_dim 8 (its per-head q/k norms' rows follow), 3 experts of 24 units and the
+    # shared expert with them; the dense layers keep their width
+    "hy_v3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
+               "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
+                                   experts=3)),
     # interleaved RoPE over the whole head (teacher pairs 0, 2, 4, 6); dense layers keep their width, the shared
     # expert narrows with the routed ones
     "cohere2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},

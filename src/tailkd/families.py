@@ -618,6 +618,14 @@ FAMILIES = {f.name: f for f in (
             **_PRE_NORMS}, _EMBED, "kept", keys=dict(_MOE_KEYS, experts="num_local_experts",
                                                       intermediate="intermediate_size"),
            head_dim_scaled=("rotary_dim",)),
+    # Hy3 (HY-V3): per-head q/k norms (Apertus' attention), a sigmoid router whose score-correction bias (a buffer)
+    # sits on the MoE block (MiniMax-M2's), shared experts num_shared_experts routed widths wide, dense and routed
+    # layers listed per layer (mlp_layer_types)
+    Family("hy_v3", "Hy3", ("HYV3ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_EXPERTS, "mlp.e_score_correction_bias": ("expert",), **_DENSE_MLP,
+            **_SHARED_EXPERTS, **_PRE_NORMS}, _EMBED, "kept",
+           keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size", shared_experts="num_shared_experts"),
+           layer_lists=("mlp_layer_types",)),
     Family("dots1", "dots.llm1", ("Dots1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),

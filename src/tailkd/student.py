@@ -60,7 +60,7 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden, or with
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
-         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
+         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, Hy3, GLM-4.5, dots.llm1, Solar Open, EXAONE-MoE,
          DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX,
          Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default; at least its
          `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
@@ -89,14 +89,14 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          keeps the first num_experts/n_group experts of each group (or, by use, the most used of each group), so
          num_experts is a multiple of n_group with at least 2 (V2: 1) per group and num_experts_per_tok fits in
          topk_group groups; the shared experts (one MLP of n_shared_experts routed widths) keep their first
-         n_shared_experts x intermediate_size units. MiniMax-M2's score-correction bias (on its MoE block) likewise
-         follows the kept experts. HunYuan-MoE's always-on shared MLP is as wide as its experts and narrows with them;
-         an expert setting its config lists per layer (HunYuan-MoE's moe_topk) is refused. Llama 4 (text) routes with a
-         sigmoid top-k router whose experts take every token pre-scaled by its score (with experts "used" the counts are
-         read at the router); its shared expert is as wide as each routed one and narrows with them, its dense layers'
-         MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the chosen layers)
-         keep the teacher's width, its ``no_rope_layers`` follow the chosen layers as ``layer_types`` (chunked attention
-         on its RoPE layers) do.
+         n_shared_experts x intermediate_size units. MiniMax-M2's and Hy3's score-correction bias (on the MoE block)
+         likewise follows the kept experts. HunYuan-MoE's always-on shared MLP is as wide as its experts and narrows
+         with them; an expert setting its config lists per layer (HunYuan-MoE's moe_topk) is refused. Llama 4 (text)
+         routes with a sigmoid top-k router whose experts take every token pre-scaled by its score (with experts "used"
+         the counts are read at the router); its shared expert is as wide as each routed one and narrows with them, its
+         dense layers' MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the
+         chosen layers) keep the teacher's width, its ``no_rope_layers`` follow the chosen layers as ``layer_types``
+         (chunked attention on its RoPE layers) do.
 Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see
          Hybrids): one key/value head per query head, so num_heads narrows whole heads (the first ones: their rows of
          q_proj / q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value], and o_proj's
@@ -203,7 +203,7 @@ word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower
 hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3
 (latent attention; its muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size),
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE (Granite 3), Granite-MoE-SWA, ERNIE 4.5 MoE,
-HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, GLM-4.5, dots.llm1, Solar
+HunYuan-MoE, Mellum (its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, Hy3, GLM-4.5, dots.llm1, Solar
 Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, GLM-MoE-DSA (GLM-5), MiniCPM5-MoE (its q_gate_proj holds
 [query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a
 student's likewise; value heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as
