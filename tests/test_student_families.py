@@ -237,6 +237,11 @@ CONFIGS = {
     "hy_v3": ("HYV3Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
                                  num_experts_per_tok=2, moe_intermediate_size=40, num_shared_experts=1,
                                  mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
+    # AFMoE: per-head q/k norms, an output gate per element, RoPE on its sliding layers only; a sigmoid router (4
+    # experts) with its score bias on the block, a shared expert, dense layer 0 (num_dense_layers); muP embeddings
+    "afmoe": ("AfmoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=40, num_shared_experts=1,
+                                  num_dense_layers=1, layer_types=[S, F, S, S, F], mup_enabled=True, **_SLIDING)),
     # dense layer 0; full attention below layer 3 (max_window_layers), sliding above: layer_types [F, F, F, S, S]
     "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -391,7 +396,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "helium": "HeliumForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM", "jais2": "Jais2ForCausalLM",
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
-           "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM",
+           "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM", "afmoe": "AfmoeForCausalLM",
            "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
@@ -639,7 +644,8 @@ def _expected(name, teacher, plan):
             return rd(w[experts, :ff_e], 2) if rest.endswith("proj") else rd(w[experts], 1)
     if rest == "self_attn.sinks":  # GPT-OSS, Granite-SWA: one per query head
         return w[plan["q_heads"]]
-    if rest in ("mlp.gate.weight", "mlp.router.weight", "mlp.gate.wg.weight"):  # the router: one row per expert
+    if rest in ("mlp.gate.weight", "mlp.router.weight", "mlp.gate.wg.weight", "mlp.router.gate.weight"):  # the router:
+        # one row per expert
         return rd(w[experts], 1)
     if rest in ("mlp.gate.e_score_correction_bias", "mlp.expert_bias", "mlp.e_score_correction_bias"):  # per expert
         return w[experts]
@@ -721,7 +727,8 @@ def _expected(name, teacher, plan):
         return rd(w, 0) if rest.startswith("mamba.out_proj") else w
     if rest == "self_attn.g_proj.weight" and w.shape[0] == plan["H_t"]:  # LFM3's, Laguna's output gate: per head
         return rd(w[plan["q_heads"]], 1)
-    if rest == "self_attn.g_proj.weight":  # Laguna's per-element gate: the rows of each kept head's output
+    if rest in ("self_attn.g_proj.weight", "self_attn.gate_proj.weight"):  # Laguna's, AFMoE's per-element gate: the
+        # rows of each kept head's output
         return rd(_heads(w, hd_t, plan["q_heads"], list(range(plan["hd_s"]))), 1)
     if rest.startswith("feed_forward.") and type(teacher).__name__ == "Lfm3ForCausalLM":  # w1, w3 [ff, d]; w2 [d, ff]
         return rd(w[:, :ff], 0) if rest == "feed_forward.w2.weight" else rd(w[:ff], 1)
@@ -1123,6 +1130,7 @@ def _mlp_kinds(model):
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
     ("deepseek_v32", [0, 2, 3], dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"])),
     ("hy_v3", [0, 2, 3], dict(mlp_layer_types=["dense", "sparse", "dense"])),  # listed per layer only
+    ("afmoe", SUBSET, dict(num_dense_layers=0)), ("afmoe", [0, 2, 3], dict(num_dense_layers=1)),
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
     ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),
     # routed layers 1..4: the student's routed range, start and end renumbered
@@ -1400,6 +1408,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "solar_open": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # half the heads on one KV head, head_dim 8: the output gate's rows follow the kept heads' first rows
+    "afmoe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
+               "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
+                                   experts=3)),
     # half the heads on one KV head, head_dim 8 (its per-head q/k norms' rows follow), 3 experts of 24 units and the
     # shared expert with them; the dense layers keep their width
     "hy_v3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,

@@ -626,6 +626,18 @@ FAMILIES = {f.name: f for f in (
             **_SHARED_EXPERTS, **_PRE_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size", shared_experts="num_shared_experts"),
            layer_lists=("mlp_layer_types",)),
+    # AFMoE (Arcee Trinity): per-head q/k norms, a sigmoid output gate per element of the attention's output
+    # (self_attn.gate_proj: as o's columns), RoPE on its sliding layers only (layer_types), sandwich norms around the
+    # MLP; a sigmoid router (mlp.router.gate) whose score bias is a frozen parameter on the block (expert_bias), shared
+    # experts num_shared_experts routed widths wide, dense below num_dense_layers; under mup_enabled its embeddings are
+    # scaled by sqrt(hidden_size) of the student (as Gemma's)
+    Family("afmoe", "AFMoE", ("AfmoeForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **linear("self_attn.gate_proj", "gate", "d"),
+            **linear("mlp.router.gate", "expert", "d"), "mlp.experts.gate_up_proj": ("expert", "gate_up", "d"),
+            "mlp.experts.down_proj": ("expert", "d", "ff"), "mlp.expert_bias": ("expert",), **_DENSE_MLP,
+            **_SHARED_EXPERTS, **_PRE_NORMS, **norms("pre_mlp_layernorm", "post_mlp_layernorm")}, _EMBED, "kept",
+           keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size", shared_experts="num_shared_experts"),
+           layer_lists=("layer_types",), layer_thresholds=("num_dense_layers",)),
     Family("dots1", "dots.llm1", ("Dots1ForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **_DEEPSEEK_MOE, **_PRE_NORMS}, _EMBED, "kept",
            keys=_DEEPSEEK_MOE_KEYS, layer_thresholds=("first_k_dense_replace", "max_window_layers")),
