@@ -242,6 +242,11 @@ CONFIGS = {
     "afmoe": ("AfmoeConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, num_shared_experts=1,
                                   num_dense_layers=1, layer_types=[S, F, S, S, F], mup_enabled=True, **_SLIDING)),
+    # Kolibri-1: per-head q/k norms, RoPE on its sliding layers, GLM-4's sandwich norms; 4 experts whose router holds
+    # a score bias, beside a shared expert of its own width (32)
+    "kolibri1": ("Kolibri1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                        num_experts_per_tok=2, moe_intermediate_size=40,
+                                        shared_expert_intermediate_size=32, layer_types=[S, F, S, S, F], **_SLIDING)),
     # dense layer 0; full attention below layer 3 (max_window_layers), sliding above: layer_types [F, F, F, S, S]
     "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -397,7 +402,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM", "afmoe": "AfmoeForCausalLM",
-           "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+           "kolibri1": "Kolibri1ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
@@ -415,7 +420,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
-LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM"}
+LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
@@ -1408,6 +1413,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "solar_open": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                    dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # half the heads on one KV head, head_dim 8 (per-head norms' rows following), 3 experts of 24 units; the shared
+    # expert keeps its own width
+    "kolibri1": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
+                  "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
+                                      experts=3)),
     # half the heads on one KV head, head_dim 8: the output gate's rows follow the kept heads' first rows
     "afmoe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
                "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,

@@ -260,6 +260,10 @@ _LINEAR_ATTENTION = {"linear_attn.dt_bias": ("all",), "linear_attn.A_log": ("all
 _SHARED_EXPERTS = {**linear("mlp.shared_experts.gate_proj", "ff_shared", "d"),  # n_shared_experts routed widths
                    **linear("mlp.shared_experts.up_proj", "ff_shared", "d"),
                    **linear("mlp.shared_experts.down_proj", "d", "ff_shared")}
+# shared experts of a width of their own (shared_expert_intermediate_size: Laguna, Kolibri-1), kept whole
+_OWN_SHARED_EXPERTS = {**linear("mlp.shared_experts.gate_proj", "all", "d"),
+                       **linear("mlp.shared_experts.up_proj", "all", "d"),
+                       **linear("mlp.shared_experts.down_proj", "d", "all")}
 _DEEPSEEK_MOE = {**_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP, **_SHARED_EXPERTS}
 _MOE_KEYS = dict(layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
                  kv_heads="num_key_value_heads", experts="num_experts", experts_per_token="num_experts_per_tok")
@@ -711,9 +715,8 @@ FAMILIES = {f.name: f for f in (
     # (shared_expert_intermediate_size, kept), dense and routed layers listed per layer
     Family("laguna", "Laguna", ("LagunaForCausalLM",), _DECODER,
            {**_ATTENTION, **linear("self_attn.g_proj", "gate", "d"), **_HEAD_QK_NORMS,
-            **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP,
-            **linear("mlp.shared_experts.gate_proj", "all", "d"), **linear("mlp.shared_experts.up_proj", "all", "d"),
-            **linear("mlp.shared_experts.down_proj", "d", "all"), **_PRE_NORMS}, _EMBED, "kept",
+            **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",), **_DENSE_MLP, **_OWN_SHARED_EXPERTS,
+            **_PRE_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
            layer_lists=("layer_types", "mlp_layer_types"), layer_heads="num_attention_heads_per_layer"),
     # MiniMax (MiniMax-Text-01): lightning (linear) attention layers beside full attention ones (layer_types): a
@@ -779,6 +782,13 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_GATED_MLP, **_HEAD_QK_NORMS, **norms("post_attention_layernorm",
                                                                   "post_feedforward_layernorm")},
            _EMBED, "derived"),
+    # Kolibri-1: EXAONE 4's attention (per-head q/k norms, RoPE on its sliding layers only) in GLM-4's sandwich of
+    # norms; in every layer a router whose score-correction bias (a buffer) sits on it, beside a shared expert of its
+    # own width (shared_expert_intermediate_size, kept)
+    Family("kolibri1", "Kolibri-1", ("Kolibri1ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",),
+            **_OWN_SHARED_EXPERTS, **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")}, _EMBED,
+           "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_lists=("layer_types",)),
     # Apertus: an ungated MLP with xIELU's two learned scalars, per-head q/k norms
     Family("apertus", "Apertus", ("ApertusForCausalLM",), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff"),
