@@ -247,6 +247,11 @@ CONFIGS = {
     "kolibri1": ("Kolibri1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
                                         num_experts_per_tok=2, moe_intermediate_size=40,
                                         shared_expert_intermediate_size=32, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # Flint: Qwen3-MoE's with an attention sink per query head, sliding and full layers, a sigmoid router over 4 experts
+    # beside a shared expert of its own width (32), dense layer 0 (mlp_only_layers)
+    "flint": ("FlintConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=32,
+                                  mlp_only_layers=[0], layer_types=[F, S, F, S, F], **_SLIDING)),
     # dense layer 0; full attention below layer 3 (max_window_layers), sliding above: layer_types [F, F, F, S, S]
     "dots1": ("Dots1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -402,7 +407,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM", "afmoe": "AfmoeForCausalLM",
-           "kolibri1": "Kolibri1ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+           "kolibri1": "Kolibri1ForCausalLM", "flint": "FlintForCausalLM", "opt": "OPTForCausalLM",
+           "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
            "exaone_moe": "ExaoneMoeForCausalLM", "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
@@ -420,7 +426,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
-LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM"}
+LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
@@ -1127,6 +1133,8 @@ def _mlp_kinds(model):
     # dense layer 2 (mlp_only_layers): teacher layers 1, 2, 4 are sparse, dense, sparse
     ("qwen3_moe", SUBSET, dict(mlp_only_layers=[1], decoder_sparse_step=1)),
     ("qwen3_moe", [0, 1, 2], dict(mlp_only_layers=[2], decoder_sparse_step=1)),
+    ("flint", [1, 2, 4], dict(mlp_only_layers=[], decoder_sparse_step=1)),  # dense layer 0 (Flint)
+    ("flint", [0, 3, 4], dict(mlp_only_layers=[0], decoder_sparse_step=1)),
     # dense below first_k_dense_replace (GLM-4.5: 2, dots.llm1: 1): the number of chosen layers below it
     ("glm4_moe", SUBSET, dict(first_k_dense_replace=1)),
     ("glm4_moe", [2, 3], dict(first_k_dense_replace=0)),
@@ -1418,6 +1426,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "kolibri1": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
                   "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
                                       experts=3)),
+    # 2 heads on 1 KV head, head_dim 8: their sinks follow; 3 experts of 24 units, the shared expert kept whole
+    "flint": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
+               "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
+                                   experts=3)),
     # half the heads on one KV head, head_dim 8: the output gate's rows follow the kept heads' first rows
     "afmoe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
                "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,

@@ -586,6 +586,12 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_EXPERTS, **_DENSE_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS}, _EMBED, "kept",
            keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_thresholds=("max_window_layers",),
            sparse_by_index=True),
+    # Flint: Qwen3-MoE's layout with an attention sink per query head, sliding and full layers (layer_types), a sigmoid
+    # router and a shared expert of its own width (Qwen2-MoE's name, no gate: kept), dense layers in mlp_only_layers
+    Family("flint", "Flint", ("FlintForCausalLM",), _DECODER,
+           {**_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_DENSE_MLP, **_PRE_NORMS, **_HEAD_QK_NORMS,
+            "self_attn.sinks": ("head",)}, _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
+           layer_lists=("layer_types",), sparse_by_index=True),
     # Mellum: Qwen3-MoE's layout, its sparse/dense MLPs and sliding/full attention listed per layer (mlp_layer_types,
     # layer_types)
     Family("mellum", "Mellum", ("MellumForCausalLM",), _DECODER,

@@ -60,11 +60,11 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden, or with
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
-         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, GLM-4.5, dots.llm1, Solar Open,
-         EXAONE-MoE, DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama
-         4, DBRX, Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default; at
-         least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy" and
-         ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
+         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, Flint, GLM-4.5, dots.llm1, Solar
+         Open, EXAONE-MoE, DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna,
+         Llama 4, DBRX, Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default;
+         at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy"
+         and ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
          (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
          moe_intermediate_size, whichever the family's experts have; its first units, or with ``mlp_units="active"``
          each kept expert's own most active ones, over the tokens routed to it — experts stored as [E, gate | up, d],
@@ -203,9 +203,9 @@ word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower
 hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3
 (latent attention; its muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size),
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE, Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum
-(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, GLM-4.5, dots.llm1, Solar
-Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, GLM-MoE-DSA (GLM-5), MiniCPM5-MoE (its q_gate_proj holds
-[query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a
+(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, Flint, GLM-4.5, dots.llm1,
+Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, GLM-MoE-DSA (GLM-5), MiniCPM5-MoE (its q_gate_proj
+holds [query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a
 student's likewise; value heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as
 num_heads is, and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its
 own width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
