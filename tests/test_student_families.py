@@ -383,6 +383,12 @@ CONFIGS = {
                                                  layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
                                                  moe_intermediate_size=40, shared_expert_intermediate_size=80,
                                                  **_LINEAR)),
+    # Lara-Mini: Gated DeltaNet layers 0, 2 beside sliding (1, 4) and full (3) attention with per-head q/k norms, 4
+    # experts in every layer beside a shared expert of its own width (32)
+    "lara_mini": ("LaraMiniConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
+                                         layer_types=[L, S, L, F, S], num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=40,
+                                         shared_expert_intermediate_size=32, **_LINEAR, **_SLIDING)),
 }
 CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -408,6 +414,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM", "afmoe": "AfmoeForCausalLM",
            "kolibri1": "Kolibri1ForCausalLM", "flint": "FlintForCausalLM", "opt": "OPTForCausalLM",
+           "lara_mini": "LaraMiniForCausalLM",
            "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
@@ -426,7 +433,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
-LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM"}
+LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM",
+                 "LaraMiniForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
@@ -1292,6 +1300,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "qwen3_5": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
                 dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
     "qwen3_5_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
+    # the attention layers' heads (2 on 1 KV head, head_dim 8); the Gated DeltaNet layers keep their sizes
+    "lara_mini": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
+                   "num_experts": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
+                                       experts=2)),
     # group-limited routing: 4 of 8 experts in n_group 2 = the first 2 of each group of 4; shared experts 2 x 24 wide
     "glm4_moe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 24, "num_experts": 4},
                  dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),

@@ -760,6 +760,11 @@ FAMILIES = {f.name: f for f in (
     Family("qwen3_5_moe", "Qwen3.5-MoE", ("Qwen3_5MoeForCausalLM",), _DECODER,
            {**_GATED_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_PRE_NORMS},
            _EMBED, "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size")),
+    # Lara-Mini (Lara-4-Mini): Qwen3.5's Gated DeltaNet layers beside sliding and full attention ones (Qwen3's: per-head
+    # q/k norms, no output gate; layer_types), a mixture in every layer with a shared expert of its own width (kept)
+    Family("lara_mini", "Lara-Mini", ("LaraMiniForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_LINEAR_ATTENTION, **_EXPERTS, **_SHARED_EXPERT, **_PRE_NORMS}, _EMBED,
+           "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size")),
     # GLM, GLM-4: interleaved partial RoPE, fused [gate | up], q/k/v biases; GLM-4 adds post-sublayer norms
     Family("glm", "GLM", ("GlmForCausalLM",), _DECODER,
            {**_ATTENTION, **_FUSED_MLP, **_PRE_NORMS}, _EMBED, "kept", rope="interleaved"),
