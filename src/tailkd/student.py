@@ -188,31 +188,9 @@ refusal is a head_dim change under per-frequency RoPE factor lists (Phi-3 "longr
 (narrow hidden_size and num_heads together). The per-family parameter tables are in `tailkd.families`.
 
 Values are exact copies/slices of the teacher's (computed in its dtype, stored in float32: the student is always built
-in float32, its master weights). Supported: Llama, Qwen2, Mistral, Ministral, Ministral 3, Seed-OSS, CWM, Helium
-(interleaved RoPE), BitNet (its unpacked weights; norms before o_proj and down_proj follow the heads and units), HunYuan
-(per-head q/k norms after RoPE), Jais 2, Cohere (its [heads, head_dim] q/k norms follow the kept heads and rows),
-Granite, Granite-SWA, HyperCLOVA X, OLMo, StarCoder2, StableLM, Nemotron, Arcee, ERNIE 4.5 (interleaved RoPE), Cohere2
-(interleaved RoPE), Cohere2-MoE (its dense and routed layers listed per layer, mlp_layer_types), EXAONE 4, Apertus,
-GPT-2, GPT-BigCode (StarCoder), GPT-Neo (its run-length attention_types follow the chosen layers), GPT-J (interleaved
-RoPE on rotary_dim rows), CodeGen (GPT-J's block with one qkv_proj of 4 blocks of heads: a student keeps as many heads
-of each block), Phi (Phi-2), Phi-3, Gemma, Gemma2, Gemma3 (text-only Gemma3ForCausalLM), VaultGemma, Qwen3, Gemma 4
-(text-only Gemma4ForCausalLM; see above), OLMo-2, OLMo-3, SmolLM3 (its per-layer no_rope_layers follow the chosen
-layers), GLM, GLM-4 (interleaved RoPE: pair p is rows (2p, 2p + 1), kept by the same frequency rule), OPT (its
-word_embed_proj_dim follows hidden_size; OPT-350m, whose embeddings are narrower than it, is refused), GPT-NeoX
-(Pythia), Bloom (its ALiBi slopes are set by the number of heads: num_heads is the teacher's; its MLP is always 4 x
-hidden_size wide, no intermediate_size), MPT (likewise), Persimmon, nanochat, Youtu-LLM (latent attention), MiniCPM3
-(latent attention; its muP scales follow the student: scale_depth by sqrt(layers), dim_model_base by hidden_size),
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE, Granite-MoE-SWA, ERNIE 4.5 MoE, HunYuan-MoE, Mellum
-(its sparse and dense layers listed per layer), FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, Flint, GLM-4.5, dots.llm1,
-Solar Open, EXAONE-MoE, DeepSeek-V2, DeepSeek-V3, DeepSeek-V3.2, GLM-MoE-DSA (GLM-5), MiniCPM5-MoE (its q_gate_proj
-holds [query | gate] per head, cut as Qwen3-Next's q_proj), MiMo-V2-Flash (twice the KV heads in its sliding layers, a
-student's likewise; value heads, v_head_dim, scaled as head_dim), Laguna (num_attention_heads_per_layer scaled as
-num_heads is, and RoPE pairs by each layer kind's share of a head: `tailkd.layer_attention`; its shared expert keeps its
-own width), GLM-4.7-Flash (transformers 5's layout of experts: one [E, ...] tensor per projection), Llama 4 (text:
-Llama4ForCausalLM, its NoPE layers and routed layers listed per layer), Kimi Linear (latent heads narrow), DBRX (MPT's
-block names, a fused Wqkv with grouped KV heads and RoPE; its experts module gets its input in the autocast dtype under
-autocast: `tailkd.models.autocast_safe`), Qwen3-Next, Qwen3.5, Qwen3.5-MoE (text-only ForCausalLM classes), Lara-Mini,
-LFM2, LFM2-MoE, LFM3, Falcon-H1, Bamba, Jamba, MiniMax, Granite 4.0-H (GraniteMoeHybrid), Nemotron-H.
+in float32, its master weights). The teachers supported are `SUPPORTED`, one entry of `tailkd.families.FAMILIES` per
+family whose comment says what is particular to it (the README names them all); DBRX's experts module gets its input in
+the autocast dtype under autocast (`tailkd.models.autocast_safe`).
 """
 
 from __future__ import annotations
