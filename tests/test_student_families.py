@@ -383,6 +383,11 @@ CONFIGS = {
                                                  layer_types=[F, L, F, L, F], num_experts=4, num_experts_per_tok=2,
                                                  moe_intermediate_size=40, shared_expert_intermediate_size=80,
                                                  **_LINEAR)),
+    # OLMo-Hybrid: OLMo-3's attention layers 2, 4 (post-norms, q/k norms over the projection), Gated DeltaNet layers 0,
+    # 1, 3 (2 key heads of 8, 2 value heads of 16) under pre-norms
+    "olmo_hybrid": ("OlmoHybridConfig", dict(hidden_size=64, num_key_value_heads=2, layer_types=[L, L, F, L, F],
+                                             linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                                             linear_value_head_dim=16)),
     # Lara-Mini: Gated DeltaNet layers 0, 2 beside sliding (1, 4) and full (3) attention with per-head q/k norms, 4
     # experts in every layer beside a shared expert of its own width (32)
     "lara_mini": ("LaraMiniConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
@@ -414,7 +419,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM", "afmoe": "AfmoeForCausalLM",
            "kolibri1": "Kolibri1ForCausalLM", "flint": "FlintForCausalLM", "opt": "OPTForCausalLM",
-           "lara_mini": "LaraMiniForCausalLM",
+           "lara_mini": "LaraMiniForCausalLM", "olmo_hybrid": "OlmoHybridForCausalLM",
            "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
            "nanochat": "NanoChatForCausalLM", "mellum": "MellumForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
@@ -758,9 +763,9 @@ def _expected(name, teacher, plan):
         units = c.block_multiple_of * -(-int(c.block_ffn_dim_multiplier * int(2 * ff / 3)) // c.block_multiple_of)
         return rd(w[:, :units], 0) if rest == "feed_forward.w2.weight" else rd(w[:units], 1)
     if rest.startswith("linear_attn."):  # Gated DeltaNet keeps its own sizes: only the residual side narrows
-        if rest.startswith("linear_attn.in_proj_"):
+        if rest.startswith(("linear_attn.in_proj_", *(f"linear_attn.{p}_proj" for p in "qkvabg"))):  # OLMo-Hybrid's
             return rd(w, 1)
-        return rd(w, 0) if rest == "linear_attn.out_proj.weight" else w
+        return rd(w, 0) if rest in ("linear_attn.out_proj.weight", "linear_attn.o_proj.weight") else w
     if rest in ("self_attn.q_proj.weight", "self_attn.q_gate_proj.weight") and w.shape[0] == 2 * plan["H_t"] * hd_t:
         # [query | gate] per head (Qwen3-Next, Qwen3.5; MiniCPM5-MoE's q_gate_proj)
         per_head = w.reshape(plan["H_t"], 2, hd_t, -1)[plan["q_heads"]]
@@ -935,7 +940,8 @@ def _zero_dropped_layers(teacher, keep):
     model = copy.deepcopy(teacher)
     outputs = ("self_attn.o_proj.", "self_attn.dense.", "mlp.down_proj.", "mlp.fc2.", "mlp.c_proj.",
                "mlp.experts.down_proj", "mlp.shared_expert.down_proj.", "mlp.shared_experts.down_proj.",
-               "linear_attn.out_proj.", "conv.out_proj.", "self_attn.out_proj.", "feed_forward.w2.",
+               "linear_attn.out_proj.", "linear_attn.o_proj.", "conv.out_proj.", "self_attn.out_proj.",
+               "feed_forward.w2.",
                "feed_forward.experts.down_proj", "feed_forward.down_proj.", "mamba.out_proj.",
                "block_sparse_moe.experts.down_proj", "shared_mlp.output_linear.", "mixer.o_proj.", "mixer.out_proj.",
                "mixer.down_proj.", "mixer.experts.down_proj", "mixer.shared_experts.down_proj.", "fc2.",
@@ -1300,6 +1306,10 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "qwen3_5": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
                 dict(d=32, q_heads=[0, 1], kv_heads=[0], ff=40)),
     "qwen3_5_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 2}, dict(d=32, ff_e=24, experts=2)),
+    # the attention layers' heads (2 on 1 KV head, head_dim 8 of hidden_size 32 / 4); the Gated DeltaNet layers keep
+    # their sizes
+    "olmo_hybrid": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40},
+                    dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=16, ff=40)),
     # the attention layers' heads (2 on 1 KV head, head_dim 8); the Gated DeltaNet layers keep their sizes
     "lara_mini": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
                    "num_experts": 2}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
@@ -2249,6 +2259,9 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                           r"wide\): drop intermediate_size and choose hidden_size$"),
     ("kimi_linear", {"head_dim": 8}, r"^head_dim=8, but Kimi Linear's latent attention keeps its head sizes "
                                      r"\(qk_nope_head_dim, qk_rope_head_dim, v_head_dim\): drop head_dim$"),
+    # OLMo-Hybrid's config needs an attention layer: teacher layers 0, 1, 3 are all Gated DeltaNet ones
+    ("olmo_hybrid", {"layers": [0, 1, 3]}, r"^OlmoHybridConfig refuses the student's config: ValueError: OLMoHybrid "
+                                           r"expects at least one attention layer\.$"),
     # GLM-5's layer 2 reuses layer 1's DSA top-k ("shared" in indexer_types): a student cannot start with it
     ("glm_moe_dsa", {"layers": [2, 3, 4]}, r"^teacher layer 2 reuses the DSA top-k of an earlier layer "
                                            r"\(indexer_types: shared\), but the student keeps none before it: keep "

@@ -907,6 +907,16 @@ FAMILIES = {f.name: f for f in (
     Family("olmo2", "OLMo-2/3", ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), _DECODER,
            {**_ATTENTION, **_GATED_MLP, **norms("post_attention_layernorm", "post_feedforward_layernorm"),
             **_PROJECTION_QK_NORMS}, _EMBED, "derived"),
+    # OLMo-Hybrid: OLMo-3's attention layers (post-norms, q/k norms over the whole projection) beside Gated DeltaNet
+    # layers (layer_types) of their own sizes (linear_num_key_heads x linear_key_head_dim, ...: only the residual side
+    # narrows) under pre-norms
+    Family("olmo_hybrid", "OLMo-Hybrid", ("OlmoHybridForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **norms("input_layernorm", "post_attention_layernorm",
+                                                "post_feedforward_layernorm"), **_PROJECTION_QK_NORMS,
+            **{k: v for p in "qkvabg" for k, v in linear(f"linear_attn.{p}_proj", "all", "d").items()},
+            **linear("linear_attn.o_proj", "d", "all"), "linear_attn.conv1d.weight": ("all", "all", "all"),
+            "linear_attn.A_log": ("all",), "linear_attn.dt_bias": ("all",), **norms("linear_attn.o_norm", axis="all")},
+           _EMBED, "derived"),
 )}
 
 SUPPORTED = tuple(name for family in FAMILIES.values() for name in family.classes)

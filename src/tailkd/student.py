@@ -106,11 +106,12 @@ Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash,
          index_topk keys each query attends to; transformers computes it without gradients, so a student's keeps the
          copied weights) narrows on the residual side only. GLM-5's "shared" layers (``indexer_types``) reuse the last
          earlier full layer's top-k (a student's its last earlier chosen one's; refused as its first layer).
-Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini: the chosen layers keep their kind (``layer_types``: gated full
-         attention, Lara-Mini's ungated, or Gated DeltaNet linear attention). The full-attention layers narrow like
-         Qwen3's (their q_proj holds [query | gate] per head: the query's kept rows, then the gate's first head_dim
-         rows, which scale the head's output as v's rows); the linear-attention layers keep their own sizes
-         (``linear_num_key_heads``, ...) and narrow on the residual side only (input projections' columns, out_proj's).
+Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen layers keep their kind (``layer_types``:
+         gated full attention, Lara-Mini's and OLMo-Hybrid's ungated, or Gated DeltaNet linear attention). The
+         full-attention layers narrow like Qwen3's (their q_proj holds [query | gate] per head: the query's kept rows,
+         then the gate's first head_dim rows, which scale the head's output as v's rows); the linear-attention layers
+         keep their own sizes (``linear_num_key_heads``, ...) and narrow on the residual side only (input projections'
+         columns, out_proj's).
          Kimi Linear: Kimi Delta Attention layers beside latent attention layers without RoPE (``layer_types``); the
          delta layers keep their own sizes (``linear_num_heads`` x ``linear_head_dim``) and narrow on the residual
          side; the latent layers' heads narrow as latent attention's (both kinds name q_proj and o_proj alike: cut by
