@@ -38,7 +38,7 @@ SUBSETS, NARROW_LAYERS_OF = {"jamba": [0, 3, 4]}, {"jamba": [0, 1, 4]}
 # Gemma 4's last layer is always a full attention one, and its KV-shared layers (3 and 4 here: full attention) need an
 # earlier full attention layer to take keys and values from: the narrow students keep layers 1 (full), 2, 3 (the
 # mixture's too: `_check_narrow_student` knows a family by its class)
-NARROW_LAYERS_OF.update(gemma4=[1, 2, 3], gemma4_moe=[1, 2, 3])
+NARROW_LAYERS_OF.update(gemma4=[1, 2, 3], gemma4_moe=[1, 2, 3], gemma4_unified=[1, 2, 3])
 # Laguna's layers have 4, 2, 4, 4, 2 query heads: the narrow students keep one of 2 (layer 1)
 NARROW_LAYERS_OF.update(laguna=[0, 1, 3])
 # MiniMax's layers normalize the residual stream itself (input_layernorm's output is the residual): a layer whose
@@ -365,6 +365,10 @@ CONFIGS = {
                                         layer_types=[S, F, S, F, F], hidden_size_per_layer_input=8,
                                         vocab_size_per_layer_input=TINY_VOCAB, num_kv_shared_layers=2,
                                         use_double_wide_mlp=True, **_SLIDING)),
+    # Gemma 4 unified (text): Gemma 4 without per-layer embeddings or experts, KV sharing and double-wide MLPs kept
+    "gemma4_unified": ("Gemma4UnifiedTextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16,
+                                                       global_head_dim=32, layer_types=[S, F, S, F, F],
+                                                       num_kv_shared_layers=2, use_double_wide_mlp=True, **_SLIDING)),
     # Gemma 4's mixture: 4 routed experts 40 wide beside each layer's dense MLP; its full layers' keys used as values
     # (attention_k_eq_v) on 1 KV head of their own (num_global_key_value_heads); no per-layer embeddings
     "gemma4_moe": ("Gemma4TextConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, global_head_dim=32,
@@ -434,7 +438,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "minicpm5_moe": "MiniCPM5MoeForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
            "laguna": "LagunaForCausalLM",
            "jamba": "JambaForCausalLM", "minimax": "MiniMaxForCausalLM", "gemma4": "Gemma4ForCausalLM",
-           "gemma4_moe": "Gemma4ForCausalLM"}
+           "gemma4_moe": "Gemma4ForCausalLM", "gemma4_unified": "Gemma4UnifiedForCausalLM"}
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
@@ -533,11 +537,14 @@ def _heads(w, hd, heads, rows):
     return w.reshape(-1, hd, *w.shape[1:])[heads][:, rows].reshape(-1, *w.shape[1:])
 
 
+GEMMA4_CLASSES = ("Gemma4ForCausalLM", "Gemma4UnifiedForCausalLM")  # the unified one: no per-layer inputs, no experts
+
+
 def _expected(name, teacher, plan):
     """The value a student parameter must hold: the teacher's tensor, sliced as the student docstring says."""
     t = {**dict(teacher.named_parameters()), **_persistent_buffers(teacher)}
     prefix, i, rest = _split_layer(name)
-    if prefix is not None and type(teacher).__name__ == "Gemma4ForCausalLM":  # its full layers' heads of their own
+    if prefix is not None and type(teacher).__name__ in GEMMA4_CLASSES:  # its full layers' heads of their own
         layer, c = plan["layers"][i], teacher.config
         own = {int(k): v for k, v in (_global(c, "per_layer_config") or {}).items()}.get(layer)
         if own:  # heads of global_head_dim rows (and KV heads of their own), the plan's ``full`` slices of them
@@ -570,7 +577,7 @@ def _expected(name, teacher, plan):
             return rd(w, 1)
         return w if name == "lm_head.bias" else rd(w, 0)  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
-    if type(teacher).__name__ == "Gemma4ForCausalLM":
+    if type(teacher).__name__ in GEMMA4_CLASSES:
         if rest == "layer_scalar":  # its output scale
             return w
         if rest == "post_per_layer_input_norm.weight":  # over the residual stream
@@ -1396,6 +1403,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                      dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8,
                           full=dict(hd_s=16, rows=FULL_ROPE_32_TO_16, kv_heads=[0]))),
     "gemma4_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
+    # the unified text model narrows as Gemma 4's (its full layers' heads of their own, KV-shared layer 3 reading 1)
+    "gemma4_unified": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, ff=40)),
+    "gemma4_unified-heads": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
+                             dict(d=32, hd_s=8, q_heads=[0, 1], kv_heads=[0], rows=FULL_ROPE_16_TO_8,
+                                  full=dict(hd_s=16, rows=FULL_ROPE_32_TO_16, kv_heads=[0]))),
     # 2 query heads of 8 rows: on the sliding layers' 2 KV heads one each (heads 0, 2), on the full layers' one KV head
     # (num_global_key_value_heads) both (heads 0, 1, of 16 rows), whose keys are their values: o reads the key rows
     "gemma4_moe-heads": ({"num_heads": 2, "head_dim": 8},
@@ -1583,7 +1595,8 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     full = {k: v for k, v in (plan.get("full") or {}).items() if k not in ("q_heads", "kv_heads")}
     per_layer = {i: {k: v for k, v in p.items() if k not in ("q_heads", "kv_heads")}
                  for i, p in plan.get("per_layer", {}).items()}
-    reads = {3: 1} if family == "gemma4" else {}  # the tiny Gemma 4's layer 3 reads layer 1's keys and values
+    reads = {3: 1} if family in ("gemma4", "gemma4_unified") else {}  # the tiny Gemma 4's layer 3 reads layer 1's
+    # keys and values
     heads = getattr(teacher.config, "num_attention_heads_per_layer", None) or [t.heads] * t.layers  # Laguna's
     delta = {i for i, kind in enumerate(getattr(teacher.config, "layer_types", None) or []) if family == "kimi_linear"
              and kind == "linear_attention"}  # Kimi Linear's delta attention layers: their heads all kept
@@ -2067,6 +2080,9 @@ def _multimodal(family):
     text = make_teacher(family)
     if family == "gemma4":
         config = transformers.Gemma4Config(text_config=text.config.to_dict())
+    elif family == "gemma4_unified":
+        config = transformers.Gemma4UnifiedConfig(text_config=text.config.to_dict(), vision_config=None,
+                                                  audio_config=None)
     else:
         config = transformers.Gemma3Config(text_config=text.config.to_dict(), mm_tokens_per_image=4,
                                            image_token_index=TINY_VOCAB + 5, vision_config=dict(
@@ -2100,7 +2116,7 @@ def test_a_spaced_gemma4_student_keeps_the_layer_its_kv_shared_layers_read(tmp_p
     assert [i for i, layer in enumerate(skeleton.model.layers) if not layer.input_layernorm.weight.is_meta] == [1, 2, 4]
 
 
-@pytest.mark.parametrize("family", ["gemma4", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma4", "gemma3", "gemma4_unified"])
 def test_a_multimodal_teachers_text_part_builds_the_student_its_text_model_builds(family, tmp_path):
     """Gemma 3's and Gemma 4's checkpoints are ...ForConditionalGeneration (their vision and audio towers beside a
     text model): a student is built from their text part (`tailkd.student.text_teacher`: the text class sharing the

@@ -541,7 +541,7 @@ FAMILIES = {f.name: f for f in (
     # earlier layer's keys and values, their MLPs twice as wide under use_double_wide_mlp; a scale per layer
     # (layer_scalar, a buffer); with enable_moe_block, routed experts (a router with its own scales) beside each
     # layer's dense MLP, which stays whole
-    Family("gemma4", "Gemma 4", ("Gemma4ForCausalLM",),
+    Family("gemma4", "Gemma 4", ("Gemma4ForCausalLM", "Gemma4UnifiedForCausalLM"),
            {**_DECODER, "model.embed_tokens_per_layer.weight": ("all", "layer_blocks"),
             **linear("model.per_layer_model_projection", "layer_blocks", "d"),
             **norms("model.per_layer_projection_norm", axis="all")},

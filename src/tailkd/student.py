@@ -164,9 +164,10 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          always full attention. Spaced layers take what a kept sharing layer reads in place of the nearest kept
          layer (`tailkd.sizing.student_layers`), influence keeps the last layer first and each layer with what it
          reads (`tailkd.sizing.layer_needs`); listed layers missing one are refused in one line. With
-         enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma
-         3's and Gemma 4's multimodal checkpoints (...ForConditionalGeneration) give a text-only student built from
-         their text part (`text_teacher`; the table's ``source`` names the text model's tensors, model.layers....).
+         enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma 4
+         unified (Gemma4UnifiedForCausalLM) likewise, without per-layer embeddings or experts. Gemma 3's and Gemma 4's
+         multimodal checkpoints (...ForConditionalGeneration, unified too) give a text-only student built from their
+         text part (`text_teacher`; the table's ``source`` names the text model's tensors, model.layers....).
 Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -259,13 +260,14 @@ def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
 
 # multimodal teachers whose text part (a language model and the LM head, which alone compute the logits of text, as
 # tested bit for bit) builds a student, by class name: the causal LM class transformers maps their text config to
-MULTIMODAL_TEACHERS = ("Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration")
+MULTIMODAL_TEACHERS = ("Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration",
+                       "Gemma4UnifiedForConditionalGeneration")
 
 
 def text_teacher(teacher):
-    """The text-only causal LM inside a multimodal teacher of `MULTIMODAL_TEACHERS` (Gemma 3's and Gemma 4's
-    ...ForConditionalGeneration: their language model and LM head, which alone compute the logits of text):
-    a model of that class sharing the teacher's modules (nothing copied; a skeleton's too: `tailkd.sharded_teacher`),
+    """The text-only causal LM inside a multimodal teacher of `MULTIMODAL_TEACHERS` (Gemma 3's, Gemma 4's and Gemma 4
+    unified's ...ForConditionalGeneration: their language model and LM head, which alone compute the logits of text): a
+    model of that class sharing the teacher's modules (nothing copied; a skeleton's too: `tailkd.sharded_teacher`),
     its generation config the teacher's; the teacher itself for any other class.
     Calibrated choices over such a teacher sharded with FSDP2 are refused in one line: its own forward must run, and
     the measures read its text part's layers."""
