@@ -269,6 +269,11 @@ CONFIGS = {
                                                n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
                                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
                                                index_topk=4, index_head_dim=8, index_n_heads=2)),
+    # A.X K1: DeepSeek-V3's with a norm on its MoE blocks' output, dense layers 0, 3 listed in mlp_layer_types
+    "axk1": ("AXK1Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                                moe_intermediate_size=40, n_shared_experts=1, n_group=2, topk_group=1, q_lora_rank=24,
+                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                                mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
     # GLM-MoE-DSA (GLM-5): DeepSeek-V3.2's, its layers 2 and 3 "shared" (indexer_types: no indexer, layer 1's top-k)
     "glm_moe_dsa": ("GlmMoeDsaConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
                                             num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -434,7 +439,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "gpt_neo": "GPTNeoForCausalLM", "minicpm3": "MiniCPM3ForCausalLM", "codegen": "CodeGenForCausalLM",
            "llama4": "Llama4ForCausalLM", "lfm3": "Lfm3ForCausalLM",
            "bitnet": "BitNetForCausalLM", "dbrx": "DbrxForCausalLM", "kimi_linear": "KimiLinearForCausalLM",
-           "deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM",
+           "deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM", "axk1": "AXK1ForCausalLM",
            "minicpm5_moe": "MiniCPM5MoeForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
            "laguna": "LagunaForCausalLM",
            "jamba": "JambaForCausalLM", "minimax": "MiniMaxForCausalLM", "gemma4": "Gemma4ForCausalLM",
@@ -1164,6 +1169,7 @@ def _mlp_kinds(model):
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
     ("deepseek_v32", [0, 2, 3], dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"])),
     ("hy_v3", [0, 2, 3], dict(mlp_layer_types=["dense", "sparse", "dense"])),  # listed per layer only
+    ("axk1", [0, 2, 3], dict(mlp_layer_types=["dense", "sparse", "dense"])),
     ("afmoe", SUBSET, dict(num_dense_layers=0)), ("afmoe", [0, 2, 3], dict(num_dense_layers=1)),
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
     ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),
@@ -1425,6 +1431,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
               dict(q_heads=[0, 1], kv_heads=[0], ff=40, ff_e=40, experts=3)),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
+    "axk1": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
+             dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "glm_moe_dsa": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                     dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     # groups scored by their best expert: 1 of each group of 2 (experts 0, 2, 4, 6)

@@ -61,17 +61,17 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
          HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, Flint, GLM-4.5, dots.llm1, Solar
-         Open, EXAONE-MoE, DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash, Laguna,
-         Llama 4, DBRX, Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by default;
-         at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows; with "copy"
-         and ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of calibration rows to
-         (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's intermediate_size or
-         moe_intermediate_size, whichever the family's experts have; its first units, or with ``mlp_units="active"``
-         each kept expert's own most active ones, over the tokens routed to it — experts stored as [E, gate | up, d],
-         not GPT-OSS's interleaved gate/up pairs, which are kept as pairs of the first units, nor Llama 4's
-         in-before-out [E, d, gate | up] or DBRX's flattened [E x units, d] w1, v1, w2, which keep their first units;
-         DBRX's sizes are in its attn_config and ffn_config). GPT-OSS's and Granite-SWA's attention sinks follow the
-         kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the
+         Open, EXAONE-MoE, DeepSeek-V2/V3/V3.2, GLM-5, A.X K1, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash,
+         Laguna, Llama 4, DBRX, Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by
+         default; at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows;
+         with "copy" and ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of
+         calibration rows to (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's
+         intermediate_size or moe_intermediate_size, whichever the family's experts have; its first units, or with
+         ``mlp_units="active"`` each kept expert's own most active ones, over the tokens routed to it — experts stored
+         as [E, gate | up, d], not GPT-OSS's interleaved gate/up pairs, which are kept as pairs of the first units, nor
+         Llama 4's in-before-out [E, d, gate | up] or DBRX's flattened [E x units, d] w1, v1, w2, which keep their first
+         units; DBRX's sizes are in its attn_config and ffn_config). GPT-OSS's and Granite-SWA's attention sinks follow
+         the kept query heads. Qwen-MoE's whole-width MLPs — its dense layers' and Qwen2-MoE's shared expert — keep the
          teacher's width. Whether a Qwen-MoE layer routes or is dense depends on its index (``decoder_sparse_step``,
          ``mlp_only_layers``): the student's layer j has teacher layer layers[j]'s kind, its dense layers listed in
          ``mlp_only_layers`` where the teacher's settings would give other ones. The router load-balancing loss is on
@@ -97,15 +97,15 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          dense layers' MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the
          chosen layers) keep the teacher's width, its ``no_rope_layers`` follow the chosen layers as ``layer_types``
          (chunked attention on its RoPE layers) do.
-Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-5, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi Linear's, see
-         Hybrids): one key/value head per query head, so num_heads narrows whole heads (the first ones: their rows of
-         q_proj / q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value], and o_proj's
-         columns); the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks (q_lora_rank,
-         kv_lora_rank) are the teacher's, so num_kv_heads and head_dim are refused; the latent projections narrow on the
-         residual side. DeepSeek-V3.2's and GLM-5's DSA indexer (its own index_n_heads x index_head_dim, picking the
-         index_topk keys each query attends to; transformers computes it without gradients, so a student's keeps the
-         copied weights) narrows on the residual side only. GLM-5's "shared" layers (``indexer_types``) reuse the last
-         earlier full layer's top-k (a student's its last earlier chosen one's; refused as its first layer).
+Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-5, A.X K1, GLM-4.7-Flash, Youtu-LLM, MiniCPM3; Kimi
+         Linear's, see Hybrids): one key/value head per query head, so num_heads narrows whole heads (the first ones:
+         their rows of q_proj / q_b_proj, of kv_b_proj, which expands the shared latent into each head's [key | value],
+         and o_proj's columns); the head sizes (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) and the low ranks
+         (q_lora_rank, kv_lora_rank) are the teacher's, so num_kv_heads and head_dim are refused; the latent projections
+         narrow on the residual side. DeepSeek-V3.2's and GLM-5's DSA indexer (its own index_n_heads x index_head_dim,
+         picking the index_topk keys each query attends to; transformers computes it without gradients, so a student's
+         keeps the copied weights) narrows on the residual side only. GLM-5's "shared" layers (``indexer_types``) reuse
+         the last earlier full layer's top-k (a student's its last earlier chosen one's; refused as its first layer).
 Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen layers keep their kind (``layer_types``:
          gated full attention, Lara-Mini's and OLMo-Hybrid's ungated, or Gated DeltaNet linear attention). The
          full-attention layers narrow like Qwen3's (their q_proj holds [query | gate] per head: the query's kept rows,
