@@ -269,11 +269,12 @@ CONFIGS = {
                                                n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
                                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
                                                index_topk=4, index_head_dim=8, index_n_heads=2)),
-    # A.X K1: DeepSeek-V3's with a norm on its MoE blocks' output, dense layers 0, 3 listed in mlp_layer_types
+    # A.X K1: DeepSeek-V3's with a norm on its MoE blocks' output, dense layer 0 (first_k_dense_replace; after
+    # transformers 5.17 it becomes mlp_layer_types)
     "axk1": ("AXK1Config", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                                 moe_intermediate_size=40, n_shared_experts=1, n_group=2, topk_group=1, q_lora_rank=24,
                                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
-                                mlp_layer_types=["dense", "sparse", "sparse", "dense", "sparse"])),
+                                first_k_dense_replace=1)),
     # GLM-MoE-DSA (GLM-5): DeepSeek-V3.2's, its layers 2 and 3 "shared" (indexer_types: no indexer, layer 1's top-k)
     "glm_moe_dsa": ("GlmMoeDsaConfig", dict(hidden_size=48, num_key_value_heads=4, n_routed_experts=8,
                                             num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=1,
@@ -1169,7 +1170,7 @@ def _mlp_kinds(model):
     ("deepseek_v3", [0, 2, 3], dict(first_k_dense_replace=1)),
     ("deepseek_v32", [0, 2, 3], dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"])),
     ("hy_v3", [0, 2, 3], dict(mlp_layer_types=["dense", "sparse", "dense"])),  # listed per layer only
-    ("axk1", [0, 2, 3], dict(mlp_layer_types=["dense", "sparse", "dense"])),
+    ("axk1", [1, 2, 4], {}), ("axk1", [0, 2, 3], {}),  # the kinds read from the modules (5.17 or later configs)
     ("afmoe", SUBSET, dict(num_dense_layers=0)), ("afmoe", [0, 2, 3], dict(num_dense_layers=1)),
     ("glm4_moe_lite", SUBSET, dict(mlp_layer_types=["sparse", "dense", "sparse"])),
     ("lfm2_moe", SUBSET, dict(num_dense_layers=1)),

@@ -666,10 +666,12 @@ FAMILIES = {f.name: f for f in (
            keys=_DEEPSEEK_MOE_KEYS, layer_lists=("layer_types", "mlp_layer_types"),
            layer_thresholds=("first_k_dense_replace",), latent_attention=True),
     # A.X K1: DeepSeek-V3's layout (latent attention always through q_lora_rank) with a norm on its MoE block's output
-    # (mlp.post_mlp_layernorm), dense and routed layers listed per layer (mlp_layer_types)
+    # (mlp.post_mlp_layernorm), dense and routed layers listed per layer (mlp_layer_types; transformers 5.17: dense
+    # below first_k_dense_replace)
     Family("axk1", "A.X K1", ("AXK1ForCausalLM",), _DECODER,
            {**_LATENT_ATTENTION, **_DEEPSEEK_MOE, **norms("mlp.post_mlp_layernorm"), **_PRE_NORMS}, _EMBED, "kept",
-           keys=_DEEPSEEK_MOE_KEYS, layer_lists=("mlp_layer_types",), latent_attention=True),
+           keys=_DEEPSEEK_MOE_KEYS, layer_lists=("mlp_layer_types",), layer_thresholds=("first_k_dense_replace",),
+           latent_attention=True),
     # GLM-MoE-DSA (GLM-5): DeepSeek-V3.2's layout whose "shared" layers (indexer_types) have no indexer and reuse the
     # DSA top-k of the last earlier "full" one (a student's follow its chosen layers: reuses_earlier)
     Family("glm_moe_dsa", "GLM-MoE-DSA", ("GlmMoeDsaForCausalLM",), _DECODER,
