@@ -394,6 +394,21 @@ def test_layers_without_attention_over_the_sequence_have_no_attention_term():
     assert "V=100, 4 layers (3 without attention over the sequence)" in text
 
 
+def test_recurrent_models_without_layer_kinds_have_no_attention_term():
+    """RWKV's time mixing and xLSTM's mLSTM blocks are recurrent (no attention over the sequence) and their configs
+    list no layer kinds: no attention term, the forward is 2·N + 2·d·V alone (it counted 2·n_layer·s·hidden before);
+    xLSTM's layers are its num_blocks (its num_hidden_layers, 32 by default, is not what its model builds)."""
+    from transformers import RwkvConfig, xLSTMConfig
+
+    s = 32
+    for cfg, layers in ((RwkvConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2), 2),
+                        (xLSTMConfig(vocab_size=100, hidden_size=64, num_blocks=2, num_heads=4), 2)):
+        m = model_flops_per_token(cfg, seq_len=s)
+        assert m["layers"] == layers and m["windows"] == [-1] * layers
+        assert m["attention"] == 0
+        assert m["forward"] == 2 * m["params_nonembedding"] + 2 * m["hidden"] * m["vocab"]
+
+
 def test_gpt2_sizes_come_from_its_own_config_names():
     """GPT-2's config calls d and the layers n_embd and n_layer. N by hand: per layer c_attn 3d²+3d, attn c_proj
     d²+d, c_fc 4d²+4d, mlp c_proj 4d²+d, two LayerNorms 4d; the final LayerNorm 2d (token and position embeddings

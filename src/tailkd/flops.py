@@ -23,9 +23,10 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     ``window_size`` on the layers its ``attention_layers`` marks ``local``) attends
     min(t, w) keys: averaged over the row, w − w²/(2s) in place of s/2 when w < s. A layer without attention over
     the sequence (``layer_types``' ``linear_attention`` — Mamba, Gated DeltaNet, lightning attention —, ``conv``,
-    ``moe`` and ``mlp``: Qwen3-Next, Qwen3.5, Jamba, LFM2, Nemotron-H) has no such term: its recurrent state update
-    (a few FLOPs per state entry) is left out, as the other element-wise work is. Every other layer type counts as
-    full attention: exact for ``full_attention`` and ``hybrid`` (Falcon-H1, Zamba2), an upper bound for
+    ``moe`` and ``mlp``: Qwen3-Next, Qwen3.5, Jamba, LFM2, Nemotron-H; every layer of the recurrent models whose
+    configs list no layer kinds, RWKV and xLSTM, the latter's layers its num_blocks) has no such term: its recurrent
+    state update (a few FLOPs per state entry) is left out, as the other element-wise work is. Every other layer type
+    counts as full attention: exact for ``full_attention`` and ``hybrid`` (Falcon-H1, Zamba2), an upper bound for
     ``chunked_attention`` rows longer than the chunk (Llama 4: 8192) and for ``indexed_attention``'s selected keys.
     Where layers differ (transformers 5's ``per_layer_config``: Gemma 4's full attention layers, heads of
     ``global_head_dim``; Laguna's ``num_attention_heads_per_layer``), each layer counts with its own d_attn and
@@ -127,7 +128,8 @@ def _count_config(model, name: str) -> ModelSize:
     active = float(total - emb) - (expert * (1.0 - k / n_experts) if n_experts else 0.0)
     hidden = int(getattr(text_cfg, "hidden_size", 0) or getattr(text_cfg, "n_embd", 0))
     vocab = int(head.weight.shape[0]) if head is not None else int(text_cfg.vocab_size)
-    layers = int(getattr(text_cfg, "num_hidden_layers", 0) or getattr(text_cfg, "n_layer", 0) or 0)
+    layers = int(getattr(text_cfg, _RECURRENT_MODELS.get(getattr(text_cfg, "model_type", None), "num_hidden_layers"),
+                         0) or getattr(text_cfg, "n_layer", 0) or 0)
     per_layer = _layer_configs(text_cfg, layers)
     dims = tuple(_attn_dim(c, hidden, _heads(c)) for c in per_layer) if per_layer else ()
     if listed := getattr(text_cfg, "num_attention_heads_per_layer", None):  # Laguna's query heads, layer by layer
@@ -188,12 +190,16 @@ def _experts(cfg) -> tuple[int, int]:
 
 _SLIDING_LAYERS = ("sliding_attention", "hybrid_sliding", "local")  # + GPT-Neo's local layers
 _NO_ATTENTION_LAYERS = ("linear_attention", "conv", "moe", "mlp")  # recurrent, convolution or MLP-only layers
+# recurrent models whose configs list no layer kinds: {model_type: the config key of their layer count}
+_RECURRENT_MODELS = {"rwkv": "num_hidden_layers", "xlstm": "num_blocks"}
 
 
 def _windows(cfg, layers: int, per_layer: list | None = None) -> tuple[int, ...]:
     """Each layer's sliding attention window (0: full causal attention, -1: no attention over the sequence, as the
     module docstring's rules), () when every layer is full; ``per_layer``: each layer's config (`_layer_configs`),
     whose window is its own."""
+    if getattr(cfg, "model_type", None) in _RECURRENT_MODELS:  # RWKV, xLSTM: no attention over the sequence
+        return (-1,) * layers
     configs = per_layer or [cfg] * layers
     w, types = [getattr(c, "sliding_window", None) for c in configs], getattr(cfg, "layer_types", None)
     if types is None and isinstance(getattr(cfg, "attention_layers", None), list):  # GPT-Neo: global / local layers
