@@ -28,6 +28,7 @@ from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
 from tailkd.sizing import config_family, family_spec, teacher_dims
 from tailkd.student import build_student, freeze_student_embeddings
+from tailkd.vocab import head_ids
 
 N_LAYERS = 5
 SUBSET = [1, 2, 4]  # non-contiguous; its layer_types differ from the teacher's first three in every family below
@@ -127,6 +128,9 @@ CONFIGS = {
     "cohere": ("CohereConfig", dict(hidden_size=64, num_key_value_heads=2, use_qk_norm=True, logit_scale=0.5)),
     "exaone4": ("Exaone4Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     "apertus": ("ApertusConfig", dict(hidden_size=64, num_key_value_heads=2)),
+    # Apertus 1.5 (text): Apertus' layers under an LM head pruned to the first output_vocab_size ids (`tailkd.vocab`)
+    "apertus1p5_text": ("Apertus1p5TextConfig", dict(hidden_size=64, num_key_value_heads=2,
+                                                     output_vocab_size=TINY_VOCAB - 8)),
     "olmo3": ("Olmo3Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     # no_rope_layers: 0 = a layer without RoPE, per layer as layer_types
     "smollm3": ("SmolLM3Config", dict(hidden_size=64, num_key_value_heads=2, no_rope_layers=[1, 0, 1, 1, 0],
@@ -409,7 +413,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "ministral": "MinistralForCausalLM", "seed_oss": "SeedOssForCausalLM", "cohere2": "Cohere2ForCausalLM",
            "cohere": "CohereForCausalLM",
-           "exaone4": "Exaone4ForCausalLM", "apertus": "ApertusForCausalLM", "glm": "GlmForCausalLM",
+           "exaone4": "Exaone4ForCausalLM", "apertus": "ApertusForCausalLM",
+           "apertus1p5_text": "Apertus1p5TextForCausalLM", "glm": "GlmForCausalLM",
            "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
@@ -449,7 +454,7 @@ NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
 LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM",
-                 "LaraMiniForCausalLM"}
+                 "LaraMiniForCausalLM", "Apertus1p5TextForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
@@ -1287,6 +1292,8 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                         dict(d=32, hd_s=8, ff=40, rows=[0, 1, 4, 5, 8, 9, 12, 13])),
     "exaone4": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "apertus": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    "apertus1p5_text": ({"hidden_size": 32, "intermediate_size": 40},
+                        dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     # interleaved partial RoPE: 8 of 16 rows rotate in pairs (2p, 2p+1); 4 of 8 keep teacher pairs 0, 2 (rows 0, 1,
     # 4, 5: the frequencies the student's pairs 0, 1 rotate at), then the first 4 non-rotated rows 8..11
     "glm": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 40},
@@ -1906,7 +1913,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert config.rope_parameters.get("partial_rotary_factor") == (0.5 if _ROTARY_DIM_READ else None)
     ids = _ids(2)
     logits = _logits(student, ids)
-    assert logits.shape == (2, 13, TINY_VOCAB) and torch.isfinite(logits).all()
+    scored = head_ids(teacher.config) or TINY_VOCAB  # Apertus 1.5's head pruned to its first ids, the student's too
+    assert logits.shape == (2, 13, scored) and torch.isfinite(logits).all()
 
     student.save_pretrained(tmp_path / "student")
     loaded = _reload(tmp_path / "student")

@@ -1,9 +1,12 @@
 """tailkd.vocab: one shared vocabulary, a teacher vocabulary extending the student's (distillation over the shared
 ids with the teacher renormalised over them), and everything else refused."""
 
+import copy
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_MERGES, TINY_SPECIALS, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
@@ -409,3 +412,274 @@ def test_real_vocab_size_is_the_largest_id_plus_one_or_the_tokenizers_length():
             return 5
 
     assert real_vocab_size(Partial()) == 5
+
+
+# --------------------------------------------------------------------------- a pruned LM head (Apertus 1.5)
+
+
+def _apertus15(vocab, output_vocab=None, **overrides):
+    """A tiny Apertus 1.5 text config (transformers after 5.17: skipped under an older one)."""
+    import transformers
+
+    if not hasattr(transformers, "Apertus1p5TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Apertus 1.5")
+    return transformers.Apertus1p5TextConfig(
+        vocab_size=vocab, output_vocab_size=output_vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **overrides)
+
+
+def test_a_pruned_head_scores_the_first_ids_of_its_vocabulary(tiny_tokenizer):
+    """`head_ids`: Apertus 1.5's output_vocab_size below vocab_size prunes its head to ids 0..n-1; equal to it (the
+    config keeps None) or unset, the head is whole, as any other config's. V is the smaller of the ids the two heads
+    score (`scored_vocab`), whichever model is pruned; the input embeddings keep every row."""
+    import transformers
+
+    from tailkd.vocab import head_ids, scored_vocab
+
+    assert head_ids(_apertus15(TINY_VOCAB + 24, TINY_VOCAB - 4)) == TINY_VOCAB - 4
+    assert head_ids(_apertus15(TINY_VOCAB, TINY_VOCAB)) is None and head_ids(_apertus15(TINY_VOCAB)) is None
+    assert head_ids(transformers.LlamaConfig(vocab_size=TINY_VOCAB)) is None
+    torch.manual_seed(0)
+    pruned = transformers.AutoModelForCausalLM.from_config(_apertus15(TINY_VOCAB, TINY_VOCAB - 4))
+    assert pruned.lm_head.weight.shape[0] == TINY_VOCAB - 4 and pruned.model.embed_tokens.weight.shape[0] == TINY_VOCAB
+    assert scored_vocab(tiny_tokenizer, pruned) == TINY_VOCAB - 4
+    whole = make_tiny_lm("llama")
+    assert scored_vocab(tiny_tokenizer, whole) == TINY_VOCAB
+    assert check_vocab(tiny_tokenizer, tiny_tokenizer, pruned, whole) == TINY_VOCAB - 4
+    assert check_vocab(tiny_tokenizer, tiny_tokenizer, whole, pruned) == TINY_VOCAB - 4
+    short = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 1)  # its head covers the 296 ids scored, not its inputs
+    with pytest.raises(TailkdError, match=rf"^the teacher's input embedding has {TINY_VOCAB - 1} rows but the "
+                                          rf"tokenizer has {TINY_VOCAB} tokens"):
+        check_vocab(tiny_tokenizer, tiny_tokenizer, short, pruned)
+
+
+def test_the_largest_label_of_rows_reads_labels_only(tmp_path):
+    """`tailkd.data.max_label`: of packed rows, tokens 1..rows·T (row i's labels; the first token is an input only and
+    the tokens past the last full row are in no row); of SFT rows, the targets (-100 where the prompt is); of a list
+    of rows, their labels; of id lists, their ids; -100 where nothing has a target."""
+    from tailkd.data import IGNORE_INDEX, PackedRows, max_label
+    from tailkd.sft import SFTExample, SFTRows
+
+    tokens = np.array([90, 3, 4, 5, 6, 7, 8, 80], dtype=np.uint32)  # T = 3: rows [90 3 4 | 5], [5 6 7 | 8]; 80 left
+    (tmp_path / "train.bin").write_bytes(tokens.tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"eos_id": None}))
+    rows = PackedRows(tmp_path / "train.bin", 3)
+    assert len(rows) == 2 and max_label(rows) == 8 == max(int(rows[i]["labels"].max()) for i in range(2))
+    examples = [SFTExample("p", "r"), SFTExample("q", "s")]
+    encoded = [(np.array([50, 2, 9]), np.array([0, 0, 1])), (np.array([60, 70, 1]), np.array([0, 0, 1]))]
+    sft = SFTRows(examples, encoded, seq_len=4, mode="pad", pad_id=0, chat_template=None)
+    assert max_label(sft) == 9 == max(int(sft[i]["labels"].max()) for i in range(2))  # 50, 60, 70: prompt tokens
+    assert max_label([sft[0], sft[1]]) == 9 and max_label([[4, 11], [], [2]]) == 11
+    assert max_label([]) == max_label([[]]) == IGNORE_INDEX
+
+
+def test_labels_a_pruned_head_cannot_score_are_refused_in_one_line(tiny_tokenizer):
+    """`check_labels`: with V below the tokenizer's ids, a label ≥ V is named with its token; a label V - 1 passes;
+    with V the tokenizer's own every label is a token below it, and nothing is read."""
+    from tailkd.vocab import check_labels
+
+    rows = [{"labels": torch.tensor([-100, 5, TINY_VOCAB - 3])}]
+    check_labels(TINY_VOCAB - 2, tiny_tokenizer, {"training": rows})
+    token = tiny_tokenizer.convert_ids_to_tokens(TINY_VOCAB - 3)
+    with pytest.raises(TailkdError, match=rf"^the held-out rows hold the label {re.escape(repr(token))} \(id "
+                                          rf"{TINY_VOCAB - 3}\), but the LM heads score ids 0\.\.{TINY_VOCAB - 4} "
+                                          r"only"):
+        check_labels(TINY_VOCAB - 3, tiny_tokenizer, {"training": [], "held-out": rows})
+
+    class Unread:
+        def max_label(self):
+            raise AssertionError("read")
+
+    check_labels(TINY_VOCAB, tiny_tokenizer, {"training": Unread()})
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """An Apertus 1.5 teacher P whose tokenizer is the tiny one (300 ids) with 24 tokens after them, its LM head
+    pruned to the 300; the same teacher F with a whole head (P's 300 rows, then 24 drawn ones); a 2-layer Llama student
+    with 324 embedding and head rows, saved with P's tokenizer and with the 300-token one."""
+    import transformers
+    from tiny import make_tokenizer, write_corpus
+
+    root = tmp_path_factory.mktemp("pruned_head")
+    text_tok, tok = make_tokenizer(), make_tokenizer()
+    tok.add_tokens([f"<|visual token {i}|>" for i in range(24)])
+    assert len(text_tok) == 300 and len(tok) == 324
+    torch.manual_seed(0)
+    teacher = transformers.AutoModelForCausalLM.from_config(_apertus15(324, 300))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(40)  # a peaked teacher (the initialisation's logits are nearly uniform)
+    whole = transformers.AutoModelForCausalLM.from_config(_apertus15(324))
+    state = teacher.state_dict()
+    state["lm_head.weight"] = torch.cat([state["lm_head.weight"], torch.randn(24, 64)])
+    whole.load_state_dict(state)
+    student = make_tiny_lm("llama", vocab_size=324, num_hidden_layers=2)
+    hot = copy.deepcopy(student)
+    with torch.no_grad():
+        hot.lm_head.weight[300:] *= 50  # its 24 extra rows take almost all the mass
+    for name, model, tokenizer in (("P", teacher, tok), ("F", whole, tok), ("student", student, tok),
+                                   ("student300", student, text_tok), ("hot", hot, tok)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {**{name: root / name for name in ("P", "F", "student", "student300", "hot")},
+            "corpus": write_corpus(root / "corpus.txt"), "cache": root / "cache"}
+
+
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_a_pruned_head_teaches_as_the_whole_head_renormalised_over_its_ids(pruned, tmp_path, capsys, fused):
+    """Distilling from P (its head pruned to ids 0..299) is distilling from F renormalised over those ids (a
+    student of the 300 text tokens: shared-vocabulary distillation, `tailkd.vocab`): the same 300 teacher logits, from
+    GEMMs of another width (float32 dot products ~1e-6 relative apart), the student's sliced to them in both, so step
+    1's loss within 1e-5 and the next (Adam moves each weight by ≤ lr whatever the gradient's size) within 1e-3. P's
+    run needs no renormalisation (no "shared vocabulary" line); a student built from P keeps the pruned head and
+    loads with AutoModelForCausalLM; tailkd eval reads the run's teacher over the 300 ids."""
+    from tiny import read_metrics
+    from transformers import AutoModelForCausalLM
+
+    from tailkd.cli import main
+
+    def run(teacher, student, out, *more):
+        student = ["--student", str(student)] if student else []
+        assert main(["distill", "--teacher", str(teacher), *student, "--data", str(pruned["corpus"]),
+                     "--data.cache_dir", str(pruned["cache"]), "--seq-len", "32", "--batch-size", "4", "--steps",
+                     "3", "--train.precision", "fp32", "--fused-loss", fused, "--out", str(out), *more]) == 0
+        return [r for r in read_metrics(out) if r["split"] == "train"], capsys.readouterr().out
+
+    own, log = run(pruned["P"], pruned["student"], tmp_path / "pruned")
+    assert "shared vocabulary:" not in log
+    renormalised, log = run(pruned["F"], pruned["student300"], tmp_path / "whole")
+    assert "the student's 300 token ids of the teacher's 324" in log
+    assert own[0]["loss"] == pytest.approx(renormalised[0]["loss"], rel=1e-5)
+    assert [r["loss"] for r in own] == pytest.approx([r["loss"] for r in renormalised], rel=1e-3)
+    assert main(["eval", "--student", str(tmp_path / "pruned" / "final"), "--max-rows", "4", "--out",
+                 str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["vocab"] == 300
+    run(pruned["P"], None, tmp_path / "built", "--student.num_layers", "1", "--student.hidden_size", "32")
+    built = AutoModelForCausalLM.from_pretrained(tmp_path / "built" / "final")
+    assert built.lm_head.weight.shape == (300, 32) and built.model.embed_tokens.weight.shape == (324, 32)
+
+
+def test_a_pruned_teachers_cache_is_over_the_ids_it_scores(pruned, tmp_path, capsys):
+    """tailkd cache-teacher on P stores its top-K over the 300 ids its head scores, and a run reads it: the teacher
+    scores no more ids than the student, so it is no teacher extending the student's vocabulary (refused with a
+    cache)."""
+    from tiny import read_metrics
+
+    from tailkd.cli import main
+
+    cache_dir = tmp_path / "tc"
+    assert main(["cache-teacher", "--teacher", str(pruned["P"]), "--data", str(pruned["corpus"]), "--cache-dir",
+                 str(pruned["cache"]), "--seq-len", "32", "--k", "4", "--out", str(cache_dir),
+                 "--device", "cpu"]) == 0
+    assert json.loads((cache_dir / "cache.json").read_text())["vocab_size"] == 300
+    assert main(["distill", "--teacher", str(pruned["P"]), "--student", str(pruned["student"]), "--data",
+                 str(pruned["corpus"]), "--data.cache_dir", str(pruned["cache"]), "--seq-len", "32", "--batch-size",
+                 "4", "--steps", "2", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
+                 str(cache_dir), "--out", str(tmp_path / "run")]) == 0
+    steps = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+
+
+def _spelling_corpus(pruned, path):
+    """The corpus with three documents first spelling one of P's 24 extra tokens (added as plain tokens, so text
+    holds them): in the training rows (the held-out fraction takes later documents)."""
+    path.write_text("the <|visual token 3|> the end\n\n" * 3 + pruned["corpus"].read_text())
+    return path
+
+
+def test_data_holding_a_token_the_pruned_head_drops_is_refused(pruned, tmp_path, capsys):
+    """A corpus spelling one of P's 24 extra tokens gives a label the pruned head cannot score: refused in one line,
+    exit 2, no run folder left."""
+    from tailkd.cli import main
+
+    corpus = _spelling_corpus(pruned, tmp_path / "corpus.txt")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(pruned["P"]), "--student", str(pruned["student"]), "--data",
+                 str(corpus), "--data.cache_dir", str(pruned["cache"]), "--seq-len", "32", "--batch-size", "4",
+                 "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("tailkd: error: the training rows hold the label '<|visual token 3|>' (id 303), but the LM "
+                       "heads score ids 0..299 only (a head pruned to them: its config's output_vocab_size): give "
+                       "data without such tokens (text tokenised as text holds none)"), err
+    assert not out.exists()
+
+
+def test_an_on_policy_student_samples_only_the_ids_the_pruned_teacher_scores(pruned, tmp_path):
+    """On-policy distillation from P samples the student's responses over V = the 300 ids P's head scores (the run's
+    V reaches the sampler: `on_policy_from_config`), though the student's head has 324 rows and its 24 extra ones
+    take almost all the mass: an unrestricted sampler would label ids P cannot score, which the loss cannot take."""
+    from tiny import SENTENCES, read_metrics
+
+    from tailkd.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}: {SENTENCES[i % len(SENTENCES)]}\n",
+                                         "response": f" {SENTENCES[(3 * i + 1) % len(SENTENCES)]}"}) + "\n"
+                             for i in range(40)))
+    run = tmp_path / "run"
+    assert main(["distill", "--task", "sft", "--teacher", str(pruned["P"]), "--student", str(pruned["hot"]), "--data",
+                 str(pairs), "--data.cache_dir", str(pruned["cache"]), "--seq-len", "96", "--batch-size", "4",
+                 "--steps", "2", "--loss", "rkl", "--train.precision", "fp32", "--train.on_policy", "1",
+                 "--train.on_policy_max_new_tokens", "6", "--out", str(run)]) == 0
+    steps = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert len(steps) == 2 and all(r["generated_tokens"] > 0 and math.isfinite(r["loss"]) for r in steps)
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze-teacher", "cache-teacher", "select-data", "select-data-cross"])
+def test_every_command_refuses_labels_the_pruned_head_cannot_score(pruned, tmp_path, capsys, command):
+    """tailkd eval, analyze-teacher and cache-teacher read the training rows here (--split train; cache-teacher's
+    default), select-data the documents (with a reference of another tokenizer, each model's own tokenization: P's
+    holds the label): each refuses the label P cannot score in one line, exit 2, nothing written."""
+    from tailkd.cli import main
+
+    data = ["--data", str(_spelling_corpus(pruned, tmp_path / "corpus.txt")), "--cache-dir", str(pruned["cache"]),
+            "--seq-len", "32"]
+    out = tmp_path / "out"
+    args = {"eval": ["--teacher", str(pruned["P"]), "--student", str(pruned["student"]), "--split", "train", "--out",
+                     str(out / "eval.json")],
+            "analyze-teacher": ["--teacher", str(pruned["P"]), "--split", "train", "--out", str(out)],
+            "cache-teacher": ["--teacher", str(pruned["P"]), "--k", "4", "--out", str(out), "--device", "cpu"],
+            "select-data": ["--teacher", str(pruned["P"]), "--reference", str(pruned["P"]), "--out", str(out)],
+            "select-data-cross": ["--teacher", str(pruned["P"]), "--reference", str(pruned["student300"]), "--out",
+                                  str(out)]}
+    assert main([command.removesuffix("-cross"), *data, *args[command]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    rows = {"select-data": "documents'", "select-data-cross": "teacher's"}.get(command, "training")
+    assert err[-1] == (f"tailkd: error: the {rows} rows hold the label '<|visual token 3|>' (id 303), but the LM heads "
+                       "score ids 0..299 only (a head pruned to them: its config's output_vocab_size): give data "
+                       "without such tokens (text tokenised as text holds none)"), err
+    assert not out.exists()
+
+
+def test_analyze_teacher_reads_a_pruned_teacher_over_the_ids_it_scores(pruned, tmp_path, capsys):
+    """tailkd analyze-teacher on P: its statistics over the 300 ids its head scores (teacher_analysis.json's vocab),
+    and a --kmax above them (below the tokenizer's 324) refused in one line."""
+    from tailkd.cli import main
+
+    args = ["analyze-teacher", "--teacher", str(pruned["P"]), "--data", str(pruned["corpus"]), "--cache-dir",
+            str(pruned["cache"]), "--seq-len", "32", "--max-rows", "4"]
+    assert main([*args, "--kmax", "310", "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tailkd: error: analyze.kmax=310 is more than the vocabulary of {pruned['P']} (300 tokens), where α_K = 0 "
+        "for every K >= V; give --kmax 300 or less")
+    assert main([*args, "--kmax", "300", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "teacher_analysis.json").read_text())[str(pruned["P"])]["vocab"] == 300
+
+
+def test_a_student_of_a_pruned_head_keeps_it_untied():
+    """Tied to the input embeddings (every id), a student's head would no longer be the teacher's pruned one:
+    --student.tie_embeddings true is refused in one line; the teacher's setting (untied) builds."""
+    import transformers
+
+    from tailkd.student import build_student
+
+    torch.manual_seed(0)
+    teacher = transformers.AutoModelForCausalLM.from_config(_apertus15(TINY_VOCAB + 24, TINY_VOCAB))
+    with pytest.raises(TailkdError, match=rf"^student\.tie_embeddings true, but the teacher's LM head scores its first "
+                                          rf"{TINY_VOCAB} ids only \(output_vocab_size; its embeddings read "
+                                          rf"{TINY_VOCAB + 24}\): "):
+        build_student(teacher, num_layers=1, tie_embeddings=True)
+    student, _ = build_student(teacher, num_layers=1)
+    assert student.lm_head.weight.shape[0] == TINY_VOCAB and not student.config.tie_word_embeddings

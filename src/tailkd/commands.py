@@ -63,6 +63,9 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
     return rows
 
 
+SPLIT_WORDS = {"heldout": "held-out", "train": "training", "all": "held-out and training"}  # the rows of a split
+
+
 def scored_data(data: DataConfig, split: str) -> dict:
     """What eval.json, teacher_analysis.json and selection.json name as the data read: ``data`` (``data.paths``, a
     list: empty for the built-in corpus, as config.yaml writes it) and, where ``split`` takes held-out rows from files
@@ -88,7 +91,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from tailkd.distributed import resolve_device
     from tailkd.evaluate import batched, format_table, heldout_metrics
     from tailkd.runs import progress_bar
-    from tailkd.vocab import check_vocab, relation
+    from tailkd.vocab import check_labels, check_vocab, relation
 
     student = Path(cfg.eval.student)
     if not student.is_dir():
@@ -114,6 +117,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
                          model_max=model_max)
+        check_labels(vocab, s_tok, {SPLIT_WORDS[cfg.eval.split]: rows})
         with progress_bar(total=len(rows), unit="row", desc="eval", dynamic_ncols=True) as bar:  # rows/s, ETA
             metrics = heldout_metrics(s_model, t_model, batched(rows, cfg.eval.batch_size, bar.update), vocab,
                                       device=dev, bins=cfg.eval.bins)
@@ -174,21 +178,25 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
     from tailkd.evaluate import batched
     from tailkd.plots import tail_mass_png
     from tailkd.runs import progress_bar
-    from tailkd.vocab import check_vocab, real_vocab_size
+    from tailkd.vocab import check_labels, check_vocab, real_vocab_size
 
     a = cfg.analyze
     dev = resolve_device(a.device, "analyze.device")
-    for spec in a.teachers:  # every teacher found, its config and vocabulary read, before any is analysed (minutes
-        vocab = real_vocab_size(models.read_tokenizer(spec))  # each); check_vocab's V
-        if a.kmax > vocab:  # the per-position curves are [N, kmax]: a huge --kmax would fill the memory with zeros
+    def check_kmax(vocab: int, spec) -> None:  # the per-position curves are [N, kmax]: a huge --kmax would fill the
+        if a.kmax > vocab:  # memory with zeros
             raise TailkdError(f"analyze.kmax={a.kmax} is more than the vocabulary of {spec} ({vocab} tokens), where "
                               f"α_K = 0 for every K >= V; give --kmax {vocab} or less")
+
+    for spec in a.teachers:  # every teacher found, its config and vocabulary read, before any is analysed (minutes
+        check_kmax(real_vocab_size(models.read_tokenizer(spec)), spec)  # each), and again over the ids it scores
     results = {}
     for spec in a.teachers:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
-        vocab = check_vocab(tok, tok, model, model)  # max token id + 1; the head must cover it
+        vocab = check_vocab(tok, tok, model, model)  # max token id + 1 (fewer for a pruned head: the ids it scores)
+        check_kmax(vocab, spec)
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
+        check_labels(vocab, tok, {SPLIT_WORDS[a.split]: rows})
         with progress_bar(total=len(rows), unit="row", desc="analyze-teacher", dynamic_ncols=True) as bar:
             stats = teacher_statistics(model, batched(rows, a.batch_size, bar.update), vocab, kmax=a.kmax, device=dev)
         results[spec] = {"teacher": spec, "vocab": vocab, "rows": len(rows), "seq_len": cfg.data.seq_len,
@@ -231,7 +239,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     from tailkd import models
     from tailkd.cache import format_size_table, write_cache
     from tailkd.prepare import setup_data
-    from tailkd.vocab import check_vocab
+    from tailkd.vocab import check_labels, check_vocab
 
     c = cfg.cache
     if sharded:
@@ -249,11 +257,13 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
               "settings": {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction,
                            "doc_eos": cfg.data.doc_eos}}
     ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)
-    meta = write_cache(model, tokenizer, train_rows if c.split == "train" else held_rows, c.out, k=c.k,
-                       corpus=corpus, teacher_name=cfg.teacher.path, hidden_states=c.hidden_states,
-                       hidden_dtype=c.hidden_dtype, tail_samples=c.tail_samples, seed=c.seed,
-                       batch_size=c.batch_size, rows_per_shard=c.rows_per_shard, max_rows=c.max_rows,
-                       vocab_size=check_vocab(tokenizer, tokenizer, model, model), autocast_dtype=ac, log=log)
+    rows = train_rows if c.split == "train" else held_rows
+    vocab = check_vocab(tokenizer, tokenizer, model, model)
+    check_labels(vocab, tokenizer, {SPLIT_WORDS[c.split]: rows})
+    meta = write_cache(model, tokenizer, rows, c.out, k=c.k, corpus=corpus, teacher_name=cfg.teacher.path,
+                       hidden_states=c.hidden_states, hidden_dtype=c.hidden_dtype, tail_samples=c.tail_samples,
+                       seed=c.seed, batch_size=c.batch_size, rows_per_shard=c.rows_per_shard, max_rows=c.max_rows,
+                       vocab_size=vocab, autocast_dtype=ac, log=log)
     if not dist.is_main():
         return meta
     tokens = meta["num_rows"] * meta["corpus"]["seq_len"]
@@ -455,7 +465,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
     from tailkd.prepare import pretrain_paths
     from tailkd.runs import progress_bar
-    from tailkd.vocab import check_own_vocab, check_vocab, tokenizer_fingerprint
+    from tailkd.vocab import check_labels, check_own_vocab, check_vocab, tokenizer_fingerprint
 
     s = cfg.select
     out = Path(s.out)
@@ -488,6 +498,8 @@ def select_data(cfg: SelectDataConfig) -> dict:
           "autocast_dtype": models.teacher_autocast_dtype(cfg.teacher.dtype, dev)}
     if cross:
         seqs = {role: selection.document_ids(t, texts, cfg.data.doc_eos, start=True) for role, (_, t) in roles.items()}
+        for role, (_, t) in roles.items():
+            check_labels(vocabs[role], t, {f"{role}'s": [ids[1:] for ids in seqs[role]]})
         tokens = {role: sum(len(ids) - 1 for ids in seqs[role]) for role in roles}
         with progress_bar(total=sum(tokens.values()), unit="tok", desc="select-data", dynamic_ncols=True) as bar:
             logp = {role: selection.document_logprobs(m, seqs[role], vocabs[role], pad_id=selection.start_id(t),
@@ -495,6 +507,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
         scores = selection.byte_scores(logp["teacher"], logp["reference"], texts)
         how = "per-byte log-likelihood ratio, each model in its own tokenization (cross-tokenizer)"
     else:
+        check_labels(vocabs["teacher"], tok, {"documents'": [ids[1:] for ids in docs]})
         tokens = dict.fromkeys(roles, sum(max(0, len(d) - 1) for d in docs))
         eos = corpus.document_eos_id(tok, cfg.data.doc_eos)
         with progress_bar(total=tokens["teacher"], unit="tok", desc="select-data", dynamic_ncols=True) as bar:

@@ -136,6 +136,20 @@ class PackedRows(Dataset):
             segment_ids = torch.cumsum(is_eos, 0) - is_eos  # EOS ends its document; the next token starts a new one
         return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
 
+    def max_label(self) -> int:
+        """The largest label of the rows: of tokens 1..num_rows·T (row i's labels are tokens i·T+1 .. i·T+T)."""
+        return int(self.tokens[1:self.num_rows * self.seq_len + 1].max())
+
+
+def max_label(rows) -> int:
+    """The largest label of ``rows`` (IGNORE_INDEX where none has a target): read from the token file at once for
+    `PackedRows` (billions of tokens), else row by row: any rows (`tailkd.sft.SFTRows`, a list), or the label ids of
+    each (select-data's documents)."""
+    if hasattr(rows, "max_label"):
+        return rows.max_label()
+    labels = (torch.as_tensor(row["labels"] if isinstance(row, dict) else row) for row in rows)
+    return max((int(y.max()) for y in labels if y.numel()), default=IGNORE_INDEX)
+
 
 def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack row dicts into ``[B, T]`` tensors."""

@@ -807,8 +807,9 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_HEAD_QK_NORMS, **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",),
             **_OWN_SHARED_EXPERTS, **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")}, _EMBED,
            "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_lists=("layer_types",)),
-    # Apertus: an ungated MLP with xIELU's two learned scalars, per-head q/k norms
-    Family("apertus", "Apertus", ("ApertusForCausalLM",), _DECODER,
+    # Apertus: an ungated MLP with xIELU's two learned scalars, per-head q/k norms; Apertus 1.5's text model is its
+    # layout under an LM head pruned to the vocabulary's first output_vocab_size ids (kept: `tailkd.vocab.head_ids`)
+    Family("apertus", "Apertus", ("ApertusForCausalLM", "Apertus1p5TextForCausalLM"), _DECODER,
            {**_ATTENTION, **_HEAD_QK_NORMS, **linear("mlp.up_proj", "ff", "d"), **linear("mlp.down_proj", "d", "ff"),
             **{f"mlp.act_fn.{name}": ("all",) for name in ("alpha_p", "alpha_n", "beta", "eps")},
             **norms("attention_layernorm", "feedforward_layernorm")}, _EMBED, "derived"),

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from tailkd.errors import TailkdError
+from tailkd.vocab import head_ids
 
 __all__ = ["Head", "HeadSpec", "apply_head", "decoder_forward", "final_hidden", "forward_hidden", "head_spec",
            "model_class_name", "model_head", "transform", "transform_backward", "verify_head"]
@@ -71,12 +72,13 @@ def head_spec(model, vocab_size: int | None = None) -> HeadSpec:
     ``logits_scaling`` (multiplies), Falcon-H1 ``lm_head_multiplier``; a known model type whose config lacks its
     attribute takes the base model's (``model.model``) attribute of that name. A config with a scaling attribute of an
     unknown model type is refused (TailkdError) rather than guessed; `verify_head` checks the result against the
-    model's own logits.
+    model's own logits. ``vocab_size`` None: the config's vocabulary, or the ids a pruned head scores
+    (`tailkd.vocab.head_ids`).
     """
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = str(getattr(config, "model_type", "") or "")
-    vocab = int(vocab_size if vocab_size is not None else getattr(text, "vocab_size"))
+    vocab = int(vocab_size if vocab_size is not None else head_ids(config) or getattr(text, "vocab_size"))
     softcap = getattr(text, "final_logit_softcapping", None)
     if model_type == "recurrent_gemma":  # RecurrentGemma (Griffin) caps every logit at its logits_soft_cap
         softcap = text.logits_soft_cap

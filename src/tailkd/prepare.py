@@ -92,7 +92,8 @@ def data_tokenizer_fingerprint(cfg: DistillConfig) -> str:
 def setup_models(cfg: DistillConfig, device: torch.device, measured: dict | None = None):
     """Teacher (frozen) and student; returns (teacher or None, student, tokenizer, V, V_teacher, table): the
     student's tokenizer (it reads the data), V the vocabulary distilled over (the student's ids, `tailkd.vocab`),
-    V_teacher the teacher tokenizer's (> V when it extends the student's: shared-vocabulary distillation), and the
+    V_teacher the ids the teacher scores (`tailkd.vocab.scored_vocab`: > V when its vocabulary extends the student's,
+    shared-vocabulary distillation, or the student's head is pruned below it), and the
     `tailkd.student` provenance table of a student built from the teacher (None for a loaded one).
 
     With ``teacher.parallel fsdp`` the teacher returned is a skeleton holding only what the student is built from
@@ -127,7 +128,7 @@ def setup_models(cfg: DistillConfig, device: torch.device, measured: dict | None
         dist.say(format_table(table))
         say_calibrated_choices(table, s.calibration_rows)
     vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
-    teacher_vocab = vocab_mod.real_vocab_size(t_tok)
+    teacher_vocab = vocab_mod.scored_vocab(t_tok, teacher)
     check_cache_vocab(cfg, vocab, teacher_vocab)
     student.train()
     if not LOSSES[cfg.loss.name].needs_teacher:

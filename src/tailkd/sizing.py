@@ -19,6 +19,7 @@ from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, reused_results, student_overrides
 from tailkd.slicing import Dims
+from tailkd.vocab import head_ids
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
            "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan", "student_widths",
@@ -458,6 +459,11 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: flo
         #  save_pretrained writes them: DBRX's (transformers 5.17) refuse to_dict's generic keys (_name_or_path, ...)
         if hasattr(getattr(teacher_config, key, None), "to_diff_dict"):
             data[key] = getattr(teacher_config, key).to_diff_dict()
+    if tie and (pruned := head_ids(teacher_config)) is not None:
+        raise TailkdError(f"student.tie_embeddings true, but the teacher's LM head scores its first {pruned} ids only "
+                          f"(output_vocab_size; its embeddings read "
+                          f"{teacher_config.get_text_config().vocab_size}): tied to them, the student's head would "
+                          "score every id; keep it untied (--student.tie_embeddings false)")
     if tie is not None:
         data["tie_word_embeddings"] = bool(tie)
     for key in ("quantization_config", "_name_or_path", "name_or_path"):

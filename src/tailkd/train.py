@@ -67,6 +67,7 @@ from tailkd.prepare import (
     use_optimizer_settings,
 )
 from tailkd.registry import LOSSES
+from tailkd.vocab import check_labels
 
 TERMS = ("loss", "clm", "div", "cos", "aux")
 CURVES_FILE = "curves.png"
@@ -254,6 +255,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
         if cfg.loss.k >= vocab and "k" in LOSSES[cfg.loss.name].knobs:
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+    check_labels(vocab, tokenizer, {"training": train_rows, "held-out": held_rows})
     if cfg.train.epochs:
         set_steps_from_epochs(cfg, len(train_rows))
     fused_path = choose_loss_path(cfg, vocab)
@@ -298,7 +300,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     if resuming and restored is None:
         dist.say(f"{out} has no checkpoint yet: starting it from step 0")
     progress = restored or runs.Progress()
-    on_policy = on_policy_from_config(cfg, tokenizer, train_rows, ac)
+    on_policy = on_policy_from_config(cfg, tokenizer, train_rows, ac, vocab)
     # metrics.jsonl (rank 0): on resume, the lines after the checkpoint's step go (all of them without one)
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=progress.step if restored else -1) \
         if dist.is_main() else None

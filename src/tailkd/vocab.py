@@ -18,6 +18,13 @@ Distillation compares two distributions over the same token ids. Two cases are a
 Any other difference (another id for a shared token, a student token the teacher lacks, extra teacher tokens in
 between, other special tokens) is refused with one line naming the first difference: the first student token whose
 teacher id differs, else the first extra teacher token among the student's ids, else the special tokens.
+
+**A pruned LM head** scores a prefix of its tokenizer's ids only: Apertus 1.5 drops the rows of its multimodal
+tokens from its output projection (its config's ``output_vocab_size`` below ``vocab_size``; `head_ids`), its input
+embeddings keeping them all. Distillation then runs over the ids both heads score, V = the smaller of each model's
+`scored_vocab`, every path slicing logits to ``[..., :V]`` as above; a teacher scoring more ids than V is
+renormalised over them as an extending one is. A label at or above V has no score: the rows are checked
+(`check_labels`; text tokenised as text holds no multimodal token) and such a label refused in one line.
 """
 
 from __future__ import annotations
@@ -27,15 +34,32 @@ import json
 
 import torch
 
+from tailkd.data import max_label
 from tailkd.errors import TailkdError
 
-__all__ = ["check_own_vocab", "check_rows", "check_vocab", "outside_mass", "real_vocab_size", "relation",
-           "tokenizer_fingerprint"]
+__all__ = ["check_labels", "check_own_vocab", "check_rows", "check_vocab", "head_ids", "outside_mass",
+           "real_vocab_size", "relation", "scored_vocab", "tokenizer_fingerprint"]
 
 
 def real_vocab_size(tokenizer) -> int:
     """Number of token ids the tokenizer can emit: max id + 1 (== len(tokenizer) without id gaps)."""
     return max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
+
+
+def head_ids(config) -> int | None:
+    """n where the config declares its LM head pruned to the ids 0..n-1 of its vocabulary (``output_vocab_size`` below
+    ``vocab_size``: Apertus 1.5, whose retained output ids equal their token ids), else None (a head over the whole
+    vocabulary, padded or not). A multimodal config is read by its text part."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n, whole = getattr(text, "output_vocab_size", None), getattr(text, "vocab_size", None)
+    return int(n) if n is not None and whole is not None and n < whole else None
+
+
+def scored_vocab(tokenizer, model) -> int:
+    """The ids ``model`` scores of its ``tokenizer``'s: `real_vocab_size`, or fewer where its head is pruned
+    (`head_ids`)."""
+    pruned = head_ids(model.config)
+    return real_vocab_size(tokenizer) if pruned is None else min(real_vocab_size(tokenizer), pruned)
 
 
 def _special_tokens(tokenizer) -> dict:
@@ -89,38 +113,55 @@ def relation(teacher_tokenizer, student_tokenizer) -> str:
 
 def check_vocab(teacher_tokenizer, student_tokenizer, teacher_model, student_model, *,
                 student_role: str = "student") -> int:
-    """The vocabulary distilled over, V (the student's max id + 1), or a TailkdError (`relation`).
+    """The vocabulary distilled over, V (the student's max id + 1; fewer where a head is pruned: the ids both score,
+    `scored_vocab`), or a TailkdError (`relation`).
 
     LM heads with more rows than V (padded, or a teacher's extra tokens) are fine: logits are sliced to
     ``[..., :V]``. A head (or input embedding) with fewer rows than V cannot score every token: error, naming the
     model as ``student_role`` for the second one (select-data's reference).
     """
     relation(teacher_tokenizer, student_tokenizer)
-    vocab = real_vocab_size(student_tokenizer)
+    vocab = min(scored_vocab(student_tokenizer, student_model), scored_vocab(teacher_tokenizer, teacher_model))
     for role, model in (("teacher", teacher_model), (student_role, student_model)):
-        check_rows(model, vocab, role)
+        check_rows(model, vocab, role, real_vocab_size(student_tokenizer))
     return vocab
 
 
 def check_own_vocab(tokenizer, model, role: str) -> int:
     """A model scored in its own tokenization (select-data's cross-tokenizer score): its vocabulary V
-    (`real_vocab_size`), or a TailkdError if its LM head or input embedding has fewer than V rows (`check_rows`)."""
-    vocab = real_vocab_size(tokenizer)
-    check_rows(model, vocab, role)
+    (`scored_vocab`), or a TailkdError if its LM head or input embedding has fewer than V rows (`check_rows`)."""
+    vocab = scored_vocab(tokenizer, model)
+    check_rows(model, vocab, role, real_vocab_size(tokenizer))
     return vocab
 
 
-def check_rows(model, vocab: int, role: str) -> None:
-    """TailkdError if the LM head or the input embedding of ``model`` (the ``role``) has fewer than ``vocab`` rows."""
+def check_rows(model, vocab: int, role: str, tokens: int | None = None) -> None:
+    """TailkdError if the LM head of ``model`` (the ``role``) has fewer than ``vocab`` rows, or its input embedding
+    fewer than ``tokens`` (the ids the data holds: the data tokenizer's; None: ``vocab``)."""
     head = model.get_output_embeddings()
-    rows = {"LM head": head.weight.shape[0] if head is not None else 0,
-            "input embedding": model.get_input_embeddings().weight.shape[0]}
-    for part, n in rows.items():
-        if n < vocab:
+    tokens = vocab if tokens is None else tokens
+    rows = {"LM head": (head.weight.shape[0] if head is not None else 0, vocab),
+            "input embedding": (model.get_input_embeddings().weight.shape[0], tokens)}
+    for part, (n, needed) in rows.items():
+        if n < needed:
             raise TailkdError(
-                f"the {role}'s {part} has {n} rows but the tokenizer has {vocab} tokens: "
-                f"resize it (model.resize_token_embeddings({vocab})) or use the model's own tokenizer"
+                f"the {role}'s {part} has {n} rows but the tokenizer has {needed} tokens: "
+                f"resize it (model.resize_token_embeddings({needed})) or use the model's own tokenizer"
             )
+
+
+def check_labels(vocab: int, tokenizer, rows: dict) -> None:
+    """Where V (``vocab``) is below the ``tokenizer``'s ids (a pruned LM head: `head_ids`), a TailkdError if ``rows``
+    ({name: rows}, e.g. ``{"training": train_rows}``; `tailkd.data.max_label` reads them) hold a label the heads
+    cannot score, naming the largest; nothing to read elsewhere (every label is then a token id below V)."""
+    if vocab >= real_vocab_size(tokenizer):
+        return
+    for name, part in rows.items():
+        top = max_label(part)
+        if top >= vocab:
+            raise TailkdError(f"the {name} rows hold the label {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), "
+                              f"but the LM heads score ids 0..{vocab - 1} only (a head pruned to them: its config's "
+                              "output_vocab_size): give data without such tokens (text tokenised as text holds none)")
 
 
 @torch.no_grad()
