@@ -1004,3 +1004,103 @@ def test_an_unwritable_gguf_cache_is_one_line(tmp_path):
     assert "\n" not in msg
     assert msg.startswith(f"cannot write the GGUF cache under {blocked / 'gguf'} (")
     assert msg.endswith("): set TAILKD_CACHE (or cache_dir) to a writable folder")
+
+
+# --------------------------------------------------------------------------- a multimodal checkpoint's text model
+
+
+def _tiny_apertus15_multimodal(path, tokenizer):
+    """A tiny multimodal Apertus 1.5 (Apertus1p5ForConditionalGeneration: vision and audio tokenizers beside its text
+    model, stored as model.language_model.*, an LM head pruned to the TINY_VOCAB text ids) with 16 extra tokens."""
+    import transformers
+
+    if not hasattr(transformers, "Apertus1p5Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no Apertus 1.5")
+    tokenizer.add_tokens([f"<|visual token {i}|>" for i in range(8)] + [f"<|audio token {i}|>" for i in range(8)],
+                         special_tokens=True)
+    text = dict(vocab_size=len(tokenizer), output_vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(codebook_size=8, embed_dim=32, latent_channels=32, base_channels=32, channel_multiplier=[1],
+                  num_res_blocks=1, attn_resolutions=[], resolution=8)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=32, upsampling_ratios=[2], num_lstm_layers=1,
+                 hidden_size=32, codebook_size=8, codebook_dim=32, decoder_attention_num_groups=8,
+                 decoder_hidden_size=32, decoder_intermediate_size=32, decoder_num_layers=1)
+    config = transformers.Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio,
+                                           image_token_id=1, audio_token_id=2, image_token_offset=TINY_VOCAB,
+                                           audio_token_offset=TINY_VOCAB + 8)
+    torch.manual_seed(0)
+    model = transformers.Apertus1p5ForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def test_a_multimodal_checkpoint_teaches_by_its_text_model(tmp_path, tiny_tokenizer):
+    """AutoModelForCausalLM does not take Apertus 1.5's multimodal checkpoint; its text model loads from it
+    (transformers converts the names model.language_model.* on load) and is what tailkd loads: the multimodal model's
+    own logits on text, bit for bit (the same tensors, the same operations), its pruned head's 300 ids. `tailkd
+    flops` counts that text model."""
+    import transformers
+
+    from tailkd.flops import model_size, size_from_spec
+
+    whole = _tiny_apertus15_multimodal(tmp_path / "mm", tiny_tokenizer)
+    model, tok = load_causal_lm(tmp_path / "mm")
+    assert type(model).__name__ == "Apertus1p5TextForCausalLM" and len(tok) == TINY_VOCAB + 16
+    ids = torch.randint(0, TINY_VOCAB + 16, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)
+    assert model.lm_head.weight.shape[0] == TINY_VOCAB
+    text = transformers.AutoModelForCausalLM.from_config(whole.config.text_config)
+    counted, want = size_from_spec(str(tmp_path / "mm")), model_size(text)
+    assert (counted.params_total, counted.vocab) == (want.params_total, TINY_VOCAB)
+
+
+def test_a_checkpoint_lacking_tensors_of_its_model_is_refused(tmp_path, tiny_tokenizer, hf_dir):
+    """from_pretrained leaves a tensor the folder lacks as the model's initialisation drew it (a warning, a random
+    MLP in a teacher): refused in one line naming the first. A Llava checkpoint's text model (a Llama's) is read under
+    names transformers does not convert for it (model.language_model.*): every tensor missing, refused likewise."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hf_dir
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TailkdError, match=r"tiny's weights lack 1 tensor\(s\) LlamaForCausalLM needs \(first: "
+                                          r"model\.layers\.1\.mlp\.up_proj\.weight\): "):
+        load_causal_lm(path)
+    llava = transformers.LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=8, patch_size=4), image_token_index=1)
+    transformers.LlavaForConditionalGeneration(llava).save_pretrained(tmp_path / "llava")
+    tiny_tokenizer.save_pretrained(tmp_path / "llava")
+    assert type(models.read_config(tmp_path / "llava")).__name__ == "LlamaConfig"
+    with pytest.raises(TailkdError, match=r"llava's weights lack \d+ tensor\(s\) LlamaForCausalLM needs \(first: "):
+        load_causal_lm(tmp_path / "llava")
+
+
+def test_a_student_built_from_a_multimodal_checkpoints_text_model(tmp_path, tiny_tokenizer):
+    """tailkd distill on the multimodal Apertus 1.5 builds its student from the text model (an Apertus 1.5 text model
+    keeping the pruned head, saved and loaded with AutoModelForCausalLM), the teacher replicated or sharded (its
+    skeleton from the same text config, its tensors read under the converted names): the same student_init.json."""
+    from tiny import write_corpus
+    from transformers import AutoModelForCausalLM
+
+    from tailkd.cli import main
+
+    _tiny_apertus15_multimodal(tmp_path / "mm", tiny_tokenizer)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    for parallel in ("replicate", "fsdp"):
+        assert main(["distill", "--teacher", str(tmp_path / "mm"), "--student-layers", "1", "--data", str(corpus),
+                     "--data.cache_dir", str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "4", "--steps",
+                     "1", "--teacher.parallel", parallel, "--out", str(tmp_path / parallel)]) == 0
+    init = [(tmp_path / p / "student_init.json").read_text() for p in ("replicate", "fsdp")]
+    assert init[0] == init[1]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "replicate" / "final")
+    assert type(student).__name__ == "Apertus1p5TextForCausalLM" and student.config.num_hidden_layers == 1
+    assert student.lm_head.weight.shape[0] == TINY_VOCAB

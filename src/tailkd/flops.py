@@ -238,7 +238,7 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
         return _count(model_or_config, name or type(model_or_config).__name__)
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    from tailkd.models import brief_error, config_errors, per_layer_refusal
+    from tailkd.models import brief_error, config_errors, per_layer_refusal, text_part
 
     cfg = model_or_config
     if isinstance(cfg, dict):
@@ -252,6 +252,7 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
     if not isinstance(cfg, PretrainedConfig):
         raise TypeError(f"expected a model, a transformers config, a config dict or a ModelSize, got {type(cfg)}")
     label = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
+    cfg = text_part(cfg) or cfg  # a multimodal checkpoint whose text model tailkd loads (Apertus 1.5's)
     try:
         with torch.device("meta"), per_layer_refusal(label, _PER_LAYER_FIX):
             model = AutoModelForCausalLM.from_config(cfg)

