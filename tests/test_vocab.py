@@ -589,6 +589,29 @@ def _spelling_corpus(pruned, path):
     return path
 
 
+def test_a_cache_of_the_whole_head_with_a_pruned_student_is_refused(pruned, tmp_path, capsys):
+    """F's cache holds its probabilities over its 324 ids; a student whose head scores the first 300 (P as the
+    student: the same tokenizer) distils over those, F renormalised over them, which the cache's top-K cannot give:
+    refused in one line saying so, before any step."""
+    from tailkd.cli import main
+
+    cache_dir = tmp_path / "tc"
+    assert main(["cache-teacher", "--teacher", str(pruned["F"]), "--data", str(pruned["corpus"]), "--cache-dir",
+                 str(pruned["cache"]), "--seq-len", "32", "--k", "4", "--out", str(cache_dir), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(pruned["F"]), "--student", str(pruned["P"]), "--data",
+                 str(pruned["corpus"]), "--data.cache_dir", str(pruned["cache"]), "--seq-len", "32", "--batch-size",
+                 "4", "--steps", "1", "--loss", "tad", "--k", "4", "--teacher-cache", str(cache_dir), "--out",
+                 str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tailkd: error: teacher.cache does not combine with a student whose LM head is pruned below the teacher's "
+        "ids (the student's 300 token ids of the teacher's 324): a cache holds the teacher's own tokenisation and "
+        "probabilities over all its ids; drop --teacher-cache to distil from the online teacher, renormalised over "
+        "the shared ids")
+    assert not out.exists()
+
+
 def test_data_holding_a_token_the_pruned_head_drops_is_refused(pruned, tmp_path, capsys):
     """A corpus spelling one of P's 24 extra tokens gives a label the pruned head cannot score: refused in one line,
     exit 2, no run folder left."""

@@ -129,7 +129,8 @@ def setup_models(cfg: DistillConfig, device: torch.device, measured: dict | None
         say_calibrated_choices(table, s.calibration_rows)
     vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
     teacher_vocab = vocab_mod.scored_vocab(t_tok, teacher)
-    check_cache_vocab(cfg, vocab, teacher_vocab)
+    check_cache_vocab(cfg, vocab, teacher_vocab,
+                      pruned=vocab_mod.real_vocab_size(t_tok) <= vocab_mod.real_vocab_size(s_tok))
     student.train()
     if not LOSSES[cfg.loss.name].needs_teacher:
         teacher = None
@@ -210,16 +211,19 @@ def calibration_batches(cfg: DistillConfig, train_rows):
         yield {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
 
 
-def check_cache_vocab(cfg: DistillConfig, vocab: int, teacher_vocab: int) -> None:
+def check_cache_vocab(cfg: DistillConfig, vocab: int, teacher_vocab: int, pruned: bool = False) -> None:
     """A teacher cache (``teacher.cache``) is written by ``tailkd cache-teacher`` with the teacher's tokenizer over
     the teacher's whole vocabulary: with a teacher vocabulary extending the student's, neither its rows (the run's
     are the student tokenizer's) nor its probabilities (not renormalised over the student's ids) are the run's, and
-    rebuilding it would give the same cache: refused, the online teacher is the way."""
+    rebuilding it would give the same cache: refused, the online teacher is the way. Likewise its probabilities
+    where the student's LM head is ``pruned`` below the ids the teacher scores (`tailkd.vocab.head_ids`)."""
     if cfg.teacher.cache and teacher_vocab > vocab:
-        raise TailkdError(f"teacher.cache does not combine with a teacher vocabulary extending the student's (the "
-                          f"student's {vocab} token ids of the teacher's {teacher_vocab}): a cache holds the teacher's "
-                          f"own tokenisation and probabilities over all its ids; drop --teacher-cache to distil "
-                          f"from the online teacher, renormalised over the shared ids")
+        what = ("a student whose LM head is pruned below the teacher's ids" if pruned else
+                "a teacher vocabulary extending the student's")
+        raise TailkdError(f"teacher.cache does not combine with {what} (the student's {vocab} token ids of the "
+                          f"teacher's {teacher_vocab}): a cache holds the teacher's own tokenisation and "
+                          f"probabilities over all its ids; drop --teacher-cache to distil from the online teacher, "
+                          f"renormalised over the shared ids")
 
 
 def shared_vocab_rows(cfg: DistillConfig, held_rows, train_rows) -> tuple[object, int, str]:
