@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MERGES, TINY_VOCAB, make_tiny_lm
+from conftest import TINY_MERGES, TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
 
 from tailkd import models
 from tailkd.errors import TailkdError
@@ -1009,13 +1009,15 @@ def test_an_unwritable_gguf_cache_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- a multimodal checkpoint's text model
 
 
-def _tiny_apertus15_multimodal(path, tokenizer):
+def _tiny_apertus15_multimodal(path):
     """A tiny multimodal Apertus 1.5 (Apertus1p5ForConditionalGeneration: vision and audio tokenizers beside its text
-    model, stored as model.language_model.*, an LM head pruned to the TINY_VOCAB text ids) with 16 extra tokens."""
+    model, stored as model.language_model.*, an LM head pruned to the TINY_VOCAB text ids) with 16 extra tokens (on a
+    tokenizer of its own: the session's tiny_tokenizer is shared)."""
     import transformers
 
     if not hasattr(transformers, "Apertus1p5Config"):
         pytest.skip(f"transformers {transformers.__version__} has no Apertus 1.5")
+    tokenizer = build_tiny_tokenizer()
     tokenizer.add_tokens([f"<|visual token {i}|>" for i in range(8)] + [f"<|audio token {i}|>" for i in range(8)],
                          special_tokens=True)
     text = dict(vocab_size=len(tokenizer), output_vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96,
@@ -1037,7 +1039,7 @@ def _tiny_apertus15_multimodal(path, tokenizer):
     return model
 
 
-def test_a_multimodal_checkpoint_teaches_by_its_text_model(tmp_path, tiny_tokenizer):
+def test_a_multimodal_checkpoint_teaches_by_its_text_model(tmp_path):
     """AutoModelForCausalLM does not take Apertus 1.5's multimodal checkpoint; its text model loads from it
     (transformers converts the names model.language_model.* on load) and is what tailkd loads: the multimodal model's
     own logits on text, bit for bit (the same tensors, the same operations), its pruned head's 300 ids. `tailkd
@@ -1046,7 +1048,7 @@ def test_a_multimodal_checkpoint_teaches_by_its_text_model(tmp_path, tiny_tokeni
 
     from tailkd.flops import model_size, size_from_spec
 
-    whole = _tiny_apertus15_multimodal(tmp_path / "mm", tiny_tokenizer)
+    whole = _tiny_apertus15_multimodal(tmp_path / "mm")
     model, tok = load_causal_lm(tmp_path / "mm")
     assert type(model).__name__ == "Apertus1p5TextForCausalLM" and len(tok) == TINY_VOCAB + 16
     ids = torch.randint(0, TINY_VOCAB + 16, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -1084,7 +1086,7 @@ def test_a_checkpoint_lacking_tensors_of_its_model_is_refused(tmp_path, tiny_tok
         load_causal_lm(tmp_path / "llava")
 
 
-def test_a_student_built_from_a_multimodal_checkpoints_text_model(tmp_path, tiny_tokenizer):
+def test_a_student_built_from_a_multimodal_checkpoints_text_model(tmp_path):
     """tailkd distill on the multimodal Apertus 1.5 builds its student from the text model (an Apertus 1.5 text model
     keeping the pruned head, saved and loaded with AutoModelForCausalLM), the teacher replicated or sharded (its
     skeleton from the same text config, its tensors read under the converted names): the same student_init.json."""
@@ -1093,7 +1095,7 @@ def test_a_student_built_from_a_multimodal_checkpoints_text_model(tmp_path, tiny
 
     from tailkd.cli import main
 
-    _tiny_apertus15_multimodal(tmp_path / "mm", tiny_tokenizer)
+    _tiny_apertus15_multimodal(tmp_path / "mm")
     corpus = write_corpus(tmp_path / "corpus.txt")
     for parallel in ("replicate", "fsdp"):
         assert main(["distill", "--teacher", str(tmp_path / "mm"), "--student-layers", "1", "--data", str(corpus),
