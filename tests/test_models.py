@@ -844,6 +844,21 @@ def test_model_max_length():
     assert model_max_length(SimpleNamespace(n_ctx=32)) == 32
 
 
+def test_a_recurrent_model_without_positions_has_no_context_limit():
+    """Mamba's (and Falcon-Mamba's, Mamba-2's, xLSTM's) forward carries a state and no position embedding: no limit
+    (None), the shortest of the others where some have one; RWKV's one forward is context_length long; a config of
+    another type stating none is still refused."""
+    import transformers
+
+    mamba = transformers.MambaConfig(vocab_size=TINY_VOCAB, hidden_size=16, num_hidden_layers=1)
+    assert model_max_length(mamba) is None and model_max_length(mamba, mamba) is None
+    assert model_max_length(mamba, make_tiny_lm("llama", max_position_embeddings=96)) == 96
+    assert model_max_length(transformers.RwkvConfig(context_length=48)) == 48
+    assert model_max_length(make_tiny_lm("llama", max_position_embeddings=96), SimpleNamespace(n_ctx=32)) == 32
+    with pytest.raises(TailkdError, match=r"^cannot tell the context length of SimpleNamespace"):
+        model_max_length(mamba, SimpleNamespace(model_type="llama"))
+
+
 # --------------------------------------------------------------------------- the real built-in teacher
 
 

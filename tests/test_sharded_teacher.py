@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, make_tiny_lm
+from conftest import TINY_VOCAB, build_tiny_tokenizer, make_tiny_lm
 from launch import ENV, as_a_plain_process, failure_text, free_port, join_gloo, run_cli, spawn
 from safetensors.torch import load_file
 from tiny import make_teacher_dir, read_metrics, write_corpus
@@ -528,6 +528,35 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
     (ours, _), (want, _) = build_student(skeleton, **kwargs), build_student(whole, **kwargs)
     params = dict(want.named_parameters())
     assert "model.layers.1.mlp.experts.gate_up_proj" in params
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, params[name]), name
+
+
+@pytest.mark.parametrize("config_class", ["MambaConfig", "FalconMambaConfig"])
+def test_a_sharded_mamba_teacher_builds_the_student_the_whole_teacher_builds(config_class, tmp_path):
+    """Mamba's _no_split_modules lists its mixer beside its block: the decoder layers are the outermost (4 blocks, not
+    8 modules), so `student_source` for layers 1 and 3 reads those blocks — narrowed to hidden 16 and 48 channels, the
+    student equals the one built from the whole teacher, tensor for tensor — and leaves the others on meta."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from tailkd.config import StudentConfig
+    from tailkd.sharded_teacher import _decoder_layers, student_source
+    from tailkd.student import build_student
+
+    config = getattr(transformers, config_class)(vocab_size=TINY_VOCAB, hidden_size=32, state_size=4,
+                                                 num_hidden_layers=4)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(layers=[1, 3]), dtype="fp32")
+    assert [name for name, _ in _decoder_layers(skeleton)] == [f"backbone.layers.{i}" for i in range(4)]
+    assert skeleton.backbone.layers[0].mixer.in_proj.weight.device.type == "meta"
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    kwargs = dict(layers=[1, 3], hidden_size=16, intermediate_size=48)
+    (ours, _), (want, _) = build_student(skeleton, **kwargs), build_student(whole, **kwargs)
+    params = dict(want.named_parameters())
+    assert params["backbone.layers.1.mixer.A_log"].shape == (48, 4)
     for name, p in ours.named_parameters():
         assert torch.equal(p, params[name]), name
 

@@ -128,6 +128,9 @@ CONFIGS = {
     "cohere": ("CohereConfig", dict(hidden_size=64, num_key_value_heads=2, use_qk_norm=True, logit_scale=0.5)),
     "exaone4": ("Exaone4Config", dict(hidden_size=64, num_key_value_heads=2, layer_types=[S, F, S, S, F], **_SLIDING)),
     "apertus": ("ApertusConfig", dict(hidden_size=64, num_key_value_heads=2)),
+    # attention-free: a Mamba-1 mixer per layer, expand x hidden_size channels (Falcon-Mamba: with dt/B/C norms)
+    "mamba": ("MambaConfig", dict(hidden_size=32, state_size=4, expand=2, time_step_rank=4)),
+    "falcon_mamba": ("FalconMambaConfig", dict(hidden_size=32, state_size=4, expand=2, time_step_rank=4)),
     # Apertus 1.5 (text): Apertus' layers under an LM head pruned to the first output_vocab_size ids (`tailkd.vocab`)
     "apertus1p5_text": ("Apertus1p5TextConfig", dict(hidden_size=64, num_key_value_heads=2,
                                                      output_vocab_size=TINY_VOCAB - 8)),
@@ -414,7 +417,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "ministral": "MinistralForCausalLM", "seed_oss": "SeedOssForCausalLM", "cohere2": "Cohere2ForCausalLM",
            "cohere": "CohereForCausalLM",
            "exaone4": "Exaone4ForCausalLM", "apertus": "ApertusForCausalLM",
-           "apertus1p5_text": "Apertus1p5TextForCausalLM", "glm": "GlmForCausalLM",
+           "apertus1p5_text": "Apertus1p5TextForCausalLM", "mamba": "MambaForCausalLM",
+           "falcon_mamba": "FalconMambaForCausalLM", "glm": "GlmForCausalLM",
            "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
@@ -453,6 +457,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
 NAMES = list(CONFIGS)
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
+MAMBA_CLASSES = {"MambaForCausalLM", "FalconMambaForCausalLM"}  # attention-free: no heads in their plans
 LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM",
                  "LaraMiniForCausalLM", "Apertus1p5TextForCausalLM"}
 
@@ -518,7 +523,7 @@ def _layer_types(model):
 
 
 _LAYER_PREFIXES = ("model.layers.", "model.decoder.layers.", "gpt_neox.layers.", "transformer.h.",  # + OPT, NeoX, Bloom
-                   "transformer.blocks.")  # MPT
+                   "transformer.blocks.", "backbone.layers.")  # MPT, Mamba
 
 
 def _split_layer(name):
@@ -584,7 +589,7 @@ def _expected(name, teacher, plan):
         if name in ("model.embed_tokens.weight", "model.embeddings.weight", "lm_head.weight",
                     "model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
                     "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "transformer.wte.weight",
-                    "transformer.wpe.weight"):
+                    "transformer.wpe.weight", "backbone.embeddings.weight"):
             return rd(w, 1)
         return w if name == "lm_head.bias" else rd(w, 0)  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
@@ -643,6 +648,14 @@ def _expected(name, teacher, plan):
                "attn.c_proj": "self_attn.o_proj", "attn.Wqkv": "self_attn.qkv_proj",  # GPT-BigCode, MPT
                "ffn.up_proj": "mlp.fc1", "ffn.down_proj": "mlp.fc2"}.get(module)
     rest = f"{renamed}.{kind}" if renamed else rest
+    if type(teacher).__name__ in MAMBA_CLASSES and rest.startswith("mixer."):  # expand x hidden_size channels: the
+        part = rest.removeprefix("mixer.")  # first ff of them (expand x the student's hidden_size)
+        if part == "in_proj.weight":  # [x | z], ff channels each, over the residual stream
+            x, z = w.chunk(2)
+            return rd(torch.cat([x[:ff], z[:ff]]), 1)
+        if part in ("out_proj.weight", "x_proj.weight"):  # reading the channels: [d, channels], [dt + 2 state, ...]
+            return rd(w[:, :ff], 0) if part == "out_proj.weight" else w[:, :ff]
+        return w[:ff]  # dt_proj, the convolution, A_log, D: a row per channel
     if rest.startswith("mixer."):  # Nemotron-H's one mixer per layer: the rules of its kind
         tail = rest.removeprefix("mixer.")
         kind = tail.split(".")[0]
@@ -1294,6 +1307,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "apertus": ({"hidden_size": 32, "intermediate_size": 40}, dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
     "apertus1p5_text": ({"hidden_size": 32, "intermediate_size": 40},
                         dict(d=32, hd_s=8, ff=40, rows=FULL_ROPE_16_TO_8)),
+    # attention-free: the mixers' channels (intermediate_size, 96) narrow as an MLP's units, hidden_size on its own
+    "mamba": ({"hidden_size": 16, "intermediate_size": 40}, dict(d=16, ff=40)),
+    "falcon_mamba": ({"hidden_size": 16, "intermediate_size": 40}, dict(d=16, ff=40)),
     # interleaved partial RoPE: 8 of 16 rows rotate in pairs (2p, 2p+1); 4 of 8 keep teacher pairs 0, 2 (rows 0, 1,
     # 4, 5: the frequencies the student's pairs 0, 1 rotate at), then the first 4 non-rotated rows 8..11
     "glm": ({"hidden_size": 32, "head_dim": 8, "intermediate_size": 40},
@@ -1860,14 +1876,17 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
         3, kwargs.get("hidden_size", teacher.config.hidden_size),
         kwargs.get("num_heads", teacher.config.num_attention_heads))
-    attention = next(a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
-                                 or getattr(layer, "attention", None) or getattr(layer, "self_attention", None)
-                                 or getattr(layer, "attn", None)
-                                 or getattr(getattr(layer, "norm_attn_norm", None), "attn", None)  # DBRX
-                                 for layer in _decoder_layers(student))
-                     if "Attention" in type(a).__name__)
+    attention = next((a for a in (getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)  # Nemotron-H
+                                  or getattr(layer, "attention", None) or getattr(layer, "self_attention", None)
+                                  or getattr(layer, "attn", None)
+                                  or getattr(getattr(layer, "norm_attn_norm", None), "attn", None)  # DBRX
+                                  for layer in _decoder_layers(student))
+                      if "Attention" in type(a).__name__), None)
     attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
-    if hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
+    if attention is None:  # attention-free (Mamba): its mixers over the kept channels
+        assert type(teacher).__name__ in MAMBA_CLASSES
+        assert [layer.mixer.intermediate_size for layer in student.backbone.layers] == [plan["ff"]] * 3
+    elif hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     elif family.startswith("gemma4"):  # its layers' heads of two sizes: each student layer's its teacher layer's,
         #  scaled as head_dim is, and their KV heads as num_kv_heads
@@ -2335,8 +2354,37 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("gemma4_moe", {"layers": [0, 2]}, r"^Gemma 4's last layer is a full_attention one whatever its config lists, "
                                        r"but the student's \(teacher layer 2\) is a sliding_attention one: end the "
                                        r"student's layers with one of teacher layers 1 3 4 \(--student.layers\)$"),
+    # attention-free: no heads to narrow or choose
+    ("mamba", {"num_heads": 2}, r"^Mamba has no attention heads: drop num_heads, num_kv_heads and head_dim$"),
+    ("falcon_mamba", {"head_dim": 8}, r"^Mamba has no attention heads: drop num_heads, num_kv_heads and head_dim$"),
+    ("mamba", {"num_layers": 2, "attention_heads": "active", "calibration": lambda: [{"input_ids": _ids(7, (2, 13))}]},
+     r"^attention_heads=active chooses attention heads, but Mamba has none: drop it$"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:
         build_student(make_teacher(family), **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_a_mamba_teacher_distils_through_the_cli(tmp_path):
+    """tailkd distill on a Mamba teacher (no attention, no position limit: `tailkd.models.model_max_length` None): a
+    2-layer student, hidden 16 over 32 channels chosen by activity, the fused loss layer; it saves as a
+    MambaForCausalLM of those sizes."""
+    from tiny import read_metrics, write_corpus
+
+    from tailkd.cli import main
+
+    teacher = make_teacher("mamba")
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2", "--student.hidden_size",
+                 "16", "--student.intermediate_size", "32", "--student.mlp_units", "active", "--student.mlp_init",
+                 "copy", "--data", str(write_corpus(tmp_path / "corpus.txt")), "--data.cache_dir",
+                 str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--fused-loss", "on",
+                 "--out", str(tmp_path / "run")]) == 0
+    held = [r for r in read_metrics(tmp_path / "run") if r["split"] == "heldout"]
+    assert held and all(math.isfinite(r["kl"]) for r in held)
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert type(student).__name__ == "MambaForCausalLM"
+    config = student.config
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 16, 32)

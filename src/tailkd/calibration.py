@@ -467,6 +467,8 @@ def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str,
         found["layer_choice=influence"] = every
     if hidden_channels == "active" and s.hidden != t.hidden:
         found["hidden_channels=active"] = every
+    if attention_heads == "active" and not t.heads:
+        raise TailkdError(f"attention_heads=active chooses attention heads, but {fam.label} has none: drop it")
     if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
         found["attention_heads=active"] = every
     if mlp_units == "active":

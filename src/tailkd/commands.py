@@ -114,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                   rouge=g.rouge)
         result.update(mode="generate", **generation_data(cfg), **metrics)
     else:
-        model_max = min(models.model_max_length(s_model), models.model_max_length(t_model))
+        model_max = models.model_max_length(s_model, t_model)
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
                          model_max=model_max)
         check_labels(vocab, s_tok, {SPLIT_WORDS[cfg.eval.split]: rows})
@@ -362,7 +362,7 @@ def _check_generation_room(model_dir: Path, max_gen_toks: int) -> None:
         context = models.model_max_length(AutoConfig.from_pretrained(model_dir, local_files_only=True))
     except (TailkdError, *models.config_errors()):  # no stated context, or a folder lm-eval's own loading reports
         return
-    if max_gen_toks >= context:
+    if context is not None and max_gen_toks >= context:  # None: no limit (Mamba's)
         raise TailkdError(f"tailkd_gsm: --max-gen-toks {max_gen_toks} leaves no room for the question in the "
                           f"{context}-token context of {model_dir} (lm-eval keeps the last {context} - max_gen_toks "
                           f"prompt tokens); pass --max-gen-toks below {context}, e.g. {context // 2}")

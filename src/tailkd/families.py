@@ -864,6 +864,20 @@ FAMILIES = {f.name: f for f in (
     Family("bamba", "Bamba", ("BambaForCausalLM",), _MAMBA_HYBRID_DECODER, _MAMBA_HYBRID_LAYER, _EMBED,
            "follows_hidden", layer_index_lists=("attn_layer_indices",), mlp_prefix="feed_forward.",
            mixer_width_keys=("mamba_d_ssm",)),
+    # Mamba, Falcon-Mamba: attention-free, a Mamba-1 mixer per layer over intermediate_size channels (expand x
+    # hidden_size unless the config says; each channel its own state space: in_proj's [x | z] halves, the
+    # convolution, dt_proj, A_log and D by channel, x_proj reads them all), narrowed as an MLP's units are; no
+    # MLP: mlp_init draws none
+    Family("mamba", "Mamba", ("MambaForCausalLM", "FalconMambaForCausalLM"),
+           {"backbone.embeddings.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("backbone.norm_f")},
+           {**linear("mixer.in_proj", "gate_up", "d"), **linear("mixer.out_proj", "d", "ff"),
+            **linear("mixer.x_proj", "all", "ff"), **linear("mixer.dt_proj", "ff", "all"),
+            "mixer.conv1d.weight": ("ff", "all", "all"), "mixer.conv1d.bias": ("ff",), "mixer.A_log": ("ff", "all"),
+            "mixer.D": ("ff",), **norms("norm")},
+           ("backbone.embeddings.weight",), "derived", layer_prefix="backbone.layers.", rope=False,
+           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads=None, kv_heads=None,
+                     intermediate="intermediate_size", experts=None, experts_per_token=None),
+           layer_lists=(), mlp_prefix=()),
     # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide: hidden_size kept; their dt, B and C norms) beside Llama's
     # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
     # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config

@@ -614,23 +614,29 @@ def _set_gguf_special_tokens(tokenizer, gguf: Path) -> None:
             setattr(tokenizer, name, token)
 
 
+# model types whose forward has no position limit: a recurrent state, no position embedding (state-space models)
+POSITION_FREE = frozenset({"mamba", "falcon_mamba", "mamba2", "xlstm"})
+
+
 def max_positions(model) -> int | None:
     """The longest sequence the positions of ``model`` (or of a model config) support: its config's
-    max_position_embeddings / n_positions / n_ctx, or its text config's (a multimodal model: Gemma 3's, Gemma 4's
-    ...ForConditionalGeneration); None where it gives none."""
+    max_position_embeddings / n_positions / n_ctx / context_length (RWKV's one forward), or its text config's (a
+    multimodal model: Gemma 3's, Gemma 4's ...ForConditionalGeneration); None where it gives none."""
     config = getattr(model, "config", model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "context_length"):
         value = getattr(config, name, None) or getattr(text, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
 
 
-def model_max_length(model) -> int:
-    """`max_positions`, a TailkdError where the model's config gives none."""
-    limit = max_positions(model)
-    if limit is None:
-        raise TailkdError(f"cannot tell the context length of {type(model).__name__}: set max_position_embeddings "
-                          "in its config.json")
-    return limit
+def model_max_length(*models) -> int | None:
+    """The shortest `max_positions` of ``models`` (models or configs); None where none has a limit (each
+    `POSITION_FREE`: Mamba's); a TailkdError for another whose config gives none."""
+    limits = [max_positions(model) for model in models]
+    for model, limit in zip(models, limits, strict=True):
+        if limit is None and getattr(getattr(model, "config", model), "model_type", None) not in POSITION_FREE:
+            raise TailkdError(f"cannot tell the context length of {type(model).__name__}: set "
+                              "max_position_embeddings in its config.json")
+    return min((limit for limit in limits if limit is not None), default=None)

@@ -230,9 +230,11 @@ def _read_saved_buffers(model, files: _Checkpoint, persistent: set, skipped: tup
 
 
 def _decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of the decoder layers (the classes of ``_no_split_modules``), in order."""
+    """(name, module) of the decoder layers (the outermost modules of the classes of ``_no_split_modules``: Mamba's
+    lists its mixer beside its block), in order."""
     classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
+    layers = [(n, m) for n, m in layers if not any(n.startswith(f"{outer}.") for outer, _ in layers)]
     if not layers:
         raise TailkdError(f"{type(model).__name__} names no decoder layer class (_no_split_modules), so FSDP2 cannot "
                           "shard it layer by layer: use --teacher.parallel replicate")

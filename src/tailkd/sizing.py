@@ -104,10 +104,10 @@ def teacher_dims(config, family: str | Family) -> Dims:
         if keys.get(role) and isinstance(setting(config, keys[role]), (list, tuple)):
             raise TailkdError(f"the teacher's {keys[role]} is a list, one per layer, which tailkd cannot cut into a "
                               "student: give the student as a folder (--student DIR)")
-    hidden, heads = setting(config, keys["hidden"]), setting(config, keys["heads"])
-    kv_heads = (setting(config, keys["kv_heads"]) if keys["kv_heads"] else None) or heads
+    hidden, heads = setting(config, keys["hidden"]), setting(config, keys["heads"]) if keys["heads"] else 0
+    kv_heads = (setting(config, keys["kv_heads"]) if keys["kv_heads"] else None) or heads  # 0: attention-free (Mamba)
     kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's, Falcon-7B's multi-query attention
-    head_dim = (None if fam.head_dim == "derived" else setting(config, "head_dim")) or hidden // heads
+    head_dim = ((None if fam.head_dim == "derived" else setting(config, "head_dim")) or hidden // heads) if heads else 0
     experts = _routed_experts(config, fam)
     per_token = setting(config, keys["experts_per_token"]) if experts else 0
     groups, shared = (setting(config, keys[role]) if keys.get(role) else None
@@ -218,18 +218,20 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     if fam.alibi and heads != t.heads:
         raise TailkdError(f"num_heads={heads}, but {fam.label}'s ALiBi slopes are set by the number of heads: keep "
                           f"num_heads {t.heads} (a narrower hidden_size narrows each head)")
+    if not t.heads and (num_heads, num_kv_heads, head_dim) != (None, None, None):
+        raise TailkdError(f"{fam.label} has no attention heads: drop num_heads, num_kv_heads and head_dim")
     if intermediate_size is not None and not fam.keys["intermediate"]:
         raise TailkdError(f"{fam.label} has no intermediate_size setting (its MLP is 4 x hidden_size wide): drop "
                           "intermediate_size and choose hidden_size")
     inter = t.intermediate if intermediate_size is None else int(intermediate_size)
     for name, value, limit in (("hidden_size", hidden, t.hidden), ("num_heads", heads, t.heads),
                                ("intermediate_size", inter, t.intermediate)):
-        if not 1 <= value <= limit:
+        if not 1 <= value <= limit and limit:  # (no heads: attention-free)
             raise TailkdError(f"{name}={value} but the teacher's is {limit}: a student can only be narrower, "
                               f"pick 1..{limit}")
     kv_heads = _kv_heads(t, fam, heads, num_kv_heads)
     experts, per_token = _experts(t, fam, num_experts, num_experts_per_tok)
-    hd = _head_dim(t, fam, hidden, heads, head_dim)
+    hd = _head_dim(t, fam, hidden, heads, head_dim) if heads else 0
     if fam.square_attention_output and heads * hd != hidden:
         raise TailkdError(f"{fam.label}'s attention output projection is hidden_size x hidden_size, so num_heads x "
                           f"head_dim ({heads} x {hd}) must equal hidden_size ({hidden}): narrow hidden_size with "
@@ -246,7 +248,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
                               f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
     return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts,
-                _value_head_dim(t, fam, hd))
+                _value_head_dim(t, fam, hd) if heads else 0)
 
 
 def _value_head_dim(t: Dims, fam: Family, hd: int) -> int:

@@ -249,9 +249,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
             cfg.teacher.path, device=device, dtype=cfg.teacher.dtype, log=dist.say)
     elif teacher is not None:
         dist.say(f"teacher: {sharded_teacher.placement(teacher)} on each of the {dist.world()} rank(s)")
-    model_max = models.model_max_length(student)
+    model_max = models.model_max_length(student, *([] if teacher is None else [teacher]))
     if teacher is not None:
-        model_max = min(model_max, models.model_max_length(teacher))
         if cfg.loss.k >= vocab and "k" in LOSSES[cfg.loss.name].knobs:
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
