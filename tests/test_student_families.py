@@ -131,6 +131,9 @@ CONFIGS = {
     # attention-free: a Mamba-1 mixer per layer, expand x hidden_size channels (Falcon-Mamba: with dt/B/C norms)
     "mamba": ("MambaConfig", dict(hidden_size=32, state_size=4, expand=2, time_step_rank=4)),
     "falcon_mamba": ("FalconMambaConfig", dict(hidden_size=32, state_size=4, expand=2, time_step_rank=4)),
+    # a Mamba-2 mixer per layer (8 heads of 8 in 2 groups), kept whole: hidden_size kept (no intermediate_size)
+    "mamba2": ("Mamba2Config", dict(hidden_size=32, state_size=8, num_heads=8, head_dim=8, n_groups=2, expand=2,
+                                    chunk_size=16, intermediate_size=None)),
     # Apertus 1.5 (text): Apertus' layers under an LM head pruned to the first output_vocab_size ids (`tailkd.vocab`)
     "apertus1p5_text": ("Apertus1p5TextConfig", dict(hidden_size=64, num_key_value_heads=2,
                                                      output_vocab_size=TINY_VOCAB - 8)),
@@ -418,7 +421,7 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "cohere": "CohereForCausalLM",
            "exaone4": "Exaone4ForCausalLM", "apertus": "ApertusForCausalLM",
            "apertus1p5_text": "Apertus1p5TextForCausalLM", "mamba": "MambaForCausalLM",
-           "falcon_mamba": "FalconMambaForCausalLM", "glm": "GlmForCausalLM",
+           "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "glm": "GlmForCausalLM",
            "glm4": "Glm4ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
            "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
@@ -455,9 +458,10 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "jamba": "JambaForCausalLM", "minimax": "MiniMaxForCausalLM", "gemma4": "Gemma4ForCausalLM",
            "gemma4_moe": "Gemma4ForCausalLM", "gemma4_unified": "Gemma4UnifiedForCausalLM"}
 NAMES = list(CONFIGS)
+# attention-free: no heads in their plans
+MAMBA_CLASSES = {"MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM"}
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
-MAMBA_CLASSES = {"MambaForCausalLM", "FalconMambaForCausalLM"}  # attention-free: no heads in their plans
 LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM",
                  "LaraMiniForCausalLM", "Apertus1p5TextForCausalLM"}
 
@@ -648,6 +652,8 @@ def _expected(name, teacher, plan):
                "attn.c_proj": "self_attn.o_proj", "attn.Wqkv": "self_attn.qkv_proj",  # GPT-BigCode, MPT
                "ffn.up_proj": "mlp.fc1", "ffn.down_proj": "mlp.fc2"}.get(module)
     rest = f"{renamed}.{kind}" if renamed else rest
+    if type(teacher).__name__ == "Mamba2ForCausalLM" and rest.startswith("mixer."):  # kept whole but its residual
+        return rd(w, 1) if rest == "mixer.in_proj.weight" else rd(w, 0) if rest == "mixer.out_proj.weight" else w
     if type(teacher).__name__ in MAMBA_CLASSES and rest.startswith("mixer."):  # expand x hidden_size channels: the
         part = rest.removeprefix("mixer.")  # first ff of them (expand x the student's hidden_size)
         if part == "in_proj.weight":  # [x | z], ff channels each, over the residual stream
@@ -1042,9 +1048,9 @@ def test_falcon_h1_keeps_hidden_size_where_its_mixers_follow_it():
     stream is refused in one line; layers, heads and the MLP still narrow (bit for bit the teacher's slices)."""
     teacher = make_teacher("falcon_h1", mamba_d_ssm=None, mamba_n_heads=16)  # 2 x 64 = 128 = 16 heads of 8
     assert teacher.model.layers[0].mamba.intermediate_size == 128
-    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Falcon-H1 Mamba mixers are mamba_expand "
-                                          r"x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(layers, "
-                                          r"heads and the MLP narrow\)$"):
+    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Falcon-H1 Mamba mixers are expand x "
+                                          r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(the rest "
+                                          r"narrows\)$"):
         build_student(teacher, hidden_size=32)
     student, table = build_student(teacher, layers=SUBSET, num_heads=2, num_kv_heads=1, intermediate_size=40,
                                    mlp_init="copy")
@@ -1069,7 +1075,7 @@ def test_granite_4_dense_variant_narrows_its_shared_mlp(tmp_path):
                                           r"num_experts$"):
         build_student(teacher, num_experts=2)
     with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Granite 4\.0-H Mamba mixers are "
-                                          r"mamba_expand x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"):
+                                          r"expand x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"):
         build_student(teacher, hidden_size=32)
 
 
@@ -2278,9 +2284,8 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                                     r"hidden_size \(64\): narrow hidden_size with num_heads "
                                                     r"\(hidden_size 32\)$"),
     ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
-    ("bamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Bamba Mamba mixers are mamba_expand x "
-                                   r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(layers, heads and the "
-                                   r"MLP narrow\)$"),
+    ("bamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Bamba Mamba mixers are expand x "
+                                   r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(the rest narrows\)$"),
     ("deepseek_v3", {"num_kv_heads": 2}, r"^DeepSeek-V3 has no grouped KV heads: drop num_kv_heads \(or set it to "
                                          r"num_heads=4\)$"),
     ("glm4_moe_lite", {"head_dim": 2}, r"^head_dim=2, but GLM-4.7-Flash's latent attention keeps its head sizes "
@@ -2324,7 +2329,7 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's value heads \(v_head_dim 8\) scale as "
                                        r"head_dim does \(12 -> 8\), to 5\.33333 rows: pick a head_dim that is a "
                                        r"multiple of 3$"),
-    ("jamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Jamba Mamba mixers are mamba_expand x "
+    ("jamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Jamba Mamba mixers are expand x "
                                    r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"),
     # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one
     ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
@@ -2359,6 +2364,10 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("falcon_mamba", {"head_dim": 8}, r"^Mamba has no attention heads: drop num_heads, num_kv_heads and head_dim$"),
     ("mamba", {"num_layers": 2, "attention_heads": "active", "calibration": lambda: [{"input_ids": _ids(7, (2, 13))}]},
      r"^attention_heads=active chooses attention heads, but Mamba has none: drop it$"),
+    ("mamba2", {"hidden_size": 16}, r"^hidden_size=16, but the teacher's Mamba-2 Mamba mixers are expand x hidden_size "
+                                 r"wide \(no intermediate_size\): keep hidden_size 32 \(the rest narrows\)$"),
+    ("mamba2", {"intermediate_size": 16}, r"^Mamba-2 has no intermediate_size setting \(no MLP\): drop "
+                                          r"intermediate_size and choose hidden_size$"),
 ])
 def test_bad_arguments(family, kwargs, message):
     with pytest.raises(TailkdError, match=message) as err:
@@ -2366,25 +2375,27 @@ def test_bad_arguments(family, kwargs, message):
     assert "\n" not in str(err.value)
 
 
-def test_a_mamba_teacher_distils_through_the_cli(tmp_path):
-    """tailkd distill on a Mamba teacher (no attention, no position limit: `tailkd.models.model_max_length` None): a
-    2-layer student, hidden 16 over 32 channels chosen by activity, the fused loss layer; it saves as a
-    MambaForCausalLM of those sizes."""
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
+    """tailkd distill on a Mamba or Mamba-2 teacher (no attention, no position limit: `tailkd.models.model_max_length`
+    None), the fused loss layer: a 2-layer student — Mamba's of hidden 16 over 32 channels chosen by activity, Mamba-2's
+    whole mixers by influence — saved as its teacher's class with those sizes."""
     from tiny import read_metrics, write_corpus
 
     from tailkd.cli import main
 
-    teacher = make_teacher("mamba")
+    teacher = make_teacher(family)
     teacher.save_pretrained(tmp_path / "teacher")
     build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
-    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2", "--student.hidden_size",
-                 "16", "--student.intermediate_size", "32", "--student.mlp_units", "active", "--student.mlp_init",
-                 "copy", "--data", str(write_corpus(tmp_path / "corpus.txt")), "--data.cache_dir",
-                 str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--fused-loss", "on",
-                 "--out", str(tmp_path / "run")]) == 0
+    narrow = {"mamba": ["--student.hidden_size", "16", "--student.intermediate_size", "32", "--student.mlp_units",
+                        "active", "--student.mlp_init", "copy"],
+              "mamba2": ["--student.layer_choice", "influence"]}[family]
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2", *narrow, "--data",
+                 str(write_corpus(tmp_path / "corpus.txt")), "--data.cache_dir", str(tmp_path / "cache"), "--seq-len",
+                 "32", "--batch-size", "4", "--steps", "2", "--fused-loss", "on", "--out", str(tmp_path / "run")]) == 0
     held = [r for r in read_metrics(tmp_path / "run") if r["split"] == "heldout"]
     assert held and all(math.isfinite(r["kl"]) for r in held)
     student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
-    assert type(student).__name__ == "MambaForCausalLM"
-    config = student.config
-    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 16, 32)
+    assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
+    if family == "mamba":
+        assert (student.config.hidden_size, student.config.intermediate_size) == (16, 32)

@@ -878,6 +878,15 @@ FAMILIES = {f.name: f for f in (
            keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads=None, kv_heads=None,
                      intermediate="intermediate_size", experts=None, experts_per_token=None),
            layer_lists=(), mlp_prefix=()),
+    # Mamba-2: attention-free, a Mamba-2 mixer per layer, expand x hidden_size wide (its heads, groups and state kept
+    # whole, as the hybrids' Mamba-2 mixers are; head_dim is theirs): a student keeps hidden_size and chooses layers
+    Family("mamba2", "Mamba-2", ("Mamba2ForCausalLM",),
+           {"backbone.embeddings.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("backbone.norm_f")},
+           {**{"mixer." + k.removeprefix("mamba."): v for k, v in _MAMBA2.items()}, **norms("norm")},
+           ("backbone.embeddings.weight",), "derived", layer_prefix="backbone.layers.", rope=False,
+           keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads=None, kv_heads=None, intermediate=None,
+                     experts=None, experts_per_token=None),
+           layer_lists=(), reads_head_dim=False, mlp_prefix=(), mixer_width_keys=("intermediate_size",)),
     # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide: hidden_size kept; their dt, B and C norms) beside Llama's
     # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
     # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config

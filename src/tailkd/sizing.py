@@ -221,8 +221,9 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
     if not t.heads and (num_heads, num_kv_heads, head_dim) != (None, None, None):
         raise TailkdError(f"{fam.label} has no attention heads: drop num_heads, num_kv_heads and head_dim")
     if intermediate_size is not None and not fam.keys["intermediate"]:
-        raise TailkdError(f"{fam.label} has no intermediate_size setting (its MLP is 4 x hidden_size wide): drop "
-                          "intermediate_size and choose hidden_size")
+        mlp = "its MLP is 4 x hidden_size wide" if fam.mlp_prefix else "no MLP"  # (nothing for mlp_init: Mamba's)
+        raise TailkdError(f"{fam.label} has no intermediate_size setting ({mlp}): drop intermediate_size and choose "
+                          "hidden_size")
     inter = t.intermediate if intermediate_size is None else int(intermediate_size)
     for name, value, limit in (("hidden_size", hidden, t.hidden), ("num_heads", heads, t.heads),
                                ("intermediate_size", inter, t.intermediate)):
@@ -531,7 +532,7 @@ def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: flo
         return type(teacher_config).from_dict(data)
     except Exception as err:  # config classes validate: hidden % heads (transformers 5: Llama, Gemma2, Gemma3), DBRX
         #                       refuses a tied head
-        if s.hidden % s.heads:
+        if s.heads and s.hidden % s.heads:
             raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
         why = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise TailkdError(f"{type(teacher_config).__name__} refuses the student's config: "
@@ -578,9 +579,8 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
                               f"hidden_size that is a multiple of {step}")
     unset = [key for key in fam.mixer_width_keys if getattr(teacher.config, key, None) is None]
     if unset and s.hidden != t.hidden:
-        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are mamba_expand x "
-                          f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (layers, heads and "
-                          "the MLP narrow)")
+        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are expand x "
+                          f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (the rest narrows)")
     return fam, t, s, fraction, chosen
 
 
