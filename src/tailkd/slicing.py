@@ -104,8 +104,9 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
     keeps; ``keys_as_values``: the layer's values are its keys (Gemma 4's attention_k_eq_v), so ``o`` reads the kept
     heads' key rows (RoPE pairs), not their first rows; value heads of their own size (``v_head_dim``) keep their
     first ``s.v_head_dim`` rows in v and o."""
-    g_t, g_s = (t.heads // t.kv_heads, s.heads // s.kv_heads) if t.heads else (1, 1)  # query heads per KV head (none:
-    if q_heads is None and blocks:  # attention-free, Mamba)  # each block's first heads
+    # query heads per KV head (an attention-free model, Mamba's, has no heads)
+    g_t, g_s = (t.heads // t.kv_heads, s.heads // s.kv_heads) if t.heads else (1, 1)
+    if q_heads is None and blocks:  # each block's first heads
         q_heads = [b * (t.heads // blocks) + m for b in range(blocks) for m in range(s.heads // blocks)]
     q_heads = (query_heads(t, s) if t.heads else []) if q_heads is None else [int(h) for h in q_heads]
     kv_heads = [q_heads[j * g_s] // g_t for j in range(s.kv_heads)]  # student KV head j's teacher KV head
