@@ -1,11 +1,12 @@
-"""The student's shape: which teacher layers it keeps, its widths and its config (`tailkd.student` copies the weights).
+"""The student's shape: which teacher layers it keeps and its widths (`tailkd.student_config` writes its config,
+`tailkd.student` copies the weights).
 
 `student_plan` turns `tailkd.student.build_student`'s options into the family's table entry as it applies to the
 teacher's config (`config_family`), the teacher's and the student's sizes (`teacher_dims`, `student_dims`), the share of
-a head that RoPE rotates (`rotary_fraction`), the chosen layers (`choose_layers`) and the student's config, after every
-refusal of a shape the family cannot take, each one line saying what to pick instead. The rules themselves (which
-layers, head_dim per family, KV grouping, experts and their groups, RoPE) are written out in `tailkd.student`'s
-docstring; the per-family tables are in `tailkd.families`.
+a head that RoPE rotates (`rotary_fraction`), the chosen layers (`choose_layers`) and the student's config
+(`tailkd.student_config`), after every refusal of a shape the family cannot take, each one line saying what to pick
+instead. The rules themselves (which layers, head_dim per family, KV grouping, experts and their groups, RoPE) are
+written out in `tailkd.student`'s docstring; the per-family tables are in `tailkd.families`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import math
 from tailkd.errors import TailkdError
 from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
-from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, reused_results, student_overrides
+from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, reused_results
 from tailkd.slicing import Dims
-from tailkd.vocab import head_ids
+from tailkd.student_config import not_divisible, student_config
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
            "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan", "student_widths",
@@ -80,14 +81,6 @@ def setting(config, key: str, default=None):
         else:
             config = getattr(config, part, default)
     return config
-
-
-def _set(data: dict, key: str, value) -> None:
-    """Set ``key`` of a config's dict (`setting`'s "a.b": key b of its dict a)."""
-    *outer, name = key.split(".")
-    for part in outer:
-        data = data[part]
-    data[name] = value
 
 
 def _routed_experts(config, fam: Family) -> int:
@@ -352,11 +345,6 @@ def _check_expert_groups(config, fam: Family, s: Dims) -> None:
                           f"student's groups of {n // groups}: pick at most {picked * (n // groups)}, or more experts")
 
 
-def _not_divisible(hidden: int, heads: int, why: str = "") -> TailkdError:
-    return TailkdError(f"hidden_size={hidden} is not divisible by num_heads={heads}{why}: "
-                       f"pick a hidden_size that is a multiple of {heads} or another num_heads")
-
-
 def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
     if requested is not None:
         hd = int(requested)
@@ -373,7 +361,7 @@ def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
         hd = t.head_dim
     else:  # head_dim is hidden_size // num_heads, which must then be exact
         if hidden % heads:
-            raise _not_divisible(hidden, heads)
+            raise not_divisible(hidden, heads)
         hd = hidden // heads
         if hd > t.head_dim:
             raise TailkdError(
@@ -455,97 +443,6 @@ def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
                           f"(narrow hidden_size and num_heads together)")
 
 
-def _student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: float, layers: list[int],
-                    tie: bool | None = None):
-    data = teacher_config.to_dict()
-    for key in getattr(teacher_config, "sub_configs", None) or {}:  # nested configs (MPT's attn_config, DBRX's) as
-        #  save_pretrained writes them: DBRX's (transformers 5.17) refuse to_dict's generic keys (_name_or_path, ...)
-        if hasattr(getattr(teacher_config, key, None), "to_diff_dict"):
-            data[key] = getattr(teacher_config, key).to_diff_dict()
-    if tie and (pruned := head_ids(teacher_config)) is not None:
-        raise TailkdError(f"student.tie_embeddings true, but the teacher's LM head scores its first {pruned} ids only "
-                          f"(output_vocab_size; its embeddings read "
-                          f"{teacher_config.get_text_config().vocab_size}): tied to them, the student's head would "
-                          "score every id; keep it untied (--student.tie_embeddings false)")
-    if tie is not None:
-        data["tie_word_embeddings"] = bool(tie)
-    for key in ("quantization_config", "_name_or_path", "name_or_path"):
-        data.pop(key, None)
-    data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
-    sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-             "intermediate": s.intermediate, "experts": s.experts, "experts_per_token": s.experts_per_token}
-    aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
-    for role, value in sizes.items():
-        if fam.keys.get(role):
-            _set(data, aliases.get(fam.keys[role], fam.keys[role]), value)
-    data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `student_widths`
-    data.update({key: s.heads for key in fam.heads_keys if key in data})  # Falcon's num_kv_heads without groups
-    implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
-    if fam.head_dim != "derived" and not implied:
-        data["head_dim"] = s.head_dim
-    if fam.value_head_dim:
-        data[fam.value_head_dim] = s.v_head_dim
-    for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
-        if isinstance(data.get(key), list) and len(data[key]) == t.layers:
-            data[key] = [data[key][i] for i in layers]
-    for key in fam.run_length_layer_lists:  # [[kinds, repeat], ...]: one [[kind], 1] per chosen layer
-        if isinstance(data.get(key), list) and layers != list(range(t.layers)):
-            spelled = [kind for kinds, repeat in data[key] for _ in range(repeat) for kind in kinds]
-            data[key] = [[[spelled[i]], 1] for i in layers]
-    for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
-        if isinstance(data.get(key), int):
-            data[key] = sum(i < data[key] for i in layers)
-    for key in fam.layer_last_indices:  # "up to layer N": the student's index of the last chosen layer up to N
-        if isinstance(data.get(key), int):
-            data[key] = sum(i <= data[key] for i in layers) - 1
-    for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
-        if isinstance(data.get(key), list):
-            data[key] = [j for j, i in enumerate(layers) if i in data[key]]
-    own = layer_dims(teacher_config, fam, t, s, layers, fraction)
-    data.update(student_overrides(teacher_config, fam, s, own, layers))  # per_layer_config, query heads per layer
-    if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
-        data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
-    if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
-        sparse = [_sparse_layer(teacher_config, i) for i in layers]
-        if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
-            data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
-            data["decoder_sparse_step"] = 1
-    for key in fam.depth_scales:  # key / sqrt(layers) scales each residual branch: the teacher's per layer
-        if s.layers != t.layers and isinstance(data.get(key), (int, float)):
-            # r * sqrt(L_s), r = the teacher's key / sqrt(L_t): the model's key / sqrt(L_s) gives back r to within a
-            # double's ulp, the same float32 (what multiplies the activations), for every pair of depths below 120
-            data[key] = data[key] / math.sqrt(t.layers) * math.sqrt(s.layers)
-    for key in fam.hidden_ratios:  # hidden_size / key: the teacher's (`student_widths` refused a ratio it cannot keep)
-        if s.hidden != t.hidden and isinstance(data.get(key), int):
-            data[key] = data[key] * s.hidden // t.hidden
-    for key in fam.head_dim_scaled:  # proportional to head_dim: an attention scale 1/sqrt(key), MiniMax-M2's RoPE rows
-        if s.head_dim != t.head_dim and isinstance(data.get(key), (int, float)):
-            data[key] = max(1, round(data[key] * s.head_dim / t.head_dim))
-    if fam.rotary_dim_key and data.get(fam.rotary_dim_key):  # GPT-J: the rotated rows of a student head
-        data[fam.rotary_dim_key] = int(s.head_dim * rotary_fraction(teacher_config, fam))
-    for key in fam.attention_scales:  # the scale itself: as 1/sqrt(head_dim) changes; "a.b": key b of dict a (MPT)
-        *outer, name = key.split(".")
-        group = data.get(outer[0]) if outer else data
-        if s.head_dim != t.head_dim and isinstance(group, dict) and isinstance(group.get(name), (int, float)):
-            group[name] = group[name] * (t.head_dim / s.head_dim) ** 0.5
-    try:
-        return type(teacher_config).from_dict(data)
-    except Exception as err:  # config classes validate: hidden % heads (transformers 5: Llama, Gemma2, Gemma3), DBRX
-        #                       refuses a tied head
-        if s.heads and s.hidden % s.heads:
-            raise _not_divisible(s.hidden, s.heads, f", which {type(teacher_config).__name__} requires") from err
-        why = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise TailkdError(f"{type(teacher_config).__name__} refuses the student's config: "
-                          f"{why[-1] if why else type(err).__name__}") from err
-
-
-def _sparse_layer(config, i: int) -> bool:
-    """Whether Qwen-MoE's layer i routes to experts (their modeling code's rule), else a dense MLP."""
-    only = getattr(config, "mlp_only_layers", None) or []
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    return i not in only and getattr(config, "num_experts", 0) > 0 and (i + 1) % step == 0
-
-
 def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
                    num_experts=None, num_experts_per_tok=None):
     """``(family, teacher dims, student dims, rotary fraction, layers)`` of a student of these layers (`choose_layers`)
@@ -595,6 +492,6 @@ def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_hea
     _check_kv_sharing(teacher.config, fam, chosen)
     _check_last_layer_kind(teacher.config, fam, chosen)
     _check_reused_results(teacher.config, fam, chosen)
-    return fam, t, s, fraction, chosen, _student_config(teacher.config, fam, t, s, fraction, chosen, tie_embeddings)
+    return fam, t, s, fraction, chosen, student_config(teacher.config, fam, t, s, fraction, chosen, tie_embeddings)
 
 
