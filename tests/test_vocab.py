@@ -449,7 +449,7 @@ def test_a_pruned_head_scores_the_first_ids_of_its_vocabulary(tiny_tokenizer):
     assert scored_vocab(tiny_tokenizer, whole) == TINY_VOCAB
     assert check_vocab(tiny_tokenizer, tiny_tokenizer, pruned, whole) == TINY_VOCAB - 4
     assert check_vocab(tiny_tokenizer, tiny_tokenizer, whole, pruned) == TINY_VOCAB - 4
-    short = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 1)  # its head covers the 296 ids scored, not its inputs
+    short = make_tiny_lm("llama", vocab_size=TINY_VOCAB - 1)  # its head covers the V ids scored, not its inputs
     with pytest.raises(TailkdError, match=rf"^the teacher's input embedding has {TINY_VOCAB - 1} rows but the "
                                           rf"tokenizer has {TINY_VOCAB} tokens"):
         check_vocab(tiny_tokenizer, tiny_tokenizer, short, pruned)
