@@ -1280,6 +1280,13 @@ FULL_ROPE_32_TO_16 = [*range(0, 16, 2), *range(16, 32, 2)]
 # MiniMax-M2's checkpoints set partial RoPE by rotary_dim, which transformers reads from 5.2x on (5.17: not at all)
 _ROTARY_DIM_READ = transformers.MiniMaxM2Config(head_dim=16, rotary_dim=8).rope_parameters.get(
     "partial_rotary_factor") == 0.5
+# a mixture of hidden_size 48, 4 heads of 16 on 2 KV heads and 4 experts narrowed to hidden 32, 2 heads of 8 on 1 KV
+# head and 3 experts of 24 units (Kolibri-1, Flint, AFMoE, Hy3: what each keeps beside them in its NARROW comment);
+# NARROW's entries are read only, so they share it
+HALF_HEADS_HD8_3_EXPERTS = ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8,
+                             "intermediate_size": 24, "num_experts": 3},
+                            dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
+                                 experts=3))
 NARROW = {  # family, build_student kwargs, reference plan overrides
     # partial rotary: 8 rotated rows -> 4 (teacher pairs 0, 2 of (i, i+4)), then the first 4 non-rotated rows
     "phi": ({"hidden_size": 32, "intermediate_size": 40},
@@ -1495,22 +1502,14 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "minimax_m2": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3}, dict(d=32, ff_e=24, experts=3)),
     # half the heads on one KV head, head_dim 8 (per-head norms' rows following), 3 experts of 24 units; the shared
     # expert keeps its own width
-    "kolibri1": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
-                  "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
-                                      experts=3)),
+    "kolibri1": HALF_HEADS_HD8_3_EXPERTS,
     # 2 heads on 1 KV head, head_dim 8: their sinks follow; 3 experts of 24 units, the shared expert kept whole
-    "flint": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
-               "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
-                                   experts=3)),
+    "flint": HALF_HEADS_HD8_3_EXPERTS,
     # half the heads on one KV head, head_dim 8: the output gate's rows follow the kept heads' first rows
-    "afmoe": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
-               "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
-                                   experts=3)),
+    "afmoe": HALF_HEADS_HD8_3_EXPERTS,
     # half the heads on one KV head, head_dim 8 (its per-head q/k norms' rows follow), 3 experts of 24 units and the
     # shared expert with them; the dense layers keep their width
-    "hy_v3": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24,
-               "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=8, rows=FULL_ROPE_16_TO_8, ff_e=24,
-                                   experts=3)),
+    "hy_v3": HALF_HEADS_HD8_3_EXPERTS,
     # interleaved RoPE over the whole head (teacher pairs 0, 2, 4, 6); dense layers keep their width, the shared
     # expert narrows with the routed ones
     "cohere2_moe": ({"hidden_size": 32, "intermediate_size": 24, "num_experts": 3},
