@@ -1017,8 +1017,8 @@ def test_experts_used_on_dense_layers_only_is_refused():
 
 
 @pytest.mark.parametrize("family, kwargs, message", [
-    ("bamba", {"hidden_size": 32, "hidden_channels": "active"}, r"^hidden_size=32, but the teacher's Bamba Mamba "
-                                                                r"mixers are expand x hidden_size wide"),
+    ("bamba", {"hidden_size": 48, "hidden_channels": "active"}, r"^hidden_size=48, but the teacher's Mamba-2 "
+                                                                r"mixers are mamba_expand x hidden_size wide"),
     ("ministral", {"num_heads": 3, "attention_heads": "active"}, r"^num_heads=3 is not a multiple of num_kv_heads=2"),
     ("ministral", {"num_layers": 9, "layer_choice": "influence"}, r"^num_layers=9 but the teacher has 5 layers"),
 ])

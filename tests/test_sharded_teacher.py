@@ -532,11 +532,16 @@ def test_a_student_built_from_a_sharded_mixture_is_the_one_built_from_the_whole_
         assert torch.equal(p, params[name]), name
 
 
-@pytest.mark.parametrize("config_class", ["MambaConfig", "FalconMambaConfig"])
-def test_a_sharded_mamba_teacher_builds_the_student_the_whole_teacher_builds(config_class, tmp_path):
+@pytest.mark.parametrize("config_class, sizes, narrow, a_log", [
+    ("MambaConfig", dict(state_size=4), dict(intermediate_size=48), (48, 4)),
+    ("FalconMambaConfig", dict(state_size=4), dict(intermediate_size=48), (48, 4)),
+    ("Mamba2Config", dict(state_size=4, num_heads=8, head_dim=8, n_groups=2, expand=2), dict(ssm_heads=4), (4,))])
+def test_a_sharded_mamba_teacher_builds_the_student_the_whole_teacher_builds(config_class, sizes, narrow, a_log,
+                                                                            tmp_path):
     """Mamba's _no_split_modules lists its mixer beside its block: the decoder layers are the outermost (4 blocks, not
-    8 modules), so `student_source` for layers 1 and 3 reads those blocks — narrowed to hidden 16 and 48 channels, the
-    student equals the one built from the whole teacher, tensor for tensor — and leaves the others on meta."""
+    8 modules), so `student_source` for layers 1 and 3 reads those blocks — narrowed to hidden 16 and 48 channels
+    (Mamba-2: 4 of 8 heads, expand 2), the student equals the one built from the whole teacher, tensor for tensor —
+    and leaves the others on meta."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -544,8 +549,7 @@ def test_a_sharded_mamba_teacher_builds_the_student_the_whole_teacher_builds(con
     from tailkd.sharded_teacher import _decoder_layers, student_source
     from tailkd.student import build_student
 
-    config = getattr(transformers, config_class)(vocab_size=TINY_VOCAB, hidden_size=32, state_size=4,
-                                                 num_hidden_layers=4)
+    config = getattr(transformers, config_class)(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=4, **sizes)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
     build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
@@ -553,10 +557,10 @@ def test_a_sharded_mamba_teacher_builds_the_student_the_whole_teacher_builds(con
     assert [name for name, _ in _decoder_layers(skeleton)] == [f"backbone.layers.{i}" for i in range(4)]
     assert skeleton.backbone.layers[0].mixer.in_proj.weight.device.type == "meta"
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
-    kwargs = dict(layers=[1, 3], hidden_size=16, intermediate_size=48)
+    kwargs = dict(layers=[1, 3], hidden_size=16, **narrow)
     (ours, _), (want, _) = build_student(skeleton, **kwargs), build_student(whole, **kwargs)
     params = dict(want.named_parameters())
-    assert params["backbone.layers.1.mixer.A_log"].shape == (48, 4)
+    assert params["backbone.layers.1.mixer.A_log"].shape == a_log
     for name, p in ours.named_parameters():
         assert torch.equal(p, params[name]), name
 

@@ -597,6 +597,10 @@ def _expected(name, teacher, plan):
             return rd(w, 1)
         return w if name == "lm_head.bias" else rd(w, 0)  # final norm weight / bias
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
+    mixer_name, _, part = rest.partition(".")
+    if mixer_name in ("mamba", "mixer") and _is_mamba2(mixer := teacher.get_submodule(
+            f"{prefix}{plan['layers'][i]}.{mixer_name}")):  # a Mamba-2 mixer's tensor: its kept heads
+        return _mamba2_slice(part, w, mixer, plan["ssm"], rd)
     if type(teacher).__name__ in GEMMA4_CLASSES:
         if rest == "layer_scalar":  # its output scale
             return w
@@ -652,8 +656,6 @@ def _expected(name, teacher, plan):
                "attn.c_proj": "self_attn.o_proj", "attn.Wqkv": "self_attn.qkv_proj",  # GPT-BigCode, MPT
                "ffn.up_proj": "mlp.fc1", "ffn.down_proj": "mlp.fc2"}.get(module)
     rest = f"{renamed}.{kind}" if renamed else rest
-    if type(teacher).__name__ == "Mamba2ForCausalLM" and rest.startswith("mixer."):  # kept whole but its residual
-        return rd(w, 1) if rest == "mixer.in_proj.weight" else rd(w, 0) if rest == "mixer.out_proj.weight" else w
     if type(teacher).__name__ in MAMBA_CLASSES and rest.startswith("mixer."):  # expand x hidden_size channels: the
         part = rest.removeprefix("mixer.")  # first ff of them (expand x the student's hidden_size)
         if part == "in_proj.weight":  # [x | z], ff channels each, over the residual stream
@@ -782,10 +784,6 @@ def _expected(name, teacher, plan):
         return rd(torch.cat([gate[:units], up[:units]]), 1)
     if rest.startswith("mamba.") and type(teacher).__name__ == "JambaForCausalLM":  # Mamba-1, its sizes kept
         return rd(w, 1) if rest == "mamba.in_proj.weight" else rd(w, 0) if rest == "mamba.out_proj.weight" else w
-    if rest.startswith("mamba."):  # Falcon-H1's Mamba-2 mixer keeps its sizes: only the residual side narrows
-        if rest.startswith("mamba.in_proj"):
-            return rd(w, 1) if rest.endswith("weight") else w
-        return rd(w, 0) if rest.startswith("mamba.out_proj") else w
     if rest == "self_attn.g_proj.weight" and w.shape[0] == plan["H_t"]:  # LFM3's, Laguna's output gate: per head
         return rd(w[plan["q_heads"]], 1)
     if rest in ("self_attn.g_proj.weight", "self_attn.gate_proj.weight"):  # Laguna's, AFMoE's per-element gate: the
@@ -855,12 +853,39 @@ def _expected(name, teacher, plan):
     raise AssertionError(f"the reference has no rule for {name}")
 
 
+def _is_mamba2(module):
+    """Whether ``module`` is a Mamba-2 mixer (heads in groups, dt per head; a Gated DeltaNet has a dt_bias too)."""
+    return all(hasattr(module, name) for name in ("in_proj", "conv1d", "dt_bias", "A_log", "D", "n_groups", "head_dim"))
+
+
+def _mamba2_slice(part, w, mixer, kept, rd):
+    """A Mamba-2 mixer's tensor ``part`` (of the teacher's ``mixer``: in_proj = [z | x | B | C | dt], its convolution
+    over [x | B | C], one dt_bias / A_log / D per head, the gated norm and out_proj over the heads' channels) keeping
+    the teacher heads ``kept`` (None: all), B and C whole; ``rd`` cuts the residual side."""
+    heads, hd, width = mixer.num_heads, mixer.head_dim, mixer.intermediate_size
+    kept = list(range(heads)) if kept is None else kept
+    channels = [h * hd + r for h in kept for r in range(hd)]
+    if part.startswith("in_proj."):
+        z, x, bc, dt = w.split([width, width, w.shape[0] - 2 * width - heads, heads])
+        cut = torch.cat([z[channels], x[channels], bc, dt[kept]])
+        return rd(cut, 1) if part.endswith("weight") else cut
+    if part.startswith("conv1d."):
+        x, bc = w.split([width, w.shape[0] - width])
+        return torch.cat([x[channels], bc])
+    if part in ("dt_bias", "A_log", "D"):
+        return w[kept]
+    if part == "norm.weight":
+        return w[channels]
+    return rd(w[:, channels], 0) if part == "out_proj.weight" else rd(w, 0)  # out_proj's bias: the residual side
+
+
 def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
-          experts=None, full=None, per_layer=None):
+          experts=None, full=None, per_layer=None, ssm=None):
     """The reference's slices: ``d`` the residual channels, ``ff`` a dense MLP's units, ``ff_e`` and ``experts`` a
     mixture's expert width and routed experts kept (``d`` and ``experts`` a number: the first ones; or the teacher's
     indices); ``full``: Gemma 4's full attention layers' own (hd_s, rows, q_heads, kv_heads, o_rows: the rows of each
-    kept head o reads); ``per_layer``: {teacher layer: its own of these} (Laguna's query heads per layer, H_t)."""
+    kept head o reads); ``per_layer``: {teacher layer: its own of these} (Laguna's query heads per layer, H_t);
+    ``ssm``: the Mamba-2 heads kept (None: all)."""
     c = teacher.config
     hd_t = _global(c, "head_dim") or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
@@ -875,7 +900,7 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     if ffn is not None:
         ff_e, experts = ff_e or ffn.ffn_hidden_size, experts or ffn.moe_num_experts
     d = torch.arange(d or c.hidden_size) if d is None or isinstance(d, int) else torch.as_tensor(d)
-    return dict(layers=layers, d=d, latent=hasattr(c, "kv_lora_rank"),
+    return dict(layers=layers, d=d, latent=hasattr(c, "kv_lora_rank"), ssm=ssm,
                 ff=ff or getattr(c, "ffn_hidden_size", None) or getattr(c, "intermediate_size", None)  # Falcon's
                 or 4 * c.hidden_size,  # Bloom: 4 x hidden_size
                 hd_t=hd_t, hd_s=hd_s, moe=moe,
@@ -1043,25 +1068,58 @@ def test_a_minicpm3_student_of_any_depth_keeps_its_residual_scale():
             assert abs(got - want) <= math.ulp(want), (n_t, n_s)
 
 
-def test_falcon_h1_keeps_hidden_size_where_its_mixers_follow_it():
-    """Falcon-H1 without mamba_d_ssm: its Mamba-2 mixers are mamba_expand x hidden_size wide, so a narrower residual
-    stream is refused in one line; layers, heads and the MLP still narrow (bit for bit the teacher's slices)."""
+def test_falcon_h1_without_d_ssm_sets_its_students_mamba_expand():
+    """Falcon-H1 without mamba_d_ssm: its Mamba-2 mixers are mamba_expand x hidden_size wide, so a student's
+    mamba_expand is its heads' width over its hidden_size — the teacher's 16 heads of 8 over 32 channels: 4; 8 of them:
+    2 —, bit for bit the teacher's slices (mamba_d_ssm stays unset)."""
     teacher = make_teacher("falcon_h1", mamba_d_ssm=None, mamba_n_heads=16)  # 2 x 64 = 128 = 16 heads of 8
     assert teacher.model.layers[0].mamba.intermediate_size == 128
-    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Falcon-H1 Mamba mixers are expand x "
-                                          r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(the rest "
-                                          r"narrows\)$"):
-        build_student(teacher, hidden_size=32)
-    student, table = build_student(teacher, layers=SUBSET, num_heads=2, num_kv_heads=1, intermediate_size=40,
-                                   mlp_init="copy")
-    _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET, q_heads=[0, 1], kv_heads=[0], ff=40))
-    assert student.config.mamba_d_ssm is None and student.model.layers[0].mamba.intermediate_size == 128
+    for ssm_heads, expand in ((None, 4), (8, 2)):
+        student, table = build_student(teacher, layers=SUBSET, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                       intermediate_size=40, ssm_heads=ssm_heads, mlp_init="copy")
+        kept = list(range(ssm_heads or 16))
+        _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET, d=32, q_heads=[0, 1], kv_heads=[0],
+                                                              ff=40, ssm=kept))
+        assert (student.config.mamba_d_ssm, student.config.mamba_expand) == (None, expand)
+        assert student.model.layers[0].mamba.intermediate_size == 8 * len(kept)
+        assert student(_ids(9)).logits.isfinite().all()
+
+
+def test_mamba2_heads_narrow_as_the_teacher_without_them_computes():
+    """Without the gated norm (Falcon-H1's mamba_rms_norm False) a Mamba-2 head's channels reach out_proj on their own:
+    a student keeping 4 of 6 heads in 2 groups (each group's first 2: heads 0, 1, 3, 4; every layer, hidden_size kept)
+    computes the teacher's function with the other heads' channels zeroed at out_proj's input — which a head reading
+    another group's B and C, or another head's dt, A or D, would not. The scan runs in float32 (as transformers casts
+    it), whose heads may be reduced in another order for another number of heads (transformers 5.17 does): ~1e3
+    operations of ~6e-8 relative each between the embeddings and logits below 4 bound the difference by ~2.4e-4; the
+    dropped heads move the logits by more than 1e-2."""
+    teacher = make_teacher("falcon_h1", mamba_rms_norm=False, mamba_n_groups=2)
+    student, _ = build_student(teacher, num_layers=5, ssm_heads=4, mlp_init="copy")
+    student.eval()
+    assert student.config.mamba_d_ssm == 32 and student.model.layers[0].mamba.n_groups == 2
+    dropped = torch.tensor([h * 8 + r for h in (2, 5) for r in range(8)])
+
+    def zero_dropped(module, args):
+        x = args[0].clone()
+        x[..., dropped] = 0
+        return (x,)
+    hooks = [layer.mamba.out_proj.register_forward_pre_hook(zero_dropped) for layer in teacher.model.layers]
+    ids = _ids(9)
+    with torch.no_grad():
+        want, got = teacher(ids).logits, student(ids).logits
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        whole = teacher(ids).logits
+    assert want.abs().max() < 4
+    assert (got - want).abs().max() <= 2.4e-4
+    assert (got - whole).abs().max() > 1e-2  # the dropped heads did contribute
 
 
 def test_granite_4_dense_variant_narrows_its_shared_mlp(tmp_path):
     """Granite 4.0-H without routed experts (its 350M, 1B and Micro models): the shared MLP is the MLP, narrowed by
     intermediate_size (the first units of gate and of up, shared_intermediate_size in the student's config); no
-    num_experts to set; hidden_size kept, its Mamba mixers being mamba_expand x hidden_size wide."""
+    num_experts to set."""
     teacher = make_teacher("granitemoehybrid", num_local_experts=0)
     assert teacher.model.layers[0].block_sparse_moe is None
     full, table = build_student(teacher, mlp_init="copy")
@@ -1074,9 +1132,6 @@ def test_granite_4_dense_variant_narrows_its_shared_mlp(tmp_path):
     with pytest.raises(TailkdError, match=r"^num_experts=2 but Granite 4\.0-H is not a mixture of experts: drop "
                                           r"num_experts$"):
         build_student(teacher, num_experts=2)
-    with pytest.raises(TailkdError, match=r"^hidden_size=32, but the teacher's Granite 4\.0-H Mamba mixers are "
-                                          r"expand x hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"):
-        build_student(teacher, hidden_size=32)
 
 
 def test_nemotron_h_dense_models_narrow_their_mlp():
@@ -1581,6 +1636,16 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "kimi_linear-heads": ({"num_heads": 2}, dict(q_heads=[0, 1])),
     "minimax_m2-head_dim": ({"head_dim": 8}, dict(hd_s=8, rows=[0, 2, 4, 6, 8, 9, 10, 11] if _ROTARY_DIM_READ
                                                   else FULL_ROPE_16_TO_8)),
+    # Mamba-2 mixers: fewer ssm_heads keep each group's first heads (B and C whole); where a mixer is expand x
+    # hidden_size wide the student's expand is their width over its hidden_size (Mamba-2's: 32 / 16 = 2; Bamba's 2)
+    "mamba2": ({"hidden_size": 16, "ssm_heads": 4}, dict(d=16, ssm=[0, 1, 4, 5])),  # 2 of 4 in each of 2 groups
+    "mamba2-hidden": ({"hidden_size": 16}, dict(d=16)),  # every head: expand 64 / 16 = 4
+    "bamba-ssm": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "ssm_heads": 8},
+                  dict(d=32, q_heads=[0, 1], kv_heads=[0], ssm=list(range(8)))),
+    "falcon_h1-ssm": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "ssm_heads": 3},
+                      dict(d=32, q_heads=[0, 1], kv_heads=[0], ssm=[0, 1, 2])),  # mamba_d_ssm 48 -> 24
+    "granitemoehybrid-ssm": ({"ssm_heads": 8, "num_experts": 3}, dict(ssm=list(range(8)), experts=3)),  # expand 1
+    "nemotron_h-ssm": ({"hidden_size": 32, "ssm_heads": 4}, dict(d=32, ssm=[0, 1, 2, 3])),
 }
 
 
@@ -1888,9 +1953,16 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
                                   for layer in _decoder_layers(student))
                       if "Attention" in type(a).__name__), None)
     attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
+    teacher_mixer = next((m for m in teacher.modules() if _is_mamba2(m)), None)
+    if teacher_mixer is not None:  # Mamba-2 mixers: the kept heads, of the teacher's size, as wide as they are
+        heads = len(plan.get("ssm") or range(teacher_mixer.num_heads))
+        assert {(m.num_heads, m.head_dim, m.n_groups, m.intermediate_size) for m in student.modules()
+                if _is_mamba2(m)} == {(heads, teacher_mixer.head_dim, teacher_mixer.n_groups,
+                                       heads * teacher_mixer.head_dim)}
     if attention is None:  # attention-free (Mamba): its mixers over the kept channels
         assert type(teacher).__name__ in MAMBA_CLASSES
-        assert [layer.mixer.intermediate_size for layer in student.backbone.layers] == [plan["ff"]] * 3
+        if teacher_mixer is None:  # Mamba-1's: intermediate_size of them
+            assert [layer.mixer.intermediate_size for layer in student.backbone.layers] == [plan["ff"]] * 3
     elif hasattr(config, "kv_lora_rank"):  # latent attention: the head sizes and the latent's rank are the teacher's
         assert (attention.qk_head_dim, attention.kv_lora_rank) == (teacher.model.layers[0].self_attn.qk_head_dim, 16)
     elif family.startswith("gemma4"):  # its layers' heads of two sizes: each student layer's its teacher layer's,
@@ -2283,8 +2355,13 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                                     r"hidden_size \(64\): narrow hidden_size with num_heads "
                                                     r"\(hidden_size 32\)$"),
     ("olmo2", {"num_kv_heads": 3}, r"num_kv_heads=3 but the teacher has 2"),
-    ("bamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Bamba Mamba mixers are expand x "
-                                   r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64 \(the rest narrows\)$"),
+    # Mamba-2 mixers mamba_expand x hidden_size wide: 16 heads of 8 over 48 channels is no whole mamba_expand
+    ("bamba", {"hidden_size": 48}, r"^hidden_size=48, but the teacher's Mamba-2 mixers are mamba_expand x "
+                                   r"hidden_size wide and the student's 16 heads of 8 \(128 channels\) are no whole "
+                                   r"mamba_expand x 48: pick ssm_heads 6 or 12$"),
+    ("granitemoehybrid", {"hidden_size": 48, "ssm_heads": 4},
+     r"^hidden_size=48, but the teacher's Mamba-2 mixers are mamba_expand x hidden_size wide and the student's 4 heads "
+     r"of 8 \(32 channels\) are no whole mamba_expand x 48: pick ssm_heads 6 or 12$"),
     ("deepseek_v3", {"num_kv_heads": 2}, r"^DeepSeek-V3 has no grouped KV heads: drop num_kv_heads \(or set it to "
                                          r"num_heads=4\)$"),
     ("glm4_moe_lite", {"head_dim": 2}, r"^head_dim=2, but GLM-4.7-Flash's latent attention keeps its head sizes "
@@ -2363,8 +2440,19 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("falcon_mamba", {"head_dim": 8}, r"^Mamba has no attention heads: drop num_heads, num_kv_heads and head_dim$"),
     ("mamba", {"num_layers": 2, "attention_heads": "active", "calibration": lambda: [{"input_ids": _ids(7, (2, 13))}]},
      r"^attention_heads=active chooses attention heads, but Mamba has none: drop it$"),
-    ("mamba2", {"hidden_size": 16}, r"^hidden_size=16, but the teacher's Mamba-2 Mamba mixers are expand x hidden_size "
-                                 r"wide \(no intermediate_size\): keep hidden_size 32 \(the rest narrows\)$"),
+    # 8 heads of 8 in 2 groups: over 24 channels only 6 heads (3 per group) give a whole expand; over 20 none does
+    ("mamba2", {"hidden_size": 24}, r"^hidden_size=24, but the teacher's Mamba-2 mixers are expand x hidden_size "
+                                    r"wide and the student's 8 heads of 8 \(64 channels\) are no whole expand x 24: "
+                                    r"pick ssm_heads 6$"),
+    ("mamba2", {"hidden_size": 20}, r"^hidden_size=20, but the teacher's Mamba-2 mixers are expand x hidden_size "
+                                    r"wide and the student's 8 heads of 8 \(64 channels\) are no whole expand x 20: "
+                                    r"pick a hidden_size dividing 64$"),
+    ("mamba2", {"ssm_heads": 3}, r"^ssm_heads=3, but the teacher's Mamba-2 heads read B and C in 2 groups "
+                                 r"\(n_groups\), each keeping as many heads: pick a multiple of 2$"),
+    ("nemotron_h", {"ssm_heads": 9}, r"^ssm_heads=9 but the teacher's is 8: a student can only be narrower, pick "
+                                     r"1\.\.8$"),
+    ("phi3", {"ssm_heads": 2}, r"^ssm_heads=2, but Phi-3 has no Mamba-2 mixers: drop ssm_heads$"),
+    ("mamba", {"ssm_heads": 2}, r"^ssm_heads=2, but Mamba has no Mamba-2 mixers: drop ssm_heads$"),
     ("mamba2", {"intermediate_size": 16}, r"^Mamba-2 has no intermediate_size setting \(no MLP\): drop "
                                           r"intermediate_size and choose hidden_size$"),
 ])
@@ -2378,7 +2466,8 @@ def test_bad_arguments(family, kwargs, message):
 def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
     """tailkd distill on a Mamba or Mamba-2 teacher (no attention, no position limit: `tailkd.models.model_max_length`
     None), the fused loss layer: a 2-layer student — Mamba's of hidden 16 over 32 channels chosen by activity, Mamba-2's
-    whole mixers by influence — saved as its teacher's class with those sizes."""
+    layers by influence, hidden 16 by activity, 4 of its mixers' 8 heads (expand 2) — saved as its teacher's class with
+    those sizes."""
     from tiny import read_metrics, write_corpus
 
     from tailkd.cli import main
@@ -2388,7 +2477,8 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
     build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     narrow = {"mamba": ["--student.hidden_size", "16", "--student.intermediate_size", "32", "--student.mlp_units",
                         "active", "--student.mlp_init", "copy"],
-              "mamba2": ["--student.layer_choice", "influence"]}[family]
+              "mamba2": ["--student.layer_choice", "influence", "--student.hidden_size", "16",
+                         "--student.hidden_channels", "active", "--student.ssm_heads", "4"]}[family]
     assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2", *narrow, "--data",
                  str(write_corpus(tmp_path / "corpus.txt")), "--data.cache_dir", str(tmp_path / "cache"), "--seq-len",
                  "32", "--batch-size", "4", "--steps", "2", "--fused-loss", "on", "--out", str(tmp_path / "run")]) == 0
@@ -2398,3 +2488,5 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
     assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
     if family == "mamba":
         assert (student.config.hidden_size, student.config.intermediate_size) == (16, 32)
+    else:
+        assert (student.config.hidden_size, student.config.num_heads, student.config.expand) == (16, 4, 2)

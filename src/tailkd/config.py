@@ -203,7 +203,7 @@ class TeacherConfig:
 # the student settings that only a student built from the teacher uses (an existing one, student.path, is loaded as it
 # is; freeze_embeddings applies to both)
 BUILD_KEYS = ("num_layers", "layers", "layer_choice", "hidden_size", "hidden_channels", "num_heads", "num_kv_heads",
-              "attention_heads", "intermediate_size", "num_experts", "num_experts_per_tok", "experts",
+              "attention_heads", "intermediate_size", "num_experts", "num_experts_per_tok", "experts", "ssm_heads",
               "calibration_rows", "head_dim", "mlp_units", "mlp_init", "tie_embeddings")
 
 
@@ -243,6 +243,11 @@ class StudentConfig:
                                "(num_experts): first (the teacher's first ones; of each group under group-limited "
                                "routing) or used (per layer the ones the teacher routes the most tokens of "
                                "calibration_rows training rows to; of each group likewise)", choices=EXPERT_CHOICES)
+    ssm_heads: Optional[int] = _f(None, "Mamba-2 heads of each mixer of a student built from a teacher with Mamba-2 "
+                                        "mixers (Mamba-2, Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H): each group's "
+                                        "first ones, a multiple of its n_groups (default: the teacher's); where a "
+                                        "mixer is expand x hidden_size wide, ssm_heads x its head size must be a whole "
+                                        "expand x hidden_size")
     calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher's forward over "
                                    "which measures its layers (layer_choice influence), its hidden channels "
                                    "(hidden_channels active), its heads (attention_heads active), its MLP units "

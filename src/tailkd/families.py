@@ -64,11 +64,16 @@ from dataclasses import dataclass, field
 #            row of each head's output (as ``o``'s columns: the kept heads' first head_dim rows)
 #   layer_blocks  an axis of one equal block per teacher layer (Gemma 4's per-layer embeddings, packed): the blocks of
 #            the chosen layers, in order
+#   ssm_in   a Mamba-2 mixer's in_proj, [z | x | B | C | dt]: the kept heads' channels of z and x (each group's first
+#            heads: `tailkd.slicing.ssm_heads`), B and C whole (per group), the kept heads' dt
+#   ssm_conv its depthwise convolution over [x | B | C]: the kept heads' channels of x, B and C whole
+#   ssm_head one entry per Mamba-2 head (dt_bias, A_log, D): the kept heads
+#   ssm_channels  one entry per channel of the mixer's output (its gated norm, out_proj's input): the kept heads'
 # (``ff``'s first units: where a layer's MLP is m times intermediate_size wide, Gemma 4's double-wide ones, m times the
 # student's)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
         "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp",
-        "layer_blocks", "gate")
+        "layer_blocks", "gate", "ssm_in", "ssm_conv", "ssm_head", "ssm_channels")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -138,9 +143,14 @@ class Family:
     # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
     fixed_experts_per_token: int = 0
     mlp_prefix: str | tuple[str, ...] = "mlp."  # what mlp_init random draws afresh
-    # config keys giving a mixer a width of its own (Falcon-H1's mamba_d_ssm): where one is unset (or the config has
-    # no such key: Granite 4.0-H, Bamba) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
+    # config keys giving a Mamba-1 mixer a width of its own (Jamba's mamba_d_ssm): where one is unset (or the config
+    # has no such key) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
     mixer_width_keys: tuple[str, ...] = ()
+    # Mamba-2 mixers' config keys (`tailkd.sizing.ssm_dims`): heads, head_dim, groups (n_groups: each group's heads
+    # read its B and C), and how the width is set — width (a key giving it: Falcon-H1's mamba_d_ssm, used where set),
+    # expand (else expand x hidden_size: a student's is its heads x head_dim over its hidden_size, which must be whole);
+    # neither: heads x head_dim (Nemotron-H). A student keeps each group's first ssm_heads / groups heads
+    ssm: dict = field(default_factory=dict)
     # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
     # kinds that change then (`tailkd.sizing.config_family` applies them)
     without_experts: dict = field(default_factory=dict)
@@ -291,11 +301,14 @@ _LFM2_MIXERS = {**linear("self_attn.q_proj", "q", "d"), **linear("self_attn.k_pr
                 **linear("self_attn.v_proj", "v", "d"), **linear("self_attn.out_proj", "d", "o"),
                 **norms("self_attn.q_layernorm", "self_attn.k_layernorm", axis="head_qk"), **_SHORT_CONV,
                 **norms("operator_norm", "ffn_norm")}
-# a Mamba-2 mixer (Falcon-H1, Bamba, Granite 4.0-H; Nemotron-H's under "mixer.") keeps its sizes: only its residual
-# side (in_proj's input, out_proj's output) follows hidden_size
-_MAMBA2 = {**linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
-           "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.dt_bias": ("all",),
-           "mamba.A_log": ("all",), "mamba.D": ("all",), **norms("mamba.norm", axis="all")}
+# a Mamba-2 mixer (Falcon-H1, Bamba, Granite 4.0-H; Nemotron-H's and Mamba-2's under "mixer."): its heads narrow
+# (ssm_heads, each group's first ones), its state and groups are kept; its residual side follows hidden_size
+_MAMBA2 = {**linear("mamba.in_proj", "ssm_in", "d"), **linear("mamba.out_proj", "d", "ssm_channels"),
+           "mamba.conv1d.weight": ("ssm_conv", "all", "all"), "mamba.conv1d.bias": ("ssm_conv",),
+           "mamba.dt_bias": ("ssm_head",), "mamba.A_log": ("ssm_head",), "mamba.D": ("ssm_head",),
+           **norms("mamba.norm", axis="ssm_channels")}
+_HYBRID_SSM = dict(heads="mamba_n_heads", head_dim="mamba_d_head", groups="mamba_n_groups", expand="mamba_expand",
+                   width="mamba_d_ssm")  # Falcon-H1's, Bamba's, Granite 4.0-H's keys (the last two: no mamba_d_ssm)
 # Falcon-H1's and Bamba's tensors: a final LayerNorm of that name; attention and a Mamba-2 mixer, a gated MLP
 _MAMBA_HYBRID_DECODER = {"model.embed_tokens.weight": ("all", "d"), **linear("lm_head", "all", "d"),
                          **norms("model.final_layernorm")}
@@ -855,15 +868,15 @@ FAMILIES = {f.name: f for f in (
             **linear("feed_forward.w3", "all", "d"), **linear("feed_forward.w2", "d", "all")},
            _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"),
            layer_thresholds=("num_dense_layers",), mlp_prefix="feed_forward."),
-    # Falcon-H1: attention and a Mamba-2 mixer side by side in every layer, muP multipliers (the teacher's); the mixer
-    # keeps its sizes (mamba_d_ssm, heads, state) and narrows on the residual side only
+    # Falcon-H1: attention and a Mamba-2 mixer side by side in every layer, muP multipliers (the teacher's; its
+    # mup_vector follows the student's mixer sizes: computed from the config); the mixer's heads narrow (mamba_d_ssm
+    # with them where set, else mamba_expand x hidden_size wide), its state and groups kept
     Family("falcon_h1", "Falcon-H1", ("FalconH1ForCausalLM",), _MAMBA_HYBRID_DECODER, _MAMBA_HYBRID_LAYER, _EMBED,
-           "follows_hidden", mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",)),
+           "follows_hidden", mlp_prefix="feed_forward.", ssm=_HYBRID_SSM),
     # Bamba: Falcon-H1's tensors, but one mixer per layer (attention where attn_layer_indices lists it, Mamba-2
-    # elsewhere, mamba_expand x hidden_size wide: hidden_size kept)
+    # elsewhere, mamba_expand x hidden_size wide)
     Family("bamba", "Bamba", ("BambaForCausalLM",), _MAMBA_HYBRID_DECODER, _MAMBA_HYBRID_LAYER, _EMBED,
-           "follows_hidden", layer_index_lists=("attn_layer_indices",), mlp_prefix="feed_forward.",
-           mixer_width_keys=("mamba_d_ssm",)),
+           "follows_hidden", layer_index_lists=("attn_layer_indices",), mlp_prefix="feed_forward.", ssm=_HYBRID_SSM),
     # Mamba, Falcon-Mamba: attention-free, a Mamba-1 mixer per layer over intermediate_size channels (expand x
     # hidden_size unless the config says; each channel its own state space: in_proj's [x | z] halves, the
     # convolution, dt_proj, A_log and D by channel, x_proj reads them all), narrowed as an MLP's units are; no
@@ -878,15 +891,16 @@ FAMILIES = {f.name: f for f in (
            keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads=None, kv_heads=None,
                      intermediate="intermediate_size", experts=None, experts_per_token=None),
            layer_lists=(), mlp_prefix=()),
-    # Mamba-2: attention-free, a Mamba-2 mixer per layer, expand x hidden_size wide (its heads, groups and state kept
-    # whole, as the hybrids' Mamba-2 mixers are; head_dim is theirs): a student keeps hidden_size and chooses layers
+    # Mamba-2: attention-free, a Mamba-2 mixer per layer, expand x hidden_size wide (its heads narrow, its groups and
+    # state kept, as the hybrids' Mamba-2 mixers; head_dim is theirs)
     Family("mamba2", "Mamba-2", ("Mamba2ForCausalLM",),
            {"backbone.embeddings.weight": ("all", "d"), **linear("lm_head", "all", "d"), **norms("backbone.norm_f")},
            {**{"mixer." + k.removeprefix("mamba."): v for k, v in _MAMBA2.items()}, **norms("norm")},
            ("backbone.embeddings.weight",), "derived", layer_prefix="backbone.layers.", rope=False,
            keys=dict(layers="num_hidden_layers", hidden="hidden_size", heads=None, kv_heads=None, intermediate=None,
                      experts=None, experts_per_token=None),
-           layer_lists=(), reads_head_dim=False, mlp_prefix=(), mixer_width_keys=("intermediate_size",)),
+           layer_lists=(), reads_head_dim=False, mlp_prefix=(),
+           ssm=dict(heads="num_heads", head_dim="head_dim", groups="n_groups", expand="expand")),
     # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide: hidden_size kept; their dt, B and C norms) beside Llama's
     # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
     # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config
@@ -904,13 +918,12 @@ FAMILIES = {f.name: f for f in (
            _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="intermediate_size"), layer_lists=(),
            mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",),
            layer_periods=("attn_layer_period", "expert_layer_period")),
-    # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide: hidden_size kept) beside attention layers
+    # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide) beside attention layers
     # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at
     # the teacher's width beside experts; the MLP itself, narrowed, in the dense variants without experts)
     Family("granitemoehybrid", "Granite 4.0-H", ("GraniteMoeHybridForCausalLM",), _DECODER,
            {**_ATTENTION, **_MAMBA2, **_PRE_NORMS, **_GRANITE_MOE}, _EMBED, "follows_hidden", keys=_GRANITE_MOE_KEYS,
-           attention_scales=("attention_multiplier",), mlp_prefix=("block_sparse_moe.", "shared_mlp."),
-           mixer_width_keys=("mamba_d_ssm",),
+           attention_scales=("attention_multiplier",), mlp_prefix=("block_sparse_moe.", "shared_mlp."), ssm=_HYBRID_SSM,
            without_experts=dict(
                keys=dict(experts=None, experts_per_token=None, intermediate="shared_intermediate_size"),
                layer_params={**linear("shared_mlp.input_linear", "gate_up", "d"),
@@ -930,7 +943,7 @@ FAMILIES = {f.name: f for f in (
            ("model.embeddings.weight",), "kept", layer_lists=("layers_block_type",),
            keys=dict(_DEEPSEEK_MOE_KEYS, shared_experts=None),
            mlp_prefix=("mixer.up_proj", "mixer.down_proj", "mixer.gate.", "mixer.experts.", "mixer.shared_experts."),
-           expert_layer_kind="moe",
+           expert_layer_kind="moe", ssm=dict(heads="mamba_num_heads", head_dim="mamba_head_dim", groups="n_groups"),
            refused_settings=(("moe_latent_size", "its experts work in a latent space of their own"),),
            without_experts=dict(keys=dict(experts=None, experts_per_token=None, intermediate="intermediate_size"),
                                 layer_params={**linear("mixer.up_proj", "ff", "d"),

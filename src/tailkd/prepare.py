@@ -144,9 +144,9 @@ def student_shape(cfg: DistillConfig) -> dict:
     s = cfg.student
     return dict(num_layers=s.depth, layers=s.layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
                 num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
-                num_experts_per_tok=s.num_experts_per_tok, head_dim=s.head_dim, layer_choice=s.layer_choice,
-                experts=s.experts, mlp_units=s.mlp_units, hidden_channels=s.hidden_channels,
-                attention_heads=s.attention_heads)
+                num_experts_per_tok=s.num_experts_per_tok, ssm_heads=s.ssm_heads, head_dim=s.head_dim,
+                layer_choice=s.layer_choice, experts=s.experts, mlp_units=s.mlp_units,
+                hidden_channels=s.hidden_channels, attention_heads=s.attention_heads)
 
 
 def calibrate_sharded_teacher(cfg: DistillConfig, device: torch.device):

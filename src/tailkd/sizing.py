@@ -107,8 +107,10 @@ def teacher_dims(config, family: str | Family) -> Dims:
                       for role in ("expert_groups", "shared_experts"))
     inter = setting(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
     v_head_dim = (setting(config, fam.value_head_dim) or 0) if fam.value_head_dim else 0  # MiMo-V2-Flash's
+    ssm = {role: setting(config, key) for role, key in fam.ssm.items() if role in ("heads", "head_dim", "groups")}
     return Dims(setting(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
-                per_token, groups or 1, shared or 0, v_head_dim)
+                per_token, groups or 1, shared or 0, v_head_dim, ssm.get("heads", 0), ssm.get("head_dim", 0),
+                ssm.get("groups", 1))
 
 
 def rotary_fraction(config, fam: Family | None = None) -> float:
@@ -200,7 +202,7 @@ def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None, pe
 
 def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
                  intermediate_size=None, head_dim=None, rotary_fraction: float = 1.0, num_experts=None,
-                 num_experts_per_tok=None) -> Dims:
+                 num_experts_per_tok=None, ssm_heads=None) -> Dims:
     """Validate the requested widths against the teacher `t` and derive head_dim (see the module docstring)."""
     fam = _spec(family)
     hidden = t.hidden if hidden_size is None else int(hidden_size)
@@ -242,7 +244,42 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
                               f"{'which is odd but' if rot % 2 else 'but'} RoPE rotates pairs of rows: "
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
     return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts,
-                _value_head_dim(t, fam, hd) if heads else 0)
+                _value_head_dim(t, fam, hd) if heads else 0, _ssm_heads(t, fam, ssm_heads), t.ssm_head_dim,
+                t.ssm_groups)
+
+
+def _ssm_heads(t: Dims, fam: Family, requested) -> int:
+    """A student's Mamba-2 heads (`Family.ssm`): the teacher's, or ``requested``, a multiple of its groups."""
+    if requested is None:
+        return t.ssm_heads
+    if not t.ssm_heads:
+        raise TailkdError(f"ssm_heads={requested}, but {fam.label} has no Mamba-2 mixers: drop ssm_heads")
+    n = int(requested)
+    if not 1 <= n <= t.ssm_heads:
+        raise TailkdError(f"ssm_heads={n} but the teacher's is {t.ssm_heads}: a student can only be narrower, pick "
+                          f"1..{t.ssm_heads}")
+    if n % t.ssm_groups:
+        raise TailkdError(f"ssm_heads={n}, but the teacher's Mamba-2 heads read B and C in {t.ssm_groups} groups "
+                          f"({fam.ssm['groups']}), each keeping as many heads: pick a multiple of {t.ssm_groups}")
+    return n
+
+
+def _check_ssm_width(config, fam: Family, t: Dims, s: Dims) -> None:
+    """A Mamba-2 mixer set expand x hidden_size wide (no width key set: `Family.ssm`) needs a whole expand for the
+    student's heads x head_dim over its hidden_size; refused in one line naming the ssm_heads that give one."""
+    width_key = fam.ssm.get("width")
+    if not fam.ssm.get("expand") or width_key and setting(config, width_key) is not None:
+        return
+    width = s.ssm_heads * s.ssm_head_dim
+    if width % s.hidden == 0:
+        return
+    fits = [n for n in range(t.ssm_groups, t.ssm_heads + 1, t.ssm_groups) if n * s.ssm_head_dim % s.hidden == 0]
+    key = fam.ssm["expand"]
+    fix = (f"pick ssm_heads {' or '.join(str(n) for n in fits[-3:])}" if fits
+           else f"pick a hidden_size dividing {width}")
+    raise TailkdError(f"hidden_size={s.hidden}, but the teacher's Mamba-2 mixers are {key} x hidden_size wide and "
+                      f"the student's {s.ssm_heads} heads of {s.ssm_head_dim} ({width} channels) are no whole {key} x "
+                      f"{s.hidden}: {fix}")
 
 
 def _value_head_dim(t: Dims, fam: Family, hd: int) -> int:
@@ -444,7 +481,7 @@ def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
 
 
 def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                   num_experts=None, num_experts_per_tok=None):
+                   num_experts=None, num_experts_per_tok=None, ssm_heads=None):
     """``(family, teacher dims, student dims, rotary fraction, layers)`` of a student of these layers (`choose_layers`)
     and widths, after every refusal that does not depend on which layers it keeps (`tailkd.student.calibrate` makes
     them before a calibration pass, `student_plan` before the layers' own)."""
@@ -462,7 +499,7 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
     fraction = rotary_fraction(teacher.config, fam) if fam.rope else 1.0
     chosen = student_layers(teacher.config, fam, num_layers, layers)
     s = student_dims(t, fam, len(chosen), hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                     fraction, num_experts, num_experts_per_tok)
+                     fraction, num_experts, num_experts_per_tok, ssm_heads)
     _check_rope(teacher.config, fam, t, s, fraction)
     layer_fractions(teacher.config, fam, t, s, chosen, fraction)  # refuses heads a layer kind's RoPE cannot rotate
     layer_dims(teacher.config, fam, t, s, chosen, fraction)  # and layers' own sizes a student cannot scale
@@ -478,16 +515,18 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
     if unset and s.hidden != t.hidden:
         raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are expand x "
                           f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (the rest narrows)")
+    _check_ssm_width(teacher.config, fam, t, s)
     return fam, t, s, fraction, chosen
 
 
 def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-                 tie_embeddings=None, num_experts=None, num_experts_per_tok=None):
+                 tie_embeddings=None, num_experts=None, num_experts_per_tok=None, ssm_heads=None):
     """`student_widths`' ``(family, teacher dims, student dims, rotary fraction, layers)`` and the student's config,
     after the refusals that depend on the chosen layers too (`tailkd.student.build_student`'s options; the teacher's
     weights are not read)."""
     fam, t, s, fraction, chosen = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                                 intermediate_size, head_dim, num_experts, num_experts_per_tok)
+                                                 intermediate_size, head_dim, num_experts, num_experts_per_tok,
+                                                 ssm_heads)
     _check_layer_index_flags(teacher.config, fam, chosen)
     _check_kv_sharing(teacher.config, fam, chosen)
     _check_last_layer_kind(teacher.config, fam, chosen)

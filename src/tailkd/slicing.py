@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["HEAD_AXES", "Dims", "axis_indices", "each_experts_units", "expert_unit_rows", "mlp_units", "qk_head_rows",
-           "query_heads", "rope_pair_rows", "take"]
+           "query_heads", "rope_pair_rows", "ssm_heads", "take"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Dims:
     expert_groups: int = 1  # group-limited routing's groups (n_group: GLM-4.5, dots.llm1), the teacher's
     shared_experts: int = 0  # the shared MLP's width in routed widths (n_shared_experts), the teacher's
     v_head_dim: int = 0  # value heads of their own size (`Family.value_head_dim`: MiMo-V2-Flash's); 0: head_dim
+    ssm_heads: int = 0  # a Mamba-2 mixer's heads (`Family.ssm`); 0: none
+    ssm_head_dim: int = 0  # their size, the teacher's
+    ssm_groups: int = 1  # the groups sharing B and C (n_groups), the teacher's
 
 
 def rope_pair_rows(hd_t: int, hd_s: int, interleaved: bool = False) -> list[int]:
@@ -90,6 +93,26 @@ def query_heads(t: Dims, s: Dims) -> list[int]:
     return [k * g_t + m for k in range(s.kv_heads) for m in range(g_s)]
 
 
+def ssm_heads(t: Dims, s: Dims) -> list[int]:
+    """Teacher Mamba-2 heads kept: each group's first ``s.ssm_heads / groups`` (a head reads its group's B and C)."""
+    per_t, per_s = t.ssm_heads // t.ssm_groups, s.ssm_heads // t.ssm_groups
+    return [g * per_t + j for g in range(t.ssm_groups) for j in range(per_s)]
+
+
+def _ssm_axes(t: Dims, s: Dims) -> dict:
+    """The Mamba-2 mixer's axis kinds (in_proj = [z | x | B | C | dt], the convolution over [x | B | C]): the kept
+    heads' channels of z and x, their dt, B and C whole; None (all) where every head is kept."""
+    if s.ssm_heads == t.ssm_heads:
+        return dict.fromkeys(("ssm_in", "ssm_conv", "ssm_head", "ssm_channels"))
+    heads = ssm_heads(t, s)
+    width, channels = t.ssm_heads * t.ssm_head_dim, _rows(heads, t.ssm_head_dim, list(range(t.ssm_head_dim)))
+    head_index = torch.tensor(heads, dtype=torch.long)
+    return {"ssm_in": lambda n: torch.cat([channels, width + channels, torch.arange(2 * width, n - t.ssm_heads),
+                                           n - t.ssm_heads + head_index]),
+            "ssm_conv": lambda n: torch.cat([channels, torch.arange(width, n)]),
+            "ssm_head": head_index, "ssm_channels": channels}
+
+
 # the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)
 HEAD_AXES = {"q", "k", "v", "o", "qkv", "qkv_heads", "qkv_groups", "head", "kv_head", "q_gated", "qkv_mp", "gate"}
 
@@ -144,7 +167,8 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "q_gated": _rows(q_heads, 2 * t.head_dim, qk_rows + [t.head_dim + r for r in first]),
             "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks),
             "layer_blocks": lambda n: _rows(layers, _per_head(n, t.layers), list(range(_per_head(n, t.layers)))),
-            "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first)}
+            "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first),
+            **_ssm_axes(t, s)}
 
 
 def mlp_units(n: int, units: int, width: int) -> int:

@@ -11,9 +11,9 @@ Layers   `layers` (teacher indices, increasing) or `num_layers` evenly spaced wi
          (``max_window_layers`` becomes the number of chosen layers below it). A teacher whose layers compute with their
          own index (GPT-2's ``scale_attn_by_inverse_layer_idx``: layer i's attention scores / (i + 1), which a config
          cannot set per layer) gives a student of its first n layers only: other choices are refused.
-Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` (and `head_dim`, see Heads)
-         default to the teacher's and may only shrink (num_kv_heads of an MHA teacher, one KV head per query
-         head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
+Widths   Student `hidden_size`, `num_heads`, `num_kv_heads`, `intermediate_size` (`head_dim`: see Heads; `ssm_heads`:
+         see Hybrids) default to the teacher's and may only shrink (num_kv_heads of an MHA teacher, one KV head per
+         query head as in Phi-2, defaults to num_heads). Residual-stream tensors keep their first `hidden_size`
          columns/entries (embeddings, norms, every projection's residual side), or with ``hidden_channels="active"``
          the `hidden_size` channels of largest activity at the teacher's norms over calibration rows
          (`tailkd.calibration`), the same channels in every tensor.
@@ -128,12 +128,13 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          layers' proportional RoPE pairs rows rotate-half over the whole head at frequencies base^(-2i / head_dim),
          those past partial_rotary_factor at 0, so a student head keeps the whole head's pairs
          (`tailkd.sizing.rotary_fraction`) under both of its RoPE kinds; its MLP is intermediate_size wide.
-         Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; the mixer keeps its sizes and narrows
-         on the residual side only, which needs its own width (``mamba_d_ssm``): without one it is mamba_expand x
-         hidden_size wide and hidden_size is kept (refused in one line); its muP multipliers are the teacher's.
+         Mamba-2 mixers (Falcon-H1, Bamba, Granite 4.0-H, Nemotron-H, Mamba-2): their state and groups are kept,
+         `ssm_heads` keeps each group's first heads (z's, x's and dt's rows of in_proj, x's convolution channels,
+         dt_bias, A_log, D, the gated norm and out_proj over their channels; B and C whole); the width is its heads x
+         head_dim, set where the config sets it (``mamba_d_ssm``), else as a whole mamba_expand x hidden_size.
+         Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; its muP multipliers are the teacher's.
          Bamba: Falcon-H1's tensors, one mixer per layer (attention where ``attn_layer_indices`` lists it, a list
-         that follows the chosen layers); its Mamba mixers are always mamba_expand x hidden_size wide: hidden_size is
-         kept.
+         that follows the chosen layers).
          MiniMax (MiniMax-Text-01): lightning attention layers beside full attention ones (``layer_types``); a
          lightning layer's qkv_proj holds [q | k | v] per head, cut as GPT-NeoX's (the kept query heads' blocks, each
          with its own key and value), its output gate and the RMSNorm over its output follow the kept heads' rows, and
@@ -145,15 +146,14 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          of it, evenly spaced, or with ``layer_choice="influence"`` those of largest summed Block Influence), listed
          `layers` are checked layer by layer (refused in one line where a kind differs); its mixers are mamba_expand x
          hidden_size wide, so hidden_size is kept; the experts are as wide as the MLP (intermediate_size).
-         Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its mixers are always
-         mamba_expand x hidden_size wide, so hidden_size is kept (layers, heads, experts and the MLP narrow); its
-         routed experts (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width
-         beside them and is the MLP, narrowed by intermediate_size (shared_intermediate_size), in the variants
-         without experts; attention_multiplier follows head_dim as Granite's.
-         Nemotron-H: one mixer per layer (``layers_block_type``: Mamba-2 of its own width, narrowing on the residual
-         side; attention; a relu² MLP; DeepSeek-V3-style routed relu² experts with a shared one of its own width);
-         a model without "moe" layers has no experts whatever n_routed_experts says and narrows its MLP by
-         intermediate_size; experts in a latent space of their own (moe_latent_size) are refused.
+         Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its routed experts
+         (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width beside them and is
+         the MLP, narrowed by intermediate_size (shared_intermediate_size), in the variants without experts;
+         attention_multiplier follows head_dim as Granite's.
+         Nemotron-H: one mixer per layer (``layers_block_type``: Mamba-2 of its own width; attention; a relu² MLP;
+         DeepSeek-V3-style routed relu² experts with a shared one of its own width); a model without "moe" layers
+         has no experts whatever n_routed_experts says and narrows its MLP by intermediate_size; experts in a latent
+         space of their own (moe_latent_size) are refused.
          Gemma 4 (text: Gemma4ForCausalLM): its full attention layers' heads have their own size (global_head_dim;
          with attention_k_eq_v their own KV heads, keys as values: ``per_layer_config``), scaled for the chosen
          layers as head_dim and num_kv_heads are (`tailkd.layer_attention`; o reads the keys' rows where they are
@@ -299,20 +299,21 @@ def student_config(teacher, *, num_layers: int | None = None, layers=None, hidde
                    num_heads: int | None = None, num_kv_heads: int | None = None,
                    intermediate_size: int | None = None, head_dim: int | None = None,
                    tie_embeddings: bool | None = None, num_experts: int | None = None,
-                   num_experts_per_tok: int | None = None):
+                   num_experts_per_tok: int | None = None, ssm_heads: int | None = None):
     """The config of the student `build_student` makes from `teacher` with these options. The teacher's weights
     are not read: a teacher built on the meta device will do (e.g. to count a planned student's parameters with
     `tailkd.flops.model_size`, as tests/test_paper_configs.py does for the paper's students)."""
     teacher = text_teacher(teacher)
     return student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
-                        head_dim, tie_embeddings, num_experts, num_experts_per_tok)[-1]
+                        head_dim, tie_embeddings, num_experts, num_experts_per_tok, ssm_heads)[-1]
 
 
 def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                   num_heads: int | None = None, num_kv_heads: int | None = None,
                   intermediate_size: int | None = None, head_dim: int | None = None, mlp_init: str = "random",
                   freeze_embeddings: bool = False, tie_embeddings: bool | None = None, num_experts: int | None = None,
-                  num_experts_per_tok: int | None = None, seed: int = 0, experts: str = "first",
+                  num_experts_per_tok: int | None = None, ssm_heads: int | None = None, seed: int = 0,
+                  experts: str = "first",
                   layer_choice: str = "spaced", mlp_units: str = "first", hidden_channels: str = "first",
                   attention_heads: str = "first", calibration=None, measured: dict | None = None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
@@ -363,7 +364,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     teacher = text_teacher(teacher)
     settings = dict(num_layers=num_layers, layers=layers, hidden_size=hidden_size, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, head_dim=head_dim,
-                    num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, layer_choice=layer_choice,
+                    num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, ssm_heads=ssm_heads,
+                    layer_choice=layer_choice,
                     hidden_channels=hidden_channels, attention_heads=attention_heads, mlp_units=mlp_units,
                     experts=experts)
     if measured is None:
@@ -376,7 +378,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                                            layer_needs(teacher.config, fam))
     fam, t, s, fraction, chosen, config = student_plan(teacher, num_layers, layers, hidden_size, num_heads,
                                                        num_kv_heads, intermediate_size, head_dim, tie_embeddings,
-                                                       num_experts, num_experts_per_tok)
+                                                       num_experts, num_experts_per_tok, ssm_heads)
 
     from transformers import AutoModelForCausalLM
 
@@ -468,7 +470,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
 
 def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layers=None, hidden_size=None,
               num_heads=None, num_kv_heads=None, intermediate_size=None, head_dim=None, num_experts=None,
-              num_experts_per_tok=None, layer_choice: str = "spaced", hidden_channels: str = "first",
+              num_experts_per_tok=None, ssm_heads=None, layer_choice: str = "spaced", hidden_channels: str = "first",
               attention_heads: str = "first", mlp_units: str = "first", experts: str = "first") -> dict:
     """What the calibrated choices among `build_student`'s settings (the same keywords) need to know of the teacher,
     ``{tailkd.calibration.PROBES key: measure}``, of every teacher layer, all from one forward over
@@ -482,6 +484,7 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
     fam, wanted, heads = _wanted(teacher, num_layers=num_layers, layers=layers, hidden_size=hidden_size,
                                  num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                                  head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                 ssm_heads=ssm_heads,
                                  layer_choice=layer_choice, hidden_channels=hidden_channels,
                                  attention_heads=attention_heads, mlp_units=mlp_units, experts=experts)
     if not wanted:
@@ -493,7 +496,8 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
 
 
 def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
-            num_experts, num_experts_per_tok, layer_choice, hidden_channels, attention_heads, mlp_units, experts):
+            num_experts, num_experts_per_tok, ssm_heads, layer_choice, hidden_channels, attention_heads, mlp_units,
+            experts):
     """``(family, {PROBES key: teacher layers}, the teacher's query heads per layer)``: what `calibrate` measures for
     these settings, after their refusals."""
     for key, value, choices in (("experts", experts, EXPERT_CHOICES), ("mlp_units", mlp_units, MLP_UNIT_CHOICES),
@@ -507,7 +511,7 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
                           "the two")
     # its refusals: before any pass
     fam, t, s, _, _ = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
-                                     intermediate_size, head_dim, num_experts, num_experts_per_tok)
+                                     intermediate_size, head_dim, num_experts, num_experts_per_tok, ssm_heads)
     return fam, wanted_measures(fam, t, s, layers=layers, layer_choice=layer_choice, hidden_channels=hidden_channels,
                                 attention_heads=attention_heads, mlp_units=mlp_units,
                                 experts=experts), layer_query_heads(teacher.config, fam, t)
