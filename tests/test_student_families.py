@@ -1517,10 +1517,11 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     "minimax": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 2},
                 dict(d=32, q_heads=[0, 1], kv_heads=[0], ff_e=40, experts=2)),
     "minimax-head_dim": ({"hidden_size": 32, "num_experts": 3}, dict(d=32, hd_s=8, experts=3, rows=FULL_ROPE_16_TO_8)),
-    # Jamba keeps hidden_size (its Mamba mixers are mamba_expand x hidden_size wide): heads, experts and the MLP narrow
-    # (the experts and the dense MLPs one intermediate_size)
+    # Jamba: heads, experts and the MLP narrow (the experts and the dense MLPs one intermediate_size); its Mamba-1
+    # mixers, mamba_expand x hidden_size wide, are kept whole: a narrower hidden_size gets a wider mamba_expand
     "jamba": ({"num_heads": 2, "num_kv_heads": 1, "intermediate_size": 40, "num_experts": 3},
               dict(q_heads=[0, 1], kv_heads=[0], ff=40, ff_e=40, experts=3)),
+    "jamba-hidden": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1}, dict(d=32, q_heads=[0, 1], kv_heads=[0])),
     "deepseek_v32": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
                      dict(d=32, q_heads=[0, 1], ff_e=24, experts=[0, 1, 4, 5])),
     "axk1": ({"hidden_size": 32, "num_heads": 2, "intermediate_size": 24, "num_experts": 4},
@@ -1959,6 +1960,9 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert {(m.num_heads, m.head_dim, m.n_groups, m.intermediate_size) for m in student.modules()
                 if _is_mamba2(m)} == {(heads, teacher_mixer.head_dim, teacher_mixer.n_groups,
                                        heads * teacher_mixer.head_dim)}
+    if family == "jamba":  # its Mamba-1 mixers whole: mamba_expand x the student's hidden_size, the teacher's width
+        assert {m.intermediate_size for m in student.modules() if type(m).__name__ == "JambaMambaMixer"} == {128}
+        assert config.mamba_expand == 128 // config.hidden_size
     if attention is None:  # attention-free (Mamba): its mixers over the kept channels
         assert type(teacher).__name__ in MAMBA_CLASSES
         if teacher_mixer is None:  # Mamba-1's: intermediate_size of them
@@ -2405,8 +2409,9 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's value heads \(v_head_dim 8\) scale as "
                                        r"head_dim does \(12 -> 8\), to 5\.33333 rows: pick a head_dim that is a "
                                        r"multiple of 3$"),
-    ("jamba", {"hidden_size": 32}, r"^hidden_size=32, but the teacher's Jamba Mamba mixers are expand x "
-                                   r"hidden_size wide \(no mamba_d_ssm\): keep hidden_size 64"),
+    ("jamba", {"hidden_size": 48}, r"^hidden_size=48, but the teacher's Mamba mixers are mamba_expand x hidden_size "
+                                   r"wide and their 128 channels are no whole mamba_expand x 48: pick a hidden_size "
+                                   r"dividing 128$"),
     # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one
     ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
     # Laguna's layer 1 has 2 query heads on its 2 KV heads: half of them is 1 query head on 2 KV heads

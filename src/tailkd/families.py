@@ -143,13 +143,11 @@ class Family:
     # a router that sends every token to this many experts whatever num_experts_per_tok says (Phi-MoE's sparsemixer: 2)
     fixed_experts_per_token: int = 0
     mlp_prefix: str | tuple[str, ...] = "mlp."  # what mlp_init random draws afresh
-    # config keys giving a Mamba-1 mixer a width of its own (Jamba's mamba_d_ssm): where one is unset (or the config
-    # has no such key) the mixer is mamba_expand x hidden_size wide, so a student keeps hidden_size
-    mixer_width_keys: tuple[str, ...] = ()
-    # Mamba-2 mixers' config keys (`tailkd.sizing.ssm_dims`): heads, head_dim, groups (n_groups: each group's heads
-    # read its B and C), and how the width is set — width (a key giving it: Falcon-H1's mamba_d_ssm, used where set),
-    # expand (else expand x hidden_size: a student's is its heads x head_dim over its hidden_size, which must be whole);
-    # neither: heads x head_dim (Nemotron-H). A student keeps each group's first ssm_heads / groups heads
+    # Mamba mixers' config keys (`tailkd.sizing.teacher_dims`): Mamba-2's heads, head_dim, groups (n_groups: each
+    # group's heads read its B and C), and how the width is set — width (a key giving it: Falcon-H1's mamba_d_ssm, used
+    # where set), expand (else expand x hidden_size: a student's is its width over its hidden_size, which must be
+    # whole); neither: heads x head_dim (Nemotron-H). A student keeps each group's first ssm_heads / groups heads;
+    # Jamba's Mamba-1 mixers (expand only) keep the teacher's width
     ssm: dict = field(default_factory=dict)
     # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
     # kinds that change then (`tailkd.sizing.config_family` applies them)
@@ -901,7 +899,7 @@ FAMILIES = {f.name: f for f in (
                      experts=None, experts_per_token=None),
            layer_lists=(), reads_head_dim=False, mlp_prefix=(),
            ssm=dict(heads="num_heads", head_dim="head_dim", groups="n_groups", expand="expand")),
-    # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide: hidden_size kept; their dt, B and C norms) beside Llama's
+    # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide, kept whole; their dt, B and C norms) beside Llama's
     # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
     # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config
     # gives a student's layer j its kinds by the same periods: a student keeps whole periods (layer_periods), listed
@@ -916,7 +914,7 @@ FAMILIES = {f.name: f for f in (
             "feed_forward.experts.gate_up_proj": ("expert", "gate_up", "d"),
             "feed_forward.experts.down_proj": ("expert", "d", "ff"), **norms("input_layernorm", "pre_ff_layernorm")},
            _EMBED, "follows_hidden", keys=dict(_MOE_KEYS, intermediate="intermediate_size"), layer_lists=(),
-           mlp_prefix="feed_forward.", mixer_width_keys=("mamba_d_ssm",),
+           mlp_prefix="feed_forward.", ssm=dict(expand="mamba_expand"),
            layer_periods=("attn_layer_period", "expert_layer_period")),
     # Granite 4.0-H: Mamba-2 layers (mamba_expand x hidden_size wide) beside attention layers
     # (layer_types), routed experts (block_sparse_moe) plus an always-on shared MLP (shared_mlp: [gate | up], kept at

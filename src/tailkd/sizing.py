@@ -265,21 +265,23 @@ def _ssm_heads(t: Dims, fam: Family, requested) -> int:
 
 
 def _check_ssm_width(config, fam: Family, t: Dims, s: Dims) -> None:
-    """A Mamba-2 mixer set expand x hidden_size wide (no width key set: `Family.ssm`) needs a whole expand for the
-    student's heads x head_dim over its hidden_size; refused in one line naming the ssm_heads that give one."""
+    """A Mamba mixer set expand x hidden_size wide (no width key set: `Family.ssm`) keeps its width — Mamba-2's its
+    heads x head_dim, Mamba-1's (Jamba's) the teacher's — with a whole expand over the student's hidden_size; refused in
+    one line naming the ssm_heads (or hidden sizes) that give one."""
     width_key = fam.ssm.get("width")
     if not fam.ssm.get("expand") or width_key and setting(config, width_key) is not None:
         return
-    width = s.ssm_heads * s.ssm_head_dim
+    key = fam.ssm["expand"]
+    width = s.ssm_heads * s.ssm_head_dim if t.ssm_heads else setting(config, key) * t.hidden
     if width % s.hidden == 0:
         return
     fits = [n for n in range(t.ssm_groups, t.ssm_heads + 1, t.ssm_groups) if n * s.ssm_head_dim % s.hidden == 0]
-    key = fam.ssm["expand"]
     fix = (f"pick ssm_heads {' or '.join(str(n) for n in fits[-3:])}" if fits
            else f"pick a hidden_size dividing {width}")
-    raise TailkdError(f"hidden_size={s.hidden}, but the teacher's Mamba-2 mixers are {key} x hidden_size wide and "
-                      f"the student's {s.ssm_heads} heads of {s.ssm_head_dim} ({width} channels) are no whole {key} x "
-                      f"{s.hidden}: {fix}")
+    what = (f"Mamba-2 mixers are {key} x hidden_size wide and the student's {s.ssm_heads} heads of "
+            f"{s.ssm_head_dim} ({width} channels)" if t.ssm_heads
+            else f"Mamba mixers are {key} x hidden_size wide and their {width} channels")
+    raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {what} are no whole {key} x {s.hidden}: {fix}")
 
 
 def _value_head_dim(t: Dims, fam: Family, hd: int) -> int:
@@ -511,10 +513,6 @@ def student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_h
             raise TailkdError(f"hidden_size={s.hidden}, but {fam.label}'s final hidden states divide by hidden_size / "
                               f"{key} ({t.hidden} / {value}), a ratio a student keeps with a whole {key}: pick a "
                               f"hidden_size that is a multiple of {step}")
-    unset = [key for key in fam.mixer_width_keys if getattr(teacher.config, key, None) is None]
-    if unset and s.hidden != t.hidden:
-        raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {fam.label} Mamba mixers are expand x "
-                          f"hidden_size wide (no {', '.join(unset)}): keep hidden_size {t.hidden} (the rest narrows)")
     _check_ssm_width(teacher.config, fam, t, s)
     return fam, t, s, fraction, chosen
 

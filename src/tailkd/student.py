@@ -144,8 +144,9 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          config's periods and offsets give (attn_layer_period, expert_layer_period): the student's config keeps them,
          so its layer j must be a teacher layer of j's kinds; `num_layers` keeps whole periods (their lcm; a multiple
          of it, evenly spaced, or with ``layer_choice="influence"`` those of largest summed Block Influence), listed
-         `layers` are checked layer by layer (refused in one line where a kind differs); its mixers are mamba_expand x
-         hidden_size wide, so hidden_size is kept; the experts are as wide as the MLP (intermediate_size).
+         `layers` are checked layer by layer (refused in one line where a kind differs); its mixers, mamba_expand x
+         hidden_size wide, are kept whole (a whole mamba_expand over the student's hidden_size); the experts are as wide
+         as the MLP (intermediate_size).
          Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its routed experts
          (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width beside them and is
          the MLP, narrowed by intermediate_size (shared_intermediate_size), in the variants without experts;

@@ -42,13 +42,15 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
     for role, value in sizes.items():
         if fam.keys.get(role):
             _set(data, aliases.get(fam.keys[role], fam.keys[role]), value)
-    if fam.ssm:  # Mamba-2 mixers: their heads, and their width (heads x head_dim) as the config sets it
-        _set(data, fam.ssm["heads"], s.ssm_heads)
-        width_key = fam.ssm.get("width")
+    if fam.ssm:  # Mamba mixers: Mamba-2's heads, and the width (heads x head_dim; Jamba's: the teacher's)
+        expand, width_key = fam.ssm.get("expand"), fam.ssm.get("width")
+        width = s.ssm_heads * s.ssm_head_dim if t.ssm_heads else data[expand] * t.hidden
+        if t.ssm_heads:
+            _set(data, fam.ssm["heads"], s.ssm_heads)
         if width_key and data.get(width_key) is not None:
-            data[width_key] = s.ssm_heads * s.ssm_head_dim
-        elif fam.ssm.get("expand"):  # a whole number: `tailkd.sizing.student_widths`
-            data[fam.ssm["expand"]] = s.ssm_heads * s.ssm_head_dim // s.hidden
+            data[width_key] = width
+        elif expand:  # a whole number: `tailkd.sizing.student_widths`
+            data[expand] = width // s.hidden
     data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `student_widths`
     data.update({key: s.heads for key in fam.heads_keys if key in data})  # Falcon's num_kv_heads without groups
     implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
