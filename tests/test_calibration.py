@@ -30,6 +30,7 @@ from tailkd.calibration import (
     largest,
     norm_modules,
     routed_counts,
+    ssm_head_importance,
     unit_activity,
 )
 from tailkd.errors import TailkdError
@@ -907,7 +908,64 @@ def test_a_student_keeping_the_important_heads_is_its_teacher(family, kv_heads, 
     _computes_the_teacher(built, teacher, build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", **student)[0])
 
 
+def test_ssm_head_importance_is_the_mean_norm_of_each_heads_output():
+    """Mamba-2 (8 heads of 8 in 2 groups): a head's importance in each layer is the mean L2 norm of its block of the
+    mixer's out_proj input over the real tokens (read here by hooks on the modules; the same float32 inputs, their
+    norms summed in float64 in another order: rtol 1e-12)."""
+    teacher = make_teacher("mamba2")
+    ids = _ids(5, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    fam = config_family(teacher.config, family_spec(teacher))
+    importance, tokens = ssm_head_importance(teacher, fam, [{"input_ids": ids, "attention_mask": mask}], [0, 2, 3])
+    assert sorted(importance) == [0, 2, 3] and tokens == 31
+    inputs, handles = {}, []
+    for i, layer in enumerate(teacher.backbone.layers):
+        handles.append(layer.mixer.out_proj.register_forward_pre_hook(lambda m, args, i=i: inputs.update({i: args[0]})))
+    with torch.no_grad():
+        teacher(ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for i in (0, 2, 3):
+        norms = inputs[i][mask.bool()].reshape(-1, 8, 8).double().norm(dim=-1)  # [real tokens, heads]
+        torch.testing.assert_close(importance[i], norms.mean(0), rtol=1e-12, atol=0)
+
+
+def test_a_student_keeping_the_important_ssm_heads_is_its_teacher():
+    """Falcon-H1 without the gated norm, 6 Mamba-2 heads in 2 groups, where one head of each group outputs exactly 0
+    (its x channels zeroed in in_proj, the convolution and D: a different one per layer): a student of every layer with
+    4 heads by importance keeps, per layer and group, the other two and computes the teacher's logits (the dead heads
+    add exactly 0 through out_proj); the first heads' student does not. The table names each layer's heads, all of the
+    importance kept."""
+    # (the mixers' output scaled up, ssm_out_multiplier 4: the first heads' student then differs visibly)
+    teacher = make_teacher("falcon_h1", mamba_rms_norm=False, mamba_n_groups=2, ssm_out_multiplier=4.0)
+    dead = {i: [i % 2, 3 + (i + 1) % 2] for i in range(N_LAYERS)}  # heads the first heads' student keeps
+    with torch.no_grad():
+        for i, heads in dead.items():
+            mamba = teacher.model.layers[i].mamba
+            for h in heads:
+                channels = slice(h * 8, (h + 1) * 8)  # x: in_proj's rows after z's 48, the convolution's first 48
+                mamba.in_proj.weight[48:][channels] = 0
+                mamba.in_proj.bias[48:][channels] = 0
+                mamba.conv1d.weight[channels] = 0
+                mamba.conv1d.bias[channels] = 0
+                mamba.D[h] = 0
+    built, table = build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", ssm_heads=4, ssm_head_choice="active",
+                                 calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])
+    named = {row["name"]: row for row in table if "ssm_heads" in row}
+    for i in range(N_LAYERS):
+        for part in ("in_proj.weight", "conv1d.weight", "A_log", "norm.weight", "out_proj.weight"):
+            row = named.get(f"model.layers.{i}.mamba.{part}")
+            assert row is None if part == "norm.weight" else (  # no norm without mamba_rms_norm
+                row["ssm_heads"] == [h for h in range(6) if h not in dead[i]] and row["ssm_head_share"] == 1.0)
+    assert all(".mamba." in name for name in named)
+    _computes_the_teacher(built, teacher, build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", ssm_heads=4)[0])
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"ssm_head_choice": "most"}, r"^ssm_head_choice='most': use one of first, active$"),
+    ({"ssm_head_choice": "active"}, r"^ssm_head_choice=active chooses Mamba-2 heads, but Llama has none: drop "
+                                    r"it$"),
     ({"attention_heads": "most"}, r"^attention_heads='most': use one of first, active$"),
     ({"attention_heads": "active", "num_heads": 2}, r"^attention_heads=active needs calibration rows"),
 ])
@@ -1032,8 +1090,8 @@ def test_a_student_refused_anyway_costs_no_calibration_pass(family, kwargs, mess
 
 
 def test_every_key_of_student_init_json_is_documented():
-    """docs/outputs.md names every key a built student's table (student_init.json) can hold: those of all five
-    calibrated choices (a dense and a mixture-of-experts teacher)."""
+    """docs/outputs.md names every key a built student's table (student_init.json) can hold: those of all six
+    calibrated choices (a dense, a mixture-of-experts and a Mamba-2 teacher)."""
     from pathlib import Path
 
     batches = [{"input_ids": _ids(7, (2, 13))}]
@@ -1043,8 +1101,10 @@ def test_every_key_of_student_init_json_is_documented():
                              calibration=lambda: batches)
     _, moe = build_student(make_teacher("mixtral"), layers=SUBSET, num_experts=2, mlp_init="copy", experts="used",
                            calibration=lambda: batches)
-    keys = {key for row in dense + moe for key in row}
-    assert {"block_influence", "channels", "heads", "units", "experts"} <= keys
+    _, ssm = build_student(make_teacher("mamba2"), layers=SUBSET, ssm_heads=4, ssm_head_choice="active",
+                           calibration=lambda: batches)
+    keys = {key for row in dense + moe + ssm for key in row}
+    assert {"block_influence", "channels", "heads", "units", "experts", "ssm_heads", "ssm_head_share"} <= keys
     documented = (Path(__file__).parents[1] / "docs" / "outputs.md").read_text(encoding="utf-8")
     section = documented[documented.index("## `RUN/student_init.json`"):]
     named = {key for line in section.splitlines() if line.startswith("| `")  # the table's first column

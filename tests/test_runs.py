@@ -391,13 +391,13 @@ def test_deterministic_mode_sets_cublas_workspace_unless_given(monkeypatch):
 
 def test_a_calibrated_students_resume_check_names_what_differs(tmp_path):
     """`runs.check_student_init`: the first tensor whose source, kept experts, kept MLP units or kept hidden channels
-    (their digests) or kept heads differ from the run's student_init.json is named in one line; equal rows, or a file
-    that holds no list of rows, pass."""
+    (their digests) or kept heads (attention or Mamba-2) differ from the run's student_init.json is named in one line;
+    equal rows, or a file that holds no list of rows, pass."""
     from tailkd.runs import check_student_init
 
     row = {"name": "model.layers.0.mlp.up_proj.weight", "source": "model.layers.2.mlp.up_proj.weight",
            "experts": [1, 3], "units": "2 of 4, sha1 00aa", "channels": "3 of 8, sha1 00cc",
-           "heads": [0, 1]}
+           "heads": [0, 1], "ssm_heads": [0, 2]}
     (tmp_path / "student_init.json").write_text(json.dumps([row]))
     check_student_init(tmp_path, [dict(row)])
     for change, said in ((dict(source="model.layers.3.mlp.up_proj.weight"), "built from model.layers.3.mlp.up_proj."
@@ -406,7 +406,8 @@ def test_a_calibrated_students_resume_check_names_what_differs(tmp_path):
                          (dict(units="2 of 4, sha1 00bb"), "its units 2 of 4, sha1 00bb, the run's 2 of 4, sha1 00aa"),
                          (dict(channels="3 of 8, sha1 00dd"), "its channels 3 of 8, sha1 00dd, the run's 3 of 8, "
                                                               "sha1 00cc"),
-                         (dict(heads=[2, 3]), "its heads [2, 3], the run's [0, 1]")):
+                         (dict(heads=[2, 3]), "its heads [2, 3], the run's [0, 1]"),
+                         (dict(ssm_heads=[1, 2]), "its ssm_heads [1, 2], the run's [0, 2]")):
         with pytest.raises(TailkdError, match=rf"^cannot resume {re.escape(str(tmp_path))}: the student built now "
                                               rf"differs from the run's \(student_init\.json\): model\.layers\.0\.mlp"
                                               rf"\.up_proj\.weight {re.escape(said)}: a student chosen from "):

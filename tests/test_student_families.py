@@ -13,6 +13,7 @@ own per-layer settings (sliding vs full attention, Gemma3's local vs global RoPE
 """
 
 import copy
+import json
 import math
 import re
 
@@ -22,7 +23,14 @@ import torch
 import transformers
 from conftest import TINY_VOCAB, build_tiny_tokenizer, rotated_qk
 
-from tailkd.calibration import block_influence, channel_activity, head_importance, kept_heads, largest
+from tailkd.calibration import (
+    block_influence,
+    channel_activity,
+    head_importance,
+    kept_heads,
+    largest,
+    ssm_head_importance,
+)
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head
@@ -600,7 +608,8 @@ def _expected(name, teacher, plan):
     mixer_name, _, part = rest.partition(".")
     if mixer_name in ("mamba", "mixer") and _is_mamba2(mixer := teacher.get_submodule(
             f"{prefix}{plan['layers'][i]}.{mixer_name}")):  # a Mamba-2 mixer's tensor: its kept heads
-        return _mamba2_slice(part, w, mixer, plan["ssm"], rd)
+        ssm = plan["ssm"]
+        return _mamba2_slice(part, w, mixer, ssm.get(plan["layers"][i]) if isinstance(ssm, dict) else ssm, rd)
     if type(teacher).__name__ in GEMMA4_CLASSES:
         if rest == "layer_scalar":  # its output scale
             return w
@@ -885,7 +894,7 @@ def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, ro
     mixture's expert width and routed experts kept (``d`` and ``experts`` a number: the first ones; or the teacher's
     indices); ``full``: Gemma 4's full attention layers' own (hd_s, rows, q_heads, kv_heads, o_rows: the rows of each
     kept head o reads); ``per_layer``: {teacher layer: its own of these} (Laguna's query heads per layer, H_t);
-    ``ssm``: the Mamba-2 heads kept (None: all)."""
+    ``ssm``: the Mamba-2 heads kept (None: all; or {teacher layer: its own})."""
     c = teacher.config
     hd_t = _global(c, "head_dim") or c.hidden_size // c.num_attention_heads
     hd_s = hd_s or hd_t
@@ -1686,12 +1695,7 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     ones in some layer; the table names them. Gemma 4's full layers group their heads on KV heads of their own
     (num_global_key_value_heads, scaled as num_kv_heads), and its KV-shared layer 3 keeps the KV heads of layer 1,
     whose keys and values it reads, choosing its query heads among theirs."""
-    family = case.split("-")[0]
-    kwargs, plan = NARROW[case]
-    teacher = make_teacher(family)
-    fam = config_family(teacher.config, family_spec(teacher))
-    t = teacher_dims(teacher.config, fam)
-    layers = NARROW_LAYERS_OF.get(family, NARROW_LAYERS)
+    family, kwargs, plan, teacher, fam, t, layers = _narrow_case(case)
     reference = _plan(teacher, layers, **plan)
     n_kv = len(reference["q_heads"]) if reference["latent"] else len(reference["kv_heads"])  # latent: one per head
     own = {int(i): v for i, v in (_global(teacher.config, "per_layer_config") or {}).items()}  # Gemma 4's full layers
@@ -1734,6 +1738,36 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     _check_narrow_student(teacher, {**kwargs, "attention_heads": "active", "calibration": lambda: batches},
                           {**plan, "q_heads": q_heads, "kv_heads": kv_heads, **({"full": full} if full else {}),
                            **({"per_layer": per_layer} if per_layer else {})}, tmp_path)
+
+
+def _narrow_case(case):
+    """A NARROW case's family, build_student kwargs, reference plan, tiny teacher, family table, teacher sizes and
+    kept layers."""
+    family = case.split("-")[0]
+    kwargs, plan = NARROW[case]
+    teacher = make_teacher(family)
+    fam = config_family(teacher.config, family_spec(teacher))
+    return family, kwargs, plan, teacher, fam, teacher_dims(teacher.config, fam), NARROW_LAYERS_OF.get(family,
+                                                                                                      NARROW_LAYERS)
+
+
+@pytest.mark.parametrize("case", [case for case, (kwargs, _) in NARROW.items() if "ssm_heads" in kwargs])
+def test_narrow_student_by_ssm_head_importance_is_the_teachers_slices(case, tmp_path):
+    """``ssm_head_choice="active"``: the same students with, per Mamba-2 layer, each group's heads of largest
+    importance (`tailkd.calibration.ssm_head_importance`, tested in tests/test_calibration.py; `largest` by group) in
+    place of the first ones: every mixer tensor holds the reference's slices of that layer's heads — which are not the
+    first ones in some layer (the table's keys: tests/test_calibration.py)."""
+    family, kwargs, plan, teacher, fam, t, layers = _narrow_case(case)
+    for seed in range(7, 40):  # calibration rows under which some layer's choice is not the first heads
+        batches = [{"input_ids": _ids(seed, (2, 13))}]
+        importance, _ = ssm_head_importance(teacher, fam, batches, layers)
+        ssm = {i: largest(v, kwargs["ssm_heads"], t.ssm_groups).tolist() for i, v in importance.items()}
+        if any(heads != plan["ssm"] for heads in ssm.values()):
+            break
+    else:
+        raise AssertionError("every calibration set chose the first heads")
+    _check_narrow_student(teacher, {**kwargs, "ssm_head_choice": "active", "calibration": lambda: batches},
+                          {**plan, "ssm": ssm}, tmp_path)
 
 
 def test_calibrated_layers_channels_and_heads_compose():
@@ -1956,7 +1990,8 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
     attention = getattr(attention, "attention", attention)  # GPT-Neo's attn holds its self-attention
     teacher_mixer = next((m for m in teacher.modules() if _is_mamba2(m)), None)
     if teacher_mixer is not None:  # Mamba-2 mixers: the kept heads, of the teacher's size, as wide as they are
-        heads = len(plan.get("ssm") or range(teacher_mixer.num_heads))
+        ssm = plan.get("ssm")
+        heads = len(next(iter(ssm.values())) if isinstance(ssm, dict) else ssm or range(teacher_mixer.num_heads))
         assert {(m.num_heads, m.head_dim, m.n_groups, m.intermediate_size) for m in student.modules()
                 if _is_mamba2(m)} == {(heads, teacher_mixer.head_dim, teacher_mixer.n_groups,
                                        heads * teacher_mixer.head_dim)}
@@ -2468,11 +2503,12 @@ def test_bad_arguments(family, kwargs, message):
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
-def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
+def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path, capsys):
     """tailkd distill on a Mamba or Mamba-2 teacher (no attention, no position limit: `tailkd.models.model_max_length`
     None), the fused loss layer: a 2-layer student — Mamba's of hidden 16 over 32 channels chosen by activity, Mamba-2's
-    layers by influence, hidden 16 by activity, 4 of its mixers' 8 heads (expand 2) — saved as its teacher's class with
-    those sizes."""
+    layers by influence, hidden 16 by activity, 4 of its mixers' 8 heads by importance (expand 2) — saved as its
+    teacher's class with those sizes, student_init.json naming the heads kept, the run log the share of each layer's
+    head importance they had (at least half: the larger half of each group's)."""
     from tiny import read_metrics, write_corpus
 
     from tailkd.cli import main
@@ -2483,7 +2519,8 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
     narrow = {"mamba": ["--student.hidden_size", "16", "--student.intermediate_size", "32", "--student.mlp_units",
                         "active", "--student.mlp_init", "copy"],
               "mamba2": ["--student.layer_choice", "influence", "--student.hidden_size", "16",
-                         "--student.hidden_channels", "active", "--student.ssm_heads", "4"]}[family]
+                         "--student.hidden_channels", "active", "--student.ssm_heads", "4",
+                         "--student.ssm_head_choice", "active"]}[family]
     assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2", *narrow, "--data",
                  str(write_corpus(tmp_path / "corpus.txt")), "--data.cache_dir", str(tmp_path / "cache"), "--seq-len",
                  "32", "--batch-size", "4", "--steps", "2", "--fused-loss", "on", "--out", str(tmp_path / "run")]) == 0
@@ -2495,3 +2532,9 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path):
         assert (student.config.hidden_size, student.config.intermediate_size) == (16, 32)
     else:
         assert (student.config.hidden_size, student.config.num_heads, student.config.expand) == (16, 4, 2)
+        rows = json.loads((tmp_path / "run" / "student_init.json").read_text())
+        assert {len(row["ssm_heads"]) for row in rows if "ssm_heads" in row} == {4}
+        found = re.search(r"Mamba-2 heads kept by importance \(student\.ssm_head_choice active, student\."
+                          r"calibration_rows 64\): (\d+\.\d)%-(\d+\.\d)% of the teacher's head output norm in each of "
+                          r"the 2 Mamba-2 layers\n", capsys.readouterr().out)
+        assert found and 50 <= float(found.group(1)) <= float(found.group(2)) <= 100

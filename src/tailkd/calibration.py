@@ -1,10 +1,10 @@
 """What a teacher's forward over calibration rows says about its layers, channels, heads, units and experts, and
 which of them a student built from it keeps.
 
-Five choices of `tailkd.student.build_student` read it (`wanted_measures`: what its settings need measured, `measure`:
+Six choices of `tailkd.student.build_student` read it (`wanted_measures`: what its settings need measured, `measure`:
 one forward for all of it, ``calibrated_*``: the indices kept); each is off by default (the TAD paper's DistilBERT-style
 student: evenly spaced layers, the first hidden channels, the first heads of the first KV heads, the first MLP units,
-the first experts):
+the first experts, each group's first Mamba-2 heads):
 
 Layers (``layer_choice="influence"``): the ``num_layers`` teacher layers of largest Block Influence — ShortGPT's
 importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidharan et al., 2024) — kept in order:
@@ -64,7 +64,14 @@ KV head its ``g_s`` (the student's query heads per KV head) most important query
 ``num_kv_heads`` whose kept query heads have the largest summed importance (`kept_heads`); with one KV head per query
 head (multi-head attention, latent attention) simply the ``num_heads`` most important heads.
 
-All five count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. They
+Mamba-2 heads (``ssm_head_choice="active"``, fewer ``ssm_heads``): per layer and per group of heads (n_groups: the
+heads reading one B and C) its ``ssm_heads / n_groups`` heads of largest mean L2 norm of their output, the input of
+the mixer's out_proj (head_dim channels per head, after the gated norm) — Minitron's head importance on Mamba heads,
+group-aware as Minitron-SSM (Taghibakhshi et al., 2025) keeps them:
+
+    I[i, h] = mean over real tokens t of ||y_i[t, h, :]||_2     y_i: the input of layer i's mixer out_proj
+
+All six count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. They
 share one forward of the teacher per batch (`measure`: each choice's hooks, over every layer where the layers are yet
 to be chosen; its decoder and the logits of one position, `tailkd.head.decoder_forward`), on the teacher's device, in
 its dtype, under no_grad. A teacher sharded with FSDP2 (``teacher.parallel fsdp``) is measured the same way: its
@@ -81,9 +88,9 @@ from tailkd.head import decoder_forward
 from tailkd.slicing import Dims, mlp_units
 
 __all__ = ["PROBES", "attention_outputs", "block_influence", "calibrated_channels", "calibrated_experts",
-           "calibrated_heads", "calibrated_layers", "calibrated_units", "channel_activity", "experts_module",
-           "head_importance", "kept_heads", "largest", "measure", "norm_modules", "routed_counts", "unit_activity",
-           "wanted_measures"]
+           "calibrated_heads", "calibrated_layers", "calibrated_ssm_heads", "calibrated_units", "channel_activity",
+           "experts_module", "head_importance", "kept_heads", "largest", "measure", "norm_modules", "routed_counts",
+           "ssm_head_importance", "unit_activity", "wanted_measures"]
 
 
 def experts_module(fam: Family) -> str:
@@ -188,6 +195,26 @@ def _heads_probe(teacher, fam: Family, real: dict, layers, heads):
     def count(i):
         def hook(module, args):
             out = _real_rows(args[0], real, n[i], args[0].shape[-1] // n[i])
+            total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
+        return hook
+
+    handles = [m.register_forward_pre_hook(count(i)) for i, m in modules.items()]
+    return handles, lambda tokens: {i: t / tokens for i, t in total.items()}
+
+
+def _ssm_heads_probe(teacher, fam: Family, real: dict, layers, heads):
+    """Mean L2 norm of each Mamba-2 head's output ({layer: float64 [ssm heads]}) of the Mamba-2 layers among
+    ``layers``: the input of the mixer's out_proj (the module the table cuts ``d`` by ``ssm_channels``), one block of
+    head_dim channels per head."""
+    path = next(name.removesuffix(".weight") for name, axes in fam.layer_params.items()
+                if name.endswith(".weight") and tuple(axes) == ("d", "ssm_channels"))
+    n = getattr(teacher.config, fam.ssm["heads"])
+    modules = _layer_modules(teacher, fam, layers, path)
+    total = {i: torch.zeros(n, dtype=torch.float64) for i in modules}
+
+    def count(i):
+        def hook(module, args):
+            out = _real_rows(args[0], real, n, args[0].shape[-1] // n)
             total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
         return hook
 
@@ -319,7 +346,8 @@ def _experts_probe(teacher, fam: Family, real: dict, layers, heads: int):
 
 # the measures, by the student setting that reads them
 PROBES = {"layer_choice=influence": _influence_probe, "hidden_channels=active": _channels_probe,
-          "attention_heads=active": _heads_probe, "mlp_units=active": _units_probe, "experts=used": _experts_probe}
+          "attention_heads=active": _heads_probe, "mlp_units=active": _units_probe, "experts=used": _experts_probe,
+          "ssm_head_choice=active": _ssm_heads_probe}
 
 
 @torch.no_grad()
@@ -365,6 +393,14 @@ def head_importance(teacher, fam: Family, batches, layers, heads) -> tuple[dict[
     docstring)."""
     found, tokens = measure(teacher, fam, batches, {"attention_heads=active": layers}, heads)
     return found["attention_heads=active"], tokens
+
+
+def ssm_head_importance(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
+    """``({teacher layer i: float64 [ssm heads] mean L2 norm of each Mamba-2 head's output}, real tokens)`` over
+    ``batches`` for the Mamba-2 layers among ``layers``: the input of the mixer's out_proj (see the module
+    docstring)."""
+    found, tokens = measure(teacher, fam, batches, {"ssm_head_choice=active": layers})
+    return found["ssm_head_choice=active"], tokens
 
 
 def unit_activity(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
@@ -455,7 +491,7 @@ def _submodule(root, name: str):
 # teacher layers the student keeps.
 
 def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str, hidden_channels: str,
-                    attention_heads: str, mlp_units: str, experts: str) -> dict:
+                    attention_heads: str, mlp_units: str, experts: str, ssm_head_choice: str = "first") -> dict:
     """``{PROBES key: teacher layers}``: what `measure` reads for a student of sizes ``s`` from a teacher of sizes
     ``t`` (the teacher's family ``fam``) under these choices of `tailkd.student.build_student`
     (``layers``: the teacher layers it lists, None to choose them): every teacher layer (the layers may be yet to be
@@ -471,6 +507,10 @@ def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str,
         raise TailkdError(f"attention_heads=active chooses attention heads, but {fam.label} has none: drop it")
     if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
         found["attention_heads=active"] = every
+    if ssm_head_choice == "active" and not t.ssm_heads:
+        raise TailkdError(f"ssm_head_choice=active chooses Mamba-2 heads, but {fam.label} has none: drop it")
+    if ssm_head_choice == "active" and s.ssm_heads != t.ssm_heads:
+        found["ssm_head_choice=active"] = every
     if mlp_units == "active":
         path = experts_module(fam) if t.experts else ""
         standard = {f"{path}.gate_up_proj": ("expert", "gate_up", "d"), f"{path}.down_proj": ("expert", "d", "ff")}
@@ -559,6 +599,16 @@ def calibrated_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | Non
         if i in sources and sources[i] in heads:  # the KV heads of the layer it reads
             given = [int(h) // (t_i.heads // t_i.kv_heads) for h in heads[sources[i]][::groups[2]]]
         heads[i] = kept_heads(importance[i], *groups, given)
+    return heads, {i: _share(importance[i], h) for i, h in heads.items()}
+
+
+def calibrated_ssm_heads(t: Dims, s: Dims, chosen: list[int], importance: dict | None):
+    """``(heads, share)``: per Mamba-2 layer among the teacher's ``chosen``, the heads a student keeps by
+    ``importance`` (the teacher's measure; LongTensor, group by group: each group's ``s.ssm_heads / groups`` largest,
+    increasing) and the share of the layer's head importance they had; empty without a measure."""
+    if importance is None:
+        return {}, {}
+    heads = {i: largest(importance[i], s.ssm_heads, t.ssm_groups) for i in sorted(set(chosen) & set(importance))}
     return heads, {i: _share(importance[i], h) for i, h in heads.items()}
 
 

@@ -39,9 +39,10 @@ LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num
 MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
 HIDDEN_CHANNEL_CHOICES = ("first", "active")  # which residual-stream channels a narrower student keeps
 HEAD_CHOICES = ("first", "active")  # which attention heads a student with fewer keeps
+SSM_HEAD_CHOICES = ("first", "active")  # which Mamba-2 heads a student with fewer keeps
 # the student choices made from calibration rows (a teacher forward before the build): (setting, calibrated value)
 CALIBRATED_CHOICES = (("layer_choice", "influence"), ("experts", "used"), ("mlp_units", "active"),
-                      ("hidden_channels", "active"), ("attention_heads", "active"))
+                      ("hidden_channels", "active"), ("attention_heads", "active"), ("ssm_head_choice", "active"))
 DOC_SEPS = ("auto", "blank_line", "line", "file")
 TASKS = ("pretrain", "sft")
 SFT_MODES = ("pad", "pack")
@@ -204,7 +205,7 @@ class TeacherConfig:
 # is; freeze_embeddings applies to both)
 BUILD_KEYS = ("num_layers", "layers", "layer_choice", "hidden_size", "hidden_channels", "num_heads", "num_kv_heads",
               "attention_heads", "intermediate_size", "num_experts", "num_experts_per_tok", "experts", "ssm_heads",
-              "calibration_rows", "head_dim", "mlp_units", "mlp_init", "tie_embeddings")
+              "ssm_head_choice", "calibration_rows", "head_dim", "mlp_units", "mlp_init", "tie_embeddings")
 
 
 @dataclass
@@ -248,10 +249,16 @@ class StudentConfig:
                                         "first ones, a multiple of its n_groups (default: the teacher's); where a "
                                         "mixer is expand x hidden_size wide, ssm_heads x its head size must be a whole "
                                         "expand x hidden_size")
+    ssm_head_choice: str = _f("first", "which Mamba-2 heads a student with fewer ssm_heads keeps: first (each group's "
+                                       "first ones), or active (per layer, group by group, those whose output — the "
+                                       "mixer's out_proj input — has the largest mean L2 norm over calibration_rows "
+                                       "training rows: Minitron's head importance, group-aware)",
+                              choices=SSM_HEAD_CHOICES)
     calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher's forward over "
                                    "which measures its layers (layer_choice influence), its hidden channels "
-                                   "(hidden_channels active), its heads (attention_heads active), its MLP units "
-                                   "(mlp_units active) and counts its experts' use (experts used)")
+                                   "(hidden_channels active), its heads (attention_heads active, ssm_head_choice "
+                                   "active), its MLP units (mlp_units active) and counts its experts' use (experts "
+                                   "used)")
     head_dim: Optional[int] = _f(None, "student attention head size, for families whose head size is not hidden / "
                                        "heads (Gemma, Qwen3; default: the teacher's)")
     mlp_init: str = _f("random", "MLP initialisation: random (the paper) or copy (copied and truncated)",

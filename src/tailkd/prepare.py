@@ -146,7 +146,7 @@ def student_shape(cfg: DistillConfig) -> dict:
                 num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, num_experts=s.num_experts,
                 num_experts_per_tok=s.num_experts_per_tok, ssm_heads=s.ssm_heads, head_dim=s.head_dim,
                 layer_choice=s.layer_choice, experts=s.experts, mlp_units=s.mlp_units,
-                hidden_channels=s.hidden_channels, attention_heads=s.attention_heads)
+                hidden_channels=s.hidden_channels, attention_heads=s.attention_heads, ssm_head_choice=s.ssm_head_choice)
 
 
 def calibrate_sharded_teacher(cfg: DistillConfig, device: torch.device):
@@ -189,6 +189,9 @@ def say_calibrated_choices(table: list[dict], rows: int) -> None:
         dist.say(f"attention heads kept by importance (student.attention_heads active, student.calibration_rows "
                  f"{rows}): {span(heads)} of the teacher's head output norm in each of the {len(heads)} attention "
                  "layers")
+    if ssm := per_layer("ssm_head_share"):
+        dist.say(f"Mamba-2 heads kept by importance (student.ssm_head_choice active, student.calibration_rows {rows}): "
+                 f"{span(ssm)} of the teacher's head output norm in each of the {len(ssm)} Mamba-2 layers")
     if active := per_layer("active_share"):
         dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows {rows}): "
                  f"{span(active)} of the teacher's mean |activation| in each of the {len(active)} layers")

@@ -293,7 +293,7 @@ def check_student_init(out: Path, student_init: list[dict]) -> None:
     if not isinstance(saved, list) or not all(isinstance(row, dict) for row in saved):
         return
 
-    fields = ("source", "experts", "units", "channels", "heads")
+    fields = ("source", "experts", "units", "channels", "heads", "ssm_heads")
 
     def key(row: dict) -> tuple:
         return tuple(row.get(f) for f in ("name", *fields))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HEAD_AXES", "Dims", "axis_indices", "each_experts_units", "expert_unit_rows", "mlp_units", "qk_head_rows",
-           "query_heads", "rope_pair_rows", "ssm_heads", "take"]
+__all__ = ["HEAD_AXES", "SSM_AXES", "Dims", "axis_indices", "each_experts_units", "expert_unit_rows", "mlp_units",
+           "qk_head_rows", "query_heads", "rope_pair_rows", "ssm_axes", "ssm_heads", "take"]
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,17 @@ def ssm_heads(t: Dims, s: Dims) -> list[int]:
     return [g * per_t + j for g in range(t.ssm_groups) for j in range(per_s)]
 
 
-def _ssm_axes(t: Dims, s: Dims) -> dict:
-    """The Mamba-2 mixer's axis kinds (in_proj = [z | x | B | C | dt], the convolution over [x | B | C]): the kept
-    heads' channels of z and x, their dt, B and C whole; None (all) where every head is kept."""
-    if s.ssm_heads == t.ssm_heads:
-        return dict.fromkeys(("ssm_in", "ssm_conv", "ssm_head", "ssm_channels"))
-    heads = ssm_heads(t, s)
+# the axis kinds of a Mamba-2 mixer, which follow its kept heads
+SSM_AXES = ("ssm_in", "ssm_conv", "ssm_head", "ssm_channels")
+
+
+def ssm_axes(t: Dims, s: Dims, heads=None) -> dict:
+    """What the Mamba-2 mixer's axis kinds keep (in_proj = [z | x | B | C | dt], the convolution over [x | B | C]):
+    the kept heads' channels of z and x, their dt, B and C whole; None (all) where every head is kept. ``heads``: the
+    teacher heads kept, group by group (`tailkd.calibration.calibrated_ssm_heads`; None: `ssm_heads`)."""
+    if heads is None and s.ssm_heads == t.ssm_heads:
+        return dict.fromkeys(SSM_AXES)
+    heads = ssm_heads(t, s) if heads is None else [int(h) for h in heads]
     width, channels = t.ssm_heads * t.ssm_head_dim, _rows(heads, t.ssm_head_dim, list(range(t.ssm_head_dim)))
     head_index = torch.tensor(heads, dtype=torch.long)
     return {"ssm_in": lambda n: torch.cat([channels, width + channels, torch.arange(2 * width, n - t.ssm_heads),
@@ -168,7 +173,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "qkv_mp": lambda n: _mp_rows(q_heads, t, qk_rows, first, blocks),
             "layer_blocks": lambda n: _rows(layers, _per_head(n, t.layers), list(range(_per_head(n, t.layers)))),
             "gate": lambda n: torch.tensor(q_heads) if n == t.heads else _rows(q_heads, t.head_dim, first),
-            **_ssm_axes(t, s)}
+            **ssm_axes(t, s)}
 
 
 def mlp_units(n: int, units: int, width: int) -> int:

@@ -209,6 +209,7 @@ from tailkd.calibration import (
     calibrated_experts,
     calibrated_heads,
     calibrated_layers,
+    calibrated_ssm_heads,
     calibrated_units,
     measure,
     wanted_measures,
@@ -220,6 +221,7 @@ from tailkd.config import (
     LAYER_CHOICES,
     MLP_INITS,
     MLP_UNIT_CHOICES,
+    SSM_HEAD_CHOICES,
 )
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
@@ -227,7 +229,7 @@ from tailkd.head import model_class_name
 from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_fractions, layer_query_heads
 from tailkd.models import autocast_safe
 from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
-from tailkd.slicing import HEAD_AXES, axis_indices, each_experts_units, expert_unit_rows, take
+from tailkd.slicing import HEAD_AXES, SSM_AXES, axis_indices, each_experts_units, expert_unit_rows, ssm_axes, take
 
 __all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config",
            "text_teacher"]
@@ -316,7 +318,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                   num_experts_per_tok: int | None = None, ssm_heads: int | None = None, seed: int = 0,
                   experts: str = "first",
                   layer_choice: str = "spaced", mlp_units: str = "first", hidden_channels: str = "first",
-                  attention_heads: str = "first", calibration=None, measured: dict | None = None):
+                  attention_heads: str = "first", ssm_head_choice: str = "first", calibration=None,
+                  measured: dict | None = None):
     """A student initialised from `teacher` (see the module docstring) and its provenance table.
 
     ``layer_choice``: which teacher layers a student of ``num_layers`` keeps — "spaced" (evenly, see the module
@@ -334,7 +337,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     choice for every tensor's residual side).
     ``attention_heads``: which heads a student with fewer (``num_heads``, ``num_kv_heads``) keeps — "first" (the first
     ones of the first KV heads, see the module docstring) or "active" (per layer those whose output has the largest
-    mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibration.kept_heads`).
+    mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibration.kept_heads`);
+    ``ssm_head_choice`` likewise which Mamba-2 heads a student with fewer ``ssm_heads`` keeps, group by group.
     ``calibration`` is called only where a choice is to be made, once: one teacher pass serves every choice.
     ``measured``: that pass made already (`calibrate`'s measures for these settings, e.g. over a teacher sharded with
     FSDP2 while `teacher` is the skeleton of `tailkd.sharded_teacher.student_source`), in place of ``calibration``.
@@ -349,7 +353,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     hidden_channels "active" the input embeddings' rows add ``"channels"`` (how many and a digest of which) and
     ``"channel_share"`` (the share of the norms' activity the kept channels had), under attention_heads "active" a
     layer's attention tensors add ``"heads"`` (the teacher's query heads kept, in the student's order) and
-    ``"head_share"`` (the share of the layer's head importance they had).
+    ``"head_share"`` (the share of the layer's head importance they had), under ssm_head_choice "active" a layer's
+    Mamba-2 tensors ``"ssm_heads"`` and ``"ssm_head_share"`` likewise.
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")
@@ -366,9 +371,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     settings = dict(num_layers=num_layers, layers=layers, hidden_size=hidden_size, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, head_dim=head_dim,
                     num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, ssm_heads=ssm_heads,
-                    layer_choice=layer_choice,
-                    hidden_channels=hidden_channels, attention_heads=attention_heads, mlp_units=mlp_units,
-                    experts=experts)
+                    layer_choice=layer_choice, hidden_channels=hidden_channels, attention_heads=attention_heads,
+                    mlp_units=mlp_units, experts=experts, ssm_head_choice=ssm_head_choice)
     if measured is None:
         measured = calibrate(teacher, calibration, **settings)
     elif set(measured) != set(wanted := _wanted(teacher, **settings)[1]):  # a caller's bug, not a user error
@@ -399,6 +403,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     per_layer = {i: axis_indices(*own.get(i, (t, s)), fam.rope, shares.get(i, fraction), channels, heads.get(i),
                                  fam.head_blocks, chosen, i in as_values)  # a layer's own heads, sizes, RoPE share
                  for i in set(chosen) & ({*heads, *own, *shares} | as_values)}
+    ssm_kept, ssm_share = calibrated_ssm_heads(t, s, chosen, measured.get("ssm_head_choice=active"))
+    ssm_index = {i: ssm_axes(t, s, h) for i, h in ssm_kept.items()}  # a layer's own Mamba-2 heads by importance
     kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
     activity = measured.get("mlp_units=active")
     units, active = calibrated_units(s, chosen, activity,  # {teacher layer: ...}
@@ -426,6 +432,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                 return None  # each routed expert's own units by activity: `_each_experts_units` below
             if axis in ("ff", "gate_up") and layer in units and units[layer].dim() == 1:  # a dense MLP's by activity
                 return units[layer] if axis == "ff" else torch.cat([units[layer], t.intermediate + units[layer]])
+            if axis in SSM_AXES and layer in ssm_index:
+                return ssm_index[layer][axis]
             return per_layer.get(layer, index)[axis]  # a layer's own heads by importance
 
         value = take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
@@ -456,6 +464,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
                                  active_share=active[chosen[layer]])
             if layer is not None and chosen[layer] in heads and set(axes) & HEAD_AXES:
                 table[-1].update(heads=heads[chosen[layer]].tolist(), head_share=head_share[chosen[layer]])
+            if layer is not None and chosen[layer] in ssm_kept and set(axes) & set(SSM_AXES):
+                table[-1].update(ssm_heads=ssm_kept[chosen[layer]].tolist(), ssm_head_share=ssm_share[chosen[layer]])
             if channels is not None and name in fam.embeddings:
                 table[-1].update(channels=_digest(channels, t.hidden), channel_share=channel_share)
         persistent = set(student.state_dict())
@@ -472,7 +482,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
 def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layers=None, hidden_size=None,
               num_heads=None, num_kv_heads=None, intermediate_size=None, head_dim=None, num_experts=None,
               num_experts_per_tok=None, ssm_heads=None, layer_choice: str = "spaced", hidden_channels: str = "first",
-              attention_heads: str = "first", mlp_units: str = "first", experts: str = "first") -> dict:
+              attention_heads: str = "first", mlp_units: str = "first", experts: str = "first",
+              ssm_head_choice: str = "first") -> dict:
     """What the calibrated choices among `build_student`'s settings (the same keywords) need to know of the teacher,
     ``{tailkd.calibration.PROBES key: measure}``, of every teacher layer, all from one forward over
     ``calibration()``'s batches (`tailkd.calibration.measure`); {} (and no forward) where nothing is to be chosen:
@@ -485,9 +496,9 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
     fam, wanted, heads = _wanted(teacher, num_layers=num_layers, layers=layers, hidden_size=hidden_size,
                                  num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                                  head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
-                                 ssm_heads=ssm_heads,
-                                 layer_choice=layer_choice, hidden_channels=hidden_channels,
-                                 attention_heads=attention_heads, mlp_units=mlp_units, experts=experts)
+                                 ssm_heads=ssm_heads, layer_choice=layer_choice, hidden_channels=hidden_channels,
+                                 attention_heads=attention_heads, mlp_units=mlp_units, experts=experts,
+                                 ssm_head_choice=ssm_head_choice)
     if not wanted:
         return {}
     if calibration is None:
@@ -498,13 +509,14 @@ def calibrate(teacher, calibration=None, *, num_layers: int | None = None, layer
 
 def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim,
             num_experts, num_experts_per_tok, ssm_heads, layer_choice, hidden_channels, attention_heads, mlp_units,
-            experts):
+            experts, ssm_head_choice):
     """``(family, {PROBES key: teacher layers}, the teacher's query heads per layer)``: what `calibrate` measures for
     these settings, after their refusals."""
     for key, value, choices in (("experts", experts, EXPERT_CHOICES), ("mlp_units", mlp_units, MLP_UNIT_CHOICES),
                                 ("attention_heads", attention_heads, HEAD_CHOICES),
                                 ("hidden_channels", hidden_channels, HIDDEN_CHANNEL_CHOICES),
-                                ("layer_choice", layer_choice, LAYER_CHOICES)):
+                                ("layer_choice", layer_choice, LAYER_CHOICES),
+                                ("ssm_head_choice", ssm_head_choice, SSM_HEAD_CHOICES)):
         if value not in choices:
             raise TailkdError(f"{key}={value!r}: use one of {', '.join(choices)}")
     if layer_choice == "influence" and layers is not None:
@@ -514,8 +526,8 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
     fam, t, s, _, _ = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                      intermediate_size, head_dim, num_experts, num_experts_per_tok, ssm_heads)
     return fam, wanted_measures(fam, t, s, layers=layers, layer_choice=layer_choice, hidden_channels=hidden_channels,
-                                attention_heads=attention_heads, mlp_units=mlp_units,
-                                experts=experts), layer_query_heads(teacher.config, fam, t)
+                                attention_heads=attention_heads, mlp_units=mlp_units, experts=experts,
+                                ssm_head_choice=ssm_head_choice), layer_query_heads(teacher.config, fam, t)
 
 
 def _digest(ids: torch.Tensor, total: int) -> str:
