@@ -452,7 +452,8 @@ def test_a_student_keeps_the_most_influential_layers_and_resumes_only_as_built(a
                         r"\(student_init\.json\): model\.layers\.1\.\S+ built from model\.layers\.2\.\S+, the "
                         r"run's from model\.layers\.3\.\S+: a student chosen from calibration rows "
                         r"\(student\.layer_choice influence, student\.experts used, student\.mlp_units active, "
-                        r"student\.hidden_channels active, student\.attention_heads active\) came out otherwise "
+                        r"student\.hidden_channels active, student\.attention_heads active, student\.ssm_head_choice "
+                        r"active\) came out otherwise "
                         r"here; resume on the machine, data and teacher the run started with", last)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
