@@ -18,16 +18,13 @@ import transformers
 from conftest import TINY_VOCAB
 from test_student_families import _COMMON, CLASSES, CONFIGS, N_LAYERS, SUBSET, _ids, _logits, make_teacher
 
+from tailkd.calibrated import calibrated_heads, calibrated_layers, kept_heads, largest
 from tailkd.calibration import (
     _layer_modules,
     block_influence,
-    calibrated_heads,
-    calibrated_layers,
     channel_activity,
     experts_module,
     head_importance,
-    kept_heads,
-    largest,
     norm_modules,
     routed_counts,
     ssm_head_importance,

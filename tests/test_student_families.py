@@ -23,14 +23,8 @@ import torch
 import transformers
 from conftest import TINY_VOCAB, build_tiny_tokenizer, rotated_qk
 
-from tailkd.calibration import (
-    block_influence,
-    channel_activity,
-    head_importance,
-    kept_heads,
-    largest,
-    ssm_head_importance,
-)
+from tailkd.calibrated import kept_heads, largest
+from tailkd.calibration import block_influence, channel_activity, head_importance, ssm_head_importance
 from tailkd.errors import TailkdError
 from tailkd.families import AXES, FAMILIES, SUPPORTED
 from tailkd.head import HeadSpec, apply_head, final_hidden, head_spec, model_head, verify_head

@@ -188,7 +188,7 @@ class Family:
     depth_scales: tuple[str, ...] = ()
     # query heads held in this many equal blocks of one projection (CodeGen's qkv_proj: 4, its mp_num, fixed in its
     # code; axis qkv_mp): a student keeps as many heads of each block — its first ones, or by importance the most
-    # important of each (`tailkd.calibration.kept_heads` with the blocks as groups) — so num_heads is a multiple
+    # important of each (`tailkd.calibrated.kept_heads` with the blocks as groups) — so num_heads is a multiple
     head_blocks: int = 0
     # config keys in proportion to hidden_size (MiniCPM3's dim_model_base: its final hidden states divide by
     # hidden_size / dim_model_base before the head): scaled with a narrower hidden_size, the ratio the teacher's; a

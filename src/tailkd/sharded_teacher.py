@@ -265,8 +265,8 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     from it copies (every parameter outside the decoder layers and those of the layers the student keeps), read whole in
     the teacher dtype; their saved (persistent) buffers are read too. With ``student_cfg.path`` (an existing student)
     none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
-    layers where it measured their influence (`tailkd.calibration.calibrated_layers`)."""
-    from tailkd.calibration import calibrated_layers
+    layers where it measured their influence (`tailkd.calibrated.calibrated_layers`)."""
+    from tailkd.calibrated import calibrated_layers
     from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_layers
     from tailkd.student import text_teacher
 

@@ -139,7 +139,7 @@ def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ..
     teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
     earlier layer of its kind, whose it reads in the teacher, or another earlier layer's result
     (`Family.reuses_earlier`: GLM-5's DSA top-k) that layer; ``([], {})`` elsewhere.
-    `tailkd.calibration.calibrated_layers` keeps them with the layers it chooses."""
+    `tailkd.calibrated.calibrated_layers` keeps them with the layers it chooses."""
     n = setting(config, fam.keys["layers"])
     first, kinds, read = kv_sharing(config, fam)
     needs = {i: (read[kinds[i]],) for i in range(first, n) if kinds is not None and kinds[i] in read}

@@ -106,7 +106,7 @@ SSM_AXES = ("ssm_in", "ssm_conv", "ssm_head", "ssm_channels")
 def ssm_axes(t: Dims, s: Dims, heads=None) -> dict:
     """What the Mamba-2 mixer's axis kinds keep (in_proj = [z | x | B | C | dt], the convolution over [x | B | C]):
     the kept heads' channels of z and x, their dt, B and C whole; None (all) where every head is kept. ``heads``: the
-    teacher heads kept, group by group (`tailkd.calibration.calibrated_ssm_heads`; None: `ssm_heads`)."""
+    teacher heads kept, group by group (`tailkd.calibrated.calibrated_ssm_heads`; None: `ssm_heads`)."""
     if heads is None and s.ssm_heads == t.ssm_heads:
         return dict.fromkeys(SSM_AXES)
     heads = ssm_heads(t, s) if heads is None else [int(h) for h in heads]
@@ -126,7 +126,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
                  q_heads=None, blocks: int = 0, layers=None, keys_as_values: bool = False) -> dict:
     """What each axis kind of `tailkd.families.AXES` keeps: None (all), n (the first n) or teacher indices;
     ``channels`` the residual-stream channels kept (LongTensor, increasing; None: the first ``s.hidden``), ``q_heads``
-    the teacher query heads kept, KV head by KV head (`tailkd.calibration.kept_heads`; None: `query_heads`);
+    the teacher query heads kept, KV head by KV head (`tailkd.calibrated.kept_heads`; None: `query_heads`);
     ``blocks`` a family's head blocks (`Family.head_blocks`: its first heads are then each block's first ones);
     ``layers`` the teacher layers the student keeps (None: its first ``s.layers``), whose blocks ``layer_blocks``
     keeps; ``keys_as_values``: the layer's values are its keys (Gemma 4's attention_k_eq_v), so ``o`` reads the kept

@@ -32,7 +32,7 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              unchanged grouping (g_s == g_t) these are simply the first `num_heads` heads.
            - With ``attention_heads="active"``, per layer in place of both: of each teacher KV head its g_s query
              heads of largest importance over calibration rows, and the `num_kv_heads` KV heads whose kept query
-             heads sum to the most (`tailkd.calibration.kept_heads`), each query head still on its own KV head.
+             heads sum to the most (`tailkd.calibrated.kept_heads`), each query head still on its own KV head.
            - Rows kept inside a head: v (and o_proj's matching columns) the first head_dim rows. q and
              k use rotate-half RoPE over their first r = int(head_dim * partial_rotary_factor) rows (all of
              them but in Phi/Phi-3 configs with a partial factor), which pairs row i with row i + r/2; we
@@ -204,16 +204,16 @@ import re
 
 import torch
 
-from tailkd.calibration import (
+from tailkd.calibrated import (
     calibrated_channels,
     calibrated_experts,
     calibrated_heads,
     calibrated_layers,
     calibrated_ssm_heads,
     calibrated_units,
-    measure,
     wanted_measures,
 )
+from tailkd.calibration import measure
 from tailkd.config import (
     EXPERT_CHOICES,
     HEAD_CHOICES,
@@ -337,7 +337,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     choice for every tensor's residual side).
     ``attention_heads``: which heads a student with fewer (``num_heads``, ``num_kv_heads``) keeps — "first" (the first
     ones of the first KV heads, see the module docstring) or "active" (per layer those whose output has the largest
-    mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibration.kept_heads`);
+    mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibrated.kept_heads`);
     ``ssm_head_choice`` likewise which Mamba-2 heads a student with fewer ``ssm_heads`` keeps, group by group.
     ``calibration`` is called only where a choice is to be made, once: one teacher pass serves every choice.
     ``measured``: that pass made already (`calibrate`'s measures for these settings, e.g. over a teacher sharded with
