@@ -1088,6 +1088,38 @@ def test_falcon_h1_without_d_ssm_sets_its_students_mamba_expand():
         assert student(_ids(9)).logits.isfinite().all()
 
 
+def test_published_mamba2_shapes_give_the_students_their_configs_allow():
+    """Granite 4.0-H-Small's Mamba-2 widths (hidden 4096, 128 heads of 64 in one group, mamba_expand 2) and Nemotron-H
+    8B's (128 heads of 64 in 8 groups, a width of their own), built on the meta device: hidden 2048 keeps Granite's
+    8192 channels with mamba_expand 4, or 64 heads with 2; hidden 3072 needs 48 or 96 heads (a whole mamba_expand);
+    Nemotron-H keeps 64 heads in its 8 groups whatever hidden_size, and refuses 60."""
+    from tailkd.student import student_config
+
+    granite = transformers.GraniteMoeHybridConfig(
+        vocab_size=TINY_VOCAB, hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
+        layer_types=["mamba", "attention", "mamba", "mamba"], num_local_experts=0, shared_intermediate_size=8192,
+        mamba_n_heads=128, mamba_d_head=64, mamba_n_groups=1, mamba_expand=2, mamba_d_state=128)
+    nemotron = transformers.NemotronHConfig(
+        vocab_size=TINY_VOCAB, hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, layers_block_type=["mamba", "attention", "mamba", "mlp"], mamba_num_heads=128,
+        mamba_head_dim=64, n_groups=8, ssm_state_size=128, intermediate_size=21504)
+    with torch.device("meta"):
+        granite, nemotron = (transformers.AutoModelForCausalLM.from_config(c) for c in (granite, nemotron))
+    for ssm_heads, expand in ((None, 4), (64, 2)):
+        config = student_config(granite, hidden_size=2048, ssm_heads=ssm_heads)
+        assert (config.mamba_n_heads, config.mamba_expand) == (ssm_heads or 128, expand)
+    with pytest.raises(TailkdError, match=r"are no whole mamba_expand x 3072: pick ssm_heads 48 or 96$"):
+        student_config(granite, hidden_size=3072)
+    for hidden in (4096, 3072):
+        config = student_config(nemotron, hidden_size=hidden, ssm_heads=64)
+        with torch.device("meta"):
+            mixer = transformers.AutoModelForCausalLM.from_config(config).model.layers[0].mixer
+        assert (mixer.num_heads, mixer.n_groups, mixer.intermediate_size) == (64, 8, 4096)
+    with pytest.raises(TailkdError, match=r"^ssm_heads=60, but the teacher's Mamba-2 heads read B and C in 8 groups "
+                                          r"\(n_groups\), each keeping as many heads: pick a multiple of 8$"):
+        student_config(nemotron, ssm_heads=60)
+
+
 def test_mamba2_heads_narrow_as_the_teacher_without_them_computes():
     """Without the gated norm (Falcon-H1's mamba_rms_norm False) a Mamba-2 head's channels reach out_proj on their own:
     a student keeping 4 of 6 heads in 2 groups (each group's first 2: heads 0, 1, 3, 4; every layer, hidden_size kept)

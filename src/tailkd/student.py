@@ -129,9 +129,10 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          those past partial_rotary_factor at 0, so a student head keeps the whole head's pairs
          (`tailkd.sizing.rotary_fraction`) under both of its RoPE kinds; its MLP is intermediate_size wide.
          Mamba-2 mixers (Falcon-H1, Bamba, Granite 4.0-H, Nemotron-H, Mamba-2): their state and groups are kept,
-         `ssm_heads` keeps each group's first heads (z's, x's and dt's rows of in_proj, x's convolution channels,
-         dt_bias, A_log, D, the gated norm and out_proj over their channels; B and C whole); the width is its heads x
-         head_dim, set where the config sets it (``mamba_d_ssm``), else as a whole mamba_expand x hidden_size.
+         `ssm_heads` keeps each group's first heads, or with ``ssm_head_choice="active"`` its most important
+         (`tailkd.calibration`): z's, x's and dt's rows of in_proj, x's convolution channels, dt_bias, A_log, D, the
+         gated norm and out_proj over their channels, B and C whole; the width is its heads x head_dim, set where the
+         config sets it (``mamba_d_ssm``), else as a whole mamba_expand x hidden_size.
          Falcon-H1: attention and a Mamba-2 mixer side by side in every layer; its muP multipliers are the teacher's.
          Bamba: Falcon-H1's tensors, one mixer per layer (attention where ``attn_layer_indices`` lists it, a list
          that follows the chosen layers).
