@@ -187,17 +187,7 @@ def _heads_probe(teacher, fam: Family, real: dict, layers, heads):
     modules = {i: m for path in paths for i, m in _layer_modules(teacher, fam, layers, path).items()}
     if not modules:  # a bug in a table, not a user error (a student of attention heads has attention layers)
         raise RuntimeError(f"none of teacher layers {layers} has {' or '.join(paths)}")
-    n = {i: heads[i] if isinstance(heads, (list, tuple)) else heads for i in modules}
-    total = {i: torch.zeros(n[i], dtype=torch.float64) for i in modules}
-
-    def count(i):
-        def hook(module, args):
-            out = _real_rows(args[0], real, n[i], args[0].shape[-1] // n[i])
-            total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
-        return hook
-
-    handles = [m.register_forward_pre_hook(count(i)) for i, m in modules.items()]
-    return handles, lambda tokens: {i: t / tokens for i, t in total.items()}
+    return _block_norms(modules, {i: heads[i] if isinstance(heads, (list, tuple)) else heads for i in modules}, real)
 
 
 def _ssm_heads_probe(teacher, fam: Family, real: dict, layers, heads):
@@ -206,13 +196,18 @@ def _ssm_heads_probe(teacher, fam: Family, real: dict, layers, heads):
     head_dim channels per head."""
     path = next(name.removesuffix(".weight") for name, axes in fam.layer_params.items()
                 if name.endswith(".weight") and tuple(axes) == ("d", "ssm_channels"))
-    n = getattr(teacher.config, fam.ssm["heads"])
     modules = _layer_modules(teacher, fam, layers, path)
-    total = {i: torch.zeros(n, dtype=torch.float64) for i in modules}
+    return _block_norms(modules, dict.fromkeys(modules, getattr(teacher.config, fam.ssm["heads"])), real)
+
+
+def _block_norms(modules: dict, n: dict, real: dict):
+    """The heads probes' hooks: per layer i, the mean L2 norm over the real tokens of each of the ``n[i]`` equal blocks
+    of ``modules[i]``'s input ({layer: float64 [n[i]]})."""
+    total = {i: torch.zeros(n[i], dtype=torch.float64) for i in modules}
 
     def count(i):
         def hook(module, args):
-            out = _real_rows(args[0], real, n, args[0].shape[-1] // n)
+            out = _real_rows(args[0], real, n[i], args[0].shape[-1] // n[i])
             total[i] += torch.linalg.vector_norm(out.double(), dim=-1).sum(0).cpu()
         return hook
 
