@@ -20,7 +20,7 @@ from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
 from tailkd.head import model_class_name
 from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, reused_results
 from tailkd.slicing import Dims
-from tailkd.student_config import not_divisible, student_config
+from tailkd.student_config import mixer_width, not_divisible, student_config
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
            "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan", "student_widths",
@@ -268,12 +268,8 @@ def _check_ssm_width(config, fam: Family, t: Dims, s: Dims) -> None:
     """A Mamba mixer set expand x hidden_size wide (no width key set: `Family.ssm`) keeps its width — Mamba-2's its
     heads x head_dim, Mamba-1's (Jamba's) the teacher's — with a whole expand over the student's hidden_size; refused in
     one line naming the ssm_heads (or hidden sizes) that give one."""
-    width_key = fam.ssm.get("width")
-    if not fam.ssm.get("expand") or width_key and setting(config, width_key) is not None:
-        return
-    key = fam.ssm["expand"]
-    width = s.ssm_heads * s.ssm_head_dim if t.ssm_heads else setting(config, key) * t.hidden
-    if width % s.hidden == 0:
+    width, key = mixer_width(config, fam, t, s)
+    if key is None or key != fam.ssm.get("expand") or width % s.hidden == 0:
         return
     fits = [n for n in range(t.ssm_groups, t.ssm_heads + 1, t.ssm_groups) if n * s.ssm_head_dim % s.hidden == 0]
     fix = (f"pick ssm_heads {' or '.join(str(n) for n in fits[-3:])}" if fits

@@ -13,7 +13,7 @@ from tailkd.layer_attention import layer_dims, student_overrides
 from tailkd.slicing import Dims
 from tailkd.vocab import head_ids
 
-__all__ = ["not_divisible", "student_config"]
+__all__ = ["mixer_width", "not_divisible", "student_config"]
 
 
 def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: float, layers: list[int],
@@ -42,15 +42,11 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
     for role, value in sizes.items():
         if fam.keys.get(role):
             _set(data, aliases.get(fam.keys[role], fam.keys[role]), value)
-    if fam.ssm:  # Mamba mixers: Mamba-2's heads, and the width (heads x head_dim; Jamba's: the teacher's)
-        expand, width_key = fam.ssm.get("expand"), fam.ssm.get("width")
-        width = s.ssm_heads * s.ssm_head_dim if t.ssm_heads else data[expand] * t.hidden
-        if t.ssm_heads:
-            _set(data, fam.ssm["heads"], s.ssm_heads)
-        if width_key and data.get(width_key) is not None:
-            data[width_key] = width
-        elif expand:  # a whole number: `tailkd.sizing.student_widths`
-            data[expand] = width // s.hidden
+    if t.ssm_heads:  # Mamba-2 mixers: their heads
+        _set(data, fam.ssm["heads"], s.ssm_heads)
+    width, key = mixer_width(teacher_config, fam, t, s)
+    if key:  # the key that sets the width: itself, or expand over hidden_size (whole: `tailkd.sizing.student_widths`)
+        data[key] = width if key == fam.ssm.get("width") else width // s.hidden
     data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `student_widths`
     data.update({key: s.heads for key in fam.heads_keys if key in data})  # Falcon's num_kv_heads without groups
     implied = data.get("head_dim") is None and s.hidden == s.heads * s.head_dim  # Mistral/Mixtral leave it unset
@@ -110,6 +106,20 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
         why = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise TailkdError(f"{type(teacher_config).__name__} refuses the student's config: "
                           f"{why[-1] if why else type(err).__name__}") from err
+
+
+def mixer_width(teacher_config, fam: Family, t: Dims, s: Dims) -> tuple[int, str | None]:
+    """``(width, key)``: a student's Mamba mixer width (`Family.ssm`: Mamba-2's heads x head_dim; Jamba's Mamba-1 the
+    teacher's, expand x hidden_size) and the config key that sets it — the width key where the teacher's config sets
+    it (Falcon-H1's mamba_d_ssm), else the expand key (the width over hidden_size) —; ``(0, None)`` without Mamba
+    mixers, None for a width no key sets (Nemotron-H's heads x head_dim)."""
+    if not fam.ssm:
+        return 0, None
+    expand, width_key = fam.ssm.get("expand"), fam.ssm.get("width")
+    width = s.ssm_heads * s.ssm_head_dim if t.ssm_heads else getattr(teacher_config, expand) * t.hidden
+    if width_key and getattr(teacher_config, width_key, None) is not None:
+        return width, width_key
+    return width, expand
 
 
 def _sparse_layer(config, i: int) -> bool:
