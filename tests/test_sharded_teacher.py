@@ -763,7 +763,7 @@ def test_a_sharded_gemma4_teacher_builds_the_student_the_whole_teacher_builds(fa
 
 def test_a_sharded_multimodal_teacher_reads_its_text_part_and_builds_its_student(assets, tmp_path):
     """A Gemma 3 checkpoint with its vision tower (Gemma3ForConditionalGeneration): `student_source` returns its text
-    part (a Gemma3ForCausalLM sharing the skeleton's modules: `tailkd.student.text_teacher`), reads the kept layers'
+    part (a Gemma3ForCausalLM sharing the skeleton's modules: `tailkd.multimodal.text_teacher`), reads the kept layers'
     tensors under the checkpoint's names (model.language_model....) and leaves the vision tower on meta; the student
     built from it is the one the text model builds. Through the CLI with --teacher.parallel fsdp the run's
     student_init.json is the replicated run's, and a calibrated choice is refused in one line (exit 2, no run folder):

