@@ -445,7 +445,7 @@ def test_layers_by_influence_keep_what_gemma4_layers_need():
     config = transformers.Gemma4TextConfig(num_hidden_layers=6, num_kv_shared_layers=2,
                                            layer_types=[sliding, sliding, full, sliding, sliding, full])
     needs = layer_needs(config, FAMILIES["gemma4"])
-    assert needs == ([5], {4: (3,), 5: (2,)})
+    assert needs == ([5], {4: (3,), 5: (2,)}, None)
     influence = {"layer_choice=influence": torch.tensor([0.9, 0.1, 0.2, 0.3, 0.8, 0.05], dtype=torch.float64)}
     # 5 and 2 first, then 0; 4 with 3 does not fit in 4 layers, 3 alone does; in 5 layers 4 and 3 fit
     assert calibrated_layers(influence, 4, None, 1, needs) == (None, [0, 2, 3, 5])
@@ -453,8 +453,50 @@ def test_layers_by_influence_keep_what_gemma4_layers_need():
     assert calibrated_layers(influence, 2, None, 1, needs) == (None, [2, 5])
     assert calibrated_layers(influence, 4, None) == (None, [0, 2, 3, 4])  # without needs: the 4 most influential
     assert layer_needs(transformers.Gemma4TextConfig(num_hidden_layers=3, layer_types=[sliding, sliding, full]),
-                       FAMILIES["gemma4"]) == ([2], {})  # nothing shared: the last layer only
-    assert layer_needs(transformers.LlamaConfig(), FAMILIES["llama"]) == ([], {})
+                       FAMILIES["gemma4"]) == ([2], {}, None)  # nothing shared: the last layer only
+    assert layer_needs(transformers.LlamaConfig(), FAMILIES["llama"]) == ([], {}, None)
+
+
+def test_layers_by_influence_keep_a_layer_of_each_kind_olmo_hybrid_needs():
+    """OLMo-Hybrid's config needs a layer of each kind (`tailkd.sizing.required_kinds`): by influence each kind's most
+    influential layer comes first (ties: the lower index), then the others by influence; without the need, the most
+    influential alone."""
+    from tailkd.families import FAMILIES
+    from tailkd.sizing import layer_needs
+
+    full, linear = "full_attention", "linear_attention"
+    kinds = [linear, linear, full, linear, full]
+    needs = layer_needs(transformers.OlmoHybridConfig(num_hidden_layers=5, layer_types=kinds), FAMILIES["olmo_hybrid"])
+    assert needs == ([], {}, kinds)
+    influence = {"layer_choice=influence": torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2], dtype=torch.float64)}
+    assert calibrated_layers(influence, 2, None) == (None, [0, 1])  # two linear layers: a config OLMo-Hybrid refuses
+    assert calibrated_layers(influence, 2, None, 1, needs) == (None, [0, 4])
+    assert calibrated_layers(influence, 3, None, 1, needs) == (None, [0, 1, 4])
+    assert calibrated_layers(influence, 4, None, 1, needs) == (None, [0, 1, 3, 4])
+    tied = {"layer_choice=influence": torch.tensor([0.5, 0.5, 0.3, 0.5, 0.3], dtype=torch.float64)}
+    assert calibrated_layers(tied, 2, None, 1, needs) == (None, [0, 2])
+
+
+def test_an_olmo_hybrid_student_by_influence_has_both_kinds():
+    """The tiny OLMo-Hybrid teacher ([L, L, F, L, F]) by influence where its linear layers are the most influential:
+    the student keeps the most influential of each kind (its config refuses linear layers alone, as listing them shows),
+    and computes as a student of those layers listed."""
+    from tailkd.student import student_config
+
+    teacher = make_teacher("olmo_hybrid")
+    batches = [{"input_ids": _ids(7, (2, 13))}]
+    measured = calibrate(teacher, lambda: batches, num_layers=2, layer_choice="influence")
+    measured["layer_choice=influence"] = torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2], dtype=torch.float64)
+    student, table = build_student(teacher, num_layers=2, layer_choice="influence", measured=measured,
+                                   mlp_init="copy")
+    assert student.config.layer_types == ["linear_attention", "full_attention"]
+    listed, _ = build_student(teacher, layers=[0, 4], mlp_init="copy")
+    ids = _ids(3, (2, 9))
+    assert torch.equal(_logits(student, ids), _logits(listed, ids))
+    with pytest.raises(TailkdError, match=r"^the student keeps no full_attention layer \(teacher layers 0 1\), but "):
+        student_config(teacher, layers=[0, 1])
+    with pytest.raises(TailkdError, match=r"^num_layers=1, but OLMo-Hybrid's config needs a layer of each kind"):
+        calibrate(teacher, lambda: pytest.fail("measured before the refusal"), num_layers=1, layer_choice="influence")
 
 
 def test_layers_by_influence_keep_the_layer_whose_dsa_top_k_a_shared_layer_reuses():
@@ -467,7 +509,7 @@ def test_layers_by_influence_keep_the_layer_whose_dsa_top_k_a_shared_layer_reuse
     full, shared = "full", "shared"
     config = transformers.GlmMoeDsaConfig(num_hidden_layers=6, indexer_types=[full, shared, shared, full, shared, full])
     needs = layer_needs(config, FAMILIES["glm_moe_dsa"])
-    assert needs == ([], {1: (0,), 2: (0,), 4: (3,)})
+    assert needs == ([], {1: (0,), 2: (0,), 4: (3,)}, None)
     influence = {"layer_choice=influence": torch.tensor([0.1, 0.9, 0.2, 0.3, 0.8, 0.05], dtype=torch.float64)}
     # 1 with 0, then 4 with 3 does not fit in 3 layers, 3 alone does; in 4 layers 4 and 3 fit
     assert calibrated_layers(influence, 3, None, 1, needs) == (None, [0, 1, 3])

@@ -66,6 +66,46 @@ def test_spaced_gemma4_layers_keep_what_their_kv_shared_layers_read():
     assert student_layers(transformers.LlamaConfig(num_hidden_layers=8), FAMILIES["llama"], 3) == choose_layers(8, 3)
 
 
+def test_spaced_olmo_hybrid_layers_keep_a_layer_of_each_kind():
+    """OLMo-Hybrid's config needs a layer of each kind its layer_types lists (an attention and a Gated DeltaNet
+    layer): spaced layers missing a kind take the layer of that kind nearest to a kept layer whose kind stays kept, in
+    its place (ties: the lower index); fewer layers than kinds and listed layers lacking a kind are refused in one
+    line; layers that have every kind are the spaced ones."""
+    import transformers
+
+    from tailkd.families import FAMILIES
+    from tailkd.sizing import student_layers
+
+    full, linear = "full_attention", "linear_attention"
+    olmo = FAMILIES["olmo_hybrid"]
+    config = transformers.OlmoHybridConfig(num_hidden_layers=5, layer_types=[full, linear, linear, linear, full])
+    assert choose_layers(5, 2) == [0, 4]  # both full attention
+    assert student_layers(config, olmo, 2) == [1, 4]  # 1 for 0 (3 for 4 is as near: the lower index)
+    assert student_layers(config, olmo, 3) == [0, 2, 4] == choose_layers(5, 3)
+    config = transformers.OlmoHybridConfig(num_hidden_layers=8, layer_types=[linear] * 7 + [full])
+    assert student_layers(config, olmo, 2) == [0, 7] == choose_layers(8, 2)
+    config = transformers.OlmoHybridConfig(num_hidden_layers=8, layer_types=[linear] * 3 + [full] + [linear] * 4)
+    assert choose_layers(8, 3) == [0, 4, 7]
+    assert student_layers(config, olmo, 3) == [0, 3, 7]  # 3 (full) for its neighbour 4
+    with pytest.raises(TailkdError, match=r"^num_layers=1, but OLMo-Hybrid's config needs a layer of each kind its "
+                                          r"layer_types lists \(linear_attention, full_attention\): pick num_layers 2 "
+                                          r"or more$"):
+        student_layers(config, olmo, 1)
+    with pytest.raises(TailkdError, match=r"^the student keeps no full_attention layer \(teacher layers 0 5\), but "
+                                          r"OLMo-Hybrid's config needs a layer of each kind its layer_types lists "
+                                          r"\(linear_attention, full_attention\): keep one of teacher layers 3 too "
+                                          r"\(--student.layers\)$"):
+        student_layers(config, olmo, layers=[0, 5])
+    assert student_layers(config, olmo, layers=[3, 5]) == [3, 5]
+    # three kinds (a config of OLMo-Hybrid's keys): the kept C (3) is its kind's only layer, so the missing B (2) takes
+    # the place of 0, farther off
+    from types import SimpleNamespace
+
+    three = SimpleNamespace(num_hidden_layers=7, layer_types=["A", "A", "B", "C", "A", "A", "A"])
+    assert choose_layers(7, 3) == [0, 3, 6]
+    assert student_layers(three, olmo, 3) == [2, 3, 6]
+
+
 def test_kv_sources_are_the_students_last_earlier_layer_of_each_kind():
     """The layer a kept KV-shared layer reads in the student: its last kept layer of that kind before the sharing ones
     (the teacher's 13 and 14 where kept; else an earlier one, as the model's own rule gives); none elsewhere."""

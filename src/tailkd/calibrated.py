@@ -92,19 +92,24 @@ def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str,
 
 
 def calibrated_layers(measured: dict, num_layers: int | None, layers, period: int = 1,
-                      needs: tuple = ((), {})) -> tuple[int | None, list | None]:
+                      needs: tuple = ((), {}, None)) -> tuple[int | None, list | None]:
     """``(num_layers, layers)`` of a student after its calibration (`tailkd.student.calibrate`'s ``measured``): the
     ``num_layers`` teacher layers of largest Block Influence, in order, where it was measured; else as given. Where
     the layers' kinds repeat every ``period`` layers (`tailkd.sizing.layer_period`: Jamba's), the whole periods of
     largest summed influence. Where layers need others (``needs``, `tailkd.sizing.layer_needs`: Gemma 4's), the layers
-    it names first, then by influence (ties to the lower index) each layer with the ones it needs where they all fit."""
+    it names first — and where the config needs a layer of each kind (OLMo-Hybrid's), each kind's most influential
+    layer —, then by influence (ties to the lower index) each layer with the ones it needs where they all fit."""
     influence = measured.get("layer_choice=influence")
     if influence is None:
         return num_layers, layers
     if period > 1:
         by_period = influence[: len(influence) // period * period].reshape(-1, period).sum(1)
         return None, [p * period + r for p in largest(by_period, num_layers // period).tolist() for r in range(period)]
-    first, needed = needs
+    first, needed, kinds = needs
+    best = {}
+    for i in sorted(range(len(kinds or ())), key=lambda i: (-float(influence[i]), i)):
+        best.setdefault(kinds[i], i)
+    first = [*first, *best.values()]
     if not first and not needed:
         return None, largest(influence, num_layers).tolist()
     chosen = set()

@@ -209,6 +209,11 @@ class Family:
     # the kind (of ``layer_types``) a family's config gives its last layer whatever it is told (Gemma 4: full
     # attention): a student's last layer must be a teacher layer of that kind (refused in one line otherwise)
     last_layer_kind: str = ""
+    # a config key listing each layer's kind where the family's config needs a layer of every kind it lists
+    # (OLMo-Hybrid's layer_types: an attention and a Gated DeltaNet layer): spaced layers take the nearest layer of a
+    # missing kind in place of a kept one, influence keeps each kind's most influential layer first, listed layers
+    # lacking a kind are refused in one line (`tailkd.sizing.required_kinds`)
+    every_kind: str = ""
     # (a config key listing each layer's kind, a kind, what it reuses): layers of that kind reuse what the last earlier
     # layer of another kind computed (GLM-5's shared DSA layers: the top-k of the last full indexer layer): a student's
     # first layer must not be one, and a layer chosen by influence keeps the one it reads
@@ -958,7 +963,7 @@ FAMILIES = {f.name: f for f in (
             **{k: v for p in "qkvabg" for k, v in linear(f"linear_attn.{p}_proj", "all", "d").items()},
             **linear("linear_attn.o_proj", "d", "all"), "linear_attn.conv1d.weight": ("all", "all", "all"),
             "linear_attn.A_log": ("all",), "linear_attn.dt_bias": ("all",), **norms("linear_attn.o_norm", axis="all")},
-           _EMBED, "derived"),
+           _EMBED, "derived", every_kind="layer_types"),
 )}
 
 SUPPORTED = tuple(name for family in FAMILIES.values() for name in family.classes)

@@ -23,8 +23,8 @@ from tailkd.slicing import Dims
 from tailkd.student_config import mixer_width, not_divisible, student_config
 
 __all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
-           "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan", "student_widths",
-           "teacher_dims"]
+           "required_kinds", "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan",
+           "student_widths", "teacher_dims"]
 
 
 def family_spec(model) -> Family:
@@ -133,18 +133,26 @@ def layer_period(config, fam: Family) -> int:
     return math.lcm(*(int(setting(config, key) or 1) for key in fam.layer_periods))
 
 
-def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ...]]]:
-    """``(first, needs)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first, where the
-    student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as the
-    teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
+def required_kinds(config, fam: Family) -> list | None:
+    """Each teacher layer's kind where the family's config needs a layer of every kind it lists (`Family.every_kind`:
+    OLMo-Hybrid's layer_types, an attention and a Gated DeltaNet layer at least); None elsewhere."""
+    kinds = getattr(config, fam.every_kind, None) if fam.every_kind else None
+    return list(kinds) if kinds else None
+
+
+def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ...]], list | None]:
+    """``(first, needs, kinds)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first,
+    where the student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as
+    the teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
     earlier layer of its kind, whose it reads in the teacher, or another earlier layer's result
-    (`Family.reuses_earlier`: GLM-5's DSA top-k) that layer; ``([], {})`` elsewhere.
+    (`Family.reuses_earlier`: GLM-5's DSA top-k) that layer; ``kinds``: the layers' kinds where the config needs one
+    of each (`required_kinds`: OLMo-Hybrid's); ``([], {}, None)`` elsewhere.
     `tailkd.calibrated.calibrated_layers` keeps them with the layers it chooses."""
     n = setting(config, fam.keys["layers"])
     first, kinds, read = kv_sharing(config, fam)
     needs = {i: (read[kinds[i]],) for i in range(first, n) if kinds is not None and kinds[i] in read}
     needs.update({i: (j,) for i, j in reused_results(config, fam).items()})
-    return [n - 1] if fam.last_layer_kind else [], needs
+    return [n - 1] if fam.last_layer_kind else [], needs, required_kinds(config, fam)
 
 
 def student_layers(config, fam: Family, num_layers: int | None = None, layers=None) -> list[int]:
@@ -152,12 +160,11 @@ def student_layers(config, fam: Family, num_layers: int | None = None, layers=No
     family's last layers reuse earlier layers' keys and values (`Family.kv_shared_layers`: Gemma 4), a kept sharing
     layer whose kind has no earlier kept layer gets the layer the teacher's sharing layers of that kind read, in place
     of the kept earlier layer nearest to it (one whose kind stays kept where a sharing layer needs it); what this
-    cannot mend is refused after (`student_plan`)."""
+    cannot mend is refused after (`student_plan`). Where the config needs a layer of each kind (`required_kinds`),
+    `_every_kind` sees to it."""
     chosen = choose_layers(setting(config, fam.keys["layers"]), num_layers, layers, layer_period(config, fam))
     first, kinds, read = kv_sharing(config, fam)
-    if layers is not None or kinds is None:
-        return chosen
-    for i in [c for c in chosen if c >= first]:
+    for i in [c for c in chosen if c >= first] if layers is None and kinds is not None else []:
         own = [j for j in chosen if j < first]
         if kinds[i] not in read or any(kinds[j] == kinds[i] for j in own):
             continue
@@ -166,6 +173,32 @@ def student_layers(config, fam: Family, num_layers: int | None = None, layers=No
         if movable:
             j = min(movable, key=lambda j: (abs(j - read[kinds[i]]), j))
             chosen = sorted([read[kinds[i]] if c == j else c for c in chosen])
+    return _every_kind(config, fam, chosen, listed=layers is not None)
+
+
+def _every_kind(config, fam: Family, chosen: list[int], listed: bool) -> list[int]:
+    """``chosen`` with a layer of each kind where the family's config needs one (`required_kinds`): for each missing
+    kind, spaced layers take the layer of that kind nearest to a kept layer whose kind stays kept, in its place (ties:
+    the lower index); fewer layers than kinds, and listed layers lacking a kind, are refused in one line."""
+    kinds = required_kinds(config, fam)
+    if kinds is None:
+        return chosen
+    wanted = list(dict.fromkeys(kinds))
+    if not listed and len(chosen) < len(wanted):
+        raise TailkdError(f"num_layers={len(chosen)}, but {fam.label}'s config needs a layer of each kind its "
+                          f"{fam.every_kind} lists ({', '.join(wanted)}): pick num_layers {len(wanted)} or more")
+    for kind in wanted:
+        of_kind = [i for i, k in enumerate(kinds) if k == kind]
+        if any(kinds[j] == kind for j in chosen):
+            continue
+        if listed:
+            raise TailkdError(f"the student keeps no {kind} layer (teacher layers {' '.join(map(str, chosen))}), but "
+                              f"{fam.label}'s config needs a layer of each kind its {fam.every_kind} lists "
+                              f"({', '.join(wanted)}): keep one of teacher layers {' '.join(map(str, of_kind))} too "
+                              "(--student.layers)")
+        movable = [j for j in chosen if sum(kinds[x] == kinds[j] for x in chosen) > 1]
+        j, i = min(((j, i) for j in movable for i in of_kind), key=lambda p: (abs(p[0] - p[1]), p[1], p[0]))
+        chosen = sorted(i if c == j else c for c in chosen)
     return chosen
 
 

@@ -111,7 +111,9 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          full-attention layers narrow like Qwen3's (their q_proj holds [query | gate] per head: the query's kept rows,
          then the gate's first head_dim rows, which scale the head's output as v's rows); the linear-attention layers
          keep their own sizes (``linear_num_key_heads``, ...) and narrow on the residual side only (input projections'
-         columns, out_proj's).
+         columns, out_proj's). OLMo-Hybrid's config needs a layer of each kind: spaced layers missing one take the
+         nearest layer of that kind in place of a kept one, influence keeps each kind's most influential layer, listed
+         layers lacking a kind are refused in one line (`tailkd.sizing.required_kinds`).
          Kimi Linear: Kimi Delta Attention layers beside latent attention layers without RoPE (``layer_types``); the
          delta layers keep their own sizes (``linear_num_heads`` x ``linear_head_dim``) and narrow on the residual
          side; the latent layers' heads narrow as latent attention's (both kinds name q_proj and o_proj alike: cut by
