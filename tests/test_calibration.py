@@ -1001,9 +1001,37 @@ def test_a_student_keeping_the_important_ssm_heads_is_its_teacher():
     _computes_the_teacher(built, teacher, build_student(teacher, num_layers=N_LAYERS, mlp_init="copy", ssm_heads=4)[0])
 
 
+def test_a_jamba_student_keeping_the_active_mamba_channels_is_its_teacher():
+    """Jamba's Mamba-1 mixers narrow by channels (heads of one: ssm_heads), by importance the mean |value| of each at
+    out_proj's input. Half of each layer's 128 channels are dead — z's rows of in_proj (weight and bias) zeroed, so
+    their gated output is exactly 0, and x_proj's columns, so they do not reach dt, B and C — a different half per layer
+    (even channels in one, odd in the next): a student of every layer keeping 64 by importance keeps the live ones and
+    computes the teacher's logits (the dead channels add exact zeros to sums of 128 terms); the first 64's student
+    does not. The table names each layer's channels, all of the importance kept."""
+    teacher = make_teacher("jamba", mamba_proj_bias=True)
+    mixers = {i: layer.mamba for i, layer in enumerate(teacher.model.layers) if hasattr(layer, "mamba")}
+    dead = {i: list(range(j % 2, 128, 2)) for j, i in enumerate(mixers)}  # layers 0, 2, 4: even, odd, even
+    with torch.no_grad():
+        for i, mamba in mixers.items():
+            mamba.in_proj.weight[128:][dead[i]] = 0  # z: in_proj's rows after x's 128
+            mamba.in_proj.bias[128:][dead[i]] = 0
+            mamba.x_proj.weight[:, dead[i]] = 0
+    built, table = build_student(teacher, mlp_init="copy", ssm_heads=64, ssm_head_choice="active",
+                                 calibration=lambda: [{"input_ids": _ids(7, (2, 13))}])
+    assert built.config.mamba_expand == 1
+    named = {row["name"]: row for row in table if "ssm_heads" in row}
+    for i in mixers:
+        for part in ("in_proj.weight", "in_proj.bias", "conv1d.weight", "x_proj.weight", "dt_proj.bias", "A_log",
+                     "out_proj.weight"):
+            row = named[f"model.layers.{i}.mamba.{part}"]
+            assert row["ssm_heads"] == [c for c in range(128) if c not in dead[i]] and row["ssm_head_share"] == 1.0
+    assert all(".mamba." in name for name in named) and "model.layers.1.mamba.out_proj.bias" not in named
+    _computes_the_teacher(built, teacher, build_student(teacher, mlp_init="copy", ssm_heads=64)[0])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"ssm_head_choice": "most"}, r"^ssm_head_choice='most': use one of first, active$"),
-    ({"ssm_head_choice": "active"}, r"^ssm_head_choice=active chooses Mamba-2 heads, but Llama has none: drop "
+    ({"ssm_head_choice": "active"}, r"^ssm_head_choice=active chooses Mamba heads, but Llama has none: drop "
                                     r"it$"),
     ({"attention_heads": "most"}, r"^attention_heads='most': use one of first, active$"),
     ({"attention_heads": "active", "num_heads": 2}, r"^attention_heads=active needs calibration rows"),

@@ -701,7 +701,8 @@ def test_every_tensor_of_a_mixture_saved_in_the_checkpoint_format_reads_back(fam
 def test_a_sharded_jamba_teacher_reads_the_whole_periods_its_calibration_chose(tmp_path):
     """Jamba's students keep whole periods of its layer kinds (every 2 layers here): `student_source` reads the period
     a calibration by influence chose (teacher layers 2, 3: test_student_families' Jamba test), the others stay on
-    meta, and the student built from that skeleton is, tensor for tensor, the one built from the whole teacher."""
+    meta, and the student built from that skeleton — half its Mamba-1 channels kept by importance — is, tensor for
+    tensor, the one built from the whole teacher."""
     from test_student_families import _ids, _zero_dropped_layers, make_teacher
 
     from tailkd.config import StudentConfig
@@ -712,8 +713,9 @@ def test_a_sharded_jamba_teacher_reads_the_whole_periods_its_calibration_chose(t
     teacher.save_pretrained(tmp_path / "teacher")
     build_tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     batches = [{"input_ids": _ids(7, (2, 13))}]
-    settings = dict(num_layers=2, layer_choice="influence")
+    settings = dict(num_layers=2, layer_choice="influence", ssm_heads=64, ssm_head_choice="active")
     measured = calibrate(teacher, lambda: batches, **settings)
+    assert sorted(measured) == ["layer_choice=influence", "ssm_head_choice=active"]
     skeleton, _ = student_source(tmp_path / "teacher", StudentConfig(**settings), dtype="fp32", measured=measured)
     on_meta = [i for i, layer in enumerate(skeleton.model.layers) if layer.input_layernorm.weight.is_meta]
     assert on_meta == [0, 1, 4]

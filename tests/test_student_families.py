@@ -785,8 +785,10 @@ def _expected(name, teacher, plan):
             return rd(w[:, :units], 0)
         gate, up = w.chunk(2)
         return rd(torch.cat([gate[:units], up[:units]]), 1)
-    if rest.startswith("mamba.") and type(teacher).__name__ == "JambaForCausalLM":  # Mamba-1, its sizes kept
-        return rd(w, 1) if rest == "mamba.in_proj.weight" else rd(w, 0) if rest == "mamba.out_proj.weight" else w
+    if rest.startswith("mamba.") and type(teacher).__name__ == "JambaForCausalLM":  # Mamba-1: its kept channels
+        ssm = plan["ssm"]
+        return _mamba1_slice(rest.removeprefix("mamba."), w, ssm.get(plan["layers"][i]) if isinstance(ssm, dict)
+                             else ssm, rd)
     if rest == "self_attn.g_proj.weight" and w.shape[0] == plan["H_t"]:  # LFM3's, Laguna's output gate: per head
         return rd(w[plan["q_heads"]], 1)
     if rest in ("self_attn.g_proj.weight", "self_attn.gate_proj.weight"):  # Laguna's, AFMoE's per-element gate: the
@@ -880,6 +882,24 @@ def _mamba2_slice(part, w, mixer, kept, rd):
     if part == "norm.weight":
         return w[channels]
     return rd(w[:, channels], 0) if part == "out_proj.weight" else rd(w, 0)  # out_proj's bias: the residual side
+
+
+def _mamba1_slice(part, w, kept, rd):
+    """A Mamba-1 mixer's tensor ``part`` (Jamba's: in_proj = [x | z], every other tensor with one entry per channel
+    but out_proj's and x_proj's inputs, and the dt, B and C norms over dt_rank and the state) keeping the teacher
+    channels ``kept`` (None: all); ``rd`` cuts the residual side."""
+    if part == "out_proj.bias":  # the residual side
+        return rd(w, 0)
+    kept = list(range(w.shape[0] // 2 if part.startswith("in_proj.") else w.shape[-1] if part in (
+        "out_proj.weight", "x_proj.weight") else w.shape[0])) if kept is None else kept
+    if part.startswith("in_proj."):
+        x, z = w.chunk(2)
+        return rd(torch.cat([x[kept], z[kept]]), 1) if part.endswith("weight") else torch.cat([x[kept], z[kept]])
+    if part in ("out_proj.weight", "x_proj.weight"):
+        return rd(w[:, kept], 0) if part == "out_proj.weight" else w[:, kept]
+    if part.endswith("layernorm.weight"):
+        return w
+    return w[kept]  # the convolution, dt_proj, A_log, D
 
 
 def _plan(teacher, layers, *, d=None, hd_s=None, q_heads=None, kv_heads=None, rows=None, ff=None, ff_e=None,
@@ -1682,6 +1702,9 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
                       dict(d=32, q_heads=[0, 1], kv_heads=[0], ssm=[0, 1, 2])),  # mamba_d_ssm 48 -> 24
     "granitemoehybrid-ssm": ({"ssm_heads": 8, "num_experts": 3}, dict(ssm=list(range(8)), experts=3)),  # expand 1
     "nemotron_h-ssm": ({"hidden_size": 32, "ssm_heads": 4}, dict(d=32, ssm=[0, 1, 2, 3])),
+    # Jamba's Mamba-1 mixers narrow by channels (heads of one): the first 64 of 128, mamba_expand 64 / 32 = 2
+    "jamba-ssm": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "ssm_heads": 64},
+                  dict(d=32, q_heads=[0, 1], kv_heads=[0], ssm=list(range(64)))),
 }
 
 
@@ -2021,9 +2044,11 @@ def _check_narrow_student(teacher, kwargs, plan, tmp_path):
         assert {(m.num_heads, m.head_dim, m.n_groups, m.intermediate_size) for m in student.modules()
                 if _is_mamba2(m)} == {(heads, teacher_mixer.head_dim, teacher_mixer.n_groups,
                                        heads * teacher_mixer.head_dim)}
-    if family == "jamba":  # its Mamba-1 mixers whole: mamba_expand x the student's hidden_size, the teacher's width
-        assert {m.intermediate_size for m in student.modules() if type(m).__name__ == "JambaMambaMixer"} == {128}
-        assert config.mamba_expand == 128 // config.hidden_size
+    if family == "jamba":  # its Mamba-1 mixers: the kept channels (all: the teacher's 128), a whole mamba_expand
+        ssm = plan.get("ssm")
+        channels = len(next(iter(ssm.values())) if isinstance(ssm, dict) else ssm or range(128))
+        assert {m.intermediate_size for m in student.modules() if type(m).__name__ == "JambaMambaMixer"} == {channels}
+        assert config.mamba_expand == channels // config.hidden_size
     if attention is None:  # attention-free (Mamba): its mixers over the kept channels
         assert type(teacher).__name__ in MAMBA_CLASSES
         if teacher_mixer is None:  # Mamba-1's: intermediate_size of them
@@ -2472,9 +2497,12 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
     ("mimo_v2_flash", {"head_dim": 8}, r"^head_dim=8, but MiMo-V2-Flash's value heads \(v_head_dim 8\) scale as "
                                        r"head_dim does \(12 -> 8\), to 5\.33333 rows: pick a head_dim that is a "
                                        r"multiple of 3$"),
-    ("jamba", {"hidden_size": 48}, r"^hidden_size=48, but the teacher's Mamba mixers are mamba_expand x hidden_size "
-                                   r"wide and their 128 channels are no whole mamba_expand x 48: pick a hidden_size "
-                                   r"dividing 128$"),
+    # Jamba's Mamba-1 mixers, mamba_expand x hidden_size channels: 128 of them over 48 is no whole mamba_expand
+    ("jamba", {"hidden_size": 48}, r"^hidden_size=48, but the teacher's Mamba-1 mixers are mamba_expand x "
+                                   r"hidden_size wide and the student's 128 channels \(ssm_heads\) are no whole "
+                                   r"mamba_expand x 48: pick ssm_heads 48 or 96$"),
+    ("jamba", {"ssm_heads": 129}, r"^ssm_heads=129 but the teacher's is 128: a student can only be narrower, pick "
+                                  r"1\.\.128$"),
     # Jamba's kinds by period: a student's layer 1 is an attention layer, teacher layer 2 a Mamba one
     ("jamba", {"layers": [0, 2, 4]}, r"^the student's config cannot give its layer 1 the modules of teacher layer 2 "),
     # Laguna's layer 1 has 2 query heads on its 2 KV heads: half of them is 1 query head on 2 KV heads
@@ -2519,8 +2547,10 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                  r"\(n_groups\), each keeping as many heads: pick a multiple of 2$"),
     ("nemotron_h", {"ssm_heads": 9}, r"^ssm_heads=9 but the teacher's is 8: a student can only be narrower, pick "
                                      r"1\.\.8$"),
-    ("phi3", {"ssm_heads": 2}, r"^ssm_heads=2, but Phi-3 has no Mamba-2 mixers: drop ssm_heads$"),
-    ("mamba", {"ssm_heads": 2}, r"^ssm_heads=2, but Mamba has no Mamba-2 mixers: drop ssm_heads$"),
+    ("phi3", {"ssm_heads": 2}, r"^ssm_heads=2, but Phi-3 has no mixers ssm_heads narrows \(Mamba-2's heads, "
+                               r"Jamba's Mamba-1 channels\): drop ssm_heads$"),
+    # Mamba's own Mamba-1 mixers narrow by intermediate_size (its config's width of them)
+    ("mamba", {"ssm_heads": 2}, r"^ssm_heads=2, but Mamba has no mixers ssm_heads narrows"),
     ("mamba2", {"intermediate_size": 16}, r"^Mamba-2 has no intermediate_size setting \(no MLP\): drop "
                                           r"intermediate_size and choose hidden_size$"),
 ])
@@ -2530,13 +2560,14 @@ def test_bad_arguments(family, kwargs, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
 def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path, capsys):
     """tailkd distill on a Mamba or Mamba-2 teacher (no attention, no position limit: `tailkd.models.model_max_length`
     None), the fused loss layer: a 2-layer student — Mamba's of hidden 16 over 32 channels chosen by activity, Mamba-2's
     layers by influence, hidden 16 by activity, 4 of its mixers' 8 heads by importance (expand 2) — saved as its
     teacher's class with those sizes, student_init.json naming the heads kept, the run log the share of each layer's
-    head importance they had (at least half: the larger half of each group's)."""
+    head importance they had (at least half: the larger half of each group's). Jamba's (one period: a Mamba-1 layer and
+    an attention layer): hidden 32, 64 of its mixers' 128 channels by importance (mamba_expand 2)."""
     from tiny import read_metrics, write_corpus
 
     from tailkd.cli import main
@@ -2548,7 +2579,9 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path, capsys):
                         "active", "--student.mlp_init", "copy"],
               "mamba2": ["--student.layer_choice", "influence", "--student.hidden_size", "16",
                          "--student.hidden_channels", "active", "--student.ssm_heads", "4",
-                         "--student.ssm_head_choice", "active"]}[family]
+                         "--student.ssm_head_choice", "active"],
+              "jamba": ["--student.hidden_size", "32", "--student.num_heads", "2", "--student.num_kv_heads", "1",
+                        "--student.ssm_heads", "64", "--student.ssm_head_choice", "active"]}[family]
     assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student-layers", "2", *narrow, "--data",
                  str(write_corpus(tmp_path / "corpus.txt")), "--data.cache_dir", str(tmp_path / "cache"), "--seq-len",
                  "32", "--batch-size", "4", "--steps", "2", "--fused-loss", "on", "--out", str(tmp_path / "run")]) == 0
@@ -2558,11 +2591,17 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path, capsys):
     assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
     if family == "mamba":
         assert (student.config.hidden_size, student.config.intermediate_size) == (16, 32)
+        return
+    if family == "jamba":
+        assert (student.config.hidden_size, student.config.mamba_expand) == (32, 2)
+        assert student.model.layers[0].mamba.intermediate_size == 64
+        heads, line = 64, (r"Mamba-1 channels", r"channel output \|value\|", r"1 Mamba-1")
     else:
         assert (student.config.hidden_size, student.config.num_heads, student.config.expand) == (16, 4, 2)
-        rows = json.loads((tmp_path / "run" / "student_init.json").read_text())
-        assert {len(row["ssm_heads"]) for row in rows if "ssm_heads" in row} == {4}
-        found = re.search(r"Mamba-2 heads kept by importance \(student\.ssm_head_choice active, student\."
-                          r"calibration_rows 64\): (\d+\.\d)%-(\d+\.\d)% of the teacher's head output norm in each of "
-                          r"the 2 Mamba-2 layers\n", capsys.readouterr().out)
-        assert found and 50 <= float(found.group(1)) <= float(found.group(2)) <= 100
+        heads, line = 4, (r"Mamba-2 heads", r"head output norm", r"2 Mamba-2")
+    rows = json.loads((tmp_path / "run" / "student_init.json").read_text())
+    assert {len(row["ssm_heads"]) for row in rows if "ssm_heads" in row} == {heads}
+    found = re.search(rf"{line[0]} kept by importance \(student\.ssm_head_choice active, student\.calibration_rows "
+                      rf"64\): (\d+\.\d)%-(\d+\.\d)% of the teacher's {line[1]} in each of the {line[2]} layers\n",
+                      capsys.readouterr().out)
+    assert found and 50 <= float(found.group(1)) <= float(found.group(2)) <= 100

@@ -67,7 +67,7 @@ def wanted_measures(fam: Family, t: Dims, s: Dims, *, layers, layer_choice: str,
     if attention_heads == "active" and (s.heads, s.kv_heads) != (t.heads, t.kv_heads):
         found["attention_heads=active"] = every
     if ssm_head_choice == "active" and not t.ssm_heads:
-        raise TailkdError(f"ssm_head_choice=active chooses Mamba-2 heads, but {fam.label} has none: drop it")
+        raise TailkdError(f"ssm_head_choice=active chooses Mamba heads, but {fam.label} has none: drop it")
     if ssm_head_choice == "active" and s.ssm_heads != t.ssm_heads:
         found["ssm_head_choice=active"] = every
     if mlp_units == "active":

@@ -72,6 +72,8 @@ group-aware as Minitron-SSM (Taghibakhshi et al., 2025) keeps them:
 
     I[i, h] = mean over real tokens t of ||y_i[t, h, :]||_2     y_i: the input of layer i's mixer out_proj
 
+Jamba's Mamba-1 mixers likewise, each channel a head of one (one group): its mean |y_i[t, c]|.
+
 All six count real tokens only: a batch's ``attention_mask`` (right padding of SFT rows) leaves its zeros out. They
 share one forward of the teacher per batch (`measure`: each choice's hooks, over every layer where the layers are yet
 to be chosen; its decoder and the logits of one position, `tailkd.head.decoder_forward`), on the teacher's device, in
@@ -193,11 +195,12 @@ def _heads_probe(teacher, fam: Family, real: dict, layers, heads):
 def _ssm_heads_probe(teacher, fam: Family, real: dict, layers, heads):
     """Mean L2 norm of each Mamba-2 head's output ({layer: float64 [ssm heads]}) of the Mamba-2 layers among
     ``layers``: the input of the mixer's out_proj (the module the table cuts ``d`` by ``ssm_channels``), one block of
-    head_dim channels per head."""
+    head_dim channels per head (a Mamba-1 mixer's, Jamba's: one channel, its mean |value|)."""
     path = next(name.removesuffix(".weight") for name, axes in fam.layer_params.items()
                 if name.endswith(".weight") and tuple(axes) == ("d", "ssm_channels"))
     modules = _layer_modules(teacher, fam, layers, path)
-    return _block_norms(modules, dict.fromkeys(modules, getattr(teacher.config, fam.ssm["heads"])), real)
+    head_dim = getattr(teacher.config, fam.ssm["head_dim"]) if "head_dim" in fam.ssm else 1
+    return _block_norms(modules, {i: m.in_features // head_dim for i, m in modules.items()}, real)
 
 
 def _block_norms(modules: dict, n: dict, real: dict):
@@ -390,8 +393,8 @@ def head_importance(teacher, fam: Family, batches, layers, heads) -> tuple[dict[
 
 def ssm_head_importance(teacher, fam: Family, batches, layers) -> tuple[dict[int, torch.Tensor], int]:
     """``({teacher layer i: float64 [ssm heads] mean L2 norm of each Mamba-2 head's output}, real tokens)`` over
-    ``batches`` for the Mamba-2 layers among ``layers``: the input of the mixer's out_proj (see the module
-    docstring)."""
+    ``batches`` for the Mamba-2 layers among ``layers`` (Jamba's Mamba-1 layers: each channel's mean |value|): the
+    input of the mixer's out_proj (see the module docstring)."""
     found, tokens = measure(teacher, fam, batches, {"ssm_head_choice=active": layers})
     return found["ssm_head_choice=active"], tokens
 

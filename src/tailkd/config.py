@@ -39,7 +39,7 @@ LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num
 MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
 HIDDEN_CHANNEL_CHOICES = ("first", "active")  # which residual-stream channels a narrower student keeps
 HEAD_CHOICES = ("first", "active")  # which attention heads a student with fewer keeps
-SSM_HEAD_CHOICES = ("first", "active")  # which Mamba-2 heads a student with fewer keeps
+SSM_HEAD_CHOICES = ("first", "active")  # which Mamba heads (Mamba-1's: channels) a student with fewer keeps
 # the student choices made from calibration rows (a teacher forward before the build): (setting, calibrated value)
 CALIBRATED_CHOICES = (("layer_choice", "influence"), ("experts", "used"), ("mlp_units", "active"),
                       ("hidden_channels", "active"), ("attention_heads", "active"), ("ssm_head_choice", "active"))
@@ -246,13 +246,15 @@ class StudentConfig:
                                "calibration_rows training rows to; of each group likewise)", choices=EXPERT_CHOICES)
     ssm_heads: Optional[int] = _f(None, "Mamba-2 heads of each mixer of a student built from a teacher with Mamba-2 "
                                         "mixers (Mamba-2, Bamba, Granite 4.0-H, Falcon-H1, Nemotron-H): each group's "
-                                        "first ones, a multiple of its n_groups (default: the teacher's); where a "
+                                        "first ones, a multiple of its n_groups (default: the teacher's); Jamba's "
+                                        "Mamba-1 mixers: their channels (heads of one), the first ones; where a "
                                         "mixer is expand x hidden_size wide, ssm_heads x its head size must be a whole "
                                         "expand x hidden_size")
-    ssm_head_choice: str = _f("first", "which Mamba-2 heads a student with fewer ssm_heads keeps: first (each group's "
-                                       "first ones), or active (per layer, group by group, those whose output — the "
-                                       "mixer's out_proj input — has the largest mean L2 norm over calibration_rows "
-                                       "training rows: Minitron's head importance, group-aware)",
+    ssm_head_choice: str = _f("first", "which Mamba heads (Jamba's Mamba-1 mixers: channels) a student with fewer "
+                                       "ssm_heads keeps: first (each group's first ones), or active (per layer, group "
+                                       "by group, those whose output — the mixer's out_proj input — has the largest "
+                                       "mean L2 norm over calibration_rows training rows: Minitron's head importance, "
+                                       "group-aware; a Mamba-1 channel's mean |value|)",
                               choices=SSM_HEAD_CHOICES)
     calibration_rows: int = _f(64, "training rows, evenly spaced over the training set, the teacher's forward over "
                                    "which measures its layers (layer_choice influence), its hidden channels "

@@ -69,11 +69,13 @@ from dataclasses import dataclass, field
 #   ssm_conv its depthwise convolution over [x | B | C]: the kept heads' channels of x, B and C whole
 #   ssm_head one entry per Mamba-2 head (dt_bias, A_log, D): the kept heads
 #   ssm_channels  one entry per channel of the mixer's output (its gated norm, out_proj's input): the kept heads'
+#            (a Mamba-1 mixer's, Jamba's, each channel a head of one: every per-channel tensor, x_proj's input too)
+#   ssm_xz   a Mamba-1 mixer's in_proj, [x | z]: the kept channels of each half
 # (``ff``'s first units: where a layer's MLP is m times intermediate_size wide, Gemma 4's double-wide ones, m times the
 # student's)
 AXES = ("all", "d", "ff", "q", "k", "v", "o", "head_qk", "qkv", "qkv_heads", "qkv_groups", "gate_up", "gate_up_pairs",
         "expert", "expert_ff", "ff_shared", "head", "kv_head", "d_blocks", "ff_model", "q_gated", "qkv_mp",
-        "layer_blocks", "gate", "ssm_in", "ssm_conv", "ssm_head", "ssm_channels")
+        "layer_blocks", "gate", "ssm_in", "ssm_conv", "ssm_head", "ssm_channels", "ssm_xz")
 
 
 def linear(module: str, out: str, inp: str) -> dict:
@@ -146,8 +148,8 @@ class Family:
     # Mamba mixers' config keys (`tailkd.sizing.teacher_dims`): Mamba-2's heads, head_dim, groups (n_groups: each
     # group's heads read its B and C), and how the width is set — width (a key giving it: Falcon-H1's mamba_d_ssm, used
     # where set), expand (else expand x hidden_size: a student's is its width over its hidden_size, which must be
-    # whole); neither: heads x head_dim (Nemotron-H). A student keeps each group's first ssm_heads / groups heads;
-    # Jamba's Mamba-1 mixers (expand only) keep the teacher's width
+    # whole); neither: heads x head_dim (Nemotron-H). A student keeps each group's first ssm_heads / groups heads.
+    # expand alone: Mamba-1 mixers (Jamba's), expand x hidden_size channels, each a head of one in one group
     ssm: dict = field(default_factory=dict)
     # a mixture whose models may have no routed experts (Granite 4.0-H's dense variants): the keys and per-layer axis
     # kinds that change then (`tailkd.sizing.config_family` applies them)
@@ -904,16 +906,18 @@ FAMILIES = {f.name: f for f in (
                      experts=None, experts_per_token=None),
            layer_lists=(), reads_head_dim=False, mlp_prefix=(),
            ssm=dict(heads="num_heads", head_dim="head_dim", groups="n_groups", expand="expand")),
-    # Jamba: Mamba-1 mixers (mamba_expand x hidden_size wide, kept whole; their dt, B and C norms) beside Llama's
+    # Jamba: Mamba-1 mixers (mamba_expand x hidden_size channels, narrowed as heads of one: ssm_heads; their dt, B and
+    # C norms and dt_rank kept) beside Llama's
     # attention, where layer i % attn_layer_period == attn_layer_offset; routed experts in place of the gated MLP where
     # i % expert_layer_period == expert_layer_offset (the experts as wide as the MLP: intermediate_size). Its config
     # gives a student's layer j its kinds by the same periods: a student keeps whole periods (layer_periods), listed
     # layers whose kinds differ are refused
     Family("jamba", "Jamba", ("JambaForCausalLM",), _MAMBA_HYBRID_DECODER,
-           {**_ATTENTION, **linear("mamba.in_proj", "all", "d"), **linear("mamba.out_proj", "d", "all"),
-            **linear("mamba.x_proj", "all", "all"), **linear("mamba.dt_proj", "all", "all"),
-            "mamba.conv1d.weight": ("all", "all", "all"), "mamba.conv1d.bias": ("all",), "mamba.A_log": ("all", "all"),
-            "mamba.D": ("all",), **norms("mamba.dt_layernorm", "mamba.b_layernorm", "mamba.c_layernorm", axis="all"),
+           {**_ATTENTION, **linear("mamba.in_proj", "ssm_xz", "d"), **linear("mamba.out_proj", "d", "ssm_channels"),
+            **linear("mamba.x_proj", "all", "ssm_channels"), **linear("mamba.dt_proj", "ssm_channels", "all"),
+            "mamba.conv1d.weight": ("ssm_channels", "all", "all"), "mamba.conv1d.bias": ("ssm_channels",),
+            "mamba.A_log": ("ssm_channels", "all"), "mamba.D": ("ssm_channels",),
+            **norms("mamba.dt_layernorm", "mamba.b_layernorm", "mamba.c_layernorm", axis="all"),
             **linear("feed_forward.gate_proj", "ff", "d"), **linear("feed_forward.up_proj", "ff", "d"),
             **linear("feed_forward.down_proj", "d", "ff"), "feed_forward.router.weight": ("expert", "d"),
             "feed_forward.experts.gate_up_proj": ("expert", "gate_up", "d"),

@@ -190,8 +190,11 @@ def say_calibrated_choices(table: list[dict], rows: int) -> None:
                  f"{rows}): {span(heads)} of the teacher's head output norm in each of the {len(heads)} attention "
                  "layers")
     if ssm := per_layer("ssm_head_share"):
-        dist.say(f"Mamba-2 heads kept by importance (student.ssm_head_choice active, student.calibration_rows {rows}): "
-                 f"{span(ssm)} of the teacher's head output norm in each of the {len(ssm)} Mamba-2 layers")
+        mamba1 = any(".x_proj." in row["name"] for row in table if "ssm_heads" in row)  # Jamba's: channels
+        what = ("Mamba-1 channels", "channel output |value|", "Mamba-1") if mamba1 else (
+            "Mamba-2 heads", "head output norm", "Mamba-2")
+        dist.say(f"{what[0]} kept by importance (student.ssm_head_choice active, student.calibration_rows {rows}): "
+                 f"{span(ssm)} of the teacher's {what[1]} in each of the {len(ssm)} {what[2]} layers")
     if active := per_layer("active_share"):
         dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows {rows}): "
                  f"{span(active)} of the teacher's mean |activation| in each of the {len(active)} layers")

@@ -108,6 +108,8 @@ def teacher_dims(config, family: str | Family) -> Dims:
     inter = setting(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
     v_head_dim = (setting(config, fam.value_head_dim) or 0) if fam.value_head_dim else 0  # MiMo-V2-Flash's
     ssm = {role: setting(config, key) for role, key in fam.ssm.items() if role in ("heads", "head_dim", "groups")}
+    if fam.ssm and "heads" not in fam.ssm:  # Mamba-1 mixers (Jamba's): each channel a head of one, in one group
+        ssm = dict(heads=setting(config, fam.ssm["expand"]) * hidden, head_dim=1, groups=1)
     return Dims(setting(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
                 per_token, groups or 1, shared or 0, v_head_dim, ssm.get("heads", 0), ssm.get("head_dim", 0),
                 ssm.get("groups", 1))
@@ -282,11 +284,13 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
 
 
 def _ssm_heads(t: Dims, fam: Family, requested) -> int:
-    """A student's Mamba-2 heads (`Family.ssm`): the teacher's, or ``requested``, a multiple of its groups."""
+    """A student's Mamba-2 heads (`Family.ssm`; Jamba's Mamba-1 channels, heads of one): the teacher's, or
+    ``requested``, a multiple of its groups."""
     if requested is None:
         return t.ssm_heads
     if not t.ssm_heads:
-        raise TailkdError(f"ssm_heads={requested}, but {fam.label} has no Mamba-2 mixers: drop ssm_heads")
+        raise TailkdError(f"ssm_heads={requested}, but {fam.label} has no mixers ssm_heads narrows (Mamba-2's heads, "
+                          "Jamba's Mamba-1 channels): drop ssm_heads")
     n = int(requested)
     if not 1 <= n <= t.ssm_heads:
         raise TailkdError(f"ssm_heads={n} but the teacher's is {t.ssm_heads}: a student can only be narrower, pick "
@@ -298,9 +302,9 @@ def _ssm_heads(t: Dims, fam: Family, requested) -> int:
 
 
 def _check_ssm_width(config, fam: Family, t: Dims, s: Dims) -> None:
-    """A Mamba mixer set expand x hidden_size wide (no width key set: `Family.ssm`) keeps its width — Mamba-2's its
-    heads x head_dim, Mamba-1's (Jamba's) the teacher's — with a whole expand over the student's hidden_size; refused in
-    one line naming the ssm_heads (or hidden sizes) that give one."""
+    """A Mamba mixer set expand x hidden_size wide (no width key set: `Family.ssm`) has a student's width — its heads
+    x head_dim (Mamba-1's, Jamba's: its channels) — with a whole expand over the student's hidden_size; refused in one
+    line naming the ssm_heads (or hidden sizes) that give one."""
     width, key = mixer_width(config, fam, t, s)
     if key is None or key != fam.ssm.get("expand") or width % s.hidden == 0:
         return
@@ -308,8 +312,8 @@ def _check_ssm_width(config, fam: Family, t: Dims, s: Dims) -> None:
     fix = (f"pick ssm_heads {' or '.join(str(n) for n in fits[-3:])}" if fits
            else f"pick a hidden_size dividing {width}")
     what = (f"Mamba-2 mixers are {key} x hidden_size wide and the student's {s.ssm_heads} heads of "
-            f"{s.ssm_head_dim} ({width} channels)" if t.ssm_heads
-            else f"Mamba mixers are {key} x hidden_size wide and their {width} channels")
+            f"{s.ssm_head_dim} ({width} channels)" if "heads" in fam.ssm
+            else f"Mamba-1 mixers are {key} x hidden_size wide and the student's {width} channels (ssm_heads)")
     raise TailkdError(f"hidden_size={s.hidden}, but the teacher's {what} are no whole {key} x {s.hidden}: {fix}")
 
 

@@ -99,14 +99,15 @@ def ssm_heads(t: Dims, s: Dims) -> list[int]:
     return [g * per_t + j for g in range(t.ssm_groups) for j in range(per_s)]
 
 
-# the axis kinds of a Mamba-2 mixer, which follow its kept heads
-SSM_AXES = ("ssm_in", "ssm_conv", "ssm_head", "ssm_channels")
+# the axis kinds of a Mamba mixer, which follow its kept heads (a Mamba-1 mixer's: its channels, heads of one)
+SSM_AXES = ("ssm_in", "ssm_conv", "ssm_head", "ssm_channels", "ssm_xz")
 
 
 def ssm_axes(t: Dims, s: Dims, heads=None) -> dict:
     """What the Mamba-2 mixer's axis kinds keep (in_proj = [z | x | B | C | dt], the convolution over [x | B | C]):
-    the kept heads' channels of z and x, their dt, B and C whole; None (all) where every head is kept. ``heads``: the
-    teacher heads kept, group by group (`tailkd.calibrated.calibrated_ssm_heads`; None: `ssm_heads`)."""
+    the kept heads' channels of z and x, their dt, B and C whole; a Mamba-1 mixer's (heads of one channel; in_proj =
+    [x | z]) the kept channels of x and z; None (all) where every head is kept. ``heads``: the teacher heads kept,
+    group by group (`tailkd.calibrated.calibrated_ssm_heads`; None: `ssm_heads`)."""
     if heads is None and s.ssm_heads == t.ssm_heads:
         return dict.fromkeys(SSM_AXES)
     heads = ssm_heads(t, s) if heads is None else [int(h) for h in heads]
@@ -115,7 +116,7 @@ def ssm_axes(t: Dims, s: Dims, heads=None) -> dict:
     return {"ssm_in": lambda n: torch.cat([channels, width + channels, torch.arange(2 * width, n - t.ssm_heads),
                                            n - t.ssm_heads + head_index]),
             "ssm_conv": lambda n: torch.cat([channels, torch.arange(width, n)]),
-            "ssm_head": head_index, "ssm_channels": channels}
+            "ssm_head": head_index, "ssm_channels": channels, "ssm_xz": torch.cat([channels, width + channels])}
 
 
 # the axis kinds that follow the kept heads (a layer's attention tensors, whose table rows name them by importance)

@@ -148,8 +148,11 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          so its layer j must be a teacher layer of j's kinds; `num_layers` keeps whole periods (their lcm; a multiple
          of it, evenly spaced, or with ``layer_choice="influence"`` those of largest summed Block Influence), listed
          `layers` are checked layer by layer (refused in one line where a kind differs); its mixers, mamba_expand x
-         hidden_size wide, are kept whole (a whole mamba_expand over the student's hidden_size); the experts are as wide
-         as the MLP (intermediate_size).
+         hidden_size channels (heads of one), keep the first `ssm_heads` channels (all by default), or with
+         ``ssm_head_choice="active"`` the most active ones (mean |out_proj input|): x's and z's rows of in_proj, the
+         convolution, x_proj's columns, dt_proj's rows, A_log, D, out_proj's columns; dt_rank, the state and the dt,
+         B and C norms kept; a whole mamba_expand over the student's hidden_size; the experts are as wide as the MLP
+         (intermediate_size).
          Granite 4.0-H: Mamba-2 layers beside attention layers (``layer_types``); its routed experts
          (``block_sparse_moe``) narrow as other mixtures', its shared MLP keeps the teacher's width beside them and is
          the MLP, narrowed by intermediate_size (shared_intermediate_size), in the variants without experts;
@@ -304,7 +307,8 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``attention_heads``: which heads a student with fewer (``num_heads``, ``num_kv_heads``) keeps — "first" (the first
     ones of the first KV heads, see the module docstring) or "active" (per layer those whose output has the largest
     mean L2 norm over ``calibration()``'s batches, KV head by KV head: `tailkd.calibrated.kept_heads`);
-    ``ssm_head_choice`` likewise which Mamba-2 heads a student with fewer ``ssm_heads`` keeps, group by group.
+    ``ssm_head_choice`` likewise which Mamba-2 heads (Jamba's Mamba-1 channels) a student with fewer ``ssm_heads``
+    keeps, group by group.
     ``calibration`` is called only where a choice is to be made, once: one teacher pass serves every choice.
     ``measured``: that pass made already (`calibrate`'s measures for these settings, e.g. over a teacher sharded with
     FSDP2 while `teacher` is the skeleton of `tailkd.sharded_teacher.student_source`), in place of ``calibration``.
@@ -320,7 +324,7 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
     ``"channel_share"`` (the share of the norms' activity the kept channels had), under attention_heads "active" a
     layer's attention tensors add ``"heads"`` (the teacher's query heads kept, in the student's order) and
     ``"head_share"`` (the share of the layer's head importance they had), under ssm_head_choice "active" a layer's
-    Mamba-2 tensors ``"ssm_heads"`` and ``"ssm_head_share"`` likewise.
+    Mamba tensors ``"ssm_heads"`` and ``"ssm_head_share"`` likewise.
     """
     if mlp_init not in MLP_INITS:
         raise TailkdError(f"mlp_init={mlp_init!r}: use one of {', '.join(MLP_INITS)}")

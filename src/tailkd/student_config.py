@@ -42,7 +42,7 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
     for role, value in sizes.items():
         if fam.keys.get(role):
             _set(data, aliases.get(fam.keys[role], fam.keys[role]), value)
-    if t.ssm_heads:  # Mamba-2 mixers: their heads
+    if "heads" in fam.ssm:  # Mamba-2 mixers: their heads
         _set(data, fam.ssm["heads"], s.ssm_heads)
     width, key = mixer_width(teacher_config, fam, t, s)
     if key:  # the key that sets the width: itself, or expand over hidden_size (whole: `tailkd.sizing.student_widths`)
@@ -109,14 +109,14 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
 
 
 def mixer_width(teacher_config, fam: Family, t: Dims, s: Dims) -> tuple[int, str | None]:
-    """``(width, key)``: a student's Mamba mixer width (`Family.ssm`: Mamba-2's heads x head_dim; Jamba's Mamba-1 the
-    teacher's, expand x hidden_size) and the config key that sets it — the width key where the teacher's config sets
-    it (Falcon-H1's mamba_d_ssm), else the expand key (the width over hidden_size) —; ``(0, None)`` without Mamba
-    mixers, None for a width no key sets (Nemotron-H's heads x head_dim)."""
+    """``(width, key)``: a student's Mamba mixer width (`Family.ssm`: its heads x head_dim; Jamba's Mamba-1 mixers
+    their channels, heads of one) and the config key that sets it — the width key where the teacher's config sets it
+    (Falcon-H1's mamba_d_ssm), else the expand key (the width over hidden_size) —; ``(0, None)`` without Mamba mixers,
+    None for a width no key sets (Nemotron-H's heads x head_dim)."""
     if not fam.ssm:
         return 0, None
     expand, width_key = fam.ssm.get("expand"), fam.ssm.get("width")
-    width = s.ssm_heads * s.ssm_head_dim if t.ssm_heads else getattr(teacher_config, expand) * t.hidden
+    width = s.ssm_heads * s.ssm_head_dim
     if width_key and getattr(teacher_config, width_key, None) is not None:
         return width, width_key
     return width, expand
