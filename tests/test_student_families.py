@@ -1140,6 +1140,29 @@ def test_published_mamba2_shapes_give_the_students_their_configs_allow():
         student_config(nemotron, ssm_heads=60)
 
 
+def test_published_jamba_shapes_give_the_students_their_configs_allow():
+    """Jamba 1.5 Mini's Mamba-1 widths (hidden 4096, mamba_expand 2: 8192 channels, a state of 16, dt_rank 256), on the
+    meta device: hidden 2048 keeps the 8192 channels with mamba_expand 4, or 4096 with 2; hidden 3072 needs 3072 or
+    6144 channels (a whole mamba_expand); dt_rank and the state stay the teacher's."""
+    from tailkd.student import student_config
+
+    jamba = transformers.JambaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, num_experts=16, num_experts_per_tok=2, attn_layer_period=8, attn_layer_offset=4,
+        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2)
+    with torch.device("meta"):
+        jamba = transformers.AutoModelForCausalLM.from_config(jamba)
+    for ssm_heads, expand in ((None, 4), (4096, 2)):
+        config = student_config(jamba, hidden_size=2048, num_heads=16, num_kv_heads=4, ssm_heads=ssm_heads)
+        assert (config.mamba_expand, config.mamba_dt_rank, config.mamba_d_state) == (expand, 256, 16)
+        with torch.device("meta"):
+            mixer = transformers.AutoModelForCausalLM.from_config(config).model.layers[0].mamba
+        width = ssm_heads or 8192
+        assert (mixer.intermediate_size, mixer.x_proj.in_features, mixer.dt_proj.out_features) == (width,) * 3
+    with pytest.raises(TailkdError, match=r"are no whole mamba_expand x 3072: pick ssm_heads 3072 or 6144$"):
+        student_config(jamba, hidden_size=3072, num_heads=24, num_kv_heads=8)
+
+
 def test_mamba2_heads_narrow_as_the_teacher_without_them_computes():
     """Without the gated norm (Falcon-H1's mamba_rms_norm False) a Mamba-2 head's channels reach out_proj on their own:
     a student keeping 4 of 6 heads in 2 groups (each group's first 2: heads 0, 1, 3, 4; every layer, hidden_size kept)
