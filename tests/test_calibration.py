@@ -439,7 +439,7 @@ def test_layers_by_influence_keep_what_gemma4_layers_need():
     kind: by influence it keeps the teacher's last layer first, then layers by influence each with the layer it reads
     where both fit. Teacher layers [S, S, F, S, S, F], the last two shared (layer 4 reads 3, layer 5 reads 2)."""
     from tailkd.families import FAMILIES
-    from tailkd.sizing import layer_needs
+    from tailkd.layer_choice import layer_needs
 
     sliding, full = "sliding_attention", "full_attention"
     config = transformers.Gemma4TextConfig(num_hidden_layers=6, num_kv_shared_layers=2,
@@ -458,11 +458,11 @@ def test_layers_by_influence_keep_what_gemma4_layers_need():
 
 
 def test_layers_by_influence_keep_a_layer_of_each_kind_olmo_hybrid_needs():
-    """OLMo-Hybrid's config needs a layer of each kind (`tailkd.sizing.required_kinds`): by influence each kind's most
-    influential layer comes first (ties: the lower index), then the others by influence; without the need, the most
-    influential alone."""
+    """OLMo-Hybrid's config needs a layer of each kind (`tailkd.layer_choice.required_kinds`): by influence each kind's
+    most influential layer comes first (ties: the lower index), then the others by influence; without the need, the
+    most influential alone."""
     from tailkd.families import FAMILIES
-    from tailkd.sizing import layer_needs
+    from tailkd.layer_choice import layer_needs
 
     full, linear = "full_attention", "linear_attention"
     kinds = [linear, linear, full, linear, full]
@@ -504,7 +504,7 @@ def test_layers_by_influence_keep_the_layer_whose_dsa_top_k_a_shared_layer_reuse
     F] gives layers 1 and 2 layer 0's, layer 4 layer 3's; by influence a shared layer comes with the layer it reads
     where both fit."""
     from tailkd.families import FAMILIES
-    from tailkd.sizing import layer_needs
+    from tailkd.layer_choice import layer_needs
 
     full, shared = "full", "shared"
     config = transformers.GlmMoeDsaConfig(num_hidden_layers=6, indexer_types=[full, shared, shared, full, shared, full])

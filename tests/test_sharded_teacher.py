@@ -732,7 +732,7 @@ def test_a_sharded_gemma4_teacher_builds_the_student_the_whole_teacher_builds(fa
     no k/v projections), its layer scales (saved buffers), its mixture's router scales: `student_source` for layers 1,
     2, 4 (hidden_size 32) reads them, leaves layers 0 and 3 on meta, and the student built from that skeleton is,
     tensor for tensor and buffer for buffer, the one built from the whole teacher; by influence it reads the layers
-    the calibration keeps (`tailkd.sizing.layer_needs`: the last layer and layer 1, which it reads)."""
+    the calibration keeps (`tailkd.layer_choice.layer_needs`: the last layer and layer 1, which it reads)."""
     from test_student_families import _ids, _persistent_buffers, make_teacher
 
     from tailkd.config import StudentConfig

@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tailkd.errors import TailkdError
-from tailkd.sizing import choose_layers, setting, student_plan
+from tailkd.families import setting
+from tailkd.layer_choice import choose_layers
+from tailkd.sizing import student_plan
 
 
 def _plan(teacher, **options):
@@ -52,7 +54,7 @@ def test_spaced_gemma4_layers_keep_what_their_kv_shared_layers_read():
     import transformers
 
     from tailkd.families import FAMILIES
-    from tailkd.sizing import student_layers
+    from tailkd.layer_choice import student_layers
 
     kinds = ["full_attention" if i % 5 == 4 else "sliding_attention" for i in range(35)]
     config = transformers.Gemma4TextConfig(num_hidden_layers=35, num_kv_shared_layers=20, layer_types=kinds)
@@ -74,7 +76,7 @@ def test_spaced_olmo_hybrid_layers_keep_a_layer_of_each_kind():
     import transformers
 
     from tailkd.families import FAMILIES
-    from tailkd.sizing import student_layers
+    from tailkd.layer_choice import student_layers
 
     full, linear = "full_attention", "linear_attention"
     olmo = FAMILIES["olmo_hybrid"]

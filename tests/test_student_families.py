@@ -44,13 +44,15 @@ SUBSETS, NARROW_LAYERS_OF = {"jamba": [0, 3, 4]}, {"jamba": [0, 1, 4]}
 NARROW_LAYERS_OF.update(gemma4=[1, 2, 3], gemma4_moe=[1, 2, 3], gemma4_unified=[1, 2, 3])
 # Laguna's layers have 4, 2, 4, 4, 2 query heads: the narrow students keep one of 2 (layer 1)
 NARROW_LAYERS_OF.update(laguna=[0, 1, 3])
+# Kolibri 1.1's layer 3 reads layer 1's keys and values (and rescores its key pool): the narrow students keep both
+NARROW_LAYERS_OF.update(kolibri1_1=[1, 2, 3])
 # MiniMax's layers normalize the residual stream itself (input_layernorm's output is the residual): a layer whose
 # outputs are zeroed is no identity, so a subset is not the teacher with its other layers zeroed
 NORMED_RESIDUAL = {"minimax"}
 _SLIDING = {"sliding_window": 4}  # shorter than the test sequences (13 tokens): sliding layers really differ
 _COMMON = dict(vocab_size=TINY_VOCAB, num_hidden_layers=N_LAYERS, intermediate_size=96, num_attention_heads=4,
                max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-S, F, L = "sliding_attention", "full_attention", "linear_attention"
+S, F, L, X = "sliding_attention", "full_attention", "linear_attention", "indexed_attention"
 _LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 CONFIGS = {
     # Phi-2 style: parallel attention/MLP, partial rotary (8 of 16 rows), biases, final LayerNorm + LM head bias;
@@ -259,6 +261,17 @@ CONFIGS = {
     "kolibri1": ("Kolibri1Config", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
                                         num_experts_per_tok=2, moe_intermediate_size=40,
                                         shared_expert_intermediate_size=32, layer_types=[S, F, S, S, F], **_SLIDING)),
+    # Kolibri 1.1: Kolibri-1's layers with indexed attention (layers 1, 3, 4: NoPE; selecting 2 of a pool of 8 keys
+    # beside 1 sink and 2 local tokens, from query head 0 of KV head 0); layer 3 reads layer 1's keys and values and
+    # rescores its pool (an indexer of index_layers, as 4); layer 0's MLP is dense (mlp_only_layers, 56 wide); heads of
+    # 32 rows (NVFP4 rounds keys and values in blocks of 16)
+    "kolibri1_1": ("Kolibri1_1Config", dict(hidden_size=64, num_key_value_heads=2, head_dim=32, num_experts=4,
+                                            num_experts_per_tok=2, moe_intermediate_size=40,
+                                            shared_expert_intermediate_size=32, layer_types=[S, X, S, X, X],
+                                            index_layers=[1, 4], kv_source_layers=[0, 1, 2, 1, 4], index_topk=2,
+                                            index_pool_size=8, index_compression=4, index_num_heads=1,
+                                            index_num_local_tokens=2, index_num_sink_tokens=1, mlp_only_layers=[0],
+                                            mlp_only_intermediate_size=56, **_SLIDING)),
     # Flint: Qwen3-MoE's with an attention sink per query head, sliding and full layers, a sigmoid router over 4 experts
     # beside a shared expert of its own width (32), dense layer 0 (mlp_only_layers)
     "flint": ("FlintConfig", dict(hidden_size=48, num_key_value_heads=2, head_dim=16, num_experts=4,
@@ -442,7 +455,8 @@ CLASSES = {"phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaFo
            "vaultgemma": "VaultGemmaForCausalLM", "granite_swa": "GraniteSWAForCausalLM",
            "granitemoe_swa": "GraniteMoeSWAForCausalLM", "solar_open": "SolarOpenForCausalLM",
            "minimax_m2": "MiniMaxM2ForCausalLM", "hy_v3": "HYV3ForCausalLM", "afmoe": "AfmoeForCausalLM",
-           "kolibri1": "Kolibri1ForCausalLM", "flint": "FlintForCausalLM", "opt": "OPTForCausalLM",
+           "kolibri1": "Kolibri1ForCausalLM", "kolibri1_1": "Kolibri1_1ForCausalLM", "flint": "FlintForCausalLM",
+           "opt": "OPTForCausalLM",
            "lara_mini": "LaraMiniForCausalLM", "olmo_hybrid": "OlmoHybridForCausalLM",
            "gpt_neox": "GPTNeoXForCausalLM",
            "cohere2_moe": "Cohere2MoeForCausalLM", "youtu": "YoutuForCausalLM", "persimmon": "PersimmonForCausalLM",
@@ -464,8 +478,8 @@ NAMES = list(CONFIGS)
 MAMBA_CLASSES = {"MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM"}
 # classes the tables name that came after transformers 5.17 (pyproject's minimum, the GPU machine's): under an older
 # release their tests skip (`make_teacher`) and the tables' check allows them missing
-LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "FlintForCausalLM",
-                 "LaraMiniForCausalLM", "Apertus1p5TextForCausalLM"}
+LATER_CLASSES = {"Lfm3ForCausalLM", "MiniCPM5MoeForCausalLM", "Kolibri1ForCausalLM", "Kolibri1_1ForCausalLM",
+                 "FlintForCausalLM", "LaraMiniForCausalLM", "Apertus1p5TextForCausalLM"}
 
 
 def make_teacher(family, seed=0, **overrides):
@@ -1140,6 +1154,52 @@ def test_published_mamba2_shapes_give_the_students_their_configs_allow():
         student_config(nemotron, ssm_heads=60)
 
 
+def test_kolibri_1_1_students_keep_the_layers_whose_keys_and_values_theirs_read():
+    """Kolibri 1.1's layers may read another's keys and values (kv_source_layers; no k/v projections of their own):
+    here layer 4, an indexer, reads layer 1's. A student keeping 4 keeps 1 — spaced, 1 takes the place of the nearest
+    kept layer (0; 2 is as near: the lower index), by influence 1 comes with 4 where both fit — and reads it at its own
+    index (kv_source_layers renumbered, index_layers and mlp_only_layers too); listed layers without it are refused in
+    one line. A student of the layers it keeps, every width kept, computes the teacher with its other layers zeroed."""
+    from tailkd.calibrated import calibrated_layers
+    from tailkd.layer_choice import layer_needs
+
+    teacher = make_teacher("kolibri1_1", kv_source_layers=[0, 1, 2, 1, 1])
+    fam = config_family(teacher.config, family_spec(teacher))
+    assert layer_needs(teacher.config, fam) == ([], {3: (1,), 4: (1,)}, None)  # 3 for its pool and its keys
+    student, table = build_student(teacher, num_layers=3, mlp_init="copy")
+    assert {row["source"].split(".")[2] for row in table if row["source"] and ".layers." in row["source"]} == {
+        "1", "2", "4"}
+    c = student.config
+    assert (c.layer_types, c.kv_source_layers, c.index_layers, c.mlp_only_layers) == ([X, S, X], [0, 1, 0], [0, 2], [])
+    influence = {"layer_choice=influence": torch.tensor([0.5, 0.1, 0.4, 0.3, 0.9], dtype=torch.float64)}
+    assert calibrated_layers(influence, 2, None, 1, layer_needs(teacher.config, fam)) == (None, [1, 4])
+    assert calibrated_layers(influence, 3, None, 1, layer_needs(teacher.config, fam)) == (None, [0, 1, 4])
+    with pytest.raises(TailkdError, match=r"^teacher layer 4 reads the keys and values of teacher layer 1 "
+                                          r"\(kv_source_layers; it has no key and value projections of its own\), but "
+                                          r"the student does not keep layer 1: keep it too \(--student.layers\)$"):
+        build_student(teacher, layers=[0, 2, 4])
+    ids = _ids(9)
+    assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, keep=[1, 2, 4]), ids))
+
+
+def test_published_kolibri_1_1_layout_gives_a_student_its_config_allows():
+    """Kolibri 1.1's layout (50 layers, every fifth indexed; of the 10 indexed layers the 2nd, 3rd and 10th read the
+    1st's keys and values, the 7th to 9th the 6th's; indexers the 1st, 3rd, 4th and 6th; dense layers 0 and 1), on the
+    meta device: 10 spaced layers [0, 5, 11, 16, 22, 27, 33, 38, 44, 49] keep 44's source 29 and 49's source 4 in place
+    of their nearest kept layers (27, 5); the student's config reads them at its own indices."""
+    from tailkd.student import student_config
+
+    if not hasattr(transformers, "Kolibri1_1Config"):  # LATER_CLASSES
+        pytest.skip(f"transformers {transformers.__version__} has no Kolibri1_1Config")
+    config = transformers.Kolibri1_1Config(vocab_size=TINY_VOCAB, num_hidden_layers=50)
+    with torch.device("meta"):
+        teacher = transformers.AutoModelForCausalLM.from_config(config)
+    c = student_config(teacher, num_layers=10)
+    assert c.num_hidden_layers == 10
+    assert c.layer_types == [S, X, S, S, S, X, S, S, X, X]  # teacher layers 0 4 11 16 22 29 33 38 44 49
+    assert (c.kv_source_layers, c.index_layers, c.mlp_only_layers) == ([0, 1, 2, 3, 4, 5, 6, 7, 5, 1], [1, 5], [0])
+
+
 def test_published_jamba_shapes_give_the_students_their_configs_allow():
     """Jamba 1.5 Mini's Mamba-1 widths (hidden 4096, mamba_expand 2: 8192 channels, a state of 16, dt_rank 256), on the
     meta device: hidden 2048 keeps the 8192 channels with mamba_expand 4, or 4096 with 2; hidden 3072 needs 3072 or
@@ -1637,6 +1697,12 @@ NARROW = {  # family, build_student kwargs, reference plan overrides
     # half the heads on one KV head, head_dim 8 (per-head norms' rows following), 3 experts of 24 units; the shared
     # expert keeps its own width
     "kolibri1": HALF_HEADS_HD8_3_EXPERTS,
+    # half the heads on one KV head, head_dim 16 of 32 (NVFP4's blocks of 16), 3 experts of 24 units; the shared expert
+    # and the dense MLP keep their widths
+    "kolibri1_1": ({"hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "intermediate_size": 24,
+                    "num_experts": 3}, dict(d=32, q_heads=[0, 1], kv_heads=[0], hd_s=16,
+                                            rows=[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30], ff_e=24,
+                                            experts=3)),
     # 2 heads on 1 KV head, head_dim 8: their sinks follow; 3 experts of 24 units, the shared expert kept whole
     "flint": HALF_HEADS_HD8_3_EXPERTS,
     # half the heads on one KV head, head_dim 8: the output gate's rows follow the kept heads' first rows
@@ -1766,7 +1832,8 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     attention's per-head projections) holds the reference's slices of that layer's heads — which are not the first
     ones in some layer; the table names them. Gemma 4's full layers group their heads on KV heads of their own
     (num_global_key_value_heads, scaled as num_kv_heads), and its KV-shared layer 3 keeps the KV heads of layer 1,
-    whose keys and values it reads, choosing its query heads among theirs."""
+    whose keys and values it reads, choosing its query heads among theirs (Kolibri 1.1's layer 3 likewise: its
+    kv_source_layers)."""
     family, kwargs, plan, teacher, fam, t, layers = _narrow_case(case)
     reference = _plan(teacher, layers, **plan)
     n_kv = len(reference["q_heads"]) if reference["latent"] else len(reference["kv_heads"])  # latent: one per head
@@ -1774,8 +1841,8 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
     full = {k: v for k, v in (plan.get("full") or {}).items() if k not in ("q_heads", "kv_heads")}
     per_layer = {i: {k: v for k, v in p.items() if k not in ("q_heads", "kv_heads")}
                  for i, p in plan.get("per_layer", {}).items()}
-    reads = {3: 1} if family in ("gemma4", "gemma4_unified") else {}  # the tiny Gemma 4's layer 3 reads layer 1's
-    # keys and values
+    reads = {3: 1} if family in ("gemma4", "gemma4_unified", "kolibri1_1") else {}  # the tiny Gemma 4's and Kolibri
+    # 1.1's layer 3 reads layer 1's keys and values
     heads = getattr(teacher.config, "num_attention_heads_per_layer", None) or [t.heads] * t.layers  # Laguna's
     delta = {i for i, kind in enumerate(getattr(teacher.config, "layer_types", None) or []) if family == "kimi_linear"
              and kind == "linear_attention"}  # Kimi Linear's delta attention layers: their heads all kept
@@ -1801,7 +1868,8 @@ def test_narrow_student_by_head_importance_is_the_teachers_slices(case, tmp_path
             kv_i, _, per_kv = kv_groups(i)
             q_heads[i] = kept_heads(importance[i], *kv_groups(i), [h // (heads[i] // kv_i) for h in
                                                                     q_heads[source][::per_kv]]).tolist()
-        if any(q != first[i] for i, q in q_heads.items()):
+        alone = {i: kept_heads(importance[i], *groups(i)).tolist() for i in reads}  # as if it read its own
+        if any(q != first[i] for i, q in q_heads.items()) and all(q_heads[i] != alone[i] for i in reads):
             break
     else:
         raise AssertionError("every calibration set chose the first heads")
@@ -2511,6 +2579,12 @@ def test_gemma4_full_layers_heads_scale_with_head_dim_or_are_refused():
                                            r"lists \(linear_attention, full_attention\): keep one of teacher layers 2 "
                                            r"4 too \(--student.layers\)$"),
     # GLM-5's layer 2 reuses layer 1's DSA top-k ("shared" in indexer_types): a student cannot start with it
+    # Kolibri 1.1's layer 3 rescores the key pool of indexer 1 (index_layers) and reads its keys and values: a student
+    # whose first indexed layer is 3 has no pool to rescore
+    ("kolibri1_1", {"layers": [0, 2, 3]}, r"^teacher layer 3 reuses the key pool of an earlier layer \(index_layers: "
+                                          r"an indexed_attention layer it does not list\), but the student keeps "
+                                          r"none before it: keep teacher layer 1, which it reads, too "
+                                          r"\(--student.layers\)$"),
     ("glm_moe_dsa", {"layers": [2, 3, 4]}, r"^teacher layer 2 reuses the DSA top-k of an earlier layer "
                                            r"\(indexer_types: shared\), but the student keeps none before it: keep "
                                            r"teacher layer 1, which it reads, too \(--student.layers\)$"),

@@ -95,10 +95,11 @@ def calibrated_layers(measured: dict, num_layers: int | None, layers, period: in
                       needs: tuple = ((), {}, None)) -> tuple[int | None, list | None]:
     """``(num_layers, layers)`` of a student after its calibration (`tailkd.student.calibrate`'s ``measured``): the
     ``num_layers`` teacher layers of largest Block Influence, in order, where it was measured; else as given. Where
-    the layers' kinds repeat every ``period`` layers (`tailkd.sizing.layer_period`: Jamba's), the whole periods of
-    largest summed influence. Where layers need others (``needs``, `tailkd.sizing.layer_needs`: Gemma 4's), the layers
-    it names first — and where the config needs a layer of each kind (OLMo-Hybrid's), each kind's most influential
-    layer —, then by influence (ties to the lower index) each layer with the ones it needs where they all fit."""
+    the layers' kinds repeat every ``period`` layers (`tailkd.layer_choice.layer_period`: Jamba's), the whole periods
+    of largest summed influence. Where layers need others (``needs``, `tailkd.layer_choice.layer_needs`: Gemma 4's),
+    the layers it names first — and where the config needs a layer of each kind (OLMo-Hybrid's), each kind's most
+    influential layer —, then by influence (ties to the lower index) each layer with the ones it needs where they all
+    fit."""
     influence = measured.get("layer_choice=influence")
     if influence is None:
         return num_layers, layers

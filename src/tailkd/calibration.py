@@ -14,7 +14,7 @@ importance (Men et al., 2024), the depth-pruning signal of Minitron (Muralidhara
 
 A layer that leaves the residual stream as it found it (BI 0) is the first a student drops. Where layers need others
 (Gemma 4: its last layer, a full attention one in any student; a KV-shared layer, the earlier layer it reads keys and
-values from: `tailkd.sizing.layer_needs`; OLMo-Hybrid, whose config needs a layer of each kind: each kind's most
+values from: `tailkd.layer_choice.layer_needs`; OLMo-Hybrid, whose config needs a layer of each kind: each kind's most
 influential layer), those come first and, in order of influence, each layer with the ones it needs where they all fit.
 
 Experts (``experts="used"``): per layer the ``num_experts`` experts the teacher routes the most tokens to — the

@@ -112,7 +112,7 @@ class Family:
     keys: dict = field(default_factory=lambda: dict(
         layers="num_hidden_layers", hidden="hidden_size", heads="num_attention_heads",
         kv_heads="num_key_value_heads", intermediate="intermediate_size", experts=None, experts_per_token=None))
-    # (a key "a.b" is key b of the config's sub-config a: DBRX's attn_config, ffn_config; `tailkd.sizing.setting`)
+    # (a key "a.b" is key b of the config's sub-config a: DBRX's attn_config, ffn_config; `tailkd.families.setting`)
     # optional keys of a mixture, kept at the teacher's values: expert_groups (group-limited routing: n_group),
     # shared_experts (how many routed widths the shared MLP is: n_shared_experts)
     layer_lists: tuple[str, ...] = ("layer_types",)
@@ -202,25 +202,34 @@ class Family:
     # routed experts there
     router: str = ""
     # config keys of periods that set the layers' kinds (Jamba: attention where i % attn_layer_period is its offset,
-    # experts likewise): a student keeps whole periods of their lcm (`tailkd.sizing.layer_period`)
+    # experts likewise): a student keeps whole periods of their lcm (`tailkd.layer_choice.layer_period`)
     layer_periods: tuple[str, ...] = ()
     # a config key counting the last layers that reuse the keys and values of the last earlier layer of their kind
     # (Gemma 4's num_kv_shared_layers; such a layer has no k/v projections): the student's are its chosen layers among
     # them, and each of their kinds needs an earlier chosen layer of that kind (refused in one line otherwise)
     kv_shared_layers: str = ""
+    # a config key listing, per layer, the layer whose keys and values it reads (Kolibri 1.1's kv_source_layers; a
+    # layer reading another's has no k/v projections): a student's reads the same teacher layer, which it keeps —
+    # spaced layers take it in place of the kept layer nearest to it, influence keeps it with its reader, listed layers
+    # lacking it are refused in one line (`tailkd.layer_attention.kv_reads`)
+    kv_sources: str = ""
     # the kind (of ``layer_types``) a family's config gives its last layer whatever it is told (Gemma 4: full
     # attention): a student's last layer must be a teacher layer of that kind (refused in one line otherwise)
     last_layer_kind: str = ""
     # a config key listing each layer's kind where the family's config needs a layer of every kind it lists
     # (OLMo-Hybrid's layer_types: an attention and a Gated DeltaNet layer): spaced layers take the nearest layer of a
     # missing kind in place of a kept one, influence keeps each kind's most influential layer first, listed layers
-    # lacking a kind are refused in one line (`tailkd.sizing.required_kinds`)
+    # lacking a kind are refused in one line (`tailkd.layer_choice.required_kinds`)
     every_kind: str = ""
     # (a config key listing each layer's kind, a kind, what it reuses): layers of that kind reuse what the last earlier
     # layer of another kind computed (GLM-5's shared DSA layers: the top-k of the last full indexer layer): a student's
     # first layer must not be one, and a layer chosen by influence keeps the one it reads
     # (`tailkd.layer_attention.reused_results`)
     reuses_earlier: tuple[str, str, str] = ()
+    # (a config key listing the layers that compute a result, a layer kind of ``layer_types``, what it is): the other
+    # layers of that kind reuse the last earlier listed layer's (Kolibri 1.1's index_layers: its other indexed-attention
+    # layers rescore the key pool of the closest preceding indexer), as ``reuses_earlier``
+    reindexes: tuple[str, str, str] = ()
     # (a config flag, a layer kind of ``layer_types``): where the flag is set, layers of that kind use their keys as
     # values (Gemma 4's attention_k_eq_v in its full attention layers: no v_proj), so their output projection reads
     # the kept keys' rows (`tailkd.layer_attention.keys_as_values`)
@@ -825,6 +834,18 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **_HEAD_QK_NORMS, **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",),
             **_OWN_SHARED_EXPERTS, **_PRE_NORMS, **norms("post_self_attn_layernorm", "post_mlp_layernorm")}, _EMBED,
            "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_lists=("layer_types",)),
+    # Kolibri 1.1: Kolibri-1's layers with indexed attention (NoPE, keys selected by indexers without weights, from
+    # the leading query heads of KV head 0) beside sliding layers; its layers may read another's keys and values
+    # (kv_source_layers: no k/v projections), its reindexers rescore the closest preceding indexer's pool
+    # (index_layers), its first layers are dense MLPs of their own width (mlp_only_layers, mlp_only_intermediate_size:
+    # kept)
+    Family("kolibri1_1", "Kolibri 1.1", ("Kolibri1_1ForCausalLM",), _DECODER,
+           {**_ATTENTION, **_HEAD_QK_NORMS, **_EXPERTS, "mlp.gate.e_score_correction_bias": ("expert",),
+            **_OWN_SHARED_EXPERTS, **_DENSE_MLP, **_PRE_NORMS, **norms("post_self_attn_layernorm",
+                                                                        "post_mlp_layernorm")}, _EMBED,
+           "kept", keys=dict(_MOE_KEYS, intermediate="moe_intermediate_size"), layer_lists=("layer_types",),
+           layer_index_lists=("index_layers", "mlp_only_layers"), kv_sources="kv_source_layers",
+           reindexes=("index_layers", "indexed_attention", "key pool")),
     # Apertus: an ungated MLP with xIELU's two learned scalars, per-head q/k norms; Apertus 1.5's text model is its
     # layout under an LM head pruned to the vocabulary's first output_vocab_size ids (kept: `tailkd.vocab.head_ids`)
     Family("apertus", "Apertus", ("ApertusForCausalLM", "Apertus1p5TextForCausalLM"), _DECODER,
@@ -977,3 +998,17 @@ _BY_CLASS = {name: family for family in FAMILIES.values() for name in family.cla
 def family_for_class(class_name: str) -> Family | None:
     """The family of a model class name, None when unsupported."""
     return _BY_CLASS.get(class_name)
+
+
+def setting(config, key: str, default=None):
+    """The config's ``key``; "a.b": key b of its sub-config (or dict) a (DBRX's attn_config.kv_n_heads). A key some
+    layers override (transformers 5's per_layer_config: Gemma 4's head_dim) reads the config's own value, that of the
+    layers without an override (transformers refuses it as one value for every layer)."""
+    for part in key.split("."):
+        if isinstance(config, dict):
+            config = config.get(part, default)
+        elif part in (getattr(config, "per_layer_attributes", None) or ()):
+            config = config.to_dict().get(part, default)
+        else:
+            config = getattr(config, part, default)
+    return config

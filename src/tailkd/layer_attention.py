@@ -5,7 +5,7 @@ with attention_k_eq_v, KV heads of their own, keys used as values), a list of ea
 kind's own (`layer_fractions`: Laguna's partial_rotary_factor per kind), KV heads a layer kind has a multiple of
 (`Family.kind_kv_multiple`: MiMo-V2-Flash's sliding layers, twice), a layer kind with heads of its own, kept whole
 (`Family.kind_heads`: Kimi Linear's delta attention layers beside its latent attention ones), and layers that reuse an
-earlier layer's keys and values (Gemma 4's last num_kv_shared_layers).
+earlier layer's keys and values (Gemma 4's last num_kv_shared_layers, Kolibri 1.1's kv_source_layers).
 
 A student layer keeps its teacher layer's own value scaled as the config's is — head_dim h_i x h_s / h_t, KV heads
 k_i x k_s / k_t, query heads q_i x q_s / q_t — so a layer that differs in the teacher differs alike in the student
@@ -15,8 +15,10 @@ one line; a layer kind with heads of its own keeps them all.
 tensors by them), `student_overrides` the student config's ``per_layer_config`` (and its list of query heads),
 `layer_query_heads` the teacher's query heads layer by layer (`tailkd.calibration` measures each head),
 `keys_as_values` the layers whose values are their keys (`Family.keys_as_values`: their output projection reads the
-kept keys' rows), `kv_sharing` the teacher's layers that reuse keys and values and what they read (`tailkd.sizing`
-keeps what they need), `kv_sources` what a student's read.
+kept keys' rows), `kv_sharing` (Gemma 4's last layers) and `kv_reads` (a per-layer list: Kolibri 1.1's) the
+teacher's layers that reuse keys and values and what they read (`tailkd.sizing` keeps what they need), `kv_sources`
+what a student's read, `reused_results` the layers that reuse another result of an earlier layer (GLM-5's DSA
+top-k, Kolibri 1.1's key pools).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.slicing import Dims
 
-__all__ = ["keys_as_values", "kv_sharing", "kv_sources", "layer_dims", "layer_fractions", "layer_query_heads",
-           "overrides", "reused_results", "student_overrides"]
+__all__ = ["keys_as_values", "kv_reads", "kv_sharing", "kv_sources", "layer_dims", "layer_fractions",
+           "layer_query_heads", "overrides", "result_layers", "reused_results", "student_overrides"]
 
 # the per-layer keys a student scales, and the `Dims` field each is
 SCALED = {"head_dim": "head_dim", "num_key_value_heads": "kv_heads"}
@@ -171,25 +173,53 @@ def kv_sharing(config, fam: Family) -> tuple[int, list | None, dict]:
     return first, kinds, {kinds[i]: i for i in range(first)}
 
 
+def result_layers(config, fam: Family) -> list[int]:
+    """The teacher layers that compute or reuse a result some reuse (`reused_results`): every layer of GLM-5's
+    indexer_types, Kolibri 1.1's indexed-attention layers (`Family.reindexes`); [] elsewhere."""
+    if fam.reuses_earlier:
+        return list(range(len(getattr(config, fam.reuses_earlier[0], None) or ())))
+    if fam.reindexes:
+        return [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind == fam.reindexes[1]]
+    return []
+
+
 def reused_results(config, fam: Family) -> dict[int, int]:
     """``{teacher layer: the teacher layer whose result it reuses}`` of a family whose layers of one kind reuse what
     the last earlier layer of another kind computed (`Family.reuses_earlier`: GLM-5's shared DSA layers, the top-k of
-    the last full indexer layer); {} elsewhere. A student's such layer reuses its last earlier chosen layer's."""
-    if not fam.reuses_earlier:
+    the last full indexer layer; `Family.reindexes`: Kolibri 1.1's indexed-attention layers its index_layers does not
+    list, the pool of the closest preceding one it lists); {} elsewhere. A student's such layer reuses its last
+    earlier chosen layer's."""
+    if fam.reuses_earlier:
+        kinds = getattr(config, fam.reuses_earlier[0], None) or ()
+        computes = [kind != fam.reuses_earlier[1] for kind in kinds]
+    elif fam.reindexes:
+        listed = set(getattr(config, fam.reindexes[0], None) or ())
+        computes = [i in listed for i in result_layers(config, fam)]
+    else:
         return {}
     found, last = {}, None
-    for i, kind in enumerate(getattr(config, fam.reuses_earlier[0], None) or ()):
-        if kind != fam.reuses_earlier[1]:
+    for i, own in zip(result_layers(config, fam), computes):
+        if own:
             last = i
         elif last is not None:
             found[i] = last
     return found
 
 
+def kv_reads(config, fam: Family) -> dict[int, int]:
+    """``{teacher layer: the layer whose keys and values it reads}`` of a family listing each layer's
+    (`Family.kv_sources`: Kolibri 1.1's kv_source_layers), the layers reading another's; {} elsewhere."""
+    sources = getattr(config, fam.kv_sources, None) if fam.kv_sources else None
+    return {i: int(j) for i, j in enumerate(sources or ()) if j != i}
+
+
 def kv_sources(config, fam: Family, chosen: list[int]) -> dict[int, int]:
     """``{teacher layer: teacher layer}``: of the ``chosen`` layers that reuse keys and values (`kv_sharing`), the
     chosen layer each reads them from in the student (the last chosen one of its kind before the sharing layers, as
-    the model's own rule gives); {} where none shares."""
+    the model's own rule gives; where the config lists each layer's, `kv_reads`, the teacher's: kept); {} where none
+    shares."""
+    if fam.kv_sources:
+        return {i: j for i, j in kv_reads(config, fam).items() if i in chosen and j in chosen}
     first, kinds, _ = kv_sharing(config, fam)
     own = [j for j in chosen if j < first]
     return {i: max(j for j in own if kinds[j] == kinds[i]) for i in chosen

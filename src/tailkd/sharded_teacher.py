@@ -267,8 +267,9 @@ def student_source(spec, student_cfg, *, dtype="auto", device="cpu", cache_dir=N
     none is read. ``measured``: a calibration of the sharded teacher (`tailkd.student.calibrate`), which chooses the
     layers where it measured their influence (`tailkd.calibrated.calibrated_layers`)."""
     from tailkd.calibrated import calibrated_layers
+    from tailkd.layer_choice import layer_needs, layer_period, student_layers
     from tailkd.multimodal import text_teacher
-    from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_layers
+    from tailkd.sizing import config_family, family_spec
 
     folder = teacher_folder(spec, cache_dir)
     model = _skeleton(folder, models.resolve_dtype(dtype, device))

@@ -1,29 +1,28 @@
-"""The student's shape: which teacher layers it keeps and its widths (`tailkd.student_config` writes its config,
-`tailkd.student` copies the weights).
+"""The student's shape: its widths and the teacher layers it keeps (`tailkd.layer_choice` chooses them,
+`tailkd.student_config` writes its config, `tailkd.student` copies the weights).
 
 `student_plan` turns `tailkd.student.build_student`'s options into the family's table entry as it applies to the
 teacher's config (`config_family`), the teacher's and the student's sizes (`teacher_dims`, `student_dims`), the share of
-a head that RoPE rotates (`rotary_fraction`), the chosen layers (`choose_layers`) and the student's config
-(`tailkd.student_config`), after every refusal of a shape the family cannot take, each one line saying what to pick
-instead. The rules themselves (which layers, head_dim per family, KV grouping, experts and their groups, RoPE) are
-written out in `tailkd.student`'s docstring; the per-family tables are in `tailkd.families`.
+a head that RoPE rotates (`rotary_fraction`), the chosen layers (`tailkd.layer_choice.student_layers`) and the
+student's config (`tailkd.student_config`), after every refusal of a shape the family cannot take, each one line saying
+what to pick instead. The rules themselves (which layers, head_dim per family, KV grouping, experts and their groups,
+RoPE) are written out in `tailkd.student`'s docstring; the per-family tables are in `tailkd.families`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 from tailkd.errors import TailkdError
-from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class
+from tailkd.families import FAMILIES, SUPPORTED, Family, family_for_class, setting
 from tailkd.head import model_class_name
-from tailkd.layer_attention import kv_sharing, layer_dims, layer_fractions, reused_results
+from tailkd.layer_attention import layer_dims, layer_fractions
+from tailkd.layer_choice import check_layers, student_layers
 from tailkd.slicing import Dims
 from tailkd.student_config import mixer_width, not_divisible, student_config
 
-__all__ = ["choose_layers", "config_family", "family_of", "family_spec", "layer_needs", "layer_period",
-           "required_kinds", "rotary_fraction", "setting", "student_dims", "student_layers", "student_plan",
+__all__ = ["config_family", "family_of", "family_spec", "rotary_fraction", "student_dims", "student_plan",
            "student_widths", "teacher_dims"]
 
 
@@ -67,20 +66,6 @@ def config_family(config, family: str | Family) -> Family:
                                   layer_params={**fam.layer_params, **fam.without_experts["layer_params"]},
                                   without_experts={})
     return fam
-
-
-def setting(config, key: str, default=None):
-    """The config's ``key``; "a.b": key b of its sub-config (or dict) a (DBRX's attn_config.kv_n_heads). A key some
-    layers override (transformers 5's per_layer_config: Gemma 4's head_dim) reads the config's own value, that of the
-    layers without an override (transformers refuses it as one value for every layer)."""
-    for part in key.split("."):
-        if isinstance(config, dict):
-            config = config.get(part, default)
-        elif part in (getattr(config, "per_layer_attributes", None) or ()):
-            config = config.to_dict().get(part, default)
-        else:
-            config = getattr(config, part, default)
-    return config
 
 
 def _routed_experts(config, fam: Family) -> int:
@@ -127,112 +112,6 @@ def rotary_fraction(config, fam: Family | None = None) -> float:
         if group.get("partial_rotary_factor") is not None and group.get("rope_type") != "proportional":
             return float(group["partial_rotary_factor"])
     return float(getattr(config, "partial_rotary_factor", None) or 1.0)
-
-
-def layer_period(config, fam: Family) -> int:
-    """How many layers the pattern of a family's layer kinds spans where its config sets them by periods (Jamba's
-    attn_layer_period and expert_layer_period: their lcm, `Family.layer_periods`); 1 otherwise."""
-    return math.lcm(*(int(setting(config, key) or 1) for key in fam.layer_periods))
-
-
-def required_kinds(config, fam: Family) -> list | None:
-    """Each teacher layer's kind where the family's config needs a layer of every kind it lists (`Family.every_kind`:
-    OLMo-Hybrid's layer_types, an attention and a Gated DeltaNet layer at least); None elsewhere."""
-    kinds = getattr(config, fam.every_kind, None) if fam.every_kind else None
-    return list(kinds) if kinds else None
-
-
-def layer_needs(config, fam: Family) -> tuple[list[int], dict[int, tuple[int, ...]], list | None]:
-    """``(first, needs, kinds)`` where a family's layers need others (Gemma 4): its teacher's last layer, kept first,
-    where the student's config gives its last layer a kind of its own (`Family.last_layer_kind`: full attention, as
-    the teacher's last layer is), and for each layer that reuses keys and values (`Family.kv_shared_layers`) the last
-    earlier layer of its kind, whose it reads in the teacher, or another earlier layer's result
-    (`Family.reuses_earlier`: GLM-5's DSA top-k) that layer; ``kinds``: the layers' kinds where the config needs one
-    of each (`required_kinds`: OLMo-Hybrid's); ``([], {}, None)`` elsewhere.
-    `tailkd.calibrated.calibrated_layers` keeps them with the layers it chooses."""
-    n = setting(config, fam.keys["layers"])
-    first, kinds, read = kv_sharing(config, fam)
-    needs = {i: (read[kinds[i]],) for i in range(first, n) if kinds is not None and kinds[i] in read}
-    needs.update({i: (j,) for i, j in reused_results(config, fam).items()})
-    return [n - 1] if fam.last_layer_kind else [], needs, required_kinds(config, fam)
-
-
-def student_layers(config, fam: Family, num_layers: int | None = None, layers=None) -> list[int]:
-    """The teacher layers a student keeps (`choose_layers`, with the family's period); where they are spaced and the
-    family's last layers reuse earlier layers' keys and values (`Family.kv_shared_layers`: Gemma 4), a kept sharing
-    layer whose kind has no earlier kept layer gets the layer the teacher's sharing layers of that kind read, in place
-    of the kept earlier layer nearest to it (one whose kind stays kept where a sharing layer needs it); what this
-    cannot mend is refused after (`student_plan`). Where the config needs a layer of each kind (`required_kinds`),
-    `_every_kind` sees to it."""
-    chosen = choose_layers(setting(config, fam.keys["layers"]), num_layers, layers, layer_period(config, fam))
-    first, kinds, read = kv_sharing(config, fam)
-    for i in [c for c in chosen if c >= first] if layers is None and kinds is not None else []:
-        own = [j for j in chosen if j < first]
-        if kinds[i] not in read or any(kinds[j] == kinds[i] for j in own):
-            continue
-        needed = {kinds[c] for c in chosen if c >= first}
-        movable = [j for j in own if kinds[j] not in needed or sum(kinds[x] == kinds[j] for x in own) > 1]
-        if movable:
-            j = min(movable, key=lambda j: (abs(j - read[kinds[i]]), j))
-            chosen = sorted([read[kinds[i]] if c == j else c for c in chosen])
-    return _every_kind(config, fam, chosen, listed=layers is not None)
-
-
-def _every_kind(config, fam: Family, chosen: list[int], listed: bool) -> list[int]:
-    """``chosen`` with a layer of each kind where the family's config needs one (`required_kinds`): for each missing
-    kind, spaced layers take the layer of that kind nearest to a kept layer whose kind stays kept, in its place (ties:
-    the lower index); fewer layers than kinds, and listed layers lacking a kind, are refused in one line."""
-    kinds = required_kinds(config, fam)
-    if kinds is None:
-        return chosen
-    wanted = list(dict.fromkeys(kinds))
-    if not listed and len(chosen) < len(wanted):
-        raise TailkdError(f"num_layers={len(chosen)}, but {fam.label}'s config needs a layer of each kind its "
-                          f"{fam.every_kind} lists ({', '.join(wanted)}): pick num_layers {len(wanted)} or more")
-    for kind in wanted:
-        of_kind = [i for i, k in enumerate(kinds) if k == kind]
-        if any(kinds[j] == kind for j in chosen):
-            continue
-        if listed:
-            raise TailkdError(f"the student keeps no {kind} layer (teacher layers {' '.join(map(str, chosen))}), but "
-                              f"{fam.label}'s config needs a layer of each kind its {fam.every_kind} lists "
-                              f"({', '.join(wanted)}): keep one of teacher layers {' '.join(map(str, of_kind))} too "
-                              "(--student.layers)")
-        movable = [j for j in chosen if sum(kinds[x] == kinds[j] for x in chosen) > 1]
-        j, i = min(((j, i) for j in movable for i in of_kind), key=lambda p: (abs(p[0] - p[1]), p[1], p[0]))
-        chosen = sorted(i if c == j else c for c in chosen)
-    return chosen
-
-
-def choose_layers(n_teacher: int, num_layers: int | None = None, layers=None, period: int = 1) -> list[int]:
-    """The teacher layers the student keeps (see `tailkd.student`'s docstring); all of them by default. Where the
-    layers' kinds repeat every ``period`` layers (`layer_period`), ``num_layers`` keeps whole periods, evenly spaced."""
-    if layers is not None and num_layers is not None and len(layers) != num_layers:
-        raise TailkdError(f"layers lists {len(layers)} layers but num_layers={num_layers}: pass only one of them")
-    if layers is not None:
-        layers = [int(i) for i in layers]
-        if not layers:
-            raise TailkdError(f"layers is empty: list the teacher layers (0..{n_teacher - 1}) the student keeps, "
-                              "or pass num_layers")
-        bad = [i for i in layers if not 0 <= i < n_teacher]
-        if bad:
-            raise TailkdError(f"layer indices {bad} out of range: the teacher has layers 0..{n_teacher - 1}")
-        if any(a >= b for a, b in itertools.pairwise(layers)):
-            raise TailkdError(f"layers {layers} must be increasing without repeats: pass e.g. {sorted(set(layers))}")
-        return layers
-    if num_layers is None:
-        return list(range(n_teacher))
-    if not 1 <= num_layers <= n_teacher:
-        raise TailkdError(f"num_layers={num_layers} but the teacher has {n_teacher} layers: pick 1..{n_teacher}")
-    if period > 1:
-        if num_layers % period:
-            raise TailkdError(f"num_layers={num_layers}, but the teacher's layer kinds repeat every {period} layers "
-                              f"(its config's periods): pick a multiple of {period} (whole periods) or list the "
-                              "layers (--student.layers)")
-        return [p * period + r for p in choose_layers(n_teacher // period, num_layers // period) for r in range(period)]
-    if num_layers == 1:
-        return [0]
-    return [(2 * j * (n_teacher - 1) + (num_layers - 1)) // (2 * (num_layers - 1)) for j in range(num_layers)]
 
 
 def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None, num_heads=None, num_kv_heads=None,
@@ -443,57 +322,6 @@ def _head_dim(t: Dims, fam: Family, hidden: int, heads: int, requested) -> int:
     return hd
 
 
-def _check_layer_index_flags(config, fam: Family, chosen: list[int]) -> None:
-    """Refuse layers other than the first n under a setting that ties a layer to its own index (`Family`'s
-    ``layer_index_flags``): the student's layer j would compute as layer j, not as teacher layer chosen[j]."""
-    moved = [(j, i) for j, i in enumerate(chosen) if i != j]
-    for flag, what in fam.layer_index_flags:
-        if getattr(config, flag, False) and moved:
-            j, i = moved[0]
-            first = " ".join(map(str, range(len(chosen))))
-            raise TailkdError(f"the teacher {what} ({flag}): the student's layer {j} would compute as layer {j}, "
-                              f"not as teacher layer {i}; keep the teacher's first {len(chosen)} layers "
-                              f"(--student.layers {first})")
-
-
-def _check_kv_sharing(config, fam: Family, chosen: list[int]) -> None:
-    """The layers that reuse keys and values (`Family.kv_shared_layers`: the teacher's last N) take them from the
-    student's last earlier layer of their kind (sliding or full attention: ``layer_types``), so each kind among the
-    student's sharing layers needs such a layer before them; refused in one line naming the teacher layers to add."""
-    first, kinds, _ = kv_sharing(config, fam)
-    if kinds is None:
-        return
-    shared = len(kinds) - first
-    own = {kinds[i] for i in chosen if i < first}
-    for i in chosen:
-        if i >= first and kinds[i] not in own:
-            offer = [str(j) for j in range(first) if kinds[j] == kinds[i]]
-            keep = f"teacher layer {offer[0]}" if len(offer) == 1 else f"one of teacher layers {' '.join(offer)}"
-            raise TailkdError(f"teacher layer {i} reuses the keys and values of an earlier {kinds[i]} layer "
-                              f"({fam.kv_shared_layers}: its last {shared} layers do), but the student keeps none "
-                              f"before it: keep {keep} too (--student.layers)")
-
-
-def _check_reused_results(config, fam: Family, chosen: list[int]) -> None:
-    """A layer that reuses an earlier layer's result (`Family.reuses_earlier`: GLM-5's shared DSA layers) reuses the
-    student's last earlier chosen layer's, so the student's first layer cannot be one; refused in one line."""
-    if (i := chosen[0]) in (read := reused_results(config, fam)):
-        key, kind, what = fam.reuses_earlier
-        raise TailkdError(f"teacher layer {i} reuses the {what} of an earlier layer ({key}: {kind}), but the student "
-                          f"keeps none before it: keep teacher layer {read[i]}, which it reads, too (--student.layers)")
-
-
-def _check_last_layer_kind(config, fam: Family, chosen: list[int]) -> None:
-    """A family whose config gives its last layer a kind whatever it lists (`Family.last_layer_kind`: Gemma 4's full
-    attention) needs a student whose last chosen layer is of that kind; refused in one line naming those layers."""
-    kinds = getattr(config, "layer_types", None)
-    if fam.last_layer_kind and kinds and kinds[chosen[-1]] != fam.last_layer_kind:
-        of_kind = " ".join(str(i) for i, kind in enumerate(kinds) if kind == fam.last_layer_kind)
-        raise TailkdError(f"{fam.label}'s last layer is a {fam.last_layer_kind} one whatever its config lists, but the "
-                          f"student's (teacher layer {chosen[-1]}) is a {kinds[chosen[-1]]} one: end the student's "
-                          f"layers with one of teacher layers {of_kind} (--student.layers)")
-
-
 def _check_rope(config, fam: Family, t: Dims, s: Dims, fraction: float) -> None:
     """Refuse a head_dim change under per-frequency RoPE factor lists (Phi-3 longrope): they would need re-fitting;
     and 2 rotated rows under dynamic NTK scaling (transformers raises its base to r/(r - 2))."""
@@ -558,10 +386,7 @@ def student_plan(teacher, num_layers, layers, hidden_size, num_heads, num_kv_hea
     fam, t, s, fraction, chosen = student_widths(teacher, num_layers, layers, hidden_size, num_heads, num_kv_heads,
                                                  intermediate_size, head_dim, num_experts, num_experts_per_tok,
                                                  ssm_heads)
-    _check_layer_index_flags(teacher.config, fam, chosen)
-    _check_kv_sharing(teacher.config, fam, chosen)
-    _check_last_layer_kind(teacher.config, fam, chosen)
-    _check_reused_results(teacher.config, fam, chosen)
+    check_layers(teacher.config, fam, chosen)
     return fam, t, s, fraction, chosen, student_config(teacher.config, fam, t, s, fraction, chosen, tie_embeddings)
 
 

@@ -60,10 +60,11 @@ MLP      "random" (the paper): the student config's own initialisation, seeded b
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden, or with
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
 Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Phi-MoE, Granite-MoE(-SWA), ERNIE 4.5 MoE,
-         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, Flint, GLM-4.5, dots.llm1, Solar
-         Open, EXAONE-MoE, DeepSeek-V2/V3/V3.2, GLM-5, A.X K1, GLM-4.7-Flash, Kimi Linear, MiniCPM5-MoE, MiMo-V2-Flash,
-         Laguna, Llama 4, DBRX, Jamba, MiniMax, Gemma 4) keeps the teacher's first `num_experts` routed experts (all by
-         default; at least its `num_experts_per_tok`, the teacher's by default) and, with "copy", their router rows;
+         HunYuan-MoE, Cohere2-MoE, Mellum, FlexOlmo, MiniMax-M2, Hy3, AFMoE, Kolibri-1, Kolibri 1.1, Flint, GLM-4.5,
+         dots.llm1, Solar Open, EXAONE-MoE, DeepSeek-V2/V3/V3.2, GLM-5, A.X K1, GLM-4.7-Flash, Kimi Linear,
+         MiniCPM5-MoE, MiMo-V2-Flash, Laguna, Llama 4, DBRX, Jamba, MiniMax, Gemma 4) keeps the teacher's first
+         `num_experts` routed experts (all by default; at least its `num_experts_per_tok`, the teacher's by default)
+         and, with "copy", their router rows;
          with "copy" and ``experts="used"`` it keeps per layer the experts the teacher routes the most tokens of
          calibration rows to (`tailkd.calibration`); `intermediate_size` is each routed expert's width (the config's
          intermediate_size or moe_intermediate_size, whichever the family's experts have; its first units, or with
@@ -106,6 +107,12 @@ Latent   Multi-head latent attention (DeepSeek-V2/V3/V3.2, GLM-5, A.X K1, GLM-4.
          picking the index_topk keys each query attends to; transformers computes it without gradients, so a student's
          keeps the copied weights) narrows on the residual side only. GLM-5's "shared" layers (``indexer_types``) reuse
          the last earlier full layer's top-k (a student's its last earlier chosen one's; refused as its first layer).
+         Kolibri 1.1's indexed-attention layers (NoPE; weightless indexers pick keys with the leading query heads of KV
+         head 0) keep their kind: a layer reading another's keys and values (``kv_source_layers``) keeps it — spaced,
+         in place of the kept layer nearest to it (`tailkd.layer_choice.student_layers`), by influence with it; listed
+         layers without it are refused — and its KV heads under attention_heads "active"; a reindexer (an indexed layer
+         ``index_layers`` does not list) rescores the pool of the student's last earlier indexer (refused as its first
+         indexed layer); its dense layers (``mlp_only_layers``) keep their width.
 Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen layers keep their kind (``layer_types``:
          gated full attention, Lara-Mini's and OLMo-Hybrid's ungated, or Gated DeltaNet linear attention). The
          full-attention layers narrow like Qwen3's (their q_proj holds [query | gate] per head: the query's kept rows,
@@ -113,7 +120,7 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          keep their own sizes (``linear_num_key_heads``, ...) and narrow on the residual side only (input projections'
          columns, out_proj's). OLMo-Hybrid's config needs a layer of each kind: spaced layers missing one take the
          nearest layer of that kind in place of a kept one, influence keeps each kind's most influential layer, listed
-         layers lacking a kind are refused in one line (`tailkd.sizing.required_kinds`).
+         layers lacking a kind are refused in one line (`tailkd.layer_choice.required_kinds`).
          Kimi Linear: Kimi Delta Attention layers beside latent attention layers without RoPE (``layer_types``); the
          delta layers keep their own sizes (``linear_num_heads`` x ``linear_head_dim``) and narrow on the residual
          side; the latent layers' heads narrow as latent attention's (both kinds name q_proj and o_proj alike: cut by
@@ -169,8 +176,8 @@ Hybrids  Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Lara-Mini, OLMo-Hybrid: the chosen la
          among them, each needing an earlier kept layer of its kind, and keep its KV heads under attention_heads
          "active") with MLPs twice as wide under use_double_wide_mlp (twice the student's units); its last layer is
          always full attention. Spaced layers take what a kept sharing layer reads in place of the nearest kept
-         layer (`tailkd.sizing.student_layers`), influence keeps the last layer first and each layer with what it
-         reads (`tailkd.sizing.layer_needs`); listed layers missing one are refused in one line. With
+         layer (`tailkd.layer_choice.student_layers`), influence keeps the last layer first and each layer with what it
+         reads (`tailkd.layer_choice.layer_needs`); listed layers missing one are refused in one line. With
          enable_moe_block, routed experts (a router with its own scales) beside each layer's MLP, kept whole. Gemma 4
          unified (Gemma4UnifiedForCausalLM) likewise, without per-layer embeddings or experts. Gemma 3's and Gemma 4's
          multimodal checkpoints (...ForConditionalGeneration, unified too) give a text-only student built from their
@@ -233,9 +240,10 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
 from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_fractions, layer_query_heads
+from tailkd.layer_choice import layer_needs, layer_period
 from tailkd.models import autocast_safe
 from tailkd.multimodal import text_teacher
-from tailkd.sizing import config_family, family_spec, layer_needs, layer_period, student_plan, student_widths
+from tailkd.sizing import config_family, family_spec, student_plan, student_widths
 from tailkd.slicing import HEAD_AXES, SSM_AXES, axis_indices, each_experts_units, expert_unit_rows, ssm_axes, take
 
 __all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]

@@ -72,6 +72,8 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
             data[key] = [j for j, i in enumerate(layers) if i in data[key]]
     own = layer_dims(teacher_config, fam, t, s, layers, fraction)
     data.update(student_overrides(teacher_config, fam, s, own, layers))  # per_layer_config, query heads per layer
+    if fam.kv_sources and isinstance(data.get(fam.kv_sources), list):  # the student's index of each chosen source
+        data[fam.kv_sources] = [layers.index(data[fam.kv_sources][i]) for i in layers]  # (kept: `tailkd.sizing`)
     if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
         data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
     if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
@@ -130,7 +132,7 @@ def _sparse_layer(config, i: int) -> bool:
 
 
 def _set(data: dict, key: str, value) -> None:
-    """Set ``key`` of a config's dict (`tailkd.sizing.setting`'s "a.b": key b of its dict a)."""
+    """Set ``key`` of a config's dict (`tailkd.families.setting`'s "a.b": key b of its dict a)."""
     *outer, name = key.split(".")
     for part in outer:
         data = data[part]
