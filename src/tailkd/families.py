@@ -2,7 +2,8 @@
 
 An entry says, for one family of Hugging Face causal LMs:
 
-- which model classes it covers and what its config calls the sizes a student may change (`keys`);
+- which model classes it covers and what its config calls the sizes a student may change (`keys`, read by `setting`:
+  "a.b" is key b of the config's sub-config a);
 - how each parameter (and persistent buffer: GLM-4.5's expert score correction) is sliced: a name (global ones by
   full name, per-layer ones by the part after ``<layer_prefix><i>.``) maps to one *axis kind* per tensor dimension
   (see `AXES`); the student builder turns the kinds into index lists once per student and cuts every teacher tensor

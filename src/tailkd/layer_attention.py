@@ -16,9 +16,9 @@ tensors by them), `student_overrides` the student config's ``per_layer_config`` 
 `layer_query_heads` the teacher's query heads layer by layer (`tailkd.calibration` measures each head),
 `keys_as_values` the layers whose values are their keys (`Family.keys_as_values`: their output projection reads the
 kept keys' rows), `kv_sharing` (Gemma 4's last layers) and `kv_reads` (a per-layer list: Kolibri 1.1's) the
-teacher's layers that reuse keys and values and what they read (`tailkd.sizing` keeps what they need), `kv_sources`
-what a student's read, `reused_results` the layers that reuse another result of an earlier layer (GLM-5's DSA
-top-k, Kolibri 1.1's key pools).
+teacher's layers that reuse keys and values and what they read (`tailkd.layer_choice` keeps what they need),
+`kv_sources` what a student's read, `reused_results` the layers that reuse another result of an earlier layer (GLM-5's
+DSA top-k, Kolibri 1.1's key pools).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def student_layers(config, fam: Family, num_layers: int | None = None, layers=No
     family's last layers reuse earlier layers' keys and values (`Family.kv_shared_layers`: Gemma 4), a kept sharing
     layer whose kind has no earlier kept layer gets the layer the teacher's sharing layers of that kind read, in place
     of the kept earlier layer nearest to it (one whose kind stays kept where a sharing layer needs it); what this
-    cannot mend is refused after (`student_plan`). Where the config lists the layer whose keys and values each layer
+    cannot mend is refused after (`check_layers`). Where the config lists the layer whose keys and values each layer
     reads (`Family.kv_sources`), `_kv_sources_kept` sees to it, and where it needs a layer of each kind
     (`required_kinds`), `_every_kind`."""
     chosen = choose_layers(setting(config, fam.keys["layers"]), num_layers, layers, layer_period(config, fam))
@@ -76,7 +76,7 @@ def student_layers(config, fam: Family, num_layers: int | None = None, layers=No
 def _kv_sources_kept(config, fam: Family, chosen: list[int]) -> list[int]:
     """Spaced ``chosen`` layers where each that reads another layer's keys and values (`kv_reads`) keeps that layer:
     it takes the place of the kept layer nearest to it that no kept layer reads from (ties: the lower index), until
-    every reader has its source or no layer can give way (refused after: `student_plan`)."""
+    every reader has its source or no layer can give way (refused after: `check_layers`)."""
     reads = kv_reads(config, fam)
     for _ in range(len(chosen)):
         missing = sorted({reads[i] for i in chosen if i in reads} - set(chosen))

@@ -184,7 +184,7 @@ def _check_ssm_width(config, fam: Family, t: Dims, s: Dims) -> None:
     """A Mamba mixer set expand x hidden_size wide (no width key set: `Family.ssm`) has a student's width — its heads
     x head_dim (Mamba-1's, Jamba's: its channels) — with a whole expand over the student's hidden_size; refused in one
     line naming the ssm_heads (or hidden sizes) that give one."""
-    width, key = mixer_width(config, fam, t, s)
+    width, key = mixer_width(config, fam, s)
     if key is None or key != fam.ssm.get("expand") or width % s.hidden == 0:
         return
     fits = [n for n in range(t.ssm_groups, t.ssm_heads + 1, t.ssm_groups) if n * s.ssm_head_dim % s.hidden == 0]

@@ -44,7 +44,7 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
             _set(data, aliases.get(fam.keys[role], fam.keys[role]), value)
     if "heads" in fam.ssm:  # Mamba-2 mixers: their heads
         _set(data, fam.ssm["heads"], s.ssm_heads)
-    width, key = mixer_width(teacher_config, fam, t, s)
+    width, key = mixer_width(teacher_config, fam, s)
     if key:  # the key that sets the width: itself, or expand over hidden_size (whole: `tailkd.sizing.student_widths`)
         data[key] = width if key == fam.ssm.get("width") else width // s.hidden
     data.update({key: s.hidden for key in fam.hidden_keys if key in data})  # equal to the teacher's: `student_widths`
@@ -73,7 +73,7 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
     own = layer_dims(teacher_config, fam, t, s, layers, fraction)
     data.update(student_overrides(teacher_config, fam, s, own, layers))  # per_layer_config, query heads per layer
     if fam.kv_sources and isinstance(data.get(fam.kv_sources), list):  # the student's index of each chosen source
-        data[fam.kv_sources] = [layers.index(data[fam.kv_sources][i]) for i in layers]  # (kept: `tailkd.sizing`)
+        data[fam.kv_sources] = [layers.index(data[fam.kv_sources][i]) for i in layers]  # (kept: `tailkd.layer_choice`)
     if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
         data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
     if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
@@ -110,7 +110,7 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
                           f"{why[-1] if why else type(err).__name__}") from err
 
 
-def mixer_width(teacher_config, fam: Family, t: Dims, s: Dims) -> tuple[int, str | None]:
+def mixer_width(teacher_config, fam: Family, s: Dims) -> tuple[int, str | None]:
     """``(width, key)``: a student's Mamba mixer width (`Family.ssm`: its heads x head_dim; Jamba's Mamba-1 mixers
     their channels, heads of one) and the config key that sets it — the width key where the teacher's config sets it
     (Falcon-H1's mamba_d_ssm), else the expand key (the width over hidden_size) —; ``(0, None)`` without Mamba mixers,
