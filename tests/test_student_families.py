@@ -612,6 +612,10 @@ def _expected(name, teacher, plan):
                     "transformer.wpe.weight", "backbone.embeddings.weight"):
             return rd(w, 1)
         return w if name == "lm_head.bias" else rd(w, 0)  # final norm weight / bias
+    if m := re.fullmatch(r"self_attn\.([qk])_layernorm\.norms\.(\d+)\.(weight|bias)", rest):  # StableLM's modules
+        heads = plan["q_heads"] if m[1] == "q" else plan["kv_heads"]  # per head: the teacher head's, its kept rows
+        teacher_head = heads[int(m[2])]
+        return t[f"{prefix}{plan['layers'][i]}.self_attn.{m[1]}_layernorm.norms.{teacher_head}.{m[3]}"][plan["rows"]]
     w = t[f"{prefix}{plan['layers'][i]}.{rest}"]
     mixer_name, _, part = rest.partition(".")
     if mixer_name in ("mamba", "mixer") and _is_mamba2(mixer := teacher.get_submodule(
@@ -1200,6 +1204,33 @@ def test_published_kolibri_1_1_layout_gives_a_student_its_config_allows():
     assert (c.kv_source_layers, c.index_layers, c.mlp_only_layers) == ([0, 1, 2, 3, 4, 5, 6, 7, 5, 1], [1, 5], [0])
 
 
+def test_stablelm_per_head_qk_layernorms_follow_the_kept_heads(tmp_path):
+    """StableLM with qk_layernorm (StableLM 2 12B): one q LayerNorm module per query head and one k LayerNorm per KV
+    head. A student of every layer and width computes the teacher bit for bit; a student of 2 query heads on 2 KV
+    heads keeps teacher query heads 0 and 2 (one per KV head), and its q norm module j is the teacher's of its j-th
+    kept query head (its k norms the kept KV heads'), every other tensor the reference's; by importance the modules
+    follow the heads each layer keeps (the table's, as q_proj's rows do)."""
+    teacher = make_teacher("stablelm", qk_layernorm=True)
+    full, table = build_student(teacher, mlp_init="copy")
+    ids = _ids(10)
+    assert {row["action"] for row in table} == {"copied"} and torch.equal(_logits(full, ids), _logits(teacher, ids))
+    narrow = {"hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 40}
+    _check_narrow_student(teacher, narrow, dict(d=32, q_heads=[0, 2], kv_heads=[0, 1], ff=40), tmp_path)
+    for seed in range(7, 40):  # calibration rows under which some layer keeps other heads than the first ones
+        student, table = build_student(teacher, layers=NARROW_LAYERS, mlp_init="copy", attention_heads="active",
+                                       calibration=lambda seed=seed: [{"input_ids": _ids(seed, (2, 13))}], **narrow)
+        kept = {int(row["name"].split(".")[2]): row["heads"] for row in table if row["name"].endswith("q_proj.weight")}
+        if any(heads != [0, 2] for heads in kept.values()):
+            break
+    else:
+        raise AssertionError("every calibration set chose the first heads")
+    for j, i in enumerate(NARROW_LAYERS):
+        mine, theirs = student.model.layers[j].self_attn, teacher.model.layers[i].self_attn
+        for h, head in enumerate(kept[j]):
+            assert torch.equal(mine.q_layernorm.norms[h].weight, theirs.q_layernorm.norms[head].weight)
+            assert torch.equal(mine.k_layernorm.norms[h].weight, theirs.k_layernorm.norms[head // 2].weight)
+
+
 def test_published_jamba_shapes_give_the_students_their_configs_allow():
     """Jamba 1.5 Mini's Mamba-1 widths (hidden 4096, mamba_expand 2: 8192 channels, a state of 16, dt_rank 256), on the
     meta device: hidden 2048 keeps the 8192 channels with mamba_expand 4, or 4096 with 2; hidden 3072 needs 3072 or
@@ -1288,7 +1319,6 @@ def test_nemotron_h_dense_models_narrow_their_mlp():
 
 @pytest.mark.parametrize("family, overrides, why", [
     ("nemotron_h", {"moe_latent_size": 16}, "its experts work in a latent space of their own"),
-    ("stablelm", {"qk_layernorm": True}, "its q/k LayerNorms are one module per head"),
 ])
 def test_settings_the_tables_cannot_slice_are_refused_in_one_line(family, overrides, why):
     """A teacher setting that brings tensors no table entry slices (Family.refused_settings) is refused by name, with

@@ -193,6 +193,10 @@ class Family:
     # code; axis qkv_mp): a student keeps as many heads of each block — its first ones, or by importance the most
     # important of each (`tailkd.calibrated.kept_heads` with the blocks as groups) — so num_heads is a multiple
     head_blocks: int = 0
+    # (a module list inside a layer, "q" or "kv"): one module per query (or KV) head (StableLM's per-head q/k
+    # LayerNorms, qk_layernorm): its table entries name the list's members "<list>.*.<parameter>", and a student's
+    # module j is the teacher's of its j-th kept query (or KV) head, sliced as the entry says (`tailkd.student`)
+    head_module_lists: tuple[tuple[str, str], ...] = ()
     # config keys in proportion to hidden_size (MiniCPM3's dim_model_base: its final hidden states divide by
     # hidden_size / dim_model_base before the head): scaled with a narrower hidden_size, the ratio the teacher's; a
     # hidden_size for which the key is not a whole number is refused
@@ -405,10 +409,12 @@ FAMILIES = {f.name: f for f in (
            {**_ATTENTION, **linear("mlp.c_fc", "ff", "d"), **linear("mlp.c_proj", "d", "ff"), **_PRE_NORMS}, _EMBED,
            "follows_hidden"),
     # StableLM: partial rotary (0.25), LayerNorms with biases, optionally parallel attention and MLP; head_dim is always
-    # hidden_size / num_heads (its per-head q/k LayerNorm modules, qk_layernorm: refused)
-    Family("stablelm", "StableLM", ("StableLmForCausalLM",), _DECODER, {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS},
+    # hidden_size / num_heads; with qk_layernorm (StableLM 2 12B) one q/k LayerNorm module per head, the kept heads'
+    Family("stablelm", "StableLM", ("StableLmForCausalLM",), _DECODER,
+           {**_ATTENTION, **_GATED_MLP, **_PRE_NORMS,
+            **{f"self_attn.{p}_layernorm.norms.*.{w}": ("head_qk",) for p in "qk" for w in ("weight", "bias")}},
            _EMBED, "derived", reads_head_dim=False,
-           refused_settings=(("qk_layernorm", "its q/k LayerNorms are one module per head"),)),
+           head_module_lists=(("self_attn.q_layernorm.norms", "q"), ("self_attn.k_layernorm.norms", "kv"))),
     Family("nemotron", "Nemotron", ("NemotronForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS},
            _EMBED, "follows_hidden"),
     Family("arcee", "Arcee", ("ArceeForCausalLM",), _DECODER, {**_ATTENTION, **_UNGATED_MLP, **_PRE_NORMS}, _EMBED,

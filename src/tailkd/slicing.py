@@ -166,7 +166,7 @@ def axis_indices(t: Dims, s: Dims, rope: bool | str = True, fraction: float = 1.
             "gate_up_pairs": torch.stack([2 * ff, 2 * ff + 1], dim=1).flatten(), "expert": experts,
             "expert_ff": lambda n: expert_unit_rows(experts, s.intermediate, t.intermediate),  # DBRX's only: lazily
             "ff_shared": s.intermediate * s.shared_experts,
-            "kv_head": torch.tensor(kv_heads, dtype=torch.long),
+            "kv_head": torch.tensor(kv_heads, dtype=torch.long), "q_head": torch.tensor(q_heads, dtype=torch.long),
             "d_blocks": lambda n: torch.cat([b * t.hidden + d_range for b in range(n // t.hidden)]),
             "ff_model": None,  # the student tensor's own size on that dim (`build_student`)
             "head": lambda n: _rows(q_heads, _per_head(n, t.heads), list(range(_per_head(n, t.heads)))),

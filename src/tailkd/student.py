@@ -55,7 +55,8 @@ Heads    head_dim, per family: Llama/Qwen2/Mistral the teacher's while the hidde
              important —, Phi-3 gate_up_proj the first units of each half.
            - q/k norms follow the q/k rows: per-head norms (Qwen3, Gemma3, Phi qk_layernorm, Persimmon, HunYuan's
              after RoPE) keep the rows kept inside a head, OLMo-2's, FlexOlmo's and MiniMax-M2's norms over the whole
-             projection keep exactly q_proj's/k_proj's rows.
+             projection keep exactly q_proj's/k_proj's rows; StableLM's qk_layernorm, one LayerNorm module per query
+             (KV) head, gives student head j the module of its kept teacher head (`Family.head_module_lists`).
 MLP      "random" (the paper): the student config's own initialisation, seeded by `seed`. "copy": the
          first `intermediate_size` units (gate/up rows, down columns), input side truncated to hidden, or with
          ``mlp_units="active"`` per layer the most active over calibration rows (`tailkd.calibration`).
@@ -252,11 +253,18 @@ __all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_st
 # --------------------------------------------------------------------------- copy plans
 
 def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
-    """(teacher name or (pattern, student layer), axis kinds) for a student parameter (or persistent ``buffer``);
-    (None, None) = random (a buffer the table does not name: its own init)."""
+    """(teacher name or (pattern, student layer[, (head kind, student head)]), axis kinds) for a student parameter (or
+    persistent ``buffer``); (None, None) = random (a buffer the table does not name: its own init). A member of a
+    per-head module list (`Family.head_module_lists`) names its list's entry "<list>.*.<parameter>", its pattern the
+    teacher head's index to fill."""
     if name in fam.params:
         return name, fam.params[name]
     layer, rest = _in_layer(name, fam)
+    for path, kind in fam.head_module_lists:
+        m = re.fullmatch(re.escape(path) + r"\.(\d+)\.(.+)", rest or "")
+        if m and f"{path}.*.{m[2]}" in fam.layer_params:
+            return ((fam.layer_prefix + "{}." + path + ".{}." + m[2], layer, (kind, int(m[1]))),
+                    fam.layer_params[f"{path}.*.{m[2]}"])
     if rest not in fam.layer_params:
         if buffer:
             return None, None
@@ -396,9 +404,10 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         if source is None:
             return None
         layer = None
-        if isinstance(source, tuple):  # (pattern, student layer)
+        if isinstance(source, tuple):  # (pattern, student layer[, (head kind, student head)])
             layer = chosen[source[1]]
-            source = source[0].format(layer)
+            heads_of = per_layer.get(layer, index)  # a head list's member: the teacher head of the student's
+            source = source[0].format(layer, *(int(heads_of[f"{h[0]}_head"][h[1]]) for h in source[2:]))
         def cut(dim: int, axis: str):
             if axis == "ff_model":
                 return tensor.shape[dim]
@@ -524,8 +533,10 @@ def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None
         out = {i: set() for i in layers}
         for name, _ in model.named_parameters():
             layer, rest = _in_layer(name, fam)
-            if layer in out:
-                out[layer].add(rest.rpartition(".")[0])  # the module path
+            if layer in out:  # the module path; a per-head module list's members as one (their number is the heads')
+                module = rest.rpartition(".")[0]
+                out[layer].add(next((f"{path}.*" for path, _ in fam.head_module_lists
+                                     if module.startswith(f"{path}.")), module))
         return out
     want, have = kinds(teacher, chosen), kinds(student, range(len(chosen)))
     for j, i in enumerate(chosen):
