@@ -237,6 +237,29 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_passes_through(tmp_path
     assert "(active: 2 of 8 experts)" in capsys.readouterr().out
 
 
+def test_experts_per_token_listed_per_layer_count_each_layers_own():
+    """HunYuan-MoE's moe_topk may list each layer's k (its layer i reads entry i): N counts k_i/E of layer i's experts,
+    by plain counting over the built model, and the report gives k as their mean (it had counted a dense model)."""
+    import torch
+    import transformers
+
+    d, layers, e, topk = 64, 5, 4, [2, 1, 2, 2, 1]
+    cfg = {"hidden_size": d, "intermediate_size": 40, "num_hidden_layers": layers, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "num_experts": e, "moe_topk": topk,
+           "tie_word_embeddings": False}
+    size = model_size({"model_type": "hunyuan_v1_moe", **cfg})
+    config = transformers.AutoConfig.for_model("hunyuan_v1_moe", **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    want = 0.0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            want += p.numel() * (topk[int(parts[2])] / e if "experts" in parts[:-1] else 1)
+    assert size.experts == (sum(topk) / layers, e)
+    assert size.params_nonembedding == pytest.approx(want, rel=1e-12)  # float64 sums of ~1e5 of integers
+
+
 def test_dbrx_reads_its_experts_from_its_ffn_config():
     """DBRX keeps k and E in its ffn_config (moe_top_k of moe_num_experts), its experts as three [E x ffn, d] tensors
     under ``ffn.experts``: N counts k/E of them, by plain counting."""

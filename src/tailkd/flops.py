@@ -9,7 +9,8 @@ Counting rules (Kaplan et al. 2020, "Scaling laws", Table 1; one multiply-add = 
     A mixture of experts counts the parameters a token passes through: of the weights under a module named
     ``experts`` (Mixtral, Qwen-MoE, DeepSeek, OLMoE, Granite-MoE, DBRX), the fraction k/E (``num_experts_per_tok`` of
     ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``; DBRX's ffn_config: ``moe_top_k`` of
-    ``moe_num_experts``); shared experts and routers fully.
+    ``moe_num_experts``; a k listed per layer, HunYuan-MoE's moe_topk, layer by layer: k its mean); shared experts and
+    routers fully.
   * 2·d·V: the LM head (hidden d → vocabulary V), counted once even when tied to the embedding; the
     embedding lookup itself costs nothing.
   * 2·n_layer·s·d_attn: attention scores QKᵀ and the weighted sum AV. For a token at position t each
@@ -78,7 +79,8 @@ class ModelSize:
     tied: bool = False  # the LM head is the input embedding (frozen with it by freeze_embeddings)
     # per layer: its sliding attention window, 0 = full causal, -1 = no attention over the sequence; () = all full
     windows: tuple[int, ...] = ()
-    experts: tuple[int, int] = (0, 0)  # (k, E): each token passes through k of E experts; (0, 0) = no experts
+    experts: tuple[float, int] = (0, 0)  # (k, E): each token passes through k of E experts (k listed per layer: their
+    # mean); (0, 0) = no experts
     attn_dims: tuple[float, ...] = ()  # per layer its d_attn where layers differ (per_layer_config, Laguna's heads
     #                                    per layer); () = all attn_dim
 
@@ -175,15 +177,19 @@ def _attn_dim(cfg, hidden: int, heads: int):
     return twice // 2 if twice % 2 == 0 else twice / 2
 
 
-def _experts(cfg) -> tuple[int, int]:
-    """(k, E) of a mixture-of-experts config: experts per token and routed experts; (0, 0) for a dense model."""
+def _experts(cfg) -> tuple[float, int]:
+    """(k, E) of a mixture-of-experts config: experts per token and routed experts; (0, 0) for a dense model. A k
+    listed per layer (HunYuan-MoE's moe_topk: its layer i routes each token to entry i, its layers' experts alike)
+    gives their mean: the experts' weights count k_i/E layer by layer, in sum the mean's share of them all."""
     k = getattr(cfg, "num_experts_per_tok", None)
+    if isinstance(k, (list, tuple)) and k and all(isinstance(v, int) for v in k):
+        k = sum(k) / len(k)
     n = next((v for v in (getattr(cfg, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
               if isinstance(v, int) and v > 0), None)
     ffn = getattr(cfg, "ffn_config", None)  # DBRX: its sizes in a sub-config
     if k is None and getattr(ffn, "moe_top_k", None) is not None:
         k, n = ffn.moe_top_k, ffn.moe_num_experts
-    if not isinstance(k, int) or not n or not 0 < k <= n:
+    if not isinstance(k, (int, float)) or not n or not 0 < k <= n:
         return 0, 0
     return k, n
 
