@@ -107,14 +107,15 @@ def calibrated_layers(measured: dict, num_layers: int | None, layers, period: in
         by_period = influence[: len(influence) // period * period].reshape(-1, period).sum(1)
         return None, [p * period + r for p in largest(by_period, num_layers // period).tolist() for r in range(period)]
     first, needed, kinds = needs
+    order = sorted(range(len(influence)), key=lambda i: (-float(influence[i]), i))  # by influence, ties to the lower
     best = {}
-    for i in sorted(range(len(kinds or ())), key=lambda i: (-float(influence[i]), i)):
+    for i in order if kinds else ():
         best.setdefault(kinds[i], i)
     first = [*first, *best.values()]
     if not first and not needed:
         return None, largest(influence, num_layers).tolist()
     chosen = set()
-    for i in [*first, *sorted(range(len(influence)), key=lambda i: (-float(influence[i]), i))]:
+    for i in [*first, *order]:
         add = {i, *needed.get(i, ())} - chosen
         if len(chosen) + len(add) <= num_layers:
             chosen |= add

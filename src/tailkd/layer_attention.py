@@ -189,16 +189,17 @@ def reused_results(config, fam: Family) -> dict[int, int]:
     the last full indexer layer; `Family.reindexes`: Kolibri 1.1's indexed-attention layers its index_layers does not
     list, the pool of the closest preceding one it lists); {} elsewhere. A student's such layer reuses its last
     earlier chosen layer's."""
+    among = result_layers(config, fam)
     if fam.reuses_earlier:
         kinds = getattr(config, fam.reuses_earlier[0], None) or ()
         computes = [kind != fam.reuses_earlier[1] for kind in kinds]
     elif fam.reindexes:
         listed = set(getattr(config, fam.reindexes[0], None) or ())
-        computes = [i in listed for i in result_layers(config, fam)]
+        computes = [i in listed for i in among]
     else:
         return {}
     found, last = {}, None
-    for i, own in zip(result_layers(config, fam), computes):
+    for i, own in zip(among, computes):
         if own:
             last = i
         elif last is not None:

@@ -260,11 +260,10 @@ def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
     if name in fam.params:
         return name, fam.params[name]
     layer, rest = _in_layer(name, fam)
-    for path, kind in fam.head_module_lists:
-        m = re.fullmatch(re.escape(path) + r"\.(\d+)\.(.+)", rest or "")
-        if m and f"{path}.*.{m[2]}" in fam.layer_params:
-            return ((fam.layer_prefix + "{}." + path + ".{}." + m[2], layer, (kind, int(m[1]))),
-                    fam.layer_params[f"{path}.*.{m[2]}"])
+    if member := _head_member(rest, fam):
+        path, kind, head, tail = member
+        axes = fam.layer_params[f"{path}.*.{tail}"]
+        return (fam.layer_prefix + "{}." + path + ".{}." + tail, layer, (kind, head)), axes
     if rest not in fam.layer_params:
         if buffer:
             return None, None
@@ -273,6 +272,16 @@ def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
     if rest.startswith(fam.mlp_prefix) and mlp_init == "random":
         return None, None
     return (fam.layer_prefix + "{}." + rest, layer), fam.layer_params[rest]
+
+
+def _head_member(rest: str | None, fam: Family) -> tuple[str, str, int, str] | None:
+    """``(list path, head kind, head, parameter)`` of a per-layer name inside a per-head module list
+    (`Family.head_module_lists`) whose "<list>.*.<parameter>" the table names; None otherwise."""
+    for path, kind in fam.head_module_lists:
+        m = re.fullmatch(re.escape(path) + r"\.(\d+)\.(.+)", rest or "")
+        if m and f"{path}.*.{m[2]}" in fam.layer_params:
+            return path, kind, int(m[1]), m[2]
+    return None
 
 
 def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
@@ -534,9 +543,8 @@ def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None
         for name, _ in model.named_parameters():
             layer, rest = _in_layer(name, fam)
             if layer in out:  # the module path; a per-head module list's members as one (their number is the heads')
-                module = rest.rpartition(".")[0]
-                out[layer].add(next((f"{path}.*" for path, _ in fam.head_module_lists
-                                     if module.startswith(f"{path}.")), module))
+                member = _head_member(rest, fam)
+                out[layer].add(f"{member[0]}.*" if member else rest.rpartition(".")[0])
         return out
     want, have = kinds(teacher, chosen), kinds(student, range(len(chosen)))
     for j, i in enumerate(chosen):
