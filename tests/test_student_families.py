@@ -1341,14 +1341,34 @@ def test_opt_with_embedding_projections_is_refused_in_one_line():
         build_student(teacher)
 
 
-def test_expert_settings_listed_per_layer_are_refused_in_one_line():
-    """HunYuan-MoE's config may list moe_topk per layer (its model reads entry i in layer i): no single student value
-    replaces the list, so the teacher is refused with the way out before any tensor is read."""
+def test_experts_per_token_listed_per_layer_follow_the_kept_layers(tmp_path):
+    """HunYuan-MoE's config may list moe_topk per layer (Hunyuan-A13B's does; its layer i routes each token to entry
+    i's experts): the student's lists the kept layers' entries (teacher layers 1, 2, 4 of [2, 1, 2, 2, 1]: [1, 2, 1],
+    not its own indices' [2, 1, 2]), so the student of those layers computes as the teacher with the others zeroed, bit
+    for bit, and its saved config loads with the list; num_experts_per_tok sets every layer's; fewer experts than the
+    largest entry are refused in one line."""
     teacher = make_teacher("hunyuan_v1_moe", moe_topk=[2, 1, 2, 2, 1])
-    assert teacher.model.layers[1].mlp.gate.top_k == 1
-    with pytest.raises(TailkdError, match=r"^the teacher's moe_topk is a list, one per layer, which tailkd cannot cut "
-                                          r"into a student: give the student as a folder \(--student DIR\)$"):
-        build_student(teacher, num_experts=3)
+    assert [layer.mlp.gate.top_k for layer in teacher.model.layers] == [2, 1, 2, 2, 1]
+    assert teacher_dims(teacher.config, "hunyuan_v1_moe").experts_per_token == 2
+    student, table = build_student(teacher, layers=SUBSET, mlp_init="copy")
+    assert student.config.moe_topk == [1, 2, 1]
+    assert [layer.mlp.gate.top_k for layer in student.model.layers] == [1, 2, 1]
+    _assert_copied_exactly(student, table, teacher, _plan(teacher, SUBSET))
+    ids = _ids(1)
+    assert torch.equal(_logits(student, ids), _logits(_zero_dropped_layers(teacher, SUBSET), ids))
+    student.save_pretrained(tmp_path)
+    reloaded = _reload(tmp_path)
+    assert [layer.mlp.gate.top_k for layer in reloaded.model.layers] == [1, 2, 1]
+    assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
+
+    narrow, table = build_student(teacher, layers=SUBSET, num_experts=3, num_experts_per_tok=1, mlp_init="copy")
+    assert narrow.config.moe_topk == 1
+    assert [layer.mlp.gate.top_k for layer in narrow.model.layers] == [1, 1, 1]
+    _assert_copied_exactly(narrow, table, teacher, _plan(teacher, SUBSET, experts=3))
+    with pytest.raises(TailkdError, match=r"^num_experts=1 but each token is routed to 2 \(the teacher's "
+                                          r"num_experts_per_tok, the most of any layer\): pick 2\.\.4, or set "
+                                          r"num_experts_per_tok to at most 1$"):
+        build_student(teacher, layers=SUBSET, num_experts=1)
 
 
 def test_deepseek_v2_greedy_routing_keeps_the_first_experts():

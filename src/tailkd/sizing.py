@@ -78,16 +78,14 @@ def _routed_experts(config, fam: Family) -> int:
 def teacher_dims(config, family: str | Family) -> Dims:
     fam = config_family(config, family)
     keys = fam.keys
-    for role in ("experts", "experts_per_token", "intermediate"):  # HunYuan-MoE's configs may list them per layer
-        if keys.get(role) and isinstance(setting(config, keys[role]), (list, tuple)):
-            raise TailkdError(f"the teacher's {keys[role]} is a list, one per layer, which tailkd cannot cut into a "
-                              "student: give the student as a folder (--student DIR)")
     hidden, heads = setting(config, keys["hidden"]), setting(config, keys["heads"]) if keys["heads"] else 0
     kv_heads = (setting(config, keys["kv_heads"]) if keys["kv_heads"] else None) or heads  # 0: attention-free (Mamba)
     kv_heads = 1 if fam.multi_query else kv_heads  # GPT-BigCode's, Falcon-7B's multi-query attention
     head_dim = ((None if fam.head_dim == "derived" else setting(config, "head_dim")) or hidden // heads) if heads else 0
     experts = _routed_experts(config, fam)
     per_token = setting(config, keys["experts_per_token"]) if experts else 0
+    # k listed per layer (HunYuan-MoE's moe_topk; its config class types its widths as one number each)
+    per_layer = tuple(int(k) for k in per_token) if isinstance(per_token, (list, tuple)) else ()
     groups, shared = (setting(config, keys[role]) if keys.get(role) else None
                       for role in ("expert_groups", "shared_experts"))
     inter = setting(config, keys["intermediate"]) if keys["intermediate"] else None  # Bloom: always 4 x hidden
@@ -96,8 +94,8 @@ def teacher_dims(config, family: str | Family) -> Dims:
     if fam.ssm and "heads" not in fam.ssm:  # Mamba-1 mixers (Jamba's): each channel a head of one, in one group
         ssm = dict(heads=setting(config, fam.ssm["expand"]) * hidden, head_dim=1, groups=1)
     return Dims(setting(config, keys["layers"]), hidden, heads, kv_heads, head_dim, inter or 4 * hidden, experts,
-                per_token, groups or 1, shared or 0, v_head_dim, ssm.get("heads", 0), ssm.get("head_dim", 0),
-                ssm.get("groups", 1))
+                max(per_layer, default=per_token), groups or 1, shared or 0, v_head_dim, ssm.get("heads", 0),
+                ssm.get("head_dim", 0), ssm.get("groups", 1), per_layer)
 
 
 def rotary_fraction(config, fam: Family | None = None) -> float:
@@ -159,7 +157,7 @@ def student_dims(t: Dims, family: str | Family, n_layers: int, hidden_size=None,
                               f"{_rotating_head_dim(t, hd, heads, rotary_fraction, head_dim is not None)}")
     return Dims(n_layers, hidden, heads, kv_heads, hd, inter, experts, per_token, t.expert_groups, t.shared_experts,
                 _value_head_dim(t, fam, hd) if heads else 0, _ssm_heads(t, fam, ssm_heads), t.ssm_head_dim,
-                t.ssm_groups)
+                t.ssm_groups, t.experts_per_layer if num_experts_per_tok is None else ())
 
 
 def _ssm_heads(t: Dims, fam: Family, requested) -> int:
@@ -252,7 +250,8 @@ def _kv_heads(t: Dims, fam: Family, heads: int, requested) -> int:
 
 def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int, int]:
     """The student's routed experts (the teacher's first `requested`; all by default) and experts per token (the
-    teacher's by default), at most as many as it has."""
+    teacher's by default: where its config lists them per layer, each kept layer's own, the largest at most as many as
+    the student has; `requested_per_token` in every layer), at most as many as it has."""
     for name, value in (("num_experts", requested), ("num_experts_per_tok", requested_per_token)):
         if value is not None and not t.experts:
             raise TailkdError(f"{name}={value} but {fam.label} is not a mixture of experts: drop {name}")
@@ -270,8 +269,9 @@ def _experts(t: Dims, fam: Family, requested, requested_per_token) -> tuple[int,
                           "whatever its config says: drop num_experts_per_tok")
     if not 1 <= k <= n:
         if requested_per_token is None:
-            raise TailkdError(f"num_experts={n} but each token is routed to {k} (the teacher's num_experts_per_tok): "
-                              f"pick {k}..{t.experts}, or set num_experts_per_tok to at most {n}")
+            most = ", the most of any layer" if t.experts_per_layer else ""
+            raise TailkdError(f"num_experts={n} but each token is routed to {k} (the teacher's num_experts_per_tok"
+                              f"{most}): pick {k}..{t.experts}, or set num_experts_per_tok to at most {n}")
         raise TailkdError(f"num_experts_per_tok={k} but the student has {n} experts: pick 1..{n}")
     return n, k
 

@@ -36,6 +36,8 @@ class Dims:
     ssm_heads: int = 0  # a Mamba-2 mixer's heads (`Family.ssm`); 0: none
     ssm_head_dim: int = 0  # their size, the teacher's
     ssm_groups: int = 1  # the groups sharing B and C (n_groups), the teacher's
+    experts_per_layer: tuple[int, ...] = ()  # each layer's experts per token where the config lists them per layer
+    #                                          (HunYuan-MoE's moe_topk; experts_per_token is then their largest)
 
 
 def rope_pair_rows(hd_t: int, hd_s: int, interleaved: bool = False) -> list[int]:

@@ -93,7 +93,8 @@ Experts  A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, Ph
          topk_group groups; the shared experts (one MLP of n_shared_experts routed widths) keep their first
          n_shared_experts x intermediate_size units. MiniMax-M2's and Hy3's score-correction bias (on the MoE block)
          likewise follows the kept experts. HunYuan-MoE's always-on shared MLP is as wide as its experts and narrows
-         with them; an expert setting its config lists per layer (HunYuan-MoE's moe_topk) is refused. Llama 4 (text)
+         with them; where its config lists moe_topk per layer (Hunyuan-A13B's), the student's lists the kept layers'
+         (num_experts at least their largest; `num_experts_per_tok` sets every layer's). Llama 4 (text)
          routes with a sigmoid top-k router whose experts take every token pre-scaled by its score (with experts "used"
          the counts are read at the router); its shared expert is as wide as each routed one and narrows with them, its
          dense layers' MLPs (``intermediate_size_mlp``, in the layers ``moe_layers`` does not list: renumbered to the

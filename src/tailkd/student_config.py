@@ -36,8 +36,9 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
     for key in ("quantization_config", "_name_or_path", "name_or_path"):
         data.pop(key, None)
     data["dtype"] = "float32"  # the student's master weights, whatever the teacher was loaded in
+    per_token = [s.experts_per_layer[i] for i in layers] if s.experts_per_layer else s.experts_per_token  # per layer
     sizes = {"layers": s.layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-             "intermediate": s.intermediate, "experts": s.experts, "experts_per_token": s.experts_per_token}
+             "intermediate": s.intermediate, "experts": s.experts, "experts_per_token": per_token}
     aliases = getattr(type(teacher_config), "attribute_map", {})  # e.g. num_experts -> Mixtral's num_local_experts
     for role, value in sizes.items():
         if fam.keys.get(role):
