@@ -205,6 +205,33 @@ def test_overwrite_through_a_linked_run_folder_unlinks_a_link_inside_it(tmp_path
     assert (elsewhere / "keep.txt").read_text() == "not the run's"
 
 
+def test_overwrite_empties_the_run_folder_and_keeps_the_folder(tmp_path, monkeypatch):
+    """--overwrite deletes the run in its folder, not the folder: a mount point (which rmtree cannot remove: EBUSY,
+    after deleting what it held) keeps working, the folder's own permissions stay. A file that cannot be deleted is
+    refused in one line naming it."""
+    import errno
+    import os
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_2").mkdir(parents=True)
+    (out / "config.yaml").write_text("train: {seed: 3}\n")
+    (out / "checkpoints" / "step_2" / "state.pt").write_bytes(b"x")
+    out.chmod(0o750)  # not what a new folder gets (0o777 less the umask)
+    runs.claim_run_dir(out, _config(out, overwrite=True, seed=5), False)
+    assert os.stat(out).st_mode & 0o777 == 0o750 and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert "seed: 5" in (out / "config.yaml").read_text()
+
+    def busy(path, *args, **kwargs):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+
+    (out / "checkpoints").mkdir()
+    monkeypatch.setattr(runs.shutil, "rmtree", busy)
+    with pytest.raises(TailkdError, match=rf"^--overwrite could not delete {re.escape(str(out / 'checkpoints'))} "
+                                          r"\(Device or resource busy\); delete the run in .* yourself or choose "
+                                          r"another --out$"):
+        runs.claim_run_dir(out, _config(out, overwrite=True), False)
+
+
 def test_replace_config_keeps_the_old_one_and_saves_the_new_without_the_invocation_flags(tmp_path, capsys):
     """A forced resume's config.yaml: the old one kept as config.replaced-TIME.yaml, the new one saved without
     --resume / --force (so the printed ``--config RUN/config.yaml --resume`` continues it, and the next change needs
@@ -347,11 +374,28 @@ def test_signals_in_a_run_are_recorded_said_once_and_a_second_ctrl_c_interrupts(
             signal.raise_signal(signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     err = capsys.readouterr().err
-    assert err.count("received") == 1 and "tailkd: SIGTERM received: finishing this step, then saving a " in err
+    assert err.count("received") == 1 and ("tailkd: SIGTERM received: finishing this step, then saving a checkpoint "
+                                           "(Ctrl-C to stop at once, without one)") in err
     with runs.stop_on_signals() as received:
         signal.raise_signal(signal.SIGINT)
         assert received == [signal.SIGINT]
+    assert "(Ctrl-C again to stop at once, without one)" in capsys.readouterr().err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A background job of a script starts with SIGINT ignored (the shell's doing): a run there is not stopped by it,
+    as its loading was not (it had been, once training started); SIGTERM still is."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with runs.stop_on_signals() as received:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_signals_are_left_alone_outside_the_main_thread():

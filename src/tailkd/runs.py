@@ -250,15 +250,16 @@ def claim_run_dir(out: Path, cfg: DistillConfig, resuming: bool, student_init: l
         if cfg.student.calibrated() and student_init is not None and not any(c.startswith("student.") for c in changes):
             check_student_init(out, student_init)
         return
-    if out.exists() and cfg.train.overwrite:
-        if out.is_symlink():  # a link to a folder elsewhere (another disk): its run is replaced, the link stays
+    if out.exists() and cfg.train.overwrite:  # the run in it goes, the folder stays: a link to a folder elsewhere
+        try:  # (another disk), a mount point (which no rmtree may remove)
             for child in out.iterdir():
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
                     child.unlink()
-        else:
-            shutil.rmtree(out)
+        except OSError as exc:
+            raise TailkdError(f"--overwrite could not delete {exc.filename or out} ({exc.strerror or exc}); delete the "
+                              f"run in {out} yourself or choose another --out") from exc
     try:
         out.mkdir(parents=True, exist_ok=True)
         for leftover in filter(_first_config_leftover, out.iterdir()):
@@ -441,7 +442,8 @@ def deterministic_mode(enabled: bool):
 def stop_on_signals():
     """Within the block, SIGINT and SIGTERM only record themselves in the yielded list: the loop finishes
     its current step, writes a checkpoint and returns (exit code 128 + signal: 130 / 143). A second SIGINT
-    (Ctrl-C twice) interrupts at once, without a checkpoint. A no-op outside the main thread."""
+    (Ctrl-C twice) interrupts at once, without a checkpoint. A signal the process ignores stays ignored (SIGINT in a
+    background job of a script: the shell starts it so). A no-op outside the main thread."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -451,11 +453,13 @@ def stop_on_signals():
         if received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not received and dist.is_main():
+            again = " again" if signum == signal.SIGINT else ""
             print(f"\ntailkd: {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-                  "(Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+                  f"(Ctrl-C{again} to stop at once, without one)", file=sys.stderr, flush=True)
         received.append(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield received
     finally:
