@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -526,6 +527,9 @@ def test_the_printed_table_has_the_rows_of_the_metrics_it_was_given():
                                                          "top-1 accuracy (next token)"]
     assert lines[2].split()[-2:] == [format(alone["student_clm"], ".4f"), "—"]
     assert lines[-1] == "3 held-out tokens (1 rows of 3)"
+    for split, scored in (("heldout", "3 held-out tokens"), ("train", "3 training tokens"), ("all", "3 tokens")):
+        table = format_table({**alone, "rows": 1, "seq_len": 3, "split": split})
+        assert table.splitlines()[-1] == f"{scored} (1 rows of 3)"
     both = heldout_metrics(model, model, one_batch([0, 1, 0], [0, 2, 1]), 3, bins=10)
     names = [ln.split("  ")[0] for ln in format_table(both).splitlines()[2:-1]]
     assert names == ["CLM loss [nats/token]", "perplexity", "top-1 accuracy (next token)", "Full-ECE (M=10)",
@@ -781,6 +785,30 @@ def test_eval_generate_reports_rouge_l_in_json_and_table(assets, tmp_path, capsy
     assert not any(k.startswith("teacher_") for k in s)
     assert {k: v for k, v in r.items() if k.startswith("student_")} == {k: v for k, v in s.items()
                                                                          if k.startswith("student_")}
+
+
+def test_eval_generate_decodes_prompts_without_references(assets, tmp_path, capsys):
+    """`--prompts` lines may hold no reference (a prompt alone, a chat ending before an assistant turn): with
+    `--generate.rouge false` both are decoded (a ChatML template given); with ROUGE-L on, the run is refused in one
+    line naming the first."""
+    from test_sft import CHATML
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "The team won"},
+                                                   {"messages": [{"role": "user", "content": "The team won"}]}])
+    jinja = tmp_path / "chatml.jinja"
+    jinja.write_text(CHATML)
+    out = tmp_path / "g.json"
+    assert main(generate_args(assets, prompts, out, "--generate.rouge", "false", "--data.chat_template",
+                              str(jinja))) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "generate" and r["examples"] == 2
+    assert not any("rouge" in k for k in r) and 0 <= r["student_exact_match"] <= 1
+    capsys.readouterr()
+    assert main(generate_args(assets, prompts, tmp_path / "rouge.json", "--data.chat_template", str(jinja))) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tailkd") or "Traceback" in line]
+    assert len(err) == 1 and re.search(r"ROUGE-L needs a reference response for every prompt, but 2 of 2 held-out "
+                                       r"examples have an empty reference \(first: .*p\.jsonl:1\)", err[0]), err
+    assert not (tmp_path / "rouge.json").exists()
 
 
 def test_eval_generate_prompts_are_rendered_as_the_runs_rows(tmp_path):

@@ -732,6 +732,27 @@ def test_references_optional_takes_an_empty_response(tmp_path):
         read_sft_examples([f])
 
 
+def test_references_optional_takes_prompts_without_a_reference(tmp_path):
+    """Prompts to decode may leave the reference out: a prompt without "response" and a chat without an assistant
+    turn (its prompt: all its messages) read as examples of an empty reference with references_optional; without
+    it (training data) both are refused, naming what is missing."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "A"}, {"messages": chat}])
+    a, b = read_sft_examples([f], references_optional=True)
+    assert (a.prompt, a.reference, a.generation_prompt(chat=False)) == ("A", "", "A")
+    assert (b.reference, b.generation_prompt(chat=True)) == ("", chat)
+    with pytest.raises(TailkdError, match=r'^.*d\.jsonl:1: no "response" field \(found keys \[\'prompt\'\]\); every '
+                                          r'line needs "prompt" and "response", or "messages"$'):
+        read_sft_examples([f])
+    g = write_jsonl(tmp_path / "g.jsonl", [{"messages": chat}])
+    with pytest.raises(TailkdError, match=r'g\.jsonl:1: no "assistant" message, so nothing to train on'):
+        read_sft_examples([g])
+    h = write_jsonl(tmp_path / "h.jsonl", [{"question": "A"}])
+    with pytest.raises(TailkdError, match=r'h\.jsonl:1: no "prompt" field \(found keys \[\'question\'\]\); every '
+                                          r'line needs "prompt", or "messages"$'):
+        read_sft_examples([h], references_optional=True)
+
+
 def test_an_empty_file_after_another_is_refused(tmp_path):
     """Each file must hold an example, not only the first one read."""
     f = write_jsonl(tmp_path / "a.jsonl", EXAMPLES[:2])

@@ -164,7 +164,8 @@ class GenerateOptions:
     enabled: bool = _f(False, "generation-based evaluation instead of the held-out metrics: decode held-out prompts "
                               "with student and teacher and score exact match of the final answer ('#### N', else "
                               "'the answer is N', else the last number) and ROUGE-L (generate.rouge)")
-    prompts: list[str] = _f([], "prompt/response JSONL files whose every example is decoded, rendered as "
+    prompts: list[str] = _f([], "prompt/response JSONL files whose every example is decoded (the response, a "
+                                "reference, may be left out), rendered as "
                                 "data.chat_template says (the run's) (default: the held-out split of the data when "
                                 "data.task is sft, as an SFT run's; else the built-in math problems' held-out set)")
     max_new_tokens: int = _f(256, "tokens generated per prompt")

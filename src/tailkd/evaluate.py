@@ -297,5 +297,6 @@ def format_table(result: dict) -> str:
                       ("top-1 agreement", "agreement")):
         if key in result:
             lines.append(f"{name:<34} {result[key]:>12.4f}")
-    lines.append(f"{result['tokens']} held-out tokens ({result.get('rows', '?')} rows of {result.get('seq_len', '?')})")
+    which = {"heldout": "held-out ", "train": "training ", "all": ""}[result.get("split", "heldout")]  # `eval --split`
+    lines.append(f"{result['tokens']} {which}tokens ({result.get('rows', '?')} rows of {result.get('seq_len', '?')})")
     return "\n".join(lines)

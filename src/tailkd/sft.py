@@ -75,10 +75,9 @@ Prompt = str | list[dict]  # a plain prompt, or chat messages without the final 
 class SFTExample:
     """One training example: a plain pair (``prompt``, ``response``) or a chat (``messages``).
 
-    ``source`` is ``"file:line"``. ``generation_prompt`` / ``reference`` are what generation-based
-    evaluation uses: the prompt (for a chat: the messages before the LAST assistant turn) and the
-    reference response (the last assistant turn's content).
-    """
+    ``source`` is ``"file:line"``. ``generation_prompt`` / ``reference`` are what generation-based evaluation uses:
+    the prompt (for a chat: the messages before the LAST assistant turn; all where none is: prompts to decode) and
+    the reference response (the last assistant turn's content; "" where there is none)."""
 
     source: str
     prompt: str | None = None
@@ -93,13 +92,13 @@ class SFTExample:
     def reference(self) -> str:
         if self.messages is None:
             return self.response
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
 
     def generation_prompt(self, chat: bool) -> Prompt:
         """The prompt as rendered for training: a chat (list of messages) if ``chat``, else the plain string."""
         if self.messages is None:
             return [{"role": "user", "content": self.prompt}] if chat else self.prompt
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        last = max((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), default=len(self.messages))
         return [dict(m) for m in self.messages[:last]]
 
     def key(self) -> str:
@@ -138,13 +137,14 @@ def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
                 raise TailkdError(f'{where}: message {j} is not {{"role": str, "content": str}} (got {m!r:.80})')
             for k in ("role", "content"):
                 check_unicode(m[k], f'{where}: message {j}\'s "{k}"')
-        if not any(m["role"] == "assistant" for m in msgs):
+        if not references_optional and not any(m["role"] == "assistant" for m in msgs):
             raise TailkdError(f'{where}: no "assistant" message, so nothing to train on; add the assistant reply')
         return SFTExample(where, messages=tuple({"role": m["role"], "content": m["content"]} for m in msgs))
-    missing = [k for k in ("prompt", "response") if k not in obj]
-    if missing:
+    needed = ("prompt",) if references_optional else ("prompt", "response")  # prompts to decode: a reference or not
+    if missing := [k for k in needed if k not in obj]:
         raise TailkdError(f'{where}: no "{missing[0]}" field (found keys {sorted(obj)[:6]}); every line needs '
-                          '"prompt" and "response", or "messages"')
+                          f'{" and ".join(map(json.dumps, needed))}, or "messages"')
+    obj = {"response": "", **obj}
     for k in ("prompt", "response"):
         if not isinstance(obj[k], str):
             raise TailkdError(f'{where}: "{k}" is a {type(obj[k]).__name__}, not a string')
@@ -159,9 +159,9 @@ def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTEx
 
     Blank lines are skipped. ``TailkdError`` (with file:line) for a line that is not JSON, not an object,
     lacks ``prompt``/``response`` (or ``messages``), has the wrong types or text that is no Unicode (an unpaired
-    surrogate escape, ``tailkd.corpus.check_unicode``); and for a file without examples; for
-    an empty ``response`` too unless ``references_optional`` (prompts to decode: the response is only a reference,
-    which ROUGE-L then asks for).
+    surrogate escape, ``tailkd.corpus.check_unicode``); and for a file without examples; for an empty ``response`` too
+    unless ``references_optional`` (prompts to decode: the response is only a reference, which ROUGE-L then asks for;
+    a missing one, or a chat without an assistant turn, is then an empty one).
     """
     from tailkd.corpus import list_files
 
