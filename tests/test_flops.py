@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -819,3 +820,28 @@ def test_a_model_folder_without_config_json_and_a_config_without_model_type_are_
         size_from_spec(str(tmp_path / "m"))
     with pytest.raises(TailkdError, match="config c has no model_type; pass a transformers config.json"):
         model_size({"hidden_size": 8, "vocab_size": 50}, name="c")
+
+
+def test_a_model_spec_that_is_no_model_names_the_commands_other_way(tmp_path, capsys):
+    """A spec that is no config.json, model folder, .gguf file or 'smollm2' is refused in one line ending with the
+    way each caller offers: `tailkd flops` the role's size flags, its --reference --reference-params,
+    `tailkd reproduce` (which has no such flags: they were named there too) its --teacher."""
+    from tailkd.command_config import ReproduceConfig
+    from tailkd.reproduce import _check_ks
+
+    missing = tmp_path / "absent"
+    for args, way in ((["--teacher", str(missing), "--student-params", "1e8", "--vocab", "100", "--hidden", "8"],
+                       "; or give sizes with --teacher-params --vocab --hidden"),
+                      (["--teacher-params", "1e9", "--student", str(missing), "--vocab", "100", "--hidden", "8"],
+                       "; or give sizes with --student-params --vocab --hidden"),
+                      (["--teacher-params", "1e9", "--student-params", "1e8", "--vocab", "100", "--hidden", "8",
+                        "--reference", str(missing)], "; or give its size with --reference-params")):
+        assert main(["flops", *args]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"tailkd: error: {missing} is not a config.json, a model folder, a .gguf file or "
+                       f"'smollm2'{way}"], args
+    cfg = ReproduceConfig()
+    cfg.teacher.path = str(missing)
+    with pytest.raises(TailkdError, match=rf"^{re.escape(str(missing))} is not a config\.json, a model folder, a "
+                                          r"\.gguf file or 'smollm2' \(--teacher\)$"):
+        _check_ks(cfg)

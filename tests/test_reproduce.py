@@ -416,6 +416,19 @@ def test_a_stop_while_the_report_is_written_never_leaves_report_md_and_json_of_t
         assert not md.exists() or js.exists(), writes[stop]
 
 
+def _report_ready(tmp_path, monkeypatch):
+    """``(cfg, runs, out)`` of a one-seed reproduction whose runs, evaluations (held-out KL 1.0) and analysis are on
+    disk for `write_report`, its figures not drawn."""
+    cfg = _reproduction(tmp_path)
+    runs = plan(cfg)
+    out = Path(cfg.reproduce.out)
+    _figures_unplotted(monkeypatch)
+    _report_inputs(runs, out, 1.0)
+    for e in runs:
+        (e.run / "summary.json").write_text(json.dumps({"train_seconds": 1.0}))
+    return cfg, runs, out
+
+
 @pytest.mark.parametrize("name", ["runs/kd-s0/eval.json", "teacher_analysis.json", "runs/kd-s0/summary.json"])
 @pytest.mark.parametrize("content, why", [(b'{"kl": ', "not valid JSON: Expecting value"), (b"\xff", "not UTF-8 text"),
                                           (b"[1]", "not a JSON object"),
@@ -425,16 +438,31 @@ def test_a_damaged_result_the_report_reads_is_one_line_naming_it(tmp_path, monke
     but that is not a JSON object: write_report said 'JSONDecodeError: ...', 'UnicodeDecodeError: ...',
     'TypeError: list indices ...' or 'RecursionError: ...' (exit 1). Deleted, it is made again by the next run of the
     command (a summary.json: that run is trained again)."""
-    cfg = _reproduction(tmp_path)
-    runs = plan(cfg)
-    out = Path(cfg.reproduce.out)
-    _figures_unplotted(monkeypatch)
-    _report_inputs(runs, out, 1.0)
-    for e in runs:
-        (e.run / "summary.json").write_text(json.dumps({"train_seconds": 1.0}))
+    cfg, runs, out = _report_ready(tmp_path, monkeypatch)
     (out / name).write_bytes(content)
     with pytest.raises(TailkdError, match=rf"^{re.escape(str(out / name))} is damaged \({why}.*\); delete it and run "
                                           "the same command again$"):
+        rp.write_report(cfg, runs, out, seconds=1.0)
+
+
+@pytest.mark.parametrize("content, why", [(b"{bad", "not valid JSON: Expecting property name"),
+                                          (b'{"student": {}, "teacher": {}}', "no 'kl' in it"),
+                                          (b'{"kl": 1.0, "student_clm": 3.0, "student_full_ece": 0.1}',
+                                           "no 'agreement' in it")])
+def test_an_evaluation_damaged_by_hand_is_named_before_any_run_and_by_the_report(tmp_path, monkeypatch, content,
+                                                                                 why):
+    """An eval.json a re-run reuses, damaged by hand: not JSON, or without the numbers the report reads (there a
+    KeyError, exit 1). Refused in one line naming it by the report, and where it is no JSON object before any run
+    (`check_reuse`: eval's own check of its --out said "choose another --out", which for reproduce redoes every
+    run)."""
+    cfg, runs, out = _report_ready(tmp_path, monkeypatch)
+    (runs[1].run / "eval.json").write_bytes(content)
+    path = re.escape(str(runs[1].run / "eval.json"))
+    line = rf"^{path} is damaged \({why}.*\); delete it and run the same command again$"
+    if content.startswith(b"{bad"):
+        with pytest.raises(TailkdError, match=line):
+            rp.check_reuse(cfg, runs)
+    with pytest.raises(TailkdError, match=line):
         rp.write_report(cfg, runs, out, seconds=1.0)
 
 
@@ -600,6 +628,18 @@ def test_the_report_numbers_are_those_of_the_evaluations(tmp_path, monkeypatch):
     assert "Mean tail mass α_K = 1 − Σ top-K p: α_1 = 0.900, α_5 = 0.300; mode mismatch" in report
     assert "student: built from the teacher (layers [0, 2], MLP random, embeddings frozen);" in report
     assert "9 runs, 9.0 min of training in all (this invocation: 2.0 min)." in report
+
+
+def test_one_seed_reports_no_spread(tmp_path, monkeypatch):
+    """With one seed there is no paired spread nor a seed spread of KD's KL: the report says so (it printed
+    "± 0.00%" and "a seed spread ... of 0.00%"), report.json's spread is null."""
+    cfg, runs, out = _report_ready(tmp_path, monkeypatch)
+    (runs[2].run / "eval.json").write_text(json.dumps({"kl": 0.5, "student_clm": 3.0, "student_full_ece": 0.1,
+                                                       "agreement": 0.5}))  # tad-s0
+    report = rp.write_report(cfg, runs, out, seconds=1.0).read_text()
+    assert ("below KD's in **1 of 1** seeds: per seed -50.00% (one seed: no spread to weigh it against)."
+            in report), report
+    assert json.loads((out / "report.json").read_text())["paired"]["kd_seed_spread_percent"] is None
 
 
 def test_the_report_names_a_student_as_it_was_built():

@@ -418,7 +418,7 @@ def flops(cfg: FlopsConfig) -> dict:
                           tied=f.teacher_tied, role="teacher")
     student = _model_size(f.student, f.student_params, vocab=f.vocab, hidden=f.student_hidden or f.hidden,
                           layers=f.student_layers, tied=f.student_tied, role="student")
-    reference = size_from_spec(f.reference) if f.reference else None
+    reference = size_from_spec(f.reference, "; or give its size with --reference-params") if f.reference else None
     rows = method_table(teacher, student, seq_len=f.seq_len, tokens=f.tokens, delta=f.delta, reference_cfg=reference,
                         reference_params=f.reference_params, prompt_len=f.prompt_len, gen_len=f.gen_len,
                         ppo_epochs=f.ppo_epochs, freeze_embeddings=f.freeze_embeddings)
@@ -441,7 +441,7 @@ def _model_size(spec, params, *, vocab, hidden, layers, tied, role):
     from tailkd.flops import ModelSize, size_from_spec
 
     if spec is not None:
-        return size_from_spec(spec)
+        return size_from_spec(spec, f"; or give sizes with --{role}-params --vocab --hidden")
     return ModelSize.from_total(role, params, vocab=vocab, hidden=hidden, layers=layers or 0, tied=tied)
 
 

@@ -269,8 +269,9 @@ def model_size(model_or_config, name: str | None = None) -> ModelSize:
     return _count(model, label)
 
 
-def size_from_spec(spec: str) -> ModelSize:
-    """``ModelSize`` from a config.json path, an HF model folder, a .gguf file or ``smollm2`` (no weights read)."""
+def size_from_spec(spec: str, otherwise: str = "") -> ModelSize:
+    """``ModelSize`` from a config.json path, an HF model folder, a .gguf file or ``smollm2`` (no weights read);
+    ``otherwise`` ends the refusal of a spec that is none of them (the caller's other way to give a size)."""
     from transformers import AutoConfig
 
     from tailkd.models import brief_error, config_errors
@@ -302,8 +303,7 @@ def size_from_spec(spec: str) -> ModelSize:
     except RecursionError:  # json nested past Python's stack
         raise TailkdError(f"cannot read a model config from {spec}: not valid JSON (nested too deeply to read)") \
             from None
-    raise TailkdError(f"{spec} is not a config.json, a model folder, a .gguf file or 'smollm2'; "
-                      "or give sizes with --teacher-params/--student-params --vocab --hidden")
+    raise TailkdError(f"{spec} is not a config.json, a model folder, a .gguf file or 'smollm2'{otherwise}")
 
 
 def model_flops_per_token(model_or_config, *, seq_len: int = 0) -> dict:

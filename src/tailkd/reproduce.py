@@ -148,7 +148,7 @@ def _check_ks(cfg: ReproduceConfig) -> None:
     only once its models are loaded: the K sweep comes after the main runs)."""
     from tailkd.flops import size_from_spec
 
-    vocab = size_from_spec(cfg.teacher.path).vocab
+    vocab = size_from_spec(cfg.teacher.path, " (--teacher)").vocab
     if max(cfg.reproduce.ks) >= vocab:
         raise TailkdError(f"reproduce.ks holds {max(cfg.reproduce.ks)}; every K must be smaller than the teacher's "
                           f"vocabulary ({vocab}; the paper sweeps 1, 5, 10, 20)")
@@ -185,6 +185,9 @@ def check_reuse(cfg: ReproduceConfig, experiments: list[Experiment]) -> None:
             state = "finished" if finished(e.cfg) else "started"
             raise TailkdError(f"{out} holds a reproduction with other settings: its run {e.name} was {state} with "
                               f"{key}={old!r}, this command gives {new!r}; {fix}")
+    for e in experiments:  # an evaluation damaged by hand: named as such (eval's own check says "another --out");
+        if (e.run / "eval.json").is_file():  # its numbers are the report's to check (`_evals`)
+            _read_result(e.run / "eval.json")
     checks = [(e.run / "eval.json", result_settings(_eval_config(cfg, e), "eval")) for e in experiments]
     checks.append((out / "teacher_analysis.json", result_settings(_analysis_config(cfg, out), "analyze")))
     for result, planned in checks:
@@ -210,17 +213,24 @@ def _pm(values: list[float], fmt: str = ".4f") -> str:
     return f"{m:{fmt}} ± {s:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
 
 
-def _read_result(path: Path) -> dict:
-    """The JSON object in ``path`` (an evaluation, the teacher analysis, a run's summary.json); where it is not one, a
-    one-line TailkdError naming it: deleted, it is made again by the next invocation."""
+EVAL_KEYS = ("kl", "student_clm", "student_full_ece", "agreement")  # what the report reads of each evaluation
+
+
+def _read_result(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """The JSON object in ``path`` (an evaluation, the teacher analysis, a run's summary.json), holding ``keys``;
+    where it is not one, a one-line TailkdError naming it: deleted, it is made again by the next invocation."""
     try:
-        return jsonfile.read_object(path)
+        result = jsonfile.read_object(path)
     except jsonfile.Damaged as exc:
         raise TailkdError(f"{path} is damaged ({exc}); delete it and run the same command again") from None
+    missing = [key for key in keys if key not in result]
+    if missing:
+        raise TailkdError(f"{path} is damaged (no {missing[0]!r} in it); delete it and run the same command again")
+    return result
 
 
 def _evals(experiments: list[Experiment]) -> dict[str, dict]:
-    return {e.name: _read_result(e.run / "eval.json") for e in experiments}
+    return {e.name: _read_result(e.run / "eval.json", EVAL_KEYS) for e in experiments}
 
 
 def main_table(experiments: list[Experiment], evals: dict[str, dict]) -> list[str]:
@@ -242,12 +252,13 @@ def paired_verdict(experiments: list[Experiment], evals: dict[str, dict]) -> tup
     diffs = [100 * (by["tad", s]["kl"] / by["kd", s]["kl"] - 1) for s in seeds]
     ece = [100 * (by["tad", s]["student_full_ece"] / by["kd", s]["student_full_ece"] - 1) for s in seeds]
     kd = [by["kd", s]["kl"] for s in seeds]
-    spread = 100 * _mean_std(kd)[1] / _mean_std(kd)[0] if len(kd) > 1 else 0.0
+    spread = 100 * _mean_std(kd)[1] / _mean_std(kd)[0] if len(kd) > 1 else None  # one seed: no spread
     below = sum(d < 0 for d in diffs)
     m, sd = _mean_std(diffs)
+    against = (f"; mean {m:+.2f}% ± {sd:.2f}% (paired), against a seed spread (std/mean) of KD's KL of {spread:.2f}%."
+               if spread is not None else " (one seed: no spread to weigh it against).")
     lines = [f"- TAD's held-out KL is below KD's in **{below} of {len(seeds)}** seeds: per seed "
-             + ", ".join(f"{d:+.2f}%" for d in diffs) + f"; mean {m:+.2f}% ± {sd:.2f}% (paired), against a seed "
-             f"spread (std/mean) of KD's KL of {spread:.2f}%.",
+             + ", ".join(f"{d:+.2f}%" for d in diffs) + against,
              "- TAD's Full-ECE relative to KD's: " + ", ".join(f"{d:+.1f}%" for d in ece) + " per seed."]
     return lines, {"tad_vs_kd_kl_percent": diffs, "tad_vs_kd_full_ece_percent": ece, "kd_seed_spread_percent": spread,
                    "tad_below_kd_seeds": below, "seeds": len(seeds)}
