@@ -173,6 +173,34 @@ def test_a_registered_loss_is_a_loss_of_the_config_and_of_tailkd_losses(restore_
     assert "| hellinger | ½ Σ (√p − √q)² | temperature | teacher | closed-form kernel |" in capsys.readouterr().out
 
 
+def test_the_readmes_my_losses_module_runs_as_written(tmp_path, restore_losses, capsys):
+    """README "A loss of your own": its ``my_losses.py`` block, saved as it stands, is a module `tailkd losses
+    --loss.module` imports (it lists the row), whose loss is the squared Hellinger distance — the value of
+    `user_loss.hellinger` (float64: the same operations, so equal to a few ulps: rel 1e-12) on the dense and the
+    chunked path (autograd per chunk: 1e-12 as well)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from tailkd.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if b.startswith("# my_losses.py")]
+    module = tmp_path / "my_losses.py"
+    module.write_text(block)
+    try:
+        assert main(["losses", "--loss.module", str(module)]) == 0
+    finally:
+        for name in [n for n in sys.modules if n.startswith("tailkd_user_losses_")]:
+            del sys.modules[name]
+    assert "| hellinger | ½ Σ (√p − √q)² | temperature | teacher | autograd per chunk |" in capsys.readouterr().out
+    h_s, w_s, h_t, w_t, labels = _inputs()
+    LOSSES["reference"] = LossSpec("reference", "", "", hellinger_per_token)
+    for path in (_dense, _chunked):
+        got, want = path("hellinger", h_s, w_s, h_t, w_t, labels), path("reference", h_s, w_s, h_t, w_t, labels)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("change, words", [
     ({"name": "kd"}, ["'kd' is already a loss", "replace=True"]),
     ({"name": "My Loss"}, ["lowercase identifier"]),
