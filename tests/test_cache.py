@@ -1120,8 +1120,11 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp
             assert len(err) == 1 and err[0].startswith("tailkd: error: ") and line in err[0], err
             assert not run.exists()
     # clm reads no teacher signal: its teacher.cache is neither read nor refused (prepare.check_before_models); the
-    # student is made from the teacher's layers
+    # student is made from the teacher's layers; its log names the curves it has (no KL: no teacher)
     assert main(base + ["--seq-len", "32", "--loss", "clm", "--out", str(tmp_path / "clm")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"curves (held-out CLM, training loss): {tmp_path / 'clm' / 'curves.png'}" in out
+    assert any(line.startswith("held-out student CLM: ") for line in out)
 
 
 def test_a_cache_of_another_tokenizer_or_corpus_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):

@@ -574,6 +574,10 @@ def test_a_missing_recipe_file_is_named_as_the_recipe(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tailkd: error: recipe file {missing} does not exist; give the path of a recipe YAML file "
                    "(e.g. configs/math-two-stage.yaml)"]
+    assert main(["distill", "--config", str(tmp_path)]) == 2  # a folder: said so (it "did not exist")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tailkd: error: config file {tmp_path} is a folder, not a file; pass an existing YAML file to "
+                   "--config"]
     # load_yaml's other lines name it as the recipe too (they said "config file", and a list's "a mapping of
     # sections (teacher:, student:, ...)", a --config file's keys)
     garbled, listed = tmp_path / "garbled.yaml", tmp_path / "list.yaml"

@@ -859,7 +859,7 @@ def load_yaml(path: str | Path, *, what: str = "config file", missing: str = "pa
     the fix ``missing``; not a mapping: of ``mapping``). Defaults: a --config file; `tailkd.recipe` names its own."""
     p = Path(os.path.expanduser(path))  # '~user' of no user as it is (pathlib: RuntimeError)
     if not p.is_file():
-        raise TailkdError(f"{what} {p} does not exist; {missing}")
+        raise TailkdError(f"{what} {p} {'is a folder, not a file' if p.is_dir() else 'does not exist'}; {missing}")
     text = utf8_text(p, f"{what} {p}", "save it as UTF-8")
     try:
         data = read_yaml(text)

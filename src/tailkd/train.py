@@ -542,7 +542,7 @@ def finish(run: Run) -> dict:
         dist.say(f"held-out student CLM: {before['student_clm']:.3f} -> {after['student_clm']:.3f}")
     dist.say(f"teacher: {summary['teacher_placement'] or 'none'}; peak memory per rank "
              f"({summary['peak_memory_kind']}): {', '.join(f'{b / 2**30:.2f} GiB' for b in peaks)}")
-    dist.say(f"curves (held-out KL, training loss): {curves}")
+    dist.say(f"curves (held-out {'KL' if run.teacher is not None else 'CLM'}, training loss): {curves}")
     dist.say(phase_text(run.seconds))
     dist.say(f"student saved to {final_dir}")
     return summary
