@@ -55,33 +55,9 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
         data["head_dim"] = s.head_dim
     if fam.value_head_dim:
         data[fam.value_head_dim] = s.v_head_dim
-    for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
-        if isinstance(data.get(key), list) and len(data[key]) == t.layers:
-            data[key] = [data[key][i] for i in layers]
-    for key in fam.run_length_layer_lists:  # [[kinds, repeat], ...]: one [[kind], 1] per chosen layer
-        if isinstance(data.get(key), list) and layers != list(range(t.layers)):
-            spelled = [kind for kinds, repeat in data[key] for _ in range(repeat) for kind in kinds]
-            data[key] = [[[spelled[i]], 1] for i in layers]
-    for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
-        if isinstance(data.get(key), int):
-            data[key] = sum(i < data[key] for i in layers)
-    for key in fam.layer_last_indices:  # "up to layer N": the student's index of the last chosen layer up to N
-        if isinstance(data.get(key), int):
-            data[key] = sum(i <= data[key] for i in layers) - 1
-    for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
-        if isinstance(data.get(key), list):
-            data[key] = [j for j, i in enumerate(layers) if i in data[key]]
+    _layer_settings(data, teacher_config, fam, t, layers)
     own = layer_dims(teacher_config, fam, t, s, layers, fraction)
     data.update(student_overrides(teacher_config, fam, s, own, layers))  # per_layer_config, query heads per layer
-    if fam.kv_sources and isinstance(data.get(fam.kv_sources), list):  # the student's index of each chosen source
-        data[fam.kv_sources] = [layers.index(data[fam.kv_sources][i]) for i in layers]  # (kept: `tailkd.layer_choice`)
-    if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
-        data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
-    if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
-        sparse = [_sparse_layer(teacher_config, i) for i in layers]
-        if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
-            data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
-            data["decoder_sparse_step"] = 1
     for key in fam.depth_scales:  # key / sqrt(layers) scales each residual branch: the teacher's per layer
         if s.layers != t.layers and isinstance(data.get(key), (int, float)):
             # r * sqrt(L_s), r = the teacher's key / sqrt(L_t): the model's key / sqrt(L_s) gives back r to within a
@@ -109,6 +85,36 @@ def student_config(teacher_config, fam: Family, t: Dims, s: Dims, fraction: floa
         why = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise TailkdError(f"{type(teacher_config).__name__} refuses the student's config: "
                           f"{why[-1] if why else type(err).__name__}") from err
+
+
+def _layer_settings(data: dict, teacher_config, fam: Family, t: Dims, layers: list[int]) -> None:
+    """The settings of ``data`` (a config's dict) that name or list layers, for the chosen teacher ``layers``: layer
+    kinds, thresholds, index lists, KV sources and sharing, routed or dense MLPs."""
+    for key in fam.layer_lists:  # per-layer settings (layer_types: sliding/full attention) follow the layers
+        if isinstance(data.get(key), list) and len(data[key]) == t.layers:
+            data[key] = [data[key][i] for i in layers]
+    for key in fam.run_length_layer_lists:  # [[kinds, repeat], ...]: one [[kind], 1] per chosen layer
+        if isinstance(data.get(key), list) and layers != list(range(t.layers)):
+            spelled = [kind for kinds, repeat in data[key] for _ in range(repeat) for kind in kinds]
+            data[key] = [[[spelled[i]], 1] for i in layers]
+    for key in fam.layer_thresholds:  # "layer N and later": the number of chosen layers before N
+        if isinstance(data.get(key), int):
+            data[key] = sum(i < data[key] for i in layers)
+    for key in fam.layer_last_indices:  # "up to layer N": the student's index of the last chosen layer up to N
+        if isinstance(data.get(key), int):
+            data[key] = sum(i <= data[key] for i in layers) - 1
+    for key in fam.layer_index_lists:  # lists of layer indices: the student's indices of the chosen layers listed
+        if isinstance(data.get(key), list):
+            data[key] = [j for j, i in enumerate(layers) if i in data[key]]
+    if fam.kv_sources and isinstance(data.get(fam.kv_sources), list):  # the student's index of each chosen source
+        data[fam.kv_sources] = [layers.index(data[fam.kv_sources][i]) for i in layers]  # (kept: `tailkd.layer_choice`)
+    if fam.kv_shared_layers and isinstance(data.get(fam.kv_shared_layers), int):  # the last N: the chosen ones
+        data[fam.kv_shared_layers] = sum(i >= t.layers - data[fam.kv_shared_layers] for i in layers)
+    if fam.sparse_by_index:  # routed or dense MLPs follow the chosen layers, not the student's own indices
+        sparse = [_sparse_layer(teacher_config, i) for i in layers]
+        if sparse != [_sparse_layer(teacher_config, j) for j in range(len(layers))]:  # the teacher's rule differs
+            data["mlp_only_layers"] = [j for j, is_sparse in enumerate(sparse) if not is_sparse]
+            data["decoder_sparse_step"] = 1
 
 
 def mixer_width(teacher_config, fam: Family, s: Dims) -> tuple[int, str | None]:
