@@ -870,8 +870,8 @@ def _setup_data(assets, **data):
     from tailkd.prepare import setup_data
 
     tok = AutoTokenizer.from_pretrained(assets["teacher"])
-    cfg = DistillConfig(data=DataConfig(paths=[str(assets["corpus"])], cache_dir=str(assets["cache"]), seq_len=32,
-                                        **data))
+    cfg = DistillConfig(data=DataConfig(**{"paths": [str(assets["corpus"])], "cache_dir": str(assets["cache"]),
+                                           "seq_len": 32, **data}))
     return tok, setup_data(cfg, tok, 128)
 
 
@@ -919,6 +919,17 @@ def test_cache_dir_help_says_where_corpora_go(assets):
     assert info.dir.parent == Path(assets["cache"]) / "corpora"
     text = DataConfig.__dataclass_fields__["cache_dir"].metadata["help"]
     assert "<dir>/corpora" in text and "$TAILKD_CACHE, else ~/.cache/tailkd)" in text
+
+
+def test_data_smaller_than_a_row_is_named_as_the_data(assets, tmp_path):
+    """A --data corpus whose training or held-out split is shorter than one row: the error names that split of
+    --data, then the cached token file (it named only corpora/<fingerprint>/train.bin)."""
+    for split, docs, seq_len in (("training", 2, 64), ("held-out", 3, 64)):  # 14 tokens a document; 1 held out
+        small = tmp_path / f"{docs}.txt"
+        small.write_text("\n\n".join(f"Article {i}: the quick brown fox jumps over the lazy dog." for i in range(docs)))
+        with pytest.raises(TailkdError, match=rf"^--data's {split} split \(its tokens: .*\.bin\) holds \d+ tokens, "
+                                              rf"fewer than one row of --seq-len {seq_len} needs \({seq_len + 1}\); "):
+            _setup_data(assets, paths=[str(small)], seq_len=seq_len)
 
 
 def test_heldout_data_smaller_than_a_row_is_named(assets, tmp_path):

@@ -78,10 +78,11 @@ class PackedRows(Dataset):
     the last partial row is dropped.
 
     ``eos_id`` defaults to the one in the ``meta.json`` next to ``bin_path``; ``None`` there (a corpus
-    prepared with ``append_eos=False``) makes every row one segment.
+    prepared with ``append_eos=False``) makes every row one segment. ``what`` names the data in the refusal of a file
+    shorter than one row (else the file).
     """
 
-    def __init__(self, bin_path: Path, seq_len: int, *, eos_id: int | None | str = "meta"):
+    def __init__(self, bin_path: Path, seq_len: int, *, eos_id: int | None | str = "meta", what: str = ""):
         self.path = Path(bin_path)
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise TailkdError(f"--seq-len must be a positive whole number of tokens, got {seq_len!r}")
@@ -107,7 +108,8 @@ class PackedRows(Dataset):
         if self.num_rows == 0:
             fix = f"a --seq-len of at most {self.num_tokens - 1}" if self.num_tokens >= 2 else "a smaller --seq-len"
             more = "more data or a larger data.heldout_fraction" if self.path.name == HELDOUT_FILE else "more data"
-            raise TailkdError(f"{self.path} holds {self.num_tokens} tokens, fewer than one row of --seq-len "
+            named = f"{what} (its tokens: {self.path})" if what else str(self.path)  # the data, not only its cache
+            raise TailkdError(f"{named} holds {self.num_tokens} tokens, fewer than one row of --seq-len "
                               f"{seq_len} needs ({seq_len + 1}); use {fix} or {more}")
         self._tokens = None  # opened lazily, so the dataset pickles cheaply into DataLoader workers
 

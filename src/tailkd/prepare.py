@@ -371,9 +371,10 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
                                 tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer),
                                 **corpus_settings(cfg.data))
     info = prepare(paths)
-    train_rows = data_mod.PackedRows(info.train_bin, cfg.data.seq_len)
+    train_rows = data_mod.PackedRows(info.train_bin, cfg.data.seq_len, what="--data's training split")
     if not cfg.data.heldout_paths:
-        return info, train_rows, data_mod.PackedRows(info.heldout_bin, cfg.data.seq_len)
+        return info, train_rows, data_mod.PackedRows(info.heldout_bin, cfg.data.seq_len,
+                                                     what="--data's held-out split")
     # A separate held-out corpus (paper: held-out KL on a validation set of its own): all of its documents, i.e.
     # the "train" file of a corpus prepared with nothing held out. The training corpus is prepared as without it,
     # so its rows (and a teacher cache of them) do not depend on --heldout-data.
