@@ -215,20 +215,10 @@ the autocast dtype under autocast (`tailkd.models.autocast_safe`).
 from __future__ import annotations
 
 import copy
-import hashlib
-import re
 
 import torch
 
-from tailkd.calibrated import (
-    calibrated_channels,
-    calibrated_experts,
-    calibrated_heads,
-    calibrated_layers,
-    calibrated_ssm_heads,
-    calibrated_units,
-    wanted_measures,
-)
+from tailkd.calibrated import calibrated_layers, wanted_measures
 from tailkd.calibration import measure
 from tailkd.config import (
     EXPERT_CHOICES,
@@ -239,56 +229,16 @@ from tailkd.config import (
     MLP_UNIT_CHOICES,
     SSM_HEAD_CHOICES,
 )
+from tailkd.copying import Choices, copy_into, head_member, in_layer, provenance
 from tailkd.errors import TailkdError
 from tailkd.families import SUPPORTED, Family, family_for_class
-from tailkd.layer_attention import keys_as_values, kv_sources, layer_dims, layer_fractions, layer_query_heads
+from tailkd.layer_attention import layer_query_heads
 from tailkd.layer_choice import layer_needs, layer_period
 from tailkd.models import autocast_safe
 from tailkd.multimodal import text_teacher
 from tailkd.sizing import config_family, family_spec, student_plan, student_widths
-from tailkd.slicing import HEAD_AXES, SSM_AXES, axis_indices, each_experts_units, expert_unit_rows, ssm_axes, take
 
 __all__ = ["SUPPORTED", "build_student", "calibrate", "format_table", "freeze_student_embeddings", "student_config"]
-
-
-# --------------------------------------------------------------------------- copy plans
-
-def _copy_rule(name: str, fam: Family, mlp_init: str, buffer: bool = False):
-    """(teacher name or (pattern, student layer[, (head kind, student head)]), axis kinds) for a student parameter (or
-    persistent ``buffer``); (None, None) = random (a buffer the table does not name: its own init). A member of a
-    per-head module list (`Family.head_module_lists`) names its list's entry "<list>.*.<parameter>", its pattern the
-    teacher head's index to fill."""
-    if name in fam.params:
-        return name, fam.params[name]
-    layer, rest = _in_layer(name, fam)
-    if member := _head_member(rest, fam):
-        path, kind, head, tail = member
-        axes = fam.layer_params[f"{path}.*.{tail}"]
-        return (fam.layer_prefix + "{}." + path + ".{}." + tail, layer, (kind, head)), axes
-    if rest not in fam.layer_params:
-        if buffer:
-            return None, None
-        raise TailkdError(f"student parameter {name} has no copy rule (an unsupported variant of a supported "
-                          f"architecture?): supported teachers are {', '.join(SUPPORTED)} in their standard layout")
-    if rest.startswith(fam.mlp_prefix) and mlp_init == "random":
-        return None, None
-    return (fam.layer_prefix + "{}." + rest, layer), fam.layer_params[rest]
-
-
-def _head_member(rest: str | None, fam: Family) -> tuple[str, str, int, str] | None:
-    """``(list path, head kind, head, parameter)`` of a per-layer name inside a per-head module list
-    (`Family.head_module_lists`) whose "<list>.*.<parameter>" the table names; None otherwise."""
-    for path, kind in fam.head_module_lists:
-        m = re.fullmatch(re.escape(path) + r"\.(\d+)\.(.+)", rest or "")
-        if m and f"{path}.*.{m[2]}" in fam.layer_params:
-            return path, kind, int(m[1]), m[2]
-    return None
-
-
-def _in_layer(name: str, fam: Family) -> tuple[int | None, str | None]:
-    """(layer index, the name after ``<layer_prefix><i>.``) of a per-layer tensor name; (None, None) otherwise."""
-    m = re.fullmatch(re.escape(fam.layer_prefix) + r"(\d+)\.(.+)", name)
-    return (int(m.group(1)), m.group(2)) if m else (None, None)
 
 
 # --------------------------------------------------------------------------- the builder
@@ -373,7 +323,6 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         measured = calibrate(teacher, calibration, **settings)
     elif set(measured) != set(wanted := _wanted(teacher, **settings)[1]):  # a caller's bug, not a user error
         raise RuntimeError(f"measured holds {sorted(measured)}, these settings need {sorted(wanted)}")
-    influence = measured.get("layer_choice=influence")
     fam = config_family(teacher.config, family_spec(teacher))
     num_layers, layers = calibrated_layers(measured, num_layers, layers, layer_period(teacher.config, fam),
                                            layer_needs(teacher.config, fam))
@@ -390,85 +339,21 @@ def build_student(teacher, *, num_layers: int | None = None, layers=None, hidden
         student.generation_config = copy.deepcopy(teacher.generation_config)
     _check_layer_kinds(teacher, student, fam, chosen)
 
-    channels, channel_share = calibrated_channels(fam, s, chosen, measured.get("hidden_channels=active"))
-    index = axis_indices(t, s, fam.rope, fraction, channels, blocks=fam.head_blocks, layers=chosen)
-    own, as_values = layer_dims(teacher.config, fam, t, s, chosen, fraction), keys_as_values(teacher.config, fam)
-    shares = layer_fractions(teacher.config, fam, t, s, chosen, fraction)  # a layer kind's own RoPE share
-    heads, head_share = calibrated_heads(t, s, chosen, measured.get("attention_heads=active"), fam.head_blocks, own,
-                                         kv_sources(teacher.config, fam, chosen))
-    per_layer = {i: axis_indices(*own.get(i, (t, s)), fam.rope, shares.get(i, fraction), channels, heads.get(i),
-                                 fam.head_blocks, chosen, i in as_values)  # a layer's own heads, sizes, RoPE share
-                 for i in set(chosen) & ({*heads, *own, *shares} | as_values)}
-    ssm_kept, ssm_share = calibrated_ssm_heads(t, s, chosen, measured.get("ssm_head_choice=active"))
-    ssm_index = {i: ssm_axes(t, s, h) for i, h in ssm_kept.items()}  # a layer's own Mamba-2 heads by importance
-    kept, share = calibrated_experts(t, s, chosen, measured.get("experts=used"))  # {teacher layer: ...}
-    activity = measured.get("mlp_units=active")
-    units, active = calibrated_units(s, chosen, activity,  # {teacher layer: ...}
-                                     lambda i: kept.get(i, index["expert"]), t.intermediate)
+    choices = Choices.of(teacher.config, fam, t, s, fraction, chosen, measured)
     teacher_tensors = {**dict(teacher.named_buffers()),  # persistent buffers: GLM-4.5's expert score correction
                        **dict(teacher.named_parameters(remove_duplicate=False))}  # a tied head under its own name too
-
-    def copy_into(name: str, tensor: torch.Tensor, buffer: bool = False) -> str | None:
-        """Copy the teacher's slice for ``name`` into ``tensor``; its source name, None where the rule is random."""
-        source, axes = _copy_rule(name, fam, mlp_init, buffer)
-        if source is None:
-            return None
-        layer = None
-        if isinstance(source, tuple):  # (pattern, student layer[, (head kind, student head)])
-            layer = chosen[source[1]]
-            heads_of = per_layer.get(layer, index)  # a head list's member: the teacher head of the student's
-            source = source[0].format(layer, *(int(heads_of[f"{h[0]}_head"][h[1]]) for h in source[2:]))
-        def cut(dim: int, axis: str):
-            if axis == "ff_model":
-                return tensor.shape[dim]
-            if axis == "expert" and layer in kept:
-                return kept[layer]
-            if axis == "expert_ff" and layer in kept:  # flattened experts: the kept ones' first units
-                return expert_unit_rows(kept[layer], s.intermediate, t.intermediate)
-            if axis in ("ff", "gate_up") and layer in units and units[layer].dim() == 2 and "expert" in axes:
-                return None  # each routed expert's own units by activity: `_each_experts_units` below
-            if axis in ("ff", "gate_up") and layer in units and units[layer].dim() == 1:  # a dense MLP's by activity
-                return units[layer] if axis == "ff" else torch.cat([units[layer], t.intermediate + units[layer]])
-            if axis in SSM_AXES and layer in ssm_index:
-                return ssm_index[layer][axis]
-            return per_layer.get(layer, index)[axis]  # a layer's own heads by importance
-
-        value = take(teacher_tensors[source].detach(), *(cut(dim, axis) for dim, axis in enumerate(axes)))
-        if layer in units and units[layer].dim() == 2 and "expert" in axes and {"ff", "gate_up"} & set(axes):
-            value = each_experts_units(value, axes, units[layer], t.intermediate)
-        if tuple(value.shape) != tuple(tensor.shape):  # a bug in a table, not a user error
-            raise RuntimeError(f"{name}: sliced {source} to {tuple(value.shape)}, expected {tuple(tensor.shape)}")
-        tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
-        return source
-
     table = []
     with torch.no_grad():
         for name, param in student.named_parameters():
-            source = copy_into(name, param)
+            source = copy_into(name, param, choices, teacher_tensors, mlp_init)
             same = source is not None and tuple(param.shape) == tuple(teacher_tensors[source].shape)
             table.append({"name": name, "shape": list(param.shape), "source": source,
-                          "action": "random" if source is None else "copied" if same else "truncated"})
-            layer = _in_layer(name, fam)[0]
-            if layer is not None and influence is not None:
-                table[-1]["block_influence"] = round(float(influence[chosen[layer]]), 6)
-            axes = _copy_rule(name, fam, "copy")[1] or () if layer is not None else ()
-            if layer is not None and chosen[layer] in kept and {"expert", "expert_ff"} & set(axes):
-                table[-1].update(experts=kept[chosen[layer]].tolist(), routed_share=share[chosen[layer]])
-            if (layer is not None and chosen[layer] in units and {"ff", "gate_up"} & set(axes)
-                    and ("expert" in axes) == (units[chosen[layer]].dim() == 2)):
-                ids = units[chosen[layer]]  # of the layer's own width (Gemma 4's double-wide MLPs: twice)
-                table[-1].update(units=_digest(ids, activity[chosen[layer]].shape[-1]),
-                                 active_share=active[chosen[layer]])
-            if layer is not None and chosen[layer] in heads and set(axes) & HEAD_AXES:
-                table[-1].update(heads=heads[chosen[layer]].tolist(), head_share=head_share[chosen[layer]])
-            if layer is not None and chosen[layer] in ssm_kept and set(axes) & set(SSM_AXES):
-                table[-1].update(ssm_heads=ssm_kept[chosen[layer]].tolist(), ssm_head_share=ssm_share[chosen[layer]])
-            if channels is not None and name in fam.embeddings:
-                table[-1].update(channels=_digest(channels, t.hidden), channel_share=channel_share)
+                          "action": "random" if source is None else "copied" if same else "truncated",
+                          **provenance(name, choices)})
         persistent = set(student.state_dict())
         for name, buffer in student.named_buffers():  # not in the table: it lists parameters
             if name in persistent:
-                copy_into(name, buffer, buffer=True)
+                copy_into(name, buffer, choices, teacher_tensors, mlp_init, buffer=True)
     frozen = freeze_student_embeddings(student) if freeze_embeddings else []
     for row in table:
         row["frozen"] = row["name"] in frozen
@@ -527,14 +412,6 @@ def _wanted(teacher, *, num_layers, layers, hidden_size, num_heads, num_kv_heads
                                 ssm_head_choice=ssm_head_choice), layer_query_heads(teacher.config, fam, t)
 
 
-def _digest(ids: torch.Tensor, total: int) -> str:
-    """"n of total, sha1 <16 hex digits>": how many of ``total`` indices ``ids`` keeps, and which; for one row of
-    indices per routed expert, "n of total in each of E experts, sha1 ..."."""
-    each = f" in each of {ids.shape[0]} experts" if ids.dim() == 2 else ""
-    return (f"{ids.shape[-1]} of {total}{each}, sha1 "
-            f"{hashlib.sha1(ids.numpy().astype('<i8').tobytes()).hexdigest()[:16]}")
-
-
 def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None:
     """Each student layer j has teacher layer chosen[j]'s modules (the per-layer settings that follow the layers saw to
     it); a layer kind the student's config cannot give its layer (ERNIE 4.5's routed layers every moe_layer_interval
@@ -542,9 +419,9 @@ def _check_layer_kinds(teacher, student, fam: Family, chosen: list[int]) -> None
     def kinds(model, layers):
         out = {i: set() for i in layers}
         for name, _ in model.named_parameters():
-            layer, rest = _in_layer(name, fam)
+            layer, rest = in_layer(name, fam)
             if layer in out:  # the module path; a per-head module list's members as one (their number is the heads')
-                member = _head_member(rest, fam)
+                member = head_member(rest, fam)
                 out[layer].add(f"{member[0]}.*" if member else rest.rpartition(".")[0])
         return out
     want, have = kinds(teacher, chosen), kinds(student, range(len(chosen)))
