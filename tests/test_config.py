@@ -1028,7 +1028,7 @@ AT_LEAST = [("data.eval_rows", 1, ""), ("train.max_steps", 1, ""), ("train.batch
             ("train.max_bad_steps", 1, ""), ("train.ddp_timeout", 1, ""), ("train.warmup_steps", 0, ""),
             ("train.stop_after", 0, " (0: run to max_steps)"), ("train.eval_every", 0, " (0: only before and after)"),
             ("train.save_every", 0, " (0: only at the end)"), ("train.loss_chunk_size", 0, " (0: automatic)"),
-            ("train.on_policy_max_new_tokens", 1, "")]
+            ("train.on_policy_max_new_tokens", 1, ""), ("train.activation_checkpointing", 0, " (0: off)")]
 
 
 @pytest.mark.parametrize("key, low, hint", AT_LEAST, ids=[key for key, _, _ in AT_LEAST])

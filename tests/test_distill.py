@@ -995,6 +995,28 @@ def test_compile_gives_the_eager_run_and_logs_attention(assets, tmp_path, capsys
     assert set(final_weights(compiled)) == set(final_weights(eager))  # no _orig_mod. prefixes
 
 
+def test_activation_checkpointing_trains_the_same_student(assets, tmp_path, capsys):
+    """--train.activation_checkpointing 1 through the fused loss layer (the student's final hidden states): the
+    recompute runs the same operations on the same inputs, so the run's losses and saved student are bit for bit the
+    plain run's; the log says which layers recompute; resuming with it changed is free (the same result)."""
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    common = ("--steps", "2", "--train.eval_every", "0", "--train.fused_loss", "on")
+    assert main(base_args(assets, plain, *common)) == 0
+    capsys.readouterr()
+    assert main(base_args(assets, checkpointed, *common, "--train.activation_checkpointing", "1")) == 0
+    out = capsys.readouterr()
+    assert "activation checkpointing: 2 of the student's 2 layers recompute their activations" in out.out
+    assert "use_cache" not in out.out + out.err
+    a, b = (read_metrics(run) for run in (plain, checkpointed))
+    assert [(r["step"], r["loss"]) for r in a if r["split"] == "train"] == \
+        [(r["step"], r["loss"]) for r in b if r["split"] == "train"]
+    wa, wb = final_weights(plain), final_weights(checkpointed)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert main(base_args(assets, plain, "--steps", "3", "--train.eval_every", "0", "--train.fused_loss", "on",
+                          "--train.activation_checkpointing", "1", "--resume")) == 0
+    assert [r["step"] for r in read_metrics(plain) if r["split"] == "train"] == [1, 2, 3]
+
+
 def test_adamw_is_fused_on_cuda_only():
     from tailkd.config import DistillConfig
     from tailkd.prepare import make_optimizer

@@ -382,8 +382,12 @@ def test_two_processes_equal_one_with_resumes_on_every_rank(assets, single, tmp_
 
 
 def test_fsdp_two_processes_equal_one_and_the_checkpoint_resumes_in_one_process(assets, single, tmp_path):
+    """Steps 1-3 on 2 FSDP2 ranks with activation checkpointing (recomputing sharded layers gathers them again),
+    4-6 resumed in one process without it: the one-process run's result."""
     run = tmp_path / "fsdp"
-    run_cli(args(assets, run, "--train.parallel", "fsdp", "--train.stop_after", "3"), nproc=2)
+    out, _ = run_cli(args(assets, run, "--train.parallel", "fsdp", "--train.stop_after", "3",
+                          "--train.activation_checkpointing", "1"), nproc=2)
+    assert "activation checkpointing: 2 of the student's 2 layers recompute" in out
     assert (run / "checkpoints" / "step_00000003").is_dir()
     run_cli(args(assets, run, "--resume"))  # the FSDP checkpoint holds full tensors: one process continues it
     assert_same_run(single, run, step0_bound(assets))

@@ -231,3 +231,65 @@ def test_the_online_teacher_s_head_is_checked_on_the_fused_path_and_hands_over_i
     with pytest.raises(TailkdError, match=r"^the fused loss layer does not reproduce LlamaForCausalLM's logits"):
         signal(True)
     signal(False)  # full logits: the model's own, whatever its head does
+
+
+def _checkpointed_llama(every: int, dropout: float = 0.1):
+    """A 4-layer Llama with attention dropout, in train mode, its layers checkpointed every ``every`` (0: none)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=dropout)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).train()
+    text = prepare.checkpoint_activations(model, every) if every else ""
+    return model, text
+
+
+def _grads_and_saved_bytes(model):
+    """The gradients of one forward and backward (dropout seeded), and the bytes autograd saved for the backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    ids = torch.arange(2 * 24).reshape(2, 24) % 97
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+        forward_bytes = sum(saved)
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}, forward_bytes
+
+
+def test_activation_checkpointing_gives_the_same_gradients_from_fewer_saved_activations():
+    """--train.activation_checkpointing N: transformers' checkpointing of every N-th decoder layer. The recompute runs
+    the same operations on the same inputs with the RNG restored (dropout draws the same masks), so the gradients
+    are bit for bit those of kept activations; what the forward saves for the backward shrinks: a checkpointed
+    layer keeps its input alone (of the ~10 tensors of B x T x d or more its attention and MLP keep otherwise)."""
+    plain, _ = _checkpointed_llama(0)
+    grads, plain_bytes = _grads_and_saved_bytes(plain)
+    for every, layers in ((1, 4), (2, 2)):
+        model, text = _checkpointed_llama(every)
+        assert text == (f"activation checkpointing: {layers} of the student's 4 layers recompute their activations in "
+                        "the backward pass")
+        got, saved = _grads_and_saved_bytes(model)
+        assert got.keys() == grads.keys()
+        for name in grads:
+            assert torch.equal(got[name], grads[name]), name
+        kept = 4 - layers
+        assert saved < plain_bytes * (kept + 0.25 * layers) / 4, (every, saved, plain_bytes)
+    assert "activation_checkpointing" not in str(model.config.to_dict())  # nothing of it saved with the student
+
+
+def test_activation_checkpointing_of_a_class_transformers_does_not_checkpoint_is_refused():
+    import transformers
+
+    class Unsupported(transformers.LlamaForCausalLM):
+        supports_gradient_checkpointing = False
+
+    config = transformers.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2)
+    with pytest.raises(TailkdError, match=r"^train\.activation_checkpointing: transformers does not checkpoint "
+                                          r"Unsupported's layers .*: set it to 0$"):
+        prepare.checkpoint_activations(Unsupported(config), 1)

@@ -440,6 +440,10 @@ class TrainConfig:
                                    "install tailkd[kernels]) or torch", choices=LOSS_KERNELS)
     compile: bool = _f(False, "torch.compile the decoder stacks of student and teacher (a sharded teacher stays eager; "
                               "in place: checkpoints and saved students unchanged)")
+    activation_checkpointing: int = _f(0, "recompute the activations of every N-th student decoder layer in the "
+                                          "backward pass instead of keeping them (transformers' gradient "
+                                          "checkpointing, non-reentrant): less activation memory, about a third "
+                                          "more student compute, the same result; 0: keep every layer's")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)",
                        choices=PARALLEL_MODES)
@@ -509,7 +513,8 @@ class DistillConfig:
             check_at_least(c, key, 1)
         for key, hint in (("train.warmup_steps", ""), ("train.stop_after", " (0: run to max_steps)"),
                           ("train.eval_every", " (0: only before and after)"), ("train.save_every", " (0: only at "
-                          "the end)"), ("train.loss_chunk_size", " (0: automatic)")):
+                          "the end)"), ("train.loss_chunk_size", " (0: automatic)"),
+                          ("train.activation_checkpointing", " (0: off)")):
             check_at_least(c, key, 0, hint)
         check_on_policy(c)
         if c.teacher.cache and c.data.task != "pretrain":

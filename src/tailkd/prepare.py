@@ -9,7 +9,8 @@
    on the sharded teacher first, `calibrate_sharded_teacher`), the student (built from the teacher,
    `tailkd.student`, or loaded for continued pretraining), their vocabulary (`tailkd.vocab`: one shared vocabulary,
    or a teacher vocabulary extending the student's, which refuses a teacher cache, and whose teacher mass outside
-   the shared ids `shared_vocab_summary` measures); ``train.compile``; the attention implementation, logged.
+   the shared ids `shared_vocab_summary` measures); ``train.activation_checkpointing``; ``train.compile``; the
+   attention implementation, logged.
 2. Data (`setup_data`): packed text rows (`tailkd.corpus` -> `tailkd.data`; a held-out corpus of its own with
    ``data.heldout_paths``) or prompt/response rows (`tailkd.sft`); ``train.epochs`` -> ``train.max_steps``.
    `tailkd.commands` builds every subcommand's rows with the same function, so a data section means the same
@@ -301,6 +302,28 @@ def attention_text(student, teacher) -> str:
     """The attention implementations transformers picked (sdpa, flash_attention_2, eager), for the run log."""
     name = {m: getattr(m.config, "_attn_implementation", "?") for m in (student, teacher) if m is not None}
     return ", ".join(f"{role} {name[m]}" for role, m in (("student", student), ("teacher", teacher)) if m is not None)
+
+
+def checkpoint_activations(student, every: int) -> str:
+    """``--train.activation_checkpointing N``: transformers' activation (gradient) checkpointing of every N-th decoder
+    layer of ``student`` (in place; nothing saved changes), non-reentrant: `torch.utils.checkpoint` restores the RNG
+    and autocast state for the recompute, so dropout draws the same masks and the gradients are the ones kept
+    activations give. Returns the run log's line; a class transformers does not checkpoint is refused in one line."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    name = type(student).__name__
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise TailkdError(f"train.activation_checkpointing: transformers does not checkpoint {name}'s layers "
+                          "(its supports_gradient_checkpointing is False): set it to 0")
+    enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable  # 5.17
+    enable({"use_reentrant": False}, every_n_layers=every)
+    layers = [m for m in student.modules() if isinstance(m, GradientCheckpointingLayer)]
+    kept = sum(not m.gradient_checkpointing for m in layers)
+    if kept == len(layers):
+        raise TailkdError(f"train.activation_checkpointing: transformers checkpoints none of {name}'s layers: set it "
+                          "to 0")
+    return (f"activation checkpointing: {len(layers) - kept} of the student's {len(layers)} layers recompute their "
+            "activations in the backward pass")
 
 
 def compile_models(student, teacher) -> None:

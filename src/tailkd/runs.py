@@ -43,14 +43,16 @@ from tailkd.config import (
 from tailkd.errors import TailkdError
 
 # Config keys that may differ between a run and its resumption. Run control, logging, held-out evaluation and
-# checkpointing keys leave the result bit-identical; the compute path (train.device, parallel, fused_loss,
+# checkpointing keys, and activation_checkpointing (the same operations, recomputed), leave the result bit-identical;
+# the compute path (train.device, parallel, fused_loss,
 # loss_chunk_size, loss_kernels, compile) computes the same maths with another float rounding (fused_loss on for the
 # last 7 of 12 tiny steps: weights within 6e-8); train.max_steps lengthens or shortens the run, its warm-up / cosine
 # schedule recomputed over the new length from the resumed step on (`tailkd.prepare.use_optimizer_settings`).
 RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train.eval_every", "train.save_every",
                     "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
                     "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
-                    "train.loss_chunk_size", "train.loss_kernels", "train.compile", "train.ddp_timeout"}
+                    "train.loss_chunk_size", "train.loss_kernels", "train.compile", "train.ddp_timeout",
+                    "train.activation_checkpointing"}
 
 
 @dataclasses.dataclass

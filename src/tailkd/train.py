@@ -53,6 +53,7 @@ from tailkd.prepare import (
     calibrate_sharded_teacher,
     check_batch_split,
     check_before_models,
+    checkpoint_activations,
     choose_loss_path,
     compile_models,
     loss_layer_text,
@@ -268,6 +269,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk, sparse)}; teacher signal: "
              f"{signal_text}")
     check_router_aux(student, probe, fused_path)
+    if cfg.train.activation_checkpointing:
+        dist.say(checkpoint_activations(student, cfg.train.activation_checkpointing))
     if coef := router_weight(student):  # a mixture-of-experts student whose config asks for it, as in its own loss
         dist.say(f"router load-balancing loss: {coef:g} x the student's aux_loss per token "
                  "(its config's output_router_logits, router_aux_loss_coef; the metrics' aux term)")
