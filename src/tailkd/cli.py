@@ -92,6 +92,14 @@ COMMANDS = {
         "tokenizer than the teacher's (the paper's OPT-125M), each model scores a document in its own tokenization "
         "and the score is the log-likelihood ratio per UTF-8 byte. Also writes scores.jsonl and selection.json "
         "(the score used, tokens scored by each model, counts, FLOPs)."),
+    "seqkd-data": (
+        cc.SeqkdDataConfig, "seqkd.seqkd_data", "SeqKD data: the teacher's responses to prompts, as SFT JSONL",
+        "Sequence-level KD (Kim & Rush 2016; SeqKD, a baseline of the TAD paper): the teacher answers the prompts of "
+        "--data (prompt JSONL, responses optional: they are replaced), greedily by default or sampled "
+        "(--temperature, --top-p, --samples per prompt), rendered with the chat template as tailkd distill --task "
+        "sft renders them; responses that reach --max-new-tokens without ending are dropped unless "
+        "--keep-unfinished. Writes responses.jsonl (train on it: tailkd distill --task sft --data "
+        "OUT/responses.jsonl, with --loss clm as published) and seqkd.json (settings, counts, tokens)."),
     "reproduce": (
         cc.ReproduceConfig, "reproduce.reproduce", "the TAD paper's experiments over seeds, and a report of them",
         "Run CLM, KD and TAD over several seeds, a TAD β sweep and K sweep, evaluate every student on a held-out "

@@ -558,6 +558,67 @@ class SelectDataConfig:
         return self
 
 
+# --------------------------------------------------------------------------- tailkd seqkd-data
+
+
+@dataclass
+class SeqkdOptions:
+    out: str = _f("seqkd", "output folder: responses.jsonl (each prompt with the teacher's response: train on it with "
+                           "tailkd distill --task sft --data OUT/responses.jsonl) and seqkd.json (settings, counts)")
+    samples: int = _f(1, "responses per prompt, each a line of its own (> 1 needs seqkd.temperature > 0)")
+    temperature: float = _f(0.0, "0: greedy decoding (the teacher's mode, which Kim & Rush approximate with beam "
+                                 "search; no beam search here); > 0: sampled at this temperature")
+    top_p: float = _f(1.0, "nucleus p when sampling (no top-k cut)")
+    max_new_tokens: int = _f(256, "most tokens per response")
+    keep_unfinished: bool = _f(False, "keep responses that reach max_new_tokens without EOS or the template's "
+                                      "end-of-turn (training would end them with an EOS the teacher did not write); "
+                                      "false: drop them, counted in seqkd.json")
+    batch_size: int = _f(8, "prompts per batched generate call")
+    limit: int = _f(0, "answer the first N prompts only (0: all)")
+    seed: int = _f(0, "sampling seed")
+    device: str = _f("auto", DEVICE_HELP)
+
+
+@dataclass
+class SeqkdDataConfig:
+    """``tailkd seqkd-data``: sequence-level KD data, the teacher's responses to prompts (`tailkd.seqkd`)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seqkd: SeqkdOptions = field(default_factory=SeqkdOptions)
+
+    OMIT: ClassVar[tuple[str, ...]] = (
+        "teacher.cache", "teacher.parallel", "data.seq_len", "data.heldout_fraction", "data.doc_sep", "data.eval_rows",
+        "data.cache_dir", "data.task", "data.heldout_paths", "data.doc_eos", "data.sft_mode", "data.overlong",
+        "data.split_seed", "data.math_train", "data.math_heldout", "data.instruct_heldout", "data.instruct_max_words")
+    ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", "data": "data.paths",
+                                         **_aliases("seqkd", SeqkdOptions)}
+    HELP: ClassVar[dict[str, str]] = {
+        "data.paths": "prompt JSONL files (or folders of them): {\"prompt\": ...} with or without a \"response\" (it "
+                      "is replaced), or {\"messages\": [...]} (the turns before the last assistant one are the "
+                      "prompt)",
+        "data.chat_template": "how prompts are rendered, as tailkd distill --task sft renders them: auto (the "
+                              "tokenizer's template, plain pairs if none), none, or a Jinja file"}
+
+    def validate(self) -> SeqkdDataConfig:
+        check_leaves(self)
+        if not self.data.paths:
+            raise TailkdError("data.paths is not set; pass --data PROMPTS.jsonl (prompts, with or without responses)")
+        builtin = next((p for p in self.data.paths if p.startswith("builtin:")), None)
+        if builtin is not None:
+            raise TailkdError(f"seqkd-data reads prompt JSONL files, not {builtin}; pass files with --data")
+        for key in ("seqkd.samples", "seqkd.max_new_tokens", "seqkd.batch_size"):
+            check_at_least(self, key, 1)
+        check_at_least(self, "seqkd.limit", 0, " (0: all)")
+        if self.seqkd.samples > 1 and self.seqkd.temperature == 0:
+            raise TailkdError(f"seqkd.samples={self.seqkd.samples} needs sampling: greedy decoding (seqkd.temperature "
+                              "0) gives one response per prompt; set --temperature, e.g. 1")
+        _check_device(self, "seqkd.device")
+        check_out_path(self, "seqkd.out", folder=True)
+        check_out_writable(self, "seqkd.out", into=False)
+        return self
+
+
 # --------------------------------------------------------------------------- tailkd reproduce
 
 

@@ -117,6 +117,8 @@ FLOAT_RANGES = {
     "reproduce.betas": Range(0.0, note="the paper sweeps 0.5, 1, 2, 5, 10"),
     "reproduce.scale": Range(0.0, low_open=True),
     "select.keep": Range(0.0, 1.0, low_open=True, note="the fraction of documents kept; MiniPLM uses 0.5"),
+    "seqkd.temperature": Range(0.0, note="0: greedy"),
+    "seqkd.top_p": Range(0.0, 1.0, low_open=True),
 }
 
 # The seeds of every command's config (each item of a list): numpy's range, which train.seed is given to
@@ -137,7 +139,7 @@ PATH_KEYS = frozenset({
     "data.chat_template", "loss.module", "train.out_dir", "eval.student", "eval.out", "generate.prompts",
     "analyze.teachers", "analyze.out", "compare.runs", "compare.baseline", "compare.out", "flops.teacher",
     "flops.student", "flops.reference", "flops.out", "lm_eval.model", "lm_eval.gsm_data", "lm_eval.work_dir",
-    "lm_eval.out", "cache.out", "select.reference", "select.out", "reproduce.out"})
+    "lm_eval.out", "cache.out", "select.reference", "select.out", "reproduce.out", "seqkd.out"})
 
 
 def expand_home(value):

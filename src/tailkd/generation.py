@@ -245,6 +245,19 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
 
     The model is run in eval mode under ``torch.inference_mode`` and put back in its previous mode.
     """
+    outputs = generate_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              do_sample=do_sample, temperature=temperature, top_p=top_p,
+                              num_return_sequences=num_return_sequences, seed=seed, chat_template=chat_template,
+                              progress=progress)
+    return [[tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in row] for row in outputs]
+
+
+def generate_tokens(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
+                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                    num_return_sequences: int = 1, seed: int = 0, chat_template: str | None = None,
+                    progress: bool = True) -> list[list[tuple[list[int], bool]]]:
+    """`generate`'s decoding, as token ids: ``outputs[i][j]`` is the j-th completion of prompt i, ``(ids, stopped)``
+    — its ids without the stop token, and whether a stop token ended it (False: it ran to ``max_new_tokens``)."""
     from tailkd.runs import progress_bar
 
     if max_new_tokens < 1:
@@ -272,7 +285,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
         if do_sample else {"do_sample": False}
-    outputs: list[list[str] | None] = [None] * len(encoded)
+    outputs: list[list[tuple[list[int], bool]] | None] = [None] * len(encoded)
     with decoding(model, seed):
         starts = range(0, len(order), batch_size)
         for start in progress_bar(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
@@ -280,11 +293,11 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
             new = generate_ids(model, [encoded[i] for i in idx], max_new_tokens=max_new_tokens, stops=stops,
                                pad_id=pad_id, num_return_sequences=num_return_sequences, **sampling)
             for row, i in enumerate(idx):
-                texts = []
+                completions = []
                 for ids in new[row * num_return_sequences:(row + 1) * num_return_sequences]:
-                    cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-                    texts.append(tokenizer.decode(ids[:cut], skip_special_tokens=True))
-                outputs[i] = texts
+                    cut = next((j for j, t in enumerate(ids) if t in stops), None)
+                    completions.append((ids, False) if cut is None else (ids[:cut], True))
+                outputs[i] = completions
     return outputs  # type: ignore[return-value]
 
 
