@@ -1283,3 +1283,25 @@ def test_flops_from_sizes_needs_the_vocabulary_and_the_hidden_size(tmp_path):
         with pytest.raises(TailkdError, match=r"^--teacher-params needs --vocab and --hidden"):
             parse([*sizes, *given], FlopsConfig)
     assert parse([*sizes, "--vocab", "9", "--hidden", "4"], FlopsConfig).flops.hidden == 4
+
+
+def test_a_config_built_in_python_is_read_as_yaml_reads_it():
+    """`distill(cfg)` with a DistillConfig built in Python: a string where a list of paths goes is that one path (as
+    in YAML; it was read character by character, '/' first: the whole file system listed), a Path a string, an int
+    where a float goes a float, and a value of another type one line naming the key (a string seq_len was a raw
+    TypeError)."""
+    from pathlib import Path
+
+    from tailkd.config import DistillConfig
+
+    cfg = DistillConfig()
+    cfg.data.paths, cfg.data.heldout_paths, cfg.train.lr = "/some/corpus.jsonl", Path("/some/dev.txt"), 1
+    cfg.validate()
+    assert cfg.data.paths == ["/some/corpus.jsonl"] and cfg.data.heldout_paths == ["/some/dev.txt"]
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    for section, key, value, want in (("data", "seq_len", "64", "an integer"), ("train", "lr", "1e-4", "a number"),
+                                      ("train", "resume", "yes", "true/false"), ("loss", "name", 3, "a string")):
+        cfg = DistillConfig()
+        setattr(getattr(cfg, section), key, value)
+        with pytest.raises(TailkdError, match=rf"^config key {section}\.{key} expects {re.escape(want)}, got "):
+            cfg.validate()

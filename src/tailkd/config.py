@@ -473,6 +473,7 @@ class DistillConfig:
         from tailkd.registry import LOSSES, bind  # the registry (imports torch): loss names live there only
 
         c = self
+        check_types(c)
         for key in PATH_KEYS & {dotted for dotted, _, _ in _leaves(DistillConfig)}:  # a config built in Python
             section, name = key.split(".")  # (`distill(cfg)`) is read as a YAML one
             setattr(getattr(c, section), name, expand_home(leaf_value(c, key)))
@@ -555,9 +556,22 @@ def check_on_policy(c: DistillConfig) -> None:
         raise TailkdError(f"train.on_policy={t.on_policy} cannot be used here: {problem}")
 
 
+def check_types(cfg) -> None:
+    """Each leaf of ``cfg`` read as the same value given in YAML would be (`_coerce`), for a config built in Python
+    (`tailkd.train.distill(cfg)`, the functions of `tailkd.commands`): a string where a list of them goes becomes that
+    list, an int where a float goes a float, another type a TailkdError naming the key. (A string as data.paths was
+    read character by character: its first path '/', the whole file system listed.) A config from YAML or flags
+    passes unchanged."""
+    for dotted, tp, _ in _leaves(type(cfg)):
+        section, name = dotted.split(".")
+        setattr(getattr(cfg, section), name, _coerce(leaf_value(cfg, dotted), tp, dotted))
+
+
 def check_leaves(cfg) -> None:
-    """The checks every config shares: each leaf with ``choices=`` holds one of them, then each float leaf (each
-    item of a list) lies in its `FLOAT_RANGES` entry (None, an unset optional, passes); TailkdError naming the key."""
+    """The checks every config shares: each leaf of the type its field has (`check_types`), each leaf with
+    ``choices=`` holds one of them, then each float leaf (each item of a list) lies in its `FLOAT_RANGES` entry (None,
+    an unset optional, passes); TailkdError naming the key."""
+    check_types(cfg)
     leaves = list(_leaves(type(cfg)))
     for dotted, _, f in leaves:
         choices = f.metadata.get("choices")
