@@ -648,3 +648,21 @@ def test_the_report_names_a_student_as_it_was_built():
     assert rp._student_text(cfg) == "built from the teacher (6 layers, MLP random, embeddings trained)"
     cfg.student.path = "runs/x/final"
     assert rp._student_text(cfg) == "`runs/x/final`"
+
+
+def test_the_sweeps_hold_the_main_run_where_they_cross(tmp_path):
+    """A β (K) sweep's table and points hold the main TAD run's β = 2 (K = 10) whether --betas (--ks) lists it or
+    not: with --betas 1 the report said 'lowest at β = 1' beside a lower main run it left out."""
+    cfg = DistillConfig()
+
+    def run(name, group, k, beta):
+        return rp.Experiment(name, group, "tad", 0, k, beta, cfg)
+
+    experiments = [run("tad-s0", "main", 10, 2.0), run("beta1-s0", "beta", 10, 1.0), run("k5-s0", "k", 5, 2.0)]
+    evals = {"tad-s0": {"kl": 3.2374, "student_full_ece": 0.1}, "beta1-s0": {"kl": 3.2398, "student_full_ece": 0.2},
+             "k5-s0": {"kl": 3.2380, "student_full_ece": 0.3}}
+    rows, points = rp.sweep_rows(experiments, evals, "beta", [1.0], [0])
+    assert points == {1.0: 3.2398, 2.0: 3.2374} and [r.split(" |")[0] for r in rows[2:]] == ["| 1", "| 2"]
+    rows, points = rp.sweep_rows(experiments, evals, "k", [5], [0])
+    assert points == {5: 3.2380, 10: 3.2374}
+    assert rp.sweep_rows(experiments, evals, "beta", [1.0, 2.0], [0])[1] == {1.0: 3.2398, 2.0: 3.2374}

@@ -265,11 +265,13 @@ def paired_verdict(experiments: list[Experiment], evals: dict[str, dict]) -> tup
 
 
 def sweep_rows(experiments: list[Experiment], evals: dict[str, dict], group: str, values, seeds) -> tuple[list, dict]:
-    """Markdown rows of a sweep (held-out KL and Full-ECE per value, mean over the sweep seeds) and its points."""
+    """Markdown rows of a sweep (held-out KL and Full-ECE per value, mean over the sweep seeds) and its points; the
+    main TAD runs' value (β = 2, K = 10), where the sweeps cross, is one of them whether ``values`` lists it or not
+    (a sweep of β 1 only said 'lowest at β = 1' beside a lower main run)."""
     name = "β" if group == "beta" else "K"
     rows = [f"| {name} | held-out KL | Full-ECE |", "|---|---|---|"]
     points = {}
-    for v in sorted(values):
+    for v in sorted({*values, MAIN_BETA if group == "beta" else MAIN_K}):
         runs = [evals[e.name] for s in seeds if (e := sweep_point(experiments, group, s, v)) is not None]
         if runs:
             points[v] = statistics.fmean(r["kl"] for r in runs)
