@@ -577,7 +577,8 @@ def _row_ids(assets, split, max_rows=None, **data):
     from tailkd.config import DataConfig
     from tailkd.models import read_tokenizer
 
-    cfg = DataConfig(paths=[str(assets["corpus"])], seq_len=32, cache_dir=str(assets["cache"]), **data)
+    data = {"paths": [str(assets["corpus"])], **data}
+    cfg = DataConfig(seq_len=32, cache_dir=str(assets["cache"]), **data)
     rows = eval_rows(read_tokenizer(str(assets["student"])), cfg, split=split, max_rows=max_rows)
     return [list(r["input_ids"]) for r in rows]
 
@@ -983,7 +984,7 @@ def test_eval_rows_of_a_split_without_a_row_is_one_line(monkeypatch):
     from tailkd.config import DataConfig
 
     row = {"input_ids": [1, 2, 3]}
-    monkeypatch.setattr(prepare, "setup_data", lambda cfg, tok, model_max: (None, [row], []))
+    monkeypatch.setattr(prepare, "setup_data", lambda cfg, tok, model_max, **_: (None, [row], []))
     assert eval_rows(None, DataConfig(seq_len=32), split="train") == [row]
     with pytest.raises(TailkdError, match="the heldout split holds no row of 32 tokens"):
         eval_rows(None, DataConfig(seq_len=32), split="heldout")
@@ -1012,3 +1013,17 @@ def test_eval_generate_passes_the_decoding_settings_to_generation_eval(assets, t
     assert seen == {"chat_template": None, "max_new_tokens": 4, "batch_size": 2, "samples": 3, "temperature": 0.5,
                     "top_p": 0.8, "limit": None, "seed": 7, "rouge": False, "teacher": False, "examples": 3}
     assert json.loads(out.read_text())["mode"] == "generate"
+
+
+def test_heldout_rows_of_files_of_their_own_do_not_read_the_training_data(assets, tmp_path):
+    """With --heldout-data, --split heldout reads those files alone: a run's training files moved away since do not
+    stop its evaluation (it failed: 'data path ... does not exist'), and the rows are the ones read with them."""
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_text(30, seed=7))
+    want = _row_ids(assets, "heldout", max_rows=3, heldout_paths=[str(other)])
+    gone = tmp_path / "moved-away.txt"
+    assert _row_ids(assets, "heldout", max_rows=3, heldout_paths=[str(other)], paths=[str(gone)]) == want
+    from tailkd.errors import TailkdError
+
+    with pytest.raises(TailkdError, match="does not exist"):  # the training split still needs them
+        _row_ids(assets, "train", max_rows=3, heldout_paths=[str(other)], paths=[str(gone)])

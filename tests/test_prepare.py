@@ -293,3 +293,23 @@ def test_activation_checkpointing_of_a_class_transformers_does_not_checkpoint_is
     with pytest.raises(TailkdError, match=r"^train\.activation_checkpointing: transformers does not checkpoint "
                                           r"Unsupported's layers .*: set it to 0$"):
         prepare.checkpoint_activations(Unsupported(config), 1)
+
+
+def test_a_heldout_split_holding_most_tokens_is_warned_of():
+    """data.heldout_fraction holds out documents by hash: one long document held out took 99.6% of a corpus's tokens
+    without a word. Above a quarter of the tokens and three times the fraction, the run log says so (and that
+    --heldout-data does not give them back); a split near its fraction passes silently."""
+    from tailkd.config import DataConfig
+
+    meta = {"heldout": {"tokens": 212_711, "docs": 1}, "train": {"tokens": 757, "docs": 1}}
+    text = prepare.heldout_share_warning(DataConfig(), meta)
+    assert text.startswith("tailkd: warning: --data's held-out split holds 99.6% of its tokens (212,711 of 213,468, "
+                           "1 of 2 document(s)): data.heldout_fraction=0.05 holds out documents, not tokens, and "
+                           "training reads 757 tokens; split long documents")
+    with_other = prepare.heldout_share_warning(DataConfig(heldout_paths=["other.txt"]), meta)
+    assert "(with --heldout-data it is not evaluated either" in with_other
+    near = {"heldout": {"tokens": 25, "docs": 1}, "train": {"tokens": 75, "docs": 3}}  # 25%: not above a quarter
+    assert prepare.heldout_share_warning(DataConfig(), near) is None
+    assert prepare.heldout_share_warning(DataConfig(heldout_fraction=0.1), near) is None
+    assert prepare.heldout_share_warning(DataConfig(heldout_fraction=0.05), {**near, "train": {"tokens": 74,
+                                                                                            "docs": 3}}) is not None

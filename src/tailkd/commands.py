@@ -49,7 +49,8 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
     ``all``: held-out rows, then training rows. ``model_max``: the longest sequence the models take."""
     from tailkd.prepare import setup_data
 
-    _, train_rows, held_rows = setup_data(DistillConfig(data=data), tokenizer, model_max)
+    _, train_rows, held_rows = setup_data(DistillConfig(data=data), tokenizer, model_max,
+                                          heldout_only=split == "heldout")
     parts = {"heldout": [held_rows], "train": [train_rows], "all": [held_rows, train_rows]}[split]
     rows: list[dict] = []
     for part in parts:

@@ -377,10 +377,12 @@ def train_corpus_fingerprint(data, tokenizer_fingerprint: str) -> str:
                                      tokenizer_fingerprint=tokenizer_fingerprint, **corpus_settings(data))
 
 
-def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
+def setup_data(cfg: DistillConfig, tokenizer, model_max: int, *, heldout_only: bool = False):
     """(info, train_rows, held_rows): packed text rows (task pretrain) or prompt/response rows (task sft).
 
     Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
+    ``heldout_only``: where packed text rows come from a held-out corpus of its own (``data.heldout_paths``), those
+    alone: (None, None, held_rows), ``data.paths`` not read (they may be gone since the run).
     """
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
     cache_root = data_cache_root(cfg.data)
@@ -389,25 +391,46 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int):
 
         train_rows, held_rows, info = setup_sft_rows(cfg.data, tokenizer, cache_root)
         return info, train_rows, held_rows
-    paths = pretrain_paths(cfg.data, cache_root)
     prepare = functools.partial(corpus.prepare_corpus_cached, tokenizer=tokenizer, cache_root=cache_root / "corpora",
                                 tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer),
                                 **corpus_settings(cfg.data))
-    info = prepare(paths)
+    if heldout_only and cfg.data.heldout_paths:  # `tailkd eval` of a run's held-out rows: --data is not read
+        return None, None, heldout_corpus_rows(cfg.data, prepare, cache_root)
+    info = prepare(pretrain_paths(cfg.data, cache_root))
     train_rows = data_mod.PackedRows(info.train_bin, cfg.data.seq_len, what="--data's training split")
     if not cfg.data.heldout_paths:
         return info, train_rows, data_mod.PackedRows(info.heldout_bin, cfg.data.seq_len,
                                                      what="--data's held-out split")
-    # A separate held-out corpus (paper: held-out KL on a validation set of its own): all of its documents, i.e.
-    # the "train" file of a corpus prepared with nothing held out. The training corpus is prepared as without it,
-    # so its rows (and a teacher cache of them) do not depend on --heldout-data.
+    return info, train_rows, heldout_corpus_rows(cfg.data, prepare, cache_root)
+
+
+def heldout_corpus_rows(data, prepare, cache_root: Path):
+    """The packed rows of ``data.heldout_paths``, a held-out corpus of its own (paper: held-out KL on a validation set
+    of its own): all of its documents, i.e. the "train" file of a corpus prepared with nothing held out. The training
+    corpus is prepared as without it, so its rows (and a teacher cache of them) do not depend on --heldout-data."""
     try:  # its errors name files (no documents) or the cached train.bin of that corpus: say which data they are
-        held = prepare(text_paths(cfg.data.heldout_paths, cfg.data, cache_root), heldout_fraction=0.0,
-                       min_heldout_docs=0)
-        held_rows = data_mod.PackedRows(held.train_bin, cfg.data.seq_len)
+        held = prepare(text_paths(data.heldout_paths, data, cache_root), heldout_fraction=0.0, min_heldout_docs=0)
+        return data_mod.PackedRows(held.train_bin, data.seq_len)
     except TailkdError as exc:
-        raise TailkdError(f"--heldout-data {' '.join(map(str, cfg.data.heldout_paths))}: {exc}") from None
-    return info, train_rows, held_rows
+        raise TailkdError(f"--heldout-data {' '.join(map(str, data.heldout_paths))}: {exc}") from None
+
+
+def heldout_share_warning(data, meta: dict) -> str | None:
+    """The run log's warning where --data's held-out split (a fraction of its DOCUMENTS, by hash) holds far more of
+    its tokens than ``data.heldout_fraction`` — above a quarter and three times the fraction: one long document
+    held out took 99.6% of a corpus, silently (`tailkd.corpus.prepare_corpus`'s ``meta``); None otherwise."""
+    held, train = meta["heldout"], meta["train"]
+    total = held["tokens"] + train["tokens"]
+    share = held["tokens"] / total if total else 0.0
+    if share <= max(0.25, 3 * data.heldout_fraction):
+        return None
+    docs = held["docs"] + train["docs"]
+    also = (" (with --heldout-data it is not evaluated either: the training split is the same with or without it)"
+            if data.heldout_paths else "")
+    return (f"tailkd: warning: --data's held-out split holds {share:.1%} of its tokens ({held['tokens']:,} of "
+            f"{total:,}, {held['docs']} of {docs} document(s)){also}: data.heldout_fraction={data.heldout_fraction:g} "
+            f"holds out documents, not tokens, and training reads {train['tokens']:,} tokens; split long documents "
+            "(--data.doc_sep blank_line or line) or add more of them")
 
 
 def set_steps_from_epochs(cfg: DistillConfig, rows: int) -> None:

@@ -1,30 +1,29 @@
 """Prompt/response data for supervised distillation: JSONL -> token rows whose labels cover ONLY responses.
 
 Input: JSON lines, each either ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``
-(other keys are ignored). Output: the trainer's row contract (``tailkd.data``): int64 ``[T]`` tensors
-``input_ids``, ``labels`` (shifted once, here; -100 = ignore) and ``segment_ids`` (example index within
-the row). No position ids: none are passed to the model, which numbers a row's positions 0..T-1 itself.
+(other keys are ignored). Output: the trainer's row contract (``tailkd.data``): int64 ``[T]`` tensors ``input_ids``,
+``labels`` (shifted once, here; -100 = ignore) and ``segment_ids`` (example index within the row). No position ids:
+none are passed to the model, which numbers a row's positions 0..T-1 itself.
 
 Rendering (``chat_template``):
 
-- ``None`` (plain): ``prompt + response + EOS``, each part tokenised on its own with no special tokens
-  added and NO separator inserted (the data must carry one, e.g. a prompt ending in "\\n"). Text that
-  spells a special token ("<|endoftext|>") is tokenised as text, never as the special id.
+- ``None`` (plain): ``prompt + response + EOS``, each part tokenised on its own with no special tokens added and NO
+  separator inserted (the data must carry one, e.g. a prompt ending in "\\n"). Text that spells a special token
+  ("<|endoftext|>") is tokenised as text, never as the special id.
 - ``"auto"``: the tokenizer's chat template when it has one (pairs become one user turn and one assistant
   turn), else plain. Any other string is used as the (Jinja) chat template itself.
 - Chats (``messages``) need a template.
 
-Which tokens carry labels: for pairs, the response tokens and the EOS; for chats, every assistant turn's
-content tokens and the end-of-turn token that closes it (ChatML: ``<|im_end|>``). Prompts, padding and
-template scaffolding (system prompts, role headers like ``<|im_start|>assistant\\n``, the newline after
-``<|im_end|>``) are -100. The spans come from rendering the conversation incrementally: the prefix up to
-an assistant turn with the assistant header (``add_generation_prompt=True``) and the prefix including the
-turn; the turn's tokens are the difference, cut after the last special token in it (the end-of-turn).
-Checks, each a ``TailkdError`` naming file:line: the rendered prefix is a text prefix of the rendered
-conversation, its TOKENS are a prefix of the conversation's tokens (a merge across the boundary would
-make the spans ambiguous), the difference starts with the turn's content (no header leaked into it), and
-message contents do not spell special tokens. This works for any template, with or without
-``{% generation %}`` markers (SmolLM2's has none).
+Which tokens carry labels: for pairs, the response tokens and the EOS; for chats, every assistant turn's content tokens
+and the end-of-turn token that closes it (ChatML: ``<|im_end|>``). Prompts, padding and template scaffolding (system
+prompts, role headers like ``<|im_start|>assistant\\n``, the newline after ``<|im_end|>``) are -100. The spans come
+from rendering the conversation incrementally: the prefix up to an assistant turn with the assistant header
+(``add_generation_prompt=True``) and the prefix including the turn; the turn's tokens are the difference, cut after the
+last special token in it (the end-of-turn). Checks, each a ``TailkdError`` naming file:line: the rendered prefix is a
+text prefix of the rendered conversation, its TOKENS are a prefix of the conversation's tokens (a merge across the
+boundary would make the spans ambiguous), the difference starts with the turn's content (no header leaked into it), and
+message contents do not spell special tokens. This works for any template, with or without ``{% generation %}`` markers
+(SmolLM2's has none).
 
 Example with the labels shifted once (``x`` = tokens, ``m`` = response mask; the last token is never an input)::
 
@@ -32,19 +31,19 @@ Example with the labels shifted once (``x`` = tokens, ``m`` = response mask; the
     input   P1 P2 R1 R2
     labels  -  R1 R2 E             (labels[t] = x[t+1] if m[t+1] else -100)
 
-Layout (``mode``): ``"pad"`` (one example per row, right-padded to ``seq_len``) or ``"pack"`` (examples
-placed whole, in order, into rows of ``seq_len`` — next-fit: an example that does not fit in the current
-row's space starts a new row; the rest of a row is padding). Padding positions carry label -100, the segment
-id after the row's last example and ``attention_mask`` 0 — which only a mixture's router term uses, to keep its
-routing statistics off the padding (`tailkd.objective.step_terms`): attention is causal and padding on the right,
-so real tokens never attend to padding. In packed rows later examples DO attend to earlier ones (no
-block-diagonal mask): the usual packing approximation, harmless in practice as the earlier text is unrelated
-and fully visible; use ``mode="pad"`` for exact per-example attention.
+Layout (``mode``): ``"pad"`` (one example per row, right-padded to ``seq_len``) or ``"pack"`` (examples placed whole,
+in order, into rows of ``seq_len`` — next-fit: an example that does not fit in the current row's space starts a new
+row; the rest of a row is padding). Padding positions carry label -100, the segment id after the row's last example and
+``attention_mask`` 0 — which only a mixture's router term uses, to keep its routing statistics off the padding
+(`tailkd.objective.step_terms`): attention is causal and padding on the right, so real tokens never attend to padding.
+In packed rows later examples DO attend to earlier ones (no block-diagonal mask): the usual packing approximation,
+harmless in practice as the earlier text is unrelated and fully visible; use ``mode="pad"`` for exact per-example
+attention.
 
-Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong="truncate"`` (default) keeps
-the first ``seq_len + 1`` tokens, i.e. drops the END of the response (and its EOS) — a warning gives the
-count; ``"drop"`` removes them. Either way an example left without a single label (its prompt alone fills
-the row) is dropped and counted.
+Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong="truncate"`` (default) keeps the first
+``seq_len + 1`` tokens, i.e. drops the END of the response (and its EOS) — a warning gives the count; ``"drop"``
+removes them. Either way an example left without a single label (its prompt alone fills the row) is dropped and
+counted.
 """
 
 from __future__ import annotations
@@ -478,17 +477,14 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
                 overlong: str = "truncate") -> tuple[SFTRows, SFTRows, dict]:
     """Read, render, mask and lay out prompt/response data. Returns ``(train_rows, heldout_rows, info)``.
 
-    - ``paths``: JSONL files or folders (see ``read_sft_examples``).
-    - ``seq_len``: positions per row; an example of L tokens takes L - 1 positions.
-    - ``mode``: ``"pad"`` or ``"pack"``; ``chat_template``: None, ``"auto"`` (default) or a template string;
-      ``overlong``: ``"truncate"`` (default) or ``"drop"`` (see the module docstring).
-    - Held out: the examples of ``heldout_paths`` if given (training examples with the same prompt as a
-      held-out one are dropped and counted), else a ``heldout_fraction`` of ``paths`` chosen by a hash of
-      ``seed`` and the prompt (``_heldout_split``). ``heldout_fraction=0`` gives empty held-out rows.
-    - ``info``: settings, the resolved rendering, per-split counts (examples, rows, tokens, response
-      tokens, fill) and the examples truncated / dropped.
-
-    Deterministic: the same inputs give the same rows.
+    - ``paths``: JSONL files or folders (see ``read_sft_examples``). ``seq_len``: positions per row; an example of L
+      tokens takes L - 1 positions. ``mode``: ``"pad"`` or ``"pack"``; ``chat_template``: None, ``"auto"`` (default)
+      or a template string; ``overlong``: ``"truncate"`` (default) or ``"drop"`` (see the module docstring).
+    - Held out: the examples of ``heldout_paths`` if given (training examples with the same prompt as a held-out one
+      are dropped, counted and warned of), else a ``heldout_fraction`` of ``paths`` chosen by a hash of ``seed`` and
+      the prompt (``_heldout_split``). ``heldout_fraction=0`` gives empty held-out rows.
+    - ``info``: settings, the resolved rendering, per-split counts (examples, rows, tokens, response tokens, fill)
+      and the examples truncated / dropped. Deterministic: the same inputs give the same rows.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise TailkdError(f"--seq-len must be a positive whole number of tokens, got {seq_len!r}")
@@ -508,6 +504,9 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
         overlap = len(examples) - len(train)
         if not train:
             raise TailkdError("every training example's prompt is also in the held-out files; give distinct data")
+        if overlap:
+            warnings.warn(f"SFT data: {overlap} of {len(examples)} training example(s) dropped: their prompt is also "
+                          "in the held-out files (a prompt is never on both sides of the split)", stacklevel=2)
     else:
         train, held = _heldout_split(examples, float(heldout_fraction), seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)

@@ -56,6 +56,7 @@ from tailkd.prepare import (
     checkpoint_activations,
     choose_loss_path,
     compile_models,
+    heldout_share_warning,
     loss_layer_text,
     make_optimizer,
     rank_batches,
@@ -255,6 +256,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
         if cfg.loss.k >= vocab and "k" in LOSSES[cfg.loss.name].knobs:
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+    if cfg.data.task == "pretrain" and (warning := heldout_share_warning(cfg.data, info.meta)):
+        dist.say(warning, err=True)
     check_labels(vocab, tokenizer, {"training": train_rows, "held-out": held_rows})
     if cfg.train.epochs:
         set_steps_from_epochs(cfg, len(train_rows))
