@@ -1288,17 +1288,22 @@ def test_flops_from_sizes_needs_the_vocabulary_and_the_hidden_size(tmp_path):
 def test_a_config_built_in_python_is_read_as_yaml_reads_it():
     """`distill(cfg)` with a DistillConfig built in Python: a string where a list of paths goes is that one path (as
     in YAML; it was read character by character, '/' first: the whole file system listed), a Path a string, an int
-    where a float goes a float, and a value of another type one line naming the key (a string seq_len was a raw
-    TypeError)."""
+    where a float goes a float, a range or tuple where a list goes its items, a numpy scalar its number, and a value
+    of another type one line naming the key (a string seq_len was a raw TypeError)."""
     from pathlib import Path
+
+    import numpy as np
 
     from tailkd.config import DistillConfig
 
     cfg = DistillConfig()
     cfg.data.paths, cfg.data.heldout_paths, cfg.train.lr = "/some/corpus.jsonl", Path("/some/dev.txt"), 1
+    cfg.student.layers, cfg.train.adam_betas, cfg.train.max_steps = range(0, 4, 2), (0.9, 0.99), np.int64(7)
     cfg.validate()
     assert cfg.data.paths == ["/some/corpus.jsonl"] and cfg.data.heldout_paths == ["/some/dev.txt"]
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.student.layers == [0, 2] and cfg.train.adam_betas == [0.9, 0.99]  # a range, a tuple: their items
+    assert cfg.train.max_steps == 7 and type(cfg.train.max_steps) is int  # a numpy scalar: its number
     for section, key, value, want in (("data", "seq_len", "64", "an integer"), ("train", "lr", "1e-4", "a number"),
                                       ("train", "resume", "yes", "true/false"), ("loss", "name", 3, "a string")):
         cfg = DistillConfig()

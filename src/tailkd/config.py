@@ -23,6 +23,7 @@ import re
 import secrets
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -564,7 +565,17 @@ def check_types(cfg) -> None:
     passes unchanged."""
     for dotted, tp, _ in _leaves(type(cfg)):
         section, name = dotted.split(".")
-        setattr(getattr(cfg, section), name, _coerce(leaf_value(cfg, dotted), tp, dotted))
+        value = leaf_value(cfg, dotted)
+        if typing.get_origin(_unwrap_optional(tp)[0]) is list and isinstance(value, Iterable) \
+                and not isinstance(value, (str, bytes, dict, Path)):
+            value = list(value)  # a range, a tuple, a numpy array: its items
+        value = [_python_scalar(v) for v in value] if isinstance(value, list) else _python_scalar(value)
+        setattr(getattr(cfg, section), name, _coerce(value, tp, dotted))
+
+
+def _python_scalar(value):
+    """A numpy (or torch) scalar as the Python number it holds (``.item()``); any other value as it is."""
+    return value.item() if hasattr(value, "item") and getattr(value, "shape", None) == () else value
 
 
 def check_leaves(cfg) -> None:
