@@ -140,3 +140,71 @@ def test_bad_settings_are_one_line(assets, tmp_path, capsys, monkeypatch, extra,
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists() and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_a_chat_history_ending_in_a_user_turn_is_answered():
+    """A chat's last assistant turn is replaced; a history ending in a user turn asks that turn (it answered the
+    first question and dropped the second); earlier assistant turns stay as they are."""
+    from tailkd.seqkd import seqkd_line, seqkd_prompt
+    from tailkd.sft import SFTExample
+
+    q1, a1, q2 = ({"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                  {"role": "user", "content": "Q2"})
+    asks = SFTExample("f:1", messages=(q1, a1, q2))
+    replies = SFTExample("f:2", messages=(q1, a1, q2, {"role": "assistant", "content": "A2"}))
+    for example in (asks, replies):
+        assert seqkd_prompt(example, True) == [q1, a1, q2]
+        assert seqkd_line(example, "new") == {"messages": [q1, a1, q2, {"role": "assistant", "content": "new"}]}
+    pair = SFTExample("f:3", prompt="Q", response="old")
+    assert seqkd_prompt(pair, True) == [{"role": "user", "content": "Q"}] and seqkd_prompt(pair, False) == "Q"
+    assert seqkd_line(pair, "new") == {"prompt": "Q", "response": "new"}
+
+
+def test_empty_and_unfinished_responses_are_dropped_and_counted(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A response whose text is empty or blank (the teacher stopped at once) is dropped, always, and counted: distill
+    refuses an empty response, so one such line made the whole file unusable; an unfinished one is dropped unless
+    --keep-unfinished. (The decoder is replaced here by fixed outputs: the bookkeeping alone.)"""
+    from tailkd import generation
+
+    tok = AutoTokenizer.from_pretrained(assets["teacher"])
+    word = tok(" mat", add_special_tokens=False)["input_ids"]
+    space = tok(" ", add_special_tokens=False)["input_ids"]
+    fixed = [[([], True)], [(space, True)], [(word, True)], [(word * 3, False)]]
+    monkeypatch.setattr(generation, "generate_tokens", lambda *a, **k: fixed)
+    prompts = _prompts(tmp_path / "p.jsonl", n=4)
+    for keep, kept in ((False, [" mat"]), (True, [" mat", " mat mat mat"])):
+        out = tmp_path / f"out-{keep}"
+        assert main(["seqkd-data", "--teacher", str(assets["teacher"]), "--data", str(prompts), "--out", str(out),
+                     "--keep-unfinished", str(keep).lower()]) == 0
+        assert [x["response"] for x in _lines(out)] == kept
+        summary = json.loads((out / "seqkd.json").read_text())
+        assert (summary["empty"], summary["unfinished"], summary["responses"]) == (2, 1, len(kept))
+        assert summary["generated_tokens"] == 0 + 1 + len(space) + 1 + len(word) + 1 + 3 * len(word)
+    fixed[:] = [[([], True)]] * 4
+    assert main(["seqkd-data", "--teacher", str(assets["teacher"]), "--data", str(prompts), "--out",
+                 str(tmp_path / "none")]) == 2
+    assert "no response to keep: 4 empty, 0 reached" in capsys.readouterr().err
+
+
+def test_a_padded_heads_rows_past_the_tokenizer_are_never_generated(assets):  # noqa: F811
+    """Rows of an LM head past the tokenizer's ids are no tokens: with ``vocab`` they are suppressed (the fast
+    tokenizer's decode dropped such an id without a word, so the text was not what the teacher generated). Here they
+    are made the argmax, so that without ``vocab`` greedy decoding picks them."""
+    from tailkd.generation import generate_tokens
+
+    tok = AutoTokenizer.from_pretrained(assets["teacher"])
+    model = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32).eval()
+    v = len(tok)
+    model.resize_token_embeddings(v + 8)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0][0, -1]))
+    with torch.no_grad():
+        model(tok("The team won", return_tensors="pt")["input_ids"])
+        head, h = model.get_output_embeddings().weight, seen[-1]
+        # the prompt's last state scores the padded rows 10x above any real row's largest possible logit
+        head[v:] = h * (10 * head[:v].norm(dim=1).max() / h.norm())
+    args = dict(max_new_tokens=4, progress=False)
+    plain = generate_tokens(model, tok, ["The team won"], **args)[0][0][0]
+    assert plain[0] >= v  # the premise: a padded row wins unsuppressed
+    kept = generate_tokens(model, tok, ["The team won"], vocab=v, **args)[0][0][0]
+    assert kept and all(t < v for t in kept)

@@ -98,7 +98,7 @@ COMMANDS = {
         "--data (prompt JSONL, responses optional: they are replaced), greedily by default or sampled "
         "(--temperature, --top-p, --samples per prompt), rendered with the chat template as tailkd distill --task "
         "sft renders them; responses that reach --max-new-tokens without ending are dropped unless "
-        "--keep-unfinished. Writes responses.jsonl (train on it: tailkd distill --task sft --data "
+        "--keep-unfinished, empty ones always. Writes responses.jsonl (train on it: tailkd distill --task sft --data "
         "OUT/responses.jsonl, with --loss clm as published) and seqkd.json (settings, counts, tokens)."),
     "reproduce": (
         cc.ReproduceConfig, "reproduce.reproduce", "the TAD paper's experiments over seeds, and a report of them",

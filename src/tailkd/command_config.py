@@ -595,8 +595,8 @@ class SeqkdDataConfig:
                                          **_aliases("seqkd", SeqkdOptions)}
     HELP: ClassVar[dict[str, str]] = {
         "data.paths": "prompt JSONL files (or folders of them): {\"prompt\": ...} with or without a \"response\" (it "
-                      "is replaced), or {\"messages\": [...]} (the turns before the last assistant one are the "
-                      "prompt)",
+                      "is replaced), or {\"messages\": [...]} (a last assistant turn is replaced, a history ending "
+                      "in a user turn answered)",
         "data.chat_template": "how prompts are rendered, as tailkd distill --task sft renders them: auto (the "
                               "tokenizer's template, plain pairs if none), none, or a Jinja file"}
 

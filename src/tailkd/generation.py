@@ -255,9 +255,11 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
 def generate_tokens(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                     num_return_sequences: int = 1, seed: int = 0, chat_template: str | None = None,
-                    progress: bool = True) -> list[list[tuple[list[int], bool]]]:
+                    progress: bool = True, vocab: int | None = None) -> list[list[tuple[list[int], bool]]]:
     """`generate`'s decoding, as token ids: ``outputs[i][j]`` is the j-th completion of prompt i, ``(ids, stopped)``
-    — its ids without the stop token, and whether a stop token ended it (False: it ran to ``max_new_tokens``)."""
+    — its ids without the stop token, and whether a stop token ended it (False: it ran to ``max_new_tokens``).
+    ``vocab``: only ids below it are generated (the rows of a padded LM head past the tokenizer's ids are no tokens:
+    suppressed, greedy or sampled, as on-policy sampling does); None: every row of the head."""
     from tailkd.runs import progress_bar
 
     if max_new_tokens < 1:
@@ -285,6 +287,9 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Prompt], *, max_new_toke
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
         if do_sample else {"do_sample": False}
+    rows = model.get_output_embeddings().weight.shape[0] if vocab is not None else 0
+    if vocab is not None and rows > vocab:
+        sampling["suppress_tokens"] = list(range(vocab, rows))
     outputs: list[list[tuple[list[int], bool]] | None] = [None] * len(encoded)
     with decoding(model, seed):
         starts = range(0, len(order), batch_size)
