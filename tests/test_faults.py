@@ -61,8 +61,15 @@ STEPS = 48  # long enough to be killed mid-run several times; ~tens of ms per st
 
 
 def spawn(argv, **env):
+    """The CLI in a process of its own, SIGINT and SIGTERM at their defaults there as in a terminal, however the
+    suite was started (a shell's background job starts with SIGINT ignored, which the run then keeps ignoring)."""
     return subprocess.Popen([sys.executable, "-m", "tailkd.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**ENV, **env})
+                            stderr=subprocess.PIPE, text=True, env={**ENV, **env}, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def last_step(run: Path) -> int:

@@ -361,7 +361,17 @@ def test_tied_embeddings_trained_in_the_checkpoint_and_now_resume(tmp_path):
 def test_signals_in_a_run_are_recorded_said_once_and_a_second_ctrl_c_interrupts(capsys):
     """SIGTERM / SIGINT inside the block are recorded (the loop stops after its step) and said once; a second
     SIGTERM is recorded too, a second SIGINT (Ctrl-C twice) raises KeyboardInterrupt; the caller's handlers are back
-    afterwards."""
+    afterwards. (Python's own handlers first: a suite started as a shell's background job has SIGINT ignored, which a
+    run keeps ignoring, `test_a_signal_the_process_ignores_stays_ignored`.)"""
+    started = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _signals_recorded_said_once(capsys)
+    finally:
+        signal.signal(signal.SIGINT, started[0])
+        signal.signal(signal.SIGTERM, started[1])
+
+
+def _signals_recorded_said_once(capsys):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with runs.stop_on_signals() as received:
         try:
