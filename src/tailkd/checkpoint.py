@@ -176,6 +176,15 @@ def new_file_modes(folder: Path) -> None:
             _set_mode(f, mode)
 
 
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """TailkdError unless the output folder ``out`` may be replaced whole (`atomic_write_dir`): missing, an empty
+    folder, or an earlier output of ``what`` (a folder holding ``marker``); never a file or a folder of other files."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / marker).is_file():
+        raise TailkdError(f"refusing to replace {out}: it exists and is not a tailkd {what} output (no {marker}); "
+                          "choose a new or empty folder for --out")
+
+
 def atomic_write_dir(final: Path, write) -> Path:
     """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``final`` (replacing it). Returns ``final``, a folder with
     the permissions of any new one (`new_temp_dir`), its files those of any new file (`new_file_modes`).

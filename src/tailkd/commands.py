@@ -460,7 +460,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
     select-data output (it holds ``selection.json``): any other is refused before a model is loaded.
     ``data.seq_len`` must fit both models' context."""
     from tailkd import corpus, models, selection
-    from tailkd.checkpoint import atomic_write_dir
+    from tailkd.checkpoint import atomic_write_dir, check_replaceable
     from tailkd.data import check_seq_len
     from tailkd.distributed import resolve_device
     from tailkd.flops import SCORE_FLOPS_PER_VOCAB, model_flops_per_token
@@ -470,9 +470,7 @@ def select_data(cfg: SelectDataConfig) -> dict:
 
     s = cfg.select
     out = Path(s.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "selection.json").is_file():
-        raise TailkdError(f"refusing to replace {out}: it exists and is not a tailkd select-data output (no "
-                          "selection.json); choose a new or empty folder for --out")
+    check_replaceable(out, "selection.json", "select-data")
     dev = resolve_device(s.device, "select.device")
     teacher, tok = models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype)
     reference, ref_tok = models.load_teacher(s.reference, device=dev, dtype=cfg.teacher.dtype)

@@ -206,6 +206,15 @@ def decoding(model, seed: int):
             model.train()
 
 
+def padded_rows(model, vocab: int | None) -> list[int] | None:
+    """The rows of ``model``'s LM head past ``vocab`` (a padded head's: no tokens), for ``generate``'s
+    ``suppress_tokens`` (set to -inf before temperature and top-p); None where there are none or ``vocab`` is None."""
+    if vocab is None:
+        return None
+    rows = model.get_output_embeddings().weight.shape[0]  # generate's scores: one per LM-head row
+    return list(range(vocab, rows)) if rows > vocab else None
+
+
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stops: Sequence[int], pad_id: int,
                  num_return_sequences: int = 1, **sampling) -> list[list[int]]:
     """One batched ``generate`` call (KV cache) on token-id prompts, LEFT-padded with an attention mask so that
@@ -287,9 +296,8 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Prompt], *, max_new_toke
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
         if do_sample else {"do_sample": False}
-    rows = model.get_output_embeddings().weight.shape[0] if vocab is not None else 0
-    if vocab is not None and rows > vocab:
-        sampling["suppress_tokens"] = list(range(vocab, rows))
+    if padded := padded_rows(model, vocab):
+        sampling["suppress_tokens"] = padded
     outputs: list[list[tuple[list[int], bool]] | None] = [None] * len(encoded)
     with decoding(model, seed):
         starts = range(0, len(order), batch_size)

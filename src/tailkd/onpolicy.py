@@ -33,7 +33,7 @@ import torch
 
 from tailkd import distributed as dist
 from tailkd.data import IGNORE_INDEX
-from tailkd.generation import decoding, generate_ids
+from tailkd.generation import decoding, generate_ids, padded_rows
 from tailkd.sft import stop_token_ids
 
 
@@ -68,13 +68,11 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     rows past the tokenizer are no tokens; None: every row). The RNG is forked and seeded with ``seed``; the model
     runs in eval mode and is put back in its previous mode."""
     device_type = next(model.parameters()).device.type
-    rows = model.get_output_embeddings().weight.shape[0]  # generate's scores: one per LM-head row
-    padded = list(range(vocab, rows)) if vocab is not None and rows > vocab else None  # set to -inf, before top-p
     with decoding(model, seed), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                                enabled=autocast_dtype is not None):
         new = generate_ids(model, prompts, max_new_tokens=max_new_tokens, stops=stops, pad_id=pad_id,
                            do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0,
-                           suppress_tokens=padded)
+                           suppress_tokens=padded_rows(model, vocab))
     responses = []
     for ids in new:
         cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))

@@ -55,16 +55,14 @@ def seqkd_line(example, response: str) -> dict:
 def seqkd_data(cfg: SeqkdDataConfig) -> dict:
     """``tailkd seqkd-data``: see the module docstring. Returns seqkd.json's contents."""
     from tailkd import models, sft
-    from tailkd.checkpoint import atomic_write_dir
+    from tailkd.checkpoint import atomic_write_dir, check_replaceable
     from tailkd.distributed import resolve_device
     from tailkd.generation import generate_tokens
     from tailkd.vocab import real_vocab_size
 
     o = cfg.seqkd
     out = Path(o.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "seqkd.json").is_file():
-        raise TailkdError(f"refusing to replace {out}: it exists and is not a tailkd seqkd-data output (no "
-                          "seqkd.json); choose a new or empty folder for --out")
+    check_replaceable(out, "seqkd.json", "seqkd-data")
     examples = sft.read_sft_examples([Path(p) for p in cfg.data.paths], references_optional=True)
     examples = examples[:o.limit] if o.limit else examples
     template = sft.resolve_chat_template(models.read_tokenizer(cfg.teacher.path),  # before the weights load
