@@ -37,6 +37,34 @@ def test_build_row_labels_only_the_response():
 def test_prompt_lengths_from_the_first_label():
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 4, 5], [IGNORE_INDEX] * 4, [3, 4, IGNORE_INDEX, IGNORE_INDEX]])
     assert op.prompt_lengths(labels) == [3, 0, 1]
+    # a row without a label holds a prompt alone: its real tokens (the attention mask's ones); none: nothing
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    assert op.prompt_lengths(labels, mask) == [3, 2, 1]
+    assert op.prompt_lengths(labels, torch.tensor([[1] * 4, [0] * 4, [1] * 4])) == [3, 0, 1]
+
+
+def prompt_alone_row(prompt: list[int], seq_len: int) -> dict[str, torch.Tensor]:
+    """A row of a prompt alone as `tailkd.sft.SFTRows` lays it out: all its tokens, no label, then padding."""
+    n = len(prompt)
+    return {"input_ids": torch.tensor(prompt + [PAD] * (seq_len - n)),
+            "labels": torch.full((seq_len,), IGNORE_INDEX), "segment_ids": torch.tensor([0] * n + [1] * (seq_len - n)),
+            "attention_mask": torch.tensor([1] * n + [0] * (seq_len - n))}
+
+
+def test_a_prompt_alone_is_answered_as_its_answered_row(tiny_lm):
+    """Rows of a prompt alone (train.on_policy 1's prompt-only data) come back as the same prompts with a dataset
+    response do, bit for bit under the same seed: the same prompt answered, labels on the sampled tokens alone."""
+    model, T = tiny_lm(), 24
+    prompts = [[11, 12, 13], [21, 22, 23, 24, 25], list(range(50, 74))]  # the last fills the row: room for 1 token
+    stack = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    answered = stack([op.build_row(p, [40, 41, EOS], T, PAD) for p in prompts[:2]] +
+                     [op.build_row(prompts[2], [40], T, PAD)])
+    alone = stack([prompt_alone_row(p, T) for p in prompts])
+    policy = op.OnPolicy(1.0, 1.0, 1.0, 6, 0, (EOS,), PAD)
+    new, tokens = policy.generate_batch(model, alone, seed=5)
+    want, want_tokens = policy.generate_batch(model, answered, seed=5)
+    assert all(torch.equal(new[k], want[k]) for k in want) and tokens == want_tokens
+    assert (new["labels"][:2] != IGNORE_INDEX).sum().item() >= 2 and (new["labels"][2] != IGNORE_INDEX).sum() == 1
 
 
 def test_on_policy_draws_are_counter_based_with_rate_lambda():
@@ -62,9 +90,9 @@ def test_generate_batch_keeps_prompts_and_labels_only_generated_tokens(tiny_lm):
     prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31]]
     rows = [op.build_row(p, [40, 41, EOS], T, PAD) for p in prompts]  # dataset rows: a response after each prompt
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]} | {"row_index": torch.tensor([4, 9, 1])}
-    no_label = {k: v[:1].clone() for k, v in batch.items()}
-    no_label["labels"][:] = IGNORE_INDEX
-    batch = {k: torch.cat([batch[k], no_label[k]]) for k in batch}  # a 4th row without any label
+    empty = {k: v[:1].clone() for k, v in batch.items()}
+    empty["labels"][:], empty["input_ids"][:], empty["attention_mask"][:] = IGNORE_INDEX, PAD, 0
+    batch = {k: torch.cat([batch[k], empty[k]]) for k in batch}  # a 4th row without any token
     policy = op.OnPolicy(1.0, 1.0, 1.0, 6, 0, (EOS,), PAD)
     new, tokens = policy.generate_batch(model, batch, seed=3)
     assert torch.equal(new["row_index"], batch["row_index"])
@@ -203,14 +231,14 @@ def test_generation_runs_under_the_runs_autocast_only(tiny_lm):
         assert seen and all(s[:len(want)] == want for s in seen), (ac, seen)
 
 
-def test_a_micro_batch_without_any_label_is_returned_as_it_is(tiny_lm):
-    """Rows without any label have no prompt to answer: a micro-batch of only such rows comes back as it is, with 0
-    tokens generated, and the student is not run."""
+def test_a_micro_batch_without_any_token_is_returned_as_it_is(tiny_lm):
+    """Rows without any token (no label, attention mask all 0) have no prompt to answer: a micro-batch of only such
+    rows comes back as it is, with 0 tokens generated, and the student is not run."""
     model = tiny_lm()
     model.forward = None  # a call of the student fails
     rows = [op.build_row([5, 6], [7], 8, PAD) for _ in range(2)]
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    batch["labels"][:] = IGNORE_INDEX
+    batch["labels"][:], batch["attention_mask"][:] = IGNORE_INDEX, 0
     new, tokens = op.OnPolicy(1.0, 1.0, 1.0, 3, 0, (EOS,), PAD).generate_batch(model, batch, seed=0)
     assert new is batch and tokens == 0
 
@@ -359,6 +387,55 @@ def test_stopped_and_resumed_on_policy_run_is_bit_identical(assets, tmp_path):  
     assert [(r["loss"], r["generated_tokens"], r["on_policy_batches"]) for r in la] == \
         [(r["loss"], r["generated_tokens"], r["on_policy_batches"]) for r in lb]
     assert 0 < la[-1]["on_policy_batches"] < 6  # λ = 0.5 over 6 micro-batches: some of each kind (seed 0)
+
+
+def prompts_and_pairs(assets, tmp_path):  # noqa: F811
+    """The fixture's pairs split into held-out pairs (the first 16) and training pairs, and those training prompts
+    alone (no "response"): (prompt-only data, pair data, held-out file). 16 of the 64 training prompts are also
+    held-out ones (the fixture's prompts repeat): dropped from training alike."""
+    lines = [json.loads(x) for x in assets["pairs"].read_text().splitlines()]
+    write = lambda name, objs: (tmp_path / name).write_text("".join(json.dumps(o) + "\n" for o in objs)) \
+        and tmp_path / name  # noqa: E731
+    return (write("prompts.jsonl", [{"prompt": o["prompt"]} for o in lines[16:]]), write("pairs.jsonl", lines[16:]),
+            write("held.jsonl", lines[:16]))
+
+
+def test_lambda_one_trains_on_prompts_alone_as_on_their_pairs(assets, tmp_path):  # noqa: F811
+    """Fully on-policy (λ = 1) every response is the student's: a run on the training prompts alone (no "response")
+    is the run on the same prompts with their responses, bit for bit — losses, generated tokens, held-out metrics and
+    final weights — held-out responses given by --heldout-data."""
+    prompts, pairs, held = prompts_and_pairs(assets, tmp_path)
+    common = ("--loss", "rkl", "--steps", "3", "--train.on_policy", "1", "--train.on_policy_max_new_tokens", "6",
+              "--heldout-data", str(held))
+    a, b = tmp_path / "prompts", tmp_path / "pairs"
+    assert main(sft_args({**assets, "pairs": prompts}, a, *common)) == 0
+    assert main(sft_args({**assets, "pairs": pairs}, b, *common)) == 0
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    drop = {"time", "elapsed_s", "tokens_per_s", "gen_tokens_per_s", "generation_seconds", "wall_s", "eta_s"}
+    ma = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(a)]
+    mb = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(b)]
+    train = [r for r in ma if r["split"] == "train"]
+    assert ma == mb and any(r["split"] == "heldout" for r in ma) and len(train) == 3
+    assert all(r["generated_tokens"] > 0 and r["on_policy_batches"] == r["step"] for r in train)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--train.on_policy", "0.5", "--heldout-data", "HELD"],
+     "prompts.jsonl:1: a prompt without a response (48 of 48 training examples): only a fully on-policy run "
+     "(--train.on_policy 1) trains on prompts alone"),
+    (["--train.on_policy", "1"], "the SFT held-out split holds prompts alone (13), which the held-out metrics cannot "
+                                 "score; pass --heldout-data FILE with responses"),
+])
+def test_prompts_alone_refused_where_they_cannot_train(assets, tmp_path, capsys, extra, needle):  # noqa: F811
+    prompts, _, held = prompts_and_pairs(assets, tmp_path)
+    run = tmp_path / "run"
+    extra = [str(held) if x == "HELD" else x for x in extra]
+    assert main(sft_args({**assets, "pairs": prompts}, run, "--loss", "rkl", *extra)) == 2
+    out = capsys.readouterr().err  # after the models load: their progress bars, the warnings of the data
+    err = [x for x in out.splitlines() if x.startswith("tailkd: error: ")]
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in out, err
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -12,17 +12,20 @@ from bounds import assert_within
 from conftest import build_tiny_tokenizer, make_tiny_lm
 from loss_bounds import lm_logits_err
 
+from tailkd.config import DataConfig
 from tailkd.data import RowSampler, collate, collate_rows
 from tailkd.errors import TailkdError
 from tailkd.sft import (
     IGNORE_INDEX,
     SFTExample,
     SFTRows,
+    check_prompt_only,
     encode_example,
     encode_prompt,
     prepare_sft,
     read_sft_examples,
     render_chat,
+    setup_sft_rows,
     sft_rows_to_prompts,
     stop_token_ids,
 )
@@ -755,6 +758,87 @@ def test_references_optional_takes_prompts_without_a_reference(tmp_path):
     with pytest.raises(TailkdError, match=r'h\.jsonl:1: no "prompt" field \(found keys \[\'question\'\]\); every '
                                           r'line needs "prompt", or "messages"$'):
         read_sft_examples([h], references_optional=True)
+
+
+# --------------------------------------------------------------------------- prompts alone (train.on_policy 1)
+
+
+@pytest.mark.parametrize("template", ["auto", None])
+def test_a_prompt_alone_is_the_prompt_its_answered_pair_trains_from(tok, tmp_path, template):
+    """With prompt_only a prompt without a response (no "response", a blank one; a chat without an assistant turn)
+    is kept for training as a row of its prompt alone: exactly the tokens the same prompt has before its first label
+    when it comes with a response — the prompt on-policy sampling answers (`onpolicy.prompt_lengths`, given the
+    attention mask) — and no label; the example with a response keeps the row it has without prompt_only."""
+    objs = [{"prompt": "Hi\n", "response": "Yo"}, {"prompt": "Hi\n"}, {"prompt": "Hi\n", "response": " "}]
+    objs += [{"messages": [{"role": "user", "content": "Hi\n"}]}] if template else []
+    f = write_jsonl(tmp_path / "d.jsonl", objs)
+    train, _, info = prepare_sft([f], tok, seq_len=64, chat_template=template, heldout_fraction=0, prompt_only=True)
+    from tailkd.onpolicy import prompt_lengths
+
+    batch = collate([train[i] for i in range(len(train))])
+    lengths = prompt_lengths(batch["labels"], batch["attention_mask"])
+    prompts = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    text = "<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nHi\n<|im_end|>\n<|im_start|>assistant\n" \
+        if template else "Hi\n"
+    want = tok(text, add_special_tokens=False)["input_ids"] if template else byte_ids(tok, text)
+    assert prompts == [want] * len(objs)
+    assert (batch["labels"][0] != IGNORE_INDEX).any() and (batch["labels"][1:] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][1:].sum(1).tolist() == [len(want)] * (len(objs) - 1)  # the prompt, then padding
+    g = write_jsonl(tmp_path / "g.jsonl", objs[:1])
+    (alone, _, _), first = prepare_sft([g], tok, seq_len=64, chat_template=template, heldout_fraction=0), train[0]
+    assert all(torch.equal(alone[0][k], first[k]) for k in first)
+    assert (info["train"]["prompt_only"], info["train"]["examples"]) == (len(objs) - 1, len(objs))
+    assert info["train"]["response_tokens"] == int((first["labels"] != IGNORE_INDEX).sum())
+
+
+def test_a_prompt_alone_needs_room_for_one_answer_token(tok, tmp_path):
+    """A prompt alone is never truncated: one of seq_len tokens fills its row (the student's first token is the label
+    of its last position), one of seq_len + 1 is dropped and counted; an empty plain prompt is refused."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abcd"}, {"prompt": "abcde"}, {"prompt": "ab", "response": "c"}])
+    train, _, info = prepare_sft([f], tok, seq_len=4, chat_template=None, heldout_fraction=0, prompt_only=True)
+    assert [e.prompt for e in train.examples] == ["abcd", "ab"] and info["train"]["dropped_no_response"] == 1
+    assert train[0]["input_ids"].tolist() == byte_ids(tok, "abcd") and train[0]["attention_mask"].tolist() == [1] * 4
+    g = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "ab", "response": "c"}, {"prompt": ""}])
+    with pytest.raises(TailkdError, match=r"g\.jsonl:2: an empty prompt and no response: nothing to answer"):
+        prepare_sft([g], tok, seq_len=4, chat_template=None, heldout_fraction=0, prompt_only=True)
+
+
+def test_a_chat_prompt_alone_may_not_spell_special_tokens(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": f"a{IM_END}b"}]}])
+    with pytest.raises(TailkdError, match=r"d\.jsonl:1: a user message contains the special token '<\|im_end\|>'"):
+        prepare_sft([f], tok, seq_len=64, heldout_fraction=0, prompt_only=True)
+
+
+def test_held_out_prompts_alone_are_dropped_counted_and_warned_of(tok, tmp_path):
+    """Held out, a prompt alone has nothing to score: dropped and counted, with a warning; where the held-out split
+    holds nothing else, `setup_sft_rows` refuses it in one line naming --heldout-data."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"P{i}\n", **({"response": f"R{i}"} if i % 2 else {})}
+                                           for i in range(40)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, held, info = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0.25, prompt_only=True)
+    n = info["heldout"]["dropped_prompt_only"]
+    assert 0 < n < 10 and len(held) == 10 - n and not any(e.prompt_only for e in held.examples)
+    assert [str(w.message) for w in caught] == [f"SFT data: {n} held-out example(s) hold a prompt alone, which the "
+                                                "held-out metrics cannot score: not used (--heldout-data FILE gives "
+                                                "held-out responses)"]
+    g = write_jsonl(tmp_path / "g.jsonl", [{"prompt": f"P{i}\n"} for i in range(40)])
+    data = DataConfig(task="sft", paths=[str(g)], seq_len=32, chat_template="none", heldout_fraction=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TailkdError, match=r"^the SFT held-out split holds prompts alone \(10\), which the held-out "
+                                              r"metrics cannot score; pass --heldout-data FILE with responses"):
+            setup_sft_rows(data, tok, tmp_path / "cache")
+
+
+def test_check_prompt_only_refuses_prompts_alone_unless_fully_on_policy(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}, {"prompt": "d"}])
+    train, _, _ = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0, prompt_only=True)
+    check_prompt_only(train, 1.0)
+    for rate in (0.0, 0.99):
+        with pytest.raises(TailkdError, match=r"^.*d\.jsonl:2: a prompt without a response \(2 of 3 training "
+                                              r"examples\): only a fully on-policy run \(--train.on_policy 1\)"):
+            check_prompt_only(train, rate)
 
 
 def test_an_empty_file_after_another_is_refused(tmp_path):

@@ -454,7 +454,7 @@ class TrainConfig:
                                 "rank) before the run fails (HF TrainingArguments' ddp_timeout)")
     on_policy: float = _f(0.0, "sft: probability λ that a micro-batch's responses are sampled from the current "
                                "student and scored by the teacher (GKD's mixed policy; 0: the dataset's responses "
-                               "only, 1: fully on-policy)")
+                               "only, 1: fully on-policy, where the data may be prompts alone)")
     on_policy_temperature: float = _f(1.0, "on-policy sampling temperature")
     on_policy_top_p: float = _f(1.0, "on-policy nucleus sampling p (no top-k cut)")
     on_policy_max_new_tokens: int = _f(128, "on-policy: most tokens sampled per response (a row never grows past "

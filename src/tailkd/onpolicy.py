@@ -6,7 +6,8 @@ those tokens exactly as it scores dataset responses, and every divergence of the
 (Agarwal et al. 2024, GKD; λ = 0 is plain supervised distillation, λ = 1 fully on-policy). Bookkeeping:
 
 - a row's prompt is its tokens up to the first one that carries a label (``labels[f] != -100``: positions
-  0..f), so the prompt is exactly the one the dataset row was rendered with (chat template included);
+  0..f), so the prompt is exactly the one the dataset row was rendered with (chat template included); a row of a
+  prompt alone (no label: `tailkd.sft`'s prompt-only examples, trained at λ = 1) is all its real tokens;
 - the student samples at most ``train.on_policy_max_new_tokens`` tokens (temperature, nucleus top-p, no top-k)
   from its distribution over the tokenizer's V ids, the ones the loss scores (rows of a padded LM head past them are
   no tokens: masked before temperature and top-p), batched and left-padded with a KV cache (`transformers`
@@ -52,12 +53,14 @@ def is_on_policy(rate: float, seed: int, step: int, micro: int) -> bool:
     return random.Random(_seed("on-policy", seed, step, micro)).random() < rate
 
 
-def prompt_lengths(labels: torch.Tensor) -> list[int]:
+def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
     """Per row of ``labels`` [b, T] (shifted once): the number of prompt tokens, i.e. 1 + the first position
-    with a label (``input_ids[:n]`` is the prompt); 0 for a row without any label (nothing to generate for)."""
+    with a label (``input_ids[:n]`` is the prompt). A row without any label holds a prompt alone (`tailkd.sft`: all
+    its real tokens, ``attention_mask``'s ones) — 0 where it has none or no mask is given (nothing to answer)."""
     valid = labels != IGNORE_INDEX
     first = torch.where(valid.any(1), valid.int().argmax(1), -1)
-    return [int(f) + 1 for f in first]
+    alone = torch.zeros_like(first) if attention_mask is None else attention_mask.sum(1)
+    return [int(f) + 1 if f >= 0 else int(n) for f, n in zip(first, alone)]
 
 
 def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
@@ -126,10 +129,11 @@ class OnPolicy:
         return out, n_batches, n_tokens
 
     def generate_batch(self, model, batch: dict, *, seed: int) -> tuple[dict, int]:
-        """``batch`` (rows of one example each) with every response replaced by one sampled from ``model``; a row
-        without any label (nothing to answer) stays as it is. Returns (the batch, tokens generated)."""
+        """``batch`` (rows of one example each) with every response replaced by one sampled from ``model`` (a row
+        holding a prompt alone is answered the same way); a row without any token stays as it is. Returns (the batch,
+        tokens generated)."""
         seq_len = batch["input_ids"].shape[1]
-        lengths = prompt_lengths(batch["labels"])
+        lengths = prompt_lengths(batch["labels"], batch.get("attention_mask"))
         rows = [i for i, n in enumerate(lengths) if n > 0]
         if not rows:
             return batch, 0

@@ -44,6 +44,12 @@ Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong=
 ``seq_len + 1`` tokens, i.e. drops the END of the response (and its EOS) — a warning gives the count; ``"drop"``
 removes them. Either way an example left without a single label (its prompt alone fills the row) is dropped and
 counted.
+
+Prompts alone (``prompt_only``, as `setup_sft_rows` reads: a line without a response or with a blank one, a chat
+without an assistant turn; a training run takes them only fully on-policy, ``train.on_policy`` 1,
+`check_prompt_only`): a row of the generation prompt (`encode_prompt`: the tokens before the first label of the same
+prompt with a response), all of it input, no label, at most ``seq_len`` tokens (never truncated: dropped and counted);
+held out they are dropped, counted and warned of (nothing to score).
 """
 
 from __future__ import annotations
@@ -92,6 +98,14 @@ class SFTExample:
         if self.messages is None:
             return self.response
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+
+    @property
+    def prompt_only(self) -> bool:
+        """A prompt with nothing to train on — no or a blank response, a chat without an assistant turn: read for
+        training only where the student answers every prompt (``train.on_policy`` 1)."""
+        if self.messages is None:
+            return not self.response.strip()
+        return not any(m["role"] == "assistant" for m in self.messages)
 
     def generation_prompt(self, chat: bool) -> Prompt:
         """The prompt as rendered for training: a chat (list of messages) if ``chat``, else the plain string."""
@@ -232,12 +246,13 @@ def _tokenize_rendered(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def encode_prompt(tokenizer, prompt: Prompt, *, chat_template: str | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: Prompt, *, chat_template: str | None = None,
+                  where: str = "a conversation") -> list[int]:
     """Token ids of a generation prompt, rendered exactly as in training: a string as plain text, a chat
     through the template with the assistant header appended (``add_generation_prompt=True``)."""
     if isinstance(prompt, str):
         return _tokenize_text(tokenizer, [prompt])[0]
-    text = render_chat(tokenizer, prompt, chat_template=chat_template, add_generation_prompt=True)
+    text = render_chat(tokenizer, prompt, chat_template=chat_template, add_generation_prompt=True, where=where)
     return _tokenize_rendered(tokenizer, [text])[0]
 
 
@@ -263,15 +278,19 @@ def _special_ids(tokenizer) -> set[int]:
     return set(_special_tokens(tokenizer).values())
 
 
-def _chat_spans(tokenizer, messages: Sequence[dict], template: str,
-                where: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of the rendered conversation and the [start, end) span of each assistant turn's labels."""
+def _check_contents(tokenizer, messages: Sequence[dict], where: str) -> None:
     specials = list(_special_tokens(tokenizer))
     for m in messages:
         hit = next((t for t in specials if t in m["content"]), None)
         if hit is not None:
             raise TailkdError(f"{where}: a {m['role']} message contains the special token {hit!r} as text, which "
                               "would forge template structure; remove it from the data")
+
+
+def _chat_spans(tokenizer, messages: Sequence[dict], template: str,
+                where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the rendered conversation and the [start, end) span of each assistant turn's labels."""
+    _check_contents(tokenizer, messages, where)
     full = render_chat(tokenizer, messages, chat_template=template, where=where)
     bounds = []  # (prefix text with assistant header, text including the turn, turn index)
     for i, m in enumerate(messages):
@@ -327,11 +346,18 @@ def stop_token_ids(tokenizer, *, chat: bool, chat_template: str | None = None) -
 
 def encode_example(tokenizer, example: SFTExample, chat_template: str | None) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, response_mask)`` of one example: int64 / bool arrays of equal length (unshifted, untruncated).
-    ``chat_template`` is the RESOLVED template (``resolve_chat_template``), None = plain."""
+    ``chat_template`` is the RESOLVED template (``resolve_chat_template``), None = plain. A prompt-only example
+    (`SFTExample.prompt_only`) gives its prompt as generation renders it (`encode_prompt`) and a mask of zeros."""
+    if chat_template is None and example.is_chat:
+        raise TailkdError(f"{example.source}: chat messages need a chat template; use chat_template='auto' with "
+                          "a tokenizer that has one, or pass a template")
+    if example.prompt_only:
+        prompt = example.generation_prompt(chat_template is not None)
+        if not isinstance(prompt, str):
+            _check_contents(tokenizer, prompt, example.source)
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, where=example.source)
+        return np.asarray(ids, dtype=np.int64), np.zeros(len(ids), dtype=bool)
     if chat_template is None:
-        if example.is_chat:
-            raise TailkdError(f"{example.source}: chat messages need a chat template; use chat_template='auto' with "
-                              "a tokenizer that has one, or pass a template")
         p, r = _tokenize_text(tokenizer, [example.prompt, example.response])
         ids = [*p, *r, _eos_id(tokenizer)]
         mask = [False] * len(p) + [True] * (len(r) + 1)
@@ -360,9 +386,13 @@ class SFTRows(Dataset):
                  mode: str, pad_id: int, chat_template: str | None):
         self.examples, self.seq_len, self.mode, self.pad_id = examples, seq_len, mode, int(pad_id)
         self.chat_template = chat_template
-        self.inputs: list[np.ndarray] = []  # per example: ids[:-1]
+        self.inputs: list[np.ndarray] = []  # per example: ids[:-1]; a prompt alone (no mask set): all of it
         self.targets: list[np.ndarray] = []  # per example: ids[1:] where the response mask is set, else -100
         for ids, mask in encoded:
+            if not mask.any():  # a prompt-only example: the student's answer starts after its last token
+                self.inputs.append(ids.astype(np.int32))
+                self.targets.append(np.full(len(ids), IGNORE_INDEX, dtype=np.int32))
+                continue
             self.inputs.append(ids[:-1].astype(np.int32))
             self.targets.append(np.where(mask[1:], ids[1:], IGNORE_INDEX).astype(np.int32))
         self.rows: list[list[int]] = []
@@ -409,7 +439,8 @@ class SFTRows(Dataset):
         tokens = sum(len(x) for x in self.inputs)
         labelled = sum(int((y != IGNORE_INDEX).sum()) for y in self.targets)
         return {"examples": len(self.examples), "rows": len(self.rows), "tokens": tokens,
-                "response_tokens": labelled, "fill": tokens / max(1, len(self.rows) * self.seq_len)}
+                "response_tokens": labelled, "fill": tokens / max(1, len(self.rows) * self.seq_len),
+                "prompt_only": sum(e.prompt_only for e in self.examples)}
 
 
 def sft_rows_to_prompts(rows: SFTRows) -> tuple[list[Prompt], list[str]]:
@@ -454,9 +485,23 @@ def _heldout_split(examples: list[SFTExample], fraction: float, seed: int) -> tu
 
 def _encode_all(tokenizer, examples: list[SFTExample], template: str | None, seq_len: int, overlong: str,
                 counts: dict) -> tuple[list[SFTExample], list[tuple[np.ndarray, np.ndarray]]]:
+    """The examples kept and their ``(ids, mask)``; ``counts`` gets those cut and dropped. A prompt-only example
+    (read for training where the student answers every prompt; held out, it has nothing to score) keeps its whole
+    prompt and needs room for one answer token: at most ``seq_len`` tokens, never truncated."""
     kept, encoded = [], []
     for e in examples:
         ids, mask = encode_example(tokenizer, e, template)
+        if e.prompt_only and "dropped_prompt_only" in counts:
+            counts["dropped_prompt_only"] += 1
+            continue
+        if e.prompt_only and not len(ids):
+            raise TailkdError(f"{e.source}: an empty prompt and no response: nothing to answer; remove the line")
+        if e.prompt_only:
+            counts["dropped_no_response"] += len(ids) > seq_len  # its prompt alone fills the row
+            if len(ids) <= seq_len:
+                kept.append(e)
+                encoded.append((ids, mask))
+            continue
         cut = len(ids) > seq_len + 1
         if cut:
             if overlong == "drop":
@@ -474,7 +519,7 @@ def _encode_all(tokenizer, examples: list[SFTExample], template: str | None, seq
 
 def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_template: str | None = "auto",
                 heldout_fraction: float = 0.05, heldout_paths=None, seed: int = 0,
-                overlong: str = "truncate") -> tuple[SFTRows, SFTRows, dict]:
+                overlong: str = "truncate", prompt_only: bool = False) -> tuple[SFTRows, SFTRows, dict]:
     """Read, render, mask and lay out prompt/response data. Returns ``(train_rows, heldout_rows, info)``.
 
     - ``paths``: JSONL files or folders (see ``read_sft_examples``). ``seq_len``: positions per row; an example of L
@@ -483,6 +528,9 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     - Held out: the examples of ``heldout_paths`` if given (training examples with the same prompt as a held-out one
       are dropped, counted and warned of), else a ``heldout_fraction`` of ``paths`` chosen by a hash of ``seed`` and
       the prompt (``_heldout_split``). ``heldout_fraction=0`` gives empty held-out rows.
+    - ``prompt_only``: ``paths`` may hold prompts alone (`SFTExample.prompt_only`; training takes them where the
+      student answers every prompt, `check_prompt_only`); held out they have nothing to score: dropped, counted and
+      warned of (``heldout_paths`` need responses as ever).
     - ``info``: settings, the resolved rendering, per-split counts (examples, rows, tokens, response tokens, fill)
       and the examples truncated / dropped. Deterministic: the same inputs give the same rows.
     """
@@ -495,7 +543,7 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     if not 0.0 <= heldout_fraction < 1.0:
         raise TailkdError(f"heldout_fraction={heldout_fraction} must lie in [0, 1); 0.05 is usual")
     template = resolve_chat_template(tokenizer, chat_template)
-    examples = read_sft_examples(paths)
+    examples = read_sft_examples(paths, references_optional=prompt_only)
     overlap = 0
     if heldout_paths:
         held = read_sft_examples(heldout_paths)
@@ -513,14 +561,19 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
 
     splits, counts = {}, {}
     for name, exs in (("train", train), ("heldout", held)):
-        c = {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0}
+        c = {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0,
+             **({"dropped_prompt_only": 0} if name == "heldout" else {})}
         kept, encoded = _encode_all(tokenizer, exs, template, seq_len, overlong, c)
         if name == "train" and not kept:
             raise TailkdError(f"no training example keeps a response token within --seq-len {seq_len}; use a larger "
                               "--seq-len or shorter prompts")
+        if c.get("dropped_prompt_only"):
+            warnings.warn(f"SFT data: {c['dropped_prompt_only']} held-out example(s) hold a prompt alone, which the "
+                          "held-out metrics cannot score: not used (--heldout-data FILE gives held-out responses)",
+                          stacklevel=2)
         splits[name] = SFTRows(kept, encoded, seq_len=seq_len, mode=mode, pad_id=pad_id, chat_template=template)
         counts[name] = c
-    cut = {k: counts["train"][k] + counts["heldout"][k] for k in counts["train"]}
+    cut = {k: counts["train"][k] + counts["heldout"][k] for k in counts["train"]}  # the keys both splits count
     if cut["truncated"] or cut["dropped_overlong"] or cut["dropped_no_response"]:
         warnings.warn(f"SFT data: {cut['truncated']} example(s) truncated to --seq-len {seq_len} (end of the "
                       f"response lost), {cut['dropped_overlong']} dropped as too long, {cut['dropped_no_response']} "
@@ -577,7 +630,8 @@ def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTR
     sets ``builtin:math`` / ``builtin:instruct``, `builtin_sft_files`), the built-in math problems when no path is
     given. Held out: ``data.heldout_paths`` if given; else the built-in sets' own held-out files when a built-in set
     is used (JSONL files given beside it are then all training data); else a ``data.heldout_fraction`` of the files.
-    Held-out rows must not be empty."""
+    Held-out rows must not be empty. Prompts alone are read (`prepare_sft`'s ``prompt_only``): a training run refuses
+    them unless fully on-policy (`check_prompt_only`)."""
     paths, builtin_held = [], []
     for p in data_cfg.paths or ["builtin:math"]:
         if str(p).startswith("builtin:"):
@@ -591,9 +645,23 @@ def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTR
         paths, tokenizer, seq_len=data_cfg.seq_len, mode=data_cfg.sft_mode,
         chat_template=chat_template_setting(data_cfg.chat_template),
         heldout_fraction=data_cfg.heldout_fraction, heldout_paths=held, seed=data_cfg.split_seed,
-        overlong=data_cfg.overlong)
+        overlong=data_cfg.overlong, prompt_only=True)
+    if len(held_rows) == 0 and info["heldout"]["dropped_prompt_only"]:
+        raise TailkdError(f"the SFT held-out split holds prompts alone ({info['heldout']['dropped_prompt_only']}), "
+                          "which the held-out metrics cannot score; pass --heldout-data FILE with responses (e.g. "
+                          "the teacher's: tailkd seqkd-data)")
     if len(held_rows) == 0:
         raise TailkdError("the SFT held-out split is empty; pass --heldout-data FILE or raise data.heldout_fraction")
     if len(train_rows) == 0:
         raise TailkdError("no SFT training examples are left; check data.paths and data.seq_len")
     return train_rows, held_rows, info
+
+
+def check_prompt_only(rows: SFTRows, on_policy: float) -> None:
+    """Training examples holding a prompt alone (`SFTExample.prompt_only`) train only where the student answers
+    every prompt (``train.on_policy`` 1): otherwise refused, naming the first and their count."""
+    alone = [e for e in rows.examples if e.prompt_only]
+    if alone and on_policy < 1:
+        raise TailkdError(f"{alone[0].source}: a prompt without a response ({len(alone)} of {len(rows.examples)} "
+                          "training examples): only a fully on-policy run (--train.on_policy 1) trains on prompts "
+                          "alone; give the responses (e.g. the teacher's: tailkd seqkd-data) or remove those lines")

@@ -69,6 +69,7 @@ from tailkd.prepare import (
     use_optimizer_settings,
 )
 from tailkd.registry import LOSSES
+from tailkd.sft import check_prompt_only
 from tailkd.vocab import check_labels
 
 TERMS = ("loss", "clm", "div", "cos", "aux")
@@ -258,6 +259,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
     if cfg.data.task == "pretrain" and (warning := heldout_share_warning(cfg.data, info.meta)):
         dist.say(warning, err=True)
+    if cfg.data.task == "sft":
+        check_prompt_only(train_rows, cfg.train.on_policy)
     check_labels(vocab, tokenizer, {"training": train_rows, "held-out": held_rows})
     if cfg.train.epochs:
         set_steps_from_epochs(cfg, len(train_rows))
