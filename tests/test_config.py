@@ -762,6 +762,7 @@ def test_every_flag_the_readme_names_exists():
     others = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",  # torchrun
               "--config_file", "--cpu", "--multi_gpu", "--num_processes", "--machine_rank", "--mpirun_hostfile",
               "--dest", "--from", "--no-convert",  # python -m tailkd.install
+              "--logdir",  # tensorboard
               "--loss.kk", "--section.field"}  # the error table's typo, the flags' pattern
     flag = re.compile(r"(?<![\w-])--[A-Za-z](?:[\w.-]*\w)?")
     text = re.sub(r"--\w+\.\*", "", (REPO / "README.md").read_text(encoding="utf-8"))  # --train.*: a section's flags

@@ -35,6 +35,7 @@ from tailkd.errors import TailkdError
 # The allowed values of the choice fields, defined here once (the modules that read them import them).
 TEACHER_DTYPES = ("auto", "bf16", "fp32")
 MLP_INITS = ("random", "copy")
+REPORT_TO = ("none", "tensorboard")  # train.report_to: metrics.jsonl always, TensorBoard event files too
 EXPERT_CHOICES = ("first", "used")  # which routed experts a student with fewer than its teacher keeps
 LAYER_CHOICES = ("spaced", "influence")  # which teacher layers a student of num_layers keeps
 MLP_UNIT_CHOICES = ("first", "active")  # which units of a dense MLP a narrower student copies
@@ -422,6 +423,9 @@ class TrainConfig:
     save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(1, "metrics line every N steps")
+    report_to: str = _f("none", "where the metrics go besides metrics.jsonl: none, or tensorboard (OUT/tensorboard: "
+                                "tensorboard --logdir OUT/tensorboard; HF TrainingArguments' report_to)",
+                        choices=REPORT_TO)
     seed: int = _f(0, "seed for initialisation, data order and dropout")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     resume: bool = _f(False, "continue the run in out_dir from its last checkpoint")

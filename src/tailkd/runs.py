@@ -52,7 +52,7 @@ RESUME_FREE_KEYS = {"train.resume", "train.overwrite", "train.max_steps", "train
                     "train.log_every", "train.keep_last", "train.device", "train.out_dir", "train.stop_after",
                     "train.force_resume", "train.max_bad_steps", "train.parallel", "train.fused_loss",
                     "train.loss_chunk_size", "train.loss_kernels", "train.compile", "train.ddp_timeout",
-                    "train.activation_checkpointing"}
+                    "train.activation_checkpointing", "train.report_to"}
 
 
 @dataclasses.dataclass
@@ -103,9 +103,12 @@ def progress_bar(iterable=None, **kwargs):
 
 class MetricsLog:
     """Append-only JSONL written by rank 0; on resume, lines after the checkpoint's step are dropped first
-    (and a line cut short by a kill, or one that is not UTF-8 or not readable JSON)."""
+    (and a line cut short by a kill, or one that is not UTF-8 or not readable JSON). With ``tensorboard`` (a folder,
+    ``train.report_to tensorboard``) every line's numbers go to TensorBoard too, as ``SPLIT/KEY`` at its step, flushed
+    per line; TensorBoard hides the events of an earlier invocation past ``resume_step`` (``purge_step``), as the lines
+    are dropped here."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: Path | None = None):
         self.path = path
         if resume_step is not None and path.exists():
             keep = []
@@ -121,6 +124,10 @@ class MetricsLog:
             except OSError as exc:
                 raise TailkdError(f"could not write {path} ({exc.strerror or exc}); free disk space and continue "
                                   "with --resume") from exc
+        self.board = None
+        if tensorboard is not None:
+            purge = None if resume_step is None else resume_step + 1
+            self.board = tensorboard_writer()(str(tensorboard), purge_step=purge)
 
     def write(self, record: dict) -> None:
         try:
@@ -129,6 +136,26 @@ class MetricsLog:
         except OSError as exc:
             raise TailkdError(f"could not append to {self.path} ({exc.strerror or exc}); free disk space and continue "
                               "with --resume from the last checkpoint") from exc
+        if self.board is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(f"{split}/{key}", value, global_step=record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def tensorboard_writer():
+    """torch's ``SummaryWriter`` (``train.report_to tensorboard``), or a one-line TailkdError naming the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard imports the tensorboard package
+        raise TailkdError("train.report_to tensorboard needs the tensorboard package: pip install tensorboard (or "
+                          "pip install 'tailkd[tensorboard]')") from None
+    return SummaryWriter
 
 
 def heldout_record(step: int, tokens: int, metrics: dict) -> dict:

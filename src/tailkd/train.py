@@ -74,6 +74,7 @@ from tailkd.vocab import check_labels
 
 TERMS = ("loss", "clm", "div", "cos", "aux")
 CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"  # train.report_to tensorboard: the event files, in the run folder
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -240,6 +241,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     check_batch_split(cfg.train.batch_size)
     out, resuming, changes = dist.on_main_then_all(lambda: runs.prepare_run_dir(cfg))
     check_before_models(cfg)  # what needs no model (a teacher cache, a loaded student's tokenizer): before any loads
+    if cfg.train.report_to == "tensorboard":
+        runs.tensorboard_writer()  # the package, before any model loads
     seed_everything(cfg.train.seed)
     # rank 0 first: a GGUF teacher is converted into a cache once, a corpus tokenised into its cache once
     sharded = measured = None
@@ -310,7 +313,8 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     progress = restored or runs.Progress()
     on_policy = on_policy_from_config(cfg, tokenizer, train_rows, ac, vocab)
     # metrics.jsonl (rank 0): on resume, the lines after the checkpoint's step go (all of them without one)
-    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=progress.step if restored else -1) \
+    board = out / TENSORBOARD_DIR if cfg.train.report_to == "tensorboard" else None
+    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=progress.step if restored else -1, tensorboard=board) \
         if dist.is_main() else None
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
                signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk,
@@ -451,6 +455,8 @@ def _distill(cfg: DistillConfig, device: torch.device, cleanup: contextlib.ExitS
     """Setup, the steps, the end; ``cleanup`` undoes the signal handlers and closes the progress bar."""
     t0 = time.perf_counter()
     run = setup_run(cfg, device)
+    if run.log is not None:
+        cleanup.callback(run.log.close)  # TensorBoard's writer thread
     run.seconds["setup"] = time.perf_counter() - t0
     p, t = run.progress, cfg.train
     stop_at = min(t.max_steps, p.step + t.stop_after) if t.stop_after else t.max_steps
