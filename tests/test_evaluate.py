@@ -804,7 +804,12 @@ def test_eval_generate_decodes_prompts_without_references(assets, tmp_path, caps
     r = json.loads(out.read_text())
     assert r["mode"] == "generate" and r["examples"] == 2
     assert not any("rouge" in k for k in r) and 0 <= r["student_exact_match"] <= 1
-    capsys.readouterr()
+    # no reference needed for the teacher's view of each model's greedy answers (`generation.answer_scores`)
+    for side in ("student", "teacher"):
+        assert r[f"{side}_answer_tokens"] >= 2 and r[f"{side}_answers_teacher_nll"] > 0
+        assert r[f"{side}_answers_kl"] > 0 and r[f"{side}_answers_rkl"] > 0  # two different random models
+    table = capsys.readouterr().out
+    assert any(line.split()[:1] == ["answers_rkl"] for line in table.splitlines()), table
     assert main(generate_args(assets, prompts, tmp_path / "rouge.json", "--data.chat_template", str(jinja))) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tailkd") or "Traceback" in line]
     assert len(err) == 1 and re.search(r"ROUGE-L needs a reference response for every prompt, but 2 of 2 held-out "
@@ -995,12 +1000,14 @@ def test_eval_generate_passes_the_decoding_settings_to_generation_eval(assets, t
     size, new tokens, rouge): generation_eval is replaced by one that records them, as every value would otherwise
     have to be inferred from sampled text (decoding with seed 0 whatever --generate.seed said survived the mutation
     audit)."""
+    from transformers import AutoTokenizer
+
     from tailkd import generation
 
     seen = {}
 
     def record(student, teacher, tokenizer, examples, **kw):
-        seen.update(kw, teacher=teacher is not None, examples=len(examples))
+        seen.update(kw, teacher=teacher is not None, examples=len(examples), judge=kw["judge"] is not None)
         return {"examples": len(examples)}
 
     monkeypatch.setattr(generation, "generation_eval", record)
@@ -1011,7 +1018,8 @@ def test_eval_generate_passes_the_decoding_settings_to_generation_eval(assets, t
                               "0.5", "--generate.top_p", "0.8", "--batch-size", "2", "--generate.rouge", "false",
                               "--generate.teacher", "false")) == 0
     assert seen == {"chat_template": None, "max_new_tokens": 4, "batch_size": 2, "samples": 3, "temperature": 0.5,
-                    "top_p": 0.8, "limit": None, "seed": 7, "rouge": False, "teacher": False, "examples": 3}
+                    "top_p": 0.8, "limit": None, "seed": 7, "rouge": False, "teacher": False, "examples": 3,
+                    "judge": True, "vocab": len(AutoTokenizer.from_pretrained(assets["teacher"]))}  # scored by it
     assert json.loads(out.read_text())["mode"] == "generate"
 
 

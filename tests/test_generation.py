@@ -15,10 +15,12 @@ from test_sft import CHATML, IM_END, IM_START, chatml_tokenizer
 
 from tailkd.errors import TailkdError
 from tailkd.generation import (
+    answer_scores,
     check_references,
     distinct_n,
     diversity,
     generate,
+    generate_tokens,
     generation_eval,
     rouge_l,
     self_bleu,
@@ -537,3 +539,79 @@ def test_diversity_counts_a_prompt_without_n_grams_as_zero():
     d = diversity([["a b c", "d e f"], ["", ""]])
     assert d["distinct_1"] == (1.0 + 0.0) / 2 and d["distinct_3"] == (1.0 + 0.0) / 2
     assert diversity([["a b", "c d"]])["distinct_3"] == 0.0
+
+
+# --------------------------------------------------------------------------- the teacher's view of the answers
+
+
+def test_answer_scores_are_plain_sums_over_the_answer_tokens():
+    """answer_scores: over every answer token (an EOS ending an answer included), KL(p‖q), KL(q‖p) and the teacher's
+    −log p of the token, summed over all answers and divided once by their count, equal a float64 reference of plain
+    sums over one full forward of prompt + answer each (no padding, batching or masking), float64 models: ~1e-16
+    relative per operation over sums of < 10^4 terms, checked at 1e-10."""
+    tok = build_tiny_tokenizer()
+    student, teacher = make_tiny_lm(seed=1).double(), make_tiny_lm(seed=2).double()
+    eos = tok.eos_token_id
+    answers = [[40, 41, eos], [7], [11, 12, 13, 14, 15], [eos]]  # any ids: the arithmetic, not the decoding
+    got = answer_scores(student, teacher, tok, PROMPTS[:4], answers, name="student", vocab=TINY_VOCAB, batch_size=3)
+    kl = rkl = nll = 0.0
+    n = 0
+    for prompt, answer in zip(PROMPTS[:4], answers):
+        p_ids = tok(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = p_ids + answer
+        with torch.no_grad():
+            zs = student(input_ids=torch.tensor([ids])).logits[0, :, :TINY_VOCAB]
+            zt = teacher(input_ids=torch.tensor([ids])).logits[0, :, :TINY_VOCAB]
+        for t in range(len(p_ids) - 1, len(ids) - 1):  # position t predicts ids[t + 1], an answer token
+            lq, lp = torch.log_softmax(zs[t], 0), torch.log_softmax(zt[t], 0)
+            kl += sum(float(lp[i].exp() * (lp[i] - lq[i])) for i in range(TINY_VOCAB))
+            rkl += sum(float(lq[i].exp() * (lq[i] - lp[i])) for i in range(TINY_VOCAB))
+            nll -= float(lp[ids[t + 1]])
+            n += 1
+    assert got["student_answer_tokens"] == n == sum(map(len, answers))
+    for key, want in (("kl", kl / n), ("rkl", rkl / n), ("teacher_nll", nll / n)):
+        assert math.isclose(got[f"student_answers_{key}"], want, rel_tol=1e-10), (key, got, want)
+
+
+def test_generation_eval_scores_each_models_greedy_answers_with_their_stop_token(tmp_path):
+    """With a judge, generation_eval scores each model's greedy answers — those it decodes, a stop token that ended
+    one kept last (`generate_tokens(keep_stop=True)`: the ids without it plus the stop) — and no reference is needed;
+    without a judge there are no such keys."""
+    tok = build_tiny_tokenizer()
+    student, teacher = make_tiny_lm(seed=1), make_tiny_lm(seed=2)
+    scripted = ScriptedLM(tok, lambda p: "so 2")  # stops at once: its answers end with the stop token
+    cut = generate_tokens(scripted, tok, PROMPTS[:3], max_new_tokens=8, progress=False)
+    kept = generate_tokens(scripted, tok, PROMPTS[:3], max_new_tokens=8, progress=False, keep_stop=True)
+    assert all(s for (_, s), in cut) and [k for (k, _), in kept] == [c + [tok.eos_token_id] for (c, _), in cut]
+    pairs = [(p, "") for p in PROMPTS[:3]]  # no references: ROUGE off
+    res = generation_eval(student, teacher, tok, pairs, max_new_tokens=6, progress=False, rouge=False, judge=teacher)
+    for name, model in (("student", student), ("teacher", teacher)):
+        answers = [o[0][0] for o in generate_tokens(model, tok, PROMPTS[:3], max_new_tokens=6, progress=False,
+                                                    keep_stop=True)]
+        want = answer_scores(student, teacher, tok, PROMPTS[:3], answers, name=name, vocab=TINY_VOCAB)
+        assert {k: res[k] for k in want} == want
+    assert res["teacher_answers_kl"] != res["student_answers_kl"]  # the two models' answers differ
+    plain = generation_eval(student, teacher, tok, pairs, max_new_tokens=6, progress=False, rouge=False)
+    assert not any("_answers_" in k or k.endswith("_answer_tokens") for k in plain)
+    assert {k: v for k, v in res.items() if k in plain} == plain
+
+
+def test_generation_eval_generates_and_scores_only_the_ids_both_heads_score():
+    """``vocab``: a student whose LM head has rows past the tokenizer's ids (made to win here) decodes only the
+    tokenizer's ids (its greedy answers checked here; sampling takes the same ``vocab``), and its answers are scored
+    over them (a label past them would have no
+    teacher probability)."""
+    tok = build_tiny_tokenizer()
+    student, teacher = make_tiny_lm(seed=1, vocab_size=TINY_VOCAB + 40), make_tiny_lm(seed=2)
+    with torch.no_grad():
+        student.lm_head.weight[TINY_VOCAB:] *= 50
+    plain = generate_tokens(student, tok, PROMPTS, max_new_tokens=4, progress=False)
+    assert any(t >= TINY_VOCAB for o in plain for t in o[0][0])  # the premise: unsuppressed, padded rows win
+    pairs = [(p, "") for p in PROMPTS]
+    res = generation_eval(student, None, tok, pairs, max_new_tokens=4, samples=2, progress=False, rouge=False,
+                          judge=teacher, vocab=TINY_VOCAB, return_outputs=True)
+    answers = [o[0][0] for o in generate_tokens(student, tok, PROMPTS, max_new_tokens=4, progress=False,
+                                                vocab=TINY_VOCAB, keep_stop=True)]
+    assert all(t < TINY_VOCAB for a in answers for t in a)
+    assert res["outputs"]["student"] == [tok.decode(a, skip_special_tokens=True) for a in answers]
+    assert res["student_answer_tokens"] == sum(map(len, answers))

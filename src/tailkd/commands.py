@@ -83,7 +83,8 @@ def scored_data(data: DataConfig, split: str) -> dict:
 def evaluate(cfg: EvalConfig) -> dict:
     """``tailkd eval``: the student of ``cfg.eval.student`` against ``cfg.teacher`` on the held-out rows of
     ``cfg.data`` (`tailkd.evaluate.heldout_metrics`), or with ``cfg.generate.enabled`` exact match, ROUGE-L
-    (``generate.rouge``) and diversity of decoded held-out prompts (`tailkd.generation.generation_eval`). Writes
+    (``generate.rouge``) and diversity of decoded held-out prompts, and the teacher's view of the greedy answers
+    (`tailkd.generation.generation_eval`, `answer_scores`). Writes
     ``cfg.eval.out`` (JSON), prints a table."""
     import torch
 
@@ -112,7 +113,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         metrics = generation_eval(s_model, t_model if g.teacher else None, s_tok, examples, chat_template=template,
                                   max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size, samples=g.samples,
                                   temperature=g.temperature, top_p=g.top_p, limit=g.limit or None, seed=g.seed,
-                                  rouge=g.rouge)
+                                  rouge=g.rouge, judge=t_model, vocab=vocab)
         result.update(mode="generate", **generation_data(cfg), **metrics)
     else:
         model_max = models.model_max_length(s_model, t_model)

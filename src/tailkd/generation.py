@@ -13,7 +13,8 @@ The pieces, each a plain function:
   reference implementation, stemmed), imported only when asked for (a dependency of tailkd).
 - ``generation_eval``: exact match and ROUGE-L of the student and the teacher (greedy) on held-out prompts and,
   with ``samples > 0``, the accuracy and diversity of sampled outputs — the fidelity/diversity view
-  on which ``drkl``, ``rkl`` and ``kd`` students differ.
+  on which ``drkl``, ``rkl`` and ``kd`` students differ; with a ``judge`` (the teacher) ``answer_scores``: the
+  teacher's view of each model's greedy answers, token by token (no reference needed).
 
 Text metrics work on whitespace-separated words (``text.split()``), not model tokens, so that
 students with different tokenisers would be compared on the same units; ROUGE-L on rouge-score's own words
@@ -34,6 +35,7 @@ from tailkd.answers import exact_match, extract_answer
 from tailkd.errors import TailkdError
 from tailkd.models import max_positions
 from tailkd.sft import Prompt, SFTExample, SFTRows, encode_prompt, stop_token_ids
+from tailkd.vocab import real_vocab_size
 
 # --------------------------------------------------------------------------- diversity
 
@@ -237,7 +239,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
 
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
-             seed: int = 0, chat_template: str | None = None, progress: bool = True) -> list[list[str]]:
+             seed: int = 0, chat_template: str | None = None, progress: bool = True,
+             vocab: int | None = None) -> list[list[str]]:
     """Complete each prompt; returns ``outputs[i][j]``, the j-th of ``num_return_sequences`` completions of prompt i.
 
     - A prompt is a string (tokenised as is, no special tokens added) or a chat: a list of messages
@@ -252,21 +255,25 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
     - Decoding stops at EOS or the chat template's end-of-turn token (``stop_token_ids``) or after
       ``max_new_tokens``; the text is decoded without special tokens and without the stop token.
 
+    - ``vocab``: only ids below it are generated (`generate_tokens`); None: every row of the model's head.
+
     The model is run in eval mode under ``torch.inference_mode`` and put back in its previous mode.
     """
     outputs = generate_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               do_sample=do_sample, temperature=temperature, top_p=top_p,
                               num_return_sequences=num_return_sequences, seed=seed, chat_template=chat_template,
-                              progress=progress)
+                              progress=progress, vocab=vocab)
     return [[tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in row] for row in outputs]
 
 
 def generate_tokens(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                     num_return_sequences: int = 1, seed: int = 0, chat_template: str | None = None,
-                    progress: bool = True, vocab: int | None = None) -> list[list[tuple[list[int], bool]]]:
+                    progress: bool = True, vocab: int | None = None,
+                    keep_stop: bool = False) -> list[list[tuple[list[int], bool]]]:
     """`generate`'s decoding, as token ids: ``outputs[i][j]`` is the j-th completion of prompt i, ``(ids, stopped)``
-    — its ids without the stop token, and whether a stop token ended it (False: it ran to ``max_new_tokens``).
+    — its ids without the stop token (``keep_stop``: with it, last), and whether a stop token ended it (False: it ran
+    to ``max_new_tokens``).
     ``vocab``: only ids below it are generated (the rows of a padded LM head past the tokenizer's ids are no tokens:
     suppressed, greedy or sampled, as on-policy sampling does); None: every row of the head."""
     from tailkd.runs import progress_bar
@@ -309,7 +316,7 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Prompt], *, max_new_toke
                 completions = []
                 for ids in new[row * num_return_sequences:(row + 1) * num_return_sequences]:
                     cut = next((j for j, t in enumerate(ids) if t in stops), None)
-                    completions.append((ids, False) if cut is None else (ids[:cut], True))
+                    completions.append((ids, False) if cut is None else (ids[:cut + keep_stop], True))
                 outputs[i] = completions
     return outputs  # type: ignore[return-value]
 
@@ -343,10 +350,13 @@ def _prompts_and_references(heldout_examples, chat_template: str | None):
 
 
 def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, batch_size, samples, temperature, top_p,
-                   seed, chat_template, progress, name, rouge) -> tuple[dict, list[str]]:
-    """The metrics of one model (keys prefixed ``name_``) and its greedy completions."""
-    greedy = [o[0] for o in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     chat_template=chat_template, progress=progress)]
+                   seed, chat_template, progress, name, rouge, vocab) -> tuple[dict, list[str], list[list[int]]]:
+    """The metrics of one model (keys prefixed ``name_``), its greedy completions and their ids (a stop token that
+    ended one kept last)."""
+    answers = [o[0] for o in generate_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, chat_template=chat_template, progress=progress,
+                                             vocab=vocab, keep_stop=True)]
+    greedy = [tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True) for ids, stopped in answers]
     answered = sum(extract_answer(g) is not None for g in greedy) / len(greedy)
     out = {f"{name}_exact_match": exact_match(greedy, references),
            f"{name}_strict_exact_match": exact_match(greedy, references, strict=True), f"{name}_answer_rate": answered}
@@ -355,7 +365,7 @@ def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, bat
     if samples > 0:
         groups = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=samples,
-                          seed=seed, chat_template=chat_template, progress=progress)
+                          seed=seed, chat_template=chat_template, progress=progress, vocab=vocab)
         flat_pred = [s for g in groups for s in g]
         flat_ref = [r for r, g in zip(references, groups) for _ in g]
         out[f"{name}_sample_exact_match"] = exact_match(flat_pred, flat_ref)
@@ -363,13 +373,34 @@ def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, bat
             out[f"{name}_sample_rougeL"] = rouge_l(flat_pred, flat_ref)
         if samples >= 2:
             out.update({f"{name}_{k}": v for k, v in diversity(groups).items()})
-    return out, greedy
+    return out, greedy, [ids for ids, _ in answers]
+
+
+def answer_scores(student, judge, tokenizer, prompts, answers: Sequence[Sequence[int]], *, name: str, vocab: int,
+                  chat_template: str | None = None, batch_size: int = 8) -> dict:
+    """The teacher's (``judge``) view of ``name``'s answers, no reference needed: over every answer token (a stop
+    token that ended an answer included, as on-policy training labels it), KL(teacher‖student) ``name_answers_kl``,
+    KL(student‖teacher) ``name_answers_rkl`` — the on-policy (reverse-KL) objective where the answers are the
+    student's —, the teacher's NLL of the tokens ``name_answers_teacher_nll`` (nats/token) and their count
+    ``name_answer_tokens``: `tailkd.evaluate.heldout_metrics` of rows prompt + answer labelled on the answer, the
+    prompts rendered as decoding rendered them, over the ``vocab`` ids both heads score."""
+    from tailkd.evaluate import batched, heldout_metrics
+    from tailkd.onpolicy import build_row
+
+    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+    seq_len = max(len(p) + len(a) for p, a in zip(encoded, answers)) - 1
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is never read
+    rows = [build_row(p, list(a), seq_len, pad_id) for p, a in zip(encoded, answers)]
+    m = heldout_metrics(student, judge, batched(rows, batch_size), vocab, device=_device(student))
+    return {f"{name}_answers_kl": m["kl"], f"{name}_answers_rkl": m["rkl"],
+            f"{name}_answers_teacher_nll": m["teacher_clm"], f"{name}_answer_tokens": m["tokens"]}
 
 
 def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_tokens: int = 256,
                     batch_size: int = 8, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
                     seed: int = 0, limit: int | None = None, chat_template: str | None = None,
-                    progress: bool = True, return_outputs: bool = False, rouge: bool = True) -> dict:
+                    progress: bool = True, return_outputs: bool = False, rouge: bool = True, judge=None,
+                    vocab: int | None = None) -> dict:
     """Exact match and ROUGE-L of the student and the teacher (greedy) on held-out prompts; with ``samples`` ≥ 1
     also the accuracy of ``samples`` sampled completions per prompt, and with ``samples`` ≥ 2 their diversity.
 
@@ -379,6 +410,9 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
     ``file:line``), or a sequence of ``(prompt, reference)`` pairs.
     ``teacher`` may be None. ``limit``: evaluate the first ``limit`` examples only. ``rouge``: score ROUGE-L
     (`rouge_l`); every evaluated example then needs a non-empty reference (``TailkdError`` before decoding).
+    ``judge``: a teacher that scores each model's greedy answers (`answer_scores`; None: not scored); ``vocab``: the
+    ids generated and scored (the run's V, `tailkd.vocab.check_vocab`: a padded head's rows past them are no tokens;
+    None: every row of each head, and the tokenizer's ids for the scores).
 
     Returns a flat dict: ``examples``, ``max_new_tokens``, ``samples``; per model (``student_*``,
     ``teacher_*``): ``exact_match`` (greedy, flexible extraction), ``strict_exact_match`` (greedy, only
@@ -386,7 +420,8 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
     outputs vs references, mean F-measure), and when sampling ``sample_exact_match`` and with ``rouge``
     ``sample_rougeL`` (fidelity, over all samples), ``distinct_1..4`` and ``self_bleu`` (diversity:
     higher distinct / lower self-BLEU = more diverse; see ``diversity``). ``return_outputs`` adds
-    ``outputs``: {"student": [...], "teacher": [...]} greedy texts, in example order.
+    ``outputs``: {"student": [...], "teacher": [...]} greedy texts, in example order. With ``judge``, per model
+    ``answers_kl``, ``answers_rkl``, ``answers_teacher_nll``, ``answer_tokens`` (`answer_scores`).
     """
     if samples < 0:
         raise TailkdError(f"--samples must be >= 0, got {samples}")
@@ -400,15 +435,19 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
         _rouge_scorer()  # a missing package is reported before any decoding
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples,
               "temperature": temperature, "top_p": top_p, "seed": seed, "chat_template": chat_template,
-              "progress": progress, "rouge": rouge}
+              "progress": progress, "rouge": rouge, "vocab": vocab}
     result: dict = {"examples": len(prompts), "max_new_tokens": max_new_tokens, "samples": samples}
     outputs = {}
     for name, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
-        metrics, greedy = _model_metrics(model, tokenizer, prompts, references, name=name, **common)
+        metrics, greedy, answers = _model_metrics(model, tokenizer, prompts, references, name=name, **common)
         result.update(metrics)
         outputs[name] = greedy
+        if judge is not None:
+            result.update(answer_scores(student, judge, tokenizer, prompts, answers, name=name, batch_size=batch_size,
+                                        vocab=real_vocab_size(tokenizer) if vocab is None else vocab,
+                                        chat_template=chat_template))
     if return_outputs:
         result["outputs"] = outputs
     return result
