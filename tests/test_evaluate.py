@@ -810,6 +810,8 @@ def test_eval_generate_decodes_prompts_without_references(assets, tmp_path, caps
         assert r[f"{side}_answers_kl"] > 0 and r[f"{side}_answers_rkl"] > 0  # two different random models
     table = capsys.readouterr().out
     assert any(line.split()[:1] == ["answers_rkl"] for line in table.splitlines()), table
+    counts = [line.split()[1:] for line in table.splitlines() if line.split()[:1] == ["answer_tokens"]]
+    assert counts == [[str(r["student_answer_tokens"]), str(r["teacher_answer_tokens"])]], table  # counts as such
     assert main(generate_args(assets, prompts, tmp_path / "rouge.json", "--data.chat_template", str(jinja))) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tailkd") or "Traceback" in line]
     assert len(err) == 1 and re.search(r"ROUGE-L needs a reference response for every prompt, but 2 of 2 held-out "

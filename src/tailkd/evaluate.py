@@ -277,8 +277,9 @@ def format_table(result: dict) -> str:
                        and isinstance(result[k], (int, float))})
         lines = [f"{'metric':<34} {'student':>12} {'teacher':>12}", "-" * 60]
         for key in keys:
-            cells = [format(result[f"{side}_{key}"], ".4f") if f"{side}_{key}" in result else "—"
-                     for side in ("student", "teacher")]
+            cells = [("—" if f"{side}_{key}" not in result else str(result[f"{side}_{key}"])
+                      if isinstance(result[f"{side}_{key}"], int) else format(result[f"{side}_{key}"], ".4f"))
+                     for side in ("student", "teacher")]  # counts (answer_tokens) as they are
             lines.append(f"{key:<34} {cells[0]:>12} {cells[1]:>12}")
         lines.append(f"{result.get('examples', '?')} held-out prompts, up to {result.get('max_new_tokens')} new tokens")
         return "\n".join(lines)
