@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1025,3 +1026,30 @@ def test_adamw_is_fused_on_cuda_only():
     assert not make_optimizer(model, DistillConfig()).defaults["fused"]
     if torch.cuda.is_available():
         assert make_optimizer(model.cuda(), DistillConfig()).defaults["fused"]
+
+
+def test_disable_dropout_trains_as_without_dropout_and_saves_the_config_as_built(assets, tmp_path):
+    """``--train.disable_dropout``: a student built from a teacher whose config sets attention dropout 0.3 trains
+    bit for bit as one built from the same teacher with 0.0 (final weights, losses), while without the flag its
+    dropout changes the result; its saved config keeps 0.3 (the config it was built with), and the log says so."""
+    dropped = tmp_path / "teacher-dropout"
+    shutil.copytree(assets["teacher"], dropped)
+    config = json.loads((dropped / "config.json").read_text())
+    assert config["attention_dropout"] == 0.0
+    (dropped / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    from safetensors.torch import load_file
+
+    def run(name, teacher, *extra):
+        out = tmp_path / name
+        args = base_args({**assets, "teacher": teacher}, out, "--steps", "2", "--train.deterministic", "true", *extra)
+        assert main(args) == 0
+        return out, load_file(str(out / "final" / "model.safetensors"))
+
+    (_, plain), (off, quiet), (_, noisy) = (run("plain", assets["teacher"]),
+                                            run("off", dropped, "--train.disable_dropout", "true"),
+                                            run("on", dropped))
+    assert all(torch.equal(plain[k], quiet[k]) for k in plain)
+    assert not all(torch.equal(plain[k], noisy[k]) for k in plain)
+    assert json.loads((off / "final" / "config.json").read_text())["attention_dropout"] == 0.3
+    assert [r["loss"] for r in read_metrics(off) if r["split"] == "train"] == \
+        [r["loss"] for r in read_metrics(tmp_path / "plain") if r["split"] == "train"]

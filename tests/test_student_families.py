@@ -2752,3 +2752,53 @@ def test_a_mamba_teacher_distils_through_the_cli(family, tmp_path, capsys):
                       rf"64\): (\d+\.\d)%-(\d+\.\d)% of the teacher's {line[1]} in each of the {line[2]} layers\n",
                       capsys.readouterr().out)
     assert found and 50 <= float(found.group(1)) <= float(found.group(2)) <= 100
+
+
+def _with_dropout(family, p=0.5):
+    """A tiny model of ``family`` (as `make_teacher`) whose config holds every dropout probability it has at ``p``
+    (float or int keys naming dropout or pdrop, sub-configs too) and no router jitter (PhiMoE's default 0.01 perturbs
+    its training-mode forward too; not dropout, which is all `disable_dropout` switches off)."""
+    from tailkd.dropout import DROPOUT_KEY
+
+    name, extra = CONFIGS[family]
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    config = getattr(transformers, name)(**{**_COMMON, **extra})
+    configs = [config, *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type"))]
+    for c in configs:
+        for key, value in list(vars(c).items()):
+            if DROPOUT_KEY.search(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(c, key, p)  # past strict type checks (MPT's attn_pdrop is typed int)
+            elif "jitter" in key and isinstance(value, float):  # PhiMoE's router noise in training: no dropout
+                object.__setattr__(c, key, 0.0)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# classes with no dropout anywhere: their training-mode forward is their eval-mode one already (transformers 5.25)
+NO_DROPOUT = {"mamba", "falcon_mamba", "mamba2", "ernie4_5", "ernie4_5_moe", "lfm2", "lfm2_moe"}
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_disable_dropout_leaves_no_dropout_in_training_mode(family):
+    """`prepare.disable_dropout` on a student of every family whose config sets every dropout probability to 0.5: in
+    training mode its logits are then its eval-mode logits bit for bit (the same kernels on the same inputs, no draw
+    left), while before they differed — in every family but the 7 without any dropout; its config's values come back
+    inside `saved_dropouts` and go again after."""
+    from tailkd.dropout import config_dropouts, disable_dropout, saved_dropouts
+
+    model, ids = _with_dropout(family), _ids()
+    before = config_dropouts(model.config)
+    with torch.no_grad():
+        evaluated = model.eval()(ids, use_cache=False).logits
+        noisy = model.train()(ids, use_cache=False).logits
+        lines = []
+        originals = disable_dropout(model, log=lines.append)
+        quiet = model.train()(ids, use_cache=False).logits
+    assert torch.equal(quiet, evaluated), lines
+    assert torch.equal(noisy, evaluated) == (family in NO_DROPOUT)  # the premise: dropout was there to switch off
+    assert len(lines) == 1 and lines[0].startswith("dropout off (train.disable_dropout): ")
+    assert config_dropouts(model.config) == []
+    with saved_dropouts(originals):
+        assert config_dropouts(model.config) == before
+    assert config_dropouts(model.config) == []

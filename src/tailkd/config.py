@@ -451,6 +451,9 @@ class TrainConfig:
                                           "backward pass instead of keeping them (transformers' gradient "
                                           "checkpointing, non-reentrant): less activation memory, about a third "
                                           "more student compute, the same result; 0: keep every layer's")
+    disable_dropout: bool = _f(False, "train the student without dropout (TRL's disable_dropout): its dropout "
+                                      "layers, attention dropout and config dropout values at 0; the saved student's "
+                                      "config keeps its own. Off: the config's dropout, as HF Trainer")
     parallel: str = _f("ddp", "multi-process runs (torchrun / accelerate launch): ddp, or fsdp (FSDP2 shards "
                               "the student's weights, gradients and optimizer state; torch >= 2.6)",
                        choices=PARALLEL_MODES)

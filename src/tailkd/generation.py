@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from tailkd.answers import exact_match, extract_answer
+from tailkd.data import IGNORE_INDEX
 from tailkd.errors import TailkdError
 from tailkd.models import max_positions
 from tailkd.sft import Prompt, SFTExample, SFTRows, encode_prompt, stop_token_ids
@@ -237,6 +238,24 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     return out[:, width:].tolist()
 
 
+def build_row(prompt: list[int], response: list[int], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The trainer's row (``input_ids``, ``labels``, ``segment_ids``, ``attention_mask``, each [seq_len]) of ``prompt
+    + response``: labels (shifted once) on the response tokens only; right padding with label -100, segment 1 and
+    attention_mask 0 (as `tailkd.sft.SFTRows`' rows): on-policy micro-batches and `answer_scores`' rows."""
+    ids = (prompt + response)[:seq_len + 1]
+    n = len(ids) - 1  # positions with an input and a next token
+    input_ids = torch.full((seq_len,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    segment_ids = torch.ones(seq_len, dtype=torch.long)
+    input_ids[:n] = torch.tensor(ids[:-1], dtype=torch.long)
+    segment_ids[:n] = 0
+    attention_mask = (segment_ids == 0).long()
+    first = len(prompt) - 1  # labels[t] = ids[t + 1]: the first generated token is the label of position P - 1
+    if n > first:
+        labels[first:n] = torch.tensor(ids[first + 1:], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "attention_mask": attention_mask}
+
+
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
              seed: int = 0, chat_template: str | None = None, progress: bool = True,
@@ -385,7 +404,6 @@ def answer_scores(student, judge, tokenizer, prompts, answers: Sequence[Sequence
     ``name_answer_tokens``: `tailkd.evaluate.heldout_metrics` of rows prompt + answer labelled on the answer, the
     prompts rendered as decoding rendered them, over the ``vocab`` ids both heads score."""
     from tailkd.evaluate import batched, heldout_metrics
-    from tailkd.onpolicy import build_row
 
     encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
     seq_len = max(len(p) + len(a) for p, a in zip(encoded, answers)) - 1

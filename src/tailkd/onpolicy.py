@@ -34,7 +34,7 @@ import torch
 
 from tailkd import distributed as dist
 from tailkd.data import IGNORE_INDEX
-from tailkd.generation import decoding, generate_ids, padded_rows
+from tailkd.generation import build_row, decoding, generate_ids, padded_rows
 from tailkd.sft import stop_token_ids
 
 
@@ -81,24 +81,6 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
         cut = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
         responses.append(ids[:cut])
     return responses
-
-
-def build_row(prompt: list[int], response: list[int], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """The trainer's row (``input_ids``, ``labels``, ``segment_ids``, ``attention_mask``, each [seq_len]) of ``prompt
-    + response``: labels (shifted once) on the response tokens only; right padding with label -100, segment 1 and
-    attention_mask 0 (as `tailkd.sft.SFTRows`' rows)."""
-    ids = (prompt + response)[:seq_len + 1]
-    n = len(ids) - 1  # positions with an input and a next token
-    input_ids = torch.full((seq_len,), pad_id, dtype=torch.long)
-    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
-    segment_ids = torch.ones(seq_len, dtype=torch.long)
-    input_ids[:n] = torch.tensor(ids[:-1], dtype=torch.long)
-    segment_ids[:n] = 0
-    attention_mask = (segment_ids == 0).long()
-    first = len(prompt) - 1  # labels[t] = ids[t + 1]: the first generated token is the label of position P - 1
-    if n > first:
-        labels[first:n] = torch.tensor(ids[first + 1:], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "attention_mask": attention_mask}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from tailkd import data as data_mod
 from tailkd import distributed as dist
 from tailkd import jsonfile, models, runs, sharded_teacher
 from tailkd.config import DistillConfig
+from tailkd.dropout import disable_dropout, saved_dropouts
 from tailkd.errors import TailkdError
 from tailkd.evaluate import finalize, heldout_sums
 from tailkd.flops import distill_flops
@@ -204,6 +205,7 @@ class Run:
     on_policy: OnPolicy | None = None  # train.on_policy > 0: student-generated micro-batches
     loss_chunk: int | None = None  # fused layer: tokens per chunk, fixed for the run (None: the CPU's rule per call)
     shared_vocab: dict | None = None  # a teacher vocabulary extending the student's: `prepare.shared_vocab_summary`
+    dropouts: list = field(default_factory=list)  # train.disable_dropout's zeroed config values (`saved_dropouts`)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # this invocation's wall time by phase
 
     def write_metrics(self, record: dict) -> None:
@@ -280,6 +282,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     check_router_aux(student, probe, fused_path)
     if cfg.train.activation_checkpointing:
         dist.say(checkpoint_activations(student, cfg.train.activation_checkpointing))
+    dropouts = disable_dropout(student, log=dist.say) if cfg.train.disable_dropout else []  # restored when saved
     if coef := router_weight(student):  # a mixture-of-experts student whose config asks for it, as in its own loss
         dist.say(f"router load-balancing loss: {coef:g} x the student's aux_loss per token "
                  "(its config's output_router_logits, router_aux_loss_coef; the metrics' aux term)")
@@ -318,7 +321,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
         if dist.is_main() else None
     return Run(cfg, out, device, ac, model, teacher, tokenizer, vocab, train_rows, held_rows, signal_of,
                signal_text, fused_path, optimizer, scheduler, sampler, progress, log, on_policy, loss_chunk,
-               shared_vocab)
+               shared_vocab, dropouts)
 
 
 # --------------------------------------------------------------------------- one step
@@ -528,7 +531,8 @@ def finish(run: Run) -> dict:
                                 "generated_tokens": p.generated_tokens, "generation_seconds": p.generation_seconds}
 
     def write_final(tmp: Path) -> None:
-        dist.unwrap(run.model).save_pretrained(tmp, state_dict=model_state)
+        with saved_dropouts(run.dropouts):  # the config as built or loaded
+            dist.unwrap(run.model).save_pretrained(tmp, state_dict=model_state)
         run.tokenizer.save_pretrained(tmp)
 
     def write_outputs() -> None:
