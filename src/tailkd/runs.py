@@ -105,8 +105,9 @@ class MetricsLog:
     """Append-only JSONL written by rank 0; on resume, lines after the checkpoint's step are dropped first
     (and a line cut short by a kill, or one that is not UTF-8 or not readable JSON). With ``tensorboard`` (a folder,
     ``train.report_to tensorboard``) every line's numbers go to TensorBoard too, as ``SPLIT/KEY`` at its step, flushed
-    per line; TensorBoard hides the events of an earlier invocation past ``resume_step`` (``purge_step``), as the lines
-    are dropped here."""
+    per line. The folder is metrics.jsonl's copy: each invocation removes its event files and writes the lines kept
+    again first, so TensorBoard shows what metrics.jsonl holds whichever loader reads it (its fast loader ignores
+    ``purge_step`` markers) and whatever earlier invocations logged or did not (report_to switched on at a resume)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard: Path | None = None):
         self.path = path
@@ -126,8 +127,17 @@ class MetricsLog:
                                   "with --resume") from exc
         self.board = None
         if tensorboard is not None:
-            purge = None if resume_step is None else resume_step + 1
-            self.board = tensorboard_writer()(str(tensorboard), purge_step=purge)
+            writer = tensorboard_writer()
+            for old in tensorboard.glob("events.out.tfevents.*") if tensorboard.is_dir() else ():
+                old.unlink()
+            self.board = writer(str(tensorboard))
+            for raw in path.read_bytes().splitlines() if path.exists() else ():
+                try:
+                    record = jsonfile.loads(raw.decode("utf-8"))  # non-finite values restored
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict) and "step" in record:
+                    self._board(record)
 
     def write(self, record: dict) -> None:
         try:
@@ -137,11 +147,14 @@ class MetricsLog:
             raise TailkdError(f"could not append to {self.path} ({exc.strerror or exc}); free disk space and continue "
                               "with --resume from the last checkpoint") from exc
         if self.board is not None:
-            split = record.get("split", "train")
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(f"{split}/{key}", value, global_step=record["step"])
-            self.board.flush()
+            self._board(record)
+
+    def _board(self, record: dict) -> None:
+        split = record.get("split", "train")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.board.add_scalar(f"{split}/{key}", value, global_step=record["step"])
+        self.board.flush()
 
     def close(self) -> None:
         if self.board is not None:
