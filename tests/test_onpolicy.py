@@ -400,7 +400,7 @@ def prompts_and_pairs(assets, tmp_path):  # noqa: F811
             write("held.jsonl", lines[:16]))
 
 
-def test_lambda_one_trains_on_prompts_alone_as_on_their_pairs(assets, tmp_path):  # noqa: F811
+def test_lambda_one_trains_on_prompts_alone_as_on_their_pairs(assets, tmp_path, capsys):  # noqa: F811
     """Fully on-policy (λ = 1) every response is the student's: a run on the training prompts alone (no "response")
     is the run on the same prompts with their responses, bit for bit — losses, generated tokens, held-out metrics and
     final weights — held-out responses given by --heldout-data."""
@@ -418,24 +418,51 @@ def test_lambda_one_trains_on_prompts_alone_as_on_their_pairs(assets, tmp_path):
     train = [r for r in ma if r["split"] == "train"]
     assert ma == mb and any(r["split"] == "heldout" for r in ma) and len(train) == 3
     assert all(r["generated_tokens"] > 0 and r["on_policy_batches"] == r["step"] for r in train)
+    # `tailkd eval` of the run: the held-out rows score; its training rows, prompts alone, have nothing to score
+    held_out, every = tmp_path / "heldout.json", tmp_path / "all.json"
+    assert main(["eval", "--student", str(a / "final"), "--out", str(held_out)]) == 0
+    assert main(["eval", "--student", str(a / "final"), "--split", "all", "--out", str(every)]) == 0
+    h, e = json.loads(held_out.read_text()), json.loads(every.read_text())
+    assert e["rows"] == h["rows"] > 0 and e["tokens"] == h["tokens"] and e["kl"] == h["kl"]  # the prompt rows left out
+    capsys.readouterr()
+    assert main(["eval", "--student", str(a / "final"), "--split", "train", "--out", str(tmp_path / "t.json")]) == 2
+    assert "tailkd: error: the train split holds prompts alone (48 rows: a fully on-policy run's data), no response " \
+        "to score; use --split heldout" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, needle", [
+@pytest.mark.parametrize("extra, needle, early", [
     (["--train.on_policy", "0.5", "--heldout-data", "HELD"],
-     "prompts.jsonl:1: a prompt without a response (48 of 48 training examples): only a fully on-policy run "
-     "(--train.on_policy 1) trains on prompts alone"),
+     'prompts.jsonl:1: no "response" field (found keys [\'prompt\']); every line needs "prompt" and "response", or '
+     '"messages" (prompts alone train fully on-policy: --train.on_policy 1)', True),
+    (["--train.on_policy", "0", "--heldout-data", "HELD"], 'prompts.jsonl:1: no "response" field', True),
     (["--train.on_policy", "1"], "the SFT held-out split holds prompts alone (13), which the held-out metrics cannot "
-                                 "score; pass --heldout-data FILE with responses"),
+                                 "score; pass --heldout-data FILE with responses", False),
 ])
-def test_prompts_alone_refused_where_they_cannot_train(assets, tmp_path, capsys, extra, needle):  # noqa: F811
+def test_prompts_alone_refused_where_they_cannot_train(assets, tmp_path, capsys, extra, needle, early):  # noqa: F811
+    """Below λ = 1 a prompt alone is refused in one line naming file and line, before any model loads (the data
+    files are read first); at λ = 1 a held-out split of prompts alone is refused once the rows are made."""
     prompts, _, held = prompts_and_pairs(assets, tmp_path)
     run = tmp_path / "run"
     extra = [str(held) if x == "HELD" else x for x in extra]
     assert main(sft_args({**assets, "pairs": prompts}, run, "--loss", "rkl", *extra)) == 2
-    out = capsys.readouterr().err  # after the models load: their progress bars, the warnings of the data
+    out = capsys.readouterr().err
     err = [x for x in out.splitlines() if x.startswith("tailkd: error: ")]
     assert len(err) == 1 and needle in err[0] and "Traceback" not in out, err
+    assert ("Loading weights" not in out) == early  # the teacher loaded or not
     assert not run.exists()
+
+
+def test_below_lambda_one_a_held_out_line_without_a_response_is_refused(assets, tmp_path, capsys):  # noqa: F811
+    """A supervised run (λ = 0) refuses a line whose response is blank wherever the held-out split puts it (a first
+    version of prompt-only reading dropped it with a warning when it was held out)."""
+    lines = [json.loads(x) for x in assets["pairs"].read_text().splitlines()]
+    for i in (0, 40, 79):
+        data = tmp_path / f"d{i}.jsonl"
+        data.write_text("".join(json.dumps({**o, "response": " "} if j == i else o) + "\n"
+                                for j, o in enumerate(lines)))
+        assert main(sft_args({**assets, "pairs": data}, tmp_path / f"run{i}", "--loss", "kd", "--steps", "1")) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tailkd: error: ")]
+        assert len(err) == 1 and f'd{i}.jsonl:{i + 1}: "response" is empty' in err[0], err
 
 
 @pytest.mark.parametrize("extra, needle", [

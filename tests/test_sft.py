@@ -19,7 +19,6 @@ from tailkd.sft import (
     IGNORE_INDEX,
     SFTExample,
     SFTRows,
-    check_prompt_only,
     encode_example,
     encode_prompt,
     prepare_sft,
@@ -793,14 +792,11 @@ def test_a_prompt_alone_is_the_prompt_its_answered_pair_trains_from(tok, tmp_pat
 
 def test_a_prompt_alone_needs_room_for_one_answer_token(tok, tmp_path):
     """A prompt alone is never truncated: one of seq_len tokens fills its row (the student's first token is the label
-    of its last position), one of seq_len + 1 is dropped and counted; an empty plain prompt is refused."""
+    of its last position), one of seq_len + 1 is dropped and counted."""
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abcd"}, {"prompt": "abcde"}, {"prompt": "ab", "response": "c"}])
     train, _, info = prepare_sft([f], tok, seq_len=4, chat_template=None, heldout_fraction=0, prompt_only=True)
     assert [e.prompt for e in train.examples] == ["abcd", "ab"] and info["train"]["dropped_no_response"] == 1
     assert train[0]["input_ids"].tolist() == byte_ids(tok, "abcd") and train[0]["attention_mask"].tolist() == [1] * 4
-    g = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "ab", "response": "c"}, {"prompt": ""}])
-    with pytest.raises(TailkdError, match=r"g\.jsonl:2: an empty prompt and no response: nothing to answer"):
-        prepare_sft([g], tok, seq_len=4, chat_template=None, heldout_fraction=0, prompt_only=True)
 
 
 def test_a_chat_prompt_alone_may_not_spell_special_tokens(tok, tmp_path):
@@ -831,14 +827,30 @@ def test_held_out_prompts_alone_are_dropped_counted_and_warned_of(tok, tmp_path)
             setup_sft_rows(data, tok, tmp_path / "cache")
 
 
-def test_check_prompt_only_refuses_prompts_alone_unless_fully_on_policy(tok, tmp_path):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}, {"prompt": "d"}])
-    train, _, _ = prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0, prompt_only=True)
-    check_prompt_only(train, 1.0)
-    for rate in (0.0, 0.99):
-        with pytest.raises(TailkdError, match=r"^.*d\.jsonl:2: a prompt without a response \(2 of 3 training "
-                                              r"examples\): only a fully on-policy run \(--train.on_policy 1\)"):
-            check_prompt_only(train, rate)
+def test_below_lambda_one_a_line_without_a_response_says_how_prompts_alone_train(tok, tmp_path):
+    """Training files are read strictly unless prompt_only: a missing or blank response, or a chat without an
+    assistant turn, is refused naming file and line, and the message says where prompts alone do train; held-out
+    files (always strict) name no such option."""
+    hint = r" \(prompts alone train fully on-policy: --train\.on_policy 1\)$"
+    for line, why in (({"prompt": "a"}, r'no "response" field \(found keys \[\'prompt\'\]\); every line needs '
+                                         r'"prompt" and "response", or "messages"'),
+                      ({"prompt": "a", "response": " "}, r'"response" is empty; remove the line or give the reference '
+                                                         r'answer'),
+                      ({"messages": [{"role": "user", "content": "a"}]}, r'no "assistant" message, so nothing to train '
+                                                                         r'on; add the assistant reply')):
+        f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "b", "response": "c"}, line])
+        with pytest.raises(TailkdError, match=rf"d\.jsonl:2: {why}{hint}"):
+            prepare_sft([f], tok, seq_len=32, heldout_fraction=0)
+        g = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "b", "response": "c"}] * 2)
+        with pytest.raises(TailkdError, match=rf"d\.jsonl:2: {why}$"):
+            prepare_sft([g], tok, seq_len=32, heldout_paths=[f])
+
+
+def test_a_blank_prompt_alone_is_refused(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "  "}])
+    with pytest.raises(TailkdError, match=r'd\.jsonl:2: the "prompt" is empty and there is no response: nothing to '
+                                          r"answer; remove the line"):
+        prepare_sft([f], tok, seq_len=32, chat_template=None, heldout_fraction=0, prompt_only=True)
 
 
 def test_an_empty_file_after_another_is_refused(tmp_path):

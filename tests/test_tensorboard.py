@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 from test_distill import assets, base_args  # noqa: F401 - the module fixture (tiny teacher, corpus)
-from tiny import read_metrics
 
 from tailkd import jsonfile
 from tailkd.cli import main

@@ -37,6 +37,7 @@ from tailkd.command_config import (
     SelectDataConfig,
 )
 from tailkd.config import DataConfig, DistillConfig
+from tailkd.data import IGNORE_INDEX
 from tailkd.errors import TailkdError
 
 # --------------------------------------------------------------------------- rows, as tailkd distill builds them
@@ -46,18 +47,27 @@ def eval_rows(tokenizer, data: DataConfig, *, split: str = "heldout", max_rows: 
               model_max: int | None = None) -> list[dict]:
     """The first ``max_rows`` rows (None: all) of ``split`` of ``data``, tokenised with ``tokenizer``: exactly the
     rows ``tailkd distill`` trains (``train``) and evaluates (``heldout``) on for the same data settings;
-    ``all``: held-out rows, then training rows. ``model_max``: the longest sequence the models take."""
+    ``all``: held-out rows, then training rows. ``model_max``: the longest sequence the models take. SFT rows of a
+    prompt alone (`tailkd.sft`: a fully on-policy run's) have nothing to score and are left out."""
     from tailkd.prepare import setup_data
 
     _, train_rows, held_rows = setup_data(DistillConfig(data=data), tokenizer, model_max,
                                           heldout_only=split == "heldout")
     parts = {"heldout": [held_rows], "train": [train_rows], "all": [held_rows, train_rows]}[split]
     rows: list[dict] = []
+    alone = 0  # SFT rows of a prompt alone (a fully on-policy run's training data): nothing to score
     for part in parts:
         for i in range(len(part)):
             if max_rows is not None and len(rows) >= max_rows:
                 break
-            rows.append(part[i])
+            row = part[i]
+            if data.task == "sft" and not bool((row["labels"] != IGNORE_INDEX).any()):
+                alone += 1
+                continue
+            rows.append(row)
+    if not rows and alone:
+        raise TailkdError(f"the {split} split holds prompts alone ({alone} rows: a fully on-policy run's data), no "
+                          "response to score; use --split heldout")
     if not rows:
         raise TailkdError(f"the {split} split holds no row of {data.seq_len} tokens; give more data (--data), a "
                           "shorter --seq-len, or --split all")

@@ -49,7 +49,8 @@ def _cache_k(cfg: DistillConfig) -> int | None:
 
 
 def check_before_models(cfg: DistillConfig) -> None:
-    """What needs no model, checked before any loads (minutes for a large teacher), in this order: of a teacher cache
+    """What needs no model, checked before any loads (minutes for a large teacher), in this order: SFT data files
+    (`tailkd.sft.check_sft_files`); of a teacher cache
     (``teacher.cache``, a loss with a teacher) a complete cache of training rows of this seq_len, holding the run's K,
     that can give the loss (`CacheReader.check_loss`); with ``student.path`` the two tokenizers read alone, one
     vocabulary or a teacher's extending the student's (`vocab.relation`'s line, as `setup_models` gives it), and no
@@ -58,6 +59,10 @@ def check_before_models(cfg: DistillConfig) -> None:
     (`data_tokenizer_fingerprint`) and the corpus fingerprint computed without tokenising (`train_corpus_fingerprint`).
     The rest — the models' heads, teacher weights, number of rows — when `setup_models` and `setup_teacher_signal`
     load them."""
+    if cfg.data.task == "sft":  # the files as training reads them (JSON, fields, responses): seconds, not minutes
+        from tailkd.sft import check_sft_files
+
+        check_sft_files(cfg.data, prompt_only=cfg.train.on_policy >= 1)
     reader = None
     if cfg.teacher.cache and LOSSES[cfg.loss.name].needs_teacher:
         from tailkd.cache import CacheReader
@@ -377,19 +382,20 @@ def train_corpus_fingerprint(data, tokenizer_fingerprint: str) -> str:
                                      tokenizer_fingerprint=tokenizer_fingerprint, **corpus_settings(data))
 
 
-def setup_data(cfg: DistillConfig, tokenizer, model_max: int, *, heldout_only: bool = False):
+def setup_data(cfg: DistillConfig, tokenizer, model_max: int, *, heldout_only: bool = False, prompt_only: bool = True):
     """(info, train_rows, held_rows): packed text rows (task pretrain) or prompt/response rows (task sft).
 
     Both give rows of ``input_ids``/``labels`` (shifted once, -100 = ignore)/``segment_ids``; the loop is the same.
     ``heldout_only``: where packed text rows come from a held-out corpus of its own (``data.heldout_paths``), those
-    alone: (None, None, held_rows), ``data.paths`` not read (they may be gone since the run).
+    alone: (None, None, held_rows), ``data.paths`` not read (they may be gone since the run). ``prompt_only``: SFT
+    training files may hold prompts alone (`tailkd.sft.setup_sft_rows`; a run below ``train.on_policy`` 1: False).
     """
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
     cache_root = data_cache_root(cfg.data)
     if cfg.data.task == "sft":
         from tailkd.sft import setup_sft_rows
 
-        train_rows, held_rows, info = setup_sft_rows(cfg.data, tokenizer, cache_root)
+        train_rows, held_rows, info = setup_sft_rows(cfg.data, tokenizer, cache_root, prompt_only=prompt_only)
         return info, train_rows, held_rows
     prepare = functools.partial(corpus.prepare_corpus_cached, tokenizer=tokenizer, cache_root=cache_root / "corpora",
                                 tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer),

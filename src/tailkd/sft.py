@@ -45,11 +45,11 @@ Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong=
 removes them. Either way an example left without a single label (its prompt alone fills the row) is dropped and
 counted.
 
-Prompts alone (``prompt_only``, as `setup_sft_rows` reads: a line without a response or with a blank one, a chat
-without an assistant turn; a training run takes them only fully on-policy, ``train.on_policy`` 1,
-`check_prompt_only`): a row of the generation prompt (`encode_prompt`: the tokens before the first label of the same
-prompt with a response), all of it input, no label, at most ``seq_len`` tokens (never truncated: dropped and counted);
-held out they are dropped, counted and warned of (nothing to score).
+Prompts alone (``prompt_only``: a line without a response or with a blank one, a chat without an assistant turn; a
+training run reads them so only fully on-policy, ``train.on_policy`` 1, else refuses them naming file and line;
+evaluations read a run's data so): a row of the generation prompt (`encode_prompt`: the tokens before the first label
+of the same prompt with a response), all of it input, no label, at most ``seq_len`` tokens (never truncated: dropped
+and counted); held out they are dropped, counted and warned of (nothing to score).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ from tailkd.data import IGNORE_INDEX, content_digest
 from tailkd.errors import TailkdError
 
 Prompt = str | list[dict]  # a plain prompt, or chat messages without the final assistant turn
+# the refusals of a training line without a response, below train.on_policy 1 (`prepare_sft`)
+PROMPTS_ALONE_HINT = " (prompts alone train fully on-policy: --train.on_policy 1)"
 
 
 # --------------------------------------------------------------------------- examples
@@ -135,7 +137,7 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield n, line.removeprefix("\ufeff") if n == 1 else line
 
 
-def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
+def _parse(obj, where: str, references_optional: bool = False, hint: str = "") -> SFTExample:
     from tailkd.corpus import check_unicode
 
     if not isinstance(obj, dict):
@@ -151,30 +153,32 @@ def _parse(obj, where: str, references_optional: bool = False) -> SFTExample:
             for k in ("role", "content"):
                 check_unicode(m[k], f'{where}: message {j}\'s "{k}"')
         if not references_optional and not any(m["role"] == "assistant" for m in msgs):
-            raise TailkdError(f'{where}: no "assistant" message, so nothing to train on; add the assistant reply')
+            raise TailkdError(f'{where}: no "assistant" message, so nothing to train on; add the assistant reply{hint}')
         return SFTExample(where, messages=tuple({"role": m["role"], "content": m["content"]} for m in msgs))
     needed = ("prompt",) if references_optional else ("prompt", "response")  # prompts to decode: a reference or not
     if missing := [k for k in needed if k not in obj]:
+        why = hint if missing[0] == "response" else ""
         raise TailkdError(f'{where}: no "{missing[0]}" field (found keys {sorted(obj)[:6]}); every line needs '
-                          f'{" and ".join(map(json.dumps, needed))}, or "messages"')
+                          f'{" and ".join(map(json.dumps, needed))}, or "messages"{why}')
     obj = {"response": "", **obj}
     for k in ("prompt", "response"):
         if not isinstance(obj[k], str):
             raise TailkdError(f'{where}: "{k}" is a {type(obj[k]).__name__}, not a string')
         check_unicode(obj[k], f'{where}: "{k}"')
     if not obj["response"].strip() and not references_optional:
-        raise TailkdError(f'{where}: "response" is empty; remove the line or give the reference answer')
+        raise TailkdError(f'{where}: "response" is empty; remove the line or give the reference answer{hint}')
     return SFTExample(where, prompt=obj["prompt"], response=obj["response"])
 
 
-def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTExample]:
+def read_sft_examples(paths, *, references_optional: bool = False, hint: str = "") -> list[SFTExample]:
     """Every example of ``paths`` (files or folders, as ``tailkd.corpus.list_files``), in reading order.
 
     Blank lines are skipped. ``TailkdError`` (with file:line) for a line that is not JSON, not an object,
     lacks ``prompt``/``response`` (or ``messages``), has the wrong types or text that is no Unicode (an unpaired
     surrogate escape, ``tailkd.corpus.check_unicode``); and for a file without examples; for an empty ``response`` too
     unless ``references_optional`` (prompts to decode: the response is only a reference, which ROUGE-L then asks for;
-    a missing one, or a chat without an assistant turn, is then an empty one).
+    a missing one, or a chat without an assistant turn, is then an empty one). ``hint`` ends the refusals of a missing
+    response (training files: `PROMPTS_ALONE_HINT`).
     """
     from tailkd.corpus import list_files
 
@@ -191,7 +195,7 @@ def read_sft_examples(paths, *, references_optional: bool = False) -> list[SFTEx
                 why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
                 raise TailkdError(f"{where}: not valid JSON ({why}); SFT data needs one JSON object per line") \
                     from None
-            out.append(_parse(obj, where, references_optional))
+            out.append(_parse(obj, where, references_optional, hint))
             n_file += 1
         if n_file == 0:
             raise TailkdError(f'{f} holds no examples (empty or blank); add lines like {{"prompt": ..., "response": '
@@ -490,12 +494,13 @@ def _encode_all(tokenizer, examples: list[SFTExample], template: str | None, seq
     prompt and needs room for one answer token: at most ``seq_len`` tokens, never truncated."""
     kept, encoded = [], []
     for e in examples:
-        ids, mask = encode_example(tokenizer, e, template)
         if e.prompt_only and "dropped_prompt_only" in counts:
             counts["dropped_prompt_only"] += 1
             continue
-        if e.prompt_only and not len(ids):
-            raise TailkdError(f"{e.source}: an empty prompt and no response: nothing to answer; remove the line")
+        if e.prompt_only and not e.is_chat and not e.prompt.strip():  # as seqkd-data refuses it
+            raise TailkdError(f'{e.source}: the "prompt" is empty and there is no response: nothing to answer; remove '
+                              "the line")
+        ids, mask = encode_example(tokenizer, e, template)
         if e.prompt_only:
             counts["dropped_no_response"] += len(ids) > seq_len  # its prompt alone fills the row
             if len(ids) <= seq_len:
@@ -528,9 +533,9 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     - Held out: the examples of ``heldout_paths`` if given (training examples with the same prompt as a held-out one
       are dropped, counted and warned of), else a ``heldout_fraction`` of ``paths`` chosen by a hash of ``seed`` and
       the prompt (``_heldout_split``). ``heldout_fraction=0`` gives empty held-out rows.
-    - ``prompt_only``: ``paths`` may hold prompts alone (`SFTExample.prompt_only`; training takes them where the
-      student answers every prompt, `check_prompt_only`); held out they have nothing to score: dropped, counted and
-      warned of (``heldout_paths`` need responses as ever).
+    - ``prompt_only``: ``paths`` may hold prompts alone (`SFTExample.prompt_only`: training reads them so where the
+      student answers every prompt, ``train.on_policy`` 1); held out they have nothing to score: dropped, counted and
+      warned of (``heldout_paths`` need responses as ever). Otherwise they are refused, naming file and line.
     - ``info``: settings, the resolved rendering, per-split counts (examples, rows, tokens, response tokens, fill)
       and the examples truncated / dropped. Deterministic: the same inputs give the same rows.
     """
@@ -543,7 +548,7 @@ def prepare_sft(paths, tokenizer, *, seq_len: int, mode: str = "pad", chat_templ
     if not 0.0 <= heldout_fraction < 1.0:
         raise TailkdError(f"heldout_fraction={heldout_fraction} must lie in [0, 1); 0.05 is usual")
     template = resolve_chat_template(tokenizer, chat_template)
-    examples = read_sft_examples(paths, references_optional=prompt_only)
+    examples = read_sft_examples(paths, references_optional=prompt_only, hint="" if prompt_only else PROMPTS_ALONE_HINT)
     overlap = 0
     if heldout_paths:
         held = read_sft_examples(heldout_paths)
@@ -608,6 +613,17 @@ def builtin_sft_files(name: str, data_cfg, cache_root: Path) -> tuple[Path, Path
     raise TailkdError(f"unknown built-in data {name!r}; the built-in SFT sets are {', '.join(BUILTIN_SFT)}")
 
 
+def check_sft_files(data_cfg, *, prompt_only: bool) -> None:
+    """Read the JSONL files of an SFT run's ``data.paths`` and ``data.heldout_paths`` as `setup_sft_rows` reads them
+    (the built-in sets are tailkd's own), so that a bad line is refused, naming file and line, before any model loads;
+    ``prompt_only`` as there."""
+    paths = [Path(p) for p in data_cfg.paths if not str(p).startswith("builtin:")]
+    if paths:
+        read_sft_examples(paths, references_optional=prompt_only, hint="" if prompt_only else PROMPTS_ALONE_HINT)
+    if held := [Path(p) for p in data_cfg.heldout_paths if not str(p).startswith("builtin:")]:
+        read_sft_examples(held)
+
+
 def chat_template_setting(value: str) -> str | None:
     """``data.chat_template`` as `prepare_sft` / `resolve_chat_template` take it: ``"auto"``, None for ``"none"``,
     else the text of the template file it names."""
@@ -625,13 +641,15 @@ def chat_template_setting(value: str) -> str | None:
     return text
 
 
-def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTRows, dict]:
+def setup_sft_rows(data_cfg, tokenizer, cache_root: Path, *, prompt_only: bool = True) -> tuple[SFTRows, SFTRows,
+                                                                                                   dict]:
     """The trainer's entry point for ``data.task = sft``: rows from ``data.paths`` (JSONL files, and the built-in
     sets ``builtin:math`` / ``builtin:instruct``, `builtin_sft_files`), the built-in math problems when no path is
     given. Held out: ``data.heldout_paths`` if given; else the built-in sets' own held-out files when a built-in set
     is used (JSONL files given beside it are then all training data); else a ``data.heldout_fraction`` of the files.
-    Held-out rows must not be empty. Prompts alone are read (`prepare_sft`'s ``prompt_only``): a training run refuses
-    them unless fully on-policy (`check_prompt_only`)."""
+    Held-out rows must not be empty. ``prompt_only`` (`prepare_sft`'s): training files may hold prompts alone — what
+    a fully on-policy run trains on (a run below λ = 1 reads them strictly; evaluations read a run's data as
+    given)."""
     paths, builtin_held = [], []
     for p in data_cfg.paths or ["builtin:math"]:
         if str(p).startswith("builtin:"):
@@ -645,7 +663,7 @@ def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTR
         paths, tokenizer, seq_len=data_cfg.seq_len, mode=data_cfg.sft_mode,
         chat_template=chat_template_setting(data_cfg.chat_template),
         heldout_fraction=data_cfg.heldout_fraction, heldout_paths=held, seed=data_cfg.split_seed,
-        overlong=data_cfg.overlong, prompt_only=True)
+        overlong=data_cfg.overlong, prompt_only=prompt_only)
     if len(held_rows) == 0 and info["heldout"]["dropped_prompt_only"]:
         raise TailkdError(f"the SFT held-out split holds prompts alone ({info['heldout']['dropped_prompt_only']}), "
                           "which the held-out metrics cannot score; pass --heldout-data FILE with responses (e.g. "
@@ -655,13 +673,3 @@ def setup_sft_rows(data_cfg, tokenizer, cache_root: Path) -> tuple[SFTRows, SFTR
     if len(train_rows) == 0:
         raise TailkdError("no SFT training examples are left; check data.paths and data.seq_len")
     return train_rows, held_rows, info
-
-
-def check_prompt_only(rows: SFTRows, on_policy: float) -> None:
-    """Training examples holding a prompt alone (`SFTExample.prompt_only`) train only where the student answers
-    every prompt (``train.on_policy`` 1): otherwise refused, naming the first and their count."""
-    alone = [e for e in rows.examples if e.prompt_only]
-    if alone and on_policy < 1:
-        raise TailkdError(f"{alone[0].source}: a prompt without a response ({len(alone)} of {len(rows.examples)} "
-                          "training examples): only a fully on-policy run (--train.on_policy 1) trains on prompts "
-                          "alone; give the responses (e.g. the teacher's: tailkd seqkd-data) or remove those lines")

@@ -70,7 +70,6 @@ from tailkd.prepare import (
     use_optimizer_settings,
 )
 from tailkd.registry import LOSSES
-from tailkd.sft import check_prompt_only
 from tailkd.vocab import check_labels
 
 TERMS = ("loss", "clm", "div", "cos", "aux")
@@ -261,11 +260,10 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     if teacher is not None:
         if cfg.loss.k >= vocab and "k" in LOSSES[cfg.loss.name].knobs:
             raise TailkdError(f"loss.k={cfg.loss.k} must be smaller than the vocabulary ({vocab}); the paper uses 10")
-    info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max))
+    info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, model_max,
+                                                                           prompt_only=cfg.train.on_policy >= 1))
     if cfg.data.task == "pretrain" and (warning := heldout_share_warning(cfg.data, info.meta)):
         dist.say(warning, err=True)
-    if cfg.data.task == "sft":
-        check_prompt_only(train_rows, cfg.train.on_policy)
     check_labels(vocab, tokenizer, {"training": train_rows, "held-out": held_rows})
     if cfg.train.epochs:
         set_steps_from_epochs(cfg, len(train_rows))
