@@ -615,3 +615,32 @@ def test_generation_eval_generates_and_scores_only_the_ids_both_heads_score():
     assert all(t < TINY_VOCAB for a in answers for t in a)
     assert res["outputs"]["student"] == [tok.decode(a, skip_special_tokens=True) for a in answers]
     assert res["student_answer_tokens"] == sum(map(len, answers))
+
+
+def test_answers_are_scored_only_where_every_scoring_model_has_the_positions():
+    """A judge of fewer positions than the decoding student: a prompt whose answers could outgrow them is refused in
+    one line before any decoding (its learned positions raised an IndexError after decoding, RoPE ones were read past
+    their range); without a judge nothing is checked beyond the decoding model's own positions."""
+    tok = build_tiny_tokenizer()
+    student, judge = make_tiny_lm(seed=1), make_tiny_lm(seed=2, max_position_embeddings=16)
+    student.generate = None  # a decoding would fail otherwise: the refusal comes first
+    pairs = [("The quick", ""), ("A", "")]
+    with pytest.raises(TailkdError, match=r"^prompt 0 has 8 tokens; with --max-new-tokens 9 its answers exceed the 16 "
+                                          r"positions the models scoring them take"):
+        generation_eval(student, None, tok, pairs, max_new_tokens=9, progress=False, rouge=False, judge=judge)
+    assert len(tok("The quick", add_special_tokens=False)["input_ids"]) == 8  # the premise: 8 + 9 > 16, 8 + 8 fits
+    student = make_tiny_lm(seed=1)
+    res = generation_eval(student, None, tok, pairs, max_new_tokens=8, progress=False, rouge=False, judge=judge)
+    assert res["student_answer_tokens"] > 0
+
+
+def test_a_judge_without_vocab_scores_over_the_tokenizers_ids():
+    """With a judge and no ``vocab``, decoding too keeps to the tokenizer's ids (a padded head's rows would have no
+    teacher probability: an IndexError in the judge's embedding)."""
+    tok = build_tiny_tokenizer()
+    student, teacher = make_tiny_lm(seed=1, vocab_size=TINY_VOCAB + 40), make_tiny_lm(seed=2)
+    with torch.no_grad():
+        student.lm_head.weight[TINY_VOCAB:] *= 50
+    res = generation_eval(student, None, tok, [(p, "") for p in PROMPTS], max_new_tokens=4, progress=False,
+                          rouge=False, judge=teacher)
+    assert res["student_answer_tokens"] > 0

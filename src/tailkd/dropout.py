@@ -8,7 +8,8 @@ import re
 
 import torch
 
-DROPOUT_KEY = re.compile(r"dropout|pdrop", re.I)  # config keys / float attributes that hold a dropout probability
+# config keys / float attributes that hold a dropout probability (OPT's layerdrop skips whole layers in training)
+DROPOUT_KEY = re.compile(r"dropout|pdrop|layerdrop", re.I)
 
 
 def config_dropouts(config) -> list[tuple[object, str, float]]:
@@ -27,9 +28,10 @@ def config_dropouts(config) -> list[tuple[object, str, float]]:
 def disable_dropout(student, log=print) -> list:
     """``--train.disable_dropout`` (TRL's ``disable_dropout``): the student trains without dropout, in place — every
     dropout layer's p, every float dropout probability a module keeps (HF attention keeps ``attention_dropout`` as a
-    number, no layer) and every one of its config, which some modules read as they run (GPT-Neo, Persimmon, Falcon),
-    set to 0. ``log`` gets the run log's line; returns the config's original values: `saved_dropouts` puts them back
-    while the student is saved, so its config.json is the one it was built or loaded with."""
+    number, no layer; OPT's ``layerdrop``) and every one of its config, which some modules read as they run (GPT-Neo,
+    Persimmon, Falcon), set to 0. ``log`` gets the run log's line; returns the config's original values:
+    `saved_dropouts` puts them back while the student is saved, so its config.json is the one it was built or loaded
+    with."""
     originals = config_dropouts(student.config)
     for config, key, _ in originals:
         object.__setattr__(config, key, 0.0)  # past strict type checks: transformers types MPT's attn_pdrop as int
@@ -41,9 +43,8 @@ def disable_dropout(student, log=print) -> list:
             if DROPOUT_KEY.search(key) and isinstance(value, float) and value > 0:
                 setattr(module, key, 0.0)
                 attrs += 1
-    log(f"dropout off (train.disable_dropout): {layers} dropout layer(s), {attrs} attention dropout "
-        f"probabilit{'y' if attrs == 1 else 'ies'} and {len(originals)} config value(s) of the student set to 0 (its "
-        "saved config keeps them)")
+    log(f"dropout off (train.disable_dropout): {layers} dropout layer(s), {attrs} float dropout attribute(s) and "
+        f"{len(originals)} config value(s) of the student set to 0 (its saved config keeps them)")
     return originals
 
 

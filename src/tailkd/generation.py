@@ -395,6 +395,22 @@ def _model_metrics(model, tokenizer, prompts, references, *, max_new_tokens, bat
     return out, greedy, [ids for ids, _ in answers]
 
 
+def check_room(tokenizer, prompts, max_new_tokens: int, models, *, chat_template: str | None = None) -> None:
+    """Every prompt (rendered as decoding renders it) + ``max_new_tokens`` within the positions of every one of
+    ``models`` (those that score answers they did not decode: a teacher of fewer positions), else one TailkdError
+    before any decoding."""
+    limits = [n for n in map(max_positions, models) if n is not None]
+    if not limits:
+        return
+    limit = min(limits)
+    for i, p in enumerate(prompts):
+        n = len(encode_prompt(tokenizer, p, chat_template=chat_template))
+        if n + max_new_tokens > limit:
+            raise TailkdError(f"prompt {i} has {n} tokens; with --max-new-tokens {max_new_tokens} its answers exceed "
+                              f"the {limit} positions the models scoring them take; lower --max-new-tokens or shorten "
+                              "the prompt")
+
+
 def answer_scores(student, judge, tokenizer, prompts, answers: Sequence[Sequence[int]], *, name: str, vocab: int,
                   chat_template: str | None = None, batch_size: int = 8) -> dict:
     """The teacher's (``judge``) view of ``name``'s answers, no reference needed: over every answer token (a stop
@@ -428,9 +444,10 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
     ``file:line``), or a sequence of ``(prompt, reference)`` pairs.
     ``teacher`` may be None. ``limit``: evaluate the first ``limit`` examples only. ``rouge``: score ROUGE-L
     (`rouge_l`); every evaluated example then needs a non-empty reference (``TailkdError`` before decoding).
-    ``judge``: a teacher that scores each model's greedy answers (`answer_scores`; None: not scored); ``vocab``: the
+    ``judge``: a teacher that scores each model's greedy answers (`answer_scores`; None: not scored; every prompt +
+    ``max_new_tokens`` must fit the student's and its positions, `check_room`, before any decoding); ``vocab``: the
     ids generated and scored (the run's V, `tailkd.vocab.check_vocab`: a padded head's rows past them are no tokens;
-    None: every row of each head, and the tokenizer's ids for the scores).
+    None: every row of each head, or with a judge the tokenizer's ids).
 
     Returns a flat dict: ``examples``, ``max_new_tokens``, ``samples``; per model (``student_*``,
     ``teacher_*``): ``exact_match`` (greedy, flexible extraction), ``strict_exact_match`` (greedy, only
@@ -451,6 +468,9 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
     if rouge:
         check_references(references, sources)
         _rouge_scorer()  # a missing package is reported before any decoding
+    if judge is not None:
+        vocab = real_vocab_size(tokenizer) if vocab is None else vocab  # the ids the answers are scored over
+        check_room(tokenizer, prompts, max_new_tokens, (student, judge), chat_template=chat_template)
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "samples": samples,
               "temperature": temperature, "top_p": top_p, "seed": seed, "chat_template": chat_template,
               "progress": progress, "rouge": rouge, "vocab": vocab}
@@ -464,8 +484,7 @@ def generation_eval(student, teacher, tokenizer, heldout_examples, *, max_new_to
         outputs[name] = greedy
         if judge is not None:
             result.update(answer_scores(student, judge, tokenizer, prompts, answers, name=name, batch_size=batch_size,
-                                        vocab=real_vocab_size(tokenizer) if vocab is None else vocab,
-                                        chat_template=chat_template))
+                                        vocab=vocab, chat_template=chat_template))
     if return_outputs:
         result["outputs"] = outputs
     return result

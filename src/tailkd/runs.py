@@ -128,7 +128,7 @@ class MetricsLog:
         self.board = None
         if tensorboard is not None:
             writer = tensorboard_writer()
-            for old in tensorboard.glob("events.out.tfevents.*") if tensorboard.is_dir() else ():
+            for old in tensorboard.rglob("events.out.tfevents.*") if tensorboard.is_dir() else ():  # ~0.6 ms a row
                 old.unlink()
             self.board = writer(str(tensorboard))
             for raw in path.read_bytes().splitlines() if path.exists() else ():
