@@ -188,3 +188,25 @@ def test_entry_ends_a_rank_of_a_launch_without_finalization(monkeypatch, world_s
     monkeypatch.setattr(sys, "argv", ["tailkd"])
     assert cli.entry() == 0
     assert ended == ([0] if left else [])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored exception, on purpose
+def test_a_sigterm_whose_exception_python_ignores_still_ends_the_block():
+    """SIGTERM's `Terminated` raised where Python ignores exceptions (here a ``__del__``; in a CI run of the lm-eval
+    SIGTERM test an import lock's callback: the run then finished with exit 0) still ends the block: raised as it
+    ends, after the rest of it ran (the premise: it ran on)."""
+    import signal
+
+    from tailkd.errors import Terminated
+
+    class Dies:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+
+    ran = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with cli._unwind_on_sigterm():
+            Dies()  # deleted at once: the handler's exception is ignored there
+            ran.append(True)
+    assert ran == [True] and signal.getsignal(signal.SIGTERM) is before

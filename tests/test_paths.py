@@ -169,7 +169,7 @@ def test_every_path_setting_is_listed_and_reads_a_leading_tilde_as_home(tmp_path
              "train.precision", "train.device", "train.fused_loss", "train.loss_kernels", "train.parallel",
              "eval.split", "eval.device", "analyze.split", "analyze.device", "lm_eval.tasks", "lm_eval.split",
              "lm_eval.device", "cache.hidden_dtype", "cache.split", "cache.device", "select.device", "reproduce.device",
-             "seqkd.device"}
+             "seqkd.device", "train.report_to"}
     seen = set()
     for cls in _configs():
         for key, tp, _ in _leaves(cls):

@@ -299,7 +299,7 @@ def _loop(monkeypatch, tmp_path, *, max_steps, start=0, stop_after=0, eval_every
     t = cfg.train
     t.max_steps, t.stop_after, t.eval_every, t.save_every = max_steps, stop_after, eval_every, save_every
     p = runs.Progress(step=start, initial_heldout={"kl": 1.0} if start else None)
-    run = SimpleNamespace(cfg=cfg, out=tmp_path, progress=p, model=torch.nn.Linear(1, 1),
+    run = SimpleNamespace(cfg=cfg, out=tmp_path, progress=p, model=torch.nn.Linear(1, 1), log=None,
                           seconds=dict.fromkeys(train.PHASES, 0.0), write_metrics=lambda record: None,
                           heldout=lambda: events.append(("heldout", p.step)) or {"kl": 0.5, "tokens": 1},
                           checkpoint=lambda: events.append(("checkpoint", p.step)) or tmp_path / f"step_{p.step}")

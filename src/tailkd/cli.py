@@ -269,13 +269,17 @@ def _own_warnings():
 def _unwind_on_sigterm():
     """Within the block SIGTERM raises `Terminated` (Python's default ends the process at once: temporary folders
     and lm-eval's work folder stayed, and nothing was said); the handler then steps aside, so a second SIGTERM ends
-    the process at once. The previous handler is put back after. A no-op outside the main thread."""
+    the process at once. The previous handler is put back after. A SIGTERM whose `Terminated` Python ignored (raised
+    inside a callback or ``__del__``: an import lock's, in a CI run) lets the block run on, and is raised as it ends.
+    A no-op outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    fired = []
 
     def terminate(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        fired.append(signum)
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -283,6 +287,8 @@ def _unwind_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if fired:  # the block ended without the exception: it was raised where Python ignores exceptions
+        raise Terminated
 
 
 def main(argv: list[str] | None = None, *, keep_host_memory: bool = False) -> int:
