@@ -1192,19 +1192,25 @@ def test_a_cache_of_another_tokenizer_or_corpus_is_refused_before_any_model_load
                                   {"paths": ["c.txt"], "heldout_paths": ["d.txt"]},
                                   {"paths": ["c.txt", "builtin:pydoc"]},
                                   {"paths": ["c.txt"], "doc_sep": "line", "doc_eos": False, "heldout_fraction": 0.2},
-                                  {"paths": ["c.txt"], "cache_dir": "own-cache"}])
+                                  {"paths": ["c.txt"], "cache_dir": "own-cache"},
+                                  {"task": "sft", "paths": ["p.jsonl"]},
+                                  {"task": "sft", "paths": ["p.jsonl"], "sft_mode": "pack", "overlong": "drop"},
+                                  {"task": "sft", "paths": ["p.jsonl"], "heldout_paths": ["h.jsonl"]}])
 def test_the_corpus_fingerprint_a_cache_run_checks_first_is_the_one_setup_data_gives(tmp_path, monkeypatch, data):
-    """`check_before_models` compares a cache's corpus before any model loads with `train_corpus_fingerprint`, not
-    tokenising: it is the fingerprint of the training corpus `setup_data` prepares (what the cache is compared with
-    when the teacher signal opens it) for the built-in news corpus, files in either order, a held-out corpus of its
-    own, a built-in set, other settings and another data cache."""
+    """`check_before_models` compares a cache's corpus before any model loads with `train_corpus_fingerprint`, of
+    packed text not tokenising: it is the fingerprint of the training rows `setup_data` prepares (what the cache is
+    compared with when the teacher signal opens it, `rows_fingerprint`) for the built-in news corpus, files in either
+    order, a held-out corpus of its own, a built-in set, other settings and another data cache; of SFT rows (pad,
+    pack, held-out files of their own: training examples sharing their prompts dropped) their digest."""
     from tailkd.config import DistillConfig
-    from tailkd.prepare import setup_data, train_corpus_fingerprint
-    from tailkd.vocab import tokenizer_fingerprint
+    from tailkd.prepare import rows_fingerprint, setup_data, train_corpus_fingerprint
 
     monkeypatch.setenv("TAILKD_CACHE", str(tmp_path / "tk"))
     write_corpus(tmp_path / "c.txt", n_docs=20)
     write_corpus(tmp_path / "d.txt", n_docs=21)
+    pairs = [json.dumps({"prompt": f"Q{i % 9}:", "response": f" {i}"}) + "\n" for i in range(30)]
+    (tmp_path / "p.jsonl").write_text("".join(pairs))
+    (tmp_path / "h.jsonl").write_text("".join(pairs[:2]))
     cfg = DistillConfig()
     cfg.data.seq_len = 16
     for key, value in data.items():
@@ -1212,9 +1218,15 @@ def test_the_corpus_fingerprint_a_cache_run_checks_first_is_the_one_setup_data_g
             str(tmp_path / value) if key == "cache_dir" else value
         setattr(cfg.data, key, rooted)
     tok = make_tokenizer()
-    early = train_corpus_fingerprint(cfg.data, tokenizer_fingerprint(tok))
-    info, _, _ = setup_data(cfg, tok, None)
-    assert early == info.fingerprint
+    early = train_corpus_fingerprint(cfg, tok)
+    info, train_rows, _ = setup_data(cfg, tok, None, prompt_only=False)
+    assert early == rows_fingerprint(info, train_rows)
+    if cfg.data.task == "sft":
+        assert early == train_rows.input_digest
+        if "heldout_paths" in data:  # the examples asking Q0: or Q1: held out
+            assert len(train_rows.examples) == sum(i % 9 > 1 for i in range(30))
+    else:
+        assert early == info.fingerprint
 
 
 def test_cache_teacher_progress_in_a_log_is_a_line_per_30_seconds_not_one_per_batch(tmp_path, capsys, monkeypatch):

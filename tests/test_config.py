@@ -57,7 +57,7 @@ def test_yaml_round_trip_and_flags_override(tmp_path):
         ({"loss": {"name": "mse"}}, "not a loss"),
         ({"loss": {"k": 0}}, "loss.k=0 must be >= 1"),
         ({"loss": 3}, "config section loss must be a mapping"),
-        ({"teacher": {"cache": "c"}, "data": {"task": "sft"}}, "drop --teacher.cache"),
+        ({"teacher": {"cache": "c"}, "data": {"task": "sft"}, "train": {"on_policy": 0.5}}, "drop --teacher.cache"),
         ({"train": {"fused_loss": "yes"}}, "train.fused_loss='yes' must be auto, on or off"),
         ({"train": {"loss_chunk_size": -1}}, "train.loss_chunk_size=-1 must be >= 0"),
         # step counts: log_every 0 was a ZeroDivisionError after the models loaded; stop_after -1 "stopped after
@@ -643,7 +643,7 @@ def test_bad_subcommand_values_are_one_clear_error(tmp_path, command, argv, matc
 
 
 def test_a_key_a_command_does_not_read_is_unknown(tmp_path):
-    from tailkd.command_config import CacheTeacherConfig, EvalConfig
+    from tailkd.command_config import EvalConfig, SelectDataConfig
 
     path = tmp_path / "e.yaml"
     path.write_text(yaml.safe_dump({"teacher": {"cache": "c"}}))
@@ -652,7 +652,7 @@ def test_a_key_a_command_does_not_read_is_unknown(tmp_path):
         parse(["--config", str(path)], EvalConfig)
     path.write_text(yaml.safe_dump({"data": {"task": "sft"}}))
     with pytest.raises(TailkdError, match=r"^unknown config key data\.task"):
-        parse(["--config", str(path), "--out", "c"], CacheTeacherConfig)
+        parse(["--config", str(path), "--out", "c"], SelectDataConfig)
 
 
 # Every flag spelling the subcommands took before they had typed configs, and the leaf it sets now.

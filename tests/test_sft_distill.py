@@ -1,6 +1,8 @@
-"""Supervised distillation through the trainer: response-only targets, the two-stage recipe, the CLM baseline."""
+"""Supervised distillation through the trainer: response-only targets, the two-stage recipe, the CLM baseline, a
+teacher cache of SFT rows."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -165,3 +167,118 @@ def test_recipe_errors_before_any_stage_runs(assets, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     assert main(["recipe", str(recipe), "--set", "train_max_steps=3"]) == 2
     assert "must look like section.key=value" in capsys.readouterr().err
+
+
+def _cache_sft(assets, out, *extra, data=None):
+    """``tailkd cache-teacher`` over the rows `sft_args` trains on (K = 8; ``data``: other pairs)."""
+    assert main(["cache-teacher", "--task", "sft", "--teacher", str(assets["teacher"]), "--data",
+                 str(data or assets["pairs"]), "--data.cache_dir", str(assets["cache"]), "--seq-len", "96",
+                 "--data.heldout_fraction", "0.2", "--k", "8", "--out", str(out), "--device", "cpu", *extra]) == 0
+
+
+def _train_rows(assets, data, mode):
+    from tailkd.config import DistillConfig
+    from tailkd.models import load_teacher
+    from tailkd.prepare import setup_data
+
+    cfg = DistillConfig()
+    cfg.data.task, cfg.data.paths, cfg.data.cache_dir = "sft", [str(data)], str(assets["cache"])
+    cfg.data.seq_len, cfg.data.heldout_fraction, cfg.data.sft_mode = 96, 0.2, mode
+    model, tok = load_teacher(str(assets["teacher"]), dtype="fp32")
+    return model, tok, setup_data(cfg, tok, None, prompt_only=False)[1]
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_a_teacher_cache_of_sft_rows_holds_the_teachers_top_k_of_every_training_row(assets, tmp_path, mode):
+    """cache-teacher --task sft caches the rows an SFT run trains on, in its order (pad: one example a row, pack:
+    several, of shorter pairs): one cached row per training row, the rows' digest as the cache's corpus
+    (`SFTRows.input_digest`), every row's hash equal, and at the response positions the loss reads the teacher's
+    top-8 ids of the online forward of that row (the cache ran the rows in batches of 8, the online forward all at
+    once)."""
+    from tailkd import cache
+    from tailkd import data as data_mod
+
+    out = tmp_path / "c"
+    data = assets["pairs"]
+    if mode == "pack":  # pairs of ~10 tokens: several a row
+        data = tmp_path / "short.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": f" {i * 7}"}) + "\n" for i in range(90)))
+    _cache_sft(assets, out, "--data.sft_mode", mode, data=data)
+    model, tok, rows = _train_rows(assets, data, mode)
+    meta = json.loads((out / "cache.json").read_text())
+    assert meta["num_rows"] == len(rows) > 1 and meta["corpus"]["fingerprint"] == rows.input_digest
+    assert meta["corpus"]["settings"] == {"task": "sft", "sft_mode": mode, "rendering": "plain"}
+    batch = data_mod.collate([rows[i] for i in range(len(rows))])
+    got = cache.open_cache(out, tokenizer=tok, corpus_fingerprint=rows.input_digest, seq_len=96, k=8,
+                           teacher_model=model, rows=len(rows)).rows(range(len(rows)), input_ids=batch["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits[..., : len(tok)]
+    response = batch["labels"] != -100
+    assert int(response.sum()) > 0 and (max(map(len, rows.rows)) > 1) == (mode == "pack")  # examples per row
+    assert torch.equal(got["topk_ids"].long()[response], torch.topk(logits, 8, dim=-1).indices[response])
+
+
+def test_an_sft_run_from_a_cache_of_hidden_states_is_the_online_run(assets, tmp_path, capsys):
+    """`tailkd distill --task sft --teacher-cache` reads the cache of its rows (each batch's row hashes checked) and,
+    from fp32 hidden states, trains as the online teacher does: the same losses step by step. Both runs compute the
+    teacher's logits by the same float32 ops on the same rows, in batches of 8 (cache) or 4 (run); the blocking of a
+    64-term dot product may differ (γ_64 ≈ 4e-6 of its magnitude per layer): 1e-4 relative holds both runs' losses
+    over the 4 steps with room. A top-K cache gives the K+1 bucket loss (D_KL1), a lower bound of the online TAD."""
+
+    hidden, topk = tmp_path / "cache-hidden", tmp_path / "cache-topk"
+    _cache_sft(assets, hidden, "--hidden-states", "--hidden-dtype", "fp32")
+    _cache_sft(assets, topk)
+    capsys.readouterr()
+    runs = {}
+    for name, extra in (("online", []), ("hidden", ["--teacher-cache", str(hidden)]),
+                        ("topk", ["--teacher-cache", str(topk)])):
+        assert main(sft_args(assets, tmp_path / name, "--loss", "tad", "--k", "8", "--steps", "4", *extra)) == 0
+        runs[name] = [r for r in read_metrics(tmp_path / name) if r["split"] == "train"]
+    out = capsys.readouterr().out
+    assert f"teacher signal: teacher cache {hidden}: tad: exact" in out
+    assert f"teacher signal: teacher cache {topk}: tad: D_KL1 only" in out
+    assert [r["step"] for r in runs["hidden"]] == [1, 2, 3, 4]
+    for a, b in zip(runs["hidden"], runs["online"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["clm"] == pytest.approx(b["clm"], rel=1e-4)
+    assert runs["topk"][0]["div"] < runs["online"][0]["div"]  # D_KL1 without the tail term
+    assert runs["topk"][0]["clm"] == pytest.approx(runs["online"][0]["clm"], rel=1e-6)  # the same student at step 1
+
+
+def test_a_teacher_cache_of_other_rows_is_refused_before_any_model_loads(assets, tmp_path, capsys):
+    """The cache's rows against the run's before any model loads (`prepare.train_corpus_fingerprint`: the SFT files
+    tokenised): another held-out split, packing, another file, or a cache of packed text for an SFT run and of SFT
+    rows for a pretraining run — one line each, exit 2, no run folder. cache-teacher reads --heldout-data only with
+    --task sft (a pretraining corpus's rows do not depend on it)."""
+    from tiny import no_model_loads
+
+    from tailkd import cache
+
+    sft_cache, text_cache = tmp_path / "sft", tmp_path / "text"
+    _cache_sft(assets, sft_cache)
+    assert main(["cache-teacher", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "96", "--k", "8", "--out", str(text_cache),
+                 "--device", "cpu"]) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line + "\n" for line in assets["pairs"].read_text().splitlines()[:-1]))
+    capsys.readouterr()
+    run = tmp_path / "run"
+    cases = [(["--data.heldout_fraction", "0.3", "--teacher-cache", str(sft_cache)], sft_cache),
+             (["--data.sft_mode", "pack", "--teacher-cache", str(sft_cache)], sft_cache),
+             (["--data", str(other), "--teacher-cache", str(sft_cache)], sft_cache),
+             (["--teacher-cache", str(text_cache)], text_cache),
+             (["--task", "pretrain", "--data", str(assets["corpus"]), "--teacher-cache", str(sft_cache)], sft_cache)]
+    with no_model_loads("the cache's rows were checked"):
+        for extra, used in cases:
+            assert main(sft_args(assets, run, "--loss", "kd", "--k", "8", "--steps", "1", *extra)) == 2, extra
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and re.fullmatch(
+                rf"tailkd: error: teacher cache {re.escape(str(used))} does not match this run: its corpus is "
+                r"[0-9a-f]{12}, the run's is [0-9a-f]{12}; rebuild it with tailkd cache-teacher for this run's "
+                r"teacher, data and --seq-len", err[0]), (extra, err)
+            assert not run.exists()
+        assert main(["cache-teacher", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
+                     "--heldout-data", str(assets["corpus"]), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tailkd: error: --heldout-data is read by cache-teacher only with "
+                                                   "--task sft"), err
+    assert cache.read_meta(sft_cache)["corpus"]["fingerprint"] != cache.read_meta(text_cache)["corpus"]["fingerprint"]

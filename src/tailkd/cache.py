@@ -1,7 +1,9 @@
-"""Offline teacher cache: run the teacher once over the packed training rows, train many students from disk.
+"""Offline teacher cache: run the teacher once over the training rows, train many students from disk.
 
-A cache folder holds ``cache.json`` (identity + layout), optionally ``head.safetensors`` (the teacher's LM head,
-stored once) and shards ``shard_000000.safetensors``, each ``rows_per_shard`` consecutive `PackedRows` rows:
+The rows are a run's: packed text (`tailkd.data.PackedRows`) or prompt/response rows (`tailkd.sft.SFTRows`, every
+position of a row cached, its prompt and padding too; the loss reads the response positions). A cache folder holds
+``cache.json`` (identity + layout), optionally ``head.safetensors`` (the teacher's LM head, stored once) and shards
+``shard_000000.safetensors``, each ``rows_per_shard`` consecutive rows:
 
 =================  ===================  ======================================================================
 tensor             dtype, shape         meaning (per token t of row r)
@@ -24,8 +26,9 @@ log-softmax has there: a training step that draws its row has a non-finite loss 
 
 Each shard's safetensors metadata holds the sha256 of every tensor; a shard is written to a temporary file,
 fsync'ed and renamed, so after a crash a restart finds only complete shards, verifies and skips them.
-Reading checks the cache against the run (tokenizer fingerprint, corpus fingerprint, split, seq_len, K_run ≤
-K_cache: a larger cache is truncated exactly) and verifies each shard's checksums the first time it is read:
+Reading checks the cache against the run (tokenizer fingerprint, corpus fingerprint — of SFT rows the digest of
+their input ids, `tailkd.prepare.rows_fingerprint` —, split, seq_len, K_run ≤ K_cache: a larger cache is truncated
+exactly) and verifies each shard's checksums the first time it is read:
 a damaged shard is named in a TailkdError and never used.
 
 What each mode gives (formulas.md §2; `cache_loss_description` says it in the run log):
@@ -300,7 +303,8 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                 batch_size: int = 8, rows_per_shard: int | None = None, max_rows: int = 0,
                 vocab_size: int | None = None,
                 autocast_dtype=None, chunk_size: int | None = None, log=print) -> dict:
-    """Cache ``model``'s top-K (and optional hidden states / tail samples) over ``rows`` (a `PackedRows`) into out_dir.
+    """Cache ``model``'s top-K (and optional hidden states / tail samples) over ``rows`` into out_dir: a `PackedRows`
+    or `SFTRows` (``seq_len`` and rows of ``input_ids``; the teacher reads them as a run's online teacher does).
 
     ``corpus``: the identity of the rows (``fingerprint``, ``split``, ``seq_len``, ``eos_id``, tokenisation
     settings), compared on resume and at read time. Resumable: complete shards are verified and skipped; a folder
@@ -478,7 +482,7 @@ def _shard_complete(path: Path, log) -> bool:
 
 
 class CacheReader:
-    """Cached teacher tensors for row indices of the run's `PackedRows`, checked against the run.
+    """Cached teacher tensors for row indices of the run's training rows, checked against the run.
 
     ``k``: the run's K (TAD's loss.k; ≤ the cache's K: the top-K is truncated and the tail mass extended exactly).
     ``rows``: the run's number of training rows, every one of them cached.

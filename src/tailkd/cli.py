@@ -79,9 +79,10 @@ COMMANDS = {
         "HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0)."),
     "cache-teacher": (
         cc.CacheTeacherConfig, "cache_teacher", "run the teacher once over the training rows; write a top-K cache",
-        "Run the teacher once over the packed rows tailkd distill would train on (the same data settings: --data, "
-        "--seq-len, doc separator, held-out fraction) and write safetensors shards of its top-K ids (int32), their "
-        "true log-probabilities and the log tail mass; optionally its final hidden states (exact losses at train "
+        "Run the teacher once over the rows tailkd distill would train on (the same data settings: --data, "
+        "--seq-len, doc separator, held-out fraction; with --task sft the prompt/response rows of an SFT run, its "
+        "--data.sft_mode, chat template and --heldout-data) and write safetensors shards of its top-K ids (int32), "
+        "their true log-probabilities and the log tail mass; optionally its final hidden states (exact losses at train "
         "time) and sampled tail tokens (unbiased tail estimate). Resumable: rerun the same command."),
     "select-data": (
         cc.SelectDataConfig, "select_data", "MiniPLM difference sampling: keep the documents a teacher prefers",

@@ -63,8 +63,8 @@ DATA_ALIASES = {"data": "data.paths", "seq-len": "data.seq_len", "cache-dir": "d
 SFT_ONLY = ("data.task", "data.sft_mode", "data.chat_template", "data.overlong", "data.split_seed",
             "data.instruct_heldout", "data.instruct_max_words")
 # The SFT leaves and data.heldout_paths (--heldout-data, held-out files for pretraining and SFT alike): omitted
-# (no flag; an unknown key in YAML) where a command reads the training corpus only: cache-teacher's and lm-eval's
-# held-out split is that corpus's own held-out fraction, and select-data scores every document of it.
+# (no flag; an unknown key in YAML) where a command reads the training corpus only: lm-eval's held-out split is that
+# corpus's own held-out fraction, and select-data scores every document of it.
 CORPUS_ONLY = (*SFT_ONLY, "data.heldout_paths")
 
 
@@ -302,8 +302,9 @@ class CacheOptions:
     hidden_states: bool = _f(False, "also cache the teacher's final hidden states (every loss exact at train time)")
     hidden_dtype: str = _f("bf16", "dtype of the cached hidden states", choices=CACHE_HIDDEN_DTYPES)
     tail_samples: int = _f(0, "M tail tokens sampled per position (0: none)")
-    split: str = _f("train", "which rows to cache: the training rows, or the corpus's own held-out fraction (never "
-                             "--heldout-data files, which this command does not read)", choices=CACHE_SPLITS)
+    split: str = _f("train", "which rows to cache: the training rows (what distill reads), or the held-out ones (of "
+                             "packed text: the corpus's own held-out fraction, never --heldout-data files; of SFT "
+                             "data: the held-out examples, --heldout-data's where given)", choices=CACHE_SPLITS)
     batch_size: int = _f(8, "rows per teacher forward")
     rows_per_shard: Optional[int] = _f(None, "rows per shard (default: ~256 MiB shards)")
     max_rows: int = _f(0, "cache only the first N rows (0: all)")
@@ -315,13 +316,14 @@ class CacheOptions:
 
 @dataclass
 class CacheTeacherConfig:
-    """``tailkd cache-teacher``: the teacher's top-K (+ hidden states, tail samples) over distill's packed rows."""
+    """``tailkd cache-teacher``: the teacher's top-K (+ hidden states, tail samples) over distill's training rows
+    (packed text, or ``--task sft``: prompt/response rows)."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheOptions = field(default_factory=CacheOptions)
 
-    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows", *CORPUS_ONLY)
+    OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows")
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("cache", CacheOptions)}
 
@@ -335,6 +337,10 @@ class CacheTeacherConfig:
         for key in ("data.seq_len", "cache.k", "cache.batch_size", "cache.rows_per_shard", "cache.ddp_timeout"):
             check_at_least(self, key, 1)
         check_data(self)
+        if self.data.heldout_paths and self.data.task != "sft":  # distill's training rows do not depend on them
+            raise TailkdError("--heldout-data is read by cache-teacher only with --task sft (training examples "
+                              "sharing a held-out prompt are dropped); a pretraining corpus's rows do not depend on "
+                              "it, and --split heldout caches that corpus's own held-out fraction: drop it")
         check_at_least(self, "cache.tail_samples", 0, " (0: none)")
         check_at_least(self, "cache.max_rows", 0, " (0: all)")
         _check_device(self, "cache.device")

@@ -231,8 +231,9 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
 
 
 def cache_teacher(cfg: CacheTeacherConfig, *, log=print) -> dict:
-    """``tailkd cache-teacher``: the teacher run once over the packed rows ``tailkd distill`` trains on for the same
-    data settings (`tailkd.prepare.setup_data`), its top-K (+ hidden states, tail samples) written into
+    """``tailkd cache-teacher``: the teacher run once over the rows ``tailkd distill`` trains on for the same
+    data settings (`tailkd.prepare.setup_data`: packed text, or SFT rows read as a run below on-policy λ = 1 reads
+    them, prompts alone refused), its top-K (+ hidden states, tail samples) written into
     ``cfg.cache.out`` by `tailkd.cache.write_cache` (resumable; under torchrun each rank writes the shards of its rows,
     with ``teacher.parallel fsdp`` a sharded teacher). Prints the sizes; returns the cache meta."""
     from tailkd import distributed as dist
@@ -250,7 +251,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     from tailkd import distributed as dist
     from tailkd import models
     from tailkd.cache import format_size_table, write_cache
-    from tailkd.prepare import setup_data
+    from tailkd.prepare import rows_fingerprint, setup_data
     from tailkd.vocab import check_labels, check_vocab
 
     c = cfg.cache
@@ -264,12 +265,15 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
         model, tokenizer = dist.on_main_then_all(
             lambda: models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype))
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(
-        DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer, models.model_max_length(model)))
-    corpus = {"fingerprint": info.fingerprint, "split": c.split, "eos_id": info.eos_id,
-              "settings": {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction,
-                           "doc_eos": cfg.data.doc_eos}}
-    ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)
+        DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer, models.model_max_length(model),
+        prompt_only=False))
     rows = train_rows if c.split == "train" else held_rows
+    settings = {"task": "sft", "sft_mode": cfg.data.sft_mode, "rendering": info["rendering"]} \
+        if cfg.data.task == "sft" else {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction,
+                                        "doc_eos": cfg.data.doc_eos}
+    corpus = {"fingerprint": rows_fingerprint(info, rows), "split": c.split,
+              "eos_id": getattr(info, "eos_id", tokenizer.eos_token_id), "settings": settings}
+    ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)
     vocab = check_vocab(tokenizer, tokenizer, model, model)
     check_labels(vocab, tokenizer, {SPLIT_WORDS[c.split]: rows})
     meta = write_cache(model, tokenizer, rows, c.out, k=c.k, corpus=corpus, teacher_name=cfg.teacher.path,

@@ -528,9 +528,6 @@ class DistillConfig:
                           ("train.activation_checkpointing", " (0: off)")):
             check_at_least(c, key, 0, hint)
         check_on_policy(c)
-        if c.teacher.cache and c.data.task != "pretrain":
-            raise TailkdError("teacher.cache holds packed pretraining rows; supervised runs (data.task=sft) use the "
-                              "online teacher: drop --teacher.cache")
         if c.train.force_resume and not c.train.resume:
             raise TailkdError("train.force_resume (--force) only applies with --resume")
         if c.train.resume and c.train.overwrite:

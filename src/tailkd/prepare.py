@@ -3,7 +3,8 @@
 0. What needs no model (`check_before_models`), before any model loads: of a teacher cache its cache.json, split,
    seq_len and K, every shard there, whether it can give the loss; a loaded student's tokenizer against the
    teacher's (read alone); the cache's tokenizer and corpus, against the data tokenizer and the corpus fingerprint
-   computed without tokenising. The rest of the cache with the teacher signal (3.).
+   (packed text: computed without tokenising; SFT rows: their digest, the files tokenised). The rest of the cache
+   with the teacher signal (3.).
 1. Models (`setup_models`): the teacher (eval, no grad; replicated, or a skeleton to build the student from when
    ``teacher.parallel fsdp`` shards it: `tailkd.sharded_teacher`; a student chosen from calibration rows is measured
    on the sharded teacher first, `calibrate_sharded_teacher`), the student (built from the teacher,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,11 +56,11 @@ def check_before_models(cfg: DistillConfig) -> None:
     (``teacher.cache``, a loss with a teacher) a complete cache of training rows of this seq_len, holding the run's K,
     that can give the loss (`CacheReader.check_loss`); with ``student.path`` the two tokenizers read alone, one
     vocabulary or a teacher's extending the student's (`vocab.relation`'s line, as `setup_models` gives it), and no
-    cache with an extending teacher (`check_cache_vocab`); then the cache's tokenizer and training corpus
-    (`CacheReader.check_run`, the lines `setup_teacher_signal` gives) against the data tokenizer
-    (`data_tokenizer_fingerprint`) and the corpus fingerprint computed without tokenising (`train_corpus_fingerprint`).
-    The rest — the models' heads, teacher weights, number of rows — when `setup_models` and `setup_teacher_signal`
-    load them."""
+    cache with an extending teacher (`check_cache_vocab`); then the cache's tokenizer and training rows
+    (`CacheReader.check_run`, the lines `setup_teacher_signal` gives) against the data tokenizer (`data_tokenizer`)
+    and the fingerprint of the training rows (`train_corpus_fingerprint`: of packed text without tokenising; SFT
+    files are tokenised for it, as `setup_data` does again after the models load). The rest — the models' heads,
+    teacher weights, number of rows — when `setup_models` and `setup_teacher_signal` load them."""
     if cfg.data.task == "sft":  # the files as training reads them (JSON, fields, responses): seconds, not minutes
         from tailkd.sft import check_sft_files
 
@@ -72,25 +74,26 @@ def check_before_models(cfg: DistillConfig) -> None:
     if reader is None and not cfg.student.path:
         return  # a student built from the teacher has the teacher's tokenizer: nothing to compare
     # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
-    tokenizer_fp = dist.on_main_then_all(lambda: data_tokenizer_fingerprint(cfg))
+    tokenizer = dist.on_main_then_all(lambda: data_tokenizer(cfg))
     if reader is not None:
-        corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg.data, tokenizer_fp))
-        reader.check_run(tokenizer_fingerprint=tokenizer_fp, corpus_fingerprint=corpus_fp)
+        tokenizer_fp = vocab_mod.tokenizer_fingerprint(tokenizer)
+        reader.check_run(tokenizer_fingerprint=tokenizer_fp)  # its line first: the rows' digest would differ too
+        corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg, tokenizer))
+        reader.check_run(corpus_fingerprint=corpus_fp)
 
 
-def data_tokenizer_fingerprint(cfg: DistillConfig) -> str:
-    """`vocab.tokenizer_fingerprint` of the tokenizer `setup_models` gives the data (the teacher's; the student's
-    with ``student.path``), read alone from its model folder (seconds; a GGUF converted first, as loading it does).
+def data_tokenizer(cfg: DistillConfig):
+    """The tokenizer `setup_models` gives the data (the teacher's; the student's with ``student.path``), read alone
+    from its model folder (seconds; a GGUF converted first, as loading it does).
     With ``student.path`` the pair is checked as `setup_models` checks it: a TailkdError unless the tokenizers are one
     (`vocab.relation` "same": equal fingerprints) or the teacher's extends the student's ("extends"), which refuses a
     teacher cache (`check_cache_vocab`)."""
-    data_tokenizer = teacher_tokenizer = models.read_tokenizer(cfg.teacher.path)
+    tok = teacher_tok = models.read_tokenizer(cfg.teacher.path)
     if cfg.student.path:
-        data_tokenizer = models.read_tokenizer(cfg.student.path)
-        if vocab_mod.relation(teacher_tokenizer, data_tokenizer) == "extends":
-            check_cache_vocab(cfg, vocab_mod.real_vocab_size(data_tokenizer),
-                              vocab_mod.real_vocab_size(teacher_tokenizer))
-    return vocab_mod.tokenizer_fingerprint(data_tokenizer)
+        tok = models.read_tokenizer(cfg.student.path)
+        if vocab_mod.relation(teacher_tok, tok) == "extends":
+            check_cache_vocab(cfg, vocab_mod.real_vocab_size(tok), vocab_mod.real_vocab_size(teacher_tok))
+    return tok
 
 
 # --------------------------------------------------------------------------- models: teacher, student, vocabulary
@@ -374,12 +377,30 @@ def corpus_settings(data) -> dict:
     return {"doc_sep": data.doc_sep, "append_eos": data.doc_eos, "heldout_fraction": data.heldout_fraction}
 
 
-def train_corpus_fingerprint(data, tokenizer_fingerprint: str) -> str:
-    """The fingerprint of the training corpus `setup_data` prepares from packed text rows (its ``info.fingerprint``)
-    with the tokenizer of fingerprint ``tokenizer_fingerprint`` (`vocab.tokenizer_fingerprint`), without tokenising
-    (`corpus.cached_fingerprint`: the files' paths, sizes and mtimes, the settings, the tokenizer)."""
+def train_corpus_fingerprint(cfg: DistillConfig, tokenizer) -> str:
+    """`rows_fingerprint` of the training rows `setup_data` gives ``cfg`` with ``tokenizer``, before any model loads.
+    Packed text rows: the corpus's fingerprint without tokenising (`corpus.cached_fingerprint`: the files' paths,
+    sizes and mtimes, the settings, the tokenizer). SFT rows: their `SFTRows.input_digest`, the files read and
+    tokenised as `setup_data` reads them (seconds for thousands of examples; its warnings are given there, once)."""
+    data = cfg.data
+    if data.task == "sft":
+        from tailkd.sft import setup_sft_rows
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = setup_sft_rows(data, tokenizer, data_cache_root(data), prompt_only=cfg.train.on_policy >= 1)[0]
+        return rows.input_digest
     return corpus.cached_fingerprint(pretrain_paths(data, data_cache_root(data)),
-                                     tokenizer_fingerprint=tokenizer_fingerprint, **corpus_settings(data))
+                                     tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer),
+                                     **corpus_settings(data))
+
+
+def rows_fingerprint(info, rows) -> str:
+    """The identity a teacher cache keeps of the rows it holds (cache.json's ``corpus.fingerprint``): of packed text
+    rows, their corpus's fingerprint (both splits; cache.json's ``split`` says which: ``info.fingerprint``); of SFT
+    rows, the digest of their layout and input ids (`SFTRows.input_digest`: what the teacher reads; not the labels)."""
+    digest = getattr(rows, "input_digest", None)
+    return digest if digest is not None else info.fingerprint
 
 
 def setup_data(cfg: DistillConfig, tokenizer, model_max: int, *, heldout_only: bool = False, prompt_only: bool = True):
@@ -505,12 +526,13 @@ def loss_layer_text(cfg: DistillConfig, fused_path: bool, vocab: int, device: to
 
 
 def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, vocab: int, device, ac,
-                         fused_path: bool, probe: torch.Tensor, train_rows: int):
+                         fused_path: bool, probe: torch.Tensor, train_rows):
     """(signal_of, description): where each step's teacher signal comes from, and in words which loss that gives.
 
     Online: the teacher runs on every micro-batch (full logits, or final hidden states + LM head when fused).
-    ``teacher.cache``: a `tailkd.cache.CacheReader` checked against this run (tokenizer, corpus, split, seq_len,
-    K, teacher weights, that it holds all ``train_rows`` rows, and each batch's row hashes); a top-K cache gives
+    ``teacher.cache``: a `tailkd.cache.CacheReader` checked against this run (tokenizer, the training rows
+    ``train_rows`` by `rows_fingerprint`, split, seq_len, K, teacher weights, that it holds every one of those rows,
+    and each batch's row hashes); a top-K cache gives
     D_KL1 (+ a sampled tail estimate), a cache with hidden states the exact loss. On the fused path the LM heads
     are checked once against the models' own logits (``probe``: a few token ids)."""
     if fused_path:
@@ -520,9 +542,9 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
     if cfg.teacher.cache:
         from tailkd.cache import open_cache
 
-        reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer, corpus_fingerprint=info.fingerprint,
-                            split="train", seq_len=cfg.data.seq_len, k=_cache_k(cfg), teacher_model=teacher,
-                            rows=train_rows)
+        reader = open_cache(cfg.teacher.cache, tokenizer=tokenizer,
+                            corpus_fingerprint=rows_fingerprint(info, train_rows), split="train",
+                            seq_len=cfg.data.seq_len, k=_cache_k(cfg), teacher_model=teacher, rows=len(train_rows))
         description = reader.check_loss(cfg.loss.name, cfg.loss.temperature, cfg.loss.cosine_weight)
         return teacher_mod.CachedTeacher(reader, device=device), f"teacher cache {cfg.teacher.cache}: {description}"
     if fused_path:

@@ -439,6 +439,13 @@ class SFTRows(Dataset):
         return content_digest({"seq_len": self.seq_len, "mode": self.mode, "pad_id": self.pad_id,
                                "rows": self.rows, "inputs": self.inputs, "targets": self.targets})
 
+    @functools.cached_property
+    def input_digest(self) -> str:
+        """SHA-256 of what the rows give the teacher (layout, token ids; not the labels): a teacher cache's identity
+        of them (`tailkd.prepare.rows_fingerprint`)."""
+        return content_digest({"seq_len": self.seq_len, "mode": self.mode, "pad_id": self.pad_id,
+                               "rows": self.rows, "inputs": self.inputs})
+
     def stats(self) -> dict:
         tokens = sum(len(x) for x in self.inputs)
         labelled = sum(int((y != IGNORE_INDEX).sum()) for y in self.targets)

@@ -272,7 +272,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     shared_vocab = shared_vocab_summary(cfg, teacher, held_rows, train_rows, vocab, teacher_vocab, device, ac) \
         if teacher is not None and teacher_vocab > vocab else None
     signal_of, signal_text = setup_teacher_signal(cfg, teacher, student, tokenizer, info, vocab, device, ac,
-                                                  fused_path, probe, len(train_rows))
+                                                  fused_path, probe, train_rows)
     loss_chunk = run_loss_chunk(cfg, vocab, student, device) if fused_path else None
     sparse = signal_of is not None and signal_of.sparse
     dist.say(f"loss layer: {loss_layer_text(cfg, fused_path, vocab, device, loss_chunk, sparse)}; teacher signal: "
