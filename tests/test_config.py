@@ -891,7 +891,7 @@ def test_every_flags_help_states_its_default_once_and_truly(cls):
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
 def test_a_commands_own_help_of_a_shared_leaf(cls):
     """A command whose reused section means something else there says so in --help (``cls.HELP``): select-data's
-    data.seq_len is its scoring window, not distill's "tokens per packed training row" (the shared field's help,
+    data.seq_len is its scoring window, not distill's "tokens per training row" (the shared field's help,
     which it printed). Every HELP key is a leaf of the command's config, and its text replaces the field's."""
     from tailkd.config import _leaves
 
@@ -906,7 +906,7 @@ def test_a_commands_own_help_of_a_shared_leaf(cls):
         window = helps["data.seq_len"]
         assert window.startswith("tokens per scoring window") and "(default: 256)" in window
     if cls is DistillConfig:
-        assert helps["data.seq_len"].startswith("tokens per packed training row")
+        assert helps["data.seq_len"].startswith("tokens per training row")
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)

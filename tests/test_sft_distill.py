@@ -213,9 +213,14 @@ def test_a_teacher_cache_of_sft_rows_holds_the_teachers_top_k_of_every_training_
                            teacher_model=model, rows=len(rows)).rows(range(len(rows)), input_ids=batch["input_ids"])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"]).logits[..., : len(tok)]
-    response = batch["labels"] != -100
-    assert int(response.sum()) > 0 and (max(map(len, rows.rows)) > 1) == (mode == "pack")  # examples per row
-    assert torch.equal(got["topk_ids"].long()[response], torch.topk(logits, 8, dim=-1).indices[response])
+    top = torch.topk(logits, 9, dim=-1)
+    # positions whose top-9 logits lie 1e-4 apart or more: an order no float32 rounding of these |z| ≲ 30 logits
+    # (γ_64 ≈ 4e-6 relative per 64-term dot product, in another blocking) can change; most positions
+    apart = (top.values[..., :-1] - top.values[..., 1:]).min(-1).values > 1e-4
+    response = (batch["labels"] != -100) & apart
+    assert int(response.sum()) > 0.9 * int((batch["labels"] != -100).sum())
+    assert (max(map(len, rows.rows)) > 1) == (mode == "pack")  # examples per row
+    assert torch.equal(got["topk_ids"].long()[response], top.indices[..., :8][response])
 
 
 def test_an_sft_run_from_a_cache_of_hidden_states_is_the_online_run(assets, tmp_path, capsys):
@@ -282,3 +287,51 @@ def test_a_teacher_cache_of_other_rows_is_refused_before_any_model_loads(assets,
         assert len(err) == 1 and err[0].startswith("tailkd: error: --heldout-data is read by cache-teacher only with "
                                                    "--task sft"), err
     assert cache.read_meta(sft_cache)["corpus"]["fingerprint"] != cache.read_meta(text_cache)["corpus"]["fingerprint"]
+
+
+def test_cache_teacher_reads_sft_data_with_the_students_tokenizer_and_its_files_before_the_teacher(assets, tmp_path,
+                                                                                                    capsys):
+    """A run with --student DIR reads SFT data with the student's tokenizer, whose chat template may differ from the
+    teacher's (one vocabulary, so the tokenizers' fingerprints agree): a cache of the teacher's rendering is refused
+    before any model loads, the line naming `cache-teacher --tokenizer DIR`, and the cache written with it serves the
+    run. cache-teacher reads the SFT files (a bad line, an unknown built-in set) before the teacher loads, as distill
+    does, and refuses a --tokenizer whose vocabulary the teacher's extends."""
+    from tiny import make_tokenizer, no_model_loads
+
+    student = shutil.copytree(assets["teacher"], tmp_path / "student")
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    teachers, students = tmp_path / "teacher-rendering", tmp_path / "student-rendering"
+    _cache_sft(assets, teachers)
+    _cache_sft(assets, students, "--tokenizer", str(student))
+    assert json.loads((students / "cache.json").read_text())["corpus"]["settings"]["rendering"] == "chat"
+    capsys.readouterr()
+    run = sft_args(assets, tmp_path / "run", "--student", str(student), "--loss", "kd", "--k", "8", "--steps", "2")
+    at = run.index("--student-layers")
+    del run[at:at + 2]  # the student is loaded
+    with no_model_loads("the cache's rows were checked"):
+        assert main([*run, "--teacher-cache", str(teachers)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"(this run reads its SFT data with the student's tokenizer, whose chat "
+                                             f"template renders the prompts: cache-teacher --tokenizer {student})"), err
+    assert main([*run, "--teacher-cache", str(students)]) == 0
+    assert f"teacher signal: teacher cache {students}: kd: D_KL1 only" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(assets["pairs"].read_text().splitlines()[0] + '\n{"prompt": "x", \n')
+    narrower = shutil.copytree(assets["teacher"], tmp_path / "narrower")
+    make_tokenizer(290).save_pretrained(narrower)  # 290 of the teacher's 300 ids: its vocabulary extends this one
+    cases = [(["--data", str(bad)], f"tailkd: error: {bad}:2: not valid JSON"),
+             (["--data", "builtin:pydoc"], "tailkd: error: unknown built-in data 'builtin:pydoc'; the built-in SFT "
+                                           "sets are builtin:math, builtin:instruct"),
+             (["--data", str(assets["pairs"]), "--tokenizer", str(narrower)],
+              f"tailkd: error: --tokenizer {narrower}: the teacher's vocabulary extends its")]
+    with no_model_loads("the SFT files were read"):
+        for extra, start in cases:
+            assert main(["cache-teacher", "--task", "sft", "--teacher", str(assets["teacher"]), "--out",
+                         str(tmp_path / "never"), "--device", "cpu", *extra]) == 2, extra
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(start), (extra, err)
+    assert not (tmp_path / "never").exists()

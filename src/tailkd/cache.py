@@ -16,7 +16,7 @@ hidden             bf16/fp16/fp32       (``--hidden-states``) the teacher's fina
                                         training run re-applies ``head.safetensors`` -> exact teacher logits
 tail_ids           int32 [R, T, M]      (``--tail-samples M``) M ids drawn with replacement from the teacher's
 tail_logprobs      float32 [R, T, M]    renormalised tail p̃ = p/α^T (i ∉ 𝒦), and their true log p
-row_hash           int64 [R]            hash of each row's input ids (alignment check against PackedRows)
+row_hash           int64 [R]            hash of each row's input ids (alignment check against the run's rows)
 =================  ===================  ======================================================================
 
 A position where the teacher's logits have no softmax (NaN, or +inf: a NaN in its weights) has NaN log-probs, tail

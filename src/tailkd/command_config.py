@@ -312,6 +312,9 @@ class CacheOptions:
     seed: int = _f(0, "seed of the tail samples")
     ddp_timeout: int = _f(1800, "torchrun: seconds a rank waits in one collective for the others (a hung rank) "
                                 "before the run fails")
+    tokenizer: Optional[str] = _f(None, "model folder whose tokenizer reads the data, of the teacher's vocabulary: a "
+                                        "run with --student DIR reads its data with that student's (its chat "
+                                        "template renders SFT prompts): pass DIR (default: the teacher's)")
 
 
 @dataclass

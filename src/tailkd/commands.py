@@ -255,6 +255,11 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     from tailkd.vocab import check_labels, check_vocab
 
     c = cfg.cache
+    if cfg.data.task == "sft":  # every SFT file read before the teacher loads (minutes for a large one), as distill
+        from tailkd.sft import check_sft_files
+
+        check_sft_files(cfg.data, prompt_only=False)
+    data_tokenizer = dist.on_main_then_all(lambda: _cache_tokenizer(cfg)) if c.tokenizer else None
     if sharded:
         from tailkd.sharded_teacher import load_sharded_teacher, teacher_folder
 
@@ -264,6 +269,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     else:
         model, tokenizer = dist.on_main_then_all(
             lambda: models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype))
+    tokenizer = data_tokenizer or tokenizer
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(
         DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer, models.model_max_length(model),
         prompt_only=False))
@@ -292,6 +298,21 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
                             hidden_dtype=hidden["dtype"] if hidden else c.hidden_dtype,
                             tail_samples=c.tail_samples or 16))
     return meta
+
+
+def _cache_tokenizer(cfg: CacheTeacherConfig):
+    """``cache.tokenizer``'s tokenizer, read alone before the teacher loads: the tokenizer a run with ``--student
+    DIR`` reads its data with (its chat template renders SFT prompts), of the teacher's vocabulary
+    (`vocab.relation` "same"; a teacher cache holds the teacher's ids of one shared vocabulary), else a TailkdError."""
+    from tailkd import models
+    from tailkd.vocab import relation
+
+    tokenizer = models.read_tokenizer(cfg.cache.tokenizer)
+    if relation(models.read_tokenizer(cfg.teacher.path), tokenizer) != "same":
+        raise TailkdError(f"--tokenizer {cfg.cache.tokenizer}: the teacher's vocabulary extends its; a teacher cache "
+                          "holds one shared vocabulary (tailkd distill refuses a cache with such a student): use the "
+                          "online teacher")
+    return tokenizer
 
 
 # --------------------------------------------------------------------------- tailkd lm-eval

@@ -141,7 +141,7 @@ PATH_KEYS = frozenset({
     "data.chat_template", "loss.module", "train.out_dir", "eval.student", "eval.out", "generate.prompts",
     "analyze.teachers", "analyze.out", "compare.runs", "compare.baseline", "compare.out", "flops.teacher",
     "flops.student", "flops.reference", "flops.out", "lm_eval.model", "lm_eval.gsm_data", "lm_eval.work_dir",
-    "lm_eval.out", "cache.out", "select.reference", "select.out", "reproduce.out", "seqkd.out"})
+    "lm_eval.out", "cache.out", "cache.tokenizer", "select.reference", "select.out", "reproduce.out", "seqkd.out"})
 
 
 def expand_home(value):
@@ -315,7 +315,7 @@ class DataConfig:
                               "4.0, non-commercial); with distill --task sft a built-in set brings its own held-out "
                               "split (data.math_heldout, data.instruct_heldout), as a pretraining corpus "
                               "data.heldout_fraction of its documents are held out")
-    seq_len: int = _f(128, "tokens per packed training row")
+    seq_len: int = _f(128, "tokens per training row (packed text, or sft: one or more examples and padding)")
     heldout_fraction: float = _f(0.05, "fraction of documents held out for evaluation")
     doc_sep: str = _f("auto", "document separator in text files: auto, blank_line, line, file", choices=DOC_SEPS)
     eval_rows: int = _f(16, "held-out rows used for the periodic held-out KL/CLM evaluation")

@@ -79,7 +79,13 @@ def check_before_models(cfg: DistillConfig) -> None:
         tokenizer_fp = vocab_mod.tokenizer_fingerprint(tokenizer)
         reader.check_run(tokenizer_fingerprint=tokenizer_fp)  # its line first: the rows' digest would differ too
         corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg, tokenizer))
-        reader.check_run(corpus_fingerprint=corpus_fp)
+        try:
+            reader.check_run(corpus_fingerprint=corpus_fp)
+        except TailkdError as exc:
+            if cfg.data.task != "sft" or not cfg.student.path:
+                raise
+            raise TailkdError(f"{exc} (this run reads its SFT data with the student's tokenizer, whose chat template "
+                              f"renders the prompts: cache-teacher --tokenizer {cfg.student.path})") from None
 
 
 def data_tokenizer(cfg: DistillConfig):

@@ -617,13 +617,19 @@ def builtin_sft_files(name: str, data_cfg, cache_root: Path) -> tuple[Path, Path
         inst = default_instruct_dataset(cache_root, heldout=data_cfg.instruct_heldout,
                                         max_words=data_cfg.instruct_max_words)
         return inst.train, inst.heldout
-    raise TailkdError(f"unknown built-in data {name!r}; the built-in SFT sets are {', '.join(BUILTIN_SFT)}")
+    raise _unknown_builtin(name)
+
+
+def _unknown_builtin(name: str) -> TailkdError:
+    return TailkdError(f"unknown built-in data {name!r}; the built-in SFT sets are {', '.join(BUILTIN_SFT)}")
 
 
 def check_sft_files(data_cfg, *, prompt_only: bool) -> None:
     """Read the JSONL files of an SFT run's ``data.paths`` and ``data.heldout_paths`` as `setup_sft_rows` reads them
     (the built-in sets are tailkd's own), so that a bad line is refused, naming file and line, before any model loads;
-    ``prompt_only`` as there."""
+    ``prompt_only`` as there; a built-in name that is not one of them is refused as there."""
+    if unknown := [p for p in map(str, data_cfg.paths) if p.startswith("builtin:") and p not in BUILTIN_SFT]:
+        raise _unknown_builtin(unknown[0])
     paths = [Path(p) for p in data_cfg.paths if not str(p).startswith("builtin:")]
     if paths:
         read_sft_examples(paths, references_optional=prompt_only, hint="" if prompt_only else PROMPTS_ALONE_HINT)
