@@ -162,7 +162,7 @@ def test_cache_that_does_not_match_the_run_is_refused_before_the_run_starts(asse
         (("--teacher-cache", str(caches["topk"]), "--loss", "rkl"), "does not hold; rebuild it with --hidden-states"),
         (("--teacher-cache", str(caches["topk"]), "--k", "8", "--data.heldout_fraction", "0.2"), "its corpus is"),
         (("--teacher-cache", str(tmp_path / "nowhere")), "is not a teacher cache"),
-        (("--teacher-cache", str(caches["topk"]), "--task", "sft"), "drop --teacher.cache"),
+        (("--teacher-cache", str(caches["topk"]), "--task", "sft", "--train.on_policy", "0.5"), "drop --teacher.cache"),
         (("--fused-loss", "on", "--loss", "dkd", "--teacher-cache", str(caches["topk"])), "rebuild it with --hidden"),
         (("--fused-loss", "sometimes",), "must be auto, on or off"),
     ]
