@@ -327,6 +327,10 @@ class CacheTeacherConfig:
     cache: CacheOptions = field(default_factory=CacheOptions)
 
     OMIT: ClassVar[tuple[str, ...]] = ("teacher.cache", "data.eval_rows")
+    HELP: ClassVar[dict[str, str]] = {
+        "data.heldout_paths": "sft: held-out JSONL files, as distill reads them (training examples sharing their "
+                              "prompts are dropped; --split heldout caches them); not with task pretrain, whose "
+                              "held-out split is the corpus's own fraction"}
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", **DATA_ALIASES,
                                          **_aliases("cache", CacheOptions)}
 
