@@ -1067,7 +1067,11 @@ def test_cache_teacher_split_caches_the_rows_of_that_split(tmp_path, monkeypatch
 def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_made(tmp_path, capsys, monkeypatch):
     """A cache of the first rows only (cache-teacher --max-rows) failed at the first step that drew a row past them
     ('row i is not in teacher cache'), after the run folder and its config.yaml were made: the same command again
-    then needed --overwrite. Now refused when the cache is opened, one line, exit 2, no run folder."""
+    then needed --overwrite. Now refused when the cache is opened, one line, exit 2, no run folder. What the line
+    says then works: rerunning cache-teacher with --max-rows 0 on that folder is refused (a cache of other settings,
+    the line saying to delete it), deleted first it writes every row and the run trains."""
+    import shutil
+
     from tiny import make_teacher_dir
 
     from tailkd.cli import main
@@ -1079,14 +1083,26 @@ def test_a_run_on_a_cache_of_part_of_its_rows_is_refused_before_its_folder_is_ma
                  "--out", str(tmp_path / "part"), "--max-rows", "2", "--device", "cpu"]) == 0
     capsys.readouterr()
     run = tmp_path / "run"
-    assert main(["distill", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--batch-size", "2",
-                 "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
-                 str(tmp_path / "part"), "--student-layers", "1", "--out", str(run)]) == 2
+    distill = ["distill", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--batch-size", "2",
+               "--steps", "1", "--train.precision", "fp32", "--loss", "tad", "--k", "4", "--teacher-cache",
+               str(tmp_path / "part"), "--student-layers", "1", "--out", str(run)]
+    assert main(distill) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert re.fullmatch(rf"tailkd: error: teacher cache {re.escape(str(tmp_path / 'part'))} holds 2 of the run's "
-                        r"\d+ training rows \(cache-teacher --max-rows\): a run reads every training row; cache them "
-                        r"all \(tailkd cache-teacher --max-rows 0\)", err[-1]), err
+    part = re.escape(str(tmp_path / "part"))
+    assert re.fullmatch(rf"tailkd: error: teacher cache {part} holds 2 of the run's \d+ training rows "
+                        r"\(cache-teacher --max-rows\): a run reads every training row; cache them all: delete "
+                        rf"{part} \(or choose another --out\) and run tailkd cache-teacher with --max-rows 0",
+                        err[-1]), err
     assert not any("Traceback" in line for line in err) and not run.exists()
+    whole = ["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "16", "--k", "4", "--out",
+             str(tmp_path / "part"), "--max-rows", "0", "--device", "cpu"]
+    assert main(whole) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"tailkd: error: {part} holds a teacher cache written with other settings \(num_rows: 2 vs "
+                        rf"\d+\); resume with the same arguments, or delete {part} \(or choose another --out\) to "
+                        r"write this one", err[-1]), err
+    shutil.rmtree(tmp_path / "part")
+    assert main(whole) == 0 and main(distill) == 0
 
 
 def test_a_cache_that_cannot_serve_the_run_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):

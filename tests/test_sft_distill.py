@@ -251,15 +251,17 @@ def test_an_sft_run_from_a_cache_of_hidden_states_is_the_online_run(assets, tmp_
 
 def test_a_teacher_cache_of_other_rows_is_refused_before_any_model_loads(assets, tmp_path, capsys):
     """The cache's rows against the run's before any model loads (`prepare.train_corpus_fingerprint`: the SFT files
-    tokenised): another held-out split, packing, another file, or a cache of packed text for an SFT run and of SFT
-    rows for a pretraining run — one line each, exit 2, no run folder. cache-teacher reads --heldout-data only with
-    --task sft (a pretraining corpus's rows do not depend on it)."""
+    tokenised): another held-out split, split seed, file, or (named: their digests differ too) packing, a cache of
+    packed text for an SFT run and of SFT rows for a pretraining run, a held-out cache — one line each, exit 2, no run
+    folder. cache-teacher reads --heldout-data only with --task sft (a pretraining corpus's rows do not depend on
+    it)."""
     from tiny import no_model_loads
 
     from tailkd import cache
 
-    sft_cache, text_cache = tmp_path / "sft", tmp_path / "text"
+    sft_cache, text_cache, held_cache = tmp_path / "sft", tmp_path / "text", tmp_path / "held"
     _cache_sft(assets, sft_cache)
+    _cache_sft(assets, held_cache, "--split", "heldout")
     assert main(["cache-teacher", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
                  "--data.cache_dir", str(assets["cache"]), "--seq-len", "96", "--k", "8", "--out", str(text_cache),
                  "--device", "cpu"]) == 0
@@ -267,19 +269,29 @@ def test_a_teacher_cache_of_other_rows_is_refused_before_any_model_loads(assets,
     other.write_text("".join(line + "\n" for line in assets["pairs"].read_text().splitlines()[:-1]))
     capsys.readouterr()
     run = tmp_path / "run"
-    cases = [(["--data.heldout_fraction", "0.3", "--teacher-cache", str(sft_cache)], sft_cache),
-             (["--data.sft_mode", "pack", "--teacher-cache", str(sft_cache)], sft_cache),
-             (["--data", str(other), "--teacher-cache", str(sft_cache)], sft_cache),
-             (["--teacher-cache", str(text_cache)], text_cache),
-             (["--task", "pretrain", "--data", str(assets["corpus"]), "--teacher-cache", str(sft_cache)], sft_cache)]
+    digests = (r"does not match this run: its corpus is [0-9a-f]{12}, the run's is [0-9a-f]{12}; rebuild it with "
+               r"tailkd cache-teacher for this run's teacher, data and --seq-len")
+    cases = [(["--data.heldout_fraction", "0.3", "--teacher-cache", str(sft_cache)], sft_cache, digests),
+             (["--data.split_seed", "3", "--teacher-cache", str(sft_cache)], sft_cache, digests),
+             (["--data", str(other), "--teacher-cache", str(sft_cache)], sft_cache, digests),
+             (["--data.sft_mode", "pack", "--teacher-cache", str(sft_cache)], sft_cache,
+              r"holds SFT rows of --data.sft_mode pad, the run's are pack: rebuild it with tailkd cache-teacher "
+              r"--data.sft_mode pack, or run with --data.sft_mode pad"),
+             (["--teacher-cache", str(text_cache)], text_cache,
+              r"holds packed text rows, this run trains on SFT rows \(cache-teacher --task sft\): rebuild it with "
+              r"tailkd cache-teacher --task sft, or run with --task pretrain"),
+             (["--task", "pretrain", "--data", str(assets["corpus"]), "--teacher-cache", str(sft_cache)], sft_cache,
+              r"holds SFT rows \(cache-teacher --task sft\), this run trains on packed text rows: rebuild it with "
+              r"tailkd cache-teacher --task pretrain, or run with --task sft"),
+             (["--teacher-cache", str(held_cache)], held_cache,
+              r"does not match this run: its split is 'heldout', the run's is 'train'; a run reads the train rows: "
+              r"rebuild it with tailkd cache-teacher --split train")]
     with no_model_loads("the cache's rows were checked"):
-        for extra, used in cases:
+        for extra, used, line in cases:
             assert main(sft_args(assets, run, "--loss", "kd", "--k", "8", "--steps", "1", *extra)) == 2, extra
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and re.fullmatch(
-                rf"tailkd: error: teacher cache {re.escape(str(used))} does not match this run: its corpus is "
-                r"[0-9a-f]{12}, the run's is [0-9a-f]{12}; rebuild it with tailkd cache-teacher for this run's "
-                r"teacher, data and --seq-len", err[0]), (extra, err)
+                rf"tailkd: error: teacher cache {re.escape(str(used))} {line}", err[0]), (extra, err)
             assert not run.exists()
         assert main(["cache-teacher", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]),
                      "--heldout-data", str(assets["corpus"]), "--out", str(tmp_path / "x")]) == 2
@@ -314,10 +326,19 @@ def test_cache_teacher_reads_sft_data_with_the_students_tokenizer_and_its_files_
     with no_model_loads("the cache's rows were checked"):
         assert main([*run, "--teacher-cache", str(teachers)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].endswith(f"(this run reads its SFT data with the student's tokenizer, whose chat "
-                                             f"template renders the prompts: cache-teacher --tokenizer {student})"), err
+    assert len(err) == 1 and err[0].endswith(f"(this run reads its SFT data with the student's tokenizer, whose "
+                                             f"chat template is not the teacher's: cache-teacher --tokenizer "
+                                             f"{student})"), err
     assert main([*run, "--teacher-cache", str(students)]) == 0
     assert f"teacher signal: teacher cache {students}: kd: D_KL1 only" in capsys.readouterr().out
+    # a student of the teacher's own template: rows that differ otherwise are not put down to the tokenizer
+    same = shutil.copytree(assets["teacher"], tmp_path / "same-template")
+    run[run.index(str(student))] = str(same)
+    run[run.index(str(tmp_path / "run"))] = str(tmp_path / "run-same")
+    with no_model_loads("the cache's rows were checked"):
+        assert main([*run, "--data.heldout_fraction", "0.3", "--teacher-cache", str(teachers)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its corpus is" in err[0] and "--tokenizer" not in err[0], err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(assets["pairs"].read_text().splitlines()[0] + '\n{"prompt": "x", \n')
@@ -327,7 +348,8 @@ def test_cache_teacher_reads_sft_data_with_the_students_tokenizer_and_its_files_
              (["--data", "builtin:pydoc"], "tailkd: error: unknown built-in data 'builtin:pydoc'; the built-in SFT "
                                            "sets are builtin:math, builtin:instruct"),
              (["--data", str(assets["pairs"]), "--tokenizer", str(narrower)],
-              f"tailkd: error: --tokenizer {narrower}: the teacher's vocabulary extends its")]
+              f"tailkd: error: --tokenizer {narrower} does not have the teacher's vocabulary; a teacher cache "
+              "holds one shared vocabulary: pass the folder of the student you give tailkd distill --student")]
     with no_model_loads("the SFT files were read"):
         for extra, start in cases:
             assert main(["cache-teacher", "--task", "sft", "--teacher", str(assets["teacher"]), "--out",

@@ -445,7 +445,7 @@ def claim_cache_dir(out: Path, meta: dict, head=None) -> None:
                               "run this command again, or choose another --out")
         if diff:
             raise TailkdError(f"{out} holds a teacher cache written with other settings ({diff}); resume with the "
-                              "same arguments, or choose another --out")
+                              f"same arguments, or delete {out} (or choose another --out) to write this one")
     else:
         check_cache_out(out)  # (CacheTeacherConfig.validate checks it first, before the teacher loads)
     try:
@@ -518,8 +518,8 @@ class CacheReader:
         self.num_rows = int(m["num_rows"])
         if rows is not None and self.num_rows < rows:  # refused now, not at the first step that draws such a row
             raise TailkdError(f"teacher cache {self.path} holds {self.num_rows} of the run's {rows} training rows "
-                              "(cache-teacher --max-rows): a run reads every training row; cache them all (tailkd "
-                              "cache-teacher --max-rows 0)")
+                              "(cache-teacher --max-rows): a run reads every training row; cache them all: delete "
+                              f"{self.path} (or choose another --out) and run tailkd cache-teacher with --max-rows 0")
         self.rows_per_shard = int(m["rows_per_shard"])
         self._verified: set[int] = set()
         missing = [_shard_name(i) for i in range(int(m["num_shards"])) if not (self.path / _shard_name(i)).is_file()]
@@ -534,6 +534,8 @@ class CacheReader:
         checks what needs no model before any loads, the same way (`tailkd.prepare.check_before_models`)."""
         m = self.meta
         rebuild = "rebuild it with tailkd cache-teacher for this run's teacher, data and --seq-len"
+        if split is not None and split != m["corpus"]["split"]:
+            rebuild = f"a run reads the {split} rows: rebuild it with tailkd cache-teacher --split {split}"
         checks = [("tokenizer", tokenizer_fingerprint, m["tokenizer_fingerprint"]),
                   ("corpus", corpus_fingerprint, m["corpus"]["fingerprint"]),
                   ("split", split, m["corpus"]["split"]), ("seq_len", seq_len, m["corpus"]["seq_len"]),
@@ -544,6 +546,21 @@ class CacheReader:
                 show = (lambda v: str(v)[:12]) if isinstance(cached, str) and len(str(cached)) > 20 else repr
                 raise TailkdError(f"teacher cache {self.path} does not match this run: its {what} is {show(cached)}, "
                                   f"the run's is {show(run_value)}; {rebuild}")
+
+    def check_rows_kind(self, task: str, sft_mode: str) -> None:
+        """A one-line TailkdError where the cache's rows are of another kind than the run's, named (their digests
+        would only differ): SFT rows (``corpus.settings.task``, cache-teacher --task sft) or packed text, and SFT rows'
+        ``sft_mode``."""
+        settings = self.meta["corpus"].get("settings") or {}
+        cached = "sft" if settings.get("task") == "sft" else "pretrain"
+        kind = {"sft": "SFT rows (cache-teacher --task sft)", "pretrain": "packed text rows"}
+        if cached != task:
+            raise TailkdError(f"teacher cache {self.path} holds {kind[cached]}, this run trains on {kind[task]}: "
+                              f"rebuild it with tailkd cache-teacher --task {task}, or run with --task {cached}")
+        if cached == "sft" and settings.get("sft_mode", sft_mode) != sft_mode:
+            raise TailkdError(f"teacher cache {self.path} holds SFT rows of --data.sft_mode {settings['sft_mode']}, "
+                              f"the run's are {sft_mode}: rebuild it with tailkd cache-teacher --data.sft_mode "
+                              f"{sft_mode}, or run with --data.sft_mode {settings['sft_mode']}")
 
     def _unfinished(self, missing: list[str]) -> TailkdError:
         more = f" and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""
@@ -602,7 +619,8 @@ class CacheReader:
         for i in indices:
             if not 0 <= i < self.num_rows:
                 raise TailkdError(f"row {i} is not in teacher cache {self.path} ({self.num_rows} rows cached): a run "
-                                  "reads every training row; cache them all (tailkd cache-teacher --max-rows 0)")
+                                  f"reads every training row; cache them all: delete {self.path} (or choose another "
+                                  "--out) and run tailkd cache-teacher with --max-rows 0")
         out: dict[str, list] = {}
         by_shard: dict[int, list[int]] = {}
         for pos, i in enumerate(indices):

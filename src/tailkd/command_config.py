@@ -304,7 +304,8 @@ class CacheOptions:
     tail_samples: int = _f(0, "M tail tokens sampled per position (0: none)")
     split: str = _f("train", "which rows to cache: the training rows (what distill reads), or the held-out ones (of "
                              "packed text: the corpus's own held-out fraction, never --heldout-data files; of SFT "
-                             "data: the held-out examples, --heldout-data's where given)", choices=CACHE_SPLITS)
+                             "data: the held-out examples, --heldout-data's where given; distill reads none: a "
+                             "held-out cache is for the Python API, tailkd.cache.CacheReader)", choices=CACHE_SPLITS)
     batch_size: int = _f(8, "rows per teacher forward")
     rows_per_shard: Optional[int] = _f(None, "rows per shard (default: ~256 MiB shards)")
     max_rows: int = _f(0, "cache only the first N rows (0: all)")

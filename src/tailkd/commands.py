@@ -308,10 +308,14 @@ def _cache_tokenizer(cfg: CacheTeacherConfig):
     from tailkd.vocab import relation
 
     tokenizer = models.read_tokenizer(cfg.cache.tokenizer)
-    if relation(models.read_tokenizer(cfg.teacher.path), tokenizer) != "same":
-        raise TailkdError(f"--tokenizer {cfg.cache.tokenizer}: the teacher's vocabulary extends its; a teacher cache "
-                          "holds one shared vocabulary (tailkd distill refuses a cache with such a student): use the "
-                          "online teacher")
+    try:
+        same = relation(models.read_tokenizer(cfg.teacher.path), tokenizer) == "same"
+    except TailkdError:  # its line advises a distill run
+        same = False
+    if not same:
+        raise TailkdError(f"--tokenizer {cfg.cache.tokenizer} does not have the teacher's vocabulary; a teacher cache "
+                          "holds one shared vocabulary: pass the folder of the student you give tailkd distill "
+                          "--student (one vocabulary with the teacher's), or use the online teacher")
     return tokenizer
 
 

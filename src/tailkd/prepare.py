@@ -76,16 +76,17 @@ def check_before_models(cfg: DistillConfig) -> None:
     # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
     tokenizer = dist.on_main_then_all(lambda: data_tokenizer(cfg))
     if reader is not None:
-        tokenizer_fp = vocab_mod.tokenizer_fingerprint(tokenizer)
-        reader.check_run(tokenizer_fingerprint=tokenizer_fp)  # its line first: the rows' digest would differ too
+        reader.check_rows_kind(cfg.data.task, cfg.data.sft_mode)  # these lines first: the rows' digests differ too
+        reader.check_run(tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer))
         corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg, tokenizer))
         try:
             reader.check_run(corpus_fingerprint=corpus_fp)
         except TailkdError as exc:
-            if cfg.data.task != "sft" or not cfg.student.path:
+            if cfg.data.task != "sft" or not cfg.student.path or \
+                    models.read_tokenizer(cfg.teacher.path).chat_template == tokenizer.chat_template:
                 raise
             raise TailkdError(f"{exc} (this run reads its SFT data with the student's tokenizer, whose chat template "
-                              f"renders the prompts: cache-teacher --tokenizer {cfg.student.path})") from None
+                              f"is not the teacher's: cache-teacher --tokenizer {cfg.student.path})") from None
 
 
 def data_tokenizer(cfg: DistillConfig):
