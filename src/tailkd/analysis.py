@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from tailkd.data import model_inputs
 from tailkd.errors import TailkdError
 from tailkd.evaluate import IGNORE_INDEX, _chunks, forward_logits, refuse_broken
 
@@ -70,7 +71,8 @@ def teacher_statistics(teacher, batches: Iterable[dict], vocab_size: int, *, kma
         mask = labels != IGNORE_INDEX  # (B, T)
         if not bool(mask.any()):
             continue
-        logits = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
+        logits = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype,
+                                **model_inputs(batch, device))
         logits, y = logits[mask], labels[mask]  # (N, V), (N,)
         broken = 0.0  # positions whose logits have no softmax (NaN / +inf): every statistic would be NaN
         for sl in _chunks(y.numel(), logits.shape[-1]):

@@ -55,6 +55,7 @@ from safetensors.torch import load_file
 from tailkd import jsonfile
 from tailkd.checkpoint import atomic_write_file, atomic_write_text, left_by_dead_writer, save_safetensors
 from tailkd.command_config import check_cache_out
+from tailkd.data import model_inputs
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.fused import default_chunk_size
@@ -227,11 +228,11 @@ def sample_tail(t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, m: int, g
 
 
 @torch.no_grad()
-def _teacher_forward(model, input_ids: torch.Tensor, autocast_dtype=None) -> torch.Tensor:
+def _teacher_forward(model, input_ids: torch.Tensor, autocast_dtype=None, **extra) -> torch.Tensor:
     """The teacher's final hidden states [R, T, d] of rows ``input_ids`` [R, T]: its one forward (a collective for
-    a sharded teacher)."""
+    a sharded teacher); ``extra``: the rows' `tailkd.documents.model_inputs`."""
     with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return final_hidden(model, input_ids)
+        return final_hidden(model, input_ids, **extra)
 
 
 @torch.no_grad()
@@ -359,8 +360,9 @@ def write_cache(model, tokenizer, rows, out_dir, *, k: int = 64, corpus: dict, t
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # per shard: resumed equals fresh
                 parts = []
                 for start in range(a, b, batch_size):
-                    ids = collate([rows[j] for j in range(start, min(start + batch_size, b))])["input_ids"]
-                    hidden = _teacher_forward(model, ids.to(dev), autocast_dtype)
+                    batch = collate([rows[j] for j in range(start, min(start + batch_size, b))])
+                    ids = batch["input_ids"]
+                    hidden = _teacher_forward(model, ids.to(dev), autocast_dtype, **model_inputs(batch, dev))
                     done += 1
                     part = _teacher_rows(hidden, head, k=k, tail_samples=tail_samples, generator=gen, chunk=chunk,
                                          want_hidden=hidden_states)
@@ -547,10 +549,11 @@ class CacheReader:
                 raise TailkdError(f"teacher cache {self.path} does not match this run: its {what} is {show(cached)}, "
                                   f"the run's is {show(run_value)}; {rebuild}")
 
-    def check_rows_kind(self, task: str, sft_mode: str) -> None:
+    def check_rows_kind(self, task: str, sft_mode: str, document_attention: bool = False) -> None:
         """A one-line TailkdError where the cache's rows are of another kind than the run's, named (their digests
-        would only differ): SFT rows (``corpus.settings.task``, cache-teacher --task sft) or packed text, and SFT rows'
-        ``sft_mode``."""
+        would only differ): SFT rows (``corpus.settings.task``, cache-teacher --task sft) or packed text, SFT rows'
+        ``sft_mode``, and whether the teacher read each packed document alone (``document_attention``: the run's
+        `tailkd.documents.restarts_positions`; ``corpus.settings.document_attention``, absent in older caches)."""
         settings = self.meta["corpus"].get("settings") or {}
         cached = "sft" if settings.get("task") == "sft" else "pretrain"
         kind = {"sft": "SFT rows (cache-teacher --task sft)", "pretrain": "packed text rows"}
@@ -561,6 +564,13 @@ class CacheReader:
             raise TailkdError(f"teacher cache {self.path} holds SFT rows of --data.sft_mode {settings['sft_mode']}, "
                               f"the run's are {sft_mode}: rebuild it with tailkd cache-teacher --data.sft_mode "
                               f"{sft_mode}, or run with --data.sft_mode {settings['sft_mode']}")
+        apart = bool(settings.get("document_attention", False))
+        if apart != bool(document_attention):
+            how = {True: "each packed document alone", False: "the documents of a row together"}
+            raise TailkdError(f"teacher cache {self.path} holds the teacher's outputs over {how[apart]}, this run "
+                              f"reads {how[bool(document_attention)]}: rebuild it with tailkd cache-teacher "
+                              f"--data.document_attention {str(not apart).lower()}, or run with "
+                              f"--data.document_attention {str(apart).lower()}")
 
     def _unfinished(self, missing: list[str]) -> TailkdError:
         more = f" and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""

@@ -6,6 +6,8 @@ the indices kept, `largest` is the one rule they share (`kept_heads` its form fo
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from tailkd.calibration import experts_module, norm_modules
@@ -213,3 +215,42 @@ def calibrated_experts(t: Dims, s: Dims, chosen: list[int], counts: dict | None)
                           "experts=used has nothing to count; drop it")
     kept = {i: largest(counts[i], s.experts, t.expert_groups) for i in routed}
     return kept, {i: round(float(counts[i][k].sum()) / max(1, int(counts[i].sum())), 6) for i, k in kept.items()}
+
+
+def calibrated_choice_lines(table: list[dict], rows: int) -> list[str]:
+    """The run log's line for each calibrated choice a student built from the teacher was made with, read from its
+    table (`tailkd.student.build_student`: the keys it adds per tensor)."""
+    lines = []
+
+    def per_layer(key: str, by: str = "name") -> dict:  # {layer index in row[by]: row[key]} of the rows holding key
+        return {int(re.search(r"\.(\d+)\.", row[by]).group(1)): row[key] for row in table if key in row and row[by]}
+
+    def span(shares: dict) -> str:
+        return f"{100 * min(shares.values()):.1f}%-{100 * max(shares.values()):.1f}%"
+
+    if influence := per_layer("block_influence", by="source"):  # per teacher layer
+        lines.append(f"layers kept by influence (student.layer_choice influence, student.calibration_rows {rows}): "
+                     f"teacher layers {' '.join(map(str, sorted(influence)))}, their Block Influence "
+                     f"{min(influence.values()):.4f}-{max(influence.values()):.4f}")
+    if channels := next((row for row in table if "channel_share" in row), None):
+        lines.append(f"hidden channels kept by activity (student.hidden_channels active, student.calibration_rows "
+                     f"{rows}): {channels['channels'].split(',')[0]}, {100 * channels['channel_share']:.1f}% of the "
+                     "mean |output| of the teacher's norms")
+    if heads := per_layer("head_share"):  # per student layer
+        lines.append(f"attention heads kept by importance (student.attention_heads active, student.calibration_rows "
+                     f"{rows}): {span(heads)} of the teacher's head output norm in each of the {len(heads)} attention "
+                     "layers")
+    if ssm := per_layer("ssm_head_share"):
+        mamba1 = any(".x_proj." in row["name"] for row in table if "ssm_heads" in row)  # Jamba's: channels
+        what = ("Mamba-1 channels", "channel output |value|", "Mamba-1") if mamba1 else (
+            "Mamba-2 heads", "head output norm", "Mamba-2")
+        lines.append(f"{what[0]} kept by importance (student.ssm_head_choice active, student.calibration_rows {rows}): "
+                     f"{span(ssm)} of the teacher's {what[1]} in each of the {len(ssm)} {what[2]} layers")
+    if active := per_layer("active_share"):
+        lines.append(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows {rows}): "
+                     f"{span(active)} of the teacher's mean |activation| in each of the {len(active)} layers")
+    if shares := per_layer("routed_share"):
+        lines.append(f"experts kept by use (student.experts used, student.calibration_rows {rows}): {span(shares)} "
+                     f"of the teacher's routings in each of the {len(shares)} routed layers went to them "
+                     "(student_init.json lists them)")
+    return lines

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import torch
 
+from tailkd.data import model_inputs
 from tailkd.errors import TailkdError
 from tailkd.families import Family
 from tailkd.head import decoder_forward
@@ -133,7 +134,7 @@ def _forward(teacher, batches, real: dict, handles: list, measure: str = "") -> 
             real["rows"] = batch["input_ids"].numel()
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             decoder_forward(teacher, batch["input_ids"].to(device), needs="a calibration pass over a teacher "
-                            "sharded with FSDP2 needs: use --teacher.parallel replicate")
+                            "sharded with FSDP2 needs: use --teacher.parallel replicate", **model_inputs(batch, device))
     finally:
         for handle in handles:
             handle.remove()

@@ -62,10 +62,11 @@ DATA_ALIASES = {"data": "data.paths", "seq-len": "data.seq_len", "cache-dir": "d
 # data.* leaves that only shape SFT rows (prompt/response): omitted where a command reads packed text only.
 SFT_ONLY = ("data.task", "data.sft_mode", "data.chat_template", "data.overlong", "data.split_seed",
             "data.instruct_heldout", "data.instruct_max_words")
-# The SFT leaves and data.heldout_paths (--heldout-data, held-out files for pretraining and SFT alike): omitted
-# (no flag; an unknown key in YAML) where a command reads the training corpus only: lm-eval's held-out split is that
-# corpus's own held-out fraction, and select-data scores every document of it.
-CORPUS_ONLY = (*SFT_ONLY, "data.heldout_paths")
+# The SFT leaves, data.heldout_paths (--heldout-data, held-out files for pretraining and SFT alike) and
+# data.document_attention (how packed rows attend): omitted (no flag; an unknown key in YAML) where a command reads
+# the training corpus's documents only: lm-eval's held-out split is that corpus's own held-out fraction, and
+# select-data scores every document of it on its own.
+CORPUS_ONLY = (*SFT_ONLY, "data.heldout_paths", "data.document_attention")
 
 
 def _aliases(section: str, cls, *names: str) -> dict[str, str]:
@@ -604,6 +605,7 @@ class SeqkdDataConfig:
     OMIT: ClassVar[tuple[str, ...]] = (
         "teacher.cache", "teacher.parallel", "data.seq_len", "data.heldout_fraction", "data.doc_sep", "data.eval_rows",
         "data.cache_dir", "data.task", "data.heldout_paths", "data.doc_eos", "data.sft_mode", "data.overlong",
+        "data.document_attention",
         "data.split_seed", "data.math_train", "data.math_heldout", "data.instruct_heldout", "data.instruct_max_words")
     ALIASES: ClassVar[dict[str, str]] = {"teacher": "teacher.path", "dtype": "teacher.dtype", "data": "data.paths",
                                          **_aliases("seqkd", SeqkdOptions)}

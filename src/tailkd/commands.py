@@ -38,6 +38,7 @@ from tailkd.command_config import (
 )
 from tailkd.config import DataConfig, DistillConfig
 from tailkd.data import IGNORE_INDEX
+from tailkd.documents import check_models, restarts_positions
 from tailkd.errors import TailkdError
 
 # --------------------------------------------------------------------------- rows, as tailkd distill builds them
@@ -127,6 +128,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         result.update(mode="generate", **generation_data(cfg), **metrics)
     else:
         model_max = models.model_max_length(s_model, t_model)
+        check_models(cfg.data, student=s_model, teacher=t_model)  # packed documents kept apart, where asked
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
                          model_max=model_max)
         check_labels(vocab, s_tok, {SPLIT_WORDS[cfg.eval.split]: rows})
@@ -206,6 +208,7 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
         vocab = check_vocab(tok, tok, model, model)  # max token id + 1 (fewer for a pruned head: the ids it scores)
         check_kmax(vocab, spec)
+        check_models(cfg.data, teacher=model)
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
         check_labels(vocab, tok, {SPLIT_WORDS[a.split]: rows})
@@ -270,6 +273,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
         model, tokenizer = dist.on_main_then_all(
             lambda: models.load_teacher(cfg.teacher.path, device=dev, dtype=cfg.teacher.dtype))
     tokenizer = data_tokenizer or tokenizer
+    check_models(cfg.data, teacher=model)  # packed documents kept apart (data.document_attention): a collective
     info, train_rows, held_rows = dist.on_main_then_all(lambda: setup_data(
         DistillConfig(teacher=cfg.teacher, data=cfg.data), tokenizer, models.model_max_length(model),
         prompt_only=False))
@@ -277,6 +281,8 @@ def _cache_teacher(cfg: CacheTeacherConfig, dev, sharded: bool, log) -> dict:
     settings = {"task": "sft", "sft_mode": cfg.data.sft_mode, "rendering": info["rendering"]} \
         if cfg.data.task == "sft" else {"doc_sep": cfg.data.doc_sep, "heldout_fraction": cfg.data.heldout_fraction,
                                         "doc_eos": cfg.data.doc_eos}
+    if restarts_positions(cfg.data):  # the teacher read each document alone (absent: across its row, as before)
+        settings["document_attention"] = True
     corpus = {"fingerprint": rows_fingerprint(info, rows), "split": c.split,
               "eos_id": getattr(info, "eos_id", tokenizer.eos_token_id), "settings": settings}
     ac = models.teacher_autocast_dtype(cfg.teacher.dtype, dev)

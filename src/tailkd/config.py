@@ -329,6 +329,10 @@ class DataConfig:
     doc_eos: bool = _f(True, "pretrain: EOS after each document (boundaries in packed rows, for "
                              "--loss.per_document); false: one continuous token stream, each row one segment")
     sft_mode: str = _f("pad", "sft: pad (one example per row) or pack (several examples per row)", choices=SFT_MODES)
+    document_attention: bool = _f(False, "packed rows: each document (pretrain: text up to its EOS; sft pack: an "
+                                         "example) attends to itself alone, its positions restarting at 0 "
+                                         "(transformers' packed-sequence masking, as TRL's padding_free); false: "
+                                         "to the earlier documents of its row too")
     chat_template: str = _f("auto", "sft: auto (the tokenizer's template, plain pairs if none), none, or a "
                                     ".jinja file")
     overlong: str = _f("truncate", "sft: examples longer than seq_len are truncated (their END is cut: "
@@ -652,12 +656,18 @@ def check_data(cfg) -> None:
     """The data section's built-in set settings, for every command that has one (distill and the commands of
     `tailkd.command_config`): their sizes at least 1 (instruct_max_words at least 0: 0 keeps all) and, where the
     command reads ``data.task``, no built-in set the task cannot read (`DataConfig.check_builtin_paths`; lm-eval,
-    which omits it, must accept the data section of an sft run) — before any model loads."""
+    which omits it, must accept the data section of an sft run) and, where it reads ``data.document_attention``,
+    document boundaries to keep apart (``data.doc_eos``) — before any model loads."""
     for key in ("data.math_train", "data.math_heldout"):
         check_at_least(cfg, key, 1)
     check_at_least(cfg, "data.instruct_max_words", 0, " (0: all)")
     if "data.task" not in getattr(cfg, "OMIT", ()):
         cfg.data.check_builtin_paths()
+    d = cfg.data
+    if "data.document_attention" not in getattr(cfg, "OMIT", ()) and d.document_attention and not d.doc_eos \
+            and d.task != "sft":
+        raise TailkdError("data.document_attention needs the documents' boundaries, and data.doc_eos false removes "
+                          "them (one continuous token stream); drop one of the two")
 
 
 def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:

@@ -16,8 +16,10 @@ A row with T = 5 (rows overlap by one token so that every position has a next-to
     labels       b  c  E  d  e                         tokens[1:6]   (-100 would mean "ignore")
     segment_ids  0  0  0  0  1                         +1 right AFTER each EOS: the EOS closes its document
 
-No position ids: none are passed to the model, which numbers a row's positions 0..T-1 itself (no
-per-document reset).
+By default no position ids: none are passed to the model, which numbers a row's positions 0..T-1 itself (no
+per-document reset). With ``data.document_attention`` (`tailkd.documents`) packed rows also carry ``position_ids``
+(`document_positions`: 0 1 2 3 0 above), which every forward over rows passes (`model_inputs`): each document
+then attends to itself alone.
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ class PackedRows(Dataset):
 
     ``eos_id`` defaults to the one in the ``meta.json`` next to ``bin_path``; ``None`` there (a corpus
     prepared with ``append_eos=False``) makes every row one segment. ``what`` names the data in the refusal of a file
-    shorter than one row (else the file).
+    shorter than one row (else the file). ``restart_positions`` (``data.document_attention``; set after
+    construction, as `tailkd.prepare.setup_data` does): rows also carry ``position_ids`` that restart at each
+    document (`tailkd.documents`).
     """
+
+    restart_positions = False
 
     def __init__(self, bin_path: Path, seq_len: int, *, eos_id: int | None | str = "meta", what: str = ""):
         self.path = Path(bin_path)
@@ -136,7 +142,10 @@ class PackedRows(Dataset):
         else:
             is_eos = (input_ids == self.eos_id).long()
             segment_ids = torch.cumsum(is_eos, 0) - is_eos  # EOS ends its document; the next token starts a new one
-        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+        row = {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+        if self.restart_positions:
+            row["position_ids"] = document_positions(segment_ids)
+        return row
 
     def max_label(self) -> int:
         """The largest label of the rows: of tokens 1..num_rows·T (row i's labels are tokens i·T+1 .. i·T+T)."""
@@ -151,6 +160,25 @@ def max_label(rows) -> int:
         return rows.max_label()
     labels = (torch.as_tensor(row["labels"] if isinstance(row, dict) else row) for row in rows)
     return max((int(y.max()) for y in labels if y.numel()), default=IGNORE_INDEX)
+
+
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each position's index within its document, int64 of ``segment_ids``' shape ``[..., T]``: 0 where the segment
+    id changes (and at the row's first position), then 1, 2, ... — the ``position_ids`` of a packed row."""
+    idx = torch.arange(segment_ids.shape[-1]).expand(segment_ids.shape)
+    starts = torch.ones(segment_ids.shape, dtype=torch.bool)
+    starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values  # the start of each position's document
+    return (idx - first).contiguous()
+
+
+def model_inputs(batch: dict, device=None) -> dict:
+    """The keyword arguments a forward over ``batch``'s rows takes besides ``input_ids``: ``{"position_ids": ...}``
+    (on ``device`` where given) where the rows carry them (``data.document_attention``), else ``{}``."""
+    positions = batch.get("position_ids")
+    if positions is None:
+        return {}
+    return {"position_ids": positions if device is None else positions.to(device)}
 
 
 def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

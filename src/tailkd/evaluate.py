@@ -27,17 +27,18 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from tailkd.data import IGNORE_INDEX
+from tailkd.data import IGNORE_INDEX, model_inputs
 from tailkd.errors import TailkdError
 
 CHUNK_ELEMENTS = 1 << 23  # positions per chunk = CHUNK_ELEMENTS // V: ~8M probabilities (32 MB) at a time
 
 
-def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_dtype=None) -> torch.Tensor:
-    """Run ``model`` and return its logits sliced to the shared vocabulary (the first ``vocab_size`` columns)."""
+def forward_logits(model, input_ids: torch.Tensor, vocab_size: int, *, autocast_dtype=None, **extra) -> torch.Tensor:
+    """Run ``model`` and return its logits sliced to the shared vocabulary (the first ``vocab_size`` columns);
+    ``extra``: the rows' other inputs (`tailkd.documents.model_inputs`: packed documents' position ids)."""
     device_type = input_ids.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(input_ids=input_ids, use_cache=False)
+        out = model(input_ids=input_ids, use_cache=False, **extra)
     return out.logits[..., :vocab_size]  # (B, T, V) <- the big tensor
 
 
@@ -217,10 +218,11 @@ def heldout_sums(student, teacher, batches: Iterable[dict], vocab_size: int, *, 
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             mask = labels != IGNORE_INDEX  # (B, T)
-            s_logits = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype)  # (B, T, V)
-            t_logits = None
+            extra = model_inputs(batch, device)
+            s_logits = forward_logits(student, input_ids, vocab_size, autocast_dtype=autocast_dtype, **extra)
+            t_logits = None  # s_logits: (B, T, V)
             if teacher is not None:
-                t_logits = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype)
+                t_logits = forward_logits(teacher, input_ids, vocab_size, autocast_dtype=autocast_dtype, **extra)
             if not bool(mask.any()):
                 continue
             s_logits, y = s_logits[mask], labels[mask]  # (N, V), (N,) valid positions only

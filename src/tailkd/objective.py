@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from tailkd import fused, losses, registry
-from tailkd.data import IGNORE_INDEX, to_device
+from tailkd.data import IGNORE_INDEX, model_inputs, to_device
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.head import Head, apply_head, forward_hidden, model_head
@@ -278,7 +278,7 @@ def step_terms(student, batch: dict, signal, num_valid_tokens, cfg, *, vocab_siz
         logits, hidden, sparse, head = signal.logits, signal.hidden, signal.sparse, signal.head
     plan_from = host_batch if host_batch is not None else batch
     coef = router_weight(student)
-    mask = _padding_mask(coef, batch, plan_from)
+    mask = {**_padding_mask(coef, batch, plan_from), **model_inputs(batch)}  # + position ids of packed documents
     with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if fused_path:
             h_s, out = forward_hidden(student, input_ids, **mask)  # (B, T, d_S)

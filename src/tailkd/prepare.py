@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,9 @@ from tailkd import data as data_mod
 from tailkd import distributed as dist
 from tailkd import teacher as teacher_mod
 from tailkd import vocab as vocab_mod
+from tailkd.calibrated import calibrated_choice_lines
 from tailkd.config import DistillConfig
+from tailkd.documents import check_document_attention, restarts_positions
 from tailkd.errors import TailkdError
 from tailkd.head import verify_head
 from tailkd.objective import computed_divergence
@@ -76,7 +77,7 @@ def check_before_models(cfg: DistillConfig) -> None:
     # rank 0 first, as setup_models and setup_data: a GGUF converted once, a built-in corpus written once
     tokenizer = dist.on_main_then_all(lambda: data_tokenizer(cfg))
     if reader is not None:
-        reader.check_rows_kind(cfg.data.task, cfg.data.sft_mode)  # these lines first: the rows' digests differ too
+        reader.check_rows_kind(cfg.data.task, cfg.data.sft_mode, restarts_positions(cfg.data))  # before the digests
         reader.check_run(tokenizer_fingerprint=vocab_mod.tokenizer_fingerprint(tokenizer))
         corpus_fp = dist.on_main_then_all(lambda: train_corpus_fingerprint(cfg, tokenizer))
         try:
@@ -142,7 +143,8 @@ def setup_models(cfg: DistillConfig, device: torch.device, measured: dict | None
         student.to(device=device, dtype=torch.float32)
         s_tok = t_tok
         dist.say(format_table(table))
-        say_calibrated_choices(table, s.calibration_rows)
+        for line in calibrated_choice_lines(table, s.calibration_rows):
+            dist.say(line)
     vocab = vocab_mod.check_vocab(t_tok, s_tok, teacher, student)
     teacher_vocab = vocab_mod.scored_vocab(t_tok, teacher)
     check_cache_vocab(cfg, vocab, teacher_vocab,
@@ -182,42 +184,6 @@ def calibrate_sharded_teacher(cfg: DistillConfig, device: torch.device):
     rows = dist.on_main_then_all(lambda: setup_data(cfg, tokenizer, models.model_max_length(teacher)))[1]
     measured = calibrate(teacher, lambda: calibration_batches(cfg, rows), **student_shape(cfg))
     return teacher, dist.broadcast(measured)  # CPU tensors (`tailkd.calibration`'s probes sum on the host)
-
-
-def say_calibrated_choices(table: list[dict], rows: int) -> None:
-    """The run log's line for each calibrated choice a student built from the teacher was made with, read from its
-    table (`tailkd.student.build_student`: the keys it adds per tensor)."""
-    def per_layer(key: str, by: str = "name") -> dict:  # {layer index in row[by]: row[key]} of the rows holding key
-        return {int(re.search(r"\.(\d+)\.", row[by]).group(1)): row[key] for row in table if key in row and row[by]}
-
-    def span(shares: dict) -> str:
-        return f"{100 * min(shares.values()):.1f}%-{100 * max(shares.values()):.1f}%"
-
-    if influence := per_layer("block_influence", by="source"):  # per teacher layer
-        dist.say(f"layers kept by influence (student.layer_choice influence, student.calibration_rows {rows}): "
-                 f"teacher layers {' '.join(map(str, sorted(influence)))}, their Block Influence "
-                 f"{min(influence.values()):.4f}-{max(influence.values()):.4f}")
-    if channels := next((row for row in table if "channel_share" in row), None):
-        dist.say(f"hidden channels kept by activity (student.hidden_channels active, student.calibration_rows {rows}): "
-                 f"{channels['channels'].split(',')[0]}, {100 * channels['channel_share']:.1f}% of the mean |output| "
-                 "of the teacher's norms")
-    if heads := per_layer("head_share"):  # per student layer
-        dist.say(f"attention heads kept by importance (student.attention_heads active, student.calibration_rows "
-                 f"{rows}): {span(heads)} of the teacher's head output norm in each of the {len(heads)} attention "
-                 "layers")
-    if ssm := per_layer("ssm_head_share"):
-        mamba1 = any(".x_proj." in row["name"] for row in table if "ssm_heads" in row)  # Jamba's: channels
-        what = ("Mamba-1 channels", "channel output |value|", "Mamba-1") if mamba1 else (
-            "Mamba-2 heads", "head output norm", "Mamba-2")
-        dist.say(f"{what[0]} kept by importance (student.ssm_head_choice active, student.calibration_rows {rows}): "
-                 f"{span(ssm)} of the teacher's {what[1]} in each of the {len(ssm)} {what[2]} layers")
-    if active := per_layer("active_share"):
-        dist.say(f"MLP units kept by activity (student.mlp_units active, student.calibration_rows {rows}): "
-                 f"{span(active)} of the teacher's mean |activation| in each of the {len(active)} layers")
-    if shares := per_layer("routed_share"):
-        dist.say(f"experts kept by use (student.experts used, student.calibration_rows {rows}): {span(shares)} of "
-                 f"the teacher's routings in each of the {len(shares)} routed layers went to them (student_init.json "
-                 "lists them)")
 
 
 def calibration_batches(cfg: DistillConfig, train_rows):
@@ -287,7 +253,8 @@ def shared_vocab_mass(teacher, rows, n: int, vocab: int, teacher_vocab: int, *, 
 
     total, count = torch.zeros((), dtype=torch.float64), 0
     for batch in rank_batches(rows, n, batch_size, rows[0]["input_ids"].numel(), teacher_vocab):
-        logits = forward_logits(teacher, batch["input_ids"].to(device), teacher_vocab, autocast_dtype=autocast_dtype)
+        logits = forward_logits(teacher, batch["input_ids"].to(device), teacher_vocab, autocast_dtype=autocast_dtype,
+                                **data_mod.model_inputs(batch, device))
         mask = (batch["labels"] != data_mod.IGNORE_INDEX).to(logits.device)
         if not bool(mask.any()):
             continue
@@ -417,7 +384,16 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int, *, heldout_only: b
     ``heldout_only``: where packed text rows come from a held-out corpus of its own (``data.heldout_paths``), those
     alone: (None, None, held_rows), ``data.paths`` not read (they may be gone since the run). ``prompt_only``: SFT
     training files may hold prompts alone (`tailkd.sft.setup_sft_rows`; a run below ``train.on_policy`` 1: False).
+    With ``data.document_attention`` packed rows also carry ``position_ids`` (`tailkd.documents`).
     """
+    info, train_rows, held_rows = _setup_rows(cfg, tokenizer, model_max, heldout_only, prompt_only)
+    for rows in (train_rows, held_rows):
+        if rows is not None:  # packed rows carry position ids restarting at each document (`tailkd.documents`)
+            rows.restart_positions = cfg.data.document_attention
+    return info, train_rows, held_rows
+
+
+def _setup_rows(cfg: DistillConfig, tokenizer, model_max: int, heldout_only: bool, prompt_only: bool):
     data_mod.check_seq_len(cfg.data.seq_len, model_max)
     cache_root = data_cache_root(cfg.data)
     if cfg.data.task == "sft":
@@ -544,6 +520,7 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
     are checked once against the models' own logits (``probe``: a few token ids)."""
     if fused_path:
         verify_head(student, probe, vocab_size=vocab)
+    check_document_attention(cfg, student, None if cfg.teacher.cache else teacher)
     if not LOSSES[cfg.loss.name].needs_teacher:
         return None, "clm: no teacher"
     if cfg.teacher.cache:
@@ -559,6 +536,7 @@ def setup_teacher_signal(cfg: DistillConfig, teacher, student, tokenizer, info, 
     online = teacher_mod.OnlineTeacher(teacher, vocab, fused_path=fused_path, autocast_dtype=ac,
                                        want_hidden=cfg.loss.cosine_weight > 0)
     return online, f"{cfg.loss.name}: exact, online teacher"
+
 
 # --------------------------------------------------------------------------- the optimizer
 

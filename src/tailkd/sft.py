@@ -2,8 +2,9 @@
 
 Input: JSON lines, each either ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``
 (other keys are ignored). Output: the trainer's row contract (``tailkd.data``): int64 ``[T]`` tensors ``input_ids``,
-``labels`` (shifted once, here; -100 = ignore) and ``segment_ids`` (example index within the row). No position ids:
-none are passed to the model, which numbers a row's positions 0..T-1 itself.
+``labels`` (shifted once, here; -100 = ignore) and ``segment_ids`` (example index within the row). No position ids
+(the model numbers a row's positions 0..T-1 itself), except in packed rows with ``data.document_attention``
+(`tailkd.documents`: each example's own, from 0).
 
 Rendering (``chat_template``):
 
@@ -37,8 +38,8 @@ row; the rest of a row is padding). Padding positions carry label -100, the segm
 ``attention_mask`` 0 — which only a mixture's router term uses, to keep its routing statistics off the padding
 (`tailkd.objective.step_terms`): attention is causal and padding on the right, so real tokens never attend to padding.
 In packed rows later examples DO attend to earlier ones (no block-diagonal mask): the usual packing approximation,
-harmless in practice as the earlier text is unrelated and fully visible; use ``mode="pad"`` for exact per-example
-attention.
+harmless in practice as the earlier text is unrelated and fully visible; ``data.document_attention`` (rows with
+``restart_positions``) or ``mode="pad"`` give exact per-example attention.
 
 Examples longer than ``seq_len + 1`` tokens (``seq_len`` positions): ``overlong="truncate"`` (default) keeps the first
 ``seq_len + 1`` tokens, i.e. drops the END of the response (and its EOS) — a warning gives the count; ``"drop"``
@@ -67,7 +68,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tailkd.config import OVERLONG, SFT_MODES, utf8_text
-from tailkd.data import IGNORE_INDEX, content_digest
+from tailkd.data import IGNORE_INDEX, content_digest, document_positions
 from tailkd.errors import TailkdError
 
 Prompt = str | list[dict]  # a plain prompt, or chat messages without the final assistant turn
@@ -383,8 +384,12 @@ class SFTRows(Dataset):
 
     ``examples[k]`` is the k-th example kept; ``rows[i]`` lists the example indices in row i (one in
     ``"pad"`` mode). ``chat_template`` is the template the examples were rendered with (None = plain), so
-    that generation can render their prompts the same way (``sft_rows_to_prompts``).
+    that generation can render their prompts the same way (``sft_rows_to_prompts``). ``restart_positions``
+    (``data.document_attention``; set after construction, as `tailkd.prepare.setup_data` does): packed rows also
+    carry ``position_ids`` that restart at each example (`tailkd.documents`; a pad row holds one example: unchanged).
     """
+
+    restart_positions = False
 
     def __init__(self, examples: list[SFTExample], encoded: list[tuple[np.ndarray, np.ndarray]], *, seq_len: int,
                  mode: str, pad_id: int, chat_template: str | None):
@@ -430,8 +435,11 @@ class SFTRows(Dataset):
             segment_ids[at:at + n] = seg
             at += n
         attention_mask = torch.from_numpy((segment_ids < len(members)).astype(np.int64))  # 0 on the padding alone
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "segment_ids": torch.from_numpy(segment_ids), "attention_mask": attention_mask}
+        row = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+               "segment_ids": torch.from_numpy(segment_ids), "attention_mask": attention_mask}
+        if self.restart_positions and self.mode == "pack":
+            row["position_ids"] = document_positions(row["segment_ids"])
+        return row
 
     @functools.cached_property
     def digest(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tailkd.data import model_inputs
 from tailkd.divergences import SparseTeacher
 from tailkd.errors import TailkdError
 from tailkd.head import Head, final_hidden, model_head
@@ -48,10 +49,11 @@ class OnlineTeacher:
     def __call__(self, batch: dict, host_batch: dict | None = None) -> TeacherSignal:
         input_ids = batch["input_ids"]
         dev = input_ids.device
+        extra = model_inputs(batch)  # the position ids of packed documents (data.document_attention)
         with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.fused:
-                return TeacherSignal(hidden=final_hidden(self.model, input_ids), head=self.head)
-            out = self.model(input_ids=input_ids, output_hidden_states=self.want_hidden, use_cache=False)
+                return TeacherSignal(hidden=final_hidden(self.model, input_ids, **extra), head=self.head)
+            out = self.model(input_ids=input_ids, output_hidden_states=self.want_hidden, use_cache=False, **extra)
         return TeacherSignal(logits=out.logits[..., : self.vocab],
                              hidden=out.hidden_states[-1] if self.want_hidden else None)
 

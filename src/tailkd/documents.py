@@ -1,0 +1,103 @@
+"""Packed rows whose documents attend to themselves alone (``data.document_attention``).
+
+A packed row holds several documents, marked by its ``segment_ids``: pretraining text split after each EOS, or SFT
+examples with ``data.sft_mode pack``. By default a document attends to the earlier documents of its row too (the
+usual packing approximation). With ``data.document_attention`` the rows also carry ``position_ids`` that restart
+at 0 at every document (`tailkd.data.document_positions`), and every forward over rows passes them
+(`tailkd.data.model_inputs`) without an attention mask: transformers then masks attention block-diagonally (its
+packed-sequence detection: a position that is not its predecessor's + 1 starts a sequence; flash attention's
+variable-length path on CUDA), so each document is computed as if it were alone in its row, at positions 0, 1,
+... — TRL's ``padding_free``, axolotl's sample packing. A document cut by a row boundary goes on at position 0 in
+the next row. SFT rows of ``sft_mode pad`` hold one example each and are unchanged. `check_document_attention`
+checks a run's models (and refuses a student's router term on packed SFT rows, whose padding mask would turn the
+packed-sequence masking off); ``cache.json`` of a teacher cache keeps the setting (`tailkd.cache`).
+
+`check_model` runs once per model before it reads such rows: a model whose forward carries information from one
+document to the next anyway (a recurrent or convolution layer: Mamba, the hybrids; a forward that ignores
+``position_ids``) is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tailkd.errors import TailkdError
+
+PROBE_TOKENS = 8  # tokens of each probe document (`check_model`)
+# `check_model`'s bound on the second document's outputs over two first documents, relative to their root mean square:
+# 16 bf16 ulps (2^-8 each) of an rms-sized value, far above the rounding a forward in another grouping gives (a
+# mixture's experts batch the tokens routed to them: 1e-6 in float32, 0 in bf16 for tiny Mixtral) and far below a
+# leak (tiny Mamba: 2-3.5; tiny Qwen3-Next, three linear-attention layers and one of attention: 0.3-0.7)
+LEAK_BOUND = 2.0 ** -4
+
+
+def restarts_positions(data) -> bool:
+    """Whether rows of the data section ``data`` carry position ids restarting at each document: with
+    ``document_attention``, packed text (task pretrain) and SFT rows of ``sft_mode pack`` (a pad row holds one
+    example)."""
+    return bool(data.document_attention) and (data.task != "sft" or data.sft_mode == "pack")
+
+
+def check_models(data, **models) -> None:
+    """`check_model` of each of ``models`` (name=model; None skipped) where the rows of the data section ``data``
+    keep their documents apart (`restarts_positions`); nothing otherwise."""
+    if restarts_positions(data):
+        for name, model in models.items():
+            if model is not None:
+                check_model(model, name)
+
+
+@torch.no_grad()
+def check_model(model, name: str) -> None:
+    """A one-line TailkdError unless ``model`` keeps the documents of a packed row apart given their position ids.
+
+    Two rows that share their second document and differ in their first (random ids, `PROBE_TOKENS` each, positions
+    0..n-1 twice) go through the model's final hidden states one at a time, in eval mode: where no layer reads across
+    documents the second document's outputs are computed from the same inputs, the same up to rounding (bit-equal on
+    the same shapes; a mixture of experts groups the tokens routed to an expert by their count, which the first
+    document changes); a difference above `LEAK_BOUND` of their root mean square is information from the first
+    document (a recurrent state, a convolution window, a forward that drops ``position_ids``). ``name``: "teacher" /
+    "student", for the message."""
+    from tailkd.head import final_hidden
+
+    n = PROBE_TOKENS
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    firsts, second = torch.randint(0, vocab, (2, n), generator=gen), torch.randint(0, vocab, (n,), generator=gen)
+    positions = torch.cat([torch.arange(n), torch.arange(n)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [final_hidden(model, torch.cat([first, second])[None].to(device), position_ids=positions)[0, n:]
+                for first in firsts]
+    finally:
+        model.train(was_training)
+    a, b = outs[0].double(), outs[1].double()
+    leak = float((a - b).abs().max() / a.square().mean().sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+    if leak <= LEAK_BOUND:
+        return
+    kind = type(getattr(model, "module", model)).__name__
+    raise TailkdError(f"the {name} ({kind}) does not keep the documents of a packed row apart: with their position "
+                      f"ids restarting, a document's outputs still depend on the document before it ({leak:.2g} of "
+                      "their root mean square: a recurrent or convolution layer, or a forward that ignores "
+                      "position_ids); drop --data.document_attention")
+
+
+def check_document_attention(cfg, student, teacher=None) -> None:
+    """Where the run's rows keep their documents apart (``data.document_attention``, `restarts_positions`): a
+    TailkdError unless the student and the online ``teacher`` (None: a cache, or no teacher) do
+    (`check_model`: two forwards of one 16-token row each, collectives for a sharded teacher), and
+    unless the student's router term leaves transformers' packed-sequence masking on: that term passes the padding's
+    attention mask (`tailkd.objective._padding_mask`), and with a mask transformers does not read the documents
+    from the position ids."""
+    from tailkd.objective import router_weight
+
+    if not restarts_positions(cfg.data):
+        return
+    if router_weight(student) and cfg.data.task == "sft":
+        raise TailkdError("data.document_attention cannot keep packed SFT examples apart for a student trained with "
+                          "its router load-balancing loss (its config sets output_router_logits): that term's "
+                          "attention mask over the padding turns transformers' packed-sequence masking off; use "
+                          "--data.sft_mode pad, or output_router_logits false in the student's config.json")
+    check_models(cfg.data, student=student, teacher=teacher)

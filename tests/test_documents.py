@@ -1,0 +1,190 @@
+"""data.document_attention: packed rows whose documents attend to themselves alone (`tailkd.documents`)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_tiny_lm
+from tiny import SENTENCES, make_teacher_dir, read_metrics, write_corpus
+
+from tailkd.cli import main
+from tailkd.config import DistillConfig, LossConfig
+from tailkd.data import document_positions, model_inputs
+from tailkd.documents import check_model
+from tailkd.errors import TailkdError
+from tailkd.objective import count_valid_tokens, step_terms
+from tailkd.sft import prepare_sft
+from tailkd.teacher import OnlineTeacher
+
+
+def test_document_positions_count_from_each_documents_first_token():
+    """Plain loops as the reference: a position's index since the last change of segment id (single-token documents,
+    a row of one document, several rows)."""
+    g = torch.Generator().manual_seed(0)
+    seg = torch.cumsum((torch.rand(5, 40, generator=g) < 0.3).long(), -1)  # [5, 40]: documents of 1.. tokens
+    seg[1] = 0
+    want = torch.zeros_like(seg)
+    for r in range(seg.shape[0]):
+        for t in range(1, seg.shape[1]):
+            want[r, t] = 0 if seg[r, t] != seg[r, t - 1] else want[r, t - 1] + 1
+    got = document_positions(seg)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(document_positions(seg[2]), want[2])  # one row [T]
+    assert model_inputs({"input_ids": seg}) == {}
+    assert torch.equal(model_inputs({"position_ids": got})["position_ids"], got)
+
+
+def _pairs(path, n=10):
+    with open(path, "w") as fh:
+        for i in range(n):
+            words = SENTENCES[(3 * i + 1) % 8].split()
+            fh.write(json.dumps({"prompt": f"Q{i}: {SENTENCES[i % 8][:12]}\n",
+                                 "response": " " + " ".join(words[:2 + i % 4])}) + "\n")
+    return path
+
+
+def _rows(tmp_path, tokenizer, mode):
+    rows = prepare_sft([_pairs(tmp_path / "pairs.jsonl")], tokenizer, seq_len=96, mode=mode, chat_template=None,
+                       heldout_fraction=0.0)[0]
+    rows.restart_positions = True
+    return rows
+
+
+def _batch(rows):
+    return {key: torch.stack([rows[i][key] for i in range(len(rows))]) for key in rows[0]}
+
+
+@pytest.mark.parametrize("loss,fused", [("kd", False), ("kd", True), ("tad", False), ("tad", True)])
+def test_packed_examples_kept_apart_have_the_loss_of_one_example_per_row(tmp_path, tiny_tokenizer, loss, fused):
+    """SFT examples packed several to a row with document attention: the online teacher and the student's step read
+    each example as if alone, so the step's loss over the packed rows is the loss over the same examples one per
+    padded row (TAD normalising β per document, as a pad row's one example). float64 models: two batchings of the
+    same sums, ~1e-16 relative per operation through a few hundred: 1e-10 holds with room. Without the position ids
+    the packed examples see each other and the loss moves by far more (the check can fail)."""
+    teacher = make_tiny_lm(seed=1).double()
+    student = make_tiny_lm(seed=2).double()
+    pad, pack = _batch(_rows(tmp_path, tiny_tokenizer, "pad")), _batch(_rows(tmp_path, tiny_tokenizer, "pack"))
+    assert "position_ids" not in pad and "position_ids" in pack  # a pad row holds one example: unchanged
+    assert pack["input_ids"].shape[0] < pad["input_ids"].shape[0] and int(pack["segment_ids"][0].max()) >= 2
+    n = count_valid_tokens(pad["labels"])
+    assert n == count_valid_tokens(pack["labels"])
+    cfg = LossConfig(name=loss, k=5, per_document=True)
+
+    def total(batch):
+        signal = OnlineTeacher(teacher, TINY_VOCAB, fused_path=fused)(batch)
+        return step_terms(student, batch, signal, n, cfg, vocab_size=TINY_VOCAB, fused_path=fused).loss
+
+    want, got = total(pad), total(pack)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    across = total({key: value for key, value in pack.items() if key != "position_ids"})
+    assert abs(float(across.detach() - want.detach())) > 1e-3 * abs(float(want.detach()))
+
+
+def test_check_model_passes_attention_models_and_refuses_one_that_carries_state(tiny_lm):
+    import transformers
+
+    for family in ("llama", "qwen2", "mixtral", "gpt2"):
+        model = tiny_lm(family).train()
+        check_model(model, "student")
+        assert model.training  # its mode restored
+    mamba = transformers.AutoModelForCausalLM.from_config(
+        transformers.MambaConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4))
+    with pytest.raises(TailkdError, match=r"^the teacher \(MambaForCausalLM\) does not keep the documents of a "
+                                          r"packed row apart: .*drop --data.document_attention$"):
+        check_model(mamba, "teacher")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("documents")
+    return {"teacher": make_teacher_dir(root / "teacher"), "corpus": write_corpus(root / "corpus.txt"),
+            "pairs": _pairs(root / "pairs.jsonl", 40), "cache": root / "cache"}
+
+
+def _distill(assets, out, *extra):
+    return ["distill", "--teacher", str(assets["teacher"]), "--data", str(assets["corpus"]), "--data.cache_dir",
+            str(assets["cache"]), "--student-layers", "2", "--seq-len", "48", "--batch-size", "4", "--steps", "3",
+            "--data.eval_rows", "8", "--train.precision", "fp32", "--out", str(out), *extra]
+
+
+def test_a_run_with_document_attention_evaluates_as_it_trained(assets, tmp_path, capsys):
+    """A pretraining run with --data.document_attention true trains (its loss is not the default run's: its packed
+    rows hold several documents) and `tailkd eval` of its student reads the run's setting: the run's last held-out KL
+    (float32 sums of <= 8 x 48 token values in other batchings: 1e-5 relative holds); the other setting gives
+    another figure."""
+    apart, across = tmp_path / "apart", tmp_path / "across"
+    assert main(_distill(assets, apart, "--data.document_attention", "true")) == 0
+    assert main(_distill(assets, across)) == 0
+    a, b = read_metrics(apart), read_metrics(across)
+    assert [r["loss"] for r in a if r["split"] == "train"] != [r["loss"] for r in b if r["split"] == "train"]
+    held = [r for r in a if r["split"] == "heldout"][-1]["kl"]
+    for extra, equal in (((), True), (("--data.document_attention", "false"), False)):
+        out = tmp_path / f"eval{len(extra)}.json"
+        assert main(["eval", "--student", str(apart / "final"), "--max-rows", "8", "--out", str(out), *extra]) == 0
+        kl = json.loads(out.read_text())["kl"]
+        assert (kl == pytest.approx(held, rel=1e-5)) is equal
+
+
+def test_document_attention_refusals(assets, tmp_path, capsys):
+    """Without document boundaries (data.doc_eos false) the setting is refused before anything loads; a teacher cache
+    written with the other setting is refused before any model loads, in one line; a matching cache (float32 hidden
+    states: the teacher's forward over the packed rows, each example alone) gives the online run's losses (two
+    float32 forwards in other batchings, ~1e-6 relative apart: 1e-4 holds with room)."""
+    assert main(_distill(assets, tmp_path / "r", "--data.document_attention", "true", "--data.doc_eos", "false")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tailkd: error: data.document_attention needs the documents' boundaries, and data.doc_eos false removes them "
+        "(one continuous token stream); drop one of the two")
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--task", "sft", "--teacher", str(assets["teacher"]), "--data", str(assets["pairs"]),
+                 "--data.cache_dir", str(assets["cache"]), "--seq-len", "96", "--data.sft_mode", "pack", "--k", "16",
+                 "--hidden-states", "--hidden-dtype", "fp32", "--data.document_attention", "true", "--out", str(cache),
+                 "--device", "cpu"]) == 0
+    assert json.loads((cache / "cache.json").read_text())["corpus"]["settings"]["document_attention"] is True
+    sft = ["--task", "sft", "--data", str(assets["pairs"]), "--seq-len", "96", "--data.sft_mode", "pack",
+           "--teacher-cache", str(cache)]
+    capsys.readouterr()
+    assert main(_distill(assets, tmp_path / "s", *sft)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tailkd: error: teacher cache {cache} holds the teacher's outputs over each packed document alone, this run "
+        "reads the documents of a row together: rebuild it with tailkd cache-teacher --data.document_attention "
+        "false, or run with --data.document_attention true")
+    assert not (tmp_path / "s").exists()
+    assert main(_distill(assets, tmp_path / "t", *sft, "--data.document_attention", "true")) == 0
+    assert main(_distill(assets, tmp_path / "u", *sft[:-2], "--data.document_attention", "true")) == 0
+    cached, online = ([r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] for run in "tu")
+    assert len(cached) == 3 and cached == pytest.approx(online, rel=1e-4)
+
+
+def test_a_student_with_a_router_term_on_packed_sft_rows_is_refused(tmp_path):
+    from tailkd.documents import check_document_attention
+
+    cfg = DistillConfig()
+    cfg.data.task, cfg.data.sft_mode, cfg.data.document_attention = "sft", "pack", True
+    student = make_tiny_lm("mixtral", output_router_logits=True, router_aux_loss_coef=0.01)
+    with pytest.raises(TailkdError, match="its config sets output_router_logits"):
+        check_document_attention(cfg, student)
+    cfg.data.sft_mode = "pad"  # one example per row: nothing to keep apart, no check
+    check_document_attention(cfg, student)
+    cfg.data.task = "pretrain"  # rows without padding: the term passes no mask
+    check_document_attention(cfg, student)
+
+
+def test_a_run_refuses_a_student_that_reads_across_documents_before_its_folder_is_made(assets, tmp_path, capsys):
+    """A --student DIR whose layers carry state from one document to the next (a Mamba, the teacher's tokenizer) is
+    refused in one line by a run that asks for document attention; the run folder is not made."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(assets["teacher"])
+    mamba = transformers.AutoModelForCausalLM.from_config(transformers.MambaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, state_size=4, eos_token_id=tok.eos_token_id))
+    mamba.save_pretrained(tmp_path / "mamba")
+    tok.save_pretrained(tmp_path / "mamba")
+    out = tmp_path / "run"
+    args = _distill(assets, out, "--student", str(tmp_path / "mamba"), "--data.document_attention", "true")
+    assert main([a for a in args if a != "--student-layers" and a != "2"]) == 2
+    assert re.fullmatch(r"tailkd: error: the student \(MambaForCausalLM\) does not keep the documents of a packed row "
+                        r"apart: .* drop --data.document_attention", capsys.readouterr().err.strip().splitlines()[-1])
+    assert not out.exists()
