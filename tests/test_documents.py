@@ -97,6 +97,28 @@ def test_check_model_passes_attention_models_and_refuses_one_that_carries_state(
         check_model(mamba, "teacher")
 
 
+def test_check_model_refuses_positions_that_do_not_restart(tiny_lm, monkeypatch):
+    """A forward that keeps the documents apart but numbers the second one from 100 on (the packed-sequence mask holds:
+    100 is not 7 + 1): GPT-2's learned absolute positions then give other outputs than the document alone's,
+    refused; Llama's rotary positions are relative, so its outputs are the same, and pass."""
+    import tailkd.head
+
+    real = tailkd.head.final_hidden
+
+    def shifted(model, input_ids, position_ids=None, **kwargs):
+        if position_ids is not None:
+            position_ids = position_ids.clone()
+            position_ids[:, position_ids.shape[1] // 2:] += 100
+        return real(model, input_ids, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(tailkd.head, "final_hidden", shifted)
+    check_model(tiny_lm("llama"), "student")
+    with pytest.raises(TailkdError, match=r"^the teacher \(GPT2LMHeadModel\) does not keep .*, a document's outputs "
+                                          r"are not those of the document alone \(.*: its positions do not restart\); "
+                                          r"drop --data.document_attention$"):
+        check_model(tiny_lm("gpt2", n_positions=128), "teacher")
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("documents")

@@ -52,12 +52,13 @@ def check_model(model, name: str) -> None:
     """A one-line TailkdError unless ``model`` keeps the documents of a packed row apart given their position ids.
 
     Two rows that share their second document and differ in their first (random ids, `PROBE_TOKENS` each, positions
-    0..n-1 twice) go through the model's final hidden states one at a time, in eval mode: where no layer reads across
-    documents the second document's outputs are computed from the same inputs, the same up to rounding (bit-equal on
-    the same shapes; a mixture of experts groups the tokens routed to an expert by their count, which the first
-    document changes); a difference above `LEAK_BOUND` of their root mean square is information from the first
-    document (a recurrent state, a convolution window, a forward that drops ``position_ids``). ``name``: "teacher" /
-    "student", for the message."""
+    0..n-1 twice) go through the model's final hidden states one at a time, in eval mode, and the second document
+    alone: where the model keeps documents apart the second document's outputs are the same in all three up to
+    rounding (bit-equal on the same shapes; other shapes, and a mixture of experts that groups the tokens routed to an
+    expert by their count, round otherwise). A difference above `LEAK_BOUND` of their root mean square between the
+    two rows is information from the first document (a recurrent state, a convolution window, a forward that drops
+    ``position_ids``); from the document alone, positions that do not restart (learned absolute position embeddings
+    read past the first document). ``name``: "teacher" / "student", for the message."""
     from tailkd.head import final_hidden
 
     n = PROBE_TOKENS
@@ -71,23 +72,27 @@ def check_model(model, name: str) -> None:
     try:
         outs = [final_hidden(model, torch.cat([first, second])[None].to(device), position_ids=positions)[0, n:]
                 for first in firsts]
+        alone = final_hidden(model, second[None].to(device))[0].double()
     finally:
         model.train(was_training)
     a, b = outs[0].double(), outs[1].double()
-    leak = float((a - b).abs().max() / a.square().mean().sqrt().clamp_min(torch.finfo(torch.float64).tiny))
-    if leak <= LEAK_BOUND:
+    rms = a.square().mean().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    leak, moved = float((a - b).abs().max() / rms), float((a - alone).abs().max() / rms)
+    if max(leak, moved) <= LEAK_BOUND:
         return
     kind = type(getattr(model, "module", model)).__name__
+    why = (f"a document's outputs still depend on the document before it ({leak:.2g} of their root mean square: a "
+           "recurrent or convolution layer, or a forward that ignores position_ids)" if leak > LEAK_BOUND else
+           f"a document's outputs are not those of the document alone ({moved:.2g} of their root mean square: its "
+           "positions do not restart)")
     raise TailkdError(f"the {name} ({kind}) does not keep the documents of a packed row apart: with their position "
-                      f"ids restarting, a document's outputs still depend on the document before it ({leak:.2g} of "
-                      "their root mean square: a recurrent or convolution layer, or a forward that ignores "
-                      "position_ids); drop --data.document_attention")
+                      f"ids restarting, {why}; drop --data.document_attention")
 
 
 def check_document_attention(cfg, student, teacher=None) -> None:
     """Where the run's rows keep their documents apart (``data.document_attention``, `restarts_positions`): a
     TailkdError unless the student and the online ``teacher`` (None: a cache, or no teacher) do
-    (`check_model`: two forwards of one 16-token row each, collectives for a sharded teacher), and
+    (`check_model`: two forwards of one 16-token row each and one of 8 tokens, collectives for a sharded teacher), and
     unless the student's router term leaves transformers' packed-sequence masking on: that term passes the padding's
     attention mask (`tailkd.objective._padding_mask`), and with a mask transformers does not read the documents
     from the position ids."""
