@@ -83,6 +83,29 @@ def test_packed_examples_kept_apart_have_the_loss_of_one_example_per_row(tmp_pat
     assert abs(float(across.detach() - want.detach())) > 1e-3 * abs(float(want.detach()))
 
 
+def test_calibration_reads_packed_examples_apart(tmp_path, tiny_tokenizer):
+    """A calibration pass (`prepare.calibration_batches`, then `tailkd.calibration`) over packed SFT rows with
+    document attention measures each example as if alone: the teacher's Block Influence equals the pass over the
+    same examples one per padded row (float64: rel 1e-10, as the loss above); without the position ids it moves."""
+    from tailkd.calibration import block_influence
+    from tailkd.prepare import calibration_batches
+    from tailkd.sizing import config_family, family_spec
+
+    teacher = make_tiny_lm(seed=1).double()
+    fam = config_family(teacher.config, family_spec(teacher))
+    cfg = DistillConfig()
+    cfg.student.calibration_rows, cfg.train.batch_size = 64, 64
+    pad, pack = _rows(tmp_path, tiny_tokenizer, "pad"), _rows(tmp_path, tiny_tokenizer, "pack")
+    batches = {mode: list(calibration_batches(cfg, rows)) for mode, rows in (("pad", pad), ("pack", pack))}
+    assert "position_ids" in batches["pack"][0] and "position_ids" not in batches["pad"][0]
+    (want, n_pad), (got, n_pack) = (block_influence(teacher, fam, batches[mode]) for mode in ("pad", "pack"))
+    assert n_pad == n_pack
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    across = block_influence(teacher, fam, [{k: v for k, v in b.items() if k != "position_ids"}
+                                            for b in batches["pack"]])[0]
+    assert (across - want).abs().max() > 1e-3 * want.abs().max()
+
+
 def test_check_model_passes_attention_models_and_refuses_one_that_carries_state(tiny_lm):
     import transformers
 
@@ -114,9 +137,31 @@ def test_check_model_refuses_positions_that_do_not_restart(tiny_lm, monkeypatch)
     monkeypatch.setattr(tailkd.head, "final_hidden", shifted)
     check_model(tiny_lm("llama"), "student")
     with pytest.raises(TailkdError, match=r"^the teacher \(GPT2LMHeadModel\) does not keep .*, a document's outputs "
-                                          r"are not those of the document alone \(.*: its positions do not restart\); "
-                                          r"drop --data.document_attention$"):
+                                          r"are not those of the document alone \(.*: positions that do not restart, "
+                                          r"or a layer that reads the row's own positions\); drop "
+                                          r"--data.document_attention$"):
         check_model(tiny_lm("gpt2", n_positions=128), "teacher")
+
+
+def test_check_model_refuses_small_leaks_in_float32_and_positions_read_past_the_row(monkeypatch):
+    """A freshly initialised LFM2 (convolution layers beside attention; transformers' own small init) leaks 3e-3-6e-3
+    of the outputs' rms into the next document: above the float32 bound (1.2e-4), refused. Llama 4's attention
+    temperature on its NoPE layers reads the row's own positions (from floor_scale 4 on here), not the restarted
+    ones: refused as outputs that are not the document's alone; without the temperature tuning it passes."""
+    import transformers
+    from test_student_families import _COMMON, CONFIGS, make_teacher
+
+    from tailkd.documents import leak_bound
+
+    assert leak_bound(torch.float32) == 1024 * 2.0 ** -23 and leak_bound(torch.bfloat16) == 2.0 ** -4
+    name, extra = CONFIGS["lfm2"]
+    torch.manual_seed(0)
+    lfm2 = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**{**_COMMON, **extra}))
+    with pytest.raises(TailkdError, match=r"^the student \(Lfm2ForCausalLM\) .* depend on the document before it"):
+        check_model(lfm2, "student", seq_len=32)
+    with pytest.raises(TailkdError, match=r"^the teacher \(Llama4ForCausalLM\) .* not those of the document alone"):
+        check_model(make_teacher("llama4"), "teacher", seq_len=32)
+    check_model(make_teacher("llama4", attn_temperature_tuning=False), "teacher", seq_len=32)
 
 
 @pytest.fixture(scope="module")

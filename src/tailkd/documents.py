@@ -4,17 +4,18 @@ A packed row holds several documents, marked by its ``segment_ids``: pretraining
 examples with ``data.sft_mode pack``. By default a document attends to the earlier documents of its row too (the
 usual packing approximation). With ``data.document_attention`` the rows also carry ``position_ids`` that restart
 at 0 at every document (`tailkd.data.document_positions`), and every forward over rows passes them
-(`tailkd.data.model_inputs`) without an attention mask: transformers then masks attention block-diagonally (its
-packed-sequence detection: a position that is not its predecessor's + 1 starts a sequence; flash attention's
-variable-length path on CUDA), so each document is computed as if it were alone in its row, at positions 0, 1,
-... — TRL's ``padding_free``, axolotl's sample packing. A document cut by a row boundary goes on at position 0 in
+(`tailkd.data.model_inputs`) without an attention mask and without a cache: transformers then masks attention
+block-diagonally (its packed-sequence detection: a position that is not its predecessor's + 1 starts a sequence;
+sdpa and eager attention, tailkd's, take a block-diagonal mask), so each document is computed as if it were alone
+in its row, at positions 0, 1, ... — TRL's ``padding_free``, axolotl's sample packing. A document cut by a row boundary goes on at position 0 in
 the next row. SFT rows of ``sft_mode pad`` hold one example each and are unchanged. `check_document_attention`
 checks a run's models (and refuses a student's router term on packed SFT rows, whose padding mask would turn the
 packed-sequence masking off); ``cache.json`` of a teacher cache keeps the setting (`tailkd.cache`).
 
 `check_model` runs once per model before it reads such rows: a model whose forward carries information from one
 document to the next anyway (a recurrent or convolution layer: Mamba, the hybrids; a forward that ignores
-``position_ids``) is refused.
+``position_ids``), or reads positions other than the restarted ones (learned absolute positions, Llama 4's attention
+temperature), is refused.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ import torch
 
 from tailkd.errors import TailkdError
 
-PROBE_TOKENS = 8  # tokens of each probe document (`check_model`)
-# `check_model`'s bound on the second document's outputs over two first documents, relative to their root mean square:
-# 16 bf16 ulps (2^-8 each) of an rms-sized value, far above the rounding a forward in another grouping gives (a
-# mixture's experts batch the tokens routed to them: 1e-6 in float32, 0 in bf16 for tiny Mixtral) and far below a
-# leak (tiny Mamba: 2-3.5; tiny Qwen3-Next, three linear-attention layers and one of attention: 0.3-0.7)
-LEAK_BOUND = 2.0 ** -4
+PROBE_TOKENS = 8  # tokens of the probe's second document (`check_model`)
+
+
+def leak_bound(dtype: torch.dtype) -> float:
+    """`check_model`'s bound on a difference of the second document's outputs, relative to their root mean square:
+    1024 units of ``dtype``'s last place (float32: 1.2e-4), at most 2^-4 (16 bf16 ulps of an rms-sized value). Far
+    above the rounding of another grouping or shape: at most 1.1e-5 in float32 over every family that keeps documents
+    apart (a mixture's experts batch the tokens routed to them; the document alone is a shorter forward); far below
+    the leaks of float32 models that do not, freshly initialised: 2.5e-3 (LFM2) to 3.5 (Mamba). In bf16 (a teacher)
+    a leak under 2^-4 passes: the float32 student of the same architecture is the tight check."""
+    return min(2.0 ** -4, 1024 * torch.finfo(dtype).eps)
 
 
 def restarts_positions(data) -> bool:
@@ -39,52 +45,56 @@ def restarts_positions(data) -> bool:
 
 
 def check_models(data, **models) -> None:
-    """`check_model` of each of ``models`` (name=model; None skipped) where the rows of the data section ``data``
-    keep their documents apart (`restarts_positions`); nothing otherwise."""
+    """`check_model` of each of ``models`` (name=model; None skipped; rows of ``data.seq_len``) where the rows of the
+    data section ``data`` keep their documents apart (`restarts_positions`); nothing otherwise."""
     if restarts_positions(data):
         for name, model in models.items():
             if model is not None:
-                check_model(model, name)
+                check_model(model, name, seq_len=data.seq_len)
 
 
 @torch.no_grad()
-def check_model(model, name: str) -> None:
+def check_model(model, name: str, seq_len: int = 2 * PROBE_TOKENS) -> None:
     """A one-line TailkdError unless ``model`` keeps the documents of a packed row apart given their position ids.
 
-    Two rows that share their second document and differ in their first (random ids, `PROBE_TOKENS` each, positions
-    0..n-1 twice) go through the model's final hidden states one at a time, in eval mode, and the second document
-    alone: where the model keeps documents apart the second document's outputs are the same in all three up to
-    rounding (bit-equal on the same shapes; other shapes, and a mixture of experts that groups the tokens routed to an
-    expert by their count, round otherwise). A difference above `LEAK_BOUND` of their root mean square between the
-    two rows is information from the first document (a recurrent state, a convolution window, a forward that drops
-    ``position_ids``); from the document alone, positions that do not restart (learned absolute position embeddings
-    read past the first document). ``name``: "teacher" / "student", for the message."""
+    Two rows of ``seq_len`` tokens (at least 2 x `PROBE_TOKENS`) that share their second document (its last
+    `PROBE_TOKENS`) and differ in their first (random ids; positions 0.. in each) go through the model's final hidden
+    states one at a time, in eval mode, and the second document alone: where the model keeps documents apart the
+    second document's outputs are the same in all three up to rounding (bit-equal on the same shapes; other shapes,
+    and a mixture of experts that groups the tokens routed to an expert by their count, round otherwise). A
+    difference above `leak_bound` of their root mean square between the two rows is information from the first
+    document (a recurrent state, a convolution window, a forward that drops ``position_ids``); from the document
+    alone, a layer that reads positions other than the restarted ones (learned absolute positions, Llama 4's
+    attention temperature past its floor_scale: the second document sits where a run's row ends; DSA's indexer).
+    ``name``: "teacher" / "student", for the message."""
     from tailkd.head import final_hidden
 
     n = PROBE_TOKENS
+    m = max(n, seq_len - n)  # the first document's length
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    firsts, second = torch.randint(0, vocab, (2, n), generator=gen), torch.randint(0, vocab, (n,), generator=gen)
-    positions = torch.cat([torch.arange(n), torch.arange(n)])[None].to(device)
+    firsts, second = torch.randint(0, vocab, (2, m), generator=gen), torch.randint(0, vocab, (n,), generator=gen)
+    positions = torch.cat([torch.arange(m), torch.arange(n)])[None].to(device)
     was_training = model.training
     model.eval()
     try:
-        outs = [final_hidden(model, torch.cat([first, second])[None].to(device), position_ids=positions)[0, n:]
+        outs = [final_hidden(model, torch.cat([first, second])[None].to(device), position_ids=positions)[0, m:]
                 for first in firsts]
         alone = final_hidden(model, second[None].to(device))[0].double()
     finally:
         model.train(was_training)
+    bound = leak_bound(outs[0].dtype)
     a, b = outs[0].double(), outs[1].double()
     rms = a.square().mean().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     leak, moved = float((a - b).abs().max() / rms), float((a - alone).abs().max() / rms)
-    if max(leak, moved) <= LEAK_BOUND:
+    if max(leak, moved) <= bound:
         return
     kind = type(getattr(model, "module", model)).__name__
     why = (f"a document's outputs still depend on the document before it ({leak:.2g} of their root mean square: a "
-           "recurrent or convolution layer, or a forward that ignores position_ids)" if leak > LEAK_BOUND else
-           f"a document's outputs are not those of the document alone ({moved:.2g} of their root mean square: its "
-           "positions do not restart)")
+           "recurrent or convolution layer, or a forward that ignores position_ids)" if leak > bound else
+           f"a document's outputs are not those of the document alone ({moved:.2g} of their root mean square: "
+           "positions that do not restart, or a layer that reads the row's own positions)")
     raise TailkdError(f"the {name} ({kind}) does not keep the documents of a packed row apart: with their position "
                       f"ids restarting, {why}; drop --data.document_attention")
 
@@ -92,7 +102,7 @@ def check_model(model, name: str) -> None:
 def check_document_attention(cfg, student, teacher=None) -> None:
     """Where the run's rows keep their documents apart (``data.document_attention``, `restarts_positions`): a
     TailkdError unless the student and the online ``teacher`` (None: a cache, or no teacher) do
-    (`check_model`: two forwards of one 16-token row each and one of 8 tokens, collectives for a sharded teacher), and
+    (`check_model`: two forwards of one row each and one of 8 tokens, collectives for a sharded teacher), and
     unless the student's router term leaves transformers' packed-sequence masking on: that term passes the padding's
     attention mask (`tailkd.objective._padding_mask`), and with a mask transformers does not read the documents
     from the position ids."""

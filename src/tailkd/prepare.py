@@ -190,13 +190,14 @@ def calibration_batches(cfg: DistillConfig, train_rows):
     """The batches `tailkd.calibration` measures a teacher over (``student.layer_choice influence``, ``student.experts
     used``, ``student.mlp_units active``, ``student.hidden_channels active``, ``student.attention_heads active``):
     ``student.calibration_rows`` of ``train_rows`` (all where there are fewer), evenly spaced (row ``j * rows // n``),
-    ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows, ``attention_mask``."""
+    ``train.batch_size`` at a time, as ``input_ids`` and, for padded rows, ``attention_mask`` (with
+    ``data.document_attention``, ``position_ids``: `tailkd.calibration` passes them to the forward)."""
     rows = len(train_rows)
     n = min(cfg.student.calibration_rows, rows)
     index = [j * rows // n for j in range(n)]
     for b in range(0, n, cfg.train.batch_size):
         batch = data_mod.collate([train_rows[i] for i in index[b:b + cfg.train.batch_size]])
-        yield {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+        yield {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
 
 
 def check_cache_vocab(cfg: DistillConfig, vocab: int, teacher_vocab: int, pruned: bool = False) -> None:
