@@ -182,17 +182,24 @@ def test_a_run_with_document_attention_evaluates_as_it_trained(assets, tmp_path,
     rows hold several documents) and `tailkd eval` of its student reads the run's setting: the run's last held-out KL
     (float32 sums of <= 8 x 48 token values in other batchings: 1e-5 relative holds); the other setting gives
     another figure."""
+    from tailkd.documents import DOCUMENTS_APART
+
     apart, across = tmp_path / "apart", tmp_path / "across"
     assert main(_distill(assets, apart, "--data.document_attention", "true")) == 0
+    assert re.search(r"^attention: student \w+, teacher \w+" + re.escape(DOCUMENTS_APART) + "$",
+                     capsys.readouterr().out, re.M)
     assert main(_distill(assets, across)) == 0
+    assert DOCUMENTS_APART not in capsys.readouterr().out
     a, b = read_metrics(apart), read_metrics(across)
     assert [r["loss"] for r in a if r["split"] == "train"] != [r["loss"] for r in b if r["split"] == "train"]
     held = [r for r in a if r["split"] == "heldout"][-1]["kl"]
     for extra, equal in (((), True), (("--data.document_attention", "false"), False)):
         out = tmp_path / f"eval{len(extra)}.json"
         assert main(["eval", "--student", str(apart / "final"), "--max-rows", "8", "--out", str(out), *extra]) == 0
-        kl = json.loads(out.read_text())["kl"]
-        assert (kl == pytest.approx(held, rel=1e-5)) is equal
+        saved = json.loads(out.read_text())
+        assert (saved["kl"] == pytest.approx(held, rel=1e-5)) is equal
+        assert saved.get("document_attention", False) is equal  # recorded where the documents were read apart
+        assert (DOCUMENTS_APART.removeprefix("; ") in capsys.readouterr().out) is equal
 
 
 def test_document_attention_refusals(assets, tmp_path, capsys):
@@ -204,14 +211,18 @@ def test_document_attention_refusals(assets, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "tailkd: error: data.document_attention needs the documents' boundaries, and data.doc_eos false removes them "
         "(one continuous token stream); drop one of the two")
+    sft = ["--task", "sft", "--data", str(assets["pairs"]), "--seq-len", "96"]
+    assert main(_distill(assets, tmp_path / "r", *sft, "--data.document_attention", "true")) == 2  # sft_mode pad
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tailkd: error: data.document_attention keeps the examples of packed rows apart, and data.sft_mode pad rows "
+        "hold one example each (apart already); drop it, or pack: --data.sft_mode pack")
     cache = tmp_path / "cache"
     assert main(["cache-teacher", "--task", "sft", "--teacher", str(assets["teacher"]), "--data", str(assets["pairs"]),
                  "--data.cache_dir", str(assets["cache"]), "--seq-len", "96", "--data.sft_mode", "pack", "--k", "16",
                  "--hidden-states", "--hidden-dtype", "fp32", "--data.document_attention", "true", "--out", str(cache),
                  "--device", "cpu"]) == 0
     assert json.loads((cache / "cache.json").read_text())["corpus"]["settings"]["document_attention"] is True
-    sft = ["--task", "sft", "--data", str(assets["pairs"]), "--seq-len", "96", "--data.sft_mode", "pack",
-           "--teacher-cache", str(cache)]
+    sft = [*sft, "--data.sft_mode", "pack", "--teacher-cache", str(cache)]
     capsys.readouterr()
     assert main(_distill(assets, tmp_path / "s", *sft)) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -223,6 +234,32 @@ def test_document_attention_refusals(assets, tmp_path, capsys):
     assert main(_distill(assets, tmp_path / "u", *sft[:-2], "--data.document_attention", "true")) == 0
     cached, online = ([r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] for run in "tu")
     assert len(cached) == 3 and cached == pytest.approx(online, rel=1e-4)
+
+
+def test_packed_sft_rows_of_one_example_each_are_warned_of(assets, tmp_path, tiny_tokenizer):
+    """Examples too long for two to share a row of --seq-len: document attention has nothing to keep apart, said in a
+    warning; rows that pack several give none."""
+    import warnings
+
+    from tailkd.prepare import setup_data
+
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": f"Q{i}: {SENTENCES[i]}\n", "response": " " + SENTENCES[i + 1]})
+                            + "\n" for i in range(6)))
+    cfg = DistillConfig()
+    cfg.data.task, cfg.data.sft_mode, cfg.data.document_attention = "sft", "pack", True
+    cfg.data.paths, cfg.data.seq_len = [str(long)], 128
+    cfg.data.heldout_paths, cfg.data.heldout_fraction = [], 0.3
+    with pytest.warns(UserWarning, match=r"^data.document_attention: every packed training row holds one example \(\d+ "
+                                         r"rows of --seq-len 128\): nothing to keep apart; a longer --seq-len packs "
+                                         r"several$"):
+        rows = setup_data(cfg, tiny_tokenizer, None, prompt_only=False)[1]
+    assert len(rows) >= 2 and all(len(members) == 1 for members in rows.rows)
+    cfg.data.seq_len = 1024
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = setup_data(cfg, tiny_tokenizer, None, prompt_only=False)[1]
+    assert any(len(members) > 1 for members in rows.rows)
 
 
 def test_a_student_with_a_router_term_on_packed_sft_rows_is_refused(tmp_path):

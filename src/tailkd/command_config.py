@@ -195,7 +195,9 @@ class EvalConfig:
     HELP: ClassVar[dict[str, str]] = {
         "data.seq_len": "tokens per packed held-out row (default: the student's run's; 128 without one); with "
                         "--generate the most tokens of a decoded prompt/response example (a pretraining run's row "
-                        "length is not taken: 128 unless given)"}
+                        "length is not taken: 128 unless given)",
+        "data.document_attention": "each document of a packed held-out row attends to itself alone (default: the "
+                                   "student's run's; false without one)"}
     ALIASES: ClassVar[dict[str, str]] = {
         "student": "eval.student", "teacher": "teacher.path", "teacher-dtype": "teacher.dtype", **DATA_ALIASES,
         **_aliases("eval", EvalOptions, "split", "batch_size", "max_rows", "bins", "device", "out"),

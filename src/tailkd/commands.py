@@ -38,7 +38,7 @@ from tailkd.command_config import (
 )
 from tailkd.config import DataConfig, DistillConfig
 from tailkd.data import IGNORE_INDEX
-from tailkd.documents import check_models, restarts_positions
+from tailkd.documents import DOCUMENTS_APART, check_models, restarts_positions
 from tailkd.errors import TailkdError
 
 # --------------------------------------------------------------------------- rows, as tailkd distill builds them
@@ -85,6 +85,8 @@ def scored_data(data: DataConfig, split: str) -> dict:
     named = {"data": list(data.paths)}
     if data.heldout_paths and split != "train":
         named["heldout_data"] = list(data.heldout_paths)
+    if restarts_positions(data):  # the rows' documents read apart (absent: together, as before the setting)
+        named["document_attention"] = True
     return named
 
 
@@ -129,6 +131,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     else:
         model_max = models.model_max_length(s_model, t_model)
         check_models(cfg.data, student=s_model, teacher=t_model)  # packed documents kept apart, where asked
+        if restarts_positions(cfg.data):
+            print(DOCUMENTS_APART.removeprefix("; "))
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
                          model_max=model_max)
         check_labels(vocab, s_tok, {SPLIT_WORDS[cfg.eval.split]: rows})
@@ -209,6 +213,8 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
         vocab = check_vocab(tok, tok, model, model)  # max token id + 1 (fewer for a pruned head: the ids it scores)
         check_kmax(vocab, spec)
         check_models(cfg.data, teacher=model)
+        if restarts_positions(cfg.data):
+            print(DOCUMENTS_APART.removeprefix("; "))
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
         check_labels(vocab, tok, {SPLIT_WORDS[a.split]: rows})

@@ -657,17 +657,20 @@ def check_data(cfg) -> None:
     `tailkd.command_config`): their sizes at least 1 (instruct_max_words at least 0: 0 keeps all) and, where the
     command reads ``data.task``, no built-in set the task cannot read (`DataConfig.check_builtin_paths`; lm-eval,
     which omits it, must accept the data section of an sft run) and, where it reads ``data.document_attention``,
-    document boundaries to keep apart (``data.doc_eos``) — before any model loads."""
+    documents to keep apart (``data.doc_eos`` boundaries; SFT rows packed) — before any model loads."""
     for key in ("data.math_train", "data.math_heldout"):
         check_at_least(cfg, key, 1)
     check_at_least(cfg, "data.instruct_max_words", 0, " (0: all)")
     if "data.task" not in getattr(cfg, "OMIT", ()):
         cfg.data.check_builtin_paths()
     d = cfg.data
-    if "data.document_attention" not in getattr(cfg, "OMIT", ()) and d.document_attention and not d.doc_eos \
-            and d.task != "sft":
-        raise TailkdError("data.document_attention needs the documents' boundaries, and data.doc_eos false removes "
-                          "them (one continuous token stream); drop one of the two")
+    if "data.document_attention" not in getattr(cfg, "OMIT", ()) and d.document_attention:
+        if d.task != "sft" and not d.doc_eos:
+            raise TailkdError("data.document_attention needs the documents' boundaries, and data.doc_eos false "
+                              "removes them (one continuous token stream); drop one of the two")
+        if d.task == "sft" and d.sft_mode == "pad":
+            raise TailkdError("data.document_attention keeps the examples of packed rows apart, and data.sft_mode pad "
+                              "rows hold one example each (apart already); drop it, or pack: --data.sft_mode pack")
 
 
 def check_at_least(cfg, key: str, low: int, hint: str = "") -> None:

@@ -7,8 +7,9 @@ at 0 at every document (`tailkd.data.document_positions`), and every forward ove
 (`tailkd.data.model_inputs`) without an attention mask and without a cache: transformers then masks attention
 block-diagonally (its packed-sequence detection: a position that is not its predecessor's + 1 starts a sequence;
 sdpa and eager attention, tailkd's, take a block-diagonal mask), so each document is computed as if it were alone
-in its row, at positions 0, 1, ... — TRL's ``padding_free``, axolotl's sample packing. A document cut by a row boundary goes on at position 0 in
-the next row. SFT rows of ``sft_mode pad`` hold one example each and are unchanged. `check_document_attention`
+in its row, at positions 0, 1, ... — TRL's ``padding_free``, axolotl's sample packing. A document cut by a row
+boundary goes on at position 0 in the next row. SFT rows of ``sft_mode pad`` hold one example each (the setting is
+refused with them: `tailkd.config.check_data`). `check_document_attention`
 checks a run's models (and refuses a student's router term on packed SFT rows, whose padding mask would turn the
 packed-sequence masking off); ``cache.json`` of a teacher cache keeps the setting (`tailkd.cache`).
 
@@ -25,6 +26,8 @@ import torch
 from tailkd.errors import TailkdError
 
 PROBE_TOKENS = 8  # tokens of the probe's second document (`check_model`)
+# the run log's words (the attention line of tailkd distill; eval and analyze-teacher print them)
+DOCUMENTS_APART = "; packed documents kept apart (data.document_attention: position ids restart at each document)"
 
 
 def leak_bound(dtype: torch.dtype) -> float:

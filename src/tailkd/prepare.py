@@ -391,6 +391,10 @@ def setup_data(cfg: DistillConfig, tokenizer, model_max: int, *, heldout_only: b
     for rows in (train_rows, held_rows):
         if rows is not None:  # packed rows carry position ids restarting at each document (`tailkd.documents`)
             rows.restart_positions = cfg.data.document_attention
+    if restarts_positions(cfg.data) and cfg.data.task == "sft" and train_rows is not None \
+            and all(len(members) == 1 for members in train_rows.rows):
+        warnings.warn(f"data.document_attention: every packed training row holds one example ({len(train_rows)} rows "
+                      f"of --seq-len {cfg.data.seq_len}): nothing to keep apart; a longer --seq-len packs several")
     return info, train_rows, held_rows
 
 

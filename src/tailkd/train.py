@@ -43,6 +43,7 @@ from tailkd import data as data_mod
 from tailkd import distributed as dist
 from tailkd import jsonfile, models, runs, sharded_teacher
 from tailkd.config import DistillConfig
+from tailkd.documents import DOCUMENTS_APART, restarts_positions
 from tailkd.dropout import disable_dropout, saved_dropouts
 from tailkd.errors import TailkdError
 from tailkd.evaluate import finalize, heldout_sums
@@ -288,8 +289,9 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     # every input checked out: only now touch the run folder
     dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, student_init=table, changes=changes),
                           main_only=True)
-    dist.say(f"attention: {attention_text(student, teacher)}" + ("; compiled (torch.compile)" if cfg.train.compile
-                                                                   else ""))
+    compiled = "; compiled (torch.compile)" if cfg.train.compile else ""
+    apart = DOCUMENTS_APART if restarts_positions(cfg.data) else ""
+    dist.say(f"attention: {attention_text(student, teacher)}{compiled}{apart}")
     if cfg.train.compile:
         compile_models(student, teacher)
     model = dist.wrap_student(student, cfg.train.parallel, device)
