@@ -130,9 +130,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         result.update(mode="generate", **generation_data(cfg), **metrics)
     else:
         model_max = models.model_max_length(s_model, t_model)
-        check_models(cfg.data, student=s_model, teacher=t_model)  # packed documents kept apart, where asked
-        if restarts_positions(cfg.data):
-            print(DOCUMENTS_APART.removeprefix("; "))
+        if check_models(cfg.data, student=s_model, teacher=t_model):  # packed documents kept apart, where asked
+            print(DOCUMENTS_APART)
         rows = eval_rows(s_tok, cfg.data, split=cfg.eval.split, max_rows=cfg.eval.max_rows or None,
                          model_max=model_max)
         check_labels(vocab, s_tok, {SPLIT_WORDS[cfg.eval.split]: rows})
@@ -212,9 +211,8 @@ def analyze_teacher(cfg: AnalyzeTeacherConfig) -> dict:
         model, tok = models.load_teacher(spec, device=dev, dtype=cfg.teacher.dtype)
         vocab = check_vocab(tok, tok, model, model)  # max token id + 1 (fewer for a pruned head: the ids it scores)
         check_kmax(vocab, spec)
-        check_models(cfg.data, teacher=model)
-        if restarts_positions(cfg.data):
-            print(DOCUMENTS_APART.removeprefix("; "))
+        if check_models(cfg.data, teacher=model):
+            print(DOCUMENTS_APART)
         rows = eval_rows(tok, cfg.data, split=a.split, max_rows=a.max_rows or None,
                          model_max=models.model_max_length(model))
         check_labels(vocab, tok, {SPLIT_WORDS[a.split]: rows})

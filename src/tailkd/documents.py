@@ -27,7 +27,7 @@ from tailkd.errors import TailkdError
 
 PROBE_TOKENS = 8  # tokens of the probe's second document (`check_model`)
 # the run log's words (the attention line of tailkd distill; eval and analyze-teacher print them)
-DOCUMENTS_APART = "; packed documents kept apart (data.document_attention: position ids restart at each document)"
+DOCUMENTS_APART = "packed documents kept apart (data.document_attention: position ids restart at each document)"
 
 
 def leak_bound(dtype: torch.dtype) -> float:
@@ -47,13 +47,16 @@ def restarts_positions(data) -> bool:
     return bool(data.document_attention) and (data.task != "sft" or data.sft_mode == "pack")
 
 
-def check_models(data, **models) -> None:
+def check_models(data, **models) -> bool:
     """`check_model` of each of ``models`` (name=model; None skipped; rows of ``data.seq_len``) where the rows of the
-    data section ``data`` keep their documents apart (`restarts_positions`); nothing otherwise."""
-    if restarts_positions(data):
-        for name, model in models.items():
-            if model is not None:
-                check_model(model, name, seq_len=data.seq_len)
+    data section ``data`` keep their documents apart (`restarts_positions`); nothing otherwise. Returns whether they
+    do (the commands then say so: `DOCUMENTS_APART`)."""
+    if not restarts_positions(data):
+        return False
+    for name, model in models.items():
+        if model is not None:
+            check_model(model, name, seq_len=data.seq_len)
+    return True
 
 
 @torch.no_grad()
@@ -117,5 +120,6 @@ def check_document_attention(cfg, student, teacher=None) -> None:
         raise TailkdError("data.document_attention cannot keep packed SFT examples apart for a student trained with "
                           "its router load-balancing loss (its config sets output_router_logits): that term's "
                           "attention mask over the padding turns transformers' packed-sequence masking off; use "
-                          "--data.sft_mode pad, or output_router_logits false in the student's config.json")
+                          "--data.sft_mode pad without --data.document_attention, or output_router_logits false in "
+                          "the student's config.json")
     check_models(cfg.data, student=student, teacher=teacher)

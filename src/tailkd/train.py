@@ -290,7 +290,7 @@ def setup_run(cfg: DistillConfig, device: torch.device) -> Run:
     dist.on_main_then_all(lambda: runs.claim_run_dir(out, cfg, resuming, student_init=table, changes=changes),
                           main_only=True)
     compiled = "; compiled (torch.compile)" if cfg.train.compile else ""
-    apart = DOCUMENTS_APART if restarts_positions(cfg.data) else ""
+    apart = f"; {DOCUMENTS_APART}" if restarts_positions(cfg.data) else ""
     dist.say(f"attention: {attention_text(student, teacher)}{compiled}{apart}")
     if cfg.train.compile:
         compile_models(student, teacher)
